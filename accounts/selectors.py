@@ -1,0 +1,49 @@
+"""Reads for accounts: API key lookup and listing."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.conf import settings
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from chatbackend.errors import ApplicationError
+
+from .keys import hash_secret
+from .models import APIKey, User
+
+
+class AuthenticationFailed(ApplicationError):
+    """Credentials are missing, wrong, expired or revoked (HTTP 401)."""
+
+    def __init__(self, message: str = "Invalid API key or token.", *, code: str = "invalid_api_key") -> None:
+        super().__init__(message, code=code, status=401)
+
+
+def api_key_authenticate(*, secret: str) -> APIKey:
+    """Return the active ``APIKey`` (with its user loaded) whose secret is ``secret``.
+
+    Updates ``last_used_at`` at most once per ``API_KEY_LAST_USED_RESOLUTION_SECONDS`` so
+    authentication is not a write per request. Raises ``AuthenticationFailed`` for an unknown or
+    revoked key, or an inactive user. Sync: call through ``sync_to_async`` from async code.
+    """
+    try:
+        api_key = APIKey.objects.select_related("user").get(key_hash=hash_secret(secret))
+    except APIKey.DoesNotExist:
+        raise AuthenticationFailed("Incorrect API key provided.") from None
+    if not api_key.is_active:
+        raise AuthenticationFailed("This API key has been revoked.", code="api_key_revoked")
+    if not api_key.user.is_active:
+        raise AuthenticationFailed("This account is disabled.", code="user_inactive")
+    now = timezone.now()
+    resolution = timedelta(seconds=settings.API_KEY_LAST_USED_RESOLUTION_SECONDS)
+    if api_key.last_used_at is None or now - api_key.last_used_at >= resolution:
+        APIKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
+        api_key.last_used_at = now
+    return api_key
+
+
+def api_key_list(*, user: User) -> QuerySet[APIKey]:
+    """Return ``user``'s API keys, newest first (revoked ones included, marked by ``revoked_at``)."""
+    return APIKey.objects.filter(user=user)

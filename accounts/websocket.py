@@ -1,0 +1,49 @@
+"""Channels middleware that authenticates WebSocket connections by API key or JWT.
+
+Browsers cannot set headers on a WebSocket, so the token is read from (in order) the
+``Authorization`` header, the ``token`` query parameter, or a ``bearer.<token>`` subprotocol.
+``scope["user"]`` and ``scope["api_key"]`` are set; a failed authentication leaves
+``scope["user"]`` anonymous and ``scope["auth_error"]`` set, and the consumer closes with 4401.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qs
+
+from asgiref.sync import sync_to_async
+from channels.middleware import BaseMiddleware
+from django.contrib.auth.models import AnonymousUser
+
+from .authentication import authenticate_token, token_from_headers
+from .selectors import AuthenticationFailed
+
+BEARER_SUBPROTOCOL_PREFIX = "bearer."
+
+
+def _token_from_scope(scope: dict[str, Any]) -> str | None:
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+    token = token_from_headers(headers)
+    if token:
+        return token
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    if query.get("token"):
+        return query["token"][0]
+    for protocol in scope.get("subprotocols", []):
+        if protocol.startswith(BEARER_SUBPROTOCOL_PREFIX):
+            return protocol[len(BEARER_SUBPROTOCOL_PREFIX) :]
+    return None
+
+
+class TokenAuthMiddleware(BaseMiddleware):
+    """Set ``scope["user"]`` / ``scope["api_key"]`` from an API key or JWT access token."""
+
+    async def __call__(self, scope, receive, send):  # noqa: ANN001, ANN204 - ASGI signature
+        scope = dict(scope)
+        try:
+            principal = await sync_to_async(authenticate_token)(_token_from_scope(scope))
+        except AuthenticationFailed as exc:
+            scope.update(user=AnonymousUser(), api_key=None, auth_error=exc)
+        else:
+            scope.update(user=principal.user, api_key=principal.api_key, auth_error=None)
+        return await super().__call__(scope, receive, send)

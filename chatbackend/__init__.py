@@ -1,0 +1,5 @@
+"""chatbackend: a Django backend for LLM chat products."""
+
+from .celery import app as celery_app
+
+__all__ = ("celery_app",)

@@ -1,0 +1,289 @@
+"""Settings for chatbackend, read from environment variables (and an optional ``.env`` file).
+
+Every variable is documented in ``.env.example``. With none set, the project runs on embedded
+defaults: SQLite, the in-memory channel layer, a local-memory cache and Celery tasks run eagerly.
+``DATABASE_URL`` (PostgreSQL) and ``REDIS_URL`` switch the same code onto real services.
+
+Values are parsed by django-environ; a value that does not parse stops start-up with
+``ImproperlyConfigured`` naming the variable (see ``_fail``).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+if (BASE_DIR / ".env").is_file():
+    env.read_env(BASE_DIR / ".env", overwrite=False)
+
+
+def _fail(name: str, value: object, expected: str) -> None:
+    raise ImproperlyConfigured(f"Environment variable {name}={value!r} is invalid: expected {expected}.")
+
+
+def _get(name: str, cast, default, expected: str):  # noqa: ANN001, ANN202 - thin wrapper over environ
+    """Read ``name`` with django-environ, turning a parse failure into a clear start-up error."""
+    try:
+        return cast(name, default=default)
+    except (ValueError, TypeError, environ.ImproperlyConfigured):
+        _fail(name, env.str(name, default=""), expected)
+
+
+def _positive(name: str, value: float) -> float:
+    if value <= 0:
+        _fail(name, value, "a number greater than 0")
+    return value
+
+
+# --- Core -----------------------------------------------------------------------------------
+_INSECURE_DEFAULT_KEY = "django-insecure-chatbackend-embedded-default-change-me"  # noqa: S105
+DEBUG: bool = _get("DJANGO_DEBUG", env.bool, False, "true or false")
+SECRET_KEY: str = env.str("DJANGO_SECRET_KEY", default=_INSECURE_DEFAULT_KEY)
+SECRET_KEY_FALLBACKS: list[str] = env.list("DJANGO_SECRET_KEY_FALLBACKS", default=[])
+ALLOWED_HOSTS: list[str] = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS: list[str] = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+# Salt for the Fernet key that encrypts provider API keys at rest (django-fernet-encrypted-fields).
+SALT_KEY: list[str] = env.list("FIELD_ENCRYPTION_SALT", default=["chatbackend-provider-keys"])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "corsheaders",
+    "rest_framework",
+    "rest_framework_simplejwt.token_blacklist",
+    "django_filters",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "channels",
+    "accounts",
+    "llm",
+    "conversations",
+]
+
+MIDDLEWARE = [
+    "corsheaders.middleware.CorsMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "chatbackend.urls"
+ASGI_APPLICATION = "chatbackend.asgi.application"
+AUTH_USER_MODEL = "accounts.User"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -------------------------------------------------------------------------------
+_db_url = env.str("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")
+try:
+    _db = environ.Env.db_url_config(_db_url)
+except (ValueError, KeyError, environ.ImproperlyConfigured):
+    _fail("DATABASE_URL", _db_url, "a URL such as postgres://user@127.0.0.1:5432/chatbackend or sqlite:///path")
+if not _db.get("ENGINE"):
+    _fail("DATABASE_URL", _db_url, "a postgres:// or sqlite:/// URL")
+
+DB_POOL_MIN_SIZE: int = _get("DB_POOL_MIN_SIZE", env.int, 2, "an integer")
+DB_POOL_MAX_SIZE: int = _get("DB_POOL_MAX_SIZE", env.int, 20, "an integer")
+DB_POOL_TIMEOUT: float = _positive("DB_POOL_TIMEOUT", _get("DB_POOL_TIMEOUT", env.float, 10.0, "seconds"))
+if _db["ENGINE"] == "django.db.backends.postgresql":
+    # Django's psycopg 3 pool (Django >= 5.1). Not combined with persistent connections.
+    _db["CONN_MAX_AGE"] = 0
+    _db.setdefault("OPTIONS", {})["pool"] = {
+        "min_size": DB_POOL_MIN_SIZE,
+        "max_size": DB_POOL_MAX_SIZE,
+        "timeout": DB_POOL_TIMEOUT,
+    }
+elif _db["ENGINE"] == "django.db.backends.sqlite3":
+    # WAL + IMMEDIATE transactions keep concurrent writers from failing with "database is locked".
+    _db.setdefault("OPTIONS", {}).update(
+        {"timeout": 20, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"}
+    )
+    # A file, not Django's in-memory default, so end-to-end tests' server processes share it.
+    _db["TEST"] = {"NAME": env.str("SQLITE_TEST_DATABASE", default=str(BASE_DIR / ".test-db.sqlite3"))}
+DATABASES = {"default": _db}
+
+# --- Redis: channel layer, cache, Celery broker ---------------------------------------------
+REDIS_URL: str = env.str("REDIS_URL", default="")
+if REDIS_URL and not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
+    _fail("REDIS_URL", REDIS_URL, "a redis://, rediss:// or unix:// URL")
+
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "capacity": 1500, "expiry": 30},
+        }
+    }
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+CELERY_BROKER_URL: str = env.str("CELERY_BROKER_URL", default=REDIS_URL or "memory://")
+CELERY_TASK_ALWAYS_EAGER: bool = _get("CELERY_TASK_ALWAYS_EAGER", env.bool, not REDIS_URL, "true or false")
+CELERY_TASK_EAGER_PROPAGATES = True
+CELERY_TASK_ACKS_LATE = True  # a task lost with its worker is redelivered; tasks are idempotent
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 4
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+
+# --- Auth -----------------------------------------------------------------------------------
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+JWT_ACCESS_TOKEN_LIFETIME_MINUTES: int = _get("JWT_ACCESS_TOKEN_LIFETIME_MINUTES", env.int, 15, "an integer")
+JWT_REFRESH_TOKEN_LIFETIME_DAYS: int = _get("JWT_REFRESH_TOKEN_LIFETIME_DAYS", env.int, 7, "an integer")
+SIMPLE_JWT = {
+    "ACCESS_TOKEN_LIFETIME": timedelta(minutes=JWT_ACCESS_TOKEN_LIFETIME_MINUTES),
+    "REFRESH_TOKEN_LIFETIME": timedelta(days=JWT_REFRESH_TOKEN_LIFETIME_DAYS),
+    "ROTATE_REFRESH_TOKENS": True,
+    "BLACKLIST_AFTER_ROTATION": True,
+    "UPDATE_LAST_LOGIN": True,
+    "AUTH_HEADER_TYPES": ("Bearer",),
+}
+# Seconds between writes of an API key's last_used_at, so authentication is not a write per request.
+API_KEY_LAST_USED_RESOLUTION_SECONDS: int = _get("API_KEY_LAST_USED_RESOLUTION_SECONDS", env.int, 60, "an integer")
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "accounts.authentication.APIKeyAuthentication",
+        "accounts.authentication.JWTAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "PAGE_SIZE": 50,
+    "DEFAULT_FILTER_BACKENDS": [
+        "django_filters.rest_framework.DjangoFilterBackend",
+        "rest_framework.filters.OrderingFilter",
+        "rest_framework.filters.SearchFilter",
+    ],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "chatbackend.exception_handlers.drf_exception_handler",
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer", "rest_framework.renderers.BrowsableAPIRenderer"],
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "chatbackend API",
+    "DESCRIPTION": (
+        "Accounts, API keys, conversations with streamed replies, and an OpenAI-compatible API. "
+        "Authenticate with `Authorization: Bearer <JWT access token or sk-... API key>`."
+    ),
+    "VERSION": "0.1.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",  # served locally: no CDN, works air-gapped
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "chatbackend.schema.add_async_endpoints",
+    ],
+}
+
+# --- CORS (browser clients such as NextChat's "custom endpoint" mode) ------------------------
+CORS_ALLOWED_ORIGINS: list[str] = env.list("CORS_ALLOWED_ORIGINS", default=[])
+CORS_ALLOW_ALL_ORIGINS: bool = not CORS_ALLOWED_ORIGINS
+CORS_URLS_REGEX = r"^/(v1|api|dashboard)/.*$"
+CORS_ALLOW_METHODS = ("DELETE", "GET", "OPTIONS", "PATCH", "POST", "PUT")
+CORS_ALLOW_HEADERS = (
+    "accept",
+    "authorization",
+    "content-type",
+    "user-agent",
+    "x-requested-with",
+    "x-api-key",
+    "anthropic-version",
+    "api-key",
+    "x-goog-api-key",
+    "openai-organization",
+    "cache-control",
+)
+CORS_PREFLIGHT_MAX_AGE = 86400
+
+# --- LLM upstreams --------------------------------------------------------------------------
+# Provider kinds, chosen by Provider.kind the way Django chooses cache backends.
+LLM_PROVIDER_BACKENDS: dict[str, str] = {
+    "openai": "llm.providers.openai_compatible.OpenAICompatibleProvider",
+}
+# One HTTP client per process; sized for thousands of concurrent streams.
+LLM_UPSTREAM_MAX_CONNECTIONS: int = _get("LLM_UPSTREAM_MAX_CONNECTIONS", env.int, 10000, "an integer")
+LLM_UPSTREAM_MAX_KEEPALIVE: int = _get("LLM_UPSTREAM_MAX_KEEPALIVE", env.int, 1000, "an integer")
+# Seconds between SSE comment lines sent while waiting on the upstream (proxies drop idle reads).
+SSE_KEEPALIVE_SECONDS: float = _positive("SSE_KEEPALIVE_SECONDS", _get("SSE_KEEPALIVE_SECONDS", env.float, 15.0, "seconds"))
+
+# --- Internationalisation, static files -----------------------------------------------------
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+# --- Logging --------------------------------------------------------------------------------
+LOG_LEVEL: str = env.str("LOG_LEVEL", default="INFO").upper()
+if LOG_LEVEL not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+    _fail("LOG_LEVEL", LOG_LEVEL, "one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+LOG_FORMAT: str = env.str("LOG_FORMAT", default="text")
+if LOG_FORMAT not in {"text", "json"}:
+    _fail("LOG_FORMAT", LOG_FORMAT, "text or json")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"redact_secrets": {"()": "chatbackend.logging.RedactSecretsFilter"}},
+    "formatters": {
+        "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s %(message)s",
+        },
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["redact_secrets"],
+        }
+    },
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "django": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+        "httpx": {"level": "WARNING"},
+        "httpcore": {"level": "WARNING"},
+    },
+}

@@ -1,0 +1,16 @@
+"""Root URLs: admin, REST API (/api), OpenAI-compatible API (/v1), OpenAPI docs, web pages."""
+
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("api/", include("accounts.urls")),
+    path("api/", include("llm.urls")),
+    path("api/", include("conversations.urls")),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
+    path("", include("conversations.openai_urls")),
+    path("", include("chatbackend.pages")),
+]

@@ -1,0 +1,76 @@
+"""Providers (upstream LLM APIs) and the models users may pick."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator
+from django.db import models
+from encrypted_fields.fields import EncryptedCharField
+
+
+def _validate_provider_kind(value: str) -> None:
+    if value not in settings.LLM_PROVIDER_BACKENDS:
+        raise ValidationError(f"Unknown provider kind {value!r}; known: {', '.join(settings.LLM_PROVIDER_BACKENDS)}.")
+
+
+class Provider(models.Model):
+    """An upstream LLM API: its kind (which adapter speaks to it), base URL, key and timeouts.
+
+    ``api_key`` is encrypted at rest (Fernet, key derived from SECRET_KEY and SALT_KEY) and is
+    write-only: no API returns it and the admin never shows it after saving.
+    """
+
+    class Kind(models.TextChoices):
+        OPENAI = "openai", "OpenAI-compatible (OpenAI, DeepSeek, vLLM, Ollama /v1, ...)"
+
+    name = models.CharField(max_length=100, unique=True)
+    kind = models.CharField(max_length=32, choices=Kind.choices, default=Kind.OPENAI, validators=[_validate_provider_kind])
+    base_url = models.URLField(max_length=500, help_text="API root including /v1, e.g. https://api.openai.com/v1")
+    api_key = EncryptedCharField(max_length=500, blank=True, default="")
+    connect_timeout = models.FloatField(default=10.0, validators=[MinValueValidator(0.1)], help_text="seconds")
+    read_timeout = models.FloatField(
+        default=300.0, validators=[MinValueValidator(0.1)], help_text="seconds to wait for each chunk"
+    )
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class LLMModel(models.Model):
+    """A model users can chat with: a public ``name`` mapped to a provider's ``upstream_model``.
+
+    Prices are US dollars per million tokens (the unit providers publish).
+    ``default_parameters`` are OpenAI request fields (e.g. ``{"temperature": 0.7}``) applied
+    when the client does not send them.
+    """
+
+    name = models.CharField(max_length=200, unique=True, help_text="the model id clients send")
+    provider = models.ForeignKey(Provider, on_delete=models.PROTECT, related_name="models")
+    upstream_model = models.CharField(max_length=200, help_text="the model id sent to the provider")
+    context_window = models.PositiveIntegerField(default=8192, help_text="tokens")
+    default_parameters = models.JSONField(default=dict, blank=True)
+    enabled = models.BooleanField(default=True)
+    input_price_per_million = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
+    output_price_per_million = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "LLM model"
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        if not isinstance(self.default_parameters, dict):
+            raise ValidationError({"default_parameters": "Must be a JSON object of OpenAI request fields."})

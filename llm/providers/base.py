@@ -1,0 +1,114 @@
+"""The provider contract: plain dataclasses in, plain dataclasses out, no ORM.
+
+A provider adapter turns a ``ChatRequest`` into a stream of ``ChatChunk`` objects from one
+upstream API. Adapters are chosen by ``Provider.kind`` through ``llm.providers.get_provider``,
+the way Django chooses cache and email backends.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatbackend.errors import ApplicationError
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    """How to reach one upstream: adapter ``kind``, API root ``base_url`` (with ``/v1``), secret
+    ``api_key`` (may be empty), and timeouts in seconds."""
+
+    kind: str
+    base_url: str
+    api_key: str = field(default="", repr=False)
+    connect_timeout: float = 10.0
+    read_timeout: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """One chat completion request.
+
+    ``model``: the upstream model id. ``messages``: OpenAI chat message objects
+    (``{"role": ..., "content": ...}``, content a string or a list of parts).
+    ``parameters``: other OpenAI request fields (``temperature``, ``max_tokens``, ``tools``, ...),
+    never ``model``, ``messages``, ``stream`` or ``stream_options``, which the adapter owns.
+    """
+
+    model: str
+    messages: list[dict[str, Any]]
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts for one reply, as OpenAI's ``usage`` object reports them."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class ChatChunk:
+    """One piece of a streamed reply.
+
+    ``content`` / ``reasoning_content``: text added by this chunk (may be empty).
+    ``tool_calls``: OpenAI ``delta.tool_calls`` entries, passed through untouched.
+    ``finish_reason``: set on the last content chunk (``stop``, ``length``, ``tool_calls``, ...).
+    ``usage``: set on the chunk that carries the provider's usage report.
+    """
+
+    content: str = ""
+    reasoning_content: str = ""
+    tool_calls: list[dict[str, Any]] | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+class UpstreamError(ApplicationError):
+    """The upstream failed: it answered an error status, sent garbage, timed out or was unreachable.
+
+    ``status`` is what *our* client should get (OpenAI's convention): the upstream's 400/404/413/422
+    and 429 pass through as they are (the client can fix or retry them); an upstream 401/403 is
+    our configuration's fault and becomes 502, like any upstream 5xx or bad body; a timeout is 504.
+    ``upstream_status`` keeps the upstream's own status (``None`` when no response arrived).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        upstream_status: int | None = None,
+        code: str = "upstream_error",
+        status: int | None = None,
+    ) -> None:
+        if status is None:
+            status = upstream_status if upstream_status in {400, 404, 413, 422, 429} else 502
+        super().__init__(message, code=code, status=status, type=None)
+        self.upstream_status = upstream_status
+
+
+class ChatProvider(abc.ABC):
+    """Adapter base class: stream one chat completion from one upstream.
+
+    Subclasses implement ``stream``. Instances are cheap; shared resources (HTTP client pools)
+    live at module level, one per process.
+    """
+
+    def __init__(self, config: ProviderConfig) -> None:
+        self.config = config
+
+    @abc.abstractmethod
+    def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+        """Yield the reply's chunks, then a last chunk with ``usage`` if the upstream reports it.
+
+        Must raise ``UpstreamError`` for any upstream failure (before or after the first chunk).
+        Cancellation (``asyncio.CancelledError``) or ``aclose()`` must close the upstream HTTP
+        request at once, so the upstream stops generating.
+        """

@@ -1,0 +1,71 @@
+"""factory_boy factories shared by every app's tests."""
+
+from __future__ import annotations
+
+import factory
+from factory.django import DjangoModelFactory
+
+from accounts.models import User
+from conversations.models import Conversation, Message
+from llm.models import LLMModel, Provider
+
+PASSWORD = "correct-horse-battery-staple"
+
+
+class UserFactory(DjangoModelFactory):
+    class Meta:
+        model = User
+        skip_postgeneration_save = True
+
+    username = factory.Sequence(lambda n: f"user{n}")
+    email = factory.LazyAttribute(lambda o: f"{o.username}@example.com")
+    role = User.Role.MEMBER
+    password = factory.PostGenerationMethodCall("set_password", PASSWORD)
+
+    @factory.post_generation
+    def _save(obj, create, extracted, **kwargs):  # noqa: N805 - factory_boy's signature
+        if create:
+            obj.save()
+
+
+class ProviderFactory(DjangoModelFactory):
+    class Meta:
+        model = Provider
+
+    name = factory.Sequence(lambda n: f"provider{n}")
+    kind = Provider.Kind.OPENAI
+    base_url = "http://127.0.0.1:9/v1"
+    api_key = "sk-upstream-provider-secret-0000000000"
+    connect_timeout = 2.0
+    read_timeout = 10.0
+
+
+class LLMModelFactory(DjangoModelFactory):
+    class Meta:
+        model = LLMModel
+
+    name = factory.Sequence(lambda n: f"model-{n}")
+    provider = factory.SubFactory(ProviderFactory)
+    upstream_model = "sim-1"
+    context_window = 8192
+    input_price_per_million = "1.000000"
+    output_price_per_million = "2.000000"
+
+
+class ConversationFactory(DjangoModelFactory):
+    class Meta:
+        model = Conversation
+
+    owner = factory.SubFactory(UserFactory)
+    model = factory.SubFactory(LLMModelFactory)
+    title = factory.Sequence(lambda n: f"Conversation {n}")
+
+
+class MessageFactory(DjangoModelFactory):
+    class Meta:
+        model = Message
+
+    conversation = factory.SubFactory(ConversationFactory)
+    role = Message.Role.USER
+    content = factory.Sequence(lambda n: f"message {n}")
+    status = Message.Status.COMPLETED
