@@ -35,6 +35,17 @@ def _get(name: str, cast, default, expected: str):  # noqa: ANN001, ANN202 - thi
         _fail(name, env.str(name, default=""), expected)
 
 
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+
+
+def _bool(name: str, default: bool) -> bool:
+    """Read a strict boolean: django-environ reads any unknown word as False, which hides typos."""
+    raw = env.str(name, default=str(default)).strip().lower()
+    if raw not in _TRUE | _FALSE:
+        _fail(name, raw, "true or false")
+    return raw in _TRUE
+
+
 def _positive(name: str, value: float) -> float:
     if value <= 0:
         _fail(name, value, "a number greater than 0")
@@ -43,7 +54,7 @@ def _positive(name: str, value: float) -> float:
 
 # --- Core -----------------------------------------------------------------------------------
 _INSECURE_DEFAULT_KEY = "django-insecure-chatbackend-embedded-default-change-me"  # noqa: S105
-DEBUG: bool = _get("DJANGO_DEBUG", env.bool, False, "true or false")
+DEBUG: bool = _bool("DJANGO_DEBUG", False)
 SECRET_KEY: str = env.str("DJANGO_SECRET_KEY", default=_INSECURE_DEFAULT_KEY)
 SECRET_KEY_FALLBACKS: list[str] = env.list("DJANGO_SECRET_KEY_FALLBACKS", default=[])
 ALLOWED_HOSTS: list[str] = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
@@ -108,7 +119,7 @@ try:
     _db = environ.Env.db_url_config(_db_url)
 except (ValueError, KeyError, environ.ImproperlyConfigured):
     _fail("DATABASE_URL", _db_url, "a URL such as postgres://user@127.0.0.1:5432/chatbackend or sqlite:///path")
-if not _db.get("ENGINE"):
+if _db.get("ENGINE") not in {"django.db.backends.postgresql", "django.db.backends.sqlite3"}:
     _fail("DATABASE_URL", _db_url, "a postgres:// or sqlite:/// URL")
 
 DB_POOL_MIN_SIZE: int = _get("DB_POOL_MIN_SIZE", env.int, 2, "an integer")
@@ -149,7 +160,7 @@ else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
 CELERY_BROKER_URL: str = env.str("CELERY_BROKER_URL", default=REDIS_URL or "memory://")
-CELERY_TASK_ALWAYS_EAGER: bool = _get("CELERY_TASK_ALWAYS_EAGER", env.bool, not REDIS_URL, "true or false")
+CELERY_TASK_ALWAYS_EAGER: bool = _bool("CELERY_TASK_ALWAYS_EAGER", not REDIS_URL)
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_ACKS_LATE = True  # a task lost with its worker is redelivered; tasks are idempotent
 CELERY_TASK_REJECT_ON_WORKER_LOST = True

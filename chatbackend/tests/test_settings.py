@@ -1,0 +1,50 @@
+"""Settings come from the environment and a bad value stops start-up with a clear message."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _start(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
+    return subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=ROOT,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("DB_POOL_MAX_SIZE", "lots"),
+        ("DJANGO_DEBUG", "maybe"),
+        ("DATABASE_URL", "mysql-ish://nowhere"),
+        ("REDIS_URL", "localhost:6379"),
+        ("LOG_LEVEL", "LOUD"),
+        ("SSE_KEEPALIVE_SECONDS", "-1"),
+    ],
+)
+def test_bad_value_stops_startup_naming_the_variable(name: str, value: str) -> None:
+    result = _start({name: value})
+
+    assert result.returncode != 0
+    assert f"Environment variable {name}=" in result.stderr
+    assert "is invalid" in result.stderr
+
+
+def test_embedded_defaults_start() -> None:
+    result = _start({})
+
+    assert result.returncode == 0, result.stderr
+    assert "no issues" in result.stdout
