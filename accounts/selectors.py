@@ -1,4 +1,4 @@
-"""Reads for accounts: API key lookup and listing."""
+"""Reads for accounts: API key lookup and listing, usage records, users."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from django.utils import timezone
 from chatbackend.errors import ApplicationError
 
 from .keys import hash_secret
-from .models import APIKey, User
+from .models import APIKey, UsageRecord, User
 
 
 class AuthenticationFailed(ApplicationError):
@@ -47,3 +47,19 @@ def api_key_authenticate(*, secret: str) -> APIKey:
 def api_key_list(*, user: User) -> QuerySet[APIKey]:
     """Return ``user``'s API keys, newest first (revoked ones included, marked by ``revoked_at``)."""
     return APIKey.objects.filter(user=user)
+
+
+def usage_record_list(*, user: User) -> QuerySet[UsageRecord]:
+    """Return the usage records ``user`` may see, newest first: admins everyone's, members their own."""
+    records = UsageRecord.objects.select_related("api_key", "user").order_by("-created_at", "-id")
+    return records if user.is_admin else records.filter(user=user)
+
+
+def user_list(*, actor: User) -> QuerySet[User]:
+    """Return every user, oldest first, for an admin ``actor``.
+
+    Raises ``ApplicationError`` 403 ``permission_denied`` when ``actor`` is not an admin.
+    """
+    if not actor.is_admin:
+        raise ApplicationError("Only admins may list users.", code="permission_denied", status=403)
+    return User.objects.order_by("date_joined", "id")

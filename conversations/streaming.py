@@ -199,11 +199,27 @@ async def open_reply(begin: Callable[[], ReplyPlan], *, wait_first_chunk: float 
     ``ApplicationError`` of ``begin`` (nothing persisted by us) or the ``UpstreamError`` of an
     upstream that failed before its first chunk (persisted as ``failed``).
     """
-    plan = await run_sync(begin)
+    begun = asyncio.ensure_future(run_sync(begin))
+    try:
+        plan = await asyncio.shield(begun)
+    except asyncio.CancelledError:
+        # ``begin`` runs on in its thread and writes the messages; end them as ``cancelled`` once
+        # it returns, or the assistant message would stay ``streaming`` for ever.
+        await asyncio.shield(_abandon(begun))
+        raise
     reply = Reply(plan)
     if wait_first_chunk > 0:
         await reply.wait_first_chunk(wait_first_chunk)
     return reply
+
+
+async def _abandon(begun: asyncio.Future[ReplyPlan]) -> None:
+    """Persist as ``cancelled`` the reply that ``begun`` started after its caller went away."""
+    try:
+        plan = await begun
+    except Exception:  # ``begin`` failed: it wrote nothing to end
+        return
+    await Reply(plan).aclose()
 
 
 __all__ = ["CANCELLED", "COMPLETED", "FAILED", "Reply", "ReplyOutcome", "ReplyPlan", "UpstreamError", "open_reply"]

@@ -27,9 +27,13 @@ class Provider(models.Model):
         OPENAI = "openai", "OpenAI-compatible (OpenAI, DeepSeek, vLLM, Ollama /v1, ...)"
 
     name = models.CharField(max_length=100, unique=True)
-    kind = models.CharField(max_length=32, choices=Kind.choices, default=Kind.OPENAI, validators=[_validate_provider_kind])
+    kind = models.CharField(
+        max_length=32, choices=Kind.choices, default=Kind.OPENAI, validators=[_validate_provider_kind]
+    )
     base_url = models.URLField(max_length=500, help_text="API root including /v1, e.g. https://api.openai.com/v1")
-    api_key = EncryptedCharField(max_length=500, blank=True, default="")
+    # null=True because the encrypted field stores an empty key as NULL (it encrypts only
+    # non-empty values); read back, an empty key is None. Use ``provider.api_key or ""``.
+    api_key = EncryptedCharField(max_length=500, blank=True, null=True, default="")
     connect_timeout = models.FloatField(default=10.0, validators=[MinValueValidator(0.1)], help_text="seconds")
     read_timeout = models.FloatField(
         default=300.0, validators=[MinValueValidator(0.1)], help_text="seconds to wait for each chunk"

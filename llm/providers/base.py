@@ -8,7 +8,7 @@ the way Django chooses cache and email backends.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,7 +105,7 @@ class ChatProvider(abc.ABC):
         self.config = config
 
     @abc.abstractmethod
-    def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+    def stream(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
         """Yield the reply's chunks, then a last chunk with ``usage`` if the upstream reports it.
 
         Must raise ``UpstreamError`` for any upstream failure (before or after the first chunk).

@@ -1,0 +1,278 @@
+"""Accounts REST API: registration, JWT tokens, the caller, API keys, usage, users.
+
+Each view parses input, calls one service or selector, and shapes the output. Errors leave as
+``{"error": {...}}`` through ``chatbackend.exception_handlers``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db.models import QuerySet
+from drf_spectacular.contrib.rest_framework_simplejwt import SimpleJWTScheme
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.plumbing import build_bearer_security_scheme_object
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import serializers, status
+from rest_framework.generics import ListAPIView
+from rest_framework.permissions import AllowAny
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.settings import api_settings
+from rest_framework.throttling import ScopedRateThrottle
+from rest_framework.views import APIView
+from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView, TokenViewBase
+
+from .models import APIKey, UsageRecord, User
+from .selectors import api_key_list, usage_record_list, user_list
+from .serializers import (
+    APIKeyCreateInputSerializer,
+    APIKeyCreateOutputSerializer,
+    APIKeyOutputSerializer,
+    AuthLogoutInputSerializer,
+    AuthTokenObtainInputSerializer,
+    AuthTokenPairOutputSerializer,
+    AuthTokenRefreshInputSerializer,
+    ErrorOutputSerializer,
+    UsageRecordOutputSerializer,
+    UserListOutputSerializer,
+    UserMeOutputSerializer,
+    UserRegisterInputSerializer,
+    UserRegisterOutputSerializer,
+)
+from .services import api_key_create, api_key_revoke, user_register
+
+# The two OpenAPI security schemes for our authentication classes. They live here because this
+# module is imported with the URLconf, before any schema is generated.
+
+
+class APIKeyAuthenticationScheme(OpenApiAuthenticationExtension):
+    """Document ``APIKeyAuthentication``: a bearer ``sk-...`` API key."""
+
+    target_class = "accounts.authentication.APIKeyAuthentication"
+    name = "apiKeyAuth"
+
+    def get_security_definition(self, auto_schema: Any) -> dict[str, Any]:
+        return build_bearer_security_scheme_object(
+            header_name="HTTP_AUTHORIZATION",
+            token_prefix="Bearer",  # noqa: S106 - the HTTP auth scheme's name, not a secret
+            bearer_format="sk-...",
+        )
+
+
+class JWTAuthenticationScheme(SimpleJWTScheme):
+    """Document our ``JWTAuthentication`` subclass as simplejwt's bearer JWT scheme."""
+
+    target_class = "accounts.authentication.JWTAuthentication"
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "Invalid request: malformed JSON or a field failed validation (see error.param, error.fields).",
+    401: "Missing, invalid, expired or revoked credentials.",
+    403: "Authenticated, but not allowed.",
+    404: "Not found, or not yours.",
+    429: "Too many attempts; retry after the Retry-After header's seconds.",
+}
+
+
+def _errors(*statuses: int) -> dict[int, OpenApiResponse]:
+    """Return OpenAPI responses documenting the project's error body for each of ``statuses``."""
+    return {code: OpenApiResponse(ErrorOutputSerializer, description=_ERROR_DESCRIPTIONS[code]) for code in statuses}
+
+
+class AuthRateThrottle(ScopedRateThrottle):
+    """Throttle registration and login per client IP, in the cache (shared by processes on Redis).
+
+    Rates come from ``REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]`` when it names the scope (a rate of
+    ``None`` turns the throttle off), else from ``DEFAULT_RATES``. Read per request, so tests can
+    override them.
+    """
+
+    DEFAULT_RATES = {"auth_register": "10/minute", "auth_login": "30/minute"}
+
+    def get_rate(self) -> str | None:
+        configured: dict[str, Any] = api_settings.DEFAULT_THROTTLE_RATES or {}
+        return {**self.DEFAULT_RATES, **configured}.get(self.scope or "")
+
+
+def _caller(request: Request) -> User:
+    """Return the authenticated user of ``request`` (these views require authentication)."""
+    return cast(User, request.user)
+
+
+# --- Registration and tokens ----------------------------------------------------------------
+
+
+class UserRegisterApi(APIView):
+    """Create a member account from ``{username, password, email?}``; the password must pass Django's validators."""
+
+    # No authentication: a stale token in the client must not block signing up.
+    authentication_classes = ()
+    permission_classes = (AllowAny,)
+    throttle_classes = (AuthRateThrottle,)
+    throttle_scope = "auth_register"
+
+    @extend_schema(
+        tags=["auth"],
+        summary="Register a member account",
+        request=UserRegisterInputSerializer,
+        responses={201: UserRegisterOutputSerializer, **_errors(400, 429)},
+        auth=[],
+    )
+    def post(self, request: Request) -> Response:
+        serializer = UserRegisterInputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        try:
+            user = user_register(**serializer.validated_data)
+        except DjangoValidationError as exc:  # the password validators' verdict
+            raise serializers.ValidationError({"password": exc.messages}) from None
+        return Response(UserRegisterOutputSerializer(user).data, status=status.HTTP_201_CREATED)
+
+
+class AuthTokenObtainApi(TokenObtainPairView):
+    """Return a JWT access and refresh token pair for a username and password."""
+
+    serializer_class = AuthTokenObtainInputSerializer
+    throttle_classes = (AuthRateThrottle,)
+    throttle_scope = "auth_login"
+
+    @extend_schema(
+        tags=["auth"],
+        summary="Log in: exchange username and password for a JWT pair",
+        request=AuthTokenObtainInputSerializer,
+        responses={200: AuthTokenPairOutputSerializer, **_errors(400, 401, 429)},
+        auth=[],
+    )
+    def post(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().post(request, *args, **kwargs)
+
+
+class AuthTokenRefreshApi(TokenRefreshView):
+    """Return a new access token and a rotated refresh token; the refresh token sent is blacklisted."""
+
+    serializer_class = AuthTokenRefreshInputSerializer
+
+    @extend_schema(
+        tags=["auth"],
+        summary="Exchange a refresh token for a new JWT pair (the old refresh token is blacklisted)",
+        request=AuthTokenRefreshInputSerializer,
+        responses={200: AuthTokenPairOutputSerializer, **_errors(400, 401)},
+        auth=[],
+    )
+    def post(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().post(request, *args, **kwargs)
+
+
+class AuthLogoutApi(TokenViewBase):
+    """Blacklist the refresh token sent, so it can no longer be refreshed."""
+
+    serializer_class = AuthLogoutInputSerializer
+
+    @extend_schema(
+        tags=["auth"],
+        summary="Log out: blacklist the refresh token",
+        request=AuthLogoutInputSerializer,
+        responses={204: OpenApiResponse(description="The refresh token is blacklisted."), **_errors(400, 401)},
+        auth=[],
+    )
+    def post(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        # TokenViewBase validates (which blacklists) and turns a bad or blacklisted token into 401.
+        super().post(request, *args, **kwargs)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class UserMeApi(APIView):
+    """Return the authenticated caller's account."""
+
+    @extend_schema(
+        tags=["auth"], summary="The caller's account", responses={200: UserMeOutputSerializer, **_errors(401)}
+    )
+    def get(self, request: Request) -> Response:
+        return Response(UserMeOutputSerializer(request.user).data)
+
+
+# --- API keys -------------------------------------------------------------------------------
+
+
+class APIKeyListCreateApi(ListAPIView):
+    """List the caller's API keys, or create one (its ``sk-...`` secret is shown only in that answer)."""
+
+    serializer_class = APIKeyOutputSerializer
+    filter_backends = ()
+
+    def get_queryset(self) -> QuerySet[APIKey]:
+        return api_key_list(user=_caller(self.request))
+
+    @extend_schema(
+        tags=["api-keys"],
+        summary="List the caller's API keys (never their secrets)",
+        responses={200: APIKeyOutputSerializer, **_errors(401)},
+    )
+    def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().get(request, *args, **kwargs)
+
+    @extend_schema(
+        tags=["api-keys"],
+        summary="Create an API key; the answer holds its secret, once",
+        request=APIKeyCreateInputSerializer,
+        responses={201: APIKeyCreateOutputSerializer, **_errors(400, 401)},
+    )
+    def post(self, request: Request) -> Response:
+        serializer = APIKeyCreateInputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        created = api_key_create(user=_caller(request), **serializer.validated_data)
+        return Response(APIKeyCreateOutputSerializer(created).data, status=status.HTTP_201_CREATED)
+
+
+class APIKeyRevokeApi(APIView):
+    """Revoke one of the caller's API keys; another user's key is a 404."""
+
+    @extend_schema(
+        tags=["api-keys"],
+        summary="Revoke one of the caller's API keys",
+        request=None,
+        responses={204: OpenApiResponse(description="Revoked; the key no longer authenticates."), **_errors(401, 404)},
+    )
+    def delete(self, request: Request, api_key_id: int) -> Response:
+        api_key_revoke(user=_caller(request), api_key_id=api_key_id)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+# --- Usage and users ------------------------------------------------------------------------
+
+
+class UsageRecordListApi(ListAPIView):
+    """List usage records (tokens and cost per reply), newest first; admins see everyone's."""
+
+    serializer_class = UsageRecordOutputSerializer
+    filter_backends = ()
+
+    def get_queryset(self) -> QuerySet[UsageRecord]:
+        return usage_record_list(user=_caller(self.request))
+
+    @extend_schema(
+        tags=["usage"],
+        summary="List usage records, newest first: the caller's own (admins: everyone's)",
+        responses={200: UsageRecordOutputSerializer, **_errors(401)},
+    )
+    def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().get(request, *args, **kwargs)
+
+
+class UserListApi(ListAPIView):
+    """List every user, oldest first; admins only (members get 403)."""
+
+    serializer_class = UserListOutputSerializer
+    filter_backends = ()
+
+    def get_queryset(self) -> QuerySet[User]:
+        return user_list(actor=_caller(self.request))
+
+    @extend_schema(
+        tags=["users"],
+        summary="List users (admins only)",
+        responses={200: UserListOutputSerializer, **_errors(401, 403)},
+    )
+    def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().get(request, *args, **kwargs)

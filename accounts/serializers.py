@@ -1,0 +1,169 @@
+"""Request and response shapes of the accounts API.
+
+Input serializers parse and validate; output serializers shape. None of them saves: the
+views hand validated data to ``accounts.services``. The token serializers are simplejwt's,
+subclassed only to give them unique OpenAPI names (and, for refresh, to fix one failure mode).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth.validators import UnicodeUsernameValidator
+from rest_framework import serializers
+from rest_framework.exceptions import AuthenticationFailed
+from rest_framework.validators import UniqueValidator
+from rest_framework_simplejwt.serializers import (
+    TokenBlacklistSerializer,
+    TokenObtainPairSerializer,
+    TokenRefreshSerializer,
+)
+
+from .models import APIKey, UsageRecord, User
+
+# --- Errors (documentation only: chatbackend.exception_handlers writes these bodies) ---------
+
+
+class ErrorObjectOutputSerializer(serializers.Serializer):
+    """OpenAI's error object, as every endpoint returns it on failure."""
+
+    message = serializers.CharField()
+    type = serializers.CharField(help_text="e.g. invalid_request_error, authentication_error, not_found_error")
+    param = serializers.CharField(allow_null=True, help_text="the request field at fault, if any")
+    code = serializers.CharField(allow_null=True)
+    # The metaclass moves declared fields out of the class body, so this does not shadow
+    # ``Serializer.fields``.
+    fields = serializers.DictField(  # type: ignore[assignment]
+        required=False, help_text="validation errors only: DRF's per-field detail"
+    )
+
+
+class ErrorOutputSerializer(serializers.Serializer):
+    """The body of every error response: ``{"error": {...}}``."""
+
+    error = ErrorObjectOutputSerializer()
+
+
+# --- Registration, tokens, the caller --------------------------------------------------------
+
+
+class UserRegisterInputSerializer(serializers.Serializer):
+    username = serializers.CharField(
+        max_length=150,
+        validators=[
+            UnicodeUsernameValidator(),
+            UniqueValidator(queryset=User.objects.all(), message="A user with that username already exists."),
+        ],
+    )
+    password = serializers.CharField(write_only=True, trim_whitespace=False, style={"input_type": "password"})
+    email = serializers.EmailField(allow_blank=True, default="")
+
+
+class UserRegisterOutputSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = User
+        fields = ["id", "username", "email", "role"]
+        read_only_fields = fields
+
+
+class UserMeOutputSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = User
+        fields = ["id", "username", "email", "role", "date_joined"]
+        read_only_fields = fields
+
+
+class UserListOutputSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = User
+        fields = ["id", "username", "email", "role", "is_active", "date_joined", "last_login"]
+        read_only_fields = fields
+
+
+class AuthTokenObtainInputSerializer(TokenObtainPairSerializer):
+    """``{username, password}`` of an active account."""
+
+
+class AuthTokenPairOutputSerializer(serializers.Serializer):
+    access = serializers.CharField(help_text="JWT access token; send as 'Authorization: Bearer <access>'")
+    refresh = serializers.CharField(help_text="JWT refresh token; single use (rotated on refresh)")
+
+
+class AuthTokenRefreshInputSerializer(TokenRefreshSerializer):
+    """``{refresh}``: a refresh token, usable once; it is rotated and the old one blacklisted."""
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, str]:
+        """Rotate the refresh token (simplejwt); answer 401 when its user no longer exists."""
+        # simplejwt looks the user up with .get(): a deleted user's token would be a 500.
+        try:
+            return super().validate(attrs)
+        except User.DoesNotExist:
+            raise AuthenticationFailed(self.error_messages["no_active_account"], "no_active_account") from None
+
+
+class AuthLogoutInputSerializer(TokenBlacklistSerializer):
+    """``{refresh}``: the refresh token to blacklist."""
+
+    # simplejwt's validate() does the blacklisting (token_blacklist app); the view calls no service.
+
+
+# --- API keys -------------------------------------------------------------------------------
+
+
+class APIKeyCreateInputSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=100)
+
+
+class APIKeyOutputSerializer(serializers.ModelSerializer):
+    """An API key as lists show it: never the secret, never its hash."""
+
+    class Meta:
+        model = APIKey
+        fields = ["id", "name", "prefix", "created_at", "last_used_at", "revoked_at"]
+        read_only_fields = fields
+
+
+class APIKeyCreateOutputSerializer(serializers.Serializer):
+    """A new API key with its ``sk-...`` secret in ``key``: the only time the secret is shown."""
+
+    # The instance is a services.CreatedAPIKey: the saved key and its one-time secret.
+
+    id = serializers.IntegerField(source="api_key.id")
+    name = serializers.CharField(source="api_key.name")
+    prefix = serializers.CharField(source="api_key.prefix")
+    created_at = serializers.DateTimeField(source="api_key.created_at")
+    last_used_at = serializers.DateTimeField(source="api_key.last_used_at", allow_null=True)
+    revoked_at = serializers.DateTimeField(source="api_key.revoked_at", allow_null=True)
+    key = serializers.CharField(source="secret", help_text="the secret, shown once; store it now")
+
+
+# --- Usage ----------------------------------------------------------------------------------
+
+
+class UsageRecordOutputSerializer(serializers.ModelSerializer):
+    """One reply's tokens and cost; ``cost`` is US dollars as a decimal string."""
+
+    username = serializers.CharField(source="user.username", read_only=True)
+    total_tokens = serializers.IntegerField(read_only=True)
+    api_key_prefix = serializers.CharField(
+        source="api_key.prefix", read_only=True, allow_null=True, help_text="prefix of the API key used, if any"
+    )
+
+    class Meta:
+        model = UsageRecord
+        fields = [
+            "id",
+            "request_id",
+            "username",
+            "model_name",
+            "source",
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "cost",
+            "estimated",
+            "finish_status",
+            "created_at",
+            "api_key_prefix",
+        ]
+        read_only_fields = fields

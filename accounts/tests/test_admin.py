@@ -1,0 +1,108 @@
+"""The Django admin for users, API keys and usage records, as an operator uses it."""
+
+from __future__ import annotations
+
+import pytest
+
+from accounts.models import APIKey, UsageRecord, User
+from accounts.services import api_key_create, usage_record
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def admin_site(client, superuser):
+    """A Django test client logged in to the admin as a superuser."""
+    client.force_login(superuser)
+    return client
+
+
+def test_user_pages_show_the_role(admin_site, user):
+    changelist = admin_site.get("/admin/accounts/user/", {"role__exact": "member"})
+    change = admin_site.get(f"/admin/accounts/user/{user.pk}/change/")
+
+    assert changelist.status_code == 200
+    assert user.username in changelist.content.decode()
+    assert change.status_code == 200
+    assert 'name="role"' in change.content.decode()
+
+
+def test_an_operator_adds_an_admin_user(admin_site):
+    response = admin_site.post(
+        "/admin/accounts/user/add/",
+        {
+            "username": "ops",
+            "email": "ops@example.com",
+            "role": "admin",
+            "usable_password": "true",
+            "password1": "a-long-passphrase-42",
+            "password2": "a-long-passphrase-42",
+        },
+    )
+
+    assert response.status_code == 302, response.content.decode()[:2000]
+    created = User.objects.get(username="ops")
+    assert created.role == User.Role.ADMIN
+    assert created.is_admin
+    assert created.check_password("a-long-passphrase-42")
+
+
+def test_api_key_pages_never_show_the_hash_and_cannot_add(admin_site, user):
+    api_key = api_key_create(user=user, name="laptop").api_key
+
+    changelist = admin_site.get("/admin/accounts/apikey/")
+    change = admin_site.get(f"/admin/accounts/apikey/{api_key.pk}/change/")
+    add = admin_site.get("/admin/accounts/apikey/add/")
+
+    assert changelist.status_code == 200
+    assert api_key.prefix in changelist.content.decode()
+    assert change.status_code == 200
+    for page in (changelist, change):
+        assert api_key.key_hash not in page.content.decode()
+    assert add.status_code == 403
+
+
+def test_the_revoke_action_revokes_the_selected_keys(admin_site, user, other_user):
+    first = api_key_create(user=user, name="one").api_key
+    second = api_key_create(user=other_user, name="two").api_key
+    kept = api_key_create(user=user, name="kept").api_key
+
+    response = admin_site.post(
+        "/admin/accounts/apikey/",
+        {"action": "revoke_selected", "_selected_action": [first.pk, second.pk]},
+        follow=True,
+    )
+
+    assert response.status_code == 200
+    assert "Revoked 2 API key(s)." in response.content.decode()
+    assert set(APIKey.objects.filter(revoked_at__isnull=False).values_list("pk", flat=True)) == {first.pk, second.pk}
+    kept.refresh_from_db()
+    assert kept.revoked_at is None
+
+
+def test_usage_records_are_read_only(admin_site, user):
+    record = usage_record(
+        request_id="req-1",
+        user_id=user.id,
+        api_key_id=None,
+        model_id=None,
+        model_name="some-model",
+        message_id=None,
+        source=UsageRecord.Source.CONVERSATION,
+        prompt_tokens=3,
+        completion_tokens=4,
+        estimated=True,
+        finish_status="cancelled",
+    )
+
+    changelist = admin_site.get("/admin/accounts/usagerecord/", {"estimated__exact": "1"})
+    view = admin_site.get(f"/admin/accounts/usagerecord/{record.pk}/change/")
+    add = admin_site.get("/admin/accounts/usagerecord/add/")
+    delete = admin_site.get(f"/admin/accounts/usagerecord/{record.pk}/delete/")
+
+    assert changelist.status_code == 200
+    assert "req-1" in changelist.content.decode()
+    assert view.status_code == 200
+    assert 'name="_save"' not in view.content.decode()
+    assert add.status_code == 403
+    assert delete.status_code == 403

@@ -1,0 +1,19 @@
+"""Accounts API routes, mounted at ``/api/``."""
+
+from django.urls import path
+
+from . import apis
+
+app_name = "accounts"
+
+urlpatterns = [
+    path("auth/register/", apis.UserRegisterApi.as_view(), name="register"),
+    path("auth/token/", apis.AuthTokenObtainApi.as_view(), name="token-obtain"),
+    path("auth/token/refresh/", apis.AuthTokenRefreshApi.as_view(), name="token-refresh"),
+    path("auth/logout/", apis.AuthLogoutApi.as_view(), name="logout"),
+    path("auth/me/", apis.UserMeApi.as_view(), name="me"),
+    path("api-keys/", apis.APIKeyListCreateApi.as_view(), name="api-key-list"),
+    path("api-keys/<int:api_key_id>/", apis.APIKeyRevokeApi.as_view(), name="api-key-revoke"),
+    path("usage/", apis.UsageRecordListApi.as_view(), name="usage-list"),
+    path("users/", apis.UserListApi.as_view(), name="user-list"),
+]

@@ -1,0 +1,38 @@
+"""Models REST API: the models a user may chat with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.models import QuerySet
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework.generics import ListAPIView
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from accounts.serializers import ErrorOutputSerializer
+
+from .models import LLMModel
+from .selectors import llm_model_list_enabled
+from .serializers import LLMModelOutputSerializer
+
+
+class LLMModelListApi(ListAPIView):
+    """List the enabled models (on enabled providers) by name, with their prices per million tokens."""
+
+    serializer_class = LLMModelOutputSerializer
+    filter_backends = ()
+
+    def get_queryset(self) -> QuerySet[LLMModel]:
+        return llm_model_list_enabled()
+
+    @extend_schema(
+        tags=["models"],
+        summary="List the enabled models, by name",
+        responses={
+            200: LLMModelOutputSerializer,
+            401: OpenApiResponse(ErrorOutputSerializer, description="Missing, invalid or expired credentials."),
+        },
+    )
+    def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().get(request, *args, **kwargs)

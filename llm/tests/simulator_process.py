@@ -1,0 +1,113 @@
+"""Run the LLM simulator as a real subprocess for tests (``manage.py llm_simulator``).
+
+Usage::
+
+    with running_simulator("--ttft-ms", "5", "--api-key", "sk-x") as sim:
+        sim.base_url        # "http://127.0.0.1:PORT/v1", what ProviderConfig.base_url expects
+        await sim.astats()  # GET /_simulator/stats as a dict
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+__all__ = ["READY_LINE", "SimulatorProcess", "running_simulator"]
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+READY_LINE = re.compile(r"LLM simulator listening on (http://\S+)")
+
+
+@dataclass(frozen=True)
+class SimulatorProcess:
+    """A running simulator: its ``root_url`` (``http://host:port``), ``base_url`` (``root_url/v1``),
+    the ``api_key`` it requires (empty: none) and the ``process``."""
+
+    root_url: str
+    base_url: str
+    api_key: str
+    process: subprocess.Popen[str]
+
+    async def astats(self) -> dict[str, int]:
+        """Return ``GET /_simulator/stats``: requests_started/completed/failed/disconnected, active_streams."""
+        async with httpx.AsyncClient() as client:
+            response = await client.get(f"{self.root_url}/_simulator/stats", timeout=5)
+        response.raise_for_status()
+        return response.json()
+
+    def stats(self) -> dict[str, int]:
+        """Return ``GET /_simulator/stats`` (blocking; for sync tests)."""
+        response = httpx.get(f"{self.root_url}/_simulator/stats", timeout=5)
+        response.raise_for_status()
+        return response.json()
+
+
+def _pump(stream: Iterator[str], lines: queue.Queue[str | None]) -> None:
+    """Copy the child's stdout lines into ``lines`` so its pipe never fills and blocks it."""
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+@contextmanager
+def running_simulator(*options: str, startup_timeout: float = 30.0) -> Iterator[SimulatorProcess]:
+    """Start ``manage.py llm_simulator --port 0 *options``, yield it once it listens, then stop it.
+
+    ``options`` are the command's flags (``--ttft-ms``, ``--token-delay-ms``, ``--reply-tokens``,
+    ``--api-key``, ``--models``). Raises ``RuntimeError`` with the child's stderr if it does not
+    print its ready line within ``startup_timeout`` seconds.
+    """
+    command = [sys.executable, "manage.py", "llm_simulator", "--host", "127.0.0.1", "--port", "0", *options]
+    api_key = options[options.index("--api-key") + 1] if "--api-key" in options else ""
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": os.environ.get("DJANGO_SETTINGS_MODULE", "chatbackend.settings")}
+    with tempfile.TemporaryFile(mode="w+") as stderr:
+        process = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+            command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1
+        )
+        assert process.stdout is not None  # noqa: S101 - stdout=PIPE above
+        lines: queue.Queue[str | None] = queue.Queue()
+        pump = threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True)
+        pump.start()
+        try:
+            root_url = _wait_ready(lines, time.monotonic() + startup_timeout)
+            if root_url is None:
+                stderr.seek(0)
+                raise RuntimeError(
+                    f"llm_simulator did not start (exit code {process.poll()}):\n{stderr.read()[-4000:]}"
+                )
+            yield SimulatorProcess(root_url=root_url, base_url=f"{root_url}/v1", api_key=api_key, process=process)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            pump.join(timeout=5)  # it ends at EOF, which the child's exit just caused
+            process.stdout.close()
+
+
+def _wait_ready(lines: queue.Queue[str | None], deadline: float) -> str | None:
+    """Return the URL from the ready line, or ``None`` if the child exits or the deadline passes."""
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=remaining)
+        except queue.Empty:
+            return None
+        if line is None:
+            return None
+        if match := READY_LINE.search(line):
+            return match.group(1)
+    return None

@@ -1,0 +1,148 @@
+"""The Django admin where operators configure providers and models; provider keys stay write-only."""
+
+from __future__ import annotations
+
+import pytest
+
+from llm.models import LLMModel, Provider
+from tests.factories import LLMModelFactory, ProviderFactory, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+STORED_KEY = "sk-upstream-stored-key-do-not-leak-123456"
+
+
+@pytest.fixture
+def admin_site(client):
+    """A Django test client logged in to the admin as a superuser."""
+    client.force_login(UserFactory(is_superuser=True, is_staff=True))
+    return client
+
+
+@pytest.fixture
+def provider(db):
+    return ProviderFactory(name="upstream", base_url="https://llm.example.com/v1", api_key=STORED_KEY)
+
+
+def change_form_data(provider: Provider, **overrides: str) -> dict[str, str]:
+    data = {
+        "name": provider.name,
+        "kind": provider.kind,
+        "base_url": provider.base_url,
+        "api_key": "",
+        "connect_timeout": str(provider.connect_timeout),
+        "read_timeout": str(provider.read_timeout),
+        "enabled": "on",
+    }
+    data.update(overrides)
+    return data
+
+
+def test_provider_pages_load_and_never_show_the_key(admin_site, provider):
+    LLMModelFactory(provider=provider)
+
+    changelist = admin_site.get("/admin/llm/provider/")
+    change = admin_site.get(f"/admin/llm/provider/{provider.pk}/change/")
+    history = admin_site.get(f"/admin/llm/provider/{provider.pk}/history/")
+    delete = admin_site.get(f"/admin/llm/provider/{provider.pk}/delete/")
+
+    for page in (changelist, change, history, delete):
+        assert page.status_code == 200
+        assert STORED_KEY not in page.content.decode()
+    assert "upstream" in changelist.content.decode()
+    assert 'type="password"' in change.content.decode()
+
+
+def test_saving_with_a_blank_key_keeps_the_stored_key(admin_site, provider):
+    response = admin_site.post(
+        f"/admin/llm/provider/{provider.pk}/change/", change_form_data(provider, read_timeout="42")
+    )
+
+    assert response.status_code == 302, response.content.decode()[:2000]
+    provider.refresh_from_db()
+    assert provider.read_timeout == 42
+    assert provider.api_key == STORED_KEY
+
+
+def test_a_new_key_replaces_the_stored_key(admin_site, provider):
+    response = admin_site.post(
+        f"/admin/llm/provider/{provider.pk}/change/", change_form_data(provider, api_key="sk-new")
+    )
+
+    assert response.status_code == 302
+    provider.refresh_from_db()
+    assert provider.api_key == "sk-new"
+    after = admin_site.get(f"/admin/llm/provider/{provider.pk}/change/")
+    assert "sk-new" not in after.content.decode()
+
+
+def test_clear_api_key_removes_the_stored_key(admin_site, provider):
+    response = admin_site.post(
+        f"/admin/llm/provider/{provider.pk}/change/", change_form_data(provider, clear_api_key="on")
+    )
+
+    assert response.status_code == 302
+    provider.refresh_from_db()
+    assert not provider.api_key  # stored empty (the encrypted field reads an empty key back as None)
+
+
+def test_the_key_is_stored_encrypted(admin_site, provider):
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT api_key FROM llm_provider WHERE id = %s", [provider.pk])
+        (raw,) = cursor.fetchone()
+
+    assert raw
+    assert STORED_KEY not in raw
+
+
+def test_an_operator_adds_a_provider(admin_site):
+    response = admin_site.post(
+        "/admin/llm/provider/add/",
+        {
+            "name": "deepseek",
+            "kind": "openai",
+            "base_url": "https://api.deepseek.com/v1",
+            "api_key": "sk-deepseek",
+            "connect_timeout": "5",
+            "read_timeout": "120",
+            "enabled": "on",
+        },
+    )
+
+    assert response.status_code == 302, response.content.decode()[:2000]
+    assert Provider.objects.get(name="deepseek").api_key == "sk-deepseek"
+
+
+def test_model_changelist_toggles_enabled_in_place(admin_site, provider):
+    model = LLMModelFactory(name="gpt-test", provider=provider, upstream_model="gpt-4o-mini")
+
+    changelist = admin_site.get("/admin/llm/llmmodel/", {"enabled__exact": "1"})
+    response = admin_site.post(
+        "/admin/llm/llmmodel/",
+        {
+            "form-TOTAL_FORMS": "1",
+            "form-INITIAL_FORMS": "1",
+            "form-MIN_NUM_FORMS": "0",
+            "form-MAX_NUM_FORMS": "1000",
+            "form-0-id": str(model.pk),
+            "_save": "Save",
+        },
+    )
+
+    assert changelist.status_code == 200
+    assert "gpt-4o-mini" in changelist.content.decode()
+    assert response.status_code == 302
+    model.refresh_from_db()
+    assert model.enabled is False
+
+
+def test_model_change_form_loads(admin_site, provider):
+    model = LLMModelFactory(provider=provider)
+
+    response = admin_site.get(f"/admin/llm/llmmodel/{model.pk}/change/")
+
+    assert response.status_code == 200
+    assert STORED_KEY not in response.content.decode()
+    assert LLMModel.objects.count() == 1

@@ -1,0 +1,55 @@
+"""GET /api/models/: the enabled models, for any authenticated user."""
+
+from __future__ import annotations
+
+import pytest
+
+from accounts.tests.helpers import assert_error
+from tests.factories import LLMModelFactory, ProviderFactory
+
+MODELS = "/api/models/"
+
+pytestmark = pytest.mark.django_db
+
+
+def test_lists_enabled_models_by_name_with_prices(auth_client):
+    LLMModelFactory(
+        name="b-model",
+        context_window=128000,
+        input_price_per_million="0.150000",
+        output_price_per_million="0.600000",
+        default_parameters={"temperature": 0.7},
+    )
+    LLMModelFactory(name="a-model")
+    LLMModelFactory(name="disabled-model", enabled=False)
+    LLMModelFactory(name="off-provider-model", provider=ProviderFactory(enabled=False))
+
+    response = auth_client.get(MODELS)
+
+    assert response.status_code == 200
+    page = response.json()
+    assert set(page) == {"count", "next", "previous", "results"}
+    assert page["count"] == 2
+    assert [row["name"] for row in page["results"]] == ["a-model", "b-model"]
+    assert page["results"][1] == {
+        "name": "b-model",
+        "context_window": 128000,
+        "input_price_per_million": "0.150000",
+        "output_price_per_million": "0.600000",
+        "default_parameters": {"temperature": 0.7},
+    }
+    assert "sk-upstream" not in response.content.decode()
+
+
+def test_an_api_key_may_list_models(api_client, api_key_secret):
+    LLMModelFactory(name="m")
+    api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key_secret}")
+
+    response = api_client.get(MODELS)
+
+    assert response.status_code == 200
+    assert response.json()["count"] == 1
+
+
+def test_models_need_authentication(api_client):
+    assert_error(api_client.get(MODELS), 401)

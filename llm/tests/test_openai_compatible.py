@@ -1,0 +1,323 @@
+"""The OpenAI-compatible adapter against the real simulator process over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from llm.providers import ChatChunk, ChatRequest, ProviderConfig, UpstreamError, Usage, get_provider
+from llm.providers.openai_compatible import OpenAICompatibleProvider, aclose_clients
+from llm.simulator import MIDSTREAM_FAILURE_CHUNKS, count_prompt_tokens, reply_text
+from llm.tests.conftest import FAST_REPLY_TOKENS, SIMULATOR_API_KEY
+from llm.tests.simulator_process import SimulatorProcess
+
+pytestmark = pytest.mark.usefixtures("provider_clients")
+
+MESSAGES: list[dict[str, Any]] = [{"role": "user", "content": "Name three rivers."}]
+# Sent to simulators that accept any key, so every error path is checked for leaking it.
+PROVIDER_KEY = "sk-provider-secret-key-0123456789"
+
+
+def provider(base_url: str, api_key: str = PROVIDER_KEY, **timeouts: float) -> OpenAICompatibleProvider:
+    adapter = get_provider(ProviderConfig(kind="openai", base_url=base_url, api_key=api_key, **timeouts))
+    assert isinstance(adapter, OpenAICompatibleProvider)
+    return adapter
+
+
+async def collect(
+    adapter: OpenAICompatibleProvider, request: ChatRequest, into: list[ChatChunk] | None = None
+) -> list[ChatChunk]:
+    chunks = [] if into is None else into
+    async for chunk in adapter.stream(request):
+        chunks.append(chunk)
+    return chunks
+
+
+def assert_key_hidden(error: UpstreamError, key: str = PROVIDER_KEY) -> None:
+    assert key not in error.message and key not in str(error) and key not in str(error.as_dict())
+
+
+async def wait_for_stats(
+    sim: SimulatorProcess, predicate: Callable[[dict[str, int]], bool], within: float = 1.0
+) -> dict[str, int]:
+    """Poll the simulator's stats until ``predicate`` holds; fail after ``within`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not predicate(stats := await sim.astats()):
+        if loop.time() > deadline:
+            raise AssertionError(f"simulator stats never matched within {within} s: {stats}")
+        await asyncio.sleep(0.02)
+    return stats
+
+
+async def test_streams_content_chunks_then_usage(llm_simulator: SimulatorProcess) -> None:
+    chunks = await collect(provider(llm_simulator.base_url), ChatRequest(model="sim-1", messages=MESSAGES))
+
+    assert "".join(c.content for c in chunks) == reply_text(MESSAGES, FAST_REPLY_TOKENS)
+    assert sum(1 for c in chunks if c.content) == FAST_REPLY_TOKENS
+    assert [c.finish_reason for c in chunks] == [None] * (FAST_REPLY_TOKENS - 1) + ["stop", None]
+    assert chunks[-1] == ChatChunk(
+        usage=Usage(prompt_tokens=count_prompt_tokens(MESSAGES), completion_tokens=FAST_REPLY_TOKENS)
+    )
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+async def test_parameters_reach_the_upstream(llm_simulator: SimulatorProcess) -> None:
+    request = ChatRequest(model="sim-1", messages=MESSAGES, parameters={"max_tokens": 2, "temperature": 0.2})
+    chunks = await collect(provider(llm_simulator.base_url), request)
+    assert "".join(c.content for c in chunks) == reply_text(MESSAGES, 2)
+    assert chunks[-2].finish_reason == "length" and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 2
+
+
+async def test_sends_bearer_key_only_when_configured(keyed_llm_simulator: SimulatorProcess) -> None:
+    request = ChatRequest(model="sim-1", messages=MESSAGES)
+    chunks = await collect(provider(keyed_llm_simulator.base_url, api_key=SIMULATOR_API_KEY), request)
+    assert "".join(c.content for c in chunks) == reply_text(MESSAGES, FAST_REPLY_TOKENS)
+
+    with pytest.raises(UpstreamError) as caught:
+        await collect(provider(keyed_llm_simulator.base_url, api_key=""), request)
+    # The simulator's "no key" message proves no Authorization header was sent at all.
+    assert caught.value.upstream_status == 401 and "didn't provide an API key" in caught.value.message
+
+
+async def test_wrong_key_is_a_502_that_never_shows_the_key(keyed_llm_simulator: SimulatorProcess) -> None:
+    # The simulator echoes a wrong key unmasked in its 401 message; the adapter must redact it.
+    wrong_key = "sk-provider-wrong-key-abcdef0123456789"
+    with pytest.raises(UpstreamError) as caught:
+        await collect(
+            provider(keyed_llm_simulator.base_url, api_key=wrong_key), ChatRequest(model="sim-1", messages=MESSAGES)
+        )
+    assert (caught.value.status, caught.value.upstream_status, caught.value.code) == (502, 401, "upstream_auth_failed")
+    assert "Incorrect API key provided" in caught.value.message
+    assert_key_hidden(caught.value, wrong_key)
+
+
+@pytest.mark.parametrize(
+    ("model", "status", "code", "quoted"),
+    [
+        ("sim-error-500", 502, "upstream_error", "The server had an error"),
+        ("sim-error-503", 502, "upstream_error", "The server had an error"),
+        ("sim-error-429", 429, "upstream_rate_limited", "Rate limit reached"),
+        ("sim-error-400", 400, "upstream_error", "Simulated error 400"),
+        ("sim-error-404", 404, "upstream_error", "does not exist"),
+    ],
+)
+async def test_upstream_error_status_maps_to_upstream_error(
+    llm_simulator: SimulatorProcess, model: str, status: int, code: str, quoted: str
+) -> None:
+    with pytest.raises(UpstreamError) as caught:
+        await collect(provider(llm_simulator.base_url), ChatRequest(model=model, messages=MESSAGES))
+    assert caught.value.status == status
+    assert caught.value.upstream_status == int(model.rsplit("-", 1)[1])
+    assert caught.value.code == code and quoted in caught.value.message
+    assert_key_hidden(caught.value)
+
+
+async def test_unreachable_upstream_is_502(closed_port_url: str) -> None:
+    with pytest.raises(UpstreamError) as caught:
+        await collect(provider(closed_port_url, connect_timeout=2), ChatRequest(model="sim-1", messages=MESSAGES))
+    assert (caught.value.status, caught.value.upstream_status, caught.value.code) == (502, None, "upstream_unreachable")
+    assert "upstream unreachable" in caught.value.message
+    assert_key_hidden(caught.value)
+
+
+async def test_silent_upstream_times_out_with_504() -> None:
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client gives up and closes
+        writer.close()
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(UpstreamError) as caught:
+            adapter = provider(f"http://127.0.0.1:{port}/v1", read_timeout=0.2)
+            await collect(adapter, ChatRequest(model="sim-1", messages=MESSAGES))
+    finally:
+        server.close()
+    assert (caught.value.status, caught.value.code) == (504, "upstream_timeout")
+    assert_key_hidden(caught.value)
+
+
+async def test_connection_dropped_midstream_is_502_after_the_chunks_received(llm_simulator: SimulatorProcess) -> None:
+    received: list[ChatChunk] = []
+    with pytest.raises(UpstreamError) as caught:
+        await collect(
+            provider(llm_simulator.base_url), ChatRequest(model="sim-fail-midstream", messages=MESSAGES), received
+        )
+    assert len(received) == MIDSTREAM_FAILURE_CHUNKS and all(c.content for c in received)
+    assert (caught.value.status, caught.value.code) == (502, "upstream_disconnected")
+    assert "mid-stream" in caught.value.message
+    assert_key_hidden(caught.value)
+
+
+async def test_malformed_chunk_is_502(llm_simulator: SimulatorProcess) -> None:
+    received: list[ChatChunk] = []
+    with pytest.raises(UpstreamError) as caught:
+        await collect(
+            provider(llm_simulator.base_url), ChatRequest(model="sim-malformed-chunk", messages=MESSAGES), received
+        )
+    assert len(received) == 1
+    assert (caught.value.status, caught.value.code) == (502, "upstream_bad_response")
+    assert_key_hidden(caught.value)
+
+
+async def test_cancelling_the_consumer_closes_the_upstream_stream(slow_llm_simulator: SimulatorProcess) -> None:
+    before = await slow_llm_simulator.astats()
+    first_chunk = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in provider(slow_llm_simulator.base_url).stream(ChatRequest(model="sim-1", messages=MESSAGES)):
+            first_chunk.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(first_chunk.wait(), timeout=5)
+    assert (await slow_llm_simulator.astats())["active_streams"] == before["active_streams"] + 1
+    task.cancel()
+    # Poll before awaiting the task: the 1 s budget runs from the cancel, not from the task's end.
+    after = await wait_for_stats(
+        slow_llm_simulator,
+        lambda s: (
+            s["requests_disconnected"] == before["requests_disconnected"] + 1
+            and s["active_streams"] == before["active_streams"]
+        ),
+    )
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert after["requests_completed"] == before["requests_completed"]
+
+
+async def test_aclose_of_the_stream_closes_the_upstream_stream(slow_llm_simulator: SimulatorProcess) -> None:
+    before = await slow_llm_simulator.astats()
+    stream = provider(slow_llm_simulator.base_url).stream(ChatRequest(model="sim-1", messages=MESSAGES))
+    first = await anext(stream)
+    assert first.content
+    closing = asyncio.create_task(stream.aclose())
+    await wait_for_stats(
+        slow_llm_simulator,
+        lambda s: (
+            s["requests_disconnected"] == before["requests_disconnected"] + 1
+            and s["active_streams"] == before["active_streams"]
+        ),
+    )
+    await closing
+
+
+async def test_streams_share_one_client_and_survive_aclose_clients(llm_simulator: SimulatorProcess) -> None:
+    request = ChatRequest(model="sim-1", messages=MESSAGES)
+    results = await asyncio.gather(*(collect(provider(llm_simulator.base_url), request) for _ in range(20)))
+    assert {"".join(c.content for c in chunks) for chunks in results} == {reply_text(MESSAGES, FAST_REPLY_TOKENS)}
+    await aclose_clients()
+    chunks = await collect(provider(llm_simulator.base_url), request)
+    assert chunks[-1].usage is not None
+
+
+# --- Shapes the simulator never sends (reasoning, tool calls, late errors), over real HTTP ---
+
+
+@pytest.fixture
+async def canned_upstream() -> AsyncIterator[Callable[..., str]]:
+    """Yield ``serve(body, content_type=..., status=...) -> base_url``: a local HTTP server whose
+    ``POST /v1/chat/completions`` answers that fixed body."""
+    answer: dict[str, Any] = {}
+
+    async def chat_completions(request: web.Request) -> web.Response:
+        return web.Response(body=answer["body"], status=answer["status"], headers={"Content-Type": answer["type"]})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+
+    def serve(body: bytes, content_type: str = "text/event-stream", status: int = 200) -> str:
+        answer.update(body=body, type=content_type, status=status)
+        return f"http://127.0.0.1:{port}/v1"
+
+    yield serve
+    await runner.cleanup()
+
+
+def sse(*payloads: dict[str, Any] | str) -> bytes:
+    """Return SSE ``data:`` events for ``payloads`` (dicts as JSON), preceded by a keep-alive comment."""
+    frames = [p if isinstance(p, str) else json.dumps(p) for p in payloads]
+    return (": keep-alive\n\n" + "".join(f"data: {frame}\n\n" for frame in frames)).encode()
+
+
+def delta_chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [choice]}
+
+
+async def test_reasoning_and_tool_calls_pass_through(canned_upstream: Callable[..., str]) -> None:
+    call_start = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": ""}}
+    call_args = {"index": 0, "function": {"arguments": '{"q": 1}'}}
+    usage = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+    base_url = canned_upstream(
+        sse(
+            delta_chunk({"role": "assistant", "content": ""}),  # carries nothing: skipped
+            delta_chunk({"reasoning_content": "Thinking."}),
+            delta_chunk({"content": "Let me check."}),
+            delta_chunk({"tool_calls": [call_start]}),
+            delta_chunk({"tool_calls": [call_args]}),
+            delta_chunk({}, finish_reason="tool_calls"),
+            {
+                "id": "chatcmpl-1",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": "m",
+                "choices": [],
+                "usage": usage,
+            },
+            "[DONE]",
+        )
+    )
+    chunks = await collect(provider(base_url), ChatRequest(model="m", messages=MESSAGES))
+    assert chunks == [
+        ChatChunk(reasoning_content="Thinking."),
+        ChatChunk(content="Let me check."),
+        ChatChunk(tool_calls=[call_start]),
+        ChatChunk(tool_calls=[call_args]),
+        ChatChunk(finish_reason="tool_calls"),
+        ChatChunk(usage=Usage(prompt_tokens=7, completion_tokens=5)),
+    ]
+
+
+async def test_error_object_mid_stream_is_502_without_the_key(canned_upstream: Callable[..., str]) -> None:
+    error = {"error": {"message": f"Engine overloaded for key {PROVIDER_KEY}", "type": "server_error"}}
+    base_url = canned_upstream(sse(delta_chunk({"content": "Hi"}), error))
+    received: list[ChatChunk] = []
+    with pytest.raises(UpstreamError) as caught:
+        await collect(provider(base_url), ChatRequest(model="m", messages=MESSAGES), received)
+    assert received == [ChatChunk(content="Hi")]
+    assert caught.value.status == 502 and "Engine overloaded" in caught.value.message
+    assert_key_hidden(caught.value)
+
+
+async def test_stream_that_ends_unfinished_is_502(canned_upstream: Callable[..., str]) -> None:
+    base_url = canned_upstream(sse(delta_chunk({"content": "Hi"})))  # no finish_reason, no [DONE]
+    with pytest.raises(UpstreamError) as caught:
+        await collect(provider(base_url), ChatRequest(model="m", messages=MESSAGES))
+    assert (caught.value.status, caught.value.code) == (502, "upstream_disconnected")
+
+
+async def test_json_instead_of_a_stream_is_502(canned_upstream: Callable[..., str]) -> None:
+    base_url = canned_upstream(b'{"id": "chatcmpl-1", "choices": []}', content_type="application/json")
+    with pytest.raises(UpstreamError) as caught:
+        await collect(provider(base_url), ChatRequest(model="m", messages=MESSAGES))
+    assert (caught.value.status, caught.value.code) == (502, "upstream_bad_response")
+
+
+async def test_non_json_error_body_is_quoted(canned_upstream: Callable[..., str]) -> None:
+    base_url = canned_upstream(b"<html>Bad Gateway</html>", content_type="text/html", status=502)
+    with pytest.raises(UpstreamError) as caught:
+        await collect(provider(base_url), ChatRequest(model="m", messages=MESSAGES))
+    assert (caught.value.status, caught.value.upstream_status) == (502, 502)
+    assert "Bad Gateway" in caught.value.message

@@ -1,0 +1,226 @@
+"""The simulator speaks OpenAI's wire format: checked with the official SDK and OpenAI's OpenAPI schemas."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai.types.chat import ChatCompletionMessageParam
+
+from llm.simulator import count_prompt_tokens, reply_text
+from llm.tests.conftest import FAST_REPLY_TOKENS, SIMULATOR_API_KEY
+from llm.tests.openai_schema import validate_against
+from llm.tests.simulator_process import SimulatorProcess
+
+MESSAGES: list[ChatCompletionMessageParam] = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Tell me about rivers."},
+]
+
+
+def sdk(sim: SimulatorProcess, api_key: str = "sk-anything") -> openai.AsyncOpenAI:
+    # No retries: a retried 429/500 would hide the status under test and slow the test down.
+    return openai.AsyncOpenAI(base_url=sim.base_url, api_key=api_key, max_retries=0)
+
+
+async def raw_stream(sim: SimulatorProcess, body: dict[str, Any]) -> tuple[httpx.Response, list[str]]:
+    """POST a streamed chat completion; return the response and each SSE ``data`` payload in order."""
+    async with httpx.AsyncClient() as client:
+        async with client.stream("POST", f"{sim.base_url}/chat/completions", json=body, timeout=10) as response:
+            text = "".join([part async for part in response.aiter_text()])
+    frames = text.split("\n\n")
+    assert frames[-1] == "", "the body must end with a blank line after the last event"
+    assert all(frame.startswith("data: ") for frame in frames[:-1]), frames
+    return response, [frame.removeprefix("data: ") for frame in frames[:-1]]
+
+
+async def test_sdk_stream_matches_non_stream_reply(llm_simulator: SimulatorProcess) -> None:
+    async with sdk(llm_simulator) as client:
+        completion = await client.chat.completions.create(model="sim-1", messages=MESSAGES)
+        stream = await client.chat.completions.create(
+            model="sim-1", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = [chunk async for chunk in stream]
+
+    content_chunks = [c for c in chunks if c.choices]
+    assert len(content_chunks) == FAST_REPLY_TOKENS > 1
+    assert content_chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in content_chunks] == [None] * (FAST_REPLY_TOKENS - 1) + ["stop"]
+    streamed_text = "".join(c.choices[0].delta.content or "" for c in content_chunks)
+    assert streamed_text == completion.choices[0].message.content == reply_text(MESSAGES, FAST_REPLY_TOKENS)
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == [] and usage_chunk.usage is not None
+    assert usage_chunk.usage.completion_tokens == FAST_REPLY_TOKENS
+    assert usage_chunk.usage.prompt_tokens == count_prompt_tokens(MESSAGES) == (3 + 3) + (4 + 3)
+    assert usage_chunk.usage.total_tokens == usage_chunk.usage.prompt_tokens + FAST_REPLY_TOKENS
+    assert completion.usage is not None and completion.usage.model_dump() == usage_chunk.usage.model_dump()
+    assert completion.choices[0].finish_reason == "stop"
+
+
+async def test_reply_is_a_deterministic_function_of_the_last_user_message(llm_simulator: SimulatorProcess) -> None:
+    async with sdk(llm_simulator) as client:
+        first = await client.chat.completions.create(model="sim-1", messages=MESSAGES)
+        again = await client.chat.completions.create(model="sim-1", messages=MESSAGES)
+        other = await client.chat.completions.create(model="sim-1", messages=[{"role": "user", "content": "Hello"}])
+    assert first.choices[0].message.content == again.choices[0].message.content
+    assert first.choices[0].message.content != other.choices[0].message.content
+    assert other.choices[0].message.content is not None
+    assert len(other.choices[0].message.content.split()) == FAST_REPLY_TOKENS
+
+
+async def test_stream_frames_match_openai_schema_and_framing(llm_simulator: SimulatorProcess) -> None:
+    body = {"model": "sim-1", "messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}}
+    response, payloads = await raw_stream(llm_simulator, body)
+
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    for chunk in chunks:
+        validate_against("CreateChatCompletionStreamResponse", chunk)
+    assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
+    assert len({(c["id"], c["created"], c["model"], c["system_fingerprint"]) for c in chunks}) == 1
+    # include_usage: every chunk but the last carries "usage": null, the last has choices [].
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == FAST_REPLY_TOKENS
+    contents = [c["choices"][0]["delta"]["content"] for c in chunks[:-1]]
+    assert not contents[0].startswith(" ") and all(word.startswith(" ") for word in contents[1:])
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["choices"][0]["logprobs"] is None for c in chunks[:-1])
+
+
+async def test_stream_without_include_usage_has_no_usage_field(llm_simulator: SimulatorProcess) -> None:
+    _, payloads = await raw_stream(llm_simulator, {"model": "sim-1", "messages": MESSAGES, "stream": True})
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert payloads[-1] == "[DONE]" and len(chunks) == FAST_REPLY_TOKENS
+    assert all("usage" not in c and c["choices"] for c in chunks)
+
+
+@pytest.mark.parametrize("limit_name", ["max_tokens", "max_completion_tokens"])
+async def test_token_limit_cuts_reply_with_finish_reason_length(
+    llm_simulator: SimulatorProcess, limit_name: str
+) -> None:
+    async with sdk(llm_simulator) as client:
+        stream = await client.chat.completions.create(
+            model="sim-1",
+            messages=MESSAGES,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={limit_name: 3},
+        )
+        chunks = [chunk async for chunk in stream]
+        completion = await client.chat.completions.create(model="sim-1", messages=MESSAGES, extra_body={limit_name: 3})
+    assert [c.choices[0].finish_reason for c in chunks if c.choices] == [None, None, "length"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.choices[0].message.content == reply_text(MESSAGES, 3)
+
+
+async def test_non_stream_response_and_model_list_match_openai_schema(llm_simulator: SimulatorProcess) -> None:
+    async with httpx.AsyncClient(base_url=llm_simulator.base_url, timeout=10) as client:
+        completion = await client.post("/chat/completions", json={"model": "sim-1", "messages": MESSAGES})
+        models = await client.get("/models")
+    assert completion.status_code == 200 and models.status_code == 200
+    validate_against("CreateChatCompletionResponse", completion.json())
+    assert completion.json()["object"] == "chat.completion"
+    assert completion.json()["choices"][0]["message"]["role"] == "assistant"
+    validate_against("ListModelsResponse", models.json())
+    assert [m["id"] for m in models.json()["data"]] == ["sim-1"]
+
+
+@pytest.mark.parametrize(
+    ("model", "error_class", "status"),
+    [
+        ("sim-error-500", openai.InternalServerError, 500),
+        ("sim-error-429", openai.RateLimitError, 429),
+        ("sim-error-400", openai.BadRequestError, 400),
+        ("sim-error-404", openai.NotFoundError, 404),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_simulated_errors_surface_as_sdk_status_errors(
+    llm_simulator: SimulatorProcess, model: str, error_class: type[openai.APIStatusError], status: int, stream: bool
+) -> None:
+    async with sdk(llm_simulator) as client:
+        with pytest.raises(error_class) as caught:
+            await client.chat.completions.create(model=model, messages=MESSAGES, stream=stream)
+    assert caught.value.status_code == status
+    assert isinstance(caught.value.body, dict) and caught.value.body["message"]
+    validate_against("ErrorResponse", caught.value.response.json())
+    if status == 429:
+        assert caught.value.code == "rate_limit_exceeded"
+
+
+async def test_wrong_or_missing_api_key_is_rejected_with_401(keyed_llm_simulator: SimulatorProcess) -> None:
+    async with sdk(keyed_llm_simulator, api_key="sk-wrong-key-123456") as client:
+        with pytest.raises(openai.AuthenticationError) as caught:
+            await client.chat.completions.create(model="sim-1", messages=MESSAGES, stream=True)
+    assert caught.value.status_code == 401 and caught.value.code == "invalid_api_key"
+    assert "Incorrect API key provided" in caught.value.message
+    async with httpx.AsyncClient(base_url=keyed_llm_simulator.base_url, timeout=10) as client:
+        missing = await client.get("/models")
+    assert missing.status_code == 401 and "didn't provide an API key" in missing.json()["error"]["message"]
+    validate_against("ErrorResponse", missing.json())
+
+    async with sdk(keyed_llm_simulator, api_key=SIMULATOR_API_KEY) as client:
+        completion = await client.chat.completions.create(model="sim-1", messages=MESSAGES)
+    assert completion.choices[0].message.content == reply_text(MESSAGES, FAST_REPLY_TOKENS)
+
+
+@pytest.mark.parametrize(
+    ("content", "param"),
+    [
+        (b"{not json", None),
+        (json.dumps({"messages": MESSAGES}).encode(), None),
+        (json.dumps({"model": "sim-1"}).encode(), "messages"),
+        (json.dumps({"model": "sim-1", "messages": []}).encode(), "messages"),
+        (json.dumps({"model": "sim-1", "messages": MESSAGES, "max_tokens": 0}).encode(), "max_tokens"),
+        (json.dumps({"model": "sim-1", "messages": MESSAGES, "stream_options": {}}).encode(), "stream_options"),
+    ],
+)
+async def test_malformed_requests_get_openai_400(
+    llm_simulator: SimulatorProcess, content: bytes, param: str | None
+) -> None:
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.post(
+            f"{llm_simulator.base_url}/chat/completions", content=content, headers={"Content-Type": "application/json"}
+        )
+    assert response.status_code == 400
+    validate_against("ErrorResponse", response.json())
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert response.json()["error"]["param"] == param
+
+
+async def test_fail_midstream_drops_the_connection_after_a_few_chunks(llm_simulator: SimulatorProcess) -> None:
+    body = {"model": "sim-fail-midstream", "messages": MESSAGES, "stream": True}
+    received: list[str] = []
+    async with httpx.AsyncClient(timeout=10) as client:
+        with pytest.raises(httpx.RemoteProtocolError):
+            async with client.stream("POST", f"{llm_simulator.base_url}/chat/completions", json=body) as response:
+                async for line in response.aiter_lines():
+                    received.append(line)
+    assert response.status_code == 200
+    assert sum(line.startswith("data: {") for line in received) == 3
+    assert "data: [DONE]" not in received
+
+
+async def test_stats_count_completed_requests(llm_simulator: SimulatorProcess) -> None:
+    before = await llm_simulator.astats()
+    await raw_stream(llm_simulator, {"model": "sim-1", "messages": MESSAGES, "stream": True})
+    after = await llm_simulator.astats()
+    assert after["requests_started"] == before["requests_started"] + 1
+    assert after["requests_completed"] == before["requests_completed"] + 1
+    assert after["requests_disconnected"] == before["requests_disconnected"]
+    assert after["active_streams"] == 0
+
+
+async def test_unknown_url_gets_openai_404(llm_simulator: SimulatorProcess) -> None:
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.get(f"{llm_simulator.base_url}/chat/completions")
+    assert response.status_code == 404
+    assert response.json()["error"]["message"] == "Invalid URL (GET /v1/chat/completions)"
