@@ -77,7 +77,9 @@ def usage_record(
 
     Returns the new record, or None when ``request_id`` was already recorded (a redelivered task).
     """
-    from llm.models import LLMModel  # accounts must not import llm at module load (migrations order)
+    # accounts must not import llm or conversations at module load (they import accounts).
+    from conversations.models import Message
+    from llm.models import LLMModel
 
     prices = LLMModel.objects.filter(pk=model_id).values("input_price_per_million", "output_price_per_million").first()
     cost = Decimal(0)
@@ -88,6 +90,12 @@ def usage_record(
             input_price=prices["input_price_per_million"],
             output_price=prices["output_price_per_million"],
         )
+    # The message or key may be deleted before the task runs (a conversation deleted mid-stream):
+    # the usage still counts, unlinked, rather than failing on the foreign key.
+    if message_id is not None and not Message.objects.filter(pk=message_id).exists():
+        message_id = None
+    if api_key_id is not None and not APIKey.objects.filter(pk=api_key_id).exists():
+        api_key_id = None
     try:
         with transaction.atomic():
             return UsageRecord.objects.create(

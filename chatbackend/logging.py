@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import re
 
-# Our API keys (sk-...), OpenAI-style keys, and bearer credentials of any kind.
-_SECRET_PATTERNS = re.compile(r"(sk-[A-Za-z0-9_\-]{8,}|(?i:bearer)\s+[A-Za-z0-9._\-]{8,})")
+# Our API keys (sk-...), OpenAI-style keys, bearer credentials of any kind, and the ``token``
+# query parameter WebSocket clients authenticate with (it shows in access logs).
+_SECRET_PATTERNS = re.compile(r"(sk-[A-Za-z0-9_\-]{8,}|(?i:bearer)\s+[A-Za-z0-9._\-]{8,}|(?<=[?&]token=)[^&\s\"']+)")
 
 
 def redact(text: str) -> str:

@@ -206,7 +206,10 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "chatbackend.exception_handlers.drf_exception_handler",
-    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer", "rest_framework.renderers.BrowsableAPIRenderer"],
+    "DEFAULT_RENDERER_CLASSES": [
+        "rest_framework.renderers.JSONRenderer",
+        "rest_framework.renderers.BrowsableAPIRenderer",
+    ],
 }
 
 SPECTACULAR_SETTINGS = {
@@ -260,7 +263,17 @@ LLM_PROVIDER_BACKENDS: dict[str, str] = {
 LLM_UPSTREAM_MAX_CONNECTIONS: int = _get("LLM_UPSTREAM_MAX_CONNECTIONS", env.int, 10000, "an integer")
 LLM_UPSTREAM_MAX_KEEPALIVE: int = _get("LLM_UPSTREAM_MAX_KEEPALIVE", env.int, 1000, "an integer")
 # Seconds between SSE comment lines sent while waiting on the upstream (proxies drop idle reads).
-SSE_KEEPALIVE_SECONDS: float = _positive("SSE_KEEPALIVE_SECONDS", _get("SSE_KEEPALIVE_SECONDS", env.float, 15.0, "seconds"))
+SSE_KEEPALIVE_SECONDS: float = _positive(
+    "SSE_KEEPALIVE_SECONDS", _get("SSE_KEEPALIVE_SECONDS", env.float, 15.0, "seconds")
+)
+
+# Seconds /v1/chat/completions waits for the upstream's first chunk before sending headers, so an
+# upstream failure can still be answered with an error status (NextChat cannot see errors in a stream).
+OPENAI_FIRST_CHUNK_WAIT_SECONDS: float = _positive(
+    "OPENAI_FIRST_CHUNK_WAIT_SECONDS", _get("OPENAI_FIRST_CHUNK_WAIT_SECONDS", env.float, 10.0, "seconds")
+)
+# What /dashboard/billing/subscription reports as the hard limit (US dollars); no quota enforces it yet.
+OPENAI_BILLING_HARD_LIMIT_USD: float = _get("OPENAI_BILLING_HARD_LIMIT_USD", env.float, 1_000_000.0, "a number")
 
 # --- Internationalisation, static files -----------------------------------------------------
 LANGUAGE_CODE = "en-us"
@@ -298,6 +311,12 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         "django": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+        # ASGI servers configure their own handlers before Django starts; route them through ours
+        # so access lines (which may carry ?token=...) are redacted too.
+        "uvicorn": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+        "uvicorn.access": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+        "uvicorn.error": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+        "daphne": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
         "httpx": {"level": "WARNING"},
         "httpcore": {"level": "WARNING"},
     },

@@ -107,7 +107,9 @@ def should_account(outcome: ReplyOutcome) -> bool:
     return outcome.status != FAILED or outcome.time_to_first_token_ms is not None
 
 
-def reply_finish(outcome: ReplyOutcome, *, message_id: int, user_id: int, api_key_id: int | None, model: LLMModel) -> None:
+def reply_finish(
+    outcome: ReplyOutcome, *, message_id: int, user_id: int, api_key_id: int | None, model: LLMModel
+) -> None:
     """Persist the end of a reply on its assistant message and queue its usage record.
 
     One write of the message (content so far, status, tokens, timings, error); the usage task is

@@ -90,8 +90,8 @@ class Reply:
         self._finish_reason: str | None = None
         self._usage: Usage | None = None
 
-    async def wait_first_chunk(self, timeout: float) -> None:
-        """Wait up to ``timeout`` seconds for the upstream's first chunk.
+    async def wait_first_chunk(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for the upstream's first chunk.
 
         Lets an interface answer an upstream failure with a plain error status before it sends
         any header (NextChat cannot see an error inside a stream). Raises ``UpstreamError`` when
@@ -100,7 +100,7 @@ class Reply:
         """
         self._first = asyncio.ensure_future(anext(self._upstream))
         try:
-            await asyncio.wait({self._first}, timeout=timeout)
+            await asyncio.wait({self._first}, timeout=seconds)
         except asyncio.CancelledError:
             self._first.cancel()
             await self._end(CANCELLED, None)

@@ -74,3 +74,17 @@ def test_usage_enqueue_records_after_commit(fields, django_capture_on_commit_cal
 
     assert len(callbacks) == 1
     assert UsageRecord.objects.get().request_id == "chatcmpl-123"
+
+
+def test_usage_of_a_message_deleted_before_the_task_runs_is_kept_unlinked(fields, user):
+    from tests.factories import ConversationFactory, MessageFactory
+
+    message = MessageFactory(conversation=ConversationFactory(owner=user), role="assistant")
+    message_id = message.pk
+    message.conversation.delete()
+
+    record = usage_record(**{**fields, "message_id": message_id})
+
+    assert record is not None
+    assert record.message_id is None
+    assert record.prompt_tokens == 1234

@@ -23,3 +23,12 @@ def test_filter_rewrites_formatted_message() -> None:
 
     assert RedactSecretsFilter().filter(record) is True
     assert record.getMessage() == "using [REDACTED]"
+
+
+def test_redact_removes_token_query_parameter() -> None:
+    line = '127.0.0.1:5000 - "WebSocket /ws/conversations/1/?token=eyJabc.def.ghi&x=1" [accepted]'
+
+    cleaned = redact(line)
+
+    assert "eyJabc.def.ghi" not in cleaned
+    assert "?token=[REDACTED]&x=1" in cleaned

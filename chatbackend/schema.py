@@ -1,0 +1,221 @@
+"""drf-spectacular hooks: document the plain async views that drf-spectacular cannot see.
+
+drf-spectacular only walks DRF views. The OpenAI-compatible API (``conversations.openai_apis``)
+is plain async Django views, so ``add_async_endpoints`` documents each of them through a
+documentation-only ``APIView`` below, run through drf-spectacular's own ``AutoSchema``: request
+and response bodies come from the serializers that validate (``conversations.openai_serializers``)
+or document them, components are registered in the generator's registry, and the security
+requirements come from the authentication classes' extensions (``accounts.apis``), exactly as
+for a DRF view. Nothing here is routed.
+
+``POST /api/conversations/{id}/messages/`` (``conversations.sse``) is documented by its DRF
+twin ``ConversationMessageListApi``; the hook adds it from the same serializers only if that
+operation is missing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.generators import SchemaGenerator
+from drf_spectacular.settings import spectacular_settings
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework.request import Request
+from rest_framework.views import APIView
+
+from accounts.authentication import APIKeyAuthentication, JWTAuthentication
+from accounts.serializers import ErrorOutputSerializer
+from conversations.openai_serializers import (
+    BillingSubscriptionOutputSerializer,
+    BillingUsageOutputSerializer,
+    BillingUsageQuerySerializer,
+    ChatCompletionChunkOutputSerializer,
+    ChatCompletionCreateInputSerializer,
+    ChatCompletionOutputSerializer,
+    OpenAIModelListOutputSerializer,
+    OpenAIModelOutputSerializer,
+)
+from conversations.serializers import MessageSendInputSerializer, MessageSendOutputSerializer
+
+_ERRORS = {
+    400: "Invalid request: malformed JSON or a field of the wrong type or value (`error.param` names it), "
+    "or a disabled model.",
+    401: "Missing, unknown, revoked or expired API key or token.",
+    404: "No such model (`model_not_found`), or an unknown URL.",
+    405: "Wrong method for this URL (see `Allow`).",
+    413: "The body is larger than the server accepts.",
+    429: "The upstream's rate limit, passed through.",
+    502: "The upstream failed (5xx, refused our credentials, unreachable, or dropped the stream).",
+    504: "The upstream timed out.",
+}
+
+
+def _errors(*statuses: int) -> dict[int, OpenApiResponse]:
+    return {status: OpenApiResponse(ErrorOutputSerializer, description=_ERRORS[status]) for status in statuses}
+
+
+_SSE_EXAMPLE = (
+    'data: {"id":"chatcmpl-1a2b","object":"chat.completion.chunk","created":1767225600,"model":"gpt-4o-mini",'
+    '"choices":[{"index":0,"delta":{"role":"assistant","content":"Hello"},"logprobs":null,"finish_reason":null}]}\n\n'
+    'data: {"id":"chatcmpl-1a2b","object":"chat.completion.chunk","created":1767225600,"model":"gpt-4o-mini",'
+    '"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}]}\n\n'
+    "data: [DONE]\n\n"
+)
+
+
+class _OpenAIDocView(APIView):
+    """Base of the documentation-only views: bearer API key or JWT, as ``/v1`` authenticates."""
+
+    authentication_classes = (APIKeyAuthentication, JWTAuthentication)
+
+
+class ChatCompletionsDocView(_OpenAIDocView):
+    @extend_schema(
+        operation_id="openai_chat_completions_create",
+        tags=["openai"],
+        summary="Create a chat completion (OpenAI-compatible), streamed or whole",
+        description=(
+            "OpenAI's `POST /v1/chat/completions`. With `stream: true` the answer is `text/event-stream`: "
+            "one `data: {chat.completion.chunk}` line per chunk (the schema below is one chunk), the usage "
+            "chunk (`choices: []`) only with `stream_options.include_usage`, then `data: [DONE]`. Errors "
+            "found before the first chunk (including the upstream's) come as a plain error status; a later "
+            'upstream failure is sent as a `data: {"error": ...}` line and ends the stream. '
+            "Only `n: 1` is supported; fields not listed are passed to the upstream as they are. "
+            "Also authenticated by `x-api-key` / `api-key` headers."
+        ),
+        request={"application/json": ChatCompletionCreateInputSerializer},
+        responses={
+            (200, "application/json"): OpenApiResponse(
+                ChatCompletionOutputSerializer, description="`stream` false: the whole chat completion."
+            ),
+            (200, "text/event-stream"): OpenApiResponse(
+                ChatCompletionChunkOutputSerializer,
+                description="`stream` true: server-sent events, each `data:` line one chunk.",
+                examples=[OpenApiExample("stream", value=_SSE_EXAMPLE, media_type="text/event-stream")],
+            ),
+            **_errors(400, 401, 404, 405, 413, 429, 502, 504),
+        },
+    )
+    def post(
+        self, request: Request
+    ) -> None: ...  # never dispatched: documents ``conversations.openai_apis.chat_completions``
+
+
+class ModelListDocView(_OpenAIDocView):
+    @extend_schema(
+        operation_id="openai_models_list",
+        description="OpenAI's `GET /v1/models`: the models this server serves, by the `id` clients send.",
+        tags=["openai"],
+        summary="List the enabled models (OpenAI-compatible)",
+        responses={200: OpenAIModelListOutputSerializer, **_errors(401)},
+    )
+    def get(self, request: Request) -> None: ...  # never dispatched: documents ``conversations.openai_apis.model_list``
+
+
+class ModelRetrieveDocView(_OpenAIDocView):
+    @extend_schema(
+        operation_id="openai_models_retrieve",
+        description="OpenAI's `GET /v1/models/{model}`. 404 `model_not_found`, 400 `model_disabled`.",
+        tags=["openai"],
+        summary="Retrieve one enabled model (OpenAI-compatible)",
+        parameters=[
+            OpenApiParameter(
+                "model", OpenApiTypes.STR, OpenApiParameter.PATH, description="The model id; may contain `/`."
+            )
+        ],
+        responses={200: OpenAIModelOutputSerializer, **_errors(400, 401, 404)},
+    )
+    def get(
+        self, request: Request, model: str
+    ) -> None: ...  # never dispatched: documents ``conversations.openai_apis.model_retrieve``
+
+
+class BillingUsageDocView(_OpenAIDocView):
+    @extend_schema(
+        operation_id="openai_billing_usage",
+        description=(
+            "`{object: list, total_usage}`: the cost of the caller's usage records from `start_date` "
+            "(inclusive) to `end_date` (exclusive; NextChat sends tomorrow), in US cents."
+        ),
+        tags=["openai"],
+        summary="The caller's spending in a date range, in US cents (NextChat's usage display)",
+        parameters=[BillingUsageQuerySerializer],
+        responses={200: BillingUsageOutputSerializer, **_errors(400, 401)},
+    )
+    def get(
+        self, request: Request
+    ) -> None: ...  # never dispatched: documents ``conversations.openai_apis.billing_usage``
+
+
+class BillingSubscriptionDocView(_OpenAIDocView):
+    @extend_schema(
+        operation_id="openai_billing_subscription",
+        description=(
+            "`hard_limit_usd` and friends are the setting `OPENAI_BILLING_HARD_LIMIT_USD`, the same for "
+            "every caller: there is no quota system yet, so nothing enforces it."
+        ),
+        tags=["openai"],
+        summary="The spending limit NextChat shows (a configured constant: no quotas are enforced)",
+        responses={200: BillingSubscriptionOutputSerializer, **_errors(401)},
+    )
+    def get(
+        self, request: Request
+    ) -> None: ...  # never dispatched: documents ``conversations.openai_apis.billing_subscription``
+
+
+class MessageSendDocView(_OpenAIDocView):
+    @extend_schema(
+        operation_id="conversations_messages_send",
+        tags=["conversations"],
+        summary="Send a message and get the reply, streamed (SSE) or whole",
+        description=(
+            "With `Accept: text/event-stream`: events `reply.start`, `reply.delta`, then `reply.done` or "
+            "`error` (docs/api.md). Otherwise 201 with both messages once the reply ends."
+        ),
+        parameters=[OpenApiParameter("conversation_id", OpenApiTypes.INT, OpenApiParameter.PATH)],
+        request={"application/json": MessageSendInputSerializer},
+        responses={
+            (201, "application/json"): MessageSendOutputSerializer,
+            (200, "text/event-stream"): OpenApiResponse(OpenApiTypes.STR, description="The reply as SSE events."),
+            **_errors(400, 401, 404, 502),
+        },
+    )
+    def post(
+        self, request: Request, conversation_id: int
+    ) -> None: ...  # never dispatched: documents ``conversations.sse.message_send``
+
+
+# (path as drf-spectacular writes it from the URLconf, method, documentation view).
+ASYNC_ENDPOINTS: list[tuple[str, str, type[APIView]]] = [
+    ("/v1/chat/completions", "POST", ChatCompletionsDocView),
+    ("/v1/models", "GET", ModelListDocView),
+    ("/v1/models/{model}", "GET", ModelRetrieveDocView),
+    ("/dashboard/billing/usage", "GET", BillingUsageDocView),
+    ("/dashboard/billing/subscription", "GET", BillingSubscriptionDocView),
+    ("/api/conversations/{conversation_id}/messages/", "POST", MessageSendDocView),
+]
+
+
+def add_async_endpoints(
+    result: dict[str, Any], generator: SchemaGenerator, request: Any, public: bool
+) -> dict[str, Any]:
+    """Add the operations of the async views in ``ASYNC_ENDPOINTS`` to the OpenAPI ``result``.
+
+    An operation already present (documented by a DRF view) is left as it is. Components the new
+    operations use are added to ``result["components"]``.
+    """
+    paths = result.setdefault("paths", {})
+    for path, method, view_class in ASYNC_ENDPOINTS:
+        if method.lower() in paths.get(path, {}):
+            continue
+        view = generator.create_view(view_class.as_view(), method)
+        view.request = spectacular_settings.GET_MOCK_REQUEST(method, path, view, request)
+        operation = view.schema.get_operation(path, "", "^/", method, generator.registry)
+        paths.setdefault(path, {})[method.lower()] = operation
+    components = result.setdefault("components", {})
+    for section, entries in generator.registry.build({}).items():
+        merged = components.setdefault(section, {})
+        for name, schema in entries.items():
+            merged.setdefault(name, schema)
+    return result

@@ -1,0 +1,93 @@
+"""Django admin where operators find conversations and replies (read-only: chats are the users').
+
+Operators may delete a conversation (moderation) but not write into one; a reply's status,
+tokens, timings and error are what they come to read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin
+from django.http import HttpRequest
+
+from .models import Conversation, Message
+
+_MESSAGE_FIELDS = (
+    "conversation",
+    "role",
+    "status",
+    "content",
+    "model_name",
+    "finish_reason",
+    "prompt_tokens",
+    "completion_tokens",
+    "time_to_first_token_ms",
+    "duration_ms",
+    "error",
+    "created_at",
+    "updated_at",
+)
+
+
+class MessageInline(admin.TabularInline):
+    model = Message
+    fields = ("role", "status", "content", "model_name", "prompt_tokens", "completion_tokens", "created_at")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = True
+    ordering = ("created_at", "id")
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(Conversation)
+class ConversationAdmin(admin.ModelAdmin):
+    list_display = ("id", "title", "owner", "model", "updated_at")
+    list_select_related = ("owner", "model")
+    list_filter = ("model",)
+    search_fields = ("title", "owner__username")
+    fields = ("title", "owner", "model", "system_prompt", "created_at", "updated_at")
+    readonly_fields = fields
+    inlines = (MessageInline,)
+    date_hierarchy = "updated_at"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(Message)
+class MessageAdmin(admin.ModelAdmin):
+    list_display = (
+        "id",
+        "conversation",
+        "role",
+        "status",
+        "model_name",
+        "prompt_tokens",
+        "completion_tokens",
+        "created_at",
+    )
+    list_select_related = ("conversation",)
+    list_filter = ("role", "status", "model_name")
+    search_fields = ("content", "conversation__title", "conversation__owner__username")
+    fields = _MESSAGE_FIELDS
+    readonly_fields = _MESSAGE_FIELDS
+    date_hierarchy = "created_at"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

@@ -1,0 +1,226 @@
+"""Conversations REST API (DRF): conversation CRUD, the message list, and stopping a reply.
+
+Sending a message streams, so it is a plain async view (``conversations.sse``); DRF only
+documents it here. Every lookup goes through ``conversations.selectors``, so another user's
+conversation is a 404 and admins see all. Errors leave as ``{"error": {...}}`` through
+``chatbackend.exception_handlers``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import django_filters
+from django.db.models import QuerySet
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema, extend_schema_view
+from rest_framework import mixins, status, viewsets
+from rest_framework.exceptions import MethodNotAllowed
+from rest_framework.filters import OrderingFilter, SearchFilter
+from rest_framework.generics import ListAPIView
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from accounts.serializers import ErrorOutputSerializer
+
+from .models import Conversation, Message
+from .selectors import conversation_list, message_list
+from .serializers import (
+    ConversationCreateInputSerializer,
+    ConversationOutputSerializer,
+    ConversationUpdateInputSerializer,
+    MessageOutputSerializer,
+    MessageSendInputSerializer,
+    MessageSendOutputSerializer,
+    MessageStopOutputSerializer,
+)
+from .services import conversation_create, conversation_delete, conversation_update
+from .stop import reply_stop
+
+_ERROR_DESCRIPTIONS = {
+    400: "Invalid request: malformed JSON or a field failed validation (see error.param, error.fields).",
+    401: "Missing, invalid, expired or revoked credentials.",
+    404: "Not found, or not yours (another user's conversation is a 404).",
+}
+
+
+def _errors(*statuses: int) -> dict[int, OpenApiResponse]:
+    """Return OpenAPI responses documenting the project's error body for each of ``statuses``."""
+    return {code: OpenApiResponse(ErrorOutputSerializer, description=_ERROR_DESCRIPTIONS[code]) for code in statuses}
+
+
+class ConversationFilter(django_filters.FilterSet):
+    """``?model=<model name>``."""
+
+    model = django_filters.CharFilter(field_name="model__name", help_text="the model's name")
+
+    class Meta:
+        model = Conversation
+        fields = ["model"]
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="List the caller's conversations (admins: everyone's), most recently updated first",
+        responses={200: ConversationOutputSerializer, **_errors(400, 401)},
+    ),
+    create=extend_schema(
+        summary="Start a conversation with an enabled model",
+        request=ConversationCreateInputSerializer,
+        responses={201: ConversationOutputSerializer, **_errors(400, 401, 404)},
+    ),
+    retrieve=extend_schema(
+        summary="Get a conversation", responses={200: ConversationOutputSerializer, **_errors(401, 404)}
+    ),
+    partial_update=extend_schema(
+        summary="Rename a conversation, or change its system prompt or model",
+        request=ConversationUpdateInputSerializer,
+        responses={200: ConversationOutputSerializer, **_errors(400, 401, 404)},
+    ),
+    destroy=extend_schema(
+        summary="Delete a conversation and its messages",
+        responses={204: OpenApiResponse(description="Deleted."), **_errors(401, 404)},
+    ),
+)
+@extend_schema(tags=["conversations"])
+class ConversationViewSet(
+    mixins.ListModelMixin,
+    mixins.CreateModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.UpdateModelMixin,
+    mixins.DestroyModelMixin,
+    viewsets.GenericViewSet,
+):
+    """Conversations of the caller: ``?model=``, ``?search=`` (title), ``?ordering=`` filters."""
+
+    serializer_class = ConversationOutputSerializer
+    filter_backends = (django_filters.rest_framework.DjangoFilterBackend, SearchFilter, OrderingFilter)
+    filterset_class = ConversationFilter
+    search_fields = ("title",)
+    ordering_fields = ("updated_at", "created_at", "title", "id")
+    ordering = ("-updated_at", "-id")
+    lookup_value_regex = r"\d+"
+    http_method_names = ("get", "post", "patch", "delete", "head", "options")
+
+    def get_queryset(self) -> QuerySet[Conversation]:
+        if getattr(self, "swagger_fake_view", False):  # drf-spectacular inspecting the view
+            return Conversation.objects.none()
+        return conversation_list(user=self.request.user)
+
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        serializer = ConversationCreateInputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        conversation = conversation_create(
+            owner=request.user, model_name=data["model"], title=data["title"], system_prompt=data["system_prompt"]
+        )
+        return Response(ConversationOutputSerializer(conversation).data, status=status.HTTP_201_CREATED)
+
+    def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        # PUT is not offered (http_method_names): every update is partial.
+        serializer = ConversationUpdateInputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        conversation = conversation_update(conversation=self.get_object(), data=serializer.validated_data)
+        return Response(ConversationOutputSerializer(conversation).data)
+
+    def perform_destroy(self, instance: Conversation) -> None:
+        conversation_delete(conversation=instance)
+
+
+class MessageFilter(django_filters.FilterSet):
+    """``?role=`` and ``?status=``."""
+
+    role = django_filters.ChoiceFilter(choices=Message.Role.choices)
+    status = django_filters.ChoiceFilter(choices=Message.Status.choices)
+
+    class Meta:
+        model = Message
+        fields = ["role", "status"]
+
+
+_SSE_EXAMPLE = (
+    "event: reply.start\n"
+    'data: {"conversation_id":1,"user_message_id":10,"message_id":11,"model":"gpt-4o-mini"}\n\n'
+    "event: reply.delta\n"
+    'data: {"content":" Hello"}\n\n'
+    "event: reply.done\n"
+    'data: {"message":{"id":11,"role":"assistant","status":"completed","...":"..."}}\n\n'
+)
+
+
+class ConversationMessageListApi(ListAPIView):
+    """List a conversation's messages, oldest first (``?role=``, ``?status=``)."""
+
+    serializer_class = MessageOutputSerializer
+    filter_backends = (django_filters.rest_framework.DjangoFilterBackend,)
+    filterset_class = MessageFilter
+
+    def get_queryset(self) -> QuerySet[Message]:
+        if getattr(self, "swagger_fake_view", False):
+            return Message.objects.none()
+        return message_list(user=self.request.user, conversation_id=self.kwargs["conversation_id"])
+
+    @extend_schema(
+        tags=["conversations"],
+        summary="List a conversation's messages, oldest first",
+        responses={200: MessageOutputSerializer, **_errors(400, 401, 404)},
+    )
+    def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().get(request, *args, **kwargs)
+
+    @extend_schema(
+        tags=["conversations"],
+        summary="Send a message and get the reply, streamed (SSE) or whole",
+        description=(
+            "With `Accept: text/event-stream` the answer is an SSE stream: `reply.start`, "
+            "`reply.delta` (`{content, reasoning_content?}`), then `reply.done` (`{message}`) or "
+            "`error` (`{error, message}`), with `: keep-alive` comments while the upstream is slow. "
+            "Closing the connection stops the reply; its text so far is kept as `cancelled`. "
+            "Otherwise the answer comes when the reply ends: 201 with both messages, or the "
+            "upstream's error status (the assistant message is then `failed`)."
+        ),
+        operation_id="conversations_messages_send",
+        request={"application/json": MessageSendInputSerializer},
+        # The async view reads bearer tokens only (no session cookie).
+        auth=[{"apiKeyAuth": []}, {"jwtAuth": []}],
+        responses={
+            (201, "application/json"): OpenApiResponse(
+                MessageSendOutputSerializer, description="The reply ended (completed, or stopped)."
+            ),
+            (200, "text/event-stream"): OpenApiResponse(
+                OpenApiTypes.STR,
+                description="The reply as server-sent events.",
+                examples=[OpenApiExample("reply", value=_SSE_EXAMPLE, media_type="text/event-stream")],
+            ),
+            **_errors(400, 401, 404),
+            502: OpenApiResponse(ErrorOutputSerializer, description="The upstream failed (non-streamed only)."),
+        },
+    )
+    def post(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        """Never dispatched: ``conversations.urls`` routes POST to ``conversations.sse.message_send``.
+
+        It stays to document that async view (DRF views are sync and cannot stream).
+        """
+        raise MethodNotAllowed(request.method or "POST")
+
+
+class ConversationMessageStopApi(APIView):
+    """Stop a streaming reply, whichever server process streams it."""
+
+    @extend_schema(
+        tags=["conversations"],
+        summary="Stop a streaming reply (it ends `cancelled`, keeping its text so far)",
+        operation_id="conversations_messages_stop",
+        request=None,
+        responses={
+            202: OpenApiResponse(MessageStopOutputSerializer, description="Stop requested."),
+            **_errors(401, 404),
+        },
+    )
+    def post(self, request: Request, conversation_id: int, message_id: int) -> Response:
+        reply_stop(user=request.user, conversation_id=conversation_id, message_id=message_id)
+        return Response(
+            MessageStopOutputSerializer({"message_id": message_id, "status": "stopping"}).data,
+            status=status.HTTP_202_ACCEPTED,
+        )

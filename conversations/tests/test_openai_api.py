@@ -1,0 +1,955 @@
+"""The OpenAI-compatible API (``/v1``, ``/dashboard/billing``) as clients see it.
+
+Replies come from the LLM simulator process over real HTTP; a few tests use a scripted upstream
+(a tiny aiohttp server, also over real HTTP) for what the simulator does not send: tool calls,
+reasoning, and a record of the request body it received. Every response body is checked against
+OpenAI's published schemas (``llm.tests.openai_schema``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import threading
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from aiohttp import web
+from django.core.handlers.asgi import ASGIHandler
+from django.test import AsyncClient, override_settings
+from django.utils import timezone
+from rest_framework_simplejwt.tokens import AccessToken
+
+from accounts.models import UsageRecord
+from accounts.services import api_key_create, api_key_revoke
+from chatbackend.asyncdb import run_sync
+from conftest import start_simulator
+from llm.models import LLMModel, Provider
+from llm.providers.openai_compatible import aclose_clients
+from llm.simulator import reply_text
+from llm.tests.openai_schema import validate_against
+from tests.factories import LLMModelFactory, ProviderFactory, UserFactory
+
+SIM_REPLY_TOKENS = 12  # the session simulator's reply length (root conftest)
+CHAT_URL = "/v1/chat/completions"
+UPSTREAM_SECRET = "sk-upstream-provider-secret-0000000000"  # ProviderFactory's api_key
+DB = pytest.mark.django_db(transaction=True)
+
+
+# --- Helpers (also used by test_nextchat) -----------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+async def _close_provider_clients() -> AsyncIterator[None]:
+    """Close the adapter's per-loop HTTP client when the test's event loop is done with it."""
+    yield
+    await aclose_clients()
+
+
+def auth(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def chat_body(model: str, text: str = "Say hello", **fields: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": text}], **fields}
+
+
+async def post_chat(client: AsyncClient, body: Any, headers: dict[str, str]) -> Any:
+    data = body if isinstance(body, str | bytes) else json.dumps(body)
+    return await client.post(CHAT_URL, data=data, content_type="application/json", headers=headers)
+
+
+async def read_stream(response: Any) -> bytes:
+    return b"".join([part async for part in response.streaming_content])
+
+
+def sse_data(raw: bytes) -> list[str]:
+    """Return the ``data:`` payloads of an SSE body, checking its framing (``data: ...\\n\\n``).
+
+    Comment events (``: keep-alive``) are checked and left out.
+    """
+    text = raw.decode("utf-8")
+    assert text.endswith("\n\n"), text[-200:]
+    payloads = []
+    for event in text[:-2].split("\n\n"):
+        assert "\n" not in event, event
+        if event == ": keep-alive":
+            continue
+        assert event.startswith("data: "), event
+        payloads.append(event[len("data: ") :])
+    return payloads
+
+
+def chunk_objects(payloads: list[str]) -> list[dict[str, Any]]:
+    """Parse the chunk payloads before ``[DONE]`` and validate each against OpenAI's schema."""
+    assert payloads[-1] == "[DONE]", payloads[-3:]
+    chunks = [json.loads(payload) for payload in payloads[:-1]]
+    for chunk in chunks:
+        validate_against("CreateChatCompletionStreamResponse", chunk)
+    return chunks
+
+
+def assert_openai_error(response: Any, status: int, *, code: str | None = None, param: str | None = None) -> dict:
+    """Check ``response`` is OpenAI's error JSON with ``status``; return the ``error`` object."""
+    assert response.status_code == status, (response.status_code, response.content[:500])
+    assert response["Content-Type"] == "application/json", response["Content-Type"]
+    body = json.loads(response.content)
+    validate_against("ErrorResponse", body)
+    error = body["error"]
+    if code is not None:
+        assert error["code"] == code, error
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+@dataclass
+class ASGIResult:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    frames: list[bytes] = field(default_factory=list)
+
+
+async def asgi_request(
+    method: str,
+    path: str,
+    headers: Iterable[tuple[str, str]],
+    body_parts: Iterable[bytes] = (b"",),
+    *,
+    disconnect_after_frames: int | None = None,
+    disconnect_on_start: bool = False,
+) -> ASGIResult:
+    """Run one request through Django's real ASGI handler, the way a server does.
+
+    ``body_parts`` arrive as separate ``http.request`` messages (a chunked body when no
+    ``content-length`` header is given). With ``disconnect_after_frames``, the client
+    disconnects once that many body frames arrived; Django then cancels the view's task. With
+    ``disconnect_on_start``, it disconnects while the response's headers are being sent.
+    """
+    parts = list(body_parts)
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    for index, part in enumerate(parts):
+        inbox.put_nowait({"type": "http.request", "body": part, "more_body": index < len(parts) - 1})
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(name.lower().encode("latin1"), value.encode("latin1")) for name, value in headers],
+        "client": ("127.0.0.1", 50000),
+        "server": ("localhost", 8000),
+    }
+    result = ASGIResult(status=0, headers={}, body=b"")
+
+    async def receive() -> dict[str, Any]:
+        return await inbox.get()
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            result.status = message["status"]
+            result.headers = {k.decode("latin1").lower(): v.decode("latin1") for k, v in message["headers"]}
+            if disconnect_on_start:
+                inbox.put_nowait({"type": "http.disconnect"})
+                await asyncio.sleep(1)  # a slow socket: Django cancels the send
+        elif message.get("body"):
+            result.frames.append(message["body"])
+            result.body += message["body"]
+            if disconnect_after_frames is not None and len(result.frames) == disconnect_after_frames:
+                inbox.put_nowait({"type": "http.disconnect"})
+
+    await asyncio.wait_for(ASGIHandler()(scope, receive, send), timeout=30)
+    return result
+
+
+async def usage_records(**filters: Any) -> list[UsageRecord]:
+    # run_sync, not the async ORM: it hands the thread's connection back (a connection left open
+    # in asgiref's executor thread keeps PostgreSQL from dropping the test database).
+    return await run_sync(lambda: list(UsageRecord.objects.filter(**filters).order_by("pk")))
+
+
+# --- A scripted upstream: tool calls and reasoning, over real HTTP ----------------------------
+
+
+class ScriptedUpstream:
+    """An OpenAI-compatible upstream in a thread that streams scripted chunks by ``model`` name.
+
+    ``tool-call``: a reasoning delta, then a function call split over three deltas.
+    Any other model: one content chunk ``"ok"``. ``requests`` records every JSON body received.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.base_url = ""
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _chunks(self, model: str) -> list[dict[str, Any]]:
+        if model == "tool-call":
+            call = {
+                "index": 0,
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": ""},
+            }
+            return [
+                {"role": "assistant", "reasoning_content": "The user wants weather."},
+                {"tool_calls": [call]},
+                {"tool_calls": [{"index": 0, "function": {"arguments": '{"city":'}}]},
+                {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]},
+            ]
+        return [{"role": "assistant", "content": "ok"}]
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        model = body["model"]
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        envelope = {"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1, "model": model}
+        for delta in self._chunks(model):
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+            await response.write(f"data: {json.dumps({**envelope, 'choices': [choice]})}\n\n".encode())
+        finish = "tool_calls" if model == "tool-call" else "stop"
+        last = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}
+        await response.write(f"data: {json.dumps({**envelope, 'choices': [last]})}\n\n".encode())
+        usage = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+        await response.write(f"data: {json.dumps({**envelope, 'choices': [], 'usage': usage})}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._handle)
+        self._runner = web.AppRunner(app)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+        self._ready.set()
+        self._loop.run_forever()
+
+    def start(self) -> ScriptedUpstream:
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def scripted_upstream() -> Iterator[ScriptedUpstream]:
+    upstream = ScriptedUpstream().start()
+    yield upstream
+    upstream.stop()
+
+
+# --- POST /v1/chat/completions: streamed ------------------------------------------------------
+
+
+@DB
+async def test_stream_sends_openai_chunks_then_done_and_records_usage(api_key_secret, sim_model):
+    client = AsyncClient()
+    body = chat_body("sim-model", "Tell me about rivers", stream=True)
+    response = await post_chat(client, body, auth(api_key_secret))
+
+    assert response.status_code == 200
+    assert response["Content-Type"] == "text/event-stream"
+    assert response["Cache-Control"] == "no-cache"
+    assert response["X-Accel-Buffering"] == "no"
+    assert not response.has_header("Content-Encoding")
+    chunks = chunk_objects(sse_data(await read_stream(response)))
+
+    assert len({chunk["id"] for chunk in chunks}) == 1
+    request_id = chunks[0]["id"]
+    assert request_id.startswith("chatcmpl-")
+    assert {chunk["model"] for chunk in chunks} == {"sim-model"}  # the public name, not "sim-1"
+    assert {chunk["object"] for chunk in chunks} == {"chat.completion.chunk"}
+    assert all("usage" not in chunk for chunk in chunks)  # no include_usage: no usage at all
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all("role" not in chunk["choices"][0]["delta"] for chunk in chunks[1:])
+    text = "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks)
+    assert text == reply_text(body["messages"], SIM_REPLY_TOKENS)
+    assert [chunk["choices"][0]["finish_reason"] for chunk in chunks][-1] == "stop"
+    assert all(chunk["choices"][0]["finish_reason"] is None for chunk in chunks[:-1])
+
+    [record] = await usage_records()
+    assert record.request_id == request_id
+    assert record.source == UsageRecord.Source.OPENAI_API
+    assert record.api_key_id is not None
+    assert record.model_name == "sim-model"
+    assert record.completion_tokens == SIM_REPLY_TOKENS
+    assert record.prompt_tokens > 0
+    assert record.estimated is False
+    assert record.finish_status == "completed"
+    assert record.message_id is None
+
+
+@DB
+async def test_stream_usage_chunk_only_with_include_usage(api_key_secret, sim_model):
+    client = AsyncClient()
+    body = chat_body("sim-model", stream=True, stream_options={"include_usage": True})
+    response = await post_chat(client, body, auth(api_key_secret))
+    chunks = chunk_objects(sse_data(await read_stream(response)))
+
+    *content_chunks, usage_chunk = chunks
+    assert usage_chunk["choices"] == []
+    [record] = await usage_records()
+    assert usage_chunk["usage"] == {
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens,
+        "total_tokens": record.prompt_tokens + record.completion_tokens,
+    }
+    assert usage_chunk["usage"]["completion_tokens"] == SIM_REPLY_TOKENS
+    assert all(chunk["usage"] is None and chunk["choices"] for chunk in content_chunks)
+
+
+@DB
+async def test_stream_false_options_and_accept_headers_never_406(api_key_secret, sim_model):
+    client = AsyncClient()
+    for accept in ("application/json, text/event-stream", "*/*", "application/json", "text/event-stream"):
+        headers = {**auth(api_key_secret), "Accept": accept}
+        response = await post_chat(client, chat_body("sim-model", stream=True), headers)
+        assert response.status_code == 200, accept
+        assert sse_data(await read_stream(response))[-1] == "[DONE]"
+        response = await post_chat(client, chat_body("sim-model"), headers)
+        assert response.status_code == 200, accept
+        validate_against("CreateChatCompletionResponse", json.loads(response.content))
+
+
+# --- POST /v1/chat/completions: whole ---------------------------------------------------------
+
+
+@DB
+async def test_non_stream_answers_one_chat_completion(api_key_secret, sim_model):
+    client = AsyncClient()
+    body = chat_body("sim-model", "What is a bridge?", stream=False)
+    response = await post_chat(client, body, auth(api_key_secret))
+
+    assert response.status_code == 200
+    assert response["Content-Type"] == "application/json"
+    completion = json.loads(response.content)
+    validate_against("CreateChatCompletionResponse", completion)
+    assert completion["object"] == "chat.completion"
+    assert completion["model"] == "sim-model"
+    [choice] = completion["choices"]
+    assert choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"] == reply_text(body["messages"], SIM_REPLY_TOKENS)
+    assert "tool_calls" not in choice["message"]
+    assert choice["finish_reason"] == "stop"
+    [record] = await usage_records()
+    assert record.request_id == completion["id"]
+    assert completion["usage"] == {
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": SIM_REPLY_TOKENS,
+        "total_tokens": record.prompt_tokens + SIM_REPLY_TOKENS,
+    }
+
+
+@DB
+async def test_model_default_parameters_apply_unless_the_client_sends_them(api_key_secret, simulator):
+    provider = await run_sync(Provider.objects.create, name="sim-defaults", base_url=simulator.base_url)
+    await run_sync(
+        LLMModel.objects.create,
+        name="short-model",
+        provider=provider,
+        upstream_model="sim-1",
+        default_parameters={"max_tokens": 3},
+    )
+    client = AsyncClient()
+    response = await post_chat(client, chat_body("short-model"), auth(api_key_secret))
+    completion = json.loads(response.content)
+    assert completion["choices"][0]["finish_reason"] == "length"
+    assert len(completion["choices"][0]["message"]["content"].split()) == 3
+
+    response = await post_chat(client, chat_body("short-model", max_tokens=5), auth(api_key_secret))
+    assert len(json.loads(response.content)["choices"][0]["message"]["content"].split()) == 5
+
+
+@DB
+async def test_parameters_pass_through_and_adapter_owned_fields_do_not(api_key_secret, scripted_upstream):
+    provider = await run_sync(Provider.objects.create, name="scripted", base_url=scripted_upstream.base_url)
+    await run_sync(
+        LLMModel.objects.create,
+        name="scripted",
+        provider=provider,
+        upstream_model="plain",
+        default_parameters={"temperature": 0.2, "seed": 7, "stream": False},
+    )
+    body = chat_body(
+        "scripted",
+        temperature=0.9,
+        top_p=0.5,
+        n=1,
+        stop=["\n\n"],
+        presence_penalty=0,
+        user="u-1",
+        top_k=40,  # not OpenAI's: passed through for providers that have it
+        max_completion_tokens=None,
+        stream_options={"include_usage": False},
+    )
+    response = await post_chat(AsyncClient(), body, auth(api_key_secret))
+    assert response.status_code == 200
+    sent = scripted_upstream.requests[-1]
+    assert sent["model"] == "plain"
+    assert sent["messages"] == body["messages"]
+    assert sent["temperature"] == 0.9  # the client's value wins over the model's default
+    assert sent["seed"] == 7  # the model's default fills in
+    assert sent["top_p"] == 0.5 and sent["stop"] == ["\n\n"] and sent["user"] == "u-1" and sent["top_k"] == 40
+    assert "n" not in sent and "max_completion_tokens" not in sent
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}  # the adapter's own
+
+
+# --- Tool calls and reasoning (scripted upstream) ---------------------------------------------
+
+
+@pytest.fixture
+def tool_model(db, scripted_upstream):
+    provider = ProviderFactory(base_url=scripted_upstream.base_url)
+    return LLMModelFactory(name="tool-model", provider=provider, upstream_model="tool-call")
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+
+
+@DB
+async def test_stream_relays_tool_call_deltas_and_reasoning(api_key_secret, tool_model):
+    client = AsyncClient()
+    response = await post_chat(client, chat_body("tool-model", stream=True, tools=TOOLS), auth(api_key_secret))
+    chunks = chunk_objects(sse_data(await read_stream(response)))
+
+    deltas = [chunk["choices"][0]["delta"] for chunk in chunks]
+    assert deltas[0] == {"role": "assistant", "reasoning_content": "The user wants weather."}
+    calls = [delta["tool_calls"][0] for delta in deltas if "tool_calls" in delta]
+    assert calls[0]["id"] == "call_1" and calls[0]["function"]["name"] == "get_weather"
+    assert "".join(call["function"]["arguments"] for call in calls) == '{"city":"Paris"}'
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+@DB
+async def test_non_stream_merges_tool_calls(api_key_secret, tool_model):
+    client = AsyncClient()
+    response = await post_chat(client, chat_body("tool-model", tools=TOOLS, tool_choice="auto"), auth(api_key_secret))
+    completion = json.loads(response.content)
+    validate_against("CreateChatCompletionResponse", completion)
+    message = completion["choices"][0]["message"]
+    assert message["content"] is None
+    assert message["reasoning_content"] == "The user wants weather."
+    assert message["tool_calls"] == [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
+    ]
+    assert completion["choices"][0]["finish_reason"] == "tool_calls"
+    assert completion["usage"] == {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+
+
+# --- Authentication ---------------------------------------------------------------------------
+
+
+@DB
+async def test_jwt_access_token_and_api_key_headers_authenticate(user, sim_model, api_key_secret):
+    client = AsyncClient()
+    token = str(AccessToken.for_user(user))
+    for headers in (auth(token), {"X-Api-Key": api_key_secret}, {"Api-Key": api_key_secret}):
+        response = await post_chat(client, chat_body("sim-model"), headers)
+        assert response.status_code == 200, headers
+    records = await usage_records()
+    assert len(records) == 3
+    assert records[0].api_key_id is None  # a JWT has no key
+    assert records[1].api_key_id is not None
+
+
+@pytest.fixture
+def bad_credentials(user) -> dict[str, dict[str, str]]:
+    revoked = api_key_create(user=user, name="old")
+    api_key_revoke(user=user, api_key_id=revoked.api_key.pk)
+    expired = AccessToken.for_user(user)
+    expired.set_exp(from_time=timezone.now() - dt.timedelta(hours=2))
+    return {
+        "missing": {},
+        "not bearer": {"Authorization": "Basic dXNlcjpwYXNz"},
+        "wrong key": auth("sk-" + "x" * 48),
+        "revoked key": auth(revoked.secret),
+        "expired jwt": auth(str(expired)),
+        "garbage jwt": auth("not.a.jwt"),
+        "nextchat access code": auth("nk-access-code"),
+    }
+
+
+@DB
+async def test_bad_credentials_are_401_openai_errors_before_anything_else(bad_credentials, sim_model):
+    client = AsyncClient()
+    for case, headers in bad_credentials.items():
+        # Even a malformed body is judged only after the credentials.
+        for body in (chat_body("sim-model", stream=True), "{not json"):
+            response = await post_chat(client, body, headers)
+            error = assert_openai_error(response, 401)
+            assert error["type"] == "authentication_error", case
+            assert response["WWW-Authenticate"].startswith("Bearer"), case
+    assert await usage_records() == []
+
+
+# --- Bad requests: 4xx OpenAI errors, never 500 -----------------------------------------------
+
+
+@pytest.fixture
+def disabled_models(db, sim_model):
+    LLMModelFactory(name="off-model", provider=sim_model.provider, enabled=False)
+    provider = ProviderFactory(name="off-provider", enabled=False)
+    LLMModelFactory(name="off-provider-model", provider=provider)
+
+
+BAD_BODIES = [
+    ("{not json", 400, "invalid_json", None),
+    ("", 400, "invalid_json", None),
+    ('["a list"]', 400, "invalid", None),
+    (chat_body("sim-model", temperature="0.5"), 400, "invalid", "temperature"),
+    (chat_body("sim-model", temperature=3), 400, "invalid", "temperature"),
+    (chat_body("sim-model", max_tokens=1.5), 400, "invalid", "max_tokens"),
+    (chat_body("sim-model", stream="yes"), 400, "invalid", "stream"),
+    (chat_body("sim-model", stream_options={"include_usage": "yes"}, stream=True), 400, "invalid", None),
+    (chat_body("sim-model", n=2), 400, "invalid", "n"),
+    (chat_body("sim-model", stop=["a", "b", "c", "d", "e"]), 400, "invalid", "stop"),
+    (chat_body("sim-model", tools=[{"type": "function"}]), 400, "invalid", None),
+    (chat_body("sim-model", tool_choice="sometimes"), 400, "invalid", "tool_choice"),
+    (chat_body("sim-model", logit_bias={"50256": 500}), 400, "invalid", None),
+    ({"model": 5, "messages": [{"role": "user", "content": "hi"}]}, 400, "invalid", "model"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, 400, "invalid", "model"),
+    ({"model": "sim-model"}, 400, "invalid", "messages"),
+    ({"model": "sim-model", "messages": []}, 400, "invalid", "messages"),
+    ({"model": "sim-model", "messages": "hi"}, 400, "invalid", "messages"),
+    ({"model": "sim-model", "messages": [{"role": "robot", "content": "hi"}]}, 400, "invalid", None),
+    ({"model": "sim-model", "messages": [{"role": "user", "content": 42}]}, 400, "invalid", None),
+    ({"model": "sim-model", "messages": [{"role": "user"}]}, 400, "invalid", None),
+    ({"model": "sim-model", "messages": [{"role": "user", "content": [{"text": "no type"}]}]}, 400, "invalid", None),
+    ({"model": "sim-model", "messages": [{"role": "tool", "content": "42"}]}, 400, "invalid", None),
+    (chat_body("no-such-model"), 404, "model_not_found", "model"),
+    (chat_body("off-model"), 400, "model_disabled", "model"),
+    (chat_body("off-provider-model"), 400, "model_disabled", "model"),
+]
+
+
+@DB
+async def test_bad_requests_are_openai_errors(api_key_secret, disabled_models):
+    # One test for the whole table: each transactional test costs a database flush.
+    client = AsyncClient()
+    for body, status, code, param in BAD_BODIES:
+        for stream in (True, False):
+            sent = {"stream": stream, **body} if isinstance(body, dict) else body
+            response = await post_chat(client, sent, auth(api_key_secret))
+            try:
+                error = assert_openai_error(response, status, code=code, param=param)
+            except AssertionError as exc:
+                raise AssertionError(f"request {sent!r}: {exc}") from exc
+            if code == "invalid" and isinstance(body, dict):
+                assert error["param"], (sent, error)  # a field error always names its field
+    assert await usage_records() == []
+
+
+@DB
+async def test_field_errors_name_the_nested_field(api_key_secret, sim_model):
+    client = AsyncClient()
+    body = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": 1}]}
+    error = assert_openai_error(await post_chat(client, body, auth(api_key_secret)), 400)
+    assert error["param"] == "messages.1.content"
+    assert "fields" in error
+
+
+@DB
+async def test_oversized_body_is_413(api_key_secret, sim_model):
+    client = AsyncClient()
+    with override_settings(DATA_UPLOAD_MAX_MEMORY_SIZE=1000):
+        response = await post_chat(client, chat_body("sim-model", "x" * 2000), auth(api_key_secret))
+    assert_openai_error(response, 413, code="request_too_large")
+
+
+# --- Upstream failures ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def failing_models(db, simulator):
+    provider = ProviderFactory(name="sim-failing", base_url=simulator.base_url)
+    for upstream in ("sim-error-500", "sim-error-503", "sim-error-429", "sim-error-400", "sim-fail-midstream"):
+        LLMModelFactory(name=upstream.replace("sim-", "m-"), provider=provider, upstream_model=upstream)
+    LLMModelFactory(name="m-unreachable", provider=ProviderFactory(name="nowhere", base_url="http://127.0.0.1:9/v1"))
+
+
+@DB
+@pytest.mark.parametrize(
+    ("model", "status"),
+    [("m-error-500", 502), ("m-error-503", 502), ("m-error-429", 429), ("m-error-400", 400), ("m-unreachable", 502)],
+)
+async def test_upstream_failure_before_output_is_a_plain_error_status(api_key_secret, failing_models, model, status):
+    client = AsyncClient()
+    for stream in (True, False):
+        response = await post_chat(client, chat_body(model, stream=stream), auth(api_key_secret))
+        assert not response.streaming
+        error = assert_openai_error(response, status)
+        assert error["code"].startswith("upstream_"), error
+    assert await usage_records() == []  # nothing generated, nothing billed
+
+
+@DB
+async def test_midstream_failure_sends_an_error_frame_and_ends(api_key_secret, failing_models):
+    client = AsyncClient()
+    response = await post_chat(client, chat_body("m-fail-midstream", stream=True), auth(api_key_secret))
+    assert response.status_code == 200
+    payloads = sse_data(await read_stream(response))
+
+    assert "[DONE]" not in payloads
+    *chunks, last = [json.loads(payload) for payload in payloads]
+    for chunk in chunks:
+        validate_against("CreateChatCompletionStreamResponse", chunk)
+    assert len(chunks) == 3
+    validate_against("ErrorResponse", last)
+    assert last["error"]["code"] == "upstream_disconnected"
+
+    [record] = await usage_records()  # tokens were generated: billed, as estimated
+    assert record.finish_status == "failed"
+    assert record.estimated is True
+    assert record.completion_tokens >= 3
+
+
+@DB
+async def test_midstream_failure_without_stream_is_502(api_key_secret, failing_models):
+    response = await post_chat(AsyncClient(), chat_body("m-fail-midstream"), auth(api_key_secret))
+    assert_openai_error(response, 502, code="upstream_disconnected")
+    [record] = await usage_records()
+    assert record.finish_status == "failed"
+
+
+# --- Client disconnect (through Django's real ASGI handler) -----------------------------------
+
+
+@pytest.fixture
+def slow_model(db):
+    """A model on its own slow simulator: 200 tokens, 20 ms apart (4 s per reply)."""
+    sim = start_simulator("--ttft-ms", "0", "--token-delay-ms", "20", "--reply-tokens", "200")
+    provider = ProviderFactory(name="sim-slow", base_url=sim.base_url)
+    yield LLMModelFactory(name="slow-model", provider=provider, upstream_model="sim-1"), sim
+    sim.process.terminate()
+    sim.process.wait(timeout=10)
+
+
+@DB
+async def test_client_disconnect_cancels_upstream_and_bills_what_was_streamed(api_key_secret, slow_model):
+    _, sim = slow_model
+    body = json.dumps(chat_body("slow-model", stream=True)).encode()
+    headers = [("content-type", "application/json"), ("authorization", f"Bearer {api_key_secret}")]
+    result = await asgi_request("POST", CHAT_URL, headers, [body], disconnect_after_frames=3)
+
+    assert result.status == 200
+    assert len(result.frames) == 3
+    [record] = await usage_records()  # persisted before the handler returned
+    assert record.finish_status == "cancelled"
+    assert record.estimated is True
+    assert 3 <= record.completion_tokens < 200
+    stats = await _wait_for_stats(sim, lambda s: s["active_streams"] == 0)
+    assert stats["requests_disconnected"] == 1  # the upstream request was closed, not finished
+    assert stats["requests_completed"] == 0
+
+
+@DB
+async def test_client_leaving_while_headers_are_sent_still_ends_the_reply(api_key_secret, slow_model):
+    # Django's ASGI handler then never iterates the body; it only calls response.close().
+    _, sim = slow_model
+    body = json.dumps(chat_body("slow-model", stream=True)).encode()
+    headers = [("content-type", "application/json"), ("authorization", f"Bearer {api_key_secret}")]
+    result = await asgi_request("POST", CHAT_URL, headers, [body], disconnect_on_start=True)
+
+    assert result.status == 200 and result.body == b""
+    [record] = await usage_records()  # persisted before the handler returned
+    assert record.finish_status == "cancelled"
+    stats = await _wait_for_stats(sim, lambda s: s["active_streams"] == 0)
+    assert stats["requests_disconnected"] == 1
+
+
+@DB
+async def test_a_stream_never_read_is_persisted_cancelled_when_the_response_closes(api_key_secret, slow_model):
+    # What Django's ASGI handler does when the client leaves while the headers are being sent:
+    # the body is never iterated, and only ``response.close()`` runs.
+    _, sim = slow_model
+    response = await post_chat(AsyncClient(), chat_body("slow-model", stream=True), auth(api_key_secret))
+    assert response.status_code == 200
+    response.close()
+
+    async def cancelled() -> list[UsageRecord]:
+        return [record for record in await usage_records() if record.finish_status == "cancelled"]
+
+    for _ in range(100):
+        if await cancelled():
+            break
+        await asyncio.sleep(0.05)
+    [record] = await cancelled()
+    assert record.completion_tokens < 200
+    stats = await _wait_for_stats(sim, lambda s: s["active_streams"] == 0)
+    assert stats["requests_disconnected"] == 1
+
+
+async def _wait_for_stats(sim: Any, done: Any) -> dict[str, int]:
+    for _ in range(100):
+        stats = await asyncio.to_thread(sim.stats)
+        if done(stats):
+            return stats
+        await asyncio.sleep(0.05)
+    return stats
+
+
+# --- A silent upstream: keep-alive comments until the first chunk -----------------------------
+
+
+@pytest.fixture
+def silent_model(db):
+    """A model on its own simulator that stays silent 1.5 s before its first token."""
+    sim = start_simulator("--ttft-ms", "1500", "--token-delay-ms", "5", "--reply-tokens", "6")
+    provider = ProviderFactory(name="sim-silent", base_url=sim.base_url)
+    yield LLMModelFactory(name="silent-model", provider=provider, upstream_model="sim-1"), sim
+    sim.process.terminate()
+    sim.process.wait(timeout=10)
+
+
+@DB
+async def test_headers_go_out_and_comments_keep_a_silent_stream_alive(api_key_secret, silent_model):
+    body = chat_body("silent-model", stream=True)
+    with override_settings(OPENAI_FIRST_CHUNK_WAIT_SECONDS=0.2, SSE_KEEPALIVE_SECONDS=0.3):
+        response = await post_chat(AsyncClient(), body, auth(api_key_secret))
+        assert response.status_code == 200  # after 0.2 s, long before the first token
+        raw = await read_stream(response)
+
+    assert raw.startswith(b": keep-alive\n\n: keep-alive\n\n")
+    chunks = chunk_objects(sse_data(raw))
+    assert "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks) == reply_text(
+        body["messages"], 6
+    )
+    [record] = await usage_records()
+    assert record.finish_status == "completed"
+
+
+@DB
+async def test_client_leaving_a_silent_stream_cancels_it(api_key_secret, silent_model):
+    _, sim = silent_model
+    body = json.dumps(chat_body("silent-model", stream=True)).encode()
+    headers = [("content-type", "application/json"), ("authorization", f"Bearer {api_key_secret}")]
+    with override_settings(OPENAI_FIRST_CHUNK_WAIT_SECONDS=0.1, SSE_KEEPALIVE_SECONDS=0.1):
+        result = await asgi_request("POST", CHAT_URL, headers, [body], disconnect_after_frames=1)
+
+    assert result.status == 200
+    assert result.body == b": keep-alive\n\n"
+    [record] = await usage_records()
+    assert record.finish_status == "cancelled"
+    assert record.completion_tokens == 0
+    stats = await _wait_for_stats(sim, lambda s: s["active_streams"] == 0)
+    assert stats["requests_disconnected"] == 1 and stats["requests_completed"] == 0
+
+
+# --- GET /v1/models ---------------------------------------------------------------------------
+
+
+@DB
+async def test_model_list_and_retrieve(api_key_secret, sim_model, disabled_models):
+    client = AsyncClient()
+    response = await client.get("/v1/models", headers=auth(api_key_secret))
+    assert response.status_code == 200
+    listing = json.loads(response.content)
+    validate_against("ListModelsResponse", listing)
+    assert [model["id"] for model in listing["data"]] == ["sim-model"]
+    assert listing["data"][0]["owned_by"] == sim_model.provider.name
+
+    response = await client.get("/v1/models/sim-model", headers=auth(api_key_secret))
+    model = json.loads(response.content)
+    validate_against("Model", model)
+    assert model == listing["data"][0]
+
+    assert_openai_error(await client.get("/v1/models/nope", headers=auth(api_key_secret)), 404, code="model_not_found")
+    assert_openai_error(await client.get("/v1/models/off-model", headers=auth(api_key_secret)), 400)
+    assert_openai_error(await client.get("/v1/models"), 401)
+    assert_openai_error(await client.get("/v1/models/sim-model"), 401)
+
+
+@DB
+async def test_model_ids_with_slashes_resolve(api_key_secret, sim_model):
+    await run_sync(
+        LLMModel.objects.create, name="meta-llama/Llama-3-8B", provider=sim_model.provider, upstream_model="sim-1"
+    )
+    response = await AsyncClient().get("/v1/models/meta-llama/Llama-3-8B", headers=auth(api_key_secret))
+    assert json.loads(response.content)["id"] == "meta-llama/Llama-3-8B"
+
+
+# --- Unknown URLs and methods -----------------------------------------------------------------
+
+
+@DB
+async def test_unknown_urls_and_methods_are_openai_json(api_key_secret):
+    client = AsyncClient()
+    for method, path in [
+        ("get", "/v1/nope"),
+        ("post", "/v1/embeddings"),
+        ("get", "/v1"),
+        ("get", "/v1/models/"),
+        ("post", "/dashboard/billing/credit_grants"),
+    ]:
+        response = await getattr(client, method)(path, headers=auth(api_key_secret))
+        error = assert_openai_error(response, 404, code="unknown_url")
+        assert path in error["message"]
+    for method, path in [
+        ("get", CHAT_URL),
+        ("put", CHAT_URL),
+        ("delete", "/v1/models"),
+        ("post", "/v1/models/sim-model"),
+        ("post", "/dashboard/billing/usage"),
+    ]:
+        response = await getattr(client, method)(path, headers=auth(api_key_secret))
+        assert_openai_error(response, 405, code="method_not_allowed")
+        assert "POST" in response["Allow"] or "GET" in response["Allow"]
+    response = await client.options(CHAT_URL)  # not a CORS preflight: no Origin
+    assert response.status_code == 200
+    assert response["Allow"] == "POST, OPTIONS"
+
+
+# --- CORS -------------------------------------------------------------------------------------
+
+
+@DB
+async def test_cors_preflight_needs_no_key_and_responses_allow_the_origin(api_key_secret, sim_model):
+    client = AsyncClient()
+    response = await client.options(
+        CHAT_URL,
+        headers={
+            "Origin": "https://chat.example.com",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
+    )
+    assert response.status_code == 200
+    assert response["Access-Control-Allow-Origin"] in ("*", "https://chat.example.com")
+    allowed = {name.strip() for name in response["Access-Control-Allow-Headers"].split(",")}
+    assert {"authorization", "content-type", "accept", "x-api-key"} <= allowed
+    assert int(response["Access-Control-Max-Age"]) > 0
+
+    headers = {**auth(api_key_secret), "Origin": "https://chat.example.com"}
+    response = await post_chat(client, chat_body("sim-model", stream=True), headers)
+    assert response["Access-Control-Allow-Origin"] in ("*", "https://chat.example.com")
+    await read_stream(response)
+
+
+# --- NextChat's billing endpoints -------------------------------------------------------------
+
+
+@pytest.fixture
+def spending(user, sim_model):
+    """Usage records of ``user`` on 2026-03-01, 03-15 and 04-01 (0.5, 0.25, 1 USD), and another user's."""
+    other = UserFactory()
+    rows = [(user, "2026-03-01T00:00:00", "0.5"), (user, "2026-03-15T12:00:00", "0.25")]
+    rows += [(user, "2026-04-01T00:00:00", "1"), (other, "2026-03-10T00:00:00", "9")]
+    for index, (owner, when, cost) in enumerate(rows):
+        record = UsageRecord.objects.create(
+            request_id=f"chatcmpl-test-{index}",
+            user=owner,
+            model_name="sim-model",
+            source=UsageRecord.Source.OPENAI_API,
+            cost=Decimal(cost),
+            finish_status="completed",
+        )
+        created = dt.datetime.fromisoformat(when).replace(tzinfo=dt.UTC)
+        UsageRecord.objects.filter(pk=record.pk).update(created_at=created)
+
+
+@DB
+async def test_billing_usage_is_the_callers_cents_in_the_range(api_key_secret, spending):
+    client = AsyncClient()
+
+    async def usage(query: str) -> Any:
+        return await client.get(f"/dashboard/billing/usage?{query}", headers=auth(api_key_secret))
+
+    response = await usage("start_date=2026-03-01&end_date=2026-04-01")  # end exclusive
+    assert response.status_code == 200
+    assert json.loads(response.content) == {"object": "list", "total_usage": 75.0}
+    assert json.loads((await usage("start_date=2026-03-02&end_date=2026-04-02")).content)["total_usage"] == 125.0
+    assert json.loads((await usage("start_date=2025-01-01&end_date=2025-02-01")).content)["total_usage"] == 0
+
+    for query, param in [
+        ("start_date=2026-03-01", "end_date"),
+        ("start_date=03/01/2026&end_date=2026-04-01", "start_date"),
+        ("start_date=2026-03-01&end_date=2026-02-30", "end_date"),
+        ("start_date=2026-04-01&end_date=2026-03-01", "end_date"),
+    ]:
+        assert_openai_error(await usage(query), 400, param=param)
+    assert_openai_error(await client.get("/dashboard/billing/usage?start_date=2026-03-01&end_date=2026-04-01"), 401)
+
+
+@DB
+async def test_billing_subscription_reports_the_configured_limit(api_key_secret):
+    client = AsyncClient()
+    response = await client.get("/dashboard/billing/subscription", headers=auth(api_key_secret))
+    assert response.status_code == 200
+    body = json.loads(response.content)
+    assert body["object"] == "billing_subscription"
+    assert body["has_payment_method"] is False
+    assert isinstance(body["hard_limit_usd"], float) and body["hard_limit_usd"] > 0
+    with override_settings(OPENAI_BILLING_HARD_LIMIT_USD=25):
+        response = await client.get("/dashboard/billing/subscription", headers=auth(api_key_secret))
+    assert json.loads(response.content)["hard_limit_usd"] == 25.0
+    assert_openai_error(await client.get("/dashboard/billing/subscription"), 401)
+
+
+# --- Secrets never leave ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def keyed_simulator_model(db):
+    """A model whose provider key is wrong for a simulator that echoes wrong keys in its 401."""
+    sim = start_simulator("--ttft-ms", "1", "--token-delay-ms", "1", "--reply-tokens", "4", "--api-key", "sk-right")
+    provider = ProviderFactory(name="sim-keyed", base_url=sim.base_url, api_key=UPSTREAM_SECRET)
+    yield LLMModelFactory(name="keyed-model", provider=provider, upstream_model="sim-1")
+    sim.process.terminate()
+    sim.process.wait(timeout=10)
+
+
+@DB
+async def test_no_response_contains_the_provider_key_or_the_api_key(
+    api_key_secret, simulator, failing_models, keyed_simulator_model
+):
+    provider = await run_sync(
+        Provider.objects.create, name="sim-with-key", base_url=simulator.base_url, api_key=UPSTREAM_SECRET
+    )
+    await run_sync(LLMModel.objects.create, name="secret-model", provider=provider, upstream_model="sim-1")
+    client = AsyncClient()
+    seen: list[bytes] = []
+    for model in ("secret-model", "keyed-model", "m-error-500", "m-unreachable", "m-fail-midstream", "nope"):
+        for stream in (True, False):
+            response = await post_chat(client, chat_body(model, stream=stream), auth(api_key_secret))
+            body = await read_stream(response) if response.streaming else response.content
+            seen.append(body + str(response.items()).encode())
+    for path in ("/v1/models", "/v1/models/secret-model", "/dashboard/billing/subscription"):
+        response = await client.get(path, headers=auth(api_key_secret))
+        seen.append(response.content + str(response.items()).encode())
+
+    keyed_error = b"".join(seen)
+    assert b"upstream rejected the provider's credentials" in keyed_error  # the echoing 401 was exercised
+    for blob in seen:
+        assert UPSTREAM_SECRET.encode() not in blob
+        assert api_key_secret.encode() not in blob
