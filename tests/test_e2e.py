@@ -1,0 +1,422 @@
+"""End to end: real server, worker and simulator processes, driven over HTTP and WebSocket.
+
+What a user does — register, log in, create an API key, chat through the openai SDK, SSE and a
+WebSocket, stop replies, point NextChat at the server — checked by what a user sees (frames,
+statuses, persisted messages), plus what an operator needs: one usage record per reply,
+upstream connections closed on stop, and no secret in any response or log line.
+Contract: docs/api.md and /work/shared/nextchat.md. Fixtures: tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+from httpx_sse import connect_sse
+from openai import OpenAI
+from openai.types.chat import ChatCompletionMessageParam
+from websockets.sync.client import ClientConnection, connect
+
+from accounts.models import UsageRecord
+from llm.simulator import reply_text
+from tests.conftest import REPLY_TOKENS, E2EModels, E2EStack, E2EUser
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+DEADLINE_SECONDS = 20.0
+NEXTCHAT_ORIGIN = "http://localhost:3000"
+T = TypeVar("T")
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def expected_reply(content: str) -> str:
+    """Return the simulator's full reply to a conversation whose last user message is ``content``."""
+    return reply_text([{"role": "user", "content": content}], REPLY_TOKENS)
+
+
+def poll(fetch: Callable[[], T], done: Callable[[T], bool], what: str, seconds: float = DEADLINE_SECONDS) -> T:
+    """Call ``fetch`` until ``done(result)``; fail naming ``what`` and the last result at the deadline."""
+    deadline = time.monotonic() + seconds
+    while True:
+        result = fetch()
+        if done(result):
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {seconds:.0f} s waiting for {what}; last: {result!r}")
+        time.sleep(0.2)
+
+
+def usage_records(username: str, expected: int) -> list[UsageRecord]:
+    """Wait until ``username`` has ``expected`` usage records (the worker writes them); return them."""
+    poll(
+        lambda: UsageRecord.objects.filter(user__username=username).count(),
+        lambda n: n >= expected,
+        f"{expected} usage records",
+    )
+    time.sleep(0.5)  # a duplicate would arrive right behind the originals
+    return list(UsageRecord.objects.filter(user__username=username))
+
+
+def create_conversation(http: httpx.Client, user: E2EUser, model: str = "sim-model") -> int:
+    response = http.post("/api/conversations/", json={"model": model, "title": "e2e"}, headers=bearer(user.access))
+    assert response.status_code == 201, response.text
+    assert response.json()["model"] == model
+    return response.json()["id"]
+
+
+def assistant_messages(http: httpx.Client, user: E2EUser, conversation_id: int) -> list[dict[str, Any]]:
+    response = http.get(
+        f"/api/conversations/{conversation_id}/messages/", params={"role": "assistant"}, headers=bearer(user.access)
+    )
+    assert response.status_code == 200, response.text
+    return response.json()["results"]
+
+
+def sse_events(stack: E2EStack, source: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``(event, data)`` of an httpx-sse ``EventSource``, recording each event's data."""
+    for sse in source.iter_sse():
+        stack.received.append(sse.data)
+        yield sse.event, json.loads(sse.data)
+
+
+def ws_connect(stack: E2EStack, conversation_id: int, token: str) -> ClientConnection:
+    """Open the conversation's WebSocket the way a browser must: the token in the query string."""
+    return connect(f"{stack.ws_url}/ws/conversations/{conversation_id}/?token={token}", open_timeout=10, proxy=None)
+
+
+def ws_receive(stack: E2EStack, ws: ClientConnection, seconds: float = DEADLINE_SECONDS) -> dict[str, Any]:
+    raw = ws.recv(timeout=seconds)
+    assert isinstance(raw, str), f"expected a text frame, got {raw!r}"
+    stack.received.append(raw)
+    return json.loads(raw)
+
+
+def openai_stream_lines(stack: E2EStack, response: httpx.Response) -> list[str]:
+    """Return the ``data:`` payloads of an OpenAI-style SSE response, recording the body."""
+    payloads = []
+    for line in response.iter_lines():
+        stack.received.append(line)
+        if line.startswith("data:"):
+            payloads.append(line.removeprefix("data:").strip())
+    return payloads
+
+
+def chunk_content(payloads: list[str]) -> tuple[str, int]:
+    """Return the text of ``chat.completion.chunk`` payloads and how many chunks carried text."""
+    pieces = []
+    for payload in payloads:
+        if payload == "[DONE]":
+            continue
+        chunk = json.loads(payload)
+        assert chunk["object"] == "chat.completion.chunk", chunk
+        for choice in chunk.get("choices") or []:
+            if choice.get("delta", {}).get("content"):
+                pieces.append(choice["delta"]["content"])
+    return "".join(pieces), len(pieces)
+
+
+# --- tests ------------------------------------------------------------------------------------
+
+
+def test_openai_sdk_streams_a_reply_with_an_api_key(
+    e2e_stack: E2EStack, e2e_models: E2EModels, e2e_user: E2EUser, http: httpx.Client
+) -> None:
+    response = http.get("/api/auth/me/", headers=bearer(e2e_user.api_key))
+    assert response.status_code == 200, response.text
+    assert response.json()["username"] == e2e_user.username
+    response = http.get("/api/api-keys/", headers=bearer(e2e_user.access))
+    assert response.status_code == 200, response.text
+    [listed] = response.json()["results"]
+    assert "key" not in listed and e2e_user.api_key.startswith(listed["prefix"])
+
+    client = OpenAI(base_url=f"{e2e_stack.server_url}/v1", api_key=e2e_user.api_key, max_retries=0, timeout=30)
+    assert {"gpt-4o-mini", "sim-model"} <= {model.id for model in client.models.list()}
+
+    prompt = f"Tell me a story, {secrets.token_hex(4)}"
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": prompt}]
+    pieces = []
+    for chunk in client.chat.completions.create(model="sim-model", messages=messages, stream=True):
+        e2e_stack.received.append(chunk.model_dump_json())
+        assert chunk.object == "chat.completion.chunk"
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+    assert len(pieces) > 1, "the reply arrived in one piece: it was not streamed"
+    assert "".join(pieces) == expected_reply(prompt)
+
+    completion = client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+    e2e_stack.received.append(completion.model_dump_json())
+    assert completion.choices[0].message.content == expected_reply(prompt)
+    assert completion.usage is not None and completion.usage.completion_tokens == REPLY_TOKENS
+
+    records = usage_records(e2e_user.username, expected=2)
+    assert len(records) == 2
+    assert {r.model_name for r in records} == {"sim-model", "gpt-4o-mini"}
+    assert all(r.source == UsageRecord.Source.OPENAI_API and r.api_key is not None for r in records)
+    if e2e_stack.worker_running:  # the records crossed processes: server -> Redis -> worker
+        assert re.search(r"Task \S+\[[0-9a-f-]+\] succeeded", e2e_stack.logs()["worker"])
+
+
+def test_conversation_reply_streams_over_sse_and_websocket(
+    e2e_stack: E2EStack, e2e_models: E2EModels, e2e_user: E2EUser, http: httpx.Client
+) -> None:
+    conversation_id = create_conversation(http, e2e_user)
+
+    first = f"Hello over SSE {secrets.token_hex(4)}"
+    with connect_sse(
+        http,
+        "POST",
+        f"/api/conversations/{conversation_id}/messages/",
+        json={"content": first},
+        headers=bearer(e2e_user.access),
+    ) as source:
+        assert source.response.status_code == 200
+        assert source.response.headers["content-type"].startswith("text/event-stream")
+        events = list(sse_events(e2e_stack, source))
+    names = [name for name, _ in events]
+    assert names[0] == "reply.start" and names[-1] == "reply.done", names
+    start, done = events[0][1], events[-1][1]
+    assert start["conversation_id"] == conversation_id and start["model"] == "sim-model"
+    deltas = [data["content"] for name, data in events if name == "reply.delta"]
+    assert len(deltas) > 1
+    assert "".join(deltas) == expected_reply(first)
+    assert done["message"]["id"] == start["message_id"]
+    assert done["message"]["status"] == "completed"
+    assert done["message"]["content"] == expected_reply(first)
+
+    second = f"And now over a WebSocket {secrets.token_hex(4)}"
+    with ws_connect(e2e_stack, conversation_id, e2e_user.access) as ws:
+        ws.send(json.dumps({"type": "ping"}))
+        assert ws_receive(e2e_stack, ws)["type"] == "pong"
+        ws.send(json.dumps({"type": "message.send", "content": second}))
+        frames = [ws_receive(e2e_stack, ws)]
+        while frames[-1]["type"] not in {"reply.done", "error"}:
+            frames.append(ws_receive(e2e_stack, ws))
+    assert frames[0]["type"] == "reply.start", frames[0]
+    ws_deltas = [frame["content"] for frame in frames if frame["type"] == "reply.delta"]
+    assert len(ws_deltas) > 1
+    assert "".join(ws_deltas) == expected_reply(second)
+    assert frames[-1]["type"] == "reply.done", frames[-1]
+    assert frames[-1]["message"]["status"] == "completed"
+
+    response = http.get(f"/api/conversations/{conversation_id}/messages/", headers=bearer(e2e_user.access))
+    assert response.status_code == 200, response.text
+    history = [(m["role"], m["status"], m["content"]) for m in response.json()["results"]]
+    assert history == [
+        ("user", "completed", first),
+        ("assistant", "completed", expected_reply(first)),
+        ("user", "completed", second),
+        ("assistant", "completed", expected_reply(second)),
+    ]
+
+    records = usage_records(e2e_user.username, expected=2)
+    assert Counter(r.message_id for r in records) == {start["message_id"]: 1, frames[0]["message_id"]: 1}
+    assert all(r.source == UsageRecord.Source.CONVERSATION for r in records)
+
+
+def test_stopping_a_reply_keeps_the_partial_text_and_closes_the_upstream(
+    e2e_stack: E2EStack, e2e_models: E2EModels, e2e_user: E2EUser, http: httpx.Client
+) -> None:
+    conversation_id = create_conversation(http, e2e_user)
+    disconnected_before = e2e_stack.simulator.stats()["requests_disconnected"]
+
+    # Over the WebSocket: a "reply.stop" frame after three deltas.
+    over_ws = f"Stop me over the WebSocket {secrets.token_hex(4)}"
+    with ws_connect(e2e_stack, conversation_id, e2e_user.api_key) as ws:
+        ws.send(json.dumps({"type": "message.send", "content": over_ws}))
+        start = ws_receive(e2e_stack, ws)
+        assert start["type"] == "reply.start", start
+        for _ in range(3):
+            frame = ws_receive(e2e_stack, ws)
+            assert frame["type"] == "reply.delta", frame
+        ws.send(json.dumps({"type": "reply.stop"}))
+        # The contract leaves the frame after a stop open; wait for the end without judging it.
+        deadline = time.monotonic() + 5
+        try:
+            while ws_receive(e2e_stack, ws, seconds=max(0.1, deadline - time.monotonic()))["type"] not in {
+                "reply.done",
+                "error",
+            }:
+                pass
+        except TimeoutError:
+            pass
+    ws_message_id = start["message_id"]
+
+    # Over SSE: the client closes the connection after three deltas.
+    over_sse = f"Stop me by hanging up {secrets.token_hex(4)}"
+    with connect_sse(
+        http,
+        "POST",
+        f"/api/conversations/{conversation_id}/messages/",
+        json={"content": over_sse},
+        headers=bearer(e2e_user.access),
+    ) as source:
+        assert source.response.status_code == 200
+        events = sse_events(e2e_stack, source)
+        name, data = next(events)
+        assert name == "reply.start", (name, data)
+        sse_message_id = data["message_id"]
+        for _ in range(3):
+            name, _data = next(events)
+            assert name == "reply.delta", name
+
+    messages = poll(
+        lambda: {m["id"]: m for m in assistant_messages(http, e2e_user, conversation_id)},
+        lambda found: len(found) == 2 and all(m["status"] != "streaming" for m in found.values()),
+        "both stopped replies to be saved",
+    )
+    for message_id, prompt in ((ws_message_id, over_ws), (sse_message_id, over_sse)):
+        message = messages[message_id]
+        full = expected_reply(prompt)
+        assert message["status"] == "cancelled", message
+        assert message["content"], "the text streamed before the stop was lost"
+        assert full.startswith(message["content"]), (message["content"], full)
+        assert len(message["content"]) < len(full), "the reply ran to its end: the stop did not land"
+
+    stats = poll(
+        e2e_stack.simulator.stats,
+        lambda s: s["requests_disconnected"] >= disconnected_before + 2 and s["active_streams"] == 0,
+        "the simulator to see both upstream connections closed",
+    )
+    assert stats["requests_disconnected"] == disconnected_before + 2
+
+    records = usage_records(e2e_user.username, expected=2)
+    assert Counter(r.message_id for r in records) == {ws_message_id: 1, sse_message_id: 1}
+
+
+def test_nextchat_requests_and_cors_preflight(
+    e2e_stack: E2EStack, e2e_models: E2EModels, e2e_user: E2EUser, http: httpx.Client
+) -> None:
+    # Browser ("custom endpoint") mode: the preflight carries no credentials.
+    response = http.options(
+        "/v1/chat/completions",
+        headers={
+            "Origin": NEXTCHAT_ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
+    )
+    assert response.status_code in {200, 204}, response.text
+    assert response.headers.get("access-control-allow-origin") in {"*", NEXTCHAT_ORIGIN}
+    allowed_headers = response.headers.get("access-control-allow-headers", "").lower()
+    assert "authorization" in allowed_headers and "content-type" in allowed_headers
+    assert "POST" in response.headers.get("access-control-allow-methods", "")
+
+    prompt = f"Hi from NextChat {secrets.token_hex(4)}"
+    body = {
+        "messages": [{"role": "system", "content": "You are ChatGPT."}, {"role": "user", "content": prompt}],
+        "stream": True,
+        "model": "gpt-4o-mini",
+        "temperature": 0.5,
+        "presence_penalty": 0,
+        "frequency_penalty": 0,
+        "top_p": 1,
+    }
+    browser_headers = {
+        "Origin": NEXTCHAT_ORIGIN,
+        "Content-Type": "application/json",
+        "Accept": "application/json, text/event-stream",
+        **bearer(e2e_user.api_key),
+    }
+    with http.stream("POST", "/v1/chat/completions", content=json.dumps(body), headers=browser_headers) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers.get("access-control-allow-origin") in {"*", NEXTCHAT_ORIGIN}
+        payloads = openai_stream_lines(e2e_stack, response)
+    text, pieces = chunk_content(payloads)
+    assert pieces > 1 and text == expected_reply(prompt)
+    assert payloads[-1] == "[DONE]"
+
+    # Server mode: NextChat's server relays the body chunked, without Content-Length.
+    def chunked() -> Iterator[bytes]:
+        raw = json.dumps(body).encode()
+        yield raw[:20]
+        yield raw[20:]
+
+    server_headers = {
+        "Content-Type": "application/json",
+        "Accept": "*/*",
+        "Cache-Control": "no-store",
+        "User-Agent": "Next.js Middleware",
+        **bearer(e2e_user.api_key),
+    }
+    with http.stream("POST", "/v1/chat/completions", content=chunked(), headers=server_headers) as response:
+        assert "content-length" not in response.request.headers
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        payloads = openai_stream_lines(e2e_stack, response)
+    assert chunk_content(payloads)[0] == expected_reply(prompt)
+
+    # The title request: not streamed, Accept: application/json, kept only on a 200.
+    title_body = {**body, "stream": False}
+    response = http.post(
+        "/v1/chat/completions",
+        content=json.dumps(title_body),
+        headers={**browser_headers, "Accept": "application/json"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == expected_reply(prompt)
+
+    # "Used this month $X of $Y".
+    response = http.get(
+        "/dashboard/billing/usage",
+        params={"start_date": "2020-01-01", "end_date": "2100-01-01"},
+        headers=bearer(e2e_user.api_key),
+    )
+    assert response.status_code == 200, response.text
+    assert isinstance(response.json()["total_usage"], int | float)
+    response = http.get("/dashboard/billing/subscription", headers=bearer(e2e_user.api_key))
+    assert response.status_code == 200, response.text
+    assert isinstance(response.json()["hard_limit_usd"], int | float)
+
+    records = usage_records(e2e_user.username, expected=3)
+    assert len(records) == 3 and {r.model_name for r in records} == {"gpt-4o-mini"}
+
+
+def test_no_secret_in_any_response_or_log(
+    e2e_stack: E2EStack, e2e_models: E2EModels, e2e_user: E2EUser, http: httpx.Client
+) -> None:
+    """Runs last: scans what every test in this module received, plus the server and worker logs."""
+    # An upstream that rejects the provider's key: the simulator echoes the wrong key unmasked.
+    response = http.post(
+        "/v1/chat/completions",
+        json={"model": E2EModels.wrong_key, "messages": [{"role": "user", "content": "hi"}], "stream": True},
+        headers=bearer(e2e_user.api_key),
+    )
+    assert response.status_code >= 400, response.text
+    assert "error" in response.json()
+    conversation_id = create_conversation(http, e2e_user, model=E2EModels.wrong_key)
+    response = http.post(
+        f"/api/conversations/{conversation_id}/messages/", json={"content": "hi"}, headers=bearer(e2e_user.access)
+    )
+    assert response.status_code >= 400 or response.json()["assistant_message"]["status"] == "failed", response.text
+    # An API key in a WebSocket URL (the documented browser way) must not reach the access log.
+    with ws_connect(e2e_stack, conversation_id, e2e_user.api_key) as ws:
+        ws.send(json.dumps({"type": "ping"}))
+        assert ws_receive(e2e_stack, ws)["type"] == "pong"
+    time.sleep(0.5)  # let the server flush its log lines
+
+    assert e2e_stack.received, "nothing was recorded: the scan would prove nothing"
+    secrets_ = {e2e_stack.provider_api_key, e2e_stack.wrong_provider_api_key, *e2e_stack.secrets}
+    places = {"responses": "\n".join(e2e_stack.received), **e2e_stack.logs()}
+    assert places["server"], "the server logged nothing: the scan would prove nothing"
+    leaks = [
+        f"{secret[:12]}... in {place}: {line.strip()[:300]}"
+        for secret in sorted(secrets_)
+        for place, text in places.items()
+        for line in text.splitlines()
+        if secret in line
+    ]
+    assert not leaks, leaks
