@@ -7,18 +7,13 @@ process, over real HTTP.
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from rest_framework.test import APIClient
 
+from llm.tests.simulator_process import SimulatorProcess, running_simulator
 from tests.factories import PASSWORD, LLMModelFactory, ProviderFactory, UserFactory
 
 ROOT = Path(__file__).resolve().parent
@@ -36,53 +31,11 @@ def _celery_eager_in_process() -> Iterator[None]:
     app.conf.task_always_eager = previous
 
 
-@dataclass(frozen=True)
-class Simulator:
-    """A running simulator process: ``base_url`` ends in ``/v1``; ``root`` has no path."""
-
-    root: str
-    process: subprocess.Popen[str]
-
-    @property
-    def base_url(self) -> str:
-        return f"{self.root}/v1"
-
-    def stats(self) -> dict[str, int]:
-        import httpx
-
-        return httpx.get(f"{self.root}/_simulator/stats", timeout=5).json()
-
-
-def start_simulator(*args: str) -> Simulator:
-    """Start ``manage.py llm_simulator --port 0 *args`` and wait for its "listening" line."""
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "manage.py"), "llm_simulator", "--host", "127.0.0.1", "--port", "0", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    deadline = time.monotonic() + 30
-    assert process.stdout is not None
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        match = re.search(r"listening on (http://\S+)", line)
-        if match:
-            return Simulator(root=match.group(1).rstrip("/"), process=process)
-    process.kill()
-    raise RuntimeError("the LLM simulator did not start")
-
-
 @pytest.fixture(scope="session")
-def simulator() -> Iterator[Simulator]:
+def simulator() -> Iterator[SimulatorProcess]:
     """A simulator process for the whole session: 12-token replies, 20 ms TTFT, 5 ms per token."""
-    sim = start_simulator("--ttft-ms", "20", "--token-delay-ms", "5", "--reply-tokens", "12")
-    yield sim
-    sim.process.terminate()
-    sim.process.wait(timeout=10)
+    with running_simulator("--ttft-ms", "20", "--token-delay-ms", "5", "--reply-tokens", "12") as sim:
+        yield sim
 
 
 @pytest.fixture

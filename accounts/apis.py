@@ -6,7 +6,7 @@ Each view parses input, calls one service or selector, and shapes the output. Er
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import QuerySet
@@ -24,6 +24,7 @@ from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView, TokenViewBase
 
+from .authentication import request_user
 from .models import APIKey, UsageRecord, User
 from .selectors import api_key_list, usage_record_list, user_list
 from .serializers import (
@@ -94,11 +95,6 @@ class AuthRateThrottle(ScopedRateThrottle):
     def get_rate(self) -> str | None:
         configured: dict[str, Any] = api_settings.DEFAULT_THROTTLE_RATES or {}
         return {**self.DEFAULT_RATES, **configured}.get(self.scope or "")
-
-
-def _caller(request: Request) -> User:
-    """Return the authenticated user of ``request`` (these views require authentication)."""
-    return cast(User, request.user)
 
 
 # --- Registration and tokens ----------------------------------------------------------------
@@ -202,7 +198,7 @@ class APIKeyListCreateApi(ListAPIView):
     filter_backends = ()
 
     def get_queryset(self) -> QuerySet[APIKey]:
-        return api_key_list(user=_caller(self.request))
+        return api_key_list(user=request_user(self.request))
 
     @extend_schema(
         tags=["api-keys"],
@@ -221,7 +217,7 @@ class APIKeyListCreateApi(ListAPIView):
     def post(self, request: Request) -> Response:
         serializer = APIKeyCreateInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        created = api_key_create(user=_caller(request), **serializer.validated_data)
+        created = api_key_create(user=request_user(request), **serializer.validated_data)
         return Response(APIKeyCreateOutputSerializer(created).data, status=status.HTTP_201_CREATED)
 
 
@@ -235,7 +231,7 @@ class APIKeyRevokeApi(APIView):
         responses={204: OpenApiResponse(description="Revoked; the key no longer authenticates."), **_errors(401, 404)},
     )
     def delete(self, request: Request, api_key_id: int) -> Response:
-        api_key_revoke(user=_caller(request), api_key_id=api_key_id)
+        api_key_revoke(user=request_user(request), api_key_id=api_key_id)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -249,7 +245,7 @@ class UsageRecordListApi(ListAPIView):
     filter_backends = ()
 
     def get_queryset(self) -> QuerySet[UsageRecord]:
-        return usage_record_list(user=_caller(self.request))
+        return usage_record_list(user=request_user(self.request))
 
     @extend_schema(
         tags=["usage"],
@@ -267,7 +263,7 @@ class UserListApi(ListAPIView):
     filter_backends = ()
 
     def get_queryset(self) -> QuerySet[User]:
-        return user_list(actor=_caller(self.request))
+        return user_list(actor=request_user(self.request))
 
     @extend_schema(
         tags=["users"],

@@ -81,7 +81,12 @@ def usage_record(
     from conversations.models import Message
     from llm.models import LLMModel
 
-    prices = LLMModel.objects.filter(pk=model_id).values("input_price_per_million", "output_price_per_million").first()
+    # No model (``model_id`` None): no prices, the same as a model deleted before the task ran.
+    prices = (
+        LLMModel.objects.filter(pk=model_id).values("input_price_per_million", "output_price_per_million").first()
+        if model_id is not None
+        else None
+    )
     cost = Decimal(0)
     if prices:
         cost = usage_cost(

@@ -1,12 +1,12 @@
 """drf-spectacular hooks: document the plain async views that drf-spectacular cannot see.
 
-drf-spectacular only walks DRF views. The OpenAI-compatible API (``conversations.openai_apis``)
+drf-spectacular only walks DRF views. The OpenAI-compatible API (``conversations.openai``)
 is plain async Django views, so ``add_async_endpoints`` documents each of them through a
 documentation-only ``APIView`` below, run through drf-spectacular's own ``AutoSchema``: request
-and response bodies come from the serializers that validate (``conversations.openai_serializers``)
-or document them, components are registered in the generator's registry, and the security
-requirements come from the authentication classes' extensions (``accounts.apis``), exactly as
-for a DRF view. Nothing here is routed.
+and response bodies come from the serializers that validate or document them
+(``conversations.openai.chat_serializers`` and ``.serializers``), components are registered in
+the generator's registry, and the security requirements come from the authentication classes'
+extensions (``accounts.apis``), exactly as for a DRF view. Nothing here is routed.
 
 ``POST /api/conversations/{id}/messages/`` (``conversations.sse``) is documented by its DRF
 twin ``ConversationMessageListApi``; the hook adds it from the same serializers only if that
@@ -26,7 +26,7 @@ from rest_framework.views import APIView
 
 from accounts.authentication import APIKeyAuthentication, JWTAuthentication
 from accounts.serializers import ErrorOutputSerializer
-from conversations.openai_serializers import (
+from conversations.openai import (
     BillingSubscriptionOutputSerializer,
     BillingUsageOutputSerializer,
     BillingUsageQuerySerializer,
@@ -99,7 +99,7 @@ class ChatCompletionsDocView(_OpenAIDocView):
     )
     def post(
         self, request: Request
-    ) -> None: ...  # never dispatched: documents ``conversations.openai_apis.chat_completions``
+    ) -> None: ...  # never dispatched: documents ``conversations.openai.apis.chat_completions``
 
 
 class ModelListDocView(_OpenAIDocView):
@@ -110,7 +110,9 @@ class ModelListDocView(_OpenAIDocView):
         summary="List the enabled models (OpenAI-compatible)",
         responses={200: OpenAIModelListOutputSerializer, **_errors(401)},
     )
-    def get(self, request: Request) -> None: ...  # never dispatched: documents ``conversations.openai_apis.model_list``
+    def get(
+        self, request: Request
+    ) -> None: ...  # never dispatched: documents ``conversations.openai.models_apis.model_list``
 
 
 class ModelRetrieveDocView(_OpenAIDocView):
@@ -128,7 +130,7 @@ class ModelRetrieveDocView(_OpenAIDocView):
     )
     def get(
         self, request: Request, model: str
-    ) -> None: ...  # never dispatched: documents ``conversations.openai_apis.model_retrieve``
+    ) -> None: ...  # never dispatched: documents ``conversations.openai.models_apis.model_retrieve``
 
 
 class BillingUsageDocView(_OpenAIDocView):
@@ -145,7 +147,7 @@ class BillingUsageDocView(_OpenAIDocView):
     )
     def get(
         self, request: Request
-    ) -> None: ...  # never dispatched: documents ``conversations.openai_apis.billing_usage``
+    ) -> None: ...  # never dispatched: documents ``conversations.openai.billing_apis.billing_usage``
 
 
 class BillingSubscriptionDocView(_OpenAIDocView):
@@ -161,7 +163,7 @@ class BillingSubscriptionDocView(_OpenAIDocView):
     )
     def get(
         self, request: Request
-    ) -> None: ...  # never dispatched: documents ``conversations.openai_apis.billing_subscription``
+    ) -> None: ...  # never dispatched: documents ``conversations.openai.billing_apis.billing_subscription``
 
 
 class MessageSendDocView(_OpenAIDocView):

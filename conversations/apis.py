@@ -22,6 +22,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from accounts.authentication import request_user
 from accounts.serializers import ErrorOutputSerializer
 
 from .models import Conversation, Message
@@ -106,14 +107,17 @@ class ConversationViewSet(
     def get_queryset(self) -> QuerySet[Conversation]:
         if getattr(self, "swagger_fake_view", False):  # drf-spectacular inspecting the view
             return Conversation.objects.none()
-        return conversation_list(user=self.request.user)
+        return conversation_list(user=request_user(self.request))
 
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         serializer = ConversationCreateInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         conversation = conversation_create(
-            owner=request.user, model_name=data["model"], title=data["title"], system_prompt=data["system_prompt"]
+            owner=request_user(request),
+            model_name=data["model"],
+            title=data["title"],
+            system_prompt=data["system_prompt"],
         )
         return Response(ConversationOutputSerializer(conversation).data, status=status.HTTP_201_CREATED)
 
@@ -159,7 +163,7 @@ class ConversationMessageListApi(ListAPIView):
     def get_queryset(self) -> QuerySet[Message]:
         if getattr(self, "swagger_fake_view", False):
             return Message.objects.none()
-        return message_list(user=self.request.user, conversation_id=self.kwargs["conversation_id"])
+        return message_list(user=request_user(self.request), conversation_id=self.kwargs["conversation_id"])
 
     @extend_schema(
         tags=["conversations"],
@@ -182,8 +186,9 @@ class ConversationMessageListApi(ListAPIView):
         ),
         operation_id="conversations_messages_send",
         request={"application/json": MessageSendInputSerializer},
-        # The async view reads bearer tokens only (no session cookie).
-        auth=[{"apiKeyAuth": []}, {"jwtAuth": []}],
+        # The async view reads bearer tokens only (no session cookie). OpenAPI security requirement
+        # objects are what drf-spectacular expects here; its annotation (Sequence[str]) is narrower.
+        auth=[{"apiKeyAuth": []}, {"jwtAuth": []}],  # type: ignore[list-item]
         responses={
             (201, "application/json"): OpenApiResponse(
                 MessageSendOutputSerializer, description="The reply ended (completed, or stopped)."
@@ -219,7 +224,7 @@ class ConversationMessageStopApi(APIView):
         },
     )
     def post(self, request: Request, conversation_id: int, message_id: int) -> Response:
-        reply_stop(user=request.user, conversation_id=conversation_id, message_id=message_id)
+        reply_stop(user=request_user(request), conversation_id=conversation_id, message_id=message_id)
         return Response(
             MessageStopOutputSerializer({"message_id": message_id, "status": "stopping"}).data,
             status=status.HTTP_202_ACCEPTED,

@@ -31,7 +31,7 @@ def conversation_create(*, owner: User, model_name: str, title: str = "", system
 
 def conversation_update(*, conversation: Conversation, data: dict[str, Any]) -> Conversation:
     """Update ``title``, ``system_prompt`` and/or ``model`` (an enabled model's name) from ``data``."""
-    fields = []
+    fields: list[str] = []
     for name in ("title", "system_prompt"):
         if name in data:
             setattr(conversation, name, data[name])

@@ -17,12 +17,6 @@ from .models import LLMModel, Provider
 class ProviderAdminForm(forms.ModelForm):
     """The provider form with a write-only ``api_key``: blank keeps the stored key."""
 
-    # Declared so a scheme-less URL gets https:// (Django 6's default; silences its deprecation warning).
-    base_url = forms.URLField(
-        max_length=500,
-        assume_scheme="https",
-        help_text=Provider._meta.get_field("base_url").help_text,
-    )
     api_key = forms.CharField(
         required=False,
         strip=True,

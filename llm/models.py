@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
 from encrypted_fields.fields import EncryptedCharField
+
+
+def validate_base_url(value: str) -> None:
+    """Require an ``http(s)://host[:port][/path]`` URL.
+
+    Django's ``URLValidator`` rejects host names without a dot, yet ``http://ollama:11434/v1`` and
+    ``http://vllm:8000/v1`` are how upstreams are reached inside docker compose or Kubernetes.
+    """
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.hostname or parts.query or parts.fragment:
+        raise ValidationError(f"{value!r} is not an http(s) URL like https://api.openai.com/v1.")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ValidationError(f"{value!r} has an invalid port.") from None
 
 
 def _validate_provider_kind(value: str) -> None:
@@ -30,7 +46,11 @@ class Provider(models.Model):
     kind = models.CharField(
         max_length=32, choices=Kind.choices, default=Kind.OPENAI, validators=[_validate_provider_kind]
     )
-    base_url = models.URLField(max_length=500, help_text="API root including /v1, e.g. https://api.openai.com/v1")
+    base_url = models.CharField(
+        max_length=500,
+        validators=[validate_base_url],
+        help_text="API root including /v1, e.g. https://api.openai.com/v1 or http://ollama:11434/v1",
+    )
     # null=True because the encrypted field stores an empty key as NULL (it encrypts only
     # non-empty values); read back, an empty key is None. Use ``provider.api_key or ""``.
     api_key = EncryptedCharField(max_length=500, blank=True, null=True, default="")

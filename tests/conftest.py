@@ -29,7 +29,7 @@ import httpx
 import pytest
 from django.conf import settings
 
-from conftest import Simulator, start_simulator
+from llm.tests.simulator_process import SimulatorProcess, start_simulator
 from tests.factories import LLMModelFactory, ProviderFactory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +77,7 @@ class E2EStack:
     """
 
     server_url: str
-    simulator: Simulator
+    simulator: SimulatorProcess
     provider_api_key: str
     wrong_provider_api_key: str
     children: list[ChildProcess]
@@ -244,11 +244,7 @@ def e2e_stack(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -
     finally:
         for child in reversed(children):
             child.stop()
-        simulator.process.terminate()
-        try:
-            simulator.process.wait(timeout=STOP_SECONDS)
-        except subprocess.TimeoutExpired:
-            simulator.process.kill()
+        simulator.stop()
 
 
 @dataclass(frozen=True)

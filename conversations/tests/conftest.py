@@ -14,7 +14,7 @@ from asgiref.sync import sync_to_async
 from django.db import connections
 from rest_framework_simplejwt.tokens import RefreshToken
 
-from conftest import Simulator, start_simulator
+from llm.tests.simulator_process import SimulatorProcess, start_simulator
 from tests.factories import ConversationFactory, LLMModelFactory, ProviderFactory
 
 # The slow simulator's reply: 200 tokens, 50 ms apart, i.e. 10 s; tests stop it long before.
@@ -22,21 +22,19 @@ SLOW_REPLY_TOKENS = 200
 
 
 @pytest.fixture(scope="session")
-def slow_simulator() -> Iterator[Simulator]:
+def slow_simulator() -> Iterator[SimulatorProcess]:
     """A simulator whose replies take 10 s (200 tokens, 50 ms apart): time to stop them mid-way."""
     sim = start_simulator("--ttft-ms", "100", "--token-delay-ms", "50", "--reply-tokens", str(SLOW_REPLY_TOKENS))
     yield sim
-    sim.process.terminate()
-    sim.process.wait(timeout=10)
+    sim.stop()
 
 
 @pytest.fixture(scope="session")
-def sleepy_simulator() -> Iterator[Simulator]:
+def sleepy_simulator() -> Iterator[SimulatorProcess]:
     """A simulator that waits 5 s before its first token: time to stop a reply before it starts."""
     sim = start_simulator("--ttft-ms", "5000", "--token-delay-ms", "5", "--reply-tokens", "5")
     yield sim
-    sim.process.terminate()
-    sim.process.wait(timeout=10)
+    sim.stop()
 
 
 def bearer(user: Any) -> str:

@@ -27,11 +27,11 @@ from rest_framework_simplejwt.tokens import AccessToken
 from accounts.models import UsageRecord
 from accounts.services import api_key_create, api_key_revoke
 from chatbackend.asyncdb import run_sync
-from conftest import start_simulator
 from llm.models import LLMModel, Provider
 from llm.providers.openai_compatible import aclose_clients
 from llm.simulator import reply_text
 from llm.tests.openai_schema import validate_against
+from llm.tests.simulator_process import start_simulator
 from tests.factories import LLMModelFactory, ProviderFactory, UserFactory
 
 SIM_REPLY_TOKENS = 12  # the session simulator's reply length (root conftest)
@@ -651,8 +651,7 @@ def slow_model(db):
     sim = start_simulator("--ttft-ms", "0", "--token-delay-ms", "20", "--reply-tokens", "200")
     provider = ProviderFactory(name="sim-slow", base_url=sim.base_url)
     yield LLMModelFactory(name="slow-model", provider=provider, upstream_model="sim-1"), sim
-    sim.process.terminate()
-    sim.process.wait(timeout=10)
+    sim.stop()
 
 
 @DB
@@ -728,8 +727,7 @@ def silent_model(db):
     sim = start_simulator("--ttft-ms", "1500", "--token-delay-ms", "5", "--reply-tokens", "6")
     provider = ProviderFactory(name="sim-silent", base_url=sim.base_url)
     yield LLMModelFactory(name="silent-model", provider=provider, upstream_model="sim-1"), sim
-    sim.process.terminate()
-    sim.process.wait(timeout=10)
+    sim.stop()
 
 
 @DB
@@ -925,8 +923,7 @@ def keyed_simulator_model(db):
     sim = start_simulator("--ttft-ms", "1", "--token-delay-ms", "1", "--reply-tokens", "4", "--api-key", "sk-right")
     provider = ProviderFactory(name="sim-keyed", base_url=sim.base_url, api_key=UPSTREAM_SECRET)
     yield LLMModelFactory(name="keyed-model", provider=provider, upstream_model="sim-1")
-    sim.process.terminate()
-    sim.process.wait(timeout=10)
+    sim.stop()
 
 
 @DB

@@ -146,3 +146,20 @@ def test_model_change_form_loads(admin_site, provider):
     assert response.status_code == 200
     assert STORED_KEY not in response.content.decode()
     assert LLMModel.objects.count() == 1
+
+
+@pytest.mark.parametrize("url", ["http://ollama:11434/v1", "https://api.openai.com/v1", "http://127.0.0.1:8001/v1"])
+def test_provider_base_url_accepts_service_names_and_ips(url):
+    from llm.models import validate_base_url
+
+    validate_base_url(url)
+
+
+@pytest.mark.parametrize("url", ["ftp://host/v1", "api.openai.com/v1", "http://", "http://host:notaport/v1"])
+def test_provider_base_url_rejects_non_http_urls(url):
+    from django.core.exceptions import ValidationError
+
+    from llm.models import validate_base_url
+
+    with pytest.raises(ValidationError):
+        validate_base_url(url)

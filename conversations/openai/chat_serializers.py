@@ -1,11 +1,10 @@
-"""DRF serializers that validate and document the OpenAI-compatible ``/v1`` request bodies.
+"""DRF serializers that validate and document ``POST /v1/chat/completions``.
 
 The request follows OpenAI's ``CreateChatCompletionRequest``
 (https://platform.openai.com/docs/api-reference/chat/create). Fields are strict about JSON
-types (DRF's own fields would take ``"0.5"`` for a number or ``1`` for a string; OpenAI answers
-400 to both), so a wrong type is a 400 whose ``param`` names the field.
+types (``.fields``), so a wrong type is a 400 whose ``param`` names the field.
 
-The response serializers at the end only document the bodies in OpenAPI: the views build those
+The response serializers at the end only document the bodies in OpenAPI: the view builds those
 bodies as plain dicts, since they sit on the per-token hot path (FIELD-NOTES, "DRF and async").
 """
 
@@ -16,181 +15,18 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from .fields import (
+    JSONObjectField,
+    MessageContentField,
+    StopField,
+    StrictBooleanField,
+    StrictCharField,
+    StrictFloatField,
+    StrictIntegerField,
+    ToolChoiceField,
+)
+
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
-MAX_STOP_SEQUENCES = 4
-
-
-# --- Strict JSON-typed fields -----------------------------------------------------------------
-
-
-class StrictCharField(serializers.CharField):
-    """A JSON string, as sent: no trimming, numbers are not strings."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("trim_whitespace", False)
-        super().__init__(**kwargs)
-
-    def to_internal_value(self, data: Any) -> str:
-        if not isinstance(data, str):
-            self.fail("invalid")
-        return super().to_internal_value(data)
-
-
-class StrictFloatField(serializers.FloatField):
-    """A JSON number: strings and booleans are rejected."""
-
-    def to_internal_value(self, data: Any) -> float:
-        if isinstance(data, bool) or not isinstance(data, int | float):
-            self.fail("invalid")
-        return super().to_internal_value(data)
-
-
-class StrictIntegerField(serializers.IntegerField):
-    """A JSON integer: strings, booleans and fractions are rejected."""
-
-    def to_internal_value(self, data: Any) -> int:
-        if isinstance(data, bool) or not isinstance(data, int):
-            self.fail("invalid")
-        return super().to_internal_value(data)
-
-
-class StrictBooleanField(serializers.BooleanField):
-    """A JSON boolean: ``"true"`` and ``1`` are rejected."""
-
-    def to_internal_value(self, data: Any) -> bool:
-        if data is not True and data is not False:
-            self.fail("invalid")
-        return data
-
-
-class JSONObjectField(serializers.DictField):
-    """A JSON object passed through as it is (JSON Schemas, metadata, ...)."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("child", serializers.JSONField())
-        super().__init__(**kwargs)
-
-    def to_internal_value(self, data: Any) -> dict[str, Any]:
-        if not isinstance(data, dict):
-            self.fail("not_a_dict", input_type=type(data).__name__)
-        return data  # untouched: nested values are the upstream's business
-
-
-# --- Content, stop, tool_choice: unions of JSON types -----------------------------------------
-
-_CONTENT_PART_SCHEMA = {
-    "type": "object",
-    "description": "A content part: `{type: text, text}`, `{type: image_url, image_url: {url, detail?}}`, "
-    "`{type: input_audio, input_audio}` or `{type: file, file}`.",
-    "properties": {
-        "type": {"type": "string", "example": "text"},
-        "text": {"type": "string"},
-        "image_url": {
-            "type": "object",
-            "properties": {"url": {"type": "string"}, "detail": {"type": "string", "enum": ["auto", "low", "high"]}},
-            "required": ["url"],
-        },
-    },
-    "required": ["type"],
-    "additionalProperties": True,
-}
-
-
-@extend_schema_field(
-    {
-        "oneOf": [{"type": "string"}, {"type": "array", "items": _CONTENT_PART_SCHEMA}],
-        "nullable": True,
-        "description": "The message text, or an array of content parts.",
-    }
-)
-class MessageContentField(serializers.Field):
-    """A message's ``content``: a string, or a list of content parts, each an object with ``type``.
-
-    A ``text`` part needs a string ``text``; an ``image_url`` part an object with a string ``url``.
-    Other part types are passed through for the upstream to judge.
-    """
-
-    default_error_messages = {
-        "invalid": "Must be a string or an array of content parts.",
-        "invalid_part": "Each content part must be an object with a string 'type'.",
-        "invalid_text": "A 'text' content part needs a string 'text'.",
-        "invalid_image": "An 'image_url' content part needs an object 'image_url' with a string 'url'.",
-    }
-
-    def to_internal_value(self, data: Any) -> str | list[dict[str, Any]]:
-        if isinstance(data, str):
-            return data
-        if not isinstance(data, list):
-            self.fail("invalid")
-        for part in data:
-            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                self.fail("invalid_part")
-            kind = part["type"]
-            if kind == "text" and not isinstance(part.get("text"), str):
-                self.fail("invalid_text")
-            if kind == "image_url":
-                image = part.get("image_url")
-                if not isinstance(image, dict) or not isinstance(image.get("url"), str):
-                    self.fail("invalid_image")
-        return data
-
-    def to_representation(self, value: Any) -> Any:
-        return value
-
-
-@extend_schema_field(
-    {
-        "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP_SEQUENCES}],
-        "nullable": True,
-        "description": f"Up to {MAX_STOP_SEQUENCES} sequences where the upstream stops generating.",
-    }
-)
-class StopField(serializers.Field):
-    """``stop``: a string or a list of up to four strings."""
-
-    default_error_messages = {"invalid": f"Must be a string or an array of at most {MAX_STOP_SEQUENCES} strings."}
-
-    def to_internal_value(self, data: Any) -> str | list[str]:
-        if isinstance(data, str):
-            return data
-        if isinstance(data, list) and len(data) <= MAX_STOP_SEQUENCES and all(isinstance(item, str) for item in data):
-            return data
-        self.fail("invalid")
-
-    def to_representation(self, value: Any) -> Any:
-        return value
-
-
-@extend_schema_field(
-    {
-        "oneOf": [
-            {"type": "string", "enum": ["none", "auto", "required"]},
-            {
-                "type": "object",
-                "properties": {
-                    "type": {"type": "string", "example": "function"},
-                    "function": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]},
-                },
-                "required": ["type"],
-            },
-        ],
-        "description": "`none`, `auto`, `required`, or `{type: function, function: {name}}`.",
-    }
-)
-class ToolChoiceField(serializers.Field):
-    """``tool_choice``: ``none`` / ``auto`` / ``required``, or an object naming a tool."""
-
-    default_error_messages = {"invalid": "Must be 'none', 'auto', 'required' or an object with a string 'type'."}
-
-    def to_internal_value(self, data: Any) -> str | dict[str, Any]:
-        if data in ("none", "auto", "required"):
-            return data
-        if isinstance(data, dict) and isinstance(data.get("type"), str):
-            return data
-        self.fail("invalid")
-
-    def to_representation(self, value: Any) -> Any:
-        return value
 
 
 # --- Messages and tools -----------------------------------------------------------------------
@@ -449,60 +285,9 @@ class ChatCompletionChunkOutputSerializer(serializers.Serializer):
     usage = ChatCompletionChunkUsageField(required=False, help_text="only with stream_options.include_usage")
 
 
-class OpenAIModelOutputSerializer(serializers.Serializer):
-    """A model as ``/v1/models`` lists it (OpenAI's ``Model``)."""
-
-    id = serializers.CharField()
-    object = serializers.ChoiceField(choices=("model",))
-    created = serializers.IntegerField(help_text="Unix time, seconds")
-    owned_by = serializers.CharField(help_text="the provider's name")
-
-
-class OpenAIModelListOutputSerializer(serializers.Serializer):
-    """``GET /v1/models`` (OpenAI's ``ListModelsResponse``)."""
-
-    object = serializers.ChoiceField(choices=("list",))
-    # The metaclass moves declared fields out of the class body: this does not replace ``.data``.
-    data = OpenAIModelOutputSerializer(many=True)  # type: ignore[assignment]
-
-
-class BillingUsageQuerySerializer(serializers.Serializer):
-    """The query of ``GET /dashboard/billing/usage``: a UTC date range, end exclusive."""
-
-    start_date = serializers.DateField(input_formats=["%Y-%m-%d"], help_text="YYYY-MM-DD, inclusive")
-    end_date = serializers.DateField(input_formats=["%Y-%m-%d"], help_text="YYYY-MM-DD, exclusive")
-
-    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        if attrs["end_date"] < attrs["start_date"]:
-            raise serializers.ValidationError({"end_date": "Must not be before start_date."})
-        return attrs
-
-
-class BillingUsageOutputSerializer(serializers.Serializer):
-    """The caller's spending in the range, as NextChat reads it."""
-
-    object = serializers.ChoiceField(choices=("list",))
-    total_usage = serializers.FloatField(help_text="US cents")
-
-
-class BillingSubscriptionOutputSerializer(serializers.Serializer):
-    """The caller's spending limit, as NextChat reads it (``hard_limit_usd``)."""
-
-    object = serializers.ChoiceField(choices=("billing_subscription",))
-    has_payment_method = serializers.BooleanField()
-    hard_limit_usd = serializers.FloatField()
-    soft_limit_usd = serializers.FloatField()
-    system_hard_limit_usd = serializers.FloatField()
-    access_until = serializers.IntegerField(help_text="Unix time, seconds; 0: no end")
-
-
 __all__ = [
-    "BillingSubscriptionOutputSerializer",
-    "BillingUsageOutputSerializer",
-    "BillingUsageQuerySerializer",
+    "MESSAGE_ROLES",
     "ChatCompletionChunkOutputSerializer",
     "ChatCompletionCreateInputSerializer",
     "ChatCompletionOutputSerializer",
-    "OpenAIModelListOutputSerializer",
-    "OpenAIModelOutputSerializer",
 ]

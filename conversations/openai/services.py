@@ -26,8 +26,8 @@ from llm.models import LLMModel
 from llm.providers import ChatRequest
 from llm.selectors import llm_model_get_enabled, llm_model_list_enabled, provider_config_for
 
-from .services import new_request_id, should_account
-from .streaming import ReplyOutcome, ReplyPlan
+from ..services import new_request_id, should_account
+from ..streaming import ReplyOutcome, ReplyPlan
 
 logger = logging.getLogger(__name__)
 

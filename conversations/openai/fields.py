@@ -1,0 +1,201 @@
+"""Strict JSON-typed DRF fields for the OpenAI-compatible ``/v1`` request bodies.
+
+DRF's own fields would take ``"0.5"`` for a number or ``1`` for a string; OpenAI answers 400 to
+both, so these reject a wrong JSON type and the 400's ``param`` names the field. The union
+fields (``content``, ``stop``, ``tool_choice``) carry their OpenAPI schema.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+MAX_STOP_SEQUENCES = 4
+
+
+# --- Strict JSON-typed fields -----------------------------------------------------------------
+
+
+class StrictCharField(serializers.CharField):
+    """A JSON string, as sent: no trimming, numbers are not strings."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("trim_whitespace", False)
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictFloatField(serializers.FloatField):
+    """A JSON number: strings and booleans are rejected."""
+
+    def to_internal_value(self, data: Any) -> float:
+        if isinstance(data, bool) or not isinstance(data, int | float):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """A JSON integer: strings, booleans and fractions are rejected."""
+
+    def to_internal_value(self, data: Any) -> int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictBooleanField(serializers.BooleanField):
+    """A JSON boolean: ``"true"`` and ``1`` are rejected."""
+
+    def to_internal_value(self, data: Any) -> bool:
+        if data is not True and data is not False:
+            self.fail("invalid")
+        return data
+
+
+class JSONObjectField(serializers.DictField):
+    """A JSON object passed through as it is (JSON Schemas, metadata, ...)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("child", serializers.JSONField())
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data: Any) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            self.fail("not_a_dict", input_type=type(data).__name__)
+        return data  # untouched: nested values are the upstream's business
+
+
+# --- Content, stop, tool_choice: unions of JSON types -----------------------------------------
+
+_CONTENT_PART_SCHEMA = {
+    "type": "object",
+    "description": "A content part: `{type: text, text}`, `{type: image_url, image_url: {url, detail?}}`, "
+    "`{type: input_audio, input_audio}` or `{type: file, file}`.",
+    "properties": {
+        "type": {"type": "string", "example": "text"},
+        "text": {"type": "string"},
+        "image_url": {
+            "type": "object",
+            "properties": {"url": {"type": "string"}, "detail": {"type": "string", "enum": ["auto", "low", "high"]}},
+            "required": ["url"],
+        },
+    },
+    "required": ["type"],
+    "additionalProperties": True,
+}
+
+
+@extend_schema_field(
+    {
+        "oneOf": [{"type": "string"}, {"type": "array", "items": _CONTENT_PART_SCHEMA}],
+        "nullable": True,
+        "description": "The message text, or an array of content parts.",
+    }
+)
+class MessageContentField(serializers.Field):
+    """A message's ``content``: a string, or a list of content parts, each an object with ``type``.
+
+    A ``text`` part needs a string ``text``; an ``image_url`` part an object with a string ``url``.
+    Other part types are passed through for the upstream to judge.
+    """
+
+    default_error_messages = {
+        "invalid": "Must be a string or an array of content parts.",
+        "invalid_part": "Each content part must be an object with a string 'type'.",
+        "invalid_text": "A 'text' content part needs a string 'text'.",
+        "invalid_image": "An 'image_url' content part needs an object 'image_url' with a string 'url'.",
+    }
+
+    def to_internal_value(self, data: Any) -> str | list[dict[str, Any]]:
+        if isinstance(data, str):
+            return data
+        if not isinstance(data, list):
+            self.fail("invalid")
+        for part in data:
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                self.fail("invalid_part")
+            kind = part["type"]
+            if kind == "text" and not isinstance(part.get("text"), str):
+                self.fail("invalid_text")
+            if kind == "image_url":
+                image = part.get("image_url")
+                if not isinstance(image, dict) or not isinstance(image.get("url"), str):
+                    self.fail("invalid_image")
+        return data
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+@extend_schema_field(
+    {
+        "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP_SEQUENCES}],
+        "nullable": True,
+        "description": f"Up to {MAX_STOP_SEQUENCES} sequences where the upstream stops generating.",
+    }
+)
+class StopField(serializers.Field):
+    """``stop``: a string or a list of up to four strings."""
+
+    default_error_messages = {"invalid": f"Must be a string or an array of at most {MAX_STOP_SEQUENCES} strings."}
+
+    def to_internal_value(self, data: Any) -> str | list[str]:
+        if isinstance(data, str):
+            return data
+        if isinstance(data, list) and len(data) <= MAX_STOP_SEQUENCES and all(isinstance(item, str) for item in data):
+            return data
+        self.fail("invalid")
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+@extend_schema_field(
+    {
+        "oneOf": [
+            {"type": "string", "enum": ["none", "auto", "required"]},
+            {
+                "type": "object",
+                "properties": {
+                    "type": {"type": "string", "example": "function"},
+                    "function": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]},
+                },
+                "required": ["type"],
+            },
+        ],
+        "description": "`none`, `auto`, `required`, or `{type: function, function: {name}}`.",
+    }
+)
+class ToolChoiceField(serializers.Field):
+    """``tool_choice``: ``none`` / ``auto`` / ``required``, or an object naming a tool."""
+
+    default_error_messages = {"invalid": "Must be 'none', 'auto', 'required' or an object with a string 'type'."}
+
+    def to_internal_value(self, data: Any) -> str | dict[str, Any]:
+        if data in ("none", "auto", "required"):
+            return data
+        if isinstance(data, dict) and isinstance(data.get("type"), str):
+            return data
+        self.fail("invalid")
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+__all__ = [
+    "MAX_STOP_SEQUENCES",
+    "JSONObjectField",
+    "MessageContentField",
+    "StopField",
+    "StrictBooleanField",
+    "StrictCharField",
+    "StrictFloatField",
+    "StrictIntegerField",
+    "ToolChoiceField",
+]

@@ -1,0 +1,18 @@
+"""URLs of the OpenAI-compatible API, mounted at the site root (``/v1/...``, ``/dashboard/...``).
+
+No trailing slashes, as OpenAI's URLs. The last pattern turns any other ``/v1`` or
+``/dashboard`` URL into OpenAI's 404 JSON instead of Django's HTML page.
+"""
+
+from django.urls import path, re_path
+
+from . import apis, billing_apis, endpoint, models_apis
+
+urlpatterns = [
+    path("v1/chat/completions", apis.chat_completions, name="openai-chat-completions"),
+    path("v1/models", models_apis.model_list, name="openai-model-list"),
+    path("v1/models/<path:model>", models_apis.model_retrieve, name="openai-model-retrieve"),
+    path("dashboard/billing/usage", billing_apis.billing_usage, name="openai-billing-usage"),
+    path("dashboard/billing/subscription", billing_apis.billing_subscription, name="openai-billing-subscription"),
+    re_path(r"^(?:v1|dashboard)(?:/.*)?$", endpoint.unknown_url, name="openai-unknown-url"),
+]

@@ -1,0 +1,268 @@
+"""The simulator's aiohttp application: configuration, request handlers, stats and the server loop."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import re
+import resource
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from aiohttp import web
+
+from .replies import count_prompt_tokens, reply_word_indexes
+from .wire import (
+    DONE,
+    MALFORMED_CHUNK,
+    SSE_HEADERS,
+    ChunkFrames,
+    Completion,
+    completion_body,
+    error_response,
+    model_list_body,
+    new_completion_id,
+    parse_completion,
+    simulated_error,
+    usage_object,
+)
+
+_SIM_ERROR = re.compile(r"sim-error-([45]\d\d)")
+MIDSTREAM_FAILURE_CHUNKS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatorConfig:
+    """How the simulator answers: ``ttft_ms`` before the first token, ``token_delay_ms`` between
+    tokens (milliseconds), ``reply_tokens`` per reply, the ``api_key`` to require (empty: none)
+    and the ``models`` listed by ``GET /v1/models`` (any model id is accepted)."""
+
+    ttft_ms: float = 50.0
+    token_delay_ms: float = 10.0
+    reply_tokens: int = 64
+    api_key: str = ""
+    models: tuple[str, ...] = ("sim-1",)
+
+
+@dataclass(slots=True)
+class SimulatorStats:
+    """Request counters served by ``GET /_simulator/stats``."""
+
+    requests_started: int = 0
+    requests_completed: int = 0
+    requests_failed: int = 0
+    requests_disconnected: int = 0
+    active_streams: int = 0
+
+
+class _Simulator:
+    """The request handlers, sharing one config and one stats object."""
+
+    def __init__(self, config: SimulatorConfig) -> None:
+        self.config = config
+        self.stats = SimulatorStats()
+        self._ttft = config.ttft_ms / 1000
+        self._delay = config.token_delay_ms / 1000
+        self._auth = f"Bearer {config.api_key}".encode()
+
+    def _unauthorized(self, request: web.Request) -> web.Response | None:
+        """Return OpenAI's 401 when an API key is required and the request lacks it."""
+        if not self.config.api_key:
+            return None
+        header = request.headers.get("Authorization", "")
+        if hmac.compare_digest(header.encode(), self._auth):
+            return None
+        if not header.startswith("Bearer ") or not header[7:]:
+            message = (
+                "You didn't provide an API key. You need to provide your API key in an Authorization header "
+                "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+            )
+            return error_response(401, message, type_="invalid_request_error")
+        # Unmasked on purpose (OpenAI masks all but 4 characters): tests prove clients redact it.
+        message = f"Incorrect API key provided: {header[7:]}. You can find your API key in your dashboard."
+        return error_response(401, message, type_="invalid_request_error", code="invalid_api_key")
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        """Answer ``POST /v1/chat/completions`` (OpenAI's chat completion, streamed or not)."""
+        self.stats.requests_started += 1
+        # Not ``denied or ...``: an aiohttp response is an empty MutableMapping, hence falsy.
+        denied = self._unauthorized(request)
+        parsed = denied if denied is not None else parse_completion(await request.read())
+        if isinstance(parsed, web.Response):
+            self.stats.requests_failed += 1
+            return parsed
+        match = _SIM_ERROR.fullmatch(parsed.model)
+        if match:
+            self.stats.requests_failed += 1
+            return simulated_error(int(match.group(1)), parsed.model)
+        if parsed.stream:
+            return await self._stream(request, parsed)
+        return await self._complete(parsed)
+
+    def _reply_plan(self, completion: Completion) -> tuple[list[int], str]:
+        """Return the reply's word indexes and its ``finish_reason``."""
+        tokens, finish_reason = self.config.reply_tokens, "stop"
+        if completion.max_tokens is not None and completion.max_tokens < tokens:
+            tokens, finish_reason = completion.max_tokens, "length"
+        return reply_word_indexes(completion.messages, tokens), finish_reason
+
+    async def _complete(self, completion: Completion) -> web.Response:
+        """Return a ``chat.completion`` object after the time the stream would have taken."""
+        indexes, finish_reason = self._reply_plan(completion)
+        try:
+            await asyncio.sleep(self._ttft + self._delay * max(len(indexes) - 1, 0))
+        except asyncio.CancelledError:  # the client left (handler_cancellation=True)
+            self.stats.requests_disconnected += 1
+            raise
+        usage = usage_object(count_prompt_tokens(completion.messages), len(indexes))
+        body = completion_body(model=completion.model, indexes=indexes, finish_reason=finish_reason, usage=usage)
+        self.stats.requests_completed += 1
+        return web.json_response(body)
+
+    async def _stream(self, request: web.Request, completion: Completion) -> web.StreamResponse:
+        """Stream ``chat.completion.chunk`` frames at the configured pace (OpenAI's SSE framing)."""
+        indexes, finish_reason = self._reply_plan(completion)
+        chunk_id = new_completion_id()
+        frames = ChunkFrames.for_reply(
+            completion_id=chunk_id,
+            created=int(time.time()),
+            model=completion.model,
+            include_usage=completion.include_usage,
+            finish_reason=finish_reason,
+        )
+        failure = completion.model in ("sim-fail-midstream", "sim-malformed-chunk")
+        if completion.model == "sim-fail-midstream":
+            indexes = indexes[:MIDSTREAM_FAILURE_CHUNKS]
+        elif completion.model == "sim-malformed-chunk":
+            indexes = indexes[:1]
+
+        loop = asyncio.get_running_loop()
+        response = web.StreamResponse(headers={**SSE_HEADERS, "x-request-id": chunk_id})
+        self.stats.active_streams += 1
+        try:
+            await response.prepare(request)
+            due = loop.time() + self._ttft
+            last = len(indexes) - 1
+            for position, index in enumerate(indexes):
+                # Pace against absolute deadlines so sleep overhead does not stretch long replies.
+                await asyncio.sleep(max(due - loop.time(), 0))
+                due += self._delay
+                await response.write(frames.token(index, first=position == 0, last=position == last and not failure))
+            if completion.model == "sim-fail-midstream":
+                # Close the socket without the chunked body's terminator: the client sees a dropped stream.
+                self.stats.requests_failed += 1
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            if completion.model == "sim-malformed-chunk":
+                await response.write(MALFORMED_CHUNK)
+                self.stats.requests_failed += 1
+            elif completion.include_usage:
+                await response.write(frames.usage(usage_object(count_prompt_tokens(completion.messages), len(indexes))))
+            await response.write(DONE)
+            await response.write_eof()
+            if not failure:
+                self.stats.requests_completed += 1
+        except asyncio.CancelledError:
+            # aiohttp cancels the handler when the client disconnects (handler_cancellation=True).
+            self.stats.requests_disconnected += 1
+            raise
+        except ConnectionResetError:
+            # The same, noticed on write instead; nothing left to send, so end quietly.
+            self.stats.requests_disconnected += 1
+        finally:
+            self.stats.active_streams -= 1
+        return response
+
+    async def models(self, request: web.Request) -> web.Response:
+        """Answer ``GET /v1/models`` (OpenAI's model list)."""
+        denied = self._unauthorized(request)
+        if denied is not None:
+            return denied
+        return web.json_response(model_list_body(self.config.models))
+
+    async def stats_view(self, request: web.Request) -> web.Response:
+        """Answer ``GET /_simulator/stats`` with the request counters."""
+        return web.json_response(asdict(self.stats))
+
+    async def not_found(self, request: web.Request) -> web.Response:
+        """Answer any other URL the way OpenAI does."""
+        return error_response(404, f"Invalid URL ({request.method} {request.path})", type_="invalid_request_error")
+
+
+def create_app(config: SimulatorConfig) -> web.Application:
+    """Return the simulator's aiohttp application for ``config``."""
+    simulator = _Simulator(config)
+    app = web.Application(client_max_size=64 * 1024 * 1024)  # long prompts are legitimate
+    app.router.add_post("/v1/chat/completions", simulator.chat_completions)
+    app.router.add_get("/v1/models", simulator.models)
+    app.router.add_get("/_simulator/stats", simulator.stats_view)
+    app.router.add_route("*", "/{tail:.*}", simulator.not_found)
+    return app
+
+
+async def serve(
+    config: SimulatorConfig,
+    *,
+    host: str,
+    port: int,
+    on_ready: Callable[[str], None],
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve the simulator on ``host:port`` until ``stop`` is set (or SIGINT/SIGTERM arrives).
+
+    ``port`` 0 picks a free port; ``on_ready`` gets the real base URL (``http://host:port``).
+    """
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    # handler_cancellation: a client that disconnects cancels its handler at once, so the stats
+    # show it within a token interval; no access log: it would cost more than the stream itself.
+    runner = web.AppRunner(create_app(config), access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
+        await site.start()
+        bound_host, bound_port = runner.addresses[0][:2]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        on_ready(f"http://{shown}:{bound_port}")
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def run_simulator(config: SimulatorConfig, *, host: str, port: int, on_ready: Callable[[str], None]) -> None:
+    """Run ``serve`` on uvloop when installed (else asyncio) until SIGINT/SIGTERM."""
+    _raise_open_file_limit()
+    _run(serve(config, host=host, port=port, on_ready=on_ready))
+
+
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` to completion on uvloop when installed (uvicorn[standard] installs it), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
+def _raise_open_file_limit() -> None:
+    """Raise the soft open-files limit to the hard one: each stream holds a socket."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+__all__ = [
+    "MIDSTREAM_FAILURE_CHUNKS",
+    "SimulatorConfig",
+    "SimulatorStats",
+    "create_app",
+    "run_simulator",
+    "serve",
+]

@@ -1,0 +1,120 @@
+"""README's two commands work on a fresh clone in a fresh virtualenv.
+
+Clones the committed tree (what CI and a newcomer get), then runs ``./scripts/demo`` and
+``./scripts/test`` there exactly as README says, with none of this checkout's environment: no
+``.venv`` on PATH, no ``DATABASE_URL`` / ``REDIS_URL`` (the embedded defaults).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SETUP_SECONDS = 600  # a fresh venv installs every requirement from the package index
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2 * SETUP_SECONDS)]
+
+
+def _clean_env() -> dict[str, str]:
+    """Return this process's environment without our venv and service URLs."""
+    venv_bin = str(ROOT / ".venv" / "bin")
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {"DATABASE_URL", "REDIS_URL", "VIRTUAL_ENV", "CELERY_TASK_ALWAYS_EAGER", "SQLITE_TEST_DATABASE"}
+        and not key.startswith(("PYTEST_", "DJANGO_"))
+    }
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != venv_bin)
+    return env
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    target = tmp_path_factory.mktemp("fresh") / "chatbackend"
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(target)], check=True, timeout=120)
+    return target
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_demo_command_installs_and_serves_a_streamed_reply(clone: Path) -> None:
+    port = _free_port()
+    process = subprocess.Popen(
+        ["./scripts/demo", "--port", str(port)],
+        cwd=clone,
+        env=_clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # Ctrl-C goes to the whole process group, as in a terminal
+    )
+    output: list[str] = []
+    try:
+        assert process.stdout is not None
+        api_key = None
+        deadline = time.monotonic() + SETUP_SECONDS
+        while api_key is None and time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            output.append(line)
+            if match := re.search(r"API key\s+(sk-\S+)", line):
+                api_key = match.group(1)
+        assert api_key, "demo printed no API key:\n" + "".join(output[-40:])
+
+        base = f"http://127.0.0.1:{port}"
+        models = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
+        assert models.status_code == 200, models.text
+        assert "gpt-4o-mini" in {model["id"] for model in models.json()["data"]}
+
+        body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "Hello!"}]}
+        with httpx.stream(
+            "POST", f"{base}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {api_key}"}, timeout=30
+        ) as response:
+            assert response.status_code == 200
+            data = [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+        assert data[-1] == "[DONE]"
+        text = "".join(
+            chunk["choices"][0]["delta"].get("content") or ""
+            for chunk in map(json.loads, data[:-1])
+            if chunk.get("choices")
+        )
+        assert text.strip()
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    rest = process.stdout.read() if process.stdout else ""
+    assert "Stopped." in rest, "".join(output[-20:]) + rest
+
+
+def test_test_command_runs_lint_and_tests(clone: Path) -> None:
+    result = subprocess.run(
+        ["./scripts/test", "chatbackend/tests/test_logging.py", "-q", "-p", "no:cacheprovider"],
+        cwd=clone,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=SETUP_SECONDS,
+    )
+
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "== ruff check" in result.stdout
+    assert re.search(r"\b\d+ passed\b", result.stdout)
