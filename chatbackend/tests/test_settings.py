@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +49,14 @@ def test_embedded_defaults_start() -> None:
 
     assert result.returncode == 0, result.stderr
     assert "no issues" in result.stdout
+
+
+def test_every_variable_is_documented() -> None:
+    source = (ROOT / "chatbackend" / "settings.py").read_text()
+    names = set(re.findall(r'(?:_get|_bool|_positive|env\.\w+)\(\s*"([A-Z][A-Z0-9_]+)"', source))
+    example = (ROOT / ".env.example").read_text()
+    readme = (ROOT / "README.md").read_text()
+
+    assert {"DATABASE_URL", "REDIS_URL", "DJANGO_SECRET_KEY"} <= names
+    assert not {name for name in names if name not in example}, "missing from .env.example"
+    assert not {name for name in names if name not in readme}, "missing from README.md"
