@@ -1,0 +1,1 @@
+"""Streaming benchmark for chatbackend: ``python -m bench`` (see ``bench/README.md``)."""

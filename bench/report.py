@@ -1,0 +1,542 @@
+"""Turn raw round measurements into the report: statistics, targets, table, chart, profile summary."""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+MB = 1024 * 1024
+TARGET_LEVEL = 200
+
+# The issue's targets (reported, not asserted).
+TARGETS = {
+    "ttft_overhead_p50_ms": 5.0,
+    "ttft_overhead_p99_ms": 25.0,
+    "v1_cpu_us_per_token": 40.0,
+    "rss_mb_per_100_streams": 20.0,
+    "startup_s": 1.5,
+}
+
+
+# --- statistics -----------------------------------------------------------------------------
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in 0..1) of already sorted values; None when empty."""
+    if not sorted_values:
+        return None
+    position = (len(sorted_values) - 1) * q
+    low = math.floor(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def _r(value: float | None, digits: int = 1) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _cpu_block(cpu_s: float | None, wall_s: float, tokens: int) -> dict[str, Any] | None:
+    if cpu_s is None:
+        return None
+    return {
+        "cpu_s": round(cpu_s, 3),
+        "cpu_pct_of_core": _r(100 * cpu_s / wall_s) if wall_s > 0 else None,
+        "cpu_us_per_token": _r(cpu_s * 1e6 / tokens) if tokens else None,
+    }
+
+
+def summarize_round(raw: dict[str, Any], *, level: int, idle_rss: int | None, direct: bool) -> dict[str, Any]:
+    """Return a round's record fields from the load generator's and process samplers' raw data."""
+    ttft = sorted(raw["ttft_ms"])
+    itl = sorted(raw["itl_ms"])
+    tokens, wall = raw["tokens"], raw["wall_s"]
+    record: dict[str, Any] = {
+        "requests": raw["requests"],
+        "ok": raw["ok"],
+        "errors": raw["errors"],
+        "error_kinds": raw["error_kinds"],
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall) if wall > 0 else 0,
+        "ttft_ms": {
+            "p50": _r(percentile(ttft, 0.50)),
+            "p90": _r(percentile(ttft, 0.90)),
+            "p99": _r(percentile(ttft, 0.99)),
+            "max": _r(ttft[-1] if ttft else None),
+        },
+        "itl_ms": {"p50": _r(percentile(itl, 0.50), 2), "p99": _r(percentile(itl, 0.99), 2)},
+        "peak_open_streams": raw["peak_open"],
+        # Busy share of all the machine's cores during the round (server, simulator, client,
+        # PostgreSQL, Redis and the kernel's network stack together): near 100 = saturated.
+        "machine_cpu_pct": _r(raw["machine_cpu_pct"]),
+        # The rest of the machine's busy time, in % of one core: PostgreSQL, Redis, the kernel's
+        # network stack — and any process outside the benchmark. Compare with the 1-stream rows.
+        "other_cpu_pct_of_core": _r(
+            100
+            * (
+                raw["machine_busy_s"]
+                - raw["client_cpu_s_psutil"]
+                - (raw["sim_cpu_s"] or 0.0)
+                - (raw["server_cpu_s"] or 0.0)
+            )
+            / wall
+        )
+        if wall > 0
+        else None,
+        "client_process": _cpu_block(raw["client_cpu_s"], wall, tokens),
+        "simulator_process": _cpu_block(raw["sim_cpu_s"], wall, tokens),
+        "server_process": None,
+    }
+    if raw["ws_connect_ms"]:
+        connect = sorted(raw["ws_connect_ms"])
+        record["ws_connect_ms"] = {"p50": _r(percentile(connect, 0.5)), "p99": _r(percentile(connect, 0.99))}
+    if raw.get("server_log") is not None:
+        record["server_log"] = raw["server_log"]
+    if raw.get("client_bugs"):
+        record["client_bugs"] = raw["client_bugs"]
+    if direct:
+        record["simulator_process"]["rss_peak_mb"] = _r(raw["peak_rss"] / MB)
+    else:
+        server = _cpu_block(raw["server_cpu_s"], wall, tokens) or {}
+        server["rss_idle_mb"] = _r(idle_rss / MB) if idle_rss else None
+        server["rss_peak_mb"] = _r(raw["peak_rss"] / MB)
+        if idle_rss:
+            growth = max(raw["peak_rss"] - idle_rss, 0)
+            server["rss_mb_per_100_streams"] = _r(growth / MB / level * 100, 2)
+        record["server_process"] = server
+    return record
+
+
+# --- the whole report -----------------------------------------------------------------------
+
+
+def _measured(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rounds if not r.get("skipped")]
+
+
+def add_overheads(rounds: list[dict[str, Any]]) -> None:
+    """Set ``ttft_overhead_ms`` on backend rounds: their TTFT percentile minus direct's, same level."""
+    direct = {r["concurrency"]: r for r in _measured(rounds) if r["path"] == "direct"}
+    for r in _measured(rounds):
+        if r["path"] == "direct":
+            continue
+        base = direct.get(r["concurrency"])
+        if base is None:
+            r["ttft_overhead_ms"] = None
+            continue
+        r["ttft_overhead_ms"] = {
+            q: _r(r["ttft_ms"][q] - base["ttft_ms"][q])
+            if r["ttft_ms"][q] is not None and base["ttft_ms"][q] is not None
+            else None
+            for q in ("p50", "p90", "p99")
+        }
+
+
+def _closest_level(rounds: list[dict[str, Any]], level: int) -> int | None:
+    levels = sorted({r["concurrency"] for r in rounds})
+    if not levels:
+        return None
+    return min(levels, key=lambda n: (abs(math.log(n) - math.log(level)), -n))
+
+
+def _find(rounds: list[dict[str, Any]], server: str, path: str, level: int | None) -> dict[str, Any] | None:
+    for r in rounds:
+        if r["server"] == server and r["path"] == path and r["concurrency"] == level:
+            return r
+    return None
+
+
+def evaluate_targets(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Check every target for every server (and path); ``met`` is None when not measured."""
+    rounds = [r for r in data["rounds"] if r["path"] != "direct"]
+    measured = _measured(rounds)
+    servers = data["config"]["servers"]
+    paths = [p for p in data["config"]["paths"] if p != "direct"]
+    ref = _closest_level(measured, TARGET_LEVEL)
+    top = max((r["concurrency"] for r in rounds), default=None)
+    targets: list[dict[str, Any]] = []
+
+    def add(target: str, server: str, path: str | None, level: int | None, value: Any, limit: float, ok: Any) -> None:
+        targets.append(
+            {
+                "target": target,
+                "server": server,
+                "path": path,
+                "concurrency": level,
+                "value": value,
+                "limit": limit,
+                "met": ok,
+            }
+        )
+
+    for server in servers:
+        for path in paths:
+            r = _find(measured, server, path, ref)
+            over = (r or {}).get("ttft_overhead_ms") or {}
+            p50, p99 = over.get("p50"), over.get("p99")
+            limit50, limit99 = TARGETS["ttft_overhead_p50_ms"], TARGETS["ttft_overhead_p99_ms"]
+            add("TTFT overhead p50 (ms)", server, path, ref, p50, limit50, None if p50 is None else p50 <= limit50)
+            add("TTFT overhead p99 (ms)", server, path, ref, p99, limit99, None if p99 is None else p99 <= limit99)
+        for path in paths:
+            r = _find(rounds, server, path, top)
+            errors = None if r is None or r.get("skipped") else r["errors"]
+            add(f"errors at {top} streams", server, path, top, errors, 0, None if errors is None else errors == 0)
+        r = _find(measured, server, "v1", ref)
+        cpu = ((r or {}).get("server_process") or {}).get("cpu_us_per_token")
+        limit = TARGETS["v1_cpu_us_per_token"]
+        add("server CPU µs per token on /v1", server, "v1", ref, cpu, limit, None if cpu is None else cpu <= limit)
+        for path in paths:
+            # The worst value at 200 streams or more (below, allocator noise dominates); the
+            # largest level when none reaches 200.
+            candidates = [
+                x for x in measured if x["server"] == server and x["path"] == path and x.get("server_process")
+            ]
+            big = [x for x in candidates if x["concurrency"] >= TARGET_LEVEL] or sorted(
+                candidates, key=lambda x: x["concurrency"]
+            )[-1:]
+            r = max(big, key=lambda x: x["server_process"].get("rss_mb_per_100_streams") or 0, default=None)
+            value = ((r or {}).get("server_process") or {}).get("rss_mb_per_100_streams")
+            limit = TARGETS["rss_mb_per_100_streams"]
+            level = r["concurrency"] if r else None
+            add(
+                "server RSS MB per 100 streams (worst at >= 200)",
+                server,
+                path,
+                level,
+                value,
+                limit,
+                None if value is None else value <= limit,
+            )
+        startup = data["startup"].get(server)
+        value = startup["max_s"] if startup else None
+        limit = TARGETS["startup_s"]
+        add(
+            "start-up to first request (s, worst)",
+            server,
+            None,
+            None,
+            value,
+            limit,
+            None if value is None else value <= limit,
+        )
+    return targets
+
+
+def recommend(data: dict[str, Any]) -> dict[str, Any] | None:
+    """Pick the server for production: fewest errors, then least server CPU per forwarded token.
+
+    Only (path, level) pairs measured under every server are compared, so a skipped round does
+    not favour the server that missed it.
+    """
+    servers = data["config"]["servers"]
+    if len(servers) < 2:
+        return None  # nothing to compare
+    measured = [r for r in _measured(data["rounds"]) if r["path"] != "direct" and r.get("server_process")]
+    keys = [{(r["path"], r["concurrency"]) for r in measured if r["server"] == s} for s in servers]
+    common = set.intersection(*keys) if keys else set()
+    if not common:
+        return None
+    scores = {}
+    for server in servers:
+        picked = [r for r in measured if r["server"] == server and (r["path"], r["concurrency"]) in common]
+        tokens = sum(r["tokens"] for r in picked)
+        cpu = sum(r["server_process"]["cpu_s"] for r in picked)
+        at_ref = [r for r in picked if r["concurrency"] == _closest_level(picked, TARGET_LEVEL)]
+        p99 = [r["ttft_overhead_ms"]["p99"] for r in at_ref if (r.get("ttft_overhead_ms") or {}).get("p99") is not None]
+        scores[server] = {
+            "errors": sum(r["errors"] for r in picked),
+            "cpu_us_per_token": round(cpu * 1e6 / tokens, 1) if tokens else None,
+            "tokens_per_s_sum": sum(r["tokens_per_s"] for r in picked),
+            "ttft_overhead_p99_ms_at_ref": max(p99) if p99 else None,
+            "rounds": len(picked),
+        }
+    best = min(servers, key=lambda s: (scores[s]["errors"], scores[s]["cpu_us_per_token"] or math.inf))
+    why = "; ".join(
+        f"{s}: {v['errors']} errors, {v['cpu_us_per_token']} µs server CPU per token, worst TTFT overhead p99 at "
+        f"{_closest_level(measured, TARGET_LEVEL)} streams {v['ttft_overhead_p99_ms_at_ref']} ms"
+        for s, v in scores.items()
+    )
+    return {"server": best, "rule": "fewest errors, then least server CPU per token", "scores": scores, "why": why}
+
+
+def build(
+    *,
+    meta: dict[str, Any],
+    config: dict[str, Any],
+    setup: dict[str, Any],
+    startup: dict[str, Any],
+    rounds: list[dict[str, Any]],
+    profile: dict[str, Any] | None,
+) -> dict[str, Any]:
+    add_overheads(rounds)
+    data = {
+        "meta": meta,
+        "config": config,
+        "setup": setup,
+        "startup": startup,
+        "rounds": rounds,
+        "profile": profile,
+    }
+    data["targets"] = evaluate_targets(data)
+    data["recommendation"] = recommend(data)
+    return data
+
+
+# --- Markdown -------------------------------------------------------------------------------
+
+
+def _f(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _log_cell(r: dict[str, Any]) -> str:
+    log = r.get("server_log")
+    if not log:
+        return "–"
+    return f"{log['warning']} / {log['error'] + log['critical']}"
+
+
+def markdown(data: dict[str, Any]) -> str:
+    meta, config = data["meta"], data["config"]
+    lines = [
+        "## chatbackend streaming benchmark",
+        "",
+        f"{meta['started_at']} · {meta['machine']['cpus']} CPUs ({meta['machine']['cpu_model']}) · "
+        f"Python {meta['machine']['python']} · database {meta['database']} · "
+        f"Redis {'yes' if meta['redis'] else 'no (in-memory layer)'} · run took {meta['duration_s']} s",
+        "",
+        f"Workload: {config['tokens']} tokens per reply, {config['ttft_ms']:g} ms to the first token, "
+        f"{config['token_delay_ms']:g} ms between tokens; streams start spread over {config['ramp_ms']:g} ms; "
+        f"replies per stream: {config['replies']} (auto: 2 up to 200 streams, 1 above).",
+        "",
+        "| server | path | streams | TTFT p50 / p90 / p99 ms | overhead p50 / p99 ms | ITL p50 / p99 ms "
+        "| tokens/s | errors | server log W/E | server µs/token | server CPU % | server RSS peak MB "
+        "| MB per 100 streams "
+        "| client CPU % | sim CPU % | machine CPU % |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in data["rounds"]:
+        name = r["server"] or "–"
+        if r.get("skipped"):
+            lines.append(f"| {name} | {r['path']} | {r['concurrency']} | skipped: {r['skipped']} |||||||||||||")
+            continue
+        t, o, i = r["ttft_ms"], r.get("ttft_overhead_ms") or {}, r["itl_ms"]
+        s = r.get("server_process") or {}
+        sim = r.get("simulator_process") or {}
+        client = r.get("client_process") or {}
+        lines.append(
+            f"| {name} | {r['path']} | {r['concurrency']} | {_f(t['p50'])} / {_f(t['p90'])} / {_f(t['p99'])} "
+            f"| {_f(o.get('p50'))} / {_f(o.get('p99'))} | {_f(i['p50'], 2)} / {_f(i['p99'], 2)} "
+            f"| {_f(r['tokens_per_s'])} | {_f(r['errors'])} | {_log_cell(r)} | {_f(s.get('cpu_us_per_token'))} "
+            f"| {_f(s.get('cpu_pct_of_core'), 0)} | {_f(s.get('rss_peak_mb'))} "
+            f"| {_f(s.get('rss_mb_per_100_streams'), 2)} "
+            f"| {_f(client.get('cpu_pct_of_core'), 0)} | {_f(sim.get('cpu_pct_of_core'), 0)} "
+            f"| {_f(r.get('machine_cpu_pct'), 0)} |"
+        )
+    connects = [r for r in _measured(data["rounds"]) if r.get("ws_connect_ms")]
+    if connects:
+        lines += ["", "| server | WebSocket handshake (not in TTFT) at streams: p50 / p99 ms |", "|---|---|"]
+        for server in data["config"]["servers"]:
+            cells = [
+                f"{r['concurrency']}: {_f(r['ws_connect_ms']['p50'])} / {_f(r['ws_connect_ms']['p99'])}"
+                for r in connects
+                if r["server"] == server
+            ]
+            if cells:
+                lines.append(f"| {server} | {' · '.join(cells)} |")
+    if data["startup"]:
+        lines += ["", "| server | start-up to first served request: median / worst (s) | samples |", "|---|--:|--:|"]
+        for server, s in data["startup"].items():
+            lines.append(f"| {server} | {s['median_s']:.3f} / {s['max_s']:.3f} | {len(s['samples_s'])} |")
+    if data["targets"]:
+        lines += ["", "| target | server | path | streams | value | limit | met |", "|---|---|---|--:|--:|--:|:-:|"]
+        for t in data["targets"]:
+            mark = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+            lines.append(
+                f"| {t['target']} | {t['server']} | {t['path'] or '–'} | {_f(t['concurrency'])} | {_f(t['value'], 2)} "
+                f"| {t['limit']:g} | {mark} |"
+            )
+    rec = data.get("recommendation")
+    if rec:
+        lines += ["", f"**Faster server for production: {rec['server']}** ({rec['rule']}). {rec['why']}."]
+    profile = data.get("profile")
+    if profile:
+        lines += [
+            "",
+            f"Profile ({profile['server']}, {profile['path']}, {profile['concurrency']} streams, "
+            f"{profile['samples']} samples of the thread holding the GIL; raw stacks in {profile['raw_file']}):",
+            "",
+            "| share of samples (inclusive) | package |",
+            "|--:|---|",
+        ]
+        for name, share in profile["packages_inclusive"][:12]:
+            lines.append(f"| {share:.1f}% | {name} |")
+        lines += ["", "| self % | function |", "|--:|---|"]
+        for name, share in profile["self"][:15]:
+            lines.append(f"| {share:.1f}% | `{name}` |")
+    notes = list(meta.get("notes") or [])
+    if meta.get("fatal"):
+        notes.insert(0, f"FATAL: {meta['fatal']}")
+    bugs = {b for r in data["rounds"] for b in r.get("client_bugs", [])}
+    notes += [f"load generator bug: {b}" for b in sorted(bugs)]
+    if notes:
+        lines += ["", *[f"- {n}" for n in notes]]
+    return "\n".join(lines)
+
+
+# --- chart ----------------------------------------------------------------------------------
+
+_PATH_COLORS = {"v1": "tab:blue", "sse": "tab:orange", "ws": "tab:green", "direct": "black"}
+_SERVER_STYLES = ["-", "--", ":", "-."]
+
+
+def draw_chart(data: dict[str, Any], png: Path) -> Path | None:
+    """Draw TTFT overhead (p50, p99), server CPU per token and RSS per 100 streams vs concurrency."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return None
+    rounds = [r for r in _measured(data["rounds"]) if r["path"] != "direct"]
+    servers = data["config"]["servers"]
+    panels = [
+        ("TTFT overhead over direct, p50 (ms)", lambda r: (r.get("ttft_overhead_ms") or {}).get("p50"), "symlog"),
+        ("TTFT overhead over direct, p99 (ms)", lambda r: (r.get("ttft_overhead_ms") or {}).get("p99"), "symlog"),
+        (
+            "server CPU per forwarded token (µs)",
+            lambda r: (r.get("server_process") or {}).get("cpu_us_per_token"),
+            "log",
+        ),
+        (
+            "server RSS per 100 open streams (MB)",
+            lambda r: (r.get("server_process") or {}).get("rss_mb_per_100_streams"),
+            None,
+        ),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9), constrained_layout=True)
+    limits = {
+        0: TARGETS["ttft_overhead_p50_ms"],
+        1: TARGETS["ttft_overhead_p99_ms"],
+        3: TARGETS["rss_mb_per_100_streams"],
+    }
+    for index, (ax, (title, value, scale)) in enumerate(zip(axes.flat, panels, strict=True)):
+        for s_index, server in enumerate(servers):
+            for path in ("v1", "sse", "ws"):
+                points = sorted(
+                    (r["concurrency"], value(r))
+                    for r in rounds
+                    if r["server"] == server and r["path"] == path and value(r) is not None
+                )
+                if points:
+                    xs, ys = zip(*points, strict=True)
+                    ax.plot(
+                        xs,
+                        ys,
+                        _SERVER_STYLES[s_index % len(_SERVER_STYLES)],
+                        marker="o",
+                        color=_PATH_COLORS[path],
+                        label=f"{server} {path}",
+                    )
+        if index in limits:
+            ax.axhline(limits[index], color="red", linewidth=0.8, linestyle=":", label="target")
+        if index == 2:
+            ax.axhline(TARGETS["v1_cpu_us_per_token"], color="red", linewidth=0.8, linestyle=":", label="target (v1)")
+        ax.set_xscale("log")
+        if scale == "symlog":
+            ax.set_yscale("symlog", linthresh=10)
+            lowest = min((y for line in ax.get_lines() for y in line.get_ydata()), default=0)
+            ax.set_ylim(bottom=min(0.0, lowest * 1.2))
+        elif scale == "log":
+            ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.set_title(title)
+        ax.set_xlabel("concurrent streams")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    meta = data["meta"]
+    fig.suptitle(
+        f"chatbackend streaming: {meta['machine']['cpus']} CPUs, database {meta['database']}, "
+        f"Redis {'yes' if meta['redis'] else 'no'} — {meta['started_at']}"
+    )
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+# --- py-spy profile -------------------------------------------------------------------------
+
+_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+_APPS = ("chatbackend", "conversations", "accounts", "llm", "bench")
+
+
+def _package(file: str) -> str:
+    """Name the package of a py-spy file name (``django/core/handlers/asgi.py``, ``<frozen runpy>``)."""
+    normalized = file.replace("\\", "/")
+    if "site-packages/" in normalized:
+        normalized = normalized.split("site-packages/", 1)[1]
+    first = normalized.split("/", 1)[0].removesuffix(".py")
+    if first.startswith("<frozen "):
+        first = first.removeprefix("<frozen ").rstrip(">").split(".")[0]
+    if first in _APPS:
+        return f"app:{first}"
+    if first in sys.stdlib_module_names:
+        return f"stdlib:{first}"
+    return first or "?"
+
+
+def summarize_profile(raw: str, top: int = 25) -> dict[str, Any]:
+    """Summarize py-spy's raw (collapsed) stacks: self time by function, inclusive by package and function."""
+    self_time: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    packages_self: Counter[str] = Counter()
+    packages_inclusive: Counter[str] = Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = []
+        for frame in stack.split(";"):
+            match = _FRAME.match(frame)
+            if match:
+                frames.append((match.group("func"), match.group("file")))
+        if not frames:
+            continue
+        total += count
+        func, file = frames[-1]
+        self_time[f"{func} ({file})"] += count
+        packages_self[_package(file)] += count
+        for name in {f"{f} ({p})" for f, p in frames}:
+            inclusive[name] += count
+        for package in {_package(p) for _, p in frames}:
+            packages_inclusive[package] += count
+
+    def shares(counter: Counter[str], n: int) -> list[tuple[str, float]]:
+        return [(name, round(100 * c / total, 1)) for name, c in counter.most_common(n)] if total else []
+
+    return {
+        "samples": total,
+        "self": shares(self_time, top),
+        "inclusive": shares(inclusive, top + 15),
+        "packages_self": shares(packages_self, 20),
+        "packages_inclusive": shares(packages_inclusive, 20),
+    }

@@ -1,0 +1,961 @@
+"""``python -m bench``: streaming benchmark of chatbackend against the LLM simulator.
+
+Starts the simulator and the backend as real processes, creates what it needs (user, API key,
+provider, model, conversations) in a fresh database, and drives concurrent streams at several
+concurrency levels through each path — ``direct`` (client → simulator), ``v1``
+(``/v1/chat/completions``), ``sse`` (conversation SSE endpoint) and ``ws`` (WebSocket
+consumer) — under each ASGI server. Prints a Markdown table, writes ``<out>/latest.json`` and
+``<out>/latest.png``. See ``bench/README.md`` for the columns and how to read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, BinaryIO, cast
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from . import report
+from .loadgen import raise_open_file_limit, recv_message, send_message
+from .procstats import BACKEND as PROCSTATS_BACKEND
+from .procstats import ProcessTree, RssSampler, machine_cpu
+
+ROOT = Path(__file__).resolve().parent.parent
+PATHS = ("direct", "v1", "sse", "ws")
+BACKEND_PATHS = ("v1", "sse", "ws")
+SERVERS = ("uvicorn", "daphne", "granian")
+SERVER_MODULES = {"uvicorn": "uvicorn", "daphne": "daphne", "granian": "granian"}
+DEFAULT_LEVELS = "1,50,200,1000,2000"
+QUICK_LEVELS = "1,50,200"
+STARTUP_TIMEOUT_S = 60.0
+WARMUP_STREAMS = 4
+REPORT_RESERVE_S = 20.0  # kept free at the end of the budget for teardown and the report
+BLOCK_OVERHEAD_S = 4.0  # a server start, its warm-up round and its stop
+IDLE_WARNING_PCT = 15.0  # machine busy share before the run above which the report warns
+ESTIMATE_MARGIN = 1.25  # rounds run longer than a linear guess as the server saturates
+PROMPT = "Tell me about the benchmark"
+ASGI_APP = "chatbackend.asgi:application"
+
+
+class BenchError(RuntimeError):
+    """A failure that stops the benchmark (a process would not start, a setup step failed)."""
+
+
+# --- options --------------------------------------------------------------------------------
+
+
+def _csv(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark chatbackend's streaming paths against the LLM simulator (see bench/README.md).",
+    )
+    parser.add_argument("--levels", help=f"concurrent streams per round, comma-separated (default {DEFAULT_LEVELS})")
+    parser.add_argument("--servers", help="ASGI servers: uvicorn, daphne, granian (default uvicorn,daphne)")
+    parser.add_argument("--paths", default=",".join(PATHS), help="paths to measure (default direct,v1,sse,ws)")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per reply (default 64)")
+    parser.add_argument("--token-delay-ms", type=float, default=10.0, help="simulator delay between tokens (10)")
+    parser.add_argument("--ttft-ms", type=float, default=50.0, help="simulator time to first token (50)")
+    parser.add_argument(
+        "--replies",
+        default="auto",
+        help="sequential replies per stream: a number, or auto = 2 up to 200 streams, 1 above (default auto)",
+    )
+    parser.add_argument(
+        "--ramp-ms",
+        type=float,
+        help="stream i starts at i/N of this (default: one reply's nominal duration, ttft + tokens*delay)",
+    )
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="output directory (bench/results)")
+    parser.add_argument("--quick", action="store_true", help=f"levels {QUICK_LEVELS}, uvicorn only, 150 s budget")
+    parser.add_argument("--budget-s", type=float, help="wall-clock budget; rounds that would not fit are skipped (570)")
+    parser.add_argument("--client-procs", type=int, default=1, help="load-generator processes (default 1)")
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("DATABASE_URL", ""),
+        help="a postgres:// URL: the benchmark (re)creates database --db-name on that server; "
+        "empty: a temporary SQLite file (default: $DATABASE_URL)",
+    )
+    parser.add_argument("--db-name", default="chatbackend_bench", help="PostgreSQL database to (re)create")
+    parser.add_argument("--keep-db", action="store_true", help="keep the benchmark database afterwards")
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("REDIS_URL", ""),
+        help="Redis for the channel layer, cache and Celery broker (default: $REDIS_URL; empty: in-memory)",
+    )
+    parser.add_argument(
+        "--redis-db", type=int, default=15, help="Redis database index the benchmark uses and cleans (default 15)"
+    )
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="PATH:LEVEL, e.g. v1:200: after that round (first server), repeat it under py-spy and summarize",
+    )
+    parser.add_argument("--no-chart", action="store_true", help="do not draw latest.png")
+    args = parser.parse_args(argv)
+
+    args.levels = [int(x) for x in _csv(args.levels or (QUICK_LEVELS if args.quick else DEFAULT_LEVELS))]
+    args.servers = _csv(args.servers or ("uvicorn" if args.quick else "uvicorn,daphne"))
+    args.paths = _csv(args.paths)
+    if args.budget_s is None:
+        args.budget_s = 150.0 if args.quick else 570.0
+    for server in args.servers:
+        if server not in SERVERS:
+            parser.error(f"unknown server {server!r}; known: {', '.join(SERVERS)}")
+    for path in args.paths:
+        if path not in PATHS:
+            parser.error(f"unknown path {path!r}; known: {', '.join(PATHS)}")
+    if not args.levels or min(args.levels) < 1:
+        parser.error("--levels must be positive integers")
+    if args.replies != "auto" and (not args.replies.isdigit() or int(args.replies) < 1):
+        parser.error("--replies must be auto or a positive integer")
+    if args.ramp_ms is None:
+        args.ramp_ms = args.ttft_ms + args.tokens * args.token_delay_ms
+    if args.profile:
+        match = re.fullmatch(r"(v1|sse|ws):(\d+)", args.profile)
+        if not match:
+            parser.error("--profile must look like v1:200")
+        args.profile = (match.group(1), int(match.group(2)))
+    if args.database_url and not args.database_url.startswith(("postgres://", "postgresql://")):
+        if not args.database_url.startswith("sqlite:"):
+            parser.error("--database-url must be a postgres:// URL (or empty for SQLite)")
+        args.database_url = ""  # a given SQLite file is never touched: the benchmark uses its own
+    return args
+
+
+def replies_for(args: argparse.Namespace, level: int) -> int:
+    if args.replies != "auto":
+        return int(args.replies)
+    return 2 if level <= 200 else 1
+
+
+def check_dependencies(args: argparse.Namespace) -> None:
+    import importlib.util
+
+    missing = [s for s in args.servers if importlib.util.find_spec(SERVER_MODULES[s]) is None]
+    if missing:
+        raise BenchError(
+            f"ASGI server(s) not installed: {', '.join(missing)}. Run: pip install -r bench/requirements.txt"
+        )
+    if args.profile and not _py_spy():
+        raise BenchError("--profile needs py-spy: pip install -r bench/requirements.txt")
+
+
+def _py_spy() -> str | None:
+    candidate = Path(sys.executable).parent / "py-spy"
+    return str(candidate) if candidate.exists() else shutil.which("py-spy")
+
+
+# --- child processes ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Child:
+    """A child process we started, with its log file; stopped (its whole session) on ``stop``."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str], log_path: Path, **popen: Any) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log: IO[bytes] = log_path.open("wb")
+        popen.setdefault("stdout", self._log)
+        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=self._log, start_new_session=True, **popen)
+        self.pid = self.process.pid
+
+    @property
+    def pipe_in(self) -> BinaryIO:
+        assert self.process.stdin is not None
+        return cast(BinaryIO, self.process.stdin)
+
+    @property
+    def pipe_out(self) -> BinaryIO:
+        assert self.process.stdout is not None
+        return cast(BinaryIO, self.process.stdout)
+
+    def tail(self, chars: int = 4000) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")[-chars:]
+        return ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGTERM)  # our own child's session, not a name match
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pid, signal.SIGKILL)
+                self.process.wait()
+        else:  # the leader is gone; end any of its children still in the session
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+        self._log.close()
+
+
+def server_command(server: str, port: int) -> list[str]:
+    """The command that serves the ASGI app on ``port``: one worker process, access logs off."""
+    py = sys.executable
+    if server == "uvicorn":
+        return [
+            py, "-m", "uvicorn", ASGI_APP, "--host", "127.0.0.1", "--port", str(port),
+            "--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio",
+            "--lifespan", "off", "--no-access-log", "--log-level", "warning", "--backlog", "4096",
+        ]  # fmt: skip
+    if server == "daphne":
+        # Twisted's default listen backlog is 50: 2000 clients connecting at once would see SYN
+        # retries (1 s, 3 s, ...). The endpoint string raises it as the other servers' flags do.
+        return [
+            py, "-m", "daphne", "-e", f"tcp:port={port}:interface=127.0.0.1:backlog=4096",
+            "-v", "0", ASGI_APP,
+        ]  # fmt: skip
+    if server == "granian":
+        # asginl: ASGI without lifespan (Channels' router has no lifespan handler); backpressure
+        # raised from its default (backlog / workers = 1024), which would cap 2000 streams.
+        return [
+            py, "-m", "granian", "--interface", "asginl", "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "1", "--loop", "uvloop", "--http", "1", "--backlog", "4096",
+            "--backpressure", "8192", "--log-level", "warning", "--no-access-log", ASGI_APP,
+        ]  # fmt: skip
+    raise ValueError(server)
+
+
+def _http_status(port: int, path: str, headers: dict[str, str]) -> int | None:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        connection.request("GET", path, headers=headers)
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    except OSError:
+        return None
+    finally:
+        connection.close()
+
+
+_LOG_LINE = re.compile(r"^\S+ \S+ (WARNING|ERROR|CRITICAL) (\S+) (.*)$")
+_DIGITS = re.compile(r"\d+")
+_SECRETISH = re.compile(r"(token=|Bearer\s+|\bsk-)[A-Za-z0-9_\-.]+")
+
+
+def scan_log(path: Path, offset: int) -> dict[str, Any]:
+    """Count what a server logged at WARNING or above from byte ``offset`` on, by kind.
+
+    A kind is the level, the logger and the message with numbers folded (``reply N``); the
+    server runs with ``LOG_LEVEL=WARNING``, so anything here is a problem the client may not see
+    (e.g. a stop listener that could not register).
+    """
+    counts = {"warning": 0, "error": 0, "critical": 0, "tracebacks": 0}
+    kinds: dict[str, int] = {}
+    try:
+        with path.open("rb") as handle:
+            handle.seek(offset)
+            text = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return {**counts, "kinds": {}}
+    for line in text.splitlines():
+        if line.startswith("Traceback (most recent call last)"):
+            counts["tracebacks"] += 1
+            continue
+        match = _LOG_LINE.match(line)
+        if match:
+            level, logger_name, message = match.groups()
+            counts[level.lower()] += 1
+            message = _SECRETISH.sub(lambda m: m.group(1) + "***", message)
+            folded = _DIGITS.sub("N", message)[:100]
+            kind = f"{level} {logger_name}: {folded}"
+            kinds[kind] = kinds.get(kind, 0) + 1
+    top = dict(sorted(kinds.items(), key=lambda item: -item[1])[:8])
+    return {**counts, "kinds": top}
+
+
+# --- the benchmark --------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.started = time.monotonic()
+        self.deadline = self.started + args.budget_s
+        self.out = Path(args.out)
+        self.log_dir = self.out / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix="chatbackend-bench-"))
+        self.children: list[Child] = []
+        self.clients: list[Child] = []
+        self.rounds: list[dict[str, Any]] = []
+        self.startup: dict[str, list[float]] = {}
+        self.setup: dict[str, Any] = {}
+        self.profile: dict[str, Any] | None = None
+        self.notes: list[str] = []
+        self.env: dict[str, str] = {}
+        self.database: dict[str, Any] = {}
+        self.redis_url = ""
+        self.sim: Child | None = None
+        self.sim_url = ""
+        self.sim_key = "bench-upstream-key"
+        self.api_key = ""
+        self.model = ""
+        self.conversations: list[int] = []
+        self._conversation_cursor = 0
+        self.fatal: str | None = None
+        self.server_log: Path | None = None  # the running server's log, scanned per round
+
+    # -- time --
+
+    def time_left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def log(self, message: str) -> None:
+        elapsed = time.monotonic() - self.started
+        print(f"[{elapsed:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    # -- setup --
+
+    def prepare_environment(self) -> None:
+        args = self.args
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "DB_POOL_", "CELERY_", "REDIS_"))}
+        env.update(
+            DJANGO_SETTINGS_MODULE="chatbackend.settings",
+            PYTHONUNBUFFERED="1",
+            PYTHONDONTWRITEBYTECODE="1",
+            DJANGO_DEBUG="false",
+            LOG_LEVEL="WARNING",
+            DJANGO_ALLOWED_HOSTS="127.0.0.1,localhost",
+            # Every stream's database work goes through the thread pool (a handful of threads),
+            # so 40 connections never run out; the timeout only guards against a stuck pool.
+            DB_POOL_MIN_SIZE="2",
+            DB_POOL_MAX_SIZE="40",
+            DB_POOL_TIMEOUT="60",
+        )
+        if args.database_url:
+            parts = urlsplit(args.database_url)
+            bench_url = urlunsplit(parts._replace(path="/" + quote(args.db_name)))
+            admin_url = urlunsplit(parts._replace(path="/postgres"))
+            self._recreate_postgres(admin_url, args.db_name)
+            env["DATABASE_URL"] = bench_url
+            self.database = {"engine": "postgresql", "name": args.db_name, "host": parts.hostname, "admin": admin_url}
+        else:
+            path = self.tmp / "bench.sqlite3"
+            env["DATABASE_URL"] = f"sqlite:///{path}"
+            self.database = {"engine": "sqlite", "name": str(path)}
+        if args.redis_url:
+            parts = urlsplit(args.redis_url)
+            self.redis_url = urlunsplit(parts._replace(path=f"/{args.redis_db}"))
+            env["REDIS_URL"] = self.redis_url
+            # As in production: the server queues usage records for a worker. No worker runs
+            # here (it would compete for the 2 cores); the queue is deleted at the end.
+            env["CELERY_TASK_ALWAYS_EAGER"] = "false"
+            self._clean_redis()
+        else:
+            env["CELERY_TASK_ALWAYS_EAGER"] = "true"
+        self.env = env
+
+    def _recreate_postgres(self, admin_url: str, name: str) -> None:
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(admin_url, autocommit=True) as connection:
+            connection.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+    def _drop_postgres(self) -> None:
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(self.database["admin"], autocommit=True) as connection:
+            connection.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.database["name"]))
+            )
+
+    def _clean_redis(self) -> None:
+        """Delete what the benchmark leaves in its Redis database: the Celery queue, channel keys."""
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            for pattern in ("celery*", "_kombu*", "unacked*", "asgi*", ":1:*"):
+                keys = list(client.scan_iter(match=pattern, count=1000))
+                for start in range(0, len(keys), 500):
+                    client.delete(*keys[start : start + 500])
+        finally:
+            client.close()
+
+    def run_manage(self, *command: str) -> float:
+        started = time.perf_counter()
+        result = subprocess.run(
+            [sys.executable, "manage.py", *command],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise BenchError(f"manage.py {' '.join(command)} failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
+        return time.perf_counter() - started
+
+    def start_simulator(self) -> None:
+        args = self.args
+        started = time.perf_counter()
+        command = [
+            sys.executable, "manage.py", "llm_simulator", "--host", "127.0.0.1", "--port", "0",
+            "--ttft-ms", str(args.ttft_ms), "--token-delay-ms", str(args.token_delay_ms),
+            "--reply-tokens", str(args.tokens), "--api-key", self.sim_key,
+        ]  # fmt: skip
+        self.sim = Child("simulator", command, self.env, self.log_dir / "simulator.log")
+        self.children.append(self.sim)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            match = re.search(r"listening on (http://\S+)", self.sim.tail())
+            if match:
+                self.sim_url = match.group(1).rstrip("/")
+                break
+            if self.sim.process.poll() is not None:
+                raise BenchError(f"the simulator exited:\n{self.sim.tail()}")
+            time.sleep(0.02)
+        else:
+            raise BenchError(f"the simulator did not start:\n{self.sim.tail()}")
+        self.setup["simulator_start_s"] = round(time.perf_counter() - started, 3)
+
+    def conversations_needed(self) -> int:
+        blocks = 2 if len(self.args.levels) > 1 else 1  # see ``run``: lower levels, then the largest
+        per_server_path = WARMUP_STREAMS * blocks + sum(self.args.levels)
+        conv_paths = [p for p in self.args.paths if p in ("sse", "ws")]
+        extra = self.args.profile[1] if self.args.profile and self.args.profile[0] in conv_paths else 0
+        return len(self.args.servers) * len(conv_paths) * per_server_path + extra
+
+    def seed(self) -> None:
+        started = time.perf_counter()
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.seed",
+                "--simulator-url",
+                self.sim_url,
+                "--simulator-api-key",
+                self.sim_key,
+                "--conversations",
+                str(self.conversations_needed()),
+            ],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise BenchError(f"bench.seed failed:\n{result.stdout[-2000:]}{result.stderr[-3000:]}")
+        data = json.loads(result.stdout.strip().splitlines()[-1])
+        self.api_key, self.model, self.conversations = data["api_key"], data["model"], data["conversations"]
+        self.setup["seed_s"] = round(time.perf_counter() - started, 3)
+        self.setup["conversations"] = len(self.conversations)
+
+    def take_conversations(self, count: int) -> list[int]:
+        start = self._conversation_cursor
+        self._conversation_cursor += count
+        taken = self.conversations[start : start + count]
+        if len(taken) < count:
+            raise BenchError("ran out of seeded conversations (bug in conversations_needed)")
+        return taken
+
+    def start_clients(self) -> None:
+        for index in range(self.args.client_procs):
+            client = Child(
+                f"client-{index}",
+                [sys.executable, "-m", "bench.loadgen"],
+                self.env,
+                self.log_dir / f"client-{index}.log",
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+            self.children.append(client)
+            self.clients.append(client)
+        for client in self.clients:
+            hello = recv_message(client.pipe_out)
+            if not hello.get("ready"):
+                raise BenchError(f"load generator did not start: {hello}")
+            if not hello.get("uvloop"):
+                self.notes.append("the load generator ran without uvloop")
+
+    # -- servers --
+
+    def start_server(self, server: str, label: str) -> tuple[Child, int, float]:
+        port = free_port()
+        command = server_command(server, port)
+        headers = {"Authorization": f"Bearer {self.api_key}"}
+        started = time.perf_counter()
+        child = Child(server, command, self.env, self.log_dir / f"server-{server}-{label}.log")
+        self.children.append(child)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            status = _http_status(port, "/v1/models", headers)
+            if status == 200:
+                break
+            if child.process.poll() is not None:
+                raise BenchError(f"{server} exited with {child.process.returncode}:\n{child.tail()}")
+            if status is not None and status != 200 and status < 500:
+                raise BenchError(f"{server} answered GET /v1/models with {status}:\n{child.tail()}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{server} did not answer within {STARTUP_TIMEOUT_S:.0f} s:\n{child.tail()}")
+            time.sleep(0.005)
+        startup = time.perf_counter() - started
+        self.startup.setdefault(server, []).append(round(startup, 4))
+        return child, port, startup
+
+    def stop_child(self, child: Child) -> None:
+        child.stop()
+        if child in self.children:
+            self.children.remove(child)
+
+    # -- rounds --
+
+    def estimate_round_s(self, server: str | None, path: str, level: int) -> float:
+        """Guess a round's wall time from the last measured round of the same server and path."""
+        nominal = (self.args.ttft_ms + self.args.tokens * self.args.token_delay_ms) / 1000
+        replies = replies_for(self.args, level)
+        previous = [r for r in self.rounds if r["server"] == server and r["path"] == path and not r.get("skipped")]
+        guess = self.args.ramp_ms / 1000 + replies * nominal
+        if previous:
+            last = previous[-1]
+            work = level * replies
+            last_work = last["concurrency"] * last["replies_per_stream"]
+            guess = max(guess, last["wall_s"] * work / max(last_work, 1) * ESTIMATE_MARGIN)
+        return guess
+
+    def run_round(
+        self,
+        *,
+        server: str | None,
+        path: str,
+        level: int,
+        base_url: str,
+        server_tree: ProcessTree | None,
+        replies: int,
+        conversations: list[int] | None,
+        deadline_s: float,
+    ) -> dict[str, Any]:
+        """Run one round on the load generator(s); return the merged raw measurements."""
+        args = self.args
+        spec_base = {
+            "path": path,
+            "base_url": base_url,
+            "api_key": self.sim_key if path == "direct" else self.api_key,
+            "model": "sim-1" if path == "direct" else self.model,
+            "replies": replies,
+            "ramp_s": args.ramp_ms / 1000,
+            "expected_tokens": args.tokens,
+            "timeout_s": 120.0,
+            "deadline_s": deadline_s,
+            "prompt": PROMPT,
+        }
+        shards = [list(range(level))[k :: len(self.clients)] for k in range(len(self.clients))]
+        sim_tree = ProcessTree(self.sim.pid) if self.sim else None
+        client_trees = [ProcessTree(c.pid) for c in self.clients]
+        measured = server_tree or sim_tree
+        assert measured is not None
+        sim_cpu0 = sim_tree.cpu_seconds() if sim_tree else 0.0
+        server_cpu0 = server_tree.cpu_seconds() if server_tree else 0.0
+        client_cpu0 = sum(t.cpu_seconds() for t in client_trees)
+        machine_busy0, machine_total0 = machine_cpu()
+        log = self.server_log if server_tree is not None else None
+        log_offset = log.stat().st_size if log is not None and log.exists() else 0
+        results = []
+        with RssSampler(measured) as sampler:
+            started = time.perf_counter()
+            active = []
+            for client, shard in zip(self.clients, shards, strict=True):
+                if not shard:
+                    continue
+                spec = {
+                    **spec_base,
+                    "concurrency": len(shard),
+                    "conversations": [conversations[i] for i in shard] if conversations else [],
+                }
+                send_message(client.pipe_in, spec)
+                active.append(client)
+            for client in active:
+                results.append(recv_message(client.pipe_out))
+            elapsed = time.perf_counter() - started
+        machine_busy1, machine_total1 = machine_cpu()
+        for result in results:
+            if "fatal" in result:
+                raise BenchError(f"load generator failed: {result['fatal']}")
+        merged: dict[str, Any] = {
+            "requests": sum(r["requests"] for r in results),
+            "ok": sum(r["ok"] for r in results),
+            "errors": sum(r["errors"] for r in results),
+            "error_kinds": {},
+            "tokens": sum(r["tokens"] for r in results),
+            "wall_s": max(r["wall_s"] for r in results),
+            "round_s": elapsed,
+            "peak_open": sum(r["peak_open"] for r in results),
+            "client_cpu_s": sum(r["cpu_s"] for r in results),
+            "client_cpu_s_psutil": sum(t.cpu_seconds() for t in client_trees) - client_cpu0,
+            "sim_cpu_s": (sim_tree.cpu_seconds() - sim_cpu0) if sim_tree else None,
+            "server_cpu_s": (server_tree.cpu_seconds() - server_cpu0) if server_tree else None,
+            "machine_cpu_pct": 100 * (machine_busy1 - machine_busy0) / max(machine_total1 - machine_total0, 1e-9),
+            "machine_busy_s": machine_busy1 - machine_busy0,
+            "peak_rss": sampler.peak,
+            "rss_samples": sampler.samples,
+            "client_bugs": sorted({b for r in results for b in r.get("client_bugs", [])}),
+            "server_log": scan_log(log, log_offset) if log is not None else None,
+        }
+        for name in ("ttft_ms", "itl_ms", "ws_connect_ms"):
+            values = array("f" if name == "itl_ms" else "d")
+            for r in results:
+                values.frombytes(r[name])
+            merged[name] = values
+        for r in results:
+            for kind, count in r["error_kinds"].items():
+                merged["error_kinds"][kind] = merged["error_kinds"].get(kind, 0) + count
+        return merged
+
+    def measure(
+        self,
+        *,
+        server: str | None,
+        path: str,
+        level: int,
+        base_url: str,
+        server_tree: ProcessTree | None,
+        idle_rss: int | None,
+    ) -> dict[str, Any]:
+        """Run the measured round for (server, path, level) and append its record."""
+        replies = replies_for(self.args, level)
+        record: dict[str, Any] = {
+            "server": server,
+            "path": path,
+            "concurrency": level,
+            "replies_per_stream": replies,
+        }
+        estimate = self.estimate_round_s(server, path, level)
+        left = self.time_left() - REPORT_RESERVE_S
+        if estimate > left:
+            record["skipped"] = f"time budget: needs ~{estimate:.0f} s, {max(left, 0):.0f} s left"
+            self.log(f"skip {server or '-'}/{path}@{level}: {record['skipped']}")
+            self.rounds.append(record)
+            return record
+        deadline_s = max(5.0, min(left, max(60.0, 4 * estimate)))
+        conversations = self.take_conversations(level) if path in ("sse", "ws") else None
+        raw = self.run_round(
+            server=server,
+            path=path,
+            level=level,
+            base_url=base_url,
+            server_tree=server_tree,
+            replies=replies,
+            conversations=conversations,
+            deadline_s=deadline_s,
+        )
+        record.update(report.summarize_round(raw, level=level, idle_rss=idle_rss, direct=path == "direct"))
+        self.rounds.append(record)
+        self.log(
+            f"{server or '-':8} {path:6} {level:5} streams: {record['tokens_per_s']:9.0f} tok/s, "
+            f"TTFT p50 {record['ttft_ms']['p50']} ms p99 {record['ttft_ms']['p99']} ms, "
+            f"errors {record['errors']}, wall {record['wall_s']:.1f} s"
+        )
+        if record["errors"]:
+            self.log(f"    error kinds: {record['error_kinds']}")
+        return record
+
+    def warm_up(self, server: str, path: str, base_url: str, tree: ProcessTree) -> None:
+        conversations = self.take_conversations(WARMUP_STREAMS) if path in ("sse", "ws") else None
+        raw = self.run_round(
+            server=server,
+            path=path,
+            level=WARMUP_STREAMS,
+            base_url=base_url,
+            server_tree=tree,
+            replies=1,
+            conversations=conversations,
+            deadline_s=60.0,
+        )
+        if raw["errors"]:
+            self.notes.append(f"warm-up {server}/{path}: {raw['errors']} errors {raw['error_kinds']}")
+            self.log(f"warm-up {server}/{path} errors: {raw['error_kinds']}")
+
+    def run_profile(self, server: str, path: str, level: int, base_url: str, tree: ProcessTree) -> None:
+        """Repeat a round with py-spy attached to the server; keep the raw stacks and a summary.
+
+        ``--gil``: only samples of the thread holding the GIL, i.e. what the interpreter spends
+        its time on (one worker is one interpreter); idle threads and waits do not count.
+        """
+        py_spy = _py_spy()
+        assert py_spy is not None
+        raw_path = self.out / f"profile-{server}-{path}-{level}.txt"
+        command = [
+            py_spy, "record", "--pid", str(tree.pid), "--rate", "200", "--format", "raw",
+            "--output", str(raw_path), "--gil", "--nolineno", "--subprocesses",
+        ]  # fmt: skip
+        spy = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        time.sleep(1.0)  # let it attach
+        conversations = self.take_conversations(level) if path in ("sse", "ws") else None
+        raw = self.run_round(
+            server=server,
+            path=path,
+            level=level,
+            base_url=base_url,
+            server_tree=tree,
+            replies=replies_for(self.args, level),
+            conversations=conversations,
+            deadline_s=120.0,
+        )
+        spy.send_signal(signal.SIGINT)
+        try:
+            output, _ = spy.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            output, _ = spy.communicate()
+        if not raw_path.exists():
+            self.notes.append(f"py-spy wrote no profile: {output.decode(errors='replace')[-500:]}")
+            return
+        self.profile = {
+            "server": server,
+            "path": path,
+            "concurrency": level,
+            "raw_file": raw_path.name,
+            "round_errors": raw["errors"],
+            **report.summarize_profile(raw_path.read_text(errors="replace")),
+        }
+
+    # -- the whole run --
+
+    def run(self) -> None:
+        args = self.args
+        busy0, total0 = machine_cpu()
+        time.sleep(1.0)
+        busy1, total1 = machine_cpu()
+        self.setup["machine_busy_before_pct"] = round(100 * (busy1 - busy0) / max(total1 - total0, 1e-9), 1)
+        if self.setup["machine_busy_before_pct"] > IDLE_WARNING_PCT:
+            self.notes.append(
+                f"the machine was {self.setup['machine_busy_before_pct']}% busy before the run started (other "
+                "processes): every figure includes their interference; rerun on a quiet machine"
+            )
+            self.log(f"warning: {self.notes[-1]}")
+        database = "PostgreSQL" if args.database_url else "SQLite (temporary file)"
+        self.log(f"database: {database}; redis: {self.redis_url or 'none (in-memory layer, eager Celery)'}")
+        self.setup["migrate_s"] = round(self.run_manage("migrate", "--noinput", "-v", "0"), 3)
+        self.log(f"migrated in {self.setup['migrate_s']} s")
+        self.start_simulator()
+        self.seed()
+        self.start_clients()
+        self.log(f"simulator at {self.sim_url}; {len(self.conversations)} conversations seeded")
+
+        if "direct" in args.paths:
+            for level in args.levels:
+                self.measure(
+                    server=None, path="direct", level=level, base_url=self.sim_url, server_tree=None, idle_rss=None
+                )
+
+        # Phase 1: every server and backend path at every level but the largest; phase 2: the
+        # largest level, the production candidate (first server) first. Should the budget run
+        # short, what is skipped is the largest level of the last servers, not whole paths.
+        paths = [p for p in args.paths if p in BACKEND_PATHS]
+        levels = sorted(args.levels)
+        lower, top = levels[:-1], levels[-1:]
+        for path in paths:
+            for server in args.servers:
+                self.block(server, path, lower)
+        for server in args.servers:
+            for path in paths:
+                self.block(server, path, top)
+
+    def block(self, server: str, path: str, levels: list[int]) -> None:
+        """Start ``server`` afresh, warm it up on ``path``, measure ``levels`` in order, stop it.
+
+        A fresh process per block gives each block a clean idle RSS to measure growth from
+        (Python rarely hands freed memory back to the OS), and a start-up time sample.
+        """
+        if not levels:
+            return
+        if self.time_left() - REPORT_RESERVE_S < BLOCK_OVERHEAD_S + self.estimate_round_s(server, path, levels[0]):
+            for level in levels:
+                self.rounds.append(
+                    {
+                        "server": server,
+                        "path": path,
+                        "concurrency": level,
+                        "replies_per_stream": replies_for(self.args, level),
+                        "skipped": "time budget",
+                    }
+                )
+                self.log(f"skip {server}/{path}@{level}: time budget")
+            return
+        child, port, startup = self.start_server(server, path)
+        self.log(f"{server} up in {startup * 1000:.0f} ms (port {port}) for {path} {levels}")
+        self.server_log = child.log_path
+        try:
+            tree = ProcessTree(child.pid)
+            base_url = f"http://127.0.0.1:{port}"
+            self.warm_up(server, path, base_url, tree)
+            time.sleep(0.3)
+            idle_rss = tree.rss_bytes()
+            for level in levels:
+                self.measure(
+                    server=server, path=path, level=level, base_url=base_url, server_tree=tree, idle_rss=idle_rss
+                )
+                profile = self.args.profile
+                if profile and profile == (path, level) and server == self.args.servers[0] and self.profile is None:
+                    if self.time_left() - REPORT_RESERVE_S > 2 + self.estimate_round_s(server, path, level):
+                        self.run_profile(server, path, level, base_url, tree)
+                    else:
+                        self.notes.append("the profile round was skipped: time budget")
+        finally:
+            self.server_log = None
+            self.stop_child(child)
+
+    def cleanup(self) -> None:
+        for client in self.clients:
+            with contextlib.suppress(Exception):
+                client.pipe_in.close()
+        for child in reversed(self.children):
+            with contextlib.suppress(Exception):
+                child.stop()
+        self.children.clear()
+        if self.redis_url:
+            with contextlib.suppress(Exception):
+                self._clean_redis()
+        if self.database.get("engine") == "postgresql" and not self.args.keep_db:
+            with contextlib.suppress(Exception):
+                self._drop_postgres()
+        if self.args.keep_db and self.database.get("engine") == "sqlite":
+            kept = self.out / "bench.sqlite3"
+            with contextlib.suppress(OSError):
+                shutil.copy(self.database["name"], kept)
+                self.notes.append(f"SQLite database kept at {kept}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# --- entry point ----------------------------------------------------------------------------
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("django", "channels", "uvicorn", "daphne", "granian", "aiohttp", "uvloop", "httpx", "psycopg"):
+        with contextlib.suppress(PackageNotFoundError):
+            found[name] = version(name)
+    return found
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _git_commit() -> str | None:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        result = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5, check=False
+        )
+        return result.stdout.strip() or None
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    raise_open_file_limit()
+    try:
+        check_dependencies(args)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    bench = Bench(args)
+    started_at = datetime.now(UTC)
+    try:
+        bench.prepare_environment()
+        bench.run()
+    except BenchError as exc:
+        bench.fatal = str(exc)
+        bench.log(f"FATAL: {exc}")
+    except KeyboardInterrupt:
+        bench.fatal = "interrupted"
+        bench.log("interrupted; writing what was measured")
+    finally:
+        bench.cleanup()
+
+    meta = {
+        "started_at": started_at.isoformat(timespec="seconds"),
+        "duration_s": round(time.monotonic() - bench.started, 1),
+        "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "git_commit": _git_commit(),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu_model": _cpu_model(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "versions": _versions(),
+        "database": bench.database.get("engine"),
+        "redis": bool(bench.redis_url),
+        "celery_eager": bench.env.get("CELERY_TASK_ALWAYS_EAGER") == "true",
+        "procstats": PROCSTATS_BACKEND,
+        "client_procs": args.client_procs,
+        "fatal": bench.fatal,
+        "notes": bench.notes,
+    }
+    config = {
+        "levels": args.levels,
+        "servers": args.servers,
+        "paths": args.paths,
+        "tokens": args.tokens,
+        "token_delay_ms": args.token_delay_ms,
+        "ttft_ms": args.ttft_ms,
+        "replies": args.replies,
+        "ramp_ms": args.ramp_ms,
+        "budget_s": args.budget_s,
+    }
+    startup = {
+        server: {
+            "samples_s": samples,
+            "median_s": round(statistics.median(samples), 4),
+            "max_s": max(samples),
+        }
+        for server, samples in bench.startup.items()
+    }
+    data = report.build(
+        meta=meta, config=config, setup=bench.setup, startup=startup, rounds=bench.rounds, profile=bench.profile
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "latest.json"
+    json_path.write_text(json.dumps(data, indent=2) + "\n")
+    chart = None
+    if not args.no_chart:
+        chart = report.draw_chart(data, out / "latest.png")
+        if chart is None:
+            print(
+                "note: matplotlib is not installed; no chart (pip install -r bench/requirements.txt)", file=sys.stderr
+            )
+    print(report.markdown(data))
+    print(f"\nWrote {json_path}" + (f" and {chart}" if chart else ""), file=sys.stderr)
+    return 1 if bench.fatal else 0
