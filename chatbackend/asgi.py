@@ -1,7 +1,15 @@
 """ASGI entry point: HTTP through Django, WebSocket through Channels.
 
+HTTP goes through one of two Django handlers (``chatbackend.handlers``): the streaming
+endpoints (``/v1``, ``/dashboard``, ``POST /api/conversations/<id>/messages/``) through a lean
+chain of async middleware (``STREAMING_MIDDLEWARE``), everything else through ``MIDDLEWARE``.
+
 Static files (admin, Swagger UI) are served by Django's ASGIStaticFilesHandler, which only
 intercepts ``STATIC_URL`` paths; put a CDN or reverse proxy in front for heavy traffic.
+
+With ``GC_TUNING`` the garbage collector is tuned once the application is built (see
+``chatbackend.handlers.tune_gc``). Only this entry point does it: management commands keep
+CPython's defaults.
 """
 
 import os
@@ -12,14 +20,25 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatbackend.settings")
 django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from accounts.websocket import TokenAuthMiddleware  # noqa: E402
 from conversations.routing import websocket_urlpatterns  # noqa: E402
 
+from .handlers import StreamingASGIHandler, StreamingRouter, tune_gc  # noqa: E402
+
+streaming_asgi_app = StreamingASGIHandler()
+
 application = ProtocolTypeRouter(
     {
-        "http": ASGIStaticFilesHandler(django_asgi_app),
+        # ASGIStaticFilesHandler takes any ASGI app (it only calls it); django-stubs says ASGIHandler.
+        "http": ASGIStaticFilesHandler(
+            StreamingRouter(default=django_asgi_app, streaming=streaming_asgi_app)  # type: ignore[arg-type]
+        ),
         "websocket": TokenAuthMiddleware(URLRouter(websocket_urlpatterns)),
     }
 )
+
+if settings.GC_TUNING:
+    tune_gc()

@@ -28,12 +28,13 @@ from accounts.websocket import BEARER_SUBPROTOCOL_PREFIX
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError, NotFoundError
 
+from .payloads import reply_message_data, reply_start_data, track_message
 from .selectors import conversation_get_for
-from .serializers import clean_message_content, message_data
+from .serializers import clean_message_content
 from .services import reply_start
 from .sse import delta_data
 from .stop import ReplyStopper, listen_for_stop, stoppable_chunks
-from .streaming import open_reply
+from .streaming import ReplyPlan, open_reply
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
 
     async def _stream_reply(self, content: str, stopper: ReplyStopper) -> None:
         begin = partial(
-            reply_start,
+            _reply_start_for_socket,
             user=self.scope["user"],
             api_key=self.scope.get("api_key"),
             conversation_id=self.conversation_id,
@@ -153,23 +154,27 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
         )
         reply = await open_reply(begin)
         info = reply.plan.info
-        message_id = info["message_id"]
         try:
             # Listening before ``reply.start``: a client that has seen the start can stop the reply.
-            async with listen_for_stop(message_id, stopper):
-                await self.send_json({"type": "reply.start", **info})
+            async with listen_for_stop(info["message_id"], stopper):
+                await self.send_json({"type": "reply.start", **reply_start_data(info)})
                 async with aclosing(stoppable_chunks(reply, stopper)) as chunks:
                     async for chunk in chunks:
                         if chunk is not None and (chunk.content or chunk.reasoning_content):
                             await self.send_json({"type": "reply.delta", **delta_data(chunk)})
         except ApplicationError as exc:
-            [message] = await run_sync(message_data, message_id)
-            await self._send_error(exc, message)
+            await reply.aclose()  # ended already by ``stoppable_chunks``: a no-op
+            await self._send_error(exc, reply_message_data(reply))
             return
         finally:
             await reply.aclose()  # a no-op once the reply has ended
-        [message] = await run_sync(message_data, message_id)
-        await self.send_json({"type": "reply.done", "message": message})
+        # Built from what the reply wrote: no read-back (``conversations.payloads``).
+        await self.send_json({"type": "reply.done", "message": reply_message_data(reply)})
 
     async def _send_error(self, exc: ApplicationError, message: dict[str, Any] | None = None) -> None:
         await self.send_json({"type": "error", **exc.as_dict(), "message": message})
+
+
+def _reply_start_for_socket(**kwargs: Any) -> ReplyPlan:
+    """``reply_start``, its plan noting the end's write (for the ``reply.done`` message)."""
+    return track_message(reply_start(**kwargs))

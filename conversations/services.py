@@ -86,6 +86,8 @@ def reply_start(*, user: User, api_key: APIKey | None, conversation_id: int, con
         provider=provider_config_for(model=model),
         request=ChatRequest(model=model.upstream_model, messages=history, parameters=dict(model.default_parameters)),
         model_name=model.name,
+        # ``reply_finish`` returns whether the message was still there; ``Reply`` ignores it,
+        # ``conversations.payloads.track_message`` reads it.
         finish=partial(
             reply_finish,
             message_id=assistant_message.pk,
@@ -98,6 +100,7 @@ def reply_start(*, user: User, api_key: APIKey | None, conversation_id: int, con
             "user_message_id": user_message.pk,
             "message_id": assistant_message.pk,
             "model": model.name,
+            "created_at": assistant_message.created_at,  # not sent in reply.start (conversations.payloads)
         },
     )
 
@@ -109,14 +112,15 @@ def should_account(outcome: ReplyOutcome) -> bool:
 
 def reply_finish(
     outcome: ReplyOutcome, *, message_id: int, user_id: int, api_key_id: int | None, model: LLMModel
-) -> None:
+) -> bool:
     """Persist the end of a reply on its assistant message and queue its usage record.
 
     One write of the message (content so far, status, tokens, timings, error); the usage task is
-    queued on commit, keyed by the message so a redelivery writes nothing twice.
+    queued on commit, keyed by the message so a redelivery writes nothing twice. Returns False
+    when the message no longer exists (its conversation was deleted while the reply streamed).
     """
     with transaction.atomic():
-        Message.objects.filter(pk=message_id).update(
+        written = Message.objects.filter(pk=message_id).update(
             content=outcome.content,
             status=outcome.status,
             finish_reason=outcome.finish_reason or "",
@@ -141,6 +145,7 @@ def reply_finish(
                 estimated=outcome.usage_estimated,
                 finish_status=outcome.status,
             )
+    return written > 0
 
 
 def new_request_id() -> str:

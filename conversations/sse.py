@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from functools import partial
 from typing import Any
@@ -35,6 +35,7 @@ from chatbackend.errors import ApplicationError, error_response
 from llm.providers import ChatChunk
 
 from .apis import ConversationMessageListApi
+from .payloads import reply_message_data, reply_start_data, track_message
 from .serializers import clean_message_content, message_data
 from .services import reply_start
 from .stop import ReplyStopper, listen_for_stop, stoppable_chunks
@@ -43,6 +44,14 @@ from .streaming import Reply, ReplyPlan, open_reply
 SSE_CONTENT_TYPE = "text/event-stream"
 KEEPALIVE = b": keep-alive\n\n"
 
+# One encoder, built once: ``json.dumps`` with arguments builds a new encoder per call.
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+# A JSON string literal (what ``_encode`` returns for a ``str``, without its type dispatch).
+_encode_str: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[attr-defined]
+# ``reply.delta`` of content alone (nearly every token): a template, no dict per token.
+_DELTA_HEAD = b'event: reply.delta\ndata: {"content":'
+_DELTA_TAIL = b"}\n\n"
+
 
 def sse_event(event: str, data: dict[str, Any]) -> bytes:
     """Return one SSE event: ``event: <event>``, one ``data:`` line of compact JSON, a blank line.
@@ -50,7 +59,14 @@ def sse_event(event: str, data: dict[str, Any]) -> bytes:
     JSON escapes newlines, so ``data`` is always a single line
     (https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation).
     """
-    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
+    return b"event: " + event.encode() + b"\ndata: " + _encode(data).encode() + b"\n\n"
+
+
+def delta_event(chunk: ChatChunk) -> bytes:
+    """Return the ``reply.delta`` event of ``chunk``: ``sse_event("reply.delta", delta_data(chunk))``."""
+    if chunk.reasoning_content:
+        return sse_event("reply.delta", delta_data(chunk))
+    return _DELTA_HEAD + _encode_str(chunk.content).encode() + _DELTA_TAIL
 
 
 def delta_data(chunk: ChatChunk) -> dict[str, str]:
@@ -78,7 +94,9 @@ def parse_message_content(body: bytes) -> str:
 def _reply_start_for_token(token: str | None, conversation_id: int, content: str) -> ReplyPlan:
     """Authenticate ``token`` and start the reply, in one worker thread hop."""
     principal = authenticate_token(token)
-    return reply_start(user=principal.user, api_key=principal.api_key, conversation_id=conversation_id, content=content)
+    return track_message(
+        reply_start(user=principal.user, api_key=principal.api_key, conversation_id=conversation_id, content=content)
+    )
 
 
 async def message_send(request: HttpRequest, conversation_id: int) -> HttpResponseBase:
@@ -127,26 +145,25 @@ async def _reply_events(reply: Reply, *, keepalive: float) -> AsyncGenerator[byt
     ``finally`` blocks below end the reply ``cancelled``.
     """
     info = reply.plan.info
-    message_id = info["message_id"]
     stopper = ReplyStopper(asyncio.current_task())
     try:
-        async with listen_for_stop(message_id, stopper):
+        async with listen_for_stop(info["message_id"], stopper):
             yield b""
-            yield sse_event("reply.start", info)
+            yield sse_event("reply.start", reply_start_data(info))
             async with aclosing(stoppable_chunks(reply, stopper, keepalive=keepalive)) as chunks:
                 async for chunk in chunks:
                     if chunk is None:
                         yield KEEPALIVE
                     elif chunk.content or chunk.reasoning_content:
-                        yield sse_event("reply.delta", delta_data(chunk))
+                        yield delta_event(chunk)
     except ApplicationError as exc:
-        [message] = await run_sync(message_data, message_id)
-        yield sse_event("error", {**exc.as_dict(), "message": message})
+        await reply.aclose()  # ended already by ``stoppable_chunks``: a no-op
+        yield sse_event("error", {**exc.as_dict(), "message": reply_message_data(reply)})
         return
     finally:
         await reply.aclose()  # a no-op once the reply has ended
-    [message] = await run_sync(message_data, message_id)
-    yield sse_event("reply.done", {"message": message})
+    # Built from what the reply wrote: no read-back (``conversations.payloads``).
+    yield sse_event("reply.done", {"message": reply_message_data(reply)})
 
 
 async def _reply_json(reply: Reply) -> JsonResponse:

@@ -1,18 +1,29 @@
 """Stop a streaming reply from any server process, and relay a reply so that it can be stopped.
 
 A reply streams in one process (an SSE response or a WebSocket consumer) while the stop request
-(``POST /api/conversations/{id}/messages/{message_id}/stop/``) may land on another. So while a
-reply streams, its process is a member of the channel layer group ``reply-stop.<message_id>``,
-and ``reply_stop`` sends ``{"type": "reply.stop", "message_id": ...}`` to that group.
-``InMemoryChannelLayer`` covers one process (the embedded default); ``channels_redis`` covers
-many.
+(``POST /api/conversations/{id}/messages/{message_id}/stop/``) may land on another. So
+``reply_stop`` broadcasts ``{"type": "reply.stop", "message_id": ...}`` to the channel layer group
+``reply-stop`` (``STOP_GROUP``), of which every serving process is a member; the process that
+streams that reply stops it, the others ignore the id. ``InMemoryChannelLayer`` covers one process
+(the embedded default); ``channels_redis`` covers many.
 
-Each process (each event loop) has one channel and one task receiving on it, started with its
-first reply; it hands a stop request to the ``ReplyStopper`` registered for that message. A
-stream therefore costs one ``group_add`` and one ``group_discard``, and no task or receive of
-its own. That is also why no receive is cancelled per stream: on Python 3.11, ``asyncio.wait_for``
-(used by redis-py to send a command) can swallow a cancellation, and a cancelled ``receive``
-then hangs for channels_redis' whole 5 s ``BZPOPMIN`` before failing.
+Each process (each event loop) has one stop listener: one channel, which joins ``STOP_GROUP`` once,
+when the first reply starts, and one task receiving on it, which hands a stop request to the
+``ReplyStopper`` registered (in a local dict) for that message. A stream therefore makes no
+channel layer call at all: no group of its own (a ``group_add`` and ``group_discard`` per reply
+were two Redis round trips each, and with a few hundred concurrent replies exhausted redis-py's
+connection pool, leaving those replies unstoppable), no task, no receive. That is also why no
+receive is cancelled per stream: on Python 3.11, ``asyncio.wait_for`` (used by redis-py to send a
+command) can swallow a cancellation, and a cancelled ``receive`` then hangs for channels_redis'
+whole 5 s ``BZPOPMIN`` before failing.
+
+Group membership expires: channels_redis drops a member ``group_expiry`` (default 86400 s) after
+it joined, at the next ``group_send``. So the listener re-joins every ``REJOIN_SECONDS`` (an hour:
+one cheap ``ZADD`` + ``EXPIRE``), and again as soon as it can after receiving failed (Redis may
+have restarted empty). Re-joining on each stop received would not do: a process that received
+no stop for a day would drop out of the group for good. A process that dies stays a member until
+its membership expires; a stop broadcast then also fills its channel, whose messages expire
+(``expiry``) unread: a few bytes, gone in seconds.
 
 A stop interrupts the upstream wait at once by cancelling the streaming task only while it
 awaits the upstream (``ReplyStopper.waiting``); the cancellation is absorbed in
@@ -25,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -43,11 +55,13 @@ from .streaming import Reply
 logger = logging.getLogger(__name__)
 
 STOP_EVENT_TYPE = "reply.stop"
-
-
-def stop_group(message_id: int) -> str:
-    """Return the channel layer group a reply's process listens on for stop requests."""
-    return f"reply-stop.{message_id}"
+# The channel layer group of every process's stop listener; stop requests are broadcast to it.
+STOP_GROUP = "reply-stop"
+# How often a listener re-joins STOP_GROUP, well within channels_redis' group_expiry (1 day).
+REJOIN_SECONDS = 3600.0
+# After a failed join, how long a listener waits before trying again (streams meanwhile reuse
+# the failure instead of each trying, so an outage costs at most one attempt a second).
+RETRY_SECONDS = 1.0
 
 
 def reply_stop(*, user: User, conversation_id: int, message_id: int) -> None:
@@ -66,7 +80,7 @@ def reply_stop(*, user: User, conversation_id: int, message_id: int) -> None:
     layer = get_channel_layer()
     if layer is None:
         raise ApplicationError("Stopping replies needs a channel layer.", code="stop_unavailable", status=503)
-    async_to_sync(layer.group_send)(stop_group(message_id), {"type": STOP_EVENT_TYPE, "message_id": message_id})
+    async_to_sync(layer.group_send)(STOP_GROUP, {"type": STOP_EVENT_TYPE, "message_id": message_id})
 
 
 class ReplyStopper:
@@ -170,22 +184,46 @@ async def stoppable_chunks(
 
 
 class _StopListener:
-    """The stop requests of one event loop's replies: one channel, one receive task."""
+    """The stop requests of one event loop's replies: one channel in ``STOP_GROUP``, one receive task."""
 
     def __init__(self, layer: BaseChannelLayer) -> None:
         self.layer = layer
         self.channel = ""
         self.stoppers: dict[int, ReplyStopper] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._joining: asyncio.Future[None] | None = None
+        self._failed_at = 0.0
+        self._rejoin = asyncio.Event()  # set: re-join now rather than at the next REJOIN_SECONDS
+        self._tasks: tuple[asyncio.Task[None], ...] = ()
 
-    async def start(self) -> str:
-        """Return this loop's channel, starting the receive task on first use."""
-        if not self.channel:
-            channel = await self.layer.new_channel()
-            self.channel = self.channel or channel
-        if self._task is None:
-            self._task = asyncio.create_task(self._receive(), name="reply-stop-listener")
-        return self.channel
+    async def start(self) -> None:
+        """Join ``STOP_GROUP`` and start receiving, on first use; raise if the channel layer fails.
+
+        Concurrent callers share one join, shielded from their cancellation (a stream that ends
+        meanwhile must not cancel a Redis command: see the module docstring). Once joined this
+        returns at once; after a failure, the next caller more than ``RETRY_SECONDS`` later tries
+        again.
+        """
+        joining = self._joining
+        if joining is None or (
+            joining.done()
+            and (joining.cancelled() or joining.exception() is not None)
+            and time.monotonic() - self._failed_at >= RETRY_SECONDS
+        ):
+            joining = self._joining = asyncio.ensure_future(self._join())
+        await asyncio.shield(joining)
+
+    async def _join(self) -> None:
+        try:
+            if not self.channel:
+                self.channel = await self.layer.new_channel()
+            await self.layer.group_add(STOP_GROUP, self.channel)
+        except BaseException:
+            self._failed_at = time.monotonic()
+            raise
+        self._tasks = (
+            asyncio.create_task(self._receive(), name="reply-stop-listener"),
+            asyncio.create_task(self._keep_joined(), name="reply-stop-rejoin"),
+        )
 
     async def _receive(self) -> None:
         while True:
@@ -194,12 +232,29 @@ class _StopListener:
             except Exception:
                 # Redis gone for a while: keep trying; replies stream on meanwhile, unstoppable remotely.
                 logger.warning("receiving stop requests failed; retrying in 1 s", exc_info=True)
+                self._rejoin.set()  # a Redis that restarted has forgotten the group
                 await asyncio.sleep(1)
                 continue
             if message.get("type") == STOP_EVENT_TYPE:
+                # Every process gets every stop: only the one streaming that reply has its stopper.
                 stopper = self.stoppers.get(message.get("message_id"))  # type: ignore[arg-type]
                 if stopper is not None:
                     stopper.request()
+
+    async def _keep_joined(self) -> None:
+        """Re-join ``STOP_GROUP`` every ``REJOIN_SECONDS``, before channels_redis expires us."""
+        delay = REJOIN_SECONDS
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._rejoin.wait(), delay)  # cancels only an Event wait
+            self._rejoin.clear()
+            try:
+                await self.layer.group_add(STOP_GROUP, self.channel)
+            except Exception:
+                logger.warning("re-joining the stop group failed; retrying in %s s", RETRY_SECONDS, exc_info=True)
+                delay = RETRY_SECONDS
+            else:
+                delay = REJOIN_SECONDS
 
 
 # One listener per event loop: channel layer connections belong to the loop that opened them.
@@ -218,38 +273,31 @@ def _listener(layer: BaseChannelLayer) -> _StopListener:
 async def listen_for_stop(message_id: int, stopper: ReplyStopper) -> AsyncIterator[None]:
     """Call ``stopper.request()`` when a stop request for ``message_id`` arrives, inside the block.
 
-    Joins ``stop_group(message_id)`` before the block starts (so a client that has seen the
-    reply start can stop it) and leaves it after. When the channel layer is unreachable the
-    reply still streams, only without cross-process stop (logged).
+    Registers ``stopper`` with this process's listener, which has joined ``STOP_GROUP`` before
+    the block starts (so a client that has seen the reply start can stop it); no channel layer
+    call of its own once the listener runs. When the channel layer is unreachable the reply
+    still streams, only without cross-process stop (logged).
     """
     layer = get_channel_layer()
     listener = _listener(layer) if layer is not None else None
-    group, channel = stop_group(message_id), ""
     if listener is not None:
         listener.stoppers[message_id] = stopper
         try:
-            channel = await listener.start()
-            await listener.layer.group_add(group, channel)
+            await listener.start()
         except Exception:
-            channel = ""
             logger.warning("cannot listen for stop requests of reply %s", message_id, exc_info=True)
     try:
         yield
     finally:
-        if listener is not None:
-            listener.stoppers.pop(message_id, None)
-            if channel:
-                try:
-                    await listener.layer.group_discard(group, channel)
-                except Exception:
-                    logger.warning("cannot leave the stop group of reply %s", message_id, exc_info=True)
+        if listener is not None and listener.stoppers.get(message_id) is stopper:
+            del listener.stoppers[message_id]
 
 
 __all__ = [
     "STOP_EVENT_TYPE",
+    "STOP_GROUP",
     "ReplyStopper",
     "listen_for_stop",
     "reply_stop",
-    "stop_group",
     "stoppable_chunks",
 ]

@@ -63,14 +63,15 @@ class ReplyOutcome:
 class ReplyPlan:
     """What a ``begin`` service returns: where to send the request, and how to persist the end.
 
-    ``finish`` is a sync callable run once with the ``ReplyOutcome``. ``info`` carries ids the
-    interface reports to its client (e.g. ``conversation_id``, ``message_id``).
+    ``finish`` is a sync callable run once with the ``ReplyOutcome`` (its return value is ignored
+    here). ``info`` carries ids the interface reports to its client (e.g. ``conversation_id``,
+    ``message_id``).
     """
 
     provider: ProviderConfig
     request: ChatRequest
     model_name: str
-    finish: Callable[[ReplyOutcome], None]
+    finish: Callable[[ReplyOutcome], object]
     info: dict[str, Any] = field(default_factory=dict)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, cast
 
 from asgiref.sync import async_to_sync
@@ -22,9 +22,13 @@ from ..streaming import Reply
 
 # One encoder, built once: ``json.dumps`` with arguments builds a new encoder per call.
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+# A JSON string literal (what ``_encode`` returns for a ``str``, without its type dispatch).
+_encode_str: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
-_DONE = "data: [DONE]\n\n"
-KEEPALIVE = ": keep-alive\n\n"
+# Frames are ``bytes``: ``StreamingHttpResponse`` passes bytes through, where it would look up
+# the charset and encode every ``str`` chunk.
+_DONE = b"data: [DONE]\n\n"
+KEEPALIVE = b": keep-alive\n\n"
 
 
 class ChatCompletionStreamingResponse(StreamingHttpResponse):
@@ -67,30 +71,32 @@ def _abandon(reply: Reply) -> None:
     task.add_done_callback(_abandoned.discard)
 
 
-async def _chunk_frames(reply: Reply, include_usage: bool, keepalive_seconds: float) -> AsyncIterator[str]:
-    """Yield the SSE frames of ``reply``: its chunks, the usage chunk if asked for, ``[DONE]``.
+async def _chunk_frames(reply: Reply, include_usage: bool, keepalive_seconds: float) -> AsyncIterator[bytes]:
+    """Yield the SSE frames of ``reply``, as UTF-8 bytes: its chunks, the usage chunk if asked for, ``[DONE]``.
 
     Until the first chunk arrives, an SSE comment (``: keep-alive``) every ``keepalive_seconds``
     keeps proxies from dropping the idle connection (FIELD-NOTES, "HTTP streaming"); clients
-    ignore comments. The hot path: the envelope of every frame is serialized once, so a frame
-    of plain content costs one string encode. A failure after the headers is sent as
-    ``data: {"error": ...}`` and ends the stream (as OpenAI does); ``Reply.chunks`` persisted it
-    ``failed``. A client that leaves raises ``CancelledError`` here (or ``GeneratorExit`` at a
-    ``yield``); the reply is persisted ``cancelled`` and the upstream request closed, however far
-    it got. There is no ``system_fingerprint``: OpenAI's schema types it as a string when
-    present, and there is no fingerprint to report.
+    ignore comments. The hot path: the envelope of every frame is serialized and encoded once,
+    so a frame of plain content (or of plain reasoning) costs one JSON string escape and one
+    encode. A failure after the headers is sent as ``data: {"error": ...}`` and ends the stream
+    (as OpenAI does); ``Reply.chunks`` persisted it ``failed``. A client that leaves raises
+    ``CancelledError`` here (or ``GeneratorExit`` at a ``yield``); the reply is persisted
+    ``cancelled`` and the upstream request closed, however far it got. There is no
+    ``system_fingerprint``: OpenAI's schema types it as a string when present, and there is no
+    fingerprint to report.
     """
     info = reply.plan.info
     head = (
         f'data: {{"id":{_encode(info["id"])},"object":"chat.completion.chunk","created":{info["created"]},'
         f'"model":{_encode(info["model"])},"choices":['
-    )
-    tail = '],"usage":null}\n\n' if include_usage else "]}\n\n"
-    content_head = head + '{"index":0,"delta":{"content":'
-    content_tail = '},"logprobs":null,"finish_reason":null}' + tail
+    ).encode()
+    tail = b'],"usage":null}\n\n' if include_usage else b"]}\n\n"
+    content_head = head + b'{"index":0,"delta":{"content":'
+    reasoning_head = head + b'{"index":0,"delta":{"reasoning_content":'
+    content_tail = b'},"logprobs":null,"finish_reason":null}' + tail
     role_sent = False
 
-    def frame(chunk: ChatChunk) -> str | None:
+    def frame(chunk: ChatChunk) -> bytes | None:
         nonlocal role_sent
         if not (chunk.content or chunk.reasoning_content or chunk.tool_calls or chunk.finish_reason):
             return None  # e.g. the upstream's usage-only chunk: usage is sent at the end
@@ -102,9 +108,8 @@ async def _chunk_frames(reply: Reply, include_usage: bool, keepalive_seconds: fl
             delta["reasoning_content"] = chunk.reasoning_content
         if chunk.tool_calls:
             delta["tool_calls"] = chunk.tool_calls
-        return (
-            head + _encode({"index": 0, "delta": delta, "logprobs": None, "finish_reason": chunk.finish_reason}) + tail
-        )
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": chunk.finish_reason}
+        return head + _encode(choice).encode() + tail
 
     chunks = cast(AsyncGenerator[ChatChunk, None], reply.chunks())  # an async generator: closed below
     try:
@@ -119,29 +124,34 @@ async def _chunk_frames(reply: Reply, include_usage: bool, keepalive_seconds: fl
             await asyncio.wait((first,))
             raise
         try:
-            text = frame(first.result())
+            data = frame(first.result())
         except StopAsyncIteration:  # an upstream that finished without a single chunk
             pass
         else:
-            if text:
-                yield text
+            if data:
+                yield data
             async for chunk in chunks:
-                content = chunk.content
-                if content and role_sent and not (chunk.reasoning_content or chunk.tool_calls or chunk.finish_reason):
-                    yield content_head + _encode(content) + content_tail
-                    continue
-                text = frame(chunk)
-                if text:
-                    yield text
+                # The frames of nearly every token: content alone, or reasoning alone.
+                if role_sent and not (chunk.tool_calls or chunk.finish_reason):
+                    content, reasoning = chunk.content, chunk.reasoning_content
+                    if content and not reasoning:
+                        yield content_head + _encode_str(content).encode() + content_tail
+                        continue
+                    if reasoning and not content:
+                        yield reasoning_head + _encode_str(reasoning).encode() + content_tail
+                        continue
+                data = frame(chunk)
+                if data:
+                    yield data
     except ApplicationError as exc:
-        yield "data: " + _encode(exc.as_dict()) + "\n\n"
+        yield b"data: " + _encode(exc.as_dict()).encode() + b"\n\n"
         return
     finally:
         await chunks.aclose()
         if reply.outcome is None:  # cancelled before chunks() ever ran
             await reply.aclose()
     if include_usage:
-        yield head + '],"usage":' + _encode(reply_usage(reply)) + "}\n\n"
+        yield head + b'],"usage":' + _encode(reply_usage(reply)).encode() + b"}\n\n"
     yield _DONE
 
 

@@ -87,6 +87,22 @@ async def test_send_streams_start_deltas_done_and_persists(connect, user, conver
     assert (record.user_id, record.finish_status, record.completion_tokens) == (user.pk, "completed", 12)
 
 
+async def test_start_and_done_frames_match_the_api(connect, conversation, token):
+    socket = await connect(conversation, token)
+
+    await socket.send_json_to({"type": "message.send", "content": "Hello there"})
+    frames = await receive_until(socket, "reply.done", "error")
+
+    start = frames[0]
+    assert list(start) == ["type", "conversation_id", "user_message_id", "message_id", "model"]
+    response = await AsyncClient().get(
+        f"/api/conversations/{conversation.pk}/messages/", headers={"Authorization": f"Bearer {token}"}
+    )
+    listed = {m["id"]: m for m in response.json()["results"]}
+    # Built from what the reply wrote, not read back: it must be what the API shows, field for field.
+    assert frames[-1]["message"] == listed[start["message_id"]]
+
+
 async def test_a_second_message_after_the_first_reply(connect, conversation, token):
     socket = await connect(conversation, token)
 

@@ -97,6 +97,34 @@ async def test_sse_streams_start_deltas_done_and_persists_the_reply(user, conver
     assert record.estimated is False
 
 
+async def listed_messages(conversation, token: str) -> dict[int, dict]:
+    """The conversation's messages as ``GET /api/conversations/{id}/messages/`` shows them, by id."""
+    response = await AsyncClient().get(url(conversation), headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200
+    return {m["id"]: m for m in response.json()["results"]}
+
+
+async def test_sse_start_and_done_payloads_match_the_api(conversation, token):
+    raw: list[bytes] = []
+    events = await read_events(await post(conversation, token, {"content": "Tell me a story"}), raw)
+
+    start = events[0].json()
+    assert list(start) == ["conversation_id", "user_message_id", "message_id", "model"]
+    assert all(isinstance(part, bytes) for part in raw)
+    done = events[-1].json()["message"]
+    # Built from what the reply wrote, not read back: it must be what the API shows, field for field.
+    assert done == (await listed_messages(conversation, token))[start["message_id"]]
+    assert list(done) == list((await listed_messages(conversation, token))[start["message_id"]])
+
+
+async def test_sse_error_message_matches_the_api(failing_conversation, token):
+    events = await read_events(await post(failing_conversation, token, {"content": "hello"}))
+
+    message = events[-1].json()["message"]
+    assert message["status"] == "failed"
+    assert message == (await listed_messages(failing_conversation, token))[message["id"]]
+
+
 async def test_sse_sends_history_so_a_second_message_gets_its_own_reply(conversation, token):
     first = await read_events(await post(conversation, token, {"content": "first question"}))
     second = await read_events(await post(conversation, token, {"content": "second question"}))

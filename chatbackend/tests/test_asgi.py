@@ -1,0 +1,204 @@
+"""The ASGI entry point: streaming endpoints through the lean chain, the rest through MIDDLEWARE."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from asgiref.testing import ApplicationCommunicator
+from django.core.signals import request_finished, request_started
+
+from chatbackend.asgi import application, django_asgi_app, streaming_asgi_app
+from chatbackend.handlers import StreamingASGIHandler, is_streaming_request
+
+ROOT = Path(__file__).resolve().parents[2]
+ORIGIN = "https://nextchat.example"
+
+
+async def asgi_request(
+    path: str, method: str = "GET", headers: dict[str, str] | None = None, body: bytes = b""
+) -> tuple[int, dict[str, list[str]], bytes]:
+    """Drive ``application`` with one HTTP request; return status, headers (lower-cased names), body."""
+    raw_headers = [(b"host", b"localhost")] + [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": raw_headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("localhost", 80),
+    }
+    communicator = ApplicationCommunicator(application, scope)
+    await communicator.send_input({"type": "http.request", "body": body, "more_body": False})
+    start = await communicator.receive_output(10)
+    assert start["type"] == "http.response.start"
+    response_headers: dict[str, list[str]] = {}
+    for name, value in start["headers"]:
+        response_headers.setdefault(name.decode().lower(), []).append(value.decode())
+    content = b""
+    while True:
+        message = await communicator.receive_output(10)
+        content += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    await communicator.wait(10)
+    return start["status"], response_headers, content
+
+
+def _scope(path: str, method: str = "GET", root_path: str = "") -> dict[str, Any]:
+    return {"type": "http", "path": path, "method": method, "root_path": root_path}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "lean"),
+    [
+        ("POST", "/v1/chat/completions", True),
+        ("GET", "/v1/models", True),
+        ("GET", "/v1/models/gpt-4o", True),
+        ("GET", "/v1", True),
+        ("GET", "/dashboard/billing/usage", True),
+        ("POST", "/api/conversations/12/messages/", True),
+        ("GET", "/api/conversations/12/messages/", False),  # DRF list
+        ("OPTIONS", "/api/conversations/12/messages/", False),  # CorsMiddleware heads both chains
+        ("POST", "/api/conversations/12/messages", False),  # CommonMiddleware's APPEND_SLASH
+        ("POST", "/api/conversations/12/messages/3/stop/", False),
+        ("GET", "/v1x", False),
+        ("GET", "/admin/login/", False),
+        ("GET", "/api/docs/", False),
+        ("GET", "/", False),
+    ],
+)
+def test_routing(method: str, path: str, lean: bool) -> None:
+    assert is_streaming_request(_scope(path, method)) is lean
+
+
+def test_routing_strips_the_script_prefix() -> None:
+    assert is_streaming_request(_scope("/chat/v1/models", root_path="/chat"))
+    assert not is_streaming_request(_scope("/chat/admin/", root_path="/chat"))
+
+
+def test_lean_handler_loads_streaming_middleware_only() -> None:
+    from corsheaders.middleware import CorsMiddleware
+
+    assert isinstance(streaming_asgi_app, StreamingASGIHandler)
+    # Full chain: process_view of CsrfViewMiddleware; lean chain: none (CorsMiddleware has none).
+    assert len(django_asgi_app._view_middleware) == 1
+    assert streaming_asgi_app._view_middleware == []
+    assert CorsMiddleware.async_capable
+
+
+def test_lean_handler_reads_the_list_it_is_given(settings) -> None:  # noqa: ANN001 - pytest-django fixture
+    settings.STREAMING_MIDDLEWARE = ["django.middleware.csrf.CsrfViewMiddleware"]
+    assert len(StreamingASGIHandler()._view_middleware) == 1
+    settings.STREAMING_MIDDLEWARE = []
+    assert StreamingASGIHandler()._view_middleware == []
+
+
+async def test_v1_goes_through_the_lean_chain() -> None:
+    status, headers, body = await asgi_request("/v1/models", headers={"Origin": ORIGIN})
+
+    assert status == 401
+    assert b"error" in body
+    assert "x-frame-options" not in headers  # XFrameOptionsMiddleware is not in the chain
+    assert "referrer-policy" not in headers  # nor SecurityMiddleware
+    assert "vary" not in headers or "Cookie" not in ",".join(headers["vary"])  # nor SessionMiddleware
+    assert headers["access-control-allow-origin"] == ["*"]
+    assert headers["x-content-type-options"] == ["nosniff"]
+
+
+async def test_v1_preflight_is_unchanged() -> None:
+    preflight = {
+        "Origin": ORIGIN,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
+
+    status, headers, _ = await asgi_request("/v1/chat/completions", method="OPTIONS", headers=preflight)
+    full_status, full_headers, _ = await asgi_request("/api/conversations/", method="OPTIONS", headers=preflight)
+
+    assert status == full_status == 200
+    assert headers["access-control-max-age"] == ["86400"]
+    assert "authorization" in headers["access-control-allow-headers"][0]
+    assert "POST" in headers["access-control-allow-methods"][0]
+    cors = {name: value for name, value in headers.items() if name.startswith("access-control-")}
+    assert cors == {name: value for name, value in full_headers.items() if name.startswith("access-control-")}
+
+
+async def test_sse_send_goes_through_the_lean_chain() -> None:
+    status, headers, _ = await asgi_request("/api/conversations/1/messages/", method="POST", body=b"{}")
+
+    assert status == 401
+    assert "x-frame-options" not in headers
+    assert headers["x-content-type-options"] == ["nosniff"]
+
+
+async def test_lean_chain_still_checks_allowed_hosts() -> None:
+    status, _, _ = await asgi_request("/v1/models", headers={"Host": "evil.example"})
+
+    assert status == 400
+
+
+async def test_lean_chain_sends_request_signals() -> None:
+    seen: list[str] = []
+
+    def started(**kwargs: Any) -> None:
+        seen.append("started")
+
+    def finished(**kwargs: Any) -> None:
+        seen.append("finished")
+
+    request_started.connect(started)
+    request_finished.connect(finished)
+    try:
+        await asgi_request("/v1/models")
+    finally:
+        request_started.disconnect(started)
+        request_finished.disconnect(finished)
+
+    assert seen == ["started", "finished"]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_admin_keeps_the_full_chain() -> None:
+    status, headers, _ = await asgi_request("/admin/login/")
+
+    assert status == 200
+    assert headers["x-frame-options"] == ["DENY"]
+    assert headers["x-content-type-options"] == ["nosniff"]
+    assert any(cookie.startswith("csrftoken=") for cookie in headers["set-cookie"])
+
+
+def _python(code: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_VERSION"}
+    env["DJANGO_SETTINGS_MODULE"] = "chatbackend.settings"
+    result = subprocess.run(  # noqa: S603 - our own interpreter and code
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_asgi_entry_point_tunes_gc() -> None:
+    out = _python("import gc, chatbackend.asgi; print(gc.get_threshold(), gc.get_freeze_count() > 0)")
+
+    assert out == "(50000, 20, 100) True"
+
+
+def test_gc_tuning_can_be_turned_off_and_django_setup_alone_does_not_tune() -> None:
+    off = (
+        "from django.conf import settings; settings.GC_TUNING = False;"
+        " import gc, chatbackend.asgi; print(gc.get_threshold(), gc.get_freeze_count())"
+    )
+    setup = "import django, gc; django.setup(); print(gc.get_threshold(), gc.get_freeze_count())"
+
+    assert _python(off) == _python(setup) == f"{_python('import gc; print(gc.get_threshold())')} 0"
