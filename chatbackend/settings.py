@@ -276,7 +276,11 @@ LLM_PROVIDER_BACKENDS: dict[str, str] = {
 }
 # One HTTP client per process; sized for thousands of concurrent streams.
 LLM_UPSTREAM_MAX_CONNECTIONS: int = _get("LLM_UPSTREAM_MAX_CONNECTIONS", env.int, 10000, "an integer")
-LLM_UPSTREAM_MAX_KEEPALIVE: int = _get("LLM_UPSTREAM_MAX_KEEPALIVE", env.int, 1000, "an integer")
+# Seconds an idle upstream connection stays in the pool for reuse: shorter than common servers' idle
+# timeouts, so a reused connection is rarely one the upstream has just closed.
+LLM_UPSTREAM_KEEPALIVE_SECONDS: float = _positive(
+    "LLM_UPSTREAM_KEEPALIVE_SECONDS", _get("LLM_UPSTREAM_KEEPALIVE_SECONDS", env.float, 5.0, "seconds")
+)
 # Seconds between SSE comment lines sent while waiting on the upstream (proxies drop idle reads).
 SSE_KEEPALIVE_SECONDS: float = _positive(
     "SSE_KEEPALIVE_SECONDS", _get("SSE_KEEPALIVE_SECONDS", env.float, 15.0, "seconds")

@@ -321,3 +321,38 @@ async def test_non_json_error_body_is_quoted(canned_upstream: Callable[..., str]
         await collect(provider(base_url), ChatRequest(model="m", messages=MESSAGES))
     assert (caught.value.status, caught.value.upstream_status) == (502, 502)
     assert "Bad Gateway" in caught.value.message
+
+
+async def test_crlf_line_endings_and_multiline_data(canned_upstream: Callable[..., str]) -> None:
+    # SSE allows "\r\n" and "\r" line endings; a data field may span lines (joined with "\n").
+    body = (
+        b": keep-alive\r\n\r\n"
+        b'data: {"choices": [{"delta": {"content": "Hi"}, "finish_reason": null}]}\r\n\r\n'
+        b'data: {"choices": [{"delta": {"content": " there"},\r'
+        b'data:  "finish_reason": "stop"}]}\r\r'
+        b"data: [DONE]\r\n\r\n"
+    )
+    chunks = await collect(provider(canned_upstream(body)), ChatRequest(model="m", messages=MESSAGES))
+    assert chunks == [ChatChunk(content="Hi"), ChatChunk(content=" there", finish_reason="stop")]
+
+
+async def test_chunk_longer_than_aiohttps_default_line_limit(canned_upstream: Callable[..., str]) -> None:
+    arguments = "x" * 300_000  # aiohttp's line reader stops at 128 KiB unless told otherwise
+    call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+    base_url = canned_upstream(sse(delta_chunk({"tool_calls": [call]}, finish_reason="tool_calls"), "[DONE]"))
+    chunks = await collect(provider(base_url), ChatRequest(model="m", messages=MESSAGES))
+    assert chunks == [ChatChunk(tool_calls=[call], finish_reason="tool_calls")]
+
+
+def test_httpx_sse_decoder_api() -> None:
+    """The adapter uses httpx-sse's private ``SSEDecoder`` (pinned 0.4.3): fail loudly if it changes."""
+    from httpx_sse import ServerSentEvent
+    from httpx_sse._decoders import SSEDecoder
+
+    decoder = SSEDecoder()
+    results = [decoder.decode(line) for line in [": comment", "event: e", "data: a", "data:b", "id: 7", ""]]
+    assert results[:5] == [None] * 5
+    event = results[5]
+    assert isinstance(event, ServerSentEvent)
+    assert (event.event, event.data, event.id, event.retry) == ("e", "a\nb", "7", None)
+    assert SSEDecoder().decode("") is None  # a blank line with nothing pending dispatches nothing
