@@ -131,21 +131,49 @@ def reply_finish(
             error=outcome.error.message if outcome.error else "",
             updated_at=timezone.now(),
         )
-        if should_account(outcome):
-            usage_enqueue(
-                request_id=f"message-{message_id}",
-                user_id=user_id,
-                api_key_id=api_key_id,
-                model_id=model.pk,
-                model_name=model.name,
-                message_id=message_id,
-                source=UsageRecord.Source.CONVERSATION,
-                prompt_tokens=outcome.usage.prompt_tokens,
-                completion_tokens=outcome.usage.completion_tokens,
-                estimated=outcome.usage_estimated,
-                finish_status=outcome.status,
-            )
+        reply_usage_enqueue(
+            outcome,
+            request_id=f"message-{message_id}",
+            source=UsageRecord.Source.CONVERSATION,
+            user_id=user_id,
+            api_key_id=api_key_id,
+            model_id=model.pk,
+            model_name=model.name,
+            message_id=message_id,
+        )
     return written > 0
+
+
+def reply_usage_enqueue(
+    outcome: ReplyOutcome,
+    *,
+    request_id: str,
+    source: str,
+    user_id: int,
+    api_key_id: int | None,
+    model_id: int,
+    model_name: str,
+    message_id: int | None = None,
+) -> None:
+    """Queue the usage record of a finished reply on commit, if it consumed tokens (``should_account``).
+
+    ``request_id`` keys the record, so a redelivered task writes nothing twice.
+    """
+    if not should_account(outcome):
+        return
+    usage_enqueue(
+        request_id=request_id,
+        user_id=user_id,
+        api_key_id=api_key_id,
+        model_id=model_id,
+        model_name=model_name,
+        message_id=message_id,
+        source=source,
+        prompt_tokens=outcome.usage.prompt_tokens,
+        completion_tokens=outcome.usage.completion_tokens,
+        estimated=outcome.usage_estimated,
+        finish_status=outcome.status,
+    )
 
 
 def new_request_id() -> str:
@@ -161,5 +189,6 @@ __all__ = [
     "new_request_id",
     "reply_finish",
     "reply_start",
+    "reply_usage_enqueue",
     "should_account",
 ]

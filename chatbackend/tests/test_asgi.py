@@ -14,6 +14,7 @@ from django.core.signals import request_finished, request_started
 
 from chatbackend.asgi import application, django_asgi_app, streaming_asgi_app
 from chatbackend.handlers import StreamingASGIHandler, is_streaming_request
+from tests.asgi import http_scope
 
 ROOT = Path(__file__).resolve().parents[2]
 ORIGIN = "https://nextchat.example"
@@ -23,21 +24,7 @@ async def asgi_request(
     path: str, method: str = "GET", headers: dict[str, str] | None = None, body: bytes = b""
 ) -> tuple[int, dict[str, list[str]], bytes]:
     """Drive ``application`` with one HTTP request; return status, headers (lower-cased names), body."""
-    raw_headers = [(b"host", b"localhost")] + [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": raw_headers,
-        "client": ("127.0.0.1", 50000),
-        "server": ("localhost", 80),
-    }
+    scope = http_scope(method, path, [("host", "localhost"), *(headers or {}).items()])
     communicator = ApplicationCommunicator(application, scope)
     await communicator.send_input({"type": "http.request", "body": body, "more_body": False})
     start = await communicator.receive_output(10)

@@ -21,12 +21,11 @@ from django.utils import timezone
 
 from accounts.authentication import Principal
 from accounts.models import UsageRecord, User
-from accounts.services import usage_enqueue
 from llm.models import LLMModel
 from llm.providers import ChatRequest
 from llm.selectors import llm_model_get_enabled, llm_model_list_enabled, provider_config_for
 
-from ..services import new_request_id, should_account
+from ..services import new_request_id, reply_usage_enqueue
 from ..streaming import ReplyOutcome, ReplyPlan
 
 logger = logging.getLogger(__name__)
@@ -76,20 +75,14 @@ def openai_chat_finish(
     """
     if outcome.error is not None:
         logger.warning("%s on %s ended %s: %s", request_id, model_name, outcome.status, outcome.error.message)
-    if not should_account(outcome):
-        return
-    usage_enqueue(
+    reply_usage_enqueue(
+        outcome,
         request_id=request_id,
+        source=UsageRecord.Source.OPENAI_API,
         user_id=user_id,
         api_key_id=api_key_id,
         model_id=model_id,
         model_name=model_name,
-        message_id=None,
-        source=UsageRecord.Source.OPENAI_API,
-        prompt_tokens=outcome.usage.prompt_tokens,
-        completion_tokens=outcome.usage.completion_tokens,
-        estimated=outcome.usage_estimated,
-        finish_status=outcome.status,
     )
 
 

@@ -32,6 +32,7 @@ from llm.providers.openai_compatible import aclose_clients
 from llm.simulator import reply_text
 from llm.tests.openai_schema import validate_against
 from llm.tests.simulator_process import start_simulator
+from tests.asgi import http_scope
 from tests.factories import LLMModelFactory, ProviderFactory, UserFactory
 
 SIM_REPLY_TOKENS = 12  # the session simulator's reply length (root conftest)
@@ -135,20 +136,7 @@ async def asgi_request(
     inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     for index, part in enumerate(parts):
         inbox.put_nowait({"type": "http.request", "body": part, "more_body": index < len(parts) - 1})
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(name.lower().encode("latin1"), value.encode("latin1")) for name, value in headers],
-        "client": ("127.0.0.1", 50000),
-        "server": ("localhost", 8000),
-    }
+    scope = http_scope(method, path, headers, port=8000)
     result = ASGIResult(status=0, headers={}, body=b"")
 
     async def receive() -> dict[str, Any]:
