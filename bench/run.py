@@ -404,18 +404,21 @@ class Bench:
         finally:
             client.close()
 
-    def run_manage(self, *command: str) -> float:
-        started = time.perf_counter()
+    def run_python(self, *args: str) -> str:
+        """Run ``python *args`` in the project with the benchmark's environment; return its stdout.
+
+        Raises ``BenchError`` with the end of its output when it fails.
+        """
         result = subprocess.run(
-            [sys.executable, "manage.py", *command],
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            check=False,
+            [sys.executable, *args], cwd=ROOT, env=self.env, capture_output=True, text=True, check=False
         )
         if result.returncode != 0:
-            raise BenchError(f"manage.py {' '.join(command)} failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
+            raise BenchError(f"{' '.join(args)} failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
+        return result.stdout
+
+    def run_manage(self, *command: str) -> float:
+        started = time.perf_counter()
+        self.run_python("manage.py", *command)
         return time.perf_counter() - started
 
     def start_simulator(self) -> None:
@@ -450,27 +453,17 @@ class Bench:
 
     def seed(self) -> None:
         started = time.perf_counter()
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "bench.seed",
-                "--simulator-url",
-                self.sim_url,
-                "--simulator-api-key",
-                self.sim_key,
-                "--conversations",
-                str(self.conversations_needed()),
-            ],
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            check=False,
+        stdout = self.run_python(
+            "-m",
+            "bench.seed",
+            "--simulator-url",
+            self.sim_url,
+            "--simulator-api-key",
+            self.sim_key,
+            "--conversations",
+            str(self.conversations_needed()),
         )
-        if result.returncode != 0:
-            raise BenchError(f"bench.seed failed:\n{result.stdout[-2000:]}{result.stderr[-3000:]}")
-        data = json.loads(result.stdout.strip().splitlines()[-1])
+        data = json.loads(stdout.strip().splitlines()[-1])
         self.api_key, self.model, self.conversations = data["api_key"], data["model"], data["conversations"]
         self.setup["seed_s"] = round(time.perf_counter() - started, 3)
         self.setup["conversations"] = len(self.conversations)
