@@ -7,10 +7,14 @@ process, over real HTTP.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import uvicorn
 from rest_framework.test import APIClient
 
 from llm.tests.simulator_process import SimulatorProcess, running_simulator
@@ -86,3 +90,29 @@ def sim_model(db, simulator):
     """An enabled model served by the session's simulator."""
     provider = ProviderFactory(base_url=simulator.base_url, api_key="")
     return LLMModelFactory(name="sim-model", provider=provider, upstream_model="sim-1")
+
+
+@pytest.fixture
+async def asgi_server() -> AsyncIterator[str]:
+    """Serve ``chatbackend.asgi.application`` with uvicorn in the test's event loop; yield its URL.
+
+    A real HTTP server, so a client that closes its connection is a real disconnect (Django then
+    cancels the request task), unlike the test client.
+    """
+    from chatbackend.asgi import application
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(application, lifespan="off", log_level="warning", ws="none")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert not task.done(), "uvicorn stopped during start-up"
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        await asyncio.sleep(0.01)
+    host, port = sock.getsockname()
+    yield f"http://{host}:{port}"
+    server.should_exit = True
+    await asyncio.wait_for(task, timeout=10)
+    sock.close()

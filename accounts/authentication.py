@@ -7,6 +7,7 @@ since some OpenAI-compatible clients use them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import cast
 
@@ -15,6 +16,8 @@ from rest_framework.exceptions import AuthenticationFailed as DRFAuthenticationF
 from rest_framework.request import Request
 from rest_framework_simplejwt.authentication import JWTAuthentication as _SimpleJWTAuthentication
 from rest_framework_simplejwt.exceptions import InvalidToken, TokenError
+
+from chatbackend.asyncdb import run_sync
 
 from .keys import looks_like_api_key
 from .models import APIKey, User
@@ -29,8 +32,9 @@ class Principal:
     api_key: APIKey | None
 
 
-def token_from_headers(headers: dict[str, str]) -> str | None:
-    """Return the bearer token or API key found in lower-cased HTTP ``headers``, or None."""
+def token_from_headers(headers: Mapping[str, str]) -> str | None:
+    """Return the bearer token or API key in HTTP ``headers`` (lower-cased names, or Django's
+    case-insensitive ``request.headers``), or None."""
     value = headers.get("authorization", "")
     if value:
         scheme, _, token = value.partition(" ")
@@ -66,6 +70,11 @@ def authenticate_token(token: str | None) -> Principal:
     return Principal(user=user, api_key=None)
 
 
+async def authenticate_token_async(token: str | None) -> Principal:
+    """``authenticate_token`` from async code, in one worker-thread hop (the ORM is sync)."""
+    return await run_sync(authenticate_token, token)
+
+
 def request_user(request: Request) -> User:
     """Return the authenticated ``User`` of a DRF ``request`` behind ``IsAuthenticated``.
 
@@ -80,7 +89,7 @@ class APIKeyAuthentication(authentication.BaseAuthentication):
     keyword = "Bearer"
 
     def authenticate(self, request: Request) -> tuple[User, APIKey] | None:
-        token = token_from_headers({k.lower(): v for k, v in request.headers.items()})
+        token = token_from_headers(request.headers)
         if not token or not looks_like_api_key(token):
             return None
         try:

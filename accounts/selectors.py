@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from datetime import timedelta
+from decimal import Decimal
 
 from django.conf import settings
-from django.db.models import QuerySet
+from django.db.models import QuerySet, Sum
 from django.utils import timezone
 
 from chatbackend.errors import ApplicationError
@@ -53,6 +55,18 @@ def usage_record_list(*, user: User) -> QuerySet[UsageRecord]:
     """Return the usage records ``user`` may see, newest first: admins everyone's, members their own."""
     records = UsageRecord.objects.select_related("api_key", "user").order_by("-created_at", "-id")
     return records if user.is_admin else records.filter(user=user)
+
+
+def usage_cost_total(*, user: User, start_date: dt.date, end_date: dt.date) -> Decimal:
+    """Return what ``user`` spent from ``start_date`` (inclusive) to ``end_date`` (exclusive), in US dollars.
+
+    Days are midnights in ``settings.TIME_ZONE``; the sum is of ``UsageRecord.cost``.
+    """
+    tz = timezone.get_default_timezone()
+    start = dt.datetime.combine(start_date, dt.time.min, tzinfo=tz)
+    end = dt.datetime.combine(end_date, dt.time.min, tzinfo=tz)
+    records = UsageRecord.objects.filter(user=user, created_at__gte=start, created_at__lt=end)
+    return records.aggregate(total=Sum("cost"))["total"] or Decimal(0)
 
 
 def user_list(*, actor: User) -> QuerySet[User]:

@@ -11,11 +11,10 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qs
 
-from asgiref.sync import sync_to_async
 from channels.middleware import BaseMiddleware
 from django.contrib.auth.models import AnonymousUser
 
-from .authentication import authenticate_token, token_from_headers
+from .authentication import authenticate_token_async, token_from_headers
 from .selectors import AuthenticationFailed
 
 BEARER_SUBPROTOCOL_PREFIX = "bearer."
@@ -41,7 +40,7 @@ class TokenAuthMiddleware(BaseMiddleware):
     async def __call__(self, scope, receive, send):  # noqa: ANN001, ANN204 - ASGI signature
         scope = dict(scope)
         try:
-            principal = await sync_to_async(authenticate_token)(_token_from_scope(scope))
+            principal = await authenticate_token_async(_token_from_scope(scope))
         except AuthenticationFailed as exc:
             scope.update(user=AnonymousUser(), api_key=None, auth_error=exc)
         else:

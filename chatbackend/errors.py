@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.http import JsonResponse
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, JsonResponse
+from rest_framework import exceptions as drf_exceptions
 
 # HTTP status -> OpenAI error ``type`` (as OpenAI's API returns them).
 _TYPE_FOR_STATUS = {
@@ -44,6 +46,8 @@ class ApplicationError(Exception):
     ``status``: HTTP status the interfaces answer with (4xx for the client's fault, 502/504
     for an upstream's).
     ``param``: the request field at fault, if any.
+    ``fields``: for validation errors, DRF's per-field detail (``{field: [messages]}``), sent as
+    ``error.fields`` so forms can show every field's problem.
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class ApplicationError(Exception):
         status: int = 400,
         param: str | None = None,
         type: str | None = None,  # noqa: A002 - OpenAI's field name
+        fields: Any = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -61,10 +66,14 @@ class ApplicationError(Exception):
         self.status = status
         self.param = param
         self.type = type or error_type_for_status(status)
+        self.fields = fields
 
     def as_dict(self) -> dict[str, Any]:
-        """Return the OpenAI error body ``{"error": {...}}``."""
-        return error_body(self.message, type=self.type, code=self.code, param=self.param)
+        """Return the OpenAI error body ``{"error": {"message", "type", "param", "code"[, "fields"]}}``."""
+        body = error_body(self.message, type=self.type, code=self.code, param=self.param)
+        if self.fields is not None:
+            body["error"]["fields"] = self.fields
+        return body
 
 
 class NotFoundError(ApplicationError):
@@ -80,5 +89,60 @@ def error_body(message: str, *, type: str, code: str | None, param: str | None =
 
 
 def error_response(exc: ApplicationError) -> JsonResponse:
-    """Return a Django ``JsonResponse`` for ``exc`` (used by the plain async views)."""
-    return JsonResponse(exc.as_dict(), status=exc.status)
+    """Return ``exc`` as a JSON response with its status (the plain async views' error renderer).
+
+    A 401 also gets ``WWW-Authenticate: Bearer realm="api"``, as DRF answers on the other endpoints
+    (RFC 6750, section 3).
+    """
+    response = JsonResponse(exc.as_dict(), status=exc.status)
+    if exc.status == 401:
+        response["WWW-Authenticate"] = 'Bearer realm="api"'
+    return response
+
+
+def _flatten_validation(detail: Any, prefix: str = "") -> tuple[str, str | None]:
+    """Return ``(message, param)`` for the first error in a DRF ``ValidationError.detail``."""
+    if isinstance(detail, dict):
+        for key, value in detail.items():
+            name = key if key != "non_field_errors" else ""
+            path = f"{prefix}.{name}" if prefix and name else (name or prefix)
+            return _flatten_validation(value, path)
+    if isinstance(detail, list) and detail:
+        for index, item in enumerate(detail):
+            if isinstance(item, dict | list):
+                return _flatten_validation(item, f"{prefix}[{index}]" if prefix else f"[{index}]")
+        return _flatten_validation(detail[0], prefix)
+    message = str(detail)
+    return (f"{prefix}: {message}" if prefix else message), (prefix or None)
+
+
+def as_application_error(exc: Exception) -> ApplicationError | None:
+    """Return ``exc`` as an ``ApplicationError`` if it is one the API reports to clients, else None.
+
+    Handles ``ApplicationError`` itself, DRF's ``APIException`` family (a ``ValidationError`` keeps
+    its per-field detail in ``fields`` and names the first field at fault in ``param``), and
+    Django's ``Http404`` / ``PermissionDenied``. Anything else is a bug: None.
+    """
+    if isinstance(exc, ApplicationError):
+        return exc
+    if isinstance(exc, Http404):
+        exc = drf_exceptions.NotFound()
+    elif isinstance(exc, PermissionDenied):
+        exc = drf_exceptions.PermissionDenied()
+    if not isinstance(exc, drf_exceptions.APIException):
+        return None
+    if isinstance(exc, drf_exceptions.ValidationError):
+        message, param = _flatten_validation(exc.detail)
+        return ApplicationError(
+            message,
+            code="invalid",
+            status=exc.status_code,
+            param=param,
+            type="invalid_request_error",
+            fields=exc.detail,
+        )
+    detail = exc.detail
+    codes = exc.get_codes()
+    message = str(detail.get("detail", detail)) if isinstance(detail, dict) else str(detail)
+    code = codes.get("detail", codes) if isinstance(codes, dict) else codes
+    return ApplicationError(message, code=str(code), status=exc.status_code)

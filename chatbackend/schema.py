@@ -1,10 +1,10 @@
 """drf-spectacular hooks: document the plain async views that drf-spectacular cannot see.
 
-drf-spectacular only walks DRF views. The OpenAI-compatible API (``conversations.openai``)
+drf-spectacular only walks DRF views. The OpenAI-compatible API (``llm.openai``)
 is plain async Django views, so ``add_async_endpoints`` documents each of them through a
 documentation-only ``APIView`` below, run through drf-spectacular's own ``AutoSchema``: request
 and response bodies come from the serializers that validate or document them
-(``conversations.openai.chat_serializers`` and ``.serializers``), components are registered in
+(``llm.openai.chat_serializers`` and ``.serializers``), components are registered in
 the generator's registry, and the security requirements come from the authentication classes'
 extensions (``accounts.apis``), exactly as for a DRF view. Nothing here is routed.
 
@@ -26,7 +26,8 @@ from rest_framework.views import APIView
 
 from accounts.authentication import APIKeyAuthentication, JWTAuthentication
 from accounts.serializers import ErrorOutputSerializer
-from conversations.openai import (
+from conversations.serializers import MessageSendInputSerializer, MessageSendOutputSerializer
+from llm.openai import (
     BillingSubscriptionOutputSerializer,
     BillingUsageOutputSerializer,
     BillingUsageQuerySerializer,
@@ -36,7 +37,6 @@ from conversations.openai import (
     OpenAIModelListOutputSerializer,
     OpenAIModelOutputSerializer,
 )
-from conversations.serializers import MessageSendInputSerializer, MessageSendOutputSerializer
 
 _ERRORS = {
     400: "Invalid request: malformed JSON or a field of the wrong type or value (`error.param` names it), "
@@ -97,9 +97,7 @@ class ChatCompletionsDocView(_OpenAIDocView):
             **_errors(400, 401, 404, 405, 413, 429, 502, 504),
         },
     )
-    def post(
-        self, request: Request
-    ) -> None: ...  # never dispatched: documents ``conversations.openai.apis.chat_completions``
+    def post(self, request: Request) -> None: ...  # never dispatched: documents ``llm.openai.apis.chat_completions``
 
 
 class ModelListDocView(_OpenAIDocView):
@@ -110,9 +108,7 @@ class ModelListDocView(_OpenAIDocView):
         summary="List the enabled models (OpenAI-compatible)",
         responses={200: OpenAIModelListOutputSerializer, **_errors(401)},
     )
-    def get(
-        self, request: Request
-    ) -> None: ...  # never dispatched: documents ``conversations.openai.models_apis.model_list``
+    def get(self, request: Request) -> None: ...  # never dispatched: documents ``llm.openai.models_apis.model_list``
 
 
 class ModelRetrieveDocView(_OpenAIDocView):
@@ -130,7 +126,7 @@ class ModelRetrieveDocView(_OpenAIDocView):
     )
     def get(
         self, request: Request, model: str
-    ) -> None: ...  # never dispatched: documents ``conversations.openai.models_apis.model_retrieve``
+    ) -> None: ...  # never dispatched: documents ``llm.openai.models_apis.model_retrieve``
 
 
 class BillingUsageDocView(_OpenAIDocView):
@@ -147,7 +143,7 @@ class BillingUsageDocView(_OpenAIDocView):
     )
     def get(
         self, request: Request
-    ) -> None: ...  # never dispatched: documents ``conversations.openai.billing_apis.billing_usage``
+    ) -> None: ...  # never dispatched: documents ``llm.openai.billing_apis.billing_usage``
 
 
 class BillingSubscriptionDocView(_OpenAIDocView):
@@ -163,7 +159,7 @@ class BillingSubscriptionDocView(_OpenAIDocView):
     )
     def get(
         self, request: Request
-    ) -> None: ...  # never dispatched: documents ``conversations.openai.billing_apis.billing_subscription``
+    ) -> None: ...  # never dispatched: documents ``llm.openai.billing_apis.billing_subscription``
 
 
 class MessageSendDocView(_OpenAIDocView):

@@ -11,6 +11,6 @@ urlpatterns = [
     path("api/", include("conversations.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
-    path("", include("conversations.openai.urls")),
+    path("", include("llm.openai.urls")),
     path("", include("chatbackend.pages")),
 ]

@@ -36,8 +36,7 @@ from .serializers import (
     MessageSendOutputSerializer,
     MessageStopOutputSerializer,
 )
-from .services import conversation_create, conversation_delete, conversation_update
-from .stop import reply_stop
+from .services import conversation_create, conversation_delete, conversation_update, reply_stop
 
 _ERROR_DESCRIPTIONS = {
     400: "Invalid request: malformed JSON or a field failed validation (see error.param, error.fields).",

@@ -7,10 +7,10 @@ conversation is not visible to the user; both after accepting, since a WebSocket
 the handshake reaches browsers as a bare 1006.
 
 A consumer handles one message at a time, so the reply streams in its own task: the consumer
-stays free to see ``reply.stop`` and the disconnect, and cancels the task on either
+stays free to see ``reply.stop`` (``Reply.stop()``) and the disconnect (the task is cancelled)
 (FIELD-NOTES, "Channels"). Deltas go straight from that task to the socket, never through the
 channel layer. The layer carries only stop requests from other processes, received by the
-process-wide listener of ``conversations.stop``, so a socket needs no channel of its own.
+process-wide listener of ``chatbackend.broadcast``, so a socket needs no channel of its own.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from contextlib import aclosing
-from functools import partial
 from typing import Any
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
@@ -27,14 +25,12 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from accounts.websocket import BEARER_SUBPROTOCOL_PREFIX
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError, NotFoundError
+from llm.streaming import open_reply
 
-from .payloads import reply_message_data, reply_start_data, track_message
+from .payloads import ConversationReply, reply_event
 from .selectors import conversation_get_for
 from .serializers import clean_message_content
 from .services import reply_start
-from .sse import delta_data
-from .stop import ReplyStopper, listen_for_stop, stoppable_chunks
-from .streaming import ReplyPlan, open_reply
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +42,12 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
     """Chat in one conversation over a WebSocket: one streamed reply at a time."""
 
     # No channel per socket: nothing is sent to a socket through the layer (stop requests reach
-    # ``conversations.stop``'s listener), so a connection costs no channel, group or receive task.
+    # ``chatbackend.broadcast``'s listener), so a connection costs no channel, group or receive task.
     channel_layer_alias = None  # type: ignore[assignment]
     conversation_id: int
     _reply_task: asyncio.Task[None] | None = None
-    _stopper: ReplyStopper | None = None
+    _reply: ConversationReply | None = None
+    _stop_requested = False  # a ``reply.stop`` that came before the reply had started
     _refused = False  # closed with 4401/4404: frames still in flight are ignored
 
     async def connect(self) -> None:
@@ -107,14 +104,20 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
         if kind == "message.send":
             await self._start_reply(content.get("content"))
         elif kind == "reply.stop":
-            if self._stopper is not None:  # nothing streaming: stopping is a no-op
-                self._stopper.request()
+            self._stop()
         elif kind == "ping":
             await self.send_json({"type": "pong"})
         else:
             await self._send_error(
                 ApplicationError(f"Unknown frame type {kind!r}.", code="unknown_frame_type", param="type")
             )
+
+    def _stop(self) -> None:
+        if self._reply is not None:
+            self._reply.stop()
+        elif self._reply_task is not None and not self._reply_task.done():
+            self._stop_requested = True  # the reply is starting: stop it as soon as it exists
+        # else nothing streams: stopping is a no-op
 
     async def _start_reply(self, content: Any) -> None:
         if self._reply_task is not None and not self._reply_task.done():
@@ -127,54 +130,35 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
         except ApplicationError as exc:
             await self._send_error(exc)
             return
-        stopper = ReplyStopper()
-        self._stopper = stopper
-        self._reply_task = stopper.task = asyncio.create_task(self._reply(content, stopper))
+        self._stop_requested = False
+        self._reply_task = asyncio.create_task(self._stream_reply(content))
 
-    async def _reply(self, content: str, stopper: ReplyStopper) -> None:
+    async def _stream_reply(self, content: str) -> None:
         """Stream one reply to the socket: ``reply.start``, deltas, then ``reply.done`` or ``error``."""
-        try:
-            await self._stream_reply(content, stopper)
-        except ApplicationError as exc:
-            await self._send_error(exc)
-        except Exception:  # a bug: tell the client rather than leave it waiting
-            logger.exception("the WebSocket reply failed")
-            await self._send_error(ApplicationError("The reply failed.", code="internal_error", status=500))
-        finally:
-            if self._stopper is stopper:
-                self._stopper = None
-
-    async def _stream_reply(self, content: str, stopper: ReplyStopper) -> None:
-        begin = partial(
-            _reply_start_for_socket,
+        begin = run_sync(
+            reply_start,
             user=self.scope["user"],
             api_key=self.scope.get("api_key"),
             conversation_id=self.conversation_id,
             content=content,
         )
-        reply = await open_reply(begin)
-        info = reply.plan.info
         try:
-            # Listening before ``reply.start``: a client that has seen the start can stop the reply.
-            async with listen_for_stop(info["message_id"], stopper):
-                await self.send_json({"type": "reply.start", **reply_start_data(info)})
-                async with aclosing(stoppable_chunks(reply, stopper)) as chunks:
-                    async for chunk in chunks:
-                        if chunk is not None and (chunk.content or chunk.reasoning_content):
-                            await self.send_json({"type": "reply.delta", **delta_data(chunk)})
-        except ApplicationError as exc:
-            await reply.aclose()  # ended already by ``stoppable_chunks``: a no-op
-            await self._send_error(exc, reply_message_data(reply))
-            return
+            async with open_reply(begin) as reply:
+                self._reply = reply
+                if self._stop_requested:
+                    reply.stop()
+                async for event in reply.events():
+                    payload = reply_event(reply, event)
+                    if payload is not None:
+                        name, data = payload
+                        await self.send_json({"type": name, **data})
+        except ApplicationError as exc:  # the start failed: nothing was written
+            await self._send_error(exc)
+        except Exception:  # a bug: tell the client rather than leave it waiting
+            logger.exception("the WebSocket reply failed")
+            await self._send_error(ApplicationError("The reply failed.", code="internal_error", status=500))
         finally:
-            await reply.aclose()  # a no-op once the reply has ended
-        # Built from what the reply wrote: no read-back (``conversations.payloads``).
-        await self.send_json({"type": "reply.done", "message": reply_message_data(reply)})
+            self._reply = None
 
-    async def _send_error(self, exc: ApplicationError, message: dict[str, Any] | None = None) -> None:
-        await self.send_json({"type": "error", **exc.as_dict(), "message": message})
-
-
-def _reply_start_for_socket(**kwargs: Any) -> ReplyPlan:
-    """``reply_start``, its plan noting the end's write (for the ``reply.done`` message)."""
-    return track_message(reply_start(**kwargs))
+    async def _send_error(self, exc: ApplicationError) -> None:
+        await self.send_json({"type": "error", **exc.as_dict(), "message": None})

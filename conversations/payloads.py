@@ -1,9 +1,10 @@
 """What the conversation streams (SSE and WebSocket) tell their client about a reply.
 
-Both interfaces send the same ``reply.start`` payload and, at the end, the assistant message as
-``MessageOutputSerializer`` shows it (``docs/api.md``, "Message"). That message is built here
-from what the reply wrote (``reply.outcome``) and what ``reply_start`` knew (``plan.info``),
-not read back from the database: no query and no worker thread hop at the end of a reply.
+Both interfaces send the same events with the same payloads (``docs/api.md``, "SSE events" and
+"WebSocket frames"); only the framing differs. ``reply_event`` turns one engine event
+(``llm.streaming``) into ``(name, payload)``. The final message is built from what the reply
+wrote (``reply.outcome``) and what ``reply_start`` knew (the plan), not read back from the
+database: no query and no worker-thread hop at the end of a reply.
 """
 
 from __future__ import annotations
@@ -13,33 +14,54 @@ from typing import Any
 
 from rest_framework import serializers
 
+from llm.streaming import STARTED, Reply, ReplyDelta, ReplyDone, ReplyEvent, ReplyFailed
+
 from .serializers import MessageOutputSerializer
-from .streaming import Reply, ReplyOutcome, ReplyPlan
+from .services import ConversationReplyPlan
 
-# The ``plan.info`` keys sent in ``reply.start``; ``reply_start`` also puts the assistant message's
-# ``created_at`` there, for ``reply_message_data``.
-START_KEYS = ("conversation_id", "user_message_id", "message_id", "model")
-_WRITTEN = "message_written"  # set in ``plan.info`` by ``track_message``'s finish
+ConversationReply = Reply[ConversationReplyPlan]
 
 
-def reply_start_data(info: dict[str, Any]) -> dict[str, Any]:
-    """Return the ``reply.start`` payload: ``conversation_id``, ``user_message_id``, ``message_id``, ``model``."""
-    return {key: info[key] for key in START_KEYS}
+def reply_event(reply: ConversationReply, event: ReplyEvent) -> tuple[str, dict[str, Any]] | None:
+    """Return ``(event name, payload)`` of ``event`` for a conversation client, or None to send nothing.
 
-
-def track_message(plan: ReplyPlan) -> ReplyPlan:
-    """Make ``plan`` note whether its end found the assistant message to write; return ``plan``.
-
-    ``reply_finish`` returns False when the message is gone (its conversation was deleted while
-    the reply streamed); ``reply_message_data`` then reports ``None``, as a read-back would.
+    - ``reply.start``: ``{conversation_id, user_message_id, message_id, model}``;
+    - ``reply.delta``: ``{content}`` plus ``reasoning_content`` when the model sends it (the
+      chunks of one ``ReplyDelta`` joined into one delta);
+    - ``reply.done``: ``{message}`` (the assistant message, or None when it was deleted);
+    - ``error``: the error object plus ``message``.
+    Keep-alives are the interface's business (None here).
     """
-    finish, info = plan.finish, plan.info
+    if type(event) is ReplyDelta:
+        return delta_payload(event)
+    if event is STARTED:
+        plan = reply.plan
+        return "reply.start", {
+            "conversation_id": plan.conversation_id,
+            "user_message_id": plan.user_message_id,
+            "message_id": plan.message_id,
+            "model": plan.model_name,
+        }
+    if type(event) is ReplyDone:
+        return "reply.done", {"message": reply_message_data(reply)}
+    if type(event) is ReplyFailed:
+        return "error", {**event.error.as_dict(), "message": reply_message_data(reply)}
+    return None
 
-    def finish_and_note(outcome: ReplyOutcome) -> None:
-        info[_WRITTEN] = finish(outcome)
 
-    plan.finish = finish_and_note
-    return plan
+def delta_payload(event: ReplyDelta) -> tuple[str, dict[str, Any]] | None:
+    """Return the ``reply.delta`` of ``event``'s chunks, or None when they carry no text."""
+    chunks = event.chunks
+    if len(chunks) == 1:
+        content, reasoning = chunks[0].content, chunks[0].reasoning_content
+    else:
+        content = "".join(chunk.content for chunk in chunks)
+        reasoning = "".join(chunk.reasoning_content for chunk in chunks)
+    if reasoning:
+        return "reply.delta", {"content": content, "reasoning_content": reasoning}
+    if content:
+        return "reply.delta", {"content": content}
+    return None
 
 
 @cache
@@ -48,32 +70,30 @@ def _created_at_field() -> serializers.Field:
     return MessageOutputSerializer().fields["created_at"]
 
 
-def reply_message_data(reply: Reply) -> dict[str, Any] | None:
+def reply_message_data(reply: ConversationReply) -> dict[str, Any] | None:
     """Return the assistant message of an ended ``reply`` as ``MessageOutputSerializer`` shows it.
 
-    ``None`` when the message no longer exists. ``reply.plan`` must come from ``reply_start``
-    through ``track_message``, and the reply must have ended (``reply.outcome`` set).
+    ``None`` when the message no longer exists (its conversation was deleted meanwhile).
     """
-    outcome = reply.outcome
-    info = reply.plan.info
-    assert outcome is not None  # noqa: S101
-    if not info.get(_WRITTEN):
+    outcome, plan = reply.outcome, reply.plan
+    assert outcome is not None  # noqa: S101 - the reply has ended
+    if not plan.message_written:
         return None
     # The same values, in the same field order, that ``reply_finish`` wrote and the serializer reads.
     return {
-        "id": info["message_id"],
+        "id": plan.message_id,
         "role": "assistant",
         "content": outcome.content,
-        "status": outcome.status,
-        "model": info["model"],
+        "status": outcome.status.value,
+        "model": plan.model_name,
         "finish_reason": outcome.finish_reason or "",
         "prompt_tokens": outcome.usage.prompt_tokens,
         "completion_tokens": outcome.usage.completion_tokens,
         "time_to_first_token_ms": outcome.time_to_first_token_ms,
         "duration_ms": outcome.duration_ms,
         "error": outcome.error.message if outcome.error else "",
-        "created_at": _created_at_field().to_representation(info["created_at"]),
+        "created_at": _created_at_field().to_representation(plan.created_at),
     }
 
 
-__all__ = ["START_KEYS", "reply_message_data", "reply_start_data", "track_message"]
+__all__ = ["ConversationReply", "delta_payload", "reply_event", "reply_message_data"]

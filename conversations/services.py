@@ -1,24 +1,23 @@
-"""Writes for conversations: CRUD, and the start and end of a streamed reply."""
+"""Writes for conversations: CRUD, and the start, end and stop of a streamed reply."""
 
 from __future__ import annotations
 
-import uuid
-from functools import partial
+import datetime as dt
+from dataclasses import dataclass
 from typing import Any
 
 from django.db import transaction
 from django.utils import timezone
 
 from accounts.models import APIKey, UsageRecord, User
-from accounts.services import usage_enqueue
-from chatbackend.errors import ApplicationError
-from llm.models import LLMModel
+from accounts.usage import UsageContext
+from chatbackend.errors import ApplicationError, NotFoundError
 from llm.providers import ChatRequest
 from llm.selectors import llm_model_get_enabled, provider_config_for
+from llm.streaming import ReplyOutcome, ReplyPlan, reply_stop_broadcast
 
 from .models import Conversation, Message
-from .selectors import conversation_get_for, history_for_upstream
-from .streaming import COMPLETED, FAILED, ReplyOutcome, ReplyPlan
+from .selectors import conversation_get_for, history_for_upstream, message_list
 
 MAX_MESSAGE_CHARS = 100_000
 
@@ -59,7 +58,32 @@ def _validate_content(content: str) -> str:
     return content
 
 
-def reply_start(*, user: User, api_key: APIKey | None, conversation_id: int, content: str) -> ReplyPlan:
+@dataclass(kw_only=True)
+class ConversationReplyPlan(ReplyPlan):
+    """A reply in a conversation: the ids its interfaces report, and the end written to its message.
+
+    ``message_id``: the assistant message (``streaming`` until the end). ``created_at``: that
+    message's creation time. ``message_written``: set at the end; False when the message was gone
+    (its conversation was deleted while the reply streamed).
+    """
+
+    conversation_id: int
+    user_message_id: int
+    message_id: int
+    created_at: dt.datetime
+    message_written: bool = False
+
+    def finish(self, outcome: ReplyOutcome) -> None:
+        """Write the end of the reply on its assistant message (``reply_finish``)."""
+        self.message_written = reply_finish(outcome, message_id=self.message_id)
+
+
+def conversation_reply_id(message_id: int) -> str:
+    """Return the reply id of assistant message ``message_id``: its stop key and usage request id."""
+    return f"message-{message_id}"
+
+
+def reply_start(*, user: User, api_key: APIKey | None, conversation_id: int, content: str) -> ConversationReplyPlan:
     """Write the user's message and the assistant's placeholder; return the plan for the stream.
 
     One transaction: the user message (``completed``) and an empty assistant message
@@ -82,113 +106,73 @@ def reply_start(*, user: User, api_key: APIKey | None, conversation_id: int, con
             model_name=model.name,
         )
         Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
-    return ReplyPlan(
+    reply_id = conversation_reply_id(assistant_message.pk)
+    return ConversationReplyPlan(
         provider=provider_config_for(model=model),
         request=ChatRequest(model=model.upstream_model, messages=history, parameters=dict(model.default_parameters)),
         model_name=model.name,
-        # ``reply_finish`` returns whether the message was still there; ``Reply`` ignores it,
-        # ``conversations.payloads.track_message`` reads it.
-        finish=partial(
-            reply_finish,
-            message_id=assistant_message.pk,
+        reply_id=reply_id,
+        usage=UsageContext(
+            request_id=reply_id,
+            source=UsageRecord.Source.CONVERSATION,
             user_id=user.pk,
             api_key_id=api_key.pk if api_key else None,
-            model=model,
+            model_id=model.pk,
+            model_name=model.name,
+            input_price_per_million=model.input_price_per_million,
+            output_price_per_million=model.output_price_per_million,
+            message_id=assistant_message.pk,
         ),
-        info={
-            "conversation_id": conversation.pk,
-            "user_message_id": user_message.pk,
-            "message_id": assistant_message.pk,
-            "model": model.name,
-            "created_at": assistant_message.created_at,  # not sent in reply.start (conversations.payloads)
-        },
+        conversation_id=conversation.pk,
+        user_message_id=user_message.pk,
+        message_id=assistant_message.pk,
+        created_at=assistant_message.created_at,
     )
 
 
-def should_account(outcome: ReplyOutcome) -> bool:
-    """Return True when a reply consumed tokens: completed, stopped, or failed after output."""
-    return outcome.status != FAILED or outcome.time_to_first_token_ms is not None
+def reply_finish(outcome: ReplyOutcome, *, message_id: int) -> bool:
+    """Write the end of a reply on its assistant message: text so far, status, tokens, timings, error.
 
-
-def reply_finish(
-    outcome: ReplyOutcome, *, message_id: int, user_id: int, api_key_id: int | None, model: LLMModel
-) -> bool:
-    """Persist the end of a reply on its assistant message and queue its usage record.
-
-    One write of the message (content so far, status, tokens, timings, error); the usage task is
-    queued on commit, keyed by the message so a redelivery writes nothing twice. Returns False
-    when the message no longer exists (its conversation was deleted while the reply streamed).
+    One UPDATE. Returns False when the message no longer exists (its conversation was deleted
+    while the reply streamed).
     """
-    with transaction.atomic():
-        written = Message.objects.filter(pk=message_id).update(
-            content=outcome.content,
-            status=outcome.status,
-            finish_reason=outcome.finish_reason or "",
-            prompt_tokens=outcome.usage.prompt_tokens,
-            completion_tokens=outcome.usage.completion_tokens,
-            time_to_first_token_ms=outcome.time_to_first_token_ms,
-            duration_ms=outcome.duration_ms,
-            error=outcome.error.message if outcome.error else "",
-            updated_at=timezone.now(),
-        )
-        reply_usage_enqueue(
-            outcome,
-            request_id=f"message-{message_id}",
-            source=UsageRecord.Source.CONVERSATION,
-            user_id=user_id,
-            api_key_id=api_key_id,
-            model_id=model.pk,
-            model_name=model.name,
-            message_id=message_id,
-        )
+    written = Message.objects.filter(pk=message_id).update(
+        content=outcome.content,
+        status=outcome.status.value,
+        finish_reason=outcome.finish_reason or "",
+        prompt_tokens=outcome.usage.prompt_tokens,
+        completion_tokens=outcome.usage.completion_tokens,
+        time_to_first_token_ms=outcome.time_to_first_token_ms,
+        duration_ms=outcome.duration_ms,
+        error=outcome.error.message if outcome.error else "",
+        updated_at=timezone.now(),
+    )
     return written > 0
 
 
-def reply_usage_enqueue(
-    outcome: ReplyOutcome,
-    *,
-    request_id: str,
-    source: str,
-    user_id: int,
-    api_key_id: int | None,
-    model_id: int,
-    model_name: str,
-    message_id: int | None = None,
-) -> None:
-    """Queue the usage record of a finished reply on commit, if it consumed tokens (``should_account``).
+def reply_stop(*, user: User, conversation_id: int, message_id: int) -> None:
+    """Ask the process streaming reply ``message_id`` to stop it, wherever that process runs.
 
-    ``request_id`` keys the record, so a redelivered task writes nothing twice.
+    Raises ``NotFoundError`` (404) when the conversation is not visible to ``user`` or
+    ``message_id`` is not one of its assistant messages still ``streaming``; ``ApplicationError``
+    503 when the stop request cannot be sent. Returns once it is sent: the reply ends
+    ``cancelled`` shortly after, with its text so far.
     """
-    if not should_account(outcome):
-        return
-    usage_enqueue(
-        request_id=request_id,
-        user_id=user_id,
-        api_key_id=api_key_id,
-        model_id=model_id,
-        model_name=model_name,
-        message_id=message_id,
-        source=source,
-        prompt_tokens=outcome.usage.prompt_tokens,
-        completion_tokens=outcome.usage.completion_tokens,
-        estimated=outcome.usage_estimated,
-        finish_status=outcome.status,
+    streaming = message_list(user=user, conversation_id=conversation_id).filter(
+        pk=message_id, role=Message.Role.ASSISTANT, status=Message.Status.STREAMING
     )
-
-
-def new_request_id() -> str:
-    """Return a fresh id for a reply that has no message (``/v1`` requests): ``chatcmpl-<hex>``."""
-    return f"chatcmpl-{uuid.uuid4().hex}"
+    if not streaming.exists():
+        raise NotFoundError("No reply with this id is streaming in this conversation.", code="reply_not_streaming")
+    reply_stop_broadcast(reply_id=conversation_reply_id(message_id))
 
 
 __all__ = [
-    "COMPLETED",
+    "ConversationReplyPlan",
     "conversation_create",
     "conversation_delete",
+    "conversation_reply_id",
     "conversation_update",
-    "new_request_id",
     "reply_finish",
     "reply_start",
-    "reply_usage_enqueue",
-    "should_account",
+    "reply_stop",
 ]

@@ -8,6 +8,9 @@ from decimal import Decimal
 
 from django.db import transaction
 
+from accounts.models import APIKey, User
+from accounts.services import api_key_create, api_key_revoke
+
 from .models import LLMModel, Provider
 from .selectors import llm_model_list_enabled
 
@@ -56,9 +59,6 @@ def demo_setup(*, simulator_base_url: str, simulator_api_key: str, admin_passwor
       exists is re-pointed at the given URL and key (the simulator's port changes per run);
       other providers are never touched.
     """
-    from accounts.models import APIKey, User  # llm must not import accounts at module load
-    from accounts.services import api_key_create, api_key_revoke
-
     admin = User.objects.filter(username=DEMO_ADMIN_USERNAME).first()
     admin_created = admin is None
     if admin is None:

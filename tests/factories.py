@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import factory
 from factory.django import DjangoModelFactory
 
-from accounts.models import User
+from accounts.models import UsageRecord, User
+from accounts.usage import usage_cost
 from conversations.models import Conversation, Message
 from llm.models import LLMModel, Provider
 
@@ -69,3 +72,36 @@ class MessageFactory(DjangoModelFactory):
     role = Message.Role.USER
     content = factory.Sequence(lambda n: f"message {n}")
     status = Message.Status.COMPLETED
+
+
+class UsageRecordFactory(DjangoModelFactory):
+    """A usage record as the accounting task writes it, priced at its model's prices (0 without one)."""
+
+    class Meta:
+        model = UsageRecord
+
+    request_id = factory.Sequence(lambda n: f"request-{n}")
+    user = factory.SubFactory(UserFactory)
+    api_key = None
+    model = None
+    model_name = factory.LazyAttribute(lambda o: o.model.name if o.model else "gone-model")
+    message = None
+    source = factory.LazyAttribute(
+        lambda o: UsageRecord.Source.OPENAI_API if o.api_key else UsageRecord.Source.CONVERSATION
+    )
+    prompt_tokens = 10
+    completion_tokens = 5
+    cost = factory.LazyAttribute(
+        lambda o: (
+            usage_cost(
+                prompt_tokens=o.prompt_tokens,
+                completion_tokens=o.completion_tokens,
+                input_price=Decimal(o.model.input_price_per_million),
+                output_price=Decimal(o.model.output_price_per_million),
+            )
+            if o.model
+            else Decimal(0)
+        )
+    )
+    estimated = False
+    finish_status = "completed"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from accounts.models import APIKey, UsageRecord, User
-from accounts.services import api_key_create, usage_record
+from accounts.models import APIKey, User
+from accounts.services import api_key_create
+from tests.factories import UsageRecordFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -81,14 +82,10 @@ def test_the_revoke_action_revokes_the_selected_keys(admin_site, user, other_use
 
 
 def test_usage_records_are_read_only(admin_site, user):
-    record = usage_record(
+    record = UsageRecordFactory(
         request_id="req-1",
-        user_id=user.id,
-        api_key_id=None,
-        model_id=None,
+        user=user,
         model_name="some-model",
-        message_id=None,
-        source=UsageRecord.Source.CONVERSATION,
         prompt_tokens=3,
         completion_tokens=4,
         estimated=True,

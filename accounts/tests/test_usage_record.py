@@ -1,17 +1,18 @@
-"""The usage_record service and its Celery task: priced from the model, idempotent by request_id."""
+"""Usage accounting (``accounts.usage``): billing rule, price, queueing, and the idempotent write."""
 
 from __future__ import annotations
 
+from dataclasses import asdict, replace
 from decimal import Decimal
 
 import pytest
 
 from accounts.models import UsageRecord
-from accounts.services import usage_enqueue, usage_record
-from accounts.tasks import usage_record_task
-from tests.factories import LLMModelFactory
+from accounts.tasks import usage_record_batch_task, usage_record_task
+from accounts.usage import UsageContext, UsageEvent, usage_account, usage_flush, usage_record_many
+from tests.factories import ConversationFactory, LLMModelFactory, MessageFactory
 
-pytestmark = pytest.mark.django_db
+pytestmark = pytest.mark.django_db(transaction=True)  # the sender thread writes on its own connection
 
 
 @pytest.fixture
@@ -20,71 +21,136 @@ def priced_model(db):
 
 
 @pytest.fixture
-def fields(user, priced_model) -> dict:
-    return {
-        "request_id": "chatcmpl-123",
+def context(user, priced_model) -> UsageContext:
+    return UsageContext(
+        request_id="chatcmpl-123",
+        source=UsageRecord.Source.OPENAI_API,
+        user_id=user.id,
+        api_key_id=None,
+        model_id=priced_model.id,
+        model_name=priced_model.name,
+        input_price_per_million=Decimal("0.15"),
+        output_price_per_million=Decimal("0.6"),
+    )
+
+
+def account(context: UsageContext, **overrides) -> UsageEvent | None:
+    fields = {
+        "finish_status": "completed",
+        "prompt_tokens": 1234,
+        "completion_tokens": 567,
+        "estimated": True,
+        "produced_output": True,
+        **overrides,
+    }
+    return usage_account(context=context, **fields)
+
+
+def test_a_completed_reply_is_priced_per_million_tokens_and_written(context):
+    event = account(context)
+
+    assert usage_flush(10)
+    record = UsageRecord.objects.get()
+    expected = (Decimal(1234) * Decimal("0.15") + Decimal(567) * Decimal("0.6")) / Decimal(1_000_000)
+    assert expected == Decimal("0.0005253")
+    assert event is not None and Decimal(event.cost) == expected
+    assert isinstance(record.cost, Decimal)
+    assert record.cost == expected
+    assert record.total_tokens == 1801
+    assert record.estimated is True
+    assert record.finish_status == "completed"
+    assert record.model_id == context.model_id
+
+
+@pytest.mark.parametrize(
+    ("finish_status", "produced_output", "billed"),
+    [
+        ("completed", True, True),
+        ("cancelled", False, True),  # stopped before the first token: the prompt was still read
+        ("cancelled", True, True),
+        ("failed", True, True),  # failed mid-way: what was generated counts
+        ("failed", False, False),  # failed before any output: nothing to bill
+    ],
+)
+def test_which_replies_are_billed(context, finish_status, produced_output, billed):
+    event = account(context, finish_status=finish_status, produced_output=produced_output)
+
+    assert usage_flush(10)
+    assert (event is not None) is billed
+    assert UsageRecord.objects.filter(request_id="chatcmpl-123").exists() is billed
+
+
+def test_the_write_is_idempotent_by_request_id(context):
+    first = account(context)
+    assert first is not None
+    assert usage_flush(10)
+
+    assert usage_record_many([replace(first, prompt_tokens=9999)]) == 0
+    assert UsageRecord.objects.count() == 1
+    assert UsageRecord.objects.get().prompt_tokens == 1234
+
+
+def test_one_batch_with_an_id_twice_writes_it_once(context):
+    event = UsageEvent(
+        request_id="chatcmpl-twice",
+        source=context.source,
+        user_id=context.user_id,
+        api_key_id=None,
+        model_id=context.model_id,
+        model_name=context.model_name,
+        message_id=None,
+        prompt_tokens=1,
+        completion_tokens=2,
+        cost="0",
+        estimated=False,
+        finish_status="completed",
+    )
+
+    assert usage_record_many([event, replace(event, prompt_tokens=5)]) == 1
+    assert UsageRecord.objects.get(request_id="chatcmpl-twice").prompt_tokens == 1
+
+
+def test_a_redelivered_batch_writes_nothing_twice(context):
+    event = account(context)
+    assert event is not None
+    assert usage_flush(10)
+    payload = [asdict(event)]
+
+    redelivered = usage_record_batch_task.delay(payload).get(timeout=10)
+
+    assert redelivered == 0
+    assert UsageRecord.objects.count() == 1
+
+
+def test_a_task_queued_by_an_older_release_is_still_recorded_at_current_prices(user, priced_model):
+    fields = {
+        "request_id": "message-old",
         "user_id": user.id,
         "api_key_id": None,
         "model_id": priced_model.id,
         "model_name": priced_model.name,
         "message_id": None,
-        "source": UsageRecord.Source.OPENAI_API,
-        "prompt_tokens": 1234,
-        "completion_tokens": 567,
-        "estimated": True,
-        "finish_status": "stop",
+        "source": UsageRecord.Source.CONVERSATION,
+        "prompt_tokens": 1000,
+        "completion_tokens": 1000,
+        "estimated": False,
+        "finish_status": "completed",
     }
 
-
-def test_usage_record_prices_tokens_per_million(fields):
-    record = usage_record(**fields)
-
-    record.refresh_from_db()
-    expected = (Decimal(1234) * Decimal("0.15") + Decimal(567) * Decimal("0.6")) / Decimal(1_000_000)
-    assert expected == Decimal("0.0005253")
-    assert isinstance(record.cost, Decimal)
-    assert record.cost == expected
-    assert record.total_tokens == 1801
-    assert record.estimated is True
+    assert usage_record_task.delay(**fields).get(timeout=10) == 1
+    assert usage_record_task.delay(**fields).get(timeout=10) == 0
+    assert UsageRecord.objects.get().cost == Decimal("0.00075")
 
 
-def test_usage_record_is_idempotent_by_request_id(fields):
-    first = usage_record(**fields)
-    second = usage_record(**{**fields, "prompt_tokens": 9999})
-
-    assert first is not None
-    assert second is None
-    assert UsageRecord.objects.count() == 1
-    assert UsageRecord.objects.get().prompt_tokens == 1234
-
-
-def test_usage_record_task_writes_once_and_a_redelivery_writes_nothing(fields):
-    record_id = usage_record_task.delay(**fields).get(timeout=10)
-    redelivered = usage_record_task.delay(**fields).get(timeout=10)
-
-    assert UsageRecord.objects.count() == 1
-    assert UsageRecord.objects.get().pk == record_id
-    assert redelivered is None
-
-
-def test_usage_enqueue_records_after_commit(fields, django_capture_on_commit_callbacks):
-    with django_capture_on_commit_callbacks(execute=True) as callbacks:
-        usage_enqueue(**fields)
-        assert not UsageRecord.objects.exists()  # nothing before the commit
-
-    assert len(callbacks) == 1
-    assert UsageRecord.objects.get().request_id == "chatcmpl-123"
-
-
-def test_usage_of_a_message_deleted_before_the_task_runs_is_kept_unlinked(fields, user):
-    from tests.factories import ConversationFactory, MessageFactory
-
+def test_usage_of_a_message_deleted_before_the_write_is_kept_unlinked(context, user):
     message = MessageFactory(conversation=ConversationFactory(owner=user), role="assistant")
     message_id = message.pk
     message.conversation.delete()
+    linked = replace(context, message_id=message_id)
 
-    record = usage_record(**{**fields, "message_id": message_id})
+    account(linked)
 
-    assert record is not None
+    assert usage_flush(10)
+    record = UsageRecord.objects.get()
     assert record.message_id is None
     assert record.prompt_tokens == 1234

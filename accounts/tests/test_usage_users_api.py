@@ -8,10 +8,9 @@ import pytest
 from rest_framework.test import APIClient
 from rest_framework_simplejwt.tokens import AccessToken
 
-from accounts.models import UsageRecord
-from accounts.services import api_key_create, usage_record
+from accounts.services import api_key_create
 from accounts.tests.helpers import assert_error
-from tests.factories import LLMModelFactory, UserFactory
+from tests.factories import LLMModelFactory, UsageRecordFactory, UserFactory
 
 USAGE = "/api/usage/"
 USERS = "/api/users/"
@@ -42,17 +41,13 @@ def jwt_client(user) -> APIClient:
 
 
 def record(*, user, request_id: str, api_key=None, model=None, prompt_tokens: int = 10, completion_tokens: int = 5):
-    return usage_record(
+    return UsageRecordFactory(
+        user=user,
         request_id=request_id,
-        user_id=user.id,
-        api_key_id=api_key.id if api_key else None,
-        model_id=model.id if model else None,
-        model_name=model.name if model else "gone-model",
-        message_id=None,
-        source=UsageRecord.Source.OPENAI_API if api_key else UsageRecord.Source.CONVERSATION,
+        api_key=api_key,
+        model=model,
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
-        estimated=False,
         finish_status="stop",
     )
 

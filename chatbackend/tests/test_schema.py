@@ -16,7 +16,7 @@ from openapi_schema_validator import OAS30Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT4
 
-from conversations.tests.test_openai_api import (
+from llm.tests.test_openai_api import (
     DB,
     _close_provider_clients,  # noqa: F401 - an autouse fixture, shared
     auth,

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
-import uvicorn
 from asgiref.sync import sync_to_async
 from django.db import connections
 from rest_framework_simplejwt.tokens import RefreshToken
@@ -110,29 +108,3 @@ async def release_db_connections() -> AsyncIterator[None]:
 def sync_db(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
     """Return ``fn`` runnable from async tests (ORM calls must not run on the event loop)."""
     return sync_to_async(fn, thread_sensitive=True)
-
-
-@pytest.fixture
-async def asgi_server() -> AsyncIterator[str]:
-    """Serve ``chatbackend.asgi.application`` with uvicorn in the test's event loop; yield its URL.
-
-    A real HTTP server, so a client that closes its connection is a real disconnect (Django then
-    cancels the request task), unlike the test client.
-    """
-    from chatbackend.asgi import application
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(application, lifespan="off", log_level="warning", ws="none")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert not task.done(), "uvicorn stopped during start-up"
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        await asyncio.sleep(0.01)
-    host, port = sock.getsockname()
-    yield f"http://{host}:{port}"
-    server.should_exit = True
-    await asyncio.wait_for(task, timeout=10)
-    sock.close()

@@ -9,11 +9,11 @@ import pytest
 from channels.testing import WebsocketCommunicator
 from django.test import AsyncClient
 
-from accounts.models import UsageRecord
 from chatbackend.asgi import application
 from conversations.models import Message
 from llm.simulator import reply_text
 from tests.factories import ConversationFactory
+from tests.kit import usage_records
 
 from .conftest import SLOW_REPLY_TOKENS, bearer, sync_db, wait_until
 
@@ -83,7 +83,7 @@ async def test_send_streams_start_deltas_done_and_persists(connect, user, conver
     answer = await Message.objects.aget(pk=start["message_id"])
     assert (answer.status, answer.content, answer.completion_tokens) == ("completed", text, 12)
     assert (await Message.objects.aget(pk=start["user_message_id"])).content == "Hello there"
-    record = await UsageRecord.objects.aget(message_id=answer.pk)
+    [record] = await usage_records(message_id=answer.pk)
     assert (record.user_id, record.finish_status, record.completion_tokens) == (user.pk, "completed", 12)
 
 
@@ -143,7 +143,7 @@ async def test_reply_stop_frame_cancels_mid_stream_and_the_upstream_request(
     answer = await Message.objects.aget(pk=frames[0]["message_id"])
     assert (answer.status, answer.content) == ("cancelled", streamed)
     await wait_until(lambda: stats_reach(slow_simulator, "requests_disconnected", before + 1))
-    record = await UsageRecord.objects.aget(message_id=answer.pk)
+    [record] = await usage_records(message_id=answer.pk)
     assert record.finish_status == "cancelled"
     assert record.completion_tokens >= len(streamed.split())
 
@@ -327,7 +327,7 @@ async def test_api_key_in_a_bearer_subprotocol(open_sockets, conversation, api_k
     assert connected
     assert subprotocol == f"bearer.{api_key_secret}"  # the only offer: browsers need one echoed
     assert frames[-1]["type"] == "reply.done"
-    record = await UsageRecord.objects.aget(message_id=frames[-1]["message"]["id"])
+    [record] = await usage_records(message_id=frames[-1]["message"]["id"])
     assert record.api_key_id is not None
 
 

@@ -15,10 +15,10 @@ import pytest
 from django.test import AsyncClient
 from httpx_sse import EventSource, ServerSentEvent, aconnect_sse
 
-from accounts.models import UsageRecord
 from conversations.models import Message
 from llm.simulator import reply_text
 from tests.factories import ConversationFactory
+from tests.kit import poll_until, usage_records
 
 from .conftest import SLOW_REPLY_TOKENS, sync_db, wait_until
 
@@ -92,7 +92,7 @@ async def test_sse_streams_start_deltas_done_and_persists_the_reply(user, conver
     assert answer.prompt_tokens > 0
     assert answer.time_to_first_token_ms is not None
     assert answer.duration_ms >= answer.time_to_first_token_ms
-    record = await UsageRecord.objects.aget(message_id=answer.pk)
+    [record] = await usage_records(message_id=answer.pk)
     assert (record.user_id, record.completion_tokens, record.finish_status) == (user.pk, 12, "completed")
     assert record.estimated is False
 
@@ -139,7 +139,7 @@ async def test_sse_accepts_an_api_key(conversation, api_key_secret):
     events = await read_events(await post(conversation, api_key_secret, {"content": "hi"}))
 
     assert events[-1].event == "reply.done"
-    record = await UsageRecord.objects.aget(message_id=events[-1].json()["message"]["id"])
+    [record] = await usage_records(message_id=events[-1].json()["message"]["id"])
     assert record.api_key_id is not None
 
 
@@ -168,7 +168,7 @@ async def test_non_streamed_send_answers_201_with_both_messages(conversation, to
     assert assistant["status"] == "completed"
     assert assistant["content"] == reply_text([{"role": "user", "content": "hello"}], 12)
     assert assistant["model"] == "sim-model"
-    assert await UsageRecord.objects.filter(message_id=assistant["id"]).aexists()
+    assert await usage_records(message_id=assistant["id"])
 
 
 async def test_upstream_error_is_an_error_event_and_a_failed_message(failing_conversation, token):
@@ -183,7 +183,7 @@ async def test_upstream_error_is_an_error_event_and_a_failed_message(failing_con
     answer = await message(body["message"]["id"])
     assert answer.status == "failed"
     # Nothing was generated, so nothing is billed.
-    assert not await UsageRecord.objects.filter(message_id=answer.pk).aexists()
+    assert await usage_records(message_id=answer.pk) == []
 
 
 async def test_unreachable_upstream_is_an_error_event(unreachable_conversation, token):
@@ -267,7 +267,7 @@ async def test_client_disconnect_cancels_the_reply_and_the_upstream_request(
     assert answer.content.startswith("".join(deltas))  # the server may have relayed a little more
     assert 0 < len(answer.content.split()) < SLOW_REPLY_TOKENS
     await wait_until(lambda: _stat(slow_simulator, "requests_disconnected", before + 1))
-    record = await wait_until(lambda: UsageRecord.objects.filter(message_id=message_id).afirst())
+    [record] = await poll_until(lambda: usage_records(message_id=message_id))
     assert record.finish_status == "cancelled"
     assert record.estimated is True
 

@@ -30,6 +30,13 @@ def slow_llm_simulator() -> Iterator[SimulatorProcess]:
 
 
 @pytest.fixture(scope="session")
+def sleepy_llm_simulator() -> Iterator[SimulatorProcess]:
+    """Yield a simulator that waits 5 s before its first token: time to see keep-alives and stop."""
+    with running_simulator("--ttft-ms", "5000", "--token-delay-ms", "5", "--reply-tokens", "5") as sim:
+        yield sim
+
+
+@pytest.fixture(scope="session")
 def keyed_llm_simulator() -> Iterator[SimulatorProcess]:
     """Yield a fast simulator that requires ``Authorization: Bearer SIMULATOR_API_KEY``."""
     options = ("--ttft-ms", "5", "--token-delay-ms", "2", "--reply-tokens", str(FAST_REPLY_TOKENS))

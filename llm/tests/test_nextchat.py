@@ -17,7 +17,9 @@ import pytest
 from django.test import AsyncClient
 from django.utils import timezone
 
-from conversations.tests.test_openai_api import (
+from llm.simulator import reply_text
+from llm.tests.openai_schema import validate_against
+from llm.tests.test_openai_api import (
     CHAT_URL,
     DB,
     SIM_REPLY_TOKENS,
@@ -26,11 +28,9 @@ from conversations.tests.test_openai_api import (
     asgi_request,
     assert_openai_error,
     read_stream,
-    usage_records,
 )
-from llm.simulator import reply_text
-from llm.tests.openai_schema import validate_against
 from tests.factories import LLMModelFactory, ProviderFactory
+from tests.kit import usage_records
 
 ORIGIN = "http://localhost:3000"
 SYSTEM_PROMPT = (

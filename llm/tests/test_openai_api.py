@@ -34,6 +34,7 @@ from llm.tests.openai_schema import validate_against
 from llm.tests.simulator_process import start_simulator
 from tests.asgi import http_scope
 from tests.factories import LLMModelFactory, ProviderFactory, UserFactory
+from tests.kit import usage_records
 
 SIM_REPLY_TOKENS = 12  # the session simulator's reply length (root conftest)
 CHAT_URL = "/v1/chat/completions"
@@ -157,12 +158,6 @@ async def asgi_request(
 
     await asyncio.wait_for(ASGIHandler()(scope, receive, send), timeout=30)
     return result
-
-
-async def usage_records(**filters: Any) -> list[UsageRecord]:
-    # run_sync, not the async ORM: it hands the thread's connection back (a connection left open
-    # in asgiref's executor thread keeps PostgreSQL from dropping the test database).
-    return await run_sync(lambda: list(UsageRecord.objects.filter(**filters).order_by("pk")))
 
 
 # --- A scripted upstream: tool calls and reasoning, over real HTTP ----------------------------

@@ -6,7 +6,7 @@ No trailing slashes, as OpenAI's URLs. The last pattern turns any other ``/v1`` 
 
 from django.urls import path, re_path
 
-from . import apis, billing_apis, endpoint, models_apis
+from . import apis, billing_apis, models_apis
 
 urlpatterns = [
     path("v1/chat/completions", apis.chat_completions, name="openai-chat-completions"),
@@ -14,5 +14,5 @@ urlpatterns = [
     path("v1/models/<path:model>", models_apis.model_retrieve, name="openai-model-retrieve"),
     path("dashboard/billing/usage", billing_apis.billing_usage, name="openai-billing-usage"),
     path("dashboard/billing/subscription", billing_apis.billing_subscription, name="openai-billing-subscription"),
-    re_path(r"^(?:v1|dashboard)(?:/.*)?$", endpoint.unknown_url, name="openai-unknown-url"),
+    re_path(r"^(?:v1|dashboard)(?:/.*)?$", apis.unknown_url, name="openai-unknown-url"),
 ]

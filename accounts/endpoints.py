@@ -1,0 +1,110 @@
+"""The one wrapper of the plain async views: methods, authentication, request bodies, errors.
+
+DRF views are sync; the streaming endpoints (``/v1``, ``/dashboard``, the conversation send view)
+are plain ``async def`` Django views (FIELD-NOTES, "DRF and async"). ``async_endpoint`` gives each
+of them what DRF gives its views, in one place:
+
+- the allowed methods: another is a 405 with ``Allow``; a bare ``OPTIONS`` (not a CORS preflight,
+  which django-cors-headers answers first) a 200 with ``Allow``;
+- CSRF exemption: credentials are bearer tokens or API keys, never cookies;
+- authentication: the caller's ``Principal`` (API key or JWT access token, from ``Authorization:
+  Bearer``, ``x-api-key`` or ``api-key``), resolved before the view runs, in at most one
+  worker-thread hop, and handed to the view; a bad credential is a 401 before the body is read;
+- errors: ``ApplicationError``, DRF ``ValidationError`` and the like become the project's JSON error
+  (``chatbackend.errors.error_response``: OpenAI's shape); any other exception is logged and
+  answered as a 500 in the same shape, never an HTML page.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Coroutine
+from functools import wraps
+from typing import Any, Concatenate, ParamSpec
+
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.views.decorators.csrf import csrf_exempt
+
+from chatbackend.errors import ApplicationError, as_application_error, error_response
+
+from .authentication import Principal, authenticate_token_async, token_from_headers
+
+logger = logging.getLogger(__name__)
+
+Params = ParamSpec("Params")
+# A coroutine function, not any awaitable: Django's ``path()`` takes async views as such.
+View = Callable[..., Coroutine[Any, Any, HttpResponseBase]]
+AuthenticatedView = Callable[Concatenate[HttpRequest, Principal, Params], Coroutine[Any, Any, HttpResponseBase]]
+
+
+def async_endpoint(*methods: str) -> Callable[[AuthenticatedView[Params]], View]:
+    """Make ``view(request, principal, *args, **kwargs)`` an authenticated endpoint answering ``methods``.
+
+    See the module docstring for what the wrapper does. The returned view takes
+    ``(request, *args, **kwargs)`` as Django calls it.
+    """
+    allow = ", ".join((*methods, "OPTIONS"))
+
+    def decorate(view: AuthenticatedView[Params]) -> View:
+        @wraps(view)
+        async def endpoint(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+            if request.method not in methods:
+                if request.method == "OPTIONS":
+                    response: HttpResponseBase = HttpResponse()
+                else:
+                    response = error_response(
+                        ApplicationError(
+                            f"Method {request.method} is not allowed on {request.path}; allowed: {allow}.",
+                            code="method_not_allowed",
+                            status=405,
+                        )
+                    )
+                response["Allow"] = allow
+                return response
+            try:
+                principal = await authenticate_token_async(token_from_headers(request.headers))
+                return await view(request, principal, *args, **kwargs)
+            except Exception as exc:
+                error = as_application_error(exc)
+                if error is None:
+                    logger.exception("%s %s failed", request.method, request.path)
+                    error = ApplicationError(
+                        "The server had an error while processing your request.", code="internal_error", status=500
+                    )
+                return error_response(error)
+
+        return csrf_exempt(endpoint)
+
+    return decorate
+
+
+def request_body(request: HttpRequest) -> bytes:
+    """Return the raw body; chunked bodies without ``Content-Length`` (NextChat's server) are fine.
+
+    Raises ``ApplicationError`` 413 ``request_too_large`` past ``DATA_UPLOAD_MAX_MEMORY_SIZE``.
+    """
+    try:
+        return request.body
+    except RequestDataTooBig:
+        raise ApplicationError(
+            "The request body is larger than this server accepts (DATA_UPLOAD_MAX_MEMORY_SIZE).",
+            code="request_too_large",
+            status=413,
+        ) from None
+
+
+def parse_json(raw: bytes) -> Any:
+    """Return the JSON value of ``raw``. Raises ``ApplicationError`` 400 ``invalid_json``."""
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ApplicationError(
+            "We could not parse the JSON body of your request. Send a JSON object with "
+            "'Content-Type: application/json'.",
+            code="invalid_json",
+        ) from None
+
+
+__all__ = ["View", "async_endpoint", "parse_json", "request_body"]

@@ -1,0 +1,229 @@
+"""Messages to every server process: one channel layer group, one listener per process.
+
+Some state must reach every process that serves requests, whichever process changed it: a stop
+request for a reply that streams elsewhere, or "this API key was revoked, drop your cached copy".
+``broadcast`` sends a message (a dict with a ``type``) to the channel layer group
+``PROCESS_GROUP``; every process (every event loop) has one listener in that group, which hands
+each message to the handlers registered for its type with ``on_broadcast``.
+``InMemoryChannelLayer`` covers one process (the embedded default); ``channels_redis`` covers many.
+
+One listener per process, not a channel or group per stream: a ``group_add`` and
+``group_discard`` per reply were two Redis round trips each and, with a few hundred concurrent
+replies, exhausted redis-py's connection pool. A listener is one channel that joins the group
+once, and one task that receives on it. Nothing is cancelled per stream either: on Python 3.11,
+``asyncio.wait_for`` (used by redis-py to send a command) can swallow a cancellation, and a
+cancelled ``receive`` then hangs for channels_redis' whole 5 s ``BZPOPMIN`` before failing.
+
+Group membership expires: channels_redis drops a member ``group_expiry`` (default 86400 s) after
+it joined, at the next ``group_send``. So the listener re-joins every ``REJOIN_SECONDS`` (one
+cheap ``ZADD`` + ``EXPIRE``), and again as soon as it can after receiving failed. A listener that
+lost Redis for a while may have missed messages: when it receives again it dispatches a local
+``RESYNC`` message, on which caches drop everything they hold. A process that dies stays a member
+until its membership expires; a broadcast then also fills its channel, whose messages expire
+(channels_redis ``expiry``) unread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import BaseChannelLayer, get_channel_layer
+
+logger = logging.getLogger(__name__)
+
+# The channel layer group of every process's listener.
+PROCESS_GROUP = "chatbackend-processes"
+# Dispatched locally (never sent) when a listener receives again after a failure: messages may
+# have been missed meanwhile.
+RESYNC = "broadcast.resync"
+# How often a listener re-joins PROCESS_GROUP, well within channels_redis' group_expiry (1 day).
+REJOIN_SECONDS = 3600.0
+# After a failed join, how long a listener waits before trying again (callers meanwhile reuse the
+# failure instead of each trying, so an outage costs at most one attempt a second).
+RETRY_SECONDS = 1.0
+
+Handler = Callable[[dict[str, Any]], None]
+_handlers: dict[str, list[Handler]] = {}
+
+
+def on_broadcast(message_type: str, handler: Handler) -> None:
+    """Call ``handler(message)`` for every broadcast message of ``message_type`` this process receives.
+
+    Register at import time (module level). The handler runs on the event loop: it must be quick
+    and must not block or raise (an exception is logged and ignored).
+    """
+    _handlers.setdefault(message_type, []).append(handler)
+
+
+def dispatch(message: dict[str, Any]) -> None:
+    """Hand ``message`` to the handlers of its ``type`` in this process (the listener calls this)."""
+    for handler in _handlers.get(message.get("type", ""), ()):
+        try:
+            handler(message)
+        except Exception:
+            logger.exception("broadcast handler for %r failed", message.get("type"))
+
+
+async def broadcast(message: dict[str, Any]) -> None:
+    """Send ``message`` (``{"type": ..., ...}``, JSON-serializable) to every process, this one included.
+
+    Raises what the channel layer raises when it is unreachable. Without a channel layer, only
+    this process gets it.
+    """
+    layer = get_channel_layer()
+    if layer is None:
+        dispatch(message)
+        return
+    await layer.group_send(PROCESS_GROUP, message)
+
+
+def broadcast_sync(message: dict[str, Any]) -> None:
+    """``broadcast`` from sync code (a DRF view, a signal handler, a Celery task)."""
+    async_to_sync(broadcast)(message)
+
+
+class _Listener:
+    """One event loop's membership of ``PROCESS_GROUP``: one channel, one receive task."""
+
+    def __init__(self, layer: BaseChannelLayer) -> None:
+        self.layer = layer
+        self.channel = ""
+        self._joining: asyncio.Future[None] | None = None
+        self._failed_at = 0.0
+        self._rejoin = asyncio.Event()  # set: re-join now rather than at the next REJOIN_SECONDS
+        self.tasks: tuple[asyncio.Task[None], ...] = ()
+
+    @property
+    def joined(self) -> bool:
+        joining = self._joining
+        return joining is not None and joining.done() and not joining.cancelled() and joining.exception() is None
+
+    async def start(self) -> None:
+        """Join the group and start receiving, on first use; raise if the channel layer fails.
+
+        Concurrent callers share one join, shielded from their cancellation (see the module
+        docstring). Once joined this returns at once; after a failure, the next caller more than
+        ``RETRY_SECONDS`` later tries again.
+        """
+        joining = self._joining
+        if joining is None or (
+            joining.done()
+            and (joining.cancelled() or joining.exception() is not None)
+            and time.monotonic() - self._failed_at >= RETRY_SECONDS
+        ):
+            joining = self._joining = asyncio.ensure_future(self._join())
+        await asyncio.shield(joining)
+
+    async def _join(self) -> None:
+        try:
+            if not self.channel:
+                self.channel = await self.layer.new_channel()
+            await self.layer.group_add(PROCESS_GROUP, self.channel)
+        except BaseException:
+            self._failed_at = time.monotonic()
+            raise
+        self.tasks = (
+            asyncio.create_task(self._receive(), name="broadcast-listener"),
+            asyncio.create_task(self._keep_joined(), name="broadcast-rejoin"),
+        )
+
+    async def _receive(self) -> None:
+        failing = False
+        while True:
+            try:
+                message = await self.layer.receive(self.channel)
+            except Exception:
+                # Redis gone for a while: keep trying; requests are served meanwhile, only without
+                # messages from other processes.
+                logger.warning("receiving broadcast messages failed; retrying in 1 s", exc_info=True)
+                failing = True
+                self._rejoin.set()  # a Redis that restarted has forgotten the group
+                await asyncio.sleep(1)
+                continue
+            if failing:
+                failing = False
+                dispatch({"type": RESYNC})
+            dispatch(message)
+
+    async def _keep_joined(self) -> None:
+        """Re-join the group every ``REJOIN_SECONDS``, before channels_redis expires the membership."""
+        delay = REJOIN_SECONDS
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._rejoin.wait(), delay)  # cancels only an Event wait
+            self._rejoin.clear()
+            try:
+                await self.layer.group_add(PROCESS_GROUP, self.channel)
+            except Exception:
+                logger.warning("re-joining the broadcast group failed; retrying in %s s", RETRY_SECONDS, exc_info=True)
+                delay = RETRY_SECONDS
+            else:
+                delay = REJOIN_SECONDS
+
+
+# One listener per event loop: channel layer connections belong to the loop that opened them.
+_listeners: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Listener] = weakref.WeakKeyDictionary()
+
+
+def _listener() -> _Listener | None:
+    layer = get_channel_layer()
+    if layer is None:
+        return None
+    loop = asyncio.get_running_loop()
+    listener = _listeners.get(loop)
+    if listener is None or listener.layer is not layer:
+        listener = _listeners[loop] = _Listener(layer)
+    return listener
+
+
+async def listen() -> bool:
+    """Make sure this process receives broadcasts; return whether it does.
+
+    Cheap once joined (no channel layer call). When the channel layer is unreachable, logs a
+    warning and returns False: the caller works on, without messages from other processes.
+    """
+    listener = _listener()
+    if listener is None:
+        return False
+    if listener.joined:
+        return True
+    try:
+        await listener.start()
+    except Exception:
+        logger.warning("cannot listen for broadcast messages", exc_info=True)
+        return False
+    return True
+
+
+async def stop_listening() -> None:
+    """Leave the group and stop this event loop's listener (tests, shutdown)."""
+    loop = asyncio.get_running_loop()
+    listener = _listeners.pop(loop, None)
+    if listener is None:
+        return
+    if listener.channel and listener.joined:
+        with contextlib.suppress(Exception):
+            await listener.layer.group_discard(PROCESS_GROUP, listener.channel)
+    for task in listener.tasks:
+        task.cancel()
+    if listener.tasks:
+        await asyncio.wait(listener.tasks, timeout=10)
+
+
+__all__ = [
+    "PROCESS_GROUP",
+    "RESYNC",
+    "broadcast",
+    "broadcast_sync",
+    "dispatch",
+    "listen",
+    "on_broadcast",
+    "stop_listening",
+]

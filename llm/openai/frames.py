@@ -1,0 +1,95 @@
+"""The streamed ``/v1/chat/completions`` answer: the engine's events as ``chat.completion.chunk`` frames.
+
+Wire format: https://platform.openai.com/docs/api-reference/chat/streaming (SSE: one
+``data: {chat.completion.chunk}`` line per chunk, then ``data: [DONE]``); what NextChat reads of
+it is in ``/work/shared/nextchat.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from ..providers import ChatChunk
+from ..streaming import KEEPALIVE, Reply, ReplyDelta, ReplyDone, ReplyFailed, ReplyOutcome
+from .services import ChatCompletionPlan
+
+# One encoder, built once: ``json.dumps`` with arguments builds a new encoder per call.
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+# A JSON string literal (what ``_encode`` returns for a ``str``, without its type dispatch).
+_encode_str: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[attr-defined]
+
+# Frames are ``bytes``: ``StreamingHttpResponse`` passes bytes through, where it would look up
+# the charset and encode every ``str`` part.
+DONE = b"data: [DONE]\n\n"
+KEEPALIVE_COMMENT = b": keep-alive\n\n"
+
+
+def usage_object(outcome: ReplyOutcome) -> dict[str, int]:
+    """Return OpenAI's ``usage`` object of a finished reply: prompt, completion and total tokens."""
+    usage = outcome.usage
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+async def chat_completion_frames(reply: Reply[ChatCompletionPlan], *, keepalive: float) -> AsyncIterator[bytes]:
+    """Yield the SSE body of ``reply`` as UTF-8 bytes: its chunks, the usage chunk if asked for, ``[DONE]``.
+
+    The chunks of one ``ReplyDelta`` (what the upstream had sent when we read) go out as one
+    part, i.e. one write. The first frame carries ``role``; a frame of plain content (nearly
+    every token) costs one JSON string escape. ``: keep-alive`` comments flow every
+    ``keepalive`` seconds while the upstream is silent before its first chunk (clients ignore
+    comments). A failure after the headers is sent as ``data: {"error": ...}`` and ends the
+    stream, as OpenAI does. There is no ``system_fingerprint``: OpenAI's schema types it as a
+    string when present, and there is no fingerprint to report.
+    """
+    plan = reply.plan
+    head = (
+        f'data: {{"id":{_encode(plan.reply_id)},"object":"chat.completion.chunk","created":{plan.created},'
+        f'"model":{_encode(plan.model_name)},"choices":['
+    ).encode()
+    tail = b'],"usage":null}\n\n' if plan.include_usage else b"]}\n\n"
+    content_head = head + b'{"index":0,"delta":{"content":'
+    reasoning_head = head + b'{"index":0,"delta":{"reasoning_content":'
+    content_tail = b'},"logprobs":null,"finish_reason":null}' + tail
+    role_sent = False
+
+    def frame(chunk: ChatChunk) -> bytes:
+        nonlocal role_sent
+        if role_sent and not (chunk.tool_calls or chunk.finish_reason):
+            content, reasoning = chunk.content, chunk.reasoning_content
+            if content and not reasoning:
+                return content_head + _encode_str(content).encode() + content_tail
+            if reasoning and not content:
+                return reasoning_head + _encode_str(reasoning).encode() + content_tail
+        delta: dict[str, Any] = {} if role_sent else {"role": "assistant"}
+        role_sent = True
+        if chunk.content:
+            delta["content"] = chunk.content
+        if chunk.reasoning_content:
+            delta["reasoning_content"] = chunk.reasoning_content
+        if chunk.tool_calls:
+            delta["tool_calls"] = chunk.tool_calls
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": chunk.finish_reason}
+        return head + _encode(choice).encode() + tail
+
+    async for event in reply.events(keepalive=keepalive):
+        if type(event) is ReplyDelta:
+            chunks = event.chunks
+            yield frame(chunks[0]) if len(chunks) == 1 else b"".join(map(frame, chunks))
+        elif event is KEEPALIVE:
+            yield KEEPALIVE_COMMENT
+        elif type(event) is ReplyDone:
+            if plan.include_usage:
+                yield head + b'],"usage":' + _encode(usage_object(event.outcome)).encode() + b"}\n\n" + DONE
+            else:
+                yield DONE
+        elif type(event) is ReplyFailed:
+            yield b"data: " + _encode(event.error.as_dict()).encode() + b"\n\n"
+
+
+__all__ = ["DONE", "KEEPALIVE_COMMENT", "chat_completion_frames", "usage_object"]

@@ -1,0 +1,86 @@
+"""Services behind the OpenAI-compatible API (``/v1`` and NextChat's ``/dashboard/billing``).
+
+A ``/v1/chat/completions`` request has no conversation: every request carries its whole context
+and nothing but its usage is stored. ``openai_chat_start`` plans the reply for the streaming
+engine (``llm.streaming``), which accounts the usage when the reply ends.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from django.utils import timezone
+
+from accounts.authentication import Principal
+from accounts.models import UsageRecord
+from accounts.usage import UsageContext
+
+from ..providers import ChatRequest
+from ..selectors import llm_model_get_enabled, provider_config_for
+from ..streaming import ReplyPlan
+
+# Request fields the adapter or this service owns; never taken from a model's defaults or the client.
+RESERVED_PARAMETERS = frozenset(("model", "messages", "stream", "stream_options", "n"))
+
+
+@dataclass(kw_only=True)
+class ChatCompletionPlan(ReplyPlan):
+    """A ``/v1/chat/completions`` reply: ``reply_id`` is its ``chatcmpl-...`` id (and usage request id).
+
+    ``created``: Unix seconds. ``stream`` / ``include_usage``: what the client asked for.
+    """
+
+    created: int
+    stream: bool
+    include_usage: bool
+
+
+def new_completion_id() -> str:
+    """Return a fresh chat completion id: ``chatcmpl-`` + 32 hex digits."""
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def openai_chat_start(
+    *,
+    principal: Principal,
+    model_name: str,
+    messages: list[dict[str, Any]],
+    parameters: dict[str, Any],
+    stream: bool,
+    include_usage: bool,
+) -> ChatCompletionPlan:
+    """Resolve ``model_name`` and return the plan of one ``/v1/chat/completions`` reply.
+
+    ``messages``: OpenAI message objects, sent upstream as they are. ``parameters``: the other
+    request fields the client sent; the model's ``default_parameters`` fill in the ones it did
+    not send (``RESERVED_PARAMETERS`` are dropped from both). Writes nothing. Raises
+    ``ApplicationError`` 404 ``model_not_found`` / 400 ``model_disabled``.
+    """
+    model = llm_model_get_enabled(name=model_name)
+    merged = {key: value for key, value in model.default_parameters.items() if key not in RESERVED_PARAMETERS}
+    merged.update((key, value) for key, value in parameters.items() if key not in RESERVED_PARAMETERS)
+    completion_id = new_completion_id()
+    return ChatCompletionPlan(
+        provider=provider_config_for(model=model),
+        request=ChatRequest(model=model.upstream_model, messages=messages, parameters=merged),
+        model_name=model.name,
+        reply_id=completion_id,
+        usage=UsageContext(
+            request_id=completion_id,
+            source=UsageRecord.Source.OPENAI_API,
+            user_id=principal.user.pk,
+            api_key_id=principal.api_key.pk if principal.api_key else None,
+            model_id=model.pk,
+            model_name=model.name,
+            input_price_per_million=model.input_price_per_million,
+            output_price_per_million=model.output_price_per_million,
+        ),
+        created=int(timezone.now().timestamp()),
+        stream=stream,
+        include_usage=include_usage,
+    )
+
+
+__all__ = ["RESERVED_PARAMETERS", "ChatCompletionPlan", "new_completion_id", "openai_chat_start"]

@@ -1,0 +1,567 @@
+"""The one streaming engine: start a reply, relay the upstream's chunks as typed events, persist the end.
+
+Every interface — the conversation SSE view, the WebSocket consumer and ``/v1/chat/completions``
+— streams a reply the same way and only encodes the events into its own wire format::
+
+    async with open_reply(begin) as reply:            # the start; begin's errors raise here
+        async for event in reply.events(keepalive=15):
+            ...                                        # STARTED, ReplyDelta..., KEEPALIVE, then
+                                                       # ReplyDone or ReplyFailed, always last
+
+``begin`` is an awaitable (usually one ``run_sync`` call of a sync service that writes the start)
+returning a ``ReplyPlan``: where to send the request, who pays (``plan.usage``) and, in a subclass,
+what the interface needs to report (ids) and how to persist the end (``plan.finish``). The
+``Reply`` owns the upstream request, like openai-python's stream objects: however the block or the
+iteration exits — the upstream finished (``completed``), the client went away or asked to stop
+(``cancelled``), the upstream failed (``failed``) — it closes the upstream request, persists the
+end once (``plan.finish`` in one worker-thread hop, shielded from a second cancellation) and
+accounts the usage once (``accounts.usage.usage_account``). The text generated so far is kept in
+every case. A streaming HTTP response hands its reply to ``ReplyStreamingResponse``, which
+plays the role of the ``async with`` block for the response's lifetime.
+
+Built in, once: the keep-alive while the upstream is silent before its first chunk (proxies drop
+idle reads; FIELD-NOTES, "HTTP streaming"), the first-chunk wait of ``/v1`` (``open_reply(...,
+wait_first_chunk=)``: an upstream failure is still an HTTP status) and stopping. ``Reply.stop()``
+ends the reply ``cancelled`` from anywhere in its event loop (a WebSocket frame); a stop request
+from another process (``reply_stop_broadcast``) reaches it through the process-wide listener of
+``chatbackend.broadcast``, joined before ``STARTED`` is yielded so that a client that has seen the
+start can stop the reply.
+
+Deltas come in batches: an upstream adapter yields every chunk that had arrived when it read
+(``llm.providers``), and ``ReplyDelta.chunks`` passes them on together, so an interface writes
+them to its client in one send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from dataclasses import dataclass
+from enum import StrEnum
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+from asgiref.sync import async_to_sync
+from django.http import StreamingHttpResponse
+
+from accounts.usage import UsageContext, usage_account
+from chatbackend import broadcast
+from chatbackend.asyncdb import run_sync
+from chatbackend.errors import ApplicationError
+
+from .providers import ChatChunk, ChatRequest, ProviderConfig, Usage, get_provider
+from .tokens import estimate_prompt_tokens, estimate_text_tokens
+
+logger = logging.getLogger(__name__)
+
+STOP_MESSAGE_TYPE = "reply.stop"
+
+
+class ReplyStatus(StrEnum):
+    """How a reply ended (``Message.status`` and ``UsageRecord.finish_status`` use the same words)."""
+
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+@dataclass(slots=True)
+class ReplyOutcome:
+    """How a reply ended.
+
+    ``content`` / ``reasoning_content``: all text streamed. ``usage``: token counts — the
+    provider's when it reported them (``usage_estimated`` False), else estimated (``llm.tokens``).
+    Times in milliseconds from the upstream request's start; ``time_to_first_token_ms`` is None
+    when no chunk with output arrived. ``error``: the failure, for ``failed``.
+    """
+
+    status: ReplyStatus
+    content: str
+    reasoning_content: str
+    finish_reason: str | None
+    usage: Usage
+    usage_estimated: bool
+    time_to_first_token_ms: float | None
+    duration_ms: float
+    error: ApplicationError | None = None
+
+
+@dataclass(kw_only=True)
+class ReplyPlan:
+    """What a reply's start decided: the upstream request, its public model name, its id, who pays.
+
+    ``reply_id``: unique per reply; the key of stop requests and of logs. ``usage``: the accounting
+    context, or None for a reply nobody pays for. Interfaces subclass it with the typed fields they
+    report to their clients (ids, timestamps) and override ``finish`` to persist the end.
+    """
+
+    provider: ProviderConfig
+    request: ChatRequest
+    model_name: str
+    reply_id: str
+    usage: UsageContext | None = None
+
+    # ``finish`` runs in a worker thread (it may use the ORM) only when a subclass overrides it.
+    def finish(self, outcome: ReplyOutcome) -> None:
+        """Persist the end of the reply (sync; the ORM is allowed). The base plan persists nothing."""
+
+
+P = TypeVar("P", bound=ReplyPlan)
+
+
+# --- Events -----------------------------------------------------------------------------------
+
+
+class ReplyStarted:
+    """The reply has started: interfaces announce it (``reply.start``); first event, once."""
+
+    __slots__ = ()
+
+
+class KeepAlive:
+    """The upstream has been silent for ``keepalive`` seconds before its first chunk."""
+
+    __slots__ = ()
+
+
+STARTED = ReplyStarted()
+KEEPALIVE = KeepAlive()
+
+
+@dataclass(slots=True)
+class ReplyDelta:
+    """Chunks that arrived together: content, reasoning, tool calls or a ``finish_reason``.
+
+    Never empty; chunks that only carry the provider's usage report are not passed on.
+    """
+
+    chunks: list[ChatChunk]
+
+
+@dataclass(slots=True)
+class ReplyDone:
+    """The reply ended ``completed``, or ``cancelled`` by a stop; last event. Already persisted."""
+
+    outcome: ReplyOutcome
+
+
+@dataclass(slots=True)
+class ReplyFailed:
+    """The upstream failed (``outcome.status`` is ``failed``); last event. Already persisted."""
+
+    error: ApplicationError
+    outcome: ReplyOutcome
+
+
+ReplyEvent = ReplyStarted | ReplyDelta | KeepAlive | ReplyDone | ReplyFailed
+
+
+# --- The reply --------------------------------------------------------------------------------
+
+
+class Reply(Generic[P]):
+    """One streamed reply. Get it from ``open_reply``; use it as an async context manager.
+
+    ``events()`` may be iterated once. ``outcome`` is set once the reply has ended.
+    """
+
+    def __init__(self, plan: P) -> None:
+        self.plan = plan
+        self.outcome: ReplyOutcome | None = None
+        self._upstream: AsyncGenerator[list[ChatChunk], None] = get_provider(plan.provider).stream(plan.request)
+        self._first: asyncio.Future[list[ChatChunk]] | None = None  # a read in its own task
+        self._events: AsyncGenerator[ReplyEvent, None] | None = None
+        self._task: asyncio.Task[Any] | None = None  # the task iterating ``events()``
+        self._waiting = False  # True while that task awaits the upstream: a stop may cancel it
+        self._stop_requested = False
+        self._interrupted = False  # we cancelled the task for a stop
+        self._started = time.perf_counter()
+        self._ttft_ms: float | None = None
+        self._content: list[str] = []
+        self._reasoning: list[str] = []
+        self._chunks_with_output = 0
+        self._finish_reason: str | None = None
+        self._usage: Usage | None = None
+
+    async def __aenter__(self) -> Reply[P]:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """End the reply if it has not ended (``cancelled``): close the upstream, persist, account."""
+        events = self._events
+        if events is not None:
+            await events.aclose()  # its ``finally`` ends the reply
+        await self._end(ReplyStatus.CANCELLED, None)
+
+    def stop(self) -> None:
+        """Stop the reply: it ends ``cancelled`` with its text so far. Idempotent; any task of its loop.
+
+        Interrupts the upstream wait at once; a reply whose events are being handled stops before
+        its next read.
+        """
+        if self._stop_requested or self.outcome is not None:
+            return
+        self._stop_requested = True
+        if self._waiting and self._task is not None:
+            self._interrupted = True
+            self._task.cancel()
+
+    def events(self, *, keepalive: float | None = None) -> AsyncGenerator[ReplyEvent, None]:
+        """Return the reply's events: ``STARTED``, ``ReplyDelta``s and ``KEEPALIVE``s, then one of
+        ``ReplyDone`` / ``ReplyFailed``.
+
+        ``keepalive`` (seconds): yield ``KEEPALIVE`` each time that long passes before the first
+        chunk. The end is persisted before the last event is yielded. A cancellation of the
+        iterating task (client gone, server shutting down) persists ``cancelled`` and propagates.
+        Raises ``RuntimeError`` if called twice.
+        """
+        if self._events is not None:
+            raise RuntimeError("Reply.events() can be iterated only once")
+        self._events = self._generate(keepalive)
+        return self._events
+
+    async def _generate(self, keepalive: float | None) -> AsyncGenerator[ReplyEvent, None]:
+        self._task = asyncio.current_task()
+        status, error = ReplyStatus.CANCELLED, None
+        registry = _replies()
+        registry[self.plan.reply_id] = self
+        try:
+            try:
+                await broadcast.listen()  # before STARTED: a client that saw the start may stop us
+                yield STARTED
+                first = self._first
+                if first is None and keepalive is not None and not self._stop_requested:
+                    # The first read in its own task, so that waiting for it can time out without
+                    # cancelling the upstream request. Later reads are awaited directly.
+                    first = self._first = asyncio.ensure_future(anext(self._upstream))
+                if first is not None:
+                    while not (first.done() or self._stop_requested):
+                        self._waiting = True
+                        try:
+                            await asyncio.wait((first,), timeout=keepalive)
+                        finally:
+                            self._waiting = False
+                        if not first.done():
+                            yield KEEPALIVE
+                    if first.done():
+                        self._first = None
+                        try:
+                            batch = first.result()
+                        except StopAsyncIteration:
+                            self._stop_requested = True  # nothing more to read
+                            status = ReplyStatus.COMPLETED
+                        else:
+                            delta = self._take(batch)
+                            if delta is not None:
+                                yield delta
+                upstream = self._upstream
+                while not self._stop_requested:
+                    self._waiting = True
+                    try:
+                        batch = await anext(upstream)
+                    except StopAsyncIteration:
+                        status = ReplyStatus.COMPLETED
+                        break
+                    finally:
+                        self._waiting = False
+                    delta = self._take(batch)
+                    if delta is not None:
+                        yield delta
+            except ApplicationError as exc:
+                status, error = ReplyStatus.FAILED, exc
+            except asyncio.CancelledError:
+                if not self._absorb_stop():
+                    raise
+            except Exception as exc:  # a bug must still leave the reply persisted and accounted
+                logger.exception("reply %s failed", self.plan.reply_id)
+                status = ReplyStatus.FAILED
+                error = ApplicationError("The reply failed.", code="internal_error", status=500)
+                error.__cause__ = exc
+        finally:
+            if registry.get(self.plan.reply_id) is self:
+                del registry[self.plan.reply_id]
+            await self._end(status, error)
+        assert self.outcome is not None  # noqa: S101 - set by _end
+        if error is not None:
+            yield ReplyFailed(error, self.outcome)
+        else:
+            yield ReplyDone(self.outcome)
+
+    def _absorb_stop(self) -> bool:
+        """Return True when the ``CancelledError`` being handled was our stop's, and clear it.
+
+        False (re-raise!) when the cancellation came from elsewhere — the client went away or the
+        server shuts down — even if it coincides with a stop.
+        """
+        if not self._interrupted or self._task is None:
+            return False
+        self._interrupted = False
+        return self._task.uncancel() == 0
+
+    def _take(self, batch: list[ChatChunk]) -> ReplyDelta | None:
+        """Account for a batch of chunks; return what to pass on (None when only usage came)."""
+        # The hot path: appends and compares only.
+        usage_only = False
+        for chunk in batch:
+            content, reasoning = chunk.content, chunk.reasoning_content
+            if content or reasoning or chunk.tool_calls:
+                if self._ttft_ms is None:
+                    self._ttft_ms = (time.perf_counter() - self._started) * 1000
+                self._chunks_with_output += 1
+                if content:
+                    self._content.append(content)
+                if reasoning:
+                    self._reasoning.append(reasoning)
+            elif chunk.usage is not None and not chunk.finish_reason:
+                usage_only = True
+            if chunk.finish_reason:
+                self._finish_reason = chunk.finish_reason
+            if chunk.usage is not None:
+                self._usage = chunk.usage
+        if usage_only:
+            batch = [chunk for chunk in batch if chunk.usage is None or chunk.finish_reason or _has_output(chunk)]
+        return ReplyDelta(batch) if batch else None
+
+    async def _wait_first_chunk(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for the upstream's first chunk; raise its failure, persisted ``failed``."""
+        first = self._first = asyncio.ensure_future(anext(self._upstream))
+        try:
+            await asyncio.wait((first,), timeout=seconds)
+        except asyncio.CancelledError:
+            await self._end(ReplyStatus.CANCELLED, None)
+            raise
+        if first.done() and not first.cancelled():
+            error = first.exception()
+            if isinstance(error, ApplicationError):
+                self._first = None
+                await self._end(ReplyStatus.FAILED, error)
+                raise error
+
+    async def _close_upstream(self) -> None:
+        first, self._first = self._first, None
+        if first is not None and not first.done():
+            first.cancel()  # runs the adapter's cleanup, which closes the upstream connection
+            await asyncio.wait((first,))
+        if first is not None and first.done() and not first.cancelled():
+            first.exception()  # retrieved: a failure here is already what ended the reply
+        with contextlib.suppress(Exception):  # closing a failed or finished upstream may itself fail
+            await self._upstream.aclose()
+
+    async def _end(self, status: ReplyStatus, error: ApplicationError | None) -> None:
+        if self.outcome is not None:
+            return
+        content, reasoning = "".join(self._content), "".join(self._reasoning)
+        self.outcome = outcome = ReplyOutcome(
+            status=status,
+            content=content,
+            reasoning_content=reasoning,
+            finish_reason=self._finish_reason,
+            usage=self._usage or self._estimate_usage(content, reasoning),
+            usage_estimated=self._usage is None,
+            time_to_first_token_ms=self._ttft_ms,
+            duration_ms=(time.perf_counter() - self._started) * 1000,
+            error=error,
+        )
+        # Shielded: a second cancellation (client gone, server shutting down) must not lose the
+        # write of what was generated.
+        await asyncio.shield(self._persist(outcome))
+
+    async def _persist(self, outcome: ReplyOutcome) -> None:
+        await self._close_upstream()
+        if type(self.plan).finish is not ReplyPlan.finish:
+            try:
+                await run_sync(self.plan.finish, outcome)
+            except Exception:
+                logger.exception("persisting the end of reply %s failed", self.plan.reply_id)
+        if outcome.error is not None:
+            logger.warning("reply %s ended %s: %s", self.plan.reply_id, outcome.status, outcome.error.message)
+        if self.plan.usage is not None:
+            usage_account(
+                context=self.plan.usage,
+                finish_status=outcome.status.value,
+                prompt_tokens=outcome.usage.prompt_tokens,
+                completion_tokens=outcome.usage.completion_tokens,
+                estimated=outcome.usage_estimated,
+                produced_output=outcome.time_to_first_token_ms is not None,
+            )
+
+    def _estimate_usage(self, content: str, reasoning: str) -> Usage:
+        # One chunk per token is what OpenAI-compatible servers send; text length bounds it below.
+        completion = max(self._chunks_with_output, estimate_text_tokens(content + reasoning))
+        return Usage(prompt_tokens=estimate_prompt_tokens(self.plan.request.messages), completion_tokens=completion)
+
+
+def _has_output(chunk: ChatChunk) -> bool:
+    return bool(chunk.content or chunk.reasoning_content or chunk.tool_calls)
+
+
+class ReplyOpener(Generic[P]):
+    """What ``open_reply`` returns: ``async with`` it, or ``await`` it for a ``Reply`` to hand on."""
+
+    def __init__(self, begin: Awaitable[P], wait_first_chunk: float) -> None:
+        self._begin = begin
+        self._wait_first_chunk = wait_first_chunk
+        self._reply: Reply[P] | None = None
+
+    def __await__(self) -> Any:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> Reply[P]:
+        self._reply = await self._open()
+        return self._reply
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._reply is not None:
+            await self._reply.aclose()
+
+    async def _open(self) -> Reply[P]:
+        begun = asyncio.ensure_future(self._begin)
+        try:
+            plan = await asyncio.shield(begun)
+        except asyncio.CancelledError:
+            # ``begin`` runs on (in its thread) and writes the start; end the reply ``cancelled``
+            # once it returns, or an assistant message would stay ``streaming`` for ever.
+            await asyncio.shield(_abandon(begun))
+            raise
+        reply = Reply(plan)
+        if self._wait_first_chunk > 0:
+            await reply._wait_first_chunk(self._wait_first_chunk)
+        return reply
+
+
+def open_reply(begin: Awaitable[P], *, wait_first_chunk: float = 0.0) -> ReplyOpener[P]:
+    """Start a reply: await ``begin`` for its plan and open the upstream request.
+
+    Use as ``async with open_reply(begin) as reply:`` or, when a response outlives the caller,
+    ``reply = await open_reply(begin)`` and hand the reply to ``ReplyStreamingResponse``.
+    ``wait_first_chunk`` (seconds): wait that long for the upstream's first chunk, so that an
+    upstream failure can still be answered with an error status before any header is sent.
+    Raises the ``ApplicationError`` of ``begin`` (nothing to end) or of an upstream that failed
+    within ``wait_first_chunk`` (persisted ``failed``).
+    """
+    if not inspect.isawaitable(begin):
+        raise TypeError("open_reply() takes an awaitable that returns a ReplyPlan")
+    return ReplyOpener(begin, wait_first_chunk)
+
+
+async def _abandon(begun: asyncio.Future[P]) -> None:
+    """Persist as ``cancelled`` the reply that ``begun`` started after its caller went away."""
+    try:
+        plan = await begun
+    except Exception:  # ``begin`` failed: it wrote nothing to end
+        return
+    await Reply(plan).aclose()
+
+
+# --- HTTP streaming ---------------------------------------------------------------------------
+
+
+class ReplyStreamingResponse(StreamingHttpResponse):
+    """A streamed HTTP answer (``text/event-stream``) whose body encodes a ``Reply``'s events.
+
+    ``body``: an async iterator of ``bytes`` (an interface's encoder over ``reply.events()``); its
+    end ends the reply. Headers ``Cache-Control: no-cache`` and ``X-Accel-Buffering: no`` make
+    proxies pass each part on at once (FIELD-NOTES, "HTTP streaming"); never gzip it (each part
+    would become its own gzip member). ``close()`` ends the reply if the body was never iterated
+    (the client left while the headers were being sent), so it is still persisted ``cancelled``.
+    """
+
+    def __init__(self, reply: Reply[Any], body: AsyncIterator[bytes]) -> None:
+        super().__init__(body, content_type="text/event-stream")
+        self["Cache-Control"] = "no-cache"
+        self["X-Accel-Buffering"] = "no"
+        self.reply = reply
+
+    def close(self) -> None:
+        try:
+            if self.reply.outcome is None:
+                _end_from_sync(self.reply)
+        finally:
+            super().close()
+
+
+_closing: set[asyncio.Task[None]] = set()
+
+
+def _end_from_sync(reply: Reply[Any]) -> None:
+    """End ``reply`` from sync code: on this thread's event loop if it has one, else via async_to_sync."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # Django's ASGI handler calls close() in a worker thread
+        async_to_sync(reply.aclose)()
+        return
+    task = loop.create_task(reply.aclose())
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+# --- Stopping from any process ----------------------------------------------------------------
+
+# The replies streaming in each event loop, by ``reply_id``.
+_registries: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Reply[Any]]] = weakref.WeakKeyDictionary()
+
+
+def _replies() -> dict[str, Reply[Any]]:
+    loop = asyncio.get_running_loop()
+    registry = _registries.get(loop)
+    if registry is None:
+        registry = _registries[loop] = {}
+    return registry
+
+
+def _on_stop_message(message: dict[str, Any]) -> None:
+    # Every process gets every stop: only the one streaming that reply has it.
+    reply = _replies().get(str(message.get("reply_id")))
+    if reply is not None:
+        reply.stop()
+
+
+broadcast.on_broadcast(STOP_MESSAGE_TYPE, _on_stop_message)
+
+
+def reply_stop_broadcast(*, reply_id: str) -> None:
+    """Ask the process streaming reply ``reply_id`` to stop it, wherever that process runs.
+
+    Sync (DRF views call it). Returns once the request is sent; the reply ends ``cancelled``
+    shortly after. Raises ``ApplicationError`` 503 ``stop_unavailable`` when the channel layer is
+    unreachable.
+    """
+    try:
+        broadcast.broadcast_sync({"type": STOP_MESSAGE_TYPE, "reply_id": reply_id})
+    except Exception as exc:
+        logger.warning("could not send the stop request of reply %s", reply_id, exc_info=True)
+        raise ApplicationError(
+            "Stopping replies is unavailable right now.", code="stop_unavailable", status=503
+        ) from exc
+
+
+__all__ = [
+    "KEEPALIVE",
+    "STARTED",
+    "KeepAlive",
+    "Reply",
+    "ReplyDelta",
+    "ReplyDone",
+    "ReplyEvent",
+    "ReplyFailed",
+    "ReplyOpener",
+    "ReplyOutcome",
+    "ReplyPlan",
+    "ReplyStarted",
+    "ReplyStatus",
+    "ReplyStreamingResponse",
+    "open_reply",
+    "reply_stop_broadcast",
+]

@@ -1,0 +1,62 @@
+"""The shared test kit: helpers every app's tests use (fixtures live in the ``conftest.py`` files).
+
+- ``poll_until`` / ``poll_until_sync``: wait for a condition instead of sleeping.
+- ``usage_records``: the usage records written, once this process's accounting queue is empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from accounts.models import UsageRecord
+from accounts.usage import usage_flush
+from chatbackend.asyncdb import run_sync
+
+T = TypeVar("T")
+
+
+async def poll_until(
+    probe: Callable[[], Awaitable[T]],
+    predicate: Callable[[T], object] = bool,
+    *,
+    within: float = 10.0,
+    interval: float = 0.02,
+) -> T:
+    """Await ``probe()`` until ``predicate`` holds for its value; return that value.
+
+    Fails the test (``AssertionError`` with the last value) after ``within`` seconds.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        value = await probe()
+        if predicate(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within} s (last value: {value!r})")
+        await asyncio.sleep(interval)
+
+
+def poll_until_sync(
+    probe: Callable[[], T], predicate: Callable[[T], object] = bool, *, within: float = 10.0, interval: float = 0.05
+) -> T:
+    """``poll_until`` for sync tests: call ``probe()`` until ``predicate`` holds for its value."""
+    deadline = time.monotonic() + within
+    while True:
+        value = probe()
+        if predicate(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within} s (last value: {value!r})")
+        time.sleep(interval)
+
+
+async def usage_records(**filters: Any) -> list[UsageRecord]:
+    """Return the usage records matching ``filters``, oldest first, once every record this process
+    has queued is written (``accounts.usage.usage_flush``; eager Celery writes them in the sender)."""
+    assert await asyncio.to_thread(usage_flush, 10), "the usage queue did not drain within 10 s"
+    # run_sync, not the async ORM: it hands the thread's connection back (a connection left open
+    # in asgiref's executor thread keeps PostgreSQL from dropping the test database).
+    return await run_sync(lambda: list(UsageRecord.objects.filter(**filters).order_by("pk")))
