@@ -60,7 +60,9 @@ async def test_streams_content_chunks_then_usage(llm_simulator: SimulatorProcess
 
     assert "".join(c.content for c in chunks) == reply_text(MESSAGES, FAST_REPLY_TOKENS)
     assert sum(1 for c in chunks if c.content) == FAST_REPLY_TOKENS
-    assert [c.finish_reason for c in chunks] == [None] * (FAST_REPLY_TOKENS - 1) + ["stop", None]
+    # The role-only first chunk carries nothing and is skipped; the finish chunk has only finish_reason.
+    assert [c.finish_reason for c in chunks] == [None] * FAST_REPLY_TOKENS + ["stop", None]
+    assert chunks[-2] == ChatChunk(finish_reason="stop")
     assert chunks[-1] == ChatChunk(
         usage=Usage(prompt_tokens=count_prompt_tokens(MESSAGES), completion_tokens=FAST_REPLY_TOKENS)
     )
@@ -71,7 +73,7 @@ async def test_parameters_reach_the_upstream(llm_simulator: SimulatorProcess) ->
     request = ChatRequest(model="sim-1", messages=MESSAGES, parameters={"max_tokens": 2, "temperature": 0.2})
     chunks = await collect(provider(llm_simulator.base_url), request)
     assert "".join(c.content for c in chunks) == reply_text(MESSAGES, 2)
-    assert chunks[-2].finish_reason == "length" and chunks[-1].usage is not None
+    assert chunks[-2] == ChatChunk(finish_reason="length") and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == 2
 
 
