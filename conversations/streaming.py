@@ -82,7 +82,7 @@ class Reply:
         self.plan = plan
         self.outcome: ReplyOutcome | None = None
         self._upstream = get_provider(plan.provider).stream(plan.request)
-        self._first: asyncio.Task[ChatChunk] | None = None
+        self._first: asyncio.Task[list[ChatChunk]] | None = None
         self._started = time.perf_counter()
         self._ttft_ms: float | None = None
         self._content: list[str] = []
@@ -124,15 +124,17 @@ class Reply:
             if self._first is not None:
                 first, self._first = self._first, None
                 try:
-                    chunk = await first
+                    batch = await first
                 except StopAsyncIteration:
                     status = COMPLETED
                     return
-                self._take(chunk)
-                yield chunk
-            async for chunk in self._upstream:
-                self._take(chunk)
-                yield chunk
+                for chunk in batch:
+                    self._take(chunk)
+                    yield chunk
+            async for batch in self._upstream:  # the provider yields lists of chunks
+                for chunk in batch:
+                    self._take(chunk)
+                    yield chunk
             status = COMPLETED
         except ApplicationError as exc:
             status, error = FAILED, exc
