@@ -1,6 +1,6 @@
 """The provider contract: plain dataclasses in, plain dataclasses out, no ORM.
 
-A provider adapter turns a ``ChatRequest`` into a stream of ``ChatChunk`` objects from one
+A provider adapter turns a ``ChatRequest`` into a stream of ``ChatChunk`` batches from one
 upstream API. Adapters are chosen by ``Provider.kind`` through ``llm.providers.get_provider``,
 the way Django chooses cache and email backends.
 """
@@ -60,7 +60,8 @@ class ChatChunk:
 
     ``content`` / ``reasoning_content``: text added by this chunk (may be empty).
     ``tool_calls``: OpenAI ``delta.tool_calls`` entries, passed through untouched.
-    ``finish_reason``: set on the last content chunk (``stop``, ``length``, ``tool_calls``, ...).
+    ``finish_reason``: set on the chunk that ends the reply (``stop``, ``length``, ``tool_calls``, ...);
+    OpenAI sends it with an empty delta, so that chunk often carries nothing else.
     ``usage``: set on the chunk that carries the provider's usage report.
     """
 
@@ -105,10 +106,14 @@ class ChatProvider(abc.ABC):
         self.config = config
 
     @abc.abstractmethod
-    def stream(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
-        """Yield the reply's chunks, then a last chunk with ``usage`` if the upstream reports it.
+    def stream(self, request: ChatRequest) -> AsyncGenerator[list[ChatChunk], None]:
+        """Yield the reply's chunks in batches, the last chunk carrying ``usage`` if the upstream reports it.
 
-        Must raise ``UpstreamError`` for any upstream failure (before or after the first chunk).
+        A batch is every chunk parsed from what the upstream had sent by the time the adapter
+        read: one or more, never an empty list, in order. Under load several events wait in the
+        socket buffer; handing them on together lets the server write them to its client in one
+        send instead of one per chunk. Must raise ``UpstreamError`` for any upstream failure
+        (before or after the first chunk), after yielding the chunks that came before it.
         Cancellation (``asyncio.CancelledError``) or ``aclose()`` must close the upstream HTTP
         request at once, so the upstream stops generating.
         """

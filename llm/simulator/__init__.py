@@ -10,9 +10,13 @@ framing), https://platform.openai.com/docs/api-reference/chat/create, and the Op
 Endpoints:
 
 - ``POST /v1/chat/completions``: ``stream: true`` answers ``text/event-stream`` frames
-  ``data: {chat.completion.chunk}\\n\\n``, one word per chunk (role on the first, finish_reason
-  ``stop`` or ``length`` on the last), then with ``stream_options.include_usage`` a usage chunk
-  (``choices: []``; earlier chunks carry ``"usage": null``), then ``data: [DONE]``.
+  ``data: {chat.completion.chunk}\\n\\n`` in OpenAI's order: a role-only chunk (``"delta":
+  {"role": "assistant", "content": "", "refusal": null}``), one chunk per word (``"delta":
+  {"content": ...}``), a finish chunk (``"delta": {}``, ``finish_reason`` ``stop``, or ``length``
+  when ``max_tokens`` / ``max_completion_tokens`` cut the reply), then with
+  ``stream_options.include_usage`` a usage chunk (``choices: []``; every earlier chunk carries
+  ``"usage": null``), then ``data: [DONE]``. The role chunk arrives with the first word, the
+  finish and usage chunks and ``[DONE]`` with the last (see ``app._Simulator._stream``).
   ``stream: false`` answers one ``chat.completion`` object.
 - ``GET /v1/models``: the OpenAI model list.
 - ``GET /_simulator/stats``: ``requests_started``, ``requests_completed``, ``requests_failed``,
@@ -25,8 +29,10 @@ messages plus 3 per message; ``completion_tokens`` the number of content chunks.
 Failures on demand, chosen by the request's ``model``:
 
 - ``sim-error-NNN`` (NNN in 400..599): status NNN with an OpenAI error body.
-- ``sim-fail-midstream``: three chunks, then the TCP connection is closed mid-body.
-- ``sim-malformed-chunk``: one chunk, then a ``data:`` line that is not JSON, then ``[DONE]``.
+- ``sim-fail-midstream``: the role chunk and three word chunks, then the TCP connection is
+  closed mid-body.
+- ``sim-malformed-chunk``: the role chunk and one word chunk, then a ``data:`` line that is not
+  JSON, then ``[DONE]``.
 
 With ``api_key`` set, ``/v1`` requests need ``Authorization: Bearer <api_key>``; a wrong key is
 echoed back *unmasked* in the 401 message (OpenAI masks it), so tests prove that clients redact it.

@@ -123,7 +123,16 @@ class _Simulator:
         return web.json_response(body)
 
     async def _stream(self, request: web.Request, completion: Completion) -> web.StreamResponse:
-        """Stream ``chat.completion.chunk`` frames at the configured pace (OpenAI's SSE framing)."""
+        """Stream ``chat.completion.chunk`` frames at the configured pace (OpenAI's SSE framing).
+
+        Word ``i`` goes out ``ttft_ms + i * token_delay_ms`` after the headers. The role-only
+        chunk shares the first word's write, so it arrives with the first token: a real server
+        sends it once the prompt is processed (vLLM yields it right before the first token's
+        chunk), and the time to first token that clients measure (to the first *content*) is the
+        same either way. The finish chunk, the usage chunk and ``[DONE]`` share the last word's
+        write, so a reply lasts as long as before and as long as ``_complete`` waits. One write
+        per token keeps the simulator's own cost per token at one send.
+        """
         indexes, finish_reason = self._reply_plan(completion)
         chunk_id = new_completion_id()
         frames = ChunkFrames.for_reply(
@@ -133,11 +142,17 @@ class _Simulator:
             include_usage=completion.include_usage,
             finish_reason=finish_reason,
         )
-        failure = completion.model in ("sim-fail-midstream", "sim-malformed-chunk")
         if completion.model == "sim-fail-midstream":
             indexes = indexes[:MIDSTREAM_FAILURE_CHUNKS]
+            ending = b""  # then the connection drops (below)
         elif completion.model == "sim-malformed-chunk":
             indexes = indexes[:1]
+            ending = MALFORMED_CHUNK + DONE
+        else:
+            ending = frames.finish
+            if completion.include_usage:
+                ending += frames.usage(usage_object(count_prompt_tokens(completion.messages), len(indexes)))
+            ending += DONE
 
         loop = asyncio.get_running_loop()
         response = web.StreamResponse(headers={**SSE_HEADERS, "x-request-id": chunk_id})
@@ -150,21 +165,25 @@ class _Simulator:
                 # Pace against absolute deadlines so sleep overhead does not stretch long replies.
                 await asyncio.sleep(max(due - loop.time(), 0))
                 due += self._delay
-                await response.write(frames.token(index, first=position == 0, last=position == last and not failure))
+                frame = frames.token(index, first=position == 0)
+                if position == 0:
+                    frame = frames.role + frame
+                if position == last:
+                    frame += ending
+                await response.write(frame)
+            if not indexes:  # reply_tokens=0 (only in-process configs allow it): role and ending alone
+                await asyncio.sleep(self._ttft)
+                await response.write(frames.role + ending)
             if completion.model == "sim-fail-midstream":
                 # Close the socket without the chunked body's terminator: the client sees a dropped stream.
                 self.stats.requests_failed += 1
                 if request.transport is not None:
                     request.transport.close()
                 return response
-            if completion.model == "sim-malformed-chunk":
-                await response.write(MALFORMED_CHUNK)
-                self.stats.requests_failed += 1
-            elif completion.include_usage:
-                await response.write(frames.usage(usage_object(count_prompt_tokens(completion.messages), len(indexes))))
-            await response.write(DONE)
             await response.write_eof()
-            if not failure:
+            if completion.model == "sim-malformed-chunk":
+                self.stats.requests_failed += 1
+            else:
                 self.stats.requests_completed += 1
         except asyncio.CancelledError:
             # aiohttp cancels the handler when the client disconnects (handler_cancellation=True).

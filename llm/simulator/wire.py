@@ -161,39 +161,48 @@ def model_list_body(models: Sequence[str]) -> dict[str, Any]:
 class ChunkFrames:
     """The SSE frames (``data: {chat.completion.chunk}\\n\\n``) of one streamed reply, as bytes.
 
-    Everything but the word is fixed per request, so a token's frame is one bytes join: the
-    per-token cost stays low with thousands of concurrent streams.
+    The frames are OpenAI's, in OpenAI's order: ``role`` (``"delta": {"role": "assistant",
+    "content": "", "refusal": null}``), one ``token`` frame per word (``"delta": {"content": ...}``),
+    ``finish`` (``"delta": {}`` and the ``finish_reason``), then with ``include_usage`` the
+    ``usage`` frame (``"choices": []``; every earlier frame carries ``"usage": null``). Everything
+    but the word is fixed per request and built here once, so a token's frame is one bytes join:
+    the per-token cost stays low with thousands of concurrent streams.
     """
 
-    head: bytes
+    role: bytes
+    finish: bytes
+    content_head: bytes
     tail: bytes
-    last_tail: bytes
+    usage_head: bytes
 
     @classmethod
     def for_reply(
         cls, *, completion_id: str, created: int, model: str, include_usage: bool, finish_reason: str
     ) -> ChunkFrames:
-        """Return the frames of the reply ``completion_id``; with ``include_usage`` chunks carry ``"usage": null``."""
-        head = (
+        """Return the frames of the reply ``completion_id`` that ends with ``finish_reason``."""
+        envelope = (
             f'data: {{"id":"{completion_id}","object":"chat.completion.chunk","created":{created},'
-            f'"model":{json.dumps(model)},"service_tier":"default",'
-            f'"system_fingerprint":"{_SYSTEM_FINGERPRINT}","choices":[{{"index":0,"delta":{{'
+            f'"model":{json.dumps(model)},"service_tier":"default","system_fingerprint":"{_SYSTEM_FINGERPRINT}",'
         ).encode()
+        head = envelope + b'"choices":[{"index":0,"delta":{'
         tail = b'},"logprobs":null,"finish_reason":null}]' + (b',"usage":null}\n\n' if include_usage else b"}\n\n")
-        last_tail = tail.replace(b'"finish_reason":null', f'"finish_reason":"{finish_reason}"'.encode())
-        return cls(head, tail, last_tail)
+        finish_tail = tail.replace(b'"finish_reason":null', f'"finish_reason":{json.dumps(finish_reason)}'.encode())
+        return cls(
+            role=head + b'"role":"assistant","content":"","refusal":null' + tail,
+            finish=head + finish_tail,
+            content_head=head + b'"content":',
+            tail=tail,
+            usage_head=envelope + b'"choices":[],"usage":',
+        )
 
-    def token(self, index: int, *, first: bool, last: bool) -> bytes:
-        """Return the frame of word ``index``: the first carries the role, the last the ``finish_reason``."""
-        if first:
-            delta = b'"role":"assistant","content":' + _FIRST_TOKEN_JSON[index] + b',"refusal":null'
-        else:
-            delta = b'"content":' + _NEXT_TOKEN_JSON[index]
-        return self.head + delta + (self.last_tail if last else self.tail)
+    def token(self, index: int, *, first: bool) -> bytes:
+        """Return the frame of word ``index`` (with a leading space unless it is the ``first``)."""
+        word = _FIRST_TOKEN_JSON[index] if first else _NEXT_TOKEN_JSON[index]
+        return self.content_head + word + self.tail
 
     def usage(self, usage: dict[str, Any]) -> bytes:
         """Return the usage chunk's frame: ``choices: []`` and the ``usage`` object."""
-        return self.head[: self.head.index(b'"choices"')] + b'"choices":[],"usage":' + _dumps(usage) + b"}\n\n"
+        return self.usage_head + _dumps(usage) + b"}\n\n"
 
 
 __all__ = [

@@ -32,9 +32,15 @@ def provider(base_url: str, api_key: str = PROVIDER_KEY, **timeouts: float) -> O
 async def collect(
     adapter: OpenAICompatibleProvider, request: ChatRequest, into: list[ChatChunk] | None = None
 ) -> list[ChatChunk]:
+    """Return every chunk of the stream, in order (into ``into`` as they arrive, if given).
+
+    Checks the contract on the way: each batch is a non-empty list of ``ChatChunk``.
+    """
     chunks = [] if into is None else into
-    async for chunk in adapter.stream(request):
-        chunks.append(chunk)
+    async for batch in adapter.stream(request):
+        assert isinstance(batch, list) and batch, f"a batch must be a non-empty list, got {batch!r}"
+        assert all(isinstance(chunk, ChatChunk) for chunk in batch)
+        chunks.extend(batch)
     return chunks
 
 
@@ -60,7 +66,9 @@ async def test_streams_content_chunks_then_usage(llm_simulator: SimulatorProcess
 
     assert "".join(c.content for c in chunks) == reply_text(MESSAGES, FAST_REPLY_TOKENS)
     assert sum(1 for c in chunks if c.content) == FAST_REPLY_TOKENS
-    assert [c.finish_reason for c in chunks] == [None] * (FAST_REPLY_TOKENS - 1) + ["stop", None]
+    # The role-only first chunk carries nothing and is skipped; the finish chunk has only finish_reason.
+    assert [c.finish_reason for c in chunks] == [None] * FAST_REPLY_TOKENS + ["stop", None]
+    assert chunks[-2] == ChatChunk(finish_reason="stop")
     assert chunks[-1] == ChatChunk(
         usage=Usage(prompt_tokens=count_prompt_tokens(MESSAGES), completion_tokens=FAST_REPLY_TOKENS)
     )
@@ -71,7 +79,7 @@ async def test_parameters_reach_the_upstream(llm_simulator: SimulatorProcess) ->
     request = ChatRequest(model="sim-1", messages=MESSAGES, parameters={"max_tokens": 2, "temperature": 0.2})
     chunks = await collect(provider(llm_simulator.base_url), request)
     assert "".join(c.content for c in chunks) == reply_text(MESSAGES, 2)
-    assert chunks[-2].finish_reason == "length" and chunks[-1].usage is not None
+    assert chunks[-2] == ChatChunk(finish_reason="length") and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == 2
 
 
@@ -196,7 +204,7 @@ async def test_aclose_of_the_stream_closes_the_upstream_stream(slow_llm_simulato
     before = await slow_llm_simulator.astats()
     stream = provider(slow_llm_simulator.base_url).stream(ChatRequest(model="sim-1", messages=MESSAGES))
     first = await anext(stream)
-    assert first.content
+    assert first and all(chunk.content for chunk in first)
     closing = asyncio.create_task(stream.aclose())
     await wait_for_stats(
         slow_llm_simulator,
@@ -344,10 +352,135 @@ async def test_chunk_longer_than_aiohttps_default_line_limit(canned_upstream: Ca
     assert chunks == [ChatChunk(tool_calls=[call], finish_reason="tool_calls")]
 
 
+async def test_line_unfinished_past_16_mib_is_502(canned_upstream: Callable[..., str]) -> None:
+    # readany() has no line limit of its own: an endless line must not grow in memory for ever.
+    base_url = canned_upstream(sse(delta_chunk({"content": "Hi"})) + b"data: " + b"x" * (16 * 1024 * 1024 + 1))
+    received: list[ChatChunk] = []
+    with pytest.raises(UpstreamError) as caught:
+        await collect(provider(base_url), ChatRequest(model="m", messages=MESSAGES), received)
+    assert received == [ChatChunk(content="Hi")]
+    assert (caught.value.status, caught.value.code) == (502, "upstream_bad_response")
+    assert "longer than 16777216 bytes" in caught.value.message
+
+
+# --- Batches: what the upstream sent by the time the adapter reads, over real HTTP ------------
+
+
+class SteppedUpstream:
+    """A local HTTP upstream whose ``POST /v1/chat/completions`` streams the pieces of body the
+    test hands it with ``write(piece)``, each in one write, until ``end()``."""
+
+    def __init__(self) -> None:
+        self.base_url = ""
+        self._pieces: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    def write(self, piece: bytes) -> None:
+        self._pieces.put_nowait(piece)
+
+    def end(self) -> None:
+        self._pieces.put_nowait(None)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        while (piece := await self._pieces.get()) is not None:
+            await response.write(piece)
+        await response.write_eof()
+        return response
+
+
+@pytest.fixture
+async def stepped_upstream() -> AsyncIterator[SteppedUpstream]:
+    upstream = SteppedUpstream()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", upstream.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    upstream.base_url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    yield upstream
+    upstream.end()  # a test that failed half-way leaves the handler waiting for its next piece
+    await runner.cleanup()
+
+
+def openai_frames(*contents: str, finish_reason: str | None = None) -> list[bytes]:
+    """Return OpenAI's frames of a reply: the role-only chunk, one per content, the finish chunk, usage, [DONE]."""
+    frames = [delta_chunk({"role": "assistant", "content": "", "refusal": None})]
+    frames += [delta_chunk({"content": content}) for content in contents]
+    encoded = [f"data: {json.dumps(frame, ensure_ascii=False)}\n\n".encode() for frame in frames]
+    if finish_reason is not None:
+        usage = {"prompt_tokens": 4, "completion_tokens": len(contents), "total_tokens": 4 + len(contents)}
+        usage_chunk = {**delta_chunk({}), "choices": [], "usage": usage}
+        encoded.append(f"data: {json.dumps(delta_chunk({}, finish_reason))}\n\n".encode())
+        encoded.append(f"data: {json.dumps(usage_chunk)}\n\n".encode())
+        encoded.append(b"data: [DONE]\n\n")
+    return encoded
+
+
+async def test_events_sent_in_one_write_arrive_as_one_batch(stepped_upstream: SteppedUpstream) -> None:
+    role, one, two, three, finish, usage, done = openai_frames("One", " two", " three", finish_reason="stop")
+    stream = provider(stepped_upstream.base_url).stream(ChatRequest(model="m", messages=MESSAGES))
+    stepped_upstream.write(role + one)  # the role-only chunk carries nothing: skipped
+    assert await anext(stream) == [ChatChunk(content="One")]
+    stepped_upstream.write(two + three)
+    assert await anext(stream) == [ChatChunk(content=" two"), ChatChunk(content=" three")]
+    stepped_upstream.write(finish + usage + done)
+    assert await anext(stream) == [
+        ChatChunk(finish_reason="stop"),
+        ChatChunk(usage=Usage(prompt_tokens=4, completion_tokens=3)),
+    ]
+    with pytest.raises(StopAsyncIteration):  # [DONE] ends the stream before the body does
+        await anext(stream)
+
+
+@pytest.mark.parametrize(
+    ("word", "split_at"),
+    [
+        ("rivers", 'data: {"id": "chatcmpl-1", "obj'),  # in the middle of the data line
+        ("rivers", "data: "),  # right after the field name
+        ("café", "caf\xc3"),  # inside "é" (2 bytes): the first byte only
+        ("🌊 waves", "\xf0\x9f\x8c"),  # inside "🌊" (4 bytes): three of them
+        ("rivers", '"finish_reason": null}]}\r'),  # between the "\r" and "\n" of a line ending
+    ],
+)
+async def test_event_split_across_writes_is_parsed_whole(
+    stepped_upstream: SteppedUpstream, word: str, split_at: str
+) -> None:
+    role, first, second, finish, usage, done = openai_frames("Name", f" {word}", finish_reason="stop")
+    second = second.replace(b"\n", b"\r\n")  # CRLF line endings, as SSE allows
+    cut = second.index(split_at.encode("latin-1")) + len(split_at.encode("latin-1"))
+    stream = provider(stepped_upstream.base_url).stream(ChatRequest(model="m", messages=MESSAGES))
+    # The first token completes a batch, so the adapter has read the start of the split event too.
+    stepped_upstream.write(role + first + second[:cut])
+    assert await anext(stream) == [ChatChunk(content="Name")]
+    stepped_upstream.write(second[cut:] + finish)
+    assert await anext(stream) == [ChatChunk(content=f" {word}"), ChatChunk(finish_reason="stop")]
+    stepped_upstream.write(usage + done)
+    assert await anext(stream) == [ChatChunk(usage=Usage(prompt_tokens=4, completion_tokens=2))]
+    with pytest.raises(StopAsyncIteration):
+        await anext(stream)
+
+
+async def test_batches_from_the_simulator_hold_every_chunk_once(llm_simulator: SimulatorProcess) -> None:
+    adapter = provider(llm_simulator.base_url)
+    request = ChatRequest(model="sim-1", messages=MESSAGES)
+    batches = [batch async for batch in adapter.stream(request)]
+    assert all(batches)
+    chunks = [chunk for batch in batches for chunk in batch]
+    assert "".join(c.content for c in chunks) == reply_text(MESSAGES, FAST_REPLY_TOKENS)
+    assert [bool(c.content) for c in chunks] == [True] * FAST_REPLY_TOKENS + [False, False]
+    # The simulator writes the last token, the finish and usage chunks and [DONE] at once.
+    assert batches[-1][-2:] == [
+        ChatChunk(finish_reason="stop"),
+        ChatChunk(usage=Usage(prompt_tokens=count_prompt_tokens(MESSAGES), completion_tokens=FAST_REPLY_TOKENS)),
+    ]
+    assert batches[-1][-3].content
+
+
 def test_httpx_sse_decoder_api() -> None:
-    """The adapter uses httpx-sse's private ``SSEDecoder`` (pinned 0.4.3): fail loudly if it changes."""
+    """The adapter uses httpx-sse's private decoders (pinned 0.4.3): fail loudly if they change."""
     from httpx_sse import ServerSentEvent
-    from httpx_sse._decoders import SSEDecoder
+    from httpx_sse._decoders import SSEDecoder, SSELineDecoder
 
     decoder = SSEDecoder()
     results = [decoder.decode(line) for line in [": comment", "event: e", "data: a", "data:b", "id: 7", ""]]
@@ -356,3 +489,13 @@ def test_httpx_sse_decoder_api() -> None:
     assert isinstance(event, ServerSentEvent)
     assert (event.event, event.data, event.id, event.retry) == ("e", "a\nb", "7", None)
     assert SSEDecoder().decode("") is None  # a blank line with nothing pending dispatches nothing
+
+    # SSELineDecoder: text in any pieces -> the lines they complete, without their endings.
+    lines = SSELineDecoder()
+    assert lines.decode("data: a") == []  # unfinished: kept
+    assert lines.decode("bc\r") == []  # a trailing "\r" waits: it may be half of "\r\n"
+    assert lines.decode("\n\ndata: x\rdata: y\n") == ["data: abc", "", "data: x", "data: y"]
+    assert lines.decode("\r") == []
+    assert lines.flush() == [""]  # the held "\r" ended an empty line
+    assert lines.decode("data: z") == [] and lines.flush() == ["data: z"]
+    assert lines.flush() == []

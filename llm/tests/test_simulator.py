@@ -45,15 +45,23 @@ async def test_sdk_stream_matches_non_stream_reply(llm_simulator: SimulatorProce
         )
         chunks = [chunk async for chunk in stream]
 
-    content_chunks = [c for c in chunks if c.choices]
-    assert len(content_chunks) == FAST_REPLY_TOKENS > 1
-    assert content_chunks[0].choices[0].delta.role == "assistant"
-    assert [c.choices[0].finish_reason for c in content_chunks] == [None] * (FAST_REPLY_TOKENS - 1) + ["stop"]
-    streamed_text = "".join(c.choices[0].delta.content or "" for c in content_chunks)
+    # OpenAI's order: a role-only chunk, one chunk per token, an empty-delta finish chunk, usage.
+    role_chunk, *token_chunks, finish_chunk, usage_chunk = chunks
+    assert len(token_chunks) == FAST_REPLY_TOKENS > 1
+    [role_choice] = role_chunk.choices
+    assert role_choice.delta.model_dump(exclude_unset=True) == {"role": "assistant", "content": "", "refusal": None}
+    assert role_choice.finish_reason is None and role_chunk.usage is None
+    for chunk in token_chunks:
+        [choice] = chunk.choices
+        assert list(choice.delta.model_dump(exclude_unset=True)) == ["content"] and choice.delta.content
+        assert choice.finish_reason is None and chunk.usage is None
+    [finish_choice] = finish_chunk.choices
+    assert finish_choice.delta.model_dump(exclude_unset=True) == {}
+    assert finish_choice.finish_reason == "stop" and finish_chunk.usage is None
+    streamed_text = "".join(c.choices[0].delta.content or "" for c in token_chunks)
     assert streamed_text == completion.choices[0].message.content == reply_text(MESSAGES, FAST_REPLY_TOKENS)
     assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
 
-    usage_chunk = chunks[-1]
     assert usage_chunk.choices == [] and usage_chunk.usage is not None
     assert usage_chunk.usage.completion_tokens == FAST_REPLY_TOKENS
     assert usage_chunk.usage.prompt_tokens == count_prompt_tokens(MESSAGES) == (3 + 3) + (4 + 3)
@@ -88,17 +96,32 @@ async def test_stream_frames_match_openai_schema_and_framing(llm_simulator: Simu
     # include_usage: every chunk but the last carries "usage": null, the last has choices [].
     assert all("usage" in c and c["usage"] is None for c in chunks[:-1])
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == FAST_REPLY_TOKENS
-    contents = [c["choices"][0]["delta"]["content"] for c in chunks[:-1]]
+    choices = [c["choices"] for c in chunks[:-1]]
+    assert all(len(choice) == 1 and choice[0]["index"] == 0 and choice[0]["logprobs"] is None for choice in choices)
+    role, *tokens, finish = [choice[0] for choice in choices]
+    assert role == {
+        "index": 0,
+        "delta": {"role": "assistant", "content": "", "refusal": None},
+        "logprobs": None,
+        "finish_reason": None,
+    }
+    assert len(tokens) == FAST_REPLY_TOKENS
+    assert all(list(t["delta"]) == ["content"] and t["finish_reason"] is None for t in tokens)
+    contents = [t["delta"]["content"] for t in tokens]
     assert not contents[0].startswith(" ") and all(word.startswith(" ") for word in contents[1:])
-    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-    assert all(c["choices"][0]["logprobs"] is None for c in chunks[:-1])
+    assert "".join(contents) == reply_text(MESSAGES, FAST_REPLY_TOKENS)
+    assert finish == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
 
 
 async def test_stream_without_include_usage_has_no_usage_field(llm_simulator: SimulatorProcess) -> None:
     _, payloads = await raw_stream(llm_simulator, {"model": "sim-1", "messages": MESSAGES, "stream": True})
     chunks = [json.loads(p) for p in payloads[:-1]]
-    assert payloads[-1] == "[DONE]" and len(chunks) == FAST_REPLY_TOKENS
+    assert payloads[-1] == "[DONE]" and len(chunks) == 1 + FAST_REPLY_TOKENS + 1  # role, tokens, finish
+    for chunk in chunks:
+        validate_against("CreateChatCompletionStreamResponse", chunk)
     assert all("usage" not in c and c["choices"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
+    assert chunks[-1]["choices"][0]["delta"] == {} and chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
 @pytest.mark.parametrize("limit_name", ["max_tokens", "max_completion_tokens"])
@@ -115,7 +138,10 @@ async def test_token_limit_cuts_reply_with_finish_reason_length(
         )
         chunks = [chunk async for chunk in stream]
         completion = await client.chat.completions.create(model="sim-1", messages=MESSAGES, extra_body={limit_name: 3})
-    assert [c.choices[0].finish_reason for c in chunks if c.choices] == [None, None, "length"]
+    # The role chunk, three tokens, then the empty-delta finish chunk says why the reply ended.
+    assert [c.choices[0].finish_reason for c in chunks if c.choices] == [None, None, None, None, "length"]
+    assert chunks[-2].choices[0].delta.model_dump(exclude_unset=True) == {}
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply_text(MESSAGES, 3)
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
     assert completion.choices[0].finish_reason == "length"
     assert completion.choices[0].message.content == reply_text(MESSAGES, 3)
@@ -205,8 +231,23 @@ async def test_fail_midstream_drops_the_connection_after_a_few_chunks(llm_simula
                 async for line in response.aiter_lines():
                     received.append(line)
     assert response.status_code == 200
-    assert sum(line.startswith("data: {") for line in received) == 3
+    chunks = [json.loads(line.removeprefix("data: ")) for line in received if line.startswith("data: {")]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * 4  # role + 3 tokens, never finished
     assert "data: [DONE]" not in received
+
+
+async def test_malformed_chunk_follows_one_token(llm_simulator: SimulatorProcess) -> None:
+    body = {"model": "sim-malformed-chunk", "messages": MESSAGES, "stream": True}
+    response, payloads = await raw_stream(llm_simulator, body)
+    assert response.status_code == 200
+    role, token = (json.loads(p) for p in payloads[:2])
+    validate_against("CreateChatCompletionStreamResponse", role)
+    validate_against("CreateChatCompletionStreamResponse", token)
+    assert role["choices"][0]["delta"]["role"] == "assistant" and token["choices"][0]["delta"]["content"]
+    with pytest.raises(ValueError):
+        json.loads(payloads[2])
+    assert payloads[3:] == ["[DONE]"]
 
 
 async def test_stats_count_completed_requests(llm_simulator: SimulatorProcess) -> None:
