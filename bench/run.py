@@ -50,6 +50,7 @@ BLOCK_OVERHEAD_S = 4.0  # a server start, its warm-up round and its stop
 IDLE_WARNING_PCT = 15.0  # machine busy share before the run above which the report warns
 ESTIMATE_MARGIN = 1.25  # rounds run longer than a linear guess as the server saturates
 PROMPT = "Tell me about the benchmark"
+MAX_TOKENS_FACTOR = 4  # max_tokens sent on direct and v1: this many times --tokens
 ASGI_APP = "chatbackend.asgi:application"
 
 
@@ -562,6 +563,8 @@ class Bench:
             "replies": replies,
             "ramp_s": args.ramp_ms / 1000,
             "expected_tokens": args.tokens,
+            # As real clients send it, large enough never to cut a reply (cut: a token-count error).
+            "max_tokens": MAX_TOKENS_FACTOR * args.tokens,
             "timeout_s": 120.0,
             "deadline_s": deadline_s,
             "prompt": PROMPT,
@@ -926,6 +929,7 @@ def main(argv: list[str] | None = None) -> int:
         "replies": args.replies,
         "ramp_ms": args.ramp_ms,
         "budget_s": args.budget_s,
+        "max_tokens": MAX_TOKENS_FACTOR * args.tokens,
     }
     startup = {
         server: {
