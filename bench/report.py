@@ -646,6 +646,15 @@ def draw_chart(data: dict[str, Any], png: Path) -> Path | None:
             ax.axhline(limits[index], color="red", linewidth=0.8, linestyle=":", label="target")
         if index == 2:
             ax.axhline(TARGETS["v1_cpu_us_per_token"], color="red", linewidth=0.8, linestyle=":", label="target (v1)")
+            # The simulator's own CPU per token in the same rounds: what generating a token costs.
+            sim = sorted(
+                (c["concurrency"], c["sim_us"])
+                for c in data.get("cpu_per_token") or []
+                if c["server"] == servers[0] and c["path"] == "v1" and c["sim_us"]
+            )
+            if sim:
+                xs, ys = zip(*sim, strict=True)
+                ax.plot(xs, ys, "-.", color="grey", marker=".", label=f"simulator ({servers[0]} v1 rounds)")
         ax.set_xscale("log")
         if scale == "symlog":
             ax.set_yscale("symlog", linthresh=10)
