@@ -2,8 +2,8 @@
 
 Tiny scale: levels 1 and 3, 5-token replies, one server (uvicorn), every path. It starts the
 simulator, a server process per block and the load generator, on a database of its own
-(``chatbackend_bench_test*`` on PostgreSQL when ``DATABASE_URL`` is set, else a temporary
-SQLite file) and Redis database 14 when ``REDIS_URL`` is set. Figures are not checked, only
+(``<database>_bench_test*`` on PostgreSQL when ``DATABASE_URL`` names ``<database>``, else a
+temporary SQLite file) and Redis database 14 when ``REDIS_URL`` is set. Figures are not checked, only
 that every path streamed every token without an error and that the report is complete.
 ``--baseline`` is checked the same way, against the project itself (the plumbing: both trees'
 rounds and the CPU comparison), and against a copy whose migrations differ (refused).
@@ -12,14 +12,21 @@ rounds and the CPU comparison), and against a copy whose migrations differ (refu
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Named after the test database's server-side name, so runs against different databases (other
+# checkouts on the same PostgreSQL) never drop each other's benchmark database.
+_DATABASE_URL = os.environ.get("DATABASE_URL", "")
+_DATABASE = urlsplit(_DATABASE_URL).path.strip("/") if _DATABASE_URL.startswith("postgres") else ""
+BENCH_DB = (_DATABASE or "chatbackend") + "_bench_test"
 LEVELS = (1, 3)
 TOKENS = 5
 PATHS = ("direct", "v1", "sse", "ws")
@@ -43,7 +50,7 @@ def test_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:
         "--out",
         str(tmp_path),
         "--db-name",
-        "chatbackend_bench_test",
+        BENCH_DB,
         "--redis-db",
         "14",
         "--budget-s",
@@ -112,7 +119,7 @@ def _bench(tmp_path: Path, db_name: str, *options: str) -> subprocess.CompletedP
 
 def test_benchmark_compares_against_a_baseline_checkout(tmp_path: Path) -> None:
     level = 3
-    result = _bench(tmp_path, "chatbackend_bench_test_baseline", "--levels", str(level), "--baseline", str(ROOT))
+    result = _bench(tmp_path, BENCH_DB + "_baseline", "--levels", str(level), "--baseline", str(ROOT))
     output = f"stdout:\n{result.stdout[-6000:]}\nstderr:\n{result.stderr[-6000:]}"
     assert result.returncode == 0, output
 
@@ -155,7 +162,7 @@ def test_benchmark_refuses_a_baseline_with_other_migrations(tmp_path: Path) -> N
         "from django.db import migrations\n\n\n"
         f"class Migration(migrations.Migration):\n    dependencies = [('accounts', '{latest}')]\n    operations = []\n"
     )
-    result = _bench(tmp_path, "chatbackend_bench_test_baseline", "--levels", "1", "--baseline", str(baseline))
+    result = _bench(tmp_path, BENCH_DB + "_baseline", "--levels", "1", "--baseline", str(baseline))
     output = f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
 
     assert result.returncode == 1, output
@@ -166,7 +173,7 @@ def test_benchmark_refuses_a_baseline_with_other_migrations(tmp_path: Path) -> N
 
 
 def test_benchmark_refuses_a_baseline_that_is_not_a_checkout(tmp_path: Path) -> None:
-    result = _bench(tmp_path, "chatbackend_bench_test_baseline", "--baseline", str(tmp_path))
+    result = _bench(tmp_path, BENCH_DB + "_baseline", "--baseline", str(tmp_path))
 
     assert result.returncode == 2
     assert "is not a checkout of this project" in result.stderr
