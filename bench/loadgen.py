@@ -5,15 +5,27 @@ talks to it over stdin/stdout with length-prefixed pickles: it sends a round spe
 ``run_round``) and gets back the raw measurements. Its own CPU time is measured here, around
 the round only, so the report can show that the client is not the bottleneck.
 
-The client is aiohttp on uvloop and parses the minimum: it splits the body into lines, finds
-the ``data:`` lines, and timestamps each content frame as it is read (``time.perf_counter``).
-A content frame is one token:
+Requests are shaped like real clients': on ``direct`` and ``v1`` the body is what the OpenAI
+SDK and NextChat send (https://platform.openai.com/docs/api-reference/chat/create and
+/work/shared/nextchat.md): a system message then the user message, ``stream: true``,
+``stream_options: {"include_usage": true}``, ``max_tokens`` (``spec["max_tokens"]``, large
+enough not to cut the reply) and NextChat's ``temperature``, ``top_p``, ``presence_penalty``
+and ``frequency_penalty``.
 
-- ``direct`` and ``v1`` (OpenAI SSE): a ``data:`` line whose JSON has a non-empty ``"content"``
-  string (found with a byte regex, no ``json.loads``); ``data: [DONE]`` ends the stream.
-- ``sse`` (conversation SSE): a ``data:`` line after ``event: reply.delta``; ``reply.done``
+The client is aiohttp on uvloop and parses the minimum: it splits the body into lines, finds
+the ``data:`` lines, and timestamps each content frame as it is read (``time.perf_counter``);
+several frames arriving in one read share that read's time. A token is a frame with a
+non-empty ``"content"`` string (found with a byte regex, no ``json.loads``), so the framing
+around the tokens does not count: a role-only first chunk (``"delta":{"role":"assistant",
+"content":"","refusal":null}``), an empty-delta chunk with the ``finish_reason`` and the usage
+chunk (``"choices":[]``) are all accepted, as is the older framing whose first chunk carries
+the role and the first token together (https://platform.openai.com/docs/api-reference/chat/streaming):
+
+- ``direct`` and ``v1`` (OpenAI SSE): ``data:`` lines; ``data: [DONE]`` ends the stream,
+  ``data: {"error"...`` fails it.
+- ``sse`` (conversation SSE): ``data:`` lines after ``event: reply.delta``; ``reply.done``
   ends it, ``event: error`` fails it.
-- ``ws``: a text frame whose ``"type"`` is ``reply.delta``; ``reply.done`` ends the reply,
+- ``ws``: text frames whose ``"type"`` is ``reply.delta``; ``reply.done`` ends the reply,
   ``error`` fails it. One socket per stream; its replies are sent one after another.
 
 Time to first token (TTFT) runs from just before the request is sent (for ``ws``: the
@@ -47,9 +59,19 @@ except ImportError:  # pragma: no cover - uvicorn[standard] installs it
     uvloop = None  # type: ignore[assignment]
 
 # A non-empty JSON string value of a "content" key; "reasoning_content" does not match (the
-# quote before "content" is required). Frames of both the simulator and /v1 are compact JSON.
+# quote before "content" is required), nor does the role-only chunk's ``"content":""``.
 _CONTENT = re.compile(rb'"content":\s*"(?!")')
+_WS_CONTENT = re.compile(r'"content":\s*"(?!")')
 _WS_TYPE = re.compile(r'\{\s*"type":\s*"([^"]+)"')
+# NextChat's default system prompt (DEFAULT_SYSTEM_TEMPLATE in its app/constant.ts), filled in
+# with fixed values so every run sends the same bytes.
+SYSTEM_PROMPT = (
+    "\nYou are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: 2023-10\n"
+    "Current model: gpt-4o-mini\nCurrent time: Sat Nov 21 2026 10:00:00 GMT+0000\n"
+    "Latex inline: \\(x^2\\) \nLatex block: $$e=mc^2$$\n"
+)
+# NextChat's default sampling parameters (app/store/config.ts), sent on every chat request.
+NEXTCHAT_PARAMETERS = {"temperature": 0.5, "top_p": 1, "presence_penalty": 0, "frequency_penalty": 0}
 _HEADER = struct.Struct("!I")
 # Error messages name URLs: hide the API key of a WebSocket URL and fold per-stream ids, so
 # kinds group and no secret reaches the report.
@@ -157,10 +179,63 @@ class _Round:
             self.ok += 1
 
 
+class SseTokenReader:
+    """Find the tokens and the end of one streamed reply in the bytes of an SSE response body.
+
+    ``feed`` takes the body as it arrives, in reads of any size: a frame split over reads, or
+    several frames in one read (their tokens share the read's time). ``conversation``: the
+    conversation endpoint's events (``reply.delta`` / ``reply.done`` / ``error``); otherwise
+    OpenAI's ``chat.completion.chunk`` frames ending with ``data: [DONE]``. After the body,
+    ``token_times`` holds the arrival time of each non-empty content frame, ``done`` whether the
+    end marker came, ``error`` the error frame or event, if any.
+    Spec: https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation
+    """
+
+    __slots__ = ("_buffer", "_conversation", "_event", "done", "error", "token_times")
+
+    def __init__(self, *, conversation: bool) -> None:
+        self._conversation = conversation
+        self._buffer = b""
+        self._event = b""
+        self.token_times: list[float] = []
+        self.done = False
+        self.error: str | None = None
+
+    def feed(self, data: bytes, now: float) -> None:
+        """Consume the next bytes of the body, read at ``now``; complete lines are parsed at once."""
+        buffer = self._buffer + data
+        if b"\n" not in data:
+            self._buffer = buffer
+            return
+        lines = buffer.split(b"\n")
+        self._buffer = lines.pop()
+        append = self.token_times.append
+        if self._conversation:
+            for line in lines:
+                if line.startswith(b"event:"):
+                    self._event = line[6:].strip()
+                elif line.startswith(b"data:"):
+                    event = self._event
+                    if event == b"reply.delta":
+                        if _CONTENT.search(line):
+                            append(now)
+                    elif event == b"reply.done":
+                        self.done = True
+                    elif event == b"error":
+                        self.error = "error event: " + line[5:120].decode("utf-8", "replace").strip()
+            return
+        for line in lines:
+            if line.startswith(b"data:"):
+                if _CONTENT.search(line):
+                    append(now)
+                elif line.startswith(b"data: [DONE]"):
+                    self.done = True
+                elif line.startswith(b'data: {"error"'):
+                    self.error = "error frame: " + line[6:120].decode("utf-8", "replace")
+
+
 async def _http_reply(session: aiohttp.ClientSession, state: _Round, url: str, body: bytes, headers: dict) -> None:
-    sse = state.path == "sse"
-    token_times: list[float] = []
-    done = False
+    reader = SseTokenReader(conversation=state.path == "sse")
     error: str | None = None
     state.opened()
     start = time.perf_counter()
@@ -170,39 +245,29 @@ async def _http_reply(session: aiohttp.ClientSession, state: _Round, url: str, b
                 text = (await response.read())[:120].decode("utf-8", "replace")
                 error = f"HTTP {response.status}: {text}"
             else:
-                buffer = b""
-                event = b""
-                append = token_times.append
+                feed = reader.feed
                 async for data in response.content.iter_any():
-                    now = time.perf_counter()
-                    buffer += data
-                    if b"\n" not in data:
-                        continue
-                    lines = buffer.split(b"\n")
-                    buffer = lines.pop()
-                    for line in lines:
-                        if sse:
-                            if line.startswith(b"event:"):
-                                event = line[6:].strip()
-                            elif line.startswith(b"data:"):
-                                if event == b"reply.delta":
-                                    append(now)
-                                elif event == b"reply.done":
-                                    done = True
-                                elif event == b"error":
-                                    error = "error event: " + line[5:120].decode("utf-8", "replace").strip()
-                        elif line.startswith(b"data:"):
-                            if _CONTENT.search(line):
-                                append(now)
-                            elif line.startswith(b"data: [DONE]"):
-                                done = True
-                            elif line.startswith(b'data: {"error"'):
-                                error = "error frame: " + line[6:120].decode("utf-8", "replace")
+                    feed(data, time.perf_counter())
+                error = reader.error
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         error = f"{type(exc).__name__}: {exc}"[:160]
     finally:
         state.closed()
-    state.finish_reply(start, token_times, done, error)
+    state.finish_reply(start, reader.token_times, reader.done, error)
+
+
+def chat_completion_body(*, model: str, prompt: str, max_tokens: int) -> bytes:
+    """Return a streamed chat completion request as real clients send it (see the module docstring)."""
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
+    body = {
+        "model": model,
+        "messages": messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": max_tokens,
+        **NEXTCHAT_PARAMETERS,
+    }
+    return json.dumps(body).encode()
 
 
 async def _http_user(session: aiohttp.ClientSession, state: _Round, index: int) -> None:
@@ -223,8 +288,7 @@ async def _http_user(session: aiohttp.ClientSession, state: _Round, index: int) 
         if state.path == "sse":
             body = json.dumps({"content": prompt}).encode()
         else:
-            messages = [{"role": "user", "content": prompt}]
-            body = json.dumps({"model": spec["model"], "stream": True, "messages": messages}).encode()
+            body = chat_completion_body(model=spec["model"], prompt=prompt, max_tokens=spec["max_tokens"])
         await _http_reply(session, state, url, body, headers)
 
 
@@ -257,7 +321,8 @@ async def _ws_user(session: aiohttp.ClientSession, state: _Round, index: int) ->
                     match = _WS_TYPE.match(data)
                     kind = match.group(1) if match else json.loads(data).get("type")
                     if kind == "reply.delta":
-                        token_times.append(now)
+                        if _WS_CONTENT.search(data):
+                            token_times.append(now)
                     elif kind == "reply.done":
                         done = True
                         break
@@ -281,8 +346,8 @@ async def run_round(spec: dict[str, Any]) -> dict[str, Any]:
     ``spec``: ``path`` (direct|v1|sse|ws), ``base_url``, ``api_key``, ``model``,
     ``conversations`` (one id per stream, for sse/ws), ``concurrency`` (streams), ``replies``
     (sequential replies per stream), ``ramp_s`` (stream ``i`` starts at ``i/concurrency*ramp_s``),
-    ``expected_tokens``, ``timeout_s`` (connect and per-read), ``deadline_s`` (the whole round;
-    unfinished requests are errors), ``prompt``.
+    ``max_tokens`` (sent on direct and v1), ``expected_tokens``, ``timeout_s`` (connect and
+    per-read), ``deadline_s`` (the whole round; unfinished requests are errors), ``prompt``.
     """
     state = _Round(spec)
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, use_dns_cache=False, keepalive_timeout=60)

@@ -11,6 +11,11 @@ from typing import Any
 
 MB = 1024 * 1024
 TARGET_LEVEL = 200
+# The server label of rounds run from ``--baseline``: ``uvicorn@baseline``.
+BASELINE_SUFFIX = "@baseline"
+# The CPU-per-token targets apply from this many streams up: below, one round's CPU time is a
+# few clock ticks (10 ms each) and the ratios are noise.
+CPU_TARGET_MIN_LEVEL = 50
 
 # The issue's targets (reported, not asserted).
 TARGETS = {
@@ -19,6 +24,9 @@ TARGETS = {
     "v1_cpu_us_per_token": 40.0,
     "rss_mb_per_100_streams": 20.0,
     "startup_s": 1.5,
+    # server CPU per token: at most this share of the baseline's, and this multiple of the simulator's
+    "cpu_per_token_vs_baseline": 1 / 3,
+    "cpu_per_token_vs_simulator": 2.0,
 }
 
 
@@ -118,6 +126,103 @@ def _measured(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rounds if not r.get("skipped")]
 
 
+def server_labels(config: dict[str, Any]) -> list[str]:
+    """Return the servers' round labels: each server, then with ``--baseline`` each ``server@baseline``."""
+    servers = list(config["servers"])
+    return servers + [s + BASELINE_SUFFIX for s in servers] if config.get("baseline") else servers
+
+
+def _ratio(numerator: float | None, denominator: float | None, digits: int = 3) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return round(numerator / denominator, digits)
+
+
+def _us_per_token(r: dict[str, Any] | None, process: str) -> float | None:
+    """Return ``process``'s CPU µs per forwarded token in round ``r``, unrounded (None: not measured)."""
+    block = (r or {}).get(process) or {}
+    if block.get("cpu_s") is None or not r or not r.get("tokens"):
+        return None
+    return block["cpu_s"] * 1e6 / r["tokens"]
+
+
+def cpu_per_token(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Compare server CPU per forwarded token: this tree's, the baseline's, and the simulator's.
+
+    One row per server, backend path and level: ``server_us`` (this tree's server CPU µs per
+    token), ``baseline_us`` (the same round with the server run from ``--baseline``; None
+    without it), ``vs_baseline`` = server_us / baseline_us, ``sim_us`` (the simulator's CPU µs
+    per token in this tree's round: it generated exactly the replies the server forwarded),
+    ``vs_simulator`` = server_us / sim_us, and the baseline round's ``baseline_sim_us`` and
+    ``baseline_vs_simulator``. Ratios come from the unrounded CPU seconds.
+    """
+    config = data["config"]
+    measured = [r for r in _measured(data["rounds"]) if r["path"] != "direct"]
+    rows = []
+    for server in config["servers"]:
+        for path in [p for p in config["paths"] if p != "direct"]:
+            for level in sorted(config["levels"]):
+                current = _find(measured, server, path, level)
+                base = _find(measured, server + BASELINE_SUFFIX, path, level) if config.get("baseline") else None
+                if current is None and base is None:
+                    continue
+                server_us = _us_per_token(current, "server_process")
+                baseline_us = _us_per_token(base, "server_process")
+                sim_us = _us_per_token(current, "simulator_process")
+                base_sim_us = _us_per_token(base, "simulator_process")
+                rows.append(
+                    {
+                        "server": server,
+                        "path": path,
+                        "concurrency": level,
+                        "server_us": _r(server_us),
+                        "baseline_us": _r(baseline_us),
+                        "vs_baseline": _ratio(server_us, baseline_us),
+                        "sim_us": _r(sim_us),
+                        "vs_simulator": _ratio(server_us, sim_us, 2),
+                        "baseline_sim_us": _r(base_sim_us),
+                        "baseline_vs_simulator": _ratio(baseline_us, base_sim_us, 2),
+                    }
+                )
+    return rows
+
+
+def cpu_per_token_overall(data: dict[str, Any]) -> dict[str, Any] | None:
+    """Sum this tree's and the baseline's server CPU over the rounds both measured at >= 50 streams.
+
+    Returns ``{"rounds", "server_us", "baseline_us", "vs_baseline"}`` (µs per forwarded token),
+    or None without a baseline or a common round.
+    """
+    config = data["config"]
+    if not config.get("baseline"):
+        return None
+    measured = [r for r in _measured(data["rounds"]) if r["path"] != "direct" and r.get("server_process")]
+    cpu = {"current": 0.0, "baseline": 0.0}
+    tokens = {"current": 0, "baseline": 0}
+    count = 0
+    for server in config["servers"]:
+        for r in measured:
+            if r["server"] != server or r["concurrency"] < CPU_TARGET_MIN_LEVEL:
+                continue
+            base = _find(measured, server + BASELINE_SUFFIX, r["path"], r["concurrency"])
+            if base is None:
+                continue
+            count += 1
+            for tree, x in (("current", r), ("baseline", base)):
+                cpu[tree] += x["server_process"]["cpu_s"]
+                tokens[tree] += x["tokens"]
+    if not count or not tokens["current"] or not tokens["baseline"]:
+        return None
+    current_us = cpu["current"] * 1e6 / tokens["current"]
+    baseline_us = cpu["baseline"] * 1e6 / tokens["baseline"]
+    return {
+        "rounds": count,
+        "server_us": _r(current_us),
+        "baseline_us": _r(baseline_us),
+        "vs_baseline": _ratio(current_us, baseline_us),
+    }
+
+
 def add_overheads(rounds: list[dict[str, Any]]) -> None:
     """Set ``ttft_overhead_ms`` on backend rounds: their TTFT percentile minus direct's, same level."""
     direct = {r["concurrency"]: r for r in _measured(rounds) if r["path"] == "direct"}
@@ -151,13 +256,19 @@ def _find(rounds: list[dict[str, Any]], server: str, path: str, level: int | Non
 
 
 def evaluate_targets(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """Check every target for every server (and path); ``met`` is None when not measured."""
+    """Check every target for every server (and path) of this tree; ``met`` is None when not measured.
+
+    Baseline rounds only enter as the reference of the CPU-per-token comparison.
+    """
     rounds = [r for r in data["rounds"] if r["path"] != "direct"]
     measured = _measured(rounds)
     servers = data["config"]["servers"]
     paths = [p for p in data["config"]["paths"] if p != "direct"]
     ref = _closest_level(measured, TARGET_LEVEL)
     top = max((r["concurrency"] for r in rounds), default=None)
+    baseline = bool(data["config"].get("baseline"))
+    cpu_rows = {(c["server"], c["path"], c["concurrency"]): c for c in data.get("cpu_per_token") or []}
+    cpu_levels = [level for level in sorted(data["config"]["levels"]) if level >= CPU_TARGET_MIN_LEVEL]
     targets: list[dict[str, Any]] = []
 
     def add(target: str, server: str, path: str | None, level: int | None, value: Any, limit: float, ok: Any) -> None:
@@ -211,6 +322,31 @@ def evaluate_targets(data: dict[str, Any]) -> list[dict[str, Any]]:
                 limit,
                 None if value is None else value <= limit,
             )
+        # CPU per forwarded token against the baseline and the simulator, from 50 streams up.
+        for path in paths:
+            for level in cpu_levels:
+                row = cpu_rows.get((server, path, level)) or {}
+                if baseline:
+                    value, limit = row.get("vs_baseline"), TARGETS["cpu_per_token_vs_baseline"]
+                    add(
+                        "server CPU per token / baseline's (≤ 1/3)",
+                        server,
+                        path,
+                        level,
+                        value,
+                        round(limit, 3),
+                        None if value is None else value <= limit,
+                    )
+                value, limit = row.get("vs_simulator"), TARGETS["cpu_per_token_vs_simulator"]
+                add(
+                    "server CPU per token / simulator's, same round (≤ 2)",
+                    server,
+                    path,
+                    level,
+                    value,
+                    limit,
+                    None if value is None else value <= limit,
+                )
         startup = data["startup"].get(server)
         value = startup["max_s"] if startup else None
         limit = TARGETS["startup_s"]
@@ -230,12 +366,16 @@ def recommend(data: dict[str, Any]) -> dict[str, Any] | None:
     """Pick the server for production: fewest errors, then least server CPU per forwarded token.
 
     Only (path, level) pairs measured under every server are compared, so a skipped round does
-    not favour the server that missed it.
+    not favour the server that missed it. Only this tree's rounds count, never the baseline's.
     """
     servers = data["config"]["servers"]
     if len(servers) < 2:
         return None  # nothing to compare
-    measured = [r for r in _measured(data["rounds"]) if r["path"] != "direct" and r.get("server_process")]
+    measured = [
+        r
+        for r in _measured(data["rounds"])
+        if r["path"] != "direct" and r.get("server_process") and r["server"] in servers
+    ]
     keys = [{(r["path"], r["concurrency"]) for r in measured if r["server"] == s} for s in servers]
     common = set.intersection(*keys) if keys else set()
     if not common:
@@ -281,6 +421,8 @@ def build(
         "rounds": rounds,
         "profile": profile,
     }
+    data["cpu_per_token"] = cpu_per_token(data)
+    data["cpu_per_token_overall"] = cpu_per_token_overall(data)
     data["targets"] = evaluate_targets(data)
     data["recommendation"] = recommend(data)
     return data
@@ -319,8 +461,21 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         f"Workload: {config['tokens']} tokens per reply, {config['ttft_ms']:g} ms to the first token, "
         f"{config['token_delay_ms']:g} ms between tokens; streams start spread over {config['ramp_ms']:g} ms; "
-        f"replies per stream: {config['replies']} (auto: 2 up to 200 streams, 1 above).",
+        f"replies per stream: {config['replies']} (auto: 2 up to 200 streams, 1 above). On direct and v1 the "
+        "requests are shaped as the OpenAI SDK and NextChat send them (system + user message, stream_options "
+        f"include_usage, max_tokens {config.get('max_tokens', '–')}, temperature, top_p, penalties).",
         "",
+    ]
+    base = config.get("baseline")
+    if base:
+        lines += [
+            f"This tree: {meta.get('git_commit') or '?'}. "
+            f"Baseline: `{base['dir']}` at {base.get('git_commit') or '?'}; "
+            f"its rounds are labelled `SERVER{BASELINE_SUFFIX}` (same python, environment, database, simulator, "
+            "load generator and seed; each of its blocks runs right after this tree's same block).",
+            "",
+        ]
+    lines += [
         "| server | path | streams | TTFT p50 / p90 / p99 ms | overhead p50 / p99 ms | ITL p50 / p99 ms "
         "| tokens/s | errors | server log W/E | server µs/token | server CPU % | server RSS peak MB "
         "| MB per 100 streams "
@@ -348,7 +503,7 @@ def markdown(data: dict[str, Any]) -> str:
     connects = [r for r in _measured(data["rounds"]) if r.get("ws_connect_ms")]
     if connects:
         lines += ["", "| server | WebSocket handshake (not in TTFT) at streams: p50 / p99 ms |", "|---|---|"]
-        for server in data["config"]["servers"]:
+        for server in server_labels(data["config"]):
             cells = [
                 f"{r['concurrency']}: {_f(r['ws_connect_ms']['p50'])} / {_f(r['ws_connect_ms']['p99'])}"
                 for r in connects
@@ -356,6 +511,7 @@ def markdown(data: dict[str, Any]) -> str:
             ]
             if cells:
                 lines.append(f"| {server} | {' · '.join(cells)} |")
+    lines += _cpu_markdown(data)
     if data["startup"]:
         lines += ["", "| server | start-up to first served request: median / worst (s) | samples |", "|---|--:|--:|"]
         for server, s in data["startup"].items():
@@ -396,6 +552,35 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _cpu_markdown(data: dict[str, Any]) -> list[str]:
+    rows = data.get("cpu_per_token") or []
+    if not rows:
+        return []
+    lines = [
+        "",
+        "CPU per forwarded token (µs; server and simulator CPU of the same round / the tokens the client received):",
+        "",
+        "| server | path | streams | server µs/token | baseline µs/token | new / baseline | sim µs/token "
+        "| server / sim | baseline / its sim |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for c in rows:
+        lines.append(
+            f"| {c['server']} | {c['path']} | {c['concurrency']} | {_f(c['server_us'])} | {_f(c['baseline_us'])} "
+            f"| {_f(c['vs_baseline'], 2)} | {_f(c['sim_us'])} | {_f(c['vs_simulator'], 2)} "
+            f"| {_f(c['baseline_vs_simulator'], 2)} |"
+        )
+    overall = data.get("cpu_per_token_overall")
+    if overall:
+        lines += [
+            "",
+            f"Over the {overall['rounds']} rounds at {CPU_TARGET_MIN_LEVEL}+ streams measured in both trees: "
+            f"{_f(overall['server_us'])} µs per token here, {_f(overall['baseline_us'])} in the baseline "
+            f"(new / baseline {_f(overall['vs_baseline'], 2)}).",
+        ]
+    return lines
+
+
 # --- chart ----------------------------------------------------------------------------------
 
 _PATH_COLORS = {"v1": "tab:blue", "sse": "tab:orange", "ws": "tab:green", "direct": "black"}
@@ -414,6 +599,10 @@ def draw_chart(data: dict[str, Any], png: Path) -> Path | None:
         return None
     rounds = [r for r in _measured(data["rounds"]) if r["path"] != "direct"]
     servers = data["config"]["servers"]
+    # A server's baseline rounds: its line style, crosses, faded.
+    lines_of = [(s, index, False) for index, s in enumerate(servers)]
+    if data["config"].get("baseline"):
+        lines_of += [(s + BASELINE_SUFFIX, index, True) for index, s in enumerate(servers)]
     panels = [
         ("TTFT overhead over direct, p50 (ms)", lambda r: (r.get("ttft_overhead_ms") or {}).get("p50"), "symlog"),
         ("TTFT overhead over direct, p99 (ms)", lambda r: (r.get("ttft_overhead_ms") or {}).get("p99"), "symlog"),
@@ -435,12 +624,12 @@ def draw_chart(data: dict[str, Any], png: Path) -> Path | None:
         3: TARGETS["rss_mb_per_100_streams"],
     }
     for index, (ax, (title, value, scale)) in enumerate(zip(axes.flat, panels, strict=True)):
-        for s_index, server in enumerate(servers):
+        for label, s_index, is_baseline in lines_of:
             for path in ("v1", "sse", "ws"):
                 points = sorted(
                     (r["concurrency"], value(r))
                     for r in rounds
-                    if r["server"] == server and r["path"] == path and value(r) is not None
+                    if r["server"] == label and r["path"] == path and value(r) is not None
                 )
                 if points:
                     xs, ys = zip(*points, strict=True)
@@ -448,14 +637,24 @@ def draw_chart(data: dict[str, Any], png: Path) -> Path | None:
                         xs,
                         ys,
                         _SERVER_STYLES[s_index % len(_SERVER_STYLES)],
-                        marker="o",
+                        marker="x" if is_baseline else "o",
+                        alpha=0.5 if is_baseline else 1.0,
                         color=_PATH_COLORS[path],
-                        label=f"{server} {path}",
+                        label=f"{label} {path}",
                     )
         if index in limits:
             ax.axhline(limits[index], color="red", linewidth=0.8, linestyle=":", label="target")
         if index == 2:
             ax.axhline(TARGETS["v1_cpu_us_per_token"], color="red", linewidth=0.8, linestyle=":", label="target (v1)")
+            # The simulator's own CPU per token in the same rounds: what generating a token costs.
+            sim = sorted(
+                (c["concurrency"], c["sim_us"])
+                for c in data.get("cpu_per_token") or []
+                if c["server"] == servers[0] and c["path"] == "v1" and c["sim_us"]
+            )
+            if sim:
+                xs, ys = zip(*sim, strict=True)
+                ax.plot(xs, ys, "-.", color="grey", marker=".", label=f"simulator ({servers[0]} v1 rounds)")
         ax.set_xscale("log")
         if scale == "symlog":
             ax.set_yscale("symlog", linthresh=10)

@@ -43,6 +43,12 @@ SERVERS = ("uvicorn", "daphne", "granian")
 SERVER_MODULES = {"uvicorn": "uvicorn", "daphne": "daphne", "granian": "granian"}
 DEFAULT_LEVELS = "1,50,200,1000,2000"
 QUICK_LEVELS = "1,50,200"
+# With --baseline every backend block runs twice: without 2000 streams (and with one server,
+# below) the default run stays within the default budget.
+BASELINE_LEVELS = "1,50,200,1000"
+BUDGET_S = 570.0
+QUICK_BUDGET_S = 150.0
+QUICK_BASELINE_BUDGET_S = 300.0
 STARTUP_TIMEOUT_S = 60.0
 WARMUP_STREAMS = 4
 REPORT_RESERVE_S = 20.0  # kept free at the end of the budget for teardown and the report
@@ -50,6 +56,7 @@ BLOCK_OVERHEAD_S = 4.0  # a server start, its warm-up round and its stop
 IDLE_WARNING_PCT = 15.0  # machine busy share before the run above which the report warns
 ESTIMATE_MARGIN = 1.25  # rounds run longer than a linear guess as the server saturates
 PROMPT = "Tell me about the benchmark"
+MAX_TOKENS_FACTOR = 4  # max_tokens sent on direct and v1: this many times --tokens
 ASGI_APP = "chatbackend.asgi:application"
 
 
@@ -86,8 +93,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="stream i starts at i/N of this (default: one reply's nominal duration, ttft + tokens*delay)",
     )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="output directory (bench/results)")
-    parser.add_argument("--quick", action="store_true", help=f"levels {QUICK_LEVELS}, uvicorn only, 150 s budget")
-    parser.add_argument("--budget-s", type=float, help="wall-clock budget; rounds that would not fit are skipped (570)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"levels {QUICK_LEVELS}, uvicorn only, {QUICK_BUDGET_S:g} s budget "
+        f"({QUICK_BASELINE_BUDGET_S:g} s with --baseline)",
+    )
+    parser.add_argument(
+        "--budget-s", type=float, help=f"wall-clock budget; rounds that would not fit are skipped ({BUDGET_S:g})"
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="another checkout of this project (e.g. git worktree add /tmp/old <commit>): every backend block "
+        f"runs again with the server started from DIR, labelled SERVER{report.BASELINE_SUFFIX} "
+        f"(default levels {BASELINE_LEVELS}, servers uvicorn)",
+    )
     parser.add_argument("--client-procs", type=int, default=1, help="load-generator processes (default 1)")
     parser.add_argument(
         "--database-url",
@@ -113,11 +134,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-chart", action="store_true", help="do not draw latest.png")
     args = parser.parse_args(argv)
 
-    args.levels = [int(x) for x in _csv(args.levels or (QUICK_LEVELS if args.quick else DEFAULT_LEVELS))]
-    args.servers = _csv(args.servers or ("uvicorn" if args.quick else "uvicorn,daphne"))
+    default_levels = QUICK_LEVELS if args.quick else BASELINE_LEVELS if args.baseline else DEFAULT_LEVELS
+    args.levels = [int(x) for x in _csv(args.levels or default_levels)]
+    args.servers = _csv(args.servers or ("uvicorn" if args.quick or args.baseline else "uvicorn,daphne"))
     args.paths = _csv(args.paths)
     if args.budget_s is None:
-        args.budget_s = 150.0 if args.quick else 570.0
+        args.budget_s = (QUICK_BASELINE_BUDGET_S if args.baseline else QUICK_BUDGET_S) if args.quick else BUDGET_S
+    if args.baseline:
+        baseline = Path(args.baseline).expanduser().resolve()
+        missing = [name for name in ("manage.py", "chatbackend/asgi.py") if not (baseline / name).is_file()]
+        if missing:
+            parser.error(f"--baseline {args.baseline} is not a checkout of this project: no {', '.join(missing)}")
+        args.baseline = baseline
     for server in args.servers:
         if server not in SERVERS:
             parser.error(f"unknown server {server!r}; known: {', '.join(SERVERS)}")
@@ -177,12 +205,14 @@ def free_port() -> int:
 class Child:
     """A child process we started, with its log file; stopped (its whole session) on ``stop``."""
 
-    def __init__(self, name: str, command: list[str], env: dict[str, str], log_path: Path, **popen: Any) -> None:
+    def __init__(
+        self, name: str, command: list[str], env: dict[str, str], log_path: Path, cwd: Path = ROOT, **popen: Any
+    ) -> None:
         self.name = name
         self.log_path = log_path
         self._log: IO[bytes] = log_path.open("wb")
         popen.setdefault("stdout", self._log)
-        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=self._log, start_new_session=True, **popen)
+        self.process = subprocess.Popen(command, cwd=cwd, env=env, stderr=self._log, start_new_session=True, **popen)
         self.pid = self.process.pid
 
     @property
@@ -241,6 +271,25 @@ def server_command(server: str, port: int) -> list[str]:
             "--backpressure", "8192", "--log-level", "warning", "--no-access-log", ASGI_APP,
         ]  # fmt: skip
     raise ValueError(server)
+
+
+def _migrations(showmigrations: str) -> dict[str, bool]:
+    """Parse ``manage.py showmigrations --list`` into ``{"app.name": applied}``."""
+    found: dict[str, bool] = {}
+    app = ""
+    for line in showmigrations.splitlines():
+        if line and not line[0].isspace():
+            app = line.strip()
+            continue
+        match = re.match(r"\s*\[([X ])\] (\S+)", line)
+        if match:
+            found[f"{app}.{match.group(2)}"] = match.group(1) == "X"
+    return found
+
+
+def server_label(server: str, *, baseline: bool) -> str:
+    """Return the name of ``server``'s rounds: ``uvicorn``, or ``uvicorn@baseline`` when run from ``--baseline``."""
+    return server + report.BASELINE_SUFFIX if baseline else server
 
 
 def _http_status(port: int, path: str, headers: dict[str, str]) -> int | None:
@@ -323,6 +372,8 @@ class Bench:
         self._conversation_cursor = 0
         self.fatal: str | None = None
         self.server_log: Path | None = None  # the running server's log, scanned per round
+        # (server, path, level) of this tree's rounds skipped for time: the baseline skips them too.
+        self.unpaired: set[tuple[str, str, int]] = set()
 
     # -- time --
 
@@ -404,17 +455,52 @@ class Bench:
         finally:
             client.close()
 
-    def run_python(self, *args: str) -> str:
-        """Run ``python *args`` in the project with the benchmark's environment; return its stdout.
+    def run_python(self, *args: str, cwd: Path = ROOT) -> str:
+        """Run ``python *args`` in the project (or the checkout ``cwd``) with the benchmark's environment.
 
-        Raises ``BenchError`` with the end of its output when it fails.
+        Returns its stdout. Raises ``BenchError`` with the end of its output when it fails.
         """
         result = subprocess.run(
-            [sys.executable, *args], cwd=ROOT, env=self.env, capture_output=True, text=True, check=False
+            [sys.executable, *args], cwd=cwd, env=self.env, capture_output=True, text=True, check=False
         )
         if result.returncode != 0:
-            raise BenchError(f"{' '.join(args)} failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
+            where = "" if cwd == ROOT else f" (in {cwd})"
+            raise BenchError(f"{' '.join(args)}{where} failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
         return result.stdout
+
+    def check_baseline(self) -> None:
+        """Check that the baseline checkout runs on the benchmark database as migrated by this tree.
+
+        Its migrations must be this tree's, all applied: ``showmigrations --list`` from both
+        trees must agree (a migration only one tree has means models the other's code does not
+        know), then ``manage.py migrate --check`` from the baseline (nothing unapplied, a
+        consistent history). Raises ``BenchError`` naming the differing migrations otherwise.
+        """
+        baseline = self.args.baseline
+        started = time.perf_counter()
+        ours = _migrations(self.run_python("manage.py", "showmigrations", "--list"))
+        theirs = _migrations(self.run_python("manage.py", "showmigrations", "--list", cwd=baseline))
+        if ours != theirs:
+            only_ours = sorted(set(ours) - set(theirs))
+            only_theirs = [
+                f"{name} ({'applied' if theirs[name] else 'not applied'})"
+                for name in sorted(theirs)
+                if name not in ours
+            ]
+            raise BenchError(
+                f"the baseline {baseline} has other migrations than this tree, so its models differ and one "
+                f"database cannot serve both: only in this tree {only_ours or 'none'}; only in the baseline "
+                f"{only_theirs or 'none'}. Compare against a checkout with the same migrations."
+            )
+        self.run_python("manage.py", "migrate", "--check", cwd=baseline)
+        if (baseline / ".env").is_file() and (
+            not (ROOT / ".env").is_file() or (baseline / ".env").read_bytes() != (ROOT / ".env").read_bytes()
+        ):
+            self.notes.append(
+                f"{baseline}/.env differs from this tree's: its settings fill in what the benchmark's environment "
+                "does not set, for the baseline's server only"
+            )
+        self.setup["baseline_check_s"] = round(time.perf_counter() - started, 3)
 
     def run_manage(self, *command: str) -> float:
         started = time.perf_counter()
@@ -449,7 +535,8 @@ class Bench:
         per_server_path = WARMUP_STREAMS * blocks + sum(self.args.levels)
         conv_paths = [p for p in self.args.paths if p in ("sse", "ws")]
         extra = self.args.profile[1] if self.args.profile and self.args.profile[0] in conv_paths else 0
-        return len(self.args.servers) * len(conv_paths) * per_server_path + extra
+        trees = 2 if self.args.baseline else 1  # the baseline's blocks take their own conversations
+        return trees * len(self.args.servers) * len(conv_paths) * per_server_path + extra
 
     def seed(self) -> None:
         started = time.perf_counter()
@@ -497,12 +584,21 @@ class Bench:
 
     # -- servers --
 
-    def start_server(self, server: str, label: str) -> tuple[Child, int, float]:
+    def start_server(self, server: str, path: str, *, baseline: bool = False) -> tuple[Child, int, float]:
+        """Start ``server`` for a block on ``path``: from this tree, or with ``baseline`` from ``--baseline``.
+
+        The baseline's server runs with the checkout as its working directory, so ``python -m``
+        puts it first on ``sys.path`` and the ASGI app is imported from there; everything else
+        (python, environment, database, simulator) is the same. Returns the child, its port and
+        the start-up time (to the first ``200`` from ``GET /v1/models``).
+        """
         port = free_port()
         command = server_command(server, port)
         headers = {"Authorization": f"Bearer {self.api_key}"}
+        label = server_label(server, baseline=baseline)
+        cwd = self.args.baseline if baseline else ROOT
         started = time.perf_counter()
-        child = Child(server, command, self.env, self.log_dir / f"server-{server}-{label}.log")
+        child = Child(label, command, self.env, self.log_dir / f"server-{label}-{path}.log", cwd=cwd)
         self.children.append(child)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:
@@ -510,14 +606,14 @@ class Bench:
             if status == 200:
                 break
             if child.process.poll() is not None:
-                raise BenchError(f"{server} exited with {child.process.returncode}:\n{child.tail()}")
+                raise BenchError(f"{label} exited with {child.process.returncode}:\n{child.tail()}")
             if status is not None and status != 200 and status < 500:
-                raise BenchError(f"{server} answered GET /v1/models with {status}:\n{child.tail()}")
+                raise BenchError(f"{label} answered GET /v1/models with {status}:\n{child.tail()}")
             if time.monotonic() > deadline:
-                raise BenchError(f"{server} did not answer within {STARTUP_TIMEOUT_S:.0f} s:\n{child.tail()}")
+                raise BenchError(f"{label} did not answer within {STARTUP_TIMEOUT_S:.0f} s:\n{child.tail()}")
             time.sleep(0.005)
         startup = time.perf_counter() - started
-        self.startup.setdefault(server, []).append(round(startup, 4))
+        self.startup.setdefault(label, []).append(round(startup, 4))
         return child, port, startup
 
     def stop_child(self, child: Child) -> None:
@@ -528,10 +624,16 @@ class Bench:
     # -- rounds --
 
     def estimate_round_s(self, server: str | None, path: str, level: int) -> float:
-        """Guess a round's wall time from the last measured round of the same server and path."""
+        """Guess a round's wall time from the last measured round of the same server (label) and path.
+
+        A baseline label without rounds yet borrows this tree's: the same workload.
+        """
         nominal = (self.args.ttft_ms + self.args.tokens * self.args.token_delay_ms) / 1000
         replies = replies_for(self.args, level)
         previous = [r for r in self.rounds if r["server"] == server and r["path"] == path and not r.get("skipped")]
+        if not previous and server is not None and server.endswith(report.BASELINE_SUFFIX):
+            base = server.removesuffix(report.BASELINE_SUFFIX)
+            previous = [r for r in self.rounds if r["server"] == base and r["path"] == path and not r.get("skipped")]
         guess = self.args.ramp_ms / 1000 + replies * nominal
         if previous:
             last = previous[-1]
@@ -562,6 +664,8 @@ class Bench:
             "replies": replies,
             "ramp_s": args.ramp_ms / 1000,
             "expected_tokens": args.tokens,
+            # As real clients send it, large enough never to cut a reply (cut: a token-count error).
+            "max_tokens": MAX_TOKENS_FACTOR * args.tokens,
             "timeout_s": 120.0,
             "deadline_s": deadline_s,
             "prompt": PROMPT,
@@ -628,6 +732,17 @@ class Bench:
                 merged["error_kinds"][kind] = merged["error_kinds"].get(kind, 0) + count
         return merged
 
+    def _record(self, server: str | None, path: str, level: int) -> dict[str, Any]:
+        """Return the start of a round's record: ``tree`` is current, baseline, or None (direct)."""
+        tree = None if server is None else "baseline" if server.endswith(report.BASELINE_SUFFIX) else "current"
+        return {
+            "server": server,
+            "tree": tree,
+            "path": path,
+            "concurrency": level,
+            "replies_per_stream": replies_for(self.args, level),
+        }
+
     def measure(
         self,
         *,
@@ -637,19 +752,19 @@ class Bench:
         base_url: str,
         server_tree: ProcessTree | None,
         idle_rss: int | None,
+        reserve_s: float = 0.0,
     ) -> dict[str, Any]:
-        """Run the measured round for (server, path, level) and append its record."""
-        replies = replies_for(self.args, level)
-        record: dict[str, Any] = {
-            "server": server,
-            "path": path,
-            "concurrency": level,
-            "replies_per_stream": replies,
-        }
+        """Run the measured round for (server label, path, level) and append its record.
+
+        The round is skipped unless it fits in the budget with ``reserve_s`` to spare (this tree's
+        round keeps room for the baseline's rounds that pair with it).
+        """
+        record = self._record(server, path, level)
         estimate = self.estimate_round_s(server, path, level)
         left = self.time_left() - REPORT_RESERVE_S
-        if estimate > left:
-            record["skipped"] = f"time budget: needs ~{estimate:.0f} s, {max(left, 0):.0f} s left"
+        if estimate + reserve_s > left:
+            needs = f"~{estimate:.0f} s" + (f" + ~{reserve_s:.0f} s for the baseline's" if reserve_s else "")
+            record["skipped"] = f"time budget: needs {needs}, {max(left, 0):.0f} s left"
             self.log(f"skip {server or '-'}/{path}@{level}: {record['skipped']}")
             self.rounds.append(record)
             return record
@@ -661,7 +776,7 @@ class Bench:
             level=level,
             base_url=base_url,
             server_tree=server_tree,
-            replies=replies,
+            replies=record["replies_per_stream"],
             conversations=conversations,
             deadline_s=deadline_s,
         )
@@ -754,6 +869,9 @@ class Bench:
         self.log(f"database: {database}; redis: {self.redis_url or 'none (in-memory layer, eager Celery)'}")
         self.setup["migrate_s"] = round(self.run_manage("migrate", "--noinput", "-v", "0"), 3)
         self.log(f"migrated in {self.setup['migrate_s']} s")
+        if args.baseline:
+            self.check_baseline()
+            self.log(f"baseline {args.baseline}: same migrations, checked in {self.setup['baseline_check_s']} s")
         self.start_simulator()
         self.seed()
         self.start_clients()
@@ -771,56 +889,91 @@ class Bench:
         paths = [p for p in args.paths if p in BACKEND_PATHS]
         levels = sorted(args.levels)
         lower, top = levels[:-1], levels[-1:]
+        # With --baseline, each block is followed at once by the baseline's same block, so any
+        # drift in the machine's load hits both alike.
+        trees = (False, True) if args.baseline else (False,)
         for path in paths:
             for server in args.servers:
-                self.block(server, path, lower)
+                for baseline in trees:
+                    self.block(server, path, lower, baseline=baseline)
         for server in args.servers:
             for path in paths:
-                self.block(server, path, top)
+                for baseline in trees:
+                    self.block(server, path, top, baseline=baseline)
 
-    def block(self, server: str, path: str, levels: list[int]) -> None:
+    def block(self, server: str, path: str, levels: list[int], *, baseline: bool = False) -> None:
         """Start ``server`` afresh, warm it up on ``path``, measure ``levels`` in order, stop it.
 
         A fresh process per block gives each block a clean idle RSS to measure growth from
         (Python rarely hands freed memory back to the OS), and a start-up time sample.
+        ``baseline``: the server runs from ``--baseline``, its rounds labelled
+        ``SERVER@baseline``. With ``--baseline``, this tree's block is followed by the baseline's
+        on the same levels, and the pair is measured both or neither: this tree's rounds keep
+        room in the budget for the baseline's, and a level skipped here is skipped there.
         """
+        label = server_label(server, baseline=baseline)
+        pair = server_label(server, baseline=True) if self.args.baseline and not baseline else None
+        if baseline:
+            for level in [lv for lv in levels if (server, path, lv) in self.unpaired]:
+                self._skip(label, path, level, "time budget: this tree's round was skipped")
+            levels = [lv for lv in levels if (server, path, lv) not in self.unpaired]
         if not levels:
             return
-        if self.time_left() - REPORT_RESERVE_S < BLOCK_OVERHEAD_S + self.estimate_round_s(server, path, levels[0]):
+        needed = BLOCK_OVERHEAD_S + self.estimate_round_s(label, path, levels[0])
+        if pair:
+            needed += BLOCK_OVERHEAD_S + self.estimate_round_s(pair, path, levels[0])
+        if self.time_left() - REPORT_RESERVE_S < needed:
             for level in levels:
-                self.rounds.append(
-                    {
-                        "server": server,
-                        "path": path,
-                        "concurrency": level,
-                        "replies_per_stream": replies_for(self.args, level),
-                        "skipped": "time budget",
-                    }
-                )
-                self.log(f"skip {server}/{path}@{level}: time budget")
+                self._skip(label, path, level, "time budget")
+                if pair:
+                    self.unpaired.add((server, path, level))
             return
-        child, port, startup = self.start_server(server, path)
-        self.log(f"{server} up in {startup * 1000:.0f} ms (port {port}) for {path} {levels}")
+        child, port, startup = self.start_server(server, path, baseline=baseline)
+        self.log(f"{label} up in {startup * 1000:.0f} ms (port {port}) for {path} {levels}")
         self.server_log = child.log_path
         try:
             tree = ProcessTree(child.pid)
             base_url = f"http://127.0.0.1:{port}"
-            self.warm_up(server, path, base_url, tree)
+            self.warm_up(label, path, base_url, tree)
             time.sleep(0.3)
             idle_rss = tree.rss_bytes()
-            for level in levels:
-                self.measure(
-                    server=server, path=path, level=level, base_url=base_url, server_tree=tree, idle_rss=idle_rss
+            for index, level in enumerate(levels):
+                # The baseline's block: a start, a warm-up and the rounds measured here so far.
+                reserve = (
+                    BLOCK_OVERHEAD_S + sum(self.estimate_round_s(pair, path, lv) for lv in levels[: index + 1])
+                    if pair
+                    else 0.0
                 )
+                record = self.measure(
+                    server=label,
+                    path=path,
+                    level=level,
+                    base_url=base_url,
+                    server_tree=tree,
+                    idle_rss=idle_rss,
+                    reserve_s=reserve,
+                )
+                if pair and record.get("skipped"):
+                    self.unpaired.add((server, path, level))
                 profile = self.args.profile
-                if profile and profile == (path, level) and server == self.args.servers[0] and self.profile is None:
-                    if self.time_left() - REPORT_RESERVE_S > 2 + self.estimate_round_s(server, path, level):
+                if (
+                    profile
+                    and profile == (path, level)
+                    and server == self.args.servers[0]
+                    and not baseline
+                    and self.profile is None
+                ):
+                    if self.time_left() - REPORT_RESERVE_S > 2 + self.estimate_round_s(label, path, level) + reserve:
                         self.run_profile(server, path, level, base_url, tree)
                     else:
                         self.notes.append("the profile round was skipped: time budget")
         finally:
             self.server_log = None
             self.stop_child(child)
+
+    def _skip(self, label: str, path: str, level: int, reason: str) -> None:
+        self.rounds.append({**self._record(label, path, level), "skipped": reason})
+        self.log(f"skip {label}/{path}@{level}: {reason}")
 
     def cleanup(self) -> None:
         for client in self.clients:
@@ -865,12 +1018,24 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _git_commit() -> str | None:
+def _git_commit(tree: Path = ROOT) -> str | None:
+    """Return the short commit of the checkout ``tree``, with ``+dirty`` when tracked files differ from it."""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         result = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5, check=False
+            ["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True, timeout=5, check=False
         )
-        return result.stdout.strip() or None
+        commit = result.stdout.strip()
+        if not commit:
+            return None
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=tree,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        return commit + ("+dirty" if status.stdout.strip() else "")
     return None
 
 
@@ -926,6 +1091,8 @@ def main(argv: list[str] | None = None) -> int:
         "replies": args.replies,
         "ramp_ms": args.ramp_ms,
         "budget_s": args.budget_s,
+        "max_tokens": MAX_TOKENS_FACTOR * args.tokens,
+        "baseline": {"dir": str(args.baseline), "git_commit": _git_commit(args.baseline)} if args.baseline else None,
     }
     startup = {
         server: {

@@ -2,21 +2,31 @@
 
 Tiny scale: levels 1 and 3, 5-token replies, one server (uvicorn), every path. It starts the
 simulator, a server process per block and the load generator, on a database of its own
-(``chatbackend_bench_test`` on PostgreSQL when ``DATABASE_URL`` is set, else a temporary
-SQLite file) and Redis database 14 when ``REDIS_URL`` is set. Figures are not checked, only
+(``<database>_bench_test*`` on PostgreSQL when ``DATABASE_URL`` names ``<database>``, else a
+temporary SQLite file) and Redis database 14 when ``REDIS_URL`` is set. Figures are not checked, only
 that every path streamed every token without an error and that the report is complete.
+``--baseline`` is checked the same way, against the project itself (the plumbing: both trees'
+rounds and the CPU comparison), and against a copy whose migrations differ (refused).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Named after the test database's server-side name, so runs against different databases (other
+# checkouts on the same PostgreSQL) never drop each other's benchmark database.
+_DATABASE_URL = os.environ.get("DATABASE_URL", "")
+_DATABASE = urlsplit(_DATABASE_URL).path.strip("/") if _DATABASE_URL.startswith("postgres") else ""
+BENCH_DB = (_DATABASE or "chatbackend") + "_bench_test"
 LEVELS = (1, 3)
 TOKENS = 5
 PATHS = ("direct", "v1", "sse", "ws")
@@ -40,7 +50,7 @@ def test_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:
         "--out",
         str(tmp_path),
         "--db-name",
-        "chatbackend_bench_test",
+        BENCH_DB,
         "--redis-db",
         "14",
         "--budget-s",
@@ -83,3 +93,88 @@ def test_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:
     # The Markdown table went to stdout, one row per round.
     for path in PATHS:
         assert f"| {path} |" in result.stdout, output
+
+
+def _bench(tmp_path: Path, db_name: str, *options: str) -> subprocess.CompletedProcess[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        "--tokens",
+        str(TOKENS),
+        "--servers",
+        "uvicorn",
+        "--out",
+        str(tmp_path / "out"),
+        "--db-name",
+        db_name,
+        "--redis-db",
+        "14",
+        "--budget-s",
+        "240",
+        *options,
+    ]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=280, check=False)
+
+
+def test_benchmark_compares_against_a_baseline_checkout(tmp_path: Path) -> None:
+    level = 3
+    result = _bench(tmp_path, BENCH_DB + "_baseline", "--levels", str(level), "--baseline", str(ROOT))
+    output = f"stdout:\n{result.stdout[-6000:]}\nstderr:\n{result.stderr[-6000:]}"
+    assert result.returncode == 0, output
+
+    data = json.loads((tmp_path / "out" / "latest.json").read_text())
+    assert data["meta"]["fatal"] is None, output
+    assert data["config"]["baseline"]["dir"] == str(ROOT)
+    rounds = data["rounds"]
+    for path in ("v1", "sse", "ws"):
+        for label, tree in (("uvicorn", "current"), ("uvicorn@baseline", "baseline")):
+            measured = [r for r in rounds if r["path"] == path and r["server"] == label]
+            assert len(measured) == 1, (path, label, output)
+            r = measured[0]
+            assert r["tree"] == tree
+            assert not r.get("skipped"), (path, label, r.get("skipped"))
+            assert r["errors"] == 0, (path, label, r["error_kinds"], output)
+            assert r["tokens"] == level * r["replies_per_stream"] * TOKENS, (path, label)
+        assert f"| uvicorn@baseline | {path} | {level} |" in result.stdout, output
+    assert sorted(data["startup"]) == ["uvicorn", "uvicorn@baseline"]
+
+    comparison = {c["path"]: c for c in data["cpu_per_token"]}
+    assert sorted(comparison) == ["sse", "v1", "ws"]
+    table = result.stdout.split("| server | path | streams | server µs/token | baseline µs/token | new / baseline")[1]
+    for path, c in comparison.items():
+        assert c["server"] == "uvicorn" and c["concurrency"] == level, c
+        assert c["server_us"] > 0 and c["baseline_us"] > 0, (path, c)
+        assert isinstance(c["vs_baseline"], float) and c["vs_baseline"] > 0, (path, c)
+        row = next(line for line in table.splitlines() if line.startswith(f"| uvicorn | {path} | {level} |"))
+        assert float(row.split("|")[6]) == pytest.approx(c["vs_baseline"], abs=0.005), row
+    assert data["recommendation"] is None  # baseline rows are not a second server
+
+
+def test_benchmark_refuses_a_baseline_with_other_migrations(tmp_path: Path) -> None:
+    baseline = tmp_path / "baseline"
+    shutil.copytree(
+        ROOT, baseline, ignore=shutil.ignore_patterns(".git", ".venv", "results", "__pycache__", "*.sqlite3*")
+    )
+    migrations = baseline / "accounts" / "migrations"
+    latest = max(p.stem for p in migrations.glob("0*.py"))
+    (migrations / "0999_bench_probe.py").write_text(
+        "from django.db import migrations\n\n\n"
+        f"class Migration(migrations.Migration):\n    dependencies = [('accounts', '{latest}')]\n    operations = []\n"
+    )
+    result = _bench(tmp_path, BENCH_DB + "_baseline", "--levels", "1", "--baseline", str(baseline))
+    output = f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+
+    assert result.returncode == 1, output
+    data = json.loads((tmp_path / "out" / "latest.json").read_text())
+    assert "has other migrations than this tree" in data["meta"]["fatal"], output
+    assert data["rounds"] == []
+    assert "0999_bench_probe" in result.stdout, output
+
+
+def test_benchmark_refuses_a_baseline_that_is_not_a_checkout(tmp_path: Path) -> None:
+    result = _bench(tmp_path, BENCH_DB + "_baseline", "--baseline", str(tmp_path))
+
+    assert result.returncode == 2
+    assert "is not a checkout of this project" in result.stderr
+    assert "manage.py" in result.stderr
