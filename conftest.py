@@ -17,6 +17,7 @@ import pytest
 import uvicorn
 from rest_framework.test import APIClient
 
+from accounts.usage import usage_flush
 from llm.tests.simulator_process import SimulatorProcess, running_simulator
 from tests.factories import PASSWORD, LLMModelFactory, ProviderFactory, UserFactory
 
@@ -33,6 +34,19 @@ def _celery_eager_in_process() -> Iterator[None]:
     app.conf.task_eager_propagates = True
     yield
     app.conf.task_always_eager = previous
+
+
+@pytest.fixture(autouse=True)
+def _usage_queue_drained() -> Iterator[None]:
+    """Wait, after each test, until the usage records it queued are written.
+
+    ``accounts.usage`` writes them from a sender thread after the reply has ended, possibly after
+    the test returned: left running, that write races the flush of the test database (a deadlock
+    against ``TRUNCATE`` on PostgreSQL) or lands in the next test. Set up after pytest-django's
+    database fixtures (autouse fixtures of plugins come first), so it is torn down before them.
+    """
+    yield
+    assert usage_flush(10), "the usage queue did not drain within 10 s"
 
 
 @pytest.fixture(scope="session")
