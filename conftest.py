@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from rest_framework.test import APIClient
 from accounts.usage import usage_flush
 from llm.tests.simulator_process import SimulatorProcess, running_simulator
 from tests.factories import PASSWORD, LLMModelFactory, ProviderFactory, UserFactory
+from tests.kit import poll_until
 
 ROOT = Path(__file__).resolve().parent
 
@@ -120,11 +120,8 @@ async def asgi_server() -> AsyncIterator[str]:
     config = uvicorn.Config(application, lifespan="off", log_level="warning", ws="none")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert not task.done(), "uvicorn stopped during start-up"
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        await asyncio.sleep(0.01)
+    await poll_until(lambda: server.started or task.done(), what="uvicorn's start-up")
+    assert not task.done(), "uvicorn stopped during start-up"
     host, port = sock.getsockname()
     yield f"http://{host}:{port}"
     server.should_exit = True

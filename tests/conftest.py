@@ -18,11 +18,10 @@ import secrets
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 from urllib.parse import quote
 
 import httpx
@@ -31,6 +30,7 @@ from django.conf import settings
 
 from llm.tests.simulator_process import SimulatorProcess, start_simulator
 from tests.factories import LLMModelFactory, ProviderFactory
+from tests.kit import poll_until_sync
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_SECONDS = 60.0
@@ -54,6 +54,10 @@ class ChildProcess:
     def output(self) -> str:
         """Return everything the process wrote so far (it writes to the file directly, unbuffered)."""
         return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def tail(self) -> str:
+        """Return the last ``LOG_TAIL_CHARS`` characters of the output, for an error message."""
+        return self.output()[-LOG_TAIL_CHARS:]
 
     def stop(self) -> None:
         """Terminate the process (SIGTERM, then SIGKILL after ``STOP_SECONDS``)."""
@@ -137,18 +141,16 @@ def _start_child(name: str, command: list[str], env: dict[str, str], log_dir: Pa
     return ChildProcess(name=name, process=process, log_path=log_path, log_file=log_file)
 
 
-def _wait_for(child: ChildProcess, ready: Any, what: str) -> None:
+def _wait_for(child: ChildProcess, ready: Callable[[], bool], what: str) -> None:
     """Poll ``ready()`` until it is true; fail with the child's output if it exits or time runs out."""
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        if child.process.poll() is not None:
-            tail = child.output()[-LOG_TAIL_CHARS:]
-            raise RuntimeError(f"{child.name} exited with {child.process.returncode}:\n{tail}")
-        if ready():
-            return
-        time.sleep(0.2)
-    tail = child.output()[-LOG_TAIL_CHARS:]
-    raise RuntimeError(f"{child.name} was not {what} within {STARTUP_SECONDS:.0f} s:\n{tail}")
+    try:
+        poll_until_sync(
+            lambda: child.process.poll() is not None or ready(), within=STARTUP_SECONDS, interval=0.2, what=what
+        )
+    except AssertionError:
+        raise RuntimeError(f"{child.name} was not {what} within {STARTUP_SECONDS:.0f} s:\n{child.tail()}") from None
+    if child.process.poll() is not None:
+        raise RuntimeError(f"{child.name} exited with {child.process.returncode}:\n{child.tail()}")
 
 
 def _http_ready(url: str) -> bool:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -19,37 +20,46 @@ T = TypeVar("T")
 
 
 async def poll_until(
-    probe: Callable[[], Awaitable[T]],
+    probe: Callable[[], T | Awaitable[T]],
     predicate: Callable[[T], object] = bool,
     *,
     within: float = 10.0,
     interval: float = 0.02,
+    what: str = "",
 ) -> T:
-    """Await ``probe()`` until ``predicate`` holds for its value; return that value.
+    """Call ``probe()`` (awaiting its result if it is awaitable) until ``predicate`` holds for it; return it.
 
-    Fails the test (``AssertionError`` with the last value) after ``within`` seconds.
+    The event loop runs between calls, so other tasks make progress. Fails the test
+    (``AssertionError`` naming ``what`` and the last value) after ``within`` seconds.
     """
     deadline = time.monotonic() + within
     while True:
-        value = await probe()
-        if predicate(value):
-            return value
+        value = probe()
+        if inspect.isawaitable(value):
+            value = await value
+        if predicate(value):  # type: ignore[arg-type]
+            return value  # type: ignore[return-value]
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within} s (last value: {value!r})")
+            raise AssertionError(f"{what or 'condition'} not met within {within} s (last value: {value!r})")
         await asyncio.sleep(interval)
 
 
 def poll_until_sync(
-    probe: Callable[[], T], predicate: Callable[[T], object] = bool, *, within: float = 10.0, interval: float = 0.05
+    probe: Callable[[], T],
+    predicate: Callable[[T], object] = bool,
+    *,
+    within: float = 10.0,
+    interval: float = 0.05,
+    what: str = "",
 ) -> T:
-    """``poll_until`` for sync tests: call ``probe()`` until ``predicate`` holds for its value."""
+    """``poll_until`` for sync code: call ``probe()`` until ``predicate`` holds for its value; return it."""
     deadline = time.monotonic() + within
     while True:
         value = probe()
         if predicate(value):
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within} s (last value: {value!r})")
+            raise AssertionError(f"{what or 'condition'} not met within {within} s (last value: {value!r})")
         time.sleep(interval)
 
 

@@ -14,8 +14,8 @@ import re
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -27,12 +27,12 @@ from websockets.sync.client import ClientConnection, connect
 from accounts.models import UsageRecord
 from llm.simulator import reply_text
 from tests.conftest import REPLY_TOKENS, E2EModels, E2EStack, E2EUser
+from tests.kit import poll_until_sync
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 DEADLINE_SECONDS = 20.0
 NEXTCHAT_ORIGIN = "http://localhost:3000"
-T = TypeVar("T")
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -47,24 +47,13 @@ def expected_reply(content: str) -> str:
     return reply_text([{"role": "user", "content": content}], REPLY_TOKENS)
 
 
-def poll(fetch: Callable[[], T], done: Callable[[T], bool], what: str, seconds: float = DEADLINE_SECONDS) -> T:
-    """Call ``fetch`` until ``done(result)``; fail naming ``what`` and the last result at the deadline."""
-    deadline = time.monotonic() + seconds
-    while True:
-        result = fetch()
-        if done(result):
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {seconds:.0f} s waiting for {what}; last: {result!r}")
-        time.sleep(0.2)
-
-
 def usage_records(username: str, expected: int) -> list[UsageRecord]:
     """Wait until ``username`` has ``expected`` usage records (the worker writes them); return them."""
-    poll(
+    poll_until_sync(
         lambda: UsageRecord.objects.filter(user__username=username).count(),
         lambda n: n >= expected,
-        f"{expected} usage records",
+        within=DEADLINE_SECONDS,
+        what=f"{expected} usage records",
     )
     time.sleep(0.5)  # a duplicate would arrive right behind the originals
     return list(UsageRecord.objects.filter(user__username=username))
@@ -272,10 +261,11 @@ def test_stopping_a_reply_keeps_the_partial_text_and_closes_the_upstream(
             name, _data = next(events)
             assert name == "reply.delta", name
 
-    messages = poll(
+    messages = poll_until_sync(
         lambda: {m["id"]: m for m in assistant_messages(http, e2e_user, conversation_id)},
         lambda found: len(found) == 2 and all(m["status"] != "streaming" for m in found.values()),
-        "both stopped replies to be saved",
+        within=DEADLINE_SECONDS,
+        what="both stopped replies to be saved",
     )
     for message_id, prompt in ((ws_message_id, over_ws), (sse_message_id, over_sse)):
         message = messages[message_id]
@@ -285,10 +275,11 @@ def test_stopping_a_reply_keeps_the_partial_text_and_closes_the_upstream(
         assert full.startswith(message["content"]), (message["content"], full)
         assert len(message["content"]) < len(full), "the reply ran to its end: the stop did not land"
 
-    stats = poll(
+    stats = poll_until_sync(
         e2e_stack.simulator.stats,
         lambda s: s["requests_disconnected"] >= disconnected_before + 2 and s["active_streams"] == 0,
-        "the simulator to see both upstream connections closed",
+        within=DEADLINE_SECONDS,
+        what="the simulator to see both upstream connections closed",
     )
     assert stats["requests_disconnected"] == disconnected_before + 2
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -80,18 +78,6 @@ def unreachable_conversation(user):
     """A conversation whose provider listens nowhere (127.0.0.1:9, the factory default)."""
     model = LLMModelFactory(name="unreachable-model", provider=ProviderFactory(base_url="http://127.0.0.1:9/v1"))
     return ConversationFactory(owner=user, model=model, title="Unreachable chat")
-
-
-async def wait_until(predicate: Callable[[], Awaitable[Any]], *, within: float = 10.0, interval: float = 0.02) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        result = await predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within} s (last value: {result!r})")
-        await asyncio.sleep(interval)
 
 
 @pytest.fixture

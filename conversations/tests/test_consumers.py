@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -13,9 +12,9 @@ from chatbackend.asgi import application
 from conversations.models import Message
 from llm.simulator import reply_text
 from tests.factories import ConversationFactory
-from tests.kit import usage_records
+from tests.kit import poll_until, usage_records
 
-from .conftest import SLOW_REPLY_TOKENS, bearer, sync_db, wait_until
+from .conftest import SLOW_REPLY_TOKENS, bearer, sync_db
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("release_db_connections")]
 
@@ -56,10 +55,6 @@ async def receive_until(communicator: WebsocketCommunicator, *types: str) -> lis
         frames.append(frame)
         if frame["type"] in types:
             return frames
-
-
-async def stats_reach(simulator, name: str, at_least: int) -> bool:
-    return (await asyncio.to_thread(simulator.stats))[name] >= at_least
 
 
 async def test_send_streams_start_deltas_done_and_persists(connect, user, conversation, token):
@@ -125,7 +120,7 @@ async def test_ping_pong(connect, conversation, token):
 async def test_reply_stop_frame_cancels_mid_stream_and_the_upstream_request(
     connect, slow_simulator, slow_conversation, token
 ):
-    before = slow_simulator.stats()["requests_disconnected"]
+    before = (await slow_simulator.astats())["requests_disconnected"]
     socket = await connect(slow_conversation, token)
     await socket.send_json_to({"type": "message.send", "content": "a long story"})
     frames = await receive_until(socket, "reply.start")
@@ -142,7 +137,7 @@ async def test_reply_stop_frame_cancels_mid_stream_and_the_upstream_request(
     assert 3 <= len(streamed.split()) < SLOW_REPLY_TOKENS
     answer = await Message.objects.aget(pk=frames[0]["message_id"])
     assert (answer.status, answer.content) == ("cancelled", streamed)
-    await wait_until(lambda: stats_reach(slow_simulator, "requests_disconnected", before + 1))
+    await poll_until(slow_simulator.astats, lambda stats: stats["requests_disconnected"] >= before + 1)
     [record] = await usage_records(message_id=answer.pk)
     assert record.finish_status == "cancelled"
     assert record.completion_tokens >= len(streamed.split())
@@ -153,7 +148,7 @@ async def test_reply_stop_frame_cancels_mid_stream_and_the_upstream_request(
 
 
 async def test_disconnect_mid_stream_cancels_the_reply(connect, slow_simulator, slow_conversation, token):
-    before = slow_simulator.stats()["requests_disconnected"]
+    before = (await slow_simulator.astats())["requests_disconnected"]
     socket = await connect(slow_conversation, token)
     await socket.send_json_to({"type": "message.send", "content": "a long story"})
     start = (await receive_until(socket, "reply.start"))[-1]
@@ -162,10 +157,10 @@ async def test_disconnect_mid_stream_cancels_the_reply(connect, slow_simulator, 
 
     await socket.disconnect(timeout=TIMEOUT)
 
-    answer = await wait_until(lambda: Message.objects.filter(pk=start["message_id"], status="cancelled").afirst())
+    answer = await poll_until(lambda: Message.objects.filter(pk=start["message_id"], status="cancelled").afirst())
     assert answer.content.startswith(first["content"])
     assert 0 < len(answer.content.split()) < SLOW_REPLY_TOKENS
-    await wait_until(lambda: stats_reach(slow_simulator, "requests_disconnected", before + 1))
+    await poll_until(slow_simulator.astats, lambda stats: stats["requests_disconnected"] >= before + 1)
 
 
 async def test_stop_endpoint_stops_a_reply_streaming_in_the_consumer(connect, slow_conversation, token):
@@ -346,12 +341,12 @@ async def test_bearer_subprotocol_is_not_echoed_when_another_is_offered(open_soc
 
 
 async def test_reply_stop_before_the_first_token(connect, sleepy_simulator, sleepy_conversation, token):
-    before = sleepy_simulator.stats()
+    before = await sleepy_simulator.astats()
     socket = await connect(sleepy_conversation, token)
     await socket.send_json_to({"type": "message.send", "content": "hi"})
     await receive_until(socket, "reply.start")
     # Stop once the upstream has the request (a stop before that never sends it at all).
-    await wait_until(lambda: stats_reach(sleepy_simulator, "requests_started", before["requests_started"] + 1))
+    await poll_until(sleepy_simulator.astats, lambda stats: stats["requests_started"] >= before["requests_started"] + 1)
 
     await socket.send_json_to({"type": "reply.stop"})
     done = await socket.receive_json_from(timeout=TIMEOUT)
@@ -359,8 +354,9 @@ async def test_reply_stop_before_the_first_token(connect, sleepy_simulator, slee
     assert done["type"] == "reply.done"
     assert (done["message"]["status"], done["message"]["content"]) == ("cancelled", "")
     assert done["message"]["duration_ms"] < 5000
-    disconnected = before["requests_disconnected"] + 1
-    await wait_until(lambda: stats_reach(sleepy_simulator, "requests_disconnected", disconnected))
+    await poll_until(
+        sleepy_simulator.astats, lambda stats: stats["requests_disconnected"] >= before["requests_disconnected"] + 1
+    )
 
 
 async def test_reply_stop_right_after_message_send(connect, sleepy_conversation, token):

@@ -20,7 +20,7 @@ from llm.simulator import reply_text
 from tests.factories import ConversationFactory
 from tests.kit import poll_until, usage_records
 
-from .conftest import SLOW_REPLY_TOKENS, sync_db, wait_until
+from .conftest import SLOW_REPLY_TOKENS, sync_db
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("release_db_connections")]
 
@@ -249,7 +249,7 @@ async def test_send_to_another_users_conversation_is_404(other_user, sim_model, 
 async def test_client_disconnect_cancels_the_reply_and_the_upstream_request(
     asgi_server, slow_simulator, slow_conversation, token
 ):
-    before = slow_simulator.stats()["requests_disconnected"]
+    before = (await slow_simulator.astats())["requests_disconnected"]
     deltas: list[str] = []
     async with httpx.AsyncClient(base_url=asgi_server, timeout=10) as client:
         async with aconnect_sse(
@@ -263,10 +263,10 @@ async def test_client_disconnect_cancels_the_reply_and_the_upstream_request(
                     if len(deltas) == 3:
                         break  # leaving the block closes the connection
 
-    answer = await wait_until(lambda: Message.objects.filter(pk=message_id, status="cancelled").afirst())
+    answer = await poll_until(lambda: Message.objects.filter(pk=message_id, status="cancelled").afirst())
     assert answer.content.startswith("".join(deltas))  # the server may have relayed a little more
     assert 0 < len(answer.content.split()) < SLOW_REPLY_TOKENS
-    await wait_until(lambda: _stat(slow_simulator, "requests_disconnected", before + 1))
+    await poll_until(slow_simulator.astats, lambda stats: stats["requests_disconnected"] >= before + 1)
     [record] = await poll_until(lambda: usage_records(message_id=message_id))
     assert record.finish_status == "cancelled"
     assert record.estimated is True
@@ -299,11 +299,11 @@ async def test_stop_endpoint_stops_an_sse_reply(asgi_server, slow_simulator, slo
 
 async def test_stop_endpoint_stops_a_non_streamed_reply(asgi_server, slow_simulator, slow_conversation, token):
     headers = {"Authorization": f"Bearer {token}"}
-    started = slow_simulator.stats()["requests_started"]
+    started = (await slow_simulator.astats())["requests_started"]
     async with httpx.AsyncClient(base_url=asgi_server, timeout=10) as client:
         sending = asyncio.create_task(client.post(url(slow_conversation), json={"content": "hi"}, headers=headers))
         # The upstream request starts after the view listens for stop requests.
-        await wait_until(lambda: _stat(slow_simulator, "requests_started", started + 1))
+        await poll_until(slow_simulator.astats, lambda stats: stats["requests_started"] >= started + 1)
         streaming = await Message.objects.aget(conversation=slow_conversation, role="assistant")
         stop = await client.post(f"{url(slow_conversation)}{streaming.pk}/stop/", headers=headers)
         response = await sending
@@ -316,17 +316,11 @@ async def test_stop_endpoint_stops_a_non_streamed_reply(asgi_server, slow_simula
     assert len(assistant["content"].split()) < SLOW_REPLY_TOKENS
 
 
-async def _stat(simulator, name: str, at_least: int) -> bool:
-    stats = await asyncio.to_thread(simulator.stats)
-    return stats[name] >= at_least
-
-
 async def test_stop_endpoint_stops_a_reply_still_waiting_for_its_first_token(
     settings, asgi_server, sleepy_simulator, sleepy_conversation, token
 ):
     settings.SSE_KEEPALIVE_SECONDS = 0.05  # so the view waits for the first chunk in keep-alive rounds
-    before = sleepy_simulator.stats()
-    started = before["requests_started"] + 1
+    before = await sleepy_simulator.astats()
     headers = {"Authorization": f"Bearer {token}"}
     events: list[ServerSentEvent] = []
     async with httpx.AsyncClient(base_url=asgi_server, timeout=10) as client:
@@ -337,7 +331,10 @@ async def test_stop_endpoint_stops_a_reply_still_waiting_for_its_first_token(
                 events.append(event)
                 if event.event == "reply.start":
                     # Stop once the upstream has the request (a stop before that never sends it).
-                    await wait_until(lambda: _stat(sleepy_simulator, "requests_started", started))
+                    await poll_until(
+                        sleepy_simulator.astats,
+                        lambda stats: stats["requests_started"] >= before["requests_started"] + 1,
+                    )
                     stop_url = f"{url(sleepy_conversation)}{event.json()['message_id']}/stop/"
                     assert (await client.post(stop_url, headers=headers)).status_code == 202
 
@@ -345,5 +342,7 @@ async def test_stop_endpoint_stops_a_reply_still_waiting_for_its_first_token(
     done = events[-1].json()["message"]
     assert (done["status"], done["content"], done["time_to_first_token_ms"]) == ("cancelled", "", None)
     assert done["duration_ms"] < 5000  # stopped before the upstream's first token
-    disconnected = before["requests_disconnected"] + 1
-    await wait_until(lambda: _stat(sleepy_simulator, "requests_disconnected", disconnected))
+    await poll_until(
+        sleepy_simulator.astats,
+        lambda stats: stats["requests_disconnected"] >= before["requests_disconnected"] + 1,
+    )

@@ -34,7 +34,7 @@ from llm.tests.openai_schema import validate_against
 from llm.tests.simulator_process import start_simulator
 from tests.asgi import http_scope
 from tests.factories import LLMModelFactory, ProviderFactory, UserFactory
-from tests.kit import usage_records
+from tests.kit import poll_until, usage_records
 
 SIM_REPLY_TOKENS = 12  # the session simulator's reply length (root conftest)
 CHAT_URL = "/v1/chat/completions"
@@ -650,7 +650,7 @@ async def test_client_disconnect_cancels_upstream_and_bills_what_was_streamed(ap
     assert record.finish_status == "cancelled"
     assert record.estimated is True
     assert 3 <= record.completion_tokens < 200
-    stats = await _wait_for_stats(sim, lambda s: s["active_streams"] == 0)
+    stats = await poll_until(sim.astats, lambda stats: stats["active_streams"] == 0)
     assert stats["requests_disconnected"] == 1  # the upstream request was closed, not finished
     assert stats["requests_completed"] == 0
 
@@ -666,7 +666,7 @@ async def test_client_leaving_while_headers_are_sent_still_ends_the_reply(api_ke
     assert result.status == 200 and result.body == b""
     [record] = await usage_records()  # persisted before the handler returned
     assert record.finish_status == "cancelled"
-    stats = await _wait_for_stats(sim, lambda s: s["active_streams"] == 0)
+    stats = await poll_until(sim.astats, lambda stats: stats["active_streams"] == 0)
     assert stats["requests_disconnected"] == 1
 
 
@@ -679,26 +679,10 @@ async def test_a_stream_never_read_is_persisted_cancelled_when_the_response_clos
     assert response.status_code == 200
     response.close()
 
-    async def cancelled() -> list[UsageRecord]:
-        return [record for record in await usage_records() if record.finish_status == "cancelled"]
-
-    for _ in range(100):
-        if await cancelled():
-            break
-        await asyncio.sleep(0.05)
-    [record] = await cancelled()
+    [record] = await poll_until(lambda: usage_records(finish_status="cancelled"))
     assert record.completion_tokens < 200
-    stats = await _wait_for_stats(sim, lambda s: s["active_streams"] == 0)
+    stats = await poll_until(sim.astats, lambda stats: stats["active_streams"] == 0)
     assert stats["requests_disconnected"] == 1
-
-
-async def _wait_for_stats(sim: Any, done: Any) -> dict[str, int]:
-    for _ in range(100):
-        stats = await asyncio.to_thread(sim.stats)
-        if done(stats):
-            return stats
-        await asyncio.sleep(0.05)
-    return stats
 
 
 # --- A silent upstream: keep-alive comments until the first chunk -----------------------------
@@ -743,7 +727,7 @@ async def test_client_leaving_a_silent_stream_cancels_it(api_key_secret, silent_
     [record] = await usage_records()
     assert record.finish_status == "cancelled"
     assert record.completion_tokens == 0
-    stats = await _wait_for_stats(sim, lambda s: s["active_streams"] == 0)
+    stats = await poll_until(sim.astats, lambda stats: stats["active_streams"] == 0)
     assert stats["requests_disconnected"] == 1 and stats["requests_completed"] == 0
 
 

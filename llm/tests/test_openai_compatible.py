@@ -15,6 +15,7 @@ from llm.providers.openai_compatible import OpenAICompatibleProvider, aclose_cli
 from llm.simulator import MIDSTREAM_FAILURE_CHUNKS, count_prompt_tokens, reply_text
 from llm.tests.conftest import FAST_REPLY_TOKENS, SIMULATOR_API_KEY
 from llm.tests.simulator_process import SimulatorProcess
+from tests.kit import poll_until
 
 pytestmark = pytest.mark.usefixtures("provider_clients")
 
@@ -46,19 +47,6 @@ async def collect(
 
 def assert_key_hidden(error: UpstreamError, key: str = PROVIDER_KEY) -> None:
     assert key not in error.message and key not in str(error) and key not in str(error.as_dict())
-
-
-async def wait_for_stats(
-    sim: SimulatorProcess, predicate: Callable[[dict[str, int]], bool], within: float = 1.0
-) -> dict[str, int]:
-    """Poll the simulator's stats until ``predicate`` holds; fail after ``within`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not predicate(stats := await sim.astats()):
-        if loop.time() > deadline:
-            raise AssertionError(f"simulator stats never matched within {within} s: {stats}")
-        await asyncio.sleep(0.02)
-    return stats
 
 
 async def test_streams_content_chunks_then_usage(llm_simulator: SimulatorProcess) -> None:
@@ -187,9 +175,9 @@ async def test_cancelling_the_consumer_closes_the_upstream_stream(slow_llm_simul
     await asyncio.wait_for(first_chunk.wait(), timeout=5)
     assert (await slow_llm_simulator.astats())["active_streams"] == before["active_streams"] + 1
     task.cancel()
-    # Poll before awaiting the task: the 1 s budget runs from the cancel, not from the task's end.
-    after = await wait_for_stats(
-        slow_llm_simulator,
+    # Poll before awaiting the task: the upstream must close because of the cancel alone.
+    after = await poll_until(
+        slow_llm_simulator.astats,
         lambda s: (
             s["requests_disconnected"] == before["requests_disconnected"] + 1
             and s["active_streams"] == before["active_streams"]
@@ -206,8 +194,8 @@ async def test_aclose_of_the_stream_closes_the_upstream_stream(slow_llm_simulato
     first = await anext(stream)
     assert first and all(chunk.content for chunk in first)
     closing = asyncio.create_task(stream.aclose())
-    await wait_for_stats(
-        slow_llm_simulator,
+    await poll_until(
+        slow_llm_simulator.astats,
         lambda s: (
             s["requests_disconnected"] == before["requests_disconnected"] + 1
             and s["active_streams"] == before["active_streams"]

@@ -138,7 +138,7 @@ async def test_keep_alives_flow_while_the_upstream_is_silent_before_its_first_ch
     assert events[-1].outcome.status is ReplyStatus.CANCELLED
     assert events[-1].outcome.content == ""
     assert [outcome.status for outcome in plan.finished] == [ReplyStatus.CANCELLED]
-    await poll_until(lambda: sleepy_llm_simulator.astats(), lambda stats: stats["requests_disconnected"] >= 1)
+    await poll_until(sleepy_llm_simulator.astats, lambda stats: stats["requests_disconnected"] >= 1)
 
 
 async def test_stop_ends_the_reply_cancelled_with_its_text_so_far_and_closes_the_upstream(slow_llm_simulator):
@@ -174,7 +174,7 @@ async def test_cancelling_the_iterating_task_persists_cancelled_and_propagates(s
                 seen.append(event)
 
     task = asyncio.create_task(consume())
-    await poll_until(lambda: asyncio.sleep(0, len(seen)), lambda count: count >= 3)
+    await poll_until(lambda: len(seen), lambda count: count >= 3)
     task.cancel()
 
     with pytest.raises(asyncio.CancelledError):
@@ -261,7 +261,7 @@ async def test_a_broadcast_stop_reaches_only_its_reply_and_replies_share_one_cha
                 texts[plan.reply_id].append(event)
 
     tasks = [asyncio.create_task(stream(plan)) for plan in plans]
-    await poll_until(lambda: asyncio.sleep(0, [len(t) for t in texts.values()]), lambda counts: min(counts) >= 3)
+    await poll_until(lambda: [len(t) for t in texts.values()], lambda counts: min(counts) >= 3)
     # Every reply listens through one channel, which joined the one group once.
     assert layer.calls == {("new_channel", ""): 1, ("group_add", broadcast.PROCESS_GROUP): 1}
     if isinstance(layer, InMemoryChannelLayer):
@@ -269,12 +269,12 @@ async def test_a_broadcast_stop_reaches_only_its_reply_and_replies_share_one_cha
 
     target = plans[CONCURRENT_REPLIES // 2]
     await asyncio.to_thread(reply_stop_broadcast, reply_id=target.reply_id)  # as a DRF view sends it
-    await poll_until(lambda: asyncio.sleep(0, target.finished), bool)
+    await poll_until(lambda: target.finished)
 
     others = [plan for plan in plans if plan is not target]
     counts = {plan.reply_id: len(texts[plan.reply_id]) for plan in others}
     # The others go on streaming after the target ended...
-    await poll_until(lambda: asyncio.sleep(0, texts), lambda t: all(len(t[pid]) > counts[pid] + 2 for pid in counts))
+    await poll_until(lambda: texts, lambda t: all(len(t[pid]) > counts[pid] + 2 for pid in counts))
     assert all(not plan.finished for plan in others)
     for plan in others:
         replies[plan.reply_id].stop()
@@ -303,5 +303,5 @@ async def test_the_listener_rejoins_the_group_before_its_membership_expires(laye
     monkeypatch.setattr(broadcast, "REJOIN_SECONDS", 0.05)
     assert await broadcast.listen()
 
-    await poll_until(lambda: asyncio.sleep(0, layer.calls["group_add", broadcast.PROCESS_GROUP]), lambda n: n >= 3)
+    await poll_until(lambda: layer.calls["group_add", broadcast.PROCESS_GROUP], lambda n: n >= 3)
     assert layer.calls["new_channel", ""] == 1
