@@ -19,7 +19,7 @@ from rest_framework.test import APIClient
 from accounts.usage import usage_flush
 from llm.tests.simulator_process import SimulatorProcess, running_simulator
 from tests.factories import PASSWORD, LLMModelFactory, ProviderFactory, UserFactory
-from tests.kit import poll_until
+from tests.kit import access_token, bearer, poll_until
 
 ROOT = Path(__file__).resolve().parent
 
@@ -84,11 +84,13 @@ def api_client() -> APIClient:
 @pytest.fixture
 def auth_client(user) -> APIClient:
     """An APIClient logged in as ``user`` with a JWT access token."""
-    from rest_framework_simplejwt.tokens import RefreshToken
+    return APIClient(headers=bearer(access_token(user)))
 
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {RefreshToken.for_user(user).access_token}")
-    return client
+
+@pytest.fixture
+def token(user) -> str:
+    """A JWT access token for ``user``."""
+    return access_token(user)
 
 
 @pytest.fixture

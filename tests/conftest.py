@@ -30,7 +30,7 @@ from django.conf import settings
 
 from llm.tests.simulator_process import SimulatorProcess, start_simulator
 from tests.factories import LLMModelFactory, ProviderFactory
-from tests.kit import poll_until_sync
+from tests.kit import bearer, poll_until_sync
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_SECONDS = 60.0
@@ -312,7 +312,7 @@ def e2e_user(e2e_stack: E2EStack, e2e_models: E2EModels, http: httpx.Client) -> 
     assert response.status_code == 200, response.text
     access = response.json()["access"]
 
-    response = http.post("/api/api-keys/", json={"name": "e2e"}, headers={"Authorization": f"Bearer {access}"})
+    response = http.post("/api/api-keys/", json={"name": "e2e"}, headers=bearer(access))
     assert response.status_code == 201, response.text
     api_key = response.json()["key"]
     assert api_key.startswith("sk-")

@@ -1,6 +1,8 @@
 """The shared test kit: helpers every app's tests use (fixtures live in the ``conftest.py`` files).
 
 - ``poll_until`` / ``poll_until_sync``: wait for a condition instead of sleeping.
+- ``access_token(user)``: a JWT access token; ``bearer(credential)``: the headers that carry a JWT
+  or an ``sk-...`` key. One convention: credentials travel as a headers dict.
 - ``usage_records``: the usage records written, once this process's accounting queue is empty.
 """
 
@@ -12,7 +14,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from accounts.models import UsageRecord
+from rest_framework_simplejwt.tokens import AccessToken
+
+from accounts.models import UsageRecord, User
 from accounts.usage import usage_flush
 from chatbackend.asyncdb import run_sync
 
@@ -61,6 +65,23 @@ def poll_until_sync(
         if time.monotonic() > deadline:
             raise AssertionError(f"{what or 'condition'} not met within {within} s (last value: {value!r})")
         time.sleep(interval)
+
+
+# --- Credentials -------------------------------------------------------------------------------
+
+
+def access_token(user: User) -> str:
+    """Return a JWT access token for ``user`` (no database access: safe on an event loop)."""
+    return str(AccessToken.for_user(user))
+
+
+def bearer(credential: str) -> dict[str, str]:
+    """Return the headers that present ``credential`` (a JWT or an ``sk-...`` key): ``Authorization: Bearer``.
+
+    Every client takes them: Django's ``Client`` / ``AsyncClient`` and DRF's ``APIClient`` (per
+    request or as ``APIClient(headers=...)``), httpx, the ASGI driver.
+    """
+    return {"Authorization": f"Bearer {credential}"}
 
 
 async def usage_records(**filters: Any) -> list[UsageRecord]:

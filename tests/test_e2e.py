@@ -27,7 +27,7 @@ from websockets.sync.client import ClientConnection, connect
 from accounts.models import UsageRecord
 from llm.simulator import reply_text
 from tests.conftest import REPLY_TOKENS, E2EModels, E2EStack, E2EUser
-from tests.kit import poll_until_sync
+from tests.kit import bearer, poll_until_sync
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -36,10 +36,6 @@ NEXTCHAT_ORIGIN = "http://localhost:3000"
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def expected_reply(content: str) -> str:

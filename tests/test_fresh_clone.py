@@ -19,6 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.kit import bearer
+
 ROOT = Path(__file__).resolve().parents[1]
 SETUP_SECONDS = 600  # a fresh venv installs every requirement from the package index
 
@@ -77,13 +79,13 @@ def test_demo_command_installs_and_serves_a_streamed_reply(clone: Path) -> None:
         assert api_key, "demo printed no API key:\n" + "".join(output[-40:])
 
         base = f"http://127.0.0.1:{port}"
-        models = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
+        models = httpx.get(f"{base}/v1/models", headers=bearer(api_key), timeout=30)
         assert models.status_code == 200, models.text
         assert "gpt-4o-mini" in {model["id"] for model in models.json()["data"]}
 
         body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "Hello!"}]}
         with httpx.stream(
-            "POST", f"{base}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {api_key}"}, timeout=30
+            "POST", f"{base}/v1/chat/completions", json=body, headers=bearer(api_key), timeout=30
         ) as response:
             assert response.status_code == 200
             data = [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]

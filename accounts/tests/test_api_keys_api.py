@@ -10,17 +10,12 @@ from rest_framework.test import APIClient
 from accounts.models import APIKey
 from accounts.services import api_key_create
 from accounts.tests.helpers import assert_error
+from tests.kit import bearer
 
 KEYS = "/api/api-keys/"
 ME = "/api/auth/me/"
 
 pytestmark = pytest.mark.django_db
-
-
-def bearer(token: str) -> APIClient:
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
-    return client
 
 
 def test_create_shows_the_secret_once_and_the_list_never(auth_client, user):
@@ -60,7 +55,7 @@ def test_the_database_stores_only_the_sha256_of_the_secret(auth_client):
 
 
 def test_a_key_authenticates_me_and_records_its_use(user, api_key_secret):
-    response = bearer(api_key_secret).get(ME)
+    response = APIClient(headers=bearer(api_key_secret)).get(ME)
 
     assert response.status_code == 200
     assert response.json()["username"] == user.username
@@ -73,7 +68,7 @@ def test_a_revoked_key_is_a_401(auth_client, api_key_secret):
     response = auth_client.delete(f"{KEYS}{key_id}/")
 
     assert response.status_code == 204
-    error = assert_error(bearer(api_key_secret).get(ME), 401)
+    error = assert_error(APIClient(headers=bearer(api_key_secret)).get(ME), 401)
     assert error["code"] == "api_key_revoked"
     listed = auth_client.get(KEYS).json()["results"]
     assert listed[0]["revoked_at"] is not None
@@ -92,7 +87,7 @@ def test_a_member_cannot_see_or_revoke_anothers_keys(auth_client, other_user):
     assert error["type"] == "not_found_error"
     theirs.api_key.refresh_from_db()
     assert theirs.api_key.revoked_at is None
-    assert bearer(theirs.secret).get(ME).status_code == 200
+    assert APIClient(headers=bearer(theirs.secret)).get(ME).status_code == 200
 
 
 @pytest.mark.parametrize("key_id", [0, 987654321, 2**70])
@@ -124,7 +119,7 @@ def test_api_keys_need_authentication(api_client):
 
 
 def test_an_api_key_can_manage_keys_too(user, api_key_secret):
-    client = bearer(api_key_secret)
+    client = APIClient(headers=bearer(api_key_secret))
 
     response = client.post(KEYS, {"name": "second"}, format="json")
 

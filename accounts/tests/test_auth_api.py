@@ -11,6 +11,7 @@ from rest_framework_simplejwt.tokens import AccessToken, RefreshToken
 
 from accounts.models import User
 from accounts.tests.helpers import assert_error
+from tests.kit import access_token, bearer
 
 REGISTER = "/api/auth/register/"
 TOKEN = "/api/auth/token/"
@@ -106,8 +107,7 @@ def test_register_is_throttled_per_client(api_client, settings):
 def test_login_returns_a_working_access_token(api_client, user, password):
     tokens = login(api_client, user.username, password)
 
-    api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {tokens['access']}")
-    response = api_client.get(ME)
+    response = api_client.get(ME, headers=bearer(tokens["access"]))
 
     assert response.status_code == 200
     assert response.json()["username"] == user.username
@@ -189,9 +189,7 @@ def test_logout_with_a_bad_token_is_a_json_error(api_client):
 
 
 def test_logout_with_an_access_token_is_a_401(api_client, user):
-    access = str(AccessToken.for_user(user))
-
-    response = api_client.post(LOGOUT, {"refresh": access}, format="json")
+    response = api_client.post(LOGOUT, {"refresh": access_token(user)}, format="json")
 
     assert_error(response, 401)
 
@@ -219,9 +217,7 @@ def test_me_without_credentials_is_a_401_json_error(api_client):
 def test_me_with_an_expired_access_token_is_a_401_json_error(api_client, user):
     token = AccessToken.for_user(user)
     token.set_exp(from_time=timezone.now() - timedelta(hours=1))
-    api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
-
-    response = api_client.get(ME)
+    response = api_client.get(ME, headers=bearer(str(token)))
 
     error = assert_error(response, 401)
     assert error["code"] == "token_not_valid"
@@ -238,11 +234,10 @@ def test_me_with_garbage_credentials_is_a_401_json_error(api_client, header):
 
 
 def test_me_with_an_inactive_users_token_is_a_401(api_client, user):
-    access = str(AccessToken.for_user(user))
+    access = access_token(user)
     user.is_active = False
     user.save()
-    api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {access}")
 
-    response = api_client.get(ME)
+    response = api_client.get(ME, headers=bearer(access))
 
     assert_error(response, 401)

@@ -6,11 +6,11 @@ from decimal import Decimal
 
 import pytest
 from rest_framework.test import APIClient
-from rest_framework_simplejwt.tokens import AccessToken
 
 from accounts.services import api_key_create
 from accounts.tests.helpers import assert_error
 from tests.factories import LLMModelFactory, UsageRecordFactory, UserFactory
+from tests.kit import access_token, bearer
 
 USAGE = "/api/usage/"
 USERS = "/api/users/"
@@ -35,9 +35,7 @@ USAGE_FIELDS = {
 
 
 def jwt_client(user) -> APIClient:
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {AccessToken.for_user(user)}")
-    return client
+    return APIClient(headers=bearer(access_token(user)))
 
 
 def record(*, user, request_id: str, api_key=None, model=None, prompt_tokens: int = 10, completion_tokens: int = 5):

@@ -19,12 +19,12 @@ from referencing.jsonschema import DRAFT4
 from llm.tests.test_openai_api import (
     DB,
     _close_provider_clients,  # noqa: F401 - an autouse fixture, shared
-    auth,
     chat_body,
     post_chat,
     read_stream,
     sse_data,
 )
+from tests.kit import bearer
 
 ROOT = Path(__file__).resolve().parents[2]
 _METHODS = re.compile(r"\b((?:GET|POST|PUT|PATCH|DELETE)(?:/(?:GET|POST|PUT|PATCH|DELETE))*) (/[^\s|?`,]+)")
@@ -125,23 +125,23 @@ def assert_matches(schema: dict[str, Any], component: str, instance: Any) -> Non
 @DB
 async def test_real_responses_match_the_documented_components(schema, api_key_secret, sim_model):
     client = AsyncClient()
-    response = await post_chat(client, chat_body("sim-model"), auth(api_key_secret))
+    response = await post_chat(client, chat_body("sim-model"), bearer(api_key_secret))
     assert_matches(schema, "ChatCompletionOutput", json.loads(response.content))
 
     body = chat_body("sim-model", stream=True, stream_options={"include_usage": True})
-    response = await post_chat(client, body, auth(api_key_secret))
+    response = await post_chat(client, body, bearer(api_key_secret))
     payloads = sse_data(await read_stream(response))
     for payload in payloads[:-1]:
         assert_matches(schema, "ChatCompletionChunkOutput", json.loads(payload))
 
-    response = await client.get("/v1/models", headers=auth(api_key_secret))
+    response = await client.get("/v1/models", headers=bearer(api_key_secret))
     assert_matches(schema, "OpenAIModelListOutput", json.loads(response.content))
-    response = await client.get("/v1/models/sim-model", headers=auth(api_key_secret))
+    response = await client.get("/v1/models/sim-model", headers=bearer(api_key_secret))
     assert_matches(schema, "OpenAIModelOutput", json.loads(response.content))
     query = "start_date=2026-01-01&end_date=2026-02-01"
-    response = await client.get(f"/dashboard/billing/usage?{query}", headers=auth(api_key_secret))
+    response = await client.get(f"/dashboard/billing/usage?{query}", headers=bearer(api_key_secret))
     assert_matches(schema, "BillingUsageOutput", json.loads(response.content))
-    response = await client.get("/dashboard/billing/subscription", headers=auth(api_key_secret))
+    response = await client.get("/dashboard/billing/subscription", headers=bearer(api_key_secret))
     assert_matches(schema, "BillingSubscriptionOutput", json.loads(response.content))
-    response = await post_chat(client, {"model": "sim-model", "messages": []}, auth(api_key_secret))
+    response = await post_chat(client, {"model": "sim-model", "messages": []}, bearer(api_key_secret))
     assert_matches(schema, "ErrorOutput", json.loads(response.content))

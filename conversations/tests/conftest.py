@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 from asgiref.sync import sync_to_async
 from django.db import connections
-from rest_framework_simplejwt.tokens import RefreshToken
 
 from llm.tests.simulator_process import SimulatorProcess, start_simulator
 from tests.factories import ConversationFactory, LLMModelFactory, ProviderFactory
@@ -31,16 +30,6 @@ def sleepy_simulator() -> Iterator[SimulatorProcess]:
     sim = start_simulator("--ttft-ms", "5000", "--token-delay-ms", "5", "--reply-tokens", "5")
     yield sim
     sim.stop()
-
-
-def bearer(user: Any) -> str:
-    """Return a JWT access token for ``user``."""
-    return str(RefreshToken.for_user(user).access_token)
-
-
-@pytest.fixture
-def token(user) -> str:
-    return bearer(user)
 
 
 @pytest.fixture

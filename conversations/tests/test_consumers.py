@@ -12,9 +12,9 @@ from chatbackend.asgi import application
 from conversations.models import Message
 from llm.simulator import reply_text
 from tests.factories import ConversationFactory
-from tests.kit import poll_until, usage_records
+from tests.kit import access_token, bearer, poll_until, usage_records
 
-from .conftest import SLOW_REPLY_TOKENS, bearer, sync_db
+from .conftest import SLOW_REPLY_TOKENS, sync_db
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("release_db_connections")]
 
@@ -90,9 +90,7 @@ async def test_start_and_done_frames_match_the_api(connect, conversation, token)
 
     start = frames[0]
     assert list(start) == ["type", "conversation_id", "user_message_id", "message_id", "model"]
-    response = await AsyncClient().get(
-        f"/api/conversations/{conversation.pk}/messages/", headers={"Authorization": f"Bearer {token}"}
-    )
+    response = await AsyncClient().get(f"/api/conversations/{conversation.pk}/messages/", headers=bearer(token))
     listed = {m["id"]: m for m in response.json()["results"]}
     # Built from what the reply wrote, not read back: it must be what the API shows, field for field.
     assert frames[-1]["message"] == listed[start["message_id"]]
@@ -171,7 +169,7 @@ async def test_stop_endpoint_stops_a_reply_streaming_in_the_consumer(connect, sl
 
     response = await AsyncClient().post(
         f"/api/conversations/{slow_conversation.pk}/messages/{start['message_id']}/stop/",
-        headers={"Authorization": f"Bearer {token}"},
+        headers=bearer(token),
     )
     frames = await receive_until(socket, "reply.done", "error")
 
@@ -192,7 +190,7 @@ async def test_stop_endpoint_of_another_user_is_404_and_the_reply_goes_on(
 
     response = await AsyncClient().post(
         f"/api/conversations/{slow_conversation.pk}/messages/{start['message_id']}/stop/",
-        headers={"Authorization": f"Bearer {await sync_db(bearer)(other_user)}"},
+        headers=bearer(access_token(other_user)),
     )
 
     assert response.status_code == 404

@@ -7,16 +7,13 @@ from rest_framework.test import APIClient
 
 from conversations.models import Conversation, Message
 from tests.factories import ConversationFactory, LLMModelFactory, MessageFactory
-
-from .conftest import bearer
+from tests.kit import access_token, bearer
 
 pytestmark = pytest.mark.django_db
 
 
 def client_for(user) -> APIClient:
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {bearer(user)}")
-    return client
+    return APIClient(headers=bearer(access_token(user)))
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from httpx_sse import EventSource, ServerSentEvent, aconnect_sse
 from conversations.models import Message
 from llm.simulator import reply_text
 from tests.factories import ConversationFactory
-from tests.kit import poll_until, usage_records
+from tests.kit import bearer, poll_until, usage_records
 
 from .conftest import SLOW_REPLY_TOKENS, sync_db
 
@@ -37,7 +37,7 @@ async def post(conversation, token: str, body, *, accept: str = SSE, raw: bool =
         url(conversation),
         data=data,
         content_type="application/json",
-        headers={"Authorization": f"Bearer {token}", "Accept": accept},
+        headers={**bearer(token), "Accept": accept},
     )
 
 
@@ -99,7 +99,7 @@ async def test_sse_streams_start_deltas_done_and_persists_the_reply(user, conver
 
 async def listed_messages(conversation, token: str) -> dict[int, dict]:
     """The conversation's messages as ``GET /api/conversations/{id}/messages/`` shows them, by id."""
-    response = await AsyncClient().get(url(conversation), headers={"Authorization": f"Bearer {token}"})
+    response = await AsyncClient().get(url(conversation), headers=bearer(token))
     assert response.status_code == 200
     return {m["id"]: m for m in response.json()["results"]}
 
@@ -253,7 +253,7 @@ async def test_client_disconnect_cancels_the_reply_and_the_upstream_request(
     deltas: list[str] = []
     async with httpx.AsyncClient(base_url=asgi_server, timeout=10) as client:
         async with aconnect_sse(
-            client, "POST", url(slow_conversation), json={"content": "hi"}, headers={"Authorization": f"Bearer {token}"}
+            client, "POST", url(slow_conversation), json={"content": "hi"}, headers=bearer(token)
         ) as source:
             async for event in source.aiter_sse():
                 if event.event == "reply.start":
@@ -273,7 +273,7 @@ async def test_client_disconnect_cancels_the_reply_and_the_upstream_request(
 
 
 async def test_stop_endpoint_stops_an_sse_reply(asgi_server, slow_simulator, slow_conversation, token):
-    headers = {"Authorization": f"Bearer {token}"}
+    headers = bearer(token)
     events: list[ServerSentEvent] = []
     async with httpx.AsyncClient(base_url=asgi_server, timeout=10) as client:
         # A copy: aconnect_sse adds "Accept: text/event-stream" to the dict it is given.
@@ -298,7 +298,7 @@ async def test_stop_endpoint_stops_an_sse_reply(asgi_server, slow_simulator, slo
 
 
 async def test_stop_endpoint_stops_a_non_streamed_reply(asgi_server, slow_simulator, slow_conversation, token):
-    headers = {"Authorization": f"Bearer {token}"}
+    headers = bearer(token)
     started = (await slow_simulator.astats())["requests_started"]
     async with httpx.AsyncClient(base_url=asgi_server, timeout=10) as client:
         sending = asyncio.create_task(client.post(url(slow_conversation), json={"content": "hi"}, headers=headers))
@@ -321,7 +321,7 @@ async def test_stop_endpoint_stops_a_reply_still_waiting_for_its_first_token(
 ):
     settings.SSE_KEEPALIVE_SECONDS = 0.05  # so the view waits for the first chunk in keep-alive rounds
     before = await sleepy_simulator.astats()
-    headers = {"Authorization": f"Bearer {token}"}
+    headers = bearer(token)
     events: list[ServerSentEvent] = []
     async with httpx.AsyncClient(base_url=asgi_server, timeout=10) as client:
         async with aconnect_sse(

@@ -6,6 +6,7 @@ import pytest
 
 from accounts.tests.helpers import assert_error
 from tests.factories import LLMModelFactory, ProviderFactory
+from tests.kit import bearer
 
 MODELS = "/api/models/"
 
@@ -43,9 +44,7 @@ def test_lists_enabled_models_by_name_with_prices(auth_client):
 
 def test_an_api_key_may_list_models(api_client, api_key_secret):
     LLMModelFactory(name="m")
-    api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key_secret}")
-
-    response = api_client.get(MODELS)
+    response = api_client.get(MODELS, headers=bearer(api_key_secret))
 
     assert response.status_code == 200
     assert response.json()["count"] == 1

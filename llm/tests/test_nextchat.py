@@ -30,7 +30,7 @@ from llm.tests.test_openai_api import (
     read_stream,
 )
 from tests.factories import LLMModelFactory, ProviderFactory
-from tests.kit import usage_records
+from tests.kit import bearer, usage_records
 
 ORIGIN = "http://localhost:3000"
 SYSTEM_PROMPT = (
@@ -51,7 +51,7 @@ def browser_headers(key: str, *, stream: bool) -> dict[str, str]:
     return {
         "Content-Type": "application/json",
         "Accept": "application/json, text/event-stream" if stream else "application/json",
-        "Authorization": f"Bearer {key}",
+        **bearer(key),
         "Cache-Control": "no-store",
         "Origin": ORIGIN,
         "User-Agent": "Mozilla/5.0 (X11; Linux x86_64) Chrome/131.0",
@@ -269,7 +269,7 @@ async def test_server_mode_relays_a_chunked_body_without_content_length(api_key_
     raw = json.dumps(chat_request(messages)).encode()
     headers = [
         ("host", "localhost:8000"),
-        ("authorization", f"Bearer {api_key_secret}"),
+        *bearer(api_key_secret).items(),
         ("content-type", "application/json"),
         ("cache-control", "no-store"),
         ("accept", "*/*"),
@@ -322,7 +322,7 @@ async def test_server_mode_over_real_http_with_a_chunked_body(asgi_server, api_k
             yield raw[start : start + 64]
 
     headers = {
-        "authorization": f"Bearer {api_key_secret}",
+        **bearer(api_key_secret),
         "content-type": "application/json",
         "cache-control": "no-store",
         "accept": "*/*",

@@ -34,7 +34,7 @@ from llm.tests.openai_schema import validate_against
 from llm.tests.simulator_process import start_simulator
 from tests.asgi import http_scope
 from tests.factories import LLMModelFactory, ProviderFactory, UserFactory
-from tests.kit import poll_until, usage_records
+from tests.kit import access_token, bearer, poll_until, usage_records
 
 SIM_REPLY_TOKENS = 12  # the session simulator's reply length (root conftest)
 CHAT_URL = "/v1/chat/completions"
@@ -50,10 +50,6 @@ async def _close_provider_clients() -> AsyncIterator[None]:
     """Close the adapter's per-loop HTTP client when the test's event loop is done with it."""
     yield
     await aclose_clients()
-
-
-def auth(secret: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {secret}"}
 
 
 def chat_body(model: str, text: str = "Say hello", **fields: Any) -> dict[str, Any]:
@@ -250,7 +246,7 @@ def scripted_upstream() -> Iterator[ScriptedUpstream]:
 async def test_stream_sends_openai_chunks_then_done_and_records_usage(api_key_secret, sim_model):
     client = AsyncClient()
     body = chat_body("sim-model", "Tell me about rivers", stream=True)
-    response = await post_chat(client, body, auth(api_key_secret))
+    response = await post_chat(client, body, bearer(api_key_secret))
 
     assert response.status_code == 200
     assert response["Content-Type"] == "text/event-stream"
@@ -288,7 +284,7 @@ async def test_stream_sends_openai_chunks_then_done_and_records_usage(api_key_se
 async def test_stream_usage_chunk_only_with_include_usage(api_key_secret, sim_model):
     client = AsyncClient()
     body = chat_body("sim-model", stream=True, stream_options={"include_usage": True})
-    response = await post_chat(client, body, auth(api_key_secret))
+    response = await post_chat(client, body, bearer(api_key_secret))
     chunks = chunk_objects(sse_data(await read_stream(response)))
 
     *content_chunks, usage_chunk = chunks
@@ -307,7 +303,7 @@ async def test_stream_usage_chunk_only_with_include_usage(api_key_secret, sim_mo
 async def test_stream_false_options_and_accept_headers_never_406(api_key_secret, sim_model):
     client = AsyncClient()
     for accept in ("application/json, text/event-stream", "*/*", "application/json", "text/event-stream"):
-        headers = {**auth(api_key_secret), "Accept": accept}
+        headers = {**bearer(api_key_secret), "Accept": accept}
         response = await post_chat(client, chat_body("sim-model", stream=True), headers)
         assert response.status_code == 200, accept
         assert sse_data(await read_stream(response))[-1] == "[DONE]"
@@ -323,7 +319,7 @@ async def test_stream_false_options_and_accept_headers_never_406(api_key_secret,
 async def test_non_stream_answers_one_chat_completion(api_key_secret, sim_model):
     client = AsyncClient()
     body = chat_body("sim-model", "What is a bridge?", stream=False)
-    response = await post_chat(client, body, auth(api_key_secret))
+    response = await post_chat(client, body, bearer(api_key_secret))
 
     assert response.status_code == 200
     assert response["Content-Type"] == "application/json"
@@ -356,12 +352,12 @@ async def test_model_default_parameters_apply_unless_the_client_sends_them(api_k
         default_parameters={"max_tokens": 3},
     )
     client = AsyncClient()
-    response = await post_chat(client, chat_body("short-model"), auth(api_key_secret))
+    response = await post_chat(client, chat_body("short-model"), bearer(api_key_secret))
     completion = json.loads(response.content)
     assert completion["choices"][0]["finish_reason"] == "length"
     assert len(completion["choices"][0]["message"]["content"].split()) == 3
 
-    response = await post_chat(client, chat_body("short-model", max_tokens=5), auth(api_key_secret))
+    response = await post_chat(client, chat_body("short-model", max_tokens=5), bearer(api_key_secret))
     assert len(json.loads(response.content)["choices"][0]["message"]["content"].split()) == 5
 
 
@@ -387,7 +383,7 @@ async def test_parameters_pass_through_and_adapter_owned_fields_do_not(api_key_s
         max_completion_tokens=None,
         stream_options={"include_usage": False},
     )
-    response = await post_chat(AsyncClient(), body, auth(api_key_secret))
+    response = await post_chat(AsyncClient(), body, bearer(api_key_secret))
     assert response.status_code == 200
     sent = scripted_upstream.requests[-1]
     assert sent["model"] == "plain"
@@ -423,7 +419,7 @@ TOOLS = [
 @DB
 async def test_stream_relays_tool_call_deltas_and_reasoning(api_key_secret, tool_model):
     client = AsyncClient()
-    response = await post_chat(client, chat_body("tool-model", stream=True, tools=TOOLS), auth(api_key_secret))
+    response = await post_chat(client, chat_body("tool-model", stream=True, tools=TOOLS), bearer(api_key_secret))
     chunks = chunk_objects(sse_data(await read_stream(response)))
 
     deltas = [chunk["choices"][0]["delta"] for chunk in chunks]
@@ -437,7 +433,7 @@ async def test_stream_relays_tool_call_deltas_and_reasoning(api_key_secret, tool
 @DB
 async def test_non_stream_merges_tool_calls(api_key_secret, tool_model):
     client = AsyncClient()
-    response = await post_chat(client, chat_body("tool-model", tools=TOOLS, tool_choice="auto"), auth(api_key_secret))
+    response = await post_chat(client, chat_body("tool-model", tools=TOOLS, tool_choice="auto"), bearer(api_key_secret))
     completion = json.loads(response.content)
     validate_against("CreateChatCompletionResponse", completion)
     message = completion["choices"][0]["message"]
@@ -456,8 +452,8 @@ async def test_non_stream_merges_tool_calls(api_key_secret, tool_model):
 @DB
 async def test_jwt_access_token_and_api_key_headers_authenticate(user, sim_model, api_key_secret):
     client = AsyncClient()
-    token = str(AccessToken.for_user(user))
-    for headers in (auth(token), {"X-Api-Key": api_key_secret}, {"Api-Key": api_key_secret}):
+    token = access_token(user)
+    for headers in (bearer(token), {"X-Api-Key": api_key_secret}, {"Api-Key": api_key_secret}):
         response = await post_chat(client, chat_body("sim-model"), headers)
         assert response.status_code == 200, headers
     records = await usage_records()
@@ -475,11 +471,11 @@ def bad_credentials(user) -> dict[str, dict[str, str]]:
     return {
         "missing": {},
         "not bearer": {"Authorization": "Basic dXNlcjpwYXNz"},
-        "wrong key": auth("sk-" + "x" * 48),
-        "revoked key": auth(revoked.secret),
-        "expired jwt": auth(str(expired)),
-        "garbage jwt": auth("not.a.jwt"),
-        "nextchat access code": auth("nk-access-code"),
+        "wrong key": bearer("sk-" + "x" * 48),
+        "revoked key": bearer(revoked.secret),
+        "expired jwt": bearer(str(expired)),
+        "garbage jwt": bearer("not.a.jwt"),
+        "nextchat access code": bearer("nk-access-code"),
     }
 
 
@@ -543,7 +539,7 @@ async def test_bad_requests_are_openai_errors(api_key_secret, disabled_models):
     for body, status, code, param in BAD_BODIES:
         for stream in (True, False):
             sent = {"stream": stream, **body} if isinstance(body, dict) else body
-            response = await post_chat(client, sent, auth(api_key_secret))
+            response = await post_chat(client, sent, bearer(api_key_secret))
             try:
                 error = assert_openai_error(response, status, code=code, param=param)
             except AssertionError as exc:
@@ -557,7 +553,7 @@ async def test_bad_requests_are_openai_errors(api_key_secret, disabled_models):
 async def test_field_errors_name_the_nested_field(api_key_secret, sim_model):
     client = AsyncClient()
     body = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": 1}]}
-    error = assert_openai_error(await post_chat(client, body, auth(api_key_secret)), 400)
+    error = assert_openai_error(await post_chat(client, body, bearer(api_key_secret)), 400)
     assert error["param"] == "messages.1.content"
     assert "fields" in error
 
@@ -566,7 +562,7 @@ async def test_field_errors_name_the_nested_field(api_key_secret, sim_model):
 async def test_oversized_body_is_413(api_key_secret, sim_model):
     client = AsyncClient()
     with override_settings(DATA_UPLOAD_MAX_MEMORY_SIZE=1000):
-        response = await post_chat(client, chat_body("sim-model", "x" * 2000), auth(api_key_secret))
+        response = await post_chat(client, chat_body("sim-model", "x" * 2000), bearer(api_key_secret))
     assert_openai_error(response, 413, code="request_too_large")
 
 
@@ -589,7 +585,7 @@ def failing_models(db, simulator):
 async def test_upstream_failure_before_output_is_a_plain_error_status(api_key_secret, failing_models, model, status):
     client = AsyncClient()
     for stream in (True, False):
-        response = await post_chat(client, chat_body(model, stream=stream), auth(api_key_secret))
+        response = await post_chat(client, chat_body(model, stream=stream), bearer(api_key_secret))
         assert not response.streaming
         error = assert_openai_error(response, status)
         assert error["code"].startswith("upstream_"), error
@@ -599,7 +595,7 @@ async def test_upstream_failure_before_output_is_a_plain_error_status(api_key_se
 @DB
 async def test_midstream_failure_sends_an_error_frame_and_ends(api_key_secret, failing_models):
     client = AsyncClient()
-    response = await post_chat(client, chat_body("m-fail-midstream", stream=True), auth(api_key_secret))
+    response = await post_chat(client, chat_body("m-fail-midstream", stream=True), bearer(api_key_secret))
     assert response.status_code == 200
     payloads = sse_data(await read_stream(response))
 
@@ -619,7 +615,7 @@ async def test_midstream_failure_sends_an_error_frame_and_ends(api_key_secret, f
 
 @DB
 async def test_midstream_failure_without_stream_is_502(api_key_secret, failing_models):
-    response = await post_chat(AsyncClient(), chat_body("m-fail-midstream"), auth(api_key_secret))
+    response = await post_chat(AsyncClient(), chat_body("m-fail-midstream"), bearer(api_key_secret))
     assert_openai_error(response, 502, code="upstream_disconnected")
     [record] = await usage_records()
     assert record.finish_status == "failed"
@@ -641,7 +637,7 @@ def slow_model(db):
 async def test_client_disconnect_cancels_upstream_and_bills_what_was_streamed(api_key_secret, slow_model):
     _, sim = slow_model
     body = json.dumps(chat_body("slow-model", stream=True)).encode()
-    headers = [("content-type", "application/json"), ("authorization", f"Bearer {api_key_secret}")]
+    headers = [("content-type", "application/json"), *bearer(api_key_secret).items()]
     result = await asgi_request("POST", CHAT_URL, headers, [body], disconnect_after_frames=3)
 
     assert result.status == 200
@@ -660,7 +656,7 @@ async def test_client_leaving_while_headers_are_sent_still_ends_the_reply(api_ke
     # Django's ASGI handler then never iterates the body; it only calls response.close().
     _, sim = slow_model
     body = json.dumps(chat_body("slow-model", stream=True)).encode()
-    headers = [("content-type", "application/json"), ("authorization", f"Bearer {api_key_secret}")]
+    headers = [("content-type", "application/json"), *bearer(api_key_secret).items()]
     result = await asgi_request("POST", CHAT_URL, headers, [body], disconnect_on_start=True)
 
     assert result.status == 200 and result.body == b""
@@ -675,7 +671,7 @@ async def test_a_stream_never_read_is_persisted_cancelled_when_the_response_clos
     # What Django's ASGI handler does when the client leaves while the headers are being sent:
     # the body is never iterated, and only ``response.close()`` runs.
     _, sim = slow_model
-    response = await post_chat(AsyncClient(), chat_body("slow-model", stream=True), auth(api_key_secret))
+    response = await post_chat(AsyncClient(), chat_body("slow-model", stream=True), bearer(api_key_secret))
     assert response.status_code == 200
     response.close()
 
@@ -701,7 +697,7 @@ def silent_model(db):
 async def test_headers_go_out_and_comments_keep_a_silent_stream_alive(api_key_secret, silent_model):
     body = chat_body("silent-model", stream=True)
     with override_settings(OPENAI_FIRST_CHUNK_WAIT_SECONDS=0.2, SSE_KEEPALIVE_SECONDS=0.3):
-        response = await post_chat(AsyncClient(), body, auth(api_key_secret))
+        response = await post_chat(AsyncClient(), body, bearer(api_key_secret))
         assert response.status_code == 200  # after 0.2 s, long before the first token
         raw = await read_stream(response)
 
@@ -718,7 +714,7 @@ async def test_headers_go_out_and_comments_keep_a_silent_stream_alive(api_key_se
 async def test_client_leaving_a_silent_stream_cancels_it(api_key_secret, silent_model):
     _, sim = silent_model
     body = json.dumps(chat_body("silent-model", stream=True)).encode()
-    headers = [("content-type", "application/json"), ("authorization", f"Bearer {api_key_secret}")]
+    headers = [("content-type", "application/json"), *bearer(api_key_secret).items()]
     with override_settings(OPENAI_FIRST_CHUNK_WAIT_SECONDS=0.1, SSE_KEEPALIVE_SECONDS=0.1):
         result = await asgi_request("POST", CHAT_URL, headers, [body], disconnect_after_frames=1)
 
@@ -737,20 +733,22 @@ async def test_client_leaving_a_silent_stream_cancels_it(api_key_secret, silent_
 @DB
 async def test_model_list_and_retrieve(api_key_secret, sim_model, disabled_models):
     client = AsyncClient()
-    response = await client.get("/v1/models", headers=auth(api_key_secret))
+    response = await client.get("/v1/models", headers=bearer(api_key_secret))
     assert response.status_code == 200
     listing = json.loads(response.content)
     validate_against("ListModelsResponse", listing)
     assert [model["id"] for model in listing["data"]] == ["sim-model"]
     assert listing["data"][0]["owned_by"] == sim_model.provider.name
 
-    response = await client.get("/v1/models/sim-model", headers=auth(api_key_secret))
+    response = await client.get("/v1/models/sim-model", headers=bearer(api_key_secret))
     model = json.loads(response.content)
     validate_against("Model", model)
     assert model == listing["data"][0]
 
-    assert_openai_error(await client.get("/v1/models/nope", headers=auth(api_key_secret)), 404, code="model_not_found")
-    assert_openai_error(await client.get("/v1/models/off-model", headers=auth(api_key_secret)), 400)
+    assert_openai_error(
+        await client.get("/v1/models/nope", headers=bearer(api_key_secret)), 404, code="model_not_found"
+    )
+    assert_openai_error(await client.get("/v1/models/off-model", headers=bearer(api_key_secret)), 400)
     assert_openai_error(await client.get("/v1/models"), 401)
     assert_openai_error(await client.get("/v1/models/sim-model"), 401)
 
@@ -760,7 +758,7 @@ async def test_model_ids_with_slashes_resolve(api_key_secret, sim_model):
     await run_sync(
         LLMModel.objects.create, name="meta-llama/Llama-3-8B", provider=sim_model.provider, upstream_model="sim-1"
     )
-    response = await AsyncClient().get("/v1/models/meta-llama/Llama-3-8B", headers=auth(api_key_secret))
+    response = await AsyncClient().get("/v1/models/meta-llama/Llama-3-8B", headers=bearer(api_key_secret))
     assert json.loads(response.content)["id"] == "meta-llama/Llama-3-8B"
 
 
@@ -777,7 +775,7 @@ async def test_unknown_urls_and_methods_are_openai_json(api_key_secret):
         ("get", "/v1/models/"),
         ("post", "/dashboard/billing/credit_grants"),
     ]:
-        response = await getattr(client, method)(path, headers=auth(api_key_secret))
+        response = await getattr(client, method)(path, headers=bearer(api_key_secret))
         error = assert_openai_error(response, 404, code="unknown_url")
         assert path in error["message"]
     for method, path in [
@@ -787,7 +785,7 @@ async def test_unknown_urls_and_methods_are_openai_json(api_key_secret):
         ("post", "/v1/models/sim-model"),
         ("post", "/dashboard/billing/usage"),
     ]:
-        response = await getattr(client, method)(path, headers=auth(api_key_secret))
+        response = await getattr(client, method)(path, headers=bearer(api_key_secret))
         assert_openai_error(response, 405, code="method_not_allowed")
         assert "POST" in response["Allow"] or "GET" in response["Allow"]
     response = await client.options(CHAT_URL)  # not a CORS preflight: no Origin
@@ -815,7 +813,7 @@ async def test_cors_preflight_needs_no_key_and_responses_allow_the_origin(api_ke
     assert {"authorization", "content-type", "accept", "x-api-key"} <= allowed
     assert int(response["Access-Control-Max-Age"]) > 0
 
-    headers = {**auth(api_key_secret), "Origin": "https://chat.example.com"}
+    headers = {**bearer(api_key_secret), "Origin": "https://chat.example.com"}
     response = await post_chat(client, chat_body("sim-model", stream=True), headers)
     assert response["Access-Control-Allow-Origin"] in ("*", "https://chat.example.com")
     await read_stream(response)
@@ -848,7 +846,7 @@ async def test_billing_usage_is_the_callers_cents_in_the_range(api_key_secret, s
     client = AsyncClient()
 
     async def usage(query: str) -> Any:
-        return await client.get(f"/dashboard/billing/usage?{query}", headers=auth(api_key_secret))
+        return await client.get(f"/dashboard/billing/usage?{query}", headers=bearer(api_key_secret))
 
     response = await usage("start_date=2026-03-01&end_date=2026-04-01")  # end exclusive
     assert response.status_code == 200
@@ -869,14 +867,14 @@ async def test_billing_usage_is_the_callers_cents_in_the_range(api_key_secret, s
 @DB
 async def test_billing_subscription_reports_the_configured_limit(api_key_secret):
     client = AsyncClient()
-    response = await client.get("/dashboard/billing/subscription", headers=auth(api_key_secret))
+    response = await client.get("/dashboard/billing/subscription", headers=bearer(api_key_secret))
     assert response.status_code == 200
     body = json.loads(response.content)
     assert body["object"] == "billing_subscription"
     assert body["has_payment_method"] is False
     assert isinstance(body["hard_limit_usd"], float) and body["hard_limit_usd"] > 0
     with override_settings(OPENAI_BILLING_HARD_LIMIT_USD=25):
-        response = await client.get("/dashboard/billing/subscription", headers=auth(api_key_secret))
+        response = await client.get("/dashboard/billing/subscription", headers=bearer(api_key_secret))
     assert json.loads(response.content)["hard_limit_usd"] == 25.0
     assert_openai_error(await client.get("/dashboard/billing/subscription"), 401)
 
@@ -905,11 +903,11 @@ async def test_no_response_contains_the_provider_key_or_the_api_key(
     seen: list[bytes] = []
     for model in ("secret-model", "keyed-model", "m-error-500", "m-unreachable", "m-fail-midstream", "nope"):
         for stream in (True, False):
-            response = await post_chat(client, chat_body(model, stream=stream), auth(api_key_secret))
+            response = await post_chat(client, chat_body(model, stream=stream), bearer(api_key_secret))
             body = await read_stream(response) if response.streaming else response.content
             seen.append(body + str(response.items()).encode())
     for path in ("/v1/models", "/v1/models/secret-model", "/dashboard/billing/subscription"):
-        response = await client.get(path, headers=auth(api_key_secret))
+        response = await client.get(path, headers=bearer(api_key_secret))
         seen.append(response.content + str(response.items()).encode())
 
     keyed_error = b"".join(seen)
