@@ -3,6 +3,7 @@
 - ``poll_until`` / ``poll_until_sync``: wait for a condition instead of sleeping.
 - ``access_token(user)``: a JWT access token; ``bearer(credential)``: the headers that carry a JWT
   or an ``sk-...`` key. One convention: credentials travel as a headers dict.
+- ``assert_error``: the project's one error shape (OpenAI's), on any kind of response.
 - ``usage_records``: the usage records written, once this process's accounting queue is empty.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -19,6 +21,7 @@ from rest_framework_simplejwt.tokens import AccessToken
 from accounts.models import UsageRecord, User
 from accounts.usage import usage_flush
 from chatbackend.asyncdb import run_sync
+from llm.tests.openai_schema import validate_against
 
 T = TypeVar("T")
 
@@ -82,6 +85,32 @@ def bearer(credential: str) -> dict[str, str]:
     request or as ``APIClient(headers=...)``), httpx, the ASGI driver.
     """
     return {"Authorization": f"Bearer {credential}"}
+
+
+# --- Error responses ---------------------------------------------------------------------------
+
+
+def assert_error(
+    response: Any, status: int, *, code: str | None = None, param: str | None = None, type: str | None = None
+) -> dict[str, Any]:
+    """Assert ``response`` is the project's JSON error with ``status``; return its ``error`` object.
+
+    The shape is OpenAI's everywhere (``{"error": {"message", "type", "param", "code"}}``), so the
+    body is validated against OpenAI's ``ErrorResponse`` schema. ``code``, ``param`` and ``type``,
+    when given, must match. ``response``: anything with ``status_code``, ``headers`` and
+    ``content`` (a Django test response, an httpx response, an ``ASGIResult``).
+    """
+    assert response.status_code == status, (response.status_code, response.content[:500])
+    assert response.headers["Content-Type"] == "application/json", response.headers["Content-Type"]
+    body = json.loads(response.content)
+    validate_against("ErrorResponse", body)
+    error: dict[str, Any] = body["error"]
+    assert {"message", "type", "param", "code"} <= error.keys(), error
+    assert error["message"], error
+    for name, expected in (("code", code), ("param", param), ("type", type)):
+        if expected is not None:
+            assert error[name] == expected, (name, error)
+    return error
 
 
 async def usage_records(**filters: Any) -> list[UsageRecord]:

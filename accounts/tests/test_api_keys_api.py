@@ -9,8 +9,7 @@ from rest_framework.test import APIClient
 
 from accounts.models import APIKey
 from accounts.services import api_key_create
-from accounts.tests.helpers import assert_error
-from tests.kit import bearer
+from tests.kit import assert_error, bearer
 
 KEYS = "/api/api-keys/"
 ME = "/api/auth/me/"
@@ -68,7 +67,7 @@ def test_a_revoked_key_is_a_401(auth_client, api_key_secret):
     response = auth_client.delete(f"{KEYS}{key_id}/")
 
     assert response.status_code == 204
-    error = assert_error(APIClient(headers=bearer(api_key_secret)).get(ME), 401)
+    error = assert_error(APIClient(headers=bearer(api_key_secret)).get(ME), 401, code="api_key_revoked")
     assert error["code"] == "api_key_revoked"
     listed = auth_client.get(KEYS).json()["results"]
     assert listed[0]["revoked_at"] is not None
@@ -83,7 +82,7 @@ def test_a_member_cannot_see_or_revoke_anothers_keys(auth_client, other_user):
     response = auth_client.delete(f"{KEYS}{theirs.api_key.id}/")
 
     assert [key["name"] for key in listed["results"]] == ["mine"]
-    error = assert_error(response, 404)
+    error = assert_error(response, 404, code="api_key_not_found")
     assert error["type"] == "not_found_error"
     theirs.api_key.refresh_from_db()
     assert theirs.api_key.revoked_at is None
@@ -92,7 +91,7 @@ def test_a_member_cannot_see_or_revoke_anothers_keys(auth_client, other_user):
 
 @pytest.mark.parametrize("key_id", [0, 987654321, 2**70])
 def test_revoking_an_unknown_key_is_a_404(auth_client, key_id):
-    assert_error(auth_client.delete(f"{KEYS}{key_id}/"), 404)
+    assert_error(auth_client.delete(f"{KEYS}{key_id}/"), 404, code="api_key_not_found")
 
 
 @pytest.mark.parametrize(
@@ -102,19 +101,19 @@ def test_revoking_an_unknown_key_is_a_404(auth_client, key_id):
 def test_create_with_a_bad_name_is_a_400_naming_the_param(auth_client, body, param):
     response = auth_client.post(KEYS, body, format="json")
 
-    assert_error(response, 400, param=param)
+    assert_error(response, 400, param=param, code="invalid")
     assert not APIKey.objects.exists()
 
 
 def test_create_with_malformed_json_is_a_400_json_error(auth_client):
     response = auth_client.post(KEYS, data="{not json", content_type="application/json")
 
-    assert_error(response, 400)
+    assert_error(response, 400, code="parse_error")
 
 
 def test_api_keys_need_authentication(api_client):
-    assert_error(api_client.get(KEYS), 401)
-    assert_error(api_client.post(KEYS, {"name": "x"}, format="json"), 401)
+    assert_error(api_client.get(KEYS), 401, code="not_authenticated")
+    assert_error(api_client.post(KEYS, {"name": "x"}, format="json"), 401, code="not_authenticated")
     assert not APIKey.objects.exists()
 
 

@@ -10,8 +10,7 @@ from django.utils.dateparse import parse_datetime
 from rest_framework_simplejwt.tokens import AccessToken, RefreshToken
 
 from accounts.models import User
-from accounts.tests.helpers import assert_error
-from tests.kit import access_token, bearer
+from tests.kit import access_token, assert_error, bearer
 
 REGISTER = "/api/auth/register/"
 TOKEN = "/api/auth/token/"
@@ -61,7 +60,7 @@ def test_register_without_email_then_login(api_client):
 def test_register_rejects_a_taken_username(api_client, user):
     response = api_client.post(REGISTER, {"username": user.username, "password": "a-long-passphrase-42"}, format="json")
 
-    error = assert_error(response, 400, param="username")
+    error = assert_error(response, 400, param="username", code="invalid")
     assert error["type"] == "invalid_request_error"
     assert "username" in error["fields"]
     assert User.objects.filter(username=user.username).count() == 1
@@ -70,21 +69,21 @@ def test_register_rejects_a_taken_username(api_client, user):
 def test_register_rejects_a_weak_password(api_client):
     response = api_client.post(REGISTER, {"username": "carol", "password": "123"}, format="json")
 
-    assert_error(response, 400, param="password")
+    assert_error(response, 400, param="password", code="invalid")
     assert not User.objects.filter(username="carol").exists()
 
 
 def test_register_malformed_json_is_a_400_json_error(api_client):
     response = api_client.post(REGISTER, data='{"username": "dave", ', content_type="application/json")
 
-    error = assert_error(response, 400)
+    error = assert_error(response, 400, code="parse_error")
     assert error["code"] == "parse_error"
 
 
 def test_register_wrong_types_name_the_param(api_client):
     response = api_client.post(REGISTER, {"username": {"x": 1}, "password": "a-long-passphrase-42"}, format="json")
 
-    assert_error(response, 400, param="username")
+    assert_error(response, 400, param="username", code="invalid")
 
 
 def test_register_is_throttled_per_client(api_client, settings):
@@ -95,7 +94,7 @@ def test_register_is_throttled_per_client(api_client, settings):
 
     response = api_client.post(REGISTER, {"username": "t3", "password": "a-long-passphrase-42"}, format="json")
 
-    error = assert_error(response, 429)
+    error = assert_error(response, 429, code="throttled")
     assert error["type"] == "rate_limit_error"
     assert "Retry-After" in response
     assert not User.objects.filter(username="t3").exists()
@@ -116,7 +115,7 @@ def test_login_returns_a_working_access_token(api_client, user, password):
 def test_login_with_a_wrong_password_is_a_401_json_error(api_client, user):
     response = api_client.post(TOKEN, {"username": user.username, "password": "wrong"}, format="json")
 
-    error = assert_error(response, 401)
+    error = assert_error(response, 401, code="no_active_account")
     assert error["type"] == "authentication_error"
     assert "access" not in response.json()
 
@@ -124,7 +123,7 @@ def test_login_with_a_wrong_password_is_a_401_json_error(api_client, user):
 def test_login_without_fields_is_a_400_naming_the_field(api_client):
     response = api_client.post(TOKEN, {"password": "x"}, format="json")
 
-    assert_error(response, 400, param="username")
+    assert_error(response, 400, param="username", code="invalid")
 
 
 def test_login_is_throttled_per_client(api_client, user, password, settings):
@@ -134,7 +133,7 @@ def test_login_is_throttled_per_client(api_client, user, password, settings):
 
     response = api_client.post(TOKEN, {"username": user.username, "password": password}, format="json")
 
-    assert_error(response, 429)
+    assert_error(response, 429, code="throttled")
 
 
 def test_refresh_rotates_and_blacklists_the_old_refresh_token(api_client, user, password):
@@ -155,7 +154,7 @@ def test_refresh_rotates_and_blacklists_the_old_refresh_token(api_client, user, 
 def test_refresh_with_garbage_is_a_401_json_error(api_client):
     response = api_client.post(REFRESH, {"refresh": "not-a-token"}, format="json")
 
-    assert_error(response, 401)
+    assert_error(response, 401, code="token_not_valid")
 
 
 def test_refresh_token_of_a_deleted_user_is_a_401_json_error(api_client, user):
@@ -164,7 +163,7 @@ def test_refresh_token_of_a_deleted_user_is_a_401_json_error(api_client, user):
 
     response = api_client.post(REFRESH, {"refresh": refresh}, format="json")
 
-    assert_error(response, 401)
+    assert_error(response, 401, code="no_active_account")
 
 
 def test_logout_blacklists_the_refresh_token(api_client, user, password):
@@ -177,21 +176,21 @@ def test_logout_blacklists_the_refresh_token(api_client, user, password):
     refreshed = api_client.post(REFRESH, {"refresh": tokens["refresh"]}, format="json")
     assert assert_error(refreshed, 401)["code"] == "token_not_valid"
     logged_out_again = api_client.post(LOGOUT, {"refresh": tokens["refresh"]}, format="json")
-    assert_error(logged_out_again, 401)
+    assert_error(logged_out_again, 401, code="token_not_valid")
 
 
 def test_logout_with_a_bad_token_is_a_json_error(api_client):
     garbage = api_client.post(LOGOUT, {"refresh": "garbage"}, format="json")
     missing = api_client.post(LOGOUT, {}, format="json")
 
-    assert_error(garbage, 401)
-    assert_error(missing, 400, param="refresh")
+    assert_error(garbage, 401, code="token_not_valid")
+    assert_error(missing, 400, param="refresh", code="invalid")
 
 
 def test_logout_with_an_access_token_is_a_401(api_client, user):
     response = api_client.post(LOGOUT, {"refresh": access_token(user)}, format="json")
 
-    assert_error(response, 401)
+    assert_error(response, 401, code="token_not_valid")
 
 
 # --- me and bad credentials -----------------------------------------------------------------
@@ -210,7 +209,7 @@ def test_me_answers_the_callers_account(auth_client, user):
 def test_me_without_credentials_is_a_401_json_error(api_client):
     response = api_client.get(ME)
 
-    assert_error(response, 401)
+    assert_error(response, 401, code="not_authenticated")
     assert response["WWW-Authenticate"].startswith("Bearer")
 
 
@@ -219,18 +218,24 @@ def test_me_with_an_expired_access_token_is_a_401_json_error(api_client, user):
     token.set_exp(from_time=timezone.now() - timedelta(hours=1))
     response = api_client.get(ME, headers=bearer(str(token)))
 
-    error = assert_error(response, 401)
+    error = assert_error(response, 401, code="token_not_valid")
     assert error["code"] == "token_not_valid"
     assert error["type"] == "authentication_error"
 
 
-@pytest.mark.parametrize("header", ["Bearer garbage", "Bearer a.b.c", "Bearer sk-not-a-real-key", "Basic dXNlcjpwdw=="])
-def test_me_with_garbage_credentials_is_a_401_json_error(api_client, header):
-    api_client.credentials(HTTP_AUTHORIZATION=header)
+@pytest.mark.parametrize(
+    ("header", "code"),
+    [
+        ("Bearer garbage", "token_not_valid"),
+        ("Bearer a.b.c", "token_not_valid"),
+        ("Bearer sk-not-a-real-key", "invalid_api_key"),
+        ("Basic dXNlcjpwdw==", "not_authenticated"),
+    ],
+)
+def test_me_with_garbage_credentials_is_a_401_json_error(api_client, header, code):
+    response = api_client.get(ME, headers={"Authorization": header})
 
-    response = api_client.get(ME)
-
-    assert_error(response, 401)
+    assert_error(response, 401, code=code, type="authentication_error")
 
 
 def test_me_with_an_inactive_users_token_is_a_401(api_client, user):
@@ -240,4 +245,4 @@ def test_me_with_an_inactive_users_token_is_a_401(api_client, user):
 
     response = api_client.get(ME, headers=bearer(access))
 
-    assert_error(response, 401)
+    assert_error(response, 401, code="authentication_failed")

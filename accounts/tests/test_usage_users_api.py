@@ -8,9 +8,8 @@ import pytest
 from rest_framework.test import APIClient
 
 from accounts.services import api_key_create
-from accounts.tests.helpers import assert_error
 from tests.factories import LLMModelFactory, UsageRecordFactory, UserFactory
-from tests.kit import access_token, bearer
+from tests.kit import access_token, assert_error, bearer
 
 USAGE = "/api/usage/"
 USERS = "/api/users/"
@@ -96,7 +95,7 @@ def test_an_admin_sees_everyones_usage_newest_first(admin_user, user, other_user
 
 
 def test_usage_needs_authentication(api_client):
-    assert_error(api_client.get(USAGE), 401)
+    assert_error(api_client.get(USAGE), 401, code="not_authenticated")
 
 
 def test_an_admin_lists_users(admin_user, user, other_user):
@@ -117,11 +116,11 @@ def test_a_superuser_counts_as_an_admin(db):
 
 
 def test_a_member_cannot_list_users(auth_client):
-    error = assert_error(auth_client.get(USERS), 403)
+    error = assert_error(auth_client.get(USERS), 403, code="permission_denied")
 
     assert error["type"] == "permission_error"
     assert error["code"] == "permission_denied"
 
 
 def test_users_needs_authentication(api_client):
-    assert_error(api_client.get(USERS), 401)
+    assert_error(api_client.get(USERS), 401, code="not_authenticated")

@@ -7,7 +7,7 @@ from rest_framework.test import APIClient
 
 from conversations.models import Conversation, Message
 from tests.factories import ConversationFactory, LLMModelFactory, MessageFactory
-from tests.kit import access_token, bearer
+from tests.kit import access_token, assert_error, bearer
 
 pytestmark = pytest.mark.django_db
 
@@ -47,9 +47,7 @@ def test_create_conversation_defaults_title_and_prompt(auth_client, model):
 def test_create_conversation_with_unknown_model_is_404(auth_client):
     response = auth_client.post("/api/conversations/", {"model": "no-such-model"}, format="json")
 
-    assert response.status_code == 404
-    assert response.json()["error"]["code"] == "model_not_found"
-    assert response.json()["error"]["param"] == "model"
+    assert_error(response, 404, code="model_not_found", param="model")
 
 
 def test_create_conversation_with_disabled_model_is_400(auth_client):
@@ -57,22 +55,20 @@ def test_create_conversation_with_disabled_model_is_400(auth_client):
 
     response = auth_client.post("/api/conversations/", {"model": "off-model"}, format="json")
 
-    assert response.status_code == 400
-    assert response.json()["error"]["code"] == "model_disabled"
+    assert_error(response, 400, code="model_disabled", param="model")
 
 
 def test_create_conversation_without_model_is_400_with_fields(auth_client):
     response = auth_client.post("/api/conversations/", {"title": "x"}, format="json")
 
-    assert response.status_code == 400
-    error = response.json()["error"]
-    assert error["param"] == "model"
+    error = assert_error(response, 400, code="invalid", param="model")
     assert "model" in error["fields"]
 
 
 def test_anonymous_is_401(api_client):
-    assert api_client.get("/api/conversations/").status_code == 401
-    assert api_client.post("/api/conversations/", {"model": "x"}, format="json").status_code == 401
+    assert_error(api_client.get("/api/conversations/"), 401, code="not_authenticated")
+    assert_error(api_client.post("/api/conversations/", {"model": "x"}, format="json"), 401, code="not_authenticated")
+    assert not Conversation.objects.exists()
 
 
 def test_list_shows_only_own_conversations(auth_client, user, other_user):
@@ -112,13 +108,15 @@ def test_retrieve_update_delete_own_conversation(auth_client, user, model):
 
 
 def test_patch_with_unknown_model_is_404_and_changes_nothing(auth_client, user):
-    conversation = ConversationFactory(owner=user)
+    conversation = ConversationFactory(owner=user, title="Kept")
+    before = Conversation.objects.values().get(pk=conversation.pk)
 
-    response = auth_client.patch(f"/api/conversations/{conversation.pk}/", {"model": "nope"}, format="json")
+    response = auth_client.patch(
+        f"/api/conversations/{conversation.pk}/", {"model": "nope", "title": "Changed"}, format="json"
+    )
 
-    assert response.status_code == 404
-    conversation.refresh_from_db()
-    assert conversation.model.name != "nope"
+    assert_error(response, 404, code="model_not_found", param="model")
+    assert Conversation.objects.values().get(pk=conversation.pk) == before
 
 
 def test_put_is_not_allowed(auth_client, user):
@@ -126,7 +124,7 @@ def test_put_is_not_allowed(auth_client, user):
 
     response = auth_client.put(f"/api/conversations/{conversation.pk}/", {"title": "x"}, format="json")
 
-    assert response.status_code == 405
+    assert_error(response, 405, code="method_not_allowed")
 
 
 def test_other_users_conversation_is_404_everywhere(auth_client, other_user):
@@ -134,13 +132,11 @@ def test_other_users_conversation_is_404_everywhere(auth_client, other_user):
     message = MessageFactory(conversation=theirs, role=Message.Role.ASSISTANT, status=Message.Status.STREAMING)
     base = f"/api/conversations/{theirs.pk}/"
 
-    assert auth_client.get(base).status_code == 404
-    assert auth_client.patch(base, {"title": "Mine now"}, format="json").status_code == 404
-    assert auth_client.delete(base).status_code == 404
-    response = auth_client.get(f"{base}messages/")
-    assert response.status_code == 404
-    assert response.json()["error"]["code"] == "conversation_not_found"
-    assert auth_client.post(f"{base}messages/{message.pk}/stop/").status_code == 404
+    assert_error(auth_client.get(base), 404, code="not_found")
+    assert_error(auth_client.patch(base, {"title": "Mine now"}, format="json"), 404, code="not_found")
+    assert_error(auth_client.delete(base), 404, code="not_found")
+    assert_error(auth_client.get(f"{base}messages/"), 404, code="conversation_not_found")
+    assert_error(auth_client.post(f"{base}messages/{message.pk}/stop/"), 404, code="conversation_not_found")
 
     theirs.refresh_from_db()
     assert theirs.title == "Private"
@@ -157,8 +153,8 @@ def test_admin_can_read_another_users_conversation(admin_user, other_user):
 
 
 def test_missing_conversation_is_404(auth_client):
-    assert auth_client.get("/api/conversations/999999/").status_code == 404
-    assert auth_client.get("/api/conversations/999999/messages/").status_code == 404
+    assert_error(auth_client.get("/api/conversations/999999/"), 404, code="not_found")
+    assert_error(auth_client.get("/api/conversations/999999/messages/"), 404, code="conversation_not_found")
 
 
 def test_filter_by_model_name(auth_client, user):
@@ -256,8 +252,7 @@ def test_message_list_filters_role_and_status(auth_client, user):
 
     assert [m["id"] for m in assistant] == [done.pk, stopped.pk]
     assert [m["id"] for m in cancelled] == [stopped.pk]
-    assert bad.status_code == 400
-    assert bad.json()["error"]["param"] == "status"
+    assert_error(bad, 400, code="invalid", param="status")
 
 
 def test_message_list_is_paginated(auth_client, user):
@@ -275,7 +270,7 @@ def test_message_list_rejects_other_methods(auth_client, user):
 
     response = auth_client.delete(f"/api/conversations/{conversation.pk}/messages/")
 
-    assert response.status_code == 405
+    assert_error(response, 405, code="method_not_allowed")
 
 
 def test_stop_endpoint_is_404_for_a_reply_that_is_not_streaming(auth_client, user):
@@ -288,14 +283,15 @@ def test_stop_endpoint_is_404_for_a_reply_that_is_not_streaming(auth_client, use
 
     for message in (finished, question, elsewhere):
         response = auth_client.post(f"/api/conversations/{conversation.pk}/messages/{message.pk}/stop/")
-        assert response.status_code == 404
-        assert response.json()["error"]["code"] == "reply_not_streaming"
+        assert_error(response, 404, code="reply_not_streaming")
 
 
 def test_stop_endpoint_needs_authentication(api_client, user):
     conversation = ConversationFactory(owner=user)
 
-    assert api_client.post(f"/api/conversations/{conversation.pk}/messages/1/stop/").status_code == 401
+    response = api_client.post(f"/api/conversations/{conversation.pk}/messages/1/stop/")
+
+    assert_error(response, 401, code="not_authenticated")
 
 
 def test_openapi_documents_the_conversation_endpoints(auth_client):

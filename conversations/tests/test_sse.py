@@ -18,7 +18,7 @@ from httpx_sse import EventSource, ServerSentEvent, aconnect_sse
 from conversations.models import Message
 from llm.simulator import reply_text
 from tests.factories import ConversationFactory
-from tests.kit import bearer, poll_until, usage_records
+from tests.kit import assert_error, bearer, poll_until, usage_records
 
 from .conftest import SLOW_REPLY_TOKENS, sync_db
 
@@ -197,8 +197,7 @@ async def test_unreachable_upstream_is_an_error_event(unreachable_conversation, 
 async def test_non_streamed_upstream_error_answers_its_status_and_marks_the_message_failed(failing_conversation, token):
     response = await post(failing_conversation, token, {"content": "hello"}, accept="application/json")
 
-    assert response.status_code == 502
-    assert response.json()["error"]["code"] == "upstream_error"
+    assert_error(response, 502, code="upstream_error")
     answer = await Message.objects.aget(conversation=failing_conversation, role="assistant")
     assert answer.status == "failed"
 
@@ -217,10 +216,7 @@ async def test_non_streamed_upstream_error_answers_its_status_and_marks_the_mess
 async def test_bad_bodies_are_400(conversation, token, body, code):
     response = await post(conversation, token, body, raw=True)
 
-    assert response.status_code == 400
-    assert response["Content-Type"] == "application/json"
-    assert response.json()["error"]["code"] == code
-    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert_error(response, 400, code=code, type="invalid_request_error")
     assert not await Message.objects.filter(conversation=conversation).aexists()
 
 
@@ -229,10 +225,9 @@ async def test_send_without_valid_credentials_is_401(conversation, body):
     response = await post(conversation, "not-a-token", body, raw=True)
     anonymous = await AsyncClient().post(url(conversation), data=body, content_type="application/json")
 
-    assert response.status_code == 401
+    assert_error(response, 401, code="token_not_valid")
     assert response["WWW-Authenticate"] == 'Bearer realm="api"'
-    assert anonymous.status_code == 401
-    assert anonymous.json()["error"]["code"] == "missing_api_key"
+    assert_error(anonymous, 401, code="missing_api_key")
     assert not await Message.objects.filter(conversation=conversation).aexists()
 
 
@@ -241,8 +236,7 @@ async def test_send_to_another_users_conversation_is_404(other_user, sim_model, 
 
     response = await post(theirs, token, {"content": "hi"})
 
-    assert response.status_code == 404
-    assert response.json()["error"]["code"] == "conversation_not_found"
+    assert_error(response, 404, code="conversation_not_found")
     assert not await Message.objects.filter(conversation=theirs).aexists()
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from accounts.tests.helpers import assert_error
 from tests.factories import LLMModelFactory, ProviderFactory
-from tests.kit import bearer
+from tests.kit import assert_error, bearer
 
 MODELS = "/api/models/"
 
@@ -51,4 +50,4 @@ def test_an_api_key_may_list_models(api_client, api_key_secret):
 
 
 def test_models_need_authentication(api_client):
-    assert_error(api_client.get(MODELS), 401)
+    assert_error(api_client.get(MODELS), 401, code="not_authenticated")

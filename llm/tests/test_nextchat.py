@@ -26,11 +26,10 @@ from llm.tests.test_openai_api import (
     UPSTREAM_SECRET,
     _close_provider_clients,  # noqa: F401 - an autouse fixture, shared
     asgi_request,
-    assert_openai_error,
     read_stream,
 )
 from tests.factories import LLMModelFactory, ProviderFactory
-from tests.kit import bearer, usage_records
+from tests.kit import assert_error, bearer, usage_records
 
 ORIGIN = "http://localhost:3000"
 SYSTEM_PROMPT = (
@@ -252,11 +251,11 @@ async def test_errors_reach_nextchat_as_status_and_json_before_any_stream(api_ke
     response = await post_as_nextchat(
         client, chat_request(messages, model="gpt-5-turbo-ultra"), browser_headers(api_key_secret, stream=True)
     )
-    error = assert_openai_error(response, 404, code="model_not_found")
+    error = assert_error(response, 404, code="model_not_found")
     assert "gpt-5-turbo-ultra" in error["message"]  # NextChat shows the body to the user
 
     response = await post_as_nextchat(client, chat_request(messages), browser_headers("nk-my-access-code", stream=True))
-    assert_openai_error(response, 401)
+    assert_error(response, 401, code="token_not_valid")
     assert response["Access-Control-Allow-Origin"] in ("*", ORIGIN)  # the browser may read the error
 
 

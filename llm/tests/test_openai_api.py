@@ -34,7 +34,7 @@ from llm.tests.openai_schema import validate_against
 from llm.tests.simulator_process import start_simulator
 from tests.asgi import http_scope
 from tests.factories import LLMModelFactory, ProviderFactory, UserFactory
-from tests.kit import access_token, bearer, poll_until, usage_records
+from tests.kit import access_token, assert_error, bearer, poll_until, usage_records
 
 SIM_REPLY_TOKENS = 12  # the session simulator's reply length (root conftest)
 CHAT_URL = "/v1/chat/completions"
@@ -89,20 +89,6 @@ def chunk_objects(payloads: list[str]) -> list[dict[str, Any]]:
     for chunk in chunks:
         validate_against("CreateChatCompletionStreamResponse", chunk)
     return chunks
-
-
-def assert_openai_error(response: Any, status: int, *, code: str | None = None, param: str | None = None) -> dict:
-    """Check ``response`` is OpenAI's error JSON with ``status``; return the ``error`` object."""
-    assert response.status_code == status, (response.status_code, response.content[:500])
-    assert response["Content-Type"] == "application/json", response["Content-Type"]
-    body = json.loads(response.content)
-    validate_against("ErrorResponse", body)
-    error = body["error"]
-    if code is not None:
-        assert error["code"] == code, error
-    if param is not None:
-        assert error["param"] == param, error
-    return error
 
 
 @dataclass
@@ -463,31 +449,34 @@ async def test_jwt_access_token_and_api_key_headers_authenticate(user, sim_model
 
 
 @pytest.fixture
-def bad_credentials(user) -> dict[str, dict[str, str]]:
+def bad_credentials(user) -> dict[str, tuple[dict[str, str], str]]:
+    """Bad credentials by case: the headers, and the error code they get."""
     revoked = api_key_create(user=user, name="old")
     api_key_revoke(user=user, api_key_id=revoked.api_key.pk)
     expired = AccessToken.for_user(user)
     expired.set_exp(from_time=timezone.now() - dt.timedelta(hours=2))
     return {
-        "missing": {},
-        "not bearer": {"Authorization": "Basic dXNlcjpwYXNz"},
-        "wrong key": bearer("sk-" + "x" * 48),
-        "revoked key": bearer(revoked.secret),
-        "expired jwt": bearer(str(expired)),
-        "garbage jwt": bearer("not.a.jwt"),
-        "nextchat access code": bearer("nk-access-code"),
+        "missing": ({}, "missing_api_key"),
+        "not bearer": ({"Authorization": "Basic dXNlcjpwYXNz"}, "missing_api_key"),
+        "wrong key": (bearer("sk-" + "x" * 48), "invalid_api_key"),
+        "revoked key": (bearer(revoked.secret), "api_key_revoked"),
+        "expired jwt": (bearer(str(expired)), "token_not_valid"),
+        "garbage jwt": (bearer("not.a.jwt"), "token_not_valid"),
+        "nextchat access code": (bearer("nk-access-code"), "token_not_valid"),
     }
 
 
 @DB
 async def test_bad_credentials_are_401_openai_errors_before_anything_else(bad_credentials, sim_model):
     client = AsyncClient()
-    for case, headers in bad_credentials.items():
+    for case, (headers, code) in bad_credentials.items():
         # Even a malformed body is judged only after the credentials.
         for body in (chat_body("sim-model", stream=True), "{not json"):
             response = await post_chat(client, body, headers)
-            error = assert_openai_error(response, 401)
-            assert error["type"] == "authentication_error", case
+            try:
+                assert_error(response, 401, code=code, type="authentication_error")
+            except AssertionError as exc:
+                raise AssertionError(f"case {case!r}: {exc}") from exc
             assert response["WWW-Authenticate"].startswith("Bearer"), case
     assert await usage_records() == []
 
@@ -541,7 +530,7 @@ async def test_bad_requests_are_openai_errors(api_key_secret, disabled_models):
             sent = {"stream": stream, **body} if isinstance(body, dict) else body
             response = await post_chat(client, sent, bearer(api_key_secret))
             try:
-                error = assert_openai_error(response, status, code=code, param=param)
+                error = assert_error(response, status, code=code, param=param)
             except AssertionError as exc:
                 raise AssertionError(f"request {sent!r}: {exc}") from exc
             if code == "invalid" and isinstance(body, dict):
@@ -553,7 +542,7 @@ async def test_bad_requests_are_openai_errors(api_key_secret, disabled_models):
 async def test_field_errors_name_the_nested_field(api_key_secret, sim_model):
     client = AsyncClient()
     body = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": 1}]}
-    error = assert_openai_error(await post_chat(client, body, bearer(api_key_secret)), 400)
+    error = assert_error(await post_chat(client, body, bearer(api_key_secret)), 400, code="invalid")
     assert error["param"] == "messages.1.content"
     assert "fields" in error
 
@@ -563,7 +552,7 @@ async def test_oversized_body_is_413(api_key_secret, sim_model):
     client = AsyncClient()
     with override_settings(DATA_UPLOAD_MAX_MEMORY_SIZE=1000):
         response = await post_chat(client, chat_body("sim-model", "x" * 2000), bearer(api_key_secret))
-    assert_openai_error(response, 413, code="request_too_large")
+    assert_error(response, 413, code="request_too_large")
 
 
 # --- Upstream failures ------------------------------------------------------------------------
@@ -579,16 +568,23 @@ def failing_models(db, simulator):
 
 @DB
 @pytest.mark.parametrize(
-    ("model", "status"),
-    [("m-error-500", 502), ("m-error-503", 502), ("m-error-429", 429), ("m-error-400", 400), ("m-unreachable", 502)],
+    ("model", "status", "code"),
+    [
+        ("m-error-500", 502, "upstream_error"),
+        ("m-error-503", 502, "upstream_error"),
+        ("m-error-429", 429, "upstream_rate_limited"),
+        ("m-error-400", 400, "upstream_error"),
+        ("m-unreachable", 502, "upstream_unreachable"),
+    ],
 )
-async def test_upstream_failure_before_output_is_a_plain_error_status(api_key_secret, failing_models, model, status):
+async def test_upstream_failure_before_output_is_a_plain_error_status(
+    api_key_secret, failing_models, model, status, code
+):
     client = AsyncClient()
     for stream in (True, False):
         response = await post_chat(client, chat_body(model, stream=stream), bearer(api_key_secret))
         assert not response.streaming
-        error = assert_openai_error(response, status)
-        assert error["code"].startswith("upstream_"), error
+        assert_error(response, status, code=code)
     assert await usage_records() == []  # nothing generated, nothing billed
 
 
@@ -616,7 +612,7 @@ async def test_midstream_failure_sends_an_error_frame_and_ends(api_key_secret, f
 @DB
 async def test_midstream_failure_without_stream_is_502(api_key_secret, failing_models):
     response = await post_chat(AsyncClient(), chat_body("m-fail-midstream"), bearer(api_key_secret))
-    assert_openai_error(response, 502, code="upstream_disconnected")
+    assert_error(response, 502, code="upstream_disconnected")
     [record] = await usage_records()
     assert record.finish_status == "failed"
 
@@ -745,12 +741,10 @@ async def test_model_list_and_retrieve(api_key_secret, sim_model, disabled_model
     validate_against("Model", model)
     assert model == listing["data"][0]
 
-    assert_openai_error(
-        await client.get("/v1/models/nope", headers=bearer(api_key_secret)), 404, code="model_not_found"
-    )
-    assert_openai_error(await client.get("/v1/models/off-model", headers=bearer(api_key_secret)), 400)
-    assert_openai_error(await client.get("/v1/models"), 401)
-    assert_openai_error(await client.get("/v1/models/sim-model"), 401)
+    assert_error(await client.get("/v1/models/nope", headers=bearer(api_key_secret)), 404, code="model_not_found")
+    assert_error(await client.get("/v1/models/off-model", headers=bearer(api_key_secret)), 400, code="model_disabled")
+    assert_error(await client.get("/v1/models"), 401, code="missing_api_key")
+    assert_error(await client.get("/v1/models/sim-model"), 401, code="missing_api_key")
 
 
 @DB
@@ -776,7 +770,7 @@ async def test_unknown_urls_and_methods_are_openai_json(api_key_secret):
         ("post", "/dashboard/billing/credit_grants"),
     ]:
         response = await getattr(client, method)(path, headers=bearer(api_key_secret))
-        error = assert_openai_error(response, 404, code="unknown_url")
+        error = assert_error(response, 404, code="unknown_url")
         assert path in error["message"]
     for method, path in [
         ("get", CHAT_URL),
@@ -786,7 +780,7 @@ async def test_unknown_urls_and_methods_are_openai_json(api_key_secret):
         ("post", "/dashboard/billing/usage"),
     ]:
         response = await getattr(client, method)(path, headers=bearer(api_key_secret))
-        assert_openai_error(response, 405, code="method_not_allowed")
+        assert_error(response, 405, code="method_not_allowed")
         assert "POST" in response["Allow"] or "GET" in response["Allow"]
     response = await client.options(CHAT_URL)  # not a CORS preflight: no Origin
     assert response.status_code == 200
@@ -860,8 +854,12 @@ async def test_billing_usage_is_the_callers_cents_in_the_range(api_key_secret, s
         ("start_date=2026-03-01&end_date=2026-02-30", "end_date"),
         ("start_date=2026-04-01&end_date=2026-03-01", "end_date"),
     ]:
-        assert_openai_error(await usage(query), 400, param=param)
-    assert_openai_error(await client.get("/dashboard/billing/usage?start_date=2026-03-01&end_date=2026-04-01"), 401)
+        assert_error(await usage(query), 400, param=param, code="invalid")
+    assert_error(
+        await client.get("/dashboard/billing/usage?start_date=2026-03-01&end_date=2026-04-01"),
+        401,
+        code="missing_api_key",
+    )
 
 
 @DB
@@ -876,7 +874,7 @@ async def test_billing_subscription_reports_the_configured_limit(api_key_secret)
     with override_settings(OPENAI_BILLING_HARD_LIMIT_USD=25):
         response = await client.get("/dashboard/billing/subscription", headers=bearer(api_key_secret))
     assert json.loads(response.content)["hard_limit_usd"] == 25.0
-    assert_openai_error(await client.get("/dashboard/billing/subscription"), 401)
+    assert_error(await client.get("/dashboard/billing/subscription"), 401, code="missing_api_key")
 
 
 # --- Secrets never leave ----------------------------------------------------------------------
