@@ -4,6 +4,8 @@
 - ``access_token(user)``: a JWT access token; ``bearer(credential)``: the headers that carry a JWT
   or an ``sk-...`` key. One convention: credentials travel as a headers dict.
 - ``assert_error``: the project's one error shape (OpenAI's), on any kind of response.
+- ``asgi_request``: one HTTP request through the project's ASGI application, the way a server
+  drives it (chunked bodies, a client that disconnects); ``http_scope`` its ASGI scope.
 - ``usage_records``: the usage records written, once this process's accounting queue is empty.
 """
 
@@ -13,9 +15,11 @@ import asyncio
 import inspect
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import httpx
 from rest_framework_simplejwt.tokens import AccessToken
 
 from accounts.models import UsageRecord, User
@@ -111,6 +115,89 @@ def assert_error(
         if expected is not None:
             assert error[name] == expected, (name, error)
     return error
+
+
+# --- Driving the ASGI application --------------------------------------------------------------
+
+
+@dataclass
+class ASGIResult:
+    """What a client received: ``status_code``, ``headers``, the whole ``content`` and each body ``frames`` part."""
+
+    status_code: int = 0
+    headers: httpx.Headers = field(default_factory=httpx.Headers)
+    content: bytes = b""
+    frames: list[bytes] = field(default_factory=list)
+
+
+def http_scope(method: str, path: str, headers: Iterable[tuple[str, str]], *, port: int = 8000) -> dict[str, Any]:
+    """Return an ASGI 3.0 HTTP scope for ``method path`` on localhost with ``headers`` (name, value).
+
+    Spec: https://asgi.readthedocs.io/en/latest/specs/www.html#http-connection-scope
+    """
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(name.lower().encode("latin1"), value.encode("latin1")) for name, value in headers],
+        "client": ("127.0.0.1", 50000),
+        "server": ("localhost", port),
+    }
+
+
+async def asgi_request(
+    method: str,
+    path: str,
+    *,
+    headers: Mapping[str, str] | Iterable[tuple[str, str]] = (),
+    body: bytes | Iterable[bytes] = b"",
+    disconnect_after_frames: int | None = None,
+    disconnect_on_start: bool = False,
+    application: Any = None,
+) -> ASGIResult:
+    """Run one HTTP request through the project's ASGI application, the way a server does.
+
+    ``application``: default ``chatbackend.asgi.application`` (the entry point servers run).
+    ``body``: bytes, or parts that arrive as separate ``http.request`` messages (a chunked body
+    when no ``content-length`` header is given). With ``disconnect_after_frames``, the client
+    disconnects once that many body parts arrived: Django then cancels the view's task. With
+    ``disconnect_on_start``, it disconnects while the headers are being sent, and the send
+    blocks like a stalled socket until Django cancels it. Fails after 30 s.
+    """
+    if application is None:
+        from chatbackend.asgi import application  # imported late: importing it tunes the GC
+    pairs = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
+    parts = [body] if isinstance(body, bytes) else list(body) or [b""]
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    for index, part in enumerate(parts):
+        inbox.put_nowait({"type": "http.request", "body": part, "more_body": index < len(parts) - 1})
+    result = ASGIResult()
+
+    async def receive() -> dict[str, Any]:
+        return await inbox.get()
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            result.status_code = message["status"]
+            result.headers = httpx.Headers([(k.decode("latin1"), v.decode("latin1")) for k, v in message["headers"]])
+            if disconnect_on_start:
+                inbox.put_nowait({"type": "http.disconnect"})
+                await asyncio.Event().wait()  # a socket that never drains: only a cancellation ends it
+        elif message.get("body"):
+            result.frames.append(message["body"])
+            result.content += message["body"]
+            if disconnect_after_frames is not None and len(result.frames) == disconnect_after_frames:
+                inbox.put_nowait({"type": "http.disconnect"})
+
+    async with asyncio.timeout(30):
+        await application(http_scope(method, path, pairs), receive, send)
+    return result
 
 
 async def usage_records(**filters: Any) -> list[UsageRecord]:

@@ -9,37 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from asgiref.testing import ApplicationCommunicator
 from django.core.signals import request_finished, request_started
 
-from chatbackend.asgi import application, django_asgi_app, streaming_asgi_app
+from chatbackend.asgi import django_asgi_app, streaming_asgi_app
 from chatbackend.handlers import StreamingASGIHandler, is_streaming_request
-from tests.asgi import http_scope
+from tests.kit import asgi_request, assert_error
 
 ROOT = Path(__file__).resolve().parents[2]
 ORIGIN = "https://nextchat.example"
-
-
-async def asgi_request(
-    path: str, method: str = "GET", headers: dict[str, str] | None = None, body: bytes = b""
-) -> tuple[int, dict[str, list[str]], bytes]:
-    """Drive ``application`` with one HTTP request; return status, headers (lower-cased names), body."""
-    scope = http_scope(method, path, [("host", "localhost"), *(headers or {}).items()])
-    communicator = ApplicationCommunicator(application, scope)
-    await communicator.send_input({"type": "http.request", "body": body, "more_body": False})
-    start = await communicator.receive_output(10)
-    assert start["type"] == "http.response.start"
-    response_headers: dict[str, list[str]] = {}
-    for name, value in start["headers"]:
-        response_headers.setdefault(name.decode().lower(), []).append(value.decode())
-    content = b""
-    while True:
-        message = await communicator.receive_output(10)
-        content += message.get("body", b"")
-        if not message.get("more_body"):
-            break
-    await communicator.wait(10)
-    return start["status"], response_headers, content
 
 
 def _scope(path: str, method: str = "GET", root_path: str = "") -> dict[str, Any]:
@@ -92,15 +69,15 @@ def test_lean_handler_reads_the_list_it_is_given(settings) -> None:  # noqa: ANN
 
 
 async def test_v1_goes_through_the_lean_chain() -> None:
-    status, headers, body = await asgi_request("/v1/models", headers={"Origin": ORIGIN})
+    response = await asgi_request("GET", "/v1/models", headers={"Origin": ORIGIN})
 
-    assert status == 401
-    assert b"error" in body
+    assert_error(response, 401, code="missing_api_key")
+    headers = response.headers
     assert "x-frame-options" not in headers  # XFrameOptionsMiddleware is not in the chain
     assert "referrer-policy" not in headers  # nor SecurityMiddleware
-    assert "vary" not in headers or "Cookie" not in ",".join(headers["vary"])  # nor SessionMiddleware
-    assert headers["access-control-allow-origin"] == ["*"]
-    assert headers["x-content-type-options"] == ["nosniff"]
+    assert "Cookie" not in headers.get("vary", "")  # nor SessionMiddleware
+    assert headers.get_list("access-control-allow-origin") == ["*"]
+    assert headers.get_list("x-content-type-options") == ["nosniff"]
 
 
 async def test_v1_preflight_is_unchanged() -> None:
@@ -110,29 +87,29 @@ async def test_v1_preflight_is_unchanged() -> None:
         "Access-Control-Request-Headers": "authorization, content-type",
     }
 
-    status, headers, _ = await asgi_request("/v1/chat/completions", method="OPTIONS", headers=preflight)
-    full_status, full_headers, _ = await asgi_request("/api/conversations/", method="OPTIONS", headers=preflight)
+    lean = await asgi_request("OPTIONS", "/v1/chat/completions", headers=preflight)
+    full = await asgi_request("OPTIONS", "/api/conversations/", headers=preflight)
 
-    assert status == full_status == 200
-    assert headers["access-control-max-age"] == ["86400"]
-    assert "authorization" in headers["access-control-allow-headers"][0]
-    assert "POST" in headers["access-control-allow-methods"][0]
-    cors = {name: value for name, value in headers.items() if name.startswith("access-control-")}
-    assert cors == {name: value for name, value in full_headers.items() if name.startswith("access-control-")}
+    assert lean.status_code == full.status_code == 200
+    assert lean.headers.get_list("access-control-max-age") == ["86400"]
+    assert "authorization" in lean.headers["access-control-allow-headers"]
+    assert "POST" in lean.headers["access-control-allow-methods"]
+    cors = {name: value for name, value in lean.headers.multi_items() if name.startswith("access-control-")}
+    assert cors == {name: value for name, value in full.headers.multi_items() if name.startswith("access-control-")}
 
 
 async def test_sse_send_goes_through_the_lean_chain() -> None:
-    status, headers, _ = await asgi_request("/api/conversations/1/messages/", method="POST", body=b"{}")
+    response = await asgi_request("POST", "/api/conversations/1/messages/", body=b"{}")
 
-    assert status == 401
-    assert "x-frame-options" not in headers
-    assert headers["x-content-type-options"] == ["nosniff"]
+    assert_error(response, 401, code="missing_api_key")
+    assert "x-frame-options" not in response.headers
+    assert response.headers.get_list("x-content-type-options") == ["nosniff"]
 
 
 async def test_lean_chain_still_checks_allowed_hosts() -> None:
-    status, _, _ = await asgi_request("/v1/models", headers={"Host": "evil.example"})
+    response = await asgi_request("GET", "/v1/models", headers={"Host": "evil.example"})
 
-    assert status == 400
+    assert response.status_code == 400
 
 
 async def test_lean_chain_sends_request_signals() -> None:
@@ -147,7 +124,7 @@ async def test_lean_chain_sends_request_signals() -> None:
     request_started.connect(started)
     request_finished.connect(finished)
     try:
-        await asgi_request("/v1/models")
+        await asgi_request("GET", "/v1/models")
     finally:
         request_started.disconnect(started)
         request_finished.disconnect(finished)
@@ -157,12 +134,12 @@ async def test_lean_chain_sends_request_signals() -> None:
 
 @pytest.mark.django_db(transaction=True)
 async def test_admin_keeps_the_full_chain() -> None:
-    status, headers, _ = await asgi_request("/admin/login/")
+    response = await asgi_request("GET", "/admin/login/")
 
-    assert status == 200
-    assert headers["x-frame-options"] == ["DENY"]
-    assert headers["x-content-type-options"] == ["nosniff"]
-    assert any(cookie.startswith("csrftoken=") for cookie in headers["set-cookie"])
+    assert response.status_code == 200
+    assert response.headers.get_list("x-frame-options") == ["DENY"]
+    assert response.headers.get_list("x-content-type-options") == ["nosniff"]
+    assert any(cookie.startswith("csrftoken=") for cookie in response.headers.get_list("set-cookie"))
 
 
 def _python(code: str) -> str:

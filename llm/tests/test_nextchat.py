@@ -25,11 +25,10 @@ from llm.tests.test_openai_api import (
     SIM_REPLY_TOKENS,
     UPSTREAM_SECRET,
     _close_provider_clients,  # noqa: F401 - an autouse fixture, shared
-    asgi_request,
     read_stream,
 )
 from tests.factories import LLMModelFactory, ProviderFactory
-from tests.kit import assert_error, bearer, usage_records
+from tests.kit import asgi_request, assert_error, bearer, usage_records
 
 ORIGIN = "http://localhost:3000"
 SYSTEM_PROMPT = (
@@ -276,12 +275,12 @@ async def test_server_mode_relays_a_chunked_body_without_content_length(api_key_
         ("transfer-encoding", "chunked"),
     ]
     parts = [raw[:40], raw[40:100], raw[100:]]
-    result = await asgi_request("POST", CHAT_URL, headers, parts)
+    result = await asgi_request("POST", CHAT_URL, headers=headers, body=parts)
 
-    text, _, done = read_like_nextchat(result.status, result.headers["content-type"], result.body)
+    text, _, done = read_like_nextchat(result.status_code, result.headers["content-type"], result.content)
     assert text == reply_text(messages, SIM_REPLY_TOKENS)
     assert done
-    assert_no_secrets(result.body + str(result.headers).encode(), api_key_secret, UPSTREAM_SECRET)
+    assert_no_secrets(result.content + str(result.headers).encode(), api_key_secret, UPSTREAM_SECRET)
 
 
 # --- Optional endpoints NextChat calls --------------------------------------------------------

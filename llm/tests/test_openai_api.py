@@ -12,14 +12,12 @@ import asyncio
 import datetime as dt
 import json
 import threading
-from collections.abc import AsyncIterator, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from typing import Any
 
 import pytest
 from aiohttp import web
-from django.core.handlers.asgi import ASGIHandler
 from django.test import AsyncClient, override_settings
 from django.utils import timezone
 from rest_framework_simplejwt.tokens import AccessToken
@@ -32,9 +30,8 @@ from llm.providers.openai_compatible import aclose_clients
 from llm.simulator import reply_text
 from llm.tests.openai_schema import validate_against
 from llm.tests.simulator_process import start_simulator
-from tests.asgi import http_scope
 from tests.factories import LLMModelFactory, ProviderFactory, UserFactory
-from tests.kit import access_token, assert_error, bearer, poll_until, usage_records
+from tests.kit import access_token, asgi_request, assert_error, bearer, poll_until, usage_records
 
 SIM_REPLY_TOKENS = 12  # the session simulator's reply length (root conftest)
 CHAT_URL = "/v1/chat/completions"
@@ -89,57 +86,6 @@ def chunk_objects(payloads: list[str]) -> list[dict[str, Any]]:
     for chunk in chunks:
         validate_against("CreateChatCompletionStreamResponse", chunk)
     return chunks
-
-
-@dataclass
-class ASGIResult:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-    frames: list[bytes] = field(default_factory=list)
-
-
-async def asgi_request(
-    method: str,
-    path: str,
-    headers: Iterable[tuple[str, str]],
-    body_parts: Iterable[bytes] = (b"",),
-    *,
-    disconnect_after_frames: int | None = None,
-    disconnect_on_start: bool = False,
-) -> ASGIResult:
-    """Run one request through Django's real ASGI handler, the way a server does.
-
-    ``body_parts`` arrive as separate ``http.request`` messages (a chunked body when no
-    ``content-length`` header is given). With ``disconnect_after_frames``, the client
-    disconnects once that many body frames arrived; Django then cancels the view's task. With
-    ``disconnect_on_start``, it disconnects while the response's headers are being sent.
-    """
-    parts = list(body_parts)
-    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    for index, part in enumerate(parts):
-        inbox.put_nowait({"type": "http.request", "body": part, "more_body": index < len(parts) - 1})
-    scope = http_scope(method, path, headers, port=8000)
-    result = ASGIResult(status=0, headers={}, body=b"")
-
-    async def receive() -> dict[str, Any]:
-        return await inbox.get()
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            result.status = message["status"]
-            result.headers = {k.decode("latin1").lower(): v.decode("latin1") for k, v in message["headers"]}
-            if disconnect_on_start:
-                inbox.put_nowait({"type": "http.disconnect"})
-                await asyncio.sleep(1)  # a slow socket: Django cancels the send
-        elif message.get("body"):
-            result.frames.append(message["body"])
-            result.body += message["body"]
-            if disconnect_after_frames is not None and len(result.frames) == disconnect_after_frames:
-                inbox.put_nowait({"type": "http.disconnect"})
-
-    await asyncio.wait_for(ASGIHandler()(scope, receive, send), timeout=30)
-    return result
 
 
 # --- A scripted upstream: tool calls and reasoning, over real HTTP ----------------------------
@@ -633,10 +579,10 @@ def slow_model(db):
 async def test_client_disconnect_cancels_upstream_and_bills_what_was_streamed(api_key_secret, slow_model):
     _, sim = slow_model
     body = json.dumps(chat_body("slow-model", stream=True)).encode()
-    headers = [("content-type", "application/json"), *bearer(api_key_secret).items()]
-    result = await asgi_request("POST", CHAT_URL, headers, [body], disconnect_after_frames=3)
+    headers = {"Content-Type": "application/json", **bearer(api_key_secret)}
+    result = await asgi_request("POST", CHAT_URL, headers=headers, body=body, disconnect_after_frames=3)
 
-    assert result.status == 200
+    assert result.status_code == 200
     assert len(result.frames) == 3
     [record] = await usage_records()  # persisted before the handler returned
     assert record.finish_status == "cancelled"
@@ -652,10 +598,10 @@ async def test_client_leaving_while_headers_are_sent_still_ends_the_reply(api_ke
     # Django's ASGI handler then never iterates the body; it only calls response.close().
     _, sim = slow_model
     body = json.dumps(chat_body("slow-model", stream=True)).encode()
-    headers = [("content-type", "application/json"), *bearer(api_key_secret).items()]
-    result = await asgi_request("POST", CHAT_URL, headers, [body], disconnect_on_start=True)
+    headers = {"Content-Type": "application/json", **bearer(api_key_secret)}
+    result = await asgi_request("POST", CHAT_URL, headers=headers, body=body, disconnect_on_start=True)
 
-    assert result.status == 200 and result.body == b""
+    assert result.status_code == 200 and result.content == b""
     [record] = await usage_records()  # persisted before the handler returned
     assert record.finish_status == "cancelled"
     stats = await poll_until(sim.astats, lambda stats: stats["active_streams"] == 0)
@@ -710,12 +656,12 @@ async def test_headers_go_out_and_comments_keep_a_silent_stream_alive(api_key_se
 async def test_client_leaving_a_silent_stream_cancels_it(api_key_secret, silent_model):
     _, sim = silent_model
     body = json.dumps(chat_body("silent-model", stream=True)).encode()
-    headers = [("content-type", "application/json"), *bearer(api_key_secret).items()]
+    headers = {"Content-Type": "application/json", **bearer(api_key_secret)}
     with override_settings(OPENAI_FIRST_CHUNK_WAIT_SECONDS=0.1, SSE_KEEPALIVE_SECONDS=0.1):
-        result = await asgi_request("POST", CHAT_URL, headers, [body], disconnect_after_frames=1)
+        result = await asgi_request("POST", CHAT_URL, headers=headers, body=body, disconnect_after_frames=1)
 
-    assert result.status == 200
-    assert result.body == b": keep-alive\n\n"
+    assert result.status_code == 200
+    assert result.content == b": keep-alive\n\n"
     [record] = await usage_records()
     assert record.finish_status == "cancelled"
     assert record.completion_tokens == 0
