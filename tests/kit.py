@@ -6,6 +6,9 @@
 - ``assert_error``: the project's one error shape (OpenAI's), on any kind of response.
 - ``asgi_request``: one HTTP request through the project's ASGI application, the way a server
   drives it (chunked bodies, a client that disconnects); ``http_scope`` its ASGI scope.
+- Streamed bodies: ``streamed_content`` reads a Django streaming response; ``sse_data``,
+  ``chunk_objects`` and ``chunk_text`` take a ``/v1`` stream apart; ``sse_events`` parses the
+  conversation stream's named events.
 - ``usage_records``: the usage records written, once this process's accounting queue is empty.
 """
 
@@ -15,11 +18,12 @@ import asyncio
 import inspect
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import httpx
+from httpx_sse import EventSource, ServerSentEvent
 from rest_framework_simplejwt.tokens import AccessToken
 
 from accounts.models import UsageRecord, User
@@ -198,6 +202,59 @@ async def asgi_request(
     async with asyncio.timeout(30):
         await application(http_scope(method, path, pairs), receive, send)
     return result
+
+
+# --- Streamed bodies ---------------------------------------------------------------------------
+
+
+async def streamed_content(response: Any) -> bytes:
+    """Return the whole body of a Django streaming response (``AsyncClient``), read to its end."""
+    return b"".join([part async for part in response.streaming_content])
+
+
+def sse_data(raw: bytes) -> list[str]:
+    """Return the ``data:`` payloads of a ``/v1`` SSE body, checking its framing (``data: ...\\n\\n``).
+
+    Comment events (``: keep-alive``) are checked and left out.
+    Spec: https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation
+    """
+    text = raw.decode("utf-8")
+    assert text.endswith("\n\n"), text[-200:]
+    payloads = []
+    for event in text[:-2].split("\n\n"):
+        assert "\n" not in event, event
+        if event == ": keep-alive":
+            continue
+        assert event.startswith("data: "), event
+        payloads.append(event[len("data: ") :])
+    return payloads
+
+
+def chunk_objects(payloads: list[str]) -> list[dict[str, Any]]:
+    """Parse the chunk payloads before ``[DONE]`` and validate each against OpenAI's schema."""
+    assert payloads[-1] == "[DONE]", payloads[-3:]
+    chunks = [json.loads(payload) for payload in payloads[:-1]]
+    for chunk in chunks:
+        validate_against("CreateChatCompletionStreamResponse", chunk)
+    return chunks
+
+
+def chunk_text(chunks: Iterable[dict[str, Any]]) -> str:
+    """Return the text of ``chat.completion.chunk`` objects: every ``choices[0].delta.content`` joined."""
+    return "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks if chunk.get("choices"))
+
+
+async def sse_events(response: Any, raw: list[bytes] | None = None) -> list[ServerSentEvent]:
+    """Parse a Django streaming response's SSE body with httpx-sse (``raw`` collects each part as sent)."""
+
+    async def body() -> AsyncIterator[bytes]:
+        async for part in response.streaming_content:
+            if raw is not None:
+                raw.append(part)
+            yield part
+
+    stream = httpx.Response(200, headers={"content-type": response["Content-Type"]}, content=body())
+    return [event async for event in EventSource(stream).aiter_sse()]
 
 
 async def usage_records(**filters: Any) -> list[UsageRecord]:

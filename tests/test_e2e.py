@@ -27,7 +27,7 @@ from websockets.sync.client import ClientConnection, connect
 from accounts.models import UsageRecord
 from llm.simulator import reply_text
 from tests.conftest import REPLY_TOKENS, E2EModels, E2EStack, E2EUser
-from tests.kit import bearer, poll_until_sync
+from tests.kit import bearer, chunk_objects, chunk_text, poll_until_sync, sse_data
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -89,28 +89,16 @@ def ws_receive(stack: E2EStack, ws: ClientConnection, seconds: float = DEADLINE_
     return json.loads(raw)
 
 
-def openai_stream_lines(stack: E2EStack, response: httpx.Response) -> list[str]:
-    """Return the ``data:`` payloads of an OpenAI-style SSE response, recording the body."""
-    payloads = []
-    for line in response.iter_lines():
-        stack.received.append(line)
-        if line.startswith("data:"):
-            payloads.append(line.removeprefix("data:").strip())
-    return payloads
+def openai_chunks(stack: E2EStack, response: httpx.Response) -> list[dict[str, Any]]:
+    """Read a streamed ``/v1`` response to its ``[DONE]``, record it, and return its chunks (schema-checked)."""
+    raw = response.read()
+    stack.received.append(raw.decode())
+    return chunk_objects(sse_data(raw))
 
 
-def chunk_content(payloads: list[str]) -> tuple[str, int]:
-    """Return the text of ``chat.completion.chunk`` payloads and how many chunks carried text."""
-    pieces = []
-    for payload in payloads:
-        if payload == "[DONE]":
-            continue
-        chunk = json.loads(payload)
-        assert chunk["object"] == "chat.completion.chunk", chunk
-        for choice in chunk.get("choices") or []:
-            if choice.get("delta", {}).get("content"):
-                pieces.append(choice["delta"]["content"])
-    return "".join(pieces), len(pieces)
+def text_pieces(chunks: list[dict[str, Any]]) -> int:
+    """Return how many chunks carried text: more than one means the reply was streamed."""
+    return sum(1 for chunk in chunks if chunk["choices"] and chunk["choices"][0]["delta"].get("content"))
 
 
 # --- tests ------------------------------------------------------------------------------------
@@ -321,10 +309,8 @@ def test_nextchat_requests_and_cors_preflight(
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         assert response.headers.get("access-control-allow-origin") in {"*", NEXTCHAT_ORIGIN}
-        payloads = openai_stream_lines(e2e_stack, response)
-    text, pieces = chunk_content(payloads)
-    assert pieces > 1 and text == expected_reply(prompt)
-    assert payloads[-1] == "[DONE]"
+        chunks = openai_chunks(e2e_stack, response)
+    assert text_pieces(chunks) > 1 and chunk_text(chunks) == expected_reply(prompt)
 
     # Server mode: NextChat's server relays the body chunked, without Content-Length.
     def chunked() -> Iterator[bytes]:
@@ -343,8 +329,8 @@ def test_nextchat_requests_and_cors_preflight(
         assert "content-length" not in response.request.headers
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        payloads = openai_stream_lines(e2e_stack, response)
-    assert chunk_content(payloads)[0] == expected_reply(prompt)
+        chunks = openai_chunks(e2e_stack, response)
+    assert chunk_text(chunks) == expected_reply(prompt)
 
     # The title request: not streamed, Accept: application/json, kept only on a 200.
     title_body = {**body, "stream": False}

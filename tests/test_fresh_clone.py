@@ -7,7 +7,6 @@ Clones the committed tree (what CI and a newcomer get), then runs ``./scripts/de
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -19,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.kit import bearer
+from tests.kit import bearer, chunk_objects, chunk_text, sse_data
 
 ROOT = Path(__file__).resolve().parents[1]
 SETUP_SECONDS = 600  # a fresh venv installs every requirement from the package index
@@ -88,14 +87,8 @@ def test_demo_command_installs_and_serves_a_streamed_reply(clone: Path) -> None:
             "POST", f"{base}/v1/chat/completions", json=body, headers=bearer(api_key), timeout=30
         ) as response:
             assert response.status_code == 200
-            data = [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
-        assert data[-1] == "[DONE]"
-        text = "".join(
-            chunk["choices"][0]["delta"].get("content") or ""
-            for chunk in map(json.loads, data[:-1])
-            if chunk.get("choices")
-        )
-        assert text.strip()
+            chunks = chunk_objects(sse_data(response.read()))
+        assert chunk_text(chunks).strip()
     finally:
         os.killpg(process.pid, signal.SIGINT)
         try:

@@ -21,10 +21,8 @@ from llm.tests.test_openai_api import (
     _close_provider_clients,  # noqa: F401 - an autouse fixture, shared
     chat_body,
     post_chat,
-    read_stream,
-    sse_data,
 )
-from tests.kit import bearer
+from tests.kit import bearer, sse_data, streamed_content
 
 ROOT = Path(__file__).resolve().parents[2]
 _METHODS = re.compile(r"\b((?:GET|POST|PUT|PATCH|DELETE)(?:/(?:GET|POST|PUT|PATCH|DELETE))*) (/[^\s|?`,]+)")
@@ -130,7 +128,7 @@ async def test_real_responses_match_the_documented_components(schema, api_key_se
 
     body = chat_body("sim-model", stream=True, stream_options={"include_usage": True})
     response = await post_chat(client, body, bearer(api_key_secret))
-    payloads = sse_data(await read_stream(response))
+    payloads = sse_data(await streamed_content(response))
     for payload in payloads[:-1]:
         assert_matches(schema, "ChatCompletionChunkOutput", json.loads(payload))
 

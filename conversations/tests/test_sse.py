@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 from django.test import AsyncClient
-from httpx_sse import EventSource, ServerSentEvent, aconnect_sse
+from httpx_sse import ServerSentEvent, aconnect_sse
 
 from conversations.models import Message
 from llm.simulator import reply_text
 from tests.factories import ConversationFactory
-from tests.kit import assert_error, bearer, poll_until, usage_records
+from tests.kit import assert_error, bearer, poll_until, sse_events, usage_records
 
 from .conftest import SLOW_REPLY_TOKENS, sync_db
 
@@ -41,19 +40,6 @@ async def post(conversation, token: str, body, *, accept: str = SSE, raw: bool =
     )
 
 
-async def read_events(response, raw: list[bytes] | None = None) -> list[ServerSentEvent]:
-    """Parse a Django streaming response with httpx-sse (``raw`` collects the bytes as sent)."""
-
-    async def body() -> AsyncIterator[bytes]:
-        async for part in response.streaming_content:
-            if raw is not None:
-                raw.append(part)
-            yield part
-
-    stream = httpx.Response(200, headers={"content-type": response["Content-Type"]}, content=body())
-    return [event async for event in EventSource(stream).aiter_sse()]
-
-
 async def message(pk: int) -> Message:
     return await Message.objects.aget(pk=pk)
 
@@ -65,7 +51,7 @@ async def test_sse_streams_start_deltas_done_and_persists_the_reply(user, conver
     assert response["Content-Type"].startswith(SSE)
     assert response["Cache-Control"] == "no-cache"
     assert response["X-Accel-Buffering"] == "no"
-    events = await read_events(response)
+    events = await sse_events(response)
     names = [e.event for e in events]
     assert names[0] == "reply.start"
     assert names[-1] == "reply.done"
@@ -106,7 +92,7 @@ async def listed_messages(conversation, token: str) -> dict[int, dict]:
 
 async def test_sse_start_and_done_payloads_match_the_api(conversation, token):
     raw: list[bytes] = []
-    events = await read_events(await post(conversation, token, {"content": "Tell me a story"}), raw)
+    events = await sse_events(await post(conversation, token, {"content": "Tell me a story"}), raw)
 
     start = events[0].json()
     assert list(start) == ["conversation_id", "user_message_id", "message_id", "model"]
@@ -118,7 +104,7 @@ async def test_sse_start_and_done_payloads_match_the_api(conversation, token):
 
 
 async def test_sse_error_message_matches_the_api(failing_conversation, token):
-    events = await read_events(await post(failing_conversation, token, {"content": "hello"}))
+    events = await sse_events(await post(failing_conversation, token, {"content": "hello"}))
 
     message = events[-1].json()["message"]
     assert message["status"] == "failed"
@@ -126,8 +112,8 @@ async def test_sse_error_message_matches_the_api(failing_conversation, token):
 
 
 async def test_sse_sends_history_so_a_second_message_gets_its_own_reply(conversation, token):
-    first = await read_events(await post(conversation, token, {"content": "first question"}))
-    second = await read_events(await post(conversation, token, {"content": "second question"}))
+    first = await sse_events(await post(conversation, token, {"content": "first question"}))
+    second = await sse_events(await post(conversation, token, {"content": "second question"}))
 
     text = "".join(e.json()["content"] for e in second if e.event == "reply.delta")
     assert text == reply_text([{"role": "user", "content": "second question"}], 12)
@@ -136,7 +122,7 @@ async def test_sse_sends_history_so_a_second_message_gets_its_own_reply(conversa
 
 
 async def test_sse_accepts_an_api_key(conversation, api_key_secret):
-    events = await read_events(await post(conversation, api_key_secret, {"content": "hi"}))
+    events = await sse_events(await post(conversation, api_key_secret, {"content": "hi"}))
 
     assert events[-1].event == "reply.done"
     [record] = await usage_records(message_id=events[-1].json()["message"]["id"])
@@ -148,7 +134,7 @@ async def test_sse_sends_keepalive_comments_while_waiting_for_the_first_chunk(se
     settings.SSE_KEEPALIVE_SECONDS = 0.005
     raw: list[bytes] = []
 
-    events = await read_events(await post(conversation, token, {"content": "hello"}), raw)
+    events = await sse_events(await post(conversation, token, {"content": "hello"}), raw)
 
     assert [e.event for e in events][-1] == "reply.done"
     assert b": keep-alive\n\n" in raw
@@ -172,7 +158,7 @@ async def test_non_streamed_send_answers_201_with_both_messages(conversation, to
 
 
 async def test_upstream_error_is_an_error_event_and_a_failed_message(failing_conversation, token):
-    events = await read_events(await post(failing_conversation, token, {"content": "hello"}))
+    events = await sse_events(await post(failing_conversation, token, {"content": "hello"}))
 
     assert [e.event for e in events] == ["reply.start", "error"]
     body = events[-1].json()
@@ -187,7 +173,7 @@ async def test_upstream_error_is_an_error_event_and_a_failed_message(failing_con
 
 
 async def test_unreachable_upstream_is_an_error_event(unreachable_conversation, token):
-    events = await read_events(await post(unreachable_conversation, token, {"content": "hello"}))
+    events = await sse_events(await post(unreachable_conversation, token, {"content": "hello"}))
 
     assert events[-1].event == "error"
     assert events[-1].json()["error"]["code"] == "upstream_unreachable"

@@ -25,10 +25,9 @@ from llm.tests.test_openai_api import (
     SIM_REPLY_TOKENS,
     UPSTREAM_SECRET,
     _close_provider_clients,  # noqa: F401 - an autouse fixture, shared
-    read_stream,
 )
 from tests.factories import LLMModelFactory, ProviderFactory
-from tests.kit import asgi_request, assert_error, bearer, usage_records
+from tests.kit import asgi_request, assert_error, bearer, streamed_content, usage_records
 
 ORIGIN = "http://localhost:3000"
 SYSTEM_PROMPT = (
@@ -148,7 +147,7 @@ async def test_chat_turn_streams_the_way_nextchat_reads_it(api_key_secret, nextc
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "Write a haiku"}]
     response = await post_as_nextchat(client, chat_request(messages), browser_headers(api_key_secret, stream=True))
     assert response["Access-Control-Allow-Origin"] in ("*", ORIGIN)
-    body = await read_stream(response)
+    body = await streamed_content(response)
     text, reasoning, done = read_like_nextchat(response.status_code, response["Content-Type"], body)
 
     assert text == reply_text(messages, SIM_REPLY_TOKENS)
@@ -176,7 +175,7 @@ async def test_vision_request_with_content_parts_streams(api_key_secret, nextcha
     response = await post_as_nextchat(
         client, chat_request(messages, max_tokens=4000), browser_headers(api_key_secret, stream=True)
     )
-    body = await read_stream(response)
+    body = await streamed_content(response)
     text, _, done = read_like_nextchat(response.status_code, response["Content-Type"], body)
     assert text == reply_text(messages, SIM_REPLY_TOKENS)
     assert done
@@ -191,7 +190,7 @@ async def test_reasoning_model_request_with_developer_role_streams(api_key_secre
     for name in ("presence_penalty", "frequency_penalty", "top_p"):
         request.pop(name)
     response = await post_as_nextchat(client, request, browser_headers(api_key_secret, stream=True))
-    body = await read_stream(response)
+    body = await streamed_content(response)
     text, _, done = read_like_nextchat(response.status_code, response["Content-Type"], body)
     assert text == reply_text(messages, 5)  # max_completion_tokens reached the upstream
     assert done
@@ -219,7 +218,7 @@ async def test_plugin_tool_follow_up_request_is_accepted(api_key_secret, nextcha
     response = await post_as_nextchat(
         client, chat_request(messages, tools=tools), browser_headers(api_key_secret, stream=True)
     )
-    body = await read_stream(response)
+    body = await streamed_content(response)
     text, _, done = read_like_nextchat(response.status_code, response["Content-Type"], body)
     assert text and done
 
@@ -292,7 +291,7 @@ async def test_usage_and_subscription_as_nextchat_asks_for_them(api_key_secret, 
     # A reply first, so there is something to count.
     messages = [{"role": "user", "content": "hi"}]
     response = await post_as_nextchat(client, chat_request(messages), browser_headers(api_key_secret, stream=True))
-    await read_stream(response)
+    await streamed_content(response)
     [record] = await usage_records()
 
     # app/client/platforms/openai.ts usage(): the month's first day to tomorrow.

@@ -31,7 +31,18 @@ from llm.simulator import reply_text
 from llm.tests.openai_schema import validate_against
 from llm.tests.simulator_process import start_simulator
 from tests.factories import LLMModelFactory, ProviderFactory, UserFactory
-from tests.kit import access_token, asgi_request, assert_error, bearer, poll_until, usage_records
+from tests.kit import (
+    access_token,
+    asgi_request,
+    assert_error,
+    bearer,
+    chunk_objects,
+    chunk_text,
+    poll_until,
+    sse_data,
+    streamed_content,
+    usage_records,
+)
 
 SIM_REPLY_TOKENS = 12  # the session simulator's reply length (root conftest)
 CHAT_URL = "/v1/chat/completions"
@@ -56,36 +67,6 @@ def chat_body(model: str, text: str = "Say hello", **fields: Any) -> dict[str, A
 async def post_chat(client: AsyncClient, body: Any, headers: dict[str, str]) -> Any:
     data = body if isinstance(body, str | bytes) else json.dumps(body)
     return await client.post(CHAT_URL, data=data, content_type="application/json", headers=headers)
-
-
-async def read_stream(response: Any) -> bytes:
-    return b"".join([part async for part in response.streaming_content])
-
-
-def sse_data(raw: bytes) -> list[str]:
-    """Return the ``data:`` payloads of an SSE body, checking its framing (``data: ...\\n\\n``).
-
-    Comment events (``: keep-alive``) are checked and left out.
-    """
-    text = raw.decode("utf-8")
-    assert text.endswith("\n\n"), text[-200:]
-    payloads = []
-    for event in text[:-2].split("\n\n"):
-        assert "\n" not in event, event
-        if event == ": keep-alive":
-            continue
-        assert event.startswith("data: "), event
-        payloads.append(event[len("data: ") :])
-    return payloads
-
-
-def chunk_objects(payloads: list[str]) -> list[dict[str, Any]]:
-    """Parse the chunk payloads before ``[DONE]`` and validate each against OpenAI's schema."""
-    assert payloads[-1] == "[DONE]", payloads[-3:]
-    chunks = [json.loads(payload) for payload in payloads[:-1]]
-    for chunk in chunks:
-        validate_against("CreateChatCompletionStreamResponse", chunk)
-    return chunks
 
 
 # --- A scripted upstream: tool calls and reasoning, over real HTTP ----------------------------
@@ -185,7 +166,7 @@ async def test_stream_sends_openai_chunks_then_done_and_records_usage(api_key_se
     assert response["Cache-Control"] == "no-cache"
     assert response["X-Accel-Buffering"] == "no"
     assert not response.has_header("Content-Encoding")
-    chunks = chunk_objects(sse_data(await read_stream(response)))
+    chunks = chunk_objects(sse_data(await streamed_content(response)))
 
     assert len({chunk["id"] for chunk in chunks}) == 1
     request_id = chunks[0]["id"]
@@ -195,7 +176,7 @@ async def test_stream_sends_openai_chunks_then_done_and_records_usage(api_key_se
     assert all("usage" not in chunk for chunk in chunks)  # no include_usage: no usage at all
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert all("role" not in chunk["choices"][0]["delta"] for chunk in chunks[1:])
-    text = "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks)
+    text = chunk_text(chunks)
     assert text == reply_text(body["messages"], SIM_REPLY_TOKENS)
     assert [chunk["choices"][0]["finish_reason"] for chunk in chunks][-1] == "stop"
     assert all(chunk["choices"][0]["finish_reason"] is None for chunk in chunks[:-1])
@@ -217,7 +198,7 @@ async def test_stream_usage_chunk_only_with_include_usage(api_key_secret, sim_mo
     client = AsyncClient()
     body = chat_body("sim-model", stream=True, stream_options={"include_usage": True})
     response = await post_chat(client, body, bearer(api_key_secret))
-    chunks = chunk_objects(sse_data(await read_stream(response)))
+    chunks = chunk_objects(sse_data(await streamed_content(response)))
 
     *content_chunks, usage_chunk = chunks
     assert usage_chunk["choices"] == []
@@ -238,7 +219,7 @@ async def test_stream_false_options_and_accept_headers_never_406(api_key_secret,
         headers = {**bearer(api_key_secret), "Accept": accept}
         response = await post_chat(client, chat_body("sim-model", stream=True), headers)
         assert response.status_code == 200, accept
-        assert sse_data(await read_stream(response))[-1] == "[DONE]"
+        assert sse_data(await streamed_content(response))[-1] == "[DONE]"
         response = await post_chat(client, chat_body("sim-model"), headers)
         assert response.status_code == 200, accept
         validate_against("CreateChatCompletionResponse", json.loads(response.content))
@@ -352,7 +333,7 @@ TOOLS = [
 async def test_stream_relays_tool_call_deltas_and_reasoning(api_key_secret, tool_model):
     client = AsyncClient()
     response = await post_chat(client, chat_body("tool-model", stream=True, tools=TOOLS), bearer(api_key_secret))
-    chunks = chunk_objects(sse_data(await read_stream(response)))
+    chunks = chunk_objects(sse_data(await streamed_content(response)))
 
     deltas = [chunk["choices"][0]["delta"] for chunk in chunks]
     assert deltas[0] == {"role": "assistant", "reasoning_content": "The user wants weather."}
@@ -539,7 +520,7 @@ async def test_midstream_failure_sends_an_error_frame_and_ends(api_key_secret, f
     client = AsyncClient()
     response = await post_chat(client, chat_body("m-fail-midstream", stream=True), bearer(api_key_secret))
     assert response.status_code == 200
-    payloads = sse_data(await read_stream(response))
+    payloads = sse_data(await streamed_content(response))
 
     assert "[DONE]" not in payloads
     *chunks, last = [json.loads(payload) for payload in payloads]
@@ -641,13 +622,11 @@ async def test_headers_go_out_and_comments_keep_a_silent_stream_alive(api_key_se
     with override_settings(OPENAI_FIRST_CHUNK_WAIT_SECONDS=0.2, SSE_KEEPALIVE_SECONDS=0.3):
         response = await post_chat(AsyncClient(), body, bearer(api_key_secret))
         assert response.status_code == 200  # after 0.2 s, long before the first token
-        raw = await read_stream(response)
+        raw = await streamed_content(response)
 
     assert raw.startswith(b": keep-alive\n\n: keep-alive\n\n")
     chunks = chunk_objects(sse_data(raw))
-    assert "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks) == reply_text(
-        body["messages"], 6
-    )
+    assert chunk_text(chunks) == reply_text(body["messages"], 6)
     [record] = await usage_records()
     assert record.finish_status == "completed"
 
@@ -756,7 +735,7 @@ async def test_cors_preflight_needs_no_key_and_responses_allow_the_origin(api_ke
     headers = {**bearer(api_key_secret), "Origin": "https://chat.example.com"}
     response = await post_chat(client, chat_body("sim-model", stream=True), headers)
     assert response["Access-Control-Allow-Origin"] in ("*", "https://chat.example.com")
-    await read_stream(response)
+    await streamed_content(response)
 
 
 # --- NextChat's billing endpoints -------------------------------------------------------------
@@ -848,7 +827,7 @@ async def test_no_response_contains_the_provider_key_or_the_api_key(
     for model in ("secret-model", "keyed-model", "m-error-500", "m-unreachable", "m-fail-midstream", "nope"):
         for stream in (True, False):
             response = await post_chat(client, chat_body(model, stream=stream), bearer(api_key_secret))
-            body = await read_stream(response) if response.streaming else response.content
+            body = await streamed_content(response) if response.streaming else response.content
             seen.append(body + str(response.items()).encode())
     for path in ("/v1/models", "/v1/models/secret-model", "/dashboard/billing/subscription"):
         response = await client.get(path, headers=bearer(api_key_secret))

@@ -14,6 +14,7 @@ from llm.simulator import count_prompt_tokens, reply_text
 from llm.tests.conftest import FAST_REPLY_TOKENS, SIMULATOR_API_KEY
 from llm.tests.openai_schema import validate_against
 from llm.tests.simulator_process import SimulatorProcess
+from tests.kit import sse_data
 
 MESSAGES: list[ChatCompletionMessageParam] = [
     {"role": "system", "content": "You are terse."},
@@ -30,11 +31,8 @@ async def raw_stream(sim: SimulatorProcess, body: dict[str, Any]) -> tuple[httpx
     """POST a streamed chat completion; return the response and each SSE ``data`` payload in order."""
     async with httpx.AsyncClient() as client:
         async with client.stream("POST", f"{sim.base_url}/chat/completions", json=body, timeout=10) as response:
-            text = "".join([part async for part in response.aiter_text()])
-    frames = text.split("\n\n")
-    assert frames[-1] == "", "the body must end with a blank line after the last event"
-    assert all(frame.startswith("data: ") for frame in frames[:-1]), frames
-    return response, [frame.removeprefix("data: ") for frame in frames[:-1]]
+            raw = await response.aread()
+    return response, sse_data(raw)
 
 
 async def test_sdk_stream_matches_non_stream_reply(llm_simulator: SimulatorProcess) -> None:
