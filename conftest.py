@@ -1,25 +1,55 @@
-"""Fixtures shared by every app's tests.
+"""Fixtures shared by every app's tests (helpers are in ``tests.kit``, factories in ``tests.factories``).
 
 The suite runs on whatever ``DATABASE_URL`` / ``REDIS_URL`` point at (``.ci/run`` sets
-PostgreSQL and Redis; unset, the embedded defaults). The LLM upstream is always the simulator
-process, over real HTTP.
+PostgreSQL and Redis; unset, the embedded defaults). The LLM upstream is always a simulator
+process over real HTTP, one per pace (``tests.kit`` names each pace's reply length), or the
+scripted upstream for the shapes the simulator never sends.
+
+- Simulators: ``simulator`` (fast), ``slow_simulator`` (10 s replies, to stop mid-way),
+  ``sleepy_simulator`` (5 s before the first token), ``silent_simulator`` (1.5 s before the first
+  token, then a short reply), ``keyed_simulator`` (fast, requires ``SIMULATOR_API_KEY``). Each
+  process lives for the session; the fixture waits until it streams nothing, so a test's
+  before/after counts of its stats are its own.
+- Models on them: ``sim_model``, ``slow_model``, ``sleepy_model``; ``scripted_upstream``.
+- People and credentials: ``user``, ``other_user``, ``admin_user``, ``password``, ``token`` (a JWT),
+  ``api_key_secret``, ``api_client``, ``auth_client``, ``superuser``, ``admin_site``.
+- Servers and cleanup: ``asgi_server`` (uvicorn in the test's loop), ``release_db_connections`` and
+  ``provider_clients`` (for async tests), and, for every test, the usage queue drained.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
+from aiohttp import web
+from asgiref.sync import sync_to_async
+from django.db import connections
 from rest_framework.test import APIClient
 
+from accounts.services import api_key_create
 from accounts.usage import usage_flush
+from llm.providers.openai_compatible import aclose_clients
 from llm.tests.simulator_process import SimulatorProcess, running_simulator
 from tests.factories import PASSWORD, LLMModelFactory, ProviderFactory, UserFactory
-from tests.kit import access_token, bearer, poll_until
+from tests.kit import (
+    FAST_REPLY_TOKENS,
+    SILENT_REPLY_TOKENS,
+    SIMULATOR_API_KEY,
+    SLEEPY_REPLY_TOKENS,
+    SLOW_REPLY_TOKENS,
+    access_token,
+    bearer,
+    poll_until,
+    poll_until_sync,
+)
 
 ROOT = Path(__file__).resolve().parent
 
@@ -49,11 +79,184 @@ def _usage_queue_drained() -> Iterator[None]:
     assert usage_flush(10), "the usage queue did not drain within 10 s"
 
 
+# --- Simulators, one process per pace --------------------------------------------------------
+
+
+def _idle(sim: SimulatorProcess) -> SimulatorProcess:
+    """Return ``sim`` once it streams nothing: what an earlier test started has ended."""
+    poll_until_sync(sim.stats, lambda stats: stats["active_streams"] == 0, what=f"{sim.base_url} to be idle")
+    return sim
+
+
 @pytest.fixture(scope="session")
-def simulator() -> Iterator[SimulatorProcess]:
-    """A simulator process for the whole session: 12-token replies, 20 ms TTFT, 5 ms per token."""
-    with running_simulator("--ttft-ms", "20", "--token-delay-ms", "5", "--reply-tokens", "12") as sim:
+def _fast_simulator() -> Iterator[SimulatorProcess]:
+    with running_simulator("--ttft-ms", "20", "--token-delay-ms", "5", "--reply-tokens", str(FAST_REPLY_TOKENS)) as sim:
         yield sim
+
+
+@pytest.fixture(scope="session")
+def _slow_simulator() -> Iterator[SimulatorProcess]:
+    options = ("--ttft-ms", "100", "--token-delay-ms", "50", "--reply-tokens", str(SLOW_REPLY_TOKENS))
+    with running_simulator(*options) as sim:
+        yield sim
+
+
+@pytest.fixture(scope="session")
+def _sleepy_simulator() -> Iterator[SimulatorProcess]:
+    options = ("--ttft-ms", "5000", "--token-delay-ms", "5", "--reply-tokens", str(SLEEPY_REPLY_TOKENS))
+    with running_simulator(*options) as sim:
+        yield sim
+
+
+@pytest.fixture(scope="session")
+def _silent_simulator() -> Iterator[SimulatorProcess]:
+    options = ("--ttft-ms", "1500", "--token-delay-ms", "5", "--reply-tokens", str(SILENT_REPLY_TOKENS))
+    with running_simulator(*options) as sim:
+        yield sim
+
+
+@pytest.fixture(scope="session")
+def _keyed_simulator() -> Iterator[SimulatorProcess]:
+    options = ("--ttft-ms", "5", "--token-delay-ms", "2", "--reply-tokens", str(FAST_REPLY_TOKENS))
+    with running_simulator(*options, "--api-key", SIMULATOR_API_KEY) as sim:
+        yield sim
+
+
+@pytest.fixture
+def simulator(_fast_simulator: SimulatorProcess) -> SimulatorProcess:
+    """A fast simulator: ``FAST_REPLY_TOKENS`` tokens, 20 ms to the first, 5 ms apart; no API key."""
+    return _idle(_fast_simulator)
+
+
+@pytest.fixture
+def slow_simulator(_slow_simulator: SimulatorProcess) -> SimulatorProcess:
+    """A simulator whose replies take 10 s (``SLOW_REPLY_TOKENS`` tokens, 50 ms apart): time to stop them."""
+    return _idle(_slow_simulator)
+
+
+@pytest.fixture
+def sleepy_simulator(_sleepy_simulator: SimulatorProcess) -> SimulatorProcess:
+    """A simulator that waits 5 s before its first token: time to stop a reply before it starts."""
+    return _idle(_sleepy_simulator)
+
+
+@pytest.fixture
+def silent_simulator(_silent_simulator: SimulatorProcess) -> SimulatorProcess:
+    """A simulator silent for 1.5 s before its first token, then ``SILENT_REPLY_TOKENS`` quick ones."""
+    return _idle(_silent_simulator)
+
+
+@pytest.fixture
+def keyed_simulator(_keyed_simulator: SimulatorProcess) -> SimulatorProcess:
+    """A fast simulator that requires ``Authorization: Bearer SIMULATOR_API_KEY`` (and echoes a wrong key)."""
+    return _idle(_keyed_simulator)
+
+
+@pytest.fixture
+def sim_model(db, simulator):
+    """``sim-model``: an enabled model served by the fast simulator."""
+    provider = ProviderFactory(base_url=simulator.base_url, api_key="")
+    return LLMModelFactory(name="sim-model", provider=provider, upstream_model="sim-1")
+
+
+@pytest.fixture
+def slow_model(db, slow_simulator):
+    """``slow-model``: an enabled model served by the slow simulator."""
+    provider = ProviderFactory(name="sim-slow", base_url=slow_simulator.base_url, api_key="")
+    return LLMModelFactory(name="slow-model", provider=provider, upstream_model="sim-1")
+
+
+@pytest.fixture
+def sleepy_model(db, sleepy_simulator):
+    """``sleepy-model``: an enabled model served by the sleepy simulator."""
+    provider = ProviderFactory(name="sim-sleepy", base_url=sleepy_simulator.base_url, api_key="")
+    return LLMModelFactory(name="sleepy-model", provider=provider, upstream_model="sim-1")
+
+
+# --- A scripted upstream: tool calls and reasoning, over real HTTP ---------------------------
+
+
+class ScriptedUpstream:
+    """An OpenAI-compatible upstream in a thread that streams scripted chunks by ``model`` name.
+
+    ``tool-call``: a reasoning delta, then a function call split over three deltas.
+    Any other model: one content chunk ``"ok"``. ``requests`` records every JSON body received.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.base_url = ""
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _chunks(self, model: str) -> list[dict[str, Any]]:
+        if model == "tool-call":
+            call = {
+                "index": 0,
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": ""},
+            }
+            return [
+                {"role": "assistant", "reasoning_content": "The user wants weather."},
+                {"tool_calls": [call]},
+                {"tool_calls": [{"index": 0, "function": {"arguments": '{"city":'}}]},
+                {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]},
+            ]
+        return [{"role": "assistant", "content": "ok"}]
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        model = body["model"]
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        envelope = {"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1, "model": model}
+        for delta in self._chunks(model):
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+            await response.write(f"data: {json.dumps({**envelope, 'choices': [choice]})}\n\n".encode())
+        finish = "tool_calls" if model == "tool-call" else "stop"
+        last = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}
+        await response.write(f"data: {json.dumps({**envelope, 'choices': [last]})}\n\n".encode())
+        usage = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+        await response.write(f"data: {json.dumps({**envelope, 'choices': [], 'usage': usage})}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._handle)
+        self._runner = web.AppRunner(app)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        self.base_url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/v1"
+        self._ready.set()
+        self._loop.run_forever()
+
+    def start(self) -> ScriptedUpstream:
+        self._thread.start()
+        assert self._ready.wait(10), "the scripted upstream did not start"
+        return self
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def scripted_upstream() -> Iterator[ScriptedUpstream]:
+    """The scripted upstream (``ScriptedUpstream``), for the session."""
+    upstream = ScriptedUpstream().start()
+    yield upstream
+    upstream.stop()
+
+
+# --- People and credentials ------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -68,12 +271,25 @@ def other_user(db):
 
 @pytest.fixture
 def admin_user(db):
+    """A user with the ``admin`` role (sees everyone's data through the API; not Django staff)."""
     return UserFactory(role="admin")
 
 
 @pytest.fixture
 def password() -> str:
     return PASSWORD
+
+
+@pytest.fixture
+def token(user) -> str:
+    """A JWT access token for ``user``."""
+    return access_token(user)
+
+
+@pytest.fixture
+def api_key_secret(user) -> str:
+    """A fresh ``sk-...`` secret for ``user``."""
+    return api_key_create(user=user, name="test key").secret
 
 
 @pytest.fixture
@@ -88,24 +304,19 @@ def auth_client(user) -> APIClient:
 
 
 @pytest.fixture
-def token(user) -> str:
-    """A JWT access token for ``user``."""
-    return access_token(user)
+def superuser(db):
+    """A Django superuser (staff): an operator of the admin site."""
+    return UserFactory(is_superuser=True, is_staff=True)
 
 
 @pytest.fixture
-def api_key_secret(user) -> str:
-    """A fresh ``sk-...`` secret for ``user``."""
-    from accounts.services import api_key_create
+def admin_site(client, superuser):
+    """A Django test client logged in to the admin as ``superuser``."""
+    client.force_login(superuser)
+    return client
 
-    return api_key_create(user=user, name="test key").secret
 
-
-@pytest.fixture
-def sim_model(db, simulator):
-    """An enabled model served by the session's simulator."""
-    provider = ProviderFactory(base_url=simulator.base_url, api_key="")
-    return LLMModelFactory(name="sim-model", provider=provider, upstream_model="sim-1")
+# --- Servers and cleanup ---------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -129,3 +340,21 @@ async def asgi_server() -> AsyncIterator[str]:
     server.should_exit = True
     await asyncio.wait_for(task, timeout=10)
     sock.close()
+
+
+@pytest.fixture
+async def release_db_connections() -> AsyncIterator[None]:
+    """Close, after an async test, the connections its ORM calls opened in asgiref's sync thread.
+
+    Async ORM calls run in one long-lived thread that no request ends; a connection left open
+    there (checked out of PostgreSQL's pool) would keep the test database from being dropped.
+    """
+    yield
+    await sync_to_async(connections.close_all, thread_sensitive=True)()
+
+
+@pytest.fixture
+async def provider_clients() -> AsyncIterator[None]:
+    """Close the provider adapter's per-loop HTTP client when the test's event loop is done with it."""
+    yield
+    await aclose_clients()

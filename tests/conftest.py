@@ -30,16 +30,15 @@ from django.conf import settings
 
 from llm.tests.simulator_process import SimulatorProcess, start_simulator
 from tests.factories import LLMModelFactory, ProviderFactory
-from tests.kit import bearer, poll_until_sync
+from tests.kit import E2E_REPLY_TOKENS, bearer, poll_until_sync
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_SECONDS = 60.0
 STOP_SECONDS = 15.0
 LOG_TAIL_CHARS = 12_000
 
-# The simulator's pace: 40 tokens 30 ms apart, so a stop lands mid-stream.
-SIMULATOR_ARGS = ("--token-delay-ms", "30", "--reply-tokens", "40")
-REPLY_TOKENS = 40
+# The simulator's pace: E2E_REPLY_TOKENS tokens 30 ms apart, so a stop lands mid-stream.
+SIMULATOR_ARGS = ("--token-delay-ms", "30", "--reply-tokens", str(E2E_REPLY_TOKENS))
 
 
 @dataclass

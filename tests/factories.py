@@ -13,6 +13,8 @@ from conversations.models import Conversation, Message
 from llm.models import LLMModel, Provider
 
 PASSWORD = "correct-horse-battery-staple"
+# ProviderFactory's upstream API key: tests check that it never reaches a response or a log.
+UPSTREAM_API_KEY = "sk-upstream-provider-secret-0000000000"
 
 
 class UserFactory(DjangoModelFactory):
@@ -38,7 +40,7 @@ class ProviderFactory(DjangoModelFactory):
     name = factory.Sequence(lambda n: f"provider{n}")
     kind = Provider.Kind.OPENAI
     base_url = "http://127.0.0.1:9/v1"
-    api_key = "sk-upstream-provider-secret-0000000000"
+    api_key = UPSTREAM_API_KEY
     connect_timeout = 2.0
     read_timeout = 10.0
 

@@ -1,6 +1,9 @@
 """The shared test kit: helpers every app's tests use (fixtures live in the ``conftest.py`` files).
 
+- Constants: the simulators' reply lengths, one per pace (the root conftest starts them), and
+  ``SIMULATOR_API_KEY``.
 - ``poll_until`` / ``poll_until_sync``: wait for a condition instead of sleeping.
+- ``chat_body`` / ``post_chat``: a ``/v1/chat/completions`` request through ``AsyncClient``.
 - ``access_token(user)``: a JWT access token; ``bearer(credential)``: the headers that carry a JWT
   or an ``sk-...`` key. One convention: credentials travel as a headers dict.
 - ``assert_error``: the project's one error shape (OpenAI's), on any kind of response.
@@ -32,6 +35,18 @@ from chatbackend.asyncdb import run_sync
 from llm.tests.openai_schema import validate_against
 
 T = TypeVar("T")
+
+# The simulators' paces (the root conftest starts one process of each): tokens per reply.
+FAST_REPLY_TOKENS = 12  # ``simulator``, ``keyed_simulator``
+SLOW_REPLY_TOKENS = 200  # ``slow_simulator``: 50 ms apart, 10 s in all; tests stop it long before
+SLEEPY_REPLY_TOKENS = 5  # ``sleepy_simulator``: after 5 s of silence
+SILENT_REPLY_TOKENS = 6  # ``silent_simulator``: after 1.5 s of silence
+SIMULATOR_API_KEY = "sk-simulator-secret-0123456789abcdef"  # what ``keyed_simulator`` requires
+E2E_REPLY_TOKENS = 40  # the end-to-end stack's simulator (tests/conftest.py): 30 ms apart
+
+CHAT_URL = "/v1/chat/completions"
+
+# --- Waiting for a condition -------------------------------------------------------------------
 
 
 async def poll_until(
@@ -76,6 +91,20 @@ def poll_until_sync(
         if time.monotonic() > deadline:
             raise AssertionError(f"{what or 'condition'} not met within {within} s (last value: {value!r})")
         time.sleep(interval)
+
+
+# --- /v1 requests -----------------------------------------------------------------------------
+
+
+def chat_body(model: str, text: str = "Say hello", **fields: Any) -> dict[str, Any]:
+    """Return a chat completion request body: one user message ``text`` to ``model``, plus ``fields``."""
+    return {"model": model, "messages": [{"role": "user", "content": text}], **fields}
+
+
+async def post_chat(client: Any, body: Any, headers: dict[str, str]) -> Any:
+    """POST ``body`` (a dict as JSON, or raw ``str``/``bytes``) to ``/v1/chat/completions`` with an ``AsyncClient``."""
+    data = body if isinstance(body, str | bytes) else json.dumps(body)
+    return await client.post(CHAT_URL, data=data, content_type="application/json", headers=headers)
 
 
 # --- Credentials -------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ What a user does — register, log in, create an API key, chat through the opena
 WebSocket, stop replies, point NextChat at the server — checked by what a user sees (frames,
 statuses, persisted messages), plus what an operator needs: one usage record per reply,
 upstream connections closed on stop, and no secret in any response or log line.
-Contract: docs/api.md and /work/shared/nextchat.md. Fixtures: tests/conftest.py.
+Contract: docs/api.md and /work/shared/nextchat.md. Fixtures (``e2e_stack``, ``e2e_models``,
+``e2e_user``, ``http``): tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from accounts.models import UsageRecord
 from llm.simulator import reply_text
-from tests.conftest import REPLY_TOKENS, E2EModels, E2EStack, E2EUser
-from tests.kit import bearer, chunk_objects, chunk_text, poll_until_sync, sse_data
+from tests.kit import E2E_REPLY_TOKENS, bearer, chunk_objects, chunk_text, poll_until_sync, sse_data
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -40,7 +40,7 @@ NEXTCHAT_ORIGIN = "http://localhost:3000"
 
 def expected_reply(content: str) -> str:
     """Return the simulator's full reply to a conversation whose last user message is ``content``."""
-    return reply_text([{"role": "user", "content": content}], REPLY_TOKENS)
+    return reply_text([{"role": "user", "content": content}], E2E_REPLY_TOKENS)
 
 
 def usage_records(username: str, expected: int) -> list[UsageRecord]:
@@ -55,14 +55,14 @@ def usage_records(username: str, expected: int) -> list[UsageRecord]:
     return list(UsageRecord.objects.filter(user__username=username))
 
 
-def create_conversation(http: httpx.Client, user: E2EUser, model: str = "sim-model") -> int:
+def create_conversation(http: httpx.Client, user: Any, model: str = "sim-model") -> int:
     response = http.post("/api/conversations/", json={"model": model, "title": "e2e"}, headers=bearer(user.access))
     assert response.status_code == 201, response.text
     assert response.json()["model"] == model
     return response.json()["id"]
 
 
-def assistant_messages(http: httpx.Client, user: E2EUser, conversation_id: int) -> list[dict[str, Any]]:
+def assistant_messages(http: httpx.Client, user: Any, conversation_id: int) -> list[dict[str, Any]]:
     response = http.get(
         f"/api/conversations/{conversation_id}/messages/", params={"role": "assistant"}, headers=bearer(user.access)
     )
@@ -70,26 +70,26 @@ def assistant_messages(http: httpx.Client, user: E2EUser, conversation_id: int) 
     return response.json()["results"]
 
 
-def sse_events(stack: E2EStack, source: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+def sse_events(stack: Any, source: Any) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``(event, data)`` of an httpx-sse ``EventSource``, recording each event's data."""
     for sse in source.iter_sse():
         stack.received.append(sse.data)
         yield sse.event, json.loads(sse.data)
 
 
-def ws_connect(stack: E2EStack, conversation_id: int, token: str) -> ClientConnection:
+def ws_connect(stack: Any, conversation_id: int, token: str) -> ClientConnection:
     """Open the conversation's WebSocket the way a browser must: the token in the query string."""
     return connect(f"{stack.ws_url}/ws/conversations/{conversation_id}/?token={token}", open_timeout=10, proxy=None)
 
 
-def ws_receive(stack: E2EStack, ws: ClientConnection, seconds: float = DEADLINE_SECONDS) -> dict[str, Any]:
+def ws_receive(stack: Any, ws: ClientConnection, seconds: float = DEADLINE_SECONDS) -> dict[str, Any]:
     raw = ws.recv(timeout=seconds)
     assert isinstance(raw, str), f"expected a text frame, got {raw!r}"
     stack.received.append(raw)
     return json.loads(raw)
 
 
-def openai_chunks(stack: E2EStack, response: httpx.Response) -> list[dict[str, Any]]:
+def openai_chunks(stack: Any, response: httpx.Response) -> list[dict[str, Any]]:
     """Read a streamed ``/v1`` response to its ``[DONE]``, record it, and return its chunks (schema-checked)."""
     raw = response.read()
     stack.received.append(raw.decode())
@@ -105,7 +105,7 @@ def text_pieces(chunks: list[dict[str, Any]]) -> int:
 
 
 def test_openai_sdk_streams_a_reply_with_an_api_key(
-    e2e_stack: E2EStack, e2e_models: E2EModels, e2e_user: E2EUser, http: httpx.Client
+    e2e_stack: Any, e2e_models: Any, e2e_user: Any, http: httpx.Client
 ) -> None:
     response = http.get("/api/auth/me/", headers=bearer(e2e_user.api_key))
     assert response.status_code == 200, response.text
@@ -132,7 +132,7 @@ def test_openai_sdk_streams_a_reply_with_an_api_key(
     completion = client.chat.completions.create(model="gpt-4o-mini", messages=messages)
     e2e_stack.received.append(completion.model_dump_json())
     assert completion.choices[0].message.content == expected_reply(prompt)
-    assert completion.usage is not None and completion.usage.completion_tokens == REPLY_TOKENS
+    assert completion.usage is not None and completion.usage.completion_tokens == E2E_REPLY_TOKENS
 
     records = usage_records(e2e_user.username, expected=2)
     assert len(records) == 2
@@ -143,7 +143,7 @@ def test_openai_sdk_streams_a_reply_with_an_api_key(
 
 
 def test_conversation_reply_streams_over_sse_and_websocket(
-    e2e_stack: E2EStack, e2e_models: E2EModels, e2e_user: E2EUser, http: httpx.Client
+    e2e_stack: Any, e2e_models: Any, e2e_user: Any, http: httpx.Client
 ) -> None:
     conversation_id = create_conversation(http, e2e_user)
 
@@ -200,7 +200,7 @@ def test_conversation_reply_streams_over_sse_and_websocket(
 
 
 def test_stopping_a_reply_keeps_the_partial_text_and_closes_the_upstream(
-    e2e_stack: E2EStack, e2e_models: E2EModels, e2e_user: E2EUser, http: httpx.Client
+    e2e_stack: Any, e2e_models: Any, e2e_user: Any, http: httpx.Client
 ) -> None:
     conversation_id = create_conversation(http, e2e_user)
     disconnected_before = e2e_stack.simulator.stats()["requests_disconnected"]
@@ -272,7 +272,7 @@ def test_stopping_a_reply_keeps_the_partial_text_and_closes_the_upstream(
 
 
 def test_nextchat_requests_and_cors_preflight(
-    e2e_stack: E2EStack, e2e_models: E2EModels, e2e_user: E2EUser, http: httpx.Client
+    e2e_stack: Any, e2e_models: Any, e2e_user: Any, http: httpx.Client
 ) -> None:
     # Browser ("custom endpoint") mode: the preflight carries no credentials.
     response = http.options(
@@ -358,19 +358,17 @@ def test_nextchat_requests_and_cors_preflight(
     assert len(records) == 3 and {r.model_name for r in records} == {"gpt-4o-mini"}
 
 
-def test_no_secret_in_any_response_or_log(
-    e2e_stack: E2EStack, e2e_models: E2EModels, e2e_user: E2EUser, http: httpx.Client
-) -> None:
+def test_no_secret_in_any_response_or_log(e2e_stack: Any, e2e_models: Any, e2e_user: Any, http: httpx.Client) -> None:
     """Runs last: scans what every test in this module received, plus the server and worker logs."""
     # An upstream that rejects the provider's key: the simulator echoes the wrong key unmasked.
     response = http.post(
         "/v1/chat/completions",
-        json={"model": E2EModels.wrong_key, "messages": [{"role": "user", "content": "hi"}], "stream": True},
+        json={"model": e2e_models.wrong_key, "messages": [{"role": "user", "content": "hi"}], "stream": True},
         headers=bearer(e2e_user.api_key),
     )
     assert response.status_code >= 400, response.text
     assert "error" in response.json()
-    conversation_id = create_conversation(http, e2e_user, model=E2EModels.wrong_key)
+    conversation_id = create_conversation(http, e2e_user, model=e2e_models.wrong_key)
     response = http.post(
         f"/api/conversations/{conversation_id}/messages/", json={"content": "hi"}, headers=bearer(e2e_user.access)
     )

@@ -11,13 +11,6 @@ from tests.factories import UsageRecordFactory
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def admin_site(client, superuser):
-    """A Django test client logged in to the admin as a superuser."""
-    client.force_login(superuser)
-    return client
-
-
 def test_user_pages_show_the_role(admin_site, user):
     changelist = admin_site.get("/admin/accounts/user/", {"role__exact": "member"})
     change = admin_site.get(f"/admin/accounts/user/{user.pk}/change/")

@@ -10,28 +10,9 @@ import pytest
 from accounts.models import UsageRecord
 from accounts.tasks import usage_record_batch_task, usage_record_task
 from accounts.usage import UsageContext, UsageEvent, usage_account, usage_flush, usage_record_many
-from tests.factories import ConversationFactory, LLMModelFactory, MessageFactory
+from tests.factories import ConversationFactory, MessageFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)  # the sender thread writes on its own connection
-
-
-@pytest.fixture
-def priced_model(db):
-    return LLMModelFactory(name="priced", input_price_per_million="0.150000", output_price_per_million="0.600000")
-
-
-@pytest.fixture
-def context(user, priced_model) -> UsageContext:
-    return UsageContext(
-        request_id="chatcmpl-123",
-        source=UsageRecord.Source.OPENAI_API,
-        user_id=user.id,
-        api_key_id=None,
-        model_id=priced_model.id,
-        model_name=priced_model.name,
-        input_price_per_million=Decimal("0.15"),
-        output_price_per_million=Decimal("0.6"),
-    )
 
 
 def account(context: UsageContext, **overrides) -> UsageEvent | None:

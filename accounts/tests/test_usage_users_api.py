@@ -8,7 +8,7 @@ import pytest
 from rest_framework.test import APIClient
 
 from accounts.services import api_key_create
-from tests.factories import LLMModelFactory, UsageRecordFactory, UserFactory
+from tests.factories import LLMModelFactory, UsageRecordFactory
 from tests.kit import access_token, assert_error, bearer
 
 USAGE = "/api/usage/"
@@ -109,9 +109,7 @@ def test_an_admin_lists_users(admin_user, user, other_user):
     assert "password" not in response.content.decode()
 
 
-def test_a_superuser_counts_as_an_admin(db):
-    superuser = UserFactory(is_superuser=True, is_staff=True)
-
+def test_a_superuser_counts_as_an_admin(superuser):
     assert jwt_client(superuser).get(USERS).status_code == 200
 
 

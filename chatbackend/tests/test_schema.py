@@ -16,13 +16,7 @@ from openapi_schema_validator import OAS30Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT4
 
-from llm.tests.test_openai_api import (
-    DB,
-    _close_provider_clients,  # noqa: F401 - an autouse fixture, shared
-    chat_body,
-    post_chat,
-)
-from tests.kit import bearer, sse_data, streamed_content
+from tests.kit import bearer, chat_body, post_chat, sse_data, streamed_content
 
 ROOT = Path(__file__).resolve().parents[2]
 _METHODS = re.compile(r"\b((?:GET|POST|PUT|PATCH|DELETE)(?:/(?:GET|POST|PUT|PATCH|DELETE))*) (/[^\s|?`,]+)")
@@ -120,7 +114,8 @@ def assert_matches(schema: dict[str, Any], component: str, instance: Any) -> Non
     assert errors == [], (component, errors, instance)
 
 
-@DB
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("provider_clients")
 async def test_real_responses_match_the_documented_components(schema, api_key_secret, sim_model):
     client = AsyncClient()
     response = await post_chat(client, chat_body("sim-model"), bearer(api_key_secret))

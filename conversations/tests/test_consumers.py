@@ -9,14 +9,16 @@ from channels.testing import WebsocketCommunicator
 from django.test import AsyncClient
 
 from chatbackend.asgi import application
+from chatbackend.asyncdb import run_sync
 from conversations.models import Message
 from llm.simulator import reply_text
 from tests.factories import ConversationFactory
-from tests.kit import access_token, bearer, poll_until, usage_records
+from tests.kit import FAST_REPLY_TOKENS, SLOW_REPLY_TOKENS, access_token, bearer, poll_until, usage_records
 
-from .conftest import SLOW_REPLY_TOKENS, sync_db
-
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("release_db_connections")]
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("release_db_connections", "provider_clients"),
+]
 
 TIMEOUT = 10
 
@@ -71,15 +73,15 @@ async def test_send_streams_start_deltas_done_and_persists(connect, user, conver
     start = frames[0]
     assert (start["conversation_id"], start["model"]) == (conversation.pk, "sim-model")
     text = "".join(f["content"] for f in deltas)
-    assert text == reply_text([{"role": "user", "content": "Hello there"}], 12)
+    assert text == reply_text([{"role": "user", "content": "Hello there"}], FAST_REPLY_TOKENS)
     done = frames[-1]["message"]
     assert (done["id"], done["status"], done["content"]) == (start["message_id"], "completed", text)
 
     answer = await Message.objects.aget(pk=start["message_id"])
-    assert (answer.status, answer.content, answer.completion_tokens) == ("completed", text, 12)
+    assert (answer.status, answer.content, answer.completion_tokens) == ("completed", text, FAST_REPLY_TOKENS)
     assert (await Message.objects.aget(pk=start["user_message_id"])).content == "Hello there"
     [record] = await usage_records(message_id=answer.pk)
-    assert (record.user_id, record.finish_status, record.completion_tokens) == (user.pk, "completed", 12)
+    assert (record.user_id, record.finish_status, record.completion_tokens) == (user.pk, "completed", FAST_REPLY_TOKENS)
 
 
 async def test_start_and_done_frames_match_the_api(connect, conversation, token):
@@ -291,7 +293,7 @@ async def test_unauthenticated_socket_is_closed_4401(connect, conversation, toke
 
 
 async def test_other_users_conversation_is_closed_4404(connect, other_user, sim_model, token):
-    theirs = await sync_db(ConversationFactory)(owner=other_user, model=sim_model)
+    theirs = await run_sync(ConversationFactory, owner=other_user, model=sim_model)
 
     socket = await connect(theirs, token)
 

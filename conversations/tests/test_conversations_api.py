@@ -16,11 +16,6 @@ def client_for(user) -> APIClient:
     return APIClient(headers=bearer(access_token(user)))
 
 
-@pytest.fixture
-def model():
-    return LLMModelFactory(name="gpt-test")
-
-
 def test_create_conversation(auth_client, user, model):
     response = auth_client.post(
         "/api/conversations/", {"model": "gpt-test", "title": "Hi", "system_prompt": "Be brief."}, format="json"

@@ -14,14 +14,16 @@ import pytest
 from django.test import AsyncClient
 from httpx_sse import ServerSentEvent, aconnect_sse
 
+from chatbackend.asyncdb import run_sync
 from conversations.models import Message
 from llm.simulator import reply_text
 from tests.factories import ConversationFactory
-from tests.kit import assert_error, bearer, poll_until, sse_events, usage_records
+from tests.kit import FAST_REPLY_TOKENS, SLOW_REPLY_TOKENS, assert_error, bearer, poll_until, sse_events, usage_records
 
-from .conftest import SLOW_REPLY_TOKENS, sync_db
-
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("release_db_connections")]
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("release_db_connections", "provider_clients"),
+]
 
 SSE = "text/event-stream"
 
@@ -63,7 +65,7 @@ async def test_sse_streams_start_deltas_done_and_persists_the_reply(user, conver
     assert start["conversation_id"] == conversation.pk
     assert start["model"] == "sim-model"
     text = "".join(d["content"] for d in deltas)
-    assert text == reply_text([{"role": "user", "content": "Tell me a story"}], 12)
+    assert text == reply_text([{"role": "user", "content": "Tell me a story"}], FAST_REPLY_TOKENS)
 
     done = events[-1].json()["message"]
     assert done["id"] == start["message_id"]
@@ -74,12 +76,12 @@ async def test_sse_streams_start_deltas_done_and_persists_the_reply(user, conver
     question, answer = await message(start["user_message_id"]), await message(start["message_id"])
     assert (question.role, question.content, question.status) == ("user", "Tell me a story", "completed")
     assert (answer.role, answer.status, answer.content) == ("assistant", "completed", text)
-    assert answer.completion_tokens == 12
+    assert answer.completion_tokens == FAST_REPLY_TOKENS
     assert answer.prompt_tokens > 0
     assert answer.time_to_first_token_ms is not None
     assert answer.duration_ms >= answer.time_to_first_token_ms
     [record] = await usage_records(message_id=answer.pk)
-    assert (record.user_id, record.completion_tokens, record.finish_status) == (user.pk, 12, "completed")
+    assert (record.user_id, record.completion_tokens, record.finish_status) == (user.pk, FAST_REPLY_TOKENS, "completed")
     assert record.estimated is False
 
 
@@ -116,7 +118,7 @@ async def test_sse_sends_history_so_a_second_message_gets_its_own_reply(conversa
     second = await sse_events(await post(conversation, token, {"content": "second question"}))
 
     text = "".join(e.json()["content"] for e in second if e.event == "reply.delta")
-    assert text == reply_text([{"role": "user", "content": "second question"}], 12)
+    assert text == reply_text([{"role": "user", "content": "second question"}], FAST_REPLY_TOKENS)
     assert first[-1].json()["message"]["id"] < second[-1].json()["message"]["id"]
     assert await Message.objects.filter(conversation=conversation).acount() == 4
 
@@ -152,7 +154,7 @@ async def test_non_streamed_send_answers_201_with_both_messages(conversation, to
     assert body["user_message"]["content"] == "hello"
     assistant = body["assistant_message"]
     assert assistant["status"] == "completed"
-    assert assistant["content"] == reply_text([{"role": "user", "content": "hello"}], 12)
+    assert assistant["content"] == reply_text([{"role": "user", "content": "hello"}], FAST_REPLY_TOKENS)
     assert assistant["model"] == "sim-model"
     assert await usage_records(message_id=assistant["id"])
 
@@ -218,7 +220,7 @@ async def test_send_without_valid_credentials_is_401(conversation, body):
 
 
 async def test_send_to_another_users_conversation_is_404(other_user, sim_model, token):
-    theirs = await sync_db(ConversationFactory)(owner=other_user, model=sim_model)
+    theirs = await run_sync(ConversationFactory, owner=other_user, model=sim_model)
 
     response = await post(theirs, token, {"content": "hi"})
 

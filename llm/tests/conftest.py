@@ -1,47 +1,20 @@
-"""Fixtures for the ``llm`` tests: real simulator processes and the provider's shared clients."""
+"""Fixtures for the ``llm`` tests: models on the simulators and the scripted upstream, and the
+data the ``/v1`` tests need. The simulators themselves are the root conftest's."""
 
 from __future__ import annotations
 
+import datetime as dt
 import socket
-from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
 
 import pytest
+from django.utils import timezone
+from rest_framework_simplejwt.tokens import AccessToken
 
-from llm.providers.openai_compatible import aclose_clients
-from llm.tests.simulator_process import SimulatorProcess, running_simulator
-
-# Tokens per reply of the fast simulator; tests compare against it.
-FAST_REPLY_TOKENS = 12
-SIMULATOR_API_KEY = "sk-simulator-secret-0123456789abcdef"
-
-
-@pytest.fixture(scope="session")
-def llm_simulator() -> Iterator[SimulatorProcess]:
-    """Yield a simulator with short, fast replies (12 tokens, 2 ms apart) and no API key."""
-    with running_simulator("--ttft-ms", "5", "--token-delay-ms", "2", "--reply-tokens", str(FAST_REPLY_TOKENS)) as sim:
-        yield sim
-
-
-@pytest.fixture(scope="session")
-def slow_llm_simulator() -> Iterator[SimulatorProcess]:
-    """Yield a simulator whose replies take ~20 s (400 tokens, 50 ms apart): for stop/cancel tests."""
-    with running_simulator("--ttft-ms", "0", "--token-delay-ms", "50", "--reply-tokens", "400") as sim:
-        yield sim
-
-
-@pytest.fixture(scope="session")
-def sleepy_llm_simulator() -> Iterator[SimulatorProcess]:
-    """Yield a simulator that waits 5 s before its first token: time to see keep-alives and stop."""
-    with running_simulator("--ttft-ms", "5000", "--token-delay-ms", "5", "--reply-tokens", "5") as sim:
-        yield sim
-
-
-@pytest.fixture(scope="session")
-def keyed_llm_simulator() -> Iterator[SimulatorProcess]:
-    """Yield a fast simulator that requires ``Authorization: Bearer SIMULATOR_API_KEY``."""
-    options = ("--ttft-ms", "5", "--token-delay-ms", "2", "--reply-tokens", str(FAST_REPLY_TOKENS))
-    with running_simulator(*options, "--api-key", SIMULATOR_API_KEY) as sim:
-        yield sim
+from accounts.models import UsageRecord
+from accounts.services import api_key_create, api_key_revoke
+from tests.factories import UPSTREAM_API_KEY, LLMModelFactory, ProviderFactory, UserFactory
+from tests.kit import bearer
 
 
 @pytest.fixture
@@ -54,7 +27,88 @@ def closed_port_url() -> str:
 
 
 @pytest.fixture
-async def provider_clients() -> AsyncIterator[None]:
-    """Close the provider's per-loop HTTP client when the test's event loop is done with it."""
-    yield
-    await aclose_clients()
+def provider(db):
+    """A provider an operator configured, storing the factory's ``UPSTREAM_API_KEY``."""
+    return ProviderFactory(name="upstream", base_url="https://llm.example.com/v1")
+
+
+@pytest.fixture
+def tool_model(db, scripted_upstream):
+    """``tool-model``: the scripted upstream's reasoning and split tool call."""
+    provider = ProviderFactory(base_url=scripted_upstream.base_url)
+    return LLMModelFactory(name="tool-model", provider=provider, upstream_model="tool-call")
+
+
+@pytest.fixture
+def silent_model(db, silent_simulator):
+    """``silent-model``: silent 1.5 s before its first token."""
+    provider = ProviderFactory(name="sim-silent", base_url=silent_simulator.base_url)
+    return LLMModelFactory(name="silent-model", provider=provider, upstream_model="sim-1")
+
+
+@pytest.fixture
+def keyed_model(db, keyed_simulator):
+    """``keyed-model``: its provider key is wrong for a simulator that echoes wrong keys in its 401."""
+    provider = ProviderFactory(name="sim-keyed", base_url=keyed_simulator.base_url, api_key=UPSTREAM_API_KEY)
+    return LLMModelFactory(name="keyed-model", provider=provider, upstream_model="sim-1")
+
+
+@pytest.fixture
+def nextchat_model(db, simulator):
+    """``gpt-4o-mini`` (NextChat's default and title model), served by the simulator with a provider key."""
+    provider = ProviderFactory(name="sim-nextchat", base_url=simulator.base_url, api_key=UPSTREAM_API_KEY)
+    return LLMModelFactory(name="gpt-4o-mini", provider=provider, upstream_model="sim-1")
+
+
+@pytest.fixture
+def disabled_models(db, sim_model):
+    """``off-model`` (disabled) and ``off-provider-model`` (its provider is disabled)."""
+    LLMModelFactory(name="off-model", provider=sim_model.provider, enabled=False)
+    provider = ProviderFactory(name="off-provider", enabled=False)
+    LLMModelFactory(name="off-provider-model", provider=provider)
+
+
+@pytest.fixture
+def failing_models(db, simulator):
+    """``m-error-500/503/429/400``, ``m-fail-midstream`` (the simulator's failures) and ``m-unreachable``."""
+    provider = ProviderFactory(name="sim-failing", base_url=simulator.base_url)
+    for upstream in ("sim-error-500", "sim-error-503", "sim-error-429", "sim-error-400", "sim-fail-midstream"):
+        LLMModelFactory(name=upstream.replace("sim-", "m-"), provider=provider, upstream_model=upstream)
+    LLMModelFactory(name="m-unreachable", provider=ProviderFactory(name="nowhere", base_url="http://127.0.0.1:9/v1"))
+
+
+@pytest.fixture
+def bad_credentials(user) -> dict[str, tuple[dict[str, str], str]]:
+    """Bad credentials by case: the headers, and the error code they get."""
+    revoked = api_key_create(user=user, name="old")
+    api_key_revoke(user=user, api_key_id=revoked.api_key.pk)
+    expired = AccessToken.for_user(user)
+    expired.set_exp(from_time=timezone.now() - dt.timedelta(hours=2))
+    return {
+        "missing": ({}, "missing_api_key"),
+        "not bearer": ({"Authorization": "Basic dXNlcjpwYXNz"}, "missing_api_key"),
+        "wrong key": (bearer("sk-" + "x" * 48), "invalid_api_key"),
+        "revoked key": (bearer(revoked.secret), "api_key_revoked"),
+        "expired jwt": (bearer(str(expired)), "token_not_valid"),
+        "garbage jwt": (bearer("not.a.jwt"), "token_not_valid"),
+        "nextchat access code": (bearer("nk-access-code"), "token_not_valid"),
+    }
+
+
+@pytest.fixture
+def spending(user, sim_model):
+    """Usage records of ``user`` on 2026-03-01, 03-15 and 04-01 (0.5, 0.25, 1 USD), and another user's."""
+    other = UserFactory()
+    rows = [(user, "2026-03-01T00:00:00", "0.5"), (user, "2026-03-15T12:00:00", "0.25")]
+    rows += [(user, "2026-04-01T00:00:00", "1"), (other, "2026-03-10T00:00:00", "9")]
+    for index, (owner, when, cost) in enumerate(rows):
+        record = UsageRecord.objects.create(
+            request_id=f"chatcmpl-test-{index}",
+            user=owner,
+            model_name="sim-model",
+            source=UsageRecord.Source.OPENAI_API,
+            cost=Decimal(cost),
+            finish_status="completed",
+        )
+        created = dt.datetime.fromisoformat(when).replace(tzinfo=dt.UTC)
+        UsageRecord.objects.filter(pk=record.pk).update(created_at=created)

@@ -7,14 +7,14 @@ import re
 
 from django.core.management import call_command
 
-from llm.tests.conftest import FAST_REPLY_TOKENS
 from llm.tests.simulator_process import SimulatorProcess
+from tests.kit import FAST_REPLY_TOKENS
 
 
-def test_reports_chunks_batches_and_cpu_per_chunk(llm_simulator: SimulatorProcess) -> None:
+def test_reports_chunks_batches_and_cpu_per_chunk(simulator: SimulatorProcess) -> None:
     out = io.StringIO()
     options = {"replies": 2, "concurrency": 3, "rounds": 2}
-    call_command("llm_adapter_cpu", base_url=llm_simulator.base_url, stdout=out, **options)
+    call_command("llm_adapter_cpu", base_url=simulator.base_url, stdout=out, **options)
 
     per_reply = FAST_REPLY_TOKENS + 2  # the tokens, the finish chunk, the usage chunk
     pattern = (

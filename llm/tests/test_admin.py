@@ -5,23 +5,11 @@ from __future__ import annotations
 import pytest
 
 from llm.models import LLMModel, Provider
-from tests.factories import LLMModelFactory, ProviderFactory, UserFactory
+from tests.factories import UPSTREAM_API_KEY, LLMModelFactory
 
 pytestmark = pytest.mark.django_db
 
-STORED_KEY = "sk-upstream-stored-key-do-not-leak-123456"
-
-
-@pytest.fixture
-def admin_site(client):
-    """A Django test client logged in to the admin as a superuser."""
-    client.force_login(UserFactory(is_superuser=True, is_staff=True))
-    return client
-
-
-@pytest.fixture
-def provider(db):
-    return ProviderFactory(name="upstream", base_url="https://llm.example.com/v1", api_key=STORED_KEY)
+STORED_KEY = UPSTREAM_API_KEY  # what the ``provider`` fixture stores
 
 
 def change_form_data(provider: Provider, **overrides: str) -> dict[str, str]:

@@ -19,28 +19,16 @@ from django.utils import timezone
 
 from llm.simulator import reply_text
 from llm.tests.openai_schema import validate_against
-from llm.tests.test_openai_api import (
-    CHAT_URL,
-    DB,
-    SIM_REPLY_TOKENS,
-    UPSTREAM_SECRET,
-    _close_provider_clients,  # noqa: F401 - an autouse fixture, shared
-)
-from tests.factories import LLMModelFactory, ProviderFactory
-from tests.kit import asgi_request, assert_error, bearer, streamed_content, usage_records
+from tests.factories import UPSTREAM_API_KEY
+from tests.kit import CHAT_URL, FAST_REPLY_TOKENS, asgi_request, assert_error, bearer, streamed_content, usage_records
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("provider_clients")]
 
 ORIGIN = "http://localhost:3000"
 SYSTEM_PROMPT = (
     "\nYou are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: 2023-10\n"
     "Current model: gpt-4o-mini\nCurrent time: Sat Nov 21 2026 11:00:00 GMT+0000\n"
 )
-
-
-@pytest.fixture
-def nextchat_model(db, simulator):
-    """``gpt-4o-mini`` (NextChat's default and title model), served by the simulator with a provider key."""
-    provider = ProviderFactory(name="sim-nextchat", base_url=simulator.base_url, api_key=UPSTREAM_SECRET)
-    return LLMModelFactory(name="gpt-4o-mini", provider=provider, upstream_model="sim-1")
 
 
 def browser_headers(key: str, *, stream: bool) -> dict[str, str]:
@@ -118,7 +106,6 @@ def everything(response: Any, body: bytes) -> bytes:
 # --- Browser mode ("custom endpoint"): the browser calls /v1 directly -------------------------
 
 
-@DB
 async def test_cors_preflight_as_the_browser_sends_it_needs_no_key():
     client = AsyncClient()
     for path, method in ((CHAT_URL, "POST"), ("/v1/models", "GET"), ("/dashboard/billing/usage", "GET")):
@@ -141,7 +128,6 @@ async def test_cors_preflight_as_the_browser_sends_it_needs_no_key():
         assert int(response["Access-Control-Max-Age"]) > 0
 
 
-@DB
 async def test_chat_turn_streams_the_way_nextchat_reads_it(api_key_secret, nextchat_model):
     client = AsyncClient()
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "Write a haiku"}]
@@ -150,15 +136,14 @@ async def test_chat_turn_streams_the_way_nextchat_reads_it(api_key_secret, nextc
     body = await streamed_content(response)
     text, reasoning, done = read_like_nextchat(response.status_code, response["Content-Type"], body)
 
-    assert text == reply_text(messages, SIM_REPLY_TOKENS)
+    assert text == reply_text(messages, FAST_REPLY_TOKENS)
     assert reasoning == ""
     assert done
-    assert_no_secrets(everything(response, body), api_key_secret, UPSTREAM_SECRET)
+    assert_no_secrets(everything(response, body), api_key_secret, UPSTREAM_API_KEY)
     [record] = await usage_records()
     assert record.model_name == "gpt-4o-mini" and record.finish_status == "completed"
 
 
-@DB
 async def test_vision_request_with_content_parts_streams(api_key_secret, nextchat_model):
     client = AsyncClient()
     image = "data:image/jpeg;base64," + "A" * 4000
@@ -177,11 +162,10 @@ async def test_vision_request_with_content_parts_streams(api_key_secret, nextcha
     )
     body = await streamed_content(response)
     text, _, done = read_like_nextchat(response.status_code, response["Content-Type"], body)
-    assert text == reply_text(messages, SIM_REPLY_TOKENS)
+    assert text == reply_text(messages, FAST_REPLY_TOKENS)
     assert done
 
 
-@DB
 async def test_reasoning_model_request_with_developer_role_streams(api_key_secret, nextchat_model):
     client = AsyncClient()
     # For o1/o3/o4-mini/gpt-5 NextChat sends a developer message and max_completion_tokens.
@@ -196,7 +180,6 @@ async def test_reasoning_model_request_with_developer_role_streams(api_key_secre
     assert done
 
 
-@DB
 async def test_plugin_tool_follow_up_request_is_accepted(api_key_secret, nextchat_model):
     client = AsyncClient()
     tools = [
@@ -223,7 +206,6 @@ async def test_plugin_tool_follow_up_request_is_accepted(api_key_secret, nextcha
     assert text and done
 
 
-@DB
 async def test_title_request_without_stream_answers_json(api_key_secret, nextchat_model):
     client = AsyncClient()
     messages = [
@@ -238,11 +220,10 @@ async def test_title_request_without_stream_answers_json(api_key_secret, nextcha
     assert response["Content-Type"] == "application/json"
     completion = json.loads(response.content)
     validate_against("CreateChatCompletionResponse", completion)
-    assert completion["choices"][0]["message"]["content"] == reply_text(messages, SIM_REPLY_TOKENS)
-    assert_no_secrets(everything(response, response.content), api_key_secret, UPSTREAM_SECRET)
+    assert completion["choices"][0]["message"]["content"] == reply_text(messages, FAST_REPLY_TOKENS)
+    assert_no_secrets(everything(response, response.content), api_key_secret, UPSTREAM_API_KEY)
 
 
-@DB
 async def test_errors_reach_nextchat_as_status_and_json_before_any_stream(api_key_secret, nextchat_model):
     client = AsyncClient()
     messages = [{"role": "user", "content": "hi"}]
@@ -260,7 +241,6 @@ async def test_errors_reach_nextchat_as_status_and_json_before_any_stream(api_ke
 # --- Server mode: NextChat's server relays /api/openai/<path> to us ---------------------------
 
 
-@DB
 async def test_server_mode_relays_a_chunked_body_without_content_length(api_key_secret, nextchat_model):
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "Hello from the server"}]
     raw = json.dumps(chat_request(messages)).encode()
@@ -277,15 +257,14 @@ async def test_server_mode_relays_a_chunked_body_without_content_length(api_key_
     result = await asgi_request("POST", CHAT_URL, headers=headers, body=parts)
 
     text, _, done = read_like_nextchat(result.status_code, result.headers["content-type"], result.content)
-    assert text == reply_text(messages, SIM_REPLY_TOKENS)
+    assert text == reply_text(messages, FAST_REPLY_TOKENS)
     assert done
-    assert_no_secrets(result.content + str(result.headers).encode(), api_key_secret, UPSTREAM_SECRET)
+    assert_no_secrets(result.content + str(result.headers).encode(), api_key_secret, UPSTREAM_API_KEY)
 
 
 # --- Optional endpoints NextChat calls --------------------------------------------------------
 
 
-@DB
 async def test_usage_and_subscription_as_nextchat_asks_for_them(api_key_secret, nextchat_model):
     client = AsyncClient()
     # A reply first, so there is something to count.
@@ -308,7 +287,6 @@ async def test_usage_and_subscription_as_nextchat_asks_for_them(api_key_secret, 
     assert isinstance(json.loads(response.content)["hard_limit_usd"], float)
 
 
-@DB
 async def test_server_mode_over_real_http_with_a_chunked_body(asgi_server, api_key_secret, nextchat_model):
     """The same relay through a real ASGI server (uvicorn): ``Transfer-Encoding: chunked`` on the wire."""
     messages = [{"role": "user", "content": "Hello over HTTP"}]
@@ -334,5 +312,5 @@ async def test_server_mode_over_real_http_with_a_chunked_body(asgi_server, api_k
         body = b"".join([part async for part in response.aiter_raw()])
     assert "content-encoding" not in response.headers
     text, _, done = read_like_nextchat(response.status_code, response.headers["content-type"], body)
-    assert text == reply_text(messages, SIM_REPLY_TOKENS)
+    assert text == reply_text(messages, FAST_REPLY_TOKENS)
     assert done

@@ -13,9 +13,8 @@ from aiohttp import web
 from llm.providers import ChatChunk, ChatRequest, ProviderConfig, UpstreamError, Usage, get_provider
 from llm.providers.openai_compatible import OpenAICompatibleProvider, aclose_clients
 from llm.simulator import MIDSTREAM_FAILURE_CHUNKS, count_prompt_tokens, reply_text
-from llm.tests.conftest import FAST_REPLY_TOKENS, SIMULATOR_API_KEY
 from llm.tests.simulator_process import SimulatorProcess
-from tests.kit import poll_until
+from tests.kit import FAST_REPLY_TOKENS, SIMULATOR_API_KEY, poll_until
 
 pytestmark = pytest.mark.usefixtures("provider_clients")
 
@@ -49,8 +48,8 @@ def assert_key_hidden(error: UpstreamError, key: str = PROVIDER_KEY) -> None:
     assert key not in error.message and key not in str(error) and key not in str(error.as_dict())
 
 
-async def test_streams_content_chunks_then_usage(llm_simulator: SimulatorProcess) -> None:
-    chunks = await collect(provider(llm_simulator.base_url), ChatRequest(model="sim-1", messages=MESSAGES))
+async def test_streams_content_chunks_then_usage(simulator: SimulatorProcess) -> None:
+    chunks = await collect(provider(simulator.base_url), ChatRequest(model="sim-1", messages=MESSAGES))
 
     assert "".join(c.content for c in chunks) == reply_text(MESSAGES, FAST_REPLY_TOKENS)
     assert sum(1 for c in chunks if c.content) == FAST_REPLY_TOKENS
@@ -63,31 +62,31 @@ async def test_streams_content_chunks_then_usage(llm_simulator: SimulatorProcess
     assert all(c.usage is None for c in chunks[:-1])
 
 
-async def test_parameters_reach_the_upstream(llm_simulator: SimulatorProcess) -> None:
+async def test_parameters_reach_the_upstream(simulator: SimulatorProcess) -> None:
     request = ChatRequest(model="sim-1", messages=MESSAGES, parameters={"max_tokens": 2, "temperature": 0.2})
-    chunks = await collect(provider(llm_simulator.base_url), request)
+    chunks = await collect(provider(simulator.base_url), request)
     assert "".join(c.content for c in chunks) == reply_text(MESSAGES, 2)
     assert chunks[-2] == ChatChunk(finish_reason="length") and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == 2
 
 
-async def test_sends_bearer_key_only_when_configured(keyed_llm_simulator: SimulatorProcess) -> None:
+async def test_sends_bearer_key_only_when_configured(keyed_simulator: SimulatorProcess) -> None:
     request = ChatRequest(model="sim-1", messages=MESSAGES)
-    chunks = await collect(provider(keyed_llm_simulator.base_url, api_key=SIMULATOR_API_KEY), request)
+    chunks = await collect(provider(keyed_simulator.base_url, api_key=SIMULATOR_API_KEY), request)
     assert "".join(c.content for c in chunks) == reply_text(MESSAGES, FAST_REPLY_TOKENS)
 
     with pytest.raises(UpstreamError) as caught:
-        await collect(provider(keyed_llm_simulator.base_url, api_key=""), request)
+        await collect(provider(keyed_simulator.base_url, api_key=""), request)
     # The simulator's "no key" message proves no Authorization header was sent at all.
     assert caught.value.upstream_status == 401 and "didn't provide an API key" in caught.value.message
 
 
-async def test_wrong_key_is_a_502_that_never_shows_the_key(keyed_llm_simulator: SimulatorProcess) -> None:
+async def test_wrong_key_is_a_502_that_never_shows_the_key(keyed_simulator: SimulatorProcess) -> None:
     # The simulator echoes a wrong key unmasked in its 401 message; the adapter must redact it.
     wrong_key = "sk-provider-wrong-key-abcdef0123456789"
     with pytest.raises(UpstreamError) as caught:
         await collect(
-            provider(keyed_llm_simulator.base_url, api_key=wrong_key), ChatRequest(model="sim-1", messages=MESSAGES)
+            provider(keyed_simulator.base_url, api_key=wrong_key), ChatRequest(model="sim-1", messages=MESSAGES)
         )
     assert (caught.value.status, caught.value.upstream_status, caught.value.code) == (502, 401, "upstream_auth_failed")
     assert "Incorrect API key provided" in caught.value.message
@@ -105,10 +104,10 @@ async def test_wrong_key_is_a_502_that_never_shows_the_key(keyed_llm_simulator: 
     ],
 )
 async def test_upstream_error_status_maps_to_upstream_error(
-    llm_simulator: SimulatorProcess, model: str, status: int, code: str, quoted: str
+    simulator: SimulatorProcess, model: str, status: int, code: str, quoted: str
 ) -> None:
     with pytest.raises(UpstreamError) as caught:
-        await collect(provider(llm_simulator.base_url), ChatRequest(model=model, messages=MESSAGES))
+        await collect(provider(simulator.base_url), ChatRequest(model=model, messages=MESSAGES))
     assert caught.value.status == status
     assert caught.value.upstream_status == int(model.rsplit("-", 1)[1])
     assert caught.value.code == code and quoted in caught.value.message
@@ -140,11 +139,11 @@ async def test_silent_upstream_times_out_with_504() -> None:
     assert_key_hidden(caught.value)
 
 
-async def test_connection_dropped_midstream_is_502_after_the_chunks_received(llm_simulator: SimulatorProcess) -> None:
+async def test_connection_dropped_midstream_is_502_after_the_chunks_received(simulator: SimulatorProcess) -> None:
     received: list[ChatChunk] = []
     with pytest.raises(UpstreamError) as caught:
         await collect(
-            provider(llm_simulator.base_url), ChatRequest(model="sim-fail-midstream", messages=MESSAGES), received
+            provider(simulator.base_url), ChatRequest(model="sim-fail-midstream", messages=MESSAGES), received
         )
     assert len(received) == MIDSTREAM_FAILURE_CHUNKS and all(c.content for c in received)
     assert (caught.value.status, caught.value.code) == (502, "upstream_disconnected")
@@ -152,32 +151,32 @@ async def test_connection_dropped_midstream_is_502_after_the_chunks_received(llm
     assert_key_hidden(caught.value)
 
 
-async def test_malformed_chunk_is_502(llm_simulator: SimulatorProcess) -> None:
+async def test_malformed_chunk_is_502(simulator: SimulatorProcess) -> None:
     received: list[ChatChunk] = []
     with pytest.raises(UpstreamError) as caught:
         await collect(
-            provider(llm_simulator.base_url), ChatRequest(model="sim-malformed-chunk", messages=MESSAGES), received
+            provider(simulator.base_url), ChatRequest(model="sim-malformed-chunk", messages=MESSAGES), received
         )
     assert len(received) == 1
     assert (caught.value.status, caught.value.code) == (502, "upstream_bad_response")
     assert_key_hidden(caught.value)
 
 
-async def test_cancelling_the_consumer_closes_the_upstream_stream(slow_llm_simulator: SimulatorProcess) -> None:
-    before = await slow_llm_simulator.astats()
+async def test_cancelling_the_consumer_closes_the_upstream_stream(slow_simulator: SimulatorProcess) -> None:
+    before = await slow_simulator.astats()
     first_chunk = asyncio.Event()
 
     async def consume() -> None:
-        async for _ in provider(slow_llm_simulator.base_url).stream(ChatRequest(model="sim-1", messages=MESSAGES)):
+        async for _ in provider(slow_simulator.base_url).stream(ChatRequest(model="sim-1", messages=MESSAGES)):
             first_chunk.set()
 
     task = asyncio.create_task(consume())
     await asyncio.wait_for(first_chunk.wait(), timeout=5)
-    assert (await slow_llm_simulator.astats())["active_streams"] == before["active_streams"] + 1
+    assert (await slow_simulator.astats())["active_streams"] == before["active_streams"] + 1
     task.cancel()
     # Poll before awaiting the task: the upstream must close because of the cancel alone.
     after = await poll_until(
-        slow_llm_simulator.astats,
+        slow_simulator.astats,
         lambda s: (
             s["requests_disconnected"] == before["requests_disconnected"] + 1
             and s["active_streams"] == before["active_streams"]
@@ -188,14 +187,14 @@ async def test_cancelling_the_consumer_closes_the_upstream_stream(slow_llm_simul
     assert after["requests_completed"] == before["requests_completed"]
 
 
-async def test_aclose_of_the_stream_closes_the_upstream_stream(slow_llm_simulator: SimulatorProcess) -> None:
-    before = await slow_llm_simulator.astats()
-    stream = provider(slow_llm_simulator.base_url).stream(ChatRequest(model="sim-1", messages=MESSAGES))
+async def test_aclose_of_the_stream_closes_the_upstream_stream(slow_simulator: SimulatorProcess) -> None:
+    before = await slow_simulator.astats()
+    stream = provider(slow_simulator.base_url).stream(ChatRequest(model="sim-1", messages=MESSAGES))
     first = await anext(stream)
     assert first and all(chunk.content for chunk in first)
     closing = asyncio.create_task(stream.aclose())
     await poll_until(
-        slow_llm_simulator.astats,
+        slow_simulator.astats,
         lambda s: (
             s["requests_disconnected"] == before["requests_disconnected"] + 1
             and s["active_streams"] == before["active_streams"]
@@ -204,12 +203,12 @@ async def test_aclose_of_the_stream_closes_the_upstream_stream(slow_llm_simulato
     await closing
 
 
-async def test_streams_share_one_client_and_survive_aclose_clients(llm_simulator: SimulatorProcess) -> None:
+async def test_streams_share_one_client_and_survive_aclose_clients(simulator: SimulatorProcess) -> None:
     request = ChatRequest(model="sim-1", messages=MESSAGES)
-    results = await asyncio.gather(*(collect(provider(llm_simulator.base_url), request) for _ in range(20)))
+    results = await asyncio.gather(*(collect(provider(simulator.base_url), request) for _ in range(20)))
     assert {"".join(c.content for c in chunks) for chunks in results} == {reply_text(MESSAGES, FAST_REPLY_TOKENS)}
     await aclose_clients()
-    chunks = await collect(provider(llm_simulator.base_url), request)
+    chunks = await collect(provider(simulator.base_url), request)
     assert chunks[-1].usage is not None
 
 
@@ -449,8 +448,8 @@ async def test_event_split_across_writes_is_parsed_whole(
         await anext(stream)
 
 
-async def test_batches_from_the_simulator_hold_every_chunk_once(llm_simulator: SimulatorProcess) -> None:
-    adapter = provider(llm_simulator.base_url)
+async def test_batches_from_the_simulator_hold_every_chunk_once(simulator: SimulatorProcess) -> None:
+    adapter = provider(simulator.base_url)
     request = ChatRequest(model="sim-1", messages=MESSAGES)
     batches = [batch async for batch in adapter.stream(request)]
     assert all(batches)

@@ -11,10 +11,9 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from llm.simulator import count_prompt_tokens, reply_text
-from llm.tests.conftest import FAST_REPLY_TOKENS, SIMULATOR_API_KEY
 from llm.tests.openai_schema import validate_against
 from llm.tests.simulator_process import SimulatorProcess
-from tests.kit import sse_data
+from tests.kit import FAST_REPLY_TOKENS, SIMULATOR_API_KEY, sse_data
 
 MESSAGES: list[ChatCompletionMessageParam] = [
     {"role": "system", "content": "You are terse."},
@@ -35,8 +34,8 @@ async def raw_stream(sim: SimulatorProcess, body: dict[str, Any]) -> tuple[httpx
     return response, sse_data(raw)
 
 
-async def test_sdk_stream_matches_non_stream_reply(llm_simulator: SimulatorProcess) -> None:
-    async with sdk(llm_simulator) as client:
+async def test_sdk_stream_matches_non_stream_reply(simulator: SimulatorProcess) -> None:
+    async with sdk(simulator) as client:
         completion = await client.chat.completions.create(model="sim-1", messages=MESSAGES)
         stream = await client.chat.completions.create(
             model="sim-1", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
@@ -68,8 +67,8 @@ async def test_sdk_stream_matches_non_stream_reply(llm_simulator: SimulatorProce
     assert completion.choices[0].finish_reason == "stop"
 
 
-async def test_reply_is_a_deterministic_function_of_the_last_user_message(llm_simulator: SimulatorProcess) -> None:
-    async with sdk(llm_simulator) as client:
+async def test_reply_is_a_deterministic_function_of_the_last_user_message(simulator: SimulatorProcess) -> None:
+    async with sdk(simulator) as client:
         first = await client.chat.completions.create(model="sim-1", messages=MESSAGES)
         again = await client.chat.completions.create(model="sim-1", messages=MESSAGES)
         other = await client.chat.completions.create(model="sim-1", messages=[{"role": "user", "content": "Hello"}])
@@ -79,9 +78,9 @@ async def test_reply_is_a_deterministic_function_of_the_last_user_message(llm_si
     assert len(other.choices[0].message.content.split()) == FAST_REPLY_TOKENS
 
 
-async def test_stream_frames_match_openai_schema_and_framing(llm_simulator: SimulatorProcess) -> None:
+async def test_stream_frames_match_openai_schema_and_framing(simulator: SimulatorProcess) -> None:
     body = {"model": "sim-1", "messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}}
-    response, payloads = await raw_stream(llm_simulator, body)
+    response, payloads = await raw_stream(simulator, body)
 
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
@@ -111,8 +110,8 @@ async def test_stream_frames_match_openai_schema_and_framing(llm_simulator: Simu
     assert finish == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
 
 
-async def test_stream_without_include_usage_has_no_usage_field(llm_simulator: SimulatorProcess) -> None:
-    _, payloads = await raw_stream(llm_simulator, {"model": "sim-1", "messages": MESSAGES, "stream": True})
+async def test_stream_without_include_usage_has_no_usage_field(simulator: SimulatorProcess) -> None:
+    _, payloads = await raw_stream(simulator, {"model": "sim-1", "messages": MESSAGES, "stream": True})
     chunks = [json.loads(p) for p in payloads[:-1]]
     assert payloads[-1] == "[DONE]" and len(chunks) == 1 + FAST_REPLY_TOKENS + 1  # role, tokens, finish
     for chunk in chunks:
@@ -123,10 +122,8 @@ async def test_stream_without_include_usage_has_no_usage_field(llm_simulator: Si
 
 
 @pytest.mark.parametrize("limit_name", ["max_tokens", "max_completion_tokens"])
-async def test_token_limit_cuts_reply_with_finish_reason_length(
-    llm_simulator: SimulatorProcess, limit_name: str
-) -> None:
-    async with sdk(llm_simulator) as client:
+async def test_token_limit_cuts_reply_with_finish_reason_length(simulator: SimulatorProcess, limit_name: str) -> None:
+    async with sdk(simulator) as client:
         stream = await client.chat.completions.create(
             model="sim-1",
             messages=MESSAGES,
@@ -145,8 +142,8 @@ async def test_token_limit_cuts_reply_with_finish_reason_length(
     assert completion.choices[0].message.content == reply_text(MESSAGES, 3)
 
 
-async def test_non_stream_response_and_model_list_match_openai_schema(llm_simulator: SimulatorProcess) -> None:
-    async with httpx.AsyncClient(base_url=llm_simulator.base_url, timeout=10) as client:
+async def test_non_stream_response_and_model_list_match_openai_schema(simulator: SimulatorProcess) -> None:
+    async with httpx.AsyncClient(base_url=simulator.base_url, timeout=10) as client:
         completion = await client.post("/chat/completions", json={"model": "sim-1", "messages": MESSAGES})
         models = await client.get("/models")
     assert completion.status_code == 200 and models.status_code == 200
@@ -168,9 +165,9 @@ async def test_non_stream_response_and_model_list_match_openai_schema(llm_simula
 )
 @pytest.mark.parametrize("stream", [False, True])
 async def test_simulated_errors_surface_as_sdk_status_errors(
-    llm_simulator: SimulatorProcess, model: str, error_class: type[openai.APIStatusError], status: int, stream: bool
+    simulator: SimulatorProcess, model: str, error_class: type[openai.APIStatusError], status: int, stream: bool
 ) -> None:
-    async with sdk(llm_simulator) as client:
+    async with sdk(simulator) as client:
         with pytest.raises(error_class) as caught:
             await client.chat.completions.create(model=model, messages=MESSAGES, stream=stream)
     assert caught.value.status_code == status
@@ -180,18 +177,18 @@ async def test_simulated_errors_surface_as_sdk_status_errors(
         assert caught.value.code == "rate_limit_exceeded"
 
 
-async def test_wrong_or_missing_api_key_is_rejected_with_401(keyed_llm_simulator: SimulatorProcess) -> None:
-    async with sdk(keyed_llm_simulator, api_key="sk-wrong-key-123456") as client:
+async def test_wrong_or_missing_api_key_is_rejected_with_401(keyed_simulator: SimulatorProcess) -> None:
+    async with sdk(keyed_simulator, api_key="sk-wrong-key-123456") as client:
         with pytest.raises(openai.AuthenticationError) as caught:
             await client.chat.completions.create(model="sim-1", messages=MESSAGES, stream=True)
     assert caught.value.status_code == 401 and caught.value.code == "invalid_api_key"
     assert "Incorrect API key provided" in caught.value.message
-    async with httpx.AsyncClient(base_url=keyed_llm_simulator.base_url, timeout=10) as client:
+    async with httpx.AsyncClient(base_url=keyed_simulator.base_url, timeout=10) as client:
         missing = await client.get("/models")
     assert missing.status_code == 401 and "didn't provide an API key" in missing.json()["error"]["message"]
     validate_against("ErrorResponse", missing.json())
 
-    async with sdk(keyed_llm_simulator, api_key=SIMULATOR_API_KEY) as client:
+    async with sdk(keyed_simulator, api_key=SIMULATOR_API_KEY) as client:
         completion = await client.chat.completions.create(model="sim-1", messages=MESSAGES)
     assert completion.choices[0].message.content == reply_text(MESSAGES, FAST_REPLY_TOKENS)
 
@@ -208,11 +205,11 @@ async def test_wrong_or_missing_api_key_is_rejected_with_401(keyed_llm_simulator
     ],
 )
 async def test_malformed_requests_get_openai_400(
-    llm_simulator: SimulatorProcess, content: bytes, param: str | None
+    simulator: SimulatorProcess, content: bytes, param: str | None
 ) -> None:
     async with httpx.AsyncClient(timeout=10) as client:
         response = await client.post(
-            f"{llm_simulator.base_url}/chat/completions", content=content, headers={"Content-Type": "application/json"}
+            f"{simulator.base_url}/chat/completions", content=content, headers={"Content-Type": "application/json"}
         )
     assert response.status_code == 400
     validate_against("ErrorResponse", response.json())
@@ -220,12 +217,12 @@ async def test_malformed_requests_get_openai_400(
     assert response.json()["error"]["param"] == param
 
 
-async def test_fail_midstream_drops_the_connection_after_a_few_chunks(llm_simulator: SimulatorProcess) -> None:
+async def test_fail_midstream_drops_the_connection_after_a_few_chunks(simulator: SimulatorProcess) -> None:
     body = {"model": "sim-fail-midstream", "messages": MESSAGES, "stream": True}
     received: list[str] = []
     async with httpx.AsyncClient(timeout=10) as client:
         with pytest.raises(httpx.RemoteProtocolError):
-            async with client.stream("POST", f"{llm_simulator.base_url}/chat/completions", json=body) as response:
+            async with client.stream("POST", f"{simulator.base_url}/chat/completions", json=body) as response:
                 async for line in response.aiter_lines():
                     received.append(line)
     assert response.status_code == 200
@@ -235,9 +232,9 @@ async def test_fail_midstream_drops_the_connection_after_a_few_chunks(llm_simula
     assert "data: [DONE]" not in received
 
 
-async def test_malformed_chunk_follows_one_token(llm_simulator: SimulatorProcess) -> None:
+async def test_malformed_chunk_follows_one_token(simulator: SimulatorProcess) -> None:
     body = {"model": "sim-malformed-chunk", "messages": MESSAGES, "stream": True}
-    response, payloads = await raw_stream(llm_simulator, body)
+    response, payloads = await raw_stream(simulator, body)
     assert response.status_code == 200
     role, token = (json.loads(p) for p in payloads[:2])
     validate_against("CreateChatCompletionStreamResponse", role)
@@ -248,18 +245,18 @@ async def test_malformed_chunk_follows_one_token(llm_simulator: SimulatorProcess
     assert payloads[3:] == ["[DONE]"]
 
 
-async def test_stats_count_completed_requests(llm_simulator: SimulatorProcess) -> None:
-    before = await llm_simulator.astats()
-    await raw_stream(llm_simulator, {"model": "sim-1", "messages": MESSAGES, "stream": True})
-    after = await llm_simulator.astats()
+async def test_stats_count_completed_requests(simulator: SimulatorProcess) -> None:
+    before = await simulator.astats()
+    await raw_stream(simulator, {"model": "sim-1", "messages": MESSAGES, "stream": True})
+    after = await simulator.astats()
     assert after["requests_started"] == before["requests_started"] + 1
     assert after["requests_completed"] == before["requests_completed"] + 1
     assert after["requests_disconnected"] == before["requests_disconnected"]
     assert after["active_streams"] == 0
 
 
-async def test_unknown_url_gets_openai_404(llm_simulator: SimulatorProcess) -> None:
+async def test_unknown_url_gets_openai_404(simulator: SimulatorProcess) -> None:
     async with httpx.AsyncClient(timeout=10) as client:
-        response = await client.get(f"{llm_simulator.base_url}/chat/completions")
+        response = await client.get(f"{simulator.base_url}/chat/completions")
     assert response.status_code == 404
     assert response.json()["error"]["message"] == "Invalid URL (GET /v1/chat/completions)"

@@ -36,9 +36,8 @@ from llm.streaming import (
     open_reply,
     reply_stop_broadcast,
 )
-from llm.tests.conftest import FAST_REPLY_TOKENS
 from llm.tests.simulator_process import SimulatorProcess
-from tests.kit import poll_until
+from tests.kit import FAST_REPLY_TOKENS, SLOW_REPLY_TOKENS, poll_until
 
 pytestmark = pytest.mark.usefixtures("provider_clients")
 
@@ -81,8 +80,8 @@ def text_of(events: list[ReplyEvent]) -> str:
     return "".join(chunk.content for event in events if type(event) is ReplyDelta for chunk in event.chunks)
 
 
-async def test_a_reply_yields_start_deltas_then_done_and_persists_once(llm_simulator):
-    plan = plan_for(llm_simulator)
+async def test_a_reply_yields_start_deltas_then_done_and_persists_once(simulator):
+    plan = plan_for(simulator)
     async with open_reply(begin(plan)) as reply:
         events = await collect(reply)
 
@@ -99,8 +98,8 @@ async def test_a_reply_yields_start_deltas_then_done_and_persists_once(llm_simul
     assert plan.finished == [outcome]  # persisted before the last event, once
 
 
-async def test_an_upstream_failure_is_the_last_event_and_is_persisted_failed(llm_simulator):
-    plan = plan_for(llm_simulator, model="sim-error-500")
+async def test_an_upstream_failure_is_the_last_event_and_is_persisted_failed(simulator):
+    plan = plan_for(simulator, model="sim-error-500")
     async with open_reply(begin(plan)) as reply:
         events = await collect(reply)
 
@@ -112,8 +111,8 @@ async def test_an_upstream_failure_is_the_last_event_and_is_persisted_failed(llm
     assert plan.finished[0].status is ReplyStatus.FAILED
 
 
-async def test_the_first_chunk_wait_raises_an_upstream_failure_before_any_event(llm_simulator):
-    plan = plan_for(llm_simulator, model="sim-error-429")
+async def test_the_first_chunk_wait_raises_an_upstream_failure_before_any_event(simulator):
+    plan = plan_for(simulator, model="sim-error-429")
 
     with pytest.raises(UpstreamError) as raised:
         await open_reply(begin(plan), wait_first_chunk=5)
@@ -124,8 +123,9 @@ async def test_the_first_chunk_wait_raises_an_upstream_failure_before_any_event(
     assert outcome.error is raised.value
 
 
-async def test_keep_alives_flow_while_the_upstream_is_silent_before_its_first_chunk(sleepy_llm_simulator):
-    plan = plan_for(sleepy_llm_simulator)
+async def test_keep_alives_flow_while_the_upstream_is_silent_before_its_first_chunk(sleepy_simulator):
+    before = await sleepy_simulator.astats()
+    plan = plan_for(sleepy_simulator)
     async with open_reply(begin(plan)) as reply:
         events: list[ReplyEvent] = []
         async for event in reply.events(keepalive=0.05):
@@ -138,12 +138,16 @@ async def test_keep_alives_flow_while_the_upstream_is_silent_before_its_first_ch
     assert events[-1].outcome.status is ReplyStatus.CANCELLED
     assert events[-1].outcome.content == ""
     assert [outcome.status for outcome in plan.finished] == [ReplyStatus.CANCELLED]
-    await poll_until(sleepy_llm_simulator.astats, lambda stats: stats["requests_disconnected"] >= 1)
+    await poll_until(
+        sleepy_simulator.astats,
+        lambda stats: stats["requests_disconnected"] == before["requests_disconnected"] + 1,
+        what="the upstream request to be closed",
+    )
 
 
-async def test_stop_ends_the_reply_cancelled_with_its_text_so_far_and_closes_the_upstream(slow_llm_simulator):
-    before = await slow_llm_simulator.astats()
-    plan = plan_for(slow_llm_simulator)
+async def test_stop_ends_the_reply_cancelled_with_its_text_so_far_and_closes_the_upstream(slow_simulator):
+    before = await slow_simulator.astats()
+    plan = plan_for(slow_simulator)
     async with open_reply(begin(plan)) as reply:
         events: list[ReplyEvent] = []
         async for event in reply.events():
@@ -155,17 +159,17 @@ async def test_stop_ends_the_reply_cancelled_with_its_text_so_far_and_closes_the
     assert type(events[-1]) is ReplyDone
     assert outcome.status is ReplyStatus.CANCELLED
     assert outcome.content == text_of(events)
-    assert 3 <= len(outcome.content.split()) < 400
+    assert 3 <= len(outcome.content.split()) < SLOW_REPLY_TOKENS
     assert outcome.usage_estimated is True
     assert plan.finished == [outcome]
     await poll_until(
-        slow_llm_simulator.astats,
+        slow_simulator.astats,
         lambda stats: stats["requests_disconnected"] > before["requests_disconnected"],
     )
 
 
-async def test_cancelling_the_iterating_task_persists_cancelled_and_propagates(slow_llm_simulator):
-    plan = plan_for(slow_llm_simulator)
+async def test_cancelling_the_iterating_task_persists_cancelled_and_propagates(slow_simulator):
+    plan = plan_for(slow_simulator)
     seen: list[ReplyEvent] = []
 
     async def consume() -> None:
@@ -184,8 +188,8 @@ async def test_cancelling_the_iterating_task_persists_cancelled_and_propagates(s
     assert outcome.content == text_of(seen)
 
 
-async def test_a_reply_never_iterated_is_persisted_cancelled_when_its_block_ends(llm_simulator):
-    plan = plan_for(llm_simulator)
+async def test_a_reply_never_iterated_is_persisted_cancelled_when_its_block_ends(simulator):
+    plan = plan_for(simulator)
     async with open_reply(begin(plan)) as reply:
         assert reply.outcome is None
 
@@ -194,8 +198,8 @@ async def test_a_reply_never_iterated_is_persisted_cancelled_when_its_block_ends
     assert plan.finished == [reply.outcome]
 
 
-async def test_events_can_be_iterated_once(llm_simulator):
-    async with open_reply(begin(plan_for(llm_simulator))) as reply:
+async def test_events_can_be_iterated_once(simulator):
+    async with open_reply(begin(plan_for(simulator))) as reply:
         await collect(reply)
         with pytest.raises(RuntimeError):
             reply.events()
@@ -249,8 +253,8 @@ async def layer() -> AsyncIterator[Any]:
 CONCURRENT_REPLIES = 8
 
 
-async def test_a_broadcast_stop_reaches_only_its_reply_and_replies_share_one_channel(layer, slow_llm_simulator):
-    plans = [plan_for(slow_llm_simulator) for _ in range(CONCURRENT_REPLIES)]
+async def test_a_broadcast_stop_reaches_only_its_reply_and_replies_share_one_channel(layer, slow_simulator):
+    plans = [plan_for(slow_simulator) for _ in range(CONCURRENT_REPLIES)]
     texts: dict[str, list[ReplyEvent]] = {plan.reply_id: [] for plan in plans}
     replies: dict[str, Reply[RecordingPlan]] = {}
 
@@ -287,8 +291,8 @@ async def test_a_broadcast_stop_reaches_only_its_reply_and_replies_share_one_cha
     assert layer.calls == {("new_channel", ""): 1, ("group_add", broadcast.PROCESS_GROUP): 1}
 
 
-async def test_a_stop_for_a_reply_streaming_nowhere_is_ignored(layer, llm_simulator):
-    plan = plan_for(llm_simulator)
+async def test_a_stop_for_a_reply_streaming_nowhere_is_ignored(layer, simulator):
+    plan = plan_for(simulator)
     async with open_reply(begin(plan)) as reply:
         events = reply.events()
         assert await anext(events) is STARTED
