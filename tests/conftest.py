@@ -14,6 +14,7 @@ shows (see ``pytest_runtest_makereport``). Every child is terminated at the end,
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -26,6 +27,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+import redis
 from django.conf import settings
 
 from llm.tests.simulator_process import SimulatorProcess, start_simulator
@@ -95,6 +97,21 @@ class E2EStack:
     def logs(self) -> dict[str, str]:
         """Return the output of the server and the worker (the processes under test), by name."""
         return {child.name: child.output() for child in self.children}
+
+    def accounting_idle(self) -> bool:
+        """Return whether the worker has finished every task it received and none waits in the broker.
+
+        Read from the worker's log (Celery logs each task ``received`` and then ``succeeded``,
+        ``raised`` or ``retry``) and the length of the default queue in the Redis broker.
+        """
+        log = self.logs()["worker"]
+        received = len(re.findall(r"Task \S+\[[0-9a-f-]+\] received", log))
+        ended = len(re.findall(r"Task \S+\[[0-9a-f-]+\] (?:succeeded|raised|retry)", log))
+        with redis.Redis.from_url(settings.CELERY_BROKER_URL) as broker:
+            waiting = broker.llen("celery")
+        # received > 0: called once records exist, so the worker has run tasks; zero would mean
+        # these patterns no longer match Celery's log lines and "idle" would prove nothing.
+        return received > 0 and received == ended and waiting == 0
 
     def report(self) -> str:
         """Return the tail of every child's output, for a failure report."""

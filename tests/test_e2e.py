@@ -43,15 +43,20 @@ def expected_reply(content: str) -> str:
     return reply_text([{"role": "user", "content": content}], E2E_REPLY_TOKENS)
 
 
-def usage_records(username: str, expected: int) -> list[UsageRecord]:
-    """Wait until ``username`` has ``expected`` usage records (the worker writes them); return them."""
+def usage_records(stack: Any, username: str, expected: int) -> list[UsageRecord]:
+    """Wait until ``username`` has ``expected`` usage records and accounting is idle; return them all.
+
+    Idle: the worker (when there is one) has finished every task it received and none waits in
+    the broker, so a record written once too often would be in the database by now.
+    """
     poll_until_sync(
         lambda: UsageRecord.objects.filter(user__username=username).count(),
         lambda n: n >= expected,
         within=DEADLINE_SECONDS,
         what=f"{expected} usage records",
     )
-    time.sleep(0.5)  # a duplicate would arrive right behind the originals
+    if stack.worker_running:
+        poll_until_sync(stack.accounting_idle, within=DEADLINE_SECONDS, what="the worker to finish its usage tasks")
     return list(UsageRecord.objects.filter(user__username=username))
 
 
@@ -134,7 +139,7 @@ def test_openai_sdk_streams_a_reply_with_an_api_key(
     assert completion.choices[0].message.content == expected_reply(prompt)
     assert completion.usage is not None and completion.usage.completion_tokens == E2E_REPLY_TOKENS
 
-    records = usage_records(e2e_user.username, expected=2)
+    records = usage_records(e2e_stack, e2e_user.username, expected=2)
     assert len(records) == 2
     assert {r.model_name for r in records} == {"sim-model", "gpt-4o-mini"}
     assert all(r.source == UsageRecord.Source.OPENAI_API and r.api_key is not None for r in records)
@@ -194,7 +199,7 @@ def test_conversation_reply_streams_over_sse_and_websocket(
         ("assistant", "completed", expected_reply(second)),
     ]
 
-    records = usage_records(e2e_user.username, expected=2)
+    records = usage_records(e2e_stack, e2e_user.username, expected=2)
     assert Counter(r.message_id for r in records) == {start["message_id"]: 1, frames[0]["message_id"]: 1}
     assert all(r.source == UsageRecord.Source.CONVERSATION for r in records)
 
@@ -267,7 +272,7 @@ def test_stopping_a_reply_keeps_the_partial_text_and_closes_the_upstream(
     )
     assert stats["requests_disconnected"] == disconnected_before + 2
 
-    records = usage_records(e2e_user.username, expected=2)
+    records = usage_records(e2e_stack, e2e_user.username, expected=2)
     assert Counter(r.message_id for r in records) == {ws_message_id: 1, sse_message_id: 1}
 
 
@@ -354,7 +359,7 @@ def test_nextchat_requests_and_cors_preflight(
     assert response.status_code == 200, response.text
     assert isinstance(response.json()["hard_limit_usd"], int | float)
 
-    records = usage_records(e2e_user.username, expected=3)
+    records = usage_records(e2e_stack, e2e_user.username, expected=3)
     assert len(records) == 3 and {r.model_name for r in records} == {"gpt-4o-mini"}
 
 
@@ -377,7 +382,13 @@ def test_no_secret_in_any_response_or_log(e2e_stack: Any, e2e_models: Any, e2e_u
     with ws_connect(e2e_stack, conversation_id, e2e_user.api_key) as ws:
         ws.send(json.dumps({"type": "ping"}))
         assert ws_receive(e2e_stack, ws)["type"] == "pong"
-    time.sleep(0.5)  # let the server flush its log lines
+    # The scan must cover the access log line of that WebSocket: wait until the server wrote it.
+    poll_until_sync(
+        lambda: e2e_stack.logs()["server"],
+        lambda log: f'"WebSocket /ws/conversations/{conversation_id}/' in log,
+        within=DEADLINE_SECONDS,
+        what="the WebSocket's access log line",
+    )
 
     assert e2e_stack.received, "nothing was recorded: the scan would prove nothing"
     secrets_ = {e2e_stack.provider_api_key, e2e_stack.wrong_provider_api_key, *e2e_stack.secrets}
