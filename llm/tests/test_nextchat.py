@@ -203,7 +203,8 @@ async def test_plugin_tool_follow_up_request_is_accepted(api_key_secret, nextcha
     )
     body = await streamed_content(response)
     text, _, done = read_like_nextchat(response.status_code, response["Content-Type"], body)
-    assert text and done
+    assert text == reply_text(messages, FAST_REPLY_TOKENS)  # the reply to the last user message
+    assert done
 
 
 async def test_title_request_without_stream_answers_json(api_key_secret, nextchat_model):

@@ -291,16 +291,29 @@ async def test_a_broadcast_stop_reaches_only_its_reply_and_replies_share_one_cha
     assert layer.calls == {("new_channel", ""): 1, ("group_add", broadcast.PROCESS_GROUP): 1}
 
 
-async def test_a_stop_for_a_reply_streaming_nowhere_is_ignored(layer, simulator):
-    plan = plan_for(simulator)
-    async with open_reply(begin(plan)) as reply:
-        events = reply.events()
-        assert await anext(events) is STARTED
-        await broadcast.broadcast({"type": "reply.stop", "reply_id": "test-reply-that-does-not-exist"})
-        rest = [event async for event in events]
+async def test_a_stop_for_a_reply_streaming_nowhere_is_ignored(layer, slow_simulator):
+    plan, barrier = plan_for(slow_simulator), plan_for(slow_simulator)
+    seen: dict[str, list[ReplyEvent]] = {plan.reply_id: [], barrier.reply_id: []}
 
-    assert type(rest[-1]) is ReplyDone
-    assert rest[-1].outcome.status is ReplyStatus.COMPLETED
+    async def stream(plan: RecordingPlan) -> None:
+        async with open_reply(begin(plan)) as reply:
+            async for event in reply.events():
+                seen[plan.reply_id].append(event)
+
+    tasks = [asyncio.create_task(stream(plan)), asyncio.create_task(stream(barrier))]
+    await poll_until(lambda: seen, lambda seen: all(len(events) >= 2 for events in seen.values()))
+    await broadcast.broadcast({"type": "reply.stop", "reply_id": "test-reply-that-does-not-exist"})
+    # A listener handles messages in order: once the stop sent next has ended its reply, the
+    # stop for nobody has been handled too.
+    await broadcast.broadcast({"type": "reply.stop", "reply_id": barrier.reply_id})
+    await poll_until(lambda: barrier.finished)
+    delivered = len(seen[plan.reply_id])
+    await poll_until(lambda: len(seen[plan.reply_id]), lambda count: count > delivered + 2)  # it streams on
+    assert not plan.finished
+    tasks[0].cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert [outcome.status for outcome in barrier.finished] == [ReplyStatus.CANCELLED]
+    assert [outcome.status for outcome in plan.finished] == [ReplyStatus.CANCELLED]
 
 
 async def test_the_listener_rejoins_the_group_before_its_membership_expires(layer, monkeypatch):
