@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
+from django.conf import settings
 from httpx_sse import connect_sse
 from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
@@ -27,7 +27,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from accounts.models import UsageRecord
 from llm.simulator import reply_text
-from tests.kit import E2E_REPLY_TOKENS, bearer, chunk_objects, chunk_text, poll_until_sync, sse_data
+from tests.kit import E2E_REPLY_TOKENS, assert_error, bearer, chunk_objects, chunk_text, poll_until_sync, sse_data
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -220,16 +220,11 @@ def test_stopping_a_reply_keeps_the_partial_text_and_closes_the_upstream(
             frame = ws_receive(e2e_stack, ws)
             assert frame["type"] == "reply.delta", frame
         ws.send(json.dumps({"type": "reply.stop"}))
-        # The contract leaves the frame after a stop open; wait for the end without judging it.
-        deadline = time.monotonic() + 5
-        try:
-            while ws_receive(e2e_stack, ws, seconds=max(0.1, deadline - time.monotonic()))["type"] not in {
-                "reply.done",
-                "error",
-            }:
-                pass
-        except TimeoutError:
-            pass
+        frames = [ws_receive(e2e_stack, ws)]  # deltas already on their way, then the end
+        while frames[-1]["type"] == "reply.delta":
+            frames.append(ws_receive(e2e_stack, ws))
+    assert frames[-1]["type"] == "reply.done", frames[-1]
+    assert frames[-1]["message"]["status"] == "cancelled"
     ws_message_id = start["message_id"]
 
     # Over SSE: the client closes the connection after three deltas.
@@ -288,7 +283,7 @@ def test_nextchat_requests_and_cors_preflight(
             "Access-Control-Request-Headers": "authorization,content-type",
         },
     )
-    assert response.status_code in {200, 204}, response.text
+    assert response.status_code == 200, response.text
     assert response.headers.get("access-control-allow-origin") in {"*", NEXTCHAT_ORIGIN}
     allowed_headers = response.headers.get("access-control-allow-headers", "").lower()
     assert "authorization" in allowed_headers and "content-type" in allowed_headers
@@ -347,20 +342,21 @@ def test_nextchat_requests_and_cors_preflight(
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"] == expected_reply(prompt)
 
-    # "Used this month $X of $Y".
+    records = usage_records(e2e_stack, e2e_user.username, expected=3)
+    assert len(records) == 3 and {r.model_name for r in records} == {"gpt-4o-mini"}
+
+    # "Used this month $X of $Y": X in cents, the three replies' cost.
     response = http.get(
         "/dashboard/billing/usage",
         params={"start_date": "2020-01-01", "end_date": "2100-01-01"},
         headers=bearer(e2e_user.api_key),
     )
     assert response.status_code == 200, response.text
-    assert isinstance(response.json()["total_usage"], int | float)
+    assert response.json()["total_usage"] == pytest.approx(float(sum(r.cost for r in records) * 100))
+    assert sum(r.cost for r in records) > 0
     response = http.get("/dashboard/billing/subscription", headers=bearer(e2e_user.api_key))
     assert response.status_code == 200, response.text
-    assert isinstance(response.json()["hard_limit_usd"], int | float)
-
-    records = usage_records(e2e_stack, e2e_user.username, expected=3)
-    assert len(records) == 3 and {r.model_name for r in records} == {"gpt-4o-mini"}
+    assert response.json()["hard_limit_usd"] == float(settings.OPENAI_BILLING_HARD_LIMIT_USD)
 
 
 def test_no_secret_in_any_response_or_log(e2e_stack: Any, e2e_models: Any, e2e_user: Any, http: httpx.Client) -> None:
@@ -371,13 +367,12 @@ def test_no_secret_in_any_response_or_log(e2e_stack: Any, e2e_models: Any, e2e_u
         json={"model": e2e_models.wrong_key, "messages": [{"role": "user", "content": "hi"}], "stream": True},
         headers=bearer(e2e_user.api_key),
     )
-    assert response.status_code >= 400, response.text
-    assert "error" in response.json()
+    assert_error(response, 502, code="upstream_auth_failed")
     conversation_id = create_conversation(http, e2e_user, model=e2e_models.wrong_key)
     response = http.post(
         f"/api/conversations/{conversation_id}/messages/", json={"content": "hi"}, headers=bearer(e2e_user.access)
     )
-    assert response.status_code >= 400 or response.json()["assistant_message"]["status"] == "failed", response.text
+    assert_error(response, 502, code="upstream_auth_failed")
     # An API key in a WebSocket URL (the documented browser way) must not reach the access log.
     with ws_connect(e2e_stack, conversation_id, e2e_user.api_key) as ws:
         ws.send(json.dumps({"type": "ping"}))
