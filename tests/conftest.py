@@ -3,9 +3,12 @@
 ``e2e_stack`` (one per test module) starts, against the test database pytest-django created:
 
 - the LLM simulator (``manage.py llm_simulator``), requiring an upstream API key;
-- the ASGI server: ``uvicorn chatbackend.asgi:application`` on a free port;
-- with ``REDIS_URL`` set, a Celery worker (``CELERY_TASK_ALWAYS_EAGER=false`` for both, so usage
-  accounting crosses processes through Redis); without it the server runs tasks eagerly.
+- two ASGI server processes (``uvicorn chatbackend.asgi:application``, each on a free port) on the
+  same database and Redis, since state must hold across processes: a stop request or a revoked
+  API key reaches the process that did not receive it through Redis (the channel layer);
+- with ``REDIS_URL`` set, a Celery worker (``CELERY_TASK_ALWAYS_EAGER=false`` for all, so usage
+  accounting crosses processes through Redis); without it the servers run tasks eagerly, and
+  there is no channel layer between the servers (``E2EStack.shares_state`` is False).
 
 Children write to log files that the test scans for secrets and that a failing test's report
 shows (see ``pytest_runtest_makereport``). Every child is terminated at the end, whatever happens.
@@ -38,6 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 STARTUP_SECONDS = 60.0
 STOP_SECONDS = 15.0
 LOG_TAIL_CHARS = 12_000
+# The ASGI server processes, by log name: two, for what must hold across processes.
+SERVER_NAMES = ("server-a", "server-b")
 
 # The simulator's pace: E2E_REPLY_TOKENS tokens 30 ms apart, so a stop lands mid-stream.
 SIMULATOR_ARGS = ("--token-delay-ms", "30", "--reply-tokens", str(E2E_REPLY_TOKENS))
@@ -81,7 +86,7 @@ class E2EStack:
     (the upstream API keys and every ``sk-...`` secret created).
     """
 
-    server_url: str
+    server_urls: tuple[str, ...]
     simulator: SimulatorProcess
     provider_api_key: str
     wrong_provider_api_key: str
@@ -91,11 +96,21 @@ class E2EStack:
     secrets: set[str] = field(default_factory=set)
 
     @property
+    def server_url(self) -> str:
+        """The first server's URL: where the tests go unless they need two processes."""
+        return self.server_urls[0]
+
+    @property
     def ws_url(self) -> str:
         return "ws" + self.server_url.removeprefix("http")
 
+    @property
+    def shares_state(self) -> bool:
+        """Whether the servers reach each other through Redis (the worker runs exactly then)."""
+        return self.worker_running
+
     def logs(self) -> dict[str, str]:
-        """Return the output of the server and the worker (the processes under test), by name."""
+        """Return the output of the servers and the worker (the processes under test), by name."""
         return {child.name: child.output() for child in self.children}
 
     def accounting_idle(self) -> bool:
@@ -188,7 +203,7 @@ def e2e_stack(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -
     simulator = start_simulator(*SIMULATOR_ARGS, "--api-key", provider_api_key)
     children: list[ChildProcess] = []
     try:
-        redis = bool(settings.REDIS_URL)
+        with_redis = bool(settings.REDIS_URL)
         env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "chatbackend.settings",
@@ -197,32 +212,21 @@ def e2e_stack(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -
             "DJANGO_DEBUG": "false",
             "LOG_LEVEL": "DEBUG",  # the most the code logs is what the secret scan reads
         }
-        if redis:
+        if with_redis:
             env["CELERY_TASK_ALWAYS_EAGER"] = "false"
 
-        port = _free_port()
-        server = _start_child(
-            "server",
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "chatbackend.asgi:application",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--lifespan",
-                "off",
-            ],
-            env,
-            log_dir,
-        )
-        children.append(server)
-        server_url = f"http://127.0.0.1:{port}"
-        _wait_for(server, lambda: _http_ready(f"{server_url}/"), "answering HTTP")
+        servers: list[tuple[ChildProcess, str]] = []
+        for name in SERVER_NAMES:  # started together, then waited for: they boot in parallel
+            port = _free_port()
+            command = [sys.executable, "-m", "uvicorn", "chatbackend.asgi:application"]
+            command += ["--host", "127.0.0.1", "--port", str(port), "--lifespan", "off"]
+            server = _start_child(name, command, env, log_dir)
+            children.append(server)
+            servers.append((server, f"http://127.0.0.1:{port}"))
+        for server, url in servers:
+            _wait_for(server, lambda url=url: _http_ready(f"{url}/"), "answering HTTP")
 
-        if redis:
+        if with_redis:
             worker = _start_child(
                 "worker",
                 [
@@ -252,12 +256,12 @@ def e2e_stack(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -
             _wait_for(worker, lambda: " ready." in worker.output(), "ready")
 
         yield E2EStack(
-            server_url=server_url,
+            server_urls=tuple(url for _, url in servers),
             simulator=simulator,
             provider_api_key=provider_api_key,
             wrong_provider_api_key=wrong_provider_api_key,
             children=children,
-            worker_running=redis,
+            worker_running=with_redis,
         )
     finally:
         for child in reversed(children):
@@ -288,19 +292,29 @@ def e2e_models(e2e_stack: E2EStack, transactional_db: None) -> E2EModels:
     return E2EModels()
 
 
-@pytest.fixture
-def http(e2e_stack: E2EStack) -> Iterator[httpx.Client]:
-    """An HTTP client for the server that records every non-streamed response body."""
+def _recording_client(stack: E2EStack, base_url: str) -> httpx.Client:
+    """Return an HTTP client for ``base_url`` that records every non-streamed response body."""
 
     def record(response: httpx.Response) -> None:
         # Streamed bodies (SSE) are recorded by the test as it reads them.
         if not response.headers.get("content-type", "").startswith("text/event-stream"):
             response.read()
-            e2e_stack.received.append(response.text)
+            stack.received.append(response.text)
 
-    with httpx.Client(
-        base_url=e2e_stack.server_url, timeout=30, trust_env=False, event_hooks={"response": [record]}
-    ) as client:
+    return httpx.Client(base_url=base_url, timeout=30, trust_env=False, event_hooks={"response": [record]})
+
+
+@pytest.fixture
+def http(e2e_stack: E2EStack) -> Iterator[httpx.Client]:
+    """An HTTP client for the first server that records every non-streamed response body."""
+    with _recording_client(e2e_stack, e2e_stack.server_urls[0]) as client:
+        yield client
+
+
+@pytest.fixture
+def http_b(e2e_stack: E2EStack) -> Iterator[httpx.Client]:
+    """The same for the second server process, for what must hold across processes."""
+    with _recording_client(e2e_stack, e2e_stack.server_urls[1]) as client:
         yield client
 
 

@@ -3,7 +3,9 @@
 What a user does — register, log in, create an API key, chat through the openai SDK, SSE and a
 WebSocket, stop replies, point NextChat at the server — checked by what a user sees (frames,
 statuses, persisted messages), plus what an operator needs: one usage record per reply,
-upstream connections closed on stop, and no secret in any response or log line.
+upstream connections closed on stop, and no secret in any response or log line. Two server
+processes run: what must hold across processes (a stop request, a revoked API key) is checked by
+sending it to the one that does not hold the stream or did not do the revoking.
 Contract: docs/api.md and /work/shared/nextchat.md. Fixtures (``e2e_stack``, ``e2e_models``,
 ``e2e_user``, ``http``): tests/conftest.py.
 """
@@ -75,7 +77,7 @@ def assistant_messages(http: httpx.Client, user: Any, conversation_id: int) -> l
     return response.json()["results"]
 
 
-def sse_events(stack: Any, source: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+def recorded_sse_events(stack: Any, source: Any) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``(event, data)`` of an httpx-sse ``EventSource``, recording each event's data."""
     for sse in source.iter_sse():
         stack.received.append(sse.data)
@@ -162,7 +164,7 @@ def test_conversation_reply_streams_over_sse_and_websocket(
     ) as source:
         assert source.response.status_code == 200
         assert source.response.headers["content-type"].startswith("text/event-stream")
-        events = list(sse_events(e2e_stack, source))
+        events = list(recorded_sse_events(e2e_stack, source))
     names = [name for name, _ in events]
     assert names[0] == "reply.start" and names[-1] == "reply.done", names
     start, done = events[0][1], events[-1][1]
@@ -237,7 +239,7 @@ def test_stopping_a_reply_keeps_the_partial_text_and_closes_the_upstream(
         headers=bearer(e2e_user.access),
     ) as source:
         assert source.response.status_code == 200
-        events = sse_events(e2e_stack, source)
+        events = recorded_sse_events(e2e_stack, source)
         name, data = next(events)
         assert name == "reply.start", (name, data)
         sse_message_id = data["message_id"]
@@ -359,6 +361,83 @@ def test_nextchat_requests_and_cors_preflight(
     assert response.json()["hard_limit_usd"] == float(settings.OPENAI_BILLING_HARD_LIMIT_USD)
 
 
+# --- Across server processes: state that must hold whichever process a request reaches ------
+
+needs_shared_state = pytest.mark.skipif(
+    not settings.REDIS_URL,
+    reason="without REDIS_URL (the embedded defaults) the two servers share no channel layer: a stop or "
+    "a revocation cannot cross processes. CI sets REDIS_URL, so these run there.",
+)
+
+
+@needs_shared_state
+def test_a_stop_sent_to_another_server_stops_the_reply(e2e_stack, e2e_models, e2e_user, http, http_b) -> None:
+    assert e2e_stack.shares_state
+    conversation_id = create_conversation(http, e2e_user)
+    disconnected_before = e2e_stack.simulator.stats()["requests_disconnected"]
+    prompt = f"Stop me from the other server {secrets.token_hex(4)}"
+    stop_url = f"/api/conversations/{conversation_id}/messages/{{}}/stop/"
+
+    events: list[tuple[str, dict[str, Any]]] = []
+    with connect_sse(  # server A streams the reply ...
+        http,
+        "POST",
+        f"/api/conversations/{conversation_id}/messages/",
+        json={"content": prompt},
+        headers=bearer(e2e_user.access),
+    ) as source:
+        assert source.response.status_code == 200
+        for name, data in recorded_sse_events(e2e_stack, source):
+            events.append((name, data))
+            if name == "reply.delta" and sum(event == "reply.delta" for event, _ in events) == 3:
+                message_id = events[0][1]["message_id"]
+                stop = http_b.post(stop_url.format(message_id), headers=bearer(e2e_user.access))  # ... B stops it
+                assert stop.status_code == 202, stop.text
+                assert stop.json() == {"message_id": message_id, "status": "stopping"}
+
+    names = [name for name, _ in events]
+    assert names[0] == "reply.start" and names[-1] == "reply.done", names  # the stream ended on its own
+    streamed = "".join(data["content"] for name, data in events if name == "reply.delta")
+    done = events[-1][1]["message"]
+    assert (done["id"], done["status"], done["content"]) == (message_id, "cancelled", streamed)
+    assert streamed and expected_reply(prompt).startswith(streamed)
+    assert len(streamed) < len(expected_reply(prompt)), "the reply ran to its end: the stop did not land"
+    # Saved as the stream said, as either server reads it.
+    [saved] = [m for m in assistant_messages(http_b, e2e_user, conversation_id) if m["id"] == message_id]
+    assert (saved["status"], saved["content"]) == ("cancelled", streamed)
+    stats = poll_until_sync(
+        e2e_stack.simulator.stats,
+        lambda s: s["requests_disconnected"] >= disconnected_before + 1 and s["active_streams"] == 0,
+        within=DEADLINE_SECONDS,
+        what="the simulator to see the upstream connection closed",
+    )
+    assert stats["requests_disconnected"] == disconnected_before + 1
+
+
+@needs_shared_state
+def test_an_api_key_revoked_on_one_server_is_refused_at_once_by_another(
+    e2e_stack, e2e_models, e2e_user, http, http_b
+) -> None:
+    assert e2e_stack.shares_state
+    response = http.post("/api/api-keys/", json={"name": "revoke me"}, headers=bearer(e2e_user.access))
+    assert response.status_code == 201, response.text
+    e2e_stack.received.remove(response.text)  # the one answer that shows the secret
+    key_id, secret = response.json()["id"], response.json()["key"]
+    e2e_stack.secrets.add(secret)
+    chat = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}]}
+    # Server B has authenticated the key (and would have any cache of it warm) ...
+    assert http_b.get("/v1/models", headers=bearer(secret)).status_code == 200
+    assert http_b.post("/v1/chat/completions", json=chat, headers=bearer(secret)).status_code == 200
+
+    response = http.delete(f"/api/api-keys/{key_id}/", headers=bearer(e2e_user.access))  # ... A revokes it
+    assert response.status_code == 204, response.text
+
+    # ... and B's very next requests are refused: no waiting, no retry.
+    assert_error(http_b.post("/v1/chat/completions", json=chat, headers=bearer(secret)), 401, code="api_key_revoked")
+    assert_error(http_b.get("/v1/models", headers=bearer(secret)), 401, code="api_key_revoked")
+    assert_error(http.get("/v1/models", headers=bearer(secret)), 401, code="api_key_revoked")
+
+
 def test_no_secret_in_any_response_or_log(e2e_stack: Any, e2e_models: Any, e2e_user: Any, http: httpx.Client) -> None:
     """Runs last: scans what every test in this module received, plus the server and worker logs."""
     # An upstream that rejects the provider's key: the simulator echoes the wrong key unmasked.
@@ -379,7 +458,7 @@ def test_no_secret_in_any_response_or_log(e2e_stack: Any, e2e_models: Any, e2e_u
         assert ws_receive(e2e_stack, ws)["type"] == "pong"
     # The scan must cover the access log line of that WebSocket: wait until the server wrote it.
     poll_until_sync(
-        lambda: e2e_stack.logs()["server"],
+        lambda: e2e_stack.logs()["server-a"],
         lambda log: f'"WebSocket /ws/conversations/{conversation_id}/' in log,
         within=DEADLINE_SECONDS,
         what="the WebSocket's access log line",
@@ -388,7 +467,8 @@ def test_no_secret_in_any_response_or_log(e2e_stack: Any, e2e_models: Any, e2e_u
     assert e2e_stack.received, "nothing was recorded: the scan would prove nothing"
     secrets_ = {e2e_stack.provider_api_key, e2e_stack.wrong_provider_api_key, *e2e_stack.secrets}
     places = {"responses": "\n".join(e2e_stack.received), **e2e_stack.logs()}
-    assert places["server"], "the server logged nothing: the scan would prove nothing"
+    for server in ("server-a", "server-b"):
+        assert places[server], f"{server} logged nothing: the scan would prove nothing"
     leaks = [
         f"{secret[:12]}... in {place}: {line.strip()[:300]}"
         for secret in sorted(secrets_)
