@@ -8,11 +8,11 @@ scripted upstream for the shapes the simulator never sends.
 - Simulators: ``simulator`` (fast), ``slow_simulator`` (10 s replies, to stop mid-way),
   ``sleepy_simulator`` (5 s before the first token), ``silent_simulator`` (1.5 s before the first
   token, then a short reply), ``keyed_simulator`` (fast, requires ``SIMULATOR_API_KEY``). Each
-  process lives for the session; the fixture waits until it streams nothing, so a test's
-  before/after counts of its stats are its own.
+  process starts on first use and lives for the session; the fixture waits until it streams
+  nothing, so a test's before/after counts of its stats are its own.
 - Models on them: ``sim_model``, ``slow_model``, ``sleepy_model``; ``scripted_upstream``.
 - People and credentials: ``user``, ``other_user``, ``admin_user``, ``password``, ``token`` (a JWT),
-  ``api_key_secret``, ``api_client``, ``auth_client``, ``superuser``, ``admin_site``.
+  ``api_key_secret``, ``api_client``, ``client_for``, ``auth_client``, ``superuser``, ``admin_site``.
 - Servers and cleanup: ``asgi_server`` (uvicorn in the test's loop), ``release_db_connections`` and
   ``provider_clients`` (for async tests), and, for every test, the usage queue drained.
 """
@@ -23,7 +23,8 @@ import asyncio
 import json
 import socket
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from rest_framework.test import APIClient
 from accounts.services import api_key_create
 from accounts.usage import usage_flush
 from llm.providers.openai_compatible import aclose_clients
-from llm.tests.simulator_process import SimulatorProcess, running_simulator
+from llm.tests.simulator_process import SimulatorProcess, start_simulator
 from tests.factories import PASSWORD, LLMModelFactory, ProviderFactory, UserFactory
 from tests.kit import (
     FAST_REPLY_TOKENS,
@@ -82,95 +83,97 @@ def _usage_queue_drained() -> Iterator[None]:
 # --- Simulators, one process per pace --------------------------------------------------------
 
 
-def _idle(sim: SimulatorProcess) -> SimulatorProcess:
-    """Return ``sim`` once it streams nothing: what an earlier test started has ended."""
-    poll_until_sync(sim.stats, lambda stats: stats["active_streams"] == 0, what=f"{sim.base_url} to be idle")
-    return sim
+@dataclass(frozen=True)
+class Pace:
+    """A simulator's pace: ms to the first token, ms between tokens, tokens per reply, and the API key
+    it requires (empty: none)."""
+
+    ttft_ms: int
+    token_delay_ms: int
+    reply_tokens: int
+    api_key: str = ""
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """Return the ``manage.py llm_simulator`` options of this pace."""
+        options = ("--ttft-ms", str(self.ttft_ms), "--token-delay-ms", str(self.token_delay_ms))
+        options += ("--reply-tokens", str(self.reply_tokens))
+        return (*options, "--api-key", self.api_key) if self.api_key else options
+
+
+class Simulators:
+    """The session's simulator processes: one per pace, started on first use, stopped at the end."""
+
+    def __init__(self) -> None:
+        self._running: dict[Pace, SimulatorProcess] = {}
+
+    def idle(self, pace: Pace) -> SimulatorProcess:
+        """Return the simulator of ``pace`` once it streams nothing: what an earlier test started has ended.
+
+        So a test's before/after counts of its stats are its own.
+        """
+        sim = self._running.get(pace)
+        if sim is None:
+            sim = self._running[pace] = start_simulator(*pace.options)
+        poll_until_sync(sim.stats, lambda stats: stats["active_streams"] == 0, what=f"the simulator {pace} to be idle")
+        return sim
+
+    def stop(self) -> None:
+        for sim in self._running.values():
+            sim.stop()
 
 
 @pytest.fixture(scope="session")
-def _fast_simulator() -> Iterator[SimulatorProcess]:
-    with running_simulator("--ttft-ms", "20", "--token-delay-ms", "5", "--reply-tokens", str(FAST_REPLY_TOKENS)) as sim:
-        yield sim
+def _simulators() -> Iterator[Simulators]:
+    simulators = Simulators()
+    yield simulators
+    simulators.stop()
 
 
-@pytest.fixture(scope="session")
-def _slow_simulator() -> Iterator[SimulatorProcess]:
-    options = ("--ttft-ms", "100", "--token-delay-ms", "50", "--reply-tokens", str(SLOW_REPLY_TOKENS))
-    with running_simulator(*options) as sim:
-        yield sim
+def _simulator_fixture(name: str, pace: Pace, purpose: str) -> Any:
+    """Return the fixture ``name``: the session's simulator of ``pace``, once it is idle."""
+
+    def fixture(_simulators: Simulators) -> SimulatorProcess:
+        return _simulators.idle(pace)
+
+    fixture.__doc__ = (
+        f"A simulator for {purpose}: {pace.reply_tokens} tokens per reply, {pace.ttft_ms} ms to the first, "
+        f"{pace.token_delay_ms} ms apart" + ("; it requires ``SIMULATOR_API_KEY``." if pace.api_key else ".")
+    )
+    return pytest.fixture(name=name)(fixture)
 
 
-@pytest.fixture(scope="session")
-def _sleepy_simulator() -> Iterator[SimulatorProcess]:
-    options = ("--ttft-ms", "5000", "--token-delay-ms", "5", "--reply-tokens", str(SLEEPY_REPLY_TOKENS))
-    with running_simulator(*options) as sim:
-        yield sim
+simulator = _simulator_fixture("simulator", Pace(20, 5, FAST_REPLY_TOKENS), "quick replies")
+slow_simulator = _simulator_fixture("slow_simulator", Pace(100, 50, SLOW_REPLY_TOKENS), "stopping replies mid-way")
+sleepy_simulator = _simulator_fixture("sleepy_simulator", Pace(5000, 5, SLEEPY_REPLY_TOKENS), "stops before output")
+silent_simulator = _simulator_fixture("silent_simulator", Pace(1500, 5, SILENT_REPLY_TOKENS), "keep-alives")
+keyed_simulator = _simulator_fixture(
+    "keyed_simulator", Pace(5, 2, FAST_REPLY_TOKENS, SIMULATOR_API_KEY), "upstream keys (it echoes a wrong one)"
+)
 
 
-@pytest.fixture(scope="session")
-def _silent_simulator() -> Iterator[SimulatorProcess]:
-    options = ("--ttft-ms", "1500", "--token-delay-ms", "5", "--reply-tokens", str(SILENT_REPLY_TOKENS))
-    with running_simulator(*options) as sim:
-        yield sim
-
-
-@pytest.fixture(scope="session")
-def _keyed_simulator() -> Iterator[SimulatorProcess]:
-    options = ("--ttft-ms", "5", "--token-delay-ms", "2", "--reply-tokens", str(FAST_REPLY_TOKENS))
-    with running_simulator(*options, "--api-key", SIMULATOR_API_KEY) as sim:
-        yield sim
-
-
-@pytest.fixture
-def simulator(_fast_simulator: SimulatorProcess) -> SimulatorProcess:
-    """A fast simulator: ``FAST_REPLY_TOKENS`` tokens, 20 ms to the first, 5 ms apart; no API key."""
-    return _idle(_fast_simulator)
-
-
-@pytest.fixture
-def slow_simulator(_slow_simulator: SimulatorProcess) -> SimulatorProcess:
-    """A simulator whose replies take 10 s (``SLOW_REPLY_TOKENS`` tokens, 50 ms apart): time to stop them."""
-    return _idle(_slow_simulator)
-
-
-@pytest.fixture
-def sleepy_simulator(_sleepy_simulator: SimulatorProcess) -> SimulatorProcess:
-    """A simulator that waits 5 s before its first token: time to stop a reply before it starts."""
-    return _idle(_sleepy_simulator)
-
-
-@pytest.fixture
-def silent_simulator(_silent_simulator: SimulatorProcess) -> SimulatorProcess:
-    """A simulator silent for 1.5 s before its first token, then ``SILENT_REPLY_TOKENS`` quick ones."""
-    return _idle(_silent_simulator)
-
-
-@pytest.fixture
-def keyed_simulator(_keyed_simulator: SimulatorProcess) -> SimulatorProcess:
-    """A fast simulator that requires ``Authorization: Bearer SIMULATOR_API_KEY`` (and echoes a wrong key)."""
-    return _idle(_keyed_simulator)
+def _model_on(sim: SimulatorProcess, name: str, provider_name: str) -> Any:
+    """Create the enabled model ``name`` (upstream ``sim-1``) on a keyless provider at ``sim``."""
+    provider = ProviderFactory(name=provider_name, base_url=sim.base_url, api_key="")
+    return LLMModelFactory(name=name, provider=provider, upstream_model="sim-1")
 
 
 @pytest.fixture
 def sim_model(db, simulator):
     """``sim-model``: an enabled model served by the fast simulator."""
-    provider = ProviderFactory(base_url=simulator.base_url, api_key="")
-    return LLMModelFactory(name="sim-model", provider=provider, upstream_model="sim-1")
+    return _model_on(simulator, "sim-model", "sim-fast")
 
 
 @pytest.fixture
 def slow_model(db, slow_simulator):
     """``slow-model``: an enabled model served by the slow simulator."""
-    provider = ProviderFactory(name="sim-slow", base_url=slow_simulator.base_url, api_key="")
-    return LLMModelFactory(name="slow-model", provider=provider, upstream_model="sim-1")
+    return _model_on(slow_simulator, "slow-model", "sim-slow")
 
 
 @pytest.fixture
 def sleepy_model(db, sleepy_simulator):
     """``sleepy-model``: an enabled model served by the sleepy simulator."""
-    provider = ProviderFactory(name="sim-sleepy", base_url=sleepy_simulator.base_url, api_key="")
-    return LLMModelFactory(name="sleepy-model", provider=provider, upstream_model="sim-1")
+    return _model_on(sleepy_simulator, "sleepy-model", "sim-sleepy")
 
 
 # --- A scripted upstream: tool calls and reasoning, over real HTTP ---------------------------
@@ -298,9 +301,15 @@ def api_client() -> APIClient:
 
 
 @pytest.fixture
-def auth_client(user) -> APIClient:
+def client_for() -> Callable[[Any], APIClient]:
+    """``client_for(someone)``: an APIClient logged in as that user with a JWT access token."""
+    return lambda someone: APIClient(headers=bearer(access_token(someone)))
+
+
+@pytest.fixture
+def auth_client(client_for, user) -> APIClient:
     """An APIClient logged in as ``user`` with a JWT access token."""
-    return APIClient(headers=bearer(access_token(user)))
+    return client_for(user)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@
   ``SIMULATOR_API_KEY``.
 - ``poll_until`` / ``poll_until_sync``: wait for a condition instead of sleeping.
 - ``chat_body`` / ``post_chat``: a ``/v1/chat/completions`` request through ``AsyncClient``.
+- NextChat: ``nextchat_chat_request`` and the headers of its browser and server modes.
 - ``access_token(user)``: a JWT access token; ``bearer(credential)``: the headers that carry a JWT
   or an ``sk-...`` key. One convention: credentials travel as a headers dict.
 - ``assert_error``: the project's one error shape (OpenAI's), on any kind of response.
@@ -12,6 +13,7 @@
 - Streamed bodies: ``streamed_content`` reads a Django streaming response; ``sse_data``,
   ``chunk_objects`` and ``chunk_text`` take a ``/v1`` stream apart; ``sse_events`` parses the
   conversation stream's named events.
+- ``listed_messages``: a conversation's messages as its API lists them.
 - ``usage_records``: the usage records written, once this process's accounting queue is empty.
 """
 
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import httpx
+from django.test import AsyncClient
 from httpx_sse import EventSource, ServerSentEvent
 from rest_framework_simplejwt.tokens import AccessToken
 
@@ -105,6 +108,48 @@ async def post_chat(client: Any, body: Any, headers: dict[str, str]) -> Any:
     """POST ``body`` (a dict as JSON, or raw ``str``/``bytes``) to ``/v1/chat/completions`` with an ``AsyncClient``."""
     data = body if isinstance(body, str | bytes) else json.dumps(body)
     return await client.post(CHAT_URL, data=data, content_type="application/json", headers=headers)
+
+
+# --- NextChat's requests (ChatGPT-Next-Web v2.16, /work/shared/nextchat.md) -------------------
+
+NEXTCHAT_ORIGIN = "http://localhost:3000"
+
+
+def nextchat_chat_request(messages: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+    """Return a chat turn as NextChat's ``ChatGPTApi.chat`` builds it (streamed, ``gpt-4o-mini``), plus ``fields``."""
+    return {
+        "messages": messages,
+        "stream": True,
+        "model": "gpt-4o-mini",
+        "temperature": 0.5,
+        "presence_penalty": 0,
+        "frequency_penalty": 0,
+        "top_p": 1,
+        **fields,
+    }
+
+
+def nextchat_browser_headers(key: str, *, stream: bool) -> dict[str, str]:
+    """Return the headers NextChat's browser client sends with ``key`` (``app/client/api.ts`` ``getHeaders``)."""
+    return {
+        "Content-Type": "application/json",
+        "Accept": "application/json, text/event-stream" if stream else "application/json",
+        **bearer(key),
+        "Cache-Control": "no-store",
+        "Origin": NEXTCHAT_ORIGIN,
+        "User-Agent": "Mozilla/5.0 (X11; Linux x86_64) Chrome/131.0",
+    }
+
+
+def nextchat_server_headers(key: str) -> dict[str, str]:
+    """Return the headers NextChat's server sends when it relays a request with ``key`` (its body chunked)."""
+    return {
+        "Content-Type": "application/json",
+        "Accept": "*/*",
+        "Cache-Control": "no-store",
+        "User-Agent": "Next.js Middleware",
+        **bearer(key),
+    }
 
 
 # --- Credentials -------------------------------------------------------------------------------
@@ -284,6 +329,19 @@ async def sse_events(response: Any, raw: list[bytes] | None = None) -> list[Serv
 
     stream = httpx.Response(200, headers={"content-type": response["Content-Type"]}, content=body())
     return [event async for event in EventSource(stream).aiter_sse()]
+
+
+# --- Conversations ---------------------------------------------------------------------------
+
+
+async def listed_messages(conversation_id: int, token: str) -> dict[int, dict[str, Any]]:
+    """Return the conversation's messages as ``GET /api/conversations/{id}/messages/`` shows them, by id."""
+    response = await AsyncClient().get(f"/api/conversations/{conversation_id}/messages/", headers=bearer(token))
+    assert response.status_code == 200, response.content[:500]
+    return {message["id"]: message for message in response.json()["results"]}
+
+
+# --- Usage -------------------------------------------------------------------------------------
 
 
 async def usage_records(**filters: Any) -> list[UsageRecord]:

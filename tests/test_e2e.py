@@ -29,12 +29,23 @@ from websockets.sync.client import ClientConnection, connect
 
 from accounts.models import UsageRecord
 from llm.simulator import reply_text
-from tests.kit import E2E_REPLY_TOKENS, assert_error, bearer, chunk_objects, chunk_text, poll_until_sync, sse_data
+from tests.kit import (
+    E2E_REPLY_TOKENS,
+    NEXTCHAT_ORIGIN,
+    assert_error,
+    bearer,
+    chunk_objects,
+    chunk_text,
+    nextchat_browser_headers,
+    nextchat_chat_request,
+    nextchat_server_headers,
+    poll_until_sync,
+    sse_data,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 DEADLINE_SECONDS = 20.0
-NEXTCHAT_ORIGIN = "http://localhost:3000"
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -62,6 +73,25 @@ def usage_records(stack: Any, username: str, expected: int) -> list[UsageRecord]
     return list(UsageRecord.objects.filter(user__username=username))
 
 
+def assert_stopped_part(content: str, prompt: str) -> None:
+    """Assert ``content`` is what a reply to ``prompt`` streamed before it was stopped: a start, not all."""
+    full = expected_reply(prompt)
+    assert content, "the text streamed before the stop was lost"
+    assert full.startswith(content), (content, full)
+    assert len(content) < len(full), "the reply ran to its end: the stop did not land"
+
+
+def assert_upstream_closed(stack: Any, disconnected_before: int, count: int) -> None:
+    """Wait until the simulator streams nothing; assert it saw exactly ``count`` more connections closed early."""
+    stats = poll_until_sync(
+        stack.simulator.stats,
+        lambda s: s["requests_disconnected"] >= disconnected_before + count and s["active_streams"] == 0,
+        within=DEADLINE_SECONDS,
+        what=f"the simulator to see {count} upstream connection(s) closed",
+    )
+    assert stats["requests_disconnected"] == disconnected_before + count
+
+
 def create_conversation(http: httpx.Client, user: Any, model: str = "sim-model") -> int:
     response = http.post("/api/conversations/", json={"model": model, "title": "e2e"}, headers=bearer(user.access))
     assert response.status_code == 201, response.text
@@ -75,6 +105,12 @@ def assistant_messages(http: httpx.Client, user: Any, conversation_id: int) -> l
     )
     assert response.status_code == 200, response.text
     return response.json()["results"]
+
+
+def send_over_sse(http: httpx.Client, user: Any, conversation_id: int, content: str) -> Any:
+    """Send ``content`` to the conversation asking for SSE; return httpx-sse's ``EventSource`` context."""
+    url = f"/api/conversations/{conversation_id}/messages/"
+    return connect_sse(http, "POST", url, json={"content": content}, headers=bearer(user.access))
 
 
 def recorded_sse_events(stack: Any, source: Any) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -155,13 +191,7 @@ def test_conversation_reply_streams_over_sse_and_websocket(
     conversation_id = create_conversation(http, e2e_user)
 
     first = f"Hello over SSE {secrets.token_hex(4)}"
-    with connect_sse(
-        http,
-        "POST",
-        f"/api/conversations/{conversation_id}/messages/",
-        json={"content": first},
-        headers=bearer(e2e_user.access),
-    ) as source:
+    with send_over_sse(http, e2e_user, conversation_id, first) as source:
         assert source.response.status_code == 200
         assert source.response.headers["content-type"].startswith("text/event-stream")
         events = list(recorded_sse_events(e2e_stack, source))
@@ -231,13 +261,7 @@ def test_stopping_a_reply_keeps_the_partial_text_and_closes_the_upstream(
 
     # Over SSE: the client closes the connection after three deltas.
     over_sse = f"Stop me by hanging up {secrets.token_hex(4)}"
-    with connect_sse(
-        http,
-        "POST",
-        f"/api/conversations/{conversation_id}/messages/",
-        json={"content": over_sse},
-        headers=bearer(e2e_user.access),
-    ) as source:
+    with send_over_sse(http, e2e_user, conversation_id, over_sse) as source:
         assert source.response.status_code == 200
         events = recorded_sse_events(e2e_stack, source)
         name, data = next(events)
@@ -254,20 +278,9 @@ def test_stopping_a_reply_keeps_the_partial_text_and_closes_the_upstream(
         what="both stopped replies to be saved",
     )
     for message_id, prompt in ((ws_message_id, over_ws), (sse_message_id, over_sse)):
-        message = messages[message_id]
-        full = expected_reply(prompt)
-        assert message["status"] == "cancelled", message
-        assert message["content"], "the text streamed before the stop was lost"
-        assert full.startswith(message["content"]), (message["content"], full)
-        assert len(message["content"]) < len(full), "the reply ran to its end: the stop did not land"
-
-    stats = poll_until_sync(
-        e2e_stack.simulator.stats,
-        lambda s: s["requests_disconnected"] >= disconnected_before + 2 and s["active_streams"] == 0,
-        within=DEADLINE_SECONDS,
-        what="the simulator to see both upstream connections closed",
-    )
-    assert stats["requests_disconnected"] == disconnected_before + 2
+        assert messages[message_id]["status"] == "cancelled", messages[message_id]
+        assert_stopped_part(messages[message_id]["content"], prompt)
+    assert_upstream_closed(e2e_stack, disconnected_before, 2)
 
     records = usage_records(e2e_stack, e2e_user.username, expected=2)
     assert Counter(r.message_id for r in records) == {ws_message_id: 1, sse_message_id: 1}
@@ -292,21 +305,10 @@ def test_nextchat_requests_and_cors_preflight(
     assert "POST" in response.headers.get("access-control-allow-methods", "")
 
     prompt = f"Hi from NextChat {secrets.token_hex(4)}"
-    body = {
-        "messages": [{"role": "system", "content": "You are ChatGPT."}, {"role": "user", "content": prompt}],
-        "stream": True,
-        "model": "gpt-4o-mini",
-        "temperature": 0.5,
-        "presence_penalty": 0,
-        "frequency_penalty": 0,
-        "top_p": 1,
-    }
-    browser_headers = {
-        "Origin": NEXTCHAT_ORIGIN,
-        "Content-Type": "application/json",
-        "Accept": "application/json, text/event-stream",
-        **bearer(e2e_user.api_key),
-    }
+    body = nextchat_chat_request(
+        [{"role": "system", "content": "You are ChatGPT."}, {"role": "user", "content": prompt}]
+    )
+    browser_headers = nextchat_browser_headers(e2e_user.api_key, stream=True)
     with http.stream("POST", "/v1/chat/completions", content=json.dumps(body), headers=browser_headers) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -320,13 +322,7 @@ def test_nextchat_requests_and_cors_preflight(
         yield raw[:20]
         yield raw[20:]
 
-    server_headers = {
-        "Content-Type": "application/json",
-        "Accept": "*/*",
-        "Cache-Control": "no-store",
-        "User-Agent": "Next.js Middleware",
-        **bearer(e2e_user.api_key),
-    }
+    server_headers = nextchat_server_headers(e2e_user.api_key)
     with http.stream("POST", "/v1/chat/completions", content=chunked(), headers=server_headers) as response:
         assert "content-length" not in response.request.headers
         assert response.status_code == 200
@@ -339,7 +335,7 @@ def test_nextchat_requests_and_cors_preflight(
     response = http.post(
         "/v1/chat/completions",
         content=json.dumps(title_body),
-        headers={**browser_headers, "Accept": "application/json"},
+        headers=nextchat_browser_headers(e2e_user.api_key, stream=False),
     )
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"] == expected_reply(prompt)
@@ -379,13 +375,7 @@ def test_a_stop_sent_to_another_server_stops_the_reply(e2e_stack, e2e_models, e2
     stop_url = f"/api/conversations/{conversation_id}/messages/{{}}/stop/"
 
     events: list[tuple[str, dict[str, Any]]] = []
-    with connect_sse(  # server A streams the reply ...
-        http,
-        "POST",
-        f"/api/conversations/{conversation_id}/messages/",
-        json={"content": prompt},
-        headers=bearer(e2e_user.access),
-    ) as source:
+    with send_over_sse(http, e2e_user, conversation_id, prompt) as source:  # server A streams the reply ...
         assert source.response.status_code == 200
         for name, data in recorded_sse_events(e2e_stack, source):
             events.append((name, data))
@@ -400,18 +390,11 @@ def test_a_stop_sent_to_another_server_stops_the_reply(e2e_stack, e2e_models, e2
     streamed = "".join(data["content"] for name, data in events if name == "reply.delta")
     done = events[-1][1]["message"]
     assert (done["id"], done["status"], done["content"]) == (message_id, "cancelled", streamed)
-    assert streamed and expected_reply(prompt).startswith(streamed)
-    assert len(streamed) < len(expected_reply(prompt)), "the reply ran to its end: the stop did not land"
+    assert_stopped_part(streamed, prompt)
     # Saved as the stream said, as either server reads it.
     [saved] = [m for m in assistant_messages(http_b, e2e_user, conversation_id) if m["id"] == message_id]
     assert (saved["status"], saved["content"]) == ("cancelled", streamed)
-    stats = poll_until_sync(
-        e2e_stack.simulator.stats,
-        lambda s: s["requests_disconnected"] >= disconnected_before + 1 and s["active_streams"] == 0,
-        within=DEADLINE_SECONDS,
-        what="the simulator to see the upstream connection closed",
-    )
-    assert stats["requests_disconnected"] == disconnected_before + 1
+    assert_upstream_closed(e2e_stack, disconnected_before, 1)
 
 
 @needs_shared_state

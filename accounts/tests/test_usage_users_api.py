@@ -5,11 +5,10 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
-from rest_framework.test import APIClient
 
 from accounts.services import api_key_create
 from tests.factories import LLMModelFactory, UsageRecordFactory
-from tests.kit import access_token, assert_error, bearer
+from tests.kit import assert_error
 
 USAGE = "/api/usage/"
 USERS = "/api/users/"
@@ -33,27 +32,13 @@ USAGE_FIELDS = {
 }
 
 
-def jwt_client(user) -> APIClient:
-    return APIClient(headers=bearer(access_token(user)))
-
-
-def record(*, user, request_id: str, api_key=None, model=None, prompt_tokens: int = 10, completion_tokens: int = 5):
-    return UsageRecordFactory(
-        user=user,
-        request_id=request_id,
-        api_key=api_key,
-        model=model,
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        finish_status="stop",
-    )
-
-
 def test_a_member_sees_only_their_own_usage(auth_client, user, other_user):
     model = LLMModelFactory(input_price_per_million="1.000000", output_price_per_million="2.000000")
     key = api_key_create(user=user, name="sdk").api_key
-    record(user=user, request_id="mine-1", api_key=key, model=model, prompt_tokens=1000, completion_tokens=500)
-    record(user=other_user, request_id="theirs-1", model=model)
+    UsageRecordFactory(
+        user=user, request_id="mine-1", api_key=key, model=model, prompt_tokens=1000, completion_tokens=500
+    )
+    UsageRecordFactory(user=other_user, request_id="theirs-1", model=model)
 
     response = auth_client.get(USAGE)
 
@@ -70,12 +55,12 @@ def test_a_member_sees_only_their_own_usage(auth_client, user, other_user):
     assert isinstance(row["cost"], str)
     assert Decimal(row["cost"]) == Decimal("0.002")  # (1000 * 1 + 500 * 2) / 1e6
     assert row["estimated"] is False
-    assert row["finish_status"] == "stop"
+    assert row["finish_status"] == "completed"
     assert row["api_key_prefix"] == key.prefix
 
 
 def test_usage_without_an_api_key_has_a_null_prefix(auth_client, user):
-    record(user=user, request_id="conv-1")
+    UsageRecordFactory(user=user, request_id="conv-1")
 
     row = auth_client.get(USAGE).json()["results"][0]
 
@@ -84,11 +69,11 @@ def test_usage_without_an_api_key_has_a_null_prefix(auth_client, user):
     assert row["cost"] == "0.00000000"  # no model row to price it
 
 
-def test_an_admin_sees_everyones_usage_newest_first(admin_user, user, other_user):
-    record(user=user, request_id="a")
-    record(user=other_user, request_id="b")
+def test_an_admin_sees_everyones_usage_newest_first(client_for, admin_user, user, other_user):
+    UsageRecordFactory(user=user, request_id="a")
+    UsageRecordFactory(user=other_user, request_id="b")
 
-    response = jwt_client(admin_user).get(USAGE)
+    response = client_for(admin_user).get(USAGE)
 
     assert response.status_code == 200
     assert [row["request_id"] for row in response.json()["results"]] == ["b", "a"]
@@ -98,8 +83,8 @@ def test_usage_needs_authentication(api_client):
     assert_error(api_client.get(USAGE), 401, code="not_authenticated")
 
 
-def test_an_admin_lists_users(admin_user, user, other_user):
-    response = jwt_client(admin_user).get(USERS)
+def test_an_admin_lists_users(client_for, admin_user, user, other_user):
+    response = client_for(admin_user).get(USERS)
 
     assert response.status_code == 200
     page = response.json()
@@ -109,8 +94,8 @@ def test_an_admin_lists_users(admin_user, user, other_user):
     assert "password" not in response.content.decode()
 
 
-def test_a_superuser_counts_as_an_admin(superuser):
-    assert jwt_client(superuser).get(USERS).status_code == 200
+def test_a_superuser_counts_as_an_admin(client_for, superuser):
+    assert client_for(superuser).get(USERS).status_code == 200
 
 
 def test_a_member_cannot_list_users(auth_client):

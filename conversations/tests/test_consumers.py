@@ -13,7 +13,15 @@ from chatbackend.asyncdb import run_sync
 from conversations.models import Message
 from llm.simulator import reply_text
 from tests.factories import ConversationFactory
-from tests.kit import FAST_REPLY_TOKENS, SLOW_REPLY_TOKENS, access_token, bearer, poll_until, usage_records
+from tests.kit import (
+    FAST_REPLY_TOKENS,
+    SLOW_REPLY_TOKENS,
+    access_token,
+    bearer,
+    listed_messages,
+    poll_until,
+    usage_records,
+)
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -92,8 +100,7 @@ async def test_start_and_done_frames_match_the_api(connect, conversation, token)
 
     start = frames[0]
     assert list(start) == ["type", "conversation_id", "user_message_id", "message_id", "model"]
-    response = await AsyncClient().get(f"/api/conversations/{conversation.pk}/messages/", headers=bearer(token))
-    listed = {m["id"]: m for m in response.json()["results"]}
+    listed = await listed_messages(conversation.pk, token)
     # Built from what the reply wrote, not read back: it must be what the API shows, field for field.
     assert frames[-1]["message"] == listed[start["message_id"]]
 

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from rest_framework.test import APIClient
 
 from conversations.models import Conversation, Message
 from tests.factories import ConversationFactory, LLMModelFactory, MessageFactory
-from tests.kit import access_token, assert_error, bearer
+from tests.kit import assert_error
 
 pytestmark = pytest.mark.django_db
-
-
-def client_for(user) -> APIClient:
-    return APIClient(headers=bearer(access_token(user)))
 
 
 def test_create_conversation(auth_client, user, model):
@@ -77,7 +72,7 @@ def test_list_shows_only_own_conversations(auth_client, user, other_user):
     assert [c["id"] for c in response.json()["results"]] == [mine.pk]
 
 
-def test_admin_sees_every_conversation(admin_user, user, other_user):
+def test_admin_sees_every_conversation(client_for, admin_user, user, other_user):
     ConversationFactory(owner=user)
     ConversationFactory(owner=other_user)
 
@@ -137,7 +132,7 @@ def test_other_users_conversation_is_404_everywhere(auth_client, other_user):
     assert theirs.title == "Private"
 
 
-def test_admin_can_read_another_users_conversation(admin_user, other_user):
+def test_admin_can_read_another_users_conversation(client_for, admin_user, other_user):
     theirs = ConversationFactory(owner=other_user)
     MessageFactory(conversation=theirs)
 
@@ -301,13 +296,15 @@ def test_openapi_documents_the_conversation_endpoints(auth_client):
     assert "/api/conversations/{conversation_id}/messages/{message_id}/stop/" in paths
 
 
-def test_admin_pages_list_conversations_and_messages(client, user, admin_user):
-    staff = type(admin_user).objects.create_superuser("root", "root@example.com", "pw-not-used-elsewhere")
+def test_admin_pages_list_conversations_and_messages(admin_site, user):
     conversation = ConversationFactory(owner=user, title="Findable")
     message = MessageFactory(conversation=conversation, role=Message.Role.ASSISTANT, content="A reply")
-    client.force_login(staff)
+    question = MessageFactory(conversation=conversation, role=Message.Role.USER)
 
-    assert b"Findable" in client.get("/admin/conversations/conversation/").content
-    assert b"A reply" in client.get(f"/admin/conversations/conversation/{conversation.pk}/change/").content
-    assert client.get("/admin/conversations/message/", {"status": "completed", "role": "assistant"}).status_code == 200
-    assert client.get(f"/admin/conversations/message/{message.pk}/change/").status_code == 200
+    assert b"Findable" in admin_site.get("/admin/conversations/conversation/").content
+    assert b"A reply" in admin_site.get(f"/admin/conversations/conversation/{conversation.pk}/change/").content
+    listed = admin_site.get("/admin/conversations/message/", {"status": "completed", "role": "assistant"})
+    assert listed.status_code == 200
+    assert f"/admin/conversations/message/{message.pk}/change/".encode() in listed.content
+    assert f"/admin/conversations/message/{question.pk}/change/".encode() not in listed.content  # filtered out
+    assert admin_site.get(f"/admin/conversations/message/{message.pk}/change/").status_code == 200

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import httpx
 import pytest
@@ -18,7 +19,16 @@ from chatbackend.asyncdb import run_sync
 from conversations.models import Message
 from llm.simulator import reply_text
 from tests.factories import ConversationFactory
-from tests.kit import FAST_REPLY_TOKENS, SLOW_REPLY_TOKENS, assert_error, bearer, poll_until, sse_events, usage_records
+from tests.kit import (
+    FAST_REPLY_TOKENS,
+    SLOW_REPLY_TOKENS,
+    assert_error,
+    bearer,
+    listed_messages,
+    poll_until,
+    sse_events,
+    usage_records,
+)
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -40,6 +50,11 @@ async def post(conversation, token: str, body, *, accept: str = SSE, raw: bool =
         content_type="application/json",
         headers={**bearer(token), "Accept": accept},
     )
+
+
+def send_over_sse(client: httpx.AsyncClient, conversation, token: str, content: str = "hi") -> Any:
+    """Send ``content`` asking for SSE; return httpx-sse's ``EventSource`` context (it adds the ``Accept``)."""
+    return aconnect_sse(client, "POST", url(conversation), json={"content": content}, headers=bearer(token))
 
 
 async def message(pk: int) -> Message:
@@ -85,13 +100,6 @@ async def test_sse_streams_start_deltas_done_and_persists_the_reply(user, conver
     assert record.estimated is False
 
 
-async def listed_messages(conversation, token: str) -> dict[int, dict]:
-    """The conversation's messages as ``GET /api/conversations/{id}/messages/`` shows them, by id."""
-    response = await AsyncClient().get(url(conversation), headers=bearer(token))
-    assert response.status_code == 200
-    return {m["id"]: m for m in response.json()["results"]}
-
-
 async def test_sse_start_and_done_payloads_match_the_api(conversation, token):
     raw: list[bytes] = []
     events = await sse_events(await post(conversation, token, {"content": "Tell me a story"}), raw)
@@ -101,8 +109,8 @@ async def test_sse_start_and_done_payloads_match_the_api(conversation, token):
     assert all(isinstance(part, bytes) for part in raw)
     done = events[-1].json()["message"]
     # Built from what the reply wrote, not read back: it must be what the API shows, field for field.
-    assert done == (await listed_messages(conversation, token))[start["message_id"]]
-    assert list(done) == list((await listed_messages(conversation, token))[start["message_id"]])
+    assert done == (await listed_messages(conversation.pk, token))[start["message_id"]]
+    assert list(done) == list((await listed_messages(conversation.pk, token))[start["message_id"]])
 
 
 async def test_sse_error_message_matches_the_api(failing_conversation, token):
@@ -110,7 +118,7 @@ async def test_sse_error_message_matches_the_api(failing_conversation, token):
 
     message = events[-1].json()["message"]
     assert message["status"] == "failed"
-    assert message == (await listed_messages(failing_conversation, token))[message["id"]]
+    assert message == (await listed_messages(failing_conversation.pk, token))[message["id"]]
 
 
 async def test_sse_sends_history_so_a_second_message_gets_its_own_reply(conversation, token):
@@ -234,9 +242,7 @@ async def test_client_disconnect_cancels_the_reply_and_the_upstream_request(
     before = (await slow_simulator.astats())["requests_disconnected"]
     deltas: list[str] = []
     async with httpx.AsyncClient(base_url=asgi_server, timeout=10) as client:
-        async with aconnect_sse(
-            client, "POST", url(slow_conversation), json={"content": "hi"}, headers=bearer(token)
-        ) as source:
+        async with send_over_sse(client, slow_conversation, token) as source:
             async for event in source.aiter_sse():
                 if event.event == "reply.start":
                     message_id = event.json()["message_id"]
@@ -258,10 +264,7 @@ async def test_stop_endpoint_stops_an_sse_reply(asgi_server, slow_simulator, slo
     headers = bearer(token)
     events: list[ServerSentEvent] = []
     async with httpx.AsyncClient(base_url=asgi_server, timeout=10) as client:
-        # A copy: aconnect_sse adds "Accept: text/event-stream" to the dict it is given.
-        async with aconnect_sse(
-            client, "POST", url(slow_conversation), json={"content": "hi"}, headers=dict(headers)
-        ) as source:
+        async with send_over_sse(client, slow_conversation, token) as source:
             async for event in source.aiter_sse():
                 events.append(event)
                 if event.event == "reply.delta" and sum(e.event == "reply.delta" for e in events) == 2:
@@ -306,9 +309,7 @@ async def test_stop_endpoint_stops_a_reply_still_waiting_for_its_first_token(
     headers = bearer(token)
     events: list[ServerSentEvent] = []
     async with httpx.AsyncClient(base_url=asgi_server, timeout=10) as client:
-        async with aconnect_sse(
-            client, "POST", url(sleepy_conversation), json={"content": "hi"}, headers=dict(headers)
-        ) as source:
+        async with send_over_sse(client, sleepy_conversation, token) as source:
             async for event in source.aiter_sse():
                 events.append(event)
                 if event.event == "reply.start":

@@ -20,41 +20,25 @@ from django.utils import timezone
 from llm.simulator import reply_text
 from llm.tests.openai_schema import validate_against
 from tests.factories import UPSTREAM_API_KEY
-from tests.kit import CHAT_URL, FAST_REPLY_TOKENS, asgi_request, assert_error, bearer, streamed_content, usage_records
+from tests.kit import (
+    CHAT_URL,
+    FAST_REPLY_TOKENS,
+    NEXTCHAT_ORIGIN,
+    asgi_request,
+    assert_error,
+    nextchat_browser_headers,
+    nextchat_chat_request,
+    nextchat_server_headers,
+    streamed_content,
+    usage_records,
+)
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("provider_clients")]
 
-ORIGIN = "http://localhost:3000"
 SYSTEM_PROMPT = (
     "\nYou are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: 2023-10\n"
     "Current model: gpt-4o-mini\nCurrent time: Sat Nov 21 2026 11:00:00 GMT+0000\n"
 )
-
-
-def browser_headers(key: str, *, stream: bool) -> dict[str, str]:
-    """The headers NextChat's browser client sends (``app/client/api.ts`` ``getHeaders``)."""
-    return {
-        "Content-Type": "application/json",
-        "Accept": "application/json, text/event-stream" if stream else "application/json",
-        **bearer(key),
-        "Cache-Control": "no-store",
-        "Origin": ORIGIN,
-        "User-Agent": "Mozilla/5.0 (X11; Linux x86_64) Chrome/131.0",
-    }
-
-
-def chat_request(messages: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
-    """A chat turn as NextChat's ``ChatGPTApi.chat`` builds it."""
-    return {
-        "messages": messages,
-        "stream": True,
-        "model": "gpt-4o-mini",
-        "temperature": 0.5,
-        "presence_penalty": 0,
-        "frequency_penalty": 0,
-        "top_p": 1,
-        **fields,
-    }
 
 
 def read_like_nextchat(status: int, content_type: str, body: bytes) -> tuple[str, str, bool]:
@@ -112,13 +96,13 @@ async def test_cors_preflight_as_the_browser_sends_it_needs_no_key():
         response = await client.options(
             path,
             headers={
-                "Origin": ORIGIN,
+                "Origin": NEXTCHAT_ORIGIN,
                 "Access-Control-Request-Method": method,
                 "Access-Control-Request-Headers": "authorization,content-type",
             },
         )
         assert response.status_code == 200, path
-        assert response["Access-Control-Allow-Origin"] in ("*", ORIGIN)
+        assert response["Access-Control-Allow-Origin"] in ("*", NEXTCHAT_ORIGIN)
         allowed = {name.strip() for name in response["Access-Control-Allow-Headers"].split(",")}
         # Every header NextChat's providers may send (nextchat.md, "Browser mode").
         needed = {"authorization", "content-type", "accept", "x-api-key", "anthropic-version", "api-key"}
@@ -131,8 +115,10 @@ async def test_cors_preflight_as_the_browser_sends_it_needs_no_key():
 async def test_chat_turn_streams_the_way_nextchat_reads_it(api_key_secret, nextchat_model):
     client = AsyncClient()
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "Write a haiku"}]
-    response = await post_as_nextchat(client, chat_request(messages), browser_headers(api_key_secret, stream=True))
-    assert response["Access-Control-Allow-Origin"] in ("*", ORIGIN)
+    response = await post_as_nextchat(
+        client, nextchat_chat_request(messages), nextchat_browser_headers(api_key_secret, stream=True)
+    )
+    assert response["Access-Control-Allow-Origin"] in ("*", NEXTCHAT_ORIGIN)
     body = await streamed_content(response)
     text, reasoning, done = read_like_nextchat(response.status_code, response["Content-Type"], body)
 
@@ -158,7 +144,7 @@ async def test_vision_request_with_content_parts_streams(api_key_secret, nextcha
         },
     ]
     response = await post_as_nextchat(
-        client, chat_request(messages, max_tokens=4000), browser_headers(api_key_secret, stream=True)
+        client, nextchat_chat_request(messages, max_tokens=4000), nextchat_browser_headers(api_key_secret, stream=True)
     )
     body = await streamed_content(response)
     text, _, done = read_like_nextchat(response.status_code, response["Content-Type"], body)
@@ -170,10 +156,10 @@ async def test_reasoning_model_request_with_developer_role_streams(api_key_secre
     client = AsyncClient()
     # For o1/o3/o4-mini/gpt-5 NextChat sends a developer message and max_completion_tokens.
     messages = [{"role": "developer", "content": "Formatting re-enabled"}, {"role": "user", "content": "Prove it"}]
-    request = chat_request(messages, max_completion_tokens=5)
+    request = nextchat_chat_request(messages, max_completion_tokens=5)
     for name in ("presence_penalty", "frequency_penalty", "top_p"):
         request.pop(name)
-    response = await post_as_nextchat(client, request, browser_headers(api_key_secret, stream=True))
+    response = await post_as_nextchat(client, request, nextchat_browser_headers(api_key_secret, stream=True))
     body = await streamed_content(response)
     text, _, done = read_like_nextchat(response.status_code, response["Content-Type"], body)
     assert text == reply_text(messages, 5)  # max_completion_tokens reached the upstream
@@ -199,7 +185,7 @@ async def test_plugin_tool_follow_up_request_is_accepted(api_key_secret, nextcha
         {"role": "tool", "tool_call_id": "call_abc", "name": "web_search", "content": "x is a letter"},
     ]
     response = await post_as_nextchat(
-        client, chat_request(messages, tools=tools), browser_headers(api_key_secret, stream=True)
+        client, nextchat_chat_request(messages, tools=tools), nextchat_browser_headers(api_key_secret, stream=True)
     )
     body = await streamed_content(response)
     text, _, done = read_like_nextchat(response.status_code, response["Content-Type"], body)
@@ -215,7 +201,7 @@ async def test_title_request_without_stream_answers_json(api_key_secret, nextcha
         {"role": "user", "content": "Summarize our conversation in a title of at most 10 words."},
     ]
     response = await post_as_nextchat(
-        client, chat_request(messages, stream=False), browser_headers(api_key_secret, stream=False)
+        client, nextchat_chat_request(messages, stream=False), nextchat_browser_headers(api_key_secret, stream=False)
     )
     assert response.status_code == 200  # NextChat keeps a title only on 200
     assert response["Content-Type"] == "application/json"
@@ -229,14 +215,18 @@ async def test_errors_reach_nextchat_as_status_and_json_before_any_stream(api_ke
     client = AsyncClient()
     messages = [{"role": "user", "content": "hi"}]
     response = await post_as_nextchat(
-        client, chat_request(messages, model="gpt-5-turbo-ultra"), browser_headers(api_key_secret, stream=True)
+        client,
+        nextchat_chat_request(messages, model="gpt-5-turbo-ultra"),
+        nextchat_browser_headers(api_key_secret, stream=True),
     )
     error = assert_error(response, 404, code="model_not_found")
     assert "gpt-5-turbo-ultra" in error["message"]  # NextChat shows the body to the user
 
-    response = await post_as_nextchat(client, chat_request(messages), browser_headers("nk-my-access-code", stream=True))
+    response = await post_as_nextchat(
+        client, nextchat_chat_request(messages), nextchat_browser_headers("nk-my-access-code", stream=True)
+    )
     assert_error(response, 401, code="token_not_valid")
-    assert response["Access-Control-Allow-Origin"] in ("*", ORIGIN)  # the browser may read the error
+    assert response["Access-Control-Allow-Origin"] in ("*", NEXTCHAT_ORIGIN)  # the browser may read the error
 
 
 # --- Server mode: NextChat's server relays /api/openai/<path> to us ---------------------------
@@ -244,16 +234,8 @@ async def test_errors_reach_nextchat_as_status_and_json_before_any_stream(api_ke
 
 async def test_server_mode_relays_a_chunked_body_without_content_length(api_key_secret, nextchat_model):
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "Hello from the server"}]
-    raw = json.dumps(chat_request(messages)).encode()
-    headers = [
-        ("host", "localhost:8000"),
-        *bearer(api_key_secret).items(),
-        ("content-type", "application/json"),
-        ("cache-control", "no-store"),
-        ("accept", "*/*"),
-        ("user-agent", "Next.js Middleware"),
-        ("transfer-encoding", "chunked"),
-    ]
+    raw = json.dumps(nextchat_chat_request(messages)).encode()
+    headers = {"Host": "localhost:8000", **nextchat_server_headers(api_key_secret), "Transfer-Encoding": "chunked"}
     parts = [raw[:40], raw[40:100], raw[100:]]
     result = await asgi_request("POST", CHAT_URL, headers=headers, body=parts)
 
@@ -270,14 +252,16 @@ async def test_usage_and_subscription_as_nextchat_asks_for_them(api_key_secret, 
     client = AsyncClient()
     # A reply first, so there is something to count.
     messages = [{"role": "user", "content": "hi"}]
-    response = await post_as_nextchat(client, chat_request(messages), browser_headers(api_key_secret, stream=True))
+    response = await post_as_nextchat(
+        client, nextchat_chat_request(messages), nextchat_browser_headers(api_key_secret, stream=True)
+    )
     await streamed_content(response)
     [record] = await usage_records()
 
     # app/client/platforms/openai.ts usage(): the month's first day to tomorrow.
     today = timezone.now().date()
     start, end = today.replace(day=1), today + dt.timedelta(days=1)
-    headers = browser_headers(api_key_secret, stream=False)
+    headers = nextchat_browser_headers(api_key_secret, stream=False)
     response = await client.get(f"/dashboard/billing/usage?start_date={start}&end_date={end}", headers=headers)
     assert response.status_code == 200
     assert json.loads(response.content)["total_usage"] == pytest.approx(float(record.cost * 100))
@@ -291,19 +275,13 @@ async def test_usage_and_subscription_as_nextchat_asks_for_them(api_key_secret, 
 async def test_server_mode_over_real_http_with_a_chunked_body(asgi_server, api_key_secret, nextchat_model):
     """The same relay through a real ASGI server (uvicorn): ``Transfer-Encoding: chunked`` on the wire."""
     messages = [{"role": "user", "content": "Hello over HTTP"}]
-    raw = json.dumps(chat_request(messages)).encode()
+    raw = json.dumps(nextchat_chat_request(messages)).encode()
 
     async def relayed_body() -> AsyncIterator[bytes]:  # how Next.js streams the request it relays
         for start in range(0, len(raw), 64):
             yield raw[start : start + 64]
 
-    headers = {
-        **bearer(api_key_secret),
-        "content-type": "application/json",
-        "cache-control": "no-store",
-        "accept": "*/*",
-        "user-agent": "Next.js Middleware",
-    }
+    headers = nextchat_server_headers(api_key_secret)
     async with (
         httpx.AsyncClient(base_url=asgi_server, timeout=10) as client,
         client.stream("POST", CHAT_URL, content=relayed_body(), headers=headers) as response,

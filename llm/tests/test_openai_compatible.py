@@ -139,26 +139,22 @@ async def test_silent_upstream_times_out_with_504() -> None:
     assert_key_hidden(caught.value)
 
 
-async def test_connection_dropped_midstream_is_502_after_the_chunks_received(simulator: SimulatorProcess) -> None:
+@pytest.mark.parametrize(
+    ("model", "chunks", "code", "quoted"),
+    [
+        ("sim-fail-midstream", MIDSTREAM_FAILURE_CHUNKS, "upstream_disconnected", "mid-stream"),  # connection dropped
+        ("sim-malformed-chunk", 1, "upstream_bad_response", ""),
+    ],
+)
+async def test_a_stream_broken_midway_is_502_after_the_chunks_received(
+    simulator: SimulatorProcess, model: str, chunks: int, code: str, quoted: str
+) -> None:
     received: list[ChatChunk] = []
     with pytest.raises(UpstreamError) as caught:
-        await collect(
-            provider(simulator.base_url), ChatRequest(model="sim-fail-midstream", messages=MESSAGES), received
-        )
-    assert len(received) == MIDSTREAM_FAILURE_CHUNKS and all(c.content for c in received)
-    assert (caught.value.status, caught.value.code) == (502, "upstream_disconnected")
-    assert "mid-stream" in caught.value.message
-    assert_key_hidden(caught.value)
-
-
-async def test_malformed_chunk_is_502(simulator: SimulatorProcess) -> None:
-    received: list[ChatChunk] = []
-    with pytest.raises(UpstreamError) as caught:
-        await collect(
-            provider(simulator.base_url), ChatRequest(model="sim-malformed-chunk", messages=MESSAGES), received
-        )
-    assert len(received) == 1
-    assert (caught.value.status, caught.value.code) == (502, "upstream_bad_response")
+        await collect(provider(simulator.base_url), ChatRequest(model=model, messages=MESSAGES), received)
+    assert len(received) == chunks and all(c.content for c in received)
+    assert (caught.value.status, caught.value.code) == (502, code)
+    assert quoted in caught.value.message
     assert_key_hidden(caught.value)
 
 
