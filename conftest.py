@@ -14,7 +14,8 @@ scripted upstream for the shapes the simulator never sends.
 - People and credentials: ``user``, ``other_user``, ``admin_user``, ``password``, ``token`` (a JWT),
   ``api_key_secret``, ``api_client``, ``client_for``, ``auth_client``, ``superuser``, ``admin_site``.
 - Servers and cleanup: ``asgi_server`` (uvicorn in the test's loop), ``release_db_connections`` and
-  ``provider_clients`` (for async tests), and, for every test, the usage queue drained.
+  ``provider_clients`` (for async tests), and, for every test, empty auth throttles and the usage
+  queue drained.
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ import pytest
 import uvicorn
 from aiohttp import web
 from asgiref.sync import sync_to_async
+from django.core.cache import cache
 from django.db import connections
 from rest_framework.test import APIClient
 
+from accounts.apis import AuthRateThrottle
 from accounts.services import api_key_create
 from accounts.usage import usage_flush
 from llm.providers.openai_compatible import aclose_clients
@@ -78,6 +81,22 @@ def _usage_queue_drained() -> Iterator[None]:
     """
     yield
     assert usage_flush(10), "the usage queue did not drain within 10 s"
+
+
+# Test clients and the end-to-end servers' clients come from 127.0.0.1: the throttles' cache keys.
+_THROTTLE_KEYS = [f"throttle_{scope}_127.0.0.1" for scope in AuthRateThrottle.DEFAULT_RATES]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_auth_throttles() -> Iterator[None]:
+    """Start every test with empty login/registration throttles.
+
+    With ``REDIS_URL`` the cache is a Redis that outlives the run and that the end-to-end servers
+    share: registrations of an earlier test (or run) would otherwise count against this one.
+    """
+    cache.delete_many(_THROTTLE_KEYS)
+    yield
+    cache.delete_many(_THROTTLE_KEYS)
 
 
 # --- Simulators, one process per pace --------------------------------------------------------
