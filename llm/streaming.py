@@ -47,12 +47,12 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from asgiref.sync import async_to_sync
-from django.http import StreamingHttpResponse
 
 from accounts.usage import UsageContext, usage_account
 from chatbackend import broadcast
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError
+from chatbackend.http import EventStreamResponse
 
 from .providers import ChatChunk, ChatRequest, ProviderConfig, Usage, get_provider
 from .tokens import estimate_prompt_tokens, estimate_text_tokens
@@ -468,20 +468,17 @@ async def _abandon(begun: asyncio.Future[P]) -> None:
 # --- HTTP streaming ---------------------------------------------------------------------------
 
 
-class ReplyStreamingResponse(StreamingHttpResponse):
+class ReplyStreamingResponse(EventStreamResponse):
     """A streamed HTTP answer (``text/event-stream``) whose body encodes a ``Reply``'s events.
 
     ``body``: an async iterator of ``bytes`` (an interface's encoder over ``reply.events()``); its
-    end ends the reply. Headers ``Cache-Control: no-cache`` and ``X-Accel-Buffering: no`` make
-    proxies pass each part on at once (FIELD-NOTES, "HTTP streaming"); never gzip it (each part
-    would become its own gzip member). ``close()`` ends the reply if the body was never iterated
-    (the client left while the headers were being sent), so it is still persisted ``cancelled``.
+    end ends the reply. ``close()`` ends the reply if the body was never iterated (the client left
+    while the headers were being sent), so it is still persisted ``cancelled``. Headers and
+    writing: ``chatbackend.http.EventStreamResponse``.
     """
 
     def __init__(self, reply: Reply[Any], body: AsyncIterator[bytes]) -> None:
-        super().__init__(body, content_type="text/event-stream")
-        self["Cache-Control"] = "no-cache"
-        self["X-Accel-Buffering"] = "no"
+        super().__init__(body)
         self.reply = reply
 
     def close(self) -> None:
