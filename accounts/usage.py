@@ -7,10 +7,11 @@ prices) and how it ended (tokens, status). ``usage_account`` decides whether the
 queued records in batches (``usage_record_many``), idempotently by ``request_id``.
 
 Queueing never blocks the caller: records go to an in-process queue that one sender thread per
-process publishes to Celery, all that is waiting in one task (one kombu publish instead of one per
-reply: a publish per reply was ~9 % of the server's CPU at 50 streams). Nothing waits on a timer:
-a lone record is sent at once, and records that pile up while a publish is in flight go together
-in the next. ``usage_flush`` waits until everything queued is sent; it runs at process exit.
+process publishes to Celery in batches, one task per batch (a kombu publish per reply was ~9 % of
+the server's CPU at 50 streams). A batch is what arrives within ``BATCH_WINDOW_SECONDS`` of its
+first record (at most ``MAX_BATCH``), plus what piled up while the previous publish was in
+flight: accounting is a fraction of a second late, the broker sees a few publishes a second
+whatever the load. ``usage_flush`` waits until everything queued is sent; it runs at process exit.
 
 Prices are US dollars per million tokens (what providers publish), taken from the model when the
 reply started; the cost is ``(prompt_tokens * input_price + completion_tokens * output_price) /
@@ -23,6 +24,7 @@ import atexit
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from decimal import Decimal
@@ -37,6 +39,8 @@ logger = logging.getLogger(__name__)
 _MILLION = Decimal(1_000_000)
 # Most records one task carries. A burst of thousands of replies ending together becomes a few tasks.
 MAX_BATCH = 500
+# How long the sender gathers records after the first of a batch before publishing them.
+BATCH_WINDOW_SECONDS = 0.1
 # Reply statuses as the streaming engine reports them (``llm.streaming.ReplyStatus`` values).
 FAILED = "failed"
 
@@ -232,9 +236,10 @@ class _Sender:
 
         while True:
             batch = [self._queue.get()]
+            deadline = time.monotonic() + BATCH_WINDOW_SECONDS
             while len(batch) < MAX_BATCH:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    batch.append(self._queue.get(timeout=max(deadline - time.monotonic(), 0)))
                 except queue.Empty:
                     break
             try:
@@ -260,6 +265,7 @@ _sender = _Sender()
 atexit.register(usage_flush, 10.0)
 
 __all__ = [
+    "BATCH_WINDOW_SECONDS",
     "MAX_BATCH",
     "UsageContext",
     "UsageEvent",
