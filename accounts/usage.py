@@ -26,9 +26,9 @@ import queue
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 from django.db import IntegrityError, connections, models, transaction
 
@@ -45,13 +45,13 @@ BATCH_WINDOW_SECONDS = 0.1
 FAILED = "failed"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class UsageContext:
-    """What the start of a reply knows about its accounting.
+@dataclass(frozen=True, kw_only=True)
+class UsageSubject:
+    """Whose usage a record is, and of what.
 
     ``request_id``: unique per reply (``message-<id>`` or ``chatcmpl-...``): a record is written at
-    most once per id. ``source``: a ``UsageRecord.Source`` value. Prices: US dollars per million
-    tokens, the model's when the reply started. ``message_id``: the assistant message, if any.
+    most once per id. ``source``: a ``UsageRecord.Source`` value. ``message_id``: the assistant
+    message, if any.
     """
 
     request_id: str
@@ -60,27 +60,59 @@ class UsageContext:
     api_key_id: int | None
     model_id: int | None
     model_name: str
-    input_price_per_million: Decimal
-    output_price_per_million: Decimal
     message_id: int | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class UsageEvent:
+@dataclass(frozen=True, kw_only=True)
+class UsageContext(UsageSubject):
+    """What the start of a reply knows about its accounting: the subject and the model's prices
+    (US dollars per million tokens) when the reply started."""
+
+    input_price_per_million: Decimal
+    output_price_per_million: Decimal
+
+
+@dataclass(frozen=True, kw_only=True)
+class UsageEvent(UsageSubject):
     """One record to write: ``UsageRecord``'s fields, JSON-ready (``cost`` a decimal string, US dollars)."""
 
-    request_id: str
-    source: str
-    user_id: int
-    api_key_id: int | None
-    model_id: int | None
-    model_name: str
-    message_id: int | None
     prompt_tokens: int
     completion_tokens: int
     cost: str
     estimated: bool
     finish_status: str
+
+
+class PricedModel(Protocol):
+    """What accounting reads of a model (``llm.LLMModel`` has it): its id, name and prices per million tokens."""
+
+    pk: Any
+    name: str
+    input_price_per_million: Decimal
+    output_price_per_million: Decimal
+
+
+def usage_context(
+    *,
+    request_id: str,
+    source: str,
+    user_id: int,
+    api_key_id: int | None,
+    model: PricedModel,
+    message_id: int | None = None,
+) -> UsageContext:
+    """Return the accounting context of a reply of ``model`` starting now (its current prices)."""
+    return UsageContext(
+        request_id=request_id,
+        source=source,
+        user_id=user_id,
+        api_key_id=api_key_id,
+        model_id=model.pk,
+        model_name=model.name,
+        message_id=message_id,
+        input_price_per_million=model.input_price_per_million,
+        output_price_per_million=model.output_price_per_million,
+    )
 
 
 def usage_is_billable(*, finish_status: str, produced_output: bool) -> bool:
@@ -119,14 +151,9 @@ def usage_account(
         input_price=context.input_price_per_million,
         output_price=context.output_price_per_million,
     )
+    subject = {field.name: getattr(context, field.name) for field in fields(UsageSubject)}
     event = UsageEvent(
-        request_id=context.request_id,
-        source=context.source,
-        user_id=context.user_id,
-        api_key_id=context.api_key_id,
-        model_id=context.model_id,
-        model_name=context.model_name,
-        message_id=context.message_id,
+        **subject,
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         cost=str(cost),
@@ -267,8 +294,11 @@ atexit.register(usage_flush, 10.0)
 __all__ = [
     "BATCH_WINDOW_SECONDS",
     "MAX_BATCH",
+    "PricedModel",
     "UsageContext",
     "UsageEvent",
+    "UsageSubject",
+    "usage_context",
     "usage_account",
     "usage_cost",
     "usage_flush",

@@ -10,7 +10,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from accounts.models import APIKey, UsageRecord, User
-from accounts.usage import UsageContext
+from accounts.usage import usage_context
 from chatbackend.errors import ApplicationError, NotFoundError
 from llm.providers import ChatRequest
 from llm.selectors import llm_model_get_enabled, provider_config_for
@@ -112,15 +112,12 @@ def reply_start(*, user: User, api_key: APIKey | None, conversation_id: int, con
         request=ChatRequest(model=model.upstream_model, messages=history, parameters=dict(model.default_parameters)),
         model_name=model.name,
         reply_id=reply_id,
-        usage=UsageContext(
+        usage=usage_context(
             request_id=reply_id,
             source=UsageRecord.Source.CONVERSATION,
             user_id=user.pk,
             api_key_id=api_key.pk if api_key else None,
-            model_id=model.pk,
-            model_name=model.name,
-            input_price_per_million=model.input_price_per_million,
-            output_price_per_million=model.output_price_per_million,
+            model=model,
             message_id=assistant_message.pk,
         ),
         conversation_id=conversation.pk,

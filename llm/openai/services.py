@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from accounts.authentication import Principal
 from accounts.models import UsageRecord
-from accounts.usage import UsageContext
+from accounts.usage import usage_context
 
 from ..providers import ChatRequest
 from ..selectors import llm_model_get_enabled, provider_config_for
@@ -67,15 +67,12 @@ def openai_chat_start(
         request=ChatRequest(model=model.upstream_model, messages=messages, parameters=merged),
         model_name=model.name,
         reply_id=completion_id,
-        usage=UsageContext(
+        usage=usage_context(
             request_id=completion_id,
             source=UsageRecord.Source.OPENAI_API,
             user_id=principal.user.pk,
             api_key_id=principal.api_key.pk if principal.api_key else None,
-            model_id=model.pk,
-            model_name=model.name,
-            input_price_per_million=model.input_price_per_million,
-            output_price_per_million=model.output_price_per_million,
+            model=model,
         ),
         created=int(timezone.now().timestamp()),
         stream=stream,
