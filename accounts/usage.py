@@ -84,12 +84,22 @@ class UsageEvent(UsageSubject):
 
 
 class PricedModel(Protocol):
-    """What accounting reads of a model (``llm.LLMModel`` has it): its id, name and prices per million tokens."""
+    """What accounting reads of a model (``llm.LLMModel`` has it): its id, name and prices per million tokens.
 
-    pk: Any
-    name: str
-    input_price_per_million: Decimal
-    output_price_per_million: Decimal
+    Read-only members, so that an immutable snapshot (``llm.selectors.EnabledModel``) fits too.
+    """
+
+    @property
+    def pk(self) -> Any: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def input_price_per_million(self) -> Decimal: ...
+
+    @property
+    def output_price_per_million(self) -> Decimal: ...
 
 
 def usage_context(
