@@ -34,6 +34,8 @@ def _start(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ("REDIS_URL", "localhost:6379"),
         ("LOG_LEVEL", "LOUD"),
         ("SSE_KEEPALIVE_SECONDS", "-1"),
+        ("LOOKUP_CACHE_SECONDS", "-1"),
+        ("LOOKUP_CACHE_SECONDS", "a minute"),
     ],
 )
 def test_bad_value_stops_startup_naming_the_variable(name: str, value: str) -> None:
