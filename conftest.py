@@ -35,6 +35,34 @@ def _celery_eager_in_process() -> Iterator[None]:
     app.conf.task_always_eager = previous
 
 
+@pytest.fixture(autouse=True)
+def _fresh_channel_layer() -> Iterator[None]:
+    """Give each test its own channel layer instance (``get_channel_layer()`` builds a new one).
+
+    Each async test runs its own event loop, but the process-wide layer outlives it: channels_redis
+    keeps receive state per instance (a lock per channel prefix, buffers) that a loop closing
+    mid-receive can leave locked and bound to the dead loop, after which the broadcast listener
+    of every later test fails to receive ("bound to a different event loop").
+    """
+    yield
+    from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers
+
+    channel_layers.backends.pop(DEFAULT_CHANNEL_LAYER, None)
+
+
+@pytest.fixture(autouse=True)
+def _usage_written_before_teardown() -> Iterator[None]:
+    """Wait for the usage records the test's replies queued before its database is flushed.
+
+    Eager Celery writes them in this process's sender thread; a write racing the flush's TRUNCATE
+    deadlocks PostgreSQL and fails the teardown. Instant when nothing is queued.
+    """
+    yield
+    from accounts.usage import usage_flush
+
+    assert usage_flush(10), "the usage queue did not drain within 10 s"
+
+
 @pytest.fixture(scope="session")
 def simulator() -> Iterator[SimulatorProcess]:
     """A simulator process for the whole session: 12-token replies, 20 ms TTFT, 5 ms per token."""
