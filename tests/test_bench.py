@@ -147,7 +147,9 @@ def test_benchmark_compares_against_a_baseline_checkout(tmp_path: Path) -> None:
         assert c["server_us"] > 0 and c["baseline_us"] > 0, (path, c)
         assert isinstance(c["vs_baseline"], float) and c["vs_baseline"] > 0, (path, c)
         row = next(line for line in table.splitlines() if line.startswith(f"| uvicorn | {path} | {level} |"))
-        assert float(row.split("|")[6]) == pytest.approx(c["vs_baseline"], abs=0.005), row
+        assert float(row.split("|")[6]) == pytest.approx(c["vs_baseline"], abs=0.0051), (
+            row
+        )  # the table rounds to 2 decimals
     assert data["recommendation"] is None  # baseline rows are not a second server
 
 
