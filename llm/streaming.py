@@ -258,26 +258,28 @@ class Reply(Generic[P]):
                         self._first = None
                         try:
                             batch = first.result()
-                        except StopAsyncIteration:
-                            self._stop_requested = True  # nothing more to read
+                        except StopAsyncIteration:  # an upstream that ended without a chunk
                             status = ReplyStatus.COMPLETED
                         else:
                             delta = self._take(batch)
                             if delta is not None:
                                 yield delta
-                upstream = self._upstream
-                while not self._stop_requested:
+                if status is not ReplyStatus.COMPLETED and not self._stop_requested:
+                    # ``_waiting`` is True exactly while the loop awaits the upstream's next batch.
                     self._waiting = True
                     try:
-                        batch = await anext(upstream)
-                    except StopAsyncIteration:
-                        status = ReplyStatus.COMPLETED
-                        break
+                        async for batch in self._upstream:
+                            self._waiting = False
+                            delta = self._take(batch)
+                            if delta is not None:
+                                yield delta
+                            if self._stop_requested:
+                                break
+                            self._waiting = True
+                        else:
+                            status = ReplyStatus.COMPLETED
                     finally:
                         self._waiting = False
-                    delta = self._take(batch)
-                    if delta is not None:
-                        yield delta
             except ApplicationError as exc:
                 status, error = ReplyStatus.FAILED, exc
             except asyncio.CancelledError:
