@@ -13,9 +13,9 @@ scripted upstream for the shapes the simulator never sends.
 - Models on them: ``sim_model``, ``slow_model``, ``sleepy_model``; ``scripted_upstream``.
 - People and credentials: ``user``, ``other_user``, ``admin_user``, ``password``, ``token`` (a JWT),
   ``api_key_secret``, ``api_client``, ``client_for``, ``auth_client``, ``superuser``, ``admin_site``.
-- Servers and cleanup: ``asgi_server`` (uvicorn in the test's loop), ``release_db_connections`` and
-  ``provider_clients`` (for async tests), and, for every test, empty auth throttles and the usage
-  queue drained.
+- Servers and cleanup: ``asgi_server`` (uvicorn in the test's loop), ``release_db_connections``,
+  ``provider_clients`` and ``broadcast_listener`` (for async tests); for every test, a fresh
+  channel layer, empty auth throttles and the usage queue drained.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from rest_framework.test import APIClient
 from accounts.apis import AuthRateThrottle
 from accounts.services import api_key_create
 from accounts.usage import usage_flush
+from chatbackend import broadcast
 from llm.providers.openai_compatible import aclose_clients
 from llm.tests.simulator_process import SimulatorProcess, start_simulator
 from tests.factories import PASSWORD, LLMModelFactory, ProviderFactory, UserFactory
@@ -68,6 +69,21 @@ def _celery_eager_in_process() -> Iterator[None]:
     app.conf.task_eager_propagates = True
     yield
     app.conf.task_always_eager = previous
+
+
+@pytest.fixture(autouse=True)
+def _fresh_channel_layer() -> Iterator[None]:
+    """Give each test its own channel layer instance (``get_channel_layer()`` builds a new one).
+
+    Each async test runs its own event loop, but the process-wide layer outlives it: channels_redis
+    keeps receive state per instance (a lock per channel prefix, buffers) that a loop closing
+    mid-receive can leave locked and bound to the dead loop, after which the broadcast listener
+    of every later test fails to receive ("bound to a different event loop").
+    """
+    yield
+    from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers
+
+    channel_layers.backends.pop(DEFAULT_CHANNEL_LAYER, None)
 
 
 @pytest.fixture(autouse=True)
@@ -379,6 +395,13 @@ async def release_db_connections() -> AsyncIterator[None]:
     """
     yield
     await sync_to_async(connections.close_all, thread_sensitive=True)()
+
+
+@pytest.fixture
+async def broadcast_listener() -> AsyncIterator[None]:
+    """Leave the broadcast group and stop the listener of the test's event loop when the test ends."""
+    yield
+    await broadcast.stop_listening()
 
 
 @pytest.fixture

@@ -4,3 +4,12 @@ from django.apps import AppConfig
 class AccountsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
     name = "accounts"
+
+    def ready(self) -> None:
+        # Every process drops its cached principals when a user or a key changes: a revocation,
+        # a deactivation, a role or password change. A login's last_login write changes nothing.
+        from .authentication import principal_cache
+        from .models import APIKey, User
+
+        principal_cache.invalidate_on(User, unless_only=["last_login"])
+        principal_cache.invalidate_on(APIKey)

@@ -7,26 +7,40 @@ since some OpenAI-compatible clients use them.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import cast
 
+from django.conf import settings
+from django.utils import timezone
 from rest_framework import authentication
 from rest_framework.exceptions import AuthenticationFailed as DRFAuthenticationFailed
 from rest_framework.request import Request
 from rest_framework_simplejwt.authentication import JWTAuthentication as _SimpleJWTAuthentication
 from rest_framework_simplejwt.exceptions import InvalidToken, TokenError
+from rest_framework_simplejwt.settings import api_settings as jwt_settings
+from rest_framework_simplejwt.tokens import Token
+from rest_framework_simplejwt.utils import get_md5_hash_password
 
 from chatbackend.asyncdb import run_sync
+from chatbackend.lookup_cache import LookupCache
 
-from .keys import looks_like_api_key
+from .keys import hash_secret, looks_like_api_key
 from .models import APIKey, User
 from .selectors import AuthenticationFailed, api_key_authenticate
+from .services import api_key_last_used_update
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: the ``user``, and the ``api_key`` used (``None`` for a JWT)."""
+    """Who is calling: the ``user``, and the ``api_key`` used (``None`` for a JWT).
+
+    From ``authenticate_token_async`` it may be cached and shared between requests: read-only.
+    """
 
     user: User
     api_key: APIKey | None
@@ -46,22 +60,33 @@ def token_from_headers(headers: Mapping[str, str]) -> str | None:
 
 _jwt = _SimpleJWTAuthentication()
 
+# Principals by ("api_key", SHA-256 digest of the secret, never the secret) or ("user", user id
+# of a JWT). Cleared in every process when a User or an APIKey changes (``AccountsConfig.ready``).
+principal_cache: LookupCache[tuple[str, str | int], Principal] = LookupCache("accounts.principals", maxsize=10_000)
 
-def authenticate_token(token: str | None) -> Principal:
-    """Return the ``Principal`` for an API key or JWT access ``token``.
 
-    Raises ``AuthenticationFailed`` (401) when the token is missing, unknown, revoked or expired.
-    Sync (may touch the database): call through ``sync_to_async`` from async code.
-    """
-    if not token:
-        raise AuthenticationFailed(
-            "You didn't provide an API key. Send it as 'Authorization: Bearer sk-...'.", code="missing_api_key"
-        )
-    if looks_like_api_key(token):
-        api_key = api_key_authenticate(secret=token)
-        return Principal(user=api_key.user, api_key=api_key)
+def _missing_token() -> AuthenticationFailed:
+    return AuthenticationFailed(
+        "You didn't provide an API key. Send it as 'Authorization: Bearer sk-...'.", code="missing_api_key"
+    )
+
+
+def _api_key_principal(secret: str) -> Principal:
+    api_key = api_key_authenticate(secret=secret)
+    return Principal(user=api_key.user, api_key=api_key)
+
+
+def _validated_jwt(token: str) -> Token:
+    """Check the signature, expiry and type of JWT access ``token`` (CPU only, no query)."""
     try:
-        validated = _jwt.get_validated_token(token.encode("utf-8"))
+        return _jwt.get_validated_token(token.encode("utf-8"))
+    except (InvalidToken, TokenError):
+        raise AuthenticationFailed("The access token is invalid or expired.", code="token_not_valid") from None
+
+
+def _jwt_principal(validated: Token) -> Principal:
+    """Read the user of a validated JWT (one query) and check it may authenticate."""
+    try:
         user = cast(User, _jwt.get_user(validated))  # AUTH_USER_MODEL is accounts.User
     except (InvalidToken, TokenError, DRFAuthenticationFailed):
         raise AuthenticationFailed("The access token is invalid or expired.", code="token_not_valid") from None
@@ -70,9 +95,100 @@ def authenticate_token(token: str | None) -> Principal:
     return Principal(user=user, api_key=None)
 
 
+def authenticate_token(token: str | None) -> Principal:
+    """Return the ``Principal`` for an API key or JWT access ``token``, from the database.
+
+    Raises ``AuthenticationFailed`` (401) when the token is missing, unknown, revoked or expired.
+    Sync (touches the database); async code calls ``authenticate_token_async``, which caches.
+    """
+    if not token:
+        raise _missing_token()
+    if looks_like_api_key(token):
+        return _api_key_principal(token)
+    return _jwt_principal(_validated_jwt(token))
+
+
 async def authenticate_token_async(token: str | None) -> Principal:
-    """``authenticate_token`` from async code, in one worker-thread hop (the ORM is sync)."""
-    return await run_sync(authenticate_token, token)
+    """Return the ``Principal`` for ``token`` like ``authenticate_token``: cached, else in one hop.
+
+    A token this process authenticated before is answered from ``principal_cache`` on the event
+    loop, with no query and no worker-thread hop; a JWT's signature and expiry are still checked
+    on every request (simplejwt, CPU only), only its user is cached. Otherwise the lookup runs in
+    one worker-thread hop and its result is cached (``chatbackend.lookup_cache``: cleared in
+    every process when a user or a key changes; failures are never cached). An API key answered
+    from the cache still gets its ``last_used_at`` written every
+    ``API_KEY_LAST_USED_RESOLUTION_SECONDS`` (``_note_api_key_use``). The returned principal may
+    be shared with other requests: read it, never change it.
+    """
+    if not token:
+        raise _missing_token()
+    if looks_like_api_key(token):
+        key: tuple[str, str | int] = ("api_key", hash_secret(token))
+        principal = principal_cache.get(key)
+        if principal is not None:
+            _note_api_key_use(principal)
+            return principal
+        ticket = await principal_cache.fill_ticket_async()  # before the read: see lookup_cache
+        principal = await run_sync(_api_key_principal, token)
+        principal_cache.put(key, principal, ticket)
+        return principal
+    validated = _validated_jwt(token)
+    user_id = validated.get(jwt_settings.USER_ID_CLAIM)
+    if not isinstance(user_id, int | str):  # no claim (get_user says so) or not a usable key
+        return await run_sync(_jwt_principal, validated)
+    key = ("user", user_id)
+    principal = principal_cache.get(key)
+    if principal is not None:
+        _check_revoke_claim(validated, principal.user)
+        return principal
+    ticket = await principal_cache.fill_ticket_async()
+    principal = await run_sync(_jwt_principal, validated)
+    principal_cache.put(key, principal, ticket)
+    return principal
+
+
+def _check_revoke_claim(validated: Token, user: User) -> None:
+    """What simplejwt's ``get_user`` checks after reading the user, for a cached user.
+
+    Only ``CHECK_REVOKE_TOKEN`` (off here): the user's password hash in the token. Cached users
+    are active (inactive ones are refused, not cached, and a deactivation clears the cache).
+    """
+    if jwt_settings.CHECK_REVOKE_TOKEN and validated.get(jwt_settings.REVOKE_TOKEN_CLAIM) != get_md5_hash_password(
+        user.password
+    ):
+        raise AuthenticationFailed("The access token is invalid or expired.", code="token_not_valid")
+
+
+# The UPDATEs of last_used_at in flight, kept so that they are not garbage-collected mid-way.
+_last_used_updates: set[asyncio.Task[None]] = set()
+
+
+def _note_api_key_use(principal: Principal) -> None:
+    """Write ``last_used_at`` of a key answered from the cache, at most once per resolution.
+
+    What ``api_key_authenticate`` does on a read, without making the request wait: when the
+    cached ``last_used_at`` is ``API_KEY_LAST_USED_RESOLUTION_SECONDS`` old, the cached copy is
+    set to now (so the next hits schedule nothing: one UPDATE in flight per key and process) and
+    the UPDATE runs in a worker thread, fire-and-forget. A failed UPDATE is logged; an UPDATE
+    still pending when the process exits is lost (the next use writes it).
+    """
+    api_key = principal.api_key
+    if api_key is None:
+        return
+    now = timezone.now()
+    last = api_key.last_used_at
+    if last is not None and (now - last).total_seconds() < settings.API_KEY_LAST_USED_RESOLUTION_SECONDS:
+        return
+    api_key.last_used_at = now
+    task = asyncio.get_running_loop().create_task(run_sync(api_key_last_used_update, api_key_id=api_key.pk, at=now))
+    _last_used_updates.add(task)
+    task.add_done_callback(_last_used_update_done)
+
+
+def _last_used_update_done(task: asyncio.Task[None]) -> None:
+    _last_used_updates.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("writing an API key's last_used_at failed", exc_info=task.exception())
 
 
 def request_user(request: Request) -> User:

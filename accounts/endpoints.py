@@ -8,8 +8,9 @@ of them what DRF gives its views, in one place:
   which django-cors-headers answers first) a 200 with ``Allow``;
 - CSRF exemption: credentials are bearer tokens or API keys, never cookies;
 - authentication: the caller's ``Principal`` (API key or JWT access token, from ``Authorization:
-  Bearer``, ``x-api-key`` or ``api-key``), resolved before the view runs, in at most one
-  worker-thread hop, and handed to the view; a bad credential is a 401 before the body is read;
+  Bearer``, ``x-api-key`` or ``api-key``), resolved before the view runs — on the event loop
+  when this process has it cached, else in one worker-thread hop (``authenticate_token_async``)
+  — and handed to the view; a bad credential is a 401 before the body is read;
 - errors: ``ApplicationError``, DRF ``ValidationError`` and the like become the project's JSON error
   (``chatbackend.errors.error_response``: OpenAI's shape); any other exception is logged and
   answered as a 500 in the same shape, never an HTML page.

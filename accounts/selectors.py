@@ -14,6 +14,7 @@ from chatbackend.errors import ApplicationError
 
 from .keys import hash_secret
 from .models import APIKey, UsageRecord, User
+from .services import api_key_last_used_update
 
 
 class AuthenticationFailed(ApplicationError):
@@ -41,7 +42,7 @@ def api_key_authenticate(*, secret: str) -> APIKey:
     now = timezone.now()
     resolution = timedelta(seconds=settings.API_KEY_LAST_USED_RESOLUTION_SECONDS)
     if api_key.last_used_at is None or now - api_key.last_used_at >= resolution:
-        APIKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
+        api_key_last_used_update(api_key_id=api_key.pk, at=now)
         api_key.last_used_at = now
     return api_key
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 
 from django.contrib.auth.password_validation import validate_password
+from django.db.models import Q
 from django.utils import timezone
 
 from chatbackend.errors import NotFoundError
@@ -35,6 +37,15 @@ def api_key_create(*, user: User, name: str) -> CreatedAPIKey:
     secret = generate_secret()
     api_key = APIKey.objects.create(user=user, name=name, prefix=display_prefix(secret), key_hash=hash_secret(secret))
     return CreatedAPIKey(api_key=api_key, secret=secret)
+
+
+def api_key_last_used_update(*, api_key_id: int, at: dt.datetime) -> None:
+    """Record that key ``api_key_id`` was used at ``at``; never moves ``last_used_at`` backwards.
+
+    One UPDATE, no ``save()``: it fires no signal, so it does not clear the lookup caches
+    (``chatbackend.lookup_cache``) of every process the way a change of the key does.
+    """
+    APIKey.objects.filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=at), pk=api_key_id).update(last_used_at=at)
 
 
 def api_key_revoke(*, user: User, api_key_id: int) -> APIKey:

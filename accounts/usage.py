@@ -7,10 +7,11 @@ prices) and how it ended (tokens, status). ``usage_account`` decides whether the
 queued records in batches (``usage_record_many``), idempotently by ``request_id``.
 
 Queueing never blocks the caller: records go to an in-process queue that one sender thread per
-process publishes to Celery, all that is waiting in one task (one kombu publish instead of one per
-reply: a publish per reply was ~9 % of the server's CPU at 50 streams). Nothing waits on a timer:
-a lone record is sent at once, and records that pile up while a publish is in flight go together
-in the next. ``usage_flush`` waits until everything queued is sent; it runs at process exit.
+process publishes to Celery in batches, one task per batch (a kombu publish per reply was ~9 % of
+the server's CPU at 50 streams). A batch is what arrives within ``BATCH_WINDOW_SECONDS`` of its
+first record (at most ``MAX_BATCH``), plus what piled up while the previous publish was in
+flight: accounting is a fraction of a second late, the broker sees a few publishes a second
+whatever the load. ``usage_flush`` waits until everything queued is sent; it runs at process exit.
 
 Prices are US dollars per million tokens (what providers publish), taken from the model when the
 reply started; the cost is ``(prompt_tokens * input_price + completion_tokens * output_price) /
@@ -23,10 +24,11 @@ import atexit
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 from django.db import IntegrityError, connections, models, transaction
 
@@ -37,17 +39,19 @@ logger = logging.getLogger(__name__)
 _MILLION = Decimal(1_000_000)
 # Most records one task carries. A burst of thousands of replies ending together becomes a few tasks.
 MAX_BATCH = 500
+# How long the sender gathers records after the first of a batch before publishing them.
+BATCH_WINDOW_SECONDS = 0.1
 # Reply statuses as the streaming engine reports them (``llm.streaming.ReplyStatus`` values).
 FAILED = "failed"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class UsageContext:
-    """What the start of a reply knows about its accounting.
+@dataclass(frozen=True, kw_only=True)
+class UsageSubject:
+    """Whose usage a record is, and of what.
 
     ``request_id``: unique per reply (``message-<id>`` or ``chatcmpl-...``): a record is written at
-    most once per id. ``source``: a ``UsageRecord.Source`` value. Prices: US dollars per million
-    tokens, the model's when the reply started. ``message_id``: the assistant message, if any.
+    most once per id. ``source``: a ``UsageRecord.Source`` value. ``message_id``: the assistant
+    message, if any.
     """
 
     request_id: str
@@ -56,27 +60,69 @@ class UsageContext:
     api_key_id: int | None
     model_id: int | None
     model_name: str
-    input_price_per_million: Decimal
-    output_price_per_million: Decimal
     message_id: int | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class UsageEvent:
+@dataclass(frozen=True, kw_only=True)
+class UsageContext(UsageSubject):
+    """What the start of a reply knows about its accounting: the subject and the model's prices
+    (US dollars per million tokens) when the reply started."""
+
+    input_price_per_million: Decimal
+    output_price_per_million: Decimal
+
+
+@dataclass(frozen=True, kw_only=True)
+class UsageEvent(UsageSubject):
     """One record to write: ``UsageRecord``'s fields, JSON-ready (``cost`` a decimal string, US dollars)."""
 
-    request_id: str
-    source: str
-    user_id: int
-    api_key_id: int | None
-    model_id: int | None
-    model_name: str
-    message_id: int | None
     prompt_tokens: int
     completion_tokens: int
     cost: str
     estimated: bool
     finish_status: str
+
+
+class PricedModel(Protocol):
+    """What accounting reads of a model (``llm.LLMModel`` has it): its id, name and prices per million tokens.
+
+    Read-only members, so that an immutable snapshot (``llm.selectors.EnabledModel``) fits too.
+    """
+
+    @property
+    def pk(self) -> Any: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def input_price_per_million(self) -> Decimal: ...
+
+    @property
+    def output_price_per_million(self) -> Decimal: ...
+
+
+def usage_context(
+    *,
+    request_id: str,
+    source: str,
+    user_id: int,
+    api_key_id: int | None,
+    model: PricedModel,
+    message_id: int | None = None,
+) -> UsageContext:
+    """Return the accounting context of a reply of ``model`` starting now (its current prices)."""
+    return UsageContext(
+        request_id=request_id,
+        source=source,
+        user_id=user_id,
+        api_key_id=api_key_id,
+        model_id=model.pk,
+        model_name=model.name,
+        message_id=message_id,
+        input_price_per_million=model.input_price_per_million,
+        output_price_per_million=model.output_price_per_million,
+    )
 
 
 def usage_is_billable(*, finish_status: str, produced_output: bool) -> bool:
@@ -115,14 +161,9 @@ def usage_account(
         input_price=context.input_price_per_million,
         output_price=context.output_price_per_million,
     )
+    subject = {field.name: getattr(context, field.name) for field in fields(UsageSubject)}
     event = UsageEvent(
-        request_id=context.request_id,
-        source=context.source,
-        user_id=context.user_id,
-        api_key_id=context.api_key_id,
-        model_id=context.model_id,
-        model_name=context.model_name,
-        message_id=context.message_id,
+        **subject,
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         cost=str(cost),
@@ -232,9 +273,10 @@ class _Sender:
 
         while True:
             batch = [self._queue.get()]
+            deadline = time.monotonic() + BATCH_WINDOW_SECONDS
             while len(batch) < MAX_BATCH:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    batch.append(self._queue.get(timeout=max(deadline - time.monotonic(), 0)))
                 except queue.Empty:
                     break
             try:
@@ -260,9 +302,13 @@ _sender = _Sender()
 atexit.register(usage_flush, 10.0)
 
 __all__ = [
+    "BATCH_WINDOW_SECONDS",
     "MAX_BATCH",
+    "PricedModel",
     "UsageContext",
     "UsageEvent",
+    "UsageSubject",
+    "usage_context",
     "usage_account",
     "usage_cost",
     "usage_flush",

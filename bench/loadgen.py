@@ -28,6 +28,9 @@ the role and the first token together (https://platform.openai.com/docs/api-refe
 - ``ws``: text frames whose ``"type"`` is ``reply.delta``; ``reply.done`` ends the reply,
   ``error`` fails it. One socket per stream; its replies are sent one after another.
 
+On ``sse`` and ``ws`` one ``reply.delta`` may join several tokens (those that arrived together),
+so a reply's token count there is its ``reply.done`` message's ``completion_tokens``.
+
 Time to first token (TTFT) runs from just before the request is sent (for ``ws``: the
 ``message.send`` frame) to the first content frame, so HTTP paths include the TCP connect of a
 stream's first request (as a browser's would); the WebSocket handshake is reported on its own
@@ -63,6 +66,9 @@ except ImportError:  # pragma: no cover - uvicorn[standard] installs it
 _CONTENT = re.compile(rb'"content":\s*"(?!")')
 _WS_CONTENT = re.compile(r'"content":\s*"(?!")')
 _WS_TYPE = re.compile(r'\{\s*"type":\s*"([^"]+)"')
+# The reply's token count in the ``reply.done`` message of the conversation endpoints.
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
+_WS_COMPLETION_TOKENS = re.compile(r'"completion_tokens":\s*(\d+)')
 # NextChat's default system prompt (DEFAULT_SYSTEM_TEMPLATE in its app/constant.ts), filled in
 # with fixed values so every run sends the same bytes.
 SYSTEM_PROMPT = (
@@ -158,9 +164,16 @@ class _Round:
         self.open -= 1
         self.last_end = time.perf_counter()
 
-    def finish_reply(self, start: float, token_times: list[float], done: bool, error: str | None) -> None:
-        """Record one reply from its content-frame arrival times."""
-        count = len(token_times)
+    def finish_reply(
+        self, start: float, token_times: list[float], done: bool, error: str | None, tokens: int | None = None
+    ) -> None:
+        """Record one reply from its content-frame arrival times.
+
+        ``tokens``: the reply's token count when the server reports it (the conversation
+        endpoints' ``reply.done`` message), which may join several tokens in one ``reply.delta``
+        frame; otherwise every content frame is one token (OpenAI's chunk frames).
+        """
+        count = len(token_times) if tokens is None else tokens
         self.tokens += count
         if token_times:
             self.ttft_ms.append((token_times[0] - start) * 1000)
@@ -191,7 +204,7 @@ class SseTokenReader:
     Spec: https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation
     """
 
-    __slots__ = ("_buffer", "_conversation", "_event", "done", "error", "token_times")
+    __slots__ = ("_buffer", "_conversation", "_event", "done", "error", "token_times", "tokens")
 
     def __init__(self, *, conversation: bool) -> None:
         self._conversation = conversation
@@ -200,6 +213,7 @@ class SseTokenReader:
         self.token_times: list[float] = []
         self.done = False
         self.error: str | None = None
+        self.tokens: int | None = None  # ``completion_tokens`` of the conversation's ``reply.done``
 
     def feed(self, data: bytes, now: float) -> None:
         """Consume the next bytes of the body, read at ``now``; complete lines are parsed at once."""
@@ -221,6 +235,8 @@ class SseTokenReader:
                             append(now)
                     elif event == b"reply.done":
                         self.done = True
+                        match = _COMPLETION_TOKENS.search(line)
+                        self.tokens = int(match.group(1)) if match else None
                     elif event == b"error":
                         self.error = "error event: " + line[5:120].decode("utf-8", "replace").strip()
             return
@@ -253,7 +269,7 @@ async def _http_reply(session: aiohttp.ClientSession, state: _Round, url: str, b
         error = f"{type(exc).__name__}: {exc}"[:160]
     finally:
         state.closed()
-    state.finish_reply(start, reader.token_times, reader.done, error)
+    state.finish_reply(start, reader.token_times, reader.done, error, reader.tokens)
 
 
 def chat_completion_body(*, model: str, prompt: str, max_tokens: int) -> bytes:
@@ -308,6 +324,7 @@ async def _ws_user(session: aiohttp.ClientSession, state: _Round, index: int) ->
                 token_times: list[float] = []
                 done = False
                 error: str | None = None
+                tokens: int | None = None
                 start = time.perf_counter()
                 await ws.send_str(json.dumps({"type": "message.send", "content": f"{spec['prompt']} {index}-{reply}"}))
                 sent += 1
@@ -325,11 +342,13 @@ async def _ws_user(session: aiohttp.ClientSession, state: _Round, index: int) ->
                             token_times.append(now)
                     elif kind == "reply.done":
                         done = True
+                        found = _WS_COMPLETION_TOKENS.search(data)
+                        tokens = int(found.group(1)) if found else None
                         break
                     elif kind == "error":
                         error = "error frame: " + data[:120]
                         break
-                state.finish_reply(start, token_times, done, error)
+                state.finish_reply(start, token_times, done, error, tokens)
                 if error is not None and ws.closed:
                     break
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:

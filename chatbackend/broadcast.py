@@ -140,6 +140,7 @@ class _Listener:
             try:
                 message = await self.layer.receive(self.channel)
             except Exception:
+                _raise_if_cancel_swallowed()
                 # Redis gone for a while: keep trying; requests are served meanwhile, only without
                 # messages from other processes.
                 logger.warning("receiving broadcast messages failed; retrying in 1 s", exc_info=True)
@@ -147,6 +148,7 @@ class _Listener:
                 self._rejoin.set()  # a Redis that restarted has forgotten the group
                 await asyncio.sleep(1)
                 continue
+            _raise_if_cancel_swallowed()
             if failing:
                 failing = False
                 dispatch({"type": RESYNC})
@@ -158,14 +160,29 @@ class _Listener:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._rejoin.wait(), delay)  # cancels only an Event wait
+            _raise_if_cancel_swallowed()
             self._rejoin.clear()
             try:
                 await self.layer.group_add(PROCESS_GROUP, self.channel)
             except Exception:
+                _raise_if_cancel_swallowed()
                 logger.warning("re-joining the broadcast group failed; retrying in %s s", RETRY_SECONDS, exc_info=True)
                 delay = RETRY_SECONDS
             else:
                 delay = REJOIN_SECONDS
+
+
+def _raise_if_cancel_swallowed() -> None:
+    """Raise ``CancelledError`` if this task was cancelled but a library swallowed it.
+
+    On Python 3.11, redis-py's ``asyncio.wait_for`` can turn the cancellation of a listener (its
+    loop shutting down, ``stop_listening``) into a result or a ``TimeoutError``; a loop that went
+    on would never end, and the event loop's shutdown would wait for it for ever. The task still
+    counts the request (``Task.cancelling``).
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 # One listener per event loop: channel layer connections belong to the loop that opened them.
@@ -202,6 +219,18 @@ async def listen() -> bool:
     return True
 
 
+def listening() -> bool:
+    """Return whether a listener of this process has joined the group (any thread may ask; cheap).
+
+    For sync code that must know whether an invalidation sent from now on will reach this
+    process (``chatbackend.lookup_cache``); async code calls ``listen()`` instead.
+    """
+    try:
+        return any(listener.joined for listener in tuple(_listeners.values()))
+    except RuntimeError:  # the event loop's thread added a listener meanwhile: say no, this once
+        return False
+
+
 async def stop_listening() -> None:
     """Leave the group and stop this event loop's listener (tests, shutdown)."""
     loop = asyncio.get_running_loop()
@@ -224,6 +253,7 @@ __all__ = [
     "broadcast_sync",
     "dispatch",
     "listen",
+    "listening",
     "on_broadcast",
     "stop_listening",
 ]

@@ -10,7 +10,8 @@ through ``settings.STREAMING_MIDDLEWARE`` instead. Everything else keeps the ful
 
 Both handlers are plain Django ``ASGIHandler``\\ s: the same ``ROOT_URLCONF``, the same
 ``request_started``/``request_finished`` signals (so ``close_old_connections`` still runs), the
-same exception handling.
+same exception handling. The lean one also saves two per-request costs those endpoints do not
+need (see ``StreamingASGIHandler``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import gc
 import re
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from typing import Any
 
 from django.conf import settings
@@ -29,6 +31,8 @@ from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 from django.utils.decorators import async_only_middleware
 from django.utils.module_loading import import_string
+
+from .http import EventStreamResponse
 
 ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
 
@@ -54,9 +58,39 @@ class StreamingASGIHandler(ASGIHandler):
     Django 5.2's loop with the list made a parameter (``ASGIHandler.__init__`` calls it with
     ``is_async=True``). Only async-capable middleware belongs in the list: a sync-only one would
     bring back the thread hop this handler exists to avoid.
+
+    Two more costs are cut for these endpoints:
+
+    - No ``asgiref.sync.ThreadSensitiveContext`` per request. Django opens one so that a request's
+      thread-sensitive sync code runs in one thread; the first such call then starts a new
+      thread for the request (``Thread.start`` showed in the profile). These views do their
+      database work through ``chatbackend.asyncdb.run_sync`` (not thread-sensitive), so only the
+      ``request_started``/``request_finished`` receivers are thread-sensitive here, and they run
+      in asgiref's one shared sync thread instead.
+    - An ``EventStreamResponse``'s parts are written as they come (``send_response``), without
+      the per-part generator layers of ``StreamingHttpResponse`` (``chatbackend.http``).
     """
 
     middleware_setting = "STREAMING_MIDDLEWARE"
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
+        await self.handle(scope, receive, send)
+
+    async def send_response(self, response: HttpResponseBase, send: Any) -> None:
+        """Send ``response``; an ``EventStreamResponse`` part by part, anything else as Django does."""
+        if not isinstance(response, EventStreamResponse):
+            await super().send_response(response, send)
+            return
+        headers = [(name.encode("ascii"), value.encode("latin1")) for name, value in response.items()] + [
+            (b"Set-Cookie", cookie.output(header="").encode("ascii").strip()) for cookie in response.cookies.values()
+        ]
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        async with aclosing(response.body_parts) as parts:  # type: ignore[type-var]  # an async generator
+            async for part in parts:
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body"})
 
     def load_middleware(self, is_async: bool = False) -> None:
         self._view_middleware: list[Callable[..., Any]] = []

@@ -204,6 +204,12 @@ SIMPLE_JWT = {
 }
 # Seconds between writes of an API key's last_used_at, so authentication is not a write per request.
 API_KEY_LAST_USED_RESOLUTION_SECONDS: int = _get("API_KEY_LAST_USED_RESOLUTION_SECONDS", env.int, 60, "an integer")
+# Seconds a process keeps an authenticated API key or user and an enabled model in memory
+# (chatbackend.lookup_cache). A change clears every process at once through the channel layer;
+# this only bounds staleness when that layer is unreachable. 0 disables the cache.
+LOOKUP_CACHE_SECONDS: float = _get("LOOKUP_CACHE_SECONDS", env.float, 60.0, "a number of seconds")
+if LOOKUP_CACHE_SECONDS < 0:
+    _fail("LOOKUP_CACHE_SECONDS", LOOKUP_CACHE_SECONDS, "a number of seconds, 0 or more")
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

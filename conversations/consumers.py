@@ -27,7 +27,7 @@ from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError, NotFoundError
 from llm.streaming import open_reply
 
-from .payloads import ConversationReply, reply_event
+from .payloads import ConversationReply, error_payload, reply_event
 from .selectors import conversation_get_for
 from .serializers import clean_message_content
 from .services import reply_start
@@ -150,8 +150,7 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
                 async for event in reply.events():
                     payload = reply_event(reply, event)
                     if payload is not None:
-                        name, data = payload
-                        await self.send_json({"type": name, **data})
+                        await self._send_event(*payload)
         except ApplicationError as exc:  # the start failed: nothing was written
             await self._send_error(exc)
         except Exception:  # a bug: tell the client rather than leave it waiting
@@ -161,4 +160,8 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
             self._reply = None
 
     async def _send_error(self, exc: ApplicationError) -> None:
-        await self.send_json({"type": "error", **exc.as_dict(), "message": None})
+        await self._send_event(*error_payload(exc))
+
+    async def _send_event(self, name: str, data: dict[str, Any]) -> None:
+        """Send one event as a frame: ``{"type": name, **data}`` (the SSE events' names and payloads)."""
+        await self.send_json({"type": name, **data})

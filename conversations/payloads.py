@@ -14,6 +14,7 @@ from typing import Any
 
 from rest_framework import serializers
 
+from chatbackend.errors import ApplicationError
 from llm.streaming import STARTED, Reply, ReplyDelta, ReplyDone, ReplyEvent, ReplyFailed
 
 from .serializers import MessageOutputSerializer
@@ -45,8 +46,13 @@ def reply_event(reply: ConversationReply, event: ReplyEvent) -> tuple[str, dict[
     if type(event) is ReplyDone:
         return "reply.done", {"message": reply_message_data(reply)}
     if type(event) is ReplyFailed:
-        return "error", {**event.error.as_dict(), "message": reply_message_data(reply)}
+        return error_payload(event.error, reply_message_data(reply))
     return None
+
+
+def error_payload(error: ApplicationError, message: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """Return the ``error`` event: the error object (``{"error": {...}}``) plus ``message`` (or None)."""
+    return "error", {**error.as_dict(), "message": message}
 
 
 def delta_payload(event: ReplyDelta) -> tuple[str, dict[str, Any]] | None:
@@ -96,4 +102,4 @@ def reply_message_data(reply: ConversationReply) -> dict[str, Any] | None:
     }
 
 
-__all__ = ["ConversationReply", "delta_payload", "reply_event", "reply_message_data"]
+__all__ = ["ConversationReply", "delta_payload", "error_payload", "reply_event", "reply_message_data"]

@@ -10,10 +10,10 @@ from django.db import transaction
 from django.utils import timezone
 
 from accounts.models import APIKey, UsageRecord, User
-from accounts.usage import UsageContext
+from accounts.usage import usage_context
 from chatbackend.errors import ApplicationError, NotFoundError
 from llm.providers import ChatRequest
-from llm.selectors import llm_model_get_enabled, provider_config_for
+from llm.selectors import enabled_model_get, llm_model_get_enabled
 from llm.streaming import ReplyOutcome, ReplyPlan, reply_stop_broadcast
 
 from .models import Conversation, Message
@@ -93,7 +93,7 @@ def reply_start(*, user: User, api_key: APIKey | None, conversation_id: int, con
     """
     content = _validate_content(content)
     conversation = conversation_get_for(user=user, conversation_id=conversation_id)
-    model = llm_model_get_enabled(name=conversation.model.name)
+    model = enabled_model_get(name=conversation.model.name)  # cached in the process: no query on a hit
     with transaction.atomic():
         user_message = Message.objects.create(
             conversation=conversation, role=Message.Role.USER, content=content, status=Message.Status.COMPLETED
@@ -108,19 +108,16 @@ def reply_start(*, user: User, api_key: APIKey | None, conversation_id: int, con
         Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
     reply_id = conversation_reply_id(assistant_message.pk)
     return ConversationReplyPlan(
-        provider=provider_config_for(model=model),
+        provider=model.provider,
         request=ChatRequest(model=model.upstream_model, messages=history, parameters=dict(model.default_parameters)),
         model_name=model.name,
         reply_id=reply_id,
-        usage=UsageContext(
+        usage=usage_context(
             request_id=reply_id,
             source=UsageRecord.Source.CONVERSATION,
             user_id=user.pk,
             api_key_id=api_key.pk if api_key else None,
-            model_id=model.pk,
-            model_name=model.name,
-            input_price_per_million=model.input_price_per_million,
-            output_price_per_million=model.output_price_per_million,
+            model=model,
             message_id=assistant_message.pk,
         ),
         conversation_id=conversation.pk,

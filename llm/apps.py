@@ -7,7 +7,12 @@ class LlmConfig(AppConfig):
 
     def ready(self) -> None:
         # Bad provider configuration stops start-up (ImproperlyConfigured), not the first request.
-        from .models import Provider
+        from .models import LLMModel, Provider
         from .providers import load_provider_backends
+        from .selectors import enabled_model_cache
 
         load_provider_backends(required_kinds=Provider.Kind.values)
+        # Every process drops its cached models when a model or a provider changes: disabled,
+        # repriced, pointed elsewhere, its key rotated.
+        enabled_model_cache.invalidate_on(LLMModel)
+        enabled_model_cache.invalidate_on(Provider)

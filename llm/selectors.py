@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from types import MappingProxyType
+from typing import Any
+
 from django.db.models import QuerySet
 
+from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError
+from chatbackend.lookup_cache import LookupCache
 
 from .models import LLMModel
 from .providers import ProviderConfig
@@ -42,3 +50,73 @@ def provider_config_for(*, model: LLMModel) -> ProviderConfig:
         connect_timeout=provider.connect_timeout,
         read_timeout=provider.read_timeout,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class EnabledModel:
+    """What a reply's start needs of an enabled model: an immutable snapshot, safe to share.
+
+    ``id`` / ``name``: the ``LLMModel`` row and its public name; ``upstream_model``: the name sent
+    to the provider; ``default_parameters``: OpenAI request fields (read-only mapping; copy it to
+    change it); prices in US dollars per million tokens; ``context_window`` in tokens;
+    ``provider``: how to reach the upstream, its API key decrypted.
+    """
+
+    id: int
+    name: str
+    upstream_model: str
+    default_parameters: Mapping[str, Any]
+    input_price_per_million: Decimal
+    output_price_per_million: Decimal
+    context_window: int
+    provider: ProviderConfig
+
+    @property
+    def pk(self) -> int:
+        """The ``LLMModel`` row's primary key (what accounting reads: ``accounts.usage.PricedModel``)."""
+        return self.id
+
+
+# Enabled models by name. Cleared in every process when an LLMModel or a Provider changes
+# (``LlmConfig.ready``). Caching the snapshot also saves decrypting the provider key (Fernet) per
+# request.
+enabled_model_cache: LookupCache[str, EnabledModel] = LookupCache("llm.enabled_models", maxsize=1_000)
+
+
+def _enabled_model_read(name: str) -> EnabledModel:
+    model = llm_model_get_enabled(name=name)
+    return EnabledModel(
+        id=model.pk,
+        name=model.name,
+        upstream_model=model.upstream_model,
+        default_parameters=MappingProxyType(dict(model.default_parameters)),
+        input_price_per_million=model.input_price_per_million,
+        output_price_per_million=model.output_price_per_million,
+        context_window=model.context_window,
+        provider=provider_config_for(model=model),
+    )
+
+
+def enabled_model_get(*, name: str) -> EnabledModel:
+    """Return the enabled model ``name`` from this process's cache, else from the database. Sync.
+
+    Raises what ``llm_model_get_enabled`` raises (404 ``model_not_found``, 400 ``model_disabled``);
+    failures are not cached. A value read is cached only once this process listens to the
+    broadcasts that invalidate it (``chatbackend.lookup_cache``).
+    """
+    model = enabled_model_cache.get(name)
+    if model is None:
+        ticket = enabled_model_cache.fill_ticket()  # before the read: see lookup_cache
+        model = _enabled_model_read(name)
+        enabled_model_cache.put(name, model, ticket)
+    return model
+
+
+async def enabled_model_get_async(*, name: str) -> EnabledModel:
+    """``enabled_model_get`` for the event loop: a hit answers at once, a miss reads in one hop."""
+    model = enabled_model_cache.get(name)
+    if model is None:
+        ticket = await enabled_model_cache.fill_ticket_async()
+        model = await run_sync(_enabled_model_read, name)
+        enabled_model_cache.put(name, model, ticket)
+    return model

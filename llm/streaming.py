@@ -9,15 +9,16 @@ Every interface — the conversation SSE view, the WebSocket consumer and ``/v1/
                                                        # ReplyDone or ReplyFailed, always last
 
 ``begin`` is an awaitable (usually one ``run_sync`` call of a sync service that writes the start)
-returning a ``ReplyPlan``: where to send the request, who pays (``plan.usage``) and, in a subclass,
-what the interface needs to report (ids) and how to persist the end (``plan.finish``). The
-``Reply`` owns the upstream request, like openai-python's stream objects: however the block or the
-iteration exits — the upstream finished (``completed``), the client went away or asked to stop
-(``cancelled``), the upstream failed (``failed``) — it closes the upstream request, persists the
-end once (``plan.finish`` in one worker-thread hop, shielded from a second cancellation) and
-accounts the usage once (``accounts.usage.usage_account``). The text generated so far is kept in
-every case. A streaming HTTP response hands its reply to ``ReplyStreamingResponse``, which
-plays the role of the ``async with`` block for the response's lifetime.
+returning a ``ReplyPlan``, or the plan itself when it was made on the event loop. The plan says
+where to send the request, who pays (``plan.usage``) and, in a subclass, what the interface needs
+to report (ids) and how to persist the end (``plan.finish``). The ``Reply`` owns the upstream
+request, like openai-python's stream objects: however the block or the iteration exits — the
+upstream finished (``completed``), the client went away or asked to stop (``cancelled``), the
+upstream failed (``failed``) — it closes the upstream request, persists the end once
+(``plan.finish`` in one worker-thread hop, shielded from a second cancellation) and accounts the
+usage once (``accounts.usage.usage_account``). The text generated so far is kept in every case. A
+streaming HTTP response hands its reply to ``ReplyStreamingResponse``, which plays the role of the
+``async with`` block for the response's lifetime.
 
 Built in, once: the keep-alive while the upstream is silent before its first chunk (proxies drop
 idle reads; FIELD-NOTES, "HTTP streaming"), the first-chunk wait of ``/v1`` (``open_reply(...,
@@ -47,12 +48,12 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from asgiref.sync import async_to_sync
-from django.http import StreamingHttpResponse
 
 from accounts.usage import UsageContext, usage_account
 from chatbackend import broadcast
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError
+from chatbackend.http import EventStreamResponse
 
 from .providers import ChatChunk, ChatRequest, ProviderConfig, Usage, get_provider
 from .tokens import estimate_prompt_tokens, estimate_text_tokens
@@ -257,26 +258,28 @@ class Reply(Generic[P]):
                         self._first = None
                         try:
                             batch = first.result()
-                        except StopAsyncIteration:
-                            self._stop_requested = True  # nothing more to read
+                        except StopAsyncIteration:  # an upstream that ended without a chunk
                             status = ReplyStatus.COMPLETED
                         else:
                             delta = self._take(batch)
                             if delta is not None:
                                 yield delta
-                upstream = self._upstream
-                while not self._stop_requested:
+                if status is not ReplyStatus.COMPLETED and not self._stop_requested:
+                    # ``_waiting`` is True exactly while the loop awaits the upstream's next batch.
                     self._waiting = True
                     try:
-                        batch = await anext(upstream)
-                    except StopAsyncIteration:
-                        status = ReplyStatus.COMPLETED
-                        break
+                        async for batch in self._upstream:
+                            self._waiting = False
+                            delta = self._take(batch)
+                            if delta is not None:
+                                yield delta
+                            if self._stop_requested:
+                                break
+                            self._waiting = True
+                        else:
+                            status = ReplyStatus.COMPLETED
                     finally:
                         self._waiting = False
-                    delta = self._take(batch)
-                    if delta is not None:
-                        yield delta
             except ApplicationError as exc:
                 status, error = ReplyStatus.FAILED, exc
             except asyncio.CancelledError:
@@ -408,7 +411,7 @@ def _has_output(chunk: ChatChunk) -> bool:
 class ReplyOpener(Generic[P]):
     """What ``open_reply`` returns: ``async with`` it, or ``await`` it for a ``Reply`` to hand on."""
 
-    def __init__(self, begin: Awaitable[P], wait_first_chunk: float) -> None:
+    def __init__(self, begin: Awaitable[P] | P, wait_first_chunk: float) -> None:
         self._begin = begin
         self._wait_first_chunk = wait_first_chunk
         self._reply: Reply[P] | None = None
@@ -427,22 +430,26 @@ class ReplyOpener(Generic[P]):
             await self._reply.aclose()
 
     async def _open(self) -> Reply[P]:
-        begun = asyncio.ensure_future(self._begin)
-        try:
-            plan = await asyncio.shield(begun)
-        except asyncio.CancelledError:
-            # ``begin`` runs on (in its thread) and writes the start; end the reply ``cancelled``
-            # once it returns, or an assistant message would stay ``streaming`` for ever.
-            await asyncio.shield(_abandon(begun))
-            raise
+        begin = self._begin
+        if isinstance(begin, ReplyPlan):  # planned on the event loop: nothing ran elsewhere
+            plan = begin
+        else:
+            begun = asyncio.ensure_future(begin)
+            try:
+                plan = await asyncio.shield(begun)
+            except asyncio.CancelledError:
+                # ``begin`` runs on (in its thread) and writes the start; end the reply
+                # ``cancelled`` once it returns, or an assistant message would stay ``streaming``.
+                await asyncio.shield(_abandon(begun))
+                raise
         reply = Reply(plan)
         if self._wait_first_chunk > 0:
             await reply._wait_first_chunk(self._wait_first_chunk)
         return reply
 
 
-def open_reply(begin: Awaitable[P], *, wait_first_chunk: float = 0.0) -> ReplyOpener[P]:
-    """Start a reply: await ``begin`` for its plan and open the upstream request.
+def open_reply(begin: Awaitable[P] | P, *, wait_first_chunk: float = 0.0) -> ReplyOpener[P]:
+    """Start a reply: await ``begin`` for its plan (or take the plan itself) and open the upstream request.
 
     Use as ``async with open_reply(begin) as reply:`` or, when a response outlives the caller,
     ``reply = await open_reply(begin)`` and hand the reply to ``ReplyStreamingResponse``.
@@ -451,8 +458,8 @@ def open_reply(begin: Awaitable[P], *, wait_first_chunk: float = 0.0) -> ReplyOp
     Raises the ``ApplicationError`` of ``begin`` (nothing to end) or of an upstream that failed
     within ``wait_first_chunk`` (persisted ``failed``).
     """
-    if not inspect.isawaitable(begin):
-        raise TypeError("open_reply() takes an awaitable that returns a ReplyPlan")
+    if not (isinstance(begin, ReplyPlan) or inspect.isawaitable(begin)):
+        raise TypeError("open_reply() takes a ReplyPlan or an awaitable that returns one")
     return ReplyOpener(begin, wait_first_chunk)
 
 
@@ -468,20 +475,17 @@ async def _abandon(begun: asyncio.Future[P]) -> None:
 # --- HTTP streaming ---------------------------------------------------------------------------
 
 
-class ReplyStreamingResponse(StreamingHttpResponse):
+class ReplyStreamingResponse(EventStreamResponse):
     """A streamed HTTP answer (``text/event-stream``) whose body encodes a ``Reply``'s events.
 
     ``body``: an async iterator of ``bytes`` (an interface's encoder over ``reply.events()``); its
-    end ends the reply. Headers ``Cache-Control: no-cache`` and ``X-Accel-Buffering: no`` make
-    proxies pass each part on at once (FIELD-NOTES, "HTTP streaming"); never gzip it (each part
-    would become its own gzip member). ``close()`` ends the reply if the body was never iterated
-    (the client left while the headers were being sent), so it is still persisted ``cancelled``.
+    end ends the reply. ``close()`` ends the reply if the body was never iterated (the client left
+    while the headers were being sent), so it is still persisted ``cancelled``. Headers and
+    writing: ``chatbackend.http.EventStreamResponse``.
     """
 
     def __init__(self, reply: Reply[Any], body: AsyncIterator[bytes]) -> None:
-        super().__init__(body, content_type="text/event-stream")
-        self["Cache-Control"] = "no-cache"
-        self["X-Accel-Buffering"] = "no"
+        super().__init__(body)
         self.reply = reply
 
     def close(self) -> None:

@@ -14,6 +14,7 @@
   ``chunk_objects`` and ``chunk_text`` take a ``/v1`` stream apart; ``sse_events`` parses the
   conversation stream's named events.
 - ``listed_messages``: a conversation's messages as its API lists them.
+- ``run_python``: a child Python process at the project root, with an environment of the test's.
 - ``usage_records``: the usage records written, once this process's accounting queue is empty.
 """
 
@@ -22,9 +23,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -339,6 +344,32 @@ async def listed_messages(conversation_id: int, token: str) -> dict[int, dict[st
     response = await AsyncClient().get(f"/api/conversations/{conversation_id}/messages/", headers=bearer(token))
     assert response.status_code == 200, response.content[:500]
     return {message["id"]: message for message in response.json()["results"]}
+
+
+# --- Child processes ---------------------------------------------------------------------------
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(
+    *args: str, env: Mapping[str, str] | None = None, unset: Iterable[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python *args`` (this interpreter) at the project root and return it once it exits.
+
+    The child gets this process's environment without the variables named in ``unset``, plus
+    ``env``. Output is captured as text; fails the test (``TimeoutExpired``) after 60 s.
+    """
+    child_env = {name: value for name, value in os.environ.items() if name not in set(unset)}
+    child_env.update(env or {})
+    return subprocess.run(  # noqa: S603 - this interpreter, the test's own arguments
+        [sys.executable, *args],
+        cwd=PROJECT_ROOT,
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 # --- Usage -------------------------------------------------------------------------------------

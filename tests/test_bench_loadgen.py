@@ -102,6 +102,22 @@ def test_conversation_events_count_non_empty_deltas() -> None:
     assert reader.error is None
 
 
+def test_a_conversation_reply_counts_the_tokens_its_reply_done_reports() -> None:
+    # The server joins the tokens that arrived together into one reply.delta: two frames, 5 tokens.
+    body = (
+        b'event: reply.delta\ndata: {"content":"Hello there,"}\n\n'
+        b'event: reply.delta\ndata: {"content":" \\"quoted\\" friend"}\n\n'
+        b'event: reply.done\ndata: {"message":{"id":1,"content":"...","completion_tokens":5}}\n\n'
+    )
+    reader = SseTokenReader(conversation=True)
+    for moment, data in enumerate(_reads(body, 7)):
+        reader.feed(data, float(moment))
+
+    assert len(reader.token_times) == 2
+    assert reader.tokens == 5
+    assert reader.done
+
+
 @pytest.mark.parametrize(
     ("conversation", "body", "kind"),
     [

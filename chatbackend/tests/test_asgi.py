@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +10,7 @@ from django.core.signals import request_finished, request_started
 
 from chatbackend.asgi import django_asgi_app, streaming_asgi_app
 from chatbackend.handlers import StreamingASGIHandler, is_streaming_request
-from tests.kit import asgi_request, assert_error
+from tests.kit import asgi_request, assert_error, run_python
 
 ROOT = Path(__file__).resolve().parents[2]
 ORIGIN = "https://nextchat.example"
@@ -143,11 +140,8 @@ async def test_admin_keeps_the_full_chain() -> None:
 
 
 def _python(code: str) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "PYTEST_VERSION"}
-    env["DJANGO_SETTINGS_MODULE"] = "chatbackend.settings"
-    result = subprocess.run(  # noqa: S603 - our own interpreter and code
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
-    )
+    """Run ``python -c code`` with the project's settings, outside pytest; return what it printed."""
+    result = run_python("-c", code, env={"DJANGO_SETTINGS_MODULE": "chatbackend.settings"}, unset=("PYTEST_VERSION",))
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 

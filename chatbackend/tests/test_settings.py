@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.kit import run_python
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _start(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
-    return subprocess.run(
-        [sys.executable, "manage.py", "check"],
-        cwd=ROOT,
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    """Run ``manage.py check`` with ``env`` on the embedded defaults (no DATABASE_URL/REDIS_URL)."""
+    return run_python("manage.py", "check", env=env, unset=("DATABASE_URL", "REDIS_URL"))
 
 
 @pytest.mark.parametrize(
@@ -34,6 +27,8 @@ def _start(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ("REDIS_URL", "localhost:6379"),
         ("LOG_LEVEL", "LOUD"),
         ("SSE_KEEPALIVE_SECONDS", "-1"),
+        ("LOOKUP_CACHE_SECONDS", "-1"),
+        ("LOOKUP_CACHE_SECONDS", "a minute"),
     ],
 )
 def test_bad_value_stops_startup_naming_the_variable(name: str, value: str) -> None:

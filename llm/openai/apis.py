@@ -19,9 +19,9 @@ from django.views.decorators.csrf import csrf_exempt
 
 from accounts.authentication import Principal
 from accounts.endpoints import async_endpoint, parse_json, request_body
-from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError, error_response
 
+from ..selectors import enabled_model_get_async
 from ..streaming import Reply, ReplyDelta, ReplyFailed, ReplyStreamingResponse, open_reply
 from .chat_serializers import ChatCompletionCreateInputSerializer
 from .frames import chat_completion_frames, usage_object
@@ -31,16 +31,22 @@ from .services import RESERVED_PARAMETERS, ChatCompletionPlan, openai_chat_start
 _CHAT_INPUT = ChatCompletionCreateInputSerializer()
 
 
-def _chat_start(principal: Principal, raw_body: bytes) -> ChatCompletionPlan:
-    """Parse and validate the request body and plan the reply (sync: the model lookup uses the ORM)."""
+async def _chat_start(principal: Principal, raw_body: bytes) -> ChatCompletionPlan:
+    """Parse and validate the request body and plan the reply.
+
+    On the event loop: parsing, validation and planning are CPU only, and the model comes from
+    this process's cache (``enabled_model_get_async``), so the only worker-thread hop is a cache
+    miss's model read.
+    """
     body = parse_json(raw_body)
     data = _CHAT_INPUT.run_validation(body)
+    model = await enabled_model_get_async(name=data["model"])
     # Sent upstream as the client wrote them (validation does not change them); unknown fields
     # pass through for provider extensions, nulls mean "the default".
     parameters = {key: value for key, value in body.items() if value is not None and key not in RESERVED_PARAMETERS}
     return openai_chat_start(
         principal=principal,
-        model_name=data["model"],
+        model=model,
         messages=body["messages"],
         parameters=parameters,
         stream=bool(data.get("stream")),
@@ -59,10 +65,8 @@ async def chat_completions(request: HttpRequest, principal: Principal) -> HttpRe
     stream, and gives up on headers that take over 60 s. ``Accept`` is not negotiated:
     ``stream`` alone decides the response type.
     """
-    reply = await open_reply(
-        run_sync(_chat_start, principal, request_body(request)),
-        wait_first_chunk=settings.OPENAI_FIRST_CHUNK_WAIT_SECONDS,
-    )
+    plan = await _chat_start(principal, request_body(request))
+    reply = await open_reply(plan, wait_first_chunk=settings.OPENAI_FIRST_CHUNK_WAIT_SECONDS)
     if reply.plan.stream:
         return ReplyStreamingResponse(reply, chat_completion_frames(reply, keepalive=settings.SSE_KEEPALIVE_SECONDS))
     return await _chat_completion_whole(reply)

@@ -2,23 +2,24 @@
 
 A ``/v1/chat/completions`` request has no conversation: every request carries its whole context
 and nothing but its usage is stored. ``openai_chat_start`` plans the reply for the streaming
-engine (``llm.streaming``), which accounts the usage when the reply ends.
+engine (``llm.streaming``), which accounts the usage when the reply ends. Planning reads nothing:
+the caller passes the model (cached in the process: ``llm.selectors.enabled_model_get``), so a
+request whose principal and model are cached starts on the event loop, without a thread hop.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from django.utils import timezone
-
 from accounts.authentication import Principal
 from accounts.models import UsageRecord
-from accounts.usage import UsageContext
+from accounts.usage import usage_context
 
 from ..providers import ChatRequest
-from ..selectors import llm_model_get_enabled, provider_config_for
+from ..selectors import EnabledModel
 from ..streaming import ReplyPlan
 
 # Request fields the adapter or this service owns; never taken from a model's defaults or the client.
@@ -45,39 +46,36 @@ def new_completion_id() -> str:
 def openai_chat_start(
     *,
     principal: Principal,
-    model_name: str,
+    model: EnabledModel,
     messages: list[dict[str, Any]],
     parameters: dict[str, Any],
     stream: bool,
     include_usage: bool,
 ) -> ChatCompletionPlan:
-    """Resolve ``model_name`` and return the plan of one ``/v1/chat/completions`` reply.
+    """Return the plan of one ``/v1/chat/completions`` reply to ``model``.
 
+    ``model``: the enabled model the client named (``llm.selectors.enabled_model_get``).
     ``messages``: OpenAI message objects, sent upstream as they are. ``parameters``: the other
     request fields the client sent; the model's ``default_parameters`` fill in the ones it did
-    not send (``RESERVED_PARAMETERS`` are dropped from both). Writes nothing. Raises
-    ``ApplicationError`` 404 ``model_not_found`` / 400 ``model_disabled``.
+    not send (``RESERVED_PARAMETERS`` are dropped from both). Writes nothing and reads nothing:
+    pure CPU, fine on the event loop.
     """
-    model = llm_model_get_enabled(name=model_name)
     merged = {key: value for key, value in model.default_parameters.items() if key not in RESERVED_PARAMETERS}
     merged.update((key, value) for key, value in parameters.items() if key not in RESERVED_PARAMETERS)
     completion_id = new_completion_id()
     return ChatCompletionPlan(
-        provider=provider_config_for(model=model),
+        provider=model.provider,
         request=ChatRequest(model=model.upstream_model, messages=messages, parameters=merged),
         model_name=model.name,
         reply_id=completion_id,
-        usage=UsageContext(
+        usage=usage_context(
             request_id=completion_id,
             source=UsageRecord.Source.OPENAI_API,
             user_id=principal.user.pk,
             api_key_id=principal.api_key.pk if principal.api_key else None,
-            model_id=model.pk,
-            model_name=model.name,
-            input_price_per_million=model.input_price_per_million,
-            output_price_per_million=model.output_price_per_million,
+            model=model,
         ),
-        created=int(timezone.now().timestamp()),
+        created=int(time.time()),
         stream=stream,
         include_usage=include_usage,
     )

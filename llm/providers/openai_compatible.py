@@ -90,7 +90,14 @@ def _session() -> aiohttp.ClientSession:
         )
         # trust_env: honour HTTP(S)_PROXY / NO_PROXY as httpx did. No total timeout: each request
         # sets its connect and read timeouts, and a reply may stream for as long as it keeps going.
-        session = aiohttp.ClientSession(connector=connector, trust_env=True, timeout=aiohttp.ClientTimeout(total=None))
+        # DummyCookieJar: upstream APIs set no cookies we should send back, and a real jar is
+        # searched on every request.
+        session = aiohttp.ClientSession(
+            connector=connector,
+            trust_env=True,
+            timeout=aiohttp.ClientTimeout(total=None),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
         _sessions[loop] = session
     return session
 
