@@ -13,7 +13,7 @@ batch: under load several events wait in the socket buffer, and the server can t
 to its client in one send instead of one per chunk. The transport is aiohttp (its connection
 pool does O(1) work per request).
 
-CPU per chunk, measured with ``manage.py llm_adapter_cpu`` (this process's ``process_time``
+CPU per chunk, measured with ``python -m bench.adapter_cpu`` (this process's ``process_time``
 over the chunks yielded, requests included; 64-token replies from ``manage.py llm_simulator``
 in another process; uvloop; ranges over 5 runs each on a shared 2-core machine), the
 line-at-a-time adapter before, batches now (same simulator, 2026-12):

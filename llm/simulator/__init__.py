@@ -41,7 +41,15 @@ Modules: ``replies`` (deterministic reply text and token counts), ``wire`` (Open
 parsing, bodies and SSE frames), ``app`` (the aiohttp handlers, stats and server loop).
 """
 
-from .app import MIDSTREAM_FAILURE_CHUNKS, SimulatorConfig, SimulatorStats, create_app, run_simulator, serve
+from .app import (
+    MIDSTREAM_FAILURE_CHUNKS,
+    SimulatorConfig,
+    SimulatorStats,
+    create_app,
+    run_event_loop,
+    run_simulator,
+    serve,
+)
 from .replies import count_prompt_tokens, reply_text
 
 __all__ = [
@@ -51,6 +59,7 @@ __all__ = [
     "count_prompt_tokens",
     "create_app",
     "reply_text",
+    "run_event_loop",
     "run_simulator",
     "serve",
 ]

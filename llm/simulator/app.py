@@ -257,10 +257,10 @@ async def serve(
 def run_simulator(config: SimulatorConfig, *, host: str, port: int, on_ready: Callable[[str], None]) -> None:
     """Run ``serve`` on uvloop when installed (else asyncio) until SIGINT/SIGTERM."""
     _raise_open_file_limit()
-    _run(serve(config, host=host, port=port, on_ready=on_ready))
+    run_event_loop(serve(config, host=host, port=port, on_ready=on_ready))
 
 
-def _run(main: Coroutine[Any, Any, None]) -> None:
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run ``main`` to completion on uvloop when installed (uvicorn[standard] installs it), else asyncio."""
     try:
         import uvloop
