@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,18 @@ from django.core.signals import request_finished, request_started
 
 from chatbackend.asgi import django_asgi_app, streaming_asgi_app
 from chatbackend.handlers import StreamingASGIHandler, is_streaming_request
-from tests.kit import asgi_request, assert_error, run_python
+from llm.simulator import reply_text
+from tests.kit import (
+    FAST_REPLY_TOKENS,
+    asgi_request,
+    assert_error,
+    bearer,
+    chat_body,
+    chunk_objects,
+    chunk_text,
+    run_python,
+    sse_data,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 ORIGIN = "https://nextchat.example"
@@ -127,6 +139,26 @@ async def test_lean_chain_sends_request_signals() -> None:
         request_finished.disconnect(finished)
 
     assert seen == ["started", "finished"]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("provider_clients")
+async def test_an_event_stream_goes_out_as_its_encoder_yields_it(api_key_secret: str, sim_model: Any) -> None:
+    body = json.dumps(chat_body(sim_model.name, stream=True, stream_options={"include_usage": True})).encode()
+    headers = {**bearer(api_key_secret), "content-type": "application/json"}
+
+    response = await asgi_request("POST", "/v1/chat/completions", headers=headers, body=body)
+
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/event-stream"
+    # One http.response.body message per part the encoder yielded: whole SSE events, each part
+    # written as it came (no re-chunking), the usage chunk and [DONE] together in the last one.
+    assert len(response.frames) >= 3
+    assert all(frame.startswith(b"data: ") and frame.endswith(b"\n\n") for frame in response.frames)
+    assert response.frames[-1].endswith(b"data: [DONE]\n\n")
+    assert b'"choices":[],"usage":{' in response.frames[-1]
+    chunks = chunk_objects(sse_data(response.content))
+    assert chunk_text(chunks) == reply_text(json.loads(body)["messages"], FAST_REPLY_TOKENS)
 
 
 @pytest.mark.django_db(transaction=True)
