@@ -482,3 +482,55 @@ def test_httpx_sse_decoder_api() -> None:
     assert lines.flush() == [""]  # the held "\r" ended an empty line
     assert lines.decode("data: z") == [] and lines.flush() == ["data: z"]
     assert lines.flush() == []
+
+
+# --- The content-only fast path: the same chunk as a full parse, or no answer ---------------
+
+_HEAD = '{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":'
+_TAIL = ',"usage":null}'
+
+
+def _choice(delta: str, *, logprobs: str = "null", finish: str = "null") -> str:
+    return f'[{{"index":0,"delta":{delta},"logprobs":{logprobs},"finish_reason":{finish}}}]'
+
+
+FAST_PATH_CASES = [
+    # The shape of nearly every token (OpenAI, vLLM, the simulator): read fast.
+    (_HEAD + _choice('{"content":" river"}') + _TAIL, True),
+    (_HEAD + _choice('{"content":"say \\"usage\\":{ and \\"error\\": here"}') + _TAIL, True),
+    (_HEAD + _choice('{"content":"back\\\\slash, new\\nline, \\u00e9, \\ud83c\\udf0a, 🌊"}') + _TAIL, True),
+    (_HEAD + _choice('{"content":"x"}') + "}", True),  # no usage field at all
+    # Anything else is parsed in full.
+    (_HEAD + _choice('{"content":""}') + _TAIL, False),
+    (_HEAD + _choice('{"role":"assistant","content":"Hi"}') + _TAIL, False),
+    (_HEAD + _choice('{"content":"Hi","reasoning_content":"hm"}') + _TAIL, False),
+    (_HEAD + _choice("{}", finish='"stop"') + _TAIL, False),
+    (_HEAD + _choice('{"content":"end"}', finish='"length"') + _TAIL, False),
+    (_HEAD + _choice('{"content":"x"}', logprobs='{"content":[]}') + _TAIL, False),
+    (_HEAD + _choice('{"content":"x"}') + ',"usage":{"prompt_tokens":1,"completion_tokens":2}}', False),
+    (_HEAD + _choice('{"content":"x"}') + ',"error":{"message":"boom"}}', False),
+    (_HEAD.replace(',"', ', "') + _choice('{"content":"x"}') + _TAIL, True),  # spacing outside the choices
+    (_HEAD + _choice('{"content": "x"}') + _TAIL, False),  # spacing inside it
+]
+
+
+@pytest.mark.parametrize(("data", "fast"), FAST_PATH_CASES)
+def test_content_only_chunks_are_read_fast_and_as_a_full_parse_reads_them(data: str, fast: bool) -> None:
+    from llm.providers.openai_compatible import _content_chunk, _parse_chunk
+
+    try:
+        full = _parse_chunk(json.loads(data), str)
+    except UpstreamError:
+        full = None
+    quick = _content_chunk(data)
+
+    assert (quick is not None) is fast
+    if quick is not None:
+        assert quick == full
+
+
+def test_an_invalid_escape_in_a_content_only_chunk_is_a_malformed_chunk() -> None:
+    from llm.providers.openai_compatible import _content_chunk
+
+    with pytest.raises(ValueError):
+        _content_chunk(_HEAD + _choice('{"content":"bad \\x escape"}') + _TAIL)
