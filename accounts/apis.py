@@ -22,6 +22,7 @@ from rest_framework.response import Response
 from rest_framework.settings import api_settings
 from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
+from rest_framework_simplejwt.exceptions import InvalidToken, TokenError
 from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView, TokenViewBase
 
 from .authentication import request_user
@@ -42,7 +43,7 @@ from .serializers import (
     UserRegisterInputSerializer,
     UserRegisterOutputSerializer,
 )
-from .services import api_key_create, api_key_revoke, user_register
+from .services import api_key_create, api_key_revoke, session_end, user_register
 
 # The two OpenAPI security schemes for our authentication classes. They live here because this
 # module is imported with the URLconf, before any schema is generated.
@@ -173,8 +174,13 @@ class AuthLogoutApi(TokenViewBase):
         auth=[],
     )
     def post(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        # TokenViewBase validates (which blacklists) and turns a bad or blacklisted token into 401.
-        super().post(request, *args, **kwargs)
+        # The serializer validates (which blacklists); a bad or blacklisted token is a 401.
+        serializer = self.get_serializer(data=request.data)
+        try:
+            serializer.is_valid(raise_exception=True)
+        except TokenError as exc:
+            raise InvalidToken(exc.args[0]) from exc
+        session_end(user_id=serializer.validated_data["user_id"], session_id=serializer.validated_data["session_id"])
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 

@@ -13,3 +13,7 @@ class AccountsConfig(AppConfig):
 
         principal_cache.invalidate_on(User, unless_only=["last_login"])
         principal_cache.invalidate_on(APIKey)
+        # ... and ends what a revoked key or a deactivated user has open (sockets, replies).
+        from .revocation import connect_revocation_signals
+
+        connect_revocation_signals()

@@ -29,6 +29,7 @@ from chatbackend.lookup_cache import LookupCache
 
 from .keys import hash_secret, looks_like_api_key
 from .models import APIKey, User
+from .revocation import SESSION_CLAIM
 from .selectors import AuthenticationFailed, api_key_authenticate
 from .services import api_key_last_used_update
 
@@ -93,6 +94,20 @@ def _jwt_principal(validated: Token) -> Principal:
     if not user.is_active:
         raise AuthenticationFailed("This account is disabled.", code="user_inactive")
     return Principal(user=user, api_key=None)
+
+
+def jwt_session_id(token: str | None) -> str | None:
+    """Return the login session id (``sid`` claim) of a valid JWT access ``token``, else None.
+
+    CPU only. API keys and tokens issued before sessions existed have none.
+    """
+    if not token or looks_like_api_key(token):
+        return None
+    try:
+        session_id = _validated_jwt(token).get(SESSION_CLAIM)
+    except AuthenticationFailed:
+        return None
+    return session_id if isinstance(session_id, str) else None
 
 
 def authenticate_token(token: str | None) -> Principal:

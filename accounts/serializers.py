@@ -7,6 +7,7 @@ subclassed only to give them unique OpenAPI names (and, for refresh, to fix one 
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from django.contrib.auth.validators import UnicodeUsernameValidator
@@ -18,8 +19,10 @@ from rest_framework_simplejwt.serializers import (
     TokenObtainPairSerializer,
     TokenRefreshSerializer,
 )
+from rest_framework_simplejwt.settings import api_settings as jwt_api_settings
 
 from .models import APIKey, UsageRecord, User
+from .revocation import SESSION_CLAIM
 
 # --- Errors (documentation only: chatbackend.exception_handlers writes these bodies) ---------
 
@@ -81,7 +84,17 @@ class UserListOutputSerializer(serializers.ModelSerializer):
 
 
 class AuthTokenObtainInputSerializer(TokenObtainPairSerializer):
-    """``{username, password}`` of an active account."""
+    """``{username, password}`` of an active account.
+
+    Every token pair of one login carries a session id claim (``sid``), kept through refreshes, so
+    that logging out can end that session's open WebSockets (``accounts.revocation``).
+    """
+
+    @classmethod
+    def get_token(cls, user: Any) -> Any:
+        token = super().get_token(user)
+        token[SESSION_CLAIM] = uuid.uuid4().hex
+        return token
 
 
 class AuthTokenPairOutputSerializer(serializers.Serializer):
@@ -102,9 +115,17 @@ class AuthTokenRefreshInputSerializer(TokenRefreshSerializer):
 
 
 class AuthLogoutInputSerializer(TokenBlacklistSerializer):
-    """``{refresh}``: the refresh token to blacklist."""
+    """``{refresh}``: the refresh token to blacklist.
 
-    # simplejwt's validate() does the blacklisting (token_blacklist app); the view calls no service.
+    simplejwt's ``validate()`` does the blacklisting (token_blacklist app); the validated data is
+    the token's ``user_id`` and session id (``sid``, None for tokens issued before sessions), for
+    the view to end that session's open connections.
+    """
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        refresh = self.token_class(attrs["refresh"])  # invalid or blacklisted: TokenError -> 401
+        super().validate(attrs)
+        return {"user_id": refresh.get(jwt_api_settings.USER_ID_CLAIM), "session_id": refresh.get(SESSION_CLAIM)}
 
 
 # --- API keys -------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from chatbackend.errors import NotFoundError
 
 from .keys import display_prefix, generate_secret, hash_secret
 from .models import APIKey, User
+from .revocation import revocation_announce
 
 
 def user_register(*, username: str, password: str, email: str = "") -> User:
@@ -58,3 +59,13 @@ def api_key_revoke(*, user: User, api_key_id: int) -> APIKey:
         api_key.revoked_at = timezone.now()
         api_key.save(update_fields=["revoked_at"])
     return api_key
+
+
+def session_end(*, user_id: int | None, session_id: str | None) -> None:
+    """End a logged-out JWT session's open WebSockets, in every process (``accounts.revocation``).
+
+    The refresh token is already blacklisted. Tokens issued before sessions existed carry no
+    session id: nothing to end then (their access tokens expire on their own).
+    """
+    if user_id is not None and session_id:
+        revocation_announce(sessions=[session_id])

@@ -2,8 +2,9 @@
 
 Browsers cannot set headers on a WebSocket, so the token is read from (in order) the
 ``Authorization`` header, the ``token`` query parameter, or a ``bearer.<token>`` subprotocol.
-``scope["user"]`` and ``scope["api_key"]`` are set; a failed authentication leaves
-``scope["user"]`` anonymous and ``scope["auth_error"]`` set, and the consumer closes with 4401.
+``scope["user"]``, ``scope["api_key"]`` and ``scope["session_id"]`` (a JWT's login session, for
+``accounts.revocation``) are set; a failed authentication leaves ``scope["user"]`` anonymous and
+``scope["auth_error"]`` set, and the consumer closes with 4401.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from urllib.parse import parse_qs
 from channels.middleware import BaseMiddleware
 from django.contrib.auth.models import AnonymousUser
 
-from .authentication import authenticate_token_async, token_from_headers
+from .authentication import authenticate_token_async, jwt_session_id, token_from_headers
 from .selectors import AuthenticationFailed
 
 BEARER_SUBPROTOCOL_PREFIX = "bearer."
@@ -39,10 +40,13 @@ class TokenAuthMiddleware(BaseMiddleware):
 
     async def __call__(self, scope, receive, send):  # noqa: ANN001, ANN204 - ASGI signature
         scope = dict(scope)
+        token = _token_from_scope(scope)
         try:
-            principal = await authenticate_token_async(_token_from_scope(scope))
+            principal = await authenticate_token_async(token)
         except AuthenticationFailed as exc:
-            scope.update(user=AnonymousUser(), api_key=None, auth_error=exc)
+            scope.update(user=AnonymousUser(), api_key=None, session_id=None, auth_error=exc)
         else:
-            scope.update(user=principal.user, api_key=principal.api_key, auth_error=None)
+            scope.update(
+                user=principal.user, api_key=principal.api_key, session_id=jwt_session_id(token), auth_error=None
+            )
         return await super().__call__(scope, receive, send)

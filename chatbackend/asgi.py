@@ -1,4 +1,4 @@
-"""ASGI entry point: HTTP through Django, WebSocket through Channels.
+"""ASGI entry point: HTTP through Django, WebSocket through Channels, lifespan through ``chatbackend.lifespan``.
 
 HTTP goes through one of two Django handlers (``chatbackend.handlers``): the streaming
 endpoints (``/v1``, ``/dashboard``, ``POST /api/conversations/<id>/messages/``) through a lean
@@ -27,17 +27,20 @@ from accounts.websocket import TokenAuthMiddleware  # noqa: E402
 from conversations.routing import websocket_urlpatterns  # noqa: E402
 
 from .handlers import StreamingASGIHandler, StreamingRouter, tune_gc  # noqa: E402
+from .lifespan import LifespanApp  # noqa: E402
 
 streaming_asgi_app = StreamingASGIHandler()
 
-application = ProtocolTypeRouter(
-    {
-        # ASGIStaticFilesHandler takes any ASGI app (it only calls it); django-stubs says ASGIHandler.
-        "http": ASGIStaticFilesHandler(
-            StreamingRouter(default=django_asgi_app, streaming=streaming_asgi_app)  # type: ignore[arg-type]
-        ),
-        "websocket": TokenAuthMiddleware(URLRouter(websocket_urlpatterns)),
-    }
+application = LifespanApp(
+    ProtocolTypeRouter(
+        {
+            # ASGIStaticFilesHandler takes any ASGI app (it only calls it); django-stubs says ASGIHandler.
+            "http": ASGIStaticFilesHandler(
+                StreamingRouter(default=django_asgi_app, streaming=streaming_asgi_app)  # type: ignore[arg-type]
+            ),
+            "websocket": TokenAuthMiddleware(URLRouter(websocket_urlpatterns)),
+        }
+    )
 )
 
 if settings.GC_TUNING:

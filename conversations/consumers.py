@@ -16,12 +16,15 @@ process-wide listener of ``chatbackend.broadcast``, so a socket needs no channel
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from typing import Any
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
+from accounts.revocation import watch_credential
+from accounts.selectors import AuthenticationFailed
 from accounts.websocket import BEARER_SUBPROTOCOL_PREFIX
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError, NotFoundError
@@ -37,6 +40,9 @@ logger = logging.getLogger(__name__)
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_NOT_FOUND = 4404
 
+# Closes started by a revocation, kept until done (a task nobody references may be collected).
+_closing: set[asyncio.Future[None]] = set()
+
 
 class ConversationConsumer(AsyncJsonWebsocketConsumer):
     """Chat in one conversation over a WebSocket: one streamed reply at a time."""
@@ -49,6 +55,7 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
     _reply: ConversationReply | None = None
     _stop_requested = False  # a ``reply.stop`` that came before the reply had started
     _refused = False  # closed with 4401/4404: frames still in flight are ignored
+    _watch: contextlib.AbstractContextManager[None] | None = None
 
     async def connect(self) -> None:
         self.conversation_id = self.scope["url_route"]["kwargs"]["conversation_id"]
@@ -65,6 +72,29 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
         if close_code is not None:
             self._refused = True
             await self.close(code=close_code)
+            return
+        # A revoked key, a deactivated user or a logout closes the socket, from any process.
+        self._watch = watch_credential(
+            user_id=user.pk,
+            api_key_id=getattr(self.scope.get("api_key"), "pk", None),
+            session_id=self.scope.get("session_id"),
+            on_revoked=self._credential_revoked,
+        )
+        self._watch.__enter__()
+
+    def _credential_revoked(self) -> None:
+        """Close with 4401 (and stop the reply, persisted ``cancelled``): the credential was revoked."""
+        if self._refused:
+            return
+        self._refused = True
+        reason = AuthenticationFailed("The credential of this connection was revoked.", code="credential_revoked")
+        if self._reply is not None:
+            self._reply.stop(reason)
+        elif self._reply_task is not None and not self._reply_task.done():
+            self._stop_requested = True
+        closing = asyncio.ensure_future(self.close(code=CLOSE_UNAUTHENTICATED))
+        _closing.add(closing)
+        closing.add_done_callback(_closing.discard)
 
     def _subprotocol(self) -> str | None:
         # A browser fails the handshake unless the server picks one of the subprotocols it offered.
@@ -77,6 +107,9 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
         return offered[0] if offered else None
 
     async def disconnect(self, code: int) -> None:
+        if self._watch is not None:
+            self._watch.__exit__(None, None, None)
+            self._watch = None
         task = self._reply_task
         if task is not None and not task.done():
             task.cancel()  # the reply is persisted ``cancelled`` with its text so far

@@ -36,6 +36,7 @@ them to its client in one send.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import inspect
 import logging
@@ -49,7 +50,9 @@ from typing import Any, Generic, TypeVar
 
 from asgiref.sync import async_to_sync
 
-from accounts.usage import UsageContext, usage_account
+from accounts.revocation import watch_credential
+from accounts.selectors import AuthenticationFailed
+from accounts.usage import UsageContext, usage_account, usage_flush
 from chatbackend import broadcast
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError
@@ -61,6 +64,9 @@ from .tokens import estimate_prompt_tokens, estimate_text_tokens
 logger = logging.getLogger(__name__)
 
 STOP_MESSAGE_TYPE = "reply.stop"
+# The longest a reply's end may take to be written (one UPDATE, the usage queued) before a
+# cancelled wait for it gives up.
+PERSIST_TIMEOUT_SECONDS = 10.0
 
 
 class ReplyStatus(StrEnum):
@@ -164,6 +170,15 @@ ReplyEvent = ReplyStarted | ReplyDelta | KeepAlive | ReplyDone | ReplyFailed
 
 # --- The reply --------------------------------------------------------------------------------
 
+# Every reply of this process not yet ended, and every end being written: what a shutdown must
+# finish before the process exits (``replies_shutdown``).
+_open_replies: weakref.WeakSet[Reply[Any]] = weakref.WeakSet()
+_persisting: set[asyncio.Future[None]] = set()
+# Replies whose end is not written yet, ended or not (strong references: an abandoned reply must
+# still be written at exit).
+_unwritten: set[Reply[Any]] = set()
+_accepting = True
+
 
 class Reply(Generic[P]):
     """One streamed reply. Get it from ``open_reply``; use it as an async context manager.
@@ -174,12 +189,15 @@ class Reply(Generic[P]):
     def __init__(self, plan: P) -> None:
         self.plan = plan
         self.outcome: ReplyOutcome | None = None
+        _open_replies.add(self)
+        _unwritten.add(self)
         self._upstream: AsyncGenerator[list[ChatChunk], None] = get_provider(plan.provider).stream(plan.request)
         self._first: asyncio.Future[list[ChatChunk]] | None = None  # a read in its own task
         self._events: AsyncGenerator[ReplyEvent, None] | None = None
         self._task: asyncio.Task[Any] | None = None  # the task iterating ``events()``
         self._waiting = False  # True while that task awaits the upstream: a stop may cancel it
         self._stop_requested = False
+        self._stop_reason: ApplicationError | None = None
         self._interrupted = False  # we cancelled the task for a stop
         self._started = time.perf_counter()
         self._ttft_ms: float | None = None
@@ -204,15 +222,17 @@ class Reply(Generic[P]):
             await events.aclose()  # its ``finally`` ends the reply
         await self._end(ReplyStatus.CANCELLED, None)
 
-    def stop(self) -> None:
+    def stop(self, reason: ApplicationError | None = None) -> None:
         """Stop the reply: it ends ``cancelled`` with its text so far. Idempotent; any task of its loop.
 
         Interrupts the upstream wait at once; a reply whose events are being handled stops before
-        its next read.
+        its next read. ``reason``: why, when it is not the client's own stop (e.g. its credential
+        was revoked); it becomes ``outcome.error`` (the status stays ``cancelled``).
         """
         if self._stop_requested or self.outcome is not None:
             return
         self._stop_requested = True
+        self._stop_reason = reason
         if self._waiting and self._task is not None:
             self._interrupted = True
             self._task.cancel()
@@ -236,7 +256,14 @@ class Reply(Generic[P]):
         status, error = ReplyStatus.CANCELLED, None
         registry = _replies()
         registry[self.plan.reply_id] = self
+        usage = self.plan.usage
+        watch = (
+            watch_credential(user_id=usage.user_id, api_key_id=usage.api_key_id, on_revoked=self._credential_revoked)
+            if usage is not None
+            else contextlib.nullcontext()
+        )
         try:
+            watch.__enter__()
             try:
                 await broadcast.listen()  # before STARTED: a client that saw the start may stop us
                 yield STARTED
@@ -264,6 +291,7 @@ class Reply(Generic[P]):
                             delta = self._take(batch)
                             if delta is not None:
                                 yield delta
+                                self._delivered(delta)
                 if status is not ReplyStatus.COMPLETED and not self._stop_requested:
                     # ``_waiting`` is True exactly while the loop awaits the upstream's next batch.
                     self._waiting = True
@@ -273,6 +301,7 @@ class Reply(Generic[P]):
                             delta = self._take(batch)
                             if delta is not None:
                                 yield delta
+                                self._delivered(delta)
                             if self._stop_requested:
                                 break
                             self._waiting = True
@@ -291,14 +320,20 @@ class Reply(Generic[P]):
                 error = ApplicationError("The reply failed.", code="internal_error", status=500)
                 error.__cause__ = exc
         finally:
+            watch.__exit__(None, None, None)
             if registry.get(self.plan.reply_id) is self:
                 del registry[self.plan.reply_id]
+            if status is ReplyStatus.CANCELLED and error is None:
+                error = self._stop_reason
             await self._end(status, error)
         assert self.outcome is not None  # noqa: S101 - set by _end
-        if error is not None:
+        if self.outcome.status is ReplyStatus.FAILED and error is not None:
             yield ReplyFailed(error, self.outcome)
         else:
             yield ReplyDone(self.outcome)
+
+    def _credential_revoked(self) -> None:
+        self.stop(AuthenticationFailed("The credential of this reply was revoked.", code="credential_revoked"))
 
     def _absorb_stop(self) -> bool:
         """Return True when the ``CancelledError`` being handled was our stop's, and clear it.
@@ -312,7 +347,11 @@ class Reply(Generic[P]):
         return self._task.uncancel() == 0
 
     def _take(self, batch: list[ChatChunk]) -> ReplyDelta | None:
-        """Account for a batch of chunks; return what to pass on (None when only usage came)."""
+        """Account for a batch of chunks as received; return what to pass on (None when only usage came).
+
+        Its text counts as the reply's only once delivered (``_delivered``): the saved text is what
+        the client received, while the token estimate counts every chunk the upstream generated.
+        """
         # The hot path: appends and compares only.
         usage_only = False
         for chunk in batch:
@@ -321,10 +360,6 @@ class Reply(Generic[P]):
                 if self._ttft_ms is None:
                     self._ttft_ms = (time.perf_counter() - self._started) * 1000
                 self._chunks_with_output += 1
-                if content:
-                    self._content.append(content)
-                if reasoning:
-                    self._reasoning.append(reasoning)
             elif chunk.usage is not None and not chunk.finish_reason:
                 usage_only = True
             if chunk.finish_reason:
@@ -334,6 +369,14 @@ class Reply(Generic[P]):
         if usage_only:
             batch = [chunk for chunk in batch if chunk.usage is None or chunk.finish_reason or _has_output(chunk)]
         return ReplyDelta(batch) if batch else None
+
+    def _delivered(self, delta: ReplyDelta) -> None:
+        """Add the text of ``delta`` to the reply: the interface took it and asked for the next event."""
+        for chunk in delta.chunks:
+            if chunk.content:
+                self._content.append(chunk.content)
+            if chunk.reasoning_content:
+                self._reasoning.append(chunk.reasoning_content)
 
     async def _wait_first_chunk(self, seconds: float) -> None:
         """Wait up to ``seconds`` for the upstream's first chunk; raise its failure, persisted ``failed``."""
@@ -360,11 +403,11 @@ class Reply(Generic[P]):
         with contextlib.suppress(Exception):  # closing a failed or finished upstream may itself fail
             await self._upstream.aclose()
 
-    async def _end(self, status: ReplyStatus, error: ApplicationError | None) -> None:
-        if self.outcome is not None:
-            return
+    def _set_outcome(self, status: ReplyStatus, error: ApplicationError | None) -> ReplyOutcome:
+        """End the reply's bookkeeping: build ``outcome`` from what it took and delivered (sync, once)."""
+        _open_replies.discard(self)
         content, reasoning = "".join(self._content), "".join(self._reasoning)
-        self.outcome = outcome = ReplyOutcome(
+        self.outcome = ReplyOutcome(
             status=status,
             content=content,
             reasoning_content=reasoning,
@@ -375,9 +418,24 @@ class Reply(Generic[P]):
             duration_ms=(time.perf_counter() - self._started) * 1000,
             error=error,
         )
+        return self.outcome
+
+    async def _end(self, status: ReplyStatus, error: ApplicationError | None) -> None:
+        if self.outcome is not None:
+            return
+        outcome = self._set_outcome(status, error)
         # Shielded: a second cancellation (client gone, server shutting down) must not lose the
-        # write of what was generated.
-        await asyncio.shield(self._persist(outcome))
+        # write of what was generated. A server that waits for this task before it exits (daphne's
+        # shutdown, this module's ``replies_shutdown``) must see the write done, so a cancelled
+        # wait still waits for it, up to ``PERSIST_TIMEOUT_SECONDS``.
+        persisting = asyncio.ensure_future(self._persist(outcome))
+        _persisting.add(persisting)
+        persisting.add_done_callback(_persisting.discard)
+        try:
+            await asyncio.shield(persisting)
+        except asyncio.CancelledError:
+            await asyncio.wait((persisting,), timeout=PERSIST_TIMEOUT_SECONDS)
+            raise
 
     async def _persist(self, outcome: ReplyOutcome) -> None:
         await self._close_upstream()
@@ -386,6 +444,19 @@ class Reply(Generic[P]):
                 await run_sync(self.plan.finish, outcome)
             except Exception:
                 logger.exception("persisting the end of reply %s failed", self.plan.reply_id)
+        self._account(outcome)
+
+    def _persist_now(self, outcome: ReplyOutcome) -> None:
+        """``_persist`` without an event loop (at process exit): the end written in this thread."""
+        if type(self.plan).finish is not ReplyPlan.finish:
+            try:
+                self.plan.finish(outcome)
+            except Exception:
+                logger.exception("persisting the end of reply %s failed", self.plan.reply_id)
+        self._account(outcome)
+
+    def _account(self, outcome: ReplyOutcome) -> None:
+        _unwritten.discard(self)
         if outcome.error is not None:
             logger.warning("reply %s ended %s: %s", self.plan.reply_id, outcome.status, outcome.error.message)
         if self.plan.usage is not None:
@@ -430,6 +501,15 @@ class ReplyOpener(Generic[P]):
             await self._reply.aclose()
 
     async def _open(self) -> Reply[P]:
+        if not _accepting:
+            if inspect.isawaitable(self._begin):
+                # ``begin`` never ran: close it (a coroutine that was never awaited warns).
+                close = getattr(self._begin, "close", None)
+                if close is not None:
+                    close()
+            raise ApplicationError(
+                "The server is shutting down; retry in a moment.", code="server_shutting_down", status=503
+            )
         begin = self._begin
         if isinstance(begin, ReplyPlan):  # planned on the event loop: nothing ran elsewhere
             plan = begin
@@ -470,6 +550,62 @@ async def _abandon(begun: asyncio.Future[P]) -> None:
     except Exception:  # ``begin`` failed: it wrote nothing to end
         return
     await Reply(plan).aclose()
+
+
+# --- Shutdown ---------------------------------------------------------------------------------
+
+
+async def replies_shutdown(*, wait_seconds: float = PERSIST_TIMEOUT_SECONDS) -> int:
+    """End this process's open replies and wait until every reply's end is written; return how many it ended.
+
+    For the server's shutdown (the ASGI lifespan ``shutdown``, after the server's graceful wait):
+    from now on ``open_reply`` refuses new replies (503 ``server_shutting_down``); every reply
+    still open ends ``cancelled`` with its text so far and ``outcome.error`` saying the server
+    shut down; then this waits, up to ``wait_seconds``, for every end being written (including
+    those of replies whose tasks the server just cancelled) and for the usage queue to be sent
+    (``accounts.usage.usage_flush``), so nothing is lost when the process exits.
+    """
+    global _accepting
+    _accepting = False
+    reason = ApplicationError("The server shut down during the reply.", code="server_shutdown", status=503)
+    open_replies = [reply for reply in list(_open_replies) if reply.outcome is None]
+    for reply in open_replies:
+        reply._stop_requested = True
+        reply._stop_reason = reason
+    ends = [asyncio.ensure_future(reply._end(ReplyStatus.CANCELLED, reason)) for reply in open_replies]
+    pending = set(ends) | set(_persisting)
+    if pending:
+        _, late = await asyncio.wait(pending, timeout=wait_seconds)
+        if late:
+            logger.error("%d reply ends were not written within %s s of the shutdown", len(late), wait_seconds)
+    if not await asyncio.to_thread(usage_flush, wait_seconds):
+        logger.error("usage records were still queued %s s after the shutdown", wait_seconds)
+    return len(open_replies)
+
+
+def _write_unwritten_replies_at_exit() -> None:
+    """At process exit, write the end of every reply whose end is not written (no event loop left).
+
+    The last resort when the server stopped its event loop with replies still open or their
+    writes pending: daphne on SIGTERM (it cancels each connection's outer task, not the task
+    that streams), or a server without the lifespan protocol. Each ends ``cancelled`` with its
+    text so far; its usage is queued, and ``accounts.usage`` sends the queue at exit after this
+    (handlers run last-registered first). A reply whose write was in flight may be written twice:
+    the message write is idempotent and usage records are keyed by the reply.
+    """
+    reason = ApplicationError("The server shut down during the reply.", code="server_shutdown", status=503)
+    for reply in list(_unwritten):
+        outcome = reply.outcome or reply._set_outcome(ReplyStatus.CANCELLED, reason)
+        reply._persist_now(outcome)
+
+
+atexit.register(_write_unwritten_replies_at_exit)
+
+
+def replies_accepting(accepting: bool = True) -> None:
+    """Let ``open_reply`` start replies again (tests; a process that starts serving)."""
+    global _accepting
+    _accepting = accepting
 
 
 # --- HTTP streaming ---------------------------------------------------------------------------
@@ -567,5 +703,7 @@ __all__ = [
     "ReplyStatus",
     "ReplyStreamingResponse",
     "open_reply",
+    "replies_accepting",
+    "replies_shutdown",
     "reply_stop_broadcast",
 ]

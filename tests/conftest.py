@@ -92,6 +92,7 @@ class E2EStack:
     wrong_provider_api_key: str
     children: list[ChildProcess]
     worker_running: bool
+    env: dict[str, str] = field(default_factory=dict, repr=False)
     received: list[str] = field(default_factory=list)
     secrets: set[str] = field(default_factory=set)
 
@@ -184,6 +185,22 @@ def _wait_for(child: ChildProcess, ready: Callable[[], bool], what: str) -> None
         raise RuntimeError(f"{child.name} exited with {child.process.returncode}:\n{child.tail()}")
 
 
+def server_command(server: str, port: int, *, grace_seconds: int = 5) -> list[str]:
+    """Return the command that serves the project's ASGI app on ``port`` as production runs it.
+
+    ``server``: ``uvicorn`` (with the lifespan protocol on and ``grace_seconds`` of graceful
+    shutdown, as README and docker-compose run it) or ``daphne``.
+    """
+    if server == "uvicorn":
+        return [
+            *(sys.executable, "-m", "uvicorn", "chatbackend.asgi:application", "--host", "127.0.0.1"),
+            *("--port", str(port), "--lifespan", "on", "--timeout-graceful-shutdown", str(grace_seconds)),
+        ]
+    if server == "daphne":
+        return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "chatbackend.asgi:application"]
+    raise ValueError(server)
+
+
 def _http_ready(url: str) -> bool:
     try:
         httpx.get(url, timeout=2, trust_env=False)
@@ -218,9 +235,7 @@ def e2e_stack(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -
         servers: list[tuple[ChildProcess, str]] = []
         for name in SERVER_NAMES:  # started together, then waited for: they boot in parallel
             port = _free_port()
-            command = [sys.executable, "-m", "uvicorn", "chatbackend.asgi:application"]
-            command += ["--host", "127.0.0.1", "--port", str(port), "--lifespan", "off"]
-            server = _start_child(name, command, env, log_dir)
+            server = _start_child(name, server_command("uvicorn", port), env, log_dir)
             children.append(server)
             servers.append((server, f"http://127.0.0.1:{port}"))
         for server, url in servers:
@@ -262,11 +277,36 @@ def e2e_stack(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -
             wrong_provider_api_key=wrong_provider_api_key,
             children=children,
             worker_running=with_redis,
+            env=env,
         )
     finally:
         for child in reversed(children):
             child.stop()
         simulator.stop()
+
+
+@pytest.fixture
+def start_server(e2e_stack: E2EStack, tmp_path: Path) -> Iterator[Callable[..., tuple[ChildProcess, str]]]:
+    """Start another server process on the stack's database and Redis, for a test that ends it.
+
+    ``start_server(server="uvicorn", grace_seconds=5)`` returns the process and its URL once it
+    answers HTTP; a process still running at the end of the test is stopped.
+    """
+    started: list[ChildProcess] = []
+
+    def start(server: str = "uvicorn", *, grace_seconds: int = 5) -> tuple[ChildProcess, str]:
+        port = _free_port()
+        child = _start_child(
+            f"{server}-{port}", server_command(server, port, grace_seconds=grace_seconds), e2e_stack.env, tmp_path
+        )
+        started.append(child)
+        url = f"http://127.0.0.1:{port}"
+        _wait_for(child, lambda: _http_ready(f"{url}/"), "answering HTTP")
+        return child, url
+
+    yield start
+    for child in started:
+        child.stop()
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ async def chat_completion_frames(reply: Reply[ChatCompletionPlan], *, keepalive:
     every token) costs one JSON string escape. ``: keep-alive`` comments flow every
     ``keepalive`` seconds while the upstream is silent before its first chunk (clients ignore
     comments). A failure after the headers is sent as ``data: {"error": ...}`` and ends the
-    stream, as OpenAI does. There is no ``system_fingerprint``: OpenAI's schema types it as a
+    stream, as OpenAI does; so is a reply the server stopped (its key revoked, a shutdown). There
+    is no ``system_fingerprint``: OpenAI's schema types it as a
     string when present, and there is no fingerprint to report.
     """
     plan = reply.plan
@@ -84,7 +85,9 @@ async def chat_completion_frames(reply: Reply[ChatCompletionPlan], *, keepalive:
         elif event is KEEPALIVE:
             yield KEEPALIVE_COMMENT
         elif type(event) is ReplyDone:
-            if plan.include_usage:
+            if event.outcome.error is not None:  # stopped by the server (a revoked key, a shutdown)
+                yield b"data: " + _encode(event.outcome.error.as_dict()).encode() + b"\n\n"
+            elif plan.include_usage:
                 yield head + b'],"usage":' + _encode(usage_object(event.outcome)).encode() + b"}\n\n" + DONE
             else:
                 yield DONE

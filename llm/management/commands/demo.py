@@ -168,9 +168,9 @@ class Command(BaseCommand):
                 "--port",
                 port,
                 "--lifespan",
-                "off",  # Django has no lifespan handlers; "auto" only logs that it is unsupported
+                "on",  # chatbackend.lifespan: at shutdown, every open reply is saved before exit
                 "--timeout-graceful-shutdown",
-                "5",  # open streams get 5 s on Ctrl-C; each is saved as cancelled
+                "5",  # open streams get 5 s on Ctrl-C; each still open then is saved as cancelled
             ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "DJANGO_SETTINGS_MODULE": "chatbackend.settings"}
         if "DJANGO_ALLOWED_HOSTS" not in env and host not in _DEFAULT_HOSTS:

@@ -1,0 +1,160 @@
+"""Revoked credentials reach open connections, in every process, within a second.
+
+Revoking an API key, deactivating (or deleting) a user, or logging out ends what that credential
+has open: WebSockets close with 4401 and replies streaming for it stop (persisted ``cancelled``,
+their usage up to then billed). A revocation is announced (``revocation_announce``) once its
+transaction commits, as a broadcast (``chatbackend.broadcast``) that every server process
+receives; each process ends the connections and replies that registered a matching watch
+(``watch_credential``). Authentication itself refuses the credential from then on (the lookup
+caches are cleared by the same change).
+
+What matches what:
+
+- ``api_key_ids``: everything opened with one of those keys;
+- ``user_ids``: everything of those users, whatever the credential (deactivated or deleted);
+- ``sessions``: WebSockets opened with a JWT access token of that login session (the ``sid``
+  claim every token pair of one login carries, refreshes included; see
+  ``accounts.serializers.AuthTokenObtainInputSerializer``): what logging out ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import transaction
+
+from chatbackend import broadcast
+
+logger = logging.getLogger(__name__)
+
+REVOKED_MESSAGE_TYPE = "credentials.revoked"
+# The JWT claim naming the login session a token pair belongs to.
+SESSION_CLAIM = "sid"
+
+
+@dataclass(eq=False)
+class _Watch:
+    user_id: int
+    api_key_id: int | None
+    session_id: str | None
+    on_revoked: Callable[[], None]
+
+
+def revocation_announce(
+    *, api_key_ids: Iterable[int] = (), user_ids: Iterable[int] = (), sessions: Iterable[str] = ()
+) -> None:
+    """End, in every process, what the given credentials have open, once the transaction commits.
+
+    Sync (services, signal handlers). A broadcast that cannot be sent is logged: authentication
+    still refuses the credential, only connections opened before stay until they end.
+    """
+    message = {
+        "type": REVOKED_MESSAGE_TYPE,
+        "api_key_ids": sorted(set(api_key_ids)),
+        "user_ids": sorted(set(user_ids)),
+        "sessions": sorted(set(sessions)),
+    }
+    if not (message["api_key_ids"] or message["user_ids"] or message["sessions"]):
+        return
+
+    def send() -> None:
+        try:
+            broadcast.broadcast_sync(message)
+        except Exception:
+            logger.warning("could not announce a revocation to the other processes", exc_info=True)
+
+    transaction.on_commit(send)
+
+
+# The watches of each event loop (connections belong to the loop that serves them).
+_watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[_Watch]] = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def watch_credential(
+    *, user_id: int, api_key_id: int | None, session_id: str | None = None, on_revoked: Callable[[], None]
+) -> Iterator[None]:
+    """Call ``on_revoked()`` (on this event loop) if the credential is revoked inside the block.
+
+    ``api_key_id``: the key used, None for a JWT; ``session_id``: the JWT's login session, if
+    logging out should end it too. ``on_revoked`` must be quick and must not raise; it may be
+    called more than once.
+    """
+    loop = asyncio.get_running_loop()
+    watch = _Watch(user_id=user_id, api_key_id=api_key_id, session_id=session_id, on_revoked=on_revoked)
+    watches = _watches.setdefault(loop, set())
+    watches.add(watch)
+    try:
+        yield
+    finally:
+        watches.discard(watch)
+
+
+def _on_revoked(message: dict[str, Any]) -> None:
+    try:
+        watches = _watches.get(asyncio.get_running_loop())
+    except RuntimeError:  # dispatched outside an event loop: nothing of this process to end
+        return
+    if not watches:
+        return
+    api_key_ids = set(message.get("api_key_ids") or ())
+    user_ids = set(message.get("user_ids") or ())
+    sessions = set(message.get("sessions") or ())
+    for watch in list(watches):
+        if (
+            watch.user_id in user_ids
+            or (watch.api_key_id is not None and watch.api_key_id in api_key_ids)
+            or (watch.session_id is not None and watch.session_id in sessions)
+        ):
+            watch.on_revoked()
+
+
+broadcast.on_broadcast(REVOKED_MESSAGE_TYPE, _on_revoked)
+
+
+def _api_key_saved(sender: Any, instance: Any, **kwargs: Any) -> None:
+    if instance.revoked_at is not None:
+        revocation_announce(api_key_ids=[instance.pk])
+
+
+def _api_key_deleted(sender: Any, instance: Any, **kwargs: Any) -> None:
+    revocation_announce(api_key_ids=[instance.pk])
+
+
+def _user_saved(sender: Any, instance: Any, **kwargs: Any) -> None:
+    if not instance.is_active:
+        revocation_announce(user_ids=[instance.pk])
+
+
+def _user_deleted(sender: Any, instance: Any, **kwargs: Any) -> None:
+    revocation_announce(user_ids=[instance.pk])
+
+
+def connect_revocation_signals() -> None:
+    """Announce revocations on model changes: a revoked or deleted key, a deactivated or deleted user.
+
+    Called once, from ``AccountsConfig.ready``. (A logout announces its session itself.)
+    """
+    from django.db.models.signals import post_delete, post_save
+
+    from .models import APIKey, User
+
+    post_save.connect(_api_key_saved, sender=APIKey, dispatch_uid="accounts.revocation.api_key_saved")
+    post_delete.connect(_api_key_deleted, sender=APIKey, dispatch_uid="accounts.revocation.api_key_deleted")
+    post_save.connect(_user_saved, sender=User, dispatch_uid="accounts.revocation.user_saved")
+    post_delete.connect(_user_deleted, sender=User, dispatch_uid="accounts.revocation.user_deleted")
+
+
+__all__ = [
+    "REVOKED_MESSAGE_TYPE",
+    "SESSION_CLAIM",
+    "connect_revocation_signals",
+    "revocation_announce",
+    "watch_credential",
+]

@@ -1,0 +1,83 @@
+"""The ASGI lifespan protocol: what the server process does when it starts and before it exits.
+
+Spec: https://asgi.readthedocs.io/en/latest/specs/lifespan.html. Run the server with
+``--lifespan on`` (uvicorn) so that it sends these events; Channels' router has no lifespan
+handler, so ``chatbackend.asgi`` puts ``LifespanApp`` in front of it.
+
+- **shutdown**: uvicorn sends it on SIGTERM/SIGINT after its graceful wait
+  (``--timeout-graceful-shutdown``: open streams run on for that long, no new connection is
+  accepted) and after it cancelled what was still running. ``llm.streaming.replies_shutdown``
+  then ends every reply still open as ``cancelled`` with its text so far, waits until every
+  reply's end (message, usage) is written and the usage queue is sent, and only then is the
+  shutdown complete: uvicorn exits right after (it re-raises the signal), so anything not written
+  by then would be lost.
+- **startup**: replies are accepted again (a process that runs the app twice, as tests do).
+
+daphne sends no lifespan events: on SIGTERM it cancels every connection's task at once and waits
+for them; the streaming engine waits for a cancelled reply's end to be written before the task
+ends, and ``accounts.usage`` sends the usage queue at exit. So replies are saved there too, only
+without a grace period.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from llm.providers.openai_compatible import aclose_clients
+from llm.streaming import replies_accepting, replies_shutdown
+
+logger = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+async def startup() -> None:
+    """Prepare this process to serve."""
+    replies_accepting(True)
+
+
+async def shutdown() -> None:
+    """Finish this process's replies and write everything they produced, before the process exits."""
+    ended = await replies_shutdown()
+    if ended:
+        logger.warning("the shutdown ended %d open replies as cancelled; their text and usage are saved", ended)
+    await aclose_clients()
+
+
+class LifespanApp:
+    """Answer ``lifespan`` scopes with ``startup`` / ``shutdown``; pass every other scope to ``app``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await startup()
+                except Exception as exc:
+                    logger.exception("start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                try:
+                    await shutdown()
+                except Exception as exc:
+                    logger.exception("shutdown failed")
+                    await send({"type": "lifespan.shutdown.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+__all__ = ["LifespanApp", "shutdown", "startup"]
