@@ -108,20 +108,25 @@ def usage_context(
     source: str,
     user_id: int,
     api_key_id: int | None,
-    model: PricedModel,
+    model: PricedModel | None,
+    model_name: str = "",
     message_id: int | None = None,
 ) -> UsageContext:
-    """Return the accounting context of a reply of ``model`` starting now (its current prices)."""
+    """Return the accounting context of a reply of ``model`` starting now (its current prices).
+
+    ``model`` None (a model deleted since): no prices, the reply is recorded under ``model_name``
+    at no cost.
+    """
     return UsageContext(
         request_id=request_id,
         source=source,
         user_id=user_id,
         api_key_id=api_key_id,
-        model_id=model.pk,
-        model_name=model.name,
+        model_id=model.pk if model is not None else None,
+        model_name=model.name if model is not None else model_name,
         message_id=message_id,
-        input_price_per_million=model.input_price_per_million,
-        output_price_per_million=model.output_price_per_million,
+        input_price_per_million=model.input_price_per_million if model is not None else Decimal(0),
+        output_price_per_million=model.output_price_per_million if model is not None else Decimal(0),
     )
 
 

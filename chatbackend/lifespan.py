@@ -11,7 +11,10 @@ handler, so ``chatbackend.asgi`` puts ``LifespanApp`` in front of it.
   reply's end (message, usage) is written and the usage queue is sent, and only then is the
   shutdown complete: uvicorn exits right after (it re-raises the signal), so anything not written
   by then would be lost.
-- **startup**: replies are accepted again (a process that runs the app twice, as tests do).
+- **startup**: replies are accepted (again: tests run the app twice in one process), the process
+  heartbeat starts (``chatbackend.liveness``), and on the embedded defaults (no Redis, no celery
+  beat, one process) replies an earlier run left ``streaming`` are recovered
+  (``conversations.services.reply_recover_orphans``).
 
 daphne sends no lifespan events: on SIGTERM it cancels every connection's task at once and waits
 for them; the streaming engine waits for a cancelled reply's end to be written before the task
@@ -25,8 +28,14 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from django.conf import settings
+
+from conversations.services import reply_recover_orphans
 from llm.providers.openai_compatible import aclose_clients
 from llm.streaming import replies_accepting, replies_shutdown
+
+from .asyncdb import run_sync
+from .liveness import start_heartbeat, stop_heartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +46,14 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 async def startup() -> None:
-    """Prepare this process to serve."""
+    """Prepare this process to serve: heartbeat, replies accepted; on the embedded defaults, recover orphans."""
     replies_accepting(True)
+    start_heartbeat()
+    if not settings.REDIS_URL:
+        # One process, no celery beat: a reply left "streaming" by an earlier run is an orphan now.
+        recovered = await run_sync(reply_recover_orphans, orphan_after_seconds=0)
+        if recovered:
+            logger.warning("recovered %d replies left streaming by an earlier run", recovered)
 
 
 async def shutdown() -> None:
@@ -46,6 +61,7 @@ async def shutdown() -> None:
     ended = await replies_shutdown()
     if ended:
         logger.warning("the shutdown ended %d open replies as cancelled; their text and usage are saved", ended)
+    await stop_heartbeat()
     await aclose_clients()
 
 

@@ -184,6 +184,29 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 
+# --- Replies that outlive their process (chatbackend.liveness, conversations.services) --------
+# Seconds between a server process's heartbeats; it counts as dead after three missed beats.
+PROCESS_HEARTBEAT_SECONDS: float = _positive(
+    "PROCESS_HEARTBEAT_SECONDS", _get("PROCESS_HEARTBEAT_SECONDS", env.float, 10.0, "seconds")
+)
+# Seconds between writes of a streaming reply's text so far (never per token): what a crash keeps.
+REPLY_CHECKPOINT_SECONDS: float = _positive(
+    "REPLY_CHECKPOINT_SECONDS", _get("REPLY_CHECKPOINT_SECONDS", env.float, 5.0, "seconds")
+)
+# A reply still "streaming" whose process is dead and that has not been checkpointed for this
+# many seconds is an orphan: the recovery task marks it failed (interrupted) and bills it.
+REPLY_ORPHAN_AFTER_SECONDS: float = _positive(
+    "REPLY_ORPHAN_AFTER_SECONDS", _get("REPLY_ORPHAN_AFTER_SECONDS", env.float, 60.0, "seconds")
+)
+# celery beat runs the recovery of orphaned replies this often (with Redis; the embedded defaults
+# recover at start-up instead).
+CELERY_BEAT_SCHEDULE = {
+    "conversations.reply_recover_orphans": {
+        "task": "conversations.reply_recover_orphans",
+        "schedule": REPLY_ORPHAN_AFTER_SECONDS / 2,
+    },
+}
+
 # --- Auth -----------------------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

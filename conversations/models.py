@@ -28,7 +28,11 @@ class Message(models.Model):
     """One turn. Assistant messages are written at stream start and at stream end, never per token.
 
     ``time_to_first_token_ms`` and ``duration_ms`` are milliseconds measured by the backend from
-    the upstream request's start. A ``cancelled`` or ``failed`` reply keeps the text generated.
+    the upstream request's start. A ``cancelled`` or ``failed`` reply keeps the text generated;
+    ``error`` says why in words and ``error_code`` in a machine-readable code (e.g.
+    ``upstream_error``, ``interrupted``). While a reply streams, ``stream_owner`` names the server
+    process streaming it (``chatbackend.liveness``) and its text so far is written every few
+    seconds (``checkpointed_at``): a reply whose process died is recovered from that.
     """
 
     class Role(models.TextChoices):
@@ -53,12 +57,19 @@ class Message(models.Model):
     time_to_first_token_ms = models.FloatField(null=True, blank=True)
     duration_ms = models.FloatField(null=True, blank=True)
     error = models.TextField(blank=True, default="")
+    error_code = models.CharField(max_length=64, blank=True, default="")
+    stream_owner = models.CharField(max_length=200, blank=True, default="")
+    checkpointed_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         ordering = ["created_at", "id"]
-        indexes = [models.Index(fields=["conversation", "created_at"])]
+        indexes = [
+            models.Index(fields=["conversation", "created_at"]),
+            # The recovery task's scan: the few messages still streaming.
+            models.Index(fields=["status"], name="message_streaming_idx", condition=models.Q(status="streaming")),
+        ]
 
     def __str__(self) -> str:
         return f"{self.role}: {self.content[:40]}"

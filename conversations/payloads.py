@@ -98,6 +98,7 @@ def reply_message_data(reply: ConversationReply) -> dict[str, Any] | None:
         "time_to_first_token_ms": outcome.time_to_first_token_ms,
         "duration_ms": outcome.duration_ms,
         "error": outcome.error.message if outcome.error else "",
+        "error_code": outcome.error.code if outcome.error else "",
         "created_at": _created_at_field().to_representation(plan.created_at),
     }
 

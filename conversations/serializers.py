@@ -63,6 +63,7 @@ class MessageOutputSerializer(serializers.ModelSerializer):
             "time_to_first_token_ms",
             "duration_ms",
             "error",
+            "error_code",
             "created_at",
         ]
         read_only_fields = fields

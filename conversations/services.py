@@ -6,15 +6,20 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from accounts.models import APIKey, UsageRecord, User
-from accounts.usage import usage_context
+from accounts.usage import usage_account, usage_context
 from chatbackend.errors import ApplicationError, NotFoundError
+from chatbackend.liveness import PROCESS_ID, process_alive
+from llm.models import LLMModel
 from llm.providers import ChatRequest
 from llm.selectors import enabled_model_get, llm_model_get_enabled
 from llm.streaming import ReplyOutcome, ReplyPlan, reply_stop_broadcast
+from llm.tokens import estimate_prompt_tokens, estimate_text_tokens
 
 from .models import Conversation, Message
 from .selectors import conversation_get_for, history_for_upstream, message_list
@@ -77,6 +82,10 @@ class ConversationReplyPlan(ReplyPlan):
         """Write the end of the reply on its assistant message (``reply_finish``)."""
         self.message_written = reply_finish(outcome, message_id=self.message_id)
 
+    def checkpoint(self, content: str, reasoning_content: str) -> None:
+        """Write the text so far on the assistant message while it streams (``reply_checkpoint``)."""
+        reply_checkpoint(message_id=self.message_id, content=content)
+
 
 def conversation_reply_id(message_id: int) -> str:
     """Return the reply id of assistant message ``message_id``: its stop key and usage request id."""
@@ -104,6 +113,7 @@ def reply_start(*, user: User, api_key: APIKey | None, conversation_id: int, con
             role=Message.Role.ASSISTANT,
             status=Message.Status.STREAMING,
             model_name=model.name,
+            stream_owner=PROCESS_ID,
         )
         Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
     reply_id = conversation_reply_id(assistant_message.pk)
@@ -142,9 +152,99 @@ def reply_finish(outcome: ReplyOutcome, *, message_id: int) -> bool:
         time_to_first_token_ms=outcome.time_to_first_token_ms,
         duration_ms=outcome.duration_ms,
         error=outcome.error.message if outcome.error else "",
+        error_code=outcome.error.code if outcome.error else "",
         updated_at=timezone.now(),
     )
     return written > 0
+
+
+def reply_checkpoint(*, message_id: int, content: str) -> None:
+    """Write the text so far of assistant message ``message_id``, only while it is ``streaming``.
+
+    One UPDATE; it never overwrites an end already written (the status filter is re-checked under
+    the row lock, so a checkpoint racing ``reply_finish`` changes nothing).
+    """
+    now = timezone.now()
+    Message.objects.filter(pk=message_id, status=Message.Status.STREAMING).update(
+        content=content, checkpointed_at=now, updated_at=now
+    )
+
+
+INTERRUPTED = "interrupted"
+
+
+def reply_recover(*, message: Message) -> bool:
+    """End orphaned reply ``message`` (its process died): ``failed``, ``interrupted``, billed once.
+
+    Keeps its checkpointed text; its usage is estimated from that text and the conversation before
+    it (``estimated``), billed to the conversation's owner at the model's current prices, keyed by
+    the reply (a record the dying process managed to queue wins; nothing is billed twice).
+    Returns False when the message was no longer ``streaming`` (its process ended it meanwhile).
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        recovered = Message.objects.filter(pk=message.pk, status=Message.Status.STREAMING).update(
+            status=Message.Status.FAILED,
+            error="The reply was interrupted: the server process streaming it stopped.",
+            error_code=INTERRUPTED,
+            updated_at=now,
+        )
+        if not recovered:
+            return False
+        message.refresh_from_db()
+        earlier = message.conversation.messages.filter(pk__lt=message.pk).order_by("pk")
+        system = message.conversation.system_prompt
+        prompt: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+        prompt += [{"role": role, "content": content} for role, content in earlier.values_list("role", "content")]
+        prompt_tokens = estimate_prompt_tokens(prompt)
+        completion_tokens = estimate_text_tokens(message.content)
+        Message.objects.filter(pk=message.pk).update(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+        context = usage_context(
+            request_id=conversation_reply_id(message.pk),
+            source=UsageRecord.Source.CONVERSATION,
+            user_id=message.conversation.owner_id,
+            api_key_id=None,  # not recorded on the message: billed to the user
+            model=LLMModel.objects.filter(name=message.model_name).first(),
+            model_name=message.model_name,
+            message_id=message.pk,
+        )
+        transaction.on_commit(
+            lambda: usage_account(
+                context=context,
+                finish_status=Message.Status.FAILED.value,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                estimated=True,
+                produced_output=bool(message.content),
+            )
+        )
+    return True
+
+
+def reply_recover_orphans(*, orphan_after_seconds: float | None = None) -> int:
+    """Recover every orphaned reply: ``streaming``, its process dead, not checkpointed lately.
+
+    An orphan: its ``stream_owner`` has no heartbeat (``chatbackend.liveness``) and its last
+    checkpoint (or its start) is older than ``orphan_after_seconds`` (default
+    ``settings.REPLY_ORPHAN_AFTER_SECONDS``), so a slow reply of a live process is never taken for
+    one. Returns how many were recovered (``reply_recover``). Raises what the cache raises when
+    Redis is unreachable: a process's death cannot be told then.
+    """
+    wait = settings.REPLY_ORPHAN_AFTER_SECONDS if orphan_after_seconds is None else orphan_after_seconds
+    quiet_since = timezone.now() - dt.timedelta(seconds=wait)
+    streaming = Message.objects.filter(status=Message.Status.STREAMING, role=Message.Role.ASSISTANT)
+    candidates = streaming.filter(
+        Q(checkpointed_at__lt=quiet_since) | Q(checkpointed_at__isnull=True, created_at__lt=quiet_since)
+    ).select_related("conversation")
+    alive: dict[str, bool] = {}
+    recovered = 0
+    for message in candidates:
+        owner = message.stream_owner
+        if owner not in alive:
+            alive[owner] = bool(owner) and process_alive(owner)
+        if not alive[owner] and reply_recover(message=message):
+            recovered += 1
+    return recovered
 
 
 def reply_stop(*, user: User, conversation_id: int, message_id: int) -> None:
@@ -158,8 +258,12 @@ def reply_stop(*, user: User, conversation_id: int, message_id: int) -> None:
     streaming = message_list(user=user, conversation_id=conversation_id).filter(
         pk=message_id, role=Message.Role.ASSISTANT, status=Message.Status.STREAMING
     )
-    if not streaming.exists():
+    message = streaming.select_related("conversation").first()
+    if message is None:
         raise NotFoundError("No reply with this id is streaming in this conversation.", code="reply_not_streaming")
+    if message.stream_owner and not process_alive(message.stream_owner):
+        reply_recover(message=message)  # nobody streams it any more: end it here
+        return
     reply_stop_broadcast(reply_id=conversation_reply_id(message_id))
 
 
@@ -169,7 +273,10 @@ __all__ = [
     "conversation_delete",
     "conversation_reply_id",
     "conversation_update",
+    "reply_checkpoint",
     "reply_finish",
+    "reply_recover",
+    "reply_recover_orphans",
     "reply_start",
     "reply_stop",
 ]

@@ -49,6 +49,7 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from asgiref.sync import async_to_sync
+from django.conf import settings
 
 from accounts.revocation import watch_credential
 from accounts.selectors import AuthenticationFailed
@@ -57,6 +58,7 @@ from chatbackend import broadcast
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError
 from chatbackend.http import EventStreamResponse
+from chatbackend.liveness import start_heartbeat
 
 from .providers import ChatChunk, ChatRequest, ProviderConfig, Usage, get_provider
 from .tokens import estimate_prompt_tokens, estimate_text_tokens
@@ -113,9 +115,17 @@ class ReplyPlan:
     reply_id: str
     usage: UsageContext | None = None
 
-    # ``finish`` runs in a worker thread (it may use the ORM) only when a subclass overrides it.
+    # ``finish`` and ``checkpoint`` run in a worker thread (they may use the ORM), and only when
+    # a subclass overrides them.
     def finish(self, outcome: ReplyOutcome) -> None:
         """Persist the end of the reply (sync; the ORM is allowed). The base plan persists nothing."""
+
+    def checkpoint(self, content: str, reasoning_content: str) -> None:
+        """Persist the text delivered so far of a reply still streaming, what a crash keeps (sync).
+
+        Called every ``REPLY_CHECKPOINT_SECONDS`` while text flows, never per token, one at a time;
+        it must not undo an end already written. The base plan keeps nothing.
+        """
 
 
 P = TypeVar("P", bound=ReplyPlan)
@@ -206,6 +216,13 @@ class Reply(Generic[P]):
         self._chunks_with_output = 0
         self._finish_reason: str | None = None
         self._usage: Usage | None = None
+        # Checkpoints of the text so far, for plans that keep them (see ``ReplyPlan.checkpoint``).
+        self._checkpoints = type(plan).checkpoint is not ReplyPlan.checkpoint
+        self._checkpoint_every = float(settings.REPLY_CHECKPOINT_SECONDS)
+        self._next_checkpoint = time.monotonic() + self._checkpoint_every
+        self._checkpointing: asyncio.Task[None] | None = None
+        if self._checkpoints:
+            start_heartbeat()  # the process proves it is alive while it streams (chatbackend.liveness)
 
     async def __aenter__(self) -> Reply[P]:
         return self
@@ -377,6 +394,21 @@ class Reply(Generic[P]):
                 self._content.append(chunk.content)
             if chunk.reasoning_content:
                 self._reasoning.append(chunk.reasoning_content)
+        if self._checkpoints and time.monotonic() >= self._next_checkpoint:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Write the text so far in a worker thread, fire-and-forget; one checkpoint at a time."""
+        self._next_checkpoint = time.monotonic() + self._checkpoint_every
+        if self._checkpointing is not None and not self._checkpointing.done():
+            return
+        task = asyncio.ensure_future(run_sync(self.plan.checkpoint, "".join(self._content), "".join(self._reasoning)))
+        task.add_done_callback(self._checkpoint_done)
+        self._checkpointing = task
+
+    def _checkpoint_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("checkpointing reply %s failed", self.plan.reply_id, exc_info=task.exception())
 
     async def _wait_first_chunk(self, seconds: float) -> None:
         """Wait up to ``seconds`` for the upstream's first chunk; raise its failure, persisted ``failed``."""

@@ -289,16 +289,18 @@ def e2e_stack(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -
 def start_server(e2e_stack: E2EStack, tmp_path: Path) -> Iterator[Callable[..., tuple[ChildProcess, str]]]:
     """Start another server process on the stack's database and Redis, for a test that ends it.
 
-    ``start_server(server="uvicorn", grace_seconds=5)`` returns the process and its URL once it
-    answers HTTP; a process still running at the end of the test is stopped.
+    ``start_server(server="uvicorn", grace_seconds=5, env={...})`` returns the process and its URL
+    once it answers HTTP (``env``: settings of its own on top of the stack's); a process still
+    running at the end of the test is stopped.
     """
     started: list[ChildProcess] = []
 
-    def start(server: str = "uvicorn", *, grace_seconds: int = 5) -> tuple[ChildProcess, str]:
+    def start(
+        server: str = "uvicorn", *, grace_seconds: int = 5, env: dict[str, str] | None = None
+    ) -> tuple[ChildProcess, str]:
         port = _free_port()
-        child = _start_child(
-            f"{server}-{port}", server_command(server, port, grace_seconds=grace_seconds), e2e_stack.env, tmp_path
-        )
+        command = server_command(server, port, grace_seconds=grace_seconds)
+        child = _start_child(f"{server}-{port}", command, {**e2e_stack.env, **(env or {})}, tmp_path)
         started.append(child)
         url = f"http://127.0.0.1:{port}"
         _wait_for(child, lambda: _http_ready(f"{url}/"), "answering HTTP")

@@ -223,6 +223,7 @@ def test_message_list_oldest_first_with_message_shape(auth_client, user):
         "time_to_first_token_ms",
         "duration_ms",
         "error",
+        "error_code",
         "created_at",
     }
     assert results[1]["model"] == "gpt-test"

@@ -1,0 +1,79 @@
+"""Which server processes are alive: each proves it with a heartbeat key in the shared cache.
+
+A reply streams in one process. If that process dies (SIGKILL, OOM, a lost machine), nothing
+ends the reply, and its message would stay ``streaming`` for ever. So every process that streams
+has an id (``PROCESS_ID``, written on the messages it streams) and, while it runs, sets the cache
+key ``chatbackend:alive:<id>`` every ``PROCESS_HEARTBEAT_SECONDS`` with a lifetime of three
+beats (``start_heartbeat``). ``process_alive(id)`` is then False only for a process that has not
+beaten for three beats: a slow reply in a live process is never taken for an orphan.
+
+The cache is Redis when ``REDIS_URL`` is set, so every process (and the Celery worker that
+recovers orphans) sees every heartbeat. With the embedded defaults the cache is in-process: only
+this process's own heartbeat is visible, which is right for the one process they run (an orphan
+there is a reply of an earlier run, recovered at start-up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+import weakref
+
+from django.conf import settings
+from django.core.cache import cache
+
+logger = logging.getLogger(__name__)
+
+# This process's id: host, pid, and a random part (pids are reused across restarts).
+PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+BEATS_TO_DEATH = 3
+
+_heartbeats: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = weakref.WeakKeyDictionary()
+
+
+def _key(process_id: str) -> str:
+    return f"chatbackend:alive:{process_id}"
+
+
+def process_alive(process_id: str) -> bool:
+    """Return whether process ``process_id`` has beaten within ``BEATS_TO_DEATH`` heartbeats (sync).
+
+    Raises what the cache raises when it is unreachable: not knowing is not "dead".
+    """
+    return process_id == PROCESS_ID or cache.get(_key(process_id)) is not None
+
+
+async def _beat() -> None:
+    interval = float(settings.PROCESS_HEARTBEAT_SECONDS)
+    while True:
+        try:
+            await cache.aset(_key(PROCESS_ID), 1, timeout=interval * BEATS_TO_DEATH)
+        except Exception:  # Redis away for a while: keep trying; orphans wait for the next beat
+            logger.warning("the process heartbeat could not be written", exc_info=True)
+        await asyncio.sleep(interval)
+
+
+def start_heartbeat() -> None:
+    """Start this process's heartbeat in the running event loop, if it is not beating (cheap)."""
+    loop = asyncio.get_running_loop()
+    task = _heartbeats.get(loop)
+    if task is None or task.done():
+        _heartbeats[loop] = loop.create_task(_beat(), name="process-heartbeat")
+
+
+async def stop_heartbeat() -> None:
+    """Stop this event loop's heartbeat and drop the key: the process is going away (shutdown, tests)."""
+    task = _heartbeats.pop(asyncio.get_running_loop(), None)
+    if task is not None:
+        task.cancel()
+        await asyncio.wait((task,))
+    try:
+        await cache.adelete(_key(PROCESS_ID))
+    except Exception:
+        logger.warning("the process heartbeat key could not be deleted", exc_info=True)
+
+
+__all__ = ["PROCESS_ID", "process_alive", "start_heartbeat", "stop_heartbeat"]

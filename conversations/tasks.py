@@ -1,0 +1,16 @@
+"""Celery tasks for conversations."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from .services import reply_recover_orphans
+
+
+@shared_task(name="conversations.reply_recover_orphans")
+def reply_recover_orphans_task(orphan_after_seconds: float | None = None) -> int:
+    """Recover the replies whose server process died (``services.reply_recover_orphans``); return how many.
+
+    Run by celery beat every ``REPLY_ORPHAN_AFTER_SECONDS / 2`` (settings ``CELERY_BEAT_SCHEDULE``).
+    """
+    return reply_recover_orphans(orphan_after_seconds=orphan_after_seconds)

@@ -1,0 +1,135 @@
+"""Replies whose server process died: checkpoints, orphan detection, recovery, and stop on an orphan."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from django.core.cache import cache
+from django.test import override_settings
+from django.utils import timezone
+
+from accounts.models import UsageRecord
+from accounts.usage import usage_flush
+from chatbackend.lifespan import LifespanApp
+from chatbackend.liveness import BEATS_TO_DEATH, PROCESS_ID, process_alive
+from conversations.models import Message
+from conversations.services import reply_checkpoint, reply_recover_orphans, reply_stop
+from tests.factories import ConversationFactory, MessageFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)  # usage records are written by another thread
+
+DEAD = "gone-host:4242:deadbeef"
+LONG_AGO = timezone.now() - dt.timedelta(minutes=10)
+
+
+def streaming_reply(owner_process: str, *, checkpointed_at: dt.datetime | None, conversation=None) -> Message:
+    conversation = conversation or ConversationFactory()
+    MessageFactory(conversation=conversation, role=Message.Role.USER, content="Tell me a story")
+    message = MessageFactory(
+        conversation=conversation,
+        role=Message.Role.ASSISTANT,
+        status=Message.Status.STREAMING,
+        content="Once upon a time",
+        model_name=conversation.model.name,
+        stream_owner=owner_process,
+        checkpointed_at=checkpointed_at,
+    )
+    if checkpointed_at is None:  # created long ago, never checkpointed
+        Message.objects.filter(pk=message.pk).update(created_at=LONG_AGO)
+    return message
+
+
+def test_an_orphan_is_failed_interrupted_with_its_text_and_billed_once():
+    orphan = streaming_reply(DEAD, checkpointed_at=LONG_AGO)
+
+    assert reply_recover_orphans() == 1
+    assert reply_recover_orphans() == 0  # already ended: nothing twice
+
+    orphan.refresh_from_db()
+    assert orphan.status == Message.Status.FAILED
+    assert orphan.error_code == "interrupted"
+    assert orphan.content == "Once upon a time"
+    assert orphan.completion_tokens and orphan.prompt_tokens
+    assert usage_flush(10)
+    [record] = UsageRecord.objects.filter(message=orphan)
+    assert record.request_id == f"message-{orphan.pk}"
+    assert record.user_id == orphan.conversation.owner_id
+    assert (record.finish_status, record.estimated) == ("failed", True)
+    assert record.completion_tokens == orphan.completion_tokens
+
+
+def test_a_never_checkpointed_orphan_counts_from_its_start():
+    orphan = streaming_reply(DEAD, checkpointed_at=None)
+
+    assert reply_recover_orphans() == 1
+    assert Message.objects.get(pk=orphan.pk).status == Message.Status.FAILED
+
+
+@pytest.mark.parametrize("case", ["this process", "a process with a heartbeat", "a recent checkpoint"])
+def test_a_reply_of_a_live_process_or_checkpointed_lately_is_not_an_orphan(case):
+    if case == "this process":
+        message = streaming_reply(PROCESS_ID, checkpointed_at=LONG_AGO)
+    elif case == "a process with a heartbeat":
+        cache.set("chatbackend:alive:other-host:1:abc", 1, timeout=60)
+        assert process_alive("other-host:1:abc")
+        message = streaming_reply("other-host:1:abc", checkpointed_at=LONG_AGO)
+    else:
+        message = streaming_reply(DEAD, checkpointed_at=timezone.now())
+
+    assert reply_recover_orphans() == 0
+    assert Message.objects.get(pk=message.pk).status == Message.Status.STREAMING
+
+
+def test_a_process_is_dead_three_heartbeats_after_its_last():
+    cache.set("chatbackend:alive:short-lived:1:x", 1, timeout=0.1)
+    assert BEATS_TO_DEATH == 3
+    assert not process_alive(DEAD)
+    assert process_alive(PROCESS_ID)
+
+
+def test_a_checkpoint_never_overwrites_an_end():
+    message = streaming_reply(PROCESS_ID, checkpointed_at=None)
+    reply_checkpoint(message_id=message.pk, content="Once upon a time there")
+    message.refresh_from_db()
+    assert (message.content, message.status) == ("Once upon a time there", Message.Status.STREAMING)
+    assert message.checkpointed_at is not None
+
+    Message.objects.filter(pk=message.pk).update(status=Message.Status.COMPLETED, content="The whole story.")
+    reply_checkpoint(message_id=message.pk, content="Once upon")
+
+    message.refresh_from_db()
+    assert (message.content, message.status) == ("The whole story.", Message.Status.COMPLETED)
+
+
+def test_stopping_an_orphan_ends_it_at_once():
+    orphan = streaming_reply(DEAD, checkpointed_at=timezone.now())  # recent: the periodic task would wait
+
+    reply_stop(user=orphan.conversation.owner, conversation_id=orphan.conversation_id, message_id=orphan.pk)
+
+    orphan.refresh_from_db()
+    assert (orphan.status, orphan.error_code) == (Message.Status.FAILED, "interrupted")
+
+
+@override_settings(REDIS_URL="")
+async def test_on_the_embedded_defaults_start_up_recovers_what_an_earlier_run_left_streaming():
+    from asgiref.sync import sync_to_async
+
+    orphan = await sync_to_async(streaming_reply)(DEAD, checkpointed_at=timezone.now())
+    sent: list[dict] = []
+    inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+
+    async def receive() -> dict:
+        return inbox.pop(0)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def app(scope, receive, send) -> None:  # noqa: ANN001 - never called: lifespan only
+        raise AssertionError("not for lifespan")
+
+    await LifespanApp(app)({"type": "lifespan"}, receive, send)
+
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    refreshed = await Message.objects.aget(pk=orphan.pk)
+    assert refreshed.status == Message.Status.FAILED
