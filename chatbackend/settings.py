@@ -52,6 +52,11 @@ def _positive(name: str, value: float) -> float:
     return value
 
 
+def _seconds(name: str, default: float) -> float:
+    """Read a duration in seconds (a float greater than 0)."""
+    return _positive(name, _get(name, env.float, default, "seconds"))
+
+
 # --- Core -----------------------------------------------------------------------------------
 _INSECURE_DEFAULT_KEY = "django-insecure-chatbackend-embedded-default-change-me"  # noqa: S105
 DEBUG: bool = _bool("DJANGO_DEBUG", False)
@@ -139,7 +144,7 @@ if _db.get("ENGINE") not in {"django.db.backends.postgresql", "django.db.backend
 
 DB_POOL_MIN_SIZE: int = _get("DB_POOL_MIN_SIZE", env.int, 2, "an integer")
 DB_POOL_MAX_SIZE: int = _get("DB_POOL_MAX_SIZE", env.int, 20, "an integer")
-DB_POOL_TIMEOUT: float = _positive("DB_POOL_TIMEOUT", _get("DB_POOL_TIMEOUT", env.float, 10.0, "seconds"))
+DB_POOL_TIMEOUT: float = _seconds("DB_POOL_TIMEOUT", 10.0)
 if _db["ENGINE"] == "django.db.backends.postgresql":
     # Django's psycopg 3 pool (Django >= 5.1). Not combined with persistent connections.
     _db["CONN_MAX_AGE"] = 0
@@ -192,18 +197,12 @@ HEALTH_CHECK_TIMEOUT_SECONDS: float = _positive(
 
 # --- Replies that outlive their process (chatbackend.liveness, conversations.services) --------
 # Seconds between a server process's heartbeats; it counts as dead after three missed beats.
-PROCESS_HEARTBEAT_SECONDS: float = _positive(
-    "PROCESS_HEARTBEAT_SECONDS", _get("PROCESS_HEARTBEAT_SECONDS", env.float, 10.0, "seconds")
-)
+PROCESS_HEARTBEAT_SECONDS: float = _seconds("PROCESS_HEARTBEAT_SECONDS", 10.0)
 # Seconds between writes of a streaming reply's text so far (never per token): what a crash keeps.
-REPLY_CHECKPOINT_SECONDS: float = _positive(
-    "REPLY_CHECKPOINT_SECONDS", _get("REPLY_CHECKPOINT_SECONDS", env.float, 5.0, "seconds")
-)
+REPLY_CHECKPOINT_SECONDS: float = _seconds("REPLY_CHECKPOINT_SECONDS", 5.0)
 # A reply still "streaming" whose process is dead and that has not been checkpointed for this
 # many seconds is an orphan: the recovery task marks it failed (interrupted) and bills it.
-REPLY_ORPHAN_AFTER_SECONDS: float = _positive(
-    "REPLY_ORPHAN_AFTER_SECONDS", _get("REPLY_ORPHAN_AFTER_SECONDS", env.float, 60.0, "seconds")
-)
+REPLY_ORPHAN_AFTER_SECONDS: float = _seconds("REPLY_ORPHAN_AFTER_SECONDS", 60.0)
 # celery beat runs the recovery of orphaned replies this often (with Redis; the embedded defaults
 # recover at start-up instead).
 CELERY_BEAT_SCHEDULE = {
@@ -313,19 +312,13 @@ LLM_PROVIDER_BACKENDS: dict[str, str] = {
 LLM_UPSTREAM_MAX_CONNECTIONS: int = _get("LLM_UPSTREAM_MAX_CONNECTIONS", env.int, 10000, "an integer")
 # Seconds an idle upstream connection stays in the pool for reuse: shorter than common servers' idle
 # timeouts, so a reused connection is rarely one the upstream has just closed.
-LLM_UPSTREAM_KEEPALIVE_SECONDS: float = _positive(
-    "LLM_UPSTREAM_KEEPALIVE_SECONDS", _get("LLM_UPSTREAM_KEEPALIVE_SECONDS", env.float, 5.0, "seconds")
-)
+LLM_UPSTREAM_KEEPALIVE_SECONDS: float = _seconds("LLM_UPSTREAM_KEEPALIVE_SECONDS", 5.0)
 # Seconds between SSE comment lines sent while waiting on the upstream (proxies drop idle reads).
-SSE_KEEPALIVE_SECONDS: float = _positive(
-    "SSE_KEEPALIVE_SECONDS", _get("SSE_KEEPALIVE_SECONDS", env.float, 15.0, "seconds")
-)
+SSE_KEEPALIVE_SECONDS: float = _seconds("SSE_KEEPALIVE_SECONDS", 15.0)
 
 # Seconds /v1/chat/completions waits for the upstream's first chunk before sending headers, so an
 # upstream failure can still be answered with an error status (NextChat cannot see errors in a stream).
-OPENAI_FIRST_CHUNK_WAIT_SECONDS: float = _positive(
-    "OPENAI_FIRST_CHUNK_WAIT_SECONDS", _get("OPENAI_FIRST_CHUNK_WAIT_SECONDS", env.float, 10.0, "seconds")
-)
+OPENAI_FIRST_CHUNK_WAIT_SECONDS: float = _seconds("OPENAI_FIRST_CHUNK_WAIT_SECONDS", 10.0)
 # What /dashboard/billing/subscription reports as the hard limit (US dollars); no quota enforces it yet.
 OPENAI_BILLING_HARD_LIMIT_USD: float = _get("OPENAI_BILLING_HARD_LIMIT_USD", env.float, 1_000_000.0, "a number")
 

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from celery.exceptions import AlwaysEagerIgnored
+from httpx_sse import connect_sse
 
 from accounts.models import UsageRecord, User
 from chatbackend.celery import app as celery_app
@@ -34,19 +35,15 @@ def _stream_sse(url: str, conversation_id: int, api_key: str, received: list[str
     try:
         with (
             httpx.Client(base_url=url, timeout=60, trust_env=False) as http,
-            http.stream(
+            connect_sse(
+                http,
                 "POST",
                 f"/api/conversations/{conversation_id}/messages/",
                 json={"content": "Tell me a long story"},
-                headers={**bearer(api_key), "Accept": "text/event-stream"},
-            ) as response,
+                headers=bearer(api_key),
+            ) as source,
         ):
-            event = ""
-            for line in response.iter_lines():
-                if line.startswith("event: "):
-                    event = line[7:]
-                elif line.startswith("data: ") and event == "reply.delta":
-                    received.append(json.loads(line[6:])["content"])
+            received.extend(json.loads(sse.data)["content"] for sse in source.iter_sse() if sse.event == "reply.delta")
     except httpx.HTTPError:  # the doomed server dies under it
         pass
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from httpx_sse import connect_sse
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -58,15 +59,6 @@ class Client(threading.Thread):
             self.started.set()
 
 
-def _sse_lines(response: httpx.Response) -> Iterator[tuple[str, str]]:
-    event = ""
-    for line in response.iter_lines():
-        if line.startswith("event: "):
-            event = line[7:]
-        elif line.startswith("data: "):
-            yield event, line[6:]
-
-
 @pytest.mark.parametrize("server", ["uvicorn", "daphne"])
 def test_sigterm_mid_reply_saves_every_reply_with_its_text_and_usage(
     server: str, e2e_stack: Any, e2e_user: Any, long_simulator: SimulatorProcess, start_server: Any
@@ -85,15 +77,16 @@ def test_sigterm_mid_reply_saves_every_reply_with_its_text_and_usage(
     def sse(client: Client) -> None:
         with (
             httpx.Client(base_url=url, timeout=60, trust_env=False) as http,
-            http.stream(
+            connect_sse(
+                http,
                 "POST",
                 f"/api/conversations/{sse_conversation.pk}/messages/",
                 json={"content": "Tell me a long story"},
-                headers={**key, "Accept": "text/event-stream"},
-            ) as response,
+                headers=key,
+            ) as source,
         ):
-            for event, data in _sse_lines(response):
-                payload = json.loads(data)
+            for sse in source.iter_sse():
+                event, payload = sse.event, json.loads(sse.data)
                 if event == "reply.start":
                     client.message_id = payload["message_id"]
                 elif event == "reply.delta":
@@ -116,12 +109,12 @@ def test_sigterm_mid_reply_saves_every_reply_with_its_text_and_usage(
         body = {"model": model.name, "stream": True, "messages": [{"role": "user", "content": "A long story"}]}
         with (
             httpx.Client(base_url=url, timeout=60, trust_env=False) as http,
-            http.stream("POST", "/v1/chat/completions", json=body, headers=key) as response,
+            connect_sse(http, "POST", "/v1/chat/completions", json=body, headers=key) as source,
         ):
-            for _, data in _sse_lines(response):
-                if data == "[DONE]":
+            for sse in source.iter_sse():
+                if sse.data == "[DONE]":
                     break
-                chunk = json.loads(data)
+                chunk = json.loads(sse.data)
                 if chunk.get("choices"):
                     client.text += chunk["choices"][0]["delta"].get("content") or ""
                     client.started.set()
