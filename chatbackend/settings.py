@@ -191,9 +191,7 @@ CELERY_ACCEPT_CONTENT = ["json"]
 
 # --- Health probes (chatbackend.health) ---------------------------------------------------------
 # Seconds each readiness check (database, Redis, broker) may take before it reports "unavailable".
-HEALTH_CHECK_TIMEOUT_SECONDS: float = _positive(
-    "HEALTH_CHECK_TIMEOUT_SECONDS", _get("HEALTH_CHECK_TIMEOUT_SECONDS", env.float, 2.0, "seconds")
-)
+HEALTH_CHECK_TIMEOUT_SECONDS: float = _seconds("HEALTH_CHECK_TIMEOUT_SECONDS", 2.0)
 
 # --- Replies that outlive their process (chatbackend.liveness, conversations.services) --------
 # Seconds between a server process's heartbeats; it counts as dead after three missed beats.

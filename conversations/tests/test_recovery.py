@@ -15,6 +15,7 @@ from chatbackend.lifespan import LifespanApp
 from chatbackend.liveness import BEATS_TO_DEATH, PROCESS_ID, process_alive
 from conversations.models import Message
 from conversations.services import reply_checkpoint, reply_recover_orphans, reply_stop
+from llm.streaming import replies_accepting
 from tests.factories import ConversationFactory, MessageFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)  # usage records are written by another thread
@@ -129,7 +130,10 @@ async def test_on_the_embedded_defaults_start_up_recovers_what_an_earlier_run_le
     async def app(scope, receive, send) -> None:  # noqa: ANN001 - never called: lifespan only
         raise AssertionError("not for lifespan")
 
-    await LifespanApp(app)({"type": "lifespan"}, receive, send)
+    try:
+        await LifespanApp(app)({"type": "lifespan"}, receive, send)
+    finally:
+        replies_accepting(True)  # the shutdown refused new replies in this process; later tests stream
 
     assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
     refreshed = await Message.objects.aget(pk=orphan.pk)
