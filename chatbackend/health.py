@@ -43,12 +43,13 @@ from django.db import connections
 from django.http import HttpRequest, JsonResponse
 from django.utils.cache import add_never_cache_headers
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_http_methods
 from health_check.base import HealthCheck, HealthCheckResult
 from health_check.checks import Cache as CacheCheck
 from health_check.checks import Database as DatabaseCheck
 from health_check.contrib.redis import Redis as RedisCheck
 from health_check.exceptions import ServiceUnavailable
+
+from .errors import ApplicationError, error_response
 
 logger = logging.getLogger(__name__)
 
@@ -202,19 +203,39 @@ def _report(result: HealthCheckResult) -> dict[str, Any]:
     return {"status": report.pop("status"), **report}
 
 
+_ALLOW = "GET, HEAD"
+
+
+def _method_not_allowed(request: HttpRequest) -> JsonResponse | None:
+    """Return the project's JSON 405 (with ``Allow``) unless ``request`` is a GET or HEAD."""
+    if request.method in {"GET", "HEAD"}:
+        return None
+    response = error_response(
+        ApplicationError(
+            f"Method {request.method} is not allowed on {request.path}; allowed: {_ALLOW}.",
+            code="method_not_allowed",
+            status=405,
+        )
+    )
+    response["Allow"] = _ALLOW
+    return response
+
+
 @csrf_exempt
-@require_http_methods(["GET", "HEAD"])
 async def live(request: HttpRequest) -> JsonResponse:
     """``GET /health/live``: 200 ``{"status": "ok"}`` while the process answers; checks no dependency."""
+    if (refused := _method_not_allowed(request)) is not None:
+        return refused
     response = JsonResponse({"status": OK})
     add_never_cache_headers(response)
     return response
 
 
 @csrf_exempt
-@require_http_methods(["GET", "HEAD"])
 async def ready(request: HttpRequest) -> JsonResponse:
     """``GET /health/ready``: each dependency's state (see the module docstring); 503 when one is unavailable."""
+    if (refused := _method_not_allowed(request)) is not None:
+        return refused
     checks = readiness_checks()
     results = await asyncio.gather(*(check.get_result() for check in checks.values()))
     reports = {name: _report(result) for name, result in zip(checks, results, strict=True)}

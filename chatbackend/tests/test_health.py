@@ -39,7 +39,9 @@ async def test_liveness_answers_json_without_credentials_or_dependencies() -> No
     assert json.loads(response.content) == {"status": "ok"}
     assert "no-cache" in response.headers["Cache-Control"]
     assert (await asgi_request("HEAD", "/health/live")).status_code == 200
-    assert (await asgi_request("POST", "/health/live")).status_code == 405
+    refused = await asgi_request("POST", "/health/live")
+    assert_error(refused, 405, code="method_not_allowed")
+    assert refused.headers["Allow"] == "GET, HEAD"
 
 
 async def test_readiness_reports_every_dependency_of_this_configuration() -> None:
