@@ -175,15 +175,20 @@ class Command(BaseCommand):
         lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._relay_output, args=(process, lines), daemon=True).start()
         deadline = time.monotonic() + STARTUP_SECONDS
-        while time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            if "listening on " in line:
-                return process, line.rsplit("listening on ", 1)[1].strip().rstrip("/")
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    line = lines.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if line is None:
+                    break
+                if "listening on " in line:
+                    return process, line.rsplit("listening on ", 1)[1].strip().rstrip("/")
+        except BaseException:  # Ctrl-C while it starts: it is no child to stop yet, so end it here
+            process.kill()
+            process.wait()
+            raise
         process.kill()
         raise CommandError("The LLM simulator did not start (see its output above).")
 
