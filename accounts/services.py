@@ -33,9 +33,13 @@ class CreatedAPIKey:
     secret: str
 
 
-def api_key_create(*, user: User, name: str) -> CreatedAPIKey:
-    """Create an API key for ``user``; return it with its one-time ``sk-...`` secret."""
-    secret = generate_secret()
+def api_key_create(*, user: User, name: str, secret: str | None = None) -> CreatedAPIKey:
+    """Create an API key for ``user``; return it with its one-time ``sk-...`` secret.
+
+    ``secret``: the secret to store (hashed, like any), for an operator who chose it
+    (``manage.py demo``'s ``DEMO_API_KEY``); by default a new random one (``generate_secret``).
+    """
+    secret = secret or generate_secret()
     api_key = APIKey.objects.create(user=user, name=name, prefix=display_prefix(secret), key_hash=hash_secret(secret))
     return CreatedAPIKey(api_key=api_key, secret=secret)
 

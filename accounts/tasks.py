@@ -6,16 +6,28 @@ from decimal import Decimal
 from typing import Any
 
 from celery import shared_task
+from django.db import InterfaceError, OperationalError
 
 from .models import UsageRecord
 from .usage import UsageEvent, usage_cost, usage_record_many
 
+# While the database is unreachable a batch is retried (published again with a countdown: 1 s,
+# doubling up to 30 s, jittered) rather than dropped; about an hour of outage in all.
+_RETRY_WHILE_DATABASE_DOWN: dict[str, Any] = {
+    "autoretry_for": (OperationalError, InterfaceError),
+    "retry_backoff": 1,
+    "retry_backoff_max": 30,
+    "retry_jitter": True,
+    "max_retries": 120,
+}
 
-@shared_task(name="accounts.usage_record_batch", acks_late=True)
+
+@shared_task(name="accounts.usage_record_batch", acks_late=True, **_RETRY_WHILE_DATABASE_DOWN)
 def usage_record_batch_task(events: list[dict[str, Any]]) -> int:
     """Write a batch of usage records (``UsageEvent`` fields as dicts); return how many were new.
 
-    Idempotent: a redelivered batch writes nothing twice (``usage_record_many``).
+    Idempotent: a redelivered or retried batch writes nothing twice (``usage_record_many``).
+    While the database is unreachable the task is retried with a backoff, not dropped.
     """
     return usage_record_many(UsageEvent(**event) for event in events)
 

@@ -12,6 +12,7 @@ the server's CPU at 50 streams). A batch is what arrives within ``BATCH_WINDOW_S
 first record (at most ``MAX_BATCH``), plus what piled up while the previous publish was in
 flight: accounting is a fraction of a second late, the broker sees a few publishes a second
 whatever the load. ``usage_flush`` waits until everything queued is sent; it runs at process exit.
+While the broker is unreachable the sender keeps the records and retries (``_Sender._publish``).
 
 Prices are US dollars per million tokens (what providers publish), taken from the model when the
 reply started; the cost is ``(prompt_tokens * input_price + completion_tokens * output_price) /
@@ -30,7 +31,9 @@ from dataclasses import asdict, dataclass, fields
 from decimal import Decimal
 from typing import Any, Protocol
 
-from django.db import IntegrityError, connections, models, transaction
+import kombu.exceptions
+import redis.exceptions
+from django.db import IntegrityError, OperationalError, connections, models, transaction
 
 from .models import UsageRecord
 
@@ -41,6 +44,12 @@ _MILLION = Decimal(1_000_000)
 MAX_BATCH = 500
 # How long the sender gathers records after the first of a batch before publishing them.
 BATCH_WINDOW_SECONDS = 0.1
+# While the broker is unreachable, the sender retries a batch after this many seconds, doubling up to the max.
+RETRY_SECONDS = 0.5
+RETRY_MAX_SECONDS = 10.0
+# What an unreachable broker raises from a publish (kombu gives up after Celery's publish retry
+# policy), and, with eager tasks, an unreachable database.
+_OUTAGE_ERRORS = (kombu.exceptions.OperationalError, redis.exceptions.ConnectionError, OSError, OperationalError)
 # Reply statuses as the streaming engine reports them (``llm.streaming.ReplyStatus`` values).
 FAILED = "failed"
 
@@ -274,8 +283,6 @@ class _Sender:
             return self._idle.wait_for(lambda: self._pending == 0, timeout)
 
     def _run(self) -> None:
-        from .tasks import usage_record_batch_task  # tasks import this module
-
         while True:
             batch = [self._queue.get()]
             deadline = time.monotonic() + BATCH_WINDOW_SECONDS
@@ -285,18 +292,60 @@ class _Sender:
                 except queue.Empty:
                     break
             try:
-                usage_record_batch_task.delay([asdict(event) for event in batch])
-            except Exception:
-                logger.exception("could not queue %d usage records (request ids %s)", len(batch), _ids(batch))
+                self._publish(batch)
             finally:
-                # An eager task ran here: hand its connection back (this thread never ends a request).
-                for connection in connections.all(initialized_only=True):
-                    if not connection.in_atomic_block:
-                        connection.close()
                 with self._idle:
                     self._pending -= len(batch)
                     if self._pending == 0:
                         self._idle.notify_all()
+
+    def _publish(self, batch: list[UsageEvent]) -> None:
+        """Publish ``batch`` as one task; while the broker (or, eager, the database) is unreachable, retry.
+
+        Retried with a backoff of ``RETRY_SECONDS`` doubling to ``RETRY_MAX_SECONDS`` until it is
+        published: records queued meanwhile wait behind it, none is dropped, and the thread
+        survives the outage. A redelivery is harmless (the task is idempotent by request id). Any
+        other error is a bug: logged with the request ids, and the batch dropped.
+        """
+        from .tasks import usage_record_batch_task  # tasks import this module
+
+        delay = RETRY_SECONDS
+        failing_since: float | None = None
+        while True:
+            try:
+                usage_record_batch_task.delay([asdict(event) for event in batch])
+            except _OUTAGE_ERRORS as exc:
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    logger.warning(
+                        "could not queue %d usage records (%s: %s); retrying until the broker answers",
+                        len(batch),
+                        type(exc).__name__,
+                        exc,
+                    )
+                time.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
+                continue
+            except Exception:
+                logger.exception("could not queue %d usage records (request ids %s)", len(batch), _ids(batch))
+            finally:
+                _release_connections()
+            if failing_since is not None:
+                logger.warning(
+                    "queued %d usage records after %.1f s of retries", len(batch), time.monotonic() - failing_since
+                )
+            return
+
+
+def _release_connections() -> None:
+    # An eager task ran here: hand its connection back (this thread never ends a request). A
+    # connection that a database outage broke may fail to close: the thread goes on regardless.
+    for connection in connections.all(initialized_only=True):
+        if not connection.in_atomic_block:
+            try:
+                connection.close()
+            except Exception:
+                logger.debug("closing a database connection failed", exc_info=True)
 
 
 def _ids(batch: Sequence[UsageEvent]) -> str:

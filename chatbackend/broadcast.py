@@ -142,8 +142,9 @@ class _Listener:
             except Exception:
                 _raise_if_cancel_swallowed()
                 # Redis gone for a while: keep trying; requests are served meanwhile, only without
-                # messages from other processes.
-                logger.warning("receiving broadcast messages failed; retrying in 1 s", exc_info=True)
+                # messages from other processes. Logged once per outage, not every second.
+                if not failing:
+                    logger.warning("receiving broadcast messages failed; retrying every 1 s", exc_info=True)
                 failing = True
                 self._rejoin.set()  # a Redis that restarted has forgotten the group
                 await asyncio.sleep(1)
@@ -151,12 +152,14 @@ class _Listener:
             _raise_if_cancel_swallowed()
             if failing:
                 failing = False
+                logger.warning("receiving broadcast messages again; every lookup cache is cleared")
                 dispatch({"type": RESYNC})
             dispatch(message)
 
     async def _keep_joined(self) -> None:
         """Re-join the group every ``REJOIN_SECONDS``, before channels_redis expires the membership."""
         delay = REJOIN_SECONDS
+        failing = False
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._rejoin.wait(), delay)  # cancels only an Event wait
@@ -166,9 +169,14 @@ class _Listener:
                 await self.layer.group_add(PROCESS_GROUP, self.channel)
             except Exception:
                 _raise_if_cancel_swallowed()
-                logger.warning("re-joining the broadcast group failed; retrying in %s s", RETRY_SECONDS, exc_info=True)
+                if not failing:
+                    logger.warning(
+                        "re-joining the broadcast group failed; retrying every %s s", RETRY_SECONDS, exc_info=True
+                    )
+                failing = True
                 delay = RETRY_SECONDS
             else:
+                failing = False
                 delay = REJOIN_SECONDS
 
 

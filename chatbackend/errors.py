@@ -11,11 +11,17 @@ The same shape is used on ``/api`` and ``/v1`` so clients need one parser.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import kombu.exceptions
+import redis.exceptions
 from django.core.exceptions import PermissionDenied
+from django.db import utils as db_utils
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions as drf_exceptions
+
+logger = logging.getLogger(__name__)
 
 # HTTP status -> OpenAI error ``type`` (as OpenAI's API returns them).
 _TYPE_FOR_STATUS = {
@@ -83,6 +89,40 @@ class NotFoundError(ApplicationError):
         super().__init__(message, code=code, status=404, param=param)
 
 
+class ServiceUnavailableError(ApplicationError):
+    """A service the server depends on (database, Redis, Celery broker) is unreachable: 503, try again later."""
+
+    def __init__(
+        self,
+        message: str = "The service is temporarily unavailable; try again in a few seconds.",
+        *,
+        code: str = "service_unavailable",
+    ) -> None:
+        super().__init__(message, code=code, status=503)
+
+
+# What an unreachable dependency raises: Django's wrapped driver errors (connection refused or
+# lost, pool timeout), redis-py's (cache, channel layer), kombu's (a broker publish that gave up).
+_OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
+    db_utils.OperationalError,
+    db_utils.InterfaceError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    kombu.exceptions.OperationalError,
+)
+
+
+def as_outage_error(exc: BaseException) -> ServiceUnavailableError | None:
+    """Return a 503 ``ServiceUnavailableError`` if ``exc`` says a dependency is unreachable, else None.
+
+    The client sees no detail (hosts, ports, driver text); the server log gets it, with the traceback.
+    """
+    if not isinstance(exc, _OUTAGE_ERRORS):
+        return None
+    logger.warning("a dependency is unavailable: %s: %s", type(exc).__name__, exc, exc_info=exc)
+    return ServiceUnavailableError()
+
+
 def error_body(message: str, *, type: str, code: str | None, param: str | None = None) -> dict[str, Any]:  # noqa: A002
     """Return OpenAI's error object ``{"error": {"message", "type", "param", "code"}}``."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
@@ -121,10 +161,13 @@ def as_application_error(exc: Exception) -> ApplicationError | None:
 
     Handles ``ApplicationError`` itself, DRF's ``APIException`` family (a ``ValidationError`` keeps
     its per-field detail in ``fields`` and names the first field at fault in ``param``), and
-    Django's ``Http404`` / ``PermissionDenied``. Anything else is a bug: None.
+    Django's ``Http404`` / ``PermissionDenied``, and an unreachable database, Redis or broker
+    (``as_outage_error``: 503). Anything else is a bug: None.
     """
     if isinstance(exc, ApplicationError):
         return exc
+    if (outage := as_outage_error(exc)) is not None:
+        return outage
     if isinstance(exc, Http404):
         exc = drf_exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):

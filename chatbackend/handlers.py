@@ -38,6 +38,9 @@ ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Any]], Callable[[Any]
 
 # Any method: every /v1 and /dashboard URL is served by async, token-only views (unknown ones too).
 _STREAMING_ANY_METHOD = re.compile(r"^/(?:v1|dashboard)(?:/|$)")
+# The health probes (chatbackend.health): no session, cookie or CSRF; cheap even while the
+# database is down. They skip the ALLOWED_HOSTS check: probes send a pod's or container's address.
+_HEALTH = re.compile(r"^/health/(?:live|ready)$")
 # POST only: GET on the same URL lists messages through DRF, which keeps the full chain.
 _STREAMING_POST = re.compile(r"^/api/conversations/[0-9]+/messages/$")
 
@@ -46,7 +49,7 @@ def is_streaming_request(scope: dict[str, Any]) -> bool:
     """Return whether an HTTP ``scope`` goes to the lean handler (path as Django resolves it)."""
     script_name = get_script_prefix(scope)
     path: str = scope["path"].removeprefix(script_name) if script_name else scope["path"]  # as ASGIRequest
-    if _STREAMING_ANY_METHOD.match(path):
+    if _STREAMING_ANY_METHOD.match(path) or _HEALTH.match(path):
         return True
     return str(scope.get("method", "")).upper() == "POST" and _STREAMING_POST.match(path) is not None
 
@@ -156,13 +159,15 @@ def api_headers_middleware(
     """What the full chain did that still matters for JSON/SSE answers, without a thread hop.
 
     - ``request.get_host()`` enforces ``ALLOWED_HOSTS`` (a bad Host gets 400), as
-      ``CommonMiddleware`` did for every request.
+      ``CommonMiddleware`` did for every request; not for the health probes, which an
+      orchestrator sends with whatever address it reaches the process at.
     - ``X-Content-Type-Options: nosniff``, as ``SecurityMiddleware`` did. Its other headers
       (``Referrer-Policy``, ``Cross-Origin-Opener-Policy``) only affect HTML documents.
     """
 
     async def middleware(request: HttpRequest) -> HttpResponseBase:
-        request.get_host()
+        if not _HEALTH.match(request.path_info):
+            request.get_host()
         response = await get_response(request)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         return response

@@ -46,13 +46,26 @@ def process_alive(process_id: str) -> bool:
     return process_id == PROCESS_ID or cache.get(_key(process_id)) is not None
 
 
+# While the cache is unreachable, the heartbeat is retried this often: a Redis that comes back
+# empty (restarted without persistence) learns that this process lives within a second.
+RETRY_SECONDS = 1.0
+
+
 async def _beat() -> None:
     interval = float(settings.PROCESS_HEARTBEAT_SECONDS)
+    failing = False
     while True:
         try:
             await cache.aset(_key(PROCESS_ID), 1, timeout=interval * BEATS_TO_DEATH)
         except Exception:  # Redis away for a while: keep trying; orphans wait for the next beat
-            logger.warning("the process heartbeat could not be written", exc_info=True)
+            if not failing:
+                logger.warning("the process heartbeat could not be written; retrying", exc_info=True)
+            failing = True
+            await asyncio.sleep(min(RETRY_SECONDS, interval))
+            continue
+        if failing:
+            logger.warning("the process heartbeat is written again")
+            failing = False
         await asyncio.sleep(interval)
 
 

@@ -24,3 +24,21 @@ class RedactSecretsFilter(logging.Filter):
         if cleaned != message:
             record.msg, record.args = cleaned, None
         return True
+
+
+# The health probes (chatbackend.health): polled every few seconds by orchestrators.
+_HEALTH_PATH = re.compile(r"^/health/(?:live|ready)/?(?:\?|$)")
+
+
+class QuietHealthProbesFilter(logging.Filter):
+    """Drop the ASGI server's access line of a health probe answered 2xx; keep its failures (503).
+
+    Reads uvicorn's access record, whose arguments are ``(client, method, path, http_version,
+    status)`` (``uvicorn.protocols.http``); any other record passes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str) and isinstance(args[4], int):
+            return not (_HEALTH_PATH.match(args[2]) and 200 <= args[4] < 300)
+        return True

@@ -8,6 +8,8 @@ and response bodies come from the serializers that validate or document them
 the generator's registry, and the security requirements come from the authentication classes'
 extensions (``accounts.apis``), exactly as for a DRF view. Nothing here is routed.
 
+The health probes (``chatbackend.health``) are documented the same way, without authentication.
+
 ``POST /api/conversations/{id}/messages/`` (``conversations.sse``) is documented by its DRF
 twin ``ConversationMessageListApi``; the hook adds it from the same serializers only if that
 operation is missing.
@@ -21,6 +23,7 @@ from drf_spectacular.generators import SchemaGenerator
 from drf_spectacular.settings import spectacular_settings
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
@@ -184,6 +187,64 @@ class MessageSendDocView(_OpenAIDocView):
     ) -> None: ...  # never dispatched: documents ``conversations.sse.message_send``
 
 
+class HealthLiveOutputSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["ok"])
+
+
+class HealthCheckOutputSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["ok", "unavailable", "skipped"])
+    time_ms = serializers.FloatField(help_text="How long the check took, in milliseconds.")
+    error = serializers.CharField(required=False, help_text="Why it is unavailable (no host or port).")
+    reason = serializers.CharField(required=False, help_text="Why it is skipped (an in-process service).")
+
+
+class HealthChecksOutputSerializer(serializers.Serializer):
+    database = HealthCheckOutputSerializer()
+    cache = HealthCheckOutputSerializer()
+    channel_layer = HealthCheckOutputSerializer()
+    broker = HealthCheckOutputSerializer(help_text="The Celery broker.")
+
+
+class HealthReadyOutputSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["ok", "unavailable"])
+    checks = HealthChecksOutputSerializer()
+
+
+class _HealthDocView(APIView):
+    """Base of the health probes' documentation views: no authentication."""
+
+    authentication_classes = ()
+    permission_classes = ()
+
+
+class HealthLiveDocView(_HealthDocView):
+    @extend_schema(
+        operation_id="health_live",
+        tags=["health"],
+        summary="Liveness: the process answers (no dependency is checked)",
+        responses={200: HealthLiveOutputSerializer},
+    )
+    def get(self, request: Request) -> None: ...  # never dispatched: documents ``chatbackend.health.live``
+
+
+class HealthReadyDocView(_HealthDocView):
+    @extend_schema(
+        operation_id="health_ready",
+        tags=["health"],
+        summary="Readiness: the database, Redis and the Celery broker answer",
+        description=(
+            "Every check runs at once within `HEALTH_CHECK_TIMEOUT_SECONDS`. 200 when each is `ok` or "
+            "`skipped` (an in-process service on the embedded defaults), 503 with the same body when one "
+            "is `unavailable`."
+        ),
+        responses={
+            200: HealthReadyOutputSerializer,
+            503: OpenApiResponse(HealthReadyOutputSerializer, description="A dependency is unavailable."),
+        },
+    )
+    def get(self, request: Request) -> None: ...  # never dispatched: documents ``chatbackend.health.ready``
+
+
 # (path as drf-spectacular writes it from the URLconf, method, documentation view).
 ASYNC_ENDPOINTS: list[tuple[str, str, type[APIView]]] = [
     ("/v1/chat/completions", "POST", ChatCompletionsDocView),
@@ -192,6 +253,8 @@ ASYNC_ENDPOINTS: list[tuple[str, str, type[APIView]]] = [
     ("/dashboard/billing/usage", "GET", BillingUsageDocView),
     ("/dashboard/billing/subscription", "GET", BillingSubscriptionDocView),
     ("/api/conversations/{conversation_id}/messages/", "POST", MessageSendDocView),
+    ("/health/live", "GET", HealthLiveDocView),
+    ("/health/ready", "GET", HealthReadyDocView),
 ]
 
 

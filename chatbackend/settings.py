@@ -189,6 +189,10 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 
+# --- Health probes (chatbackend.health) ---------------------------------------------------------
+# Seconds each readiness check (database, Redis, broker) may take before it reports "unavailable".
+HEALTH_CHECK_TIMEOUT_SECONDS: float = _seconds("HEALTH_CHECK_TIMEOUT_SECONDS", 2.0)
+
 # --- Replies that outlive their process (chatbackend.liveness, conversations.services) --------
 # Seconds between a server process's heartbeats; it counts as dead after three missed beats.
 PROCESS_HEARTBEAT_SECONDS: float = _seconds("PROCESS_HEARTBEAT_SECONDS", 10.0)
@@ -334,7 +338,10 @@ if LOG_FORMAT not in {"text", "json"}:
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"redact_secrets": {"()": "chatbackend.logging.RedactSecretsFilter"}},
+    "filters": {
+        "redact_secrets": {"()": "chatbackend.logging.RedactSecretsFilter"},
+        "quiet_health_probes": {"()": "chatbackend.logging.QuietHealthProbesFilter"},
+    },
     "formatters": {
         "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
         "json": {
@@ -355,7 +362,12 @@ LOGGING = {
         # ASGI servers configure their own handlers before Django starts; route them through ours
         # so access lines (which may carry ?token=...) are redacted too.
         "uvicorn": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
-        "uvicorn.access": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+        "uvicorn.access": {
+            "handlers": ["console"],
+            "level": LOG_LEVEL,
+            "propagate": False,
+            "filters": ["quiet_health_probes"],
+        },
         "uvicorn.error": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
         "daphne": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
         "httpx": {"level": "WARNING"},

@@ -1,10 +1,14 @@
-"""Root URLs: admin, REST API (/api), OpenAI-compatible API (/v1), OpenAPI docs, web pages."""
+"""Root URLs: admin, REST API (/api), OpenAI-compatible API (/v1), OpenAPI docs, health probes, web pages."""
 
 from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from . import health
+
 urlpatterns = [
+    path("health/live", health.live, name="health-live"),
+    path("health/ready", health.ready, name="health-ready"),
     path("admin/", admin.site.urls),
     path("api/", include("accounts.urls")),
     path("api/", include("llm.urls")),

@@ -8,8 +8,10 @@ from decimal import Decimal
 
 from django.db import transaction
 
+from accounts.keys import API_KEY_PREFIX, hash_secret
 from accounts.models import APIKey, User
 from accounts.services import api_key_create, api_key_revoke
+from chatbackend.errors import ApplicationError
 
 from .models import LLMModel, Provider
 from .selectors import llm_model_list_enabled
@@ -30,7 +32,8 @@ class DemoSetup:
     """What ``demo_setup`` did.
 
     ``admin_password``: the admin's password when this call set it (shown once), else None.
-    ``api_key``: a fresh ``sk-...`` secret for the admin's ``demo`` key (earlier ones are revoked).
+    ``api_key``: the ``sk-...`` secret of the admin's ``demo`` key (see ``demo_setup``).
+    ``api_key_created``: True when that key was created now (False: an existing key is kept).
     ``provider_created``: True when the simulator provider and its models were created now.
     ``simulator_in_use``: True when a provider named ``simulator`` points at ``simulator_base_url``.
     ``models``: names of the enabled models on enabled providers.
@@ -40,19 +43,49 @@ class DemoSetup:
     admin_created: bool
     admin_password: str | None
     api_key: str
+    api_key_created: bool
     provider_created: bool
     simulator_in_use: bool
     models: list[str]
 
 
 @transaction.atomic
-def demo_setup(*, simulator_base_url: str, simulator_api_key: str, admin_password: str | None = None) -> DemoSetup:
+def demo_simulator_repoint(*, simulator_base_url: str, simulator_api_key: str) -> Provider | None:
+    """Point the provider named ``simulator`` at ``simulator_base_url`` with ``simulator_api_key``; return it.
+
+    For a simulator started on another port. None (and nothing changed) when no such provider
+    exists. Saved through the model, so every process's model cache is cleared.
+    """
+    simulator = Provider.objects.filter(name=DEMO_PROVIDER_NAME).first()
+    if simulator is not None:
+        simulator.base_url, simulator.api_key = simulator_base_url, simulator_api_key
+        simulator.save(update_fields=["base_url", "api_key", "updated_at"])
+    return simulator
+
+
+# Shortest secret accepted as DEMO_API_KEY: "sk-" and 32 characters (~190 bits if random).
+DEMO_API_KEY_MIN_LENGTH = 35
+
+
+def demo_setup(
+    *,
+    simulator_base_url: str,
+    simulator_api_key: str,
+    admin_password: str | None = None,
+    api_key: str | None = None,
+    api_key_required: bool = False,
+) -> DemoSetup:
     """Seed a demo installation idempotently; return what was done.
 
     - A superuser ``admin`` (role ``admin``). Its password is ``admin_password`` when given (set
       on every call), else a random one chosen only when the user is created.
-    - An API key ``demo`` for the admin; each call revokes the previous one and returns a new
-      secret, since a secret cannot be shown again.
+    - One usable API key ``demo`` for the admin, kept across calls so that clients keep working:
+      ``api_key`` (a secret the caller kept, e.g. in a file, or the operator chose) is kept while
+      it is the admin's and not revoked, and created (stored hashed) when no key has it. A revoked
+      or foreign ``api_key`` is replaced by a new random secret, or, with ``api_key_required``
+      (the operator's choice), raises ``ApplicationError`` (code ``demo_api_key_unusable``); so
+      does a malformed one (not ``sk-`` and at least 32 more characters). Other unrevoked
+      ``demo`` keys of the admin are revoked: there is one demo key at a time.
     - When no provider exists at all: a provider ``simulator`` (kind ``openai``) at
       ``simulator_base_url`` (the root including ``/v1``) with ``simulator_api_key``, and the
       models ``gpt-4o-mini`` and ``sim-model`` on it. A ``simulator`` provider that already
@@ -71,9 +104,9 @@ def demo_setup(*, simulator_base_url: str, simulator_api_key: str, admin_passwor
     admin.role = User.Role.ADMIN
     admin.save()
 
-    for old in APIKey.objects.filter(user=admin, name=DEMO_API_KEY_NAME, revoked_at__isnull=True):
+    secret, key_id, api_key_created = _demo_api_key(admin, api_key, required=api_key_required)
+    for old in APIKey.objects.filter(user=admin, name=DEMO_API_KEY_NAME, revoked_at__isnull=True).exclude(pk=key_id):
         api_key_revoke(user=admin, api_key_id=old.pk)
-    secret = api_key_create(user=admin, name=DEMO_API_KEY_NAME).secret
 
     provider_created = False
     simulator: Provider | None
@@ -92,10 +125,7 @@ def demo_setup(*, simulator_base_url: str, simulator_api_key: str, admin_passwor
             )
         provider_created = True
     else:
-        simulator = Provider.objects.filter(name=DEMO_PROVIDER_NAME).first()
-        if simulator is not None:
-            simulator.base_url, simulator.api_key = simulator_base_url, simulator_api_key
-            simulator.save(update_fields=["base_url", "api_key", "updated_at"])
+        simulator = demo_simulator_repoint(simulator_base_url=simulator_base_url, simulator_api_key=simulator_api_key)
 
     models = list(llm_model_list_enabled().order_by("name").values_list("name", flat=True))
     return DemoSetup(
@@ -103,7 +133,35 @@ def demo_setup(*, simulator_base_url: str, simulator_api_key: str, admin_passwor
         admin_created=admin_created,
         admin_password=password_set,
         api_key=secret,
+        api_key_created=api_key_created,
         provider_created=provider_created,
         simulator_in_use=simulator is not None,
         models=models,
     )
+
+
+def _demo_api_key(admin: User, wanted: str | None, *, required: bool) -> tuple[str, int, bool]:
+    """Return ``(secret, key id, created)`` of the admin's demo key (rules: ``demo_setup``)."""
+    if wanted is not None:
+        wanted = wanted.strip()
+        if not wanted.startswith(API_KEY_PREFIX) or len(wanted) < DEMO_API_KEY_MIN_LENGTH:
+            if required:
+                raise ApplicationError(
+                    f"DEMO_API_KEY must start with '{API_KEY_PREFIX}' and be at least {DEMO_API_KEY_MIN_LENGTH} "
+                    "characters long.",
+                    code="demo_api_key_unusable",
+                )
+            wanted = None
+    if wanted is not None:
+        existing = APIKey.objects.filter(key_hash=hash_secret(wanted)).first()
+        if existing is None:
+            return wanted, api_key_create(user=admin, name=DEMO_API_KEY_NAME, secret=wanted).api_key.pk, True
+        if existing.user_id == admin.pk and existing.revoked_at is None:
+            return wanted, existing.pk, False
+        if required:
+            raise ApplicationError(
+                "DEMO_API_KEY names a key that was revoked or belongs to another user: choose another.",
+                code="demo_api_key_unusable",
+            )
+    created = api_key_create(user=admin, name=DEMO_API_KEY_NAME)
+    return created.secret, created.api_key.pk, True

@@ -12,13 +12,14 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.kit import bearer, chunk_objects, chunk_text, sse_data
+from tests.kit import bearer, chunk_objects, chunk_text, poll_until_sync, sse_data
 
 ROOT = Path(__file__).resolve().parents[1]
 SETUP_SECONDS = 600  # a fresh venv installs every requirement from the package index
@@ -98,6 +99,110 @@ def test_demo_command_installs_and_serves_a_streamed_reply(clone: Path) -> None:
             process.wait()
     rest = process.stdout.read() if process.stdout else ""
     assert "Stopped." in rest, "".join(output[-20:]) + rest
+
+
+class Demo:
+    """``./scripts/demo`` running in ``clone``; a thread keeps reading its output (a full pipe would block it)."""
+
+    def __init__(self, clone: Path, port: int) -> None:
+        self.clone = clone
+        self.port = port
+        self.lines: list[str] = []
+        self.process = subprocess.Popen(
+            ["./scripts/demo", "--port", str(port)],
+            cwd=clone,
+            env=_clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str, *, after: int = 0, within: float = SETUP_SECONDS) -> re.Match[str]:
+        """Return the first match of ``pattern`` in the output from line ``after`` on, once it is printed."""
+
+        def search() -> re.Match[str] | None:
+            if self.process.poll() is not None and not re.search(pattern, "".join(self.lines[after:])):
+                raise AssertionError(f"the demo exited ({self.process.returncode}):\n{self.output()[-4000:]}")
+            return re.search(pattern, "".join(self.lines[after:]))
+
+        found = poll_until_sync(search, within=within, interval=0.2, what=f"demo output {pattern!r}")
+        assert found is not None
+        return found
+
+    def simulator_pid(self) -> int:
+        """Return the pid of this demo's simulator: the process running this clone's ``manage.py llm_simulator``."""
+        manage_py = str(self.clone / "manage.py")
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if manage_py.encode() in argv and b"llm_simulator" in argv:
+                return int(entry.name)
+        raise AssertionError("no simulator process of this demo")
+
+    def stop(self) -> None:
+        """Ctrl-C, as in a terminal; the demo must say it stopped."""
+        os.killpg(self.process.pid, signal.SIGINT)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        poll_until_sync(lambda: "Stopped." in self.output(), within=10, what="the demo's 'Stopped.'")
+
+
+def _streamed_reply(base: str, api_key: str) -> str:
+    body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "Hello!"}]}
+    url = f"{base}/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, headers=bearer(api_key), timeout=30) as response:
+        assert response.status_code == 200, response.read()
+        return chunk_text(chunk_objects(sse_data(response.read())))
+
+
+def test_demo_restarts_a_dead_simulator_and_keeps_its_api_key_across_restarts(clone: Path) -> None:
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    demo = Demo(clone, port)
+    try:
+        api_key = demo.wait_for(r"API key\s+(sk-\S+)").group(1)
+        assert _streamed_reply(base, api_key).strip()
+
+        # The simulator dies: the demo says so, starts it again, and replies stream again.
+        mark = len(demo.lines)
+        os.kill(demo.simulator_pid(), signal.SIGKILL)
+        demo.wait_for(r"\[demo\] The LLM simulator exited", after=mark, within=30)
+        demo.wait_for(r"\[demo\] The LLM simulator is running again", after=mark, within=60)
+        assert _streamed_reply(base, api_key).strip()
+        assert demo.process.poll() is None
+    finally:
+        demo.stop()
+
+    # The key is kept for the next start, readable by this user only, and never committed.
+    key_file = clone / ".demo-api-key"
+    assert key_file.read_text().strip() == api_key
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert subprocess.run(["git", "check-ignore", "-q", ".demo-api-key"], cwd=clone, check=False).returncode == 0
+
+    demo = Demo(clone, port)
+    try:
+        assert demo.wait_for(r"API key\s+(sk-\S+)").group(1) == api_key
+        models = httpx.get(f"{base}/v1/models", headers=bearer(api_key), timeout=30)
+        assert models.status_code == 200, models.text
+    finally:
+        demo.stop()
 
 
 def test_test_command_runs_lint_and_tests(clone: Path) -> None:

@@ -3,6 +3,17 @@
 Seeds the database (``llm.services.demo_setup``), starts two child processes — the simulator
 (``manage.py llm_simulator``) and the ASGI server (uvicorn, or daphne with ``--server daphne``) —
 prints where everything is, and stops both on Ctrl-C. ``scripts/demo`` runs this after migrating.
+
+The demo keeps serving when the simulator dies: it starts it again on the same port (with the same
+upstream key), so the provider row stays right; only if that port was taken meanwhile does it
+take another and re-point the provider. The server dying ends the demo.
+
+The admin's API key survives restarts, so a NextChat that saved it keeps working: the key is
+``DEMO_API_KEY`` when set, else the one kept in ``.demo-api-key`` in the project directory
+(written with mode 0600 and git-ignored), created on the first run. Keys are stored hashed and a
+secret cannot be shown again, so that file is how the demo can print its key at every start;
+delete it (or revoke the key) to get a new one. Why a file: it stays on the machine that runs the
+demo, like ``db.sqlite3`` beside it, and needs nothing from the operator.
 """
 
 from __future__ import annotations
@@ -26,10 +37,15 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections
 
-from llm.services import DEMO_PROVIDER_NAME, DemoSetup, demo_setup
+from chatbackend.errors import ApplicationError
+from llm.services import DEMO_PROVIDER_NAME, DemoSetup, demo_setup, demo_simulator_repoint
 
 MANAGE_PY = Path(settings.BASE_DIR) / "manage.py"
+# The demo key's secret, kept for the next start (mode 0600, git-ignored).
+API_KEY_FILE = Path(settings.BASE_DIR) / ".demo-api-key"
 STARTUP_SECONDS = 60.0
+# Seconds between attempts to start the simulator again after it died (or failed to start).
+SIMULATOR_RESTART_SECONDS = 1.0
 STOP_SECONDS = 10.0
 _DEFAULT_HOSTS = {"localhost", "127.0.0.1", "[::1]"}
 
@@ -42,8 +58,9 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> NoReturn:
 class Command(BaseCommand):
     help = (
         "Run a demo: seed an admin user and the simulator provider, start the LLM simulator and the "
-        "ASGI server, print the URLs and an example request. Ctrl-C stops everything. "
-        "DEMO_ADMIN_PASSWORD sets the admin password (otherwise a random one is printed once)."
+        "ASGI server, print the URLs and an example request; restart the simulator if it dies. Ctrl-C "
+        "stops everything. DEMO_ADMIN_PASSWORD sets the admin password (otherwise a random one is printed "
+        "once); DEMO_API_KEY sets the admin's API key (otherwise one is kept in .demo-api-key)."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -71,18 +88,28 @@ class Command(BaseCommand):
             upstream_key = "sk-sim-" + secrets.token_urlsafe(24)
             simulator, simulator_url = self._start_simulator(options, upstream_key)
             children.append(("simulator", simulator))
-            setup = demo_setup(
-                simulator_base_url=f"{simulator_url}/v1",
-                simulator_api_key=upstream_key,
-                admin_password=os.environ.get("DEMO_ADMIN_PASSWORD") or None,
-            )
+            env_key = os.environ.get("DEMO_API_KEY") or None
+            try:
+                setup = demo_setup(
+                    simulator_base_url=f"{simulator_url}/v1",
+                    simulator_api_key=upstream_key,
+                    admin_password=os.environ.get("DEMO_ADMIN_PASSWORD") or None,
+                    api_key=env_key or self._read_api_key_file(),
+                    api_key_required=env_key is not None,
+                )
+            except ApplicationError as exc:
+                raise CommandError(exc.message) from None
+            if env_key is None:
+                self._write_api_key_file(setup.api_key)
             connections.close_all()  # this process now only supervises; hold no database handle
             server = self._start_server(options)
             children.append((options["server"], server))
             base_url = f"http://{self._display_host(host)}:{port}"
             self._wait_until_ready(base_url, children)
-            self._print_banner(options, base_url, simulator_url, setup)
-            self._supervise(children)
+            self._print_banner(
+                options, base_url, simulator_url, setup, api_key_source="DEMO_API_KEY" if env_key else None
+            )
+            self._supervise(children, options, upstream_key, simulator_url)
         except KeyboardInterrupt:
             self.stdout.write("\nStopping ...")
         finally:
@@ -90,6 +117,24 @@ class Command(BaseCommand):
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         self.stdout.write("Stopped.")
+
+    # --- the demo API key ---------------------------------------------------------------------
+
+    def _read_api_key_file(self) -> str | None:
+        try:
+            return API_KEY_FILE.read_text(encoding="utf-8").strip() or None
+        except FileNotFoundError:
+            return None
+
+    def _write_api_key_file(self, secret: str) -> None:
+        """Keep ``secret`` in ``API_KEY_FILE``, readable by this user only (0600, also when it existed)."""
+        if self._read_api_key_file() == secret:
+            API_KEY_FILE.chmod(0o600)
+            return
+        descriptor = os.open(API_KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(secret + "\n")
+        API_KEY_FILE.chmod(0o600)
 
     # --- children -----------------------------------------------------------------------------
 
@@ -130,15 +175,20 @@ class Command(BaseCommand):
         lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._relay_output, args=(process, lines), daemon=True).start()
         deadline = time.monotonic() + STARTUP_SECONDS
-        while time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            if "listening on " in line:
-                return process, line.rsplit("listening on ", 1)[1].strip().rstrip("/")
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    line = lines.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if line is None:
+                    break
+                if "listening on " in line:
+                    return process, line.rsplit("listening on ", 1)[1].strip().rstrip("/")
+        except BaseException:  # Ctrl-C while it starts: it is no child to stop yet, so end it here
+            process.kill()
+            process.wait()
+            raise
         process.kill()
         raise CommandError("The LLM simulator did not start (see its output above).")
 
@@ -199,10 +249,51 @@ class Command(BaseCommand):
             if code is not None:
                 raise CommandError(f"The {name} process exited with code {code} (see its output above).")
 
-    def _supervise(self, children: list[tuple[str, subprocess.Popen[str]]]) -> None:
+    def _supervise(
+        self,
+        children: list[tuple[str, subprocess.Popen[str]]],
+        options: dict[str, Any],
+        upstream_key: str,
+        simulator_url: str,
+    ) -> None:
+        """Watch the children: start the simulator again whenever it dies; end when the server dies."""
+        port = int(simulator_url.rsplit(":", 1)[1])
         while True:
-            self._check_alive(children)
+            for index, (name, process) in enumerate(children):
+                code = process.poll()
+                if code is None:
+                    continue
+                if name != "simulator":
+                    raise CommandError(f"The {name} process exited with code {code} (see its output above).")
+                self._log(f"The LLM simulator exited with code {code}; starting it again on port {port}.")
+                restarted = self._restart_simulator(options, upstream_key, port)
+                if restarted is None:
+                    continue  # tried again at the next round
+                process, url = restarted
+                children[index] = ("simulator", process)
+                if url != simulator_url:
+                    demo_simulator_repoint(simulator_base_url=f"{url}/v1", simulator_api_key=upstream_key)
+                    connections.close_all()
+                    self._log(f"The provider '{DEMO_PROVIDER_NAME}' now points at {url}/v1.")
+                    simulator_url, port = url, int(url.rsplit(":", 1)[1])
+                self._log(f"The LLM simulator is running again at {url}/v1.")
             time.sleep(0.5)
+
+    def _restart_simulator(
+        self, options: dict[str, Any], upstream_key: str, port: int
+    ) -> tuple[subprocess.Popen[str], str] | None:
+        """Start the simulator on ``port``, or on any free port if that one is taken; None if it would not start."""
+        time.sleep(SIMULATOR_RESTART_SECONDS)  # a simulator that dies at once must not spin this loop
+        for wanted in (port, 0):
+            try:
+                return self._start_simulator({**options, "simulator_port": wanted}, upstream_key)
+            except CommandError as exc:
+                self._log(f"{exc} Trying {'another port' if wanted else 'again'}.")
+        return None
+
+    def _log(self, text: str) -> None:
+        self.stdout.write(f"[demo] {text}")
+        self.stdout.flush()
 
     def _stop(self, children: list[tuple[str, subprocess.Popen[str]]]) -> None:
         # The server first, so its open streams end while the simulator still answers.
@@ -225,7 +316,15 @@ class Command(BaseCommand):
             return "127.0.0.1"
         return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
-    def _print_banner(self, options: dict[str, Any], base_url: str, simulator_url: str, setup: DemoSetup) -> None:
+    def _print_banner(
+        self,
+        options: dict[str, Any],
+        base_url: str,
+        simulator_url: str,
+        setup: DemoSetup,
+        *,
+        api_key_source: str | None,
+    ) -> None:
         if setup.admin_created:
             login_note = f"{setup.admin_password}   (shown once: save it)"
         elif setup.admin_password:
@@ -248,7 +347,7 @@ class Command(BaseCommand):
             f"  WebSocket            ws{base_url[4:]}/ws/conversations/<id>/?token=<JWT or API key>",
             f"  LLM simulator        {upstream}",
             f"  Models               {', '.join(setup.models) or '(none enabled: add one in the admin)'}",
-            f"  API key              {setup.api_key}   (the admin's 'demo' key, replaced at every start)",
+            f"  API key              {setup.api_key}   ({self._api_key_note(setup, api_key_source)})",
             "",
         ]
         if options["host"] in {"0.0.0.0", "::"}:  # noqa: S104 - comparing, not binding
@@ -270,3 +369,10 @@ class Command(BaseCommand):
             ]
         self.stdout.write("\n".join(lines))
         self.stdout.flush()
+
+    @staticmethod
+    def _api_key_note(setup: DemoSetup, source: str | None) -> str:
+        if source:
+            return f"the admin's 'demo' key, from {source}"
+        state = "new, kept" if setup.api_key_created else "kept"
+        return f"the admin's 'demo' key, {state} across restarts in {API_KEY_FILE.name}; delete that file for a new one"
