@@ -18,13 +18,15 @@ from chatbackend.errors import ApplicationError
 @dataclass(frozen=True, slots=True)
 class ProviderConfig:
     """How to reach one upstream: adapter ``kind``, API root ``base_url`` (with ``/v1``), secret
-    ``api_key`` (may be empty), and timeouts in seconds."""
+    ``api_key`` (may be empty), timeouts in seconds, and ``extra_headers`` sent with every request
+    (``(name, value)`` pairs, none that the adapter sets itself)."""
 
     kind: str
     base_url: str
     api_key: str = field(default="", repr=False)
     connect_timeout: float = 10.0
     read_timeout: float = 300.0
+    extra_headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -148,6 +148,8 @@ class OpenAICompatibleProvider(ChatProvider):
         # Serialized as httpx did: compact, UTF-8, no NaN.
         data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
         headers = dict(_SSE_HEADERS)
+        if config.extra_headers:  # validated: never one of the headers set here
+            headers.update(config.extra_headers)
         if config.api_key:
             headers["Authorization"] = f"Bearer {config.api_key}"
         # connect: waiting for a pooled connection plus DNS, TCP and TLS (httpx's pool and connect
