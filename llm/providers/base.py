@@ -65,6 +65,9 @@ class ChatChunk:
     ``finish_reason``: set on the chunk that ends the reply (``stop``, ``length``, ``tool_calls``, ...);
     OpenAI sends it with an empty delta, so that chunk often carries nothing else.
     ``usage``: set on the chunk that carries the provider's usage report.
+    ``logprobs``: the choice's OpenAI ``logprobs`` object (``{"content": [ChatCompletionTokenLogprob,
+    ...], "refusal": [...] | null}``) when the upstream sent token log probabilities (the client
+    asked for ``logprobs``), passed through untouched; else None.
     """
 
     content: str = ""
@@ -72,6 +75,7 @@ class ChatChunk:
     tool_calls: list[dict[str, Any]] | None = None
     finish_reason: str | None = None
     usage: Usage | None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class UpstreamError(ApplicationError):
