@@ -25,12 +25,13 @@ import json
 import re
 import secrets
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import pytest
+from httpx_sse import connect_sse
 from websockets.sync.client import connect
 
 from accounts.models import UsageRecord, User
@@ -111,33 +112,22 @@ def _closed_port() -> int:
         return probe.getsockname()[1]  # closed on return: nothing listens there
 
 
-def _sse_events(response: httpx.Response) -> Iterator[tuple[str, str]]:
-    """Yield ``(event, data)`` of an SSE body; ``event`` is ``message`` when the event has no name."""
-    event = "message"
-    for line in response.iter_lines():
-        if line.startswith("event: "):
-            event = line[7:]
-        elif line.startswith("data: "):
-            yield event, line[6:]
-        elif line == "":
-            event = "message"
-
-
 def _sse(url: str, key: str, conversation_id: int) -> Observed:
     seen = Observed()
     with (
         httpx.Client(base_url=url, timeout=60, trust_env=False) as http,
-        http.stream(
+        connect_sse(
+            http,
             "POST",
             f"/api/conversations/{conversation_id}/messages/",
             json={"content": "Tell me a story"},
-            headers={**bearer(key), "Accept": "text/event-stream"},
-        ) as response,
+            headers=bearer(key),
+        ) as source,
     ):
-        seen.status = response.status_code
-        for event, data in _sse_events(response):
-            seen.raw.append(data)
-            payload = json.loads(data)
+        seen.status = source.response.status_code
+        for sse in source.iter_sse():
+            seen.raw.append(sse.data)
+            event, payload = sse.event, json.loads(sse.data)
             if event == "reply.start":
                 seen.message_id = payload["message_id"]
             elif event == "reply.delta":
@@ -178,8 +168,9 @@ def _v1_stream(url: str, key: str, model: str) -> Observed:
     body = {"model": model, "stream": True, "messages": [{"role": "user", "content": "Tell me a story"}]}
     with (
         httpx.Client(base_url=url, timeout=60, trust_env=False) as http,
-        http.stream("POST", "/v1/chat/completions", json=body, headers=bearer(key)) as response,
+        connect_sse(http, "POST", "/v1/chat/completions", json=body, headers=bearer(key)) as source,
     ):
+        response = source.response
         seen.status = response.status_code
         if response.status_code != 200:  # failed before any chunk: an error status, OpenAI's error JSON
             response.read()
@@ -188,10 +179,10 @@ def _v1_stream(url: str, key: str, model: str) -> Observed:
             validate_against("ErrorResponse", response.json())
             seen.error = response.json()["error"]
             return seen
-        for _, data in _sse_events(response):
-            seen.raw.append(data)
-            assert data != "[DONE]", "the stream ended as if completed"
-            payload = json.loads(data)
+        for sse in source.iter_sse():
+            seen.raw.append(sse.data)
+            assert sse.data != "[DONE]", "the stream ended as if completed"
+            payload = json.loads(sse.data)
             if "error" in payload:
                 validate_against("ErrorResponse", payload)
                 seen.error = payload["error"]
