@@ -26,7 +26,8 @@ class ProviderConfig:
     api_key: str = field(default="", repr=False)
     connect_timeout: float = 10.0
     read_timeout: float = 300.0
-    extra_headers: tuple[tuple[str, str], ...] = ()
+    # Not in the repr either: an operator may put a gateway's key there despite the admin's advice.
+    extra_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True, slots=True)
