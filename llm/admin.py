@@ -30,7 +30,17 @@ class ProviderAdminForm(forms.ModelForm):
 
     class Meta:
         model = Provider
-        fields = ("name", "kind", "base_url", "api_key", "clear_api_key", "connect_timeout", "read_timeout", "enabled")
+        fields = (
+            "name",
+            "kind",
+            "base_url",
+            "api_key",
+            "clear_api_key",
+            "extra_headers",
+            "connect_timeout",
+            "read_timeout",
+            "enabled",
+        )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from urllib.parse import urlsplit
 
@@ -27,13 +28,41 @@ def validate_base_url(value: str) -> None:
         raise ValidationError(f"{value!r} has an invalid port.") from None
 
 
+# Headers the adapter itself sets or that HTTP owns: extra headers may not replace them.
+RESERVED_HEADERS = frozenset(
+    ("authorization", "content-type", "content-length", "accept", "host", "transfer-encoding", "connection")
+)
+# RFC 9110 field-name: a token (section 5.1); values: visible ASCII, spaces and tabs (section 5.5),
+# so a value cannot smuggle a CR/LF into the request.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
+
+
+def validate_extra_headers(value: object) -> None:
+    """Require a JSON object of header names to string values, none of them ``RESERVED_HEADERS``.
+
+    Names are RFC 9110 tokens and values printable ASCII (no CR/LF), at most 50 headers.
+    """
+    if not isinstance(value, dict):
+        raise ValidationError('Must be a JSON object of header names and values, e.g. {"X-Title": "Chat"}.')
+    if len(value) > 50:
+        raise ValidationError("At most 50 headers.")
+    for name, header_value in value.items():
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValidationError(f"{name!r} is not a valid HTTP header name.")
+        if name.lower() in RESERVED_HEADERS:
+            raise ValidationError(f"{name!r} is set by the server and cannot be overridden.")
+        if not isinstance(header_value, str) or not _HEADER_VALUE.fullmatch(header_value):
+            raise ValidationError(f"The value of {name!r} must be a string of printable ASCII characters.")
+
+
 def _validate_provider_kind(value: str) -> None:
     if value not in settings.LLM_PROVIDER_BACKENDS:
         raise ValidationError(f"Unknown provider kind {value!r}; known: {', '.join(settings.LLM_PROVIDER_BACKENDS)}.")
 
 
 class Provider(models.Model):
-    """An upstream LLM API: its kind (which adapter speaks to it), base URL, key and timeouts.
+    """An upstream LLM API: its kind (which adapter speaks to it), base URL, key, extra headers and timeouts.
 
     ``api_key`` is encrypted at rest (Fernet, key derived from SECRET_KEY and SALT_KEY) and is
     write-only: no API returns it and the admin never shows it after saving.
@@ -57,6 +86,16 @@ class Provider(models.Model):
     connect_timeout = models.FloatField(default=10.0, validators=[MinValueValidator(0.1)], help_text="seconds")
     read_timeout = models.FloatField(
         default=300.0, validators=[MinValueValidator(0.1)], help_text="seconds to wait for each chunk"
+    )
+    extra_headers = models.JSONField(
+        default=dict,
+        blank=True,
+        validators=[validate_extra_headers],
+        help_text=(
+            "HTTP headers sent with every request to this provider, as a JSON object, e.g. "
+            '{"HTTP-Referer": "https://chat.example.com", "X-Title": "Chat"} for OpenRouter. '
+            "Stored and shown in plain text: put the secret key in API key, not here."
+        ),
     )
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)

@@ -49,6 +49,7 @@ def provider_config_for(*, model: LLMModel) -> ProviderConfig:
         api_key=provider.api_key or "",
         connect_timeout=provider.connect_timeout,
         read_timeout=provider.read_timeout,
+        extra_headers=tuple((provider.extra_headers or {}).items()),
     )
 
 

@@ -94,15 +94,40 @@ def _merge_tool_calls(calls: dict[int, dict[str, Any]], deltas: list[dict[str, A
         call["function"]["arguments"] += function.get("arguments") or ""
 
 
+def _merge_logprobs(merged: dict[str, list[Any] | None] | None, chunk: dict[str, Any]) -> dict[str, list[Any] | None]:
+    """Append a streamed chunk's ``logprobs`` lists (``content``, ``refusal``) to ``merged``; return it.
+
+    A list stays None (as OpenAI sends it) until a chunk brings entries for it.
+    """
+    if merged is None:
+        merged = {"content": None, "refusal": None}
+    for key in ("content", "refusal"):
+        entries = chunk.get(key)
+        if entries and isinstance(entries, list):
+            current = merged[key]
+            if current is None:
+                merged[key] = list(entries)
+            else:
+                current.extend(entries)
+    return merged
+
+
 async def _chat_completion_whole(reply: Reply[ChatCompletionPlan]) -> JsonResponse:
-    """Collect ``reply`` into one ``chat.completion`` object; an upstream failure is its error JSON."""
+    """Collect ``reply`` into one ``chat.completion`` object; an upstream failure is its error JSON.
+
+    The upstream's streamed ``logprobs`` (when the client asked for them) are joined into the
+    choice's ``logprobs: {"content": [...], "refusal": [...] | null}``, as OpenAI answers them.
+    """
     tool_calls: dict[int, dict[str, Any]] = {}
+    logprobs: dict[str, list[Any] | None] | None = None
     async with reply:
         async for event in reply.events():
             if type(event) is ReplyDelta:
                 for chunk in event.chunks:
                     if chunk.tool_calls:
                         _merge_tool_calls(tool_calls, chunk.tool_calls)
+                    if chunk.logprobs:
+                        logprobs = _merge_logprobs(logprobs, chunk.logprobs)
             elif type(event) is ReplyFailed:
                 return error_response(event.error)
     outcome = reply.outcome
@@ -127,7 +152,7 @@ async def _chat_completion_whole(reply: Reply[ChatCompletionPlan]) -> JsonRespon
                 {
                     "index": 0,
                     "message": message,
-                    "logprobs": None,
+                    "logprobs": logprobs,
                     "finish_reason": outcome.finish_reason or ("tool_calls" if tool_calls else "stop"),
                 }
             ],

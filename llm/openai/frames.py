@@ -41,7 +41,8 @@ async def chat_completion_frames(reply: Reply[ChatCompletionPlan], *, keepalive:
 
     The chunks of one ``ReplyDelta`` (what the upstream had sent when we read) go out as one
     part, i.e. one write. The first frame carries ``role``; a frame of plain content (nearly
-    every token) costs one JSON string escape. ``: keep-alive`` comments flow every
+    every token) costs one JSON string escape; a chunk with the upstream's ``logprobs`` carries
+    them as they came (OpenAI's ``choices[].logprobs``). ``: keep-alive`` comments flow every
     ``keepalive`` seconds while the upstream is silent before its first chunk (clients ignore
     comments). A failure after the headers is sent as ``data: {"error": ...}`` and ends the
     stream, as OpenAI does; so is a reply the server stopped (its key revoked, a shutdown). There
@@ -61,7 +62,7 @@ async def chat_completion_frames(reply: Reply[ChatCompletionPlan], *, keepalive:
 
     def frame(chunk: ChatChunk) -> bytes:
         nonlocal role_sent
-        if role_sent and not (chunk.tool_calls or chunk.finish_reason):
+        if role_sent and not (chunk.tool_calls or chunk.finish_reason or chunk.logprobs):
             content, reasoning = chunk.content, chunk.reasoning_content
             if content and not reasoning:
                 return content_head + _encode_str(content).encode() + content_tail
@@ -75,7 +76,7 @@ async def chat_completion_frames(reply: Reply[ChatCompletionPlan], *, keepalive:
             delta["reasoning_content"] = chunk.reasoning_content
         if chunk.tool_calls:
             delta["tool_calls"] = chunk.tool_calls
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": chunk.finish_reason}
+        choice = {"index": 0, "delta": delta, "logprobs": chunk.logprobs, "finish_reason": chunk.finish_reason}
         return head + _encode(choice).encode() + tail
 
     async for event in reply.events(keepalive=keepalive):

@@ -18,13 +18,16 @@ from chatbackend.errors import ApplicationError
 @dataclass(frozen=True, slots=True)
 class ProviderConfig:
     """How to reach one upstream: adapter ``kind``, API root ``base_url`` (with ``/v1``), secret
-    ``api_key`` (may be empty), and timeouts in seconds."""
+    ``api_key`` (may be empty), timeouts in seconds, and ``extra_headers`` sent with every request
+    (``(name, value)`` pairs, none that the adapter sets itself)."""
 
     kind: str
     base_url: str
     api_key: str = field(default="", repr=False)
     connect_timeout: float = 10.0
     read_timeout: float = 300.0
+    # Not in the repr either: an operator may put a gateway's key there despite the admin's advice.
+    extra_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,9 @@ class ChatChunk:
     ``finish_reason``: set on the chunk that ends the reply (``stop``, ``length``, ``tool_calls``, ...);
     OpenAI sends it with an empty delta, so that chunk often carries nothing else.
     ``usage``: set on the chunk that carries the provider's usage report.
+    ``logprobs``: the choice's OpenAI ``logprobs`` object (``{"content": [ChatCompletionTokenLogprob,
+    ...], "refusal": [...] | null}``) when the upstream sent token log probabilities (the client
+    asked for ``logprobs``), passed through untouched; else None.
     """
 
     content: str = ""
@@ -70,6 +76,7 @@ class ChatChunk:
     tool_calls: list[dict[str, Any]] | None = None
     finish_reason: str | None = None
     usage: Usage | None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class UpstreamError(ApplicationError):

@@ -125,7 +125,7 @@ class OpenAICompatibleProvider(ChatProvider):
     """Stream chat completions from an OpenAI-compatible ``/chat/completions`` endpoint."""
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[list[ChatChunk], None]:
-        """Yield the reply's chunks (content, reasoning, raw tool calls, finish_reason, usage) in batches.
+        """Yield the reply's chunks (content, reasoning, raw tool calls, finish_reason, usage, logprobs) in batches.
 
         Each batch holds every chunk parsed from what the upstream had sent by the time we read
         (one or more, never none), in order. Chunks that carry nothing (the role-only first
@@ -148,6 +148,8 @@ class OpenAICompatibleProvider(ChatProvider):
         # Serialized as httpx did: compact, UTF-8, no NaN.
         data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
         headers = dict(_SSE_HEADERS)
+        if config.extra_headers:  # validated: never one of the headers set here
+            headers.update(config.extra_headers)
         if config.api_key:
             headers["Authorization"] = f"Bearer {config.api_key}"
         # connect: waiting for a pooled connection plus DNS, TCP and TLS (httpx's pool and connect
@@ -356,6 +358,8 @@ def _content_chunk(data: str) -> ChatChunk | None:
 def _parse_chunk(payload: dict[str, Any], safe: Callable[[str], str]) -> ChatChunk | None:
     """Return the ``ChatChunk`` in one ``chat.completion.chunk`` object, or ``None`` if it carries nothing.
 
+    The choice's ``logprobs`` object is kept as it is when it lists tokens (``ChatChunk.logprobs``).
+
     Raises ``UpstreamError`` for an error object (``{"error": ...}``, message passed through
     ``safe``), and ``TypeError``/``AttributeError``/... for a payload of the wrong shape.
     """
@@ -365,7 +369,7 @@ def _parse_chunk(payload: dict[str, Any], safe: Callable[[str], str]) -> ChatChu
         message = error.get("message") if isinstance(error, dict) else error
         raise UpstreamError(safe(f"upstream error mid-stream: {message}"), code="upstream_error")
     content = reasoning = ""
-    tool_calls = finish_reason = usage = None
+    tool_calls = finish_reason = usage = logprobs = None
     choices = payload.get("choices")
     if choices:
         choice = choices[0]
@@ -376,13 +380,19 @@ def _parse_chunk(payload: dict[str, Any], safe: Callable[[str], str]) -> ChatChu
             reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
             tool_calls = delta.get("tool_calls") or None
         finish_reason = choice.get("finish_reason")
+        logprobs = choice.get("logprobs")
+        # Passed on only when it lists tokens (OpenAI sends {"content": [], ...} with the role chunk).
+        if logprobs is not None and not (
+            isinstance(logprobs, dict) and (logprobs.get("content") or logprobs.get("refusal"))
+        ):
+            logprobs = None
     raw_usage = payload.get("usage")
     if raw_usage:
         usage = Usage(
             prompt_tokens=int(raw_usage.get("prompt_tokens") or 0),
             completion_tokens=int(raw_usage.get("completion_tokens") or 0),
         )
-    if not (content or reasoning or tool_calls or finish_reason or usage):
+    if not (content or reasoning or tool_calls or finish_reason or usage or logprobs):
         return None
     return ChatChunk(
         content=content,
@@ -390,4 +400,5 @@ def _parse_chunk(payload: dict[str, Any], safe: Callable[[str], str]) -> ChatChu
         tool_calls=tool_calls,
         finish_reason=finish_reason,
         usage=usage,
+        logprobs=logprobs,
     )

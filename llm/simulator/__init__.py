@@ -17,7 +17,11 @@ Endpoints:
   ``stream_options.include_usage`` a usage chunk (``choices: []``; every earlier chunk carries
   ``"usage": null``), then ``data: [DONE]``. The role chunk arrives with the first word, the
   finish and usage chunks and ``[DONE]`` with the last (see ``app._Simulator._stream``).
-  ``stream: false`` answers one ``chat.completion`` object.
+  ``stream: false`` answers one ``chat.completion`` object. With ``logprobs: true`` each content
+  chunk (and the whole object) carries OpenAI's ``"logprobs": {"content": [ChatCompletionTokenLogprob],
+  "refusal": null}`` — deterministic numbers, ``top_logprobs`` (0..20) alternatives per token, the
+  token itself first — and the role and finish chunks ``"logprobs": null``; ``top_logprobs``
+  without ``logprobs: true`` is OpenAI's 400.
 - ``GET /v1/models``: the OpenAI model list.
 - ``GET /_simulator/stats``: ``requests_started``, ``requests_completed``, ``requests_failed``,
   ``requests_disconnected`` (client left before the end), ``active_streams``.
@@ -26,13 +30,27 @@ Replies are deterministic: word ``i`` of the reply is picked from a fixed word l
 the last user message (see ``reply_text``). ``prompt_tokens`` is the number of words in all
 messages plus 3 per message; ``completion_tokens`` the number of content chunks.
 
-Failures on demand, chosen by the request's ``model``:
+Failures on demand, chosen per request by the header ``X-Simulator-Fault`` (so a test, or a
+provider's configured extra headers, picks them): directives separated by commas or semicolons,
+combinable, e.g. ``X-Simulator-Fault: ttft=2, stall=3, stall-after=4, drop-after=10``.
 
-- ``sim-error-NNN`` (NNN in 400..599): status NNN with an OpenAI error body.
-- ``sim-fail-midstream``: the role chunk and three word chunks, then the TCP connection is
-  closed mid-body.
-- ``sim-malformed-chunk``: the role chunk and one word chunk, then a ``data:`` line that is not
-  JSON, then ``[DONE]``.
+- ``status=NNN`` (400..599): answer status NNN before streaming, with OpenAI's error body
+  (``{"error": {"message", "type", "param", "code"}}``; 429 is ``type: requests``, ``code:
+  rate_limit_exceeded`` with ``Retry-After: 1`` and ``retry-after-ms: 1000``, or ``retry-after=S``
+  seconds; 5xx are ``type: server_error``).
+- ``drop-after=K``: the role chunk and K word chunks, then the TCP connection is closed mid-body
+  (the chunked body is never terminated). ``stream: false``: the connection closes unanswered.
+- ``malformed-line`` or ``malformed-line=K``: after 1 (or K) word chunks a ``data:`` line that is
+  not JSON, then ``[DONE]``. ``stream: false``: a 200 body that is not JSON.
+- ``stall=S``: S seconds of silence after the first word chunk (``stall-after=K``: after K);
+  the pace resumes after it.
+- ``ttft=S``: S seconds before the first token instead of ``--ttft-ms`` (the headers go at once).
+
+K are whole numbers >= 0, S numbers of seconds >= 0; whichever of a drop and a malformed line
+comes first ends the stream. A header that does not parse is OpenAI's 400 naming the problem.
+The same failures by ``model``, for clients that cannot set headers: ``sim-error-NNN`` is
+``status=NNN``, ``sim-fail-midstream`` is ``drop-after=3`` and ``sim-malformed-chunk`` is
+``malformed-line``.
 
 With ``api_key`` set, ``/v1`` requests need ``Authorization: Bearer <api_key>``; a wrong key is
 echoed back *unmasked* in the 401 message (OpenAI masks it), so tests prove that clients redact it.
@@ -51,13 +69,17 @@ from .app import (
     serve,
 )
 from .replies import count_prompt_tokens, reply_text
+from .wire import FAULT_HEADER, Fault, parse_fault
 
 __all__ = [
+    "FAULT_HEADER",
     "MIDSTREAM_FAILURE_CHUNKS",
+    "Fault",
     "SimulatorConfig",
     "SimulatorStats",
     "count_prompt_tokens",
     "create_app",
+    "parse_fault",
     "reply_text",
     "run_event_loop",
     "run_simulator",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import re
 import resource
@@ -17,21 +18,30 @@ from aiohttp import web
 from .replies import count_prompt_tokens, reply_word_indexes
 from .wire import (
     DONE,
+    FAULT_HEADER,
     MALFORMED_CHUNK,
+    NO_FAULT,
     SSE_HEADERS,
     ChunkFrames,
     Completion,
+    Fault,
     completion_body,
     error_response,
     model_list_body,
     new_completion_id,
     parse_completion,
+    parse_fault,
     simulated_error,
     usage_object,
 )
 
 _SIM_ERROR = re.compile(r"sim-error-([45]\d\d)")
 MIDSTREAM_FAILURE_CHUNKS = 3
+# The failures chosen by model name (older than the header, and still used by tests).
+_MODEL_FAULTS = {
+    "sim-fail-midstream": Fault(drop_after=MIDSTREAM_FAILURE_CHUNKS),
+    "sim-malformed-chunk": Fault(malformed_after=1),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,13 +104,27 @@ class _Simulator:
         if isinstance(parsed, web.Response):
             self.stats.requests_failed += 1
             return parsed
-        match = _SIM_ERROR.fullmatch(parsed.model)
-        if match:
+        fault = self._fault(request, parsed)
+        if isinstance(fault, web.Response):
             self.stats.requests_failed += 1
-            return simulated_error(int(match.group(1)), parsed.model)
+            return fault
+        if fault.status is not None:
+            self.stats.requests_failed += 1
+            return simulated_error(fault.status, parsed.model, retry_after=fault.retry_after)
         if parsed.stream:
-            return await self._stream(request, parsed)
-        return await self._complete(parsed)
+            return await self._stream(request, parsed, fault)
+        return await self._complete(request, parsed, fault)
+
+    @staticmethod
+    def _fault(request: web.Request, completion: Completion) -> Fault | web.Response:
+        """Return the failures asked for: the ``X-Simulator-Fault`` header's, else the model name's."""
+        header = request.headers.get(FAULT_HEADER)
+        if header is not None:
+            return parse_fault(header)
+        match = _SIM_ERROR.fullmatch(completion.model)
+        if match:
+            return Fault(status=int(match.group(1)))
+        return _MODEL_FAULTS.get(completion.model, NO_FAULT)
 
     def _reply_plan(self, completion: Completion) -> tuple[list[int], str]:
         """Return the reply's word indexes and its ``finish_reason``."""
@@ -109,20 +133,38 @@ class _Simulator:
             tokens, finish_reason = completion.max_tokens, "length"
         return reply_word_indexes(completion.messages, tokens), finish_reason
 
-    async def _complete(self, completion: Completion) -> web.Response:
-        """Return a ``chat.completion`` object after the time the stream would have taken."""
+    async def _complete(self, request: web.Request, completion: Completion, fault: Fault) -> web.Response:
+        """Return a ``chat.completion`` object after the time the stream would have taken.
+
+        ``fault``: ``ttft`` and ``stall`` add to the wait; a drop closes the connection instead
+        of answering; a malformed line answers a 200 body that is not JSON.
+        """
         indexes, finish_reason = self._reply_plan(completion)
+        ttft = self._ttft if fault.ttft is None else fault.ttft
         try:
-            await asyncio.sleep(self._ttft + self._delay * max(len(indexes) - 1, 0))
+            await asyncio.sleep(ttft + fault.stall + self._delay * max(len(indexes) - 1, 0))
         except asyncio.CancelledError:  # the client left (handler_cancellation=True)
             self.stats.requests_disconnected += 1
             raise
+        if fault.cut_after is not None:
+            self.stats.requests_failed += 1
+            if fault.drops:
+                if request.transport is not None:
+                    request.transport.close()
+                raise asyncio.CancelledError  # nothing to answer on a closed connection
+            return web.Response(body=MALFORMED_CHUNK.removeprefix(b"data: "), content_type="application/json")
         usage = usage_object(count_prompt_tokens(completion.messages), len(indexes))
-        body = completion_body(model=completion.model, indexes=indexes, finish_reason=finish_reason, usage=usage)
+        body = completion_body(
+            model=completion.model,
+            indexes=indexes,
+            finish_reason=finish_reason,
+            usage=usage,
+            top_logprobs=completion.top_logprobs if completion.logprobs else None,
+        )
         self.stats.requests_completed += 1
         return web.json_response(body)
 
-    async def _stream(self, request: web.Request, completion: Completion) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, completion: Completion, fault: Fault) -> web.StreamResponse:
         """Stream ``chat.completion.chunk`` frames at the configured pace (OpenAI's SSE framing).
 
         Word ``i`` goes out ``ttft_ms + i * token_delay_ms`` after the headers. The role-only
@@ -132,6 +174,10 @@ class _Simulator:
         same either way. The finish chunk, the usage chunk and ``[DONE]`` share the last word's
         write, so a reply lasts as long as before and as long as ``_complete`` waits. One write
         per token keeps the simulator's own cost per token at one send.
+
+        ``fault`` (``wire.Fault``): ``ttft`` replaces the time to the first token; ``stall``
+        pauses before word ``stall_after`` (the pace resumes after it); the stream breaks after
+        ``cut_after`` words, with a malformed line and ``[DONE]`` or a dropped connection.
         """
         indexes, finish_reason = self._reply_plan(completion)
         chunk_id = new_completion_id()
@@ -142,46 +188,54 @@ class _Simulator:
             include_usage=completion.include_usage,
             finish_reason=finish_reason,
         )
-        if completion.model == "sim-fail-midstream":
-            indexes = indexes[:MIDSTREAM_FAILURE_CHUNKS]
-            ending = b""  # then the connection drops (below)
-        elif completion.model == "sim-malformed-chunk":
-            indexes = indexes[:1]
-            ending = MALFORMED_CHUNK + DONE
+        drops = fault.drops
+        if fault.cut_after is not None:
+            indexes = indexes[: fault.cut_after]
+            ending = b"" if drops else MALFORMED_CHUNK + DONE  # a drop closes the connection (below)
         else:
             ending = frames.finish
             if completion.include_usage:
                 ending += frames.usage(usage_object(count_prompt_tokens(completion.messages), len(indexes)))
             ending += DONE
+        token: Callable[..., bytes]
+        if completion.logprobs:
+            token = functools.partial(frames.token_with_logprobs, top=completion.top_logprobs)
+        else:
+            token = frames.token
+        # The position before which the stream stalls (-1: never): one int compare per token.
+        stall_at = fault.stall_after if fault.stall > 0 and fault.stall_after < len(indexes) else -1
 
         loop = asyncio.get_running_loop()
         response = web.StreamResponse(headers={**SSE_HEADERS, "x-request-id": chunk_id})
         self.stats.active_streams += 1
         try:
             await response.prepare(request)
-            due = loop.time() + self._ttft
+            due = loop.time() + (self._ttft if fault.ttft is None else fault.ttft)
             last = len(indexes) - 1
             for position, index in enumerate(indexes):
+                if position == stall_at:
+                    await asyncio.sleep(fault.stall)
+                    due = loop.time()
                 # Pace against absolute deadlines so sleep overhead does not stretch long replies.
                 await asyncio.sleep(max(due - loop.time(), 0))
                 due += self._delay
-                frame = frames.token(index, first=position == 0)
+                frame = token(index, first=position == 0)
                 if position == 0:
                     frame = frames.role + frame
                 if position == last:
                     frame += ending
                 await response.write(frame)
-            if not indexes:  # reply_tokens=0 (only in-process configs allow it): role and ending alone
-                await asyncio.sleep(self._ttft)
+            if not indexes:  # drop-after=0, or reply_tokens=0 (in-process configs): role and ending alone
+                await asyncio.sleep(max(due - loop.time(), 0))
                 await response.write(frames.role + ending)
-            if completion.model == "sim-fail-midstream":
+            if drops:
                 # Close the socket without the chunked body's terminator: the client sees a dropped stream.
                 self.stats.requests_failed += 1
                 if request.transport is not None:
                     request.transport.close()
                 return response
             await response.write_eof()
-            if completion.model == "sim-malformed-chunk":
+            if fault.cut_after is not None:
                 self.stats.requests_failed += 1
             else:
                 self.stats.requests_completed += 1

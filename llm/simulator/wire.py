@@ -8,9 +8,11 @@ framing), https://platform.openai.com/docs/api-reference/chat/create, and the Op
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,11 +58,21 @@ def error_response(
     return web.json_response(body, status=status)
 
 
-def simulated_error(status: int, model: str) -> web.Response:
-    """Return the error OpenAI would send with ``status`` (messages modelled on OpenAI's own)."""
+def simulated_error(status: int, model: str, *, retry_after: int = 1) -> web.Response:
+    """Return the error OpenAI would send with ``status`` (messages modelled on OpenAI's own).
+
+    A 429 carries ``Retry-After: <retry_after>`` (seconds), as OpenAI's rate limits do, and the
+    ``retry-after-ms`` header the openai SDKs read first.
+    """
     if status == 429:
-        message = f"Rate limit reached for {model} on requests per min (RPM): Limit 3, Used 3, Requested 1."
-        return error_response(429, message, type_="requests", code="rate_limit_exceeded")
+        message = (
+            f"Rate limit reached for {model} on requests per min (RPM): Limit 3, Used 3, Requested 1. "
+            f"Please try again in {retry_after}s."
+        )
+        response = error_response(429, message, type_="requests", code="rate_limit_exceeded")
+        response.headers["Retry-After"] = str(retry_after)
+        response.headers["retry-after-ms"] = str(retry_after * 1000)
+        return response
     if status == 404:
         message = f"The model `{model}` does not exist or you do not have access to it."
         return error_response(404, message, type_="invalid_request_error", code="model_not_found")
@@ -70,15 +82,105 @@ def simulated_error(status: int, model: str) -> web.Response:
     return error_response(status, f"Simulated error {status} for model {model}.", type_="invalid_request_error")
 
 
+FAULT_HEADER = "X-Simulator-Fault"
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """The failures one request asked for (``X-Simulator-Fault``; see ``parse_fault``).
+
+    ``status``: answer this status (400..599) with OpenAI's error body before anything streams
+    (``retry_after`` seconds in ``Retry-After`` on a 429). ``drop_after``: close the TCP
+    connection after that many content tokens (the chunked body left unterminated).
+    ``malformed_after``: after that many tokens send a ``data:`` line that is not JSON, then
+    ``[DONE]``. ``stall``: seconds of silence after ``stall_after`` tokens. ``ttft``: seconds
+    before the first token, instead of the configured ``ttft_ms``. Token counts are of content
+    tokens; the role chunk goes out with the first one.
+    """
+
+    status: int | None = None
+    retry_after: int = 1
+    drop_after: int | None = None
+    malformed_after: int | None = None
+    stall: float = 0.0
+    stall_after: int = 1
+    ttft: float | None = None
+
+    @property
+    def cut_after(self) -> int | None:
+        """The token count after which the stream breaks (a drop or a malformed line), if it does."""
+        cuts = [n for n in (self.drop_after, self.malformed_after) if n is not None]
+        return min(cuts) if cuts else None
+
+    @property
+    def drops(self) -> bool:
+        """Whether the stream ends with a dropped connection (it does when the drop comes first)."""
+        return self.drop_after is not None and (self.malformed_after is None or self.drop_after < self.malformed_after)
+
+
+NO_FAULT = Fault()
+
+# name -> (Fault field, parser, default when the directive has no value; None: a value is required)
+_FAULT_DIRECTIVES: dict[str, tuple[str, type, object]] = {
+    "status": ("status", int, None),
+    "retry-after": ("retry_after", int, None),
+    "drop-after": ("drop_after", int, None),
+    "malformed-line": ("malformed_after", int, 1),
+    "stall": ("stall", float, None),
+    "stall-after": ("stall_after", int, None),
+    "ttft": ("ttft", float, None),
+}
+
+
+def parse_fault(header: str) -> Fault | web.Response:
+    """Return the ``Fault`` an ``X-Simulator-Fault`` header value asks for, or OpenAI's 400 for a bad one.
+
+    The value is directives separated by commas (or semicolons), each ``name=value`` or a bare
+    ``name``: ``status=NNN`` (400..599), ``retry-after=S`` (whole seconds, with ``status=429``),
+    ``drop-after=K``, ``malformed-line`` (after 1 token) or ``malformed-line=K``, ``stall=S``
+    (seconds, after 1 token) with ``stall-after=K``, ``ttft=S`` (seconds). Counts are whole
+    numbers >= 0, seconds numbers >= 0. E.g. ``ttft=2, stall=3, stall-after=4, drop-after=10``.
+    """
+    values: dict[str, object] = {}
+    for part in re.split(r"[,;]", header):
+        name, has_value, raw = (piece.strip() for piece in part.partition("="))
+        if not name:
+            continue
+        directive = _FAULT_DIRECTIVES.get(name.lower())
+        if directive is None:
+            return _fault_error(f"unknown directive {name!r}")
+        field_name, parse, default = directive
+        if not has_value:
+            if default is None:
+                return _fault_error(f"{name!r} needs a value ({name}=...)")
+            values[field_name] = default
+            continue
+        try:
+            value = parse(raw)
+        except ValueError:
+            return _fault_error(f"{name}={raw!r} is not a number")
+        if not (value >= 0 and value != float("inf")) or (field_name == "status" and not 400 <= value <= 599):
+            return _fault_error(f"{name}={raw!r} is out of range")
+        values[field_name] = value
+    return Fault(**values) if values else NO_FAULT  # type: ignore[arg-type]
+
+
+def _fault_error(problem: str) -> web.Response:
+    message = f"Invalid {FAULT_HEADER} header: {problem}. See llm.simulator's documentation."
+    return error_response(400, message, type_="invalid_request_error")
+
+
 @dataclass(frozen=True, slots=True)
 class Completion:
-    """A validated chat completion request."""
+    """A validated chat completion request (``top_logprobs``: 0 when not asked for)."""
 
     model: str
     messages: list[dict[str, Any]]
     stream: bool
     include_usage: bool
     max_tokens: int | None
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 def parse_completion(body: bytes) -> Completion | web.Response:
@@ -117,7 +219,22 @@ def parse_completion(body: bytes) -> Completion | web.Response:
             message = f"Invalid '{name}': expected an integer of at least 1, got {value!r}."
             return error_response(400, message, type_="invalid_request_error", code="invalid_value", param=name)
         max_tokens = value if max_tokens is None else min(max_tokens, value)
-    return Completion(model, messages, stream, include_usage, max_tokens)
+    logprobs, top_logprobs = data.get("logprobs"), data.get("top_logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        message = f"Invalid type for 'logprobs': expected a boolean, but got {type(logprobs).__name__} instead."
+        return error_response(400, message, type_="invalid_request_error", code="invalid_type", param="logprobs")
+    if top_logprobs is not None:
+        if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= 20:
+            message = f"Invalid 'top_logprobs': expected an integer between 0 and 20, got {top_logprobs!r}."
+            return error_response(
+                400, message, type_="invalid_request_error", code="invalid_value", param="top_logprobs"
+            )
+        if logprobs is not True:
+            message = "Invalid value for 'top_logprobs': 'logprobs' must be true when 'top_logprobs' is set."
+            return error_response(
+                400, message, type_="invalid_request_error", code="invalid_value", param="top_logprobs"
+            )
+    return Completion(model, messages, stream, include_usage, max_tokens, logprobs is True, top_logprobs or 0)
 
 
 def usage_object(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
@@ -130,15 +247,56 @@ def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
 
-def completion_body(*, model: str, indexes: Sequence[int], finish_reason: str, usage: dict[str, Any]) -> dict[str, Any]:
-    """Return a whole ``chat.completion`` object whose content is the words at ``indexes``."""
+def logprob_entry(index: int, *, first: bool, top: int) -> dict[str, Any]:
+    """Return the ``ChatCompletionTokenLogprob`` of word ``index`` with ``top`` alternatives.
+
+    Deterministic: the word's log probability is ``-0.05 * (1 + index % 7)``; the alternatives are
+    the word itself, then other words of the list, each ``0.75`` less likely than the one before
+    (OpenAI lists the sampled token among its ``top_logprobs`` when it is one of the most likely).
+    ``bytes`` is the token's UTF-8. Schema: ``ChatCompletionTokenLogprob`` in openai-openapi.yaml.
+    """
+    return json.loads(_logprob_entry_json(index, first, top))
+
+
+@functools.cache
+def _logprob_entry_json(index: int, first: bool, top: int) -> bytes:
+    """``logprob_entry`` as compact JSON bytes, built once per word, position and ``top``."""
+
+    def alternative(word_index: int, rank: int) -> dict[str, Any]:
+        token = WORDS[word_index] if first else " " + WORDS[word_index]
+        logprob = round(-0.05 * (1 + index % 7) - 0.75 * rank, 6)
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    entry = alternative(index, 0)
+    # Rank 0 is the word itself; 5 is odd, so the others are distinct words while rank < 64.
+    entry["top_logprobs"] = [alternative((index + 5 * rank) % len(WORDS), rank) for rank in range(top)]
+    return _dumps(entry)
+
+
+def completion_body(
+    *,
+    model: str,
+    indexes: Sequence[int],
+    finish_reason: str,
+    usage: dict[str, Any],
+    top_logprobs: int | None = None,
+) -> dict[str, Any]:
+    """Return a whole ``chat.completion`` object whose content is the words at ``indexes``.
+
+    ``top_logprobs``: None for ``"logprobs": null``, else the number of alternatives per token of
+    ``logprobs.content`` (``logprob_entry``).
+    """
     message: dict[str, Any] = {
         "role": "assistant",
         "content": words_text(indexes),
         "refusal": None,
         "annotations": [],
     }
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+    logprobs = None
+    if top_logprobs is not None:
+        content = [logprob_entry(index, first=i == 0, top=top_logprobs) for i, index in enumerate(indexes)]
+        logprobs = {"content": content, "refusal": None}
+    choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
     return {
         "id": new_completion_id(),
         "object": "chat.completion",
@@ -174,6 +332,7 @@ class ChunkFrames:
     content_head: bytes
     tail: bytes
     usage_head: bytes
+    logprobs_tail: bytes
 
     @classmethod
     def for_reply(
@@ -193,12 +352,19 @@ class ChunkFrames:
             content_head=head + b'"content":',
             tail=tail,
             usage_head=envelope + b'"choices":[],"usage":',
+            logprobs_tail=b'],"refusal":null}' + tail[len(b'},"logprobs":null') :],
         )
 
     def token(self, index: int, *, first: bool) -> bytes:
         """Return the frame of word ``index`` (with a leading space unless it is the ``first``)."""
         word = _FIRST_TOKEN_JSON[index] if first else _NEXT_TOKEN_JSON[index]
         return self.content_head + word + self.tail
+
+    def token_with_logprobs(self, index: int, *, first: bool, top: int) -> bytes:
+        """Return ``token``'s frame with ``"logprobs": {"content": [<the word's entry>], "refusal": null}``."""
+        word = _FIRST_TOKEN_JSON[index] if first else _NEXT_TOKEN_JSON[index]
+        entry = _logprob_entry_json(index, first, top)
+        return self.content_head + word + b'},"logprobs":{"content":[' + entry + self.logprobs_tail
 
     def usage(self, usage: dict[str, Any]) -> bytes:
         """Return the usage chunk's frame: ``choices: []`` and the ``usage`` object."""
@@ -207,15 +373,20 @@ class ChunkFrames:
 
 __all__ = [
     "DONE",
+    "FAULT_HEADER",
     "MALFORMED_CHUNK",
+    "NO_FAULT",
     "SSE_HEADERS",
     "ChunkFrames",
     "Completion",
+    "Fault",
     "completion_body",
     "error_response",
+    "logprob_entry",
     "model_list_body",
     "new_completion_id",
     "parse_completion",
+    "parse_fault",
     "simulated_error",
     "usage_object",
 ]

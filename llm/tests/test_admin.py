@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from llm.models import Provider
@@ -168,4 +170,44 @@ def test_provider_base_url_rejects_non_http_urls(admin_site, url):
     response = admin_site.post("/admin/llm/provider/add/", add_form_data(name="local", base_url=url))
     assert response.status_code == 200  # the form again, with the error
     assert response.context["adminform"].form.errors["base_url"]
+    assert not Provider.objects.filter(name="local").exists()
+
+
+def test_an_operator_sets_extra_headers(admin_site, provider):
+    headers = {"HTTP-Referer": "https://chat.example.com", "X-Title": "Team chat"}
+    response = admin_site.post(
+        f"/admin/llm/provider/{provider.pk}/change/", change_form_data(provider, extra_headers=json.dumps(headers))
+    )
+
+    assert response.status_code == 302, response.content.decode()[:2000]
+    provider.refresh_from_db()
+    assert provider.extra_headers == headers
+    assert "Team chat" in admin_site.get(f"/admin/llm/provider/{provider.pk}/change/").content.decode()
+    # Left out of the form (an older client), they are kept empty rather than refused.
+    response = admin_site.post("/admin/llm/provider/add/", add_form_data(name="plain"))
+    assert response.status_code == 302, response.content.decode()[:2000]
+    assert Provider.objects.get(name="plain").extra_headers == {}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        '{"Authorization": "Bearer sk-other"}',  # the adapter sets it from the API key
+        '{"content-type": "text/plain"}',
+        '{"X-Title": "a\\r\\nInjected: yes"}',  # no header injection
+        '{"bad name": "x"}',
+        '{"X-Count": 1}',
+        '["X-Title"]',
+    ],
+)
+def test_extra_headers_reject_reserved_names_and_bad_values(admin_site, value):
+    from django.core.exceptions import ValidationError
+
+    from llm.models import validate_extra_headers
+
+    with pytest.raises(ValidationError):
+        validate_extra_headers(json.loads(value))
+    response = admin_site.post("/admin/llm/provider/add/", add_form_data(name="local", extra_headers=value))
+    assert response.status_code == 200  # the form again, with the error
+    assert response.context["adminform"].form.errors["extra_headers"]
     assert not Provider.objects.filter(name="local").exists()

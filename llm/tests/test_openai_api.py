@@ -13,14 +13,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import openai
 import pytest
 from django.conf import settings
 from django.test import AsyncClient, override_settings
+from openai.types.chat import ChatCompletionMessageParam
 
 from accounts.models import UsageRecord
 from chatbackend.asyncdb import run_sync
 from llm.models import LLMModel, Provider
 from llm.simulator import reply_text
+from llm.simulator.replies import reply_word_indexes
+from llm.simulator.wire import logprob_entry
 from llm.tests.openai_schema import validate_against
 from tests.factories import UPSTREAM_API_KEY
 from tests.kit import (
@@ -380,6 +384,82 @@ async def test_midstream_failure_without_stream_is_502(api_key_secret, failing_m
     assert_error(response, 502, code="upstream_disconnected")
     [record] = await usage_records()
     assert record.finish_status == "failed"
+
+
+async def test_a_providers_extra_headers_reach_the_upstream(api_key_secret, simulator):
+    # The simulator fails as the header asks: the header went out with the request.
+    provider = await run_sync(
+        Provider.objects.create,
+        name="sim-rate-limited",
+        base_url=simulator.base_url,
+        extra_headers={"X-Simulator-Fault": "status=429"},
+    )
+    await run_sync(LLMModel.objects.create, name="limited", provider=provider, upstream_model="sim-1")
+    for stream in (True, False):
+        response = await post_chat(AsyncClient(), chat_body("limited", stream=stream), bearer(api_key_secret))
+        assert_error(response, 429, code="upstream_rate_limited")
+
+
+# --- logprobs pass through ---------------------------------------------------------------------
+
+
+def expected_logprobs(messages: list[dict[str, Any]], top: int) -> list[dict[str, Any]]:
+    """Return the simulator's ``logprobs.content`` for its reply to ``messages`` (``top`` alternatives)."""
+    indexes = reply_word_indexes(messages, FAST_REPLY_TOKENS)
+    return [logprob_entry(index, first=i == 0, top=top) for i, index in enumerate(indexes)]
+
+
+async def test_logprobs_pass_through_streamed_and_whole(api_key_secret, sim_model):
+    client = AsyncClient()
+    body = chat_body("sim-model", "Tell me about rivers", logprobs=True, top_logprobs=2)
+    expected = expected_logprobs(body["messages"], 2)
+
+    response = await post_chat(client, {**body, "stream": True}, bearer(api_key_secret))
+    chunks = chunk_objects(sse_data(await streamed_content(response)))  # schema-validated
+    streamed = []
+    for chunk in chunks:
+        [choice] = chunk["choices"]
+        if choice["delta"].get("content"):
+            assert choice["logprobs"]["refusal"] is None
+            [entry] = choice["logprobs"]["content"]
+            assert entry["token"] == choice["delta"]["content"]
+            streamed.append(entry)
+        else:  # the finish chunk
+            assert choice["logprobs"] is None
+    assert streamed == expected
+
+    response = await post_chat(client, body, bearer(api_key_secret))
+    completion = json.loads(response.content)
+    validate_against("CreateChatCompletionResponse", completion)
+    assert completion["choices"][0]["logprobs"] == {"content": expected, "refusal": None}
+    assert "".join(entry["token"] for entry in expected) == completion["choices"][0]["message"]["content"]
+
+
+async def test_logprobs_parse_with_the_openai_sdk(api_key_secret, sim_model, asgi_server):
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Name a river"}]
+    expected = expected_logprobs([dict(m) for m in messages], 3)
+    async with openai.AsyncOpenAI(base_url=f"{asgi_server}/v1", api_key=api_key_secret, max_retries=0) as sdk:
+        completion = await sdk.chat.completions.create(
+            model="sim-model", messages=messages, logprobs=True, top_logprobs=3
+        )
+        stream = await sdk.chat.completions.create(
+            model="sim-model", messages=messages, logprobs=True, top_logprobs=3, stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+        plain = await sdk.chat.completions.create(model="sim-model", messages=messages)
+
+    logprobs = completion.choices[0].logprobs
+    assert logprobs is not None and logprobs.content is not None
+    assert [entry.model_dump() for entry in logprobs.content] == expected
+    streamed = [
+        entry.model_dump()
+        for chunk in chunks
+        for choice in chunk.choices
+        if choice.logprobs is not None and choice.logprobs.content
+        for entry in choice.logprobs.content
+    ]
+    assert streamed == expected
+    assert plain.choices[0].logprobs is None  # not asked for: none
 
 
 # --- Client disconnect (through Django's real ASGI handler) -----------------------------------

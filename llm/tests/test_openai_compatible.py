@@ -158,6 +158,61 @@ async def test_a_stream_broken_midway_is_502_after_the_chunks_received(
     assert_key_hidden(caught.value)
 
 
+def faulty_provider(base_url: str, fault: str, **timeouts: float) -> OpenAICompatibleProvider:
+    """Return an adapter whose provider sends the simulator's fault header with every request."""
+    config = ProviderConfig(
+        kind="openai",
+        base_url=base_url,
+        api_key=PROVIDER_KEY,
+        extra_headers=(("X-Simulator-Fault", fault), ("X-Title", "chatbackend tests")),
+        **timeouts,
+    )
+    adapter = get_provider(config)
+    assert isinstance(adapter, OpenAICompatibleProvider)
+    return adapter
+
+
+@pytest.mark.parametrize(
+    ("fault", "chunks", "status", "code"),
+    [
+        ("status=503", 0, 502, "upstream_error"),
+        ("status=429", 0, 429, "upstream_rate_limited"),
+        ("drop-after=2", 2, 502, "upstream_disconnected"),
+        ("malformed-line=3", 3, 502, "upstream_bad_response"),
+        # A stall (or a first token) later than the read timeout is a timeout, not a hang.
+        ("stall=5, stall-after=2", 2, 504, "upstream_timeout"),
+        ("ttft=5", 0, 504, "upstream_timeout"),
+    ],
+)
+async def test_the_providers_extra_headers_reach_the_upstream(
+    simulator: SimulatorProcess, fault: str, chunks: int, status: int, code: str
+) -> None:
+    received: list[ChatChunk] = []
+    adapter = faulty_provider(simulator.base_url, fault, read_timeout=0.5)
+    with pytest.raises(UpstreamError) as caught:
+        await collect(adapter, ChatRequest(model="sim-1", messages=MESSAGES), received)
+    assert len(received) == chunks and all(c.content for c in received)
+    assert (caught.value.status, caught.value.code) == (status, code)
+    assert_key_hidden(caught.value)
+
+
+async def test_logprobs_pass_through_when_the_upstream_sends_them(simulator: SimulatorProcess) -> None:
+    parameters = {"logprobs": True, "top_logprobs": 2}
+    chunks = await collect(
+        provider(simulator.base_url), ChatRequest(model="sim-1", messages=MESSAGES, parameters=parameters)
+    )
+    content_chunks = [c for c in chunks if c.content]
+    assert "".join(c.content for c in content_chunks) == reply_text(MESSAGES, FAST_REPLY_TOKENS)
+    for chunk in content_chunks:
+        assert chunk.logprobs is not None and chunk.logprobs["refusal"] is None
+        [entry] = chunk.logprobs["content"]
+        assert entry["token"] == chunk.content and len(entry["top_logprobs"]) == 2
+    assert all(c.logprobs is None for c in chunks if not c.content)  # the finish and usage chunks
+
+    plain = await collect(provider(simulator.base_url), ChatRequest(model="sim-1", messages=MESSAGES))
+    assert all(c.logprobs is None for c in plain)
+
+
 async def test_cancelling_the_consumer_closes_the_upstream_stream(slow_simulator: SimulatorProcess) -> None:
     before = await slow_simulator.astats()
     first_chunk = asyncio.Event()
@@ -494,6 +549,8 @@ def _choice(delta: str, *, logprobs: str = "null", finish: str = "null") -> str:
     return f'[{{"index":0,"delta":{delta},"logprobs":{logprobs},"finish_reason":{finish}}}]'
 
 
+_LOGPROBS = '{"content":[{"token":"x","logprob":-0.1,"bytes":[120],"top_logprobs":[]}],"refusal":null}'
+
 FAST_PATH_CASES = [
     # The shape of nearly every token (OpenAI, vLLM, the simulator): read fast.
     (_HEAD + _choice('{"content":" river"}') + _TAIL, True),
@@ -507,6 +564,7 @@ FAST_PATH_CASES = [
     (_HEAD + _choice("{}", finish='"stop"') + _TAIL, False),
     (_HEAD + _choice('{"content":"end"}', finish='"length"') + _TAIL, False),
     (_HEAD + _choice('{"content":"x"}', logprobs='{"content":[]}') + _TAIL, False),
+    (_HEAD + _choice('{"content":"x"}', logprobs=_LOGPROBS) + _TAIL, False),
     (_HEAD + _choice('{"content":"x"}') + ',"usage":{"prompt_tokens":1,"completion_tokens":2}}', False),
     (_HEAD + _choice('{"content":"x"}') + ',"error":{"message":"boom"}}', False),
     (_HEAD.replace(',"', ', "') + _choice('{"content":"x"}') + _TAIL, True),  # spacing outside the choices

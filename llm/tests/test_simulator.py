@@ -260,3 +260,230 @@ async def test_unknown_url_gets_openai_404(simulator: SimulatorProcess) -> None:
         response = await client.get(f"{simulator.base_url}/chat/completions")
     assert response.status_code == 404
     assert response.json()["error"]["message"] == "Invalid URL (GET /v1/chat/completions)"
+
+
+# --- Faults on demand: the X-Simulator-Fault header ------------------------------------------------
+
+
+def faulty(sim: SimulatorProcess, fault: str) -> openai.AsyncOpenAI:
+    """Return an SDK client whose every request asks the simulator for ``fault``."""
+    return openai.AsyncOpenAI(
+        base_url=sim.base_url, api_key="sk-anything", max_retries=0, default_headers={"X-Simulator-Fault": fault}
+    )
+
+
+async def read_stream(
+    sim: SimulatorProcess, fault: str, *, read_timeout: float = 10, body: dict[str, Any] | None = None
+) -> tuple[httpx.Response, list[str], BaseException | None]:
+    """POST a streamed completion with ``fault``; return the response, the ``data`` lines read and the
+    error that ended the read (None when the body ended cleanly)."""
+    body = body or {"model": "sim-1", "messages": MESSAGES, "stream": True}
+    lines: list[str] = []
+    timeout = httpx.Timeout(10, read=read_timeout)
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        async with client.stream(
+            "POST", f"{sim.base_url}/chat/completions", json=body, headers={"X-Simulator-Fault": fault}
+        ) as response:
+            try:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: "):
+                        lines.append(line.removeprefix("data: "))
+            except httpx.HTTPError as exc:
+                return response, lines, exc
+    return response, lines, None
+
+
+def content_tokens(lines: list[str]) -> list[str]:
+    """Return the content of each content chunk among the ``data`` lines (the role chunk excluded)."""
+    tokens = []
+    for line in lines:
+        if line.startswith("{") and line.endswith("}"):
+            chunk = json.loads(line)
+            validate_against("CreateChatCompletionStreamResponse", chunk)
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                tokens.append(chunk["choices"][0]["delta"]["content"])
+    return tokens
+
+
+@pytest.mark.parametrize(
+    ("status", "error_class"),
+    [(429, openai.RateLimitError), (500, openai.InternalServerError), (503, openai.InternalServerError)],
+)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_fault_status_answers_openai_error_before_streaming(
+    simulator: SimulatorProcess, status: int, error_class: type[openai.APIStatusError], stream: bool
+) -> None:
+    before = await simulator.astats()
+    async with faulty(simulator, f"status={status}") as client:
+        with pytest.raises(error_class) as caught:
+            await client.chat.completions.create(model="sim-1", messages=MESSAGES, stream=stream)
+    response = caught.value.response
+    assert response.status_code == status
+    assert response.headers["content-type"].startswith("application/json")
+    validate_against("ErrorResponse", response.json())
+    if status == 429:  # OpenAI's rate limit: its code, and when to retry
+        assert caught.value.code == "rate_limit_exceeded"
+        assert response.headers["Retry-After"] == "1" and response.headers["retry-after-ms"] == "1000"
+    else:
+        assert response.json()["error"]["type"] == "server_error" and "Retry-After" not in response.headers
+    after = await simulator.astats()
+    assert after["requests_failed"] == before["requests_failed"] + 1
+
+
+async def test_fault_retry_after_sets_the_429_header(simulator: SimulatorProcess) -> None:
+    async with faulty(simulator, "status=429; retry-after=7") as client:
+        with pytest.raises(openai.RateLimitError) as caught:
+            await client.chat.completions.create(model="sim-1", messages=MESSAGES)
+    assert caught.value.response.headers["Retry-After"] == "7"
+    assert "try again in 7s" in caught.value.message
+
+
+async def test_fault_drop_after_closes_the_connection_after_k_tokens(simulator: SimulatorProcess) -> None:
+    response, lines, error = await read_stream(simulator, "drop-after=5")
+    assert response.status_code == 200
+    assert isinstance(error, httpx.RemoteProtocolError)  # the chunked body was never terminated
+    tokens = content_tokens(lines)
+    assert len(tokens) == 5 and "".join(tokens) == reply_text(MESSAGES, 5)
+    assert "[DONE]" not in lines
+
+
+async def test_fault_drop_after_zero_sends_only_the_role_chunk(simulator: SimulatorProcess) -> None:
+    _, lines, error = await read_stream(simulator, "drop-after=0")
+    assert isinstance(error, httpx.RemoteProtocolError)
+    assert len(lines) == 1 and content_tokens(lines) == []
+
+
+async def test_fault_malformed_line_follows_k_tokens_then_done(simulator: SimulatorProcess) -> None:
+    _, default_lines, error = await read_stream(simulator, "malformed-line")
+    assert error is None
+    assert len(content_tokens(default_lines)) == 1  # after one token by default
+    _, lines, error = await read_stream(simulator, "malformed-line=4")
+    assert error is None
+    assert len(content_tokens(lines)) == 4
+    assert lines[-1] == "[DONE]"
+    with pytest.raises(ValueError):
+        json.loads(lines[-2])
+
+
+async def test_fault_stall_longer_than_the_read_timeout_times_out_after_k_tokens(simulator: SimulatorProcess) -> None:
+    _, lines, error = await read_stream(simulator, "stall=5, stall-after=3", read_timeout=0.5)
+    assert isinstance(error, httpx.ReadTimeout)
+    assert len(content_tokens(lines)) == 3
+
+
+async def test_fault_stall_shorter_than_the_read_timeout_completes_the_reply(simulator: SimulatorProcess) -> None:
+    _, lines, error = await read_stream(simulator, "stall=0.2")
+    assert error is None and lines[-1] == "[DONE]"
+    assert "".join(content_tokens(lines)) == reply_text(MESSAGES, FAST_REPLY_TOKENS)
+
+
+async def test_fault_ttft_delays_the_first_token(simulator: SimulatorProcess) -> None:
+    response, lines, error = await read_stream(simulator, "ttft=5", read_timeout=0.5)
+    assert response.status_code == 200  # the headers come at once, the first token does not
+    assert isinstance(error, httpx.ReadTimeout) and lines == []
+    async with faulty(simulator, "ttft=0.2") as client:
+        completion = await client.chat.completions.create(model="sim-1", messages=MESSAGES)
+    assert completion.choices[0].message.content == reply_text(MESSAGES, FAST_REPLY_TOKENS)
+
+
+async def test_faults_combine(simulator: SimulatorProcess) -> None:
+    _, lines, error = await read_stream(simulator, "ttft=0.1, stall=0.1, stall-after=2; drop-after=4")
+    assert isinstance(error, httpx.RemoteProtocolError)
+    assert len(content_tokens(lines)) == 4
+    # Whichever break comes first ends the stream.
+    _, lines, error = await read_stream(simulator, "drop-after=6, malformed-line=2")
+    assert error is None and len(content_tokens(lines)) == 2 and lines[-1] == "[DONE]"
+
+
+async def test_faults_without_stream(simulator: SimulatorProcess) -> None:
+    body = {"model": "sim-1", "messages": MESSAGES}
+    async with httpx.AsyncClient(base_url=simulator.base_url, timeout=10) as client:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.post("/chat/completions", json=body, headers={"X-Simulator-Fault": "drop-after=3"})
+        malformed = await client.post("/chat/completions", json=body, headers={"X-Simulator-Fault": "malformed-line"})
+    assert malformed.status_code == 200
+    with pytest.raises(ValueError):
+        malformed.json()
+
+
+@pytest.mark.parametrize(
+    "fault", ["explode", "status", "status=200", "status=abc", "drop-after=-1", "stall=nan", "ttft=inf"]
+)
+async def test_bad_fault_header_is_an_openai_400(simulator: SimulatorProcess, fault: str) -> None:
+    async with faulty(simulator, fault) as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(model="sim-1", messages=MESSAGES, stream=True)
+    validate_against("ErrorResponse", caught.value.response.json())
+    assert "X-Simulator-Fault" in caught.value.message
+
+
+# --- logprobs --------------------------------------------------------------------------------------
+
+
+def assert_token_logprobs(entries: list[Any], text: str, top: int) -> None:
+    """Check ``ChatCompletionTokenLogprob`` entries (SDK objects): one per word of ``text``, ``top`` alternatives."""
+    assert "".join(entry.token for entry in entries) == text
+    assert len(entries) == len(text.split())
+    for entry in entries:
+        assert entry.bytes == list(entry.token.encode())
+        assert entry.logprob < 0
+        assert len(entry.top_logprobs) == top
+        if top:
+            assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob
+            alternatives = [alt.logprob for alt in entry.top_logprobs]
+            assert alternatives == sorted(alternatives, reverse=True)
+            assert len({alt.token for alt in entry.top_logprobs}) == top
+
+
+@pytest.mark.parametrize("top", [0, 3])
+async def test_logprobs_stream_and_whole_in_openai_format(simulator: SimulatorProcess, top: int) -> None:
+    options: dict[str, Any] = {"logprobs": True, "top_logprobs": top}
+    async with sdk(simulator) as client:
+        completion = await client.chat.completions.create(model="sim-1", messages=MESSAGES, **options)
+        stream = await client.chat.completions.create(
+            model="sim-1", messages=MESSAGES, stream=True, stream_options={"include_usage": True}, **options
+        )
+        chunks = [chunk async for chunk in stream]
+    text = reply_text(MESSAGES, FAST_REPLY_TOKENS)
+    [choice] = completion.choices
+    assert choice.message.content == text
+    assert choice.logprobs is not None and choice.logprobs.refusal is None and choice.logprobs.content is not None
+    assert_token_logprobs(choice.logprobs.content, text, top)
+
+    role_chunk, *token_chunks, finish_chunk, _ = chunks
+    assert role_chunk.choices[0].logprobs is None and finish_chunk.choices[0].logprobs is None
+    streamed = []
+    for chunk in token_chunks:
+        logprobs = chunk.choices[0].logprobs
+        assert logprobs is not None and logprobs.content is not None and len(logprobs.content) == 1
+        assert logprobs.content[0].token == chunk.choices[0].delta.content
+        streamed.extend(logprobs.content)
+    # The same tokens and numbers either way.
+    assert [entry.model_dump() for entry in streamed] == [entry.model_dump() for entry in choice.logprobs.content]
+
+    # And the raw JSON matches OpenAI's schemas.
+    body = {"model": "sim-1", "messages": MESSAGES, **options}
+    async with httpx.AsyncClient(base_url=simulator.base_url, timeout=10) as http:
+        whole = (await http.post("/chat/completions", json=body)).json()
+    validate_against("CreateChatCompletionResponse", whole)
+    _, payloads = await raw_stream(simulator, {**body, "stream": True})
+    for payload in payloads[:-1]:
+        validate_against("CreateChatCompletionStreamResponse", json.loads(payload))
+
+
+async def test_no_logprobs_unless_asked(simulator: SimulatorProcess) -> None:
+    async with sdk(simulator) as client:
+        completion = await client.chat.completions.create(model="sim-1", messages=MESSAGES, logprobs=False)
+    assert completion.choices[0].logprobs is None
+    _, payloads = await raw_stream(simulator, {"model": "sim-1", "messages": MESSAGES, "stream": True})
+    assert all(json.loads(p)["choices"][0]["logprobs"] is None for p in payloads[:-1])
+
+
+@pytest.mark.parametrize("fields", [{"top_logprobs": 2}, {"logprobs": "yes"}, {"logprobs": True, "top_logprobs": 21}])
+async def test_bad_logprobs_parameters_are_openai_400(simulator: SimulatorProcess, fields: dict[str, Any]) -> None:
+    body = {"model": "sim-1", "messages": MESSAGES, **fields}
+    async with httpx.AsyncClient(base_url=simulator.base_url, timeout=10) as http:
+        response = await http.post("/chat/completions", json=body)
+    assert response.status_code == 400
+    validate_against("ErrorResponse", response.json())
+    assert response.json()["error"]["param"] in {"logprobs", "top_logprobs"}

@@ -27,7 +27,9 @@ def _positive_int(value: str) -> int:
 class Command(BaseCommand):
     help = (
         "Run the LLM simulator: an OpenAI chat-completions server with deterministic replies, "
-        "the fake upstream for tests and benchmarks. Prints 'LLM simulator listening on URL' when ready."
+        "the fake upstream for tests and benchmarks. Prints 'LLM simulator listening on URL' when ready. "
+        "A request's X-Simulator-Fault header asks for failures (status=429, drop-after=5, malformed-line, "
+        "stall=3, ttft=2, ...; see the llm.simulator module's documentation)."
     )
     # No system checks: the simulator uses neither the database nor the models, and starts faster.
     requires_system_checks: list[str] = []
