@@ -54,7 +54,7 @@ class APIKey(models.Model):
 
 
 class UsageRecord(models.Model):
-    """Tokens and cost of one finished reply (completed, stopped, or failed after tokens).
+    """Tokens and cost of one finished reply: completed, stopped, or failed (0 tokens before any output).
 
     ``request_id`` is unique: a redelivered accounting task hits the constraint and writes nothing.
     ``cost`` is in US dollars: ``tokens * price_per_million / 1_000_000`` for input and output.

@@ -143,7 +143,8 @@ def usage_is_billable(*, finish_status: str, produced_output: bool) -> bool:
     """Return whether a reply that ended with ``finish_status`` consumed tokens worth billing.
 
     Completed and stopped (``cancelled``) replies are billed, a stopped one for what it generated
-    and its prompt; a failed one only if the upstream produced output before failing.
+    and its prompt; a failed one only if the upstream produced output before failing (an upstream
+    that refused the request, or never answered, charges nothing).
     """
     return finish_status != FAILED or produced_output
 
@@ -161,14 +162,16 @@ def usage_account(
     completion_tokens: int,
     estimated: bool,
     produced_output: bool,
-) -> UsageEvent | None:
-    """Queue the usage record of a reply that ended, if it is billable; return the queued event.
+) -> UsageEvent:
+    """Queue the usage record of a reply that ended; return the queued event.
 
-    ``estimated``: the counts are ours, not the provider's (a stream cut off). Never blocks and
-    never raises for a broker outage (the sender thread logs it). Returns None when not billable.
+    Every reply gets exactly one record, so requests are counted whatever their outcome; one
+    that is not billable (``usage_is_billable``: failed before any output) is recorded with
+    0 tokens and cost 0. ``estimated``: the counts are ours, not the provider's (a stream cut off).
+    Never blocks and never raises for a broker outage (the sender thread keeps the record).
     """
     if not usage_is_billable(finish_status=finish_status, produced_output=produced_output):
-        return None
+        prompt_tokens = completion_tokens = 0
     cost = usage_cost(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,

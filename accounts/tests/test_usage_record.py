@@ -15,7 +15,7 @@ from tests.factories import ConversationFactory, MessageFactory
 pytestmark = pytest.mark.django_db(transaction=True)  # the sender thread writes on its own connection
 
 
-def account(context: UsageContext, **overrides) -> UsageEvent | None:
+def account(context: UsageContext, **overrides) -> UsageEvent:
     fields = {
         "finish_status": "completed",
         "prompt_tokens": 1234,
@@ -44,7 +44,7 @@ def test_a_completed_reply_is_priced_per_million_tokens_and_written(context):
 
 
 @pytest.mark.parametrize(
-    ("finish_status", "produced_output", "billed"),
+    ("finish_status", "produced_output", "billed"),  # each is recorded once; billed: tokens and cost
     [
         ("completed", True, True),
         ("cancelled", False, True),  # stopped before the first token: the prompt was still read
@@ -57,8 +57,9 @@ def test_which_replies_are_billed(context, finish_status, produced_output, bille
     event = account(context, finish_status=finish_status, produced_output=produced_output)
 
     assert usage_flush(10)
-    assert (event is not None) is billed
-    assert UsageRecord.objects.filter(request_id="chatcmpl-123").exists() is billed
+    record = UsageRecord.objects.get(request_id="chatcmpl-123")
+    assert record.finish_status == event.finish_status == finish_status
+    assert (record.total_tokens > 0, record.cost > 0) == (billed, billed)
 
 
 def test_the_write_is_idempotent_by_request_id(context):

@@ -178,8 +178,9 @@ async def test_upstream_error_is_an_error_event_and_a_failed_message(failing_con
     assert body["message"]["error"]
     answer = await message(body["message"]["id"])
     assert answer.status == "failed"
-    # Nothing was generated, so nothing is billed.
-    assert await usage_records(message_id=answer.pk) == []
+    # Nothing was generated: one record of the request, nothing billed.
+    [record] = await usage_records(message_id=answer.pk)
+    assert (record.finish_status, record.total_tokens, record.cost) == ("failed", 0, 0)
 
 
 async def test_unreachable_upstream_is_an_error_event(unreachable_conversation, token):

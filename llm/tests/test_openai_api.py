@@ -356,7 +356,8 @@ async def test_upstream_failure_before_output_is_a_plain_error_status(
         response = await post_chat(client, chat_body(model, stream=stream), bearer(api_key_secret))
         assert not response.streaming
         assert_error(response, status, code=code)
-    assert await usage_records() == []  # nothing generated, nothing billed
+    records = await usage_records()  # one record per request; nothing generated, nothing billed
+    assert [(r.finish_status, r.total_tokens, r.cost) for r in records] == [("failed", 0, 0)] * 2
 
 
 async def test_midstream_failure_sends_an_error_frame_and_ends(api_key_secret, failing_models):
