@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import PermissionDenied
-from django.http import Http404, JsonResponse
+from django.http import Http404, HttpRequest, JsonResponse
 from rest_framework import exceptions as drf_exceptions
 
 # HTTP status -> OpenAI error ``type`` (as OpenAI's API returns them).
@@ -81,6 +82,27 @@ class NotFoundError(ApplicationError):
 
     def __init__(self, message: str = "Not found.", *, code: str = "not_found", param: str | None = None) -> None:
         super().__init__(message, code=code, status=404, param=param)
+
+
+def unknown_url_error(request: HttpRequest) -> ApplicationError:
+    """Return the 404 ``unknown_url`` error for a URL that names nothing (OpenAI's wording and type)."""
+    return ApplicationError(
+        f"Invalid URL ({request.method} {request.path}).", code="unknown_url", status=404, type="invalid_request_error"
+    )
+
+
+def request_too_large_error() -> ApplicationError:
+    """Return the 413 ``request_too_large`` error for a body over ``DATA_UPLOAD_MAX_MEMORY_SIZE``."""
+    return ApplicationError(
+        f"The request body is larger than this server accepts ({settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes).",
+        code="request_too_large",
+        status=413,
+    )
+
+
+def internal_error() -> ApplicationError:
+    """Return the 500 ``internal_error`` a client sees for a bug (the server log has the traceback)."""
+    return ApplicationError("The server had an error while processing your request.", code="internal_error", status=500)
 
 
 def error_body(message: str, *, type: str, code: str | None, param: str | None = None) -> dict[str, Any]:  # noqa: A002

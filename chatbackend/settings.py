@@ -250,6 +250,12 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "chatbackend.exception_handlers.drf_exception_handler",
+    # DRF's defaults with the project's JSON parser (strict JSON, bounded depth: chatbackend.parsers).
+    "DEFAULT_PARSER_CLASSES": [
+        "chatbackend.parsers.JSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "DEFAULT_RENDERER_CLASSES": [
         "rest_framework.renderers.JSONRenderer",
         "rest_framework.renderers.BrowsableAPIRenderer",
