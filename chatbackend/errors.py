@@ -49,6 +49,8 @@ class ApplicationError(Exception):
     ``param``: the request field at fault, if any.
     ``fields``: for validation errors, DRF's per-field detail (``{field: [messages]}``), sent as
     ``error.fields`` so forms can show every field's problem.
+    ``detail``: what only the server log may hold (an upstream's host, port, library error text);
+    never sent to a client nor stored where clients read it.
     """
 
     def __init__(
@@ -60,8 +62,10 @@ class ApplicationError(Exception):
         param: str | None = None,
         type: str | None = None,  # noqa: A002 - OpenAI's field name
         fields: Any = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
+        self.detail = detail
         self.message = message
         self.code = code
         self.status = status

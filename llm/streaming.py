@@ -490,7 +490,15 @@ class Reply(Generic[P]):
     def _account(self, outcome: ReplyOutcome) -> None:
         _unwritten.discard(self)
         if outcome.error is not None:
-            logger.warning("reply %s ended %s: %s", self.plan.reply_id, outcome.status, outcome.error.message)
+            error = outcome.error
+            logger.warning(
+                "reply %s ended %s: %s (%s)%s",
+                self.plan.reply_id,
+                outcome.status.value,
+                error.message,
+                error.code,
+                f": {error.detail}" if error.detail else "",
+            )
         if self.plan.usage is not None:
             usage_account(
                 context=self.plan.usage,

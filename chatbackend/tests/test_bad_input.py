@@ -5,7 +5,7 @@ Each request goes through the project's ASGI application as a server runs it
 one for ``/v1``, ``/dashboard`` and the message POST), Django's own error views and DRF's. A row
 of a table is one bad input; each is sent to each endpoint it applies to, and the answer must be
 the documented error (``docs/api.md``, "Errors"): the status, ``application/json``, OpenAI's error
-object with the expected ``code`` and a message saying what is wrong.
+object with the expected ``code`` and a message saying what is wrong, and an ``X-Request-ID``.
 The WebSocket's frames get the same error objects in ``error`` frames.
 """
 
@@ -237,6 +237,7 @@ def check(response: Any, status: int, code: str, words: str) -> dict[str, Any]:
     error = assert_error(response, status, code=code)
     said = error["message"] + json.dumps(error.get("fields") or {})
     assert words.lower() in said.lower(), error
+    assert response.headers.get("X-Request-ID"), response.headers
     return error
 
 
@@ -356,6 +357,7 @@ async def test_unknown_urls_and_methods_are_json_errors(world, method, path, aut
         assert response.status_code == 301 and response.content == b"", response.content[:300]
         return
     assert_error(response, status, code=code)
+    assert response.headers.get("X-Request-ID")
 
 
 @pytest.mark.parametrize(
@@ -365,6 +367,7 @@ async def test_billing_usage_rejects_bad_dates_with_a_400(world, query):
     response = await asgi_request("GET", f"/dashboard/billing/usage?{query}", headers=bearer(world["key"]))
 
     assert_error(response, 400, type="invalid_request_error")
+    assert response.headers.get("X-Request-ID")
 
 
 def test_a_bug_under_the_api_is_a_json_500_and_a_page_elsewhere():
