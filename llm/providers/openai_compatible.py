@@ -43,6 +43,7 @@ import re
 import weakref
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import httpx
@@ -127,6 +128,18 @@ def _forget_closed_loops() -> None:
     to its loop, so the weak key alone would never let the pair be collected."""
     for loop in [loop for loop in _sessions if loop.is_closed()]:
         _sessions.pop(loop).detach()  # marks it closed: nothing left to await on a dead loop
+
+
+def _where(url: object) -> str:
+    """Return ``url`` for the log without its user info: a base URL may carry credentials."""
+    parts = urlsplit(str(url))
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _described(exc: BaseException) -> str:
+    """Return ``exc`` as ``Type: text`` for the log (its repr may hold a proxy's credentials)."""
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _failure(code: str, detail: str, *, status: int | None = None) -> UpstreamError:
@@ -219,18 +232,19 @@ class OpenAICompatibleProvider(ChatProvider):
             raise
         except TimeoutError as exc:  # aiohttp's ServerTimeoutError subclasses it (and ClientError)
             raise _failure(
-                "upstream_timeout", self._safe(f"upstream {url} timed out ({type(exc).__name__})"), status=504
+                "upstream_timeout", self._safe(f"upstream {_where(url)} timed out ({type(exc).__name__})"), status=504
             ) from exc
         except aiohttp.ClientConnectorError as exc:
-            raise _failure("upstream_unreachable", self._safe(f"upstream {url} unreachable: {exc!r}")) from exc
+            detail = f"upstream {_where(url)} unreachable: {_described(exc)}"
+            raise _failure("upstream_unreachable", self._safe(detail)) from exc
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             # ServerDisconnectedError, a reset (ClientOSError), a truncated chunked body.
             where = "mid-stream" if responded else "before responding"
-            raise _failure(
-                "upstream_disconnected", self._safe(f"upstream {url} closed the connection {where}: {exc!r}")
-            ) from exc
+            detail = f"upstream {_where(url)} closed the connection {where}: {_described(exc)}"
+            raise _failure("upstream_disconnected", self._safe(detail)) from exc
         except aiohttp.ClientError as exc:
-            raise _failure("upstream_error", self._safe(f"upstream {url} request failed: {exc!r}")) from exc
+            detail = f"upstream {_where(url)} request failed: {_described(exc)}"
+            raise _failure("upstream_error", self._safe(detail)) from exc
 
     async def _status_error(self, response: aiohttp.ClientResponse) -> UpstreamError:
         """Return the ``UpstreamError`` for a non-2xx response, quoting OpenAI's error message."""
@@ -242,7 +256,7 @@ class OpenAICompatibleProvider(ChatProvider):
             message = str(error["message"] if isinstance(error, dict) else error)[:_MAX_ERROR_MESSAGE]
         except (ValueError, TypeError, KeyError):
             pass  # not OpenAI's error shape: keep the start of the raw body
-        detail = self._safe(f"upstream {response.url} answered {status}: {raw[:_MAX_ERROR_MESSAGE]}")
+        detail = self._safe(f"upstream {_where(response.url)} answered {status}: {raw[:_MAX_ERROR_MESSAGE]}")
         if status in (401, 403):
             text, code = UPSTREAM_MESSAGES["upstream_auth_failed"], "upstream_auth_failed"
         elif status == 429:

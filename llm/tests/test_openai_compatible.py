@@ -134,6 +134,16 @@ async def test_unreachable_upstream_is_502(closed_port_url: str) -> None:
     assert_key_hidden(caught.value)
 
 
+async def test_the_logged_detail_drops_a_base_urls_credentials(closed_port_url: str) -> None:
+    with_credentials = closed_port_url.replace("http://", "http://someone:hunter2-secret@")
+    with pytest.raises(UpstreamError) as caught:
+        adapter = provider(with_credentials, api_key="", connect_timeout=2)  # Basic auth from the URL
+        await collect(adapter, ChatRequest(model="sim-1", messages=MESSAGES))
+    detail = caught.value.detail or ""
+    assert f"upstream {closed_port_url}/chat/completions unreachable: ClientConnectorError" in detail
+    assert "hunter2-secret" not in detail and "someone" not in detail
+
+
 async def test_silent_upstream_times_out_with_504() -> None:
     async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()  # until the client gives up and closes
