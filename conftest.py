@@ -42,6 +42,7 @@ from accounts.services import api_key_create
 from accounts.usage import usage_flush
 from chatbackend import broadcast
 from llm.providers.openai_compatible import aclose_clients
+from llm.streaming import replies_accepting
 from llm.tests.simulator_process import SimulatorProcess, start_simulator
 from tests.factories import PASSWORD, LLMModelFactory, ProviderFactory, UserFactory
 from tests.kit import (
@@ -101,6 +102,17 @@ def _usage_queue_drained() -> Iterator[None]:
 
 # Test clients and the end-to-end servers' clients come from 127.0.0.1: the throttles' cache keys.
 _THROTTLE_KEYS = [f"throttle_{scope}_127.0.0.1" for scope in AuthRateThrottle.DEFAULT_RATES]
+
+
+@pytest.fixture(autouse=True)
+def _replies_accepted() -> Iterator[None]:
+    """Leave the process accepting replies after a test that ran the ASGI lifespan's shutdown.
+
+    ``replies_shutdown`` (the lifespan's shutdown) stops this process from starting replies, for
+    good: every later test that streams would get 503 ``server_shutting_down``.
+    """
+    yield
+    replies_accepting(True)
 
 
 @pytest.fixture(autouse=True)

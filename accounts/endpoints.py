@@ -18,7 +18,6 @@ of them what DRF gives its views, in one place:
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Coroutine
 from functools import wraps
@@ -28,7 +27,14 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.views.decorators.csrf import csrf_exempt
 
-from chatbackend.errors import ApplicationError, as_application_error, error_response
+from chatbackend.errors import (
+    ApplicationError,
+    as_application_error,
+    error_response,
+    internal_error,
+    request_too_large_error,
+)
+from chatbackend.parsers import JSONParseError, json_loads
 
 from .authentication import Principal, authenticate_token_async, token_from_headers
 
@@ -71,9 +77,7 @@ def async_endpoint(*methods: str) -> Callable[[AuthenticatedView[Params]], View]
                 error = as_application_error(exc)
                 if error is None:
                     logger.exception("%s %s failed", request.method, request.path)
-                    error = ApplicationError(
-                        "The server had an error while processing your request.", code="internal_error", status=500
-                    )
+                    error = internal_error()
                 return error_response(error)
 
         return csrf_exempt(endpoint)
@@ -89,20 +93,20 @@ def request_body(request: HttpRequest) -> bytes:
     try:
         return request.body
     except RequestDataTooBig:
-        raise ApplicationError(
-            "The request body is larger than this server accepts (DATA_UPLOAD_MAX_MEMORY_SIZE).",
-            code="request_too_large",
-            status=413,
-        ) from None
+        raise request_too_large_error() from None
 
 
 def parse_json(raw: bytes) -> Any:
-    """Return the JSON value of ``raw``. Raises ``ApplicationError`` 400 ``invalid_json``."""
+    """Return the JSON value of ``raw`` (``chatbackend.parsers.json_loads``: strict, bounded depth).
+
+    Raises ``ApplicationError`` 400 ``invalid_json`` whose message says what is wrong (not JSON,
+    ``NaN``/``Infinity``, nested too deep).
+    """
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        return json_loads(raw)
+    except JSONParseError as exc:
         raise ApplicationError(
-            "We could not parse the JSON body of your request. Send a JSON object with "
+            f"We could not parse the JSON body of your request: {exc} Send a JSON object with "
             "'Content-Type: application/json'.",
             code="invalid_json",
         ) from None

@@ -16,9 +16,10 @@ from typing import Any
 
 import kombu.exceptions
 import redis.exceptions
+from django.conf import settings
 from django.core.exceptions import PermissionDenied
 from django.db import utils as db_utils
-from django.http import Http404, JsonResponse
+from django.http import Http404, HttpRequest, JsonResponse
 from rest_framework import exceptions as drf_exceptions
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class ApplicationError(Exception):
     ``param``: the request field at fault, if any.
     ``fields``: for validation errors, DRF's per-field detail (``{field: [messages]}``), sent as
     ``error.fields`` so forms can show every field's problem.
+    ``detail``: what only the server log may hold (an upstream's host, port, library error text);
+    never sent to a client nor stored where clients read it.
     """
 
     def __init__(
@@ -65,8 +68,10 @@ class ApplicationError(Exception):
         param: str | None = None,
         type: str | None = None,  # noqa: A002 - OpenAI's field name
         fields: Any = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
+        self.detail = detail
         self.message = message
         self.code = code
         self.status = status
@@ -121,6 +126,27 @@ def as_outage_error(exc: BaseException) -> ServiceUnavailableError | None:
         return None
     logger.warning("a dependency is unavailable: %s: %s", type(exc).__name__, exc, exc_info=exc)
     return ServiceUnavailableError()
+
+
+def unknown_url_error(request: HttpRequest) -> ApplicationError:
+    """Return the 404 ``unknown_url`` error for a URL that names nothing (OpenAI's wording and type)."""
+    return ApplicationError(
+        f"Invalid URL ({request.method} {request.path}).", code="unknown_url", status=404, type="invalid_request_error"
+    )
+
+
+def request_too_large_error() -> ApplicationError:
+    """Return the 413 ``request_too_large`` error for a body over ``DATA_UPLOAD_MAX_MEMORY_SIZE``."""
+    return ApplicationError(
+        f"The request body is larger than this server accepts ({settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes).",
+        code="request_too_large",
+        status=413,
+    )
+
+
+def internal_error() -> ApplicationError:
+    """Return the 500 ``internal_error`` a client sees for a bug (the server log has the traceback)."""
+    return ApplicationError("The server had an error while processing your request.", code="internal_error", status=500)
 
 
 def error_body(message: str, *, type: str, code: str | None, param: str | None = None) -> dict[str, Any]:  # noqa: A002

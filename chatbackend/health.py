@@ -168,7 +168,7 @@ def readiness_checks() -> dict[str, HealthCheck]:
     cache = settings.CACHES["default"]
     if cache["BACKEND"] == "django.core.cache.backends.redis.RedisCache":
         location = cache["LOCATION"]
-        checks["cache"] = RedisPing(url=location[0] if isinstance(location, list | tuple) else location)
+        checks["cache"] = RedisPing(url=str(location[0] if isinstance(location, list | tuple) else location))
     else:
         checks["cache"] = CacheCheck(alias="default", timeout=_timeout())
 

@@ -82,12 +82,14 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "channels",
+    "django_guid",
     "accounts",
     "llm",
     "conversations",
 ]
 
 MIDDLEWARE = [
+    "django_guid.middleware.guid_middleware",  # X-Request-ID first: every answer and log line has it
     "corsheaders.middleware.CorsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -104,6 +106,7 @@ MIDDLEWARE = [
 # SSE. Keep this list async-capable. api_headers_middleware keeps ALLOWED_HOSTS checking and
 # X-Content-Type-Options: nosniff without a thread hop.
 STREAMING_MIDDLEWARE = [
+    "django_guid.middleware.guid_middleware",  # X-Request-ID first: every answer and log line has it
     "corsheaders.middleware.CorsMiddleware",
     "chatbackend.handlers.api_headers_middleware",
 ]
@@ -262,6 +265,12 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "chatbackend.exception_handlers.drf_exception_handler",
+    # DRF's defaults with the project's JSON parser (strict JSON, bounded depth: chatbackend.parsers).
+    "DEFAULT_PARSER_CLASSES": [
+        "chatbackend.parsers.JSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "DEFAULT_RENDERER_CLASSES": [
         "rest_framework.renderers.JSONRenderer",
         "rest_framework.renderers.BrowsableAPIRenderer",
@@ -337,6 +346,19 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
 
+# --- Request ids (django-guid) ----------------------------------------------------------------
+# Every HTTP answer carries X-Request-ID, and every log line written while serving it has the same
+# id (``request_id``), so a client's error report finds the server's detail. An incoming
+# X-Request-ID is kept only when it is a UUID (a safe token: nothing else reaches the logs);
+# otherwise a new one (32 hex digits) is made.
+DJANGO_GUID = {
+    "GUID_HEADER_NAME": "X-Request-ID",
+    "VALIDATE_GUID": True,
+    "RETURN_HEADER": True,
+    "EXPOSE_HEADER": True,
+    "UUID_LENGTH": 32,
+}
+
 # --- Logging --------------------------------------------------------------------------------
 LOG_LEVEL: str = env.str("LOG_LEVEL", default="INFO").upper()
 if LOG_LEVEL not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
@@ -350,19 +372,21 @@ LOGGING = {
     "filters": {
         "redact_secrets": {"()": "chatbackend.logging.RedactSecretsFilter"},
         "quiet_health_probes": {"()": "chatbackend.logging.QuietHealthProbesFilter"},
+        # The X-Request-ID of the request being served (None outside one), as ``request_id``.
+        "request_id": {"()": "django_guid.log_filters.CorrelationId", "correlation_id_field": "request_id"},
     },
     "formatters": {
-        "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "text": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"},
         "json": {
             "()": "pythonjsonlogger.json.JsonFormatter",
-            "format": "%(asctime)s %(levelname)s %(name)s %(message)s",
+            "format": "%(asctime)s %(levelname)s %(name)s %(request_id)s %(message)s",
         },
     },
     "handlers": {
         "console": {
             "class": "logging.StreamHandler",
             "formatter": LOG_FORMAT,
-            "filters": ["redact_secrets"],
+            "filters": ["request_id", "redact_secrets"],
         }
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
@@ -380,6 +404,8 @@ LOGGING = {
         "uvicorn.error": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
         "daphne": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
         "httpx": {"level": "WARNING"},
+        # It logs each id it makes at INFO: one line per request.
+        "django_guid": {"level": "WARNING"},
         "httpcore": {"level": "WARNING"},
     },
 }

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from typing import Any
 
@@ -28,6 +27,7 @@ from accounts.selectors import AuthenticationFailed
 from accounts.websocket import BEARER_SUBPROTOCOL_PREFIX
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError, NotFoundError
+from chatbackend.parsers import JSONParseError, json_loads
 from llm.streaming import open_reply
 
 from .payloads import ConversationReply, error_payload, reply_event
@@ -123,9 +123,9 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
             await self._send_error(ApplicationError("Frames must be JSON text.", code="invalid_frame"))
             return
         try:
-            frame = json.loads(text_data)
-        except ValueError:
-            await self._send_error(ApplicationError("The frame is not valid JSON.", code="invalid_json"))
+            frame = json_loads(text_data)
+        except JSONParseError as exc:
+            await self._send_error(ApplicationError(f"The frame is not valid JSON: {exc}", code="invalid_json"))
             return
         if not isinstance(frame, dict):
             await self._send_error(ApplicationError("A frame must be a JSON object.", code="invalid_frame"))

@@ -18,7 +18,7 @@ from chatbackend.errors import ApplicationError
 from llm.streaming import STARTED, Reply, ReplyDelta, ReplyDone, ReplyEvent, ReplyFailed
 
 from .serializers import MessageOutputSerializer
-from .services import ConversationReplyPlan
+from .services import ConversationReplyPlan, conversation_deleted_error
 
 ConversationReply = Reply[ConversationReplyPlan]
 
@@ -29,8 +29,9 @@ def reply_event(reply: ConversationReply, event: ReplyEvent) -> tuple[str, dict[
     - ``reply.start``: ``{conversation_id, user_message_id, message_id, model}``;
     - ``reply.delta``: ``{content}`` plus ``reasoning_content`` when the model sends it (the
       chunks of one ``ReplyDelta`` joined into one delta);
-    - ``reply.done``: ``{message}`` (the assistant message, or None when it was deleted);
-    - ``error``: the error object plus ``message``.
+    - ``reply.done``: ``{message}`` (the assistant message);
+    - ``error``: the error object plus ``message``; when the conversation was deleted while the
+      reply streamed, the ``conversation_deleted`` error (404) and ``message`` None.
     Keep-alives are the interface's business (None here).
     """
     if type(event) is ReplyDelta:
@@ -43,10 +44,12 @@ def reply_event(reply: ConversationReply, event: ReplyEvent) -> tuple[str, dict[
             "message_id": plan.message_id,
             "model": plan.model_name,
         }
-    if type(event) is ReplyDone:
+    if type(event) is ReplyDone or type(event) is ReplyFailed:
+        if not reply.plan.message_written:  # its conversation was deleted while it streamed
+            return error_payload(conversation_deleted_error())
+        if type(event) is ReplyFailed:
+            return error_payload(event.error, reply_message_data(reply))
         return "reply.done", {"message": reply_message_data(reply)}
-    if type(event) is ReplyFailed:
-        return error_payload(event.error, reply_message_data(reply))
     return None
 
 

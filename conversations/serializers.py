@@ -14,7 +14,7 @@ from rest_framework import serializers
 from chatbackend.errors import ApplicationError
 
 from .models import Conversation, Message
-from .services import MAX_MESSAGE_CHARS
+from .services import MAX_MESSAGE_CHARS, MAX_SYSTEM_PROMPT_CHARS, MAX_TITLE_CHARS
 
 
 class ConversationOutputSerializer(serializers.ModelSerializer):
@@ -32,16 +32,20 @@ class ConversationCreateInputSerializer(serializers.Serializer):
     """``{model, title?, system_prompt?}``; ``model`` must name an enabled model."""
 
     model = serializers.CharField(max_length=200)
-    title = serializers.CharField(max_length=200, allow_blank=True, required=False, default="")
-    system_prompt = serializers.CharField(allow_blank=True, required=False, default="", trim_whitespace=False)
+    title = serializers.CharField(max_length=MAX_TITLE_CHARS, allow_blank=True, required=False, default="")
+    system_prompt = serializers.CharField(
+        max_length=MAX_SYSTEM_PROMPT_CHARS, allow_blank=True, required=False, default="", trim_whitespace=False
+    )
 
 
 class ConversationUpdateInputSerializer(serializers.Serializer):
     """Any of ``{title, system_prompt, model}``; fields left out stay as they are."""
 
     model = serializers.CharField(max_length=200, required=False)
-    title = serializers.CharField(max_length=200, allow_blank=True, required=False)
-    system_prompt = serializers.CharField(allow_blank=True, required=False, trim_whitespace=False)
+    title = serializers.CharField(max_length=MAX_TITLE_CHARS, allow_blank=True, required=False)
+    system_prompt = serializers.CharField(
+        max_length=MAX_SYSTEM_PROMPT_CHARS, allow_blank=True, required=False, trim_whitespace=False
+    )
 
 
 class MessageOutputSerializer(serializers.ModelSerializer):
@@ -90,7 +94,7 @@ class MessageStopOutputSerializer(serializers.Serializer):
 
 
 def clean_message_content(value: Any) -> str:
-    """Return ``value`` if it is a non-empty string (whitespace alone is empty).
+    """Return ``value`` if it is a non-empty string (whitespace alone is empty) without NUL characters.
 
     Raises ``ApplicationError`` (400, ``param`` ``content``) otherwise. Stricter than a DRF
     ``CharField``, which would turn a number into text.
@@ -99,6 +103,8 @@ def clean_message_content(value: Any) -> str:
         raise ApplicationError("'content' must be a string.", code="invalid_type", param="content")
     if not value.strip():
         raise ApplicationError("Message content must be a non-empty string.", code="empty_message", param="content")
+    if "\x00" in value:
+        raise ApplicationError("Null characters are not allowed.", code="null_characters_not_allowed", param="content")
     return value
 
 

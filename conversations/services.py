@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -24,7 +25,12 @@ from llm.tokens import estimate_prompt_tokens, estimate_text_tokens
 from .models import Conversation, Message
 from .selectors import conversation_get_for, history_for_upstream, message_list
 
+logger = logging.getLogger(__name__)
+
 MAX_MESSAGE_CHARS = 100_000
+# Longest system prompt and title a conversation takes (characters; docs/api.md).
+MAX_SYSTEM_PROMPT_CHARS = 100_000
+MAX_TITLE_CHARS = 200
 
 
 def conversation_create(*, owner: User, model_name: str, title: str = "", system_prompt: str = "") -> Conversation:
@@ -48,14 +54,37 @@ def conversation_update(*, conversation: Conversation, data: dict[str, Any]) -> 
     return conversation
 
 
+def conversation_deleted_error() -> NotFoundError:
+    """Return the error a reply's client gets when its conversation was deleted while it streamed."""
+    return NotFoundError("The conversation was deleted while the reply was streaming.", code="conversation_deleted")
+
+
 def conversation_delete(*, conversation: Conversation) -> None:
-    """Delete ``conversation`` and its messages (usage records stay, unlinked)."""
+    """Delete ``conversation`` and its messages (usage records stay, unlinked).
+
+    A reply still streaming in it is stopped, wherever it streams (``reply_stop_broadcast``): it
+    ends ``cancelled`` (billed for what it produced) and its client gets the
+    ``conversation_deleted`` error. When the stop request cannot be sent the deletion stands; the
+    reply then finds its message gone when it ends, and its client gets the same error.
+    """
+    streaming = list(
+        conversation.messages.filter(role=Message.Role.ASSISTANT, status=Message.Status.STREAMING).values_list(
+            "pk", flat=True
+        )
+    )
     conversation.delete()
+    for message_id in streaming:
+        try:
+            reply_stop_broadcast(reply_id=conversation_reply_id(message_id), reason=conversation_deleted_error())
+        except ApplicationError:
+            logger.warning("could not stop reply %s of a deleted conversation", message_id)
 
 
 def _validate_content(content: str) -> str:
     if not isinstance(content, str) or not content.strip():
         raise ApplicationError("Message content must be a non-empty string.", code="empty_message", param="content")
+    if "\x00" in content:  # PostgreSQL cannot store it in text; SQLite could: refuse it on both
+        raise ApplicationError("Null characters are not allowed.", code="null_characters_not_allowed", param="content")
     if len(content) > MAX_MESSAGE_CHARS:
         raise ApplicationError(
             f"Message content is longer than {MAX_MESSAGE_CHARS} characters.", code="message_too_long", param="content"
@@ -103,19 +132,12 @@ def reply_start(*, user: User, api_key: APIKey | None, conversation_id: int, con
     content = _validate_content(content)
     conversation = conversation_get_for(user=user, conversation_id=conversation_id)
     model = enabled_model_get(name=conversation.model.name)  # cached in the process: no query on a hit
-    with transaction.atomic():
-        user_message = Message.objects.create(
-            conversation=conversation, role=Message.Role.USER, content=content, status=Message.Status.COMPLETED
+    try:
+        assistant_message, user_message, history = _reply_messages_create(
+            conversation=conversation, content=content, model_name=model.name
         )
-        history = history_for_upstream(conversation=conversation)
-        assistant_message = Message.objects.create(
-            conversation=conversation,
-            role=Message.Role.ASSISTANT,
-            status=Message.Status.STREAMING,
-            model_name=model.name,
-            stream_owner=PROCESS_ID,
-        )
-        Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
+    except IntegrityError:  # the conversation was deleted since it was read
+        raise NotFoundError() from None
     reply_id = conversation_reply_id(assistant_message.pk)
     return ConversationReplyPlan(
         provider=model.provider,
@@ -135,6 +157,30 @@ def reply_start(*, user: User, api_key: APIKey | None, conversation_id: int, con
         message_id=assistant_message.pk,
         created_at=assistant_message.created_at,
     )
+
+
+def _reply_messages_create(
+    *, conversation: Conversation, content: str, model_name: str
+) -> tuple[Message, Message, list[dict[str, Any]]]:
+    """Write the user's message and the assistant's ``streaming`` placeholder in one transaction.
+
+    Returns ``(assistant message, user message, history for the upstream)``. Raises
+    ``IntegrityError`` when the conversation no longer exists.
+    """
+    with transaction.atomic():
+        user_message = Message.objects.create(
+            conversation=conversation, role=Message.Role.USER, content=content, status=Message.Status.COMPLETED
+        )
+        history = history_for_upstream(conversation=conversation)
+        assistant_message = Message.objects.create(
+            conversation=conversation,
+            role=Message.Role.ASSISTANT,
+            status=Message.Status.STREAMING,
+            model_name=model_name,
+            stream_owner=PROCESS_ID,
+        )
+        Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
+    return assistant_message, user_message, history
 
 
 def reply_finish(outcome: ReplyOutcome, *, message_id: int) -> bool:
@@ -268,9 +314,13 @@ def reply_stop(*, user: User, conversation_id: int, message_id: int) -> None:
 
 
 __all__ = [
+    "MAX_MESSAGE_CHARS",
+    "MAX_SYSTEM_PROMPT_CHARS",
+    "MAX_TITLE_CHARS",
     "ConversationReplyPlan",
     "conversation_create",
     "conversation_delete",
+    "conversation_deleted_error",
     "conversation_reply_id",
     "conversation_update",
     "reply_checkpoint",

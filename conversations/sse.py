@@ -33,7 +33,7 @@ from llm.streaming import KEEPALIVE, ReplyDelta, ReplyFailed, ReplyStreamingResp
 from .apis import ConversationMessageListApi
 from .payloads import ConversationReply, delta_payload, reply_event
 from .serializers import clean_message_content, message_data
-from .services import reply_start
+from .services import conversation_deleted_error, reply_start
 
 SSE_CONTENT_TYPE = "text/event-stream"
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
@@ -108,12 +108,19 @@ async def _sse_body(reply: ConversationReply, *, keepalive: float) -> AsyncItera
 
 
 async def _reply_json(reply: ConversationReply) -> JsonResponse:
-    """Run ``reply`` to its end; answer 201 with both messages, or the upstream's error."""
+    """Run ``reply`` to its end; answer 201 with both messages, or the upstream's error.
+
+    404 ``conversation_deleted`` when the conversation was deleted while the reply streamed.
+    """
     async for event in reply.events():
-        if type(event) is ReplyFailed:
+        if type(event) is ReplyFailed and reply.plan.message_written:
             return error_response(event.error)
     plan = reply.plan
+    if not plan.message_written:
+        return error_response(conversation_deleted_error())
     user_message, assistant_message = await run_sync(message_data, plan.user_message_id, plan.message_id)
+    if user_message is None or assistant_message is None:  # deleted since the reply ended
+        return error_response(conversation_deleted_error())
     return JsonResponse({"user_message": user_message, "assistant_message": assistant_message}, status=201)
 
 

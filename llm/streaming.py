@@ -490,7 +490,15 @@ class Reply(Generic[P]):
     def _account(self, outcome: ReplyOutcome) -> None:
         _unwritten.discard(self)
         if outcome.error is not None:
-            logger.warning("reply %s ended %s: %s", self.plan.reply_id, outcome.status, outcome.error.message)
+            error = outcome.error
+            logger.warning(
+                "reply %s ended %s: %s (%s)%s",
+                self.plan.reply_id,
+                outcome.status.value,
+                error.message,
+                error.code,
+                f": {error.detail}" if error.detail else "",
+            )
         if self.plan.usage is not None:
             usage_account(
                 context=self.plan.usage,
@@ -697,21 +705,26 @@ def _on_stop_message(message: dict[str, Any]) -> None:
     # Every process gets every stop: only the one streaming that reply has it.
     reply = _replies().get(str(message.get("reply_id")))
     if reply is not None:
-        reply.stop()
+        reason = message.get("reason")
+        reply.stop(ApplicationError(**reason) if isinstance(reason, dict) else None)
 
 
 broadcast.on_broadcast(STOP_MESSAGE_TYPE, _on_stop_message)
 
 
-def reply_stop_broadcast(*, reply_id: str) -> None:
+def reply_stop_broadcast(*, reply_id: str, reason: ApplicationError | None = None) -> None:
     """Ask the process streaming reply ``reply_id`` to stop it, wherever that process runs.
 
     Sync (DRF views call it). Returns once the request is sent; the reply ends ``cancelled``
-    shortly after. Raises ``ApplicationError`` 503 ``stop_unavailable`` when the channel layer is
-    unreachable.
+    shortly after. ``reason``: why, when it is not the client's own stop (``Reply.stop``); its
+    message, code and status travel with the request. Raises ``ApplicationError`` 503
+    ``stop_unavailable`` when the channel layer is unreachable.
     """
+    message: dict[str, Any] = {"type": STOP_MESSAGE_TYPE, "reply_id": reply_id}
+    if reason is not None:
+        message["reason"] = {"message": reason.message, "code": reason.code, "status": reason.status}
     try:
-        broadcast.broadcast_sync({"type": STOP_MESSAGE_TYPE, "reply_id": reply_id})
+        broadcast.broadcast_sync(message)
     except Exception as exc:
         logger.warning("could not send the stop request of reply %s", reply_id, exc_info=True)
         raise ApplicationError(

@@ -216,8 +216,10 @@ class ASGIResult:
 def http_scope(method: str, path: str, headers: Iterable[tuple[str, str]], *, port: int = 8000) -> dict[str, Any]:
     """Return an ASGI 3.0 HTTP scope for ``method path`` on localhost with ``headers`` (name, value).
 
+    ``path`` may end in ``?query`` (sent as the scope's ``query_string``).
     Spec: https://asgi.readthedocs.io/en/latest/specs/www.html#http-connection-scope
     """
+    path, _, query = path.partition("?")
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -226,7 +228,7 @@ def http_scope(method: str, path: str, headers: Iterable[tuple[str, str]], *, po
         "scheme": "http",
         "path": path,
         "raw_path": path.encode(),
-        "query_string": b"",
+        "query_string": query.encode("latin1"),
         "root_path": "",
         "headers": [(name.lower().encode("latin1"), value.encode("latin1")) for name, value in headers],
         "client": ("127.0.0.1", 50000),

@@ -19,7 +19,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from accounts.authentication import Principal
 from accounts.endpoints import async_endpoint, parse_json, request_body
-from chatbackend.errors import ApplicationError, error_response
+from chatbackend.errors import error_response, unknown_url_error
 
 from ..selectors import enabled_model_get_async
 from ..streaming import Reply, ReplyDelta, ReplyFailed, ReplyStreamingResponse, open_reply
@@ -164,14 +164,7 @@ async def _chat_completion_whole(reply: Reply[ChatCompletionPlan]) -> JsonRespon
 @csrf_exempt
 async def unknown_url(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
     """Answer an unknown ``/v1`` or ``/dashboard`` URL with OpenAI's 404 JSON, never Django's HTML page."""
-    return error_response(
-        ApplicationError(
-            f"Invalid URL ({request.method} {request.path}).",
-            code="unknown_url",
-            status=404,
-            type="invalid_request_error",
-        )
-    )
+    return error_response(unknown_url_error(request))
 
 
 __all__ = ["chat_completions", "unknown_url"]

@@ -90,10 +90,16 @@ class ChatCompletionMessageListField(serializers.ListField):
     def to_internal_value(self, data: Any) -> list[Any]:
         if type(data) is list and data:
             for message in data:
+                # ``role`` may be any JSON value (``{}`` is unhashable: test its type first); a
+                # NUL character in ``content`` is left to the serializer, which rejects it.
+                if type(message) is not dict:
+                    break
+                role, content = message.get("role"), message.get("content")
                 if not (
-                    type(message) is dict
-                    and message.get("role") in _PLAIN_MESSAGE_ROLES
-                    and type(message.get("content")) is str
+                    type(role) is str
+                    and role in _PLAIN_MESSAGE_ROLES
+                    and type(content) is str
+                    and "\x00" not in content
                     and message.keys() <= _PLAIN_MESSAGE_KEYS
                     and type(message.get("name", "")) is str
                 ):

@@ -102,6 +102,7 @@ class MessageContentField(serializers.Field):
     """A message's ``content``: a string, or a list of content parts, each an object with ``type``.
 
     A ``text`` part needs a string ``text``; an ``image_url`` part an object with a string ``url``.
+    Text with a NUL character is rejected, as DRF's ``CharField`` rejects it everywhere else.
     Other part types are passed through for the upstream to judge.
     """
 
@@ -110,10 +111,14 @@ class MessageContentField(serializers.Field):
         "invalid_part": "Each content part must be an object with a string 'type'.",
         "invalid_text": "A 'text' content part needs a string 'text'.",
         "invalid_image": "An 'image_url' content part needs an object 'image_url' with a string 'url'.",
+        # DRF's CharField wording (ProhibitNullCharactersValidator), as on every other text field.
+        "null_characters_not_allowed": "Null characters are not allowed.",
     }
 
     def to_internal_value(self, data: Any) -> str | list[dict[str, Any]]:
         if isinstance(data, str):
+            if "\x00" in data:
+                self.fail("null_characters_not_allowed")
             return data
         if not isinstance(data, list):
             self.fail("invalid")
@@ -123,6 +128,8 @@ class MessageContentField(serializers.Field):
             kind = part["type"]
             if kind == "text" and not isinstance(part.get("text"), str):
                 self.fail("invalid_text")
+            if kind == "text" and "\x00" in part["text"]:
+                self.fail("null_characters_not_allowed")
             if kind == "image_url":
                 image = part.get("image_url")
                 if not isinstance(image, dict) or not isinstance(image.get("url"), str):

@@ -17,6 +17,7 @@ from typing import Any
 from accounts.authentication import Principal
 from accounts.models import UsageRecord
 from accounts.usage import usage_context
+from chatbackend.errors import ApplicationError
 
 from ..providers import ChatRequest
 from ..selectors import EnabledModel
@@ -24,6 +25,8 @@ from ..streaming import ReplyPlan
 
 # Request fields the adapter or this service owns; never taken from a model's defaults or the client.
 RESERVED_PARAMETERS = frozenset(("model", "messages", "stream", "stream_options", "n"))
+# Request fields that bound the reply's length in tokens (OpenAI's current name and the older one).
+TOKEN_LIMIT_PARAMETERS = ("max_completion_tokens", "max_tokens")
 
 
 @dataclass(kw_only=True)
@@ -58,8 +61,19 @@ def openai_chat_start(
     ``messages``: OpenAI message objects, sent upstream as they are. ``parameters``: the other
     request fields the client sent; the model's ``default_parameters`` fill in the ones it did
     not send (``RESERVED_PARAMETERS`` are dropped from both). Writes nothing and reads nothing:
-    pure CPU, fine on the event loop.
+    pure CPU, fine on the event loop. Raises ``ApplicationError`` 400 ``max_tokens_too_large``
+    when the client's ``max_tokens`` or ``max_completion_tokens`` exceeds the model's
+    ``context_window`` (tokens): no reply could be that long.
     """
+    for name in TOKEN_LIMIT_PARAMETERS:
+        limit = parameters.get(name)
+        if type(limit) is int and limit > model.context_window:
+            raise ApplicationError(
+                f"'{name}' is {limit}, more than the context window of model '{model.name}' "
+                f"({model.context_window} tokens).",
+                code="max_tokens_too_large",
+                param=name,
+            )
     merged = {key: value for key, value in model.default_parameters.items() if key not in RESERVED_PARAMETERS}
     merged.update((key, value) for key, value in parameters.items() if key not in RESERVED_PARAMETERS)
     completion_id = new_completion_id()
@@ -81,4 +95,10 @@ def openai_chat_start(
     )
 
 
-__all__ = ["RESERVED_PARAMETERS", "ChatCompletionPlan", "new_completion_id", "openai_chat_start"]
+__all__ = [
+    "RESERVED_PARAMETERS",
+    "TOKEN_LIMIT_PARAMETERS",
+    "ChatCompletionPlan",
+    "new_completion_id",
+    "openai_chat_start",
+]

@@ -79,6 +79,20 @@ class ChatChunk:
     logprobs: dict[str, Any] | None = None
 
 
+# Upstream statuses our client gets as they are: its request can be fixed or retried.
+PASSED_THROUGH_STATUSES = frozenset((400, 404, 413, 422, 429))
+
+# What a client is told for each upstream failure code (the server log has the detail).
+UPSTREAM_MESSAGES = {
+    "upstream_unreachable": "The model provider could not be reached.",
+    "upstream_timeout": "The model provider did not answer in time.",
+    "upstream_disconnected": "The model provider's response was cut off.",
+    "upstream_bad_response": "The model provider sent a response this server could not read.",
+    "upstream_auth_failed": "The model provider rejected this server's credentials.",
+    "upstream_error": "The model provider failed to answer.",
+}
+
+
 class UpstreamError(ApplicationError):
     """The upstream failed: it answered an error status, sent garbage, timed out or was unreachable.
 
@@ -86,6 +100,11 @@ class UpstreamError(ApplicationError):
     and 429 pass through as they are (the client can fix or retry them); an upstream 401/403 is
     our configuration's fault and becomes 502, like any upstream 5xx or bad body; a timeout is 504.
     ``upstream_status`` keeps the upstream's own status (``None`` when no response arrived).
+
+    ``message`` is what clients see and what a conversation's message stores: it never names the
+    upstream's host or port, nor quotes a library's error text (``UPSTREAM_MESSAGES`` has the
+    wording for each ``code``); an upstream's own error message is quoted only for the statuses
+    passed through, which the client can act on. ``detail`` holds the rest, for the server log.
     """
 
     def __init__(
@@ -95,10 +114,11 @@ class UpstreamError(ApplicationError):
         upstream_status: int | None = None,
         code: str = "upstream_error",
         status: int | None = None,
+        detail: str | None = None,
     ) -> None:
         if status is None:
-            status = upstream_status if upstream_status in {400, 404, 413, 422, 429} else 502
-        super().__init__(message, code=code, status=status, type=None)
+            status = upstream_status if upstream_status in PASSED_THROUGH_STATUSES else 502
+        super().__init__(message, code=code, status=status, type=None, detail=detail)
         self.upstream_status = upstream_status
 
 

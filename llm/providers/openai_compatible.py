@@ -43,6 +43,7 @@ import re
 import weakref
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import httpx
@@ -59,7 +60,15 @@ from httpx_sse._decoders import SSEDecoder, SSELineDecoder
 
 from chatbackend.logging import redact
 
-from .base import ChatChunk, ChatProvider, ChatRequest, UpstreamError, Usage
+from .base import (
+    PASSED_THROUGH_STATUSES,
+    UPSTREAM_MESSAGES,
+    ChatChunk,
+    ChatProvider,
+    ChatRequest,
+    UpstreamError,
+    Usage,
+)
 
 __all__ = ["OpenAICompatibleProvider", "aclose_clients"]
 
@@ -121,6 +130,23 @@ def _forget_closed_loops() -> None:
         _sessions.pop(loop).detach()  # marks it closed: nothing left to await on a dead loop
 
 
+def _where(url: object) -> str:
+    """Return ``url`` for the log without its user info: a base URL may carry credentials."""
+    parts = urlsplit(str(url))
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _described(exc: BaseException) -> str:
+    """Return ``exc`` as ``Type: text`` for the log (its repr may hold a proxy's credentials)."""
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _failure(code: str, detail: str, *, status: int | None = None) -> UpstreamError:
+    """Return the ``UpstreamError`` ``code``: its client message from ``UPSTREAM_MESSAGES``, ``detail`` for the log."""
+    return UpstreamError(UPSTREAM_MESSAGES[code], code=code, status=status, detail=detail)
+
+
 class OpenAICompatibleProvider(ChatProvider):
     """Stream chat completions from an OpenAI-compatible ``/chat/completions`` endpoint."""
 
@@ -172,12 +198,9 @@ class OpenAICompatibleProvider(ChatProvider):
                         raise await self._status_error(response)
                     content_type = response.headers.get("Content-Type", "").partition(";")[0]
                     if "text/event-stream" not in content_type:
-                        raise UpstreamError(
-                            self._safe(
-                                "upstream did not stream: Expected response header Content-Type to contain "
-                                f"'text/event-stream', got {content_type!r}"
-                            ),
-                            code="upstream_bad_response",
+                        raise _failure(
+                            "upstream_bad_response",
+                            self._safe(f"upstream did not stream: its Content-Type is {content_type!r}"),
                         )
                     # readany() returns all the body the socket has delivered so far (waiting
                     # only when there is none): under load several events are waiting, and they
@@ -199,8 +222,8 @@ class OpenAICompatibleProvider(ChatProvider):
                         raise decoder.error
                     if not (decoder.done or decoder.finished):
                         # The body ended cleanly yet without [DONE] or a finish_reason: the reply is truncated.
-                        raise UpstreamError(
-                            "upstream ended the stream before the reply was finished", code="upstream_disconnected"
+                        raise _failure(
+                            "upstream_disconnected", "upstream ended the stream before the reply was finished"
                         )
                 except BaseException:
                     # Error, cancellation or aclose(): drop the connection now rather than leave
@@ -210,20 +233,20 @@ class OpenAICompatibleProvider(ChatProvider):
         except UpstreamError:
             raise
         except TimeoutError as exc:  # aiohttp's ServerTimeoutError subclasses it (and ClientError)
-            raise UpstreamError(
-                self._safe(f"upstream timed out ({type(exc).__name__})"), code="upstream_timeout", status=504
+            raise _failure(
+                "upstream_timeout", self._safe(f"upstream {_where(url)} timed out ({type(exc).__name__})"), status=504
             ) from exc
         except aiohttp.ClientConnectorError as exc:
-            raise UpstreamError(self._safe(f"upstream unreachable: {exc}"), code="upstream_unreachable") from exc
+            detail = f"upstream {_where(url)} unreachable: {_described(exc)}"
+            raise _failure("upstream_unreachable", self._safe(detail)) from exc
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             # ServerDisconnectedError, a reset (ClientOSError), a truncated chunked body.
             where = "mid-stream" if responded else "before responding"
-            raise UpstreamError(
-                self._safe(f"upstream closed the connection {where}: {exc or type(exc).__name__}"),
-                code="upstream_disconnected",
-            ) from exc
+            detail = f"upstream {_where(url)} closed the connection {where}: {_described(exc)}"
+            raise _failure("upstream_disconnected", self._safe(detail)) from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamError(self._safe(f"upstream request failed: {exc or type(exc).__name__}")) from exc
+            detail = f"upstream {_where(url)} request failed: {_described(exc)}"
+            raise _failure("upstream_error", self._safe(detail)) from exc
 
     async def _status_error(self, response: aiohttp.ClientResponse) -> UpstreamError:
         """Return the ``UpstreamError`` for a non-2xx response, quoting OpenAI's error message."""
@@ -235,13 +258,16 @@ class OpenAICompatibleProvider(ChatProvider):
             message = str(error["message"] if isinstance(error, dict) else error)[:_MAX_ERROR_MESSAGE]
         except (ValueError, TypeError, KeyError):
             pass  # not OpenAI's error shape: keep the start of the raw body
+        detail = self._safe(f"upstream {_where(response.url)} answered {status}: {raw[:_MAX_ERROR_MESSAGE]}")
         if status in (401, 403):
-            text, code = f"upstream rejected the provider's credentials ({status}): {message}", "upstream_auth_failed"
+            text, code = UPSTREAM_MESSAGES["upstream_auth_failed"], "upstream_auth_failed"
         elif status == 429:
-            text, code = f"upstream rate limit (429): {message}", "upstream_rate_limited"
+            text, code = f"The model provider's rate limit was reached: {message}", "upstream_rate_limited"
+        elif status in PASSED_THROUGH_STATUSES:  # the client's request can be fixed: say what is wrong
+            text, code = f"The model provider refused the request ({status}): {message}", "upstream_error"
         else:
-            text, code = f"upstream error {status}: {message}", "upstream_error"
-        return UpstreamError(self._safe(text), upstream_status=status, code=code)
+            text, code = f"{UPSTREAM_MESSAGES['upstream_error']} (status {status})", "upstream_error"
+        return UpstreamError(self._safe(text), upstream_status=status, code=code, detail=detail)
 
     def _safe(self, text: str) -> str:
         """Return ``text`` with this provider's API key (and anything key-shaped) removed."""
@@ -282,9 +308,7 @@ class _ChunkDecoder:
         self._unfinished = self._unfinished + len(raw) if end < 0 else len(raw) - end - 1
         if self._unfinished > _MAX_LINE_BYTES:
             # readany() has no line limit: without this an endless line would grow in memory.
-            self.error = UpstreamError(
-                self._safe(f"upstream sent a line longer than {_MAX_LINE_BYTES} bytes"), code="upstream_bad_response"
-            )
+            self.error = _failure("upstream_bad_response", f"upstream sent a line longer than {_MAX_LINE_BYTES} bytes")
             return []
         text = self._text.decode(raw)
         if not text:  # only the start of a multi-byte character so far
@@ -319,8 +343,8 @@ class _ChunkDecoder:
                 self.error = exc
                 break
             except (ValueError, TypeError, AttributeError, KeyError, IndexError):
-                self.error = UpstreamError(
-                    self._safe(f"upstream sent a malformed chunk: {data[:200]!r}"), code="upstream_bad_response"
+                self.error = _failure(
+                    "upstream_bad_response", self._safe(f"upstream sent a malformed chunk: {data[:200]!r}")
                 )
                 break
             if chunk is not None:
@@ -367,7 +391,7 @@ def _parse_chunk(payload: dict[str, Any], safe: Callable[[str], str]) -> ChatChu
         # vLLM, OpenRouter and others report late failures as an error object mid-stream.
         error = payload["error"]
         message = error.get("message") if isinstance(error, dict) else error
-        raise UpstreamError(safe(f"upstream error mid-stream: {message}"), code="upstream_error")
+        raise _failure("upstream_error", safe(f"upstream error mid-stream: {message}"))
     content = reasoning = ""
     tool_calls = finish_reason = usage = logprobs = None
     choices = payload.get("choices")

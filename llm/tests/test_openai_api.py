@@ -704,7 +704,7 @@ async def test_no_response_contains_the_provider_key_or_the_api_key(
         seen.append(response.content + str(response.items()).encode())
 
     keyed_error = b"".join(seen)
-    assert b"upstream rejected the provider's credentials" in keyed_error  # the echoing 401 was exercised
+    assert b"The model provider rejected this server's credentials." in keyed_error  # the echoing 401 was exercised
     for blob in seen:
         assert UPSTREAM_API_KEY.encode() not in blob
         assert api_key_secret.encode() not in blob

@@ -11,6 +11,7 @@ import pytest
 from aiohttp import web
 
 from llm.providers import ChatChunk, ChatRequest, ProviderConfig, UpstreamError, Usage, get_provider
+from llm.providers.base import UPSTREAM_MESSAGES
 from llm.providers.openai_compatible import OpenAICompatibleProvider, aclose_clients
 from llm.simulator import MIDSTREAM_FAILURE_CHUNKS, count_prompt_tokens, reply_text
 from llm.tests.simulator_process import SimulatorProcess
@@ -46,6 +47,14 @@ async def collect(
 
 def assert_key_hidden(error: UpstreamError, key: str = PROVIDER_KEY) -> None:
     assert key not in error.message and key not in str(error) and key not in str(error.as_dict())
+    assert key not in (error.detail or "")  # the server log's detail is redacted too
+
+
+def assert_client_message(error: UpstreamError, message: str) -> None:
+    """The client sees ``message``: no host, port or library text, which only the log's detail has."""
+    assert error.message == message, error.message
+    for internal in ("127.0.0.1", "localhost", "aiohttp", "Error(", "ssl", "http://"):
+        assert internal not in error.message
 
 
 async def test_streams_content_chunks_then_usage(simulator: SimulatorProcess) -> None:
@@ -78,7 +87,7 @@ async def test_sends_bearer_key_only_when_configured(keyed_simulator: SimulatorP
     with pytest.raises(UpstreamError) as caught:
         await collect(provider(keyed_simulator.base_url, api_key=""), request)
     # The simulator's "no key" message proves no Authorization header was sent at all.
-    assert caught.value.upstream_status == 401 and "didn't provide an API key" in caught.value.message
+    assert caught.value.upstream_status == 401 and "didn't provide an API key" in (caught.value.detail or "")
 
 
 async def test_wrong_key_is_a_502_that_never_shows_the_key(keyed_simulator: SimulatorProcess) -> None:
@@ -89,15 +98,16 @@ async def test_wrong_key_is_a_502_that_never_shows_the_key(keyed_simulator: Simu
             provider(keyed_simulator.base_url, api_key=wrong_key), ChatRequest(model="sim-1", messages=MESSAGES)
         )
     assert (caught.value.status, caught.value.upstream_status, caught.value.code) == (502, 401, "upstream_auth_failed")
-    assert "Incorrect API key provided" in caught.value.message
+    assert_client_message(caught.value, "The model provider rejected this server's credentials.")
+    assert "Incorrect API key provided" in (caught.value.detail or "")
     assert_key_hidden(caught.value, wrong_key)
 
 
 @pytest.mark.parametrize(
     ("model", "status", "code", "quoted"),
     [
-        ("sim-error-500", 502, "upstream_error", "The server had an error"),
-        ("sim-error-503", 502, "upstream_error", "The server had an error"),
+        ("sim-error-500", 502, "upstream_error", "The model provider failed to answer. (status 500)"),
+        ("sim-error-503", 502, "upstream_error", "The model provider failed to answer. (status 503)"),
         ("sim-error-429", 429, "upstream_rate_limited", "Rate limit reached"),
         ("sim-error-400", 400, "upstream_error", "Simulated error 400"),
         ("sim-error-404", 404, "upstream_error", "does not exist"),
@@ -111,6 +121,7 @@ async def test_upstream_error_status_maps_to_upstream_error(
     assert caught.value.status == status
     assert caught.value.upstream_status == int(model.rsplit("-", 1)[1])
     assert caught.value.code == code and quoted in caught.value.message
+    assert f"answered {caught.value.upstream_status}" in (caught.value.detail or "")  # the log has the body
     assert_key_hidden(caught.value)
 
 
@@ -118,8 +129,19 @@ async def test_unreachable_upstream_is_502(closed_port_url: str) -> None:
     with pytest.raises(UpstreamError) as caught:
         await collect(provider(closed_port_url, connect_timeout=2), ChatRequest(model="sim-1", messages=MESSAGES))
     assert (caught.value.status, caught.value.upstream_status, caught.value.code) == (502, None, "upstream_unreachable")
-    assert "upstream unreachable" in caught.value.message
+    assert_client_message(caught.value, "The model provider could not be reached.")
+    assert f"upstream {closed_port_url}/chat/completions unreachable" in (caught.value.detail or "")
     assert_key_hidden(caught.value)
+
+
+async def test_the_logged_detail_drops_a_base_urls_credentials(closed_port_url: str) -> None:
+    with_credentials = closed_port_url.replace("http://", "http://someone:hunter2-secret@")
+    with pytest.raises(UpstreamError) as caught:
+        adapter = provider(with_credentials, api_key="", connect_timeout=2)  # Basic auth from the URL
+        await collect(adapter, ChatRequest(model="sim-1", messages=MESSAGES))
+    detail = caught.value.detail or ""
+    assert f"upstream {closed_port_url}/chat/completions unreachable: ClientConnectorError" in detail
+    assert "hunter2-secret" not in detail and "someone" not in detail
 
 
 async def test_silent_upstream_times_out_with_504() -> None:
@@ -143,7 +165,7 @@ async def test_silent_upstream_times_out_with_504() -> None:
     ("model", "chunks", "code", "quoted"),
     [
         ("sim-fail-midstream", MIDSTREAM_FAILURE_CHUNKS, "upstream_disconnected", "mid-stream"),  # connection dropped
-        ("sim-malformed-chunk", 1, "upstream_bad_response", ""),
+        ("sim-malformed-chunk", 1, "upstream_bad_response", "malformed chunk"),
     ],
 )
 async def test_a_stream_broken_midway_is_502_after_the_chunks_received(
@@ -154,7 +176,8 @@ async def test_a_stream_broken_midway_is_502_after_the_chunks_received(
         await collect(provider(simulator.base_url), ChatRequest(model=model, messages=MESSAGES), received)
     assert len(received) == chunks and all(c.content for c in received)
     assert (caught.value.status, caught.value.code) == (502, code)
-    assert quoted in caught.value.message
+    assert_client_message(caught.value, UPSTREAM_MESSAGES[code])
+    assert quoted in (caught.value.detail or "")
     assert_key_hidden(caught.value)
 
 
@@ -343,7 +366,8 @@ async def test_error_object_mid_stream_is_502_without_the_key(canned_upstream: C
     with pytest.raises(UpstreamError) as caught:
         await collect(provider(base_url), ChatRequest(model="m", messages=MESSAGES), received)
     assert received == [ChatChunk(content="Hi")]
-    assert caught.value.status == 502 and "Engine overloaded" in caught.value.message
+    assert caught.value.status == 502 and "Engine overloaded" in (caught.value.detail or "")
+    assert_client_message(caught.value, UPSTREAM_MESSAGES["upstream_error"])
     assert_key_hidden(caught.value)
 
 
@@ -361,12 +385,13 @@ async def test_json_instead_of_a_stream_is_502(canned_upstream: Callable[..., st
     assert (caught.value.status, caught.value.code) == (502, "upstream_bad_response")
 
 
-async def test_non_json_error_body_is_quoted(canned_upstream: Callable[..., str]) -> None:
+async def test_non_json_error_body_is_quoted_in_the_log_only(canned_upstream: Callable[..., str]) -> None:
     base_url = canned_upstream(b"<html>Bad Gateway</html>", content_type="text/html", status=502)
     with pytest.raises(UpstreamError) as caught:
         await collect(provider(base_url), ChatRequest(model="m", messages=MESSAGES))
     assert (caught.value.status, caught.value.upstream_status) == (502, 502)
-    assert "Bad Gateway" in caught.value.message
+    assert_client_message(caught.value, "The model provider failed to answer. (status 502)")
+    assert "<html>Bad Gateway</html>" in (caught.value.detail or "")
 
 
 async def test_crlf_line_endings_and_multiline_data(canned_upstream: Callable[..., str]) -> None:
@@ -398,7 +423,8 @@ async def test_line_unfinished_past_16_mib_is_502(canned_upstream: Callable[...,
         await collect(provider(base_url), ChatRequest(model="m", messages=MESSAGES), received)
     assert received == [ChatChunk(content="Hi")]
     assert (caught.value.status, caught.value.code) == (502, "upstream_bad_response")
-    assert "longer than 16777216 bytes" in caught.value.message
+    assert "longer than 16777216 bytes" in (caught.value.detail or "")
+    assert_client_message(caught.value, UPSTREAM_MESSAGES["upstream_bad_response"])
 
 
 # --- Batches: what the upstream sent by the time the adapter reads, over real HTTP ------------
