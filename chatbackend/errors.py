@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import PermissionDenied
-from django.http import Http404, JsonResponse
+from django.http import Http404, HttpRequest, JsonResponse
 from rest_framework import exceptions as drf_exceptions
+from rest_framework.settings import api_settings as drf_settings
 
 # HTTP status -> OpenAI error ``type`` (as OpenAI's API returns them).
 _TYPE_FOR_STATUS = {
@@ -46,8 +48,9 @@ class ApplicationError(Exception):
     ``status``: HTTP status the interfaces answer with (4xx for the client's fault, 502/504
     for an upstream's).
     ``param``: the request field at fault, if any.
-    ``fields``: for validation errors, DRF's per-field detail (``{field: [messages]}``), sent as
-    ``error.fields`` so forms can show every field's problem.
+    ``fields``: for validation errors, DRF's per-field detail (``{field: [messages]}``; errors of
+    no one field under ``non_field_errors``), sent as ``error.fields`` so forms can show every
+    field's problem.
     """
 
     def __init__(
@@ -81,6 +84,27 @@ class NotFoundError(ApplicationError):
 
     def __init__(self, message: str = "Not found.", *, code: str = "not_found", param: str | None = None) -> None:
         super().__init__(message, code=code, status=404, param=param)
+
+
+def unknown_url_error(request: HttpRequest) -> ApplicationError:
+    """Return the 404 ``unknown_url`` error for a URL that names nothing (OpenAI's wording and type)."""
+    return ApplicationError(
+        f"Invalid URL ({request.method} {request.path}).", code="unknown_url", status=404, type="invalid_request_error"
+    )
+
+
+def request_too_large_error() -> ApplicationError:
+    """Return the 413 ``request_too_large`` error for a body over ``DATA_UPLOAD_MAX_MEMORY_SIZE``."""
+    return ApplicationError(
+        f"The request body is larger than this server accepts ({settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes).",
+        code="request_too_large",
+        status=413,
+    )
+
+
+def internal_error() -> ApplicationError:
+    """Return the 500 ``internal_error`` a client sees for a bug (the server log has the traceback)."""
+    return ApplicationError("The server had an error while processing your request.", code="internal_error", status=500)
 
 
 def error_body(message: str, *, type: str, code: str | None, param: str | None = None) -> dict[str, Any]:  # noqa: A002
@@ -133,13 +157,16 @@ def as_application_error(exc: Exception) -> ApplicationError | None:
         return None
     if isinstance(exc, drf_exceptions.ValidationError):
         message, param = _flatten_validation(exc.detail)
+        # Always an object, as documented: a ValidationError raised with a message or a list
+        # (a view's or a filter's, not a serializer field's) goes under DRF's non-field key.
+        fields = exc.detail if isinstance(exc.detail, dict) else {drf_settings.NON_FIELD_ERRORS_KEY: exc.detail}
         return ApplicationError(
             message,
             code="invalid",
             status=exc.status_code,
             param=param,
             type="invalid_request_error",
-            fields=exc.detail,
+            fields=fields,
         )
     detail = exc.detail
     codes = exc.get_codes()

@@ -1,4 +1,4 @@
-"""DRF's exception handler for the project: every API error in OpenAI's error shape.
+"""DRF's exception handler and Django's error views for the project: every API error in OpenAI's error shape.
 
 Kept apart from ``chatbackend.errors`` so low-level modules can raise ``ApplicationError``
 without importing DRF's views.
@@ -6,12 +6,23 @@ without importing DRF's views.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, HttpResponse
+from django.views import defaults
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_default_exception_handler
 
-from .errors import as_application_error
+from .errors import (
+    ApplicationError,
+    as_application_error,
+    error_response,
+    internal_error,
+    request_too_large_error,
+    unknown_url_error,
+)
 
 
 def drf_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
@@ -31,3 +42,39 @@ def drf_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
         return Response(error.as_dict(), status=error.status)
     response.data = error.as_dict()
     return response
+
+
+# --- Django's error views (handler400/404/500 in chatbackend.urls) ------------------------------
+# What Django answers itself, before or outside any DRF view: a URL that resolves to nothing (an
+# unknown path, a non-integer id), a body over DATA_UPLOAD_MAX_MEMORY_SIZE, a bad Host header, an
+# unhandled exception. Under the API prefixes these are the project's JSON error, like every other
+# API error; the HTML pages (templates/) keep Django's own.
+
+_API_PATH = re.compile(r"^/(?:api|v1|dashboard)(?:/|$)")
+
+
+def _is_api(request: HttpRequest) -> bool:
+    return _API_PATH.match(request.path_info) is not None
+
+
+def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """``handler400``: 413 ``request_too_large`` for a body too big, else 400 ``bad_request``, as JSON on the API."""
+    if not _is_api(request):
+        return defaults.bad_request(request, exception)
+    if isinstance(exception, RequestDataTooBig):
+        return error_response(request_too_large_error())
+    return error_response(ApplicationError("The request could not be understood by the server.", code="bad_request"))
+
+
+def page_not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """``handler404``: a URL that names nothing; 404 ``unknown_url`` as JSON on the API."""
+    if not _is_api(request):
+        return defaults.page_not_found(request, exception)
+    return error_response(unknown_url_error(request))
+
+
+def server_error(request: HttpRequest) -> HttpResponse:
+    """``handler500``: a bug (Django has logged it with its traceback); 500 ``internal_error`` as JSON on the API."""
+    if not _is_api(request):
+        return defaults.server_error(request)
+    return error_response(internal_error())

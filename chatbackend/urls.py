@@ -14,3 +14,8 @@ urlpatterns = [
     path("", include("llm.openai.urls")),
     path("", include("chatbackend.pages")),
 ]
+
+# Django's own errors (unknown URL, body too large, bad Host, a bug) as JSON under /api, /v1, /dashboard.
+handler400 = "chatbackend.exception_handlers.bad_request"
+handler404 = "chatbackend.exception_handlers.page_not_found"
+handler500 = "chatbackend.exception_handlers.server_error"
