@@ -42,6 +42,7 @@ from accounts.services import api_key_create
 from accounts.usage import usage_flush
 from chatbackend import broadcast
 from llm.providers.openai_compatible import aclose_clients
+from llm.streaming import replies_accepting
 from llm.tests.simulator_process import SimulatorProcess, start_simulator
 from tests.factories import PASSWORD, LLMModelFactory, ProviderFactory, UserFactory
 from tests.kit import (
@@ -113,6 +114,17 @@ def _fresh_auth_throttles() -> Iterator[None]:
     cache.delete_many(_THROTTLE_KEYS)
     yield
     cache.delete_many(_THROTTLE_KEYS)
+
+
+@pytest.fixture(autouse=True)
+def _replies_accepted() -> Iterator[None]:
+    """End every test with this process accepting replies again.
+
+    A test that runs the ASGI lifespan through its shutdown (``chatbackend.lifespan``) leaves
+    ``llm.streaming`` refusing new replies (503 ``server_shutting_down``) for the tests after it.
+    """
+    yield
+    replies_accepting(True)
 
 
 # --- Simulators, one process per pace --------------------------------------------------------
