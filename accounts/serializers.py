@@ -21,6 +21,8 @@ from rest_framework_simplejwt.serializers import (
 )
 from rest_framework_simplejwt.settings import api_settings as jwt_api_settings
 
+from chatbackend.fields import BlankableEmailField, StrictCharField
+
 from .models import APIKey, UsageRecord, User
 from .revocation import SESSION_CLAIM
 
@@ -51,18 +53,20 @@ class ErrorOutputSerializer(serializers.Serializer):
 
 
 class UserRegisterInputSerializer(serializers.Serializer):
-    username = serializers.CharField(
+    username = StrictCharField(
         max_length=150,
         validators=[
             UnicodeUsernameValidator(),
             UniqueValidator(queryset=User.objects.all(), message="A user with that username already exists."),
         ],
     )
-    password = serializers.CharField(write_only=True, trim_whitespace=False, style={"input_type": "password"})
-    email = serializers.EmailField(allow_blank=True, default="")
+    password = StrictCharField(write_only=True, trim_whitespace=False, style={"input_type": "password"})
+    email = BlankableEmailField(default="")
 
 
 class UserRegisterOutputSerializer(serializers.ModelSerializer):
+    email = BlankableEmailField(read_only=True)
+
     class Meta:
         model = User
         fields = ["id", "username", "email", "role"]
@@ -70,6 +74,8 @@ class UserRegisterOutputSerializer(serializers.ModelSerializer):
 
 
 class UserMeOutputSerializer(serializers.ModelSerializer):
+    email = BlankableEmailField(read_only=True)
+
     class Meta:
         model = User
         fields = ["id", "username", "email", "role", "date_joined"]
@@ -77,6 +83,8 @@ class UserMeOutputSerializer(serializers.ModelSerializer):
 
 
 class UserListOutputSerializer(serializers.ModelSerializer):
+    email = BlankableEmailField(read_only=True)
+
     class Meta:
         model = User
         fields = ["id", "username", "email", "role", "is_active", "date_joined", "last_login"]
@@ -132,7 +140,7 @@ class AuthLogoutInputSerializer(TokenBlacklistSerializer):
 
 
 class APIKeyCreateInputSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=100)
+    name = StrictCharField(max_length=100)
 
 
 class APIKeyOutputSerializer(serializers.ModelSerializer):
