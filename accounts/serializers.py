@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from django.contrib.auth.password_validation import MinimumLengthValidator, get_default_password_validators
 from django.contrib.auth.validators import UnicodeUsernameValidator
 from rest_framework import serializers
 from rest_framework.exceptions import AuthenticationFailed
@@ -52,6 +53,12 @@ class ErrorOutputSerializer(serializers.Serializer):
 # --- Registration, tokens, the caller --------------------------------------------------------
 
 
+def _password_min_length() -> int:
+    """Return the shortest password ``AUTH_PASSWORD_VALIDATORS`` accept (1 without a length rule)."""
+    lengths = [v.min_length for v in get_default_password_validators() if isinstance(v, MinimumLengthValidator)]
+    return max(lengths, default=1)
+
+
 class UserRegisterInputSerializer(serializers.Serializer):
     username = StrictCharField(
         max_length=150,
@@ -60,7 +67,11 @@ class UserRegisterInputSerializer(serializers.Serializer):
             UniqueValidator(queryset=User.objects.all(), message="A user with that username already exists."),
         ],
     )
-    password = StrictCharField(write_only=True, trim_whitespace=False, style={"input_type": "password"})
+    # min_length: the length rule of the password validators, stated in the schema too; the other
+    # rules (common, numeric, like the username) no schema can hold, and answer 400 as well.
+    password = StrictCharField(
+        write_only=True, trim_whitespace=False, min_length=_password_min_length(), style={"input_type": "password"}
+    )
     email = BlankableEmailField(default="")
 
 
@@ -98,6 +109,16 @@ class AuthTokenObtainInputSerializer(TokenObtainPairSerializer):
     that logging out can end that session's open WebSockets (``accounts.revocation``).
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # simplejwt's fields trim whitespace: a password registered as " secret " could not log in,
+        # and "  " was a 400 (blank) where the schema's minLength 1 allows it (now: 401, wrong).
+        # Strict: a number is not a username.
+        self.fields[self.username_field] = StrictCharField(write_only=True, trim_whitespace=False)
+        self.fields["password"] = StrictCharField(
+            write_only=True, trim_whitespace=False, style={"input_type": "password"}
+        )
+
     @classmethod
     def get_token(cls, user: Any) -> Any:
         token = super().get_token(user)
@@ -112,6 +133,9 @@ class AuthTokenPairOutputSerializer(serializers.Serializer):
 
 class AuthTokenRefreshInputSerializer(TokenRefreshSerializer):
     """``{refresh}``: a refresh token, usable once; it is rotated and the old one blacklisted."""
+
+    # Untrimmed and strict, so "  " or 0 is a 401 (not a token), as the schema's minLength 1 allows.
+    refresh = StrictCharField(trim_whitespace=False)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, str]:
         """Rotate the refresh token (simplejwt); answer 401 when its user no longer exists."""
@@ -129,6 +153,8 @@ class AuthLogoutInputSerializer(TokenBlacklistSerializer):
     the token's ``user_id`` and session id (``sid``, None for tokens issued before sessions), for
     the view to end that session's open connections.
     """
+
+    refresh = StrictCharField(write_only=True, trim_whitespace=False)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         refresh = self.token_class(attrs["refresh"])  # invalid or blacklisted: TokenError -> 401

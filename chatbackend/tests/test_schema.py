@@ -266,3 +266,27 @@ def test_the_documented_content_pattern_refuses_what_the_server_calls_blank(sche
     assert not content.strip()  # the server's rule (conversations.serializers.clean_message_content)
     assert re.search(pattern, content) is None
     assert re.search(pattern, content + "a") is not None
+
+
+@pytest.mark.django_db
+def test_login_takes_the_password_as_registered_whitespace_and_all(api_client):
+    credentials = {"username": "spacey", "password": "  a long secret  "}
+    assert api_client.post("/api/auth/register/", credentials).status_code == 201
+
+    assert api_client.post("/api/auth/token/", credentials).status_code == 200
+    trimmed = {**credentials, "password": credentials["password"].strip()}
+    assert_error(api_client.post("/api/auth/token/", trimmed), 401)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/auth/token/", {"username": "  ", "password": "  "}),
+        ("/api/auth/token/refresh/", {"refresh": "  "}),
+        ("/api/auth/logout/", {"refresh": "  "}),
+    ],
+)
+def test_whitespace_credentials_are_wrong_not_malformed(api_client, path, body):
+    # The schema's minLength 1 admits them: the answer is "not valid" (401), not a blank-field 400.
+    assert_error(api_client.post(path, body), 401)
