@@ -127,6 +127,17 @@ def _fresh_auth_throttles() -> Iterator[None]:
     cache.delete_many(_THROTTLE_KEYS)
 
 
+@pytest.fixture(autouse=True)
+def _replies_accepted() -> Iterator[None]:
+    """End every test with this process accepting replies again.
+
+    A test that runs the ASGI lifespan through its shutdown (``chatbackend.lifespan``) leaves
+    ``llm.streaming`` refusing new replies (503 ``server_shutting_down``) for the tests after it.
+    """
+    yield
+    replies_accepting(True)
+
+
 # --- Simulators, one process per pace --------------------------------------------------------
 
 

@@ -87,8 +87,9 @@ class AuthRateThrottle(ScopedRateThrottle):
     """Throttle registration and login per client IP, in the cache (shared by processes on Redis).
 
     Rates come from ``REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]`` when it names the scope (a rate of
-    ``None`` turns the throttle off), else from ``DEFAULT_RATES``. Read per request, so tests can
-    override them.
+    ``None`` turns the throttle off; settings ``AUTH_REGISTER_THROTTLE_RATE`` and
+    ``AUTH_LOGIN_THROTTLE_RATE`` set them), else from ``DEFAULT_RATES``. Read per request, so tests
+    can override them.
     """
 
     DEFAULT_RATES = {"auth_register": "10/minute", "auth_login": "30/minute"}
@@ -113,6 +114,10 @@ class UserRegisterApi(APIView):
     @extend_schema(
         tags=["auth"],
         summary="Register a member account",
+        description=(
+            "400 when the username is taken or the password fails the server's password validators "
+            "(too short, too common, too similar to the username, entirely numeric): see `error.fields`."
+        ),
         request=UserRegisterInputSerializer,
         responses={201: UserRegisterOutputSerializer, **_errors(400, 429)},
         auth=[],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from django.contrib.auth.password_validation import MinimumLengthValidator, get_default_password_validators
 from django.contrib.auth.validators import UnicodeUsernameValidator
 from rest_framework import serializers
 from rest_framework.exceptions import AuthenticationFailed
@@ -20,6 +21,8 @@ from rest_framework_simplejwt.serializers import (
     TokenRefreshSerializer,
 )
 from rest_framework_simplejwt.settings import api_settings as jwt_api_settings
+
+from chatbackend.fields import BlankableEmailField, StrictCharField
 
 from .models import APIKey, UsageRecord, User
 from .revocation import SESSION_CLAIM
@@ -50,19 +53,31 @@ class ErrorOutputSerializer(serializers.Serializer):
 # --- Registration, tokens, the caller --------------------------------------------------------
 
 
+def _password_min_length() -> int:
+    """Return the shortest password ``AUTH_PASSWORD_VALIDATORS`` accept (1 without a length rule)."""
+    lengths = [v.min_length for v in get_default_password_validators() if isinstance(v, MinimumLengthValidator)]
+    return max(lengths, default=1)
+
+
 class UserRegisterInputSerializer(serializers.Serializer):
-    username = serializers.CharField(
+    username = StrictCharField(
         max_length=150,
         validators=[
             UnicodeUsernameValidator(),
             UniqueValidator(queryset=User.objects.all(), message="A user with that username already exists."),
         ],
     )
-    password = serializers.CharField(write_only=True, trim_whitespace=False, style={"input_type": "password"})
-    email = serializers.EmailField(allow_blank=True, default="")
+    # min_length: the length rule of the password validators, stated in the schema too; the other
+    # rules (common, numeric, like the username) no schema can hold, and answer 400 as well.
+    password = StrictCharField(
+        write_only=True, trim_whitespace=False, min_length=_password_min_length(), style={"input_type": "password"}
+    )
+    email = BlankableEmailField(default="")
 
 
 class UserRegisterOutputSerializer(serializers.ModelSerializer):
+    email = BlankableEmailField(read_only=True)
+
     class Meta:
         model = User
         fields = ["id", "username", "email", "role"]
@@ -70,6 +85,8 @@ class UserRegisterOutputSerializer(serializers.ModelSerializer):
 
 
 class UserMeOutputSerializer(serializers.ModelSerializer):
+    email = BlankableEmailField(read_only=True)
+
     class Meta:
         model = User
         fields = ["id", "username", "email", "role", "date_joined"]
@@ -77,6 +94,8 @@ class UserMeOutputSerializer(serializers.ModelSerializer):
 
 
 class UserListOutputSerializer(serializers.ModelSerializer):
+    email = BlankableEmailField(read_only=True)
+
     class Meta:
         model = User
         fields = ["id", "username", "email", "role", "is_active", "date_joined", "last_login"]
@@ -89,6 +108,16 @@ class AuthTokenObtainInputSerializer(TokenObtainPairSerializer):
     Every token pair of one login carries a session id claim (``sid``), kept through refreshes, so
     that logging out can end that session's open WebSockets (``accounts.revocation``).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # simplejwt's fields trim whitespace: a password registered as " secret " could not log in,
+        # and "  " was a 400 (blank) where the schema's minLength 1 allows it (now: 401, wrong).
+        # Strict: a number is not a username.
+        self.fields[self.username_field] = StrictCharField(write_only=True, trim_whitespace=False)
+        self.fields["password"] = StrictCharField(
+            write_only=True, trim_whitespace=False, style={"input_type": "password"}
+        )
 
     @classmethod
     def get_token(cls, user: Any) -> Any:
@@ -104,6 +133,9 @@ class AuthTokenPairOutputSerializer(serializers.Serializer):
 
 class AuthTokenRefreshInputSerializer(TokenRefreshSerializer):
     """``{refresh}``: a refresh token, usable once; it is rotated and the old one blacklisted."""
+
+    # Untrimmed and strict, so "  " or 0 is a 401 (not a token), as the schema's minLength 1 allows.
+    refresh = StrictCharField(trim_whitespace=False)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, str]:
         """Rotate the refresh token (simplejwt); answer 401 when its user no longer exists."""
@@ -122,6 +154,8 @@ class AuthLogoutInputSerializer(TokenBlacklistSerializer):
     the view to end that session's open connections.
     """
 
+    refresh = StrictCharField(write_only=True, trim_whitespace=False)
+
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         refresh = self.token_class(attrs["refresh"])  # invalid or blacklisted: TokenError -> 401
         super().validate(attrs)
@@ -132,7 +166,7 @@ class AuthLogoutInputSerializer(TokenBlacklistSerializer):
 
 
 class APIKeyCreateInputSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=100)
+    name = StrictCharField(max_length=100)
 
 
 class APIKeyOutputSerializer(serializers.ModelSerializer):

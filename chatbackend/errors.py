@@ -21,6 +21,7 @@ from django.core.exceptions import PermissionDenied
 from django.db import utils as db_utils
 from django.http import Http404, HttpRequest, JsonResponse
 from rest_framework import exceptions as drf_exceptions
+from rest_framework.settings import api_settings as drf_settings
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +54,9 @@ class ApplicationError(Exception):
     ``status``: HTTP status the interfaces answer with (4xx for the client's fault, 502/504
     for an upstream's).
     ``param``: the request field at fault, if any.
-    ``fields``: for validation errors, DRF's per-field detail (``{field: [messages]}``), sent as
-    ``error.fields`` so forms can show every field's problem.
+    ``fields``: for validation errors, DRF's per-field detail (``{field: [messages]}``; errors of
+    no one field under ``non_field_errors``), sent as ``error.fields`` so forms can show every
+    field's problem.
     ``detail``: what only the server log may hold (an upstream's host, port, library error text);
     never sent to a client nor stored where clients read it.
     """
@@ -202,13 +204,16 @@ def as_application_error(exc: Exception) -> ApplicationError | None:
         return None
     if isinstance(exc, drf_exceptions.ValidationError):
         message, param = _flatten_validation(exc.detail)
+        # Always an object, as documented: a ValidationError raised with a message or a list
+        # (a view's or a filter's, not a serializer field's) goes under DRF's non-field key.
+        fields = exc.detail if isinstance(exc.detail, dict) else {drf_settings.NON_FIELD_ERRORS_KEY: exc.detail}
         return ApplicationError(
             message,
             code="invalid",
             status=exc.status_code,
             param=param,
             type="invalid_request_error",
-            fields=exc.detail,
+            fields=fields,
         )
     detail = exc.detail
     codes = exc.get_codes()

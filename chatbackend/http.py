@@ -14,7 +14,8 @@ once (FIELD-NOTES, "HTTP streaming"). Never gzip it: each part would become its 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from django.http import StreamingHttpResponse
 
@@ -33,4 +34,31 @@ class EventStreamResponse(StreamingHttpResponse):
         self.body_parts = body
 
 
-__all__ = ["EventStreamResponse"]
+def sse_event_schema(description: str, *, events: Sequence[str] = (), data: str = "") -> dict[str, Any]:
+    """Return the OpenAPI schema of one server-sent event of a ``text/event-stream`` response.
+
+    A stream is a sequence of events, so the media type's schema describes one event, as OpenAPI
+    3.2's ``itemSchema`` does (https://spec.openapis.org/oas/v3.2.0.html#sequential-media-types)
+    and as schemathesis reads a 3.0 document: ``{event, data, id, retry}`` after the SSE parsing
+    rules (https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation;
+    ``event`` is ``message`` when the stream names none). ``events``: the event types sent (an
+    enum), if the stream names them. ``data``: what each ``data`` string holds. OpenAPI 3.0 has no
+    keyword for "a string holding JSON of this schema", so that is said in prose.
+    """
+    event: dict[str, Any] = {"type": "string"}
+    if events:
+        event["enum"] = list(events)
+    return {
+        "type": "object",
+        "description": description,
+        "properties": {
+            "event": event,
+            "data": {"type": "string", "description": data},
+            "id": {"type": "string"},
+            "retry": {"type": "integer"},
+        },
+        "required": ["data"],
+    }
+
+
+__all__ = ["EventStreamResponse", "sse_event_schema"]

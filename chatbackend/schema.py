@@ -29,6 +29,8 @@ from rest_framework.views import APIView
 
 from accounts.authentication import APIKeyAuthentication, JWTAuthentication
 from accounts.serializers import ErrorOutputSerializer
+from chatbackend.http import sse_event_schema
+from conversations.apis import REPLY_EVENT_SCHEMA
 from conversations.serializers import MessageSendInputSerializer, MessageSendOutputSerializer
 from llm.openai import (
     BillingSubscriptionOutputSerializer,
@@ -74,6 +76,9 @@ class _OpenAIDocView(APIView):
 
 
 class ChatCompletionsDocView(_OpenAIDocView):
+    # The stream's chunks: each event's ``data`` is one, which OpenAPI 3.0 can only say in prose.
+    extra_components = (ChatCompletionChunkOutputSerializer,)
+
     @extend_schema(
         operation_id="openai_chat_completions_create",
         tags=["openai"],
@@ -88,12 +93,35 @@ class ChatCompletionsDocView(_OpenAIDocView):
             "Also authenticated by `x-api-key` / `api-key` headers."
         ),
         request={"application/json": ChatCompletionCreateInputSerializer},
+        examples=[
+            OpenApiExample(
+                "streamed",
+                request_only=True,
+                value={"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "Hello!"}]},
+            ),
+            OpenApiExample(
+                "whole",
+                request_only=True,
+                value={
+                    "model": "gpt-4o-mini",
+                    "messages": [
+                        {"role": "system", "content": "Answer briefly."},
+                        {"role": "user", "content": "Hello!"},
+                    ],
+                    "max_tokens": 64,
+                },
+            ),
+        ],
         responses={
             (200, "application/json"): OpenApiResponse(
                 ChatCompletionOutputSerializer, description="`stream` false: the whole chat completion."
             ),
             (200, "text/event-stream"): OpenApiResponse(
-                ChatCompletionChunkOutputSerializer,
+                sse_event_schema(
+                    "One server-sent event of the stream (`event` is always `message`).",
+                    events=("message",),
+                    data="The JSON of one `ChatCompletionChunkOutput` (see components), or `[DONE]` last.",
+                ),
                 description="`stream` true: server-sent events, each `data:` line one chunk.",
                 examples=[OpenApiExample("stream", value=_SSE_EXAMPLE, media_type="text/event-stream")],
             ),
@@ -137,7 +165,8 @@ class BillingUsageDocView(_OpenAIDocView):
         operation_id="openai_billing_usage",
         description=(
             "`{object: list, total_usage}`: the cost of the caller's usage records from `start_date` "
-            "(inclusive) to `end_date` (exclusive; NextChat sends tomorrow), in US cents."
+            "(inclusive) to `end_date` (exclusive; NextChat sends tomorrow), in US cents. "
+            "400 when `end_date` is before `start_date`."
         ),
         tags=["openai"],
         summary="The caller's spending in a date range, in US cents (NextChat's usage display)",
@@ -178,7 +207,7 @@ class MessageSendDocView(_OpenAIDocView):
         request={"application/json": MessageSendInputSerializer},
         responses={
             (201, "application/json"): MessageSendOutputSerializer,
-            (200, "text/event-stream"): OpenApiResponse(OpenApiTypes.STR, description="The reply as SSE events."),
+            (200, "text/event-stream"): OpenApiResponse(REPLY_EVENT_SCHEMA, description="The reply as SSE events."),
             **_errors(400, 401, 404, 502),
         },
     )
@@ -274,9 +303,38 @@ def add_async_endpoints(
         view.request = spectacular_settings.GET_MOCK_REQUEST(method, path, view, request)
         operation = view.schema.get_operation(path, "", "^/", method, generator.registry)
         paths.setdefault(path, {})[method.lower()] = operation
+        for serializer in getattr(view_class, "extra_components", ()):  # named in prose, not by $ref
+            view.schema.resolve_serializer(serializer, "response")
     components = result.setdefault("components", {})
     for section, entries in generator.registry.build({}).items():
         merged = components.setdefault(section, {})
         for name, schema in entries.items():
             merged.setdefault(name, schema)
+    return result
+
+
+_PAGE_ERRORS = {
+    "400": "Invalid request: a field or query parameter failed validation (see error.param, error.fields); "
+    "`page` that is not a whole number from 1.",
+    "404": "Not found: a `page` past the last one.",
+}
+
+
+def document_pagination_errors(
+    result: dict[str, Any], generator: SchemaGenerator, request: Any, public: bool
+) -> dict[str, Any]:
+    """Document the 400 and 404 of ``chatbackend.pagination`` on every operation with a ``page`` parameter.
+
+    An operation that already documents the status keeps its own description. The body is the
+    project's error object (``ErrorOutput``), as everywhere.
+    """
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOutput"}}}
+    for operations in result.get("paths", {}).values():
+        for operation in operations.values():
+            parameters = operation.get("parameters", [])
+            if not any(p.get("in") == "query" and p.get("name") == "page" for p in parameters):
+                continue
+            responses = operation.setdefault("responses", {})
+            for status, description in _PAGE_ERRORS.items():
+                responses.setdefault(status, {"content": error, "description": description})
     return result

@@ -46,6 +46,15 @@ def _bool(name: str, default: bool) -> bool:
     return raw in _TRUE
 
 
+def _rate(name: str, default: str) -> str:
+    """Read a DRF throttle rate, ``<requests>/<second|minute|hour|day>`` (e.g. ``10/minute``)."""
+    raw = env.str(name, default=default).strip()
+    count, _, period = raw.partition("/")
+    if not (count.isascii() and count.isdigit() and int(count) > 0 and period[:1] in {"s", "m", "h", "d"}):
+        _fail(name, raw, "a rate such as 10/minute (requests per second, minute, hour or day)")
+    return raw
+
+
 def _positive(name: str, value: float) -> float:
     if value <= 0:
         _fail(name, value, "a number greater than 0")
@@ -256,7 +265,12 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "DEFAULT_PAGINATION_CLASS": "chatbackend.pagination.PageNumberPagination",
+    # Registration and login, per client IP (accounts.apis.AuthRateThrottle).
+    "DEFAULT_THROTTLE_RATES": {
+        "auth_register": _rate("AUTH_REGISTER_THROTTLE_RATE", "10/minute"),
+        "auth_login": _rate("AUTH_LOGIN_THROTTLE_RATE", "30/minute"),
+    },
     "PAGE_SIZE": 50,
     "DEFAULT_FILTER_BACKENDS": [
         "django_filters.rest_framework.DjangoFilterBackend",
@@ -265,12 +279,11 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "chatbackend.exception_handlers.drf_exception_handler",
-    # DRF's defaults with the project's JSON parser (strict JSON, bounded depth: chatbackend.parsers).
-    "DEFAULT_PARSER_CLASSES": [
-        "chatbackend.parsers.JSONParser",
-        "rest_framework.parsers.FormParser",
-        "rest_framework.parsers.MultiPartParser",
-    ],
+    # JSON bodies only, as docs/api.md and the OpenAPI schema say: DRF's form parsers would read an
+    # empty form field as "not sent", which no JSON schema of the body can state (another type: 415).
+    # The project's JSON parser: strict JSON, bounded depth (chatbackend.parsers).
+    "DEFAULT_PARSER_CLASSES": ["chatbackend.parsers.JSONParser"],
+    "TEST_REQUEST_DEFAULT_FORMAT": "json",
     "DEFAULT_RENDERER_CLASSES": [
         "rest_framework.renderers.JSONRenderer",
         "rest_framework.renderers.BrowsableAPIRenderer",
@@ -296,6 +309,7 @@ SPECTACULAR_SETTINGS = {
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
         "chatbackend.schema.add_async_endpoints",
+        "chatbackend.schema.document_pagination_errors",
     ],
 }
 

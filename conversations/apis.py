@@ -13,7 +13,7 @@ from typing import Any
 import django_filters
 from django.db.models import QuerySet
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema, extend_schema_view
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.exceptions import MethodNotAllowed
 from rest_framework.filters import OrderingFilter, SearchFilter
@@ -24,6 +24,7 @@ from rest_framework.views import APIView
 
 from accounts.authentication import request_user
 from accounts.serializers import ErrorOutputSerializer
+from chatbackend.http import sse_event_schema
 
 from .models import Conversation, Message
 from .selectors import conversation_list, message_list
@@ -68,6 +69,13 @@ class ConversationFilter(django_filters.FilterSet):
     create=extend_schema(
         summary="Start a conversation with an enabled model",
         request=ConversationCreateInputSerializer,
+        examples=[
+            OpenApiExample(
+                "conversation",
+                request_only=True,
+                value={"model": "gpt-4o-mini", "title": "Trip plans", "system_prompt": "Answer briefly."},
+            )
+        ],
         responses={201: ConversationOutputSerializer, **_errors(400, 401, 404)},
     ),
     retrieve=extend_schema(
@@ -142,6 +150,13 @@ class MessageFilter(django_filters.FilterSet):
         fields = ["role", "status"]
 
 
+REPLY_EVENT_SCHEMA = sse_event_schema(
+    'One server-sent event of the reply (docs/api.md, "SSE events").',
+    events=("reply.start", "reply.delta", "reply.done", "error"),
+    data="JSON: reply.start {conversation_id, user_message_id, message_id, model}; reply.delta {content, "
+    "reasoning_content?}; reply.done {message}; error {error, message}.",
+)
+
 _SSE_EXAMPLE = (
     "event: reply.start\n"
     'data: {"conversation_id":1,"user_message_id":10,"message_id":11,"model":"gpt-4o-mini"}\n\n'
@@ -167,6 +182,18 @@ class ConversationMessageListApi(ListAPIView):
     @extend_schema(
         tags=["conversations"],
         summary="List a conversation's messages, oldest first",
+        # django-filter reads an empty value as no filter, so the enums admit "" (as the server does).
+        parameters=[
+            OpenApiParameter(
+                "role", OpenApiTypes.STR, enum=[*Message.Role.values, ""], description="Only this role (empty: any)."
+            ),
+            OpenApiParameter(
+                "status",
+                OpenApiTypes.STR,
+                enum=[*Message.Status.values, ""],
+                description="Only this status (empty: any).",
+            ),
+        ],
         responses={200: MessageOutputSerializer, **_errors(400, 401, 404)},
     )
     def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
@@ -193,7 +220,7 @@ class ConversationMessageListApi(ListAPIView):
                 MessageSendOutputSerializer, description="The reply ended (completed, or stopped)."
             ),
             (200, "text/event-stream"): OpenApiResponse(
-                OpenApiTypes.STR,
+                REPLY_EVENT_SCHEMA,
                 description="The reply as server-sent events.",
                 examples=[OpenApiExample("reply", value=_SSE_EXAMPLE, media_type="text/event-stream")],
             ),

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.core.validators import RegexValidator
 from rest_framework import serializers
 
 from chatbackend.errors import ApplicationError
+from chatbackend.fields import StrictCharField
 
 from .models import Conversation, Message
 from .services import MAX_MESSAGE_CHARS, MAX_SYSTEM_PROMPT_CHARS, MAX_TITLE_CHARS
+
+# "At least one character that is not whitespace", whitespace being Python's (``str.isspace``: what
+# ``clean_message_content`` strips), spelled out as \u escapes: ``\S`` would mean another set in the
+# regex dialect of JSON Schema (ECMA 262), which leaves out U+001C..U+001F and U+0085.
+_WHITESPACE = "".join(char for char in map(chr, range(0x3001)) if char.isspace())
+NOT_BLANK_PATTERN = "[^" + "".join(f"\\u{ord(char):04x}" for char in _WHITESPACE) + "]"
 
 
 class ConversationOutputSerializer(serializers.ModelSerializer):
@@ -31,9 +39,9 @@ class ConversationOutputSerializer(serializers.ModelSerializer):
 class ConversationCreateInputSerializer(serializers.Serializer):
     """``{model, title?, system_prompt?}``; ``model`` must name an enabled model."""
 
-    model = serializers.CharField(max_length=200)
-    title = serializers.CharField(max_length=MAX_TITLE_CHARS, allow_blank=True, required=False, default="")
-    system_prompt = serializers.CharField(
+    model = StrictCharField(max_length=200)
+    title = StrictCharField(max_length=MAX_TITLE_CHARS, allow_blank=True, required=False, default="")
+    system_prompt = StrictCharField(
         max_length=MAX_SYSTEM_PROMPT_CHARS, allow_blank=True, required=False, default="", trim_whitespace=False
     )
 
@@ -41,9 +49,9 @@ class ConversationCreateInputSerializer(serializers.Serializer):
 class ConversationUpdateInputSerializer(serializers.Serializer):
     """Any of ``{title, system_prompt, model}``; fields left out stay as they are."""
 
-    model = serializers.CharField(max_length=200, required=False)
-    title = serializers.CharField(max_length=MAX_TITLE_CHARS, allow_blank=True, required=False)
-    system_prompt = serializers.CharField(
+    model = StrictCharField(max_length=200, required=False)
+    title = StrictCharField(max_length=MAX_TITLE_CHARS, allow_blank=True, required=False)
+    system_prompt = StrictCharField(
         max_length=MAX_SYSTEM_PROMPT_CHARS, allow_blank=True, required=False, trim_whitespace=False
     )
 
@@ -76,7 +84,9 @@ class MessageOutputSerializer(serializers.ModelSerializer):
 class MessageSendInputSerializer(serializers.Serializer):
     """``{content}``: the user's message (documentation; the async send view parses it itself)."""
 
-    content = serializers.CharField(max_length=MAX_MESSAGE_CHARS, trim_whitespace=False)
+    content = StrictCharField(
+        max_length=MAX_MESSAGE_CHARS, trim_whitespace=False, validators=[RegexValidator(NOT_BLANK_PATTERN)]
+    )
 
 
 class MessageSendOutputSerializer(serializers.Serializer):

@@ -12,11 +12,14 @@ import yaml
 from django.contrib.staticfiles import finders
 from django.core.management import call_command
 from django.test import AsyncClient
-from openapi_schema_validator import OAS30Validator
+from openapi_schema_validator import OAS30Validator, oas30_format_checker
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT4
+from rest_framework.exceptions import ValidationError
 
-from tests.kit import bearer, chat_body, post_chat, sse_data, streamed_content
+from chatbackend.errors import as_application_error
+from tests.factories import UserFactory
+from tests.kit import assert_error, bearer, chat_body, post_chat, sse_data, streamed_content
 
 ROOT = Path(__file__).resolve().parents[2]
 _METHODS = re.compile(r"\b((?:GET|POST|PUT|PATCH|DELETE)(?:/(?:GET|POST|PUT|PATCH|DELETE))*) (/[^\s|?`,]+)")
@@ -64,7 +67,12 @@ def test_async_endpoints_are_documented_from_their_serializers(schema):
     assert set(request["required"]) == {"model", "messages"}
     ok = chat["responses"]["200"]["content"]
     assert ok["application/json"]["schema"]["$ref"].endswith("/ChatCompletionOutput")
-    assert ok["text/event-stream"]["schema"]["$ref"].endswith("/ChatCompletionChunkOutput")
+    # A stream's schema describes one event (OpenAPI 3.2's itemSchema reading, schemathesis's too);
+    # its ``data`` names the chunk component, which the document keeps.
+    event = ok["text/event-stream"]["schema"]
+    assert event["required"] == ["data"] and event["properties"]["event"]["enum"] == ["message"]
+    assert "ChatCompletionChunkOutput" in event["properties"]["data"]["description"]
+    assert "ChatCompletionChunkOutput" in components["schemas"]
     for status in ("400", "401", "404", "429", "502"):
         assert chat["responses"][status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorOutput")
 
@@ -138,3 +146,147 @@ async def test_real_responses_match_the_documented_components(schema, api_key_se
     assert_matches(schema, "BillingSubscriptionOutput", json.loads(response.content))
     response = await post_chat(client, {"model": "sim-model", "messages": []}, bearer(api_key_secret))
     assert_matches(schema, "ErrorOutput", json.loads(response.content))
+
+
+# --- What schemathesis found (tests/test_e2e_schemathesis.py), each fixed on one side ---------
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("page", ["0", "-1", "abc", "", "1.5", "last", "٣"])
+def test_a_page_that_is_not_a_whole_number_from_1_is_a_documented_400(schema, auth_client, page):
+    response = auth_client.get("/api/conversations/", {"page": page})
+
+    error = assert_error(response, 400, code="invalid", param="page")
+    assert error["fields"] == {"page": ["A page number is a whole number from 1."]}
+    assert_matches(schema, "ErrorOutput", response.json())
+    parameters = {p["name"]: p for p in schema["paths"]["/api/conversations/"]["get"]["parameters"]}
+    assert parameters["page"]["schema"] == {"type": "integer", "minimum": 1}
+
+
+@pytest.mark.django_db
+def test_a_page_past_the_last_is_a_documented_404(schema, auth_client):
+    assert auth_client.get("/api/api-keys/", {"page": "1"}).status_code == 200  # an empty list has page 1
+
+    response = auth_client.get("/api/api-keys/", {"page": "2"})
+
+    assert_error(response, 404, code="not_found")
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            if any(p["name"] == "page" for p in operation.get("parameters", [])):
+                assert {"400", "404"} <= operation["responses"].keys(), (method, path)
+
+
+@pytest.mark.django_db
+def test_a_blank_email_is_what_the_schema_allows(schema, client_for):
+    member = UserFactory(email="")
+
+    response = client_for(member).get("/api/auth/me/")
+
+    assert response.status_code == 200 and response.json()["email"] == ""
+    assert_matches(schema, "UserMeOutput", response.json())
+    email = OAS30Validator(
+        schema["components"]["schemas"]["UserMeOutput"]["properties"]["email"], format_checker=oas30_format_checker
+    )
+    assert email.is_valid("") and email.is_valid("someone@example.com")
+    assert not email.is_valid("not-an-email")
+
+
+@pytest.mark.django_db
+def test_validation_errors_carry_fields_as_an_object_even_from_a_list():
+    error = as_application_error(ValidationError(["Not this."]))
+
+    assert error is not None
+    assert error.as_dict()["error"]["fields"] == {"non_field_errors": ["Not this."]}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/api/api-keys/", {"name": 0}, "name"),
+        ("/api/api-keys/", {"name": True}, "name"),
+        ("/api/conversations/", {"model": 1}, "model"),
+        ("/api/conversations/", {"model": "sim-model", "title": 5}, "title"),
+        ("/api/conversations/", {"model": "sim-model", "system_prompt": ["x"]}, "system_prompt"),
+    ],
+)
+def test_a_number_or_boolean_where_the_schema_says_string_is_a_400(schema, auth_client, path, body, param):
+    response = auth_client.post(path, body, format="json")
+
+    assert_error(response, 400, code="invalid", param=param)
+    assert_matches(schema, "ErrorOutput", response.json())
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("field", "value"), [("username", 12345678), ("password", 1.5e300), ("email", 0), ("email", False)]
+)
+def test_registration_takes_strings_only(api_client, field, value):
+    body = {"username": "someone", "password": "a-long-password-1", field: value}
+
+    response = api_client.post("/api/auth/register/", body, format="json")
+
+    assert_error(response, 400, code="invalid", param=field)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("provider_clients")
+@pytest.mark.parametrize("role", [{}, ["user"], 1, None])
+async def test_a_message_role_of_the_wrong_type_is_a_400(api_key_secret, sim_model, role):
+    body = {"model": "sim-model", "messages": [{"role": role, "content": "hi"}]}
+
+    response = await post_chat(AsyncClient(), body, bearer(api_key_secret))
+
+    assert_error(response, 400, code="invalid", param="messages.role")
+
+
+def test_the_schema_states_the_per_role_message_rules(schema):
+    messages = schema["components"]["schemas"]["ChatCompletionCreateInputRequest"]["properties"]["messages"]
+    validator = OAS30Validator(messages)
+
+    assert validator.is_valid([{"role": "user", "content": "hi"}])
+    assert validator.is_valid([{"role": "assistant", "tool_calls": [_TOOL_CALL]}])
+    assert validator.is_valid([{"role": "tool", "content": "42", "tool_call_id": "call_1"}])
+    assert not validator.is_valid([{"role": "tool", "content": "42"}])  # tool_call_id required
+    assert not validator.is_valid([{"role": "user"}])  # content required
+    assert not validator.is_valid([{"role": "assistant", "content": None, "tool_calls": []}])
+    assert not validator.is_valid([{"role": "user", "content": [{"type": "text"}]}])  # a text part needs text
+    assert not validator.is_valid([])
+    n = schema["components"]["schemas"]["ChatCompletionCreateInputRequest"]["properties"]["n"]
+    assert (n["minimum"], n["maximum"]) == (1, 1)
+
+
+_TOOL_CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize("content", ["\x1d", " \t\n", "\u3000", "\x85"])
+def test_the_documented_content_pattern_refuses_what_the_server_calls_blank(schema, content):
+    pattern = schema["components"]["schemas"]["MessageSendInputRequest"]["properties"]["content"]["pattern"]
+
+    assert not content.strip()  # the server's rule (conversations.serializers.clean_message_content)
+    assert re.search(pattern, content) is None
+    assert re.search(pattern, content + "a") is not None
+
+
+@pytest.mark.django_db
+def test_login_takes_the_password_as_registered_whitespace_and_all(api_client):
+    credentials = {"username": "spacey", "password": "  a long secret  "}
+    assert api_client.post("/api/auth/register/", credentials).status_code == 201
+
+    assert api_client.post("/api/auth/token/", credentials).status_code == 200
+    trimmed = {**credentials, "password": credentials["password"].strip()}
+    assert_error(api_client.post("/api/auth/token/", trimmed), 401)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/auth/token/", {"username": "  ", "password": "  "}),
+        ("/api/auth/token/refresh/", {"refresh": "  "}),
+        ("/api/auth/logout/", {"refresh": "  "}),
+    ],
+)
+def test_whitespace_credentials_are_wrong_not_malformed(api_client, path, body):
+    # The schema's minLength 1 admits them: the answer is "not valid" (401), not a blank-field 400.
+    assert_error(api_client.post(path, body), 401)

@@ -16,6 +16,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from .fields import (
+    CONTENT_SCHEMA,
     JSONObjectField,
     MessageContentField,
     StopField,
@@ -56,7 +57,7 @@ class ChatCompletionMessageInputSerializer(serializers.Serializer):
 
     role = serializers.ChoiceField(choices=MESSAGE_ROLES)
     content = MessageContentField(required=False, allow_null=True)
-    name = StrictCharField(required=False)
+    name = StrictCharField(required=False, allow_blank=True)  # blank allowed, as on the fast path below
     tool_calls = serializers.ListField(child=ChatCompletionToolCallInputSerializer(), required=False)
     tool_call_id = StrictCharField(required=False)
 
@@ -73,6 +74,72 @@ _PLAIN_MESSAGE_ROLES = frozenset(("system", "developer", "user", "assistant"))
 _PLAIN_MESSAGE_KEYS = frozenset(("role", "content", "name"))
 
 
+_NAME_SCHEMA = {"type": "string", "description": "An optional name for the participant."}
+_TOOL_CALL_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string", "minLength": 1},
+        "type": {"type": "string", "minLength": 1, "description": "`function`"},
+        "function": {
+            "type": "object",
+            "properties": {"name": {"type": "string", "minLength": 1}, "arguments": {"type": "string"}},
+            "required": ["name", "arguments"],
+        },
+    },
+    "required": ["id", "type", "function"],
+}
+
+
+def _message_schema(roles: tuple[str, ...], properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {"role": {"type": "string", "enum": list(roles)}, **properties},
+        "required": ["role", *required],
+    }
+
+
+# OpenAI's ``ChatCompletionRequestMessage``, one branch per role, so the schema holds the rules of
+# ``ChatCompletionMessageInputSerializer.validate``: content is required (not null) except on an
+# assistant message with non-empty ``tool_calls``; a tool message needs ``tool_call_id``. anyOf,
+# not oneOf: an assistant message with both content and tool calls matches both of its branches.
+_MESSAGES_SCHEMA = {
+    "type": "array",
+    "minItems": 1,
+    "description": "The conversation so far, oldest first.",
+    "items": {
+        "anyOf": [
+            _message_schema(
+                ("system", "developer", "user"), {"content": CONTENT_SCHEMA, "name": _NAME_SCHEMA}, ["content"]
+            ),
+            _message_schema(
+                ("assistant",),
+                {
+                    "content": CONTENT_SCHEMA,
+                    "name": _NAME_SCHEMA,
+                    "tool_calls": {"type": "array", "items": _TOOL_CALL_SCHEMA},
+                },
+                ["content"],
+            ),
+            _message_schema(
+                ("assistant",),
+                {
+                    "content": {**CONTENT_SCHEMA, "nullable": True},
+                    "name": _NAME_SCHEMA,
+                    "tool_calls": {"type": "array", "items": _TOOL_CALL_SCHEMA, "minItems": 1},
+                },
+                ["tool_calls"],
+            ),
+            _message_schema(
+                ("tool",),
+                {"content": CONTENT_SCHEMA, "tool_call_id": {"type": "string", "minLength": 1}},
+                ["content", "tool_call_id"],
+            ),
+        ]
+    },
+}
+
+
+@extend_schema_field(_MESSAGES_SCHEMA)
 class ChatCompletionMessageListField(serializers.ListField):
     """``messages``: a non-empty list of ``ChatCompletionMessageInputSerializer`` objects.
 
@@ -161,7 +228,14 @@ class ChatCompletionCreateInputSerializer(serializers.Serializer):
     stream_options = ChatCompletionStreamOptionsInputSerializer(required=False, allow_null=True)
     temperature = StrictFloatField(required=False, allow_null=True, min_value=0, max_value=2)
     top_p = StrictFloatField(required=False, allow_null=True, min_value=0, max_value=1)
-    n = StrictIntegerField(required=False, allow_null=True, help_text="Only 1 is supported.")
+    n = StrictIntegerField(
+        required=False,
+        allow_null=True,
+        min_value=1,
+        max_value=1,  # in the schema too (minimum = maximum = 1): other values are a 400
+        error_messages={"min_value": "Only n=1 is supported.", "max_value": "Only n=1 is supported."},
+        help_text="Only 1 is supported.",
+    )
     max_tokens = StrictIntegerField(required=False, allow_null=True, min_value=1)
     max_completion_tokens = StrictIntegerField(required=False, allow_null=True, min_value=1)
     stop = StopField(required=False, allow_null=True)
@@ -182,11 +256,6 @@ class ChatCompletionCreateInputSerializer(serializers.Serializer):
     metadata = serializers.DictField(child=StrictCharField(allow_blank=True), required=False, allow_null=True)
     store = StrictBooleanField(required=False, allow_null=True)
     service_tier = StrictCharField(required=False, allow_null=True)
-
-    def validate_n(self, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise serializers.ValidationError("Only n=1 is supported.", code="unsupported_value")
-        return value
 
 
 # --- Responses (documentation only) -----------------------------------------------------------

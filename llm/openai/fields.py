@@ -12,23 +12,20 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from chatbackend import fields as core_fields
+
 MAX_STOP_SEQUENCES = 4
 
 
 # --- Strict JSON-typed fields -----------------------------------------------------------------
 
 
-class StrictCharField(serializers.CharField):
+class StrictCharField(core_fields.StrictCharField):
     """A JSON string, as sent: no trimming, numbers are not strings."""
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("trim_whitespace", False)
         super().__init__(**kwargs)
-
-    def to_internal_value(self, data: Any) -> str:
-        if not isinstance(data, str):
-            self.fail("invalid")
-        return super().to_internal_value(data)
 
 
 class StrictFloatField(serializers.FloatField):
@@ -73,31 +70,49 @@ class JSONObjectField(serializers.DictField):
 
 # --- Content, stop, tool_choice: unions of JSON types -----------------------------------------
 
+# One branch per rule ``MessageContentField`` checks: a text part needs a string ``text``, an
+# image part an object ``image_url`` with a string ``url``; other types pass through to the upstream.
 _CONTENT_PART_SCHEMA = {
-    "type": "object",
     "description": "A content part: `{type: text, text}`, `{type: image_url, image_url: {url, detail?}}`, "
     "`{type: input_audio, input_audio}` or `{type: file, file}`.",
-    "properties": {
-        "type": {"type": "string", "example": "text"},
-        "text": {"type": "string"},
-        "image_url": {
+    "anyOf": [
+        {
             "type": "object",
-            "properties": {"url": {"type": "string"}, "detail": {"type": "string", "enum": ["auto", "low", "high"]}},
-            "required": ["url"],
+            "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
+            "required": ["type", "text"],
         },
-    },
-    "required": ["type"],
-    "additionalProperties": True,
+        {
+            "type": "object",
+            "properties": {
+                "type": {"type": "string", "enum": ["image_url"]},
+                "image_url": {
+                    "type": "object",
+                    "properties": {
+                        "url": {"type": "string"},
+                        "detail": {"type": "string", "description": "auto, low or high"},
+                    },
+                    "required": ["url"],
+                },
+            },
+            "required": ["type", "image_url"],
+        },
+        {
+            "type": "object",
+            "properties": {"type": {"type": "string", "not": {"enum": ["text", "image_url"]}}},
+            "required": ["type"],
+        },
+    ],
 }
 
 
-@extend_schema_field(
-    {
-        "oneOf": [{"type": "string"}, {"type": "array", "items": _CONTENT_PART_SCHEMA}],
-        "nullable": True,
-        "description": "The message text, or an array of content parts.",
-    }
-)
+# A message's ``content`` (not null): the text, or an array of content parts.
+CONTENT_SCHEMA = {
+    "oneOf": [{"type": "string"}, {"type": "array", "items": _CONTENT_PART_SCHEMA}],
+    "description": "The message text, or an array of content parts.",
+}
+
+
+@extend_schema_field({**CONTENT_SCHEMA, "nullable": True})
 class MessageContentField(serializers.Field):
     """A message's ``content``: a string, or a list of content parts, each an object with ``type``.
 
@@ -110,7 +125,8 @@ class MessageContentField(serializers.Field):
         "invalid": "Must be a string or an array of content parts.",
         "invalid_part": "Each content part must be an object with a string 'type'.",
         "invalid_text": "A 'text' content part needs a string 'text'.",
-        "invalid_image": "An 'image_url' content part needs an object 'image_url' with a string 'url'.",
+        "invalid_image": "An 'image_url' content part needs an object 'image_url' with a string 'url' "
+        "(and a string 'detail', if any).",
         # DRF's CharField wording (ProhibitNullCharactersValidator), as on every other text field.
         "null_characters_not_allowed": "Null characters are not allowed.",
     }
@@ -132,7 +148,11 @@ class MessageContentField(serializers.Field):
                 self.fail("null_characters_not_allowed")
             if kind == "image_url":
                 image = part.get("image_url")
-                if not isinstance(image, dict) or not isinstance(image.get("url"), str):
+                if not (
+                    isinstance(image, dict)
+                    and isinstance(image.get("url"), str)
+                    and isinstance(image.get("detail", ""), str)
+                ):
                     self.fail("invalid_image")
         return data
 
@@ -182,12 +202,18 @@ class StopField(serializers.Field):
 class ToolChoiceField(serializers.Field):
     """``tool_choice``: ``none`` / ``auto`` / ``required``, or an object naming a tool."""
 
-    default_error_messages = {"invalid": "Must be 'none', 'auto', 'required' or an object with a string 'type'."}
+    default_error_messages = {
+        "invalid": "Must be 'none', 'auto', 'required' or an object with a string 'type'.",
+        "invalid_function": "'function' must be an object with a string 'name'.",
+    }
 
     def to_internal_value(self, data: Any) -> str | dict[str, Any]:
-        if data in ("none", "auto", "required"):
+        if isinstance(data, str) and data in ("none", "auto", "required"):
             return data
         if isinstance(data, dict) and isinstance(data.get("type"), str):
+            function = data.get("function", {"name": ""})
+            if not (isinstance(function, dict) and isinstance(function.get("name"), str)):
+                self.fail("invalid_function")
             return data
         self.fail("invalid")
 
@@ -196,6 +222,7 @@ class ToolChoiceField(serializers.Field):
 
 
 __all__ = [
+    "CONTENT_SCHEMA",
     "MAX_STOP_SEQUENCES",
     "JSONObjectField",
     "MessageContentField",
