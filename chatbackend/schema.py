@@ -338,3 +338,25 @@ def document_pagination_errors(
             for status, description in _PAGE_ERRORS.items():
                 responses.setdefault(status, {"content": error, "description": description})
     return result
+
+
+# Rules between request fields that the serializers enforce, as JSON Schema (OpenAPI 3.0 ``anyOf``).
+_REQUEST_RULES: dict[str, list[dict[str, Any]]] = {
+    # top_logprobs needs logprobs: true (OpenAI's CreateChatCompletionRequest; llm.openai.chat_serializers).
+    "ChatCompletionCreateInputRequest": [
+        {"not": {"required": ["top_logprobs"]}},
+        {"properties": {"top_logprobs": {"enum": [None]}}},
+        {"properties": {"logprobs": {"enum": [True]}}, "required": ["logprobs"]},
+    ],
+}
+
+
+def document_request_rules(
+    result: dict[str, Any], generator: SchemaGenerator, request: Any, public: bool
+) -> dict[str, Any]:
+    """Add ``_REQUEST_RULES`` to their request components as ``anyOf``: what a valid body must also satisfy."""
+    schemas = result.get("components", {}).get("schemas", {})
+    for name, rule in _REQUEST_RULES.items():
+        if name in schemas:
+            schemas[name]["anyOf"] = rule
+    return result

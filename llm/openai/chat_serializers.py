@@ -257,6 +257,15 @@ class ChatCompletionCreateInputSerializer(serializers.Serializer):
     store = StrictBooleanField(required=False, allow_null=True)
     service_tier = StrictCharField(required=False, allow_null=True)
 
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        # OpenAI's rule (CreateChatCompletionRequest.top_logprobs: "logprobs must be set to true if
+        # this parameter is used"), stated in the schema by chatbackend.schema.document_request_rules.
+        if attrs.get("top_logprobs") is not None and attrs.get("logprobs") is not True:
+            raise serializers.ValidationError(
+                {"top_logprobs": "'logprobs' must be true when 'top_logprobs' is set."}, code="invalid"
+            )
+        return attrs
+
 
 # --- Responses (documentation only) -----------------------------------------------------------
 

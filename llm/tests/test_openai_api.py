@@ -284,6 +284,8 @@ BAD_BODIES = [
     (chat_body("sim-model", stream="yes"), 400, "invalid", "stream"),
     (chat_body("sim-model", stream_options={"include_usage": "yes"}, stream=True), 400, "invalid", None),
     (chat_body("sim-model", n=2), 400, "invalid", "n"),
+    (chat_body("sim-model", top_logprobs=3), 400, "invalid", "top_logprobs"),  # needs logprobs: true
+    (chat_body("sim-model", top_logprobs=3, logprobs=False), 400, "invalid", "top_logprobs"),
     (chat_body("sim-model", stop=["a", "b", "c", "d", "e"]), 400, "invalid", "stop"),
     (chat_body("sim-model", tools=[{"type": "function"}]), 400, "invalid", None),
     (chat_body("sim-model", tool_choice="sometimes"), 400, "invalid", "tool_choice"),
