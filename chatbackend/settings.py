@@ -283,9 +283,9 @@ def _rate(name: str, default: str) -> str:
     return raw
 
 
-# Failed logins allowed per username and, separately, per client IP before that username or IP is
-# locked out (django-axes) for AUTH_LOGIN_LOCKOUT_SECONDS; every attempt during a lockout, right
-# password included, is refused with 429 and restarts it.
+# Failed logins counted per username and, separately, per client IP: the one that reaches the limit
+# locks that username or IP out (django-axes) for AUTH_LOGIN_LOCKOUT_SECONDS; every attempt during
+# a lockout, right password included, is refused with 429 and restarts it.
 AUTH_LOGIN_FAILURE_LIMIT: int = _get("AUTH_LOGIN_FAILURE_LIMIT", env.int, 10, "an integer")
 if AUTH_LOGIN_FAILURE_LIMIT < 1:
     _fail("AUTH_LOGIN_FAILURE_LIMIT", AUTH_LOGIN_FAILURE_LIMIT, "an integer, 1 or more")
