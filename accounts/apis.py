@@ -11,6 +11,7 @@ from typing import Any
 from django.core.cache import caches
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import QuerySet
+from django.utils.connection import ConnectionProxy
 from drf_spectacular.contrib.rest_framework_simplejwt import SimpleJWTScheme
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.plumbing import build_bearer_security_scheme_object
@@ -97,7 +98,8 @@ class AuthRateThrottle(ScopedRateThrottle):
     of ``None`` turns the throttle off), read per request, so tests can override them.
     """
 
-    cache = caches["auth_throttle"]
+    # A proxy, as django.core.cache.cache is: each thread gets its own connection to the cache.
+    cache = ConnectionProxy(caches, "auth_throttle")  # type: ignore[assignment]  # a BaseCache by proxy
 
     def get_rate(self) -> str | None:
         configured: dict[str, Any] = api_settings.DEFAULT_THROTTLE_RATES or {}
