@@ -14,6 +14,7 @@ import ipaddress
 import re
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
@@ -185,7 +186,7 @@ if REDIS_URL:
     # An unresponsive Redis (not just a refused connection) fails a cache call after this long
     # instead of hanging the request: 503 service_unavailable (chatbackend.errors).
     _redis_timeout = _seconds("REDIS_SOCKET_TIMEOUT_SECONDS", 5.0)
-    _redis_cache = {
+    _redis_cache: dict[str, Any] = {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
         "LOCATION": REDIS_URL,
         "OPTIONS": {"socket_connect_timeout": _redis_timeout, "socket_timeout": _redis_timeout},
