@@ -25,4 +25,5 @@ EXPOSE 8000
 
 # The web command; docker-compose.yml overrides it for the worker and the migrate service.
 CMD ["uvicorn", "chatbackend.asgi:application", "--host", "0.0.0.0", "--port", "8000", \
-     "--workers", "2", "--lifespan", "on", "--timeout-graceful-shutdown", "10"]
+     "--workers", "2", "--lifespan", "on", "--timeout-graceful-shutdown", "10", \
+     "--no-proxy-headers"]

@@ -30,14 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import uvicorn
 from aiohttp import web
 from asgiref.sync import sync_to_async
-from django.core.cache import cache
+from django.conf import settings
+from django.core.cache import caches
 from django.db import connections
 from rest_framework.test import APIClient
 
-from accounts.apis import AuthRateThrottle
 from accounts.services import api_key_create
 from accounts.usage import usage_flush
 from chatbackend import broadcast
@@ -100,8 +101,20 @@ def _usage_queue_drained() -> Iterator[None]:
     assert usage_flush(10), "the usage queue did not drain within 10 s"
 
 
-# Test clients and the end-to-end servers' clients come from 127.0.0.1: the throttles' cache keys.
-_THROTTLE_KEYS = [f"throttle_{scope}_127.0.0.1" for scope in AuthRateThrottle.DEFAULT_RATES]
+def auth_throttles_clear() -> None:
+    """Empty the ``auth_throttle`` cache: login failures and lockouts, login/registration rates.
+
+    With ``REDIS_URL`` it is a Redis that outlives the run and that the end-to-end servers share:
+    its keys (and only those: the database holds the channel layer and Celery's queue too) are
+    deleted by their prefix. Otherwise it is this process's memory.
+    """
+    if not settings.REDIS_URL:
+        caches["auth_throttle"].clear()
+        return
+    with redis.Redis.from_url(settings.REDIS_URL) as client:
+        keys = list(client.scan_iter(match=f"{settings.AUTH_THROTTLE_KEY_PREFIX}:*", count=1000))
+        if keys:
+            client.delete(*keys)
 
 
 @pytest.fixture(autouse=True)
@@ -117,14 +130,14 @@ def _replies_accepted() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _fresh_auth_throttles() -> Iterator[None]:
-    """Start every test with empty login/registration throttles.
+    """Start every test with empty login/registration throttles and no lockouts.
 
-    With ``REDIS_URL`` the cache is a Redis that outlives the run and that the end-to-end servers
-    share: registrations of an earlier test (or run) would otherwise count against this one.
+    Test clients and end-to-end servers' clients all come from 127.0.0.1: an earlier test's (or
+    run's) failed logins and registrations would otherwise count against this one.
     """
-    cache.delete_many(_THROTTLE_KEYS)
+    auth_throttles_clear()
     yield
-    cache.delete_many(_THROTTLE_KEYS)
+    auth_throttles_clear()
 
 
 @pytest.fixture(autouse=True)
@@ -397,7 +410,8 @@ async def asgi_server() -> AsyncIterator[str]:
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(application, lifespan="off", log_level="warning", ws="none")
+    # proxy_headers off, as production runs it: chatbackend.client_ip alone decides the client.
+    config = uvicorn.Config(application, lifespan="off", log_level="warning", ws="none", proxy_headers=False)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     await poll_until(lambda: server.started or task.done(), what="uvicorn's start-up")

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.core.cache import caches
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import QuerySet
+from django.utils.connection import ConnectionProxy
 from drf_spectacular.contrib.rest_framework_simplejwt import SimpleJWTScheme
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.plumbing import build_bearer_security_scheme_object
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers, status
+from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.generics import ListAPIView
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
@@ -25,7 +28,10 @@ from rest_framework.views import APIView
 from rest_framework_simplejwt.exceptions import InvalidToken, TokenError
 from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView, TokenViewBase
 
+from chatbackend.client_ip import request_client_ip
+
 from .authentication import request_user
+from .login_throttle import login_locked_out, login_lockout_exception
 from .models import APIKey, UsageRecord, User
 from .selectors import api_key_list, usage_record_list, user_list
 from .serializers import (
@@ -84,19 +90,23 @@ def _errors(*statuses: int) -> dict[int, OpenApiResponse]:
 
 
 class AuthRateThrottle(ScopedRateThrottle):
-    """Throttle registration and login per client IP, in the cache (shared by processes on Redis).
+    """Throttle registration and login attempts per client IP, in the ``auth_throttle`` cache.
 
-    Rates come from ``REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]`` when it names the scope (a rate of
-    ``None`` turns the throttle off; settings ``AUTH_REGISTER_THROTTLE_RATE`` and
-    ``AUTH_LOGIN_THROTTLE_RATE`` set them), else from ``DEFAULT_RATES``. Read per request, so tests
-    can override them.
+    The IP is ``chatbackend.client_ip``'s (never a header the client wrote); the cache is Redis when
+    configured, shared by every server process. Rates come from
+    ``REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]`` (``AUTH_LOGIN_RATE``, ``AUTH_REGISTER_RATE``; a rate
+    of ``None`` turns the throttle off), read per request, so tests can override them.
     """
 
-    DEFAULT_RATES = {"auth_register": "10/minute", "auth_login": "30/minute"}
+    # A proxy, as django.core.cache.cache is: each thread gets its own connection to the cache.
+    cache = ConnectionProxy(caches, "auth_throttle")  # type: ignore[assignment]  # a BaseCache by proxy
 
     def get_rate(self) -> str | None:
         configured: dict[str, Any] = api_settings.DEFAULT_THROTTLE_RATES or {}
-        return {**self.DEFAULT_RATES, **configured}.get(self.scope or "")
+        return configured.get(self.scope or "")
+
+    def get_ident(self, request: Request) -> str:
+        return request_client_ip(request)
 
 
 # --- Registration and tokens ----------------------------------------------------------------
@@ -147,7 +157,14 @@ class AuthTokenObtainApi(TokenObtainPairView):
         auth=[],
     )
     def post(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        return super().post(request, *args, **kwargs)
+        # A locked-out username or IP (accounts.login_throttle) is refused before its password is
+        # checked; simplejwt reports that as a failed login, which is a 429 here.
+        try:
+            return super().post(request, *args, **kwargs)
+        except AuthenticationFailed:
+            if login_locked_out(request):
+                raise login_lockout_exception() from None
+            raise
 
 
 class AuthTokenRefreshApi(TokenRefreshView):

@@ -6,22 +6,43 @@ import datetime as dt
 from dataclasses import dataclass
 
 from django.contrib.auth.password_validation import validate_password
+from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from chatbackend.errors import NotFoundError
+from chatbackend.errors import ApplicationError, NotFoundError
 
 from .keys import display_prefix, generate_secret, hash_secret
 from .models import APIKey, User
 from .revocation import revocation_announce
 
+USERNAME_TAKEN_MESSAGE = "A user with that username already exists."
+
 
 def user_register(*, username: str, password: str, email: str = "") -> User:
-    """Create a ``member`` user. Raises Django's ``ValidationError`` for a weak password."""
+    """Create a ``member`` user.
+
+    Raises Django's ``ValidationError`` for a weak password, and ``ApplicationError`` (400,
+    ``param`` and ``fields`` naming ``username``, as the serializer's uniqueness check reports it)
+    when the username is taken. Concurrent registrations of one name race past that check; the
+    database's unique constraint (the same exact-match rule) lets one insert win and the others
+    fail here, inside a savepoint, instead of with an IntegrityError.
+    """
     user = User(username=username, email=email, role=User.Role.MEMBER)
     validate_password(password, user=user)
     user.set_password(password)
-    user.save()
+    try:
+        with transaction.atomic():
+            user.save()
+    except IntegrityError:
+        if not User.objects.filter(username=username).exists():
+            raise  # another constraint: a bug, not the client's fault
+        raise ApplicationError(
+            f"username: {USERNAME_TAKEN_MESSAGE}",
+            code="invalid",
+            param="username",
+            fields={"username": [USERNAME_TAKEN_MESSAGE]},
+        ) from None
     return user
 
 

@@ -1,6 +1,7 @@
 """ASGI entry point: HTTP through Django, WebSocket through Channels, lifespan through ``chatbackend.lifespan``.
 
-HTTP goes through one of two Django handlers (``chatbackend.handlers``): the streaming
+The client address in each connection's scope is first resolved through ``TRUSTED_PROXY_IPS``
+(``chatbackend.client_ip``). HTTP goes through one of two Django handlers (``chatbackend.handlers``): the streaming
 endpoints (``/v1``, ``/dashboard``, ``POST /api/conversations/<id>/messages/``) through a lean
 chain of async middleware (``STREAMING_MIDDLEWARE``), everything else through ``MIDDLEWARE``.
 
@@ -26,20 +27,24 @@ from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: 
 from accounts.websocket import TokenAuthMiddleware  # noqa: E402
 from conversations.routing import websocket_urlpatterns  # noqa: E402
 
+from .client_ip import TrustedProxyMiddleware  # noqa: E402
 from .handlers import StreamingASGIHandler, StreamingRouter, tune_gc  # noqa: E402
 from .lifespan import LifespanApp  # noqa: E402
 
 streaming_asgi_app = StreamingASGIHandler()
 
 application = LifespanApp(
-    ProtocolTypeRouter(
-        {
-            # ASGIStaticFilesHandler takes any ASGI app (it only calls it); django-stubs says ASGIHandler.
-            "http": ASGIStaticFilesHandler(
-                StreamingRouter(default=django_asgi_app, streaming=streaming_asgi_app)  # type: ignore[arg-type]
-            ),
-            "websocket": TokenAuthMiddleware(URLRouter(websocket_urlpatterns)),
-        }
+    # First of all: every reader of the client address gets the one TRUSTED_PROXY_IPS decides.
+    TrustedProxyMiddleware(
+        ProtocolTypeRouter(
+            {
+                # ASGIStaticFilesHandler takes any ASGI app (it only calls it); django-stubs says ASGIHandler.
+                "http": ASGIStaticFilesHandler(
+                    StreamingRouter(default=django_asgi_app, streaming=streaming_asgi_app)  # type: ignore[arg-type]
+                ),
+                "websocket": TokenAuthMiddleware(URLRouter(websocket_urlpatterns)),
+            }
+        )
     )
 )
 

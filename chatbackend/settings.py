@@ -10,8 +10,10 @@ Values are parsed by django-environ; a value that does not parse stops start-up 
 
 from __future__ import annotations
 
+import ipaddress
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
@@ -92,6 +94,7 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "channels",
     "django_guid",
+    "axes",
     "accounts",
     "llm",
     "conversations",
@@ -107,6 +110,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: turns a lockout flagged during the admin's login into a 429.
+    "axes.middleware.AxesMiddleware",
 ]
 # The streaming endpoints (/v1, /dashboard, POST /api/conversations/<id>/messages/) run through
 # this chain instead (chatbackend.handlers, chosen in chatbackend.asgi). Every sync middleware
@@ -179,6 +184,9 @@ REDIS_URL: str = env.str("REDIS_URL", default="")
 if REDIS_URL and not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
     _fail("REDIS_URL", REDIS_URL, "a redis://, rediss:// or unix:// URL")
 
+# The "auth_throttle" cache holds login failures and login/registration rates
+# (accounts.login_throttle): its own key prefix, so it can be inspected or cleared on its own.
+AUTH_THROTTLE_KEY_PREFIX = "auth-throttle"
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
@@ -189,16 +197,25 @@ if REDIS_URL:
     # An unresponsive Redis (not just a refused connection) fails a cache call after this long
     # instead of hanging the request: 503 service_unavailable (chatbackend.errors).
     _redis_timeout = _seconds("REDIS_SOCKET_TIMEOUT_SECONDS", 5.0)
-    CACHES = {
-        "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
-            "LOCATION": REDIS_URL,
-            "OPTIONS": {"socket_connect_timeout": _redis_timeout, "socket_timeout": _redis_timeout},
-        }
+    _redis_cache: dict[str, Any] = {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "OPTIONS": {"socket_connect_timeout": _redis_timeout, "socket_timeout": _redis_timeout},
     }
+    CACHES = {"default": _redis_cache, "auth_throttle": {**_redis_cache, "KEY_PREFIX": AUTH_THROTTLE_KEY_PREFIX}}
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+        "auth_throttle": {
+            "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+            "LOCATION": AUTH_THROTTLE_KEY_PREFIX,
+            "KEY_PREFIX": AUTH_THROTTLE_KEY_PREFIX,
+        },
+    }
+    # django-axes warns that a per-process cache is not shared between server processes: true, and
+    # the embedded defaults run one process. With REDIS_URL the cache is Redis, shared by all.
+    SILENCED_SYSTEM_CHECKS = ["axes.W001"]
 
 CELERY_BROKER_URL: str = env.str("CELERY_BROKER_URL", default=REDIS_URL or "memory://")
 CELERY_TASK_ALWAYS_EAGER: bool = _bool("CELERY_TASK_ALWAYS_EAGER", not REDIS_URL)
@@ -258,6 +275,51 @@ LOOKUP_CACHE_SECONDS: float = _get("LOOKUP_CACHE_SECONDS", env.float, 60.0, "a n
 if LOOKUP_CACHE_SECONDS < 0:
     _fail("LOOKUP_CACHE_SECONDS", LOOKUP_CACHE_SECONDS, "a number of seconds, 0 or more")
 
+# --- Client IP and login throttling (chatbackend.client_ip, accounts.login_throttle) ----------
+# Proxies (IPs or CIDR networks) whose X-Forwarded-For is believed. Empty: none, the client IP is
+# the socket peer. The ASGI entry point resolves it once (chatbackend.client_ip); everything else
+# reads that one value (REMOTE_ADDR in Django, scope["client"] in Channels).
+TRUSTED_PROXY_IPS: list[str] = env.list("TRUSTED_PROXY_IPS", default=[])
+for _proxy in TRUSTED_PROXY_IPS:
+    try:
+        ipaddress.ip_network(_proxy, strict=False)
+    except ValueError:
+        _fail("TRUSTED_PROXY_IPS", ",".join(TRUSTED_PROXY_IPS), "comma-separated IP addresses or CIDR networks")
+
+
+# Failed logins counted per username and, separately, per client IP: the one that reaches the limit
+# locks that username or IP out (django-axes) for AUTH_LOGIN_LOCKOUT_SECONDS; every attempt during
+# a lockout, right password included, is refused with 429 and restarts it.
+AUTH_LOGIN_FAILURE_LIMIT: int = _get("AUTH_LOGIN_FAILURE_LIMIT", env.int, 10, "an integer")
+if AUTH_LOGIN_FAILURE_LIMIT < 1:
+    _fail("AUTH_LOGIN_FAILURE_LIMIT", AUTH_LOGIN_FAILURE_LIMIT, "an integer, 1 or more")
+AUTH_LOGIN_LOCKOUT_SECONDS: int = _get("AUTH_LOGIN_LOCKOUT_SECONDS", env.int, 900, "an integer")
+if AUTH_LOGIN_LOCKOUT_SECONDS < 1:
+    _fail("AUTH_LOGIN_LOCKOUT_SECONDS", AUTH_LOGIN_LOCKOUT_SECONDS, "a number of seconds, 1 or more")
+# Attempts per client IP, successful or not (DRF throttles, accounts.apis.AuthRateThrottle).
+AUTH_LOGIN_RATE: str = _rate("AUTH_LOGIN_RATE", "30/minute")
+AUTH_REGISTER_RATE: str = _rate("AUTH_REGISTER_RATE", "10/minute")
+
+# django-axes (https://django-axes.readthedocs.io/en/latest/4_configuration.html): failures counted
+# in the "auth_throttle" cache (Redis when configured: one count for every server process), keyed
+# by username and by client IP separately — either one reaching the limit locks.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",  # first: refuses a locked-out attempt before any password check
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_HANDLER = "axes.handlers.cache.AxesCacheHandler"
+AXES_CACHE = "auth_throttle"
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_FAILURE_LIMIT = AUTH_LOGIN_FAILURE_LIMIT
+AXES_COOLOFF_TIME = timedelta(seconds=AUTH_LOGIN_LOCKOUT_SECONDS)
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = True  # so Retry-After is exactly the cool-off
+AXES_CLIENT_IP_CALLABLE = "chatbackend.client_ip.request_client_ip"
+AXES_LOCKOUT_CALLABLE = "accounts.login_throttle.login_lockout_response"
+AXES_ENABLE_ADMIN = False  # the cache handler keeps no rows for the admin to show
+# Logged failures name the client IP (who is trying); usernames stay masked: people type their
+# password into the username field.
+AXES_SENSITIVE_PARAMETERS = ["username", "password"]
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "accounts.authentication.APIKeyAuthentication",
@@ -266,11 +328,6 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PAGINATION_CLASS": "chatbackend.pagination.PageNumberPagination",
-    # Registration and login, per client IP (accounts.apis.AuthRateThrottle).
-    "DEFAULT_THROTTLE_RATES": {
-        "auth_register": _rate("AUTH_REGISTER_THROTTLE_RATE", "10/minute"),
-        "auth_login": _rate("AUTH_LOGIN_THROTTLE_RATE", "30/minute"),
-    },
     "PAGE_SIZE": 50,
     "DEFAULT_FILTER_BACKENDS": [
         "django_filters.rest_framework.DjangoFilterBackend",
@@ -288,6 +345,11 @@ REST_FRAMEWORK = {
         "rest_framework.renderers.JSONRenderer",
         "rest_framework.renderers.BrowsableAPIRenderer",
     ],
+    # Throttles identify the client by REMOTE_ADDR alone, which chatbackend.client_ip has already
+    # resolved through TRUSTED_PROXY_IPS (DRF's default, None, would believe any X-Forwarded-For).
+    "NUM_PROXIES": 0,
+    # Registration and login, per client IP (accounts.apis.AuthRateThrottle).
+    "DEFAULT_THROTTLE_RATES": {"auth_login": AUTH_LOGIN_RATE, "auth_register": AUTH_REGISTER_RATE},
 }
 
 SPECTACULAR_SETTINGS = {

@@ -195,6 +195,7 @@ def server_command(server: str, port: int, *, grace_seconds: int = 5) -> list[st
         return [
             *(sys.executable, "-m", "uvicorn", "chatbackend.asgi:application", "--host", "127.0.0.1"),
             *("--port", str(port), "--lifespan", "on", "--timeout-graceful-shutdown", str(grace_seconds)),
+            "--no-proxy-headers",  # chatbackend.client_ip decides the client from TRUSTED_PROXY_IPS
         ]
     if server == "daphne":
         return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "chatbackend.asgi:application"]

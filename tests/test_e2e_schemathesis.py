@@ -9,7 +9,7 @@ accepted and schema-violating ones refused, auth not ignored, deleted resources 
 
 Run twice: as a JWT user (an admin, so ``/api/users/`` is reachable) and with a member's API key
 (the ``/v1`` and ``/dashboard`` operations' credential). The server's registration and login
-throttles are raised for the run (``AUTH_REGISTER_THROTTLE_RATE``, ``AUTH_LOGIN_THROTTLE_RATE``),
+throttles are raised for the run (``AUTH_REGISTER_RATE``, ``AUTH_LOGIN_RATE``, ``AUTH_LOGIN_FAILURE_LIMIT``),
 so schemathesis reaches the code behind them instead of 429s. The upstream is a simulator that
 answers at once, with the models ``tests/schemathesis.toml`` names, so conversations and chat
 completions get past "no such model".
@@ -49,7 +49,11 @@ MODEL_NAMES = ("gpt-4o-mini", "sim-model")  # the ``models`` dictionary of CONFI
 MAX_EXAMPLES = 40
 SEED = 20261201
 RUN_SECONDS = 300
-RAISED_THROTTLES = {"AUTH_REGISTER_THROTTLE_RATE": "100000/minute", "AUTH_LOGIN_THROTTLE_RATE": "100000/minute"}
+RAISED_THROTTLES = {
+    "AUTH_REGISTER_RATE": "100000/minute",
+    "AUTH_LOGIN_RATE": "100000/minute",
+    "AUTH_LOGIN_FAILURE_LIMIT": "100000",
+}
 OUTPUT_TAIL_CHARS = 20_000
 
 

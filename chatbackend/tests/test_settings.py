@@ -29,6 +29,10 @@ def _start(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ("SSE_KEEPALIVE_SECONDS", "-1"),
         ("LOOKUP_CACHE_SECONDS", "-1"),
         ("LOOKUP_CACHE_SECONDS", "a minute"),
+        ("TRUSTED_PROXY_IPS", "10.0.0.1,nginx.internal"),
+        ("TRUSTED_PROXY_IPS", "10.0.0.0/33"),
+        ("AUTH_LOGIN_FAILURE_LIMIT", "0"),
+        ("AUTH_LOGIN_RATE", "many"),
     ],
 )
 def test_bad_value_stops_startup_naming_the_variable(name: str, value: str) -> None:
@@ -48,7 +52,7 @@ def test_embedded_defaults_start() -> None:
 
 def test_every_variable_is_documented() -> None:
     source = (ROOT / "chatbackend" / "settings.py").read_text()
-    names = set(re.findall(r'(?:_get|_bool|_positive|env\.\w+)\(\s*"([A-Z][A-Z0-9_]+)"', source))
+    names = set(re.findall(r'(?:_get|_bool|_positive|_rate|env\.\w+)\(\s*"([A-Z][A-Z0-9_]+)"', source))
     example = (ROOT / ".env.example").read_text()
     readme = (ROOT / "README.md").read_text()
 

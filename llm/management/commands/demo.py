@@ -221,6 +221,7 @@ class Command(BaseCommand):
                 "on",  # chatbackend.lifespan: at shutdown, every open reply is saved before exit
                 "--timeout-graceful-shutdown",
                 "5",  # open streams get 5 s on Ctrl-C; each still open then is saved as cancelled
+                "--no-proxy-headers",  # TRUSTED_PROXY_IPS decides which X-Forwarded-For to believe
             ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "DJANGO_SETTINGS_MODULE": "chatbackend.settings"}
         if "DJANGO_ALLOWED_HOSTS" not in env and host not in _DEFAULT_HOSTS:
