@@ -12,7 +12,8 @@
   drives it (chunked bodies, a client that disconnects); ``http_scope`` its ASGI scope.
 - Streamed bodies: ``streamed_content`` reads a Django streaming response; ``sse_data``,
   ``chunk_objects`` and ``chunk_text`` take a ``/v1`` stream apart; ``sse_events`` parses the
-  conversation stream's named events.
+  conversation stream's named events; ``conversation_sse`` opens a conversation reply's stream
+  on a running server (end-to-end tests).
 - ``listed_messages``: a conversation's messages as its API lists them.
 - ``run_python``: a child Python process at the project root, with an environment of the test's.
 - ``usage_records``: the usage records written, once this process's accounting queue is empty.
@@ -28,13 +29,14 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 from django.test import AsyncClient
-from httpx_sse import EventSource, ServerSentEvent
+from httpx_sse import EventSource, ServerSentEvent, connect_sse
 from rest_framework_simplejwt.tokens import AccessToken
 
 from accounts.models import UsageRecord, User
@@ -339,6 +341,22 @@ async def sse_events(response: Any, raw: list[bytes] | None = None) -> list[Serv
 
 
 # --- Conversations ---------------------------------------------------------------------------
+
+
+def conversation_sse(
+    http: httpx.Client, conversation_id: int, credential: str, content: str = "Tell me a long story"
+) -> AbstractContextManager[EventSource]:
+    """Send ``content`` to a conversation on a server and open its reply's SSE stream (httpx-sse).
+
+    ``with conversation_sse(http, id, key) as source: for sse in source.iter_sse(): ...``
+    """
+    return connect_sse(
+        http,
+        "POST",
+        f"/api/conversations/{conversation_id}/messages/",
+        json={"content": content},
+        headers=bearer(credential),
+    )
 
 
 async def listed_messages(conversation_id: int, token: str) -> dict[int, dict[str, Any]]:

@@ -40,7 +40,7 @@ from conversations.models import Message
 from llm.tests.openai_schema import validate_against
 from tests.conftest import E2EModels, E2EStack
 from tests.factories import ConversationFactory, LLMModelFactory, ProviderFactory, UserFactory
-from tests.kit import bearer, poll_until_sync
+from tests.kit import bearer, conversation_sse, poll_until_sync
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -116,13 +116,7 @@ def _sse(url: str, key: str, conversation_id: int) -> Observed:
     seen = Observed()
     with (
         httpx.Client(base_url=url, timeout=60, trust_env=False) as http,
-        connect_sse(
-            http,
-            "POST",
-            f"/api/conversations/{conversation_id}/messages/",
-            json={"content": "Tell me a story"},
-            headers=bearer(key),
-        ) as source,
+        conversation_sse(http, conversation_id, key, "Tell me a story") as source,
     ):
         seen.status = source.response.status_code
         for sse in source.iter_sse():

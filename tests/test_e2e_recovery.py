@@ -17,7 +17,6 @@ from typing import Any
 import httpx
 import pytest
 from celery.exceptions import AlwaysEagerIgnored
-from httpx_sse import connect_sse
 
 from accounts.models import UsageRecord, User
 from chatbackend.celery import app as celery_app
@@ -25,7 +24,7 @@ from chatbackend.liveness import process_alive
 from conversations.models import Message
 from llm.tests.simulator_process import SimulatorProcess
 from tests.factories import ConversationFactory, LLMModelFactory, ProviderFactory
-from tests.kit import bearer, poll_until_sync
+from tests.kit import conversation_sse, poll_until_sync
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -35,13 +34,7 @@ def _stream_sse(url: str, conversation_id: int, api_key: str, received: list[str
     try:
         with (
             httpx.Client(base_url=url, timeout=60, trust_env=False) as http,
-            connect_sse(
-                http,
-                "POST",
-                f"/api/conversations/{conversation_id}/messages/",
-                json={"content": "Tell me a long story"},
-                headers=bearer(api_key),
-            ) as source,
+            conversation_sse(http, conversation_id, api_key) as source,
         ):
             received.extend(json.loads(sse.data)["content"] for sse in source.iter_sse() if sse.event == "reply.delta")
     except httpx.HTTPError:  # the doomed server dies under it

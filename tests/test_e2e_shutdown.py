@@ -24,7 +24,7 @@ from accounts.models import UsageRecord, User
 from conversations.models import Message
 from llm.tests.simulator_process import SimulatorProcess, start_simulator
 from tests.factories import ConversationFactory, LLMModelFactory, ProviderFactory
-from tests.kit import bearer, poll_until_sync
+from tests.kit import bearer, conversation_sse, poll_until_sync
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -77,13 +77,7 @@ def test_sigterm_mid_reply_saves_every_reply_with_its_text_and_usage(
     def sse(client: Client) -> None:
         with (
             httpx.Client(base_url=url, timeout=60, trust_env=False) as http,
-            connect_sse(
-                http,
-                "POST",
-                f"/api/conversations/{sse_conversation.pk}/messages/",
-                json={"content": "Tell me a long story"},
-                headers=key,
-            ) as source,
+            conversation_sse(http, sse_conversation.pk, e2e_user.api_key) as source,
         ):
             for sse in source.iter_sse():
                 event, payload = sse.event, json.loads(sse.data)

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -51,54 +50,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def test_demo_command_installs_and_serves_a_streamed_reply(clone: Path) -> None:
-    port = _free_port()
-    process = subprocess.Popen(
-        ["./scripts/demo", "--port", str(port)],
-        cwd=clone,
-        env=_clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # Ctrl-C goes to the whole process group, as in a terminal
-    )
-    output: list[str] = []
-    try:
-        assert process.stdout is not None
-        api_key = None
-        deadline = time.monotonic() + SETUP_SECONDS
-        while api_key is None and time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            output.append(line)
-            if match := re.search(r"API key\s+(sk-\S+)", line):
-                api_key = match.group(1)
-        assert api_key, "demo printed no API key:\n" + "".join(output[-40:])
-
-        base = f"http://127.0.0.1:{port}"
-        models = httpx.get(f"{base}/v1/models", headers=bearer(api_key), timeout=30)
-        assert models.status_code == 200, models.text
-        assert "gpt-4o-mini" in {model["id"] for model in models.json()["data"]}
-
-        body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "Hello!"}]}
-        with httpx.stream(
-            "POST", f"{base}/v1/chat/completions", json=body, headers=bearer(api_key), timeout=30
-        ) as response:
-            assert response.status_code == 200
-            chunks = chunk_objects(sse_data(response.read()))
-        assert chunk_text(chunks).strip()
-    finally:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    rest = process.stdout.read() if process.stdout else ""
-    assert "Stopped." in rest, "".join(output[-20:]) + rest
 
 
 class Demo:
@@ -170,6 +121,20 @@ def _streamed_reply(base: str, api_key: str) -> str:
     with httpx.stream("POST", url, json=body, headers=bearer(api_key), timeout=30) as response:
         assert response.status_code == 200, response.read()
         return chunk_text(chunk_objects(sse_data(response.read())))
+
+
+def test_demo_command_installs_and_serves_a_streamed_reply(clone: Path) -> None:
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    demo = Demo(clone, port)
+    try:
+        api_key = demo.wait_for(r"API key\s+(sk-\S+)").group(1)
+        models = httpx.get(f"{base}/v1/models", headers=bearer(api_key), timeout=30)
+        assert models.status_code == 200, models.text
+        assert "gpt-4o-mini" in {model["id"] for model in models.json()["data"]}
+        assert _streamed_reply(base, api_key).strip()
+    finally:
+        demo.stop()  # Ctrl-C; asserts the demo said "Stopped."
 
 
 def test_demo_restarts_a_dead_simulator_and_keeps_its_api_key_across_restarts(clone: Path) -> None:
