@@ -147,6 +147,16 @@ def _failure(code: str, detail: str, *, status: int | None = None) -> UpstreamEr
     return UpstreamError(UPSTREAM_MESSAGES[code], code=code, status=status, detail=detail)
 
 
+def _received_before_failure(content: aiohttp.StreamReader) -> bytes:
+    """Return the body bytes ``content`` received before its connection failed (b"" if none).
+
+    ``StreamReader.readany`` raises the connection's error before returning what is buffered
+    (aiohttp 3.x, ``streams.py``); ``_read_nowait`` is the same read without that check.
+    """
+    read_nowait = getattr(content, "_read_nowait", None)
+    return read_nowait(-1) if read_nowait is not None else b""
+
+
 class OpenAICompatibleProvider(ChatProvider):
     """Stream chat completions from an OpenAI-compatible ``/chat/completions`` endpoint."""
 
@@ -206,8 +216,23 @@ class OpenAICompatibleProvider(ChatProvider):
                     # only when there is none): under load several events are waiting, and they
                     # go on as one batch, which the server can write to its client in one send.
                     decoder = _ChunkDecoder(self._safe)
-                    readany = response.content.readany
-                    while raw := await readany():
+                    content = response.content
+                    readany = content.readany
+                    while True:
+                        try:
+                            raw = await readany()
+                        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+                            # The connection failed: aiohttp's readany() raises at once and drops
+                            # the bytes it had already received. Those hold text the model generated
+                            # (and the client must get, and be billed for): decode them first.
+                            batch = decoder.decode(_received_before_failure(content))
+                            if batch:
+                                yield batch
+                            if decoder.done:
+                                return
+                            raise
+                        if not raw:
+                            break
                         batch = decoder.decode(raw)
                         if batch:
                             yield batch

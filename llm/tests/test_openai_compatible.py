@@ -161,6 +161,46 @@ async def test_silent_upstream_times_out_with_504() -> None:
     assert_key_hidden(caught.value)
 
 
+async def test_chunks_received_with_the_connection_drop_are_kept() -> None:
+    """aiohttp raises a dropped connection before handing over what it had received: not lost here."""
+
+    def event(text: str) -> bytes:
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                 "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}  # fmt: skip
+        data = f"data: {json.dumps(chunk)}\n\n".encode()
+        return f"{len(data):x}\r\n".encode() + data + b"\r\n"  # one chunk of a chunked body
+
+    first_read, dropped = asyncio.Event(), asyncio.Event()
+
+    async def answer_then_drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        writer.write(head + event("one "))
+        await first_read.wait()
+        writer.write(event("two ") + event("three"))  # then closed with the body unfinished
+        await writer.drain()
+        writer.close()
+        dropped.set()
+
+    server = await asyncio.start_server(answer_then_drop, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    received: list[str] = []
+    try:
+        with pytest.raises(UpstreamError) as caught:
+            async for batch in provider(f"http://127.0.0.1:{port}/v1").stream(
+                ChatRequest(model="m", messages=MESSAGES)
+            ):
+                received.extend(chunk.content for chunk in batch)
+                if not first_read.is_set():
+                    first_read.set()
+                    await dropped.wait()  # the rest and the drop arrive before the next read
+                    await asyncio.sleep(0.1)
+    finally:
+        server.close()
+    assert "".join(received) == "one two three"
+    assert caught.value.code == "upstream_disconnected"
+
+
 @pytest.mark.parametrize(
     ("model", "chunks", "code", "quoted"),
     [
