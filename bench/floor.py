@@ -155,9 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             stdout=subprocess.PIPE,
         )
         children.append(client)
-        assert client.process.stdin is not None and client.process.stdout is not None
-        pipe_in, pipe_out = client.process.stdin, client.process.stdout
-        if not recv_message(pipe_out).get("ready"):  # type: ignore[arg-type]
+        pipe_in, pipe_out = client.pipe_in, client.pipe_out
+        if not recv_message(pipe_out).get("ready"):
             raise SystemExit(f"the load generator did not start:\n{client.tail()}")
         rows = []
         for level in [int(v) for v in args.levels.split(",")]:
@@ -170,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                 }  # fmt: skip
                 sim_tree, relay_tree = ProcessTree(simulator.pid), ProcessTree(relay.pid)
                 sim0, relay0 = sim_tree.cpu_seconds(), relay_tree.cpu_seconds()
-                send_message(pipe_in, spec)  # type: ignore[arg-type]
-                result = recv_message(pipe_out)  # type: ignore[arg-type]
+                send_message(pipe_in, spec)
+                result = recv_message(pipe_out)
                 tokens = max(result.get("tokens", 0), 1)
                 row = {
                     "level": level,

@@ -75,24 +75,17 @@ class LifespanApp:
         if scope["type"] != "lifespan":
             await self.app(scope, receive, send)
             return
+        phases = {"lifespan.startup": startup, "lifespan.shutdown": shutdown}
         while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                try:
-                    await startup()
-                except Exception as exc:
-                    logger.exception("start-up failed")
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
-                    return
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                try:
-                    await shutdown()
-                except Exception as exc:
-                    logger.exception("shutdown failed")
-                    await send({"type": "lifespan.shutdown.failed", "message": str(exc)})
-                    return
-                await send({"type": "lifespan.shutdown.complete"})
+            phase = (await receive())["type"]  # lifespan.startup, then lifespan.shutdown
+            try:
+                await phases[phase]()
+            except Exception as exc:
+                logger.exception("%s failed", phase)
+                await send({"type": f"{phase}.failed", "message": str(exc)})
+                return
+            await send({"type": f"{phase}.complete"})
+            if phase == "lifespan.shutdown":
                 return
 
 
