@@ -31,9 +31,9 @@ from dataclasses import asdict, dataclass, fields
 from decimal import Decimal
 from typing import Any, Protocol
 
-import kombu.exceptions
-import redis.exceptions
-from django.db import IntegrityError, OperationalError, connections, models, transaction
+from django.db import IntegrityError, connections, models, transaction
+
+from chatbackend.errors import OUTAGE_ERRORS
 
 from .models import UsageRecord
 
@@ -48,8 +48,9 @@ BATCH_WINDOW_SECONDS = 0.1
 RETRY_SECONDS = 0.5
 RETRY_MAX_SECONDS = 10.0
 # What an unreachable broker raises from a publish (kombu gives up after Celery's publish retry
-# policy), and, with eager tasks, an unreachable database.
-_OUTAGE_ERRORS = (kombu.exceptions.OperationalError, redis.exceptions.ConnectionError, OSError, OperationalError)
+# policy), and, with eager tasks, an unreachable database: the outages every endpoint answers with
+# 503, plus a socket error that kombu passes on unwrapped.
+_OUTAGE_ERRORS: tuple[type[BaseException], ...] = (*OUTAGE_ERRORS, OSError)
 # Reply statuses as the streaming engine reports them (``llm.streaming.ReplyStatus`` values).
 FAILED = "failed"
 

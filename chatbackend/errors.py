@@ -110,7 +110,7 @@ class ServiceUnavailableError(ApplicationError):
 
 # What an unreachable dependency raises: Django's wrapped driver errors (connection refused or
 # lost, pool timeout), redis-py's (cache, channel layer), kombu's (a broker publish that gave up).
-_OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
+OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
     db_utils.OperationalError,
     db_utils.InterfaceError,
     redis.exceptions.ConnectionError,
@@ -124,7 +124,7 @@ def as_outage_error(exc: BaseException) -> ServiceUnavailableError | None:
 
     The client sees no detail (hosts, ports, driver text); the server log gets it, with the traceback.
     """
-    if not isinstance(exc, _OUTAGE_ERRORS):
+    if not isinstance(exc, OUTAGE_ERRORS):
         return None
     logger.warning("a dependency is unavailable: %s: %s", type(exc).__name__, exc, exc_info=exc)
     return ServiceUnavailableError()
