@@ -8,8 +8,40 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractUser
 from django.db import models
 
+from .metering.types import RateLimits
 
-class User(AbstractUser):
+
+class RateLimited(models.Model):
+    """Rate-limit fields of a metering subject (a user, an API key, a model); empty means no limit.
+
+    Enforced across all server processes by ``accounts.metering`` (https://platform.openai.com/docs/guides/rate-limits
+    for the meaning of each).
+    """
+
+    requests_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, help_text="requests per minute; empty for no limit"
+    )
+    tokens_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, help_text="prompt plus completion tokens per minute; empty for no limit"
+    )
+    concurrent_streams = models.PositiveIntegerField(
+        null=True, blank=True, help_text="replies streaming at once; empty for no limit"
+    )
+
+    class Meta:
+        abstract = True
+
+    @property
+    def rate_limits(self) -> RateLimits:
+        """Return the limits as the metering subject's ``RateLimits``."""
+        return RateLimits(
+            requests_per_minute=self.requests_per_minute,
+            tokens_per_minute=self.tokens_per_minute,
+            concurrent_streams=self.concurrent_streams,
+        )
+
+
+class User(AbstractUser, RateLimited):
     """A person who chats. ``role`` decides what they may see: admins everything, members their own."""
 
     class Role(models.TextChoices):
@@ -19,13 +51,16 @@ class User(AbstractUser):
     email = models.EmailField("email address", blank=True)
     role = models.CharField(max_length=16, choices=Role.choices, default=Role.MEMBER)
 
+    def __str__(self) -> str:
+        return self.get_username()
+
     @property
     def is_admin(self) -> bool:
         """Return True for the ``admin`` role and for superusers."""
         return self.role == self.Role.ADMIN or self.is_superuser
 
 
-class APIKey(models.Model):
+class APIKey(RateLimited):
     """A long-lived credential (``sk-...``) for clients that cannot refresh a JWT (NextChat, SDKs).
 
     Only the SHA-256 digest of the secret is stored; the secret is shown once, at creation.

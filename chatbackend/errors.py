@@ -12,6 +12,7 @@ The same shape is used on ``/api`` and ``/v1`` so clients need one parser.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import kombu.exceptions
@@ -59,6 +60,7 @@ class ApplicationError(Exception):
     field's problem.
     ``detail``: what only the server log may hold (an upstream's host, port, library error text);
     never sent to a client nor stored where clients read it.
+    ``headers``: HTTP headers the error's response carries (e.g. ``Retry-After`` on a 429).
     """
 
     def __init__(
@@ -71,9 +73,11 @@ class ApplicationError(Exception):
         type: str | None = None,  # noqa: A002 - OpenAI's field name
         fields: Any = None,
         detail: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.detail = detail
+        self.headers: Mapping[str, str] = headers or {}
         self.message = message
         self.code = code
         self.status = status
@@ -160,9 +164,9 @@ def error_response(exc: ApplicationError) -> JsonResponse:
     """Return ``exc`` as a JSON response with its status (the plain async views' error renderer).
 
     A 401 also gets ``WWW-Authenticate: Bearer realm="api"``, as DRF answers on the other endpoints
-    (RFC 6750, section 3).
+    (RFC 6750, section 3); the error's own ``headers`` (``Retry-After``, ``x-ratelimit-*``) are set.
     """
-    response = JsonResponse(exc.as_dict(), status=exc.status)
+    response = JsonResponse(exc.as_dict(), status=exc.status, headers=exc.headers or None)
     if exc.status == 401:
         response["WWW-Authenticate"] = 'Bearer realm="api"'
     return response

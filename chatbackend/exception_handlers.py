@@ -36,7 +36,7 @@ def drf_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     if error is None:
         return drf_default_exception_handler(exc, context)
     if error is exc:
-        return Response(error.as_dict(), status=error.status)
+        return Response(error.as_dict(), status=error.status, headers=error.headers or None)
     response = drf_default_exception_handler(exc, context)
     if response is None:
         return Response(error.as_dict(), status=error.status)

@@ -16,6 +16,7 @@ from accounts.models import APIKey, UsageRecord, User
 from accounts.usage import usage_account, usage_context
 from chatbackend.errors import ApplicationError, NotFoundError
 from chatbackend.liveness import PROCESS_ID, process_alive
+from llm.metering import reply_metering
 from llm.models import LLMModel
 from llm.providers import ChatRequest
 from llm.selectors import enabled_model_get, llm_model_get_enabled
@@ -115,6 +116,10 @@ class ConversationReplyPlan(ReplyPlan):
         """Write the text so far on the assistant message while it streams (``reply_checkpoint``)."""
         reply_checkpoint(message_id=self.message_id, content=content)
 
+    def refused(self, error: ApplicationError) -> None:
+        """Remove the turn a refused reply started (``reply_refused``): it never happened."""
+        reply_refused(user_message_id=self.user_message_id, message_id=self.message_id)
+
 
 def conversation_reply_id(message_id: int) -> str:
     """Return the reply id of assistant message ``message_id``: its stop key and usage request id."""
@@ -139,9 +144,10 @@ def reply_start(*, user: User, api_key: APIKey | None, conversation_id: int, con
     except IntegrityError:  # the conversation was deleted since it was read
         raise NotFoundError() from None
     reply_id = conversation_reply_id(assistant_message.pk)
+    parameters = dict(model.default_parameters)
     return ConversationReplyPlan(
         provider=model.provider,
-        request=ChatRequest(model=model.upstream_model, messages=history, parameters=dict(model.default_parameters)),
+        request=ChatRequest(model=model.upstream_model, messages=history, parameters=parameters),
         model_name=model.name,
         reply_id=reply_id,
         usage=usage_context(
@@ -151,6 +157,14 @@ def reply_start(*, user: User, api_key: APIKey | None, conversation_id: int, con
             api_key_id=api_key.pk if api_key else None,
             model=model,
             message_id=assistant_message.pk,
+        ),
+        metering=reply_metering(
+            request_id=reply_id,
+            user=user,
+            api_key=api_key,
+            model=model,
+            messages=history,
+            parameters=parameters,
         ),
         conversation_id=conversation.pk,
         user_message_id=user_message.pk,
@@ -181,6 +195,16 @@ def _reply_messages_create(
         )
         Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
     return assistant_message, user_message, history
+
+
+def reply_refused(*, user_message_id: int, message_id: int) -> None:
+    """Delete the user's message and the assistant's placeholder of a reply that admission refused.
+
+    A refused turn (rate limit, budget) is answered with an error before any reply starts; keeping
+    its messages would leave an unanswered user message in the history sent upstream next time.
+    The client still has its text. Deleting what is already gone is a no-op.
+    """
+    Message.objects.filter(pk__in=(user_message_id, message_id)).delete()
 
 
 def reply_finish(outcome: ReplyOutcome, *, message_id: int) -> bool:
@@ -327,6 +351,7 @@ __all__ = [
     "reply_finish",
     "reply_recover",
     "reply_recover_orphans",
+    "reply_refused",
     "reply_start",
     "reply_stop",
 ]

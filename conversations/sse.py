@@ -6,8 +6,10 @@
   ``reply.start``, ``reply.delta``..., then ``reply.done`` or ``error``, and ``: keep-alive``
   comments while the upstream is slow to start. Closing the connection stops the reply (Django
   cancels the request task; the engine persists it ``cancelled``).
+  A request that admission control refuses (rate limit, budget: ``accounts.metering``) gets one
+  ``error`` event with the refusal's status (429 or 503) and headers, and no messages are kept.
 - otherwise: 201 ``{user_message, assistant_message}`` once the reply ends, or the upstream's
-  error status with the project's error JSON.
+  error status (or the refusal's) with the project's error JSON.
 
 ``GET`` on the same path lists the messages through DRF (``conversation_messages_view``).
 Authentication and errors: ``accounts.endpoints.async_endpoint``.
@@ -28,10 +30,10 @@ from accounts.authentication import Principal
 from accounts.endpoints import async_endpoint, parse_json, request_body
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError, error_response
-from llm.streaming import KEEPALIVE, ReplyDelta, ReplyFailed, ReplyStreamingResponse, open_reply
+from llm.streaming import KEEPALIVE, ReplyDelta, ReplyFailed, ReplyRefused, ReplyStreamingResponse, open_reply
 
 from .apis import ConversationMessageListApi
-from .payloads import ConversationReply, delta_payload, reply_event
+from .payloads import ConversationReply, delta_payload, error_payload, reply_event
 from .serializers import clean_message_content, message_data
 from .services import conversation_deleted_error, reply_start
 
@@ -84,7 +86,16 @@ async def message_send(request: HttpRequest, principal: Principal, conversation_
     if SSE_CONTENT_TYPE not in request.headers.get("Accept", ""):
         async with opener as reply:
             return await _reply_json(reply)
-    reply = await opener
+    try:
+        reply = await opener
+    except ReplyRefused as refusal:
+        # Refused before any reply started: the stream's own ``error`` event, with the refusal's status.
+        return HttpResponse(
+            sse_event(*error_payload(refusal)),
+            status=refusal.status,
+            content_type=SSE_CONTENT_TYPE,
+            headers=dict(refusal.headers),
+        )
     return ReplyStreamingResponse(reply, _sse_body(reply, keepalive=settings.SSE_KEEPALIVE_SECONDS))
 
 

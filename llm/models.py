@@ -12,6 +12,8 @@ from django.core.validators import MinValueValidator
 from django.db import models
 from encrypted_fields.fields import EncryptedCharField
 
+from accounts.models import RateLimited
+
 
 def validate_base_url(value: str) -> None:
     """Require an ``http(s)://host[:port][/path]`` URL.
@@ -108,7 +110,7 @@ class Provider(models.Model):
         return self.name
 
 
-class LLMModel(models.Model):
+class LLMModel(RateLimited):
     """A model users can chat with: a public ``name`` mapped to a provider's ``upstream_model``.
 
     Prices are US dollars per million tokens (the unit providers publish).
@@ -120,6 +122,11 @@ class LLMModel(models.Model):
     provider = models.ForeignKey(Provider, on_delete=models.PROTECT, related_name="models")
     upstream_model = models.CharField(max_length=200, help_text="the model id sent to the provider")
     context_window = models.PositiveIntegerField(default=8192, help_text="tokens")
+    max_output_tokens = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="the most tokens one reply may generate; empty for the rest of the context window",
+    )
     default_parameters = models.JSONField(default=dict, blank=True)
     enabled = models.BooleanField(default=True)
     input_price_per_million = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))

@@ -10,6 +10,7 @@ from typing import Any
 
 from django.db.models import QuerySet
 
+from accounts.metering import RateLimits
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError
 from chatbackend.lookup_cache import LookupCache
@@ -59,7 +60,8 @@ class EnabledModel:
 
     ``id`` / ``name``: the ``LLMModel`` row and its public name; ``upstream_model``: the name sent
     to the provider; ``default_parameters``: OpenAI request fields (read-only mapping; copy it to
-    change it); prices in US dollars per million tokens; ``context_window`` in tokens;
+    change it); prices in US dollars per million tokens; ``context_window`` and
+    ``max_output_tokens`` (None: the rest of the window) in tokens; ``limits``: the model's rate limits;
     ``provider``: how to reach the upstream, its API key decrypted.
     """
 
@@ -70,6 +72,8 @@ class EnabledModel:
     input_price_per_million: Decimal
     output_price_per_million: Decimal
     context_window: int
+    max_output_tokens: int | None
+    limits: RateLimits
     provider: ProviderConfig
 
     @property
@@ -94,6 +98,8 @@ def _enabled_model_read(name: str) -> EnabledModel:
         input_price_per_million=model.input_price_per_million,
         output_price_per_million=model.output_price_per_million,
         context_window=model.context_window,
+        max_output_tokens=model.max_output_tokens,
+        limits=model.rate_limits,
         provider=provider_config_for(model=model),
     )
 

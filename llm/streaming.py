@@ -51,6 +51,7 @@ from typing import Any, Generic, TypeVar
 from asgiref.sync import async_to_sync
 from django.conf import settings
 
+from accounts.metering import Admission, MeteringRequest, metering_admit
 from accounts.revocation import watch_credential
 from accounts.selectors import AuthenticationFailed
 from accounts.usage import UsageContext, usage_account, usage_flush
@@ -79,6 +80,31 @@ class ReplyStatus(StrEnum):
     FAILED = "failed"
 
 
+# ``UsageRecord.finish_status`` of a request that admission control refused: it never started.
+REFUSED = "refused"
+
+
+class ReplyRefused(ApplicationError):
+    """Admission control refused the reply before it started (``accounts.metering.metering_admit``).
+
+    The refusal's own message, code, status (429 ``rate_limit_exceeded`` / ``insufficient_quota``,
+    503 ``metering_unavailable``) and headers (``Retry-After``, ``x-ratelimit-*``), so that streaming
+    interfaces can tell it from other start errors and report it in their own format.
+    """
+
+    def __init__(self, error: ApplicationError) -> None:
+        super().__init__(
+            error.message,
+            code=error.code,
+            status=error.status,
+            param=error.param,
+            type=error.type,
+            fields=error.fields,
+            detail=error.detail,
+            headers=error.headers,
+        )
+
+
 @dataclass(slots=True)
 class ReplyOutcome:
     """How a reply ended.
@@ -105,8 +131,11 @@ class ReplyPlan:
     """What a reply's start decided: the upstream request, its public model name, its id, who pays.
 
     ``reply_id``: unique per reply; the key of stop requests and of logs. ``usage``: the accounting
-    context, or None for a reply nobody pays for. Interfaces subclass it with the typed fields they
-    report to their clients (ids, timestamps) and override ``finish`` to persist the end.
+    context, or None for a reply nobody pays for. ``metering``: what admission control checks
+    before the upstream call (rate limits, budgets: ``accounts.metering``), or None for a reply
+    nothing limits. Interfaces subclass it with the typed fields they report to their clients
+    (ids, timestamps) and override ``finish`` to persist the end and ``refused`` to undo a start
+    that admission refused.
     """
 
     provider: ProviderConfig
@@ -114,6 +143,7 @@ class ReplyPlan:
     model_name: str
     reply_id: str
     usage: UsageContext | None = None
+    metering: MeteringRequest | None = None
 
     # ``finish`` and ``checkpoint`` run in a worker thread (they may use the ORM), and only when
     # a subclass overrides them.
@@ -125,6 +155,13 @@ class ReplyPlan:
 
         Called every ``REPLY_CHECKPOINT_SECONDS`` while text flows, never per token, one at a time;
         it must not undo an end already written. The base plan keeps nothing.
+        """
+
+    def refused(self, error: ApplicationError) -> None:
+        """Undo what the start wrote: admission control refused the reply with ``error`` (sync; ORM allowed).
+
+        Runs before any upstream request, once; the refusal's usage record is written by the engine.
+        The base plan wrote nothing.
         """
 
 
@@ -193,11 +230,13 @@ _accepting = True
 class Reply(Generic[P]):
     """One streamed reply. Get it from ``open_reply``; use it as an async context manager.
 
-    ``events()`` may be iterated once. ``outcome`` is set once the reply has ended.
+    ``events()`` may be iterated once. ``outcome`` is set once the reply has ended. ``admission``:
+    what admission control granted (its ``headers`` are OpenAI's ``x-ratelimit-*``), or None.
     """
 
-    def __init__(self, plan: P) -> None:
+    def __init__(self, plan: P, admission: Admission | None = None) -> None:
         self.plan = plan
+        self.admission = admission
         self.outcome: ReplyOutcome | None = None
         _open_replies.add(self)
         _unwritten.add(self)
@@ -471,6 +510,8 @@ class Reply(Generic[P]):
 
     async def _persist(self, outcome: ReplyOutcome) -> None:
         await self._close_upstream()
+        if self.admission is not None:
+            await self.admission.release(completion_tokens=outcome.usage.completion_tokens)
         if type(self.plan).finish is not ReplyPlan.finish:
             try:
                 await run_sync(self.plan.finish, outcome)
@@ -562,7 +603,16 @@ class ReplyOpener(Generic[P]):
                 # ``cancelled`` once it returns, or an assistant message would stay ``streaming``.
                 await asyncio.shield(_abandon(begun))
                 raise
-        reply = Reply(plan)
+        admission = None
+        if plan.metering is not None:
+            try:
+                admission = await _admit(plan)
+            except asyncio.CancelledError:
+                # The start is written (a conversation's messages): end it ``cancelled`` like a
+                # reply whose client left, or its message would stay ``streaming``.
+                await asyncio.shield(Reply(plan).aclose())
+                raise
+        reply = Reply(plan, admission)
         if self._wait_first_chunk > 0:
             await reply._wait_first_chunk(self._wait_first_chunk)
         return reply
@@ -575,12 +625,41 @@ def open_reply(begin: Awaitable[P] | P, *, wait_first_chunk: float = 0.0) -> Rep
     ``reply = await open_reply(begin)`` and hand the reply to ``ReplyStreamingResponse``.
     ``wait_first_chunk`` (seconds): wait that long for the upstream's first chunk, so that an
     upstream failure can still be answered with an error status before any header is sent.
-    Raises the ``ApplicationError`` of ``begin`` (nothing to end) or of an upstream that failed
-    within ``wait_first_chunk`` (persisted ``failed``).
+    Raises the ``ApplicationError`` of ``begin`` (nothing to end), ``ReplyRefused`` when admission
+    control refused the plan's ``metering`` (its start undone: ``ReplyPlan.refused``), or the error of
+    an upstream that failed within ``wait_first_chunk`` (persisted ``failed``).
     """
     if not (isinstance(begin, ReplyPlan) or inspect.isawaitable(begin)):
         raise TypeError("open_reply() takes a ReplyPlan or an awaitable that returns one")
     return ReplyOpener(begin, wait_first_chunk)
+
+
+async def _admit(plan: ReplyPlan) -> Admission:
+    """Admit ``plan``'s request (``accounts.metering.metering_admit``); on a refusal, undo its start and raise.
+
+    A refused request is recorded (``finish_status`` ``refused``, no tokens, no cost: usage reports
+    count refusals) and the plan's start undone (``ReplyPlan.refused``) before the error propagates.
+    """
+    assert plan.metering is not None  # noqa: S101 - the caller checked
+    try:
+        return await metering_admit(plan.metering)
+    except ApplicationError as error:
+        logger.info("reply %s refused: %s (%s)", plan.reply_id, error.message, error.code)
+        if type(plan).refused is not ReplyPlan.refused:
+            try:
+                await asyncio.shield(run_sync(plan.refused, error))
+            except Exception:
+                logger.exception("undoing the start of refused reply %s failed", plan.reply_id)
+        if plan.usage is not None:
+            usage_account(
+                context=plan.usage,
+                finish_status=REFUSED,
+                prompt_tokens=0,
+                completion_tokens=0,
+                estimated=False,
+                produced_output=False,
+            )
+        raise ReplyRefused(error) from error
 
 
 async def _abandon(begun: asyncio.Future[P]) -> None:
@@ -734,6 +813,7 @@ def reply_stop_broadcast(*, reply_id: str, reason: ApplicationError | None = Non
 
 __all__ = [
     "KEEPALIVE",
+    "REFUSED",
     "STARTED",
     "KeepAlive",
     "Reply",
@@ -744,6 +824,7 @@ __all__ = [
     "ReplyOpener",
     "ReplyOutcome",
     "ReplyPlan",
+    "ReplyRefused",
     "ReplyStarted",
     "ReplyStatus",
     "ReplyStreamingResponse",

@@ -62,14 +62,24 @@ async def chat_completions(request: HttpRequest, principal: Principal) -> HttpRe
     only ``n`` = 1), 404 ``model_not_found``, 400 ``model_disabled``, and the upstream's own
     failure within ``OPENAI_FIRST_CHUNK_WAIT_SECONDS`` (502 for its 5xx or when unreachable,
     its 400/404/413/422/429 as they are, 504 on timeout): NextChat cannot see an error inside a
-    stream, and gives up on headers that take over 60 s. ``Accept`` is not negotiated:
-    ``stream`` alone decides the response type.
+    stream, and gives up on headers that take over 60 s. 429 ``rate_limit_exceeded`` (with
+    ``Retry-After``) or ``insufficient_quota``, 503 ``metering_unavailable`` when admission control
+    (``accounts.metering``) refuses the request. Responses carry OpenAI's ``x-ratelimit-*`` headers
+    when a rate limit applies. ``Accept`` is not negotiated: ``stream`` alone decides the response type.
     """
     plan = await _chat_start(principal, request_body(request))
     reply = await open_reply(plan, wait_first_chunk=settings.OPENAI_FIRST_CHUNK_WAIT_SECONDS)
+    response: HttpResponseBase
     if reply.plan.stream:
-        return ReplyStreamingResponse(reply, chat_completion_frames(reply, keepalive=settings.SSE_KEEPALIVE_SECONDS))
-    return await _chat_completion_whole(reply)
+        response = ReplyStreamingResponse(
+            reply, chat_completion_frames(reply, keepalive=settings.SSE_KEEPALIVE_SECONDS)
+        )
+    else:
+        response = await _chat_completion_whole(reply)
+    if reply.admission is not None and reply.admission.headers:
+        for name, value in reply.admission.headers.items():  # OpenAI's x-ratelimit-*
+            response[name] = value
+    return response
 
 
 def _merge_tool_calls(calls: dict[int, dict[str, Any]], deltas: list[dict[str, Any]]) -> None:

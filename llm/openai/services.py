@@ -19,14 +19,13 @@ from accounts.models import UsageRecord
 from accounts.usage import usage_context
 from chatbackend.errors import ApplicationError
 
+from ..metering import TOKEN_LIMIT_PARAMETERS, reply_metering
 from ..providers import ChatRequest
 from ..selectors import EnabledModel
 from ..streaming import ReplyPlan
 
 # Request fields the adapter or this service owns; never taken from a model's defaults or the client.
 RESERVED_PARAMETERS = frozenset(("model", "messages", "stream", "stream_options", "n"))
-# Request fields that bound the reply's length in tokens (OpenAI's current name and the older one).
-TOKEN_LIMIT_PARAMETERS = ("max_completion_tokens", "max_tokens")
 
 
 @dataclass(kw_only=True)
@@ -88,6 +87,14 @@ def openai_chat_start(
             user_id=principal.user.pk,
             api_key_id=principal.api_key.pk if principal.api_key else None,
             model=model,
+        ),
+        metering=reply_metering(
+            request_id=completion_id,
+            user=principal.user,
+            api_key=principal.api_key,
+            model=model,
+            messages=messages,
+            parameters=merged,
         ),
         created=int(time.time()),
         stream=stream,

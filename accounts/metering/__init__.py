@@ -1,0 +1,84 @@
+"""Admission control, in one place: rate limits and budgets, checked before a reply's upstream call.
+
+The streaming engine (``llm.streaming``) calls ``metering_admit`` with the plan's
+``MeteringRequest`` before it opens the upstream request, whichever interface started the reply
+(``/v1``, conversation SSE, WebSocket), and ``Admission.release`` once the reply has ended, however
+it ended. The usage record of the reply (``accounts.usage``) settles the budget reservation in the
+Celery task that writes it (``budgets.budget_settle_many``).
+
+Order: rate limits first (cheap, and a request over its rate must not hold budget), then the
+budget reservation; if the reservation is refused, the rate-limit lease is given back.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .budgets import BudgetReservation, budget_reserve
+from .ratelimits import RateLease, rate_limit_acquire
+from .types import NO_LIMITS, MeteringRequest, MeteringSubject, RateLimits
+
+logger = logging.getLogger(__name__)
+
+
+class Admission:
+    """What an admitted request holds until its reply ends.
+
+    ``headers``: OpenAI's ``x-ratelimit-*`` response headers (empty when no rate limit applies).
+    ``reservation``: what was reserved on budgets, or None.
+    """
+
+    __slots__ = ("_lease", "_released", "reservation")
+
+    def __init__(self, lease: RateLease, reservation: BudgetReservation | None) -> None:
+        self._lease = lease
+        self.reservation = reservation
+        self._released = False
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self._lease.headers
+
+    async def release(self, *, completion_tokens: int) -> None:
+        """Give back the request's rate-limit lease and count its completion tokens; once, never raises."""
+        if self._released:
+            return
+        self._released = True
+        try:
+            await self._lease.release(completion_tokens=completion_tokens)
+        except Exception:  # an outage here must not lose the reply's end; the lease expires
+            logger.warning("could not release the rate-limit lease", exc_info=True)
+
+
+async def metering_admit(request: MeteringRequest) -> Admission:
+    """Admit ``request`` against every rate limit and budget of its subjects; return what it holds.
+
+    Raises ``ApplicationError``: 429 ``rate_limit_exceeded`` (with ``Retry-After``) when a rate limit
+    is reached, 429 ``insufficient_quota`` when a budget cannot cover the request's maximum cost,
+    503 ``metering_unavailable`` when the shared store (Redis) cannot be reached. Nothing is held
+    when it raises.
+    """
+    lease = await rate_limit_acquire(
+        request_id=request.request_id, subjects=request.subjects, prompt_tokens=request.prompt_tokens
+    )
+    try:
+        reservation = await budget_reserve(
+            request_id=request.request_id,
+            subjects=request.subjects,
+            max_cost=request.max_cost,
+            max_tokens=request.max_tokens,
+        )
+    except BaseException:
+        await lease.release(completion_tokens=0)
+        raise
+    return Admission(lease, reservation)
+
+
+__all__ = [
+    "NO_LIMITS",
+    "Admission",
+    "MeteringRequest",
+    "MeteringSubject",
+    "RateLimits",
+    "metering_admit",
+]

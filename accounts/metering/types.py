@@ -1,0 +1,86 @@
+"""What admission control reads: who a request is metered against, their limits, and its maximum size.
+
+Plain frozen dataclasses so that every app may build them (``llm`` builds them from its cached
+model snapshot and the caller's principal) without this app importing any other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+_MILLION = Decimal(1_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimits:
+    """A subject's rate limits; None means no limit.
+
+    ``requests_per_minute`` and ``tokens_per_minute`` (prompt plus completion tokens) as OpenAI
+    defines them (https://platform.openai.com/docs/guides/rate-limits); ``concurrent_streams``: replies
+    streaming at the same moment.
+    """
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    concurrent_streams: int | None = None
+
+    @property
+    def any(self) -> bool:
+        """Return True when at least one limit is set."""
+        return (
+            self.requests_per_minute is not None
+            or self.tokens_per_minute is not None
+            or self.concurrent_streams is not None
+        )
+
+
+NO_LIMITS = RateLimits()
+
+
+@dataclass(frozen=True, slots=True)
+class MeteringSubject:
+    """One party a request counts against: ``kind`` and the row's ``id``, with its rate limits.
+
+    Kinds today: ``"user"``, ``"api_key"`` (budgets and rate limits) and ``"model"`` (rate limits:
+    a model's upstream quota). Teams or organizations become new kinds, not a new mechanism.
+    """
+
+    kind: str
+    id: int
+    limits: RateLimits = NO_LIMITS
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeteringRequest:
+    """What admission control needs to know about one request before its upstream call.
+
+    ``request_id``: the reply's id, also its ``UsageRecord.request_id`` (settlement finds the
+    reservation by it). ``subjects``: every party the request counts against, all of which must
+    allow it. ``prompt_tokens``: counted before the call (``llm.tokens``). ``max_completion_tokens``:
+    the most the reply may generate (the client's ``max_completion_tokens`` / ``max_tokens``, else
+    the model's output cap, else the rest of its context window). Prices: US dollars per million tokens.
+    """
+
+    request_id: str
+    subjects: tuple[MeteringSubject, ...]
+    prompt_tokens: int
+    max_completion_tokens: int
+    input_price_per_million: Decimal
+    output_price_per_million: Decimal
+
+    @property
+    def max_tokens(self) -> int:
+        """Return the most tokens the request can use: prompt plus maximum completion."""
+        return self.prompt_tokens + self.max_completion_tokens
+
+    @property
+    def max_cost(self) -> Decimal:
+        """Return the most the request can cost, in US dollars (prompt and maximum completion at the prices)."""
+        return (
+            Decimal(self.prompt_tokens) * self.input_price_per_million
+            + Decimal(self.max_completion_tokens) * self.output_price_per_million
+        ) / _MILLION
+
+
+__all__ = ["NO_LIMITS", "MeteringRequest", "MeteringSubject", "RateLimits"]

@@ -1,0 +1,72 @@
+"""The admission-control request of a reply: who it counts against and how large it can be.
+
+Built when a reply is planned (``/v1``: ``llm.openai.services``; conversations:
+``conversations.services``) and checked by the streaming engine before the upstream call
+(``accounts.metering.metering_admit``), so every interface is metered by the same rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from accounts.metering import MeteringRequest, MeteringSubject
+from accounts.models import APIKey, User
+
+from .selectors import EnabledModel
+from .tokens import estimate_prompt_tokens
+
+# Request fields that bound the reply's length in tokens (OpenAI's current name and the older one).
+TOKEN_LIMIT_PARAMETERS = ("max_completion_tokens", "max_tokens")
+
+
+def max_completion_tokens_for(*, model: EnabledModel, parameters: Mapping[str, Any], prompt_tokens: int) -> int:
+    """Return the most tokens a reply may generate (tokens).
+
+    The client's ``max_completion_tokens`` (or the older ``max_tokens``) when it sent one, else the
+    model's ``max_output_tokens``, else what the context window leaves after the prompt (at least 1),
+    and never more than that remainder would allow the upstream to produce
+    (https://platform.openai.com/docs/api-reference/chat/create#chat-create-max_completion_tokens).
+    """
+    remainder = max(model.context_window - prompt_tokens, 1)
+    for name in TOKEN_LIMIT_PARAMETERS:
+        limit = parameters.get(name)
+        if type(limit) is int and limit > 0:
+            return min(limit, remainder)
+    if model.max_output_tokens is not None:
+        return min(model.max_output_tokens, remainder)
+    return remainder
+
+
+def reply_metering(
+    *,
+    request_id: str,
+    user: User,
+    api_key: APIKey | None,
+    model: EnabledModel,
+    messages: list[dict[str, Any]],
+    parameters: Mapping[str, Any],
+) -> MeteringRequest:
+    """Return the ``MeteringRequest`` of a reply of ``model`` to ``messages`` with request fields ``parameters``.
+
+    Subjects: the user, the API key used (if any) and the model, each with its rate limits.
+    Prompt tokens are counted before the call (``llm.tokens``); CPU only, fine on the event loop.
+    """
+    subjects = [MeteringSubject("user", user.pk, user.rate_limits)]
+    if api_key is not None:
+        subjects.append(MeteringSubject("api_key", api_key.pk, api_key.rate_limits))
+    subjects.append(MeteringSubject("model", model.id, model.limits))
+    prompt_tokens = estimate_prompt_tokens(messages)
+    return MeteringRequest(
+        request_id=request_id,
+        subjects=tuple(subjects),
+        prompt_tokens=prompt_tokens,
+        max_completion_tokens=max_completion_tokens_for(
+            model=model, parameters=parameters, prompt_tokens=prompt_tokens
+        ),
+        input_price_per_million=model.input_price_per_million,
+        output_price_per_million=model.output_price_per_million,
+    )
+
+
+__all__ = ["TOKEN_LIMIT_PARAMETERS", "max_completion_tokens_for", "reply_metering"]
