@@ -16,6 +16,7 @@ from chatbackend.lookup_cache import LookupCache
 
 from .models import LLMModel
 from .providers import ProviderConfig
+from .tokens import Tokenizer, tokenizer_for
 
 
 def llm_model_list_enabled() -> QuerySet[LLMModel]:
@@ -50,6 +51,7 @@ def provider_config_for(*, model: LLMModel) -> ProviderConfig:
         connect_timeout=provider.connect_timeout,
         read_timeout=provider.read_timeout,
         extra_headers=tuple((provider.extra_headers or {}).items()),
+        stream_usage=provider.stream_usage,
     )
 
 
@@ -60,7 +62,8 @@ class EnabledModel:
     ``id`` / ``name``: the ``LLMModel`` row and its public name; ``upstream_model``: the name sent
     to the provider; ``default_parameters``: OpenAI request fields (read-only mapping; copy it to
     change it); prices in US dollars per million tokens; ``context_window`` in tokens;
-    ``provider``: how to reach the upstream, its API key decrypted.
+    ``provider``: how to reach the upstream, its API key decrypted. ``tokenizer``: counts its
+    tokens (``LLMModel.tokenizer`` resolved for ``upstream_model``: ``llm.tokens.tokenizer_for``).
     """
 
     id: int
@@ -71,6 +74,7 @@ class EnabledModel:
     output_price_per_million: Decimal
     context_window: int
     provider: ProviderConfig
+    tokenizer: Tokenizer
 
     @property
     def pk(self) -> int:
@@ -95,6 +99,7 @@ def _enabled_model_read(name: str) -> EnabledModel:
         output_price_per_million=model.output_price_per_million,
         context_window=model.context_window,
         provider=provider_config_for(model=model),
+        tokenizer=tokenizer_for(setting=model.tokenizer, model_name=model.upstream_model),
     )
 
 
