@@ -306,17 +306,6 @@ def tokenizer_for(*, setting: str, model_name: str) -> Tokenizer:
         raise ValueError(f"Unknown tokenizer {setting!r}; choose one of {', '.join(SETTINGS)}.") from None
 
 
-# The estimate, as before: callers that have no model at hand.
-def estimate_text_tokens(text: str) -> int:
-    """Return the estimated token count of ``text`` (``ceil(chars / 4)``)."""
-    return ESTIMATE_TOKENIZER.count_text(text)
-
-
-def estimate_prompt_tokens(messages: Iterable[dict[str, Any]]) -> int:
-    """Return the estimated prompt tokens of OpenAI chat ``messages`` (``Tokenizer.count_prompt``)."""
-    return ESTIMATE_TOKENIZER.count_prompt(messages)
-
-
 __all__ = [
     "AUTO",
     "CHARS_PER_TOKEN",
@@ -330,8 +319,6 @@ __all__ = [
     "TiktokenTokenizer",
     "Tokenizer",
     "encoding_name_for",
-    "estimate_prompt_tokens",
-    "estimate_text_tokens",
     "load_encoding",
     "tokenizer_for",
     "warm_tokenizers",
