@@ -91,11 +91,11 @@ class UsageRecordAdmin(admin.ModelAdmin):
         "prompt_tokens",
         "completion_tokens",
         "cost",
-        "estimated",
+        "token_source",
         "finish_status",
         "request_id",
     )
-    list_filter = ("source", "estimated", "model_name", "finish_status")
+    list_filter = ("source", "token_source", "model_name", "finish_status")
     list_select_related = ("user",)
     search_fields = ("request_id", "user__username", "model_name")
     date_hierarchy = "created_at"

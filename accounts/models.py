@@ -93,9 +93,16 @@ class UsageRecord(models.Model):
 
     ``request_id`` is unique: a redelivered accounting task hits the constraint and writes nothing.
     ``cost`` is in US dollars: ``tokens * price_per_million / 1_000_000`` for input and output.
-    ``estimated`` is True when the provider did not report usage (e.g. a stream cut off) and the
-    counts were estimated by the backend.
+    ``token_source`` says where the token counts came from: the provider's usage report
+    (``provider``), the model's tokenizer when the provider reported none, e.g. for a stopped or
+    cut stream (``counted``), or a characters / 4 estimate for a model without a known tokenizer
+    (``estimated``): ``llm.tokens``.
     """
+
+    class TokenSource(models.TextChoices):
+        PROVIDER = "provider", "Provider"
+        COUNTED = "counted", "Counted (tokenizer)"
+        ESTIMATED = "estimated", "Estimated"
 
     class Source(models.TextChoices):
         CONVERSATION = "conversation", "Conversation"
@@ -113,7 +120,7 @@ class UsageRecord(models.Model):
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     cost = models.DecimalField(max_digits=16, decimal_places=8, default=Decimal("0"))
-    estimated = models.BooleanField(default=False)
+    token_source = models.CharField(max_length=16, choices=TokenSource.choices, default=TokenSource.PROVIDER)
     finish_status = models.CharField(max_length=16)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 

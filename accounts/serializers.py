@@ -216,7 +216,7 @@ class UsageRecordOutputSerializer(serializers.ModelSerializer):
             "completion_tokens",
             "total_tokens",
             "cost",
-            "estimated",
+            "token_source",
             "finish_status",
             "created_at",
             "api_key_prefix",

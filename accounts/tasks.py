@@ -29,7 +29,7 @@ def usage_record_batch_task(events: list[dict[str, Any]]) -> int:
     Idempotent: a redelivered or retried batch writes nothing twice (``usage_record_many``).
     While the database is unreachable the task is retried with a backoff, not dropped.
     """
-    return usage_record_many(UsageEvent(**event) for event in events)
+    return usage_record_many(UsageEvent.from_task(event) for event in events)
 
 
 @shared_task(name="accounts.usage_record", acks_late=True)
@@ -53,4 +53,4 @@ def usage_record_task(**fields: Any) -> int:
         input_price=prices["input_price_per_million"],
         output_price=prices["output_price_per_million"],
     )
-    return usage_record_many([UsageEvent(**fields, cost=str(cost))])
+    return usage_record_many([UsageEvent.from_task({**fields, "cost": str(cost)})])

@@ -89,8 +89,18 @@ class UsageEvent(UsageSubject):
     prompt_tokens: int
     completion_tokens: int
     cost: str
-    estimated: bool
+    token_source: str
     finish_status: str
+
+    @classmethod
+    def from_task(cls, fields: dict[str, Any]) -> UsageEvent:
+        """Return the event a task carried (``asdict`` of one); one queued by a release before
+        ``token_source`` carries ``estimated`` (bool) instead, read as "estimated" / "provider"."""
+        if "estimated" in fields:
+            fields = dict(fields)
+            source = UsageRecord.TokenSource.ESTIMATED if fields.pop("estimated") else UsageRecord.TokenSource.PROVIDER
+            fields["token_source"] = source.value
+        return cls(**fields)
 
 
 class PricedModel(Protocol):
@@ -161,14 +171,16 @@ def usage_account(
     finish_status: str,
     prompt_tokens: int,
     completion_tokens: int,
-    estimated: bool,
+    token_source: str,
     produced_output: bool,
 ) -> UsageEvent:
     """Queue the usage record of a reply that ended; return the queued event.
 
     Every reply gets exactly one record, so requests are counted whatever their outcome; one
     that is not billable (``usage_is_billable``: failed before any output) is recorded with
-    0 tokens and cost 0. ``estimated``: the counts are ours, not the provider's (a stream cut off).
+    0 tokens and cost 0. ``token_source``: where the counts came from, a ``UsageRecord.TokenSource``
+    value (``provider``; ``counted`` or ``estimated`` when the provider reported none, e.g. a
+    stream cut off).
     Never blocks and never raises for a broker outage (the sender thread keeps the record).
     """
     if not usage_is_billable(finish_status=finish_status, produced_output=produced_output):
@@ -185,7 +197,7 @@ def usage_account(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         cost=str(cost),
-        estimated=estimated,
+        token_source=token_source,
         finish_status=finish_status,
     )
     _sender.put(event)

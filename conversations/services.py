@@ -21,7 +21,7 @@ from llm.models import LLMModel
 from llm.providers import ChatRequest
 from llm.selectors import enabled_model_get, llm_model_get_enabled
 from llm.streaming import ReplyOutcome, ReplyPlan, reply_stop_broadcast
-from llm.tokens import estimate_prompt_tokens, estimate_text_tokens
+from llm.tokens import ESTIMATE_TOKENIZER, tokenizer_for
 
 from .models import Conversation, Message
 from .selectors import conversation_get_for, history_for_upstream, message_list
@@ -150,6 +150,7 @@ def reply_start(*, user: User, api_key: APIKey | None, conversation_id: int, con
         request=ChatRequest(model=model.upstream_model, messages=history, parameters=parameters),
         model_name=model.name,
         reply_id=reply_id,
+        tokenizer=model.tokenizer,
         usage=usage_context(
             request_id=reply_id,
             source=UsageRecord.Source.CONVERSATION,
@@ -246,9 +247,10 @@ INTERRUPTED = "interrupted"
 def reply_recover(*, message: Message) -> bool:
     """End orphaned reply ``message`` (its process died): ``failed``, ``interrupted``, billed once.
 
-    Keeps its checkpointed text; its usage is estimated from that text and the conversation before
-    it (``estimated``), billed to the conversation's owner at the model's current prices, keyed by
-    the reply (a record the dying process managed to queue wins; nothing is billed twice).
+    Keeps its checkpointed text; its usage is counted from that text and the conversation before
+    it with the model's tokenizer (``counted``, or ``estimated`` for a model without a known
+    tokenizer or deleted since), billed to the conversation's owner at the model's current prices,
+    keyed by the reply (a record the dying process managed to queue wins; nothing is billed twice).
     Returns False when the message was no longer ``streaming`` (its process ended it meanwhile).
     """
     now = timezone.now()
@@ -266,15 +268,21 @@ def reply_recover(*, message: Message) -> bool:
         system = message.conversation.system_prompt
         prompt: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         prompt += [{"role": role, "content": content} for role, content in earlier.values_list("role", "content")]
-        prompt_tokens = estimate_prompt_tokens(prompt)
-        completion_tokens = estimate_text_tokens(message.content)
+        model = LLMModel.objects.filter(name=message.model_name).first()
+        tokenizer = (
+            tokenizer_for(setting=model.tokenizer, model_name=model.upstream_model)
+            if model is not None
+            else ESTIMATE_TOKENIZER
+        )
+        prompt_tokens = tokenizer.count_prompt(prompt)
+        completion_tokens = tokenizer.count_text(message.content)
         Message.objects.filter(pk=message.pk).update(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
         context = usage_context(
             request_id=conversation_reply_id(message.pk),
             source=UsageRecord.Source.CONVERSATION,
             user_id=message.conversation.owner_id,
             api_key_id=None,  # not recorded on the message: billed to the user
-            model=LLMModel.objects.filter(name=message.model_name).first(),
+            model=model,
             model_name=message.model_name,
             message_id=message.pk,
         )
@@ -284,7 +292,7 @@ def reply_recover(*, message: Message) -> bool:
                 finish_status=Message.Status.FAILED.value,
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens,
-                estimated=True,
+                token_source=tokenizer.source,
                 produced_output=bool(message.content),
             )
         )

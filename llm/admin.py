@@ -39,6 +39,7 @@ class ProviderAdminForm(forms.ModelForm):
             "extra_headers",
             "connect_timeout",
             "read_timeout",
+            "stream_usage",
             "enabled",
         )
 
@@ -80,9 +81,10 @@ class LLMModelAdmin(admin.ModelAdmin):
         "input_price_per_million",
         "output_price_per_million",
         "context_window",
+        "tokenizer",
     )
     list_editable = ("enabled",)
-    list_filter = ("enabled", "provider")
+    list_filter = ("enabled", "provider", "tokenizer")
     list_select_related = ("provider",)
     search_fields = ("name", "upstream_model")
     autocomplete_fields = ("provider",)

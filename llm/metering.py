@@ -14,7 +14,6 @@ from accounts.metering import MeteringRequest, MeteringSubject
 from accounts.models import APIKey, User
 
 from .selectors import EnabledModel
-from .tokens import estimate_prompt_tokens
 
 # Request fields that bound the reply's length in tokens (OpenAI's current name and the older one).
 TOKEN_LIMIT_PARAMETERS = ("max_completion_tokens", "max_tokens")
@@ -50,13 +49,14 @@ def reply_metering(
     """Return the ``MeteringRequest`` of a reply of ``model`` to ``messages`` with request fields ``parameters``.
 
     Subjects: the user, the API key used (if any) and the model, each with its rate limits.
-    Prompt tokens are counted before the call (``llm.tokens``); CPU only, fine on the event loop.
+    Prompt tokens are counted before the call by the model's tokenizer (``llm.tokens``); CPU only,
+    fine on the event loop.
     """
     subjects = [MeteringSubject("user", user.pk, user.rate_limits)]
     if api_key is not None:
         subjects.append(MeteringSubject("api_key", api_key.pk, api_key.rate_limits))
     subjects.append(MeteringSubject("model", model.id, model.limits))
-    prompt_tokens = estimate_prompt_tokens(messages)
+    prompt_tokens = model.tokenizer.count_prompt(messages)
     return MeteringRequest(
         request_id=request_id,
         subjects=tuple(subjects),

@@ -100,6 +100,14 @@ class Provider(models.Model):
         ),
     )
     enabled = models.BooleanField(default=True)
+    stream_usage = models.BooleanField(
+        default=True,
+        help_text=(
+            'Ask for the token usage at the end of every stream (stream_options: {"include_usage": true}). '
+            "Turn off for servers that reject stream_options; stopped or cut streams are counted with the "
+            "model's tokenizer either way."
+        ),
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -115,8 +123,15 @@ class LLMModel(RateLimited):
 
     Prices are US dollars per million tokens (the unit providers publish).
     ``default_parameters`` are OpenAI request fields (e.g. ``{"temperature": 0.7}``) applied
-    when the client does not send them.
+    when the client does not send them. ``tokenizer``: how its tokens are counted when the provider
+    does not report them (before the call, and for a stopped stream): ``llm.tokens``.
     """
+
+    class Tokenizer(models.TextChoices):
+        AUTO = "auto", "Automatic (by the upstream model's name)"
+        O200K_BASE = "o200k_base", "o200k_base (gpt-4o, gpt-4.1, gpt-5, o1, o3, o4-mini)"
+        CL100K_BASE = "cl100k_base", "cl100k_base (gpt-4, gpt-3.5-turbo)"
+        ESTIMATE = "estimate", "Estimate (characters / 4)"
 
     name = models.CharField(max_length=200, unique=True, help_text="the model id clients send")
     provider = models.ForeignKey(Provider, on_delete=models.PROTECT, related_name="models")
@@ -131,6 +146,15 @@ class LLMModel(RateLimited):
     enabled = models.BooleanField(default=True)
     input_price_per_million = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
     output_price_per_million = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
+    tokenizer = models.CharField(
+        max_length=32,
+        choices=Tokenizer.choices,
+        default=Tokenizer.AUTO,
+        help_text=(
+            "Counts prompt tokens before the call and the tokens of stopped streams. Automatic: o200k_base or "
+            "cl100k_base for OpenAI models (by the upstream model id), else an estimate of characters / 4."
+        ),
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -17,6 +17,7 @@ from chatbackend.lookup_cache import LookupCache
 
 from .models import LLMModel
 from .providers import ProviderConfig
+from .tokens import Tokenizer, tokenizer_for
 
 
 def llm_model_list_enabled() -> QuerySet[LLMModel]:
@@ -51,6 +52,7 @@ def provider_config_for(*, model: LLMModel) -> ProviderConfig:
         connect_timeout=provider.connect_timeout,
         read_timeout=provider.read_timeout,
         extra_headers=tuple((provider.extra_headers or {}).items()),
+        stream_usage=provider.stream_usage,
     )
 
 
@@ -62,7 +64,8 @@ class EnabledModel:
     to the provider; ``default_parameters``: OpenAI request fields (read-only mapping; copy it to
     change it); prices in US dollars per million tokens; ``context_window`` and
     ``max_output_tokens`` (None: the rest of the window) in tokens; ``limits``: the model's rate limits;
-    ``provider``: how to reach the upstream, its API key decrypted.
+    ``provider``: how to reach the upstream, its API key decrypted. ``tokenizer``: counts its
+    tokens (``LLMModel.tokenizer`` resolved for ``upstream_model``: ``llm.tokens.tokenizer_for``).
     """
 
     id: int
@@ -75,6 +78,7 @@ class EnabledModel:
     max_output_tokens: int | None
     limits: RateLimits
     provider: ProviderConfig
+    tokenizer: Tokenizer
 
     @property
     def pk(self) -> int:
@@ -101,6 +105,7 @@ def _enabled_model_read(name: str) -> EnabledModel:
         max_output_tokens=model.max_output_tokens,
         limits=model.rate_limits,
         provider=provider_config_for(model=model),
+        tokenizer=tokenizer_for(setting=model.tokenizer, model_name=model.upstream_model),
     )
 
 

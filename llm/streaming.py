@@ -62,11 +62,13 @@ from chatbackend.http import EventStreamResponse
 from chatbackend.liveness import start_heartbeat
 
 from .providers import ChatChunk, ChatRequest, ProviderConfig, Usage, get_provider
-from .tokens import estimate_prompt_tokens, estimate_text_tokens
+from .tokens import COUNTED, ESTIMATE_TOKENIZER, Tokenizer
 
 logger = logging.getLogger(__name__)
 
 STOP_MESSAGE_TYPE = "reply.stop"
+# ``ReplyOutcome.usage_source`` of usage the provider reported (``UsageRecord.TokenSource``).
+PROVIDER = "provider"
 # The longest a reply's end may take to be written (one UPDATE, the usage queued) before a
 # cancelled wait for it gives up.
 PERSIST_TIMEOUT_SECONDS = 10.0
@@ -109,8 +111,9 @@ class ReplyRefused(ApplicationError):
 class ReplyOutcome:
     """How a reply ended.
 
-    ``content`` / ``reasoning_content``: all text streamed. ``usage``: token counts — the
-    provider's when it reported them (``usage_estimated`` False), else estimated (``llm.tokens``).
+    ``content`` / ``reasoning_content``: all text streamed. ``usage``: token counts; ``usage_source``
+    says whose: ``"provider"`` (its usage report), else the plan's tokenizer's (``llm.tokens``):
+    ``"counted"`` by the model's tokenizer or ``"estimated"`` (``UsageRecord.TokenSource`` values).
     Times in milliseconds from the upstream request's start; ``time_to_first_token_ms`` is None
     when no chunk with output arrived. ``error``: the failure, for ``failed``.
     """
@@ -120,7 +123,7 @@ class ReplyOutcome:
     reasoning_content: str
     finish_reason: str | None
     usage: Usage
-    usage_estimated: bool
+    usage_source: str
     time_to_first_token_ms: float | None
     duration_ms: float
     error: ApplicationError | None = None
@@ -133,9 +136,10 @@ class ReplyPlan:
     ``reply_id``: unique per reply; the key of stop requests and of logs. ``usage``: the accounting
     context, or None for a reply nobody pays for. ``metering``: what admission control checks
     before the upstream call (rate limits, budgets: ``accounts.metering``), or None for a reply
-    nothing limits. Interfaces subclass it with the typed fields they report to their clients
-    (ids, timestamps) and override ``finish`` to persist the end and ``refused`` to undo a start
-    that admission refused.
+    nothing limits. ``tokenizer``: the model's (``EnabledModel.tokenizer``), which counts the
+    tokens of a reply whose provider reported no usage (a stream stopped or cut). Interfaces
+    subclass it with the typed fields they report to their clients (ids, timestamps) and override
+    ``finish`` to persist the end and ``refused`` to undo a start that admission refused.
     """
 
     provider: ProviderConfig
@@ -144,6 +148,7 @@ class ReplyPlan:
     reply_id: str
     usage: UsageContext | None = None
     metering: MeteringRequest | None = None
+    tokenizer: Tokenizer = ESTIMATE_TOKENIZER
 
     # ``finish`` and ``checkpoint`` run in a worker thread (they may use the ORM), and only when
     # a subclass overrides them.
@@ -478,13 +483,14 @@ class Reply(Generic[P]):
         """End the reply's bookkeeping: build ``outcome`` from what it took and delivered (sync, once)."""
         _open_replies.discard(self)
         content, reasoning = "".join(self._content), "".join(self._reasoning)
+        usage = self._usage or self._estimate_usage(content, reasoning)
         self.outcome = ReplyOutcome(
             status=status,
             content=content,
             reasoning_content=reasoning,
             finish_reason=self._finish_reason,
-            usage=self._usage or self._estimate_usage(content, reasoning),
-            usage_estimated=self._usage is None,
+            usage=usage,
+            usage_source=PROVIDER if self._usage is not None else self.plan.tokenizer.source,
             time_to_first_token_ms=self._ttft_ms,
             duration_ms=(time.perf_counter() - self._started) * 1000,
             error=error,
@@ -546,14 +552,24 @@ class Reply(Generic[P]):
                 finish_status=outcome.status.value,
                 prompt_tokens=outcome.usage.prompt_tokens,
                 completion_tokens=outcome.usage.completion_tokens,
-                estimated=outcome.usage_estimated,
+                token_source=outcome.usage_source,
                 produced_output=outcome.time_to_first_token_ms is not None,
             )
 
     def _estimate_usage(self, content: str, reasoning: str) -> Usage:
-        # One chunk per token is what OpenAI-compatible servers send; text length bounds it below.
-        completion = max(self._chunks_with_output, estimate_text_tokens(content + reasoning))
-        return Usage(prompt_tokens=estimate_prompt_tokens(self.plan.request.messages), completion_tokens=completion)
+        """Count the usage the provider did not report: the prompt and the text generated, by the plan's tokenizer.
+
+        The model's tokenizer counts the text exactly (``counted``). Tool calls carry no text here:
+        a reply of tool calls only counts one token per chunk, what OpenAI-compatible servers send.
+        The estimate (``estimated``) takes the larger of chars / 4 and the chunk count.
+        """
+        tokenizer = self.plan.tokenizer
+        completion = tokenizer.count_text(content + reasoning)
+        if tokenizer.source != COUNTED or not completion:
+            completion = max(completion, self._chunks_with_output)
+        metering = self.plan.metering  # the prompt was counted at admission: not twice
+        prompt = metering.prompt_tokens if metering is not None else tokenizer.count_prompt(self.plan.request.messages)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion)
 
 
 def _has_output(chunk: ChatChunk) -> bool:
@@ -656,7 +672,7 @@ async def _admit(plan: ReplyPlan) -> Admission:
                 finish_status=REFUSED,
                 prompt_tokens=0,
                 completion_tokens=0,
-                estimated=False,
+                token_source=COUNTED,  # nothing was sent: exactly 0
                 produced_output=False,
             )
         raise ReplyRefused(error) from error

@@ -105,5 +105,5 @@ class UsageRecordFactory(DjangoModelFactory):
             else Decimal(0)
         )
     )
-    estimated = False
+    token_source = "provider"
     finish_status = "completed"

@@ -89,7 +89,7 @@ def test_a_reply_of_a_killed_process_is_recovered_and_a_live_one_is_not(
     assert "".join(doomed_text).startswith(recovered.content)
     [record] = poll_until_sync(lambda: list(UsageRecord.objects.filter(message=recovered)), lambda r: len(r) == 1)
     assert record.finish_status == "failed"
-    assert record.estimated is True
+    assert record.token_source == "estimated"
     assert record.completion_tokens >= len(checkpointed.split())
     # The live reply, checkpointed less often than the recovery's threshold, was not touched ...
     live = assistant(live_conversation)

@@ -187,5 +187,5 @@ def test_sigterm_mid_reply_saves_every_reply_with_its_text_and_usage(
     v1_stream_words = len(clients[2].text.split())
     assert any(r.completion_tokens >= v1_stream_words for r in v1_records), (
         v1_stream_words,
-        [(r.completion_tokens, r.estimated) for r in v1_records],
+        [(r.completion_tokens, r.token_source) for r in v1_records],
     )

@@ -81,11 +81,11 @@ def test_usage_records_are_read_only(admin_site, user):
         model_name="some-model",
         prompt_tokens=3,
         completion_tokens=4,
-        estimated=True,
+        token_source="estimated",
         finish_status="cancelled",
     )
 
-    changelist = admin_site.get("/admin/accounts/usagerecord/", {"estimated__exact": "1"})
+    changelist = admin_site.get("/admin/accounts/usagerecord/", {"token_source__exact": "estimated"})
     view = admin_site.get(f"/admin/accounts/usagerecord/{record.pk}/change/")
     add = admin_site.get("/admin/accounts/usagerecord/add/")
     delete = admin_site.get(f"/admin/accounts/usagerecord/{record.pk}/delete/")

@@ -20,7 +20,7 @@ def account(context: UsageContext, **overrides) -> UsageEvent:
         "finish_status": "completed",
         "prompt_tokens": 1234,
         "completion_tokens": 567,
-        "estimated": True,
+        "token_source": "estimated",
         "produced_output": True,
         **overrides,
     }
@@ -38,7 +38,7 @@ def test_a_completed_reply_is_priced_per_million_tokens_and_written(context):
     assert isinstance(record.cost, Decimal)
     assert record.cost == expected
     assert record.total_tokens == 1801
-    assert record.estimated is True
+    assert record.token_source == "estimated"
     assert record.finish_status == "completed"
     assert record.model_id == context.model_id
 
@@ -84,7 +84,7 @@ def test_one_batch_with_an_id_twice_writes_it_once(context):
         prompt_tokens=1,
         completion_tokens=2,
         cost="0",
-        estimated=False,
+        token_source="provider",
         finish_status="completed",
     )
 
@@ -136,3 +136,20 @@ def test_usage_of_a_message_deleted_before_the_write_is_kept_unlinked(context, u
     record = UsageRecord.objects.get()
     assert record.message_id is None
     assert record.prompt_tokens == 1234
+
+
+def test_a_batch_queued_before_token_source_is_recorded_with_its_estimated_flag(context):
+    event = account(context, token_source="counted")
+    assert event is not None
+    assert usage_flush(10)
+    UsageRecord.objects.all().delete()
+    legacy = []
+    for request_id, estimated in (("chatcmpl-old-1", True), ("chatcmpl-old-2", False)):
+        fields = {**asdict(event), "request_id": request_id, "estimated": estimated}
+        del fields["token_source"]
+        legacy.append(fields)
+
+    assert usage_record_batch_task.delay(legacy).get(timeout=10) == 2
+
+    sources = dict(UsageRecord.objects.values_list("request_id", "token_source"))
+    assert sources == {"chatcmpl-old-1": "estimated", "chatcmpl-old-2": "provider"}

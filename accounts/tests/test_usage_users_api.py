@@ -25,7 +25,7 @@ USAGE_FIELDS = {
     "completion_tokens",
     "total_tokens",
     "cost",
-    "estimated",
+    "token_source",
     "finish_status",
     "created_at",
     "api_key_prefix",
@@ -54,7 +54,7 @@ def test_a_member_sees_only_their_own_usage(auth_client, user, other_user):
     assert (row["prompt_tokens"], row["completion_tokens"], row["total_tokens"]) == (1000, 500, 1500)
     assert isinstance(row["cost"], str)
     assert Decimal(row["cost"]) == Decimal("0.002")  # (1000 * 1 + 500 * 2) / 1e6
-    assert row["estimated"] is False
+    assert row["token_source"] == "provider"
     assert row["finish_status"] == "completed"
     assert row["api_key_prefix"] == key.prefix
 

@@ -16,7 +16,8 @@ from chatbackend.liveness import BEATS_TO_DEATH, PROCESS_ID, process_alive
 from conversations.models import Message
 from conversations.services import reply_checkpoint, reply_recover_orphans, reply_stop
 from llm.streaming import replies_accepting
-from tests.factories import ConversationFactory, MessageFactory
+from llm.tokens import tokenizer_for
+from tests.factories import ConversationFactory, LLMModelFactory, MessageFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)  # usage records are written by another thread
 
@@ -56,8 +57,23 @@ def test_an_orphan_is_failed_interrupted_with_its_text_and_billed_once():
     [record] = UsageRecord.objects.filter(message=orphan)
     assert record.request_id == f"message-{orphan.pk}"
     assert record.user_id == orphan.conversation.owner_id
-    assert (record.finish_status, record.estimated) == ("failed", True)
+    assert (record.finish_status, record.token_source) == ("failed", "estimated")
     assert record.completion_tokens == orphan.completion_tokens
+
+
+def test_an_orphan_of_a_model_with_a_known_tokenizer_is_counted_with_it():
+    model = LLMModelFactory(upstream_model="gpt-4o-mini")  # tokenizer "auto": o200k_base
+    orphan = streaming_reply(DEAD, checkpointed_at=LONG_AGO, conversation=ConversationFactory(model=model))
+
+    assert reply_recover_orphans() == 1
+
+    tokenizer = tokenizer_for(setting="o200k_base", model_name="")
+    orphan.refresh_from_db()
+    assert orphan.completion_tokens == tokenizer.count_text("Once upon a time") == 4
+    assert orphan.prompt_tokens == tokenizer.count_prompt([{"role": "user", "content": "Tell me a story"}])
+    assert usage_flush(10)
+    [record] = UsageRecord.objects.filter(message=orphan)
+    assert (record.token_source, record.completion_tokens) == ("counted", 4)
 
 
 def test_a_never_checkpointed_orphan_counts_from_its_start():

@@ -97,7 +97,7 @@ async def test_sse_streams_start_deltas_done_and_persists_the_reply(user, conver
     assert answer.duration_ms >= answer.time_to_first_token_ms
     [record] = await usage_records(message_id=answer.pk)
     assert (record.user_id, record.completion_tokens, record.finish_status) == (user.pk, FAST_REPLY_TOKENS, "completed")
-    assert record.estimated is False
+    assert record.token_source == "provider"
 
 
 async def test_sse_start_and_done_payloads_match_the_api(conversation, token):
@@ -258,7 +258,7 @@ async def test_client_disconnect_cancels_the_reply_and_the_upstream_request(
     await poll_until(slow_simulator.astats, lambda stats: stats["requests_disconnected"] >= before + 1)
     [record] = await poll_until(lambda: usage_records(message_id=message_id))
     assert record.finish_status == "cancelled"
-    assert record.estimated is True
+    assert record.token_source == "estimated"
 
 
 async def test_stop_endpoint_stops_an_sse_reply(asgi_server, slow_simulator, slow_conversation, token):

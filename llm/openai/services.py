@@ -81,6 +81,7 @@ def openai_chat_start(
         request=ChatRequest(model=model.upstream_model, messages=messages, parameters=merged),
         model_name=model.name,
         reply_id=completion_id,
+        tokenizer=model.tokenizer,
         usage=usage_context(
             request_id=completion_id,
             source=UsageRecord.Source.OPENAI_API,

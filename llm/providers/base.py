@@ -19,7 +19,9 @@ from chatbackend.errors import ApplicationError
 class ProviderConfig:
     """How to reach one upstream: adapter ``kind``, API root ``base_url`` (with ``/v1``), secret
     ``api_key`` (may be empty), timeouts in seconds, and ``extra_headers`` sent with every request
-    (``(name, value)`` pairs, none that the adapter sets itself)."""
+    (``(name, value)`` pairs, none that the adapter sets itself). ``stream_usage``: ask the
+    upstream to report usage at the end of a stream (OpenAI's ``stream_options.include_usage``);
+    off for servers that reject the option."""
 
     kind: str
     base_url: str
@@ -28,6 +30,7 @@ class ProviderConfig:
     read_timeout: float = 300.0
     # Not in the repr either: an operator may put a gateway's key there despite the admin's advice.
     extra_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    stream_usage: bool = True
 
 
 @dataclass(frozen=True, slots=True)

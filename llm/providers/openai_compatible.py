@@ -179,8 +179,9 @@ class OpenAICompatibleProvider(ChatProvider):
             "model": request.model,
             "messages": request.messages,
             "stream": True,
-            "stream_options": {"include_usage": True},
         }
+        if config.stream_usage:
+            body["stream_options"] = {"include_usage": True}
         # Serialized as httpx did: compact, UTF-8, no NaN.
         data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
         headers = dict(_SSE_HEADERS)

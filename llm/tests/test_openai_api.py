@@ -26,6 +26,7 @@ from llm.simulator import reply_text
 from llm.simulator.replies import reply_word_indexes
 from llm.simulator.wire import logprob_entry
 from llm.tests.openai_schema import validate_against
+from llm.tokens import tokenizer_for
 from tests.factories import UPSTREAM_API_KEY
 from tests.kit import (
     CHAT_URL,
@@ -84,7 +85,7 @@ async def test_stream_sends_openai_chunks_then_done_and_records_usage(api_key_se
     assert record.model_name == "sim-model"
     assert record.completion_tokens == FAST_REPLY_TOKENS
     assert record.prompt_tokens > 0
-    assert record.estimated is False
+    assert record.token_source == "provider"
     assert record.finish_status == "completed"
     assert record.message_id is None
 
@@ -105,6 +106,36 @@ async def test_stream_usage_chunk_only_with_include_usage(api_key_secret, sim_mo
     }
     assert usage_chunk["usage"]["completion_tokens"] == FAST_REPLY_TOKENS
     assert all(chunk["usage"] is None and chunk["choices"] for chunk in content_chunks)
+
+
+async def test_a_provider_without_stream_usage_gets_no_stream_options_and_its_replies_are_counted(
+    api_key_secret, scripted_upstream, simulator
+):
+    client = AsyncClient()
+    scripted = await run_sync(
+        Provider.objects.create, name="rejects-stream-options", base_url=scripted_upstream.base_url, stream_usage=False
+    )
+    await run_sync(LLMModel.objects.create, name="quiet", provider=scripted, upstream_model="plain")
+    response = await post_chat(client, chat_body("quiet", stream=True), bearer(api_key_secret))
+    assert response.status_code == 200
+    await streamed_content(response)
+    assert "stream_options" not in scripted_upstream.requests[-1]
+
+    # The simulator sends usage only when asked, as OpenAI does: none comes, the reply is counted.
+    sim = await run_sync(Provider.objects.create, name="sim-no-usage", base_url=simulator.base_url, stream_usage=False)
+    await run_sync(LLMModel.objects.create, name="quiet-4o", provider=sim, upstream_model="gpt-4o-mini")
+    body = chat_body("quiet-4o", stream=True, stream_options={"include_usage": True})
+    response = await post_chat(client, body, bearer(api_key_secret))
+    *content_chunks, usage_chunk = chunk_objects(sse_data(await streamed_content(response)))
+
+    text = chunk_text(content_chunks)
+    tokenizer = tokenizer_for(setting="o200k_base", model_name="")
+    assert usage_chunk["usage"]["completion_tokens"] == tokenizer.count_text(text)
+    assert usage_chunk["usage"]["prompt_tokens"] == tokenizer.count_prompt(body["messages"])
+    records = {record.model_name: record for record in await usage_records()}
+    assert records["quiet-4o"].token_source == "counted"
+    assert records["quiet-4o"].completion_tokens == tokenizer.count_text(text)
+    assert records["quiet"].token_source == "provider"  # the scripted upstream reports usage unasked
 
 
 async def test_stream_false_options_and_accept_headers_never_406(api_key_secret, sim_model):
@@ -378,7 +409,7 @@ async def test_midstream_failure_sends_an_error_frame_and_ends(api_key_secret, f
 
     [record] = await usage_records()  # tokens were generated: billed, as estimated
     assert record.finish_status == "failed"
-    assert record.estimated is True
+    assert record.token_source == "estimated"
     assert record.completion_tokens >= 3
 
 
@@ -480,7 +511,7 @@ async def test_client_disconnect_cancels_upstream_and_bills_what_was_streamed(
     assert len(result.frames) == 3
     [record] = await usage_records()  # persisted before the handler returned
     assert record.finish_status == "cancelled"
-    assert record.estimated is True
+    assert record.token_source == "estimated"
     assert 3 <= record.completion_tokens < SLOW_REPLY_TOKENS
     stats = await poll_until(slow_simulator.astats, lambda stats: stats["active_streams"] == 0)
     # The upstream request was closed, not finished.

@@ -37,6 +37,7 @@ from llm.streaming import (
     reply_stop_broadcast,
 )
 from llm.tests.simulator_process import SimulatorProcess
+from llm.tokens import Tokenizer, tokenizer_for
 from tests.kit import FAST_REPLY_TOKENS, SLOW_REPLY_TOKENS, poll_until
 
 pytestmark = pytest.mark.usefixtures("provider_clients")
@@ -59,12 +60,17 @@ class RecordingPlan(ReplyPlan):
 _ids = iter(range(1, 1_000_000))
 
 
-def plan_for(sim: SimulatorProcess, model: str = "sim-1") -> RecordingPlan:
+def plan_for(
+    sim: SimulatorProcess, model: str = "sim-1", *, tokenizer: Tokenizer | None = None, stream_usage: bool = True
+) -> RecordingPlan:
     return RecordingPlan(
-        provider=ProviderConfig(kind="openai", base_url=sim.base_url, api_key="", read_timeout=30),
+        provider=ProviderConfig(
+            kind="openai", base_url=sim.base_url, api_key="", read_timeout=30, stream_usage=stream_usage
+        ),
         request=ChatRequest(model=model, messages=MESSAGES),
         model_name="public-name",
         reply_id=f"test-reply-{next(_ids)}",
+        **({"tokenizer": tokenizer} if tokenizer is not None else {}),
     )
 
 
@@ -92,10 +98,63 @@ async def test_a_reply_yields_start_deltas_then_done_and_persists_once(simulator
     assert outcome.status is ReplyStatus.COMPLETED
     assert outcome.content == text_of(events) == reply_text(MESSAGES, FAST_REPLY_TOKENS)
     assert outcome.usage.completion_tokens == FAST_REPLY_TOKENS
-    assert outcome.usage_estimated is False
+    assert outcome.usage_source == "provider"
     assert outcome.finish_reason == "stop"
     assert outcome.time_to_first_token_ms is not None
     assert plan.finished == [outcome]  # persisted before the last event, once
+
+
+@pytest.mark.parametrize("k", [1, 4])
+async def test_a_reply_stopped_after_k_chunks_counts_its_text_with_the_models_tokenizer(slow_simulator, k):
+    tokenizer = tokenizer_for(setting="auto", model_name="gpt-4o-mini")
+    plan = plan_for(slow_simulator, tokenizer=tokenizer)
+    async with open_reply(begin(plan)) as reply:
+        events: list[ReplyEvent] = []
+        async for event in reply.events():
+            events.append(event)
+            if sum(len(e.chunks) for e in events if type(e) is ReplyDelta) >= k:
+                reply.stop()
+
+    outcome = events[-1].outcome  # type: ignore[union-attr]
+    assert outcome.status is ReplyStatus.CANCELLED
+    assert outcome.content and len(outcome.content.split()) < SLOW_REPLY_TOKENS
+    assert outcome.usage_source == "counted"
+    assert outcome.usage.completion_tokens == len(tiktoken_o200k().encode_ordinary(outcome.content))
+    assert outcome.usage.completion_tokens == tokenizer.count_text(outcome.content)
+    assert outcome.usage.prompt_tokens == tokenizer.count_prompt(MESSAGES)
+    assert plan.finished == [outcome]
+
+
+async def test_a_completed_reply_keeps_the_providers_usage_whatever_the_tokenizer(simulator):
+    plan = plan_for(simulator, tokenizer=tokenizer_for(setting="o200k_base", model_name="x"))
+    async with open_reply(begin(plan)) as reply:
+        events = await collect(reply)
+
+    outcome = events[-1].outcome  # type: ignore[union-attr]
+    assert outcome.status is ReplyStatus.COMPLETED
+    assert outcome.usage_source == "provider"
+    assert outcome.usage.completion_tokens == FAST_REPLY_TOKENS  # the simulator's count: one per word
+
+
+async def test_without_stream_usage_a_completed_reply_is_counted_by_the_tokenizer(simulator):
+    # A provider whose server rejects stream_options: nothing asks for usage, none comes, we count.
+    tokenizer = tokenizer_for(setting="cl100k_base", model_name="x")
+    plan = plan_for(simulator, tokenizer=tokenizer, stream_usage=False)
+    async with open_reply(begin(plan)) as reply:
+        events = await collect(reply)
+
+    outcome = events[-1].outcome  # type: ignore[union-attr]
+    assert outcome.status is ReplyStatus.COMPLETED
+    assert outcome.content == reply_text(MESSAGES, FAST_REPLY_TOKENS)
+    assert outcome.usage_source == "counted"
+    assert outcome.usage.completion_tokens == tokenizer.count_text(outcome.content)
+
+
+def tiktoken_o200k() -> Any:
+    """tiktoken's o200k_base encoding as ``llm.tokens`` builds it (its equality with tiktoken's: test_tokens)."""
+    from llm.tokens import load_encoding
+
+    return load_encoding("o200k_base")
 
 
 async def test_an_upstream_failure_is_the_last_event_and_is_persisted_failed(simulator):
@@ -160,7 +219,7 @@ async def test_stop_ends_the_reply_cancelled_with_its_text_so_far_and_closes_the
     assert outcome.status is ReplyStatus.CANCELLED
     assert outcome.content == text_of(events)
     assert 3 <= len(outcome.content.split()) < SLOW_REPLY_TOKENS
-    assert outcome.usage_estimated is True
+    assert outcome.usage_source == "estimated"
     assert plan.finished == [outcome]
     await poll_until(
         slow_simulator.astats,
