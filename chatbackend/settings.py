@@ -184,6 +184,9 @@ REDIS_URL: str = env.str("REDIS_URL", default="")
 if REDIS_URL and not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
     _fail("REDIS_URL", REDIS_URL, "a redis://, rediss:// or unix:// URL")
 
+# Seconds a Redis command (cache, rate limits) may take before it fails (503) instead of hanging.
+REDIS_SOCKET_TIMEOUT_SECONDS: float = _seconds("REDIS_SOCKET_TIMEOUT_SECONDS", 5.0)
+
 # The "auth_throttle" cache holds login failures and login/registration rates
 # (accounts.login_throttle): its own key prefix, so it can be inspected or cleared on its own.
 AUTH_THROTTLE_KEY_PREFIX = "auth-throttle"
@@ -196,7 +199,7 @@ if REDIS_URL:
     }
     # An unresponsive Redis (not just a refused connection) fails a cache call after this long
     # instead of hanging the request: 503 service_unavailable (chatbackend.errors).
-    _redis_timeout = _seconds("REDIS_SOCKET_TIMEOUT_SECONDS", 5.0)
+    _redis_timeout = REDIS_SOCKET_TIMEOUT_SECONDS
     _redis_cache: dict[str, Any] = {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
         "LOCATION": REDIS_URL,
@@ -226,6 +229,16 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 4
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
+
+# --- Rate limits (accounts.metering.ratelimits) ------------------------------------------------
+# Requests per minute, tokens per minute and concurrent streams per user, API key and model are held
+# in Redis when REDIS_URL is set (shared by every server process), else in this process's memory.
+# When Redis cannot be reached: False refuses requests that have a rate limit with 503
+# metering_unavailable (fail closed); True lets them through unlimited (budgets always fail closed).
+RATE_LIMIT_FAIL_OPEN: bool = _bool("RATE_LIMIT_FAIL_OPEN", False)
+# A concurrent-stream slot is a lease that lives this many seconds unless its process renews it
+# (every third of it, while the stream runs): the slots of a process that died free this long after.
+RATE_LIMIT_STREAM_LEASE_SECONDS: float = _seconds("RATE_LIMIT_STREAM_LEASE_SECONDS", 60.0)
 
 # --- Health probes (chatbackend.health) ---------------------------------------------------------
 # Seconds each readiness check (database, Redis, broker) may take before it reports "unavailable".
