@@ -437,11 +437,12 @@ def _headers(counters: Sequence[_Counter], windows: Sequence[_Window]) -> dict[s
 
 def _refusal(counter: _Counter, window: _Window, headers: dict[str, str]) -> tuple[float, ApplicationError]:
     used = math.floor(window.used())
-    wait = max(1, math.ceil(window.seconds_until_fits(counter.limit, counter.cost)))
+    seconds = window.seconds_until_fits(counter.limit, counter.cost)
+    wait = max(1, math.ceil(seconds))  # Retry-After: whole seconds (RFC 9110, section 10.2.3)
     unit = "requests per min (RPM)" if counter.dimension == "requests" else "tokens per min (TPM)"
     message = (
         f"Rate limit reached for {_who(counter.subject)} on {unit}: Limit {counter.limit}, Used {used}, "
-        f"Requested {counter.cost}. Please try again in {format_reset(wait)}."
+        f"Requested {counter.cost}. Please try again in {format_reset(seconds)}."
     )
     error = ApplicationError(
         message,
