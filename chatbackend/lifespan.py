@@ -30,6 +30,7 @@ from typing import Any
 
 from django.conf import settings
 
+from accounts.metering.ratelimits import rate_limit_close
 from conversations.services import reply_recover_orphans
 from llm.providers.openai_compatible import aclose_clients
 from llm.streaming import replies_accepting, replies_shutdown
@@ -63,6 +64,7 @@ async def shutdown() -> None:
         logger.warning("the shutdown ended %d open replies as cancelled; their text and usage are saved", ended)
     await stop_heartbeat()
     await aclose_clients()
+    await rate_limit_close()  # after the replies: their ends gave their stream slots back
 
 
 class LifespanApp:

@@ -323,7 +323,10 @@ class _MemoryBackend(_Backend):
 
     async def streams_release(self, keys: Sequence[str], member: str) -> None:
         for key in keys:
-            self.streams.get(key, {}).pop(member, None)
+            leases = self.streams.get(key, {})
+            leases.pop(member, None)
+            if not leases:
+                self.streams.pop(key, None)
 
     async def streams_renew(self, held: dict[str, tuple[str, ...]]) -> None:
         until = time.monotonic() + self.lease_seconds
