@@ -496,7 +496,7 @@ async def rate_limit_acquire(*, request_id: str, subjects: Sequence[MeteringSubj
         return RateLease(request_id=request_id)
 
     for counter in counters:
-        if counter.cost > counter.limit:  # never fits, however long the client waits
+        if counter.dimension == "tokens" and counter.cost > counter.limit:  # never fits, however long one waits
             raise ApplicationError(
                 f"Request too large for {_who(counter.subject)} on tokens per min (TPM): Limit {counter.limit}, "
                 f"Requested {counter.cost}. The input or output tokens must be reduced in order to run successfully.",

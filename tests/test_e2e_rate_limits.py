@@ -1,0 +1,152 @@
+"""Rate limits hold across two server processes: requests, tokens and concurrent streams per API key.
+
+The stack's two server processes share one Redis; each test gives a fresh API key its limits,
+then sends requests at once, split between both processes, to ``/v1/chat/completions``. Exactly
+the limit's worth are served; every other one is OpenAI's 429 ``rate_limit_exceeded`` with
+``Retry-After``, answered before any upstream call. Sequential requests see
+``x-ratelimit-remaining-*`` count down, whichever process serves them.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+from django.conf import settings
+
+from accounts.models import APIKey
+from accounts.services import api_key_create
+from tests.conftest import E2EModels, E2EStack
+from tests.factories import LLMModelFactory, ProviderFactory, UserFactory
+from tests.kit import assert_error, bearer, chat_body, poll_until_sync
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.skipif(
+        not settings.REDIS_URL,
+        reason="without REDIS_URL (the embedded defaults) each server process counts in its own memory: one "
+        "process is the whole deployment there. CI sets REDIS_URL, so these run there.",
+    ),
+]
+
+CHAT = "/v1/chat/completions"
+# OpenAI's reset values: Go durations such as "20ms", "1s", "1.5s", "6m0s".
+RESET = re.compile(r"^(\d+ms|(\d+h)?(\d+m)?\d+(\.\d+)?s)$")
+
+
+def _key(**limits: int) -> str:
+    """Return the secret of a new API key of a new user, with ``limits`` (requests_per_minute=... )."""
+    created = api_key_create(user=UserFactory(), name="rate-limited")
+    APIKey.objects.filter(pk=created.api_key.pk).update(**limits)
+    return created.secret
+
+
+def _post(url: str, key: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{url}{CHAT}", json=body, headers=bearer(key), timeout=60, trust_env=False)
+
+
+def _at_once(stack: E2EStack, key: str, body: dict[str, Any], count: int) -> list[httpx.Response]:
+    """Send ``count`` requests at once, alternately to each server process; return their responses."""
+    urls = [stack.server_urls[i % 2] for i in range(count)]
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        return list(pool.map(lambda url: _post(url, key, body), urls))
+
+
+def _assert_refused(response: httpx.Response, type_: str) -> None:
+    error = assert_error(response, 429, code="rate_limit_exceeded", type=type_)
+    assert "API key" in error["message"], error
+    assert int(response.headers["Retry-After"]) >= 1
+
+
+def _slow_model(stack: E2EStack, seconds: int) -> str:
+    """Return a model whose upstream sends its first token after ``seconds``: its replies stay open that long."""
+    provider = ProviderFactory(
+        name=f"slow-{secrets.token_hex(3)}",
+        base_url=stack.simulator.base_url,
+        api_key=stack.provider_api_key,
+        read_timeout=30,
+        extra_headers={"X-Simulator-Fault": f"ttft={seconds}"},
+    )
+    return LLMModelFactory(name=provider.name, provider=provider, upstream_model="sim-1").name
+
+
+def test_requests_per_minute_hold_across_processes(e2e_stack: E2EStack, e2e_models: E2EModels) -> None:
+    key = _key(requests_per_minute=10)
+    responses = _at_once(e2e_stack, key, chat_body(e2e_models.names[0], max_tokens=4), 30)
+
+    statuses = Counter(response.status_code for response in responses)
+    assert statuses == {200: 10, 429: 20}, [r.text[:200] for r in responses if r.status_code not in (200, 429)]
+    for response in responses:
+        if response.status_code == 429:
+            _assert_refused(response, "requests")
+            assert response.headers["x-ratelimit-limit-requests"] == "10"
+            assert response.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_remaining_requests_count_down_on_either_process(
+    e2e_stack: E2EStack, e2e_models: E2EModels, http: httpx.Client, http_b: httpx.Client
+) -> None:
+    key = _key(requests_per_minute=5, tokens_per_minute=100_000)
+    seen = []
+    for client, stream in ((http, False), (http_b, True), (http, True), (http_b, False)):
+        body = chat_body(e2e_models.names[0], max_tokens=4, stream=stream)
+        with client.stream("POST", CHAT, json=body, headers=bearer(key)) as response:
+            response.read()
+        assert response.status_code == 200, response.text
+        assert response.headers["x-ratelimit-limit-requests"] == "5"
+        assert response.headers["x-ratelimit-limit-tokens"] == "100000"
+        assert RESET.match(response.headers["x-ratelimit-reset-requests"]), response.headers
+        assert RESET.match(response.headers["x-ratelimit-reset-tokens"]), response.headers
+        seen.append(int(response.headers["x-ratelimit-remaining-requests"]))
+        assert 0 < int(response.headers["x-ratelimit-remaining-tokens"]) < 100_000
+    assert seen == [4, 3, 2, 1]
+
+    _ = _post(e2e_stack.server_urls[0], key, chat_body(e2e_models.names[0], max_tokens=4))
+    _assert_refused(_post(e2e_stack.server_urls[1], key, chat_body(e2e_models.names[0], max_tokens=4)), "requests")
+
+
+def test_tokens_per_minute_hold_across_processes(e2e_stack: E2EStack, e2e_models: E2EModels) -> None:
+    body = chat_body(_slow_model(e2e_stack, 6), "Tell me about rate limits, please.", max_tokens=4)
+    # The prompt's token count, as the server counts it: what one admission takes from a large limit.
+    probe = _post(e2e_stack.server_urls[0], _key(tokens_per_minute=1_000_000), body)
+    assert probe.status_code == 200, probe.text
+    prompt_tokens = 1_000_000 - int(probe.headers["x-ratelimit-remaining-tokens"])
+    assert prompt_tokens > 0
+
+    # Ten prompts fit, not eleven. The replies take 6 s to start, so no completion tokens are
+    # added before every request has been admitted or refused.
+    key = _key(tokens_per_minute=10 * prompt_tokens + prompt_tokens // 2)
+    responses = _at_once(e2e_stack, key, body, 30)
+
+    assert Counter(response.status_code for response in responses) == {200: 10, 429: 20}
+    for response in responses:
+        if response.status_code == 429:
+            _assert_refused(response, "tokens")
+            assert f"Requested {prompt_tokens}" in response.json()["error"]["message"]
+
+
+def test_concurrent_streams_hold_across_processes(e2e_stack: E2EStack, e2e_models: E2EModels) -> None:
+    key = _key(concurrent_streams=3)
+    # Each admitted reply stays open 6 s (its first token's wait): the others arrive meanwhile.
+    body = chat_body(_slow_model(e2e_stack, 6), max_tokens=4)
+    responses = _at_once(e2e_stack, key, body, 12)
+
+    assert Counter(response.status_code for response in responses) == {200: 3, 429: 9}
+    for response in responses:
+        if response.status_code == 429:
+            _assert_refused(response, "requests")
+            assert "Concurrent stream limit reached" in response.json()["error"]["message"]
+
+    # The slots were given back when those replies ended: a new one is served.
+    fast = chat_body(e2e_models.names[0], max_tokens=4)
+    poll_until_sync(
+        lambda: _post(e2e_stack.server_urls[1], key, fast).status_code,
+        lambda status: status == 200,
+        what="a stream slot freed",
+    )
