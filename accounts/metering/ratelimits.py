@@ -83,6 +83,8 @@ WINDOW_SECONDS = 60
 _NO_LIMIT = 2**50
 # Retry-After of a concurrent-stream refusal: a slot frees when some stream ends, which no one can foresee.
 CONCURRENCY_RETRY_AFTER_SECONDS = 1
+# Redis connections per process (and event loop); more admissions at once wait for one.
+MAX_REDIS_CONNECTIONS = 64
 # Errors that mean the store cannot be reached (redis-py's; the memory store raises none).
 UNREACHABLE_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,
@@ -269,7 +271,16 @@ class _RedisBackend(_Backend):
     def __init__(self, url: str) -> None:
         super().__init__()
         timeout = float(settings.REDIS_SOCKET_TIMEOUT_SECONDS)
-        self.client = redis.asyncio.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        # A bounded pool that waits for a free connection: a burst of admissions (each up to one
+        # connection per counter, for well under a millisecond) must not open thousands of connections.
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url,
+            max_connections=MAX_REDIS_CONNECTIONS,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+        )
+        self.client = redis.asyncio.Redis.from_pool(pool)
         scheme = "async+redis+" if url.startswith("unix://") else "async+"
         self.storage = RedisStorage(
             scheme + url,
