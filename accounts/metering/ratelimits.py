@@ -49,8 +49,10 @@ Cost
 
 Redis unreachable
     503 ``metering_unavailable`` (fail closed), unless ``RATE_LIMIT_FAIL_OPEN`` lets requests
-    through unlimited (logged). Failures at release are logged and dropped: the counters age out
-    in two minutes, the leases at their expiry.
+    through unlimited (logged). A command waits at most ``REDIS_SOCKET_TIMEOUT_SECONDS``; after a
+    failure, admissions fail at once for ``UNREACHABLE_RETRY_SECONDS`` without trying Redis, so a
+    Redis that hangs does not cost every request that timeout. Failures at release are logged and
+    dropped: the counters age out in two minutes, the leases at their expiry.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ WINDOW_SECONDS = 60
 _NO_LIMIT = 2**50
 # Retry-After of a concurrent-stream refusal: a slot frees when some stream ends, which no one can foresee.
 CONCURRENCY_RETRY_AFTER_SECONDS = 1
+# Seconds admissions fail at once after the store was found unreachable, before it is tried again.
+UNREACHABLE_RETRY_SECONDS = 1.0
 # Redis connections per process (and event loop); more admissions at once wait for one.
 MAX_REDIS_CONNECTIONS = 64
 # Errors that mean the store cannot be reached (redis-py's; the memory store raises none).
@@ -221,6 +225,10 @@ class _Backend:
         # request id -> the stream keys its lease holds, renewed while the stream runs.
         self.held: dict[str, tuple[str, ...]] = {}
         self._renewer: asyncio.Task[None] | None = None
+        # After the store was found unreachable, admissions fail at once (no connection attempt)
+        # until this time.monotonic(): a Redis that hangs must not cost every request a timeout.
+        self.unreachable_until = 0.0
+        self.unreachable_error: BaseException | None = None
 
     async def hit(self, key: str, limit: int, amount: int) -> bool:
         """Add ``amount`` to counter ``key`` unless that would go over ``limit``; return whether it did."""
@@ -419,12 +427,24 @@ async def _all(steps: Sequence[Awaitable[T]]) -> list[T | BaseException]:
     return list(await asyncio.gather(*steps, return_exceptions=True))
 
 
-def _unavailable(exc: BaseException) -> RateLease:
-    """Fail closed (503) or, with ``RATE_LIMIT_FAIL_OPEN``, admit unlimited; log either way."""
+def _unavailable(backend: _Backend, exc: BaseException, *, known: bool = False) -> RateLease:
+    """Fail closed (503) or, with ``RATE_LIMIT_FAIL_OPEN``, admit unlimited.
+
+    ``known``: the store was already found unreachable less than ``UNREACHABLE_RETRY_SECONDS``
+    ago (not logged again); otherwise admissions fail at once for that long, and it is logged.
+    """
+    if not known:
+        backend.unreachable_until = time.monotonic() + UNREACHABLE_RETRY_SECONDS
+        backend.unreachable_error = exc
+        logger.warning(
+            "the rate limits' store is unreachable; requests with a rate limit are %s for %s s at least: %s: %s",
+            "admitted unlimited (RATE_LIMIT_FAIL_OPEN)" if settings.RATE_LIMIT_FAIL_OPEN else "refused",
+            UNREACHABLE_RETRY_SECONDS,
+            type(exc).__name__,
+            exc,
+        )
     if settings.RATE_LIMIT_FAIL_OPEN:
-        logger.warning("rate limits not applied, their store is unreachable (RATE_LIMIT_FAIL_OPEN): %s", exc)
         return RateLease()
-    logger.warning("rate limits unavailable, request refused: %s: %s", type(exc).__name__, exc, exc_info=exc)
     raise ApplicationError(
         "Rate limits cannot be checked right now; try again in a few seconds.",
         code="metering_unavailable",
@@ -517,6 +537,8 @@ async def rate_limit_acquire(*, request_id: str, subjects: Sequence[MeteringSubj
             )
 
     backend = _backend()
+    if backend.unreachable_error is not None and time.monotonic() < backend.unreachable_until:
+        return _unavailable(backend, backend.unreachable_error, known=True)
     stream_keys = [_streams_key(subject) for subject in streams]
     steps: list[Awaitable[Any]] = [backend.hit(c.key, c.limit, c.cost) for c in counters]
     if streams:
@@ -534,7 +556,7 @@ async def rate_limit_acquire(*, request_id: str, subjects: Sequence[MeteringSubj
     if refused:
         await _give_back(backend, counters, hits, stream_keys if stream_result == 0 else [], request_id)
         if failure is not None:
-            return _unavailable(failure)
+            return _unavailable(backend, failure)
 
     windows = await _all([backend.window(c.key) for c in counters])
     window_failure = next((w for w in windows if isinstance(w, BaseException)), None)
@@ -543,7 +565,7 @@ async def rate_limit_acquire(*, request_id: str, subjects: Sequence[MeteringSubj
             await _give_back(backend, counters, hits, stream_keys if stream_result == 0 else [], request_id)
         if not isinstance(window_failure, UNREACHABLE_ERRORS):
             raise window_failure
-        return _unavailable(window_failure)
+        return _unavailable(backend, window_failure)
     good_windows = [w for w in windows if isinstance(w, _Window)]
     headers = _headers(counters, good_windows)
 

@@ -186,3 +186,32 @@ async def test_unlimited_subjects_cost_no_io(settings, ids: list[int]) -> None: 
         assert lease.headers == {}
     finally:
         await rate_limit_close()
+
+
+async def test_a_hanging_store_is_not_waited_for_again_by_each_request(settings, ids: list[int]) -> None:  # noqa: ANN001
+    connections = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings.REDIS_URL = f"redis://127.0.0.1:{port}/0"
+    settings.REDIS_SOCKET_TIMEOUT_SECONDS = 0.2
+    limited = key(ids[0], requests_per_minute=10)
+    try:
+        for _ in range(3):
+            with pytest.raises(ApplicationError) as caught:
+                await acquire(limited)
+            assert (caught.value.status, caught.value.code) == (503, "metering_unavailable")
+        assert len(connections) == 1  # the first request found it hanging; the next two did not wait
+
+        settings.RATE_LIMIT_FAIL_OPEN = True
+        assert (await acquire(limited)).headers == {}
+        assert len(connections) == 1
+    finally:
+        await rate_limit_close()
+        for writer in connections:
+            writer.close()
+        server.close()
+        await server.wait_closed()
