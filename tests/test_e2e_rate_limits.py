@@ -9,6 +9,7 @@ the limit's worth are served; every other one is OpenAI's 429 ``rate_limit_excee
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from collections import Counter
@@ -18,12 +19,15 @@ from typing import Any
 import httpx
 import pytest
 from django.conf import settings
+from websockets.sync.client import connect
 
 from accounts.models import APIKey
 from accounts.services import api_key_create
+from conversations.models import Message
+from llm.models import LLMModel
 from tests.conftest import E2EModels, E2EStack
-from tests.factories import LLMModelFactory, ProviderFactory, UserFactory
-from tests.kit import assert_error, bearer, chat_body, poll_until_sync
+from tests.factories import ConversationFactory, LLMModelFactory, ProviderFactory, UserFactory
+from tests.kit import assert_error, bearer, chat_body, conversation_sse, poll_until_sync
 
 pytestmark = [
     pytest.mark.e2e,
@@ -42,9 +46,13 @@ RESET = re.compile(r"^(\d+ms|(\d+h)?(\d+m)?\d+(\.\d+)?s)$")
 
 def _key(**limits: int) -> str:
     """Return the secret of a new API key of a new user, with ``limits`` (requests_per_minute=... )."""
+    return _key_of_user(**limits)[0]
+
+
+def _key_of_user(**limits: int) -> tuple[str, APIKey]:
     created = api_key_create(user=UserFactory(), name="rate-limited")
     APIKey.objects.filter(pk=created.api_key.pk).update(**limits)
-    return created.secret
+    return created.secret, created.api_key
 
 
 def _post(url: str, key: str, body: dict[str, Any]) -> httpx.Response:
@@ -150,3 +158,42 @@ def test_concurrent_streams_hold_across_processes(e2e_stack: E2EStack, e2e_model
         lambda status: status == 200,
         what="a stream slot freed",
     )
+
+
+def _websocket_reply(ws_url: str, key: str, conversation_id: int) -> dict[str, Any]:
+    """Send a message over the WebSocket; return the frame that ended its reply (``reply.done`` or ``error``)."""
+    with connect(f"{ws_url}/ws/conversations/{conversation_id}/?token={key}", open_timeout=10) as ws:
+        ws.send(json.dumps({"type": "message.send", "content": "Say hello"}))
+        while True:
+            frame = json.loads(ws.recv(timeout=60))
+            if frame["type"] in ("reply.done", "error"):
+                return frame
+
+
+def test_one_limit_counts_every_interface(e2e_stack: E2EStack, e2e_models: E2EModels) -> None:
+    """/v1, conversation SSE and WebSocket replies of one key count against its one RPM, on either process."""
+    secret, api_key = _key_of_user(requests_per_minute=3)
+    model = LLMModel.objects.get(name=e2e_models.names[0])
+    conversation = ConversationFactory(owner=api_key.user, model=model)
+    url_a, url_b = e2e_stack.server_urls
+
+    assert _post(url_a, secret, chat_body(model.name, max_tokens=4)).status_code == 200
+    with httpx.Client(base_url=url_b, timeout=60, trust_env=False) as http_b:
+        with conversation_sse(http_b, conversation.pk, secret, "Say hello") as source:
+            events = [sse.event for sse in source.iter_sse()]
+        assert events[-1] == "reply.done", events
+        assert _websocket_reply(e2e_stack.ws_url, secret, conversation.pk)["type"] == "reply.done"
+        messages = Message.objects.filter(conversation=conversation).count()
+
+        # The fourth, on any interface, is refused before any reply starts, and leaves no message.
+        with conversation_sse(http_b, conversation.pk, secret, "Say hello") as source:
+            assert source.response.status_code == 429
+            assert int(source.response.headers["Retry-After"]) >= 1
+            refusals = [(sse.event, json.loads(sse.data)) for sse in source.iter_sse()]
+    assert [event for event, _ in refusals] == ["error"], refusals
+    assert refusals[0][1]["error"]["code"] == "rate_limit_exceeded"
+    frame = _websocket_reply(e2e_stack.ws_url, secret, conversation.pk)
+    assert frame["type"] == "error", frame
+    assert (frame["error"]["code"], frame["error"]["type"]) == ("rate_limit_exceeded", "requests")
+    _assert_refused(_post(url_b, secret, chat_body(model.name, max_tokens=4)), "requests")
+    assert Message.objects.filter(conversation=conversation).count() == messages
