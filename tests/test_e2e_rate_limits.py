@@ -21,7 +21,7 @@ import pytest
 from django.conf import settings
 from websockets.sync.client import connect
 
-from accounts.models import APIKey
+from accounts.models import APIKey, UsageRecord
 from accounts.services import api_key_create
 from conversations.models import Message
 from llm.models import LLMModel
@@ -44,15 +44,28 @@ CHAT = "/v1/chat/completions"
 RESET = re.compile(r"^(\d+ms|(\d+h)?(\d+m)?\d+(\.\d+)?s)$")
 
 
-def _key(**limits: int) -> str:
-    """Return the secret of a new API key of a new user, with ``limits`` (requests_per_minute=... )."""
-    return _key_of_user(**limits)[0]
-
-
-def _key_of_user(**limits: int) -> tuple[str, APIKey]:
+def _key(**limits: int) -> tuple[str, APIKey]:
+    """Return a new API key of a new user, with ``limits`` (``requests_per_minute=...``): its secret and row."""
     created = api_key_create(user=UserFactory(), name="rate-limited")
     APIKey.objects.filter(pk=created.api_key.pk).update(**limits)
     return created.secret, created.api_key
+
+
+def _wait_accounted(stack: E2EStack, api_key: APIKey, *, total: int, refused: int) -> None:
+    """Wait for the worker to write ``api_key``'s usage rows; check there are ``total``, ``refused`` of them refused.
+
+    A refused request is recorded once, with no tokens and no cost. Waiting also keeps the worker
+    from writing while the test database is flushed.
+    """
+    rows = poll_until_sync(
+        lambda: list(UsageRecord.objects.filter(api_key=api_key).values_list("finish_status", "cost")),
+        lambda rows: len(rows) >= total,
+        within=30,
+        what=f"{total} usage rows",
+    )
+    assert len(rows) == total, rows
+    assert sorted(cost for status, cost in rows if status == "refused") == [0] * refused, rows
+    poll_until_sync(stack.accounting_idle, within=30, what="the worker to be idle")
 
 
 def _post(url: str, key: str, body: dict[str, Any]) -> httpx.Response:
@@ -85,7 +98,7 @@ def _slow_model(stack: E2EStack, seconds: int) -> str:
 
 
 def test_requests_per_minute_hold_across_processes(e2e_stack: E2EStack, e2e_models: E2EModels) -> None:
-    key = _key(requests_per_minute=10)
+    key, api_key = _key(requests_per_minute=10)
     responses = _at_once(e2e_stack, key, chat_body(e2e_models.names[0], max_tokens=4), 30)
 
     statuses = Counter(response.status_code for response in responses)
@@ -95,12 +108,13 @@ def test_requests_per_minute_hold_across_processes(e2e_stack: E2EStack, e2e_mode
             _assert_refused(response, "requests")
             assert response.headers["x-ratelimit-limit-requests"] == "10"
             assert response.headers["x-ratelimit-remaining-requests"] == "0"
+    _wait_accounted(e2e_stack, api_key, total=30, refused=20)
 
 
 def test_remaining_requests_count_down_on_either_process(
     e2e_stack: E2EStack, e2e_models: E2EModels, http: httpx.Client, http_b: httpx.Client
 ) -> None:
-    key = _key(requests_per_minute=5, tokens_per_minute=100_000)
+    key, api_key = _key(requests_per_minute=5, tokens_per_minute=100_000)
     seen = []
     for client, stream in ((http, False), (http_b, True), (http, True), (http_b, False)):
         body = chat_body(e2e_models.names[0], max_tokens=4, stream=stream)
@@ -115,21 +129,23 @@ def test_remaining_requests_count_down_on_either_process(
         assert 0 < int(response.headers["x-ratelimit-remaining-tokens"]) < 100_000
     assert seen == [4, 3, 2, 1]
 
-    _ = _post(e2e_stack.server_urls[0], key, chat_body(e2e_models.names[0], max_tokens=4))
+    assert _post(e2e_stack.server_urls[0], key, chat_body(e2e_models.names[0], max_tokens=4)).status_code == 200
     _assert_refused(_post(e2e_stack.server_urls[1], key, chat_body(e2e_models.names[0], max_tokens=4)), "requests")
+    _wait_accounted(e2e_stack, api_key, total=6, refused=1)
 
 
 def test_tokens_per_minute_hold_across_processes(e2e_stack: E2EStack, e2e_models: E2EModels) -> None:
     body = chat_body(_slow_model(e2e_stack, 6), "Tell me about rate limits, please.", max_tokens=4)
     # The prompt's token count, as the server counts it: what one admission takes from a large limit.
-    probe = _post(e2e_stack.server_urls[0], _key(tokens_per_minute=1_000_000), body)
+    probe_key, probe_api_key = _key(tokens_per_minute=1_000_000)
+    probe = _post(e2e_stack.server_urls[0], probe_key, body)
     assert probe.status_code == 200, probe.text
     prompt_tokens = 1_000_000 - int(probe.headers["x-ratelimit-remaining-tokens"])
     assert prompt_tokens > 0
 
     # Ten prompts fit, not eleven. The replies take 6 s to start, so no completion tokens are
     # added before every request has been admitted or refused.
-    key = _key(tokens_per_minute=10 * prompt_tokens + prompt_tokens // 2)
+    key, api_key = _key(tokens_per_minute=10 * prompt_tokens + prompt_tokens // 2)
     responses = _at_once(e2e_stack, key, body, 30)
 
     assert Counter(response.status_code for response in responses) == {200: 10, 429: 20}
@@ -137,10 +153,12 @@ def test_tokens_per_minute_hold_across_processes(e2e_stack: E2EStack, e2e_models
         if response.status_code == 429:
             _assert_refused(response, "tokens")
             assert f"Requested {prompt_tokens}" in response.json()["error"]["message"]
+    _wait_accounted(e2e_stack, probe_api_key, total=1, refused=0)
+    _wait_accounted(e2e_stack, api_key, total=30, refused=20)
 
 
 def test_concurrent_streams_hold_across_processes(e2e_stack: E2EStack, e2e_models: E2EModels) -> None:
-    key = _key(concurrent_streams=3)
+    key, api_key = _key(concurrent_streams=3)
     # Each admitted reply stays open 6 s (its first token's wait): the others arrive meanwhile.
     body = chat_body(_slow_model(e2e_stack, 6), max_tokens=4)
     responses = _at_once(e2e_stack, key, body, 12)
@@ -153,11 +171,13 @@ def test_concurrent_streams_hold_across_processes(e2e_stack: E2EStack, e2e_model
 
     # The slots were given back when those replies ended: a new one is served.
     fast = chat_body(e2e_models.names[0], max_tokens=4)
+    tries: list[int] = []
     poll_until_sync(
-        lambda: _post(e2e_stack.server_urls[1], key, fast).status_code,
+        lambda: tries.append(_post(e2e_stack.server_urls[1], key, fast).status_code) or tries[-1],
         lambda status: status == 200,
         what="a stream slot freed",
     )
+    _wait_accounted(e2e_stack, api_key, total=12 + len(tries), refused=9 + len(tries) - 1)
 
 
 def _websocket_reply(ws_url: str, key: str, conversation_id: int) -> dict[str, Any]:
@@ -172,7 +192,7 @@ def _websocket_reply(ws_url: str, key: str, conversation_id: int) -> dict[str, A
 
 def test_one_limit_counts_every_interface(e2e_stack: E2EStack, e2e_models: E2EModels) -> None:
     """/v1, conversation SSE and WebSocket replies of one key count against its one RPM, on either process."""
-    secret, api_key = _key_of_user(requests_per_minute=3)
+    secret, api_key = _key(requests_per_minute=3)
     model = LLMModel.objects.get(name=e2e_models.names[0])
     conversation = ConversationFactory(owner=api_key.user, model=model)
     url_a, url_b = e2e_stack.server_urls
@@ -197,3 +217,4 @@ def test_one_limit_counts_every_interface(e2e_stack: E2EStack, e2e_models: E2EMo
     assert (frame["error"]["code"], frame["error"]["type"]) == ("rate_limit_exceeded", "requests")
     _assert_refused(_post(url_b, secret, chat_body(model.name, max_tokens=4)), "requests")
     assert Message.objects.filter(conversation=conversation).count() == messages
+    _wait_accounted(e2e_stack, api_key, total=6, refused=3)
