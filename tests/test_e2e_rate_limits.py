@@ -18,9 +18,11 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from django.conf import settings
 from websockets.sync.client import connect
 
+from accounts.metering.ratelimits import KEY_PREFIX
 from accounts.models import APIKey, UsageRecord
 from accounts.services import api_key_create
 from conversations.models import Message
@@ -48,7 +50,19 @@ def _key(**limits: int) -> tuple[str, APIKey]:
     """Return a new API key of a new user, with ``limits`` (``requests_per_minute=...``): its secret and row."""
     created = api_key_create(user=UserFactory(), name="rate-limited")
     APIKey.objects.filter(pk=created.api_key.pk).update(**limits)
+    _forget_counts(created.api_key.pk)
     return created.secret, created.api_key
+
+
+def _forget_counts(api_key_id: int) -> None:
+    """Delete what Redis still counts for API key ``api_key_id``: a key of an earlier run's test database.
+
+    Each run's test database numbers its rows from 1 again, while the counts live on in Redis for up
+    to two minutes (stream leases: one).
+    """
+    with redis.Redis.from_url(settings.REDIS_URL) as client:
+        counters = list(client.scan_iter(f"{KEY_PREFIX}:{{*:api_key:{api_key_id}}}*"))
+        client.delete(f"{KEY_PREFIX}:streams:api_key:{api_key_id}", *counters)
 
 
 def _wait_accounted(stack: E2EStack, api_key: APIKey, *, total: int, refused: int) -> None:
