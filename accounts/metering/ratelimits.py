@@ -43,9 +43,13 @@ Concurrent streams
     expiry.
 
 Cost
-    A request whose subjects have no limits costs no I/O. One with limits costs two round trips
-    per counter, run concurrently (the admitting hit, then the window for the headers), plus one
-    for concurrent streams.
+    A request whose subjects have no limits costs no I/O. One with limits costs two sequential
+    round trips (every counter's hit and the stream leases concurrently, then the counters'
+    windows for the headers), one command per counter. Measured (2-core machine, local Redis,
+    p50 of ``rate_limit_acquire``): 0.27 ms for one counter, 0.45 ms for a key's requests and
+    tokens, 0.6 ms with its streams too, 1.1 ms with all three limits on key, user and model;
+    0.02 to 0.13 ms in memory. ``limits`` has no batch API; a single script of our own for all
+    counters would make it one round trip.
 
 Redis unreachable
     503 ``metering_unavailable`` (fail closed), unless ``RATE_LIMIT_FAIL_OPEN`` lets requests
