@@ -10,7 +10,14 @@ import pytest
 import redis.asyncio
 from django.conf import settings
 
-from accounts.metering.ratelimits import KEY_PREFIX, RateLease, format_reset, rate_limit_acquire, rate_limit_close
+from accounts.metering.ratelimits import (
+    KEY_PREFIX,
+    RateLease,
+    _Window,
+    format_reset,
+    rate_limit_acquire,
+    rate_limit_close,
+)
 from accounts.metering.types import MeteringSubject, RateLimits
 from chatbackend.errors import ApplicationError
 
@@ -69,6 +76,25 @@ async def refusal(*subjects: MeteringSubject, prompt_tokens: int = 0) -> Applica
 )
 def test_reset_is_formatted_as_openai_sends_it(seconds: float, text: str) -> None:
     assert format_reset(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("window", "limit", "cost", "wait"),
+    [
+        # Half of the previous minute's 10 still count: 5 used, room for 1 now.
+        (_Window(previous=10, previous_ttl=30, current=0, current_ttl=90), 10, 1, 0),
+        # 10 this minute: they weigh fully until the minute ends (60 s), then fall: the first frees just after.
+        (_Window(previous=0, previous_ttl=0, current=10, current_ttl=120), 10, 1, 60),
+        # 10 from the previous minute (60 s left) and 5 now: the previous half must go, 30 s.
+        (_Window(previous=10, previous_ttl=60, current=5, current_ttl=100), 10, 1, 30),
+        # 8 this minute, 5 wanted of 10: after the roll 60 s on, 8 * (60 - s) / 60 < 6 at s = 15.
+        (_Window(previous=0, previous_ttl=0, current=8, current_ttl=110), 10, 5, 50 + 15),
+    ],
+)
+def test_retry_after_is_when_the_sliding_window_lets_the_request_in(
+    window: _Window, limit: int, cost: int, wait: float
+) -> None:
+    assert window.seconds_until_fits(limit, cost) == pytest.approx(wait, abs=1e-6)
 
 
 async def test_requests_per_minute_counts_down_then_refuses(store: str, ids: list[int]) -> None:
