@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -59,6 +60,8 @@ from tests.kit import (
 )
 
 ROOT = Path(__file__).resolve().parent
+# Redis keys of admission control's counters (``accounts.metering``), cleared once per test session.
+METERING_KEY_PATTERNS = ("chatbackend-ratelimit:*",)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -71,6 +74,26 @@ def _celery_eager_in_process() -> Iterator[None]:
     app.conf.task_eager_propagates = True
     yield
     app.conf.task_always_eager = previous
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_metering_state_of_earlier_runs() -> None:
+    """Delete the test Redis database's rate-limit and budget counters of earlier test runs.
+
+    Each run's test database numbers users, keys and models from 1 again, so a counter left by the
+    run before (a minute's window, a budget period) would count against this run's rows.
+    """
+    url = os.environ.get("REDIS_URL", "")
+    if not url:
+        return
+    client = redis.Redis.from_url(url)
+    try:
+        for pattern in METERING_KEY_PATTERNS:
+            keys = list(client.scan_iter(pattern, count=1000))
+            if keys:
+                client.delete(*keys)
+    finally:
+        client.close()
 
 
 @pytest.fixture(autouse=True)

@@ -30,6 +30,7 @@ from accounts.authentication import Principal
 from accounts.endpoints import async_endpoint, parse_json, request_body
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError, error_response
+from chatbackend.http import EventStreamResponse
 from llm.streaming import KEEPALIVE, ReplyDelta, ReplyFailed, ReplyRefused, ReplyStreamingResponse, open_reply
 
 from .apis import ConversationMessageListApi
@@ -90,13 +91,15 @@ async def message_send(request: HttpRequest, principal: Principal, conversation_
         reply = await opener
     except ReplyRefused as refusal:
         # Refused before any reply started: the stream's own ``error`` event, with the refusal's status.
-        return HttpResponse(
-            sse_event(*error_payload(refusal)),
-            status=refusal.status,
-            content_type=SSE_CONTENT_TYPE,
-            headers=dict(refusal.headers),
-        )
+        response = EventStreamResponse(_one_event(sse_event(*error_payload(refusal))), status=refusal.status)
+        for name, value in refusal.headers.items():
+            response[name] = value
+        return response
     return ReplyStreamingResponse(reply, _sse_body(reply, keepalive=settings.SSE_KEEPALIVE_SECONDS))
+
+
+async def _one_event(event: bytes) -> AsyncIterator[bytes]:
+    yield event
 
 
 async def _sse_body(reply: ConversationReply, *, keepalive: float) -> AsyncIterator[bytes]:
