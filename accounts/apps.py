@@ -13,6 +13,11 @@ class AccountsConfig(AppConfig):
 
         principal_cache.invalidate_on(User, unless_only=["last_login"])
         principal_cache.invalidate_on(APIKey)
+        # Budgets are cached per process (accounts.metering.budgets): a change reaches every process.
+        from .metering.budgets import budget_cache
+        from .models import Budget
+
+        budget_cache.invalidate_on(Budget)
         # ... and ends what a revoked key or a deactivated user has open (sockets, replies).
         from .revocation import connect_revocation_signals
 

@@ -1,4 +1,4 @@
-"""Users, roles, API keys and usage records."""
+"""Users, roles, API keys, usage records and budgets."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractUser
+from django.core.validators import MinValueValidator
 from django.db import models
 
 from .metering.types import RateLimits
@@ -135,3 +136,54 @@ class UsageRecord(models.Model):
     def total_tokens(self) -> int:
         """Return prompt plus completion tokens."""
         return self.prompt_tokens + self.completion_tokens
+
+
+class Budget(models.Model):
+    """A spending limit in US dollars (optionally also in tokens) over a period, for one subject.
+
+    The subject is a ``subject_kind`` and a row id (``subject_id``), not a foreign key: a budget may
+    belong to a user or an API key today, and teams or organizations become new kinds (a new
+    ``SubjectKind`` choice, the metering subject the planner adds for it, and the usage rows it
+    sums, in ``accounts.metering.budgets.SUBJECT_USAGE_FIELDS``) with no new mechanism. Several
+    budgets may apply to one request (its key's and its user's); every one must allow it.
+
+    ``period``: calendar days, ISO weeks (from Monday) or months in ``settings.TIME_ZONE``, or the
+    subject's whole lifetime. Spend in a period is the sum of ``UsageRecord.cost`` of the subject's
+    records created in it (the ledger); ``accounts.metering.budgets`` keeps it in counters that
+    requests reserve against, and reconciles them from those records.
+    """
+
+    class SubjectKind(models.TextChoices):
+        USER = "user", "User"
+        API_KEY = "api_key", "API key"
+
+    class Period(models.TextChoices):
+        DAILY = "daily", "Daily"
+        WEEKLY = "weekly", "Weekly"
+        MONTHLY = "monthly", "Monthly"
+        LIFETIME = "lifetime", "Lifetime"
+
+    name = models.CharField(max_length=100)
+    subject_kind = models.CharField(max_length=16, choices=SubjectKind.choices)
+    subject_id = models.PositiveBigIntegerField(help_text="id of the user or API key the budget limits")
+    period = models.CharField(max_length=16, choices=Period.choices, default=Period.MONTHLY)
+    limit_usd = models.DecimalField(
+        "limit (US dollars)",
+        max_digits=16,
+        decimal_places=8,
+        validators=[MinValueValidator(Decimal(0))],
+        help_text="most the subject may spend per period, in US dollars",
+    )
+    token_limit = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="most prompt plus completion tokens per period; empty for no limit"
+    )
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["subject_kind", "subject_id", "id"]
+        indexes = [models.Index(fields=["subject_kind", "subject_id"])]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.get_period_display().lower()}, ${self.limit_usd.normalize():f})"

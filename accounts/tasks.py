@@ -1,20 +1,27 @@
-"""Celery tasks for accounting (``accounts.usage``)."""
+"""Celery tasks for accounting (``accounts.usage``) and budgets (``accounts.metering.budgets``)."""
 
 from __future__ import annotations
 
 from decimal import Decimal
 from typing import Any
 
+import redis.exceptions
 from celery import shared_task
 from django.db import InterfaceError, OperationalError
 
+from .metering.budgets import budget_reconcile, budget_settle_many
 from .models import UsageRecord
 from .usage import UsageEvent, usage_cost, usage_record_many
 
-# While the database is unreachable a batch is retried (published again with a countdown: 1 s,
-# doubling up to 30 s, jittered) rather than dropped; about an hour of outage in all.
+# While the database or Redis (budget counters) is unreachable a batch is retried (published again
+# with a countdown: 1 s, doubling up to 30 s, jittered) rather than dropped; about an hour of outage.
 _RETRY_WHILE_DATABASE_DOWN: dict[str, Any] = {
-    "autoretry_for": (OperationalError, InterfaceError),
+    "autoretry_for": (
+        OperationalError,
+        InterfaceError,
+        redis.exceptions.ConnectionError,
+        redis.exceptions.TimeoutError,
+    ),
     "retry_backoff": 1,
     "retry_backoff_max": 30,
     "retry_jitter": True,
@@ -24,12 +31,19 @@ _RETRY_WHILE_DATABASE_DOWN: dict[str, Any] = {
 
 @shared_task(name="accounts.usage_record_batch", acks_late=True, **_RETRY_WHILE_DATABASE_DOWN)
 def usage_record_batch_task(events: list[dict[str, Any]]) -> int:
-    """Write a batch of usage records (``UsageEvent`` fields as dicts); return how many were new.
+    """Write a batch of usage records (``UsageEvent`` fields as dicts), then settle their budget
+    reservations; return how many rows were new.
 
-    Idempotent: a redelivered or retried batch writes nothing twice (``usage_record_many``).
-    While the database is unreachable the task is retried with a backoff, not dropped.
+    Idempotent: a redelivered or retried batch writes nothing twice (``usage_record_many`` by
+    request id; ``budget_settle_many`` settles a reservation once and deletes it). Late acks: a
+    worker killed mid-task leaves it unacknowledged, and the broker redelivers it
+    (``CELERY_VISIBILITY_TIMEOUT_SECONDS``). While the database or Redis is unreachable the task is
+    retried with a backoff, not dropped.
     """
-    return usage_record_many(UsageEvent.from_task(event) for event in events)
+    batch = [UsageEvent.from_task(event) for event in events]
+    written = usage_record_many(batch)
+    budget_settle_many(batch)
+    return written
 
 
 @shared_task(name="accounts.usage_record", acks_late=True)
@@ -54,3 +68,14 @@ def usage_record_task(**fields: Any) -> int:
         output_price=prices["output_price_per_million"],
     )
     return usage_record_many([UsageEvent.from_task({**fields, "cost": str(cost)})])
+
+
+@shared_task(name="accounts.budget_reconcile")
+def budget_reconcile_task() -> dict[str, int]:
+    """Release stale budget reservations and repair budget counters from the usage rows.
+
+    Run by celery beat every ``BUDGET_RECONCILE_SECONDS`` (``CELERY_BEAT_SCHEDULE``); returns
+    ``{"released", "checked", "repaired"}`` (``accounts.metering.budgets.budget_reconcile``).
+    """
+    result = budget_reconcile()
+    return {"released": result.released, "checked": result.checked, "repaired": result.repaired}

@@ -184,7 +184,7 @@ REDIS_URL: str = env.str("REDIS_URL", default="")
 if REDIS_URL and not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
     _fail("REDIS_URL", REDIS_URL, "a redis://, rediss:// or unix:// URL")
 
-# Seconds a Redis command (cache, rate limits) may take before it fails (503) instead of hanging.
+# Seconds a Redis command (cache, rate limits, budgets) may take before it fails (503) instead of hanging.
 REDIS_SOCKET_TIMEOUT_SECONDS: float = _seconds("REDIS_SOCKET_TIMEOUT_SECONDS", 5.0)
 
 # The "auth_throttle" cache holds login failures and login/registration rates
@@ -228,6 +228,11 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 4
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_SERIALIZER = "json"
+# With the Redis broker, a task a worker received but did not acknowledge (late acks: the worker
+# was killed mid-task) returns to the queue after this many seconds, and another worker runs it.
+# Longer than any task may take, or a slow task runs twice (ours are idempotent, so only wasted).
+CELERY_VISIBILITY_TIMEOUT_SECONDS: float = _seconds("CELERY_VISIBILITY_TIMEOUT_SECONDS", 3600.0)
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": CELERY_VISIBILITY_TIMEOUT_SECONDS}
 CELERY_ACCEPT_CONTENT = ["json"]
 
 # --- Rate limits (accounts.metering.ratelimits) ------------------------------------------------
@@ -254,10 +259,23 @@ REPLY_CHECKPOINT_SECONDS: float = _seconds("REPLY_CHECKPOINT_SECONDS", 5.0)
 REPLY_ORPHAN_AFTER_SECONDS: float = _seconds("REPLY_ORPHAN_AFTER_SECONDS", 60.0)
 # celery beat runs the recovery of orphaned replies this often (with Redis; the embedded defaults
 # recover at start-up instead).
+
+# --- Budgets (accounts.metering.budgets) ------------------------------------------------------
+# Seconds after which a budget reservation is released even if its process still beats (a reply
+# longer than this keeps streaming; its usage row still counts, through reconciliation).
+BUDGET_RESERVATION_TTL_SECONDS: float = _seconds("BUDGET_RESERVATION_TTL_SECONDS", 3600.0)
+# Seconds between reconciliations (celery beat): stale reservations released, every enabled
+# budget's counter recomputed from the usage rows, drift logged.
+BUDGET_RECONCILE_SECONDS: float = _seconds("BUDGET_RECONCILE_SECONDS", 60.0)
+
 CELERY_BEAT_SCHEDULE = {
     "conversations.reply_recover_orphans": {
         "task": "conversations.reply_recover_orphans",
         "schedule": REPLY_ORPHAN_AFTER_SECONDS / 2,
+    },
+    "accounts.budget_reconcile": {
+        "task": "accounts.budget_reconcile",
+        "schedule": BUDGET_RECONCILE_SECONDS,
     },
 }
 
