@@ -1,4 +1,4 @@
-"""Django admin for users, API keys and usage records.
+"""Django admin for users, API keys, usage records and budgets.
 
 API key secrets are created through the API only (they are shown once, to their owner), so the
 admin cannot add keys and never shows ``key_hash``; it can revoke them. Usage records are an
@@ -13,7 +13,8 @@ from django.contrib.auth.forms import AdminUserCreationForm, UserChangeForm
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from .models import APIKey, UsageRecord, User
+from .metering.budgets import BudgetUsage, budget_usage
+from .models import APIKey, Budget, UsageRecord, User
 from .services import api_key_revoke
 
 
@@ -109,3 +110,73 @@ class UsageRecordAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: UsageRecord | None = None) -> bool:
         return False
+
+
+@admin.register(Budget)
+class BudgetAdmin(admin.ModelAdmin):
+    """Budgets with their current period's spend, reservations in flight and what remains.
+
+    The figures come from the budget counters (``accounts.metering.budgets.budget_usage``): settled
+    usage plus requests in flight, in the period that holds now.
+    """
+
+    list_display = (
+        "name",
+        "subject_kind",
+        "subject",
+        "period",
+        "limit_usd",
+        "token_limit",
+        "enabled",
+        "spent",
+        "reserved",
+        "remaining",
+        "resets_at",
+    )
+    list_filter = ("subject_kind", "period", "enabled")
+    search_fields = ("name", "=subject_id")
+    readonly_fields = ("subject", "spent", "reserved", "remaining", "resets_at", "created_at", "updated_at")
+    fieldsets = (
+        (None, {"fields": ("name", "enabled")}),
+        ("Subject", {"fields": ("subject_kind", "subject_id", "subject")}),
+        ("Limit", {"fields": ("period", "limit_usd", "token_limit")}),
+        ("Current period", {"fields": ("spent", "reserved", "remaining", "resets_at")}),
+        ("Dates", {"fields": ("created_at", "updated_at")}),
+    )
+
+    def _usage(self, obj: Budget) -> BudgetUsage | None:
+        if obj.pk is None:
+            return None
+        cached = getattr(obj, "_admin_usage", None)
+        if cached is None:
+            cached = obj._admin_usage = budget_usage(obj)  # type: ignore[attr-defined]
+        return cached
+
+    @admin.display(description="subject")
+    def subject(self, obj: Budget) -> str:
+        return obj.subject_label if obj.pk is not None else "-"
+
+    @admin.display(description="spent (USD)")
+    def spent(self, obj: Budget) -> str:
+        usage = self._usage(obj)
+        return "-" if usage is None else f"{usage.spent_usd.normalize():f} ({usage.spent_tokens} tokens)"
+
+    @admin.display(description="reserved (USD)")
+    def reserved(self, obj: Budget) -> str:
+        usage = self._usage(obj)
+        return "-" if usage is None else f"{usage.reserved_usd.normalize():f} ({usage.reserved_tokens} tokens)"
+
+    @admin.display(description="remaining (USD)")
+    def remaining(self, obj: Budget) -> str:
+        usage = self._usage(obj)
+        if usage is None:
+            return "-"
+        tokens = "" if usage.remaining_tokens is None else f" ({usage.remaining_tokens} tokens)"
+        return f"{usage.remaining_usd.normalize():f}{tokens}"
+
+    @admin.display(description="resets at")
+    def resets_at(self, obj: Budget) -> str:
+        usage = self._usage(obj)
+        if usage is None:
+            return "-"
+        return "never" if usage.resets_at is None else usage.resets_at.isoformat()

@@ -1,4 +1,4 @@
-"""Accounts REST API: registration, JWT tokens, the caller, API keys, usage, users.
+"""Accounts REST API: registration, JWT tokens, the caller, API keys, usage, users, budgets.
 
 Each view parses input, calls one service or selector, and shapes the output. Errors leave as
 ``{"error": {...}}`` through ``chatbackend.exception_handlers``.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import django_filters
 from django.core.cache import caches
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import QuerySet
@@ -15,8 +16,9 @@ from django.utils.connection import ConnectionProxy
 from drf_spectacular.contrib.rest_framework_simplejwt import SimpleJWTScheme
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.plumbing import build_bearer_security_scheme_object
-from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework import serializers, status
+from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema, extend_schema_view
+from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.decorators import action
 from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.generics import ListAPIView
 from rest_framework.permissions import AllowAny
@@ -32,8 +34,8 @@ from chatbackend.client_ip import request_client_ip
 
 from .authentication import request_user
 from .login_throttle import login_locked_out, login_lockout_exception
-from .models import APIKey, UsageRecord, User
-from .selectors import api_key_list, usage_record_list, user_list
+from .models import APIKey, Budget, UsageRecord, User
+from .selectors import api_key_list, budget_get_for, budget_list, budget_list_own, usage_record_list, user_list
 from .serializers import (
     APIKeyCreateInputSerializer,
     APIKeyCreateOutputSerializer,
@@ -42,6 +44,9 @@ from .serializers import (
     AuthTokenObtainInputSerializer,
     AuthTokenPairOutputSerializer,
     AuthTokenRefreshInputSerializer,
+    BudgetCreateInputSerializer,
+    BudgetOutputSerializer,
+    BudgetUpdateInputSerializer,
     ErrorOutputSerializer,
     UsageRecordOutputSerializer,
     UserListOutputSerializer,
@@ -49,7 +54,15 @@ from .serializers import (
     UserRegisterInputSerializer,
     UserRegisterOutputSerializer,
 )
-from .services import api_key_create, api_key_revoke, session_end, user_register
+from .services import (
+    api_key_create,
+    api_key_revoke,
+    budget_create,
+    budget_delete,
+    budget_update,
+    session_end,
+    user_register,
+)
 
 # The two OpenAPI security schemes for our authentication classes. They live here because this
 # module is imported with the URLconf, before any schema is generated.
@@ -300,3 +313,102 @@ class UserListApi(ListAPIView):
     )
     def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         return super().get(request, *args, **kwargs)
+
+
+# --- Budgets --------------------------------------------------------------------------------
+
+
+class BudgetFilter(django_filters.FilterSet):
+    """``?subject_kind=``, ``?subject_id=``, ``?period=``, ``?enabled=``."""
+
+    class Meta:
+        model = Budget
+        fields = ["subject_kind", "subject_id", "period", "enabled"]
+
+
+_BUDGET_EXAMPLE = OpenApiExample(
+    "monthly user budget",
+    request_only=True,
+    value={"name": "Alice monthly", "subject_kind": "user", "subject_id": 2, "period": "monthly", "limit_usd": "25.00"},
+)
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="List budgets with their current period's usage: admins every budget, members their own",
+        responses={200: BudgetOutputSerializer, **_errors(400, 401)},
+    ),
+    retrieve=extend_schema(
+        summary="Get a budget and its current period's usage (another user's budget is a 404)",
+        responses={200: BudgetOutputSerializer, **_errors(401, 404)},
+    ),
+    create=extend_schema(
+        summary="Create a budget (admins only)",
+        request=BudgetCreateInputSerializer,
+        examples=[_BUDGET_EXAMPLE],
+        responses={201: BudgetOutputSerializer, **_errors(400, 401, 403)},
+    ),
+    partial_update=extend_schema(
+        summary="Change a budget (admins only)",
+        request=BudgetUpdateInputSerializer,
+        responses={200: BudgetOutputSerializer, **_errors(400, 401, 403, 404)},
+    ),
+    destroy=extend_schema(
+        summary="Delete a budget (admins only)",
+        responses={204: OpenApiResponse(description="Deleted."), **_errors(401, 403, 404)},
+    ),
+    mine=extend_schema(
+        summary="The budgets that limit the caller (on the user and on the user's API keys), with what remains",
+        responses={200: BudgetOutputSerializer(many=True), **_errors(401)},
+    ),
+)
+@extend_schema(tags=["budgets"])
+class BudgetViewSet(
+    mixins.ListModelMixin,
+    mixins.CreateModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.UpdateModelMixin,
+    mixins.DestroyModelMixin,
+    viewsets.GenericViewSet,
+):
+    """Spending limits per user or API key (``accounts.metering.budgets`` enforces them on every reply).
+
+    Admins create, change and delete any budget; members read the budgets that limit them (another
+    user's budget is a 404, a write a 403). ``usage`` is the current period's spent, reserved and
+    remaining amount.
+    """
+
+    serializer_class = BudgetOutputSerializer
+    filter_backends = (django_filters.rest_framework.DjangoFilterBackend,)
+    filterset_class = BudgetFilter
+    lookup_value_regex = r"\d+"
+    http_method_names = ("get", "post", "patch", "delete", "head", "options")
+
+    def get_queryset(self) -> QuerySet[Budget]:
+        if getattr(self, "swagger_fake_view", False):  # drf-spectacular inspecting the view
+            return Budget.objects.none()
+        return budget_list(user=request_user(self.request)).order_by("id")
+
+    def get_object(self) -> Budget:
+        return budget_get_for(user=request_user(self.request), budget_id=self.kwargs["pk"])
+
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        serializer = BudgetCreateInputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        budget = budget_create(actor=request_user(request), **serializer.validated_data)
+        return Response(BudgetOutputSerializer(budget).data, status=status.HTTP_201_CREATED)
+
+    def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        # PUT is not offered (http_method_names): every update is partial.
+        serializer = BudgetUpdateInputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        budget = budget_update(actor=request_user(request), budget=self.get_object(), data=serializer.validated_data)
+        return Response(BudgetOutputSerializer(budget).data)
+
+    def perform_destroy(self, instance: Budget) -> None:
+        budget_delete(actor=request_user(self.request), budget=instance)
+
+    @action(detail=False, methods=["get"], pagination_class=None, filter_backends=())
+    def mine(self, request: Request) -> Response:
+        budgets = budget_list_own(user=request_user(request)).order_by("id")
+        return Response(BudgetOutputSerializer(budgets, many=True).data)

@@ -6,6 +6,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractUser
+from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
 
@@ -187,3 +188,20 @@ class Budget(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.get_period_display().lower()}, ${self.limit_usd.normalize():f})"
+
+    def clean(self) -> None:
+        """Refuse a subject that does not exist (the admin's form and the services call this)."""
+        subjects: dict[str, type[models.Model]] = {self.SubjectKind.USER: User, self.SubjectKind.API_KEY: APIKey}
+        subject_model = subjects.get(self.subject_kind)
+        if subject_model is not None and self.subject_id is not None:
+            if not subject_model._default_manager.filter(pk=self.subject_id).exists():
+                raise ValidationError({"subject_id": f"No {self.get_subject_kind_display()} has id {self.subject_id}."})
+
+    @property
+    def subject_label(self) -> str:
+        """Return who the budget limits, for people: a username, or an API key's name and owner."""
+        if self.subject_kind == self.SubjectKind.USER:
+            user = User.objects.filter(pk=self.subject_id).only("username").first()
+            return user.username if user else f"user {self.subject_id} (deleted)"
+        key = APIKey.objects.filter(pk=self.subject_id).select_related("user").first()
+        return f"{key.name} ({key.prefix}...) of {key.user.username}" if key else f"API key {self.subject_id} (deleted)"

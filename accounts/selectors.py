@@ -7,13 +7,13 @@ from datetime import timedelta
 from decimal import Decimal
 
 from django.conf import settings
-from django.db.models import QuerySet, Sum
+from django.db.models import Q, QuerySet, Sum
 from django.utils import timezone
 
-from chatbackend.errors import ApplicationError
+from chatbackend.errors import ApplicationError, NotFoundError
 
 from .keys import hash_secret
-from .models import APIKey, UsageRecord, User
+from .models import APIKey, Budget, UsageRecord, User
 from .services import api_key_last_used_update
 
 
@@ -78,3 +78,25 @@ def user_list(*, actor: User) -> QuerySet[User]:
     if not actor.is_admin:
         raise ApplicationError("Only admins may list users.", code="permission_denied", status=403)
     return User.objects.order_by("date_joined", "id")
+
+
+def budget_list_own(*, user: User) -> QuerySet[Budget]:
+    """Return the budgets that limit ``user``: on the user, and on each of the user's API keys."""
+    keys = APIKey.objects.filter(user=user).values("pk")
+    return Budget.objects.filter(
+        Q(subject_kind=Budget.SubjectKind.USER, subject_id=user.pk)
+        | Q(subject_kind=Budget.SubjectKind.API_KEY, subject_id__in=keys)
+    )
+
+
+def budget_list(*, user: User) -> QuerySet[Budget]:
+    """Return the budgets ``user`` may see: every budget for admins, their own (``budget_list_own``) for members."""
+    return Budget.objects.all() if user.is_admin else budget_list_own(user=user)
+
+
+def budget_get_for(*, user: User, budget_id: int) -> Budget:
+    """Return budget ``budget_id`` if ``user`` may see it; raises ``NotFoundError`` (404) otherwise."""
+    try:
+        return budget_list(user=user).get(pk=budget_id)
+    except (Budget.DoesNotExist, ValueError, TypeError):
+        raise NotFoundError("Budget not found.", code="budget_not_found") from None

@@ -8,10 +8,12 @@ subclassed only to give them unique OpenAPI names (and, for refresh, to fix one 
 from __future__ import annotations
 
 import uuid
+from decimal import Decimal
 from typing import Any
 
 from django.contrib.auth.password_validation import MinimumLengthValidator, get_default_password_validators
 from django.contrib.auth.validators import UnicodeUsernameValidator
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.validators import UniqueValidator
@@ -24,7 +26,8 @@ from rest_framework_simplejwt.settings import api_settings as jwt_api_settings
 
 from chatbackend.fields import BlankableEmailField, StrictCharField
 
-from .models import APIKey, UsageRecord, User
+from .metering.budgets import budget_usage
+from .models import APIKey, Budget, UsageRecord, User
 from .revocation import SESSION_CLAIM
 
 # --- Errors (documentation only: chatbackend.exception_handlers writes these bodies) ---------
@@ -222,3 +225,110 @@ class UsageRecordOutputSerializer(serializers.ModelSerializer):
             "api_key_prefix",
         ]
         read_only_fields = fields
+
+
+# --- Budgets --------------------------------------------------------------------------------
+
+
+class BudgetUsageOutputSerializer(serializers.Serializer):
+    """A budget in its current period. Amounts: US dollars as decimal strings."""
+
+    period_start = serializers.DateTimeField(allow_null=True, help_text="start of the current period; null: lifetime")
+    resets_at = serializers.DateTimeField(allow_null=True, help_text="when the period ends; null: never")
+    spent_usd = serializers.DecimalField(max_digits=24, decimal_places=8, help_text="settled usage this period")
+    reserved_usd = serializers.DecimalField(
+        max_digits=24, decimal_places=8, help_text="held by requests in flight (their maximum cost)"
+    )
+    remaining_usd = serializers.DecimalField(
+        max_digits=24, decimal_places=8, help_text="limit minus spent and reserved, never below 0"
+    )
+    spent_tokens = serializers.IntegerField()
+    reserved_tokens = serializers.IntegerField()
+    remaining_tokens = serializers.IntegerField(allow_null=True, help_text="null: no token limit")
+
+
+class BudgetOutputSerializer(serializers.ModelSerializer):
+    """A budget and its current period's usage."""
+
+    usage = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Budget
+        fields = [
+            "id",
+            "name",
+            "subject_kind",
+            "subject_id",
+            "period",
+            "limit_usd",
+            "token_limit",
+            "enabled",
+            "created_at",
+            "updated_at",
+            "usage",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field(BudgetUsageOutputSerializer)
+    def get_usage(self, budget: Budget) -> dict[str, Any]:
+        return dict(BudgetUsageOutputSerializer(budget_usage(budget)).data)
+
+
+class _StrictIntegerField(serializers.IntegerField):
+    """A JSON integer: strings, booleans and fractions are 400, as the schema's ``type: integer`` says."""
+
+    def to_internal_value(self, data: Any) -> int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class _StrictBooleanField(serializers.BooleanField):
+    """A JSON boolean: ``"true"`` and ``1`` are 400."""
+
+    def to_internal_value(self, data: Any) -> bool:
+        if data is not True and data is not False:
+            self.fail("invalid")
+        return bool(data)
+
+
+class _StrictDecimalField(serializers.DecimalField):
+    """A decimal as a JSON string (``"12.50"``), as the schema documents it and answers show it: exact."""
+
+    def to_internal_value(self, data: Any) -> Decimal:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+_BIGINT_MAX = 2**63 - 1
+
+
+class BudgetCreateInputSerializer(serializers.Serializer):
+    name = StrictCharField(max_length=100)
+    subject_kind = serializers.ChoiceField(choices=Budget.SubjectKind.choices, help_text="who the budget limits")
+    subject_id = _StrictIntegerField(min_value=1, max_value=_BIGINT_MAX, help_text="the user's or API key's id")
+    period = serializers.ChoiceField(
+        choices=Budget.Period.choices,
+        default=Budget.Period.MONTHLY,
+        help_text="calendar day, week (from Monday) or month in the server's time zone, or lifetime",
+    )
+    limit_usd = _StrictDecimalField(
+        max_digits=16, decimal_places=8, min_value=Decimal(0), help_text='US dollars per period, e.g. "25.00"'
+    )
+    token_limit = _StrictIntegerField(
+        min_value=0,
+        max_value=_BIGINT_MAX,
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="prompt plus completion tokens per period; null: none",
+    )
+    enabled = _StrictBooleanField(default=True)
+
+
+class BudgetUpdateInputSerializer(BudgetCreateInputSerializer):
+    """Any of the create fields; those left out keep their value."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, partial=True, **kwargs)

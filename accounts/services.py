@@ -1,11 +1,13 @@
-"""Writes for accounts: registration and API keys (usage records: ``accounts.usage``)."""
+"""Writes for accounts: registration, API keys, budgets (usage records: ``accounts.usage``)."""
 
 from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import Any
 
 from django.contrib.auth.password_validation import validate_password
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
@@ -13,7 +15,7 @@ from django.utils import timezone
 from chatbackend.errors import ApplicationError, NotFoundError
 
 from .keys import display_prefix, generate_secret, hash_secret
-from .models import APIKey, User
+from .models import APIKey, Budget, User
 from .revocation import revocation_announce
 
 USERNAME_TAKEN_MESSAGE = "A user with that username already exists."
@@ -94,3 +96,54 @@ def session_end(*, user_id: int | None, session_id: str | None) -> None:
     """
     if user_id is not None and session_id:
         revocation_announce(sessions=[session_id])
+
+
+# --- Budgets (enforced by accounts.metering.budgets) ---------------------------------------------
+
+BUDGET_FIELDS = ("name", "subject_kind", "subject_id", "period", "limit_usd", "token_limit", "enabled")
+
+
+def _budget_admin_only(actor: User) -> None:
+    if not actor.is_admin:
+        raise ApplicationError("Only admins may manage budgets.", code="permission_denied", status=403)
+
+
+def _budget_save(budget: Budget) -> Budget:
+    try:
+        budget.full_clean()
+    except DjangoValidationError as exc:
+        field, messages = next(iter(exc.message_dict.items()))
+        raise ApplicationError(
+            f"{field}: {messages[0]}", code="invalid", param=field, fields=exc.message_dict
+        ) from None
+    budget.save()  # save(), not update(): every process's budget cache is cleared (lookup_cache)
+    return budget
+
+
+def budget_create(*, actor: User, **fields: Any) -> Budget:
+    """Create a budget from ``BUDGET_FIELDS``; admins only (403 ``permission_denied`` otherwise).
+
+    Raises ``ApplicationError`` 400 naming the field when the subject does not exist. It applies to
+    the next request of its subject in every process.
+    """
+    _budget_admin_only(actor)
+    return _budget_save(Budget(**{name: value for name, value in fields.items() if name in BUDGET_FIELDS}))
+
+
+def budget_update(*, actor: User, budget: Budget, data: dict[str, Any]) -> Budget:
+    """Change ``budget``'s fields in ``data`` (a subset of ``BUDGET_FIELDS``); admins only.
+
+    A changed limit applies to the current period's spend at once; a changed period or subject starts
+    counting that period's usage rows (the counters are per budget, subject and period).
+    """
+    _budget_admin_only(actor)
+    for name, value in data.items():
+        if name in BUDGET_FIELDS:
+            setattr(budget, name, value)
+    return _budget_save(budget)
+
+
+def budget_delete(*, actor: User, budget: Budget) -> None:
+    """Delete ``budget``; admins only. Requests in flight settle their reservations on its counter harmlessly."""
+    _budget_admin_only(actor)
+    budget.delete()

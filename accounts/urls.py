@@ -1,10 +1,14 @@
 """Accounts API routes, mounted at ``/api/``."""
 
 from django.urls import path
+from rest_framework.routers import SimpleRouter
 
 from . import apis
 
 app_name = "accounts"
+
+router = SimpleRouter()
+router.register("budgets", apis.BudgetViewSet, basename="budget")
 
 urlpatterns = [
     path("auth/register/", apis.UserRegisterApi.as_view(), name="register"),
@@ -16,4 +20,5 @@ urlpatterns = [
     path("api-keys/<int:api_key_id>/", apis.APIKeyRevokeApi.as_view(), name="api-key-revoke"),
     path("usage/", apis.UsageRecordListApi.as_view(), name="usage-list"),
     path("users/", apis.UserListApi.as_view(), name="user-list"),
+    *router.urls,
 ]
