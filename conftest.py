@@ -40,6 +40,8 @@ from django.core.cache import caches
 from django.db import connections
 from rest_framework.test import APIClient
 
+from accounts.metering.budget_store import budget_store_reset
+from accounts.metering.budgets import budget_cache
 from accounts.services import api_key_create
 from accounts.usage import usage_flush
 from chatbackend import broadcast
@@ -138,6 +140,29 @@ def auth_throttles_clear() -> None:
         keys = list(client.scan_iter(match=f"{settings.AUTH_THROTTLE_KEY_PREFIX}:*", count=1000))
         if keys:
             client.delete(*keys)
+
+
+def budget_state_clear() -> None:
+    """Forget every budget counter and reservation, and this process's cached budgets.
+
+    With ``REDIS_URL`` the counters live in a Redis that outlives the run (and test databases reuse
+    ids from 1, so an earlier run's counter would be taken for this one's): their keys, and only
+    those, are deleted by their hash-tag prefix. Otherwise they are this process's memory.
+    """
+    if settings.REDIS_URL:
+        with redis.Redis.from_url(settings.REDIS_URL) as client:
+            keys = list(client.scan_iter(match="\\{budget\\}:*", count=1000))
+            if keys:
+                client.delete(*keys)
+    budget_store_reset()
+    budget_cache.clear()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_budgets() -> Iterator[None]:
+    """Start every test with no budget counters, no reservations and no cached budgets."""
+    budget_state_clear()
+    yield
 
 
 @pytest.fixture(autouse=True)

@@ -95,6 +95,7 @@ class E2EStack:
     env: dict[str, str] = field(default_factory=dict, repr=False)
     received: list[str] = field(default_factory=list)
     secrets: set[str] = field(default_factory=set)
+    log_dir: Path | None = None
 
     @property
     def server_url(self) -> str:
@@ -128,6 +129,31 @@ class E2EStack:
         # received > 0: called once records exist, so the worker has run tasks; zero would mean
         # these patterns no longer match Celery's log lines and "idle" would prove nothing.
         return received > 0 and received == ended and waiting == 0
+
+    def worker(self) -> ChildProcess:
+        """Return the running Celery worker process."""
+        return next(child for child in self.children if child.name == "worker")
+
+    def worker_replace(self, env: dict[str, str] | None = None) -> ChildProcess:
+        """Start a new Celery worker (without purging the queue) in place of the current one, once ready.
+
+        The previous worker, which the test has stopped or killed, stays in the report under another
+        name; ``env``: settings of the new worker on top of the stack's (e.g. a short
+        ``CELERY_VISIBILITY_TIMEOUT_SECONDS``, after which it takes over what a killed worker held).
+        """
+        assert self.log_dir is not None
+        old = self.worker()
+        old.name = f"worker-{sum(child.name.startswith('worker') for child in self.children)}"
+        worker = _start_child(
+            "worker",
+            worker_command(purge=False),
+            {**self.env, **(env or {})},
+            self.log_dir,
+            log_name=f"{old.name}-replacement",
+        )
+        self.children.append(worker)
+        _wait_for(worker, lambda: " ready." in worker.output(), "ready")
+        return worker
 
     def report(self) -> str:
         """Return the tail of every child's output, for a failure report."""
@@ -166,8 +192,10 @@ def _test_database_url() -> str:
     raise RuntimeError(f"the end-to-end test does not know how to share a {db['ENGINE']} database")
 
 
-def _start_child(name: str, command: list[str], env: dict[str, str], log_dir: Path) -> ChildProcess:
-    log_path = log_dir / f"{name}.log"
+def _start_child(
+    name: str, command: list[str], env: dict[str, str], log_dir: Path, *, log_name: str = ""
+) -> ChildProcess:
+    log_path = log_dir / f"{log_name or name}.log"
     log_file = log_path.open("wb")
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     return ChildProcess(name=name, process=process, log_path=log_path, log_file=log_file)
@@ -183,6 +211,15 @@ def _wait_for(child: ChildProcess, ready: Callable[[], bool], what: str) -> None
         raise RuntimeError(f"{child.name} was not {what} within {STARTUP_SECONDS:.0f} s:\n{child.tail()}") from None
     if child.process.poll() is not None:
         raise RuntimeError(f"{child.name} exited with {child.process.returncode}:\n{child.tail()}")
+
+
+def worker_command(*, purge: bool) -> list[str]:
+    """Return the command of the stack's Celery worker (one process, ``solo`` pool); ``purge``: empty its queue."""
+    return [
+        *(sys.executable, "-m", "celery", "-A", "chatbackend", "worker", "--pool", "solo", "--loglevel", "info"),
+        *(["--purge"] if purge else []),
+        *("--without-gossip", "--without-mingle", "--without-heartbeat", "--hostname", f"e2e-{os.getpid()}@%h"),
+    ]
 
 
 def server_command(server: str, port: int, *, grace_seconds: int = 5) -> list[str]:
@@ -243,31 +280,9 @@ def e2e_stack(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -
             _wait_for(server, lambda url=url: _http_ready(f"{url}/"), "answering HTTP")
 
         if with_redis:
-            worker = _start_child(
-                "worker",
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "chatbackend",
-                    "worker",
-                    "--pool",
-                    "solo",
-                    "--loglevel",
-                    "info",
-                    # Tasks left in the queue by an earlier, aborted run name rows of another
-                    # database; drop them so they cannot be counted here.
-                    "--purge",
-                    "--without-gossip",
-                    "--without-mingle",
-                    "--without-heartbeat",
-                    "--hostname",
-                    f"e2e-{os.getpid()}@%h",
-                ],
-                env,
-                log_dir,
-            )
+            # Tasks left in the queue by an earlier, aborted run name rows of another database:
+            # --purge drops them so they cannot be counted here.
+            worker = _start_child("worker", worker_command(purge=True), env, log_dir)
             children.append(worker)
             _wait_for(worker, lambda: " ready." in worker.output(), "ready")
 
@@ -279,6 +294,7 @@ def e2e_stack(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -
             children=children,
             worker_running=with_redis,
             env=env,
+            log_dir=log_dir,
         )
     finally:
         for child in reversed(children):
