@@ -115,7 +115,9 @@ def test_concurrent_requests_across_processes_stay_within_the_budget(
 
     served = [body for status, _, body in answers if status == 200]
     refused = [(status, kind, body) for status, kind, body in answers if status != 200]
-    assert served, "no request was admitted"
+    # The first admitted request holds the whole budget while it streams; once settled (0.04 of
+    # 0.05 spent) no request's maximum cost fits: one is served, whichever process it reached.
+    assert len(served) == 1, (len(served), [a[:2] for a in answers])
     for body in served:
         assert body.rstrip().endswith("data: [DONE]"), body[-300:]
     for status, kind, body in refused:
