@@ -319,11 +319,11 @@ class UserListApi(ListAPIView):
 
 
 class BudgetFilter(django_filters.FilterSet):
-    """``?subject_kind=``, ``?subject_id=``, ``?period=``, ``?enabled=``."""
+    """``?subject_kind=``, ``?subject_id=``, ``?period=`` (a value that is not one of theirs is a 400)."""
 
     class Meta:
         model = Budget
-        fields = ["subject_kind", "subject_id", "period", "enabled"]
+        fields = ["subject_kind", "subject_id", "period"]
 
 
 _BUDGET_EXAMPLE = OpenApiExample(
