@@ -112,3 +112,15 @@ def test_admin_site_lists_budgets_with_their_spend(admin_site, user):
     assert "Alice cap" in text and user.username in text and "1.25" in text and "1.75" in text
     budget = Budget.objects.get(name="Alice cap")
     assert admin_site.get(f"/admin/accounts/budget/{budget.id}/change/").status_code == 200
+    for query in ("Alice", str(user.id)):
+        found = admin_site.get("/admin/accounts/budget/", {"q": query})
+        assert found.status_code == 200 and "Alice cap" in found.content.decode(), query
+
+
+def test_admin_site_refuses_a_budget_for_a_missing_subject(admin_site):
+    page = admin_site.post(
+        "/admin/accounts/budget/add/",
+        {"name": "ghost", "subject_kind": "user", "subject_id": "987654", "period": "monthly", "limit_usd": "1"},
+    )
+    assert page.status_code == 200 and "No User has id 987654." in page.content.decode()
+    assert not Budget.objects.exists()
