@@ -6,9 +6,11 @@ Each view parses input, calls one service or selector, and shapes the output. Er
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import django_filters
+from django import forms
 from django.core.cache import caches
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import QuerySet
@@ -16,7 +18,8 @@ from django.utils.connection import ConnectionProxy
 from drf_spectacular.contrib.rest_framework_simplejwt import SimpleJWTScheme
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.plumbing import build_bearer_security_scheme_object
-from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema, extend_schema_view
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import AuthenticationFailed
@@ -318,8 +321,25 @@ class UserListApi(ListAPIView):
 # --- Budgets --------------------------------------------------------------------------------
 
 
+class _WholeNumberFormField(forms.IntegerField):
+    """A whole number as the schema's ``type: integer`` says: ``1.0``, ``0.5`` and an empty value are 400."""
+
+    def to_python(self, value: Any) -> int | None:
+        if value is not None and not re.fullmatch(r"-?[0-9]+", str(value)):
+            raise DjangoValidationError(self.error_messages["invalid"], code="invalid")
+        return super().to_python(value)
+
+
+class _WholeNumberFilter(django_filters.NumberFilter):
+    field_class = _WholeNumberFormField
+
+
 class BudgetFilter(django_filters.FilterSet):
-    """``?subject_kind=``, ``?subject_id=``, ``?period=`` (a value that is not one of theirs is a 400)."""
+    """``?subject_kind=``, ``?subject_id=``, ``?period=``."""
+
+    subject_kind = django_filters.ChoiceFilter(choices=Budget.SubjectKind.choices)
+    subject_id = _WholeNumberFilter()
+    period = django_filters.ChoiceFilter(choices=Budget.Period.choices)
 
     class Meta:
         model = Budget
@@ -336,6 +356,22 @@ _BUDGET_EXAMPLE = OpenApiExample(
 @extend_schema_view(
     list=extend_schema(
         summary="List budgets with their current period's usage: admins every budget, members their own",
+        # django-filter reads an empty value as no filter, so the enums admit "" (as the server does).
+        parameters=[
+            OpenApiParameter(
+                "subject_kind",
+                OpenApiTypes.STR,
+                enum=[*Budget.SubjectKind.values, ""],
+                description="Only budgets of this kind of subject (empty: any).",
+            ),
+            OpenApiParameter("subject_id", OpenApiTypes.INT, description="Only budgets of this subject id."),
+            OpenApiParameter(
+                "period",
+                OpenApiTypes.STR,
+                enum=[*Budget.Period.values, ""],
+                description="Only this period (empty: any).",
+            ),
+        ],
         responses={200: BudgetOutputSerializer, **_errors(400, 401)},
     ),
     retrieve=extend_schema(

@@ -7,6 +7,7 @@ subclassed only to give them unique OpenAPI names (and, for refresh, to fix one 
 
 from __future__ import annotations
 
+import re
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -292,11 +293,16 @@ class _StrictBooleanField(serializers.BooleanField):
         return bool(data)
 
 
+# Up to 8 digits before the point and 8 after (max_digits 16, decimal_places 8), not negative.
+_USD_PATTERN = r"^[0-9]{1,8}(\.[0-9]{1,8})?$"
+
+
+@extend_schema_field({"type": "string", "format": "decimal", "pattern": _USD_PATTERN, "example": "25.00"})
 class _StrictDecimalField(serializers.DecimalField):
-    """A decimal as a JSON string (``"12.50"``), as the schema documents it and answers show it: exact."""
+    """US dollars as a JSON string (``"12.50"``), exactly as the schema's pattern says: no sign, exponent or spaces."""
 
     def to_internal_value(self, data: Any) -> Decimal:
-        if not isinstance(data, str):
+        if not isinstance(data, str) or not re.fullmatch(_USD_PATTERN, data):
             self.fail("invalid")
         return super().to_internal_value(data)
 

@@ -6,6 +6,8 @@
   counter equals the sum of its usage rows.
 - The Celery worker SIGKILLed while settlement tasks are queued, then started again: each usage row
   exists once and every budget's counter is exact.
+- A server SIGKILLed mid-reply: reconciliation releases its reservation, and counts the usage row
+  the engine's crash recovery writes for the reply.
 - A server whose Redis does not answer: a budgeted request gets 503 ``metering_unavailable``.
 
 Needs ``REDIS_URL`` (the worker and the shared counters); skipped on the embedded defaults.
@@ -17,7 +19,9 @@ import asyncio
 import os
 import signal
 import socket
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -25,17 +29,35 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from celery.exceptions import AlwaysEagerIgnored
 from django.conf import settings
 from django.db.models import Sum
 from django.utils import timezone
 
 from accounts.metering.budget_store import budget_store, to_units
-from accounts.metering.budgets import budget_counter_key, budget_counter_repair, budget_period
+from accounts.metering.budgets import (
+    budget_counter_key,
+    budget_counter_repair,
+    budget_period,
+    budget_reconcile,
+    budget_release_stale,
+)
 from accounts.models import APIKey, Budget, UsageRecord, User
+from chatbackend.celery import app as celery_app
+from chatbackend.liveness import process_alive
+from conversations.models import Message
 from llm.models import Provider
 from tests.conftest import E2EStack, E2EUser
-from tests.factories import LLMModelFactory
-from tests.kit import CHAT_URL, E2E_REPLY_TOKENS, assert_error, bearer, chat_body, poll_until_sync
+from tests.factories import ConversationFactory, LLMModelFactory, ProviderFactory
+from tests.kit import (
+    CHAT_URL,
+    E2E_REPLY_TOKENS,
+    assert_error,
+    bearer,
+    chat_body,
+    conversation_sse,
+    poll_until_sync,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -199,6 +221,67 @@ def test_settlement_is_exact_after_the_worker_is_sigkilled(
         ), budget.name
         assert state.spent_tokens == expected_tokens, budget.name
         assert not budget_counter_repair(budget), f"reconciliation found drift on {budget.name}"
+
+
+def _stream_sse(url: str, conversation_id: int, api_key: str) -> None:
+    """Stream one conversation reply over SSE until the server dies under it."""
+    try:
+        with (
+            httpx.Client(base_url=url, timeout=60, trust_env=False) as client,
+            conversation_sse(client, conversation_id, api_key) as source,
+        ):
+            for _ in source.iter_sse():
+                pass
+    except httpx.HTTPError:
+        pass
+
+
+def test_reconciliation_releases_a_dead_servers_reservation_and_counts_its_recovered_reply(
+    e2e_stack: E2EStack, priced_model: Any, e2e_user: E2EUser, slow_simulator: Any, start_server: Callable[..., Any]
+) -> None:
+    owner = User.objects.get(username=e2e_user.username)
+    budget = Budget.objects.create(name="roomy", subject_kind="user", subject_id=owner.id, limit_usd=Decimal(100))
+    provider = ProviderFactory(base_url=slow_simulator.base_url, api_key="", read_timeout=30)
+    model = LLMModelFactory(
+        provider=provider, upstream_model="sim-1", input_price_per_million="1", output_price_per_million="1000"
+    )
+    conversation = ConversationFactory(owner=owner, model=model)
+    doomed, doomed_url = start_server(env={"REPLY_CHECKPOINT_SECONDS": "0.5", "PROCESS_HEARTBEAT_SECONDS": "0.5"})
+    streaming = threading.Thread(target=_stream_sse, args=(doomed_url, conversation.pk, e2e_user.api_key))
+    streaming.start()
+
+    def reply() -> Message | None:
+        return Message.objects.filter(conversation=conversation, role=Message.Role.ASSISTANT).first()
+
+    poll_until_sync(reply, lambda m: m is not None and len(m.content.split()) >= 5, what="a checkpointed reply")
+    doomed.process.send_signal(signal.SIGKILL)
+    doomed.process.wait(timeout=10)
+    streaming.join(10)
+    message = reply()
+    assert message is not None and message.status == Message.Status.STREAMING
+    [(request_id, pid, _)] = budget_store().reservations()
+    assert pid == message.stream_owner
+    assert counter_of(budget).reserved > 0
+    poll_until_sync(lambda: process_alive(pid), lambda alive: not alive, within=10, what="the heartbeat to lapse")
+
+    # Reconciliation first (the worst order): the reservation is released, nothing is spent yet.
+    assert budget_release_stale() == 1
+    state = counter_of(budget)
+    assert (state.reserved, state.holders, budget_store().reservations()) == (0, (), [])
+    # The crash recovery (a beat task, here sent by hand) bills the reply: a row no reservation covers.
+    with warnings.catch_warnings():  # through the broker to the real worker, on purpose
+        warnings.simplefilter("ignore", AlwaysEagerIgnored)
+        celery_app.send_task("conversations.reply_recover_orphans", kwargs={"orphan_after_seconds": 0.5})
+    [row] = poll_until_sync(lambda: list(UsageRecord.objects.filter(message=message)), lambda rows: len(rows) == 1)
+    assert row.request_id == request_id and row.cost > 0
+    poll_until_sync(e2e_stack.accounting_idle, within=30, what="the worker to finish its tasks")
+    assert counter_of(budget).spent == 0  # settlement found no reservation: the counter lags the rows
+
+    result = budget_reconcile()
+    assert result.repaired == 1
+    state = counter_of(budget)
+    assert (state.spent, state.reserved) == (to_units(rows_spend(user=owner)), 0)
+    assert state.spent == to_units(row.cost)
 
 
 def _closed_port() -> int:

@@ -61,7 +61,16 @@ def test_a_budget_for_a_missing_subject_is_refused(client_for, admin_user):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("limit_usd", 5), ("limit_usd", "-1"), ("subject_id", "3"), ("enabled", "yes"), ("subject_kind", "team")],
+    [
+        ("limit_usd", 5),
+        ("limit_usd", "-1"),
+        ("limit_usd", ""),
+        ("limit_usd", " 1"),
+        ("limit_usd", "1e3"),
+        ("subject_id", "3"),
+        ("enabled", "yes"),
+        ("subject_kind", "team"),
+    ],
 )
 def test_wrong_types_and_values_are_400(client_for, admin_user, user, field, value):
     body = {"name": "x", "subject_kind": "user", "subject_id": user.id, "limit_usd": "1", field: value}
@@ -99,8 +108,11 @@ def test_members_read_their_own_budgets_and_cannot_write(auth_client, user, othe
 def test_admin_filters_budgets(client_for, admin_user, user, other_user):
     Budget.objects.create(name="a", subject_kind="user", subject_id=user.id, limit_usd=Decimal(1))
     other = Budget.objects.create(name="b", subject_kind="user", subject_id=other_user.id, limit_usd=Decimal(1))
-    response = client_for(admin_user).get(BUDGETS, {"subject_kind": "user", "subject_id": other_user.id})
+    admin = client_for(admin_user)
+    response = admin.get(BUDGETS, {"subject_kind": "user", "subject_id": other_user.id, "period": ""})
     assert [b["id"] for b in response.json()["results"]] == [other.id]
+    for bad in ({"subject_id": "0.5"}, {"subject_id": "1.0"}, {"subject_id": ""}, {"period": "yearly"}):
+        assert_error(admin.get(BUDGETS, bad), 400)
 
 
 def test_admin_site_lists_budgets_with_their_spend(admin_site, user):
