@@ -50,9 +50,12 @@ _ERRORS = {
     404: "No such model (`model_not_found`), or an unknown URL.",
     405: "Wrong method for this URL (see `Allow`).",
     413: "The body is larger than the server accepts.",
-    429: "The upstream's rate limit, passed through.",
+    429: "A rate limit (`rate_limit_exceeded`, with `Retry-After`) or a budget (`insufficient_quota`) refused "
+    "the request before any stream started, or the upstream's rate limit, passed through.",
     502: "The upstream failed (5xx, refused our credentials, unreachable, or dropped the stream).",
     504: "The upstream timed out.",
+    503: "Rate limits or budgets cannot be checked (`metering_unavailable`: Redis is unreachable), or the "
+    "server is shutting down.",
 }
 
 
@@ -125,7 +128,7 @@ class ChatCompletionsDocView(_OpenAIDocView):
                 description="`stream` true: server-sent events, each `data:` line one chunk.",
                 examples=[OpenApiExample("stream", value=_SSE_EXAMPLE, media_type="text/event-stream")],
             ),
-            **_errors(400, 401, 404, 405, 413, 429, 502, 504),
+            **_errors(400, 401, 404, 405, 413, 429, 502, 503, 504),
         },
     )
     def post(self, request: Request) -> None: ...  # never dispatched: documents ``llm.openai.apis.chat_completions``
@@ -208,7 +211,7 @@ class MessageSendDocView(_OpenAIDocView):
         responses={
             (201, "application/json"): MessageSendOutputSerializer,
             (200, "text/event-stream"): OpenApiResponse(REPLY_EVENT_SCHEMA, description="The reply as SSE events."),
-            **_errors(400, 401, 404, 502),
+            **_errors(400, 401, 404, 429, 502, 503),
         },
     )
     def post(

@@ -225,7 +225,17 @@ class ConversationMessageListApi(ListAPIView):
                 examples=[OpenApiExample("reply", value=_SSE_EXAMPLE, media_type="text/event-stream")],
             ),
             **_errors(400, 401, 404),
+            429: OpenApiResponse(
+                ErrorOutputSerializer,
+                description="Refused before the reply started: a rate limit (`rate_limit_exceeded`, with "
+                "`Retry-After`) or a budget (`insufficient_quota`).",
+            ),
             502: OpenApiResponse(ErrorOutputSerializer, description="The upstream failed (non-streamed only)."),
+            503: OpenApiResponse(
+                ErrorOutputSerializer,
+                description="Rate limits or budgets cannot be checked (`metering_unavailable`), or the server is "
+                "shutting down.",
+            ),
         },
     )
     def post(self, request: Request, *args: Any, **kwargs: Any) -> Response:
