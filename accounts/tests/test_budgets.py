@@ -113,7 +113,7 @@ def event_for(row: UsageRecord) -> UsageEvent:
         prompt_tokens=row.prompt_tokens,
         completion_tokens=row.completion_tokens,
         cost=str(row.cost),
-        estimated=False,
+        token_source=row.token_source,
         finish_status=row.finish_status,
     )
 
