@@ -23,6 +23,15 @@ Flow (issue 8, "Reservation, then settlement"):
 Counting rule: a counter holds the settled rows of its period, plus reservations in flight. A budget
 admits a request when ``spent + reserved + max_cost <= limit``, so the settled spend never passes the
 limit, however many processes admit requests at once.
+
+Why a Redis script rather than PostgreSQL row locks (measured 2026-12-01 on the 2-core CI machine,
+2000 reservations each, one client): the script reserving one or two budgets took 158 / 168 µs at
+p50 from the event loop; a ``SELECT ... FOR UPDATE`` + ``UPDATE`` + reservation ``INSERT``
+transaction on a logged table took 2.2–4.0 ms at p50 (the commit's WAL flush), plus a worker-thread
+hop and a pooled connection per request, and it holds the budget row's lock until the commit, so
+one busy budget admits at most a few hundred requests a second. Redis runs the script in
+microseconds and serializes only that. The price is a cache that can drift from the ledger (a
+restart, a lost settlement), which seeding and reconciliation bound.
 """
 
 from __future__ import annotations
