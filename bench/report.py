@@ -574,8 +574,9 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         f"Workload: {config['tokens']} tokens per reply, {config['ttft_ms']:g} ms to the first token, "
         f"{config['token_delay_ms']:g} ms between tokens; streams start spread over {config['ramp_ms']:g} ms; "
-        f"replies per stream: {config['replies']} (auto: 2 up to 200 streams, 1 above). On direct and v1 the "
-        "requests are shaped as the OpenAI SDK and NextChat send them (system + user message, stream_options "
+        f"replies per stream: {config['replies']} (auto: 10 at 1 stream on direct, v1 and v1m; 2 up to 200 "
+        "streams, 1 above). On direct, v1 and v1m the requests are shaped as the OpenAI SDK and NextChat send "
+        "them (system + user message, stream_options "
         f"include_usage, max_tokens {config.get('max_tokens', '–')}, temperature, top_p, penalties).",
         "",
     ]
