@@ -659,8 +659,8 @@ class Bench:
 
         A baseline label without rounds yet borrows this tree's: the same workload. A round of one
         stream says nothing about capacity (the simulator paces its replies one after another):
-        scaling its wall time by the work would guess 50 streams at 60 replies' time and skip rounds
-        that take two, so only rounds of several streams are extrapolated from.
+        scaling its wall time by the work guessed ~86 s for the 2-second round of 50 streams, and
+        skipped it in ``--quick``; so only rounds of several streams are extrapolated from.
         """
         nominal = (self.args.ttft_ms + self.args.tokens * self.args.token_delay_ms) / 1000
         replies = replies_for(self.args, level, path)
