@@ -27,7 +27,20 @@ TARGETS = {
     # server CPU per token: at most this share of the baseline's, and this multiple of the simulator's
     "cpu_per_token_vs_baseline": 1 / 3,
     "cpu_per_token_vs_simulator": 2.0,
+    # What enforcement (rate limits and budgets, path v1m) adds over the same /v1 request without
+    # any (v1), issue 8: at most 1 ms of TTFT at p50 with one stream, and no change in server CPU
+    # per token — read as within this ratio over the rounds at 50+ streams (A/A runs of one
+    # tree differ by a few % over many rounds; single rounds by ±10–25 %).
+    "enforcement_ttft_p50_ms": 1.0,
+    "enforcement_cpu_ratio": 1.05,
 }
+# The level whose TTFT the enforcement target is about (the smallest measured when absent).
+ENFORCEMENT_LEVEL = 1
+ENFORCEMENT_TTFT_TARGET = "enforcement adds to TTFT p50 (ms, v1m − v1)"
+ENFORCEMENT_CPU_TARGET = (
+    f"server CPU per token v1m / v1, rounds at {CPU_TARGET_MIN_LEVEL}+ streams "
+    f"(no change: ≤ {TARGETS['enforcement_cpu_ratio']:g})"
+)
 
 
 # --- statistics -----------------------------------------------------------------------------
@@ -223,6 +236,77 @@ def cpu_per_token_overall(data: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def enforcement(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Compare ``v1m`` (every rate limit and budget applies) with ``v1`` (none), round by round.
+
+    One row per server label (this tree's, then the baseline's) and level measured on both paths:
+    ``v1_ttft_ms`` / ``v1m_ttft_ms`` (``{"p50", "p99"}``), ``added_ms`` = v1m's minus v1's
+    (``{"p50", "p99"}``, ms: what enforcement adds before the first token), ``v1_us`` /
+    ``v1m_us`` (server CPU µs per forwarded token) and ``cpu_ratio`` = v1m_us / v1_us (from the
+    unrounded CPU seconds).
+    """
+    measured = _measured(data["rounds"])
+    rows = []
+    for server in server_labels(data["config"]):
+        for level in sorted(data["config"]["levels"]):
+            plain, metered = _find(measured, server, "v1", level), _find(measured, server, "v1m", level)
+            if plain is None or metered is None:
+                continue
+            plain_us, metered_us = _us_per_token(plain, "server_process"), _us_per_token(metered, "server_process")
+            added = {
+                q: _r(metered["ttft_ms"][q] - plain["ttft_ms"][q])
+                if metered["ttft_ms"][q] is not None and plain["ttft_ms"][q] is not None
+                else None
+                for q in ("p50", "p99")
+            }
+            rows.append(
+                {
+                    "server": server,
+                    "concurrency": level,
+                    "v1_ttft_ms": {q: plain["ttft_ms"][q] for q in ("p50", "p99")},
+                    "v1m_ttft_ms": {q: metered["ttft_ms"][q] for q in ("p50", "p99")},
+                    "added_ms": added,
+                    "v1_us": _r(plain_us),
+                    "v1m_us": _r(metered_us),
+                    "cpu_ratio": _ratio(metered_us, plain_us),
+                }
+            )
+    return rows
+
+
+def enforcement_overall(data: dict[str, Any]) -> dict[str, Any]:
+    """Sum server CPU and tokens of v1 and v1m over the levels >= 50 streams measured on both, per server label.
+
+    Returns ``{server: {"rounds", "v1_us", "v1m_us", "cpu_ratio"}}`` (µs per forwarded token); a
+    server without such a pair of rounds is left out. Steadier than any single round's ratio.
+    """
+    measured = [r for r in _measured(data["rounds"]) if r.get("server_process")]
+    overall = {}
+    for server in server_labels(data["config"]):
+        cpu = {"v1": 0.0, "v1m": 0.0}
+        tokens = {"v1": 0, "v1m": 0}
+        count = 0
+        for level in sorted(data["config"]["levels"]):
+            pair = {path: _find(measured, server, path, level) for path in ("v1", "v1m")}
+            if level < CPU_TARGET_MIN_LEVEL or any(r is None for r in pair.values()):
+                continue
+            count += 1
+            for path, r in pair.items():
+                assert r is not None  # noqa: S101 - checked above
+                cpu[path] += r["server_process"]["cpu_s"]
+                tokens[path] += r["tokens"]
+        if not count or not tokens["v1"] or not tokens["v1m"]:
+            continue
+        plain_us, metered_us = cpu["v1"] * 1e6 / tokens["v1"], cpu["v1m"] * 1e6 / tokens["v1m"]
+        overall[server] = {
+            "rounds": count,
+            "v1_us": _r(plain_us),
+            "v1m_us": _r(metered_us),
+            "cpu_ratio": _ratio(metered_us, plain_us),
+        }
+    return overall
+
+
 def add_overheads(rounds: list[dict[str, Any]]) -> None:
     """Set ``ttft_overhead_ms`` on backend rounds: their TTFT percentile minus direct's, same level."""
     direct = {r["concurrency"]: r for r in _measured(rounds) if r["path"] == "direct"}
@@ -347,6 +431,33 @@ def evaluate_targets(data: dict[str, Any]) -> list[dict[str, Any]]:
                     limit,
                     None if value is None else value <= limit,
                 )
+        # What enforcement adds: v1m against v1, TTFT p50 at one stream and CPU per token.
+        if "v1m" in paths and "v1" in paths:
+            rows = [e for e in data.get("enforcement") or [] if e["server"] == server]
+            row = next((e for e in rows if e["concurrency"] == ENFORCEMENT_LEVEL), rows[0] if rows else None)
+            value = row["added_ms"]["p50"] if row else None
+            limit = TARGETS["enforcement_ttft_p50_ms"]
+            add(
+                ENFORCEMENT_TTFT_TARGET,
+                server,
+                "v1m",
+                row["concurrency"] if row else ENFORCEMENT_LEVEL,
+                value,
+                limit,
+                None if value is None else value <= limit,
+            )
+            overall = (data.get("enforcement_overall") or {}).get(server)
+            value = overall["cpu_ratio"] if overall else None
+            limit = TARGETS["enforcement_cpu_ratio"]
+            add(
+                ENFORCEMENT_CPU_TARGET,
+                server,
+                "v1m",
+                None,
+                value,
+                limit,
+                None if value is None else value <= limit,
+            )
         startup = data["startup"].get(server)
         value = startup["max_s"] if startup else None
         limit = TARGETS["startup_s"]
@@ -423,6 +534,8 @@ def build(
     }
     data["cpu_per_token"] = cpu_per_token(data)
     data["cpu_per_token_overall"] = cpu_per_token_overall(data)
+    data["enforcement"] = enforcement(data)
+    data["enforcement_overall"] = enforcement_overall(data)
     data["targets"] = evaluate_targets(data)
     data["recommendation"] = recommend(data)
     return data
@@ -461,8 +574,9 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         f"Workload: {config['tokens']} tokens per reply, {config['ttft_ms']:g} ms to the first token, "
         f"{config['token_delay_ms']:g} ms between tokens; streams start spread over {config['ramp_ms']:g} ms; "
-        f"replies per stream: {config['replies']} (auto: 2 up to 200 streams, 1 above). On direct and v1 the "
-        "requests are shaped as the OpenAI SDK and NextChat send them (system + user message, stream_options "
+        f"replies per stream: {config['replies']} (auto: 10 at 1 stream on direct, v1 and v1m; 2 up to 200 "
+        "streams, 1 above). On direct, v1 and v1m the requests are shaped as the OpenAI SDK and NextChat send "
+        "them (system + user message, stream_options "
         f"include_usage, max_tokens {config.get('max_tokens', '–')}, temperature, top_p, penalties).",
         "",
     ]
@@ -511,6 +625,7 @@ def markdown(data: dict[str, Any]) -> str:
             ]
             if cells:
                 lines.append(f"| {server} | {' · '.join(cells)} |")
+    lines += _enforcement_markdown(data)
     lines += _cpu_markdown(data)
     if data["startup"]:
         lines += ["", "| server | start-up to first served request: median / worst (s) | samples |", "|---|--:|--:|"]
@@ -552,6 +667,51 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _met(ok: bool | None) -> str:
+    return {True: "met", False: "**missed**", None: "not measured"}[ok]
+
+
+def _enforcement_markdown(data: dict[str, Any]) -> list[str]:
+    rows = data.get("enforcement") or []
+    if not rows:
+        return []
+    lines = [
+        "",
+        "What enforcement adds (v1m: /v1 as a caller whose user, key and model have rate limits and, when the "
+        "project has budgets, budgets; v1: the same request with none):",
+        "",
+        "| server | streams | TTFT p50 v1 / v1m ms | added p50 ms | TTFT p99 v1 / v1m ms | added p99 ms "
+        "| server µs/token v1 / v1m | v1m / v1 |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for e in rows:
+        lines.append(
+            f"| {e['server']} | {e['concurrency']} | {_f(e['v1_ttft_ms']['p50'])} / {_f(e['v1m_ttft_ms']['p50'])} "
+            f"| {_f(e['added_ms']['p50'])} | {_f(e['v1_ttft_ms']['p99'])} / {_f(e['v1m_ttft_ms']['p99'])} "
+            f"| {_f(e['added_ms']['p99'])} | {_f(e['v1_us'])} / {_f(e['v1m_us'])} | {_f(e['cpu_ratio'], 2)} |"
+        )
+    targets = {(t["server"], t["target"]): t for t in data.get("targets") or []}
+    lines.append("")
+    for server in data["config"]["servers"]:
+        ttft = targets.get((server, ENFORCEMENT_TTFT_TARGET))
+        cpu = targets.get((server, ENFORCEMENT_CPU_TARGET))
+        if ttft is None:
+            continue
+        overall = (data.get("enforcement_overall") or {}).get(server)
+        cpu_text = (
+            f"server CPU per token v1m / v1 {_f(overall['cpu_ratio'], 2)} ({_f(overall['v1m_us'])} against "
+            f"{_f(overall['v1_us'])} µs over {overall['rounds']} rounds at {CPU_TARGET_MIN_LEVEL}+ streams; "
+            f"target no change, ≤ {TARGETS['enforcement_cpu_ratio']:g}: {_met(cpu['met'] if cpu else None)})"
+            if overall
+            else f"server CPU per token v1m / v1 not measured (no level of {CPU_TARGET_MIN_LEVEL}+ streams on both)"
+        )
+        lines.append(
+            f"- **{server}: enforcement adds {_f(ttft['value'])} ms at p50** ({_f(ttft['concurrency'])} stream(s); "
+            f"target ≤ {TARGETS['enforcement_ttft_p50_ms']:g} ms: {_met(ttft['met'])}); {cpu_text}."
+        )
+    return lines
+
+
 def _cpu_markdown(data: dict[str, Any]) -> list[str]:
     rows = data.get("cpu_per_token") or []
     if not rows:
@@ -583,7 +743,7 @@ def _cpu_markdown(data: dict[str, Any]) -> list[str]:
 
 # --- chart ----------------------------------------------------------------------------------
 
-_PATH_COLORS = {"v1": "tab:blue", "sse": "tab:orange", "ws": "tab:green", "direct": "black"}
+_PATH_COLORS = {"v1": "tab:blue", "v1m": "tab:purple", "sse": "tab:orange", "ws": "tab:green", "direct": "black"}
 _SERVER_STYLES = ["-", "--", ":", "-."]
 
 
@@ -625,7 +785,7 @@ def draw_chart(data: dict[str, Any], png: Path) -> Path | None:
     }
     for index, (ax, (title, value, scale)) in enumerate(zip(axes.flat, panels, strict=True)):
         for label, s_index, is_baseline in lines_of:
-            for path in ("v1", "sse", "ws"):
+            for path in ("v1", "v1m", "sse", "ws"):
                 points = sorted(
                     (r["concurrency"], value(r))
                     for r in rounds

@@ -3,9 +3,10 @@
 Starts the simulator and the backend as real processes, creates what it needs (user, API key,
 provider, model, conversations) in a fresh database, and drives concurrent streams at several
 concurrency levels through each path — ``direct`` (client → simulator), ``v1``
-(``/v1/chat/completions``), ``sse`` (conversation SSE endpoint) and ``ws`` (WebSocket
-consumer) — under each ASGI server. Prints a Markdown table, writes ``<out>/latest.json`` and
-``<out>/latest.png``. See ``bench/README.md`` for the columns and how to read them.
+(``/v1/chat/completions``), ``v1m`` (the same as a caller every rate limit and budget applies
+to), ``sse`` (conversation SSE endpoint) and ``ws`` (WebSocket consumer) — under each ASGI
+server. Prints a Markdown table, writes ``<out>/latest.json`` and ``<out>/latest.png``. See
+``bench/README.md`` for the columns and how to read them.
 """
 
 from __future__ import annotations
@@ -35,10 +36,15 @@ from . import report
 from .loadgen import raise_open_file_limit, recv_message, send_message
 from .procstats import BACKEND as PROCSTATS_BACKEND
 from .procstats import ProcessTree, RssSampler, machine_cpu
+from .seed import METERED_LIMITS
 
 ROOT = Path(__file__).resolve().parent.parent
-PATHS = ("direct", "v1", "sse", "ws")
-BACKEND_PATHS = ("v1", "sse", "ws")
+# v1m ("/v1, metered") right after v1: with one server their blocks run back to back, so the
+# enforcement comparison (report.enforcement) sees the least drift in the machine's load.
+PATHS = ("direct", "v1", "v1m", "sse", "ws")
+BACKEND_PATHS = ("v1", "v1m", "sse", "ws")
+# Paths whose 1-stream round sends C1_REPLIES replies (replies_for).
+C1_PATHS = ("direct", "v1", "v1m")
 SERVERS = ("uvicorn", "daphne", "granian")
 SERVER_MODULES = {"uvicorn": "uvicorn", "daphne": "daphne", "granian": "granian"}
 DEFAULT_LEVELS = "1,50,200,1000,2000"
@@ -47,8 +53,10 @@ QUICK_LEVELS = "1,50,200"
 # below) the default run stays within the default budget.
 BASELINE_LEVELS = "1,50,200,1000"
 BUDGET_S = 570.0
-QUICK_BUDGET_S = 150.0
-QUICK_BASELINE_BUDGET_S = 300.0
+# --quick: 150 s before v1m and the 10 replies at one stream (~45 s more, ~70 s with --baseline);
+# at 150 s a busy 2-core machine (server start-ups of 4-6 s) skipped sse and ws at 200 streams.
+QUICK_BUDGET_S = 210.0
+QUICK_BASELINE_BUDGET_S = 400.0
 STARTUP_TIMEOUT_S = 60.0
 WARMUP_STREAMS = 4
 REPORT_RESERVE_S = 20.0  # kept free at the end of the budget for teardown and the report
@@ -56,7 +64,8 @@ BLOCK_OVERHEAD_S = 4.0  # a server start, its warm-up round and its stop
 IDLE_WARNING_PCT = 15.0  # machine busy share before the run above which the report warns
 ESTIMATE_MARGIN = 1.25  # rounds run longer than a linear guess as the server saturates
 PROMPT = "Tell me about the benchmark"
-MAX_TOKENS_FACTOR = 4  # max_tokens sent on direct and v1: this many times --tokens
+MAX_TOKENS_FACTOR = 4  # max_tokens sent on direct, v1 and v1m: this many times --tokens
+C1_REPLIES = 10  # replies of the one stream at level 1 on direct, v1 and v1m (replies_for)
 ASGI_APP = "chatbackend.asgi:application"
 
 
@@ -78,14 +87,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--levels", help=f"concurrent streams per round, comma-separated (default {DEFAULT_LEVELS})")
     parser.add_argument("--servers", help="ASGI servers: uvicorn, daphne, granian (default uvicorn,daphne)")
-    parser.add_argument("--paths", default=",".join(PATHS), help="paths to measure (default direct,v1,sse,ws)")
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"paths to measure (default {','.join(PATHS)})")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per reply (default 64)")
     parser.add_argument("--token-delay-ms", type=float, default=10.0, help="simulator delay between tokens (10)")
     parser.add_argument("--ttft-ms", type=float, default=50.0, help="simulator time to first token (50)")
     parser.add_argument(
         "--replies",
         default="auto",
-        help="sequential replies per stream: a number, or auto = 2 up to 200 streams, 1 above (default auto)",
+        help=f"sequential replies per stream: a number, or auto = {C1_REPLIES} at 1 stream on direct, v1 and "
+        "v1m, 2 up to 200 streams, 1 above (default auto)",
     )
     parser.add_argument(
         "--ramp-ms",
@@ -154,12 +164,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"unknown path {path!r}; known: {', '.join(PATHS)}")
     if not args.levels or min(args.levels) < 1:
         parser.error("--levels must be positive integers")
+    if "v1m" in args.paths and max(args.levels) >= METERED_LIMITS["concurrent_streams"]:
+        parser.error(
+            f"v1m's caller may stream {METERED_LIMITS['concurrent_streams']} replies at once (bench.seed): "
+            "levels must stay below that"
+        )
     if args.replies != "auto" and (not args.replies.isdigit() or int(args.replies) < 1):
         parser.error("--replies must be auto or a positive integer")
     if args.ramp_ms is None:
         args.ramp_ms = args.ttft_ms + args.tokens * args.token_delay_ms
     if args.profile:
-        match = re.fullmatch(r"(v1|sse|ws):(\d+)", args.profile)
+        match = re.fullmatch(r"(v1|v1m|sse|ws):(\d+)", args.profile)
         if not match:
             parser.error("--profile must look like v1:200")
         args.profile = (match.group(1), int(match.group(2)))
@@ -170,9 +185,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def replies_for(args: argparse.Namespace, level: int) -> int:
+def replies_for(args: argparse.Namespace, level: int, path: str) -> int:
+    """Return the sequential replies per stream of a round on ``path`` with ``level`` streams.
+
+    ``--replies auto``: 2 up to 200 streams (every stream is open at once for a while), 1 above
+    (bounds the run time); at 1 stream on direct, v1 and v1m, ``C1_REPLIES``, so that the
+    enforcement figure (v1m's TTFT p50 minus v1's, against a 1 ms target) and the overheads it is
+    read with are medians of more than two replies.
+    """
     if args.replies != "auto":
         return int(args.replies)
+    if level == 1 and path in C1_PATHS:
+        return C1_REPLIES
     return 2 if level <= 200 else 1
 
 
@@ -368,6 +392,8 @@ class Bench:
         self.sim_key = "bench-upstream-key"
         self.api_key = ""
         self.model = ""
+        self.metered_api_key = ""  # v1m: the caller every rate limit and budget applies to
+        self.metered_model = ""
         self.conversations: list[int] = []
         self._conversation_cursor = 0
         self.fatal: str | None = None
@@ -552,6 +578,13 @@ class Bench:
         )
         data = json.loads(stdout.strip().splitlines()[-1])
         self.api_key, self.model, self.conversations = data["api_key"], data["model"], data["conversations"]
+        metered = data["metered"]
+        self.metered_api_key, self.metered_model = metered["api_key"], metered["model"]
+        self.setup["metered"] = {"model": metered["model"], "limits": metered["limits"], "budgets": metered["budgets"]}
+        if "v1m" in self.args.paths and not metered["budgets"]:
+            self.notes.append(
+                "v1m: this tree has no budgets (accounts.models.Budget), so v1m is metered by rate limits only"
+            )
         self.setup["seed_s"] = round(time.perf_counter() - started, 3)
         self.setup["conversations"] = len(self.conversations)
 
@@ -626,14 +659,24 @@ class Bench:
     def estimate_round_s(self, server: str | None, path: str, level: int) -> float:
         """Guess a round's wall time from the last measured round of the same server (label) and path.
 
-        A baseline label without rounds yet borrows this tree's: the same workload.
+        A baseline label without rounds yet borrows this tree's: the same workload. A round of one
+        stream says nothing about capacity (the simulator paces its replies one after another):
+        scaling its wall time by the work guessed ~86 s for the 2-second round of 50 streams, and
+        skipped it in ``--quick``; so only rounds of several streams are extrapolated from.
         """
         nominal = (self.args.ttft_ms + self.args.tokens * self.args.token_delay_ms) / 1000
-        replies = replies_for(self.args, level)
-        previous = [r for r in self.rounds if r["server"] == server and r["path"] == path and not r.get("skipped")]
+        replies = replies_for(self.args, level, path)
+
+        def measured(label: str | None) -> list[dict[str, Any]]:
+            return [
+                r
+                for r in self.rounds
+                if r["server"] == label and r["path"] == path and not r.get("skipped") and r["concurrency"] > 1
+            ]
+
+        previous = measured(server)
         if not previous and server is not None and server.endswith(report.BASELINE_SUFFIX):
-            base = server.removesuffix(report.BASELINE_SUFFIX)
-            previous = [r for r in self.rounds if r["server"] == base and r["path"] == path and not r.get("skipped")]
+            previous = measured(server.removesuffix(report.BASELINE_SUFFIX))
         guess = self.args.ramp_ms / 1000 + replies * nominal
         if previous:
             last = previous[-1]
@@ -656,11 +699,16 @@ class Bench:
     ) -> dict[str, Any]:
         """Run one round on the load generator(s); return the merged raw measurements."""
         args = self.args
+        api_key, model = {
+            "direct": (self.sim_key, "sim-1"),
+            "v1m": (self.metered_api_key, self.metered_model),
+        }.get(path, (self.api_key, self.model))
         spec_base = {
-            "path": path,
+            # v1m is v1's request as another caller: the load generator sends both alike.
+            "path": "v1" if path == "v1m" else path,
             "base_url": base_url,
-            "api_key": self.sim_key if path == "direct" else self.api_key,
-            "model": "sim-1" if path == "direct" else self.model,
+            "api_key": api_key,
+            "model": model,
             "replies": replies,
             "ramp_s": args.ramp_ms / 1000,
             "expected_tokens": args.tokens,
@@ -740,7 +788,7 @@ class Bench:
             "tree": tree,
             "path": path,
             "concurrency": level,
-            "replies_per_stream": replies_for(self.args, level),
+            "replies_per_stream": replies_for(self.args, level, path),
         }
 
     def measure(
@@ -829,7 +877,7 @@ class Bench:
             level=level,
             base_url=base_url,
             server_tree=tree,
-            replies=replies_for(self.args, level),
+            replies=replies_for(self.args, level, path),
             conversations=conversations,
             deadline_s=120.0,
         )

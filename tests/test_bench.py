@@ -1,6 +1,7 @@
 """Keep the benchmark working: run ``python -m bench`` at tiny scale and check its JSON.
 
-Tiny scale: levels 1 and 3, 5-token replies, one server (uvicorn), every path. It starts the
+Tiny scale: levels 1 and 3, 5-token replies, one server (uvicorn), every path (``v1m``: /v1 as
+a caller with rate limits, and budgets when the project has them). It starts the
 simulator, a server process per block and the load generator, on a database of its own
 (``<database>_bench_test*`` on PostgreSQL when ``DATABASE_URL`` names ``<database>``, else a
 temporary SQLite file) and Redis database 14 when ``REDIS_URL`` is set. Figures are not checked, only
@@ -29,7 +30,7 @@ _DATABASE = urlsplit(_DATABASE_URL).path.strip("/") if _DATABASE_URL.startswith(
 BENCH_DB = (_DATABASE or "chatbackend") + "_bench_test"
 LEVELS = (1, 3)
 TOKENS = 5
-PATHS = ("direct", "v1", "sse", "ws")
+PATHS = ("direct", "v1", "v1m", "sse", "ws")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -94,6 +95,24 @@ def test_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:
     for path in PATHS:
         assert f"| {path} |" in result.stdout, output
 
+    # What enforcement adds: v1m against v1 at each level, and its targets.
+    assert data["setup"]["metered"]["limits"] == {
+        "requests_per_minute": 1_000_000,
+        "tokens_per_minute": 1_000_000_000,
+        "concurrent_streams": 100_000,
+    }
+    assert [e["concurrency"] for e in data["enforcement"]] == list(LEVELS)
+    for e in data["enforcement"]:
+        plain = next(r for r in rounds if r["path"] == "v1" and r["concurrency"] == e["concurrency"])
+        metered = next(r for r in rounds if r["path"] == "v1m" and r["concurrency"] == e["concurrency"])
+        assert e["added_ms"]["p50"] == pytest.approx(metered["ttft_ms"]["p50"] - plain["ttft_ms"]["p50"], abs=0.11)
+        assert e["v1_us"] > 0 and e["v1m_us"] > 0, e
+    assert plain["replies_per_stream"] == 2 and metered["replies_per_stream"] == 2  # level 3
+    assert [r["replies_per_stream"] for r in rounds if r["concurrency"] == 1 and r["path"] in ("v1", "v1m")] == [10, 10]
+    ttft_target = next(t for t in data["targets"] if t["target"].startswith("enforcement adds"))
+    assert ttft_target["concurrency"] == 1 and ttft_target["value"] == data["enforcement"][0]["added_ms"]["p50"]
+    assert "uvicorn: enforcement adds" in result.stdout, output
+
 
 def _bench(tmp_path: Path, db_name: str, *options: str) -> subprocess.CompletedProcess[str]:
     command = [
@@ -127,7 +146,7 @@ def test_benchmark_compares_against_a_baseline_checkout(tmp_path: Path) -> None:
     assert data["meta"]["fatal"] is None, output
     assert data["config"]["baseline"]["dir"] == str(ROOT)
     rounds = data["rounds"]
-    for path in ("v1", "sse", "ws"):
+    for path in ("v1", "v1m", "sse", "ws"):
         for label, tree in (("uvicorn", "current"), ("uvicorn@baseline", "baseline")):
             measured = [r for r in rounds if r["path"] == path and r["server"] == label]
             assert len(measured) == 1, (path, label, output)
@@ -140,7 +159,7 @@ def test_benchmark_compares_against_a_baseline_checkout(tmp_path: Path) -> None:
     assert sorted(data["startup"]) == ["uvicorn", "uvicorn@baseline"]
 
     comparison = {c["path"]: c for c in data["cpu_per_token"]}
-    assert sorted(comparison) == ["sse", "v1", "ws"]
+    assert sorted(comparison) == ["sse", "v1", "v1m", "ws"]
     table = result.stdout.split("| server | path | streams | server µs/token | baseline µs/token | new / baseline")[1]
     for path, c in comparison.items():
         assert c["server"] == "uvicorn" and c["concurrency"] == level, c
@@ -151,6 +170,12 @@ def test_benchmark_compares_against_a_baseline_checkout(tmp_path: Path) -> None:
         # the difference is 0.005 plus a float error.)
         assert row.split("|")[6].strip() == f"{c['vs_baseline']:.2f}", row
     assert data["recommendation"] is None  # baseline rows are not a second server
+    # v1m against v1 in both trees; the targets are about this tree alone.
+    assert [(e["server"], e["concurrency"]) for e in data["enforcement"]] == [
+        ("uvicorn", level),
+        ("uvicorn@baseline", level),
+    ]
+    assert [t["server"] for t in data["targets"] if t["target"].startswith("enforcement adds")] == ["uvicorn"]
 
 
 def test_benchmark_refuses_a_baseline_with_other_migrations(tmp_path: Path) -> None:

@@ -1,0 +1,169 @@
+"""The report says what enforcement adds: v1m (every rate limit and budget applies) against v1 (none).
+
+Rounds are built as the benchmark builds them (``report.summarize_round`` on a load generator's
+raw measurements), with chosen TTFTs and server CPU, and go through ``report.build`` and
+``report.markdown`` like a real run's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bench import report
+
+TOKENS = 64
+
+
+def _round(path: str, level: int, *, ttft_ms: float, server_cpu_s: float | None, replies: int = 2) -> dict[str, Any]:
+    requests = level * replies
+    tokens = requests * TOKENS
+    raw = {
+        "requests": requests,
+        "ok": requests,
+        "errors": 0,
+        "error_kinds": {},
+        "tokens": tokens,
+        "wall_s": 1.5,
+        "ttft_ms": [ttft_ms] * requests,
+        "itl_ms": [10.0] * (requests * (TOKENS - 1)),
+        "ws_connect_ms": [],
+        "peak_open": level,
+        "machine_cpu_pct": 50.0,
+        "machine_busy_s": 1.0,
+        "client_cpu_s": 0.05,
+        "client_cpu_s_psutil": 0.05,
+        "sim_cpu_s": 0.05,
+        "server_cpu_s": server_cpu_s,
+        "peak_rss": 100 * 1024 * 1024,
+    }
+    direct = path == "direct"
+    record = {
+        "server": None if direct else "uvicorn",
+        "tree": None if direct else "current",
+        "path": path,
+        "concurrency": level,
+        "replies_per_stream": replies,
+    }
+    record.update(
+        report.summarize_round(raw, level=level, idle_rss=None if direct else 90 * 1024 * 1024, direct=direct)
+    )
+    return record
+
+
+def _data(rounds: list[dict[str, Any]], paths: list[str]) -> dict[str, Any]:
+    meta = {
+        "started_at": "2026-12-01T22:00:00+00:00",
+        "duration_s": 60.0,
+        "machine": {"cpus": 2, "cpu_model": "test", "python": "3.11"},
+        "database": "postgresql",
+        "redis": True,
+        "notes": [],
+        "fatal": None,
+    }
+    config = {
+        "levels": [1, 50],
+        "servers": ["uvicorn"],
+        "paths": paths,
+        "tokens": TOKENS,
+        "ttft_ms": 50.0,
+        "token_delay_ms": 10.0,
+        "replies": "auto",
+        "ramp_ms": 690.0,
+        "max_tokens": 4 * TOKENS,
+        "baseline": None,
+    }
+    return report.build(meta=meta, config=config, setup={}, startup={}, rounds=rounds, profile=None)
+
+
+def _run(*, v1m_ttft_at_1: float, v1m_cpu_at_50: float) -> dict[str, Any]:
+    rounds = [
+        _round("direct", 1, ttft_ms=50.0, server_cpu_s=None, replies=10),
+        _round("direct", 50, ttft_ms=52.0, server_cpu_s=None),
+        _round("v1", 1, ttft_ms=51.5, server_cpu_s=0.064, replies=10),
+        _round("v1", 50, ttft_ms=55.0, server_cpu_s=0.640),
+        _round("v1m", 1, ttft_ms=v1m_ttft_at_1, server_cpu_s=0.070, replies=10),
+        _round("v1m", 50, ttft_ms=57.0, server_cpu_s=v1m_cpu_at_50),
+    ]
+    return _data(rounds, ["direct", "v1", "v1m"])
+
+
+def _target(data: dict[str, Any], name: str) -> dict[str, Any]:
+    (found,) = [t for t in data["targets"] if t["target"] == name and t["server"] == "uvicorn"]
+    return found
+
+
+def test_enforcement_is_v1m_minus_v1_per_level() -> None:
+    data = _run(v1m_ttft_at_1=52.1, v1m_cpu_at_50=0.660)
+
+    rows = {e["concurrency"]: e for e in data["enforcement"]}
+    assert sorted(rows) == [1, 50]
+    one = rows[1]
+    assert one["server"] == "uvicorn"
+    assert one["v1_ttft_ms"]["p50"] == 51.5 and one["v1m_ttft_ms"]["p50"] == 52.1
+    assert one["added_ms"] == {"p50": 0.6, "p99": 0.6}
+    # 0.064 s / 640 tokens = 100 µs; 0.070 s / 640 = 109.4 µs
+    assert one["v1_us"] == 100.0 and one["v1m_us"] == 109.4
+    assert one["cpu_ratio"] == pytest.approx(0.070 / 0.064, abs=0.001)
+    assert rows[50]["added_ms"]["p50"] == 2.0
+    # The CPU target reads the rounds at 50+ streams only (one round of one stream is a few clock ticks).
+    assert data["enforcement_overall"]["uvicorn"] == {
+        "rounds": 1,
+        "v1_us": 100.0,
+        "v1m_us": 103.1,
+        "cpu_ratio": pytest.approx(0.660 / 0.640, abs=0.001),
+    }
+
+
+def test_enforcement_targets_met() -> None:
+    data = _run(v1m_ttft_at_1=52.1, v1m_cpu_at_50=0.660)
+
+    ttft = _target(data, report.ENFORCEMENT_TTFT_TARGET)
+    assert (ttft["path"], ttft["concurrency"], ttft["value"], ttft["limit"], ttft["met"]) == ("v1m", 1, 0.6, 1.0, True)
+    cpu = _target(data, report.ENFORCEMENT_CPU_TARGET)
+    assert cpu["value"] == pytest.approx(1.031, abs=0.001) and cpu["met"] is True
+
+    text = report.markdown(data)
+    assert "| uvicorn | 1 | 51.5 / 52.1 | 0.6 | 51.5 / 52.1 | 0.6 | 100.0 / 109.4 | 1.09 |" in text
+    assert "**uvicorn: enforcement adds 0.6 ms at p50** (1 stream(s); target ≤ 1 ms: met)" in text
+    assert "server CPU per token v1m / v1 1.03 (103.1 against 100.0 µs over 1 rounds at 50+ streams" in text
+    assert f"| {report.ENFORCEMENT_TTFT_TARGET} | uvicorn | v1m | 1 | 0.60 | 1 | yes |" in text
+
+
+def test_enforcement_targets_missed() -> None:
+    data = _run(v1m_ttft_at_1=53.5, v1m_cpu_at_50=0.768)
+
+    ttft = _target(data, report.ENFORCEMENT_TTFT_TARGET)
+    assert ttft["value"] == 2.0 and ttft["met"] is False
+    cpu = _target(data, report.ENFORCEMENT_CPU_TARGET)
+    assert cpu["value"] == pytest.approx(1.2, abs=0.001) and cpu["met"] is False
+
+    text = report.markdown(data)
+    assert "**uvicorn: enforcement adds 2.0 ms at p50** (1 stream(s); target ≤ 1 ms: **missed**)" in text
+    assert "target no change, ≤ 1.05: **missed**" in text
+
+
+def test_without_v1m_there_is_no_enforcement_figure() -> None:
+    rounds = [
+        _round("direct", 1, ttft_ms=50.0, server_cpu_s=None, replies=10),
+        _round("v1", 1, ttft_ms=51.5, server_cpu_s=0.064, replies=10),
+    ]
+    data = _data(rounds, ["direct", "v1"])
+
+    assert data["enforcement"] == [] and data["enforcement_overall"] == {}
+    assert not [t for t in data["targets"] if t["path"] == "v1m"]
+    assert "enforcement adds" not in report.markdown(data)
+
+
+def test_a_v1m_path_without_its_v1_pair_is_not_measured() -> None:
+    rounds = [
+        _round("direct", 1, ttft_ms=50.0, server_cpu_s=None, replies=10),
+        _round("v1", 1, ttft_ms=51.5, server_cpu_s=0.064, replies=10),
+        {**_round("v1m", 1, ttft_ms=52.0, server_cpu_s=0.07, replies=10), "skipped": "time budget"},
+    ]
+    data = _data(rounds, ["direct", "v1", "v1m"])
+
+    assert data["enforcement"] == []
+    assert _target(data, report.ENFORCEMENT_TTFT_TARGET)["met"] is None
+    assert _target(data, report.ENFORCEMENT_CPU_TARGET)["met"] is None
