@@ -70,6 +70,33 @@ def usage_cost_total(*, user: User, start_date: dt.date, end_date: dt.date) -> D
     return records.aggregate(total=Sum("cost"))["total"] or Decimal(0)
 
 
+def usage_current_month(*, now: dt.datetime | None = None) -> tuple[dt.date, dt.date]:
+    """Return ``(first day of this month, first day of next month)``: the current calendar month.
+
+    The month is the one ``now`` (default: the current time) falls in, in ``settings.TIME_ZONE``;
+    the end is exclusive, as ``usage_cost_total`` takes it.
+    """
+    today = timezone.localdate(now, timezone=timezone.get_default_timezone())
+    start = today.replace(day=1)
+    end = (start + dt.timedelta(days=32)).replace(day=1)
+    return start, end
+
+
+def budget_monthly_limit_usd(*, user: User, api_key: APIKey | None) -> Decimal | None:
+    """Return the tightest monthly US-dollar limit on what ``user`` may spend through ``api_key``, or None.
+
+    The limit is the smallest ``limit_usd`` of the enabled monthly budgets of the key (when the
+    caller used one) and of its user: every budget applies to a request, so the tightest one is
+    what the caller can spend this month. None when no monthly budget applies; callers then
+    report their documented fallback (``/dashboard/billing/subscription``:
+    ``settings.OPENAI_BILLING_HARD_LIMIT_USD``).
+
+    Budgets (``accounts.models.Budget``) are not merged yet: until they are, there is no budget
+    and this returns None.
+    """
+    return None
+
+
 def user_list(*, actor: User) -> QuerySet[User]:
     """Return every user, oldest first, for an admin ``actor``.
 

@@ -168,8 +168,11 @@ class BillingUsageDocView(_OpenAIDocView):
         operation_id="openai_billing_usage",
         description=(
             "`{object: list, total_usage}`: the cost of the caller's usage records from `start_date` "
-            "(inclusive) to `end_date` (exclusive; NextChat sends tomorrow), in US cents. "
-            "400 when `end_date` is before `start_date`."
+            "(inclusive) to `end_date` (exclusive; NextChat sends tomorrow), in US cents, days in the "
+            "server's `TIME_ZONE`. Either date may be left out: `start_date` defaults to the first day "
+            "of the current month, `end_date` to the first day of the next month, so a request without "
+            "a query string (NextChat's server mode) gets this month's usage. "
+            "400 for a malformed date, or when `end_date` is before `start_date`."
         ),
         tags=["openai"],
         summary="The caller's spending in a date range, in US cents (NextChat's usage display)",
@@ -185,11 +188,13 @@ class BillingSubscriptionDocView(_OpenAIDocView):
     @extend_schema(
         operation_id="openai_billing_subscription",
         description=(
-            "`hard_limit_usd` and friends are the setting `OPENAI_BILLING_HARD_LIMIT_USD`, the same for "
-            "every caller: there is no quota system yet, so nothing enforces it."
+            "`hard_limit_usd` (and `soft_limit_usd`, `system_hard_limit_usd`: the same number) is the "
+            "caller's monthly budget in US dollars: the tightest enabled monthly budget of the API key "
+            "used and of its user. Without one, the setting `OPENAI_BILLING_HARD_LIMIT_USD` "
+            "(default 1000000, meaning no monthly limit)."
         ),
         tags=["openai"],
-        summary="The spending limit NextChat shows (a configured constant: no quotas are enforced)",
+        summary="The caller's monthly spending limit in US dollars (NextChat's usage display)",
         responses={200: BillingSubscriptionOutputSerializer, **_errors(401)},
     )
     def get(

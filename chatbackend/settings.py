@@ -443,7 +443,8 @@ SSE_KEEPALIVE_SECONDS: float = _seconds("SSE_KEEPALIVE_SECONDS", 15.0)
 # Seconds /v1/chat/completions waits for the upstream's first chunk before sending headers, so an
 # upstream failure can still be answered with an error status (NextChat cannot see errors in a stream).
 OPENAI_FIRST_CHUNK_WAIT_SECONDS: float = _seconds("OPENAI_FIRST_CHUNK_WAIT_SECONDS", 10.0)
-# What /dashboard/billing/subscription reports as the hard limit (US dollars); no quota enforces it yet.
+# What /dashboard/billing/subscription reports as hard_limit_usd (US dollars) to a caller without a
+# monthly budget (accounts.selectors.budget_monthly_limit_usd); the default reads as "no limit".
 OPENAI_BILLING_HARD_LIMIT_USD: float = _get("OPENAI_BILLING_HARD_LIMIT_USD", env.float, 1_000_000.0, "a number")
 
 # --- Internationalisation, static files -----------------------------------------------------

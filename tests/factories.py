@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from decimal import Decimal
+from typing import Any
 
 import factory
 from factory.django import DjangoModelFactory
@@ -107,3 +109,14 @@ class UsageRecordFactory(DjangoModelFactory):
     )
     token_source = "provider"
     finish_status = "completed"
+
+
+def usage_record_at(when: dt.datetime, **fields: Any) -> UsageRecord:
+    """Create a ``UsageRecordFactory`` record (with ``fields``) dated ``when`` (aware) instead of now.
+
+    ``created_at`` is ``auto_now_add``: it is set by an update after the insert.
+    """
+    record: UsageRecord = UsageRecordFactory(**fields)
+    UsageRecord.objects.filter(pk=record.pk).update(created_at=when)
+    record.created_at = when
+    return record

@@ -10,6 +10,8 @@ from typing import Any
 
 from rest_framework import serializers
 
+from accounts.selectors import usage_current_month
+
 
 class OpenAIModelOutputSerializer(serializers.Serializer):
     """A model as ``/v1/models`` lists it (OpenAI's ``Model``)."""
@@ -29,12 +31,28 @@ class OpenAIModelListOutputSerializer(serializers.Serializer):
 
 
 class BillingUsageQuerySerializer(serializers.Serializer):
-    """The query of ``GET /dashboard/billing/usage``: a UTC date range, end exclusive."""
+    """The query of ``GET /dashboard/billing/usage``: a date range in ``TIME_ZONE``, end exclusive.
 
-    start_date = serializers.DateField(input_formats=["%Y-%m-%d"], help_text="YYYY-MM-DD, inclusive")
-    end_date = serializers.DateField(input_formats=["%Y-%m-%d"], help_text="YYYY-MM-DD, exclusive")
+    Either date may be left out (NextChat's server mode relays the request without its query
+    string): ``start_date`` then defaults to the first day of the current calendar month,
+    ``end_date`` to the first day of the next one, both in ``settings.TIME_ZONE``
+    (``accounts.selectors.usage_current_month``).
+    """
+
+    start_date = serializers.DateField(
+        input_formats=["%Y-%m-%d"],
+        required=False,
+        help_text="YYYY-MM-DD, inclusive; default: the first day of the current month (TIME_ZONE)",
+    )
+    end_date = serializers.DateField(
+        input_formats=["%Y-%m-%d"],
+        required=False,
+        help_text="YYYY-MM-DD, exclusive; default: the first day of the next month (TIME_ZONE)",
+    )
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        month_start, month_end = usage_current_month()
+        attrs = {"start_date": month_start, "end_date": month_end, **attrs}
         if attrs["end_date"] < attrs["start_date"]:
             raise serializers.ValidationError({"end_date": "Must not be before start_date."})
         return attrs

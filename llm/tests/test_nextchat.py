@@ -10,16 +10,20 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from typing import Any
 
 import httpx
 import pytest
+from django.conf import settings
 from django.test import AsyncClient
 from django.utils import timezone
 
+from accounts.selectors import usage_current_month
+from chatbackend.asyncdb import run_sync
 from llm.simulator import reply_text
 from llm.tests.openai_schema import validate_against
-from tests.factories import UPSTREAM_API_KEY
+from tests.factories import UPSTREAM_API_KEY, usage_record_at
 from tests.kit import (
     CHAT_URL,
     FAST_REPLY_TOKENS,
@@ -270,6 +274,29 @@ async def test_usage_and_subscription_as_nextchat_asks_for_them(api_key_secret, 
     response = await client.get("/dashboard/billing/subscription", headers=headers)
     assert response.status_code == 200
     assert isinstance(json.loads(response.content)["hard_limit_usd"], float)
+
+
+async def test_balance_in_server_mode_is_this_months_usage(api_key_secret, user, nextchat_model):
+    """NextChat's server relays ``/dashboard/billing/usage`` without its query string: this month's usage, 200."""
+    client = AsyncClient()
+    messages = [{"role": "user", "content": "hi"}]
+    response = await post_as_nextchat(client, nextchat_chat_request(messages), nextchat_server_headers(api_key_secret))
+    await streamed_content(response)
+    [record] = await usage_records()
+    assert record.cost > 0
+    # A reply of last month, which "used this month" must not show.
+    month_start = dt.datetime.combine(usage_current_month()[0], dt.time.min, tzinfo=timezone.get_default_timezone())
+    await run_sync(usage_record_at, month_start - dt.timedelta(seconds=1), user=user, cost=Decimal("3"))
+
+    headers = nextchat_server_headers(api_key_secret)
+    response = await client.get("/dashboard/billing/usage", headers=headers)  # no query string: as relayed
+    assert response.status_code == 200, response.content
+    assert json.loads(response.content)["total_usage"] == pytest.approx(float(record.cost * 100))
+
+    response = await client.get("/dashboard/billing/subscription", headers=headers)
+    assert response.status_code == 200
+    # No monthly budget: the documented fallback, not 0 (NextChat would show "of $0").
+    assert json.loads(response.content)["hard_limit_usd"] == float(settings.OPENAI_BILLING_HARD_LIMIT_USD)
 
 
 async def test_server_mode_over_real_http_with_a_chunked_body(asgi_server, api_key_secret, nextchat_model):

@@ -10,16 +10,20 @@ Fixtures: the root conftest (simulators, ``sim_model``, ``slow_model``, ``script
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+from decimal import Decimal
 from typing import Any
 
 import openai
 import pytest
 from django.conf import settings
 from django.test import AsyncClient, override_settings
+from django.utils import timezone
 from openai.types.chat import ChatCompletionMessageParam
 
 from accounts.models import UsageRecord
+from accounts.selectors import usage_current_month
 from chatbackend.asyncdb import run_sync
 from llm.models import LLMModel, Provider
 from llm.simulator import reply_text
@@ -27,7 +31,7 @@ from llm.simulator.replies import reply_word_indexes
 from llm.simulator.wire import logprob_entry
 from llm.tests.openai_schema import validate_against
 from llm.tokens import tokenizer_for
-from tests.factories import UPSTREAM_API_KEY
+from tests.factories import UPSTREAM_API_KEY, usage_record_at
 from tests.kit import (
     CHAT_URL,
     FAST_REPLY_TOKENS,
@@ -688,7 +692,8 @@ async def test_billing_usage_is_the_callers_cents_in_the_range(api_key_secret, s
     assert json.loads((await usage("start_date=2025-01-01&end_date=2025-02-01")).content)["total_usage"] == 0
 
     for query, param in [
-        ("start_date=2026-03-01", "end_date"),
+        ("start_date=2026-03-01&end_date=", "end_date"),
+        ("end_date=2026-03-01", "end_date"),  # before the default start, this month's first day
         ("start_date=03/01/2026&end_date=2026-04-01", "start_date"),
         ("start_date=2026-03-01&end_date=2026-02-30", "end_date"),
         ("start_date=2026-04-01&end_date=2026-03-01", "end_date"),
@@ -699,6 +704,45 @@ async def test_billing_usage_is_the_callers_cents_in_the_range(api_key_secret, s
         401,
         code="missing_api_key",
     )
+
+
+@pytest.fixture
+def spending_around_this_month(user, other_user) -> dict[str, dt.date]:
+    """``user``'s records: 0.25 + 0.5 USD this month, 2 USD last month, 4 USD next; 9 USD of ``other_user``.
+
+    Returns the month's bounds in ``TIME_ZONE``: ``{"start": first day, "end": next month's first day,
+    "previous": last month's first day}``.
+    """
+    tz = timezone.get_default_timezone()
+    start, end = usage_current_month()
+    previous = (start - dt.timedelta(days=1)).replace(day=1)
+    month_start = dt.datetime.combine(start, dt.time.min, tzinfo=tz)
+    usage_record_at(month_start, user=user, cost=Decimal("0.25"))  # the month's first instant: in
+    usage_record_at(timezone.now(), user=user, cost=Decimal("0.5"))
+    usage_record_at(month_start - dt.timedelta(microseconds=1), user=user, cost=Decimal("2"))  # last month
+    usage_record_at(dt.datetime.combine(end, dt.time.min, tzinfo=tz), user=user, cost=Decimal("4"))  # next month
+    usage_record_at(timezone.now(), user=other_user, cost=Decimal("9"))
+    return {"start": start, "end": end, "previous": previous}
+
+
+async def test_billing_usage_without_dates_is_this_months(api_key_secret, spending_around_this_month):
+    """NextChat's server mode drops the query string: the answer is this calendar month's usage."""
+    client = AsyncClient()
+    month = spending_around_this_month
+
+    async def total_usage(query: str) -> Any:
+        response = await client.get(f"/dashboard/billing/usage{query}", headers=bearer(api_key_secret))
+        assert response.status_code == 200, response.content
+        return json.loads(response.content)["total_usage"]
+
+    # Only this month's rows of the caller: 0.25 + 0.5 USD; not last month's, next month's, nor other_user's.
+    assert await total_usage("") == 75.0
+    assert await total_usage("?") == 75.0
+    # Either date alone: the other is this month's bound.
+    assert await total_usage(f"?start_date={month['start']}") == 75.0
+    assert await total_usage(f"?end_date={month['end']}") == 75.0
+    assert await total_usage(f"?start_date={month['previous']}") == 275.0
+    assert await total_usage(f"?start_date={month['previous']}&end_date={month['start']}") == 200.0
 
 
 async def test_billing_subscription_reports_the_configured_limit(api_key_secret):
