@@ -14,6 +14,7 @@ from django import forms
 from django.core.cache import caches
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import QuerySet
+from django.http import Http404
 from django.utils.connection import ConnectionProxy
 from drf_spectacular.contrib.rest_framework_simplejwt import SimpleJWTScheme
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
@@ -25,6 +26,7 @@ from rest_framework.decorators import action
 from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.generics import ListAPIView
 from rest_framework.permissions import AllowAny
+from rest_framework.renderers import BrowsableAPIRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.settings import api_settings
@@ -34,11 +36,23 @@ from rest_framework_simplejwt.exceptions import InvalidToken, TokenError
 from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView, TokenViewBase
 
 from chatbackend.client_ip import request_client_ip
+from chatbackend.pagination import PageNumberPagination
+from chatbackend.renderers import CSVRenderer
 
 from .authentication import request_user
 from .login_throttle import login_locked_out, login_lockout_exception
 from .models import APIKey, Budget, UsageRecord, User
-from .selectors import api_key_list, budget_get_for, budget_list, budget_list_own, usage_record_list, user_list
+from .selectors import (
+    USAGE_SUMMARY_GROUPS,
+    api_key_list,
+    budget_get_for,
+    budget_list,
+    budget_list_own,
+    usage_record_list,
+    usage_summary,
+    usage_summary_columns,
+    user_list,
+)
 from .serializers import (
     APIKeyCreateInputSerializer,
     APIKeyCreateOutputSerializer,
@@ -52,6 +66,9 @@ from .serializers import (
     BudgetUpdateInputSerializer,
     ErrorOutputSerializer,
     UsageRecordOutputSerializer,
+    UsageSummaryPageOutputSerializer,
+    UsageSummaryQuerySerializer,
+    UsageSummaryRowOutputSerializer,
     UserListOutputSerializer,
     UserMeOutputSerializer,
     UserRegisterInputSerializer,
@@ -298,6 +315,100 @@ class UsageRecordListApi(ListAPIView):
     )
     def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         return super().get(request, *args, **kwargs)
+
+
+class UsageSummaryApi(APIView):
+    """Sum usage per day, model, user and API key: tokens, cost, requests, refused requests; JSON or CSV.
+
+    Members see their own usage; admins everyone's, or one user's with ``?user=<id>``. JSON is
+    paginated (``?page=N``); CSV (``?format=csv`` or ``Accept: text/csv``) is every row of the range
+    in one download, with a header row. Errors are JSON whatever the format asked for.
+    """
+
+    renderer_classes = (JSONRenderer, BrowsableAPIRenderer, CSVRenderer)
+    pagination_class = PageNumberPagination
+    csv_header: tuple[str, ...] = ()
+
+    def perform_content_negotiation(self, request: Request, force: bool = False) -> Any:
+        # DRF answers an unknown ?format= with a 404, as if the URL named nothing: it is a bad parameter.
+        try:
+            return super().perform_content_negotiation(request, force)
+        except Http404:
+            raise serializers.ValidationError({"format": ["Use json or csv."]}) from None
+
+    def finalize_response(self, request: Request, response: Any, *args: Any, **kwargs: Any) -> Any:
+        # An error is the project's JSON error body, also when CSV was asked for.
+        if getattr(response, "exception", False) and isinstance(
+            getattr(request, "accepted_renderer", None), CSVRenderer
+        ):
+            request.accepted_renderer, request.accepted_media_type = JSONRenderer(), JSONRenderer.media_type
+        return super().finalize_response(request, response, *args, **kwargs)
+
+    def get_renderer_context(self) -> dict[str, Any]:
+        return {**super().get_renderer_context(), "header": self.csv_header}
+
+    @extend_schema(
+        tags=["usage"],
+        summary="Usage summed per day, model, user and API key (JSON, or CSV with ?format=csv)",
+        description=(
+            "Sums the usage records from `start_date` (inclusive) to `end_date` (exclusive), days in the "
+            "server's `TIME_ZONE` (default: the current month; at most 366 days), per group of `group_by` "
+            "(default `day`; empty: one row of totals). Each row has its groups' fields and `prompt_tokens`, "
+            "`completion_tokens`, `total_tokens`, `cost` (US dollars, a decimal string), `requests` (replies) and "
+            "`refused_requests` (turned away by a budget or a rate limit). Members see only their own usage: "
+            "`user` naming anyone else is a 403; admins see everyone's and may filter by `user`. "
+            "`format=csv` (or `Accept: text/csv`) answers every row as CSV with a header row, unpaginated. "
+            "400 (`param` naming it) for a malformed parameter, an unknown group, `end_date` before "
+            "`start_date` or a longer range."
+        ),
+        parameters=[
+            OpenApiParameter("start_date", OpenApiTypes.DATE, description="inclusive; default: this month's first day"),
+            OpenApiParameter("end_date", OpenApiTypes.DATE, description="exclusive; default: next month's first day"),
+            OpenApiParameter(
+                "group_by",
+                {"type": "array", "items": {"type": "string", "enum": list(USAGE_SUMMARY_GROUPS)}},
+                style="form",
+                explode=False,
+                description="comma-separated groups; default `day`; empty: totals",
+            ),
+            OpenApiParameter("user", OpenApiTypes.INT, description="a user's id (admins; members: only their own)"),
+            OpenApiParameter("api_key", OpenApiTypes.INT, description="an API key's id"),
+            OpenApiParameter("model", OpenApiTypes.STR, description="a model's name"),
+            OpenApiParameter("format", OpenApiTypes.STR, enum=["json", "csv"], description="default json"),
+            OpenApiParameter("page", OpenApiTypes.INT, description="JSON only: a page number from 1"),
+        ],
+        responses={
+            (200, "application/json"): UsageSummaryPageOutputSerializer,
+            (200, "text/csv"): OpenApiResponse(OpenApiTypes.STR, description="a header row, then one row per group"),
+            **_errors(400, 401, 403),
+        },
+    )
+    def get(self, request: Request) -> Response:
+        query = UsageSummaryQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        params = query.validated_data
+        rows = usage_summary(
+            actor=request_user(request),
+            start_date=params["start_date"],
+            end_date=params["end_date"],
+            group_by=params["group_by"],
+            user_id=params.get("user"),
+            api_key_id=params.get("api_key"),
+            model_name=params.get("model"),
+        )
+        if isinstance(request.accepted_renderer, CSVRenderer):
+            self.csv_header = usage_summary_columns(group_by=params["group_by"])
+            filename = f"usage-{params['start_date']}-{params['end_date']}.csv"
+            return Response(
+                UsageSummaryRowOutputSerializer(rows, many=True).data,
+                headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+            )
+        paginator = self.pagination_class()
+        page = paginator.paginate_queryset(rows, request, view=self)
+        envelope = paginator.get_paginated_response(page).data  # count, next, previous, results (the rows)
+        body = {"start_date": params["start_date"], "end_date": params["end_date"], "group_by": params["group_by"]}
+        body |= envelope
+        return Response(UsageSummaryPageOutputSerializer(body).data)
 
 
 class UserListApi(ListAPIView):

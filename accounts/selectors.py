@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from datetime import timedelta
 from decimal import Decimal
+from typing import Any
 
 from django.conf import settings
-from django.db.models import Q, QuerySet, Sum
+from django.db.models import Count, DecimalField, F, Q, QuerySet, Sum, Value
+from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
 
 from chatbackend.errors import ApplicationError, NotFoundError
@@ -15,6 +18,7 @@ from chatbackend.errors import ApplicationError, NotFoundError
 from .keys import hash_secret
 from .models import APIKey, Budget, UsageRecord, User
 from .services import api_key_last_used_update
+from .usage import REFUSED
 
 
 class AuthenticationFailed(ApplicationError):
@@ -95,6 +99,126 @@ def budget_monthly_limit_usd(*, user: User, api_key: APIKey | None) -> Decimal |
     and this returns None.
     """
     return None
+
+
+# --- Usage summary ----------------------------------------------------------------------------
+
+# What ``usage_summary`` can group by, in the order rows are sorted: the value of ``group_by`` ->
+# the fields each group's row carries.
+USAGE_SUMMARY_GROUPS: dict[str, tuple[str, ...]] = {
+    "day": ("day",),
+    "model": ("model_name",),
+    "user": ("user_id", "username"),
+    "api_key": ("api_key_id", "api_key_name", "api_key_prefix"),
+}
+# The longest range one summary may cover, in days (a year, leap day included).
+USAGE_SUMMARY_MAX_DAYS = 366
+# The sums and counts of every summary row as the API names them, in the order the CSV export writes them.
+USAGE_SUMMARY_METRICS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cost",
+    "requests",
+    "refused_requests",
+)
+
+
+def usage_summary_columns(*, group_by: Sequence[str]) -> tuple[str, ...]:
+    """Return the keys of a ``usage_summary`` row for ``group_by``: the groups' fields, then the metrics."""
+    keys = [key for name, group_keys in USAGE_SUMMARY_GROUPS.items() if name in group_by for key in group_keys]
+    return (*keys, *USAGE_SUMMARY_METRICS)
+
+
+def _usage_metrics() -> dict[str, Any]:
+    # Sums of a field are named apart from it: an annotation may not take a model field's name.
+    refused = Q(finish_status=REFUSED)
+    return {
+        "prompt_tokens_sum": Coalesce(Sum("prompt_tokens"), 0),
+        "completion_tokens_sum": Coalesce(Sum("completion_tokens"), 0),
+        "total_tokens_sum": Coalesce(Sum(F("prompt_tokens") + F("completion_tokens")), 0),
+        "cost_sum": Coalesce(
+            Sum("cost"), Value(Decimal(0)), output_field=DecimalField(max_digits=20, decimal_places=8)
+        ),
+        "requests": Count("id", filter=~refused),
+        "refused_requests": Count("id", filter=refused),
+    }
+
+
+def usage_summary(
+    *,
+    actor: User,
+    start_date: dt.date,
+    end_date: dt.date,
+    group_by: Sequence[str] = ("day",),
+    user_id: int | None = None,
+    api_key_id: int | None = None,
+    model_name: str | None = None,
+) -> QuerySet[Any, dict[str, Any]] | list[dict[str, Any]]:
+    """Return usage summed per group: one dict per (day, model, user, API key) that ``group_by`` names.
+
+    ``actor`` sees their own records; an admin sees everyone's and may pick one user with
+    ``user_id``. The range is ``start_date`` (inclusive) to ``end_date`` (exclusive), days in
+    ``settings.TIME_ZONE``; ``group_by`` is a subset of ``USAGE_SUMMARY_GROUPS`` (empty: one row of
+    totals, present even when nothing was used). ``api_key_id`` and ``model_name`` narrow the
+    records further.
+
+    Each row: the group's fields (``day`` a ``date``; ``model_name``; ``user_id``, ``username``;
+    ``api_key_id``, ``api_key_name``, ``api_key_prefix``, all None for usage without a key) and the
+    metrics: ``prompt_tokens_sum``, ``completion_tokens_sum``, ``total_tokens_sum``, ``cost_sum`` (US
+    dollars, ``Decimal``), ``requests`` (records not refused: completed, stopped or failed replies)
+    and ``refused_requests`` (records with ``finish_status`` ``refused``: turned away by a budget or a
+    rate limit, 0 tokens). ``UsageSummaryRowOutputSerializer`` names the sums without ``_sum``. Sorted by the
+    group fields, in ``USAGE_SUMMARY_GROUPS`` order. Summed in the database: one query.
+
+    Raises ``ApplicationError`` 403 ``permission_denied`` (``param`` ``user``) when a member asks
+    for another user's usage, and 400 (``param`` ``group_by`` / ``end_date``) for an unknown group
+    or a range that is reversed or longer than ``USAGE_SUMMARY_MAX_DAYS``.
+    """
+    unknown = [name for name in group_by if name not in USAGE_SUMMARY_GROUPS]
+    if unknown:
+        raise ApplicationError(
+            f"Unknown group_by {', '.join(unknown)}: use any of {', '.join(USAGE_SUMMARY_GROUPS)}.",
+            code="invalid",
+            param="group_by",
+        )
+    if end_date < start_date:
+        raise ApplicationError("end_date must not be before start_date.", code="invalid", param="end_date")
+    if (end_date - start_date).days > USAGE_SUMMARY_MAX_DAYS:
+        raise ApplicationError(
+            f"The range may cover at most {USAGE_SUMMARY_MAX_DAYS} days; ask for several ranges.",
+            code="invalid",
+            param="end_date",
+        )
+    if not actor.is_admin:
+        if user_id is not None and user_id != actor.pk:
+            raise ApplicationError(
+                "Members may see only their own usage.", code="permission_denied", status=403, param="user"
+            )
+        user_id = actor.pk
+    tz = timezone.get_default_timezone()
+    records = UsageRecord.objects.filter(
+        created_at__gte=dt.datetime.combine(start_date, dt.time.min, tzinfo=tz),
+        created_at__lt=dt.datetime.combine(end_date, dt.time.min, tzinfo=tz),
+    )
+    if user_id is not None:
+        records = records.filter(user_id=user_id)
+    if api_key_id is not None:
+        records = records.filter(api_key_id=api_key_id)
+    if model_name is not None:
+        records = records.filter(model_name=model_name)
+    tz_day = TruncDate("created_at", tzinfo=tz)
+    # Row keys that are not UsageRecord fields (values() refuses an alias that shadows a field).
+    joined = {"day": tz_day, "username": F("user__username")}
+    joined |= {"api_key_name": F("api_key__name"), "api_key_prefix": F("api_key__prefix")}
+    keys = usage_summary_columns(group_by=group_by)[: -len(USAGE_SUMMARY_METRICS)]
+    if not keys:
+        # values() without fields would group per record: aggregate() sums them all, into one row.
+        return [records.aggregate(**_usage_metrics())]
+    fields = [key for key in keys if key not in joined]
+    expressions = {key: joined[key] for key in keys if key in joined}
+    rows = records.order_by().values(*fields, **expressions).annotate(**_usage_metrics())
+    return rows.order_by(*keys)
 
 
 def user_list(*, actor: User) -> QuerySet[User]:

@@ -30,6 +30,7 @@ from chatbackend.fields import BlankableEmailField, StrictCharField
 from .metering.budgets import budget_usage
 from .models import APIKey, Budget, UsageRecord, User
 from .revocation import SESSION_CLAIM
+from .selectors import USAGE_SUMMARY_GROUPS, usage_current_month
 
 # --- Errors (documentation only: chatbackend.exception_handlers writes these bodies) ---------
 
@@ -338,3 +339,79 @@ class BudgetUpdateInputSerializer(BudgetCreateInputSerializer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, partial=True, **kwargs)
+
+
+# --- Usage summary ---------------------------------------------------------------------------
+
+_ID_MAX = 2**63 - 1  # PostgreSQL bigint: a larger id would be a database error, not a 400
+
+
+class UsageSummaryQuerySerializer(serializers.Serializer):
+    """The query of ``GET /api/usage/summary/``: a date range, how to group, and filters.
+
+    Dates are days in ``settings.TIME_ZONE``; missing ones are the current month's bounds
+    (``accounts.selectors.usage_current_month``). ``group_by`` is a comma-separated list of
+    ``day``, ``model``, ``user``, ``api_key`` (repeats ignored; empty: one row of totals).
+    """
+
+    start_date = serializers.DateField(input_formats=["%Y-%m-%d"], required=False)
+    end_date = serializers.DateField(input_formats=["%Y-%m-%d"], required=False)
+    group_by = serializers.CharField(required=False, allow_blank=True, default="day", trim_whitespace=False)
+    user = serializers.IntegerField(min_value=1, max_value=_ID_MAX, required=False)
+    api_key = serializers.IntegerField(min_value=1, max_value=_ID_MAX, required=False)
+    model = serializers.CharField(max_length=200, required=False)
+
+    def validate_group_by(self, value: str) -> list[str]:
+        names = [name.strip() for name in value.split(",") if name.strip()]
+        unknown = [name for name in names if name not in USAGE_SUMMARY_GROUPS]
+        if unknown:
+            allowed = ", ".join(USAGE_SUMMARY_GROUPS)
+            raise serializers.ValidationError(f"Unknown group {', '.join(unknown)}: use any of {allowed}.")
+        return list(dict.fromkeys(names))
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        month_start, month_end = usage_current_month()
+        return {"start_date": month_start, "end_date": month_end, **attrs}
+
+
+class UsageSummaryRowOutputSerializer(serializers.Serializer):
+    """One group's usage: the fields of its groups (present only when grouped so), then the sums."""
+
+    day = serializers.DateField(required=False, help_text="group_by=day: the day, in the server's TIME_ZONE")
+    model_name = serializers.CharField(required=False, help_text="group_by=model: the model's name")
+    user_id = serializers.IntegerField(required=False, help_text="group_by=user")
+    username = serializers.CharField(required=False, help_text="group_by=user")
+    api_key_id = serializers.IntegerField(
+        required=False, allow_null=True, help_text="group_by=api_key; null: usage without a key (JWT, conversations)"
+    )
+    api_key_name = serializers.CharField(required=False, allow_null=True, help_text="group_by=api_key")
+    api_key_prefix = serializers.CharField(required=False, allow_null=True, help_text="group_by=api_key")
+    prompt_tokens = serializers.IntegerField(source="prompt_tokens_sum")
+    completion_tokens = serializers.IntegerField(source="completion_tokens_sum")
+    total_tokens = serializers.IntegerField(source="total_tokens_sum")
+    cost = serializers.DecimalField(
+        source="cost_sum", max_digits=20, decimal_places=8, help_text="US dollars, as a decimal string"
+    )
+    requests = serializers.IntegerField(help_text="replies: completed, stopped or failed (refused ones not counted)")
+    refused_requests = serializers.IntegerField(
+        help_text="requests refused by a budget or a rate limit before any reply (0 tokens, cost 0)"
+    )
+
+    def to_representation(self, instance: Any) -> dict[str, Any]:
+        # A group's fields only when grouped so (a nullable field would otherwise render as null).
+        data = super().to_representation(instance)
+        return {name: value for name, value in data.items() if self.fields[name].source in instance}
+
+
+class UsageSummaryPageOutputSerializer(serializers.Serializer):
+    """A page of usage summary rows, with the range and grouping that produced them."""
+
+    start_date = serializers.DateField(help_text="inclusive")
+    end_date = serializers.DateField(help_text="exclusive")
+    group_by = serializers.ListField(
+        child=serializers.ChoiceField(choices=list(USAGE_SUMMARY_GROUPS)), help_text="as applied"
+    )
+    count = serializers.IntegerField(help_text="rows in all pages")
+    next = serializers.URLField(allow_null=True)
+    previous = serializers.URLField(allow_null=True)
+    results = UsageSummaryRowOutputSerializer(many=True)

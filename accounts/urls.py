@@ -19,6 +19,7 @@ urlpatterns = [
     path("api-keys/", apis.APIKeyListCreateApi.as_view(), name="api-key-list"),
     path("api-keys/<int:api_key_id>/", apis.APIKeyRevokeApi.as_view(), name="api-key-revoke"),
     path("usage/", apis.UsageRecordListApi.as_view(), name="usage-list"),
+    path("usage/summary/", apis.UsageSummaryApi.as_view(), name="usage-summary"),
     path("users/", apis.UserListApi.as_view(), name="user-list"),
     *router.urls,
 ]

@@ -53,6 +53,9 @@ RETRY_MAX_SECONDS = 10.0
 _OUTAGE_ERRORS: tuple[type[BaseException], ...] = (*OUTAGE_ERRORS, OSError)
 # Reply statuses as the streaming engine reports them (``llm.streaming.ReplyStatus`` values).
 FAILED = "failed"
+# The finish status of a request refused before any upstream call (a budget or a rate limit):
+# recorded with 0 tokens and cost 0, and counted apart from requests by the usage summary.
+REFUSED = "refused"
 
 
 @dataclass(frozen=True, kw_only=True)
