@@ -2,19 +2,33 @@
 
 API key secrets are created through the API only (they are shown once, to their owner), so the
 admin cannot add keys and never shows ``key_hash``; it can revoke them. Usage records are an
-audit trail: read-only.
+audit trail: read-only. Their changelist links to a usage summary page (usage summed per day,
+model, user and API key, ``accounts.selectors.usage_summary``) with a CSV download, and has an
+action that exports the selected records as CSV.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.contrib.auth.forms import AdminUserCreationForm, UserChangeForm
+from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path
+
+from chatbackend.errors import ApplicationError
+from chatbackend.renderers import CSVRenderer
 
 from .metering.budgets import BudgetUsage, budget_usage
 from .models import APIKey, Budget, UsageRecord, User
+from .selectors import USAGE_SUMMARY_GROUPS, usage_current_month, usage_summary, usage_summary_columns
+from .serializers import UsageSummaryRowOutputSerializer
 from .services import api_key_revoke
 
 
@@ -82,6 +96,20 @@ class APIKeyAdmin(admin.ModelAdmin):
         self.message_user(request, f"Revoked {count} API key(s).", messages.SUCCESS)
 
 
+class UsageSummaryForm(forms.Form):
+    """The usage summary page's query: a date range (default: the current month), groups, one user."""
+
+    start_date = forms.DateField(required=False, help_text="inclusive; default: this month's first day")
+    end_date = forms.DateField(required=False, help_text="exclusive; default: next month's first day")
+    group_by = forms.MultipleChoiceField(
+        choices=[(name, name.replace("_", " ")) for name in USAGE_SUMMARY_GROUPS],
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="none: one row of totals",
+    )
+    user = forms.ModelChoiceField(queryset=User.objects.order_by("username"), required=False)
+
+
 @admin.register(UsageRecord)
 class UsageRecordAdmin(admin.ModelAdmin):
     list_display = (
@@ -101,6 +129,7 @@ class UsageRecordAdmin(admin.ModelAdmin):
     search_fields = ("request_id", "user__username", "model_name")
     date_hierarchy = "created_at"
     raw_id_fields = ("user", "api_key", "model", "message")
+    actions = ("export_csv",)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -110,6 +139,86 @@ class UsageRecordAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: UsageRecord | None = None) -> bool:
         return False
+
+    def get_urls(self) -> list[URLPattern]:
+        summary = path("summary/", self.admin_site.admin_view(self.summary_view), name="accounts_usagerecord_summary")
+        return [summary, *super().get_urls()]
+
+    @admin.action(description="Export selected usage records as CSV", permissions=["view"])
+    def export_csv(self, request: HttpRequest, queryset: QuerySet[UsageRecord]) -> HttpResponse:
+        """Download the selected records, one CSV row each (``_RECORD_COLUMNS``), oldest first."""
+        records = queryset.select_related("user", "api_key").order_by("created_at", "id")
+        rows = [{column: value(record) for column, value in _RECORD_COLUMNS.items()} for record in records]
+        return _csv_download(rows, header=tuple(_RECORD_COLUMNS), filename="usage-records.csv")
+
+    def summary_view(self, request: HttpRequest) -> HttpResponse:
+        """Show usage summed per day, model, user and API key (``usage_summary``); ``?format=csv`` downloads it."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        form = UsageSummaryForm(request.GET or None)
+        month_start, month_end = usage_current_month()
+        query: dict[str, Any] = {"start_date": month_start, "end_date": month_end, "group_by": ["day"]}
+        columns: tuple[str, ...] = ()
+        rows: list[dict[str, Any]] = []
+        if form.is_bound and form.is_valid():
+            data = form.cleaned_data
+            query = {
+                "start_date": data["start_date"] or month_start,
+                "end_date": data["end_date"] or month_end,
+                "group_by": data["group_by"],
+                "user_id": data["user"].pk if data["user"] else None,
+            }
+        if not form.errors:
+            try:
+                summary = usage_summary(actor=None, **query)
+            except ApplicationError as exc:  # a range the form cannot judge alone: reversed, too long
+                form.add_error(exc.param if exc.param in form.fields else None, exc.message)
+            else:
+                columns = usage_summary_columns(group_by=query["group_by"])
+                rows = list(UsageSummaryRowOutputSerializer(summary, many=True).data)
+                if request.GET.get("format") == "csv":
+                    filename = f"usage-{query['start_date']}-{query['end_date']}.csv"
+                    return _csv_download(rows, header=columns, filename=filename)
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": "Usage summary",
+            "form": form,
+            "columns": columns,
+            "table": [[row.get(column) for column in columns] for row in rows],
+            "query": {**query, "group_by": ", ".join(query["group_by"]) or "totals"},
+            "csv_query": _with_format_csv(request),
+        }
+        return TemplateResponse(request, "admin/accounts/usagerecord/summary.html", context)
+
+
+# Columns of the record export: CSV column -> the record's value.
+_RECORD_COLUMNS: dict[str, Callable[[UsageRecord], Any]] = {
+    "created_at": lambda r: r.created_at.isoformat(),
+    "request_id": lambda r: r.request_id,
+    "username": lambda r: r.user.username,
+    "api_key_prefix": lambda r: r.api_key.prefix if r.api_key else None,
+    "model_name": lambda r: r.model_name,
+    "source": lambda r: r.source,
+    "prompt_tokens": lambda r: r.prompt_tokens,
+    "completion_tokens": lambda r: r.completion_tokens,
+    "total_tokens": lambda r: r.total_tokens,
+    "cost": lambda r: r.cost,
+    "finish_status": lambda r: r.finish_status,
+}
+
+
+def _csv_download(rows: list[dict[str, Any]], *, header: tuple[str, ...], filename: str) -> HttpResponse:
+    body = CSVRenderer().render(rows, renderer_context={"header": header})
+    response = HttpResponse(body, content_type=f"{CSVRenderer.media_type}; charset={CSVRenderer.charset}")
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response
+
+
+def _with_format_csv(request: HttpRequest) -> str:
+    query = request.GET.copy()
+    query["format"] = "csv"
+    return query.urlencode()
 
 
 @admin.register(Budget)

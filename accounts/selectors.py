@@ -147,7 +147,7 @@ def _usage_metrics() -> dict[str, Any]:
 
 def usage_summary(
     *,
-    actor: User,
+    actor: User | None,
     start_date: dt.date,
     end_date: dt.date,
     group_by: Sequence[str] = ("day",),
@@ -158,10 +158,11 @@ def usage_summary(
     """Return usage summed per group: one dict per (day, model, user, API key) that ``group_by`` names.
 
     ``actor`` sees their own records; an admin sees everyone's and may pick one user with
-    ``user_id``. The range is ``start_date`` (inclusive) to ``end_date`` (exclusive), days in
-    ``settings.TIME_ZONE``; ``group_by`` is a subset of ``USAGE_SUMMARY_GROUPS`` (empty: one row of
-    totals, present even when nothing was used). ``api_key_id`` and ``model_name`` narrow the
-    records further.
+    ``user_id``. ``actor`` None: everyone's, for an interface that checked its own permission
+    (the Django admin's ``view_usagerecord``). The range is ``start_date`` (inclusive) to
+    ``end_date`` (exclusive), days in ``settings.TIME_ZONE``; ``group_by`` is a subset of
+    ``USAGE_SUMMARY_GROUPS`` (empty: one row of totals, present even when nothing was used).
+    ``api_key_id`` and ``model_name`` narrow the records further.
 
     Each row: the group's fields (``day`` a ``date``; ``model_name``; ``user_id``, ``username``;
     ``api_key_id``, ``api_key_name``, ``api_key_prefix``, all None for usage without a key) and the
@@ -190,7 +191,7 @@ def usage_summary(
             code="invalid",
             param="end_date",
         )
-    if not actor.is_admin:
+    if actor is not None and not actor.is_admin:
         if user_id is not None and user_id != actor.pk:
             raise ApplicationError(
                 "Members may see only their own usage.", code="permission_denied", status=403, param="user"
@@ -226,7 +227,7 @@ def user_list(*, actor: User) -> QuerySet[User]:
 
     Raises ``ApplicationError`` 403 ``permission_denied`` when ``actor`` is not an admin.
     """
-    if not actor.is_admin:
+    if actor is not None and not actor.is_admin:
         raise ApplicationError("Only admins may list users.", code="permission_denied", status=403)
     return User.objects.order_by("date_joined", "id")
 
