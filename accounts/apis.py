@@ -317,6 +317,9 @@ class UsageRecordListApi(ListAPIView):
         return super().get(request, *args, **kwargs)
 
 
+_ID_SCHEMA = {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}  # a row id (PostgreSQL bigint)
+
+
 class UsageSummaryApi(APIView):
     """Sum usage per day, model, user and API key: tokens, cost, requests, refused requests; JSON or CSV.
 
@@ -371,20 +374,23 @@ class UsageSummaryApi(APIView):
                 explode=False,
                 description="comma-separated groups; default `day`; empty: totals",
             ),
-            OpenApiParameter("user", OpenApiTypes.INT, description="a user's id (admins; members: only their own)"),
-            OpenApiParameter("api_key", OpenApiTypes.INT, description="an API key's id"),
-            OpenApiParameter("model", OpenApiTypes.STR, description="a model's name"),
+            OpenApiParameter("user", _ID_SCHEMA, description="a user's id (admins; members: only their own)"),
+            OpenApiParameter("api_key", _ID_SCHEMA, description="an API key's id"),
+            OpenApiParameter("model", {"type": "string", "minLength": 1, "maxLength": 200}, description="a model's name"),
             OpenApiParameter("format", OpenApiTypes.STR, enum=["json", "csv"], description="default json"),
-            OpenApiParameter("page", OpenApiTypes.INT, description="JSON only: a page number from 1"),
+            OpenApiParameter("page", {"type": "integer", "minimum": 1}, description="JSON only: a page number from 1"),
         ],
         responses={
             (200, "application/json"): UsageSummaryPageOutputSerializer,
             (200, "text/csv"): OpenApiResponse(OpenApiTypes.STR, description="a header row, then one row per group"),
-            **_errors(400, 401, 403),
+            # Errors are JSON whatever the format asked for.
+            **{(status, "application/json"): response for status, response in _errors(400, 401, 403).items()},
         },
     )
     def get(self, request: Request) -> Response:
-        query = UsageSummaryQuerySerializer(data=request.query_params)
+        # A plain dict, not the QueryDict: DRF reads an empty value in a QueryDict as "not sent", and
+        # ``start_date=`` is a malformed date (400), not the default.
+        query = UsageSummaryQuerySerializer(data=request.query_params.dict())
         query.is_valid(raise_exception=True)
         params = query.validated_data
         rows = usage_summary(

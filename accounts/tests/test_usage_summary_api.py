@@ -229,6 +229,8 @@ def test_csv_by_accept_header_and_with_no_rows(auth_client, user):
     ("query", "param"),
     [
         ({"start_date": "2026-13-01"}, "start_date"),
+        ({"start_date": ""}, "start_date"),
+        ({"user": ""}, "user"),
         ({"end_date": "03/01/2026"}, "end_date"),
         ({"start_date": "2026-03-02", "end_date": "2026-03-01"}, "end_date"),
         ({"start_date": "2025-01-01", "end_date": "2026-03-01"}, "end_date"),  # over 366 days

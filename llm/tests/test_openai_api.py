@@ -22,6 +22,7 @@ from django.test import AsyncClient, override_settings
 from django.utils import timezone
 from openai.types.chat import ChatCompletionMessageParam
 
+import accounts.models
 from accounts.models import UsageRecord
 from accounts.selectors import usage_current_month
 from chatbackend.asyncdb import run_sync
@@ -757,6 +758,46 @@ async def test_billing_subscription_reports_the_configured_limit(api_key_secret)
         response = await client.get("/dashboard/billing/subscription", headers=bearer(api_key_secret))
     assert json.loads(response.content)["hard_limit_usd"] == 25.0
     assert_error(await client.get("/dashboard/billing/subscription"), 401, code="missing_api_key")
+
+
+# The Budget model is another helper's work (issue 8, BUD); until it is merged and
+# accounts.selectors.budget_monthly_limit_usd reads it, there is no budget to report.
+Budget = getattr(accounts.models, "Budget", None)
+
+
+@pytest.mark.skipif(Budget is None, reason="accounts.models.Budget is not merged yet")
+async def test_billing_subscription_reports_the_tightest_monthly_budget(user, other_user, api_key_secret):
+    key = await run_sync(lambda: user.api_keys.get())
+    user_kind, key_kind = Budget.SubjectKind.USER, Budget.SubjectKind.API_KEY
+    monthly, daily = Budget.Period.MONTHLY, Budget.Period.DAILY
+
+    def budget(kind: str, subject_id: int, period: str, limit: str, *, enabled: bool = True) -> Any:
+        return Budget.objects.create(
+            name=f"{kind} {period} {limit}",
+            subject_kind=kind,
+            subject_id=subject_id,
+            period=period,
+            limit_usd=Decimal(limit),
+            enabled=enabled,
+        )
+
+    async def hard_limit() -> float:
+        response = await AsyncClient().get("/dashboard/billing/subscription", headers=bearer(api_key_secret))
+        assert response.status_code == 200, response.content
+        body = json.loads(response.content)
+        assert body["hard_limit_usd"] == body["soft_limit_usd"] == body["system_hard_limit_usd"]
+        return float(body["hard_limit_usd"])
+
+    await run_sync(budget, user_kind, user.pk, monthly, "50")
+    await run_sync(budget, user_kind, user.pk, daily, "1")  # not monthly: not the month's limit
+    await run_sync(budget, user_kind, user.pk, monthly, "5", enabled=False)
+    await run_sync(budget, user_kind, other_user.pk, monthly, "2")  # someone else's
+    assert await hard_limit() == 50.0
+    key_budget = await run_sync(budget, key_kind, key.pk, monthly, "20")  # the key's, tighter
+    assert await hard_limit() == 20.0
+    key_budget.enabled = False
+    await run_sync(key_budget.save)
+    assert await hard_limit() == 50.0
 
 
 # --- Secrets never leave ----------------------------------------------------------------------
