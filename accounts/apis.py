@@ -376,7 +376,9 @@ class UsageSummaryApi(APIView):
             ),
             OpenApiParameter("user", _ID_SCHEMA, description="a user's id (admins; members: only their own)"),
             OpenApiParameter("api_key", _ID_SCHEMA, description="an API key's id"),
-            OpenApiParameter("model", {"type": "string", "minLength": 1, "maxLength": 200}, description="a model's name"),
+            OpenApiParameter(
+                "model", {"type": "string", "minLength": 1, "maxLength": 200}, description="a model's name"
+            ),
             OpenApiParameter("format", OpenApiTypes.STR, enum=["json", "csv"], description="default json"),
             OpenApiParameter("page", {"type": "integer", "minimum": 1}, description="JSON only: a page number from 1"),
         ],
