@@ -260,3 +260,22 @@ def test_an_api_key_reads_its_users_summary(api_client, api_key_secret, user, ma
 
     assert response.status_code == 200
     assert metrics(response.json()["results"][0]) == (310, 150, 460, "0.00310000", 3, 2)
+
+
+def test_json_is_paginated_and_csv_is_whole(auth_client, user):
+    first = at("2026-01-01T12:00:00")
+    for day in range(51):  # one more day than a page holds (PAGE_SIZE 50)
+        usage_record_at(first + dt.timedelta(days=day), user=user, prompt_tokens=day, completion_tokens=0)
+    query = {"start_date": "2026-01-01", "end_date": "2026-03-01"}
+
+    page_one = summary(auth_client, **query)
+    page_two = auth_client.get(page_one["next"]).json()
+
+    assert page_one["count"] == page_two["count"] == 51
+    assert [row["day"] for row in page_one["results"]][:2] == ["2026-01-01", "2026-01-02"]
+    assert len(page_one["results"]) == 50 and page_one["previous"] is None
+    assert [(row["day"], row["prompt_tokens"]) for row in page_two["results"]] == [("2026-02-20", 50)]
+    assert page_two["next"] is None and page_two["start_date"] == "2026-01-01"
+    assert_error(auth_client.get(SUMMARY, {**query, "page": 3}), 404)
+    rows = list(csv.reader(io.StringIO(auth_client.get(SUMMARY, {**query, "format": "csv"}).content.decode())))
+    assert len(rows) == 1 + 51
