@@ -287,7 +287,7 @@ def test_stopping_a_reply_keeps_the_partial_text_and_closes_the_upstream(
 
 
 def test_nextchat_requests_and_cors_preflight(
-    e2e_stack: Any, e2e_models: Any, e2e_user: Any, http: httpx.Client
+    e2e_stack: Any, e2e_models: Any, e2e_user: Any, http: httpx.Client, http_b: httpx.Client
 ) -> None:
     # Browser ("custom endpoint") mode: the preflight carries no credentials.
     response = http.options(
@@ -353,6 +353,13 @@ def test_nextchat_requests_and_cors_preflight(
     assert response.json()["total_usage"] == pytest.approx(float(sum(r.cost for r in records) * 100))
     assert sum(r.cost for r in records) > 0
     response = http.get("/dashboard/billing/subscription", headers=bearer(e2e_user.api_key))
+    assert response.status_code == 200, response.text
+    assert response.json()["hard_limit_usd"] == float(settings.OPENAI_BILLING_HARD_LIMIT_USD)
+    # Server mode relays both without a query string (to either server process): this month's usage.
+    response = http_b.get("/dashboard/billing/usage", headers=server_headers)
+    assert response.status_code == 200, response.text
+    assert response.json()["total_usage"] == pytest.approx(float(sum(r.cost for r in records) * 100))
+    response = http_b.get("/dashboard/billing/subscription", headers=server_headers)
     assert response.status_code == 200, response.text
     assert response.json()["hard_limit_usd"] == float(settings.OPENAI_BILLING_HARD_LIMIT_USD)
 
