@@ -386,7 +386,7 @@ class UsageSummaryApi(APIView):
             (200, "application/json"): UsageSummaryPageOutputSerializer,
             (200, "text/csv"): OpenApiResponse(OpenApiTypes.STR, description="a header row, then one row per group"),
             # Errors are JSON whatever the format asked for.
-            **{(status, "application/json"): response for status, response in _errors(400, 401, 403).items()},
+            **{(code, "application/json"): response for code, response in _errors(400, 401, 403).items()},
         },
     )
     def get(self, request: Request) -> Response:
