@@ -169,8 +169,10 @@ def usage_summary(
     metrics: ``prompt_tokens_sum``, ``completion_tokens_sum``, ``total_tokens_sum``, ``cost_sum`` (US
     dollars, ``Decimal``), ``requests`` (records not refused: completed, stopped or failed replies)
     and ``refused_requests`` (records with ``finish_status`` ``refused``: turned away by a budget or a
-    rate limit, 0 tokens). ``UsageSummaryRowOutputSerializer`` names the sums without ``_sum``. Sorted by the
-    group fields, in ``USAGE_SUMMARY_GROUPS`` order. Summed in the database: one query.
+    rate limit, 0 tokens); ``UsageSummaryRowOutputSerializer`` names the sums without ``_sum``.
+    Sorted by the group fields, in ``USAGE_SUMMARY_GROUPS`` order. Summed in the database (one
+    ``GROUP BY`` query; a paginated caller adds its ``COUNT``), using the ``(user, created_at)``
+    index for one user and the ``created_at`` index for everyone.
 
     Raises ``ApplicationError`` 403 ``permission_denied`` (``param`` ``user``) when a member asks
     for another user's usage, and 400 (``param`` ``group_by`` / ``end_date``) for an unknown group
