@@ -15,6 +15,7 @@ import pytest
 from django.test import override_settings
 from django.utils import timezone
 
+from accounts.selectors import usage_current_month
 from accounts.services import api_key_create
 from tests.factories import usage_record_at
 from tests.kit import assert_error, bearer
@@ -279,3 +280,18 @@ def test_json_is_paginated_and_csv_is_whole(auth_client, user):
     assert_error(auth_client.get(SUMMARY, {**query, "page": 3}), 404)
     rows = list(csv.reader(io.StringIO(auth_client.get(SUMMARY, {**query, "format": "csv"}).content.decode())))
     assert len(rows) == 1 + 51
+
+
+@pytest.mark.parametrize(
+    ("time_zone", "now", "month"),
+    [
+        ("UTC", "2026-12-31T23:59:59", ("2026-12-01", "2027-01-01")),  # December: next month is next year's
+        ("Asia/Tokyo", "2026-12-31T15:00:00", ("2027-01-01", "2027-02-01")),  # already January 1st in Tokyo
+        ("America/New_York", "2026-03-01T04:59:59", ("2026-02-01", "2026-03-01")),  # still February there
+    ],
+)
+def test_the_current_month_is_the_time_zones(time_zone, now, month):
+    with override_settings(TIME_ZONE=time_zone):
+        start, end = usage_current_month(now=at(now))
+
+    assert (start.isoformat(), end.isoformat()) == month
