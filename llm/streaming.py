@@ -54,7 +54,7 @@ from django.conf import settings
 from accounts.metering import Admission, MeteringRequest, metering_admit
 from accounts.revocation import watch_credential
 from accounts.selectors import AuthenticationFailed
-from accounts.usage import UsageContext, usage_account, usage_flush
+from accounts.usage import REFUSED, UsageContext, usage_account, usage_flush
 from chatbackend import broadcast
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError
@@ -80,10 +80,6 @@ class ReplyStatus(StrEnum):
     COMPLETED = "completed"
     CANCELLED = "cancelled"
     FAILED = "failed"
-
-
-# ``UsageRecord.finish_status`` of a request that admission control refused: it never started.
-REFUSED = "refused"
 
 
 class ReplyRefused(ApplicationError):
