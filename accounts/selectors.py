@@ -9,7 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db.models import Count, DecimalField, F, Q, QuerySet, Sum, Value
+from django.db.models import Count, DecimalField, F, Min, Q, QuerySet, Sum, Value
 from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
 
@@ -89,16 +89,19 @@ def usage_current_month(*, now: dt.datetime | None = None) -> tuple[dt.date, dt.
 def budget_monthly_limit_usd(*, user: User, api_key: APIKey | None) -> Decimal | None:
     """Return the tightest monthly US-dollar limit on what ``user`` may spend through ``api_key``, or None.
 
-    The limit is the smallest ``limit_usd`` of the enabled monthly budgets of the key (when the
-    caller used one) and of its user: every budget applies to a request, so the tightest one is
-    what the caller can spend this month. None when no monthly budget applies; callers then
+    The limit is the smallest ``limit_usd`` of the enabled monthly budgets (``Budget``) of the key
+    (when the caller used one) and of its user: every budget applies to a request, so the
+    tightest one is what the caller can spend this month. Daily, weekly and lifetime budgets are
+    not a month's limit and are left out. None when no monthly budget applies; callers then
     report their documented fallback (``/dashboard/billing/subscription``:
-    ``settings.OPENAI_BILLING_HARD_LIMIT_USD``).
-
-    Budgets (``accounts.models.Budget``) are not merged yet: until they are, there is no budget
-    and this returns None.
+    ``settings.OPENAI_BILLING_HARD_LIMIT_USD``). One query.
     """
-    return None
+    subjects = Q(subject_kind=Budget.SubjectKind.USER, subject_id=user.pk)
+    if api_key is not None:
+        subjects |= Q(subject_kind=Budget.SubjectKind.API_KEY, subject_id=api_key.pk)
+    budgets = Budget.objects.filter(subjects, enabled=True, period=Budget.Period.MONTHLY)
+    limit: Decimal | None = budgets.aggregate(limit=Min("limit_usd"))["limit"]
+    return limit
 
 
 # --- Usage summary ----------------------------------------------------------------------------

@@ -22,8 +22,7 @@ from django.test import AsyncClient, override_settings
 from django.utils import timezone
 from openai.types.chat import ChatCompletionMessageParam
 
-import accounts.models
-from accounts.models import UsageRecord
+from accounts.models import Budget, UsageRecord
 from accounts.selectors import usage_current_month
 from chatbackend.asyncdb import run_sync
 from llm.models import LLMModel, Provider
@@ -760,12 +759,6 @@ async def test_billing_subscription_reports_the_configured_limit(api_key_secret)
     assert_error(await client.get("/dashboard/billing/subscription"), 401, code="missing_api_key")
 
 
-# The Budget model is another helper's work (issue 8, BUD); until it is merged and
-# accounts.selectors.budget_monthly_limit_usd reads it, there is no budget to report.
-Budget = getattr(accounts.models, "Budget", None)
-
-
-@pytest.mark.skipif(Budget is None, reason="accounts.models.Budget is not merged yet")
 async def test_billing_subscription_reports_the_tightest_monthly_budget(user, other_user, api_key_secret):
     key = await run_sync(lambda: user.api_keys.get())
     user_kind, key_kind = Budget.SubjectKind.USER, Budget.SubjectKind.API_KEY
