@@ -512,14 +512,16 @@ class Reply(Generic[P]):
 
     async def _persist(self, outcome: ReplyOutcome) -> None:
         await self._close_upstream()
-        if self.admission is not None:
-            await self.admission.release(completion_tokens=outcome.usage.completion_tokens)
         if type(self.plan).finish is not ReplyPlan.finish:
             try:
                 await run_sync(self.plan.finish, outcome)
             except Exception:
                 logger.exception("persisting the end of reply %s failed", self.plan.reply_id)
         self._account(outcome)
+        # Last: a slow or unreachable rate-limit store must not delay the writes above (a shutdown
+        # waits for them for a bounded time); a lease not given back expires.
+        if self.admission is not None:
+            await self.admission.release(completion_tokens=outcome.usage.completion_tokens)
 
     def _persist_now(self, outcome: ReplyOutcome) -> None:
         """``_persist`` without an event loop (at process exit): the end written in this thread."""

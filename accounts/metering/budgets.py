@@ -21,8 +21,12 @@ Flow (issue 8, "Reservation, then settlement"):
    engine's crash recovery) have no reservation to settle: this is what counts them.
 
 Counting rule: a counter holds the settled rows of its period, plus reservations in flight. A budget
-admits a request when ``spent + reserved + max_cost <= limit``, so the settled spend never passes the
-limit, however many processes admit requests at once.
+admits a request when ``spent + reserved + max_cost <= limit``, however many processes admit requests
+at once, so the settled spend passes the limit only by what replies cost beyond what they reserved:
+``max_cost`` is the prompt as counted before the call plus the most the reply may generate (the
+client's ``max_tokens``, else the model's ``max_output_tokens``, else the rest of the context
+window), and an upstream that outruns that count (a prompt estimated for a model without a known
+tokenizer, tool definitions, which are not counted) is still billed in full.
 
 Why a Redis script rather than PostgreSQL row locks (measured 2026-12-01 on the 2-core CI machine,
 2000 reservations each, one client): the script reserving one or two budgets took 158 / 168 µs at
@@ -74,7 +78,6 @@ logger = logging.getLogger(__name__)
 # Which usage rows a subject kind's spend is the sum of: the UsageRecord field holding its id. A new
 # subject kind (a team, an organization) adds its choice on Budget and its rows here.
 SUBJECT_USAGE_FIELDS: dict[str, str] = {"user": "user_id", "api_key": "api_key_id"}
-REFUSED = "refused"  # a UsageEvent's finish_status for a request admission refused: never reserved
 _LIFETIME_END = 1e12  # Unix seconds past any row's creation: the end of a lifetime budget's "period"
 _COUNTER_MARGIN_SECONDS = 86400  # a counter outlives its period by a day, then Redis drops it
 _SEED_ATTEMPTS = 3
@@ -348,11 +351,14 @@ def budget_settle_many(events: Iterable[Any]) -> int:
     rows are committed: the amounts added are the rows' own (``cost``, prompt + completion tokens), to
     the counters whose period holds the row's ``created_at``. One atomic script for the batch; a
     request without a reservation (refused, or no budget, or already settled by an earlier delivery)
-    changes nothing. Raises redis-py's errors when Redis is unreachable (the task then retries).
+    changes nothing; a refused request's row (cost 0) releases a reservation a lost answer left
+    held. Raises redis-py's errors when Redis is unreachable (the task then retries).
     """
     from ..models import UsageRecord
 
-    request_ids = {event.request_id for event in events if event.finish_status != REFUSED}
+    # Refused requests too: a reserve whose answer was lost (a Redis timeout after the script ran)
+    # was refused with 503, yet holds a reservation that only settling its row releases.
+    request_ids = {event.request_id for event in events}
     if not request_ids:
         return 0
     rows = UsageRecord.objects.filter(request_id__in=request_ids).values_list(

@@ -93,12 +93,9 @@ CONCURRENCY_RETRY_AFTER_SECONDS = 1
 UNREACHABLE_RETRY_SECONDS = 1.0
 # Redis connections per process (and event loop); more admissions at once wait for one.
 MAX_REDIS_CONNECTIONS = 64
-# Errors that mean the store cannot be reached (redis-py's; the memory store raises none).
-UNREACHABLE_ERRORS: tuple[type[BaseException], ...] = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    OSError,
-)
+# Errors that mean the store cannot answer (redis-py's; the memory store raises none): unreachable,
+# and also a Redis that refuses the command (read-only replica during a failover, out of memory).
+UNREACHABLE_ERRORS: tuple[type[BaseException], ...] = (redis.exceptions.RedisError, OSError)
 
 _SUBJECT_NAMES = {"user": "user", "api_key": "API key", "model": "model"}
 
@@ -548,25 +545,39 @@ async def rate_limit_acquire(*, request_id: str, subjects: Sequence[MeteringSubj
     if streams:
         stream_limits = [subject.limits.concurrent_streams or 0 for subject in streams]
         steps.append(backend.streams_acquire(stream_keys, stream_limits, request_id))
-    results = await _all(steps)
+    try:
+        results = await _all(steps)
+    except asyncio.CancelledError:
+        # The client went away mid-admission: its stream leases must not lock the subject out until
+        # they expire (releasing a lease never taken is a no-op). Counters hit stay counted.
+        await asyncio.shield(_give_back(backend, counters, [False] * len(counters), stream_keys, request_id))
+        raise
 
     hits = results[: len(counters)]
     stream_result = results[len(counters)] if streams else 0
+    # The streams script refused (a positive index) and took nothing; otherwise, when it failed
+    # mid-way, it may have run: give its leases back too.
+    taken_streams = [] if isinstance(stream_result, int) and stream_result > 0 else stream_keys
     failure = next((r for r in results if isinstance(r, BaseException)), None)
     if failure is not None and not isinstance(failure, UNREACHABLE_ERRORS):
-        await _give_back(backend, counters, hits, stream_keys if stream_result == 0 else [], request_id)
+        await asyncio.shield(_give_back(backend, counters, hits, taken_streams, request_id))
         raise failure
     refused = failure is not None or stream_result != 0 or not all(hits)
     if refused:
-        await _give_back(backend, counters, hits, stream_keys if stream_result == 0 else [], request_id)
+        await asyncio.shield(_give_back(backend, counters, hits, taken_streams, request_id))
         if failure is not None:
             return _unavailable(backend, failure)
 
-    windows = await _all([backend.window(c.key) for c in counters])
+    try:
+        windows = await _all([backend.window(c.key) for c in counters])
+    except asyncio.CancelledError:
+        if not refused:
+            await asyncio.shield(_give_back(backend, counters, hits, stream_keys, request_id))
+        raise
     window_failure = next((w for w in windows if isinstance(w, BaseException)), None)
     if window_failure is not None:
         if not refused:
-            await _give_back(backend, counters, hits, stream_keys if stream_result == 0 else [], request_id)
+            await asyncio.shield(_give_back(backend, counters, hits, stream_keys, request_id))
         if not isinstance(window_failure, UNREACHABLE_ERRORS):
             raise window_failure
         return _unavailable(backend, window_failure)

@@ -11,6 +11,7 @@ https://platform.openai.com/docs/api-reference/chat/streaming; what NextChat rea
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from django.conf import settings
@@ -19,6 +20,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from accounts.authentication import Principal
 from accounts.endpoints import async_endpoint, parse_json, request_body
+from chatbackend.asyncdb import run_sync
 from chatbackend.errors import error_response, unknown_url_error
 
 from ..selectors import enabled_model_get_async
@@ -26,6 +28,10 @@ from ..streaming import Reply, ReplyDelta, ReplyFailed, ReplyStreamingResponse, 
 from .chat_serializers import ChatCompletionCreateInputSerializer
 from .frames import chat_completion_frames, usage_object
 from .services import RESERVED_PARAMETERS, ChatCompletionPlan, openai_chat_start
+
+# Bodies up to this size are planned on the event loop; their prompt's tokens count in well under a
+# millisecond (tiktoken, ~4 bytes per token). Larger ones are planned in a worker thread.
+COUNT_ON_LOOP_MAX_BYTES = 32_768
 
 # Serializers hold no per-request state once built; building one per request costs ~0.4 ms.
 _CHAT_INPUT = ChatCompletionCreateInputSerializer()
@@ -35,8 +41,9 @@ async def _chat_start(principal: Principal, raw_body: bytes) -> ChatCompletionPl
     """Parse and validate the request body and plan the reply.
 
     On the event loop: parsing, validation and planning are CPU only, and the model comes from
-    this process's cache (``enabled_model_get_async``), so the only worker-thread hop is a cache
-    miss's model read.
+    this process's cache (``enabled_model_get_async``), so the only worker-thread hops are a cache
+    miss's model read and, for a body over ``COUNT_ON_LOOP_MAX_BYTES``, the planning (its prompt's
+    token count).
     """
     body = parse_json(raw_body)
     data = _CHAT_INPUT.run_validation(body)
@@ -44,7 +51,8 @@ async def _chat_start(principal: Principal, raw_body: bytes) -> ChatCompletionPl
     # Sent upstream as the client wrote them (validation does not change them); unknown fields
     # pass through for provider extensions, nulls mean "the default".
     parameters = {key: value for key, value in body.items() if value is not None and key not in RESERVED_PARAMETERS}
-    return openai_chat_start(
+    start = functools.partial(
+        openai_chat_start,
         principal=principal,
         model=model,
         messages=body["messages"],
@@ -52,6 +60,9 @@ async def _chat_start(principal: Principal, raw_body: bytes) -> ChatCompletionPl
         stream=bool(data.get("stream")),
         include_usage=bool((data.get("stream_options") or {}).get("include_usage")),
     )
+    if len(raw_body) > COUNT_ON_LOOP_MAX_BYTES:
+        return await run_sync(start)  # counting a long prompt's tokens would stall every stream of the loop
+    return start()
 
 
 @async_endpoint("POST")
