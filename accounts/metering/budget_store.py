@@ -40,6 +40,8 @@ from django.conf import settings
 UNIT = Decimal("0.00000001")  # US dollars per counter unit: UsageRecord.cost's 8 decimal places
 PREFIX = "{budget}:"
 INDEX_KEY = PREFIX + "reservations"
+# Redis connections per event loop for reservations (admissions beyond wait for one).
+MAX_ASYNC_CONNECTIONS = 64
 
 
 def to_units(amount: Decimal, *, round_up: bool = False) -> int:
@@ -309,9 +311,16 @@ class RedisBudgetStore:
         loop = asyncio.get_running_loop()
         script = self._async.get(loop)
         if script is None:
-            client = redis.asyncio.Redis.from_url(
-                self._url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout
+            # Bounded, like the rate limits' pool: a burst of admissions waits for a connection
+            # (up to the timeout) rather than opening one per request.
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
+                self._url,
+                max_connections=MAX_ASYNC_CONNECTIONS,
+                timeout=self._timeout,
+                socket_timeout=self._timeout,
+                socket_connect_timeout=self._timeout,
             )
+            client = redis.asyncio.Redis(connection_pool=pool)
             script = self._async[loop] = client.register_script(_RESERVE)
         return script
 
