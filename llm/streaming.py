@@ -109,9 +109,10 @@ class ReplyOutcome:
 
     ``content`` / ``reasoning_content``: all text streamed. ``usage``: token counts; ``usage_source``
     says whose: ``"provider"`` (its usage report), else the plan's tokenizer's (``llm.tokens``):
-    ``"counted"`` by the model's tokenizer or ``"estimated"`` (``UsageRecord.TokenSource`` values).
-    Times in milliseconds from the upstream request's start; ``time_to_first_token_ms`` is None
-    when no chunk with output arrived. ``error``: the failure, for ``failed``.
+    ``"counted"`` by the model's tokenizer or ``"estimated"`` (``UsageRecord.TokenSource`` values);
+    0 tokens when the reply ended before its upstream request was sent. Times in milliseconds from
+    the upstream request's start; ``time_to_first_token_ms`` is None when no chunk with output
+    arrived. ``error``: the failure, for ``failed``.
     """
 
     status: ReplyStatus
@@ -250,6 +251,7 @@ class Reply(Generic[P]):
         self._stop_reason: ApplicationError | None = None
         self._interrupted = False  # we cancelled the task for a stop
         self._started = time.perf_counter()
+        self._requested = False  # the upstream request was sent (its generator first awaited)
         self._ttft_ms: float | None = None
         self._content: list[str] = []
         self._reasoning: list[str] = []
@@ -328,6 +330,7 @@ class Reply(Generic[P]):
                 if first is None and keepalive is not None and not self._stop_requested:
                     # The first read in its own task, so that waiting for it can time out without
                     # cancelling the upstream request. Later reads are awaited directly.
+                    self._requested = True
                     first = self._first = asyncio.ensure_future(anext(self._upstream))
                 if first is not None:
                     while not (first.done() or self._stop_requested):
@@ -352,6 +355,7 @@ class Reply(Generic[P]):
                 if status is not ReplyStatus.COMPLETED and not self._stop_requested:
                     # ``_waiting`` is True exactly while the loop awaits the upstream's next batch.
                     self._waiting = True
+                    self._requested = True
                     try:
                         async for batch in self._upstream:
                             self._waiting = False
@@ -452,6 +456,7 @@ class Reply(Generic[P]):
 
     async def _wait_first_chunk(self, seconds: float) -> None:
         """Wait up to ``seconds`` for the upstream's first chunk; raise its failure, persisted ``failed``."""
+        self._requested = True
         first = self._first = asyncio.ensure_future(anext(self._upstream))
         try:
             await asyncio.wait((first,), timeout=seconds)
@@ -479,7 +484,12 @@ class Reply(Generic[P]):
         """End the reply's bookkeeping: build ``outcome`` from what it took and delivered (sync, once)."""
         _open_replies.discard(self)
         content, reasoning = "".join(self._content), "".join(self._reasoning)
-        usage = self._usage or self._estimate_usage(content, reasoning)
+        if self._usage is not None:
+            usage = self._usage
+        elif self._requested:
+            usage = self._estimate_usage(content, reasoning)
+        else:  # ended before its request was sent (client gone, shut down): nothing to bill
+            usage = Usage(prompt_tokens=0, completion_tokens=0)
         self.outcome = ReplyOutcome(
             status=status,
             content=content,

@@ -381,3 +381,31 @@ async def test_the_listener_rejoins_the_group_before_its_membership_expires(laye
 
     await poll_until(lambda: layer.calls["group_add", broadcast.PROCESS_GROUP], lambda n: n >= 3)
     assert layer.calls["new_channel", ""] == 1
+
+
+async def test_a_reply_that_ends_before_its_request_is_sent_uses_no_tokens(simulator):
+    """Closed before its events were iterated (a client gone while the headers were written, a
+    cancelled admission): nothing went upstream, so nothing is billed, not even the prompt."""
+    plan = plan_for(simulator, tokenizer=tokenizer_for(setting="o200k_base", model_name="sim-1"))
+    reply = await open_reply(plan)
+    await reply.aclose()
+
+    assert plan.finished == [reply.outcome]
+    outcome = plan.finished[0]
+    assert outcome.status is ReplyStatus.CANCELLED
+    assert (outcome.usage.prompt_tokens, outcome.usage.completion_tokens) == (0, 0)
+    assert outcome.time_to_first_token_ms is None
+
+
+async def test_a_reply_stopped_before_its_first_token_still_bills_its_prompt(sleepy_simulator):
+    """Once the request is sent, the upstream has read the prompt: a stop before any output bills it."""
+    plan = plan_for(sleepy_simulator, tokenizer=tokenizer_for(setting="o200k_base", model_name="sim-1"))
+    async with open_reply(plan) as reply:
+        async for event in reply.events(keepalive=0.05):
+            if event is KEEPALIVE:
+                reply.stop()
+
+    outcome = plan.finished[0]
+    assert outcome.status is ReplyStatus.CANCELLED
+    assert outcome.usage.prompt_tokens == plan.tokenizer.count_prompt(MESSAGES)
+    assert outcome.usage.completion_tokens == 0
