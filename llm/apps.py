@@ -1,5 +1,3 @@
-import threading
-
 from django.apps import AppConfig
 
 
@@ -18,8 +16,3 @@ class LlmConfig(AppConfig):
         # repriced, pointed elsewhere, its key rotated.
         enabled_model_cache.invalidate_on(LLMModel)
         enabled_model_cache.invalidate_on(Provider)
-        # Load the tokenizers' vocabularies (~0.35 s of CPU) off the start-up path, so that the
-        # first reply of a fresh process does not wait for them (``llm.tokens``).
-        from .tokens import warm_tokenizers
-
-        threading.Thread(target=warm_tokenizers, name="warm-tokenizers", daemon=True).start()

@@ -94,6 +94,10 @@ enabled_model_cache: LookupCache[str, EnabledModel] = LookupCache("llm.enabled_m
 
 def _enabled_model_read(name: str) -> EnabledModel:
     model = llm_model_get_enabled(name=name)
+    tokenizer = tokenizer_for(setting=model.tokenizer, model_name=model.upstream_model)
+    # Its vocabulary loads here (a worker thread on the async path), not on the event loop when the
+    # first prompt is counted, and only for the families of models actually used.
+    tokenizer.load()
     return EnabledModel(
         id=model.pk,
         name=model.name,
@@ -105,7 +109,7 @@ def _enabled_model_read(name: str) -> EnabledModel:
         max_output_tokens=model.max_output_tokens,
         limits=model.rate_limits,
         provider=provider_config_for(model=model),
-        tokenizer=tokenizer_for(setting=model.tokenizer, model_name=model.upstream_model),
+        tokenizer=tokenizer,
     )
 
 

