@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -42,6 +41,7 @@ from rest_framework.test import APIClient
 
 from accounts.metering.budget_store import budget_store_reset
 from accounts.metering.budgets import budget_cache
+from accounts.metering.ratelimits import KEY_PREFIX as RATE_LIMIT_KEY_PREFIX
 from accounts.services import api_key_create
 from accounts.usage import usage_flush
 from chatbackend import broadcast
@@ -62,8 +62,6 @@ from tests.kit import (
 )
 
 ROOT = Path(__file__).resolve().parent
-# Redis keys of admission control's counters (``accounts.metering``), cleared once per test session.
-METERING_KEY_PATTERNS = ("chatbackend-ratelimit:*",)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -79,23 +77,20 @@ def _celery_eager_in_process() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _no_metering_state_of_earlier_runs() -> None:
-    """Delete the test Redis database's rate-limit and budget counters of earlier test runs.
+def _no_rate_limit_counts_of_earlier_runs() -> None:
+    """Delete the test Redis database's rate-limit counters left by earlier test runs.
 
-    Each run's test database numbers users, keys and models from 1 again, so a counter left by the
-    run before (a minute's window, a budget period) would count against this run's rows.
+    Each run's test database numbers users, keys and models from 1 again, so a minute's window left
+    by the run before would count against this run's rows. (Budget counters are cleared before
+    every test: ``_fresh_budgets``.)
     """
-    url = os.environ.get("REDIS_URL", "")
+    url = settings.REDIS_URL
     if not url:
         return
-    client = redis.Redis.from_url(url)
-    try:
-        for pattern in METERING_KEY_PATTERNS:
-            keys = list(client.scan_iter(pattern, count=1000))
-            if keys:
-                client.delete(*keys)
-    finally:
-        client.close()
+    with redis.Redis.from_url(url) as client:
+        keys = list(client.scan_iter(f"{RATE_LIMIT_KEY_PREFIX}:*", count=1000))
+        if keys:
+            client.delete(*keys)
 
 
 @pytest.fixture(autouse=True)
