@@ -50,10 +50,24 @@ class ChatRequest:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Token counts for one reply, as OpenAI's ``usage`` object reports them."""
+    """Token counts for one reply, in OpenAI's ``usage`` terms whatever the provider.
+
+    ``prompt_tokens`` counts every input token, cached or not, and ``completion_tokens`` every
+    output token, reasoning included (OpenAI's convention; an adapter for a provider that reports
+    them apart, e.g. Anthropic's ``input_tokens`` without its cache tokens or Gemini's
+    ``candidatesTokenCount`` without ``thoughtsTokenCount``, adds them up). The breakdown:
+    ``cached_tokens`` of the prompt read from the provider's prompt cache (OpenAI
+    ``prompt_tokens_details.cached_tokens``, Anthropic ``cache_read_input_tokens``, Gemini
+    ``cachedContentTokenCount``), ``cache_creation_tokens`` of the prompt written to it (Anthropic
+    ``cache_creation_input_tokens``), ``reasoning_tokens`` of the completion spent thinking (OpenAI
+    ``completion_tokens_details.reasoning_tokens``, Gemini ``thoughtsTokenCount``); 0 when unreported.
+    """
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
+    cache_creation_tokens: int = 0
+    reasoning_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
