@@ -10,10 +10,11 @@ import pytest
 import redis.asyncio
 from django.conf import settings
 
+from accounts.metering.ratelimit_store import WINDOW_SECONDS, CounterHit, RedisRateLimitStore
 from accounts.metering.ratelimits import (
     KEY_PREFIX,
     RateLease,
-    _Window,
+    Window,
     format_reset,
     rate_limit_acquire,
     rate_limit_close,
@@ -82,17 +83,17 @@ def test_reset_is_formatted_as_openai_sends_it(seconds: float, text: str) -> Non
     ("window", "limit", "cost", "wait"),
     [
         # Half of the previous minute's 10 still count: 5 used, room for 1 now.
-        (_Window(previous=10, previous_ttl=30, current=0, current_ttl=90), 10, 1, 0),
+        (Window(previous=10, previous_ttl=30, current=0, current_ttl=90), 10, 1, 0),
         # 10 this minute: they weigh fully until the minute ends (60 s), then fall: the first frees just after.
-        (_Window(previous=0, previous_ttl=0, current=10, current_ttl=120), 10, 1, 60),
+        (Window(previous=0, previous_ttl=0, current=10, current_ttl=120), 10, 1, 60),
         # 10 from the previous minute (60 s left) and 5 now: the previous half must go, 30 s.
-        (_Window(previous=10, previous_ttl=60, current=5, current_ttl=100), 10, 1, 30),
+        (Window(previous=10, previous_ttl=60, current=5, current_ttl=100), 10, 1, 30),
         # 8 this minute, 5 wanted of 10: after the roll 60 s on, 8 * (60 - s) / 60 < 6 at s = 15.
-        (_Window(previous=0, previous_ttl=0, current=8, current_ttl=110), 10, 5, 50 + 15),
+        (Window(previous=0, previous_ttl=0, current=8, current_ttl=110), 10, 5, 50 + 15),
     ],
 )
 def test_retry_after_is_when_the_sliding_window_lets_the_request_in(
-    window: _Window, limit: int, cost: int, wait: float
+    window: Window, limit: int, cost: int, wait: float
 ) -> None:
     assert window.seconds_until_fits(limit, cost) == pytest.approx(wait, abs=1e-6)
 
@@ -244,3 +245,48 @@ async def test_a_hanging_store_is_not_waited_for_again_by_each_request(settings,
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_limits_internals_used_by_the_store(ids: list[int]) -> None:
+    """The Redis store runs ``limits``' own scripts on ``limits``' own keys in one pipeline: an upgrade of
+    ``limits`` that renames or changes them must fail here, not count in the wrong place."""
+    if not REDIS_URL:
+        pytest.skip("the Redis store needs REDIS_URL (CI sets it)")
+    from limits.aio.storage.redis.bridge import RedisBridge
+
+    store = RedisRateLimitStore(REDIS_URL)
+    try:
+        assert store._acquire.script == RedisBridge.SCRIPT_ACQUIRE_SLIDING_WINDOW
+        assert store._read.script == RedisBridge.SCRIPT_SLIDING_WINDOW
+        counter = f"requests:api_key:{ids[0]}"
+        admitted = await store.admit([CounterHit(counter, 10, 3)], [], [], "chatcmpl-x")
+        assert admitted.hits == [True]
+        assert admitted.windows[0] is not None and admitted.windows[0].current == 3
+        # limits' public API sees what the batch counted, and the batch sees what limits counted.
+        assert (await store.storage.get_sliding_window(counter, WINDOW_SECONDS))[2] == 3
+        assert await store.storage.acquire_sliding_window_entry(counter, 10, WINDOW_SECONDS, 2)
+        admitted = await store.admit([CounterHit(counter, 10, 6)], [], [], "chatcmpl-y")
+        assert admitted.hits == [False]
+        assert admitted.windows[0] is not None and admitted.windows[0].current == 5
+    finally:
+        await store.close()
+
+
+async def test_a_redis_that_lost_its_scripts_is_reloaded(store: str, ids: list[int]) -> None:
+    """A restarted Redis has no scripts (``NOSCRIPT``): the admission loads them again and goes on."""
+    if store != "redis":
+        pytest.skip("scripts are a Redis matter")
+    subject = key(ids[0], requests_per_minute=5, tokens_per_minute=100, concurrent_streams=2)
+    first = await acquire(subject, prompt_tokens=10)
+    client = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        await client.script_flush()  # what a restart does to the script cache (every client reloads)
+    finally:
+        await client.aclose()
+    second = await acquire(subject, prompt_tokens=10)
+    assert second.headers["x-ratelimit-remaining-requests"] == "3"
+    assert second.headers["x-ratelimit-remaining-tokens"] == "80"
+    await first.release(completion_tokens=5)
+    await second.release(completion_tokens=5)
+    third = await acquire(subject, prompt_tokens=10)
+    assert third.headers["x-ratelimit-remaining-tokens"] == "60"
