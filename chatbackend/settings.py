@@ -426,6 +426,19 @@ CORS_ALLOW_HEADERS = (
     "cache-control",
 )
 CORS_PREFLIGHT_MAX_AGE = 86400
+# Response headers a browser client may read (the Fetch standard hides all but a few): the request id
+# for error reports, Retry-After and OpenAI's rate-limit headers so a web client can wait and show
+# what is left. (django-guid's own EXPOSE_HEADER is off: it would overwrite this list.)
+CORS_EXPOSE_HEADERS = (
+    "X-Request-ID",
+    "Retry-After",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+)
 
 # --- LLM upstreams --------------------------------------------------------------------------
 # Provider kinds, chosen by Provider.kind the way Django chooses cache backends.
@@ -464,7 +477,7 @@ DJANGO_GUID = {
     "GUID_HEADER_NAME": "X-Request-ID",
     "VALIDATE_GUID": True,
     "RETURN_HEADER": True,
-    "EXPOSE_HEADER": True,
+    "EXPOSE_HEADER": False,  # CORS_EXPOSE_HEADERS lists it, with the others
     "UUID_LENGTH": 32,
 }
 

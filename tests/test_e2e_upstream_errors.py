@@ -158,7 +158,10 @@ def test_transport_failures_are_generic_for_clients_and_detailed_in_the_log(
 
 def test_an_unsafe_incoming_request_id_is_replaced(e2e_stack: Any, e2e_user: Any, http: httpx.Client) -> None:
     mine = str(uuid.uuid4())
-    kept = http.get("/api/auth/me/", headers={**bearer(e2e_user.access), "X-Request-ID": mine})
+    kept = http.get(
+        "/api/auth/me/",
+        headers={**bearer(e2e_user.access), "X-Request-ID": mine, "Origin": "https://chat.example.com"},
+    )
     replaced = http.get(
         "/api/auth/me/", headers={**bearer(e2e_user.access), "X-Request-ID": "<script>alert(1)</script>"}
     )

@@ -673,6 +673,9 @@ async def test_cors_preflight_needs_no_key_and_responses_allow_the_origin(api_ke
     headers = {**bearer(api_key_secret), "Origin": "https://chat.example.com"}
     response = await post_chat(client, chat_body("sim-model", stream=True), headers)
     assert response["Access-Control-Allow-Origin"] in ("*", "https://chat.example.com")
+    # A web client may read the request id, Retry-After and OpenAI's rate-limit headers.
+    exposed = {name.strip().lower() for name in response["Access-Control-Expose-Headers"].split(",")}
+    assert {"x-request-id", "retry-after", "x-ratelimit-remaining-requests", "x-ratelimit-reset-tokens"} <= exposed
     await streamed_content(response)
 
 
