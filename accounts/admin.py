@@ -119,6 +119,8 @@ class UsageRecordAdmin(admin.ModelAdmin):
         "source",
         "prompt_tokens",
         "completion_tokens",
+        "cached_tokens",
+        "reasoning_tokens",
         "cost",
         "token_source",
         "finish_status",
@@ -203,6 +205,9 @@ _RECORD_COLUMNS: dict[str, Callable[[UsageRecord], Any]] = {
     "prompt_tokens": lambda r: r.prompt_tokens,
     "completion_tokens": lambda r: r.completion_tokens,
     "total_tokens": lambda r: r.total_tokens,
+    "cached_tokens": lambda r: r.cached_tokens,
+    "cache_creation_tokens": lambda r: r.cache_creation_tokens,
+    "reasoning_tokens": lambda r: r.reasoning_tokens,
     "cost": lambda r: r.cost,
     "finish_status": lambda r: r.finish_status,
 }

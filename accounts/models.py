@@ -94,7 +94,10 @@ class UsageRecord(models.Model):
     """Tokens and cost of one finished reply: completed, stopped, or failed (0 tokens before any output).
 
     ``request_id`` is unique: a redelivered accounting task hits the constraint and writes nothing.
-    ``cost`` is in US dollars: ``tokens * price_per_million / 1_000_000`` for input and output.
+    ``prompt_tokens`` counts every input token and ``completion_tokens`` every output token; of them,
+    ``cached_tokens`` were read from the provider's prompt cache, ``cache_creation_tokens`` written
+    to it, and ``reasoning_tokens`` spent thinking (0 when the provider did not report them).
+    ``cost`` is in US dollars, at the model's prices when the reply started: ``accounts.pricing.token_cost``.
     ``token_source`` says where the token counts came from: the provider's usage report
     (``provider``), the model's tokenizer when the provider reported none, e.g. for a stopped or
     cut stream (``counted``), or a characters / 4 estimate for a model without a known tokenizer
@@ -121,6 +124,11 @@ class UsageRecord(models.Model):
     source = models.CharField(max_length=16, choices=Source.choices)
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
+    cached_tokens = models.PositiveIntegerField(default=0, help_text="of the prompt tokens: read from the prompt cache")
+    cache_creation_tokens = models.PositiveIntegerField(
+        default=0, help_text="of the prompt tokens: written to the prompt cache"
+    )
+    reasoning_tokens = models.PositiveIntegerField(default=0, help_text="of the completion tokens: spent reasoning")
     cost = models.DecimalField(max_digits=16, decimal_places=8, default=Decimal("0"))
     token_source = models.CharField(max_length=16, choices=TokenSource.choices, default=TokenSource.PROVIDER)
     finish_status = models.CharField(max_length=16)

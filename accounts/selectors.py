@@ -121,6 +121,9 @@ USAGE_SUMMARY_METRICS = (
     "prompt_tokens",
     "completion_tokens",
     "total_tokens",
+    "cached_tokens",
+    "cache_creation_tokens",
+    "reasoning_tokens",
     "cost",
     "requests",
     "refused_requests",
@@ -140,6 +143,9 @@ def _usage_metrics() -> dict[str, Any]:
         "prompt_tokens_sum": Coalesce(Sum("prompt_tokens"), 0),
         "completion_tokens_sum": Coalesce(Sum("completion_tokens"), 0),
         "total_tokens_sum": Coalesce(Sum(F("prompt_tokens") + F("completion_tokens")), 0),
+        "cached_tokens_sum": Coalesce(Sum("cached_tokens"), 0),
+        "cache_creation_tokens_sum": Coalesce(Sum("cache_creation_tokens"), 0),
+        "reasoning_tokens_sum": Coalesce(Sum("reasoning_tokens"), 0),
         "cost_sum": Coalesce(
             Sum("cost"), Value(Decimal(0)), output_field=DecimalField(max_digits=20, decimal_places=8)
         ),
@@ -169,7 +175,9 @@ def usage_summary(
 
     Each row: the group's fields (``day`` a ``date``; ``model_name``; ``user_id``, ``username``;
     ``api_key_id``, ``api_key_name``, ``api_key_prefix``, all None for usage without a key) and the
-    metrics: ``prompt_tokens_sum``, ``completion_tokens_sum``, ``total_tokens_sum``, ``cost_sum`` (US
+    metrics: ``prompt_tokens_sum``, ``completion_tokens_sum``, ``total_tokens_sum``, the breakdown
+    ``cached_tokens_sum``, ``cache_creation_tokens_sum`` (of the prompt tokens: read from / written to
+    the provider's prompt cache) and ``reasoning_tokens_sum`` (of the completion tokens), ``cost_sum`` (US
     dollars, ``Decimal``), ``requests`` (records not refused: completed, stopped or failed replies)
     and ``refused_requests`` (records with ``finish_status`` ``refused``: turned away by a budget or a
     rate limit, 0 tokens); ``UsageSummaryRowOutputSerializer`` names the sums without ``_sum``.

@@ -220,6 +220,9 @@ class UsageRecordOutputSerializer(serializers.ModelSerializer):
             "prompt_tokens",
             "completion_tokens",
             "total_tokens",
+            "cached_tokens",
+            "cache_creation_tokens",
+            "reasoning_tokens",
             "cost",
             "token_source",
             "finish_status",
@@ -389,6 +392,15 @@ class UsageSummaryRowOutputSerializer(serializers.Serializer):
     prompt_tokens = serializers.IntegerField(source="prompt_tokens_sum")
     completion_tokens = serializers.IntegerField(source="completion_tokens_sum")
     total_tokens = serializers.IntegerField(source="total_tokens_sum")
+    cached_tokens = serializers.IntegerField(
+        source="cached_tokens_sum", help_text="of prompt_tokens: read from the provider's prompt cache"
+    )
+    cache_creation_tokens = serializers.IntegerField(
+        source="cache_creation_tokens_sum", help_text="of prompt_tokens: written to the provider's prompt cache"
+    )
+    reasoning_tokens = serializers.IntegerField(
+        source="reasoning_tokens_sum", help_text="of completion_tokens: spent reasoning"
+    )
     cost = serializers.DecimalField(
         source="cost_sum", max_digits=20, decimal_places=8, help_text="US dollars, as a decimal string"
     )

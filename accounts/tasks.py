@@ -61,6 +61,7 @@ def usage_record_task(**fields: Any) -> int:
         if fields.get("model_id") is not None
         else None
     ) or {"input_price_per_million": Decimal(0), "output_price_per_million": Decimal(0)}
+    # Those releases reported no cache tokens: every prompt token at the input price.
     cost = usage_cost(
         prompt_tokens=fields["prompt_tokens"],
         completion_tokens=fields["completion_tokens"],

@@ -15,8 +15,9 @@ whatever the load. ``usage_flush`` waits until everything queued is sent; it run
 While the broker is unreachable the sender keeps the records and retries (``_Sender._publish``).
 
 Prices are US dollars per million tokens (what providers publish), taken from the model when the
-reply started; the cost is ``(prompt_tokens * input_price + completion_tokens * output_price) /
-1_000_000`` (e.g. https://openai.com/api/pricing/).
+reply started; the cost is ``accounts.pricing.token_cost``: fresh prompt tokens at the input price,
+cached and cache-written ones at their own prices, completion tokens (reasoning included) at the
+output price, over one million.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ from django.db import IntegrityError, connections, models, transaction
 from chatbackend.errors import OUTAGE_ERRORS
 
 from .models import UsageRecord
+from .pricing import Prices, token_cost
 
 logger = logging.getLogger(__name__)
 
-_MILLION = Decimal(1_000_000)
 # Most records one task carries. A burst of thousands of replies ending together becomes a few tasks.
 MAX_BATCH = 500
 # How long the sender gathers records after the first of a batch before publishing them.
@@ -79,21 +80,40 @@ class UsageSubject:
 @dataclass(frozen=True, kw_only=True)
 class UsageContext(UsageSubject):
     """What the start of a reply knows about its accounting: the subject and the model's prices
-    (US dollars per million tokens) when the reply started."""
+    (US dollars per million tokens; cache prices None: the input price) when the reply started."""
 
     input_price_per_million: Decimal
     output_price_per_million: Decimal
+    cached_input_price_per_million: Decimal | None = None
+    cache_write_price_per_million: Decimal | None = None
+
+    @property
+    def prices(self) -> Prices:
+        """Return the prices as ``accounts.pricing`` takes them."""
+        return Prices(
+            input=self.input_price_per_million,
+            output=self.output_price_per_million,
+            cached_input=self.cached_input_price_per_million,
+            cache_write=self.cache_write_price_per_million,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
 class UsageEvent(UsageSubject):
-    """One record to write: ``UsageRecord``'s fields, JSON-ready (``cost`` a decimal string, US dollars)."""
+    """One record to write: ``UsageRecord``'s fields, JSON-ready (``cost`` a decimal string, US dollars).
+
+    The token breakdown (``cached_tokens``, ``cache_creation_tokens``, ``reasoning_tokens``) defaults
+    to 0: events queued by a release before it carry none.
+    """
 
     prompt_tokens: int
     completion_tokens: int
     cost: str
     token_source: str
     finish_status: str
+    cached_tokens: int = 0
+    cache_creation_tokens: int = 0
+    reasoning_tokens: int = 0
 
     @classmethod
     def from_task(cls, fields: dict[str, Any]) -> UsageEvent:
@@ -107,7 +127,8 @@ class UsageEvent(UsageSubject):
 
 
 class PricedModel(Protocol):
-    """What accounting reads of a model (``llm.LLMModel`` has it): its id, name and prices per million tokens.
+    """What accounting reads of a model (``llm.LLMModel`` has it): its id, name and prices per million tokens
+    (the cache prices None when the model has none).
 
     Read-only members, so that an immutable snapshot (``llm.selectors.EnabledModel``) fits too.
     """
@@ -123,6 +144,12 @@ class PricedModel(Protocol):
 
     @property
     def output_price_per_million(self) -> Decimal: ...
+
+    @property
+    def cached_input_price_per_million(self) -> Decimal | None: ...
+
+    @property
+    def cache_write_price_per_million(self) -> Decimal | None: ...
 
 
 def usage_context(
@@ -150,6 +177,8 @@ def usage_context(
         message_id=message_id,
         input_price_per_million=model.input_price_per_million if model is not None else Decimal(0),
         output_price_per_million=model.output_price_per_million if model is not None else Decimal(0),
+        cached_input_price_per_million=model.cached_input_price_per_million if model is not None else None,
+        cache_write_price_per_million=model.cache_write_price_per_million if model is not None else None,
     )
 
 
@@ -163,9 +192,33 @@ def usage_is_billable(*, finish_status: str, produced_output: bool) -> bool:
     return finish_status != FAILED or produced_output
 
 
-def usage_cost(*, prompt_tokens: int, completion_tokens: int, input_price: Decimal, output_price: Decimal) -> Decimal:
-    """Return the cost in US dollars: tokens times the per-million-token prices, over one million."""
-    return (Decimal(prompt_tokens) * input_price + Decimal(completion_tokens) * output_price) / _MILLION
+def usage_cost(
+    *,
+    prompt_tokens: int,
+    completion_tokens: int,
+    input_price: Decimal,
+    output_price: Decimal,
+    cached_tokens: int = 0,
+    cache_creation_tokens: int = 0,
+    cached_input_price: Decimal | None = None,
+    cache_write_price: Decimal | None = None,
+) -> Decimal:
+    """Return the cost in US dollars of a reply's tokens at per-million-token prices.
+
+    ``accounts.pricing.token_cost``: ``(prompt - cached - cache_creation) * input + cached *
+    cached_input + cache_creation * cache_write + completion * output``, over one million; a cache
+    price None is the input price.
+    """
+    prices = Prices(
+        input=input_price, output=output_price, cached_input=cached_input_price, cache_write=cache_write_price
+    )
+    return token_cost(
+        prices=prices,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        cached_tokens=cached_tokens,
+        cache_creation_tokens=cache_creation_tokens,
+    )
 
 
 def usage_account(
@@ -176,6 +229,9 @@ def usage_account(
     completion_tokens: int,
     token_source: str,
     produced_output: bool,
+    cached_tokens: int = 0,
+    cache_creation_tokens: int = 0,
+    reasoning_tokens: int = 0,
 ) -> UsageEvent:
     """Queue the usage record of a reply that ended; return the queued event.
 
@@ -183,16 +239,19 @@ def usage_account(
     that is not billable (``usage_is_billable``: failed before any output) is recorded with
     0 tokens and cost 0. ``token_source``: where the counts came from, a ``UsageRecord.TokenSource``
     value (``provider``; ``counted`` or ``estimated`` when the provider reported none, e.g. a
-    stream cut off).
+    stream cut off). The breakdown, as the provider reported it (``llm.providers.Usage``):
+    ``cached_tokens`` and ``cache_creation_tokens`` of ``prompt_tokens`` read from / written to its
+    prompt cache, ``reasoning_tokens`` of ``completion_tokens``; priced by ``accounts.pricing.token_cost``.
     Never blocks and never raises for a broker outage (the sender thread keeps the record).
     """
     if not usage_is_billable(finish_status=finish_status, produced_output=produced_output):
-        prompt_tokens = completion_tokens = 0
-    cost = usage_cost(
+        prompt_tokens = completion_tokens = cached_tokens = cache_creation_tokens = reasoning_tokens = 0
+    cost = token_cost(
+        prices=context.prices,
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
-        input_price=context.input_price_per_million,
-        output_price=context.output_price_per_million,
+        cached_tokens=cached_tokens,
+        cache_creation_tokens=cache_creation_tokens,
     )
     subject = {field.name: getattr(context, field.name) for field in fields(UsageSubject)}
     event = UsageEvent(
@@ -202,6 +261,9 @@ def usage_account(
         cost=str(cost),
         token_source=token_source,
         finish_status=finish_status,
+        cached_tokens=cached_tokens,
+        cache_creation_tokens=cache_creation_tokens,
+        reasoning_tokens=reasoning_tokens,
     )
     _sender.put(event)
     return event

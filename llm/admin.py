@@ -80,6 +80,8 @@ class LLMModelAdmin(admin.ModelAdmin):
         "enabled",
         "input_price_per_million",
         "output_price_per_million",
+        "cached_input_price_per_million",
+        "cache_write_price_per_million",
         "context_window",
         "tokenizer",
     )

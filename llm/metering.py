@@ -66,6 +66,8 @@ def reply_metering(
         ),
         input_price_per_million=model.input_price_per_million,
         output_price_per_million=model.output_price_per_million,
+        cached_input_price_per_million=model.cached_input_price_per_million,
+        cache_write_price_per_million=model.cache_write_price_per_million,
     )
 
 

@@ -121,7 +121,10 @@ class Provider(models.Model):
 class LLMModel(RateLimited):
     """A model users can chat with: a public ``name`` mapped to a provider's ``upstream_model``.
 
-    Prices are US dollars per million tokens (the unit providers publish).
+    Prices are US dollars per million tokens (the unit providers publish): prompt tokens read
+    fresh (input), from the provider's prompt cache (cached input; empty: the input price) and
+    written to it (cache write; empty: the input price), and completion tokens, reasoning
+    included (output). ``accounts.pricing.token_cost`` has the formula.
     ``default_parameters`` are OpenAI request fields (e.g. ``{"temperature": 0.7}``) applied
     when the client does not send them. ``tokenizer``: how its tokens are counted when the provider
     does not report them (before the call, and for a stopped stream): ``llm.tokens``.
@@ -146,6 +149,26 @@ class LLMModel(RateLimited):
     enabled = models.BooleanField(default=True)
     input_price_per_million = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
     output_price_per_million = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
+    cached_input_price_per_million = models.DecimalField(
+        max_digits=12,
+        decimal_places=6,
+        null=True,
+        blank=True,
+        help_text=(
+            'US dollars per million prompt tokens read from the provider\'s prompt cache (OpenAI "cached input", '
+            'Anthropic "cache hits", Gemini "context caching"); empty: the input price'
+        ),
+    )
+    cache_write_price_per_million = models.DecimalField(
+        max_digits=12,
+        decimal_places=6,
+        null=True,
+        blank=True,
+        help_text=(
+            "US dollars per million prompt tokens written to the provider's prompt cache (Anthropic \"cache "
+            'writes"); empty: the input price'
+        ),
+    )
     tokenizer = models.CharField(
         max_length=32,
         choices=Tokenizer.choices,

@@ -62,7 +62,7 @@ class EnabledModel:
 
     ``id`` / ``name``: the ``LLMModel`` row and its public name; ``upstream_model``: the name sent
     to the provider; ``default_parameters``: OpenAI request fields (read-only mapping; copy it to
-    change it); prices in US dollars per million tokens; ``context_window`` and
+    change it); prices in US dollars per million tokens (cache prices None: the input price); ``context_window`` and
     ``max_output_tokens`` (None: the rest of the window) in tokens; ``limits``: the model's rate limits;
     ``provider``: how to reach the upstream, its API key decrypted. ``tokenizer``: counts its
     tokens (``LLMModel.tokenizer`` resolved for ``upstream_model``: ``llm.tokens.tokenizer_for``).
@@ -74,6 +74,8 @@ class EnabledModel:
     default_parameters: Mapping[str, Any]
     input_price_per_million: Decimal
     output_price_per_million: Decimal
+    cached_input_price_per_million: Decimal | None
+    cache_write_price_per_million: Decimal | None
     context_window: int
     max_output_tokens: int | None
     limits: RateLimits
@@ -105,6 +107,8 @@ def _enabled_model_read(name: str) -> EnabledModel:
         default_parameters=MappingProxyType(dict(model.default_parameters)),
         input_price_per_million=model.input_price_per_million,
         output_price_per_million=model.output_price_per_million,
+        cached_input_price_per_million=model.cached_input_price_per_million,
+        cache_write_price_per_million=model.cache_write_price_per_million,
         context_window=model.context_window,
         max_output_tokens=model.max_output_tokens,
         limits=model.rate_limits,

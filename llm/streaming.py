@@ -555,11 +555,15 @@ class Reply(Generic[P]):
                 f": {error.detail}" if error.detail else "",
             )
         if self.plan.usage is not None:
+            usage = outcome.usage
             usage_account(
                 context=self.plan.usage,
                 finish_status=outcome.status.value,
-                prompt_tokens=outcome.usage.prompt_tokens,
-                completion_tokens=outcome.usage.completion_tokens,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                cached_tokens=usage.cached_tokens,
+                cache_creation_tokens=usage.cache_creation_tokens,
+                reasoning_tokens=usage.reasoning_tokens,
                 token_source=outcome.usage_source,
                 produced_output=outcome.time_to_first_token_ms is not None,
             )

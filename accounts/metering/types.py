@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
-_MILLION = Decimal(1_000_000)
+from ..pricing import Prices, max_token_cost
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +59,8 @@ class MeteringRequest:
     reservation by it). ``subjects``: every party the request counts against, all of which must
     allow it. ``prompt_tokens``: counted before the call (``llm.tokens``). ``max_completion_tokens``:
     the most the reply may generate (the client's ``max_completion_tokens`` / ``max_tokens``, else
-    the model's output cap, else the rest of its context window). Prices: US dollars per million tokens.
+    the model's output cap, else the rest of its context window). Prices: US dollars per million tokens;
+    the cache prices None when the model has none (the input price applies: ``accounts.pricing``).
     """
 
     request_id: str
@@ -68,6 +69,8 @@ class MeteringRequest:
     max_completion_tokens: int
     input_price_per_million: Decimal
     output_price_per_million: Decimal
+    cached_input_price_per_million: Decimal | None = None
+    cache_write_price_per_million: Decimal | None = None
 
     @property
     def max_tokens(self) -> int:
@@ -76,11 +79,18 @@ class MeteringRequest:
 
     @property
     def max_cost(self) -> Decimal:
-        """Return the most the request can cost, in US dollars (prompt and maximum completion at the prices)."""
-        return (
-            Decimal(self.prompt_tokens) * self.input_price_per_million
-            + Decimal(self.max_completion_tokens) * self.output_price_per_million
-        ) / _MILLION
+        """Return the most the request can cost, in US dollars: the prompt at its highest price (fresh,
+        cached or cache-written: the provider decides) and the maximum completion at the output price
+        (``accounts.pricing.max_token_cost``)."""
+        prices = Prices(
+            input=self.input_price_per_million,
+            output=self.output_price_per_million,
+            cached_input=self.cached_input_price_per_million,
+            cache_write=self.cache_write_price_per_million,
+        )
+        return max_token_cost(
+            prices=prices, prompt_tokens=self.prompt_tokens, max_completion_tokens=self.max_completion_tokens
+        )
 
 
 __all__ = ["NO_LIMITS", "MeteringRequest", "MeteringSubject", "RateLimits"]

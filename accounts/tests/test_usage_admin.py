@@ -25,13 +25,15 @@ def at(iso: str) -> dt.datetime:
 
 @pytest.fixture
 def records(user, other_user) -> list[UsageRecord]:
-    """Three March records of ``user`` (one refused) and one of ``other_user``."""
+    """Three March records of ``user`` (one refused) and one of ``other_user``; the first read 60 prompt
+    tokens from the provider's cache, wrote 10 to it and spent 20 completion tokens reasoning."""
     key = api_key_create(user=user, name="laptop").api_key
+    breakdown = {"cached_tokens": 60, "cache_creation_tokens": 10, "reasoning_tokens": 20}
     rows = [
-        (user, key, "2026-03-01T10:00:00", 100, 50, "0.001", "completed"),
-        (user, None, "2026-03-02T10:00:00", 10, 5, "0.0002", "cancelled"),
-        (user, key, "2026-03-02T11:00:00", 0, 0, "0", "refused"),
-        (other_user, None, "2026-03-05T10:00:00", 1000, 0, "0.25", "completed"),
+        (user, key, "2026-03-01T10:00:00", 100, 50, "0.001", "completed", breakdown),
+        (user, None, "2026-03-02T10:00:00", 10, 5, "0.0002", "cancelled", {}),
+        (user, key, "2026-03-02T11:00:00", 0, 0, "0", "refused", {}),
+        (other_user, None, "2026-03-05T10:00:00", 1000, 0, "0.25", "completed", {}),
     ]
     return [
         usage_record_at(
@@ -43,8 +45,9 @@ def records(user, other_user) -> list[UsageRecord]:
             completion_tokens=completion,
             cost=Decimal(cost),
             finish_status=status,
+            **details,
         )
-        for owner, api_key, when, prompt, completion, cost, status in rows
+        for owner, api_key, when, prompt, completion, cost, status, details in rows
     ]
 
 
@@ -68,10 +71,10 @@ def test_the_summary_page_shows_every_users_usage(admin_site, user, other_user, 
     assert page.status_code == 200
     assert page.context["columns"][:2] == ("user_id", "username")
     table = {row[1]: row[2:] for row in page.context["table"]}
-    # prompt, completion, total tokens, cost (USD), requests, refused requests
+    # prompt, completion, total, cached, cache-write, reasoning tokens, cost (USD), requests, refused requests
     assert table == {
-        user.username: [110, 55, 165, "0.00120000", 2, 1],
-        other_user.username: [1000, 0, 1000, "0.25000000", 1, 0],
+        user.username: [110, 55, 165, 60, 10, 20, "0.00120000", 2, 1],
+        other_user.username: [1000, 0, 1000, 0, 0, 0, "0.25000000", 1, 0],
     }
     assert "Download CSV" in page.content.decode()
 
@@ -80,9 +83,20 @@ def test_the_summary_page_filters_by_user_and_downloads_csv(admin_site, user, re
     response = admin_site.get(SUMMARY, {**MARCH, "group_by": ["day"], "user": user.pk, "format": "csv"})
 
     assert csv_rows(response) == [
-        ["day", "prompt_tokens", "completion_tokens", "total_tokens", "cost", "requests", "refused_requests"],
-        ["2026-03-01", "100", "50", "150", "0.00100000", "1", "0"],
-        ["2026-03-02", "10", "5", "15", "0.00020000", "1", "1"],
+        [
+            "day",
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "cached_tokens",
+            "cache_creation_tokens",
+            "reasoning_tokens",
+            "cost",
+            "requests",
+            "refused_requests",
+        ],
+        ["2026-03-01", "100", "50", "150", "60", "10", "20", "0.00100000", "1", "0"],
+        ["2026-03-02", "10", "5", "15", "0", "0", "0", "0.00020000", "1", "1"],
     ]
 
 
@@ -127,6 +141,9 @@ def test_the_export_action_downloads_the_selected_records(admin_site, user, reco
         "prompt_tokens",
         "completion_tokens",
         "total_tokens",
+        "cached_tokens",
+        "cache_creation_tokens",
+        "reasoning_tokens",
         "cost",
         "finish_status",
     ]
@@ -141,6 +158,9 @@ def test_the_export_action_downloads_the_selected_records(admin_site, user, reco
         "100",
         "50",
         "150",
+        "60",
+        "10",
+        "20",
         "0.00100000",
         "completed",
     ]

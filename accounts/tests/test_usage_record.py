@@ -9,8 +9,8 @@ import pytest
 
 from accounts.models import UsageRecord
 from accounts.tasks import usage_record_batch_task, usage_record_task
-from accounts.usage import UsageContext, UsageEvent, usage_account, usage_flush, usage_record_many
-from tests.factories import ConversationFactory, MessageFactory
+from accounts.usage import UsageContext, UsageEvent, usage_account, usage_context, usage_flush, usage_record_many
+from tests.factories import ConversationFactory, LLMModelFactory, MessageFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)  # the sender thread writes on its own connection
 
@@ -41,6 +41,60 @@ def test_a_completed_reply_is_priced_per_million_tokens_and_written(context):
     assert record.token_source == "estimated"
     assert record.finish_status == "completed"
     assert record.model_id == context.model_id
+
+
+def test_the_token_breakdown_is_stored_and_priced_at_the_cache_prices(user):
+    context = usage_context(
+        request_id="chatcmpl-cached",
+        source=UsageRecord.Source.OPENAI_API,
+        user_id=user.id,
+        api_key_id=None,
+        model=LLMModelFactory(
+            name="cached",
+            input_price_per_million=Decimal(3),
+            output_price_per_million=Decimal(15),
+            cached_input_price_per_million=Decimal("0.3"),
+            cache_write_price_per_million=Decimal("3.75"),
+        ),
+    )
+    event = account(
+        context,
+        prompt_tokens=10_000,
+        completion_tokens=500,
+        cached_tokens=6_000,
+        cache_creation_tokens=3_000,
+        reasoning_tokens=200,
+        token_source="provider",
+    )
+
+    assert usage_flush(10)
+    record = UsageRecord.objects.get(request_id="chatcmpl-cached")
+    fields = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_creation_tokens", "reasoning_tokens")
+    assert tuple(getattr(record, name) for name in fields) == (10_000, 500, 6_000, 3_000, 200)
+    # (1000 fresh * 3 + 6000 cached * 0.3 + 3000 written * 3.75 + 500 * 15) / 1e6; reasoning is output.
+    assert record.cost == Decimal(event.cost) == Decimal("0.02355")
+
+
+def test_an_unbilled_reply_stores_no_breakdown(context):
+    account(context, finish_status="failed", produced_output=False, cached_tokens=5, reasoning_tokens=3)
+
+    assert usage_flush(10)
+    record = UsageRecord.objects.get()
+    assert (record.cached_tokens, record.cache_creation_tokens, record.reasoning_tokens, record.cost) == (0, 0, 0, 0)
+
+
+def test_a_batch_queued_before_the_breakdown_is_recorded_with_zeros(context):
+    event = account(context)
+    assert usage_flush(10)
+    UsageRecord.objects.all().delete()
+    fields = {**asdict(event), "request_id": "chatcmpl-before-breakdown"}
+    for name in ("cached_tokens", "cache_creation_tokens", "reasoning_tokens"):
+        del fields[name]
+
+    assert usage_record_batch_task.delay([fields]).get(timeout=10) == 1
+
+    record = UsageRecord.objects.get()
+    assert (record.prompt_tokens, record.cached_tokens, record.reasoning_tokens) == (1234, 0, 0)
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,10 @@ from tests.kit import assert_error, bearer
 SUMMARY = "/api/usage/summary/"
 MARCH = {"start_date": "2026-03-01", "end_date": "2026-04-01"}
 METRICS = ("prompt_tokens", "completion_tokens", "total_tokens", "cost", "requests", "refused_requests")
+# The token breakdown the providers reported, summed too (checked by its own test).
+BREAKDOWN = ("cached_tokens", "cache_creation_tokens", "reasoning_tokens")
+# Every sum, in the order the CSV writes them.
+ALL_METRICS = ("prompt_tokens", "completion_tokens", "total_tokens", *BREAKDOWN, "cost", "requests", "refused_requests")
 
 pytestmark = pytest.mark.django_db
 
@@ -39,11 +43,17 @@ def march(user, other_user) -> dict[str, Any]:
     0.002 USD); on 03-02 a failed ``beta`` reply without a key (10+0, 0.0001 USD) and two refused
     requests (``alpha`` through ``laptop``, ``beta`` through ``ci``); one record just before
     March and one at April's first instant (outside). ``other_user``: one ``alpha`` reply on 03-01
-    (1000+1000, 0.5 USD).
+    (1000+1000, 0.5 USD). Breakdowns: ``user``'s first reply read 80 prompt tokens from the cache
+    and reasoned for 30; its second wrote 150 to the cache; ``other_user``'s read 900 and reasoned 500.
     """
     laptop = api_key_create(user=user, name="laptop").api_key
     ci = api_key_create(user=user, name="=cmd|' /C calc'!A0").api_key  # a name a spreadsheet would run
     theirs = api_key_create(user=other_user, name="theirs").api_key
+    breakdowns = {
+        "2026-03-01T10:00:00": {"cached_tokens": 80, "reasoning_tokens": 30},
+        "2026-03-01T11:00:00": {"cache_creation_tokens": 150},
+        "2026-03-01T12:00:00": {"cached_tokens": 900, "reasoning_tokens": 500},
+    }
     rows = [
         (user, laptop, "alpha", "2026-03-01T10:00:00", 100, 50, "0.001", "completed"),
         (user, laptop, "alpha", "2026-03-01T11:00:00", 200, 100, "0.002", "completed"),
@@ -64,6 +74,7 @@ def march(user, other_user) -> dict[str, Any]:
             completion_tokens=completion,
             cost=Decimal(cost),
             finish_status=status,
+            **breakdowns.get(when, {}),
         )
     return {"laptop": laptop, "ci": ci, "theirs": theirs}
 
@@ -88,7 +99,8 @@ def test_a_member_sees_their_own_usage_per_day(auth_client, march):
     assert metrics(first) == (300, 150, 450, "0.00300000", 2, 0)  # other_user's 03-01 reply is not counted
     assert second["day"] == "2026-03-02"
     assert metrics(second) == (10, 0, 10, "0.00010000", 1, 2)  # the failed reply is a request; refusals apart
-    assert set(first) == {"day", *METRICS}
+    assert set(first) == {"day", *ALL_METRICS}
+    assert [tuple(row[name] for name in BREAKDOWN) for row in (first, second)] == [(80, 150, 30), (0, 0, 0)]
 
 
 def test_grouped_by_model(auth_client, march):
@@ -119,6 +131,8 @@ def test_an_admin_sees_everyone_grouped_by_user(client_for, admin_user, user, ot
     assert by_name[user.username]["user_id"] == user.pk
     assert metrics(by_name[user.username]) == (310, 150, 460, "0.00310000", 3, 2)
     assert metrics(by_name[other_user.username]) == (1000, 1000, 2000, "0.50000000", 1, 0)
+    breakdown = {name: tuple(row[key] for key in BREAKDOWN) for name, row in by_name.items()}
+    assert breakdown == {user.username: (80, 150, 30), other_user.username: (900, 0, 500)}
 
 
 def test_an_admin_filters_by_user_and_groups_by_several_dimensions(client_for, admin_user, other_user, march):
@@ -208,14 +222,15 @@ def test_csv_export_has_a_header_row_and_the_same_numbers(auth_client, march):
     assert response["Content-Type"].startswith("text/csv")
     assert response["Content-Disposition"] == 'attachment; filename="usage-2026-03-01-2026-04-01.csv"'
     rows = list(csv.reader(io.StringIO(response.content.decode("utf-8"))))
-    assert rows[0] == ["day", "api_key_id", "api_key_name", "api_key_prefix", *METRICS]
+    assert rows[0] == ["day", "api_key_id", "api_key_name", "api_key_prefix", *ALL_METRICS]
     laptop, ci = march["laptop"], march["ci"]
     assert rows[1:] == [
-        ["2026-03-01", str(laptop.pk), "laptop", laptop.prefix, "300", "150", "450", "0.00300000", "2", "0"],
-        ["2026-03-02", str(laptop.pk), "laptop", laptop.prefix, "0", "0", "0", "0.00000000", "0", "1"],
+        ["2026-03-01", str(laptop.pk), "laptop", laptop.prefix, "300", "150", "450", "80", "150", "30"]
+        + ["0.00300000", "2", "0"],
+        ["2026-03-02", str(laptop.pk), "laptop", laptop.prefix, "0", "0", "0", "0", "0", "0", "0.00000000", "0", "1"],
         # A key name that starts like a formula is written as text.
-        ["2026-03-02", str(ci.pk), "'" + ci.name, ci.prefix, "0", "0", "0", "0.00000000", "0", "1"],
-        ["2026-03-02", "", "", "", "10", "0", "10", "0.00010000", "1", "0"],
+        ["2026-03-02", str(ci.pk), "'" + ci.name, ci.prefix, "0", "0", "0", "0", "0", "0", "0.00000000", "0", "1"],
+        ["2026-03-02", "", "", "", "10", "0", "10", "0", "0", "0", "0.00010000", "1", "0"],
     ]
 
 
@@ -223,7 +238,7 @@ def test_csv_by_accept_header_and_with_no_rows(auth_client, user):
     response = auth_client.get(SUMMARY, {**MARCH, "group_by": "model"}, HTTP_ACCEPT="text/csv")
 
     assert response.status_code == 200
-    assert response.content.decode() == "model_name," + ",".join(METRICS) + "\r\n"
+    assert response.content.decode() == "model_name," + ",".join(ALL_METRICS) + "\r\n"
 
 
 @pytest.mark.parametrize(

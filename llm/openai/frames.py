@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ..providers import ChatChunk
-from ..streaming import KEEPALIVE, Reply, ReplyDelta, ReplyDone, ReplyFailed, ReplyOutcome
+from ..streaming import KEEPALIVE, PROVIDER, Reply, ReplyDelta, ReplyDone, ReplyFailed, ReplyOutcome
 from .services import ChatCompletionPlan
 
 # One encoder, built once: ``json.dumps`` with arguments builds a new encoder per call.
@@ -26,14 +26,26 @@ DONE = b"data: [DONE]\n\n"
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
 
 
-def usage_object(outcome: ReplyOutcome) -> dict[str, int]:
-    """Return OpenAI's ``usage`` object of a finished reply: prompt, completion and total tokens."""
+def usage_object(outcome: ReplyOutcome) -> dict[str, Any]:
+    """Return OpenAI's ``usage`` object (``CompletionUsage``) of a finished reply.
+
+    Prompt, completion and total tokens; when the provider reported the usage (whatever its
+    kind: ``llm.providers.Usage``), also ``prompt_tokens_details: {"cached_tokens"}`` and
+    ``completion_tokens_details: {"reasoning_tokens"}``, as OpenAI sends them. Counted by our
+    tokenizer (a stopped or cut stream), the breakdown is unknown and left out. Tokens written to
+    a prompt cache (Anthropic's) have no field in OpenAI's schema: they count in ``prompt_tokens``.
+    https://platform.openai.com/docs/api-reference/chat/object#chat/object-usage
+    """
     usage = outcome.usage
-    return {
+    body: dict[str, Any] = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
     }
+    if outcome.usage_source == PROVIDER:
+        body["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens}
+        body["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    return body
 
 
 async def chat_completion_frames(reply: Reply[ChatCompletionPlan], *, keepalive: float) -> AsyncIterator[bytes]:

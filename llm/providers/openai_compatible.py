@@ -3,7 +3,9 @@
 Wire format: https://platform.openai.com/docs/api-reference/chat/streaming — ``POST
 {base_url}/chat/completions`` with ``stream: true`` answers SSE events whose ``data`` is a
 ``chat.completion.chunk`` object, ending with ``data: [DONE]``. With ``stream_options:
-{"include_usage": true}`` the last chunk before ``[DONE]`` has ``choices: []`` and ``usage``.
+{"include_usage": true}`` the last chunk before ``[DONE]`` has ``choices: []`` and ``usage``
+(its ``prompt_tokens_details.cached_tokens`` and ``completion_tokens_details.reasoning_tokens``
+are read too: ``_parse_usage``).
 
 This is the hot path. Per read, it takes whatever body the socket has delivered (aiohttp's
 ``readany``), decodes it as UTF-8 incrementally, splits it into lines with httpx-sse's
@@ -405,6 +407,30 @@ def _content_chunk(data: str) -> ChatChunk | None:
     return ChatChunk(content=content) if content else None
 
 
+def _parse_usage(raw: dict[str, Any]) -> Usage:
+    """Return the ``Usage`` of an OpenAI ``usage`` object (``CompletionUsage``), breakdown included.
+
+    ``prompt_tokens_details.cached_tokens`` and ``completion_tokens_details.reasoning_tokens``
+    (https://platform.openai.com/docs/api-reference/chat/object#chat/object-usage) when present;
+    DeepSeek reports its cache hits as ``prompt_cache_hit_tokens`` instead
+    (https://api-docs.deepseek.com/api/create-chat-completion). A detail that is absent or null
+    counts 0 (vLLM and Ollama send none; some servers send ``null`` objects). Runs once per reply.
+
+    Raises ``ValueError`` / ``TypeError`` / ``AttributeError`` for a count that is not a number.
+    """
+    prompt_details = raw.get("prompt_tokens_details")
+    completion_details = raw.get("completion_tokens_details")
+    cached = prompt_details.get("cached_tokens") if prompt_details else None
+    if cached is None:
+        cached = raw.get("prompt_cache_hit_tokens")
+    return Usage(
+        prompt_tokens=int(raw.get("prompt_tokens") or 0),
+        completion_tokens=int(raw.get("completion_tokens") or 0),
+        cached_tokens=int(cached or 0),
+        reasoning_tokens=int((completion_details.get("reasoning_tokens") if completion_details else None) or 0),
+    )
+
+
 def _parse_chunk(payload: dict[str, Any], safe: Callable[[str], str]) -> ChatChunk | None:
     """Return the ``ChatChunk`` in one ``chat.completion.chunk`` object, or ``None`` if it carries nothing.
 
@@ -438,10 +464,7 @@ def _parse_chunk(payload: dict[str, Any], safe: Callable[[str], str]) -> ChatChu
             logprobs = None
     raw_usage = payload.get("usage")
     if raw_usage:
-        usage = Usage(
-            prompt_tokens=int(raw_usage.get("prompt_tokens") or 0),
-            completion_tokens=int(raw_usage.get("completion_tokens") or 0),
-        )
+        usage = _parse_usage(raw_usage)
     if not (content or reasoning or tool_calls or finish_reason or usage or logprobs):
         return None
     return ChatChunk(

@@ -46,6 +46,12 @@ combinable, e.g. ``X-Simulator-Fault: ttft=2, stall=3, stall-after=4, drop-after
   the pace resumes after it.
 - ``ttft=S``: S seconds before the first token instead of ``--ttft-ms`` (the headers go at once).
 
+Usage reports on demand, on the same header: ``cached-tokens=K`` reports K of the prompt's tokens
+(at most all of them) as read from a prompt cache (``usage.prompt_tokens_details.cached_tokens``),
+``reasoning-tokens=K`` reports K reasoning tokens (``usage.completion_tokens_details.reasoning_tokens``,
+also added to ``completion_tokens``, as OpenAI's reasoning models count them; no reasoning text is
+streamed, as OpenAI streams none), e.g. ``X-Simulator-Fault: cached-tokens=5, reasoning-tokens=7``.
+
 K are whole numbers >= 0, S numbers of seconds >= 0; whichever of a drop and a malformed line
 comes first ends the stream. A header that does not parse is OpenAI's 400 naming the problem.
 The same failures by ``model``, for clients that cannot set headers: ``sim-error-NNN`` is

@@ -153,7 +153,12 @@ class _Simulator:
                     request.transport.close()
                 raise asyncio.CancelledError  # nothing to answer on a closed connection
             return web.Response(body=MALFORMED_CHUNK.removeprefix(b"data: "), content_type="application/json")
-        usage = usage_object(count_prompt_tokens(completion.messages), len(indexes))
+        usage = usage_object(
+            count_prompt_tokens(completion.messages),
+            len(indexes),
+            cached_tokens=fault.cached_tokens,
+            reasoning_tokens=fault.reasoning_tokens,
+        )
         body = completion_body(
             model=completion.model,
             indexes=indexes,
@@ -195,7 +200,14 @@ class _Simulator:
         else:
             ending = frames.finish
             if completion.include_usage:
-                ending += frames.usage(usage_object(count_prompt_tokens(completion.messages), len(indexes)))
+                ending += frames.usage(
+                    usage_object(
+                        count_prompt_tokens(completion.messages),
+                        len(indexes),
+                        cached_tokens=fault.cached_tokens,
+                        reasoning_tokens=fault.reasoning_tokens,
+                    )
+                )
             ending += DONE
         token: Callable[..., bytes]
         if completion.logprobs:

@@ -96,6 +96,11 @@ class Fault:
     ``[DONE]``. ``stall``: seconds of silence after ``stall_after`` tokens. ``ttft``: seconds
     before the first token, instead of the configured ``ttft_ms``. Token counts are of content
     tokens; the role chunk goes out with the first one.
+
+    Not failures, but per-request usage reports on the same header: ``cached_tokens`` of the
+    prompt reported as read from a prompt cache (at most the prompt's tokens) and
+    ``reasoning_tokens`` reported as spent reasoning, added to ``completion_tokens`` as OpenAI's
+    reasoning models do (no reasoning text is streamed for them, as OpenAI streams none).
     """
 
     status: int | None = None
@@ -105,6 +110,8 @@ class Fault:
     stall: float = 0.0
     stall_after: int = 1
     ttft: float | None = None
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
 
     @property
     def cut_after(self) -> int | None:
@@ -129,6 +136,8 @@ _FAULT_DIRECTIVES: dict[str, tuple[str, type, object]] = {
     "stall": ("stall", float, None),
     "stall-after": ("stall_after", int, None),
     "ttft": ("ttft", float, None),
+    "cached-tokens": ("cached_tokens", int, None),
+    "reasoning-tokens": ("reasoning_tokens", int, None),
 }
 
 
@@ -138,8 +147,9 @@ def parse_fault(header: str) -> Fault | web.Response:
     The value is directives separated by commas (or semicolons), each ``name=value`` or a bare
     ``name``: ``status=NNN`` (400..599), ``retry-after=S`` (whole seconds, with ``status=429``),
     ``drop-after=K``, ``malformed-line`` (after 1 token) or ``malformed-line=K``, ``stall=S``
-    (seconds, after 1 token) with ``stall-after=K``, ``ttft=S`` (seconds). Counts are whole
-    numbers >= 0, seconds numbers >= 0. E.g. ``ttft=2, stall=3, stall-after=4, drop-after=10``.
+    (seconds, after 1 token) with ``stall-after=K``, ``ttft=S`` (seconds), and the usage reports
+    ``cached-tokens=K`` and ``reasoning-tokens=K``. Counts are whole numbers >= 0, seconds numbers
+    >= 0. E.g. ``ttft=2, stall=3, stall-after=4, drop-after=10``.
     """
     values: dict[str, object] = {}
     for part in re.split(r"[,;]", header):
@@ -237,10 +247,33 @@ def parse_completion(body: bytes) -> Completion | web.Response:
     return Completion(model, messages, stream, include_usage, max_tokens, logprobs is True, top_logprobs or 0)
 
 
-def usage_object(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    """Return OpenAI's ``usage`` object (``CompletionUsage``)."""
-    total = prompt_tokens + completion_tokens
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total, **_DETAILS}
+def usage_object(
+    prompt_tokens: int, completion_tokens: int, *, cached_tokens: int = 0, reasoning_tokens: int = 0
+) -> dict[str, Any]:
+    """Return OpenAI's ``usage`` object (``CompletionUsage``), its details included.
+
+    ``completion_tokens`` are the reply's content tokens; ``reasoning_tokens`` are added to them
+    (OpenAI counts reasoning in ``completion_tokens``); ``cached_tokens`` is capped at the prompt.
+    """
+    if not (cached_tokens or reasoning_tokens):
+        total = prompt_tokens + completion_tokens
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": total,
+            **_DETAILS,
+        }
+    completion_tokens += reasoning_tokens
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {
+            **_DETAILS["prompt_tokens_details"],
+            "cached_tokens": min(cached_tokens, prompt_tokens),
+        },
+        "completion_tokens_details": {**_DETAILS["completion_tokens_details"], "reasoning_tokens": reasoning_tokens},
+    }
 
 
 def _dumps(value: Any) -> bytes:

@@ -142,6 +142,17 @@ def test_model_change_form_loads(admin_site, provider):
     assert STORED_KEY not in page
 
 
+def test_model_pages_show_the_cache_prices(admin_site, provider):
+    model = LLMModelFactory(name="gpt-cache", provider=provider, cached_input_price_per_million="0.075000")
+
+    form = admin_site.get(f"/admin/llm/llmmodel/{model.pk}/change/").content.decode()
+    changelist = admin_site.get("/admin/llm/llmmodel/").content.decode()
+
+    assert 'name="cached_input_price_per_million" value="0.075000"' in form
+    assert 'name="cache_write_price_per_million"' in form  # empty: the input price applies
+    assert "column-cached_input_price_per_million" in changelist and "0.075000" in changelist
+
+
 @pytest.mark.parametrize(
     "url",
     [

@@ -18,6 +18,7 @@ def test_lists_enabled_models_by_name_with_prices(auth_client):
         context_window=128000,
         input_price_per_million="0.150000",
         output_price_per_million="0.600000",
+        cached_input_price_per_million="0.075000",
         default_parameters={"temperature": 0.7},
     )
     LLMModelFactory(name="a-model")
@@ -36,6 +37,8 @@ def test_lists_enabled_models_by_name_with_prices(auth_client):
         "context_window": 128000,
         "input_price_per_million": "0.150000",
         "output_price_per_million": "0.600000",
+        "cached_input_price_per_million": "0.075000",
+        "cache_write_price_per_million": None,  # none set: the input price applies
         "default_parameters": {"temperature": 0.7},
     }
     assert "sk-upstream" not in response.content.decode()

@@ -22,6 +22,7 @@ from django.test import AsyncClient, override_settings
 from django.utils import timezone
 from openai.types.chat import ChatCompletionMessageParam
 
+from accounts.metering.budgets import budget_usage
 from accounts.models import Budget, UsageRecord
 from accounts.selectors import usage_current_month
 from chatbackend.asyncdb import run_sync
@@ -107,6 +108,9 @@ async def test_stream_usage_chunk_only_with_include_usage(api_key_secret, sim_mo
         "prompt_tokens": record.prompt_tokens,
         "completion_tokens": record.completion_tokens,
         "total_tokens": record.prompt_tokens + record.completion_tokens,
+        # The provider reported usage: its breakdown goes along (none of it cached or reasoning here).
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
     }
     assert usage_chunk["usage"]["completion_tokens"] == FAST_REPLY_TOKENS
     assert all(chunk["usage"] is None and chunk["choices"] for chunk in content_chunks)
@@ -136,6 +140,9 @@ async def test_a_provider_without_stream_usage_gets_no_stream_options_and_its_re
     tokenizer = tokenizer_for(setting="o200k_base", model_name="")
     assert usage_chunk["usage"]["completion_tokens"] == tokenizer.count_text(text)
     assert usage_chunk["usage"]["prompt_tokens"] == tokenizer.count_prompt(body["messages"])
+    # Counted by us, not reported: the breakdown is unknown and left out.
+    assert "prompt_tokens_details" not in usage_chunk["usage"]
+    assert "completion_tokens_details" not in usage_chunk["usage"]
     records = {record.model_name: record for record in await usage_records()}
     assert records["quiet-4o"].token_source == "counted"
     assert records["quiet-4o"].completion_tokens == tokenizer.count_text(text)
@@ -152,6 +159,70 @@ async def test_stream_false_options_and_accept_headers_never_406(api_key_secret,
         response = await post_chat(client, chat_body("sim-model"), headers)
         assert response.status_code == 200, accept
         validate_against("CreateChatCompletionResponse", json.loads(response.content))
+
+
+async def test_cached_and_reasoning_tokens_reach_the_client_the_record_and_the_budget(user, api_key_secret, simulator):
+    """The upstream reports 4 cached prompt tokens and 7 reasoning tokens (the simulator's usage knob,
+    sent as the provider's extra header): the client's ``usage`` shows them in OpenAI's shape, the
+    record stores them, its cost prices the cached part at the cached-input price, and the user's
+    budget settles to exactly that cost."""
+    provider = await run_sync(
+        Provider.objects.create,
+        name="sim-cache",
+        base_url=simulator.base_url,
+        extra_headers={"X-Simulator-Fault": "cached-tokens=4, reasoning-tokens=7"},
+    )
+    await run_sync(
+        LLMModel.objects.create,
+        name="cache-model",
+        provider=provider,
+        upstream_model="sim-1",
+        input_price_per_million=Decimal(3),
+        output_price_per_million=Decimal(15),
+        cached_input_price_per_million=Decimal("0.3"),
+    )
+    budget = await run_sync(
+        Budget.objects.create,
+        name="monthly",
+        subject_kind=Budget.SubjectKind.USER,
+        subject_id=user.pk,
+        period=Budget.Period.MONTHLY,
+        limit_usd=Decimal(10),
+    )
+    client = AsyncClient()
+    body = chat_body("cache-model", stream=True, stream_options={"include_usage": True})
+    response = await post_chat(client, body, bearer(api_key_secret))
+    *_, usage_chunk = chunk_objects(sse_data(await streamed_content(response)))
+    validate_against("CreateChatCompletionStreamResponse", usage_chunk)
+    whole = await post_chat(client, chat_body("cache-model"), bearer(api_key_secret))
+    completion = json.loads(whole.content)
+    validate_against("CreateChatCompletionResponse", completion)
+
+    streamed, answered = await usage_records(model_name="cache-model")
+    prompt = streamed.prompt_tokens
+    for record, usage in ((streamed, usage_chunk["usage"]), (answered, completion["usage"])):
+        validate_against("CompletionUsage", usage)
+        assert usage == {
+            "prompt_tokens": prompt,
+            "completion_tokens": FAST_REPLY_TOKENS + 7,
+            "total_tokens": prompt + FAST_REPLY_TOKENS + 7,
+            "prompt_tokens_details": {"cached_tokens": 4},
+            "completion_tokens_details": {"reasoning_tokens": 7},
+        }
+        assert (record.prompt_tokens, record.completion_tokens) == (prompt, FAST_REPLY_TOKENS + 7)
+        assert (record.cached_tokens, record.cache_creation_tokens, record.reasoning_tokens) == (4, 0, 7)
+        assert record.token_source == "provider"
+        # (fresh prompt * 3 + 4 cached * 0.3 + completion, reasoning included, * 15) / 1e6, exactly.
+        expected = (
+            Decimal(prompt - 4) * 3 + Decimal(4) * Decimal("0.3") + Decimal(FAST_REPLY_TOKENS + 7) * 15
+        ) / Decimal(1_000_000)
+        assert record.cost == expected
+    assert prompt > 4
+
+    settled = await poll_until(
+        lambda: run_sync(budget_usage, budget), lambda usage: usage.reserved_usd == 0, what="the budget settled"
+    )
+    assert settled.spent_usd == streamed.cost + answered.cost
 
 
 # --- POST /v1/chat/completions: whole ---------------------------------------------------------
@@ -179,6 +250,8 @@ async def test_non_stream_answers_one_chat_completion(api_key_secret, sim_model)
         "prompt_tokens": record.prompt_tokens,
         "completion_tokens": FAST_REPLY_TOKENS,
         "total_tokens": record.prompt_tokens + FAST_REPLY_TOKENS,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
     }
 
 
@@ -274,7 +347,13 @@ async def test_non_stream_merges_tool_calls(api_key_secret, tool_model):
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
     ]
     assert completion["choices"][0]["finish_reason"] == "tool_calls"
-    assert completion["usage"] == {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+    assert completion["usage"] == {
+        "prompt_tokens": 7,
+        "completion_tokens": 5,
+        "total_tokens": 12,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    }
 
 
 # --- Authentication ---------------------------------------------------------------------------

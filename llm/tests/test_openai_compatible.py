@@ -259,6 +259,20 @@ async def test_the_providers_extra_headers_reach_the_upstream(
     assert_key_hidden(caught.value)
 
 
+async def test_usage_details_are_read_from_the_upstream(simulator: SimulatorProcess) -> None:
+    adapter = faulty_provider(simulator.base_url, "cached-tokens=4, reasoning-tokens=7")
+    chunks = await collect(adapter, ChatRequest(model="sim-1", messages=MESSAGES))
+
+    assert chunks[-1] == ChatChunk(
+        usage=Usage(
+            prompt_tokens=count_prompt_tokens(MESSAGES),
+            completion_tokens=FAST_REPLY_TOKENS + 7,  # reasoning counts in the completion, as OpenAI's does
+            cached_tokens=4,
+            reasoning_tokens=7,
+        )
+    )
+
+
 async def test_logprobs_pass_through_when_the_upstream_sends_them(simulator: SimulatorProcess) -> None:
     parameters = {"logprobs": True, "top_logprobs": 2}
     chunks = await collect(
@@ -658,3 +672,58 @@ def test_an_invalid_escape_in_a_content_only_chunk_is_a_malformed_chunk() -> Non
 
     with pytest.raises(ValueError):
         _content_chunk(_HEAD + _choice('{"content":"bad \\x escape"}') + _TAIL)
+
+
+def usage_chunk(usage: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [],
+        "usage": usage,
+    }
+
+
+@pytest.mark.parametrize(
+    ("usage", "expected"),
+    [
+        # vLLM and Ollama send no details; some servers send them as null, or with null counts.
+        ({"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}, Usage(9, 3)),
+        (
+            {
+                "prompt_tokens": 9,
+                "completion_tokens": 3,
+                "prompt_tokens_details": None,
+                "completion_tokens_details": None,
+            },
+            Usage(9, 3),
+        ),
+        (
+            {
+                "prompt_tokens": 9,
+                "completion_tokens": 3,
+                "prompt_tokens_details": {"cached_tokens": None},
+                "completion_tokens_details": {"reasoning_tokens": None},
+            },
+            Usage(9, 3),
+        ),
+        # DeepSeek: cache hits as prompt_cache_hit_tokens, reasoning in completion_tokens_details.
+        (
+            {
+                "prompt_tokens": 9,
+                "completion_tokens": 3,
+                "prompt_cache_hit_tokens": 8,
+                "prompt_cache_miss_tokens": 1,
+                "completion_tokens_details": {"reasoning_tokens": 2},
+            },
+            Usage(9, 3, cached_tokens=8, reasoning_tokens=2),
+        ),
+    ],
+)
+async def test_usage_details_absent_or_null_count_zero(
+    canned_upstream: Callable[..., str], usage: dict[str, Any], expected: Usage
+) -> None:
+    base_url = canned_upstream(sse(delta_chunk({"content": "Hi"}, finish_reason="stop"), usage_chunk(usage), "[DONE]"))
+    chunks = await collect(provider(base_url), ChatRequest(model="m", messages=MESSAGES))
+    assert chunks == [ChatChunk(content="Hi", finish_reason="stop"), ChatChunk(usage=expected)]

@@ -407,7 +407,8 @@ async def test_faults_without_stream(simulator: SimulatorProcess) -> None:
 
 
 @pytest.mark.parametrize(
-    "fault", ["explode", "status", "status=200", "status=abc", "drop-after=-1", "stall=nan", "ttft=inf"]
+    "fault",
+    ["explode", "status", "status=200", "status=abc", "drop-after=-1", "stall=nan", "ttft=inf", "cached-tokens=-1"],
 )
 async def test_bad_fault_header_is_an_openai_400(simulator: SimulatorProcess, fault: str) -> None:
     async with faulty(simulator, fault) as client:
@@ -415,6 +416,34 @@ async def test_bad_fault_header_is_an_openai_400(simulator: SimulatorProcess, fa
             await client.chat.completions.create(model="sim-1", messages=MESSAGES, stream=True)
     validate_against("ErrorResponse", caught.value.response.json())
     assert "X-Simulator-Fault" in caught.value.message
+
+
+async def test_usage_details_on_demand_parse_with_the_sdk(simulator: SimulatorProcess) -> None:
+    """``cached-tokens`` / ``reasoning-tokens`` report a usage breakdown, streamed and whole, in OpenAI's shape."""
+    prompt = count_prompt_tokens(MESSAGES)
+    async with faulty(simulator, "cached-tokens=5, reasoning-tokens=7") as client:
+        stream = await client.chat.completions.create(
+            model="sim-1", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = [chunk async for chunk in stream]
+        whole = await client.chat.completions.create(model="sim-1", messages=MESSAGES)
+    for usage in (chunks[-1].usage, whole.usage):
+        assert usage is not None
+        validate_against("CompletionUsage", usage.model_dump(exclude_none=True))
+        assert (usage.prompt_tokens, usage.completion_tokens) == (prompt, FAST_REPLY_TOKENS + 7)
+        assert usage.total_tokens == prompt + FAST_REPLY_TOKENS + 7
+        assert usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens == 5
+        assert usage.completion_tokens_details is not None
+        assert usage.completion_tokens_details.reasoning_tokens == 7
+    # Reasoning is reported, not streamed (as OpenAI's reasoning models do): the text is unchanged.
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply_text(
+        MESSAGES, FAST_REPLY_TOKENS
+    )
+
+    async with faulty(simulator, "cached-tokens=100000") as client:
+        capped = await client.chat.completions.create(model="sim-1", messages=MESSAGES)
+    assert capped.usage is not None and capped.usage.prompt_tokens_details is not None
+    assert capped.usage.prompt_tokens_details.cached_tokens == prompt  # never more than the prompt
 
 
 # --- logprobs --------------------------------------------------------------------------------------
