@@ -45,13 +45,15 @@ from .translate import check_fields, openai_messages, openai_parameters
 # Serializers hold no per-request state once built.
 _CREATE_INPUT = MessageCreateInputSerializer()
 _COUNT_INPUT = MessageCountTokensInputSerializer()
+_CREATE_FIELDS = frozenset(_CREATE_INPUT.fields)
+_COUNT_FIELDS = frozenset(_COUNT_INPUT.fields)
 
 
 async def _messages_start(principal: Principal, raw_body: bytes) -> ChatCompletionPlan:
     """Parse, validate and translate the body, then plan the reply (on the event loop when the body is small)."""
     body = parse_json(raw_body)
     data = _CREATE_INPUT.run_validation(body)
-    check_fields(body)
+    check_fields(body, _CREATE_FIELDS)
     messages = openai_messages(data)
     parameters = openai_parameters(data)
     model = await enabled_model_get_async(name=data["model"])
@@ -132,7 +134,7 @@ async def messages_count_tokens(request: HttpRequest, principal: Principal) -> H
     raw_body = request_body(request)
     body = parse_json(raw_body)
     data = _COUNT_INPUT.run_validation(body)
-    check_fields(body)
+    check_fields(body, _COUNT_FIELDS)
     messages = openai_messages(data)
     tools = openai_parameters(data).get("tools") or []
     model = await enabled_model_get_async(name=data["model"])

@@ -207,7 +207,9 @@ async def message_stream_frames(reply: Reply[ChatCompletionPlan], *, keepalive: 
                     parts.append(blocks.chunk(chunk))
                 if chunk.finish_reason:
                     finish_reason = chunk.finish_reason
-            yield parts[0] if len(parts) == 1 else b"".join(parts)
+            frames = parts[0] if len(parts) == 1 else b"".join(parts)
+            if frames:  # a chunk of only a finish_reason has nothing to send yet
+                yield frames
         elif event is KEEPALIVE:
             yield PING
         elif type(event) is ReplyStarted:

@@ -25,18 +25,107 @@ from ..openai.fields import (
     StrictIntegerField,
 )
 
-_BLOCKS_SCHEMA = {
-    "type": "array",
-    "items": {
-        "type": "object",
-        "properties": {"type": {"type": "string", "description": "text, image, tool_use, tool_result"}},
-        "required": ["type"],
-        "additionalProperties": True,
+# JSON Schemas of the content blocks this server translates (``llm.anthropic.translate``); other
+# keys of a block (``cache_control``, ``citations``) are allowed and ignored.
+_TEXT_BLOCK = {
+    "type": "object",
+    "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
+    "required": ["type", "text"],
+}
+_IMAGE_SOURCE = {
+    "oneOf": [
+        {
+            "type": "object",
+            "properties": {
+                "type": {"type": "string", "enum": ["base64"]},
+                "media_type": {"type": "string", "enum": ["image/jpeg", "image/png", "image/gif", "image/webp"]},
+                "data": {"type": "string", "minLength": 1},
+            },
+            "required": ["type", "media_type", "data"],
+        },
+        {
+            "type": "object",
+            "properties": {
+                "type": {"type": "string", "enum": ["url"]},
+                "url": {"type": "string", "pattern": "^https?://"},
+            },
+            "required": ["type", "url"],
+        },
+    ]
+}
+_IMAGE_BLOCK = {
+    "type": "object",
+    "properties": {"type": {"type": "string", "enum": ["image"]}, "source": _IMAGE_SOURCE},
+    "required": ["type", "source"],
+}
+_TOOL_RESULT_BLOCK = {
+    "type": "object",
+    "properties": {
+        "type": {"type": "string", "enum": ["tool_result"]},
+        "tool_use_id": {"type": "string", "minLength": 1},
+        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": _TEXT_BLOCK}]},
+        "is_error": {"type": "boolean"},
     },
+    "required": ["type", "tool_use_id"],
+}
+_TOOL_USE_BLOCK = {
+    "type": "object",
+    "properties": {
+        "type": {"type": "string", "enum": ["tool_use"]},
+        "id": {"type": "string", "minLength": 1},
+        "name": {"type": "string", "minLength": 1},
+        "input": {"type": "object", "additionalProperties": True},
+    },
+    "required": ["type", "id", "name", "input"],
+}
+_THINKING_BLOCK = {
+    "type": "object",
+    "description": "Dropped: OpenAI-compatible upstreams take no reasoning back.",
+    "properties": {"type": {"type": "string", "enum": ["thinking", "redacted_thinking"]}},
+    "required": ["type"],
+}
+TEXT_BLOCKS_SCHEMA = {"type": "array", "items": _TEXT_BLOCK, "minItems": 1}
+MESSAGE_SCHEMA = {
+    "oneOf": [
+        {
+            "type": "object",
+            "properties": {
+                "role": {"type": "string", "enum": ["user"]},
+                "content": {
+                    "oneOf": [
+                        {"type": "string"},
+                        {
+                            "type": "array",
+                            "items": {"oneOf": [_TEXT_BLOCK, _IMAGE_BLOCK, _TOOL_RESULT_BLOCK]},
+                            "minItems": 1,
+                        },
+                    ]
+                },
+            },
+            "required": ["role", "content"],
+        },
+        {
+            "type": "object",
+            "properties": {
+                "role": {"type": "string", "enum": ["assistant"]},
+                "content": {
+                    "oneOf": [
+                        {"type": "string"},
+                        {
+                            "type": "array",
+                            "items": {"oneOf": [_TEXT_BLOCK, _TOOL_USE_BLOCK, _THINKING_BLOCK]},
+                            "minItems": 1,
+                        },
+                    ]
+                },
+            },
+            "required": ["role", "content"],
+        },
+    ]
 }
 
 
-@extend_schema_field({"oneOf": [{"type": "string"}, _BLOCKS_SCHEMA]})
+@extend_schema_field({"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}, "minItems": 1}]})
 class ContentField(serializers.Field):
     """A message's ``content`` or the ``system`` prompt: a string or a list of content block objects.
 
@@ -45,12 +134,15 @@ class ContentField(serializers.Field):
 
     default_error_messages = {
         "invalid": "Expected a string or a list of content blocks (objects with a 'type').",
+        "empty": "Expected at least one content block.",
     }
 
     def to_internal_value(self, data: Any) -> str | list[dict[str, Any]]:
         if isinstance(data, str):
             return data
         if isinstance(data, list) and all(isinstance(block, dict) for block in data):
+            if not data:
+                self.fail("empty")
             return data
         self.fail("invalid")
         raise AssertionError  # unreachable: fail() raises  # pragma: no cover
@@ -59,11 +151,28 @@ class ContentField(serializers.Field):
         return value
 
 
+@extend_schema_field({"oneOf": [{"type": "string"}, TEXT_BLOCKS_SCHEMA]})
+class SystemField(ContentField):
+    """The ``system`` prompt: a string or a list of ``text`` blocks."""
+
+
 class AnthropicMessageInputSerializer(serializers.Serializer):
-    """One turn of the conversation: ``role`` user or assistant, ``content`` a string or blocks."""
+    """One turn of the conversation: ``role`` user or assistant, ``content`` a string or blocks.
+
+    User turns take ``text``, ``image`` and ``tool_result`` blocks; assistant turns ``text``,
+    ``tool_use`` and ``thinking`` (dropped) blocks.
+    """
 
     role = serializers.ChoiceField(choices=("user", "assistant"))
     content = ContentField()
+
+
+@extend_schema_field({"type": "array", "items": MESSAGE_SCHEMA, "minItems": 1})
+class MessageListField(serializers.ListField):
+    """``messages``: the turns so far, at least one (documented per role: ``MESSAGE_SCHEMA``)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(child=AnthropicMessageInputSerializer(), min_length=1, **kwargs)
 
 
 class AnthropicToolInputSerializer(serializers.Serializer):
@@ -72,7 +181,15 @@ class AnthropicToolInputSerializer(serializers.Serializer):
     Anthropic's server tools (``type`` such as ``web_search_20250305``) are refused by the translation.
     """
 
-    type = StrictCharField(required=False, allow_null=True, help_text="`custom` or absent.")
+    type = serializers.ChoiceField(
+        choices=("custom",),
+        required=False,
+        allow_null=True,
+        error_messages={
+            "invalid_choice": "Only client tools (type 'custom' or none) are supported; {input!r} is a server "
+            "tool, which runs on Anthropic's servers."
+        },
+    )
     name = StrictCharField()
     description = StrictCharField(required=False, allow_blank=True)
     input_schema = JSONObjectField(required=False)
@@ -129,8 +246,8 @@ class MessageCountTokensInputSerializer(serializers.Serializer):
     """The body of ``POST /v1/messages/count_tokens``: the fields of a message request that are input."""
 
     model = StrictCharField(help_text="A model id from GET /v1/models.")
-    messages = serializers.ListField(child=AnthropicMessageInputSerializer(), min_length=1)
-    system = ContentField(required=False)
+    messages = MessageListField()
+    system = SystemField(required=False)
     tools = serializers.ListField(child=AnthropicToolInputSerializer(), required=False)
     tool_choice = AnthropicToolChoiceInputSerializer(required=False)
     thinking = AnthropicThinkingInputSerializer(required=False)

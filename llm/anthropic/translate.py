@@ -43,7 +43,7 @@ What maps to what:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from chatbackend.errors import ApplicationError
@@ -53,26 +53,7 @@ from chatbackend.errors import ApplicationError
 REASONING_MEDIUM_BUDGET = 4_096
 REASONING_HIGH_BUDGET = 16_384
 
-# Top-level request fields this server reads (the serializers' fields).
-KNOWN_FIELDS = frozenset(
-    (
-        "model",
-        "messages",
-        "system",
-        "max_tokens",
-        "stream",
-        "stop_sequences",
-        "temperature",
-        "top_p",
-        "top_k",
-        "tools",
-        "tool_choice",
-        "thinking",
-        "metadata",
-        "output_config",
-    )
-)
-# Accepted and ignored (see the module docstring).
+# Top-level fields accepted and ignored (see the module docstring); the serializers have them.
 IGNORED_FIELDS = frozenset(
     ("service_tier", "cache_control", "inference_geo", "speed", "user_profile_id", "workspace_id", "diagnostics")
 )
@@ -91,10 +72,14 @@ def _invalid(message: str, param: str) -> ApplicationError:
     return ApplicationError(f"{param}: {message}", code="invalid_request", param=param)
 
 
-def check_fields(body: Mapping[str, Any]) -> None:
-    """Raise a 400 naming the first top-level field of ``body`` this server neither reads nor ignores."""
+def check_fields(body: Mapping[str, Any], allowed: Collection[str]) -> None:
+    """Raise a 400 naming the first top-level field of ``body`` not in ``allowed`` (a serializer's fields).
+
+    Anthropic refuses unknown fields too ("Extra inputs are not permitted"); a field that needs
+    Anthropic's servers (``UNSUPPORTED_FIELDS``) is told why.
+    """
     for name in body:
-        if name in KNOWN_FIELDS or name in IGNORED_FIELDS:
+        if name in allowed:
             continue
         reason = UNSUPPORTED_FIELDS.get(name)
         if reason is not None:
@@ -316,7 +301,6 @@ def openai_parameters(data: Mapping[str, Any]) -> dict[str, Any]:
 
 __all__ = [
     "IGNORED_FIELDS",
-    "KNOWN_FIELDS",
     "UNSUPPORTED_FIELDS",
     "check_fields",
     "openai_messages",
