@@ -97,6 +97,12 @@ def _tool_use_block(entry: dict[str, Any]) -> dict[str, Any]:
     return {"type": "tool_use", "id": call_id, "name": name, "input": {}}
 
 
+def _starts_another_call(entry: dict[str, Any], current_id: str | None) -> bool:
+    """Return True when ``entry`` opens a new call at an index already used (some servers number every call 0)."""
+    call_id = entry.get("id")
+    return bool(call_id) and current_id is not None and call_id != current_id
+
+
 def _message(plan: ChatCompletionPlan, content: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "id": plan.reply_id,
@@ -112,12 +118,13 @@ def _message(plan: ChatCompletionPlan, content: list[dict[str, Any]]) -> dict[st
 class _StreamBlocks:
     """The open content block of a stream, and the frames that open, extend and close blocks."""
 
-    __slots__ = ("_tool_blocks", "index", "kind", "text_head", "thinking_head", "used_tools")
+    __slots__ = ("_tool_blocks", "_tool_ids", "index", "kind", "text_head", "thinking_head", "used_tools")
 
     def __init__(self) -> None:
         self.index = -1  # of the open block
         self.kind: str | None = None  # "text", "thinking", "tool_use" or None (none open)
         self._tool_blocks: dict[int, int] = {}  # OpenAI tool call index -> block index
+        self._tool_ids: dict[int, str] = {}  # OpenAI tool call index -> its call's id
         self.used_tools = False
         self.text_head = b""
         self.thinking_head = b""
@@ -159,8 +166,9 @@ class _StreamBlocks:
             call_index = entry.get("index", 0)
             function = entry.get("function") or {}
             block_index = self._tool_blocks.get(call_index)
-            if block_index is None:
+            if block_index is None or _starts_another_call(entry, self._tool_ids.get(call_index)):
                 block = _tool_use_block(entry)
+                self._tool_ids[call_index] = block["id"]
                 frames += self._open("tool_use", block)
                 self._tool_blocks[call_index] = block_index = self.index
                 self.used_tools = True
@@ -234,8 +242,9 @@ class MessageCollector:
     def __init__(self) -> None:
         self.content: list[dict[str, Any]] = []
         self.finish_reason: str | None = None
-        self._tool_blocks: dict[int, dict[str, Any]] = {}
-        self._arguments: dict[int, list[str]] = {}
+        self._tool_blocks: dict[int, dict[str, Any]] = {}  # OpenAI tool call index -> its open block
+        self._arguments: dict[int, list[str]] = {}  # OpenAI tool call index -> its open call's fragments
+        self._calls: list[tuple[dict[str, Any], list[str]]] = []  # every call: its block, its fragments
 
     def _append(self, kind: str, key: str, text: str) -> None:
         last = self.content[-1] if self.content else None
@@ -256,10 +265,12 @@ class MessageCollector:
             call_index = entry.get("index", 0)
             function = entry.get("function") or {}
             block = self._tool_blocks.get(call_index)
-            if block is None:
+            if block is None or _starts_another_call(entry, block["id"]):
                 block = _tool_use_block(entry)
                 self._tool_blocks[call_index] = block
-                self._arguments[call_index] = []
+                fragments: list[str] = []
+                self._arguments[call_index] = fragments
+                self._calls.append((block, fragments))
                 self.content.append(block)
             elif function.get("name") and not block["name"]:
                 block["name"] = function["name"]
@@ -270,8 +281,8 @@ class MessageCollector:
 
     def message(self, plan: ChatCompletionPlan, outcome: ReplyOutcome) -> dict[str, Any]:
         """Return Anthropic's ``Message`` object of the finished reply."""
-        for call_index, block in self._tool_blocks.items():
-            arguments = "".join(self._arguments[call_index])
+        for block, fragments in self._calls:
+            arguments = "".join(fragments)
             try:
                 value = json.loads(arguments) if arguments else {}
             except ValueError:
@@ -284,7 +295,7 @@ class MessageCollector:
                 value = {"arguments": arguments}
             block["input"] = value
         message = _message(plan, self.content)
-        message["stop_reason"] = stop_reason(self.finish_reason, used_tools=bool(self._tool_blocks))
+        message["stop_reason"] = stop_reason(self.finish_reason, used_tools=bool(self._calls))
         message["usage"] = usage_object(outcome.usage)
         return message
 

@@ -4,7 +4,8 @@ The request follows Anthropic's Messages API (https://docs.anthropic.com/en/api/
 serializers check the top-level fields' JSON types and ranges, so a wrong type is a 400 whose
 message starts with the field's name (``max_tokens: This field is required.``); the content
 blocks inside ``system`` and ``messages`` are checked while they are translated
-(``llm.anthropic.translate``), whose 400s name the block's path (``messages[0].content[1].source``).
+(``llm.anthropic.translate``), whose 400s name the block's path as Anthropic names it
+(``messages.0.content.1.source``).
 
 The response serializers at the end only document the bodies in OpenAPI: the view builds them
 as plain dicts, on the per-token hot path (FIELD-NOTES, "DRF and async").
@@ -175,21 +176,19 @@ class MessageListField(serializers.ListField):
         super().__init__(child=AnthropicMessageInputSerializer(), min_length=1, **kwargs)
 
 
+@extend_schema_field({"type": "string", "enum": ["custom"], "nullable": True})
+class ToolTypeField(StrictCharField):
+    """A tool's ``type``: ``custom`` or absent. Any string passes here so that the translation's 400
+    names the tool (``tools.1.type``) and says why a server tool is refused."""
+
+
 class AnthropicToolInputSerializer(serializers.Serializer):
     """A client tool: ``name``, ``description``, ``input_schema`` (a JSON Schema of its input object).
 
     Anthropic's server tools (``type`` such as ``web_search_20250305``) are refused by the translation.
     """
 
-    type = serializers.ChoiceField(
-        choices=("custom",),
-        required=False,
-        allow_null=True,
-        error_messages={
-            "invalid_choice": "Only client tools (type 'custom' or none) are supported; {input!r} is a server "
-            "tool, which runs on Anthropic's servers."
-        },
-    )
+    type = ToolTypeField(required=False, allow_null=True)
     name = StrictCharField()
     description = StrictCharField(required=False, allow_blank=True)
     input_schema = JSONObjectField(required=False)

@@ -101,8 +101,8 @@ def system_text(system: str | list[dict[str, Any]], param: str = "system") -> st
     texts = []
     for index, block in enumerate(system):
         if block.get("type") != "text":
-            raise _invalid("The system prompt takes only text blocks.", f"{param}[{index}].type")
-        texts.append(_text(block, f"{param}[{index}]"))
+            raise _invalid("The system prompt takes only text blocks.", f"{param}.{index}.type")
+        texts.append(_text(block, f"{param}.{index}"))
     return "\n\n".join(texts)
 
 
@@ -113,7 +113,7 @@ def _image_part(block: Mapping[str, Any], param: str) -> dict[str, Any]:
     kind = source.get("type")
     if kind == "base64":
         media_type, data = source.get("media_type"), source.get("data")
-        if media_type not in IMAGE_MEDIA_TYPES:
+        if not isinstance(media_type, str) or media_type not in IMAGE_MEDIA_TYPES:
             allowed = ", ".join(sorted(IMAGE_MEDIA_TYPES))
             raise _invalid(f"Expected one of {allowed}.", f"{param}.source.media_type")
         if not isinstance(data, str) or not data:
@@ -139,7 +139,7 @@ def _tool_result_message(block: Mapping[str, Any], param: str) -> dict[str, Any]
     elif isinstance(content, list):
         texts = []
         for index, part in enumerate(content):
-            part_param = f"{param}.content[{index}]"
+            part_param = f"{param}.content.{index}"
             if not isinstance(part, dict) or part.get("type") != "text":
                 raise _invalid("Only text blocks are supported in a tool result.", part_param)
             texts.append(_text(part, part_param))
@@ -152,13 +152,13 @@ def _tool_result_message(block: Mapping[str, Any], param: str) -> dict[str, Any]
 
 
 def _tool_call(block: Mapping[str, Any], param: str) -> dict[str, Any]:
-    call_id, name, arguments = block.get("id"), block.get("name"), block.get("input", {})
+    call_id, name, arguments = block.get("id"), block.get("name"), block.get("input")
     if not isinstance(call_id, str) or not call_id:
         raise _invalid("A tool_use block needs an 'id'.", f"{param}.id")
     if not isinstance(name, str) or not name:
         raise _invalid("A tool_use block needs a 'name'.", f"{param}.name")
     if not isinstance(arguments, dict):
-        raise _invalid("A tool_use block's 'input' is an object.", f"{param}.input")
+        raise _invalid("A tool_use block needs its 'input' object.", f"{param}.input")
     encoded = json.dumps(arguments, ensure_ascii=False, separators=(",", ":"))
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": encoded}}
 
@@ -167,7 +167,7 @@ def _user_messages(content: list[dict[str, Any]], param: str) -> list[dict[str, 
     tool_messages: list[dict[str, Any]] = []
     parts: list[dict[str, Any]] = []
     for index, block in enumerate(content):
-        block_param = f"{param}[{index}]"
+        block_param = f"{param}.{index}"
         kind = block.get("type")
         if kind == "text":
             parts.append({"type": "text", "text": _text(block, block_param)})
@@ -191,7 +191,7 @@ def _assistant_message(content: list[dict[str, Any]], param: str) -> dict[str, A
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
     for index, block in enumerate(content):
-        block_param = f"{param}[{index}]"
+        block_param = f"{param}.{index}"
         kind = block.get("type")
         if kind == "text":
             texts.append(_text(block, block_param))
@@ -224,9 +224,9 @@ def openai_messages(data: Mapping[str, Any]) -> list[dict[str, Any]]:
         if isinstance(content, str):
             messages.append({"role": role, "content": content})
         elif role == "user":
-            messages.extend(_user_messages(content, f"messages[{index}].content"))
+            messages.extend(_user_messages(content, f"messages.{index}.content"))
         else:
-            messages.append(_assistant_message(content, f"messages[{index}].content"))
+            messages.append(_assistant_message(content, f"messages.{index}.content"))
     return messages
 
 
@@ -237,7 +237,7 @@ def openai_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if tool.get("type") not in (None, "custom"):
             raise _invalid(
                 f"Server tool {tool['type']!r} runs on Anthropic's servers; only client tools are supported.",
-                f"tools[{index}].type",
+                f"tools.{index}.type",
             )
         function: dict[str, Any] = {
             "name": tool["name"],

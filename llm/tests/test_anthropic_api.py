@@ -325,16 +325,33 @@ async def test_errors_are_anthropics_shape_and_the_sdks_exceptions(asgi_server, 
     refused = {
         "unsupported block": (
             [{"role": "user", "content": [{"type": "document", "source": {}}]}],
-            "messages[0].content[0].type",
+            "messages.0.content.0.type",
         ),
         "bad image": (
             [{"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "x/y"}}]}],
-            "messages[0].content[0].source.media_type",
+            "messages.0.content.0.source.media_type",
+        ),
+        "media type not a string": (
+            [{"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": {}}}]}],
+            "messages.0.content.0.source.media_type",
+        ),
+        "tool_use without input": (
+            [{"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f"}]}],
+            "messages.0.content.0.input",
+        ),
+        "server tool": (
+            [{"role": "user", "content": "Hi"}],
+            "tools.0.type",
         ),
     }
+    server_tool: Any = [{"type": "web_search_20250305", "name": "web_search"}]
     for case, (messages, param) in refused.items():
+        tools = server_tool if case == "server tool" else []
         with pytest.raises(anthropic.BadRequestError) as invalid:
-            await sdk.messages.create(model="sim-model", max_tokens=10, messages=messages)
+            await sdk.messages.create(model="sim-model", max_tokens=10, messages=messages, tools=tools)
+        assert invalid.value.body["error"]["message"].startswith(f"{param}:"), case  # type: ignore[index]
+        with pytest.raises(anthropic.BadRequestError) as invalid:  # the same checks when counting
+            await sdk.messages.count_tokens(model="sim-model", messages=messages, tools=tools)
         assert invalid.value.body["error"]["message"].startswith(f"{param}:"), case  # type: ignore[index]
     with pytest.raises(anthropic.BadRequestError) as extra:
         await sdk.messages.create(model="sim-model", max_tokens=10, messages=hello, extra_body={"container": "c1"})
