@@ -176,7 +176,7 @@ class MessageListField(serializers.ListField):
         super().__init__(child=AnthropicMessageInputSerializer(), min_length=1, **kwargs)
 
 
-@extend_schema_field({"type": "string", "enum": ["custom"], "nullable": True})
+@extend_schema_field({"type": "string", "enum": ["custom", None], "nullable": True})  # 3.0.3: null listed too
 class ToolTypeField(StrictCharField):
     """A tool's ``type``: ``custom`` or absent. Any string passes here so that the translation's 400
     names the tool (``tools.1.type``) and says why a server tool is refused."""
