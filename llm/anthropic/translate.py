@@ -146,7 +146,10 @@ def _tool_result_message(block: Mapping[str, Any], param: str) -> dict[str, Any]
         text = "\n\n".join(texts)
     else:
         raise _invalid("Expected a string or a list of text blocks.", f"{param}.content")
-    if block.get("is_error") is True:
+    is_error = block.get("is_error", False)
+    if not isinstance(is_error, bool):
+        raise _invalid("Expected a boolean.", f"{param}.is_error")
+    if is_error:
         text = f"Error: {text}"
     return {"role": "tool", "tool_call_id": tool_use_id, "content": text}
 

@@ -335,6 +335,10 @@ async def test_errors_are_anthropics_shape_and_the_sdks_exceptions(asgi_server, 
             [{"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": {}}}]}],
             "messages.0.content.0.source.media_type",
         ),
+        "is_error not a boolean": (
+            [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "is_error": {}}]}],
+            "messages.0.content.0.is_error",
+        ),
         "tool_use without input": (
             [{"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f"}]}],
             "messages.0.content.0.input",
