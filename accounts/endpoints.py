@@ -12,8 +12,9 @@ of them what DRF gives its views, in one place:
   when this process has it cached, else in one worker-thread hop (``authenticate_token_async``)
   — and handed to the view; a bad credential is a 401 before the body is read;
 - errors: ``ApplicationError``, DRF ``ValidationError`` and the like become the project's JSON error
-  (``chatbackend.errors.error_response``: OpenAI's shape); any other exception is logged and
-  answered as a 500 in the same shape, never an HTML page.
+  (``chatbackend.errors.error_response``: OpenAI's shape, or the ``errors`` renderer an endpoint
+  names, e.g. Anthropic's shape on ``/v1/messages``); any other exception is logged and answered
+  as a 500 in the same shape, never an HTML page.
 """
 
 from __future__ import annotations
@@ -44,13 +45,17 @@ Params = ParamSpec("Params")
 # A coroutine function, not any awaitable: Django's ``path()`` takes async views as such.
 View = Callable[..., Coroutine[Any, Any, HttpResponseBase]]
 AuthenticatedView = Callable[Concatenate[HttpRequest, Principal, Params], Coroutine[Any, Any, HttpResponseBase]]
+ErrorRenderer = Callable[[ApplicationError], HttpResponseBase]
 
 
-def async_endpoint(*methods: str) -> Callable[[AuthenticatedView[Params]], View]:
+def async_endpoint(
+    *methods: str, errors: ErrorRenderer = error_response
+) -> Callable[[AuthenticatedView[Params]], View]:
     """Make ``view(request, principal, *args, **kwargs)`` an authenticated endpoint answering ``methods``.
 
-    See the module docstring for what the wrapper does. The returned view takes
-    ``(request, *args, **kwargs)`` as Django calls it.
+    See the module docstring for what the wrapper does. ``errors`` renders every error of the
+    endpoint (405, 401, the view's): the wire format's own error shape, OpenAI's by default. The
+    returned view takes ``(request, *args, **kwargs)`` as Django calls it.
     """
     allow = ", ".join((*methods, "OPTIONS"))
 
@@ -61,7 +66,7 @@ def async_endpoint(*methods: str) -> Callable[[AuthenticatedView[Params]], View]
                 if request.method == "OPTIONS":
                     response: HttpResponseBase = HttpResponse()
                 else:
-                    response = error_response(
+                    response = errors(
                         ApplicationError(
                             f"Method {request.method} is not allowed on {request.path}; allowed: {allow}.",
                             code="method_not_allowed",
@@ -78,7 +83,7 @@ def async_endpoint(*methods: str) -> Callable[[AuthenticatedView[Params]], View]
                 if error is None:
                     logger.exception("%s %s failed", request.method, request.path)
                     error = internal_error()
-                return error_response(error)
+                return errors(error)
 
         return csrf_exempt(endpoint)
 
@@ -112,4 +117,4 @@ def parse_json(raw: bytes) -> Any:
         ) from None
 
 
-__all__ = ["View", "async_endpoint", "parse_json", "request_body"]
+__all__ = ["ErrorRenderer", "View", "async_endpoint", "parse_json", "request_body"]

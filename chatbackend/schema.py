@@ -1,12 +1,13 @@
 """drf-spectacular hooks: document the plain async views that drf-spectacular cannot see.
 
-drf-spectacular only walks DRF views. The OpenAI-compatible API (``llm.openai``)
-is plain async Django views, so ``add_async_endpoints`` documents each of them through a
-documentation-only ``APIView`` below, run through drf-spectacular's own ``AutoSchema``: request
-and response bodies come from the serializers that validate or document them
-(``llm.openai.chat_serializers`` and ``.serializers``), components are registered in
-the generator's registry, and the security requirements come from the authentication classes'
-extensions (``accounts.apis``), exactly as for a DRF view. Nothing here is routed.
+drf-spectacular only walks DRF views. The OpenAI-compatible API (``llm.openai``) and the Anthropic
+Messages API (``llm.anthropic``) are plain async Django views, so ``add_async_endpoints``
+documents each of them through a documentation-only ``APIView`` below, run through
+drf-spectacular's own ``AutoSchema``: request and response bodies come from the serializers that
+validate or document them (``llm.openai.chat_serializers`` and ``.serializers``,
+``llm.anthropic.serializers``), components are registered in the generator's registry, and the
+security requirements come from the authentication classes' extensions (``accounts.apis``),
+exactly as for a DRF view. Nothing here is routed.
 
 The health probes (``chatbackend.health``) are documented the same way, without authentication.
 
@@ -32,6 +33,13 @@ from accounts.serializers import ErrorOutputSerializer
 from chatbackend.http import sse_event_schema
 from conversations.apis import REPLY_EVENT_SCHEMA
 from conversations.serializers import MessageSendInputSerializer, MessageSendOutputSerializer
+from llm.anthropic import (
+    AnthropicErrorOutputSerializer,
+    AnthropicMessageOutputSerializer,
+    MessageCountTokensInputSerializer,
+    MessageCountTokensOutputSerializer,
+    MessageCreateInputSerializer,
+)
 from llm.openai import (
     BillingSubscriptionOutputSerializer,
     BillingUsageOutputSerializer,
@@ -132,6 +140,105 @@ class ChatCompletionsDocView(_OpenAIDocView):
         },
     )
     def post(self, request: Request) -> None: ...  # never dispatched: documents ``llm.openai.apis.chat_completions``
+
+
+def _anthropic_errors(*statuses: int) -> dict[int, OpenApiResponse]:
+    return {status: OpenApiResponse(AnthropicErrorOutputSerializer, description=_ERRORS[status]) for status in statuses}
+
+
+_ANTHROPIC_SSE_EXAMPLE = (
+    "event: message_start\n"
+    'data: {"type":"message_start","message":{"id":"msg_1a2b","type":"message","role":"assistant",'
+    '"model":"gpt-4o-mini","content":[],"stop_reason":null,"stop_sequence":null,'
+    '"usage":{"input_tokens":9,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":0}}}\n\n'
+    "event: content_block_start\n"
+    'data: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}\n\n'
+    "event: content_block_delta\n"
+    'data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello"}}\n\n'
+    "event: content_block_stop\n"
+    'data: {"type":"content_block_stop","index":0}\n\n'
+    "event: message_delta\n"
+    'data: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},'
+    '"usage":{"input_tokens":9,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":1}}\n\n'
+    "event: message_stop\n"
+    'data: {"type":"message_stop"}\n\n'
+)
+_ANTHROPIC_EVENTS = (
+    "message_start",
+    "content_block_start",
+    "content_block_delta",
+    "content_block_stop",
+    "message_delta",
+    "message_stop",
+    "ping",
+    "error",
+)
+
+
+class MessagesDocView(_OpenAIDocView):
+    @extend_schema(
+        operation_id="anthropic_messages_create",
+        tags=["anthropic"],
+        summary="Create a message (Anthropic Messages API), streamed or whole, with any model",
+        description=(
+            "Anthropic's `POST /v1/messages`, so the official `anthropic` SDK works pointed at this server, "
+            "for every model here whatever its provider: the request is translated into a chat completion "
+            "and goes through the same engine (rate limits, budgets, stop, usage). Authenticated by "
+            "`x-api-key: sk-...` (the SDK's) or `Authorization: Bearer`; `anthropic-version` is accepted, "
+            "not required. With `stream: true` the answer is `text/event-stream` with Anthropic's events "
+            "(`message_start`, `content_block_start` / `_delta` / `_stop`, `message_delta`, `message_stop`, "
+            "`ping`); a failure after the headers is an `error` event. Errors are Anthropic's shape "
+            '(`{"type": "error", "error": {"type", "message"}}`). `top_k` is accepted and not sent upstream; '
+            "`thinking` and `output_config.effort` become `reasoning_effort`; server tools, `container`, "
+            "`mcp_servers` and `context_management` are a 400. See `llm/anthropic/translate.py`."
+        ),
+        request={"application/json": MessageCreateInputSerializer},
+        examples=[
+            OpenApiExample(
+                "whole",
+                request_only=True,
+                value={
+                    "model": "gpt-4o-mini",
+                    "max_tokens": 256,
+                    "system": "Answer briefly.",
+                    "messages": [{"role": "user", "content": "Hello!"}],
+                },
+            ),
+        ],
+        responses={
+            (200, "application/json"): OpenApiResponse(
+                AnthropicMessageOutputSerializer, description="`stream` false: the whole message."
+            ),
+            (200, "text/event-stream"): OpenApiResponse(
+                sse_event_schema(
+                    "One server-sent event of the stream; `data` is a JSON object whose `type` is the event's name.",
+                    events=_ANTHROPIC_EVENTS,
+                    data="The JSON of the event (Anthropic's streaming events).",
+                ),
+                description="`stream` true: Anthropic's server-sent events.",
+                examples=[OpenApiExample("stream", value=_ANTHROPIC_SSE_EXAMPLE, media_type="text/event-stream")],
+            ),
+            **_anthropic_errors(400, 401, 404, 405, 413, 429, 502, 503, 504),
+        },
+    )
+    def post(self, request: Request) -> None: ...  # never dispatched: documents ``llm.anthropic.apis.messages_create``
+
+
+class MessagesCountTokensDocView(_OpenAIDocView):
+    @extend_schema(
+        operation_id="anthropic_messages_count_tokens",
+        tags=["anthropic"],
+        summary="Count the input tokens of a message request (Anthropic Messages API)",
+        description=(
+            "Anthropic's `POST /v1/messages/count_tokens`: the prompt's tokens by the model's tokenizer, "
+            "with the chat framing, tool definitions counted as their JSON text. Free: not metered."
+        ),
+        request={"application/json": MessageCountTokensInputSerializer},
+        responses={200: MessageCountTokensOutputSerializer, **_anthropic_errors(400, 401, 404, 405, 413, 503)},
+    )
+    def post(
+        self, request: Request
+    ) -> None: ...  # never dispatched: documents ``llm.anthropic.apis.messages_count_tokens``
 
 
 class ModelListDocView(_OpenAIDocView):
@@ -285,6 +392,8 @@ class HealthReadyDocView(_HealthDocView):
 # (path as drf-spectacular writes it from the URLconf, method, documentation view).
 ASYNC_ENDPOINTS: list[tuple[str, str, type[APIView]]] = [
     ("/v1/chat/completions", "POST", ChatCompletionsDocView),
+    ("/v1/messages", "POST", MessagesDocView),
+    ("/v1/messages/count_tokens", "POST", MessagesCountTokensDocView),
     ("/v1/models", "GET", ModelListDocView),
     ("/v1/models/{model}", "GET", ModelRetrieveDocView),
     ("/dashboard/billing/usage", "GET", BillingUsageDocView),
@@ -356,7 +465,18 @@ _REQUEST_RULES: dict[str, list[dict[str, Any]]] = {
         {"properties": {"top_logprobs": {"enum": [None]}}},
         {"properties": {"logprobs": {"enum": [True]}}, "required": ["logprobs"]},
     ],
+    # Thinking ``enabled`` needs its budget; a ``tool`` tool_choice names the tool (llm.anthropic.serializers).
+    "AnthropicThinkingInputRequest": [
+        {"properties": {"type": {"enum": ["adaptive", "between_tools", "disabled"]}}},
+        {"required": ["budget_tokens"]},
+    ],
+    "AnthropicToolChoiceInputRequest": [
+        {"properties": {"type": {"enum": ["auto", "any", "none"]}}},
+        {"required": ["name"]},
+    ],
 }
+# Request bodies that refuse fields they do not list (a 400 naming the field, as Anthropic answers).
+_CLOSED_REQUESTS = ("MessageCreateInputRequest", "MessageCountTokensInputRequest")
 
 
 def document_request_rules(
@@ -367,4 +487,7 @@ def document_request_rules(
     for name, rule in _REQUEST_RULES.items():
         if name in schemas:
             schemas[name]["anyOf"] = rule
+    for name in _CLOSED_REQUESTS:
+        if name in schemas:
+            schemas[name]["additionalProperties"] = False
     return result

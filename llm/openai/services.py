@@ -53,6 +53,8 @@ def openai_chat_start(
     parameters: dict[str, Any],
     stream: bool,
     include_usage: bool,
+    source: str = UsageRecord.Source.OPENAI_API,
+    reply_id: str | None = None,
 ) -> ChatCompletionPlan:
     """Return the plan of one ``/v1/chat/completions`` reply to ``model``.
 
@@ -62,7 +64,10 @@ def openai_chat_start(
     not send (``RESERVED_PARAMETERS`` are dropped from both). Writes nothing and reads nothing:
     pure CPU, fine on the event loop. Raises ``ApplicationError`` 400 ``max_tokens_too_large``
     when the client's ``max_tokens`` or ``max_completion_tokens`` exceeds the model's
-    ``context_window`` (tokens): no reply could be that long.
+    ``context_window`` (tokens): no reply could be that long. ``source``: the inbound API, as the
+    usage record names it (``UsageRecord.Source``; another inbound API translated its request into
+    these OpenAI messages and parameters). ``reply_id``: the reply's id in that API's words (e.g.
+    ``msg_...``), else a fresh ``chatcmpl-...``; unique, it is the usage record's ``request_id``.
     """
     for name in TOKEN_LIMIT_PARAMETERS:
         limit = parameters.get(name)
@@ -75,7 +80,7 @@ def openai_chat_start(
             )
     merged = {key: value for key, value in model.default_parameters.items() if key not in RESERVED_PARAMETERS}
     merged.update((key, value) for key, value in parameters.items() if key not in RESERVED_PARAMETERS)
-    completion_id = new_completion_id()
+    completion_id = reply_id or new_completion_id()
     return ChatCompletionPlan(
         provider=model.provider,
         request=ChatRequest(model=model.upstream_model, messages=messages, parameters=merged),
@@ -84,7 +89,7 @@ def openai_chat_start(
         tokenizer=model.tokenizer,
         usage=usage_context(
             request_id=completion_id,
-            source=UsageRecord.Source.OPENAI_API,
+            source=source,
             user_id=principal.user.pk,
             api_key_id=principal.api_key.pk if principal.api_key else None,
             model=model,

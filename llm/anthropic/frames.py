@@ -1,0 +1,303 @@
+"""The engine's events as Anthropic Messages: SSE events for a stream, a ``message`` object for a whole reply.
+
+Spec: https://docs.anthropic.com/en/docs/build-with-claude/streaming and
+https://docs.anthropic.com/en/api/messages (the ``Message`` object). Each SSE event is
+``event: <type>\\ndata: <JSON with the same "type">\\n\\n``, in this order::
+
+    message_start                      (the message, empty content, usage.input_tokens)
+    content_block_start  index i       (a thinking, text or tool_use block)
+    content_block_delta  index i  ...  (thinking_delta, text_delta, input_json_delta)
+    content_block_stop   index i
+    ...                                (the next block)
+    message_delta                      (stop_reason, usage)
+    message_stop
+
+``ping`` events flow while the upstream is silent before its first chunk (proxies drop idle
+reads). An upstream failure after the headers, or a reply the server stopped (its key revoked, a
+shutdown), is an ``error`` event and ends the stream, as Anthropic sends one.
+
+From OpenAI chunks (``llm.providers.ChatChunk``): ``reasoning_content`` → a ``thinking`` block
+(with an empty ``signature``: there is none to give), ``content`` → a ``text`` block, each
+``tool_calls`` entry that opens a call (a new ``index``) → a ``tool_use`` block whose ``input``
+streams as the call's ``arguments`` fragments (``input_json_delta``). A change of kind closes the
+open block. ``finish_reason`` → ``stop_reason``: ``stop`` → ``end_turn`` (OpenAI does not say
+whether a stop sequence matched, so ``stop_sequence`` is always null), ``length`` →
+``max_tokens``, ``tool_calls`` / ``function_call`` → ``tool_use``, ``content_filter`` → ``refusal``.
+Usage in Anthropic's terms: ``input_tokens`` excludes the cache's tokens, which are
+``cache_read_input_tokens`` / ``cache_creation_input_tokens``; ``message_start`` carries the
+prompt's tokens as counted before the call (``plan.metering``), ``message_delta`` the final count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from ..openai.services import ChatCompletionPlan
+from ..providers import ChatChunk, Usage
+from ..streaming import KEEPALIVE, Reply, ReplyDelta, ReplyDone, ReplyFailed, ReplyOutcome, ReplyStarted
+from .errors import anthropic_error_body
+
+logger = logging.getLogger(__name__)
+
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_encode_str: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[attr-defined]
+
+PING = b'event: ping\ndata: {"type":"ping"}\n\n'
+MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+
+STOP_REASONS = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "function_call": "tool_use",
+    "content_filter": "refusal",
+}
+
+
+def new_message_id() -> str:
+    """Return a fresh message id: ``msg_`` + 32 hex digits (also the usage record's request id)."""
+    return f"msg_{uuid.uuid4().hex}"
+
+
+def stop_reason(finish_reason: str | None, *, used_tools: bool) -> str:
+    """Return Anthropic's ``stop_reason`` for OpenAI's ``finish_reason`` (None: ``end_turn``, or ``tool_use``)."""
+    if finish_reason is None:
+        return "tool_use" if used_tools else "end_turn"
+    return STOP_REASONS.get(finish_reason, "end_turn")
+
+
+def usage_object(usage: Usage) -> dict[str, int]:
+    """Return Anthropic's ``usage`` for the engine's ``Usage`` (whose ``prompt_tokens`` counts the cache's too)."""
+    return {
+        "input_tokens": max(usage.prompt_tokens - usage.cached_tokens - usage.cache_creation_tokens, 0),
+        "cache_creation_input_tokens": usage.cache_creation_tokens,
+        "cache_read_input_tokens": usage.cached_tokens,
+        "output_tokens": usage.completion_tokens,
+    }
+
+
+def _event(kind: str, body: dict[str, Any]) -> bytes:
+    return f"event: {kind}\ndata: {_encode(body)}\n\n".encode()
+
+
+def _tool_use_block(entry: dict[str, Any]) -> dict[str, Any]:
+    """Return the ``tool_use`` block (empty ``input``) opened by an OpenAI ``tool_calls`` entry.
+
+    The call's id is kept (``call_...`` from OpenAI: the client sends it back in its
+    ``tool_result``, and the upstream recognises it); a call without one gets a ``toolu_`` id.
+    """
+    call_id = entry.get("id")
+    if not (isinstance(call_id, str) and call_id):
+        call_id = f"toolu_{uuid.uuid4().hex[:24]}"
+    name = (entry.get("function") or {}).get("name") or ""
+    return {"type": "tool_use", "id": call_id, "name": name, "input": {}}
+
+
+def _starts_another_call(entry: dict[str, Any], current_id: str | None) -> bool:
+    """Return True when ``entry`` opens a new call at an index already used (some servers number every call 0)."""
+    call_id = entry.get("id")
+    return bool(call_id) and current_id is not None and call_id != current_id
+
+
+def _message(plan: ChatCompletionPlan, content: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "id": plan.reply_id,
+        "type": "message",
+        "role": "assistant",
+        "model": plan.model_name,
+        "content": content,
+        "stop_reason": None,
+        "stop_sequence": None,
+    }
+
+
+class _StreamBlocks:
+    """The open content block of a stream, and the frames that open, extend and close blocks."""
+
+    __slots__ = ("_tool_blocks", "_tool_ids", "index", "kind", "text_head", "thinking_head", "used_tools")
+
+    def __init__(self) -> None:
+        self.index = -1  # of the open block
+        self.kind: str | None = None  # "text", "thinking", "tool_use" or None (none open)
+        self._tool_blocks: dict[int, int] = {}  # OpenAI tool call index -> block index
+        self._tool_ids: dict[int, str] = {}  # OpenAI tool call index -> its call's id
+        self.used_tools = False
+        self.text_head = b""
+        self.thinking_head = b""
+
+    def close(self) -> bytes:
+        if self.kind is None:
+            return b""
+        self.kind = None
+        return f'event: content_block_stop\ndata: {{"type":"content_block_stop","index":{self.index}}}\n\n'.encode()
+
+    def _open(self, kind: str, block: dict[str, Any]) -> bytes:
+        frames = self.close()
+        self.index += 1
+        self.kind = kind
+        head = f'event: content_block_delta\ndata: {{"type":"content_block_delta","index":{self.index},"delta":'
+        if kind == "text":
+            self.text_head = (head + '{"type":"text_delta","text":').encode()
+        elif kind == "thinking":
+            self.thinking_head = (head + '{"type":"thinking_delta","thinking":').encode()
+        return frames + _event(
+            "content_block_start", {"type": "content_block_start", "index": self.index, "content_block": block}
+        )
+
+    def text(self, text: str) -> bytes:
+        frames = b"" if self.kind == "text" else self._open("text", {"type": "text", "text": ""})
+        return frames + self.text_head + _encode_str(text).encode() + b"}}\n\n"
+
+    def thinking(self, text: str) -> bytes:
+        frames = (
+            b""
+            if self.kind == "thinking"
+            else self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+        )
+        return frames + self.thinking_head + _encode_str(text).encode() + b"}}\n\n"
+
+    def tool_calls(self, entries: list[dict[str, Any]]) -> bytes:
+        frames = b""
+        for entry in entries:
+            call_index = entry.get("index", 0)
+            function = entry.get("function") or {}
+            block_index = self._tool_blocks.get(call_index)
+            if block_index is None or _starts_another_call(entry, self._tool_ids.get(call_index)):
+                block = _tool_use_block(entry)
+                self._tool_ids[call_index] = block["id"]
+                frames += self._open("tool_use", block)
+                self._tool_blocks[call_index] = block_index = self.index
+                self.used_tools = True
+            elif block_index != self.index or self.kind != "tool_use":
+                # A fragment of a call whose block was closed (the upstream interleaved calls and
+                # text): Anthropic's stream cannot reopen a block.
+                logger.warning("dropped a tool call fragment of a closed block (call index %s)", call_index)
+                continue
+            arguments = function.get("arguments")
+            if arguments:
+                delta = {"type": "input_json_delta", "partial_json": arguments}
+                frames += _event(
+                    "content_block_delta", {"type": "content_block_delta", "index": block_index, "delta": delta}
+                )
+        return frames
+
+    def chunk(self, chunk: ChatChunk) -> bytes:
+        frames = b""
+        if chunk.reasoning_content:
+            frames += self.thinking(chunk.reasoning_content)
+        if chunk.content:
+            frames += self.text(chunk.content)
+        if chunk.tool_calls:
+            frames += self.tool_calls(chunk.tool_calls)
+        return frames
+
+
+async def message_stream_frames(reply: Reply[ChatCompletionPlan], *, keepalive: float) -> AsyncIterator[bytes]:
+    """Yield the SSE body of ``reply`` as UTF-8 bytes, Anthropic's events (see the module docstring).
+
+    The chunks of one ``ReplyDelta`` go out as one part (one write); a plain text chunk (nearly
+    every token) costs one JSON string escape.
+    """
+    plan = reply.plan
+    blocks = _StreamBlocks()
+    finish_reason: str | None = None
+    async for event in reply.events(keepalive=keepalive):
+        if type(event) is ReplyDelta:
+            parts = []
+            for chunk in event.chunks:
+                if chunk.content and not (chunk.reasoning_content or chunk.tool_calls) and blocks.kind == "text":
+                    parts.append(blocks.text_head + _encode_str(chunk.content).encode() + b"}}\n\n")
+                else:
+                    parts.append(blocks.chunk(chunk))
+                if chunk.finish_reason:
+                    finish_reason = chunk.finish_reason
+            frames = parts[0] if len(parts) == 1 else b"".join(parts)
+            if frames:  # a chunk of only a finish_reason has nothing to send yet
+                yield frames
+        elif event is KEEPALIVE:
+            yield PING
+        elif type(event) is ReplyStarted:
+            prompt_tokens = plan.metering.prompt_tokens if plan.metering is not None else 0
+            message = _message(plan, [])
+            message["usage"] = usage_object(Usage(prompt_tokens=prompt_tokens, completion_tokens=0))
+            yield _event("message_start", {"type": "message_start", "message": message})
+        elif type(event) is ReplyDone:
+            if event.outcome.error is not None:  # stopped by the server (a revoked key, a shutdown)
+                yield blocks.close() + _event("error", anthropic_error_body(event.outcome.error))
+                continue
+            delta = {"stop_reason": stop_reason(finish_reason, used_tools=blocks.used_tools), "stop_sequence": None}
+            body = {"type": "message_delta", "delta": delta, "usage": usage_object(event.outcome.usage)}
+            yield blocks.close() + _event("message_delta", body) + MESSAGE_STOP
+        elif type(event) is ReplyFailed:
+            yield blocks.close() + _event("error", anthropic_error_body(event.error))
+
+
+class MessageCollector:
+    """Fold a reply's chunks into the content blocks of a whole ``message`` (same rules as the stream)."""
+
+    def __init__(self) -> None:
+        self.content: list[dict[str, Any]] = []
+        self.finish_reason: str | None = None
+        self._tool_blocks: dict[int, dict[str, Any]] = {}  # OpenAI tool call index -> its open block
+        self._arguments: dict[int, list[str]] = {}  # OpenAI tool call index -> its open call's fragments
+        self._calls: list[tuple[dict[str, Any], list[str]]] = []  # every call: its block, its fragments
+
+    def _append(self, kind: str, key: str, text: str) -> None:
+        last = self.content[-1] if self.content else None
+        if last is not None and last["type"] == kind:
+            last[key] += text
+        else:
+            self.content.append(
+                {"type": kind, key: text, "signature": ""} if kind == "thinking" else {"type": kind, key: text}
+            )
+
+    def add(self, chunk: ChatChunk) -> None:
+        """Add one chunk's reasoning, text, tool call fragments and ``finish_reason``."""
+        if chunk.reasoning_content:
+            self._append("thinking", "thinking", chunk.reasoning_content)
+        if chunk.content:
+            self._append("text", "text", chunk.content)
+        for entry in chunk.tool_calls or ():
+            call_index = entry.get("index", 0)
+            function = entry.get("function") or {}
+            block = self._tool_blocks.get(call_index)
+            if block is None or _starts_another_call(entry, block["id"]):
+                block = _tool_use_block(entry)
+                self._tool_blocks[call_index] = block
+                fragments: list[str] = []
+                self._arguments[call_index] = fragments
+                self._calls.append((block, fragments))
+                self.content.append(block)
+            elif function.get("name") and not block["name"]:
+                block["name"] = function["name"]
+            if function.get("arguments"):
+                self._arguments[call_index].append(function["arguments"])
+        if chunk.finish_reason:
+            self.finish_reason = chunk.finish_reason
+
+    def message(self, plan: ChatCompletionPlan, outcome: ReplyOutcome) -> dict[str, Any]:
+        """Return Anthropic's ``Message`` object of the finished reply."""
+        for block, fragments in self._calls:
+            arguments = "".join(fragments)
+            try:
+                value = json.loads(arguments) if arguments else {}
+            except ValueError:
+                value = None
+            if not isinstance(value, dict):
+                # Anthropic's ``input`` is an object; keep what the model wrote rather than lose it.
+                logger.warning(
+                    "tool call %s of reply %s has arguments that are not a JSON object", block["id"], plan.reply_id
+                )
+                value = {"arguments": arguments}
+            block["input"] = value
+        message = _message(plan, self.content)
+        message["stop_reason"] = stop_reason(self.finish_reason, used_tools=bool(self._calls))
+        message["usage"] = usage_object(outcome.usage)
+        return message
+
+
+__all__ = ["MessageCollector", "message_stream_frames", "new_message_id", "stop_reason", "usage_object"]
