@@ -26,7 +26,7 @@ Endpoints:
   route (``azure_wire``): the same chat completion, of the model the deployment names; without
   ``api-version`` Azure's 404, and with ``api_key`` set the key goes in an ``api-key`` header
   (Azure's 401 otherwise).
-- ``POST /v1beta/models/{model}:streamGenerateContent?alt=sse`` and ``:generateContent``: Google
+- ``POST /v1beta/models/{model}:streamGenerateContent?alt=sse`` and ``:generateContent`` (and ``/v1/...``): Google
   Gemini's (``gemini_wire``, ``gemini_handlers``): SSE events that are each a whole
   ``GenerateContentResponse`` (one part per word, ``finishReason`` and the full ``usageMetadata``
   on the last; no ``[DONE]``), or one response. Model ids containing ``think`` think (thought

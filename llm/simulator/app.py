@@ -288,7 +288,8 @@ def create_app(config: SimulatorConfig) -> web.Application:
     app.router.add_post("/v1/chat/completions", simulator.chat_completions)
     app.router.add_post("/openai/deployments/{deployment}/chat/completions", simulator.azure_chat_completions)
     gemini = GeminiApi(simulator.config, simulator.stats, simulator._fault)
-    app.router.add_post("/v1beta/models/{target}", gemini.generate)  # {model}:generateContent and :stream...
+    for version in ("v1beta", "v1"):  # {model}:generateContent and :streamGenerateContent
+        app.router.add_post(f"/{version}/models/{{target}}", gemini.generate)
     app.router.add_get("/v1/models", simulator.models)
     app.router.add_get("/_simulator/stats", simulator.stats_view)
     app.router.add_route("*", "/{tail:.*}", simulator.not_found)

@@ -32,6 +32,7 @@ import base64
 import itertools
 import json
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -144,6 +145,19 @@ class GeminiRequest:
     thinks: bool = field(default=False)
 
 
+def _field(obj: Mapping[str, Any], name: str) -> Any:
+    """Return the field ``name`` (lowerCamelCase) of a request object, or its snake_case spelling.
+
+    Google's JSON mapping of protobuf accepts both (https://protobuf.dev/programming-guides/json/),
+    and the google-genai SDK sends some nested fields in snake_case (``inlineData.mime_type``,
+    ``thinkingConfig.include_thoughts``).
+    """
+    value = obj.get(name)
+    if value is None:
+        value = obj.get(re.sub(r"[A-Z]", lambda m: "_" + m.group().lower(), name))
+    return value
+
+
 def _invalid(message: str) -> web.Response:
     return error_response(400, message)
 
@@ -166,7 +180,7 @@ def parse_request(body: bytes, model: str) -> GeminiRequest | web.Response:
         return _invalid("* GenerateContentRequest.contents: contents is not specified")
     messages: list[dict[str, Any]] = []
     system_words = 0
-    system = data.get("systemInstruction")
+    system = _field(data, "systemInstruction")
     if isinstance(system, dict):
         text = _parts_text(system)
         system_words = len(text.split())
@@ -181,31 +195,33 @@ def parse_request(body: bytes, model: str) -> GeminiRequest | web.Response:
         for part in parts:
             if not isinstance(part, dict):
                 return _invalid("* GenerateContentRequest.contents.parts: a part must be an object.")
-            inline = part.get("inlineData")
+            inline = _field(part, "inlineData")
             if inline is not None:
                 if (
                     not isinstance(inline, dict)
-                    or not inline.get("mimeType")
+                    or not _field(inline, "mimeType")
                     or not isinstance(inline.get("data"), str)
                 ):
                     return _invalid("* GenerateContentRequest.contents.parts.inline_data: mimeType and data required.")
                 try:
-                    base64.b64decode(inline["data"], validate=True)
+                    # Protobuf's JSON bytes: standard or URL-safe base64, padding optional (the SDK sends URL-safe).
+                    encoded = inline["data"].replace("-", "+").replace("_", "/")
+                    base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
                 except ValueError:
                     return _invalid(
                         "Invalid value at 'contents.parts.inline_data.data' (TYPE_BYTES), Base64 decoding failed."
                     )
         messages.append({"role": "user" if role == "user" else "assistant", "content": _parts_text(content)})
-    config = data.get("generationConfig") or {}
+    config = _field(data, "generationConfig") or {}
     if not isinstance(config, dict):
         return _invalid("Invalid JSON payload received. 'generationConfig' must be an object.")
-    max_output_tokens = config.get("maxOutputTokens")
+    max_output_tokens = _field(config, "maxOutputTokens")
     if max_output_tokens is not None and (
         isinstance(max_output_tokens, bool) or not isinstance(max_output_tokens, int) or max_output_tokens < 1
     ):
         return _invalid(f"* GenerateContentRequest.generation_config.max_output_tokens: invalid {max_output_tokens!r}")
-    thinking = config.get("thinkingConfig") or {}
-    include_thoughts = isinstance(thinking, dict) and thinking.get("includeThoughts") is True
+    thinking = _field(config, "thinkingConfig") or {}
+    include_thoughts = isinstance(thinking, dict) and _field(thinking, "includeThoughts") is True
     function = _function_to_call(data, contents)
     if isinstance(function, web.Response):
         return function
@@ -227,13 +243,13 @@ def _function_to_call(
     tools = data.get("tools") or []
     if not isinstance(tools, list):
         return _invalid("* GenerateContentRequest.tools: must be a list.")
-    declarations = [d for t in tools if isinstance(t, dict) for d in t.get("functionDeclarations") or []]
+    declarations = [d for t in tools if isinstance(t, dict) for d in _field(t, "functionDeclarations") or []]
     for declaration in declarations:
         if not isinstance(declaration, dict) or not isinstance(declaration.get("name"), str):
             return _invalid("* GenerateContentRequest.tools[0].function_declarations[0].name: name is required.")
-    mode = ((data.get("toolConfig") or {}).get("functionCallingConfig") or {}).get("mode", "AUTO")
+    mode = (_field(_field(data, "toolConfig") or {}, "functionCallingConfig") or {}).get("mode", "AUTO")
     last_parts = contents[-1].get("parts") or []
-    answered = any(isinstance(p, dict) and "functionResponse" in p for p in last_parts)
+    answered = any(isinstance(p, dict) and _field(p, "functionResponse") is not None for p in last_parts)
     if not declarations or mode == "NONE" or answered:
         return None
     return declarations[0]
@@ -246,7 +262,7 @@ def tool_call_arguments(declaration: Mapping[str, Any]) -> dict[str, Any]:
     ``"<name> value"``, an integer ``1``, a number ``1.5``, a boolean ``true``, an array ``[]``, an
     object ``{}``; other types ``null``.
     """
-    schema = declaration.get("parameters") or declaration.get("parametersJsonSchema") or {}
+    schema = declaration.get("parameters") or _field(declaration, "parametersJsonSchema") or {}
     properties = schema.get("properties") or {} if isinstance(schema, dict) else {}
     samples: dict[str, Any] = {"string": None, "integer": 1, "number": 1.5, "boolean": True, "array": [], "object": {}}
     arguments: dict[str, Any] = {}
