@@ -24,7 +24,7 @@ from llm.providers.gemini_request import SKIP_THOUGHT_SIGNATURE
 from llm.simulator import count_prompt_tokens, reply_text
 from llm.simulator.gemini_wire import CACHE_MIN_WORDS, THOUGHT_SIGNATURE, THOUGHT_TOKENS
 from llm.tests.simulator_process import SimulatorProcess
-from tests.kit import FAST_REPLY_TOKENS, SIMULATOR_API_KEY, poll_until
+from tests.kit import FAST_REPLY_TOKENS, SIMULATOR_API_KEY, poll_until, run_python
 
 pytestmark = pytest.mark.usefixtures("provider_clients")
 
@@ -473,3 +473,9 @@ async def test_azure_key_and_errors(keyed_simulator: SimulatorProcess, simulator
     with pytest.raises(UpstreamError) as caught:
         await collect(azure(simulator.root_url), ChatRequest(model="sim-error-429", messages=MESSAGES))
     assert (caught.value.status, caught.value.code, caught.value.retry_after) == (429, "upstream_rate_limited", 1.0)
+
+
+def test_a_bad_azure_api_version_stops_start_up() -> None:
+    result = run_python("manage.py", "check", env={"LLM_AZURE_OPENAI_API_VERSION": "latest"})
+    assert result.returncode == 1 and "ImproperlyConfigured" in result.stderr, result.stderr
+    assert "LLM_AZURE_OPENAI_API_VERSION" in result.stderr
