@@ -20,7 +20,7 @@ Back to ``ChatChunk`` (one per ``GenerateContentResponse`` of the first candidat
   functions), ``MAX_TOKENS`` → ``length``, ``SAFETY``, ``RECITATION``, ``BLOCKLIST``,
   ``PROHIBITED_CONTENT``, ``SPII``, ``IMAGE_SAFETY``… → ``content_filter``, others → ``stop``;
   a prompt blocked outright (``promptFeedback.blockReason``, no candidates) → ``content_filter``;
-- the ``usageMetadata`` of the finishing response → a last ``ChatChunk(usage=...)``:
+- the ``usageMetadata`` of the finishing response (else the last one sent) → a last ``ChatChunk(usage=...)``:
   ``prompt_tokens`` = ``promptTokenCount`` (+ ``toolUsePromptTokenCount``; the cached tokens are
   already inside it), ``completion_tokens`` = ``candidatesTokenCount`` + ``thoughtsTokenCount``,
   ``cached_tokens`` = ``cachedContentTokenCount``, ``reasoning_tokens`` = ``thoughtsTokenCount``.
@@ -286,7 +286,7 @@ class _ResponseDecoder:
     passing on the chunks before it.
     """
 
-    __slots__ = ("_calls", "_events", "_lines", "_safe", "_text", "_unfinished", "error", "finished")
+    __slots__ = ("_calls", "_events", "_lines", "_metadata", "_safe", "_text", "_unfinished", "error", "finished")
 
     def __init__(self, safe: Callable[[str], str]) -> None:
         self._safe = safe
@@ -295,6 +295,7 @@ class _ResponseDecoder:
         self._events = SSEDecoder()
         self._unfinished = 0
         self._calls = 0  # functionCall parts so far: the next tool call's index
+        self._metadata: dict[str, Any] | None = None  # the last usageMetadata received
         self.finished = False
         self.error: UpstreamError | None = None
 
@@ -371,11 +372,14 @@ class _ResponseDecoder:
                     finish_reason=finish_reason,
                 )
             )
+        metadata = payload.get("usageMetadata")
+        if metadata:
+            self._metadata = metadata
         if finish_reason is not None:
             self.finished = True
-            metadata = payload.get("usageMetadata")
-            if metadata:
-                chunks.append(ChatChunk(usage=usage_from_metadata(metadata)))
+            # Gemini sends the full usage with the finishing response; else the last one it sent.
+            if self._metadata:
+                chunks.append(ChatChunk(usage=usage_from_metadata(self._metadata)))
         return chunks
 
     def _tool_call(self, call: dict[str, Any], signature: Any) -> dict[str, Any]:

@@ -403,6 +403,11 @@ BLOCKED = {"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}, "usageMetada
             [ChatChunk(finish_reason="content_filter"), ChatChunk(usage=Usage(prompt_tokens=4, completion_tokens=0))],
         ),
         ([TWO_CALLS], "two calls"),  # two calls in one response: indexes 0 and 1
+        # A finishing response without usageMetadata: the last one sent is the usage.
+        (
+            [{**candidate([{"text": "Hi"}]), "usageMetadata": {"promptTokenCount": 2}}, candidate([], "MAX_TOKENS")],
+            [ChatChunk(content="Hi"), ChatChunk(finish_reason="length"), ChatChunk(usage=Usage(2, 0))],
+        ),
     ],
 )
 async def test_shapes_the_simulator_never_sends(
