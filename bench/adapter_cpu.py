@@ -5,13 +5,14 @@ Start a simulator first (its CPU must not count, so it runs in its own process),
     python manage.py llm_simulator --port 8001 --ttft-ms 5 --token-delay-ms 10 --reply-tokens 64 &
     python -m bench.adapter_cpu --base-url http://127.0.0.1:8001/v1
 
-It streams replies through ``OpenAICompatibleProvider.stream`` and discards them, first one after
+With ``--kind gemini`` (``--base-url http://127.0.0.1:8001``) it measures the Gemini adapter against the
+simulator's Gemini route instead. It streams replies through the adapter's ``stream`` and discards them, first one after
 another, then ``--concurrency`` at a time, and prints for each phase this process's CPU time
 (``time.process_time()``: user + system, all threads) divided by the chunks yielded, and the
 chunks per batch. The CPU includes everything the adapter costs per reply (sending the request,
 aiohttp's connection handling, the event loop), spread over the reply's chunks. The event loop is
 uvloop when installed, as under uvicorn. The figures in ``llm.providers.openai_compatible`` come
-from this tool.
+from this tool, and so do those in ``llm.providers.gemini``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,15 @@ from typing import Any, TextIO
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.adapter_cpu", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base-url", required=True, help="the simulator's API root, e.g. http://127.0.0.1:8001/v1")
+    parser.add_argument(
+        "--base-url",
+        required=True,
+        help="the simulator's API root as the kind's Provider.base_url: http://127.0.0.1:8001/v1 for openai, "
+        "http://127.0.0.1:8001 for gemini and azure_openai",
+    )
+    parser.add_argument(
+        "--kind", default="openai", help="the adapter: a Provider.kind (openai, gemini, azure_openai; default openai)"
+    )
     parser.add_argument("--model", default="sim-1", help="model id to request (default sim-1)")
     parser.add_argument("--replies", type=int, default=50, help="replies streamed one after another (default 50)")
     parser.add_argument("--concurrency", type=int, default=200, help="replies streamed at once (default 200)")
@@ -39,7 +48,7 @@ async def measure(options: argparse.Namespace, out: TextIO) -> None:
     from llm.providers import ChatRequest, ProviderConfig, get_provider
     from llm.providers.openai_compatible import aclose_clients
 
-    provider = get_provider(ProviderConfig(kind="openai", base_url=options.base_url))
+    provider = get_provider(ProviderConfig(kind=options.kind, base_url=options.base_url))
     request = ChatRequest(model=options.model, messages=[{"role": "user", "content": "Measure me."}])
 
     async def reply() -> tuple[int, int]:

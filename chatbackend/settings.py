@@ -11,6 +11,7 @@ Values are parsed by django-environ; a value that does not parse stops start-up 
 from __future__ import annotations
 
 import ipaddress
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -444,7 +445,14 @@ CORS_EXPOSE_HEADERS = (
 # Provider kinds, chosen by Provider.kind the way Django chooses cache backends.
 LLM_PROVIDER_BACKENDS: dict[str, str] = {
     "openai": "llm.providers.openai_compatible.OpenAICompatibleProvider",
+    "gemini": "llm.providers.gemini.GeminiProvider",
+    "azure_openai": "llm.providers.azure_openai.AzureOpenAIProvider",
 }
+# The api-version query parameter of every Azure OpenAI request (llm.providers.azure_openai): a GA
+# version of the data-plane inference API, https://learn.microsoft.com/en-us/azure/ai-services/openai/api-version-lifecycle
+LLM_AZURE_OPENAI_API_VERSION: str = env.str("LLM_AZURE_OPENAI_API_VERSION", default="2024-10-21")
+if not re.fullmatch(r"\d{4}-\d{2}-\d{2}(-preview)?", LLM_AZURE_OPENAI_API_VERSION):
+    _fail("LLM_AZURE_OPENAI_API_VERSION", LLM_AZURE_OPENAI_API_VERSION, "an api-version like 2024-10-21")
 # One HTTP client per process; sized for thousands of concurrent streams.
 LLM_UPSTREAM_MAX_CONNECTIONS: int = _get("LLM_UPSTREAM_MAX_CONNECTIONS", env.int, 10000, "an integer")
 # Seconds an idle upstream connection stays in the pool for reuse: shorter than common servers' idle

@@ -32,7 +32,17 @@ def validate_base_url(value: str) -> None:
 
 # Headers the adapter itself sets or that HTTP owns: extra headers may not replace them.
 RESERVED_HEADERS = frozenset(
-    ("authorization", "content-type", "content-length", "accept", "host", "transfer-encoding", "connection")
+    (
+        "authorization",
+        "content-type",
+        "content-length",
+        "accept",
+        "host",
+        "transfer-encoding",
+        "connection",
+        "api-key",  # Azure OpenAI's key header
+        "x-goog-api-key",  # Gemini's key header
+    )
 )
 # RFC 9110 field-name: a token (section 5.1); values: visible ASCII, spaces and tabs (section 5.5),
 # so a value cannot smuggle a CR/LF into the request.
@@ -72,6 +82,13 @@ class Provider(models.Model):
 
     class Kind(models.TextChoices):
         OPENAI = "openai", "OpenAI-compatible (OpenAI, DeepSeek, vLLM, Ollama /v1, ...)"
+        # Base URL https://generativelanguage.googleapis.com (the adapter appends
+        # /v1beta/models/{upstream model}:streamGenerateContent?alt=sse); key in x-goog-api-key.
+        GEMINI = "gemini", "Google Gemini API (base URL https://generativelanguage.googleapis.com)"
+        # Base URL https://{resource}.openai.azure.com (the adapter appends
+        # /openai/deployments/{upstream model}/chat/completions?api-version=LLM_AZURE_OPENAI_API_VERSION);
+        # the upstream model is the deployment name; key in api-key.
+        AZURE_OPENAI = "azure_openai", "Azure OpenAI (base URL https://{resource}.openai.azure.com; model = deployment)"
 
     name = models.CharField(max_length=100, unique=True)
     kind = models.CharField(
@@ -80,7 +97,11 @@ class Provider(models.Model):
     base_url = models.CharField(
         max_length=500,
         validators=[validate_base_url],
-        help_text="API root including /v1, e.g. https://api.openai.com/v1 or http://ollama:11434/v1",
+        help_text=(
+            "OpenAI-compatible: the API root including /v1, e.g. https://api.openai.com/v1 or "
+            "http://ollama:11434/v1. Gemini: https://generativelanguage.googleapis.com. "
+            "Azure OpenAI: https://{resource}.openai.azure.com (the model's upstream id is the deployment)."
+        ),
     )
     # null=True because the encrypted field stores an empty key as NULL (it encrypts only
     # non-empty values); read back, an empty key is None. Use ``provider.api_key or ""``.

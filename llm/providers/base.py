@@ -116,7 +116,9 @@ class UpstreamError(ApplicationError):
     ``status`` is what *our* client should get (OpenAI's convention): the upstream's 400/404/413/422
     and 429 pass through as they are (the client can fix or retry them); an upstream 401/403 is
     our configuration's fault and becomes 502, like any upstream 5xx or bad body; a timeout is 504.
-    ``upstream_status`` keeps the upstream's own status (``None`` when no response arrived).
+    ``upstream_status`` keeps the upstream's own status (``None`` when no response arrived);
+    ``retry_after`` the seconds the upstream asked to wait before retrying (its ``Retry-After``
+    header, or Gemini's ``RetryInfo.retryDelay``), when it said so.
 
     ``message`` is what clients see and what a conversation's message stores: it never names the
     upstream's host or port, nor quotes a library's error text (``UPSTREAM_MESSAGES`` has the
@@ -132,11 +134,13 @@ class UpstreamError(ApplicationError):
         code: str = "upstream_error",
         status: int | None = None,
         detail: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         if status is None:
             status = upstream_status if upstream_status in PASSED_THROUGH_STATUSES else 502
         super().__init__(message, code=code, status=status, type=None, detail=detail)
         self.upstream_status = upstream_status
+        self.retry_after = retry_after
 
 
 class ChatProvider(abc.ABC):

@@ -43,7 +43,7 @@ import codecs
 import json
 import re
 import weakref
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -149,6 +149,22 @@ def _failure(code: str, detail: str, *, status: int | None = None) -> UpstreamEr
     return UpstreamError(UPSTREAM_MESSAGES[code], code=code, status=status, detail=detail)
 
 
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """Return the seconds an error response asks to wait: ``retry-after-ms`` (OpenAI's), else
+    ``Retry-After`` in seconds (RFC 9110 section 10.2.3; an HTTP date is not read), else None."""
+    for name, scale in (("retry-after-ms", 0.001), ("Retry-After", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) * scale
+        except ValueError:
+            continue
+        if seconds >= 0 and seconds != float("inf"):
+            return seconds
+    return None
+
+
 def _received_before_failure(content: aiohttp.StreamReader) -> bytes:
     """Return the body bytes ``content`` received before its connection failed (b"" if none).
 
@@ -189,8 +205,7 @@ class OpenAICompatibleProvider(ChatProvider):
         headers = dict(_SSE_HEADERS)
         if config.extra_headers:  # validated: never one of the headers set here
             headers.update(config.extra_headers)
-        if config.api_key:
-            headers["Authorization"] = f"Bearer {config.api_key}"
+        headers.update(self._auth_headers())
         # connect: waiting for a pooled connection plus DNS, TCP and TLS (httpx's pool and connect
         # timeouts); sock_read: the longest silence, before the headers or between body reads.
         timeout = aiohttp.ClientTimeout(
@@ -199,7 +214,7 @@ class OpenAICompatibleProvider(ChatProvider):
             sock_connect=config.connect_timeout,
             sock_read=config.read_timeout,
         )
-        url = f"{config.base_url.rstrip('/')}/chat/completions"
+        url = self._url(request)
         responded = False
         try:
             async with _session().post(
@@ -276,6 +291,14 @@ class OpenAICompatibleProvider(ChatProvider):
             detail = f"upstream {_where(url)} request failed: {_described(exc)}"
             raise _failure("upstream_error", self._safe(detail)) from exc
 
+    def _url(self, request: ChatRequest) -> str:
+        """Return the URL of the streamed chat completion (``{base_url}/chat/completions``)."""
+        return f"{self.config.base_url.rstrip('/')}/chat/completions"
+
+    def _auth_headers(self) -> dict[str, str]:
+        """Return the headers that carry the API key (``Authorization: Bearer``; none without a key)."""
+        return {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
+
     async def _status_error(self, response: aiohttp.ClientResponse) -> UpstreamError:
         """Return the ``UpstreamError`` for a non-2xx response, quoting OpenAI's error message."""
         status = response.status
@@ -295,7 +318,10 @@ class OpenAICompatibleProvider(ChatProvider):
             text, code = f"The model provider refused the request ({status}): {message}", "upstream_error"
         else:
             text, code = f"{UPSTREAM_MESSAGES['upstream_error']} (status {status})", "upstream_error"
-        return UpstreamError(self._safe(text), upstream_status=status, code=code, detail=detail)
+        retry_after = _retry_after(response.headers) if status == 429 else None
+        return UpstreamError(
+            self._safe(text), upstream_status=status, code=code, detail=detail, retry_after=retry_after
+        )
 
     def _safe(self, text: str) -> str:
         """Return ``text`` with this provider's API key (and anything key-shaped) removed."""

@@ -1,4 +1,4 @@
-"""An LLM simulator: a separate process that speaks OpenAI's chat-completions wire format.
+"""An LLM simulator: a separate process that speaks OpenAI's chat completions (also on Azure's URLs) and Gemini.
 
 It is the fake upstream for tests and the benchmark's direct-path upstream, so it follows the
 wire format exactly and stays cheap per token (thousands of concurrent streams per process).
@@ -22,6 +22,20 @@ Endpoints:
   "refusal": null}`` — deterministic numbers, ``top_logprobs`` (0..20) alternatives per token, the
   token itself first — and the role and finish chunks ``"logprobs": null``; ``top_logprobs``
   without ``logprobs: true`` is OpenAI's 400.
+- ``POST /openai/deployments/{deployment}/chat/completions?api-version=...``: Azure OpenAI's
+  route (``azure_wire``): the same chat completion, of the model the deployment names; without
+  ``api-version`` Azure's 404, and with ``api_key`` set the key goes in an ``api-key`` header
+  (Azure's 401 otherwise).
+- ``POST /v1beta/models/{model}:streamGenerateContent?alt=sse`` and ``:generateContent`` (and ``/v1/...``): Google
+  Gemini's (``gemini_wire``, ``gemini_handlers``): SSE events that are each a whole
+  ``GenerateContentResponse`` (one part per word, ``finishReason`` and the full ``usageMetadata``
+  on the last; no ``[DONE]``), or one response. Model ids containing ``think`` think (thought
+  parts with ``thinkingConfig.includeThoughts``, ``thoughtsTokenCount`` always); declared
+  ``tools`` get a ``functionCall`` until the last turn is a ``functionResponse``; a system
+  instruction of 32+ words is reported as ``cachedContentTokenCount``. The key, when required,
+  goes in ``x-goog-api-key`` or ``?key=`` (Google's 403 without one, its 400 ``API_KEY_INVALID``
+  for a wrong one); errors are Google's ``{"error": {"code", "message", "status"}}``, a 429 with a
+  ``RetryInfo`` detail. Faults as below, by header or model name.
 - ``GET /v1/models``: the OpenAI model list.
 - ``GET /_simulator/stats``: ``requests_started``, ``requests_completed``, ``requests_failed``,
   ``requests_disconnected`` (client left before the end), ``active_streams``.
@@ -62,7 +76,9 @@ With ``api_key`` set, ``/v1`` requests need ``Authorization: Bearer <api_key>``;
 echoed back *unmasked* in the 401 message (OpenAI masks it), so tests prove that clients redact it.
 
 Modules: ``replies`` (deterministic reply text and token counts), ``wire`` (OpenAI request
-parsing, bodies and SSE frames), ``app`` (the aiohttp handlers, stats and server loop).
+parsing, bodies and SSE frames), ``azure_wire`` (Azure's auth and URL checks), ``gemini_wire``
+(Gemini's requests, bodies and events), ``gemini_handlers`` (its handlers), ``app`` (the aiohttp
+handlers, stats and server loop).
 """
 
 from .app import (

@@ -15,6 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
+from .azure_wire import azure_denied
+from .gemini_handlers import GeminiApi
 from .replies import count_prompt_tokens, reply_word_indexes
 from .wire import (
     DONE,
@@ -97,14 +99,27 @@ class _Simulator:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         """Answer ``POST /v1/chat/completions`` (OpenAI's chat completion, streamed or not)."""
+        return await self._chat_completion(request, self._unauthorized(request))
+
+    async def azure_chat_completions(self, request: web.Request) -> web.StreamResponse:
+        """Answer Azure OpenAI's ``POST /openai/deployments/{deployment}/chat/completions?api-version=...``.
+
+        ``azure_wire.azure_denied`` checks ``api-version`` and the ``api-key`` header; then it is
+        OpenAI's chat completion of the model named by the deployment.
+        """
+        denied = azure_denied(request, self.config.api_key)
+        return await self._chat_completion(request, denied, model=request.match_info["deployment"])
+
+    async def _chat_completion(
+        self, request: web.Request, denied: web.Response | None, model: str | None = None
+    ) -> web.StreamResponse:
         self.stats.requests_started += 1
         # Not ``denied or ...``: an aiohttp response is an empty MutableMapping, hence falsy.
-        denied = self._unauthorized(request)
-        parsed = denied if denied is not None else parse_completion(await request.read())
+        parsed = denied if denied is not None else parse_completion(await request.read(), model=model)
         if isinstance(parsed, web.Response):
             self.stats.requests_failed += 1
             return parsed
-        fault = self._fault(request, parsed)
+        fault = self._fault(request, parsed.model)
         if isinstance(fault, web.Response):
             self.stats.requests_failed += 1
             return fault
@@ -116,15 +131,15 @@ class _Simulator:
         return await self._complete(request, parsed, fault)
 
     @staticmethod
-    def _fault(request: web.Request, completion: Completion) -> Fault | web.Response:
+    def _fault(request: web.Request, model: str) -> Fault | web.Response:
         """Return the failures asked for: the ``X-Simulator-Fault`` header's, else the model name's."""
         header = request.headers.get(FAULT_HEADER)
         if header is not None:
             return parse_fault(header)
-        match = _SIM_ERROR.fullmatch(completion.model)
+        match = _SIM_ERROR.fullmatch(model)
         if match:
             return Fault(status=int(match.group(1)))
-        return _MODEL_FAULTS.get(completion.model, NO_FAULT)
+        return _MODEL_FAULTS.get(model, NO_FAULT)
 
     def _reply_plan(self, completion: Completion) -> tuple[list[int], str]:
         """Return the reply's word indexes and its ``finish_reason``."""
@@ -283,6 +298,10 @@ def create_app(config: SimulatorConfig) -> web.Application:
     simulator = _Simulator(config)
     app = web.Application(client_max_size=64 * 1024 * 1024)  # long prompts are legitimate
     app.router.add_post("/v1/chat/completions", simulator.chat_completions)
+    app.router.add_post("/openai/deployments/{deployment}/chat/completions", simulator.azure_chat_completions)
+    gemini = GeminiApi(simulator.config, simulator.stats, simulator._fault)
+    for version in ("v1beta", "v1"):  # {model}:generateContent and :streamGenerateContent
+        app.router.add_post(f"/{version}/models/{{target}}", gemini.generate)
     app.router.add_get("/v1/models", simulator.models)
     app.router.add_get("/_simulator/stats", simulator.stats_view)
     app.router.add_route("*", "/{tail:.*}", simulator.not_found)

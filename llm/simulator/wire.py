@@ -193,8 +193,11 @@ class Completion:
     top_logprobs: int = 0
 
 
-def parse_completion(body: bytes) -> Completion | web.Response:
-    """Return the request, or the 400 error OpenAI would answer for it."""
+def parse_completion(body: bytes, *, model: str | None = None) -> Completion | web.Response:
+    """Return the request, or the 400 error OpenAI would answer for it.
+
+    ``model``: the model the URL names (Azure's deployment), which replaces the body's.
+    """
     try:
         data = json.loads(body)
     except ValueError:
@@ -205,7 +208,7 @@ def parse_completion(body: bytes) -> Completion | web.Response:
         return error_response(400, message, type_="invalid_request_error")
     if not isinstance(data, dict):
         return error_response(400, "The request body must be a JSON object.", type_="invalid_request_error")
-    model, messages = data.get("model"), data.get("messages")
+    model, messages = model or data.get("model"), data.get("messages")
     if not isinstance(model, str) or not model:
         return error_response(400, "you must provide a model parameter", type_="invalid_request_error")
     if messages is None:

@@ -1,0 +1,414 @@
+"""Google Gemini's ``generateContent`` wire format, as the simulator writes it: requests, bodies, SSE frames.
+
+Spec: https://ai.google.dev/api/generate-content (``GenerateContentRequest``,
+``GenerateContentResponse``, ``UsageMetadata``, ``FinishReason``), errors
+https://ai.google.dev/gemini-api/docs/troubleshooting (``{"error": {"code", "message", "status"}}``
+with the google.rpc status names), streaming https://ai.google.dev/api/generate-content#method:-models.streamgeneratecontent
+(``?alt=sse``: each SSE event's ``data`` is a whole ``GenerateContentResponse``; the body simply
+ends after the last one, there is no ``[DONE]``; Google separates events with ``\\r\\n\\r\\n``).
+
+What the simulator makes of a request (deterministic, see ``llm.simulator``):
+
+- The reply's words are ``replies.reply_word_indexes`` of the request's ``contents`` read as chat
+  messages (``systemInstruction`` first, each content's text parts joined), so a request an
+  adapter translated from OpenAI messages gets the same words and ``promptTokenCount`` as the
+  OpenAI route gives those messages.
+- A model whose id contains ``think`` thinks: ``THOUGHT_TOKENS`` words counted in
+  ``thoughtsTokenCount``, and sent as ``{"text": ..., "thought": true}`` parts before the answer
+  when ``generationConfig.thinkingConfig.includeThoughts`` is true (as Gemini 2.5+ does).
+- ``tools[].functionDeclarations``: when the last content is not a ``functionResponse`` (and
+  ``toolConfig.functionCallingConfig.mode`` is not ``NONE``), the reply is one ``functionCall``
+  part calling the first declared function, with arguments made from its parameter schema
+  (``tool_call_arguments``) and a ``thoughtSignature``; ``finishReason`` is ``STOP`` (Gemini has
+  no finish reason of its own for function calls). After a ``functionResponse``, a text reply.
+- ``generationConfig.maxOutputTokens`` below the reply length cuts it: ``finishReason: MAX_TOKENS``.
+- A ``systemInstruction`` of at least ``CACHE_MIN_WORDS`` words is "implicitly cached": its tokens
+  are reported as ``cachedContentTokenCount`` (included in ``promptTokenCount``, as Gemini does).
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from .replies import WORDS, count_prompt_tokens, reply_word_indexes
+
+THOUGHT_TOKENS = 4
+CACHE_MIN_WORDS = 32
+THOUGHT_SIGNATURE = base64.b64encode(b"llm-simulator-thought-signature").decode()
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+MALFORMED_EVENT = b'data: {"candidates": [\r\n\r\n'  # a ``data:`` line that is not JSON
+
+# google.rpc.Code names by HTTP status (https://cloud.google.com/apis/design/errors#handling_errors).
+_STATUS_NAMES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    409: "ABORTED",
+    429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    500: "INTERNAL",
+    501: "NOT_IMPLEMENTED",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+_ID_PREFIX = f"sim{os.getpid():x}{int(time.time()):x}"
+_ids = itertools.count(1)
+
+
+def error_response(
+    status: int, message: str, *, details: Sequence[Mapping[str, Any]] = (), headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """Return Google's error response ``{"error": {"code", "message", "status"[, "details"]}}``."""
+    error: dict[str, Any] = {"code": status, "message": message, "status": _STATUS_NAMES.get(status, "UNKNOWN")}
+    if details:
+        error["details"] = list(details)
+    return web.json_response({"error": error}, status=status, headers=headers)
+
+
+def simulated_error(status: int, model: str, *, retry_after: int = 1) -> web.Response:
+    """Return the error Gemini would send with ``status`` (messages modelled on Google's own).
+
+    A 429 carries a ``google.rpc.RetryInfo`` detail with ``retryDelay: "<retry_after>s"`` (Gemini
+    sends no ``Retry-After`` header).
+    """
+    if status == 429:
+        message = (
+            "You exceeded your current quota, please check your plan and billing details. "
+            f"Please retry in {retry_after}s."
+        )
+        retry = {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{retry_after}s"}
+        return error_response(429, message, details=[retry])
+    if status == 404:
+        message = f"models/{model} is not found for API version v1beta, or is not supported for generateContent."
+        return error_response(404, message)
+    if status == 503:
+        return error_response(503, "The model is overloaded. Please try again later.")
+    if status >= 500:
+        return error_response(status, "An internal error has occurred. Please retry or report in the forum.")
+    return error_response(status, f"Simulated error {status} for model {model}.")
+
+
+def unauthorized(request: web.Request, api_key: str) -> web.Response | None:
+    """Return Google's answer to a missing or wrong API key (``x-goog-api-key`` or ``?key=``), or None.
+
+    Google answers a missing key with 403 ``PERMISSION_DENIED`` and a wrong one with **400**
+    ``INVALID_ARGUMENT`` (reason ``API_KEY_INVALID``): adapters must not take that 400 for the
+    client's fault.
+    """
+    if not api_key:
+        return None
+    given = request.headers.get("x-goog-api-key") or request.query.get("key") or ""
+    if given == api_key:
+        return None
+    if not given:
+        message = (
+            "Method doesn't allow unregistered callers (callers without established identity). "
+            "Please use API Key or other form of API consumer identity to call this API."
+        )
+        return error_response(403, message)
+    info = {
+        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+        "reason": "API_KEY_INVALID",
+        "domain": "googleapis.com",
+        "metadata": {"service": "generativelanguage.googleapis.com"},
+    }
+    return error_response(400, "API key not valid. Please pass a valid API key.", details=[info])
+
+
+@dataclass(frozen=True, slots=True)
+class GeminiRequest:
+    """A validated ``GenerateContentRequest``, reduced to what decides the simulator's reply.
+
+    ``messages``: the contents as OpenAI-like chat messages (for the reply words and token count);
+    ``function``: the declaration to call (``{"name", "parameters"...}``), or None for a text reply;
+    ``max_output_tokens``: ``generationConfig.maxOutputTokens`` (None: unset);
+    ``system_words``: words of the ``systemInstruction`` (for the implicit cache).
+    """
+
+    model: str
+    messages: list[dict[str, Any]]
+    include_thoughts: bool
+    max_output_tokens: int | None
+    function: dict[str, Any] | None = None
+    system_words: int = 0
+    thinks: bool = field(default=False)
+
+
+def _field(obj: Mapping[str, Any], name: str) -> Any:
+    """Return the field ``name`` (lowerCamelCase) of a request object, or its snake_case spelling.
+
+    Google's JSON mapping of protobuf accepts both (https://protobuf.dev/programming-guides/json/),
+    and the google-genai SDK sends some nested fields in snake_case (``inlineData.mime_type``,
+    ``thinkingConfig.include_thoughts``).
+    """
+    value = obj.get(name)
+    if value is None:
+        value = obj.get(re.sub(r"[A-Z]", lambda m: "_" + m.group().lower(), name))
+    return value
+
+
+def _invalid(message: str) -> web.Response:
+    return error_response(400, message)
+
+
+def _parts_text(content: Mapping[str, Any]) -> str:
+    parts = content.get("parts") or []
+    return " ".join(p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str))
+
+
+def parse_request(body: bytes, model: str) -> GeminiRequest | web.Response:
+    """Return the request for ``model``, or the 400 Google would answer for it."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return _invalid("Invalid JSON payload received. Unexpected token.")
+    if not isinstance(data, dict):
+        return _invalid("Invalid JSON payload received. Expected an object.")
+    contents = data.get("contents")
+    if not isinstance(contents, list) or not contents or not all(isinstance(c, dict) for c in contents):
+        return _invalid("* GenerateContentRequest.contents: contents is not specified")
+    messages: list[dict[str, Any]] = []
+    system_words = 0
+    system = _field(data, "systemInstruction")
+    if isinstance(system, dict):
+        text = _parts_text(system)
+        system_words = len(text.split())
+        messages.append({"role": "system", "content": text})
+    for content in contents:
+        role = content.get("role", "user")
+        if role not in ("user", "model"):
+            return _invalid(f"Please use a valid role: user, model. Got {role!r}.")
+        parts = content.get("parts")
+        if not isinstance(parts, list) or not parts:
+            return _invalid("* GenerateContentRequest.contents.parts: contents.parts must not be empty.")
+        for part in parts:
+            if not isinstance(part, dict):
+                return _invalid("* GenerateContentRequest.contents.parts: a part must be an object.")
+            inline = _field(part, "inlineData")
+            if inline is not None:
+                if (
+                    not isinstance(inline, dict)
+                    or not _field(inline, "mimeType")
+                    or not isinstance(inline.get("data"), str)
+                ):
+                    return _invalid("* GenerateContentRequest.contents.parts.inline_data: mimeType and data required.")
+                try:
+                    # Protobuf's JSON bytes: standard or URL-safe base64, padding optional (the SDK sends URL-safe).
+                    encoded = inline["data"].replace("-", "+").replace("_", "/")
+                    base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+                except ValueError:
+                    return _invalid(
+                        "Invalid value at 'contents.parts.inline_data.data' (TYPE_BYTES), Base64 decoding failed."
+                    )
+        messages.append({"role": "user" if role == "user" else "assistant", "content": _parts_text(content)})
+    config = _field(data, "generationConfig") or {}
+    if not isinstance(config, dict):
+        return _invalid("Invalid JSON payload received. 'generationConfig' must be an object.")
+    max_output_tokens = _field(config, "maxOutputTokens")
+    if max_output_tokens is not None and (
+        isinstance(max_output_tokens, bool) or not isinstance(max_output_tokens, int) or max_output_tokens < 1
+    ):
+        return _invalid(f"* GenerateContentRequest.generation_config.max_output_tokens: invalid {max_output_tokens!r}")
+    thinking = _field(config, "thinkingConfig") or {}
+    include_thoughts = isinstance(thinking, dict) and _field(thinking, "includeThoughts") is True
+    function = _function_to_call(data, contents)
+    if isinstance(function, web.Response):
+        return function
+    return GeminiRequest(
+        model=model,
+        messages=messages,
+        include_thoughts=include_thoughts,
+        max_output_tokens=max_output_tokens,
+        function=function,
+        system_words=system_words,
+        thinks="think" in model,
+    )
+
+
+def _function_to_call(
+    data: Mapping[str, Any], contents: Sequence[Mapping[str, Any]]
+) -> dict[str, Any] | None | web.Response:
+    """Return the first declared function when the reply should call it (see the module doc)."""
+    tools = data.get("tools") or []
+    if not isinstance(tools, list):
+        return _invalid("* GenerateContentRequest.tools: must be a list.")
+    declarations = [d for t in tools if isinstance(t, dict) for d in _field(t, "functionDeclarations") or []]
+    for declaration in declarations:
+        if not isinstance(declaration, dict) or not isinstance(declaration.get("name"), str):
+            return _invalid("* GenerateContentRequest.tools[0].function_declarations[0].name: name is required.")
+    mode = (_field(_field(data, "toolConfig") or {}, "functionCallingConfig") or {}).get("mode", "AUTO")
+    last_parts = contents[-1].get("parts") or []
+    answered = any(isinstance(p, dict) and _field(p, "functionResponse") is not None for p in last_parts)
+    if not declarations or mode == "NONE" or answered:
+        return None
+    return declarations[0]
+
+
+def tool_call_arguments(declaration: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the arguments the simulator calls ``declaration`` with: one value per declared property.
+
+    From ``parameters`` (or ``parametersJsonSchema``) ``properties``: a string property gets
+    ``"<name> value"``, an integer ``1``, a number ``1.5``, a boolean ``true``, an array ``[]``, an
+    object ``{}``; other types ``null``.
+    """
+    schema = declaration.get("parameters") or _field(declaration, "parametersJsonSchema") or {}
+    properties = schema.get("properties") or {} if isinstance(schema, dict) else {}
+    samples: dict[str, Any] = {"string": None, "integer": 1, "number": 1.5, "boolean": True, "array": [], "object": {}}
+    arguments: dict[str, Any] = {}
+    for name, prop in properties.items():
+        kind = str((prop or {}).get("type", "")).lower() if isinstance(prop, dict) else ""
+        arguments[name] = f"{name} value" if kind == "string" else samples.get(kind)
+    return arguments
+
+
+@dataclass(frozen=True, slots=True)
+class GeminiReply:
+    """What the simulator answers one request with: ``thoughts`` and ``words`` (word indexes into
+    ``replies.WORDS``; thoughts only when sent), or a ``function_call`` (``{"name", "args"}``);
+    ``finish_reason``; and the ``usage_metadata`` object."""
+
+    thoughts: list[int]
+    words: list[int]
+    function_call: dict[str, Any] | None
+    finish_reason: str
+    usage_metadata: dict[str, Any]
+
+
+def plan_reply(request: GeminiRequest, reply_tokens: int) -> GeminiReply:
+    """Return the reply to ``request`` for a simulator configured with ``reply_tokens`` words per reply."""
+    tokens, finish_reason = reply_tokens, "STOP"
+    if request.max_output_tokens is not None and request.max_output_tokens < tokens:
+        tokens, finish_reason = request.max_output_tokens, "MAX_TOKENS"
+    thought_count = THOUGHT_TOKENS if request.thinks else 0
+    # Thoughts: words of the reversed prompt, so they differ from the answer's.
+    thoughts = reply_word_indexes([*request.messages, {"role": "user", "content": "thinking"}], thought_count)
+    function_call = None
+    if request.function is not None:
+        function_call = {"name": request.function["name"], "args": tool_call_arguments(request.function)}
+        words: list[int] = []
+        candidates = 1 + len(function_call["args"])
+        finish_reason = "STOP"
+    else:
+        words = reply_word_indexes(request.messages, tokens)
+        candidates = len(words)
+    prompt = count_prompt_tokens(request.messages)
+    usage: dict[str, Any] = {"promptTokenCount": prompt}
+    if request.system_words >= CACHE_MIN_WORDS:
+        usage["cachedContentTokenCount"] = request.system_words + 3
+    usage["candidatesTokenCount"] = candidates
+    if thought_count:
+        usage["thoughtsTokenCount"] = thought_count
+    usage["totalTokenCount"] = prompt + candidates + thought_count
+    usage["promptTokensDetails"] = [{"modality": "TEXT", "tokenCount": prompt}]
+    return GeminiReply(
+        thoughts=thoughts if request.include_thoughts else [],
+        words=words,
+        function_call=function_call,
+        finish_reason=finish_reason,
+        usage_metadata=usage,
+    )
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _word(index: int, first: bool) -> str:
+    return WORDS[index] if first else " " + WORDS[index]
+
+
+def new_response_id() -> str:
+    """Return a new ``responseId``, unique within this process and across processes."""
+    return f"{_ID_PREFIX}{next(_ids)}"
+
+
+def _response(parts: list[dict[str, Any]], *, model: str, response_id: str, finish: str | None,
+              usage: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    candidate: dict[str, Any] = {"content": {"parts": parts, "role": "model"}, "index": 0}
+    if finish is not None:
+        candidate["finishReason"] = finish
+    return {"candidates": [candidate], "usageMetadata": usage, "modelVersion": model, "responseId": response_id}
+
+
+def _function_part(call: dict[str, Any]) -> dict[str, Any]:
+    return {"functionCall": call, "thoughtSignature": THOUGHT_SIGNATURE}
+
+
+def stream_events(reply: GeminiReply, *, model: str) -> list[bytes]:
+    """Return the SSE events of the streamed reply, one per thought word, word or function call.
+
+    Every event is a whole ``GenerateContentResponse``: ``usageMetadata`` with only
+    ``promptTokenCount`` and ``totalTokenCount`` until the last event, which carries the
+    ``finishReason`` and the full ``usageMetadata`` (what Gemini sends).
+    """
+    response_id = new_response_id()
+    prompt = reply.usage_metadata["promptTokenCount"]
+    running = {"promptTokenCount": prompt, "totalTokenCount": prompt}
+    parts: list[dict[str, Any]] = [{"text": _word(i, n == 0), "thought": True} for n, i in enumerate(reply.thoughts)]
+    parts += [{"text": _word(i, n == 0)} for n, i in enumerate(reply.words)]
+    if reply.function_call is not None:
+        parts.append(_function_part(reply.function_call))
+    if not parts:
+        parts = [{"text": ""}]
+    events = []
+    last = len(parts) - 1
+    for n, part in enumerate(parts):
+        final = n == last
+        response = _response(
+            [part],
+            model=model,
+            response_id=response_id,
+            finish=reply.finish_reason if final else None,
+            usage=reply.usage_metadata if final else running,
+        )
+        events.append(b"data: " + _dumps(response) + b"\r\n\r\n")
+    return events
+
+
+def whole_body(reply: GeminiReply, *, model: str) -> dict[str, Any]:
+    """Return the whole ``GenerateContentResponse`` (``:generateContent``): one part per kind."""
+    parts: list[dict[str, Any]] = []
+    if reply.thoughts:
+        parts.append({"text": " ".join(WORDS[i] for i in reply.thoughts), "thought": True})
+    if reply.words:
+        parts.append({"text": " ".join(WORDS[i] for i in reply.words)})
+    if reply.function_call is not None:
+        parts.append(_function_part(reply.function_call))
+    return _response(
+        parts or [{"text": ""}],
+        model=model,
+        response_id=new_response_id(),
+        finish=reply.finish_reason,
+        usage=reply.usage_metadata,
+    )
+
+
+__all__ = [
+    "CACHE_MIN_WORDS",
+    "MALFORMED_EVENT",
+    "SSE_HEADERS",
+    "THOUGHT_SIGNATURE",
+    "THOUGHT_TOKENS",
+    "GeminiReply",
+    "GeminiRequest",
+    "error_response",
+    "new_response_id",
+    "parse_request",
+    "plan_reply",
+    "simulated_error",
+    "stream_events",
+    "tool_call_arguments",
+    "unauthorized",
+    "whole_body",
+]

@@ -1,0 +1,486 @@
+"""The Gemini and Azure OpenAI adapters against the real simulator process over HTTP.
+
+A recording upstream (a local aiohttp server) shows the request bodies the adapters send and
+answers the shapes the simulator never sends (a blocked prompt, an error mid-stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from django.test import override_settings
+
+from chatbackend.errors import ApplicationError
+from llm.providers import ChatChunk, ChatProvider, ChatRequest, ProviderConfig, UpstreamError, Usage, get_provider
+from llm.providers.azure_openai import AzureOpenAIProvider
+from llm.providers.base import UPSTREAM_MESSAGES
+from llm.providers.gemini import GeminiProvider
+from llm.providers.gemini_request import SKIP_THOUGHT_SIGNATURE
+from llm.simulator import count_prompt_tokens, reply_text
+from llm.simulator.gemini_wire import CACHE_MIN_WORDS, THOUGHT_SIGNATURE, THOUGHT_TOKENS
+from llm.tests.simulator_process import SimulatorProcess
+from tests.kit import FAST_REPLY_TOKENS, SIMULATOR_API_KEY, poll_until, run_python
+
+pytestmark = pytest.mark.usefixtures("provider_clients")
+
+MESSAGES: list[dict[str, Any]] = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Name three rivers."},
+]
+PROVIDER_KEY = "sk-provider-secret-key-0123456789"
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+PNG_DATA_URL = (
+    "data:image/png;base64,"
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
+
+
+def gemini(base_url: str, api_key: str = PROVIDER_KEY, *, fault: str = "", **timeouts: float) -> GeminiProvider:
+    headers = (("X-Simulator-Fault", fault),) if fault else ()
+    config = ProviderConfig(kind="gemini", base_url=base_url, api_key=api_key, extra_headers=headers, **timeouts)
+    adapter = get_provider(config)
+    assert isinstance(adapter, GeminiProvider)
+    return adapter
+
+
+def azure(base_url: str, api_key: str = PROVIDER_KEY, **timeouts: float) -> AzureOpenAIProvider:
+    adapter = get_provider(ProviderConfig(kind="azure_openai", base_url=base_url, api_key=api_key, **timeouts))
+    assert isinstance(adapter, AzureOpenAIProvider)
+    return adapter
+
+
+async def collect(adapter: ChatProvider, request: ChatRequest, into: list[ChatChunk] | None = None) -> list[ChatChunk]:
+    """Return every chunk of the stream; each batch must be a non-empty list of ``ChatChunk``."""
+    chunks = [] if into is None else into
+    async for batch in adapter.stream(request):
+        assert isinstance(batch, list) and batch and all(isinstance(chunk, ChatChunk) for chunk in batch)
+        chunks.extend(batch)
+    return chunks
+
+
+def assert_key_hidden(error: UpstreamError, key: str = PROVIDER_KEY) -> None:
+    assert key not in error.message and key not in str(error.as_dict()) and key not in (error.detail or "")
+
+
+# --- Gemini: replies --------------------------------------------------------------------------
+
+
+async def test_streams_text_then_finish_and_usage(simulator: SimulatorProcess) -> None:
+    chunks = await collect(gemini(simulator.root_url), ChatRequest(model="sim-1", messages=MESSAGES))
+
+    assert "".join(c.content for c in chunks) == reply_text(MESSAGES, FAST_REPLY_TOKENS)
+    assert sum(1 for c in chunks if c.content) == FAST_REPLY_TOKENS
+    assert [c.finish_reason for c in chunks] == [None] * (FAST_REPLY_TOKENS - 1) + ["stop", None]
+    usage = Usage(prompt_tokens=count_prompt_tokens(MESSAGES), completion_tokens=FAST_REPLY_TOKENS)
+    assert chunks[-1] == ChatChunk(usage=usage)
+    assert all(c.usage is None and not c.reasoning_content and c.tool_calls is None for c in chunks[:-1])
+
+
+async def test_reasoning_effort_streams_thoughts_as_reasoning_content(simulator: SimulatorProcess) -> None:
+    request = ChatRequest(model="sim-think", messages=MESSAGES, parameters={"reasoning_effort": "low"})
+    chunks = await collect(gemini(simulator.root_url), request)
+
+    reasoning = [c for c in chunks if c.reasoning_content]
+    assert len(reasoning) == THOUGHT_TOKENS and chunks[:THOUGHT_TOKENS] == reasoning  # thoughts come first
+    assert "".join(c.content for c in chunks) == reply_text(MESSAGES, FAST_REPLY_TOKENS)
+    assert chunks[-1].usage == Usage(
+        prompt_tokens=count_prompt_tokens(MESSAGES),
+        completion_tokens=FAST_REPLY_TOKENS + THOUGHT_TOKENS,  # candidates + thoughts
+        reasoning_tokens=THOUGHT_TOKENS,
+    )
+
+    # Without reasoning_effort the thoughts are not sent, yet still counted.
+    quiet = await collect(gemini(simulator.root_url), ChatRequest(model="sim-think", messages=MESSAGES))
+    assert not any(c.reasoning_content for c in quiet)
+    assert quiet[-1].usage is not None and quiet[-1].usage.reasoning_tokens == THOUGHT_TOKENS
+
+
+async def test_a_function_call_becomes_a_whole_openai_tool_call(simulator: SimulatorProcess) -> None:
+    request = ChatRequest(model="sim-1", messages=MESSAGES, parameters={"tools": TOOLS})
+    chunks = await collect(gemini(simulator.root_url), request)
+
+    call_chunk, usage_chunk = chunks
+    assert call_chunk.finish_reason == "tool_calls" and not call_chunk.content
+    [call] = call_chunk.tool_calls or []
+    assert call["index"] == 0 and call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"] == {"name": "get_weather", "arguments": json.dumps({"city": "city value"})}
+    assert call["extra_content"] == {"google": {"thought_signature": THOUGHT_SIGNATURE}}
+    assert usage_chunk.usage is not None and usage_chunk.usage.completion_tokens == 2
+
+    # The call and its result go back as functionCall / functionResponse: the simulator answers in text.
+    follow_up = [
+        *MESSAGES,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": '{"forecast": "rain"}'},
+    ]
+    answer = await collect(
+        gemini(simulator.root_url), ChatRequest(model="sim-1", messages=follow_up, parameters={"tools": TOOLS})
+    )
+    assert "".join(c.content for c in answer) and answer[-2].finish_reason == "stop"
+
+
+async def test_max_tokens_is_finish_reason_length(simulator: SimulatorProcess) -> None:
+    request = ChatRequest(model="sim-1", messages=MESSAGES, parameters={"max_tokens": 2})
+    chunks = await collect(gemini(simulator.root_url), request)
+    assert "".join(c.content for c in chunks) == reply_text(MESSAGES, 2)
+    assert chunks[-2].finish_reason == "length" and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 2
+
+
+async def test_images_as_data_urls_are_accepted_and_links_are_a_clear_400(simulator: SimulatorProcess) -> None:
+    content = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": PNG_DATA_URL}}]
+    messages = [{"role": "user", "content": content}]
+    chunks = await collect(gemini(simulator.root_url), ChatRequest(model="sim-1", messages=messages))
+    assert "".join(c.content for c in chunks) == reply_text([{"role": "user", "content": "What is this?"}], 12)
+
+    before = await simulator.astats()
+    linked = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]
+    with pytest.raises(ApplicationError) as caught:
+        await collect(gemini(simulator.root_url), ChatRequest(model="sim-1", messages=linked))
+    assert (caught.value.status, caught.value.code) == (400, "unsupported_image_url")
+    assert "data: URLs" in caught.value.message
+    assert (await simulator.astats())["requests_started"] == before["requests_started"]  # nothing was sent
+
+
+async def test_cached_tokens_are_reported(simulator: SimulatorProcess) -> None:
+    system = " ".join(["rule"] * CACHE_MIN_WORDS)
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Hello"}]
+    chunks = await collect(gemini(simulator.root_url), ChatRequest(model="sim-1", messages=messages))
+    assert chunks[-1].usage == Usage(
+        prompt_tokens=count_prompt_tokens(messages),
+        completion_tokens=FAST_REPLY_TOKENS,
+        cached_tokens=CACHE_MIN_WORDS + 3,
+    )
+
+
+async def test_the_key_goes_in_x_goog_api_key_and_a_wrong_one_is_502(keyed_simulator: SimulatorProcess) -> None:
+    request = ChatRequest(model="sim-1", messages=MESSAGES)
+    chunks = await collect(gemini(keyed_simulator.root_url, api_key=SIMULATOR_API_KEY), request)
+    assert "".join(c.content for c in chunks) == reply_text(MESSAGES, FAST_REPLY_TOKENS)
+
+    # Google answers a wrong key with 400 API_KEY_INVALID: our configuration's fault, not the client's.
+    with pytest.raises(UpstreamError) as caught:
+        await collect(gemini(keyed_simulator.root_url), request)
+    assert (caught.value.status, caught.value.upstream_status, caught.value.code) == (502, 400, "upstream_auth_failed")
+    assert caught.value.message == UPSTREAM_MESSAGES["upstream_auth_failed"]
+    assert_key_hidden(caught.value)
+    with pytest.raises(UpstreamError) as caught:
+        await collect(gemini(keyed_simulator.root_url, api_key=""), request)
+    assert (caught.value.status, caught.value.upstream_status) == (502, 403)
+
+
+# --- Gemini: failures ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "status", "code", "quoted"),
+    [
+        ("sim-error-500", 502, "upstream_error", "The model provider failed to answer. (status 500)"),
+        ("sim-error-503", 502, "upstream_error", "The model provider failed to answer. (status 503)"),
+        ("sim-error-429", 429, "upstream_rate_limited", "exceeded your current quota"),
+        ("sim-error-400", 400, "upstream_error", "Simulated error 400"),
+        ("sim-error-404", 404, "upstream_error", "is not found"),
+    ],
+)
+async def test_upstream_error_status_maps_to_upstream_error(
+    simulator: SimulatorProcess, model: str, status: int, code: str, quoted: str
+) -> None:
+    with pytest.raises(UpstreamError) as caught:
+        await collect(gemini(simulator.root_url), ChatRequest(model=model, messages=MESSAGES))
+    assert caught.value.status == status and caught.value.upstream_status == int(model.rsplit("-", 1)[1])
+    assert caught.value.code == code and quoted in caught.value.message
+    assert f"answered {caught.value.upstream_status}" in (caught.value.detail or "")
+    assert caught.value.retry_after == (1.0 if status == 429 else None)  # Google's RetryInfo.retryDelay
+    assert_key_hidden(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("fault", "chunks", "status", "code"),
+    [
+        ("status=429, retry-after=7", 0, 429, "upstream_rate_limited"),
+        ("drop-after=2", 2, 502, "upstream_disconnected"),
+        ("malformed-line=3", 3, 502, "upstream_bad_response"),
+        ("stall=5, stall-after=2", 2, 504, "upstream_timeout"),
+        ("ttft=5", 0, 504, "upstream_timeout"),
+    ],
+)
+async def test_faults_mid_stream_keep_the_chunks_received(
+    simulator: SimulatorProcess, fault: str, chunks: int, status: int, code: str
+) -> None:
+    received: list[ChatChunk] = []
+    adapter = gemini(simulator.root_url, fault=fault, read_timeout=0.5)
+    with pytest.raises(UpstreamError) as caught:
+        await collect(adapter, ChatRequest(model="sim-1", messages=MESSAGES), received)
+    assert len(received) == chunks and all(c.content for c in received)
+    assert (caught.value.status, caught.value.code) == (status, code)
+    if status == 429:
+        assert caught.value.retry_after == 7.0
+    assert_key_hidden(caught.value)
+
+
+async def test_unreachable_upstream_is_502(closed_port_url: str) -> None:
+    with pytest.raises(UpstreamError) as caught:
+        await collect(gemini(closed_port_url, connect_timeout=2), ChatRequest(model="sim-1", messages=MESSAGES))
+    assert (caught.value.status, caught.value.code) == (502, "upstream_unreachable")
+    assert caught.value.message == UPSTREAM_MESSAGES["upstream_unreachable"]
+
+
+@pytest.mark.parametrize("kind", ["gemini", "azure_openai"])
+async def test_cancelling_the_consumer_closes_the_upstream_request(slow_simulator: SimulatorProcess, kind: str) -> None:
+    adapter = gemini(slow_simulator.root_url) if kind == "gemini" else azure(slow_simulator.root_url)
+    before = await slow_simulator.astats()
+    first_chunk = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in adapter.stream(ChatRequest(model="sim-1", messages=MESSAGES)):
+            first_chunk.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(first_chunk.wait(), timeout=5)
+    assert (await slow_simulator.astats())["active_streams"] == before["active_streams"] + 1
+    task.cancel()
+    after = await poll_until(
+        slow_simulator.astats,
+        lambda s: (
+            s["requests_disconnected"] == before["requests_disconnected"] + 1
+            and s["active_streams"] == before["active_streams"]
+        ),
+    )
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert after["requests_completed"] == before["requests_completed"]
+
+
+# --- What the adapters send, and shapes the simulator never sends -----------------------------
+
+
+class RecordingUpstream:
+    """A local HTTP server that records each request and answers ``body`` (SSE unless told)."""
+
+    def __init__(self) -> None:
+        self.base_url = ""
+        self.requests: list[tuple[web.Request, dict[str, Any]]] = []
+        self.body = b""
+        self.content_type = "text/event-stream"
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests.append((request, await request.json()))
+        return web.Response(body=self.body, headers={"Content-Type": self.content_type})
+
+
+@pytest.fixture
+async def recording_upstream() -> AsyncIterator[RecordingUpstream]:
+    upstream = RecordingUpstream()
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", upstream.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    upstream.base_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    yield upstream
+    await runner.cleanup()
+
+
+def gemini_events(*responses: dict[str, Any]) -> bytes:
+    return b"".join(b"data: " + json.dumps(r).encode() + b"\r\n\r\n" for r in responses)
+
+
+def candidate(parts: list[dict[str, Any]], finish: str | None = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"content": {"role": "model", "parts": parts}, "index": 0}
+    if finish:
+        entry["finishReason"] = finish
+    return {"candidates": [entry]}
+
+
+DONE_EVENT = {**candidate([{"text": "."}], "STOP"), "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 1}}
+
+
+async def test_the_request_body_is_gemini_generate_content(recording_upstream: RecordingUpstream) -> None:
+    recording_upstream.body = gemini_events(DONE_EVENT)
+    call = {
+        "id": "call_abc",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "developer", "content": [{"type": "text", "text": "Use metric units."}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Hi"}, {"type": "image_url", "image_url": {"url": PNG_DATA_URL}}],
+        },
+        {"role": "assistant", "content": "Checking.", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_abc", "content": "sunny"},
+    ]
+    parameters = {
+        "max_completion_tokens": 50,
+        "temperature": 0.3,
+        "top_p": 0.9,
+        "stop": "END",
+        "tools": TOOLS,
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "reasoning_effort": "medium",
+    }
+    await collect(
+        gemini(recording_upstream.base_url),
+        ChatRequest(model="gemini-2.5-flash", messages=messages, parameters=parameters),
+    )
+
+    [(request, body)] = recording_upstream.requests
+    assert request.path == "/v1beta/models/gemini-2.5-flash:streamGenerateContent"
+    assert request.query_string == "alt=sse"
+    assert request.headers["x-goog-api-key"] == PROVIDER_KEY and "Authorization" not in request.headers
+    image = {"inlineData": {"mimeType": "image/png", "data": PNG_DATA_URL.split(",")[1]}}
+    function_call = {"name": "get_weather", "args": {"city": "Paris"}}
+    declaration = {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parametersJsonSchema": TOOLS[0]["function"]["parameters"],
+    }
+    assert body == {
+        "systemInstruction": {"parts": [{"text": "Be brief."}, {"text": "Use metric units."}]},
+        "contents": [
+            {"role": "user", "parts": [{"text": "Hi"}, image]},
+            {
+                "role": "model",
+                "parts": [
+                    {"text": "Checking."},
+                    {"functionCall": function_call, "thoughtSignature": SKIP_THOUGHT_SIGNATURE},
+                ],
+            },
+            {"role": "user", "parts": [{"functionResponse": {"name": "get_weather", "response": {"result": "sunny"}}}]},
+        ],
+        "tools": [{"functionDeclarations": [declaration]}],
+        "toolConfig": {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": ["get_weather"]}},
+        "generationConfig": {
+            "maxOutputTokens": 50,
+            "temperature": 0.3,
+            "topP": 0.9,
+            "stopSequences": ["END"],
+            "thinkingConfig": {"thinkingBudget": 8192, "includeThoughts": True},
+        },
+    }
+
+
+async def test_a_tool_message_that_answers_no_call_is_a_400(recording_upstream: RecordingUpstream) -> None:
+    messages = [*MESSAGES, {"role": "tool", "tool_call_id": "call_unknown", "content": "x"}]
+    with pytest.raises(ApplicationError) as caught:
+        await collect(gemini(recording_upstream.base_url), ChatRequest(model="m", messages=messages))
+    assert caught.value.status == 400 and "call_unknown" in caught.value.message
+    assert recording_upstream.requests == []
+
+
+TWO_CALLS = candidate(
+    [{"functionCall": {"name": "a", "args": {}, "id": "g1"}}, {"functionCall": {"name": "b"}}], "STOP"
+)
+BLOCKED = {"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}, "usageMetadata": {"promptTokenCount": 4}}
+
+
+@pytest.mark.parametrize(
+    ("events", "expected"),
+    [
+        # Gemini's content filters end the reply as content_filter.
+        (
+            [candidate([{"text": "Hm"}]), candidate([], "SAFETY")],
+            [ChatChunk(content="Hm"), ChatChunk(finish_reason="content_filter")],
+        ),
+        (
+            [BLOCKED],
+            [ChatChunk(finish_reason="content_filter"), ChatChunk(usage=Usage(prompt_tokens=4, completion_tokens=0))],
+        ),
+        ([TWO_CALLS], "two calls"),  # two calls in one response: indexes 0 and 1
+        # A finishing response without usageMetadata: the last one sent is the usage.
+        (
+            [{**candidate([{"text": "Hi"}]), "usageMetadata": {"promptTokenCount": 2}}, candidate([], "MAX_TOKENS")],
+            [ChatChunk(content="Hi"), ChatChunk(finish_reason="length"), ChatChunk(usage=Usage(2, 0))],
+        ),
+    ],
+)
+async def test_shapes_the_simulator_never_sends(
+    recording_upstream: RecordingUpstream, events: list[dict[str, Any]], expected: Any
+) -> None:
+    recording_upstream.body = gemini_events(*events)
+    chunks = await collect(gemini(recording_upstream.base_url), ChatRequest(model="m", messages=MESSAGES))
+    if expected == "two calls":
+        [chunk] = chunks
+        assert chunk.finish_reason == "tool_calls" and chunk.tool_calls is not None
+        first, second = chunk.tool_calls
+        assert (first["index"], first["id"], first["function"]) == (0, "g1", {"name": "a", "arguments": "{}"})
+        assert second["index"] == 1 and second["id"].startswith("call_") and second["function"]["name"] == "b"
+    else:
+        assert chunks == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (gemini_events(candidate([{"text": "Hi"}])), "upstream_disconnected"),  # ends without a finishReason
+        (gemini_events(candidate([{"text": "Hi"}]), {"error": {"code": 500, "message": "Internal"}}), "upstream_error"),
+    ],
+)
+async def test_a_stream_that_ends_unfinished_or_with_an_error_is_502(
+    recording_upstream: RecordingUpstream, body: bytes, code: str
+) -> None:
+    recording_upstream.body = body
+    received: list[ChatChunk] = []
+    with pytest.raises(UpstreamError) as caught:
+        await collect(gemini(recording_upstream.base_url), ChatRequest(model="m", messages=MESSAGES), received)
+    assert received == [ChatChunk(content="Hi")]
+    assert (caught.value.status, caught.value.code) == (502, code)
+
+
+# --- Azure OpenAI ------------------------------------------------------------------------------
+
+
+async def test_azure_streams_from_the_deployment_url(simulator: SimulatorProcess) -> None:
+    chunks = await collect(azure(simulator.root_url), ChatRequest(model="sim-1", messages=MESSAGES))
+    assert "".join(c.content for c in chunks) == reply_text(MESSAGES, FAST_REPLY_TOKENS)
+    assert chunks[-2:] == [
+        ChatChunk(finish_reason="stop"),
+        ChatChunk(usage=Usage(prompt_tokens=count_prompt_tokens(MESSAGES), completion_tokens=FAST_REPLY_TOKENS)),
+    ]
+
+
+async def test_azure_sends_api_key_and_api_version(recording_upstream: RecordingUpstream) -> None:
+    recording_upstream.body = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+    with override_settings(LLM_AZURE_OPENAI_API_VERSION="2025-04-01-preview"):
+        await collect(azure(recording_upstream.base_url + "/"), ChatRequest(model="my deployment", messages=MESSAGES))
+    [(request, body)] = recording_upstream.requests
+    assert request.path == "/openai/deployments/my deployment/chat/completions"
+    assert request.query["api-version"] == "2025-04-01-preview"
+    assert request.headers["api-key"] == PROVIDER_KEY and "Authorization" not in request.headers
+    assert body["messages"] == MESSAGES and body["stream"] is True
+
+
+async def test_azure_key_and_errors(keyed_simulator: SimulatorProcess, simulator: SimulatorProcess) -> None:
+    request = ChatRequest(model="sim-1", messages=MESSAGES)
+    assert (await collect(azure(keyed_simulator.root_url, api_key=SIMULATOR_API_KEY), request))[-1].usage
+    with pytest.raises(UpstreamError) as caught:
+        await collect(azure(keyed_simulator.root_url), request)
+    assert (caught.value.status, caught.value.upstream_status, caught.value.code) == (502, 401, "upstream_auth_failed")
+    assert "invalid subscription key" in (caught.value.detail or "")
+    assert_key_hidden(caught.value)
+
+    with pytest.raises(UpstreamError) as caught:
+        await collect(azure(simulator.root_url), ChatRequest(model="sim-error-429", messages=MESSAGES))
+    assert (caught.value.status, caught.value.code, caught.value.retry_after) == (429, "upstream_rate_limited", 1.0)
+
+
+def test_a_bad_azure_api_version_stops_start_up() -> None:
+    result = run_python("manage.py", "check", env={"LLM_AZURE_OPENAI_API_VERSION": "latest"})
+    assert result.returncode == 1 and "ImproperlyConfigured" in result.stderr, result.stderr
+    assert "LLM_AZURE_OPENAI_API_VERSION" in result.stderr
