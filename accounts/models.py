@@ -109,6 +109,7 @@ class UsageRecord(models.Model):
     class Source(models.TextChoices):
         CONVERSATION = "conversation", "Conversation"
         OPENAI_API = "openai_api", "OpenAI-compatible API"
+        OPENAI_RESPONSES = "openai_responses", "OpenAI Responses API"
 
     request_id = models.CharField(max_length=64, unique=True)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="usage_records")

@@ -53,13 +53,17 @@ def openai_chat_start(
     parameters: dict[str, Any],
     stream: bool,
     include_usage: bool,
+    reply_id: str | None = None,
+    source: UsageRecord.Source = UsageRecord.Source.OPENAI_API,
 ) -> ChatCompletionPlan:
     """Return the plan of one ``/v1/chat/completions`` reply to ``model``.
 
     ``model``: the enabled model the client named (``llm.selectors.enabled_model_get``).
     ``messages``: OpenAI message objects, sent upstream as they are. ``parameters``: the other
     request fields the client sent; the model's ``default_parameters`` fill in the ones it did
-    not send (``RESERVED_PARAMETERS`` are dropped from both). Writes nothing and reads nothing:
+    not send (``RESERVED_PARAMETERS`` are dropped from both). ``reply_id``: the reply's id (and
+    usage request id; at most 64 characters), default a fresh ``chatcmpl-...`` id; ``source``: the
+    inbound API the usage record names (``/v1/responses`` passes its own). Writes nothing and reads nothing:
     pure CPU, fine on the event loop. Raises ``ApplicationError`` 400 ``max_tokens_too_large``
     when the client's ``max_tokens`` or ``max_completion_tokens`` exceeds the model's
     ``context_window`` (tokens): no reply could be that long.
@@ -75,7 +79,7 @@ def openai_chat_start(
             )
     merged = {key: value for key, value in model.default_parameters.items() if key not in RESERVED_PARAMETERS}
     merged.update((key, value) for key, value in parameters.items() if key not in RESERVED_PARAMETERS)
-    completion_id = new_completion_id()
+    completion_id = reply_id or new_completion_id()
     return ChatCompletionPlan(
         provider=model.provider,
         request=ChatRequest(model=model.upstream_model, messages=messages, parameters=merged),
@@ -84,7 +88,7 @@ def openai_chat_start(
         tokenizer=model.tokenizer,
         usage=usage_context(
             request_id=completion_id,
-            source=UsageRecord.Source.OPENAI_API,
+            source=source,
             user_id=principal.user.pk,
             api_key_id=principal.api_key.pk if principal.api_key else None,
             model=model,
