@@ -77,6 +77,9 @@ STATELESS_HINT = (
 # Parameters passed to the upstream as the client wrote them (same meaning in chat completions).
 PASSED_PARAMETERS = ("temperature", "top_p", "parallel_tool_calls", "user", "safety_identifier", "prompt_cache_key")
 REASONING_EFFORTS = frozenset(("none", "minimal", "low", "medium", "high", "xhigh"))
+# ``summary`` is accepted and echoed: reasoning comes back as ``reasoning_text`` (what chat
+# upstreams stream as ``reasoning_content``), never as a generated summary.
+REASONING_FIELDS = frozenset(("effort", "summary", "generate_summary"))
 
 
 @dataclass
@@ -183,10 +186,14 @@ def _message(item: dict[str, Any], param: str) -> dict[str, Any]:
     role = item.get("role")
     content = item.get("content")
     if role == "assistant":
-        text = _text_of_parts(content, f"{param}.content", ("output_text", "input_text", "refusal"))
         if isinstance(content, list):  # a refusal part holds its text under "refusal"
-            text = "".join(p.get("text") or p.get("refusal") or "" for p in content if isinstance(p, dict))
-        return {"role": "assistant", "content": text}
+            refusals = [part for part in content if isinstance(part, dict) and part.get("type") == "refusal"]
+            if refusals and len(refusals) == len(content):
+                return {"role": "assistant", "content": "".join(str(part.get("refusal") or "") for part in refusals)}
+        return {
+            "role": "assistant",
+            "content": _text_of_parts(content, f"{param}.content", ("output_text", "input_text")),
+        }
     if role in ("user", "system", "developer"):
         if content is None:
             raise _bad(f"'{param}.content' is required.", f"{param}.content", code="missing_required_parameter")
@@ -325,20 +332,32 @@ def responses_request(body: dict[str, Any], data: dict[str, Any]) -> ResponsesRe
     instructions = data.get("instructions")
     messages = input_messages(body["input"], instructions)
     parameters: dict[str, Any] = {name: data[name] for name in PASSED_PARAMETERS if data.get(name) is not None}
+    if not data.get("tools"):
+        parameters.pop("parallel_tool_calls", None)  # OpenAI's chat API refuses it without tools
     if data.get("service_tier") is not None:
         parameters["service_tier"] = data["service_tier"]
     if data.get("max_output_tokens") is not None:
         parameters["max_completion_tokens"] = data["max_output_tokens"]
     reasoning = data.get("reasoning") or {}
+    for key, value in reasoning.items():
+        if key not in REASONING_FIELDS and value is not None:
+            raise _unsupported(
+                f"'reasoning.{key}' is not supported; only 'effort' (and 'summary').", f"reasoning.{key}"
+            )
     effort = reasoning.get("effort")
     if effort is not None:
         if effort not in REASONING_EFFORTS:
             raise _bad(f"'reasoning.effort' must be one of {', '.join(sorted(REASONING_EFFORTS))}.", "reasoning.effort")
         parameters["reasoning_effort"] = effort
     text = data.get("text") or {}
+    for key, value in text.items():
+        if key not in ("format", "verbosity") and value is not None:
+            raise _unsupported(f"'text.{key}' is not supported; only 'format' and 'verbosity'.", f"text.{key}")
     response_format = _response_format(text)
     if response_format is not None:
         parameters["response_format"] = response_format
+    if text.get("verbosity") is not None:
+        parameters["verbosity"] = text["verbosity"]
     tools = data.get("tools") or []
     if tools:
         parameters["tools"] = _tools(tools)
@@ -367,7 +386,7 @@ def responses_request(body: dict[str, Any], data: dict[str, Any]) -> ResponsesRe
         "parallel_tool_calls": data.get("parallel_tool_calls") is not False,
         "metadata": metadata or {},
         "reasoning": {"effort": effort, "summary": reasoning.get("summary")},
-        "text": {"format": text.get("format") or {"type": "text"}},
+        "text": {"format": text.get("format") or {"type": "text"}, "verbosity": text.get("verbosity") or "medium"},
         "previous_response_id": None,
         "store": False,
         "truncation": "disabled",

@@ -245,12 +245,18 @@ async def test_images_and_parameters_reach_the_upstream_in_chat_shape(
                 },
                 {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "A pixel."}]},
                 {"role": "user", "content": "Sure?"},
+                {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot tell."}]},
+                {"role": "user", "content": "Try."},
             ],
+            parallel_tool_calls=True,
             max_output_tokens=50,
             temperature=0.5,
             top_p=0.9,
             reasoning={"effort": "low"},
-            text={"format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}},
+            text={
+                "format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True},
+                "verbosity": "low",
+            },
             store=False,
         )
     assert response.output_text == "ok"
@@ -266,8 +272,12 @@ async def test_images_and_parameters_reach_the_upstream_in_chat_shape(
         },
         {"role": "assistant", "content": "A pixel."},
         {"role": "user", "content": "Sure?"},
+        {"role": "assistant", "content": "I cannot tell."},
+        {"role": "user", "content": "Try."},
     ]
     assert sent["max_completion_tokens"] == 50
+    assert sent["verbosity"] == "low"
+    assert "parallel_tool_calls" not in sent  # OpenAI's chat API refuses it without tools
     assert (sent["temperature"], sent["top_p"], sent["reasoning_effort"]) == (0.5, 0.9, "low")
     assert sent["response_format"] == {
         "type": "json_schema",
@@ -296,6 +306,16 @@ async def test_images_and_parameters_reach_the_upstream_in_chat_shape(
         ({"include": ["reasoning.encrypted_content"]}, "include"),
         ({"text": {"format": {"type": "grammar"}}}, "text.format.type"),
         ({"temperature": "hot"}, "temperature"),
+        ({"truncation": "auto"}, "truncation"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"reasoning": {"effort": "low", "mode": "deep"}}, "reasoning.mode"),
+        ({"text": {"format": {"type": "text"}, "tone": "warm"}}, "text.tone"),
+        ({"tool_choice": {"type": "web_search_preview"}}, "tool_choice"),
+        ({"input": [{"type": "function_call_output", "output": "21"}]}, "input[0].call_id"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]},
+            "input[0].content[0].image_url",
+        ),
         ({"made_up": 1}, "made_up"),
     ],
 )
