@@ -409,3 +409,27 @@ async def test_client_disconnect_cancels_upstream_and_bills_what_was_streamed(
     assert 2 <= record.completion_tokens < SLOW_REPLY_TOKENS
     stats = await poll_until(slow_simulator.astats, lambda stats: stats["active_streams"] == 0)
     assert stats["requests_disconnected"] == before["requests_disconnected"] + 1
+
+
+async def test_reasoning_and_tool_call_bodies_match_the_schema_whole_and_streamed(
+    api_key_secret, scripted_models, asgi_server
+):
+    body = {"model": "tool-model", "input": "Weather in Paris?", "tools": [WEATHER_TOOL]}
+    async with httpx.AsyncClient(base_url=asgi_server) as http:
+        whole = await http.post(RESPONSES_URL, json=body, headers=bearer(api_key_secret))
+        streamed = await http.post(RESPONSES_URL, json={**body, "stream": True}, headers=bearer(api_key_secret))
+
+    response = whole.json()
+    validate_against("Response", response)
+    reasoning, call = response["output"]
+    assert reasoning["content"] == [{"type": "reasoning_text", "text": "The user wants weather."}]
+    assert (call["call_id"], call["arguments"], call["status"]) == ("call_1", '{"city":"Paris"}', "completed")
+    assert response["tools"] == [{**WEATHER_TOOL}]
+    assert response["usage"]["input_tokens"] == 7 and response["usage"]["output_tokens"] == 5
+    events = sse_events(streamed.content)
+    for event in events:
+        validate_against("ResponseStreamEvent", event)
+    assert [event["sequence_number"] for event in events] == list(range(len(events)))
+    completed = events[-1]["response"]
+    assert [item["type"] for item in completed["output"]] == ["reasoning", "function_call"]
+    assert completed["output"][1]["arguments"] == '{"city":"Paris"}'
