@@ -53,9 +53,15 @@ async def _response_start(principal: Principal, raw_body: bytes) -> tuple[ChatCo
         reply_id=new_response_id(),
         source=UsageRecord.Source.OPENAI_RESPONSES,
     )
-    if len(raw_body) > COUNT_ON_LOOP_MAX_BYTES:
-        return await run_sync(start), request  # counting a long prompt's tokens would stall the loop
-    return start(), request
+    try:
+        if len(raw_body) > COUNT_ON_LOOP_MAX_BYTES:
+            return await run_sync(start), request  # counting a long prompt's tokens would stall the loop
+        return start(), request
+    except ApplicationError as error:
+        if error.param == "max_completion_tokens":  # the chat name of the client's field: say its own
+            error.param = "max_output_tokens"
+            error.message = error.message.replace("'max_completion_tokens'", "'max_output_tokens'")
+        raise
 
 
 @async_endpoint("POST")

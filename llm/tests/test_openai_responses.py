@@ -329,6 +329,14 @@ async def test_unsupported_fields_are_a_400_naming_the_param(api_key_secret, sim
     assert await usage_records() == []
 
 
+async def test_max_output_tokens_over_the_context_window_names_the_field(api_key_secret, sim_model, asgi_server):
+    async with sdk_for(asgi_server, api_key_secret) as sdk:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await sdk.responses.create(model="sim-model", input="Hi", max_output_tokens=10_000_000)
+    assert (caught.value.code, caught.value.param) == ("max_tokens_too_large", "max_output_tokens")
+    assert "'max_output_tokens'" in caught.value.message
+
+
 async def test_sdk_typed_call_with_previous_response_id_is_refused(api_key_secret, sim_model, asgi_server):
     async with sdk_for(asgi_server, api_key_secret) as sdk:
         with pytest.raises(openai.BadRequestError) as caught:
