@@ -21,7 +21,8 @@ parameters, issue 9's contract), so the stateless core of the Responses API maps
 What needs state we do not keep or tools we do not run is refused with OpenAI's 400 naming the
 field (``param``), never dropped: ``previous_response_id``, ``conversation``, ``background``,
 ``store: true``, ``prompt``, built-in tools (``web_search``, ``file_search``, ...), ``item_reference``
-items, file inputs, ``include``, ``top_logprobs``, ``truncation: auto``. A field OpenAI does not
+items, file inputs, ``include`` values but ``reasoning.encrypted_content``, ``top_logprobs``,
+``truncation: auto``. A field OpenAI does not
 define is its 400 ``unknown_parameter``.
 """
 
@@ -74,6 +75,9 @@ STATELESS_HINT = (
     "This server does not store responses (stateless Responses API): send the whole context in 'input' "
     "and set 'store' to false."
 )
+# ``include`` values accepted: stateless clients (e.g. Codex) ask for encrypted reasoning to send it
+# back next turn; chat upstreams take no reasoning input, so reasoning items simply carry none.
+ACCEPTED_INCLUDES = frozenset(("reasoning.encrypted_content",))
 # Parameters passed to the upstream as the client wrote them (same meaning in chat completions).
 PASSED_PARAMETERS = ("temperature", "top_p", "parallel_tool_calls", "user", "safety_identifier", "prompt_cache_key")
 REASONING_EFFORTS = frozenset(("none", "minimal", "low", "medium", "high", "xhigh"))
@@ -123,8 +127,12 @@ def _check_request(body: dict[str, Any]) -> None:
         )
     if body.get("store") is True:
         raise _unsupported(f"'store': true is not supported. {STATELESS_HINT}", "store")
-    if body.get("include"):
-        raise _unsupported("'include' is not supported: there is no extra output data to include.", "include")
+    for index, value in enumerate(body.get("include") or ()):
+        if value not in ACCEPTED_INCLUDES:
+            raise _unsupported(
+                f"'include' value {value!r} is not supported; only {', '.join(sorted(ACCEPTED_INCLUDES))}.",
+                f"include[{index}]",
+            )
     if body.get("truncation") not in (None, "disabled"):
         raise _unsupported("Only 'truncation': 'disabled' is supported.", "truncation")
 

@@ -258,6 +258,7 @@ async def test_images_and_parameters_reach_the_upstream_in_chat_shape(
                 "verbosity": "low",
             },
             store=False,
+            include=["reasoning.encrypted_content"],
         )
     assert response.output_text == "ok"
     sent = scripted_upstream.requests[-1]
@@ -303,7 +304,7 @@ async def test_images_and_parameters_reach_the_upstream_in_chat_shape(
             {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
             "input[0].content[0].type",
         ),
-        ({"include": ["reasoning.encrypted_content"]}, "include"),
+        ({"include": ["reasoning.encrypted_content", "message.output_text.logprobs"]}, "include[1]"),
         ({"text": {"format": {"type": "grammar"}}}, "text.format.type"),
         ({"temperature": "hot"}, "temperature"),
         ({"truncation": "auto"}, "truncation"),
