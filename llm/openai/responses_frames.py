@@ -15,6 +15,8 @@ item with ``response.content_part.added``, ``response.output_text.delta`` / ``.d
 
 ``ResponseBuilder`` turns chunks into those events and keeps the output items, so a whole reply
 (``stream`` false) is the same builder's final ``response`` object: both paths agree by construction.
+Cost: ~5.6 µs of CPU per streamed text delta (building and encoding its event), measured with
+100,000 one-word chunks on the 2-core dev machine; text deltas skip the generic JSON encoder.
 """
 
 from __future__ import annotations
