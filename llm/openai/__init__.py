@@ -29,6 +29,7 @@ from .chat_serializers import (
     ChatCompletionCreateInputSerializer,
     ChatCompletionOutputSerializer,
 )
+from .responses_serializers import ResponseCreateInputSerializer, ResponseOutputSerializer
 from .serializers import (
     BillingSubscriptionOutputSerializer,
     BillingUsageOutputSerializer,
@@ -46,4 +47,6 @@ __all__ = [
     "ChatCompletionOutputSerializer",
     "OpenAIModelListOutputSerializer",
     "OpenAIModelOutputSerializer",
+    "ResponseCreateInputSerializer",
+    "ResponseOutputSerializer",
 ]

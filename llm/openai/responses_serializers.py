@@ -18,7 +18,7 @@ class ResponseCreateInputSerializer(serializers.Serializer):
     """The typed top-level fields of a Responses request; nested shapes are checked by the translator."""
 
     model = StrictCharField(max_length=200)
-    input = serializers.JSONField(required=False, help_text="A string, or a list of input items.")
+    input = serializers.JSONField(help_text="A string, or a list of input items (docs/api.md says which).")
     instructions = StrictCharField(required=False, allow_null=True, allow_blank=True)
     stream = StrictBooleanField(required=False, allow_null=True)
     max_output_tokens = StrictIntegerField(required=False, allow_null=True, min_value=1)
@@ -42,4 +42,17 @@ class ResponseCreateInputSerializer(serializers.Serializer):
     stream_options = JSONObjectField(required=False, allow_null=True)
 
 
-__all__ = ["ResponseCreateInputSerializer"]
+class ResponseOutputSerializer(serializers.Serializer):
+    """Documents the ``response`` object (OpenAI's ``Response``); the view builds it as a plain dict."""
+
+    id = serializers.CharField(help_text="`resp_` + 32 hex digits; the usage record's `request_id`.")
+    object = serializers.ChoiceField(choices=["response"])
+    created_at = serializers.IntegerField(help_text="Unix seconds.")
+    status = serializers.ChoiceField(choices=["completed", "incomplete", "failed", "in_progress"])
+    model = serializers.CharField()
+    output = serializers.ListField(
+        child=serializers.DictField(), help_text="`reasoning`, `message` and `function_call` items."
+    )
+
+
+__all__ = ["ResponseCreateInputSerializer", "ResponseOutputSerializer"]
