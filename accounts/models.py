@@ -113,6 +113,7 @@ class UsageRecord(models.Model):
         CONVERSATION = "conversation", "Conversation"
         OPENAI_API = "openai_api", "OpenAI-compatible API"
         ANTHROPIC_API = "anthropic_api", "Anthropic Messages API"
+        OPENAI_RESPONSES = "openai_responses", "OpenAI Responses API"
 
     request_id = models.CharField(max_length=64, unique=True)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="usage_records")

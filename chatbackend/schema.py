@@ -49,6 +49,8 @@ from llm.openai import (
     ChatCompletionOutputSerializer,
     OpenAIModelListOutputSerializer,
     OpenAIModelOutputSerializer,
+    ResponseCreateInputSerializer,
+    ResponseOutputSerializer,
 )
 
 _ERRORS = {
@@ -241,6 +243,65 @@ class MessagesCountTokensDocView(_OpenAIDocView):
     ) -> None: ...  # never dispatched: documents ``llm.anthropic.apis.messages_count_tokens``
 
 
+RESPONSE_EVENTS = (
+    "response.created",
+    "response.in_progress",
+    "response.output_item.added",
+    "response.content_part.added",
+    "response.reasoning_text.delta",
+    "response.reasoning_text.done",
+    "response.output_text.delta",
+    "response.output_text.done",
+    "response.function_call_arguments.delta",
+    "response.function_call_arguments.done",
+    "response.content_part.done",
+    "response.output_item.done",
+    "response.completed",
+    "response.incomplete",
+    "error",
+    "response.failed",
+)
+
+
+class ResponsesDocView(_OpenAIDocView):
+    @extend_schema(
+        operation_id="openai_responses_create",
+        tags=["openai"],
+        summary="Create a model response (OpenAI's Responses API, stateless core), streamed or whole",
+        description=(
+            "OpenAI's `POST /v1/responses`, translated into a chat completion on the same path as "
+            "`/v1/chat/completions`. With `stream: true` the answer is `text/event-stream` with OpenAI's "
+            "Responses events (`event:` names the type, `data:` is its JSON with a `sequence_number`). "
+            "Fields that need stored state or built-in tools (`previous_response_id`, `conversation`, "
+            "`store: true`, `background`, `web_search` tools, ...) are a 400 naming the field; the supported "
+            "input items and fields are listed in docs/api.md."
+        ),
+        request={"application/json": ResponseCreateInputSerializer},
+        examples=[
+            OpenApiExample(
+                "whole",
+                request_only=True,
+                value={"model": "gpt-4o-mini", "input": "Hello!", "instructions": "Answer briefly."},
+            ),
+        ],
+        responses={
+            (200, "application/json"): OpenApiResponse(
+                ResponseOutputSerializer, description="`stream` false: the whole `response` object."
+            ),
+            (200, "text/event-stream"): OpenApiResponse(
+                sse_event_schema(
+                    "One server-sent event of the stream.",
+                    events=RESPONSE_EVENTS,
+                    data="The JSON of one OpenAI Responses stream event (`ResponseStreamEvent`).",
+                ),
+                description="`stream` true: server-sent events.",
+            ),
+            **_errors(400, 401, 404, 405, 413, 429, 502, 503, 504),
+        },
+    )
+    def post(self, request: Request) -> None: ...  # never dispatched: documents ``llm.openai.responses_apis``
+
+
 class ModelListDocView(_OpenAIDocView):
     @extend_schema(
         operation_id="openai_models_list",
@@ -394,6 +455,7 @@ ASYNC_ENDPOINTS: list[tuple[str, str, type[APIView]]] = [
     ("/v1/chat/completions", "POST", ChatCompletionsDocView),
     ("/v1/messages", "POST", MessagesDocView),
     ("/v1/messages/count_tokens", "POST", MessagesCountTokensDocView),
+    ("/v1/responses", "POST", ResponsesDocView),
     ("/v1/models", "GET", ModelListDocView),
     ("/v1/models/{model}", "GET", ModelRetrieveDocView),
     ("/dashboard/billing/usage", "GET", BillingUsageDocView),

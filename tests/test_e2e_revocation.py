@@ -115,7 +115,7 @@ def test_a_logout_closes_the_websockets_of_that_session_only(
         assert json.loads(other.recv(timeout=5)) == {"type": "pong"}
 
 
-@pytest.mark.parametrize("path", ["sse", "v1"])
+@pytest.mark.parametrize("path", ["sse", "v1", "v1-responses"])
 def test_a_stream_of_a_key_revoked_on_another_server_stops(
     path: str, cross_process: None, e2e_stack: Any, e2e_user: Any, slow_model: Any, http_b: httpx.Client
 ) -> None:
@@ -124,9 +124,11 @@ def test_a_stream_of_a_key_revoked_on_another_server_stops(
     conversation = ConversationFactory(owner=owner, model=slow_model)
     if path == "sse":
         url, body = f"/api/conversations/{conversation.pk}/messages/", {"content": "Tell me a long story"}
-    else:
+    elif path == "v1":
         url = "/v1/chat/completions"
         body = {"model": slow_model.name, "stream": True, "messages": [{"role": "user", "content": "A long story"}]}
+    else:  # each Responses text delta names its "content_index"
+        url, body = "/v1/responses", {"model": slow_model.name, "stream": True, "input": "A long story"}
     headers = {**bearer(e2e_user.api_key), "Accept": "text/event-stream"}
     received, revoked_at, ended_at = "", None, None
     with (
@@ -144,6 +146,8 @@ def test_a_stream_of_a_key_revoked_on_another_server_stops(
     assert revoked_at is not None
     assert ended_at - revoked_at <= REVOCATION_SECONDS + 0.5
     assert "credential_revoked" in received or "credential of this reply was revoked" in received
+    if path == "v1-responses":  # an ``error`` event, then ``response.failed``, last
+        assert received.rstrip().splitlines()[-2] == "event: response.failed"
     if path == "sse":
         assert "event: reply.done" in received
         message = Message.objects.filter(conversation=conversation, role=Message.Role.ASSISTANT).get()

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible API: ``/v1/chat/completions``, ``/v1/models``, NextChat's ``/dashboard/billing``.
+"""The OpenAI-compatible API: ``/v1/chat/completions``, ``/v1/responses``, ``/v1/models``, ``/dashboard/billing``.
 
 Plain ``async def`` Django views, not DRF (FIELD-NOTES, "DRF and async"), each wrapped by
 ``accounts.endpoints.async_endpoint`` (methods, authentication, OpenAI error JSON); every error,
@@ -10,6 +10,9 @@ Modules:
 
 - ``apis``: ``POST /v1/chat/completions`` and the whole, non-streamed reply; unknown URLs.
 - ``frames``: the streamed reply, ``chat.completion.chunk`` frames over SSE.
+- ``responses_apis``, ``responses_serializers``, ``responses_translate``, ``responses_frames``:
+  ``POST /v1/responses`` (the Responses API's stateless core) on the same plan and engine: the
+  request translated into chat messages and parameters, the events encoded as Responses events.
 - ``models_apis``: ``GET /v1/models`` and ``/v1/models/{model}``.
 - ``billing_apis``: ``GET /dashboard/billing/usage`` and ``/subscription`` (NextChat).
 - ``fields``, ``chat_serializers``, ``serializers``: request validation and OpenAPI documentation.
@@ -26,6 +29,7 @@ from .chat_serializers import (
     ChatCompletionCreateInputSerializer,
     ChatCompletionOutputSerializer,
 )
+from .responses_serializers import ResponseCreateInputSerializer, ResponseOutputSerializer
 from .serializers import (
     BillingSubscriptionOutputSerializer,
     BillingUsageOutputSerializer,
@@ -43,4 +47,6 @@ __all__ = [
     "ChatCompletionOutputSerializer",
     "OpenAIModelListOutputSerializer",
     "OpenAIModelOutputSerializer",
+    "ResponseCreateInputSerializer",
+    "ResponseOutputSerializer",
 ]

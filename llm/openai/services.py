@@ -53,21 +53,22 @@ def openai_chat_start(
     parameters: dict[str, Any],
     stream: bool,
     include_usage: bool,
-    source: str = UsageRecord.Source.OPENAI_API,
     reply_id: str | None = None,
+    source: UsageRecord.Source = UsageRecord.Source.OPENAI_API,
 ) -> ChatCompletionPlan:
     """Return the plan of one ``/v1/chat/completions`` reply to ``model``.
 
     ``model``: the enabled model the client named (``llm.selectors.enabled_model_get``).
     ``messages``: OpenAI message objects, sent upstream as they are. ``parameters``: the other
     request fields the client sent; the model's ``default_parameters`` fill in the ones it did
-    not send (``RESERVED_PARAMETERS`` are dropped from both). Writes nothing and reads nothing:
-    pure CPU, fine on the event loop. Raises ``ApplicationError`` 400 ``max_tokens_too_large``
-    when the client's ``max_tokens`` or ``max_completion_tokens`` exceeds the model's
-    ``context_window`` (tokens): no reply could be that long. ``source``: the inbound API, as the
-    usage record names it (``UsageRecord.Source``; another inbound API translated its request into
-    these OpenAI messages and parameters). ``reply_id``: the reply's id in that API's words (e.g.
-    ``msg_...``), else a fresh ``chatcmpl-...``; unique, it is the usage record's ``request_id``.
+    not send (``RESERVED_PARAMETERS`` are dropped from both). ``reply_id``: the reply's id in its
+    inbound API's words (``msg_...``, ``resp_...``; at most 64 characters), else a fresh
+    ``chatcmpl-...``; unique, it is the usage record's ``request_id``. ``source``: the inbound API,
+    as the usage record names it (another inbound API translated its request into these OpenAI
+    messages and parameters). Writes nothing and reads nothing: pure CPU, fine on the event loop.
+    Raises ``ApplicationError`` 400 ``max_tokens_too_large`` when the client's ``max_tokens`` or
+    ``max_completion_tokens`` exceeds the model's ``context_window`` (tokens): no reply could be
+    that long.
     """
     for name in TOKEN_LIMIT_PARAMETERS:
         limit = parameters.get(name)

@@ -6,10 +6,11 @@ No trailing slashes, as OpenAI's URLs. The last pattern turns any other ``/v1`` 
 
 from django.urls import path, re_path
 
-from . import apis, billing_apis, models_apis
+from . import apis, billing_apis, models_apis, responses_apis
 
 urlpatterns = [
     path("v1/chat/completions", apis.chat_completions, name="openai-chat-completions"),
+    path("v1/responses", responses_apis.responses_create, name="openai-responses-create"),
     path("v1/models", models_apis.model_list, name="openai-model-list"),
     path("v1/models/<path:model>", models_apis.model_retrieve, name="openai-model-retrieve"),
     path("dashboard/billing/usage", billing_apis.billing_usage, name="openai-billing-usage"),
