@@ -1,4 +1,4 @@
-"""An LLM simulator: a separate process that speaks OpenAI's chat-completions wire format.
+"""An LLM simulator: a separate process that speaks OpenAI's chat-completions and Anthropic's Messages wire formats.
 
 It is the fake upstream for tests and the benchmark's direct-path upstream, so it follows the
 wire format exactly and stays cheap per token (thousands of concurrent streams per process).
@@ -22,6 +22,20 @@ Endpoints:
   "refusal": null}`` — deterministic numbers, ``top_logprobs`` (0..20) alternatives per token, the
   token itself first — and the role and finish chunks ``"logprobs": null``; ``top_logprobs``
   without ``logprobs: true`` is OpenAI's 400.
+- ``POST /v1/messages``: Anthropic's Messages API (``stream`` true or false), in
+  ``anthropic_wire``: SSE events ``message_start``, ``ping``, ``content_block_start`` /
+  ``content_block_delta`` (``text_delta``, ``thinking_delta`` + ``signature_delta``,
+  ``input_json_delta``) / ``content_block_stop``, ``message_delta`` (``stop_reason``, ``usage``),
+  ``message_stop``; errors ``{"type": "error", "error": {"type", "message"}}``. It needs the
+  ``anthropic-version`` header, and ``x-api-key`` (instead of a bearer token) when ``api_key`` is
+  set. Triggers: ``thinking: {"type": "enabled", ...}`` or a model name containing ``think`` → a
+  thinking block first; ``tools`` (unless the last turn holds ``tool_result`` blocks, or
+  ``tool_choice`` is ``none``) → a ``tool_use`` block calling the first tool after the text;
+  ``cache_control`` anywhere or a model name containing ``cache`` → usage with
+  ``cache_read_input_tokens`` (half the input) and ``cache_creation_input_tokens`` (a quarter);
+  a ``stop_sequences`` entry equal to a reply word → ``stop_sequence``. Faults: the same header
+  and model names as below; the error bodies are Anthropic's (429 ``rate_limit_error`` with
+  ``retry-after``, 529 ``overloaded_error``, other 5xx ``api_error``).
 - ``GET /v1/models``: the OpenAI model list.
 - ``GET /_simulator/stats``: ``requests_started``, ``requests_completed``, ``requests_failed``,
   ``requests_disconnected`` (client left before the end), ``active_streams``.
@@ -56,7 +70,7 @@ With ``api_key`` set, ``/v1`` requests need ``Authorization: Bearer <api_key>``;
 echoed back *unmasked* in the 401 message (OpenAI masks it), so tests prove that clients redact it.
 
 Modules: ``replies`` (deterministic reply text and token counts), ``wire`` (OpenAI request
-parsing, bodies and SSE frames), ``app`` (the aiohttp handlers, stats and server loop).
+parsing, bodies and SSE frames), ``anthropic_wire`` (the same for Anthropic), ``app`` (the aiohttp handlers, stats and server loop).
 """
 
 from .app import (

@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from . import anthropic_wire
 from .replies import count_prompt_tokens, reply_word_indexes
 from .wire import (
     DONE,
@@ -42,6 +43,14 @@ _MODEL_FAULTS = {
     "sim-fail-midstream": Fault(drop_after=MIDSTREAM_FAILURE_CHUNKS),
     "sim-malformed-chunk": Fault(malformed_after=1),
 }
+
+
+def model_fault(model: str) -> Fault:
+    """Return the failure the model name asks for (``sim-error-NNN``, ``sim-fail-midstream``, ...), if any."""
+    match = _SIM_ERROR.fullmatch(model)
+    if match:
+        return Fault(status=int(match.group(1)))
+    return _MODEL_FAULTS.get(model, NO_FAULT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,10 +130,7 @@ class _Simulator:
         header = request.headers.get(FAULT_HEADER)
         if header is not None:
             return parse_fault(header)
-        match = _SIM_ERROR.fullmatch(completion.model)
-        if match:
-            return Fault(status=int(match.group(1)))
-        return _MODEL_FAULTS.get(completion.model, NO_FAULT)
+        return model_fault(completion.model)
 
     def _reply_plan(self, completion: Completion) -> tuple[list[int], str]:
         """Return the reply's word indexes and its ``finish_reason``."""
@@ -250,6 +256,10 @@ class _Simulator:
             self.stats.active_streams -= 1
         return response
 
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        """Answer ``POST /v1/messages`` (Anthropic's Messages API, streamed or not; see ``anthropic_wire``)."""
+        return await anthropic_wire.answer(request, config=self.config, stats=self.stats, model_fault=model_fault)
+
     async def models(self, request: web.Request) -> web.Response:
         """Answer ``GET /v1/models`` (OpenAI's model list)."""
         denied = self._unauthorized(request)
@@ -271,6 +281,7 @@ def create_app(config: SimulatorConfig) -> web.Application:
     simulator = _Simulator(config)
     app = web.Application(client_max_size=64 * 1024 * 1024)  # long prompts are legitimate
     app.router.add_post("/v1/chat/completions", simulator.chat_completions)
+    app.router.add_post("/v1/messages", simulator.messages)
     app.router.add_get("/v1/models", simulator.models)
     app.router.add_get("/_simulator/stats", simulator.stats_view)
     app.router.add_route("*", "/{tail:.*}", simulator.not_found)
