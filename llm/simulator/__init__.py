@@ -70,7 +70,8 @@ With ``api_key`` set, ``/v1`` requests need ``Authorization: Bearer <api_key>``;
 echoed back *unmasked* in the 401 message (OpenAI masks it), so tests prove that clients redact it.
 
 Modules: ``replies`` (deterministic reply text and token counts), ``wire`` (OpenAI request
-parsing, bodies and SSE frames), ``anthropic_wire`` (the same for Anthropic), ``app`` (the aiohttp handlers, stats and server loop).
+parsing, bodies and SSE frames), ``anthropic_wire`` (the same for Anthropic,
+and its handler), ``app`` (the aiohttp handlers, stats and server loop).
 """
 
 from .app import (
