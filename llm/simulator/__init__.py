@@ -27,10 +27,11 @@ Endpoints:
   ``content_block_delta`` (``text_delta``, ``thinking_delta`` + ``signature_delta``,
   ``input_json_delta``) / ``content_block_stop``, ``message_delta`` (``stop_reason``, ``usage``),
   ``message_stop``; errors ``{"type": "error", "error": {"type", "message"}}``. It needs the
-  ``anthropic-version`` header, and ``x-api-key`` (instead of a bearer token) when ``api_key`` is
-  set. Triggers: ``thinking: {"type": "enabled", ...}`` or a model name containing ``think`` → a
-  thinking block first; ``tools`` (unless the last turn holds ``tool_result`` blocks, or
-  ``tool_choice`` is ``none``) → a ``tool_use`` block calling the first tool after the text;
+  ``anthropic-version`` header, and when ``api_key`` is set ``x-api-key`` (or a bearer token,
+  which the anthropic SDK 2.x sends). Triggers: ``thinking: {"type": "enabled", ...}`` or a
+  model name containing ``think`` → a thinking block first; ``tools`` (unless the last turn
+  holds ``tool_result`` blocks, or ``tool_choice`` is ``none``) → a ``tool_use`` block calling
+  the first tool after the text;
   ``cache_control`` anywhere or a model name containing ``cache`` → usage with
   ``cache_read_input_tokens`` (half the input) and ``cache_creation_input_tokens`` (a quarter);
   a ``stop_sequences`` entry equal to a reply word → ``stop_sequence``. Faults: the same header

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hmac
 import itertools
 import json
 import os
@@ -499,11 +500,15 @@ def message_body(request: MessagesRequest, reply_tokens: int) -> dict[str, Any]:
 
 
 def _unauthorized(request: web.Request, api_key: str) -> web.Response | None:
-    """Return Anthropic's 401 when ``api_key`` is required and ``x-api-key`` does not match it."""
+    """Return Anthropic's 401 when ``api_key`` is required and the request does not carry it.
+
+    The key goes in ``x-api-key`` (the API reference's header, which our adapter sends) or as
+    ``Authorization: Bearer <key>`` (what the anthropic SDK 2.x sends for ``api_key``).
+    """
     if not api_key:
         return None
-    sent = request.headers.get("x-api-key", "")
-    if sent == api_key:
+    sent = request.headers.get("x-api-key") or request.headers.get("Authorization", "").removeprefix("Bearer ")
+    if hmac.compare_digest(sent.encode(), api_key.encode()):
         return None
     if not sent:
         return error_response(401, "x-api-key header is required")
