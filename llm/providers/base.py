@@ -122,6 +122,8 @@ class UpstreamError(ApplicationError):
     upstream's host or port, nor quotes a library's error text (``UPSTREAM_MESSAGES`` has the
     wording for each ``code``); an upstream's own error message is quoted only for the statuses
     passed through, which the client can act on. ``detail`` holds the rest, for the server log.
+    ``retry_after``: the seconds the upstream's ``Retry-After`` header asked to wait (on a 429 or
+    503/529), for routing to honour; None when it sent none.
     """
 
     def __init__(
@@ -132,11 +134,13 @@ class UpstreamError(ApplicationError):
         code: str = "upstream_error",
         status: int | None = None,
         detail: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         if status is None:
             status = upstream_status if upstream_status in PASSED_THROUGH_STATUSES else 502
         super().__init__(message, code=code, status=status, type=None, detail=detail)
         self.upstream_status = upstream_status
+        self.retry_after = retry_after
 
 
 class ChatProvider(abc.ABC):
