@@ -431,7 +431,14 @@ CORS_PREFLIGHT_MAX_AGE = 86400
 # Provider kinds, chosen by Provider.kind the way Django chooses cache backends.
 LLM_PROVIDER_BACKENDS: dict[str, str] = {
     "openai": "llm.providers.openai_compatible.OpenAICompatibleProvider",
+    "anthropic": "llm.providers.anthropic.AnthropicProvider",
 }
+# Anthropic's Messages API requires max_tokens; sent when a client asks for no limit (llm.providers.anthropic).
+LLM_ANTHROPIC_DEFAULT_MAX_TOKENS: int = _get("LLM_ANTHROPIC_DEFAULT_MAX_TOKENS", env.int, 4096, "an integer")
+if LLM_ANTHROPIC_DEFAULT_MAX_TOKENS < 1:
+    _fail("LLM_ANTHROPIC_DEFAULT_MAX_TOKENS", LLM_ANTHROPIC_DEFAULT_MAX_TOKENS, "an integer >= 1")
+# The anthropic-version header the adapter sends (https://docs.anthropic.com/en/api/versioning).
+LLM_ANTHROPIC_VERSION: str = _get("LLM_ANTHROPIC_VERSION", env.str, "2023-06-01", "a version date")
 # One HTTP client per process; sized for thousands of concurrent streams.
 LLM_UPSTREAM_MAX_CONNECTIONS: int = _get("LLM_UPSTREAM_MAX_CONNECTIONS", env.int, 10000, "an integer")
 # Seconds an idle upstream connection stays in the pool for reuse: shorter than common servers' idle

@@ -33,6 +33,7 @@ def validate_base_url(value: str) -> None:
 # Headers the adapter itself sets or that HTTP owns: extra headers may not replace them.
 RESERVED_HEADERS = frozenset(
     ("authorization", "content-type", "content-length", "accept", "host", "transfer-encoding", "connection")
+    + ("x-api-key", "anthropic-version")  # the Anthropic adapter's (llm.providers.anthropic)
 )
 # RFC 9110 field-name: a token (section 5.1); values: visible ASCII, spaces and tabs (section 5.5),
 # so a value cannot smuggle a CR/LF into the request.
@@ -71,7 +72,8 @@ class Provider(models.Model):
     """
 
     class Kind(models.TextChoices):
-        OPENAI = "openai", "OpenAI-compatible (OpenAI, DeepSeek, vLLM, Ollama /v1, ...)"
+        OPENAI = "openai", "OpenAI-compatible (OpenAI, DeepSeek, vLLM, Ollama /v1, ...); base URL with /v1"
+        ANTHROPIC = "anthropic", "Anthropic Messages API; base URL https://api.anthropic.com"
 
     name = models.CharField(max_length=100, unique=True)
     kind = models.CharField(
@@ -80,7 +82,10 @@ class Provider(models.Model):
     base_url = models.CharField(
         max_length=500,
         validators=[validate_base_url],
-        help_text="API root including /v1, e.g. https://api.openai.com/v1 or http://ollama:11434/v1",
+        help_text=(
+            "API root. OpenAI-compatible: including /v1, e.g. https://api.openai.com/v1 or "
+            "http://ollama:11434/v1. Anthropic: https://api.anthropic.com (/v1/messages is appended)."
+        ),
     )
     # null=True because the encrypted field stores an empty key as NULL (it encrypts only
     # non-empty values); read back, an empty key is None. Use ``provider.api_key or ""``.
