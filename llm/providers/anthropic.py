@@ -33,8 +33,10 @@ The request (``ChatRequest``: OpenAI chat messages and fields) is translated by
   ``response_format``, ``metadata``, ...) has no Messages equivalent and is not sent; ``n`` above 1
   is a 400.
 
-Earlier turns' thinking is not sent back (OpenAI messages carry no thinking signatures), so a
-tool-use loop with thinking on relies on Anthropic accepting assistant turns without it.
+Earlier turns' thinking is not sent back: OpenAI messages carry no thinking signatures, and
+Anthropic requires the signed thinking of the assistant turn whose tool calls are being answered.
+So a request whose last turn answers tool calls asks for no thinking (the reply after a tool
+result does not think; the next user turn thinks again).
 
 The stream becomes ``ChatChunk`` batches: ``text_delta`` → ``content``, ``thinking_delta`` →
 ``reasoning_content``, a ``tool_use`` block → OpenAI ``delta.tool_calls`` entries (its start:
@@ -128,6 +130,8 @@ def messages_body(request: ChatRequest, *, default_max_tokens: int) -> dict[str,
     if system:
         body["system"] = system
     budget = THINKING_BUDGETS.get(parameters.get("reasoning_effort") or "")
+    if turns and any(block["type"] == "tool_result" for block in turns[-1]["content"]):
+        budget = None  # answering tool calls: see the module docstring
     if budget is not None and client_max is None:
         max_tokens = body["max_tokens"] = max_tokens + budget
     thinking = budget is not None and max_tokens > _MIN_THINKING_BUDGET

@@ -17,7 +17,8 @@ from chatbackend.errors import ApplicationError
 
 @dataclass(frozen=True, slots=True)
 class ProviderConfig:
-    """How to reach one upstream: adapter ``kind``, API root ``base_url`` (with ``/v1``), secret
+    """How to reach one upstream: adapter ``kind``, API root ``base_url`` (its meaning per kind:
+    ``Provider.Kind``; OpenAI-compatible with ``/v1``, Anthropic without), secret
     ``api_key`` (may be empty), timeouts in seconds, and ``extra_headers`` sent with every request
     (``(name, value)`` pairs, none that the adapter sets itself). ``stream_usage``: ask the
     upstream to report usage at the end of a stream (OpenAI's ``stream_options.include_usage``);

@@ -340,8 +340,9 @@ def test_translation_merges_turns_and_maps_parameters() -> None:
             ],
         },
     ]
-    assert body["max_tokens"] == 5000 and body["thinking"] == {"type": "enabled", "budget_tokens": 4999}
-    assert "temperature" not in body and "top_p" not in body  # refused by Anthropic with thinking on
+    # The last turn answers a tool call: no thinking (its signed thinking cannot be sent back).
+    assert body["max_tokens"] == 5000 and "thinking" not in body
+    assert (body["temperature"], body["top_p"]) == (0.3, 0.5)
     assert body["stop_sequences"] == ["END"] and body["metadata"] == {"user_id": "u-42"}
     assert body["tools"] == [
         {
@@ -358,10 +359,25 @@ def test_max_tokens_defaults_and_grows_by_the_thinking_budget() -> None:
     plain = messages_body(ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}]), default_max_tokens=4096)
     assert plain["max_tokens"] == 4096 and "thinking" not in plain
     thinking = messages_body(
-        ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}], parameters={"reasoning_effort": "high"}),
+        ChatRequest(
+            model="m",
+            messages=[{"role": "user", "content": "hi"}],
+            parameters={"reasoning_effort": "high", "temperature": 0.3, "top_p": 0.97, "top_k": 5},
+        ),
         default_max_tokens=4096,
     )
     assert thinking["max_tokens"] == 4096 + 16384 and thinking["thinking"]["budget_tokens"] == 16384
+    # Anthropic refuses temperature and top_k with thinking on, and top_p under 0.95.
+    assert "temperature" not in thinking and "top_k" not in thinking and thinking["top_p"] == 0.97
+    capped = messages_body(
+        ChatRequest(
+            model="m",
+            messages=[{"role": "user", "content": "hi"}],
+            parameters={"reasoning_effort": "high", "max_tokens": 5000},
+        ),
+        default_max_tokens=4096,
+    )
+    assert capped["max_tokens"] == 5000 and capped["thinking"]["budget_tokens"] == 4999
     no_room = messages_body(
         ChatRequest(
             model="m",
@@ -371,6 +387,16 @@ def test_max_tokens_defaults_and_grows_by_the_thinking_budget() -> None:
         default_max_tokens=4096,
     )
     assert no_room["max_tokens"] == 500 and "thinking" not in no_room
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    tool_loop = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "done"},
+    ]
+    answering = messages_body(
+        ChatRequest(model="m", messages=tool_loop, parameters={"reasoning_effort": "low"}), default_max_tokens=4096
+    )
+    assert answering["max_tokens"] == 4096 and "thinking" not in answering  # no signed thinking to send back
 
 
 # --- Through the engine: /v1/chat/completions to a model on an Anthropic provider -------------
