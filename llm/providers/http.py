@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import codecs
+import datetime as dt
 import json
 import weakref
 from collections.abc import AsyncGenerator, Callable
@@ -144,8 +145,6 @@ def retry_after_seconds(value: str | None) -> float | None:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    import datetime as dt
-
     return max((when - dt.datetime.now(dt.UTC)).total_seconds(), 0.0)
 
 
