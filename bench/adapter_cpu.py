@@ -4,15 +4,17 @@ Start a simulator first (its CPU must not count, so it runs in its own process),
 
     python manage.py llm_simulator --port 8001 --ttft-ms 5 --token-delay-ms 10 --reply-tokens 64 &
     python -m bench.adapter_cpu --base-url http://127.0.0.1:8001/v1
+    python -m bench.adapter_cpu --kind anthropic --base-url http://127.0.0.1:8001
 
-With ``--kind gemini`` (``--base-url http://127.0.0.1:8001``) it measures the Gemini adapter against the
-simulator's Gemini route instead. It streams replies through the adapter's ``stream`` and discards them, first one after
+It streams replies through the ``--kind`` adapter's ``stream`` (default ``openai``:
+``OpenAICompatibleProvider``; ``anthropic``, ``gemini`` and ``azure_openai``, whose base URL is the
+simulator's root, without ``/v1``) and discards them, first one after
 another, then ``--concurrency`` at a time, and prints for each phase this process's CPU time
 (``time.process_time()``: user + system, all threads) divided by the chunks yielded, and the
 chunks per batch. The CPU includes everything the adapter costs per reply (sending the request,
 aiohttp's connection handling, the event loop), spread over the reply's chunks. The event loop is
-uvloop when installed, as under uvicorn. The figures in ``llm.providers.openai_compatible`` come
-from this tool, and so do those in ``llm.providers.gemini``.
+uvloop when installed, as under uvicorn. The figures in ``llm.providers.openai_compatible``,
+``llm.providers.anthropic`` and ``llm.providers.gemini`` come from this tool.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--base-url",
         required=True,
         help="the simulator's API root as the kind's Provider.base_url: http://127.0.0.1:8001/v1 for openai, "
-        "http://127.0.0.1:8001 for gemini and azure_openai",
+        "http://127.0.0.1:8001 for anthropic, gemini and azure_openai",
     )
     parser.add_argument(
-        "--kind", default="openai", help="the adapter: a Provider.kind (openai, gemini, azure_openai; default openai)"
+        "--kind",
+        default="openai",
+        help="the adapter: a Provider.kind (openai, anthropic, gemini, azure_openai; default openai)",
     )
     parser.add_argument("--model", default="sim-1", help="model id to request (default sim-1)")
     parser.add_argument("--replies", type=int, default=50, help="replies streamed one after another (default 50)")
@@ -46,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def measure(options: argparse.Namespace, out: TextIO) -> None:
     """Stream the phases' replies and write one line per phase to ``out``."""
     from llm.providers import ChatRequest, ProviderConfig, get_provider
-    from llm.providers.openai_compatible import aclose_clients
+    from llm.providers.http import aclose_clients
 
     provider = get_provider(ProviderConfig(kind=options.kind, base_url=options.base_url))
     request = ChatRequest(model=options.model, messages=[{"role": "user", "content": "Measure me."}])

@@ -447,12 +447,19 @@ LLM_PROVIDER_BACKENDS: dict[str, str] = {
     "openai": "llm.providers.openai_compatible.OpenAICompatibleProvider",
     "gemini": "llm.providers.gemini.GeminiProvider",
     "azure_openai": "llm.providers.azure_openai.AzureOpenAIProvider",
+    "anthropic": "llm.providers.anthropic.AnthropicProvider",
 }
 # The api-version query parameter of every Azure OpenAI request (llm.providers.azure_openai): a GA
 # version of the data-plane inference API, https://learn.microsoft.com/en-us/azure/ai-services/openai/api-version-lifecycle
 LLM_AZURE_OPENAI_API_VERSION: str = env.str("LLM_AZURE_OPENAI_API_VERSION", default="2024-10-21")
 if not re.fullmatch(r"\d{4}-\d{2}-\d{2}(-preview)?", LLM_AZURE_OPENAI_API_VERSION):
     _fail("LLM_AZURE_OPENAI_API_VERSION", LLM_AZURE_OPENAI_API_VERSION, "an api-version like 2024-10-21")
+# Anthropic's Messages API requires max_tokens; sent when a client asks for no limit (llm.providers.anthropic).
+LLM_ANTHROPIC_DEFAULT_MAX_TOKENS: int = _get("LLM_ANTHROPIC_DEFAULT_MAX_TOKENS", env.int, 4096, "an integer")
+if LLM_ANTHROPIC_DEFAULT_MAX_TOKENS < 1:
+    _fail("LLM_ANTHROPIC_DEFAULT_MAX_TOKENS", LLM_ANTHROPIC_DEFAULT_MAX_TOKENS, "an integer >= 1")
+# The anthropic-version header the adapter sends (https://docs.anthropic.com/en/api/versioning).
+LLM_ANTHROPIC_VERSION: str = _get("LLM_ANTHROPIC_VERSION", env.str, "2023-06-01", "a version date")
 # One HTTP client per process; sized for thousands of concurrent streams.
 LLM_UPSTREAM_MAX_CONNECTIONS: int = _get("LLM_UPSTREAM_MAX_CONNECTIONS", env.int, 10000, "an integer")
 # Seconds an idle upstream connection stays in the pool for reuse: shorter than common servers' idle

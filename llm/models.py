@@ -42,6 +42,8 @@ RESERVED_HEADERS = frozenset(
         "connection",
         "api-key",  # Azure OpenAI's key header
         "x-goog-api-key",  # Gemini's key header
+        "x-api-key",  # Anthropic's key header (llm.providers.anthropic)
+        "anthropic-version",  # and its API version
     )
 )
 # RFC 9110 field-name: a token (section 5.1); values: visible ASCII, spaces and tabs (section 5.5),
@@ -81,7 +83,9 @@ class Provider(models.Model):
     """
 
     class Kind(models.TextChoices):
-        OPENAI = "openai", "OpenAI-compatible (OpenAI, DeepSeek, vLLM, Ollama /v1, ...)"
+        OPENAI = "openai", "OpenAI-compatible (OpenAI, DeepSeek, vLLM, Ollama /v1, ...); base URL with /v1"
+        # Base URL https://api.anthropic.com (the adapter appends /v1/messages); key in x-api-key.
+        ANTHROPIC = "anthropic", "Anthropic Messages API; base URL https://api.anthropic.com"
         # Base URL https://generativelanguage.googleapis.com (the adapter appends
         # /v1beta/models/{upstream model}:streamGenerateContent?alt=sse); key in x-goog-api-key.
         GEMINI = "gemini", "Google Gemini API (base URL https://generativelanguage.googleapis.com)"
@@ -98,8 +102,9 @@ class Provider(models.Model):
         max_length=500,
         validators=[validate_base_url],
         help_text=(
-            "OpenAI-compatible: the API root including /v1, e.g. https://api.openai.com/v1 or "
-            "http://ollama:11434/v1. Gemini: https://generativelanguage.googleapis.com. "
+            "API root. OpenAI-compatible: including /v1, e.g. https://api.openai.com/v1 or "
+            "http://ollama:11434/v1. Anthropic: https://api.anthropic.com (/v1/messages is appended). "
+            "Gemini: https://generativelanguage.googleapis.com. "
             "Azure OpenAI: https://{resource}.openai.azure.com (the model's upstream id is the deployment)."
         ),
     )

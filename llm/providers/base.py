@@ -17,7 +17,8 @@ from chatbackend.errors import ApplicationError
 
 @dataclass(frozen=True, slots=True)
 class ProviderConfig:
-    """How to reach one upstream: adapter ``kind``, API root ``base_url`` (with ``/v1``), secret
+    """How to reach one upstream: adapter ``kind``, API root ``base_url`` (its meaning per kind:
+    ``Provider.Kind``; OpenAI-compatible with ``/v1``, Anthropic without), secret
     ``api_key`` (may be empty), timeouts in seconds, and ``extra_headers`` sent with every request
     (``(name, value)`` pairs, none that the adapter sets itself). ``stream_usage``: ask the
     upstream to report usage at the end of a stream (OpenAI's ``stream_options.include_usage``);
@@ -117,8 +118,9 @@ class UpstreamError(ApplicationError):
     and 429 pass through as they are (the client can fix or retry them); an upstream 401/403 is
     our configuration's fault and becomes 502, like any upstream 5xx or bad body; a timeout is 504.
     ``upstream_status`` keeps the upstream's own status (``None`` when no response arrived);
-    ``retry_after`` the seconds the upstream asked to wait before retrying (its ``Retry-After``
-    header, or Gemini's ``RetryInfo.retryDelay``), when it said so.
+    ``retry_after`` the seconds the upstream asked to wait before retrying (OpenAI's
+    ``retry-after-ms`` or the ``Retry-After`` header on a 429/503/529, Gemini's
+    ``RetryInfo.retryDelay``), for routing to honour; None when it said nothing.
 
     ``message`` is what clients see and what a conversation's message stores: it never names the
     upstream's host or port, nor quotes a library's error text (``UPSTREAM_MESSAGES`` has the

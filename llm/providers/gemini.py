@@ -78,18 +78,18 @@ from .base import (
 )
 from .gemini_request import gemini_request_body
 
-# The shared transport of the OpenAI-compatible adapter (one aiohttp session per event loop) and
-# its error helpers; to move to a shared module with the other adapters.
-from .openai_compatible import (
-    _MAX_ERROR_MESSAGE,
-    _MAX_LINE_BYTES,
-    _SSE_HEADERS,
-    _described,
-    _failure,
-    _received_before_failure,
-    _retry_after,
-    _session,
-    _where,
+# The adapters' shared transport (one aiohttp session per event loop) and error helpers.
+from .http import (
+    MAX_ERROR_MESSAGE,
+    MAX_LINE_BYTES,
+    SSE_REQUEST_HEADERS,
+    described,
+    failure,
+    received_before_failure,
+    retry_after_ms,
+    retry_after_seconds,
+    session,
+    where,
 )
 
 __all__ = ["GeminiProvider", "usage_from_metadata"]
@@ -150,7 +150,7 @@ class GeminiProvider(ChatProvider):
         config = self.config
         body = gemini_request_body(request.messages, request.parameters)
         data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
-        headers = dict(_SSE_HEADERS)
+        headers = dict(SSE_REQUEST_HEADERS)
         if config.extra_headers:
             headers.update(config.extra_headers)
         if config.api_key:
@@ -166,7 +166,7 @@ class GeminiProvider(ChatProvider):
         )
         responded = False
         try:
-            async with _session().post(
+            async with session().post(
                 url, data=data, headers=headers, timeout=timeout, allow_redirects=False
             ) as response:
                 responded = True
@@ -175,7 +175,7 @@ class GeminiProvider(ChatProvider):
                         raise await self._status_error(response)
                     content_type = response.headers.get("Content-Type", "").partition(";")[0]
                     if "text/event-stream" not in content_type:
-                        raise _failure(
+                        raise failure(
                             "upstream_bad_response",
                             self._safe(f"upstream did not stream: its Content-Type is {content_type!r}"),
                         )
@@ -185,7 +185,7 @@ class GeminiProvider(ChatProvider):
                         try:
                             raw = await content.readany()
                         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
-                            batch = decoder.decode(_received_before_failure(content))
+                            batch = decoder.decode(received_before_failure(content))
                             if batch:
                                 yield batch
                             if decoder.finished:
@@ -204,7 +204,7 @@ class GeminiProvider(ChatProvider):
                     if decoder.error is not None:
                         raise decoder.error
                     if not decoder.finished:
-                        raise _failure(
+                        raise failure(
                             "upstream_disconnected", "upstream ended the stream before the reply was finished"
                         )
                 except BaseException:
@@ -214,33 +214,33 @@ class GeminiProvider(ChatProvider):
         except UpstreamError:
             raise
         except TimeoutError as exc:
-            raise _failure(
-                "upstream_timeout", self._safe(f"upstream {_where(url)} timed out ({type(exc).__name__})"), status=504
+            raise failure(
+                "upstream_timeout", self._safe(f"upstream {where(url)} timed out ({type(exc).__name__})"), status=504
             ) from exc
         except aiohttp.ClientConnectorError as exc:
-            raise _failure(
-                "upstream_unreachable", self._safe(f"upstream {_where(url)} unreachable: {_described(exc)}")
+            raise failure(
+                "upstream_unreachable", self._safe(f"upstream {where(url)} unreachable: {described(exc)}")
             ) from exc
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            where = "mid-stream" if responded else "before responding"
-            detail = f"upstream {_where(url)} closed the connection {where}: {_described(exc)}"
-            raise _failure("upstream_disconnected", self._safe(detail)) from exc
+            when = "mid-stream" if responded else "before responding"
+            detail = f"upstream {where(url)} closed the connection {when}: {described(exc)}"
+            raise failure("upstream_disconnected", self._safe(detail)) from exc
         except aiohttp.ClientError as exc:
-            raise _failure(
-                "upstream_error", self._safe(f"upstream {_where(url)} request failed: {_described(exc)}")
+            raise failure(
+                "upstream_error", self._safe(f"upstream {where(url)} request failed: {described(exc)}")
             ) from exc
 
     async def _status_error(self, response: aiohttp.ClientResponse) -> UpstreamError:
         """Return the ``UpstreamError`` for a non-2xx response, quoting Google's error message."""
         status = response.status
         raw = (await response.read()).decode("utf-8", "replace")
-        message, error = raw[:_MAX_ERROR_MESSAGE], None
+        message, error = raw[:MAX_ERROR_MESSAGE], None
         try:
             error = json.loads(raw)["error"]
-            message = str(error["message"] if isinstance(error, dict) else error)[:_MAX_ERROR_MESSAGE]
+            message = str(error["message"] if isinstance(error, dict) else error)[:MAX_ERROR_MESSAGE]
         except (ValueError, TypeError, KeyError):
             pass
-        detail = self._safe(f"upstream {_where(response.url)} answered {status}: {raw[:_MAX_ERROR_MESSAGE]}")
+        detail = self._safe(f"upstream {where(response.url)} answered {status}: {raw[:MAX_ERROR_MESSAGE]}")
         retry_after = None
         if status in (401, 403) or (status == 400 and "API_KEY_INVALID" in raw):
             text, code = UPSTREAM_MESSAGES["upstream_auth_failed"], "upstream_auth_failed"
@@ -251,7 +251,9 @@ class GeminiProvider(ChatProvider):
                 "upstream_rate_limited",
                 None,
             )
-            retry_after = _retry_after(response.headers)
+            retry_after = retry_after_ms(response.headers.get("retry-after-ms"))
+            if retry_after is None:
+                retry_after = retry_after_seconds(response.headers.get("Retry-After"))
             if retry_after is None:
                 retry_after = _retry_delay(error)
         elif status in PASSED_THROUGH_STATUSES:
@@ -282,7 +284,7 @@ class _ResponseDecoder:
     Bytes → text (incremental UTF-8) → lines (httpx-sse ``SSELineDecoder``) → events
     (``SSEDecoder``) → one ``json.loads`` and ``_chunks`` per event. ``finished``: a
     ``finishReason`` (or a blocked prompt) was seen; ``error``: the first failure (an error object,
-    a malformed event, a line unfinished past ``_MAX_LINE_BYTES``), for the caller to raise after
+    a malformed event, a line unfinished past ``MAX_LINE_BYTES``), for the caller to raise after
     passing on the chunks before it.
     """
 
@@ -303,8 +305,8 @@ class _ResponseDecoder:
         """Return the chunks of the events that ``raw``, the next bytes of the body, completes."""
         end = max(raw.rfind(b"\n"), raw.rfind(b"\r"))
         self._unfinished = self._unfinished + len(raw) if end < 0 else len(raw) - end - 1
-        if self._unfinished > _MAX_LINE_BYTES:
-            self.error = _failure("upstream_bad_response", f"upstream sent a line longer than {_MAX_LINE_BYTES} bytes")
+        if self._unfinished > MAX_LINE_BYTES:
+            self.error = failure("upstream_bad_response", f"upstream sent a line longer than {MAX_LINE_BYTES} bytes")
             return []
         text = self._text.decode(raw)
         return self._parse(self._lines.decode(text)) if text else []
@@ -329,7 +331,7 @@ class _ResponseDecoder:
                 self.error = exc
                 break
             except (ValueError, TypeError, AttributeError, KeyError, IndexError):
-                self.error = _failure(
+                self.error = failure(
                     "upstream_bad_response", self._safe(f"upstream sent a malformed event: {event.data[:200]!r}")
                 )
                 break
@@ -340,7 +342,7 @@ class _ResponseDecoder:
         if "error" in payload:
             error = payload["error"]
             message = error.get("message") if isinstance(error, dict) else error
-            raise _failure("upstream_error", self._safe(f"upstream error mid-stream: {message}"))
+            raise failure("upstream_error", self._safe(f"upstream error mid-stream: {message}"))
         candidates = payload.get("candidates")
         finish_reason = None
         content: list[str] = []

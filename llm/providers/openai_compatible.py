@@ -13,7 +13,8 @@ This is the hot path. Per read, it takes whatever body the socket has delivered 
 a few dict lookups and at most one ``ChatChunk``. ``stream`` yields the chunks of one read as one
 batch: under load several events wait in the socket buffer, and the server can then relay them
 to its client in one send instead of one per chunk. The transport is aiohttp (its connection
-pool does O(1) work per request).
+pool does O(1) work per request); the pooled session, the streamed POST with its error mapping
+and the bytes-to-lines decoding are shared with the other adapters in ``llm.providers.http``.
 
 CPU per chunk, measured with ``python -m bench.adapter_cpu`` (this process's ``process_time``
 over the chunks yielded, requests included; 64-token replies from ``manage.py llm_simulator``
@@ -38,141 +39,18 @@ is downstream: the server can relay a batch in one send.
 
 from __future__ import annotations
 
-import asyncio
-import codecs
 import json
 import re
-import weakref
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
-
-import aiohttp
-import httpx
-from django.conf import settings
-
-# A private module of httpx-sse, pinned to 0.4.3 in requirements.txt (its public API only reads
-# httpx responses). ``SSELineDecoder().decode(text)`` takes any piece of the body's text and
-# returns the lines it completes, without their endings ("\r\n", "\n" or "\r", even split across
-# pieces), keeping an unfinished line for the next call; ``flush()`` returns that rest at the end.
-# ``SSEDecoder().decode(line)`` returns a ``ServerSentEvent`` at the blank line that ends an event,
-# else ``None``. That is how ``httpx_sse.EventSource.aiter_sse`` uses them, with httpx's
-# ``aiter_text`` in front. ``test_httpx_sse_decoder_api`` fails if an upgrade changes this.
-from httpx_sse._decoders import SSEDecoder, SSELineDecoder
 
 from chatbackend.logging import redact
 
-from .base import (
-    PASSED_THROUGH_STATUSES,
-    UPSTREAM_MESSAGES,
-    ChatChunk,
-    ChatProvider,
-    ChatRequest,
-    UpstreamError,
-    Usage,
-)
+from .base import ChatChunk, ChatProvider, ChatRequest, UpstreamError, Usage
+from .http import SSE_REQUEST_HEADERS, SSEBodyDecoder, aclose_clients, failure, post_sse
 
-__all__ = ["OpenAICompatibleProvider", "aclose_clients"]
-
-# One session (one connection pool) per event loop: aiohttp connections belong to the loop that
-# opened them. Production has one loop per process; pytest-asyncio makes one per test.
-_sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = weakref.WeakKeyDictionary()
-
-_MAX_ERROR_MESSAGE = 500  # characters of an upstream error message worth showing
-# Longest SSE line accepted: a single chunk (e.g. a tool call's whole arguments) may be long, but a
-# line still unfinished past this is an upstream misbehaving (and memory we will not spend).
-_MAX_LINE_BYTES = 16 * 1024 * 1024
-# What httpx-sse's ``aconnect_sse`` sent, and still send.
-_SSE_HEADERS = {"Accept": "text/event-stream", "Cache-Control": "no-store", "Content-Type": "application/json"}
-
-
-def _session() -> aiohttp.ClientSession:
-    """Return this event loop's shared session, creating it on first use."""
-    loop = asyncio.get_running_loop()
-    session = _sessions.get(loop)
-    if session is None or session.closed:
-        _forget_closed_loops()
-        connector = aiohttp.TCPConnector(
-            limit=settings.LLM_UPSTREAM_MAX_CONNECTIONS,
-            limit_per_host=0,
-            keepalive_timeout=settings.LLM_UPSTREAM_KEEPALIVE_SECONDS,
-            # httpx's TLS defaults, which the adapter used before: certifi's CA bundle, or
-            # SSL_CERT_FILE / SSL_CERT_DIR when set (aiohttp alone would use the system store).
-            ssl=httpx.create_ssl_context(),
-        )
-        # trust_env: honour HTTP(S)_PROXY / NO_PROXY as httpx did. No total timeout: each request
-        # sets its connect and read timeouts, and a reply may stream for as long as it keeps going.
-        # DummyCookieJar: upstream APIs set no cookies we should send back, and a real jar is
-        # searched on every request.
-        session = aiohttp.ClientSession(
-            connector=connector,
-            trust_env=True,
-            timeout=aiohttp.ClientTimeout(total=None),
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
-        _sessions[loop] = session
-    return session
-
-
-async def aclose_clients() -> None:
-    """Close the running loop's shared session and forget sessions of loops that are closed.
-
-    For test teardown and process shutdown; the next request opens a fresh session.
-    """
-    session = _sessions.pop(asyncio.get_running_loop(), None)
-    _forget_closed_loops()
-    if session is not None:
-        await session.close()
-
-
-def _forget_closed_loops() -> None:
-    """Drop the sessions of closed loops: their sockets died with the loop, and a session refers
-    to its loop, so the weak key alone would never let the pair be collected."""
-    for loop in [loop for loop in _sessions if loop.is_closed()]:
-        _sessions.pop(loop).detach()  # marks it closed: nothing left to await on a dead loop
-
-
-def _where(url: object) -> str:
-    """Return ``url`` for the log without its user info: a base URL may carry credentials."""
-    parts = urlsplit(str(url))
-    netloc = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-def _described(exc: BaseException) -> str:
-    """Return ``exc`` as ``Type: text`` for the log (its repr may hold a proxy's credentials)."""
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _failure(code: str, detail: str, *, status: int | None = None) -> UpstreamError:
-    """Return the ``UpstreamError`` ``code``: its client message from ``UPSTREAM_MESSAGES``, ``detail`` for the log."""
-    return UpstreamError(UPSTREAM_MESSAGES[code], code=code, status=status, detail=detail)
-
-
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    """Return the seconds an error response asks to wait: ``retry-after-ms`` (OpenAI's), else
-    ``Retry-After`` in seconds (RFC 9110 section 10.2.3; an HTTP date is not read), else None."""
-    for name, scale in (("retry-after-ms", 0.001), ("Retry-After", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            seconds = float(value) * scale
-        except ValueError:
-            continue
-        if seconds >= 0 and seconds != float("inf"):
-            return seconds
-    return None
-
-
-def _received_before_failure(content: aiohttp.StreamReader) -> bytes:
-    """Return the body bytes ``content`` received before its connection failed (b"" if none).
-
-    ``StreamReader.readany`` raises the connection's error before returning what is buffered
-    (aiohttp 3.x, ``streams.py``); ``_read_nowait`` is the same read without that check.
-    """
-    read_nowait = getattr(content, "_read_nowait", None)
-    return read_nowait(-1) if read_nowait is not None else b""
+__all__ = ["OpenAICompatibleProvider", "aclose_clients"]  # aclose_clients: re-exported from .http
 
 
 class OpenAICompatibleProvider(ChatProvider):
@@ -202,94 +80,15 @@ class OpenAICompatibleProvider(ChatProvider):
             body["stream_options"] = {"include_usage": True}
         # Serialized as httpx did: compact, UTF-8, no NaN.
         data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
-        headers = dict(_SSE_HEADERS)
+        headers = dict(SSE_REQUEST_HEADERS)
         if config.extra_headers:  # validated: never one of the headers set here
             headers.update(config.extra_headers)
         headers.update(self._auth_headers())
-        # connect: waiting for a pooled connection plus DNS, TCP and TLS (httpx's pool and connect
-        # timeouts); sock_read: the longest silence, before the headers or between body reads.
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=config.connect_timeout,
-            sock_connect=config.connect_timeout,
-            sock_read=config.read_timeout,
-        )
         url = self._url(request)
-        responded = False
-        try:
-            async with _session().post(
-                url, data=data, headers=headers, timeout=timeout, allow_redirects=False
-            ) as response:
-                responded = True
-                try:
-                    if response.status >= 300:
-                        raise await self._status_error(response)
-                    content_type = response.headers.get("Content-Type", "").partition(";")[0]
-                    if "text/event-stream" not in content_type:
-                        raise _failure(
-                            "upstream_bad_response",
-                            self._safe(f"upstream did not stream: its Content-Type is {content_type!r}"),
-                        )
-                    # readany() returns all the body the socket has delivered so far (waiting
-                    # only when there is none): under load several events are waiting, and they
-                    # go on as one batch, which the server can write to its client in one send.
-                    decoder = _ChunkDecoder(self._safe)
-                    content = response.content
-                    readany = content.readany
-                    while True:
-                        try:
-                            raw = await readany()
-                        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
-                            # The connection failed: aiohttp's readany() raises at once and drops
-                            # the bytes it had already received. Those hold text the model generated
-                            # (and the client must get, and be billed for): decode them first.
-                            batch = decoder.decode(_received_before_failure(content))
-                            if batch:
-                                yield batch
-                            if decoder.done:
-                                return
-                            raise
-                        if not raw:
-                            break
-                        batch = decoder.decode(raw)
-                        if batch:
-                            yield batch
-                        if decoder.error is not None:
-                            raise decoder.error
-                        if decoder.done:
-                            return
-                    batch = decoder.flush()
-                    if batch:
-                        yield batch
-                    if decoder.error is not None:
-                        raise decoder.error
-                    if not (decoder.done or decoder.finished):
-                        # The body ended cleanly yet without [DONE] or a finish_reason: the reply is truncated.
-                        raise _failure(
-                            "upstream_disconnected", "upstream ended the stream before the reply was finished"
-                        )
-                except BaseException:
-                    # Error, cancellation or aclose(): drop the connection now rather than leave
-                    # it to the release bookkeeping, so the upstream stops generating at once.
-                    response.close()
-                    raise
-        except UpstreamError:
-            raise
-        except TimeoutError as exc:  # aiohttp's ServerTimeoutError subclasses it (and ClientError)
-            raise _failure(
-                "upstream_timeout", self._safe(f"upstream {_where(url)} timed out ({type(exc).__name__})"), status=504
-            ) from exc
-        except aiohttp.ClientConnectorError as exc:
-            detail = f"upstream {_where(url)} unreachable: {_described(exc)}"
-            raise _failure("upstream_unreachable", self._safe(detail)) from exc
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            # ServerDisconnectedError, a reset (ClientOSError), a truncated chunked body.
-            where = "mid-stream" if responded else "before responding"
-            detail = f"upstream {_where(url)} closed the connection {where}: {_described(exc)}"
-            raise _failure("upstream_disconnected", self._safe(detail)) from exc
-        except aiohttp.ClientError as exc:
-            detail = f"upstream {_where(url)} request failed: {_described(exc)}"
-            raise _failure("upstream_error", self._safe(detail)) from exc
+        batches = post_sse(config, url, data=data, headers=headers, decoder=_ChunkDecoder(self._safe), safe=self._safe)
+        async with aclosing(batches):
+            async for batch in batches:
+                yield batch
 
     def _url(self, request: ChatRequest) -> str:
         """Return the URL of the streamed chat completion (``{base_url}/chat/completions``)."""
@@ -299,30 +98,6 @@ class OpenAICompatibleProvider(ChatProvider):
         """Return the headers that carry the API key (``Authorization: Bearer``; none without a key)."""
         return {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
 
-    async def _status_error(self, response: aiohttp.ClientResponse) -> UpstreamError:
-        """Return the ``UpstreamError`` for a non-2xx response, quoting OpenAI's error message."""
-        status = response.status
-        raw = (await response.read()).decode("utf-8", "replace")
-        message = raw[:_MAX_ERROR_MESSAGE]
-        try:
-            error = json.loads(raw)["error"]
-            message = str(error["message"] if isinstance(error, dict) else error)[:_MAX_ERROR_MESSAGE]
-        except (ValueError, TypeError, KeyError):
-            pass  # not OpenAI's error shape: keep the start of the raw body
-        detail = self._safe(f"upstream {_where(response.url)} answered {status}: {raw[:_MAX_ERROR_MESSAGE]}")
-        if status in (401, 403):
-            text, code = UPSTREAM_MESSAGES["upstream_auth_failed"], "upstream_auth_failed"
-        elif status == 429:
-            text, code = f"The model provider's rate limit was reached: {message}", "upstream_rate_limited"
-        elif status in PASSED_THROUGH_STATUSES:  # the client's request can be fixed: say what is wrong
-            text, code = f"The model provider refused the request ({status}): {message}", "upstream_error"
-        else:
-            text, code = f"{UPSTREAM_MESSAGES['upstream_error']} (status {status})", "upstream_error"
-        retry_after = _retry_after(response.headers) if status == 429 else None
-        return UpstreamError(
-            self._safe(text), upstream_status=status, code=code, detail=detail, retry_after=retry_after
-        )
-
     def _safe(self, text: str) -> str:
         """Return ``text`` with this provider's API key (and anything key-shaped) removed."""
         if self.config.api_key:
@@ -330,52 +105,15 @@ class OpenAICompatibleProvider(ChatProvider):
         return redact(text)
 
 
-class _ChunkDecoder:
+class _ChunkDecoder(SSEBodyDecoder):
     """Turn the body of a streamed chat completion, in pieces as read, into ``ChatChunk`` batches.
 
-    ``decode(raw)`` takes the next bytes of the body and returns the chunks of the events they
-    complete; ``flush()`` does the same for what is left at the end of the body. Bytes become
-    text through an incremental UTF-8 decoder (a character may be split across reads), text
-    becomes lines through httpx-sse's ``SSELineDecoder`` and lines become events through its
-    ``SSEDecoder`` (https://html.spec.whatwg.org/multipage/server-sent-events.html#parsing-an-event-stream).
-    Parsing stops at the first of: ``data: [DONE]`` (``done``), or a failure, kept in ``error``
-    (an error object mid-stream, a malformed chunk, a line still unfinished past
-    ``_MAX_LINE_BYTES``) for the caller to raise once it has passed on the chunks before it.
+    ``http.SSEBodyDecoder`` does the bytes, text and lines; this parses the events: ``data:
+    [DONE]`` sets ``done``; an error object mid-stream or a malformed chunk sets ``error``;
     ``finished`` tells whether a ``finish_reason`` has been seen.
     """
 
-    __slots__ = ("_events", "_lines", "_safe", "_text", "_unfinished", "done", "error", "finished")
-
-    def __init__(self, safe: Callable[[str], str]) -> None:
-        self._safe = safe
-        self._text = codecs.getincrementaldecoder("utf-8")("replace")
-        self._lines = SSELineDecoder()
-        self._events = SSEDecoder()
-        self._unfinished = 0  # bytes since the last line ending
-        self.done = False
-        self.finished = False
-        self.error: UpstreamError | None = None
-
-    def decode(self, raw: bytes) -> list[ChatChunk]:
-        """Return the chunks of the events that ``raw``, the next bytes of the body, completes."""
-        end = max(raw.rfind(b"\n"), raw.rfind(b"\r"))
-        self._unfinished = self._unfinished + len(raw) if end < 0 else len(raw) - end - 1
-        if self._unfinished > _MAX_LINE_BYTES:
-            # readany() has no line limit: without this an endless line would grow in memory.
-            self.error = _failure("upstream_bad_response", f"upstream sent a line longer than {_MAX_LINE_BYTES} bytes")
-            return []
-        text = self._text.decode(raw)
-        if not text:  # only the start of a multi-byte character so far
-            return []
-        return self._chunks(self._lines.decode(text))
-
-    def flush(self) -> list[ChatChunk]:
-        """Return the chunks of the events that the end of the body completes."""
-        if self.done or self.error is not None:
-            return []
-        text = self._text.decode(b"", final=True)
-        lines = self._lines.decode(text) if text else []
-        return self._chunks(lines + self._lines.flush())
+    __slots__ = ()
 
     def _chunks(self, lines: list[str]) -> list[ChatChunk]:
         # The hot path: per event one SSEDecoder call per line, one json.loads, one _parse_chunk.
@@ -397,7 +135,7 @@ class _ChunkDecoder:
                 self.error = exc
                 break
             except (ValueError, TypeError, AttributeError, KeyError, IndexError):
-                self.error = _failure(
+                self.error = failure(
                     "upstream_bad_response", self._safe(f"upstream sent a malformed chunk: {data[:200]!r}")
                 )
                 break
@@ -469,7 +207,7 @@ def _parse_chunk(payload: dict[str, Any], safe: Callable[[str], str]) -> ChatChu
         # vLLM, OpenRouter and others report late failures as an error object mid-stream.
         error = payload["error"]
         message = error.get("message") if isinstance(error, dict) else error
-        raise _failure("upstream_error", safe(f"upstream error mid-stream: {message}"))
+        raise failure("upstream_error", safe(f"upstream error mid-stream: {message}"))
     content = reasoning = ""
     tool_calls = finish_reason = usage = logprobs = None
     choices = payload.get("choices")

@@ -1,4 +1,4 @@
-"""An LLM simulator: a separate process that speaks OpenAI's chat completions (also on Azure's URLs) and Gemini.
+"""An LLM simulator: a separate process speaking OpenAI's chat completions (also on Azure's URLs), Anthropic, Gemini.
 
 It is the fake upstream for tests and the benchmark's direct-path upstream, so it follows the
 wire format exactly and stays cheap per token (thousands of concurrent streams per process).
@@ -36,6 +36,21 @@ Endpoints:
   goes in ``x-goog-api-key`` or ``?key=`` (Google's 403 without one, its 400 ``API_KEY_INVALID``
   for a wrong one); errors are Google's ``{"error": {"code", "message", "status"}}``, a 429 with a
   ``RetryInfo`` detail. Faults as below, by header or model name.
+- ``POST /v1/messages``: Anthropic's Messages API (``stream`` true or false), in
+  ``anthropic_wire``: SSE events ``message_start``, ``ping``, ``content_block_start`` /
+  ``content_block_delta`` (``text_delta``, ``thinking_delta`` + ``signature_delta``,
+  ``input_json_delta``) / ``content_block_stop``, ``message_delta`` (``stop_reason``, ``usage``),
+  ``message_stop``; errors ``{"type": "error", "error": {"type", "message"}}``. It needs the
+  ``anthropic-version`` header, and when ``api_key`` is set ``x-api-key`` (or a bearer token,
+  which the anthropic SDK 2.x sends). Triggers: ``thinking: {"type": "enabled", ...}`` or a
+  model name containing ``think`` → a thinking block first; ``tools`` (unless the last turn
+  holds ``tool_result`` blocks, or ``tool_choice`` is ``none``) → a ``tool_use`` block calling
+  the first tool after the text;
+  ``cache_control`` anywhere or a model name containing ``cache`` → usage with
+  ``cache_read_input_tokens`` (half the input) and ``cache_creation_input_tokens`` (a quarter);
+  a ``stop_sequences`` entry equal to a reply word → ``stop_sequence``. Faults: the same header
+  and model names as below; the error bodies are Anthropic's (429 ``rate_limit_error`` with
+  ``retry-after``, 529 ``overloaded_error``, other 5xx ``api_error``).
 - ``GET /v1/models``: the OpenAI model list.
 - ``GET /_simulator/stats``: ``requests_started``, ``requests_completed``, ``requests_failed``,
   ``requests_disconnected`` (client left before the end), ``active_streams``.
@@ -76,9 +91,9 @@ With ``api_key`` set, ``/v1`` requests need ``Authorization: Bearer <api_key>``;
 echoed back *unmasked* in the 401 message (OpenAI masks it), so tests prove that clients redact it.
 
 Modules: ``replies`` (deterministic reply text and token counts), ``wire`` (OpenAI request
-parsing, bodies and SSE frames), ``azure_wire`` (Azure's auth and URL checks), ``gemini_wire``
-(Gemini's requests, bodies and events), ``gemini_handlers`` (its handlers), ``app`` (the aiohttp
-handlers, stats and server loop).
+parsing, bodies and SSE frames), ``anthropic_wire`` (the same for Anthropic, and its handler),
+``azure_wire`` (Azure's auth and URL checks), ``gemini_wire`` (Gemini's requests, bodies and
+events), ``gemini_handlers`` (its handlers), ``app`` (the aiohttp handlers, stats and server loop).
 """
 
 from .app import (

@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from . import anthropic_wire
 from .azure_wire import azure_denied
 from .gemini_handlers import GeminiApi
 from .replies import count_prompt_tokens, reply_word_indexes
@@ -44,6 +45,14 @@ _MODEL_FAULTS = {
     "sim-fail-midstream": Fault(drop_after=MIDSTREAM_FAILURE_CHUNKS),
     "sim-malformed-chunk": Fault(malformed_after=1),
 }
+
+
+def model_fault(model: str) -> Fault:
+    """Return the failure the model name asks for (``sim-error-NNN``, ``sim-fail-midstream``, ...), if any."""
+    match = _SIM_ERROR.fullmatch(model)
+    if match:
+        return Fault(status=int(match.group(1)))
+    return _MODEL_FAULTS.get(model, NO_FAULT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,10 +145,7 @@ class _Simulator:
         header = request.headers.get(FAULT_HEADER)
         if header is not None:
             return parse_fault(header)
-        match = _SIM_ERROR.fullmatch(model)
-        if match:
-            return Fault(status=int(match.group(1)))
-        return _MODEL_FAULTS.get(model, NO_FAULT)
+        return model_fault(model)
 
     def _reply_plan(self, completion: Completion) -> tuple[list[int], str]:
         """Return the reply's word indexes and its ``finish_reason``."""
@@ -277,6 +283,10 @@ class _Simulator:
             self.stats.active_streams -= 1
         return response
 
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        """Answer ``POST /v1/messages`` (Anthropic's Messages API, streamed or not; see ``anthropic_wire``)."""
+        return await anthropic_wire.answer(request, config=self.config, stats=self.stats, model_fault=model_fault)
+
     async def models(self, request: web.Request) -> web.Response:
         """Answer ``GET /v1/models`` (OpenAI's model list)."""
         denied = self._unauthorized(request)
@@ -299,6 +309,7 @@ def create_app(config: SimulatorConfig) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)  # long prompts are legitimate
     app.router.add_post("/v1/chat/completions", simulator.chat_completions)
     app.router.add_post("/openai/deployments/{deployment}/chat/completions", simulator.azure_chat_completions)
+    app.router.add_post("/v1/messages", simulator.messages)
     gemini = GeminiApi(simulator.config, simulator.stats, simulator._fault)
     for version in ("v1beta", "v1"):  # {model}:generateContent and :streamGenerateContent
         app.router.add_post(f"/{version}/models/{{target}}", gemini.generate)

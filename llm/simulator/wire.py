@@ -144,6 +144,17 @@ _FAULT_DIRECTIVES: dict[str, tuple[str, type, object]] = {
 def parse_fault(header: str) -> Fault | web.Response:
     """Return the ``Fault`` an ``X-Simulator-Fault`` header value asks for, or OpenAI's 400 for a bad one.
 
+    See ``read_fault`` for the syntax.
+    """
+    fault = read_fault(header)
+    return _fault_error(fault) if isinstance(fault, str) else fault
+
+
+def read_fault(header: str) -> Fault | str:
+    """Return the ``Fault`` an ``X-Simulator-Fault`` header value asks for, or the problem with a bad one.
+
+    Each wire format renders the problem as its own 400 (``parse_fault``: OpenAI's).
+
     The value is directives separated by commas (or semicolons), each ``name=value`` or a bare
     ``name``: ``status=NNN`` (400..599), ``retry-after=S`` (whole seconds, with ``status=429``),
     ``drop-after=K``, ``malformed-line`` (after 1 token) or ``malformed-line=K``, ``stall=S``
@@ -158,25 +169,30 @@ def parse_fault(header: str) -> Fault | web.Response:
             continue
         directive = _FAULT_DIRECTIVES.get(name.lower())
         if directive is None:
-            return _fault_error(f"unknown directive {name!r}")
+            return f"unknown directive {name!r}"
         field_name, parse, default = directive
         if not has_value:
             if default is None:
-                return _fault_error(f"{name!r} needs a value ({name}=...)")
+                return f"{name!r} needs a value ({name}=...)"
             values[field_name] = default
             continue
         try:
             value = parse(raw)
         except ValueError:
-            return _fault_error(f"{name}={raw!r} is not a number")
+            return f"{name}={raw!r} is not a number"
         if not (value >= 0 and value != float("inf")) or (field_name == "status" and not 400 <= value <= 599):
-            return _fault_error(f"{name}={raw!r} is out of range")
+            return f"{name}={raw!r} is out of range"
         values[field_name] = value
     return Fault(**values) if values else NO_FAULT  # type: ignore[arg-type]
 
 
+def fault_problem_message(problem: str) -> str:
+    """Return the error message for a bad ``X-Simulator-Fault`` header (``problem``: ``read_fault``'s)."""
+    return f"Invalid {FAULT_HEADER} header: {problem}. See llm.simulator's documentation."
+
+
 def _fault_error(problem: str) -> web.Response:
-    message = f"Invalid {FAULT_HEADER} header: {problem}. See llm.simulator's documentation."
+    message = fault_problem_message(problem)
     return error_response(400, message, type_="invalid_request_error")
 
 
@@ -418,11 +434,13 @@ __all__ = [
     "Fault",
     "completion_body",
     "error_response",
+    "fault_problem_message",
     "logprob_entry",
     "model_list_body",
     "new_completion_id",
     "parse_completion",
     "parse_fault",
+    "read_fault",
     "simulated_error",
     "usage_object",
 ]

@@ -1,0 +1,426 @@
+"""The Anthropic Messages adapter against the real simulator process over HTTP, and through the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from typing import Any
+
+import pytest
+from django.test import AsyncClient
+
+from accounts.models import UsageRecord
+from llm.providers import ChatChunk, ChatRequest, ProviderConfig, UpstreamError, Usage, get_provider
+from llm.providers.anthropic import AnthropicProvider, messages_body
+from llm.simulator import count_prompt_tokens, reply_text
+from llm.tests.simulator_process import SimulatorProcess
+from tests.factories import LLMModelFactory, ProviderFactory
+from tests.kit import (
+    FAST_REPLY_TOKENS,
+    SIMULATOR_API_KEY,
+    bearer,
+    chat_body,
+    chunk_objects,
+    chunk_text,
+    poll_until,
+    post_chat,
+    sse_data,
+    streamed_content,
+    usage_records,
+)
+
+pytestmark = pytest.mark.usefixtures("provider_clients")
+
+SYSTEM = "Be terse."
+MESSAGES: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Name rivers."}]
+PROVIDER_KEY = "sk-ant-provider-secret-key-0123456789"
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+PNG_DATA_URL = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 8).decode()
+
+
+def provider(sim: SimulatorProcess, api_key: str = PROVIDER_KEY, **options: Any) -> AnthropicProvider:
+    # The provider's base URL is Anthropic's root (https://api.anthropic.com): the adapter appends /v1/messages.
+    config = ProviderConfig(kind="anthropic", base_url=sim.root_url, api_key=api_key, **options)
+    adapter = get_provider(config)
+    assert isinstance(adapter, AnthropicProvider)
+    return adapter
+
+
+async def collect(
+    adapter: AnthropicProvider, request: ChatRequest, into: list[ChatChunk] | None = None
+) -> list[ChatChunk]:
+    """Return every chunk in order (into ``into`` as they arrive), checking each batch is a non-empty list."""
+    chunks = [] if into is None else into
+    async for batch in adapter.stream(request):
+        assert isinstance(batch, list) and batch and all(isinstance(c, ChatChunk) for c in batch)
+        chunks.extend(batch)
+    return chunks
+
+
+def input_tokens(user_turns: list[dict[str, Any]], system: str = SYSTEM) -> int:
+    """The simulator's input count for the translated request: its turns, plus the system prompt."""
+    return count_prompt_tokens(user_turns) + (len(system.split()) + 3 if system else 0)
+
+
+def assert_key_hidden(error: UpstreamError, key: str = PROVIDER_KEY) -> None:
+    assert key not in error.message and key not in str(error.as_dict()) and key not in (error.detail or "")
+
+
+async def test_streams_text_then_finish_then_usage(simulator: SimulatorProcess) -> None:
+    chunks = await collect(provider(simulator), ChatRequest(model="sim-1", messages=MESSAGES))
+
+    assert "".join(c.content for c in chunks) == reply_text(MESSAGES, FAST_REPLY_TOKENS)
+    assert [c.finish_reason for c in chunks] == [None] * FAST_REPLY_TOKENS + ["stop", None]
+    assert chunks[-1] == ChatChunk(
+        usage=Usage(prompt_tokens=input_tokens(MESSAGES[1:]), completion_tokens=FAST_REPLY_TOKENS)
+    )
+
+
+async def test_a_base_url_ending_in_v1_works_too(simulator: SimulatorProcess) -> None:
+    adapter = get_provider(ProviderConfig(kind="anthropic", base_url=simulator.base_url))
+    chunks = await collect(adapter, ChatRequest(model="sim-1", messages=MESSAGES))  # type: ignore[arg-type]
+    assert chunks[-2].finish_reason == "stop"
+
+
+async def test_reasoning_effort_streams_thinking_as_reasoning_content(simulator: SimulatorProcess) -> None:
+    request = ChatRequest(model="sim-1", messages=MESSAGES, parameters={"reasoning_effort": "low", "temperature": 0.5})
+    chunks = await collect(provider(simulator), request)
+
+    thinking = [c for c in chunks if c.reasoning_content]
+    assert len(thinking) == FAST_REPLY_TOKENS // 2
+    first_content = next(i for i, c in enumerate(chunks) if c.content)
+    assert all(i < first_content for i, c in enumerate(chunks) if c.reasoning_content)  # thinking comes first
+    assert "".join(c.content for c in chunks) == reply_text(MESSAGES, FAST_REPLY_TOKENS)
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == FAST_REPLY_TOKENS + FAST_REPLY_TOKENS // 2
+
+
+async def test_tool_calls_round_trip(simulator: SimulatorProcess) -> None:
+    adapter = provider(simulator)
+    first = ChatRequest(model="sim-1", messages=MESSAGES, parameters={"tools": [WEATHER_TOOL]})
+    chunks = await collect(adapter, first)
+
+    calls = [call for c in chunks for call in c.tool_calls or ()]
+    head, *fragments = calls
+    assert head["index"] == 0 and head["type"] == "function" and head["id"].startswith("toolu_")
+    assert head["function"] == {"name": "get_weather", "arguments": ""}
+    assert fragments and all(set(f) == {"index", "function"} and f["index"] == 0 for f in fragments)
+    arguments = "".join(f["function"]["arguments"] for f in fragments)
+    assert set(json.loads(arguments)) == {"city"}
+    assert chunks[-2].finish_reason == "tool_calls"
+    text = "".join(c.content for c in chunks)
+
+    # OpenAI-shaped history: the assistant's tool call, then the tool's answer.
+    answered = [
+        *MESSAGES,
+        {
+            "role": "assistant",
+            "content": text,
+            "tool_calls": [
+                {"id": head["id"], "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": head["id"], "content": "Sunny, 21 C"},
+    ]
+    second = await collect(adapter, ChatRequest(model="sim-1", messages=answered, parameters={"tools": [WEATHER_TOOL]}))
+    assert not any(c.tool_calls for c in second) and second[-2].finish_reason == "stop"
+    assert "".join(c.content for c in second)
+
+    forced = ChatRequest(model="sim-1", messages=MESSAGES, parameters={"tools": [WEATHER_TOOL], "tool_choice": "none"})
+    assert not any(c.tool_calls for c in await collect(adapter, forced))
+
+
+async def test_images_are_accepted_as_data_and_https_urls(simulator: SimulatorProcess) -> None:
+    content = [
+        {"type": "text", "text": "What are these?"},
+        {"type": "image_url", "image_url": {"url": PNG_DATA_URL}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg", "detail": "low"}},
+    ]
+    chunks = await collect(
+        provider(simulator), ChatRequest(model="sim-1", messages=[{"role": "user", "content": content}])
+    )
+    assert chunks[-2].finish_reason == "stop" and "".join(c.content for c in chunks)
+
+
+@pytest.mark.parametrize(
+    ("part", "problem"),
+    [
+        ({"type": "image_url", "image_url": {"url": "data:image/bmp;base64,AAAA"}}, "not image/bmp"),
+        ({"type": "image_url", "image_url": {"url": "ftp://example.com/a.png"}}, "data: URL or an http(s) URL"),
+        ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}, "'input_audio' content parts"),
+    ],
+)
+async def test_what_the_messages_api_cannot_take_is_a_400_before_any_request(
+    simulator: SimulatorProcess, part: dict[str, Any], problem: str
+) -> None:
+    before = await simulator.astats()
+    with pytest.raises(UpstreamError) as caught:
+        await collect(provider(simulator), ChatRequest(model="sim-1", messages=[{"role": "user", "content": [part]}]))
+    assert caught.value.status == 400 and caught.value.upstream_status is None and problem in caught.value.message
+    assert (await simulator.astats())["requests_started"] == before["requests_started"]
+
+
+async def test_usage_counts_cache_tokens_in_the_prompt(simulator: SimulatorProcess) -> None:
+    chunks = await collect(provider(simulator), ChatRequest(model="sim-cache", messages=MESSAGES))
+    total = input_tokens(MESSAGES[1:])
+    assert chunks[-1].usage == Usage(
+        prompt_tokens=total,
+        completion_tokens=FAST_REPLY_TOKENS,
+        cached_tokens=total // 2,
+        cache_creation_tokens=total // 4,
+    )
+
+
+async def test_max_tokens_and_stop_map_to_length_and_stop(simulator: SimulatorProcess) -> None:
+    adapter = provider(simulator)
+    short = await collect(adapter, ChatRequest(model="sim-1", messages=MESSAGES, parameters={"max_tokens": 3}))
+    assert "".join(c.content for c in short) == reply_text(MESSAGES, 3) and short[-2].finish_reason == "length"
+
+    words = reply_text(MESSAGES, FAST_REPLY_TOKENS).split()
+    stopped = await collect(adapter, ChatRequest(model="sim-1", messages=MESSAGES, parameters={"stop": words[3]}))
+    assert stopped[-2].finish_reason == "stop"
+    assert "".join(c.content for c in stopped) == " ".join(words[: words.index(words[3])])
+
+
+async def test_sends_x_api_key_only_when_configured_and_hides_a_wrong_one(keyed_simulator: SimulatorProcess) -> None:
+    request = ChatRequest(model="sim-1", messages=MESSAGES)
+    chunks = await collect(provider(keyed_simulator, api_key=SIMULATOR_API_KEY), request)
+    assert chunks[-2].finish_reason == "stop"
+
+    with pytest.raises(UpstreamError) as missing:
+        await collect(provider(keyed_simulator, api_key=""), request)
+    assert "x-api-key header is required" in (missing.value.detail or "")
+
+    wrong = "sk-ant-wrong-key-abcdef0123456789"
+    with pytest.raises(UpstreamError) as caught:
+        await collect(provider(keyed_simulator, api_key=wrong), request)
+    assert (caught.value.status, caught.value.upstream_status, caught.value.code) == (502, 401, "upstream_auth_failed")
+    assert caught.value.message == "The model provider rejected this server's credentials."
+    assert_key_hidden(caught.value, wrong)
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "code", "quoted"),
+    [
+        ("status=500", 502, "upstream_error", "The model provider failed to answer. (status 500)"),
+        ("status=529", 502, "upstream_error", "The model provider failed to answer. (status 529)"),
+        ("status=429, retry-after=7", 429, "upstream_rate_limited", "rate limit"),
+        ("status=400", 400, "upstream_error", "Simulated error 400"),
+        ("status=404", 404, "upstream_error", "model: sim-1"),
+    ],
+)
+async def test_upstream_error_statuses_map_as_for_openai_upstreams(
+    simulator: SimulatorProcess, fault: str, status: int, code: str, quoted: str
+) -> None:
+    adapter = provider(simulator, extra_headers=(("X-Simulator-Fault", fault),))
+    with pytest.raises(UpstreamError) as caught:
+        await collect(adapter, ChatRequest(model="sim-1", messages=MESSAGES))
+    error = caught.value
+    assert (error.status, error.code) == (status, code) and quoted in error.message
+    assert error.upstream_status == int(fault.split(",")[0].removeprefix("status="))
+    assert error.retry_after == (7.0 if status == 429 else None)
+    assert f"answered {error.upstream_status}" in (error.detail or "")
+    assert "127.0.0.1" not in error.message
+    assert_key_hidden(error)
+
+
+async def test_unreachable_upstream_is_502(closed_port_url: str) -> None:
+    adapter = get_provider(ProviderConfig(kind="anthropic", base_url=closed_port_url.removesuffix("/v1")))
+    with pytest.raises(UpstreamError) as caught:
+        await collect(adapter, ChatRequest(model="sim-1", messages=MESSAGES))  # type: ignore[arg-type]
+    assert (caught.value.status, caught.value.code) == (502, "upstream_unreachable")
+
+
+async def test_a_stream_dropped_midway_is_502_after_the_chunks_received(simulator: SimulatorProcess) -> None:
+    received: list[ChatChunk] = []
+    with pytest.raises(UpstreamError) as caught:
+        await collect(provider(simulator), ChatRequest(model="sim-fail-midstream", messages=MESSAGES), received)
+    assert (caught.value.status, caught.value.code) == (502, "upstream_disconnected")
+    assert "".join(c.content for c in received) == reply_text(MESSAGES, 3)
+
+
+async def test_a_malformed_event_is_502(simulator: SimulatorProcess) -> None:
+    adapter = provider(simulator, extra_headers=(("X-Simulator-Fault", "malformed-line=2"),))
+    received: list[ChatChunk] = []
+    with pytest.raises(UpstreamError) as caught:
+        await collect(adapter, ChatRequest(model="sim-1", messages=MESSAGES), received)
+    assert (caught.value.status, caught.value.code) == (502, "upstream_bad_response")
+    assert "".join(c.content for c in received) == reply_text(MESSAGES, 2)
+
+
+async def test_cancelling_the_consumer_closes_the_upstream_stream(slow_simulator: SimulatorProcess) -> None:
+    before = await slow_simulator.astats()
+    first_chunk = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in provider(slow_simulator).stream(ChatRequest(model="sim-1", messages=MESSAGES)):
+            first_chunk.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(first_chunk.wait(), timeout=5)
+    task.cancel()
+    # Polled before awaiting the task: the upstream must close because of the cancel alone.
+    after = await poll_until(
+        slow_simulator.astats,
+        lambda s: (
+            s["requests_disconnected"] == before["requests_disconnected"] + 1
+            and s["active_streams"] == before["active_streams"]
+        ),
+    )
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert after["requests_completed"] == before["requests_completed"]
+
+
+async def test_aclose_of_the_stream_closes_the_upstream_stream(slow_simulator: SimulatorProcess) -> None:
+    before = await slow_simulator.astats()
+    stream = provider(slow_simulator).stream(ChatRequest(model="sim-1", messages=MESSAGES))
+    first = await anext(stream)
+    assert first and first[0].content
+    closing = asyncio.create_task(stream.aclose())
+    await poll_until(
+        slow_simulator.astats,
+        lambda s: s["requests_disconnected"] == before["requests_disconnected"] + 1,
+    )
+    await closing
+
+
+def test_translation_merges_turns_and_maps_parameters() -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    messages = [
+        {"role": "system", "content": "Rule one."},
+        {
+            "role": "developer",
+            "content": [{"type": "text", "text": "Rule two.", "cache_control": {"type": "ephemeral"}}],
+        },
+        {"role": "user", "content": "Weather?"},
+        {"role": "user", "content": ""},  # empty text is dropped, not sent as an empty block
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"},
+        {"role": "user", "content": "Thanks. And tomorrow?"},
+    ]
+    parameters = {
+        "max_completion_tokens": 5000,
+        "temperature": 0.3,
+        "top_p": 0.5,
+        "stop": ["END"],
+        "tools": [WEATHER_TOOL],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "parallel_tool_calls": False,
+        "user": "u-42",
+        "frequency_penalty": 0.5,
+        "seed": 7,
+        "reasoning_effort": "medium",
+    }
+    body = messages_body(ChatRequest(model="claude-x", messages=messages, parameters=parameters), default_max_tokens=10)
+
+    assert body["system"] == [
+        {"type": "text", "text": "Rule one."},
+        {"type": "text", "text": "Rule two.", "cache_control": {"type": "ephemeral"}},
+    ]
+    assert body["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "Weather?"}]},
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Oslo"}}],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "call_1", "content": [{"type": "text", "text": "Sunny"}]},
+                {"type": "text", "text": "Thanks. And tomorrow?"},
+            ],
+        },
+    ]
+    # The last turn answers a tool call: no thinking (its signed thinking cannot be sent back).
+    assert body["max_tokens"] == 5000 and "thinking" not in body
+    assert (body["temperature"], body["top_p"]) == (0.3, 0.5)
+    assert body["stop_sequences"] == ["END"] and body["metadata"] == {"user_id": "u-42"}
+    assert body["tools"] == [
+        {
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "input_schema": WEATHER_TOOL["function"]["parameters"],  # type: ignore[index]
+        }
+    ]
+    assert body["tool_choice"] == {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True}
+    assert "frequency_penalty" not in body and "seed" not in body and body["stream"] is True
+
+
+def test_max_tokens_defaults_and_grows_by_the_thinking_budget() -> None:
+    plain = messages_body(ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}]), default_max_tokens=4096)
+    assert plain["max_tokens"] == 4096 and "thinking" not in plain
+    thinking = messages_body(
+        ChatRequest(
+            model="m",
+            messages=[{"role": "user", "content": "hi"}],
+            parameters={"reasoning_effort": "high", "temperature": 0.3, "top_p": 0.97, "top_k": 5},
+        ),
+        default_max_tokens=4096,
+    )
+    assert thinking["max_tokens"] == 4096 + 16384 and thinking["thinking"]["budget_tokens"] == 16384
+    # Anthropic refuses temperature and top_k with thinking on, and top_p under 0.95.
+    assert "temperature" not in thinking and "top_k" not in thinking and thinking["top_p"] == 0.97
+    capped = messages_body(
+        ChatRequest(
+            model="m",
+            messages=[{"role": "user", "content": "hi"}],
+            parameters={"reasoning_effort": "high", "max_tokens": 5000},
+        ),
+        default_max_tokens=4096,
+    )
+    assert capped["max_tokens"] == 5000 and capped["thinking"]["budget_tokens"] == 4999
+    no_room = messages_body(
+        ChatRequest(
+            model="m",
+            messages=[{"role": "user", "content": "hi"}],
+            parameters={"reasoning_effort": "low", "max_tokens": 500},
+        ),
+        default_max_tokens=4096,
+    )
+    assert no_room["max_tokens"] == 500 and "thinking" not in no_room
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    tool_loop = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "done"},
+    ]
+    answering = messages_body(
+        ChatRequest(model="m", messages=tool_loop, parameters={"reasoning_effort": "low"}), default_max_tokens=4096
+    )
+    assert answering["max_tokens"] == 4096 and "thinking" not in answering  # no signed thinking to send back
+
+
+# --- Through the engine: /v1/chat/completions to a model on an Anthropic provider -------------
+
+
+@pytest.fixture
+def anthropic_model(db, simulator: SimulatorProcess) -> Any:
+    """``claude-sim``: a model on an ``anthropic`` provider at the simulator (upstream ``sim-cache``)."""
+    upstream = ProviderFactory(name="sim-anthropic", kind="anthropic", base_url=simulator.root_url, api_key="")
+    return LLMModelFactory(name="claude-sim", provider=upstream, upstream_model="sim-cache")
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_chat_completions_stream_through_an_anthropic_provider(api_key_secret, anthropic_model) -> None:
+    body = chat_body("claude-sim", "Tell me about rivers", stream=True, stream_options={"include_usage": True})
+    response = await post_chat(AsyncClient(), body, bearer(api_key_secret))
+    assert response.status_code == 200
+    chunks = chunk_objects(sse_data(await streamed_content(response)))
+    *content_chunks, usage_chunk = chunks
+    assert chunk_text(content_chunks) == reply_text(body["messages"], FAST_REPLY_TOKENS)
+    assert content_chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    [record] = await usage_records()
+    total = count_prompt_tokens(body["messages"])
+    assert (record.model_name, record.token_source, record.finish_status) == ("claude-sim", "provider", "completed")
+    assert record.source == UsageRecord.Source.OPENAI_API
+    assert (record.prompt_tokens, record.completion_tokens) == (total, FAST_REPLY_TOKENS)
+    assert usage_chunk["usage"]["prompt_tokens"] == total
