@@ -118,12 +118,28 @@ class UsageEvent(UsageSubject):
     @classmethod
     def from_task(cls, fields: dict[str, Any]) -> UsageEvent:
         """Return the event a task carried (``asdict`` of one); one queued by a release before
-        ``token_source`` carries ``estimated`` (bool) instead, read as "estimated" / "provider"."""
+        ``token_source`` carries ``estimated`` (bool) instead, read as "estimated" / "provider".
+
+        Fields this release does not know (queued by a newer one during a rolling deploy) are
+        dropped with a warning: the row is still written, without them, rather than the batch lost.
+        """
+        fields = dict(fields)
         if "estimated" in fields:
-            fields = dict(fields)
             source = UsageRecord.TokenSource.ESTIMATED if fields.pop("estimated") else UsageRecord.TokenSource.PROVIDER
             fields["token_source"] = source.value
+        unknown = fields.keys() - _EVENT_FIELDS
+        if unknown:
+            logger.warning(
+                "usage event %s: dropped fields this release does not know: %s",
+                fields.get("request_id"),
+                sorted(unknown),
+            )
+            for name in unknown:
+                del fields[name]
         return cls(**fields)
+
+
+_EVENT_FIELDS = frozenset(field.name for field in fields(UsageEvent))
 
 
 class PricedModel(Protocol):

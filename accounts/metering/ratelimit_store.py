@@ -317,19 +317,22 @@ class RedisRateLimitStore(RateLimitStore):
             await self.add(amounts, taken_streams, member)
 
     async def add(self, amounts: Sequence[tuple[str, int]], stream_keys: Sequence[str] = (), member: str = "") -> None:
+        results = await self._add_once(amounts, stream_keys, member)
+        if any(isinstance(r, redis.exceptions.NoScriptError) for r in results[: len(amounts)]):
+            # Redis lost the scripts: every add failed (they share one), the removals ran. Once more.
+            await self._load_scripts()
+            results = await self._add_once(amounts, (), member)
+        error = next((r for r in results if isinstance(r, BaseException)), None)
+        if error is not None:
+            raise error
+
+    async def _add_once(self, amounts: Sequence[tuple[str, int]], stream_keys: Sequence[str], member: str) -> list[Any]:
         async with self.client.pipeline(transaction=False) as pipe:
             for key, amount in amounts:
                 pipe.evalsha(self._acquire.sha, 2, *self._keys(key), NO_LIMIT, WINDOW_SECONDS, amount)
             for stream_key in stream_keys:
                 pipe.zrem(stream_key, member)
-            results = await pipe.execute(raise_on_error=False)
-        if any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
-            await self._load_scripts()
-            await self.add(amounts, (), member)
-            return
-        error = next((r for r in results if isinstance(r, BaseException)), None)
-        if error is not None:
-            raise error
+            return list(await pipe.execute(raise_on_error=False))
 
     async def streams_renew(self, held: dict[str, tuple[str, ...]]) -> None:
         keys = [key for stream_keys in held.values() for key in stream_keys]

@@ -207,3 +207,17 @@ def test_a_batch_queued_before_token_source_is_recorded_with_its_estimated_flag(
 
     sources = dict(UsageRecord.objects.values_list("request_id", "token_source"))
     assert sources == {"chatcmpl-old-1": "estimated", "chatcmpl-old-2": "provider"}
+
+
+def test_a_batch_queued_by_a_newer_release_is_recorded_without_the_fields_it_does_not_know(context, caplog):
+    event = account(context)
+    assert event is not None
+    assert usage_flush(10)
+    UsageRecord.objects.all().delete()
+    newer = {**asdict(event), "request_id": "chatcmpl-newer-1", "audio_tokens": 7}  # a field of a later release
+
+    assert usage_record_batch_task.delay([newer]).get(timeout=10) == 1
+
+    record = UsageRecord.objects.get()
+    assert (record.request_id, record.prompt_tokens) == ("chatcmpl-newer-1", event.prompt_tokens)
+    assert "audio_tokens" in caplog.text

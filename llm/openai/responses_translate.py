@@ -354,7 +354,7 @@ def responses_request(body: dict[str, Any], data: dict[str, Any]) -> ResponsesRe
             )
     effort = reasoning.get("effort")
     if effort is not None:
-        if effort not in REASONING_EFFORTS:
+        if not isinstance(effort, str) or effort not in REASONING_EFFORTS:
             raise _bad(f"'reasoning.effort' must be one of {', '.join(sorted(REASONING_EFFORTS))}.", "reasoning.effort")
         parameters["reasoning_effort"] = effort
     text = data.get("text") or {}
@@ -371,7 +371,9 @@ def responses_request(body: dict[str, Any], data: dict[str, Any]) -> ResponsesRe
         parameters["tools"] = _tools(tools)
     tool_choice = data.get("tool_choice")
     if tool_choice is not None:
-        parameters["tool_choice"] = _tool_choice(tool_choice)
+        choice = _tool_choice(tool_choice)
+        if tools:  # chat completions refuse a tool_choice without tools; the Responses API takes it
+            parameters["tool_choice"] = choice
     metadata = data.get("metadata")
     if metadata is not None and not all(isinstance(value, str) for value in metadata.values()):
         raise _bad("'metadata' values must be strings.", "metadata", code="invalid_type")

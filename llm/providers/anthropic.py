@@ -85,7 +85,7 @@ from django.conf import settings
 
 from chatbackend.logging import redact
 
-from .base import ChatChunk, ChatProvider, ChatRequest, UpstreamError, Usage
+from .base import TRANSLATION_ERRORS, ChatChunk, ChatProvider, ChatRequest, UpstreamError, Usage, untranslatable
 from .http import SSE_REQUEST_HEADERS, SSEBodyDecoder, failure, post_sse
 
 __all__ = ["FINISH_REASONS", "THINKING_BUDGETS", "AnthropicProvider", "messages_body"]
@@ -288,8 +288,11 @@ class AnthropicProvider(ChatProvider):
         ``aclose()`` closes the upstream connection at once.
         """
         config = self.config
-        body = messages_body(request, default_max_tokens=settings.LLM_ANTHROPIC_DEFAULT_MAX_TOKENS)
-        data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        try:
+            body = messages_body(request, default_max_tokens=settings.LLM_ANTHROPIC_DEFAULT_MAX_TOKENS)
+            data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        except TRANSLATION_ERRORS as exc:  # a shape the translation did not expect: the request's fault
+            raise untranslatable(exc) from exc
         headers = dict(SSE_REQUEST_HEADERS)
         if config.extra_headers:  # validated: never one of the headers set here
             headers.update(config.extra_headers)

@@ -8,6 +8,7 @@ the way Django chooses cache and email backends.
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,9 +141,28 @@ class UpstreamError(ApplicationError):
     ) -> None:
         if status is None:
             status = upstream_status if upstream_status in PASSED_THROUGH_STATUSES else 502
-        super().__init__(message, code=code, status=status, type=None, detail=detail)
+        # A client told 429 waits as long as the upstream asked (whole seconds, RFC 9110 section 10.2.3).
+        headers = (
+            {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None and status == 429 else None
+        )
+        super().__init__(message, code=code, status=status, type=None, detail=detail, headers=headers)
         self.upstream_status = upstream_status
         self.retry_after = retry_after
+
+
+# What a provider's request translation raises for messages or parameters of a shape it did not
+# expect (the OpenAI-shaped input is validated loosely, so unknown part types reach the adapters).
+TRANSLATION_ERRORS: tuple[type[Exception], ...] = (TypeError, AttributeError, KeyError, IndexError, ValueError)
+
+
+def untranslatable(exc: Exception) -> ApplicationError:
+    """Return the 400 for a request an adapter could not translate to its provider's format (``exc``: why)."""
+    return ApplicationError(
+        f"The request's messages or parameters have a shape this model's provider cannot take ({type(exc).__name__}).",
+        code="invalid_request",
+        status=400,
+        param="messages",
+    )
 
 
 class ChatProvider(abc.ABC):

@@ -69,12 +69,14 @@ from chatbackend.logging import redact
 
 from .base import (
     PASSED_THROUGH_STATUSES,
+    TRANSLATION_ERRORS,
     UPSTREAM_MESSAGES,
     ChatChunk,
     ChatProvider,
     ChatRequest,
     UpstreamError,
     Usage,
+    untranslatable,
 )
 from .gemini_request import gemini_request_body
 
@@ -148,8 +150,11 @@ class GeminiProvider(ChatProvider):
         Cancellation or ``aclose()`` closes the upstream connection at once.
         """
         config = self.config
-        body = gemini_request_body(request.messages, request.parameters)
-        data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        try:
+            body = gemini_request_body(request.messages, request.parameters)
+            data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        except TRANSLATION_ERRORS as exc:  # a shape the translation did not expect: the request's fault
+            raise untranslatable(exc) from exc
         headers = dict(SSE_REQUEST_HEADERS)
         if config.extra_headers:
             headers.update(config.extra_headers)

@@ -106,10 +106,14 @@ def _user_parts(content: Any) -> list[dict[str, Any]]:
         elif kind == "image_url":
             parts.append(_image_part(part.get("image_url")))
         elif kind == "input_audio":
-            audio = part.get("input_audio") or {}
-            parts.append(
-                {"inlineData": {"mimeType": f"audio/{audio.get('format', 'wav')}", "data": audio.get("data", "")}}
-            )
+            audio = part.get("input_audio")
+            if not (
+                isinstance(audio, dict)
+                and isinstance(audio.get("data"), str)
+                and isinstance(audio.get("format", "wav"), str)
+            ):
+                raise _invalid("An input_audio part needs an input_audio object with string data and format.")
+            parts.append({"inlineData": {"mimeType": f"audio/{audio.get('format', 'wav')}", "data": audio["data"]}})
         else:
             raise _invalid(f"Content parts of type {kind!r} are not supported for this model.")
     return parts

@@ -484,3 +484,19 @@ def test_a_bad_azure_api_version_stops_start_up() -> None:
     result = run_python("manage.py", "check", env={"LLM_AZURE_OPENAI_API_VERSION": "latest"})
     assert result.returncode == 1 and "ImproperlyConfigured" in result.stderr, result.stderr
     assert "LLM_AZURE_OPENAI_API_VERSION" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "input_audio", "input_audio": "not an object"},
+        {"type": "input_audio", "input_audio": {"data": 5, "format": "wav"}},
+        {"type": "image_url", "image_url": ["not", "an", "object"]},
+    ],
+)
+async def test_a_content_part_of_an_unexpected_shape_is_a_400_not_a_crash(part: dict) -> None:
+    request = ChatRequest(model="gemini-x", messages=[{"role": "user", "content": [part]}])
+    provider = GeminiProvider(ProviderConfig(kind="gemini", base_url="http://127.0.0.1:9"))
+    with pytest.raises(ApplicationError) as caught:
+        await anext(provider.stream(request))
+    assert (caught.value.status, caught.value.param) == (400, "messages")

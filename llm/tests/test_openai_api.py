@@ -515,6 +515,8 @@ async def test_a_providers_extra_headers_reach_the_upstream(api_key_secret, simu
     for stream in (True, False):
         response = await post_chat(AsyncClient(), chat_body("limited", stream=stream), bearer(api_key_secret))
         assert_error(response, 429, code="upstream_rate_limited")
+        # The simulator asks for 1 s (retry-after-ms 1000, Retry-After 1): the client is told to wait as long.
+        assert response["Retry-After"] == "1"
 
 
 # --- logprobs pass through ---------------------------------------------------------------------

@@ -249,6 +249,7 @@ async def test_images_and_parameters_reach_the_upstream_in_chat_shape(
                 {"role": "user", "content": "Try."},
             ],
             parallel_tool_calls=True,
+            tool_choice="auto",
             max_output_tokens=50,
             temperature=0.5,
             top_p=0.9,
@@ -278,7 +279,8 @@ async def test_images_and_parameters_reach_the_upstream_in_chat_shape(
     ]
     assert sent["max_completion_tokens"] == 50
     assert sent["verbosity"] == "low"
-    assert "parallel_tool_calls" not in sent  # OpenAI's chat API refuses it without tools
+    assert "parallel_tool_calls" not in sent  # OpenAI's chat API refuses both without tools
+    assert "tool_choice" not in sent
     assert (sent["temperature"], sent["top_p"], sent["reasoning_effort"]) == (0.5, 0.9, "low")
     assert sent["response_format"] == {
         "type": "json_schema",
@@ -310,6 +312,7 @@ async def test_images_and_parameters_reach_the_upstream_in_chat_shape(
         ({"truncation": "auto"}, "truncation"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"reasoning": {"effort": "low", "mode": "deep"}}, "reasoning.mode"),
+        ({"reasoning": {"effort": ["high"]}}, "reasoning.effort"),
         ({"text": {"format": {"type": "text"}, "tone": "warm"}}, "text.tone"),
         ({"tool_choice": {"type": "web_search_preview"}}, "tool_choice"),
         ({"input": [{"type": "function_call_output", "output": "21"}]}, "input[0].call_id"),
