@@ -25,14 +25,14 @@ Back to ``ChatChunk`` (one per ``GenerateContentResponse`` of the first candidat
   already inside it), ``completion_tokens`` = ``candidatesTokenCount`` + ``thoughtsTokenCount``,
   ``cached_tokens`` = ``cachedContentTokenCount``, ``reasoning_tokens`` = ``thoughtsTokenCount``.
 
-Errors are ``openai_compatible``'s ``UpstreamError`` mapping, reading Google's
+Errors are the shared ``UpstreamError`` mapping (``llm.providers.http``), reading Google's
 ``{"error": {"code", "message", "status", "details"}}``; in addition Google's **400** for a wrong
 key (reason ``API_KEY_INVALID``) is an auth failure (502), and a 429's
 ``google.rpc.RetryInfo.retryDelay`` (or a ``Retry-After`` header) becomes ``retry_after``. A body
 that ends without a ``finishReason`` is ``upstream_disconnected``.
 
-Transport and parsing are ``openai_compatible``'s: its per-loop aiohttp session, ``readany``
-batches, httpx-sse's line and event decoders, one ``json.loads`` per event. CPU per chunk,
+Transport and parsing are every adapter's (``llm.providers.http.post_sse``): the per-loop aiohttp
+session, ``readany`` batches, httpx-sse's line and event decoders; here one ``json.loads`` per event. CPU per chunk,
 measured with ``python -m bench.adapter_cpu --kind gemini`` against ``manage.py llm_simulator``
 in another process (64-token replies, a token every 10 ms, uvloop; 2 runs each, alternating with
 ``--kind openai`` on the same simulator, a shared and busy 2-core machine, 2026-12-02):
@@ -55,15 +55,14 @@ own HTTP client, outside the shared pool.
 
 from __future__ import annotations
 
-import codecs
 import json
 import uuid
 from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
-from httpx_sse._decoders import SSEDecoder, SSELineDecoder
 
 from chatbackend.logging import redact
 
@@ -83,14 +82,12 @@ from .gemini_request import gemini_request_body
 # The adapters' shared transport (one aiohttp session per event loop) and error helpers.
 from .http import (
     MAX_ERROR_MESSAGE,
-    MAX_LINE_BYTES,
     SSE_REQUEST_HEADERS,
-    described,
+    SSEBodyDecoder,
     failure,
-    received_before_failure,
+    post_sse,
     retry_after_ms,
     retry_after_seconds,
-    session,
     where,
 )
 
@@ -160,82 +157,23 @@ class GeminiProvider(ChatProvider):
             headers.update(config.extra_headers)
         if config.api_key:
             headers["x-goog-api-key"] = config.api_key
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=config.connect_timeout,
-            sock_connect=config.connect_timeout,
-            sock_read=config.read_timeout,
-        )
         url = (
             f"{config.base_url.rstrip('/')}/v1beta/models/{quote(request.model, safe='')}:streamGenerateContent?alt=sse"
         )
-        responded = False
-        try:
-            async with session().post(
-                url, data=data, headers=headers, timeout=timeout, allow_redirects=False
-            ) as response:
-                responded = True
-                try:
-                    if response.status >= 300:
-                        raise await self._status_error(response)
-                    content_type = response.headers.get("Content-Type", "").partition(";")[0]
-                    if "text/event-stream" not in content_type:
-                        raise failure(
-                            "upstream_bad_response",
-                            self._safe(f"upstream did not stream: its Content-Type is {content_type!r}"),
-                        )
-                    decoder = _ResponseDecoder(self._safe)
-                    content = response.content
-                    while True:
-                        try:
-                            raw = await content.readany()
-                        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
-                            batch = decoder.decode(received_before_failure(content))
-                            if batch:
-                                yield batch
-                            if decoder.finished:
-                                return
-                            raise
-                        if not raw:
-                            break
-                        batch = decoder.decode(raw)
-                        if batch:
-                            yield batch
-                        if decoder.error is not None:
-                            raise decoder.error
-                    batch = decoder.flush()
-                    if batch:
-                        yield batch
-                    if decoder.error is not None:
-                        raise decoder.error
-                    if not decoder.finished:
-                        raise failure(
-                            "upstream_disconnected", "upstream ended the stream before the reply was finished"
-                        )
-                except BaseException:
-                    # Error, cancellation or aclose(): drop the connection so the upstream stops at once.
-                    response.close()
-                    raise
-        except UpstreamError:
-            raise
-        except TimeoutError as exc:
-            raise failure(
-                "upstream_timeout", self._safe(f"upstream {where(url)} timed out ({type(exc).__name__})"), status=504
-            ) from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise failure(
-                "upstream_unreachable", self._safe(f"upstream {where(url)} unreachable: {described(exc)}")
-            ) from exc
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            when = "mid-stream" if responded else "before responding"
-            detail = f"upstream {where(url)} closed the connection {when}: {described(exc)}"
-            raise failure("upstream_disconnected", self._safe(detail)) from exc
-        except aiohttp.ClientError as exc:
-            raise failure(
-                "upstream_error", self._safe(f"upstream {where(url)} request failed: {described(exc)}")
-            ) from exc
+        batches = post_sse(
+            config,
+            url,
+            data=data,
+            headers=headers,
+            decoder=_ResponseDecoder(self._safe),
+            safe=self._safe,
+            read_error=self._status_error,
+        )
+        async with aclosing(batches):
+            async for batch in batches:
+                yield batch
 
-    async def _status_error(self, response: aiohttp.ClientResponse) -> UpstreamError:
+    async def _status_error(self, response: aiohttp.ClientResponse, safe: Callable[[str], str]) -> UpstreamError:
         """Return the ``UpstreamError`` for a non-2xx response, quoting Google's error message."""
         status = response.status
         raw = (await response.read()).decode("utf-8", "replace")
@@ -245,7 +183,7 @@ class GeminiProvider(ChatProvider):
             message = str(error["message"] if isinstance(error, dict) else error)[:MAX_ERROR_MESSAGE]
         except (ValueError, TypeError, KeyError):
             pass
-        detail = self._safe(f"upstream {where(response.url)} answered {status}: {raw[:MAX_ERROR_MESSAGE]}")
+        detail = safe(f"upstream {where(response.url)} answered {status}: {raw[:MAX_ERROR_MESSAGE]}")
         retry_after = None
         if status in (401, 403) or (status == 400 and "API_KEY_INVALID" in raw):
             text, code = UPSTREAM_MESSAGES["upstream_auth_failed"], "upstream_auth_failed"
@@ -268,7 +206,7 @@ class GeminiProvider(ChatProvider):
             text, code = f"{UPSTREAM_MESSAGES['upstream_error']} (status {status})", "upstream_error"
             status_for_client = None
         return UpstreamError(
-            self._safe(text),
+            safe(text),
             upstream_status=status,
             code=code,
             status=status_for_client,
@@ -283,55 +221,31 @@ class GeminiProvider(ChatProvider):
         return redact(text)
 
 
-class _ResponseDecoder:
+class _ResponseDecoder(SSEBodyDecoder):
     """Turn the body of a ``streamGenerateContent?alt=sse`` response, in pieces as read, into chunk batches.
 
-    Bytes → text (incremental UTF-8) → lines (httpx-sse ``SSELineDecoder``) → events
-    (``SSEDecoder``) → one ``json.loads`` and ``_chunks`` per event. ``finished``: a
-    ``finishReason`` (or a blocked prompt) was seen; ``error``: the first failure (an error object,
-    a malformed event, a line unfinished past ``MAX_LINE_BYTES``), for the caller to raise after
-    passing on the chunks before it.
+    ``http.SSEBodyDecoder`` does the bytes, text and lines; this parses the events, one
+    ``GenerateContentResponse`` JSON each. Gemini has no end marker: ``finished`` (a
+    ``finishReason``, or a blocked prompt) ends the reply (``END_AT_FINISH``); ``error``: an error
+    object or a malformed event.
     """
 
-    __slots__ = ("_calls", "_events", "_lines", "_metadata", "_safe", "_text", "_unfinished", "error", "finished")
+    __slots__ = ("_calls", "_metadata")
+    END_AT_FINISH = True
 
     def __init__(self, safe: Callable[[str], str]) -> None:
-        self._safe = safe
-        self._text = codecs.getincrementaldecoder("utf-8")("replace")
-        self._lines = SSELineDecoder()
-        self._events = SSEDecoder()
-        self._unfinished = 0
+        super().__init__(safe)
         self._calls = 0  # functionCall parts so far: the next tool call's index
         self._metadata: dict[str, Any] | None = None  # the last usageMetadata received
-        self.finished = False
-        self.error: UpstreamError | None = None
 
-    def decode(self, raw: bytes) -> list[ChatChunk]:
-        """Return the chunks of the events that ``raw``, the next bytes of the body, completes."""
-        end = max(raw.rfind(b"\n"), raw.rfind(b"\r"))
-        self._unfinished = self._unfinished + len(raw) if end < 0 else len(raw) - end - 1
-        if self._unfinished > MAX_LINE_BYTES:
-            self.error = failure("upstream_bad_response", f"upstream sent a line longer than {MAX_LINE_BYTES} bytes")
-            return []
-        text = self._text.decode(raw)
-        return self._parse(self._lines.decode(text)) if text else []
-
-    def flush(self) -> list[ChatChunk]:
-        """Return the chunks of the events that the end of the body completes."""
-        if self.error is not None or self.finished:
-            return []
-        text = self._text.decode(b"", final=True)
-        lines = self._lines.decode(text) if text else []
-        return self._parse([*lines, *self._lines.flush()])
-
-    def _parse(self, lines: list[str]) -> list[ChatChunk]:
+    def _chunks(self, lines: list[str]) -> list[ChatChunk]:
         batch: list[ChatChunk] = []
         for line in lines:
             event = self._events.decode(line)
             if event is None or not event.data or self.finished:
                 continue
             try:
-                batch.extend(self._chunks(json.loads(event.data)))
+                batch.extend(self._payload_chunks(json.loads(event.data)))
             except UpstreamError as exc:
                 self.error = exc
                 break
@@ -342,7 +256,7 @@ class _ResponseDecoder:
                 break
         return batch
 
-    def _chunks(self, payload: dict[str, Any]) -> list[ChatChunk]:
+    def _payload_chunks(self, payload: dict[str, Any]) -> list[ChatChunk]:
         """Return the chunks of one ``GenerateContentResponse`` (none, one, or one plus the usage chunk)."""
         if "error" in payload:
             error = payload["error"]

@@ -18,7 +18,7 @@ import codecs
 import datetime as dt
 import json
 import weakref
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit, urlunsplit
 
@@ -174,6 +174,10 @@ class SSEBodyDecoder(abc.ABC):
 
     __slots__ = ("_events", "_lines", "_safe", "_text", "_unfinished", "done", "error", "finished")
 
+    # Whether the reply is whole once a finish reason is seen, for a format without an end marker
+    # (Gemini's): a connection that drops after it lost nothing.
+    END_AT_FINISH = False
+
     def __init__(self, safe: Callable[[str], str]) -> None:
         self._safe = safe
         self._text = codecs.getincrementaldecoder("utf-8")("replace")
@@ -218,6 +222,7 @@ async def post_sse(
     headers: dict[str, str],
     decoder: SSEBodyDecoder,
     safe: Callable[[str], str],
+    read_error: Callable[[aiohttp.ClientResponse, Callable[[str], str]], Awaitable[UpstreamError]] | None = None,
 ) -> AsyncGenerator[list[ChatChunk], None]:
     """POST ``data`` to ``url`` and yield ``decoder``'s chunk batches as the SSE body arrives.
 
@@ -230,7 +235,8 @@ async def post_sse(
     (``config.connect_timeout``: waiting for a pooled connection, DNS, TCP and TLS;
     ``config.read_timeout``: the longest silence, before the headers or between reads).
     Cancellation or ``aclose()`` closes the upstream connection at once. ``safe`` redacts the
-    provider's key from every message and detail.
+    provider's key from every message and detail. ``read_error``: how the provider's error
+    responses read (default ``status_error``, OpenAI's and Anthropic's shape).
     """
     timeout = aiohttp.ClientTimeout(
         total=None,
@@ -244,7 +250,7 @@ async def post_sse(
             responded = True
             try:
                 if response.status >= 300:
-                    raise await status_error(response, safe)
+                    raise await (read_error or status_error)(response, safe)
                 content_type = response.headers.get("Content-Type", "").partition(";")[0]
                 if "text/event-stream" not in content_type:
                     raise failure(
@@ -265,7 +271,7 @@ async def post_sse(
                         batch = decoder.decode(received_before_failure(content))
                         if batch:
                             yield batch
-                        if decoder.done:
+                        if decoder.done or (decoder.END_AT_FINISH and decoder.finished):
                             return
                         raise
                     if not raw:
