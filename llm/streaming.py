@@ -50,6 +50,7 @@ from typing import Any, Generic, TypeVar
 
 from asgiref.sync import async_to_sync
 from django.conf import settings
+from django.http import HttpResponseBase
 
 from accounts.metering import Admission, MeteringRequest, metering_admit
 from accounts.revocation import watch_credential
@@ -265,6 +266,12 @@ class Reply(Generic[P]):
         self._checkpointing: asyncio.Task[None] | None = None
         if self._checkpoints:
             start_heartbeat()  # the process proves it is alive while it streams (chatbackend.liveness)
+
+    def add_admission_headers(self, response: HttpResponseBase) -> None:
+        """Set what admission control asks every response to carry (OpenAI's ``x-ratelimit-*``) on ``response``."""
+        if self.admission is not None:
+            for name, value in self.admission.headers.items():
+                response[name] = value
 
     async def __aenter__(self) -> Reply[P]:
         return self

@@ -21,6 +21,7 @@ One round trip per admission
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import time
@@ -154,7 +155,7 @@ return 0
 """
 
 
-class RateLimitStore:
+class RateLimitStore(abc.ABC):
     """The counters and leases of one event loop. ``admit`` is the hot path; the rest runs once per reply."""
 
     def __init__(self) -> None:
@@ -167,6 +168,7 @@ class RateLimitStore:
         self.unreachable_until = 0.0
         self.unreachable_error: BaseException | None = None
 
+    @abc.abstractmethod
     async def admit(
         self, hits: Sequence[CounterHit], stream_keys: Sequence[str], stream_limits: Sequence[int], member: str
     ) -> Admitted:
@@ -175,16 +177,15 @@ class RateLimitStore:
 
         Never raises for the store's failures: they come back in ``Admitted.error``.
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def add(self, amounts: Sequence[tuple[str, int]], stream_keys: Sequence[str] = (), member: str = "") -> None:
         """Add each ``(key, amount)`` whatever the limit (negative: give back) and remove lease ``member``
         from ``stream_keys``. Raises the store's errors."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def streams_renew(self, held: dict[str, tuple[str, ...]]) -> None:
         """Extend the leases ``held`` (request id -> keys) by ``lease_seconds`` from now."""
-        raise NotImplementedError
 
     def hold(self, member: str, keys: tuple[str, ...]) -> None:
         """Renew ``member``'s leases while held (every third of a lease) until ``unhold``."""

@@ -92,9 +92,7 @@ async def messages_create(request: HttpRequest, principal: Principal) -> HttpRes
         response = ReplyStreamingResponse(reply, message_stream_frames(reply, keepalive=settings.SSE_KEEPALIVE_SECONDS))
     else:
         response = await _message_whole(reply)
-    if reply.admission is not None and reply.admission.headers:
-        for name, value in reply.admission.headers.items():
-            response[name] = value
+    reply.add_admission_headers(response)
     return response
 
 

@@ -87,9 +87,7 @@ async def chat_completions(request: HttpRequest, principal: Principal) -> HttpRe
         )
     else:
         response = await _chat_completion_whole(reply)
-    if reply.admission is not None and reply.admission.headers:
-        for name, value in reply.admission.headers.items():  # OpenAI's x-ratelimit-*
-            response[name] = value
+    reply.add_admission_headers(response)
     return response
 
 

@@ -83,9 +83,7 @@ async def responses_create(request: HttpRequest, principal: Principal) -> HttpRe
         response = ReplyStreamingResponse(reply, body)
     else:
         response = await _response_whole(reply, builder)
-    if reply.admission is not None and reply.admission.headers:
-        for name, value in reply.admission.headers.items():  # OpenAI's x-ratelimit-*
-            response[name] = value
+    reply.add_admission_headers(response)
     return response
 
 
