@@ -6,15 +6,17 @@ The streaming engine (``llm.streaming``) calls ``metering_admit`` with the plan'
 it ended. The usage record of the reply (``accounts.usage``) settles the budget reservation in the
 Celery task that writes it (``budgets.budget_settle_many``).
 
-Order: rate limits first (cheap, and a request over its rate must not hold budget), then the
-budget reservation; if the reservation is refused, the rate-limit lease is given back.
+Order: rate limits first (a request over its rate must not hold budget), then the budget
+reservation, in one script on the store (Redis): when the reservation is refused, the rate limits
+are given back in the same script.
 """
 
 from __future__ import annotations
 
 import logging
 
-from .budgets import BudgetReservation, budget_reserve
+from .budget_store import ReserveRequest, ReserveVerdict
+from .budgets import BudgetReservation, budget_plan, budget_reserve_with
 from .ratelimits import RateLease, rate_limit_acquire
 from .types import NO_LIMITS, MeteringRequest, MeteringSubject, RateLimits
 
@@ -53,25 +55,42 @@ class Admission:
 async def metering_admit(request: MeteringRequest) -> Admission:
     """Admit ``request`` against every rate limit and budget of its subjects; return what it holds.
 
+    One round trip to the store (Redis) for a request with limits or budgets: the rate limits and
+    the budget reservation run in one script, all or nothing (``ratelimit_store``); none for a
+    request with neither. A budget counter seen for the first time in its period is seeded from
+    the usage rows first (a query, then the script once more).
+
     Raises ``ApplicationError``: 429 ``rate_limit_exceeded`` (with ``Retry-After``) when a rate limit
     is reached, 429 ``insufficient_quota`` when a budget cannot cover the request's maximum cost,
     503 ``metering_unavailable`` when the shared store (Redis) cannot be reached. Nothing is held
     when it raises.
     """
-    lease = await rate_limit_acquire(
-        request_id=request.request_id, subjects=request.subjects, prompt_tokens=request.prompt_tokens
+    plan = await budget_plan(
+        request_id=request.request_id,
+        subjects=request.subjects,
+        max_cost=request.max_cost,
+        max_tokens=request.max_tokens,
     )
-    try:
-        reservation = await budget_reserve(
+    if plan is None:
+        lease = await rate_limit_acquire(
+            request_id=request.request_id, subjects=request.subjects, prompt_tokens=request.prompt_tokens
+        )
+        return Admission(lease, None)
+    leases: list[RateLease] = []
+
+    async def admit(reserve: ReserveRequest) -> ReserveVerdict:
+        lease = await rate_limit_acquire(
             request_id=request.request_id,
             subjects=request.subjects,
-            max_cost=request.max_cost,
-            max_tokens=request.max_tokens,
+            prompt_tokens=request.prompt_tokens,
+            budget=reserve,
         )
-    except BaseException:
-        await lease.release(completion_tokens=0)
-        raise
-    return Admission(lease, reservation)
+        leases.append(lease)
+        assert lease.budget is not None  # noqa: S101 - asked with a reservation, admitted by the rate limits
+        return lease.budget
+
+    reservation = await budget_reserve_with(plan, admit)  # the last lease holds what was taken
+    return Admission(leases[-1], reservation)
 
 
 __all__ = [

@@ -29,6 +29,7 @@ import asyncio
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal
 from typing import Any, Protocol
@@ -150,7 +151,7 @@ class BudgetStore(Protocol):
 # period start, period end.
 # Returns {1} reserved (or already was), {2, i...} counters i need a seed, {0, i, spent, reserved}
 # refused by units, {3, i, spent tokens, reserved tokens} refused by tokens.
-_RESERVE = """
+RESERVE_SCRIPT = """
 local n = #KEYS - 2
 if redis.call('EXISTS', KEYS[1]) == 1 then return {1} end
 local missing = {}
@@ -246,7 +247,8 @@ return {old[1] or '0', old[2] or '0', old[3] or '0', old[4] or '0', new[1], new[
 """
 
 
-def _verdict(result: list[Any]) -> ReserveVerdict:
+def reserve_verdict(result: list[Any]) -> ReserveVerdict:
+    """Return ``RESERVE_SCRIPT``'s answer as a ``ReserveVerdict``."""
     status = int(result[0])
     if status == 1:
         return ReserveVerdict(reserved=True)
@@ -255,7 +257,27 @@ def _verdict(result: list[Any]) -> ReserveVerdict:
     return ReserveVerdict(refused=int(result[1]) - 1, by_tokens=status == 3, spent=int(result[2]), held=int(result[3]))
 
 
-def _reserve_args(request_id: str, pid: str, expires_at: float, lines: list[ReserveLine]) -> list[Any]:
+@dataclass(frozen=True, slots=True)
+class ReserveRequest:
+    """One request's reservation on budgets: ``lines`` for ``request_id``, held by process ``pid`` until
+    ``expires_at`` (Unix seconds) at the latest. What ``BudgetStore.reserve`` takes, and what the rate
+    limits' store runs in its admission script (``ratelimit_store``) so that both cost one round trip."""
+
+    request_id: str
+    pid: str
+    expires_at: float
+    lines: tuple[ReserveLine, ...]
+
+    def redis_keys(self) -> list[str]:
+        """Return ``RESERVE_SCRIPT``'s KEYS: the reservation, the index, then each line's counter."""
+        return [reservation_key(self.request_id), INDEX_KEY, *(line.key for line in self.lines)]
+
+    def redis_args(self) -> list[Any]:
+        """Return ``RESERVE_SCRIPT``'s ARGV (see the script)."""
+        return _reserve_args(self.request_id, self.pid, self.expires_at, self.lines)
+
+
+def _reserve_args(request_id: str, pid: str, expires_at: float, lines: Sequence[ReserveLine]) -> list[Any]:
     args: list[Any] = [request_id, pid, repr(expires_at)]
     for line in lines:
         args += [
@@ -321,15 +343,15 @@ class RedisBudgetStore:
                 socket_connect_timeout=self._timeout,
             )
             client = redis.asyncio.Redis(connection_pool=pool)
-            script = self._async[loop] = client.register_script(_RESERVE)
+            script = self._async[loop] = client.register_script(RESERVE_SCRIPT)
         return script
 
     async def reserve(
         self, *, request_id: str, pid: str, expires_at: float, lines: list[ReserveLine]
     ) -> ReserveVerdict:
-        keys = [reservation_key(request_id), INDEX_KEY, *(line.key for line in lines)]
-        result = await self._async_script()(keys=keys, args=_reserve_args(request_id, pid, expires_at, lines))
-        return _verdict(result)
+        request = ReserveRequest(request_id, pid, expires_at, tuple(lines))
+        result = await self._async_script()(keys=request.redis_keys(), args=request.redis_args())
+        return reserve_verdict(result)
 
     def settle(self, settlements: list[Settlement]) -> int:
         if not settlements:
@@ -519,12 +541,14 @@ def budget_store_reset() -> None:
 __all__ = [
     "INDEX_KEY",
     "PREFIX",
+    "RESERVE_SCRIPT",
     "UNIT",
     "BudgetStore",
     "CounterState",
     "MemoryBudgetStore",
     "RedisBudgetStore",
     "ReserveLine",
+    "ReserveRequest",
     "ReserveVerdict",
     "Settlement",
     "budget_store",
@@ -532,5 +556,6 @@ __all__ = [
     "counter_key",
     "from_units",
     "reservation_key",
+    "reserve_verdict",
     "to_units",
 ]

@@ -44,7 +44,7 @@ import dataclasses
 import datetime as dt
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -61,6 +61,7 @@ from chatbackend.lookup_cache import LookupCache
 
 from .budget_store import (
     ReserveLine,
+    ReserveRequest,
     ReserveVerdict,
     Settlement,
     budget_store,
@@ -290,18 +291,35 @@ def _line(budget: BudgetSpec, period: BudgetPeriod, *, units: int, tokens: int, 
     )
 
 
-async def budget_reserve(
+@dataclass(slots=True)
+class BudgetPlan:
+    """A request's reservation before it is made: the enabled budgets of its subjects, their current
+    periods and what to reserve on each (``ReserveRequest``). Built by ``budget_plan``; made by
+    ``budget_reserve_with``."""
+
+    request: ReserveRequest
+    budgets: list[BudgetSpec]
+    periods: list[BudgetPeriod]
+    max_cost: Decimal
+    max_tokens: int
+
+    async def _seed(self, missing: Sequence[int]) -> None:
+        """Read the period's spend of the budgets at ``missing`` from the usage rows into their lines."""
+        seeds = await run_sync(_seeds, [(self.budgets[i], self.periods[i]) for i in missing])
+        lines = list(self.request.lines)
+        for index, (seed_units, seed_tokens) in zip(missing, seeds, strict=True):
+            lines[index] = dataclasses.replace(lines[index], seed_units=seed_units, seed_tokens=seed_tokens)
+        self.request = dataclasses.replace(self.request, lines=tuple(lines))
+
+
+async def budget_plan(
     *, request_id: str, subjects: Sequence[MeteringSubject], max_cost: Decimal, max_tokens: int
-) -> BudgetReservation | None:
-    """Reserve ``max_cost`` (US dollars) and ``max_tokens`` on every enabled budget of ``subjects``.
+) -> BudgetPlan | None:
+    """Return what reserving ``max_cost`` (US dollars) and ``max_tokens`` on every enabled budget of
+    ``subjects`` takes, or None when no budget applies (then nothing was read but the process cache).
 
-    Atomic across every process: all budgets are reserved, or none. ``max_tokens`` counts only on
-    budgets with a token limit. Returns None when no budget applies (no store call then).
-    Idempotent by ``request_id``.
-
-    Raises ``ApplicationError`` 429 ``insufficient_quota`` (type ``insufficient_quota``) when a budget
-    cannot cover the request — its message names the budget and when it resets — and 503
-    ``metering_unavailable`` when the store (Redis) or the usage rows (to seed a counter) cannot be read.
+    ``max_tokens`` counts only on budgets with a token limit. Raises ``ApplicationError`` 503
+    ``metering_unavailable`` when the budgets cannot be read.
     """
     try:
         budgets = await budgets_for(subjects)
@@ -315,30 +333,68 @@ async def budget_reserve(
     stamp = now.timestamp()
     periods = [budget_period(budget.period, now) for budget in budgets]
     units = to_units(max_cost, round_up=True)
-    lines = [_line(b, p, units=units, tokens=max_tokens, now=stamp) for b, p in zip(budgets, periods, strict=True)]
-    expires_at = stamp + settings.BUDGET_RESERVATION_TTL_SECONDS
-    store = budget_store()
+    lines = tuple(_line(b, p, units=units, tokens=max_tokens, now=stamp) for b, p in zip(budgets, periods, strict=True))
+    request = ReserveRequest(request_id, liveness.PROCESS_ID, stamp + settings.BUDGET_RESERVATION_TTL_SECONDS, lines)
+    return BudgetPlan(request, budgets, periods, max_cost, max_tokens)
+
+
+async def budget_reserve_with(
+    plan: BudgetPlan, reserve: Callable[[ReserveRequest], Awaitable[ReserveVerdict]]
+) -> BudgetReservation:
+    """Make ``plan``'s reservation with ``reserve`` (a store's, or the admission batch's); return it.
+
+    Atomic across every process: all budgets are reserved, or none. A counter missing in the store (a
+    new period, a restarted Redis) is seeded from the usage rows and the reservation tried again.
+    Idempotent by request id.
+
+    Raises ``ApplicationError`` 429 ``insufficient_quota`` (type ``insufficient_quota``) when a budget
+    cannot cover the request — its message names the budget and when it resets — and 503
+    ``metering_unavailable`` when the store (Redis) or the usage rows (to seed a counter) cannot be read.
+    ``reserve``'s own errors propagate but for the store's outages, which become that 503.
+    """
     try:
         for _ in range(_SEED_ATTEMPTS):
-            verdict = await store.reserve(
-                request_id=request_id, pid=liveness.PROCESS_ID, expires_at=expires_at, lines=lines
-            )
+            verdict = await reserve(plan.request)
             if not verdict.missing:
                 break
-            seeds = await run_sync(_seeds, [(budgets[i], periods[i]) for i in verdict.missing])
-            for index, (seed_units, seed_tokens) in zip(verdict.missing, seeds, strict=True):
-                lines[index] = dataclasses.replace(lines[index], seed_units=seed_units, seed_tokens=seed_tokens)
+            await plan._seed(verdict.missing)
         else:  # pragma: no cover - a counter dropped three times in a row while being seeded
             raise metering_unavailable()
     except _STORE_ERRORS:
         logger.warning("the budget store is unreachable: refusing a budgeted request", exc_info=True)
         raise metering_unavailable() from None
     if verdict.refused is not None:
-        budget, period = budgets[verdict.refused], periods[verdict.refused]
-        raise insufficient_quota(budget, period, verdict, max_cost=max_cost, max_tokens=max_tokens)
+        budget, period = plan.budgets[verdict.refused], plan.periods[verdict.refused]
+        raise insufficient_quota(budget, period, verdict, max_cost=plan.max_cost, max_tokens=plan.max_tokens)
     return BudgetReservation(
-        request_id=request_id, budget_ids=tuple(b.id for b in budgets), max_cost=max_cost, max_tokens=max_tokens
+        request_id=plan.request.request_id,
+        budget_ids=tuple(b.id for b in plan.budgets),
+        max_cost=plan.max_cost,
+        max_tokens=plan.max_tokens,
     )
+
+
+async def budget_reserve(
+    *, request_id: str, subjects: Sequence[MeteringSubject], max_cost: Decimal, max_tokens: int
+) -> BudgetReservation | None:
+    """Reserve ``max_cost`` (US dollars) and ``max_tokens`` on every enabled budget of ``subjects``, alone.
+
+    ``budget_plan`` then ``budget_reserve_with`` the budget store (one script call); returns None when
+    no budget applies (no store call then). The streaming engine reserves through
+    ``accounts.metering.metering_admit`` instead, in the same round trip as the rate limits. Raises
+    what those two raise.
+    """
+    plan = await budget_plan(request_id=request_id, subjects=subjects, max_cost=max_cost, max_tokens=max_tokens)
+    if plan is None:
+        return None
+    store = budget_store()
+
+    async def reserve(request: ReserveRequest) -> ReserveVerdict:
+        return await store.reserve(
+            request_id=request.request_id, pid=request.pid, expires_at=request.expires_at, lines=list(request.lines)
+        )
+
+    return await budget_reserve_with(plan, reserve)
 
 
 # --- Settlement -----------------------------------------------------------------------------------
@@ -543,6 +599,7 @@ def budget_usage(budget: Budget, *, now: dt.datetime | None = None) -> BudgetUsa
 __all__ = [
     "SUBJECT_USAGE_FIELDS",
     "BudgetPeriod",
+    "BudgetPlan",
     "BudgetReservation",
     "BudgetSpec",
     "BudgetUsage",
@@ -551,9 +608,11 @@ __all__ = [
     "budget_counter_key",
     "budget_counter_repair",
     "budget_period",
+    "budget_plan",
     "budget_reconcile",
     "budget_release_stale",
     "budget_reserve",
+    "budget_reserve_with",
     "budget_settle_many",
     "budget_usage",
     "budgets_for",

@@ -6,17 +6,22 @@ its Lua scripts and its key layout in Redis, its ``MemoryStorage`` in memory. Co
 are not a ``limits`` feature: a sorted set of leases per subject (member: the request id; score:
 when the lease expires, in Redis' own clock), taken for all subjects or none by one script of ours.
 
-One round trip per admission
+One round trip per admission, one per release
     ``limits`` has one call per counter and no batch API: a caller limited per key, user and model
-    on requests and tokens would pay six hits, six window reads for its headers and one lease
-    script, ~14 commands (measured: ~2 ms of CPU and 1.1–2.5 ms at p50 on a 2-core machine). The
-    Redis store instead sends all of them in one redis-py pipeline, running ``limits``' own scripts
-    by their SHA1 (``EVALSHA``) on ``limits``' own keys, each counter's window read right after its
-    hit, so the figures are what ``limits`` itself would compute. It reaches into ``limits``
-    (its Redis bridge's registered scripts and its window key names; pinned to 5.8.0 in
+    on requests and tokens would pay six hits, six window reads for its headers, one lease script
+    and the budget reservation, 14 commands. The Redis store instead runs one Lua script per
+    admission that calls ``limits``' own two scripts, unchanged (their text, taken from ``limits``'
+    package, becomes two local functions of ours), on ``limits``' own keys, each counter's window
+    read right after its hit, so the figures are what ``limits`` itself would compute; then the
+    stream leases, then the budget reservation (``budget_store.RESERVE_SCRIPT``, also a function
+    of it). Being one script, it is all or nothing without a second round trip: when any part
+    refuses, it gives back what the others took before it returns, and no other client sees the
+    difference. A reply's release (completion tokens, stream slots) is one more script. It reaches
+    into ``limits`` (its Redis bridge's script texts and its window key names; pinned in
     requirements.txt); ``test_limits_internals_used_by_the_store`` fails if an upgrade moves them.
-    Scripts are loaded once per store; a Redis that lost them (restarted) is answered ``NOSCRIPT``,
-    after which the store gives back what the batch took, loads them again and retries once.
+    redis-py sends the scripts by SHA1 (``EVALSHA``) and loads them again when a restarted Redis
+    answers ``NOSCRIPT`` (nothing ran then). Measured with ``python -m bench.admission``: see the
+    README of ``bench/``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ import redis.asyncio
 import redis.exceptions
 from django.conf import settings
 from limits.aio.storage import MemoryStorage, RedisStorage
+from limits.aio.storage.redis.bridge import RedisBridge
+
+from .budget_store import RESERVE_SCRIPT, ReserveRequest, ReserveVerdict, budget_store, reserve_verdict
 
 logger = logging.getLogger(__name__)
 
@@ -112,15 +120,25 @@ class CounterHit:
 
 @dataclass(frozen=True, slots=True)
 class Admitted:
-    """What one admission batch did: for each counter whether it was hit and its window just after
-    (``None`` when that command failed), and the lease script's answer (0: every stream lease
-    taken; a positive 1-based index: that subject's set was full and nothing was taken; ``None``:
-    no lease asked or its command failed). ``error``: the first failure, if any."""
+    """What one admission did: for each counter whether it was hit and its window just after the hit
+    (``None`` when the store failed), the stream leases' answer (0: every lease taken; a positive
+    1-based index: that subject's set was full; ``None``: no lease asked, or the store failed) and
+    the budget reservation's verdict (``None``: none asked, or not tried because a rate limit
+    refused). All or nothing: when anything refused, nothing stays taken. ``error``: the store's
+    failure, if any (then whether anything ran is unknown)."""
 
     hits: list[bool]
     windows: list[Window | None]
     streams: int | None
+    budget: ReserveVerdict | None = None
     error: BaseException | None = None
+
+    @property
+    def admitted(self) -> bool:
+        """Return True when every counter was hit, every lease taken and the budgets (if asked) reserved."""
+        return (
+            self.error is None and all(self.hits) and not self.streams and (self.budget is None or self.budget.reserved)
+        )
 
 
 # KEYS: one sorted set per subject. ARGV: member (request id), lease milliseconds, then each key's limit.
@@ -155,6 +173,90 @@ return 0
 """
 
 
+def _lua_function(name: str, script: bytes | str) -> str:
+    """Return ``script`` (which reads ``KEYS`` and ``ARGV``) as the Lua function ``name(KEYS, ARGV)``."""
+    body = script.decode() if isinstance(script, bytes) else script
+    return f"local function {name}(KEYS, ARGV)\n{body}\nend\n"
+
+
+def _library() -> str:
+    """Return the functions the admission and release scripts call: ``limits``' sliding-window scripts,
+    unchanged (its acquire, then its window read), our stream leases and the budget reservation."""
+    return (
+        _lua_function("sliding_acquire", RedisBridge.SCRIPT_ACQUIRE_SLIDING_WINDOW)
+        + _lua_function("sliding_window", RedisBridge.SCRIPT_SLIDING_WINDOW)
+        + _lua_function("streams_acquire", _STREAMS_ACQUIRE)
+        + _lua_function("budget_reserve", RESERVE_SCRIPT)
+    )
+
+
+# KEYS: the previous and current window keys of each counter (2n, as limits names them), each stream
+# set (m), then the budget reservation's keys (b). ARGV: n, m, b, lease member, lease ms, window
+# seconds, no-limit, then each counter's limit and amount, each stream set's limit, then the budget
+# reservation's ARGV. Returns {hits, windows, streams, budget}: hits[i] 1 when counter i was hit;
+# windows[i] limits' four window figures read right after that hit; streams 0 (every lease taken),
+# j (set j full) or -1 (none asked); budget the reservation script's answer, or {} when none was
+# asked or a rate limit refused first. All or nothing: when anything refused, what the others took
+# is given back before the script returns (no other command runs in between).
+_ADMIT = """
+local n, m, b = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local member, lease, expiry, nolimit = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local hits, windows, admitted = {}, {}, true
+for i = 1, n do
+  local keys = {KEYS[2 * i - 1], KEYS[2 * i]}
+  if sliding_acquire(keys, {ARGV[6 + 2 * i], expiry, ARGV[7 + 2 * i]}) then
+    hits[i] = 1
+  else
+    hits[i] = 0
+    admitted = false
+  end
+  windows[i] = sliding_window(keys, {expiry})
+end
+local streams = -1
+if m > 0 then
+  local skeys, sargs = {}, {member, lease}
+  for j = 1, m do
+    skeys[j] = KEYS[2 * n + j]
+    sargs[j + 2] = ARGV[7 + 2 * n + j]
+  end
+  streams = streams_acquire(skeys, sargs)
+  if streams ~= 0 then admitted = false end
+end
+local budget = {}
+if b > 0 and admitted then
+  local bkeys, bargs = {}, {}
+  for k = 1, b do bkeys[k] = KEYS[2 * n + m + k] end
+  for k = 8 + 2 * n + m, #ARGV do bargs[#bargs + 1] = ARGV[k] end
+  budget = budget_reserve(bkeys, bargs)
+  if budget[1] ~= 1 then admitted = false end
+end
+if not admitted then
+  for i = 1, n do
+    if hits[i] == 1 and ARGV[7 + 2 * i] ~= '0' then
+      sliding_acquire({KEYS[2 * i - 1], KEYS[2 * i]}, {nolimit, expiry, '-' .. ARGV[7 + 2 * i]})
+    end
+  end
+  if streams == 0 then
+    for j = 1, m do redis.call('ZREM', KEYS[2 * n + j], member) end
+  end
+end
+return {hits, windows, streams, budget}
+"""
+# KEYS: the two window keys of each counter (2n), then stream sets. ARGV: n, lease member, window
+# seconds, no-limit, then each counter's amount. Adds each amount whatever the limit (negative: a
+# give-back) and removes the lease from every stream set.
+_ADD = """
+local n, member, expiry, nolimit = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
+for i = 1, n do
+  if ARGV[4 + i] ~= '0' then
+    sliding_acquire({KEYS[2 * i - 1], KEYS[2 * i]}, {nolimit, expiry, ARGV[4 + i]})
+  end
+end
+for j = 2 * n + 1, #KEYS do redis.call('ZREM', KEYS[j], member) end
+return 0
+"""
+
+
 class RateLimitStore(abc.ABC):
     """The counters and leases of one event loop. ``admit`` is the hot path; the rest runs once per reply."""
 
@@ -170,10 +272,17 @@ class RateLimitStore(abc.ABC):
 
     @abc.abstractmethod
     async def admit(
-        self, hits: Sequence[CounterHit], stream_keys: Sequence[str], stream_limits: Sequence[int], member: str
+        self,
+        hits: Sequence[CounterHit],
+        stream_keys: Sequence[str],
+        stream_limits: Sequence[int],
+        member: str,
+        budget: ReserveRequest | None = None,
     ) -> Admitted:
         """Hit every counter of ``hits`` (each only if it fits), read each one's window right after its
-        hit, and take lease ``member`` in every set of ``stream_keys`` if each has room under its limit.
+        hit, take lease ``member`` in every set of ``stream_keys`` if each has room under its limit,
+        and then, if all of that succeeded, make the ``budget`` reservation. All or nothing: when any
+        part refuses, the others are undone before this returns.
 
         Never raises for the store's failures: they come back in ``Admitted.error``.
         """
@@ -248,92 +357,66 @@ class RedisRateLimitStore(RateLimitStore):
             # One pool for limits' scripts and ours (limits passes it to redis-py; its annotation is too narrow).
             connection_pool=self.client.connection_pool,  # type: ignore[arg-type]
         )
-        bridge = self.storage.bridge
-        # limits' own scripts (see the module docstring): KEYS previous, current window; ARGV limit,
-        # expiry seconds, amount -> 1 or nil; and KEYS the same, ARGV expiry -> the window's 4 figures.
-        self._acquire = bridge.lua_acquire_sliding_window  # type: ignore[attr-defined]
-        self._read = bridge.lua_sliding_window  # type: ignore[attr-defined]
-        self._streams = self.client.register_script(_STREAMS_ACQUIRE)
+        library = _library()
+        self._admit = self.client.register_script(library + _ADMIT)
+        self._add = self.client.register_script(library + _ADD)
         self._renew = self.client.register_script(_STREAMS_RENEW)
-        self._loaded = False
 
     def _keys(self, key: str) -> tuple[str, str]:
         """Return counter ``key``'s Redis keys as ``limits`` names them: previous and current window."""
         prefixed = self.storage.bridge.prefixed_key
         return prefixed(self.storage._previous_window_key(key)), prefixed(self.storage._current_window_key(key))
 
-    async def _load_scripts(self) -> None:
-        async with self.client.pipeline(transaction=False) as pipe:
-            for script in (self._acquire, self._read, self._streams):
-                pipe.script_load(script.script)
-            await pipe.execute()
-        self._loaded = True
-
     async def admit(
-        self, hits: Sequence[CounterHit], stream_keys: Sequence[str], stream_limits: Sequence[int], member: str
+        self,
+        hits: Sequence[CounterHit],
+        stream_keys: Sequence[str],
+        stream_limits: Sequence[int],
+        member: str,
+        budget: ReserveRequest | None = None,
     ) -> Admitted:
+        budget_keys = budget.redis_keys() if budget is not None else []
+        keys: list[str] = []
+        args: list[Any] = [
+            len(hits),
+            len(stream_keys),
+            len(budget_keys),
+            member,
+            int(self.lease_seconds * 1000),
+            WINDOW_SECONDS,
+            NO_LIMIT,
+        ]
+        for hit in hits:
+            keys += self._keys(hit.key)
+            args += (hit.limit, hit.amount)
+        keys += stream_keys
+        args += stream_limits
+        if budget is not None:
+            keys += budget_keys
+            args += budget.redis_args()
         try:
-            if not self._loaded:
-                await self._load_scripts()
-            admitted = await self._admit_once(hits, stream_keys, stream_limits, member)
-            if not isinstance(admitted.error, redis.exceptions.NoScriptError):
-                return admitted
-            # Redis lost the scripts (restarted, SCRIPT FLUSH): undo what ran, load them, try once more.
-            await self._undo(hits, admitted, stream_keys, member)
-            await self._load_scripts()
-            return await self._admit_once(hits, stream_keys, stream_limits, member)
+            # redis-py's Script: EVALSHA, and on NOSCRIPT (a restarted Redis) SCRIPT LOAD and once more;
+            # a NOSCRIPT answer means nothing ran.
+            hit_flags, windows, streams, reserved = await self._admit(keys=keys, args=args)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # unreachable: whether any command ran is unknown; leases are given back
-            return Admitted([False] * len(hits), [None] * len(hits), None, exc)
-
-    async def _admit_once(
-        self, hits: Sequence[CounterHit], stream_keys: Sequence[str], stream_limits: Sequence[int], member: str
-    ) -> Admitted:
-        expiry = WINDOW_SECONDS
-        async with self.client.pipeline(transaction=False) as pipe:
-            for hit in hits:
-                keys = self._keys(hit.key)
-                pipe.evalsha(self._acquire.sha, 2, *keys, hit.limit, expiry, hit.amount)
-                pipe.evalsha(self._read.sha, 2, *keys, expiry)
-            if stream_keys:
-                lease_ms = int(self.lease_seconds * 1000)
-                pipe.evalsha(self._streams.sha, len(stream_keys), *stream_keys, member, lease_ms, *stream_limits)
-            results = await pipe.execute(raise_on_error=False)
-        error = next((r for r in results if isinstance(r, BaseException)), None)
-        hit_results = results[0 : 2 * len(hits) : 2]
-        windows = [None if isinstance(r, BaseException) else _window(r) for r in results[1 : 2 * len(hits) : 2]]
-        streams = None
-        if stream_keys and not isinstance(results[-1], BaseException):
-            streams = int(results[-1])
-        hit_flags = [not isinstance(r, BaseException) and bool(r) for r in hit_results]
-        return Admitted(hit_flags, windows, streams, error)
-
-    async def _undo(
-        self, hits: Sequence[CounterHit], admitted: Admitted, stream_keys: Sequence[str], member: str
-    ) -> None:
-        amounts = [(hit.key, -hit.amount) for hit, taken in zip(hits, admitted.hits, strict=True) if taken]
-        taken_streams = stream_keys if admitted.streams == 0 else ()
-        if amounts or taken_streams:
-            await self.add(amounts, taken_streams, member)
+        except Exception as exc:  # unreachable: whether the script ran is unknown
+            return Admitted([False] * len(hits), [None] * len(hits), None, None, exc)
+        return Admitted(
+            [bool(flag) for flag in hit_flags],
+            [_window(window) for window in windows],
+            None if streams < 0 else int(streams),
+            reserve_verdict(reserved) if reserved else None,
+        )
 
     async def add(self, amounts: Sequence[tuple[str, int]], stream_keys: Sequence[str] = (), member: str = "") -> None:
-        results = await self._add_once(amounts, stream_keys, member)
-        if any(isinstance(r, redis.exceptions.NoScriptError) for r in results[: len(amounts)]):
-            # Redis lost the scripts: every add failed (they share one), the removals ran. Once more.
-            await self._load_scripts()
-            results = await self._add_once(amounts, (), member)
-        error = next((r for r in results if isinstance(r, BaseException)), None)
-        if error is not None:
-            raise error
-
-    async def _add_once(self, amounts: Sequence[tuple[str, int]], stream_keys: Sequence[str], member: str) -> list[Any]:
-        async with self.client.pipeline(transaction=False) as pipe:
-            for key, amount in amounts:
-                pipe.evalsha(self._acquire.sha, 2, *self._keys(key), NO_LIMIT, WINDOW_SECONDS, amount)
-            for stream_key in stream_keys:
-                pipe.zrem(stream_key, member)
-            return list(await pipe.execute(raise_on_error=False))
+        keys: list[str] = []
+        args: list[Any] = [len(amounts), member, WINDOW_SECONDS, NO_LIMIT]
+        for key, amount in amounts:
+            keys += self._keys(key)
+            args.append(amount)
+        keys += stream_keys
+        await self._add(keys=keys, args=args)
 
     async def streams_renew(self, held: dict[str, tuple[str, ...]]) -> None:
         keys = [key for stream_keys in held.values() for key in stream_keys]
@@ -355,7 +438,12 @@ class MemoryRateLimitStore(RateLimitStore):
         self.streams: dict[str, dict[str, float]] = {}
 
     async def admit(
-        self, hits: Sequence[CounterHit], stream_keys: Sequence[str], stream_limits: Sequence[int], member: str
+        self,
+        hits: Sequence[CounterHit],
+        stream_keys: Sequence[str],
+        stream_limits: Sequence[int],
+        member: str,
+        budget: ReserveRequest | None = None,
     ) -> Admitted:
         flags: list[bool] = []
         windows: list[Window | None] = []
@@ -365,7 +453,20 @@ class MemoryRateLimitStore(RateLimitStore):
             )
             windows.append(Window(*await self.storage.get_sliding_window(hit.key, WINDOW_SECONDS)))
         streams = self._streams_acquire(stream_keys, stream_limits, member) if stream_keys else None
-        return Admitted(flags, windows, streams)
+        verdict = None
+        admitted = all(flags) and not streams
+        try:
+            if budget is not None and admitted:
+                # The in-process budget store (the embedded defaults have no Redis for either).
+                verdict = await budget_store().reserve(
+                    request_id=budget.request_id, pid=budget.pid, expires_at=budget.expires_at, lines=list(budget.lines)
+                )
+                admitted = verdict.reserved
+        finally:
+            if not admitted:
+                taken = [(hit.key, -hit.amount) for hit, flag in zip(hits, flags, strict=True) if flag and hit.amount]
+                await self.add(taken, stream_keys if streams == 0 else (), member)
+        return Admitted(flags, windows, streams, verdict)
 
     def _streams_acquire(self, keys: Sequence[str], limits: Sequence[int], member: str) -> int:
         now = time.monotonic()

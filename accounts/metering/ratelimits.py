@@ -25,13 +25,12 @@ Requests and tokens per minute
     enough.
 
 All or nothing
-    The counters of every subject are hit in one batch (``ratelimit_store``: one pipeline, one
-    round trip), each hit only if it fits. If any refuses, what the others took is given back (the
-    same script, with a negative amount) before the 429 is raised: a request refused for its API
-    key's limit does not eat its user's or its model's. Between the hit and the give-back (one
-    round trip) another request may see the counter higher than it ends up, and be refused too:
-    conservative, never over the limit. A request whose tokens alone exceed a tokens-per-minute
-    limit can never be admitted: 429 with OpenAI's "Request too large" message and no ``Retry-After``.
+    Every subject's counters, its stream leases and the request's budget reservation are taken in
+    one script on the store (``ratelimit_store``: one round trip), each counter hit only if it fits.
+    If any refuses, the script gives back what the others took before it returns: a request refused
+    for its API key's limit does not eat its user's or its model's, nor hold budget. A request
+    whose tokens alone exceed a tokens-per-minute limit can never be admitted: 429 with OpenAI's
+    "Request too large" message and no ``Retry-After``.
 
 Concurrent streams
     Not a ``limits`` feature: a sorted set per subject of leases (member: the request id; score:
@@ -43,14 +42,9 @@ Concurrent streams
     expiry.
 
 Cost
-    A request whose subjects have no limits costs no I/O. One with limits costs one round trip to
-    Redis at admission (every counter's hit and window read, and the stream leases, in one
-    pipeline: ``ratelimit_store``) and one at release. Measured (2-core machine shared with other
-    work, local Redis, redis-py with hiredis, 1,000 admissions with all three limits on key, user
-    and model, i.e. 13 commands): ``rate_limit_acquire`` 0.76 ms p50 and 0.57 ms of CPU, against
-    1.8 ms p50 and 1.5 ms of CPU when each counter was its own round trip (two per counter: hit,
-    then window read), same sitting; without hiredis, 1.1 ms / 0.87 ms against 2.4 ms / 1.9 ms.
-    In memory: 0.02 to 0.13 ms.
+    A request whose subjects have no limits (and no budget) costs no I/O. One with limits costs one
+    round trip to Redis at admission and one at release (``ratelimit_store``); measure it with
+    ``python -m bench.admission``. In memory: no I/O.
 
 Redis unreachable
     503 ``metering_unavailable`` (fail closed), unless ``RATE_LIMIT_FAIL_OPEN`` lets requests
@@ -73,6 +67,8 @@ from django.conf import settings
 
 from chatbackend.errors import ApplicationError
 
+from .budget_store import ReserveRequest, ReserveVerdict
+from .budgets import metering_unavailable
 from .ratelimit_store import (
     KEY_PREFIX,
     UNREACHABLE_ERRORS,
@@ -152,11 +148,13 @@ class RateLease:
 
     ``headers``: OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` for the
     subject with the least remaining of each (``reset``: time until that subject's window holds
-    nothing, Go's duration format); empty when no subject limits requests or tokens.
+    nothing, Go's duration format); empty when no subject limits requests or tokens. ``budget``: the
+    verdict of the budget reservation asked with the admission, or None.
     """
 
     headers: dict[str, str] = field(default_factory=dict)
     request_id: str = ""
+    budget: ReserveVerdict | None = None
     _store: RateLimitStore | None = None
     _token_counters: tuple[_Counter, ...] = ()
     _stream_keys: tuple[str, ...] = ()
@@ -189,12 +187,20 @@ class RateLease:
             logger.warning("rate-limit release of %s failed: %s", self.request_id, exc, exc_info=exc)
 
 
-def _unavailable(store: RateLimitStore, exc: BaseException, *, known: bool = False) -> RateLease:
-    """Fail closed (503) or, with ``RATE_LIMIT_FAIL_OPEN``, admit unlimited.
+def _unavailable(store: RateLimitStore, exc: BaseException, *, known: bool = False, budget: bool = False) -> RateLease:
+    """Fail closed (503) or, with ``RATE_LIMIT_FAIL_OPEN`` and no ``budget`` asked, admit unlimited.
 
     ``known``: the store was already found unreachable less than ``UNREACHABLE_RETRY_SECONDS``
     ago (not logged again); otherwise admissions fail at once for that long, and it is logged.
     """
+    if budget:  # budgets always fail closed
+        if not known:
+            store.unreachable_until = time.monotonic() + UNREACHABLE_RETRY_SECONDS
+            store.unreachable_error = exc
+            logger.warning(
+                "the metering store is unreachable: refusing a budgeted request: %s: %s", type(exc).__name__, exc
+            )
+        raise metering_unavailable() from exc
     if not known:
         store.unreachable_until = time.monotonic() + UNREACHABLE_RETRY_SECONDS
         store.unreachable_error = exc
@@ -262,19 +268,28 @@ def _streams_refusal(subject: MeteringSubject, headers: dict[str, str]) -> tuple
     return wait, error
 
 
-async def rate_limit_acquire(*, request_id: str, subjects: Sequence[MeteringSubject], prompt_tokens: int) -> RateLease:
+async def rate_limit_acquire(
+    *,
+    request_id: str,
+    subjects: Sequence[MeteringSubject],
+    prompt_tokens: int,
+    budget: ReserveRequest | None = None,
+) -> RateLease:
     """Admit a request against the rate limits of every subject in ``subjects``; return its lease.
 
     ``request_id``: the reply's id (names its concurrent-stream lease). ``prompt_tokens``: counted
     against each tokens-per-minute limit now (the completion's are added by ``RateLease.release``).
     Every subject with limits must allow the request; when one refuses, nothing stays taken on the
-    others. Subjects without limits cost no I/O; the others one round trip to the store (two when
-    refused: the give-back).
+    others. ``budget``: a budget reservation to make in the same call once the rate limits allow the
+    request (``accounts.metering.budgets``); its verdict is the lease's ``budget``, and a lease whose
+    reservation was not made holds nothing. Subjects without limits and no ``budget`` cost no I/O;
+    otherwise one round trip to the store.
 
     Raises ``ApplicationError`` 429 ``rate_limit_exceeded`` (``type`` "requests" or "tokens", as
     OpenAI's; a message naming the subject and the limit; ``headers``: ``Retry-After`` in whole
     seconds, none when the prompt alone exceeds a tokens limit, and ``x-ratelimit-*``), or 503
-    ``metering_unavailable`` when the store is unreachable and ``RATE_LIMIT_FAIL_OPEN`` is off.
+    ``metering_unavailable`` when the store is unreachable and ``RATE_LIMIT_FAIL_OPEN`` is off (or a
+    ``budget`` was asked: budgets always fail closed).
     """
     counters: list[_Counter] = []
     streams: list[MeteringSubject] = []
@@ -286,7 +301,7 @@ async def rate_limit_acquire(*, request_id: str, subjects: Sequence[MeteringSubj
             counters.append(_Counter(subject, "tokens", limits.tokens_per_minute, max(0, prompt_tokens)))
         if limits.concurrent_streams is not None:
             streams.append(subject)
-    if not counters and not streams:
+    if not counters and not streams and budget is None:
         return RateLease(request_id=request_id)
 
     for counter in counters:
@@ -301,33 +316,29 @@ async def rate_limit_acquire(*, request_id: str, subjects: Sequence[MeteringSubj
 
     store = rate_limit_store()
     if store.unreachable_error is not None and time.monotonic() < store.unreachable_until:
-        return _unavailable(store, store.unreachable_error, known=True)
+        return _unavailable(store, store.unreachable_error, known=True, budget=budget is not None)
     stream_keys = [_streams_key(subject) for subject in streams]
     stream_limits = [subject.limits.concurrent_streams or 0 for subject in streams]
     hits = [CounterHit(c.key, c.limit, c.cost) for c in counters]
     try:
-        admitted = await store.admit(hits, stream_keys, stream_limits, request_id)
+        admitted = await store.admit(hits, stream_keys, stream_limits, request_id, budget)
     except asyncio.CancelledError:
         # The client went away mid-admission: its stream leases must not lock the subject out until
         # they expire (releasing a lease never taken is a no-op). Counters hit stay counted.
-        await asyncio.shield(_give_back(store, (), stream_keys, request_id))
+        await asyncio.shield(_drop_leases(store, stream_keys, request_id))
         raise
 
-    refused_streams = admitted.streams is not None and admitted.streams > 0
-    # Give back what was taken: everything when the batch failed or was refused. The leases when the
-    # script refused took nothing; when it failed it may have run.
-    taken_streams = [] if refused_streams else stream_keys
-    taken = [c for c, hit in zip(counters, admitted.hits, strict=True) if hit]
     if admitted.error is not None:
-        await asyncio.shield(_give_back(store, taken, taken_streams, request_id))
+        # Whether the store ran the admission is unknown: give back the leases it may have taken.
+        await asyncio.shield(_drop_leases(store, stream_keys, request_id))
         if not isinstance(admitted.error, UNREACHABLE_ERRORS):
             raise admitted.error
-        return _unavailable(store, admitted.error)
+        return _unavailable(store, admitted.error, budget=budget is not None)
 
     windows = [w for w in admitted.windows if w is not None]
-    if refused_streams or len(taken) < len(counters):
-        await asyncio.shield(_give_back(store, taken, taken_streams, request_id))
-        # The windows as they are once the give-back is done.
+    refused_streams = admitted.streams is not None and admitted.streams > 0
+    if refused_streams or not all(admitted.hits):
+        # The store gave back what the others took: the windows as they are now.
         windows = [
             window.without(counter.cost) if hit else window
             for counter, window, hit in zip(counters, windows, admitted.hits, strict=True)
@@ -343,25 +354,25 @@ async def rate_limit_acquire(*, request_id: str, subjects: Sequence[MeteringSubj
         # The longest wait is when every refusing limit allows the request again.
         raise max(errors, key=lambda e: e[0])[1]
 
+    if not admitted.admitted:  # the budgets refused or need a seed: nothing is held
+        return RateLease(request_id=request_id, budget=admitted.budget)
     if stream_keys:
         store.hold(request_id, tuple(stream_keys))
     return RateLease(
         headers=_headers(counters, windows),
         request_id=request_id,
+        budget=admitted.budget,
         _store=store,
         _token_counters=tuple(c for c in counters if c.dimension == "tokens"),
         _stream_keys=tuple(stream_keys),
     )
 
 
-async def _give_back(
-    store: RateLimitStore, counters: Sequence[_Counter], stream_keys: Sequence[str], request_id: str
-) -> None:
-    """Undo what a refused admission took: the counters it hit and the stream leases it got."""
-    amounts = [(counter.key, -counter.cost) for counter in counters if counter.cost]
-    if not amounts and not stream_keys:
+async def _drop_leases(store: RateLimitStore, stream_keys: Sequence[str], request_id: str) -> None:
+    """Remove the stream leases an admission may have taken, when whether it ran is unknown."""
+    if not stream_keys:
         return
     try:
-        await store.add(amounts, stream_keys, request_id)
+        await store.add((), stream_keys, request_id)
     except Exception as exc:
-        logger.warning("rate-limit give-back of %s failed: %s", request_id, exc)
+        logger.warning("dropping the stream leases of %s failed: %s", request_id, exc)

@@ -19,6 +19,7 @@ import pytest
 import redis
 from django.utils import timezone
 
+from accounts.metering import MeteringRequest, RateLimits, metering_admit
 from accounts.metering import budget_store as store_module
 from accounts.metering.budget_store import (
     INDEX_KEY,
@@ -27,6 +28,7 @@ from accounts.metering.budget_store import (
     budget_store,
     budget_store_reset,
     reservation_key,
+    to_units,
 )
 from accounts.metering.budgets import (
     budget_cache,
@@ -37,6 +39,8 @@ from accounts.metering.budgets import (
     budget_settle_many,
     budget_usage,
 )
+from accounts.metering.ratelimits import KEY_PREFIX as RATE_KEY_PREFIX
+from accounts.metering.ratelimits import rate_limit_acquire, rate_limit_close
 from accounts.metering.types import MeteringSubject
 from accounts.models import Budget, UsageRecord
 from accounts.usage import UsageEvent
@@ -375,3 +379,92 @@ def test_memory_store_is_the_embedded_default(settings: Any) -> None:
 
 def test_keys_share_one_hash_tag() -> None:
     assert reservation_key("x").startswith("{budget}:") and INDEX_KEY.startswith("{budget}:")
+
+
+# --- Rate limits and budgets in one admission (accounts.metering.metering_admit) -------------------
+
+
+def rate_keys_clear(url: str, subject_id: int) -> None:
+    """Delete the rate-limit counters and stream sets of user ``subject_id`` from the Redis at ``url``."""
+    if url:
+        with redis.Redis.from_url(url) as client:
+            keys = list(client.scan_iter(match=f"{RATE_KEY_PREFIX}*:user:{subject_id}*"))
+            if keys:
+                client.delete(*keys)
+
+
+def metered(user: Any, *, request_id: str, max_completion_tokens: int, limits: RateLimits) -> MeteringRequest:
+    """A request of 10 prompt tokens at $1 / $1,000 per million tokens: up to $0.001 per completion token."""
+    return MeteringRequest(
+        request_id=request_id,
+        subjects=(MeteringSubject(kind="user", id=user.id, limits=limits),),
+        prompt_tokens=10,
+        max_completion_tokens=max_completion_tokens,
+        input_price_per_million=Decimal(1),
+        output_price_per_million=Decimal(1000),
+    )
+
+
+async def test_a_budget_refusal_gives_back_the_rate_limits_in_the_same_admission(
+    store: str, user: Any, settings: Any
+) -> None:
+    """All or nothing across both: a request its budget refuses keeps no request, token or stream slot."""
+    rate_keys_clear(settings.REDIS_URL, user.id)
+    await Budget.objects.acreate(name="cap", subject_kind="user", subject_id=user.id, limit_usd=Decimal("0.015"))
+    limits = RateLimits(requests_per_minute=5, tokens_per_minute=1000, concurrent_streams=2)
+    try:
+        first = await metering_admit(metered(user, request_id="m1", max_completion_tokens=10, limits=limits))
+        assert first.reservation is not None
+        assert first.headers["x-ratelimit-remaining-requests"] == "4"
+        with pytest.raises(ApplicationError) as refused:  # $0.01 held + $0.01 asked > $0.015
+            await metering_admit(metered(user, request_id="m2", max_completion_tokens=10, limits=limits))
+        assert (refused.value.status, refused.value.code) == (429, "insufficient_quota")
+        # Had the refused request kept its slots, this one would see 3 requests and 980 tokens left,
+        # and the stream limit (2) would refuse it while the first still streams.
+        third = await metering_admit(metered(user, request_id="m3", max_completion_tokens=1, limits=limits))
+        assert third.headers["x-ratelimit-remaining-requests"] == "3"
+        assert third.headers["x-ratelimit-remaining-tokens"] == "980"
+        await first.release(completion_tokens=4)
+        await third.release(completion_tokens=1)
+    finally:
+        await rate_limit_close()
+        rate_keys_clear(settings.REDIS_URL, user.id)
+
+
+async def test_a_rate_limit_refusal_reserves_nothing_on_the_budget(store: str, user: Any, settings: Any) -> None:
+    rate_keys_clear(settings.REDIS_URL, user.id)
+    budget = await Budget.objects.acreate(name="cap", subject_kind="user", subject_id=user.id, limit_usd=Decimal(5))
+    limits = RateLimits(requests_per_minute=1)
+    try:
+        admitted = await metering_admit(metered(user, request_id="m1", max_completion_tokens=10, limits=limits))
+        with pytest.raises(ApplicationError) as refused:
+            await metering_admit(metered(user, request_id="m2", max_completion_tokens=10, limits=limits))
+        assert (refused.value.status, refused.value.code) == (429, "rate_limit_exceeded")
+        state = counter(budget)
+        assert state.reserved == to_units(Decimal("0.01001"), round_up=True)  # the first request's only
+        assert state.holders == ("m1",)
+        await admitted.release(completion_tokens=0)
+    finally:
+        await rate_limit_close()
+        rate_keys_clear(settings.REDIS_URL, user.id)
+
+
+async def test_budgets_fail_closed_when_rate_limits_fail_open(user: Any, settings: Any) -> None:
+    """``RATE_LIMIT_FAIL_OPEN`` lets rate-limited requests through an outage, never budgeted ones."""
+    await Budget.objects.acreate(name="b", subject_kind="user", subject_id=user.id, limit_usd=Decimal(5))
+    settings.REDIS_URL = f"redis://127.0.0.1:{closed_port()}/0"
+    settings.RATE_LIMIT_FAIL_OPEN = True
+    budget_store_reset()
+    budget_cache.clear()
+    limits = RateLimits(requests_per_minute=5)
+    try:
+        for request_id in ("m1", "m2"):  # the second is refused without trying the store again
+            with pytest.raises(ApplicationError) as refused:
+                await metering_admit(metered(user, request_id=request_id, max_completion_tokens=10, limits=limits))
+            assert (refused.value.status, refused.value.code) == (503, "metering_unavailable")
+        other = MeteringSubject(kind="api_key", id=user.id, limits=limits)  # no budget: admitted, unlimited
+        open_lease = await rate_limit_acquire(request_id="m3", subjects=(other,), prompt_tokens=1)
+        assert open_lease.headers == {}
+    finally:
+        await rate_limit_close()
+        budget_store_reset()
