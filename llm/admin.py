@@ -1,4 +1,4 @@
-"""Django admin where operators configure providers (upstream APIs) and the models users pick.
+"""Django admin where operators configure providers (upstream APIs), the models users pick and their aliases.
 
 A provider's ``api_key`` is write-only here: the form never renders it, and leaving the field
 blank on edit keeps the stored key.
@@ -11,7 +11,7 @@ from typing import Any
 from django import forms
 from django.contrib import admin
 
-from .models import LLMModel, Provider
+from .models import LLMModel, ModelAlias, Provider
 
 
 class ProviderAdminForm(forms.ModelForm):
@@ -90,3 +90,16 @@ class LLMModelAdmin(admin.ModelAdmin):
     list_select_related = ("provider",)
     search_fields = ("name", "upstream_model")
     autocomplete_fields = ("provider",)
+
+
+@admin.register(ModelAlias)
+class ModelAliasAdmin(admin.ModelAdmin):
+    """Aliases: other names for models. A name already a model's is refused on the form (``ModelAlias.clean``)."""
+
+    list_display = ("name", "model", "enabled", "updated_at")
+    list_editable = ("enabled",)
+    list_filter = ("enabled",)
+    list_select_related = ("model",)
+    search_fields = ("name", "model__name")
+    autocomplete_fields = ("model",)
+    fields = ("name", "model", "enabled")
