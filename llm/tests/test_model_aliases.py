@@ -165,6 +165,7 @@ async def test_sdks_send_an_alias_and_get_the_target_models_reply(api_key_secret
         completion = await sdk.chat.completions.create(model="gpt-4o-mini", messages=messages)
         stream = await sdk.chat.completions.create(model="gpt-4o-mini", messages=messages, stream=True)
         chunks = [chunk async for chunk in stream]
+        response = await sdk.responses.create(model="gpt-4o-mini", input="Give this chat a title", store=False)
     async with anthropic.AsyncAnthropic(base_url=asgi_server, api_key=api_key_secret, max_retries=0) as claude:
         message = await claude.messages.create(model="gpt-4o-mini", max_tokens=50, messages=messages)
 
@@ -177,8 +178,9 @@ async def test_sdks_send_an_alias_and_get_the_target_models_reply(api_key_secret
     assert completion.model == "sim-model"
     assert {chunk.model for chunk in chunks} == {"sim-model"}
     assert message.model == "sim-model" and message.content[0].text == expected
+    assert (response.model, response.output_text) == ("sim-model", expected)
     records = await usage_records()
-    assert len(records) == 3
+    assert len(records) == 4
     assert {(record.model_id, record.model_name) for record in records} == {(sim_model.pk, "sim-model")}
 
 
