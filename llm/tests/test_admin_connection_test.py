@@ -106,3 +106,16 @@ def test_the_action_is_for_staff_only(client, provider):
     response = client.post("/admin/llm/provider/", {"action": "test_connection", "_selected_action": [provider.pk]})
 
     assert response.status_code == 302 and "/admin/login/" in response["Location"]
+
+
+def test_an_upstream_that_hangs_is_reported_after_its_read_timeout(admin_site, sleepy_simulator):
+    provider = ProviderFactory(name="sleepy", base_url=sleepy_simulator.base_url, api_key="", read_timeout=0.5)
+    LLMModelFactory(name="sleepy-model", provider=provider, upstream_model="sim-1")
+
+    reported, _page = run_action(admin_site, "/admin/llm/provider/", "test_connection", provider.pk)
+
+    [(level, text)] = reported
+    assert level == "error"
+    assert "The model provider did not answer in time." in text, text
+    latency_ms = int(re.search(r"failed after (\d+) ms", text).group(1))
+    assert 500 <= latency_ms < 5000  # the provider's read timeout, not the simulator's 5 s
