@@ -1,7 +1,8 @@
-"""Django admin where operators configure providers (upstream APIs) and the models users pick.
+"""Django admin where operators configure providers (upstream APIs), the models users pick and their aliases.
 
 A provider's ``api_key`` is write-only here: the form never renders it, and leaving the field
-blank on edit keeps the stored key.
+blank on edit keeps the stored key. The action "Test connection" (on providers and on models)
+makes a one-token call and reports its latency or the upstream's error, never the key.
 """
 
 from __future__ import annotations
@@ -9,9 +10,26 @@ from __future__ import annotations
 from typing import Any
 
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
 
-from .models import LLMModel, Provider
+from .models import LLMModel, ModelAlias, Provider
+from .services import llm_model_connection_test
+
+
+def _report_connection_test(modeladmin: admin.ModelAdmin, request: HttpRequest, model: LLMModel, label: str) -> None:
+    """Test ``model``'s connection and report it on the next page as a Django message about ``label``."""
+    result = llm_model_connection_test(model=model)
+    target = f"{label} (model {model.upstream_model!r})"
+    if result.ok:
+        modeladmin.message_user(
+            request, f"{target}: connected, one-token reply in {result.latency_ms:.0f} ms.", messages.SUCCESS
+        )
+    else:
+        modeladmin.message_user(
+            request, f"{target}: failed after {result.latency_ms:.0f} ms: {result.error}", messages.ERROR
+        )
 
 
 class ProviderAdminForm(forms.ModelForm):
@@ -66,9 +84,25 @@ class ProviderAdmin(admin.ModelAdmin):
     list_filter = ("kind", "enabled")
     search_fields = ("name", "base_url")
 
+    actions = ("test_connection",)
+
     @admin.display(boolean=True, description="API key set")
     def has_api_key(self, obj: Provider) -> bool:
         return bool(obj.api_key)
+
+    @admin.action(description="Test connection (a one-token call to one of its models)")
+    def test_connection(self, request: HttpRequest, queryset: QuerySet[Provider]) -> None:
+        """Make a one-token call through each selected provider, to its first model (enabled ones first)."""
+        for provider in queryset:
+            model = provider.models.select_related("provider").order_by("-enabled", "name").first()
+            if model is None:
+                self.message_user(
+                    request,
+                    f"Provider {provider.name!r}: no model to test with; add a model (its upstream model id) first.",
+                    messages.WARNING,
+                )
+                continue
+            _report_connection_test(self, request, model, f"Provider {provider.name!r}")
 
 
 @admin.register(LLMModel)
@@ -90,3 +124,23 @@ class LLMModelAdmin(admin.ModelAdmin):
     list_select_related = ("provider",)
     search_fields = ("name", "upstream_model")
     autocomplete_fields = ("provider",)
+    actions = ("test_connection",)
+
+    @admin.action(description="Test connection (a one-token call to the upstream model)")
+    def test_connection(self, request: HttpRequest, queryset: QuerySet[LLMModel]) -> None:
+        """Make a one-token call to each selected model's upstream model through its provider."""
+        for model in queryset.select_related("provider"):
+            _report_connection_test(self, request, model, f"Model {model.name!r}")
+
+
+@admin.register(ModelAlias)
+class ModelAliasAdmin(admin.ModelAdmin):
+    """Aliases: other names for models. A name already a model's is refused on the form (``ModelAlias.clean``)."""
+
+    list_display = ("name", "model", "enabled", "updated_at")
+    list_editable = ("enabled",)
+    list_filter = ("enabled",)
+    list_select_related = ("model",)
+    search_fields = ("name", "model__name")
+    autocomplete_fields = ("model",)
+    fields = ("name", "model", "enabled")

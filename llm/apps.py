@@ -7,12 +7,13 @@ class LlmConfig(AppConfig):
 
     def ready(self) -> None:
         # Bad provider configuration stops start-up (ImproperlyConfigured), not the first request.
-        from .models import LLMModel, Provider
+        from .models import LLMModel, ModelAlias, Provider
         from .providers import load_provider_backends
         from .selectors import enabled_model_cache
 
         load_provider_backends(required_kinds=Provider.Kind.values)
-        # Every process drops its cached models when a model or a provider changes: disabled,
-        # repriced, pointed elsewhere, its key rotated.
+        # Every process drops its cached models when a model, a provider or an alias changes:
+        # disabled, repriced, pointed elsewhere, its key rotated, an alias re-targeted.
         enabled_model_cache.invalidate_on(LLMModel)
         enabled_model_cache.invalidate_on(Provider)
+        enabled_model_cache.invalidate_on(ModelAlias)

@@ -217,3 +217,55 @@ class LLMModel(RateLimited):
     def clean(self) -> None:
         if not isinstance(self.default_parameters, dict):
             raise ValidationError({"default_parameters": "Must be a JSON object of OpenAI request fields."})
+        if self.name:
+            validate_model_name_not_alias(name=self.name)
+
+
+# --- Model aliases --------------------------------------------------------------------------------
+
+
+def validate_model_name_not_alias(*, name: str) -> None:
+    """Raise ``ValidationError`` on ``name`` when a ``ModelAlias`` already has that name.
+
+    A request names a model by one string, so models and aliases share one namespace
+    (``ModelAlias``); ``LLMModel.clean`` calls this, ``ModelAlias.clean`` checks the other way.
+    """
+    if ModelAlias.objects.filter(name=name).exists():
+        raise ValidationError({"name": f"'{name}' is already the name of a model alias; rename or delete it first."})
+
+
+class ModelAlias(models.Model):
+    """Another name clients may send for a model: ``name`` resolves to ``model`` while ``enabled``.
+
+    NextChat asks for ``gpt-4o-mini`` to title chats whatever model the user picked
+    (``/work/shared/nextchat.md``); an alias points that name at any configured model. Models and
+    aliases share one namespace: an alias may not take a model's name nor a model an alias's
+    (``clean`` on both sides; should a row bypass validation, the model wins). An alias points at
+    a model, never at another alias. Resolution: ``llm.selectors.llm_model_get_enabled``; a reply
+    and its usage row name the model that served it, as OpenAI's own aliases do
+    (``gpt-4o`` answers ``"model": "gpt-4o-2024-08-06"``).
+    """
+
+    name = models.CharField(max_length=200, unique=True, help_text="the model id clients send")
+    model = models.ForeignKey(
+        LLMModel,
+        on_delete=models.CASCADE,
+        related_name="aliases",
+        verbose_name="target model",
+        help_text="the model this name resolves to",
+    )
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "model alias"
+        verbose_name_plural = "model aliases"
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        if self.name and LLMModel.objects.filter(name=self.name).exists():
+            raise ValidationError({"name": f"'{self.name}' is already the name of a model; an alias needs its own."})

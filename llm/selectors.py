@@ -15,7 +15,7 @@ from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError
 from chatbackend.lookup_cache import LookupCache
 
-from .models import LLMModel
+from .models import LLMModel, ModelAlias
 from .providers import ProviderConfig
 from .tokens import Tokenizer, tokenizer_for
 
@@ -26,20 +26,37 @@ def llm_model_list_enabled() -> QuerySet[LLMModel]:
 
 
 def llm_model_get_enabled(*, name: str) -> LLMModel:
-    """Return the enabled model called ``name`` with its provider loaded.
+    """Return the enabled model called ``name``, or named by the alias ``name``, with its provider loaded.
 
-    Raises ``ApplicationError`` 404 ``model_not_found`` when no model has that name, and 400
-    ``model_disabled`` when it (or its provider) is disabled — OpenAI's statuses for the cases.
+    A name that is no model's but an alias's (``ModelAlias``) resolves to the alias's target model:
+    the model returned is the target, so a reply and its usage row name the model that served it.
+    Raises ``ApplicationError`` 404 ``model_not_found`` when no model or alias has that name, and
+    400 ``model_disabled`` when the model, its provider or the alias is disabled — OpenAI's
+    statuses for the cases.
     """
     try:
         model = LLMModel.objects.select_related("provider").get(name=name)
     except LLMModel.DoesNotExist:
-        raise ApplicationError(
-            f"The model '{name}' does not exist.", code="model_not_found", status=404, param="model"
-        ) from None
+        alias = ModelAlias.objects.select_related("model__provider").filter(name=name).first()
+        if alias is None:
+            raise ApplicationError(
+                f"The model '{name}' does not exist.", code="model_not_found", status=404, param="model"
+            ) from None
+        if not alias.enabled:
+            raise ApplicationError(
+                f"The model '{name}' is disabled.", code="model_disabled", status=400, param="model"
+            ) from None
+        model = alias.model
     if not model.enabled or not model.provider.enabled:
         raise ApplicationError(f"The model '{name}' is disabled.", code="model_disabled", status=400, param="model")
     return model
+
+
+def model_alias_list_enabled() -> QuerySet[ModelAlias]:
+    """Return the aliases users may send: enabled, to an enabled model on an enabled provider, by name."""
+    return ModelAlias.objects.filter(enabled=True, model__enabled=True, model__provider__enabled=True).select_related(
+        "model__provider"
+    )
 
 
 def provider_config_for(*, model: LLMModel) -> ProviderConfig:
@@ -88,7 +105,8 @@ class EnabledModel:
         return self.id
 
 
-# Enabled models by name. Cleared in every process when an LLMModel or a Provider changes
+# Enabled models by the name a request sent (a model's or an alias's: an alias's entry holds its
+# target's snapshot). Cleared in every process when an LLMModel, a Provider or a ModelAlias changes
 # (``LlmConfig.ready``). Caching the snapshot also saves decrypting the provider key (Fernet) per
 # request.
 enabled_model_cache: LookupCache[str, EnabledModel] = LookupCache("llm.enabled_models", maxsize=1_000)
@@ -118,7 +136,7 @@ def _enabled_model_read(name: str) -> EnabledModel:
 
 
 def enabled_model_get(*, name: str) -> EnabledModel:
-    """Return the enabled model ``name`` from this process's cache, else from the database. Sync.
+    """Return the enabled model ``name`` (a model's or an alias's) from this process's cache, else the database. Sync.
 
     Raises what ``llm_model_get_enabled`` raises (404 ``model_not_found``, 400 ``model_disabled``);
     failures are not cached. A value read is cached only once this process listens to the

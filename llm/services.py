@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
-from dataclasses import dataclass
+import time
+from contextlib import aclosing
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 from django.db import transaction
@@ -12,9 +15,12 @@ from accounts.keys import API_KEY_PREFIX, hash_secret
 from accounts.models import APIKey, User
 from accounts.services import api_key_create, api_key_revoke
 from chatbackend.errors import ApplicationError
+from chatbackend.logging import redact
 
 from .models import LLMModel, Provider
-from .selectors import llm_model_list_enabled
+from .providers import ChatRequest, ProviderConfig, UpstreamError, get_provider
+from .providers.http import aclose_clients
+from .selectors import llm_model_list_enabled, provider_config_for
 
 DEMO_PROVIDER_NAME = "simulator"
 DEMO_ADMIN_USERNAME = "admin"
@@ -165,3 +171,80 @@ def _demo_api_key(admin: User, wanted: str | None, *, required: bool) -> tuple[s
             )
     created = api_key_create(user=admin, name=DEMO_API_KEY_NAME)
     return created.secret, created.api_key.pk, True
+
+
+# --- "Test connection" (admin action) ---------------------------------------------------------
+
+# The one-token call: a tiny prompt, ``max_tokens`` 1 (each adapter maps it to its provider's field:
+# Anthropic ``max_tokens``, Gemini ``maxOutputTokens``).
+CONNECTION_TEST_MESSAGES = ({"role": "user", "content": "Say OK."},)
+CONNECTION_TEST_PARAMETERS = {"max_tokens": 1}
+# The longest an operator waits for one test, connecting included (seconds): a provider's read
+# timeout (300 s by default) suits a long reply, not a one-token answer.
+CONNECTION_TEST_TIMEOUT_SECONDS = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionTest:
+    """What ``provider_connection_test`` found.
+
+    ``ok``: the upstream streamed a reply to the end. ``latency_ms``: milliseconds from sending the
+    request (connecting included) to the reply's end, or to the failure. ``error``: why it failed
+    ("" when ``ok``): our message for the failure and, for an operator, the upstream's own status
+    and error text (``UpstreamError.detail``), with the provider's API key removed.
+    """
+
+    ok: bool
+    latency_ms: float
+    error: str = ""
+
+
+async def provider_connection_test(*, config: ProviderConfig, upstream_model: str) -> ConnectionTest:
+    """Make a one-token chat completion to ``upstream_model`` through ``config``'s adapter; report it.
+
+    Waits at most ``CONNECTION_TEST_TIMEOUT_SECONDS`` (a read timeout above that is lowered to it).
+    Never raises for the upstream's failures (``UpstreamError``, a request the adapter refuses, a
+    timeout): they are the report's ``error``. The key never appears in the report.
+    """
+    config = replace(config, read_timeout=min(config.read_timeout, CONNECTION_TEST_TIMEOUT_SECONDS))
+    request = ChatRequest(
+        model=upstream_model,
+        messages=[dict(message) for message in CONNECTION_TEST_MESSAGES],
+        parameters=dict(CONNECTION_TEST_PARAMETERS),
+    )
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(CONNECTION_TEST_TIMEOUT_SECONDS):
+            async with aclosing(get_provider(config).stream(request)) as batches:
+                async for _batch in batches:
+                    pass
+    except UpstreamError as exc:
+        error = f"{exc.message} ({exc.detail})" if exc.detail else exc.message
+    except ApplicationError as exc:
+        error = exc.message
+    except TimeoutError:
+        error = f"No complete answer within {CONNECTION_TEST_TIMEOUT_SECONDS:g} s."
+    else:
+        return ConnectionTest(ok=True, latency_ms=(time.perf_counter() - started) * 1000)
+    latency_ms = (time.perf_counter() - started) * 1000
+    if config.api_key:
+        error = error.replace(config.api_key, "[REDACTED]")
+    return ConnectionTest(ok=False, latency_ms=latency_ms, error=redact(error))
+
+
+def llm_model_connection_test(*, model: LLMModel) -> ConnectionTest:
+    """Test ``model``'s provider with a one-token call to its upstream model (``provider_connection_test``). Sync.
+
+    Runs in an event loop of its own, with a fresh connection (so the latency includes connecting,
+    as a new client's would) that is closed afterwards; call it from sync code only (the admin).
+    """
+
+    config = provider_config_for(model=model)  # reads the provider row: not on the event loop
+
+    async def tested() -> ConnectionTest:
+        try:
+            return await provider_connection_test(config=config, upstream_model=model.upstream_model)
+        finally:
+            await aclose_clients()  # this loop's session: the loop ends here
+
+    return asyncio.run(tested())

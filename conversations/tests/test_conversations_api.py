@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conversations.models import Conversation, Message
+from llm.models import ModelAlias
 from tests.factories import ConversationFactory, LLMModelFactory, MessageFactory
 from tests.kit import assert_error
 
@@ -32,6 +33,16 @@ def test_create_conversation_defaults_title_and_prompt(auth_client, model):
     assert response.status_code == 201
     assert response.json()["title"] == ""
     assert response.json()["system_prompt"] == ""
+
+
+def test_create_conversation_with_a_model_alias_uses_its_target(auth_client, model):
+    ModelAlias.objects.create(name="gpt-4o-mini", model=model)
+
+    response = auth_client.post("/api/conversations/", {"model": "gpt-4o-mini"}, format="json")
+
+    assert response.status_code == 201, response.content
+    assert response.json()["model"] == "gpt-test"
+    assert Conversation.objects.get(pk=response.json()["id"]).model == model
 
 
 def test_create_conversation_with_unknown_model_is_404(auth_client):

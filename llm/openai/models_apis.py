@@ -1,4 +1,8 @@
-"""``GET /v1/models`` and ``GET /v1/models/{model}``: the enabled models, as OpenAI lists them.
+"""``GET /v1/models`` and ``GET /v1/models/{model}``: the enabled models and aliases, as OpenAI lists them.
+
+An enabled alias (``llm.models.ModelAlias``) to an enabled model is listed as a model of its own,
+``id`` its name and ``owned_by`` its target's provider, so clients can pick it; LiteLLM lists its
+``model_group_alias`` names the same way (BerriAI/litellm#5524).
 
 Wire format: https://platform.openai.com/docs/api-reference/models (``ListModelsResponse``, ``Model``).
 """
@@ -12,9 +16,10 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from accounts.authentication import Principal
 from accounts.endpoints import async_endpoint
 from chatbackend.asyncdb import run_sync
+from chatbackend.errors import ApplicationError
 
-from ..models import LLMModel
-from ..selectors import llm_model_get_enabled, llm_model_list_enabled
+from ..models import LLMModel, ModelAlias
+from ..selectors import llm_model_get_enabled, llm_model_list_enabled, model_alias_list_enabled
 
 
 def _model_object(model: LLMModel) -> dict[str, Any]:
@@ -26,23 +31,40 @@ def _model_object(model: LLMModel) -> dict[str, Any]:
     }
 
 
+def _alias_object(alias: ModelAlias) -> dict[str, Any]:
+    return {
+        "id": alias.name,
+        "object": "model",
+        "created": int(alias.created_at.timestamp()),
+        "owned_by": alias.model.provider.name,
+    }
+
+
 def _model_list() -> dict[str, Any]:
-    return {"object": "list", "data": [_model_object(model) for model in llm_model_list_enabled().order_by("name")]}
+    objects = [_model_object(model) for model in llm_model_list_enabled()]
+    objects += [_alias_object(alias) for alias in model_alias_list_enabled()]
+    return {"object": "list", "data": sorted(objects, key=lambda entry: entry["id"])}
 
 
 def _model_retrieve(name: str) -> dict[str, Any]:
-    return _model_object(llm_model_get_enabled(name=name))
+    model = llm_model_get_enabled(name=name)  # raises for a name that is neither, or disabled
+    if model.name == name:
+        return _model_object(model)
+    alias = model_alias_list_enabled().filter(name=name).first()
+    if alias is None:  # disabled or deleted since the line above
+        raise ApplicationError(f"The model '{name}' does not exist.", code="model_not_found", status=404, param="model")
+    return _alias_object(alias)
 
 
 @async_endpoint("GET")
 async def model_list(request: HttpRequest, principal: Principal) -> HttpResponse:
-    """``GET /v1/models``: the enabled models, as OpenAI's ``ListModelsResponse``."""
+    """``GET /v1/models``: the enabled models and aliases by ``id``, as OpenAI's ``ListModelsResponse``."""
     return JsonResponse(await run_sync(_model_list))
 
 
 @async_endpoint("GET")
 async def model_retrieve(request: HttpRequest, principal: Principal, model: str) -> HttpResponse:
-    """``GET /v1/models/{model}``: one enabled model; 404 ``model_not_found``, 400 ``model_disabled``."""
+    """``GET /v1/models/{model}``: one enabled model or alias; 404 ``model_not_found``, 400 ``model_disabled``."""
     return JsonResponse(await run_sync(_model_retrieve, model))
 
 
