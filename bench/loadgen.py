@@ -10,26 +10,44 @@ SDK and NextChat send (https://platform.openai.com/docs/api-reference/chat/creat
 /work/shared/nextchat.md): a system message then the user message, ``stream: true``,
 ``stream_options: {"include_usage": true}``, ``max_tokens`` (``spec["max_tokens"]``, large
 enough not to cut the reply) and NextChat's ``temperature``, ``top_p``, ``presence_penalty``
-and ``frequency_penalty``.
+and ``frequency_penalty``. ``v1msg`` sends the same conversation as Anthropic's Messages request
+(https://docs.anthropic.com/en/api/messages: ``system``, one user message, ``max_tokens``,
+``stream: true``, ``temperature`` and ``top_p``) with ``x-api-key`` and ``anthropic-version:
+2023-06-01`` (the API reference's headers, which NextChat's Claude provider sends); ``v1resp`` as
+OpenAI's Responses request (https://platform.openai.com/docs/api-reference/responses/create:
+``instructions``, ``input`` as text, ``max_output_tokens``, ``stream: true``, ``temperature`` and
+``top_p``) with the bearer key.
 
 The client is aiohttp on uvloop and parses the minimum: it splits the body into lines, finds
-the ``data:`` lines, and timestamps each content frame as it is read (``time.perf_counter``);
-several frames arriving in one read share that read's time. A token is a frame with a
-non-empty ``"content"`` string (found with a byte regex, no ``json.loads``), so the framing
-around the tokens does not count: a role-only first chunk (``"delta":{"role":"assistant",
-"content":"","refusal":null}``), an empty-delta chunk with the ``finish_reason`` and the usage
-chunk (``"choices":[]``) are all accepted, as is the older framing whose first chunk carries
-the role and the first token together (https://platform.openai.com/docs/api-reference/chat/streaming):
+the ``event:`` and ``data:`` lines, and timestamps each content frame as it is read
+(``time.perf_counter``); several frames arriving in one read share that read's time. A token is
+a frame with non-empty text (found with a byte regex, no ``json.loads``), so the framing around
+the tokens does not count. Per inbound API (``SseTokenReader``):
 
-- ``direct`` and ``v1`` (OpenAI SSE): ``data:`` lines; ``data: [DONE]`` ends the stream,
+- ``direct`` and ``v1`` (OpenAI chat completions,
+  https://platform.openai.com/docs/api-reference/chat/streaming): a token is a ``data:`` frame
+  with a non-empty ``"content"`` string, so a role-only first chunk (``"delta":{"role":
+  "assistant","content":"","refusal":null}``), an empty-delta chunk with the ``finish_reason`` and
+  the usage chunk (``"choices":[]``) do not count, and the older framing whose first chunk
+  carries the role and the first token together is read alike; ``data: [DONE]`` ends the stream,
   ``data: {"error"...`` fails it.
 - ``sse`` (conversation SSE): ``data:`` lines after ``event: reply.delta``; ``reply.done``
   ends it, ``event: error`` fails it.
+- ``v1msg`` (Anthropic Messages, https://docs.anthropic.com/en/docs/build-with-claude/streaming):
+  a token is a ``content_block_delta`` event whose delta has a non-empty ``"text"`` (a
+  ``text_delta``; ``thinking_delta``, ``signature_delta`` and ``input_json_delta`` have no
+  ``"text"`` key); ``message_stop`` ends the stream, an ``error`` event fails it.
+- ``v1resp`` (OpenAI Responses, https://platform.openai.com/docs/api-reference/responses-streaming):
+  a token is a ``response.output_text.delta`` event with a non-empty ``"delta"``;
+  ``response.completed`` ends the stream, ``error``, ``response.failed`` and
+  ``response.incomplete`` fail it.
 - ``ws``: text frames whose ``"type"`` is ``reply.delta``; ``reply.done`` ends the reply,
   ``error`` fails it. One socket per stream; its replies are sent one after another.
 
-On ``sse`` and ``ws`` one ``reply.delta`` may join several tokens (those that arrived together),
-so a reply's token count there is its ``reply.done`` message's ``completion_tokens``.
+On ``v1``, ``v1msg`` and ``v1resp`` the server writes one frame (event) per upstream chunk, so a
+frame is a token as on ``direct``. On ``sse`` and ``ws`` one ``reply.delta`` may join several
+tokens (those that arrived together), so a reply's token count there is its ``reply.done``
+message's ``completion_tokens``.
 
 Time to first token (TTFT) runs from just before the request is sent (for ``ws``: the
 ``message.send`` frame) to the first content frame, so HTTP paths include the TCP connect of a
@@ -65,6 +83,11 @@ except ImportError:  # pragma: no cover - uvicorn[standard] installs it
 # quote before "content" is required), nor does the role-only chunk's ``"content":""``.
 _CONTENT = re.compile(rb'"content":\s*"(?!")')
 _WS_CONTENT = re.compile(r'"content":\s*"(?!")')
+# A non-empty "text" of an Anthropic ``text_delta`` (the other deltas have no "text" key; a quoted
+# key inside a JSON string is escaped, \"text\", so it does not match).
+_TEXT = re.compile(rb'"text":\s*"(?!")')
+# A non-empty "delta" of a Responses ``response.output_text.delta`` event.
+_DELTA = re.compile(rb'"delta":\s*"(?!")')
 _WS_TYPE = re.compile(r'\{\s*"type":\s*"([^"]+)"')
 # The reply's token count in the ``reply.done`` message of the conversation endpoints.
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
@@ -192,22 +215,58 @@ class _Round:
             self.ok += 1
 
 
+class _Events:
+    """How an evented SSE body (``event:`` + ``data:`` lines) marks tokens, its end and its errors."""
+
+    __slots__ = ("done", "error", "token", "token_text")
+
+    def __init__(self, *, token: bytes, token_text: re.Pattern[bytes], done: bytes, error: frozenset[bytes]) -> None:
+        self.token = token  # the event whose data may carry a token
+        self.token_text = token_text  # found in that data when the token is not empty
+        self.done = done  # the event that ends the reply
+        self.error = error  # events that fail it
+
+
+# Per inbound API (the module docstring): ``chat_completions`` is not evented (``data:`` lines only).
+EVENTS = {
+    "conversation": _Events(token=b"reply.delta", token_text=_CONTENT, done=b"reply.done", error=frozenset([b"error"])),
+    "messages": _Events(
+        token=b"content_block_delta", token_text=_TEXT, done=b"message_stop", error=frozenset([b"error"])
+    ),
+    "responses": _Events(
+        token=b"response.output_text.delta",
+        token_text=_DELTA,
+        done=b"response.completed",
+        error=frozenset([b"error", b"response.failed", b"response.incomplete"]),
+    ),
+}
+APIS = ("chat_completions", *EVENTS)
+
+
 class SseTokenReader:
     """Find the tokens and the end of one streamed reply in the bytes of an SSE response body.
 
-    ``feed`` takes the body as it arrives, in reads of any size: a frame split over reads, or
-    several frames in one read (their tokens share the read's time). ``conversation``: the
-    conversation endpoint's events (``reply.delta`` / ``reply.done`` / ``error``); otherwise
-    OpenAI's ``chat.completion.chunk`` frames ending with ``data: [DONE]``. After the body,
-    ``token_times`` holds the arrival time of each non-empty content frame, ``done`` whether the
-    end marker came, ``error`` the error frame or event, if any.
+    ``api``: the inbound API whose body it is — ``chat_completions`` (OpenAI's
+    ``chat.completion.chunk`` frames ending with ``data: [DONE]``), ``conversation`` (the
+    conversation endpoint's ``reply.delta`` / ``reply.done`` / ``error`` events), ``messages``
+    (Anthropic's ``content_block_delta`` ... ``message_stop``) or ``responses`` (OpenAI Responses'
+    ``response.output_text.delta`` ... ``response.completed``); the module docstring says what
+    counts as a token, an end and an error in each. ``feed`` takes the body as it arrives, in
+    reads of any size: a frame split over reads, or several frames in one read (their tokens share
+    the read's time). After the body, ``token_times`` holds the arrival time of each token frame,
+    ``done`` whether the end marker came, ``error`` the first error frame or event, if any, and
+    ``tokens`` the ``completion_tokens`` of the conversation's ``reply.done`` (None otherwise).
+    Raises ``ValueError`` for an unknown ``api``.
     Spec: https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation
+    (a blank line ends an event and resets its type).
     """
 
-    __slots__ = ("_buffer", "_conversation", "_event", "done", "error", "token_times", "tokens")
+    __slots__ = ("_buffer", "_event", "_events", "done", "error", "token_times", "tokens")
 
-    def __init__(self, *, conversation: bool) -> None:
-        self._conversation = conversation
+    def __init__(self, *, api: str) -> None:
+        if api not in APIS:
+            raise ValueError(f"unknown api {api!r}; known: {', '.join(APIS)}")
+        self._events = EVENTS.get(api)
         self._buffer = b""
         self._event = b""
         self.token_times: list[float] = []
@@ -224,21 +283,26 @@ class SseTokenReader:
         lines = buffer.split(b"\n")
         self._buffer = lines.pop()
         append = self.token_times.append
-        if self._conversation:
+        events = self._events
+        if events is not None:
+            token, token_text, done = events.token, events.token_text, events.done
             for line in lines:
                 if line.startswith(b"event:"):
                     self._event = line[6:].strip()
                 elif line.startswith(b"data:"):
                     event = self._event
-                    if event == b"reply.delta":
-                        if _CONTENT.search(line):
+                    if event == token:
+                        if token_text.search(line):
                             append(now)
-                    elif event == b"reply.done":
+                    elif event == done:
                         self.done = True
                         match = _COMPLETION_TOKENS.search(line)
-                        self.tokens = int(match.group(1)) if match else None
-                    elif event == b"error":
-                        self.error = "error event: " + line[5:120].decode("utf-8", "replace").strip()
+                        self.tokens = int(match.group(1)) if match and event == b"reply.done" else None
+                    elif event in events.error and self.error is None:
+                        name = event.decode("utf-8", "replace")
+                        self.error = f"{name} event: " + line[5:120].decode("utf-8", "replace").strip()
+                elif not line.strip():
+                    self._event = b""
             return
         for line in lines:
             if line.startswith(b"data:"):
@@ -246,12 +310,12 @@ class SseTokenReader:
                     append(now)
                 elif line.startswith(b"data: [DONE]"):
                     self.done = True
-                elif line.startswith(b'data: {"error"'):
+                elif line.startswith(b'data: {"error"') and self.error is None:
                     self.error = "error frame: " + line[6:120].decode("utf-8", "replace")
 
 
 async def _http_reply(session: aiohttp.ClientSession, state: _Round, url: str, body: bytes, headers: dict) -> None:
-    reader = SseTokenReader(conversation=state.path == "sse")
+    reader = SseTokenReader(api=PATH_APIS[state.path])
     error: str | None = None
     state.opened()
     start = time.perf_counter()
@@ -286,11 +350,80 @@ def chat_completion_body(*, model: str, prompt: str, max_tokens: int) -> bytes:
     return json.dumps(body).encode()
 
 
+def messages_body(*, model: str, prompt: str, max_tokens: int) -> bytes:
+    """Return a streamed Anthropic Messages request: ``chat_completion_body``'s conversation and sampling.
+
+    Spec: https://docs.anthropic.com/en/api/messages (``system`` as a string, ``max_tokens``
+    required; ``temperature`` and ``top_p`` within 0..1).
+    """
+    body = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "system": SYSTEM_PROMPT,
+        "messages": [{"role": "user", "content": prompt}],
+        "stream": True,
+        "temperature": NEXTCHAT_PARAMETERS["temperature"],
+        "top_p": NEXTCHAT_PARAMETERS["top_p"],
+    }
+    return json.dumps(body).encode()
+
+
+def responses_body(*, model: str, prompt: str, max_tokens: int) -> bytes:
+    """Return a streamed OpenAI Responses request: ``chat_completion_body``'s conversation and sampling.
+
+    Spec: https://platform.openai.com/docs/api-reference/responses/create (``instructions`` as
+    the system message, ``input`` as text, ``max_output_tokens``).
+    """
+    body = {
+        "model": model,
+        "instructions": SYSTEM_PROMPT,
+        "input": prompt,
+        "stream": True,
+        "max_output_tokens": max_tokens,
+        "temperature": NEXTCHAT_PARAMETERS["temperature"],
+        "top_p": NEXTCHAT_PARAMETERS["top_p"],
+    }
+    return json.dumps(body).encode()
+
+
+# The HTTP paths' inbound API: how the reply is read (``SseTokenReader``), and the request's URL
+# path and body (``_http_user``; ``sse``'s URL names the stream's conversation).
+PATH_APIS = {
+    "direct": "chat_completions",
+    "v1": "chat_completions",
+    "sse": "conversation",
+    "v1msg": "messages",
+    "v1resp": "responses",
+}
+_URL_PATHS = {
+    "direct": "/v1/chat/completions",
+    "v1": "/v1/chat/completions",
+    "v1msg": "/v1/messages",
+    "v1resp": "/v1/responses",
+}
+_BODIES = {
+    "direct": chat_completion_body,
+    "v1": chat_completion_body,
+    "v1msg": messages_body,
+    "v1resp": responses_body,
+}
+# What the Messages API reference sends and NextChat's Claude provider does (the anthropic SDK 2.x
+# sends the key as a bearer token instead; the server takes both).
+ANTHROPIC_VERSION = "2023-06-01"
+
+
 async def _http_user(session: aiohttp.ClientSession, state: _Round, index: int) -> None:
     spec = state.spec
     await asyncio.sleep(spec["ramp_s"] * index / max(spec["concurrency"], 1))
-    if state.path in ("direct", "v1"):
-        url = spec["base_url"] + "/v1/chat/completions"
+    if state.path == "v1msg":
+        url = spec["base_url"] + _URL_PATHS["v1msg"]
+        headers = {
+            "x-api-key": spec["api_key"],
+            "anthropic-version": ANTHROPIC_VERSION,
+            "Content-Type": "application/json",
+        }
+    elif state.path != "sse":
+        url = spec["base_url"] + _URL_PATHS[state.path]
         headers = {"Authorization": f"Bearer {spec['api_key']}", "Content-Type": "application/json"}
     else:
         url = f"{spec['base_url']}/api/conversations/{spec['conversations'][index]}/messages/"
@@ -304,7 +437,7 @@ async def _http_user(session: aiohttp.ClientSession, state: _Round, index: int) 
         if state.path == "sse":
             body = json.dumps({"content": prompt}).encode()
         else:
-            body = chat_completion_body(model=spec["model"], prompt=prompt, max_tokens=spec["max_tokens"])
+            body = _BODIES[state.path](model=spec["model"], prompt=prompt, max_tokens=spec["max_tokens"])
         await _http_reply(session, state, url, body, headers)
 
 
@@ -362,10 +495,10 @@ async def _ws_user(session: aiohttp.ClientSession, state: _Round, index: int) ->
 async def run_round(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one round and return its raw measurements.
 
-    ``spec``: ``path`` (direct|v1|sse|ws), ``base_url``, ``api_key``, ``model``,
+    ``spec``: ``path`` (direct|v1|v1msg|v1resp|sse|ws), ``base_url``, ``api_key``, ``model``,
     ``conversations`` (one id per stream, for sse/ws), ``concurrency`` (streams), ``replies``
     (sequential replies per stream), ``ramp_s`` (stream ``i`` starts at ``i/concurrency*ramp_s``),
-    ``max_tokens`` (sent on direct and v1), ``expected_tokens``, ``timeout_s`` (connect and
+    ``max_tokens`` (sent on direct, v1, v1msg and v1resp), ``expected_tokens``, ``timeout_s`` (connect and
     per-read), ``deadline_s`` (the whole round; unfinished requests are errors), ``prompt``.
     """
     state = _Round(spec)

@@ -307,6 +307,69 @@ def enforcement_overall(data: dict[str, Any]) -> dict[str, Any]:
     return overall
 
 
+# The inbound APIs compared with /v1/chat/completions (path v1): same caller, upstream and conversation.
+INBOUND_PATHS = ("v1msg", "v1resp")
+
+
+def inbound_apis(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Compare ``/v1/messages`` (v1msg) and ``/v1/responses`` (v1resp) with ``/v1/chat/completions`` (v1).
+
+    One row per server label and level where ``v1`` and at least one of them were measured:
+    ``ttft_ms`` (``{path: {"p50", "p99"}}``), ``server_us`` (``{path: µs}``, server CPU per
+    forwarded token) and ``vs_v1`` (``{path: server_us / v1's}``, from the unrounded CPU seconds)
+    for ``v1`` and each measured inbound path. The same caller, model, upstream reply and
+    conversation: only the inbound API's parsing, translation and encoding differ.
+    """
+    measured = _measured(data["rounds"])
+    rows = []
+    for server in server_labels(data["config"]):
+        for level in sorted(data["config"]["levels"]):
+            plain = _find(measured, server, "v1", level)
+            others = {path: _find(measured, server, path, level) for path in INBOUND_PATHS}
+            found = {path: r for path, r in others.items() if r is not None}
+            if plain is None or not found:
+                continue
+            plain_us = _us_per_token(plain, "server_process")
+            paths = {"v1": plain, **found}
+            rows.append(
+                {
+                    "server": server,
+                    "concurrency": level,
+                    "ttft_ms": {path: {q: r["ttft_ms"][q] for q in ("p50", "p99")} for path, r in paths.items()},
+                    "server_us": {path: _r(_us_per_token(r, "server_process")) for path, r in paths.items()},
+                    "vs_v1": {path: _ratio(_us_per_token(r, "server_process"), plain_us) for path, r in found.items()},
+                }
+            )
+    return rows
+
+
+def adapter_cpu(adapters: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return one row per upstream adapter measured by ``bench.adapter_cpu`` (``run.Bench.measure_adapters``).
+
+    ``kind`` (``Provider.kind``), ``chunks_per_reply``, ``sequential_us`` and ``concurrent_us``
+    (the adapter process's CPU µs per streamed chunk, replies one after another / all at once),
+    ``concurrency``, ``chunks_per_batch`` (concurrent phase) and ``error`` (None, or why the tool
+    failed; the figures are then None).
+    """
+    rows = []
+    for adapter in adapters:
+        phases = adapter.get("phases") or []
+        sequential = next((ph for ph in phases if ph["concurrency"] == 1), None)
+        concurrent = next((ph for ph in phases if ph["concurrency"] > 1), None)
+        rows.append(
+            {
+                "kind": adapter["kind"],
+                "chunks_per_reply": _r(sequential["chunks"] / sequential["replies"]) if sequential else None,
+                "sequential_us": sequential["us_per_chunk"] if sequential else None,
+                "concurrency": concurrent["concurrency"] if concurrent else None,
+                "concurrent_us": concurrent["us_per_chunk"] if concurrent else None,
+                "chunks_per_batch": concurrent["chunks_per_batch"] if concurrent else None,
+                "error": adapter.get("error"),
+            }
+        )
+    return rows
+
+
 def add_overheads(rounds: list[dict[str, Any]]) -> None:
     """Set ``ttft_overhead_ms`` on backend rounds: their TTFT percentile minus direct's, same level."""
     direct = {r["concurrency"]: r for r in _measured(rounds) if r["path"] == "direct"}
@@ -522,7 +585,12 @@ def build(
     startup: dict[str, Any],
     rounds: list[dict[str, Any]],
     profile: dict[str, Any] | None,
+    adapters: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """Return the report's JSON: the inputs, and every comparison, target and table computed from them.
+
+    ``adapters``: ``bench.adapter_cpu``'s results per kind (``run.Bench.adapters``), or None.
+    """
     add_overheads(rounds)
     data = {
         "meta": meta,
@@ -531,11 +599,13 @@ def build(
         "startup": startup,
         "rounds": rounds,
         "profile": profile,
+        "adapter_cpu": adapter_cpu(adapters or []),
     }
     data["cpu_per_token"] = cpu_per_token(data)
     data["cpu_per_token_overall"] = cpu_per_token_overall(data)
     data["enforcement"] = enforcement(data)
     data["enforcement_overall"] = enforcement_overall(data)
+    data["inbound_apis"] = inbound_apis(data)
     data["targets"] = evaluate_targets(data)
     data["recommendation"] = recommend(data)
     return data
@@ -574,10 +644,12 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         f"Workload: {config['tokens']} tokens per reply, {config['ttft_ms']:g} ms to the first token, "
         f"{config['token_delay_ms']:g} ms between tokens; streams start spread over {config['ramp_ms']:g} ms; "
-        f"replies per stream: {config['replies']} (auto: 10 at 1 stream on direct, v1 and v1m; 2 up to 200 "
+        f"replies per stream: {config['replies']} (auto: 10 at 1 stream on direct and the /v1 paths; 2 up to 200 "
         "streams, 1 above). On direct, v1 and v1m the requests are shaped as the OpenAI SDK and NextChat send "
         "them (system + user message, stream_options "
-        f"include_usage, max_tokens {config.get('max_tokens', '–')}, temperature, top_p, penalties).",
+        f"include_usage, max_tokens {config.get('max_tokens', '–')}, temperature, top_p, penalties); v1msg "
+        "(/v1/messages) and v1resp (/v1/responses) send the same system prompt, user message, token limit, "
+        "temperature and top_p in Anthropic's and the Responses API's shapes.",
         "",
     ]
     base = config.get("baseline")
@@ -626,7 +698,9 @@ def markdown(data: dict[str, Any]) -> str:
             if cells:
                 lines.append(f"| {server} | {' · '.join(cells)} |")
     lines += _enforcement_markdown(data)
+    lines += _inbound_markdown(data)
     lines += _cpu_markdown(data)
+    lines += _adapter_markdown(data)
     if data["startup"]:
         lines += ["", "| server | start-up to first served request: median / worst (s) | samples |", "|---|--:|--:|"]
         for server, s in data["startup"].items():
@@ -712,6 +786,62 @@ def _enforcement_markdown(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _inbound_markdown(data: dict[str, Any]) -> list[str]:
+    rows = data.get("inbound_apis") or []
+    if not rows:
+        return []
+    paths = ["v1", *[p for p in INBOUND_PATHS if any(p in row["server_us"] for row in rows)]]
+    names = " / ".join(paths)
+    lines = [
+        "",
+        "Inbound APIs against /v1/chat/completions (v1msg: /v1/messages, v1resp: /v1/responses; the same "
+        "caller, model, upstream reply and conversation):",
+        "",
+        f"| server | streams | TTFT p50 {names} ms | TTFT p99 {names} ms | server µs/token {names} "
+        f"| {' / '.join(f'{p} / v1' for p in paths[1:])} |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
+    for row in rows:
+
+        def cells(values: dict[str, Any], digits: int = 1) -> str:
+            return " / ".join(_f(values.get(p), digits) for p in paths)
+
+        ttft = row["ttft_ms"]
+        lines.append(
+            f"| {row['server']} | {row['concurrency']} "
+            f"| {cells({p: (ttft.get(p) or {}).get('p50') for p in paths})} "
+            f"| {cells({p: (ttft.get(p) or {}).get('p99') for p in paths})} "
+            f"| {cells(row['server_us'])} | {' / '.join(_f(row['vs_v1'].get(p), 2) for p in paths[1:])} |"
+        )
+    return lines
+
+
+def _adapter_markdown(data: dict[str, Any]) -> list[str]:
+    rows = data.get("adapter_cpu") or []
+    if not rows:
+        return []
+    adapters = data["config"].get("adapters") or {}
+    lines = [
+        "",
+        "Upstream adapter CPU per chunk (`python -m bench.adapter_cpu`: the adapter alone in its process, streaming "
+        f"the simulator's replies, {adapters.get('replies', '?')} one after another, then "
+        f"{adapters.get('concurrency', '?')} at once; process CPU / chunks yielded):",
+        "",
+        "| adapter (Provider.kind) | chunks per reply | sequential µs/chunk | concurrent µs/chunk "
+        "| chunks per batch (concurrent) |",
+        "|---|--:|--:|--:|--:|",
+    ]
+    for row in rows:
+        if row["error"]:
+            lines.append(f"| {row['kind']} | not measured: {row['error'][:120]} ||||")
+            continue
+        lines.append(
+            f"| {row['kind']} | {_f(row['chunks_per_reply'])} | {_f(row['sequential_us'])} "
+            f"| {_f(row['concurrent_us'])} | {_f(row['chunks_per_batch'], 2)} |"
+        )
+    return lines
+
+
 def _cpu_markdown(data: dict[str, Any]) -> list[str]:
     rows = data.get("cpu_per_token") or []
     if not rows:
@@ -743,7 +873,15 @@ def _cpu_markdown(data: dict[str, Any]) -> list[str]:
 
 # --- chart ----------------------------------------------------------------------------------
 
-_PATH_COLORS = {"v1": "tab:blue", "v1m": "tab:purple", "sse": "tab:orange", "ws": "tab:green", "direct": "black"}
+_PATH_COLORS = {
+    "v1": "tab:blue",
+    "v1m": "tab:purple",
+    "v1msg": "tab:red",
+    "v1resp": "tab:brown",
+    "sse": "tab:orange",
+    "ws": "tab:green",
+    "direct": "black",
+}
 _SERVER_STYLES = ["-", "--", ":", "-."]
 
 
@@ -785,7 +923,7 @@ def draw_chart(data: dict[str, Any], png: Path) -> Path | None:
     }
     for index, (ax, (title, value, scale)) in enumerate(zip(axes.flat, panels, strict=True)):
         for label, s_index, is_baseline in lines_of:
-            for path in ("v1", "v1m", "sse", "ws"):
+            for path in [p for p in _PATH_COLORS if p != "direct"]:
                 points = sorted(
                     (r["concurrency"], value(r))
                     for r in rounds

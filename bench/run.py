@@ -4,8 +4,10 @@ Starts the simulator and the backend as real processes, creates what it needs (u
 provider, model, conversations) in a fresh database, and drives concurrent streams at several
 concurrency levels through each path — ``direct`` (client → simulator), ``v1``
 (``/v1/chat/completions``), ``v1m`` (the same as a caller every rate limit and budget applies
-to), ``sse`` (conversation SSE endpoint) and ``ws`` (WebSocket consumer) — under each ASGI
-server. Prints a Markdown table, writes ``<out>/latest.json`` and ``<out>/latest.png``. See
+to), ``v1msg`` (``/v1/messages``, Anthropic's shape), ``v1resp`` (``/v1/responses``), ``sse``
+(conversation SSE endpoint) and ``ws`` (WebSocket consumer) — under each ASGI server, and
+measures each upstream adapter's CPU per chunk (``bench.adapter_cpu``) against the same
+simulator. Prints a Markdown table, writes ``<out>/latest.json`` and ``<out>/latest.png``. See
 ``bench/README.md`` for the columns and how to read them.
 """
 
@@ -40,11 +42,23 @@ from .seed import METERED_LIMITS
 
 ROOT = Path(__file__).resolve().parent.parent
 # v1m ("/v1, metered") right after v1: with one server their blocks run back to back, so the
-# enforcement comparison (report.enforcement) sees the least drift in the machine's load.
-PATHS = ("direct", "v1", "v1m", "sse", "ws")
-BACKEND_PATHS = ("v1", "v1m", "sse", "ws")
+# enforcement comparison (report.enforcement) sees the least drift in the machine's load; the
+# other inbound APIs (v1msg, v1resp) next, for the same reason (report.inbound_apis).
+PATHS = ("direct", "v1", "v1m", "v1msg", "v1resp", "sse", "ws")
+# Not v1msg and v1resp by default: with two servers and levels up to 2000 they would add ~170 s to
+# the default run (~420 s of its 570 s budget), and ~60 s to --quick (~215 s of 230 s; bench/README.md).
+DEFAULT_PATHS = ("direct", "v1", "v1m", "sse", "ws")
+BACKEND_PATHS = ("v1", "v1m", "v1msg", "v1resp", "sse", "ws")
 # Paths whose 1-stream round sends C1_REPLIES replies (replies_for).
-C1_PATHS = ("direct", "v1", "v1m")
+C1_PATHS = ("direct", "v1", "v1m", "v1msg", "v1resp")
+# The upstream adapters measured by bench.adapter_cpu (Provider.kind), one after another in one process.
+ADAPTER_KINDS = ("openai", "anthropic", "gemini", "azure_openai")
+# Per kind: a warm-up reply, replies one after another, then this many at once, one round: five
+# nominal replies of the simulator (0.69 s each by default), ~3.5 s per kind; ~20 s for the four
+# with the process start.
+ADAPTER_REPLIES = 3
+ADAPTER_CONCURRENCY = 100
+ADAPTER_TIMEOUT_S = 120.0
 SERVERS = ("uvicorn", "daphne", "granian")
 SERVER_MODULES = {"uvicorn": "uvicorn", "daphne": "daphne", "granian": "granian"}
 DEFAULT_LEVELS = "1,50,200,1000,2000"
@@ -55,8 +69,9 @@ BASELINE_LEVELS = "1,50,200,1000"
 BUDGET_S = 570.0
 # --quick: 150 s before v1m and the 10 replies at one stream (~45 s more, ~70 s with --baseline);
 # at 150 s a busy 2-core machine (server start-ups of 4-6 s) skipped sse and ws at 200 streams.
-QUICK_BUDGET_S = 210.0
-QUICK_BASELINE_BUDGET_S = 400.0
+# Both + 20 s for the adapters' CPU per chunk (measure_adapters).
+QUICK_BUDGET_S = 230.0
+QUICK_BASELINE_BUDGET_S = 420.0
 STARTUP_TIMEOUT_S = 60.0
 WARMUP_STREAMS = 4
 REPORT_RESERVE_S = 20.0  # kept free at the end of the budget for teardown and the report
@@ -64,8 +79,8 @@ BLOCK_OVERHEAD_S = 4.0  # a server start, its warm-up round and its stop
 IDLE_WARNING_PCT = 15.0  # machine busy share before the run above which the report warns
 ESTIMATE_MARGIN = 1.25  # rounds run longer than a linear guess as the server saturates
 PROMPT = "Tell me about the benchmark"
-MAX_TOKENS_FACTOR = 4  # max_tokens sent on direct, v1 and v1m: this many times --tokens
-C1_REPLIES = 10  # replies of the one stream at level 1 on direct, v1 and v1m (replies_for)
+MAX_TOKENS_FACTOR = 4  # max_tokens (v1resp: max_output_tokens) sent on direct and /v1: this many times --tokens
+C1_REPLIES = 10  # replies of the one stream at level 1 on C1_PATHS (replies_for)
 ASGI_APP = "chatbackend.asgi:application"
 
 
@@ -87,15 +102,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--levels", help=f"concurrent streams per round, comma-separated (default {DEFAULT_LEVELS})")
     parser.add_argument("--servers", help="ASGI servers: uvicorn, daphne, granian (default uvicorn,daphne)")
-    parser.add_argument("--paths", default=",".join(PATHS), help=f"paths to measure (default {','.join(PATHS)})")
+    parser.add_argument(
+        "--paths",
+        default=",".join(DEFAULT_PATHS),
+        help=f"paths to measure, of {','.join(PATHS)} (default {','.join(DEFAULT_PATHS)})",
+    )
     parser.add_argument("--tokens", type=int, default=64, help="tokens per reply (default 64)")
     parser.add_argument("--token-delay-ms", type=float, default=10.0, help="simulator delay between tokens (10)")
     parser.add_argument("--ttft-ms", type=float, default=50.0, help="simulator time to first token (50)")
     parser.add_argument(
         "--replies",
         default="auto",
-        help=f"sequential replies per stream: a number, or auto = {C1_REPLIES} at 1 stream on direct, v1 and "
-        "v1m, 2 up to 200 streams, 1 above (default auto)",
+        help=f"sequential replies per stream: a number, or auto = {C1_REPLIES} at 1 stream on "
+        f"{', '.join(C1_PATHS)}, 2 up to 200 streams, 1 above (default auto)",
     )
     parser.add_argument(
         "--ramp-ms",
@@ -142,12 +161,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="PATH:LEVEL, e.g. v1:200: after that round (first server), repeat it under py-spy and summarize",
     )
     parser.add_argument("--no-chart", action="store_true", help="do not draw latest.png")
+    parser.add_argument(
+        "--adapters",
+        default=",".join(ADAPTER_KINDS),
+        help="upstream adapters whose CPU per chunk to measure (bench.adapter_cpu), comma-separated, or none "
+        f"(default {','.join(ADAPTER_KINDS)})",
+    )
     args = parser.parse_args(argv)
 
     default_levels = QUICK_LEVELS if args.quick else BASELINE_LEVELS if args.baseline else DEFAULT_LEVELS
     args.levels = [int(x) for x in _csv(args.levels or default_levels)]
     args.servers = _csv(args.servers or ("uvicorn" if args.quick or args.baseline else "uvicorn,daphne"))
     args.paths = _csv(args.paths)
+    args.adapters = [] if args.adapters.strip() == "none" else _csv(args.adapters)
+    for kind in args.adapters:
+        if kind not in ADAPTER_KINDS:
+            parser.error(f"unknown adapter {kind!r}; known: {', '.join(ADAPTER_KINDS)} (or none)")
     if args.budget_s is None:
         args.budget_s = (QUICK_BASELINE_BUDGET_S if args.baseline else QUICK_BUDGET_S) if args.quick else BUDGET_S
     if args.baseline:
@@ -174,7 +203,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.ramp_ms is None:
         args.ramp_ms = args.ttft_ms + args.tokens * args.token_delay_ms
     if args.profile:
-        match = re.fullmatch(r"(v1|v1m|sse|ws):(\d+)", args.profile)
+        match = re.fullmatch(r"(v1|v1m|v1msg|v1resp|sse|ws):(\d+)", args.profile)
         if not match:
             parser.error("--profile must look like v1:200")
         args.profile = (match.group(1), int(match.group(2)))
@@ -189,9 +218,10 @@ def replies_for(args: argparse.Namespace, level: int, path: str) -> int:
     """Return the sequential replies per stream of a round on ``path`` with ``level`` streams.
 
     ``--replies auto``: 2 up to 200 streams (every stream is open at once for a while), 1 above
-    (bounds the run time); at 1 stream on direct, v1 and v1m, ``C1_REPLIES``, so that the
-    enforcement figure (v1m's TTFT p50 minus v1's, against a 1 ms target) and the overheads it is
-    read with are medians of more than two replies.
+    (bounds the run time); at 1 stream on direct and the /v1 paths (``C1_PATHS``), ``C1_REPLIES``,
+    so that the enforcement figure (v1m's TTFT p50 minus v1's, against a 1 ms target), the other
+    inbound APIs' against v1, and the overheads they are read with are medians of more than two
+    replies.
     """
     if args.replies != "auto":
         return int(args.replies)
@@ -383,6 +413,7 @@ class Bench:
         self.startup: dict[str, list[float]] = {}
         self.setup: dict[str, Any] = {}
         self.profile: dict[str, Any] | None = None
+        self.adapters: list[dict[str, Any]] = []  # bench.adapter_cpu's result per kind (measure_adapters)
         self.notes: list[str] = []
         self.env: dict[str, str] = {}
         self.database: dict[str, Any] = {}
@@ -899,6 +930,56 @@ class Bench:
             **report.summarize_profile(raw_path.read_text(errors="replace")),
         }
 
+    # -- upstream adapters --
+
+    def measure_adapters(self) -> None:
+        """Measure each ``--adapters`` kind's CPU per chunk with ``python -m bench.adapter_cpu --json``.
+
+        One process for all kinds, measured one after another, against the benchmark's simulator
+        (its replies: ``--tokens`` tokens at its pace), while no server runs: a warm-up reply, then
+        ``ADAPTER_REPLIES`` replies one after another, then ``ADAPTER_CONCURRENCY`` at once. Appends
+        ``{"kind", "phases"}`` (``bench.adapter_cpu``'s phases) per kind to ``self.adapters``, or
+        ``{"kind", "error"}`` with a note for the kinds it did not measure (the tool failed); the
+        rounds go on either way.
+        """
+        kinds = self.args.adapters
+        command = [
+            sys.executable, "-m", "bench.adapter_cpu", "--json", "--kind", ",".join(kinds),
+            "--simulator-url", self.sim_url, "--api-key", self.sim_key, "--replies", str(ADAPTER_REPLIES),
+            "--concurrency", str(ADAPTER_CONCURRENCY), "--rounds", "1",
+        ]  # fmt: skip
+        started = time.perf_counter()
+        why = ""
+        try:
+            result = subprocess.run(
+                command, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=ADAPTER_TIMEOUT_S, check=False
+            )
+            stdout = result.stdout
+            if result.returncode != 0:
+                why = f"exit {result.returncode}: {result.stderr.strip()[-300:]}"
+        except subprocess.TimeoutExpired as exc:
+            stdout = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+            why = f"no answer within {ADAPTER_TIMEOUT_S:.0f} s"
+        measured = {}
+        for line in stdout.splitlines():
+            with contextlib.suppress(ValueError):
+                found = json.loads(line)
+                measured[found["kind"]] = found["phases"]
+        for kind in kinds:
+            if kind not in measured:
+                self._adapter_failed(kind, why or "no figures")
+                continue
+            self.adapters.append({"kind": kind, "phases": measured[kind]})
+            figures = ", ".join(f"{phase['phase']} {phase['us_per_chunk']} µs/chunk" for phase in measured[kind])
+            self.log(f"adapter {kind}: {figures}")
+        self.log(f"adapters measured in {time.perf_counter() - started:.1f} s")
+
+    def _adapter_failed(self, kind: str, why: str) -> None:
+        why = _SECRETISH.sub(lambda m: m.group(1) + "***", why).replace(self.sim_key, "***")
+        self.adapters.append({"kind": kind, "error": why})
+        self.notes.append(f"adapter CPU of {kind} not measured: {why}")
+        self.log(f"adapter {kind} failed: {why}")
+
     # -- the whole run --
 
     def run(self) -> None:
@@ -924,6 +1005,10 @@ class Bench:
         self.seed()
         self.start_clients()
         self.log(f"simulator at {self.sim_url}; {len(self.conversations)} conversations seeded")
+        if args.adapters:
+            started = time.perf_counter()
+            self.measure_adapters()
+            self.setup["adapter_cpu_s"] = round(time.perf_counter() - started, 1)
 
         if "direct" in args.paths:
             for level in args.levels:
@@ -1140,6 +1225,7 @@ def main(argv: list[str] | None = None) -> int:
         "ramp_ms": args.ramp_ms,
         "budget_s": args.budget_s,
         "max_tokens": MAX_TOKENS_FACTOR * args.tokens,
+        "adapters": {"kinds": args.adapters, "replies": ADAPTER_REPLIES, "concurrency": ADAPTER_CONCURRENCY},
         "baseline": {"dir": str(args.baseline), "git_commit": _git_commit(args.baseline)} if args.baseline else None,
     }
     startup = {
@@ -1151,7 +1237,13 @@ def main(argv: list[str] | None = None) -> int:
         for server, samples in bench.startup.items()
     }
     data = report.build(
-        meta=meta, config=config, setup=bench.setup, startup=startup, rounds=bench.rounds, profile=bench.profile
+        meta=meta,
+        config=config,
+        setup=bench.setup,
+        startup=startup,
+        rounds=bench.rounds,
+        profile=bench.profile,
+        adapters=bench.adapters,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

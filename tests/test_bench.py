@@ -1,11 +1,13 @@
 """Keep the benchmark working: run ``python -m bench`` at tiny scale and check its JSON.
 
 Tiny scale: levels 1 and 3, 5-token replies, one server (uvicorn), every path (``v1m``: /v1 as
-a caller with rate limits, and budgets when the project has them). It starts the
-simulator, a server process per block and the load generator, on a database of its own
+a caller with rate limits, and budgets when the project has them; ``v1msg`` and ``v1resp``: the
+Anthropic Messages and OpenAI Responses APIs) and every upstream adapter's CPU per chunk. It
+starts the simulator, a server process per block and the load generator, on a database of its own
 (``<database>_bench_test*`` on PostgreSQL when ``DATABASE_URL`` names ``<database>``, else a
-temporary SQLite file) and Redis database 14 when ``REDIS_URL`` is set. Figures are not checked, only
-that every path streamed every token without an error and that the report is complete.
+temporary SQLite file) and Redis database ``BENCH_TEST_REDIS_DB`` (default 14) when ``REDIS_URL``
+is set. Figures are not checked, only that every path streamed every token without an error and
+that the report is complete.
 ``--baseline`` is checked the same way, against the project itself (the plumbing: both trees'
 rounds and the CPU comparison), and against a copy whose migrations differ (refused).
 """
@@ -30,7 +32,10 @@ _DATABASE = urlsplit(_DATABASE_URL).path.strip("/") if _DATABASE_URL.startswith(
 BENCH_DB = (_DATABASE or "chatbackend") + "_bench_test"
 LEVELS = (1, 3)
 TOKENS = 5
-PATHS = ("direct", "v1", "v1m", "sse", "ws")
+PATHS = ("direct", "v1", "v1m", "v1msg", "v1resp", "sse", "ws")
+ADAPTERS = ("openai", "anthropic", "gemini", "azure_openai")
+# The Redis database the benchmark owns (and cleans) during these tests: one per checkout that runs them at once.
+REDIS_DB = os.environ.get("BENCH_TEST_REDIS_DB", "14")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -53,7 +58,7 @@ def test_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:
         "--db-name",
         BENCH_DB,
         "--redis-db",
-        "14",
+        REDIS_DB,
         "--budget-s",
         "240",
     ]
@@ -95,6 +100,23 @@ def test_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:
     for path in PATHS:
         assert f"| {path} |" in result.stdout, output
 
+    # The other inbound APIs against /v1/chat/completions, at each level.
+    assert [row["concurrency"] for row in data["inbound_apis"]] == list(LEVELS)
+    for row in data["inbound_apis"]:
+        assert sorted(row["server_us"]) == ["v1", "v1msg", "v1resp"], row
+        for path in ("v1msg", "v1resp"):
+            r = next(r for r in rounds if r["path"] == path and r["concurrency"] == row["concurrency"])
+            assert row["ttft_ms"][path]["p50"] == r["ttft_ms"]["p50"], (path, row)
+            assert row["vs_v1"][path] > 0, (path, row)
+    assert "Inbound APIs against /v1/chat/completions" in result.stdout, output
+    # Each upstream adapter's CPU per chunk, measured against the simulator.
+    assert [a["kind"] for a in data["adapter_cpu"]] == list(ADAPTERS), output
+    for adapter in data["adapter_cpu"]:
+        assert adapter["error"] is None, adapter
+        assert adapter["chunks_per_reply"] >= TOKENS, adapter
+        assert adapter["sequential_us"] > 0 and adapter["concurrent_us"] > 0, adapter
+        assert f"| {adapter['kind']} |" in result.stdout, output
+
     # What enforcement adds: v1m against v1 at each level, and its targets.
     assert data["setup"]["metered"]["limits"] == {
         "requests_per_minute": 1_000_000,
@@ -108,7 +130,8 @@ def test_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:
         assert e["added_ms"]["p50"] == pytest.approx(metered["ttft_ms"]["p50"] - plain["ttft_ms"]["p50"], abs=0.11)
         assert e["v1_us"] > 0 and e["v1m_us"] > 0, e
     assert plain["replies_per_stream"] == 2 and metered["replies_per_stream"] == 2  # level 3
-    assert [r["replies_per_stream"] for r in rounds if r["concurrency"] == 1 and r["path"] in ("v1", "v1m")] == [10, 10]
+    one_stream = [r["replies_per_stream"] for r in rounds if r["concurrency"] == 1 and r["path"] not in ("sse", "ws")]
+    assert one_stream == [10] * 5
     ttft_target = next(t for t in data["targets"] if t["target"].startswith("enforcement adds"))
     assert ttft_target["concurrency"] == 1 and ttft_target["value"] == data["enforcement"][0]["added_ms"]["p50"]
     assert "uvicorn: enforcement adds" in result.stdout, output
@@ -128,9 +151,11 @@ def _bench(tmp_path: Path, db_name: str, *options: str) -> subprocess.CompletedP
         "--db-name",
         db_name,
         "--redis-db",
-        "14",
+        REDIS_DB,
         "--budget-s",
         "240",
+        "--adapters",
+        "none",
         *options,
     ]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=280, check=False)

@@ -1,4 +1,6 @@
-"""The report says what enforcement adds: v1m (every rate limit and budget applies) against v1 (none).
+"""The report says what enforcement adds: v1m (every rate limit and budget applies) against v1 (none);
+what the other inbound APIs (v1msg: /v1/messages, v1resp: /v1/responses) cost against v1; and each
+upstream adapter's CPU per chunk as ``bench.adapter_cpu`` measured it.
 
 Rounds are built as the benchmark builds them (``report.summarize_round`` on a load generator's
 raw measurements), with chosen TTFTs and server CPU, and go through ``report.build`` and
@@ -52,7 +54,9 @@ def _round(path: str, level: int, *, ttft_ms: float, server_cpu_s: float | None,
     return record
 
 
-def _data(rounds: list[dict[str, Any]], paths: list[str]) -> dict[str, Any]:
+def _data(
+    rounds: list[dict[str, Any]], paths: list[str], adapters: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     meta = {
         "started_at": "2026-12-01T22:00:00+00:00",
         "duration_s": 60.0,
@@ -72,9 +76,10 @@ def _data(rounds: list[dict[str, Any]], paths: list[str]) -> dict[str, Any]:
         "replies": "auto",
         "ramp_ms": 690.0,
         "max_tokens": 4 * TOKENS,
+        "adapters": {"kinds": [a["kind"] for a in adapters or []], "replies": 3, "concurrency": 100},
         "baseline": None,
     }
-    return report.build(meta=meta, config=config, setup={}, startup={}, rounds=rounds, profile=None)
+    return report.build(meta=meta, config=config, setup={}, startup={}, rounds=rounds, profile=None, adapters=adapters)
 
 
 def _run(*, v1m_ttft_at_1: float, v1m_cpu_at_50: float) -> dict[str, Any]:
@@ -167,3 +172,91 @@ def test_a_v1m_path_without_its_v1_pair_is_not_measured() -> None:
     assert data["enforcement"] == []
     assert _target(data, report.ENFORCEMENT_TTFT_TARGET)["met"] is None
     assert _target(data, report.ENFORCEMENT_CPU_TARGET)["met"] is None
+
+
+def test_inbound_apis_compare_with_v1_per_level() -> None:
+    rounds = [
+        _round("direct", 1, ttft_ms=50.0, server_cpu_s=None, replies=10),
+        _round("direct", 50, ttft_ms=52.0, server_cpu_s=None),
+        _round("v1", 1, ttft_ms=51.5, server_cpu_s=0.064, replies=10),
+        _round("v1", 50, ttft_ms=55.0, server_cpu_s=0.640),
+        _round("v1msg", 1, ttft_ms=53.0, server_cpu_s=0.080, replies=10),
+        _round("v1msg", 50, ttft_ms=56.0, server_cpu_s=0.704),
+        _round("v1resp", 1, ttft_ms=52.5, server_cpu_s=0.072, replies=10),
+        {**_round("v1resp", 50, ttft_ms=60.0, server_cpu_s=0.7), "skipped": "time budget"},
+    ]
+    data = _data(rounds, ["direct", "v1", "v1msg", "v1resp"])
+
+    one, fifty = data["inbound_apis"]
+    assert (one["server"], one["concurrency"], fifty["concurrency"]) == ("uvicorn", 1, 50)
+    assert one["ttft_ms"] == {
+        "v1": {"p50": 51.5, "p99": 51.5},
+        "v1msg": {"p50": 53.0, "p99": 53.0},
+        "v1resp": {"p50": 52.5, "p99": 52.5},
+    }
+    # 0.064 s / 640 tokens = 100 µs, 0.080 s = 125 µs, 0.072 s = 112.5 µs
+    assert one["server_us"] == {"v1": 100.0, "v1msg": 125.0, "v1resp": 112.5}
+    assert one["vs_v1"] == {"v1msg": 1.25, "v1resp": 1.125}
+    # A skipped round is not compared; the measured one still is.
+    assert sorted(fifty["server_us"]) == ["v1", "v1msg"] and fifty["vs_v1"] == {"v1msg": 1.1}
+
+    text = report.markdown(data)
+    assert "| uvicorn | 1 | 51.5 / 53.0 / 52.5 | 51.5 / 53.0 / 52.5 | 100.0 / 125.0 / 112.5 | 1.25 / 1.12 |" in text
+    assert "| uvicorn | 50 | 55.0 / 56.0 / – | 55.0 / 56.0 / – | 100.0 / 110.0 / – | 1.10 / – |" in text
+    # Their rounds have the TTFT-overhead targets of every backend path.
+    assert {t["path"] for t in data["targets"] if t["target"] == "TTFT overhead p50 (ms)"} == {"v1", "v1msg", "v1resp"}
+
+
+def test_without_the_other_inbound_apis_there_is_no_comparison() -> None:
+    data = _run(v1m_ttft_at_1=52.1, v1m_cpu_at_50=0.660)
+
+    assert data["inbound_apis"] == []
+    assert "Inbound APIs against" not in report.markdown(data)
+
+
+def test_adapter_cpu_per_chunk_table() -> None:
+    def phases(sequential_us: float, concurrent_us: float) -> list[dict[str, Any]]:
+        return [
+            {"phase": "sequential", "concurrency": 1, "replies": 3, "chunks": 198, "batches": 198,
+             "chunks_per_batch": 1.0, "cpu_s": sequential_us * 198e-6, "us_per_chunk": sequential_us},
+            {"phase": "100 concurrent", "concurrency": 100, "replies": 100, "chunks": 6600, "batches": 3300,
+             "chunks_per_batch": 2.0, "cpu_s": concurrent_us * 6600e-6, "us_per_chunk": concurrent_us},
+        ]  # fmt: skip
+
+    adapters = [
+        {"kind": "openai", "phases": phases(400.5, 58.0)},
+        {"kind": "gemini", "error": "exit 1: ProviderError: upstream returned 401"},
+    ]
+    data = _data([_round("direct", 1, ttft_ms=50.0, server_cpu_s=None, replies=10)], ["direct"], adapters)
+
+    assert data["adapter_cpu"] == [
+        {
+            "kind": "openai",
+            "chunks_per_reply": 66.0,
+            "sequential_us": 400.5,
+            "concurrency": 100,
+            "concurrent_us": 58.0,
+            "chunks_per_batch": 2.0,
+            "error": None,
+        },
+        {
+            "kind": "gemini",
+            "chunks_per_reply": None,
+            "sequential_us": None,
+            "concurrency": None,
+            "concurrent_us": None,
+            "chunks_per_batch": None,
+            "error": "exit 1: ProviderError: upstream returned 401",
+        },
+    ]
+    text = report.markdown(data)
+    assert "3 one after another, then 100 at once" in text
+    assert "| openai | 66.0 | 400.5 | 58.0 | 2.00 |" in text
+    assert "| gemini | not measured: exit 1: ProviderError: upstream returned 401 ||||" in text
+
+
+def test_without_adapters_there_is_no_adapter_table() -> None:
+    data = _run(v1m_ttft_at_1=52.1, v1m_cpu_at_50=0.660)
+
+    assert data["adapter_cpu"] == []
+    assert "Upstream adapter CPU per chunk" not in report.markdown(data)
