@@ -192,10 +192,19 @@ REDIS_SOCKET_TIMEOUT_SECONDS: float = _seconds("REDIS_SOCKET_TIMEOUT_SECONDS", 5
 # (accounts.login_throttle): its own key prefix, so it can be inspected or cleared on its own.
 AUTH_THROTTLE_KEY_PREFIX = "auth-throttle"
 if REDIS_URL:
+    # channels_redis waits for a message with BZPOPMIN for up to its ``brpop_timeout`` (5 s); redis-py 8
+    # gives every connection a 5 s socket timeout by default, which then fires first on a quiet
+    # channel: the receive fails, its connection is dropped and a message Redis popped meanwhile is
+    # lost (redis/redis-py#4091). The read must outlast the wait by what a Redis is allowed to take.
+    CHANNEL_LAYER_SOCKET_TIMEOUT_SECONDS = 5 + REDIS_SOCKET_TIMEOUT_SECONDS
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "capacity": 1500, "expiry": 30},
+            "CONFIG": {
+                "hosts": [{"address": REDIS_URL, "socket_timeout": CHANNEL_LAYER_SOCKET_TIMEOUT_SECONDS}],
+                "capacity": 1500,
+                "expiry": 30,
+            },
         }
     }
     # An unresponsive Redis (not just a refused connection) fails a cache call after this long
