@@ -133,6 +133,7 @@ async def measure(options: argparse.Namespace, out: TextIO) -> None:
     from asgiref.sync import sync_to_async
 
     from accounts.metering.ratelimits import rate_limit_close
+    from chatbackend import broadcast
 
     out.write("| caller | wall p50 ms | wall p99 ms | CPU µs per request |\n|---|--:|--:|--:|\n")
     for caller in options.callers.split(","):
@@ -159,6 +160,7 @@ async def measure(options: argparse.Namespace, out: TextIO) -> None:
             out.write(text.getvalue())
     await sync_to_async(_budgets)(False)
     await rate_limit_close()
+    await broadcast.stop_listening()  # the budget cache's listener, or the loop's exit waits on it
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,8 @@ One listener per process, not a channel or group per stream: a ``group_add`` and
 replies, exhausted redis-py's connection pool. A listener is one channel that joins the group
 once, and one task that receives on it. Nothing is cancelled per stream either: on Python 3.11,
 ``asyncio.wait_for`` (used by redis-py to send a command) can swallow a cancellation, and a
-cancelled ``receive`` then hangs for channels_redis' whole 5 s ``BZPOPMIN`` before failing.
+cancelled ``receive`` then goes on waiting (``BZPOPMIN`` after ``BZPOPMIN``) until a message
+comes: ``stop_listening`` cancels the listener again until it ends.
 
 Group membership expires: channels_redis drops a member ``group_expiry`` (default 86400 s) after
 it joined, at the next ``group_send``. So the listener re-joins every ``REJOIN_SECONDS`` (one
@@ -48,6 +49,8 @@ REJOIN_SECONDS = 3600.0
 # After a failed join, how long a listener waits before trying again (callers meanwhile reuse the
 # failure instead of each trying, so an outage costs at most one attempt a second).
 RETRY_SECONDS = 1.0
+# The longest ``stop_listening`` waits for the listener's tasks to end.
+STOP_SECONDS = 10.0
 
 Handler = Callable[[dict[str, Any]], None]
 _handlers: dict[str, list[Handler]] = {}
@@ -240,7 +243,8 @@ def listening() -> bool:
 
 
 async def stop_listening() -> None:
-    """Leave the group and stop this event loop's listener (tests, shutdown)."""
+    """Leave the group and stop this event loop's listener (tests, the server's shutdown); at most
+    ``STOP_SECONDS`` (its tasks are left behind after that)."""
     loop = asyncio.get_running_loop()
     listener = _listeners.pop(loop, None)
     if listener is None:
@@ -248,10 +252,15 @@ async def stop_listening() -> None:
     if listener.channel and listener.joined:
         with contextlib.suppress(Exception):
             await listener.layer.group_discard(PROCESS_GROUP, listener.channel)
-    for task in listener.tasks:
-        task.cancel()
-    if listener.tasks:
-        await asyncio.wait(listener.tasks, timeout=10)
+    # Cancelled again until they end: Python 3.11's ``asyncio.wait_for`` can swallow one cancellation
+    # (module docstring), and the receive would then wait on, ``BZPOPMIN`` after ``BZPOPMIN``, until
+    # a message came. Bounded, so that a shutdown never waits on it for more than STOP_SECONDS.
+    pending = set(listener.tasks)
+    deadline = loop.time() + STOP_SECONDS
+    while pending and loop.time() < deadline:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
 
 
 __all__ = [

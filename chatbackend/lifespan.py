@@ -35,6 +35,7 @@ from conversations.services import reply_recover_orphans
 from llm.providers.openai_compatible import aclose_clients
 from llm.streaming import replies_accepting, replies_shutdown
 
+from . import broadcast
 from .asyncdb import run_sync
 from .liveness import start_heartbeat, stop_heartbeat
 
@@ -63,6 +64,7 @@ async def shutdown() -> None:
     if ended:
         logger.warning("the shutdown ended %d open replies as cancelled; their text and usage are saved", ended)
     await stop_heartbeat()
+    await broadcast.stop_listening()  # or the process's exit would wait on the listener's receive
     await aclose_clients()
     await rate_limit_close()  # after the replies: their ends gave their stream slots back
 
