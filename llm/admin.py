@@ -11,7 +11,7 @@ from typing import Any
 from django import forms
 from django.contrib import admin
 
-from .models import LLMModel, Provider
+from .models import Deployment, LLMModel, Provider
 
 
 class ProviderAdminForm(forms.ModelForm):
@@ -38,6 +38,7 @@ class ProviderAdminForm(forms.ModelForm):
             "clear_api_key",
             "extra_headers",
             "connect_timeout",
+            "first_token_timeout",
             "read_timeout",
             "stream_usage",
             "enabled",
@@ -71,6 +72,24 @@ class ProviderAdmin(admin.ModelAdmin):
         return bool(obj.api_key)
 
 
+class DeploymentInline(admin.TabularInline):
+    """The model's deployments (``llm.routing``): empty, the model's own provider serves it."""
+
+    model = Deployment
+    extra = 0
+    fields = (
+        "provider",
+        "upstream_model",
+        "weight",
+        "priority",
+        "enabled",
+        "requests_per_minute",
+        "tokens_per_minute",
+        "concurrent_streams",
+    )
+    autocomplete_fields = ("provider",)
+
+
 @admin.register(LLMModel)
 class LLMModelAdmin(admin.ModelAdmin):
     list_display = (
@@ -84,9 +103,11 @@ class LLMModelAdmin(admin.ModelAdmin):
         "cache_write_price_per_million",
         "context_window",
         "tokenizer",
+        "routing_strategy",
     )
     list_editable = ("enabled",)
     list_filter = ("enabled", "provider", "tokenizer")
     list_select_related = ("provider",)
     search_fields = ("name", "upstream_model")
     autocomplete_fields = ("provider",)
+    inlines = (DeploymentInline,)

@@ -7,7 +7,7 @@ class LlmConfig(AppConfig):
 
     def ready(self) -> None:
         # Bad provider configuration stops start-up (ImproperlyConfigured), not the first request.
-        from .models import LLMModel, Provider
+        from .models import Deployment, LLMModel, Provider
         from .providers import load_provider_backends
         from .selectors import enabled_model_cache
 
@@ -16,3 +16,4 @@ class LlmConfig(AppConfig):
         # repriced, pointed elsewhere, its key rotated.
         enabled_model_cache.invalidate_on(LLMModel)
         enabled_model_cache.invalidate_on(Provider)
+        enabled_model_cache.invalidate_on(Deployment)  # the snapshot holds the model's deployments

@@ -62,7 +62,8 @@ from chatbackend.errors import ApplicationError
 from chatbackend.http import EventStreamResponse
 from chatbackend.liveness import start_heartbeat
 
-from .providers import ChatChunk, ChatRequest, ProviderConfig, Usage, get_provider
+from .providers import ChatChunk, ChatRequest, ProviderConfig, Usage
+from .routing import WEIGHTED, DeploymentConfig, Router
 from .tokens import COUNTED, ESTIMATE_TOKENIZER, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,9 @@ class ReplyPlan:
     context, or None for a reply nobody pays for. ``metering``: what admission control checks
     before the upstream call (rate limits, budgets: ``accounts.metering``), or None for a reply
     nothing limits. ``tokenizer``: the model's (``EnabledModel.tokenizer``), which counts the
-    tokens of a reply whose provider reported no usage (a stream stopped or cut). Interfaces
+    tokens of a reply whose provider reported no usage (a stream stopped or cut). ``deployments``:
+    where the request may go (``EnabledModel.deployments``), tried by ``llm.routing.Router`` with
+    ``routing_strategy``; empty: ``provider`` with ``request.model``, its one deployment. Interfaces
     subclass it with the typed fields they report to their clients (ids, timestamps) and override
     ``finish`` to persist the end and ``refused`` to undo a start that admission refused.
     """
@@ -147,6 +150,8 @@ class ReplyPlan:
     usage: UsageContext | None = None
     metering: MeteringRequest | None = None
     tokenizer: Tokenizer = ESTIMATE_TOKENIZER
+    deployments: tuple[DeploymentConfig, ...] = ()
+    routing_strategy: str = WEIGHTED
 
     # ``finish`` and ``checkpoint`` run in a worker thread (they may use the ORM), and only when
     # a subclass overrides them.
@@ -243,7 +248,13 @@ class Reply(Generic[P]):
         self.outcome: ReplyOutcome | None = None
         _open_replies.add(self)
         _unwritten.add(self)
-        self._upstream: AsyncGenerator[list[ChatChunk], None] = get_provider(plan.provider).stream(plan.request)
+        deployments = plan.deployments or (
+            DeploymentConfig(id=None, key="", name="", provider=plan.provider, upstream_model=plan.request.model),
+        )
+        self.router = Router(
+            deployments=deployments, strategy=plan.routing_strategy, request=plan.request, reply_id=plan.reply_id
+        )
+        self._upstream: AsyncGenerator[list[ChatChunk], None] = self.router.stream()
         self._first: asyncio.Future[list[ChatChunk]] | None = None  # a read in its own task
         self._events: AsyncGenerator[ReplyEvent, None] | None = None
         self._task: asyncio.Task[Any] | None = None  # the task iterating ``events()``
@@ -573,6 +584,7 @@ class Reply(Generic[P]):
                 reasoning_tokens=usage.reasoning_tokens,
                 token_source=outcome.usage_source,
                 produced_output=outcome.time_to_first_token_ms is not None,
+                deployment=self.router.deployment.name if self.router.deployment is not None else "",
             )
 
     def _estimate_usage(self, content: str, reasoning: str) -> Usage:
