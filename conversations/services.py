@@ -151,8 +151,8 @@ def reply_start(*, user: User, api_key: APIKey | None, conversation_id: int, con
         model_name=model.name,
         reply_id=reply_id,
         tokenizer=model.tokenizer,
-        deployments=model.deployments,
-        routing_strategy=model.routing_strategy,
+        route=model.route,
+        fallbacks=model.fallbacks,
         usage=usage_context(
             request_id=reply_id,
             source=UsageRecord.Source.CONVERSATION,

@@ -154,6 +154,10 @@ class Provider(models.Model):
         return self.name
 
 
+# The most fallback models one model may name: each costs a failed attempt before the reply starts.
+MAX_FALLBACKS = 5
+
+
 class LLMModel(RateLimited):
     """A model users can chat with: a public ``name`` mapped to a provider's ``upstream_model``.
 
@@ -225,6 +229,15 @@ class LLMModel(RateLimited):
         default=RoutingStrategy.WEIGHTED,
         help_text="How a reply picks among the model's deployments of the best priority (llm.routing)",
     )
+    fallbacks = models.JSONField(
+        default=list,
+        blank=True,
+        help_text=(
+            "Other models to try, in order, when every deployment of this one failed before the first token, e.g. "
+            '["gpt-4o", "claude-sonnet"] (a JSON list of model names). A prompt longer than this model\'s context '
+            "window goes straight to the first of them whose window fits it."
+        ),
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -238,6 +251,16 @@ class LLMModel(RateLimited):
     def clean(self) -> None:
         if not isinstance(self.default_parameters, dict):
             raise ValidationError({"default_parameters": "Must be a JSON object of OpenAI request fields."})
+        fallbacks = self.fallbacks
+        if not (isinstance(fallbacks, list) and all(isinstance(name, str) for name in fallbacks)):
+            raise ValidationError({"fallbacks": 'Must be a JSON list of model names, e.g. ["gpt-4o"].'})
+        if len(fallbacks) > MAX_FALLBACKS or len(set(fallbacks)) != len(fallbacks) or self.name in fallbacks:
+            raise ValidationError(
+                {"fallbacks": f"At most {MAX_FALLBACKS} other models, each once, not the model itself."}
+            )
+        missing = set(fallbacks) - set(LLMModel.objects.filter(name__in=fallbacks).values_list("name", flat=True))
+        if missing:
+            raise ValidationError({"fallbacks": f"No model is called {', '.join(sorted(map(repr, missing)))}."})
 
 
 class Deployment(RateLimited):

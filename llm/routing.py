@@ -15,8 +15,11 @@ model id it knows; a model without any is its own one deployment). The streaming
    429, 5xx, 408, unreachable, timed out or disconnected, or no chunk within the provider's
    ``first_token_timeout``) puts the deployment in cooldown for ``LLM_DEPLOYMENT_COOLDOWN_SECONDS``
    (the upstream's ``Retry-After`` when longer) and, after a backoff, opens the next one. Any other
-   failure (400, 401, ...) propagates at once, and so does the last deployment's. Once a chunk has
-   been passed on, the reply never switches: a later failure is the reply's.
+   failure (400, 401, ...) propagates at once. Once a chunk has been passed on, the reply never
+   switches: a later failure is the reply's;
+4. when every deployment of the model failed so, tries its **fallbacks** (``LLMModel.fallbacks``:
+   other models, in order) the same way; the last failure is the reply's. A prompt longer than the
+   model's context window goes straight to the first fallback whose window holds it.
 
 Backoff before the next attempt: ``LLM_ROUTING_BACKOFF_SECONDS`` doubled per attempt; when the next
 deployment is on the same provider as the one that failed, at least the ``Retry-After`` that one
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import random
@@ -41,6 +45,7 @@ import weakref
 from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import groupby
+from typing import Any
 
 import redis.asyncio
 import redis.exceptions
@@ -56,6 +61,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "COOLDOWN_KEY_PREFIX",
     "DeploymentConfig",
+    "ModelRoute",
     "Router",
     "deployment_order",
     "cooldown_store",
@@ -246,37 +252,80 @@ async def cooldown_store_close() -> None:
 # --- The router -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class ModelRoute:
+    """A model a reply may be served by: its deployments, its strategy and its context window (tokens).
+
+    ``model``: what the caller prices the reply at when this model serves it (for a fallback,
+    ``llm.selectors.EnabledModel``); the router only passes it on.
+    """
+
+    name: str
+    deployments: tuple[DeploymentConfig, ...]
+    strategy: str = WEIGHTED
+    context_window: int | None = None
+    model: Any = None
+
+
 class Router:
     """The upstream of one reply: ``stream()`` yields the chunk batches of the deployment that serves it.
 
-    ``deployments``: the model's (never empty); ``strategy``: ``LLMModel.RoutingStrategy``;
-    ``request``: sent to each deployment with its ``upstream_model`` as ``model``. ``deployment`` is
-    the deployment serving the reply once one answered (else the last one tried, None before any).
+    ``route``: the model the client asked for; ``fallbacks``: other models to try, in order, once
+    every deployment of it failed before the first chunk (``LLMModel.fallbacks``). ``prompt_tokens``
+    (counted before the call, None: unknown): a prompt longer than the model's context window goes
+    straight to the fallbacks whose window holds it (the model itself when none does), and a
+    fallback too small for it is skipped. ``request`` is sent to each deployment with its
+    ``upstream_model`` as ``model``. Once a deployment answered, ``deployment`` is it and
+    ``serving`` its model (before: the last tried, None before any attempt).
     """
 
     def __init__(
         self,
         *,
-        deployments: Sequence[DeploymentConfig],
-        strategy: str,
+        route: ModelRoute,
         request: ChatRequest,
+        fallbacks: Sequence[ModelRoute] = (),
+        prompt_tokens: int | None = None,
         reply_id: str = "",
     ) -> None:
-        if not deployments:
+        if not route.deployments:
             raise ValueError("a reply needs at least one deployment")
-        self.deployments = tuple(deployments)
-        self.strategy = strategy
+        self.route = route
+        self.fallbacks = tuple(fallbacks)
         self.request = request
+        self.prompt_tokens = prompt_tokens
         self.reply_id = reply_id
         self.deployment: DeploymentConfig | None = None
+        self.serving: ModelRoute | None = None
 
-    async def _candidates(self) -> tuple[list[DeploymentConfig], float]:
-        """Return the deployments to try, in order, and the seconds to wait before the first.
+    def _routes(self) -> list[ModelRoute]:
+        """Return the models to try, in order (context-window fallbacks first: see the class docstring)."""
+        tokens = self.prompt_tokens
+        fallbacks = [
+            route
+            for route in self.fallbacks
+            if route.deployments and (tokens is None or route.context_window is None or route.context_window >= tokens)
+        ]
+        window = self.route.context_window
+        if tokens is not None and window is not None and tokens > window and fallbacks:
+            logger.info(
+                "reply %s: %d prompt tokens exceed the context window of %s (%d): trying %s",
+                self.reply_id,
+                tokens,
+                self.route.name,
+                window,
+                fallbacks[0].name,
+            )
+            return fallbacks
+        return [self.route, *fallbacks]
+
+    async def _candidates(self, route: ModelRoute) -> tuple[list[DeploymentConfig], float]:
+        """Return ``route``'s deployments to try, in order, and the seconds to wait before the first.
 
         Those not cooling down, at once; when all are, the one whose cooldown ends first, after
         what is left of it (at most ``LLM_ROUTING_BACKOFF_MAX_SECONDS``).
         """
-        order = deployment_order(self.deployments, self.strategy)
+        order = deployment_order(route.deployments, route.strategy)
         if len(order) == 1:
             return order, 0.0
         try:
@@ -292,9 +341,9 @@ class Router:
         soonest = min(order, key=lambda d: cooling[d.key])
         return [soonest], min(cooling[soonest.key], float(settings.LLM_ROUTING_BACKOFF_MAX_SECONDS))
 
-    async def _cool(self, deployment: DeploymentConfig, error: UpstreamError) -> float:
+    async def _cool(self, route: ModelRoute, deployment: DeploymentConfig, error: UpstreamError) -> float:
         seconds = max(float(settings.LLM_DEPLOYMENT_COOLDOWN_SECONDS), error.retry_after or 0.0)
-        if len(self.deployments) > 1:  # one deployment is tried whatever: no cooldown to share
+        if len(route.deployments) > 1:  # one deployment is tried whatever: no cooldown to share
             try:
                 await cooldown_store().cool(deployment.key, seconds)
             except UNREACHABLE_ERRORS:
@@ -308,61 +357,82 @@ class Router:
         a failure after the first chunk. Closing the generator (or cancelling its read) closes the
         open upstream request.
         """
-        candidates, wait = await self._candidates()
-        if wait > 0:
-            await asyncio.sleep(wait)
+        routes = self._routes()
+        attempt = 0
         previous: tuple[DeploymentConfig, UpstreamError] | None = None
-        for attempt, deployment in enumerate(candidates):
-            if previous is not None:
-                await asyncio.sleep(self._backoff(attempt, deployment, *previous))
-            self.deployment = deployment
-            provider = deployment.provider
-            request = dataclasses.replace(self.request, model=deployment.upstream_model)
-            upstream = get_provider(provider).stream(request)
-            _in_flight[deployment.key] = _in_flight.get(deployment.key, 0) + 1
-            started = time.perf_counter()
-            try:
-                try:
-                    async with asyncio.timeout(provider.first_token_timeout) as deadline:
-                        first = await anext(upstream)
-                except StopAsyncIteration:
-                    return
-                except TimeoutError as exc:
-                    if not deadline.expired():
-                        raise
-                    error = UpstreamError(
-                        UPSTREAM_MESSAGES["upstream_timeout"],
-                        code="upstream_timeout",
-                        status=504,
-                        detail=f"no first chunk within {provider.first_token_timeout} s",
-                    )
-                    error.__cause__ = exc
-                except UpstreamError as exc:
-                    error = exc
-                else:
-                    latency_record(deployment.key, time.perf_counter() - started)
-                    yield first
-                    async for batch in upstream:
-                        yield batch
+        for index, route in enumerate(routes):
+            candidates, wait = await self._candidates(route)
+            for position, deployment in enumerate(candidates):
+                if previous is not None:
+                    wait = max(wait, self._backoff(attempt, deployment, *previous))
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                wait = 0.0
+                attempt += 1
+                self.deployment, self.serving = deployment, route
+                error = None
+                # aclosing: a reply closed while it streams closes this attempt's upstream at once.
+                async with contextlib.aclosing(self._attempt(deployment)) as batches:
+                    async for batch in batches:
+                        if isinstance(batch, UpstreamError):
+                            error = batch
+                        else:
+                            yield batch
+                if error is None:
                     return
                 if not is_retryable(error):
                     raise error
-                cooldown = await self._cool(deployment, error)
-                if attempt == len(candidates) - 1:
+                cooldown = await self._cool(route, deployment, error)
+                if index == len(routes) - 1 and position == len(candidates) - 1:
                     raise error
                 logger.warning(
-                    "reply %s: deployment %s failed before its first chunk (%s%s); cooling down %.0f s, trying %s",
+                    "reply %s: deployment %s of %s failed before its first chunk (%s%s); cooling down %.0f s",
                     self.reply_id,
                     deployment.name,
+                    route.name,
                     error.code,
                     f", upstream status {error.upstream_status}" if error.upstream_status else "",
                     cooldown,
-                    candidates[attempt + 1].name,
                 )
                 previous = (deployment, error)
-            finally:
-                _in_flight[deployment.key] -= 1
-                await upstream.aclose()
+
+    async def _attempt(self, deployment: DeploymentConfig) -> AsyncGenerator[list[ChatChunk] | UpstreamError, None]:
+        """Yield ``deployment``'s chunk batches, or its failure before the first one as the only item.
+
+        A failure after the first batch is raised: the reply is committed to this deployment.
+        """
+        provider = deployment.provider
+        upstream = get_provider(provider).stream(dataclasses.replace(self.request, model=deployment.upstream_model))
+        _in_flight[deployment.key] = _in_flight.get(deployment.key, 0) + 1
+        started = time.perf_counter()
+        try:
+            try:
+                async with asyncio.timeout(provider.first_token_timeout) as deadline:
+                    first = await anext(upstream)
+            except StopAsyncIteration:
+                return
+            except TimeoutError as exc:
+                if not deadline.expired():
+                    raise
+                error = UpstreamError(
+                    UPSTREAM_MESSAGES["upstream_timeout"],
+                    code="upstream_timeout",
+                    status=504,
+                    detail=f"no first chunk within {provider.first_token_timeout} s",
+                )
+                error.__cause__ = exc
+                yield error
+                return
+            except UpstreamError as exc:
+                yield exc
+                return
+            latency_record(deployment.key, time.perf_counter() - started)
+            yield first
+            async for batch in upstream:
+                yield batch
+        finally:
+            _in_flight[deployment.key] -= 1
+            await upstream.aclose()
 
     def _backoff(
         self, attempt: int, deployment: DeploymentConfig, failed: DeploymentConfig, error: UpstreamError

@@ -17,7 +17,7 @@ from chatbackend.lookup_cache import LookupCache
 
 from .models import Deployment, LLMModel, Provider, deployment_name
 from .providers import ProviderConfig
-from .routing import DeploymentConfig
+from .routing import DeploymentConfig, ModelRoute
 from .tokens import Tokenizer, tokenizer_for
 
 
@@ -73,7 +73,9 @@ class EnabledModel:
     ``provider``: how to reach the upstream, its API key decrypted. ``tokenizer``: counts its
     tokens (``LLMModel.tokenizer`` resolved for ``upstream_model``: ``llm.tokens.tokenizer_for``).
     ``deployments``: where replies may be sent, never empty (``deployments_for``), in priority
-    order; ``routing_strategy``: how a reply picks among them (``LLMModel.RoutingStrategy``).
+    order; ``routing_strategy``: how a reply picks among them (``LLMModel.RoutingStrategy``);
+    ``fallbacks``: the enabled models of ``LLMModel.fallbacks``, in order, tried when every
+    deployment failed (their own fallbacks are not followed).
     """
 
     id: int
@@ -91,6 +93,18 @@ class EnabledModel:
     tokenizer: Tokenizer
     deployments: tuple[DeploymentConfig, ...] = ()
     routing_strategy: str = LLMModel.RoutingStrategy.WEIGHTED.value
+    fallbacks: tuple[ModelRoute, ...] = ()
+
+    @property
+    def route(self) -> ModelRoute:
+        """Return the model as ``llm.routing`` routes it (priced at this snapshot when it serves)."""
+        return ModelRoute(
+            name=self.name,
+            deployments=self.deployments,
+            strategy=self.routing_strategy,
+            context_window=self.context_window,
+            model=self,
+        )
 
     @property
     def pk(self) -> int:
@@ -146,6 +160,17 @@ def deployments_for(*, model: LLMModel) -> tuple[DeploymentConfig, ...]:
 
 def _enabled_model_read(name: str) -> EnabledModel:
     model = llm_model_get_enabled(name=name)
+    fallbacks = []
+    for fallback_name in model.fallbacks or ():
+        try:
+            fallback = llm_model_get_enabled(name=fallback_name)
+        except ApplicationError:  # deleted or disabled since: the chain goes on without it
+            continue
+        fallbacks.append(_snapshot(fallback).route)
+    return _snapshot(model, fallbacks=tuple(fallbacks))
+
+
+def _snapshot(model: LLMModel, *, fallbacks: tuple[ModelRoute, ...] = ()) -> EnabledModel:
     tokenizer = tokenizer_for(setting=model.tokenizer, model_name=model.upstream_model)
     # Its vocabulary loads here (a worker thread on the async path), not on the event loop when the
     # first prompt is counted, and only for the families of models actually used.
@@ -166,6 +191,7 @@ def _enabled_model_read(name: str) -> EnabledModel:
         tokenizer=tokenizer,
         deployments=deployments_for(model=model),
         routing_strategy=model.routing_strategy,
+        fallbacks=fallbacks,
     )
 
 

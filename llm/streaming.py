@@ -55,7 +55,7 @@ from django.http import HttpResponseBase
 from accounts.metering import Admission, MeteringRequest, metering_admit
 from accounts.revocation import watch_credential
 from accounts.selectors import AuthenticationFailed
-from accounts.usage import REFUSED, UsageContext, usage_account, usage_flush
+from accounts.usage import REFUSED, UsageContext, usage_account, usage_context, usage_flush
 from chatbackend import broadcast
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError
@@ -63,7 +63,7 @@ from chatbackend.http import EventStreamResponse
 from chatbackend.liveness import start_heartbeat
 
 from .providers import ChatChunk, ChatRequest, ProviderConfig, Usage
-from .routing import WEIGHTED, DeploymentConfig, Router
+from .routing import DeploymentConfig, ModelRoute, Router
 from .tokens import COUNTED, ESTIMATE_TOKENIZER, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -136,9 +136,9 @@ class ReplyPlan:
     context, or None for a reply nobody pays for. ``metering``: what admission control checks
     before the upstream call (rate limits, budgets: ``accounts.metering``), or None for a reply
     nothing limits. ``tokenizer``: the model's (``EnabledModel.tokenizer``), which counts the
-    tokens of a reply whose provider reported no usage (a stream stopped or cut). ``deployments``:
-    where the request may go (``EnabledModel.deployments``), tried by ``llm.routing.Router`` with
-    ``routing_strategy``; empty: ``provider`` with ``request.model``, its one deployment. Interfaces
+    tokens of a reply whose provider reported no usage (a stream stopped or cut). ``route``: the
+    model's deployments (``EnabledModel.route``), which ``llm.routing.Router`` picks from, then
+    ``fallbacks``; None: ``provider`` with ``request.model`` is its one deployment. Interfaces
     subclass it with the typed fields they report to their clients (ids, timestamps) and override
     ``finish`` to persist the end and ``refused`` to undo a start that admission refused.
     """
@@ -150,8 +150,8 @@ class ReplyPlan:
     usage: UsageContext | None = None
     metering: MeteringRequest | None = None
     tokenizer: Tokenizer = ESTIMATE_TOKENIZER
-    deployments: tuple[DeploymentConfig, ...] = ()
-    routing_strategy: str = WEIGHTED
+    route: ModelRoute | None = None
+    fallbacks: tuple[ModelRoute, ...] = ()
 
     # ``finish`` and ``checkpoint`` run in a worker thread (they may use the ORM), and only when
     # a subclass overrides them.
@@ -248,11 +248,18 @@ class Reply(Generic[P]):
         self.outcome: ReplyOutcome | None = None
         _open_replies.add(self)
         _unwritten.add(self)
-        deployments = plan.deployments or (
-            DeploymentConfig(id=None, key="", name="", provider=plan.provider, upstream_model=plan.request.model),
+        route = plan.route or ModelRoute(
+            name=plan.model_name,
+            deployments=(
+                DeploymentConfig(id=None, key="", name="", provider=plan.provider, upstream_model=plan.request.model),
+            ),
         )
         self.router = Router(
-            deployments=deployments, strategy=plan.routing_strategy, request=plan.request, reply_id=plan.reply_id
+            route=route,
+            fallbacks=plan.fallbacks,
+            request=plan.request,
+            prompt_tokens=plan.metering.prompt_tokens if plan.metering is not None else None,
+            reply_id=plan.reply_id,
         )
         self._upstream: AsyncGenerator[list[ChatChunk], None] = self.router.stream()
         self._first: asyncio.Future[list[ChatChunk]] | None = None  # a read in its own task
@@ -572,10 +579,22 @@ class Reply(Generic[P]):
                 error.code,
                 f": {error.detail}" if error.detail else "",
             )
-        if self.plan.usage is not None:
+        context = self.plan.usage
+        if context is not None:
+            serving = self.router.serving
+            if serving is not None and serving is not self.router.route and serving.model is not None:
+                # A fallback model served: the reply is its usage, at its prices.
+                context = usage_context(
+                    request_id=context.request_id,
+                    source=context.source,
+                    user_id=context.user_id,
+                    api_key_id=context.api_key_id,
+                    model=serving.model,
+                    message_id=context.message_id,
+                )
             usage = outcome.usage
             usage_account(
-                context=self.plan.usage,
+                context=context,
                 finish_status=outcome.status.value,
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
+import secrets
+from decimal import Decimal
 
+import pytest
+from django.core.exceptions import ValidationError
+from django.test import AsyncClient
+
+from chatbackend.asyncdb import run_sync
 from llm.models import Deployment, LLMModel
 from llm.selectors import enabled_model_cache, enabled_model_get
 from tests.factories import DeploymentFactory, LLMModelFactory, ProviderFactory
+from tests.kit import bearer, chat_body, chunk_objects, chunk_text, post_chat, sse_data, streamed_content, usage_records
 
 pytestmark = pytest.mark.django_db
 
@@ -100,3 +107,44 @@ def test_an_operator_adds_deployments_in_the_models_admin_page(admin_site):
         2,
         1,
     )
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("provider_clients")
+async def test_a_fallback_model_serves_and_the_usage_row_is_its_own(api_key_secret, simulator, settings):
+    settings.LLM_ROUTING_BACKOFF_SECONDS = 0.01
+    failing = f"sim-fallback-{secrets.token_hex(4)}"
+    simulator.fault_set(failing, "status=500")
+    provider = await run_sync(ProviderFactory, name="sim-fallbacks", base_url=simulator.base_url, api_key="")
+    backup = await run_sync(
+        LLMModelFactory,
+        name="backup",
+        provider=provider,
+        upstream_model="sim-1",
+        input_price_per_million="10",
+        output_price_per_million="20",
+    )
+    await run_sync(LLMModelFactory, name="primary", provider=provider, upstream_model=failing, fallbacks=["backup"])
+
+    response = await post_chat(AsyncClient(), chat_body("primary", "Fall back", stream=True), bearer(api_key_secret))
+    chunks = chunk_objects(sse_data(await streamed_content(response)))
+
+    assert response.status_code == 200
+    assert chunk_text(chunks).strip()
+    assert {chunk["model"] for chunk in chunks} == {"primary"}  # the name the client asked for
+    [record] = await usage_records()
+    assert (record.model_id, record.model_name, record.deployment) == (backup.pk, "backup", "sim-fallbacks/sim-1")
+    assert record.cost == Decimal(record.prompt_tokens * 10 + record.completion_tokens * 20) / 1_000_000
+    assert simulator.requests_for(failing) == 1
+
+
+def test_fallbacks_must_name_other_existing_models():
+    model = LLMModelFactory(name="chained")
+    LLMModelFactory(name="other")
+
+    for fallbacks in ("other", [1], ["chained"], ["other", "other"], ["missing"]):
+        model.fallbacks = fallbacks
+        with pytest.raises(ValidationError):
+            model.full_clean()
+    model.fallbacks = ["other"]
+    model.full_clean()

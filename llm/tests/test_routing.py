@@ -23,6 +23,7 @@ from llm.routing import (
     LOWEST_LATENCY,
     WEIGHTED,
     DeploymentConfig,
+    ModelRoute,
     Router,
     cooldown_store,
     cooldown_store_close,
@@ -94,6 +95,11 @@ def text(chunks: list[ChatChunk]) -> str:
 REQUEST = ChatRequest(model="public-name", messages=[{"role": "user", "content": "Route me"}])
 
 
+def router_over(*deployments: DeploymentConfig, **options) -> Router:  # noqa: ANN003 - Router's
+    """Return the router of a reply to a model served by ``deployments``."""
+    return Router(route=ModelRoute(name="public-name", deployments=deployments), request=REQUEST, **options)
+
+
 # --- Order ----------------------------------------------------------------------------------
 
 
@@ -123,7 +129,7 @@ def test_lowest_latency_prefers_the_fastest_and_tries_unmeasured_ones_first():
 async def test_least_in_flight_prefers_the_deployment_with_fewer_open_requests(slow_simulator, routed):
     busy = deployment("sim-1", base_url=slow_simulator.base_url)
     idle = DeploymentConfig(id=None, key="test-idle", name="idle", provider=busy.provider, upstream_model="sim-1")
-    router = Router(deployments=[busy], strategy=WEIGHTED, request=REQUEST)
+    router = router_over(busy)
     stream = router.stream()
     await anext(stream)  # a reply streaming from ``busy``
 
@@ -214,7 +220,7 @@ def two_deployments(sim: SimulatorProcess, **timeouts: float) -> tuple[Deploymen
 async def test_a_failure_before_the_first_chunk_goes_to_the_next_deployment(simulator, store, routed, fault, timeouts):
     a, b = two_deployments(simulator, **timeouts)
     simulator.fault_set(a.upstream_model, fault)
-    router = Router(deployments=[a, b], strategy=WEIGHTED, request=REQUEST)
+    router = router_over(a, b)
 
     chunks = await collect(router)
 
@@ -227,7 +233,7 @@ async def test_a_failure_before_the_first_chunk_goes_to_the_next_deployment(simu
     assert set(cooling) == {a.key}
 
     # The next reply skips ``a`` while it cools down, even though ``a`` is the better priority.
-    again = Router(deployments=[a, b], strategy=WEIGHTED, request=REQUEST)
+    again = router_over(a, b)
     await collect(again)
     assert again.deployment is b
     assert simulator.requests_for(a.upstream_model) == 1
@@ -237,7 +243,7 @@ async def test_retry_after_longer_than_the_cooldown_sets_the_cooldown(simulator,
     a, b = two_deployments(simulator)
     simulator.fault_set(a.upstream_model, "status=429, retry-after=6")
 
-    await collect(Router(deployments=[a, b], strategy=WEIGHTED, request=REQUEST))
+    await collect(router_over(a, b))
 
     cooling = await cooldown_store().cooling([a.key])
     assert 4 < cooling[a.key] <= 6  # not the 2 s LLM_DEPLOYMENT_COOLDOWN_SECONDS
@@ -247,12 +253,12 @@ async def test_after_its_cooldown_a_deployment_serves_again(simulator, store, ro
     settings.LLM_DEPLOYMENT_COOLDOWN_SECONDS = 0.5
     a, b = two_deployments(simulator)
     simulator.fault_set(a.upstream_model, "status=503")
-    first = Router(deployments=[a, b], strategy=WEIGHTED, request=REQUEST)
+    first = router_over(a, b)
     await collect(first)
     simulator.fault_clear(a.upstream_model)
 
     await asyncio.sleep(0.7)
-    later = Router(deployments=[a, b], strategy=WEIGHTED, request=REQUEST)
+    later = router_over(a, b)
     chunks = await collect(later)
 
     assert first.deployment is b and later.deployment is a
@@ -263,7 +269,7 @@ async def test_after_its_cooldown_a_deployment_serves_again(simulator, store, ro
 async def test_a_client_error_is_not_retried_elsewhere(simulator, store, routed):
     a, b = two_deployments(simulator)
     simulator.fault_set(a.upstream_model, "status=400")
-    router = Router(deployments=[a, b], strategy=WEIGHTED, request=REQUEST)
+    router = router_over(a, b)
 
     with pytest.raises(UpstreamError) as caught:
         await collect(router)
@@ -276,7 +282,7 @@ async def test_a_client_error_is_not_retried_elsewhere(simulator, store, routed)
 async def test_once_a_chunk_was_passed_on_the_reply_never_switches(simulator, store, routed):
     a, b = two_deployments(simulator)
     simulator.fault_set(a.upstream_model, "drop-after=2")
-    router = Router(deployments=[a, b], strategy=WEIGHTED, request=REQUEST)
+    router = router_over(a, b)
     chunks: list[ChatChunk] = []
 
     with pytest.raises(UpstreamError) as caught:
@@ -295,7 +301,7 @@ async def test_the_last_deployments_failure_is_the_replys(simulator, store, rout
     simulator.fault_set(b.upstream_model, "status=502")
 
     with pytest.raises(UpstreamError) as caught:
-        await collect(Router(deployments=[a, b], strategy=WEIGHTED, request=REQUEST))
+        await collect(router_over(a, b))
 
     assert caught.value.upstream_status == 502
     assert set(await cooldown_store().cooling([a.key, b.key])) == {a.key, b.key}
@@ -306,7 +312,7 @@ async def test_when_every_deployment_cools_down_the_one_ending_first_is_tried(si
     await cooldown_store().cool(a.key, 30)
     await cooldown_store().cool(b.key, 0.2)
 
-    router = Router(deployments=[a, b], strategy=WEIGHTED, request=REQUEST)
+    router = router_over(a, b)
     chunks = await collect(router)
 
     assert router.deployment is b
@@ -319,7 +325,7 @@ async def test_one_deployment_gets_a_504_when_its_first_chunk_is_late(simulator,
     simulator.fault_set(a.upstream_model, "ttft=10")
 
     with pytest.raises(UpstreamError) as caught:
-        await collect(Router(deployments=[a], strategy=WEIGHTED, request=REQUEST))
+        await collect(router_over(a))
 
     assert (caught.value.status, caught.value.code) == (504, "upstream_timeout")
     await asyncio.sleep(0.3)
@@ -332,10 +338,68 @@ async def test_an_unreachable_cooldown_store_is_ignored_not_fatal(simulator, rou
     a, b = two_deployments(simulator)
     simulator.fault_set(a.upstream_model, "status=500")
     try:
-        router = Router(deployments=[a, b], strategy=WEIGHTED, request=REQUEST)
+        router = router_over(a, b)
         chunks = await collect(router)
     finally:
         await cooldown_store_close()
 
     assert router.deployment is b
     assert text(chunks).strip()
+
+
+# --- Fallback models ------------------------------------------------------------------------
+
+
+def model_route(sim: SimulatorProcess, label: str, *, window: int = 8192) -> ModelRoute:
+    upstream = fresh(label)
+    provider = ProviderConfig(kind="openai", base_url=sim.base_url)
+    only = DeploymentConfig(id=None, key=upstream, name=f"sim/{upstream}", provider=provider, upstream_model=upstream)
+    return ModelRoute(name=label, deployments=(only,), context_window=window)
+
+
+async def test_fallback_models_are_tried_in_order_once_every_deployment_failed(simulator, store, routed):
+    a, b = two_deployments(simulator)
+    first, second = model_route(simulator, "fallback-1"), model_route(simulator, "fallback-2")
+    for upstream in (a.upstream_model, b.upstream_model, first.deployments[0].upstream_model):
+        simulator.fault_set(upstream, "status=503")
+    router = router_over(a, b, fallbacks=[first, second])
+
+    chunks = await collect(router)
+
+    assert text(chunks).strip()
+    assert router.serving is second
+    assert router.deployment is second.deployments[0]
+    for upstream in (a.upstream_model, b.upstream_model, first.deployments[0].upstream_model):
+        assert simulator.requests_for(upstream) == 1
+
+
+async def test_a_client_error_does_not_fall_back(simulator, store, routed):
+    main, fallback = model_route(simulator, "main"), model_route(simulator, "fallback")
+    simulator.fault_set(main.deployments[0].upstream_model, "status=422")
+    router = Router(route=main, fallbacks=[fallback], request=REQUEST)
+
+    with pytest.raises(UpstreamError):
+        await collect(router)
+    assert simulator.requests_for(fallback.deployments[0].upstream_model) == 0
+
+
+async def test_a_prompt_longer_than_the_window_goes_to_the_first_fallback_that_holds_it(simulator, store, routed):
+    main = model_route(simulator, "small-main", window=4096)
+    tiny, large = model_route(simulator, "tiny", window=2048), model_route(simulator, "large", window=128_000)
+    router = Router(route=main, fallbacks=[tiny, large], request=REQUEST, prompt_tokens=5000)
+
+    chunks = await collect(router)
+
+    assert text(chunks).strip()
+    assert router.serving is large
+    assert simulator.requests_for(main.deployments[0].upstream_model) == 0
+    assert simulator.requests_for(tiny.deployments[0].upstream_model) == 0
+
+
+async def test_a_prompt_no_model_holds_goes_to_the_model_itself(simulator, store, routed):
+    main, tiny = model_route(simulator, "main", window=4096), model_route(simulator, "tiny", window=2048)
+    router = Router(route=main, fallbacks=[tiny], request=REQUEST, prompt_tokens=5000)
+
+    await collect(router)
+
+    assert router.serving is main
