@@ -148,3 +148,9 @@ def test_fallbacks_must_name_other_existing_models():
             model.full_clean()
     model.fallbacks = ["other"]
     model.full_clean()
+
+
+def test_every_routing_strategy_an_operator_can_pick_is_one_the_router_knows():
+    from llm.routing import LEAST_IN_FLIGHT, LOWEST_LATENCY, WEIGHTED
+
+    assert set(LLMModel.RoutingStrategy.values) == {WEIGHTED, LEAST_IN_FLIGHT, LOWEST_LATENCY}
