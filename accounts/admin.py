@@ -124,9 +124,10 @@ class UsageRecordAdmin(admin.ModelAdmin):
         "cost",
         "token_source",
         "finish_status",
+        "deployment",
         "request_id",
     )
-    list_filter = ("source", "token_source", "model_name", "finish_status")
+    list_filter = ("source", "token_source", "model_name", "finish_status", "deployment")
     list_select_related = ("user",)
     search_fields = ("request_id", "user__username", "model_name")
     date_hierarchy = "created_at"

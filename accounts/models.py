@@ -101,7 +101,7 @@ class UsageRecord(models.Model):
     ``token_source`` says where the token counts came from: the provider's usage report
     (``provider``), the model's tokenizer when the provider reported none, e.g. for a stopped or
     cut stream (``counted``), or a characters / 4 estimate for a model without a known tokenizer
-    (``estimated``): ``llm.tokens``.
+    (``estimated``): ``llm.tokens``. ``deployment`` names the deployment that served it (``llm.routing``).
     """
 
     class TokenSource(models.TextChoices):
@@ -134,6 +134,12 @@ class UsageRecord(models.Model):
     cost = models.DecimalField(max_digits=16, decimal_places=8, default=Decimal("0"))
     token_source = models.CharField(max_length=16, choices=TokenSource.choices, default=TokenSource.PROVIDER)
     finish_status = models.CharField(max_length=16)
+    deployment = models.CharField(
+        max_length=320,
+        blank=True,
+        default="",
+        help_text="the deployment that served the reply: <provider name>/<upstream model id>",
+    )
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:

@@ -54,6 +54,8 @@ RETRY_MAX_SECONDS = 10.0
 _OUTAGE_ERRORS: tuple[type[BaseException], ...] = (*OUTAGE_ERRORS, OSError)
 # Reply statuses as the streaming engine reports them (``llm.streaming.ReplyStatus`` values).
 FAILED = "failed"
+# ``UsageRecord.deployment``'s length.
+DEPLOYMENT_NAME_MAX = 320
 # The finish status of a request refused before any upstream call (a budget or a rate limit):
 # recorded with 0 tokens and cost 0, and counted apart from requests by the usage summary.
 REFUSED = "refused"
@@ -103,7 +105,8 @@ class UsageEvent(UsageSubject):
     """One record to write: ``UsageRecord``'s fields, JSON-ready (``cost`` a decimal string, US dollars).
 
     The token breakdown (``cached_tokens``, ``cache_creation_tokens``, ``reasoning_tokens``) defaults
-    to 0: events queued by a release before it carry none.
+    to 0: events queued by a release before it carry none. ``deployment``: the name of the
+    deployment that served the reply (``UsageRecord.deployment``), "" when unknown.
     """
 
     prompt_tokens: int
@@ -114,6 +117,7 @@ class UsageEvent(UsageSubject):
     cached_tokens: int = 0
     cache_creation_tokens: int = 0
     reasoning_tokens: int = 0
+    deployment: str = ""
 
     @classmethod
     def from_task(cls, fields: dict[str, Any]) -> UsageEvent:
@@ -248,6 +252,7 @@ def usage_account(
     cached_tokens: int = 0,
     cache_creation_tokens: int = 0,
     reasoning_tokens: int = 0,
+    deployment: str = "",
 ) -> UsageEvent:
     """Queue the usage record of a reply that ended; return the queued event.
 
@@ -258,6 +263,7 @@ def usage_account(
     stream cut off). The breakdown, as the provider reported it (``llm.providers.Usage``):
     ``cached_tokens`` and ``cache_creation_tokens`` of ``prompt_tokens`` read from / written to its
     prompt cache, ``reasoning_tokens`` of ``completion_tokens``; priced by ``accounts.pricing.token_cost``.
+    ``deployment``: which deployment of the model served it (its name, as the router reports it).
     Never blocks and never raises for a broker outage (the sender thread keeps the record).
     """
     if not usage_is_billable(finish_status=finish_status, produced_output=produced_output):
@@ -280,6 +286,7 @@ def usage_account(
         cached_tokens=cached_tokens,
         cache_creation_tokens=cache_creation_tokens,
         reasoning_tokens=reasoning_tokens,
+        deployment=deployment[:DEPLOYMENT_NAME_MAX],
     )
     _sender.put(event)
     return event

@@ -474,6 +474,12 @@ LLM_UPSTREAM_MAX_CONNECTIONS: int = _get("LLM_UPSTREAM_MAX_CONNECTIONS", env.int
 # Seconds an idle upstream connection stays in the pool for reuse: shorter than common servers' idle
 # timeouts, so a reused connection is rarely one the upstream has just closed.
 LLM_UPSTREAM_KEEPALIVE_SECONDS: float = _seconds("LLM_UPSTREAM_KEEPALIVE_SECONDS", 5.0)
+# Routing (llm.routing): seconds a deployment that failed before its first chunk is skipped by every
+# server process (longer when the upstream's Retry-After asks for more), and the wait before trying
+# the next deployment: LLM_ROUTING_BACKOFF_SECONDS doubled per attempt, at most LLM_ROUTING_BACKOFF_MAX_SECONDS.
+LLM_DEPLOYMENT_COOLDOWN_SECONDS: float = _seconds("LLM_DEPLOYMENT_COOLDOWN_SECONDS", 30.0)
+LLM_ROUTING_BACKOFF_SECONDS: float = _seconds("LLM_ROUTING_BACKOFF_SECONDS", 0.1)
+LLM_ROUTING_BACKOFF_MAX_SECONDS: float = _seconds("LLM_ROUTING_BACKOFF_MAX_SECONDS", 2.0)
 # Seconds between SSE comment lines sent while waiting on the upstream (proxies drop idle reads).
 SSE_KEEPALIVE_SECONDS: float = _seconds("SSE_KEEPALIVE_SECONDS", 15.0)
 

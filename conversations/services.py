@@ -151,6 +151,8 @@ def reply_start(*, user: User, api_key: APIKey | None, conversation_id: int, con
         model_name=model.name,
         reply_id=reply_id,
         tokenizer=model.tokenizer,
+        route=model.route,
+        fallbacks=model.fallbacks,
         usage=usage_context(
             request_id=reply_id,
             source=UsageRecord.Source.CONVERSATION,

@@ -14,7 +14,7 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from .models import LLMModel, ModelAlias, Provider
+from .models import Deployment, LLMModel, ModelAlias, Provider
 from .services import llm_model_connection_test
 
 
@@ -56,6 +56,7 @@ class ProviderAdminForm(forms.ModelForm):
             "clear_api_key",
             "extra_headers",
             "connect_timeout",
+            "first_token_timeout",
             "read_timeout",
             "stream_usage",
             "enabled",
@@ -105,6 +106,24 @@ class ProviderAdmin(admin.ModelAdmin):
             _report_connection_test(self, request, model, f"Provider {provider.name!r}")
 
 
+class DeploymentInline(admin.TabularInline):
+    """The model's deployments (``llm.routing``): empty, the model's own provider serves it."""
+
+    model = Deployment
+    extra = 0
+    fields = (
+        "provider",
+        "upstream_model",
+        "weight",
+        "priority",
+        "enabled",
+        "requests_per_minute",
+        "tokens_per_minute",
+        "concurrent_streams",
+    )
+    autocomplete_fields = ("provider",)
+
+
 @admin.register(LLMModel)
 class LLMModelAdmin(admin.ModelAdmin):
     list_display = (
@@ -118,12 +137,14 @@ class LLMModelAdmin(admin.ModelAdmin):
         "cache_write_price_per_million",
         "context_window",
         "tokenizer",
+        "routing_strategy",
     )
     list_editable = ("enabled",)
     list_filter = ("enabled", "provider", "tokenizer")
     list_select_related = ("provider",)
     search_fields = ("name", "upstream_model")
     autocomplete_fields = ("provider",)
+    inlines = (DeploymentInline,)
     actions = ("test_connection",)
 
     @admin.action(description="Test connection (a one-token call to the upstream model)")

@@ -7,7 +7,7 @@ class LlmConfig(AppConfig):
 
     def ready(self) -> None:
         # Bad provider configuration stops start-up (ImproperlyConfigured), not the first request.
-        from .models import LLMModel, ModelAlias, Provider
+        from .models import Deployment, LLMModel, ModelAlias, Provider
         from .providers import load_provider_backends
         from .selectors import enabled_model_cache
 
@@ -17,3 +17,4 @@ class LlmConfig(AppConfig):
         enabled_model_cache.invalidate_on(LLMModel)
         enabled_model_cache.invalidate_on(Provider)
         enabled_model_cache.invalidate_on(ModelAlias)
+        enabled_model_cache.invalidate_on(Deployment)  # the snapshot holds the model's deployments

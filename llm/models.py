@@ -113,7 +113,17 @@ class Provider(models.Model):
     api_key = EncryptedCharField(max_length=500, blank=True, null=True, default="")
     connect_timeout = models.FloatField(default=10.0, validators=[MinValueValidator(0.1)], help_text="seconds")
     read_timeout = models.FloatField(
-        default=300.0, validators=[MinValueValidator(0.1)], help_text="seconds to wait for each chunk"
+        default=300.0,
+        validators=[MinValueValidator(0.1)],
+        help_text="seconds of silence allowed between chunks (and before the response headers)",
+    )
+    first_token_timeout = models.FloatField(
+        default=60.0,
+        validators=[MinValueValidator(0.1)],
+        help_text=(
+            "seconds to wait for the first chunk of a reply; past it the request fails with 504 upstream_timeout "
+            "and routing tries the model's next deployment"
+        ),
     )
     extra_headers = models.JSONField(
         default=dict,
@@ -144,6 +154,10 @@ class Provider(models.Model):
         return self.name
 
 
+# The most fallback models one model may name: each costs a failed attempt before the reply starts.
+MAX_FALLBACKS = 5
+
+
 class LLMModel(RateLimited):
     """A model users can chat with: a public ``name`` mapped to a provider's ``upstream_model``.
 
@@ -155,6 +169,11 @@ class LLMModel(RateLimited):
     when the client does not send them. ``tokenizer``: how its tokens are counted when the provider
     does not report them (before the call, and for a stopped stream): ``llm.tokens``.
     """
+
+    class RoutingStrategy(models.TextChoices):
+        WEIGHTED = "weighted", "Weighted random within the best priority"
+        LEAST_IN_FLIGHT = "least_in_flight", "Least requests in flight (counted per server process)"
+        LOWEST_LATENCY = "lowest_latency", "Lowest recent time to first token (per server process)"
 
     class Tokenizer(models.TextChoices):
         AUTO = "auto", "Automatic (by the upstream model's name)"
@@ -204,6 +223,21 @@ class LLMModel(RateLimited):
             "cl100k_base for OpenAI models (by the upstream model id), else an estimate of characters / 4."
         ),
     )
+    routing_strategy = models.CharField(
+        max_length=32,
+        choices=RoutingStrategy.choices,
+        default=RoutingStrategy.WEIGHTED,
+        help_text="How a reply picks among the model's deployments of the best priority (llm.routing)",
+    )
+    fallbacks = models.JSONField(
+        default=list,
+        blank=True,
+        help_text=(
+            "Other models to try, in order, when every deployment of this one failed before the first token, e.g. "
+            '["gpt-4o", "claude-sonnet"] (a JSON list of model names). A prompt longer than this model\'s context '
+            "window goes straight to the first of them whose window fits it."
+        ),
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -219,6 +253,56 @@ class LLMModel(RateLimited):
             raise ValidationError({"default_parameters": "Must be a JSON object of OpenAI request fields."})
         if self.name:
             validate_model_name_not_alias(name=self.name)
+
+        fallbacks = self.fallbacks
+        if not (isinstance(fallbacks, list) and all(isinstance(name, str) for name in fallbacks)):
+            raise ValidationError({"fallbacks": 'Must be a JSON list of model names, e.g. ["gpt-4o"].'})
+        if len(fallbacks) > MAX_FALLBACKS or len(set(fallbacks)) != len(fallbacks) or self.name in fallbacks:
+            raise ValidationError(
+                {"fallbacks": f"At most {MAX_FALLBACKS} other models, each once, not the model itself."}
+            )
+        missing = set(fallbacks) - set(LLMModel.objects.filter(name__in=fallbacks).values_list("name", flat=True))
+        if missing:
+            raise ValidationError({"fallbacks": f"No model is called {', '.join(sorted(map(repr, missing)))}."})
+
+
+class Deployment(RateLimited):
+    """One place that serves a model: a provider and the model id it knows it by (``llm.routing``).
+
+    A model with enabled deployments on enabled providers is served by them instead of its own
+    ``provider`` / ``upstream_model`` (a model without any keeps being its own one deployment).
+    ``priority``: lower is tried first; deployments of one priority share the load by the model's
+    ``routing_strategy`` (``weight``: relative share for the weighted strategy). The rate-limit
+    fields are the deployment's own, per minute like the model's (``RateLimited``).
+    """
+
+    model = models.ForeignKey(LLMModel, on_delete=models.CASCADE, related_name="deployments")
+    provider = models.ForeignKey(Provider, on_delete=models.PROTECT, related_name="deployments")
+    upstream_model = models.CharField(max_length=200, help_text="the model id sent to this provider")
+    weight = models.PositiveIntegerField(
+        default=1, validators=[MinValueValidator(1)], help_text="relative share among deployments of its priority"
+    )
+    priority = models.IntegerField(default=0, help_text="lower is tried first; higher ones take over on failures")
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["model", "priority", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["model", "provider", "upstream_model"], name="llm_deployment_unique_per_model"
+            ),
+            models.CheckConstraint(condition=models.Q(weight__gte=1), name="llm_deployment_weight_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return deployment_name(provider_name=self.provider.name, upstream_model=self.upstream_model)
+
+
+def deployment_name(*, provider_name: str, upstream_model: str) -> str:
+    """Return how logs and usage rows name a deployment: ``<provider name>/<upstream model id>``."""
+    return f"{provider_name}/{upstream_model}"
 
 
 # --- Model aliases --------------------------------------------------------------------------------

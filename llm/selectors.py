@@ -15,8 +15,9 @@ from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError
 from chatbackend.lookup_cache import LookupCache
 
-from .models import LLMModel, ModelAlias
+from .models import Deployment, LLMModel, ModelAlias, Provider, deployment_name
 from .providers import ProviderConfig
+from .routing import DeploymentConfig, ModelRoute
 from .tokens import Tokenizer, tokenizer_for
 
 
@@ -61,13 +62,18 @@ def model_alias_list_enabled() -> QuerySet[ModelAlias]:
 
 def provider_config_for(*, model: LLMModel) -> ProviderConfig:
     """Return the plain ``ProviderConfig`` (with the decrypted key) for ``model``'s provider."""
-    provider = model.provider
+    return provider_config(provider=model.provider)
+
+
+def provider_config(*, provider: Provider) -> ProviderConfig:
+    """Return the plain ``ProviderConfig`` (with the decrypted key) of ``provider``."""
     return ProviderConfig(
         kind=provider.kind,
         base_url=provider.base_url,
         api_key=provider.api_key or "",
         connect_timeout=provider.connect_timeout,
         read_timeout=provider.read_timeout,
+        first_token_timeout=provider.first_token_timeout,
         extra_headers=tuple((provider.extra_headers or {}).items()),
         stream_usage=provider.stream_usage,
     )
@@ -83,6 +89,10 @@ class EnabledModel:
     ``max_output_tokens`` (None: the rest of the window) in tokens; ``limits``: the model's rate limits;
     ``provider``: how to reach the upstream, its API key decrypted. ``tokenizer``: counts its
     tokens (``LLMModel.tokenizer`` resolved for ``upstream_model``: ``llm.tokens.tokenizer_for``).
+    ``deployments``: where replies may be sent, never empty (``deployments_for``), in priority
+    order; ``routing_strategy``: how a reply picks among them (``LLMModel.RoutingStrategy``);
+    ``fallbacks``: the enabled models of ``LLMModel.fallbacks``, in order, tried when every
+    deployment failed (their own fallbacks are not followed).
     """
 
     id: int
@@ -98,6 +108,20 @@ class EnabledModel:
     limits: RateLimits
     provider: ProviderConfig
     tokenizer: Tokenizer
+    deployments: tuple[DeploymentConfig, ...] = ()
+    routing_strategy: str = LLMModel.RoutingStrategy.WEIGHTED.value
+    fallbacks: tuple[ModelRoute, ...] = ()
+
+    @property
+    def route(self) -> ModelRoute:
+        """Return the model as ``llm.routing`` routes it (priced at this snapshot when it serves)."""
+        return ModelRoute(
+            name=self.name,
+            deployments=self.deployments,
+            strategy=self.routing_strategy,
+            context_window=self.context_window,
+            model=self,
+        )
 
     @property
     def pk(self) -> int:
@@ -112,8 +136,59 @@ class EnabledModel:
 enabled_model_cache: LookupCache[str, EnabledModel] = LookupCache("llm.enabled_models", maxsize=1_000)
 
 
+def deployments_for(*, model: LLMModel) -> tuple[DeploymentConfig, ...]:
+    """Return the snapshots of where ``model``'s replies may go, by priority then id; never empty.
+
+    Its enabled deployments on enabled providers; a model without any is its own one deployment
+    (its ``provider`` and ``upstream_model``, ``id`` None), so it works as it did before routing.
+    """
+    rows = (
+        Deployment.objects.filter(model=model, enabled=True, provider__enabled=True)
+        .select_related("provider")
+        .order_by("priority", "id")
+    )
+    deployments = tuple(
+        DeploymentConfig(
+            id=row.pk,
+            key=f"deployment-{row.pk}",
+            name=deployment_name(provider_name=row.provider.name, upstream_model=row.upstream_model),
+            provider=provider_config(provider=row.provider),
+            upstream_model=row.upstream_model,
+            weight=row.weight,
+            priority=row.priority,
+            limits=row.rate_limits,
+        )
+        for row in rows
+    )
+    if deployments:
+        return deployments
+    return (
+        DeploymentConfig(
+            id=None,
+            key=f"model-{model.pk}",
+            name=deployment_name(provider_name=model.provider.name, upstream_model=model.upstream_model),
+            provider=provider_config_for(model=model),
+            upstream_model=model.upstream_model,
+            weight=1,
+            priority=0,
+            limits=RateLimits(),
+        ),
+    )
+
+
 def _enabled_model_read(name: str) -> EnabledModel:
     model = llm_model_get_enabled(name=name)
+    fallbacks = []
+    for fallback_name in model.fallbacks or ():
+        try:
+            fallback = llm_model_get_enabled(name=fallback_name)
+        except ApplicationError:  # deleted or disabled since: the chain goes on without it
+            continue
+        fallbacks.append(_snapshot(fallback).route)
+    return _snapshot(model, fallbacks=tuple(fallbacks))
+
+
+def _snapshot(model: LLMModel, *, fallbacks: tuple[ModelRoute, ...] = ()) -> EnabledModel:
     tokenizer = tokenizer_for(setting=model.tokenizer, model_name=model.upstream_model)
     # Its vocabulary loads here (a worker thread on the async path), not on the event loop when the
     # first prompt is counted, and only for the families of models actually used.
@@ -132,6 +207,9 @@ def _enabled_model_read(name: str) -> EnabledModel:
         limits=model.rate_limits,
         provider=provider_config_for(model=model),
         tokenizer=tokenizer,
+        deployments=deployments_for(model=model),
+        routing_strategy=model.routing_strategy,
+        fallbacks=fallbacks,
     )
 
 

@@ -55,14 +55,15 @@ from django.http import HttpResponseBase
 from accounts.metering import Admission, MeteringRequest, metering_admit
 from accounts.revocation import watch_credential
 from accounts.selectors import AuthenticationFailed
-from accounts.usage import REFUSED, UsageContext, usage_account, usage_flush
+from accounts.usage import REFUSED, UsageContext, usage_account, usage_context, usage_flush
 from chatbackend import broadcast
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError
 from chatbackend.http import EventStreamResponse
 from chatbackend.liveness import start_heartbeat
 
-from .providers import ChatChunk, ChatRequest, ProviderConfig, Usage, get_provider
+from .providers import ChatChunk, ChatRequest, ProviderConfig, Usage
+from .routing import DeploymentConfig, ModelRoute, Router
 from .tokens import COUNTED, ESTIMATE_TOKENIZER, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,9 @@ class ReplyPlan:
     context, or None for a reply nobody pays for. ``metering``: what admission control checks
     before the upstream call (rate limits, budgets: ``accounts.metering``), or None for a reply
     nothing limits. ``tokenizer``: the model's (``EnabledModel.tokenizer``), which counts the
-    tokens of a reply whose provider reported no usage (a stream stopped or cut). Interfaces
+    tokens of a reply whose provider reported no usage (a stream stopped or cut). ``route``: the
+    model's deployments (``EnabledModel.route``), which ``llm.routing.Router`` picks from, then
+    ``fallbacks``; None: ``provider`` with ``request.model`` is its one deployment. Interfaces
     subclass it with the typed fields they report to their clients (ids, timestamps) and override
     ``finish`` to persist the end and ``refused`` to undo a start that admission refused.
     """
@@ -147,6 +150,8 @@ class ReplyPlan:
     usage: UsageContext | None = None
     metering: MeteringRequest | None = None
     tokenizer: Tokenizer = ESTIMATE_TOKENIZER
+    route: ModelRoute | None = None
+    fallbacks: tuple[ModelRoute, ...] = ()
 
     # ``finish`` and ``checkpoint`` run in a worker thread (they may use the ORM), and only when
     # a subclass overrides them.
@@ -243,7 +248,20 @@ class Reply(Generic[P]):
         self.outcome: ReplyOutcome | None = None
         _open_replies.add(self)
         _unwritten.add(self)
-        self._upstream: AsyncGenerator[list[ChatChunk], None] = get_provider(plan.provider).stream(plan.request)
+        route = plan.route or ModelRoute(
+            name=plan.model_name,
+            deployments=(
+                DeploymentConfig(id=None, key="", name="", provider=plan.provider, upstream_model=plan.request.model),
+            ),
+        )
+        self.router = Router(
+            route=route,
+            fallbacks=plan.fallbacks,
+            request=plan.request,
+            prompt_tokens=plan.metering.prompt_tokens if plan.metering is not None else None,
+            reply_id=plan.reply_id,
+        )
+        self._upstream: AsyncGenerator[list[ChatChunk], None] = self.router.stream()
         self._first: asyncio.Future[list[ChatChunk]] | None = None  # a read in its own task
         self._events: AsyncGenerator[ReplyEvent, None] | None = None
         self._task: asyncio.Task[Any] | None = None  # the task iterating ``events()``
@@ -561,10 +579,22 @@ class Reply(Generic[P]):
                 error.code,
                 f": {error.detail}" if error.detail else "",
             )
-        if self.plan.usage is not None:
+        context = self.plan.usage
+        if context is not None:
+            serving = self.router.serving
+            if serving is not None and serving is not self.router.route and serving.model is not None:
+                # A fallback model served: the reply is its usage, at its prices.
+                context = usage_context(
+                    request_id=context.request_id,
+                    source=context.source,
+                    user_id=context.user_id,
+                    api_key_id=context.api_key_id,
+                    model=serving.model,
+                    message_id=context.message_id,
+                )
             usage = outcome.usage
             usage_account(
-                context=self.plan.usage,
+                context=context,
                 finish_status=outcome.status.value,
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
@@ -573,6 +603,7 @@ class Reply(Generic[P]):
                 reasoning_tokens=usage.reasoning_tokens,
                 token_source=outcome.usage_source,
                 produced_output=outcome.time_to_first_token_ms is not None,
+                deployment=self.router.deployment.name if self.router.deployment is not None else "",
             )
 
     def _estimate_usage(self, content: str, reasoning: str) -> Usage:

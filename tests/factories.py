@@ -12,7 +12,7 @@ from factory.django import DjangoModelFactory
 from accounts.models import UsageRecord, User
 from accounts.usage import usage_cost
 from conversations.models import Conversation, Message
-from llm.models import LLMModel, Provider
+from llm.models import Deployment, LLMModel, Provider
 
 PASSWORD = "correct-horse-battery-staple"
 # ProviderFactory's upstream API key: tests check that it never reaches a response or a log.
@@ -57,6 +57,15 @@ class LLMModelFactory(DjangoModelFactory):
     context_window = 8192
     input_price_per_million = "1.000000"
     output_price_per_million = "2.000000"
+
+
+class DeploymentFactory(DjangoModelFactory):
+    class Meta:
+        model = Deployment
+
+    model = factory.SubFactory(LLMModelFactory)
+    provider = factory.SubFactory(ProviderFactory)
+    upstream_model = factory.Sequence(lambda n: f"sim-deployment-{n}")
 
 
 class ConversationFactory(DjangoModelFactory):

@@ -88,6 +88,8 @@ def openai_chat_start(
         model_name=model.name,
         reply_id=completion_id,
         tokenizer=model.tokenizer,
+        route=model.route,
+        fallbacks=model.fallbacks,
         usage=usage_context(
             request_id=completion_id,
             source=source,

@@ -20,7 +20,9 @@ from chatbackend.errors import ApplicationError
 class ProviderConfig:
     """How to reach one upstream: adapter ``kind``, API root ``base_url`` (its meaning per kind:
     ``Provider.Kind``; OpenAI-compatible with ``/v1``, Anthropic without), secret
-    ``api_key`` (may be empty), timeouts in seconds, and ``extra_headers`` sent with every request
+    ``api_key`` (may be empty), timeouts in seconds (``connect_timeout``: to open a connection;
+    ``read_timeout``: the longest silence between chunks; ``first_token_timeout``: the longest wait
+    for a reply's first chunk, enforced by ``llm.routing``), and ``extra_headers`` sent with every request
     (``(name, value)`` pairs, none that the adapter sets itself). ``stream_usage``: ask the
     upstream to report usage at the end of a stream (OpenAI's ``stream_options.include_usage``);
     off for servers that reject the option."""
@@ -30,6 +32,7 @@ class ProviderConfig:
     api_key: str = field(default="", repr=False)
     connect_timeout: float = 10.0
     read_timeout: float = 300.0
+    first_token_timeout: float = 60.0
     # Not in the repr either: an operator may put a gateway's key there despite the admin's advice.
     extra_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     stream_usage: bool = True

@@ -53,7 +53,14 @@ Endpoints:
   ``retry-after``, 529 ``overloaded_error``, other 5xx ``api_error``).
 - ``GET /v1/models``: the OpenAI model list.
 - ``GET /_simulator/stats``: ``requests_started``, ``requests_completed``, ``requests_failed``,
-  ``requests_disconnected`` (client left before the end), ``active_streams``.
+  ``requests_disconnected`` (client left before the end), ``active_streams``, and
+  ``requests_by_model`` (OpenAI chat completions received, by the model id they asked for).
+- ``PUT /_simulator/faults/{model}`` (body: directives in the ``X-Simulator-Fault`` syntax below)
+  makes every later request for that model id (OpenAI, Azure, Anthropic or Gemini) fail that way, until ``DELETE
+  /_simulator/faults/{model}``; e.g. ``status=500``, ``status=429, retry-after=5`` or ``ttft=30``
+  (a hang before the first token). The header, when a request sends one, takes precedence. For
+  tests of routing: one upstream model id fails, then recovers, without touching the server's
+  configuration. A body that does not parse is OpenAI's 400; success is 204.
 
 Replies are deterministic: word ``i`` of the reply is picked from a fixed word list by a CRC32 of
 the last user message (see ``reply_text``). ``prompt_tokens`` is the number of words in all

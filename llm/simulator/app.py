@@ -10,7 +10,7 @@ import resource
 import signal
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -77,6 +77,8 @@ class SimulatorStats:
     requests_failed: int = 0
     requests_disconnected: int = 0
     active_streams: int = 0
+    # OpenAI chat completions received per requested model id (Azure's: per deployment).
+    requests_by_model: dict[str, int] = field(default_factory=dict)
 
 
 class _Simulator:
@@ -88,6 +90,8 @@ class _Simulator:
         self._ttft = config.ttft_ms / 1000
         self._delay = config.token_delay_ms / 1000
         self._auth = f"Bearer {config.api_key}".encode()
+        # Faults set per model id through ``PUT /_simulator/faults/{model}``.
+        self.model_faults: dict[str, Fault] = {}
 
     def _unauthorized(self, request: web.Request) -> web.Response | None:
         """Return OpenAI's 401 when an API key is required and the request lacks it."""
@@ -128,6 +132,8 @@ class _Simulator:
         if isinstance(parsed, web.Response):
             self.stats.requests_failed += 1
             return parsed
+        by_model = self.stats.requests_by_model
+        by_model[parsed.model] = by_model.get(parsed.model, 0) + 1
         fault = self._fault(request, parsed.model)
         if isinstance(fault, web.Response):
             self.stats.requests_failed += 1
@@ -139,13 +145,34 @@ class _Simulator:
             return await self._stream(request, parsed, fault)
         return await self._complete(request, parsed, fault)
 
-    @staticmethod
-    def _fault(request: web.Request, model: str) -> Fault | web.Response:
-        """Return the failures asked for: the ``X-Simulator-Fault`` header's, else the model name's."""
+    def _fault(self, request: web.Request, model: str) -> Fault | web.Response:
+        """Return the failures asked for: the ``X-Simulator-Fault`` header's, else those set for the model
+        (``PUT /_simulator/faults/{model}``), else the model name's."""
         header = request.headers.get(FAULT_HEADER)
         if header is not None:
             return parse_fault(header)
-        return model_fault(model)
+        return self._model_fault(model)
+
+    def _model_fault(self, model: str) -> Fault:
+        """Return the failures set for ``model`` (``PUT /_simulator/faults/{model}``), else its name's."""
+        fault = self.model_faults.get(model)
+        return fault if fault is not None else model_fault(model)
+
+    async def fault_set(self, request: web.Request) -> web.Response:
+        """Answer ``PUT /_simulator/faults/{model}``: the body (``X-Simulator-Fault`` syntax) applies to that model.
+
+        400 for a body that does not parse; 204 once set.
+        """
+        fault = parse_fault((await request.read()).decode("utf-8", "replace"))
+        if isinstance(fault, web.Response):
+            return fault
+        self.model_faults[request.match_info["model"]] = fault
+        return web.Response(status=204)
+
+    async def fault_clear(self, request: web.Request) -> web.Response:
+        """Answer ``DELETE /_simulator/faults/{model}``: the model answers normally again (204)."""
+        self.model_faults.pop(request.match_info["model"], None)
+        return web.Response(status=204)
 
     def _reply_plan(self, completion: Completion) -> tuple[list[int], str]:
         """Return the reply's word indexes and its ``finish_reason``."""
@@ -285,7 +312,7 @@ class _Simulator:
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         """Answer ``POST /v1/messages`` (Anthropic's Messages API, streamed or not; see ``anthropic_wire``)."""
-        return await anthropic_wire.answer(request, config=self.config, stats=self.stats, model_fault=model_fault)
+        return await anthropic_wire.answer(request, config=self.config, stats=self.stats, model_fault=self._model_fault)
 
     async def models(self, request: web.Request) -> web.Response:
         """Answer ``GET /v1/models`` (OpenAI's model list)."""
@@ -315,6 +342,8 @@ def create_app(config: SimulatorConfig) -> web.Application:
         app.router.add_post(f"/{version}/models/{{target}}", gemini.generate)
     app.router.add_get("/v1/models", simulator.models)
     app.router.add_get("/_simulator/stats", simulator.stats_view)
+    app.router.add_put("/_simulator/faults/{model}", simulator.fault_set)
+    app.router.add_delete("/_simulator/faults/{model}", simulator.fault_clear)
     app.router.add_route("*", "/{tail:.*}", simulator.not_found)
     return app
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
 
@@ -43,18 +43,31 @@ class SimulatorProcess:
     _pump: threading.Thread = field(repr=False)
     _stderr: IO[str] = field(repr=False)
 
-    async def astats(self) -> dict[str, int]:
+    async def astats(self) -> dict[str, Any]:
         """Return ``GET /_simulator/stats``: requests_started/completed/failed/disconnected, active_streams."""
         async with httpx.AsyncClient() as client:
             response = await client.get(f"{self.root_url}/_simulator/stats", timeout=5)
         response.raise_for_status()
         return response.json()
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         """Return ``GET /_simulator/stats`` (blocking; for sync tests)."""
         response = httpx.get(f"{self.root_url}/_simulator/stats", timeout=5)
         response.raise_for_status()
         return response.json()
+
+    def fault_set(self, model: str, directives: str) -> None:
+        """Make requests for upstream ``model`` fail as ``directives`` says (``PUT /_simulator/faults/{model}``)."""
+        response = httpx.put(f"{self.root_url}/_simulator/faults/{model}", content=directives, timeout=5)
+        response.raise_for_status()
+
+    def fault_clear(self, model: str) -> None:
+        """Let requests for upstream ``model`` succeed again (``DELETE /_simulator/faults/{model}``)."""
+        httpx.delete(f"{self.root_url}/_simulator/faults/{model}", timeout=5).raise_for_status()
+
+    def requests_for(self, model: str) -> int:
+        """Return how many chat completions the simulator received for upstream ``model``."""
+        return int(self.stats()["requests_by_model"].get(model, 0))
 
     def stop(self) -> None:
         """Terminate the process (kill it after 10 s) and release its pipes."""

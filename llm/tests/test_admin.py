@@ -22,6 +22,7 @@ def change_form_data(provider: Provider, **overrides: str) -> dict[str, str]:
         "api_key": "",
         "connect_timeout": str(provider.connect_timeout),
         "read_timeout": str(provider.read_timeout),
+        "first_token_timeout": str(provider.first_token_timeout),
         "enabled": "on",
     }
     data.update(overrides)
@@ -96,6 +97,7 @@ def add_form_data(**overrides: str) -> dict[str, str]:
         "api_key": "sk-deepseek",
         "connect_timeout": "5",
         "read_timeout": "120",
+        "first_token_timeout": "30",
         "enabled": "on",
         **overrides,
     }

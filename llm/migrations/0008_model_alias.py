@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('llm', '0006_provider_kinds'),
+        ('llm', '0007_deployments_routing_fallbacks_first_token_timeout'),
     ]
 
     operations = [
