@@ -26,6 +26,7 @@ Run alone: ``./scripts/test tests/test_e2e_schemathesis.py`` (or ``python -m pyt
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -132,6 +133,22 @@ def _schemathesis(url: str, authorization: str, report_dir: Path) -> subprocess.
     )
 
 
+_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
+
+
+def _logged_errors(log: str, limit: int = 20_000) -> str:
+    """Return the server's ERROR and CRITICAL entries with their tracebacks: a 500's cause, which the
+    log's tail has often scrolled past by the end of the run."""
+    entries: list[str] = []
+    keep = False
+    for line in log.splitlines():
+        if _LOG_LINE.match(line):
+            keep = " ERROR " in line or " CRITICAL " in line
+        if keep:
+            entries.append(line)
+    return "\n".join(entries)[-limit:] or "(none)"
+
+
 @pytest.mark.timeout(RUN_SECONDS + 60)
 @pytest.mark.parametrize("credential", ["jwt", "api_key"])
 def test_schemathesis_finds_no_failure(
@@ -145,7 +162,8 @@ def test_schemathesis_finds_no_failure(
     output = result.stdout + result.stderr
     assert result.returncode == 0, (
         f"schemathesis found failures (exit code {result.returncode}); reproduce with the curl lines below.\n"
-        f"{output[-OUTPUT_TAIL_CHARS:]}\n----- server log -----\n{server.tail()}"
+        f"{output[-OUTPUT_TAIL_CHARS:]}\n----- server errors -----\n{_logged_errors(server.output())}"
+        f"\n----- server log -----\n{server.tail()}"
     )
     # Not vacuous: it tested every operation of the schema, login and registration included (the
     # throttles raised: schemathesis warns "Rate limited" when an operation mostly answers 429).
