@@ -10,7 +10,8 @@ model id it knows; a model without any is its own one deployment). The streaming
    average of the time to first chunk this process measured; unmeasured deployments first);
 2. skips the deployments cooling down (``CooldownStore``: one round trip to Redis for all of them,
    none for a model with one deployment); when every one is cooling down, it tries the one whose
-   cooldown ends first rather than failing;
+   cooldown ends first rather than failing; and a deployment with rate limits of its own that is
+   over one (``Router._lease``, the same store as every rate limit: no cooldown, its quota frees);
 3. opens the first and waits for its first chunk. A retryable failure before it (``is_retryable``:
    429, 5xx, 408, unreachable, timed out or disconnected, or no chunk within the provider's
    ``first_token_timeout``) puts the deployment in cooldown for ``LLM_DEPLOYMENT_COOLDOWN_SECONDS``
@@ -51,7 +52,8 @@ import redis.asyncio
 import redis.exceptions
 from django.conf import settings
 
-from accounts.metering import RateLimits
+from accounts.metering import MeteringSubject, RateLease, RateLimits, rate_limit_acquire
+from chatbackend.errors import ApplicationError
 
 from .providers import ChatChunk, ChatRequest, ProviderConfig, UpstreamError, get_provider
 from .providers.base import UPSTREAM_MESSAGES
@@ -297,6 +299,8 @@ class Router:
         self.reply_id = reply_id
         self.deployment: DeploymentConfig | None = None
         self.serving: ModelRoute | None = None
+        # Rate-limit leases of the deployments tried that have limits of their own (``_lease``).
+        self._leases: list[tuple[DeploymentConfig, RateLease]] = []
 
     def _routes(self) -> list[ModelRoute]:
         """Return the models to try, in order (context-window fallbacks first: see the class docstring)."""
@@ -368,6 +372,15 @@ class Router:
                 if wait > 0:
                     await asyncio.sleep(wait)
                 wait = 0.0
+                try:
+                    await self._lease(deployment)
+                except ApplicationError as refused:
+                    if refused.status != 429:  # the rate limits' store is unreachable (503)
+                        raise
+                    if index == len(routes) - 1 and position == len(candidates) - 1:
+                        raise
+                    logger.info("reply %s: deployment %s is over its rate limit", self.reply_id, deployment.name)
+                    continue
                 attempt += 1
                 self.deployment, self.serving = deployment, route
                 error = None
@@ -433,6 +446,28 @@ class Router:
         finally:
             _in_flight[deployment.key] -= 1
             await upstream.aclose()
+
+    async def _lease(self, deployment: DeploymentConfig) -> None:
+        """Take ``deployment``'s own rate limits for this reply (none: no I/O), as a user's are taken.
+
+        Raises ``ApplicationError`` 429 ``rate_limit_exceeded`` when it is over one (the router then
+        tries the next deployment), 503 ``metering_unavailable`` when they cannot be checked.
+        """
+        if deployment.id is None or not deployment.limits.any:
+            return
+        lease = await rate_limit_acquire(
+            request_id=f"{self.reply_id}:{deployment.key}",
+            subjects=(MeteringSubject("deployment", deployment.id, deployment.limits),),
+            prompt_tokens=self.prompt_tokens or 0,
+        )
+        self._leases.append((deployment, lease))
+
+    async def release(self, *, completion_tokens: int) -> None:
+        """Give back the deployments' rate-limit leases: ``completion_tokens`` count on the one that
+        served, 0 on those that failed before their first chunk. Once; never raises."""
+        leases, self._leases = self._leases, []
+        for deployment, lease in leases:
+            await lease.release(completion_tokens=completion_tokens if deployment is self.deployment else 0)
 
     def _backoff(
         self, attempt: int, deployment: DeploymentConfig, failed: DeploymentConfig, error: UpstreamError

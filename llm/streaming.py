@@ -555,6 +555,7 @@ class Reply(Generic[P]):
         self._account(outcome)
         # Last: a slow or unreachable rate-limit store must not delay the writes above (a shutdown
         # waits for them for a bounded time); a lease not given back expires.
+        await self.router.release(completion_tokens=outcome.usage.completion_tokens)
         if self.admission is not None:
             await self.admission.release(completion_tokens=outcome.usage.completion_tokens)
 

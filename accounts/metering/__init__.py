@@ -98,6 +98,8 @@ __all__ = [
     "Admission",
     "MeteringRequest",
     "MeteringSubject",
+    "RateLease",
     "RateLimits",
     "metering_admit",
+    "rate_limit_acquire",
 ]

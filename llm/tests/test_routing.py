@@ -7,6 +7,7 @@ to fail its upstream model id (``PUT /_simulator/faults/{model}``), so each test
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import secrets
 from collections import Counter
@@ -16,6 +17,9 @@ import pytest
 import redis.asyncio
 from django.conf import settings as django_settings
 
+from accounts.metering import RateLimits
+from accounts.metering.ratelimits import rate_limit_close
+from chatbackend.errors import ApplicationError
 from llm.providers import ChatChunk, ChatRequest, ProviderConfig, UpstreamError
 from llm.routing import (
     COOLDOWN_KEY_PREFIX,
@@ -403,3 +407,44 @@ async def test_a_prompt_no_model_holds_goes_to_the_model_itself(simulator, store
     await collect(router)
 
     assert router.serving is main
+
+
+# --- A deployment's own rate limits ---------------------------------------------------------
+
+
+def limited(deployment_config: DeploymentConfig, **limits: int) -> DeploymentConfig:
+    """``deployment_config`` with rate limits of its own, under a row id no other run shares."""
+    return dataclasses.replace(deployment_config, id=secrets.randbelow(10**12) + 10**12, limits=RateLimits(**limits))
+
+
+async def test_a_deployment_over_its_own_rate_limit_is_passed_over_without_cooling_down(simulator, store, routed):
+    a, b = two_deployments(simulator)
+    a = limited(a, requests_per_minute=1)
+    try:
+        first = router_over(a, b)
+        await collect(first)
+        await first.release(completion_tokens=5)
+        second = router_over(a, b)
+        await collect(second)
+        await second.release(completion_tokens=5)
+    finally:
+        await rate_limit_close()
+
+    assert (first.deployment, second.deployment) == (a, b)
+    assert simulator.requests_for(a.upstream_model) == 1  # the second never reached it
+    assert await cooldown_store().cooling([a.key]) == {}  # over its quota is not failing
+
+
+async def test_a_reply_whose_every_deployment_is_over_its_limit_gets_a_429(simulator, store, routed):
+    a, _ = two_deployments(simulator)
+    a = limited(a, tokens_per_minute=5)
+    router = router_over(a, prompt_tokens=6)
+    try:
+        with pytest.raises(ApplicationError) as refused:
+            await collect(router)
+    finally:
+        await rate_limit_close()
+
+    assert (refused.value.status, refused.value.code) == (429, "rate_limit_exceeded")
+    assert "deployment" in refused.value.message
+    assert simulator.requests_for(a.upstream_model) == 0
