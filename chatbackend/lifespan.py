@@ -33,6 +33,7 @@ from django.conf import settings
 from accounts.metering.ratelimits import rate_limit_close
 from conversations.services import reply_recover_orphans
 from llm.providers.openai_compatible import aclose_clients
+from llm.routing import cooldown_store_close
 from llm.streaming import replies_accepting, replies_shutdown
 
 from . import broadcast
@@ -67,6 +68,7 @@ async def shutdown() -> None:
     await broadcast.stop_listening()  # or the process's exit would wait on the listener's receive
     await aclose_clients()
     await rate_limit_close()  # after the replies: their ends gave their stream slots back
+    await cooldown_store_close()
 
 
 class LifespanApp:

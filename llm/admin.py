@@ -91,7 +91,7 @@ class ProviderAdmin(admin.ModelAdmin):
     def has_api_key(self, obj: Provider) -> bool:
         return bool(obj.api_key)
 
-    @admin.action(description="Test connection (a one-token call to one of its models)")
+    @admin.action(description="Test connection (a one-token call to one of its models)", permissions=["change"])
     def test_connection(self, request: HttpRequest, queryset: QuerySet[Provider]) -> None:
         """Make a one-token call through each selected provider, to its first model (enabled ones first)."""
         for provider in queryset:
@@ -147,7 +147,7 @@ class LLMModelAdmin(admin.ModelAdmin):
     inlines = (DeploymentInline,)
     actions = ("test_connection",)
 
-    @admin.action(description="Test connection (a one-token call to the upstream model)")
+    @admin.action(description="Test connection (a one-token call to the upstream model)", permissions=["change"])
     def test_connection(self, request: HttpRequest, queryset: QuerySet[LLMModel]) -> None:
         """Make a one-token call to each selected model's upstream model through its provider."""
         for model in queryset.select_related("provider"):

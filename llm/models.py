@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from decimal import Decimal
 from urllib.parse import urlsplit
 
@@ -248,12 +249,20 @@ class LLMModel(RateLimited):
     def __str__(self) -> str:
         return self.name
 
-    def clean(self) -> None:
-        if not isinstance(self.default_parameters, dict):
+    def clean_fields(self, exclude: Collection[str] | None = None) -> None:
+        """Validate the fields, then what depends on other rows: the name (no alias has it) and the
+        fallbacks (models that exist). Only for fields being validated: a form without them (the
+        admin's list of models edits ``enabled`` alone) must not be refused, nor fail, for them."""
+        super().clean_fields(exclude=exclude)
+        excluded = set(exclude or ())
+        if "default_parameters" not in excluded and not isinstance(self.default_parameters, dict):
             raise ValidationError({"default_parameters": "Must be a JSON object of OpenAI request fields."})
-        if self.name:
+        if "name" not in excluded and self.name:
             validate_model_name_not_alias(name=self.name)
+        if "fallbacks" not in excluded:
+            self._validate_fallbacks()
 
+    def _validate_fallbacks(self) -> None:
         fallbacks = self.fallbacks
         if not (isinstance(fallbacks, list) and all(isinstance(name, str) for name in fallbacks)):
             raise ValidationError({"fallbacks": 'Must be a JSON list of model names, e.g. ["gpt-4o"].'})

@@ -378,6 +378,8 @@ class Router:
                     if refused.status != 429:  # the rate limits' store is unreachable (503)
                         raise
                     if index == len(routes) - 1 and position == len(candidates) - 1:
+                        if previous is not None:  # the upstream's failure says more than our quota
+                            raise previous[1] from None
                         raise
                     logger.info("reply %s: deployment %s is over its rate limit", self.reply_id, deployment.name)
                     continue
@@ -395,6 +397,7 @@ class Router:
                     return
                 if not is_retryable(error):
                     raise error
+                await self._release_lease(deployment)  # the reply goes on elsewhere: free its slot now
                 cooldown = await self._cool(route, deployment, error)
                 if index == len(routes) - 1 and position == len(candidates) - 1:
                     raise error
@@ -461,6 +464,16 @@ class Router:
             prompt_tokens=self.prompt_tokens or 0,
         )
         self._leases.append((deployment, lease))
+
+    async def _release_lease(self, deployment: DeploymentConfig) -> None:
+        """Give back the lease of ``deployment``, which failed before its first chunk (0 completion tokens)."""
+        kept = []
+        for held, lease in self._leases:
+            if held is deployment:
+                await lease.release(completion_tokens=0)
+            else:
+                kept.append((held, lease))
+        self._leases = kept
 
     async def release(self, *, completion_tokens: int) -> None:
         """Give back the deployments' rate-limit leases: ``completion_tokens`` count on the one that

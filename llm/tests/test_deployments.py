@@ -154,3 +154,26 @@ def test_every_routing_strategy_an_operator_can_pick_is_one_the_router_knows():
     from llm.routing import LEAST_IN_FLIGHT, LOWEST_LATENCY, WEIGHTED
 
     assert set(LLMModel.RoutingStrategy.values) == {WEIGHTED, LEAST_IN_FLIGHT, LOWEST_LATENCY}
+
+
+def test_the_model_list_edits_enabled_even_when_a_fallback_is_gone(admin_site):
+    """The list's form has ``enabled`` only: a fallback deleted since (or a name an alias took) must not
+    refuse it, nor fail it with a 500 for a field it does not show."""
+    kept = LLMModelFactory(name="list-kept", fallbacks=["list-gone"])
+    LLMModel.objects.filter(pk=LLMModelFactory(name="list-gone").pk).delete()
+    data = {
+        "form-TOTAL_FORMS": "1",
+        "form-INITIAL_FORMS": "1",
+        "form-MIN_NUM_FORMS": "0",
+        "form-MAX_NUM_FORMS": "1000",
+        "form-0-id": str(kept.pk),
+        "_save": "Save",
+    }  # "form-0-enabled" left out: unticked
+
+    response = admin_site.post("/admin/llm/llmmodel/", data)
+
+    assert response.status_code == 302, response.content.decode()[:3000]
+    kept.refresh_from_db()
+    assert kept.enabled is False
+    with pytest.raises(ValidationError):  # the full form still names what is wrong
+        kept.full_clean()
