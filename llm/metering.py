@@ -50,25 +50,33 @@ def reply_metering(
 
     Subjects: the user, the API key used (if any) and the model, each with its rate limits.
     Prompt tokens are counted before the call by the model's tokenizer (``llm.tokens``); CPU only,
-    fine on the event loop.
+    fine on the event loop. Size and prices: those of whichever of ``model`` and its fallbacks
+    (``EnabledModel.fallbacks``, which may serve the reply) could cost the most, so that the budget
+    reservation covers the reply whichever serves it — a prompt longer than ``model``'s context
+    window goes to a fallback with a larger one, which may then generate far more.
     """
     subjects = [MeteringSubject("user", user.pk, user.rate_limits)]
     if api_key is not None:
         subjects.append(MeteringSubject("api_key", api_key.pk, api_key.rate_limits))
     subjects.append(MeteringSubject("model", model.id, model.limits))
     prompt_tokens = model.tokenizer.count_prompt(messages)
-    return MeteringRequest(
-        request_id=request_id,
-        subjects=tuple(subjects),
-        prompt_tokens=prompt_tokens,
-        max_completion_tokens=max_completion_tokens_for(
-            model=model, parameters=parameters, prompt_tokens=prompt_tokens
-        ),
-        input_price_per_million=model.input_price_per_million,
-        output_price_per_million=model.output_price_per_million,
-        cached_input_price_per_million=model.cached_input_price_per_million,
-        cache_write_price_per_million=model.cache_write_price_per_million,
-    )
+    servers = [model, *(route.model for route in model.fallbacks if isinstance(route.model, EnabledModel))]
+    candidates = [
+        MeteringRequest(
+            request_id=request_id,
+            subjects=tuple(subjects),
+            prompt_tokens=prompt_tokens,
+            max_completion_tokens=max_completion_tokens_for(
+                model=server, parameters=parameters, prompt_tokens=prompt_tokens
+            ),
+            input_price_per_million=server.input_price_per_million,
+            output_price_per_million=server.output_price_per_million,
+            cached_input_price_per_million=server.cached_input_price_per_million,
+            cache_write_price_per_million=server.cache_write_price_per_million,
+        )
+        for server in servers
+    ]
+    return max(candidates, key=lambda candidate: candidate.max_cost) if len(candidates) > 1 else candidates[0]
 
 
 __all__ = ["TOKEN_LIMIT_PARAMETERS", "max_completion_tokens_for", "reply_metering"]

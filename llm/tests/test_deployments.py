@@ -10,9 +10,10 @@ from django.core.exceptions import ValidationError
 from django.test import AsyncClient
 
 from chatbackend.asyncdb import run_sync
+from llm.metering import reply_metering
 from llm.models import Deployment, LLMModel
 from llm.selectors import enabled_model_cache, enabled_model_get
-from tests.factories import DeploymentFactory, LLMModelFactory, ProviderFactory
+from tests.factories import DeploymentFactory, LLMModelFactory, ProviderFactory, UserFactory
 from tests.kit import bearer, chat_body, chunk_objects, chunk_text, post_chat, sse_data, streamed_content, usage_records
 
 pytestmark = pytest.mark.django_db
@@ -177,3 +178,28 @@ def test_the_model_list_edits_enabled_even_when_a_fallback_is_gone(admin_site):
     assert kept.enabled is False
     with pytest.raises(ValidationError):  # the full form still names what is wrong
         kept.full_clean()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_reservation_covers_the_costliest_model_that_may_serve_the_reply():
+    """A prompt longer than the model's window goes to a fallback with a larger one, which may then write
+    far more at its own prices: the budget reservation (``reply_metering``) is sized for it."""
+    provider = ProviderFactory(name="sized")
+    LLMModelFactory(
+        name="roomy", provider=provider, context_window=10_000, max_output_tokens=500,
+        input_price_per_million="10", output_price_per_million="20",
+    )  # fmt: skip
+    LLMModelFactory(name="narrow", provider=provider, context_window=100, fallbacks=["roomy"])
+    enabled_model_cache.clear()
+    narrow = enabled_model_get(name="narrow")
+    long_prompt = [{"role": "user", "content": "word " * 300}]
+
+    metering = reply_metering(
+        request_id="r", user=UserFactory(), api_key=None, model=narrow, messages=long_prompt, parameters={}
+    )
+
+    assert metering.prompt_tokens > narrow.context_window
+    assert metering.max_completion_tokens == 500  # the fallback's cap, not narrow's 1 token of room
+    assert (metering.input_price_per_million, metering.output_price_per_million) == (Decimal(10), Decimal(20))
+    assert [subject.kind for subject in metering.subjects] == ["user", "model"]
+    assert metering.subjects[-1].id == narrow.id  # rate limits stay the requested model's
