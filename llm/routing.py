@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import random
@@ -99,6 +98,11 @@ class DeploymentConfig:
     weight: int = 1
     priority: int = 0
     limits: RateLimits = dataclasses.field(default_factory=RateLimits)
+
+    @property
+    def subject(self) -> MeteringSubject | None:
+        """Return what its own rate limits are metered as (None: a model's own provider, no row)."""
+        return None if self.id is None else MeteringSubject("deployment", self.id, self.limits)
 
 
 def is_retryable(error: BaseException) -> bool:
@@ -259,7 +263,9 @@ class ModelRoute:
     """A model a reply may be served by: its deployments, its strategy and its context window (tokens).
 
     ``model``: what the caller prices the reply at when this model serves it (for a fallback,
-    ``llm.selectors.EnabledModel``); the router only passes it on.
+    ``llm.selectors.EnabledModel``); the router only passes it on. ``subject``: the model's own rate
+    limits, which the router takes when the model serves as a fallback (the requested model's are
+    taken at admission, ``llm.metering``); None: it has none.
     """
 
     name: str
@@ -267,10 +273,17 @@ class ModelRoute:
     strategy: str = WEIGHTED
     context_window: int | None = None
     model: Any = None
+    subject: MeteringSubject | None = None
+
+
+async def _no_batches() -> AsyncGenerator[list[ChatChunk], None]:
+    return
+    yield  # an async generator that yields nothing
 
 
 class Router:
-    """The upstream of one reply: ``stream()`` yields the chunk batches of the deployment that serves it.
+    """The upstream of one reply: ``first()`` opens the deployment that serves it, ``upstream`` yields
+    the rest of its chunk batches, ``aclose()`` closes it (``stream()`` does all three).
 
     ``route``: the model the client asked for; ``fallbacks``: other models to try, in order, once
     every deployment of it failed before the first chunk (``LLMModel.fallbacks``). ``prompt_tokens``
@@ -299,8 +312,11 @@ class Router:
         self.reply_id = reply_id
         self.deployment: DeploymentConfig | None = None
         self.serving: ModelRoute | None = None
-        # Rate-limit leases of the deployments tried that have limits of their own (``_lease``).
-        self._leases: list[tuple[DeploymentConfig, RateLease]] = []
+        # The serving deployment's batches after the first (set by ``first``), and that deployment while open.
+        self.upstream: AsyncGenerator[list[ChatChunk], None] = _no_batches()
+        self._open_deployment: DeploymentConfig | None = None
+        # Rate-limit leases of the deployments and fallbacks tried that have limits of their own (``_lease``).
+        self._leases: list[tuple[DeploymentConfig | ModelRoute, RateLease]] = []
 
     def _routes(self) -> list[ModelRoute]:
         """Return the models to try, in order (context-window fallbacks first: see the class docstring)."""
@@ -354,17 +370,29 @@ class Router:
                 logger.warning("reply %s: could not record the cooldown of %s", self.reply_id, deployment.name)
         return seconds
 
-    async def stream(self) -> AsyncGenerator[list[ChatChunk], None]:
-        """Yield the reply's chunk batches from the first deployment that sends one (see the module docstring).
+    async def first(self) -> list[ChatChunk] | None:
+        """Open the reply's upstream on the first deployment that sends a chunk; return that first batch.
 
-        Raises the ``UpstreamError`` of a non-retryable failure, of the last deployment tried, or of
-        a failure after the first chunk. Closing the generator (or cancelling its read) closes the
-        open upstream request.
+        None: the deployment ended its reply without a chunk. Afterwards ``upstream`` is that
+        deployment's own batch iterator (nothing of the router between it and the reply, so routing
+        adds no work per chunk), and ``aclose`` closes it. Raises the ``UpstreamError`` of a
+        non-retryable failure, or of the last deployment tried. Cancelling the call closes the
+        attempt's upstream request.
         """
         routes = self._routes()
         attempt = 0
         previous: tuple[DeploymentConfig, UpstreamError] | None = None
         for index, route in enumerate(routes):
+            if route is not self.route:  # a fallback: its own rate limits, as a deployment's
+                try:
+                    await self._lease(route, route.subject, f"model:{route.name}")
+                except ApplicationError as refused:
+                    if refused.status != 429 or index == len(routes) - 1:
+                        if refused.status == 429 and previous is not None:
+                            raise previous[1] from None  # the upstream's failure says more than our quota
+                        raise
+                    logger.info("reply %s: fallback %s is over its rate limit", self.reply_id, route.name)
+                    continue
             candidates, wait = await self._candidates(route)
             for position, deployment in enumerate(candidates):
                 if previous is not None:
@@ -373,7 +401,7 @@ class Router:
                     await asyncio.sleep(wait)
                 wait = 0.0
                 try:
-                    await self._lease(deployment)
+                    await self._lease(deployment, deployment.subject, deployment.key)
                 except ApplicationError as refused:
                     if refused.status != 429:  # the rate limits' store is unreachable (503)
                         raise
@@ -385,16 +413,9 @@ class Router:
                     continue
                 attempt += 1
                 self.deployment, self.serving = deployment, route
-                error = None
-                # aclosing: a reply closed while it streams closes this attempt's upstream at once.
-                async with contextlib.aclosing(self._attempt(deployment)) as batches:
-                    async for batch in batches:
-                        if isinstance(batch, UpstreamError):
-                            error = batch
-                        else:
-                            yield batch
-                if error is None:
-                    return
+                error = await self._open(deployment)
+                if not isinstance(error, UpstreamError):
+                    return error  # the first batch, or None
                 if not is_retryable(error):
                     raise error
                 await self._release_lease(deployment)  # the reply goes on elsewhere: free its slot now
@@ -411,76 +432,107 @@ class Router:
                     cooldown,
                 )
                 previous = (deployment, error)
+            await self._release_lease(route)  # a fallback none of whose deployments served
+        raise AssertionError("unreachable: the last candidate returns or raises")  # pragma: no cover
 
-    async def _attempt(self, deployment: DeploymentConfig) -> AsyncGenerator[list[ChatChunk] | UpstreamError, None]:
-        """Yield ``deployment``'s chunk batches, or its failure before the first one as the only item.
+    async def _open(self, deployment: DeploymentConfig) -> list[ChatChunk] | UpstreamError | None:
+        """Open ``deployment``'s upstream; return its first batch (then it is ``upstream``), None when it
+        ended without one, or its failure before the first batch (then it is closed).
 
-        A failure after the first batch is raised: the reply is committed to this deployment.
+        A failure after the first batch is the reply's: the router no longer sees it.
         """
         provider = deployment.provider
         upstream = get_provider(provider).stream(dataclasses.replace(self.request, model=deployment.upstream_model))
         _in_flight[deployment.key] = _in_flight.get(deployment.key, 0) + 1
         started = time.perf_counter()
+        result: list[ChatChunk] | UpstreamError | None = None
         try:
-            try:
-                async with asyncio.timeout(provider.first_token_timeout) as deadline:
-                    first = await anext(upstream)
-            except StopAsyncIteration:
+            async with asyncio.timeout(provider.first_token_timeout) as deadline:
+                result = await anext(upstream)
+        except StopAsyncIteration:
+            pass
+        except TimeoutError as exc:
+            if not deadline.expired():
+                await self._close(deployment, upstream)
+                raise
+            result = UpstreamError(
+                UPSTREAM_MESSAGES["upstream_timeout"],
+                code="upstream_timeout",
+                status=504,
+                detail=f"no first chunk within {provider.first_token_timeout} s",
+            )
+            result.__cause__ = exc
+        except UpstreamError as exc:
+            result = exc
+        except BaseException:  # cancelled, or a bug: the upstream request must not stay open
+            await self._close(deployment, upstream)
+            raise
+        if result is None or isinstance(result, UpstreamError):
+            await self._close(deployment, upstream)
+            return result
+        latency_record(deployment.key, time.perf_counter() - started)
+        self.upstream = upstream
+        self._open_deployment = deployment
+        return result
+
+    @staticmethod
+    async def _close(deployment: DeploymentConfig, upstream: AsyncGenerator[list[ChatChunk], None]) -> None:
+        _in_flight[deployment.key] -= 1
+        await upstream.aclose()
+
+    async def aclose(self) -> None:
+        """Close the upstream ``first`` opened, if any (its request too); idempotent. Raises what closing it raises."""
+        deployment, self._open_deployment = self._open_deployment, None
+        if deployment is not None:
+            await self._close(deployment, self.upstream)
+
+    async def stream(self) -> AsyncGenerator[list[ChatChunk], None]:
+        """Yield the reply's chunk batches: ``first``, then ``upstream``'s; closing the generator closes the upstream.
+
+        Raises what ``first`` and the upstream raise.
+        """
+        try:
+            batch = await self.first()
+            if batch is None:
                 return
-            except TimeoutError as exc:
-                if not deadline.expired():
-                    raise
-                error = UpstreamError(
-                    UPSTREAM_MESSAGES["upstream_timeout"],
-                    code="upstream_timeout",
-                    status=504,
-                    detail=f"no first chunk within {provider.first_token_timeout} s",
-                )
-                error.__cause__ = exc
-                yield error
-                return
-            except UpstreamError as exc:
-                yield exc
-                return
-            latency_record(deployment.key, time.perf_counter() - started)
-            yield first
-            async for batch in upstream:
+            yield batch
+            async for batch in self.upstream:
                 yield batch
         finally:
-            _in_flight[deployment.key] -= 1
-            await upstream.aclose()
+            await self.aclose()
 
-    async def _lease(self, deployment: DeploymentConfig) -> None:
-        """Take ``deployment``'s own rate limits for this reply (none: no I/O), as a user's are taken.
+    async def _lease(self, owner: DeploymentConfig | ModelRoute, subject: MeteringSubject | None, key: str) -> None:
+        """Take ``subject``'s rate limits for this reply on behalf of ``owner`` (a deployment, or a fallback
+        model), as a user's are taken; none (or no limits): no I/O.
 
         Raises ``ApplicationError`` 429 ``rate_limit_exceeded`` when it is over one (the router then
-        tries the next deployment), 503 ``metering_unavailable`` when they cannot be checked.
+        tries the next one), 503 ``metering_unavailable`` when they cannot be checked.
         """
-        if deployment.id is None or not deployment.limits.any:
+        if subject is None or not subject.limits.any:
             return
         lease = await rate_limit_acquire(
-            request_id=f"{self.reply_id}:{deployment.key}",
-            subjects=(MeteringSubject("deployment", deployment.id, deployment.limits),),
-            prompt_tokens=self.prompt_tokens or 0,
+            request_id=f"{self.reply_id}:{key}", subjects=(subject,), prompt_tokens=self.prompt_tokens or 0
         )
-        self._leases.append((deployment, lease))
+        self._leases.append((owner, lease))
 
-    async def _release_lease(self, deployment: DeploymentConfig) -> None:
-        """Give back the lease of ``deployment``, which failed before its first chunk (0 completion tokens)."""
+    async def _release_lease(self, owner: DeploymentConfig | ModelRoute) -> None:
+        """Give back the lease of ``owner``, which failed before its first chunk (0 completion tokens)."""
         kept = []
         for held, lease in self._leases:
-            if held is deployment:
+            if held is owner:
                 await lease.release(completion_tokens=0)
             else:
                 kept.append((held, lease))
         self._leases = kept
 
     async def release(self, *, completion_tokens: int) -> None:
-        """Give back the deployments' rate-limit leases: ``completion_tokens`` count on the one that
-        served, 0 on those that failed before their first chunk. Once; never raises."""
+        """Give back the rate-limit leases of the deployments and fallbacks tried: ``completion_tokens``
+        count on the deployment and model that served, 0 on those that failed before their first
+        chunk. Once; never raises."""
         leases, self._leases = self._leases, []
-        for deployment, lease in leases:
-            await lease.release(completion_tokens=completion_tokens if deployment is self.deployment else 0)
+        for owner, lease in leases:
+            served = owner is self.deployment or owner is self.serving
+            await lease.release(completion_tokens=completion_tokens if served else 0)
 
     def _backoff(
         self, attempt: int, deployment: DeploymentConfig, failed: DeploymentConfig, error: UpstreamError

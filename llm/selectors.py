@@ -10,7 +10,7 @@ from typing import Any
 
 from django.db.models import QuerySet
 
-from accounts.metering import RateLimits
+from accounts.metering import MeteringSubject, RateLimits
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError
 from chatbackend.lookup_cache import LookupCache
@@ -121,6 +121,7 @@ class EnabledModel:
             strategy=self.routing_strategy,
             context_window=self.context_window,
             model=self,
+            subject=MeteringSubject("model", self.id, self.limits),
         )
 
     @property

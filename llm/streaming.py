@@ -193,6 +193,8 @@ class KeepAlive:
 
 STARTED = ReplyStarted()
 KEEPALIVE = KeepAlive()
+# What a reply's first batch is before it was read (the router's ``first`` returns a batch or None).
+_UNREAD = object()
 
 
 @dataclass(slots=True)
@@ -261,8 +263,7 @@ class Reply(Generic[P]):
             prompt_tokens=plan.metering.prompt_tokens if plan.metering is not None else None,
             reply_id=plan.reply_id,
         )
-        self._upstream: AsyncGenerator[list[ChatChunk], None] = self.router.stream()
-        self._first: asyncio.Future[list[ChatChunk]] | None = None  # a read in its own task
+        self._first: asyncio.Future[list[ChatChunk] | None] | None = None  # ``router.first()`` in its own task
         self._events: AsyncGenerator[ReplyEvent, None] | None = None
         self._task: asyncio.Task[Any] | None = None  # the task iterating ``events()``
         self._waiting = False  # True while that task awaits the upstream: a stop may cancel it
@@ -352,11 +353,19 @@ class Reply(Generic[P]):
                 await broadcast.listen()  # before STARTED: a client that saw the start may stop us
                 yield STARTED
                 first = self._first
-                if first is None and keepalive is not None and not self._stop_requested:
-                    # The first read in its own task, so that waiting for it can time out without
-                    # cancelling the upstream request. Later reads are awaited directly.
+                batch: list[ChatChunk] | None | object = _UNREAD
+                if first is None and not self._stop_requested:
                     self._requested = True
-                    first = self._first = asyncio.ensure_future(anext(self._upstream))
+                    if keepalive is None:
+                        self._waiting = True  # a stop cancels this wait (and with it the attempt)
+                        try:
+                            batch = await self.router.first()
+                        finally:
+                            self._waiting = False
+                    else:
+                        # The first read in its own task, so that waiting for it can time out without
+                        # cancelling the upstream request. Later reads are awaited directly.
+                        first = self._first = asyncio.ensure_future(self.router.first())
                 if first is not None:
                     while not (first.done() or self._stop_requested):
                         self._waiting = True
@@ -368,21 +377,20 @@ class Reply(Generic[P]):
                             yield KEEPALIVE
                     if first.done():
                         self._first = None
-                        try:
-                            batch = first.result()
-                        except StopAsyncIteration:  # an upstream that ended without a chunk
-                            status = ReplyStatus.COMPLETED
-                        else:
-                            delta = self._take(batch)
-                            if delta is not None:
-                                yield delta
-                                self._delivered(delta)
-                if status is not ReplyStatus.COMPLETED and not self._stop_requested:
+                        batch = first.result()
+                if batch is None:  # an upstream that ended without a chunk
+                    status = ReplyStatus.COMPLETED
+                elif isinstance(batch, list):
+                    delta = self._take(batch)
+                    if delta is not None:
+                        yield delta
+                        self._delivered(delta)
+                if status is not ReplyStatus.COMPLETED and batch is not _UNREAD and not self._stop_requested:
+                    # The serving deployment's own iterator: the router adds nothing per batch.
                     # ``_waiting`` is True exactly while the loop awaits the upstream's next batch.
                     self._waiting = True
-                    self._requested = True
                     try:
-                        async for batch in self._upstream:
+                        async for batch in self.router.upstream:
                             self._waiting = False
                             delta = self._take(batch)
                             if delta is not None:
@@ -482,7 +490,7 @@ class Reply(Generic[P]):
     async def _wait_first_chunk(self, seconds: float) -> None:
         """Wait up to ``seconds`` for the upstream's first chunk; raise its failure, persisted ``failed``."""
         self._requested = True
-        first = self._first = asyncio.ensure_future(anext(self._upstream))
+        first = self._first = asyncio.ensure_future(self.router.first())
         try:
             await asyncio.wait((first,), timeout=seconds)
         except asyncio.CancelledError:
@@ -503,7 +511,7 @@ class Reply(Generic[P]):
         if first is not None and first.done() and not first.cancelled():
             first.exception()  # retrieved: a failure here is already what ended the reply
         with contextlib.suppress(Exception):  # closing a failed or finished upstream may itself fail
-            await self._upstream.aclose()
+            await self.router.aclose()
 
     def _set_outcome(self, status: ReplyStatus, error: ApplicationError | None) -> ReplyOutcome:
         """End the reply's bookkeeping: build ``outcome`` from what it took and delivered (sync, once)."""

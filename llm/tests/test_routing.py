@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio
 from django.conf import settings as django_settings
 
-from accounts.metering import RateLimits
+from accounts.metering import MeteringSubject, RateLimits, rate_limit_acquire
 from accounts.metering.ratelimits import rate_limit_close
 from chatbackend.errors import ApplicationError
 from llm.providers import ChatChunk, ChatRequest, ProviderConfig, UpstreamError
@@ -448,3 +448,66 @@ async def test_a_reply_whose_every_deployment_is_over_its_limit_gets_a_429(simul
     assert (refused.value.status, refused.value.code) == (429, "rate_limit_exceeded")
     assert "deployment" in refused.value.message
     assert simulator.requests_for(a.upstream_model) == 0
+
+
+def limited_model(route: ModelRoute, **limits: int) -> ModelRoute:
+    """``route`` with rate limits of its own as a model, under a row id no other run shares."""
+    subject = MeteringSubject("model", secrets.randbelow(10**12) + 10**12, RateLimits(**limits))
+    return dataclasses.replace(route, subject=subject)
+
+
+async def test_a_fallback_over_its_own_rate_limit_is_passed_over_for_the_next(simulator, store, routed):
+    main = model_route(simulator, "main")
+    first, second = (
+        limited_model(model_route(simulator, "fallback-1"), requests_per_minute=1),
+        model_route(simulator, "fallback-2"),
+    )
+    simulator.fault_set(main.deployments[0].upstream_model, "status=503")
+    try:
+        served = []
+        for _ in range(2):
+            router = Router(route=main, fallbacks=[first, second], request=REQUEST, reply_id=fresh("reply"))
+            await collect(router)
+            await router.release(completion_tokens=5)
+            served.append(router.serving)
+    finally:
+        await rate_limit_close()
+
+    assert served == [first, second]  # the first fallback's one request a minute was the first reply's
+    assert simulator.requests_for(first.deployments[0].upstream_model) == 1
+
+
+async def test_a_fallback_over_its_limit_leaves_the_upstream_failure_as_the_replys(simulator, store, routed):
+    main = model_route(simulator, "main")
+    only = limited_model(model_route(simulator, "fallback"), tokens_per_minute=5)
+    simulator.fault_set(main.deployments[0].upstream_model, "status=503")
+    router = Router(route=main, fallbacks=[only], request=REQUEST, prompt_tokens=6)
+    try:
+        with pytest.raises(UpstreamError) as failed:
+            await collect(router)
+    finally:
+        await rate_limit_close()
+
+    assert failed.value.upstream_status == 503  # not the fallback's quota: the reply's own failure
+    assert simulator.requests_for(only.deployments[0].upstream_model) == 0
+
+
+async def test_a_fallback_that_failed_gives_its_rate_limit_lease_back_at_once(simulator, store, routed):
+    main = model_route(simulator, "main")
+    first = limited_model(model_route(simulator, "fallback-1"), concurrent_streams=1)
+    second = model_route(simulator, "fallback-2")
+    for route in (main, first):
+        simulator.fault_set(route.deployments[0].upstream_model, "status=503")
+    try:
+        router = Router(route=main, fallbacks=[first, second], request=REQUEST, reply_id=fresh("reply"))
+        stream = router.stream()
+        await anext(stream)  # served by the second fallback, still streaming
+        assert router.serving is second
+        # The first fallback's only stream slot is free again: another reply may take it.
+        assert first.subject is not None
+        other = await rate_limit_acquire(request_id=fresh("other"), subjects=(first.subject,), prompt_tokens=0)
+        await other.release(completion_tokens=0)
+        await stream.aclose()
+        await router.release(completion_tokens=1)
+    finally:
+        await rate_limit_close()
