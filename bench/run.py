@@ -45,9 +45,11 @@ ROOT = Path(__file__).resolve().parent.parent
 # enforcement comparison (report.enforcement) sees the least drift in the machine's load; the
 # other inbound APIs (v1msg, v1resp) next, for the same reason (report.inbound_apis).
 PATHS = ("direct", "v1", "v1m", "v1msg", "v1resp", "sse", "ws")
-# Not v1msg and v1resp by default: with two servers and levels up to 2000 they would add ~170 s to
-# the default run (~420 s of its 570 s budget), and ~60 s to --quick (~215 s of 230 s; bench/README.md).
-DEFAULT_PATHS = ("direct", "v1", "v1m", "sse", "ws")
+DEFAULT_PATHS = PATHS
+# Unless --paths names them, the other inbound APIs run on the first server only, their largest level
+# last of all: on both servers they would add ~170 s to the default run (~420 s of its 570 s budget
+# without them); on one, ~85 s, and ~60 s to --quick (bench/README.md).
+FIRST_SERVER_PATHS = ("v1msg", "v1resp")
 BACKEND_PATHS = ("v1", "v1m", "v1msg", "v1resp", "sse", "ws")
 # Paths whose 1-stream round sends C1_REPLIES replies (replies_for).
 C1_PATHS = ("direct", "v1", "v1m", "v1msg", "v1resp")
@@ -69,8 +71,8 @@ BASELINE_LEVELS = "1,50,200,1000"
 BUDGET_S = 570.0
 # --quick: 150 s before v1m and the 10 replies at one stream (~45 s more, ~70 s with --baseline);
 # at 150 s a busy 2-core machine (server start-ups of 4-6 s) skipped sse and ws at 200 streams.
-# Both + 20 s for the adapters' CPU per chunk (measure_adapters).
-QUICK_BUDGET_S = 230.0
+# Both + 20 s for the adapters' CPU per chunk (measure_adapters), + 60 s for v1msg and v1resp.
+QUICK_BUDGET_S = 290.0
 QUICK_BASELINE_BUDGET_S = 420.0
 STARTUP_TIMEOUT_S = 60.0
 WARMUP_STREAMS = 4
@@ -104,8 +106,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--servers", help="ASGI servers: uvicorn, daphne, granian (default uvicorn,daphne)")
     parser.add_argument(
         "--paths",
-        default=",".join(DEFAULT_PATHS),
-        help=f"paths to measure, of {','.join(PATHS)} (default {','.join(DEFAULT_PATHS)})",
+        help=f"paths to measure, of {','.join(PATHS)} (default all, {' and '.join(FIRST_SERVER_PATHS)} "
+        "on the first server only and not with --baseline)",
     )
     parser.add_argument("--tokens", type=int, default=64, help="tokens per reply (default 64)")
     parser.add_argument("--token-delay-ms", type=float, default=10.0, help="simulator delay between tokens (10)")
@@ -172,6 +174,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     default_levels = QUICK_LEVELS if args.quick else BASELINE_LEVELS if args.baseline else DEFAULT_LEVELS
     args.levels = [int(x) for x in _csv(args.levels or default_levels)]
     args.servers = _csv(args.servers or ("uvicorn" if args.quick or args.baseline else "uvicorn,daphne"))
+    args.first_server_paths = () if args.paths else FIRST_SERVER_PATHS
+    if args.paths is None:  # with --baseline, not the other inbound APIs: an older tree may not have them
+        args.paths = ",".join(p for p in DEFAULT_PATHS if not (args.baseline and p in FIRST_SERVER_PATHS))
     args.paths = _csv(args.paths)
     args.adapters = [] if args.adapters.strip() == "none" else _csv(args.adapters)
     for kind in args.adapters:
@@ -1025,14 +1030,19 @@ class Bench:
         # With --baseline, each block is followed at once by the baseline's same block, so any
         # drift in the machine's load hits both alike.
         trees = (False, True) if args.baseline else (False,)
+        first_only = [p for p in paths if p in args.first_server_paths]
         for path in paths:
-            for server in args.servers:
+            for server in args.servers[:1] if path in first_only else args.servers:
                 for baseline in trees:
                     self.block(server, path, lower, baseline=baseline)
         for server in args.servers:
             for path in paths:
-                for baseline in trees:
-                    self.block(server, path, top, baseline=baseline)
+                if path not in first_only:
+                    for baseline in trees:
+                        self.block(server, path, top, baseline=baseline)
+        for path in first_only:
+            for baseline in trees:
+                self.block(args.servers[0], path, top, baseline=baseline)
 
     def block(self, server: str, path: str, levels: list[int], *, baseline: bool = False) -> None:
         """Start ``server`` afresh, warm it up on ``path``, measure ``levels`` in order, stop it.
