@@ -55,7 +55,7 @@ from django.http import HttpResponseBase
 from accounts.metering import Admission, MeteringRequest, metering_admit
 from accounts.revocation import watch_credential
 from accounts.selectors import AuthenticationFailed
-from accounts.usage import REFUSED, UsageContext, usage_account, usage_context, usage_flush
+from accounts.usage import REFUSED, UsageContext, usage_account, usage_context_served_by, usage_flush
 from chatbackend import broadcast
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError
@@ -585,14 +585,7 @@ class Reply(Generic[P]):
             serving = self.router.serving
             if serving is not None and serving is not self.router.route and serving.model is not None:
                 # A fallback model served: the reply is its usage, at its prices.
-                context = usage_context(
-                    request_id=context.request_id,
-                    source=context.source,
-                    user_id=context.user_id,
-                    api_key_id=context.api_key_id,
-                    model=serving.model,
-                    message_id=context.message_id,
-                )
+                context = usage_context_served_by(context, model=serving.model)
             usage = outcome.usage
             usage_account(
                 context=context,
