@@ -109,15 +109,18 @@ class ReplyRefused(ApplicationError):
 class ReplyOutcome:
     """How a reply ended.
 
-    ``content`` / ``reasoning_content``: all text streamed. ``usage``: token counts; ``usage_source``
-    says whose: ``"provider"`` (its usage report), else the plan's tokenizer's (``llm.tokens``):
-    ``"counted"`` by the model's tokenizer or ``"estimated"`` (``UsageRecord.TokenSource`` values);
-    0 tokens when the reply ended before its upstream request was sent. Times in milliseconds from
-    the upstream request's start; ``time_to_first_token_ms`` is None when no chunk with output
-    arrived. ``error``: the failure, for ``failed``.
+    ``model_name``: the public name of the model that served it (``Reply.model_name``): the plan's,
+    or the fallback that answered when the model's every deployment failed. ``content`` /
+    ``reasoning_content``: all text streamed. ``usage``: token counts; ``usage_source`` says whose:
+    ``"provider"`` (its usage report), else the plan's tokenizer's (``llm.tokens``): ``"counted"``
+    by the model's tokenizer or ``"estimated"`` (``UsageRecord.TokenSource`` values); 0 tokens when
+    the reply ended before its upstream request was sent. Times in milliseconds from the upstream
+    request's start; ``time_to_first_token_ms`` is None when no chunk with output arrived.
+    ``error``: the failure, for ``failed``.
     """
 
     status: ReplyStatus
+    model_name: str
     content: str
     reasoning_content: str
     finish_reason: str | None
@@ -284,6 +287,20 @@ class Reply(Generic[P]):
         self._checkpointing: asyncio.Task[None] | None = None
         if self._checkpoints:
             start_heartbeat()  # the process proves it is alive while it streams (chatbackend.liveness)
+
+    @property
+    def model_name(self) -> str:
+        """The public name of the model serving the reply, what the client is told and the usage row says.
+
+        The plan's model (an alias already resolved to it), or the fallback (``LLMModel.fallbacks``)
+        the router went on to once every deployment of the model failed before its first chunk.
+        Final from the first chunk on (``Router.serving``); before it, the model being tried.
+        Interfaces read it once, when the first chunks arrive or the reply ends, never per chunk.
+        """
+        serving = self.router.serving
+        if serving is None or serving is self.router.route:
+            return self.plan.model_name
+        return serving.name
 
     def add_admission_headers(self, response: HttpResponseBase) -> None:
         """Set what admission control asks every response to carry (OpenAI's ``x-ratelimit-*``) on ``response``."""
@@ -517,6 +534,7 @@ class Reply(Generic[P]):
             usage = Usage(prompt_tokens=0, completion_tokens=0)
         self.outcome = ReplyOutcome(
             status=status,
+            model_name=self.model_name,
             content=content,
             reasoning_content=reasoning,
             finish_reason=self._finish_reason,
