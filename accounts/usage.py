@@ -28,7 +28,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -187,19 +187,44 @@ def usage_context(
     ``model`` None (a model deleted since): no prices, the reply is recorded under ``model_name``
     at no cost.
     """
+    if model is None:
+        priced: dict[str, Any] = {
+            "model_id": None,
+            "model_name": model_name,
+            "input_price_per_million": Decimal(0),
+            "output_price_per_million": Decimal(0),
+        }
+    else:
+        priced = _model_fields(model)
     return UsageContext(
         request_id=request_id,
         source=source,
         user_id=user_id,
         api_key_id=api_key_id,
-        model_id=model.pk if model is not None else None,
-        model_name=model.name if model is not None else model_name,
         message_id=message_id,
-        input_price_per_million=model.input_price_per_million if model is not None else Decimal(0),
-        output_price_per_million=model.output_price_per_million if model is not None else Decimal(0),
-        cached_input_price_per_million=model.cached_input_price_per_million if model is not None else None,
-        cache_write_price_per_million=model.cache_write_price_per_million if model is not None else None,
+        **priced,
     )
+
+
+def usage_context_served_by(context: UsageContext, *, model: PricedModel) -> UsageContext:
+    """Return ``context`` for a reply that ``model`` served instead (a fallback): its id, name and prices.
+
+    Every other field (who pays, the request id, the message, any added later) is kept as it is:
+    ``dataclasses.replace`` copies them, so none can be dropped on the way.
+    """
+    return replace(context, **_model_fields(model))
+
+
+def _model_fields(model: PricedModel) -> dict[str, Any]:
+    """Return the ``UsageContext`` fields that come from ``model``: the one place they are read from it."""
+    return {
+        "model_id": model.pk,
+        "model_name": model.name,
+        "input_price_per_million": model.input_price_per_million,
+        "output_price_per_million": model.output_price_per_million,
+        "cached_input_price_per_million": model.cached_input_price_per_million,
+        "cache_write_price_per_million": model.cache_write_price_per_million,
+    }
 
 
 def usage_is_billable(*, finish_status: str, produced_output: bool) -> bool:
@@ -467,6 +492,7 @@ __all__ = [
     "UsageEvent",
     "UsageSubject",
     "usage_context",
+    "usage_context_served_by",
     "usage_account",
     "usage_cost",
     "usage_flush",

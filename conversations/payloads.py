@@ -26,10 +26,11 @@ ConversationReply = Reply[ConversationReplyPlan]
 def reply_event(reply: ConversationReply, event: ReplyEvent) -> tuple[str, dict[str, Any]] | None:
     """Return ``(event name, payload)`` of ``event`` for a conversation client, or None to send nothing.
 
-    - ``reply.start``: ``{conversation_id, user_message_id, message_id, model}``;
+    - ``reply.start``: ``{conversation_id, user_message_id, message_id, model}`` (the model asked
+      for: sent before the upstream answers, so before any fallback could serve);
     - ``reply.delta``: ``{content}`` plus ``reasoning_content`` when the model sends it (the
       chunks of one ``ReplyDelta`` joined into one delta);
-    - ``reply.done``: ``{message}`` (the assistant message);
+    - ``reply.done``: ``{message}`` (the assistant message; its ``model`` is the one that served);
     - ``error``: the error object plus ``message``; when the conversation was deleted while the
       reply streamed, the ``conversation_deleted`` error (404) and ``message`` None.
     Keep-alives are the interface's business (None here).
@@ -94,7 +95,7 @@ def reply_message_data(reply: ConversationReply) -> dict[str, Any] | None:
         "role": "assistant",
         "content": outcome.content,
         "status": outcome.status.value,
-        "model": plan.model_name,
+        "model": outcome.model_name,
         "finish_reason": outcome.finish_reason or "",
         "prompt_tokens": outcome.usage.prompt_tokens,
         "completion_tokens": outcome.usage.completion_tokens,

@@ -211,7 +211,8 @@ def reply_refused(*, user_message_id: int, message_id: int) -> None:
 
 
 def reply_finish(outcome: ReplyOutcome, *, message_id: int) -> bool:
-    """Write the end of a reply on its assistant message: text so far, status, tokens, timings, error.
+    """Write the end of a reply on its assistant message: text so far, status, the model that served
+    it (a fallback's name when one did), tokens, timings, error.
 
     One UPDATE. Returns False when the message no longer exists (its conversation was deleted
     while the reply streamed).
@@ -219,6 +220,7 @@ def reply_finish(outcome: ReplyOutcome, *, message_id: int) -> bool:
     written = Message.objects.filter(pk=message_id).update(
         content=outcome.content,
         status=outcome.status.value,
+        model_name=outcome.model_name,
         finish_reason=outcome.finish_reason or "",
         prompt_tokens=outcome.usage.prompt_tokens,
         completion_tokens=outcome.usage.completion_tokens,

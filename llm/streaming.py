@@ -55,7 +55,7 @@ from django.http import HttpResponseBase
 from accounts.metering import Admission, MeteringRequest, metering_admit
 from accounts.revocation import watch_credential
 from accounts.selectors import AuthenticationFailed
-from accounts.usage import REFUSED, UsageContext, usage_account, usage_context, usage_flush
+from accounts.usage import REFUSED, UsageContext, usage_account, usage_context_served_by, usage_flush
 from chatbackend import broadcast
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError
@@ -109,15 +109,18 @@ class ReplyRefused(ApplicationError):
 class ReplyOutcome:
     """How a reply ended.
 
-    ``content`` / ``reasoning_content``: all text streamed. ``usage``: token counts; ``usage_source``
-    says whose: ``"provider"`` (its usage report), else the plan's tokenizer's (``llm.tokens``):
-    ``"counted"`` by the model's tokenizer or ``"estimated"`` (``UsageRecord.TokenSource`` values);
-    0 tokens when the reply ended before its upstream request was sent. Times in milliseconds from
-    the upstream request's start; ``time_to_first_token_ms`` is None when no chunk with output
-    arrived. ``error``: the failure, for ``failed``.
+    ``model_name``: the public name of the model that served it (``Reply.model_name``): the plan's,
+    or the fallback that answered when the model's every deployment failed. ``content`` /
+    ``reasoning_content``: all text streamed. ``usage``: token counts; ``usage_source`` says whose:
+    ``"provider"`` (its usage report), else the plan's tokenizer's (``llm.tokens``): ``"counted"``
+    by the model's tokenizer or ``"estimated"`` (``UsageRecord.TokenSource`` values); 0 tokens when
+    the reply ended before its upstream request was sent. Times in milliseconds from the upstream
+    request's start; ``time_to_first_token_ms`` is None when no chunk with output arrived.
+    ``error``: the failure, for ``failed``.
     """
 
     status: ReplyStatus
+    model_name: str
     content: str
     reasoning_content: str
     finish_reason: str | None
@@ -285,6 +288,20 @@ class Reply(Generic[P]):
         self._checkpointing: asyncio.Task[None] | None = None
         if self._checkpoints:
             start_heartbeat()  # the process proves it is alive while it streams (chatbackend.liveness)
+
+    @property
+    def model_name(self) -> str:
+        """The public name of the model serving the reply, what the client is told and the usage row says.
+
+        The plan's model (an alias already resolved to it), or the fallback (``LLMModel.fallbacks``)
+        the router went on to once every deployment of the model failed before its first chunk.
+        Final from the first chunk on (``Router.serving``); before it, the model being tried.
+        Interfaces read it once, when the first chunks arrive or the reply ends, never per chunk.
+        """
+        serving = self.router.serving
+        if serving is None or serving is self.router.route:
+            return self.plan.model_name
+        return serving.name
 
     def add_admission_headers(self, response: HttpResponseBase) -> None:
         """Set what admission control asks every response to carry (OpenAI's ``x-ratelimit-*``) on ``response``."""
@@ -525,6 +542,7 @@ class Reply(Generic[P]):
             usage = Usage(prompt_tokens=0, completion_tokens=0)
         self.outcome = ReplyOutcome(
             status=status,
+            model_name=self.model_name,
             content=content,
             reasoning_content=reasoning,
             finish_reason=self._finish_reason,
@@ -593,14 +611,7 @@ class Reply(Generic[P]):
             serving = self.router.serving
             if serving is not None and serving is not self.router.route and serving.model is not None:
                 # A fallback model served: the reply is its usage, at its prices.
-                context = usage_context(
-                    request_id=context.request_id,
-                    source=context.source,
-                    user_id=context.user_id,
-                    api_key_id=context.api_key_id,
-                    model=serving.model,
-                    message_id=context.message_id,
-                )
+                context = usage_context_served_by(context, model=serving.model)
             usage = outcome.usage
             usage_account(
                 context=context,

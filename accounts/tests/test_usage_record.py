@@ -9,7 +9,15 @@ import pytest
 
 from accounts.models import UsageRecord
 from accounts.tasks import usage_record_batch_task, usage_record_task
-from accounts.usage import UsageContext, UsageEvent, usage_account, usage_context, usage_flush, usage_record_many
+from accounts.usage import (
+    UsageContext,
+    UsageEvent,
+    usage_account,
+    usage_context,
+    usage_context_served_by,
+    usage_flush,
+    usage_record_many,
+)
 from tests.factories import ConversationFactory, LLMModelFactory, MessageFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)  # the sender thread writes on its own connection
@@ -73,6 +81,36 @@ def test_the_token_breakdown_is_stored_and_priced_at_the_cache_prices(user):
     assert tuple(getattr(record, name) for name in fields) == (10_000, 500, 6_000, 3_000, 200)
     # (1000 fresh * 3 + 6000 cached * 0.3 + 3000 written * 3.75 + 500 * 15) / 1e6; reasoning is output.
     assert record.cost == Decimal(event.cost) == Decimal("0.02355")
+
+
+def test_a_reply_a_fallback_served_keeps_its_subject_and_takes_the_fallbacks_name_and_prices(context):
+    message = MessageFactory()
+    started = replace(context, source=UsageRecord.Source.CONVERSATION, api_key_id=None, message_id=message.pk)
+    fallback = LLMModelFactory(
+        name="fallback",
+        input_price_per_million=Decimal(2),
+        output_price_per_million=Decimal(8),
+        cached_input_price_per_million=Decimal("0.5"),
+        cache_write_price_per_million=Decimal("2.5"),
+    )
+
+    served = usage_context_served_by(started, model=fallback)
+
+    model_fields = {
+        "model_id": fallback.pk,
+        "model_name": "fallback",
+        "input_price_per_million": Decimal(2),
+        "output_price_per_million": Decimal(8),
+        "cached_input_price_per_million": Decimal("0.5"),
+        "cache_write_price_per_million": Decimal("2.5"),
+    }
+    # Every field but the model's is the started reply's: none is dropped or reset to its default.
+    assert asdict(served) == {**asdict(started), **model_fields}
+    account(served)
+    assert usage_flush(10)
+    record = UsageRecord.objects.get()
+    assert (record.model_id, record.model_name, record.message_id) == (fallback.pk, "fallback", message.pk)
+    assert record.cost == (Decimal(1234) * 2 + Decimal(567) * 8) / Decimal(1_000_000)
 
 
 def test_an_unbilled_reply_stores_no_breakdown(context):

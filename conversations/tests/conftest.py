@@ -5,8 +5,11 @@ The simulators and their models are the root conftest's.
 
 from __future__ import annotations
 
+import secrets
+
 import pytest
 
+from llm.selectors import enabled_model_cache
 from tests.factories import ConversationFactory, LLMModelFactory, ProviderFactory
 
 
@@ -34,6 +37,22 @@ def failing_conversation(user, simulator):
     provider = ProviderFactory(base_url=simulator.base_url, api_key="")
     model = LLMModelFactory(name="failing-model", provider=provider, upstream_model="sim-error-500")
     return ConversationFactory(owner=user, model=model, title="Failing chat")
+
+
+@pytest.fixture
+def fallback_conversation(user, simulator, settings):
+    """A conversation with ``primary``, whose upstream answers 500 (a fault on a fresh model id), so
+    every reply falls back to ``backup`` (``LLMModel.fallbacks``)."""
+    settings.LLM_ROUTING_BACKOFF_SECONDS = 0.01
+    enabled_model_cache.clear()  # other tests name models "primary" and "backup" too
+    failing = f"sim-fallback-{secrets.token_hex(4)}"
+    simulator.fault_set(failing, "status=500")
+    provider = ProviderFactory(name="sim-fallbacks", base_url=simulator.base_url, api_key="")
+    LLMModelFactory(name="backup", provider=provider, upstream_model="sim-1")
+    primary = LLMModelFactory(name="primary", provider=provider, upstream_model=failing, fallbacks=["backup"])
+    yield ConversationFactory(owner=user, model=primary, title="Falling back")
+    simulator.fault_clear(failing)
+    enabled_model_cache.clear()
 
 
 @pytest.fixture

@@ -105,6 +105,21 @@ async def test_start_and_done_frames_match_the_api(connect, conversation, token)
     assert frames[-1]["message"] == listed[start["message_id"]]
 
 
+async def test_a_reply_a_fallback_served_is_saved_under_the_fallbacks_name(connect, fallback_conversation, token):
+    socket = await connect(fallback_conversation, token)
+
+    await socket.send_json_to({"type": "message.send", "content": "Hello there"})
+    frames = await receive_until(socket, "reply.done", "error")
+
+    start, done = frames[0], frames[-1]
+    assert start["model"] == "primary"  # announced before the upstream answered: the model asked for
+    assert (done["type"], done["message"]["model"]) == ("reply.done", "backup")
+    answer = await Message.objects.aget(pk=start["message_id"])
+    assert (answer.model_name, answer.status) == ("backup", "completed")
+    assert answer.content == reply_text([{"role": "user", "content": "Hello there"}], FAST_REPLY_TOKENS)
+    assert done["message"] == (await listed_messages(fallback_conversation.pk, token))[answer.pk]
+
+
 async def test_a_second_message_after_the_first_reply(connect, conversation, token):
     socket = await connect(conversation, token)
 

@@ -121,6 +121,20 @@ async def test_sse_error_message_matches_the_api(failing_conversation, token):
     assert message == (await listed_messages(failing_conversation.pk, token))[message["id"]]
 
 
+async def test_sse_reply_a_fallback_served_is_saved_under_the_fallbacks_name(fallback_conversation, token):
+    events = await sse_events(await post(fallback_conversation, token, {"content": "Tell me a story"}))
+
+    start, done = events[0].json(), events[-1].json()["message"]
+    assert start["model"] == "primary"  # announced before the upstream answered: the model asked for
+    assert (done["status"], done["model"]) == ("completed", "backup")
+    assert done["content"] == reply_text([{"role": "user", "content": "Tell me a story"}], FAST_REPLY_TOKENS)
+    answer = await message(start["message_id"])
+    assert answer.model_name == "backup"
+    assert done == (await listed_messages(fallback_conversation.pk, token))[answer.pk]
+    [record] = await usage_records(message_id=answer.pk)
+    assert record.model_name == "backup"
+
+
 async def test_sse_sends_history_so_a_second_message_gets_its_own_reply(conversation, token):
     first = await sse_events(await post(conversation, token, {"content": "first question"}))
     second = await sse_events(await post(conversation, token, {"content": "second question"}))

@@ -12,9 +12,13 @@ https://docs.anthropic.com/en/api/messages (the ``Message`` object). Each SSE ev
     message_delta                      (stop_reason, usage)
     message_stop
 
-``ping`` events flow while the upstream is silent before its first chunk (proxies drop idle
-reads). An upstream failure after the headers, or a reply the server stopped (its key revoked, a
-shutdown), is an ``error`` event and ends the stream, as Anthropic sends one.
+``message_start`` goes out with the first chunks (or the end of a reply without any): its
+``message.model`` is the model that served the reply (``Reply.model_name``: a fallback's name when
+one did), which is known only then. So the ``ping`` events that flow while the upstream is silent
+before its first chunk (proxies drop idle reads) may come before it: Anthropic's streams may carry
+pings anywhere, and its SDKs drop them before they read the event order. An upstream failure
+after the headers, or a reply the server stopped (its key revoked, a shutdown), is an ``error``
+event and ends the stream, as Anthropic sends one.
 
 From OpenAI chunks (``llm.providers.ChatChunk``): ``reasoning_content`` → a ``thinking`` block
 (with an empty ``signature``: there is none to give), ``content`` → a ``text`` block, each
@@ -38,7 +42,7 @@ from typing import Any
 
 from ..openai.services import ChatCompletionPlan
 from ..providers import ChatChunk, Usage
-from ..streaming import KEEPALIVE, Reply, ReplyDelta, ReplyDone, ReplyFailed, ReplyOutcome, ReplyStarted
+from ..streaming import KEEPALIVE, Reply, ReplyDelta, ReplyDone, ReplyFailed, ReplyOutcome
 from .errors import anthropic_error_body
 
 logger = logging.getLogger(__name__)
@@ -103,12 +107,12 @@ def _starts_another_call(entry: dict[str, Any], current_id: str | None) -> bool:
     return bool(call_id) and current_id is not None and call_id != current_id
 
 
-def _message(plan: ChatCompletionPlan, content: list[dict[str, Any]]) -> dict[str, Any]:
+def _message(plan: ChatCompletionPlan, model_name: str, content: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "id": plan.reply_id,
         "type": "message",
         "role": "assistant",
-        "model": plan.model_name,
+        "model": model_name,
         "content": content,
         "stop_reason": None,
         "stop_sequence": None,
@@ -205,9 +209,19 @@ async def message_stream_frames(reply: Reply[ChatCompletionPlan], *, keepalive: 
     plan = reply.plan
     blocks = _StreamBlocks()
     finish_reason: str | None = None
+    started = False
+
+    def message_start() -> bytes:
+        nonlocal started
+        started = True
+        prompt_tokens = plan.metering.prompt_tokens if plan.metering is not None else 0
+        message = _message(plan, reply.model_name, [])
+        message["usage"] = usage_object(Usage(prompt_tokens=prompt_tokens, completion_tokens=0))
+        return _event("message_start", {"type": "message_start", "message": message})
+
     async for event in reply.events(keepalive=keepalive):
         if type(event) is ReplyDelta:
-            parts = []
+            parts = [] if started else [message_start()]  # once per reply, at its first chunks
             for chunk in event.chunks:
                 if chunk.content and not (chunk.reasoning_content or chunk.tool_calls) and blocks.kind == "text":
                     parts.append(blocks.text_head + _encode_str(chunk.content).encode() + b"}}\n\n")
@@ -220,20 +234,16 @@ async def message_stream_frames(reply: Reply[ChatCompletionPlan], *, keepalive: 
                 yield frames
         elif event is KEEPALIVE:
             yield PING
-        elif type(event) is ReplyStarted:
-            prompt_tokens = plan.metering.prompt_tokens if plan.metering is not None else 0
-            message = _message(plan, [])
-            message["usage"] = usage_object(Usage(prompt_tokens=prompt_tokens, completion_tokens=0))
-            yield _event("message_start", {"type": "message_start", "message": message})
-        elif type(event) is ReplyDone:
-            if event.outcome.error is not None:  # stopped by the server (a revoked key, a shutdown)
-                yield blocks.close() + _event("error", anthropic_error_body(event.outcome.error))
+        elif type(event) is ReplyDone or type(event) is ReplyFailed:
+            start = b"" if started else message_start()
+            # A failure, or a reply stopped by the server (a revoked key, a shutdown).
+            error = event.error if type(event) is ReplyFailed else event.outcome.error
+            if error is not None:
+                yield start + blocks.close() + _event("error", anthropic_error_body(error))
                 continue
             delta = {"stop_reason": stop_reason(finish_reason, used_tools=blocks.used_tools), "stop_sequence": None}
             body = {"type": "message_delta", "delta": delta, "usage": usage_object(event.outcome.usage)}
-            yield blocks.close() + _event("message_delta", body) + MESSAGE_STOP
-        elif type(event) is ReplyFailed:
-            yield blocks.close() + _event("error", anthropic_error_body(event.error))
+            yield start + blocks.close() + _event("message_delta", body) + MESSAGE_STOP
 
 
 class MessageCollector:
@@ -294,7 +304,7 @@ class MessageCollector:
                 )
                 value = {"arguments": arguments}
             block["input"] = value
-        message = _message(plan, self.content)
+        message = _message(plan, outcome.model_name, self.content)
         message["stop_reason"] = stop_reason(self.finish_reason, used_tools=bool(self._calls))
         message["usage"] = usage_object(outcome.usage)
         return message

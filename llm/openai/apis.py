@@ -166,7 +166,7 @@ async def _chat_completion_whole(reply: Reply[ChatCompletionPlan]) -> JsonRespon
             "id": plan.reply_id,
             "object": "chat.completion",
             "created": plan.created,
-            "model": plan.model_name,
+            "model": outcome.model_name,
             "choices": [
                 {
                     "index": 0,

@@ -60,15 +60,23 @@ async def chat_completion_frames(reply: Reply[ChatCompletionPlan], *, keepalive:
     stream, as OpenAI does; so is a reply the server stopped (its key revoked, a shutdown). There
     is no ``system_fingerprint``: OpenAI's schema types it as a
     string when present, and there is no fingerprint to report.
+
+    ``model`` is the model that served the reply (``Reply.model_name``: a fallback's name when one
+    did), known once the first chunks arrived: the frames' common head is built then, once.
     """
     plan = reply.plan
-    head = (
-        f'data: {{"id":{_encode(plan.reply_id)},"object":"chat.completion.chunk","created":{plan.created},'
-        f'"model":{_encode(plan.model_name)},"choices":['
-    ).encode()
+    head = content_head = reasoning_head = b""  # built by ``begin`` at the first chunks or the end
+
+    def begin() -> None:
+        nonlocal head, content_head, reasoning_head
+        head = (
+            f'data: {{"id":{_encode(plan.reply_id)},"object":"chat.completion.chunk","created":{plan.created},'
+            f'"model":{_encode(reply.model_name)},"choices":['
+        ).encode()
+        content_head = head + b'{"index":0,"delta":{"content":'
+        reasoning_head = head + b'{"index":0,"delta":{"reasoning_content":'
+
     tail = b'],"usage":null}\n\n' if plan.include_usage else b"]}\n\n"
-    content_head = head + b'{"index":0,"delta":{"content":'
-    reasoning_head = head + b'{"index":0,"delta":{"reasoning_content":'
     content_tail = b'},"logprobs":null,"finish_reason":null}' + tail
     role_sent = False
 
@@ -93,6 +101,8 @@ async def chat_completion_frames(reply: Reply[ChatCompletionPlan], *, keepalive:
 
     async for event in reply.events(keepalive=keepalive):
         if type(event) is ReplyDelta:
+            if not head:  # once per reply: the serving model is known from its first chunks on
+                begin()
             chunks = event.chunks
             yield frame(chunks[0]) if len(chunks) == 1 else b"".join(map(frame, chunks))
         elif event is KEEPALIVE:
@@ -101,6 +111,8 @@ async def chat_completion_frames(reply: Reply[ChatCompletionPlan], *, keepalive:
             if event.outcome.error is not None:  # stopped by the server (a revoked key, a shutdown)
                 yield b"data: " + _encode(event.outcome.error.as_dict()).encode() + b"\n\n"
             elif plan.include_usage:
+                if not head:  # a reply without a chunk
+                    begin()
                 yield head + b'],"usage":' + _encode(usage_object(event.outcome)).encode() + b"}\n\n" + DONE
             else:
                 yield DONE

@@ -74,7 +74,9 @@ class ResponseBuilder:
 
     ``feed(chunk)`` returns the events (dicts without ``sequence_number``, which ``frame`` adds)
     that chunk causes; ``end(outcome, error)`` closes the open items and returns the last events;
-    ``response(status)`` is the ``response`` object as it stands. Text and reasoning items close
+    ``response(status)`` is the ``response`` object as it stands; its ``model`` is ``model_name``,
+    the plan's until a stream names the model that served (``Reply.model_name``: a fallback's name
+    when one did) and ``end`` the outcome's. Text and reasoning items close
     as soon as another item starts; function calls stay open until the end, so arguments of
     interleaved parallel calls (matched by the chat ``tool_calls[].index``) still land in their item.
     """
@@ -82,6 +84,7 @@ class ResponseBuilder:
     def __init__(self, plan: ChatCompletionPlan, echo: dict[str, Any]) -> None:
         self.plan = plan
         self.echo = echo
+        self.model_name = plan.model_name
         self.output: list[dict[str, Any]] = []
         self._text_item: dict[str, Any] | None = None  # the open message or reasoning item
         self._text: list[str] = []
@@ -104,7 +107,7 @@ class ResponseBuilder:
             "completed_at": self.completed_at,
             "error": self.error,
             "incomplete_details": self.incomplete,
-            "model": plan.model_name,
+            "model": self.model_name,
             "output": self.output,
             **self.echo,
         }
@@ -255,6 +258,7 @@ class ResponseBuilder:
 
         ``error``: why the reply failed or was stopped by the server (revoked key, shutdown), if so.
         """
+        self.model_name = outcome.model_name
         failed = error is not None or outcome.status is ReplyStatus.CANCELLED
         incomplete = INCOMPLETE_REASONS.get(outcome.finish_reason or "") if not failed else None
         item_status = "incomplete" if failed or incomplete else "completed"
@@ -316,15 +320,26 @@ async def response_frames(
     """Yield the SSE body of ``reply`` as UTF-8 bytes (module docstring), one part per ``ReplyDelta``.
 
     ``: keep-alive`` comments flow every ``keepalive`` seconds while the upstream is silent before
-    its first chunk. A failure after the headers is an ``error`` event, then ``response.failed``.
+    its first chunk. ``response.created`` and ``response.in_progress`` go out with the first chunks
+    (or the end of a reply without any), when the model that serves it is known: their ``model``
+    names it (a fallback's name when one did). A failure after the headers is an ``error`` event,
+    then ``response.failed``.
     """
     sequencer = _Sequencer()
-    yield sequencer.frame({"type": "response.created", "response": builder.response("in_progress")}) + sequencer.frame(
-        {"type": "response.in_progress", "response": builder.response("in_progress")}
-    )
+    started = False
+
+    def created() -> list[bytes]:
+        nonlocal started
+        started = True
+        builder.model_name = reply.model_name
+        return [
+            sequencer.frame({"type": "response.created", "response": builder.response("in_progress")}),
+            sequencer.frame({"type": "response.in_progress", "response": builder.response("in_progress")}),
+        ]
+
     async for event in reply.events(keepalive=keepalive):
         if type(event) is ReplyDelta:
-            parts = []
+            parts = [] if started else created()  # once per reply, at its first chunks
             for chunk in event.chunks:
                 for item in builder.feed(chunk):
                     parts.append(sequencer.text_delta(item) if item["type"] in _TEXT_DELTAS else sequencer.frame(item))
@@ -332,10 +347,11 @@ async def response_frames(
                 yield b"".join(parts)
         elif event is KEEPALIVE:
             yield KEEPALIVE_COMMENT
-        elif type(event) is ReplyDone:
-            yield b"".join(map(sequencer.frame, builder.end(event.outcome, event.outcome.error)))
-        elif type(event) is ReplyFailed:
-            yield b"".join(map(sequencer.frame, builder.end(event.outcome, event.error)))
+        elif type(event) is ReplyDone or type(event) is ReplyFailed:
+            parts = [] if started else created()
+            error = event.error if type(event) is ReplyFailed else event.outcome.error
+            parts += map(sequencer.frame, builder.end(event.outcome, error))
+            yield b"".join(parts)
 
 
 __all__ = ["ResponseBuilder", "new_response_id", "response_error_code", "response_frames", "response_usage"]

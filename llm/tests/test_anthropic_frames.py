@@ -63,6 +63,7 @@ def _plan() -> ChatCompletionPlan:
 def _outcome() -> ReplyOutcome:
     return ReplyOutcome(
         status=ReplyStatus.COMPLETED,
+        model_name="m",
         content="",
         reasoning_content="",
         finish_reason="tool_calls",

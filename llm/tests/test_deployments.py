@@ -132,7 +132,7 @@ async def test_a_fallback_model_serves_and_the_usage_row_is_its_own(api_key_secr
 
     assert response.status_code == 200
     assert chunk_text(chunks).strip()
-    assert {chunk["model"] for chunk in chunks} == {"primary"}  # the name the client asked for
+    assert {chunk["model"] for chunk in chunks} == {"backup"}  # the model that served, as the usage row says
     [record] = await usage_records()
     assert (record.model_id, record.model_name, record.deployment) == (backup.pk, "backup", "sim-fallbacks/sim-1")
     assert record.cost == Decimal(record.prompt_tokens * 10 + record.completion_tokens * 20) / 1_000_000
