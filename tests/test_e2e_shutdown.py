@@ -168,7 +168,16 @@ def test_sigterm_mid_reply_saves_every_reply_with_its_text_and_usage(
         assert message.content, name
         assert len(message.content.split()) < LONG_REPLY_TOKENS, name
     for client in clients[:2]:  # the text each streaming client received is what was saved
-        assert messages[client.name].content == client.text, client.name
+        saved = messages[client.name].content
+        if server == "daphne":
+            # Twisted writes a frame on the reactor's next turn, not when daphne's ``send`` returns:
+            # a shutdown that stops the reactor in between loses the last frame handed to it (seen
+            # about once in six runs). The server's promise is the text it handed to the
+            # connection, so the client may be one delta (one simulator token) short.
+            assert saved.startswith(client.text), (client.name, saved, client.text)
+            assert len(saved.split()) - len(client.text.split()) <= 1, (client.name, saved, client.text)
+        else:
+            assert saved == client.text, client.name
 
     # One usage row per reply: 3 conversation replies, 2 /v1 replies.
     poll_until_sync(lambda: UsageRecord.objects.filter(user=owner, model_name=model.name).count(), lambda n: n >= 5)
