@@ -197,7 +197,8 @@ def _library() -> str:
 # windows[i] limits' four window figures read right after that hit; streams 0 (every lease taken),
 # j (set j full) or -1 (none asked); budget the reservation script's answer, or {} when none was
 # asked or a rate limit refused first. All or nothing: when anything refused, what the others took
-# is given back before the script returns (no other command runs in between).
+# is given back before the script returns (no other command runs in between). Amounts are never
+# negative (callers clamp them at 0): the give-back prefixes '-', and '--5' is not a number to Lua.
 _ADMIT = """
 local n, m, b = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local member, lease, expiry, nolimit = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
