@@ -165,17 +165,6 @@ def _fresh_budgets() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
-def _replies_accepted() -> Iterator[None]:
-    """Leave the process accepting replies after a test that ran the ASGI lifespan's shutdown.
-
-    ``replies_shutdown`` (the lifespan's shutdown) stops this process from starting replies, for
-    good: every later test that streams would get 503 ``server_shutting_down``.
-    """
-    yield
-    replies_accepting(True)
-
-
-@pytest.fixture(autouse=True)
 def _fresh_auth_throttles() -> Iterator[None]:
     """Start every test with empty login/registration throttles and no lockouts.
 
