@@ -13,6 +13,8 @@ scripted upstream for the shapes the simulator never sends.
 - Models on them: ``sim_model``, ``slow_model``, ``sleepy_model``; ``scripted_upstream``.
 - People and credentials: ``user``, ``other_user``, ``admin_user``, ``password``, ``token`` (a JWT),
   ``api_key_secret``, ``api_client``, ``client_for``, ``auth_client``, ``superuser``, ``admin_site``.
+- Stores: ``store``, each test once on the in-process stores and once on Redis (rate limits,
+  deployment cooldowns; the Redis run skipped without ``REDIS_URL``).
 - Servers and cleanup: ``asgi_server`` (uvicorn in the test's loop), ``release_db_connections``,
   ``provider_clients`` and ``broadcast_listener`` (for async tests); for every test, a fresh
   channel layer, empty auth throttles and the usage queue drained.
@@ -42,10 +44,12 @@ from rest_framework.test import APIClient
 from accounts.metering.budget_store import budget_store_reset
 from accounts.metering.budgets import budget_cache
 from accounts.metering.ratelimits import KEY_PREFIX as RATE_LIMIT_KEY_PREFIX
+from accounts.metering.ratelimits import rate_limit_close
 from accounts.services import api_key_create
 from accounts.usage import usage_flush
 from chatbackend import broadcast
 from llm.providers.openai_compatible import aclose_clients
+from llm.routing import cooldown_store_close
 from llm.streaming import replies_accepting
 from llm.tests.simulator_process import SimulatorProcess, start_simulator
 from tests.factories import PASSWORD, LLMModelFactory, ProviderFactory, UserFactory
@@ -158,17 +162,6 @@ def _fresh_budgets() -> Iterator[None]:
     """Start every test with no budget counters, no reservations and no cached budgets."""
     budget_state_clear()
     yield
-
-
-@pytest.fixture(autouse=True)
-def _replies_accepted() -> Iterator[None]:
-    """Leave the process accepting replies after a test that ran the ASGI lifespan's shutdown.
-
-    ``replies_shutdown`` (the lifespan's shutdown) stops this process from starting replies, for
-    good: every later test that streams would get 503 ``server_shutting_down``.
-    """
-    yield
-    replies_accepting(True)
 
 
 @pytest.fixture(autouse=True)
@@ -437,6 +430,26 @@ def admin_site(client, superuser):
     """A Django test client logged in to the admin as ``superuser``."""
     client.force_login(superuser)
     return client
+
+
+# --- Stores ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, settings: Any) -> AsyncIterator[str]:
+    """Run the test on the in-process stores, then on Redis (when REDIS_URL is set, as in CI).
+
+    The stores that follow ``settings.REDIS_URL``: rate limits (``accounts.metering.ratelimit_store``)
+    and deployment cooldowns (``llm.routing``). Yields ``"memory"`` or ``"redis"``; closes this
+    event loop's stores of both kinds at the end.
+    """
+    if request.param == "redis" and not settings.REDIS_URL:
+        pytest.skip("the Redis store needs REDIS_URL (CI sets it)")
+    if request.param == "memory":
+        settings.REDIS_URL = ""
+    yield request.param
+    await rate_limit_close()
+    await cooldown_store_close()
 
 
 # --- Servers and cleanup ---------------------------------------------------------------------

@@ -67,13 +67,24 @@ def conversation_delete(*, conversation: Conversation) -> None:
     ends ``cancelled`` (billed for what it produced) and its client gets the
     ``conversation_deleted`` error. When the stop request cannot be sent the deletion stands; the
     reply then finds its message gone when it ends, and its client gets the same error.
+    Raises ``NotFoundError`` when a concurrent request deleted it first.
     """
-    streaming = list(
-        conversation.messages.filter(role=Message.Role.ASSISTANT, status=Message.Status.STREAMING).values_list(
-            "pk", flat=True
-        )
-    )
-    conversation.delete()
+    with transaction.atomic():
+        # Django emulates the CASCADE of messages and the SET_NULL of their usage records: it
+        # reads the rows pointing here, unlinks or deletes them, then deletes, and PostgreSQL checks
+        # the (deferred) foreign keys at commit. A row another transaction commits in between (a
+        # reply's message, the Celery worker's usage record for one) would fail that commit with an
+        # IntegrityError. Locking the conversation, then its messages, first makes those writers
+        # wait for this deletion, and find their row gone (handled there: ``reply_start``,
+        # ``accounts.usage.usage_record_many``). No writer locks existing rows the other way round
+        # (a reply's start locks only the conversation, its end only its message): no deadlock.
+        if not Conversation.objects.select_for_update().filter(pk=conversation.pk).exists():
+            raise NotFoundError()
+        messages = list(conversation.messages.select_for_update().values_list("pk", "role", "status"))
+        conversation.delete()
+    streaming = [
+        pk for pk, role, status in messages if role == Message.Role.ASSISTANT and status == Message.Status.STREAMING
+    ]
     for message_id in streaming:
         try:
             reply_stop_broadcast(reply_id=conversation_reply_id(message_id), reason=conversation_deleted_error())

@@ -25,16 +25,6 @@ from chatbackend.errors import ApplicationError
 REDIS_URL = settings.REDIS_URL
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest, settings) -> AsyncIterator[str]:  # noqa: ANN001 - pytest-django's
-    """Run the test on the in-process store, then on Redis (when REDIS_URL is set, as in CI)."""
-    if request.param == "redis" and not REDIS_URL:
-        pytest.skip("the Redis store needs REDIS_URL (CI sets it)")
-    settings.REDIS_URL = REDIS_URL if request.param == "redis" else ""
-    yield request.param
-    await rate_limit_close()
-
-
 @pytest.fixture
 async def ids() -> AsyncIterator[list[int]]:
     """Fresh subject ids (so runs never share counters); their Redis keys are deleted afterwards."""

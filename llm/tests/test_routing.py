@@ -11,7 +11,7 @@ import dataclasses
 import random
 import secrets
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 import redis.asyncio
@@ -61,16 +61,6 @@ def _fresh_stats() -> Iterator[None]:
     routing_stats_reset()
     yield
     routing_stats_reset()
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest, settings) -> AsyncIterator[str]:  # noqa: ANN001 - pytest-django's
-    """Run the test on the in-process store, then on Redis (when REDIS_URL is set, as in CI)."""
-    if request.param == "redis" and not REDIS_URL:
-        pytest.skip("the Redis store needs REDIS_URL (CI sets it)")
-    settings.REDIS_URL = REDIS_URL if request.param == "redis" else ""
-    yield request.param
-    await cooldown_store_close()
 
 
 @pytest.fixture
