@@ -394,7 +394,8 @@ class Reply(Generic[P]):
                             yield KEEPALIVE
                     if first.done():
                         self._first = None
-                        batch = first.result()
+                        if not first.cancelled():  # cancelled: the end was written elsewhere (a shutdown)
+                            batch = first.result()
                 if batch is None:  # an upstream that ended without a chunk
                     status = ReplyStatus.COMPLETED
                 elif isinstance(batch, list):
@@ -437,6 +438,11 @@ class Reply(Generic[P]):
             if status is ReplyStatus.CANCELLED and error is None:
                 error = self._stop_reason
             await self._end(status, error)
+            # When the end was written elsewhere (a shutdown) while this task still awaited the first
+            # chunk, the upstream that opened since, and the leases taken for it, are still held.
+            await self._close_upstream()
+            if self.outcome is not None:
+                await self.router.release(completion_tokens=self.outcome.usage.completion_tokens)
         assert self.outcome is not None  # noqa: S101 - set by _end
         if self.outcome.status is ReplyStatus.FAILED and error is not None:
             yield ReplyFailed(error, self.outcome)
