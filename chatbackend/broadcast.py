@@ -138,6 +138,30 @@ class _Listener:
         )
 
     async def _receive(self) -> None:
+        """Receive until cancelled: one cancellation is enough, even one a library swallows.
+
+        The receiving runs in a task of its own, which this one awaits through ``asyncio.shield``
+        (no ``wait_for``: the cancellation always reaches here). Once cancelled, it cancels that
+        task again until it ends (at most ``STOP_SECONDS``): a cancellation that redis-py swallowed
+        inside channels_redis' ``receive`` would otherwise leave it waiting, ``BZPOPMIN`` after
+        ``BZPOPMIN``, and an event loop's shutdown (which cancels each task once, then waits for
+        all of them) would wait for ever.
+        """
+        receiving = asyncio.ensure_future(self._receive_forever())
+        try:
+            await asyncio.shield(receiving)
+        except asyncio.CancelledError:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + STOP_SECONDS
+            while not receiving.done() and loop.time() < deadline:
+                receiving.cancel()
+                # A further cancellation of this task (``stop_listening`` repeats its own) must
+                # not leave the receiving task behind: it is absorbed here, and re-raised below.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait((receiving,), timeout=0.1)
+            raise
+
+    async def _receive_forever(self) -> None:
         failing = False
         while True:
             try:
@@ -255,8 +279,13 @@ async def stop_listening() -> None:
     # Cancelled again until they end: Python 3.11's ``asyncio.wait_for`` can swallow one cancellation
     # (module docstring), and the receive would then wait on, ``BZPOPMIN`` after ``BZPOPMIN``, until
     # a message came. Bounded, so that a shutdown never waits on it for more than STOP_SECONDS.
-    pending = set(listener.tasks)
-    deadline = loop.time() + STOP_SECONDS
+    await _cancel_until_done(set(listener.tasks), STOP_SECONDS)
+
+
+async def _cancel_until_done(tasks: set[asyncio.Future[Any]], seconds: float) -> None:
+    """Cancel ``tasks`` every 0.1 s until they have ended, for at most ``seconds``."""
+    loop = asyncio.get_running_loop()
+    pending, deadline = tasks, loop.time() + seconds
     while pending and loop.time() < deadline:
         for task in pending:
             task.cancel()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import pytest
@@ -24,3 +25,27 @@ async def test_a_receive_waits_past_the_layers_blocking_pop_without_failing() ->
         assert await asyncio.wait_for(receiving, 5) == {"type": "broadcast.test"}
     finally:
         receiving.cancel()
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="the Redis channel layer needs REDIS_URL (CI sets it)")
+def test_an_event_loop_with_a_broadcast_listener_shuts_down_without_stop_listening() -> None:
+    """An event loop's shutdown cancels each task once and waits for all: the listener must end on
+    that one cancellation, even when redis-py swallows it mid-receive (it did: every async test
+    that read a budget, and so started the listener, hung at teardown until pytest's timeout)."""
+    from chatbackend import broadcast
+
+    async def listen_then_return(pause: float) -> bool:
+        joined = await broadcast.listen()
+        await asyncio.sleep(pause)  # 0: the receive is still connecting; later: in its blocking pop
+        return joined
+
+    finished: list[bool] = []
+
+    def run() -> None:
+        for pause in (0.0, 0.01, 0.5):
+            finished.append(asyncio.run(listen_then_return(pause)))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(3 * broadcast.STOP_SECONDS + 10)
+    assert finished == [True, True, True], "asyncio.run() did not return: the listener outlived its event loop's shutdown"
