@@ -290,8 +290,8 @@ class Router:
     (counted before the call, None: unknown): a prompt longer than the model's context window goes
     straight to the fallbacks whose window holds it (the model itself when none does), and a
     fallback too small for it is skipped. ``request`` is sent to each deployment with its
-    ``upstream_model`` as ``model``. Once a deployment answered, ``deployment`` is it and
-    ``serving`` its model (before: the last tried, None before any attempt).
+    ``upstream_model`` as ``model``. Once a deployment answered (``answered``), ``deployment`` is it
+    and ``serving`` its model (before: the last tried, None before any attempt).
     """
 
     def __init__(
@@ -312,6 +312,7 @@ class Router:
         self.reply_id = reply_id
         self.deployment: DeploymentConfig | None = None
         self.serving: ModelRoute | None = None
+        self.answered = False  # a deployment sent its first batch (or ended its reply without one)
         # The serving deployment's batches after the first (set by ``first``), and that deployment while open.
         self.upstream: AsyncGenerator[list[ChatChunk], None] = _no_batches()
         self._open_deployment: DeploymentConfig | None = None
@@ -469,7 +470,9 @@ class Router:
             raise
         if result is None or isinstance(result, UpstreamError):
             await self._close(deployment, upstream)
+            self.answered = result is None
             return result
+        self.answered = True
         latency_record(deployment.key, time.perf_counter() - started)
         self.upstream = upstream
         self._open_deployment = deployment

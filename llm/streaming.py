@@ -295,11 +295,13 @@ class Reply(Generic[P]):
 
         The plan's model (an alias already resolved to it), or the fallback (``LLMModel.fallbacks``)
         the router went on to once every deployment of the model failed before its first chunk.
-        Final from the first chunk on (``Router.serving``); before it, the model being tried.
-        Interfaces read it once, when the first chunks arrive or the reply ends, never per chunk.
+        Final from the first chunk on (``Router.serving``); before it, and for a reply no model
+        answered, the plan's. Interfaces read it once, when the first chunks arrive or the reply
+        ends, never per chunk.
         """
-        serving = self.router.serving
-        if serving is None or serving is self.router.route:
+        router = self.router
+        serving = router.serving
+        if serving is None or serving is router.route or not router.answered:
             return self.plan.model_name
         return serving.name
 
@@ -615,7 +617,12 @@ class Reply(Generic[P]):
         context = self.plan.usage
         if context is not None:
             serving = self.router.serving
-            if serving is not None and serving is not self.router.route and serving.model is not None:
+            if (
+                self.router.answered
+                and serving is not None
+                and serving is not self.router.route
+                and serving.model is not None
+            ):
                 # A fallback model served: the reply is its usage, at its prices.
                 context = usage_context_served_by(context, model=serving.model)
             usage = outcome.usage

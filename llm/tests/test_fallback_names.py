@@ -137,3 +137,29 @@ async def test_responses_events_and_whole_response_name_the_fallback(failure, as
         raw = await _raw_stream(http, "/v1/responses", {"model": "primary", "input": "Tell me about rivers"})
         assert raw.startswith(": keep-alive\n\n")
         assert '"model":"backup"' in raw and '"model":"primary"' not in raw
+
+
+@pytest.fixture
+def both_failing(db: Any, simulator: SimulatorProcess, settings: Any) -> Iterator[None]:
+    """``primary`` falling back to ``backup``, both of whose upstreams answer 500."""
+    settings.LLM_ROUTING_BACKOFF_SECONDS = 0.01
+    failing, also_failing = (f"sim-fallback-{secrets.token_hex(4)}" for _ in "12")
+    provider = ProviderFactory(name="sim-both", base_url=simulator.base_url, api_key="")
+    LLMModelFactory(name="backup", provider=provider, upstream_model=also_failing)
+    LLMModelFactory(name="primary", provider=provider, upstream_model=failing, fallbacks=["backup"])
+    for upstream in (failing, also_failing):
+        simulator.fault_set(upstream, "status=500")
+    yield
+    for upstream in (failing, also_failing):
+        simulator.fault_clear(upstream)
+
+
+async def test_a_reply_no_model_answered_names_the_requested_model(both_failing, asgi_server, api_key_secret):
+    """When the fallback fails too, nothing served: the usage row names the model asked for."""
+    async with openai.AsyncOpenAI(base_url=f"{asgi_server}/v1", api_key=api_key_secret, max_retries=0) as sdk:
+        with pytest.raises(openai.APIStatusError) as failed:
+            await sdk.chat.completions.create(model="primary", messages=MESSAGES)
+
+    assert failed.value.status_code >= 500
+    records = await usage_records()
+    assert [(record.model_name, record.finish_status) for record in records] == [("primary", "failed")]
