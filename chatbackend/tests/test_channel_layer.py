@@ -48,4 +48,4 @@ def test_an_event_loop_with_a_broadcast_listener_shuts_down_without_stop_listeni
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(3 * broadcast.STOP_SECONDS + 10)
-    assert finished == [True, True, True], "asyncio.run() did not return: the listener outlived its event loop's shutdown"
+    assert finished == [True, True, True], "asyncio.run() hung: the listener outlived its event loop's shutdown"
