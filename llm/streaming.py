@@ -589,9 +589,15 @@ class Reply(Generic[P]):
         self._account(outcome)
         # Last: a slow or unreachable rate-limit store must not delay the writes above (a shutdown
         # waits for them for a bounded time); a lease not given back expires.
-        await self.router.release(completion_tokens=outcome.usage.completion_tokens)
+        router = self.router
+        await router.release(completion_tokens=outcome.usage.completion_tokens)
         if self.admission is not None:
-            await self.admission.release(completion_tokens=outcome.usage.completion_tokens)
+            # A fallback generated the reply: the requested model's tokens per minute get none of it.
+            fallback_served = router.answered and router.serving is not router.route
+            await self.admission.release(
+                completion_tokens=outcome.usage.completion_tokens,
+                not_for=router.route.subject if fallback_served else None,
+            )
 
     def _persist_now(self, outcome: ReplyOutcome) -> None:
         """``_persist`` without an event loop (at process exit): the end written in this thread."""

@@ -41,13 +41,14 @@ class Admission:
     def headers(self) -> dict[str, str]:
         return self._lease.headers
 
-    async def release(self, *, completion_tokens: int) -> None:
-        """Give back the request's rate-limit lease and count its completion tokens; once, never raises."""
+    async def release(self, *, completion_tokens: int, not_for: MeteringSubject | None = None) -> None:
+        """Give back the request's rate-limit lease and count its completion tokens (on every subject
+        but ``not_for``: ``RateLease.release``); once, never raises."""
         if self._released:
             return
         self._released = True
         try:
-            await self._lease.release(completion_tokens=completion_tokens)
+            await self._lease.release(completion_tokens=completion_tokens, not_for=not_for)
         except Exception:  # an outage here must not lose the reply's end; the lease expires
             logger.warning("could not release the rate-limit lease", exc_info=True)
 

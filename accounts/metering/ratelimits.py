@@ -160,23 +160,32 @@ class RateLease:
     _stream_keys: tuple[str, ...] = ()
     _released: bool = False
 
-    async def release(self, *, completion_tokens: int) -> None:
+    async def release(self, *, completion_tokens: int, not_for: MeteringSubject | None = None) -> None:
         """Add ``completion_tokens`` to every tokens-per-minute counter and free the stream slots; once.
 
-        One round trip. Idempotent: a second call does nothing. Runs to its end even if the caller
-        is cancelled. Never raises for an unreachable store (logged; the counters and leases expire
-        on their own).
+        ``not_for``: a subject whose counters get none of them (a model that did not generate the
+        reply: another served it). One round trip. Idempotent: a second call does nothing. Runs to
+        its end even if the caller is cancelled. Never raises for an unreachable store (logged; the
+        counters and leases expire on their own).
         """
         if self._released or self._store is None:
             self._released = True
             return
         self._released = True
-        await asyncio.shield(self._release(max(0, completion_tokens)))
+        await asyncio.shield(self._release(max(0, completion_tokens), not_for))
 
-    async def _release(self, completion_tokens: int) -> None:
+    async def _release(self, completion_tokens: int, not_for: MeteringSubject | None) -> None:
         store = self._store
         assert store is not None  # noqa: S101 - checked by release
-        amounts = [(c.key, completion_tokens) for c in self._token_counters] if completion_tokens else []
+        amounts = (
+            [
+                (c.key, completion_tokens)
+                for c in self._token_counters
+                if not_for is None or (c.subject.kind, c.subject.id) != (not_for.kind, not_for.id)
+            ]
+            if completion_tokens
+            else []
+        )
         if self._stream_keys:
             store.unhold(self.request_id)
         if not amounts and not self._stream_keys:

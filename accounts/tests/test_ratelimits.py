@@ -144,6 +144,17 @@ async def test_tokens_per_minute_counts_prompt_then_completion(store: str, ids: 
     assert int(error.headers["Retry-After"]) >= 50
 
 
+async def test_completion_tokens_skip_the_subject_that_did_not_generate_them(store: str, ids: list[int]) -> None:
+    """A reply a fallback model served: the requested model's tokens per minute get none of its completion."""
+    requested = MeteringSubject(kind="model", id=ids[0], limits=RateLimits(tokens_per_minute=1000))
+    caller = user(ids[1], tokens_per_minute=1000)
+    lease = await acquire(caller, requested, prompt_tokens=10)
+    await lease.release(completion_tokens=300, not_for=MeteringSubject(kind="model", id=ids[0]))
+
+    assert (await acquire(requested)).headers["x-ratelimit-remaining-tokens"] == "990"  # the prompt only
+    assert (await acquire(caller)).headers["x-ratelimit-remaining-tokens"] == "690"  # prompt and completion
+
+
 async def test_a_prompt_larger_than_the_limit_is_too_large_for_ever(store: str, ids: list[int]) -> None:
     error = await refusal(key(ids[0], tokens_per_minute=100), prompt_tokens=101)
     assert error.message.startswith(f"Request too large for API key {ids[0]} on tokens per min (TPM)")
