@@ -51,7 +51,9 @@ _DEFAULT_HOSTS = {"localhost", "127.0.0.1", "[::1]"}
 
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> NoReturn:
-    # SIGTERM / SIGHUP take the same clean path as Ctrl-C.
+    # SIGTERM / SIGHUP take the same clean path as Ctrl-C. SIGINT itself is set too: a process started
+    # in the background by a non-interactive shell (``cmd &`` in a script, CI runners) inherits SIGINT
+    # ignored, and Python then leaves it ignored, so Ctrl-C (or ``kill -INT``) would not stop the demo.
     raise KeyboardInterrupt
 
 
@@ -81,7 +83,9 @@ class Command(BaseCommand):
         host, port = options["host"], options["port"]
         self._check_port_free(host, port)
         children: list[tuple[str, subprocess.Popen[str]]] = []
-        previous = {sig: signal.signal(sig, _raise_keyboard_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        previous = {
+            sig: signal.signal(sig, _raise_keyboard_interrupt) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        }
         try:
             # A fresh upstream key per run: the simulator requires it, the provider row stores it
             # encrypted, and no response or log line may ever show it.
