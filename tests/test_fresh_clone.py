@@ -53,14 +53,18 @@ def _free_port() -> int:
 
 
 class Demo:
-    """``./scripts/demo`` running in ``clone``; a thread keeps reading its output (a full pipe would block it)."""
+    """``./scripts/demo`` running in ``clone``; a thread keeps reading its output (a full pipe would block it).
+
+    Started with SIGINT ignored, as a script's background job (``cmd &``) or a CI runner starts it:
+    Ctrl-C (``stop``) must stop it all the same.
+    """
 
     def __init__(self, clone: Path, port: int) -> None:
         self.clone = clone
         self.port = port
         self.lines: list[str] = []
         self.process = subprocess.Popen(
-            ["./scripts/demo", "--port", str(port)],
+            ["bash", "-c", 'trap "" INT; exec ./scripts/demo --port "$0"', str(port)],
             cwd=clone,
             env=_clean_env(),
             stdout=subprocess.PIPE,
