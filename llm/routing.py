@@ -319,6 +319,12 @@ class Router:
         # Rate-limit leases of the deployments and fallbacks tried that have limits of their own (``_lease``).
         self._leases: list[tuple[DeploymentConfig | ModelRoute, RateLease]] = []
 
+    @property
+    def fallback_served(self) -> ModelRoute | None:
+        """Return the fallback model that answered the reply, or None (the model asked for, or none answered)."""
+        serving = self.serving
+        return serving if self.answered and serving is not None and serving is not self.route else None
+
     def _routes(self) -> list[ModelRoute]:
         """Return the models to try, in order (context-window fallbacks first: see the class docstring)."""
         tokens = self.prompt_tokens

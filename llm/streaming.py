@@ -299,11 +299,8 @@ class Reply(Generic[P]):
         answered, the plan's. Interfaces read it once, when the first chunks arrive or the reply
         ends, never per chunk.
         """
-        router = self.router
-        serving = router.serving
-        if serving is None or serving is router.route or not router.answered:
-            return self.plan.model_name
-        return serving.name
+        fallback = self.router.fallback_served
+        return fallback.name if fallback is not None else self.plan.model_name
 
     def add_admission_headers(self, response: HttpResponseBase) -> None:
         """Set what admission control asks every response to carry (OpenAI's ``x-ratelimit-*``) on ``response``."""
@@ -593,10 +590,9 @@ class Reply(Generic[P]):
         await router.release(completion_tokens=outcome.usage.completion_tokens)
         if self.admission is not None:
             # A fallback generated the reply: the requested model's tokens per minute get none of it.
-            fallback_served = router.answered and router.serving is not router.route
             await self.admission.release(
                 completion_tokens=outcome.usage.completion_tokens,
-                not_for=router.route.subject if fallback_served else None,
+                not_for=router.route.subject if router.fallback_served is not None else None,
             )
 
     def _persist_now(self, outcome: ReplyOutcome) -> None:
@@ -622,15 +618,10 @@ class Reply(Generic[P]):
             )
         context = self.plan.usage
         if context is not None:
-            serving = self.router.serving
-            if (
-                self.router.answered
-                and serving is not None
-                and serving is not self.router.route
-                and serving.model is not None
-            ):
+            fallback = self.router.fallback_served
+            if fallback is not None and fallback.model is not None:
                 # A fallback model served: the reply is its usage, at its prices.
-                context = usage_context_served_by(context, model=serving.model)
+                context = usage_context_served_by(context, model=fallback.model)
             usage = outcome.usage
             usage_account(
                 context=context,
