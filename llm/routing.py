@@ -47,12 +47,12 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import Any
 
-import redis.asyncio
 import redis.exceptions
 from django.conf import settings
 
 from accounts.metering import MeteringSubject, RateLease, RateLimits, rate_limit_acquire
 from chatbackend.errors import ApplicationError
+from chatbackend.redis_clients import async_redis_client
 
 from .providers import ChatChunk, ChatRequest, ProviderConfig, UpstreamError, get_provider
 from .providers.base import UPSTREAM_MESSAGES
@@ -215,11 +215,7 @@ class RedisCooldownStore(CooldownStore):
     """
 
     def __init__(self, url: str) -> None:
-        timeout = float(settings.REDIS_SOCKET_TIMEOUT_SECONDS)
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            url, max_connections=64, timeout=timeout, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
-        self.client = redis.asyncio.Redis.from_pool(pool)
+        self.client = async_redis_client(url, max_connections=64, timeout=float(settings.REDIS_SOCKET_TIMEOUT_SECONDS))
 
     async def cooling(self, keys: Sequence[str]) -> dict[str, float]:
         async with self.client.pipeline(transaction=False) as pipe:

@@ -35,8 +35,9 @@ from decimal import ROUND_CEILING, Decimal
 from typing import Any, Protocol
 
 import redis
-import redis.asyncio
 from django.conf import settings
+
+from chatbackend.redis_clients import async_redis_client
 
 UNIT = Decimal("0.00000001")  # US dollars per counter unit: UsageRecord.cost's 8 decimal places
 PREFIX = "{budget}:"
@@ -335,14 +336,7 @@ class RedisBudgetStore:
         if script is None:
             # Bounded, like the rate limits' pool: a burst of admissions waits for a connection
             # (up to the timeout) rather than opening one per request.
-            pool = redis.asyncio.BlockingConnectionPool.from_url(
-                self._url,
-                max_connections=MAX_ASYNC_CONNECTIONS,
-                timeout=self._timeout,
-                socket_timeout=self._timeout,
-                socket_connect_timeout=self._timeout,
-            )
-            client = redis.asyncio.Redis(connection_pool=pool)
+            client = async_redis_client(self._url, max_connections=MAX_ASYNC_CONNECTIONS, timeout=self._timeout)
             script = self._async[loop] = client.register_script(RESERVE_SCRIPT)
         return script
 

@@ -35,11 +35,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio
 import redis.exceptions
 from django.conf import settings
 from limits.aio.storage import MemoryStorage, RedisStorage
 from limits.aio.storage.redis.bridge import RedisBridge
+
+from chatbackend.redis_clients import async_redis_client
 
 from .budget_store import RESERVE_SCRIPT, ReserveRequest, ReserveVerdict, budget_store, reserve_verdict
 
@@ -339,17 +340,11 @@ class RedisRateLimitStore(RateLimitStore):
 
     def __init__(self, url: str) -> None:
         super().__init__()
-        timeout = float(settings.REDIS_SOCKET_TIMEOUT_SECONDS)
         # A bounded pool that waits for a free connection: a burst of admissions must not open
         # thousands of connections.
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            url,
-            max_connections=MAX_REDIS_CONNECTIONS,
-            timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
+        self.client = async_redis_client(
+            url, max_connections=MAX_REDIS_CONNECTIONS, timeout=float(settings.REDIS_SOCKET_TIMEOUT_SECONDS)
         )
-        self.client = redis.asyncio.Redis.from_pool(pool)
         scheme = "async+redis+" if url.startswith("unix://") else "async+"
         self.storage = RedisStorage(
             scheme + url,
