@@ -277,14 +277,18 @@ def enforcement(data: dict[str, Any]) -> list[dict[str, Any]]:
 def enforcement_overall(data: dict[str, Any]) -> dict[str, Any]:
     """Sum server CPU and tokens of v1 and v1m over the levels >= 50 streams measured on both, per server label.
 
-    Returns ``{server: {"rounds", "v1_us", "v1m_us", "cpu_ratio"}}`` (µs per forwarded token); a
-    server without such a pair of rounds is left out. Steadier than any single round's ratio.
+    Returns ``{server: {"rounds", "v1_us", "v1m_us", "cpu_ratio", "added_us_per_request"}}``: µs per
+    forwarded token, their ratio, and what enforcement costs per request, µs of server CPU (v1m's
+    CPU per request minus v1's). A server without such a pair of rounds is left out. Steadier than
+    any single round's ratio. Enforcement's work is per request (an admission and a release), none
+    per token: with replies of ``--tokens`` tokens, the ratio is 1 + that cost / a reply's CPU.
     """
     measured = [r for r in _measured(data["rounds"]) if r.get("server_process")]
     overall = {}
     for server in server_labels(data["config"]):
         cpu = {"v1": 0.0, "v1m": 0.0}
         tokens = {"v1": 0, "v1m": 0}
+        requests = {"v1": 0, "v1m": 0}
         count = 0
         for level in sorted(data["config"]["levels"]):
             pair = {path: _find(measured, server, path, level) for path in ("v1", "v1m")}
@@ -295,6 +299,7 @@ def enforcement_overall(data: dict[str, Any]) -> dict[str, Any]:
                 assert r is not None  # noqa: S101 - checked above
                 cpu[path] += r["server_process"]["cpu_s"]
                 tokens[path] += r["tokens"]
+                requests[path] += r["ok"]
         if not count or not tokens["v1"] or not tokens["v1m"]:
             continue
         plain_us, metered_us = cpu["v1"] * 1e6 / tokens["v1"], cpu["v1m"] * 1e6 / tokens["v1m"]
@@ -303,6 +308,9 @@ def enforcement_overall(data: dict[str, Any]) -> dict[str, Any]:
             "v1_us": _r(plain_us),
             "v1m_us": _r(metered_us),
             "cpu_ratio": _ratio(metered_us, plain_us),
+            "added_us_per_request": _r(cpu["v1m"] * 1e6 / requests["v1m"] - cpu["v1"] * 1e6 / requests["v1"])
+            if requests["v1"] and requests["v1m"]
+            else None,
         }
     return overall
 
@@ -775,7 +783,8 @@ def _enforcement_markdown(data: dict[str, Any]) -> list[str]:
         cpu_text = (
             f"server CPU per token v1m / v1 {_f(overall['cpu_ratio'], 2)} ({_f(overall['v1m_us'])} against "
             f"{_f(overall['v1_us'])} µs over {overall['rounds']} rounds at {CPU_TARGET_MIN_LEVEL}+ streams; "
-            f"target no change, ≤ {TARGETS['enforcement_cpu_ratio']:g}: {_met(cpu['met'] if cpu else None)})"
+            f"target no change, ≤ {TARGETS['enforcement_cpu_ratio']:g}: {_met(cpu['met'] if cpu else None)}): "
+            f"{_f(overall['added_us_per_request'])} µs of server CPU per request"
             if overall
             else f"server CPU per token v1m / v1 not measured (no level of {CPU_TARGET_MIN_LEVEL}+ streams on both)"
         )

@@ -118,6 +118,8 @@ def test_enforcement_is_v1m_minus_v1_per_level() -> None:
         "v1_us": 100.0,
         "v1m_us": 103.1,
         "cpu_ratio": pytest.approx(0.660 / 0.640, abs=0.001),
+        # (0.660 - 0.640) s over the round's 100 requests (50 streams, 2 replies each)
+        "added_us_per_request": 200.0,
     }
 
 
