@@ -1,4 +1,4 @@
-"""Django admin for users, API keys, usage records and budgets.
+"""Django admin for organizations and teams, users, API keys, usage records and budgets.
 
 API key secrets are created through the API only (they are shown once, to their owner), so the
 admin cannot add keys and never shows ``key_hash``; it can revoke them. Usage records are an
@@ -14,6 +14,7 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.options import InlineModelAdmin
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.contrib.auth.forms import AdminUserCreationForm, UserChangeForm
 from django.core.exceptions import PermissionDenied
@@ -26,7 +27,7 @@ from chatbackend.errors import ApplicationError
 from chatbackend.renderers import CSVRenderer
 
 from .metering.budgets import BudgetUsage, budget_usage
-from .models import APIKey, Budget, UsageRecord, User
+from .models import APIKey, Budget, Membership, Organization, Team, TeamMembership, UsageRecord, User
 from .selectors import USAGE_SUMMARY_GROUPS, usage_current_month, usage_summary, usage_summary_columns
 from .serializers import UsageSummaryRowOutputSerializer
 from .services import api_key_revoke
@@ -47,10 +48,57 @@ class UserAdminChangeForm(UserChangeForm):
         model = User
 
 
+class MembershipInline(admin.TabularInline):
+    model = Membership
+    extra = 0
+    raw_id_fields = ("user",)
+    fields = ("user", "role", "is_default", "created_at")
+    readonly_fields = ("created_at",)
+
+
+class TeamMembershipInline(admin.TabularInline):
+    model = TeamMembership
+    extra = 0
+    raw_id_fields = ("user",)
+    fields = ("user", "created_at")
+    readonly_fields = ("created_at",)
+
+
+@admin.register(Organization)
+class OrganizationAdmin(admin.ModelAdmin):
+    list_display = ("name", "slug", "created_at")
+    search_fields = ("name", "slug")
+    prepopulated_fields = {"slug": ("name",)}
+    inlines = [MembershipInline]
+
+
+@admin.register(Team)
+class TeamAdmin(admin.ModelAdmin):
+    list_display = ("name", "organization", "slug", "created_at")
+    list_filter = ("organization",)
+    list_select_related = ("organization",)
+    search_fields = ("name", "slug", "organization__name")
+    prepopulated_fields = {"slug": ("name",)}
+    inlines = [TeamMembershipInline]
+
+
+class UserMembershipInline(admin.TabularInline):
+    model = Membership
+    extra = 0
+    fields = ("organization", "role", "is_default", "created_at")
+    readonly_fields = ("created_at",)
+
+
 @admin.register(User)
 class UserAdmin(DjangoUserAdmin):
     form = UserAdminChangeForm
     add_form = UserAdminCreationForm
+    inlines = [UserMembershipInline]
+
+    def get_inlines(self, request: HttpRequest, obj: User | None) -> list[type[InlineModelAdmin[Any, Any]]]:
+        # Memberships on the change page only: a new user joins the default organization by itself.
+        return list(self.inlines) if obj is not None else []
+
     list_display = ("username", "email", "role", "is_active", "is_staff", "date_joined", "last_login")
     list_filter = ("role", "is_active", "is_staff", "is_superuser")
     # ``role`` decides what the API shows; ``is_staff`` decides who may use this admin site.
@@ -74,11 +122,11 @@ class UserAdmin(DjangoUserAdmin):
 
 @admin.register(APIKey)
 class APIKeyAdmin(admin.ModelAdmin):
-    list_display = ("name", "user", "prefix", "created_at", "last_used_at", "revoked_at")
-    list_filter = (("revoked_at", admin.EmptyFieldListFilter), "created_at")
-    list_select_related = ("user",)
+    list_display = ("name", "user", "organization", "prefix", "created_at", "last_used_at", "revoked_at")
+    list_filter = (("revoked_at", admin.EmptyFieldListFilter), "organization", "created_at")
+    list_select_related = ("user", "organization")
     search_fields = ("name", "prefix", "user__username")
-    fields = ("name", "user", "prefix", "created_at", "last_used_at", "revoked_at")
+    fields = ("name", "user", "organization", "prefix", "created_at", "last_used_at", "revoked_at")
     readonly_fields = fields
     actions = ("revoke_selected",)
 
@@ -127,7 +175,7 @@ class UsageRecordAdmin(admin.ModelAdmin):
         "deployment",
         "request_id",
     )
-    list_filter = ("source", "token_source", "model_name", "finish_status", "deployment")
+    list_filter = ("organization", "source", "token_source", "model_name", "finish_status", "deployment")
     list_select_related = ("user",)
     search_fields = ("request_id", "user__username", "model_name")
     date_hierarchy = "created_at"
@@ -248,11 +296,11 @@ class BudgetAdmin(admin.ModelAdmin):
         "remaining",
         "resets_at",
     )
-    list_filter = ("subject_kind", "period", "enabled")
+    list_filter = ("organization", "subject_kind", "period", "enabled")
     search_fields = ("name", "=subject_id")
     readonly_fields = ("subject", "spent", "reserved", "remaining", "resets_at", "created_at", "updated_at")
     fieldsets = (
-        (None, {"fields": ("name", "enabled")}),
+        (None, {"fields": ("name", "organization", "enabled")}),
         ("Subject", {"fields": ("subject_kind", "subject_id", "subject")}),
         ("Limit", {"fields": ("period", "limit_usd", "token_limit")}),
         ("Current period", {"fields": ("spent", "reserved", "remaining", "resets_at")}),

@@ -1,4 +1,14 @@
+from typing import Any
+
 from django.apps import AppConfig
+from django.db.models.signals import post_save
+
+
+def _join_default_organization(sender: type, *, instance: Any, created: bool, raw: bool = False, **kwargs: Any) -> None:
+    if created and not raw:  # raw: loaddata, whose fixtures carry their own memberships
+        from .services import membership_join_default_organization
+
+        membership_join_default_organization(user=instance)
 
 
 class AccountsConfig(AppConfig):
@@ -9,10 +19,13 @@ class AccountsConfig(AppConfig):
         # Every process drops its cached principals when a user or a key changes: a revocation,
         # a deactivation, a role or password change. A login's last_login write changes nothing.
         from .authentication import principal_cache
-        from .models import APIKey, User
+        from .models import APIKey, Membership, User
 
         principal_cache.invalidate_on(User, unless_only=["last_login"])
         principal_cache.invalidate_on(APIKey)
+        principal_cache.invalidate_on(Membership)
+        # Every new user joins the default organization (single-tenant installations need no more).
+        post_save.connect(_join_default_organization, sender=User, dispatch_uid="accounts.join_default_organization")
         # Budgets are cached per process (accounts.metering.budgets): a change reaches every process.
         from .metering.budgets import budget_cache
         from .models import Budget

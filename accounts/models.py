@@ -1,4 +1,4 @@
-"""Users, roles, API keys, usage records and budgets."""
+"""Organizations, teams and memberships; users, API keys, usage records and budgets."""
 
 from __future__ import annotations
 
@@ -43,6 +43,68 @@ class RateLimited(models.Model):
         )
 
 
+DEFAULT_ORGANIZATION_SLUG = "default"
+
+
+class OrganizationQuerySet(models.QuerySet["Organization"]):
+    def default(self) -> Organization:
+        """Return the default organization (slug ``default``), creating it the first time.
+
+        Every installation has it: single-tenant ones never need another. Users join it when they
+        are created (``accounts.signals``) and objects created without an organization belong to it.
+        """
+        organization, _ = self.get_or_create(slug=DEFAULT_ORGANIZATION_SLUG, defaults={"name": "Default organization"})
+        return organization
+
+
+class Organization(models.Model):
+    """A tenant: its members, teams, API keys, conversations, usage and budgets are its own.
+
+    Every lookup of those objects is scoped to the organization a request acts in; another
+    organization's object does not exist for it (404). The platform superuser sees across them.
+    """
+
+    name = models.CharField(max_length=100)
+    slug = models.SlugField(max_length=64, unique=True, help_text="short name, sent as the OpenAI-Organization header")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = OrganizationQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["name", "id"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def default_organization_id() -> int:
+    """Return the default organization's id: the ``organization`` of objects created without one.
+
+    Reads only the id (migrations that make the foreign keys required call it too, on the model of
+    whatever code runs them: it must not select columns a later migration adds).
+    """
+    organization_id = Organization.objects.filter(slug=DEFAULT_ORGANIZATION_SLUG).values_list("pk", flat=True).first()
+    return organization_id if organization_id is not None else Organization.objects.default().pk
+
+
+class Team(models.Model):
+    """A group of an organization's members (e.g. to share model access and a budget)."""
+
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="teams")
+    name = models.CharField(max_length=100)
+    slug = models.SlugField(max_length=64)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["organization", "name", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["organization", "slug"], name="team_slug_unique_in_organization")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.organization})"
+
+
 class User(AbstractUser, RateLimited):
     """A person who chats. ``role`` decides what they may see: admins everything, members their own."""
 
@@ -62,6 +124,61 @@ class User(AbstractUser, RateLimited):
         return self.role == self.Role.ADMIN or self.is_superuser
 
 
+class Membership(models.Model):
+    """A user's membership of an organization, with their role in it.
+
+    Roles: ``owner`` (everything, including the organization's owners), ``admin`` (members, teams,
+    keys, budgets and usage of the organization), ``member`` (chats; their own keys, conversations
+    and usage), ``viewer`` (reads their own conversations and usage; cannot chat or create).
+    A user may belong to several organizations; ``is_default`` marks the one a request acts in when
+    it names none (at most one per user).
+    """
+
+    class Role(models.TextChoices):
+        OWNER = "owner", "Owner"
+        ADMIN = "admin", "Admin"
+        MEMBER = "member", "Member"
+        VIEWER = "viewer", "Viewer"
+
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="memberships")
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.MEMBER)
+    is_default = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["organization", "user"]
+        constraints = [
+            models.UniqueConstraint(fields=["user", "organization"], name="membership_unique"),
+            models.UniqueConstraint(
+                fields=["user"], condition=models.Q(is_default=True), name="membership_one_default_per_user"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.organization} ({self.role})"
+
+    @property
+    def is_admin(self) -> bool:
+        """Return True for the organization's owners and admins."""
+        return self.role in (self.Role.OWNER, self.Role.ADMIN)
+
+
+class TeamMembership(models.Model):
+    """A user's membership of a team (they must be a member of the team's organization)."""
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="team_memberships")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["team", "user"]
+        constraints = [models.UniqueConstraint(fields=["team", "user"], name="team_membership_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.team}"
+
+
 class APIKey(RateLimited):
     """A long-lived credential (``sk-...``) for clients that cannot refresh a JWT (NextChat, SDKs).
 
@@ -70,6 +187,9 @@ class APIKey(RateLimited):
     """
 
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys")
+    organization = models.ForeignKey(
+        Organization, on_delete=models.PROTECT, related_name="api_keys", default=default_organization_id
+    )
     name = models.CharField(max_length=100)
     prefix = models.CharField(max_length=16, db_index=True)
     key_hash = models.CharField(max_length=64, unique=True)
@@ -116,6 +236,9 @@ class UsageRecord(models.Model):
         OPENAI_RESPONSES = "openai_responses", "OpenAI Responses API"
 
     request_id = models.CharField(max_length=64, unique=True)
+    organization = models.ForeignKey(
+        Organization, on_delete=models.PROTECT, related_name="usage_records", default=default_organization_id
+    )
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="usage_records")
     api_key = models.ForeignKey(APIKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="usage_records")
     model = models.ForeignKey("llm.LLMModel", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
@@ -181,6 +304,9 @@ class Budget(models.Model):
         LIFETIME = "lifetime", "Lifetime"
 
     name = models.CharField(max_length=100)
+    organization = models.ForeignKey(
+        Organization, on_delete=models.PROTECT, related_name="budgets", default=default_organization_id
+    )
     subject_kind = models.CharField(max_length=16, choices=SubjectKind.choices)
     subject_id = models.PositiveBigIntegerField(help_text="id of the user or API key the budget limits")
     period = models.CharField(max_length=16, choices=Period.choices, default=Period.MONTHLY)

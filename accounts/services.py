@@ -1,4 +1,4 @@
-"""Writes for accounts: registration, API keys, budgets (usage records: ``accounts.usage``)."""
+"""Writes for accounts: registration, memberships, API keys, budgets (usage records: ``accounts.usage``)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,32 @@ from django.utils import timezone
 from chatbackend.errors import ApplicationError, NotFoundError
 
 from .keys import display_prefix, generate_secret, hash_secret
-from .models import APIKey, Budget, User
+from .models import APIKey, Budget, Membership, Organization, User
 from .revocation import revocation_announce
 
 USERNAME_TAKEN_MESSAGE = "A user with that username already exists."
+
+
+def membership_join_default_organization(*, user: User) -> Membership:
+    """Make ``user`` a member of the default organization, as their default one; return the membership.
+
+    Role: ``owner`` for a superuser, ``admin`` for the ``admin`` role, else ``member``. Idempotent:
+    an existing membership is returned unchanged (and becomes the default only when the user has
+    none). Called for every new user (``AccountsConfig.ready``), so that a single-tenant
+    installation never has to manage organizations.
+    """
+    organization = Organization.objects.default()
+    if user.is_superuser:
+        role = Membership.Role.OWNER
+    elif user.role == User.Role.ADMIN:
+        role = Membership.Role.ADMIN
+    else:
+        role = Membership.Role.MEMBER
+    has_default = Membership.objects.filter(user=user, is_default=True).exists()
+    membership, _ = Membership.objects.get_or_create(
+        user=user, organization=organization, defaults={"role": role, "is_default": not has_default}
+    )
+    return membership
 
 
 def user_register(*, username: str, password: str, email: str = "") -> User:

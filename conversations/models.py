@@ -5,11 +5,16 @@ from __future__ import annotations
 from django.conf import settings
 from django.db import models
 
+from accounts.models import Organization, default_organization_id
+
 
 class Conversation(models.Model):
     """A chat between one user and one model; its messages are the history sent upstream."""
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations")
+    organization = models.ForeignKey(
+        Organization, on_delete=models.PROTECT, related_name="conversations", default=default_organization_id
+    )
     title = models.CharField(max_length=200, blank=True, default="")
     model = models.ForeignKey("llm.LLMModel", on_delete=models.PROTECT, related_name="conversations")
     system_prompt = models.TextField(blank=True, default="")
@@ -18,7 +23,10 @@ class Conversation(models.Model):
 
     class Meta:
         ordering = ["-updated_at"]
-        indexes = [models.Index(fields=["owner", "-updated_at"])]
+        indexes = [
+            models.Index(fields=["owner", "-updated_at"]),
+            models.Index(fields=["organization", "-updated_at"]),
+        ]
 
     def __str__(self) -> str:
         return self.title or f"Conversation {self.pk}"
