@@ -28,9 +28,15 @@ from chatbackend.asyncdb import run_sync
 from chatbackend.lookup_cache import LookupCache
 
 from .keys import hash_secret, looks_like_api_key
-from .models import APIKey, User
+from .models import APIKey, Organization, User
 from .revocation import SESSION_CLAIM
-from .selectors import AuthenticationFailed, api_key_authenticate
+from .selectors import (
+    ORGANIZATION_HEADER,
+    ActingOrganization,
+    AuthenticationFailed,
+    acting_organization,
+    api_key_authenticate,
+)
 from .services import api_key_last_used_update
 
 logger = logging.getLogger(__name__)
@@ -38,13 +44,25 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: the ``user``, and the ``api_key`` used (``None`` for a JWT).
+    """Who is calling: the ``user``, the ``api_key`` used (``None`` for a JWT), and the organization
+    the request acts in with their role in it (``accounts.selectors.acting_organization``).
 
     From ``authenticate_token_async`` it may be cached and shared between requests: read-only.
     """
 
     user: User
     api_key: APIKey | None
+    acting: ActingOrganization
+
+    @property
+    def organization(self) -> Organization:
+        return self.acting.organization
+
+    @property
+    def is_admin(self) -> bool:
+        """Return True when the caller administers the organization it acts in (owner, admin, the
+        platform superuser), or has the platform-wide ``admin`` role."""
+        return self.acting.is_admin or self.user.is_admin
 
 
 def token_from_headers(headers: Mapping[str, str]) -> str | None:
@@ -62,8 +80,9 @@ def token_from_headers(headers: Mapping[str, str]) -> str | None:
 _jwt = _SimpleJWTAuthentication()
 
 # Principals by ("api_key", SHA-256 digest of the secret, never the secret) or ("user", user id
-# of a JWT). Cleared in every process when a User or an APIKey changes (``AccountsConfig.ready``).
-principal_cache: LookupCache[tuple[str, str | int], Principal] = LookupCache("accounts.principals", maxsize=10_000)
+# of a JWT, organization slug named or ""). Cleared in every process when a User, an APIKey or a
+# Membership changes (``AccountsConfig.ready``).
+principal_cache: LookupCache[tuple[str | int, ...], Principal] = LookupCache("accounts.principals", maxsize=10_000)
 
 
 def _missing_token() -> AuthenticationFailed:
@@ -74,7 +93,8 @@ def _missing_token() -> AuthenticationFailed:
 
 def _api_key_principal(secret: str) -> Principal:
     api_key = api_key_authenticate(secret=secret)
-    return Principal(user=api_key.user, api_key=api_key)
+    acting = acting_organization(user=api_key.user, api_key=api_key, requested=None)
+    return Principal(user=api_key.user, api_key=api_key, acting=acting)
 
 
 def _validated_jwt(token: str) -> Token:
@@ -85,15 +105,18 @@ def _validated_jwt(token: str) -> Token:
         raise AuthenticationFailed("The access token is invalid or expired.", code="token_not_valid") from None
 
 
-def _jwt_principal(validated: Token) -> Principal:
-    """Read the user of a validated JWT (one query) and check it may authenticate."""
+def _jwt_principal(validated: Token, organization: str | None) -> Principal:
+    """Read the user of a validated JWT (one query) and check it may authenticate, then the
+    organization it acts in (``organization``: the slug the request named, or None; one query)."""
     try:
         user = cast(User, _jwt.get_user(validated))  # AUTH_USER_MODEL is accounts.User
     except (InvalidToken, TokenError, DRFAuthenticationFailed):
         raise AuthenticationFailed("The access token is invalid or expired.", code="token_not_valid") from None
     if not user.is_active:
         raise AuthenticationFailed("This account is disabled.", code="user_inactive")
-    return Principal(user=user, api_key=None)
+    return Principal(
+        user=user, api_key=None, acting=acting_organization(user=user, api_key=None, requested=organization)
+    )
 
 
 def jwt_session_id(token: str | None) -> str | None:
@@ -110,20 +133,28 @@ def jwt_session_id(token: str | None) -> str | None:
     return session_id if isinstance(session_id, str) else None
 
 
-def authenticate_token(token: str | None) -> Principal:
+def _check_key_organization(principal: Principal, organization: str | None) -> Principal:
+    if organization and principal.api_key is not None and organization != principal.organization.slug:
+        acting_organization(user=principal.user, api_key=principal.api_key, requested=organization)  # raises
+    return principal
+
+
+def authenticate_token(token: str | None, organization: str | None = None) -> Principal:
     """Return the ``Principal`` for an API key or JWT access ``token``, from the database.
 
-    Raises ``AuthenticationFailed`` (401) when the token is missing, unknown, revoked or expired.
+    ``organization``: the slug of the organization the request names (``OpenAI-Organization``), or
+    None for the key's own, or the user's default. Raises ``AuthenticationFailed`` (401) when the
+    token is missing, unknown, revoked or expired, or the caller is not a member of the organization.
     Sync (touches the database); async code calls ``authenticate_token_async``, which caches.
     """
     if not token:
         raise _missing_token()
     if looks_like_api_key(token):
-        return _api_key_principal(token)
-    return _jwt_principal(_validated_jwt(token))
+        return _check_key_organization(_api_key_principal(token), organization)
+    return _jwt_principal(_validated_jwt(token), organization)
 
 
-async def authenticate_token_async(token: str | None) -> Principal:
+async def authenticate_token_async(token: str | None, organization: str | None = None) -> Principal:
     """Return the ``Principal`` for ``token`` like ``authenticate_token``: cached, else in one hop.
 
     A token this process authenticated before is answered from ``principal_cache`` on the event
@@ -138,26 +169,26 @@ async def authenticate_token_async(token: str | None) -> Principal:
     if not token:
         raise _missing_token()
     if looks_like_api_key(token):
-        key: tuple[str, str | int] = ("api_key", hash_secret(token))
+        key: tuple[str | int, ...] = ("api_key", hash_secret(token))
         principal = principal_cache.get(key)
         if principal is not None:
             _note_api_key_use(principal)
-            return principal
+            return _check_key_organization(principal, organization)
         ticket = await principal_cache.fill_ticket_async()  # before the read: see lookup_cache
         principal = await run_sync(_api_key_principal, token)
         principal_cache.put(key, principal, ticket)
-        return principal
+        return _check_key_organization(principal, organization)
     validated = _validated_jwt(token)
     user_id = validated.get(jwt_settings.USER_ID_CLAIM)
     if not isinstance(user_id, int | str):  # no claim (get_user says so) or not a usable key
-        return await run_sync(_jwt_principal, validated)
-    key = ("user", user_id)
+        return await run_sync(_jwt_principal, validated, organization)
+    key = ("user", user_id, organization or "")
     principal = principal_cache.get(key)
     if principal is not None:
         _check_revoke_claim(validated, principal.user)
         return principal
     ticket = await principal_cache.fill_ticket_async()
-    principal = await run_sync(_jwt_principal, validated)
+    principal = await run_sync(_jwt_principal, validated, organization)
     principal_cache.put(key, principal, ticket)
     return principal
 
@@ -204,6 +235,39 @@ def _last_used_update_done(task: asyncio.Task[None]) -> None:
     _last_used_updates.discard(task)
     if not task.cancelled() and task.exception() is not None:
         logger.warning("writing an API key's last_used_at failed", exc_info=task.exception())
+
+
+def principal_for(*, user: User, api_key: APIKey | None = None, organization: str | None = None) -> Principal:
+    """Return the ``Principal`` of an authenticated ``user`` (with ``api_key``, if any), acting in
+    ``organization`` (a slug) or else the key's or the user's default. One query.
+
+    Raises ``AuthenticationFailed`` (401) when the user is not a member of that organization.
+    """
+    return Principal(
+        user=user, api_key=api_key, acting=acting_organization(user=user, api_key=api_key, requested=organization)
+    )
+
+
+def request_principal(request: Request) -> Principal:
+    """Return the ``Principal`` of a DRF ``request`` behind ``IsAuthenticated``: its user, its API key
+    (when it authenticated with one) and the organization it acts in (``OpenAI-Organization``).
+
+    Resolved once per request (one query). Raises DRF's ``AuthenticationFailed`` (401, the
+    project's error shape) when the caller is not a member of the organization named.
+    """
+    principal = getattr(request, "_chatbackend_principal", None)
+    if principal is None:
+        api_key = request.auth if isinstance(request.auth, APIKey) else None
+        try:
+            principal = principal_for(
+                user=request_user(request),
+                api_key=api_key,
+                organization=request.headers.get(ORGANIZATION_HEADER) or None,
+            )
+        except AuthenticationFailed as exc:
+            raise DRFAuthenticationFailed(exc.message, code=exc.code) from None
+        request._chatbackend_principal = principal  # type: ignore[attr-defined]
+    return principal
 
 
 def request_user(request: Request) -> User:

@@ -10,7 +10,8 @@ of them what DRF gives its views, in one place:
 - authentication: the caller's ``Principal`` (API key or JWT access token, from ``Authorization:
   Bearer``, ``x-api-key`` or ``api-key``), resolved before the view runs — on the event loop
   when this process has it cached, else in one worker-thread hop (``authenticate_token_async``)
-  — and handed to the view; a bad credential is a 401 before the body is read;
+  — and handed to the view, acting in the organization the ``OpenAI-Organization`` header names (else
+  the key's, or the user's default); a bad credential or organization is a 401 before the body is read;
 - errors: ``ApplicationError``, DRF ``ValidationError`` and the like become the project's JSON error
   (``chatbackend.errors.error_response``: OpenAI's shape, or the ``errors`` renderer an endpoint
   names, e.g. Anthropic's shape on ``/v1/messages``); any other exception is logged and answered
@@ -38,6 +39,7 @@ from chatbackend.errors import (
 from chatbackend.parsers import JSONParseError, json_loads
 
 from .authentication import Principal, authenticate_token_async, token_from_headers
+from .selectors import ORGANIZATION_HEADER
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +78,9 @@ def async_endpoint(
                 response["Allow"] = allow
                 return response
             try:
-                principal = await authenticate_token_async(token_from_headers(request.headers))
+                principal = await authenticate_token_async(
+                    token_from_headers(request.headers), request.headers.get(ORGANIZATION_HEADER) or None
+                )
                 return await view(request, principal, *args, **kwargs)
             except Exception as exc:
                 error = as_application_error(exc)

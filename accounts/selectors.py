@@ -1,9 +1,10 @@
-"""Reads for accounts: API key lookup and listing, usage records, users."""
+"""Reads for accounts: the organization a request acts in, API key lookup and listing, usage records, users."""
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -16,7 +17,7 @@ from django.utils import timezone
 from chatbackend.errors import ApplicationError, NotFoundError
 
 from .keys import hash_secret
-from .models import APIKey, Budget, UsageRecord, User
+from .models import APIKey, Budget, Membership, Organization, UsageRecord, User
 from .services import api_key_last_used_update
 from .usage import REFUSED
 
@@ -28,6 +29,63 @@ class AuthenticationFailed(ApplicationError):
         super().__init__(message, code=code, status=401)
 
 
+# The HTTP header that names the organization a request acts in (OpenAI's own:
+# https://platform.openai.com/docs/api-reference/authentication), as Django's request.headers key.
+ORGANIZATION_HEADER = "OpenAI-Organization"
+
+
+@dataclass(frozen=True, slots=True)
+class ActingOrganization:
+    """The organization a request acts in and the caller's role in it (``Membership.Role``)."""
+
+    organization: Organization
+    role: str
+
+    @property
+    def is_admin(self) -> bool:
+        """Return True for the organization's owners and admins (and the platform superuser)."""
+        return self.role in (Membership.Role.OWNER, Membership.Role.ADMIN)
+
+
+def acting_organization(*, user: User, api_key: APIKey | None, requested: str | None) -> ActingOrganization:
+    """Return the organization a request of ``user`` (with ``api_key``, if any) acts in, and their role.
+
+    ``requested``: the slug the request named (``OpenAI-Organization`` header), or None. An API key
+    acts in its own organization (naming another is refused); a JWT in the one named, else in the
+    user's default membership (else their oldest). The platform superuser acts in any organization,
+    as its owner. One query (two for a superuser outside the organization named).
+
+    Raises ``AuthenticationFailed`` (401) with code ``invalid_organization`` when the caller is not
+    a member of the organization named (or of the key's, or of any).
+    """
+    memberships = Membership.objects.filter(user=user).select_related("organization")
+    if api_key is not None:
+        if requested and requested != api_key.organization.slug:
+            raise AuthenticationFailed(
+                f"This API key belongs to another organization than {requested!r}: send no "
+                f"{ORGANIZATION_HEADER} header, or the key's own organization.",
+                code="invalid_organization",
+            )
+        memberships = memberships.filter(organization=api_key.organization)
+    elif requested:
+        memberships = memberships.filter(organization__slug=requested)
+    membership = memberships.order_by("-is_default", "created_at", "id").first()
+    if membership is not None:
+        return ActingOrganization(membership.organization, membership.role)
+    if user.is_superuser:
+        slug = api_key.organization.slug if api_key is not None else requested
+        organization = Organization.objects.filter(slug=slug).first() if slug else Organization.objects.default()
+        if organization is not None:
+            return ActingOrganization(organization, Membership.Role.OWNER)
+    if api_key is not None:
+        raise AuthenticationFailed(
+            "This API key's owner is no longer a member of its organization.", code="invalid_organization"
+        )
+    if requested:
+        raise AuthenticationFailed(f"You are not a member of organization {requested!r}.", code="invalid_organization")
+    raise AuthenticationFailed("You are not a member of any organization.", code="invalid_organization")
+
+
 def api_key_authenticate(*, secret: str) -> APIKey:
     """Return the active ``APIKey`` (with its user loaded) whose secret is ``secret``.
 
@@ -36,7 +94,7 @@ def api_key_authenticate(*, secret: str) -> APIKey:
     revoked key, or an inactive user. Sync: call through ``sync_to_async`` from async code.
     """
     try:
-        api_key = APIKey.objects.select_related("user").get(key_hash=hash_secret(secret))
+        api_key = APIKey.objects.select_related("user", "organization").get(key_hash=hash_secret(secret))
     except APIKey.DoesNotExist:
         raise AuthenticationFailed("Incorrect API key provided.") from None
     if not api_key.is_active:

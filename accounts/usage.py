@@ -36,7 +36,7 @@ from django.db import IntegrityError, connections, models, transaction
 
 from chatbackend.errors import OUTAGE_ERRORS
 
-from .models import UsageRecord
+from .models import UsageRecord, default_organization_id
 from .pricing import Prices, token_cost
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,8 @@ class UsageSubject:
 
     ``request_id``: unique per reply (``message-<id>`` or ``chatcmpl-...``): a record is written at
     most once per id. ``source``: a ``UsageRecord.Source`` value. ``message_id``: the assistant
-    message, if any.
+    message, if any. ``organization_id``: the organization the request acted in (None, as in
+    events queued before organizations existed: the default organization).
     """
 
     request_id: str
@@ -77,6 +78,7 @@ class UsageSubject:
     model_id: int | None
     model_name: str
     message_id: int | None = None
+    organization_id: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -181,8 +183,10 @@ def usage_context(
     model: PricedModel | None,
     model_name: str = "",
     message_id: int | None = None,
+    organization_id: int | None = None,
 ) -> UsageContext:
-    """Return the accounting context of a reply of ``model`` starting now (its current prices).
+    """Return the accounting context of a reply of ``model`` starting now (its current prices), in
+    organization ``organization_id`` (None: the default organization).
 
     ``model`` None (a model deleted since): no prices, the reply is recorded under ``model_name``
     at no cost.
@@ -202,6 +206,7 @@ def usage_context(
         user_id=user_id,
         api_key_id=api_key_id,
         message_id=message_id,
+        organization_id=organization_id,
         **priced,
     )
 
@@ -335,7 +340,9 @@ def usage_record_many(events: Iterable[UsageEvent]) -> int:
     if not unique:
         return 0
     written = set(UsageRecord.objects.filter(request_id__in=unique).values_list("request_id", flat=True))
-    rows = [UsageRecord(**_row_fields(event)) for request_id, event in unique.items() if request_id not in written]
+    new = [event for request_id, event in unique.items() if request_id not in written]
+    default_organization = default_organization_id() if any(e.organization_id is None for e in new) else None
+    rows = [UsageRecord(**_row_fields(event, default_organization)) for event in new]
     if not rows:
         return 0
     for field_name in _LINKS:
@@ -353,9 +360,11 @@ def usage_record_many(events: Iterable[UsageEvent]) -> int:
 _LINKS = ("message", "api_key", "model")
 
 
-def _row_fields(event: UsageEvent) -> dict[str, Any]:
+def _row_fields(event: UsageEvent, default_organization: int | None) -> dict[str, Any]:
     fields = asdict(event)
     fields["cost"] = Decimal(fields["cost"])
+    if fields["organization_id"] is None:
+        fields["organization_id"] = default_organization
     return fields
 
 

@@ -2,9 +2,11 @@
 
 Browsers cannot set headers on a WebSocket, so the token is read from (in order) the
 ``Authorization`` header, the ``token`` query parameter, or a ``bearer.<token>`` subprotocol.
-``scope["user"]``, ``scope["api_key"]`` and ``scope["session_id"]`` (a JWT's login session, for
-``accounts.revocation``) are set; a failed authentication leaves ``scope["user"]`` anonymous and
-``scope["auth_error"]`` set, and the consumer closes with 4401.
+The organization the connection acts in is named by the ``OpenAI-Organization`` header or the
+``organization`` query parameter (else the key's, or the user's default).
+``scope["user"]``, ``scope["api_key"]``, ``scope["principal"]`` and ``scope["session_id"]`` (a
+JWT's login session, for ``accounts.revocation``) are set; a failed authentication leaves
+``scope["user"]`` anonymous and ``scope["auth_error"]`` set, and the consumer closes with 4401.
 """
 
 from __future__ import annotations
@@ -16,9 +18,15 @@ from channels.middleware import BaseMiddleware
 from django.contrib.auth.models import AnonymousUser
 
 from .authentication import authenticate_token_async, jwt_session_id, token_from_headers
-from .selectors import AuthenticationFailed
+from .selectors import ORGANIZATION_HEADER, AuthenticationFailed
 
 BEARER_SUBPROTOCOL_PREFIX = "bearer."
+
+
+def _organization_from_scope(scope: dict[str, Any]) -> str | None:
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    return headers.get(ORGANIZATION_HEADER.lower()) or (query.get("organization") or [""])[0] or None
 
 
 def _token_from_scope(scope: dict[str, Any]) -> str | None:
@@ -42,11 +50,15 @@ class TokenAuthMiddleware(BaseMiddleware):
         scope = dict(scope)
         token = _token_from_scope(scope)
         try:
-            principal = await authenticate_token_async(token)
+            principal = await authenticate_token_async(token, _organization_from_scope(scope))
         except AuthenticationFailed as exc:
-            scope.update(user=AnonymousUser(), api_key=None, session_id=None, auth_error=exc)
+            scope.update(user=AnonymousUser(), api_key=None, principal=None, session_id=None, auth_error=exc)
         else:
             scope.update(
-                user=principal.user, api_key=principal.api_key, session_id=jwt_session_id(token), auth_error=None
+                user=principal.user,
+                api_key=principal.api_key,
+                principal=principal,
+                session_id=jwt_session_id(token),
+                auth_error=None,
             )
         return await super().__call__(scope, receive, send)

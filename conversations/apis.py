@@ -22,7 +22,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from accounts.authentication import request_user
+from accounts.authentication import request_principal
 from accounts.serializers import ErrorOutputSerializer
 from chatbackend.http import sse_event_schema
 
@@ -114,14 +114,16 @@ class ConversationViewSet(
     def get_queryset(self) -> QuerySet[Conversation]:
         if getattr(self, "swagger_fake_view", False):  # drf-spectacular inspecting the view
             return Conversation.objects.none()
-        return conversation_list(user=request_user(self.request))
+        return conversation_list(actor=request_principal(self.request))
 
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         serializer = ConversationCreateInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
+        actor = request_principal(request)
         conversation = conversation_create(
-            owner=request_user(request),
+            owner=actor.user,
+            organization=actor.organization,
             model_name=data["model"],
             title=data["title"],
             system_prompt=data["system_prompt"],
@@ -177,7 +179,7 @@ class ConversationMessageListApi(ListAPIView):
     def get_queryset(self) -> QuerySet[Message]:
         if getattr(self, "swagger_fake_view", False):
             return Message.objects.none()
-        return message_list(user=request_user(self.request), conversation_id=self.kwargs["conversation_id"])
+        return message_list(actor=request_principal(self.request), conversation_id=self.kwargs["conversation_id"])
 
     @extend_schema(
         tags=["conversations"],
@@ -260,7 +262,7 @@ class ConversationMessageStopApi(APIView):
         },
     )
     def post(self, request: Request, conversation_id: int, message_id: int) -> Response:
-        reply_stop(user=request_user(request), conversation_id=conversation_id, message_id=message_id)
+        reply_stop(actor=request_principal(request), conversation_id=conversation_id, message_id=message_id)
         return Response(
             MessageStopOutputSerializer({"message_id": message_id, "status": "stopping"}).data,
             status=status.HTTP_202_ACCEPTED,

@@ -60,12 +60,13 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
     async def connect(self) -> None:
         self.conversation_id = self.scope["url_route"]["kwargs"]["conversation_id"]
         user = self.scope.get("user")
+        principal = self.scope.get("principal")
         close_code = None
-        if self.scope.get("auth_error") is not None or user is None or not user.is_authenticated:
+        if self.scope.get("auth_error") is not None or principal is None or user is None:
             close_code = CLOSE_UNAUTHENTICATED
         else:
             try:
-                await run_sync(conversation_get_for, user=user, conversation_id=self.conversation_id)
+                await run_sync(conversation_get_for, actor=principal, conversation_id=self.conversation_id)
             except NotFoundError:
                 close_code = CLOSE_NOT_FOUND
         await self.accept(self._subprotocol())
@@ -170,8 +171,7 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
         """Stream one reply to the socket: ``reply.start``, deltas, then ``reply.done`` or ``error``."""
         begin = run_sync(
             reply_start,
-            user=self.scope["user"],
-            api_key=self.scope.get("api_key"),
+            actor=self.scope["principal"],
             conversation_id=self.conversation_id,
             content=content,
         )

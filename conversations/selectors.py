@@ -4,32 +4,37 @@ from __future__ import annotations
 
 from django.db.models import QuerySet
 
-from accounts.models import User
+from accounts.authentication import Principal
 from chatbackend.errors import NotFoundError
 
 from .models import Conversation, Message
 
 
-def conversation_list(*, user: User) -> QuerySet[Conversation]:
-    """Return the conversations ``user`` may see: all for admins, their own for members."""
+def conversation_list(*, actor: Principal) -> QuerySet[Conversation]:
+    """Return the conversations ``actor`` may see: the platform superuser every organization's; in
+    the organization the request acts in, its admins all of them, its other members their own."""
     queryset = Conversation.objects.select_related("model")
-    return queryset if user.is_admin else queryset.filter(owner=user)
+    if actor.user.is_superuser:
+        return queryset
+    queryset = queryset.filter(organization=actor.organization)
+    return queryset if actor.is_admin else queryset.filter(owner=actor.user)
 
 
-def conversation_get_for(*, user: User, conversation_id: int) -> Conversation:
-    """Return conversation ``conversation_id`` if ``user`` may see it.
+def conversation_get_for(*, actor: Principal, conversation_id: int) -> Conversation:
+    """Return conversation ``conversation_id`` if ``actor`` may see it.
 
-    Raises ``NotFoundError`` (404) otherwise: another user's conversation does not exist for you.
+    Raises ``NotFoundError`` (404) otherwise: another user's or another organization's conversation
+    does not exist for you.
     """
     try:
-        return conversation_list(user=user).get(pk=conversation_id)
+        return conversation_list(actor=actor).get(pk=conversation_id)
     except (Conversation.DoesNotExist, ValueError, TypeError):
         raise NotFoundError("Conversation not found.", code="conversation_not_found") from None
 
 
-def message_list(*, user: User, conversation_id: int) -> QuerySet[Message]:
-    """Return the messages of a conversation ``user`` may see, oldest first. Raises ``NotFoundError``."""
-    conversation = conversation_get_for(user=user, conversation_id=conversation_id)
+def message_list(*, actor: Principal, conversation_id: int) -> QuerySet[Message]:
+    """Return the messages of a conversation ``actor`` may see, oldest first. Raises ``NotFoundError``."""
+    conversation = conversation_get_for(actor=actor, conversation_id=conversation_id)
     return conversation.messages.all()
 
 

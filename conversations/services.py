@@ -12,7 +12,8 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from accounts.models import APIKey, UsageRecord, User
+from accounts.authentication import Principal
+from accounts.models import Organization, UsageRecord, User
 from accounts.usage import usage_account, usage_context
 from chatbackend.errors import ApplicationError, NotFoundError
 from chatbackend.liveness import PROCESS_ID, process_alive
@@ -34,10 +35,22 @@ MAX_SYSTEM_PROMPT_CHARS = 100_000
 MAX_TITLE_CHARS = 200
 
 
-def conversation_create(*, owner: User, model_name: str, title: str = "", system_prompt: str = "") -> Conversation:
-    """Create a conversation with the enabled model ``model_name``. Raises ``ApplicationError``."""
+def conversation_create(
+    *,
+    owner: User,
+    model_name: str,
+    title: str = "",
+    system_prompt: str = "",
+    organization: Organization | None = None,
+) -> Conversation:
+    """Create a conversation of ``owner`` in ``organization`` (None: the default organization) with
+    the enabled model ``model_name``. Raises ``ApplicationError``."""
     model = llm_model_get_enabled(name=model_name)
-    return Conversation.objects.create(owner=owner, model=model, title=title, system_prompt=system_prompt)
+    if organization is None:
+        organization = Organization.objects.default()
+    return Conversation.objects.create(
+        owner=owner, organization=organization, model=model, title=title, system_prompt=system_prompt
+    )
 
 
 def conversation_update(*, conversation: Conversation, data: dict[str, Any]) -> Conversation:
@@ -137,16 +150,17 @@ def conversation_reply_id(message_id: int) -> str:
     return f"message-{message_id}"
 
 
-def reply_start(*, user: User, api_key: APIKey | None, conversation_id: int, content: str) -> ConversationReplyPlan:
+def reply_start(*, actor: Principal, conversation_id: int, content: str) -> ConversationReplyPlan:
     """Write the user's message and the assistant's placeholder; return the plan for the stream.
 
     One transaction: the user message (``completed``) and an empty assistant message
     (``streaming``) are written before any upstream call. The history sent upstream is the
     conversation's system prompt and messages. Raises ``NotFoundError`` for a conversation
-    ``user`` may not see, ``ApplicationError`` for empty content or a disabled model.
+    ``actor`` may not see, ``ApplicationError`` for empty content or a disabled model.
     """
+    user, api_key = actor.user, actor.api_key
     content = _validate_content(content)
-    conversation = conversation_get_for(user=user, conversation_id=conversation_id)
+    conversation = conversation_get_for(actor=actor, conversation_id=conversation_id)
     model = enabled_model_get(name=conversation.model.name)  # cached in the process: no query on a hit
     try:
         assistant_message, user_message, history = _reply_messages_create(
@@ -171,6 +185,7 @@ def reply_start(*, user: User, api_key: APIKey | None, conversation_id: int, con
             api_key_id=api_key.pk if api_key else None,
             model=model,
             message_id=assistant_message.pk,
+            organization_id=actor.organization.pk,
         ),
         metering=reply_metering(
             request_id=reply_id,
@@ -340,15 +355,15 @@ def reply_recover_orphans(*, orphan_after_seconds: float | None = None) -> int:
     return recovered
 
 
-def reply_stop(*, user: User, conversation_id: int, message_id: int) -> None:
+def reply_stop(*, actor: Principal, conversation_id: int, message_id: int) -> None:
     """Ask the process streaming reply ``message_id`` to stop it, wherever that process runs.
 
-    Raises ``NotFoundError`` (404) when the conversation is not visible to ``user`` or
+    Raises ``NotFoundError`` (404) when the conversation is not visible to ``actor`` or
     ``message_id`` is not one of its assistant messages still ``streaming``; ``ApplicationError``
     503 when the stop request cannot be sent. Returns once it is sent: the reply ends
     ``cancelled`` shortly after, with its text so far.
     """
-    streaming = message_list(user=user, conversation_id=conversation_id).filter(
+    streaming = message_list(actor=actor, conversation_id=conversation_id).filter(
         pk=message_id, role=Message.Role.ASSISTANT, status=Message.Status.STREAMING
     )
     message = streaming.select_related("conversation").first()

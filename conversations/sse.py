@@ -78,8 +78,7 @@ async def message_send(request: HttpRequest, principal: Principal, conversation_
     opener = open_reply(
         run_sync(
             reply_start,
-            user=principal.user,
-            api_key=principal.api_key,
+            actor=principal,
             conversation_id=conversation_id,
             content=content,
         )

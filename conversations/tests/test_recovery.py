@@ -9,6 +9,7 @@ from django.core.cache import cache
 from django.test import override_settings
 from django.utils import timezone
 
+from accounts.authentication import principal_for
 from accounts.models import UsageRecord
 from accounts.usage import usage_flush
 from chatbackend.lifespan import LifespanApp
@@ -122,7 +123,11 @@ def test_a_checkpoint_never_overwrites_an_end():
 def test_stopping_an_orphan_ends_it_at_once():
     orphan = streaming_reply(DEAD, checkpointed_at=timezone.now())  # recent: the periodic task would wait
 
-    reply_stop(user=orphan.conversation.owner, conversation_id=orphan.conversation_id, message_id=orphan.pk)
+    reply_stop(
+        actor=principal_for(user=orphan.conversation.owner),
+        conversation_id=orphan.conversation_id,
+        message_id=orphan.pk,
+    )
 
     orphan.refresh_from_db()
     assert (orphan.status, orphan.error_code) == (Message.Status.FAILED, "interrupted")

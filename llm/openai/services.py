@@ -96,6 +96,7 @@ def openai_chat_start(
             user_id=principal.user.pk,
             api_key_id=principal.api_key.pk if principal.api_key else None,
             model=model,
+            organization_id=principal.organization.pk,
         ),
         metering=reply_metering(
             request_id=completion_id,
