@@ -19,7 +19,7 @@ from chatbackend.liveness import PROCESS_ID, process_alive
 from llm.metering import reply_metering
 from llm.models import LLMModel
 from llm.providers import ChatRequest
-from llm.selectors import enabled_model_get, llm_model_get_enabled
+from llm.selectors import enabled_model_get_for, llm_model_get_enabled_for
 from llm.streaming import ReplyOutcome, ReplyPlan, reply_stop_broadcast
 from llm.tokens import ESTIMATE_TOKENIZER, tokenizer_for
 
@@ -34,21 +34,32 @@ MAX_SYSTEM_PROMPT_CHARS = 100_000
 MAX_TITLE_CHARS = 200
 
 
-def conversation_create(*, owner: User, model_name: str, title: str = "", system_prompt: str = "") -> Conversation:
-    """Create a conversation with the enabled model ``model_name``. Raises ``ApplicationError``."""
-    model = llm_model_get_enabled(name=model_name)
+def conversation_create(
+    *, owner: User, model_name: str, title: str = "", system_prompt: str = "", api_key: APIKey | None = None
+) -> Conversation:
+    """Create a conversation with the enabled model ``model_name``. Raises ``ApplicationError``.
+
+    ``api_key``: the key the caller used, if any; a model outside its allowlist is a 404
+    ``model_not_found`` (``llm.selectors.llm_model_get_enabled_for``).
+    """
+    model = llm_model_get_enabled_for(api_key=api_key, name=model_name)
     return Conversation.objects.create(owner=owner, model=model, title=title, system_prompt=system_prompt)
 
 
-def conversation_update(*, conversation: Conversation, data: dict[str, Any]) -> Conversation:
-    """Update ``title``, ``system_prompt`` and/or ``model`` (an enabled model's name) from ``data``."""
+def conversation_update(
+    *, conversation: Conversation, data: dict[str, Any], api_key: APIKey | None = None
+) -> Conversation:
+    """Update ``title``, ``system_prompt`` and/or ``model`` (an enabled model's name) from ``data``.
+
+    ``api_key``: as ``conversation_create``'s; a model outside its allowlist is a 404 ``model_not_found``.
+    """
     fields: list[str] = []
     for name in ("title", "system_prompt"):
         if name in data:
             setattr(conversation, name, data[name])
             fields.append(name)
     if "model" in data:
-        conversation.model = llm_model_get_enabled(name=data["model"])
+        conversation.model = llm_model_get_enabled_for(api_key=api_key, name=data["model"])
         fields.append("model")
     if fields:
         conversation.save(update_fields=[*fields, "updated_at"])
@@ -143,11 +154,13 @@ def reply_start(*, user: User, api_key: APIKey | None, conversation_id: int, con
     One transaction: the user message (``completed``) and an empty assistant message
     (``streaming``) are written before any upstream call. The history sent upstream is the
     conversation's system prompt and messages. Raises ``NotFoundError`` for a conversation
-    ``user`` may not see, ``ApplicationError`` for empty content or a disabled model.
+    ``user`` may not see, ``ApplicationError`` for empty content or a disabled model, and 404
+    ``model_not_found`` when ``api_key`` may not use the conversation's model (its allowlist).
     """
     content = _validate_content(content)
     conversation = conversation_get_for(user=user, conversation_id=conversation_id)
-    model = enabled_model_get(name=conversation.model.name)  # cached in the process: no query on a hit
+    # Cached in the process: no query on a hit.
+    model = enabled_model_get_for(api_key=api_key, name=conversation.model.name)
     try:
         assistant_message, user_message, history = _reply_messages_create(
             conversation=conversation, content=content, model_name=model.name
