@@ -74,11 +74,25 @@ class UserAdmin(DjangoUserAdmin):
 
 @admin.register(APIKey)
 class APIKeyAdmin(admin.ModelAdmin):
-    list_display = ("name", "user", "prefix", "created_at", "last_used_at", "revoked_at")
-    list_filter = (("revoked_at", admin.EmptyFieldListFilter), "created_at")
+    list_display = ("name", "user", "prefix", "scopes", "expires_at", "created_at", "last_used_at", "revoked_at")
+    list_filter = (
+        ("revoked_at", admin.EmptyFieldListFilter),
+        ("expires_at", admin.EmptyFieldListFilter),
+        "created_at",
+    )
     list_select_related = ("user",)
     search_fields = ("name", "prefix", "user__username")
-    fields = ("name", "user", "prefix", "created_at", "last_used_at", "revoked_at")
+    fields = (
+        "name",
+        "user",
+        "prefix",
+        "created_at",
+        "last_used_at",
+        "revoked_at",
+        "expires_at",
+        "allowed_models",
+        "scopes",
+    )
     readonly_fields = fields
     actions = ("revoke_selected",)
 
