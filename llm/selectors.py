@@ -36,13 +36,13 @@ def llm_model_list_for(*, api_key: APIKey | None) -> QuerySet[LLMModel]:
     """Return the enabled models (``llm_model_list_enabled``) a caller using ``api_key`` may pick.
 
     None (a JWT or session) or a key with an empty ``allowed_models``: every enabled model. Else
-    the models named in the allowlist and those an enabled alias in it points at.
+    the models named in the allowlist (a model reached only through an allowed alias is not listed
+    by its own name, which the key may not send: ``model_check_allowed``).
     """
     models = llm_model_list_enabled()
     if api_key is None or not api_key.allowed_models:
         return models
-    aliased = ModelAlias.objects.filter(enabled=True, name__in=api_key.allowed_models).values("model_id")
-    return models.filter(Q(name__in=api_key.allowed_models) | Q(pk__in=aliased))
+    return models.filter(name__in=api_key.allowed_models)
 
 
 def model_alias_list_for(*, api_key: APIKey | None) -> QuerySet[ModelAlias]:
