@@ -417,6 +417,7 @@ SPECTACULAR_SETTINGS = {
         "drf_spectacular.hooks.postprocess_schema_enums",
         "chatbackend.schema.add_async_endpoints",
         "chatbackend.schema.document_pagination_errors",
+        "chatbackend.schema.document_scope_errors",
         "chatbackend.schema.document_request_rules",
     ],
 }
