@@ -10,11 +10,14 @@ import datetime as dt
 import logging
 
 import pytest
+from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
 from django.utils import timezone
 from rest_framework.test import APIClient
 
 from accounts.models import APIKey, Budget
 from accounts.services import api_key_create, api_key_revoke
+from tests.factories import LLMModelFactory
 from tests.kit import assert_error, bearer
 
 KEYS = "/api/api-keys/"
@@ -176,6 +179,26 @@ def test_jwt_callers_are_not_limited_by_scopes(auth_client):
     assert auth_client.get(KEYS).status_code == 200
 
 
+# --- Model allowlist on REST ----------------------------------------------------------------
+
+
+def test_a_conversation_with_a_model_outside_the_allowlist_is_a_model_not_found(user):
+    LLMModelFactory(name="m1")
+    LLMModelFactory(name="m2")
+    client, _, _ = key_client(user, allowed_models=["m1"])
+
+    refused = client.post(CONVERSATIONS, {"model": "m2"}, format="json")
+    missing = client.post(CONVERSATIONS, {"model": "m3"}, format="json")
+    created = client.post(CONVERSATIONS, {"model": "m1"}, format="json")
+    moved = client.patch(f"{CONVERSATIONS}{created.json()['id']}/", {"model": "m2"}, format="json")
+
+    error = assert_error(refused, 404, code="model_not_found", param="model")
+    assert error["message"].replace("m2", "m3") == assert_error(missing, 404)["message"]
+    assert created.status_code == 201
+    assert_error(moved, 404, code="model_not_found", param="model")
+    assert client.get(f"{CONVERSATIONS}{created.json()['id']}/").json()["model"] == "m1"
+
+
 # --- Rotation -------------------------------------------------------------------------------
 
 
@@ -252,3 +275,29 @@ def test_rotation_logs_no_secret(auth_client, user, caplog):
         new_secret = rotate(auth_client, created.api_key.pk).json()["key"]
 
     assert new_secret not in caplog.text and created.secret not in caplog.text
+
+
+# --- The migration ----------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_migration_gives_existing_keys_every_scope_and_no_restriction():
+    executor = MigrationExecutor(connection)
+    before = [("accounts", "0008_usagerecord_deployment")]
+    after = [("accounts", "0009_apikey_expiry_scopes_models")]
+    executor.migrate(before)
+    try:
+        old_apps = executor.loader.project_state(before).apps
+        old_user = old_apps.get_model("accounts", "User").objects.create(username="before")
+        old_apps.get_model("accounts", "APIKey").objects.create(
+            user=old_user, name="old", prefix="sk-old", key_hash="0" * 64
+        )
+
+        executor = MigrationExecutor(connection)
+        executor.migrate(after)
+
+        key = executor.loader.project_state(after).apps.get_model("accounts", "APIKey").objects.get()
+        assert (key.scopes, key.allowed_models, key.expires_at) == (["chat", "read", "admin"], [], None)
+    finally:
+        executor = MigrationExecutor(connection)
+        executor.migrate(executor.loader.graph.leaf_nodes())
