@@ -122,11 +122,37 @@ class UserAdmin(DjangoUserAdmin):
 
 @admin.register(APIKey)
 class APIKeyAdmin(admin.ModelAdmin):
-    list_display = ("name", "user", "organization", "prefix", "created_at", "last_used_at", "revoked_at")
-    list_filter = (("revoked_at", admin.EmptyFieldListFilter), "organization", "created_at")
+    list_display = (
+        "name",
+        "user",
+        "organization",
+        "prefix",
+        "scopes",
+        "expires_at",
+        "created_at",
+        "last_used_at",
+        "revoked_at",
+    )
+    list_filter = (
+        ("revoked_at", admin.EmptyFieldListFilter),
+        ("expires_at", admin.EmptyFieldListFilter),
+        "organization",
+        "created_at",
+    )
     list_select_related = ("user", "organization")
     search_fields = ("name", "prefix", "user__username")
-    fields = ("name", "user", "organization", "prefix", "created_at", "last_used_at", "revoked_at")
+    fields = (
+        "name",
+        "user",
+        "organization",
+        "prefix",
+        "created_at",
+        "last_used_at",
+        "revoked_at",
+        "expires_at",
+        "allowed_models",
+        "scopes",
+    )
     readonly_fields = fields
     actions = ("revoke_selected",)
 

@@ -39,7 +39,7 @@ from chatbackend.client_ip import request_client_ip
 from chatbackend.pagination import PageNumberPagination
 from chatbackend.renderers import CSVRenderer
 
-from .authentication import request_user
+from .authentication import request_principal, request_user
 from .login_throttle import login_locked_out, login_lockout_exception
 from .models import APIKey, Budget, UsageRecord, User
 from .selectors import (
@@ -77,6 +77,7 @@ from .serializers import (
 from .services import (
     api_key_create,
     api_key_revoke,
+    api_key_rotate,
     budget_create,
     budget_delete,
     budget_update,
@@ -257,6 +258,7 @@ class APIKeyListCreateApi(ListAPIView):
 
     serializer_class = APIKeyOutputSerializer
     filter_backends = ()
+    api_key_scopes = {"GET": APIKey.Scope.ADMIN, "POST": APIKey.Scope.ADMIN}  # accounts.scopes: managing keys
 
     def get_queryset(self) -> QuerySet[APIKey]:
         return api_key_list(user=request_user(self.request))
@@ -264,7 +266,7 @@ class APIKeyListCreateApi(ListAPIView):
     @extend_schema(
         tags=["api-keys"],
         summary="List the caller's API keys (never their secrets)",
-        responses={200: APIKeyOutputSerializer, **_errors(401)},
+        responses={200: APIKeyOutputSerializer, **_errors(401, 403)},
     )
     def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         return super().get(request, *args, **kwargs)
@@ -273,27 +275,66 @@ class APIKeyListCreateApi(ListAPIView):
         tags=["api-keys"],
         summary="Create an API key; the answer holds its secret, once",
         request=APIKeyCreateInputSerializer,
-        responses={201: APIKeyCreateOutputSerializer, **_errors(400, 401)},
+        description=(
+            "`expires_at` (future), `allowed_models` (model and alias names; empty: all) and `scopes` "
+            "(`chat`, `read`, `admin`; default all) restrict the key. 400 naming the field for a past "
+            "`expires_at` or an unknown scope. A caller using an API key may create keys only within its "
+            "own scopes, allowed models and expiry (which are the defaults): 403 otherwise."
+        ),
+        responses={201: APIKeyCreateOutputSerializer, **_errors(400, 401, 403)},
     )
     def post(self, request: Request) -> Response:
         serializer = APIKeyCreateInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        created = api_key_create(user=request_user(request), **serializer.validated_data)
+        actor = request_principal(request)
+        created = api_key_create(
+            user=actor.user,
+            organization=actor.organization,
+            creator_key=actor.api_key,
+            **serializer.validated_data,
+        )
         return Response(APIKeyCreateOutputSerializer(created).data, status=status.HTTP_201_CREATED)
 
 
 class APIKeyRevokeApi(APIView):
     """Revoke one of the caller's API keys; another user's key is a 404."""
 
+    api_key_scopes = {"DELETE": APIKey.Scope.ADMIN}  # accounts.scopes
+
     @extend_schema(
         tags=["api-keys"],
         summary="Revoke one of the caller's API keys",
         request=None,
-        responses={204: OpenApiResponse(description="Revoked; the key no longer authenticates."), **_errors(401, 404)},
+        responses={
+            204: OpenApiResponse(description="Revoked; the key no longer authenticates."),
+            **_errors(401, 403, 404),
+        },
     )
     def delete(self, request: Request, api_key_id: int) -> Response:
         api_key_revoke(user=request_user(request), api_key_id=api_key_id)
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class APIKeyRotateApi(APIView):
+    """Give one of the caller's API keys a new secret, shown once; the old secret stops working at once."""
+
+    api_key_scopes = {"POST": APIKey.Scope.ADMIN}  # accounts.scopes
+
+    @extend_schema(
+        tags=["api-keys"],
+        summary="Rotate one of the caller's API keys: a new secret, the old one refused at once",
+        description=(
+            "The key keeps its id, name, restrictions, rate limits and budgets; its `prefix` and secret "
+            "change. The answer holds the new secret, once, in the shape of a creation. Open connections "
+            "and streaming replies of the key end, as on a revocation. 400 `api_key_revoked` for a revoked "
+            "key; another user's key is a 404."
+        ),
+        request=None,
+        responses={200: APIKeyCreateOutputSerializer, **_errors(400, 401, 403, 404)},
+    )
+    def post(self, request: Request, api_key_id: int) -> Response:
+        rotated = api_key_rotate(user=request_user(request), api_key_id=api_key_id)
+        return Response(APIKeyCreateOutputSerializer(rotated).data)
 
 
 # --- Usage and users ------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from .selectors import (
     AuthenticationFailed,
     acting_organization,
     api_key_authenticate,
+    api_key_check_unexpired,
 )
 from .services import api_key_last_used_update
 
@@ -172,6 +173,9 @@ async def authenticate_token_async(token: str | None, organization: str | None =
         key: tuple[str | int, ...] = ("api_key", hash_secret(token))
         principal = principal_cache.get(key)
         if principal is not None:
+            # Expiry is a moment, not a change: compared at each use, the cached key's too.
+            if principal.api_key is not None:
+                api_key_check_unexpired(principal.api_key)
             _note_api_key_use(principal)
             return _check_key_organization(principal, organization)
         ticket = await principal_cache.fill_ticket_async()  # before the read: see lookup_cache
@@ -257,11 +261,10 @@ def request_principal(request: Request) -> Principal:
     """
     principal = getattr(request, "_chatbackend_principal", None)
     if principal is None:
-        api_key = request.auth if isinstance(request.auth, APIKey) else None
         try:
             principal = principal_for(
                 user=request_user(request),
-                api_key=api_key,
+                api_key=request_api_key(request),
                 organization=request.headers.get(ORGANIZATION_HEADER) or None,
             )
         except AuthenticationFailed as exc:
@@ -278,6 +281,19 @@ def request_user(request: Request) -> User:
     return cast(User, request.user)
 
 
+def request_api_key(request: Request) -> APIKey | None:
+    """Return the API key a DRF ``request`` authenticated with, or None (a JWT, a session)."""
+    return request.auth if isinstance(request.auth, APIKey) else None
+
+
+class _APIKeyAuthenticationFailed(DRFAuthenticationFailed):
+    """DRF's 401 for a refused API key, keeping our error's OpenAI ``type`` (``error_type``)."""
+
+    def __init__(self, error: AuthenticationFailed) -> None:
+        super().__init__(error.message, code=error.code)
+        self.error_type = error.type
+
+
 class APIKeyAuthentication(authentication.BaseAuthentication):
     """DRF authentication by API key (``Authorization: Bearer sk-...``); ``request.auth`` is the key."""
 
@@ -290,7 +306,7 @@ class APIKeyAuthentication(authentication.BaseAuthentication):
         try:
             api_key = api_key_authenticate(secret=token)
         except AuthenticationFailed as exc:
-            raise DRFAuthenticationFailed(exc.message, code=exc.code) from None
+            raise _APIKeyAuthenticationFailed(exc) from None
         return api_key.user, api_key
 
     def authenticate_header(self, request: Request) -> str:

@@ -7,11 +7,12 @@ of them what DRF gives its views, in one place:
 - the allowed methods: another is a 405 with ``Allow``; a bare ``OPTIONS`` (not a CORS preflight,
   which django-cors-headers answers first) a 200 with ``Allow``;
 - CSRF exemption: credentials are bearer tokens or API keys, never cookies;
-- authentication: the caller's ``Principal`` (API key or JWT access token, from ``Authorization:
+- authentication and scope: the caller's ``Principal`` (API key or JWT access token, from ``Authorization:
   Bearer``, ``x-api-key`` or ``api-key``), resolved before the view runs — on the event loop
   when this process has it cached, else in one worker-thread hop (``authenticate_token_async``)
   — and handed to the view, acting in the organization the ``OpenAI-Organization`` header names (else
-  the key's, or the user's default); a bad credential or organization is a 401 before the body is read;
+  the key's, or the user's default); a bad credential or organization is a 401, an API key without
+  the endpoint's scope a 403 (``accounts.scopes``), both before the body is read;
 - errors: ``ApplicationError``, DRF ``ValidationError`` and the like become the project's JSON error
   (``chatbackend.errors.error_response``: OpenAI's shape, or the ``errors`` renderer an endpoint
   names, e.g. Anthropic's shape on ``/v1/messages``); any other exception is logged and answered
@@ -39,6 +40,7 @@ from chatbackend.errors import (
 from chatbackend.parsers import JSONParseError, json_loads
 
 from .authentication import Principal, authenticate_token_async, token_from_headers
+from .scopes import api_key_scope_check
 from .selectors import ORGANIZATION_HEADER
 
 logger = logging.getLogger(__name__)
@@ -51,13 +53,15 @@ ErrorRenderer = Callable[[ApplicationError], HttpResponseBase]
 
 
 def async_endpoint(
-    *methods: str, errors: ErrorRenderer = error_response
+    *methods: str, scope: str, errors: ErrorRenderer = error_response
 ) -> Callable[[AuthenticatedView[Params]], View]:
     """Make ``view(request, principal, *args, **kwargs)`` an authenticated endpoint answering ``methods``.
 
-    See the module docstring for what the wrapper does. ``errors`` renders every error of the
-    endpoint (405, 401, the view's): the wire format's own error shape, OpenAI's by default. The
-    returned view takes ``(request, *args, **kwargs)`` as Django calls it.
+    See the module docstring for what the wrapper does. ``scope``: the ``APIKey.Scope`` a caller
+    using an API key needs (``accounts.scopes.api_key_scope_check``: 403 without it, before the
+    view runs). ``errors`` renders every error of the endpoint (405, 401, 403, the view's): the
+    wire format's own error shape, OpenAI's by default. The returned view takes
+    ``(request, *args, **kwargs)`` as Django calls it.
     """
     allow = ", ".join((*methods, "OPTIONS"))
 
@@ -81,6 +85,7 @@ def async_endpoint(
                 principal = await authenticate_token_async(
                     token_from_headers(request.headers), request.headers.get(ORGANIZATION_HEADER) or None
                 )
+                api_key_scope_check(principal.api_key, scope, action=f"{request.method} {request.path}")
                 return await view(request, principal, *args, **kwargs)
             except Exception as exc:
                 error = as_application_error(exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
 
 from django.conf import settings
@@ -179,12 +180,29 @@ class TeamMembership(models.Model):
         return f"{self.user} in {self.team}"
 
 
+def api_key_default_scopes() -> list[str]:
+    """Return every scope: what a key gets unless its creator narrows it (and what existing keys got)."""
+    return list(APIKey.Scope.values)
+
+
 class APIKey(RateLimited):
     """A long-lived credential (``sk-...``) for clients that cannot refresh a JWT (NextChat, SDKs).
 
-    Only the SHA-256 digest of the secret is stored; the secret is shown once, at creation.
+    Only the SHA-256 digest of the secret is stored; the secret is shown once, at creation and at
+    each rotation (which replaces ``key_hash`` and ``prefix`` on the same row).
     ``prefix`` (the first characters of the secret) lets a user tell keys apart.
+
+    Restrictions, checked wherever the key authenticates (``accounts.selectors``, ``accounts.scopes``,
+    ``llm.selectors.enabled_model_get_for``): ``expires_at`` (None: never), after which the key is
+    refused with a 401; ``allowed_models``, the model and alias names it may use (empty: all; a
+    model's name also allows its aliases); ``scopes``, a subset of ``Scope`` (``chat``: inference,
+    ``read``: GET usage, history, models, billing, ``admin``: managing keys and budgets).
     """
+
+    class Scope(models.TextChoices):
+        CHAT = "chat", "Chat (inference)"
+        READ = "read", "Read (usage, history, models, billing)"
+        ADMIN = "admin", "Admin (keys, budgets)"
 
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys")
     organization = models.ForeignKey(
@@ -196,6 +214,13 @@ class APIKey(RateLimited):
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(
+        null=True, blank=True, help_text="the key is refused from this moment on; empty for never"
+    )
+    allowed_models = models.JSONField(
+        default=list, blank=True, help_text="model and alias names the key may use; empty for all"
+    )
+    scopes = models.JSONField(default=api_key_default_scopes, help_text="what the key may do: any of chat, read, admin")
 
     class Meta:
         ordering = ["-created_at"]
@@ -208,6 +233,18 @@ class APIKey(RateLimited):
     def is_active(self) -> bool:
         """Return True until the key is revoked."""
         return self.revoked_at is None
+
+    def is_expired(self, now: datetime) -> bool:
+        """Return True when ``expires_at`` is set and not after ``now`` (an aware datetime)."""
+        return self.expires_at is not None and self.expires_at <= now
+
+    def has_scope(self, scope: str) -> bool:
+        """Return True when ``scope`` (an ``APIKey.Scope`` value) is among the key's ``scopes``."""
+        return scope in self.scopes
+
+    def allows_model(self, *names: str) -> bool:
+        """Return True when the allowlist is empty or holds any of ``names`` (the name sent, its target's)."""
+        return not self.allowed_models or any(name in self.allowed_models for name in names)
 
 
 class UsageRecord(models.Model):

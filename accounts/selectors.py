@@ -23,10 +23,36 @@ from .usage import REFUSED
 
 
 class AuthenticationFailed(ApplicationError):
-    """Credentials are missing, wrong, expired or revoked (HTTP 401)."""
+    """Credentials are missing, wrong, expired or revoked (HTTP 401).
 
-    def __init__(self, message: str = "Invalid API key or token.", *, code: str = "invalid_api_key") -> None:
-        super().__init__(message, code=code, status=401)
+    ``type``: the OpenAI error type, by default the status's (``authentication_error``).
+    """
+
+    def __init__(
+        self,
+        message: str = "Invalid API key or token.",
+        *,
+        code: str = "invalid_api_key",
+        type: str | None = None,  # noqa: A002 - OpenAI's field name
+    ) -> None:
+        super().__init__(message, code=code, status=401, type=type)
+
+
+def api_key_check_unexpired(api_key: APIKey, *, now: dt.datetime | None = None) -> None:
+    """Refuse ``api_key`` once its ``expires_at`` has come (``now``: default the current time).
+
+    Raises ``AuthenticationFailed`` 401 in OpenAI's shape for a bad key (type
+    ``invalid_request_error``, code ``invalid_api_key``) with a message saying when it expired.
+    CPU only: called on every use, also of a key cached in the process, so expiry needs no
+    cache invalidation.
+    """
+    if api_key.is_expired(now or timezone.now()):
+        assert api_key.expires_at is not None  # noqa: S101 - is_expired says so
+        raise AuthenticationFailed(
+            f"This API key expired at {api_key.expires_at.isoformat()}.",
+            code="invalid_api_key",
+            type="invalid_request_error",
+        )
 
 
 # The HTTP header that names the organization a request acts in (OpenAI's own:
@@ -90,8 +116,9 @@ def api_key_authenticate(*, secret: str) -> APIKey:
     """Return the active ``APIKey`` (with its user loaded) whose secret is ``secret``.
 
     Updates ``last_used_at`` at most once per ``API_KEY_LAST_USED_RESOLUTION_SECONDS`` so
-    authentication is not a write per request. Raises ``AuthenticationFailed`` for an unknown or
-    revoked key, or an inactive user. Sync: call through ``sync_to_async`` from async code.
+    authentication is not a write per request. Raises ``AuthenticationFailed`` for an unknown,
+    revoked or expired key (``api_key_check_unexpired``), or an inactive user. Sync: call through
+    ``sync_to_async`` from async code.
     """
     try:
         api_key = APIKey.objects.select_related("user", "organization").get(key_hash=hash_secret(secret))
@@ -99,9 +126,10 @@ def api_key_authenticate(*, secret: str) -> APIKey:
         raise AuthenticationFailed("Incorrect API key provided.") from None
     if not api_key.is_active:
         raise AuthenticationFailed("This API key has been revoked.", code="api_key_revoked")
+    now = timezone.now()
+    api_key_check_unexpired(api_key, now=now)
     if not api_key.user.is_active:
         raise AuthenticationFailed("This account is disabled.", code="user_inactive")
-    now = timezone.now()
     resolution = timedelta(seconds=settings.API_KEY_LAST_USED_RESOLUTION_SECONDS)
     if api_key.last_used_at is None or now - api_key.last_used_at >= resolution:
         api_key_last_used_update(api_key_id=api_key.pk, at=now)

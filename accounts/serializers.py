@@ -171,20 +171,51 @@ class AuthLogoutInputSerializer(TokenBlacklistSerializer):
 
 
 class APIKeyCreateInputSerializer(serializers.Serializer):
+    """A new key's name and restrictions (``accounts.services.api_key_create`` checks the rest)."""
+
     name = StrictCharField(max_length=100)
+    expires_at = serializers.DateTimeField(
+        required=False, allow_null=True, help_text="when the key stops working; in the future; omitted or null: never"
+    )
+    allowed_models = serializers.ListField(
+        child=StrictCharField(max_length=200),
+        required=False,
+        max_length=200,
+        help_text="model and alias names the key may use (a model's name also allows its aliases); empty: all",
+    )
+    scopes = serializers.ListField(
+        child=serializers.ChoiceField(choices=APIKey.Scope.choices),
+        required=False,
+        allow_empty=False,
+        help_text="chat: inference; read: GET usage, history, models, billing; admin: keys and budgets. "
+        "Default: all three",
+    )
 
 
 class APIKeyOutputSerializer(serializers.ModelSerializer):
     """An API key as lists show it: never the secret, never its hash."""
 
+    allowed_models = serializers.ListField(child=serializers.CharField(), read_only=True)
+    scopes = serializers.ListField(child=serializers.ChoiceField(choices=APIKey.Scope.choices), read_only=True)
+
     class Meta:
         model = APIKey
-        fields = ["id", "name", "prefix", "created_at", "last_used_at", "revoked_at"]
+        fields = [
+            "id",
+            "name",
+            "prefix",
+            "created_at",
+            "last_used_at",
+            "revoked_at",
+            "expires_at",
+            "allowed_models",
+            "scopes",
+        ]
         read_only_fields = fields
 
 
 class APIKeyCreateOutputSerializer(serializers.Serializer):
-    """A new API key with its ``sk-...`` secret in ``key``: the only time the secret is shown."""
+    """A new (or rotated) API key with its ``sk-...`` secret in ``key``: the only time the secret is shown."""
 
     # The instance is a services.CreatedAPIKey: the saved key and its one-time secret.
 
@@ -194,6 +225,9 @@ class APIKeyCreateOutputSerializer(serializers.Serializer):
     created_at = serializers.DateTimeField(source="api_key.created_at")
     last_used_at = serializers.DateTimeField(source="api_key.last_used_at", allow_null=True)
     revoked_at = serializers.DateTimeField(source="api_key.revoked_at", allow_null=True)
+    expires_at = serializers.DateTimeField(source="api_key.expires_at", allow_null=True)
+    allowed_models = serializers.ListField(source="api_key.allowed_models", child=serializers.CharField())
+    scopes = serializers.ListField(source="api_key.scopes", child=serializers.ChoiceField(choices=APIKey.Scope.choices))
     key = serializers.CharField(source="secret", help_text="the secret, shown once; store it now")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,14 +79,118 @@ class CreatedAPIKey:
     secret: str
 
 
-def api_key_create(*, user: User, name: str, secret: str | None = None) -> CreatedAPIKey:
-    """Create an API key for ``user``; return it with its one-time ``sk-...`` secret.
+def _forbidden(message: str) -> ApplicationError:
+    return ApplicationError(message, code="insufficient_permissions", status=403, type="invalid_request_error")
+
+
+def _api_key_restrictions(
+    *,
+    expires_at: dt.datetime | None,
+    allowed_models: Sequence[str],
+    scopes: Sequence[str] | None,
+    creator_key: APIKey | None,
+) -> tuple[dt.datetime | None, list[str], list[str]]:
+    """Return a new key's ``(expires_at, allowed_models, scopes)``, checked; see ``api_key_create``."""
+    if expires_at is not None and expires_at <= timezone.now():
+        raise ApplicationError(
+            f"expires_at: {expires_at.isoformat()} is not in the future.", code="invalid", param="expires_at"
+        )
+    unknown = [scope for scope in scopes or () if scope not in APIKey.Scope.values]
+    if unknown:
+        raise ApplicationError(
+            f"scopes: unknown scope {', '.join(map(repr, unknown))}; use any of {', '.join(APIKey.Scope.values)}.",
+            code="invalid",
+            param="scopes",
+        )
+    if scopes is not None and not scopes:
+        raise ApplicationError("scopes: give at least one scope.", code="invalid", param="scopes")
+    models = list(dict.fromkeys(allowed_models))  # without repeats, in order
+    granted = list(dict.fromkeys(scopes)) if scopes is not None else None
+    if creator_key is not None:
+        # A key creates keys only within its own restrictions: never a way out of them.
+        granted = granted if granted is not None else list(creator_key.scopes)
+        wider = [scope for scope in granted if scope not in creator_key.scopes]
+        if wider:
+            raise _forbidden(f"An API key may create keys only within its own scopes; it lacks {', '.join(wider)}.")
+        if creator_key.allowed_models:
+            models = models or list(creator_key.allowed_models)
+            outside = [name for name in models if name not in creator_key.allowed_models]
+            if outside:
+                raise _forbidden(
+                    f"An API key may create keys only for its own allowed models; it may not use {', '.join(outside)}."
+                )
+        if creator_key.expires_at is not None:
+            expires_at = expires_at or creator_key.expires_at
+            if expires_at > creator_key.expires_at:
+                raise _forbidden("An API key may not create a key that outlives it (expires_at after its own).")
+    return expires_at, models, granted if granted is not None else list(APIKey.Scope.values)
+
+
+def api_key_create(
+    *,
+    user: User,
+    name: str,
+    secret: str | None = None,
+    expires_at: dt.datetime | None = None,
+    allowed_models: Sequence[str] = (),
+    scopes: Sequence[str] | None = None,
+    creator_key: APIKey | None = None,
+    organization: Organization | None = None,
+) -> CreatedAPIKey:
+    """Create an API key for ``user`` in ``organization`` (None: the default organization, or the
+    creator key's); return it with its one-time ``sk-...`` secret.
 
     ``secret``: the secret to store (hashed, like any), for an operator who chose it
     (``manage.py demo``'s ``DEMO_API_KEY``); by default a new random one (``generate_secret``).
+    ``expires_at``: when the key stops working (None: never); ``allowed_models``: model and alias
+    names it may use (empty: all); ``scopes``: ``APIKey.Scope`` values (None: all of them).
+    ``creator_key``: the key the caller authenticated with, if any: the new key may not exceed it
+    (its scopes, allowlist and expiry are the defaults and the bounds).
+
+    Raises ``ApplicationError`` 400 (``param`` naming the field) for an ``expires_at`` not in the
+    future, an unknown scope or no scope; 403 ``insufficient_permissions`` for a key wider than
+    ``creator_key``.
     """
+    expires_at, models, granted = _api_key_restrictions(
+        expires_at=expires_at, allowed_models=allowed_models, scopes=scopes, creator_key=creator_key
+    )
     secret = secret or generate_secret()
-    api_key = APIKey.objects.create(user=user, name=name, prefix=display_prefix(secret), key_hash=hash_secret(secret))
+    if organization is None:
+        organization = creator_key.organization if creator_key is not None else Organization.objects.default()
+    api_key = APIKey.objects.create(
+        user=user,
+        organization=organization,
+        name=name,
+        prefix=display_prefix(secret),
+        key_hash=hash_secret(secret),
+        expires_at=expires_at,
+        allowed_models=models,
+        scopes=granted,
+    )
+    return CreatedAPIKey(api_key=api_key, secret=secret)
+
+
+def api_key_rotate(*, user: User, api_key_id: int) -> CreatedAPIKey:
+    """Give ``user``'s key ``api_key_id`` a new secret; return it with that secret, shown this once.
+
+    The same row keeps its id, name, restrictions, rate limits and budgets; only ``key_hash`` and
+    ``prefix`` change. The old secret is refused at once in every process: the save clears the
+    principal caches everywhere (``chatbackend.lookup_cache``), and the connections and replies
+    opened with the key end as on a revocation (``revocation_announce``). Raises ``NotFoundError``
+    (404) for another user's key, ``ApplicationError`` 400 ``api_key_revoked`` for a revoked one.
+    """
+    secret = generate_secret()
+    with transaction.atomic():
+        try:
+            api_key = APIKey.objects.select_for_update().get(pk=api_key_id, user=user)
+        except APIKey.DoesNotExist:
+            raise NotFoundError("API key not found.", code="api_key_not_found") from None
+        if api_key.revoked_at is not None:
+            raise ApplicationError("A revoked API key cannot be rotated; create a new key.", code="api_key_revoked")
+        api_key.key_hash = hash_secret(secret)
+        api_key.prefix = display_prefix(secret)
+        api_key.save(update_fields=["key_hash", "prefix"])  # save(): the caches' signal
+        revocation_announce(api_key_ids=[api_key.pk])
     return CreatedAPIKey(api_key=api_key, secret=secret)
 
 

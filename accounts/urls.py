@@ -18,6 +18,7 @@ urlpatterns = [
     path("auth/me/", apis.UserMeApi.as_view(), name="me"),
     path("api-keys/", apis.APIKeyListCreateApi.as_view(), name="api-key-list"),
     path("api-keys/<int:api_key_id>/", apis.APIKeyRevokeApi.as_view(), name="api-key-revoke"),
+    path("api-keys/<int:api_key_id>/rotate/", apis.APIKeyRotateApi.as_view(), name="api-key-rotate"),
     path("usage/", apis.UsageRecordListApi.as_view(), name="usage-list"),
     path("usage/summary/", apis.UsageSummaryApi.as_view(), name="usage-summary"),
     path("users/", apis.UserListApi.as_view(), name="user-list"),

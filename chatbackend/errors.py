@@ -223,4 +223,5 @@ def as_application_error(exc: Exception) -> ApplicationError | None:
     codes = exc.get_codes()
     message = str(detail.get("detail", detail)) if isinstance(detail, dict) else str(detail)
     code = codes.get("detail", codes) if isinstance(codes, dict) else codes
-    return ApplicationError(message, code=str(code), status=exc.status_code)
+    # An exception may name its OpenAI error type (``error_type``) when the status's is not the one.
+    return ApplicationError(message, code=str(code), status=exc.status_code, type=getattr(exc, "error_type", None))

@@ -57,7 +57,7 @@ _ERRORS = {
     400: "Invalid request: malformed JSON or a field of the wrong type or value (`error.param` names it), "
     "or a disabled model.",
     401: "Missing, unknown, revoked or expired API key or token.",
-    404: "No such model (`model_not_found`), or an unknown URL.",
+    404: "No such model (`model_not_found`; also a model outside the API key's `allowed_models`), or an unknown URL.",
     405: "Wrong method for this URL (see `Allow`).",
     413: "The body is larger than the server accepts.",
     429: "A rate limit (`rate_limit_exceeded`, with `Retry-After`) or a budget (`insufficient_quota`) refused "
@@ -516,6 +516,34 @@ def document_pagination_errors(
             responses = operation.setdefault("responses", {})
             for status, description in _PAGE_ERRORS.items():
                 responses.setdefault(status, {"content": error, "description": description})
+    return result
+
+
+_SCOPE_ERROR = (
+    "An API key without the scope this endpoint needs (`insufficient_permissions`; the message names the "
+    "missing scope: `chat`, `read` or `admin`), or not allowed for the caller."
+)
+
+
+def document_scope_errors(
+    result: dict[str, Any], generator: SchemaGenerator, request: Any, public: bool
+) -> dict[str, Any]:
+    """Document a 403 on every operation an API key may call: a key lacks the operation's scope.
+
+    ``accounts.scopes`` refuses it before the view runs, in the operation's own error shape (the body
+    of its documented 401: OpenAI's, or Anthropic's on ``/v1/messages``). An operation that already
+    documents a 403 keeps its own description.
+    """
+    for operations in result.get("paths", {}).values():
+        for operation in operations.values():
+            if not any("apiKeyAuth" in requirement for requirement in operation.get("security", ())):
+                continue
+            responses = operation.setdefault("responses", {})
+            unauthenticated = responses.get("401", {})
+            content = unauthenticated.get("content") or {
+                "application/json": {"schema": {"$ref": "#/components/schemas/ErrorOutput"}}
+            }
+            responses.setdefault("403", {"content": content, "description": _SCOPE_ERROR})
     return result
 
 

@@ -367,7 +367,11 @@ REST_FRAMEWORK = {
         "accounts.authentication.JWTAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # An API key also needs the scope of the endpoint (accounts.scopes); JWT and sessions do not.
+    "DEFAULT_PERMISSION_CLASSES": [
+        "rest_framework.permissions.IsAuthenticated",
+        "accounts.scopes.APIKeyScopePermission",
+    ],
     "DEFAULT_PAGINATION_CLASS": "chatbackend.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
     "DEFAULT_FILTER_BACKENDS": [
@@ -413,6 +417,7 @@ SPECTACULAR_SETTINGS = {
         "drf_spectacular.hooks.postprocess_schema_enums",
         "chatbackend.schema.add_async_endpoints",
         "chatbackend.schema.document_pagination_errors",
+        "chatbackend.schema.document_scope_errors",
         "chatbackend.schema.document_request_rules",
     ],
 }

@@ -22,7 +22,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from accounts.authentication import request_principal
+from accounts.authentication import request_api_key, request_principal
+from accounts.models import APIKey
 from accounts.serializers import ErrorOutputSerializer
 from chatbackend.http import sse_event_schema
 
@@ -110,6 +111,8 @@ class ConversationViewSet(
     ordering = ("-updated_at", "-id")
     lookup_value_regex = r"\d+"
     http_method_names = ("get", "post", "patch", "delete", "head", "options")
+    # accounts.scopes: reading needs ``read`` (the default), writing is part of chatting.
+    api_key_scopes = {method: APIKey.Scope.CHAT for method in ("POST", "PATCH", "DELETE")}
 
     def get_queryset(self) -> QuerySet[Conversation]:
         if getattr(self, "swagger_fake_view", False):  # drf-spectacular inspecting the view
@@ -127,6 +130,7 @@ class ConversationViewSet(
             model_name=data["model"],
             title=data["title"],
             system_prompt=data["system_prompt"],
+            api_key=actor.api_key,
         )
         return Response(ConversationOutputSerializer(conversation).data, status=status.HTTP_201_CREATED)
 
@@ -134,7 +138,9 @@ class ConversationViewSet(
         # PUT is not offered (http_method_names): every update is partial.
         serializer = ConversationUpdateInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        conversation = conversation_update(conversation=self.get_object(), data=serializer.validated_data)
+        conversation = conversation_update(
+            conversation=self.get_object(), data=serializer.validated_data, api_key=request_api_key(request)
+        )
         return Response(ConversationOutputSerializer(conversation).data)
 
     def perform_destroy(self, instance: Conversation) -> None:
@@ -250,6 +256,8 @@ class ConversationMessageListApi(ListAPIView):
 
 class ConversationMessageStopApi(APIView):
     """Stop a streaming reply, whichever server process streams it."""
+
+    api_key_scopes = {"POST": APIKey.Scope.CHAT}  # accounts.scopes
 
     @extend_schema(
         tags=["conversations"],

@@ -2,9 +2,10 @@
 
 Client frames: ``message.send`` ``{content}``, ``reply.stop``, ``ping``. Server frames:
 ``reply.start``, ``reply.delta``, ``reply.done``, ``error``, ``pong``. Closes 4401 when the
-connection did not authenticate (``accounts.websocket.TokenAuthMiddleware``) and 4404 when the
-conversation is not visible to the user; both after accepting, since a WebSocket refused during
-the handshake reaches browsers as a bare 1006.
+connection did not authenticate (``accounts.websocket.TokenAuthMiddleware``), or, after an
+``error`` frame, when its API key expired before a ``message.send``; 4403 when its API key lacks
+the ``chat`` scope (``accounts.scopes``); 4404 when the conversation is not visible to the user;
+all after accepting, since a WebSocket refused during the handshake reaches browsers as a bare 1006.
 
 A consumer handles one message at a time, so the reply streams in its own task: the consumer
 stays free to see ``reply.stop`` (``Reply.stop()``) and the disconnect (the task is cancelled)
@@ -22,8 +23,10 @@ from typing import Any
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
+from accounts.models import APIKey
 from accounts.revocation import watch_credential
-from accounts.selectors import AuthenticationFailed
+from accounts.scopes import api_key_scope_check
+from accounts.selectors import AuthenticationFailed, api_key_check_unexpired
 from accounts.websocket import BEARER_SUBPROTOCOL_PREFIX
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError, NotFoundError
@@ -38,6 +41,7 @@ from .services import reply_start
 logger = logging.getLogger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
 
 # Closes started by a revocation, kept until done (a task nobody references may be collected).
@@ -64,6 +68,8 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
         close_code = None
         if self.scope.get("auth_error") is not None or principal is None or user is None:
             close_code = CLOSE_UNAUTHENTICATED
+        elif not self._may_chat():
+            close_code = CLOSE_FORBIDDEN
         else:
             try:
                 await run_sync(conversation_get_for, actor=principal, conversation_id=self.conversation_id)
@@ -82,6 +88,14 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
             on_revoked=self._credential_revoked,
         )
         self._watch.__enter__()
+
+    def _may_chat(self) -> bool:
+        """Return False for an API key without the ``chat`` scope (``accounts.scopes``): the socket only chats."""
+        try:
+            api_key_scope_check(self.scope.get("api_key"), APIKey.Scope.CHAT, action="a conversation WebSocket")
+        except ApplicationError:
+            return False
+        return True
 
     def _credential_revoked(self) -> None:
         """Close with 4401 (and stop the reply, persisted ``cancelled``): the credential was revoked."""
@@ -159,6 +173,15 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
                 ApplicationError("A reply is already streaming on this socket.", code="reply_in_progress", status=409)
             )
             return
+        api_key = self.scope.get("api_key")
+        if api_key is not None:
+            try:  # expiry is a moment, not a change: checked at each use of an open socket's key
+                api_key_check_unexpired(api_key)
+            except AuthenticationFailed as exc:
+                await self._send_error(exc)
+                self._refused = True
+                await self.close(code=CLOSE_UNAUTHENTICATED)
+                return
         try:
             content = clean_message_content(content)
         except ApplicationError as exc:

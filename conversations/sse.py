@@ -28,6 +28,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from accounts.authentication import Principal
 from accounts.endpoints import async_endpoint, parse_json, request_body
+from accounts.models import APIKey
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError, error_response
 from chatbackend.http import EventStreamResponse
@@ -71,7 +72,7 @@ def parse_message_content(body: bytes) -> str:
     return clean_message_content(data.get("content"))
 
 
-@async_endpoint("POST")
+@async_endpoint("POST", scope=APIKey.Scope.CHAT)
 async def message_send(request: HttpRequest, principal: Principal, conversation_id: int) -> HttpResponseBase:
     """Send the user's message and answer with the reply: an SSE stream or, at its end, JSON."""
     content = parse_message_content(request_body(request))

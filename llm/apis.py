@@ -10,21 +10,25 @@ from rest_framework.generics import ListAPIView
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from accounts.authentication import request_api_key
 from accounts.serializers import ErrorOutputSerializer
 
 from .models import LLMModel
-from .selectors import llm_model_list_enabled
+from .selectors import llm_model_list_for
 from .serializers import LLMModelOutputSerializer
 
 
 class LLMModelListApi(ListAPIView):
-    """List the enabled models (on enabled providers) by name, with their prices per million tokens."""
+    """List the enabled models (on enabled providers) by name, with their prices per million tokens.
+
+    A caller using an API key with a model allowlist sees only the models it may use.
+    """
 
     serializer_class = LLMModelOutputSerializer
     filter_backends = ()
 
     def get_queryset(self) -> QuerySet[LLMModel]:
-        return llm_model_list_enabled()
+        return llm_model_list_for(api_key=request_api_key(self.request))
 
     @extend_schema(
         tags=["models"],

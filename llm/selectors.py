@@ -6,11 +6,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 
 from accounts.metering import MeteringSubject, RateLimits
+from accounts.models import APIKey
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError
 from chatbackend.lookup_cache import LookupCache
@@ -21,9 +22,38 @@ from .routing import DeploymentConfig, ModelRoute
 from .tokens import Tokenizer, tokenizer_for
 
 
+def model_not_found_error(name: str) -> ApplicationError:
+    """Return the 404 ``model_not_found`` for ``name``: no such model or alias, or not the caller's to use."""
+    return ApplicationError(f"The model '{name}' does not exist.", code="model_not_found", status=404, param="model")
+
+
 def llm_model_list_enabled() -> QuerySet[LLMModel]:
     """Return the models users may pick: enabled, on an enabled provider, ordered by name."""
     return LLMModel.objects.filter(enabled=True, provider__enabled=True).select_related("provider")
+
+
+def llm_model_list_for(*, api_key: APIKey | None) -> QuerySet[LLMModel]:
+    """Return the enabled models (``llm_model_list_enabled``) a caller using ``api_key`` may pick.
+
+    None (a JWT or session) or a key with an empty ``allowed_models``: every enabled model. Else
+    the models named in the allowlist (a model reached only through an allowed alias is not listed
+    by its own name, which the key may not send: ``model_check_allowed``).
+    """
+    models = llm_model_list_enabled()
+    if api_key is None or not api_key.allowed_models:
+        return models
+    return models.filter(name__in=api_key.allowed_models)
+
+
+def model_alias_list_for(*, api_key: APIKey | None) -> QuerySet[ModelAlias]:
+    """Return the enabled aliases (``model_alias_list_enabled``) a caller using ``api_key`` may send.
+
+    With an allowlist: the aliases named in it and the aliases of the models named in it.
+    """
+    aliases = model_alias_list_enabled()
+    if api_key is None or not api_key.allowed_models:
+        return aliases
+    return aliases.filter(Q(name__in=api_key.allowed_models) | Q(model__name__in=api_key.allowed_models))
 
 
 def llm_model_get_enabled(*, name: str) -> LLMModel:
@@ -40,9 +70,7 @@ def llm_model_get_enabled(*, name: str) -> LLMModel:
     except LLMModel.DoesNotExist:
         alias = ModelAlias.objects.select_related("model__provider").filter(name=name).first()
         if alias is None:
-            raise ApplicationError(
-                f"The model '{name}' does not exist.", code="model_not_found", status=404, param="model"
-            ) from None
+            raise model_not_found_error(name) from None
         if not alias.enabled:
             raise ApplicationError(
                 f"The model '{name}' is disabled.", code="model_disabled", status=400, param="model"
@@ -58,6 +86,44 @@ def model_alias_list_enabled() -> QuerySet[ModelAlias]:
     return ModelAlias.objects.filter(enabled=True, model__enabled=True, model__provider__enabled=True).select_related(
         "model__provider"
     )
+
+
+ModelT = TypeVar("ModelT", LLMModel, "EnabledModel")
+
+
+def model_check_allowed(*, api_key: APIKey | None, name: str, model_name: str) -> None:
+    """Refuse ``name`` (resolving to the model ``model_name``) unless ``api_key`` may use it.
+
+    Allowed: no key (a JWT or session caller), a key without an allowlist, or one whose
+    ``allowed_models`` holds ``name`` or ``model_name`` (a model's name allows its aliases).
+    Raises ``model_not_found_error(name)``: a model the key may not use answers exactly as one
+    that does not exist (404 ``model_not_found``).
+    """
+    if api_key is not None and not api_key.allows_model(name, model_name):
+        raise model_not_found_error(name)
+
+
+def _get_for(api_key: APIKey | None, name: str, model: ModelT | ApplicationError) -> ModelT:
+    """Return ``model`` (or raise the lookup's error) as a caller using ``api_key`` may see it.
+
+    A lookup error for a name outside the key's allowlist is the 404 of a model that does not
+    exist: a disabled model the key may not use is not told apart from a missing one.
+    """
+    if isinstance(model, ApplicationError):
+        if api_key is not None and not api_key.allows_model(name):
+            raise model_not_found_error(name) from None
+        raise model
+    model_check_allowed(api_key=api_key, name=name, model_name=model.name)
+    return model
+
+
+def llm_model_get_enabled_for(*, api_key: APIKey | None, name: str) -> LLMModel:
+    """``llm_model_get_enabled`` for a caller using ``api_key``: 404 ``model_not_found`` outside its allowlist."""
+    try:
+        model: LLMModel | ApplicationError = llm_model_get_enabled(name=name)
+    except ApplicationError as error:
+        model = error
+    return _get_for(api_key, name, model)
 
 
 def provider_config_for(*, model: LLMModel) -> ProviderConfig:
@@ -227,6 +293,27 @@ def enabled_model_get(*, name: str) -> EnabledModel:
         model = _enabled_model_read(name)
         enabled_model_cache.put(name, model, ticket)
     return model
+
+
+def enabled_model_get_for(*, api_key: APIKey | None, name: str) -> EnabledModel:
+    """``enabled_model_get`` for a caller using ``api_key``: 404 ``model_not_found`` outside its allowlist.
+
+    Sync. The allowlist is compared on every call (the key may be cached): ``model_check_allowed``.
+    """
+    try:
+        model: EnabledModel | ApplicationError = enabled_model_get(name=name)
+    except ApplicationError as error:
+        model = error
+    return _get_for(api_key, name, model)
+
+
+async def enabled_model_get_for_async(*, api_key: APIKey | None, name: str) -> EnabledModel:
+    """``enabled_model_get_for`` on the event loop (``enabled_model_get_async``): what ``/v1`` calls."""
+    try:
+        model: EnabledModel | ApplicationError = await enabled_model_get_async(name=name)
+    except ApplicationError as error:
+        model = error
+    return _get_for(api_key, name, model)
 
 
 async def enabled_model_get_async(*, name: str) -> EnabledModel:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
+from django.utils import timezone
 
 from accounts.models import APIKey, User
 from accounts.services import api_key_create
@@ -54,6 +57,22 @@ def test_api_key_pages_never_show_the_hash_and_cannot_add(admin_site, user):
     for page in (changelist, change):
         assert api_key.key_hash not in page.content.decode()
     assert add.status_code == 403
+
+
+def test_api_key_pages_show_expiry_allowlist_and_scopes(admin_site, user):
+    expires_at = timezone.now() + dt.timedelta(days=3)
+    api_key = api_key_create(
+        user=user, name="ci", expires_at=expires_at, allowed_models=["only-this-model"], scopes=["chat"]
+    ).api_key
+
+    changelist = admin_site.get("/admin/accounts/apikey/").content.decode()
+    change = admin_site.get(f"/admin/accounts/apikey/{api_key.pk}/change/").content.decode()
+
+    assert "Expires at" in changelist and "Scopes" in changelist
+    for label in ("Expires at", "Allowed models", "Scopes"):
+        assert label in change, label
+    assert "only-this-model" in change
+    assert "chat" in change
 
 
 def test_the_revoke_action_revokes_the_selected_keys(admin_site, user, other_user):

@@ -22,7 +22,18 @@ def test_create_shows_the_secret_once_and_the_list_never(auth_client, user):
 
     assert response.status_code == 201
     created = response.json()
-    assert set(created) == {"id", "name", "prefix", "created_at", "last_used_at", "revoked_at", "key"}
+    shown = {
+        "id",
+        "name",
+        "prefix",
+        "created_at",
+        "last_used_at",
+        "revoked_at",
+        "expires_at",
+        "allowed_models",
+        "scopes",
+    }
+    assert set(created) == {*shown, "key"}
     secret = created["key"]
     assert secret.startswith("sk-")
     assert len(secret) > 40
@@ -30,6 +41,9 @@ def test_create_shows_the_secret_once_and_the_list_never(auth_client, user):
     assert created["prefix"] == secret[:10]
     assert created["last_used_at"] is None
     assert created["revoked_at"] is None
+    assert created["expires_at"] is None
+    assert created["allowed_models"] == []
+    assert created["scopes"] == ["chat", "read", "admin"]  # unrestricted unless asked
 
     listed = auth_client.get(KEYS)
 
@@ -37,7 +51,7 @@ def test_create_shows_the_secret_once_and_the_list_never(auth_client, user):
     page = listed.json()
     assert set(page) == {"count", "next", "previous", "results"}
     assert page["count"] == 1
-    assert set(page["results"][0]) == {"id", "name", "prefix", "created_at", "last_used_at", "revoked_at"}
+    assert set(page["results"][0]) == shown
     assert page["results"][0]["id"] == created["id"]
     assert secret not in listed.content.decode()
     assert hashlib.sha256(secret.encode()).hexdigest() not in listed.content.decode()

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 BEFORE = [
-    ("accounts", "0008_usagerecord_deployment"),
+    ("accounts", "0009_apikey_expiry_scopes_models"),
     ("conversations", "0002_reply_recovery"),
     ("llm", "0008_model_alias"),
 ]

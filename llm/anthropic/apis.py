@@ -30,12 +30,12 @@ from django.http import HttpRequest, HttpResponseBase, JsonResponse
 
 from accounts.authentication import Principal
 from accounts.endpoints import async_endpoint, parse_json, request_body
-from accounts.models import UsageRecord
+from accounts.models import APIKey, UsageRecord
 from chatbackend.asyncdb import run_sync
 
 from ..openai.apis import COUNT_ON_LOOP_MAX_BYTES
 from ..openai.services import ChatCompletionPlan, openai_chat_start
-from ..selectors import EnabledModel, enabled_model_get_async
+from ..selectors import EnabledModel, enabled_model_get_for_async
 from ..streaming import Reply, ReplyDelta, ReplyFailed, ReplyStreamingResponse, open_reply
 from .errors import anthropic_error_response
 from .frames import MessageCollector, message_stream_frames, new_message_id
@@ -56,7 +56,7 @@ async def _messages_start(principal: Principal, raw_body: bytes) -> ChatCompleti
     check_fields(body, _CREATE_FIELDS)
     messages = openai_messages(data)
     parameters = openai_parameters(data)
-    model = await enabled_model_get_async(name=data["model"])
+    model = await enabled_model_get_for_async(api_key=principal.api_key, name=data["model"])
     start = functools.partial(
         openai_chat_start,
         principal=principal,
@@ -73,7 +73,7 @@ async def _messages_start(principal: Principal, raw_body: bytes) -> ChatCompleti
     return start()
 
 
-@async_endpoint("POST", errors=anthropic_error_response)
+@async_endpoint("POST", scope=APIKey.Scope.CHAT, errors=anthropic_error_response)
 async def messages_create(request: HttpRequest, principal: Principal) -> HttpResponseBase:
     """``POST /v1/messages``: a message, streamed (SSE, Anthropic's events) or whole (a ``message`` object).
 
@@ -120,7 +120,7 @@ def _count_input_tokens(model: EnabledModel, messages: list[dict[str, Any]], too
     return count
 
 
-@async_endpoint("POST", errors=anthropic_error_response)
+@async_endpoint("POST", scope=APIKey.Scope.CHAT, errors=anthropic_error_response)
 async def messages_count_tokens(request: HttpRequest, principal: Principal) -> HttpResponseBase:
     """``POST /v1/messages/count_tokens``: ``{"input_tokens": n}`` for a message request's input.
 
@@ -135,7 +135,7 @@ async def messages_count_tokens(request: HttpRequest, principal: Principal) -> H
     check_fields(body, _COUNT_FIELDS)
     messages = openai_messages(data)
     tools = openai_parameters(data).get("tools") or []
-    model = await enabled_model_get_async(name=data["model"])
+    model = await enabled_model_get_for_async(api_key=principal.api_key, name=data["model"])
     if len(raw_body) > COUNT_ON_LOOP_MAX_BYTES:
         count = await run_sync(_count_input_tokens, model, messages, tools)
     else:

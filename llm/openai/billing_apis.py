@@ -12,6 +12,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from accounts.authentication import Principal
 from accounts.endpoints import async_endpoint
+from accounts.models import APIKey
 from accounts.selectors import budget_monthly_limit_usd, usage_cost_total
 from chatbackend.asyncdb import run_sync
 
@@ -27,7 +28,7 @@ def _billing_usage(principal: Principal, query: dict[str, str]) -> dict[str, Any
     return {"object": "list", "total_usage": float(dollars * 100)}
 
 
-@async_endpoint("GET")
+@async_endpoint("GET", scope=APIKey.Scope.READ)
 async def billing_usage(request: HttpRequest, principal: Principal) -> HttpResponse:
     """``GET /dashboard/billing/usage[?start_date=YYYY-MM-DD&end_date=YYYY-MM-DD]``.
 
@@ -54,7 +55,7 @@ def _billing_subscription(principal: Principal) -> dict[str, Any]:
     }
 
 
-@async_endpoint("GET")
+@async_endpoint("GET", scope=APIKey.Scope.READ)
 async def billing_subscription(request: HttpRequest, principal: Principal) -> HttpResponse:
     """``GET /dashboard/billing/subscription``: the caller's monthly limit, for NextChat's "used $X of $Y".
 

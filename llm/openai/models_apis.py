@@ -15,11 +15,17 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from accounts.authentication import Principal
 from accounts.endpoints import async_endpoint
+from accounts.models import APIKey
 from chatbackend.asyncdb import run_sync
-from chatbackend.errors import ApplicationError
 
 from ..models import LLMModel, ModelAlias
-from ..selectors import llm_model_get_enabled, llm_model_list_enabled, model_alias_list_enabled
+from ..selectors import (
+    llm_model_get_enabled_for,
+    llm_model_list_for,
+    model_alias_list_enabled,
+    model_alias_list_for,
+    model_not_found_error,
+)
 
 
 def _model_object(model: LLMModel) -> dict[str, Any]:
@@ -40,32 +46,39 @@ def _alias_object(alias: ModelAlias) -> dict[str, Any]:
     }
 
 
-def _model_list() -> dict[str, Any]:
-    objects = [_model_object(model) for model in llm_model_list_enabled()]
-    objects += [_alias_object(alias) for alias in model_alias_list_enabled()]
+def _model_list(api_key: APIKey | None) -> dict[str, Any]:
+    objects = [_model_object(model) for model in llm_model_list_for(api_key=api_key)]
+    objects += [_alias_object(alias) for alias in model_alias_list_for(api_key=api_key)]
     return {"object": "list", "data": sorted(objects, key=lambda entry: entry["id"])}
 
 
-def _model_retrieve(name: str) -> dict[str, Any]:
-    model = llm_model_get_enabled(name=name)  # raises for a name that is neither, or disabled
+def _model_retrieve(name: str, api_key: APIKey | None) -> dict[str, Any]:
+    # Raises for a name that is neither, is disabled, or is outside the key's allowlist.
+    model = llm_model_get_enabled_for(api_key=api_key, name=name)
     if model.name == name:
         return _model_object(model)
     alias = model_alias_list_enabled().filter(name=name).first()
     if alias is None:  # disabled or deleted since the line above
-        raise ApplicationError(f"The model '{name}' does not exist.", code="model_not_found", status=404, param="model")
+        raise model_not_found_error(name)
     return _alias_object(alias)
 
 
-@async_endpoint("GET")
+@async_endpoint("GET", scope=APIKey.Scope.READ)
 async def model_list(request: HttpRequest, principal: Principal) -> HttpResponse:
-    """``GET /v1/models``: the enabled models and aliases by ``id``, as OpenAI's ``ListModelsResponse``."""
-    return JsonResponse(await run_sync(_model_list))
+    """``GET /v1/models``: the enabled models and aliases by ``id``, as OpenAI's ``ListModelsResponse``.
+
+    A key with a model allowlist (``APIKey.allowed_models``) sees only the models and aliases it may use.
+    """
+    return JsonResponse(await run_sync(_model_list, principal.api_key))
 
 
-@async_endpoint("GET")
+@async_endpoint("GET", scope=APIKey.Scope.READ)
 async def model_retrieve(request: HttpRequest, principal: Principal, model: str) -> HttpResponse:
-    """``GET /v1/models/{model}``: one enabled model or alias; 404 ``model_not_found``, 400 ``model_disabled``."""
-    return JsonResponse(await run_sync(_model_retrieve, model))
+    """``GET /v1/models/{model}``: one enabled model or alias; 404 ``model_not_found``, 400 ``model_disabled``.
+
+    A model or alias outside the caller's key's allowlist is a 404 ``model_not_found``, as if it did not exist.
+    """
+    return JsonResponse(await run_sync(_model_retrieve, model, principal.api_key))
 
 
 __all__ = ["model_list", "model_retrieve"]

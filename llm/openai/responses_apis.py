@@ -19,11 +19,11 @@ from django.http import HttpRequest, HttpResponseBase, JsonResponse
 
 from accounts.authentication import Principal
 from accounts.endpoints import async_endpoint, parse_json, request_body
-from accounts.models import UsageRecord
+from accounts.models import APIKey, UsageRecord
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError, error_response
 
-from ..selectors import enabled_model_get_async
+from ..selectors import enabled_model_get_for_async
 from ..streaming import Reply, ReplyDelta, ReplyFailed, ReplyStreamingResponse, open_reply
 from .apis import COUNT_ON_LOOP_MAX_BYTES
 from .responses_frames import ResponseBuilder, new_response_id, response_frames
@@ -41,7 +41,7 @@ async def _response_start(principal: Principal, raw_body: bytes) -> tuple[ChatCo
         raise ApplicationError("The request body must be a JSON object.", code="invalid_type", param=None)
     data = _RESPONSE_INPUT.run_validation(body)
     request = responses_request(body, data)
-    model = await enabled_model_get_async(name=request.model)
+    model = await enabled_model_get_for_async(api_key=principal.api_key, name=request.model)
     start = functools.partial(
         openai_chat_start,
         principal=principal,
@@ -64,7 +64,7 @@ async def _response_start(principal: Principal, raw_body: bytes) -> tuple[ChatCo
         raise
 
 
-@async_endpoint("POST")
+@async_endpoint("POST", scope=APIKey.Scope.CHAT)
 async def responses_create(request: HttpRequest, principal: Principal) -> HttpResponseBase:
     """``POST /v1/responses``: a model response, streamed (``stream: true``, SSE events) or whole.
 

@@ -1,0 +1,71 @@
+"""API key scopes: one check for the async views, one DRF permission class, both refusing the same way.
+
+A key's ``scopes`` (``APIKey.Scope``) say what it may do: ``chat`` (inference: ``/v1`` chat
+completions, messages, responses, conversation replies and writes), ``read`` (GET usage,
+conversations and their history, models, billing, budgets) and ``admin`` (managing API keys and
+budgets). JWT and session callers are not limited by scopes: their role decides
+(``User.is_admin``). A key without the scope an endpoint needs gets a 403 in OpenAI's shape naming
+the missing scope, before the view runs.
+
+The async views declare their scope to ``accounts.endpoints.async_endpoint``; DRF views get
+``APIKeyScopePermission`` from ``REST_FRAMEWORK["DEFAULT_PERMISSION_CLASSES"]`` and may name the
+scope of each method in ``api_key_scopes`` (default: safe methods ``read``, others ``admin``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from rest_framework.permissions import SAFE_METHODS, BasePermission
+from rest_framework.request import Request
+
+from chatbackend.errors import ApplicationError
+
+from .models import APIKey
+
+Scope = APIKey.Scope
+
+
+def api_key_scope_check(api_key: APIKey | None, scope: str, *, action: str) -> None:
+    """Refuse ``api_key`` unless it holds ``scope``; None (a JWT or session caller) always passes.
+
+    ``action``: what was asked, for the message (e.g. ``POST /v1/chat/completions``). Raises
+    ``ApplicationError`` 403, type ``invalid_request_error``, code ``insufficient_permissions``,
+    whose message names the missing scope. CPU only, fine on the event loop.
+    """
+    if api_key is None or api_key.has_scope(scope):
+        return
+    raise ApplicationError(
+        f"This API key lacks the '{scope}' scope, which {action} requires. Missing scopes: {scope}. "
+        "Create a key with that scope, or use one that has it.",
+        code="insufficient_permissions",
+        status=403,
+        type="invalid_request_error",
+    )
+
+
+def drf_view_scope(view: Any, method: str) -> str:
+    """Return the scope a key needs for ``method`` on DRF ``view``: its ``api_key_scopes``, else the default."""
+    scopes: Mapping[str, str] = getattr(view, "api_key_scopes", {})
+    if method in scopes:
+        return scopes[method]
+    return Scope.READ if method in SAFE_METHODS else Scope.ADMIN
+
+
+class APIKeyScopePermission(BasePermission):
+    """DRF permission: a request authenticated by API key needs the scope of its method (``drf_view_scope``).
+
+    Refusal is ``api_key_scope_check``'s 403 (raised, so the body names the scope).
+    """
+
+    def has_permission(self, request: Request, view: Any) -> bool:
+        api_key = request.auth if isinstance(request.auth, APIKey) else None
+        if api_key is not None:
+            api_key_scope_check(
+                api_key, drf_view_scope(view, request.method or "GET"), action=f"{request.method} {request.path}"
+            )
+        return True
+
+
+__all__ = ["APIKeyScopePermission", "Scope", "api_key_scope_check", "drf_view_scope"]
