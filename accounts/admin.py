@@ -5,6 +5,10 @@ admin cannot add keys and never shows ``key_hash``; it can revoke them. Usage re
 audit trail: read-only. Their changelist links to a usage summary page (usage summed per day,
 model, user and API key, ``accounts.selectors.usage_summary``) with a CSV download, and has an
 action that exports the selected records as CSV.
+
+Changes made here to users, budgets (and, through ``AuditedModelAdmin``, to ``llm``'s providers,
+models, aliases and deployments) are written to the audit log (``accounts.audit``), whose own
+page is read-only.
 """
 
 from __future__ import annotations
@@ -25,11 +29,64 @@ from django.urls import URLPattern, path
 from chatbackend.errors import ApplicationError
 from chatbackend.renderers import CSVRenderer
 
+from .audit import AuditState, audit_model_deleted, audit_model_saved
 from .metering.budgets import BudgetUsage, budget_usage
-from .models import APIKey, Budget, UsageRecord, User
-from .selectors import USAGE_SUMMARY_GROUPS, usage_current_month, usage_summary, usage_summary_columns
+from .models import APIKey, AuditEvent, Budget, UsageRecord, User
+from .selectors import (
+    AUDIT_EVENT_CSV_COLUMNS,
+    USAGE_SUMMARY_GROUPS,
+    audit_event_csv_rows,
+    usage_current_month,
+    usage_summary,
+    usage_summary_columns,
+)
 from .serializers import UsageSummaryRowOutputSerializer
 from .services import api_key_revoke
+
+
+class AuditedModelAdmin(admin.ModelAdmin):
+    """A ModelAdmin whose every add, change and delete (and those of audited inlines) writes one audit row.
+
+    The state before is read from the database before the save; the row is written after
+    ``save_related``, so many-to-many changes (a user's groups) are in the same row as the rest.
+    A save that changes nothing writes no row. The actor and IP are the request's
+    (``accounts.audit.AuditRequestMiddleware``).
+    """
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        request._audit_before = AuditState.of_stored(obj) if change else None  # type: ignore[attr-defined]
+        super().save_model(request, obj, form, change)
+
+    def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
+        super().save_related(request, form, formsets, change)
+        audit_model_saved(obj=form.instance, before=getattr(request, "_audit_before", None))
+
+    def save_formset(self, request: HttpRequest, form: Any, formset: Any, change: bool) -> None:
+        model = formset.model
+        stored = model._default_manager.filter(pk__in=[f.instance.pk for f in formset.initial_forms if f.instance.pk])
+        before = {obj.pk: AuditState(obj) for obj in stored}
+        pks = {id(f.instance): f.instance.pk for f in formset.initial_forms}
+        super().save_formset(request, form, formset, change)
+        for obj in formset.new_objects:
+            audit_model_saved(obj=obj, before=None)
+        for obj, _fields in formset.changed_objects:
+            audit_model_saved(obj=obj, before=before.get(obj.pk))
+        for obj in formset.deleted_objects:
+            pk = pks.get(id(obj))
+            if pk in before:
+                audit_model_deleted(obj=obj, before=before[pk])
+
+    def delete_model(self, request: HttpRequest, obj: Any) -> None:
+        before = AuditState(obj)
+        super().delete_model(request, obj)
+        audit_model_deleted(obj=obj, before=before)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+        # One row per deleted object, as deleting them one by one would write.
+        objects = [(obj, AuditState(obj)) for obj in queryset]
+        super().delete_queryset(request, queryset)
+        for obj, before in objects:
+            audit_model_deleted(obj=obj, before=before)
 
 
 class UserAdminCreationForm(AdminUserCreationForm):
@@ -48,7 +105,7 @@ class UserAdminChangeForm(UserChangeForm):
 
 
 @admin.register(User)
-class UserAdmin(DjangoUserAdmin):
+class UserAdmin(AuditedModelAdmin, DjangoUserAdmin):
     form = UserAdminChangeForm
     add_form = UserAdminCreationForm
     list_display = ("username", "email", "role", "is_active", "is_staff", "date_joined", "last_login")
@@ -228,7 +285,7 @@ def _with_format_csv(request: HttpRequest) -> str:
 
 
 @admin.register(Budget)
-class BudgetAdmin(admin.ModelAdmin):
+class BudgetAdmin(AuditedModelAdmin):
     """Budgets with their current period's spend, reservations in flight and what remains.
 
     The figures come from the budget counters (``accounts.metering.budgets.budget_usage``): settled
@@ -295,3 +352,42 @@ class BudgetAdmin(admin.ModelAdmin):
         if usage is None:
             return "-"
         return "never" if usage.resets_at is None else usage.resets_at.isoformat()
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(admin.ModelAdmin):
+    """The audit log, read-only: filter by action, actor and date; export the selected rows as CSV."""
+
+    list_display = ("created_at", "action", "actor_username", "object_type", "object_id", "object_repr", "ip")
+    list_filter = ("action", ("actor", admin.RelatedOnlyFieldListFilter), "object_type", "created_at")
+    search_fields = ("actor_username", "object_repr", "object_id", "=ip")
+    date_hierarchy = "created_at"
+    fields = (
+        "created_at",
+        "action",
+        "actor",
+        "actor_username",
+        "object_type",
+        "object_id",
+        "object_repr",
+        "ip",
+        "before",
+        "after",
+    )
+    readonly_fields = fields
+    actions = ("export_csv",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: AuditEvent | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: AuditEvent | None = None) -> bool:
+        return False
+
+    @admin.action(description="Export selected audit events as CSV", permissions=["view"])
+    def export_csv(self, request: HttpRequest, queryset: QuerySet[AuditEvent]) -> HttpResponse:
+        """Download the selected events, one CSV row each (``audit_event_csv_rows``), oldest first."""
+        rows = audit_event_csv_rows(queryset.order_by("created_at", "id"))
+        return _csv_download(rows, header=AUDIT_EVENT_CSV_COLUMNS, filename="audit-log.csv")
