@@ -58,8 +58,12 @@ class AuditedModelAdmin(admin.ModelAdmin):
         super().save_model(request, obj, form, change)
 
     def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
-        super().save_related(request, form, formsets, change)
+        # ModelAdmin.save_related's steps, with the object's row between its many-to-many fields
+        # (part of its row) and its inlines (rows of their own, after it).
+        form.save_m2m()
         audit_model_saved(obj=form.instance, before=getattr(request, "_audit_before", None))
+        for formset in formsets:
+            self.save_formset(request, form, formset, change=change)
 
     def save_formset(self, request: HttpRequest, form: Any, formset: Any, change: bool) -> None:
         model = formset.model
