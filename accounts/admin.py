@@ -132,6 +132,17 @@ class UserAdmin(AuditedModelAdmin, DjangoUserAdmin):
         ),
     )
 
+    def user_change_password(self, request: HttpRequest, id: str, form_url: str = "") -> HttpResponse:
+        """Django's change-password page; a changed password writes one ``user.updated`` row, masked."""
+        stored = User.objects.filter(pk=id).first() if str(id).isdigit() else None
+        before = AuditState(stored) if stored is not None else None
+        response = super().user_change_password(request, id, form_url)
+        if before is not None and request.method == "POST":
+            after = User.objects.filter(pk=stored.pk).first()  # type: ignore[union-attr]
+            if after is not None:
+                audit_model_saved(obj=after, before=before)  # no row when nothing changed
+        return response
+
 
 @admin.register(APIKey)
 class APIKeyAdmin(admin.ModelAdmin):

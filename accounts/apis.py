@@ -596,17 +596,22 @@ class BudgetViewSet(
 
 
 class AuditEventFilter(django_filters.FilterSet):
-    """``?action=``, ``?actor=<user id>``, ``?object_type=``, ``?since=`` (inclusive), ``?until=`` (exclusive)."""
+    """``?action=``, ``?actor=<user id>``, ``?actor_username=``, ``?object_type=``, ``?since=``, ``?until=``.
+
+    ``actor_username`` finds failed logins (no actor) by the username tried; ``since`` is inclusive,
+    ``until`` exclusive.
+    """
 
     action = django_filters.ChoiceFilter(choices=AuditEvent.Action.choices)
     actor = _WholeNumberFilter(field_name="actor_id")
+    actor_username = django_filters.CharFilter()
     object_type = django_filters.CharFilter()
     since = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
     until = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
 
     class Meta:
         model = AuditEvent
-        fields = ["action", "actor", "object_type", "since", "until"]
+        fields = ["action", "actor", "actor_username", "object_type", "since", "until"]
 
 
 @extend_schema(
@@ -618,6 +623,7 @@ class AuditEventFilter(django_filters.FilterSet):
         "`actor_username`: for a failed login the username tried), what (`action`, `object_type`, "
         "`object_id`, `object_repr`), when, from which IP, and the changed fields' values `before` and "
         "`after` (secrets only as `[set]` / `[changed]`). Filters: `action`, `actor` (a user id), "
+        "`actor_username` (exact; finds failed logins by the username tried), "
         "`object_type` (e.g. `accounts.budget`), `since` (inclusive) and `until` (exclusive), ISO 8601 "
         "date-times. `format=csv` (or `Accept: text/csv`) answers every matching event as CSV with a header "
         "row, unpaginated (`before`/`after` as JSON text). Members get 403."

@@ -243,6 +243,20 @@ def test_adding_a_user_in_the_admin_never_records_the_password(admin_site, super
     assert created.password not in all_rows_json()
 
 
+def test_a_password_changed_in_the_admin_is_one_masked_row(admin_site, superuser, user):
+    response = admin_site.post(
+        f"/admin/accounts/user/{user.pk}/password/",
+        {"password1": "another-long-secret-77", "password2": "another-long-secret-77", "set_usable_password": "true"},
+    )
+
+    assert response.status_code == 302, response.content.decode()[:2000]
+    row = only_row(Action.USER_UPDATED)
+    assert (row.actor, row.object_id) == (superuser, str(user.pk))
+    assert (row.before, row.after) == ({"password": "[set]"}, {"password": "[changed]"})
+    user.refresh_from_db()
+    assert "another-long-secret-77" not in all_rows_json() and user.password not in all_rows_json()
+
+
 def test_deleting_a_user_keeps_their_rows(api_client, user):
     api_client.post("/api/auth/token/", {"username": user.username, "password": PASSWORD})
 
@@ -326,6 +340,27 @@ def test_admins_list_the_log_newest_first_with_filters(client_for, admin_user, u
     assert by_action.data["results"] == []
     assert {row["id"] for row in since.data["results"]} == {events[1].pk, events[2].pk}
     assert [row["id"] for row in until.data["results"]] == [events[0].pk]
+
+
+def test_failed_logins_are_found_by_the_username_tried(client_for, api_client, admin_user):
+    api_client.post("/api/auth/token/", {"username": "mallory", "password": "guess-1"})
+
+    found = client_for(admin_user).get("/api/audit-log/", {"actor_username": "mallory"})
+
+    assert [(row["action"], row["actor"]) for row in found.data["results"]] == [("login.failed", None)]
+
+
+def test_the_admin_exports_selected_rows_as_csv(admin_site, events):
+    response = admin_site.post(
+        "/admin/accounts/auditevent/",
+        {"action": "export_csv", "_selected_action": [events[0].pk, events[2].pk]},
+    )
+
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(response.content.decode())))
+    assert [row["id"] for row in rows] == [str(events[0].pk), str(events[2].pk)]  # oldest first
+    assert json.loads(rows[1]["after"])["name"] == "new"
 
 
 def test_bad_filters_are_400(client_for, admin_user):
