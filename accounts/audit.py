@@ -24,6 +24,7 @@ django-auditlog was considered and not used; the README's "Audit log" section sa
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -94,6 +95,14 @@ def audit_request(request: Any) -> Iterator[None]:
 def _request_user(request: Any) -> User | None:
     user = getattr(request, "user", None) if request is not None else None
     return user if isinstance(user, User) and user.is_authenticated else None
+
+
+def _valid_ip(address: str) -> str | None:
+    """Return ``address`` when it is an IP address, else None (a Unix socket's peer, a test's placeholder)."""
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return None
 
 
 def audit_organization(*, actor: User | None, obj: models.Model | None) -> Any:
@@ -211,7 +220,7 @@ def audit_record(
         actor = actor or _request_user(request)
     if actor_username is None:
         actor_username = actor.get_username() if actor is not None else ""
-    ip = request_client_ip(request) if request is not None else ""
+    ip = _valid_ip(request_client_ip(request)) if request is not None else None
     organization = audit_organization(actor=actor, obj=obj)  # noqa: F841 - stored once the field exists
     return AuditEvent.objects.create(
         action=action,
@@ -220,7 +229,7 @@ def audit_record(
         object_type=_label(obj) if obj is not None else "",
         object_id=str(object_id if object_id is not None else getattr(obj, "pk", None) or ""),
         object_repr=str(obj)[:200] if obj is not None else "",
-        ip=ip or None,
+        ip=ip,
         before=before,
         after=after,
     )

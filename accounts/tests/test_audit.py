@@ -76,6 +76,15 @@ def test_a_locked_out_login_is_one_failed_row_saying_so(api_client, user, settin
     assert (rows[0].after, rows[-1].after) == ({"locked_out": False}, {"locked_out": True})
 
 
+def test_a_client_address_that_is_no_ip_is_recorded_as_none(api_client, user):
+    response = api_client.post(
+        "/api/auth/token/", {"username": user.username, "password": PASSWORD}, REMOTE_ADDR="unix-socket"
+    )
+
+    assert response.status_code == 200
+    assert only_row(Action.LOGIN_SUCCEEDED).ip is None
+
+
 def test_admin_logins_are_audited(client, superuser):
     failed = client.post("/admin/login/", {"username": superuser.username, "password": "not-it-42"})
     succeeded = client.post("/admin/login/?next=/admin/", {"username": superuser.username, "password": PASSWORD})
