@@ -76,6 +76,19 @@ def test_a_locked_out_login_is_one_failed_row_saying_so(api_client, user, settin
     assert (rows[0].after, rows[-1].after) == ({"locked_out": False}, {"locked_out": True})
 
 
+def test_the_ip_is_the_trusted_client_address_not_a_forwarded_header_from_anyone(api_client, user):
+    # TrustedProxyMiddleware (the ASGI edge) has already resolved REMOTE_ADDR; a header a client
+    # wrote itself changes nothing here.
+    api_client.post(
+        "/api/auth/token/",
+        {"username": user.username, "password": PASSWORD},
+        REMOTE_ADDR="198.51.100.7",
+        HTTP_X_FORWARDED_FOR="10.9.9.9",
+    )
+
+    assert only_row(Action.LOGIN_SUCCEEDED).ip == "198.51.100.7"
+
+
 def test_a_client_address_that_is_no_ip_is_recorded_as_none(api_client, user):
     response = api_client.post(
         "/api/auth/token/", {"username": user.username, "password": PASSWORD}, REMOTE_ADDR="unix-socket"
