@@ -5,6 +5,10 @@ admin cannot add keys and never shows ``key_hash``; it can revoke them. Usage re
 audit trail: read-only. Their changelist links to a usage summary page (usage summed per day,
 model, user and API key, ``accounts.selectors.usage_summary``) with a CSV download, and has an
 action that exports the selected records as CSV.
+
+Changes made here to users, budgets (and, through ``AuditedModelAdmin``, to ``llm``'s providers,
+models, aliases and deployments) are written to the audit log (``accounts.audit``), whose own
+page is read-only.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
-from django.contrib.admin.options import InlineModelAdmin
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.contrib.auth.forms import AdminUserCreationForm, UserChangeForm
 from django.core.exceptions import PermissionDenied
@@ -26,11 +29,68 @@ from django.urls import URLPattern, path
 from chatbackend.errors import ApplicationError
 from chatbackend.renderers import CSVRenderer
 
+from .audit import AuditState, audit_model_deleted, audit_model_saved
 from .metering.budgets import BudgetUsage, budget_usage
-from .models import APIKey, Budget, Membership, Organization, Team, TeamMembership, UsageRecord, User
-from .selectors import USAGE_SUMMARY_GROUPS, usage_current_month, usage_summary, usage_summary_columns
+from .models import APIKey, AuditEvent, Budget, Membership, Organization, Team, TeamMembership, UsageRecord, User
+from .selectors import (
+    AUDIT_EVENT_CSV_COLUMNS,
+    USAGE_SUMMARY_GROUPS,
+    audit_event_csv_rows,
+    usage_current_month,
+    usage_summary,
+    usage_summary_columns,
+)
 from .serializers import UsageSummaryRowOutputSerializer
 from .services import api_key_revoke
+
+
+class AuditedModelAdmin(admin.ModelAdmin):
+    """A ModelAdmin whose every add, change and delete (and those of audited inlines) writes one audit row.
+
+    The state before is read from the database before the save; the row is written after
+    ``save_related``, so many-to-many changes (a user's groups) are in the same row as the rest.
+    A save that changes nothing writes no row. The actor and IP are the request's
+    (``accounts.audit.AuditRequestMiddleware``).
+    """
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        request._audit_before = AuditState.of_stored(obj) if change else None  # type: ignore[attr-defined]
+        super().save_model(request, obj, form, change)
+
+    def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
+        # ModelAdmin.save_related's steps, with the object's row between its many-to-many fields
+        # (part of its row) and its inlines (rows of their own, after it).
+        form.save_m2m()
+        audit_model_saved(obj=form.instance, before=getattr(request, "_audit_before", None))
+        for formset in formsets:
+            self.save_formset(request, form, formset, change=change)
+
+    def save_formset(self, request: HttpRequest, form: Any, formset: Any, change: bool) -> None:
+        model = formset.model
+        stored = model._default_manager.filter(pk__in=[f.instance.pk for f in formset.initial_forms if f.instance.pk])
+        before = {obj.pk: AuditState(obj) for obj in stored}
+        pks = {id(f.instance): f.instance.pk for f in formset.initial_forms}
+        super().save_formset(request, form, formset, change)
+        for obj in formset.new_objects:
+            audit_model_saved(obj=obj, before=None)
+        for obj, _fields in formset.changed_objects:
+            audit_model_saved(obj=obj, before=before.get(obj.pk))
+        for obj in formset.deleted_objects:
+            pk = pks.get(id(obj))
+            if pk in before:
+                audit_model_deleted(obj=obj, before=before[pk])
+
+    def delete_model(self, request: HttpRequest, obj: Any) -> None:
+        before = AuditState(obj)
+        super().delete_model(request, obj)
+        audit_model_deleted(obj=obj, before=before)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+        # One row per deleted object, as deleting them one by one would write.
+        objects = [(obj, AuditState(obj)) for obj in queryset]
+        super().delete_queryset(request, queryset)
+        for obj, before in objects:
+            audit_model_deleted(obj=obj, before=before)
 
 
 class UserAdminCreationForm(AdminUserCreationForm):
@@ -82,22 +142,31 @@ class TeamAdmin(admin.ModelAdmin):
     inlines = [TeamMembershipInline]
 
 
-class UserMembershipInline(admin.TabularInline):
-    model = Membership
-    extra = 0
-    fields = ("organization", "role", "is_default", "created_at")
-    readonly_fields = ("created_at",)
-
-
 @admin.register(User)
-class UserAdmin(DjangoUserAdmin):
+class UserAdmin(AuditedModelAdmin, DjangoUserAdmin):
     form = UserAdminChangeForm
     add_form = UserAdminCreationForm
-    inlines = [UserMembershipInline]
 
-    def get_inlines(self, request: HttpRequest, obj: User | None) -> list[type[InlineModelAdmin[Any, Any]]]:
-        # Memberships on the change page only: a new user joins the default organization by itself.
-        return list(self.inlines) if obj is not None else []
+    def get_readonly_fields(self, request: HttpRequest, obj: User | None = None) -> tuple[str, ...]:
+        # Memberships are managed on each organization's page; a new user joins the default one.
+        return (*super().get_readonly_fields(request, obj), "organizations") if obj is not None else ()
+
+    def get_fieldsets(self, request: HttpRequest, obj: User | None = None) -> Any:
+        fieldsets = super().get_fieldsets(request, obj)
+        if obj is None:
+            return fieldsets
+        return (*fieldsets, ("Organizations", {"fields": ("organizations",)}))
+
+    @admin.display(description="organizations (role)")
+    def organizations(self, obj: User) -> str:
+        memberships = obj.memberships.select_related("organization").order_by("organization__name")
+        return (
+            ", ".join(
+                f"{m.organization} ({m.get_role_display().lower()}{', default' if m.is_default else ''})"
+                for m in memberships
+            )
+            or "-"
+        )
 
     list_display = ("username", "email", "role", "is_active", "is_staff", "date_joined", "last_login")
     list_filter = ("role", "is_active", "is_staff", "is_superuser")
@@ -118,6 +187,17 @@ class UserAdmin(DjangoUserAdmin):
             },
         ),
     )
+
+    def user_change_password(self, request: HttpRequest, id: str, form_url: str = "") -> HttpResponse:
+        """Django's change-password page; a changed password writes one ``user.updated`` row, masked."""
+        stored = User.objects.filter(pk=id).first() if str(id).isdigit() else None
+        before = AuditState(stored) if stored is not None else None
+        response = super().user_change_password(request, id, form_url)
+        if before is not None and request.method == "POST":
+            after = User.objects.filter(pk=stored.pk).first()  # type: ignore[union-attr]
+            if after is not None:
+                audit_model_saved(obj=after, before=before)  # no row when nothing changed
+        return response
 
 
 @admin.register(APIKey)
@@ -302,7 +382,7 @@ def _with_format_csv(request: HttpRequest) -> str:
 
 
 @admin.register(Budget)
-class BudgetAdmin(admin.ModelAdmin):
+class BudgetAdmin(AuditedModelAdmin):
     """Budgets with their current period's spend, reservations in flight and what remains.
 
     The figures come from the budget counters (``accounts.metering.budgets.budget_usage``): settled
@@ -325,6 +405,11 @@ class BudgetAdmin(admin.ModelAdmin):
     list_filter = ("organization", "subject_kind", "period", "enabled")
     search_fields = ("name", "=subject_id")
     readonly_fields = ("subject", "spent", "reserved", "remaining", "resets_at", "created_at", "updated_at")
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Budget | None = None) -> tuple[str, ...]:
+        # Chosen when the budget is made (default: the default organization); a budget does not move.
+        return (*self.readonly_fields, "organization") if obj is not None else tuple(self.readonly_fields)
+
     fieldsets = (
         (None, {"fields": ("name", "organization", "enabled")}),
         ("Subject", {"fields": ("subject_kind", "subject_id", "subject")}),
@@ -369,3 +454,42 @@ class BudgetAdmin(admin.ModelAdmin):
         if usage is None:
             return "-"
         return "never" if usage.resets_at is None else usage.resets_at.isoformat()
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(admin.ModelAdmin):
+    """The audit log, read-only: filter by action, actor and date; export the selected rows as CSV."""
+
+    list_display = ("created_at", "action", "actor_username", "object_type", "object_id", "object_repr", "ip")
+    list_filter = ("action", ("actor", admin.RelatedOnlyFieldListFilter), "object_type", "created_at")
+    search_fields = ("actor_username", "object_repr", "object_id", "=ip")
+    date_hierarchy = "created_at"
+    fields = (
+        "created_at",
+        "action",
+        "actor",
+        "actor_username",
+        "object_type",
+        "object_id",
+        "object_repr",
+        "ip",
+        "before",
+        "after",
+    )
+    readonly_fields = fields
+    actions = ("export_csv",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: AuditEvent | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: AuditEvent | None = None) -> bool:
+        return False
+
+    @admin.action(description="Export selected audit events as CSV", permissions=["view"])
+    def export_csv(self, request: HttpRequest, queryset: QuerySet[AuditEvent]) -> HttpResponse:
+        """Download the selected events, one CSV row each (``audit_event_csv_rows``), oldest first."""
+        rows = audit_event_csv_rows(queryset.order_by("created_at", "id"))
+        return _csv_download(rows, header=AUDIT_EVENT_CSV_COLUMNS, filename="audit-log.csv")

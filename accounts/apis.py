@@ -39,12 +39,16 @@ from chatbackend.client_ip import request_client_ip
 from chatbackend.pagination import PageNumberPagination
 from chatbackend.renderers import CSVRenderer
 
+from .audit import audit_login_succeeded
 from .authentication import request_principal, request_user
 from .login_throttle import login_locked_out, login_lockout_exception
-from .models import APIKey, Budget, UsageRecord, User
+from .models import APIKey, AuditEvent, Budget, UsageRecord, User
 from .selectors import (
+    AUDIT_EVENT_CSV_COLUMNS,
     USAGE_SUMMARY_GROUPS,
     api_key_list,
+    audit_event_csv_rows,
+    audit_event_list,
     budget_get_for,
     budget_list,
     budget_list_own,
@@ -57,6 +61,7 @@ from .serializers import (
     APIKeyCreateInputSerializer,
     APIKeyCreateOutputSerializer,
     APIKeyOutputSerializer,
+    AuditEventOutputSerializer,
     AuthLogoutInputSerializer,
     AuthTokenObtainInputSerializer,
     AuthTokenPairOutputSerializer,
@@ -193,12 +198,19 @@ class AuthTokenObtainApi(TokenObtainPairView):
     def post(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         # A locked-out username or IP (accounts.login_throttle) is refused before its password is
         # checked; simplejwt reports that as a failed login, which is a 429 here.
+        # A failed login is audited by the user_login_failed signal that authenticate() sends; a
+        # successful one sends none here (simplejwt does not call login()), so it is audited below.
+        serializer = self.get_serializer(data=request.data)
         try:
-            return super().post(request, *args, **kwargs)
+            serializer.is_valid(raise_exception=True)
         except AuthenticationFailed:
             if login_locked_out(request):
                 raise login_lockout_exception() from None
             raise
+        except TokenError as exc:
+            raise InvalidToken(exc.args[0]) from exc
+        audit_login_succeeded(user=serializer.user, request=request)  # type: ignore[attr-defined]
+        return Response(serializer.validated_data, status=status.HTTP_200_OK)
 
 
 class AuthTokenRefreshApi(TokenRefreshView):
@@ -361,22 +373,20 @@ class UsageRecordListApi(ListAPIView):
 _ID_SCHEMA = {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}  # a row id (PostgreSQL bigint)
 
 
-class UsageSummaryApi(APIView):
-    """Sum usage per day, model, user and API key: tokens, cost, requests, refused requests; JSON or CSV.
+class CSVExportMixin:
+    """Answer JSON, or CSV for ``?format=csv`` / ``Accept: text/csv`` (``chatbackend.renderers.CSVRenderer``).
 
-    Members see their own usage; admins everyone's, or one user's with ``?user=<id>``. JSON is
-    paginated (``?page=N``); CSV (``?format=csv`` or ``Accept: text/csv``) is every row of the range
-    in one download, with a header row. Errors are JSON whatever the format asked for.
+    The view sets ``csv_header`` (the columns) before answering CSV. An unknown ``format`` is a 400
+    naming it; errors are JSON whatever the format asked for.
     """
 
-    renderer_classes = (JSONRenderer, BrowsableAPIRenderer, CSVRenderer)
-    pagination_class = PageNumberPagination
+    renderer_classes: Any = (JSONRenderer, BrowsableAPIRenderer, CSVRenderer)
     csv_header: tuple[str, ...] = ()
 
     def perform_content_negotiation(self, request: Request, force: bool = False) -> Any:
         # DRF answers an unknown ?format= with a 404, as if the URL named nothing: it is a bad parameter.
         try:
-            return super().perform_content_negotiation(request, force)
+            return super().perform_content_negotiation(request, force)  # type: ignore[misc]
         except Http404:
             raise serializers.ValidationError({"format": ["Use json or csv."]}) from None
 
@@ -386,10 +396,21 @@ class UsageSummaryApi(APIView):
             getattr(request, "accepted_renderer", None), CSVRenderer
         ):
             request.accepted_renderer, request.accepted_media_type = JSONRenderer(), JSONRenderer.media_type
-        return super().finalize_response(request, response, *args, **kwargs)
+        return super().finalize_response(request, response, *args, **kwargs)  # type: ignore[misc]
 
     def get_renderer_context(self) -> dict[str, Any]:
-        return {**super().get_renderer_context(), "header": self.csv_header}
+        return {**super().get_renderer_context(), "header": self.csv_header}  # type: ignore[misc]
+
+
+class UsageSummaryApi(CSVExportMixin, APIView):
+    """Sum usage per day, model, user and API key: tokens, cost, requests, refused requests; JSON or CSV.
+
+    Members see their own usage; admins everyone's, or one user's with ``?user=<id>``. JSON is
+    paginated (``?page=N``); CSV (``?format=csv`` or ``Accept: text/csv``) is every row of the range
+    in one download, with a header row. Errors are JSON whatever the format asked for.
+    """
+
+    pagination_class = PageNumberPagination
 
     @extend_schema(
         tags=["usage"],
@@ -610,3 +631,72 @@ class BudgetViewSet(
     def mine(self, request: Request) -> Response:
         budgets = budget_list_own(user=request_user(request)).order_by("id")
         return Response(BudgetOutputSerializer(budgets, many=True).data)
+
+
+# --- Audit log ------------------------------------------------------------------------------
+
+
+class AuditEventFilter(django_filters.FilterSet):
+    """``?action=``, ``?actor=<user id>``, ``?actor_username=``, ``?object_type=``, ``?since=``, ``?until=``.
+
+    ``actor_username`` finds failed logins (no actor) by the username tried; ``since`` is inclusive,
+    ``until`` exclusive.
+    """
+
+    action = django_filters.ChoiceFilter(choices=AuditEvent.Action.choices)
+    actor = _WholeNumberFilter(field_name="actor_id")
+    actor_username = django_filters.CharFilter()
+    object_type = django_filters.CharFilter()
+    since = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
+    until = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+
+    class Meta:
+        model = AuditEvent
+        fields = ["action", "actor", "actor_username", "object_type", "since", "until"]
+
+
+@extend_schema(
+    tags=["audit-log"],
+    summary="The audit log, newest first (admins only); JSON, or CSV with ?format=csv",
+    description=(
+        "Security-relevant events: logins and failed logins, API keys created and revoked, changes of "
+        "users' roles, budgets, providers, models, aliases and deployments, each with who (`actor`, "
+        "`actor_username`: for a failed login the username tried), what (`action`, `object_type`, "
+        "`object_id`, `object_repr`), when, from which IP, and the changed fields' values `before` and "
+        "`after` (secrets only as `[set]` / `[changed]`). Filters: `action`, `actor` (a user id), "
+        "`actor_username` (exact; finds failed logins by the username tried), "
+        "`object_type` (e.g. `accounts.budget`), `since` (inclusive) and `until` (exclusive), ISO 8601 "
+        "date-times. `format=csv` (or `Accept: text/csv`) answers every matching event as CSV with a header "
+        "row, unpaginated (`before`/`after` as JSON text). Members get 403."
+    ),
+    parameters=[
+        OpenApiParameter("format", OpenApiTypes.STR, enum=["json", "csv"], description="default json"),
+    ],
+    responses={
+        (200, "application/json"): AuditEventOutputSerializer(many=True),
+        (200, "text/csv"): OpenApiResponse(OpenApiTypes.STR, description="a header row, then one row per event"),
+        **{(code, "application/json"): response for code, response in _errors(400, 401, 403).items()},
+    },
+)
+class AuditEventListApi(CSVExportMixin, ListAPIView):
+    """List audit events for admins, filtered; JSON pages or one CSV download. The log is append-only."""
+
+    serializer_class = AuditEventOutputSerializer
+    filter_backends = (django_filters.rest_framework.DjangoFilterBackend,)
+    filterset_class = AuditEventFilter
+    csv_header = AUDIT_EVENT_CSV_COLUMNS
+
+    def get_queryset(self) -> QuerySet[AuditEvent]:
+        if getattr(self, "swagger_fake_view", False):  # drf-spectacular inspecting the view
+            return AuditEvent.objects.none()
+        actor = request_principal(self.request)
+        return audit_event_list(actor=actor.user, acting=actor.acting)
+
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        if not isinstance(request.accepted_renderer, CSVRenderer):
+            return super().list(request, *args, **kwargs)
+        events = self.filter_queryset(self.get_queryset())
+        return Response(
+            audit_event_csv_rows(events.iterator()),
+            headers={"Content-Disposition": 'attachment; filename="audit-log.csv"'},
+        )

@@ -35,3 +35,7 @@ class AccountsConfig(AppConfig):
         from .revocation import connect_revocation_signals
 
         connect_revocation_signals()
+        # Logins and failed logins (the admin's form, every authenticate()) go to the audit log.
+        from .audit import connect_audit_signals
+
+        connect_audit_signals()

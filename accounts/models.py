@@ -10,6 +10,7 @@ from django.contrib.auth.models import AbstractUser
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
+from django.utils import timezone
 
 from .metering.types import RateLimits
 
@@ -384,3 +385,89 @@ class Budget(models.Model):
             return user.username if user else f"user {self.subject_id} (deleted)"
         key = APIKey.objects.filter(pk=self.subject_id).select_related("user").first()
         return f"{key.name} ({key.prefix}...) of {key.user.username}" if key else f"API key {self.subject_id} (deleted)"
+
+
+class AuditEventQuerySet(models.QuerySet["AuditEvent"]):
+    """Audit rows are append-only: bulk updates and deletes are refused."""
+
+    def update(self, **kwargs: object) -> int:
+        raise TypeError("Audit events are append-only: they cannot be updated.")
+
+    def delete(self) -> tuple[int, dict[str, int]]:
+        raise TypeError("Audit events are append-only: they cannot be deleted.")
+
+
+class AuditEvent(models.Model):
+    """One security-relevant event: who did what to which object, when, from where; append-only.
+
+    Written only by ``accounts.audit`` (``audit_record``). ``actor`` is the user who acted (null for
+    an anonymous failed login or a system task); ``actor_username`` is a snapshot of their username,
+    or the username a failed login tried. ``object_type`` is the object's ``app_label.model_name``
+    (``accounts.apikey``), ``object_id`` its primary key as text. ``before`` / ``after`` are JSON
+    objects of the fields that changed (all audited fields on create and delete); secrets (provider
+    keys, key hashes, passwords) appear only as ``"[set]"``, ``"[changed]"`` or ``""``.
+    ``ip`` is the client as ``chatbackend.client_ip`` decides it.
+    """
+
+    class Action(models.TextChoices):
+        LOGIN_SUCCEEDED = "login.succeeded", "Login succeeded"
+        LOGIN_FAILED = "login.failed", "Login failed"
+        API_KEY_CREATED = "api_key.created", "API key created"
+        API_KEY_REVOKED = "api_key.revoked", "API key revoked"
+        API_KEY_ROTATED = "api_key.rotated", "API key rotated"
+        USER_CREATED = "user.created", "User created"
+        USER_UPDATED = "user.updated", "User changed"
+        USER_ROLE_CHANGED = "user.role_changed", "User role or permissions changed"
+        USER_DELETED = "user.deleted", "User deleted"
+        BUDGET_CREATED = "budget.created", "Budget created"
+        BUDGET_UPDATED = "budget.updated", "Budget changed"
+        BUDGET_DELETED = "budget.deleted", "Budget deleted"
+        PROVIDER_CREATED = "provider.created", "Provider created"
+        PROVIDER_UPDATED = "provider.updated", "Provider changed"
+        PROVIDER_DELETED = "provider.deleted", "Provider deleted"
+        LLM_MODEL_CREATED = "llm_model.created", "Model created"
+        LLM_MODEL_UPDATED = "llm_model.updated", "Model changed"
+        LLM_MODEL_DELETED = "llm_model.deleted", "Model deleted"
+        MODEL_ALIAS_CREATED = "model_alias.created", "Model alias created"
+        MODEL_ALIAS_UPDATED = "model_alias.updated", "Model alias changed"
+        MODEL_ALIAS_DELETED = "model_alias.deleted", "Model alias deleted"
+        DEPLOYMENT_CREATED = "deployment.created", "Deployment created"
+        DEPLOYMENT_UPDATED = "deployment.updated", "Deployment changed"
+        DEPLOYMENT_DELETED = "deployment.deleted", "Deployment deleted"
+
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    action = models.CharField(max_length=32, choices=Action.choices, db_index=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    actor_username = models.CharField(max_length=150, blank=True)
+    organization = models.ForeignKey(Organization, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    object_type = models.CharField(max_length=100, blank=True)
+    object_id = models.CharField(max_length=64, blank=True)
+    object_repr = models.CharField(max_length=200, blank=True)
+    ip = models.GenericIPAddressField(null=True, blank=True)
+    before = models.JSONField(null=True, blank=True)
+    after = models.JSONField(null=True, blank=True)
+
+    objects = AuditEventQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["actor", "created_at"]),
+            models.Index(fields=["object_type", "object_id"]),
+            models.Index(fields=["organization", "created_at"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.action} by {self.actor_username or '-'}"
+
+    def save(self, *args: object, **kwargs: object) -> None:
+        """Insert the event; an event already saved cannot be changed (append-only)."""
+        if not self._state.adding:
+            raise TypeError("Audit events are append-only: they cannot be updated.")
+        super().save(*args, **kwargs)  # type: ignore[arg-type]
+
+    def delete(self, *args: object, **kwargs: object) -> tuple[int, dict[str, int]]:
+        """Refuse: audit events are append-only."""
+        raise TypeError("Audit events are append-only: they cannot be deleted.")

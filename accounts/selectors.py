@@ -1,9 +1,11 @@
-"""Reads for accounts: the organization a request acts in, API key lookup and listing, usage records, users."""
+"""Reads for accounts: the organization a request acts in, API key lookup and listing, usage records,
+users, the audit log."""
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
@@ -17,7 +19,7 @@ from django.utils import timezone
 from chatbackend.errors import ApplicationError, NotFoundError
 
 from .keys import hash_secret
-from .models import APIKey, Budget, Membership, Organization, UsageRecord, User
+from .models import APIKey, AuditEvent, Budget, Membership, Organization, UsageRecord, User
 from .services import api_key_last_used_update
 from .usage import REFUSED
 
@@ -351,3 +353,57 @@ def budget_get_for(*, user: User, budget_id: int) -> Budget:
         return budget_list(user=user).get(pk=budget_id)
     except (Budget.DoesNotExist, ValueError, TypeError):
         raise NotFoundError("Budget not found.", code="budget_not_found") from None
+
+
+# --- Audit log --------------------------------------------------------------------------------
+
+
+def audit_event_list(*, actor: User, acting: ActingOrganization) -> QuerySet[AuditEvent]:
+    """Return the audit events ``actor`` may read, newest first: platform admins (superusers and the
+    ``admin`` role) every event, those of no organization included (a failed login of an unknown
+    name); an admin of the organization the request acts in (``acting``) that organization's.
+
+    Raises ``ApplicationError`` 403 ``permission_denied`` when ``actor`` administers neither.
+    """
+    events = AuditEvent.objects.order_by("-created_at", "-id")
+    if actor.is_admin:
+        return events
+    if not acting.is_admin:
+        raise ApplicationError("Only admins may read the audit log.", code="permission_denied", status=403)
+    return events.filter(organization=acting.organization)
+
+
+# Columns of the audit log's CSV export, in order; ``before`` and ``after`` are JSON text.
+AUDIT_EVENT_CSV_COLUMNS = (
+    "id",
+    "created_at",
+    "action",
+    "actor_id",
+    "actor_username",
+    "object_type",
+    "object_id",
+    "object_repr",
+    "ip",
+    "before",
+    "after",
+)
+
+
+def audit_event_csv_rows(events: Iterable[AuditEvent]) -> list[dict[str, Any]]:
+    """Return one flat dict per event, keyed by ``AUDIT_EVENT_CSV_COLUMNS`` (JSON fields as compact JSON text)."""
+    return [
+        {
+            "id": event.pk,
+            "created_at": event.created_at.isoformat(),
+            "action": event.action,
+            "actor_id": event.actor_id,
+            "actor_username": event.actor_username,
+            "object_type": event.object_type,
+            "object_id": event.object_id,
+            "object_repr": event.object_repr,
+            "ip": event.ip,
+            "before": None if event.before is None else json.dumps(event.before, sort_keys=True),
+            "after": None if event.after is None else json.dumps(event.after, sort_keys=True),
+        }
+        for event in events
+    ]

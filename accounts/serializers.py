@@ -28,7 +28,7 @@ from rest_framework_simplejwt.settings import api_settings as jwt_api_settings
 from chatbackend.fields import BlankableEmailField, StrictCharField
 
 from .metering.budgets import budget_usage
-from .models import APIKey, Budget, UsageRecord, User
+from .models import APIKey, AuditEvent, Budget, UsageRecord, User
 from .revocation import SESSION_CLAIM
 from .selectors import USAGE_SUMMARY_GROUPS, usage_current_month
 
@@ -104,6 +104,30 @@ class UserListOutputSerializer(serializers.ModelSerializer):
     class Meta:
         model = User
         fields = ["id", "username", "email", "role", "is_active", "date_joined", "last_login"]
+        read_only_fields = fields
+
+
+class AuditEventOutputSerializer(serializers.ModelSerializer):
+    """One audit event; ``before`` / ``after``: the changed fields' values (secrets as ``"[set]"``, ``"[changed]"``)."""
+
+    before = serializers.JSONField(read_only=True, allow_null=True)
+    after = serializers.JSONField(read_only=True, allow_null=True)
+
+    class Meta:
+        model = AuditEvent
+        fields = [
+            "id",
+            "created_at",
+            "action",
+            "actor",
+            "actor_username",
+            "object_type",
+            "object_id",
+            "object_repr",
+            "ip",
+            "before",
+            "after",
+        ]
         read_only_fields = fields
 
 

@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from chatbackend.errors import ApplicationError, NotFoundError
 
+from .audit import Action, AuditState, audit_model_changed, audit_model_deleted, audit_record, audit_snapshot
 from .keys import display_prefix, generate_secret, hash_secret
 from .models import APIKey, Budget, Membership, Organization, User
 from .revocation import revocation_announce
@@ -157,16 +158,18 @@ def api_key_create(
     secret = secret or generate_secret()
     if organization is None:
         organization = creator_key.organization if creator_key is not None else Organization.objects.default()
-    api_key = APIKey.objects.create(
-        user=user,
-        organization=organization,
-        name=name,
-        prefix=display_prefix(secret),
-        key_hash=hash_secret(secret),
-        expires_at=expires_at,
-        allowed_models=models,
-        scopes=granted,
-    )
+    with transaction.atomic():
+        api_key = APIKey.objects.create(
+            user=user,
+            organization=organization,
+            name=name,
+            prefix=display_prefix(secret),
+            key_hash=hash_secret(secret),
+            expires_at=expires_at,
+            allowed_models=models,
+            scopes=granted,
+        )
+        audit_record(action=Action.API_KEY_CREATED, obj=api_key, after=audit_snapshot(api_key))
     return CreatedAPIKey(api_key=api_key, secret=secret)
 
 
@@ -176,8 +179,10 @@ def api_key_rotate(*, user: User, api_key_id: int) -> CreatedAPIKey:
     The same row keeps its id, name, restrictions, rate limits and budgets; only ``key_hash`` and
     ``prefix`` change. The old secret is refused at once in every process: the save clears the
     principal caches everywhere (``chatbackend.lookup_cache``), and the connections and replies
-    opened with the key end as on a revocation (``revocation_announce``). Raises ``NotFoundError``
-    (404) for another user's key, ``ApplicationError`` 400 ``api_key_revoked`` for a revoked one.
+    opened with the key end as on a revocation (``revocation_announce``). Audited
+    (``api_key.rotated``: the prefix before and after, never a secret or its hash). Raises
+    ``NotFoundError`` (404) for another user's key, ``ApplicationError`` 400 ``api_key_revoked``
+    for a revoked one.
     """
     secret = generate_secret()
     with transaction.atomic():
@@ -187,9 +192,11 @@ def api_key_rotate(*, user: User, api_key_id: int) -> CreatedAPIKey:
             raise NotFoundError("API key not found.", code="api_key_not_found") from None
         if api_key.revoked_at is not None:
             raise ApplicationError("A revoked API key cannot be rotated; create a new key.", code="api_key_revoked")
+        before = audit_snapshot(api_key)
         api_key.key_hash = hash_secret(secret)
         api_key.prefix = display_prefix(secret)
         api_key.save(update_fields=["key_hash", "prefix"])  # save(): the caches' signal
+        audit_record(action=Action.API_KEY_ROTATED, obj=api_key, before=before, after=audit_snapshot(api_key))
         revocation_announce(api_key_ids=[api_key.pk])
     return CreatedAPIKey(api_key=api_key, secret=secret)
 
@@ -210,8 +217,12 @@ def api_key_revoke(*, user: User, api_key_id: int) -> APIKey:
     except APIKey.DoesNotExist:
         raise NotFoundError("API key not found.", code="api_key_not_found") from None
     if api_key.revoked_at is None:
+        before = AuditState(api_key)
         api_key.revoked_at = timezone.now()
-        api_key.save(update_fields=["revoked_at"])
+        with transaction.atomic():
+            api_key.save(update_fields=["revoked_at"])
+            old, new = before.changes(api_key)
+            audit_record(action=Action.API_KEY_REVOKED, obj=api_key, before=old, after=new)
     return api_key
 
 
@@ -235,7 +246,7 @@ def _budget_admin_only(actor: User) -> None:
         raise ApplicationError("Only admins may manage budgets.", code="permission_denied", status=403)
 
 
-def _budget_save(budget: Budget) -> Budget:
+def _budget_save(budget: Budget, before: AuditState | None, actor: User) -> Budget:
     try:
         budget.full_clean()
     except DjangoValidationError as exc:
@@ -243,7 +254,14 @@ def _budget_save(budget: Budget) -> Budget:
         raise ApplicationError(
             f"{field}: {messages[0]}", code="invalid", param=field, fields=exc.message_dict
         ) from None
-    budget.save()  # save(), not update(): every process's budget cache is cleared (lookup_cache)
+    with transaction.atomic():
+        budget.save()  # save(), not update(): every process's budget cache is cleared (lookup_cache)
+        if before is None:
+            audit_record(action=Action.BUDGET_CREATED, obj=budget, after=audit_snapshot(budget), actor=actor)
+        else:
+            old, new = before.changes(budget)
+            if new:  # a PATCH that changes nothing is no event
+                audit_model_changed(obj=budget, before=old, after=new, actor=actor)
     return budget
 
 
@@ -254,7 +272,7 @@ def budget_create(*, actor: User, **fields: Any) -> Budget:
     the next request of its subject in every process.
     """
     _budget_admin_only(actor)
-    return _budget_save(Budget(**{name: value for name, value in fields.items() if name in BUDGET_FIELDS}))
+    return _budget_save(Budget(**{name: value for name, value in fields.items() if name in BUDGET_FIELDS}), None, actor)
 
 
 def budget_update(*, actor: User, budget: Budget, data: dict[str, Any]) -> Budget:
@@ -264,13 +282,17 @@ def budget_update(*, actor: User, budget: Budget, data: dict[str, Any]) -> Budge
     counting that period's usage rows (the counters are per budget, subject and period).
     """
     _budget_admin_only(actor)
+    before = AuditState(budget)
     for name, value in data.items():
         if name in BUDGET_FIELDS:
             setattr(budget, name, value)
-    return _budget_save(budget)
+    return _budget_save(budget, before, actor)
 
 
 def budget_delete(*, actor: User, budget: Budget) -> None:
     """Delete ``budget``; admins only. Requests in flight settle their reservations on its counter harmlessly."""
     _budget_admin_only(actor)
-    budget.delete()
+    before = AuditState(budget)
+    with transaction.atomic():
+        budget.delete()
+        audit_model_deleted(obj=budget, before=before, actor=actor)

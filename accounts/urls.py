@@ -22,5 +22,6 @@ urlpatterns = [
     path("usage/", apis.UsageRecordListApi.as_view(), name="usage-list"),
     path("usage/summary/", apis.UsageSummaryApi.as_view(), name="usage-summary"),
     path("users/", apis.UserListApi.as_view(), name="user-list"),
+    path("audit-log/", apis.AuditEventListApi.as_view(), name="audit-log"),
     *router.urls,
 ]

@@ -111,6 +111,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Audit rows of this request's writes name its user and client IP (accounts.audit).
+    "accounts.audit.AuditRequestMiddleware",
     # Last, as django-axes asks: turns a lockout flagged during the admin's login into a 429.
     "axes.middleware.AxesMiddleware",
 ]

@@ -3,6 +3,9 @@
 A provider's ``api_key`` is write-only here: the form never renders it, and leaving the field
 blank on edit keeps the stored key. The action "Test connection" (on providers and on models)
 makes a one-token call and reports its latency or the upstream's error, never the key.
+
+Every add, change and delete of a provider, model, alias or deployment writes an audit row
+(``accounts.admin.AuditedModelAdmin``); a provider's key appears there only as set or changed.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from django import forms
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
+
+from accounts.admin import AuditedModelAdmin
 
 from .models import Deployment, LLMModel, ModelAlias, Provider
 from .services import llm_model_connection_test
@@ -79,7 +84,7 @@ class ProviderAdminForm(forms.ModelForm):
 
 
 @admin.register(Provider)
-class ProviderAdmin(admin.ModelAdmin):
+class ProviderAdmin(AuditedModelAdmin):
     form = ProviderAdminForm
     list_display = ("name", "kind", "base_url", "has_api_key", "enabled", "connect_timeout", "read_timeout")
     list_filter = ("kind", "enabled")
@@ -125,7 +130,7 @@ class DeploymentInline(admin.TabularInline):
 
 
 @admin.register(LLMModel)
-class LLMModelAdmin(admin.ModelAdmin):
+class LLMModelAdmin(AuditedModelAdmin):
     list_display = (
         "name",
         "provider",
@@ -155,7 +160,7 @@ class LLMModelAdmin(admin.ModelAdmin):
 
 
 @admin.register(ModelAlias)
-class ModelAliasAdmin(admin.ModelAdmin):
+class ModelAliasAdmin(AuditedModelAdmin):
     """Aliases: other names for models. A name already a model's is refused on the form (``ModelAlias.clean``)."""
 
     list_display = ("name", "model", "enabled", "updated_at")

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 BEFORE = [
-    ("accounts", "0009_apikey_expiry_scopes_models"),
+    ("accounts", "0010_audit_log"),
     ("conversations", "0002_reply_recovery"),
     ("llm", "0008_model_alias"),
 ]

@@ -1,0 +1,330 @@
+"""The audit log: one append-only ``AuditEvent`` row per security-relevant event.
+
+Every audited write goes through ``audit_record``, which decides the actor, the client IP and
+(later) the organization in one place:
+
+- logins: Django's ``user_logged_in`` (the admin's login form) and ``user_login_failed`` (every
+  ``authenticate()``: the admin's form and the JWT login, locked-out attempts included) signals,
+  and ``audit_login_succeeded`` called by the JWT login, which sends no signal on success;
+- API keys: ``accounts.services`` (created, revoked; rotated is one ``audit_record`` call);
+- budgets: ``accounts.services`` (REST) and ``AuditedModelAdmin`` (admin);
+- users, providers, models, aliases and deployments: ``AuditedModelAdmin`` (their only writers
+  besides management commands).
+
+The actor and the IP come from the request being served: ``AuditRequestMiddleware`` keeps it in a
+context variable, so services need no ``request`` parameter. DRF sets the user it authenticated
+(JWT, API key) on the Django request too, so the actor is right for REST calls. Outside a request
+(a management command, a Celery task) the actor is whoever the caller names, or none.
+
+Secrets never reach a row: ``audit_snapshot`` replaces the value of every field in
+``SECRET_FIELDS`` with ``"[set]"`` / ``""`` (before) or ``"[changed]"`` (after).
+
+django-auditlog was considered and not used; the README's "Audit log" section says why.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from decimal import Decimal
+from typing import Any
+
+from django.contrib.auth.signals import user_logged_in, user_login_failed
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import models
+from django.http import HttpRequest, HttpResponse
+
+from chatbackend.client_ip import request_client_ip
+
+from .login_throttle import login_locked_out
+from .models import AuditEvent, Membership, Organization, User
+
+Action = AuditEvent.Action
+
+# Fields whose values never enter an audit row, by model label: only whether they are set / changed.
+SECRET_FIELDS: dict[str, frozenset[str]] = {
+    "accounts.user": frozenset({"password"}),
+    "accounts.apikey": frozenset({"key_hash"}),
+    "llm.provider": frozenset({"api_key"}),
+}
+# Fields left out of snapshots: bookkeeping that changes on its own, not by a decision.
+IGNORED_FIELDS: dict[str, frozenset[str]] = {
+    "accounts.user": frozenset({"last_login", "date_joined"}),
+    "accounts.apikey": frozenset({"last_used_at"}),
+}
+# A user change touching one of these is a role change (``user.role_changed``).
+USER_ROLE_FIELDS = frozenset({"role", "is_active", "is_staff", "is_superuser", "groups", "user_permissions"})
+
+SECRET_SET = "[set]"  # noqa: S105 - the placeholder that replaces a secret, not one
+SECRET_CHANGED = "[changed]"  # noqa: S105
+
+_current_request: ContextVar[HttpRequest | None] = ContextVar("audit_request", default=None)
+
+
+# --- Context: the request being served ----------------------------------------------------------
+
+
+class AuditRequestMiddleware:
+    """Keep the request being served where ``audit_record`` finds its user and client IP.
+
+    Sync only: it sits in ``MIDDLEWARE`` (the admin and the REST API), not in the streaming chain,
+    whose endpoints write no audited change.
+    """
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        with audit_request(request):
+            return self.get_response(request)
+
+
+@contextmanager
+def audit_request(request: Any) -> Iterator[None]:
+    """Make ``request`` (Django's or DRF's) the one whose user and IP audit rows record, inside the block."""
+    token = _current_request.set(request)
+    try:
+        yield
+    finally:
+        _current_request.reset(token)
+
+
+def _request_user(request: Any) -> User | None:
+    user = getattr(request, "user", None) if request is not None else None
+    return user if isinstance(user, User) and user.is_authenticated else None
+
+
+def _valid_ip(address: str) -> str | None:
+    """Return ``address`` when it is an IP address, else None (a Unix socket's peer, a test's placeholder)."""
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return None
+
+
+def audit_organization(*, actor: User | None, obj: models.Model | None) -> int | None:
+    """Return the id of the organization an event belongs to: the one place that decides it.
+
+    The object's organization (a key's, a budget's, a conversation's; an organization itself),
+    else the actor's default organization; None for events of no organization (a failed login of
+    nobody, a change to a provider by an operator with no membership).
+    """
+    if isinstance(obj, Organization):
+        return obj.pk
+    organization_id = getattr(obj, "organization_id", None)
+    if isinstance(organization_id, int):
+        return organization_id
+    if actor is not None and actor.pk is not None:
+        return (
+            Membership.objects.filter(user=actor)
+            .order_by("-is_default", "created_at", "id")
+            .values_list("organization_id", flat=True)
+            .first()
+        )
+    return None
+
+
+# --- Snapshots and diffs ------------------------------------------------------------------------
+
+
+def _label(obj: models.Model) -> str:
+    return obj._meta.label_lower
+
+
+def _fields(obj: models.Model) -> Iterable[models.Field[Any, Any]]:
+    ignored = IGNORED_FIELDS.get(_label(obj), frozenset())
+    for field in obj._meta.concrete_fields:
+        if field.primary_key or field.name in ignored:
+            continue
+        if getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False):
+            continue  # timestamps of the row itself: the event has its own
+        yield field
+
+
+def audit_snapshot(obj: models.Model) -> dict[str, Any]:
+    """Return ``obj``'s audited fields as JSON values: ``{field name: value}``, secrets as ``"[set]"``/``""``.
+
+    Foreign keys are their ids, many-to-many fields sorted lists of ids (once ``obj`` is saved),
+    decimals strings with the field's decimal places, datetimes ISO 8601 to the millisecond
+    (``DjangoJSONEncoder``).
+    """
+    secrets = SECRET_FIELDS.get(_label(obj), frozenset())
+    values: dict[str, Any] = {}
+    for field in _fields(obj):
+        value = field.value_from_object(obj)
+        if field.name in secrets:
+            value = SECRET_SET if value else ""
+        elif isinstance(field, models.DecimalField) and isinstance(value, Decimal) and value.is_finite():
+            # As stored: "7" typed in a form and "7.00000000" read back are one value, not a change.
+            value = value.quantize(Decimal(1).scaleb(-field.decimal_places))
+        values[field.name] = value
+    if obj.pk is not None:
+        for m2m in obj._meta.many_to_many:  # e.g. a user's groups and permissions: ids, sorted
+            values[m2m.name] = sorted(getattr(obj, m2m.name).values_list("pk", flat=True))
+    return json.loads(json.dumps(values, cls=DjangoJSONEncoder))
+
+
+def _secret_fingerprints(obj: models.Model) -> dict[str, Any]:
+    """Return the raw secret values of ``obj``, only to compare them in memory (never stored)."""
+    return {name: getattr(obj, name, None) for name in SECRET_FIELDS.get(_label(obj), ())}
+
+
+class AuditState:
+    """An object's audited state before a change: its snapshot and, in memory only, its secrets."""
+
+    def __init__(self, obj: models.Model) -> None:
+        self.pk = obj.pk
+        self.snapshot = audit_snapshot(obj)
+        self._secrets = _secret_fingerprints(obj)
+
+    @classmethod
+    def of_stored(cls, obj: models.Model) -> AuditState | None:
+        """Return the state of ``obj``'s row as stored (before unsaved edits), or None when it has none."""
+        if obj.pk is None:
+            return None
+        stored = type(obj)._default_manager.filter(pk=obj.pk).first()
+        return None if stored is None else cls(stored)
+
+    def changes(self, obj: models.Model) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Return ``(before, after)``: the fields whose value differs in ``obj`` now (a secret: ``"[changed]"``)."""
+        now = audit_snapshot(obj)
+        before: dict[str, Any] = {}
+        after: dict[str, Any] = {}
+        for name, value in now.items():
+            if self.snapshot.get(name) != value:
+                before[name], after[name] = self.snapshot.get(name), value
+        for name, secret in _secret_fingerprints(obj).items():
+            if secret != self._secrets.get(name):
+                before[name] = self.snapshot.get(name, "")
+                after[name] = SECRET_CHANGED if secret else ""
+        return before, after
+
+
+# --- Recording ----------------------------------------------------------------------------------
+
+
+def audit_record(
+    *,
+    action: str,
+    obj: models.Model | None = None,
+    before: dict[str, Any] | None = None,
+    after: dict[str, Any] | None = None,
+    actor: User | None = None,
+    actor_username: str | None = None,
+    request: Any = None,
+    anonymous: bool = False,
+    object_id: Any = None,
+) -> AuditEvent:
+    """Write one audit row and return it.
+
+    ``action``: an ``AuditEvent.Action``. ``obj``: the object acted on (its type, id and ``str``).
+    ``before`` / ``after``: JSON-ready dicts (``audit_snapshot``, ``AuditState.changes``); the
+    caller masks secrets through them. ``actor``: who acted, by default the user of ``request``,
+    else of the request being served (``AuditRequestMiddleware``); ``actor_username`` defaults to
+    the actor's username. ``request``: Django's or DRF's, by default the request being served;
+    its client IP is recorded (``chatbackend.client_ip``). ``anonymous``: record no actor (a failed
+    login). ``object_id``: ``obj``'s id when it has none any more (deleted).
+    """
+    request = request if request is not None else _current_request.get()
+    if not anonymous:
+        actor = actor or _request_user(request)
+    if actor_username is None:
+        actor_username = actor.get_username() if actor is not None else ""
+    ip = _valid_ip(request_client_ip(request)) if request is not None else None
+    return AuditEvent.objects.create(
+        action=action,
+        actor=actor,
+        actor_username=actor_username[:150],
+        organization_id=audit_organization(actor=actor, obj=obj),
+        object_type=_label(obj) if obj is not None else "",
+        object_id=str(object_id if object_id is not None else getattr(obj, "pk", None) or ""),
+        object_repr=str(obj)[:200] if obj is not None else "",
+        ip=ip,
+        before=before,
+        after=after,
+    )
+
+
+# Audited models, by label: their actions when created, changed, deleted.
+_MODEL_ACTIONS: dict[str, tuple[str, str, str]] = {
+    "accounts.user": (Action.USER_CREATED, Action.USER_UPDATED, Action.USER_DELETED),
+    "accounts.budget": (Action.BUDGET_CREATED, Action.BUDGET_UPDATED, Action.BUDGET_DELETED),
+    "llm.provider": (Action.PROVIDER_CREATED, Action.PROVIDER_UPDATED, Action.PROVIDER_DELETED),
+    "llm.llmmodel": (Action.LLM_MODEL_CREATED, Action.LLM_MODEL_UPDATED, Action.LLM_MODEL_DELETED),
+    "llm.modelalias": (Action.MODEL_ALIAS_CREATED, Action.MODEL_ALIAS_UPDATED, Action.MODEL_ALIAS_DELETED),
+    "llm.deployment": (Action.DEPLOYMENT_CREATED, Action.DEPLOYMENT_UPDATED, Action.DEPLOYMENT_DELETED),
+}
+
+
+def audit_model_saved(*, obj: models.Model, before: AuditState | None) -> AuditEvent | None:
+    """Record that ``obj`` was created (``before`` None) or changed from ``before``; None when nothing changed.
+
+    Raises ``KeyError`` for a model that is not audited (``_MODEL_ACTIONS``).
+    """
+    created, updated, _ = _MODEL_ACTIONS[_label(obj)]
+    if before is None:
+        return audit_record(action=created, obj=obj, after=audit_snapshot(obj))
+    old, new = before.changes(obj)
+    return audit_model_changed(obj=obj, before=old, after=new) if new else None
+
+
+def audit_model_changed(
+    *, obj: models.Model, before: dict[str, Any], after: dict[str, Any], actor: User | None = None
+) -> AuditEvent:
+    """Record the change of ``obj`` from ``before`` to ``after`` (the changed fields only).
+
+    A user change that touches a role or permission field is ``user.role_changed``.
+    """
+    _, updated, _ = _MODEL_ACTIONS[_label(obj)]
+    if isinstance(obj, User) and USER_ROLE_FIELDS & after.keys():
+        updated = Action.USER_ROLE_CHANGED
+    return audit_record(action=updated, obj=obj, before=before, after=after, actor=actor)
+
+
+def audit_model_deleted(*, obj: models.Model, before: AuditState, actor: User | None = None) -> AuditEvent:
+    """Record that ``obj`` (whose state was ``before``) was deleted; call it after the delete."""
+    _, _, deleted = _MODEL_ACTIONS[_label(obj)]
+    return audit_record(action=deleted, obj=obj, before=before.snapshot, actor=actor, object_id=before.pk)
+
+
+# --- Logins -------------------------------------------------------------------------------------
+
+
+def audit_login_succeeded(*, user: User, request: Any) -> AuditEvent:
+    """Record a successful login of ``user`` (the JWT login, the admin's login form)."""
+    return audit_record(action=Action.LOGIN_SUCCEEDED, obj=user, actor=user, request=request)
+
+
+def audit_login_failed(*, username: str, request: Any) -> AuditEvent:
+    """Record a failed login with ``username`` (no actor); ``after.locked_out`` says django-axes refused it."""
+    user = User.objects.filter(username=username).first() if username else None
+    return audit_record(
+        action=Action.LOGIN_FAILED,
+        obj=user,
+        actor_username=username,
+        request=request,
+        anonymous=True,
+        after={"locked_out": login_locked_out(request)},
+    )
+
+
+def _on_user_logged_in(sender: Any, request: Any = None, user: Any = None, **kwargs: Any) -> None:
+    if isinstance(user, User):
+        audit_login_succeeded(user=user, request=request)
+
+
+def _on_user_login_failed(
+    sender: Any, credentials: dict[str, Any] | None = None, request: Any = None, **_: Any
+) -> None:
+    # Django has already masked the password in ``credentials``; only the username is kept.
+    username = str((credentials or {}).get(User.USERNAME_FIELD) or "")
+    audit_login_failed(username=username, request=request)
+
+
+def connect_audit_signals() -> None:
+    """Record logins and failed logins from Django's auth signals (``AccountsConfig.ready``)."""
+    user_logged_in.connect(_on_user_logged_in, dispatch_uid="accounts.audit.user_logged_in")
+    user_login_failed.connect(_on_user_login_failed, dispatch_uid="accounts.audit.user_login_failed")
