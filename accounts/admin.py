@@ -25,6 +25,7 @@ from django.urls import URLPattern, path
 from chatbackend.errors import ApplicationError
 from chatbackend.renderers import CSVRenderer
 
+from .lifecycle.services import user_deactivate, user_reactivate
 from .metering.budgets import BudgetUsage, budget_usage
 from .models import APIKey, Budget, UsageRecord, User
 from .selectors import USAGE_SUMMARY_GROUPS, usage_current_month, usage_summary, usage_summary_columns
@@ -70,6 +71,29 @@ class UserAdmin(DjangoUserAdmin):
             },
         ),
     )
+    actions = ("deactivate_selected", "reactivate_selected")
+
+    def _each(self, request: HttpRequest, queryset: QuerySet[User], service: Callable[..., User], verb: str) -> None:
+        """Apply ``service`` to each selected user as the operator; report what was done and what was refused."""
+        done = 0
+        for user in queryset:
+            try:
+                service(actor=request.user, user_id=user.pk)
+            except ApplicationError as exc:
+                self.message_user(request, f"{user}: {exc.message}", messages.ERROR)
+            else:
+                done += 1
+        self.message_user(request, f"{verb} {done} user(s).", messages.SUCCESS)
+
+    @admin.action(description="Deactivate selected users (their keys and logins stop working)", permissions=["change"])
+    def deactivate_selected(self, request: HttpRequest, queryset: QuerySet[User]) -> None:
+        """Deactivate each selected user through ``user_deactivate``: what they have open closes; their data stays."""
+        self._each(request, queryset.filter(is_active=True), user_deactivate, "Deactivated")
+
+    @admin.action(description="Reactivate selected users", permissions=["change"])
+    def reactivate_selected(self, request: HttpRequest, queryset: QuerySet[User]) -> None:
+        """Reactivate each selected user through ``user_reactivate``."""
+        self._each(request, queryset.filter(is_active=False), user_reactivate, "Reactivated")
 
 
 @admin.register(APIKey)

@@ -30,7 +30,7 @@ from chatbackend.lookup_cache import LookupCache
 from .keys import hash_secret, looks_like_api_key
 from .models import APIKey, User
 from .revocation import SESSION_CLAIM
-from .selectors import AuthenticationFailed, api_key_authenticate
+from .selectors import AuthenticationFailed, api_key_authenticate, user_authentication_check
 from .services import api_key_last_used_update
 
 logger = logging.getLogger(__name__)
@@ -91,8 +91,7 @@ def _jwt_principal(validated: Token) -> Principal:
         user = cast(User, _jwt.get_user(validated))  # AUTH_USER_MODEL is accounts.User
     except (InvalidToken, TokenError, DRFAuthenticationFailed):
         raise AuthenticationFailed("The access token is invalid or expired.", code="token_not_valid") from None
-    if not user.is_active:
-        raise AuthenticationFailed("This account is disabled.", code="user_inactive")
+    user_authentication_check(user=user)
     return Principal(user=user, api_key=None)
 
 
@@ -226,6 +225,8 @@ class APIKeyAuthentication(authentication.BaseAuthentication):
         try:
             api_key = api_key_authenticate(secret=token)
         except AuthenticationFailed as exc:
+            if exc.status != DRFAuthenticationFailed.status_code:  # a 403 (EmailNotVerified) stays one
+                raise
             raise DRFAuthenticationFailed(exc.message, code=exc.code) from None
         return api_key.user, api_key
 
@@ -243,3 +244,9 @@ class JWTAuthentication(_SimpleJWTAuthentication):
             if raw is not None and looks_like_api_key(raw.decode("utf-8", "replace")):
                 return None
         return super().authenticate(request)
+
+    def get_user(self, validated_token: Token) -> User:  # type: ignore[override]  # AUTH_USER_MODEL is User
+        """simplejwt's user lookup (401 for an inactive user), then ``user_authentication_check`` (403 unverified)."""
+        user = cast(User, super().get_user(validated_token))
+        user_authentication_check(user=user)
+        return user
