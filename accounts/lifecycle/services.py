@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import jwt
 from django.conf import settings
 from django.contrib.auth.forms import PasswordChangeForm, PasswordResetForm, SetPasswordForm
 from django.contrib.auth.tokens import default_token_generator
@@ -31,7 +30,7 @@ from rest_framework_simplejwt.token_blacklist.models import BlacklistedToken, Ou
 from chatbackend.errors import ApplicationError, NotFoundError
 
 from ..models import User
-from ..revocation import SESSION_CLAIM, revocation_announce
+from ..revocation import revocation_announce
 
 logger = logging.getLogger(__name__)
 
@@ -73,38 +72,24 @@ def _no_local_password(user: User) -> ApplicationError:
 
 
 def user_sessions_end(*, user: User) -> int:
-    """End every JWT login of ``user``: blacklist its refresh tokens and close its WebSockets.
+    """End every JWT login of ``user``: blacklist its refresh tokens and close its logins' WebSockets.
 
     Each refresh token simplejwt issued to ``user`` and not yet expired (``OutstandingToken``,
-    written for every login and every rotation) is blacklisted, so no login can be refreshed;
-    the WebSockets opened with those logins' access tokens close with 4401 in every process
-    (``accounts.revocation``; the session ids are the tokens' ``sid`` claim). Access tokens are
-    not stored: one already issued still authenticates plain requests until it expires
-    (``JWT_ACCESS_TOKEN_LIFETIME_MINUTES``). API keys are untouched. Returns how many refresh
-    tokens were blacklisted.
+    written for every login and every rotation) is blacklisted, so no login can be refreshed; the
+    WebSockets opened with a JWT of the user close with 4401 in every process
+    (``accounts.revocation``, ``session_user_ids``). Access tokens are not stored: one already
+    issued still authenticates plain requests until it expires (``JWT_ACCESS_TOKEN_LIFETIME_MINUTES``).
+    API keys and what they opened are untouched. Returns how many refresh tokens were blacklisted.
     """
     outstanding = OutstandingToken.objects.filter(
         user=user, expires_at__gt=timezone.now(), blacklistedtoken__isnull=True
     )
-    sessions: set[str] = set()
     count = 0
     for token in outstanding:
         _, created = BlacklistedToken.objects.get_or_create(token=token)
         count += created
-        session_id = _session_of(token.token)
-        if session_id:
-            sessions.add(session_id)
-    revocation_announce(sessions=sessions)
+    revocation_announce(session_user_ids=[user.pk])
     return count
-
-
-def _session_of(raw_token: str) -> str | None:
-    """Return the ``sid`` claim of a stored refresh token, or None (checked when it was issued and used)."""
-    try:
-        session_id = jwt.decode(raw_token, options={"verify_signature": False}).get(SESSION_CLAIM)
-    except jwt.PyJWTError:
-        return None
-    return session_id if isinstance(session_id, str) else None
 
 
 # --- Password change ---------------------------------------------------------------------------
