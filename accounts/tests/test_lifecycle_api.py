@@ -217,6 +217,9 @@ def _uid(user: User) -> str:
         pytest.param(lambda user: {"uid": _uid(user), "token": "wrong-token"}, id="wrong token"),
         pytest.param(lambda user: {"uid": "!!", "token": default_token_generator.make_token(user)}, id="bad uid"),
         pytest.param(
+            lambda user: {"uid": urlsafe_base64_encode(force_bytes(2**64)), "token": "x"}, id="uid out of range"
+        ),
+        pytest.param(
             lambda user: {"uid": _uid(UserFactory()), "token": default_token_generator.make_token(user)},
             id="another user's token",
         ),
@@ -388,6 +391,7 @@ def test_deactivate_is_for_admins_only(client_for, user, other_user, admin_user,
     assert_error(deactivate(client_for(admin_user), admin_user), 400, code="cannot_deactivate_self")
     assert_error(deactivate(client_for(admin_user), superuser), 403, code="permission_denied")
     assert_error(client_for(admin_user).post("/api/users/999999/deactivate/"), 404, code="user_not_found")
+    assert_error(client_for(admin_user).post(f"/api/users/{2**64}/reactivate/"), 404, code="user_not_found")
     assert_error(APIClientNoAuth().post(f"/api/users/{other_user.pk}/deactivate/"), 401)
     assert User.objects.filter(is_active=False).count() == 0
     assert deactivate(client_for(superuser), admin_user).status_code == 200
