@@ -60,7 +60,7 @@ def _form_error(form: Form, names: dict[str, str]) -> ApplicationError:
     )
 
 
-def _no_local_password(user: User) -> ApplicationError:
+def _no_local_password() -> ApplicationError:
     return ApplicationError(
         "This account has no password to change: it signs in another way (API keys, single sign-on).",
         code="password_not_set",
@@ -105,7 +105,7 @@ def password_change(*, user: User, old_password: str, new_password: str) -> User
     working. The caller gets a new login from the interface.
     """
     if not user.has_usable_password():
-        raise _no_local_password(user)
+        raise _no_local_password()
     form = PasswordChangeForm(
         user, data={"old_password": old_password, "new_password1": new_password, "new_password2": new_password}
     )
