@@ -419,3 +419,14 @@ def test_the_admin_actions_deactivate_and_reactivate(admin_site, user, other_use
 
     user.refresh_from_db()
     assert user.is_active
+
+
+def test_a_password_reset_verifies_the_email_it_reached(api_client, verification_required):
+    unverified = UserFactory(email_verified=False)
+    params = {"uid": _uid(unverified), "token": default_token_generator.make_token(unverified)}
+
+    assert api_client.post(CONFIRM, {**params, "new_password": NEW_PASSWORD}).status_code == 204
+
+    unverified.refresh_from_db()
+    assert unverified.email_verified
+    login(api_client, unverified.username, NEW_PASSWORD)
