@@ -30,6 +30,7 @@ from chatbackend.errors import ApplicationError
 from chatbackend.renderers import CSVRenderer
 
 from .audit import AuditState, audit_model_deleted, audit_model_saved
+from .lifecycle.services import user_deactivate, user_reactivate
 from .metering.budgets import BudgetUsage, budget_usage
 from .models import APIKey, AuditEvent, Budget, Membership, Organization, Team, TeamMembership, UsageRecord, User
 from .selectors import (
@@ -169,11 +170,11 @@ class UserAdmin(AuditedModelAdmin, DjangoUserAdmin):
         )
 
     list_display = ("username", "email", "role", "is_active", "is_staff", "date_joined", "last_login")
-    list_filter = ("role", "is_active", "is_staff", "is_superuser")
+    list_filter = ("role", "is_active", "email_verified", "is_staff", "is_superuser")
     # ``role`` decides what the API shows; ``is_staff`` decides who may use this admin site.
     fieldsets = (
         (None, {"fields": ("username", "password")}),
-        ("Personal info", {"fields": ("first_name", "last_name", "email")}),
+        ("Personal info", {"fields": ("first_name", "last_name", "email", "email_verified")}),
         ("Role", {"fields": ("role",)}),
         ("Permissions", {"fields": ("is_active", "is_staff", "is_superuser", "groups", "user_permissions")}),
         ("Important dates", {"fields": ("last_login", "date_joined")}),
@@ -187,6 +188,29 @@ class UserAdmin(AuditedModelAdmin, DjangoUserAdmin):
             },
         ),
     )
+    actions = ("deactivate_selected", "reactivate_selected")
+
+    def _each(self, request: HttpRequest, queryset: QuerySet[User], service: Callable[..., User], verb: str) -> None:
+        """Apply ``service`` to each selected user as the operator; report what was done and what was refused."""
+        done = 0
+        for user in queryset:
+            try:
+                service(actor=request.user, user_id=user.pk)
+            except ApplicationError as exc:
+                self.message_user(request, f"{user}: {exc.message}", messages.ERROR)
+            else:
+                done += 1
+        self.message_user(request, f"{verb} {done} user(s).", messages.SUCCESS)
+
+    @admin.action(description="Deactivate selected users (their keys and logins stop working)", permissions=["change"])
+    def deactivate_selected(self, request: HttpRequest, queryset: QuerySet[User]) -> None:
+        """Deactivate each selected user through ``user_deactivate``: what they have open closes; their data stays."""
+        self._each(request, queryset.filter(is_active=True), user_deactivate, "Deactivated")
+
+    @admin.action(description="Reactivate selected users", permissions=["change"])
+    def reactivate_selected(self, request: HttpRequest, queryset: QuerySet[User]) -> None:
+        """Reactivate each selected user through ``user_reactivate``."""
+        self._each(request, queryset.filter(is_active=False), user_reactivate, "Reactivated")
 
     def user_change_password(self, request: HttpRequest, id: str, form_url: str = "") -> HttpResponse:
         """Django's change-password page; a changed password writes one ``user.updated`` row, masked."""

@@ -191,8 +191,12 @@ class AuthTokenObtainApi(TokenObtainPairView):
     @extend_schema(
         tags=["auth"],
         summary="Log in: exchange username and password for a JWT pair",
+        description=(
+            "401 for a wrong username or password or a deactivated account; 403 `email_not_verified` when "
+            "`EMAIL_VERIFICATION_REQUIRED` is on and the account has not followed its verification link."
+        ),
         request=AuthTokenObtainInputSerializer,
-        responses={200: AuthTokenPairOutputSerializer, **_errors(400, 401, 429)},
+        responses={200: AuthTokenPairOutputSerializer, **_errors(400, 401, 403, 429)},
         auth=[],
     )
     def post(self, request: Request, *args: Any, **kwargs: Any) -> Response:

@@ -37,6 +37,7 @@ from .selectors import (
     acting_organization,
     api_key_authenticate,
     api_key_check_unexpired,
+    user_authentication_check,
 )
 from .services import api_key_last_used_update
 
@@ -113,8 +114,7 @@ def _jwt_principal(validated: Token, organization: str | None) -> Principal:
         user = cast(User, _jwt.get_user(validated))  # AUTH_USER_MODEL is accounts.User
     except (InvalidToken, TokenError, DRFAuthenticationFailed):
         raise AuthenticationFailed("The access token is invalid or expired.", code="token_not_valid") from None
-    if not user.is_active:
-        raise AuthenticationFailed("This account is disabled.", code="user_inactive")
+    user_authentication_check(user=user)
     return Principal(
         user=user, api_key=None, acting=acting_organization(user=user, api_key=None, requested=organization)
     )
@@ -306,6 +306,8 @@ class APIKeyAuthentication(authentication.BaseAuthentication):
         try:
             api_key = api_key_authenticate(secret=token)
         except AuthenticationFailed as exc:
+            if exc.status != DRFAuthenticationFailed.status_code:  # a 403 (EmailNotVerified) stays one
+                raise
             raise _APIKeyAuthenticationFailed(exc) from None
         return api_key.user, api_key
 
@@ -323,3 +325,9 @@ class JWTAuthentication(_SimpleJWTAuthentication):
             if raw is not None and looks_like_api_key(raw.decode("utf-8", "replace")):
                 return None
         return super().authenticate(request)
+
+    def get_user(self, validated_token: Token) -> User:  # type: ignore[override]  # AUTH_USER_MODEL is User
+        """simplejwt's user lookup (401 for an inactive user), then ``user_authentication_check`` (403 unverified)."""
+        user = cast(User, super().get_user(validated_token))
+        user_authentication_check(user=user)
+        return user

@@ -108,7 +108,11 @@ class Team(models.Model):
 
 
 class User(AbstractUser, RateLimited):
-    """A person who chats. ``role`` decides what they may see: admins everything, members their own."""
+    """A person who chats. ``role`` decides what they may see: admins everything, members their own.
+
+    A local password is optional (``set_unusable_password``): API keys work whatever the password,
+    and a single sign-on backend would authenticate such users (README "Single sign-on").
+    """
 
     class Role(models.TextChoices):
         ADMIN = "admin", "Admin"
@@ -116,6 +120,11 @@ class User(AbstractUser, RateLimited):
 
     email = models.EmailField("email address", blank=True)
     role = models.CharField(max_length=16, choices=Role.choices, default=Role.MEMBER)
+    # False only for an account registered while EMAIL_VERIFICATION_REQUIRED was on, until it follows
+    # the link sent to its email (accounts.lifecycle); accounts an operator makes count as verified.
+    email_verified = models.BooleanField(
+        default=True, help_text="False while a self-registered account has not followed its verification link"
+    )
 
     def __str__(self) -> str:
         return self.get_username()

@@ -15,6 +15,8 @@ What matches what:
 - ``sessions``: WebSockets opened with a JWT access token of that login session (the ``sid``
   claim every token pair of one login carries, refreshes included; see
   ``accounts.serializers.AuthTokenObtainInputSerializer``): what logging out ends.
+- ``session_user_ids``: WebSockets opened with a JWT access token of any login session of those
+  users (API keys' untouched): what a new password ends.
 """
 
 from __future__ import annotations
@@ -47,7 +49,11 @@ class _Watch:
 
 
 def revocation_announce(
-    *, api_key_ids: Iterable[int] = (), user_ids: Iterable[int] = (), sessions: Iterable[str] = ()
+    *,
+    api_key_ids: Iterable[int] = (),
+    user_ids: Iterable[int] = (),
+    sessions: Iterable[str] = (),
+    session_user_ids: Iterable[int] = (),
 ) -> None:
     """End, in every process, what the given credentials have open, once the transaction commits.
 
@@ -59,8 +65,9 @@ def revocation_announce(
         "api_key_ids": sorted(set(api_key_ids)),
         "user_ids": sorted(set(user_ids)),
         "sessions": sorted(set(sessions)),
+        "session_user_ids": sorted(set(session_user_ids)),
     }
-    if not (message["api_key_ids"] or message["user_ids"] or message["sessions"]):
+    if not any(message[name] for name in ("api_key_ids", "user_ids", "sessions", "session_user_ids")):
         return
 
     def send() -> None:
@@ -106,11 +113,12 @@ def _on_revoked(message: dict[str, Any]) -> None:
     api_key_ids = set(message.get("api_key_ids") or ())
     user_ids = set(message.get("user_ids") or ())
     sessions = set(message.get("sessions") or ())
+    session_user_ids = set(message.get("session_user_ids") or ())
     for watch in list(watches):
         if (
             watch.user_id in user_ids
             or (watch.api_key_id is not None and watch.api_key_id in api_key_ids)
-            or (watch.session_id is not None and watch.session_id in sessions)
+            or (watch.session_id is not None and (watch.session_id in sessions or watch.user_id in session_user_ids))
         ):
             watch.on_revoked()
 

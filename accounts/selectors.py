@@ -16,7 +16,7 @@ from django.db.models import Count, DecimalField, F, Min, Q, QuerySet, Sum, Valu
 from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
 
-from chatbackend.errors import ApplicationError, NotFoundError
+from chatbackend.errors import ApplicationError, NotFoundError, error_type_for_status
 
 from .keys import hash_secret
 from .models import APIKey, AuditEvent, Budget, Membership, Organization, UsageRecord, User
@@ -114,12 +114,45 @@ def acting_organization(*, user: User, api_key: APIKey | None, requested: str | 
     raise AuthenticationFailed("You are not a member of any organization.", code="invalid_organization")
 
 
+class EmailNotVerified(AuthenticationFailed):
+    """The account must verify its email before it may authenticate (HTTP 403 ``email_not_verified``).
+
+    An ``AuthenticationFailed`` so every authentication path refuses it as a failed credential (a
+    WebSocket closes with 4401), with a 403 where an HTTP status is answered: the credential is
+    right, the account may not use it yet.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Verify your email address first: follow the link sent to it "
+            "(POST /api/auth/email/verify/resend/ sends a new one).",
+            code="email_not_verified",
+        )
+        self.status = 403
+        self.type = error_type_for_status(403)
+
+
+def user_authentication_check(*, user: User) -> None:
+    """Raise unless ``user`` may authenticate, by any credential (password, JWT, API key).
+
+    ``AuthenticationFailed`` (401 ``user_inactive``) for a deactivated account;
+    ``EmailNotVerified`` (403 ``email_not_verified``) for an account that has not verified its
+    email while ``settings.EMAIL_VERIFICATION_REQUIRED`` is on. Nothing else: a local password is
+    not required (API keys, single sign-on).
+    """
+    if not user.is_active:
+        raise AuthenticationFailed("This account is disabled.", code="user_inactive")
+    if settings.EMAIL_VERIFICATION_REQUIRED and not user.email_verified:
+        raise EmailNotVerified()
+
+
 def api_key_authenticate(*, secret: str) -> APIKey:
     """Return the active ``APIKey`` (with its user loaded) whose secret is ``secret``.
 
     Updates ``last_used_at`` at most once per ``API_KEY_LAST_USED_RESOLUTION_SECONDS`` so
     authentication is not a write per request. Raises ``AuthenticationFailed`` for an unknown,
-    revoked or expired key (``api_key_check_unexpired``), or an inactive user. Sync: call through
+    revoked or expired key (``api_key_check_unexpired``), or an inactive user; ``EmailNotVerified``
+    (403) for an unverified one (``user_authentication_check``). Sync: call through
     ``sync_to_async`` from async code.
     """
     try:
@@ -128,10 +161,9 @@ def api_key_authenticate(*, secret: str) -> APIKey:
         raise AuthenticationFailed("Incorrect API key provided.") from None
     if not api_key.is_active:
         raise AuthenticationFailed("This API key has been revoked.", code="api_key_revoked")
+    user_authentication_check(user=api_key.user)
     now = timezone.now()
     api_key_check_unexpired(api_key, now=now)
-    if not api_key.user.is_active:
-        raise AuthenticationFailed("This account is disabled.", code="user_inactive")
     resolution = timedelta(seconds=settings.API_KEY_LAST_USED_RESOLUTION_SECONDS)
     if api_key.last_used_at is None or now - api_key.last_used_at >= resolution:
         api_key_last_used_update(api_key_id=api_key.pk, at=now)

@@ -30,7 +30,7 @@ from chatbackend.fields import BlankableEmailField, StrictCharField
 from .metering.budgets import budget_usage
 from .models import APIKey, AuditEvent, Budget, UsageRecord, User
 from .revocation import SESSION_CLAIM
-from .selectors import USAGE_SUMMARY_GROUPS, usage_current_month
+from .selectors import USAGE_SUMMARY_GROUPS, usage_current_month, user_authentication_check
 
 # --- Errors (documentation only: chatbackend.exception_handlers writes these bodies) ---------
 
@@ -85,7 +85,8 @@ class UserRegisterOutputSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = User
-        fields = ["id", "username", "email", "role"]
+        fields = ["id", "username", "email", "role", "email_verified"]
+        extra_kwargs = {"email_verified": {"help_text": "false: follow the link emailed to you before logging in"}}
         read_only_fields = fields
 
 
@@ -150,6 +151,9 @@ class AuthTokenObtainInputSerializer(TokenObtainPairSerializer):
 
     @classmethod
     def get_token(cls, user: Any) -> Any:
+        # After the password check (so nothing is said about an account without it), before any
+        # token is made: an unverified email is a 403 (accounts.selectors.user_authentication_check).
+        user_authentication_check(user=user)
         token = super().get_token(user)
         token[SESSION_CLAIM] = uuid.uuid4().hex
         return token

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError, transaction
@@ -17,6 +18,7 @@ from chatbackend.errors import ApplicationError, NotFoundError
 
 from .audit import Action, AuditState, audit_model_changed, audit_model_deleted, audit_record, audit_snapshot
 from .keys import display_prefix, generate_secret, hash_secret
+from .lifecycle.services import email_verification_request
 from .models import APIKey, Budget, Membership, Organization, User
 from .revocation import revocation_announce
 
@@ -48,13 +50,22 @@ def membership_join_default_organization(*, user: User) -> Membership:
 def user_register(*, username: str, password: str, email: str = "") -> User:
     """Create a ``member`` user.
 
+    With ``settings.EMAIL_VERIFICATION_REQUIRED`` the ``email`` is required (``ApplicationError``
+    400 naming it) and unverified: a verification link is emailed
+    (``accounts.lifecycle.services.email_verification_request``), and the account may not log in
+    or use keys until it is followed.
+
     Raises Django's ``ValidationError`` for a weak password, and ``ApplicationError`` (400,
     ``param`` and ``fields`` naming ``username``, as the serializer's uniqueness check reports it)
     when the username is taken. Concurrent registrations of one name race past that check; the
     database's unique constraint (the same exact-match rule) lets one insert win and the others
     fail here, inside a savepoint, instead of with an IntegrityError.
     """
-    user = User(username=username, email=email, role=User.Role.MEMBER)
+    verify = settings.EMAIL_VERIFICATION_REQUIRED
+    if verify and not email:
+        message = "An email address is required: this server verifies it before the account may log in."
+        raise ApplicationError(f"email: {message}", code="required", param="email", fields={"email": [message]})
+    user = User(username=username, email=email, role=User.Role.MEMBER, email_verified=not verify)
     validate_password(password, user=user)
     user.set_password(password)
     try:
@@ -69,6 +80,8 @@ def user_register(*, username: str, password: str, email: str = "") -> User:
             param="username",
             fields={"username": [USERNAME_TAKEN_MESSAGE]},
         ) from None
+    if not user.email_verified:
+        email_verification_request(user=user)
     return user
 
 

@@ -9,6 +9,7 @@ import redis.exceptions
 from celery import shared_task
 from django.db import InterfaceError, OperationalError
 
+from .lifecycle.tasks import email_verification_send_task, password_reset_send_task  # noqa: F401 - Celery finds them here
 from .metering.budgets import budget_reconcile, budget_settle_many
 from .models import UsageRecord
 from .usage import UsageEvent, usage_cost, usage_record_many

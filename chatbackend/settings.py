@@ -342,6 +342,56 @@ if AUTH_LOGIN_LOCKOUT_SECONDS < 1:
 # Attempts per client IP, successful or not (DRF throttles, accounts.apis.AuthRateThrottle).
 AUTH_LOGIN_RATE: str = _rate("AUTH_LOGIN_RATE", "30/minute")
 AUTH_REGISTER_RATE: str = _rate("AUTH_REGISTER_RATE", "10/minute")
+# Password change, password reset (request and confirm) and email verification, per client IP.
+AUTH_PASSWORD_RATE: str = _rate("AUTH_PASSWORD_RATE", "10/minute")
+
+# --- Account lifecycle (accounts.lifecycle) -------------------------------------------------
+# Links sent by email point at the client's pages, which POST what the link carries back to the API:
+# PASSWORD_RESET_URL?uid=...&token=... to /api/auth/password/reset/confirm/,
+# EMAIL_VERIFICATION_URL?token=... to /api/auth/email/verify/.
+
+
+def _link_base(name: str, default: str) -> str:
+    """Read the http(s) URL of a client page that emailed links point at."""
+    raw = env.str(name, default=default).strip()
+    if not re.fullmatch(r"https?://[^\s?#]+", raw):
+        _fail(name, raw, "an http(s) URL without a query, such as https://chat.example.com/reset-password")
+    return raw
+
+
+PASSWORD_RESET_URL: str = _link_base("PASSWORD_RESET_URL", "http://localhost:8000/reset-password")
+EMAIL_VERIFICATION_URL: str = _link_base("EMAIL_VERIFICATION_URL", "http://localhost:8000/verify-email")
+# Seconds a password reset link stays valid (Django's PasswordResetTokenGenerator; a use or a
+# login also ends it).
+PASSWORD_RESET_TIMEOUT: int = int(
+    _positive("PASSWORD_RESET_TIMEOUT", _get("PASSWORD_RESET_TIMEOUT", env.int, 3 * 86400, "an integer"))
+)
+# true: a self-registered account must verify its email (the link sent at registration) before it
+# may log in or use API keys (403 email_not_verified). Accounts made by an operator count as verified.
+EMAIL_VERIFICATION_REQUIRED: bool = _bool("EMAIL_VERIFICATION_REQUIRED", False)
+# Seconds an email verification link stays valid.
+EMAIL_VERIFICATION_MAX_AGE_SECONDS: int = int(
+    _positive(
+        "EMAIL_VERIFICATION_MAX_AGE_SECONDS",
+        _get("EMAIL_VERIFICATION_MAX_AGE_SECONDS", env.int, 3 * 86400, "an integer"),
+    )
+)
+
+# --- Email (Django's email backends) ----------------------------------------------------------
+# EMAIL_URL, parsed by django-environ: smtp://user:password@host:25, smtp+tls://...:587,
+# smtps://...:465, consolemail:// (print to stdout: the embedded default), filemail:///path,
+# dummymail://. EMAIL_BACKEND (a dotted path, e.g. an anymail backend) overrides its backend.
+_email = _get("EMAIL_URL", env.email_url, "consolemail://", "an email URL such as smtp+tls://user:password@host:587")
+EMAIL_BACKEND: str = env.str("EMAIL_BACKEND", default=_email["EMAIL_BACKEND"])
+EMAIL_HOST: str = _email.get("EMAIL_HOST") or "localhost"
+EMAIL_PORT: int = _email.get("EMAIL_PORT") or 25
+EMAIL_HOST_USER: str = _email.get("EMAIL_HOST_USER") or ""
+EMAIL_HOST_PASSWORD: str = _email.get("EMAIL_HOST_PASSWORD") or ""
+EMAIL_USE_TLS: bool = bool(_email.get("EMAIL_USE_TLS", False))
+EMAIL_USE_SSL: bool = bool(_email.get("EMAIL_USE_SSL", False))
+EMAIL_FILE_PATH: str = _email.get("EMAIL_FILE_PATH") or ""
+EMAIL_TIMEOUT: float = _seconds("EMAIL_TIMEOUT_SECONDS", 10.0)
+DEFAULT_FROM_EMAIL: str = env.str("DEFAULT_FROM_EMAIL", default="chatbackend <noreply@localhost>")
 
 # django-axes (https://django-axes.readthedocs.io/en/latest/4_configuration.html): failures counted
 # in the "auth_throttle" cache (Redis when configured: one count for every server process), keyed
@@ -396,7 +446,11 @@ REST_FRAMEWORK = {
     # resolved through TRUSTED_PROXY_IPS (DRF's default, None, would believe any X-Forwarded-For).
     "NUM_PROXIES": 0,
     # Registration and login, per client IP (accounts.apis.AuthRateThrottle).
-    "DEFAULT_THROTTLE_RATES": {"auth_login": AUTH_LOGIN_RATE, "auth_register": AUTH_REGISTER_RATE},
+    "DEFAULT_THROTTLE_RATES": {
+        "auth_login": AUTH_LOGIN_RATE,
+        "auth_register": AUTH_REGISTER_RATE,
+        "auth_password": AUTH_PASSWORD_RATE,
+    },
 }
 
 SPECTACULAR_SETTINGS = {

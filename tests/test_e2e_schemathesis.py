@@ -8,9 +8,10 @@ statuses, content types and headers, bodies that match their schema, schema-vali
 accepted and schema-violating ones refused, auth not ignored, deleted resources gone.
 
 Run twice: as a JWT user (an admin, so ``/api/users/`` is reachable) and with a member's API key
-(the ``/v1`` and ``/dashboard`` operations' credential). The server's registration and login
-throttles are raised for the run (``AUTH_REGISTER_RATE``, ``AUTH_LOGIN_RATE``, ``AUTH_LOGIN_FAILURE_LIMIT``),
-so schemathesis reaches the code behind them instead of 429s. The upstream is a simulator that
+(the ``/v1`` and ``/dashboard`` operations' credential). The server's registration, login and
+password throttles are raised for the run (``AUTH_REGISTER_RATE``, ``AUTH_LOGIN_RATE``,
+``AUTH_PASSWORD_RATE``, ``AUTH_LOGIN_FAILURE_LIMIT``), so schemathesis reaches the code behind
+them instead of 429s. The upstream is a simulator that
 answers at once, with the models ``tests/schemathesis.toml`` names, so conversations and chat
 completions get past "no such model".
 
@@ -53,6 +54,7 @@ RUN_SECONDS = 300
 RAISED_THROTTLES = {
     "AUTH_REGISTER_RATE": "100000/minute",
     "AUTH_LOGIN_RATE": "100000/minute",
+    "AUTH_PASSWORD_RATE": "100000/minute",
     "AUTH_LOGIN_FAILURE_LIMIT": "100000",
 }
 OUTPUT_TAIL_CHARS = 20_000

@@ -14,7 +14,7 @@ class Migration(migrations.Migration):
     # After the other apps' latest migrations too: the database before organizations is then one
     # point of the plan, where accounts/tests/test_migration_organizations.py builds it.
     dependencies = [
-        ('accounts', '0010_audit_log'),
+        ('accounts', '0011_user_lifecycle'),
         ('conversations', '0002_reply_recovery'),
         ('llm', '0008_model_alias'),
     ]

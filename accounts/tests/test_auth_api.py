@@ -37,7 +37,7 @@ def test_register_creates_a_member_and_answers_its_public_fields(api_client):
 
     assert response.status_code == 201
     data = response.json()
-    assert set(data) == {"id", "username", "email", "role"}
+    assert set(data) == {"id", "username", "email", "role", "email_verified"}
     assert data["username"] == "alice"
     assert data["email"] == "alice@example.com"
     assert data["role"] == "member"  # a client cannot pick its own role

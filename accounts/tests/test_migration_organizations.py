@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 BEFORE = [
-    ("accounts", "0010_audit_log"),
+    ("accounts", "0011_user_lifecycle"),
     ("conversations", "0002_reply_recovery"),
     ("llm", "0008_model_alias"),
 ]

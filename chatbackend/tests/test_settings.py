@@ -33,6 +33,12 @@ def _start(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ("TRUSTED_PROXY_IPS", "10.0.0.0/33"),
         ("AUTH_LOGIN_FAILURE_LIMIT", "0"),
         ("AUTH_LOGIN_RATE", "many"),
+        ("AUTH_PASSWORD_RATE", "0/minute"),
+        ("EMAIL_URL", "carrier-pigeon://coop"),
+        ("PASSWORD_RESET_URL", "chat.example.com/reset"),
+        ("EMAIL_VERIFICATION_URL", "https://chat.example.com/verify?x=1"),
+        ("PASSWORD_RESET_TIMEOUT", "0"),
+        ("EMAIL_VERIFICATION_REQUIRED", "sometimes"),
     ],
 )
 def test_bad_value_stops_startup_naming_the_variable(name: str, value: str) -> None:
