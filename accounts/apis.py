@@ -40,7 +40,7 @@ from chatbackend.pagination import PageNumberPagination
 from chatbackend.renderers import CSVRenderer
 
 from .audit import audit_login_succeeded
-from .authentication import request_principal, request_user
+from .authentication import request_api_key, request_principal, request_user
 from .login_throttle import login_locked_out, login_lockout_exception
 from .models import APIKey, AuditEvent, Budget, UsageRecord, User
 from .selectors import (
@@ -327,7 +327,7 @@ class APIKeyRevokeApi(APIView):
         },
     )
     def delete(self, request: Request, api_key_id: int) -> Response:
-        api_key_revoke(user=request_user(request), api_key_id=api_key_id)
+        api_key_revoke(user=request_user(request), api_key_id=api_key_id, creator_key=request_api_key(request))
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -349,7 +349,9 @@ class APIKeyRotateApi(APIView):
         responses={200: APIKeyCreateOutputSerializer, **_errors(400, 401, 403, 404)},
     )
     def post(self, request: Request, api_key_id: int) -> Response:
-        rotated = api_key_rotate(user=request_user(request), api_key_id=api_key_id)
+        rotated = api_key_rotate(
+            user=request_user(request), api_key_id=api_key_id, creator_key=request_api_key(request)
+        )
         return Response(APIKeyCreateOutputSerializer(rotated).data)
 
 

@@ -140,6 +140,26 @@ def _api_key_restrictions(
     return expires_at, models, granted if granted is not None else list(APIKey.Scope.values)
 
 
+def _api_key_within(api_key: APIKey, creator_key: APIKey | None) -> None:
+    """Refuse (403) when ``creator_key`` (the key a request authenticated with) may not manage
+    ``api_key``: a key manages only itself and keys no wider than itself (its organization, within
+    its scopes and allowed models, expiring no later), as it may create only such keys."""
+    if creator_key is None or api_key.pk == creator_key.pk:
+        return
+    if api_key.organization_id != creator_key.organization_id:
+        raise _forbidden("An API key may manage only keys of its own organization.")
+    if set(api_key.scopes) - set(creator_key.scopes):
+        raise _forbidden("An API key may manage only keys within its own scopes.")
+    if creator_key.allowed_models and (
+        not api_key.allowed_models or set(api_key.allowed_models) - set(creator_key.allowed_models)
+    ):
+        raise _forbidden("An API key may manage only keys within its own allowed models.")
+    if creator_key.expires_at is not None and (
+        api_key.expires_at is None or api_key.expires_at > creator_key.expires_at
+    ):
+        raise _forbidden("An API key may manage only keys that expire no later than itself.")
+
+
 def api_key_create(
     *,
     user: User,
@@ -186,7 +206,7 @@ def api_key_create(
     return CreatedAPIKey(api_key=api_key, secret=secret)
 
 
-def api_key_rotate(*, user: User, api_key_id: int) -> CreatedAPIKey:
+def api_key_rotate(*, user: User, api_key_id: int, creator_key: APIKey | None = None) -> CreatedAPIKey:
     """Give ``user``'s key ``api_key_id`` a new secret; return it with that secret, shown this once.
 
     The same row keeps its id, name, restrictions, rate limits and budgets; only ``key_hash`` and
@@ -205,6 +225,7 @@ def api_key_rotate(*, user: User, api_key_id: int) -> CreatedAPIKey:
             raise NotFoundError("API key not found.", code="api_key_not_found") from None
         if api_key.revoked_at is not None:
             raise ApplicationError("A revoked API key cannot be rotated; create a new key.", code="api_key_revoked")
+        _api_key_within(api_key, creator_key)
         before = audit_snapshot(api_key)
         api_key.key_hash = hash_secret(secret)
         api_key.prefix = display_prefix(secret)
@@ -223,12 +244,14 @@ def api_key_last_used_update(*, api_key_id: int, at: dt.datetime) -> None:
     APIKey.objects.filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=at), pk=api_key_id).update(last_used_at=at)
 
 
-def api_key_revoke(*, user: User, api_key_id: int) -> APIKey:
-    """Revoke ``user``'s key ``api_key_id`` (idempotent). Raises ``NotFoundError`` for another's key."""
+def api_key_revoke(*, user: User, api_key_id: int, creator_key: APIKey | None = None) -> APIKey:
+    """Revoke ``user``'s key ``api_key_id`` (idempotent). Raises ``NotFoundError`` for another's key,
+    403 ``insufficient_permissions`` when ``creator_key`` (the key the request used) is narrower."""
     try:
         api_key = APIKey.objects.get(pk=api_key_id, user=user)
     except APIKey.DoesNotExist:
         raise NotFoundError("API key not found.", code="api_key_not_found") from None
+    _api_key_within(api_key, creator_key)
     if api_key.revoked_at is None:
         before = AuditState(api_key)
         api_key.revoked_at = timezone.now()

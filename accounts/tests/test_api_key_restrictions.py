@@ -301,3 +301,19 @@ def test_the_migration_gives_existing_keys_every_scope_and_no_restriction():
     finally:
         executor = MigrationExecutor(connection)
         executor.migrate(executor.loader.graph.leaf_nodes())
+
+
+def test_a_key_manages_only_keys_no_wider_than_itself(api_client, user):
+    """A restricted key may not rotate (and so learn) or revoke a wider key of the same user."""
+    narrow = api_key_create(user=user, name="narrow", scopes=["admin"], allowed_models=["cheap"])
+    wide = api_key_create(user=user, name="wide")
+    headers = {"Authorization": f"Bearer {narrow.secret}"}
+
+    rotated = api_client.post(f"/api/api-keys/{wide.api_key.pk}/rotate/", headers=headers)
+    assert rotated.status_code == 403, rotated.content
+    assert "sk-" not in rotated.content.decode()
+    assert api_client.delete(f"/api/api-keys/{wide.api_key.pk}/", headers=headers).status_code == 403
+    # Within its bounds it may: itself, and a key it could have created.
+    same = api_key_create(user=user, name="same", scopes=["admin"], allowed_models=["cheap"])
+    assert api_client.post(f"/api/api-keys/{same.api_key.pk}/rotate/", headers=headers).status_code == 200
+    assert api_client.post(f"/api/api-keys/{narrow.api_key.pk}/rotate/", headers=headers).status_code == 200
