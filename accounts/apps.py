@@ -19,11 +19,12 @@ class AccountsConfig(AppConfig):
         # Every process drops its cached principals when a user or a key changes: a revocation,
         # a deactivation, a role or password change. A login's last_login write changes nothing.
         from .authentication import principal_cache
-        from .models import APIKey, Membership, User
+        from .models import APIKey, Membership, Organization, User
 
         principal_cache.invalidate_on(User, unless_only=["last_login"])
         principal_cache.invalidate_on(APIKey)
         principal_cache.invalidate_on(Membership)
+        principal_cache.invalidate_on(Organization)  # a slug renamed: principals cached under the old one
         # Every new user joins the default organization (single-tenant installations need no more).
         post_save.connect(_join_default_organization, sender=User, dispatch_uid="accounts.join_default_organization")
         # Budgets are cached per process (accounts.metering.budgets): a change reaches every process.

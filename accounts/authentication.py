@@ -261,15 +261,21 @@ def request_principal(request: Request) -> Principal:
     """
     principal = getattr(request, "_chatbackend_principal", None)
     if principal is None:
-        try:
-            principal = principal_for(
-                user=request_user(request),
-                api_key=request_api_key(request),
-                organization=request.headers.get(ORGANIZATION_HEADER) or None,
-            )
-        except AuthenticationFailed as exc:
-            raise DRFAuthenticationFailed(exc.message, code=exc.code) from None
-        request._chatbackend_principal = principal  # type: ignore[attr-defined]
+        principal = _drf_principal(request, request_user(request), request_api_key(request))
+    return principal
+
+
+def _drf_principal(request: Request, user: User, api_key: APIKey | None) -> Principal:
+    """Resolve and keep on ``request`` the principal of a DRF request: what every DRF authentication
+    does once it knows the caller, so that a key whose owner left its organization, or a JWT naming
+    one the user is not a member of, is a 401 on every endpoint, not only those that scope by it."""
+    try:
+        principal = principal_for(
+            user=user, api_key=api_key, organization=request.headers.get(ORGANIZATION_HEADER) or None
+        )
+    except AuthenticationFailed as exc:
+        raise DRFAuthenticationFailed(exc.message, code=exc.code) from None
+    request._chatbackend_principal = principal  # type: ignore[attr-defined]
     return principal
 
 
@@ -309,6 +315,7 @@ class APIKeyAuthentication(authentication.BaseAuthentication):
             if exc.status != DRFAuthenticationFailed.status_code:  # a 403 (EmailNotVerified) stays one
                 raise
             raise _APIKeyAuthenticationFailed(exc) from None
+        _drf_principal(request, api_key.user, api_key)
         return api_key.user, api_key
 
     def authenticate_header(self, request: Request) -> str:
@@ -324,7 +331,10 @@ class JWTAuthentication(_SimpleJWTAuthentication):
             raw = self.get_raw_token(header)
             if raw is not None and looks_like_api_key(raw.decode("utf-8", "replace")):
                 return None
-        return super().authenticate(request)
+        authenticated = super().authenticate(request)
+        if authenticated is not None:
+            _drf_principal(request, cast(User, authenticated[0]), None)
+        return authenticated
 
     def get_user(self, validated_token: Token) -> User:  # type: ignore[override]  # AUTH_USER_MODEL is User
         """simplejwt's user lookup (401 for an inactive user), then ``user_authentication_check`` (403 unverified)."""

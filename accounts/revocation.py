@@ -144,19 +144,29 @@ def _user_deleted(sender: Any, instance: Any, **kwargs: Any) -> None:
     revocation_announce(user_ids=[instance.pk])
 
 
+def _membership_changed(sender: Any, instance: Any, created: bool = False, **kwargs: Any) -> None:
+    # A membership removed or its role changed: the user's open sockets acted with the old one
+    # (their principal is resolved at connect); they end, and reconnect with what holds now.
+    if not created:
+        revocation_announce(user_ids=[instance.user_id])
+
+
 def connect_revocation_signals() -> None:
-    """Announce revocations on model changes: a revoked or deleted key, a deactivated or deleted user.
+    """Announce revocations on model changes: a revoked or deleted key, a deactivated or deleted
+    user, a membership removed or changed.
 
     Called once, from ``AccountsConfig.ready``. (A logout announces its session itself.)
     """
     from django.db.models.signals import post_delete, post_save
 
-    from .models import APIKey, User
+    from .models import APIKey, Membership, User
 
     post_save.connect(_api_key_saved, sender=APIKey, dispatch_uid="accounts.revocation.api_key_saved")
     post_delete.connect(_api_key_deleted, sender=APIKey, dispatch_uid="accounts.revocation.api_key_deleted")
     post_save.connect(_user_saved, sender=User, dispatch_uid="accounts.revocation.user_saved")
     post_delete.connect(_user_deleted, sender=User, dispatch_uid="accounts.revocation.user_deleted")
+    post_save.connect(_membership_changed, sender=Membership, dispatch_uid="accounts.revocation.membership_saved")
+    post_delete.connect(_membership_changed, sender=Membership, dispatch_uid="accounts.revocation.membership_deleted")
 
 
 __all__ = [

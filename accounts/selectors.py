@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -62,6 +63,10 @@ def api_key_check_unexpired(api_key: APIKey, *, now: dt.datetime | None = None) 
 ORGANIZATION_HEADER = "OpenAI-Organization"
 
 
+# What Organization.slug admits (Django's SlugField: validate_slug), at its length.
+_SLUG = re.compile(r"[-a-zA-Z0-9_]{1,64}")
+
+
 @dataclass(frozen=True, slots=True)
 class ActingOrganization:
     """The organization a request acts in and the caller's role in it (``Membership.Role``)."""
@@ -86,6 +91,11 @@ def acting_organization(*, user: User, api_key: APIKey | None, requested: str | 
     Raises ``AuthenticationFailed`` (401) with code ``invalid_organization`` when the caller is not
     a member of the organization named (or of the key's, or of any).
     """
+    if requested is not None and not _SLUG.fullmatch(requested):
+        raise AuthenticationFailed(
+            f"{ORGANIZATION_HEADER}: {requested[:64]!r} is not an organization slug (letters, digits, - and _).",
+            code="invalid_organization",
+        )
     memberships = Membership.objects.filter(user=user).select_related("organization")
     if api_key is not None:
         if requested and requested != api_key.organization.slug:
