@@ -126,7 +126,7 @@ class TeamMembershipInline(admin.TabularInline):
 
 
 @admin.register(Organization)
-class OrganizationAdmin(admin.ModelAdmin):
+class OrganizationAdmin(AuditedModelAdmin):
     list_display = ("name", "slug", "created_at")
     search_fields = ("name", "slug")
     prepopulated_fields = {"slug": ("name",)}
@@ -134,7 +134,7 @@ class OrganizationAdmin(admin.ModelAdmin):
 
 
 @admin.register(Team)
-class TeamAdmin(admin.ModelAdmin):
+class TeamAdmin(AuditedModelAdmin):
     list_display = ("name", "organization", "slug", "created_at")
     list_filter = ("organization",)
     list_select_related = ("organization",)
@@ -485,7 +485,7 @@ class AuditEventAdmin(admin.ModelAdmin):
     """The audit log, read-only: filter by action, actor and date; export the selected rows as CSV."""
 
     list_display = ("created_at", "action", "actor_username", "object_type", "object_id", "object_repr", "ip")
-    list_filter = ("action", ("actor", admin.RelatedOnlyFieldListFilter), "object_type", "created_at")
+    list_filter = ("action", "organization", ("actor", admin.RelatedOnlyFieldListFilter), "object_type", "created_at")
     search_fields = ("actor_username", "object_repr", "object_id", "=ip")
     date_hierarchy = "created_at"
     fields = (
@@ -493,6 +493,7 @@ class AuditEventAdmin(admin.ModelAdmin):
         "action",
         "actor",
         "actor_username",
+        "organization",
         "object_type",
         "object_id",
         "object_repr",

@@ -40,7 +40,7 @@ from django.http import HttpRequest, HttpResponse
 from chatbackend.client_ip import request_client_ip
 
 from .login_throttle import login_locked_out
-from .models import AuditEvent, Membership, Organization, User
+from .models import AuditEvent, Membership, Organization, TeamMembership, User
 
 Action = AuditEvent.Action
 
@@ -108,15 +108,22 @@ def _valid_ip(address: str) -> str | None:
 def audit_organization(*, actor: User | None, obj: models.Model | None) -> int | None:
     """Return the id of the organization an event belongs to: the one place that decides it.
 
-    The object's organization (a key's, a budget's, a conversation's; an organization itself),
-    else the actor's default organization; None for events of no organization (a failed login of
-    nobody, a change to a provider by an operator with no membership).
+    The object's organization (a key's, a budget's, a membership's, a team's; an organization
+    itself); for a user (a login, a change to the account) the user's default organization; None
+    for platform objects (providers, models, aliases, deployments: every organization's) and
+    events of nobody (a failed login of an unknown name); with no object, the actor's default.
     """
     if isinstance(obj, Organization):
         return obj.pk
     organization_id = getattr(obj, "organization_id", None)
     if isinstance(organization_id, int):
         return organization_id
+    if isinstance(obj, TeamMembership):
+        return obj.team.organization_id
+    if isinstance(obj, User):
+        actor = obj
+    elif obj is not None:
+        return None
     if actor is not None and actor.pk is not None:
         return (
             Membership.objects.filter(user=actor)
@@ -256,6 +263,14 @@ _MODEL_ACTIONS: dict[str, tuple[str, str, str]] = {
     "llm.llmmodel": (Action.LLM_MODEL_CREATED, Action.LLM_MODEL_UPDATED, Action.LLM_MODEL_DELETED),
     "llm.modelalias": (Action.MODEL_ALIAS_CREATED, Action.MODEL_ALIAS_UPDATED, Action.MODEL_ALIAS_DELETED),
     "llm.deployment": (Action.DEPLOYMENT_CREATED, Action.DEPLOYMENT_UPDATED, Action.DEPLOYMENT_DELETED),
+    "accounts.organization": (Action.ORGANIZATION_CREATED, Action.ORGANIZATION_UPDATED, Action.ORGANIZATION_DELETED),
+    "accounts.membership": (Action.MEMBERSHIP_CREATED, Action.MEMBERSHIP_UPDATED, Action.MEMBERSHIP_DELETED),
+    "accounts.team": (Action.TEAM_CREATED, Action.TEAM_UPDATED, Action.TEAM_DELETED),
+    "accounts.teammembership": (
+        Action.TEAM_MEMBERSHIP_CREATED,
+        Action.TEAM_MEMBERSHIP_UPDATED,
+        Action.TEAM_MEMBERSHIP_DELETED,
+    ),
 }
 
 

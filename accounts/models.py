@@ -443,6 +443,18 @@ class AuditEvent(models.Model):
         DEPLOYMENT_CREATED = "deployment.created", "Deployment created"
         DEPLOYMENT_UPDATED = "deployment.updated", "Deployment changed"
         DEPLOYMENT_DELETED = "deployment.deleted", "Deployment deleted"
+        ORGANIZATION_CREATED = "organization.created", "Organization created"
+        ORGANIZATION_UPDATED = "organization.updated", "Organization changed"
+        ORGANIZATION_DELETED = "organization.deleted", "Organization deleted"
+        MEMBERSHIP_CREATED = "membership.created", "Member added to an organization"
+        MEMBERSHIP_UPDATED = "membership.updated", "Member's role changed"
+        MEMBERSHIP_DELETED = "membership.deleted", "Member removed from an organization"
+        TEAM_CREATED = "team.created", "Team created"
+        TEAM_UPDATED = "team.updated", "Team changed"
+        TEAM_DELETED = "team.deleted", "Team deleted"
+        TEAM_MEMBERSHIP_CREATED = "team_membership.created", "Member added to a team"
+        TEAM_MEMBERSHIP_UPDATED = "team_membership.updated", "Team membership changed"
+        TEAM_MEMBERSHIP_DELETED = "team_membership.deleted", "Member removed from a team"
 
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     action = models.CharField(max_length=32, choices=Action.choices, db_index=True)

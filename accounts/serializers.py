@@ -122,6 +122,7 @@ class AuditEventOutputSerializer(serializers.ModelSerializer):
             "action",
             "actor",
             "actor_username",
+            "organization",
             "object_type",
             "object_id",
             "object_repr",

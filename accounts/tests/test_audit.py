@@ -216,6 +216,7 @@ def user_change_data(user: User, **overrides: Any) -> dict[str, Any]:
         "email": user.email,
         "role": user.role,
         "is_active": "on",
+        "email_verified": "on" if user.email_verified else None,
         "last_login_0": "",
         "last_login_1": "",
         "date_joined_0": user.date_joined.strftime("%Y-%m-%d"),

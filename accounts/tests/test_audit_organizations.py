@@ -38,3 +38,36 @@ def test_organization_admins_read_their_organizations_events_only(client_for) ->
     assert [row["id"] for row in response.json()["results"]] == [in_acme.pk]
     # Acting in the default organization, where boss is a plain member: refused.
     assert client.get("/api/audit-log/").status_code == 403
+
+
+def test_a_role_changed_on_the_organizations_admin_page_is_one_row(admin_site, superuser) -> None:
+    acme = Organization.objects.create(name="Acme", slug="acme")
+    member = UserFactory()
+    membership = Membership.objects.create(user=member, organization=acme)
+    data = {
+        "name": "Acme",
+        "slug": "acme",
+        "memberships-TOTAL_FORMS": "1",
+        "memberships-INITIAL_FORMS": "1",
+        "memberships-MIN_NUM_FORMS": "0",
+        "memberships-MAX_NUM_FORMS": "1000",
+        "memberships-0-id": str(membership.pk),
+        "memberships-0-organization": str(acme.pk),
+        "memberships-0-user": str(member.pk),
+        "memberships-0-role": "admin",
+    }
+
+    response = admin_site.post(f"/admin/accounts/organization/{acme.pk}/change/", data)
+
+    assert response.status_code == 302, response.content.decode()[:3000]
+    (row,) = AuditEvent.objects.filter(action=Action.MEMBERSHIP_UPDATED)
+    assert (row.actor, row.organization, row.object_id) == (superuser, acme, str(membership.pk))
+    assert (row.before, row.after) == ({"role": "member"}, {"role": "admin"})
+
+
+def test_platform_objects_belong_to_no_organization(superuser) -> None:
+    from tests.factories import ProviderFactory
+
+    provider = ProviderFactory()
+    row = audit_record(action=Action.PROVIDER_UPDATED, actor=superuser, obj=provider)
+    assert row.organization is None

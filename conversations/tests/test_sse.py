@@ -15,6 +15,7 @@ import pytest
 from django.test import AsyncClient
 from httpx_sse import ServerSentEvent, aconnect_sse
 
+from accounts.models import Membership, Organization
 from chatbackend.asyncdb import run_sync
 from conversations.models import Message
 from llm.simulator import reply_text
@@ -344,3 +345,23 @@ async def test_stop_endpoint_stops_a_reply_still_waiting_for_its_first_token(
         sleepy_simulator.astats,
         lambda stats: stats["requests_disconnected"] >= before["requests_disconnected"] + 1,
     )
+
+
+async def test_sse_reply_in_another_organization_is_accounted_to_it(user, sim_model, token):
+    """A reply acting in an organization (``OpenAI-Organization``) writes its usage row to that organization."""
+    acme = await Organization.objects.acreate(name="Acme", slug="acme")
+    await Membership.objects.acreate(user=user, organization=acme)
+    conversation = await run_sync(ConversationFactory, owner=user, model=sim_model, organization=acme)
+
+    response = await AsyncClient().post(
+        url(conversation),
+        data=json.dumps({"content": "hi"}),
+        content_type="application/json",
+        headers={**bearer(token), "Accept": "application/json", "OpenAI-Organization": "acme"},
+    )
+    assert response.status_code == 201, response.content
+    [record] = await usage_records(message_id=response.json()["assistant_message"]["id"])
+    assert record.organization_id == acme.pk
+    # Acting in the default organization, the conversation does not exist.
+    missing = await post(conversation, token, {"content": "hi"}, accept="application/json")
+    assert missing.status_code == 404
