@@ -277,7 +277,8 @@ class APIKeyListCreateApi(ListAPIView):
     api_key_scopes = {"GET": APIKey.Scope.ADMIN, "POST": APIKey.Scope.ADMIN}  # accounts.scopes: managing keys
 
     def get_queryset(self) -> QuerySet[APIKey]:
-        return api_key_list(user=request_user(self.request))
+        actor = request_principal(self.request)
+        return api_key_list(user=actor.user, acting=actor.acting)
 
     @extend_schema(
         tags=["api-keys"],
@@ -365,7 +366,8 @@ class UsageRecordListApi(ListAPIView):
     filter_backends = ()
 
     def get_queryset(self) -> QuerySet[UsageRecord]:
-        return usage_record_list(user=request_user(self.request))
+        actor = request_principal(self.request)
+        return usage_record_list(user=actor.user, acting=actor.acting)
 
     @extend_schema(
         tags=["usage"],
@@ -465,8 +467,10 @@ class UsageSummaryApi(CSVExportMixin, APIView):
         query = UsageSummaryQuerySerializer(data=request.query_params.dict())
         query.is_valid(raise_exception=True)
         params = query.validated_data
+        principal = request_principal(request)
         rows = usage_summary(
-            actor=request_user(request),
+            actor=principal.user,
+            acting=principal.acting,
             start_date=params["start_date"],
             end_date=params["end_date"],
             group_by=params["group_by"],
@@ -496,7 +500,8 @@ class UserListApi(ListAPIView):
     filter_backends = ()
 
     def get_queryset(self) -> QuerySet[User]:
-        return user_list(actor=request_user(self.request))
+        actor = request_principal(self.request)
+        return user_list(actor=actor.user, acting=actor.acting)
 
     @extend_schema(
         tags=["users"],
@@ -612,15 +617,18 @@ class BudgetViewSet(
     def get_queryset(self) -> QuerySet[Budget]:
         if getattr(self, "swagger_fake_view", False):  # drf-spectacular inspecting the view
             return Budget.objects.none()
-        return budget_list(user=request_user(self.request)).order_by("id")
+        actor = request_principal(self.request)
+        return budget_list(user=actor.user, acting=actor.acting).order_by("id")
 
     def get_object(self) -> Budget:
-        return budget_get_for(user=request_user(self.request), budget_id=self.kwargs["pk"])
+        actor = request_principal(self.request)
+        return budget_get_for(user=actor.user, budget_id=self.kwargs["pk"], acting=actor.acting)
 
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         serializer = BudgetCreateInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        budget = budget_create(actor=request_user(request), **serializer.validated_data)
+        actor = request_principal(request)
+        budget = budget_create(actor=actor.user, organization=actor.organization, **serializer.validated_data)
         return Response(BudgetOutputSerializer(budget).data, status=status.HTTP_201_CREATED)
 
     def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:

@@ -40,7 +40,7 @@ from chatbackend.errors import (
 from chatbackend.parsers import JSONParseError, json_loads
 
 from .authentication import Principal, authenticate_token_async, token_from_headers
-from .scopes import api_key_scope_check
+from .scopes import api_key_scope_check, role_scope_check
 from .selectors import ORGANIZATION_HEADER
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ def async_endpoint(
                     token_from_headers(request.headers), request.headers.get(ORGANIZATION_HEADER) or None
                 )
                 api_key_scope_check(principal.api_key, scope, action=f"{request.method} {request.path}")
+                role_scope_check(principal.acting.role, scope, action=f"{request.method} {request.path}")
                 return await view(request, principal, *args, **kwargs)
             except Exception as exc:
                 error = as_application_error(exc)

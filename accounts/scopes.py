@@ -4,7 +4,8 @@ A key's ``scopes`` (``APIKey.Scope``) say what it may do: ``chat`` (inference: `
 completions, messages, responses, conversation replies and writes), ``read`` (GET usage,
 conversations and their history, models, billing, budgets) and ``admin`` (managing API keys and
 budgets). JWT and session callers are not limited by scopes: their role decides
-(``User.is_admin``). A key without the scope an endpoint needs gets a 403 in OpenAI's shape naming
+(``User.is_admin``). An organization's viewers may not use the ``chat`` scope, whatever their
+credential (``role_scope_check``). A key without the scope an endpoint needs gets a 403 in OpenAI's shape naming
 the missing scope, before the view runs.
 
 The async views declare their scope to ``accounts.endpoints.async_endpoint``; DRF views get
@@ -22,7 +23,7 @@ from rest_framework.request import Request
 
 from chatbackend.errors import ApplicationError
 
-from .models import APIKey
+from .models import APIKey, Membership
 
 Scope = APIKey.Scope
 
@@ -45,6 +46,21 @@ def api_key_scope_check(api_key: APIKey | None, scope: str, *, action: str) -> N
     )
 
 
+def role_scope_check(role: str | None, scope: str, *, action: str) -> None:
+    """Refuse the ``chat`` scope to an organization's viewers (``Membership.Role.VIEWER``: read-only),
+    whatever their credential; ``role`` None (no organization resolved: the admin site) passes.
+
+    Raises ``ApplicationError`` 403, code ``insufficient_permissions``. CPU only.
+    """
+    if role == Membership.Role.VIEWER and scope == Scope.CHAT:
+        raise ApplicationError(
+            f"Viewers of an organization may only read; {action} needs the member role.",
+            code="insufficient_permissions",
+            status=403,
+            type="invalid_request_error",
+        )
+
+
 def drf_view_scope(view: Any, method: str) -> str:
     """Return the scope a key needs for ``method`` on DRF ``view``: its ``api_key_scopes``, else the default."""
     scopes: Mapping[str, str] = getattr(view, "api_key_scopes", {})
@@ -61,11 +77,14 @@ class APIKeyScopePermission(BasePermission):
 
     def has_permission(self, request: Request, view: Any) -> bool:
         api_key = request.auth if isinstance(request.auth, APIKey) else None
+        scope = drf_view_scope(view, request.method or "GET")
+        action = f"{request.method} {request.path}"
         if api_key is not None:
-            api_key_scope_check(
-                api_key, drf_view_scope(view, request.method or "GET"), action=f"{request.method} {request.path}"
-            )
+            api_key_scope_check(api_key, scope, action=action)
+        # The principal the DRF authentications resolved (accounts.authentication): its role.
+        principal = getattr(request, "_chatbackend_principal", None)
+        role_scope_check(principal.acting.role if principal is not None else None, scope, action=action)
         return True
 
 
-__all__ = ["APIKeyScopePermission", "Scope", "api_key_scope_check", "drf_view_scope"]
+__all__ = ["APIKeyScopePermission", "Scope", "api_key_scope_check", "drf_view_scope", "role_scope_check"]

@@ -181,15 +181,32 @@ def api_key_authenticate(*, secret: str) -> APIKey:
     return api_key
 
 
-def api_key_list(*, user: User) -> QuerySet[APIKey]:
-    """Return ``user``'s API keys, newest first (revoked ones included, marked by ``revoked_at``)."""
-    return APIKey.objects.filter(user=user)
+def _in_organization(objects: QuerySet[Any], *, actor: User, acting: ActingOrganization | None) -> QuerySet[Any]:
+    """Return ``objects`` of the organization a request acts in (``acting``); all of them for the
+    platform superuser, or when no organization applies (``acting`` None: the Django admin)."""
+    if acting is None or actor.is_superuser:
+        return objects
+    return objects.filter(organization=acting.organization)
 
 
-def usage_record_list(*, user: User) -> QuerySet[UsageRecord]:
-    """Return the usage records ``user`` may see, newest first: admins everyone's, members their own."""
+def _administers(actor: User, acting: ActingOrganization | None) -> bool:
+    """Return True when ``actor`` administers what it sees: the organization it acts in (owner,
+    admin), or everything (the platform superuser, the ``admin`` role)."""
+    return actor.is_admin or (acting is not None and acting.is_admin)
+
+
+def api_key_list(*, user: User, acting: ActingOrganization | None = None) -> QuerySet[APIKey]:
+    """Return ``user``'s API keys (of the organization the request acts in, ``acting``), newest first;
+    revoked ones included, marked by ``revoked_at``."""
+    return _in_organization(APIKey.objects.filter(user=user), actor=user, acting=acting)
+
+
+def usage_record_list(*, user: User, acting: ActingOrganization | None = None) -> QuerySet[UsageRecord]:
+    """Return the usage records ``user`` may see, newest first, in the organization the request acts
+    in (``acting``): its admins everyone's there, members their own."""
     records = UsageRecord.objects.select_related("api_key", "user").order_by("-created_at", "-id")
-    return records if user.is_admin else records.filter(user=user)
+    records = _in_organization(records, actor=user, acting=acting)
+    return records if _administers(user, acting) else records.filter(user=user)
 
 
 def usage_cost_total(*, user: User, start_date: dt.date, end_date: dt.date) -> Decimal:
@@ -293,12 +310,14 @@ def usage_summary(
     user_id: int | None = None,
     api_key_id: int | None = None,
     model_name: str | None = None,
+    acting: ActingOrganization | None = None,
 ) -> QuerySet[Any, dict[str, Any]] | list[dict[str, Any]]:
     """Return usage summed per group: one dict per (day, model, user, API key) that ``group_by`` names.
 
     ``actor`` sees their own records; an admin sees everyone's and may pick one user with
-    ``user_id``. ``actor`` None: everyone's, for an interface that checked its own permission
-    (the Django admin's ``view_usagerecord``). The range is ``start_date`` (inclusive) to
+    ``user_id``; both within the organization the request acts in (``acting``; the platform
+    superuser: every organization's). ``actor`` None: everyone's, for an interface that checked
+    its own permission (the Django admin's ``view_usagerecord``). The range is ``start_date`` (inclusive) to
     ``end_date`` (exclusive), days in ``settings.TIME_ZONE``; ``group_by`` is a subset of
     ``USAGE_SUMMARY_GROUPS`` (empty: one row of totals, present even when nothing was used).
     ``api_key_id`` and ``model_name`` narrow the records further.
@@ -334,7 +353,7 @@ def usage_summary(
             code="invalid",
             param="end_date",
         )
-    if actor is not None and not actor.is_admin:
+    if actor is not None and not _administers(actor, acting):
         if user_id is not None and user_id != actor.pk:
             raise ApplicationError(
                 "Members may see only their own usage.", code="permission_denied", status=403, param="user"
@@ -345,6 +364,8 @@ def usage_summary(
         created_at__gte=dt.datetime.combine(start_date, dt.time.min, tzinfo=tz),
         created_at__lt=dt.datetime.combine(end_date, dt.time.min, tzinfo=tz),
     )
+    if actor is not None:
+        records = _in_organization(records, actor=actor, acting=acting)
     if user_id is not None:
         records = records.filter(user_id=user_id)
     if api_key_id is not None:
@@ -365,14 +386,18 @@ def usage_summary(
     return rows.order_by(*keys)
 
 
-def user_list(*, actor: User) -> QuerySet[User]:
-    """Return every user, oldest first, for an admin ``actor``.
+def user_list(*, actor: User, acting: ActingOrganization | None = None) -> QuerySet[User]:
+    """Return the users an admin ``actor`` may list, oldest first: the members of the organization
+    the request acts in (``acting``); every user for the platform superuser.
 
     Raises ``ApplicationError`` 403 ``permission_denied`` when ``actor`` is not an admin.
     """
-    if actor is not None and not actor.is_admin:
+    if actor is not None and not _administers(actor, acting):
         raise ApplicationError("Only admins may list users.", code="permission_denied", status=403)
-    return User.objects.order_by("date_joined", "id")
+    users = User.objects.order_by("date_joined", "id")
+    if acting is None or actor.is_superuser:
+        return users
+    return users.filter(memberships__organization=acting.organization)
 
 
 def budget_list_own(*, user: User) -> QuerySet[Budget]:
@@ -384,15 +409,17 @@ def budget_list_own(*, user: User) -> QuerySet[Budget]:
     )
 
 
-def budget_list(*, user: User) -> QuerySet[Budget]:
-    """Return the budgets ``user`` may see: every budget for admins, their own (``budget_list_own``) for members."""
-    return Budget.objects.all() if user.is_admin else budget_list_own(user=user)
+def budget_list(*, user: User, acting: ActingOrganization | None = None) -> QuerySet[Budget]:
+    """Return the budgets ``user`` may see in the organization the request acts in (``acting``):
+    every budget there for its admins, their own (``budget_list_own``) for members."""
+    budgets = Budget.objects.all() if _administers(user, acting) else budget_list_own(user=user)
+    return _in_organization(budgets, actor=user, acting=acting)
 
 
-def budget_get_for(*, user: User, budget_id: int) -> Budget:
+def budget_get_for(*, user: User, budget_id: int, acting: ActingOrganization | None = None) -> Budget:
     """Return budget ``budget_id`` if ``user`` may see it; raises ``NotFoundError`` (404) otherwise."""
     try:
-        return budget_list(user=user).get(pk=budget_id)
+        return budget_list(user=user, acting=acting).get(pk=budget_id)
     except (Budget.DoesNotExist, ValueError, TypeError):
         raise NotFoundError("Budget not found.", code="budget_not_found") from None
 

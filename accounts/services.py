@@ -301,14 +301,18 @@ def _budget_save(budget: Budget, before: AuditState | None, actor: User) -> Budg
     return budget
 
 
-def budget_create(*, actor: User, **fields: Any) -> Budget:
-    """Create a budget from ``BUDGET_FIELDS``; admins only (403 ``permission_denied`` otherwise).
+def budget_create(*, actor: User, organization: Organization | None = None, **fields: Any) -> Budget:
+    """Create a budget from ``BUDGET_FIELDS`` in ``organization`` (None: the default organization);
+    admins only (403 ``permission_denied`` otherwise).
 
     Raises ``ApplicationError`` 400 naming the field when the subject does not exist. It applies to
     the next request of its subject in every process.
     """
     _budget_admin_only(actor)
-    return _budget_save(Budget(**{name: value for name, value in fields.items() if name in BUDGET_FIELDS}), None, actor)
+    budget = Budget(**{name: value for name, value in fields.items() if name in BUDGET_FIELDS})
+    if organization is not None:
+        budget.organization = organization
+    return _budget_save(budget, None, actor)
 
 
 def budget_update(*, actor: User, budget: Budget, data: dict[str, Any]) -> Budget:

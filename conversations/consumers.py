@@ -25,7 +25,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from accounts.models import APIKey
 from accounts.revocation import watch_credential
-from accounts.scopes import api_key_scope_check
+from accounts.scopes import api_key_scope_check, role_scope_check
 from accounts.selectors import AuthenticationFailed, api_key_check_unexpired
 from accounts.websocket import BEARER_SUBPROTOCOL_PREFIX
 from chatbackend.asyncdb import run_sync
@@ -90,9 +90,16 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
         self._watch.__enter__()
 
     def _may_chat(self) -> bool:
-        """Return False for an API key without the ``chat`` scope (``accounts.scopes``): the socket only chats."""
+        """Return False for an API key without the ``chat`` scope, or an organization's viewer
+        (``accounts.scopes``): the socket only chats."""
         try:
             api_key_scope_check(self.scope.get("api_key"), APIKey.Scope.CHAT, action="a conversation WebSocket")
+            principal = self.scope.get("principal")
+            role_scope_check(
+                principal.acting.role if principal is not None else None,
+                APIKey.Scope.CHAT,
+                action="a conversation WebSocket",
+            )
         except ApplicationError:
             return False
         return True
