@@ -683,8 +683,25 @@ class AuditEventFilter(django_filters.FilterSet):
         "date-times. `format=csv` (or `Accept: text/csv`) answers every matching event as CSV with a header "
         "row, unpaginated (`before`/`after` as JSON text). Members get 403."
     ),
+    # django-filter reads an empty value as no filter, so the enums and the date-times admit "" (as the
+    # server does).
     parameters=[
         OpenApiParameter("format", OpenApiTypes.STR, enum=["json", "csv"], description="default json"),
+        OpenApiParameter(
+            "action",
+            OpenApiTypes.STR,
+            enum=[*AuditEvent.Action.values, ""],
+            description="Only this action (empty: any).",
+        ),
+        OpenApiParameter("actor", OpenApiTypes.INT, description="Only events of this user id."),
+        *(
+            OpenApiParameter(
+                name,
+                {"oneOf": [{"type": "string", "format": "date-time"}, {"type": "string", "enum": [""]}]},
+                description=f"ISO 8601 date-time, {bound} (empty: no bound).",
+            )
+            for name, bound in (("since", "inclusive"), ("until", "exclusive"))
+        ),
     ],
     responses={
         (200, "application/json"): AuditEventOutputSerializer(many=True),
