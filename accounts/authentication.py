@@ -35,6 +35,7 @@ from .selectors import (
     ActingOrganization,
     AuthenticationFailed,
     acting_organization,
+    administers,
     api_key_authenticate,
     api_key_check_unexpired,
     user_authentication_check,
@@ -64,7 +65,7 @@ class Principal:
     def is_admin(self) -> bool:
         """Return True when the caller administers the organization it acts in (owner, admin, the
         platform superuser), or has the platform-wide ``admin`` role."""
-        return self.acting.is_admin or self.user.is_admin
+        return administers(self.user, self.acting)
 
 
 def token_from_headers(headers: Mapping[str, str]) -> str | None:

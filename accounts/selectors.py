@@ -189,7 +189,7 @@ def _in_organization(objects: QuerySet[Any], *, actor: User, acting: ActingOrgan
     return objects.filter(organization=acting.organization)
 
 
-def _administers(actor: User, acting: ActingOrganization | None) -> bool:
+def administers(actor: User, acting: ActingOrganization | None) -> bool:
     """Return True when ``actor`` administers what it sees: the organization it acts in (owner,
     admin), or everything (the platform superuser, the ``admin`` role)."""
     return actor.is_admin or (acting is not None and acting.is_admin)
@@ -206,7 +206,7 @@ def usage_record_list(*, user: User, acting: ActingOrganization | None = None) -
     in (``acting``): its admins everyone's there, members their own."""
     records = UsageRecord.objects.select_related("api_key", "user").order_by("-created_at", "-id")
     records = _in_organization(records, actor=user, acting=acting)
-    return records if _administers(user, acting) else records.filter(user=user)
+    return records if administers(user, acting) else records.filter(user=user)
 
 
 def usage_cost_total(*, user: User, start_date: dt.date, end_date: dt.date) -> Decimal:
@@ -353,7 +353,7 @@ def usage_summary(
             code="invalid",
             param="end_date",
         )
-    if actor is not None and not _administers(actor, acting):
+    if actor is not None and not administers(actor, acting):
         if user_id is not None and user_id != actor.pk:
             raise ApplicationError(
                 "Members may see only their own usage.", code="permission_denied", status=403, param="user"
@@ -392,7 +392,7 @@ def user_list(*, actor: User, acting: ActingOrganization | None = None) -> Query
 
     Raises ``ApplicationError`` 403 ``permission_denied`` when ``actor`` is not an admin.
     """
-    if actor is not None and not _administers(actor, acting):
+    if actor is not None and not administers(actor, acting):
         raise ApplicationError("Only admins may list users.", code="permission_denied", status=403)
     users = User.objects.order_by("date_joined", "id")
     if acting is None or actor.is_superuser:
@@ -412,7 +412,7 @@ def budget_list_own(*, user: User) -> QuerySet[Budget]:
 def budget_list(*, user: User, acting: ActingOrganization | None = None) -> QuerySet[Budget]:
     """Return the budgets ``user`` may see in the organization the request acts in (``acting``):
     every budget there for its admins, their own (``budget_list_own``) for members."""
-    budgets = Budget.objects.all() if _administers(user, acting) else budget_list_own(user=user)
+    budgets = Budget.objects.all() if administers(user, acting) else budget_list_own(user=user)
     return _in_organization(budgets, actor=user, acting=acting)
 
 

@@ -23,24 +23,20 @@ from .selectors import ORGANIZATION_HEADER, AuthenticationFailed
 BEARER_SUBPROTOCOL_PREFIX = "bearer."
 
 
-def _organization_from_scope(scope: dict[str, Any]) -> str | None:
+def _credentials_from_scope(scope: dict[str, Any]) -> tuple[str | None, str | None]:
+    """Return the connection's ``(token, organization slug named)``, each None when absent."""
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-    return headers.get(ORGANIZATION_HEADER.lower()) or (query.get("organization") or [""])[0] or None
-
-
-def _token_from_scope(scope: dict[str, Any]) -> str | None:
-    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+    organization = headers.get(ORGANIZATION_HEADER.lower()) or (query.get("organization") or [""])[0] or None
     token = token_from_headers(headers)
-    if token:
-        return token
-    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-    if query.get("token"):
-        return query["token"][0]
-    for protocol in scope.get("subprotocols", []):
-        if protocol.startswith(BEARER_SUBPROTOCOL_PREFIX):
-            return protocol[len(BEARER_SUBPROTOCOL_PREFIX) :]
-    return None
+    if not token and query.get("token"):
+        token = query["token"][0]
+    if not token:
+        for protocol in scope.get("subprotocols", []):
+            if protocol.startswith(BEARER_SUBPROTOCOL_PREFIX):
+                token = protocol[len(BEARER_SUBPROTOCOL_PREFIX) :]
+                break
+    return token or None, organization
 
 
 class TokenAuthMiddleware(BaseMiddleware):
@@ -48,9 +44,9 @@ class TokenAuthMiddleware(BaseMiddleware):
 
     async def __call__(self, scope, receive, send):  # noqa: ANN001, ANN204 - ASGI signature
         scope = dict(scope)
-        token = _token_from_scope(scope)
+        token, organization = _credentials_from_scope(scope)
         try:
-            principal = await authenticate_token_async(token, _organization_from_scope(scope))
+            principal = await authenticate_token_async(token, organization)
         except AuthenticationFailed as exc:
             scope.update(user=AnonymousUser(), api_key=None, principal=None, session_id=None, auth_error=exc)
         else:
