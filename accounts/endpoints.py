@@ -40,7 +40,7 @@ from chatbackend.errors import (
 from chatbackend.parsers import JSONParseError, json_loads
 
 from .authentication import Principal, authenticate_token_async, token_from_headers
-from .scopes import api_key_scope_check, role_scope_check
+from .scopes import ScopeNeed, api_key_scope_check, role_scope_check
 from .selectors import ORGANIZATION_HEADER
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ ErrorRenderer = Callable[[ApplicationError], HttpResponseBase]
 
 
 def async_endpoint(
-    *methods: str, scope: str, errors: ErrorRenderer = error_response
+    *methods: str, scope: ScopeNeed, errors: ErrorRenderer = error_response
 ) -> Callable[[AuthenticatedView[Params]], View]:
     """Make ``view(request, principal, *args, **kwargs)`` an authenticated endpoint answering ``methods``.
 

@@ -249,8 +249,10 @@ class APIKey(RateLimited):
         return self.expires_at is not None and self.expires_at <= now
 
     def has_scope(self, scope: str) -> bool:
-        """Return True when ``scope`` (an ``APIKey.Scope`` value) is among the key's ``scopes``."""
-        return scope in self.scopes
+        """Return True when ``scope`` (an ``APIKey.Scope`` value) is among the key's ``scopes``; ``admin``
+        includes ``read`` (managing keys and budgets means seeing them, as OpenAI's write permissions
+        include read)."""
+        return scope in self.scopes or (scope == self.Scope.READ and self.Scope.ADMIN in self.scopes)
 
     def allows_model(self, *names: str) -> bool:
         """Return True when the allowlist is empty or holds any of ``names`` (the name sent, its target's)."""

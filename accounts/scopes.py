@@ -3,7 +3,8 @@
 A key's ``scopes`` (``APIKey.Scope``) say what it may do: ``chat`` (inference: ``/v1`` chat
 completions, messages, responses, conversation replies and writes), ``read`` (GET usage,
 conversations and their history, models, billing, budgets) and ``admin`` (managing API keys and
-budgets). JWT and session callers are not limited by scopes: their role decides
+budgets, which includes reading them: ``APIKey.has_scope``). Listing models needs ``read`` or
+``chat`` (``MODELS_SCOPE``). JWT and session callers are not limited by scopes: their role decides
 (``User.is_admin``). An organization's viewers may not use the ``chat`` scope, whatever their
 credential (``role_scope_check``). A key without the scope an endpoint needs gets a 403 in OpenAI's shape naming
 the missing scope, before the view runs.
@@ -28,17 +29,27 @@ from .models import APIKey, Membership
 Scope = APIKey.Scope
 
 
-def api_key_scope_check(api_key: APIKey | None, scope: str, *, action: str) -> None:
-    """Refuse ``api_key`` unless it holds ``scope``; None (a JWT or session caller) always passes.
+# What an endpoint needs: one scope, or any of several.
+ScopeNeed = str | tuple[str, ...]
+# Listing models: a key that may chat may list what it can chat with (clients do, before chatting),
+# and so may a key that reads.
+MODELS_SCOPE: ScopeNeed = (Scope.READ, Scope.CHAT)
+
+
+def api_key_scope_check(api_key: APIKey | None, scope: ScopeNeed, *, action: str) -> None:
+    """Refuse ``api_key`` unless it holds ``scope`` (any of them, for a tuple; ``APIKey.has_scope``);
+    None (a JWT or session caller) always passes.
 
     ``action``: what was asked, for the message (e.g. ``POST /v1/chat/completions``). Raises
     ``ApplicationError`` 403, type ``invalid_request_error``, code ``insufficient_permissions``,
     whose message names the missing scope. CPU only, fine on the event loop.
     """
-    if api_key is None or api_key.has_scope(scope):
+    needed = (scope,) if isinstance(scope, str) else scope
+    if api_key is None or any(api_key.has_scope(one) for one in needed):
         return
+    named = " or ".join(f"'{one}'" for one in needed)
     raise ApplicationError(
-        f"This API key lacks the '{scope}' scope, which {action} requires. Missing scopes: {scope}. "
+        f"This API key lacks the {named} scope, which {action} requires. Missing scopes: {', '.join(needed)}. "
         "Create a key with that scope, or use one that has it.",
         code="insufficient_permissions",
         status=403,
@@ -46,7 +57,7 @@ def api_key_scope_check(api_key: APIKey | None, scope: str, *, action: str) -> N
     )
 
 
-def role_scope_check(role: str | None, scope: str, *, action: str) -> None:
+def role_scope_check(role: str | None, scope: ScopeNeed, *, action: str) -> None:
     """Refuse the ``chat`` scope to an organization's viewers (``Membership.Role.VIEWER``: read-only),
     whatever their credential; ``role`` None (no organization resolved: the admin site) passes.
 
@@ -61,9 +72,9 @@ def role_scope_check(role: str | None, scope: str, *, action: str) -> None:
         )
 
 
-def drf_view_scope(view: Any, method: str) -> str:
+def drf_view_scope(view: Any, method: str) -> ScopeNeed:
     """Return the scope a key needs for ``method`` on DRF ``view``: its ``api_key_scopes``, else the default."""
-    scopes: Mapping[str, str] = getattr(view, "api_key_scopes", {})
+    scopes: Mapping[str, ScopeNeed] = getattr(view, "api_key_scopes", {})
     if method in scopes:
         return scopes[method]
     return Scope.READ if method in SAFE_METHODS else Scope.ADMIN
@@ -87,4 +98,12 @@ class APIKeyScopePermission(BasePermission):
         return True
 
 
-__all__ = ["APIKeyScopePermission", "Scope", "api_key_scope_check", "drf_view_scope", "role_scope_check"]
+__all__ = [
+    "MODELS_SCOPE",
+    "APIKeyScopePermission",
+    "Scope",
+    "ScopeNeed",
+    "api_key_scope_check",
+    "drf_view_scope",
+    "role_scope_check",
+]

@@ -28,7 +28,7 @@ from accounts.serializers import ErrorOutputSerializer
 from chatbackend.http import sse_event_schema
 
 from .models import Conversation, Message
-from .selectors import conversation_list, message_list
+from .selectors import conversation_get_for, conversation_list, message_list
 from .serializers import (
     ConversationCreateInputSerializer,
     ConversationOutputSerializer,
@@ -43,6 +43,10 @@ from .services import conversation_create, conversation_delete, conversation_upd
 _ERROR_DESCRIPTIONS = {
     400: "Invalid request: malformed JSON or a field failed validation (see error.param, error.fields).",
     401: "Missing, invalid, expired or revoked credentials.",
+    403: (
+        "Not allowed: an API key without the scope, an organization's viewer chatting, or an admin changing "
+        "(or chatting in) a member's conversation, which only its owner may do."
+    ),
     404: "Not found, or not yours (another user's conversation is a 404).",
 }
 
@@ -85,11 +89,11 @@ class ConversationFilter(django_filters.FilterSet):
     partial_update=extend_schema(
         summary="Rename a conversation, or change its system prompt or model",
         request=ConversationUpdateInputSerializer,
-        responses={200: ConversationOutputSerializer, **_errors(400, 401, 404)},
+        responses={200: ConversationOutputSerializer, **_errors(400, 401, 403, 404)},
     ),
     destroy=extend_schema(
         summary="Delete a conversation and its messages",
-        responses={204: OpenApiResponse(description="Deleted."), **_errors(401, 404)},
+        responses={204: OpenApiResponse(description="Deleted."), **_errors(401, 403, 404)},
     ),
 )
 @extend_schema(tags=["conversations"])
@@ -139,12 +143,20 @@ class ConversationViewSet(
         serializer = ConversationUpdateInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         conversation = conversation_update(
-            conversation=self.get_object(), data=serializer.validated_data, api_key=request_api_key(request)
+            conversation=self._own_conversation(), data=serializer.validated_data, api_key=request_api_key(request)
         )
         return Response(ConversationOutputSerializer(conversation).data)
 
-    def perform_destroy(self, instance: Conversation) -> None:
-        conversation_delete(conversation=instance)
+    def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        conversation_delete(conversation=self._own_conversation())
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    def _own_conversation(self) -> Conversation:
+        """The conversation of the URL, for a change: 404 when the caller may not see it, 403 when
+        the caller sees it but is not its owner (``conversations.selectors.conversation_get_for``)."""
+        return conversation_get_for(
+            actor=request_principal(self.request), conversation_id=self.kwargs["pk"], to_change=True
+        )
 
 
 class MessageFilter(django_filters.FilterSet):
@@ -232,7 +244,7 @@ class ConversationMessageListApi(ListAPIView):
                 description="The reply as server-sent events.",
                 examples=[OpenApiExample("reply", value=_SSE_EXAMPLE, media_type="text/event-stream")],
             ),
-            **_errors(400, 401, 404),
+            **_errors(400, 401, 403, 404),
             429: OpenApiResponse(
                 ErrorOutputSerializer,
                 description="Refused before the reply started: a rate limit (`rate_limit_exceeded`, with "
@@ -266,7 +278,7 @@ class ConversationMessageStopApi(APIView):
         request=None,
         responses={
             202: OpenApiResponse(MessageStopOutputSerializer, description="Stop requested."),
-            **_errors(401, 404),
+            **_errors(401, 403, 404),
         },
     )
     def post(self, request: Request, conversation_id: int, message_id: int) -> Response:

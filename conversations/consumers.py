@@ -72,9 +72,14 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
             close_code = CLOSE_FORBIDDEN
         else:
             try:
-                await run_sync(conversation_get_for, actor=principal, conversation_id=self.conversation_id)
+                # The socket chats: only the conversation's owner may open it.
+                await run_sync(
+                    conversation_get_for, actor=principal, conversation_id=self.conversation_id, to_change=True
+                )
             except NotFoundError:
                 close_code = CLOSE_NOT_FOUND
+            except ApplicationError:
+                close_code = CLOSE_FORBIDDEN
         await self.accept(self._subprotocol())
         if close_code is not None:
             self._refused = True

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.db.models import QuerySet
 
 from accounts.authentication import Principal
-from chatbackend.errors import NotFoundError
+from chatbackend.errors import ApplicationError, NotFoundError
 
 from .models import Conversation, Message
 
@@ -20,16 +20,26 @@ def conversation_list(*, actor: Principal) -> QuerySet[Conversation]:
     return queryset if actor.is_admin else queryset.filter(owner=actor.user)
 
 
-def conversation_get_for(*, actor: Principal, conversation_id: int) -> Conversation:
-    """Return conversation ``conversation_id`` if ``actor`` may see it.
+def conversation_get_for(*, actor: Principal, conversation_id: int, to_change: bool = False) -> Conversation:
+    """Return conversation ``conversation_id`` if ``actor`` may see it (``conversation_list``).
 
     Raises ``NotFoundError`` (404) otherwise: another user's or another organization's conversation
-    does not exist for you.
+    does not exist for you. ``to_change``: the caller wants to change the conversation or chat in it,
+    which only its owner may do: an organization's admins (and the platform superuser) read their
+    members' conversations but never write to them, so anyone else who sees it gets
+    ``ApplicationError`` 403 ``permission_denied``.
     """
     try:
-        return conversation_list(actor=actor).get(pk=conversation_id)
+        conversation = conversation_list(actor=actor).get(pk=conversation_id)
     except (Conversation.DoesNotExist, ValueError, TypeError):
         raise NotFoundError("Conversation not found.", code="conversation_not_found") from None
+    if to_change and conversation.owner_id != actor.user.pk:
+        raise ApplicationError(
+            "Only the conversation's owner may change it or chat in it; its organization's admins may read it.",
+            code="permission_denied",
+            status=403,
+        )
+    return conversation
 
 
 def message_list(*, actor: Principal, conversation_id: int) -> QuerySet[Message]:

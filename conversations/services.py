@@ -25,7 +25,7 @@ from llm.streaming import ReplyOutcome, ReplyPlan, reply_stop_broadcast
 from llm.tokens import ESTIMATE_TOKENIZER, tokenizer_for
 
 from .models import Conversation, Message
-from .selectors import conversation_get_for, history_for_upstream, message_list
+from .selectors import conversation_get_for, history_for_upstream
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def reply_start(*, actor: Principal, conversation_id: int, content: str) -> Conv
     """
     user, api_key = actor.user, actor.api_key
     content = _validate_content(content)
-    conversation = conversation_get_for(actor=actor, conversation_id=conversation_id)
+    conversation = conversation_get_for(actor=actor, conversation_id=conversation_id, to_change=True)
     # Cached in the process: no query on a hit.
     model = enabled_model_get_for(api_key=api_key, name=conversation.model.name)
     try:
@@ -372,10 +372,11 @@ def reply_stop(*, actor: Principal, conversation_id: int, message_id: int) -> No
 
     Raises ``NotFoundError`` (404) when the conversation is not visible to ``actor`` or
     ``message_id`` is not one of its assistant messages still ``streaming``; ``ApplicationError``
-    503 when the stop request cannot be sent. Returns once it is sent: the reply ends
-    ``cancelled`` shortly after, with its text so far.
+    403 when ``actor`` is not its owner (``conversation_get_for``), 503 when the stop request cannot
+    be sent. Returns once it is sent: the reply ends ``cancelled`` shortly after, with its text so far.
     """
-    streaming = message_list(actor=actor, conversation_id=conversation_id).filter(
+    conversation = conversation_get_for(actor=actor, conversation_id=conversation_id, to_change=True)
+    streaming = conversation.messages.filter(
         pk=message_id, role=Message.Role.ASSISTANT, status=Message.Status.STREAMING
     )
     message = streaming.select_related("conversation").first()

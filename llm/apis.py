@@ -11,6 +11,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from accounts.authentication import request_api_key
+from accounts.scopes import MODELS_SCOPE
 from accounts.serializers import ErrorOutputSerializer
 
 from .models import LLMModel
@@ -26,6 +27,7 @@ class LLMModelListApi(ListAPIView):
 
     serializer_class = LLMModelOutputSerializer
     filter_backends = ()
+    api_key_scopes = {"GET": MODELS_SCOPE}  # accounts.scopes: chatting or reading
 
     def get_queryset(self) -> QuerySet[LLMModel]:
         return llm_model_list_for(api_key=request_api_key(self.request))

@@ -134,8 +134,8 @@ def test_other_users_conversation_is_404_everywhere(auth_client, other_user):
     base = f"/api/conversations/{theirs.pk}/"
 
     assert_error(auth_client.get(base), 404, code="not_found")
-    assert_error(auth_client.patch(base, {"title": "Mine now"}, format="json"), 404, code="not_found")
-    assert_error(auth_client.delete(base), 404, code="not_found")
+    assert_error(auth_client.patch(base, {"title": "Mine now"}, format="json"), 404, code="conversation_not_found")
+    assert_error(auth_client.delete(base), 404, code="conversation_not_found")
     assert_error(auth_client.get(f"{base}messages/"), 404, code="conversation_not_found")
     assert_error(auth_client.post(f"{base}messages/{message.pk}/stop/"), 404, code="conversation_not_found")
 
@@ -151,6 +151,26 @@ def test_admin_can_read_another_users_conversation(client_for, admin_user, other
 
     assert client.get(f"/api/conversations/{theirs.pk}/").status_code == 200
     assert client.get(f"/api/conversations/{theirs.pk}/messages/").json()["count"] == 1
+
+
+@pytest.mark.django_db(transaction=True)  # the send view (async) reads the user in a worker thread
+def test_admin_may_not_change_or_chat_in_another_users_conversation(client_for, admin_user, other_user):
+    theirs = ConversationFactory(owner=other_user, title="Private")
+    message = MessageFactory(conversation=theirs, role=Message.Role.ASSISTANT, status=Message.Status.STREAMING)
+    base = f"/api/conversations/{theirs.pk}/"
+    client = client_for(admin_user)
+
+    for response in (
+        client.patch(base, {"title": "Moderated"}, format="json"),
+        client.delete(base),
+        client.post(f"{base}messages/", {"content": "hi"}, format="json"),
+        client.post(f"{base}messages/{message.pk}/stop/"),
+    ):
+        assert_error(response, 403, code="permission_denied")
+    theirs.refresh_from_db()
+    assert theirs.title == "Private"
+    message.refresh_from_db()
+    assert theirs.messages.count() == 1 and message.status == Message.Status.STREAMING
 
 
 def test_missing_conversation_is_404(auth_client):

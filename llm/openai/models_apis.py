@@ -16,6 +16,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from accounts.authentication import Principal
 from accounts.endpoints import async_endpoint
 from accounts.models import APIKey
+from accounts.scopes import MODELS_SCOPE
 from chatbackend.asyncdb import run_sync
 
 from ..models import LLMModel, ModelAlias
@@ -63,7 +64,7 @@ def _model_retrieve(name: str, api_key: APIKey | None) -> dict[str, Any]:
     return _alias_object(alias)
 
 
-@async_endpoint("GET", scope=APIKey.Scope.READ)
+@async_endpoint("GET", scope=MODELS_SCOPE)
 async def model_list(request: HttpRequest, principal: Principal) -> HttpResponse:
     """``GET /v1/models``: the enabled models and aliases by ``id``, as OpenAI's ``ListModelsResponse``.
 
@@ -72,7 +73,7 @@ async def model_list(request: HttpRequest, principal: Principal) -> HttpResponse
     return JsonResponse(await run_sync(_model_list, principal.api_key))
 
 
-@async_endpoint("GET", scope=APIKey.Scope.READ)
+@async_endpoint("GET", scope=MODELS_SCOPE)
 async def model_retrieve(request: HttpRequest, principal: Principal, model: str) -> HttpResponse:
     """``GET /v1/models/{model}``: one enabled model or alias; 404 ``model_not_found``, 400 ``model_disabled``.
 
