@@ -169,8 +169,16 @@ class UserAdmin(AuditedModelAdmin, DjangoUserAdmin):
             or "-"
         )
 
-    list_display = ("username", "email", "role", "is_active", "is_staff", "date_joined", "last_login")
-    list_filter = ("role", "is_active", "email_verified", "is_staff", "is_superuser")
+    list_display = ("username", "email", "role", "is_active", "is_staff", "service_team", "date_joined", "last_login")
+    # A set service team marks a team's service user (it owns the team's keys and cannot log in).
+    list_filter = (
+        "role",
+        "is_active",
+        "email_verified",
+        "is_staff",
+        "is_superuser",
+        ("service_team", admin.EmptyFieldListFilter),
+    )
     # ``role`` decides what the API shows; ``is_staff`` decides who may use this admin site.
     fieldsets = (
         (None, {"fields": ("username", "password")}),
@@ -230,6 +238,7 @@ class APIKeyAdmin(admin.ModelAdmin):
         "name",
         "user",
         "organization",
+        "team",
         "prefix",
         "scopes",
         "expires_at",
@@ -243,12 +252,14 @@ class APIKeyAdmin(admin.ModelAdmin):
         "organization",
         "created_at",
     )
-    list_select_related = ("user", "organization")
+    list_select_related = ("user", "organization", "team")
     search_fields = ("name", "prefix", "user__username")
     fields = (
         "name",
         "user",
         "organization",
+        "team",
+        "created_by",
         "prefix",
         "created_at",
         "last_used_at",

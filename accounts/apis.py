@@ -40,12 +40,13 @@ from chatbackend.pagination import PageNumberPagination
 from chatbackend.renderers import CSVRenderer
 
 from .audit import audit_login_succeeded
-from .authentication import request_api_key, request_principal, request_user
+from .authentication import request_principal, request_user
 from .login_throttle import login_locked_out, login_lockout_exception
 from .models import APIKey, AuditEvent, Budget, UsageRecord, User
 from .selectors import (
     AUDIT_EVENT_CSV_COLUMNS,
     USAGE_SUMMARY_GROUPS,
+    administers,
     api_key_list,
     audit_event_csv_rows,
     audit_event_list,
@@ -282,7 +283,7 @@ class APIKeyListCreateApi(ListAPIView):
 
     @extend_schema(
         tags=["api-keys"],
-        summary="List the caller's API keys (never their secrets)",
+        summary="List the caller's API keys, and for organization admins its teams' keys (never secrets)",
         responses={200: APIKeyOutputSerializer, **_errors(401, 403)},
     )
     def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
@@ -296,7 +297,12 @@ class APIKeyListCreateApi(ListAPIView):
             "`expires_at` (future), `allowed_models` (model and alias names; empty: all) and `scopes` "
             "(`chat`, `read`, `admin`; default all) restrict the key. 400 naming the field for a past "
             "`expires_at` or an unknown scope. A caller using an API key may create keys only within its "
-            "own scopes, allowed models and expiry (which are the defaults): 403 otherwise."
+            "own scopes, allowed models and expiry (which are the defaults): 403 otherwise. `team` (a "
+            "team's slug in the acting organization; members of the team and organization owners/admins) "
+            "assigns the key to that team: its requests also count against the team's budgets and rate "
+            "limits; 400 for a slug naming no team of the organization. `owner: team` (organization "
+            "owners/admins only, with `team`) makes the team's service user own the key, so it outlives "
+            "its creator (`created_by`)."
         ),
         responses={201: APIKeyCreateOutputSerializer, **_errors(400, 401, 403)},
     )
@@ -308,13 +314,15 @@ class APIKeyListCreateApi(ListAPIView):
             user=actor.user,
             organization=actor.organization,
             creator_key=actor.api_key,
+            administers=administers(actor.user, actor.acting),
             **serializer.validated_data,
         )
         return Response(APIKeyCreateOutputSerializer(created).data, status=status.HTTP_201_CREATED)
 
 
 class APIKeyRevokeApi(APIView):
-    """Revoke one of the caller's API keys; another user's key is a 404."""
+    """Revoke one of the caller's API keys (or, for an organization's admins, one of its teams' keys);
+    another user's key is a 404."""
 
     api_key_scopes = {"DELETE": APIKey.Scope.ADMIN}  # accounts.scopes
 
@@ -328,7 +336,13 @@ class APIKeyRevokeApi(APIView):
         },
     )
     def delete(self, request: Request, api_key_id: int) -> Response:
-        api_key_revoke(user=request_user(request), api_key_id=api_key_id, creator_key=request_api_key(request))
+        actor = request_principal(request)
+        api_key_revoke(
+            user=actor.user,
+            api_key_id=api_key_id,
+            creator_key=actor.api_key,
+            managed=api_key_list(user=actor.user, acting=actor.acting),
+        )
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -350,8 +364,12 @@ class APIKeyRotateApi(APIView):
         responses={200: APIKeyCreateOutputSerializer, **_errors(400, 401, 403, 404)},
     )
     def post(self, request: Request, api_key_id: int) -> Response:
+        actor = request_principal(request)
         rotated = api_key_rotate(
-            user=request_user(request), api_key_id=api_key_id, creator_key=request_api_key(request)
+            user=actor.user,
+            api_key_id=api_key_id,
+            creator_key=actor.api_key,
+            managed=api_key_list(user=actor.user, acting=actor.acting),
         )
         return Response(APIKeyCreateOutputSerializer(rotated).data)
 
@@ -573,22 +591,22 @@ _BUDGET_EXAMPLE = OpenApiExample(
         responses={200: BudgetOutputSerializer, **_errors(401, 404)},
     ),
     create=extend_schema(
-        summary="Create a budget (admins only)",
+        summary="Create a budget (organization owners and admins)",
         request=BudgetCreateInputSerializer,
         examples=[_BUDGET_EXAMPLE],
         responses={201: BudgetOutputSerializer, **_errors(400, 401, 403)},
     ),
     partial_update=extend_schema(
-        summary="Change a budget (admins only)",
+        summary="Change a budget (organization owners and admins)",
         request=BudgetUpdateInputSerializer,
         responses={200: BudgetOutputSerializer, **_errors(400, 401, 403, 404)},
     ),
     destroy=extend_schema(
-        summary="Delete a budget (admins only)",
+        summary="Delete a budget (organization owners and admins)",
         responses={204: OpenApiResponse(description="Deleted."), **_errors(401, 403, 404)},
     ),
     mine=extend_schema(
-        summary="The budgets that limit the caller (on the user and on the user's API keys), with what remains",
+        summary="The budgets that limit the caller (user, keys, the keys' teams, organizations), with what remains",
         responses={200: BudgetOutputSerializer(many=True), **_errors(401)},
     ),
 )
@@ -601,11 +619,14 @@ class BudgetViewSet(
     mixins.DestroyModelMixin,
     viewsets.GenericViewSet,
 ):
-    """Spending limits per user or API key (``accounts.metering.budgets`` enforces them on every reply).
+    """Spending limits per user, API key, team or organization (``accounts.metering.budgets`` enforces
+    them on every reply).
 
-    Admins create, change and delete any budget; members read the budgets that limit them (another
-    user's budget is a 404, a write a 403). ``usage`` is the current period's spent, reserved and
-    remaining amount.
+    The organization's owners and admins (and platform admins) create, change and delete budgets of
+    the organization the request acts in, for its members, keys, teams and itself (a subject of
+    another organization is a 400, as a missing one; another organization's budget a 404); members
+    read the budgets that limit them (another user's budget is a 404, a write a 403). ``usage`` is
+    the current period's spent, reserved and remaining amount.
     """
 
     serializer_class = BudgetOutputSerializer
@@ -628,18 +649,30 @@ class BudgetViewSet(
         serializer = BudgetCreateInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         actor = request_principal(request)
-        budget = budget_create(actor=actor.user, organization=actor.organization, **serializer.validated_data)
+        budget = budget_create(
+            actor=actor.user,
+            organization=actor.organization,
+            administers=administers(actor.user, actor.acting),
+            **serializer.validated_data,
+        )
         return Response(BudgetOutputSerializer(budget).data, status=status.HTTP_201_CREATED)
 
     def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         # PUT is not offered (http_method_names): every update is partial.
         serializer = BudgetUpdateInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        budget = budget_update(actor=request_user(request), budget=self.get_object(), data=serializer.validated_data)
+        actor = request_principal(request)
+        budget = budget_update(
+            actor=actor.user,
+            budget=self.get_object(),
+            data=serializer.validated_data,
+            administers=administers(actor.user, actor.acting),
+        )
         return Response(BudgetOutputSerializer(budget).data)
 
     def perform_destroy(self, instance: Budget) -> None:
-        budget_delete(actor=request_user(self.request), budget=instance)
+        actor = request_principal(self.request)
+        budget_delete(actor=actor.user, budget=instance, administers=administers(actor.user, actor.acting))
 
     @action(detail=False, methods=["get"], pagination_class=None, filter_backends=())
     def mine(self, request: Request) -> Response:

@@ -5,7 +5,8 @@ from django.db.models.signals import post_save
 
 
 def _join_default_organization(sender: type, *, instance: Any, created: bool, raw: bool = False, **kwargs: Any) -> None:
-    if created and not raw:  # raw: loaddata, whose fixtures carry their own memberships
+    # raw: loaddata, whose fixtures carry their own memberships; a team's service user joins its team's only
+    if created and not raw and instance.service_team_id is None:
         from .services import membership_join_default_organization
 
         membership_join_default_organization(user=instance)
@@ -19,12 +20,13 @@ class AccountsConfig(AppConfig):
         # Every process drops its cached principals when a user or a key changes: a revocation,
         # a deactivation, a role or password change. A login's last_login write changes nothing.
         from .authentication import principal_cache
-        from .models import APIKey, Membership, Organization, User
+        from .models import APIKey, Membership, Organization, Team, User
 
         principal_cache.invalidate_on(User, unless_only=["last_login"])
         principal_cache.invalidate_on(APIKey)
         principal_cache.invalidate_on(Membership)
-        principal_cache.invalidate_on(Organization)  # a slug renamed: principals cached under the old one
+        principal_cache.invalidate_on(Organization)  # a slug renamed, rate limits: principals carry it
+        principal_cache.invalidate_on(Team)  # rate limits: principals carry their key's team
         # Every new user joins the default organization (single-tenant installations need no more).
         post_save.connect(_join_default_organization, sender=User, dispatch_uid="accounts.join_default_organization")
         # Budgets are cached per process (accounts.metering.budgets): a change reaches every process.

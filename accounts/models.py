@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractUser
@@ -59,11 +60,12 @@ class OrganizationQuerySet(models.QuerySet["Organization"]):
         return organization
 
 
-class Organization(models.Model):
+class Organization(RateLimited):
     """A tenant: its members, teams, API keys, conversations, usage and budgets are its own.
 
     Every lookup of those objects is scoped to the organization a request acts in; another
     organization's object does not exist for it (404). The platform superuser sees across them.
+    Every request acting in it counts against its rate limits and budgets (metering subject ``organization``).
     """
 
     name = models.CharField(max_length=100)
@@ -89,8 +91,13 @@ def default_organization_id() -> int:
     return organization_id if organization_id is not None else Organization.objects.default().pk
 
 
-class Team(models.Model):
-    """A group of an organization's members (e.g. to share model access and a budget)."""
+class Team(RateLimited):
+    """A group of an organization's members (e.g. to share model access and a budget).
+
+    Requests made with a key assigned to the team (``APIKey.team``) count against its rate limits
+    and budgets (metering subject ``team``). A team may own keys through its service user
+    (``User.service_team``), which outlive the person who created them.
+    """
 
     organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="teams")
     name = models.CharField(max_length=100)
@@ -125,6 +132,15 @@ class User(AbstractUser, RateLimited):
     email_verified = models.BooleanField(
         default=True, help_text="False while a self-registered account has not followed its verification link"
     )
+    # Set only on a team's service (bot) user: the owner of the team's keys (accounts.services.team_service_user).
+    service_team = models.OneToOneField(
+        Team,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="service_user",
+        help_text="set on a team's service user, which owns the team's keys; it cannot log in",
+    )
 
     def __str__(self) -> str:
         return self.get_username()
@@ -133,6 +149,11 @@ class User(AbstractUser, RateLimited):
     def is_admin(self) -> bool:
         """Return True for the ``admin`` role and for superusers."""
         return self.role == self.Role.ADMIN or self.is_superuser
+
+    @property
+    def is_service_account(self) -> bool:
+        """Return True for a team's service user (``service_team``): not a person."""
+        return self.service_team_id is not None
 
 
 class Membership(models.Model):
@@ -207,6 +228,11 @@ class APIKey(RateLimited):
     refused with a 401; ``allowed_models``, the model and alias names it may use (empty: all; a
     model's name also allows its aliases); ``scopes``, a subset of ``Scope`` (``chat``: inference,
     ``read``: GET usage, history, models, billing, ``admin``: managing keys and budgets).
+
+    ``team``: the team the key is assigned to; its requests count against the team's rate limits
+    and budgets too. A team-owned key (a service key) belongs to the team's service user
+    (``user.service_team == team``) and keeps working whatever becomes of ``created_by``, the person
+    who created it (None once they are deleted).
     """
 
     class Scope(models.TextChoices):
@@ -217,6 +243,22 @@ class APIKey(RateLimited):
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys")
     organization = models.ForeignKey(
         Organization, on_delete=models.PROTECT, related_name="api_keys", default=default_organization_id
+    )
+    team = models.ForeignKey(
+        Team,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="api_keys",
+        help_text="the team the key's requests also count against (rate limits, budgets); deleting it deletes the key",
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="created_api_keys",
+        help_text="who created the key (for a team-owned key, the person; its owner is the team's service user)",
     )
     name = models.CharField(max_length=100)
     prefix = models.CharField(max_length=16, db_index=True)
@@ -290,6 +332,14 @@ class UsageRecord(models.Model):
     )
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="usage_records")
     api_key = models.ForeignKey(APIKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="usage_records")
+    team = models.ForeignKey(
+        Team,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="usage_records",
+        help_text="the team of the API key used, if any (a team budget's spend is the sum of its rows)",
+    )
     model = models.ForeignKey("llm.LLMModel", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     model_name = models.CharField(max_length=200)
     message = models.ForeignKey(
@@ -331,10 +381,11 @@ class Budget(models.Model):
     """A spending limit in US dollars (optionally also in tokens) over a period, for one subject.
 
     The subject is a ``subject_kind`` and a row id (``subject_id``), not a foreign key: a budget may
-    belong to a user or an API key today, and teams or organizations become new kinds (a new
-    ``SubjectKind`` choice, the metering subject the planner adds for it, and the usage rows it
-    sums, in ``accounts.metering.budgets.SUBJECT_USAGE_FIELDS``) with no new mechanism. Several
-    budgets may apply to one request (its key's and its user's); every one must allow it.
+    belong to a user, an API key, a team (the requests of keys assigned to it) or an organization
+    (every request acting in it); a new kind is a new ``SubjectKind`` choice, the metering subject
+    the planner adds for it, and the usage rows it sums, in
+    ``accounts.metering.budgets.SUBJECT_USAGE_FIELDS``, with no new mechanism. Several budgets may
+    apply to one request (its key's, its user's, its team's, its organization's); every one must allow it.
 
     ``period``: calendar days, ISO weeks (from Monday) or months in ``settings.TIME_ZONE``, or the
     subject's whole lifetime. Spend in a period is the sum of ``UsageRecord.cost`` of the subject's
@@ -345,6 +396,8 @@ class Budget(models.Model):
     class SubjectKind(models.TextChoices):
         USER = "user", "User"
         API_KEY = "api_key", "API key"
+        TEAM = "team", "Team"
+        ORGANIZATION = "organization", "Organization"
 
     class Period(models.TextChoices):
         DAILY = "daily", "Daily"
@@ -357,7 +410,9 @@ class Budget(models.Model):
         Organization, on_delete=models.PROTECT, related_name="budgets", default=default_organization_id
     )
     subject_kind = models.CharField(max_length=16, choices=SubjectKind.choices)
-    subject_id = models.PositiveBigIntegerField(help_text="id of the user or API key the budget limits")
+    subject_id = models.PositiveBigIntegerField(
+        help_text="id of the user, API key, team or organization the budget limits"
+    )
     period = models.CharField(max_length=16, choices=Period.choices, default=Period.MONTHLY)
     limit_usd = models.DecimalField(
         "limit (US dollars)",
@@ -381,19 +436,34 @@ class Budget(models.Model):
         return f"{self.name} ({self.get_period_display().lower()}, ${self.limit_usd.normalize():f})"
 
     def clean(self) -> None:
-        """Refuse a subject that does not exist (the admin's form and the services call this)."""
-        subjects: dict[str, type[models.Model]] = {self.SubjectKind.USER: User, self.SubjectKind.API_KEY: APIKey}
-        subject_model = subjects.get(self.subject_kind)
-        if subject_model is not None and self.subject_id is not None:
-            if not subject_model._default_manager.filter(pk=self.subject_id).exists():
-                raise ValidationError({"subject_id": f"No {self.get_subject_kind_display()} has id {self.subject_id}."})
+        """Refuse a subject that does not exist or is not the budget's organization's (the admin's form
+        and the services call this): a user must be its member, a key or a team its own, an
+        organization the budget's own. Another organization's subject reads as a missing one."""
+        if self.subject_id is None or self.subject_kind not in self.SubjectKind.values:
+            return
+        organization_id: int = self.organization_id or default_organization_id()
+        subjects: dict[str, models.QuerySet[Any]] = {
+            self.SubjectKind.USER: User.objects.filter(memberships__organization_id=organization_id),
+            self.SubjectKind.API_KEY: APIKey.objects.filter(organization_id=organization_id),
+            self.SubjectKind.TEAM: Team.objects.filter(organization_id=organization_id),
+            self.SubjectKind.ORGANIZATION: Organization.objects.filter(pk=organization_id),
+        }
+        if not subjects[self.subject_kind].filter(pk=self.subject_id).exists():
+            kind = self.get_subject_kind_display().lower()
+            raise ValidationError({"subject_id": f"No {kind} has id {self.subject_id} in this organization."})
 
     @property
     def subject_label(self) -> str:
-        """Return who the budget limits, for people: a username, or an API key's name and owner."""
+        """Return who the budget limits, for people: a username, an API key's name and owner, a team or organization."""
         if self.subject_kind == self.SubjectKind.USER:
             user = User.objects.filter(pk=self.subject_id).only("username").first()
             return user.username if user else f"user {self.subject_id} (deleted)"
+        if self.subject_kind == self.SubjectKind.TEAM:
+            team = Team.objects.filter(pk=self.subject_id).first()
+            return f"team {team.name}" if team else f"team {self.subject_id} (deleted)"
+        if self.subject_kind == self.SubjectKind.ORGANIZATION:
+            organization = Organization.objects.filter(pk=self.subject_id).first()
+            return f"organization {organization.name}" if organization else f"organization {self.subject_id} (deleted)"
         key = APIKey.objects.filter(pk=self.subject_id).select_related("user").first()
         return f"{key.name} ({key.prefix}...) of {key.user.username}" if key else f"API key {self.subject_id} (deleted)"
 

@@ -166,7 +166,7 @@ def api_key_authenticate(*, secret: str) -> APIKey:
     ``sync_to_async`` from async code.
     """
     try:
-        api_key = APIKey.objects.select_related("user", "organization").get(key_hash=hash_secret(secret))
+        api_key = APIKey.objects.select_related("user", "organization", "team").get(key_hash=hash_secret(secret))
     except APIKey.DoesNotExist:
         raise AuthenticationFailed("Incorrect API key provided.") from None
     if not api_key.is_active:
@@ -196,9 +196,16 @@ def administers(actor: User, acting: ActingOrganization | None) -> bool:
 
 
 def api_key_list(*, user: User, acting: ActingOrganization | None = None) -> QuerySet[APIKey]:
-    """Return ``user``'s API keys (of the organization the request acts in, ``acting``), newest first;
-    revoked ones included, marked by ``revoked_at``."""
-    return _in_organization(APIKey.objects.filter(user=user), actor=user, acting=acting)
+    """Return the API keys ``user`` manages in the organization the request acts in (``acting``),
+    newest first; revoked ones included, marked by ``revoked_at``: their own, and for the
+    organization's owners and admins (``administers``) also its teams' keys (owned by a team's
+    service user, ``APIKey.team``)."""
+    keys = Q(user=user)
+    if acting is not None and administers(user, acting):
+        keys |= Q(user__service_team__organization=acting.organization)
+    return _in_organization(
+        APIKey.objects.filter(keys).select_related("team", "created_by", "user"), actor=user, acting=acting
+    )
 
 
 def usage_record_list(*, user: User, acting: ActingOrganization | None = None) -> QuerySet[UsageRecord]:
@@ -401,11 +408,17 @@ def user_list(*, actor: User, acting: ActingOrganization | None = None) -> Query
 
 
 def budget_list_own(*, user: User) -> QuerySet[Budget]:
-    """Return the budgets that limit ``user``: on the user, and on each of the user's API keys."""
-    keys = APIKey.objects.filter(user=user).values("pk")
+    """Return the budgets that limit ``user``: on the user, on each of the user's API keys, on the
+    teams those keys are assigned to, and on the organizations the user is a member of."""
+    keys = APIKey.objects.filter(user=user)
     return Budget.objects.filter(
         Q(subject_kind=Budget.SubjectKind.USER, subject_id=user.pk)
-        | Q(subject_kind=Budget.SubjectKind.API_KEY, subject_id__in=keys)
+        | Q(subject_kind=Budget.SubjectKind.API_KEY, subject_id__in=keys.values("pk"))
+        | Q(subject_kind=Budget.SubjectKind.TEAM, subject_id__in=keys.filter(team__isnull=False).values("team_id"))
+        | Q(
+            subject_kind=Budget.SubjectKind.ORGANIZATION,
+            subject_id__in=Membership.objects.filter(user=user).values("organization_id"),
+        )
     )
 
 

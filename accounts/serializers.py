@@ -101,10 +101,13 @@ class UserMeOutputSerializer(serializers.ModelSerializer):
 
 class UserListOutputSerializer(serializers.ModelSerializer):
     email = BlankableEmailField(read_only=True)
+    is_service_account = serializers.BooleanField(
+        read_only=True, help_text="a team's service user (owns the team's keys; cannot log in)"
+    )
 
     class Meta:
         model = User
-        fields = ["id", "username", "email", "role", "is_active", "date_joined", "last_login"]
+        fields = ["id", "username", "email", "role", "is_active", "is_service_account", "date_joined", "last_login"]
         read_only_fields = fields
 
 
@@ -219,6 +222,23 @@ class APIKeyCreateInputSerializer(serializers.Serializer):
         help_text="chat: inference; read: GET usage, history, models, billing; admin: keys and budgets. "
         "Default: all three",
     )
+    team = serializers.SlugField(
+        max_length=64,
+        allow_null=True,
+        default=None,
+        help_text="slug of a team of the acting organization: the key's requests also count against its "
+        "budgets and rate limits",
+    )
+    owner = serializers.ChoiceField(
+        choices=[("user", "the caller"), ("team", "the team (a service key; organization owners and admins)")],
+        default="user",
+        help_text="user: the caller owns the key; team: the team's service user owns it, so it outlives its "
+        "creator (needs team)",
+    )
+
+
+def _api_key_owner(api_key: APIKey) -> str:
+    return "team" if api_key.team_id is not None and api_key.user.service_team_id == api_key.team_id else "user"
 
 
 class APIKeyOutputSerializer(serializers.ModelSerializer):
@@ -226,6 +246,17 @@ class APIKeyOutputSerializer(serializers.ModelSerializer):
 
     allowed_models = serializers.ListField(child=serializers.CharField(), read_only=True)
     scopes = serializers.ListField(child=serializers.ChoiceField(choices=APIKey.Scope.choices), read_only=True)
+    team: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="slug", read_only=True, allow_null=True, help_text="slug of the team the key is assigned to"
+    )
+    owner = serializers.SerializerMethodField(help_text="user: a person's key; team: owned by the team's service user")
+    created_by: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="username", read_only=True, allow_null=True, help_text="username of who created the key"
+    )
+
+    @extend_schema_field(serializers.ChoiceField(choices=["user", "team"]))
+    def get_owner(self, api_key: APIKey) -> str:
+        return _api_key_owner(api_key)
 
     class Meta:
         model = APIKey
@@ -239,6 +270,9 @@ class APIKeyOutputSerializer(serializers.ModelSerializer):
             "expires_at",
             "allowed_models",
             "scopes",
+            "team",
+            "owner",
+            "created_by",
         ]
         read_only_fields = fields
 
@@ -257,7 +291,14 @@ class APIKeyCreateOutputSerializer(serializers.Serializer):
     expires_at = serializers.DateTimeField(source="api_key.expires_at", allow_null=True)
     allowed_models = serializers.ListField(source="api_key.allowed_models", child=serializers.CharField())
     scopes = serializers.ListField(source="api_key.scopes", child=serializers.ChoiceField(choices=APIKey.Scope.choices))
+    team = serializers.CharField(source="api_key.team.slug", allow_null=True, default=None)
+    owner = serializers.SerializerMethodField()
+    created_by = serializers.CharField(source="api_key.created_by.username", allow_null=True, default=None)
     key = serializers.CharField(source="secret", help_text="the secret, shown once; store it now")
+
+    @extend_schema_field(serializers.ChoiceField(choices=["user", "team"]))
+    def get_owner(self, created: Any) -> str:
+        return _api_key_owner(created.api_key)
 
 
 # --- Usage ----------------------------------------------------------------------------------
@@ -380,7 +421,9 @@ _BIGINT_MAX = 2**63 - 1
 class BudgetCreateInputSerializer(serializers.Serializer):
     name = StrictCharField(max_length=100)
     subject_kind = serializers.ChoiceField(choices=Budget.SubjectKind.choices, help_text="who the budget limits")
-    subject_id = _StrictIntegerField(min_value=1, max_value=_BIGINT_MAX, help_text="the user's or API key's id")
+    subject_id = _StrictIntegerField(
+        min_value=1, max_value=_BIGINT_MAX, help_text="the user's, API key's, team's or organization's id"
+    )
     period = serializers.ChoiceField(
         choices=Budget.Period.choices,
         default=Budget.Period.MONTHLY,

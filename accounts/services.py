@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,7 @@ from django.conf import settings
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from chatbackend.errors import ApplicationError, NotFoundError
@@ -19,7 +20,7 @@ from chatbackend.errors import ApplicationError, NotFoundError
 from .audit import Action, AuditState, audit_model_changed, audit_model_deleted, audit_record, audit_snapshot
 from .keys import display_prefix, generate_secret, hash_secret
 from .lifecycle.services import email_verification_request
-from .models import APIKey, Budget, Membership, Organization, User
+from .models import APIKey, Budget, Membership, Organization, Team, TeamMembership, User
 from .revocation import revocation_announce
 
 USERNAME_TAKEN_MESSAGE = "A user with that username already exists."
@@ -160,6 +161,71 @@ def _api_key_within(api_key: APIKey, creator_key: APIKey | None) -> None:
         raise _forbidden("An API key may manage only keys that expire no later than itself.")
 
 
+# Who owns a new key: the caller, or the team it is assigned to (through the team's service user).
+API_KEY_OWNERS = ("user", "team")
+
+
+def team_service_user(*, team: Team) -> User:
+    """Return ``team``'s service user, creating it the first time: the owner of the team's keys.
+
+    Not a person: an unusable password (it cannot log in; only its keys authenticate it), active,
+    a ``member`` of the team's organization (its default) and of the team, and marked by
+    ``User.service_team`` so listings and the admin can tell it apart. Its username is
+    ``<team slug>.team-<team id>.service`` (with a random suffix should a person have taken it).
+    Because the team's keys belong to it, they keep working whatever becomes of the person who
+    created them (``APIKey.created_by``); usage rows and conversations of those keys are its own.
+    """
+    existing = User.objects.filter(service_team=team).first()
+    if existing is not None:
+        return existing
+    username = f"{team.slug}.team-{team.pk}.service"[:150]
+    with transaction.atomic():
+        if User.objects.filter(username=username).exists():
+            username = f"{username[:140]}-{secrets.token_hex(4)}"
+        user = User(username=username, service_team=team, role=User.Role.MEMBER)
+        user.set_unusable_password()
+        user.save()  # the default organization's post_save hook skips service users (AccountsConfig)
+        Membership.objects.create(
+            user=user, organization_id=team.organization_id, role=Membership.Role.MEMBER, is_default=True
+        )
+        TeamMembership.objects.create(user=user, team=team)
+        audit_record(action=Action.USER_CREATED, obj=user, after=audit_snapshot(user))
+    return user
+
+
+def _api_key_team(
+    *, actor: User, organization: Organization, team: str | None, owner: str, administers: bool
+) -> tuple[Team | None, User]:
+    """Return the team a new key is assigned to (``team``: a slug in ``organization``) and its owner.
+
+    A member of the team, or an owner or admin of the organization (``administers``), may assign a
+    key to it; only the latter may make the team its owner (``owner="team"``). Raises
+    ``ApplicationError`` 400 ``param`` ``team`` for a slug that names no team of ``organization``
+    (another organization's team reads as none), or ``owner="team"`` without a team; 403
+    ``insufficient_permissions`` otherwise.
+    """
+    if owner not in API_KEY_OWNERS:
+        raise ApplicationError(f"owner: use one of {', '.join(API_KEY_OWNERS)}.", code="invalid", param="owner")
+    if not team:
+        if owner == "team":
+            raise ApplicationError(
+                "owner: a team-owned key needs the team: give its slug in team.", code="invalid", param="owner"
+            )
+        return None, actor
+    found = Team.objects.filter(organization=organization, slug=team).first()
+    if found is None:
+        raise ApplicationError(f"team: this organization has no team {team!r}.", code="invalid", param="team")
+    if owner == "team":
+        if not administers:
+            raise _forbidden("Only the organization's owners and admins may create keys owned by a team.")
+        return found, team_service_user(team=found)
+    if not administers and not TeamMembership.objects.filter(team=found, user=actor).exists():
+        raise _forbidden(
+            f"Only members of team {team!r} (or the organization's owners and admins) may assign keys to it."
+        )
+    return found, actor
+
+
 def api_key_create(
     *,
     user: User,
@@ -170,6 +236,9 @@ def api_key_create(
     scopes: Sequence[str] | None = None,
     creator_key: APIKey | None = None,
     organization: Organization | None = None,
+    team: str | None = None,
+    owner: str = "user",
+    administers: bool = False,
 ) -> CreatedAPIKey:
     """Create an API key for ``user`` in ``organization`` (None: the default organization, or the
     creator key's); return it with its one-time ``sk-...`` secret.
@@ -180,10 +249,15 @@ def api_key_create(
     names it may use (empty: all); ``scopes``: ``APIKey.Scope`` values (None: all of them).
     ``creator_key``: the key the caller authenticated with, if any: the new key may not exceed it
     (its scopes, allowlist and expiry are the defaults and the bounds).
+    ``team``: the slug of a team of ``organization`` the key is assigned to (its requests count
+    against the team's budgets and rate limits too); ``owner``: ``"user"`` (``user`` owns it) or
+    ``"team"`` (the team's service user owns it: ``team_service_user``); ``administers``: whether
+    ``user`` administers ``organization`` (``accounts.selectors.administers``), as
+    ``_api_key_team`` requires. ``created_by`` is ``user`` either way.
 
     Raises ``ApplicationError`` 400 (``param`` naming the field) for an ``expires_at`` not in the
-    future, an unknown scope or no scope; 403 ``insufficient_permissions`` for a key wider than
-    ``creator_key``.
+    future, an unknown scope or no scope, an unknown team; 403 ``insufficient_permissions`` for a
+    key wider than ``creator_key`` or a team the caller may not assign keys to.
     """
     expires_at, models, granted = _api_key_restrictions(
         expires_at=expires_at, allowed_models=allowed_models, scopes=scopes, creator_key=creator_key
@@ -192,9 +266,14 @@ def api_key_create(
     if organization is None:
         organization = creator_key.organization if creator_key is not None else Organization.objects.default()
     with transaction.atomic():
+        assigned, key_owner = _api_key_team(
+            actor=user, organization=organization, team=team, owner=owner, administers=administers
+        )
         api_key = APIKey.objects.create(
-            user=user,
+            user=key_owner,
             organization=organization,
+            team=assigned,
+            created_by=user,
             name=name,
             prefix=display_prefix(secret),
             key_hash=hash_secret(secret),
@@ -206,23 +285,35 @@ def api_key_create(
     return CreatedAPIKey(api_key=api_key, secret=secret)
 
 
-def api_key_rotate(*, user: User, api_key_id: int, creator_key: APIKey | None = None) -> CreatedAPIKey:
+def _managed_key(*, user: User, api_key_id: int, managed: QuerySet[APIKey] | None, lock: bool = False) -> APIKey:
+    """Return key ``api_key_id`` if ``user`` manages it: their own, or one of ``managed`` (the
+    queryset ``accounts.selectors.api_key_list`` gives, with team-owned keys for admins); 404 otherwise."""
+    keys = managed if managed is not None else APIKey.objects.filter(user=user)
+    if lock:
+        keys = APIKey.objects.select_for_update().filter(pk__in=keys.values_list("pk", flat=True))
+    try:
+        return keys.get(pk=api_key_id)
+    except APIKey.DoesNotExist:
+        raise NotFoundError("API key not found.", code="api_key_not_found") from None
+
+
+def api_key_rotate(
+    *, user: User, api_key_id: int, creator_key: APIKey | None = None, managed: QuerySet[APIKey] | None = None
+) -> CreatedAPIKey:
     """Give ``user``'s key ``api_key_id`` a new secret; return it with that secret, shown this once.
 
     The same row keeps its id, name, restrictions, rate limits and budgets; only ``key_hash`` and
     ``prefix`` change. The old secret is refused at once in every process: the save clears the
     principal caches everywhere (``chatbackend.lookup_cache``), and the connections and replies
     opened with the key end as on a revocation (``revocation_announce``). Audited
-    (``api_key.rotated``: the prefix before and after, never a secret or its hash). Raises
+    (``api_key.rotated``: the prefix before and after, never a secret or its hash). ``managed``:
+    the keys ``user`` manages (``accounts.selectors.api_key_list``; None: their own). Raises
     ``NotFoundError`` (404) for another user's key, ``ApplicationError`` 400 ``api_key_revoked``
     for a revoked one.
     """
     secret = generate_secret()
     with transaction.atomic():
-        try:
-            api_key = APIKey.objects.select_for_update().get(pk=api_key_id, user=user)
-        except APIKey.DoesNotExist:
-            raise NotFoundError("API key not found.", code="api_key_not_found") from None
+        api_key = _managed_key(user=user, api_key_id=api_key_id, managed=managed, lock=True)
         if api_key.revoked_at is not None:
             raise ApplicationError("A revoked API key cannot be rotated; create a new key.", code="api_key_revoked")
         _api_key_within(api_key, creator_key)
@@ -244,13 +335,14 @@ def api_key_last_used_update(*, api_key_id: int, at: dt.datetime) -> None:
     APIKey.objects.filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=at), pk=api_key_id).update(last_used_at=at)
 
 
-def api_key_revoke(*, user: User, api_key_id: int, creator_key: APIKey | None = None) -> APIKey:
-    """Revoke ``user``'s key ``api_key_id`` (idempotent). Raises ``NotFoundError`` for another's key,
-    403 ``insufficient_permissions`` when ``creator_key`` (the key the request used) is narrower."""
-    try:
-        api_key = APIKey.objects.get(pk=api_key_id, user=user)
-    except APIKey.DoesNotExist:
-        raise NotFoundError("API key not found.", code="api_key_not_found") from None
+def api_key_revoke(
+    *, user: User, api_key_id: int, creator_key: APIKey | None = None, managed: QuerySet[APIKey] | None = None
+) -> APIKey:
+    """Revoke ``user``'s key ``api_key_id`` (idempotent); ``managed``: the keys ``user`` manages
+    (``accounts.selectors.api_key_list``: team-owned keys too for an organization's admins; None:
+    their own). Raises ``NotFoundError`` for another's key, 403 ``insufficient_permissions`` when
+    ``creator_key`` (the key the request used) is narrower."""
+    api_key = _managed_key(user=user, api_key_id=api_key_id, managed=managed)
     _api_key_within(api_key, creator_key)
     if api_key.revoked_at is None:
         before = AuditState(api_key)
@@ -277,9 +369,11 @@ def session_end(*, user_id: int | None, session_id: str | None) -> None:
 BUDGET_FIELDS = ("name", "subject_kind", "subject_id", "period", "limit_usd", "token_limit", "enabled")
 
 
-def _budget_admin_only(actor: User) -> None:
-    if not actor.is_admin:
-        raise ApplicationError("Only admins may manage budgets.", code="permission_denied", status=403)
+def _budget_admin_only(actor: User, administers: bool) -> None:
+    if not (actor.is_admin or administers):
+        raise ApplicationError(
+            "Only the organization's owners and admins may manage budgets.", code="permission_denied", status=403
+        )
 
 
 def _budget_save(budget: Budget, before: AuditState | None, actor: User) -> Budget:
@@ -301,27 +395,31 @@ def _budget_save(budget: Budget, before: AuditState | None, actor: User) -> Budg
     return budget
 
 
-def budget_create(*, actor: User, organization: Organization | None = None, **fields: Any) -> Budget:
+def budget_create(
+    *, actor: User, organization: Organization | None = None, administers: bool = False, **fields: Any
+) -> Budget:
     """Create a budget from ``BUDGET_FIELDS`` in ``organization`` (None: the default organization);
-    admins only (403 ``permission_denied`` otherwise).
+    platform admins, and the organization's owners and admins (``administers``) only (403
+    ``permission_denied`` otherwise).
 
-    Raises ``ApplicationError`` 400 naming the field when the subject does not exist. It applies to
-    the next request of its subject in every process.
+    Raises ``ApplicationError`` 400 naming the field when the subject does not exist in the
+    organization (``Budget.clean``; another organization's reads as missing). It applies to the next
+    request of its subject in every process.
     """
-    _budget_admin_only(actor)
+    _budget_admin_only(actor, administers)
     budget = Budget(**{name: value for name, value in fields.items() if name in BUDGET_FIELDS})
     if organization is not None:
         budget.organization = organization
     return _budget_save(budget, None, actor)
 
 
-def budget_update(*, actor: User, budget: Budget, data: dict[str, Any]) -> Budget:
-    """Change ``budget``'s fields in ``data`` (a subset of ``BUDGET_FIELDS``); admins only.
+def budget_update(*, actor: User, budget: Budget, data: dict[str, Any], administers: bool = False) -> Budget:
+    """Change ``budget``'s fields in ``data`` (a subset of ``BUDGET_FIELDS``); admins only (as ``budget_create``).
 
     A changed limit applies to the current period's spend at once; a changed period or subject starts
     counting that period's usage rows (the counters are per budget, subject and period).
     """
-    _budget_admin_only(actor)
+    _budget_admin_only(actor, administers)
     before = AuditState(budget)
     for name, value in data.items():
         if name in BUDGET_FIELDS:
@@ -329,9 +427,10 @@ def budget_update(*, actor: User, budget: Budget, data: dict[str, Any]) -> Budge
     return _budget_save(budget, before, actor)
 
 
-def budget_delete(*, actor: User, budget: Budget) -> None:
-    """Delete ``budget``; admins only. Requests in flight settle their reservations on its counter harmlessly."""
-    _budget_admin_only(actor)
+def budget_delete(*, actor: User, budget: Budget, administers: bool = False) -> None:
+    """Delete ``budget``; admins only (as ``budget_create``). Requests in flight settle their
+    reservations on its counter harmlessly."""
+    _budget_admin_only(actor, administers)
     before = AuditState(budget)
     with transaction.atomic():
         budget.delete()

@@ -68,7 +68,8 @@ class UsageSubject:
     ``request_id``: unique per reply (``message-<id>`` or ``chatcmpl-...``): a record is written at
     most once per id. ``source``: a ``UsageRecord.Source`` value. ``message_id``: the assistant
     message, if any. ``organization_id``: the organization the request acted in (None, as in
-    events queued before organizations existed: the default organization).
+    events queued before organizations existed: the default organization). ``team_id``: the team
+    of the API key used, if any (a team budget sums these rows).
     """
 
     request_id: str
@@ -79,6 +80,7 @@ class UsageSubject:
     model_name: str
     message_id: int | None = None
     organization_id: int | None = None
+    team_id: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,6 +186,7 @@ def usage_context(
     model_name: str = "",
     message_id: int | None = None,
     organization_id: int | None = None,
+    team_id: int | None = None,
 ) -> UsageContext:
     """Return the accounting context of a reply of ``model`` starting now (its current prices), in
     organization ``organization_id`` (None: the default organization).
@@ -207,6 +210,7 @@ def usage_context(
         api_key_id=api_key_id,
         message_id=message_id,
         organization_id=organization_id,
+        team_id=team_id,
         **priced,
     )
 
@@ -357,7 +361,7 @@ def usage_record_many(events: Iterable[UsageEvent]) -> int:
 
 
 # The nullable links of a record, unlinked when their row is gone.
-_LINKS = ("message", "api_key", "model")
+_LINKS = ("message", "api_key", "model", "team")
 
 
 def _row_fields(event: UsageEvent, default_organization: int | None) -> dict[str, Any]:

@@ -198,6 +198,7 @@ def reply_start(*, actor: Principal, conversation_id: int, content: str) -> Conv
             model=model,
             message_id=assistant_message.pk,
             organization_id=actor.organization.pk,
+            team_id=api_key.team_id if api_key else None,
         ),
         metering=reply_metering(
             request_id=reply_id,
@@ -206,6 +207,7 @@ def reply_start(*, actor: Principal, conversation_id: int, content: str) -> Conv
             model=model,
             messages=history,
             parameters=parameters,
+            organization=actor.organization,
         ),
         conversation_id=conversation.pk,
         user_message_id=user_message.pk,

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from accounts.metering import MeteringRequest, MeteringSubject
-from accounts.models import APIKey, User
+from accounts.models import APIKey, Organization, User
 
 from .selectors import EnabledModel
 
@@ -45,10 +45,14 @@ def reply_metering(
     model: EnabledModel,
     messages: list[dict[str, Any]],
     parameters: Mapping[str, Any],
+    organization: Organization | None = None,
 ) -> MeteringRequest:
     """Return the ``MeteringRequest`` of a reply of ``model`` to ``messages`` with request fields ``parameters``.
 
-    Subjects: the user, the API key used (if any) and the model, each with its rate limits.
+    Subjects: the user, the API key used (if any), the key's team (if it has one: ``api_key.team``
+    must be loaded, as ``accounts.selectors.api_key_authenticate`` does), the ``organization`` the
+    request acts in, and the model, each with its rate limits. Budgets of any of them apply
+    (``accounts.metering.budgets.budgets_for``: a dict lookup in the process cache, no query).
     Prompt tokens are counted before the call by the model's tokenizer (``llm.tokens``); CPU only,
     fine on the event loop. Size and prices: those of whichever of ``model`` and its fallbacks
     (``EnabledModel.fallbacks``, which may serve the reply) could cost the most, so that the budget
@@ -58,6 +62,11 @@ def reply_metering(
     subjects = [MeteringSubject("user", user.pk, user.rate_limits)]
     if api_key is not None:
         subjects.append(MeteringSubject("api_key", api_key.pk, api_key.rate_limits))
+        if api_key.team_id is not None:
+            assert api_key.team is not None  # noqa: S101 - team_id says so (loaded with the key)
+            subjects.append(MeteringSubject("team", api_key.team_id, api_key.team.rate_limits))
+    if organization is not None:
+        subjects.append(MeteringSubject("organization", organization.pk, organization.rate_limits))
     subjects.append(MeteringSubject("model", model.id, model.limits))
     prompt_tokens = model.tokenizer.count_prompt(messages)
     servers = [model, *(route.model for route in model.fallbacks if isinstance(route.model, EnabledModel))]

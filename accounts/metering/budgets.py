@@ -77,8 +77,13 @@ if TYPE_CHECKING:  # accounts.models imports this package (its types): models ar
 logger = logging.getLogger(__name__)
 
 # Which usage rows a subject kind's spend is the sum of: the UsageRecord field holding its id. A new
-# subject kind (a team, an organization) adds its choice on Budget and its rows here.
-SUBJECT_USAGE_FIELDS: dict[str, str] = {"user": "user_id", "api_key": "api_key_id"}
+# subject kind adds its choice on Budget and its rows here.
+SUBJECT_USAGE_FIELDS: dict[str, str] = {
+    "user": "user_id",
+    "api_key": "api_key_id",
+    "team": "team_id",
+    "organization": "organization_id",
+}
 _LIFETIME_END = 1e12  # Unix seconds past any row's creation: the end of a lifetime budget's "period"
 _COUNTER_MARGIN_SECONDS = 86400  # a counter outlives its period by a day, then Redis drops it
 _SEED_ATTEMPTS = 3

@@ -89,7 +89,14 @@ CONCURRENCY_RETRY_AFTER_SECONDS = 1
 # Seconds admissions fail at once after the store was found unreachable, before it is tried again.
 UNREACHABLE_RETRY_SECONDS = 1.0
 
-_SUBJECT_NAMES = {"user": "user", "api_key": "API key", "model": "model", "deployment": "deployment"}
+_SUBJECT_NAMES = {
+    "user": "user",
+    "api_key": "API key",
+    "team": "team",
+    "organization": "organization",
+    "model": "model",
+    "deployment": "deployment",
+}
 
 
 def format_reset(seconds: float) -> str:

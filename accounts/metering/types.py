@@ -42,10 +42,10 @@ NO_LIMITS = RateLimits()
 class MeteringSubject:
     """One party a request counts against: ``kind`` and the row's ``id``, with its rate limits.
 
-    Kinds today: ``"user"``, ``"api_key"`` (budgets and rate limits), ``"model"`` (rate limits:
+    Kinds today: ``"user"``, ``"api_key"``, ``"team"`` (an API key's team), ``"organization"``
+    (the organization a request acts in) (budgets and rate limits), ``"model"`` (rate limits:
     a model's upstream quota) and ``"deployment"`` (rate limits: one deployment's share of its
-    provider's quota, taken by ``llm.routing`` when it tries that deployment). Teams or
-    organizations become new kinds, not a new mechanism.
+    provider's quota, taken by ``llm.routing`` when it tries that deployment).
     """
 
     kind: str

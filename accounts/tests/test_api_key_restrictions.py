@@ -224,6 +224,9 @@ def test_rotation_refuses_the_old_secret_and_accepts_the_new_on_the_same_row(aut
         "expires_at",
         "allowed_models",
         "scopes",
+        "team",
+        "owner",
+        "created_by",
         "key",
     }
     assert rotated["id"] == created.api_key.pk

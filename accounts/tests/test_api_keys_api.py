@@ -32,6 +32,9 @@ def test_create_shows_the_secret_once_and_the_list_never(auth_client, user):
         "expires_at",
         "allowed_models",
         "scopes",
+        "team",
+        "owner",
+        "created_by",
     }
     assert set(created) == {*shown, "key"}
     secret = created["key"]

@@ -69,7 +69,7 @@ def test_a_budget_for_a_missing_subject_is_refused(client_for, admin_user):
         ("limit_usd", "1e3"),
         ("subject_id", "3"),
         ("enabled", "yes"),
-        ("subject_kind", "team"),
+        ("subject_kind", "group"),
     ],
 )
 def test_wrong_types_and_values_are_400(client_for, admin_user, user, field, value):
@@ -134,5 +134,5 @@ def test_admin_site_refuses_a_budget_for_a_missing_subject(admin_site):
         "/admin/accounts/budget/add/",
         {"name": "ghost", "subject_kind": "user", "subject_id": "987654", "period": "monthly", "limit_usd": "1"},
     )
-    assert page.status_code == 200 and "No User has id 987654." in page.content.decode()
+    assert page.status_code == 200 and "No user has id 987654 in this organization." in page.content.decode()
     assert not Budget.objects.exists()

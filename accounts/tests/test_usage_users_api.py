@@ -93,7 +93,16 @@ def test_an_admin_lists_users(client_for, admin_user, user, other_user):
     page = response.json()
     assert page["count"] == 3
     assert {row["username"] for row in page["results"]} == {admin_user.username, user.username, other_user.username}
-    assert set(page["results"][0]) == {"id", "username", "email", "role", "is_active", "date_joined", "last_login"}
+    assert set(page["results"][0]) == {
+        "id",
+        "username",
+        "email",
+        "role",
+        "is_active",
+        "is_service_account",
+        "date_joined",
+        "last_login",
+    }
     assert "password" not in response.content.decode()
 
 

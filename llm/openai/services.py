@@ -97,6 +97,7 @@ def openai_chat_start(
             api_key_id=principal.api_key.pk if principal.api_key else None,
             model=model,
             organization_id=principal.organization.pk,
+            team_id=principal.api_key.team_id if principal.api_key else None,
         ),
         metering=reply_metering(
             request_id=completion_id,
@@ -105,6 +106,7 @@ def openai_chat_start(
             model=model,
             messages=messages,
             parameters=merged,
+            organization=principal.organization,
         ),
         created=int(time.time()),
         stream=stream,
