@@ -20,7 +20,7 @@ from django.utils import timezone
 from chatbackend.errors import ApplicationError, NotFoundError, error_type_for_status
 
 from .keys import hash_secret
-from .models import APIKey, AuditEvent, Budget, Membership, Organization, UsageRecord, User
+from .models import APIKey, AuditEvent, Budget, Membership, Organization, Team, UsageRecord, User
 from .services import api_key_last_used_update
 from .usage import REFUSED
 
@@ -179,6 +179,17 @@ def api_key_authenticate(*, secret: str) -> APIKey:
         api_key_last_used_update(api_key_id=api_key.pk, at=now)
         api_key.last_used_at = now
     return api_key
+
+
+def team_list_restricting_models(*, user: User, api_key: APIKey | None, organization: Organization) -> QuerySet[Team]:
+    """Return the teams whose ``allowed_models`` restrict what ``user`` (with ``api_key``, if any)
+    may use in ``organization``: their teams there with a non-empty list (``accounts.model_access``).
+
+    A team with an empty list imposes nothing, so it is left out; none returned: no team restricts.
+    ``api_key`` does not narrow the teams yet (every team of the user applies, whatever key it
+    uses); a key owned by a team would narrow this to that team, here and nowhere else. One query.
+    """
+    return Team.objects.filter(organization=organization, memberships__user=user).exclude(allowed_models=[])
 
 
 def _in_organization(objects: QuerySet[Any], *, actor: User, acting: ActingOrganization | None) -> QuerySet[Any]:
