@@ -12,9 +12,12 @@ from typing import Any
 
 import pytest
 from channels.testing import WebsocketCommunicator
+from django.db import connection
 from django.test import AsyncClient
+from django.test.utils import CaptureQueriesContext
 
-from accounts.model_access import model_access_cache
+from accounts.authentication import principal_for
+from accounts.model_access import model_access_cache, model_access_for, model_access_for_async
 from accounts.models import Membership, Organization, Team, TeamMembership
 from accounts.services import api_key_create
 from chatbackend.asgi import application
@@ -248,3 +251,19 @@ async def test_creating_a_conversation_with_a_model_outside_the_teams_list_is_a_
         headers=headers,
     )
     assert_error(changed, 404, code="model_not_found", param="model")
+
+
+async def test_a_callers_access_read_once_is_answered_without_a_query(user, other_models):
+    await run_sync(team_with, ["fast"], user)
+    principal = await run_sync(principal_for, user=user)
+    first = await model_access_for_async(principal=principal)  # a miss: read, then cached
+
+    def again() -> tuple[Any, int]:
+        with CaptureQueriesContext(connection) as queries:
+            access = model_access_for(principal=principal)
+        return access, len(queries)
+
+    access, queries = await run_sync(again)
+
+    assert (access, queries) == (first, 0)
+    assert access.allows("fast", "sim-model") and not access.allows("sim-model")
