@@ -27,6 +27,12 @@ class AccountsConfig(AppConfig):
         principal_cache.invalidate_on(Membership)
         principal_cache.invalidate_on(Organization)  # a slug renamed, rate limits: principals carry it
         principal_cache.invalidate_on(Team)  # rate limits: principals carry their key's team
+        # Model access (accounts.model_access): an organization's or a team's list, or who is in a team.
+        from .model_access import model_access_cache
+        from .models import TeamMembership
+
+        for model in (Organization, Team, TeamMembership, Membership, APIKey):
+            model_access_cache.invalidate_on(model)
         # Every new user joins the default organization (single-tenant installations need no more).
         post_save.connect(_join_default_organization, sender=User, dispatch_uid="accounts.join_default_organization")
         # Budgets are cached per process (accounts.metering.budgets): a change reaches every process.

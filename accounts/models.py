@@ -6,6 +6,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from django.apps import apps
 from django.conf import settings
 from django.contrib.auth.models import AbstractUser
 from django.core.exceptions import ValidationError
@@ -48,6 +49,32 @@ class RateLimited(models.Model):
 
 DEFAULT_ORGANIZATION_SLUG = "default"
 
+ALLOWED_MODELS_HELP = (
+    "model and alias names members and keys may use (a model's name allows its aliases); empty for all"
+)
+
+
+def allowed_models_clean(names: object) -> list[str]:
+    """Return ``names`` (an ``allowed_models`` value; None: empty) as a list without repeats, in order.
+
+    Raises ``ValidationError`` (on ``allowed_models``) unless it is a list of names of existing
+    models or aliases, naming the unknown ones. The ``llm`` models are looked up through the app
+    registry: ``accounts`` sits below ``llm`` and does not import it (README, "Architecture").
+    """
+    if names is None:  # the admin's emptied JSON field
+        return []
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ValidationError({"allowed_models": 'Give a JSON list of model or alias names, e.g. ["gpt-4o", "fast"].'})
+    names = list(dict.fromkeys(names))
+    known: set[str] = set()
+    for model_name in ("LLMModel", "ModelAlias"):
+        rows = apps.get_model("llm", model_name)._default_manager.filter(name__in=names)
+        known.update(rows.values_list("name", flat=True))
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValidationError({"allowed_models": f"No model or alias is called {', '.join(map(repr, unknown))}."})
+    return names
+
 
 class OrganizationQuerySet(models.QuerySet["Organization"]):
     def default(self) -> Organization:
@@ -71,6 +98,8 @@ class Organization(RateLimited):
     name = models.CharField(max_length=100)
     slug = models.SlugField(max_length=64, unique=True, help_text="short name, sent as the OpenAI-Organization header")
     created_at = models.DateTimeField(auto_now_add=True)
+    # Model access (``accounts.model_access``): what its members and keys may use.
+    allowed_models = models.JSONField(default=list, blank=True, help_text=ALLOWED_MODELS_HELP)
 
     objects = OrganizationQuerySet.as_manager()
 
@@ -79,6 +108,10 @@ class Organization(RateLimited):
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self) -> None:
+        """Refuse an ``allowed_models`` naming no model or alias (the admin's form calls this)."""
+        self.allowed_models = allowed_models_clean(self.allowed_models)
 
 
 def default_organization_id() -> int:
@@ -103,6 +136,8 @@ class Team(RateLimited):
     name = models.CharField(max_length=100)
     slug = models.SlugField(max_length=64)
     created_at = models.DateTimeField(auto_now_add=True)
+    # Model access (``accounts.model_access``): narrows the organization's for the team's members.
+    allowed_models = models.JSONField(default=list, blank=True, help_text=ALLOWED_MODELS_HELP)
 
     class Meta:
         ordering = ["organization", "name", "id"]
@@ -112,6 +147,10 @@ class Team(RateLimited):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.organization})"
+
+    def clean(self) -> None:
+        """Refuse an ``allowed_models`` naming no model or alias (the admin's form calls this)."""
+        self.allowed_models = allowed_models_clean(self.allowed_models)
 
 
 class User(AbstractUser, RateLimited):

@@ -20,7 +20,7 @@ from django.utils import timezone
 from chatbackend.errors import ApplicationError, NotFoundError, error_type_for_status
 
 from .keys import hash_secret
-from .models import APIKey, AuditEvent, Budget, Membership, Organization, UsageRecord, User
+from .models import APIKey, AuditEvent, Budget, Membership, Organization, Team, UsageRecord, User
 from .services import api_key_last_used_update
 from .usage import REFUSED
 
@@ -179,6 +179,19 @@ def api_key_authenticate(*, secret: str) -> APIKey:
         api_key_last_used_update(api_key_id=api_key.pk, at=now)
         api_key.last_used_at = now
     return api_key
+
+
+def team_list_restricting_models(*, user: User, api_key: APIKey | None, organization: Organization) -> QuerySet[Team]:
+    """Return the teams whose ``allowed_models`` restrict what ``user`` (with ``api_key``, if any)
+    may use in ``organization`` (``accounts.model_access``): a key assigned to a team (``APIKey.team``,
+    a team-owned service key too) speaks for that team alone, so only its list applies; otherwise
+    every team of the user there applies. Teams with an empty list impose nothing and are left out;
+    none returned: no team restricts. One query.
+    """
+    teams = Team.objects.filter(organization=organization).exclude(allowed_models=[])
+    if api_key is not None and api_key.team_id is not None:
+        return teams.filter(pk=api_key.team_id)
+    return teams.filter(memberships__user=user)
 
 
 def _in_organization(objects: QuerySet[Any], *, actor: User, acting: ActingOrganization | None) -> QuerySet[Any]:

@@ -22,7 +22,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from accounts.authentication import request_api_key, request_principal
+from accounts.authentication import request_principal
+from accounts.model_access import model_access_for
 from accounts.models import APIKey
 from accounts.serializers import ErrorOutputSerializer
 from chatbackend.http import sse_event_schema
@@ -134,7 +135,7 @@ class ConversationViewSet(
             model_name=data["model"],
             title=data["title"],
             system_prompt=data["system_prompt"],
-            api_key=actor.api_key,
+            access=model_access_for(principal=actor),
         )
         return Response(ConversationOutputSerializer(conversation).data, status=status.HTTP_201_CREATED)
 
@@ -143,7 +144,9 @@ class ConversationViewSet(
         serializer = ConversationUpdateInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         conversation = conversation_update(
-            conversation=self._own_conversation(), data=serializer.validated_data, api_key=request_api_key(request)
+            conversation=self._own_conversation(),
+            data=serializer.validated_data,
+            access=model_access_for(principal=request_principal(request)),
         )
         return Response(ConversationOutputSerializer(conversation).data)
 

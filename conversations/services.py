@@ -13,7 +13,8 @@ from django.db.models import Q
 from django.utils import timezone
 
 from accounts.authentication import Principal
-from accounts.models import APIKey, Organization, UsageRecord, User
+from accounts.model_access import UNRESTRICTED, ModelAccess, model_access_for
+from accounts.models import Organization, UsageRecord, User
 from accounts.usage import usage_account, usage_context
 from chatbackend.errors import ApplicationError, NotFoundError
 from chatbackend.liveness import PROCESS_ID, process_alive
@@ -41,16 +42,17 @@ def conversation_create(
     model_name: str,
     title: str = "",
     system_prompt: str = "",
-    api_key: APIKey | None = None,
+    access: ModelAccess | None = None,
     organization: Organization | None = None,
 ) -> Conversation:
     """Create a conversation of ``owner`` in ``organization`` (None: the default organization) with
     the enabled model ``model_name``. Raises ``ApplicationError``.
 
-    ``api_key``: the key the caller used, if any; a model outside its allowlist is a 404
-    ``model_not_found`` (``llm.selectors.llm_model_get_enabled_for``).
+    ``access``: what the caller may use (``accounts.model_access.model_access_for``; None: every
+    model, for callers that act for no request); a model outside it is a 404 ``model_not_found``
+    (``llm.selectors.llm_model_get_enabled_for``).
     """
-    model = llm_model_get_enabled_for(api_key=api_key, name=model_name)
+    model = llm_model_get_enabled_for(access=access or UNRESTRICTED, name=model_name)
     if organization is None:
         organization = Organization.objects.default()
     return Conversation.objects.create(
@@ -59,11 +61,11 @@ def conversation_create(
 
 
 def conversation_update(
-    *, conversation: Conversation, data: dict[str, Any], api_key: APIKey | None = None
+    *, conversation: Conversation, data: dict[str, Any], access: ModelAccess | None = None
 ) -> Conversation:
     """Update ``title``, ``system_prompt`` and/or ``model`` (an enabled model's name) from ``data``.
 
-    ``api_key``: as ``conversation_create``'s; a model outside its allowlist is a 404 ``model_not_found``.
+    ``access``: as ``conversation_create``'s; a model outside it is a 404 ``model_not_found``.
     """
     fields: list[str] = []
     for name in ("title", "system_prompt"):
@@ -71,7 +73,7 @@ def conversation_update(
             setattr(conversation, name, data[name])
             fields.append(name)
     if "model" in data:
-        conversation.model = llm_model_get_enabled_for(api_key=api_key, name=data["model"])
+        conversation.model = llm_model_get_enabled_for(access=access or UNRESTRICTED, name=data["model"])
         fields.append("model")
     if fields:
         conversation.save(update_fields=[*fields, "updated_at"])
@@ -167,13 +169,14 @@ def reply_start(*, actor: Principal, conversation_id: int, content: str) -> Conv
     (``streaming``) are written before any upstream call. The history sent upstream is the
     conversation's system prompt and messages. Raises ``NotFoundError`` for a conversation
     ``actor`` may not see, ``ApplicationError`` for empty content or a disabled model, and 404
-    ``model_not_found`` when the actor's API key may not use the conversation's model (its allowlist).
+    ``model_not_found`` when the actor may not use the conversation's model (``accounts.model_access``:
+    its organization's, teams' or key's allowlist).
     """
     user, api_key = actor.user, actor.api_key
     content = _validate_content(content)
     conversation = conversation_get_for(actor=actor, conversation_id=conversation_id, to_change=True)
     # Cached in the process: no query on a hit.
-    model = enabled_model_get_for(api_key=api_key, name=conversation.model.name)
+    model = enabled_model_get_for(access=model_access_for(principal=actor), name=conversation.model.name)
     try:
         assistant_message, user_message, history = _reply_messages_create(
             conversation=conversation, content=content, model_name=model.name

@@ -10,7 +10,8 @@ from rest_framework.generics import ListAPIView
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from accounts.authentication import request_api_key
+from accounts.authentication import request_principal
+from accounts.model_access import model_access_for
 from accounts.scopes import MODELS_SCOPE
 from accounts.serializers import ErrorOutputSerializer
 
@@ -22,7 +23,8 @@ from .serializers import LLMModelOutputSerializer
 class LLMModelListApi(ListAPIView):
     """List the enabled models (on enabled providers) by name, with their prices per million tokens.
 
-    A caller using an API key with a model allowlist sees only the models it may use.
+    A caller sees only the models it may use: those its organization's, its teams' and its key's
+    allowlists allow (``accounts.model_access``).
     """
 
     serializer_class = LLMModelOutputSerializer
@@ -30,7 +32,7 @@ class LLMModelListApi(ListAPIView):
     api_key_scopes = {"GET": MODELS_SCOPE}  # accounts.scopes: chatting or reading
 
     def get_queryset(self) -> QuerySet[LLMModel]:
-        return llm_model_list_for(api_key=request_api_key(self.request))
+        return llm_model_list_for(access=model_access_for(principal=request_principal(self.request)))
 
     @extend_schema(
         tags=["models"],

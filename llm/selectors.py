@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from django.db.models import Q, QuerySet
 
 from accounts.metering import MeteringSubject, RateLimits
-from accounts.models import APIKey
+from accounts.model_access import ModelAccess
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError
 from chatbackend.lookup_cache import LookupCache
@@ -32,28 +32,29 @@ def llm_model_list_enabled() -> QuerySet[LLMModel]:
     return LLMModel.objects.filter(enabled=True, provider__enabled=True).select_related("provider")
 
 
-def llm_model_list_for(*, api_key: APIKey | None) -> QuerySet[LLMModel]:
-    """Return the enabled models (``llm_model_list_enabled``) a caller using ``api_key`` may pick.
+def llm_model_list_for(*, access: ModelAccess) -> QuerySet[LLMModel]:
+    """Return the enabled models (``llm_model_list_enabled``) a caller with ``access`` may pick.
 
-    None (a JWT or session) or a key with an empty ``allowed_models``: every enabled model. Else
-    the models named in the allowlist (a model reached only through an allowed alias is not listed
-    by its own name, which the key may not send: ``model_check_allowed``).
+    ``access`` (``accounts.model_access``: the organization's, teams' and key's allowlists): the
+    models named in every list; every enabled model when none applies. A model reached only
+    through an allowed alias is not listed by its own name, which the caller may not send
+    (``model_check_allowed``).
     """
     models = llm_model_list_enabled()
-    if api_key is None or not api_key.allowed_models:
-        return models
-    return models.filter(name__in=api_key.allowed_models)
+    for allowed in access.lists:
+        models = models.filter(name__in=allowed)
+    return models
 
 
-def model_alias_list_for(*, api_key: APIKey | None) -> QuerySet[ModelAlias]:
-    """Return the enabled aliases (``model_alias_list_enabled``) a caller using ``api_key`` may send.
+def model_alias_list_for(*, access: ModelAccess) -> QuerySet[ModelAlias]:
+    """Return the enabled aliases (``model_alias_list_enabled``) a caller with ``access`` may send.
 
-    With an allowlist: the aliases named in it and the aliases of the models named in it.
+    Those that every list names, by their own name or by their model's.
     """
     aliases = model_alias_list_enabled()
-    if api_key is None or not api_key.allowed_models:
-        return aliases
-    return aliases.filter(Q(name__in=api_key.allowed_models) | Q(model__name__in=api_key.allowed_models))
+    for allowed in access.lists:
+        aliases = aliases.filter(Q(name__in=allowed) | Q(model__name__in=allowed))
+    return aliases
 
 
 def llm_model_get_enabled(*, name: str) -> LLMModel:
@@ -91,39 +92,39 @@ def model_alias_list_enabled() -> QuerySet[ModelAlias]:
 ModelT = TypeVar("ModelT", LLMModel, "EnabledModel")
 
 
-def model_check_allowed(*, api_key: APIKey | None, name: str, model_name: str) -> None:
-    """Refuse ``name`` (resolving to the model ``model_name``) unless ``api_key`` may use it.
+def model_check_allowed(*, access: ModelAccess, name: str, model_name: str) -> None:
+    """Refuse ``name`` (resolving to the model ``model_name``) unless a caller with ``access`` may use it.
 
-    Allowed: no key (a JWT or session caller), a key without an allowlist, or one whose
-    ``allowed_models`` holds ``name`` or ``model_name`` (a model's name allows its aliases).
-    Raises ``model_not_found_error(name)``: a model the key may not use answers exactly as one
+    Allowed when every allowlist that applies (``accounts.model_access``: the organization's, the
+    teams', the key's) holds ``name`` or ``model_name`` (a model's name allows its aliases).
+    Raises ``model_not_found_error(name)``: a model the caller may not use answers exactly as one
     that does not exist (404 ``model_not_found``).
     """
-    if api_key is not None and not api_key.allows_model(name, model_name):
+    if not access.allows(name, model_name):
         raise model_not_found_error(name)
 
 
-def _get_for(api_key: APIKey | None, name: str, model: ModelT | ApplicationError) -> ModelT:
-    """Return ``model`` (or raise the lookup's error) as a caller using ``api_key`` may see it.
+def _get_for(access: ModelAccess, name: str, model: ModelT | ApplicationError) -> ModelT:
+    """Return ``model`` (or raise the lookup's error) as a caller with ``access`` may see it.
 
-    A lookup error for a name outside the key's allowlist is the 404 of a model that does not
-    exist: a disabled model the key may not use is not told apart from a missing one.
+    A lookup error for a name outside the caller's allowlists is the 404 of a model that does
+    not exist: a disabled model the caller may not use is not told apart from a missing one.
     """
     if isinstance(model, ApplicationError):
-        if api_key is not None and not api_key.allows_model(name):
+        if not access.allows(name):
             raise model_not_found_error(name) from None
         raise model
-    model_check_allowed(api_key=api_key, name=name, model_name=model.name)
+    model_check_allowed(access=access, name=name, model_name=model.name)
     return model
 
 
-def llm_model_get_enabled_for(*, api_key: APIKey | None, name: str) -> LLMModel:
-    """``llm_model_get_enabled`` for a caller using ``api_key``: 404 ``model_not_found`` outside its allowlist."""
+def llm_model_get_enabled_for(*, access: ModelAccess, name: str) -> LLMModel:
+    """``llm_model_get_enabled`` for a caller with ``access``: 404 ``model_not_found`` outside it."""
     try:
         model: LLMModel | ApplicationError = llm_model_get_enabled(name=name)
     except ApplicationError as error:
         model = error
-    return _get_for(api_key, name, model)
+    return _get_for(access, name, model)
 
 
 def provider_config_for(*, model: LLMModel) -> ProviderConfig:
@@ -295,25 +296,27 @@ def enabled_model_get(*, name: str) -> EnabledModel:
     return model
 
 
-def enabled_model_get_for(*, api_key: APIKey | None, name: str) -> EnabledModel:
-    """``enabled_model_get`` for a caller using ``api_key``: 404 ``model_not_found`` outside its allowlist.
+def enabled_model_get_for(*, access: ModelAccess, name: str) -> EnabledModel:
+    """``enabled_model_get`` for a caller with ``access`` (``accounts.model_access.model_access_for``):
+    404 ``model_not_found`` outside it.
 
-    Sync. The allowlist is compared on every call (the key may be cached): ``model_check_allowed``.
+    Sync. The allowlists are compared on every call (the model snapshot is shared): ``model_check_allowed``.
     """
     try:
         model: EnabledModel | ApplicationError = enabled_model_get(name=name)
     except ApplicationError as error:
         model = error
-    return _get_for(api_key, name, model)
+    return _get_for(access, name, model)
 
 
-async def enabled_model_get_for_async(*, api_key: APIKey | None, name: str) -> EnabledModel:
-    """``enabled_model_get_for`` on the event loop (``enabled_model_get_async``): what ``/v1`` calls."""
+async def enabled_model_get_for_async(*, access: ModelAccess, name: str) -> EnabledModel:
+    """``enabled_model_get_for`` on the event loop (``enabled_model_get_async``): what ``/v1`` calls,
+    with ``access`` from ``accounts.model_access.model_access_for_async``."""
     try:
         model: EnabledModel | ApplicationError = await enabled_model_get_async(name=name)
     except ApplicationError as error:
         model = error
-    return _get_for(api_key, name, model)
+    return _get_for(access, name, model)
 
 
 async def enabled_model_get_async(*, name: str) -> EnabledModel:

@@ -30,6 +30,7 @@ from django.http import HttpRequest, HttpResponseBase, JsonResponse
 
 from accounts.authentication import Principal
 from accounts.endpoints import async_endpoint, parse_json, request_body
+from accounts.model_access import model_access_for_async
 from accounts.models import APIKey, UsageRecord
 from chatbackend.asyncdb import run_sync
 
@@ -56,7 +57,9 @@ async def _messages_start(principal: Principal, raw_body: bytes) -> ChatCompleti
     check_fields(body, _CREATE_FIELDS)
     messages = openai_messages(data)
     parameters = openai_parameters(data)
-    model = await enabled_model_get_for_async(api_key=principal.api_key, name=data["model"])
+    model = await enabled_model_get_for_async(
+        access=await model_access_for_async(principal=principal), name=data["model"]
+    )
     start = functools.partial(
         openai_chat_start,
         principal=principal,
@@ -135,7 +138,9 @@ async def messages_count_tokens(request: HttpRequest, principal: Principal) -> H
     check_fields(body, _COUNT_FIELDS)
     messages = openai_messages(data)
     tools = openai_parameters(data).get("tools") or []
-    model = await enabled_model_get_for_async(api_key=principal.api_key, name=data["model"])
+    model = await enabled_model_get_for_async(
+        access=await model_access_for_async(principal=principal), name=data["model"]
+    )
     if len(raw_body) > COUNT_ON_LOOP_MAX_BYTES:
         count = await run_sync(_count_input_tokens, model, messages, tools)
     else:

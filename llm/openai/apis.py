@@ -20,6 +20,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from accounts.authentication import Principal
 from accounts.endpoints import async_endpoint, parse_json, request_body
+from accounts.model_access import model_access_for_async
 from accounts.models import APIKey
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import error_response, unknown_url_error
@@ -42,13 +43,16 @@ async def _chat_start(principal: Principal, raw_body: bytes) -> ChatCompletionPl
     """Parse and validate the request body and plan the reply.
 
     On the event loop: parsing, validation and planning are CPU only, and the model comes from
-    this process's cache (``enabled_model_get_for_async``: 404 outside the key's allowlist), so
-    the only worker-thread hops are a cache miss's model read and, for a body over
-    ``COUNT_ON_LOOP_MAX_BYTES``, the planning (its prompt's token count).
+    this process's cache (``enabled_model_get_for_async``: 404 outside the caller's allowlists,
+    themselves cached: ``accounts.model_access``), so the only worker-thread hops are a cache
+    miss's read and, for a body over ``COUNT_ON_LOOP_MAX_BYTES``, the planning (its prompt's
+    token count).
     """
     body = parse_json(raw_body)
     data = _CHAT_INPUT.run_validation(body)
-    model = await enabled_model_get_for_async(api_key=principal.api_key, name=data["model"])
+    model = await enabled_model_get_for_async(
+        access=await model_access_for_async(principal=principal), name=data["model"]
+    )
     # Sent upstream as the client wrote them (validation does not change them); unknown fields
     # pass through for provider extensions, nulls mean "the default".
     parameters = {key: value for key, value in body.items() if value is not None and key not in RESERVED_PARAMETERS}

@@ -15,7 +15,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from accounts.authentication import Principal
 from accounts.endpoints import async_endpoint
-from accounts.models import APIKey
+from accounts.model_access import ModelAccess, model_access_for_async
 from accounts.scopes import MODELS_SCOPE
 from chatbackend.asyncdb import run_sync
 
@@ -47,15 +47,15 @@ def _alias_object(alias: ModelAlias) -> dict[str, Any]:
     }
 
 
-def _model_list(api_key: APIKey | None) -> dict[str, Any]:
-    objects = [_model_object(model) for model in llm_model_list_for(api_key=api_key)]
-    objects += [_alias_object(alias) for alias in model_alias_list_for(api_key=api_key)]
+def _model_list(access: ModelAccess) -> dict[str, Any]:
+    objects = [_model_object(model) for model in llm_model_list_for(access=access)]
+    objects += [_alias_object(alias) for alias in model_alias_list_for(access=access)]
     return {"object": "list", "data": sorted(objects, key=lambda entry: entry["id"])}
 
 
-def _model_retrieve(name: str, api_key: APIKey | None) -> dict[str, Any]:
-    # Raises for a name that is neither, is disabled, or is outside the key's allowlist.
-    model = llm_model_get_enabled_for(api_key=api_key, name=name)
+def _model_retrieve(name: str, access: ModelAccess) -> dict[str, Any]:
+    # Raises for a name that is neither, is disabled, or is outside the caller's allowlists.
+    model = llm_model_get_enabled_for(access=access, name=name)
     if model.name == name:
         return _model_object(model)
     alias = model_alias_list_enabled().filter(name=name).first()
@@ -68,18 +68,20 @@ def _model_retrieve(name: str, api_key: APIKey | None) -> dict[str, Any]:
 async def model_list(request: HttpRequest, principal: Principal) -> HttpResponse:
     """``GET /v1/models``: the enabled models and aliases by ``id``, as OpenAI's ``ListModelsResponse``.
 
-    A key with a model allowlist (``APIKey.allowed_models``) sees only the models and aliases it may use.
+    A caller sees only the models and aliases it may use: those its organization's, its teams' and
+    its key's allowlists allow (``accounts.model_access``).
     """
-    return JsonResponse(await run_sync(_model_list, principal.api_key))
+    return JsonResponse(await run_sync(_model_list, await model_access_for_async(principal=principal)))
 
 
 @async_endpoint("GET", scope=MODELS_SCOPE)
 async def model_retrieve(request: HttpRequest, principal: Principal, model: str) -> HttpResponse:
     """``GET /v1/models/{model}``: one enabled model or alias; 404 ``model_not_found``, 400 ``model_disabled``.
 
-    A model or alias outside the caller's key's allowlist is a 404 ``model_not_found``, as if it did not exist.
+    A model or alias outside the caller's allowlists (``accounts.model_access``) is a 404
+    ``model_not_found``, as if it did not exist.
     """
-    return JsonResponse(await run_sync(_model_retrieve, model, principal.api_key))
+    return JsonResponse(await run_sync(_model_retrieve, model, await model_access_for_async(principal=principal)))
 
 
 __all__ = ["model_list", "model_retrieve"]

@@ -19,6 +19,7 @@ from django.http import HttpRequest, HttpResponseBase, JsonResponse
 
 from accounts.authentication import Principal
 from accounts.endpoints import async_endpoint, parse_json, request_body
+from accounts.model_access import model_access_for_async
 from accounts.models import APIKey, UsageRecord
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError, error_response
@@ -41,7 +42,9 @@ async def _response_start(principal: Principal, raw_body: bytes) -> tuple[ChatCo
         raise ApplicationError("The request body must be a JSON object.", code="invalid_type", param=None)
     data = _RESPONSE_INPUT.run_validation(body)
     request = responses_request(body, data)
-    model = await enabled_model_get_for_async(api_key=principal.api_key, name=request.model)
+    model = await enabled_model_get_for_async(
+        access=await model_access_for_async(principal=principal), name=request.model
+    )
     start = functools.partial(
         openai_chat_start,
         principal=principal,
