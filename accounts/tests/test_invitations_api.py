@@ -279,3 +279,30 @@ def test_a_wrong_login_on_accept_is_a_401_not_a_new_account(invite, admin) -> No
     response = _accept(token, APIClient(headers=bearer("not-a-jwt")), username="ada", password=PASSWORD)
     assert response.status_code == 401
     assert not User.objects.filter(username="ada").exists()
+
+
+def test_the_admin_lists_invitations_and_revokes_them_once_audited(invite, admin, admin_site, superuser) -> None:
+    _, token = invite(admin, email="ada@example.com")
+    invitation = Invitation.objects.get()
+    changelist = admin_site.get("/admin/accounts/invitation/")
+    assert changelist.status_code == 200
+    assert "ada@example.com" in changelist.content.decode()
+    assert token not in admin_site.get(f"/admin/accounts/invitation/{invitation.pk}/change/").content.decode()
+    response = admin_site.post(
+        "/admin/accounts/invitation/", {"action": "revoke_selected", "_selected_action": [invitation.pk]}
+    )
+    assert response.status_code == 302
+    assert Invitation.objects.get().revoked_at is not None
+    (event,) = AuditEvent.objects.filter(action=Action.INVITATION_REVOKED)
+    assert event.actor == superuser
+    assert _error(_accept(token, username="ada", password=NEW_PASSWORD), 400)["code"] == "invitation_revoked"
+
+
+def test_no_log_line_holds_the_token(invite, admin, caplog) -> None:
+    caplog.set_level("DEBUG")
+    _, token = invite(admin, email="ada@example.com")
+    assert _accept(token, username="ada", password=NEW_PASSWORD).status_code == 201
+    assert _accept(token, username="ada2", password=NEW_PASSWORD).status_code == 400
+    assert caplog.records  # the task and the requests did log
+    assert token not in caplog.text
+    assert NEW_PASSWORD not in caplog.text
