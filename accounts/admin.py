@@ -32,10 +32,23 @@ from chatbackend.renderers import CSVRenderer
 from .audit import AuditState, audit_model_deleted, audit_model_saved
 from .lifecycle.services import user_deactivate, user_reactivate
 from .metering.budgets import BudgetUsage, budget_usage
-from .models import APIKey, AuditEvent, Budget, Membership, Organization, Team, TeamMembership, UsageRecord, User
+from .models import (
+    APIKey,
+    AuditEvent,
+    Budget,
+    Invitation,
+    Membership,
+    Organization,
+    Team,
+    TeamMembership,
+    UsageRecord,
+    User,
+)
+from .organizations.services import invitation_revoke
 from .selectors import (
     AUDIT_EVENT_CSV_COLUMNS,
     USAGE_SUMMARY_GROUPS,
+    ActingOrganization,
     audit_event_csv_rows,
     usage_current_month,
     usage_summary,
@@ -141,6 +154,57 @@ class TeamAdmin(AuditedModelAdmin):
     search_fields = ("name", "slug", "organization__name")
     prepopulated_fields = {"slug": ("name",)}
     inlines = [TeamMembershipInline]
+
+
+@admin.register(Invitation)
+class InvitationAdmin(admin.ModelAdmin):
+    """Invitations, read-only (they are sent over REST: ``POST /api/invitations/``); revoking is an action."""
+
+    list_display = (
+        "email",
+        "organization",
+        "role",
+        "invited_by",
+        "created_at",
+        "expires_at",
+        "accepted_at",
+        "revoked_at",
+    )
+    list_filter = (
+        "organization",
+        ("accepted_at", admin.EmptyFieldListFilter),
+        ("revoked_at", admin.EmptyFieldListFilter),
+    )
+    list_select_related = ("organization", "invited_by")
+    search_fields = ("email", "organization__name")
+    fields = (
+        "email",
+        "organization",
+        "role",
+        "teams",
+        "invited_by",
+        "created_at",
+        "expires_at",
+        "accepted_at",
+        "accepted_by",
+        "revoked_at",
+    )
+    readonly_fields = fields
+    actions = ("revoke_selected",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    @admin.action(description="Revoke selected invitations", permissions=["change"])
+    def revoke_selected(self, request: HttpRequest, queryset: QuerySet[Invitation]) -> None:
+        """Revoke each selected invitation still pending, through ``invitation_revoke`` (audited)."""
+        count = 0
+        for invitation in queryset.filter(accepted_at=None, revoked_at=None).select_related("organization"):
+            # The admin site's operators act as owners of every organization, as the superuser does.
+            acting = ActingOrganization(invitation.organization, Membership.Role.OWNER)
+            invitation_revoke(actor=request.user, acting=acting, invitation_id=invitation.pk)  # type: ignore[arg-type]
+            count += 1
+        self.message_user(request, f"Revoked {count} invitation(s).", messages.SUCCESS)
 
 
 @admin.register(User)

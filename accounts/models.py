@@ -250,6 +250,41 @@ class TeamMembership(models.Model):
         return f"{self.user} in {self.team}"
 
 
+class Invitation(models.Model):
+    """An invitation of an email address to join an organization, with a role and teams.
+
+    The link emailed to the address carries a signed token (``django.core.signing``) that names
+    this row; the token itself is never stored. It may be accepted once, until ``expires_at``,
+    unless revoked (``accounts.organizations.services``).
+    """
+
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="invitations")
+    email = models.EmailField()
+    role = models.CharField(max_length=16, choices=Membership.Role.choices, default=Membership.Role.MEMBER)
+    teams = models.ManyToManyField(Team, blank=True, related_name="+", help_text="teams the new member joins")
+    invited_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    accepted_at = models.DateTimeField(null=True, blank=True)
+    accepted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["organization", "email"])]
+
+    def __str__(self) -> str:
+        return f"{self.email} to {self.organization} ({self.role})"
+
+    def is_pending(self, now: datetime) -> bool:
+        """Return True while the invitation may still be accepted at ``now``."""
+        return self.accepted_at is None and self.revoked_at is None and self.expires_at > now
+
+
 def api_key_default_scopes() -> list[str]:
     """Return every scope: what a key gets unless its creator narrows it (and what existing keys got)."""
     return list(APIKey.Scope.values)
@@ -566,6 +601,9 @@ class AuditEvent(models.Model):
         TEAM_MEMBERSHIP_CREATED = "team_membership.created", "Member added to a team"
         TEAM_MEMBERSHIP_UPDATED = "team_membership.updated", "Team membership changed"
         TEAM_MEMBERSHIP_DELETED = "team_membership.deleted", "Member removed from a team"
+        INVITATION_CREATED = "invitation.created", "Invitation sent"
+        INVITATION_REVOKED = "invitation.revoked", "Invitation revoked"
+        INVITATION_ACCEPTED = "invitation.accepted", "Invitation accepted"
 
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     action = models.CharField(max_length=32, choices=Action.choices, db_index=True)

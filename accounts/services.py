@@ -48,13 +48,14 @@ def membership_join_default_organization(*, user: User) -> Membership:
     return membership
 
 
-def user_register(*, username: str, password: str, email: str = "") -> User:
+def user_register(*, username: str, password: str, email: str = "", email_proven: bool = False) -> User:
     """Create a ``member`` user.
 
     With ``settings.EMAIL_VERIFICATION_REQUIRED`` the ``email`` is required (``ApplicationError``
     400 naming it) and unverified: a verification link is emailed
     (``accounts.lifecycle.services.email_verification_request``), and the account may not log in
-    or use keys until it is followed.
+    or use keys until it is followed. ``email_proven``: the caller has already proven it owns
+    ``email`` (it followed an invitation link sent there): the account counts as verified.
 
     Raises Django's ``ValidationError`` for a weak password, and ``ApplicationError`` (400,
     ``param`` and ``fields`` naming ``username``, as the serializer's uniqueness check reports it)
@@ -62,7 +63,7 @@ def user_register(*, username: str, password: str, email: str = "") -> User:
     database's unique constraint (the same exact-match rule) lets one insert win and the others
     fail here, inside a savepoint, instead of with an IntegrityError.
     """
-    verify = settings.EMAIL_VERIFICATION_REQUIRED
+    verify = settings.EMAIL_VERIFICATION_REQUIRED and not email_proven
     if verify and not email:
         message = "An email address is required: this server verifies it before the account may log in."
         raise ApplicationError(f"email: {message}", code="required", param="email", fields={"email": [message]})

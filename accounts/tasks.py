@@ -12,6 +12,7 @@ from django.db import InterfaceError, OperationalError
 from .lifecycle.tasks import email_verification_send_task, password_reset_send_task  # noqa: F401 - Celery finds them here
 from .metering.budgets import budget_reconcile, budget_settle_many
 from .models import UsageRecord
+from .organizations.tasks import invitation_send_task  # noqa: F401 - Celery finds it here
 from .usage import UsageEvent, usage_cost, usage_record_many
 
 # While the database or Redis (budget counters) is unreachable a batch is retried (published again

@@ -5,6 +5,7 @@ from rest_framework.routers import SimpleRouter
 
 from . import apis
 from .lifecycle import apis as lifecycle_apis
+from .organizations import apis as organization_apis
 
 app_name = "accounts"
 
@@ -39,5 +40,19 @@ urlpatterns = [
     path("audit-log/", apis.AuditEventListApi.as_view(), name="audit-log"),
     path("users/<int:user_id>/deactivate/", lifecycle_apis.UserDeactivateApi.as_view(), name="user-deactivate"),
     path("users/<int:user_id>/reactivate/", lifecycle_apis.UserReactivateApi.as_view(), name="user-reactivate"),
+    path("organizations/", organization_apis.OrganizationListApi.as_view(), name="organization-list"),
+    path("organization/members/", organization_apis.MemberListApi.as_view(), name="member-list"),
+    path("organization/members/<int:user_id>/", organization_apis.MemberDetailApi.as_view(), name="member-detail"),
+    path("teams/", organization_apis.TeamListCreateApi.as_view(), name="team-list"),
+    path("teams/<slug:team>/", organization_apis.TeamDetailApi.as_view(), name="team-detail"),
+    path("teams/<slug:team>/members/", organization_apis.TeamMemberAddApi.as_view(), name="team-member-add"),
+    path(
+        "teams/<slug:team>/members/<int:user_id>/",
+        organization_apis.TeamMemberRemoveApi.as_view(),
+        name="team-member-remove",
+    ),
+    path("invitations/", organization_apis.InvitationListCreateApi.as_view(), name="invitation-list"),
+    path("invitations/accept/", organization_apis.InvitationAcceptApi.as_view(), name="invitation-accept"),
+    path("invitations/<int:invitation_id>/", organization_apis.InvitationRevokeApi.as_view(), name="invitation-revoke"),
     *router.urls,
 ]

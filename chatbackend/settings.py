@@ -348,7 +348,7 @@ AUTH_PASSWORD_RATE: str = _rate("AUTH_PASSWORD_RATE", "10/minute")
 # --- Account lifecycle (accounts.lifecycle) -------------------------------------------------
 # Links sent by email point at the client's pages, which POST what the link carries back to the API:
 # PASSWORD_RESET_URL?uid=...&token=... to /api/auth/password/reset/confirm/,
-# EMAIL_VERIFICATION_URL?token=... to /api/auth/email/verify/.
+# EMAIL_VERIFICATION_URL?token=... to /api/auth/email/verify/,
 
 
 def _link_base(name: str, default: str) -> str:
@@ -361,6 +361,8 @@ def _link_base(name: str, default: str) -> str:
 
 PASSWORD_RESET_URL: str = _link_base("PASSWORD_RESET_URL", "http://localhost:8000/reset-password")
 EMAIL_VERIFICATION_URL: str = _link_base("EMAIL_VERIFICATION_URL", "http://localhost:8000/verify-email")
+# INVITATION_URL?token=... to /api/invitations/accept/ (accounts.organizations).
+INVITATION_URL: str = _link_base("INVITATION_URL", "http://localhost:8000/accept-invitation")
 # Seconds a password reset link stays valid (Django's PasswordResetTokenGenerator; a use or a
 # login also ends it).
 PASSWORD_RESET_TIMEOUT: int = int(
@@ -375,6 +377,11 @@ EMAIL_VERIFICATION_MAX_AGE_SECONDS: int = int(
         "EMAIL_VERIFICATION_MAX_AGE_SECONDS",
         _get("EMAIL_VERIFICATION_MAX_AGE_SECONDS", env.int, 3 * 86400, "an integer"),
     )
+)
+
+# Seconds an invitation to an organization (its emailed link) stays valid: 7 days by default.
+INVITATION_MAX_AGE_SECONDS: int = int(
+    _positive("INVITATION_MAX_AGE_SECONDS", _get("INVITATION_MAX_AGE_SECONDS", env.int, 7 * 86400, "an integer"))
 )
 
 # --- Email (Django's email backends) ----------------------------------------------------------
@@ -468,6 +475,7 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "UserRoleEnum": "accounts.models.User.Role",
         "MessageRoleEnum": "conversations.models.Message.Role",
+        "MembershipRoleEnum": "accounts.models.Membership.Role",
     },
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",

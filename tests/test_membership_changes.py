@@ -17,8 +17,8 @@ from accounts.models import Membership, Organization
 from accounts.services import api_key_create
 from chatbackend.asgi import application
 from chatbackend.asyncdb import run_sync
-from tests.factories import ConversationFactory
-from tests.kit import bearer, chat_body, post_chat
+from tests.factories import ConversationFactory, UserFactory
+from tests.kit import access_token, bearer, chat_body, post_chat
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -82,3 +82,52 @@ async def test_a_malformed_organization_is_a_4401_not_a_crash(user, token, sim_m
     response = await AsyncClient().get("/v1/models", headers={**bearer(token), "OpenAI-Organization": "a b"})
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "invalid_organization"
+
+
+@pytest.fixture
+async def acme_owner_headers(acme_member) -> dict[str, str]:
+    """Headers of an owner of Acme calling the REST API with a JWT, acting in Acme."""
+    acme, _, _ = acme_member
+    owner = await run_sync(UserFactory)
+    await Membership.objects.acreate(user=owner, organization=acme, role=Membership.Role.OWNER)
+    return {**bearer(await run_sync(access_token, owner)), "OpenAI-Organization": "acme"}
+
+
+async def test_a_role_changed_over_rest_closes_the_members_sockets(user, sim_model, acme_member, acme_owner_headers):
+    acme, membership, secret = acme_member
+    conversation = await run_sync(ConversationFactory, owner=user, model=sim_model, organization=acme)
+    socket = WebsocketCommunicator(application, f"/ws/conversations/{conversation.pk}/?token={secret}")
+    connected, _ = await socket.connect(timeout=TIMEOUT)
+    assert connected
+
+    response = await AsyncClient().patch(
+        f"/api/organization/members/{user.pk}/",
+        {"role": "viewer"},
+        content_type="application/json",
+        headers=acme_owner_headers,
+    )
+
+    assert response.status_code == 200, response.content
+    assert await socket.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": 4401}
+    # Reconnected, the member acts as a viewer now: read-only, so the chat socket is refused.
+    again = WebsocketCommunicator(application, f"/ws/conversations/{conversation.pk}/?token={secret}")
+    connected, _ = await again.connect(timeout=TIMEOUT)
+    assert connected
+    assert await again.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": 4403}
+
+
+async def test_a_member_removed_over_rest_loses_their_sockets_and_key(user, sim_model, acme_member, acme_owner_headers):
+    acme, membership, secret = acme_member
+    conversation = await run_sync(ConversationFactory, owner=user, model=sim_model, organization=acme)
+    socket = WebsocketCommunicator(application, f"/ws/conversations/{conversation.pk}/?token={secret}")
+    connected, _ = await socket.connect(timeout=TIMEOUT)
+    assert connected
+
+    client = AsyncClient()
+    response = await client.delete(f"/api/organization/members/{user.pk}/", headers=acme_owner_headers)
+
+    assert response.status_code == 204, response.content
+    assert await socket.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": 4401}
+    refused = await post_chat(client, chat_body("sim-model"), bearer(secret))
+    assert refused.status_code == 401
+    assert refused.json()["error"]["code"] == "invalid_organization"
