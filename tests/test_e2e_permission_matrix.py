@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -41,7 +42,7 @@ from rest_framework_simplejwt.tokens import RefreshToken
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from accounts.models import APIKey, Budget, Membership, Organization, Team, TeamMembership, User
+from accounts.models import APIKey, Budget, Invitation, Membership, Organization, Team, TeamMembership, User
 from accounts.services import api_key_create
 from conversations.models import Conversation, Message
 from conversations.routing import websocket_urlpatterns
@@ -85,7 +86,7 @@ class Row:
     method: str
     path: str
     expect: str | dict[str, str]
-    body: dict[str, Any] | None = None
+    body: dict[str, Any] | Callable[[World], dict[str, Any]] | None = None
     route: str = ""  # the URL pattern the row covers, when the path does not show it
 
     def statuses(self) -> Iterator[tuple[str | None, str, int]]:
@@ -193,9 +194,9 @@ MATRIX: tuple[Row, ...] = (
         "PATCH",
         "/api/budgets/{budget}/",
         per_object(
-            "401 200 403 403 403 404 404 404 403 403 403 401 403",  # own
-            "401 200 403 403 404 404 404 404 403 403 403 401 404",  # same_team
-            "401 200 403 403 404 404 403 404 403 403 403 401 404",  # other_team
+            "401 200 200 200 403 404 404 404 403 403 200 401 403",  # own
+            "401 200 200 200 404 404 404 404 403 403 200 401 404",  # same_team
+            "401 200 200 200 404 404 403 404 403 403 200 401 404",  # other_team
             "401 200 404 404 404 404 404 403 403 403 404 401 404",  # other_org
         ),
         body={"name": "renamed"},
@@ -204,12 +205,122 @@ MATRIX: tuple[Row, ...] = (
         "DELETE",
         "/api/budgets/{budget}/",
         per_object(
-            "401 204 403 403 403 404 404 404 403 403 403 401 403",  # own
-            "401 204 403 403 404 404 404 404 403 403 403 401 404",  # same_team
-            "401 204 403 403 404 404 403 404 403 403 403 401 404",  # other_team
+            "401 204 204 204 403 404 404 404 403 403 204 401 403",  # own
+            "401 204 204 204 404 404 404 404 403 403 204 401 404",  # same_team
+            "401 204 204 204 404 404 403 404 403 403 204 401 404",  # other_team
             "401 204 404 404 404 404 404 403 403 403 404 401 404",  # other_org
         ),
     ),
+    Row("GET", "/api/organizations/", "401 200 200 200 200 200 200 200 403 200 200 401 200"),
+    Row("GET", "/api/organization/members/", "401 200 200 200 200 200 200 200 403 200 200 401 200"),
+    Row(
+        "GET",
+        "/api/organization/members/{user}/",
+        per_object(
+            "401 200 200 200 200 200 200 404 403 200 200 401 200",  # own
+            "401 200 200 200 200 200 200 404 403 200 200 401 200",  # same_team
+            "401 200 200 200 200 200 200 404 403 200 200 401 200",  # other_team
+            "401 404 404 404 404 404 404 200 403 404 404 401 404",  # other_org
+        ),
+    ),
+    Row(
+        "PATCH",
+        "/api/organization/members/{user}/",
+        per_object(
+            "401 200 200 200 403 403 403 403 403 403 200 401 403",  # own
+            "401 200 200 200 403 403 403 403 403 403 200 401 403",  # same_team
+            "401 200 200 200 403 403 403 403 403 403 200 401 403",  # other_team
+            "401 404 404 404 403 403 403 403 403 403 404 401 403",  # other_org
+        ),
+        body={"role": "viewer"},
+    ),
+    Row(
+        "DELETE",
+        "/api/organization/members/{user}/",
+        per_object(
+            "401 204 204 204 403 403 403 403 403 403 204 401 403",  # own
+            "401 204 204 204 403 403 403 403 403 403 204 401 403",  # same_team
+            "401 204 204 204 403 403 403 403 403 403 204 401 403",  # other_team
+            "401 404 404 404 403 403 403 403 403 403 404 401 403",  # other_org
+        ),
+    ),
+    Row("GET", "/api/teams/", "401 200 200 200 200 200 200 200 403 200 200 401 200"),
+    Row(
+        "POST",
+        "/api/teams/",
+        "401 201 201 201 403 403 403 403 403 403 201 401 403",
+        body=lambda world: {"name": f"Team {secrets.token_hex(4)}"},
+    ),
+    Row(
+        "GET",
+        "/api/teams/{team}/",
+        per_object(
+            "401 200 200 200 200 200 200 404 403 200 200 401 200",  # own
+            "401 200 200 200 200 200 200 404 403 200 200 401 200",  # same_team
+            "401 200 200 200 200 200 200 404 403 200 200 401 200",  # other_team
+            "401 404 404 404 404 404 404 200 403 404 404 401 404",  # other_org
+        ),
+    ),
+    Row(
+        "PATCH",
+        "/api/teams/{team}/",
+        per_object(
+            "401 200 200 200 403 403 403 404 403 403 200 401 403",  # own
+            "401 200 200 200 403 403 403 404 403 403 200 401 403",  # same_team
+            "401 200 200 200 403 403 403 404 403 403 200 401 403",  # other_team
+            "401 404 404 404 404 404 404 403 403 403 404 401 404",  # other_org
+        ),
+        body={"name": "Renamed"},
+    ),
+    Row(
+        "DELETE",
+        "/api/teams/{team}/",
+        per_object(
+            "401 204 204 204 403 403 403 404 403 403 204 401 403",  # own
+            "401 204 204 204 403 403 403 404 403 403 204 401 403",  # same_team
+            "401 204 204 204 403 403 403 404 403 403 204 401 403",  # other_team
+            "401 404 404 404 404 404 404 403 403 403 404 401 404",  # other_org
+        ),
+    ),
+    Row(
+        "POST",
+        "/api/teams/{team}/members/",
+        per_object(
+            "401 201 201 201 403 403 403 404 403 403 201 401 403",  # own
+            "401 201 201 201 403 403 403 404 403 403 201 401 403",  # same_team
+            "401 201 201 201 403 403 403 404 403 403 201 401 403",  # other_team
+            "401 404 404 404 404 404 404 403 403 403 404 401 404",  # other_org
+        ),
+        body=lambda world: {"user_id": world.users["teammate"].pk},
+    ),
+    Row(
+        "DELETE",
+        "/api/teams/{team}/members/{user}/",
+        per_object(
+            "401 204 204 204 403 403 403 404 403 403 204 401 403",  # own
+            "401 204 204 204 403 403 403 404 403 403 204 401 403",  # same_team
+            "401 204 204 204 403 403 403 404 403 403 204 401 403",  # other_team
+            "401 404 404 404 404 404 404 403 403 403 404 401 404",  # other_org
+        ),
+    ),
+    Row("GET", "/api/invitations/", "401 200 200 200 403 403 403 403 403 403 200 401 403"),
+    Row(
+        "POST",
+        "/api/invitations/",
+        "401 201 201 201 403 403 403 403 403 403 201 401 403",
+        body=lambda world: {"email": f"{secrets.token_hex(4)}@example.com"},
+    ),
+    Row(
+        "DELETE",
+        "/api/invitations/{invitation}/",
+        per_object(
+            "401 204 204 204 403 403 403 403 403 403 204 401 403",  # own
+            "401 204 204 204 403 403 403 403 403 403 204 401 403",  # same_team
+            "401 204 204 204 403 403 403 403 403 403 204 401 403",  # other_team
+            "401 404 404 404 403 403 403 403 403 403 404 401 403",  # other_org
+        ),
+    ),
+    Row("POST", "/api/invitations/accept/", "400 400 400 400 400 400 400 400 403 403 400 401 400", body={}),
     Row("GET", "/api/models/", "401 200 200 200 200 200 200 200 200 200 200 401 200"),
     Row("GET", "/api/conversations/", "401 200 200 200 200 200 200 200 403 200 200 401 200"),
     Row("POST", "/api/conversations/", "401 201 201 201 201 403 201 201 201 403 403 401 404", body={"model": MODEL}),
@@ -402,10 +513,23 @@ def _objects(world: World, obj: str, path: str) -> dict[str, Any]:
             name="target", organization=organization, subject_kind=Budget.SubjectKind.USER,
             subject_id=owner.pk, limit_usd=Decimal("100"),
         ).pk  # fmt: skip
+    team = None
+    if "{team}" in path:
+        # A fresh team (a cell may delete it): the member's own (with them in it) for own and
+        # same_team, one they are not in for other_team, another organization's for other_org.
+        team = Team.objects.create(organization=organization, name="t", slug=f"t-{secrets.token_hex(4)}")
+        if obj in ("own", "same_team"):
+            TeamMembership.objects.create(team=team, user=world.users["member"])
+        values["team"] = team.slug
     if "{user}" in path:
-        # Never the caller itself: deactivating it would change every later cell.
-        team = {"own": world.red, "same_team": world.red, "other_team": world.blue}.get(obj)
-        values["user"] = _member(UserFactory(), organization, Membership.Role.MEMBER, team).pk
+        # Never the caller itself: deactivating or removing it would change every later cell.
+        home = team or {"own": world.red, "same_team": world.red, "other_team": world.blue}.get(obj)
+        values["user"] = _member(UserFactory(), organization, Membership.Role.MEMBER, home).pk
+    if "{invitation}" in path:
+        values["invitation"] = Invitation.objects.create(
+            organization=organization, email=f"{secrets.token_hex(4)}@example.com",
+            invited_by=owner, expires_at=timezone.now() + dt.timedelta(days=1),
+        ).pk  # fmt: skip
     return values
 
 
@@ -448,7 +572,8 @@ def _call(http: httpx.Client, world: World, row: Row, caller: str, obj: str | No
     path = row.path.format(**values)
     if row.method == "WS":
         return _websocket_status(str(http.base_url).rstrip("/"), world, caller, values["conversation"])
-    with http.stream(row.method, path, headers=_headers(world, caller), json=row.body) as response:
+    body = row.body(world) if callable(row.body) else row.body
+    with http.stream(row.method, path, headers=_headers(world, caller), json=body) as response:
         return response.status_code  # a stream (SSE, /v1) is closed unread: its status is what counts
 
 
