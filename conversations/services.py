@@ -332,6 +332,8 @@ def reply_recover(*, message: Message) -> bool:
             model=model,
             model_name=message.model_name,
             message_id=message.pk,
+            # Counted where the conversation lives (its organization's budgets, its usage listing).
+            organization_id=message.conversation.organization_id,
         )
         transaction.on_commit(
             lambda: usage_account(

@@ -94,9 +94,15 @@ _REPAIR_ATTEMPTS = 5
 
 @dataclass(frozen=True, slots=True)
 class BudgetSpec:
-    """An enabled budget as the metering path reads it (cached per process; immutable)."""
+    """An enabled budget as the metering path reads it (cached per process; immutable).
+
+    ``organization_id``: the budget's organization. It limits what its subject spends there only:
+    a user who belongs to several organizations is budgeted by each of them separately, and one
+    organization's admins neither limit nor see what the user spends in another.
+    """
 
     id: int
+    organization_id: int
     name: str
     subject_kind: str
     subject_id: int
@@ -108,6 +114,7 @@ class BudgetSpec:
     def of(cls, budget: Budget) -> BudgetSpec:
         return cls(
             id=budget.pk,
+            organization_id=budget.organization_id,
             name=budget.name,
             subject_kind=budget.subject_kind,
             subject_id=budget.subject_id,
@@ -188,17 +195,24 @@ def _fill_enabled_budgets(ticket: int | None) -> dict[tuple[str, int], tuple[Bud
 async def budgets_for(subjects: Sequence[MeteringSubject]) -> list[BudgetSpec]:
     """Return the enabled budgets of ``subjects`` (kinds without budgets are skipped), from the process cache.
 
-    One query for every enabled budget when the cache is empty (after a change, or
-    ``LOOKUP_CACHE_SECONDS``); a dict lookup otherwise.
+    Only the budgets of the organization the request acts in (its ``organization`` subject) apply:
+    a user's budget in organization A does not limit what they do in B. One query for every
+    enabled budget when the cache is empty (after a change, or ``LOOKUP_CACHE_SECONDS``); a dict
+    lookup otherwise.
     """
     found = budget_cache.get(_ALL)
     if found is None:
         ticket = await budget_cache.fill_ticket_async()
         found = await run_sync(_fill_enabled_budgets, ticket)
+    if not found:
+        return []
+    organization_id = next((subject.id for subject in subjects if subject.kind == "organization"), None)
     budgets: list[BudgetSpec] = []
     for subject in subjects:
         if subject.kind in SUBJECT_USAGE_FIELDS:
-            budgets.extend(found.get((subject.kind, subject.id), ()))
+            for budget in found.get((subject.kind, subject.id), ()):
+                if organization_id is None or budget.organization_id == organization_id:
+                    budgets.append(budget)
     return budgets
 
 
@@ -274,7 +288,9 @@ def _seeds(wanted: list[tuple[BudgetSpec, BudgetPeriod]]) -> list[tuple[int, int
 def _period_rows(budget: BudgetSpec | Budget, period: BudgetPeriod) -> Any:
     from ..models import UsageRecord
 
-    rows = UsageRecord.objects.filter(**{SUBJECT_USAGE_FIELDS[budget.subject_kind]: budget.subject_id})
+    # The budget's organization's rows only (for an organization budget that is its subject).
+    where = {"organization_id": budget.organization_id, SUBJECT_USAGE_FIELDS[budget.subject_kind]: budget.subject_id}
+    rows = UsageRecord.objects.filter(**where)
     if period.start is not None:
         rows = rows.filter(created_at__gte=period.start)
     if period.end is not None:

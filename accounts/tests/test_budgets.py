@@ -42,7 +42,7 @@ from accounts.metering.budgets import (
 from accounts.metering.ratelimits import KEY_PREFIX as RATE_KEY_PREFIX
 from accounts.metering.ratelimits import rate_limit_acquire, rate_limit_close
 from accounts.metering.types import MeteringSubject
-from accounts.models import Budget, UsageRecord
+from accounts.models import Budget, Membership, Organization, UsageRecord
 from accounts.usage import UsageEvent
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError
@@ -245,6 +245,32 @@ async def test_counter_is_seeded_from_the_rows_of_its_period(store: str, user: A
     with pytest.raises(ApplicationError):  # 0.03 spent + 0.01 reserved + 0.01 asked + 0.01 > 0.05
         await budget_reserve(request_id="r1", subjects=subjects(user), max_cost=Decimal("0.02"), max_tokens=9)
     assert today.cost == Decimal("0.03")
+
+
+async def test_a_user_budget_limits_what_they_spend_in_its_organization_only(store: str, user: Any) -> None:
+    """A user in organizations A and B: A's budget for them neither counts nor limits what they do
+    in B (one organization's admins must not cap, or read, another's spend)."""
+    default = await run_sync(Organization.objects.default)
+    acme = await Organization.objects.acreate(name="Acme", slug="acme")
+    await Membership.objects.acreate(user=user, organization=acme)
+    budget = await Budget.objects.acreate(
+        name="acme cap", organization=acme, subject_kind="user", subject_id=user.id, limit_usd=Decimal("0.015")
+    )
+    await UsageRecord.objects.acreate(  # spent in the default organization: not acme's to count
+        request_id="elsewhere", user=user, organization=default, model_name="m", source="openai_api",
+        cost=Decimal("5"), finish_status="completed",
+    )  # fmt: skip
+    in_acme = (*subjects(user), MeteringSubject(kind="organization", id=acme.id))
+    in_default = (*subjects(user), MeteringSubject(kind="organization", id=default.id))
+
+    reservation = await budget_reserve(request_id="r0", subjects=in_acme, max_cost=MAX_COST, max_tokens=9)
+    assert reservation is not None and reservation.budget_ids == (budget.id,)
+    assert counter(budget).spent == 0  # seeded from acme's rows only
+    with pytest.raises(ApplicationError):
+        await budget_reserve(request_id="r1", subjects=in_acme, max_cost=MAX_COST, max_tokens=9)
+    for n in range(3):  # in the default organization the acme budget does not apply
+        assert await budget_reserve(request_id=f"d{n}", subjects=in_default, max_cost=MAX_COST, max_tokens=9) is None
+    assert (await usage_of(budget)).spent_usd == Decimal(0)
 
 
 # --- Settlement ---------------------------------------------------------------------------------
