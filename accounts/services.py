@@ -150,6 +150,8 @@ def _api_key_within(api_key: APIKey, creator_key: APIKey | None) -> None:
         return
     if api_key.organization_id != creator_key.organization_id:
         raise _forbidden("An API key may manage only keys of its own organization.")
+    if creator_key.team_id is not None and api_key.team_id != creator_key.team_id:
+        raise _forbidden("An API key of a team may manage only keys of that team.")
     if set(api_key.scopes) - set(creator_key.scopes):
         raise _forbidden("An API key may manage only keys within its own scopes.")
     if creator_key.allowed_models and (
@@ -251,7 +253,8 @@ def api_key_create(
     ``creator_key``: the key the caller authenticated with, if any: the new key may not exceed it
     (its scopes, allowlist and expiry are the defaults and the bounds).
     ``team``: the slug of a team of ``organization`` the key is assigned to (its requests count
-    against the team's budgets and rate limits too); ``owner``: ``"user"`` (``user`` owns it) or
+    against the team's budgets and rate limits too; a ``creator_key`` of a team makes it that team,
+    and refuses another with 403); ``owner``: ``"user"`` (``user`` owns it) or
     ``"team"`` (the team's service user owns it: ``team_service_user``); ``administers``: whether
     ``user`` administers ``organization`` (``accounts.selectors.administers``), as
     ``_api_key_team`` requires. ``created_by`` is ``user`` either way.
@@ -266,6 +269,13 @@ def api_key_create(
     secret = secret or generate_secret()
     if organization is None:
         organization = creator_key.organization if creator_key is not None else Organization.objects.default()
+    if creator_key is not None and creator_key.team_id is not None:
+        # A team's key creates keys of that team only: never one that escapes its budgets, rate
+        # limits and model list, or outlives the team (its keys go with it).
+        creator_team = creator_key.team.slug if creator_key.team is not None else None
+        if team and team != creator_team:
+            raise _forbidden(f"An API key of team {creator_team!r} may create keys of that team only.")
+        team = creator_team
     with transaction.atomic():
         assigned, key_owner = _api_key_team(
             actor=user, organization=organization, team=team, owner=owner, administers=administers

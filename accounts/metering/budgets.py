@@ -112,6 +112,8 @@ class BudgetSpec:
 
     @classmethod
     def of(cls, budget: Budget) -> BudgetSpec:
+        if budget.organization_id is None:  # typed optional (a default); NOT NULL in the table
+            raise ValueError(f"budget {budget.pk} has no organization")
         return cls(
             id=budget.pk,
             organization_id=budget.organization_id,

@@ -115,6 +115,28 @@ def test_an_admin_creates_a_team_owned_key_held_by_the_teams_service_user(client
     assert users[admin.username]["is_service_account"] is False
 
 
+def test_a_team_key_creates_and_manages_keys_of_its_team_only(client_for, acme, team) -> None:
+    """Review finding: a team's service key minted a key with no team, outside the team's budgets
+    and model list, that outlived the team."""
+    admin = _member(acme, Membership.Role.OWNER)
+    Team.objects.create(organization=acme, name="Other", slug="other")
+    created = client_for(admin).post(
+        KEYS, {"name": "svc", "team": "research", "owner": "team"}, format="json", headers=ACME
+    )
+    service = APIClient(headers=bearer(created.json()["key"]))
+
+    minted = service.post(KEYS, {"name": "minted"}, format="json")
+    assert minted.status_code == 201, minted.content
+    assert minted.json()["team"] == "research"  # the creating key's team, not none
+    assert_error(
+        service.post(KEYS, {"name": "x", "team": "other"}, format="json"), 403, code="insufficient_permissions"
+    )
+    # Another's key in the organization is beyond it.
+    personal = api_key_create(user=admin, name="personal", organization=acme).api_key
+    assert_error(service.delete(f"{KEYS}{personal.pk}/"), 404, code="api_key_not_found")
+    assert APIKey.objects.get(pk=personal.pk).revoked_at is None
+
+
 def test_team_owned_keys_need_an_admin_and_a_team(client_for, acme, team) -> None:
     member = _member(acme, team=team)
     admin = _member(acme, Membership.Role.ADMIN)
