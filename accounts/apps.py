@@ -1,7 +1,7 @@
 from typing import Any
 
 from django.apps import AppConfig
-from django.db.models.signals import post_save
+from django.db.models.signals import post_delete, post_save
 
 
 def _join_default_organization(sender: type, *, instance: Any, created: bool, raw: bool = False, **kwargs: Any) -> None:
@@ -10,6 +10,13 @@ def _join_default_organization(sender: type, *, instance: Any, created: bool, ra
         from .services import membership_join_default_organization
 
         membership_join_default_organization(user=instance)
+
+
+def _team_membership_deleted(sender: type, *, instance: Any, **kwargs: Any) -> None:
+    # A member who leaves a team takes no team key along (accounts.services.team_keys_revoke_departed).
+    from .services import team_keys_revoke_departed
+
+    team_keys_revoke_departed(team_id=instance.team_id, user_id=instance.user_id)
 
 
 class AccountsConfig(AppConfig):
@@ -35,6 +42,9 @@ class AccountsConfig(AppConfig):
             model_access_cache.invalidate_on(model)
         # Every new user joins the default organization (single-tenant installations need no more).
         post_save.connect(_join_default_organization, sender=User, dispatch_uid="accounts.join_default_organization")
+        post_delete.connect(
+            _team_membership_deleted, sender=TeamMembership, dispatch_uid="accounts.team_membership_deleted"
+        )
         # Budgets are cached per process (accounts.metering.budgets): a change reaches every process.
         from .metering.budgets import budget_cache
         from .models import Budget

@@ -296,6 +296,26 @@ def api_key_create(
     return CreatedAPIKey(api_key=api_key, secret=secret)
 
 
+def team_keys_revoke_departed(*, team_id: int, user_id: int) -> int:
+    """Revoke the keys ``user_id`` holds in team ``team_id`` (keys they own and assigned to it), now
+    that they left the team; return how many. A departed member's key must not keep spending the
+    team's shared budget or using its model list. Team-owned keys (the team's service user's) stay.
+    Each revocation is audited and ends the key's open connections in every process
+    (``accounts.revocation``, on the key's save). Called when a team membership is deleted (REST,
+    the admin, leaving the organization).
+    """
+    revoked = 0
+    for api_key in APIKey.objects.filter(team_id=team_id, user_id=user_id, revoked_at__isnull=True):
+        before = AuditState(api_key)
+        api_key.revoked_at = timezone.now()
+        with transaction.atomic():
+            api_key.save(update_fields=["revoked_at"])
+            old, new = before.changes(api_key)
+            audit_record(action=Action.API_KEY_REVOKED, obj=api_key, before=old, after=new)
+        revoked += 1
+    return revoked
+
+
 def _managed_key(*, user: User, api_key_id: int, managed: QuerySet[APIKey] | None, lock: bool = False) -> APIKey:
     """Return key ``api_key_id`` if ``user`` manages it: their own, or one of ``managed`` (the
     queryset ``accounts.selectors.api_key_list`` gives, with team-owned keys for admins); 404 otherwise."""

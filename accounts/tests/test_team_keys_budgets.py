@@ -137,6 +137,25 @@ def test_a_team_key_creates_and_manages_keys_of_its_team_only(client_for, acme, 
     assert APIKey.objects.get(pk=personal.pk).revoked_at is None
 
 
+def test_leaving_a_team_revokes_the_keys_one_held_in_it(client_for, acme, team) -> None:
+    """Review finding: a member removed from a team kept spending its budget with their team key."""
+    admin = _member(acme, Membership.Role.ADMIN)
+    member = _member(acme, team=team)
+    team_key = api_key_create(user=member, name="team", organization=acme, team="research").api_key
+    personal = api_key_create(user=member, name="personal", organization=acme).api_key
+    service = client_for(admin).post(
+        KEYS, {"name": "svc", "team": "research", "owner": "team"}, format="json", headers=ACME
+    )
+
+    removed = client_for(admin).delete(f"/api/teams/research/members/{member.pk}/", headers=ACME)
+
+    assert removed.status_code == 204, removed.content
+    assert APIKey.objects.get(pk=team_key.pk).revoked_at is not None
+    assert APIKey.objects.get(pk=personal.pk).revoked_at is None  # not the team's
+    assert APIKey.objects.get(pk=service.json()["id"]).revoked_at is None  # the team's own key stays
+    assert AuditEvent.objects.filter(action="api_key.revoked", object_id=str(team_key.pk)).count() == 1
+
+
 def test_team_owned_keys_need_an_admin_and_a_team(client_for, acme, team) -> None:
     member = _member(acme, team=team)
     admin = _member(acme, Membership.Role.ADMIN)
