@@ -116,6 +116,12 @@ def membership_role_change(*, actor: User, acting: ActingOrganization, user_id: 
         membership = _membership_for_update(acting=acting, user_id=user_id)
         if membership.role == role:
             return membership
+        if membership.user.service_team_id is not None:
+            # A team's service user holds the team's keys: a role above member would make them
+            # admin credentials that outlive whoever granted it.
+            raise ApplicationError(
+                "A team's service account keeps the member role.", code="service_account", param="role"
+            )
         if Role.OWNER in (membership.role, role):
             _owner_check(actor=actor, acting=acting, what="grant or take away the owner role")
         _last_owner_check(membership)
@@ -402,7 +408,30 @@ def _invitation_for_token(token: str) -> Invitation:
         raise _invitation_refused("This invitation was already accepted; it works once.", "invitation_used")
     if invitation.expires_at <= timezone.now():
         raise _invitation_refused("This invitation has expired; ask for a new one.", "invitation_expired")
+    if not _inviter_may_still_grant(invitation):
+        raise _invitation_refused(
+            "Whoever invited you can no longer grant this role here; ask for a new invitation.", "invitation_revoked"
+        )
     return invitation
+
+
+def _inviter_may_still_grant(invitation: Invitation) -> bool:
+    """Return whether the invitation's author may still grant its role in its organization, as when
+    inviting: an owner or admin there (an owner for ``owner``), or the platform superuser or
+    ``admin`` role. An inviter demoted, removed or deleted since takes their pending invitations along."""
+    inviter = invitation.invited_by
+    if inviter is None or not inviter.is_active:
+        return False
+    if inviter.is_superuser or inviter.is_admin:
+        return True
+    role = (
+        Membership.objects.filter(user=inviter, organization_id=invitation.organization_id)
+        .values_list("role", flat=True)
+        .first()
+    )
+    if invitation.role == Role.OWNER:
+        return role == Role.OWNER
+    return role in (Role.OWNER, Role.ADMIN)
 
 
 def invitation_accept(
@@ -445,9 +474,16 @@ def invitation_accept(
             Membership.objects.filter(user=user, is_default=True).update(is_default=False)
         has_default = Membership.objects.filter(user=user, is_default=True).exists()
         try:
-            membership = Membership.objects.create(
-                user=user, organization=organization, role=invitation.role, is_default=not has_default
-            )
+            if new_account:
+                # Invited to the default organization itself: registration already made them a
+                # member there; the invitation decides the role.
+                membership, _ = Membership.objects.update_or_create(
+                    user=user, organization=organization, defaults={"role": invitation.role, "is_default": True}
+                )
+            else:
+                membership = Membership.objects.create(
+                    user=user, organization=organization, role=invitation.role, is_default=not has_default
+                )
         except IntegrityError:  # joined by another request at the same time
             raise ApplicationError(
                 "You are already a member of this organization.", code="already_member", param="token"

@@ -306,3 +306,48 @@ def test_no_log_line_holds_the_token(invite, admin, caplog) -> None:
     assert caplog.records  # the task and the requests did log
     assert token not in caplog.text
     assert NEW_PASSWORD not in caplog.text
+
+
+# --- Review findings --------------------------------------------------------------------------
+
+
+def test_an_inviter_who_lost_the_right_to_grant_the_role_takes_the_invitation_along(invite, owner, admin) -> None:
+    _, as_admin = invite(owner, email="new-admin@example.com", role="admin")
+    _, as_member = invite(admin, email="new-member@example.com")
+    assert as_admin and as_member
+    Membership.objects.filter(user=owner).update(role=Role.ADMIN)  # no longer an owner: may still grant admin
+    Membership.objects.filter(user=admin).update(role=Role.MEMBER)  # may grant nothing any more
+
+    accepted = _accept(as_admin, username="new-admin", password=NEW_PASSWORD)
+    refused = _accept(as_member, username="new-member", password=NEW_PASSWORD)
+
+    assert accepted.status_code == 201, accepted.content
+    assert _error(refused, 400)["code"] == "invitation_revoked"
+    assert not User.objects.filter(username="new-member").exists()
+
+
+def test_an_invitation_to_the_default_organization_makes_an_account(
+    client_for, mailoutbox, django_capture_on_commit_callbacks
+) -> None:
+    boss = UserFactory(is_superuser=True, is_staff=True)
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client_for(boss).post("/api/invitations/", {"email": "hello@example.com", "role": "admin"})
+    assert response.status_code == 201, response.content
+    (link,) = re.findall(r"https?://\S+", mailoutbox[-1].body)
+
+    accepted = _accept(parse_qs(urlsplit(link).query)["token"][0], username="hello", password=NEW_PASSWORD)
+
+    assert accepted.status_code == 201, accepted.content
+    membership = Membership.objects.get(user__username="hello", organization=Organization.objects.default())
+    assert (membership.role, membership.is_default) == (Role.ADMIN, True)
+
+
+def test_a_teams_service_account_keeps_the_member_role(client_for, owner, research) -> None:
+    from accounts.services import team_service_user
+
+    service = team_service_user(team=research)
+
+    response = client_for(owner).patch(f"/api/organization/members/{service.pk}/", {"role": "admin"}, headers=ACME)
+
+    assert _error(response, 400)["code"] == "service_account"
+    assert Membership.objects.get(user=service, organization=research.organization).role == Role.MEMBER
