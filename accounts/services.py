@@ -180,20 +180,31 @@ def team_service_user(*, team: Team) -> User:
     """
     existing = User.objects.filter(service_team=team).first()
     if existing is not None:
+        _service_user_memberships(existing, team)  # an admin may have removed it since
         return existing
     username = f"{team.slug}.team-{team.pk}.service"[:150]
-    with transaction.atomic():
-        if User.objects.filter(username=username).exists():
-            username = f"{username[:140]}-{secrets.token_hex(4)}"
-        user = User(username=username, service_team=team, role=User.Role.MEMBER)
-        user.set_unusable_password()
-        user.save()  # the default organization's post_save hook skips service users (AccountsConfig)
-        Membership.objects.create(
-            user=user, organization_id=team.organization_id, role=Membership.Role.MEMBER, is_default=True
-        )
-        TeamMembership.objects.create(user=user, team=team)
-        audit_record(action=Action.USER_CREATED, obj=user, after=audit_snapshot(user))
+    try:
+        with transaction.atomic():
+            if User.objects.filter(username=username).exists():
+                username = f"{username[:140]}-{secrets.token_hex(4)}"
+            user = User(username=username, service_team=team, role=User.Role.MEMBER)
+            user.set_unusable_password()
+            user.save()  # the default organization's post_save hook skips service users (AccountsConfig)
+            _service_user_memberships(user, team)
+            audit_record(action=Action.USER_CREATED, obj=user, after=audit_snapshot(user))
+    except IntegrityError:  # another request made it at the same moment
+        return User.objects.get(service_team=team)
     return user
+
+
+def _service_user_memberships(user: User, team: Team) -> None:
+    """Make ``user`` (``team``'s service user) a ``member`` of the team's organization and of the team."""
+    Membership.objects.get_or_create(
+        user=user,
+        organization_id=team.organization_id,
+        defaults={"role": Membership.Role.MEMBER, "is_default": not user.memberships.filter(is_default=True).exists()},
+    )
+    TeamMembership.objects.get_or_create(user=user, team=team)
 
 
 def _api_key_team(
@@ -299,7 +310,8 @@ def api_key_create(
 def team_keys_revoke_departed(*, team_id: int, user_id: int) -> int:
     """Revoke the keys ``user_id`` holds in team ``team_id`` (keys they own and assigned to it), now
     that they left the team; return how many. A departed member's key must not keep spending the
-    team's shared budget or using its model list. Team-owned keys (the team's service user's) stay.
+    team's shared budget or using its model list. When a person leaves, the team's own keys (its
+    service user's) stay; removing the service user itself from the team revokes them.
     Each revocation is audited and ends the key's open connections in every process
     (``accounts.revocation``, on the key's save). Called when a team membership is deleted (REST,
     the admin, leaving the organization).

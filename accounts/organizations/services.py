@@ -175,7 +175,12 @@ def _team_save(team: Team) -> None:
         raise ApplicationError(
             f"{field}: {messages[0]}", code="invalid", param=field, fields={field: messages}
         ) from None
-    team.save()
+    try:
+        with transaction.atomic():  # a savepoint: the caller's transaction survives the refusal
+            team.save()
+    except IntegrityError:  # the same slug saved by another request since full_clean()
+        message = "A team with this slug already exists in this organization."
+        raise ApplicationError(f"slug: {message}", code="invalid", param="slug", fields={"slug": [message]}) from None
 
 
 def team_create(*, actor: User, acting: ActingOrganization, name: str, slug: str = "") -> Team:
