@@ -298,9 +298,13 @@ CELERY_BEAT_SCHEDULE = {
 # --- NextChat sync (conversations.sync) ---------------------------------------------------------
 # Days every stored version of a synced NextChat document is kept (the newest always is): NextChat
 # merges and overwrites without locking, so an earlier version is the way back.
-SYNC_VERSION_RETENTION_DAYS: int = _get("SYNC_VERSION_RETENTION_DAYS", env.int, 30, "an integer")
+SYNC_VERSION_RETENTION_DAYS: int = int(
+    _positive("SYNC_VERSION_RETENTION_DAYS", _get("SYNC_VERSION_RETENTION_DAYS", env.int, 30, "an integer"))
+)
 # Largest NextChat document stored, in bytes (its whole app state; images in chats make it grow).
-SYNC_MAX_DOCUMENT_BYTES: int = _get("SYNC_MAX_DOCUMENT_BYTES", env.int, 20_000_000, "an integer")
+SYNC_MAX_DOCUMENT_BYTES: int = int(
+    _positive("SYNC_MAX_DOCUMENT_BYTES", _get("SYNC_MAX_DOCUMENT_BYTES", env.int, 20_000_000, "an integer"))
+)
 
 # --- Auth -----------------------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [

@@ -552,3 +552,14 @@ def test_old_versions_are_pruned_but_never_the_newest(client, user, dav, models,
     # A write prunes its own document too.
     _put(client, f"/dav/{FOLDER}/backup.json", json.dumps(_document(topic="four")), dav)
     assert SyncDocumentVersion.objects.count() == 1
+
+
+def test_the_admin_shows_documents_and_versions(client, user, dav, models) -> None:
+    _put(client, f"/dav/{FOLDER}/backup.json", json.dumps(_document()), dav)
+    operator = UserFactory(is_staff=True, is_superuser=True)
+    client.force_login(operator)
+    document = SyncDocument.objects.get()
+    assert client.get("/admin/conversations/syncdocument/").status_code == 200
+    page = client.get(f"/admin/conversations/syncdocument/{document.pk}/change/")
+    assert page.status_code == 200
+    assert OPENAI_KEY.encode() not in page.content
