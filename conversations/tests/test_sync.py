@@ -563,3 +563,14 @@ def test_the_admin_shows_documents_and_versions(client, user, dav, models) -> No
     page = client.get(f"/admin/conversations/syncdocument/{document.pk}/change/")
     assert page.status_code == 200
     assert OPENAI_KEY.encode() not in page.content
+
+
+def test_a_document_larger_than_djangos_upload_limit_is_stored(client, user, dav, models, settings) -> None:
+    """NextChat's state easily passes ``DATA_UPLOAD_MAX_MEMORY_SIZE`` (2.5 MB): only the sync limit applies."""
+    document = _document()
+    document["chat-next-web-store"]["sessions"][0]["messages"][1]["content"] = "x" * 3_000_000
+    body = json.dumps(document)
+    assert len(body) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    assert _put(client, f"/dav/{FOLDER}/backup.json", body, dav).status_code == 201
+    got = client.get(f"/dav/{FOLDER}/backup.json", headers=dav)
+    assert json.loads(got.content) == _without_secrets(document)
