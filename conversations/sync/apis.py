@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import re
 from collections.abc import Callable
 from typing import Any
@@ -34,10 +35,12 @@ from accounts.keys import looks_like_api_key
 from accounts.models import APIKey
 from accounts.scopes import ScopeNeed, api_key_scope_check, role_scope_check
 from accounts.selectors import AuthenticationFailed
-from chatbackend.errors import ApplicationError, as_application_error, error_response
+from chatbackend.errors import ApplicationError, as_application_error, error_response, internal_error
 
 from . import selectors, services
 from .models import SyncDocument
+
+logger = logging.getLogger(__name__)
 
 FOLDER = "chatgpt-next-web"  # NextChat's STORAGE_KEY
 FILE_NAME = "backup.json"
@@ -73,8 +76,9 @@ def _endpoint(*, basic: bool) -> Callable[[Handler], Handler]:
                 return view(request, *args, **kwargs)
             except Exception as exc:
                 error = as_application_error(exc)
-                if error is None:
-                    raise
+                if error is None:  # a bug: logged with its traceback, answered as JSON like the rest
+                    logger.exception("%s %s failed", request.method, request.path)
+                    error = internal_error()
                 return _render(error, basic=basic)
 
         wrapped.__doc__ = view.__doc__
