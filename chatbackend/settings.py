@@ -289,7 +289,22 @@ CELERY_BEAT_SCHEDULE = {
         "task": "accounts.budget_reconcile",
         "schedule": BUDGET_RECONCILE_SECONDS,
     },
+    "conversations.sync_prune": {
+        "task": "conversations.sync_prune",
+        "schedule": 3600.0,
+    },
 }
+
+# --- NextChat sync (conversations.sync) ---------------------------------------------------------
+# Days every stored version of a synced NextChat document is kept (the newest always is): NextChat
+# merges and overwrites without locking, so an earlier version is the way back.
+SYNC_VERSION_RETENTION_DAYS: int = int(
+    _positive("SYNC_VERSION_RETENTION_DAYS", _get("SYNC_VERSION_RETENTION_DAYS", env.int, 30, "an integer"))
+)
+# Largest NextChat document stored, in bytes (its whole app state; images in chats make it grow).
+SYNC_MAX_DOCUMENT_BYTES: int = int(
+    _positive("SYNC_MAX_DOCUMENT_BYTES", _get("SYNC_MAX_DOCUMENT_BYTES", env.int, 20_000_000, "an integer"))
+)
 
 # --- Auth -----------------------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
@@ -489,7 +504,8 @@ SPECTACULAR_SETTINGS = {
 # --- CORS (browser clients such as NextChat's "custom endpoint" mode) ------------------------
 CORS_ALLOWED_ORIGINS: list[str] = env.list("CORS_ALLOWED_ORIGINS", default=[])
 CORS_ALLOW_ALL_ORIGINS: bool = not CORS_ALLOWED_ORIGINS
-CORS_URLS_REGEX = r"^/(v1|api|dashboard)/.*$"
+# ``/+``: NextChat's Upstash client puts a second slash after its proxy URL (``<base>//api/upstash/...``).
+CORS_URLS_REGEX = r"^/+(v1|api|dashboard)/.*$"
 CORS_ALLOW_METHODS = ("DELETE", "GET", "OPTIONS", "PATCH", "POST", "PUT")
 CORS_ALLOW_HEADERS = (
     "accept",

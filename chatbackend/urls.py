@@ -10,6 +10,7 @@ urlpatterns = [
     path("health/live", health.live, name="health-live"),
     path("health/ready", health.ready, name="health-ready"),
     path("admin/", admin.site.urls),
+    path("", include("conversations.sync.urls")),  # NextChat sync: /dav/, /api/webdav/, /api/upstash/
     path("api/", include("accounts.urls")),
     path("api/", include("llm.urls")),
     path("api/", include("conversations.urls")),

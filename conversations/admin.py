@@ -11,7 +11,7 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest
 
-from .models import Conversation, Message
+from .models import Conversation, Message, SyncDocument, SyncDocumentVersion
 
 _MESSAGE_FIELDS = (
     "conversation",
@@ -52,7 +52,7 @@ class ConversationAdmin(admin.ModelAdmin):
     list_select_related = ("owner", "model")
     list_filter = ("model",)
     search_fields = ("title", "owner__username")
-    fields = ("title", "owner", "model", "system_prompt", "created_at", "updated_at")
+    fields = ("title", "owner", "model", "system_prompt", "external_id", "created_at", "updated_at")
     readonly_fields = fields
     inlines = (MessageInline,)
     date_hierarchy = "updated_at"
@@ -90,4 +90,43 @@ class MessageAdmin(admin.ModelAdmin):
         return False
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class SyncDocumentVersionInline(admin.TabularInline):
+    """A document's versions: size, keys removed, import outcome (the content stays out of the page)."""
+
+    model = SyncDocumentVersion
+    fields = (
+        "created_at",
+        "size_bytes",
+        "sha256",
+        "secrets_removed",
+        "api_key",
+        "import_status",
+        "conversations_imported",
+        "import_error",
+    )
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    ordering = ("-created_at", "-id")
+
+
+@admin.register(SyncDocument)
+class SyncDocumentAdmin(admin.ModelAdmin):
+    """NextChat documents synced here (``conversations.sync``): who, where, and each version (read-only)."""
+
+    list_display = ("id", "owner", "organization", "protocol", "name", "updated_at")
+    list_select_related = ("owner", "organization")
+    list_filter = ("protocol",)
+    search_fields = ("owner__username", "name")
+    fields = ("owner", "organization", "protocol", "name", "created_at", "updated_at")
+    readonly_fields = fields
+    inlines = (SyncDocumentVersionInline,)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False

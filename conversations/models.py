@@ -18,6 +18,9 @@ class Conversation(models.Model):
     title = models.CharField(max_length=200, blank=True, default="")
     model = models.ForeignKey("llm.LLMModel", on_delete=models.PROTECT, related_name="conversations")
     system_prompt = models.TextField(blank=True, default="")
+    # NextChat's session id when the conversation came from a synced NextChat document
+    # (``conversations.sync``): re-syncing updates it instead of adding a copy. Blank otherwise.
+    external_id = models.CharField(max_length=100, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -26,6 +29,13 @@ class Conversation(models.Model):
         indexes = [
             models.Index(fields=["owner", "-updated_at"]),
             models.Index(fields=["organization", "-updated_at"]),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "owner", "external_id"],
+                condition=~models.Q(external_id=""),
+                name="conversation_external_id_unique",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -68,6 +78,8 @@ class Message(models.Model):
     error_code = models.CharField(max_length=64, blank=True, default="")
     stream_owner = models.CharField(max_length=200, blank=True, default="")
     checkpointed_at = models.DateTimeField(null=True, blank=True)
+    # NextChat's message id for a message imported from a synced document (blank otherwise).
+    external_id = models.CharField(max_length=100, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -78,6 +90,19 @@ class Message(models.Model):
             # The recovery task's scan: the few messages still streaming.
             models.Index(fields=["status"], name="message_streaming_idx", condition=models.Q(status="streaming")),
         ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["conversation", "external_id"],
+                condition=~models.Q(external_id=""),
+                name="message_external_id_unique",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.role}: {self.content[:40]}"
+
+
+# NextChat's synced documents (``conversations.sync``): defined there, registered with this app here.
+from .sync.models import SyncDocument, SyncDocumentVersion, SyncUploadChunk  # noqa: E402
+
+__all__ = ["Conversation", "Message", "SyncDocument", "SyncDocumentVersion", "SyncUploadChunk"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from celery import shared_task
 
 from .services import reply_recover_orphans
+from .sync.tasks import sync_import_task, sync_prune_task  # noqa: F401 - Celery finds them here
 
 
 @shared_task(name="conversations.reply_recover_orphans")
