@@ -290,6 +290,10 @@ def api_key_default_scopes() -> list[str]:
     return list(APIKey.Scope.values)
 
 
+# Who owns an API key: "user" (the person who has it) or "team" (the team's service user).
+API_KEY_OWNERS = ("user", "team")
+
+
 class APIKey(RateLimited):
     """A long-lived credential (``sk-...``) for clients that cannot refresh a JWT (NextChat, SDKs).
 

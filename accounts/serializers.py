@@ -28,7 +28,7 @@ from rest_framework_simplejwt.settings import api_settings as jwt_api_settings
 from chatbackend.fields import BlankableEmailField, StrictCharField
 
 from .metering.budgets import budget_usage
-from .models import APIKey, AuditEvent, Budget, UsageRecord, User
+from .models import API_KEY_OWNERS, APIKey, AuditEvent, Budget, UsageRecord, User
 from .revocation import SESSION_CLAIM
 from .selectors import USAGE_SUMMARY_GROUPS, usage_current_month, user_authentication_check
 
@@ -230,10 +230,10 @@ class APIKeyCreateInputSerializer(serializers.Serializer):
         "budgets and rate limits",
     )
     owner = serializers.ChoiceField(
-        choices=[("user", "the caller"), ("team", "the team (a service key; organization owners and admins)")],
+        choices=API_KEY_OWNERS,  # the output's choices too: one enum in the OpenAPI document
         default="user",
         help_text="user: the caller owns the key; team: the team's service user owns it, so it outlives its "
-        "creator (needs team)",
+        "creator (needs team; organization owners and admins only)",
     )
 
 
@@ -254,7 +254,7 @@ class APIKeyOutputSerializer(serializers.ModelSerializer):
         slug_field="username", read_only=True, allow_null=True, help_text="username of who created the key"
     )
 
-    @extend_schema_field(serializers.ChoiceField(choices=["user", "team"]))
+    @extend_schema_field(serializers.ChoiceField(choices=API_KEY_OWNERS))
     def get_owner(self, api_key: APIKey) -> str:
         return _api_key_owner(api_key)
 
@@ -296,7 +296,7 @@ class APIKeyCreateOutputSerializer(serializers.Serializer):
     created_by = serializers.CharField(source="api_key.created_by.username", allow_null=True, default=None)
     key = serializers.CharField(source="secret", help_text="the secret, shown once; store it now")
 
-    @extend_schema_field(serializers.ChoiceField(choices=["user", "team"]))
+    @extend_schema_field(serializers.ChoiceField(choices=API_KEY_OWNERS))
     def get_owner(self, created: Any) -> str:
         return _api_key_owner(created.api_key)
 

@@ -20,7 +20,7 @@ from chatbackend.errors import ApplicationError, NotFoundError
 from .audit import Action, AuditState, audit_model_changed, audit_model_deleted, audit_record, audit_snapshot
 from .keys import display_prefix, generate_secret, hash_secret
 from .lifecycle.services import email_verification_request
-from .models import APIKey, Budget, Membership, Organization, Team, TeamMembership, User
+from .models import API_KEY_OWNERS, APIKey, Budget, Membership, Organization, Team, TeamMembership, User
 from .revocation import revocation_announce
 
 USERNAME_TAKEN_MESSAGE = "A user with that username already exists."
@@ -165,7 +165,6 @@ def _api_key_within(api_key: APIKey, creator_key: APIKey | None) -> None:
 
 
 # Who owns a new key: the caller, or the team it is assigned to (through the team's service user).
-API_KEY_OWNERS = ("user", "team")
 
 
 def team_service_user(*, team: Team) -> User:

@@ -86,7 +86,7 @@ class Row:
     method: str
     path: str
     expect: str | dict[str, str]
-    body: dict[str, Any] | Callable[[World], dict[str, Any]] | None = None
+    body: Any = None  # a JSON value, or a function of the world returning one
     route: str = ""  # the URL pattern the row covers, when the path does not show it
 
     def statuses(self) -> Iterator[tuple[str | None, str, int]]:
@@ -102,6 +102,8 @@ def per_object(own: str, same_team: str, other_team: str, other_org: str) -> dic
     return {"own": own, "same_team": same_team, "other_team": other_team, "other_org": other_org}
 
 
+X = " ".join(["0"] * len(CALLERS))
+XO = per_object(X, X, X, X)
 # Columns: anon superuser owner admin member viewer other_team other_org key_chat key_read key_admin
 # key_expired key_blocked. Rows with an object: own, same_team, other_team, other_org (OWNER_OF: whose).
 MATRIX: tuple[Row, ...] = (
@@ -321,6 +323,29 @@ MATRIX: tuple[Row, ...] = (
         ),
     ),
     Row("POST", "/api/invitations/accept/", "400 400 400 400 400 400 400 400 403 403 400 401 400", body={}),
+    # NextChat sync (WebDAV at /dav/, NextChat's proxy form, Upstash): each caller's own document,
+    # in this order (a folder made, no document yet, one stored, then read).
+    Row("OPTIONS", "/dav/m/chatgpt-next-web/backup.json", X),
+    Row("MKCOL", "/dav/m/chatgpt-next-web", X),
+    Row("GET", "/dav/m/chatgpt-next-web/backup.json", X),
+    Row("PUT", "/dav/m/chatgpt-next-web/backup.json", X, body={"chat-next-web-store": {"sessions": []}}),
+    Row("HEAD", "/dav/m/chatgpt-next-web/backup.json", X),
+    Row(
+        "GET",
+        "/api/webdav/chatgpt-next-web/backup.json?endpoint={base}/dav/&proxy_method=GET",
+        X,
+        route="^(?:/)?api/webdav/(?P<path>.*)$",
+    ),
+    Row(
+        "PUT",
+        "/api/webdav/chatgpt-next-web/backup.json?endpoint={base}/dav/&proxy_method=PUT",
+        X,
+        body={"chat-next-web-store": {"sessions": []}},
+        route="^(?:/)?api/webdav/(?P<path>.*)$",
+    ),
+    Row("POST", "/api/upstash/set/backup-chunk-0/", X, body=b'{"chat-next-web-store": {"sessions": []}}'),
+    Row("POST", "/api/upstash/set/backup-chunk-count/", X, body=b"1"),
+    Row("GET", "/api/upstash/get/backup/", X),
     Row("GET", "/api/models/", "401 200 200 200 200 200 200 200 200 200 200 401 200"),
     Row("GET", "/api/conversations/", "401 200 200 200 200 200 200 200 403 200 200 401 200"),
     Row("POST", "/api/conversations/", "401 201 201 201 201 403 201 201 201 403 403 401 404", body={"model": MODEL}),
@@ -569,11 +594,13 @@ def _websocket_status(base_url: str, world: World, caller: str, conversation: in
 
 def _call(http: httpx.Client, world: World, row: Row, caller: str, obj: str | None) -> int:
     values = _objects(world, obj, row.path) if obj is not None else {}
+    values["base"] = str(http.base_url).rstrip("/")
     path = row.path.format(**values)
     if row.method == "WS":
         return _websocket_status(str(http.base_url).rstrip("/"), world, caller, values["conversation"])
     body = row.body(world) if callable(row.body) else row.body
-    with http.stream(row.method, path, headers=_headers(world, caller), json=body) as response:
+    content = {"content": body} if isinstance(body, bytes) else {"json": body}  # bytes: sent as they are
+    with http.stream(row.method, path, headers=_headers(world, caller), **content) as response:
         return response.status_code  # a stream (SSE, /v1) is closed unread: its status is what counts
 
 
@@ -606,7 +633,8 @@ def _covers(route: str, row: Row) -> bool:
         return row.route == route
     concrete = re.sub(r"\{\w+\}", "1", row.path).lstrip("/")
     if "^" in route or "(?P" in route:
-        return re.fullmatch(route.replace("^", "").replace("$", ""), concrete) is not None
+        # Anchors go (a router's pattern joins "api/" and "^budgets/$"); a class's "[^/]" stays.
+        return re.fullmatch(re.sub(r"(?<!\[)\^|\$", "", route), concrete) is not None
     pattern = re.sub(r"<(?:\w+:)?\w+>", "[^/]+", re.escape(route).replace(r"\<", "<").replace(r"\>", ">"))
     pattern = re.sub(r"<(?:\w+:)?\w+>", "[^/]+", pattern)
     return re.fullmatch(pattern, concrete) is not None

@@ -34,7 +34,7 @@ from accounts.authentication import Principal, authenticate_token, token_from_he
 from accounts.keys import looks_like_api_key
 from accounts.models import APIKey
 from accounts.scopes import ScopeNeed, api_key_scope_check, role_scope_check
-from accounts.selectors import AuthenticationFailed
+from accounts.selectors import ORGANIZATION_HEADER, AuthenticationFailed
 from chatbackend.errors import ApplicationError, as_application_error, error_response, internal_error
 
 from . import selectors, services
@@ -91,6 +91,12 @@ def _endpoint(*, basic: bool) -> Callable[[Handler], Handler]:
 # --- Authentication -------------------------------------------------------------------------------
 
 
+def _organization_named(request: HttpRequest) -> str | None:
+    """The organization a request names (``OpenAI-Organization``), as on every other endpoint; NextChat
+    sends none, so its documents live in the key's organization, or a JWT user's default one."""
+    return request.headers.get(ORGANIZATION_HEADER) or None
+
+
 def _basic_principal(request: HttpRequest) -> Principal:
     """Return the caller of a WebDAV request: HTTP Basic with the username and an API key as the
     password (a ``Bearer`` API key works too). Raises ``AuthenticationFailed`` (401)."""
@@ -101,14 +107,14 @@ def _basic_principal(request: HttpRequest) -> Principal:
             raise AuthenticationFailed(
                 "Sign in with your username and an API key (sk-...) as the password.", code="missing_api_key"
             )
-        return authenticate_token(token)
+        return authenticate_token(token, _organization_named(request))
     try:
         username, colon, password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
     except (binascii.Error, UnicodeDecodeError):
         raise AuthenticationFailed("The Basic credentials are not valid base64 of 'username:password'.") from None
     if not colon or not looks_like_api_key(password):
         raise AuthenticationFailed("The password must be one of your API keys (sk-...).")
-    principal = authenticate_token(password)
+    principal = authenticate_token(password, _organization_named(request))
     if username != principal.user.get_username():
         raise AuthenticationFailed("The username is not the one of this API key's user.", code="invalid_username")
     return principal
@@ -254,7 +260,7 @@ def webdav_proxy(request: HttpRequest, path: str) -> HttpResponseBase:
 
 
 def _bearer_principal(request: HttpRequest) -> Principal:
-    return authenticate_token(token_from_headers(request.headers))
+    return authenticate_token(token_from_headers(request.headers), _organization_named(request))
 
 
 @_endpoint(basic=False)
