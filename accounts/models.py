@@ -604,6 +604,7 @@ class AuditEvent(models.Model):
         INVITATION_CREATED = "invitation.created", "Invitation sent"
         INVITATION_REVOKED = "invitation.revoked", "Invitation revoked"
         INVITATION_ACCEPTED = "invitation.accepted", "Invitation accepted"
+        ACCESS_DENIED = "access.denied", "Access denied to another organization's object"
 
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     action = models.CharField(max_length=32, choices=Action.choices, db_index=True)

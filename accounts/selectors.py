@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import re
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
@@ -19,6 +20,7 @@ from django.utils import timezone
 
 from chatbackend.errors import ApplicationError, NotFoundError, error_type_for_status
 
+from .audit import audit_denied_lookup
 from .keys import hash_secret
 from .models import APIKey, AuditEvent, Budget, Membership, Organization, Team, UsageRecord, User
 from .services import api_key_last_used_update
@@ -443,11 +445,27 @@ def budget_list(*, user: User, acting: ActingOrganization | None = None) -> Quer
 
 
 def budget_get_for(*, user: User, budget_id: int, acting: ActingOrganization | None = None) -> Budget:
-    """Return budget ``budget_id`` if ``user`` may see it; raises ``NotFoundError`` (404) otherwise."""
-    try:
-        return budget_list(user=user, acting=acting).get(pk=budget_id)
-    except (Budget.DoesNotExist, ValueError, TypeError):
-        raise NotFoundError("Budget not found.", code="budget_not_found") from None
+    """Return budget ``budget_id`` if ``user`` may see it; raises ``NotFoundError`` (404) otherwise.
+
+    With ``acting``, another organization's budget is also audited (``access.denied``,
+    ``accounts.audit.audit_access_denied``); another member's budget in the same organization is not.
+    """
+    audited: AbstractContextManager[None] = (
+        nullcontext()
+        if acting is None
+        else audit_denied_lookup(
+            actor=user,
+            organization=acting.organization,
+            model=Budget,
+            lookup=Q(pk=budget_id),
+            code="budget_not_found",
+        )
+    )
+    with audited:
+        try:
+            return budget_list(user=user, acting=acting).get(pk=budget_id)
+        except (Budget.DoesNotExist, ValueError, TypeError):
+            raise NotFoundError("Budget not found.", code="budget_not_found") from None
 
 
 # --- Audit log --------------------------------------------------------------------------------
@@ -456,7 +474,10 @@ def budget_get_for(*, user: User, budget_id: int, acting: ActingOrganization | N
 def audit_event_list(*, actor: User, acting: ActingOrganization) -> QuerySet[AuditEvent]:
     """Return the audit events ``actor`` may read, newest first: platform admins (superusers and the
     ``admin`` role) every event, those of no organization included (a failed login of an unknown
-    name); an admin of the organization the request acts in (``acting``) that organization's.
+    name); an admin of the organization the request acts in (``acting``) that organization's, except
+    ``access.denied``: those rows name objects of other organizations that answered 404, so an
+    organization's admin who probed ids or slugs would learn from their own log which exist
+    elsewhere. They are the platform admins' to read.
 
     Raises ``ApplicationError`` 403 ``permission_denied`` when ``actor`` administers neither.
     """
@@ -465,7 +486,7 @@ def audit_event_list(*, actor: User, acting: ActingOrganization) -> QuerySet[Aud
         return events
     if not acting.is_admin:
         raise ApplicationError("Only admins may read the audit log.", code="permission_denied", status=403)
-    return events.filter(organization=acting.organization)
+    return events.filter(organization=acting.organization).exclude(action=AuditEvent.Action.ACCESS_DENIED)
 
 
 # Columns of the audit log's CSV export, in order; ``before`` and ``after`` are JSON text.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,15 @@ from django.utils import timezone
 
 from chatbackend.errors import ApplicationError, NotFoundError
 
-from .audit import Action, AuditState, audit_model_changed, audit_model_deleted, audit_record, audit_snapshot
+from .audit import (
+    Action,
+    AuditState,
+    audit_denied_lookup,
+    audit_model_changed,
+    audit_model_deleted,
+    audit_record,
+    audit_snapshot,
+)
 from .keys import display_prefix, generate_secret, hash_secret
 from .lifecycle.services import email_verification_request
 from .models import APIKey, Budget, Membership, Organization, Team, TeamMembership, User
@@ -298,8 +307,25 @@ def _managed_key(*, user: User, api_key_id: int, managed: QuerySet[APIKey] | Non
         raise NotFoundError("API key not found.", code="api_key_not_found") from None
 
 
+def _audit_denied_key(
+    *, user: User, api_key_id: int, organization: Organization | None
+) -> AbstractContextManager[None]:
+    """Around a lookup of key ``api_key_id`` in ``organization`` (the one the request acts in):
+    another organization's key is audited (``accounts.audit.audit_denied_lookup``); None: no check."""
+    if organization is None:
+        return nullcontext()
+    return audit_denied_lookup(
+        actor=user, organization=organization, model=APIKey, lookup=Q(pk=api_key_id), code="api_key_not_found"
+    )
+
+
 def api_key_rotate(
-    *, user: User, api_key_id: int, creator_key: APIKey | None = None, managed: QuerySet[APIKey] | None = None
+    *,
+    user: User,
+    api_key_id: int,
+    creator_key: APIKey | None = None,
+    managed: QuerySet[APIKey] | None = None,
+    organization: Organization | None = None,
 ) -> CreatedAPIKey:
     """Give ``user``'s key ``api_key_id`` a new secret; return it with that secret, shown this once.
 
@@ -310,10 +336,11 @@ def api_key_rotate(
     (``api_key.rotated``: the prefix before and after, never a secret or its hash). ``managed``:
     the keys ``user`` manages (``accounts.selectors.api_key_list``; None: their own). Raises
     ``NotFoundError`` (404) for another user's key, ``ApplicationError`` 400 ``api_key_revoked``
-    for a revoked one.
+    for a revoked one. ``organization``: the one the request acts in; another organization's key
+    is then also audited (``access.denied``).
     """
     secret = generate_secret()
-    with transaction.atomic():
+    with _audit_denied_key(user=user, api_key_id=api_key_id, organization=organization), transaction.atomic():
         api_key = _managed_key(user=user, api_key_id=api_key_id, managed=managed, lock=True)
         if api_key.revoked_at is not None:
             raise ApplicationError("A revoked API key cannot be rotated; create a new key.", code="api_key_revoked")
@@ -337,13 +364,20 @@ def api_key_last_used_update(*, api_key_id: int, at: dt.datetime) -> None:
 
 
 def api_key_revoke(
-    *, user: User, api_key_id: int, creator_key: APIKey | None = None, managed: QuerySet[APIKey] | None = None
+    *,
+    user: User,
+    api_key_id: int,
+    creator_key: APIKey | None = None,
+    managed: QuerySet[APIKey] | None = None,
+    organization: Organization | None = None,
 ) -> APIKey:
     """Revoke ``user``'s key ``api_key_id`` (idempotent); ``managed``: the keys ``user`` manages
     (``accounts.selectors.api_key_list``: team-owned keys too for an organization's admins; None:
     their own). Raises ``NotFoundError`` for another's key, 403 ``insufficient_permissions`` when
-    ``creator_key`` (the key the request used) is narrower."""
-    api_key = _managed_key(user=user, api_key_id=api_key_id, managed=managed)
+    ``creator_key`` (the key the request used) is narrower. ``organization``: the one the request
+    acts in; another organization's key is then also audited (``access.denied``)."""
+    with _audit_denied_key(user=user, api_key_id=api_key_id, organization=organization):
+        api_key = _managed_key(user=user, api_key_id=api_key_id, managed=managed)
     _api_key_within(api_key, creator_key)
     if api_key.revoked_at is None:
         before = AuditState(api_key)

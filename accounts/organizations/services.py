@@ -3,7 +3,8 @@
 Every write is checked against the caller's role in the organization the request acts in
 (``ActingOrganization``): owners and admins manage members, teams and invitations; only an owner
 grants or takes away the ``owner`` role; the last owner stays. Another organization's member,
-team or invitation does not exist here (404). Each write records one audit row
+team or invitation does not exist here (404; the attempt is audited, ``access.denied``, outside
+the write's transaction so its rollback keeps the row). Each write records one audit row
 (``accounts.audit``); a membership changed or removed ends the member's open sockets through the
 ``Membership`` signals of ``accounts.revocation`` (so a ``save()`` / ``delete()``, never a
 queryset ``update()``).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 from django.conf import settings
@@ -25,6 +27,7 @@ from django.core import signing
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.template.loader import render_to_string
 from django.utils import timezone
 from django.utils.http import urlencode
@@ -32,7 +35,15 @@ from django.utils.text import slugify
 
 from chatbackend.errors import ApplicationError, NotFoundError
 
-from ..audit import Action, AuditState, audit_model_changed, audit_model_deleted, audit_record, audit_snapshot
+from ..audit import (
+    Action,
+    AuditState,
+    audit_denied_lookup,
+    audit_model_changed,
+    audit_model_deleted,
+    audit_record,
+    audit_snapshot,
+)
 from ..models import Invitation, Membership, Organization, Team, TeamMembership, User
 from ..selectors import ActingOrganization, administers
 from ..services import user_register
@@ -68,6 +79,21 @@ def _owner_check(*, actor: User, acting: ActingOrganization, what: str) -> None:
 
 
 # --- Members -------------------------------------------------------------------------------------
+
+
+def member_audit_denied(*, actor: User, acting: ActingOrganization, user_id: int) -> AbstractContextManager[None]:
+    """Around a lookup of member ``user_id`` of the acting organization: when it is a 404
+    ``member_not_found`` and ``user_id`` is a member of another organization (one ``actor`` is not a
+    member of), audit ``access.denied`` (object ``accounts.user`` ``user_id``)."""
+    return audit_denied_lookup(
+        actor=actor,
+        organization=acting.organization,
+        model=Membership,
+        lookup=Q(user_id=user_id),
+        code="member_not_found",
+        object_type="accounts.user",
+        object_id=user_id,
+    )
 
 
 def _membership_for_update(*, acting: ActingOrganization, user_id: int) -> Membership:
@@ -112,7 +138,7 @@ def membership_role_change(*, actor: User, acting: ActingOrganization, user_id: 
     reconnect with the new role); the same role is no change.
     """
     organization_admin_check(actor=actor, acting=acting, what="change members' roles")
-    with transaction.atomic():
+    with member_audit_denied(actor=actor, acting=acting, user_id=user_id), transaction.atomic():
         membership = _membership_for_update(acting=acting, user_id=user_id)
         if membership.role == role:
             return membership
@@ -136,7 +162,7 @@ def membership_remove(*, actor: User, acting: ActingOrganization, user_id: int) 
     they left).
     """
     organization_admin_check(actor=actor, acting=acting, what="remove members")
-    with transaction.atomic():
+    with member_audit_denied(actor=actor, acting=acting, user_id=user_id), transaction.atomic():
         membership = _membership_for_update(acting=acting, user_id=user_id)
         if membership.role == Role.OWNER:
             _owner_check(actor=actor, acting=acting, what="remove an owner")
@@ -320,12 +346,19 @@ def _invitation_send_queue(invitation_id: int) -> None:
 def invitation_revoke(*, actor: User, acting: ActingOrganization, invitation_id: int) -> Invitation:
     """Revoke invitation ``invitation_id`` of the acting organization: its link stops working.
 
-    Owners and admins only (403); 404 ``invitation_not_found`` (another organization's too); 400
-    ``invitation_used`` for one already accepted. Revoking a revoked one changes nothing.
-    Audited (``invitation.revoked``).
+    Owners and admins only (403); 404 ``invitation_not_found`` (another organization's too, also
+    audited: ``access.denied``); 400 ``invitation_used`` for one already accepted. Revoking a
+    revoked one changes nothing. Audited (``invitation.revoked``).
     """
     organization_admin_check(actor=actor, acting=acting, what="revoke invitations")
-    with transaction.atomic():
+    denied = audit_denied_lookup(
+        actor=actor,
+        organization=acting.organization,
+        model=Invitation,
+        lookup=Q(pk=invitation_id),
+        code="invitation_not_found",
+    )
+    with denied, transaction.atomic():  # the audit row is written after the rollback
         invitation = (
             Invitation.objects.select_for_update().filter(pk=invitation_id, organization=acting.organization).first()
         )
