@@ -255,19 +255,28 @@ def usage_current_month(*, now: dt.datetime | None = None) -> tuple[dt.date, dt.
     return start, end
 
 
-def budget_monthly_limit_usd(*, user: User, api_key: APIKey | None) -> Decimal | None:
+def budget_monthly_limit_usd(
+    *, user: User, api_key: APIKey | None, organization: Organization | None = None
+) -> Decimal | None:
     """Return the tightest monthly US-dollar limit on what ``user`` may spend through ``api_key``, or None.
 
-    The limit is the smallest ``limit_usd`` of the enabled monthly budgets (``Budget``) of the key
-    (when the caller used one) and of its user: every budget applies to a request, so the
+    The limit is the smallest ``limit_usd`` of the enabled monthly budgets (``Budget``) of every
+    subject a request of the caller counts against, as ``llm.metering.reply_metering`` names them:
+    its user, the key (when the caller used one) and the key's team (``APIKey.team``), and
+    ``organization`` (the one the request acts in). Every budget applies to a request, so the
     tightest one is what the caller can spend this month. Daily, weekly and lifetime budgets are
     not a month's limit and are left out. None when no monthly budget applies; callers then
     report their documented fallback (``/dashboard/billing/subscription``:
     ``settings.OPENAI_BILLING_HARD_LIMIT_USD``). One query.
     """
-    subjects = Q(subject_kind=Budget.SubjectKind.USER, subject_id=user.pk)
+    Kind = Budget.SubjectKind
+    subjects = Q(subject_kind=Kind.USER, subject_id=user.pk)
     if api_key is not None:
-        subjects |= Q(subject_kind=Budget.SubjectKind.API_KEY, subject_id=api_key.pk)
+        subjects |= Q(subject_kind=Kind.API_KEY, subject_id=api_key.pk)
+        if api_key.team_id is not None:
+            subjects |= Q(subject_kind=Kind.TEAM, subject_id=api_key.team_id)
+    if organization is not None:
+        subjects |= Q(subject_kind=Kind.ORGANIZATION, subject_id=organization.pk)
     budgets = Budget.objects.filter(subjects, enabled=True, period=Budget.Period.MONTHLY)
     limit: Decimal | None = budgets.aggregate(limit=Min("limit_usd"))["limit"]
     return limit
