@@ -1,7 +1,7 @@
 from typing import Any
 
 from django.apps import AppConfig
-from django.db.models.signals import post_save
+from django.db.models.signals import post_save, pre_delete
 
 
 def _join_default_organization(sender: type, *, instance: Any, created: bool, raw: bool = False, **kwargs: Any) -> None:
@@ -10,6 +10,13 @@ def _join_default_organization(sender: type, *, instance: Any, created: bool, ra
         from .services import membership_join_default_organization
 
         membership_join_default_organization(user=instance)
+
+
+def _deactivate_team_service_user(sender: type, *, instance: Any, **kwargs: Any) -> None:
+    # pre_delete: the team's service user still names it (the delete sets service_team to NULL).
+    from .services import team_service_user_deactivate
+
+    team_service_user_deactivate(team=instance)
 
 
 class AccountsConfig(AppConfig):
@@ -35,6 +42,10 @@ class AccountsConfig(AppConfig):
             model_access_cache.invalidate_on(model)
         # Every new user joins the default organization (single-tenant installations need no more).
         post_save.connect(_join_default_organization, sender=User, dispatch_uid="accounts.join_default_organization")
+        # A deleted team's service user, which owned only the team's keys (deleted with it), is deactivated.
+        pre_delete.connect(
+            _deactivate_team_service_user, sender=Team, dispatch_uid="accounts.deactivate_team_service_user"
+        )
         # Budgets are cached per process (accounts.metering.budgets): a change reaches every process.
         from .metering.budgets import budget_cache
         from .models import Budget

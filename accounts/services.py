@@ -203,6 +203,25 @@ def team_service_user(*, team: Team) -> User:
     return user
 
 
+def team_service_user_deactivate(*, team: Team) -> User | None:
+    """Deactivate ``team``'s service user, if it has an active one; return it (else None).
+
+    Called before a team is deleted (the ``pre_delete`` signal of ``Team``, ``AccountsConfig``: the
+    REST and admin deletes and an organization's cascade alike), while ``User.service_team`` still
+    names the team; the delete then sets it to NULL and removes the team's keys (CASCADE). The
+    service user is nobody's to use any more: ``save()`` clears the cached principals and ends its
+    open sockets and replies in every process (``accounts.revocation``). Its data stays (usage
+    rows, conversations), as a deactivated person's does. Not audited on its own: the team's
+    deletion (``team.deleted``) is the decision, and its one row.
+    """
+    user = User.objects.filter(service_team=team, is_active=True).first()
+    if user is None:
+        return None
+    user.is_active = False
+    user.save(update_fields=["is_active"])
+    return user
+
+
 def _api_key_team(
     *, actor: User, organization: Organization, team: str | None, owner: str, administers: bool
 ) -> tuple[Team | None, User]:

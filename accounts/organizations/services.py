@@ -230,7 +230,10 @@ def team_update(*, actor: User, acting: ActingOrganization, team: Team, data: di
 
 
 def team_delete(*, actor: User, acting: ActingOrganization, team: Team) -> None:
-    """Delete ``team`` and its memberships (the members stay in the organization); owners and admins only."""
+    """Delete ``team`` and its memberships (the members stay in the organization); owners and admins only.
+
+    Its keys go with it, and its service user is deactivated (``accounts.services.team_service_user_deactivate``).
+    """
     organization_admin_check(actor=actor, acting=acting, what="delete teams")
     before = AuditState(team)
     with transaction.atomic():
