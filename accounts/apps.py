@@ -5,8 +5,9 @@ from django.db.models.signals import post_save, pre_delete
 
 
 def _join_default_organization(sender: type, *, instance: Any, created: bool, raw: bool = False, **kwargs: Any) -> None:
-    # raw: loaddata, whose fixtures carry their own memberships; a team's service user joins its team's only
-    if created and not raw and instance.service_team_id is None:
+    # raw: loaddata, whose fixtures carry their own memberships; a team's service user joins its team's
+    # only; an invited account its inviting organization only (User.joins_default_organization).
+    if created and not raw and instance.service_team_id is None and instance.joins_default_organization:
         from .services import membership_join_default_organization
 
         membership_join_default_organization(user=instance)

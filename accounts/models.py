@@ -181,6 +181,10 @@ class User(AbstractUser, RateLimited):
         help_text="set on a team's service user, which owns the team's keys; it cannot log in",
     )
 
+    # Not a field: False on an unsaved user keeps the post_save hook (``AccountsConfig``) from making
+    # it a member of the default organization: an invited account joins the inviting one instead.
+    joins_default_organization = True
+
     def __str__(self) -> str:
         return self.get_username()
 

@@ -57,14 +57,23 @@ def membership_join_default_organization(*, user: User) -> Membership:
     return membership
 
 
-def user_register(*, username: str, password: str, email: str = "", email_proven: bool = False) -> User:
-    """Create a ``member`` user.
+def user_register(
+    *,
+    username: str,
+    password: str,
+    email: str = "",
+    email_proven: bool = False,
+    join_default_organization: bool = True,
+) -> User:
+    """Create a ``member`` user, a member of the default organization (``AccountsConfig``'s hook).
 
     With ``settings.EMAIL_VERIFICATION_REQUIRED`` the ``email`` is required (``ApplicationError``
     400 naming it) and unverified: a verification link is emailed
     (``accounts.lifecycle.services.email_verification_request``), and the account may not log in
     or use keys until it is followed. ``email_proven``: the caller has already proven it owns
     ``email`` (it followed an invitation link sent there): the account counts as verified.
+    ``join_default_organization`` False: the account joins no organization here (an invitation's
+    caller makes it a member of the inviting one, in the same transaction).
 
     Raises Django's ``ValidationError`` for a weak password, and ``ApplicationError`` (400,
     ``param`` and ``fields`` naming ``username``, as the serializer's uniqueness check reports it)
@@ -77,6 +86,7 @@ def user_register(*, username: str, password: str, email: str = "", email_proven
         message = "An email address is required: this server verifies it before the account may log in."
         raise ApplicationError(f"email: {message}", code="required", param="email", fields={"email": [message]})
     user = User(username=username, email=email, role=User.Role.MEMBER, email_verified=not verify)
+    user.joins_default_organization = join_default_organization
     validate_password(password, user=user)
     user.set_password(password)
     try:

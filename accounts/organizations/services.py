@@ -449,7 +449,8 @@ def invitation_accept(
     ``user``: the authenticated caller, who joins. Without one a new account is made from
     ``username`` and ``password`` (both required: 400 naming the missing one; the password
     validators' and a taken username's 400 as at registration) with the invitation's email,
-    verified (the link reached that address); its default organization is the one it joined.
+    verified (the link reached that address); it joins only the inviting organization, its
+    default (not the default organization every registered user joins).
     The membership has the invitation's role and its teams (those that still exist). Single use:
     400s of ``_invitation_for_token`` for a bad, expired, revoked or used token; 400
     ``already_member`` when ``user`` is a member already. Audited once (``invitation.accepted``,
@@ -466,7 +467,15 @@ def invitation_accept(
                     raise ApplicationError(f"{name}: {message}", code="required", param=name, fields={name: [message]})
             assert username is not None and password is not None  # noqa: S101 - checked just above
             try:
-                user = user_register(username=username, password=password, email=invitation.email, email_proven=True)
+                # Not the default organization: in a multi-tenant installation its members would
+                # see the invited account (and it theirs); the inviting organization is its default.
+                user = user_register(
+                    username=username,
+                    password=password,
+                    email=invitation.email,
+                    email_proven=True,
+                    join_default_organization=False,
+                )
             except DjangoValidationError as exc:  # the password validators' verdict
                 raise ApplicationError(
                     f"password: {exc.messages[0]}", code="invalid", param="password", fields={"password": exc.messages}
@@ -475,10 +484,6 @@ def invitation_accept(
             raise ApplicationError(
                 "You are already a member of this organization.", code="already_member", param="token"
             )
-        if new_account:
-            # Their first organization is the one that invited them (registration made them a
-            # member of the default organization, as every new user).
-            Membership.objects.filter(user=user, is_default=True).update(is_default=False)
         has_default = Membership.objects.filter(user=user, is_default=True).exists()
         try:
             membership = Membership.objects.create(
