@@ -374,10 +374,6 @@ class APIKey(RateLimited):
         include read)."""
         return scope in self.scopes or (scope == self.Scope.READ and self.Scope.ADMIN in self.scopes)
 
-    def allows_model(self, *names: str) -> bool:
-        """Return True when the allowlist is empty or holds any of ``names`` (the name sent, its target's)."""
-        return not self.allowed_models or any(name in self.allowed_models for name in names)
-
 
 class UsageRecord(models.Model):
     """Tokens and cost of one finished reply: completed, stopped, or failed (0 tokens before any output).
