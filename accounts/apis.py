@@ -342,6 +342,7 @@ class APIKeyRevokeApi(APIView):
             api_key_id=api_key_id,
             creator_key=actor.api_key,
             managed=api_key_list(user=actor.user, acting=actor.acting),
+            organization=actor.organization,
         )
         return Response(status=status.HTTP_204_NO_CONTENT)
 
@@ -370,6 +371,7 @@ class APIKeyRotateApi(APIView):
             api_key_id=api_key_id,
             creator_key=actor.api_key,
             managed=api_key_list(user=actor.user, acting=actor.acting),
+            organization=actor.organization,
         )
         return Response(APIKeyCreateOutputSerializer(rotated).data)
 

@@ -1,12 +1,13 @@
 from typing import Any
 
 from django.apps import AppConfig
-from django.db.models.signals import post_delete, post_save
+from django.db.models.signals import post_delete, post_save, pre_delete
 
 
 def _join_default_organization(sender: type, *, instance: Any, created: bool, raw: bool = False, **kwargs: Any) -> None:
-    # raw: loaddata, whose fixtures carry their own memberships; a team's service user joins its team's only
-    if created and not raw and instance.service_team_id is None:
+    # raw: loaddata, whose fixtures carry their own memberships; a team's service user joins its team's
+    # only; an invited account its inviting organization only (User.joins_default_organization).
+    if created and not raw and instance.service_team_id is None and instance.joins_default_organization:
         from .services import membership_join_default_organization
 
         membership_join_default_organization(user=instance)
@@ -17,6 +18,13 @@ def _team_membership_deleted(sender: type, *, instance: Any, **kwargs: Any) -> N
     from .services import team_keys_revoke_departed
 
     team_keys_revoke_departed(team_id=instance.team_id, user_id=instance.user_id)
+
+
+def _deactivate_team_service_user(sender: type, *, instance: Any, **kwargs: Any) -> None:
+    # pre_delete: the team's service user still names it (the delete sets service_team to NULL).
+    from .services import team_service_user_deactivate
+
+    team_service_user_deactivate(team=instance)
 
 
 class AccountsConfig(AppConfig):
@@ -44,6 +52,10 @@ class AccountsConfig(AppConfig):
         post_save.connect(_join_default_organization, sender=User, dispatch_uid="accounts.join_default_organization")
         post_delete.connect(
             _team_membership_deleted, sender=TeamMembership, dispatch_uid="accounts.team_membership_deleted"
+        )
+        # A deleted team's service user, which owned only the team's keys (deleted with it), is deactivated.
+        pre_delete.connect(
+            _deactivate_team_service_user, sender=Team, dispatch_uid="accounts.deactivate_team_service_user"
         )
         # Budgets are cached per process (accounts.metering.budgets): a change reaches every process.
         from .metering.budgets import budget_cache

@@ -9,7 +9,10 @@ Every audited write goes through ``audit_record``, which decides the actor, the 
 - API keys: ``accounts.services`` (created, revoked; rotated is one ``audit_record`` call);
 - budgets: ``accounts.services`` (REST) and ``AuditedModelAdmin`` (admin);
 - users, providers, models, aliases and deployments: ``AuditedModelAdmin`` (their only writers
-  besides management commands).
+  besides management commands);
+- access denied to another organization's object: ``audit_denied_lookup`` around each lookup by
+  id or slug that is scoped to the organization a request acts in (conversations, API keys,
+  budgets, members, teams, invitations).
 
 The actor and the IP come from the request being served: ``AuditRequestMiddleware`` keeps it in a
 context variable, so services need no ``request`` parameter. DRF sets the user it authenticated
@@ -35,9 +38,11 @@ from typing import Any
 from django.contrib.auth.signals import user_logged_in, user_login_failed
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
+from django.db.models import Q
 from django.http import HttpRequest, HttpResponse
 
 from chatbackend.client_ip import request_client_ip
+from chatbackend.errors import NotFoundError
 
 from .login_throttle import login_locked_out
 from .models import AuditEvent, Membership, Organization, TeamMembership, User
@@ -93,8 +98,31 @@ def audit_request(request: Any) -> Iterator[None]:
 
 
 def _request_user(request: Any) -> User | None:
-    user = getattr(request, "user", None) if request is not None else None
+    if isinstance(request, dict):  # a WebSocket's ASGI scope
+        user = request.get("user")
+    else:
+        user = getattr(request, "user", None) if request is not None else None
     return user if isinstance(user, User) and user.is_authenticated else None
+
+
+def _request_ip(request: Any) -> str | None:
+    """Return the client IP of ``request`` (Django's, DRF's, or a WebSocket's ASGI scope), or None."""
+    if isinstance(request, dict):  # TrustedProxyMiddleware has set the scope's client already
+        client = request.get("client")
+        return _valid_ip(str(client[0])) if client else None
+    return _valid_ip(request_client_ip(request))
+
+
+def _request_via(request: Any) -> str:
+    """Return how ``request`` reached us: ``"GET /api/teams/x/"``, ``"websocket /ws/conversations/1/"``.
+
+    The path only: query strings may carry credentials (a WebSocket's ``?token=``).
+    """
+    if request is None:
+        return ""
+    if isinstance(request, dict):
+        return f"{request.get('type', 'websocket')} {request.get('path', '')}"
+    return f"{request.method} {request.path}"
 
 
 def _valid_ip(address: str) -> str | None:
@@ -224,6 +252,8 @@ def audit_record(
     request: Any = None,
     anonymous: bool = False,
     object_id: Any = None,
+    object_type: str | None = None,
+    organization_id: int | None = None,
 ) -> AuditEvent:
     """Write one audit row and return it.
 
@@ -233,20 +263,26 @@ def audit_record(
     else of the request being served (``AuditRequestMiddleware``); ``actor_username`` defaults to
     the actor's username. ``request``: Django's or DRF's, by default the request being served;
     its client IP is recorded (``chatbackend.client_ip``). ``anonymous``: record no actor (a failed
-    login). ``object_id``: ``obj``'s id when it has none any more (deleted).
+    login). ``object_id``: ``obj``'s id when it has none any more (deleted), or the id of an object
+    not loaded (with ``object_type``, its ``app_label.model_name``). ``organization_id``: the
+    event's organization when ``audit_organization`` would not decide it (an access denied).
     """
     request = request if request is not None else _current_request.get()
     if not anonymous:
         actor = actor or _request_user(request)
     if actor_username is None:
         actor_username = actor.get_username() if actor is not None else ""
-    ip = _valid_ip(request_client_ip(request)) if request is not None else None
+    ip = _request_ip(request) if request is not None else None
+    if organization_id is None:
+        organization_id = audit_organization(actor=actor, obj=obj)
+    if object_type is None:
+        object_type = _label(obj) if obj is not None else ""
     return AuditEvent.objects.create(
         action=action,
         actor=actor,
         actor_username=actor_username[:150],
-        organization_id=audit_organization(actor=actor, obj=obj),
-        object_type=_label(obj) if obj is not None else "",
+        organization_id=organization_id,
+        object_type=object_type,
         object_id=str(object_id if object_id is not None else getattr(obj, "pk", None) or ""),
         object_repr=str(obj)[:200] if obj is not None else "",
         ip=ip,
@@ -303,6 +339,97 @@ def audit_model_deleted(*, obj: models.Model, before: AuditState, actor: User | 
     """Record that ``obj`` (whose state was ``before``) was deleted; call it after the delete."""
     _, _, deleted = _MODEL_ACTIONS[_label(obj)]
     return audit_record(action=deleted, obj=obj, before=before.snapshot, actor=actor, object_id=before.pk)
+
+
+# --- Access denied to another organization's object ----------------------------------------------
+
+
+def audit_access_denied(
+    *,
+    actor: User,
+    organization: Organization,
+    model: type[models.Model],
+    lookup: Q,
+    object_type: str | None = None,
+    object_id: Any = None,
+) -> AuditEvent | None:
+    """Record ``access.denied`` when the object a failed lookup named belongs to another tenant.
+
+    Call it after a lookup scoped to ``organization`` (the one the request acts in) found nothing:
+    ``model`` rows matching ``lookup`` (e.g. ``Q(pk=conversation_id)``), unscoped, are what it
+    named. One indexed query tells a missing object (no row: nothing recorded) from another
+    organization's: a row whose ``organization`` is neither ``organization`` nor one ``actor`` is a
+    member of. Neither the platform superuser (who may act in any organization) nor a member of
+    the object's organization (acting in another of theirs) breaches a tenant; another user's
+    object in the same organization is no tenant breach either (the lookup's own rule refused it):
+    none of them is recorded.
+
+    The row: ``actor``, ``organization`` (the acting one), ``object_type`` (default ``model``'s
+    label) and ``object_id`` (default the found row's id), never the object's content (no
+    ``object_repr``); ``after`` holds ``via`` (``"DELETE /api/api-keys/7/"`` or ``"websocket
+    /ws/conversations/3/"``) and ``object_organization``; the IP is the client's. The caller
+    answers the same 404 as for a missing object. Sync (a query and a write): from async code,
+    call the lookup through ``run_sync``.
+    """
+    if actor.is_superuser:
+        return None
+    try:
+        found = (
+            model._default_manager.filter(lookup)
+            .exclude(organization_id=organization.pk)
+            .exclude(organization__memberships__user=actor)
+            .values_list("pk", "organization_id")
+            .order_by("pk")
+            .first()
+        )
+    except (ValueError, TypeError):  # an id that is no id: nothing of that name exists
+        return None
+    if found is None:
+        return None
+    found_id, object_organization = found
+    request = _current_request.get()
+    return audit_record(
+        action=Action.ACCESS_DENIED,
+        actor=actor,
+        request=request,
+        organization_id=organization.pk,
+        object_type=object_type if object_type is not None else model._meta.label_lower,
+        object_id=object_id if object_id is not None else found_id,
+        after={"via": _request_via(request), "object_organization": object_organization},
+    )
+
+
+@contextmanager
+def audit_denied_lookup(
+    *,
+    actor: User,
+    organization: Organization,
+    model: type[models.Model],
+    lookup: Q,
+    code: str,
+    object_type: str | None = None,
+    object_id: Any = None,
+) -> Iterator[None]:
+    """Around a lookup scoped to ``organization``: when it raises ``NotFoundError`` ``code``, record
+    ``audit_access_denied`` (same arguments) and re-raise it unchanged.
+
+    Nothing runs on success. Put it outside any ``transaction.atomic()`` the lookup runs in
+    (``with audit_denied_lookup(...), transaction.atomic():``), so the row is written after the
+    rollback, not undone by it.
+    """
+    try:
+        yield
+    except NotFoundError as exc:
+        if exc.code == code:
+            audit_access_denied(
+                actor=actor,
+                organization=organization,
+                model=model,
+                lookup=lookup,
+                object_type=object_type,
+                object_id=object_id,
+            )
+        raise
 
 
 # --- Logins -------------------------------------------------------------------------------------

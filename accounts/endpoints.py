@@ -16,7 +16,10 @@ of them what DRF gives its views, in one place:
 - errors: ``ApplicationError``, DRF ``ValidationError`` and the like become the project's JSON error
   (``chatbackend.errors.error_response``: OpenAI's shape, or the ``errors`` renderer an endpoint
   names, e.g. Anthropic's shape on ``/v1/messages``); any other exception is logged and answered
-  as a 500 in the same shape, never an HTML page.
+  as a 500 in the same shape, never an HTML page;
+- the audit context: the request is the one audit rows written by the view name the client IP and
+  path of (``accounts.audit.audit_request``; the sync chain's ``AuditRequestMiddleware`` is not in
+  the streaming chain).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from chatbackend.errors import (
 )
 from chatbackend.parsers import JSONParseError, json_loads
 
+from .audit import audit_request
 from .authentication import Principal, authenticate_token_async, token_from_headers
 from .scopes import ScopeNeed, api_key_scope_check, role_scope_check
 from .selectors import ORGANIZATION_HEADER
@@ -87,7 +91,8 @@ def async_endpoint(
                 )
                 api_key_scope_check(principal.api_key, scope, action=f"{request.method} {request.path}")
                 role_scope_check(principal.acting.role, scope, action=f"{request.method} {request.path}")
-                return await view(request, principal, *args, **kwargs)
+                with audit_request(request):  # audit rows of the view (accounts.audit) name its IP and path
+                    return await view(request, principal, *args, **kwargs)
             except Exception as exc:
                 error = as_application_error(exc)
                 if error is None:

@@ -181,6 +181,10 @@ class User(AbstractUser, RateLimited):
         help_text="set on a team's service user, which owns the team's keys; it cannot log in",
     )
 
+    # Not a field: False on an unsaved user keeps the post_save hook (``AccountsConfig``) from making
+    # it a member of the default organization: an invited account joins the inviting one instead.
+    joins_default_organization = True
+
     def __str__(self) -> str:
         return self.get_username()
 
@@ -373,10 +377,6 @@ class APIKey(RateLimited):
         includes ``read`` (managing keys and budgets means seeing them, as OpenAI's write permissions
         include read)."""
         return scope in self.scopes or (scope == self.Scope.READ and self.Scope.ADMIN in self.scopes)
-
-    def allows_model(self, *names: str) -> bool:
-        """Return True when the allowlist is empty or holds any of ``names`` (the name sent, its target's)."""
-        return not self.allowed_models or any(name in self.allowed_models for name in names)
 
 
 class UsageRecord(models.Model):
@@ -608,6 +608,7 @@ class AuditEvent(models.Model):
         INVITATION_CREATED = "invitation.created", "Invitation sent"
         INVITATION_REVOKED = "invitation.revoked", "Invitation revoked"
         INVITATION_ACCEPTED = "invitation.accepted", "Invitation accepted"
+        ACCESS_DENIED = "access.denied", "Access denied to another organization's object"
 
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     action = models.CharField(max_length=32, choices=Action.choices, db_index=True)

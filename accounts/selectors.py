@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import re
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
@@ -19,6 +20,7 @@ from django.utils import timezone
 
 from chatbackend.errors import ApplicationError, NotFoundError, error_type_for_status
 
+from .audit import audit_denied_lookup
 from .keys import hash_secret
 from .models import APIKey, AuditEvent, Budget, Membership, Organization, Team, UsageRecord, User
 from .services import api_key_last_used_update
@@ -253,19 +255,28 @@ def usage_current_month(*, now: dt.datetime | None = None) -> tuple[dt.date, dt.
     return start, end
 
 
-def budget_monthly_limit_usd(*, user: User, api_key: APIKey | None) -> Decimal | None:
+def budget_monthly_limit_usd(
+    *, user: User, api_key: APIKey | None, organization: Organization | None = None
+) -> Decimal | None:
     """Return the tightest monthly US-dollar limit on what ``user`` may spend through ``api_key``, or None.
 
-    The limit is the smallest ``limit_usd`` of the enabled monthly budgets (``Budget``) of the key
-    (when the caller used one) and of its user: every budget applies to a request, so the
+    The limit is the smallest ``limit_usd`` of the enabled monthly budgets (``Budget``) of every
+    subject a request of the caller counts against, as ``llm.metering.reply_metering`` names them:
+    its user, the key (when the caller used one) and the key's team (``APIKey.team``), and
+    ``organization`` (the one the request acts in). Every budget applies to a request, so the
     tightest one is what the caller can spend this month. Daily, weekly and lifetime budgets are
     not a month's limit and are left out. None when no monthly budget applies; callers then
     report their documented fallback (``/dashboard/billing/subscription``:
     ``settings.OPENAI_BILLING_HARD_LIMIT_USD``). One query.
     """
-    subjects = Q(subject_kind=Budget.SubjectKind.USER, subject_id=user.pk)
+    Kind = Budget.SubjectKind
+    subjects = Q(subject_kind=Kind.USER, subject_id=user.pk)
     if api_key is not None:
-        subjects |= Q(subject_kind=Budget.SubjectKind.API_KEY, subject_id=api_key.pk)
+        subjects |= Q(subject_kind=Kind.API_KEY, subject_id=api_key.pk)
+        if api_key.team_id is not None:
+            subjects |= Q(subject_kind=Kind.TEAM, subject_id=api_key.team_id)
+    if organization is not None:
+        subjects |= Q(subject_kind=Kind.ORGANIZATION, subject_id=organization.pk)
     budgets = Budget.objects.filter(subjects, enabled=True, period=Budget.Period.MONTHLY)
     limit: Decimal | None = budgets.aggregate(limit=Min("limit_usd"))["limit"]
     return limit
@@ -443,11 +454,27 @@ def budget_list(*, user: User, acting: ActingOrganization | None = None) -> Quer
 
 
 def budget_get_for(*, user: User, budget_id: int, acting: ActingOrganization | None = None) -> Budget:
-    """Return budget ``budget_id`` if ``user`` may see it; raises ``NotFoundError`` (404) otherwise."""
-    try:
-        return budget_list(user=user, acting=acting).get(pk=budget_id)
-    except (Budget.DoesNotExist, ValueError, TypeError):
-        raise NotFoundError("Budget not found.", code="budget_not_found") from None
+    """Return budget ``budget_id`` if ``user`` may see it; raises ``NotFoundError`` (404) otherwise.
+
+    With ``acting``, another organization's budget is also audited (``access.denied``,
+    ``accounts.audit.audit_access_denied``); another member's budget in the same organization is not.
+    """
+    audited: AbstractContextManager[None] = (
+        nullcontext()
+        if acting is None
+        else audit_denied_lookup(
+            actor=user,
+            organization=acting.organization,
+            model=Budget,
+            lookup=Q(pk=budget_id),
+            code="budget_not_found",
+        )
+    )
+    with audited:
+        try:
+            return budget_list(user=user, acting=acting).get(pk=budget_id)
+        except (Budget.DoesNotExist, ValueError, TypeError):
+            raise NotFoundError("Budget not found.", code="budget_not_found") from None
 
 
 # --- Audit log --------------------------------------------------------------------------------
@@ -456,7 +483,10 @@ def budget_get_for(*, user: User, budget_id: int, acting: ActingOrganization | N
 def audit_event_list(*, actor: User, acting: ActingOrganization) -> QuerySet[AuditEvent]:
     """Return the audit events ``actor`` may read, newest first: platform admins (superusers and the
     ``admin`` role) every event, those of no organization included (a failed login of an unknown
-    name); an admin of the organization the request acts in (``acting``) that organization's.
+    name); an admin of the organization the request acts in (``acting``) that organization's, except
+    ``access.denied``: those rows name objects of other organizations that answered 404, so an
+    organization's admin who probed ids or slugs would learn from their own log which exist
+    elsewhere. They are the platform admins' to read.
 
     Raises ``ApplicationError`` 403 ``permission_denied`` when ``actor`` administers neither.
     """
@@ -465,7 +495,7 @@ def audit_event_list(*, actor: User, acting: ActingOrganization) -> QuerySet[Aud
         return events
     if not acting.is_admin:
         raise ApplicationError("Only admins may read the audit log.", code="permission_denied", status=403)
-    return events.filter(organization=acting.organization)
+    return events.filter(organization=acting.organization).exclude(action=AuditEvent.Action.ACCESS_DENIED)
 
 
 # Columns of the audit log's CSV export, in order; ``before`` and ``after`` are JSON text.

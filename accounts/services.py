@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,15 @@ from django.utils import timezone
 
 from chatbackend.errors import ApplicationError, NotFoundError
 
-from .audit import Action, AuditState, audit_model_changed, audit_model_deleted, audit_record, audit_snapshot
+from .audit import (
+    Action,
+    AuditState,
+    audit_denied_lookup,
+    audit_model_changed,
+    audit_model_deleted,
+    audit_record,
+    audit_snapshot,
+)
 from .keys import display_prefix, generate_secret, hash_secret
 from .lifecycle.services import email_verification_request
 from .models import API_KEY_OWNERS, APIKey, Budget, Membership, Organization, Team, TeamMembership, User
@@ -48,14 +57,23 @@ def membership_join_default_organization(*, user: User) -> Membership:
     return membership
 
 
-def user_register(*, username: str, password: str, email: str = "", email_proven: bool = False) -> User:
-    """Create a ``member`` user.
+def user_register(
+    *,
+    username: str,
+    password: str,
+    email: str = "",
+    email_proven: bool = False,
+    join_default_organization: bool = True,
+) -> User:
+    """Create a ``member`` user, a member of the default organization (``AccountsConfig``'s hook).
 
     With ``settings.EMAIL_VERIFICATION_REQUIRED`` the ``email`` is required (``ApplicationError``
     400 naming it) and unverified: a verification link is emailed
     (``accounts.lifecycle.services.email_verification_request``), and the account may not log in
     or use keys until it is followed. ``email_proven``: the caller has already proven it owns
     ``email`` (it followed an invitation link sent there): the account counts as verified.
+    ``join_default_organization`` False: the account joins no organization here (an invitation's
+    caller makes it a member of the inviting one, in the same transaction).
 
     Raises Django's ``ValidationError`` for a weak password, and ``ApplicationError`` (400,
     ``param`` and ``fields`` naming ``username``, as the serializer's uniqueness check reports it)
@@ -68,6 +86,7 @@ def user_register(*, username: str, password: str, email: str = "", email_proven
         message = "An email address is required: this server verifies it before the account may log in."
         raise ApplicationError(f"email: {message}", code="required", param="email", fields={"email": [message]})
     user = User(username=username, email=email, role=User.Role.MEMBER, email_verified=not verify)
+    user.joins_default_organization = join_default_organization
     validate_password(password, user=user)
     user.set_password(password)
     try:
@@ -206,6 +225,25 @@ def _service_user_memberships(user: User, team: Team) -> None:
     TeamMembership.objects.get_or_create(user=user, team=team)
 
 
+def team_service_user_deactivate(*, team: Team) -> User | None:
+    """Deactivate ``team``'s service user, if it has an active one; return it (else None).
+
+    Called before a team is deleted (the ``pre_delete`` signal of ``Team``, ``AccountsConfig``: the
+    REST and admin deletes and an organization's cascade alike), while ``User.service_team`` still
+    names the team; the delete then sets it to NULL and removes the team's keys (CASCADE). The
+    service user is nobody's to use any more: ``save()`` clears the cached principals and ends its
+    open sockets and replies in every process (``accounts.revocation``). Its data stays (usage
+    rows, conversations), as a deactivated person's does. Not audited on its own: the team's
+    deletion (``team.deleted``) is the decision, and its one row.
+    """
+    user = User.objects.filter(service_team=team, is_active=True).first()
+    if user is None:
+        return None
+    user.is_active = False
+    user.save(update_fields=["is_active"])
+    return user
+
+
 def _api_key_team(
     *, actor: User, organization: Organization, team: str | None, owner: str, administers: bool
 ) -> tuple[Team | None, User]:
@@ -339,8 +377,25 @@ def _managed_key(*, user: User, api_key_id: int, managed: QuerySet[APIKey] | Non
         raise NotFoundError("API key not found.", code="api_key_not_found") from None
 
 
+def _audit_denied_key(
+    *, user: User, api_key_id: int, organization: Organization | None
+) -> AbstractContextManager[None]:
+    """Around a lookup of key ``api_key_id`` in ``organization`` (the one the request acts in):
+    another organization's key is audited (``accounts.audit.audit_denied_lookup``); None: no check."""
+    if organization is None:
+        return nullcontext()
+    return audit_denied_lookup(
+        actor=user, organization=organization, model=APIKey, lookup=Q(pk=api_key_id), code="api_key_not_found"
+    )
+
+
 def api_key_rotate(
-    *, user: User, api_key_id: int, creator_key: APIKey | None = None, managed: QuerySet[APIKey] | None = None
+    *,
+    user: User,
+    api_key_id: int,
+    creator_key: APIKey | None = None,
+    managed: QuerySet[APIKey] | None = None,
+    organization: Organization | None = None,
 ) -> CreatedAPIKey:
     """Give ``user``'s key ``api_key_id`` a new secret; return it with that secret, shown this once.
 
@@ -351,10 +406,11 @@ def api_key_rotate(
     (``api_key.rotated``: the prefix before and after, never a secret or its hash). ``managed``:
     the keys ``user`` manages (``accounts.selectors.api_key_list``; None: their own). Raises
     ``NotFoundError`` (404) for another user's key, ``ApplicationError`` 400 ``api_key_revoked``
-    for a revoked one.
+    for a revoked one. ``organization``: the one the request acts in; another organization's key
+    is then also audited (``access.denied``).
     """
     secret = generate_secret()
-    with transaction.atomic():
+    with _audit_denied_key(user=user, api_key_id=api_key_id, organization=organization), transaction.atomic():
         api_key = _managed_key(user=user, api_key_id=api_key_id, managed=managed, lock=True)
         if api_key.revoked_at is not None:
             raise ApplicationError("A revoked API key cannot be rotated; create a new key.", code="api_key_revoked")
@@ -378,13 +434,20 @@ def api_key_last_used_update(*, api_key_id: int, at: dt.datetime) -> None:
 
 
 def api_key_revoke(
-    *, user: User, api_key_id: int, creator_key: APIKey | None = None, managed: QuerySet[APIKey] | None = None
+    *,
+    user: User,
+    api_key_id: int,
+    creator_key: APIKey | None = None,
+    managed: QuerySet[APIKey] | None = None,
+    organization: Organization | None = None,
 ) -> APIKey:
     """Revoke ``user``'s key ``api_key_id`` (idempotent); ``managed``: the keys ``user`` manages
     (``accounts.selectors.api_key_list``: team-owned keys too for an organization's admins; None:
     their own). Raises ``NotFoundError`` for another's key, 403 ``insufficient_permissions`` when
-    ``creator_key`` (the key the request used) is narrower."""
-    api_key = _managed_key(user=user, api_key_id=api_key_id, managed=managed)
+    ``creator_key`` (the key the request used) is narrower. ``organization``: the one the request
+    acts in; another organization's key is then also audited (``access.denied``)."""
+    with _audit_denied_key(user=user, api_key_id=api_key_id, organization=organization):
+        api_key = _managed_key(user=user, api_key_id=api_key_id, managed=managed)
     _api_key_within(api_key, creator_key)
     if api_key.revoked_at is None:
         before = AuditState(api_key)

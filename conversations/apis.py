@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import django_filters
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
+from django.http import Http404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
@@ -22,6 +23,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from accounts.audit import audit_access_denied
 from accounts.authentication import request_principal
 from accounts.model_access import model_access_for
 from accounts.models import APIKey
@@ -123,6 +125,20 @@ class ConversationViewSet(
         if getattr(self, "swagger_fake_view", False):  # drf-spectacular inspecting the view
             return Conversation.objects.none()
         return conversation_list(actor=request_principal(self.request))
+
+    def get_object(self) -> Conversation:
+        """The conversation of the URL, to read (DRF's lookup in ``get_queryset``: 404 ``not_found``).
+
+        Another organization's is also audited (``accounts.audit.audit_access_denied``), after the miss.
+        """
+        try:
+            return super().get_object()
+        except Http404:
+            actor = request_principal(self.request)
+            audit_access_denied(
+                actor=actor.user, organization=actor.organization, model=Conversation, lookup=Q(pk=self.kwargs["pk"])
+            )
+            raise
 
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         serializer = ConversationCreateInputSerializer(data=request.data)

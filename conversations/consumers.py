@@ -23,6 +23,7 @@ from typing import Any
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
+from accounts.audit import audit_request
 from accounts.models import APIKey
 from accounts.revocation import watch_credential
 from accounts.scopes import api_key_scope_check, role_scope_check
@@ -72,10 +73,12 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
             close_code = CLOSE_FORBIDDEN
         else:
             try:
-                # The socket chats: only the conversation's owner may open it.
-                await run_sync(
-                    conversation_get_for, actor=principal, conversation_id=self.conversation_id, to_change=True
-                )
+                # The socket chats: only the conversation's owner may open it. Another organization's
+                # conversation is audited with this connection's client IP and path (the scope).
+                with audit_request(self.scope):
+                    await run_sync(
+                        conversation_get_for, actor=principal, conversation_id=self.conversation_id, to_change=True
+                    )
             except NotFoundError:
                 close_code = CLOSE_NOT_FOUND
             except ApplicationError:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 
+from accounts.audit import audit_denied_lookup
 from accounts.authentication import Principal
 from chatbackend.errors import ApplicationError, NotFoundError
 
@@ -24,15 +25,24 @@ def conversation_get_for(*, actor: Principal, conversation_id: int, to_change: b
     """Return conversation ``conversation_id`` if ``actor`` may see it (``conversation_list``).
 
     Raises ``NotFoundError`` (404) otherwise: another user's or another organization's conversation
-    does not exist for you. ``to_change``: the caller wants to change the conversation or chat in it,
+    does not exist for you. Another organization's is also audited (``access.denied``,
+    ``accounts.audit.audit_access_denied``: one query after the miss, none on success); another
+    user's in the same organization is not. ``to_change``: the caller wants to change the conversation or chat in it,
     which only its owner may do: an organization's admins (and the platform superuser) read their
     members' conversations but never write to them, so anyone else who sees it gets
     ``ApplicationError`` 403 ``permission_denied``.
     """
-    try:
-        conversation = conversation_list(actor=actor).get(pk=conversation_id)
-    except (Conversation.DoesNotExist, ValueError, TypeError):
-        raise NotFoundError("Conversation not found.", code="conversation_not_found") from None
+    with audit_denied_lookup(
+        actor=actor.user,
+        organization=actor.organization,
+        model=Conversation,
+        lookup=Q(pk=conversation_id),
+        code="conversation_not_found",
+    ):
+        try:
+            conversation = conversation_list(actor=actor).get(pk=conversation_id)
+        except (Conversation.DoesNotExist, ValueError, TypeError):
+            raise NotFoundError("Conversation not found.", code="conversation_not_found") from None
     if to_change and conversation.owner_id != actor.user.pk:
         raise ApplicationError(
             "Only the conversation's owner may change it or chat in it; its organization's admins may read it.",

@@ -109,7 +109,8 @@ class MemberDetailApi(APIView):
         responses={200: MemberOutputSerializer, **_errors(401, 403, 404)},
     )
     def get(self, request: Request, user_id: int) -> Response:
-        membership = member_get_for(acting=request_principal(request).acting, user_id=user_id)
+        principal = request_principal(request)
+        membership = member_get_for(actor=principal.user, acting=principal.acting, user_id=user_id)
         return Response(MemberOutputSerializer(membership).data)
 
     @extend_schema(
@@ -196,7 +197,8 @@ class TeamDetailApi(APIView):
         responses={200: TeamOutputSerializer, **_errors(401, 403, 404)},
     )
     def get(self, request: Request, team: str) -> Response:
-        found = team_get_for(acting=request_principal(request).acting, team=team)
+        principal = request_principal(request)
+        found = team_get_for(actor=principal.user, acting=principal.acting, team=team)
         return Response(TeamOutputSerializer(found).data)
 
     @extend_schema(
@@ -210,9 +212,10 @@ class TeamDetailApi(APIView):
         serializer = TeamUpdateInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         principal = request_principal(request)
-        found = team_get_for(acting=principal.acting, team=team)
+        found = team_get_for(actor=principal.user, acting=principal.acting, team=team)
         updated = team_update(actor=principal.user, acting=principal.acting, team=found, data=serializer.validated_data)
-        return Response(TeamOutputSerializer(team_get_for(acting=principal.acting, team=str(updated.pk))).data)
+        reread = team_get_for(actor=principal.user, acting=principal.acting, team=str(updated.pk))
+        return Response(TeamOutputSerializer(reread).data)
 
     @extend_schema(
         tags=["teams"],
@@ -223,9 +226,8 @@ class TeamDetailApi(APIView):
     )
     def delete(self, request: Request, team: str) -> Response:
         principal = request_principal(request)
-        team_delete(
-            actor=principal.user, acting=principal.acting, team=team_get_for(acting=principal.acting, team=team)
-        )
+        found = team_get_for(actor=principal.user, acting=principal.acting, team=team)
+        team_delete(actor=principal.user, acting=principal.acting, team=found)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -251,7 +253,7 @@ class TeamMemberAddApi(APIView):
         serializer = TeamMemberAddInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         principal = request_principal(request)
-        found = team_get_for(acting=principal.acting, team=team)
+        found = team_get_for(actor=principal.user, acting=principal.acting, team=team)
         team_membership, created = team_member_add(
             actor=principal.user, acting=principal.acting, team=found, user_id=serializer.validated_data["user_id"]
         )
@@ -273,7 +275,7 @@ class TeamMemberRemoveApi(APIView):
     )
     def delete(self, request: Request, team: str, user_id: int) -> Response:
         principal = request_principal(request)
-        found = team_get_for(acting=principal.acting, team=team)
+        found = team_get_for(actor=principal.user, acting=principal.acting, team=team)
         team_member_remove(actor=principal.user, acting=principal.acting, team=found, user_id=user_id)
         return Response(status=status.HTTP_204_NO_CONTENT)
 

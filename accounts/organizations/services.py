@@ -3,7 +3,8 @@
 Every write is checked against the caller's role in the organization the request acts in
 (``ActingOrganization``): owners and admins manage members, teams and invitations; only an owner
 grants or takes away the ``owner`` role; the last owner stays. Another organization's member,
-team or invitation does not exist here (404). Each write records one audit row
+team or invitation does not exist here (404; the attempt is audited, ``access.denied``, outside
+the write's transaction so its rollback keeps the row). Each write records one audit row
 (``accounts.audit``); a membership changed or removed ends the member's open sockets through the
 ``Membership`` signals of ``accounts.revocation`` (so a ``save()`` / ``delete()``, never a
 queryset ``update()``).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 from django.conf import settings
@@ -25,6 +27,7 @@ from django.core import signing
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.template.loader import render_to_string
 from django.utils import timezone
 from django.utils.http import urlencode
@@ -32,7 +35,15 @@ from django.utils.text import slugify
 
 from chatbackend.errors import ApplicationError, NotFoundError
 
-from ..audit import Action, AuditState, audit_model_changed, audit_model_deleted, audit_record, audit_snapshot
+from ..audit import (
+    Action,
+    AuditState,
+    audit_denied_lookup,
+    audit_model_changed,
+    audit_model_deleted,
+    audit_record,
+    audit_snapshot,
+)
 from ..models import Invitation, Membership, Organization, Team, TeamMembership, User
 from ..selectors import ActingOrganization, administers
 from ..services import user_register
@@ -68,6 +79,21 @@ def _owner_check(*, actor: User, acting: ActingOrganization, what: str) -> None:
 
 
 # --- Members -------------------------------------------------------------------------------------
+
+
+def member_audit_denied(*, actor: User, acting: ActingOrganization, user_id: int) -> AbstractContextManager[None]:
+    """Around a lookup of member ``user_id`` of the acting organization: when it is a 404
+    ``member_not_found`` and ``user_id`` is a member of another organization (one ``actor`` is not a
+    member of), audit ``access.denied`` (object ``accounts.user`` ``user_id``)."""
+    return audit_denied_lookup(
+        actor=actor,
+        organization=acting.organization,
+        model=Membership,
+        lookup=Q(user_id=user_id),
+        code="member_not_found",
+        object_type="accounts.user",
+        object_id=user_id,
+    )
 
 
 def _membership_for_update(*, acting: ActingOrganization, user_id: int) -> Membership:
@@ -112,7 +138,7 @@ def membership_role_change(*, actor: User, acting: ActingOrganization, user_id: 
     reconnect with the new role); the same role is no change.
     """
     organization_admin_check(actor=actor, acting=acting, what="change members' roles")
-    with transaction.atomic():
+    with member_audit_denied(actor=actor, acting=acting, user_id=user_id), transaction.atomic():
         membership = _membership_for_update(acting=acting, user_id=user_id)
         if membership.role == role:
             return membership
@@ -142,7 +168,7 @@ def membership_remove(*, actor: User, acting: ActingOrganization, user_id: int) 
     they left).
     """
     organization_admin_check(actor=actor, acting=acting, what="remove members")
-    with transaction.atomic():
+    with member_audit_denied(actor=actor, acting=acting, user_id=user_id), transaction.atomic():
         membership = _membership_for_update(acting=acting, user_id=user_id)
         if membership.role == Role.OWNER:
             _owner_check(actor=actor, acting=acting, what="remove an owner")
@@ -215,7 +241,10 @@ def team_update(*, actor: User, acting: ActingOrganization, team: Team, data: di
 
 
 def team_delete(*, actor: User, acting: ActingOrganization, team: Team) -> None:
-    """Delete ``team`` and its memberships (the members stay in the organization); owners and admins only."""
+    """Delete ``team`` and its memberships (the members stay in the organization); owners and admins only.
+
+    Its keys go with it, and its service user is deactivated (``accounts.services.team_service_user_deactivate``).
+    """
     organization_admin_check(actor=actor, acting=acting, what="delete teams")
     before = AuditState(team)
     with transaction.atomic():
@@ -331,12 +360,19 @@ def _invitation_send_queue(invitation_id: int) -> None:
 def invitation_revoke(*, actor: User, acting: ActingOrganization, invitation_id: int) -> Invitation:
     """Revoke invitation ``invitation_id`` of the acting organization: its link stops working.
 
-    Owners and admins only (403); 404 ``invitation_not_found`` (another organization's too); 400
-    ``invitation_used`` for one already accepted. Revoking a revoked one changes nothing.
-    Audited (``invitation.revoked``).
+    Owners and admins only (403); 404 ``invitation_not_found`` (another organization's too, also
+    audited: ``access.denied``); 400 ``invitation_used`` for one already accepted. Revoking a
+    revoked one changes nothing. Audited (``invitation.revoked``).
     """
     organization_admin_check(actor=actor, acting=acting, what="revoke invitations")
-    with transaction.atomic():
+    denied = audit_denied_lookup(
+        actor=actor,
+        organization=acting.organization,
+        model=Invitation,
+        lookup=Q(pk=invitation_id),
+        code="invitation_not_found",
+    )
+    with denied, transaction.atomic():  # the audit row is written after the rollback
         invitation = (
             Invitation.objects.select_for_update().filter(pk=invitation_id, organization=acting.organization).first()
         )
@@ -447,7 +483,8 @@ def invitation_accept(
     ``user``: the authenticated caller, who joins. Without one a new account is made from
     ``username`` and ``password`` (both required: 400 naming the missing one; the password
     validators' and a taken username's 400 as at registration) with the invitation's email,
-    verified (the link reached that address); its default organization is the one it joined.
+    verified (the link reached that address); it joins only the inviting organization, its
+    default (not the default organization every registered user joins).
     The membership has the invitation's role and its teams (those that still exist). Single use:
     400s of ``_invitation_for_token`` for a bad, expired, revoked or used token; 400
     ``already_member`` when ``user`` is a member already. Audited once (``invitation.accepted``,
@@ -464,7 +501,15 @@ def invitation_accept(
                     raise ApplicationError(f"{name}: {message}", code="required", param=name, fields={name: [message]})
             assert username is not None and password is not None  # noqa: S101 - checked just above
             try:
-                user = user_register(username=username, password=password, email=invitation.email, email_proven=True)
+                # Not the default organization: in a multi-tenant installation its members would
+                # see the invited account (and it theirs); the inviting organization is its default.
+                user = user_register(
+                    username=username,
+                    password=password,
+                    email=invitation.email,
+                    email_proven=True,
+                    join_default_organization=False,
+                )
             except DjangoValidationError as exc:  # the password validators' verdict
                 raise ApplicationError(
                     f"password: {exc.messages[0]}", code="invalid", param="password", fields={"password": exc.messages}
@@ -473,22 +518,11 @@ def invitation_accept(
             raise ApplicationError(
                 "You are already a member of this organization.", code="already_member", param="token"
             )
-        if new_account:
-            # Their first organization is the one that invited them (registration made them a
-            # member of the default organization, as every new user).
-            Membership.objects.filter(user=user, is_default=True).update(is_default=False)
         has_default = Membership.objects.filter(user=user, is_default=True).exists()
         try:
-            if new_account:
-                # Invited to the default organization itself: registration already made them a
-                # member there; the invitation decides the role.
-                membership, _ = Membership.objects.update_or_create(
-                    user=user, organization=organization, defaults={"role": invitation.role, "is_default": True}
-                )
-            else:
-                membership = Membership.objects.create(
-                    user=user, organization=organization, role=invitation.role, is_default=not has_default
-                )
+            membership = Membership.objects.create(
+                user=user, organization=organization, role=invitation.role, is_default=new_account or not has_default
+            )
         except IntegrityError:  # joined by another request at the same time
             raise ApplicationError(
                 "You are already a member of this organization.", code="already_member", param="token"

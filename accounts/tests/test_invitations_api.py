@@ -123,11 +123,10 @@ def test_a_new_user_accepts_with_a_username_and_password(invite, admin, acme, re
     ada = User.objects.get(username="ada")
     assert (ada.email, ada.email_verified, ada.check_password(NEW_PASSWORD)) == ("ada@example.com", True, True)
     assert TeamMembership.objects.filter(team=research, user=ada).exists()
-    # Their default organization is the one they joined: their requests act in it.
+    # The one organization they joined is their default: their requests act in it.
     login = APIClient(headers=bearer(access_token(ada)))
     assert {row["slug"]: row["is_default"] for row in login.get("/api/organizations/").json()["results"]} == {
         "acme": True,
-        "default": False,
     }
     assert login.get("/api/invitations/").status_code == 200  # an admin of acme, without naming it
     invitation = Invitation.objects.get()
@@ -141,6 +140,26 @@ def test_a_new_user_accepts_with_a_username_and_password(invite, admin, acme, re
         True,
     )
     assert NEW_PASSWORD not in str(event.after)
+
+
+def test_an_invited_new_user_does_not_join_the_default_organization(invite, admin, client_for) -> None:
+    """In a multi-tenant installation the default organization's members read its member list:
+    an account made by an invitation belongs to the inviting organization only. Registering
+    still joins the default organization."""
+    _, token = invite(admin, email="ada@example.com")
+    assert _accept(token, username="ada", password=NEW_PASSWORD).status_code == 201
+    ada = User.objects.get(username="ada")
+    assert list(ada.memberships.values_list("organization__slug", "is_default")) == [("acme", True)]
+    login = APIClient(headers=bearer(access_token(ada)))
+    refused = _error(login.get("/api/organization/members/", headers={"OpenAI-Organization": "default"}), 401)
+    assert refused["code"] == "invalid_organization"
+    default_members = client_for(UserFactory()).get("/api/organization/members/").json()["results"]
+    assert "ada" not in {row["username"] for row in default_members}
+
+    registered = APIClient().post("/api/auth/register/", {"username": "grace", "password": NEW_PASSWORD}, format="json")
+    assert registered.status_code == 201, registered.content
+    grace = User.objects.get(username="grace")
+    assert list(grace.memberships.values_list("organization__slug", "is_default")) == [("default", True)]
 
 
 def test_a_logged_in_user_accepts_with_the_token_alone(invite, owner, acme) -> None:

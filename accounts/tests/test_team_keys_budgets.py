@@ -13,7 +13,7 @@ from rest_framework.test import APIClient
 from accounts.metering import MeteringSubject
 from accounts.metering.budgets import SUBJECT_USAGE_FIELDS, budget_reserve, budget_usage
 from accounts.models import APIKey, AuditEvent, Budget, Membership, Organization, Team, TeamMembership, UsageRecord
-from accounts.services import api_key_create
+from accounts.services import api_key_create, team_service_user
 from accounts.usage import UsageEvent, usage_record_many
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError
@@ -187,6 +187,42 @@ def test_a_team_owned_key_outlives_its_creator(client_for, acme, team) -> None:
     admin.delete()
     assert APIClient(headers=bearer(secret)).get("/api/auth/me/").status_code == 200
     assert APIKey.objects.get(pk=created.json()["id"]).created_by is None
+
+
+def test_deleting_a_team_deactivates_its_service_user_and_deletes_its_keys(client_for, acme, team) -> None:
+    admin = _member(acme, Membership.Role.ADMIN)
+    client = client_for(admin)
+    created = client.post(KEYS, {"name": "svc", "team": "research", "owner": "team"}, format="json", headers=ACME)
+    secret = created.json()["key"]
+    bot = APIKey.objects.get(pk=created.json()["id"]).user
+    assert APIClient(headers=bearer(secret)).get("/api/auth/me/").status_code == 200
+
+    assert client.delete("/api/teams/research/", headers=ACME).status_code == 204
+
+    bot.refresh_from_db()
+    assert (bot.is_active, bot.service_team_id) == (False, None)
+    assert not APIKey.objects.filter(user=bot).exists()
+    assert APIClient(headers=bearer(secret)).get("/api/auth/me/").status_code == 401
+    # One row for the decision: the team's deletion.
+    assert AuditEvent.objects.filter(action="team.deleted", object_id=str(team.pk), actor=admin).count() == 1
+
+
+def test_an_organizations_teams_deleted_with_it_deactivate_their_service_users(acme, team) -> None:
+    """Any delete of a team (the admin's, an organization's cascade) deactivates its service user, not people."""
+    person = _member(acme, team=team)
+    bot = team_service_user(team=team)
+    other_team = Team.objects.create(organization=Organization.objects.default(), name="Home", slug="home")
+    other_bot = team_service_user(team=other_team)
+
+    Budget.objects.filter(organization=acme).delete()  # PROTECT: an organization with budgets is not deleted
+    acme.delete()
+
+    bot.refresh_from_db()
+    person.refresh_from_db()
+    other_bot.refresh_from_db()
+    assert (bot.is_active, bot.service_team_id) == (False, None)
+    assert person.is_active
+    assert (other_bot.is_active, other_bot.service_team) == (True, other_team)
 
 
 def test_admins_revoke_and_rotate_team_owned_keys_members_cannot(client_for, acme, team) -> None:

@@ -43,7 +43,9 @@ async def billing_usage(request: HttpRequest, principal: Principal) -> HttpRespo
 
 
 def _billing_subscription(principal: Principal) -> dict[str, Any]:
-    budget = budget_monthly_limit_usd(user=principal.user, api_key=principal.api_key)
+    budget = budget_monthly_limit_usd(
+        user=principal.user, api_key=principal.api_key, organization=principal.organization
+    )
     limit = float(budget) if budget is not None else float(settings.OPENAI_BILLING_HARD_LIMIT_USD)
     return {
         "object": "billing_subscription",
@@ -60,8 +62,8 @@ async def billing_subscription(request: HttpRequest, principal: Principal) -> Ht
     """``GET /dashboard/billing/subscription``: the caller's monthly limit, for NextChat's "used $X of $Y".
 
     ``hard_limit_usd`` (and ``soft_limit_usd``, ``system_hard_limit_usd``, the same number) is the
-    tightest enabled monthly US-dollar budget of the caller's API key and of its user
-    (``accounts.selectors.budget_monthly_limit_usd``). Without one it is the setting
+    tightest enabled monthly US-dollar budget of the caller's user, API key, the key's team and the
+    organization the request acts in (``accounts.selectors.budget_monthly_limit_usd``). Without one it is the setting
     ``OPENAI_BILLING_HARD_LIMIT_USD`` (default 1,000,000 US dollars: "no monthly limit").
     """
     return JsonResponse(await run_sync(_billing_subscription, principal))

@@ -23,8 +23,9 @@ from django.utils import timezone
 from openai.types.chat import ChatCompletionMessageParam
 
 from accounts.metering.budgets import budget_usage
-from accounts.models import Budget, UsageRecord
+from accounts.models import Budget, Organization, Team, TeamMembership, UsageRecord
 from accounts.selectors import usage_current_month
+from accounts.services import api_key_create
 from chatbackend.asyncdb import run_sync
 from llm.models import LLMModel, Provider
 from llm.simulator import reply_text
@@ -875,6 +876,49 @@ async def test_billing_subscription_reports_the_tightest_monthly_budget(user, ot
     key_budget.enabled = False
     await run_sync(key_budget.save)
     assert await hard_limit() == 50.0
+
+
+async def test_billing_subscription_counts_the_keys_team_and_the_organizations_monthly_budgets(user):
+    """What a request counts against (``llm.metering.reply_metering``): also the key's team and the
+    organization the request acts in; another team's or organization's budget is not the caller's."""
+
+    def setup() -> tuple[str, Team, Team, Organization, Organization]:
+        default = Organization.objects.default()
+        acme = Organization.objects.create(name="Acme", slug="acme")
+        team = Team.objects.create(organization=default, name="Research", slug="research")
+        other_team = Team.objects.create(organization=default, name="Sales", slug="sales")
+        TeamMembership.objects.create(team=team, user=user)
+        secret = api_key_create(user=user, name="team key", team="research").secret
+        return secret, team, other_team, default, acme
+
+    secret, team, other_team, default, acme = await run_sync(setup)
+
+    def budget(kind: str, subject_id: int, limit: str, organization: Organization) -> Any:
+        return Budget.objects.create(
+            name=f"{kind} {limit}",
+            organization=organization,
+            subject_kind=kind,
+            subject_id=subject_id,
+            limit_usd=Decimal(limit),
+        )
+
+    async def hard_limit(credential: str) -> float:
+        response = await AsyncClient().get("/dashboard/billing/subscription", headers=bearer(credential))
+        assert response.status_code == 200, response.content
+        return float(json.loads(response.content)["hard_limit_usd"])
+
+    Kind = Budget.SubjectKind
+    await run_sync(budget, Kind.USER, user.pk, "50", default)
+    await run_sync(budget, Kind.TEAM, other_team.pk, "3", default)  # a team the key is not assigned to
+    await run_sync(budget, Kind.ORGANIZATION, acme.pk, "2", acme)  # an organization the request does not act in
+    assert await hard_limit(secret) == 50.0
+    await run_sync(budget, Kind.ORGANIZATION, default.pk, "40", default)
+    assert await hard_limit(secret) == 40.0
+    assert await hard_limit(access_token(user)) == 40.0  # a JWT acts in the organization too
+    await run_sync(budget, Kind.TEAM, team.pk, "30", default)
+    assert await hard_limit(secret) == 30.0
+    # Without the key (a JWT), its team's budget does not limit the request.
+    assert await hard_limit(access_token(user)) == 40.0
 
 
 # --- Secrets never leave ----------------------------------------------------------------------
