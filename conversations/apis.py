@@ -66,6 +66,10 @@ def _errors(*statuses: int) -> dict[int, OpenApiResponse]:
     return {code: OpenApiResponse(ErrorOutputSerializer, description=_ERROR_DESCRIPTIONS[code]) for code in statuses}
 
 
+_ID_MAX = 2**63 - 1  # PostgreSQL bigint: a row id
+_ID_SCHEMA = {"type": "integer", "minimum": 1, "maximum": _ID_MAX}
+
+
 class ConversationFilter(django_filters.FilterSet):
     """``?model=<model name>``."""
 
@@ -255,7 +259,7 @@ class ConversationMessageListApi(ListAPIView):
         parameters=[
             OpenApiParameter(
                 "branch",
-                OpenApiTypes.INT,
+                _ID_SCHEMA,
                 description="Read the branch ending at this message (any message of the conversation: the "
                 "path from the root to it). Default: the active branch (the conversation's active_leaf).",
             ),
@@ -324,11 +328,12 @@ class ConversationMessageStopApi(APIView):
 
 
 def _branch_param(request: Request) -> int | None:
-    """Return ``?branch=`` as a message id, None when absent or empty; 400 ``param: branch`` otherwise."""
-    raw = request.query_params.get("branch", "")
-    if raw == "":
+    """Return ``?branch=`` as a message id, None when absent; 400 ``param: branch`` for anything but an
+    integer from 1 to the largest id (an empty value too, as the schema says)."""
+    raw = request.query_params.get("branch")
+    if raw is None:
         return None
-    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= _ID_MAX:
         raise ApplicationError("'branch' must be a message id.", code="invalid_branch", param="branch")
     return int(raw)
 

@@ -64,6 +64,7 @@ class ConversationUpdateInputSerializer(serializers.Serializer):
     active_leaf = serializers.IntegerField(
         required=False,
         min_value=1,
+        max_value=2**63 - 1,  # PostgreSQL bigint: a row id
         help_text="Switch branches: the id of a message of this conversation, which becomes the last "
         "message of the active branch (the next message follows it).",
     )

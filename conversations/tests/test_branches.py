@@ -259,9 +259,12 @@ def test_messages_of_an_unknown_branch_is_a_404_and_a_bad_one_a_400(tree, auth_c
 
     missing = auth_client.get(messages_url(conversation), {"branch": elsewhere.pk})
     bad = auth_client.get(messages_url(conversation), {"branch": "abc"})
+    empty = auth_client.get(messages_url(conversation), {"branch": ""})
+    huge = auth_client.get(messages_url(conversation), {"branch": str(2**63)})
 
     assert (missing.status_code, missing.json()["error"]["code"]) == (404, "message_not_found")
     assert (bad.status_code, bad.json()["error"]["param"]) == (400, "branch")
+    assert empty.status_code == huge.status_code == 400
 
 
 def test_tree_is_compact_and_complete(tree, auth_client):
