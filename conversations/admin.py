@@ -9,12 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin
+from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from .models import Conversation, Message, SyncDocument, SyncDocumentVersion
 
 _MESSAGE_FIELDS = (
     "conversation",
+    "parent",
     "role",
     "status",
     "content",
@@ -32,12 +34,15 @@ _MESSAGE_FIELDS = (
 
 class MessageInline(admin.TabularInline):
     model = Message
-    fields = ("role", "status", "content", "model_name", "prompt_tokens", "completion_tokens", "created_at")
+    fields = ("parent", "role", "status", "content", "model_name", "prompt_tokens", "completion_tokens", "created_at")
     readonly_fields = fields
     extra = 0
     can_delete = False
     show_change_link = True
     ordering = ("created_at", "id")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Message]:
+        return super().get_queryset(request).select_related("parent")  # the parent column: no query per row
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -52,7 +57,7 @@ class ConversationAdmin(admin.ModelAdmin):
     list_select_related = ("owner", "model")
     list_filter = ("model",)
     search_fields = ("title", "owner__username")
-    fields = ("title", "owner", "model", "system_prompt", "external_id", "created_at", "updated_at")
+    fields = ("title", "owner", "model", "system_prompt", "active_leaf", "external_id", "created_at", "updated_at")
     readonly_fields = fields
     inlines = (MessageInline,)
     date_hierarchy = "updated_at"

@@ -1,9 +1,10 @@
-"""Conversations REST API (DRF): conversation CRUD, the message list, and stopping a reply.
+"""Conversations REST API (DRF): conversation CRUD, the message list and tree, switching branches,
+and stopping a reply.
 
-Sending a message streams, so it is a plain async view (``conversations.sse``); DRF only
-documents it here. Every lookup goes through ``conversations.selectors``, so another user's
-conversation is a 404 and admins see all. Errors leave as ``{"error": {...}}`` through
-``chatbackend.exception_handlers``.
+Sending, editing and regenerating a message stream, so they are plain async views
+(``conversations.sse``); DRF only documents them here. Every lookup goes through
+``conversations.selectors``, so another user's conversation is a 404 and admins see all. Errors
+leave as ``{"error": {...}}`` through ``chatbackend.exception_handlers``.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from accounts.authentication import request_principal
 from accounts.model_access import model_access_for
 from accounts.models import APIKey
 from accounts.serializers import ErrorOutputSerializer
+from chatbackend.errors import ApplicationError
 from chatbackend.http import sse_event_schema
 
 from .models import Conversation, Message
-from .selectors import conversation_get_for, conversation_list, message_list
+from .selectors import conversation_get_for, conversation_list, message_list, message_sibling_ids, message_tree
 from .serializers import (
     ConversationCreateInputSerializer,
     ConversationOutputSerializer,
@@ -40,8 +42,15 @@ from .serializers import (
     MessageSendInputSerializer,
     MessageSendOutputSerializer,
     MessageStopOutputSerializer,
+    MessageTreeOutputSerializer,
 )
-from .services import conversation_create, conversation_delete, conversation_update, reply_stop
+from .services import (
+    conversation_branch_activate,
+    conversation_create,
+    conversation_delete,
+    conversation_update,
+    reply_stop,
+)
 
 _ERROR_DESCRIPTIONS = {
     400: "Invalid request: malformed JSON or a field failed validation (see error.param, error.fields).",
@@ -57,6 +66,10 @@ _ERROR_DESCRIPTIONS = {
 def _errors(*statuses: int) -> dict[int, OpenApiResponse]:
     """Return OpenAPI responses documenting the project's error body for each of ``statuses``."""
     return {code: OpenApiResponse(ErrorOutputSerializer, description=_ERROR_DESCRIPTIONS[code]) for code in statuses}
+
+
+_ID_MAX = 2**63 - 1  # PostgreSQL bigint: a row id
+_ID_SCHEMA = {"type": "integer", "minimum": 1, "maximum": _ID_MAX}
 
 
 class ConversationFilter(django_filters.FilterSet):
@@ -90,7 +103,7 @@ class ConversationFilter(django_filters.FilterSet):
         summary="Get a conversation", responses={200: ConversationOutputSerializer, **_errors(401, 404)}
     ),
     partial_update=extend_schema(
-        summary="Rename a conversation, or change its system prompt or model",
+        summary="Rename a conversation, change its system prompt or model, or switch branches (active_leaf)",
         request=ConversationUpdateInputSerializer,
         responses={200: ConversationOutputSerializer, **_errors(400, 401, 403, 404)},
     ),
@@ -206,8 +219,32 @@ _SSE_EXAMPLE = (
 )
 
 
+_REPLY_RESPONSES: dict[Any, Any] = {
+    (201, "application/json"): OpenApiResponse(
+        MessageSendOutputSerializer, description="The reply ended (completed, or stopped)."
+    ),
+    (200, "text/event-stream"): OpenApiResponse(
+        REPLY_EVENT_SCHEMA,
+        description="The reply as server-sent events.",
+        examples=[OpenApiExample("reply", value=_SSE_EXAMPLE, media_type="text/event-stream")],
+    ),
+    **_errors(400, 401, 403, 404),
+    429: OpenApiResponse(
+        ErrorOutputSerializer,
+        description="Refused before the reply started: a rate limit (`rate_limit_exceeded`, with "
+        "`Retry-After`) or a budget (`insufficient_quota`).",
+    ),
+    502: OpenApiResponse(ErrorOutputSerializer, description="The upstream failed (non-streamed only)."),
+    503: OpenApiResponse(
+        ErrorOutputSerializer,
+        description="Rate limits or budgets cannot be checked (`metering_unavailable`), or the server is "
+        "shutting down.",
+    ),
+}
+
+
 class ConversationMessageListApi(ListAPIView):
-    """List a conversation's messages, oldest first (``?role=``, ``?status=``)."""
+    """List the messages of a conversation's active branch, root first (``?branch=``, ``?role=``, ``?status=``)."""
 
     serializer_class = MessageOutputSerializer
     filter_backends = (django_filters.rest_framework.DjangoFilterBackend,)
@@ -216,13 +253,32 @@ class ConversationMessageListApi(ListAPIView):
     def get_queryset(self) -> QuerySet[Message]:
         if getattr(self, "swagger_fake_view", False):
             return Message.objects.none()
-        return message_list(actor=request_principal(self.request), conversation_id=self.kwargs["conversation_id"])
+        return message_list(
+            actor=request_principal(self.request),
+            conversation_id=self.kwargs["conversation_id"],
+            branch=_branch_param(self.request),
+        )
+
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        # A page costs the same queries whatever the conversation's size: the path is one subquery
+        # (``selectors.message_path``), the page's siblings one more query.
+        queryset = self.filter_queryset(self.get_queryset())
+        page = self.paginate_queryset(queryset)
+        assert page is not None  # noqa: S101 - the project's settings paginate every list
+        context = {**self.get_serializer_context(), "sibling_ids": message_sibling_ids(messages=page)}
+        return self.get_paginated_response(MessageOutputSerializer(page, many=True, context=context).data)
 
     @extend_schema(
         tags=["conversations"],
-        summary="List a conversation's messages, oldest first",
+        summary="List the messages of a conversation's active branch (or of ?branch=), root first",
         # django-filter reads an empty value as no filter, so the enums admit "" (as the server does).
         parameters=[
+            OpenApiParameter(
+                "branch",
+                _ID_SCHEMA,
+                description="Read the branch ending at this message (any message of the conversation: the "
+                "path from the root to it). Default: the active branch (the conversation's active_leaf).",
+            ),
             OpenApiParameter(
                 "role", OpenApiTypes.STR, enum=[*Message.Role.values, ""], description="Only this role (empty: any)."
             ),
@@ -254,28 +310,7 @@ class ConversationMessageListApi(ListAPIView):
         # The async view reads bearer tokens only (no session cookie). OpenAPI security requirement
         # objects are what drf-spectacular expects here; its annotation (Sequence[str]) is narrower.
         auth=[{"apiKeyAuth": []}, {"jwtAuth": []}],  # type: ignore[list-item]
-        responses={
-            (201, "application/json"): OpenApiResponse(
-                MessageSendOutputSerializer, description="The reply ended (completed, or stopped)."
-            ),
-            (200, "text/event-stream"): OpenApiResponse(
-                REPLY_EVENT_SCHEMA,
-                description="The reply as server-sent events.",
-                examples=[OpenApiExample("reply", value=_SSE_EXAMPLE, media_type="text/event-stream")],
-            ),
-            **_errors(400, 401, 403, 404),
-            429: OpenApiResponse(
-                ErrorOutputSerializer,
-                description="Refused before the reply started: a rate limit (`rate_limit_exceeded`, with "
-                "`Retry-After`) or a budget (`insufficient_quota`).",
-            ),
-            502: OpenApiResponse(ErrorOutputSerializer, description="The upstream failed (non-streamed only)."),
-            503: OpenApiResponse(
-                ErrorOutputSerializer,
-                description="Rate limits or budgets cannot be checked (`metering_unavailable`), or the server is "
-                "shutting down.",
-            ),
-        },
+        responses=_REPLY_RESPONSES,
     )
     def post(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         """Never dispatched: ``conversations.urls`` routes POST to ``conversations.sse.message_send``.
@@ -305,4 +340,100 @@ class ConversationMessageStopApi(APIView):
         return Response(
             MessageStopOutputSerializer({"message_id": message_id, "status": "stopping"}).data,
             status=status.HTTP_202_ACCEPTED,
+        )
+
+
+def _branch_param(request: Request) -> int | None:
+    """Return ``?branch=`` as a message id, None when absent; 400 ``param: branch`` for anything but an
+    integer from 1 to the largest id (an empty value too, as the schema says)."""
+    raw = request.query_params.get("branch")
+    if raw is None:
+        return None
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= _ID_MAX:
+        raise ApplicationError("'branch' must be a message id.", code="invalid_branch", param="branch")
+    return int(raw)
+
+
+_SIBLING_DESCRIPTION = (
+    "Answers exactly as sending a message does (`POST /api/conversations/{id}/messages/`): with "
+    "`Accept: text/event-stream` an SSE stream (`reply.start`, `reply.delta`, `reply.done` or `error`), "
+    "otherwise 201 `{user_message, assistant_message}` once the reply ends. The new reply becomes the "
+    "conversation's `active_leaf`; the other branch stays, listed in `sibling_ids`."
+)
+
+
+class ConversationMessageEditApi(APIView):
+    """Documents ``conversations.sse.message_edit`` (an async view: DRF views cannot stream)."""
+
+    @extend_schema(
+        tags=["conversations"],
+        summary="Edit a user message: a sibling with new content, and its reply, streamed (SSE) or whole",
+        description="The edited message stays; a new user message with the same parent carries `content`, "
+        "and the history sent upstream is the path to it. " + _SIBLING_DESCRIPTION,
+        operation_id="conversations_messages_edit",
+        request={"application/json": MessageSendInputSerializer},
+        auth=[{"apiKeyAuth": []}, {"jwtAuth": []}],  # type: ignore[list-item]
+        responses=_REPLY_RESPONSES,
+    )
+    def post(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        """Never dispatched: ``conversations.urls`` routes to ``conversations.sse.message_edit``."""
+        raise MethodNotAllowed(request.method or "POST")
+
+
+class ConversationMessageRegenerateApi(APIView):
+    """Documents ``conversations.sse.message_regenerate`` (an async view: DRF views cannot stream)."""
+
+    @extend_schema(
+        tags=["conversations"],
+        summary="Regenerate an assistant message: a sibling reply to the same user message, streamed or whole",
+        description="The history sent upstream is the path up to the user message the reply answers; "
+        "`user_message` in the JSON answer is that message. " + _SIBLING_DESCRIPTION,
+        operation_id="conversations_messages_regenerate",
+        request=None,
+        auth=[{"apiKeyAuth": []}, {"jwtAuth": []}],  # type: ignore[list-item]
+        responses=_REPLY_RESPONSES,
+    )
+    def post(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        """Never dispatched: ``conversations.urls`` routes to ``conversations.sse.message_regenerate``."""
+        raise MethodNotAllowed(request.method or "POST")
+
+
+class ConversationMessageActivateApi(APIView):
+    """Switch to the branch through a message."""
+
+    api_key_scopes = {"POST": APIKey.Scope.CHAT}  # accounts.scopes: a change, as PATCH is
+
+    @extend_schema(
+        tags=["conversations"],
+        summary="Switch branches: the latest leaf below this message becomes the active leaf",
+        description="Follows the latest child from the message down to a leaf (the alternative as it was "
+        "last continued) and makes it the conversation's `active_leaf`. `PATCH` `{active_leaf}` sets "
+        "the leaf exactly instead. Only the conversation's owner may switch.",
+        operation_id="conversations_messages_activate",
+        request=None,
+        responses={200: ConversationOutputSerializer, **_errors(401, 403, 404)},
+    )
+    def post(self, request: Request, conversation_id: int, message_id: int) -> Response:
+        conversation = conversation_branch_activate(
+            actor=request_principal(request), conversation_id=conversation_id, message_id=message_id
+        )
+        return Response(ConversationOutputSerializer(conversation).data)
+
+
+class ConversationTreeApi(APIView):
+    """A conversation's whole message tree, compactly."""
+
+    @extend_schema(
+        tags=["conversations"],
+        summary="A conversation's message tree: every message's id, parent, role, status and time, no content",
+        description="In id order (a parent before its children), unpaginated: a client draws the branches "
+        "from it and reads a branch's content with `GET .../messages/?branch=<id>`. Admins of the "
+        "organization may read it, as they read the messages.",
+        operation_id="conversations_tree",
+        responses={200: MessageTreeOutputSerializer, **_errors(401, 404)},
+    )
+    def get(self, request: Request, conversation_id: int) -> Response:
+        conversation, nodes = message_tree(actor=request_principal(request), conversation_id=conversation_id)
+        return Response(
+            MessageTreeOutputSerializer({"active_leaf": conversation.active_leaf_id, "messages": nodes}).data
         )

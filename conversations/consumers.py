@@ -1,6 +1,8 @@
 """The conversation WebSocket, ``/ws/conversations/{id}/`` (``docs/api.md``, "WebSocket").
 
-Client frames: ``message.send`` ``{content}``, ``reply.stop``, ``ping``. Server frames:
+Client frames: ``message.send`` ``{content}``, ``message.edit`` ``{message_id, content}``,
+``message.regenerate`` ``{message_id}`` (``conversations.services``: a sibling and its reply),
+``reply.stop``, ``ping``. Server frames:
 ``reply.start``, ``reply.delta``, ``reply.done``, ``error``, ``pong``. Closes 4401 when the
 connection did not authenticate (``accounts.websocket.TokenAuthMiddleware``), or, after an
 ``error`` frame, when its API key expired before a ``message.send``; 4403 when its API key lacks
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
@@ -37,7 +40,7 @@ from llm.streaming import open_reply
 from .payloads import ConversationReply, error_payload, reply_event
 from .selectors import conversation_get_for
 from .serializers import clean_message_content
-from .services import reply_start
+from .services import ConversationReplyPlan, reply_edit_start, reply_regenerate_start, reply_start
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +167,8 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
 
     async def receive_json(self, content: dict[str, Any], **kwargs: Any) -> None:
         kind = content.get("type")
-        if kind == "message.send":
-            await self._start_reply(content.get("content"))
+        if kind in ("message.send", "message.edit", "message.regenerate"):
+            await self._start_reply(kind, content)
         elif kind == "reply.stop":
             self._stop()
         elif kind == "ping":
@@ -182,7 +185,8 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
             self._stop_requested = True  # the reply is starting: stop it as soon as it exists
         # else nothing streams: stopping is a no-op
 
-    async def _start_reply(self, content: Any) -> None:
+    async def _start_reply(self, kind: str, frame: dict[str, Any]) -> None:
+        """Start the reply a ``message.send``, ``message.edit`` or ``message.regenerate`` frame asks for."""
         if self._reply_task is not None and not self._reply_task.done():
             await self._send_error(
                 ApplicationError("A reply is already streaming on this socket.", code="reply_in_progress", status=409)
@@ -197,22 +201,34 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
                 self._refused = True
                 await self.close(code=CLOSE_UNAUTHENTICATED)
                 return
+        actor, conversation_id = self.scope["principal"], self.conversation_id
         try:
-            content = clean_message_content(content)
+            if kind == "message.send":
+                content = clean_message_content(frame.get("content"))
+                begin = run_sync(reply_start, actor=actor, conversation_id=conversation_id, content=content)
+            elif kind == "message.edit":
+                message_id = _frame_message_id(frame.get("message_id"))
+                content = clean_message_content(frame.get("content"))
+                begin = run_sync(
+                    reply_edit_start,
+                    actor=actor,
+                    conversation_id=conversation_id,
+                    message_id=message_id,
+                    content=content,
+                )
+            else:
+                message_id = _frame_message_id(frame.get("message_id"))
+                begin = run_sync(
+                    reply_regenerate_start, actor=actor, conversation_id=conversation_id, message_id=message_id
+                )
         except ApplicationError as exc:
             await self._send_error(exc)
             return
         self._stop_requested = False
-        self._reply_task = asyncio.create_task(self._stream_reply(content))
+        self._reply_task = asyncio.create_task(self._stream_reply(begin))
 
-    async def _stream_reply(self, content: str) -> None:
+    async def _stream_reply(self, begin: Awaitable[ConversationReplyPlan]) -> None:
         """Stream one reply to the socket: ``reply.start``, deltas, then ``reply.done`` or ``error``."""
-        begin = run_sync(
-            reply_start,
-            actor=self.scope["principal"],
-            conversation_id=self.conversation_id,
-            content=content,
-        )
         try:
             async with open_reply(begin) as reply:
                 self._reply = reply
@@ -236,3 +252,10 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
     async def _send_event(self, name: str, data: dict[str, Any]) -> None:
         """Send one event as a frame: ``{"type": name, **data}`` (the SSE events' names and payloads)."""
         await self.send_json({"type": name, **data})
+
+
+def _frame_message_id(value: Any) -> int:
+    """Return a frame's ``message_id``: a positive integer; ``ApplicationError`` 400 otherwise."""
+    if type(value) is not int or value < 1:
+        raise ApplicationError("'message_id' must be a message id.", code="invalid_message_id", param="message_id")
+    return value

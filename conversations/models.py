@@ -9,7 +9,11 @@ from accounts.models import Organization, default_organization_id
 
 
 class Conversation(models.Model):
-    """A chat between one user and one model; its messages are the history sent upstream."""
+    """A chat between one user and one model; its messages form a tree (``Message.parent``).
+
+    ``active_leaf`` ends the active path (from it up to the root): the branch shown, the history
+    sent upstream, and the parent of the next message.
+    """
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations")
     organization = models.ForeignKey(
@@ -21,6 +25,9 @@ class Conversation(models.Model):
     # NextChat's session id when the conversation came from a synced NextChat document
     # (``conversations.sync``): re-syncing updates it instead of adding a copy. Blank otherwise.
     external_id = models.CharField(max_length=100, blank=True, default="")
+    # The branch shown and continued: the last message of the active path (``Message.parent``).
+    # Null only while the conversation has no message.
+    active_leaf = models.ForeignKey("Message", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -65,6 +72,16 @@ class Message(models.Model):
         FAILED = "failed", "Failed"
 
     conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="messages")
+    # The message this one follows (None: a first message). Editing a user message or regenerating
+    # a reply adds a sibling: a message with the same parent. Always of the same conversation.
+    parent = models.ForeignKey(
+        "self",
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="children",
+        db_index=False,  # message_parent_id_idx serves it
+    )
     role = models.CharField(max_length=16, choices=Role.choices)
     content = models.TextField(blank=True, default="")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.COMPLETED)
@@ -87,6 +104,10 @@ class Message(models.Model):
         ordering = ["created_at", "id"]
         indexes = [
             models.Index(fields=["conversation", "created_at"]),
+            # Children of a message, and the roots of a conversation (parent IS NULL), by conversation.
+            models.Index(fields=["conversation", "parent"], name="message_conv_parent_idx"),
+            # The walk down to a message's latest child (``message_latest_leaf``).
+            models.Index(fields=["parent", "id"], name="message_parent_id_idx"),
             # The recovery task's scan: the few messages still streaming.
             models.Index(fields=["status"], name="message_streaming_idx", condition=models.Q(status="streaming")),
         ]

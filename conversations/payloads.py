@@ -104,6 +104,8 @@ def reply_message_data(reply: ConversationReply) -> dict[str, Any] | None:
         "error": outcome.error.message if outcome.error else "",
         "error_code": outcome.error.code if outcome.error else "",
         "created_at": _created_at_field().to_representation(plan.created_at),
+        "parent_id": plan.user_message_id,
+        "sibling_ids": list(plan.sibling_ids),  # as they were when the reply started
     }
 
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
+from django.db import connection
 from django.db.models import Q, QuerySet
+from django.db.models.expressions import RawSQL
 
 from accounts.audit import audit_denied_lookup
 from accounts.authentication import Principal
@@ -52,22 +57,129 @@ def conversation_get_for(*, actor: Principal, conversation_id: int, to_change: b
     return conversation
 
 
-def message_list(*, actor: Principal, conversation_id: int) -> QuerySet[Message]:
-    """Return the messages of a conversation ``actor`` may see, oldest first. Raises ``NotFoundError``."""
+# The ids on the path from a message up to its conversation's root (parameters: the message's id,
+# its conversation's id). Why a recursive CTE (``WITH RECURSIVE``, PostgreSQL and SQLite alike;
+# Django has no API for it, hence raw SQL): the walk follows ``parent_id`` one primary-key lookup
+# per message, so reading a path costs O(path length) whatever the size of the tree, in one query,
+# and nothing derived from the tree has to be kept up to date. A materialized path column would make
+# a deep message's path a string as long as its depth (O(n²) storage for a 10,000-message chat); a
+# ``depth`` column alone finds no path. The first step checks the conversation, so a message id of
+# another conversation gives nothing. The table is ``Message._meta.db_table``, spelled out so the
+# query is a constant (a test checks the name).
+PATH_SQL = (
+    "WITH RECURSIVE path(id, parent_id) AS ("
+    "SELECT id, parent_id FROM conversations_message WHERE id = %s AND conversation_id = %s "
+    "UNION ALL SELECT m.id, m.parent_id FROM conversations_message m JOIN path ON m.id = path.parent_id"
+    ") SELECT id FROM path"
+)
+
+# From a message down to a leaf, following the latest (highest id) child at each step; the leaf's id.
+LATEST_LEAF_SQL = (
+    "WITH RECURSIVE walk(id, depth) AS (SELECT id, 0 FROM conversations_message WHERE id = %s "
+    "UNION ALL SELECT (SELECT MAX(c.id) FROM conversations_message c WHERE c.parent_id = walk.id), depth + 1 "
+    "FROM walk WHERE walk.id IS NOT NULL"
+    ") SELECT id FROM walk WHERE id IS NOT NULL ORDER BY depth DESC LIMIT 1"
+)
+
+
+def message_path(*, conversation: Conversation, leaf_id: int | None = None) -> QuerySet[Message]:
+    """Return the messages from the root of ``conversation`` down to ``leaf_id``, in path order.
+
+    ``leaf_id`` None: the conversation's ``active_leaf`` (no message: an empty queryset). Lazy: the
+    path is one subquery (``PATH_SQL``), so filters, a count and a page of it are each one query,
+    whose cost grows with the path's length and never with the rest of the conversation. Path order
+    is id order: a message is always written after its parent.
+    """
+    leaf_id = conversation.active_leaf_id if leaf_id is None else leaf_id
+    if leaf_id is None:
+        return Message.objects.none()
+    path_ids = RawSQL(PATH_SQL, (leaf_id, conversation.pk))  # noqa: S611 - values are parameters
+    return Message.objects.filter(pk__in=path_ids).order_by("id")
+
+
+def message_get_in(*, conversation: Conversation, message_id: Any, role: str | None = None) -> Message:
+    """Return message ``message_id`` of ``conversation`` (of ``role`` when given).
+
+    Raises ``NotFoundError`` (404 ``message_not_found``) for an id of no such message there.
+    """
+    queryset = conversation.messages.all() if role is None else conversation.messages.filter(role=role)
+    try:
+        return queryset.get(pk=message_id)
+    except (Message.DoesNotExist, ValueError, TypeError):
+        kind = f"{role} message" if role else "message"
+        raise NotFoundError(f"No {kind} with this id in this conversation.", code="message_not_found") from None
+
+
+def message_list(*, actor: Principal, conversation_id: int, branch: int | None = None) -> QuerySet[Message]:
+    """Return the messages of a branch of a conversation ``actor`` may see, root first.
+
+    The active branch (``Conversation.active_leaf`` up to the root), or with ``branch`` the path
+    from that message up. Raises ``NotFoundError`` for a conversation ``actor`` may not see and for a
+    ``branch`` that is no message of it.
+    """
     conversation = conversation_get_for(actor=actor, conversation_id=conversation_id)
-    return conversation.messages.all()
+    if branch is not None:
+        branch = message_get_in(conversation=conversation, message_id=branch).pk
+    return message_path(conversation=conversation, leaf_id=branch)
 
 
-def history_for_upstream(*, conversation: Conversation) -> list[dict[str, str]]:
-    """Return the OpenAI ``messages`` for ``conversation``: system prompt, then its turns in order.
+def message_sibling_ids(*, messages: Iterable[Message]) -> dict[int, list[int]]:
+    """Return, for each of ``messages``, the ids of the messages sharing its parent (itself too), ascending.
 
-    Assistant turns that produced no text (failed, or stopped before the first token) are left
-    out; the text of a stopped reply is kept, as the user saw it.
+    Siblings are the alternatives a user moves between ("2/3"): the edits of a user message, the
+    regenerations of a reply. One query for any number of messages (none for no message), served
+    by the ``(conversation, parent)`` index; its rows are the siblings only.
+    """
+    messages = list(messages)
+    if not messages:
+        return {}
+    query = Q()
+    for conversation_id in {m.conversation_id for m in messages}:
+        parents = {m.parent_id for m in messages if m.conversation_id == conversation_id}
+        query |= Q(conversation_id=conversation_id, parent_id__in=parents - {None})
+        if None in parents:
+            query |= Q(conversation_id=conversation_id, parent__isnull=True)
+    by_parent: dict[tuple[int, int | None], list[int]] = {}
+    rows = Message.objects.filter(query).order_by("id").values_list("id", "conversation_id", "parent_id")
+    for pk, conversation_id, parent_id in rows:
+        by_parent.setdefault((conversation_id, parent_id), []).append(pk)
+    return {m.pk: by_parent.get((m.conversation_id, m.parent_id), [m.pk]) for m in messages}
+
+
+def message_tree(*, actor: Principal, conversation_id: int) -> tuple[Conversation, list[dict[str, Any]]]:
+    """Return a conversation ``actor`` may see and its whole tree, compactly, in id order.
+
+    Each node: ``{id, parent_id, role, status, created_at}`` (no content: a 10,000-message tree
+    stays small). One query for the tree. Raises ``NotFoundError``.
+    """
+    conversation = conversation_get_for(actor=actor, conversation_id=conversation_id)
+    nodes = conversation.messages.order_by("id").values("id", "parent_id", "role", "status", "created_at")
+    return conversation, [dict(node) for node in nodes]
+
+
+def message_latest_leaf_id(*, message: Message) -> int:
+    """Return the id of the leaf reached from ``message`` by following its latest child down.
+
+    The branch a user means when they pick a message ("show me where this went"). One recursive
+    query, O(depth below ``message``), served by the ``(parent, id)`` index.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(LATEST_LEAF_SQL, [message.pk])
+        row = cursor.fetchone()
+    return row[0] if row else message.pk
+
+
+def history_for_upstream(*, conversation: Conversation, leaf_id: int | None = None) -> list[dict[str, str]]:
+    """Return the OpenAI ``messages`` for ``conversation``: system prompt, then the turns of one path.
+
+    The path is the active one (``message_path``), or the one ending at ``leaf_id``; other branches
+    are never sent. Assistant turns that produced no text (failed, or stopped before the first
+    token) are left out; the text of a stopped reply is kept, as the user saw it.
     """
     messages: list[dict[str, str]] = []
     if conversation.system_prompt:
         messages.append({"role": "system", "content": conversation.system_prompt})
-    for role, content in conversation.messages.order_by("created_at", "id").values_list("role", "content"):
+    for role, content in message_path(conversation=conversation, leaf_id=leaf_id).values_list("role", "content"):
         if content:
             messages.append({"role": role, "content": content})
     return messages

@@ -16,6 +16,7 @@ from chatbackend.errors import ApplicationError
 from chatbackend.fields import StrictCharField
 
 from .models import Conversation, Message
+from .selectors import message_sibling_ids
 from .services import MAX_MESSAGE_CHARS, MAX_SYSTEM_PROMPT_CHARS, MAX_TITLE_CHARS
 
 # "At least one character that is not whitespace", whitespace being Python's (``str.isspace``: what
@@ -29,10 +30,16 @@ class ConversationOutputSerializer(serializers.ModelSerializer):
     """A conversation; ``model`` is the model's public name (what clients send as ``model``)."""
 
     model = serializers.CharField(source="model.name", read_only=True)
+    active_leaf = serializers.IntegerField(
+        source="active_leaf_id",
+        allow_null=True,
+        read_only=True,
+        help_text="The last message of the active branch (null: no message yet).",
+    )
 
     class Meta:
         model = Conversation
-        fields = ["id", "title", "model", "system_prompt", "created_at", "updated_at"]
+        fields = ["id", "title", "model", "system_prompt", "active_leaf", "created_at", "updated_at"]
         read_only_fields = fields
 
 
@@ -47,19 +54,37 @@ class ConversationCreateInputSerializer(serializers.Serializer):
 
 
 class ConversationUpdateInputSerializer(serializers.Serializer):
-    """Any of ``{title, system_prompt, model}``; fields left out stay as they are."""
+    """Any of ``{title, system_prompt, model, active_leaf}``; fields left out stay as they are."""
 
     model = StrictCharField(max_length=200, required=False)
     title = StrictCharField(max_length=MAX_TITLE_CHARS, allow_blank=True, required=False)
     system_prompt = StrictCharField(
         max_length=MAX_SYSTEM_PROMPT_CHARS, allow_blank=True, required=False, trim_whitespace=False
     )
+    active_leaf = serializers.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=2**63 - 1,  # PostgreSQL bigint: a row id
+        help_text="Switch branches: the id of a message of this conversation, which becomes the last "
+        "message of the active branch (the next message follows it).",
+    )
 
 
 class MessageOutputSerializer(serializers.ModelSerializer):
-    """A message (``docs/api.md``, "Message"); times in milliseconds, ``model`` the model's name."""
+    """A message (``docs/api.md``, "Message"); times in milliseconds, ``model`` the model's name.
+
+    ``sibling_ids``: the messages with the same parent, itself included, ascending (a UI's "2/3").
+    Read from ``context["sibling_ids"]`` (``selectors.message_sibling_ids``, one query for a page),
+    else queried for this message alone.
+    """
 
     model = serializers.CharField(source="model_name", read_only=True)
+    parent_id = serializers.IntegerField(
+        allow_null=True, read_only=True, help_text="The message this one follows (null: a first message)."
+    )
+    sibling_ids = serializers.SerializerMethodField(
+        help_text="Ids of the messages sharing this one's parent (edits, regenerations), itself included, ascending."
+    )
 
     class Meta:
         model = Message
@@ -77,8 +102,33 @@ class MessageOutputSerializer(serializers.ModelSerializer):
             "error",
             "error_code",
             "created_at",
+            "parent_id",
+            "sibling_ids",
         ]
         read_only_fields = fields
+
+    def get_sibling_ids(self, message: Message) -> list[int]:
+        known = self.context.get("sibling_ids")
+        if known is not None and message.pk in known:
+            return list(known[message.pk])
+        return message_sibling_ids(messages=[message])[message.pk]
+
+
+class MessageTreeNodeOutputSerializer(serializers.Serializer):
+    """One message of the tree, without its content."""
+
+    id = serializers.IntegerField()
+    parent_id = serializers.IntegerField(allow_null=True)
+    role = serializers.ChoiceField(choices=Message.Role.choices)
+    status = serializers.ChoiceField(choices=Message.Status.choices)
+    created_at = serializers.DateTimeField()
+
+
+class MessageTreeOutputSerializer(serializers.Serializer):
+    """A conversation's whole message tree, in id order (so a parent comes before its children)."""
+
+    active_leaf = serializers.IntegerField(allow_null=True, help_text="The last message of the active branch.")
+    messages = MessageTreeNodeOutputSerializer(many=True)
 
 
 class MessageSendInputSerializer(serializers.Serializer):
@@ -122,8 +172,12 @@ def message_data(*message_ids: int) -> list[dict[str, Any] | None]:
     """Return the messages ``message_ids`` as the API shows them, JSON-ready, in the order given.
 
     ``None`` for a message that no longer exists (its conversation was deleted meanwhile). Sync
-    (one query); for the streaming interfaces, which report messages they have just written for
-    the caller, so no visibility check is repeated here.
+    (two queries: the messages, their siblings); for the streaming interfaces, which report
+    messages they have just written for the caller, so no visibility check is repeated here.
     """
     messages = Message.objects.in_bulk(message_ids)
-    return [dict(MessageOutputSerializer(messages[pk]).data) if pk in messages else None for pk in message_ids]
+    context = {"sibling_ids": message_sibling_ids(messages=messages.values())}
+    return [
+        dict(MessageOutputSerializer(messages[pk], context=context).data) if pk in messages else None
+        for pk in message_ids
+    ]

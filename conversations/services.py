@@ -9,7 +9,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db.models import Q, Subquery
 from django.utils import timezone
 
 from accounts.authentication import Principal
@@ -26,7 +26,13 @@ from llm.streaming import ReplyOutcome, ReplyPlan, reply_stop_broadcast
 from llm.tokens import ESTIMATE_TOKENIZER, tokenizer_for
 
 from .models import Conversation, Message
-from .selectors import conversation_get_for, history_for_upstream
+from .selectors import (
+    conversation_get_for,
+    history_for_upstream,
+    message_get_in,
+    message_latest_leaf_id,
+    message_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +69,23 @@ def conversation_create(
 def conversation_update(
     *, conversation: Conversation, data: dict[str, Any], access: ModelAccess | None = None
 ) -> Conversation:
-    """Update ``title``, ``system_prompt`` and/or ``model`` (an enabled model's name) from ``data``.
+    """Update ``title``, ``system_prompt``, ``model`` (an enabled model's name) and/or
+    ``active_leaf`` (a message id: ``conversation_active_leaf_set``) from ``data``.
 
     ``access``: as ``conversation_create``'s; a model outside it is a 404 ``model_not_found``.
+    Raises ``ApplicationError`` 400 (``param`` ``active_leaf``) for an id of no message of the
+    conversation.
     """
+    if "active_leaf" in data:
+        try:
+            leaf = message_get_in(conversation=conversation, message_id=data["active_leaf"])
+        except NotFoundError:
+            raise ApplicationError(
+                "active_leaf must be the id of a message of this conversation.",
+                code="invalid_active_leaf",
+                param="active_leaf",
+            ) from None
+        conversation_active_leaf_set(conversation=conversation, message=leaf)
     fields: list[str] = []
     for name in ("title", "system_prompt"):
         if name in data:
@@ -78,6 +97,57 @@ def conversation_update(
     if fields:
         conversation.save(update_fields=[*fields, "updated_at"])
     return conversation
+
+
+def conversation_active_leaf_set(*, conversation: Conversation, message: Message) -> Conversation:
+    """Make ``message`` (of ``conversation``) the active leaf: the branch shown and continued.
+
+    Any message may be the leaf: the next message then follows it, starting a new branch when it
+    already has children. Switching is reading, not writing: ``updated_at`` stays.
+    """
+    Conversation.objects.filter(pk=conversation.pk).update(active_leaf=message)
+    conversation.active_leaf = message
+    return conversation
+
+
+def conversation_branch_activate(*, actor: Principal, conversation_id: int, message_id: int) -> Conversation:
+    """Switch to the branch through ``message_id``: its latest descendant becomes the active leaf.
+
+    Following the latest child at each step (``message_latest_leaf_id``) is what a UI's "2/3"
+    arrows mean: show that alternative as it was last continued. Raises ``NotFoundError`` (a
+    conversation ``actor`` may not see, or no such message in it), ``ApplicationError`` 403 when
+    ``actor`` is not its owner.
+    """
+    conversation = conversation_get_for(actor=actor, conversation_id=conversation_id, to_change=True)
+    message = message_get_in(conversation=conversation, message_id=message_id)
+    leaf = Message(pk=message_latest_leaf_id(message=message), conversation=conversation)
+    return conversation_active_leaf_set(conversation=conversation, message=leaf)
+
+
+def message_append(*, conversation: Conversation, **fields: Any) -> Message:
+    """Add a message after the active leaf of ``conversation`` and make it the active leaf.
+
+    ``fields``: the ``Message`` fields (``role``, ``content``, ``status``...). For writers that add
+    whole turns (imports, fixtures); a streamed reply's messages are ``reply_start``'s. The
+    conversation row is locked while the leaf moves, so concurrent appends form a chain.
+    """
+    with transaction.atomic():
+        leaf_id = _conversation_lock_leaf(conversation.pk)
+        message = Message.objects.create(conversation=conversation, parent_id=leaf_id, **fields)
+        Conversation.objects.filter(pk=conversation.pk).update(active_leaf=message, updated_at=timezone.now())
+    conversation.active_leaf = message
+    return message
+
+
+def _conversation_lock_leaf(conversation_id: int) -> int | None:
+    """Lock conversation ``conversation_id`` (in the caller's transaction); return its active leaf's id.
+
+    Raises ``NotFoundError`` when the conversation no longer exists.
+    """
+    rows = list(Conversation.objects.select_for_update().filter(pk=conversation_id).values_list("active_leaf_id"))
+    if not rows:
+        raise NotFoundError()
+    return rows[0][0]
 
 
 def conversation_deleted_error() -> NotFoundError:
@@ -133,15 +203,21 @@ def _validate_content(content: str) -> str:
 class ConversationReplyPlan(ReplyPlan):
     """A reply in a conversation: the ids its interfaces report, and the end written to its message.
 
-    ``message_id``: the assistant message (``streaming`` until the end). ``created_at``: that
-    message's creation time. ``message_written``: set at the end; False when the message was gone
-    (its conversation was deleted while the reply streamed).
+    ``message_id``: the assistant message (``streaming`` until the end); its parent is
+    ``user_message_id``, and ``sibling_ids`` are the replies to that message (itself included) when
+    it started. ``created_at``: that message's creation time. ``message_written``: set at the end;
+    False when the message was gone (its conversation was deleted while the reply streamed).
+    ``user_message_created``: the user message is this reply's own (not a regeneration's);
+    ``previous_leaf_id``: the active leaf before, restored when the reply is refused.
     """
 
     conversation_id: int
     user_message_id: int
     message_id: int
     created_at: dt.datetime
+    sibling_ids: list[int]
+    user_message_created: bool = True
+    previous_leaf_id: int | None = None
     message_written: bool = False
 
     def finish(self, outcome: ReplyOutcome) -> None:
@@ -154,7 +230,8 @@ class ConversationReplyPlan(ReplyPlan):
 
     def refused(self, error: ApplicationError) -> None:
         """Remove the turn a refused reply started (``reply_refused``): it never happened."""
-        reply_refused(user_message_id=self.user_message_id, message_id=self.message_id)
+        created = (self.user_message_id, self.message_id) if self.user_message_created else (self.message_id,)
+        reply_refused(conversation_id=self.conversation_id, message_ids=created, previous_leaf_id=self.previous_leaf_id)
 
 
 def conversation_reply_id(message_id: int) -> str:
@@ -165,24 +242,82 @@ def conversation_reply_id(message_id: int) -> str:
 def reply_start(*, actor: Principal, conversation_id: int, content: str) -> ConversationReplyPlan:
     """Write the user's message and the assistant's placeholder; return the plan for the stream.
 
-    One transaction: the user message (``completed``) and an empty assistant message
-    (``streaming``) are written before any upstream call. The history sent upstream is the
-    conversation's system prompt and messages. Raises ``NotFoundError`` for a conversation
-    ``actor`` may not see, ``ApplicationError`` for empty content or a disabled model, and 404
-    ``model_not_found`` when the actor may not use the conversation's model (``accounts.model_access``:
-    its organization's, teams' or key's allowlist).
+    One transaction: the user message (``completed``, after the active leaf) and an empty
+    assistant message (``streaming``, after it, now the active leaf) are written before any
+    upstream call. The history sent upstream is the conversation's system prompt and the active
+    path. Raises ``NotFoundError`` for a conversation ``actor`` may not see, ``ApplicationError``
+    for empty content or a disabled model, 403 when ``actor`` is not the owner, and 404
+    ``model_not_found`` when the actor may not use the conversation's model
+    (``accounts.model_access``: its organization's, teams' or key's allowlist).
     """
-    user, api_key = actor.user, actor.api_key
     content = _validate_content(content)
+    return _reply_begin(actor=actor, conversation_id=conversation_id, turn=_NewTurn(content=content))
+
+
+def reply_edit_start(*, actor: Principal, conversation_id: int, message_id: int, content: str) -> ConversationReplyPlan:
+    """Edit user message ``message_id``: write a sibling of it with ``content`` and start its reply.
+
+    The old message and its replies stay (another branch); the new user message has the same
+    parent, the reply follows it and becomes the active leaf. Raises as ``reply_start``, and
+    ``NotFoundError`` (``message_not_found``) when ``message_id`` is no user message of the
+    conversation.
+    """
+    content = _validate_content(content)
+    return _reply_begin(actor=actor, conversation_id=conversation_id, turn=_EditTurn(content=content, of=message_id))
+
+
+def reply_regenerate_start(*, actor: Principal, conversation_id: int, message_id: int) -> ConversationReplyPlan:
+    """Regenerate assistant message ``message_id``: start a sibling reply to the same user message.
+
+    The new reply becomes the active leaf; the history sent is the path up to that user message.
+    Raises as ``reply_start``, ``NotFoundError`` (``message_not_found``) when ``message_id`` is no
+    assistant message of the conversation, and ``ApplicationError`` 400 ``not_a_reply`` when it
+    follows no user message.
+    """
+    return _reply_begin(actor=actor, conversation_id=conversation_id, turn=_RegenerateTurn(of=message_id))
+
+
+@dataclass(frozen=True)
+class _NewTurn:
+    content: str
+
+
+@dataclass(frozen=True)
+class _EditTurn:
+    content: str
+    of: int
+
+
+@dataclass(frozen=True)
+class _RegenerateTurn:
+    of: int
+
+
+@dataclass(frozen=True)
+class _ReplyMessages:
+    """What ``_reply_messages_create`` wrote: the reply's messages, its siblings, its history."""
+
+    user_message: Message
+    assistant_message: Message
+    sibling_ids: list[int]
+    history: list[dict[str, Any]]
+    user_message_created: bool
+    previous_leaf_id: int | None
+
+
+def _reply_begin(
+    *, actor: Principal, conversation_id: int, turn: _NewTurn | _EditTurn | _RegenerateTurn
+) -> ConversationReplyPlan:
+    """Check the actor and the model, write the turn's messages, and return the reply's plan."""
+    user, api_key = actor.user, actor.api_key
     conversation = conversation_get_for(actor=actor, conversation_id=conversation_id, to_change=True)
     # Cached in the process: no query on a hit.
     model = enabled_model_get_for(access=model_access_for(principal=actor), name=conversation.model.name)
     try:
-        assistant_message, user_message, history = _reply_messages_create(
-            conversation=conversation, content=content, model_name=model.name
-        )
+        written = _reply_messages_create(conversation=conversation, turn=turn, model_name=model.name)
     except IntegrityError:  # the conversation was deleted since it was read
         raise NotFoundError() from None
+    assistant_message, history = written.assistant_message, written.history
     reply_id = conversation_reply_id(assistant_message.pk)
     parameters = dict(model.default_parameters)
     return ConversationReplyPlan(
@@ -213,44 +348,86 @@ def reply_start(*, actor: Principal, conversation_id: int, content: str) -> Conv
             organization=actor.organization,
         ),
         conversation_id=conversation.pk,
-        user_message_id=user_message.pk,
+        user_message_id=written.user_message.pk,
         message_id=assistant_message.pk,
         created_at=assistant_message.created_at,
+        sibling_ids=written.sibling_ids,
+        user_message_created=written.user_message_created,
+        previous_leaf_id=written.previous_leaf_id,
     )
 
 
 def _reply_messages_create(
-    *, conversation: Conversation, content: str, model_name: str
-) -> tuple[Message, Message, list[dict[str, Any]]]:
-    """Write the user's message and the assistant's ``streaming`` placeholder in one transaction.
+    *, conversation: Conversation, turn: _NewTurn | _EditTurn | _RegenerateTurn, model_name: str
+) -> _ReplyMessages:
+    """Write the turn's user message (none for a regeneration) and the assistant's ``streaming``
+    placeholder, and move the active leaf to it, in one transaction.
 
-    Returns ``(assistant message, user message, history for the upstream)``. Raises
-    ``IntegrityError`` when the conversation no longer exists.
+    The conversation row is locked first (as ``conversation_delete`` does), so two replies started
+    at once chain rather than both following the same leaf. Raises ``NotFoundError`` when the
+    conversation (or the message edited or regenerated) no longer exists, ``IntegrityError`` when
+    it went while writing.
     """
     with transaction.atomic():
-        user_message = Message.objects.create(
-            conversation=conversation, role=Message.Role.USER, content=content, status=Message.Status.COMPLETED
-        )
-        history = history_for_upstream(conversation=conversation)
+        previous_leaf_id = _conversation_lock_leaf(conversation.pk)
+        if isinstance(turn, _RegenerateTurn):
+            replaced = message_get_in(conversation=conversation, message_id=turn.of, role=Message.Role.ASSISTANT)
+            user_message = replaced.parent
+            if user_message is None or user_message.role != Message.Role.USER:
+                raise ApplicationError(
+                    "This reply follows no user message: it cannot be regenerated.", code="not_a_reply"
+                )
+        else:
+            parent_id = previous_leaf_id
+            if isinstance(turn, _EditTurn):
+                edited = message_get_in(conversation=conversation, message_id=turn.of, role=Message.Role.USER)
+                parent_id = edited.parent_id
+            user_message = Message.objects.create(
+                conversation=conversation,
+                parent_id=parent_id,
+                role=Message.Role.USER,
+                content=turn.content,
+                status=Message.Status.COMPLETED,
+            )
+        history = history_for_upstream(conversation=conversation, leaf_id=user_message.pk)
         assistant_message = Message.objects.create(
             conversation=conversation,
+            parent=user_message,
             role=Message.Role.ASSISTANT,
             status=Message.Status.STREAMING,
             model_name=model_name,
             stream_owner=PROCESS_ID,
         )
-        Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
-    return assistant_message, user_message, history
+        if isinstance(turn, _RegenerateTurn):
+            sibling_ids = list(user_message.children.order_by("id").values_list("id", flat=True))
+        else:
+            sibling_ids = [assistant_message.pk]
+        Conversation.objects.filter(pk=conversation.pk).update(active_leaf=assistant_message, updated_at=timezone.now())
+    return _ReplyMessages(
+        user_message=user_message,
+        assistant_message=assistant_message,
+        sibling_ids=sibling_ids,
+        history=history,
+        user_message_created=not isinstance(turn, _RegenerateTurn),
+        previous_leaf_id=previous_leaf_id,
+    )
 
 
-def reply_refused(*, user_message_id: int, message_id: int) -> None:
-    """Delete the user's message and the assistant's placeholder of a reply that admission refused.
+def reply_refused(*, conversation_id: int, message_ids: tuple[int, ...], previous_leaf_id: int | None) -> None:
+    """Delete the messages a reply that admission refused wrote, and give back the active leaf.
 
     A refused turn (rate limit, budget) is answered with an error before any reply starts; keeping
     its messages would leave an unanswered user message in the history sent upstream next time.
-    The client still has its text. Deleting what is already gone is a no-op.
+    The client still has its text. ``message_ids``: the user message (unless the reply was a
+    regeneration) and the assistant placeholder. The active leaf returns to ``previous_leaf_id``
+    when it is still one of them (and that message still exists). Deleting what is already gone is
+    a no-op.
     """
-    Message.objects.filter(pk__in=(user_message_id, message_id)).delete()
+    with transaction.atomic():
+        Conversation.objects.filter(pk=conversation_id, active_leaf_id__in=message_ids).update(
+            active_leaf_id=Subquery(Message.objects.filter(pk=previous_leaf_id or 0).values("pk")[:1])
+        )
+        Message.objects.filter(pk__in=message_ids).delete()
 
 
 def reply_finish(outcome: ReplyOutcome, *, message_id: int) -> bool:
@@ -311,7 +488,8 @@ def reply_recover(*, message: Message) -> bool:
         if not recovered:
             return False
         message.refresh_from_db()
-        earlier = message.conversation.messages.filter(pk__lt=message.pk).order_by("pk")
+        # What was sent upstream: the path up to the reply's user message (its branch only).
+        earlier = message_path(conversation=message.conversation, leaf_id=message.parent_id or 0)
         system = message.conversation.system_prompt
         prompt: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         prompt += [{"role": role, "content": content} for role, content in earlier.values_list("role", "content")]
@@ -400,12 +578,17 @@ __all__ = [
     "MAX_SYSTEM_PROMPT_CHARS",
     "MAX_TITLE_CHARS",
     "ConversationReplyPlan",
+    "conversation_active_leaf_set",
+    "conversation_branch_activate",
     "conversation_create",
     "conversation_delete",
     "conversation_deleted_error",
     "conversation_reply_id",
     "conversation_update",
+    "message_append",
     "reply_checkpoint",
+    "reply_edit_start",
+    "reply_regenerate_start",
     "reply_finish",
     "reply_recover",
     "reply_recover_orphans",

@@ -12,13 +12,15 @@
   error status (or the refusal's) with the project's error JSON.
 
 ``GET`` on the same path lists the messages through DRF (``conversation_messages_view``).
+``POST .../messages/{message_id}/edit/`` (``{"content"}``) and ``.../regenerate/`` start a sibling
+of a message (``conversations.services``) and answer exactly as sending does (``reply_response``).
 Authentication and errors: ``accounts.endpoints.async_endpoint``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -34,10 +36,16 @@ from chatbackend.errors import ApplicationError, error_response
 from chatbackend.http import EventStreamResponse
 from llm.streaming import KEEPALIVE, ReplyDelta, ReplyFailed, ReplyRefused, ReplyStreamingResponse, open_reply
 
-from .apis import ConversationMessageListApi
+from .apis import ConversationMessageEditApi, ConversationMessageListApi, ConversationMessageRegenerateApi
 from .payloads import ConversationReply, delta_payload, error_payload, reply_event
 from .serializers import clean_message_content, message_data
-from .services import conversation_deleted_error, reply_start
+from .services import (
+    ConversationReplyPlan,
+    conversation_deleted_error,
+    reply_edit_start,
+    reply_regenerate_start,
+    reply_start,
+)
 
 SSE_CONTENT_TYPE = "text/event-stream"
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
@@ -76,14 +84,35 @@ def parse_message_content(body: bytes) -> str:
 async def message_send(request: HttpRequest, principal: Principal, conversation_id: int) -> HttpResponseBase:
     """Send the user's message and answer with the reply: an SSE stream or, at its end, JSON."""
     content = parse_message_content(request_body(request))
-    opener = open_reply(
-        run_sync(
-            reply_start,
-            actor=principal,
-            conversation_id=conversation_id,
-            content=content,
-        )
+    begin = run_sync(reply_start, actor=principal, conversation_id=conversation_id, content=content)
+    return await reply_response(request, begin)
+
+
+@async_endpoint("POST", scope=APIKey.Scope.CHAT)
+async def message_edit(
+    request: HttpRequest, principal: Principal, conversation_id: int, message_id: int
+) -> HttpResponseBase:
+    """Edit a user message (a sibling with the new content) and answer with its reply, as ``message_send``."""
+    content = parse_message_content(request_body(request))
+    begin = run_sync(
+        reply_edit_start, actor=principal, conversation_id=conversation_id, message_id=message_id, content=content
     )
+    return await reply_response(request, begin)
+
+
+@async_endpoint("POST", scope=APIKey.Scope.CHAT)
+async def message_regenerate(
+    request: HttpRequest, principal: Principal, conversation_id: int, message_id: int
+) -> HttpResponseBase:
+    """Regenerate an assistant message (a sibling reply) and answer with it, as ``message_send``."""
+    begin = run_sync(reply_regenerate_start, actor=principal, conversation_id=conversation_id, message_id=message_id)
+    return await reply_response(request, begin)
+
+
+async def reply_response(request: HttpRequest, begin: Awaitable[ConversationReplyPlan]) -> HttpResponseBase:
+    """Start the reply ``begin`` plans and answer with it: SSE when the client accepts
+    ``text/event-stream``, else JSON once it ends. Every conversation reply is answered here."""
+    opener = open_reply(begin)
     if SSE_CONTENT_TYPE not in request.headers.get("Accept", ""):
         async with opener as reply:
             return await _reply_json(reply)
@@ -158,3 +187,7 @@ async def conversation_messages_view(request: HttpRequest, conversation_id: int)
 # (its ``post`` carries the schema of ``message_send``).
 conversation_messages_view.cls = ConversationMessageListApi  # type: ignore[attr-defined]
 conversation_messages_view.initkwargs = {}  # type: ignore[attr-defined]
+message_edit.cls = ConversationMessageEditApi  # type: ignore[attr-defined]
+message_edit.initkwargs = {}  # type: ignore[attr-defined]
+message_regenerate.cls = ConversationMessageRegenerateApi  # type: ignore[attr-defined]
+message_regenerate.initkwargs = {}  # type: ignore[attr-defined]

@@ -18,5 +18,21 @@ urlpatterns = [
         apis.ConversationMessageStopApi.as_view(),
         name="message-stop",
     ),
+    path(
+        "conversations/<int:conversation_id>/messages/<int:message_id>/edit/",
+        sse.message_edit,
+        name="message-edit",
+    ),
+    path(
+        "conversations/<int:conversation_id>/messages/<int:message_id>/regenerate/",
+        sse.message_regenerate,
+        name="message-regenerate",
+    ),
+    path(
+        "conversations/<int:conversation_id>/messages/<int:message_id>/activate/",
+        apis.ConversationMessageActivateApi.as_view(),
+        name="message-activate",
+    ),
+    path("conversations/<int:conversation_id>/tree/", apis.ConversationTreeApi.as_view(), name="conversation-tree"),
     *router.urls,
 ]

@@ -12,6 +12,7 @@ from factory.django import DjangoModelFactory
 from accounts.models import UsageRecord, User
 from accounts.usage import usage_cost
 from conversations.models import Conversation, Message
+from conversations.services import message_append
 from llm.models import Deployment, LLMModel, Provider
 
 PASSWORD = "correct-horse-battery-staple"
@@ -85,6 +86,13 @@ class MessageFactory(DjangoModelFactory):
     role = Message.Role.USER
     content = factory.Sequence(lambda n: f"message {n}")
     status = Message.Status.COMPLETED
+
+    @classmethod
+    def _create(cls, model_class: type[Message], *args: Any, **kwargs: Any) -> Message:
+        """Append to the conversation's active branch (``message_append``), unless a parent is given."""
+        if "parent" in kwargs or "parent_id" in kwargs:
+            return super()._create(model_class, *args, **kwargs)
+        return message_append(**kwargs)
 
 
 class UsageRecordFactory(DjangoModelFactory):

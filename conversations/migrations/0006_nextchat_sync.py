@@ -10,7 +10,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('accounts', '0018_invitations'),
-        ('conversations', '0004_conversation_organization_required'),
+        ('conversations', '0005_message_branches'),
         ('llm', '0008_model_alias'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]

@@ -363,6 +363,7 @@ def _import_messages(conversation: Conversation, messages: list[Any]) -> None:
     new: list[Message] = []
     changed: list[Message] = []
     seen: set[str] = set()
+    ordered: list[Message] = []  # the document's messages in its order: the conversation's active path
     for item in messages:
         external_id = _external_id(item)
         role = item.get("role") if isinstance(item, dict) else None
@@ -374,21 +375,38 @@ def _import_messages(conversation: Conversation, messages: list[Any]) -> None:
         model_name = item.get("model") if isinstance(item.get("model"), str) else ""
         message = known.get(external_id)
         if message is None:
-            new.append(
-                Message(
-                    conversation=conversation,
-                    external_id=external_id,
-                    role=role,
-                    content=content,
-                    status=status,
-                    model_name=model_name[:200],
-                )
+            message = Message(
+                conversation=conversation,
+                external_id=external_id,
+                role=role,
+                content=content,
+                status=status,
+                model_name=model_name[:200],
             )
+            new.append(message)
         elif (message.role, message.content, message.status) != (role, content, status):
             message.role, message.content, message.status = role, content, status
             changed.append(message)
-    Message.objects.bulk_create(new)
+        ordered.append(message)
+    Message.objects.bulk_create(new)  # primary keys set (PostgreSQL and SQLite return them)
     Message.objects.bulk_update(changed, ["role", "content", "status"])
+    _chain(conversation, ordered)
+
+
+def _chain(conversation: Conversation, ordered: list[Message]) -> None:
+    """Make ``ordered`` (a NextChat session's messages, in its order) the conversation's active
+    branch (``Message.parent``, ``Conversation.active_leaf``): NextChat keeps one line per session."""
+    relinked = []
+    parent_id = None
+    for message in ordered:
+        if message.parent_id != parent_id:
+            message.parent_id = parent_id
+            relinked.append(message)
+        parent_id = message.pk
+    Message.objects.bulk_update(relinked, ["parent"])
+    if parent_id is not None and conversation.active_leaf_id != parent_id:
+        conversation.active_leaf_id = parent_id
+        conversation.save(update_fields=["active_leaf"])
 
 
 # --- Retention ----------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ def test_create_conversation(auth_client, user, model):
 
     assert response.status_code == 201
     body = response.json()
-    assert set(body) == {"id", "title", "model", "system_prompt", "created_at", "updated_at"}
+    assert set(body) == {"id", "title", "model", "system_prompt", "active_leaf", "created_at", "updated_at"}
+    assert body["active_leaf"] is None
     assert body["model"] == "gpt-test"
     assert body["title"] == "Hi"
     conversation = Conversation.objects.get(pk=body["id"])
@@ -256,8 +257,12 @@ def test_message_list_oldest_first_with_message_shape(auth_client, user):
         "error",
         "error_code",
         "created_at",
+        "parent_id",
+        "sibling_ids",
     }
     assert results[1]["model"] == "gpt-test"
+    assert (results[0]["parent_id"], results[1]["parent_id"]) == (None, question.pk)
+    assert (results[0]["sibling_ids"], results[1]["sibling_ids"]) == ([question.pk], [answer.pk])
     assert (results[1]["prompt_tokens"], results[1]["completion_tokens"]) == (5, 2)
 
 

@@ -27,9 +27,11 @@ from django.db import connection
 from django.test import Client
 from django.utils import timezone
 
+from accounts.authentication import principal_for
 from accounts.models import Membership, Organization
 from accounts.services import api_key_create
 from conversations.models import Conversation, Message, SyncDocument, SyncDocumentVersion, SyncUploadChunk
+from conversations.selectors import message_list
 from conversations.sync.selectors import content_chunks
 from conversations.sync.services import sync_versions_prune
 from tests.factories import LLMModelFactory, UserFactory
@@ -480,6 +482,10 @@ def test_import_twice_yields_the_same_conversations(client, user, dav, models, d
     assert updated.pk == lisbon.pk
     assert updated.title == "Lisbon in May"
     assert [m.external_id for m in updated.messages.all()] == ["msg-u1", "msg-a1", "msg-x0"]
+    # The session is the conversation's active branch, as if it had been chatted here.
+    path = [m.external_id for m in message_list(actor=principal_for(user=user), conversation_id=updated.pk)]
+    assert path == ["msg-u1", "msg-a1", "msg-x0"]
+    assert updated.active_leaf is not None and updated.active_leaf.external_id == "msg-x0"
     assert Conversation.objects.filter(owner=user).count() == 2
     assert set(SyncDocumentVersion.objects.values_list("import_status", flat=True)) == {"done"}
 
