@@ -9,7 +9,13 @@ from accounts.models import Organization, default_organization_id
 
 
 class Conversation(models.Model):
-    """A chat between one user and one model; its messages are the history sent upstream."""
+    """A chat between one user and one model; its messages are the history sent upstream.
+
+    ``completion_id`` marks a stored chat completion: a ``POST /v1/chat/completions`` with
+    ``store: true`` kept as a conversation (``services.stored_completion_save``), its ``chatcmpl-...``
+    id; None for every other conversation. ``metadata``: OpenAI's key/value strings of a stored
+    completion (at most 16 pairs; ``{}`` otherwise).
+    """
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations")
     organization = models.ForeignKey(
@@ -18,6 +24,8 @@ class Conversation(models.Model):
     title = models.CharField(max_length=200, blank=True, default="")
     model = models.ForeignKey("llm.LLMModel", on_delete=models.PROTECT, related_name="conversations")
     system_prompt = models.TextField(blank=True, default="")
+    completion_id = models.CharField(max_length=64, null=True, blank=True, unique=True, default=None)
+    metadata = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -26,6 +34,12 @@ class Conversation(models.Model):
         indexes = [
             models.Index(fields=["owner", "-updated_at"]),
             models.Index(fields=["organization", "-updated_at"]),
+            # ``GET /v1/chat/completions``: a caller's stored completions in creation order.
+            models.Index(
+                fields=["owner", "organization", "created_at", "id"],
+                name="stored_completion_idx",
+                condition=models.Q(completion_id__isnull=False),
+            ),
         ]
 
     def __str__(self) -> str:
@@ -47,6 +61,9 @@ class Message(models.Model):
         SYSTEM = "system", "System"
         USER = "user", "User"
         ASSISTANT = "assistant", "Assistant"
+        # Only in stored chat completions, which keep the request's messages as they came.
+        DEVELOPER = "developer", "Developer"
+        TOOL = "tool", "Tool"
 
     class Status(models.TextChoices):
         STREAMING = "streaming", "Streaming"

@@ -19,7 +19,7 @@ def test_create_conversation(auth_client, user, model):
 
     assert response.status_code == 201
     body = response.json()
-    assert set(body) == {"id", "title", "model", "system_prompt", "created_at", "updated_at"}
+    assert set(body) == {"id", "title", "model", "system_prompt", "completion_id", "created_at", "updated_at"}
     assert body["model"] == "gpt-test"
     assert body["title"] == "Hi"
     conversation = Conversation.objects.get(pk=body["id"])
