@@ -103,7 +103,7 @@ def _list_object(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
 
 def _limit(query: Mapping[str, str]) -> int:
     raw = query.get("limit")
-    if raw is None or raw == "":
+    if raw is None:
         return DEFAULT_LIMIT
     try:
         limit = int(raw)
@@ -117,7 +117,7 @@ def _limit(query: Mapping[str, str]) -> int:
 
 
 def _order(query: Mapping[str, str]) -> str:
-    order = query.get("order") or "asc"
+    order = query.get("order", "asc")  # present but empty is not a way to ask for the default
     if order not in ORDERS:
         raise ApplicationError("'order' must be 'asc' or 'desc'.", code="invalid_value", param="order")
     return order

@@ -216,9 +216,11 @@ async def test_pages_follow_after_limit_and_order(asgi_server, api_key_secret, s
     status, body = await get_json(asgi_server, "/v1/chat/completions", api_key_secret, limit=2, after=ids[1])
     assert status == 200 and body["first_id"] == body["last_id"] == ids[2]
     validate_against("ChatCompletionList", body)
-    for params in ({"limit": 0}, {"limit": 101}, {"limit": "x"}, {"order": "up"}):
+    for params in ({"limit": 0}, {"limit": 101}, {"limit": "x"}, {"limit": ""}, {"order": "up"}, {"order": ""}):
         status, body = await get_json(asgi_server, "/v1/chat/completions", api_key_secret, **params)
         assert status == 400 and body["error"]["param"] == next(iter(params)), body
+    status, body = await get_json(asgi_server, f"/v1/chat/completions/{ids[0]}/messages", api_key_secret, order="")
+    assert status == 400 and body["error"]["param"] == "order"
     status, body = await get_json(asgi_server, f"/v1/chat/completions/{ids[0]}/messages", api_key_secret, after="x")
     assert status == 404 and body["error"]["code"] == "message_not_found"
 
