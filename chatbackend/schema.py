@@ -33,6 +33,14 @@ from accounts.serializers import ErrorOutputSerializer
 from chatbackend.http import sse_event_schema
 from conversations.apis import REPLY_EVENT_SCHEMA
 from conversations.serializers import MessageSendInputSerializer, MessageSendOutputSerializer
+from conversations.stored_completions.apis import DEFAULT_LIMIT, MAX_LIMIT
+from conversations.stored_completions.serializers import (
+    StoredCompletionDeletedOutputSerializer,
+    StoredCompletionListOutputSerializer,
+    StoredCompletionMessageListOutputSerializer,
+    StoredCompletionOutputSerializer,
+    StoredCompletionUpdateInputSerializer,
+)
 from llm.anthropic import (
     AnthropicErrorOutputSerializer,
     AnthropicMessageOutputSerializer,
@@ -142,6 +150,121 @@ class ChatCompletionsDocView(_OpenAIDocView):
         },
     )
     def post(self, request: Request) -> None: ...  # never dispatched: documents ``llm.openai.apis.chat_completions``
+
+
+_STORED_ERRORS = {
+    400: "A query parameter or a body field of the wrong type or value (`error.param` names it).",
+    401: _ERRORS[401],
+    404: "No stored completion of the caller with this id (`completion_not_found`: also another user's or "
+    "another organization's), or an `after` that names none (`message_not_found` for a message id).",
+    405: _ERRORS[405],
+    413: _ERRORS[413],
+}
+
+
+def _stored_errors(*statuses: int) -> dict[int, OpenApiResponse]:
+    return {status: OpenApiResponse(ErrorOutputSerializer, description=_STORED_ERRORS[status]) for status in statuses}
+
+
+_COMPLETION_ID = OpenApiParameter(
+    "completion_id", OpenApiTypes.STR, OpenApiParameter.PATH, description="The stored completion's `chatcmpl-...` id."
+)
+
+
+def _page_parameters(what: str) -> list[OpenApiParameter]:
+    return [
+        OpenApiParameter("after", OpenApiTypes.STR, description=f"The id of the last {what} of the previous page."),
+        OpenApiParameter(
+            "limit",
+            {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
+            description=f"How many {what}s per page (1-{MAX_LIMIT}, default {DEFAULT_LIMIT}).",
+        ),
+        OpenApiParameter(
+            "order", OpenApiTypes.STR, enum=["asc", "desc"], description="By creation time; `asc` by default."
+        ),
+    ]
+
+
+class StoredCompletionListDocView(_OpenAIDocView):
+    @extend_schema(
+        operation_id="openai_chat_completions_list",
+        tags=["openai"],
+        summary="List the caller's stored chat completions (OpenAI-compatible)",
+        description=(
+            "OpenAI's `GET /v1/chat/completions`: the completions the caller created with `store: true` in the "
+            "organization the request acts in (nobody else's), oldest first unless `order=desc`. Filters: `model` "
+            "(the model the request named), `metadata[key]=value` (every pair must match). Needs an API key's "
+            "`read` scope."
+        ),
+        parameters=[
+            *_page_parameters("completion"),
+            OpenApiParameter("model", OpenApiTypes.STR, description="Only completions of this model."),
+            OpenApiParameter(
+                "metadata",
+                {"type": "object", "additionalProperties": {"type": "string"}},
+                style="deepObject",
+                explode=True,
+                description="`metadata[key]=value`: only completions whose metadata has every pair.",
+            ),
+        ],
+        responses={200: StoredCompletionListOutputSerializer, **_stored_errors(400, 401, 404)},
+    )
+    def get(self, request: Request) -> None: ...  # never dispatched: documents ``conversations.stored_completions``
+
+
+class StoredCompletionDetailDocView(_OpenAIDocView):
+    @extend_schema(
+        operation_id="openai_chat_completions_retrieve",
+        tags=["openai"],
+        summary="Retrieve a stored chat completion (OpenAI-compatible)",
+        description="OpenAI's `GET /v1/chat/completions/{completion_id}`. Needs an API key's `read` scope.",
+        parameters=[_COMPLETION_ID],
+        responses={200: StoredCompletionOutputSerializer, **_stored_errors(401, 404)},
+    )
+    def get(self, request: Request, completion_id: str) -> None: ...  # never dispatched (see the list's)
+
+    @extend_schema(
+        operation_id="openai_chat_completions_update",
+        tags=["openai"],
+        summary="Replace a stored chat completion's metadata (OpenAI-compatible)",
+        description=(
+            "OpenAI's `POST /v1/chat/completions/{completion_id}`: `metadata` replaces the completion's (null "
+            "clears it; at most 16 pairs, keys up to 64 characters, values up to 512). Needs the `chat` scope."
+        ),
+        parameters=[_COMPLETION_ID],
+        request={"application/json": StoredCompletionUpdateInputSerializer},
+        responses={200: StoredCompletionOutputSerializer, **_stored_errors(400, 401, 404, 413)},
+    )
+    def post(self, request: Request, completion_id: str) -> None: ...  # never dispatched (see the list's)
+
+    @extend_schema(
+        operation_id="openai_chat_completions_delete",
+        tags=["openai"],
+        summary="Delete a stored chat completion (OpenAI-compatible)",
+        description=(
+            "OpenAI's `DELETE /v1/chat/completions/{completion_id}`: the completion and its conversation are "
+            "deleted (usage records stay). Needs the `chat` scope."
+        ),
+        parameters=[_COMPLETION_ID],
+        responses={200: StoredCompletionDeletedOutputSerializer, **_stored_errors(401, 404)},
+    )
+    def delete(self, request: Request, completion_id: str) -> None: ...  # never dispatched (see the list's)
+
+
+class StoredCompletionMessageListDocView(_OpenAIDocView):
+    @extend_schema(
+        operation_id="openai_chat_completions_messages_list",
+        tags=["openai"],
+        summary="List a stored chat completion's request messages (OpenAI-compatible)",
+        description=(
+            "OpenAI's `GET /v1/chat/completions/{completion_id}/messages`: the messages the request sent, in "
+            "order (the reply is the completion's `choices`). Ids are `<completion_id>-<index>`. Needs the "
+            "`read` scope."
+        ),
+        parameters=[_COMPLETION_ID, *_page_parameters("message")],
+        responses={200: StoredCompletionMessageListOutputSerializer, **_stored_errors(400, 401, 404)},
+    )
+    def get(self, request: Request, completion_id: str) -> None: ...  # never dispatched (see the list's)
 
 
 def _anthropic_errors(*statuses: int) -> dict[int, OpenApiResponse]:
@@ -453,6 +576,11 @@ class HealthReadyDocView(_HealthDocView):
 # (path as drf-spectacular writes it from the URLconf, method, documentation view).
 ASYNC_ENDPOINTS: list[tuple[str, str, type[APIView]]] = [
     ("/v1/chat/completions", "POST", ChatCompletionsDocView),
+    ("/v1/chat/completions", "GET", StoredCompletionListDocView),
+    ("/v1/chat/completions/{completion_id}", "GET", StoredCompletionDetailDocView),
+    ("/v1/chat/completions/{completion_id}", "POST", StoredCompletionDetailDocView),
+    ("/v1/chat/completions/{completion_id}", "DELETE", StoredCompletionDetailDocView),
+    ("/v1/chat/completions/{completion_id}/messages", "GET", StoredCompletionMessageListDocView),
     ("/v1/messages", "POST", MessagesDocView),
     ("/v1/messages/count_tokens", "POST", MessagesCountTokensDocView),
     ("/v1/responses", "POST", ResponsesDocView),

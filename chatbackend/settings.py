@@ -571,6 +571,10 @@ SSE_KEEPALIVE_SECONDS: float = _seconds("SSE_KEEPALIVE_SECONDS", 15.0)
 # Seconds /v1/chat/completions waits for the upstream's first chunk before sending headers, so an
 # upstream failure can still be answered with an error status (NextChat cannot see errors in a stream).
 OPENAI_FIRST_CHUNK_WAIT_SECONDS: float = _seconds("OPENAI_FIRST_CHUNK_WAIT_SECONDS", 10.0)
+# Who keeps a /v1/chat/completions reply sent with ``store: true`` (llm.openai.services.completion_store):
+# the dotted path of a function ``(plan, outcome) -> None``, imported at start-up. The conversations
+# app keeps it as a conversation, readable at GET /v1/chat/completions (README, "Stored completions").
+OPENAI_COMPLETION_STORE = "conversations.stored_completions.services.stored_completion_save"
 # What /dashboard/billing/subscription reports as hard_limit_usd (US dollars) to a caller without a
 # monthly budget (accounts.selectors.budget_monthly_limit_usd); the default reads as "no limit".
 OPENAI_BILLING_HARD_LIMIT_USD: float = _get("OPENAI_BILLING_HARD_LIMIT_USD", env.float, 1_000_000.0, "a number")

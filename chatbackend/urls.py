@@ -17,6 +17,7 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("", include("llm.anthropic.urls")),  # before llm.openai.urls: it ends with the /v1 catch-all
+    path("", include("conversations.stored_completions.urls")),  # /v1/chat/completions (POST and GET) and stored ones
     path("", include("llm.openai.urls")),
     path("", include("chatbackend.pages")),
 ]

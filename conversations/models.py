@@ -13,6 +13,11 @@ class Conversation(models.Model):
 
     ``active_leaf`` ends the active path (from it up to the root): the branch shown, the history
     sent upstream, and the parent of the next message.
+
+    ``completion_id`` marks a stored chat completion: a ``POST /v1/chat/completions`` with
+    ``store: true`` kept as a conversation (``services.stored_completion_save``), its ``chatcmpl-...``
+    id; None for every other conversation. ``metadata``: OpenAI's key/value strings of a stored
+    completion (at most 16 pairs; ``{}`` otherwise).
     """
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations")
@@ -28,6 +33,8 @@ class Conversation(models.Model):
     # The branch shown and continued: the last message of the active path (``Message.parent``).
     # Null only while the conversation has no message.
     active_leaf = models.ForeignKey("Message", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    completion_id = models.CharField(max_length=64, null=True, blank=True, unique=True, default=None)
+    metadata = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -36,6 +43,12 @@ class Conversation(models.Model):
         indexes = [
             models.Index(fields=["owner", "-updated_at"]),
             models.Index(fields=["organization", "-updated_at"]),
+            # ``GET /v1/chat/completions``: a caller's stored completions in creation order.
+            models.Index(
+                fields=["owner", "organization", "created_at", "id"],
+                name="stored_completion_idx",
+                condition=models.Q(completion_id__isnull=False),
+            ),
         ]
         constraints = [
             models.UniqueConstraint(
@@ -64,6 +77,9 @@ class Message(models.Model):
         SYSTEM = "system", "System"
         USER = "user", "User"
         ASSISTANT = "assistant", "Assistant"
+        # Only in stored chat completions, which keep the request's messages as they came.
+        DEVELOPER = "developer", "Developer"
+        TOOL = "tool", "Tool"
 
     class Status(models.TextChoices):
         STREAMING = "streaming", "Streaming"

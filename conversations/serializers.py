@@ -27,7 +27,8 @@ NOT_BLANK_PATTERN = "[^" + "".join(f"\\u{ord(char):04x}" for char in _WHITESPACE
 
 
 class ConversationOutputSerializer(serializers.ModelSerializer):
-    """A conversation; ``model`` is the model's public name (what clients send as ``model``)."""
+    """A conversation; ``model`` is the model's public name (what clients send as ``model``);
+    ``completion_id`` the ``chatcmpl-...`` id of a stored chat completion (``store: true``), else null."""
 
     model = serializers.CharField(source="model.name", read_only=True)
     active_leaf = serializers.IntegerField(
@@ -39,7 +40,7 @@ class ConversationOutputSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Conversation
-        fields = ["id", "title", "model", "system_prompt", "active_leaf", "created_at", "updated_at"]
+        fields = ["id", "title", "model", "system_prompt", "active_leaf", "completion_id", "created_at", "updated_at"]
         read_only_fields = fields
 
 

@@ -139,6 +139,25 @@ def message_append(*, conversation: Conversation, **fields: Any) -> Message:
     return message
 
 
+def message_chain(*, conversation: Conversation, messages: list[Message]) -> None:
+    """Make ``messages`` (saved, in order) the active branch of ``conversation``: each one's parent
+    the one before it (the first a root), the last the active leaf. For writers that keep a whole
+    line of messages at once (a synced NextChat session, a stored chat completion), which
+    ``message_append`` would write one by one. Changes only what differs: one update per call.
+    """
+    relinked = []
+    parent_id = None
+    for message in messages:
+        if message.parent_id != parent_id:
+            message.parent_id = parent_id
+            relinked.append(message)
+        parent_id = message.pk
+    Message.objects.bulk_update(relinked, ["parent"])
+    if parent_id is not None and conversation.active_leaf_id != parent_id:
+        conversation.active_leaf_id = parent_id
+        Conversation.objects.filter(pk=conversation.pk).update(active_leaf_id=parent_id)
+
+
 def _conversation_lock_leaf(conversation_id: int) -> int | None:
     """Lock conversation ``conversation_id`` (in the caller's transaction); return its active leaf's id.
 
@@ -574,6 +593,7 @@ def reply_stop(*, actor: Principal, conversation_id: int, message_id: int) -> No
 
 
 __all__ = [
+    "message_chain",
     "MAX_MESSAGE_CHARS",
     "MAX_SYSTEM_PROMPT_CHARS",
     "MAX_TITLE_CHARS",

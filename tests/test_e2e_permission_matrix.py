@@ -29,6 +29,7 @@ import datetime as dt
 import os
 import re
 import secrets
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -79,7 +80,7 @@ RESPONSES = {"model": MODEL, "input": "hi", "max_output_tokens": 16}
 
 @dataclass(frozen=True)
 class Row:
-    """One endpoint and method: ``path`` may hold ``{conversation}``, ``{message}``, ``{api_key}``,
+    """One endpoint and method: ``path`` may hold ``{conversation}``, ``{message}``, ``{completion}``, ``{api_key}``,
     ``{budget}``, ``{user}`` (made afresh per cell for each of ``OBJECTS``); ``expect`` is a string of
     statuses in ``CALLERS`` order, or, for a path with an object, a dict of them per object."""
 
@@ -433,6 +434,50 @@ MATRIX: tuple[Row, ...] = (
         ),
     ),
     Row("POST", "/v1/chat/completions", "401 200 200 200 200 403 200 200 200 403 403 401 404", body=CHAT),
+    # Stored completions: the caller's own only (an organization's admins and the superuser read them
+    # as conversations, not here); reading needs ``read``, changing ``chat``.
+    Row("GET", "/v1/chat/completions", "401 200 200 200 200 200 200 200 403 200 200 401 200"),
+    Row(
+        "GET",
+        "/v1/chat/completions/{completion}",
+        per_object(
+            "401 404 404 404 200 404 404 404 403 200 404 401 200",  # own
+            "401 404 404 404 404 404 404 404 403 404 404 401 404",  # same_team
+            "401 404 404 404 404 404 200 404 403 404 404 401 404",  # other_team
+            "401 404 404 404 404 404 404 200 403 404 404 401 404",  # other_org
+        ),
+    ),
+    Row(
+        "POST",
+        "/v1/chat/completions/{completion}",
+        per_object(
+            "401 404 404 404 200 403 404 404 200 403 403 401 200",  # own
+            "401 404 404 404 404 403 404 404 404 403 403 401 404",  # same_team
+            "401 404 404 404 404 403 200 404 404 403 403 401 404",  # other_team
+            "401 404 404 404 404 403 404 200 404 403 403 401 404",  # other_org
+        ),
+        body={"metadata": {"k": "v"}},
+    ),
+    Row(
+        "DELETE",
+        "/v1/chat/completions/{completion}",
+        per_object(
+            "401 404 404 404 200 403 404 404 200 403 403 401 200",  # own
+            "401 404 404 404 404 403 404 404 404 403 403 401 404",  # same_team
+            "401 404 404 404 404 403 200 404 404 403 403 401 404",  # other_team
+            "401 404 404 404 404 403 404 200 404 403 403 401 404",  # other_org
+        ),
+    ),
+    Row(
+        "GET",
+        "/v1/chat/completions/{completion}/messages",
+        per_object(
+            "401 404 404 404 200 404 404 404 403 200 404 401 200",  # own
+            "401 404 404 404 404 404 404 404 403 404 404 401 404",  # same_team
+            "401 404 404 404 404 404 200 404 403 404 404 401 404",  # other_team
+            "401 404 404 404 404 404 404 200 403 404 404 401 404",  # other_org
+        ),
+    ),
     Row("POST", "/v1/messages", "401 200 200 200 200 403 200 200 200 403 403 401 404", body=MESSAGES),
     Row("POST", "/v1/messages/count_tokens", "401 200 200 200 200 403 200 200 200 403 403 401 404", body=COUNT),
     Row("POST", "/v1/responses", "401 200 200 200 200 403 200 200 200 403 403 401 404", body=RESPONSES),
@@ -531,6 +576,18 @@ def _objects(world: World, obj: str, path: str) -> dict[str, Any]:
             values["message"] = Message.objects.create(
                 conversation=conversation, role=Message.Role.ASSISTANT, content="", status=Message.Status.STREAMING
             ).pk
+    if "{completion}" in path:  # a stored chat completion (store: true)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        conversation = Conversation.objects.create(
+            owner=owner, organization=organization, model_id=world.model_id, completion_id=completion_id
+        )
+        Message.objects.bulk_create(
+            [
+                Message(conversation=conversation, role=Message.Role.USER, content="hi"),
+                Message(conversation=conversation, role=Message.Role.ASSISTANT, content="hello", model_name=MODEL),
+            ]
+        )
+        values["completion"] = completion_id
     if "{api_key}" in path:
         values["api_key"] = api_key_create(user=owner, name="target", organization=organization).api_key.pk
     if "{budget}" in path:

@@ -32,6 +32,7 @@ from llm.models import LLMModel
 from llm.selectors import llm_model_get_enabled_for, llm_model_list_for
 
 from ..models import Conversation, Message
+from ..services import message_chain
 from .models import SyncDocument, SyncDocumentVersion, SyncUploadChunk
 
 logger = logging.getLogger(__name__)
@@ -390,23 +391,7 @@ def _import_messages(conversation: Conversation, messages: list[Any]) -> None:
         ordered.append(message)
     Message.objects.bulk_create(new)  # primary keys set (PostgreSQL and SQLite return them)
     Message.objects.bulk_update(changed, ["role", "content", "status"])
-    _chain(conversation, ordered)
-
-
-def _chain(conversation: Conversation, ordered: list[Message]) -> None:
-    """Make ``ordered`` (a NextChat session's messages, in its order) the conversation's active
-    branch (``Message.parent``, ``Conversation.active_leaf``): NextChat keeps one line per session."""
-    relinked = []
-    parent_id = None
-    for message in ordered:
-        if message.parent_id != parent_id:
-            message.parent_id = parent_id
-            relinked.append(message)
-        parent_id = message.pk
-    Message.objects.bulk_update(relinked, ["parent"])
-    if parent_id is not None and conversation.active_leaf_id != parent_id:
-        conversation.active_leaf_id = parent_id
-        conversation.save(update_fields=["active_leaf"])
+    message_chain(conversation=conversation, messages=ordered)  # one line per session, as in NextChat
 
 
 # --- Retention ----------------------------------------------------------------------------------

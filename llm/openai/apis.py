@@ -64,6 +64,8 @@ async def _chat_start(principal: Principal, raw_body: bytes) -> ChatCompletionPl
         parameters=parameters,
         stream=bool(data.get("stream")),
         include_usage=bool((data.get("stream_options") or {}).get("include_usage")),
+        store=data.get("store") is True,
+        metadata=data.get("metadata"),
     )
     if len(raw_body) > COUNT_ON_LOOP_MAX_BYTES:
         return await run_sync(start)  # counting a long prompt's tokens would stall every stream of the loop

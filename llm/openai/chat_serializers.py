@@ -19,6 +19,7 @@ from .fields import (
     CONTENT_SCHEMA,
     JSONObjectField,
     MessageContentField,
+    MetadataField,
     StopField,
     StrictBooleanField,
     StrictCharField,
@@ -253,8 +254,14 @@ class ChatCompletionCreateInputSerializer(serializers.Serializer):
     logprobs = StrictBooleanField(required=False, allow_null=True)
     top_logprobs = StrictIntegerField(required=False, allow_null=True, min_value=0, max_value=20)
     reasoning_effort = StrictCharField(required=False, allow_null=True, help_text="e.g. low, medium, high")
-    metadata = serializers.DictField(child=StrictCharField(allow_blank=True), required=False, allow_null=True)
-    store = StrictBooleanField(required=False, allow_null=True)
+    metadata = MetadataField(
+        required=False, allow_null=True, help_text="Kept with a stored completion (`store: true`); not sent upstream."
+    )
+    store = StrictBooleanField(
+        required=False,
+        allow_null=True,
+        help_text="true: keep this completion, readable at GET /v1/chat/completions; not sent upstream.",
+    )
     service_tier = StrictCharField(required=False, allow_null=True)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:

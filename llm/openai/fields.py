@@ -15,6 +15,10 @@ from rest_framework import serializers
 from chatbackend import fields as core_fields
 
 MAX_STOP_SEQUENCES = 4
+# OpenAI's ``Metadata``: at most 16 pairs, keys up to 64 characters, values up to 512.
+METADATA_MAX_PAIRS = 16
+METADATA_KEY_MAX_CHARS = 64
+METADATA_VALUE_MAX_CHARS = 512
 
 
 # --- Strict JSON-typed fields -----------------------------------------------------------------
@@ -221,10 +225,44 @@ class ToolChoiceField(serializers.Field):
         return value
 
 
+@extend_schema_field(
+    {
+        "type": "object",
+        "additionalProperties": {"type": "string", "maxLength": METADATA_VALUE_MAX_CHARS},
+        "maxProperties": METADATA_MAX_PAIRS,
+        "description": "Up to 16 key/value strings (keys up to 64 characters, values up to 512).",
+    }
+)
+class MetadataField(serializers.DictField):
+    """OpenAI's ``metadata``: at most 16 string pairs, keys up to 64 characters, values up to 512.
+
+    https://platform.openai.com/docs/api-reference/chat/create#chat-create-metadata
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("child", StrictCharField(allow_blank=True, max_length=METADATA_VALUE_MAX_CHARS))
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data: Any) -> dict[str, str]:
+        value: dict[str, str] = super().to_internal_value(data)
+        if len(value) > METADATA_MAX_PAIRS:
+            raise serializers.ValidationError(f"At most {METADATA_MAX_PAIRS} key/value pairs are allowed.")
+        for key in value:
+            if len(key) > METADATA_KEY_MAX_CHARS:
+                raise serializers.ValidationError(f"Keys are at most {METADATA_KEY_MAX_CHARS} characters long.")
+            if "\x00" in key:  # as DRF refuses it in values: PostgreSQL cannot store it
+                raise serializers.ValidationError(
+                    "Null characters are not allowed.", code="null_characters_not_allowed"
+                )
+        return value
+
+
 __all__ = [
     "CONTENT_SCHEMA",
     "MAX_STOP_SEQUENCES",
+    "METADATA_MAX_PAIRS",
     "JSONObjectField",
+    "MetadataField",
     "MessageContentField",
     "StopField",
     "StrictBooleanField",

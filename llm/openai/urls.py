@@ -1,7 +1,9 @@
 """URLs of the OpenAI-compatible API, mounted at the site root (``/v1/...``, ``/dashboard/...``).
 
-No trailing slashes, as OpenAI's URLs. The last pattern turns any other ``/v1`` or
-``/dashboard`` URL into OpenAI's 404 JSON instead of Django's HTML page.
+No trailing slashes, as OpenAI's URLs. ``/v1/chat/completions`` is routed by method in
+``conversations.stored_completions.urls`` (its ``GET`` lists stored completions: conversations).
+The last pattern turns any other ``/v1`` or ``/dashboard`` URL into OpenAI's 404 JSON instead of
+Django's HTML page.
 """
 
 from django.urls import path, re_path
@@ -9,7 +11,6 @@ from django.urls import path, re_path
 from . import apis, billing_apis, models_apis, responses_apis
 
 urlpatterns = [
-    path("v1/chat/completions", apis.chat_completions, name="openai-chat-completions"),
     path("v1/responses", responses_apis.responses_create, name="openai-responses-create"),
     path("v1/models", models_apis.model_list, name="openai-model-list"),
     path("v1/models/<path:model>", models_apis.model_retrieve, name="openai-model-retrieve"),

@@ -719,8 +719,8 @@ async def test_unknown_urls_and_methods_are_openai_json(api_key_secret):
         error = assert_error(response, 404, code="unknown_url")
         assert path in error["message"]
     for method, path, allow in [
-        ("get", CHAT_URL, "POST, OPTIONS"),
-        ("put", CHAT_URL, "POST, OPTIONS"),
+        ("put", CHAT_URL, "GET, POST, OPTIONS"),  # GET lists stored completions
+        ("patch", CHAT_URL, "GET, POST, OPTIONS"),
         ("delete", "/v1/models", "GET, OPTIONS"),
         ("post", "/v1/models/sim-model", "GET, OPTIONS"),
         ("post", "/dashboard/billing/usage", "GET, OPTIONS"),
@@ -730,7 +730,7 @@ async def test_unknown_urls_and_methods_are_openai_json(api_key_secret):
         assert response["Allow"] == allow, path
     response = await client.options(CHAT_URL)  # not a CORS preflight: no Origin
     assert response.status_code == 200
-    assert response["Allow"] == "POST, OPTIONS"
+    assert response["Allow"] == "GET, POST, OPTIONS"
 
 
 # --- CORS -------------------------------------------------------------------------------------

@@ -1,0 +1,126 @@
+"""Writes for stored chat completions: keep a ``/v1/chat/completions`` exchange, change its metadata, delete it.
+
+A request with ``store: true`` is planned by ``llm.openai.services`` as a ``StoredChatCompletionPlan``;
+when its reply ends, the streaming engine persists the end in a worker thread (the usage write
+path, after the last token went out) and calls ``stored_completion_save`` through
+``settings.OPENAI_COMPLETION_STORE``: ``llm`` may not import this app (README, "Architecture").
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+
+from django.db import IntegrityError, transaction
+
+from llm.models import LLMModel
+from llm.openai.services import StoredChatCompletionPlan
+from llm.streaming import ReplyOutcome, ReplyStatus
+
+from ..models import Conversation, Message
+from ..services import conversation_delete, message_chain
+
+logger = logging.getLogger(__name__)
+
+_ROLES = frozenset(Message.Role.values)
+
+
+def _role(role: Any) -> str:
+    """Return ``role`` if it is one a message may have, else ``user`` (validation let no other through)."""
+    return role if isinstance(role, str) and role in _ROLES else Message.Role.USER.value
+
+
+def _text(content: Any) -> str:
+    """Return the text of an OpenAI message ``content``: a string, or its ``text`` parts joined; NULs dropped
+    (PostgreSQL's text cannot hold them)."""
+    if isinstance(content, str):
+        text = content
+    elif isinstance(content, list):
+        text = "".join(
+            str(part.get("text") or "") for part in content if isinstance(part, dict) and part.get("type") == "text"
+        )
+    else:  # null: an assistant message of tool calls
+        text = ""
+    return text.replace("\x00", "")
+
+
+def stored_completion_save(*, plan: StoredChatCompletionPlan, outcome: ReplyOutcome) -> Conversation | None:
+    """Keep the exchange of a ``store: true`` reply as a conversation of its caller; return it.
+
+    The conversation (``completion_id`` = the ``chatcmpl-...`` id, ``metadata``, created at the
+    reply's ``created``) in the organization the request acted in, owned by its user, holds the
+    request's messages as they came (their text; roles ``system``, ``developer``, ``user``,
+    ``assistant``, ``tool``) and the reply as an assistant message written as
+    ``conversations.services.reply_finish`` writes one: text, status (a stopped reply is
+    ``cancelled``, a failed one ``failed``, with its ``error``), the model that served it, tokens,
+    timings. One transaction. Nothing is kept for a reply that failed before producing any output
+    (its client got an error status), nor twice (a second call for the same id is a no-op), nor
+    when the requested model was deleted since (returns None).
+    """
+    if outcome.status is ReplyStatus.FAILED and outcome.time_to_first_token_ms is None:
+        return None
+    usage = plan.usage
+    model_id = usage.model_id if usage is not None else None
+    if model_id is None or not LLMModel.objects.filter(pk=model_id).exists():
+        logger.warning("stored completion %s not kept: its model is gone", plan.reply_id)
+        return None
+    messages = [
+        Message(
+            role=_role(message.get("role")),
+            content=_text(message.get("content")),
+            status=Message.Status.COMPLETED,
+        )
+        for message in plan.request.messages
+        if isinstance(message, dict)
+    ]
+    error = outcome.error
+    reply = Message(
+        role=Message.Role.ASSISTANT,
+        content=outcome.content.replace("\x00", ""),
+        status=outcome.status.value,
+        model_name=outcome.model_name,
+        finish_reason=outcome.finish_reason or "",
+        prompt_tokens=outcome.usage.prompt_tokens,
+        completion_tokens=outcome.usage.completion_tokens,
+        time_to_first_token_ms=outcome.time_to_first_token_ms,
+        duration_ms=outcome.duration_ms,
+        error=error.message if error else "",
+        error_code=error.code if error else "",
+    )
+    try:
+        with transaction.atomic():
+            conversation = Conversation.objects.create(
+                owner_id=plan.user_id,
+                organization_id=plan.organization_id,
+                model_id=model_id,
+                completion_id=plan.reply_id,
+                metadata=plan.metadata,
+            )
+            # ``created`` as the client was told it (auto_now_add set the row's own time).
+            created = dt.datetime.fromtimestamp(plan.created, tz=dt.UTC)
+            Conversation.objects.filter(pk=conversation.pk).update(created_at=created)
+            conversation.created_at = created
+            for message in (*messages, reply):
+                message.conversation = conversation
+            Message.objects.bulk_create([*messages, reply])  # in order: ids say the order
+            message_chain(conversation=conversation, messages=[*messages, reply])  # the active branch
+    except IntegrityError:  # kept already (the end written twice at a shutdown) or its owner deleted
+        logger.info("stored completion %s not kept twice", plan.reply_id)
+        return None
+    return conversation
+
+
+def stored_completion_metadata_update(*, conversation: Conversation, metadata: dict[str, str] | None) -> Conversation:
+    """Replace the ``metadata`` of stored completion ``conversation`` (None: none); return it."""
+    conversation.metadata = dict(metadata or {})
+    conversation.save(update_fields=["metadata", "updated_at"])
+    return conversation
+
+
+def stored_completion_delete(*, conversation: Conversation) -> None:
+    """Delete stored completion ``conversation`` and its messages (``conversations.services.conversation_delete``)."""
+    conversation_delete(conversation=conversation)
+
+
+__all__ = ["stored_completion_delete", "stored_completion_metadata_update", "stored_completion_save"]
