@@ -20,7 +20,9 @@ Limits and budgets are far above what the run reaches, so nothing is refused. Bu
 ``REDIS_URL`` the run uses that server's database ``--redis-db`` (default 14, not the one in the
 URL) and empties it at the start and the end: give a database nothing else uses. Reservations are
 not settled (that is the Celery task's work, not the request's). The event loop is uvloop when
-installed, as under uvicorn. ``--profile`` prints cProfile's top functions of each caller.
+installed, as under uvicorn. ``--concurrency N`` keeps N requests in flight (N tasks, each admitting
+and releasing one request after another), as a server with N streams starting and ending at once
+does. ``--profile`` prints cProfile's top functions of each caller.
 """
 
 from __future__ import annotations
@@ -51,6 +53,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--redis-db", type=int, default=14, help="Redis database to use and empty (default 14; needs REDIS_URL)"
     )
     parser.add_argument("--callers", default=",".join(_CALLERS), help="callers to measure (default: all)")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="requests in flight at once, each admitted then released (default 1: one after another)",
+    )
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions of each caller")
     return parser.parse_args(argv)
 
@@ -103,15 +111,20 @@ def _requests(caller: str, count: int) -> list[Any]:
     ]
 
 
-async def _run(requests: list[Any]) -> list[float]:
+async def _run(requests: list[Any], concurrency: int = 1) -> list[float]:
+    """Admit and release every request, ``concurrency`` of them in flight at once; return each one's wall time."""
     from accounts.metering import metering_admit
 
-    walls = []
-    for request in requests:
-        started = time.perf_counter()
-        admission = await metering_admit(request)
-        await admission.release(completion_tokens=64)
-        walls.append(time.perf_counter() - started)
+    walls: list[float] = []
+
+    async def one_after_another(share: list[Any]) -> None:
+        for request in share:
+            started = time.perf_counter()
+            admission = await metering_admit(request)
+            await admission.release(completion_tokens=64)
+            walls.append(time.perf_counter() - started)
+
+    await asyncio.gather(*(one_after_another(requests[i::concurrency]) for i in range(concurrency)))
     return walls
 
 
@@ -138,13 +151,14 @@ async def measure(options: argparse.Namespace, out: TextIO) -> None:
     out.write("| caller | wall p50 ms | wall p99 ms | CPU µs per request |\n|---|--:|--:|--:|\n")
     for caller in options.callers.split(","):
         await sync_to_async(_budgets)(caller in ("budget", "both"))
-        await _run(_requests(caller, options.warmup))
+        concurrency = max(1, getattr(options, "concurrency", 1))
+        await _run(_requests(caller, options.warmup), concurrency)
         requests = _requests(caller, options.requests)
         profiler = cProfile.Profile() if options.profile else None
         cpu = time.process_time()
         if profiler is not None:
             profiler.enable()
-        walls = await _run(requests)
+        walls = await _run(requests, concurrency)
         if profiler is not None:
             profiler.disable()
         cpu = time.process_time() - cpu

@@ -256,6 +256,13 @@ RATE_LIMIT_FAIL_OPEN: bool = _bool("RATE_LIMIT_FAIL_OPEN", False)
 # A concurrent-stream slot is a lease that lives this many seconds unless its process renews it
 # (every third of it, while the stream runs): the slots of a process that died free this long after.
 RATE_LIMIT_STREAM_LEASE_SECONDS: float = _seconds("RATE_LIMIT_STREAM_LEASE_SECONDS", 60.0)
+# A reply's release (its completion tokens, its stream slots) waits in this process at most this many
+# seconds, so that releases ending together go to Redis in one script call, and an admission made
+# meanwhile carries them in its own (accounts.metering.ratelimit_store). 0: at the next event-loop turn.
+# Other processes see a freed slot this much later; shutdown sends what waits.
+RATE_LIMIT_RELEASE_BATCH_SECONDS: float = _get("RATE_LIMIT_RELEASE_BATCH_SECONDS", env.float, 0.005, "seconds")
+if RATE_LIMIT_RELEASE_BATCH_SECONDS < 0 or RATE_LIMIT_RELEASE_BATCH_SECONDS > 1:
+    _fail("RATE_LIMIT_RELEASE_BATCH_SECONDS", RATE_LIMIT_RELEASE_BATCH_SECONDS, "seconds from 0 to 1")
 
 # --- Health probes (chatbackend.health) ---------------------------------------------------------
 # Seconds each readiness check (database, Redis, broker) may take before it reports "unavailable".

@@ -38,3 +38,13 @@ async def test_reports_every_caller_and_reserves_on_the_budgeted_ones(memory_sto
     assert [row[0] for row in rows] == ["none", "rate", "budget", "both"], out.getvalue()
     # Every admission of the budgeted callers reserved (unsettled: settlement is the Celery task's).
     assert len(budget_store().reservations()) == 2 * (3 + 2)
+
+
+async def test_concurrent_requests_are_all_admitted_and_released(memory_stores: None) -> None:
+    options = argparse.Namespace(requests=6, warmup=2, callers="both", profile=False, concurrency=3)
+    out = io.StringIO()
+
+    await measure(options, out)
+
+    assert re.search(r"^\| both \| [\d.]+ \| [\d.]+ \| \d+ \|$", out.getvalue(), re.MULTILINE), out.getvalue()
+    assert len(budget_store().reservations()) == 6 + 2

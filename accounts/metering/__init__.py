@@ -6,6 +6,10 @@ The streaming engine (``llm.streaming``) calls ``metering_admit`` with the plan'
 it ended. The usage record of the reply (``accounts.usage``) settles the budget reservation in the
 Celery task that writes it (``budgets.budget_settle_many``).
 
+Cost: one script call to the store (Redis) per admission; the release of a reply is queued and
+rides with the next admission or the next batch of releases (``ratelimit_store``), so it costs no
+round trip of its own. ``python -m bench.admission`` measures both.
+
 Order: rate limits first (a request over its rate must not hold budget), then the budget
 reservation, in one script on the store (Redis): when the reservation is refused, the rate limits
 are given back in the same script.

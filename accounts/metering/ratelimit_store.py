@@ -6,7 +6,7 @@ its Lua scripts and its key layout in Redis, its ``MemoryStorage`` in memory. Co
 are not a ``limits`` feature: a sorted set of leases per subject (member: the request id; score:
 when the lease expires, in Redis' own clock), taken for all subjects or none by one script of ours.
 
-One round trip per admission, one per release
+One round trip per admission; releases ride along
     ``limits`` has one call per counter and no batch API: a caller limited per key, user and model
     on requests and tokens would pay six hits, six window reads for its headers, one lease script
     and the budget reservation, 14 commands. The Redis store instead runs one Lua script per
@@ -16,12 +16,26 @@ One round trip per admission, one per release
     stream leases, then the budget reservation (``budget_store.RESERVE_SCRIPT``, also a function
     of it). Being one script, it is all or nothing without a second round trip: when any part
     refuses, it gives back what the others took before it returns, and no other client sees the
-    difference. A reply's release (completion tokens, stream slots) is one more script. It reaches
+    difference. It reaches
     into ``limits`` (its Redis bridge's script texts and its window key names; pinned in
     requirements.txt); ``test_limits_internals_used_by_the_store`` fails if an upgrade moves them.
     redis-py sends the scripts by SHA1 (``EVALSHA``) and loads them again when a restarted Redis
     answers ``NOSCRIPT`` (nothing ran then). Measured with ``python -m bench.admission``: see the
     README of ``bench/``.
+
+    A reply's release (completion tokens, stream slots) is off its critical path, and costs no round
+    trip of its own: ``release`` queues it in this process and returns. The queue goes to Redis in
+    one script call (``_RELEASE``, many releases) ``RATE_LIMIT_RELEASE_BATCH_SECONDS`` (5 ms) after
+    its first entry, or earlier at the front of the next admission's script, which applies them
+    before it admits (so a slot this process freed is free for its next admission). Replies ending
+    together share one call; a steady stream of requests sends each release with the next
+    admission. Client CPU per call is what counts here: on the 2-core VM a redis-py asyncio call
+    costs ~100-150 µs of this process's CPU (Python, the write and read system calls) however small.
+    A failed flush is logged, naming its requests, and dropped, as a failed release always was
+    (whether the script ran is unknown, and adding completion tokens twice is worse than not at
+    all): the counters age out, the leases expire. ``close`` (``rate_limit_store_close``, from the
+    ASGI lifespan's shutdown) sends what waits. Other processes see a freed slot at most the batch
+    delay later; nothing else is held in one process only.
 """
 
 from __future__ import annotations
@@ -64,6 +78,8 @@ WINDOW_SECONDS = 60
 NO_LIMIT = 2**50
 # Redis connections per process (and event loop); more admissions at once wait for one.
 MAX_REDIS_CONNECTIONS = 64
+# Counter names whose Redis keys the store remembers (then it forgets them all and starts again).
+_KEY_NAMES_MAX = 10_000
 # Errors that mean the store cannot answer (redis-py's; the memory store raises none): unreachable,
 # and also a Redis that refuses the command (read-only replica during a failover, out of memory).
 UNREACHABLE_ERRORS: tuple[type[BaseException], ...] = (redis.exceptions.RedisError, OSError)
@@ -244,18 +260,45 @@ if not admitted then
 end
 return {hits, windows, streams, budget}
 """
-# KEYS: the two window keys of each counter (2n), then stream sets. ARGV: n, lease member, window
-# seconds, no-limit, then each counter's amount. Adds each amount whatever the limit (negative: a
-# give-back) and removes the lease from every stream set.
-_ADD = """
-local n, member, expiry, nolimit = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
-for i = 1, n do
-  if ARGV[4 + i] ~= '0' then
-    sliding_acquire({KEYS[2 * i - 1], KEYS[2 * i]}, {nolimit, expiry, ARGV[4 + i]})
+# KEYS: per release, the two window keys of each of its n counters (2n), then its m stream sets.
+# ARGV: r (releases), window seconds, no-limit, then per release n, m, its lease member and each
+# counter's amount. Adds each amount whatever the limit (negative: a give-back) and removes the lease
+# from every stream set of its release. Returns r.
+_RELEASE = """
+local r, expiry, nolimit = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local a, k = 4, 0
+for _ = 1, r do
+  local n, m, member = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), ARGV[a + 2]
+  a = a + 3
+  for _ = 1, n do
+    if ARGV[a] ~= '0' then
+      sliding_acquire({KEYS[k + 1], KEYS[k + 2]}, {nolimit, expiry, ARGV[a]})
+    end
+    a = a + 1
+    k = k + 2
+  end
+  for _ = 1, m do
+    redis.call('ZREM', KEYS[k + 1], member)
+    k = k + 1
   end
 end
-for j = 2 * n + 1, #KEYS do redis.call('ZREM', KEYS[j], member) end
-return 0
+return r
+"""
+# The admission script as called: KEYS and ARGV start with the releases waiting in this process
+# (``_RELEASE``'s, ``rk`` keys and ``ra`` arguments; none: 0 and 0), applied first, then the
+# admission's own (``_ADMIT``'s). ARGV: rk, ra, the releases' ARGV, the admission's ARGV.
+_ADMIT_CALL = """
+local rk, ra = tonumber(ARGV[1]), tonumber(ARGV[2])
+if ra > 0 then
+  local rkeys, rargs = {}, {}
+  for i = 1, rk do rkeys[i] = KEYS[i] end
+  for i = 1, ra do rargs[i] = ARGV[2 + i] end
+  release_many(rkeys, rargs)
+end
+local akeys, aargs = {}, {}
+for i = rk + 1, #KEYS do akeys[#akeys + 1] = KEYS[i] end
+for i = ra + 3, #ARGV do aargs[#aargs + 1] = ARGV[i] end
+return admit_one(akeys, aargs)
 """
 
 
@@ -294,6 +337,20 @@ class RateLimitStore(abc.ABC):
         """Add each ``(key, amount)`` whatever the limit (negative: give back) and remove lease ``member``
         from ``stream_keys``. Raises the store's errors."""
 
+    async def release(
+        self, amounts: Sequence[tuple[str, int]], stream_keys: Sequence[str] = (), member: str = ""
+    ) -> None:
+        """A reply's release: ``add`` (its completion tokens, its stream leases), which may be sent later
+        and together with others (the Redis store), but before ``close`` returns. Never raises: a
+        failure is logged (the counters age out, the leases expire)."""
+        try:
+            await self.add(amounts, stream_keys, member)
+        except Exception as exc:
+            _release_failed([member], exc)
+
+    async def flush(self) -> None:  # noqa: B027 - a store that sends releases at once holds none
+        """Send the releases this store still holds (none here)."""
+
     @abc.abstractmethod
     async def streams_renew(self, held: dict[str, tuple[str, ...]]) -> None:
         """Extend the leases ``held`` (request id -> keys) by ``lease_seconds`` from now."""
@@ -321,6 +378,16 @@ class RateLimitStore(abc.ABC):
         if self._renewer is not None:
             self._renewer.cancel()
             self._renewer = None
+
+
+def _release_failed(members: Sequence[str], exc: BaseException | str) -> None:
+    """Log releases that may not have reached the store: their counters age out, their leases expire."""
+    logger.warning(
+        "rate-limit release of %s failed: %s",
+        ", ".join(members),
+        exc,
+        exc_info=exc if isinstance(exc, BaseException) else None,
+    )
 
 
 def _window(raw: Any) -> Window:
@@ -353,15 +420,55 @@ class RedisRateLimitStore(RateLimitStore):
             # One pool for limits' scripts and ours (limits passes it to redis-py; its annotation is too narrow).
             connection_pool=self.client.connection_pool,  # type: ignore[arg-type]
         )
-        library = _library()
-        self._admit = self.client.register_script(library + _ADMIT)
-        self._add = self.client.register_script(library + _ADD)
+        library = _library() + _lua_function("release_many", _RELEASE)
+        self._admit = self.client.register_script(library + _lua_function("admit_one", _ADMIT) + _ADMIT_CALL)
+        self._release = self.client.register_script(library + _RELEASE)
         self._renew = self.client.register_script(_STREAMS_RENEW)
+        # Counter key -> its two Redis keys: the same few subjects' keys are named on every request.
+        self._key_names: dict[str, tuple[str, str]] = {}
+        self.release_delay = float(settings.RATE_LIMIT_RELEASE_BATCH_SECONDS)
+        # Releases waiting to be sent (``release``), each (keys, args) in ``_RELEASE``'s layout, and
+        # the flushes under way; ``close`` sends what waits and waits for them.
+        self._pending: list[tuple[list[str], list[Any], str]] = []
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._flushes: set[asyncio.Task[None]] = set()
 
     def _keys(self, key: str) -> tuple[str, str]:
         """Return counter ``key``'s Redis keys as ``limits`` names them: previous and current window."""
-        prefixed = self.storage.bridge.prefixed_key
-        return prefixed(self.storage._previous_window_key(key)), prefixed(self.storage._current_window_key(key))
+        names = self._key_names.get(key)
+        if names is None:
+            if len(self._key_names) >= _KEY_NAMES_MAX:
+                self._key_names.clear()
+            prefixed = self.storage.bridge.prefixed_key
+            names = self._key_names[key] = (
+                prefixed(self.storage._previous_window_key(key)),
+                prefixed(self.storage._current_window_key(key)),
+            )
+        return names
+
+    def _release_entry(
+        self, amounts: Sequence[tuple[str, int]], stream_keys: Sequence[str], member: str
+    ) -> tuple[list[str], list[Any], str]:
+        """Return one release as ``_RELEASE`` reads it: its keys, its ARGV part (n, m, member, amounts)."""
+        keys: list[str] = []
+        args: list[Any] = [len(amounts), len(stream_keys), member]
+        for key, amount in amounts:
+            keys += self._keys(key)
+            args.append(amount)
+        keys += stream_keys
+        return keys, args, member
+
+    def _take_pending(self) -> tuple[list[str], list[Any], list[str]]:
+        """Take every waiting release: their keys, their ARGV (``_RELEASE``'s, r first), their members."""
+        pending, self._pending = self._pending, []
+        keys: list[str] = []
+        args: list[Any] = [len(pending), WINDOW_SECONDS, NO_LIMIT]
+        members: list[str] = []
+        for entry_keys, entry_args, member in pending:
+            keys += entry_keys
+            args += entry_args
+            members.append(member)
+        return keys, args, members
 
     async def admit(
         self,
@@ -372,8 +479,10 @@ class RedisRateLimitStore(RateLimitStore):
         budget: ReserveRequest | None = None,
     ) -> Admitted:
         budget_keys = budget.redis_keys() if budget is not None else []
-        keys: list[str] = []
-        args: list[Any] = [
+        # Releases waiting in this process go first, in the same script call (no round trip of their own).
+        keys, args, carried = self._take_pending() if self._pending else ([], [], [])
+        args = [len(keys), len(args), *args]
+        args += [
             len(hits),
             len(stream_keys),
             len(budget_keys),
@@ -395,8 +504,12 @@ class RedisRateLimitStore(RateLimitStore):
             # a NOSCRIPT answer means nothing ran.
             hit_flags, windows, streams, reserved = await self._admit(keys=keys, args=args)
         except asyncio.CancelledError:
+            if carried:
+                _release_failed(carried, "the admission carrying them was cancelled")
             raise
         except Exception as exc:  # unreachable: whether the script ran is unknown
+            if carried:
+                _release_failed(carried, exc)
             return Admitted([False] * len(hits), [None] * len(hits), None, None, exc)
         return Admitted(
             [bool(flag) for flag in hit_flags],
@@ -406,13 +519,46 @@ class RedisRateLimitStore(RateLimitStore):
         )
 
     async def add(self, amounts: Sequence[tuple[str, int]], stream_keys: Sequence[str] = (), member: str = "") -> None:
-        keys: list[str] = []
-        args: list[Any] = [len(amounts), member, WINDOW_SECONDS, NO_LIMIT]
-        for key, amount in amounts:
-            keys += self._keys(key)
-            args.append(amount)
-        keys += stream_keys
-        await self._add(keys=keys, args=args)
+        keys, args, _ = self._release_entry(amounts, stream_keys, member)
+        await self._release(keys=keys, args=[1, WINDOW_SECONDS, NO_LIMIT, *args])
+
+    async def release(
+        self, amounts: Sequence[tuple[str, int]], stream_keys: Sequence[str] = (), member: str = ""
+    ) -> None:
+        """Queue the release; it is sent within ``release_delay`` with every other one queued by then, in
+        one script call, or earlier with the next admission's. Returns at once; failures are logged."""
+        self._pending.append(self._release_entry(amounts, stream_keys, member))
+        if self._flush_timer is None:
+            self._flush_timer = asyncio.get_running_loop().call_later(self.release_delay, self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._flush_timer = None
+        if not self._pending:  # an admission carried them
+            return
+        task = asyncio.get_running_loop().create_task(self._flush(), name="rate-limit-releases")
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _flush(self) -> None:
+        """Send every waiting release in one script call; log (and drop) them if it fails, as one
+        release's failure always was: the counters age out, the leases expire."""
+        keys, args, members = self._take_pending()
+        if not members:
+            return
+        try:
+            await self._release(keys=keys, args=args)
+        except Exception as exc:
+            _release_failed(members, exc)
+
+    async def flush(self) -> None:
+        """Send the waiting releases now and wait for every flush under way (shutdown)."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if self._pending:
+            await self._flush()
+        while self._flushes:
+            await asyncio.gather(*self._flushes, return_exceptions=True)
 
     async def streams_renew(self, held: dict[str, tuple[str, ...]]) -> None:
         keys = [key for stream_keys in held.values() for key in stream_keys]
@@ -421,6 +567,7 @@ class RedisRateLimitStore(RateLimitStore):
 
     async def close(self) -> None:
         await super().close()
+        await self.flush()
         await self.client.aclose()
 
 

@@ -43,15 +43,17 @@ Concurrent streams
 
 Cost
     A request whose subjects have no limits (and no budget) costs no I/O. One with limits costs one
-    round trip to Redis at admission and one at release (``ratelimit_store``); measure it with
-    ``python -m bench.admission``. In memory: no I/O.
+    round trip to Redis at admission; its release is queued and sent within
+    ``RATE_LIMIT_RELEASE_BATCH_SECONDS`` together with the other releases, or with the next
+    admission (``ratelimit_store``); measure it with ``python -m bench.admission``. In memory: no I/O.
 
 Redis unreachable
     503 ``metering_unavailable`` (fail closed), unless ``RATE_LIMIT_FAIL_OPEN`` lets requests
     through unlimited (logged). A command waits at most ``REDIS_SOCKET_TIMEOUT_SECONDS``; after a
     failure, admissions fail at once for ``UNREACHABLE_RETRY_SECONDS`` without trying Redis, so a
-    Redis that hangs does not cost every request that timeout. Failures at release are logged and
-    dropped: the counters age out in two minutes, the leases at their expiry.
+    Redis that hangs does not cost every request that timeout. Failures at release are logged (with
+    every request of the failed batch) and dropped: the counters age out in two minutes, the leases
+    at their expiry.
 """
 
 from __future__ import annotations
@@ -171,7 +173,8 @@ class RateLease:
         """Add ``completion_tokens`` to every tokens-per-minute counter and free the stream slots; once.
 
         ``not_for``: a subject whose counters get none of them (a model that did not generate the
-        reply: another served it). One round trip. Idempotent: a second call does nothing. Runs to
+        reply: another served it). Queued on the Redis store (sent with others within a few ms, or
+        with the next admission: ``RateLimitStore.release``). Idempotent: a second call does nothing. Runs to
         its end even if the caller is cancelled. Never raises for an unreachable store (logged; the
         counters and leases expire on their own).
         """
@@ -197,10 +200,8 @@ class RateLease:
             store.unhold(self.request_id)
         if not amounts and not self._stream_keys:
             return
-        try:
-            await store.add(amounts, self._stream_keys, self.request_id)
-        except Exception as exc:
-            logger.warning("rate-limit release of %s failed: %s", self.request_id, exc, exc_info=exc)
+        # Queued on the Redis store: sent with the releases and admissions of the next few ms.
+        await store.release(amounts, self._stream_keys, self.request_id)
 
 
 def _unavailable(store: RateLimitStore, exc: BaseException, *, known: bool = False, budget: bool = False) -> RateLease:

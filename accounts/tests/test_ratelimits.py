@@ -258,7 +258,7 @@ async def test_limits_internals_used_by_the_store(ids: list[int]) -> None:
 
     store = RedisRateLimitStore(REDIS_URL)
     try:
-        for script in (store._admit.script, store._add.script):
+        for script in (store._admit.script, store._release.script):
             assert RedisBridge.SCRIPT_ACQUIRE_SLIDING_WINDOW.decode() in script
         assert RedisBridge.SCRIPT_SLIDING_WINDOW.decode() in store._admit.script
         counter = f"requests:api_key:{ids[0]}"
