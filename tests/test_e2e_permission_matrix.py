@@ -47,6 +47,7 @@ from accounts.models import APIKey, Budget, Invitation, Membership, Organization
 from accounts.services import api_key_create
 from conversations.models import Conversation, Message
 from conversations.routing import websocket_urlpatterns
+from conversations.services import message_append
 from tests.factories import LLMModelFactory, UserFactory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -103,8 +104,6 @@ def per_object(own: str, same_team: str, other_team: str, other_org: str) -> dic
     return {"own": own, "same_team": same_team, "other_team": other_team, "other_org": other_org}
 
 
-X = " ".join(["0"] * len(CALLERS))
-XO = per_object(X, X, X, X)
 # Columns: anon superuser owner admin member viewer other_team other_org key_chat key_read key_admin
 # key_expired key_blocked. Rows with an object: own, same_team, other_team, other_org (OWNER_OF: whose).
 MATRIX: tuple[Row, ...] = (
@@ -326,27 +325,39 @@ MATRIX: tuple[Row, ...] = (
     Row("POST", "/api/invitations/accept/", "400 400 400 400 400 400 400 400 403 403 400 401 400", body={}),
     # NextChat sync (WebDAV at /dav/, NextChat's proxy form, Upstash): each caller's own document,
     # in this order (a folder made, no document yet, one stored, then read).
-    Row("OPTIONS", "/dav/m/chatgpt-next-web/backup.json", X),
-    Row("MKCOL", "/dav/m/chatgpt-next-web", X),
-    Row("GET", "/dav/m/chatgpt-next-web/backup.json", X),
-    Row("PUT", "/dav/m/chatgpt-next-web/backup.json", X, body={"chat-next-web-store": {"sessions": []}}),
-    Row("HEAD", "/dav/m/chatgpt-next-web/backup.json", X),
+    Row("OPTIONS", "/dav/m/chatgpt-next-web/backup.json", "200 200 200 200 200 200 200 200 200 200 200 200 200"),
+    Row("MKCOL", "/dav/m/chatgpt-next-web", "401 201 201 201 201 403 201 201 201 403 403 401 201"),
+    Row("GET", "/dav/m/chatgpt-next-web/backup.json", "401 404 404 404 404 404 404 404 403 404 404 401 404"),
+    Row(
+        "PUT",
+        "/dav/m/chatgpt-next-web/backup.json",
+        "401 201 201 201 201 403 201 201 204 403 403 401 204",
+        body={"chat-next-web-store": {"sessions": []}},
+    ),
+    Row("HEAD", "/dav/m/chatgpt-next-web/backup.json", "401 200 200 200 200 404 200 200 403 200 200 401 200"),
     Row(
         "GET",
         "/api/webdav/chatgpt-next-web/backup.json?endpoint={base}/dav/&proxy_method=GET",
-        X,
+        "401 404 404 404 404 404 404 404 403 404 404 401 404",
         route="^(?:/)?api/webdav/(?P<path>.*)$",
     ),
     Row(
         "PUT",
         "/api/webdav/chatgpt-next-web/backup.json?endpoint={base}/dav/&proxy_method=PUT",
-        X,
+        "401 201 201 201 201 403 201 201 204 403 403 401 204",
         body={"chat-next-web-store": {"sessions": []}},
         route="^(?:/)?api/webdav/(?P<path>.*)$",
     ),
-    Row("POST", "/api/upstash/set/backup-chunk-0/", X, body=b'{"chat-next-web-store": {"sessions": []}}'),
-    Row("POST", "/api/upstash/set/backup-chunk-count/", X, body=b"1"),
-    Row("GET", "/api/upstash/get/backup/", X),
+    Row(
+        "POST",
+        "/api/upstash/set/backup-chunk-0/",
+        "401 200 200 200 200 403 200 200 200 403 403 401 200",
+        body=b'{"chat-next-web-store": {"sessions": []}}',
+    ),
+    Row(
+        "POST", "/api/upstash/set/backup-chunk-count/", "401 200 200 200 200 403 200 200 400 403 403 401 400", body=b"1"
+    ),
+    Row("GET", "/api/upstash/get/backup/", "401 200 200 200 200 200 200 200 403 200 200 401 200"),
     Row("GET", "/api/models/", "401 200 200 200 200 200 200 200 200 200 200 401 200"),
     Row("GET", "/api/conversations/", "401 200 200 200 200 200 200 200 403 200 200 401 200"),
     Row("POST", "/api/conversations/", "401 201 201 201 201 403 201 201 201 403 403 401 404", body={"model": MODEL}),
@@ -421,6 +432,48 @@ MATRIX: tuple[Row, ...] = (
             "401 403 403 403 404 403 404 404 404 403 403 401 404",  # same_team
             "401 403 403 403 404 403 202 404 404 403 403 401 404",  # other_team
             "401 403 404 404 404 403 404 202 404 403 403 401 404",  # other_org
+        ),
+    ),
+    # Branches: edit a user message, regenerate a reply, switch to a branch (the owner's writes), read the tree.
+    Row(
+        "GET",
+        "/api/conversations/{conversation}/tree/",
+        per_object(
+            "401 200 200 200 200 404 404 404 403 200 200 401 200",  # own
+            "401 200 200 200 404 404 404 404 403 404 200 401 404",  # same_team
+            "401 200 200 200 404 404 200 404 403 404 200 401 404",  # other_team
+            "401 200 404 404 404 404 404 200 403 404 404 401 404",  # other_org
+        ),
+    ),
+    Row(
+        "POST",
+        "/api/conversations/{conversation}/messages/{turn}/edit/",
+        per_object(
+            "401 403 403 403 201 403 404 404 201 403 403 401 404",  # own
+            "401 403 403 403 404 403 404 404 404 403 403 401 404",  # same_team
+            "401 403 403 403 404 403 201 404 404 403 403 401 404",  # other_team
+            "401 403 404 404 404 403 404 201 404 403 403 401 404",  # other_org
+        ),
+        body={"content": "hi again"},
+    ),
+    Row(
+        "POST",
+        "/api/conversations/{conversation}/messages/{reply}/regenerate/",
+        per_object(
+            "401 403 403 403 201 403 404 404 201 403 403 401 404",  # own
+            "401 403 403 403 404 403 404 404 404 403 403 401 404",  # same_team
+            "401 403 403 403 404 403 201 404 404 403 403 401 404",  # other_team
+            "401 403 404 404 404 403 404 201 404 403 403 401 404",  # other_org
+        ),
+    ),
+    Row(
+        "POST",
+        "/api/conversations/{conversation}/messages/{reply}/activate/",
+        per_object(
+            "401 403 403 403 200 403 404 404 200 403 403 401 200",  # own
+            "401 403 403 403 404 403 404 404 404 403 403 401 404",  # same_team
+            "401 403 403 403 404 403 200 404 404 403 403 401 404",  # other_team
+            "401 403 404 404 404 403 404 200 404 403 403 401 404",  # other_org
         ),
     ),
     Row(
@@ -576,6 +629,10 @@ def _objects(world: World, obj: str, path: str) -> dict[str, Any]:
             values["message"] = Message.objects.create(
                 conversation=conversation, role=Message.Role.ASSISTANT, content="", status=Message.Status.STREAMING
             ).pk
+    if "{turn}" in path or "{reply}" in path:  # a finished exchange: a user message and its reply
+        turn = message_append(conversation=conversation, role=Message.Role.USER, content="hi")
+        reply = message_append(conversation=conversation, role=Message.Role.ASSISTANT, content="hello")
+        values.update(turn=turn.pk, reply=reply.pk)
     if "{completion}" in path:  # a stored chat completion (store: true)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         conversation = Conversation.objects.create(
