@@ -732,8 +732,8 @@ def _routes(patterns: list[Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
 def _methods(callback: Any) -> set[str]:
     """The methods a DRF view or viewset implements (OPTIONS and HEAD aside); empty for a plain view."""
     actions = getattr(callback, "actions", None)
-    if actions:
-        return {method.upper() for method in actions}
+    if actions:  # DRF adds "head" to a viewset's actions at its first request: read it as GET
+        return {method.upper() for method in actions} - {"OPTIONS", "HEAD", "TRACE"}
     view = getattr(callback, "cls", None) or getattr(callback, "view_class", None)
     if view is None:
         return set()
