@@ -20,8 +20,9 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.contrib.auth.forms import AdminUserCreationForm, UserChangeForm
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import QuerySet
+from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path
@@ -122,16 +123,60 @@ class UserAdminChangeForm(UserChangeForm):
         model = User
 
 
+class MembershipInlineFormSet(BaseInlineFormSet):
+    """The organization page's members, held to the rules the REST API keeps.
+
+    An organization that has an owner keeps one (``last owner``), and a team's service account
+    keeps the member role (``accounts.organizations.services``). A member removed here also
+    leaves the organization's teams (the ``Membership`` post-delete signal).
+    """
+
+    def clean(self) -> None:
+        super().clean()
+        organization = self.instance
+        kept = [form for form in self.forms if form.cleaned_data and not self._should_delete_form(form)]
+        for form in kept:
+            user = form.cleaned_data.get("user")
+            if (
+                user is not None
+                and user.service_team_id is not None
+                and form.cleaned_data.get("role") != Membership.Role.MEMBER
+            ):
+                form.add_error("role", "A team's service account keeps the member role.")
+        if organization.pk is None:
+            return
+        had_owner = Membership.objects.filter(organization=organization, role=Membership.Role.OWNER).exists()
+        # The inline lists every member, so the owners kept are those on the page.
+        if had_owner and not any(form.cleaned_data.get("role") == Membership.Role.OWNER for form in kept):
+            raise ValidationError("The organization must keep an owner: make another member an owner first.")
+
+
 class MembershipInline(admin.TabularInline):
     model = Membership
+    formset = MembershipInlineFormSet
     extra = 0
     raw_id_fields = ("user",)
     fields = ("user", "role", "is_default", "created_at")
     readonly_fields = ("created_at",)
 
 
+class TeamMembershipInlineFormSet(BaseInlineFormSet):
+    """A team's members, who must be members of the team's organization (as over REST)."""
+
+    def clean(self) -> None:
+        super().clean()
+        organization_id = self.instance.organization_id
+        for form in self.forms:
+            user = form.cleaned_data.get("user") if form.cleaned_data else None
+            if user is None or self._should_delete_form(form):
+                continue
+            if not Membership.objects.filter(user=user, organization_id=organization_id).exists():
+                form.add_error("user", "This user is not a member of the team's organization.")
+
+
 class TeamMembershipInline(admin.TabularInline):
     model = TeamMembership
+    formset = TeamMembershipInlineFormSet
     extra = 0
     raw_id_fields = ("user",)
     fields = ("user", "created_at")

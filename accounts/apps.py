@@ -20,6 +20,17 @@ def _team_membership_deleted(sender: type, *, instance: Any, **kwargs: Any) -> N
     team_keys_revoke_departed(team_id=instance.team_id, user_id=instance.user_id)
 
 
+def _membership_deleted(sender: type, *, instance: Any, **kwargs: Any) -> None:
+    # Whoever leaves an organization (over REST or in the admin) leaves its teams too; each team
+    # membership's own post-delete signal then revokes the keys of that team they created.
+    from .models import TeamMembership
+
+    for team_membership in TeamMembership.objects.filter(
+        user_id=instance.user_id, team__organization_id=instance.organization_id
+    ):
+        team_membership.delete()
+
+
 def _deactivate_team_service_user(sender: type, *, instance: Any, **kwargs: Any) -> None:
     # pre_delete: the team's service user still names it (the delete sets service_team to NULL).
     from .services import team_service_user_deactivate
@@ -53,6 +64,7 @@ class AccountsConfig(AppConfig):
         post_delete.connect(
             _team_membership_deleted, sender=TeamMembership, dispatch_uid="accounts.team_membership_deleted"
         )
+        post_delete.connect(_membership_deleted, sender=Membership, dispatch_uid="accounts.membership_deleted")
         # A deleted team's service user, which owned only the team's keys (deleted with it), is deactivated.
         pre_delete.connect(
             _deactivate_team_service_user, sender=Team, dispatch_uid="accounts.deactivate_team_service_user"
