@@ -134,7 +134,7 @@ class MembershipInlineFormSet(BaseInlineFormSet):
     def clean(self) -> None:
         super().clean()
         organization = self.instance
-        kept = [form for form in self.forms if form.cleaned_data and not self._should_delete_form(form)]
+        kept = [form for form in self.forms if form.cleaned_data and not form.cleaned_data.get("DELETE")]
         for form in kept:
             user = form.cleaned_data.get("user")
             if (
@@ -168,7 +168,7 @@ class TeamMembershipInlineFormSet(BaseInlineFormSet):
         organization_id = self.instance.organization_id
         for form in self.forms:
             user = form.cleaned_data.get("user") if form.cleaned_data else None
-            if user is None or self._should_delete_form(form):
+            if user is None or form.cleaned_data.get("DELETE"):
                 continue
             if not Membership.objects.filter(user=user, organization_id=organization_id).exists():
                 form.add_error("user", "This user is not a member of the team's organization.")
