@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -116,6 +116,16 @@ def _get_for(access: ModelAccess, name: str, model: ModelT | ApplicationError) -
         raise model
     model_check_allowed(access=access, name=name, model_name=model.name)
     return model
+
+
+def _fallbacks_within(access: ModelAccess, model: EnabledModel) -> EnabledModel:
+    """Return ``model`` with only the fallbacks ``access`` allows: a caller limited to some models
+    (a key's allowlist, a team's or an organization's list) is never served by another one when
+    the model it asked for fails. The shared snapshot is not changed."""
+    if not access.restricted or not model.fallbacks:
+        return model
+    allowed = tuple(route for route in model.fallbacks if access.allows(route.name))
+    return model if len(allowed) == len(model.fallbacks) else replace(model, fallbacks=allowed)
 
 
 def llm_model_get_enabled_for(*, access: ModelAccess, name: str) -> LLMModel:
@@ -300,13 +310,14 @@ def enabled_model_get_for(*, access: ModelAccess, name: str) -> EnabledModel:
     """``enabled_model_get`` for a caller with ``access`` (``accounts.model_access.model_access_for``):
     404 ``model_not_found`` outside it.
 
-    Sync. The allowlists are compared on every call (the model snapshot is shared): ``model_check_allowed``.
+    Sync. The allowlists are compared on every call (the model snapshot is shared): ``model_check_allowed``;
+    the fallbacks outside them are left out of the model returned.
     """
     try:
         model: EnabledModel | ApplicationError = enabled_model_get(name=name)
     except ApplicationError as error:
         model = error
-    return _get_for(access, name, model)
+    return _fallbacks_within(access, _get_for(access, name, model))
 
 
 async def enabled_model_get_for_async(*, access: ModelAccess, name: str) -> EnabledModel:
@@ -316,7 +327,7 @@ async def enabled_model_get_for_async(*, access: ModelAccess, name: str) -> Enab
         model: EnabledModel | ApplicationError = await enabled_model_get_async(name=name)
     except ApplicationError as error:
         model = error
-    return _get_for(access, name, model)
+    return _fallbacks_within(access, _get_for(access, name, model))
 
 
 async def enabled_model_get_async(*, name: str) -> EnabledModel:

@@ -163,3 +163,29 @@ async def test_a_reply_no_model_answered_names_the_requested_model(both_failing,
     assert failed.value.status_code >= 500
     records = await usage_records()
     assert [(record.model_name, record.finish_status) for record in records] == [("primary", "failed")]
+
+
+@pytest.mark.parametrize("failure", ["at-once"], indirect=True)
+async def test_a_key_limited_to_the_model_is_never_served_by_a_fallback_outside_its_allowlist(
+    failure, asgi_server, user
+) -> None:
+    from asgiref.sync import sync_to_async
+
+    from accounts.services import api_key_create
+
+    limited = await sync_to_async(api_key_create)(user=user, name="only-primary", allowed_models=["primary"])
+    widened = await sync_to_async(api_key_create)(user=user, name="both", allowed_models=["primary", "backup"])
+    body = {"model": "primary", "messages": MESSAGES}
+
+    async with httpx.AsyncClient(base_url=asgi_server, timeout=10) as client:
+        refused = await client.post("/v1/chat/completions", json=body, headers=bearer(limited.secret))
+        served = await client.post("/v1/chat/completions", json=body, headers=bearer(widened.secret))
+
+    assert refused.status_code >= 500 and refused.json()["error"]["message"], refused.text  # primary's failure
+    assert served.status_code == 200 and served.json()["model"] == "backup", served.text
+    # The refused reply is accounted to the model that failed it; only the widened key's went to backup.
+    records = await usage_records()
+    assert [(record.api_key_id, record.model_name) for record in records] == [
+        (limited.api_key.pk, "primary"),
+        (widened.api_key.pk, "backup"),
+    ]
