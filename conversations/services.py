@@ -22,7 +22,7 @@ from llm.metering import prompt_budget_for, reply_metering
 from llm.models import LLMModel
 from llm.providers import ChatRequest
 from llm.selectors import EnabledModel, enabled_model_get_for, llm_model_get_enabled_for
-from llm.streaming import ReplyOutcome, ReplyPlan, reply_stop_broadcast
+from llm.streaming import ReplyOutcome, ReplyPlan, ReplyStatus, reply_stop_broadcast
 from llm.tokens import ESTIMATE_TOKENIZER, tokenizer_for
 
 from .models import Conversation, Message
@@ -34,6 +34,7 @@ from .selectors import (
     message_latest_leaf_id,
     message_path,
 )
+from .titles import conversation_title_request, conversation_titles_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +231,8 @@ class ConversationReplyPlan(ReplyPlan):
     ``user_message_created``: the user message is this reply's own (not a regeneration's);
     ``previous_leaf_id``: the active leaf before, restored when the reply is refused.
     ``context_dropped`` / ``context_dropped_through``: the oldest messages left out of the request
-    to fit the context window (``Message`` fields of the same names).
+    to fit the context window (``Message`` fields of the same names). ``title_wanted``: the
+    conversation has no title and this is a reply to its first message (``titles``).
     """
 
     conversation_id: int
@@ -242,11 +244,15 @@ class ConversationReplyPlan(ReplyPlan):
     previous_leaf_id: int | None = None
     context_dropped: int = 0
     context_dropped_through: int | None = None
+    title_wanted: bool = False
     message_written: bool = False
 
     def finish(self, outcome: ReplyOutcome) -> None:
-        """Write the end of the reply on its assistant message (``reply_finish``)."""
+        """Write the end of the reply on its assistant message (``reply_finish``); then, for the
+        first reply of an untitled conversation that completed, queue its title (``titles``)."""
         self.message_written = reply_finish(outcome, message_id=self.message_id)
+        if self.title_wanted and self.message_written and outcome.status is ReplyStatus.COMPLETED:
+            conversation_title_request(conversation_id=self.conversation_id, message_id=self.message_id)
 
     def checkpoint(self, content: str, reasoning_content: str) -> None:
         """Write the text so far on the assistant message while it streams (``reply_checkpoint``)."""
@@ -384,6 +390,9 @@ def _reply_begin(
         previous_leaf_id=written.previous_leaf_id,
         context_dropped=written.history.dropped,
         context_dropped_through=written.history.dropped_through,
+        title_wanted=(
+            not conversation.title and written.user_message.parent_id is None and conversation_titles_enabled()
+        ),
     )
 
 
