@@ -58,7 +58,14 @@ def conversation_title_request(*, conversation_id: int, message_id: int) -> None
     """Queue the title of ``conversation_id`` after its reply ``message_id``, once the current
     transaction commits (at once outside one). Returns at once: a thread of this process queues the
     Celery task (``tasks.conversation_title_task``)."""
-    transaction.on_commit(lambda: _queuer.submit(_queue_title, conversation_id, message_id))
+    transaction.on_commit(lambda: _submit(conversation_id, message_id))
+
+
+def _submit(conversation_id: int, message_id: int) -> None:
+    try:
+        _queuer.submit(_queue_title, conversation_id, message_id)
+    except RuntimeError:  # the interpreter is shutting down (a reply ended at exit): no title
+        logger.warning("the title of conversation %s was not queued: the process is exiting", conversation_id)
 
 
 def _queue_title(conversation_id: int, message_id: int) -> None:

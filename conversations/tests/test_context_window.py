@@ -12,14 +12,16 @@ import json
 from typing import Any
 
 import pytest
+from channels.testing import WebsocketCommunicator
 from django.db import connection
 from django.test import AsyncClient
 from django.test.utils import CaptureQueriesContext
 
 from accounts.authentication import principal_for
+from chatbackend.asgi import application
 from conversations.models import Conversation, Message
 from conversations.selectors import ContextLengthExceeded, history_fitted
-from conversations.services import message_append, reply_start
+from conversations.services import message_append, reply_recover, reply_start
 from llm.metering import max_completion_tokens_for, prompt_budget_for
 from llm.selectors import enabled_model_cache, enabled_model_get
 from llm.simulator import count_prompt_tokens, reply_text
@@ -159,6 +161,24 @@ async def test_a_message_that_cannot_fit_is_a_400_before_any_stream_and_loses_no
     assert (await Conversation.objects.aget(pk=conversation.pk)).active_leaf_id == before
 
 
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("release_db_connections", "provider_clients")
+async def test_over_the_websocket_a_message_that_cannot_fit_is_an_error_frame(trimmed_conversation, token):
+    conversation, history = trimmed_conversation
+    socket = WebsocketCommunicator(application, f"/ws/conversations/{conversation.pk}/?token={token}")
+    connected, _ = await socket.connect(timeout=10)
+    assert connected
+    try:
+        await socket.send_json_to({"type": "message.send", "content": " ".join(["word"] * 400)})
+        frame = await socket.receive_json_from(timeout=10)
+    finally:
+        await socket.disconnect(timeout=10)
+
+    assert frame["type"] == "error"
+    assert (frame["error"]["code"], frame["error"]["param"]) == ("context_length_exceeded", "messages")
+    assert await Message.objects.filter(conversation=conversation).acount() == len(history)
+
+
 def test_the_system_prompt_and_the_newest_message_are_always_kept(user, small):
     conversation = ConversationFactory(owner=user, model=small, system_prompt=SYSTEM)
     history = long_history(conversation, 3)
@@ -264,3 +284,15 @@ def test_a_reply_in_a_10000_message_conversation_starts_in_the_queries_of_a_10_m
         assert sent[-1] == {"role": "user", "content": "Next?"} and sent[0]["role"] == "user"
         assert 1 < len(sent) < 10
         assert Message.objects.get(pk=plan.message_id).context_dropped == length - (len(sent) - 1)
+
+
+def test_a_recovered_trimmed_reply_is_billed_for_what_was_sent(trimmed_conversation, user):
+    conversation, history = trimmed_conversation
+    plan = reply_start(actor=principal_for(user=user), conversation_id=conversation.pk, content="Go on")
+    reply = Message.objects.get(pk=plan.message_id)
+    assert reply.context_dropped > 0
+
+    assert reply_recover(message=reply)  # its process died mid-stream
+
+    reply.refresh_from_db()
+    assert reply.prompt_tokens == ESTIMATE_TOKENIZER.count_prompt(plan.request.messages)
