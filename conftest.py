@@ -48,6 +48,7 @@ from accounts.metering.ratelimits import rate_limit_close
 from accounts.services import api_key_create
 from accounts.usage import usage_flush
 from chatbackend import broadcast
+from conversations.titles import conversation_titles_flush
 from llm.providers.openai_compatible import aclose_clients
 from llm.routing import cooldown_store_close
 from llm.streaming import replies_accepting
@@ -122,6 +123,8 @@ def _usage_queue_drained() -> Iterator[None]:
     database fixtures (autouse fixtures of plugins come first), so it is torn down before them.
     """
     yield
+    # Titles first: an eager title task queues the usage of its request.
+    assert conversation_titles_flush(30), "the conversation titles were not queued within 30 s"
     assert usage_flush(10), "the usage queue did not drain within 10 s"
 
 

@@ -276,6 +276,16 @@ REPLY_CHECKPOINT_SECONDS: float = _seconds("REPLY_CHECKPOINT_SECONDS", 5.0)
 # A reply still "streaming" whose process is dead and that has not been checkpointed for this
 # many seconds is an orphan: the recovery task marks it failed (interrupted) and bills it.
 REPLY_ORPHAN_AFTER_SECONDS: float = _seconds("REPLY_ORPHAN_AFTER_SECONDS", 60.0)
+# --- Conversation titles (conversations.titles) ----------------------------------------------
+# The model that writes a title for an untitled conversation after its first reply (through
+# Celery). Unset: the conversation's own model; "" or "off": no titles; else an enabled model's name.
+_title_model = env.str("CONVERSATION_TITLE_MODEL", default=None)
+CONVERSATION_TITLE_MODEL: str | None = (
+    "" if _title_model is not None and _title_model.strip().lower() in {"", "off"} else _title_model
+)
+# The longest a title request may take (seconds); it is given up after that.
+CONVERSATION_TITLE_TIMEOUT_SECONDS: float = _seconds("CONVERSATION_TITLE_TIMEOUT_SECONDS", 30.0)
+
 # celery beat runs the recovery of orphaned replies this often (with Redis; the embedded defaults
 # recover at start-up instead).
 

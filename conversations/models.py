@@ -113,6 +113,11 @@ class Message(models.Model):
     checkpointed_at = models.DateTimeField(null=True, blank=True)
     # NextChat's message id for a message imported from a synced document (blank otherwise).
     external_id = models.CharField(max_length=100, blank=True, default="")
+    # A reply whose branch did not fit the model's context window was asked with its oldest
+    # messages left out (``selectors.history_fitted``): how many, and the id of the newest of them
+    # (every message of the branch up to it was left out). 0 and None: the whole branch was sent.
+    context_dropped = models.PositiveIntegerField(default=0)
+    context_dropped_through = models.PositiveBigIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

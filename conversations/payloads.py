@@ -106,6 +106,8 @@ def reply_message_data(reply: ConversationReply) -> dict[str, Any] | None:
         "created_at": _created_at_field().to_representation(plan.created_at),
         "parent_id": plan.user_message_id,
         "sibling_ids": list(plan.sibling_ids),  # as they were when the reply started
+        "context_dropped": plan.context_dropped,
+        "context_dropped_through": plan.context_dropped_through,
     }
 
 

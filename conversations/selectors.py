@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Generator, Iterable
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Any, cast
 
 from django.db import connection
 from django.db.models import Q, QuerySet
@@ -12,6 +14,7 @@ from django.db.models.expressions import RawSQL
 from accounts.audit import audit_denied_lookup
 from accounts.authentication import Principal
 from chatbackend.errors import ApplicationError, NotFoundError
+from llm.tokens import Tokenizer
 
 from .models import Conversation, Message
 
@@ -183,3 +186,101 @@ def history_for_upstream(*, conversation: Conversation, leaf_id: int | None = No
         if content:
             messages.append({"role": role, "content": content})
     return messages
+
+
+# Rows read per round trip while the history is read newest first: a reply in a long conversation
+# reads about as many as fit in the context window, not the whole branch.
+HISTORY_CHUNK_ROWS = 200
+
+
+class ContextLengthExceeded(ApplicationError):
+    """Not even the system prompt and the newest user message fit the model's context window.
+
+    400 ``context_length_exceeded`` (OpenAI's code for a prompt over the window), ``param``
+    ``messages``.
+    """
+
+    def __init__(self, *, prompt_tokens: int, max_prompt_tokens: int) -> None:
+        super().__init__(
+            f"This model's context window leaves {max(max_prompt_tokens, 0)} tokens for the prompt "
+            f"after the reply's output reserve, but the system prompt and your message alone take "
+            f"{prompt_tokens} tokens. Shorten the message or the system prompt, or use a model with "
+            "a larger context window.",
+            code="context_length_exceeded",
+            param="messages",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FittedHistory:
+    """What ``history_fitted`` chose to send upstream.
+
+    ``messages``: OpenAI ``messages`` (system prompt first, then the newest turns that fit, in
+    order). ``prompt_tokens``: their count by the tokenizer given, chat framing included (what
+    metering counts). ``dropped``: how many messages of the branch with text were left out (the
+    oldest); ``dropped_through``: the id of the newest of them (None when none was).
+    """
+
+    messages: list[dict[str, str]]
+    prompt_tokens: int
+    dropped: int
+    dropped_through: int | None
+
+
+def history_fitted(
+    *, conversation: Conversation, leaf_id: int, tokenizer: Tokenizer, max_prompt_tokens: int
+) -> FittedHistory:
+    """Return the history of the branch ending at ``leaf_id`` (a user message) that fits ``max_prompt_tokens``.
+
+    As ``history_for_upstream``, with the oldest messages left out until the prompt, counted by
+    ``tokenizer`` (``Tokenizer.count_prompt``: the model's, as metering counts), is at most
+    ``max_prompt_tokens`` (the model's context window minus the output reserve:
+    ``llm.metering.prompt_budget_for``). The system prompt and the newest message are always kept;
+    what is left out is always the oldest part of the branch, and the history never starts with
+    an assistant message (a turn is dropped whole, as providers such as Anthropic's want a user
+    message first).
+
+    Queries: one read of the branch newest first, fetched ``HISTORY_CHUNK_ROWS`` at a time and
+    stopped once the window is full (so a 10,000-message branch reads about what fits), plus one
+    count when something was left out: as many queries whatever the branch's length. Raises
+    ``ContextLengthExceeded`` (400) when the system prompt and the newest message alone do not fit.
+    """
+    system = [{"role": "system", "content": conversation.system_prompt}] if conversation.system_prompt else []
+    empty = tokenizer.count_prompt([])
+    total = tokenizer.count_prompt(system)
+    kept: list[tuple[int, dict[str, str]]] = []  # newest first
+    dropped_through: int | None = None
+    rows = message_path(conversation=conversation, leaf_id=leaf_id).order_by("-id").values_list("id", "role", "content")
+    # closing: the rows not read (a server-side cursor on PostgreSQL) are let go at once.
+    # A generator (Django's), typed as an iterator.
+    chunks = cast(Generator[tuple[int, str, str]], rows.iterator(chunk_size=HISTORY_CHUNK_ROWS))
+    with closing(chunks) as newest_first:
+        for pk, role, content in newest_first:
+            if not content:
+                continue
+            message = {"role": role, "content": content}
+            cost = tokenizer.count_prompt([message]) - empty  # count_prompt adds up message by message
+            if not kept:
+                if total + cost > max_prompt_tokens:
+                    raise ContextLengthExceeded(prompt_tokens=total + cost, max_prompt_tokens=max_prompt_tokens)
+            elif total + cost > max_prompt_tokens:
+                dropped_through = pk
+                break
+            kept.append((pk, message))
+            total += cost
+    if dropped_through is not None:
+        # Keep whole turns: the oldest message kept must not be an orphaned reply.
+        while len(kept) > 1 and kept[-1][1]["role"] == Message.Role.ASSISTANT:
+            pk, message = kept.pop()
+            dropped_through = pk
+            total -= tokenizer.count_prompt([message]) - empty
+    dropped = 0
+    if dropped_through is not None:
+        branch = message_path(conversation=conversation, leaf_id=leaf_id)
+        dropped = branch.filter(pk__lte=dropped_through).exclude(content="").count()
+    return FittedHistory(
+        messages=system + [message for _, message in reversed(kept)],
+        prompt_tokens=total,
+        dropped=dropped,
+        dropped_through=dropped_through,
+    )

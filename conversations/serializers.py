@@ -86,6 +86,17 @@ class MessageOutputSerializer(serializers.ModelSerializer):
     sibling_ids = serializers.SerializerMethodField(
         help_text="Ids of the messages sharing this one's parent (edits, regenerations), itself included, ascending."
     )
+    context_dropped = serializers.IntegerField(
+        read_only=True,
+        help_text="A reply's branch did not fit the model's context window: how many of its oldest messages "
+        "were left out of the request (0: the whole branch was sent).",
+    )
+    context_dropped_through = serializers.IntegerField(
+        allow_null=True,
+        read_only=True,
+        help_text="The id of the newest message left out of the reply's request (every message of the branch "
+        "up to it was); null when none was.",
+    )
 
     class Meta:
         model = Message
@@ -105,6 +116,8 @@ class MessageOutputSerializer(serializers.ModelSerializer):
             "created_at",
             "parent_id",
             "sibling_ids",
+            "context_dropped",
+            "context_dropped_through",
         ]
         read_only_fields = fields
 

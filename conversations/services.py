@@ -18,21 +18,23 @@ from accounts.models import Organization, UsageRecord, User
 from accounts.usage import usage_account, usage_context
 from chatbackend.errors import ApplicationError, NotFoundError
 from chatbackend.liveness import PROCESS_ID, process_alive
-from llm.metering import reply_metering
+from llm.metering import prompt_budget_for, reply_metering
 from llm.models import LLMModel
 from llm.providers import ChatRequest
-from llm.selectors import enabled_model_get_for, llm_model_get_enabled_for
-from llm.streaming import ReplyOutcome, ReplyPlan, reply_stop_broadcast
+from llm.selectors import EnabledModel, enabled_model_get_for, llm_model_get_enabled_for
+from llm.streaming import ReplyOutcome, ReplyPlan, ReplyStatus, reply_stop_broadcast
 from llm.tokens import ESTIMATE_TOKENIZER, tokenizer_for
 
 from .models import Conversation, Message
 from .selectors import (
+    FittedHistory,
     conversation_get_for,
-    history_for_upstream,
+    history_fitted,
     message_get_in,
     message_latest_leaf_id,
     message_path,
 )
+from .titles import conversation_title_request, conversation_titles_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -228,6 +230,9 @@ class ConversationReplyPlan(ReplyPlan):
     False when the message was gone (its conversation was deleted while the reply streamed).
     ``user_message_created``: the user message is this reply's own (not a regeneration's);
     ``previous_leaf_id``: the active leaf before, restored when the reply is refused.
+    ``context_dropped`` / ``context_dropped_through``: the oldest messages left out of the request
+    to fit the context window (``Message`` fields of the same names). ``title_wanted``: the
+    conversation has no title and this is a reply to its first message (``titles``).
     """
 
     conversation_id: int
@@ -237,11 +242,17 @@ class ConversationReplyPlan(ReplyPlan):
     sibling_ids: list[int]
     user_message_created: bool = True
     previous_leaf_id: int | None = None
+    context_dropped: int = 0
+    context_dropped_through: int | None = None
+    title_wanted: bool = False
     message_written: bool = False
 
     def finish(self, outcome: ReplyOutcome) -> None:
-        """Write the end of the reply on its assistant message (``reply_finish``)."""
+        """Write the end of the reply on its assistant message (``reply_finish``); then, for the
+        first reply of an untitled conversation that completed, queue its title (``titles``)."""
         self.message_written = reply_finish(outcome, message_id=self.message_id)
+        if self.title_wanted and self.message_written and outcome.status is ReplyStatus.COMPLETED:
+            conversation_title_request(conversation_id=self.conversation_id, message_id=self.message_id)
 
     def checkpoint(self, content: str, reasoning_content: str) -> None:
         """Write the text so far on the assistant message while it streams (``reply_checkpoint``)."""
@@ -264,8 +275,11 @@ def reply_start(*, actor: Principal, conversation_id: int, content: str) -> Conv
     One transaction: the user message (``completed``, after the active leaf) and an empty
     assistant message (``streaming``, after it, now the active leaf) are written before any
     upstream call. The history sent upstream is the conversation's system prompt and the active
-    path. Raises ``NotFoundError`` for a conversation ``actor`` may not see, ``ApplicationError``
-    for empty content or a disabled model, 403 when ``actor`` is not the owner, and 404
+    path, its oldest messages left out when it does not fit the model's context window
+    (``_reply_messages_create``). Raises ``NotFoundError`` for a conversation ``actor`` may not
+    see, ``ApplicationError`` for empty content or a disabled model, 400
+    ``context_length_exceeded`` when the system prompt and the message alone do not fit (nothing
+    written), 403 when ``actor`` is not the owner, and 404
     ``model_not_found`` when the actor may not use the conversation's model
     (``accounts.model_access``: its organization's, teams' or key's allowlist).
     """
@@ -319,7 +333,7 @@ class _ReplyMessages:
     user_message: Message
     assistant_message: Message
     sibling_ids: list[int]
-    history: list[dict[str, Any]]
+    history: FittedHistory
     user_message_created: bool
     previous_leaf_id: int | None
 
@@ -332,13 +346,13 @@ def _reply_begin(
     conversation = conversation_get_for(actor=actor, conversation_id=conversation_id, to_change=True)
     # Cached in the process: no query on a hit.
     model = enabled_model_get_for(access=model_access_for(principal=actor), name=conversation.model.name)
+    parameters = dict(model.default_parameters)
     try:
-        written = _reply_messages_create(conversation=conversation, turn=turn, model_name=model.name)
+        written = _reply_messages_create(conversation=conversation, turn=turn, model=model, parameters=parameters)
     except IntegrityError:  # the conversation was deleted since it was read
         raise NotFoundError() from None
-    assistant_message, history = written.assistant_message, written.history
+    assistant_message, history = written.assistant_message, written.history.messages
     reply_id = conversation_reply_id(assistant_message.pk)
-    parameters = dict(model.default_parameters)
     return ConversationReplyPlan(
         provider=model.provider,
         request=ChatRequest(model=model.upstream_model, messages=history, parameters=parameters),
@@ -365,6 +379,7 @@ def _reply_begin(
             messages=history,
             parameters=parameters,
             organization=actor.organization,
+            prompt_tokens=written.history.prompt_tokens,
         ),
         conversation_id=conversation.pk,
         user_message_id=written.user_message.pk,
@@ -373,19 +388,32 @@ def _reply_begin(
         sibling_ids=written.sibling_ids,
         user_message_created=written.user_message_created,
         previous_leaf_id=written.previous_leaf_id,
+        context_dropped=written.history.dropped,
+        context_dropped_through=written.history.dropped_through,
+        title_wanted=(
+            not conversation.title and written.user_message.parent_id is None and conversation_titles_enabled()
+        ),
     )
 
 
 def _reply_messages_create(
-    *, conversation: Conversation, turn: _NewTurn | _EditTurn | _RegenerateTurn, model_name: str
+    *,
+    conversation: Conversation,
+    turn: _NewTurn | _EditTurn | _RegenerateTurn,
+    model: EnabledModel,
+    parameters: dict[str, Any],
 ) -> _ReplyMessages:
     """Write the turn's user message (none for a regeneration) and the assistant's ``streaming``
     placeholder, and move the active leaf to it, in one transaction.
 
-    The conversation row is locked first (as ``conversation_delete`` does), so two replies started
-    at once chain rather than both following the same leaf. Raises ``NotFoundError`` when the
-    conversation (or the message edited or regenerated) no longer exists, ``IntegrityError`` when
-    it went while writing.
+    The history sent upstream is fitted to ``model``'s context window minus the output reserve of
+    a request with ``parameters`` (``selectors.history_fitted``, ``llm.metering.prompt_budget_for``);
+    what was left out is recorded on the assistant message (``context_dropped``,
+    ``context_dropped_through``). The conversation row is locked first (as ``conversation_delete``
+    does), so two replies started at once chain rather than both following the same leaf. Raises
+    ``NotFoundError`` when the conversation (or the message edited or regenerated) no longer
+    exists, ``IntegrityError`` when it went while writing, ``ContextLengthExceeded`` (400) when not
+    even the system prompt and the user message fit: nothing is written then.
     """
     with transaction.atomic():
         previous_leaf_id = _conversation_lock_leaf(conversation.pk)
@@ -408,14 +436,21 @@ def _reply_messages_create(
                 content=turn.content,
                 status=Message.Status.COMPLETED,
             )
-        history = history_for_upstream(conversation=conversation, leaf_id=user_message.pk)
+        history = history_fitted(
+            conversation=conversation,
+            leaf_id=user_message.pk,
+            tokenizer=model.tokenizer,
+            max_prompt_tokens=prompt_budget_for(model=model, parameters=parameters),
+        )
         assistant_message = Message.objects.create(
             conversation=conversation,
             parent=user_message,
             role=Message.Role.ASSISTANT,
             status=Message.Status.STREAMING,
-            model_name=model_name,
+            model_name=model.name,
             stream_owner=PROCESS_ID,
+            context_dropped=history.dropped,
+            context_dropped_through=history.dropped_through,
         )
         if isinstance(turn, _RegenerateTurn):
             sibling_ids = list(user_message.children.order_by("id").values_list("id", flat=True))
@@ -507,8 +542,11 @@ def reply_recover(*, message: Message) -> bool:
         if not recovered:
             return False
         message.refresh_from_db()
-        # What was sent upstream: the path up to the reply's user message (its branch only).
+        # What was sent upstream: the path up to the reply's user message (its branch only),
+        # without the oldest messages left out to fit the context window.
         earlier = message_path(conversation=message.conversation, leaf_id=message.parent_id or 0)
+        if message.context_dropped_through is not None:
+            earlier = earlier.filter(pk__gt=message.context_dropped_through)
         system = message.conversation.system_prompt
         prompt: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         prompt += [{"role": role, "content": content} for role, content in earlier.values_list("role", "content")]

@@ -19,22 +19,39 @@ from .selectors import EnabledModel
 TOKEN_LIMIT_PARAMETERS = ("max_completion_tokens", "max_tokens")
 
 
+def output_reserve_for(*, model: EnabledModel, parameters: Mapping[str, Any]) -> int | None:
+    """Return the tokens set aside for a reply's output: what its prompt must leave free (tokens).
+
+    The client's ``max_completion_tokens`` (or the older ``max_tokens``) when it sent one, else the
+    model's ``max_output_tokens``; None when neither bounds the reply (it may then use whatever the
+    context window leaves). The one rule for the reservation: ``max_completion_tokens_for`` sizes
+    admission with it and ``conversations`` trims the history sent upstream to leave it free.
+    """
+    for name in TOKEN_LIMIT_PARAMETERS:
+        limit = parameters.get(name)
+        if type(limit) is int and limit > 0:
+            return limit
+    return model.max_output_tokens
+
+
 def max_completion_tokens_for(*, model: EnabledModel, parameters: Mapping[str, Any], prompt_tokens: int) -> int:
     """Return the most tokens a reply may generate (tokens).
 
-    The client's ``max_completion_tokens`` (or the older ``max_tokens``) when it sent one, else the
-    model's ``max_output_tokens``, else what the context window leaves after the prompt (at least 1),
+    The output reserve (``output_reserve_for``: the client's limit, else the model's
+    ``max_output_tokens``), else what the context window leaves after the prompt (at least 1),
     and never more than that remainder would allow the upstream to produce
     (https://platform.openai.com/docs/api-reference/chat/create#chat-create-max_completion_tokens).
     """
     remainder = max(model.context_window - prompt_tokens, 1)
-    for name in TOKEN_LIMIT_PARAMETERS:
-        limit = parameters.get(name)
-        if type(limit) is int and limit > 0:
-            return min(limit, remainder)
-    if model.max_output_tokens is not None:
-        return min(model.max_output_tokens, remainder)
-    return remainder
+    reserve = output_reserve_for(model=model, parameters=parameters)
+    return remainder if reserve is None else min(reserve, remainder)
+
+
+def prompt_budget_for(*, model: EnabledModel, parameters: Mapping[str, Any]) -> int:
+    """Return the most prompt tokens a request to ``model`` may carry: its ``context_window`` minus
+    the output reserve (``output_reserve_for``; none reserved when nothing bounds the reply). May be
+    0 or less for a reserve as large as the window: then no prompt fits."""
+    return model.context_window - (output_reserve_for(model=model, parameters=parameters) or 0)
 
 
 def reply_metering(
@@ -46,6 +63,7 @@ def reply_metering(
     messages: list[dict[str, Any]],
     parameters: Mapping[str, Any],
     organization: Organization | None = None,
+    prompt_tokens: int | None = None,
 ) -> MeteringRequest:
     """Return the ``MeteringRequest`` of a reply of ``model`` to ``messages`` with request fields ``parameters``.
 
@@ -58,6 +76,8 @@ def reply_metering(
     (``EnabledModel.fallbacks``, which may serve the reply) could cost the most, so that the budget
     reservation covers the reply whichever serves it — a prompt longer than ``model``'s context
     window goes to a fallback with a larger one, which may then generate far more.
+    ``prompt_tokens``: the count of ``messages`` by ``model.tokenizer`` when the caller already made
+    it (a conversation's history is counted while it is fitted to the window), else counted here.
     """
     subjects = [MeteringSubject("user", user.pk, user.rate_limits)]
     if api_key is not None:
@@ -68,7 +88,8 @@ def reply_metering(
     if organization is not None:
         subjects.append(MeteringSubject("organization", organization.pk, organization.rate_limits))
     subjects.append(MeteringSubject("model", model.id, model.limits))
-    prompt_tokens = model.tokenizer.count_prompt(messages)
+    if prompt_tokens is None:
+        prompt_tokens = model.tokenizer.count_prompt(messages)
     servers = [model, *(route.model for route in model.fallbacks if isinstance(route.model, EnabledModel))]
     candidates = [
         MeteringRequest(
@@ -88,4 +109,10 @@ def reply_metering(
     return max(candidates, key=lambda candidate: candidate.max_cost) if len(candidates) > 1 else candidates[0]
 
 
-__all__ = ["TOKEN_LIMIT_PARAMETERS", "max_completion_tokens_for", "reply_metering"]
+__all__ = [
+    "TOKEN_LIMIT_PARAMETERS",
+    "max_completion_tokens_for",
+    "output_reserve_for",
+    "prompt_budget_for",
+    "reply_metering",
+]

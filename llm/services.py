@@ -12,15 +12,19 @@ from decimal import Decimal
 from django.db import transaction
 
 from accounts.keys import API_KEY_PREFIX, hash_secret
+from accounts.metering.ratelimits import rate_limit_close
 from accounts.models import APIKey, User
 from accounts.services import api_key_create, api_key_revoke
+from chatbackend import broadcast
 from chatbackend.errors import ApplicationError
 from chatbackend.logging import redact
 
 from .models import LLMModel, Provider
 from .providers import ChatRequest, ProviderConfig, UpstreamError, get_provider
 from .providers.http import aclose_clients
+from .routing import cooldown_store_close
 from .selectors import llm_model_list_enabled, provider_config_for
+from .streaming import ReplyOutcome, ReplyPlan, open_reply
 
 DEMO_PROVIDER_NAME = "simulator"
 DEMO_ADMIN_USERNAME = "admin"
@@ -248,3 +252,32 @@ def llm_model_connection_test(*, model: LLMModel) -> ConnectionTest:
             await aclose_clients()  # this loop's session: the loop ends here
 
     return asyncio.run(tested())
+
+
+def reply_run(*, plan: ReplyPlan, timeout_seconds: float) -> ReplyOutcome:
+    """Run the reply ``plan`` to its end through the streaming engine, from sync code; return how it ended.
+
+    For replies nobody watches (a conversation's title, written by a Celery task): the same
+    admission (``plan.metering``), routing and fallbacks, and usage accounting (``plan.usage``)
+    as every reply (``llm.streaming``), the text collected in ``outcome.content``. Runs an event
+    loop of its own, so call it only from a thread that runs none (a Celery worker, a plain
+    thread), and closes what that loop opened: the upstream connections, the broadcast listener,
+    the rate-limit and cooldown stores. After ``timeout_seconds`` the reply is stopped
+    (``cancelled``, accounted) and ``TimeoutError`` raised. Raises ``llm.streaming.ReplyRefused``
+    when admission control refuses it; an upstream failure is ``outcome.status`` ``failed``.
+    """
+
+    async def run() -> ReplyOutcome:
+        try:
+            async with asyncio.timeout(timeout_seconds), open_reply(plan) as reply:
+                async for _event in reply.events():
+                    pass
+            assert reply.outcome is not None  # noqa: S101 - the events end with the reply
+            return reply.outcome
+        finally:
+            await broadcast.stop_listening()
+            await aclose_clients()
+            await rate_limit_close()
+            await cooldown_store_close()
+
+    return asyncio.run(run())

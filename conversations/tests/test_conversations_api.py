@@ -261,8 +261,11 @@ def test_message_list_oldest_first_with_message_shape(auth_client, user):
         "created_at",
         "parent_id",
         "sibling_ids",
+        "context_dropped",
+        "context_dropped_through",
     }
     assert results[1]["model"] == "gpt-test"
+    assert (results[1]["context_dropped"], results[1]["context_dropped_through"]) == (0, None)
     assert (results[0]["parent_id"], results[1]["parent_id"]) == (None, question.pk)
     assert (results[0]["sibling_ids"], results[1]["sibling_ids"]) == ([question.pk], [answer.pk])
     assert (results[1]["prompt_tokens"], results[1]["completion_tokens"]) == (5, 2)
