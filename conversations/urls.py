@@ -4,6 +4,7 @@ from django.urls import path
 from rest_framework.routers import SimpleRouter
 
 from . import apis, sse
+from .sharing import apis as sharing_apis
 
 app_name = "conversations"
 
@@ -34,5 +35,12 @@ urlpatterns = [
         name="message-activate",
     ),
     path("conversations/<int:conversation_id>/tree/", apis.ConversationTreeApi.as_view(), name="conversation-tree"),
+    path(
+        "conversations/<int:conversation_id>/shares/",
+        sharing_apis.ConversationShareListCreateApi.as_view(),
+        name="conversation-shares",
+    ),
+    path("shares/<int:share_id>/", sharing_apis.ShareRevokeApi.as_view(), name="share-revoke"),
+    path("share/<str:token>/", sharing_apis.SharedConversationApi.as_view(), name="share-detail"),
     *router.urls,
 ]
