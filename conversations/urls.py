@@ -5,6 +5,7 @@ from rest_framework.routers import SimpleRouter
 
 from . import apis, sse
 from .sharing import apis as sharing_apis
+from .transfer import apis as transfer_apis
 
 app_name = "conversations"
 
@@ -35,6 +36,13 @@ urlpatterns = [
         name="message-activate",
     ),
     path("conversations/<int:conversation_id>/tree/", apis.ConversationTreeApi.as_view(), name="conversation-tree"),
+    path("conversations/export/", transfer_apis.ConversationExportAllApi.as_view(), name="conversation-export-all"),
+    path("conversations/import/", transfer_apis.ConversationImportApi.as_view(), name="conversation-import"),
+    path(
+        "conversations/<int:conversation_id>/export/",
+        transfer_apis.ConversationExportApi.as_view(),
+        name="conversation-export",
+    ),
     path(
         "conversations/<int:conversation_id>/shares/",
         sharing_apis.ConversationShareListCreateApi.as_view(),
