@@ -90,9 +90,7 @@ class NextChatBackupInputSerializer(serializers.Serializer):
     mask: {modelConfig: {model}, context}, messages: [{id, role, content, date, model?}]}]}, ...}``.
     Documentation only: the import reads it as ``conversations.sync`` reads a synced document."""
 
-    chat_next_web_store = serializers.DictField(
-        source="chat-next-web-store", help_text="NextChat's chat store: `{sessions: [...]}`."
-    )
+    chat_next_web_store = serializers.DictField(help_text="NextChat's chat store: `{sessions: [...]}`.")
 
     def get_fields(self) -> dict[str, Any]:
         fields = super().get_fields()
