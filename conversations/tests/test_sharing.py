@@ -153,3 +153,19 @@ def test_deleting_the_conversation_ends_its_links(auth_client, branched):
     token = share(auth_client, conversation)["token"]
     assert auth_client.delete(f"/api/conversations/{conversation.pk}/").status_code == 204
     assert APIClient().get(f"/share/{token}").status_code == 404
+
+
+def test_operators_revoke_links_in_the_admin(admin_site, auth_client, branched):
+    created = share(auth_client, branched[0])
+    page = admin_site.get("/admin/conversations/sharedconversation/")
+    assert page.status_code == 200 and created["token"] not in page.content.decode()
+    response = admin_site.post(
+        "/admin/conversations/sharedconversation/", {"action": "revoke", "_selected_action": [created["id"]]}
+    )
+    assert response.status_code == 302
+    assert APIClient().get(f"/api/share/{created['token']}/").status_code == 404
+
+
+def test_the_home_page_still_renders_from_the_shared_layout(client):
+    page = client.get("/").content.decode()
+    assert "<title>chatbackend</title>" in page and "Quick start" in page and "--accent" in page
