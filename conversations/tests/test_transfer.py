@@ -121,6 +121,8 @@ def test_another_users_conversation_is_not_exported(client_for, tree):
     assert_error(stranger.get(f"/api/conversations/{tree.pk}/export/"), 404)
     assert_error(stranger.get(f"/api/conversations/{tree.pk}/export/?format=markdown"), 404)
     assert_error(stranger.get(f"/api/conversations/{tree.pk}/export/?format=xml"), 400, code="invalid_format")
+    assert_error(stranger.get(f"/api/conversations/{tree.pk}/export/?format="), 400, code="invalid_format")
+    assert_error(stranger.get("/api/conversations/export/?format="), 400, code="invalid_format")
 
 
 def test_nextchat_backup_json_is_imported_idempotently(auth_client, user):

@@ -49,13 +49,17 @@ class _ExportApi(APIView):
     renderer_classes: tuple[type[BaseRenderer], ...] = (JSONRenderer,)
 
     def perform_content_negotiation(self, request: Request, force: bool = False) -> tuple[BaseRenderer, str]:
+        formats = [str(renderer.format) for renderer in self.renderer_classes]
+        error = ApplicationError(
+            f"'format' must be one of: {', '.join(formats)}.", code="invalid_format", param="format"
+        )
+        # DRF reads an empty ?format= as none given; the schema's enum has no empty value.
+        if not force and request.query_params.get("format", formats[0]) not in formats:
+            raise error
         try:
             return super().perform_content_negotiation(request, force)
         except (Http404, NotAcceptable):  # DRF's answers to an unknown ?format= and Accept
-            formats = ", ".join(renderer.format for renderer in self.renderer_classes)
-            raise ApplicationError(
-                f"'format' must be one of: {formats}.", code="invalid_format", param="format"
-            ) from None
+            raise error from None
 
     def attachment(self, response: Response, name: str) -> Response:
         extension = _FILENAME_EXTENSION.get(getattr(self.request.accepted_renderer, "format", "json"), "json")
