@@ -15,6 +15,8 @@ from conversations.models import Conversation, Message
 from conversations.selectors import message_path
 from conversations.services import message_append
 from conversations.tests.test_sync import _document as nextchat_document
+from llm.models import LLMModel
+from llm.selectors import enabled_model_cache
 from tests.factories import ConversationFactory, LLMModelFactory, MessageFactory, UserFactory
 from tests.kit import assert_error
 
@@ -236,3 +238,22 @@ def test_a_streaming_message_is_imported_cancelled_and_a_missing_leaf_is_the_las
         ("hi", "completed"),
         ("hal", "cancelled"),
     ]
+
+
+def test_a_session_repeated_in_one_backup_is_one_conversation(auth_client, user):
+    LLMModelFactory(name="gpt-4o-mini")
+    backup = nextchat_document()
+    sessions = backup["chat-next-web-store"]["sessions"]
+    sessions.append(json.loads(json.dumps(sessions[0])))
+    response = auth_client.post(IMPORT, backup, format="json")
+    assert response.status_code == 201, response.content
+    assert Conversation.objects.filter(owner=user, external_id="sess-lisbon").count() == 1
+
+
+def test_without_a_usable_model_nothing_is_imported(auth_client, user, tree):
+    document = auth_client.get(f"/api/conversations/{tree.pk}/export/").json()
+    LLMModel.objects.update(enabled=False)
+    enabled_model_cache.clear()
+    assert_error(auth_client.post(IMPORT, document, format="json"), 400)
+    assert_error(auth_client.post(IMPORT, nextchat_document(), format="json"), 400)
+    assert Conversation.objects.count() == 1
