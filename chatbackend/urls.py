@@ -19,6 +19,7 @@ urlpatterns = [
     path("", include("llm.anthropic.urls")),  # before llm.openai.urls: it ends with the /v1 catch-all
     path("", include("conversations.stored_completions.urls")),  # /v1/chat/completions (POST and GET) and stored ones
     path("", include("llm.openai.urls")),
+    path("", include("conversations.sharing.urls")),  # /share/<token>: a share link's HTML page
     path("", include("chatbackend.pages")),
 ]
 

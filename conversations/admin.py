@@ -11,8 +11,9 @@ from typing import Any
 from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils import timezone
 
-from .models import Conversation, Message, SyncDocument, SyncDocumentVersion
+from .models import Conversation, Message, SharedConversation, SyncDocument, SyncDocumentVersion
 
 _MESSAGE_FIELDS = (
     "conversation",
@@ -135,3 +136,29 @@ class SyncDocumentAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+@admin.register(SharedConversation)
+class SharedConversationAdmin(admin.ModelAdmin):
+    """Share links (``conversations.sharing``): who shared what and until when; operators revoke
+    (moderation) but never see a token (only its digest is stored)."""
+
+    list_display = ("id", "conversation", "created_by", "organization", "created_at", "expires_at", "revoked_at")
+    list_select_related = ("conversation", "created_by", "organization")
+    list_filter = ("revoked_at",)
+    search_fields = ("created_by__username", "title")
+    fields = ("conversation", "created_by", "organization", "title", "leaf_message_id", "created_at", "expires_at",
+              "revoked_at")  # fmt: skip
+    readonly_fields = fields
+    actions = ("revoke",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.action(description="Revoke the selected links", permissions=["delete"])
+    def revoke(self, request: HttpRequest, queryset: QuerySet[SharedConversation]) -> None:
+        revoked = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+        self.message_user(request, f"{revoked} link(s) revoked.")

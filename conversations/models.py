@@ -145,6 +145,8 @@ class Message(models.Model):
 
 
 # NextChat's synced documents (``conversations.sync``): defined there, registered with this app here.
+# Share links (``conversations.sharing``): defined there, registered with this app here.
+from .sharing.models import SharedConversation  # noqa: E402
 from .sync.models import SyncDocument, SyncDocumentVersion, SyncUploadChunk  # noqa: E402
 
-__all__ = ["Conversation", "Message", "SyncDocument", "SyncDocumentVersion", "SyncUploadChunk"]
+__all__ = ["Conversation", "Message", "SharedConversation", "SyncDocument", "SyncDocumentVersion", "SyncUploadChunk"]

@@ -4,6 +4,8 @@ from django.urls import path
 from rest_framework.routers import SimpleRouter
 
 from . import apis, sse
+from .sharing import apis as sharing_apis
+from .transfer import apis as transfer_apis
 
 app_name = "conversations"
 
@@ -34,5 +36,19 @@ urlpatterns = [
         name="message-activate",
     ),
     path("conversations/<int:conversation_id>/tree/", apis.ConversationTreeApi.as_view(), name="conversation-tree"),
+    path("conversations/export/", transfer_apis.ConversationExportAllApi.as_view(), name="conversation-export-all"),
+    path("conversations/import/", transfer_apis.ConversationImportApi.as_view(), name="conversation-import"),
+    path(
+        "conversations/<int:conversation_id>/export/",
+        transfer_apis.ConversationExportApi.as_view(),
+        name="conversation-export",
+    ),
+    path(
+        "conversations/<int:conversation_id>/shares/",
+        sharing_apis.ConversationShareListCreateApi.as_view(),
+        name="conversation-shares",
+    ),
+    path("shares/<int:share_id>/", sharing_apis.ShareRevokeApi.as_view(), name="share-revoke"),
+    path("share/<str:token>/", sharing_apis.SharedConversationApi.as_view(), name="share-detail"),
     *router.urls,
 ]

@@ -43,9 +43,10 @@ from rest_framework_simplejwt.tokens import RefreshToken
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
+from accounts.keys import hash_secret
 from accounts.models import APIKey, Budget, Invitation, Membership, Organization, Team, TeamMembership, User
 from accounts.services import api_key_create
-from conversations.models import Conversation, Message
+from conversations.models import Conversation, Message, SharedConversation
 from conversations.routing import websocket_urlpatterns
 from conversations.services import message_append
 from tests.factories import LLMModelFactory, UserFactory
@@ -82,6 +83,7 @@ RESPONSES = {"model": MODEL, "input": "hi", "max_output_tokens": 16}
 @dataclass(frozen=True)
 class Row:
     """One endpoint and method: ``path`` may hold ``{conversation}``, ``{message}``, ``{completion}``, ``{api_key}``,
+    ``{share}`` (a share link's id), ``{share_token}`` (its token),
     ``{budget}``, ``{user}`` (made afresh per cell for each of ``OBJECTS``); ``expect`` is a string of
     statuses in ``CALLERS`` order, or, for a path with an object, a dict of them per object."""
 
@@ -478,6 +480,56 @@ MATRIX: tuple[Row, ...] = (
             "401 403 404 404 404 403 404 200 404 403 403 401 404",  # other_org
         ),
     ),
+    # Export (reading: as reading the conversation) and import (a write: the ``chat`` scope).
+    Row(
+        "GET",
+        "/api/conversations/{conversation}/export/",
+        per_object(
+            "401 200 200 200 200 404 404 404 403 200 200 401 200",  # own
+            "401 200 200 200 404 404 404 404 403 404 200 401 404",  # same_team
+            "401 200 200 200 404 404 200 404 403 404 200 401 404",  # other_team
+            "401 200 404 404 404 404 404 200 403 404 404 401 404",  # other_org
+        ),
+    ),
+    Row("GET", "/api/conversations/export/", "401 200 200 200 200 200 200 200 403 200 200 401 200"),
+    Row("POST", "/api/conversations/import/", "401 400 400 400 400 403 400 400 400 403 403 401 400", body={}),
+    # Share links: only the conversation's owner shares and lists (admins read, so 403), only the
+    # link's maker revokes (anyone else: 404); the link itself is public. A fresh conversation has
+    # no message to share: 400 is "allowed".
+    Row(
+        "GET",
+        "/api/conversations/{conversation}/shares/",
+        per_object(
+            "401 403 403 403 200 404 404 404 403 200 403 401 200",  # own
+            "401 403 403 403 404 404 404 404 403 404 403 401 404",  # same_team
+            "401 403 403 403 404 404 200 404 403 404 403 401 404",  # other_team
+            "401 403 404 404 404 404 404 200 403 404 404 401 404",  # other_org
+        ),
+    ),
+    Row(
+        "POST",
+        "/api/conversations/{conversation}/shares/",
+        per_object(
+            "401 403 403 403 400 403 404 404 400 403 403 401 400",  # own
+            "401 403 403 403 404 403 404 404 404 403 403 401 404",  # same_team
+            "401 403 403 403 404 403 400 404 404 403 403 401 404",  # other_team
+            "401 403 404 404 404 403 404 400 404 403 403 401 404",  # other_org
+        ),
+        body={},
+    ),
+    Row(
+        "DELETE",
+        "/api/shares/{share}/",
+        per_object(
+            "401 404 404 404 204 403 404 404 204 403 403 401 204",  # own
+            "401 404 404 404 404 403 404 404 404 403 403 401 404",  # same_team
+            "401 404 404 404 404 403 204 404 404 403 403 401 404",  # other_team
+            "401 404 404 404 404 403 404 204 404 403 403 401 404",  # other_org
+        ),
+    ),
+    # The link's token is the credential: any caller (a stale or expired one too) reads it.
+    Row("GET", "/api/share/{share_token}/", {"own": "200 200 200 200 200 200 200 200 200 200 200 200 200"}),
+    Row("GET", "/share/{share_token}", {"own": "200 200 200 200 200 200 200 200 200 200 200 200 200"}),
     Row(
         "WS",
         "/ws/conversations/{conversation}/",
@@ -647,6 +699,14 @@ def _objects(world: World, obj: str, path: str) -> dict[str, Any]:
             ]
         )
         values["completion"] = completion_id
+    if "{share}" in path or "{share_token}" in path:  # a link to a conversation of the owner's
+        token = secrets.token_urlsafe(32)
+        values["share"] = SharedConversation.objects.create(
+            conversation=_conversation(world, obj), organization=organization, created_by=owner,
+            token_hash=hash_secret(token), title="t", messages=[{"role": "user", "content": "hi", "model": "",
+            "created_at": timezone.now().isoformat()}],
+        ).pk  # fmt: skip
+        values["share_token"] = token
     if "{api_key}" in path:
         values["api_key"] = api_key_create(user=owner, name="target", organization=organization).api_key.pk
     if "{budget}" in path:

@@ -241,29 +241,54 @@ def _import_result(version: SyncDocumentVersion, status: str, *, imported: int =
 
 
 def _import_sessions(version: SyncDocumentVersion, organization: Organization, owner: User) -> int:
-    state = json_loads(version.content)
+    principal = principal_for(user=owner, api_key=version.api_key, organization=organization.slug)
+    return len(nextchat_sessions_import(principal=principal, state=json_loads(version.content)))
+
+
+def is_nextchat_state(state: Any) -> bool:
+    """Return whether ``state`` is shaped as NextChat's app state (its ``backup.json``, a synced
+    document): an object whose ``chat-next-web-store`` is an object."""
+    return isinstance(state, dict) and isinstance(state.get(CHAT_STORE), dict)
+
+
+def nextchat_sessions_import(*, principal: Principal, state: Any) -> list[Conversation]:
+    """Import the sessions of NextChat's app state ``state`` (a synced document, or the
+    ``backup.json`` its "export" writes: the same shape) as conversations of ``principal``'s user
+    in the organization it acts in; return them, in the document's order.
+
+    Idempotent by NextChat's ids, as ``sync_document_import`` describes (a session seen before is
+    updated, never copied). The model as there: the session's when ``principal`` may use it, else
+    the first it may use by name. Raises ``ApplicationError`` 400 when it may use no model at all
+    and there is a session to import. Run it in a transaction: a failure leaves the sessions
+    before it written.
+    """
     store = state.get(CHAT_STORE) if isinstance(state, dict) else None
     sessions = store.get("sessions") if isinstance(store, dict) else None
     if not isinstance(sessions, list):
-        return 0
+        return []
     sessions = [s for s in sessions if _external_id(s) and isinstance(s.get("messages"), list) and s["messages"]]
     if not sessions:
-        return 0
-    principal = principal_for(user=owner, api_key=version.api_key, organization=organization.slug)
-    models = _ModelChooser(principal)
+        return []
+    organization, owner = principal.organization, principal.user
+    models = ModelChooser(principal)
     existing = {
         c.external_id: c
         for c in Conversation.objects.filter(
             organization=organization, owner=owner, external_id__in=[_external_id(s) for s in sessions]
         )
     }
+    imported: dict[str, Conversation] = {}
     for session in sessions:
-        _import_session(session, existing.get(_external_id(session)), organization, owner, models)
-    return len(sessions)
+        external_id = _external_id(session)
+        conversation = imported.get(external_id) or existing.get(external_id)
+        imported[external_id] = _import_session(session, conversation, organization, owner, models)
+    return list(imported.values())
 
 
-class _ModelChooser:
-    """Resolve a session's model name to an enabled model the owner may use, else the fallback."""
+class ModelChooser:
+    """Resolve a model name to an enabled model ``principal`` may use (``named``), else the first
+    such model by name (``fallback``; ``ApplicationError`` 400 when there is none). Names are
+    resolved once each."""
 
     def __init__(self, principal: Principal) -> None:
         self.access = model_access_for(principal=principal)
@@ -332,8 +357,8 @@ def _import_session(
     conversation: Conversation | None,
     organization: Organization,
     owner: User,
-    models: _ModelChooser,
-) -> None:
+    models: ModelChooser,
+) -> Conversation:
     topic = session.get("topic")
     title = (topic if isinstance(topic, str) else "").replace("\x00", "")[:_TITLE_CHARS]
     system_prompt = _system_prompt(session)
@@ -357,6 +382,7 @@ def _import_session(
         if fields:
             conversation.save(update_fields=[*fields, "updated_at"])
     _import_messages(conversation, session["messages"])
+    return conversation
 
 
 def _import_messages(conversation: Conversation, messages: list[Any]) -> None:
