@@ -338,7 +338,8 @@ def _reply_begin(
         raise NotFoundError() from None
     assistant_message, history = written.assistant_message, written.history
     reply_id = conversation_reply_id(assistant_message.pk)
-    parameters = dict(model.default_parameters)
+    # A template's parameters (``Conversation.parameters``) over the model's defaults.
+    parameters = {**model.default_parameters, **conversation.parameters}
     return ConversationReplyPlan(
         provider=model.provider,
         request=ChatRequest(model=model.upstream_model, messages=history, parameters=parameters),
