@@ -113,11 +113,27 @@ def _parameter(config: dict[str, Any], name: str, param: str) -> float | int | N
 
 def _string(mask: dict[str, Any], key: str, param: str, *, max_length: int) -> str:
     value = mask.get(key, "")
-    if value is None:
-        return ""
     if not isinstance(value, str) or len(value) > max_length or "\x00" in value:
         raise _bad(f"{key} must be a string of at most {max_length} characters.", f"{param}.{key}")
     return value
+
+
+def _kept_fields_check(mask: dict[str, Any], param: str) -> None:
+    """Refuse a mask whose fields kept as they are have another JSON type than NextChat's.
+    Raises ``ApplicationError`` 400 ``invalid_mask``."""
+    created_at = mask.get("createdAt", 0)
+    if isinstance(created_at, bool) or not isinstance(created_at, int):
+        raise _bad("createdAt must be an integer (Unix milliseconds).", f"{param}.createdAt")
+    for key in ("hideContext", "syncGlobalConfig", "builtin"):
+        if key in mask and not isinstance(mask[key], bool):
+            raise _bad(f"{key} must be a boolean.", f"{param}.{key}")
+    plugin = mask.get("plugin", [])
+    if not (isinstance(plugin, list) and all(isinstance(one, str) for one in plugin)):
+        raise _bad("plugin must be a list of strings.", f"{param}.plugin")
+    for index, message in enumerate(mask.get("context") or []):
+        for key in ("id", "date"):
+            if isinstance(message, dict) and key in message and not isinstance(message[key], str):
+                raise _bad(f"{key} must be a string.", f"{param}.context[{index}].{key}")
 
 
 def mask_template_fields(mask: Any, *, param: str = "mask") -> dict[str, Any]:
@@ -134,32 +150,29 @@ def mask_template_fields(mask: Any, *, param: str = "mask") -> dict[str, Any]:
     name = mask.get("name")
     if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_CHARS or "\x00" in name:
         raise _bad(f"name must be a non-empty string of at most {MAX_NAME_CHARS} characters.", f"{param}.name")
-    context = mask.get("context")
-    context = [] if context is None else context
+    context = mask.get("context", [])
     if not isinstance(context, list):
         raise _bad("context must be a list of messages.", f"{param}.context")
     system_prompt = ""
     if context and isinstance(context[0], dict) and context[0].get("role") == "system":
         first = context[0].get("content")
-        if not isinstance(first, str) or len(first) > MAX_SYSTEM_PROMPT_CHARS or "\x00" in first:
+        if not isinstance(first, str) or not first.strip() or len(first) > MAX_SYSTEM_PROMPT_CHARS or "\x00" in first:
             raise _bad(
-                f"The system message must be a string of at most {MAX_SYSTEM_PROMPT_CHARS} characters.",
+                f"The system message must be a non-empty string of at most {MAX_SYSTEM_PROMPT_CHARS} characters.",
                 f"{param}.context[0].content",
             )
         system_prompt, context = first, context[1:]
     starters = starter_messages_clean(context, param=f"{param}.context")
-    config = mask.get("modelConfig")
-    config = {} if config is None else config
+    config = mask.get("modelConfig", {})
     if not isinstance(config, dict):
         raise _bad("modelConfig must be an object.", f"{param}.modelConfig")
-    model = config.get("model") or ""
+    model = config.get("model", "")
     if not isinstance(model, str) or len(model) > 200:
         raise _bad("model must be a string of at most 200 characters.", f"{param}.modelConfig.model")
-    external_id = mask.get("id") or ""
-    if isinstance(external_id, int) and not isinstance(external_id, bool):
-        external_id = str(external_id)
+    external_id = mask.get("id", "")
     if not isinstance(external_id, str) or len(external_id) > 100:
         raise _bad("id must be a string of at most 100 characters.", f"{param}.id")
+    _kept_fields_check(mask, param)
     kept = {key: value for key, value in mask.items() if key not in _MAPPED_KEYS}
     kept["modelConfig"] = {key: value for key, value in config.items() if key not in ("model", *PARAMETER_NAMES)}
     return {

@@ -140,7 +140,7 @@ NEXTCHAT_MASK_SCHEMA: dict[str, Any] = {
     "system prompt.",
     "required": ["name"],
     "properties": {
-        "id": _STRING,
+        "id": {"type": "string", "maxLength": 100},
         "createdAt": {"type": "integer", "description": "Unix milliseconds"},
         "avatar": {"type": "string", "maxLength": 100},
         "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_CHARS, "pattern": NOT_BLANK_PATTERN},

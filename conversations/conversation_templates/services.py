@@ -80,13 +80,21 @@ def template_update(
     *, actor: Principal, template: ConversationTemplate, data: dict[str, Any], access: ModelAccess
 ) -> ConversationTemplate:
     """Change the ``TEMPLATE_FIELDS`` of ``template`` present in ``data`` (the caller checked that
-    ``actor`` may: ``selectors.template_get_for(to_change=True)``). Raises as ``template_create``."""
+    ``actor`` may: ``selectors.template_get_for(to_change=True)``). Raises as ``template_create``,
+    and ``ApplicationError`` 403 ``permission_denied`` when someone other than the owner (an admin
+    moderating a shared template) would change who it is shared with: that is the owner's choice.
+    """
+    sharing = (template.visibility, template.team_id)
     for name in TEMPLATE_FIELDS:
         if name in data:
             setattr(template, name, _team(data[name]) if name == "team" else data[name])
     if "model_name" in data:
         _model_check(name=template.model_name, access=access)
     _sharing_check(actor=actor, template=template)
+    if template.owner_id != actor.user.pk and (template.visibility, template.team_id) != sharing:
+        raise ApplicationError(
+            "Only the template's owner may change who it is shared with.", code="permission_denied", status=403
+        )
     template.save()
     return template
 

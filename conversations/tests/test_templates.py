@@ -230,6 +230,11 @@ def test_only_the_owner_or_an_admin_of_a_shared_template_changes_it(client_for, 
     assert response.status_code == 200, response.content
     assert response.json()["owner"] == acme.member.pk  # the owner stays
     assert_error(admin.patch(f"{BASE}{private.pk}/", {"name": "x"}, format="json"), 404, code="template_not_found")
+    # Who it is shared with is the owner's choice.
+    assert_error(
+        admin.patch(f"{BASE}{red.pk}/", {"visibility": "organization"}, format="json"), 403, code="permission_denied"
+    )
+    assert ConversationTemplate.objects.get(pk=red.pk).visibility == Visibility.TEAM
 
     # Viewers read only; so does an API key without the chat scope.
     viewer = client_for(acme.viewer)
@@ -413,6 +418,13 @@ def test_a_template_made_here_exports_as_a_mask_nextchat_takes(auth_client, user
         ({"name": "x", "modelConfig": {"max_tokens": 1.5}}, "mask.modelConfig.max_tokens"),
         ({"name": "x", "modelConfig": []}, "mask.modelConfig"),
         ([NEXTCHAT_MASK, {"name": "x", "modelConfig": {"top_p": 7}}], "masks[1].modelConfig.top_p"),
+        ({"name": "x", "modelConfig": {"model": 4}}, "mask.modelConfig.model"),
+        ({"name": "x", "context": [{"role": "system", "content": " "}]}, "mask.context[0].content"),
+        ({"name": "x", "createdAt": "yesterday"}, "mask.createdAt"),
+        ({"name": "x", "avatar": None}, "mask.avatar"),
+        ({"name": "x", "id": 7}, "mask.id"),
+        ({"name": "x", "plugin": "all"}, "mask.plugin"),
+        ({"name": "x", "builtin": "no"}, "mask.builtin"),
     ],
 )
 def test_a_bad_mask_is_a_400_naming_it_and_nothing_is_imported(auth_client, document, param):
