@@ -435,6 +435,8 @@ def test_a_bad_mask_is_a_400_naming_it_and_nothing_is_imported(auth_client, docu
 def test_import_of_malformed_json_is_a_400(auth_client):
     response = auth_client.post(f"{BASE}import/", data="{not json", content_type="application/json")
     assert_error(response, 400)
+    assert_error(auth_client.post(f"{BASE}import/", data="", content_type="application/json"), 400)
+    assert not ConversationTemplate.objects.exists()
 
 
 def test_viewers_may_not_import(client_for, acme):
