@@ -695,12 +695,16 @@ _REQUEST_RULES: dict[str, list[dict[str, Any]]] = {
 }
 # Request bodies that refuse fields they do not list (a 400 naming the field, as Anthropic answers).
 _CLOSED_REQUESTS = ("MessageCreateInputRequest", "MessageCountTokensInputRequest")
+# Operations whose body is a raw JSON Schema (drf-spectacular marks those optional) but required:
+# an empty body is a 400. Importing NextChat masks takes one mask or a list of them.
+_REQUIRED_BODIES = ("templates_import_create",)
 
 
 def document_request_rules(
     result: dict[str, Any], generator: SchemaGenerator, request: Any, public: bool
 ) -> dict[str, Any]:
-    """Add ``_REQUEST_RULES`` to their request components as ``anyOf``: what a valid body must also satisfy."""
+    """Add ``_REQUEST_RULES`` to their request components as ``anyOf``: what a valid body must also
+    satisfy; close ``_CLOSED_REQUESTS``; mark the bodies of ``_REQUIRED_BODIES`` required."""
     schemas = result.get("components", {}).get("schemas", {})
     for name, rule in _REQUEST_RULES.items():
         if name in schemas:
@@ -708,4 +712,8 @@ def document_request_rules(
     for name in _CLOSED_REQUESTS:
         if name in schemas:
             schemas[name]["additionalProperties"] = False
+    for operations in result.get("paths", {}).values():
+        for operation in operations.values():
+            if operation.get("operationId") in _REQUIRED_BODIES and "requestBody" in operation:
+                operation["requestBody"]["required"] = True
     return result

@@ -14,6 +14,7 @@ urlpatterns = [
     path("api/", include("accounts.urls")),
     path("api/", include("llm.urls")),
     path("api/", include("conversations.urls")),
+    path("api/", include("conversations.conversation_templates.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("", include("llm.anthropic.urls")),  # before llm.openai.urls: it ends with the /v1 catch-all

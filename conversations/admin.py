@@ -13,7 +13,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 
-from .models import Conversation, Message, SharedConversation, SyncDocument, SyncDocumentVersion
+from .models import Conversation, ConversationTemplate, Message, SharedConversation, SyncDocument, SyncDocumentVersion
 
 _MESSAGE_FIELDS = (
     "conversation",
@@ -162,3 +162,43 @@ class SharedConversationAdmin(admin.ModelAdmin):
     def revoke(self, request: HttpRequest, queryset: QuerySet[SharedConversation]) -> None:
         revoked = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
         self.message_user(request, f"{revoked} link(s) revoked.")
+
+
+@admin.register(ConversationTemplate)
+class ConversationTemplateAdmin(admin.ModelAdmin):
+    """Conversation templates (``conversations.conversation_templates``): users' own, so read-only;
+    operators may delete one (moderation)."""
+
+    list_display = ("id", "name", "owner", "organization", "visibility", "team", "model_name", "updated_at")
+    list_select_related = ("owner", "organization", "team")
+    list_filter = ("visibility", "organization", "model_name")
+    search_fields = ("name", "owner__username", "system_prompt")
+    fields = (
+        "name",
+        "owner",
+        "organization",
+        "visibility",
+        "team",
+        "model_name",
+        "system_prompt",
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "presence_penalty",
+        "frequency_penalty",
+        "starter_messages",
+        "external_id",
+        "avatar",
+        "lang",
+        "nextchat",
+        "created_at",
+        "updated_at",
+    )
+    readonly_fields = fields
+    date_hierarchy = "updated_at"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

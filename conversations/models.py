@@ -18,6 +18,10 @@ class Conversation(models.Model):
     ``store: true`` kept as a conversation (``services.stored_completion_save``), its ``chatcmpl-...``
     id; None for every other conversation. ``metadata``: OpenAI's key/value strings of a stored
     completion (at most 16 pairs; ``{}`` otherwise).
+
+    ``parameters``: OpenAI request fields sent with every reply over the model's
+    ``default_parameters`` (``temperature``, ``top_p``, ``max_tokens``, ``presence_penalty``,
+    ``frequency_penalty``; set from a template). ``template``: the template it was made from, if any.
     """
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations")
@@ -35,6 +39,10 @@ class Conversation(models.Model):
     active_leaf = models.ForeignKey("Message", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
     completion_id = models.CharField(max_length=64, null=True, blank=True, unique=True, default=None)
     metadata = models.JSONField(default=dict, blank=True)
+    parameters = models.JSONField(default=dict, blank=True)
+    template = models.ForeignKey(
+        "ConversationTemplate", on_delete=models.SET_NULL, null=True, blank=True, related_name="conversations"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -144,9 +152,19 @@ class Message(models.Model):
         return f"{self.role}: {self.content[:40]}"
 
 
-# NextChat's synced documents (``conversations.sync``): defined there, registered with this app here.
-# Share links (``conversations.sharing``): defined there, registered with this app here.
+# Defined in their packages, registered with this app here: conversation templates
+# (``conversations.conversation_templates``), share links (``conversations.sharing``) and NextChat's
+# synced documents (``conversations.sync``).
+from .conversation_templates.models import ConversationTemplate  # noqa: E402
 from .sharing.models import SharedConversation  # noqa: E402
 from .sync.models import SyncDocument, SyncDocumentVersion, SyncUploadChunk  # noqa: E402
 
-__all__ = ["Conversation", "Message", "SharedConversation", "SyncDocument", "SyncDocumentVersion", "SyncUploadChunk"]
+__all__ = [
+    "Conversation",
+    "ConversationTemplate",
+    "Message",
+    "SharedConversation",
+    "SyncDocument",
+    "SyncDocumentVersion",
+    "SyncUploadChunk",
+]

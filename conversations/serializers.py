@@ -28,6 +28,7 @@ NOT_BLANK_PATTERN = "[^" + "".join(f"\\u{ord(char):04x}" for char in _WHITESPACE
 
 class ConversationOutputSerializer(serializers.ModelSerializer):
     """A conversation; ``model`` is the model's public name (what clients send as ``model``);
+    ``parameters`` and ``template`` come from the template it was made from, if any;
     ``completion_id`` the ``chatcmpl-...`` id of a stored chat completion (``store: true``), else null."""
 
     model = serializers.CharField(source="model.name", read_only=True)
@@ -38,9 +39,27 @@ class ConversationOutputSerializer(serializers.ModelSerializer):
         help_text="The last message of the active branch (null: no message yet).",
     )
 
+    parameters = serializers.DictField(
+        read_only=True, help_text="OpenAI request fields sent with every reply (from a template; {}: none)."
+    )
+    template = serializers.IntegerField(
+        source="template_id", allow_null=True, read_only=True, help_text="The template it was made from, if any."
+    )
+
     class Meta:
         model = Conversation
-        fields = ["id", "title", "model", "system_prompt", "active_leaf", "completion_id", "created_at", "updated_at"]
+        fields = [
+            "id",
+            "title",
+            "model",
+            "system_prompt",
+            "parameters",
+            "template",
+            "active_leaf",
+            "completion_id",
+            "created_at",
+            "updated_at",
+        ]
         read_only_fields = fields
 
 

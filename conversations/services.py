@@ -346,7 +346,9 @@ def _reply_begin(
     conversation = conversation_get_for(actor=actor, conversation_id=conversation_id, to_change=True)
     # Cached in the process: no query on a hit.
     model = enabled_model_get_for(access=model_access_for(principal=actor), name=conversation.model.name)
-    parameters = dict(model.default_parameters)
+    # A template's parameters (``Conversation.parameters``) over the model's defaults; the output
+    # reserve of the context that fits (``max_tokens``) is among them.
+    parameters = {**model.default_parameters, **conversation.parameters}
     try:
         written = _reply_messages_create(conversation=conversation, turn=turn, model=model, parameters=parameters)
     except IntegrityError:  # the conversation was deleted since it was read

@@ -46,7 +46,7 @@ from websockets.sync.client import connect
 from accounts.keys import hash_secret
 from accounts.models import APIKey, Budget, Invitation, Membership, Organization, Team, TeamMembership, User
 from accounts.services import api_key_create
-from conversations.models import Conversation, Message, SharedConversation
+from conversations.models import Conversation, ConversationTemplate, Message, SharedConversation
 from conversations.routing import websocket_urlpatterns
 from conversations.services import message_append
 from tests.factories import LLMModelFactory, UserFactory
@@ -82,8 +82,8 @@ RESPONSES = {"model": MODEL, "input": "hi", "max_output_tokens": 16}
 
 @dataclass(frozen=True)
 class Row:
-    """One endpoint and method: ``path`` may hold ``{conversation}``, ``{message}``, ``{completion}``, ``{api_key}``,
-    ``{share}`` (a share link's id), ``{share_token}`` (its token),
+    """One endpoint and method: ``path`` may hold ``{conversation}``, ``{message}``, ``{completion}``,
+    ``{template}``, ``{api_key}``, ``{share}`` (a share link's id), ``{share_token}`` (its token),
     ``{budget}``, ``{user}`` (made afresh per cell for each of ``OBJECTS``); ``expect`` is a string of
     statuses in ``CALLERS`` order, or, for a path with an object, a dict of them per object."""
 
@@ -363,6 +363,81 @@ MATRIX: tuple[Row, ...] = (
     ),
     Row("GET", "/api/upstash/get/backup/", "401 200 200 200 200 200 200 200 403 200 200 401 200"),
     Row("GET", "/api/models/", "401 200 200 200 200 200 200 200 200 200 200 401 200"),
+    # Templates ({template}: the member's private one, the teammate's shared with team red, the other
+    # team's member's shared with the organization, the other organization's shared with globex).
+    # Reading needs ``read``, writing ``chat``; admins see and change shared ones, never private ones.
+    Row("GET", "/api/templates/", "401 200 200 200 200 200 200 200 403 200 200 401 200"),
+    Row(
+        "POST",
+        "/api/templates/",
+        "401 201 201 201 201 403 201 201 201 403 403 401 404",
+        body={"name": "matrix", "model": MODEL},
+    ),
+    Row("GET", "/api/templates/export/", "401 200 200 200 200 200 200 200 403 200 200 401 200"),
+    Row("POST", "/api/templates/import/", "401 201 201 201 201 403 201 201 201 403 403 401 201", body={"name": "m"}),
+    Row(
+        "GET",
+        "/api/templates/{template}/",
+        per_object(
+            "401 404 404 404 200 404 404 404 403 200 404 401 200",  # own
+            "401 200 200 200 200 404 404 404 403 200 200 401 200",  # same_team
+            "401 200 200 200 200 200 200 404 403 200 200 401 200",  # other_team
+            "401 404 404 404 404 404 404 200 403 404 404 401 404",  # other_org
+        ),
+    ),
+    Row(
+        "GET",
+        "/api/templates/{template}/export/",
+        per_object(
+            "401 404 404 404 200 404 404 404 403 200 404 401 200",  # own
+            "401 200 200 200 200 404 404 404 403 200 200 401 200",  # same_team
+            "401 200 200 200 200 200 200 404 403 200 200 401 200",  # other_team
+            "401 404 404 404 404 404 404 200 403 404 404 401 404",  # other_org
+        ),
+    ),
+    Row(
+        "PUT",
+        "/api/templates/{template}/",
+        per_object(
+            "401 404 404 404 200 403 404 404 200 403 403 401 200",  # own
+            "401 403 403 403 403 403 404 404 403 403 403 401 403",  # same_team: admins may not re-share it
+            "401 200 200 200 403 403 200 404 403 403 403 401 403",  # other_team
+            "401 404 404 404 404 403 404 200 404 403 403 401 404",  # other_org
+        ),
+        body={"name": "renamed", "visibility": "organization"},
+    ),
+    Row(
+        "PATCH",
+        "/api/templates/{template}/",
+        per_object(
+            "401 404 404 404 200 403 404 404 200 403 403 401 200",  # own
+            "401 200 200 200 403 403 404 404 403 403 403 401 403",  # same_team
+            "401 200 200 200 403 403 200 404 403 403 403 401 403",  # other_team
+            "401 404 404 404 404 403 404 200 404 403 403 401 404",  # other_org
+        ),
+        body={"name": "renamed"},
+    ),
+    Row(
+        "DELETE",
+        "/api/templates/{template}/",
+        per_object(
+            "401 404 404 404 204 403 404 404 204 403 403 401 204",  # own
+            "401 204 204 204 403 403 404 404 403 403 403 401 403",  # same_team
+            "401 204 204 204 403 403 204 404 403 403 403 401 403",  # other_team
+            "401 404 404 404 404 403 404 204 404 403 403 401 404",  # other_org
+        ),
+    ),
+    Row(
+        "POST",
+        "/api/templates/{template}/conversations/",
+        per_object(
+            "401 404 404 404 201 403 404 404 201 403 403 401 404",  # own
+            "401 201 201 201 201 403 404 404 201 403 403 401 404",  # same_team
+            "401 201 201 201 201 403 201 404 201 403 403 401 404",  # other_team
+            "401 404 404 404 404 403 404 201 404 403 403 401 404",  # other_org
+        ),
+        body={},
+    ),
     Row("GET", "/api/conversations/", "401 200 200 200 200 200 200 200 403 200 200 401 200"),
     Row("POST", "/api/conversations/", "401 201 201 201 201 403 201 201 201 403 403 401 404", body={"model": MODEL}),
     Row(
@@ -707,6 +782,16 @@ def _objects(world: World, obj: str, path: str) -> dict[str, Any]:
             "created_at": timezone.now().isoformat()}],
         ).pk  # fmt: skip
         values["share_token"] = token
+    if "{template}" in path:
+        visibility, team = {
+            "own": (ConversationTemplate.Visibility.PRIVATE, None),
+            "same_team": (ConversationTemplate.Visibility.TEAM, world.red),
+            "other_team": (ConversationTemplate.Visibility.ORGANIZATION, None),
+            "other_org": (ConversationTemplate.Visibility.ORGANIZATION, None),
+        }[obj]
+        values["template"] = ConversationTemplate.objects.create(
+            owner=owner, organization=organization, name="target", model_name=MODEL, visibility=visibility, team=team
+        ).pk
     if "{api_key}" in path:
         values["api_key"] = api_key_create(user=owner, name="target", organization=organization).api_key.pk
     if "{budget}" in path:

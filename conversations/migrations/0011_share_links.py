@@ -9,7 +9,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('accounts', '0019_access_denied_audit'),
-        ('conversations', '0008_context_titles'),
+        ('conversations', '0009_templates'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 

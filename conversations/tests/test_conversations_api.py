@@ -20,9 +20,11 @@ def test_create_conversation(auth_client, user, model):
     assert response.status_code == 201
     body = response.json()
     assert set(body) == {
-        "id", "title", "model", "system_prompt", "active_leaf", "completion_id", "created_at", "updated_at"
+        "id", "title", "model", "system_prompt", "parameters", "template", "active_leaf", "completion_id",
+        "created_at", "updated_at",
     }  # fmt: skip
     assert body["active_leaf"] is None and body["completion_id"] is None
+    assert body["parameters"] == {} and body["template"] is None
     assert body["model"] == "gpt-test"
     assert body["title"] == "Hi"
     conversation = Conversation.objects.get(pk=body["id"])
