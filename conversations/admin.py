@@ -12,7 +12,7 @@ from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from .models import Conversation, Message, SyncDocument, SyncDocumentVersion
+from .models import Conversation, Message, RetentionPolicy, SyncDocument, SyncDocumentVersion
 
 _MESSAGE_FIELDS = (
     "conversation",
@@ -53,11 +53,28 @@ class MessageInline(admin.TabularInline):
 
 @admin.register(Conversation)
 class ConversationAdmin(admin.ModelAdmin):
-    list_display = ("id", "title", "owner", "model", "updated_at")
+    list_display = ("id", "title", "owner", "model", "pinned", "archived_at", "deleted_at", "updated_at")
     list_select_related = ("owner", "model")
-    list_filter = ("model",)
+    list_filter = (
+        "model",
+        "pinned",
+        ("archived_at", admin.EmptyFieldListFilter),
+        ("deleted_at", admin.EmptyFieldListFilter),
+    )
     search_fields = ("title", "owner__username")
-    fields = ("title", "owner", "model", "system_prompt", "active_leaf", "external_id", "created_at", "updated_at")
+    fields = (
+        "title",
+        "owner",
+        "model",
+        "system_prompt",
+        "active_leaf",
+        "external_id",
+        "pinned",
+        "archived_at",
+        "deleted_at",
+        "created_at",
+        "updated_at",
+    )
     readonly_fields = fields
     inlines = (MessageInline,)
     date_hierarchy = "updated_at"
@@ -135,3 +152,15 @@ class SyncDocumentAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+@admin.register(RetentionPolicy)
+class RetentionPolicyAdmin(admin.ModelAdmin):
+    """How long each organization keeps conversations (applied hourly: ``conversations.retention``)."""
+
+    list_display = ("organization", "delete_after_days", "trash_purge_after_days", "updated_at")
+    list_select_related = ("organization",)
+    search_fields = ("organization__name", "organization__slug")
+    autocomplete_fields = ("organization",)
+    fields = ("organization", "delete_after_days", "trash_purge_after_days", "updated_at")
+    readonly_fields = ("updated_at",)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
+from .retention import retention_apply
 from .services import reply_recover_orphans
 from .sync.tasks import sync_import_task, sync_prune_task  # noqa: F401 - Celery finds them here
 
@@ -15,3 +16,12 @@ def reply_recover_orphans_task(orphan_after_seconds: float | None = None) -> int
     Run by celery beat every ``REPLY_ORPHAN_AFTER_SECONDS / 2`` (settings ``CELERY_BEAT_SCHEDULE``).
     """
     return reply_recover_orphans(orphan_after_seconds=orphan_after_seconds)
+
+
+@shared_task(name="conversations.retention_apply")
+def retention_apply_task() -> dict[str, int]:
+    """Purge what the organizations' retention policies keep no longer (``retention.retention_apply``);
+    return how many: ``{"inactive": n, "trash": n}``. Run by celery beat every
+    ``RETENTION_INTERVAL_SECONDS`` (settings ``CELERY_BEAT_SCHEDULE``)."""
+    result = retention_apply()
+    return {"inactive": result.inactive, "trash": result.trash}
