@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import django_filters
+from django import forms
 from django.db.models import Q, QuerySet
 from django.http import Http404
 from drf_spectacular.types import OpenApiTypes
@@ -84,6 +85,26 @@ _ID_MAX = 2**63 - 1  # PostgreSQL bigint: a row id
 _ID_SCHEMA = {"type": "integer", "minimum": 1, "maximum": _ID_MAX}
 
 
+# The filters whose empty or malformed value is a 400: django-filter would ignore it (no filter),
+# answering another question than the client asked, and the schema (boolean, date-time) refuses it.
+_BOOLEAN_FILTERS = ("pinned", "archived")
+_DATE_FILTERS = ("created_from", "created_to", "updated_from", "updated_to")
+
+
+class ConversationFilterForm(forms.Form):
+    """Refuse an empty date and a boolean other than ``true``/``false`` (``1``/``0``)."""
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        for name in _BOOLEAN_FILTERS:
+            if name in self.data and str(self.data[name]).lower() not in ("true", "false", "1", "0"):
+                self.add_error(name, "Must be true or false.")
+        for name in _DATE_FILTERS:
+            if name in self.data and not str(self.data[name]).strip():
+                self.add_error(name, "Must be a date and time (ISO 8601).")
+        return cleaned
+
+
 class ConversationFilter(django_filters.FilterSet):
     """``?model=<model name>``, ``?pinned=``, ``?archived=``, and created/updated date ranges."""
 
@@ -112,6 +133,7 @@ class ConversationFilter(django_filters.FilterSet):
     class Meta:
         model = Conversation
         fields = ["model", "pinned", "archived", "created_from", "created_to", "updated_from", "updated_to"]
+        form = ConversationFilterForm
 
 
 @extend_schema_view(
@@ -242,7 +264,7 @@ class ConversationViewSet(
                 description="What to look for.",
             )
         ],
-        responses={200: ConversationSearchResultOutputSerializer, **_errors(400, 401)},
+        responses={200: ConversationSearchResultOutputSerializer(many=True), **_errors(400, 401)},
     )
     @action(detail=False, methods=["get"], filter_backends=(django_filters.rest_framework.DjangoFilterBackend,))
     def search(self, request: Request) -> Response:

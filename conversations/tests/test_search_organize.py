@@ -278,3 +278,12 @@ def test_the_admin_edits_retention_policies(admin_site):
     policy = RetentionPolicy.objects.get(organization=organization)
     assert (policy.delete_after_days, policy.trash_purge_after_days) == (30, None)
     assert admin_site.get("/admin/conversations/retentionpolicy/").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "params", [{"pinned": ""}, {"pinned": "maybe"}, {"archived": ""}, {"updated_to": ""}, {"created_from": "soon"}]
+)
+@pytest.mark.parametrize("path", ["/api/conversations/", SEARCH])
+def test_a_malformed_filter_is_a_400_not_ignored(auth_client, path, params):
+    response = auth_client.get(path, {"q": "x", **params})
+    assert response.status_code == 400, response.content
