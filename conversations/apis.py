@@ -9,6 +9,7 @@ leave as ``{"error": {...}}`` through ``chatbackend.exception_handlers``.
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import django_filters
@@ -102,7 +103,21 @@ class ConversationFilterForm(forms.Form):
         for name in _DATE_FILTERS:
             if name in self.data and not str(self.data[name]).strip():
                 self.add_error(name, "Must be a date and time (ISO 8601).")
+            elif isinstance(cleaned.get(name), dt.datetime) and not _storable(cleaned[name]):
+                self.add_error(name, "Must be a date and time with a UTC offset under 16 hours, from year 1.")
         return cleaned
+
+
+def _storable(value: dt.datetime) -> bool:
+    """Whether PostgreSQL takes ``value``: an offset within ±15:59 and a UTC time in year 1 or later."""
+    offset = value.utcoffset()
+    if offset is not None and abs(offset) >= dt.timedelta(hours=16):
+        return False
+    try:
+        value.astimezone(dt.UTC)
+    except OverflowError:
+        return False
+    return True
 
 
 class ConversationFilter(django_filters.FilterSet):

@@ -6,7 +6,7 @@ import datetime as dt
 import logging
 from dataclasses import dataclass
 
-from django.db.models import Q
+from django.db.models import BooleanField, ExpressionWrapper, Q
 from django.utils import timezone
 
 from chatbackend.errors import NotFoundError
@@ -55,15 +55,14 @@ def retention_apply(*, now: dt.datetime | None = None) -> RetentionResult:
     for policy in policies:
         inactive, trash = retention_due(policy=policy, now=now)
         due = Conversation.objects.filter(inactive | trash, organization_id=policy.organization_id)
-        for conversation in due.only("pk", "deleted_at", "updated_at").iterator():
-            is_inactive = policy.delete_after_days is not None and conversation.updated_at < now - dt.timedelta(
-                days=policy.delete_after_days
-            )
+        # Counted as inactive when both apply: that period alone would have purged it.
+        due = due.annotate(is_inactive=ExpressionWrapper(inactive, output_field=BooleanField()))
+        for conversation in due.only("pk").iterator():
             try:
                 conversation_delete(conversation=conversation)
-            except NotFoundError:
+            except NotFoundError:  # deleted meanwhile
                 continue
-            if is_inactive:
+            if conversation.is_inactive:  # type: ignore[attr-defined]
                 inactive_count += 1
             else:
                 trash_count += 1

@@ -287,3 +287,21 @@ def test_the_admin_edits_retention_policies(admin_site):
 def test_a_malformed_filter_is_a_400_not_ignored(auth_client, path, params):
     response = auth_client.get(path, {"q": "x", **params})
     assert response.status_code == 400, response.content
+
+
+def test_retention_with_only_one_period_set(user):
+    default = Organization.objects.default()
+    RetentionPolicy.objects.create(organization=default, trash_purge_after_days=1)
+    old = ConversationFactory(owner=user)
+    _ago(old, days=100)  # inactive, but no inactivity period: kept
+    trashed = ConversationFactory(owner=user)
+    Conversation.objects.filter(pk=trashed.pk).update(deleted_at=timezone.now() - dt.timedelta(days=2))
+
+    assert retention_apply_task.delay().get() == {"inactive": 0, "trash": 1}
+    assert set(Conversation.objects.values_list("pk", flat=True)) == {old.pk}
+
+
+@pytest.mark.parametrize("value", ["0772-03-26T02:05:28-21:23", "0001-01-01T00:00:00+10:00"])
+def test_a_date_postgresql_cannot_take_is_a_400(auth_client, value):
+    response = auth_client.get(SEARCH, {"q": "x", "updated_to": value})
+    assert response.status_code == 400, response.content
