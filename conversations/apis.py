@@ -103,21 +103,20 @@ class ConversationFilterForm(forms.Form):
         for name in _DATE_FILTERS:
             if name in self.data and not str(self.data[name]).strip():
                 self.add_error(name, "Must be a date and time (ISO 8601).")
-            elif isinstance(cleaned.get(name), dt.datetime) and not _storable(cleaned[name]):
-                self.add_error(name, "Must be a date and time with a UTC offset under 16 hours, from year 1.")
+            elif isinstance(cleaned.get(name), dt.datetime):
+                cleaned[name] = _in_utc(cleaned[name])
         return cleaned
 
 
-def _storable(value: dt.datetime) -> bool:
-    """Whether PostgreSQL takes ``value``: an offset within ±15:59 and a UTC time in year 1 or later."""
-    offset = value.utcoffset()
-    if offset is not None and abs(offset) >= dt.timedelta(hours=16):
-        return False
+def _in_utc(value: dt.datetime) -> dt.datetime:
+    """Return ``value`` in UTC, the earliest or latest datetime when UTC has no such time (year 1 at
+    +10:00 is year 0). Any valid ISO 8601 offset is taken (up to ±23:59), but PostgreSQL refuses a
+    timestamp with one of 16 hours or more: it only ever receives UTC."""
     try:
-        value.astimezone(dt.UTC)
+        return value.astimezone(dt.UTC)
     except OverflowError:
-        return False
-    return True
+        offset = value.utcoffset() or dt.timedelta(0)
+        return (dt.datetime.min if offset > dt.timedelta(0) else dt.datetime.max).replace(tzinfo=dt.UTC)
 
 
 class ConversationFilter(django_filters.FilterSet):
