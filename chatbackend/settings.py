@@ -297,6 +297,10 @@ BUDGET_RESERVATION_TTL_SECONDS: float = _seconds("BUDGET_RESERVATION_TTL_SECONDS
 # budget's counter recomputed from the usage rows, drift logged.
 BUDGET_RECONCILE_SECONDS: float = _seconds("BUDGET_RECONCILE_SECONDS", 60.0)
 
+# Seconds between runs of the retention task (celery beat): conversations past their organization's
+# retention policy (conversations.RetentionPolicy, set in the admin) are purged.
+RETENTION_INTERVAL_SECONDS: float = _seconds("RETENTION_INTERVAL_SECONDS", 3600.0)
+
 CELERY_BEAT_SCHEDULE = {
     "conversations.reply_recover_orphans": {
         "task": "conversations.reply_recover_orphans",
@@ -309,6 +313,10 @@ CELERY_BEAT_SCHEDULE = {
     "conversations.sync_prune": {
         "task": "conversations.sync_prune",
         "schedule": 3600.0,
+    },
+    "conversations.retention_apply": {
+        "task": "conversations.retention_apply",
+        "schedule": RETENTION_INTERVAL_SECONDS,
     },
 }
 

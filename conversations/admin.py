@@ -13,7 +13,15 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 
-from .models import Conversation, ConversationTemplate, Message, SharedConversation, SyncDocument, SyncDocumentVersion
+from .models import (
+    Conversation,
+    ConversationTemplate,
+    Message,
+    RetentionPolicy,
+    SharedConversation,
+    SyncDocument,
+    SyncDocumentVersion,
+)
 
 _MESSAGE_FIELDS = (
     "conversation",
@@ -54,11 +62,28 @@ class MessageInline(admin.TabularInline):
 
 @admin.register(Conversation)
 class ConversationAdmin(admin.ModelAdmin):
-    list_display = ("id", "title", "owner", "model", "updated_at")
+    list_display = ("id", "title", "owner", "model", "pinned", "archived_at", "deleted_at", "updated_at")
     list_select_related = ("owner", "model")
-    list_filter = ("model",)
+    list_filter = (
+        "model",
+        "pinned",
+        ("archived_at", admin.EmptyFieldListFilter),
+        ("deleted_at", admin.EmptyFieldListFilter),
+    )
     search_fields = ("title", "owner__username")
-    fields = ("title", "owner", "model", "system_prompt", "active_leaf", "external_id", "created_at", "updated_at")
+    fields = (
+        "title",
+        "owner",
+        "model",
+        "system_prompt",
+        "active_leaf",
+        "external_id",
+        "pinned",
+        "archived_at",
+        "deleted_at",
+        "created_at",
+        "updated_at",
+    )
     readonly_fields = fields
     inlines = (MessageInline,)
     date_hierarchy = "updated_at"
@@ -202,3 +227,15 @@ class ConversationTemplateAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+@admin.register(RetentionPolicy)
+class RetentionPolicyAdmin(admin.ModelAdmin):
+    """How long each organization keeps conversations (applied hourly: ``conversations.retention``)."""
+
+    list_display = ("organization", "delete_after_days", "trash_purge_after_days", "updated_at")
+    list_select_related = ("organization",)
+    search_fields = ("organization__name", "organization__slug")
+    autocomplete_fields = ("organization",)
+    fields = ("organization", "delete_after_days", "trash_purge_after_days", "updated_at")
+    readonly_fields = ("updated_at",)

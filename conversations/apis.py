@@ -9,14 +9,17 @@ leave as ``{"error": {...}}`` through ``chatbackend.exception_handlers``.
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import django_filters
+from django import forms
 from django.db.models import Q, QuerySet
 from django.http import Http404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
 from rest_framework.exceptions import MethodNotAllowed
 from rest_framework.filters import OrderingFilter, SearchFilter
 from rest_framework.generics import ListAPIView
@@ -33,10 +36,19 @@ from chatbackend.errors import ApplicationError
 from chatbackend.http import sse_event_schema
 
 from .models import Conversation, Message
-from .selectors import conversation_get_for, conversation_list, message_list, message_sibling_ids, message_tree
+from .search import MAX_QUERY_CHARS, conversation_search, conversation_search_scope, search_snippets
+from .selectors import (
+    conversation_get_for,
+    conversation_list,
+    conversation_trash_list,
+    message_list,
+    message_sibling_ids,
+    message_tree,
+)
 from .serializers import (
     ConversationCreateInputSerializer,
     ConversationOutputSerializer,
+    ConversationSearchResultOutputSerializer,
     ConversationUpdateInputSerializer,
     MessageOutputSerializer,
     MessageSendInputSerializer,
@@ -47,7 +59,9 @@ from .serializers import (
 from .services import (
     conversation_branch_activate,
     conversation_create,
-    conversation_delete,
+    conversation_purge,
+    conversation_restore,
+    conversation_trash,
     conversation_update,
     reply_stop,
 )
@@ -72,19 +86,74 @@ _ID_MAX = 2**63 - 1  # PostgreSQL bigint: a row id
 _ID_SCHEMA = {"type": "integer", "minimum": 1, "maximum": _ID_MAX}
 
 
+# The filters whose empty or malformed value is a 400: django-filter would ignore it (no filter),
+# answering another question than the client asked, and the schema (boolean, date-time) refuses it.
+_BOOLEAN_FILTERS = ("pinned", "archived")
+_DATE_FILTERS = ("created_from", "created_to", "updated_from", "updated_to")
+
+
+class ConversationFilterForm(forms.Form):
+    """Refuse an empty date and a boolean other than ``true``/``false`` (``1``/``0``)."""
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        for name in _BOOLEAN_FILTERS:
+            if name in self.data and str(self.data[name]).lower() not in ("true", "false", "1", "0"):
+                self.add_error(name, "Must be true or false.")
+        for name in _DATE_FILTERS:
+            if name in self.data and not str(self.data[name]).strip():
+                self.add_error(name, "Must be a date and time (ISO 8601).")
+            elif isinstance(cleaned.get(name), dt.datetime):
+                cleaned[name] = _in_utc(cleaned[name])
+        return cleaned
+
+
+def _in_utc(value: dt.datetime) -> dt.datetime:
+    """Return ``value`` in UTC, the earliest or latest datetime when UTC has no such time (year 1 at
+    +10:00 is year 0). Any valid ISO 8601 offset is taken (up to ±23:59), but PostgreSQL refuses a
+    timestamp with one of 16 hours or more: it only ever receives UTC."""
+    try:
+        return value.astimezone(dt.UTC)
+    except OverflowError:
+        offset = value.utcoffset() or dt.timedelta(0)
+        return (dt.datetime.min if offset > dt.timedelta(0) else dt.datetime.max).replace(tzinfo=dt.UTC)
+
+
 class ConversationFilter(django_filters.FilterSet):
-    """``?model=<model name>``."""
+    """``?model=<model name>``, ``?pinned=``, ``?archived=``, and created/updated date ranges."""
 
     model = django_filters.CharFilter(field_name="model__name", help_text="the model's name")
+    pinned = django_filters.BooleanFilter(help_text="Only pinned (true) or unpinned (false) conversations.")
+    archived = django_filters.BooleanFilter(
+        field_name="archived_at",
+        lookup_expr="isnull",
+        exclude=True,
+        help_text="Only archived (true) or unarchived (false) conversations. The list shows only unarchived "
+        "ones when this is absent; search shows both.",
+    )
+    created_from = django_filters.IsoDateTimeFilter(
+        field_name="created_at", lookup_expr="gte", help_text="Created at or after (ISO 8601)."
+    )
+    created_to = django_filters.IsoDateTimeFilter(
+        field_name="created_at", lookup_expr="lte", help_text="Created at or before (ISO 8601)."
+    )
+    updated_from = django_filters.IsoDateTimeFilter(
+        field_name="updated_at", lookup_expr="gte", help_text="Last updated at or after (ISO 8601)."
+    )
+    updated_to = django_filters.IsoDateTimeFilter(
+        field_name="updated_at", lookup_expr="lte", help_text="Last updated at or before (ISO 8601)."
+    )
 
     class Meta:
         model = Conversation
-        fields = ["model"]
+        fields = ["model", "pinned", "archived", "created_from", "created_to", "updated_from", "updated_to"]
+        form = ConversationFilterForm
 
 
 @extend_schema_view(
     list=extend_schema(
-        summary="List the caller's conversations (admins: everyone's), most recently updated first",
+        summary="List the caller's conversations (admins: everyone's), pinned first, then most recently "
+        "updated; archived ones only with ?archived=true, trashed ones never (see /trash/)",
         responses={200: ConversationOutputSerializer, **_errors(400, 401)},
     ),
     create=extend_schema(
@@ -103,13 +172,16 @@ class ConversationFilter(django_filters.FilterSet):
         summary="Get a conversation", responses={200: ConversationOutputSerializer, **_errors(401, 404)}
     ),
     partial_update=extend_schema(
-        summary="Rename a conversation, change its system prompt or model, or switch branches (active_leaf)",
+        summary="Rename a conversation, change its system prompt or model, switch branches (active_leaf), "
+        "pin or archive it",
         request=ConversationUpdateInputSerializer,
         responses={200: ConversationOutputSerializer, **_errors(400, 401, 403, 404)},
     ),
     destroy=extend_schema(
-        summary="Delete a conversation and its messages",
-        responses={204: OpenApiResponse(description="Deleted."), **_errors(401, 403, 404)},
+        summary="Move a conversation to the trash (restore it with /restore/, delete it for good with /purge/)",
+        description="A reply streaming in it is stopped (its client gets `conversation_deleted`). A trashed "
+        "conversation is a 404 everywhere but the trash, and takes no message.",
+        responses={204: OpenApiResponse(description="In the trash."), **_errors(401, 403, 404)},
     ),
 )
 @extend_schema(tags=["conversations"])
@@ -127,8 +199,8 @@ class ConversationViewSet(
     filter_backends = (django_filters.rest_framework.DjangoFilterBackend, SearchFilter, OrderingFilter)
     filterset_class = ConversationFilter
     search_fields = ("title",)
-    ordering_fields = ("updated_at", "created_at", "title", "id")
-    ordering = ("-updated_at", "-id")
+    ordering_fields = ("updated_at", "created_at", "title", "id", "pinned")
+    ordering = ("-pinned", "-updated_at", "-id")
     lookup_value_regex = r"\d+"
     http_method_names = ("get", "post", "patch", "delete", "head", "options")
     # accounts.scopes: reading needs ``read`` (the default), writing is part of chatting.
@@ -138,6 +210,12 @@ class ConversationViewSet(
         if getattr(self, "swagger_fake_view", False):  # drf-spectacular inspecting the view
             return Conversation.objects.none()
         return conversation_list(actor=request_principal(self.request))
+
+    def filter_queryset(self, queryset: QuerySet[Any, Any]) -> QuerySet[Any, Any]:
+        queryset = super().filter_queryset(queryset)
+        if self.action == "list" and "archived" not in self.request.query_params:
+            queryset = queryset.filter(archived_at__isnull=True)  # the default list leaves archived ones out
+        return queryset
 
     def get_object(self) -> Conversation:
         """The conversation of the URL, to read (DRF's lookup in ``get_queryset``: 404 ``not_found``).
@@ -180,7 +258,75 @@ class ConversationViewSet(
         return Response(ConversationOutputSerializer(conversation).data)
 
     def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        conversation_delete(conversation=self._own_conversation())
+        conversation_trash(conversation=self._own_conversation())
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    @extend_schema(
+        summary="Search the caller's own conversations: titles and message content, best match first",
+        description='PostgreSQL: full-text search (English stemming; `"a phrase"`, `or`, `-word` as a web '
+        "search engine reads them), ranked, a title hit above a message hit. SQLite: every word or "
+        '`"phrase"` must appear in the title or in one message (case-insensitive for ASCII); ranked '
+        "title and message hit, then title, then message. Then most recently updated first. Only the "
+        "caller's own conversations, never the trash (admins too: search never shows a member's "
+        "conversation). Archived ones are included unless `archived=false`. Paginated.",
+        operation_id="conversations_search",
+        parameters=[
+            OpenApiParameter(
+                "q",
+                {"type": "string", "minLength": 1, "maxLength": MAX_QUERY_CHARS},
+                required=True,
+                description="What to look for.",
+            )
+        ],
+        responses={200: ConversationSearchResultOutputSerializer(many=True), **_errors(400, 401)},
+    )
+    @action(detail=False, methods=["get"], filter_backends=(django_filters.rest_framework.DjangoFilterBackend,))
+    def search(self, request: Request) -> Response:
+        query = _search_query(request)
+        actor = request_principal(request)
+        results = conversation_search(
+            conversations=self.filter_queryset(conversation_search_scope(actor=actor)), query=query
+        )
+        page = self.paginate_queryset(results)
+        assert page is not None  # noqa: S101 - the project's settings paginate every list
+        found = [getattr(c, "search_message_id", None) for c in page]  # annotated by conversation_search
+        snippets = search_snippets(message_ids=[pk for pk in found if pk], query=query)
+        context = {**self.get_serializer_context(), "snippets": snippets}
+        data = ConversationSearchResultOutputSerializer(page, many=True, context=context).data
+        return self.get_paginated_response(data)
+
+    @extend_schema(
+        summary="List the caller's own conversations in the trash, most recently deleted first",
+        operation_id="conversations_trash",
+        responses={200: ConversationOutputSerializer(many=True), **_errors(401)},
+    )
+    @action(detail=False, methods=["get"], filter_backends=())
+    def trash(self, request: Request) -> Response:
+        page = self.paginate_queryset(conversation_trash_list(actor=request_principal(request)))
+        assert page is not None  # noqa: S101
+        return self.get_paginated_response(ConversationOutputSerializer(page, many=True).data)
+
+    @extend_schema(
+        summary="Take a conversation out of the trash",
+        operation_id="conversations_restore",
+        request=None,
+        responses={200: ConversationOutputSerializer, **_errors(401, 403, 404)},
+    )
+    @action(detail=True, methods=["post"])
+    def restore(self, request: Request, pk: str) -> Response:
+        conversation = conversation_restore(actor=request_principal(request), conversation_id=int(pk))
+        return Response(ConversationOutputSerializer(conversation).data)
+
+    @extend_schema(
+        summary="Delete a conversation for good, in the trash or not: its messages go, usage records stay",
+        description="A reply streaming in it is stopped (its client gets `conversation_deleted`).",
+        operation_id="conversations_purge",
+        request=None,
+        responses={204: OpenApiResponse(description="Deleted for good."), **_errors(401, 403, 404)},
+    )
+    @action(detail=True, methods=["delete"])
+    def purge(self, request: Request, pk: str) -> Response:
+        conversation_purge(actor=request_principal(request), conversation_id=int(pk))
         return Response(status=status.HTTP_204_NO_CONTENT)
 
     def _own_conversation(self) -> Conversation:
@@ -341,6 +487,19 @@ class ConversationMessageStopApi(APIView):
             MessageStopOutputSerializer({"message_id": message_id, "status": "stopping"}).data,
             status=status.HTTP_202_ACCEPTED,
         )
+
+
+def _search_query(request: Request) -> str:
+    """Return ``?q=``; 400 ``param: q`` when it is missing, blank, longer than ``MAX_QUERY_CHARS`` or
+    holds a NUL character (PostgreSQL cannot take it)."""
+    query = request.query_params.get("q", "")
+    if not query.strip() or len(query) > MAX_QUERY_CHARS or "\x00" in query:
+        raise ApplicationError(
+            f"'q' must be 1 to {MAX_QUERY_CHARS} characters, not all whitespace, without NUL.",
+            code="invalid_query",
+            param="q",
+        )
+    return query
 
 
 def _branch_param(request: Request) -> int | None:

@@ -43,6 +43,12 @@ class Conversation(models.Model):
     template = models.ForeignKey(
         "ConversationTemplate", on_delete=models.SET_NULL, null=True, blank=True, related_name="conversations"
     )
+    # Organizing (``services.conversation_organize``): pinned ones first in lists; archived ones
+    # leave the default list; deleted ones sit in the trash (``deleted_at``: when they went there),
+    # found by no lookup but the trash's, until restored or purged (``services.conversation_purge``).
+    pinned = models.BooleanField(default=False)
+    archived_at = models.DateTimeField(null=True, blank=True)
+    deleted_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -50,6 +56,12 @@ class Conversation(models.Model):
         ordering = ["-updated_at"]
         indexes = [
             models.Index(fields=["owner", "-updated_at"]),
+            # The retention task's scans per organization: the trash by age.
+            models.Index(
+                fields=["organization", "deleted_at"],
+                name="conversation_trash_idx",
+                condition=models.Q(deleted_at__isnull=False),
+            ),
             models.Index(fields=["organization", "-updated_at"]),
             # ``GET /v1/chat/completions``: a caller's stored completions in creation order.
             models.Index(
@@ -68,6 +80,10 @@ class Conversation(models.Model):
 
     def __str__(self) -> str:
         return self.title or f"Conversation {self.pk}"
+
+    @property
+    def archived(self) -> bool:
+        return self.archived_at is not None
 
 
 class Message(models.Model):
@@ -152,6 +168,42 @@ class Message(models.Model):
         return f"{self.role}: {self.content[:40]}"
 
 
+class RetentionPolicy(models.Model):
+    """How long an organization keeps conversations (``conversations.retention.retention_apply``).
+
+    ``delete_after_days``: a conversation whose last activity (``Conversation.updated_at``: its last
+    message, rename or setting change) is older than this many days is purged, trashed or not.
+    ``trash_purge_after_days``: a conversation in the trash longer than this many days
+    (``Conversation.deleted_at``) is purged. None keeps forever. Purging keeps usage records
+    (``accounts.UsageRecord.message`` is set to null). An organization without a policy keeps all.
+    """
+
+    organization = models.OneToOneField(Organization, on_delete=models.CASCADE, related_name="retention_policy")
+    delete_after_days = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Purge conversations inactive for this many days (empty: never)."
+    )
+    trash_purge_after_days = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Purge conversations in the trash for this many days (empty: never)."
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name_plural = "retention policies"
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(delete_after_days__isnull=True) | models.Q(delete_after_days__gte=1),
+                name="retention_delete_after_days_positive",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(trash_purge_after_days__isnull=True) | models.Q(trash_purge_after_days__gte=1),
+                name="retention_trash_purge_after_days_positive",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"Retention of {self.organization}"
+
+
 # Defined in their packages, registered with this app here: conversation templates
 # (``conversations.conversation_templates``), share links (``conversations.sharing``) and NextChat's
 # synced documents (``conversations.sync``).
@@ -163,6 +215,7 @@ __all__ = [
     "Conversation",
     "ConversationTemplate",
     "Message",
+    "RetentionPolicy",
     "SharedConversation",
     "SyncDocument",
     "SyncDocumentVersion",

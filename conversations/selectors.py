@@ -19,18 +19,35 @@ from llm.tokens import Tokenizer
 from .models import Conversation, Message
 
 
-def conversation_list(*, actor: Principal) -> QuerySet[Conversation]:
+def conversation_list(*, actor: Principal, deleted: bool | None = False) -> QuerySet[Conversation]:
     """Return the conversations ``actor`` may see: the platform superuser every organization's; in
-    the organization the request acts in, its admins all of them, its other members their own."""
+    the organization the request acts in, its admins all of them, its other members their own.
+
+    ``deleted``: False (the default) leaves out the trash (``Conversation.deleted_at``), which no
+    ordinary lookup finds; True returns only the trash; None both.
+    """
     queryset = Conversation.objects.select_related("model")
+    if deleted is not None:
+        queryset = queryset.filter(deleted_at__isnull=not deleted)
     if actor.user.is_superuser:
         return queryset
     queryset = queryset.filter(organization=actor.organization)
     return queryset if actor.is_admin else queryset.filter(owner=actor.user)
 
 
-def conversation_get_for(*, actor: Principal, conversation_id: int, to_change: bool = False) -> Conversation:
+def conversation_trash_list(*, actor: Principal) -> QuerySet[Conversation]:
+    """Return ``actor``'s own conversations in the trash (in the organization the request acts in;
+    the platform superuser: in every organization), most recently deleted first. Only an owner
+    restores or purges, so an admin's trash holds no member's conversation."""
+    return conversation_list(actor=actor, deleted=True).filter(owner=actor.user).order_by("-deleted_at", "-id")
+
+
+def conversation_get_for(
+    *, actor: Principal, conversation_id: int, to_change: bool = False, deleted: bool | None = False
+) -> Conversation:
     """Return conversation ``conversation_id`` if ``actor`` may see it (``conversation_list``).
+
+    ``deleted`` as ``conversation_list``'s: by default a conversation in the trash is a 404.
 
     Raises ``NotFoundError`` (404) otherwise: another user's or another organization's conversation
     does not exist for you. Another organization's is also audited (``access.denied``,
@@ -48,7 +65,7 @@ def conversation_get_for(*, actor: Principal, conversation_id: int, to_change: b
         code="conversation_not_found",
     ):
         try:
-            conversation = conversation_list(actor=actor).get(pk=conversation_id)
+            conversation = conversation_list(actor=actor, deleted=deleted).get(pk=conversation_id)
         except (Conversation.DoesNotExist, ValueError, TypeError):
             raise NotFoundError("Conversation not found.", code="conversation_not_found") from None
     if to_change and conversation.owner_id != actor.user.pk:

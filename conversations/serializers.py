@@ -38,6 +38,7 @@ class ConversationOutputSerializer(serializers.ModelSerializer):
         read_only=True,
         help_text="The last message of the active branch (null: no message yet).",
     )
+    archived = serializers.BooleanField(read_only=True, help_text="Archived: left out of the list by default.")
 
     parameters = serializers.DictField(
         read_only=True, help_text="OpenAI request fields sent with every reply (from a template; {}: none)."
@@ -57,10 +58,37 @@ class ConversationOutputSerializer(serializers.ModelSerializer):
             "template",
             "active_leaf",
             "completion_id",
+            "pinned",
+            "archived",
+            "archived_at",
+            "deleted_at",
             "created_at",
             "updated_at",
         ]
         read_only_fields = fields
+        extra_kwargs = {"deleted_at": {"help_text": "When it went to the trash (null: not in the trash)."}}
+
+
+class ConversationSearchResultOutputSerializer(ConversationOutputSerializer):
+    """A conversation found by a search, with its ``rank`` and best matching message."""
+
+    rank = serializers.FloatField(source="search_rank", read_only=True, help_text="Higher is a better match.")
+    message_id = serializers.IntegerField(
+        source="search_message_id",
+        allow_null=True,
+        read_only=True,
+        help_text="The best matching message (null: only the title matched).",
+    )
+    snippet = serializers.SerializerMethodField(
+        help_text="Plain text of that message around the first query word found in it (null: title match)."
+    )
+
+    class Meta(ConversationOutputSerializer.Meta):
+        fields = [*ConversationOutputSerializer.Meta.fields, "rank", "message_id", "snippet"]
+        read_only_fields = fields
+
+    def get_snippet(self, conversation: Conversation) -> str | None:
+        return self.context.get("snippets", {}).get(getattr(conversation, "search_message_id", None))
 
 
 class ConversationCreateInputSerializer(serializers.Serializer):
@@ -74,7 +102,7 @@ class ConversationCreateInputSerializer(serializers.Serializer):
 
 
 class ConversationUpdateInputSerializer(serializers.Serializer):
-    """Any of ``{title, system_prompt, model, active_leaf}``; fields left out stay as they are."""
+    """Any of ``{title, system_prompt, model, active_leaf, pinned, archived}``; fields left out stay."""
 
     model = StrictCharField(max_length=200, required=False)
     title = StrictCharField(max_length=MAX_TITLE_CHARS, allow_blank=True, required=False)
@@ -87,6 +115,10 @@ class ConversationUpdateInputSerializer(serializers.Serializer):
         max_value=2**63 - 1,  # PostgreSQL bigint: a row id
         help_text="Switch branches: the id of a message of this conversation, which becomes the last "
         "message of the active branch (the next message follows it).",
+    )
+    pinned = serializers.BooleanField(required=False, help_text="Pin (true) or unpin: pinned ones list first.")
+    archived = serializers.BooleanField(
+        required=False, help_text="Archive (true) or unarchive: archived ones leave the default list."
     )
 
 

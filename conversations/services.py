@@ -71,8 +71,9 @@ def conversation_create(
 def conversation_update(
     *, conversation: Conversation, data: dict[str, Any], access: ModelAccess | None = None
 ) -> Conversation:
-    """Update ``title``, ``system_prompt``, ``model`` (an enabled model's name) and/or
-    ``active_leaf`` (a message id: ``conversation_active_leaf_set``) from ``data``.
+    """Update ``title``, ``system_prompt``, ``model`` (an enabled model's name), ``active_leaf`` (a
+    message id: ``conversation_active_leaf_set``), ``pinned`` and/or ``archived`` (booleans:
+    ``conversation_organize``) from ``data``.
 
     ``access``: as ``conversation_create``'s; a model outside it is a 404 ``model_not_found``.
     Raises ``ApplicationError`` 400 (``param`` ``active_leaf``) for an id of no message of the
@@ -88,6 +89,8 @@ def conversation_update(
                 param="active_leaf",
             ) from None
         conversation_active_leaf_set(conversation=conversation, message=leaf)
+    if "pinned" in data or "archived" in data:
+        conversation_organize(conversation=conversation, pinned=data.get("pinned"), archived=data.get("archived"))
     fields: list[str] = []
     for name in ("title", "system_prompt"):
         if name in data:
@@ -98,6 +101,26 @@ def conversation_update(
         fields.append("model")
     if fields:
         conversation.save(update_fields=[*fields, "updated_at"])
+    return conversation
+
+
+def conversation_organize(
+    *, conversation: Conversation, pinned: bool | None = None, archived: bool | None = None
+) -> Conversation:
+    """Pin or unpin, archive or unarchive ``conversation`` (None: leave as it is).
+
+    Organizing is not activity: ``updated_at`` (the list's order, and what retention counts from)
+    stays. Archiving again keeps the first ``archived_at``.
+    """
+    changes: dict[str, Any] = {}
+    if pinned is not None and pinned != conversation.pinned:
+        changes["pinned"] = pinned
+    if archived is not None and archived != conversation.archived:
+        changes["archived_at"] = timezone.now() if archived else None
+    if changes:
+        Conversation.objects.filter(pk=conversation.pk).update(**changes)
+        for name, value in changes.items():
+            setattr(conversation, name, value)
     return conversation
 
 
@@ -163,9 +186,11 @@ def message_chain(*, conversation: Conversation, messages: list[Message]) -> Non
 def _conversation_lock_leaf(conversation_id: int) -> int | None:
     """Lock conversation ``conversation_id`` (in the caller's transaction); return its active leaf's id.
 
-    Raises ``NotFoundError`` when the conversation no longer exists.
+    Raises ``NotFoundError`` when the conversation no longer exists or is in the trash.
     """
-    rows = list(Conversation.objects.select_for_update().filter(pk=conversation_id).values_list("active_leaf_id"))
+    # A conversation moved to the trash meanwhile takes no message either (``conversation_trash``).
+    live = Conversation.objects.select_for_update().filter(pk=conversation_id, deleted_at__isnull=True)
+    rows = list(live.values_list("active_leaf_id"))
     if not rows:
         raise NotFoundError()
     return rows[0][0]
@@ -198,10 +223,59 @@ def conversation_delete(*, conversation: Conversation) -> None:
             raise NotFoundError()
         messages = list(conversation.messages.select_for_update().values_list("pk", "role", "status"))
         conversation.delete()
-    streaming = [
-        pk for pk, role, status in messages if role == Message.Role.ASSISTANT and status == Message.Status.STREAMING
-    ]
-    for message_id in streaming:
+    _replies_stop(
+        [pk for pk, role, status in messages if role == Message.Role.ASSISTANT and status == Message.Status.STREAMING]
+    )
+
+
+def conversation_trash(*, conversation: Conversation) -> None:
+    """Move ``conversation`` to the trash (``deleted_at``): no lookup but the trash's finds it, and it
+    takes no message, until ``conversation_restore``; ``conversation_purge`` deletes it for good.
+
+    A reply still streaming in it is stopped as ``conversation_delete`` stops it (its client gets
+    ``conversation_deleted``; the reply ends ``cancelled``, billed, its text kept in the trashed
+    conversation). The row is locked first, so a reply starting at the same time either finishes
+    its start before (and is stopped) or finds the conversation gone (``_conversation_lock_leaf``).
+    Raises ``NotFoundError`` when a concurrent request deleted or trashed it first.
+    """
+    with transaction.atomic():
+        if not Conversation.objects.select_for_update().filter(pk=conversation.pk, deleted_at__isnull=True).exists():
+            raise NotFoundError()
+        conversation.deleted_at = timezone.now()
+        Conversation.objects.filter(pk=conversation.pk).update(deleted_at=conversation.deleted_at)
+        streaming = list(
+            conversation.messages.filter(role=Message.Role.ASSISTANT, status=Message.Status.STREAMING).values_list(
+                "pk", flat=True
+            )
+        )
+    _replies_stop(streaming)
+
+
+def conversation_restore(*, actor: Principal, conversation_id: int) -> Conversation:
+    """Take conversation ``conversation_id`` of ``actor`` out of the trash; return it.
+
+    Raises ``NotFoundError`` when ``actor`` sees no such conversation in the trash (another user's
+    is a 404, as everywhere), ``ApplicationError`` 403 when ``actor`` sees it but is not its owner.
+    """
+    conversation = conversation_get_for(actor=actor, conversation_id=conversation_id, to_change=True, deleted=True)
+    Conversation.objects.filter(pk=conversation.pk).update(deleted_at=None)
+    conversation.deleted_at = None
+    return conversation
+
+
+def conversation_purge(*, actor: Principal, conversation_id: int) -> None:
+    """Delete conversation ``conversation_id`` of ``actor`` for good, in the trash or not
+    (``conversation_delete``: its messages go, usage records stay unlinked).
+
+    Raises as ``conversation_restore``.
+    """
+    conversation = conversation_get_for(actor=actor, conversation_id=conversation_id, to_change=True, deleted=None)
+    conversation_delete(conversation=conversation)
+
+
+def _replies_stop(message_ids: list[int]) -> None:
+    """Stop the replies ``message_ids`` streaming in a conversation that went, wherever they stream."""
+    for message_id in message_ids:
         try:
             reply_stop_broadcast(reply_id=conversation_reply_id(message_id), reason=conversation_deleted_error())
         except ApplicationError:
@@ -227,7 +301,9 @@ class ConversationReplyPlan(ReplyPlan):
     ``message_id``: the assistant message (``streaming`` until the end); its parent is
     ``user_message_id``, and ``sibling_ids`` are the replies to that message (itself included) when
     it started. ``created_at``: that message's creation time. ``message_written``: set at the end;
-    False when the message was gone (its conversation was deleted while the reply streamed).
+    False when the message was gone (its conversation was purged while the reply streamed) or the
+    reply was stopped because its conversation went to the trash: its client is told
+    ``conversation_deleted`` either way.
     ``user_message_created``: the user message is this reply's own (not a regeneration's);
     ``previous_leaf_id``: the active leaf before, restored when the reply is refused.
     ``context_dropped`` / ``context_dropped_through``: the oldest messages left out of the request
@@ -250,7 +326,11 @@ class ConversationReplyPlan(ReplyPlan):
     def finish(self, outcome: ReplyOutcome) -> None:
         """Write the end of the reply on its assistant message (``reply_finish``); then, for the
         first reply of an untitled conversation that completed, queue its title (``titles``)."""
-        self.message_written = reply_finish(outcome, message_id=self.message_id)
+        written = reply_finish(outcome, message_id=self.message_id)
+        # Stopped because its conversation went to the trash (``conversation_trash``): the text is
+        # kept there, but for the client the conversation is gone, as after a purge.
+        trashed = outcome.error is not None and outcome.error.code == "conversation_deleted"
+        self.message_written = written and not trashed
         if self.title_wanted and self.message_written and outcome.status is ReplyStatus.COMPLETED:
             conversation_title_request(conversation_id=self.conversation_id, message_id=self.message_id)
 
@@ -642,6 +722,10 @@ __all__ = [
     "conversation_branch_activate",
     "conversation_create",
     "conversation_delete",
+    "conversation_organize",
+    "conversation_purge",
+    "conversation_restore",
+    "conversation_trash",
     "conversation_deleted_error",
     "conversation_reply_id",
     "conversation_update",

@@ -6,6 +6,7 @@ import logging
 
 from celery import shared_task
 
+from .retention import retention_apply
 from .services import reply_recover_orphans
 from .sync.tasks import sync_import_task, sync_prune_task  # noqa: F401 - Celery finds them here
 from .titles import conversation_title_generate
@@ -36,3 +37,12 @@ def conversation_title_task(conversation_id: int, message_id: int) -> str | None
     except Exception:
         logger.warning("the title of conversation %s was not written", conversation_id, exc_info=True)
         return None
+
+
+@shared_task(name="conversations.retention_apply")
+def retention_apply_task() -> dict[str, int]:
+    """Purge what the organizations' retention policies keep no longer (``retention.retention_apply``);
+    return how many: ``{"inactive": n, "trash": n}``. Run by celery beat every
+    ``RETENTION_INTERVAL_SECONDS`` (settings ``CELERY_BEAT_SCHEDULE``)."""
+    result = retention_apply()
+    return {"inactive": result.inactive, "trash": result.trash}

@@ -82,7 +82,7 @@ RESPONSES = {"model": MODEL, "input": "hi", "max_output_tokens": 16}
 
 @dataclass(frozen=True)
 class Row:
-    """One endpoint and method: ``path`` may hold ``{conversation}``, ``{message}``, ``{completion}``,
+    """One endpoint and method: ``path`` may hold ``{conversation}``, ``{trashed}``, ``{message}``, ``{completion}``,
     ``{template}``, ``{api_key}``, ``{share}`` (a share link's id), ``{share_token}`` (its token),
     ``{budget}``, ``{user}`` (made afresh per cell for each of ``OBJECTS``); ``expect`` is a string of
     statuses in ``CALLERS`` order, or, for a path with an object, a dict of them per object."""
@@ -482,6 +482,35 @@ MATRIX: tuple[Row, ...] = (
             "401 403 404 404 404 403 404 204 404 403 403 401 404",  # other_org
         ),
     ),
+    # Search, the trash, restore and purge (``{trashed}``: a conversation in the trash). Search and the
+    # trash list the caller's own only (an admin's hold no member's); restore and purge are the owner's.
+    Row(
+        "GET",
+        "/api/conversations/search/?q=hi",
+        "401 200 200 200 200 200 200 200 403 200 200 401 200",
+        route="api/^conversations/search/$",
+    ),
+    Row("GET", "/api/conversations/trash/", "401 200 200 200 200 200 200 200 403 200 200 401 200"),
+    Row(
+        "POST",
+        "/api/conversations/{trashed}/restore/",
+        per_object(
+            "401 403 403 403 200 403 404 404 200 403 403 401 200",  # own
+            "401 403 403 403 404 403 404 404 404 403 403 401 404",  # same_team
+            "401 403 403 403 404 403 200 404 404 403 403 401 404",  # other_team
+            "401 403 404 404 404 403 404 200 404 403 403 401 404",  # other_org
+        ),
+    ),
+    Row(
+        "DELETE",
+        "/api/conversations/{trashed}/purge/",
+        per_object(
+            "401 403 403 403 204 403 404 404 204 403 403 401 204",  # own
+            "401 403 403 403 404 403 404 404 404 403 403 401 404",  # same_team
+            "401 403 403 403 404 403 204 404 404 403 403 401 404",  # other_team
+            "401 403 404 404 404 403 404 204 404 403 403 401 404",  # other_org
+        ),
+    ),
     Row(
         "GET",
         "/api/conversations/{conversation}/messages/",
@@ -758,6 +787,10 @@ def _objects(world: World, obj: str, path: str) -> dict[str, Any]:
             values["message"] = Message.objects.create(
                 conversation=conversation, role=Message.Role.ASSISTANT, content="", status=Message.Status.STREAMING
             ).pk
+    if "{trashed}" in path:  # a conversation in the trash (DELETE /api/conversations/{id}/)
+        trashed = _conversation(world, obj)
+        Conversation.objects.filter(pk=trashed.pk).update(deleted_at=timezone.now())
+        values["trashed"] = trashed.pk
     if "{turn}" in path or "{reply}" in path:  # a finished exchange: a user message and its reply
         turn = message_append(conversation=conversation, role=Message.Role.USER, content="hi")
         reply = message_append(conversation=conversation, role=Message.Role.ASSISTANT, content="hello")

@@ -9,7 +9,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('accounts', '0019_access_denied_audit'),
-        ('conversations', '0009_templates'),
+        ('conversations', '0010_search_organize'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 

@@ -38,14 +38,17 @@ def share_get_for(*, actor: Principal, share_id: int) -> SharedConversation:
 
 
 def share_get_by_token(*, token: str) -> SharedConversation:
-    """Return the link whose token is ``token`` while it is live (not revoked, not expired).
+    """Return the link whose token is ``token`` while it is live (not revoked, not expired, its
+    conversation not in the trash: a link works again if the conversation is restored).
 
     Looked up by the token's SHA-256 digest (the unique index on ``token_hash``), so the token is
     never compared as text. Raises ``NotFoundError`` (404 ``share_not_found``) for an unknown,
     revoked or expired token alike: which one is not told.
     """
     share = (
-        SharedConversation.objects.filter(token_hash=hash_secret(token), revoked_at__isnull=True)
+        SharedConversation.objects.filter(
+            token_hash=hash_secret(token), revoked_at__isnull=True, conversation__deleted_at__isnull=True
+        )
         .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now()))
         .first()
     )

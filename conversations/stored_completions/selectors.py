@@ -28,7 +28,9 @@ def completion_not_found_error(completion_id: str) -> NotFoundError:
 
 def _stored(*, actor: Principal) -> QuerySet[Conversation]:
     return (
-        Conversation.objects.filter(owner=actor.user, organization=actor.organization, completion_id__isnull=False)
+        Conversation.objects.filter(
+            owner=actor.user, organization=actor.organization, completion_id__isnull=False, deleted_at__isnull=True
+        )
         .select_related("model")
         .prefetch_related(
             Prefetch(

@@ -218,10 +218,10 @@ def test_a_refused_reply_gives_the_active_leaf_back(tree, user):
     assert conversation.active_leaf_id == m["a2b"].pk
 
 
-def test_deleting_a_branched_conversation_deletes_its_tree(tree, auth_client):
+def test_purging_a_branched_conversation_deletes_its_tree(tree, auth_client):
     conversation, _ = tree
 
-    assert auth_client.delete(f"/api/conversations/{conversation.pk}/").status_code == 204
+    assert auth_client.delete(f"/api/conversations/{conversation.pk}/purge/").status_code == 204
     assert not Message.objects.filter(conversation_id=conversation.pk).exists()
 
 

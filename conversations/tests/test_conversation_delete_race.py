@@ -1,4 +1,4 @@
-"""Deleting a conversation while others write to it: its reply's usage row, a second DELETE.
+"""Purging a conversation (``DELETE .../purge/``) while others write to it: its reply's usage row, a second purge.
 
 Django emulates ``UsageRecord.message``'s ``on_delete=SET_NULL`` in Python: the deletion first
 UPDATEs the usage rows it sees to ``message = NULL``, then DELETEs the messages, and PostgreSQL
@@ -111,7 +111,7 @@ def test_delete_while_a_reply_usage_row_is_written_is_204_and_the_usage_row_stay
     holder = Worker(hold_earlier_usage_row)
     holder.start()
     assert locked.wait(TIMEOUT), "the holder could not lock the earlier usage row"
-    deleter = Worker(lambda: client.delete(f"/api/conversations/{conversation.pk}/"))
+    deleter = Worker(lambda: client.delete(f"/api/conversations/{conversation.pk}/purge/"))
     writer = Worker(lambda: usage_record_many([usage_event(reply)]))
     try:
         deleter.start()
@@ -159,7 +159,7 @@ def test_second_of_two_concurrent_deletes_is_404(client_for, user):
     assert deleted.wait(TIMEOUT), "the first deletion did not run"
     # The second request still finds the conversation (the first has not committed), then waits
     # for the first's lock on it.
-    second = Worker(lambda: client.delete(f"/api/conversations/{conversation.pk}/"))
+    second = Worker(lambda: client.delete(f"/api/conversations/{conversation.pk}/purge/"))
     try:
         second.start()
         poll_until_sync(lock_waits, what="the second deletion's wait")

@@ -21,7 +21,7 @@ def test_create_conversation(auth_client, user, model):
     body = response.json()
     assert set(body) == {
         "id", "title", "model", "system_prompt", "parameters", "template", "active_leaf", "completion_id",
-        "created_at", "updated_at",
+        "pinned", "archived", "archived_at", "deleted_at", "created_at", "updated_at",
     }  # fmt: skip
     assert body["active_leaf"] is None and body["completion_id"] is None
     assert body["parameters"] == {} and body["template"] is None
@@ -109,8 +109,9 @@ def test_retrieve_update_delete_own_conversation(auth_client, user, model):
     conversation.refresh_from_db()
     assert (conversation.title, conversation.model, conversation.system_prompt) == ("New", model, "S")
 
-    assert auth_client.delete(url).status_code == 204
-    assert not Conversation.objects.filter(pk=conversation.pk).exists()
+    assert auth_client.delete(url).status_code == 204  # into the trash: a 404 for every lookup
+    assert Conversation.objects.get(pk=conversation.pk).deleted_at is not None
+    assert_error(auth_client.get(url), 404, code="not_found")
 
 
 def test_patch_with_unknown_model_is_404_and_changes_nothing(auth_client, user):

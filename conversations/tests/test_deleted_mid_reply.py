@@ -1,5 +1,8 @@
 """Deleting a conversation while its reply streams: the reply stops, and its client is told why.
 
+``DELETE /api/conversations/{id}/`` moves it to the trash (the reply's text is kept there);
+``.../purge/`` deletes it for good: the client is told the same either way.
+
 The reply is stopped (its upstream request closed, its usage billed as ``cancelled``) and every
 interface ends with the ``conversation_deleted`` error (404): the SSE stream and the WebSocket
 with an ``error`` event whose ``message`` is null, the non-streamed POST with the JSON error.
@@ -39,8 +42,9 @@ async def streaming_reply(conversation) -> Message:
     )
 
 
-async def delete(client: httpx.AsyncClient, conversation, token: str) -> None:
-    response = await client.delete(f"/api/conversations/{conversation.pk}/", headers=bearer(token))
+async def delete(client: httpx.AsyncClient, conversation, token: str, *, purge: bool = False) -> None:
+    path = f"/api/conversations/{conversation.pk}/" + ("purge/" if purge else "")
+    response = await client.delete(path, headers=bearer(token))
     assert response.status_code == 204, response.text
 
 
@@ -54,7 +58,10 @@ async def assert_stopped_and_billed(simulator, before: dict, message_id: int) ->
     assert record.completion_tokens < SLOW_REPLY_TOKENS
 
 
-async def test_sse_stream_ends_with_a_conversation_deleted_error(asgi_server, slow_simulator, slow_conversation, token):
+@pytest.mark.parametrize("purge", [False, True], ids=["trash", "purge"])
+async def test_sse_stream_ends_with_a_conversation_deleted_error(
+    asgi_server, slow_simulator, slow_conversation, token, purge
+):
     before = await slow_simulator.astats()
     events = []
     async with httpx.AsyncClient(base_url=asgi_server, timeout=TIMEOUT) as client:
@@ -65,15 +72,20 @@ async def test_sse_stream_ends_with_a_conversation_deleted_error(asgi_server, sl
             async for event in source.aiter_sse():
                 events.append(event)
                 if event.event == "reply.delta" and sum(e.event == "reply.delta" for e in events) == 2:
-                    await delete(client, slow_conversation, token)
+                    await delete(client, slow_conversation, token, purge=purge)
 
     last = events[-1]
     assert last.event == "error", [e.event for e in events]
     assert last.json()["error"]["code"] == "conversation_deleted"
     assert last.json()["error"]["type"] == "not_found_error"
     assert last.json()["message"] is None
-    assert not await Conversation.objects.filter(pk=slow_conversation.pk).aexists()
     await assert_stopped_and_billed(slow_simulator, before, events[0].json()["message_id"])
+    if purge:
+        assert not await Conversation.objects.filter(pk=slow_conversation.pk).aexists()
+    else:  # in the trash, with the reply's text so far, ended cancelled
+        reply = await Message.objects.aget(pk=events[0].json()["message_id"])
+        assert reply.status == "cancelled" and reply.content
+        assert (await Conversation.objects.aget(pk=slow_conversation.pk)).deleted_at is not None
 
 
 async def test_non_streamed_post_answers_404_conversation_deleted(

@@ -148,11 +148,19 @@ def test_bad_share_requests_are_400(auth_client, branched, user, model):
     )
 
 
-def test_deleting_the_conversation_ends_its_links(auth_client, branched):
+def test_a_conversation_in_the_trash_shares_nothing_until_restored_and_a_purge_ends_its_links(auth_client, branched):
     conversation, _ = branched
     token = share(auth_client, conversation)["token"]
-    assert auth_client.delete(f"/api/conversations/{conversation.pk}/").status_code == 204
-    assert APIClient().get(f"/share/{token}").status_code == 404
+    anonymous = APIClient()
+
+    assert auth_client.delete(f"/api/conversations/{conversation.pk}/").status_code == 204  # to the trash
+    assert anonymous.get(f"/share/{token}").status_code == 404
+    assert_error(anonymous.get(f"/api/share/{token}/"), 404, code="share_not_found")
+    assert auth_client.post(f"/api/conversations/{conversation.pk}/restore/").status_code == 200
+    assert anonymous.get(f"/share/{token}").status_code == 200
+    assert auth_client.delete(f"/api/conversations/{conversation.pk}/purge/").status_code == 204
+    assert anonymous.get(f"/share/{token}").status_code == 404
+    assert not SharedConversation.objects.filter(conversation_id=conversation.pk).exists()
 
 
 def test_operators_revoke_links_in_the_admin(admin_site, auth_client, branched):

@@ -580,3 +580,29 @@ def test_a_document_larger_than_djangos_upload_limit_is_stored(client, user, dav
     assert _put(client, f"/dav/{FOLDER}/backup.json", body, dav).status_code == 201
     got = client.get(f"/dav/{FOLDER}/backup.json", headers=dav)
     assert json.loads(got.content) == _without_secrets(document)
+
+
+def test_a_resync_leaves_a_trashed_conversation_in_the_trash_and_a_purged_one_comes_back(
+    client, client_for, user, dav, models, django_capture_on_commit_callbacks
+) -> None:
+    """The import finds a session's conversation by NextChat's id, trashed or not: a re-sync updates
+    it where it is (never a copy, never out of the trash). A purged one is gone here but still in
+    NextChat, so the next sync imports it again, as a new conversation."""
+    url, api = f"/dav/{FOLDER}/backup.json", client_for(user)
+    with django_capture_on_commit_callbacks(execute=True):
+        _put(client, url, json.dumps(_document()), dav)
+    lisbon = Conversation.objects.get(owner=user, external_id="sess-lisbon")
+    assert api.delete(f"/api/conversations/{lisbon.pk}/").status_code == 204
+
+    with django_capture_on_commit_callbacks(execute=True):
+        _put(client, url, json.dumps(_document(topic="Lisbon in May", extra_messages=1)), dav)
+    again = Conversation.objects.get(owner=user, external_id="sess-lisbon")
+    assert again.pk == lisbon.pk and again.deleted_at is not None and again.title == "Lisbon in May"
+    assert again.messages.count() == 3  # the new message is kept, in the trash
+    assert {row["title"] for row in api.get("/api/conversations/").json()["results"]} == {"Images"}
+
+    assert api.delete(f"/api/conversations/{lisbon.pk}/purge/").status_code == 204
+    with django_capture_on_commit_callbacks(execute=True):
+        _put(client, url, json.dumps(_document()), dav)
+    back = Conversation.objects.get(owner=user, external_id="sess-lisbon")
+    assert back.pk != lisbon.pk and back.deleted_at is None

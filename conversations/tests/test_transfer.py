@@ -111,6 +111,8 @@ def test_export_of_everything_is_the_callers_own_in_the_organization(auth_client
     elsewhere = Organization.objects.create(name="Elsewhere", slug="elsewhere")
     Membership.objects.create(user=user, organization=elsewhere, role=Membership.Role.MEMBER)
     ConversationFactory(owner=user, model=model, organization=elsewhere, title="other organization")
+    trashed = ConversationFactory(owner=user, model=model, title="in the trash")
+    assert auth_client.delete(f"/api/conversations/{trashed.pk}/").status_code == 204
 
     response = auth_client.get("/api/conversations/export/?format=json")
     assert response.status_code == 200

@@ -87,10 +87,10 @@ def conversation_export(*, actor: Principal, conversation_id: int) -> dict[str, 
 
 def conversation_export_all(*, actor: Principal) -> dict[str, Any]:
     """Return the export document of every conversation ``actor``'s user owns in the organization
-    ``actor`` acts in (never other users', whatever ``actor``'s role), oldest first."""
-    conversations = Conversation.objects.filter(organization=actor.organization, owner=actor.user).select_related(
-        "model"
-    )
+    ``actor`` acts in (never other users', whatever ``actor``'s role; never the trash), oldest first."""
+    conversations = Conversation.objects.filter(
+        organization=actor.organization, owner=actor.user, deleted_at__isnull=True
+    ).select_related("model")
     return export_document(conversations=conversations.order_by("created_at", "id"))
 
 

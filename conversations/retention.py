@@ -1,0 +1,71 @@
+"""Retention: purge what an organization's ``RetentionPolicy`` says it no longer keeps."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+
+from django.db.models import BooleanField, ExpressionWrapper, Q
+from django.utils import timezone
+
+from chatbackend.errors import NotFoundError
+
+from .models import Conversation, RetentionPolicy
+from .services import conversation_delete
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetentionResult:
+    """How many conversations a run purged: inactive ones, and ones in the trash too long."""
+
+    inactive: int = 0
+    trash: int = 0
+
+
+def retention_due(*, policy: RetentionPolicy, now: dt.datetime) -> tuple[Q, Q]:
+    """Return the conditions (inactive, trashed too long) a conversation of ``policy``'s organization
+    is due under at ``now``; ``Q(pk__in=[])`` (nothing) for a period left empty."""
+    nothing = Q(pk__in=[])
+    inactive = nothing
+    if policy.delete_after_days is not None:
+        inactive = Q(updated_at__lt=now - dt.timedelta(days=policy.delete_after_days))
+    trash = nothing
+    if policy.trash_purge_after_days is not None:
+        trash = Q(deleted_at__lt=now - dt.timedelta(days=policy.trash_purge_after_days))
+    return inactive, trash
+
+
+def retention_apply(*, now: dt.datetime | None = None) -> RetentionResult:
+    """Purge, in every organization with a ``RetentionPolicy``, the conversations it keeps no longer.
+
+    Due: last activity (``updated_at``) older than ``delete_after_days`` days, trashed or not; in the
+    trash (``deleted_at``) longer than ``trash_purge_after_days`` days. Each is deleted with
+    ``services.conversation_delete`` (its messages go, usage records stay with ``message`` null, a
+    reply streaming in it is stopped). Organizations without a policy, and periods left empty,
+    keep everything. Idempotent: a conversation deleted concurrently is skipped.
+    """
+    now = now or timezone.now()
+    inactive_count = trash_count = 0
+    policies = RetentionPolicy.objects.filter(
+        Q(delete_after_days__isnull=False) | Q(trash_purge_after_days__isnull=False)
+    )
+    for policy in policies:
+        inactive, trash = retention_due(policy=policy, now=now)
+        due = Conversation.objects.filter(inactive | trash, organization_id=policy.organization_id)
+        # Counted as inactive when both apply: that period alone would have purged it.
+        due = due.annotate(is_inactive=ExpressionWrapper(inactive, output_field=BooleanField()))
+        for conversation in due.only("pk").iterator():
+            try:
+                conversation_delete(conversation=conversation)
+            except NotFoundError:  # deleted meanwhile
+                continue
+            if conversation.is_inactive:  # type: ignore[attr-defined]
+                inactive_count += 1
+            else:
+                trash_count += 1
+    if inactive_count or trash_count:
+        logger.info("retention purged %s inactive and %s trashed conversations", inactive_count, trash_count)
+    return RetentionResult(inactive=inactive_count, trash=trash_count)
