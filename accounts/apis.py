@@ -36,6 +36,7 @@ from rest_framework_simplejwt.exceptions import InvalidToken, TokenError
 from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView, TokenViewBase
 
 from chatbackend.client_ip import request_client_ip
+from chatbackend.filters import UTCIsoDateTimeFilter
 from chatbackend.pagination import PageNumberPagination
 from chatbackend.renderers import CSVRenderer
 
@@ -696,8 +697,8 @@ class AuditEventFilter(django_filters.FilterSet):
     actor = _WholeNumberFilter(field_name="actor_id")
     actor_username = django_filters.CharFilter()
     object_type = django_filters.CharFilter()
-    since = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
-    until = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    since = UTCIsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
+    until = UTCIsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
 
     class Meta:
         model = AuditEvent

@@ -9,7 +9,6 @@ leave as ``{"error": {...}}`` through ``chatbackend.exception_handlers``.
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 import django_filters
@@ -33,6 +32,7 @@ from accounts.model_access import model_access_for
 from accounts.models import APIKey
 from accounts.serializers import ErrorOutputSerializer
 from chatbackend.errors import ApplicationError
+from chatbackend.filters import UTCIsoDateTimeFilter
 from chatbackend.http import sse_event_schema
 
 from .models import Conversation, Message
@@ -103,20 +103,7 @@ class ConversationFilterForm(forms.Form):
         for name in _DATE_FILTERS:
             if name in self.data and not str(self.data[name]).strip():
                 self.add_error(name, "Must be a date and time (ISO 8601).")
-            elif isinstance(cleaned.get(name), dt.datetime):
-                cleaned[name] = _in_utc(cleaned[name])
         return cleaned
-
-
-def _in_utc(value: dt.datetime) -> dt.datetime:
-    """Return ``value`` in UTC, the earliest or latest datetime when UTC has no such time (year 1 at
-    +10:00 is year 0). Any valid ISO 8601 offset is taken (up to ±23:59), but PostgreSQL refuses a
-    timestamp with one of 16 hours or more: it only ever receives UTC."""
-    try:
-        return value.astimezone(dt.UTC)
-    except OverflowError:
-        offset = value.utcoffset() or dt.timedelta(0)
-        return (dt.datetime.min if offset > dt.timedelta(0) else dt.datetime.max).replace(tzinfo=dt.UTC)
 
 
 class ConversationFilter(django_filters.FilterSet):
@@ -131,16 +118,16 @@ class ConversationFilter(django_filters.FilterSet):
         help_text="Only archived (true) or unarchived (false) conversations. The list shows only unarchived "
         "ones when this is absent; search shows both.",
     )
-    created_from = django_filters.IsoDateTimeFilter(
+    created_from = UTCIsoDateTimeFilter(
         field_name="created_at", lookup_expr="gte", help_text="Created at or after (ISO 8601)."
     )
-    created_to = django_filters.IsoDateTimeFilter(
+    created_to = UTCIsoDateTimeFilter(
         field_name="created_at", lookup_expr="lte", help_text="Created at or before (ISO 8601)."
     )
-    updated_from = django_filters.IsoDateTimeFilter(
+    updated_from = UTCIsoDateTimeFilter(
         field_name="updated_at", lookup_expr="gte", help_text="Last updated at or after (ISO 8601)."
     )
-    updated_to = django_filters.IsoDateTimeFilter(
+    updated_to = UTCIsoDateTimeFilter(
         field_name="updated_at", lookup_expr="lte", help_text="Last updated at or before (ISO 8601)."
     )
 

@@ -365,6 +365,17 @@ def test_admins_list_the_log_newest_first_with_filters(client_for, admin_user, u
     assert [row["id"] for row in until.data["results"]] == [events[0].pk]
 
 
+@pytest.mark.parametrize(
+    ("since", "found"),
+    [("2000-01-01T00:00:00+20:00", 3), ("0001-01-01T00:00:00+10:00", 3), ("9999-12-31T23:00:00-10:00", 0)],
+)
+def test_any_valid_utc_offset_is_a_filter_not_a_server_error(client_for, admin_user, events, since, found):
+    # ISO 8601 allows offsets up to 23:59; PostgreSQL refuses 16 hours or more, and some are no UTC time.
+    response = client_for(admin_user).get("/api/audit-log/", {"since": since})
+    assert response.status_code == 200, response.content
+    assert len(response.data["results"]) == found
+
+
 def test_failed_logins_are_found_by_the_username_tried(client_for, api_client, admin_user):
     api_client.post("/api/auth/token/", {"username": "mallory", "password": "guess-1"})
 

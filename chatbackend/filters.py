@@ -1,0 +1,38 @@
+"""Query-string filters shared by the apps' list endpoints (django-filter)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import django_filters
+from django_filters.fields import IsoDateTimeField
+
+
+def in_utc(value: dt.datetime) -> dt.datetime:
+    """Return the aware ``value`` in UTC; the earliest or latest datetime when UTC has no such time
+    (year 1 at +10:00 is year 0, year 9999 at -10:00 is year 10000).
+
+    ISO 8601 offsets go up to ±23:59, but PostgreSQL refuses a timestamp whose offset is 16 hours or
+    more (``time zone displacement out of range``), so queries only ever carry UTC.
+    """
+    try:
+        return value.astimezone(dt.UTC)
+    except OverflowError:
+        offset = value.utcoffset() or dt.timedelta(0)
+        return (dt.datetime.min if offset > dt.timedelta(0) else dt.datetime.max).replace(tzinfo=dt.UTC)
+
+
+class UTCIsoDateTimeField(IsoDateTimeField):
+    """django-filter's ISO 8601 date-time field, cleaned to UTC (``in_utc``)."""
+
+    def to_python(self, value: Any) -> dt.datetime | None:
+        parsed = super().to_python(value)
+        return None if parsed is None else in_utc(parsed)
+
+
+class UTCIsoDateTimeFilter(django_filters.IsoDateTimeFilter):
+    """``IsoDateTimeFilter`` whose value reaches the database in UTC: any valid offset is a filter,
+    never a database error (a 500)."""
+
+    field_class = UTCIsoDateTimeField
