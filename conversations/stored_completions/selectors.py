@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from django.db.models import Prefetch, Q, QuerySet
-from django.db.models.fields.json import KeyTextTransform
+from django.db.models.fields.json import KeyTransform
 
 from accounts.authentication import Principal
 from chatbackend.errors import NotFoundError
@@ -89,8 +89,10 @@ def stored_completion_list(
         queryset = queryset.filter(model__name=model)
     for index, (key, value) in enumerate((metadata or {}).items()):
         # A key transform built from the key itself: any string is safe (no lookup parsing of "__").
+        # KeyTransform, not KeyTextTransform: its exact lookup JSON-encodes the value on every
+        # backend (SQLite reads the text one's plain value as malformed JSON).
         alias = f"metadata_{index}"
-        queryset = queryset.alias(**{alias: KeyTextTransform(key, "metadata")}).filter(**{alias: value})
+        queryset = queryset.alias(**{alias: KeyTransform(key, "metadata")}).filter(**{alias: value})
     descending = order == "desc"
     if after:
         anchor = (
