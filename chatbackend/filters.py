@@ -36,3 +36,13 @@ class UTCIsoDateTimeFilter(django_filters.IsoDateTimeFilter):
     never a database error (a 500)."""
 
     field_class = UTCIsoDateTimeField
+
+
+class AnyChoiceFilter(django_filters.ChoiceFilter):
+    """``ChoiceFilter`` whose empty value (``?name=``) means any, as django-filter answers it, and
+    whose OpenAPI enum says so: ``""`` is one of its choices (clients and schemathesis otherwise
+    read the enum as refusing it)."""
+
+    def __init__(self, *args: Any, choices: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("empty_label", None)  # the "" choice below is the empty one
+        super().__init__(*args, choices=[*choices, ("", "any")], **kwargs)

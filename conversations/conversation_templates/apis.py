@@ -25,6 +25,7 @@ from accounts.authentication import request_principal
 from accounts.model_access import model_access_for
 from accounts.models import APIKey
 from accounts.serializers import ErrorOutputSerializer
+from chatbackend.filters import AnyChoiceFilter
 from conversations.serializers import ConversationOutputSerializer
 
 from .models import ConversationTemplate
@@ -86,7 +87,7 @@ _MASKS_SCHEMA = {
 class ConversationTemplateFilter(django_filters.FilterSet):
     """``?visibility=`` and ``?model=``."""
 
-    visibility = django_filters.ChoiceFilter(choices=ConversationTemplate.Visibility.choices)
+    visibility = AnyChoiceFilter(choices=ConversationTemplate.Visibility.choices, help_text="empty: any")
     model = django_filters.CharFilter(field_name="model_name", help_text="the model's name")
 
     class Meta:

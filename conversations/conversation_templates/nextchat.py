@@ -58,6 +58,8 @@ NEXTCHAT_MODEL_CONFIG_DEFAULTS: dict[str, Any] = {
     "quality": "standard",
     "style": "vivid",
 }
+# NextChat's createdAt is a JavaScript number (Date.now()): exact up to Number.MAX_SAFE_INTEGER.
+MAX_SAFE_INTEGER = 2**53 - 1
 # Mask keys that become template fields; the others are kept in ``ConversationTemplate.nextchat``.
 _MAPPED_KEYS = ("id", "name", "avatar", "lang", "context", "modelConfig", "builtin")
 
@@ -122,8 +124,17 @@ def _kept_fields_check(mask: dict[str, Any], param: str) -> None:
     """Refuse a mask whose fields kept as they are have another JSON type than NextChat's.
     Raises ``ApplicationError`` 400 ``invalid_mask``."""
     created_at = mask.get("createdAt", 0)
-    if isinstance(created_at, bool) or not isinstance(created_at, int):
-        raise _bad("createdAt must be an integer (Unix milliseconds).", f"{param}.createdAt")
+    if (
+        isinstance(created_at, bool)
+        or not isinstance(created_at, int | float)
+        or not float(created_at).is_integer()
+        or abs(created_at) > MAX_SAFE_INTEGER
+    ):
+        # A JSON integer beyond 64 bits reaches here as a float (orjson): out of range either way.
+        raise _bad(
+            f"createdAt must be an integer (Unix milliseconds) between {-MAX_SAFE_INTEGER} and {MAX_SAFE_INTEGER}.",
+            f"{param}.createdAt",
+        )
     for key in ("hideContext", "syncGlobalConfig", "builtin"):
         if key in mask and not isinstance(mask[key], bool):
             raise _bad(f"{key} must be a boolean.", f"{param}.{key}")
@@ -174,6 +185,8 @@ def mask_template_fields(mask: Any, *, param: str = "mask") -> dict[str, Any]:
         raise _bad("id must be a string of at most 100 characters.", f"{param}.id")
     _kept_fields_check(mask, param)
     kept = {key: value for key, value in mask.items() if key not in _MAPPED_KEYS}
+    if "createdAt" in kept:
+        kept["createdAt"] = int(kept["createdAt"])  # 1.7e12 is exported as 1700000000000, as NextChat wrote it
     kept["modelConfig"] = {key: value for key, value in config.items() if key not in ("model", *PARAMETER_NAMES)}
     return {
         "name": name,

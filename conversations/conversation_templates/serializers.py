@@ -17,7 +17,7 @@ from conversations.services import MAX_MESSAGE_CHARS, MAX_SYSTEM_PROMPT_CHARS, M
 from llm.openai.fields import StrictFloatField, StrictIntegerField
 
 from .models import ConversationTemplate
-from .nextchat import MAX_NAME_CHARS, MAX_STARTER_MESSAGES, PARAMETER_RANGES, STARTER_ROLES
+from .nextchat import MAX_NAME_CHARS, MAX_SAFE_INTEGER, MAX_STARTER_MESSAGES, PARAMETER_RANGES, STARTER_ROLES
 from .selectors import template_may_change
 
 _ID_MAX = 2**63 - 1
@@ -141,7 +141,12 @@ NEXTCHAT_MASK_SCHEMA: dict[str, Any] = {
     "required": ["name"],
     "properties": {
         "id": {"type": "string", "maxLength": 100},
-        "createdAt": {"type": "integer", "description": "Unix milliseconds"},
+        "createdAt": {
+            "type": "integer",
+            "minimum": -MAX_SAFE_INTEGER,
+            "maximum": MAX_SAFE_INTEGER,
+            "description": "Unix milliseconds (a JavaScript number: at most Number.MAX_SAFE_INTEGER in size)",
+        },
         "avatar": {"type": "string", "maxLength": 100},
         "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_CHARS, "pattern": NOT_BLANK_PATTERN},
         "hideContext": {"type": "boolean"},

@@ -421,6 +421,8 @@ def test_a_template_made_here_exports_as_a_mask_nextchat_takes(auth_client, user
         ({"name": "x", "modelConfig": {"model": 4}}, "mask.modelConfig.model"),
         ({"name": "x", "context": [{"role": "system", "content": " "}]}, "mask.context[0].content"),
         ({"name": "x", "createdAt": "yesterday"}, "mask.createdAt"),
+        ({"name": "x", "createdAt": 2**53}, "mask.createdAt"),
+        ({"name": "x", "createdAt": 1.5}, "mask.createdAt"),
         ({"name": "x", "avatar": None}, "mask.avatar"),
         ({"name": "x", "id": 7}, "mask.id"),
         ({"name": "x", "plugin": "all"}, "mask.plugin"),
@@ -430,6 +432,22 @@ def test_a_template_made_here_exports_as_a_mask_nextchat_takes(auth_client, user
 def test_a_bad_mask_is_a_400_naming_it_and_nothing_is_imported(auth_client, document, param):
     assert_error(auth_client.post(f"{BASE}import/", document, format="json"), 400, param=param)
     assert not ConversationTemplate.objects.exists()
+
+
+def test_a_created_at_past_64_bits_is_a_400_not_a_float(auth_client):
+    """orjson reads an integer past 64 bits as a float: still a clear 400 naming the field."""
+    body = '{"name": "x", "createdAt": -62821695471222381346816}'
+    response = auth_client.post(f"{BASE}import/", data=body, content_type="application/json")
+    assert_error(response, 400, param="mask.createdAt")
+    assert not ConversationTemplate.objects.exists()
+
+
+def test_an_integral_created_at_is_kept_as_an_integer(auth_client):
+    body = '{"name": "x", "createdAt": 1688899480537.0}'
+    response = auth_client.post(f"{BASE}import/", data=body, content_type="application/json")
+    assert response.status_code == 201, response.content
+    template = ConversationTemplate.objects.get()
+    assert template.nextchat["createdAt"] == 1688899480537 and isinstance(template.nextchat["createdAt"], int)
 
 
 def test_import_of_malformed_json_is_a_400(auth_client):
