@@ -285,6 +285,12 @@ CONVERSATION_TITLE_MODEL: str | None = (
 )
 # The longest a title request may take (seconds); it is given up after that.
 CONVERSATION_TITLE_TIMEOUT_SECONDS: float = _seconds("CONVERSATION_TITLE_TIMEOUT_SECONDS", 30.0)
+# --- Context window (llm.metering.prompt_budget_for) -----------------------------------------
+# Tokens a conversation's history leaves free for the reply when nothing bounds the reply (no
+# max_tokens sent, no max_output_tokens on the model); at most a quarter of the model's window.
+CONTEXT_OUTPUT_RESERVE_TOKENS: int = _get("CONTEXT_OUTPUT_RESERVE_TOKENS", env.int, 1024, "an integer")
+if CONTEXT_OUTPUT_RESERVE_TOKENS < 0:
+    _fail("CONTEXT_OUTPUT_RESERVE_TOKENS", CONTEXT_OUTPUT_RESERVE_TOKENS, "an integer of 0 or more")
 
 # celery beat runs the recovery of orphaned replies this often (with Redis; the embedded defaults
 # recover at start-up instead).

@@ -3,7 +3,10 @@
 When a conversation without a title gets its first reply (``ConversationReplyPlan.finish``), a
 Celery task (``tasks.conversation_title_task``) asks the title model for a short title and sets it,
 unless the user has set one meanwhile. The title model is ``settings.CONVERSATION_TITLE_MODEL``:
-unset, the conversation's own model; ``""`` (or ``off``), no titles. The request goes through the
+unset, the conversation's own model; ``""`` (or ``off``), no titles. The title model must be one the
+owner may use in the conversation's organization (its and the owner's teams' model allowlists, as
+for a reply; no API key: the conversation records none): otherwise, or when the owner is no longer
+a member there, or the conversation is in the trash, no title. The request goes through the
 streaming engine like any reply (``llm.services.reply_run``): admitted by the owner's rate limits
 and budgets, billed to the conversation's owner in its organization (a ``conversation`` usage
 record, request id ``title-<conversation>-<reply>``). Failures are logged, never shown.
@@ -23,11 +26,15 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from django.conf import settings
 from django.db import connections, transaction
 
+from accounts.authentication import principal_for
+from accounts.model_access import model_access_for
 from accounts.models import UsageRecord
+from accounts.selectors import AuthenticationFailed
 from accounts.usage import usage_context
+from chatbackend.errors import ApplicationError
 from llm.metering import TOKEN_LIMIT_PARAMETERS, reply_metering
 from llm.providers import ChatRequest
-from llm.selectors import enabled_model_get
+from llm.selectors import EnabledModel, enabled_model_get_for
 from llm.services import reply_run
 from llm.streaming import ReplyPlan, ReplyStatus
 
@@ -106,20 +113,22 @@ def title_clean(text: str) -> str:
 def conversation_title_generate(*, conversation_id: int, message_id: int) -> str | None:
     """Ask the title model for a title of ``conversation_id`` and set it; return it (None: none set).
 
-    Nothing is asked when the conversation is gone, has a title, titles are off, or the branch up
-    to reply ``message_id`` has no first message with a reply. The prompt: ``TITLE_INSTRUCTIONS``,
-    then the first user message and its reply (``TITLE_SOURCE_CHARS`` of each). The title is set only while the
-    conversation is still untitled (one conditional UPDATE: a title the user set meanwhile wins;
-    ``updated_at`` stays). Raises ``ApplicationError`` for a title model that is not enabled,
-    ``llm.streaming.ReplyRefused`` when admission refuses the request, ``TimeoutError`` after
-    ``CONVERSATION_TITLE_TIMEOUT_SECONDS``; the task logs them.
+    Nothing is asked (and nothing billed) when titles are off, the conversation is gone, in the
+    trash or has a title, the branch up to reply ``message_id`` has no first message with a reply,
+    the owner is no longer a member of the conversation's organization, or the title model is not
+    one the owner may use there (``_title_model``); the last two are logged. The prompt: ``TITLE_INSTRUCTIONS``,
+    then the first user message and its reply (``TITLE_SOURCE_CHARS`` of each). The title is set
+    only while the conversation is still untitled (one conditional UPDATE: a title the user set
+    meanwhile wins; ``updated_at`` stays). Raises ``llm.streaming.ReplyRefused`` when admission
+    refuses the request, ``TimeoutError`` after ``CONVERSATION_TITLE_TIMEOUT_SECONDS``; the task
+    logs them.
     """
     if not conversation_titles_enabled():
         return None
     conversation = (
         Conversation.objects.select_related("owner", "organization", "model").filter(pk=conversation_id).first()
     )
-    if conversation is None or conversation.title:
+    if conversation is None or conversation.title or conversation.deleted_at is not None:
         return None
     first_turn = list(
         message_path(conversation=conversation, leaf_id=message_id)
@@ -130,7 +139,9 @@ def conversation_title_generate(*, conversation_id: int, message_id: int) -> str
     if [role for role, _ in first_turn] != [Message.Role.USER, Message.Role.ASSISTANT]:
         return None
     (_, question), (_, answer) = first_turn
-    model = enabled_model_get(name=settings.CONVERSATION_TITLE_MODEL or conversation.model.name)
+    model = _title_model(conversation)
+    if model is None:
+        return None
     messages = [
         {"role": "system", "content": TITLE_INSTRUCTIONS},
         {
@@ -185,6 +196,37 @@ def conversation_title_generate(*, conversation_id: int, message_id: int) -> str
     if not Conversation.objects.filter(pk=conversation.pk, title="").update(title=title):
         return None  # titled meanwhile, or deleted
     return title
+
+
+def _title_model(conversation: Conversation) -> EnabledModel | None:
+    """Return the title model of ``conversation`` as its owner may use it in its organization, or
+    None (logged) when the owner is no longer a member there or may not use it (or it is not enabled).
+
+    The owner's access there (``accounts.model_access.model_access_for``, no API key); the
+    fallbacks outside it are left out (``llm.selectors.enabled_model_get_for``).
+    """
+    name = settings.CONVERSATION_TITLE_MODEL or conversation.model.name
+    owner, organization = conversation.owner, conversation.organization
+    try:
+        principal = principal_for(user=owner, organization=organization.slug)
+    except AuthenticationFailed:
+        logger.info(
+            "the title of conversation %s was not written: its owner is no longer a member of %r",
+            conversation.pk,
+            organization.slug,
+        )
+        return None
+    try:
+        return enabled_model_get_for(access=model_access_for(principal=principal), name=name)
+    except ApplicationError as error:  # outside the owner's access, unknown or disabled
+        logger.warning(
+            "the title of conversation %s was not written: title model %r is not available to its owner in %r (%s)",
+            conversation.pk,
+            name,
+            organization.slug,
+            error.code,
+        )
+        return None
 
 
 __all__ = [

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from django.conf import settings
+
 from accounts.metering import MeteringRequest, MeteringSubject
 from accounts.models import APIKey, Organization, User
 
@@ -25,7 +27,8 @@ def output_reserve_for(*, model: EnabledModel, parameters: Mapping[str, Any]) ->
     The client's ``max_completion_tokens`` (or the older ``max_tokens``) when it sent one, else the
     model's ``max_output_tokens``; None when neither bounds the reply (it may then use whatever the
     context window leaves). The one rule for the reservation: ``max_completion_tokens_for`` sizes
-    admission with it and ``conversations`` trims the history sent upstream to leave it free.
+    admission with it and ``conversations`` trims the history sent upstream to leave it free
+    (``prompt_budget_for``, which leaves ``CONTEXT_OUTPUT_RESERVE_TOKENS`` free for None).
     """
     for name in TOKEN_LIMIT_PARAMETERS:
         limit = parameters.get(name)
@@ -48,10 +51,19 @@ def max_completion_tokens_for(*, model: EnabledModel, parameters: Mapping[str, A
 
 
 def prompt_budget_for(*, model: EnabledModel, parameters: Mapping[str, Any]) -> int:
-    """Return the most prompt tokens a request to ``model`` may carry: its ``context_window`` minus
-    the output reserve (``output_reserve_for``; none reserved when nothing bounds the reply). May be
-    0 or less for a reserve as large as the window: then no prompt fits."""
-    return model.context_window - (output_reserve_for(model=model, parameters=parameters) or 0)
+    """Return the most prompt tokens a request to ``model`` may carry (tokens): its ``context_window``
+    minus the output reserve (``output_reserve_for``). May be 0 or less for a reserve as large as the
+    window: then no prompt fits.
+
+    When nothing bounds the reply (``output_reserve_for`` is None), ``CONTEXT_OUTPUT_RESERVE_TOKENS``
+    (default 1024) is left free for it, at most a quarter of the window (``context_window // 4``),
+    so that a fitted history never fills the window and a small window still takes a prompt. Only
+    the prompt's budget: admission sizes the reply as before (``max_completion_tokens_for``).
+    """
+    reserve = output_reserve_for(model=model, parameters=parameters)
+    if reserve is None:
+        reserve = min(settings.CONTEXT_OUTPUT_RESERVE_TOKENS, model.context_window // 4)
+    return model.context_window - reserve
 
 
 def reply_metering(

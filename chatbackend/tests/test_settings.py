@@ -39,6 +39,8 @@ def _start(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ("EMAIL_VERIFICATION_URL", "https://chat.example.com/verify?x=1"),
         ("PASSWORD_RESET_TIMEOUT", "0"),
         ("EMAIL_VERIFICATION_REQUIRED", "sometimes"),
+        ("CONTEXT_OUTPUT_RESERVE_TOKENS", "-1"),
+        ("CONTEXT_OUTPUT_RESERVE_TOKENS", "a few"),
     ],
 )
 def test_bad_value_stops_startup_naming_the_variable(name: str, value: str) -> None:

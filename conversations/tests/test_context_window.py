@@ -231,8 +231,54 @@ def test_the_output_reserve_is_the_requests_max_tokens_else_the_models(db, simul
     assert prompt_budget_for(model=enabled, parameters={"max_completion_tokens": 900}) == 100
     # Metering reserves the same output for a prompt that fits it.
     assert max_completion_tokens_for(model=enabled, parameters={}, prompt_tokens=700) == 300
+    # Nothing bounds the reply: the history still leaves CONTEXT_OUTPUT_RESERVE_TOKENS (1024) free,
+    # at most a quarter of the window; admission still sizes the reply to what the window leaves.
     unbounded = enabled_model_get(name=small_model(simulator, context_window=999, max_output_tokens=None).name)
-    assert prompt_budget_for(model=unbounded, parameters={}) == 999
+    assert prompt_budget_for(model=unbounded, parameters={}) == 999 - 249
+    assert prompt_budget_for(model=unbounded, parameters={"max_tokens": 10}) == 989
+    assert max_completion_tokens_for(model=unbounded, parameters={}, prompt_tokens=700) == 299
+    enabled_model_cache.clear()
+
+
+@pytest.mark.parametrize(
+    ("setting", "reserve"),
+    [
+        (None, 500),  # the default, 1024, over a quarter of the 2,000-token window
+        (300, 300),
+        (0, 0),  # the history may fill the window
+    ],
+)
+def test_with_nothing_bounding_the_reply_the_history_leaves_the_context_output_reserve_free(
+    user, simulator, settings, setting, reserve
+):
+    if setting is None:
+        assert settings.CONTEXT_OUTPUT_RESERVE_TOKENS == 1024
+    else:
+        settings.CONTEXT_OUTPUT_RESERVE_TOKENS = setting
+    # No max_output_tokens on the model, no max_tokens in its parameters nor the conversation's.
+    model = small_model(simulator, context_window=2000, max_output_tokens=None)
+    conversation = ConversationFactory(owner=user, model=model, system_prompt=SYSTEM)
+    history = long_history(conversation, 20)  # ~2,600 tokens
+
+    plan = reply_start(actor=principal_for(user=user), conversation_id=conversation.pk, content="And then?")
+
+    sent = plan.request.messages
+    assert not {"max_tokens", "max_completion_tokens"} & set(plan.request.parameters)
+    dropped = Message.objects.get(pk=plan.message_id).context_dropped
+    assert 0 < dropped < len(history)
+    assert sent == [
+        {"role": "system", "content": SYSTEM},
+        *as_turns(history[dropped:]),
+        {"role": "user", "content": "And then?"},
+    ]
+    # What is sent fits the window minus the reserve, and one more turn would not have.
+    budget = model.context_window - reserve
+    assert ESTIMATE_TOKENIZER.count_prompt(sent) <= budget
+    one_more = [sent[0], *as_turns(history[dropped - 2 : dropped]), *sent[1:]]
+    assert ESTIMATE_TOKENIZER.count_prompt(one_more) > budget
+    # Admission is unchanged: the reply may still take whatever the window leaves after the prompt.
+    assert plan.metering is not None
+    assert plan.metering.max_completion_tokens == model.context_window - plan.metering.prompt_tokens
     enabled_model_cache.clear()
 
 

@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 from django.test import AsyncClient
 
-from accounts.models import UsageRecord
+from accounts.models import Membership, Organization, Team, TeamMembership, UsageRecord
 from chatbackend.asyncdb import run_sync
 from conversations.models import Conversation
+from conversations.tasks import conversation_title_task
 from conversations.titles import TITLE_INSTRUCTIONS, conversation_titles_flush, title_clean
 from llm.selectors import enabled_model_cache
 from llm.simulator import reply_text
@@ -176,6 +177,93 @@ async def test_a_failing_title_model_is_logged_and_never_surfaces(
         assert (await send(other, token, "Hello again"))["status"] == "completed"
         await titles_flushed()
     assert await title_of(other) == ""
+
+
+@pytest.fixture
+def other_title_model(settings, sim_model):
+    """Titles by ``titler``, a model of the fast simulator other than the conversations' ``sim-model``."""
+    LLMModelFactory(name="titler", provider=sim_model.provider, upstream_model="sim-fast")
+    enabled_model_cache.clear()
+    settings.CONVERSATION_TITLE_MODEL = "titler"
+    yield
+    enabled_model_cache.clear()
+
+
+def organization_restrict(names: list[str]) -> None:
+    """Set the default organization's ``allowed_models`` with ``save()`` (as the admin does)."""
+    organization = Organization.objects.default()
+    organization.allowed_models = names
+    organization.save()
+
+
+async def test_a_title_model_outside_the_owners_allowlist_writes_no_title_and_bills_nothing(
+    untitled, user, token, other_title_model, caplog
+):
+    # The organization allows the conversation's model only: the reply runs, the title may not.
+    await run_sync(organization_restrict, ["sim-model"])
+    with caplog.at_level(logging.INFO, logger="conversations"):
+        reply = await send(untitled, token, "How do tides work?", sse=True)
+        await titles_flushed()
+
+    assert reply["status"] == "completed"
+    assert await title_of(untitled) == ""
+    assert await usage_records(request_id__startswith="title-") == []
+    assert any("'titler' is not available to its owner" in record.getMessage() for record in caplog.records)
+
+    # A team of the owner's narrows it the same way, though the organization allows the title model.
+    def team_restrict() -> None:
+        organization_restrict(["sim-model", "titler"])
+        team = Team.objects.create(
+            organization=Organization.objects.default(), name="t", slug="t", allowed_models=["sim-model"]
+        )
+        TeamMembership.objects.create(team=team, user=user)
+
+    await run_sync(team_restrict)
+    other = await run_sync(ConversationFactory, owner=user, model=untitled.model, title="")
+    assert (await send(other, token, "Hello"))["status"] == "completed"
+    await titles_flushed()
+    assert await title_of(other) == ""
+    assert await usage_records(request_id__startswith="title-") == []
+
+
+async def test_a_title_model_inside_the_owners_allowlist_writes_the_title(untitled, token, other_title_model):
+    await run_sync(organization_restrict, ["sim-model", "titler"])
+
+    reply = await send(untitled, token, "How do tides work?", sse=True)
+
+    title = await poll_until(lambda: title_of(untitled), bool, within=10, what="the title")
+    assert title == expected_title("How do tides work?", reply["content"])
+    await titles_flushed()
+    records = await usage_records(request_id__startswith="title-")
+    assert [record.model_name for record in records] == ["titler"]
+
+
+async def test_a_conversation_in_the_trash_gets_no_title(untitled, token, settings):
+    settings.CONVERSATION_TITLE_MODEL = "off"  # the reply queues none: the task runs below, once trashed
+    reply = await send(untitled, token, "How do tides work?")
+    response = await AsyncClient().delete(f"/api/conversations/{untitled.pk}/", headers=bearer(token))
+    assert response.status_code == 204
+
+    settings.CONVERSATION_TITLE_MODEL = None
+    assert await run_sync(conversation_title_task, untitled.pk, reply["id"]) is None
+
+    assert (await Conversation.objects.aget(pk=untitled.pk)).deleted_at is not None
+    assert await title_of(untitled) == ""
+    assert await usage_records(request_id__startswith="title-") == []
+
+
+async def test_an_owner_who_left_the_organization_gets_no_title(untitled, user, token, settings, caplog):
+    settings.CONVERSATION_TITLE_MODEL = "off"
+    reply = await send(untitled, token, "How do tides work?")
+    await Membership.objects.filter(user=user, organization_id=untitled.organization_id).adelete()
+
+    settings.CONVERSATION_TITLE_MODEL = None
+    with caplog.at_level(logging.INFO, logger="conversations"):
+        assert await run_sync(conversation_title_task, untitled.pk, reply["id"]) is None
+
+    assert await title_of(untitled) == ""
+    assert await usage_records(request_id__startswith="title-") == []
+    assert any("no longer a member" in record.getMessage() for record in caplog.records)
 
 
 def test_title_clean():
