@@ -14,6 +14,7 @@ from accounts.models import Membership, Organization
 from conversations.models import Conversation, Message
 from conversations.selectors import message_path
 from conversations.services import message_append
+from conversations.tests.test_sync import NULL_FREE_CONVERSATIONS, document_with_null_characters
 from conversations.tests.test_sync import _document as nextchat_document
 from llm.models import LLMModel
 from llm.selectors import enabled_model_cache
@@ -259,3 +260,48 @@ def test_without_a_usable_model_nothing_is_imported(auth_client, user, tree):
     assert_error(auth_client.post(IMPORT, document, format="json"), 400)
     assert_error(auth_client.post(IMPORT, nextchat_document(), format="json"), 400)
     assert Conversation.objects.count() == 1
+
+
+def test_a_nextchat_backup_with_null_characters_imports_without_them(auth_client, user):
+    """NextChat's backup.json is imported as a synced document is: null characters (which
+    PostgreSQL cannot store) are left out of every text, never a 500; importing it again changes
+    nothing (the ids, stripped, still match)."""
+    LLMModelFactory(name="gpt-4o-mini")
+    LLMModelFactory(name="aaa-first-model")
+    body = json.dumps(document_with_null_characters())
+    assert "\\u0000" in body
+    for _ in range(2):
+        response = auth_client.post(IMPORT, data=body, content_type="application/json")
+        assert response.status_code == 201, response.content
+        assert [c["title"] for c in response.json()["conversations"]] == ["Trip to Lisbon", "Images"]
+    conversations = Conversation.objects.filter(owner=user).order_by("external_id")
+    assert [
+        (c.external_id, c.title, c.model.name, [(m.external_id, m.role, m.content) for m in c.messages.all()])
+        for c in conversations
+    ] == NULL_FREE_CONVERSATIONS
+    assert conversations[0].system_prompt == "You are a travel agent."
+    assert conversations[0].messages.get(external_id="msg-a1").model_name == "gpt-4o-mini"
+
+
+@pytest.mark.parametrize(
+    ("conversation", "message", "param"),
+    [
+        ({"title": "a\x00b"}, {}, "conversations.title"),
+        ({"system_prompt": "\x00"}, {}, "conversations.system_prompt"),
+        ({"model": "gpt-test\x00"}, {}, "conversations.model"),
+        ({"metadata": {"k": "v\x00"}}, {}, "conversations.metadata.k"),
+        ({"metadata": {"k\x00": "v"}}, {}, "conversations.metadata"),
+        ({}, {"content": "hi\x00"}, "conversations.messages.1.content"),
+        ({}, {"model": "\x00"}, "conversations.messages.1.model"),
+        ({}, {"finish_reason": "stop\x00"}, "conversations.messages.1.finish_reason"),
+        ({}, {"error": "\x00"}, "conversations.messages.1.error"),
+        ({}, {"error_code": "\x00"}, "conversations.messages.1.error_code"),
+    ],
+)
+def test_null_characters_in_our_export_are_a_400_naming_the_field(auth_client, model, conversation, message, param):
+    document = _one(**conversation)
+    document["conversations"][0]["messages"][1].update(message)
+    body = json.dumps(document)
+    assert "\\u0000" in body
+    assert_error(auth_client.post(IMPORT, data=body, content_type="application/json"), 400, param=param)
+    assert not Conversation.objects.exists()
