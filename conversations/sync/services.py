@@ -258,7 +258,8 @@ def nextchat_sessions_import(*, principal: Principal, state: Any) -> list[Conver
     in the organization it acts in; return them, in the document's order.
 
     Idempotent by NextChat's ids, as ``sync_document_import`` describes (a session seen before is
-    updated, never copied). The model as there: the session's when ``principal`` may use it, else
+    updated, never copied; one owner's imports are serialized, so concurrent ones never copy
+    either). The model as there: the session's when ``principal`` may use it, else
     the first it may use by name. Null characters are left out of every text and id (PostgreSQL
     cannot store them; the sync that stored the document must not fail on them). Raises
     ``ApplicationError`` 400 when it may use no model at all
@@ -273,6 +274,7 @@ def nextchat_sessions_import(*, principal: Principal, state: Any) -> list[Conver
     if not sessions:
         return []
     organization, owner = principal.organization, principal.user
+    _imports_serialize(owner)
     models = ModelChooser(principal)
     existing = {
         c.external_id: c
@@ -286,6 +288,20 @@ def nextchat_sessions_import(*, principal: Principal, state: Any) -> list[Conver
         conversation = imported.get(external_id) or existing.get(external_id)
         imported[external_id] = _import_session(session, conversation, organization, owner, models)
     return list(imported.values())
+
+
+def _imports_serialize(owner: User) -> None:
+    """Lock ``owner``'s row until the transaction ends, so that one owner's NextChat imports (two
+    synced documents, a sync and a ``backup.json`` import, two imports) run one after the other: the
+    second reads the conversations the first committed and updates them. Without it both find no
+    conversation for a session and both insert one; ``conversation_external_id_unique`` refuses the
+    second (no copy, but the import fails: a 500 for ``POST /api/conversations/import/``).
+
+    ``FOR NO KEY UPDATE``: it does not block rows that reference the user (a conversation started
+    meanwhile). SQLite ignores the lock; its IMMEDIATE transactions (settings) serialize writers
+    whole. Raises ``TransactionManagementError`` outside a transaction.
+    """
+    list(User.objects.select_for_update(no_key=True).filter(pk=owner.pk).values_list("pk", flat=True))
 
 
 class ModelChooser:

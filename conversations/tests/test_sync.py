@@ -19,6 +19,8 @@ import copy
 import datetime as dt
 import json
 import logging
+import threading
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -677,3 +679,68 @@ def test_upstash_stores_null_characters_as_sent_and_imports_without_them(
         _upstash_sync_set(client, secret, json.dumps(document))
     assert json.loads(_upstash_sync_get(client, secret)) == _without_secrets(document)
     _assert_imported_without_null_characters(user)
+
+
+# --- Concurrent syncs -----------------------------------------------------------------------------
+
+
+def many_sessions(count: int) -> dict:
+    """NextChat's state with ``count`` sessions of two messages each (ids ``sess-<i>``, ``msg-<i>-u|a``)."""
+    document = _document()
+    template = document["chat-next-web-store"]["sessions"][0]
+    sessions = []
+    for index in range(count):
+        session = json.loads(json.dumps(template))
+        session["id"] = f"sess-{index}"
+        for message in session["messages"]:
+            message["id"] = f"msg-{index}-{message['role'][0]}"
+        sessions.append(session)
+    document["chat-next-web-store"]["sessions"] = sessions
+    return document
+
+
+def run_at_once(*works: Callable[[], Any]) -> list[Any]:
+    """Run each of ``works`` in its own thread (its own database connection), released together by a
+    barrier; return their results in order, re-raising the first exception one raised."""
+    barrier = threading.Barrier(len(works))
+    results: list[Any] = [None] * len(works)
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            results[index] = works[index]()
+        except BaseException as error:  # reported below, not lost in the thread
+            errors.append(error)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=(index,), daemon=True) for index in range(len(works))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "an import is still blocked"
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_documents_synced_at_once_make_one_conversation_per_session(user, dav, models) -> None:
+    """Two devices syncing the same chats into two documents (WebDAV folders) at the same moment:
+    each import finds the other's conversations or waits for them, never a copy, never a failure."""
+    body = json.dumps(many_sessions(60))
+
+    def put(folder: str) -> Any:
+        return lambda: _put(Client(), f"/dav/{folder}/{FOLDER}/backup.json", body, dav)
+
+    responses = run_at_once(put("laptop"), put("phone"))
+    assert [r.status_code for r in responses] == [201, 201]
+    assert sorted(SyncDocumentVersion.objects.values_list("import_status", "conversations_imported")) == [
+        ("done", 60),
+        ("done", 60),
+    ]
+    conversations = Conversation.objects.filter(owner=user)
+    assert sorted(conversations.values_list("external_id", flat=True)) == sorted(f"sess-{i}" for i in range(60))
+    assert Message.objects.filter(conversation__owner=user).count() == 120

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from typing import Any
 
 import pytest
 from django.utils import timezone
@@ -14,7 +15,12 @@ from accounts.models import Membership, Organization
 from conversations.models import Conversation, Message
 from conversations.selectors import message_path
 from conversations.services import message_append
-from conversations.tests.test_sync import NULL_FREE_CONVERSATIONS, document_with_null_characters
+from conversations.tests.test_sync import (
+    NULL_FREE_CONVERSATIONS,
+    document_with_null_characters,
+    many_sessions,
+    run_at_once,
+)
 from conversations.tests.test_sync import _document as nextchat_document
 from llm.models import LLMModel
 from llm.selectors import enabled_model_cache
@@ -305,3 +311,24 @@ def test_null_characters_in_our_export_are_a_400_naming_the_field(auth_client, m
     assert "\\u0000" in body
     assert_error(auth_client.post(IMPORT, data=body, content_type="application/json"), 400, param=param)
     assert not Conversation.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_imports_of_one_backup_make_one_conversation_per_session(client_for, user):
+    """Two imports of one backup.json at once: each finds the other's conversations or waits for
+    them (one owner's NextChat imports are serialized), never a copy, never a 500."""
+    LLMModelFactory(name="gpt-4o-mini")
+    body = json.dumps(many_sessions(60))
+
+    def post() -> Any:
+        return client_for(user).post(IMPORT, data=body, content_type="application/json")
+
+    responses = run_at_once(post, post)
+    assert [r.status_code for r in responses] == [201, 201], [r.content[:300] for r in responses]
+    assert [[c["id"] for c in r.json()["conversations"]] for r in responses][0] == [
+        c["id"] for c in responses[1].json()["conversations"]
+    ]
+    conversations = Conversation.objects.filter(owner=user)
+    assert conversations.count() == 60
+    assert sorted(conversations.values_list("external_id", flat=True)) == sorted(f"sess-{i}" for i in range(60))
+    assert Message.objects.filter(conversation__owner=user).count() == 120
