@@ -36,7 +36,12 @@ IMPORT = "/api/conversations/import/"
 def tree(user, model):
     """u1 → a1 → u2 → a2 (first branch), u2b → a2b (an edit of u2, active), and a1's regeneration a1b."""
     conversation = ConversationFactory(owner=user, model=model, title="Branches", system_prompt="Be brief.")
-    Conversation.objects.filter(pk=conversation.pk).update(metadata={"project": "x"})
+    Conversation.objects.filter(pk=conversation.pk).update(
+        metadata={"project": "x"},
+        parameters={"temperature": 0.3, "max_tokens": 100},
+        pinned=True,
+        archived_at=timezone.now() - dt.timedelta(days=1),
+    )
     u1 = message_append(conversation=conversation, role="user", content="one")
     a1 = message_append(
         conversation=conversation, role="assistant", content="reply one", model_name="gpt-test",
@@ -66,7 +71,15 @@ def shape(conversation: Conversation) -> tuple:
         for m in messages
     ]  # fmt: skip
     active = [m.content for m in message_path(conversation=conversation)]
-    header = (conversation.title, conversation.system_prompt, conversation.model.name, conversation.metadata)
+    header = (
+        conversation.title,
+        conversation.system_prompt,
+        conversation.model.name,
+        conversation.metadata,
+        conversation.parameters,
+        conversation.pinned,
+        conversation.archived_at,
+    )
     return header, nodes, position.get(conversation.active_leaf_id), active
 
 
@@ -81,6 +94,8 @@ def test_export_then_import_round_trips_the_tree(auth_client, tree):
     assert {"id", "parent_id", "role", "content", "status", "model", "prompt_tokens", "created_at"} <= set(
         item["messages"][0]
     )
+    assert item["parameters"] == {"temperature": 0.3, "max_tokens": 100} and item["pinned"] is True
+    assert item["archived_at"] == tree.archived_at.isoformat().replace("+00:00", "Z")
 
     imported = auth_client.post(IMPORT, document, format="json")
     assert imported.status_code == 201, imported.content
@@ -91,6 +106,7 @@ def test_export_then_import_round_trips_the_tree(auth_client, tree):
     assert copy.pk != tree.pk and copy.owner_id == tree.owner_id
     assert not set(copy.messages.values_list("id", flat=True)) & set(tree.messages.values_list("id", flat=True))
     assert shape(copy) == shape(tree)
+    assert (new["parameters"], new["pinned"], new["archived"]) == ({"temperature": 0.3, "max_tokens": 100}, True, True)
     assert new["active_leaf"] == copy.active_leaf_id and copy.created_at == tree.created_at
 
     # The copy exports as the original did, ids aside.
@@ -200,6 +216,13 @@ def _one(**conversation) -> dict:
         (_one(metadata={"k": {"nested": True}}), None),
         (_one(title="x" * 201), None),
         (_one(model=7), None),
+        (_one(parameters={"temperature": 2.5}), None),
+        (_one(parameters={"max_tokens": 1.5}), None),
+        (_one(parameters={"top_p": "1"}), None),
+        (_one(parameters=[]), None),
+        (_one(parameters=None), None),
+        (_one(pinned="true"), None),
+        (_one(archived_at="yesterday"), None),
         ({"chat-next-web-store": "not an object"}, "invalid_import"),
     ],
 )
@@ -208,6 +231,35 @@ def test_bad_input_is_a_400(auth_client, model, body, code):
     error = assert_error(response, 400)
     assert code is None or error["code"] == code
     assert not Conversation.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("conversation", "param"),
+    [
+        ({"parameters": {"temperature": 2.5}}, "conversations.parameters.temperature"),
+        ({"parameters": {"max_tokens": 0}}, "conversations.parameters.max_tokens"),
+        ({"pinned": 1}, "conversations.pinned"),
+        ({"archived_at": "yesterday"}, "conversations.archived_at"),
+    ],
+)
+def test_bad_parameters_pinned_or_archived_at_are_a_400_naming_the_field(auth_client, model, conversation, param):
+    assert_error(auth_client.post(IMPORT, _one(**conversation), format="json"), 400, code="invalid", param=param)
+    assert not Conversation.objects.exists()
+
+
+def test_an_export_without_parameters_pinned_or_archived_at_imports_with_their_defaults(auth_client, model):
+    """Exports written before these fields were (and hand-written ones) still import."""
+    document = _one()
+    assert not {"parameters", "pinned", "archived_at"} & set(document["conversations"][0])
+    response = auth_client.post(IMPORT, document, format="json")
+    assert response.status_code == 201, response.content
+    conversation = Conversation.objects.get()
+    assert (conversation.parameters, conversation.pinned, conversation.archived_at) == ({}, False, None)
+    # Null parameters are the model's defaults: left out, as a template leaves them out.
+    document["conversations"][0].update(parameters={"temperature": None, "top_p": 0.5, "seed": 3}, pinned=False)
+    response = auth_client.post(IMPORT, document, format="json")
+    assert response.status_code == 201, response.content
+    assert Conversation.objects.get(pk=response.json()["conversations"][0]["id"]).parameters == {"top_p": 0.5}
 
 
 def test_a_cycle_is_a_400(auth_client, model):
