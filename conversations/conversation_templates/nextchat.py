@@ -120,6 +120,23 @@ def _string(mask: dict[str, Any], key: str, param: str, *, max_length: int) -> s
     return value
 
 
+def _null_free_check(value: Any, param: str) -> None:
+    """Refuse a null character in any string or key of ``value`` (kept as JSON: PostgreSQL's
+    ``jsonb`` cannot hold ``\\u0000``). Raises ``ApplicationError`` 400 ``invalid_mask``, ``param``
+    the path to the string (or to the object whose key holds it)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise _bad("Null characters are not allowed.", param)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if "\x00" in key:
+                raise _bad("Null characters are not allowed in keys.", param)
+            _null_free_check(item, f"{param}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _null_free_check(item, f"{param}[{index}]")
+
+
 def _kept_fields_check(mask: dict[str, Any], param: str) -> None:
     """Refuse a mask whose fields kept as they are have another JSON type than NextChat's.
     Raises ``ApplicationError`` 400 ``invalid_mask``."""
@@ -178,16 +195,19 @@ def mask_template_fields(mask: Any, *, param: str = "mask") -> dict[str, Any]:
     if not isinstance(config, dict):
         raise _bad("modelConfig must be an object.", f"{param}.modelConfig")
     model = config.get("model", "")
-    if not isinstance(model, str) or len(model) > 200:
-        raise _bad("model must be a string of at most 200 characters.", f"{param}.modelConfig.model")
+    if not isinstance(model, str) or len(model) > 200 or "\x00" in model:
+        raise _bad(
+            "model must be a string of at most 200 characters, without null characters.", f"{param}.modelConfig.model"
+        )
     external_id = mask.get("id", "")
-    if not isinstance(external_id, str) or len(external_id) > 100:
-        raise _bad("id must be a string of at most 100 characters.", f"{param}.id")
+    if not isinstance(external_id, str) or len(external_id) > 100 or "\x00" in external_id:
+        raise _bad("id must be a string of at most 100 characters, without null characters.", f"{param}.id")
     _kept_fields_check(mask, param)
     kept = {key: value for key, value in mask.items() if key not in _MAPPED_KEYS}
     if "createdAt" in kept:
         kept["createdAt"] = int(kept["createdAt"])  # 1.7e12 is exported as 1700000000000, as NextChat wrote it
     kept["modelConfig"] = {key: value for key, value in config.items() if key not in ("model", *PARAMETER_NAMES)}
+    _null_free_check(kept, param)
     return {
         "name": name,
         "system_prompt": system_prompt,

@@ -32,7 +32,8 @@ class TemplateStarterMessageSerializer(serializers.Serializer):
     )
 
 
-def _parameter_field(name: str) -> serializers.Field:
+def parameter_field(name: str) -> serializers.Field:
+    """Return the input field of parameter ``name`` (``PARAMETER_RANGES``): a JSON number in its range, or null."""
     low, high, integer = PARAMETER_RANGES[name]
     if integer:
         return StrictIntegerField(
@@ -67,11 +68,11 @@ class ConversationTemplateInputSerializer(serializers.Serializer):
         default="",
         help_text="A model or alias name; blank: the conversation names it.",
     )
-    temperature = _parameter_field("temperature")
-    top_p = _parameter_field("top_p")
-    max_tokens = _parameter_field("max_tokens")
-    presence_penalty = _parameter_field("presence_penalty")
-    frequency_penalty = _parameter_field("frequency_penalty")
+    temperature = parameter_field("temperature")
+    top_p = parameter_field("top_p")
+    max_tokens = parameter_field("max_tokens")
+    presence_penalty = parameter_field("presence_penalty")
+    frequency_penalty = parameter_field("frequency_penalty")
     starter_messages = serializers.ListField(
         child=TemplateStarterMessageSerializer(), max_length=MAX_STARTER_MESSAGES, required=False, default=list
     )

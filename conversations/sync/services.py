@@ -49,6 +49,7 @@ MAX_UPLOAD_CHUNKS = 10_000
 UPLOAD_CHUNK_MAX_AGE = dt.timedelta(days=1)
 _TITLE_CHARS = 200
 _EXTERNAL_ID_CHARS = 100
+_MODEL_NAME_CHARS = 200
 
 
 def document_too_large_error(size: int | None = None) -> ApplicationError:
@@ -257,8 +258,11 @@ def nextchat_sessions_import(*, principal: Principal, state: Any) -> list[Conver
     in the organization it acts in; return them, in the document's order.
 
     Idempotent by NextChat's ids, as ``sync_document_import`` describes (a session seen before is
-    updated, never copied). The model as there: the session's when ``principal`` may use it, else
-    the first it may use by name. Raises ``ApplicationError`` 400 when it may use no model at all
+    updated, never copied; one owner's imports are serialized, so concurrent ones never copy
+    either). The model as there: the session's when ``principal`` may use it, else
+    the first it may use by name. Null characters are left out of every text and id (PostgreSQL
+    cannot store them; the sync that stored the document must not fail on them). Raises
+    ``ApplicationError`` 400 when it may use no model at all
     and there is a session to import. Run it in a transaction: a failure leaves the sessions
     before it written.
     """
@@ -270,6 +274,7 @@ def nextchat_sessions_import(*, principal: Principal, state: Any) -> list[Conver
     if not sessions:
         return []
     organization, owner = principal.organization, principal.user
+    _imports_serialize(owner)
     models = ModelChooser(principal)
     existing = {
         c.external_id: c
@@ -283,6 +288,20 @@ def nextchat_sessions_import(*, principal: Principal, state: Any) -> list[Conver
         conversation = imported.get(external_id) or existing.get(external_id)
         imported[external_id] = _import_session(session, conversation, organization, owner, models)
     return list(imported.values())
+
+
+def _imports_serialize(owner: User) -> None:
+    """Lock ``owner``'s row until the transaction ends, so that one owner's NextChat imports (two
+    synced documents, a sync and a ``backup.json`` import, two imports) run one after the other: the
+    second reads the conversations the first committed and updates them. Without it both find no
+    conversation for a session and both insert one; ``conversation_external_id_unique`` refuses the
+    second (no copy, but the import fails: a 500 for ``POST /api/conversations/import/``).
+
+    ``FOR NO KEY UPDATE``: it does not block rows that reference the user (a conversation started
+    meanwhile). SQLite ignores the lock; its IMMEDIATE transactions (settings) serialize writers
+    whole. Raises ``TransactionManagementError`` outside a transaction.
+    """
+    list(User.objects.select_for_update(no_key=True).filter(pk=owner.pk).values_list("pk", flat=True))
 
 
 class ModelChooser:
@@ -311,9 +330,16 @@ class ModelChooser:
         return self._fallback
 
 
+def _clean(value: str) -> str:
+    """Return ``value`` without null characters: PostgreSQL text cannot hold them, and a NextChat
+    document is imported as a side effect of a sync that must succeed (the document itself is
+    stored as sent: its JSON text escapes them as ``\\u0000``)."""
+    return value.replace("\x00", "")
+
+
 def _external_id(item: Any) -> str:
     value = item.get("id") if isinstance(item, dict) else None
-    return str(value)[:_EXTERNAL_ID_CHARS] if isinstance(value, str | int) and str(value) else ""
+    return _clean(str(value))[:_EXTERNAL_ID_CHARS] if isinstance(value, str | int) else ""
 
 
 def _text(content: Any) -> str:
@@ -328,7 +354,7 @@ def _text(content: Any) -> str:
         )
     else:
         text = ""
-    return text.replace("\x00", "")  # PostgreSQL text cannot hold it
+    return _clean(text)
 
 
 def _mask(session: dict[str, Any]) -> dict[str, Any]:
@@ -339,7 +365,7 @@ def _mask(session: dict[str, Any]) -> dict[str, Any]:
 def _session_model_name(session: dict[str, Any]) -> str:
     config = _mask(session).get("modelConfig")
     name = config.get("model") if isinstance(config, dict) else None
-    return name if isinstance(name, str) else ""
+    return _clean(name) if isinstance(name, str) else ""
 
 
 def _system_prompt(session: dict[str, Any]) -> str:
@@ -360,7 +386,7 @@ def _import_session(
     models: ModelChooser,
 ) -> Conversation:
     topic = session.get("topic")
-    title = (topic if isinstance(topic, str) else "").replace("\x00", "")[:_TITLE_CHARS]
+    title = _clean(topic if isinstance(topic, str) else "")[:_TITLE_CHARS]
     system_prompt = _system_prompt(session)
     model = models.named(_session_model_name(session))
     if conversation is None:
@@ -399,7 +425,7 @@ def _import_messages(conversation: Conversation, messages: list[Any]) -> None:
         seen.add(external_id)
         content = _text(item.get("content"))
         status = Message.Status.FAILED if item.get("isError") is True else Message.Status.COMPLETED
-        model_name = item.get("model") if isinstance(item.get("model"), str) else ""
+        model_name = _clean(item["model"]) if isinstance(item.get("model"), str) else ""
         message = known.get(external_id)
         if message is None:
             message = Message(
@@ -408,7 +434,7 @@ def _import_messages(conversation: Conversation, messages: list[Any]) -> None:
                 role=role,
                 content=content,
                 status=status,
-                model_name=model_name[:200],
+                model_name=model_name[:_MODEL_NAME_CHARS],
             )
             new.append(message)
         elif (message.role, message.content, message.status) != (role, content, status):

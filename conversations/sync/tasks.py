@@ -11,8 +11,8 @@ from .services import sync_document_import, sync_versions_prune
 @shared_task(
     name="conversations.sync_import",
     acks_late=True,
-    # IntegrityError: two documents of one user importing the same session at once; the retry
-    # finds the other's conversation and updates it.
+    # IntegrityError: should not happen (one owner's imports are serialized by a row lock:
+    # ``services._imports_serialize``); were it to, the retry finds the other's conversation.
     autoretry_for=(IntegrityError, OperationalError, InterfaceError),
     retry_backoff=1,
     retry_backoff_max=30,

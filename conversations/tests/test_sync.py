@@ -19,6 +19,8 @@ import copy
 import datetime as dt
 import json
 import logging
+import threading
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -606,3 +608,139 @@ def test_a_resync_leaves_a_trashed_conversation_in_the_trash_and_a_purged_one_co
         _put(client, url, json.dumps(_document()), dav)
     back = Conversation.objects.get(owner=user, external_id="sess-lisbon")
     assert back.pk != lisbon.pk and back.deleted_at is None
+
+
+# --- Null characters ------------------------------------------------------------------------------
+
+
+def document_with_null_characters() -> dict[str, Any]:
+    """``_document()`` with U+0000 in every text the import reads, and some it does not: NextChat's
+    ``JSON.stringify`` writes them as ``\\u0000``, which PostgreSQL's text and jsonb cannot hold."""
+    document = _document()
+    lisbon, images = document["chat-next-web-store"]["sessions"][:2]
+    lisbon.update(id="sess-\x00lisbon", topic="Trip to\x00 Lisbon")
+    lisbon["mask"]["context"][0].update(id="ctx-\x00", date="\x00", content="You are a\x00 travel agent.")
+    lisbon["mask"]["modelConfig"]["model"] = "gpt-4o\x00-mini"
+    question, answer = lisbon["messages"]
+    question.update(id="msg-\x00u1", date="12/2/2026,\x00 10:00:00 AM", content="Plan a trip\x00 to Lisbon")
+    answer.update(content="Day 1:\x00 Alfama.", model="gpt-4o-mini\x00")
+    images["messages"][0]["content"][0]["text"] = "What is\x00 this?"
+    document["app-config"]["\x00odd"] = "a value\x00 kept"
+    return document
+
+
+# What ``document_with_null_characters()`` imports as: the clean document's conversations.
+NULL_FREE_CONVERSATIONS = [
+    (
+        "sess-lisbon",
+        "Trip to Lisbon",
+        "gpt-4o-mini",
+        [("msg-u1", "user", "Plan a trip to Lisbon"), ("msg-a1", "assistant", "Day 1: Alfama.")],
+    ),
+    ("sess-unknown-model", "Images", "aaa-first-model", [("msg-img", "user", "What is this?")]),
+]
+
+
+def _assert_imported_without_null_characters(user: Any) -> None:
+    assert _conversations(user) == NULL_FREE_CONVERSATIONS
+    lisbon = Conversation.objects.get(owner=user, external_id="sess-lisbon")
+    assert lisbon.system_prompt == "You are a travel agent."
+    assert lisbon.messages.get(external_id="msg-a1").model_name == "gpt-4o-mini"
+    assert set(SyncDocumentVersion.objects.values_list("import_status", "import_error")) == {("done", "")}
+
+
+def test_webdav_stores_null_characters_as_sent_and_imports_without_them(
+    client, user, dav, models, django_capture_on_commit_callbacks
+) -> None:
+    """A sync must succeed whatever the user typed: the document is stored and served back as
+    NextChat sent it (``\\u0000`` escapes and all), its sessions imported without null characters;
+    a second sync of it changes nothing (the ids, stripped, still match)."""
+    document = document_with_null_characters()
+    body = json.dumps(document)
+    assert "\\u0000" in body
+    url = f"/dav/{FOLDER}/backup.json"
+    with django_capture_on_commit_callbacks(execute=True):
+        assert _put(client, url, body, dav).status_code == 201
+    got = client.get(url, headers=dav)
+    assert got.status_code == 200 and json.loads(got.content) == _without_secrets(document)
+    _assert_imported_without_null_characters(user)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        assert _put(client, url, body, dav).status_code == 204
+    _assert_imported_without_null_characters(user)
+    assert Message.objects.filter(conversation__owner=user).count() == 3
+
+
+def test_upstash_stores_null_characters_as_sent_and_imports_without_them(
+    client, user, secret, models, django_capture_on_commit_callbacks
+) -> None:
+    document = document_with_null_characters()
+    with django_capture_on_commit_callbacks(execute=True):
+        _upstash_sync_set(client, secret, json.dumps(document))
+    assert json.loads(_upstash_sync_get(client, secret)) == _without_secrets(document)
+    _assert_imported_without_null_characters(user)
+
+
+# --- Concurrent syncs -----------------------------------------------------------------------------
+
+
+def many_sessions(count: int) -> dict:
+    """NextChat's state with ``count`` sessions of two messages each (ids ``sess-<i>``, ``msg-<i>-u|a``)."""
+    document = _document()
+    template = document["chat-next-web-store"]["sessions"][0]
+    sessions = []
+    for index in range(count):
+        session = json.loads(json.dumps(template))
+        session["id"] = f"sess-{index}"
+        for message in session["messages"]:
+            message["id"] = f"msg-{index}-{message['role'][0]}"
+        sessions.append(session)
+    document["chat-next-web-store"]["sessions"] = sessions
+    return document
+
+
+def run_at_once(*works: Callable[[], Any]) -> list[Any]:
+    """Run each of ``works`` in its own thread (its own database connection), released together by a
+    barrier; return their results in order, re-raising the first exception one raised."""
+    barrier = threading.Barrier(len(works))
+    results: list[Any] = [None] * len(works)
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            results[index] = works[index]()
+        except BaseException as error:  # reported below, not lost in the thread
+            errors.append(error)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=(index,), daemon=True) for index in range(len(works))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "an import is still blocked"
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_documents_synced_at_once_make_one_conversation_per_session(user, dav, models) -> None:
+    """Two devices syncing the same chats into two documents (WebDAV folders) at the same moment:
+    each import finds the other's conversations or waits for them, never a copy, never a failure."""
+    body = json.dumps(many_sessions(60))
+
+    def put(folder: str) -> Any:
+        return lambda: _put(Client(), f"/dav/{folder}/{FOLDER}/backup.json", body, dav)
+
+    responses = run_at_once(put("laptop"), put("phone"))
+    assert [r.status_code for r in responses] == [201, 201]
+    assert sorted(SyncDocumentVersion.objects.values_list("import_status", "conversations_imported")) == [
+        ("done", 60),
+        ("done", 60),
+    ]
+    conversations = Conversation.objects.filter(owner=user)
+    assert sorted(conversations.values_list("external_id", flat=True)) == sorted(f"sess-{i}" for i in range(60))
+    assert Message.objects.filter(conversation__owner=user).count() == 120

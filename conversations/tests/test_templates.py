@@ -427,6 +427,18 @@ def test_a_template_made_here_exports_as_a_mask_nextchat_takes(auth_client, user
         ({"name": "x", "id": 7}, "mask.id"),
         ({"name": "x", "plugin": "all"}, "mask.plugin"),
         ({"name": "x", "builtin": "no"}, "mask.builtin"),
+        # Null characters: PostgreSQL's text and jsonb cannot hold them.
+        ({"name": "x\x00"}, "mask.name"),
+        ({"name": "x", "id": "mask-\x00"}, "mask.id"),
+        ({"name": "x", "avatar": "\x00"}, "mask.avatar"),
+        ({"name": "x", "modelConfig": {"model": "gpt\x00"}}, "mask.modelConfig.model"),
+        ({"name": "x", "modelConfig": {"template": "{{input}}\x00"}}, "mask.modelConfig.template"),
+        ({"name": "x", "context": [{"role": "system", "content": "Be\x00 brief."}]}, "mask.context[0].content"),
+        ({"name": "x", "context": [{"role": "user", "content": "hi\x00"}]}, "mask.context[0].content"),
+        ({"name": "x", "plugin": ["\x00"]}, "mask.plugin[0]"),
+        ({"name": "x", "nested": {"deep": [{"a": "\x00"}]}}, "mask.nested.deep[0].a"),
+        ({"name": "x", "odd\x00key": 1}, "mask"),
+        ([NEXTCHAT_MASK, {"name": "x", "lang": "e\x00n"}], "masks[1].lang"),
     ],
 )
 def test_a_bad_mask_is_a_400_naming_it_and_nothing_is_imported(auth_client, document, param):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from typing import Any
 
 import pytest
 from django.utils import timezone
@@ -14,6 +15,12 @@ from accounts.models import Membership, Organization
 from conversations.models import Conversation, Message
 from conversations.selectors import message_path
 from conversations.services import message_append
+from conversations.tests.test_sync import (
+    NULL_FREE_CONVERSATIONS,
+    document_with_null_characters,
+    many_sessions,
+    run_at_once,
+)
 from conversations.tests.test_sync import _document as nextchat_document
 from llm.models import LLMModel
 from llm.selectors import enabled_model_cache
@@ -29,7 +36,12 @@ IMPORT = "/api/conversations/import/"
 def tree(user, model):
     """u1 → a1 → u2 → a2 (first branch), u2b → a2b (an edit of u2, active), and a1's regeneration a1b."""
     conversation = ConversationFactory(owner=user, model=model, title="Branches", system_prompt="Be brief.")
-    Conversation.objects.filter(pk=conversation.pk).update(metadata={"project": "x"})
+    Conversation.objects.filter(pk=conversation.pk).update(
+        metadata={"project": "x"},
+        parameters={"temperature": 0.3, "max_tokens": 100},
+        pinned=True,
+        archived_at=timezone.now() - dt.timedelta(days=1),
+    )
     u1 = message_append(conversation=conversation, role="user", content="one")
     a1 = message_append(
         conversation=conversation, role="assistant", content="reply one", model_name="gpt-test",
@@ -59,7 +71,15 @@ def shape(conversation: Conversation) -> tuple:
         for m in messages
     ]  # fmt: skip
     active = [m.content for m in message_path(conversation=conversation)]
-    header = (conversation.title, conversation.system_prompt, conversation.model.name, conversation.metadata)
+    header = (
+        conversation.title,
+        conversation.system_prompt,
+        conversation.model.name,
+        conversation.metadata,
+        conversation.parameters,
+        conversation.pinned,
+        conversation.archived_at,
+    )
     return header, nodes, position.get(conversation.active_leaf_id), active
 
 
@@ -74,6 +94,8 @@ def test_export_then_import_round_trips_the_tree(auth_client, tree):
     assert {"id", "parent_id", "role", "content", "status", "model", "prompt_tokens", "created_at"} <= set(
         item["messages"][0]
     )
+    assert item["parameters"] == {"temperature": 0.3, "max_tokens": 100} and item["pinned"] is True
+    assert item["archived_at"] == tree.archived_at.isoformat().replace("+00:00", "Z")
 
     imported = auth_client.post(IMPORT, document, format="json")
     assert imported.status_code == 201, imported.content
@@ -84,6 +106,7 @@ def test_export_then_import_round_trips_the_tree(auth_client, tree):
     assert copy.pk != tree.pk and copy.owner_id == tree.owner_id
     assert not set(copy.messages.values_list("id", flat=True)) & set(tree.messages.values_list("id", flat=True))
     assert shape(copy) == shape(tree)
+    assert (new["parameters"], new["pinned"], new["archived"]) == ({"temperature": 0.3, "max_tokens": 100}, True, True)
     assert new["active_leaf"] == copy.active_leaf_id and copy.created_at == tree.created_at
 
     # The copy exports as the original did, ids aside.
@@ -193,6 +216,13 @@ def _one(**conversation) -> dict:
         (_one(metadata={"k": {"nested": True}}), None),
         (_one(title="x" * 201), None),
         (_one(model=7), None),
+        (_one(parameters={"temperature": 2.5}), None),
+        (_one(parameters={"max_tokens": 1.5}), None),
+        (_one(parameters={"top_p": "1"}), None),
+        (_one(parameters=[]), None),
+        (_one(parameters=None), None),
+        (_one(pinned="true"), None),
+        (_one(archived_at="yesterday"), None),
         ({"chat-next-web-store": "not an object"}, "invalid_import"),
     ],
 )
@@ -201,6 +231,35 @@ def test_bad_input_is_a_400(auth_client, model, body, code):
     error = assert_error(response, 400)
     assert code is None or error["code"] == code
     assert not Conversation.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("conversation", "param"),
+    [
+        ({"parameters": {"temperature": 2.5}}, "conversations.parameters.temperature"),
+        ({"parameters": {"max_tokens": 0}}, "conversations.parameters.max_tokens"),
+        ({"pinned": 1}, "conversations.pinned"),
+        ({"archived_at": "yesterday"}, "conversations.archived_at"),
+    ],
+)
+def test_bad_parameters_pinned_or_archived_at_are_a_400_naming_the_field(auth_client, model, conversation, param):
+    assert_error(auth_client.post(IMPORT, _one(**conversation), format="json"), 400, code="invalid", param=param)
+    assert not Conversation.objects.exists()
+
+
+def test_an_export_without_parameters_pinned_or_archived_at_imports_with_their_defaults(auth_client, model):
+    """Exports written before these fields were (and hand-written ones) still import."""
+    document = _one()
+    assert not {"parameters", "pinned", "archived_at"} & set(document["conversations"][0])
+    response = auth_client.post(IMPORT, document, format="json")
+    assert response.status_code == 201, response.content
+    conversation = Conversation.objects.get()
+    assert (conversation.parameters, conversation.pinned, conversation.archived_at) == ({}, False, None)
+    # Null parameters are the model's defaults: left out, as a template leaves them out.
+    document["conversations"][0].update(parameters={"temperature": None, "top_p": 0.5, "seed": 3}, pinned=False)
+    response = auth_client.post(IMPORT, document, format="json")
+    assert response.status_code == 201, response.content
+    assert Conversation.objects.get(pk=response.json()["conversations"][0]["id"]).parameters == {"top_p": 0.5}
 
 
 def test_a_cycle_is_a_400(auth_client, model):
@@ -259,3 +318,69 @@ def test_without_a_usable_model_nothing_is_imported(auth_client, user, tree):
     assert_error(auth_client.post(IMPORT, document, format="json"), 400)
     assert_error(auth_client.post(IMPORT, nextchat_document(), format="json"), 400)
     assert Conversation.objects.count() == 1
+
+
+def test_a_nextchat_backup_with_null_characters_imports_without_them(auth_client, user):
+    """NextChat's backup.json is imported as a synced document is: null characters (which
+    PostgreSQL cannot store) are left out of every text, never a 500; importing it again changes
+    nothing (the ids, stripped, still match)."""
+    LLMModelFactory(name="gpt-4o-mini")
+    LLMModelFactory(name="aaa-first-model")
+    body = json.dumps(document_with_null_characters())
+    assert "\\u0000" in body
+    for _ in range(2):
+        response = auth_client.post(IMPORT, data=body, content_type="application/json")
+        assert response.status_code == 201, response.content
+        assert [c["title"] for c in response.json()["conversations"]] == ["Trip to Lisbon", "Images"]
+    conversations = Conversation.objects.filter(owner=user).order_by("external_id")
+    assert [
+        (c.external_id, c.title, c.model.name, [(m.external_id, m.role, m.content) for m in c.messages.all()])
+        for c in conversations
+    ] == NULL_FREE_CONVERSATIONS
+    assert conversations[0].system_prompt == "You are a travel agent."
+    assert conversations[0].messages.get(external_id="msg-a1").model_name == "gpt-4o-mini"
+
+
+@pytest.mark.parametrize(
+    ("conversation", "message", "param"),
+    [
+        ({"title": "a\x00b"}, {}, "conversations.title"),
+        ({"system_prompt": "\x00"}, {}, "conversations.system_prompt"),
+        ({"model": "gpt-test\x00"}, {}, "conversations.model"),
+        ({"metadata": {"k": "v\x00"}}, {}, "conversations.metadata.k"),
+        ({"metadata": {"k\x00": "v"}}, {}, "conversations.metadata"),
+        ({}, {"content": "hi\x00"}, "conversations.messages.1.content"),
+        ({}, {"model": "\x00"}, "conversations.messages.1.model"),
+        ({}, {"finish_reason": "stop\x00"}, "conversations.messages.1.finish_reason"),
+        ({}, {"error": "\x00"}, "conversations.messages.1.error"),
+        ({}, {"error_code": "\x00"}, "conversations.messages.1.error_code"),
+    ],
+)
+def test_null_characters_in_our_export_are_a_400_naming_the_field(auth_client, model, conversation, message, param):
+    document = _one(**conversation)
+    document["conversations"][0]["messages"][1].update(message)
+    body = json.dumps(document)
+    assert "\\u0000" in body
+    assert_error(auth_client.post(IMPORT, data=body, content_type="application/json"), 400, param=param)
+    assert not Conversation.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_imports_of_one_backup_make_one_conversation_per_session(client_for, user):
+    """Two imports of one backup.json at once: each finds the other's conversations or waits for
+    them (one owner's NextChat imports are serialized), never a copy, never a 500."""
+    LLMModelFactory(name="gpt-4o-mini")
+    body = json.dumps(many_sessions(60))
+
+    def post() -> Any:
+        return client_for(user).post(IMPORT, data=body, content_type="application/json")
+
+    responses = run_at_once(post, post)
+    assert [r.status_code for r in responses] == [201, 201], [r.content[:300] for r in responses]
+    assert [[c["id"] for c in r.json()["conversations"]] for r in responses][0] == [
+        c["id"] for c in responses[1].json()["conversations"]
+    ]
+    conversations = Conversation.objects.filter(owner=user)
+    assert conversations.count() == 60
+    assert sorted(conversations.values_list("external_id", flat=True)) == sorted(f"sess-{i}" for i in range(60))
+    assert Message.objects.filter(conversation__owner=user).count() == 120

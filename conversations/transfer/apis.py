@@ -69,7 +69,8 @@ class _ExportApi(APIView):
 
 _EXPORT_DESCRIPTION = (
     'JSON: the lossless document, `{format: "chatbackend.conversations", format_version: 1, exported_at, '
-    "conversations: [{id, title, model, system_prompt, metadata, active_leaf, created_at, updated_at, "
+    "conversations: [{id, title, model, system_prompt, metadata, parameters, pinned, archived_at, active_leaf, "
+    "created_at, updated_at, "
     "messages: [{id, parent_id, role, content, status, model, finish_reason, prompt_tokens, completion_tokens, "
     "time_to_first_token_ms, duration_ms, error, error_code, created_at, updated_at}]}]}`, every branch "
     "included; `POST /api/conversations/import/` reads it back."

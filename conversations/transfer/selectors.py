@@ -39,9 +39,10 @@ def export_document(*, conversations: Iterable[Conversation]) -> dict[str, Any]:
     """Return the export document of ``conversations`` (already visible to the caller).
 
     Shape: ``{format, format_version, exported_at, conversations: [{id, title, model, system_prompt,
-    metadata, active_leaf, created_at, updated_at, messages: [{id, parent_id, role, content, status,
-    model, finish_reason, prompt_tokens, completion_tokens, time_to_first_token_ms (ms), duration_ms
-    (ms), error, error_code, created_at, updated_at}]}]}``; messages in id order (a parent before its
+    metadata, parameters, pinned, archived_at, active_leaf, created_at, updated_at, messages: [{id,
+    parent_id, role, content, status, model, finish_reason, prompt_tokens, completion_tokens,
+    time_to_first_token_ms (ms), duration_ms (ms), error, error_code, created_at, updated_at}]}]}``
+    (``parameters``: ``Conversation.parameters``); messages in id order (a parent before its
     children), every branch included. Times are ``datetime``s (the renderer writes ISO 8601). Two
     queries whatever the number of conversations: theirs (with their models) and all their messages.
     """
@@ -65,6 +66,9 @@ def export_document(*, conversations: Iterable[Conversation]) -> dict[str, Any]:
                 "model": c.model.name,
                 "system_prompt": c.system_prompt,
                 "metadata": c.metadata,
+                "parameters": c.parameters,
+                "pinned": c.pinned,
+                "archived_at": c.archived_at,
                 "active_leaf": c.active_leaf_id,
                 "created_at": c.created_at,
                 "updated_at": c.updated_at,

@@ -10,8 +10,10 @@ from typing import Any
 from rest_framework import serializers
 
 from chatbackend.fields import StrictCharField
-from llm.openai.fields import MetadataField
+from llm.openai.fields import MetadataField, StrictBooleanField
 
+from ..conversation_templates.models import PARAMETER_NAMES
+from ..conversation_templates.serializers import parameter_field
 from ..models import Message
 from ..serializers import ConversationOutputSerializer
 from ..services import MAX_SYSTEM_PROMPT_CHARS, MAX_TITLE_CHARS
@@ -48,6 +50,18 @@ class TransferMessageSerializer(serializers.Serializer):
     updated_at = serializers.DateTimeField(required=False)
 
 
+class TransferParametersSerializer(serializers.Serializer):
+    """A conversation's ``parameters``: OpenAI request fields sent with every reply, each in the range
+    a template takes (null or absent: the model's default). Other keys are ignored."""
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        return {name: parameter_field(name) for name in PARAMETER_NAMES}
+
+    def to_internal_value(self, data: Any) -> dict[str, float | int]:
+        values = super().to_internal_value(data)
+        return {name: value for name, value in values.items() if value is not None}
+
+
 class TransferConversationSerializer(serializers.Serializer):
     """One conversation and its whole message tree."""
 
@@ -62,6 +76,15 @@ class TransferConversationSerializer(serializers.Serializer):
         max_length=MAX_SYSTEM_PROMPT_CHARS, allow_blank=True, default="", trim_whitespace=False
     )
     metadata = MetadataField(default=dict)
+    parameters = TransferParametersSerializer(
+        default=dict,
+        help_text="OpenAI request fields sent with every reply (`temperature`, `top_p`, `max_tokens`, "
+        "`presence_penalty`, `frequency_penalty`; from a template). Absent: none.",
+    )
+    pinned = StrictBooleanField(default=False, help_text="Pinned: listed first. Absent: false.")
+    archived_at = serializers.DateTimeField(
+        allow_null=True, default=None, help_text="When it was archived (null or absent: not archived)."
+    )
     active_leaf = serializers.IntegerField(
         allow_null=True,
         default=None,

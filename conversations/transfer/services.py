@@ -119,6 +119,9 @@ def _conversation_create(
         model=model,
         system_prompt=document["system_prompt"],
         metadata=document["metadata"],
+        parameters=document["parameters"],
+        pinned=document["pinned"],
+        archived_at=document["archived_at"],
     )
     messages = [
         Message(
