@@ -64,8 +64,10 @@ def llm_model_get_enabled(*, name: str) -> LLMModel:
     the model returned is the target, so a reply and its usage row name the model that served it.
     Raises ``ApplicationError`` 404 ``model_not_found`` when no model or alias has that name, and
     400 ``model_disabled`` when the model, its provider or the alias is disabled — OpenAI's
-    statuses for the cases.
+    statuses for the cases. A name with a NUL character is no model's (404, without a query).
     """
+    if "\x00" in name:  # no name holds one, and PostgreSQL cannot compare text with it (a 500)
+        raise model_not_found_error(name.replace("\x00", ""))
     try:
         model = LLMModel.objects.select_related("provider").get(name=name)
     except LLMModel.DoesNotExist:

@@ -57,6 +57,15 @@ def test_an_alias_that_cannot_serve_is_refused_as_a_model_would_be(case, status,
 
 
 @pytest.mark.django_db
+def test_a_name_with_a_nul_is_no_models_and_never_a_database_error():
+    """PostgreSQL cannot compare text with a NUL: the lookup refuses it before querying."""
+    LLMModelFactory(name="gpt-x")
+    with pytest.raises(ApplicationError) as raised:
+        llm_model_get_enabled(name="gpt-x\x00")
+    assert raised.value.status == 404 and raised.value.code == "model_not_found"
+
+
+@pytest.mark.django_db
 def test_a_model_and_an_alias_may_not_share_a_name():
     model = LLMModelFactory(name="gpt-4o-mini")
     other = LLMModelFactory(name="sim-model")
