@@ -18,9 +18,9 @@ from accounts.models import Organization, UsageRecord, User
 from accounts.usage import usage_account, usage_context
 from chatbackend.errors import ApplicationError, NotFoundError
 from chatbackend.liveness import PROCESS_ID, process_alive
-from llm.metering import prompt_budget_for, reply_metering
+from llm.metering import prompt_budget_for
 from llm.models import LLMModel
-from llm.providers import ChatRequest
+from llm.plans import model_reply_plan
 from llm.selectors import EnabledModel, enabled_model_get_for, llm_model_get_enabled_for
 from llm.streaming import ReplyOutcome, ReplyPlan, ReplyStatus, reply_stop_broadcast
 from llm.tokens import ESTIMATE_TOKENIZER, tokenizer_for
@@ -435,34 +435,18 @@ def _reply_begin(
         raise NotFoundError() from None
     assistant_message, history = written.assistant_message, written.history.messages
     reply_id = conversation_reply_id(assistant_message.pk)
-    return ConversationReplyPlan(
-        provider=model.provider,
-        request=ChatRequest(model=model.upstream_model, messages=history, parameters=parameters),
-        model_name=model.name,
+    return model_reply_plan(
+        ConversationReplyPlan,
+        model=model,
+        messages=history,
+        parameters=parameters,
         reply_id=reply_id,
-        tokenizer=model.tokenizer,
-        route=model.route,
-        fallbacks=model.fallbacks,
-        usage=usage_context(
-            request_id=reply_id,
-            source=UsageRecord.Source.CONVERSATION,
-            user_id=user.pk,
-            api_key_id=api_key.pk if api_key else None,
-            model=model,
-            message_id=assistant_message.pk,
-            organization_id=actor.organization.pk,
-            team_id=api_key.team_id if api_key else None,
-        ),
-        metering=reply_metering(
-            request_id=reply_id,
-            user=user,
-            api_key=api_key,
-            model=model,
-            messages=history,
-            parameters=parameters,
-            organization=actor.organization,
-            prompt_tokens=written.history.prompt_tokens,
-        ),
+        source=UsageRecord.Source.CONVERSATION,
+        user=user,
+        api_key=api_key,
+        organization=actor.organization,
+        usage_message_id=assistant_message.pk,
+        prompt_tokens=written.history.prompt_tokens,
         conversation_id=conversation.pk,
         user_message_id=written.user_message.pk,
         message_id=assistant_message.pk,

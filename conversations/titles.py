@@ -30,10 +30,9 @@ from accounts.authentication import principal_for
 from accounts.model_access import model_access_for
 from accounts.models import UsageRecord
 from accounts.selectors import AuthenticationFailed
-from accounts.usage import usage_context
 from chatbackend.errors import ApplicationError
-from llm.metering import TOKEN_LIMIT_PARAMETERS, reply_metering
-from llm.providers import ChatRequest
+from llm.metering import TOKEN_LIMIT_PARAMETERS
+from llm.plans import model_reply_plan
 from llm.selectors import EnabledModel, enabled_model_get_for
 from llm.services import reply_run
 from llm.streaming import ReplyPlan, ReplyStatus
@@ -153,32 +152,16 @@ def conversation_title_generate(*, conversation_id: int, message_id: int) -> str
     if not any(name in parameters for name in TOKEN_LIMIT_PARAMETERS):
         parameters["max_tokens"] = TITLE_MAX_TOKENS
     reply_id = f"title-{conversation.pk}-{message_id}"
-    owner = conversation.owner
-    plan = ReplyPlan(
-        provider=model.provider,
-        request=ChatRequest(model=model.upstream_model, messages=messages, parameters=parameters),
-        model_name=model.name,
+    plan = model_reply_plan(
+        ReplyPlan,
+        model=model,
+        messages=messages,
+        parameters=parameters,
         reply_id=reply_id,
-        tokenizer=model.tokenizer,
-        route=model.route,
-        fallbacks=model.fallbacks,
-        usage=usage_context(
-            request_id=reply_id,
-            source=UsageRecord.Source.CONVERSATION,
-            user_id=owner.pk,
-            api_key_id=None,
-            model=model,
-            organization_id=conversation.organization_id,
-        ),
-        metering=reply_metering(
-            request_id=reply_id,
-            user=owner,
-            api_key=None,
-            model=model,
-            messages=messages,
-            parameters=parameters,
-            organization=conversation.organization,
-        ),
+        source=UsageRecord.Source.CONVERSATION,
+        user=conversation.owner,
+        api_key=None,
+        organization=conversation.organization,
     )
     outcome = reply_run(plan=plan, timeout_seconds=settings.CONVERSATION_TITLE_TIMEOUT_SECONDS)
     if outcome.status is not ReplyStatus.COMPLETED:

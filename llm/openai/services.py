@@ -25,11 +25,10 @@ from django.utils.module_loading import import_string
 
 from accounts.authentication import Principal
 from accounts.models import UsageRecord
-from accounts.usage import usage_context
 from chatbackend.errors import ApplicationError
 
-from ..metering import TOKEN_LIMIT_PARAMETERS, reply_metering
-from ..providers import ChatRequest
+from ..metering import TOKEN_LIMIT_PARAMETERS
+from ..plans import model_reply_plan
 from ..selectors import EnabledModel
 from ..streaming import ReplyOutcome, ReplyPlan
 
@@ -143,32 +142,16 @@ def openai_chat_start(
             "organization_id": principal.organization.pk,
             "metadata": dict(metadata or {}),
         }
-    return plan_class(
-        provider=model.provider,
-        request=ChatRequest(model=model.upstream_model, messages=messages, parameters=merged),
-        model_name=model.name,
+    return model_reply_plan(
+        plan_class,
+        model=model,
+        messages=messages,
+        parameters=merged,
         reply_id=completion_id,
-        tokenizer=model.tokenizer,
-        route=model.route,
-        fallbacks=model.fallbacks,
-        usage=usage_context(
-            request_id=completion_id,
-            source=source,
-            user_id=principal.user.pk,
-            api_key_id=principal.api_key.pk if principal.api_key else None,
-            model=model,
-            organization_id=principal.organization.pk,
-            team_id=principal.api_key.team_id if principal.api_key else None,
-        ),
-        metering=reply_metering(
-            request_id=completion_id,
-            user=principal.user,
-            api_key=principal.api_key,
-            model=model,
-            messages=messages,
-            parameters=merged,
-            organization=principal.organization,
-        ),
+        source=source,
+        user=principal.user,
+        api_key=principal.api_key,
+        organization=principal.organization,
         created=int(time.time()),
         stream=stream,
         include_usage=include_usage,
