@@ -36,7 +36,7 @@ from rest_framework_simplejwt.exceptions import InvalidToken, TokenError
 from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView, TokenViewBase
 
 from chatbackend.client_ip import request_client_ip
-from chatbackend.filters import UTCIsoDateTimeFilter
+from chatbackend.filters import AnyChoiceFilter, UTCIsoDateTimeFilter
 from chatbackend.pagination import PageNumberPagination
 from chatbackend.renderers import CSVRenderer
 
@@ -552,9 +552,11 @@ class _WholeNumberFilter(django_filters.NumberFilter):
 class BudgetFilter(django_filters.FilterSet):
     """``?subject_kind=``, ``?subject_id=``, ``?period=``."""
 
-    subject_kind = django_filters.ChoiceFilter(choices=Budget.SubjectKind.choices)
+    subject_kind = AnyChoiceFilter(
+        choices=Budget.SubjectKind.choices, help_text="Only budgets of this kind of subject (empty: any)."
+    )
     subject_id = _WholeNumberFilter()
-    period = django_filters.ChoiceFilter(choices=Budget.Period.choices)
+    period = AnyChoiceFilter(choices=Budget.Period.choices, help_text="Only this period (empty: any).")
 
     class Meta:
         model = Budget
@@ -571,21 +573,8 @@ _BUDGET_EXAMPLE = OpenApiExample(
 @extend_schema_view(
     list=extend_schema(
         summary="List budgets with their current period's usage: admins every budget, members their own",
-        # django-filter reads an empty value as no filter, so the enums admit "" (as the server does).
         parameters=[
-            OpenApiParameter(
-                "subject_kind",
-                OpenApiTypes.STR,
-                enum=[*Budget.SubjectKind.values, ""],
-                description="Only budgets of this kind of subject (empty: any).",
-            ),
             OpenApiParameter("subject_id", OpenApiTypes.INT, description="Only budgets of this subject id."),
-            OpenApiParameter(
-                "period",
-                OpenApiTypes.STR,
-                enum=[*Budget.Period.values, ""],
-                description="Only this period (empty: any).",
-            ),
         ],
         responses={200: BudgetOutputSerializer, **_errors(400, 401)},
     ),
@@ -693,7 +682,7 @@ class AuditEventFilter(django_filters.FilterSet):
     ``until`` exclusive.
     """
 
-    action = django_filters.ChoiceFilter(choices=AuditEvent.Action.choices)
+    action = AnyChoiceFilter(choices=AuditEvent.Action.choices, help_text="Only this action (empty: any).")
     actor = _WholeNumberFilter(field_name="actor_id")
     actor_username = django_filters.CharFilter()
     object_type = django_filters.CharFilter()
@@ -719,16 +708,10 @@ class AuditEventFilter(django_filters.FilterSet):
         "date-times. `format=csv` (or `Accept: text/csv`) answers every matching event as CSV with a header "
         "row, unpaginated (`before`/`after` as JSON text). Members get 403."
     ),
-    # django-filter reads an empty value as no filter, so the enums and the date-times admit "" (as the
-    # server does).
+    # django-filter reads an empty value as no filter, so the date-times admit "" (as the server does;
+    # the ``action`` enum says so through ``AnyChoiceFilter``).
     parameters=[
         OpenApiParameter("format", OpenApiTypes.STR, enum=["json", "csv"], description="default json"),
-        OpenApiParameter(
-            "action",
-            OpenApiTypes.STR,
-            enum=[*AuditEvent.Action.values, ""],
-            description="Only this action (empty: any).",
-        ),
         OpenApiParameter("actor", OpenApiTypes.INT, description="Only events of this user id."),
         *(
             OpenApiParameter(

@@ -15,7 +15,6 @@ import django_filters
 from django import forms
 from django.db.models import Q, QuerySet
 from django.http import Http404
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
@@ -32,7 +31,7 @@ from accounts.model_access import model_access_for
 from accounts.models import APIKey
 from accounts.serializers import ErrorOutputSerializer
 from chatbackend.errors import ApplicationError
-from chatbackend.filters import UTCIsoDateTimeFilter
+from chatbackend.filters import AnyChoiceFilter, UTCIsoDateTimeFilter
 from chatbackend.http import sse_event_schema
 
 from .models import Conversation, Message
@@ -327,8 +326,8 @@ class ConversationViewSet(
 class MessageFilter(django_filters.FilterSet):
     """``?role=`` and ``?status=``."""
 
-    role = django_filters.ChoiceFilter(choices=Message.Role.choices)
-    status = django_filters.ChoiceFilter(choices=Message.Status.choices)
+    role = AnyChoiceFilter(choices=Message.Role.choices, help_text="Only this role (empty: any).")
+    status = AnyChoiceFilter(choices=Message.Status.choices, help_text="Only this status (empty: any).")
 
     class Meta:
         model = Message
@@ -404,22 +403,12 @@ class ConversationMessageListApi(ListAPIView):
     @extend_schema(
         tags=["conversations"],
         summary="List the messages of a conversation's active branch (or of ?branch=), root first",
-        # django-filter reads an empty value as no filter, so the enums admit "" (as the server does).
         parameters=[
             OpenApiParameter(
                 "branch",
                 _ID_SCHEMA,
                 description="Read the branch ending at this message (any message of the conversation: the "
                 "path from the root to it). Default: the active branch (the conversation's active_leaf).",
-            ),
-            OpenApiParameter(
-                "role", OpenApiTypes.STR, enum=[*Message.Role.values, ""], description="Only this role (empty: any)."
-            ),
-            OpenApiParameter(
-                "status",
-                OpenApiTypes.STR,
-                enum=[*Message.Status.values, ""],
-                description="Only this status (empty: any).",
             ),
         ],
         responses={200: MessageOutputSerializer, **_errors(400, 401, 404)},
