@@ -32,7 +32,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import redis
 from django.conf import settings
@@ -66,13 +66,13 @@ def reservation_key(request_id: str) -> str:
     return f"{PREFIX}r:{request_id}"
 
 
-@dataclass(frozen=True, slots=True)
-class ReserveLine:
+class ReserveLine(NamedTuple):
     """One budget a reservation takes: its counter, limits and the amount asked, in units and tokens.
 
     ``token_limit`` None: no token limit. ``seed_units`` / ``seed_tokens``: the period's spend from the
     usage rows, used when the counter does not exist yet (None: not computed; the store then asks for it).
     ``ttl_seconds``: lifetime of a new counter (0: none). ``start`` / ``end``: the period, Unix seconds.
+    A named tuple (``_replace`` copies it): one is built per budget per request.
     """
 
     key: str
@@ -99,6 +99,10 @@ class ReserveVerdict:
     by_tokens: bool = False
     spent: int = 0
     held: int = 0
+
+
+# The verdict of every reservation made (immutable: one instance serves them all).
+RESERVED = ReserveVerdict(reserved=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +256,7 @@ def reserve_verdict(result: list[Any]) -> ReserveVerdict:
     """Return ``RESERVE_SCRIPT``'s answer as a ``ReserveVerdict``."""
     status = int(result[0])
     if status == 1:
-        return ReserveVerdict(reserved=True)
+        return RESERVED
     if status == 2:
         return ReserveVerdict(missing=tuple(int(i) - 1 for i in result[1:]))
     return ReserveVerdict(refused=int(result[1]) - 1, by_tokens=status == 3, spent=int(result[2]), held=int(result[3]))
@@ -430,7 +434,7 @@ class MemoryBudgetStore:
     ) -> ReserveVerdict:
         with self._lock:
             if request_id in self._reservations:
-                return ReserveVerdict(reserved=True)
+                return RESERVED
             missing = []
             for index, line in enumerate(lines):
                 if self._get(line.key) is None:
@@ -452,7 +456,7 @@ class MemoryBudgetStore:
                 counter.rt += line.tokens
                 counter.holders[request_id] = (line.units, line.tokens)
             self._reservations[request_id] = _Reservation(pid, expires_at, list(lines))
-            return ReserveVerdict(reserved=True)
+            return RESERVED
 
     def settle(self, settlements: list[Settlement]) -> int:
         settled = 0

@@ -300,17 +300,56 @@ def _period_rows(budget: BudgetSpec | Budget, period: BudgetPeriod) -> Any:
     return rows
 
 
-def _line(budget: BudgetSpec, period: BudgetPeriod, *, units: int, tokens: int, now: float) -> ReserveLine:
-    end = period.end.timestamp() if period.end is not None else _LIFETIME_END
-    return ReserveLine(
+@dataclass(frozen=True, slots=True)
+class _CurrentPeriod:
+    """A budget's current period and what every reservation in it repeats: its counter key, its
+    limit in units and its bounds in Unix seconds (``end`` ``_LIFETIME_END`` for a lifetime budget)."""
+
+    period: BudgetPeriod
+    key: str
+    limit_units: int
+    start: float
+    end: float
+
+
+# (budget, time zone) -> its current period, reused while ``start <= now < end``: the date arithmetic,
+# the key and the Decimal conversion are the same for every request of a period. Budgets are
+# immutable snapshots (``BudgetSpec``): an edited budget is a new key. Cleared when it grows past
+# _CURRENT_PERIODS_MAX (budgets deleted or edited leave their old entries behind until then).
+_current_periods: dict[tuple[BudgetSpec, Any], _CurrentPeriod] = {}
+_CURRENT_PERIODS_MAX = 10_000
+
+
+def _current_period(budget: BudgetSpec, now: dt.datetime, stamp: float) -> _CurrentPeriod:
+    """Return ``budget``'s period holding ``now`` (``stamp``: its Unix seconds), from the cache when it can."""
+    tz = timezone.get_default_timezone()
+    current = _current_periods.get((budget, tz))
+    if current is not None and current.start <= stamp < current.end:
+        return current
+    period = budget_period(budget.period, now)
+    if len(_current_periods) >= _CURRENT_PERIODS_MAX:
+        _current_periods.clear()
+    current = _current_periods[(budget, tz)] = _CurrentPeriod(
+        period=period,
         key=budget_counter_key(budget, period),
         limit_units=to_units(budget.limit_usd),
+        start=period.start.timestamp() if period.start is not None else float("-inf"),
+        end=period.end.timestamp() if period.end is not None else _LIFETIME_END,
+    )
+    return current
+
+
+def _line(budget: BudgetSpec, current: _CurrentPeriod, *, units: int, tokens: int, now: float) -> ReserveLine:
+    bounded = current.period.end is not None
+    return ReserveLine(
+        key=current.key,
+        limit_units=current.limit_units,
         token_limit=budget.token_limit,
         units=units,
         tokens=tokens if budget.token_limit is not None else 0,
-        ttl_seconds=int(end - now) + _COUNTER_MARGIN_SECONDS if period.end is not None else 0,
-        start=period.start.timestamp() if period.start is not None else 0.0,
-        end=end,
+        ttl_seconds=int(current.end - now) + _COUNTER_MARGIN_SECONDS if bounded else 0,
+        start=current.start if current.period.start is not None else 0.0,
+        end=current.end,
     )
 
 
@@ -331,7 +370,7 @@ class BudgetPlan:
         seeds = await run_sync(_seeds, [(self.budgets[i], self.periods[i]) for i in missing])
         lines = list(self.request.lines)
         for index, (seed_units, seed_tokens) in zip(missing, seeds, strict=True):
-            lines[index] = dataclasses.replace(lines[index], seed_units=seed_units, seed_tokens=seed_tokens)
+            lines[index] = lines[index]._replace(seed_units=seed_units, seed_tokens=seed_tokens)
         self.request = dataclasses.replace(self.request, lines=tuple(lines))
 
 
@@ -354,9 +393,12 @@ async def budget_plan(
     liveness.start_heartbeat()  # reconciliation releases reservations of processes without one
     now = timezone.now()
     stamp = now.timestamp()
-    periods = [budget_period(budget.period, now) for budget in budgets]
+    currents = [_current_period(budget, now, stamp) for budget in budgets]
+    periods = [current.period for current in currents]
     units = to_units(max_cost, round_up=True)
-    lines = tuple(_line(b, p, units=units, tokens=max_tokens, now=stamp) for b, p in zip(budgets, periods, strict=True))
+    lines = tuple(
+        _line(b, c, units=units, tokens=max_tokens, now=stamp) for b, c in zip(budgets, currents, strict=True)
+    )
     request = ReserveRequest(request_id, liveness.PROCESS_ID, stamp + settings.BUDGET_RESERVATION_TTL_SECONDS, lines)
     return BudgetPlan(request, budgets, periods, max_cost, max_tokens)
 

@@ -47,7 +47,7 @@ import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.exceptions
 from django.conf import settings
@@ -85,9 +85,11 @@ _KEY_NAMES_MAX = 10_000
 UNREACHABLE_ERRORS: tuple[type[BaseException], ...] = (redis.exceptions.RedisError, OSError)
 
 
-@dataclass(frozen=True, slots=True)
-class Window:
-    """One counter's sliding window: counts and seconds to live of the previous and current minute."""
+class Window(NamedTuple):
+    """One counter's sliding window: counts and seconds to live of the previous and current minute.
+
+    A named tuple, as ``CounterHit``: six of each are made per admission, and a tuple is built in a
+    third of a frozen dataclass's time."""
 
     previous: int
     previous_ttl: float
@@ -126,8 +128,7 @@ class Window:
         return roll_in + max(0.0, WINDOW_SECONDS * (1 - room / self.current))
 
 
-@dataclass(frozen=True, slots=True)
-class CounterHit:
+class CounterHit(NamedTuple):
     """Add ``amount`` to counter ``key`` unless its window would then hold more than ``limit``."""
 
     key: str
@@ -303,7 +304,13 @@ return admit_one(akeys, aargs)
 
 
 class RateLimitStore(abc.ABC):
-    """The counters and leases of one event loop. ``admit`` is the hot path; the rest runs once per reply."""
+    """The counters and leases of one event loop. ``admit`` is the hot path; the rest runs once per reply.
+
+    ``releases_queue``: ``release`` only queues the release and returns without suspending (so its
+    caller need not shield it from cancellation).
+    """
+
+    releases_queue = False
 
     def __init__(self) -> None:
         self.lease_seconds = float(settings.RATE_LIMIT_STREAM_LEASE_SECONDS)
@@ -403,7 +410,9 @@ def _window(raw: Any) -> Window:
 
 
 class RedisRateLimitStore(RateLimitStore):
-    """Counters in Redis, shared by every server process: one pipeline (one round trip) per call."""
+    """Counters in Redis, shared by every server process: one script call (one round trip) per admission."""
+
+    releases_queue = True
 
     def __init__(self, url: str) -> None:
         super().__init__()

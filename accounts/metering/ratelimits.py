@@ -64,6 +64,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from django.conf import settings
 
@@ -123,19 +124,71 @@ def format_reset(seconds: float) -> str:
     return f"{secs}s"
 
 
-@dataclass(frozen=True, slots=True)
-class _Counter:
-    """One sliding-window counter of one subject: ``dimension`` "requests" or "tokens"."""
+class _Counter(NamedTuple):
+    """One sliding-window counter of one subject: ``dimension`` "requests" or "tokens", its ``key``
+    (``_counter_key``) and what this request adds to it (``cost``). A named tuple: one per counter
+    per request."""
 
     subject: MeteringSubject
     dimension: str
     limit: int
     cost: int
+    key: str
 
-    @property
-    def key(self) -> str:
-        # The limit is not in the key: a changed limit applies to what was already counted.
-        return f"{self.dimension}:{self.subject.kind}:{self.subject.id}"
+
+def _counter_key(dimension: str, subject: MeteringSubject) -> str:
+    # The limit is not in the key: a changed limit applies to what was already counted.
+    return f"{dimension}:{subject.kind}:{subject.id}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """What admission needs of a request's subjects, the same for every request of one caller: each
+    counter (subject, dimension, limit, key; requests first per subject, as ``_counter_key``) and each
+    concurrent-stream set (subject, key, limit). ``limited``: whether any of them exists."""
+
+    counters: tuple[tuple[MeteringSubject, str, int, str], ...]
+    streams: tuple[MeteringSubject, ...]
+    stream_keys: tuple[str, ...]
+    stream_limits: tuple[int, ...]
+    limited: bool
+
+    @classmethod
+    def of(cls, subjects: tuple[MeteringSubject, ...]) -> _Shape:
+        counters: list[tuple[MeteringSubject, str, int, str]] = []
+        streams: list[MeteringSubject] = []
+        for subject in subjects:
+            limits = subject.limits
+            if limits.requests_per_minute is not None:
+                counters.append((subject, "requests", limits.requests_per_minute, _counter_key("requests", subject)))
+            if limits.tokens_per_minute is not None:
+                counters.append((subject, "tokens", limits.tokens_per_minute, _counter_key("tokens", subject)))
+            if limits.concurrent_streams is not None:
+                streams.append(subject)
+        return cls(
+            counters=tuple(counters),
+            streams=tuple(streams),
+            stream_keys=tuple(_streams_key(subject) for subject in streams),
+            stream_limits=tuple(subject.limits.concurrent_streams or 0 for subject in streams),
+            limited=bool(counters or streams),
+        )
+
+
+# Subjects (with their limits: changed limits are other subjects) -> their _Shape. A caller's requests
+# name the same subjects, so admission builds its keys once per caller, not per request. Cleared
+# when it grows past _SHAPES_MAX.
+_shapes: dict[tuple[MeteringSubject, ...], _Shape] = {}
+_SHAPES_MAX = 10_000
+
+
+def _shape(subjects: Sequence[MeteringSubject]) -> _Shape:
+    key = subjects if type(subjects) is tuple else tuple(subjects)
+    shape = _shapes.get(key)
+    if shape is None:
+        if len(_shapes) >= _SHAPES_MAX:
+            _shapes.clear()
+        shape = _shapes[key] = _Shape.of(key)
+    return shape
 
 
 def _who(subject: MeteringSubject) -> str:
@@ -182,7 +235,10 @@ class RateLease:
             self._released = True
             return
         self._released = True
-        await asyncio.shield(self._release(max(0, completion_tokens), not_for))
+        if self._store.releases_queue:  # only queued, never suspends: no cancellation can cut it short
+            await self._release(max(0, completion_tokens), not_for)
+        else:
+            await asyncio.shield(self._release(max(0, completion_tokens), not_for))
 
     async def _release(self, completion_tokens: int, not_for: MeteringSubject | None) -> None:
         store = self._store
@@ -238,19 +294,21 @@ def _unavailable(store: RateLimitStore, exc: BaseException, *, known: bool = Fal
 
 
 def _headers(counters: Sequence[_Counter], windows: Sequence[Window]) -> dict[str, str]:
+    """Return OpenAI's ``x-ratelimit-*`` headers of the counter with the least remaining (then the
+    lowest limit) of each dimension, requests first."""
+    tightest: dict[str, tuple[int, int, Window]] = {}
+    for counter, window in zip(counters, windows, strict=True):
+        remaining = counter.limit - math.floor(window.used())
+        best = tightest.get(counter.dimension)
+        if best is None or (remaining, counter.limit) < (best[0], best[1]):
+            tightest[counter.dimension] = (remaining, counter.limit, window)
     headers: dict[str, str] = {}
     for dimension in ("requests", "tokens"):
-        candidates = [
-            (counter.limit - math.floor(window.used()), counter.limit, counter, window)
-            for counter, window in zip(counters, windows, strict=True)
-            if counter.dimension == dimension
-        ]
-        if not candidates:
-            continue
-        remaining, limit, _, window = min(candidates, key=lambda c: (c[0], c[1]))
-        headers[f"x-ratelimit-limit-{dimension}"] = str(limit)
-        headers[f"x-ratelimit-remaining-{dimension}"] = str(max(0, remaining))
-        headers[f"x-ratelimit-reset-{dimension}"] = format_reset(window.reset_seconds(limit))
+        if dimension in tightest:
+            remaining, limit, window = tightest[dimension]
+            headers[f"x-ratelimit-limit-{dimension}"] = str(limit)
+            headers[f"x-ratelimit-remaining-{dimension}"] = str(max(0, remaining))
+            headers[f"x-ratelimit-reset-{dimension}"] = format_reset(window.reset_seconds(limit))
     return headers
 
 
@@ -308,18 +366,15 @@ async def rate_limit_acquire(
     ``metering_unavailable`` when the store is unreachable and ``RATE_LIMIT_FAIL_OPEN`` is off (or a
     ``budget`` was asked: budgets always fail closed).
     """
-    counters: list[_Counter] = []
-    streams: list[MeteringSubject] = []
-    for subject in subjects:
-        limits = subject.limits
-        if limits.requests_per_minute is not None:
-            counters.append(_Counter(subject, "requests", limits.requests_per_minute, 1))
-        if limits.tokens_per_minute is not None:
-            counters.append(_Counter(subject, "tokens", limits.tokens_per_minute, max(0, prompt_tokens)))
-        if limits.concurrent_streams is not None:
-            streams.append(subject)
-    if not counters and not streams and budget is None:
+    shape = _shape(subjects)
+    if not shape.limited and budget is None:
         return RateLease(request_id=request_id)
+    tokens = max(0, prompt_tokens)
+    counters = [
+        _Counter(subject, dimension, limit, 1 if dimension == "requests" else tokens, key)
+        for subject, dimension, limit, key in shape.counters
+    ]
+    streams = shape.streams
 
     for counter in counters:
         if counter.dimension == "tokens" and counter.cost > counter.limit:  # never fits, however long one waits
@@ -334,8 +389,8 @@ async def rate_limit_acquire(
     store = rate_limit_store()
     if store.unreachable_error is not None and time.monotonic() < store.unreachable_until:
         return _unavailable(store, store.unreachable_error, known=True, budget=budget is not None)
-    stream_keys = [_streams_key(subject) for subject in streams]
-    stream_limits = [subject.limits.concurrent_streams or 0 for subject in streams]
+    stream_keys = shape.stream_keys
+    stream_limits = shape.stream_limits
     hits = [CounterHit(c.key, c.limit, c.cost) for c in counters]
     try:
         admitted = await store.admit(hits, stream_keys, stream_limits, request_id, budget)
@@ -374,14 +429,14 @@ async def rate_limit_acquire(
     if not admitted.admitted:  # the budgets refused or need a seed: nothing is held
         return RateLease(request_id=request_id, budget=admitted.budget)
     if stream_keys:
-        store.hold(request_id, tuple(stream_keys))
+        store.hold(request_id, stream_keys)
     return RateLease(
         headers=_headers(counters, windows),
         request_id=request_id,
         budget=admitted.budget,
         _store=store,
         _token_counters=tuple(c for c in counters if c.dimension == "tokens"),
-        _stream_keys=tuple(stream_keys),
+        _stream_keys=stream_keys,
     )
 
 
