@@ -260,7 +260,7 @@ RATE_LIMIT_STREAM_LEASE_SECONDS: float = _seconds("RATE_LIMIT_STREAM_LEASE_SECON
 # seconds, so that releases ending together go to Redis in one script call, and an admission made
 # meanwhile carries them in its own (accounts.metering.ratelimit_store). 0: at the next event-loop turn.
 # Other processes see a freed slot this much later; shutdown sends what waits.
-RATE_LIMIT_RELEASE_BATCH_SECONDS: float = _get("RATE_LIMIT_RELEASE_BATCH_SECONDS", env.float, 0.005, "seconds")
+RATE_LIMIT_RELEASE_BATCH_SECONDS: float = _get("RATE_LIMIT_RELEASE_BATCH_SECONDS", env.float, 0.05, "seconds")
 if RATE_LIMIT_RELEASE_BATCH_SECONDS < 0 or RATE_LIMIT_RELEASE_BATCH_SECONDS > 1:
     _fail("RATE_LIMIT_RELEASE_BATCH_SECONDS", RATE_LIMIT_RELEASE_BATCH_SECONDS, "seconds from 0 to 1")
 

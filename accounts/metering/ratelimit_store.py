@@ -25,7 +25,7 @@ One round trip per admission; releases ride along
 
     A reply's release (completion tokens, stream slots) is off its critical path, and costs no round
     trip of its own: ``release`` queues it in this process and returns. The queue goes to Redis in
-    one script call (``_RELEASE``, many releases) ``RATE_LIMIT_RELEASE_BATCH_SECONDS`` (5 ms) after
+    one script call (``_RELEASE``, many releases) ``RATE_LIMIT_RELEASE_BATCH_SECONDS`` (50 ms) after
     its first entry, or earlier at the front of the next admission's script, which applies them
     before it admits (so a slot this process freed is free for its next admission). Replies ending
     together share one call; a steady stream of requests sends each release with the next
