@@ -1,4 +1,4 @@
-"""The one JSON parser of every request body and WebSocket frame: strict JSON, bounded depth.
+"""The one JSON parser of every request body and WebSocket frame: strict JSON, bounded depth and size.
 
 ``json_loads`` is used by DRF (``JSONParser``, the ``/api`` REST endpoints), by the plain async
 views (``accounts.endpoints.parse_json``: ``/v1``, ``/dashboard``, the conversation send view)
@@ -10,15 +10,25 @@ nest at most ``MAX_JSON_DEPTH`` levels: deeper structures are never a legitimate
 the code that later walks them (DRF, ``json.dumps`` when a body is forwarded upstream) recurses.
 
 Every failure is ``JSONParseError`` (a ``ValueError``) with a message fit for the client.
+
+Size: ``read_body`` reads a body bounded by a ``BodyLimit``; DRF's ``JSONParser`` below reads every
+``/api`` REST body with it: ``DATA_UPLOAD_MAX_MEMORY_SIZE`` (413 ``request_too_large``, what the
+plain async views answer through Django's ``HttpRequest.body``), or the view's own
+``request_body_limit`` (``POST /api/conversations/import/``: ``SYNC_MAX_DOCUMENT_BYTES``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import orjson
-from rest_framework import parsers
+from django.conf import settings
+from rest_framework import parsers, renderers
 from rest_framework.exceptions import ParseError
+
+from .errors import ApplicationError, request_too_large_error
 
 # Deepest nesting of arrays and objects accepted in a body (the body itself is level 1). A chat
 # request is 4 levels deep (body, messages, message, content parts); JSON Schemas of tools go deeper.
@@ -70,18 +80,103 @@ def _nested_deeper_than(value: dict[str, Any] | list[Any], limit: int) -> bool:
     return False
 
 
-class JSONParser(parsers.JSONParser):
-    """DRF's JSON parser on ``json_loads``: the same strict rules on ``/api`` as on ``/v1``.
+class Readable(Protocol):
+    """A body to read: Django's ``HttpRequest`` (its ``read``), a file."""
 
-    Raises DRF's ``ParseError`` (400, code ``parse_error``) with ``json_loads``'s message.
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class BodyLimit:
+    """The most bytes of a request body an endpoint reads, and its answer to a larger one.
+
+    ``setting``: the name of the setting holding the limit, in bytes; read on each request (so
+    ``override_settings`` applies). Its value ``None`` means no limit, as Django's
+    ``DATA_UPLOAD_MAX_MEMORY_SIZE = None`` does.
+    ``error``: the 413 ``ApplicationError`` for a larger body, given its declared size in bytes
+    (``Content-Length``) when that was already too large, else None.
     """
 
+    setting: str
+    error: Callable[[int | None], ApplicationError]
+
+    @property
+    def max_bytes(self) -> int | None:
+        """Return the limit in bytes (None: no limit)."""
+        value: int | None = getattr(settings, self.setting)
+        return value
+
+
+# Every body not limited otherwise: Django's own limit, with the plain async views' 413.
+DEFAULT_BODY_LIMIT = BodyLimit("DATA_UPLOAD_MAX_MEMORY_SIZE", request_too_large_error)
+
+
+def read_body(stream: Readable | None, *, content_length: str | int | None, limit: BodyLimit) -> bytes:
+    """Return the body in ``stream``, reading at most ``limit.max_bytes`` + 1 bytes of it.
+
+    ``content_length``: the request's ``Content-Length`` (``META["CONTENT_LENGTH"]``), if any; a
+    declared size over the limit is refused before anything is read. The read itself stops one
+    byte past the limit, so a chunked body (no ``Content-Length``) or an understated one (under
+    ASGI the server hands Django the whole body, whatever the header said) is refused without
+    being read whole into memory: how Django's ``HttpRequest.body`` bounds its read.
+
+    Raises ``limit.error(...)`` (an ``ApplicationError``, 413) for a body over the limit.
+    """
+    if stream is None:
+        return b""
+    max_bytes = limit.max_bytes
+    if max_bytes is None:
+        return stream.read()
+    try:
+        declared = int(content_length or 0)
+    except ValueError:  # not a number: no declared size (servers reject it before us)
+        declared = 0
+    if declared > max_bytes:
+        raise limit.error(declared)
+    raw = stream.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise limit.error(None)
+    return raw
+
+
+class JSONParser(parsers.BaseParser):
+    """DRF's JSON parser on ``json_loads`` and ``read_body``: the same strict rules and size limit on
+    ``/api`` as on ``/v1``.
+
+    A view may set ``request_body_limit`` (a ``BodyLimit``) to take larger bodies than
+    ``DATA_UPLOAD_MAX_MEMORY_SIZE``; the conversation import does. Not a subclass of DRF's
+    ``JSONParser``: DRF 3.18 hands that one ``request.body``, which Django caps at
+    ``DATA_UPLOAD_MAX_MEMORY_SIZE`` whatever the view allows; this one gets the request stream.
+
+    Raises ``ApplicationError`` 413 (``request_too_large``, or the view's limit's code) for a body
+    too large, DRF's ``ParseError`` (400, code ``parse_error``) with ``json_loads``'s message for
+    one that is not acceptable JSON.
+    """
+
+    media_type = "application/json"
+    renderer_class = renderers.JSONRenderer  # what the browsable API's raw-data form renders
+
     def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
-        raw = stream.read() if stream is not None else b""
+        context = parser_context or {}
+        limit = getattr(context.get("view"), "request_body_limit", None) or DEFAULT_BODY_LIMIT
+        request = context.get("request")
+        meta = request.META if request is not None else {}
+        # DRF's own reading of the header (rest_framework.request.Request._load_stream).
+        content_length = meta.get("CONTENT_LENGTH", meta.get("HTTP_CONTENT_LENGTH"))
+        raw = read_body(stream, content_length=content_length, limit=limit)
         try:
             return json_loads(raw)
         except JSONParseError as exc:
             raise ParseError(f"JSON parse error - {exc}") from None
 
 
-__all__ = ["MAX_JSON_DEPTH", "JSONParseError", "JSONParser", "json_loads"]
+__all__ = [
+    "DEFAULT_BODY_LIMIT",
+    "MAX_JSON_DEPTH",
+    "BodyLimit",
+    "JSONParseError",
+    "JSONParser",
+    "Readable",
+    "json_loads",
+    "read_body",
+]

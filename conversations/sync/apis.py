@@ -36,6 +36,7 @@ from accounts.models import APIKey
 from accounts.scopes import ScopeNeed, api_key_scope_check, role_scope_check
 from accounts.selectors import ORGANIZATION_HEADER, AuthenticationFailed
 from chatbackend.errors import ApplicationError, as_application_error, error_response, internal_error
+from chatbackend.parsers import BodyLimit, read_body
 
 from . import selectors, services
 from .models import SyncDocument
@@ -120,21 +121,14 @@ def _basic_principal(request: HttpRequest) -> Principal:
     return principal
 
 
+# NextChat's state is often larger than DATA_UPLOAD_MAX_MEMORY_SIZE, the limit of other endpoints.
+_BODY_LIMIT = BodyLimit("SYNC_MAX_DOCUMENT_BYTES", services.document_too_large_error)
+
+
 def _read_body(request: HttpRequest) -> bytes:
-    """Return the body, at most ``SYNC_MAX_DOCUMENT_BYTES`` (413 past it; ``DATA_UPLOAD_MAX_MEMORY_SIZE``,
-    the limit of other endpoints, does not apply: a NextChat state is often larger). Chunked bodies
-    without ``Content-Length`` (NextChat's server relays so) are read too."""
-    limit = settings.SYNC_MAX_DOCUMENT_BYTES
-    try:
-        declared = int(request.META.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        declared = 0
-    if declared > limit:
-        raise services.document_too_large_error(declared)
-    body = request.read(limit + 1)
-    if len(body) > limit:
-        raise services.document_too_large_error()
-    return body
+    """Return the body, at most ``SYNC_MAX_DOCUMENT_BYTES`` (413 ``sync_document_too_large`` past it).
+    Chunked bodies without ``Content-Length`` (NextChat's server relays so) are read too."""
+    return read_body(request, content_length=request.META.get("CONTENT_LENGTH"), limit=_BODY_LIMIT)
 
 
 # --- WebDAV ----------------------------------------------------------------------------------------

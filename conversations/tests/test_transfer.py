@@ -278,11 +278,18 @@ def test_invalid_json_and_other_media_types_are_400_or_415(auth_client, model):
     assert auth_client.generic("POST", IMPORT, b"a=b", content_type="text/plain").status_code == 415
 
 
-def test_the_size_limit_is_a_413(auth_client, model, settings):
+def test_the_size_limit_is_sync_max_document_bytes_not_djangos(auth_client, model, settings):
+    """A NextChat state is often larger than DATA_UPLOAD_MAX_MEMORY_SIZE (2.5 MB), the limit of other
+    bodies: the import's own limit applies instead, read by the one JSON parser (a view's
+    ``request_body_limit``), whose error names the import."""
     body = json.dumps(_one()).encode()
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 100
+    assert len(body) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE
     settings.SYNC_MAX_DOCUMENT_BYTES = len(body) - 1
     response = auth_client.generic("POST", IMPORT, body, content_type="application/json")
-    assert_error(response, 413, code="import_too_large")
+    error = assert_error(response, 413, code="import_too_large")
+    assert f"({len(body)} bytes) is larger than this server imports ({len(body) - 1} bytes" in error["message"]
+    assert not Conversation.objects.exists()
     settings.SYNC_MAX_DOCUMENT_BYTES = len(body)
     assert auth_client.generic("POST", IMPORT, body, content_type="application/json").status_code == 201
 

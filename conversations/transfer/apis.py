@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from django.conf import settings
 from django.http import Http404
 from drf_spectacular.types import OpenApiTypes
@@ -27,7 +25,7 @@ from accounts.authentication import request_principal
 from accounts.models import APIKey
 from accounts.serializers import ErrorOutputSerializer
 from chatbackend.errors import ApplicationError
-from chatbackend.parsers import JSONParser
+from chatbackend.parsers import BodyLimit
 
 from ..apis import _errors
 from ..serializers import ConversationOutputSerializer
@@ -119,35 +117,23 @@ class ConversationExportAllApi(_ExportApi):
         return self.attachment(Response(conversation_export_all(actor=request_principal(request))), "conversations")
 
 
-class ImportJSONParser(JSONParser):
-    """The project's JSON parser, reading at most ``SYNC_MAX_DOCUMENT_BYTES``: 413 past it."""
-
-    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
-        limit = settings.SYNC_MAX_DOCUMENT_BYTES
-        raw = stream.read(limit + 1) if stream is not None else b""
-        if len(raw) > limit:
-            raise ApplicationError(
-                f"The document is larger than this server imports ({limit} bytes, SYNC_MAX_DOCUMENT_BYTES).",
-                code="import_too_large",
-                status=413,
-            )
-        return super().parse(_Bytes(raw), media_type, parser_context)
-
-
-class _Bytes:
-    """``raw`` as the stream ``JSONParser.parse`` reads."""
-
-    def __init__(self, raw: bytes) -> None:
-        self.raw = raw
-
-    def read(self) -> bytes:
-        return self.raw
+def import_too_large_error(size: int | None = None) -> ApplicationError:
+    """Return the 413 ``import_too_large`` for a body over ``SYNC_MAX_DOCUMENT_BYTES`` (``size``: its
+    declared size in bytes, when known)."""
+    limit = settings.SYNC_MAX_DOCUMENT_BYTES
+    told = f" ({size} bytes)" if size is not None else ""
+    return ApplicationError(
+        f"The document{told} is larger than this server imports ({limit} bytes, SYNC_MAX_DOCUMENT_BYTES).",
+        code="import_too_large",
+        status=413,
+    )
 
 
 class ConversationImportApi(APIView):
     """Import conversations: our export, or NextChat's ``backup.json``."""
 
-    parser_classes = (ImportJSONParser,)
+    # Read by chatbackend.parsers.JSONParser instead of DATA_UPLOAD_MAX_MEMORY_SIZE.
+    request_body_limit = BodyLimit("SYNC_MAX_DOCUMENT_BYTES", import_too_large_error)
     api_key_scopes = {"POST": APIKey.Scope.CHAT}  # accounts.scopes: it writes conversations
 
     @extend_schema(
