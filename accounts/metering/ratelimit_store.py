@@ -19,8 +19,9 @@ One round trip per admission; releases ride along
     difference. It reaches
     into ``limits`` (its Redis bridge's script texts and its window key names; pinned in
     requirements.txt); ``test_limits_internals_used_by_the_store`` fails if an upgrade moves them.
-    redis-py sends the scripts by SHA1 (``EVALSHA``) and loads them again when a restarted Redis
-    answers ``NOSCRIPT`` (nothing ran then). Measured with ``python -m bench.admission``: see the
+    The scripts go by SHA1 (``EVALSHA``, ``chatbackend.redis_clients.script_call``: a pooled
+    redis-py connection without its command layer, never retried) and are loaded again when a
+    restarted Redis answers ``NOSCRIPT`` (nothing ran then). Measured with ``python -m bench.admission``: see the
     README of ``bench/``.
 
     A reply's release (completion tokens, stream slots) is off its critical path, and costs no round
@@ -54,7 +55,7 @@ from django.conf import settings
 from limits.aio.storage import MemoryStorage, RedisStorage
 from limits.aio.storage.redis.bridge import RedisBridge
 
-from chatbackend.redis_clients import async_redis_client
+from chatbackend.redis_clients import async_redis_client, script_call
 
 from .budget_store import RESERVE_SCRIPT, ReserveRequest, ReserveVerdict, budget_store, reserve_verdict
 
@@ -509,9 +510,9 @@ class RedisRateLimitStore(RateLimitStore):
             keys += budget_keys
             args += budget.redis_args()
         try:
-            # redis-py's Script: EVALSHA, and on NOSCRIPT (a restarted Redis) SCRIPT LOAD and once more;
-            # a NOSCRIPT answer means nothing ran.
-            hit_flags, windows, streams, reserved = await self._admit(keys=keys, args=args)
+            # EVALSHA, and on NOSCRIPT (a restarted Redis) SCRIPT LOAD and once more (a NOSCRIPT
+            # answer means nothing ran); never retried otherwise (script_call).
+            hit_flags, windows, streams, reserved = await script_call(self.client, self._admit, keys, args)
         except asyncio.CancelledError:
             if carried:
                 _release_failed(carried, "the admission carrying them was cancelled")
@@ -555,7 +556,7 @@ class RedisRateLimitStore(RateLimitStore):
         if not members:
             return
         try:
-            await self._release(keys=keys, args=args)
+            await script_call(self.client, self._release, keys, args)
         except Exception as exc:
             _release_failed(members, exc)
 

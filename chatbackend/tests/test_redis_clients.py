@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import redis.asyncio.connection
+import redis.exceptions
 from django.conf import settings
 
-from chatbackend.redis_clients import async_redis_client
+from chatbackend.redis_clients import async_redis_client, script_call
 
 # What an admission sends: strings (keys, a request id), small and large integers, a float's repr.
 _ARGS = ("EVALSHA", "f" * 40, 3, "chatbackend-ratelimit/LIMITER/user:1:requests/29", "é", 0, -5, 2**50, "1.5", b"\x00")
@@ -46,5 +47,39 @@ async def test_a_script_call_round_trips_its_arguments() -> None:
             b"-3",
             b"1.5",
         ]
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="needs REDIS_URL (CI sets it)")
+async def test_script_call_answers_as_the_script_does_and_reloads_it_after_a_flush() -> None:
+    client = async_redis_client(settings.REDIS_URL, max_connections=2, timeout=5.0)
+    try:
+        echo = client.register_script("return {KEYS[1], ARGV[1], #ARGV, redis.call('INCR', KEYS[1])}")
+        key = "chatbackend-test:script-call"
+        await client.delete(key)
+        by_script = await echo(keys=[key], args=[2**50, "x"])
+        assert await script_call(client, echo, [key], [2**50, "x"]) == [key.encode(), b"1125899906842624", 2, 2]
+        assert by_script == [key.encode(), b"1125899906842624", 2, 1]
+        # A restarted Redis has no scripts: NOSCRIPT (nothing ran), then it is loaded and runs once.
+        await client.script_flush()
+        assert await script_call(client, echo, [key], ["y"]) == [key.encode(), b"y", 1, 3]
+        assert await client.get(key) == b"3"
+        # The script's own error is the caller's; the connection stays usable for the next call.
+        failing = client.register_script("return redis.error_reply('ERR refused by the script')")
+        with pytest.raises(redis.exceptions.ResponseError, match="refused by the script"):
+            await script_call(client, failing, [], [])
+        assert await script_call(client, echo, [key], ["z"]) == [key.encode(), b"z", 1, 4]
+        await client.delete(key)
+    finally:
+        await client.aclose()
+
+
+async def test_script_call_raises_connection_error_when_redis_is_unreachable() -> None:
+    client = async_redis_client("redis://127.0.0.1:1/0", max_connections=1, timeout=1.0)
+    try:
+        script = client.register_script("return 1")
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await script_call(client, script, [], [])
     finally:
         await client.aclose()
