@@ -24,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import httpx
+from aiohttp.helpers import get_env_proxy_for_url
 from django.conf import settings
 
 # A private module of httpx-sse, pinned to 0.4.3 in requirements.txt (its public API only reads
@@ -34,6 +35,7 @@ from django.conf import settings
 # else ``None``. That is how ``httpx_sse.EventSource.aiter_sse`` uses them, with httpx's
 # ``aiter_text`` in front. ``test_httpx_sse_decoder_api`` fails if an upgrade changes this.
 from httpx_sse._decoders import SSEDecoder, SSELineDecoder
+from yarl import URL
 
 from .base import PASSED_THROUGH_STATUSES, UPSTREAM_MESSAGES, ChatChunk, ProviderConfig, UpstreamError
 
@@ -46,6 +48,8 @@ __all__ = [
     "failure",
     "post_sse",
     "session",
+    "upstream_proxy",
+    "upstream_proxy_reset",
 ]
 
 # One session (one connection pool) per event loop: aiohttp connections belong to the loop that
@@ -74,18 +78,53 @@ def session() -> aiohttp.ClientSession:
             # SSL_CERT_FILE / SSL_CERT_DIR when set (aiohttp alone would use the system store).
             ssl=httpx.create_ssl_context(),
         )
-        # trust_env: honour HTTP(S)_PROXY / NO_PROXY as httpx did. No total timeout: each request
-        # sets its connect and read timeouts, and a reply may stream for as long as it keeps going.
-        # DummyCookieJar: upstream APIs set no cookies we should send back, and a real jar is
-        # searched on every request.
+        # No trust_env: HTTP(S)_PROXY / NO_PROXY are honoured by ``upstream_proxy`` instead (aiohttp's
+        # trust_env reads them, and ~/.netrc, in two worker threads on every request). No total
+        # timeout: each request sets its connect and read timeouts, and a reply may stream for as
+        # long as it keeps going. DummyCookieJar: upstream APIs set no cookies we should send back,
+        # and a real jar is searched on every request.
         shared = aiohttp.ClientSession(
             connector=connector,
-            trust_env=True,
+            trust_env=False,
             timeout=aiohttp.ClientTimeout(total=None),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         _sessions[loop] = shared
     return shared
+
+
+# (scheme, host) -> the proxy an upstream request there goes through: (proxy URL, its credentials),
+# or (None, None) for none. The environment's proxy settings are read
+# once per upstream host and process: they are fixed when the process starts.
+_proxies: dict[tuple[str, str], tuple[URL | None, aiohttp.BasicAuth | None]] = {}
+
+
+async def upstream_proxy(url: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
+    """Return the proxy for an upstream request to ``url``: ``(proxy URL, credentials)``, or ``(None, None)``.
+
+    From the environment, as curl, httpx and aiohttp's ``trust_env`` read it: ``HTTPS_PROXY`` /
+    ``HTTP_PROXY`` (by the URL's scheme, any case) unless ``NO_PROXY`` names the host; the proxy's
+    credentials from its URL, else from ``~/.netrc`` (aiohttp's ``get_env_proxy_for_url``, run in a
+    worker thread since it may read that file). Cached per scheme and host, so a request pays a dict
+    lookup: aiohttp's ``trust_env`` did this, and looked up ``~/.netrc`` credentials for the upstream
+    itself, in two worker threads on every request. Upstreams authenticate with their API key, never
+    with ``~/.netrc``.
+    """
+    parts = urlsplit(url)
+    key = (parts.scheme, parts.hostname or "")
+    proxy = _proxies.get(key)
+    if proxy is None:
+        try:
+            proxy = await asyncio.to_thread(get_env_proxy_for_url, URL(url))
+        except LookupError:  # no proxy for this URL (none set, or NO_PROXY names its host)
+            proxy = (None, None)
+        _proxies[key] = proxy
+    return proxy
+
+
+def upstream_proxy_reset() -> None:
+    """Forget the proxies read from the environment (tests that change it)."""
+    _proxies.clear()
 
 
 async def aclose_clients() -> None:
@@ -246,7 +285,18 @@ async def post_sse(
     )
     responded = False
     try:
-        async with session().post(url, data=data, headers=headers, timeout=timeout, allow_redirects=False) as response:
+        # proxy_auth, not the proxy_headers aiohttp 3.14's deprecation warning suggests: those reach
+        # only a CONNECT tunnel (an https upstream), not a request forwarded to an http one.
+        proxy, proxy_auth = await upstream_proxy(url)
+        async with session().post(
+            url,
+            data=data,
+            headers=headers,
+            timeout=timeout,
+            allow_redirects=False,
+            proxy=proxy,
+            proxy_auth=proxy_auth,
+        ) as response:
             responded = True
             try:
                 if response.status >= 300:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from llm.providers import ChatChunk, ChatRequest, ProviderConfig, UpstreamError, Usage, get_provider
+from llm.providers import ChatChunk, ChatRequest, ProviderConfig, UpstreamError, Usage, get_provider, http
 from llm.providers.base import UPSTREAM_MESSAGES
 from llm.providers.openai_compatible import OpenAICompatibleProvider, aclose_clients
 from llm.simulator import MIDSTREAM_FAILURE_CHUNKS, count_prompt_tokens, reply_text
@@ -727,3 +727,53 @@ async def test_usage_details_absent_or_null_count_zero(
     base_url = canned_upstream(sse(delta_chunk({"content": "Hi"}, finish_reason="stop"), usage_chunk(usage), "[DONE]"))
     chunks = await collect(provider(base_url), ChatRequest(model="m", messages=MESSAGES))
     assert chunks == [ChatChunk(content="Hi", finish_reason="stop"), ChatChunk(usage=expected)]
+
+
+# --- The environment's proxy (HTTP_PROXY / NO_PROXY), read once per upstream host ---
+
+
+@pytest.fixture
+async def forward_proxy(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[list[tuple[str, str | None]]]:
+    """Run a local HTTP forward proxy that answers every request itself with a two-token reply, and
+    point ``HTTP_PROXY`` at it (with credentials); yield the (URL, Proxy-Authorization) it received."""
+    seen: list[tuple[str, str | None]] = []
+
+    async def relay(request: web.Request) -> web.Response:
+        seen.append((str(request.url), request.headers.get("Proxy-Authorization")))
+        body = sse(delta_chunk({"content": "Via"}), delta_chunk({"content": " proxy"}, "stop"), "[DONE]")
+        return web.Response(body=body, headers={"Content-Type": "text/event-stream"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", relay)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://relay:s3cret@127.0.0.1:{runner.addresses[0][1]}")
+    http.upstream_proxy_reset()
+    yield seen
+    http.upstream_proxy_reset()
+    await runner.cleanup()
+
+
+async def test_upstream_requests_go_through_the_environments_proxy(forward_proxy: list[tuple[str, str | None]]) -> None:
+    # A host no resolver knows: only the proxy can reach it.
+    adapter = provider("http://llm.upstream.invalid:8080/v1")
+    for _ in range(2):
+        chunks = await collect(adapter, ChatRequest(model="m", messages=MESSAGES))
+        assert "".join(c.content for c in chunks) == "Via proxy"
+    # Absolute-form requests to the proxy, with its credentials (Basic relay:s3cret), both times.
+    assert forward_proxy == [("http://llm.upstream.invalid:8080/v1/chat/completions", "Basic cmVsYXk6czNjcmV0")] * 2
+
+
+async def test_no_proxy_hosts_are_reached_directly(
+    forward_proxy: list[tuple[str, str | None]], monkeypatch: pytest.MonkeyPatch, canned_upstream: Callable[..., str]
+) -> None:
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    base_url = canned_upstream(sse(delta_chunk({"content": "Direct"}, "stop"), "[DONE]"))
+    chunks = await collect(provider(base_url), ChatRequest(model="m", messages=MESSAGES))
+    assert "".join(c.content for c in chunks) == "Direct"
+    assert forward_proxy == []
+    assert await http.upstream_proxy(base_url) == (None, None)
