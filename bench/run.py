@@ -505,12 +505,15 @@ class Bench:
             )
 
     def _clean_redis(self) -> None:
-        """Delete what the benchmark leaves in its Redis database: the Celery queue, channel keys."""
+        """Delete what the benchmark leaves in its Redis database: the Celery queue, channel keys, and
+        v1m's rate-limit counters, stream leases and budget counters and reservations (no Celery
+        worker settles them during a run: left behind, the next run's budget counters would start
+        with thousands of reservations)."""
         import redis
 
         client = redis.Redis.from_url(self.redis_url)
         try:
-            for pattern in ("celery*", "_kombu*", "unacked*", "asgi*", ":1:*"):
+            for pattern in ("celery*", "_kombu*", "unacked*", "asgi*", ":1:*", "chatbackend-ratelimit*", "{budget}*"):
                 keys = list(client.scan_iter(match=pattern, count=1000))
                 for start in range(0, len(keys), 500):
                     client.delete(*keys[start : start + 500])
