@@ -19,10 +19,10 @@ One round trip per admission; releases ride along
     difference. It reaches
     into ``limits`` (its Redis bridge's script texts and its window key names; pinned in
     requirements.txt); ``test_limits_internals_used_by_the_store`` fails if an upgrade moves them.
-    The scripts go by SHA1 (``EVALSHA``, ``chatbackend.redis_clients.script_call``: a pooled
-    redis-py connection without its command layer, never retried) and are loaded again when a
-    restarted Redis answers ``NOSCRIPT`` (nothing ran then). Measured with ``python -m bench.admission``: see the
-    README of ``bench/``.
+    The scripts go by SHA1 (``EVALSHA``) on a few connections of the store's own
+    (``chatbackend.redis_clients.ScriptLanes``: no pool checkout or command layer per call, never
+    retried) and are loaded again when a restarted Redis answers ``NOSCRIPT`` (nothing ran then).
+    Measured with ``python -m bench.admission``: see the README of ``bench/``.
 
     A reply's release (completion tokens, stream slots) is off its critical path, and costs no round
     trip of its own: ``release`` queues it in this process and returns. The queue goes to Redis in
@@ -55,7 +55,7 @@ from django.conf import settings
 from limits.aio.storage import MemoryStorage, RedisStorage
 from limits.aio.storage.redis.bridge import RedisBridge
 
-from chatbackend.redis_clients import async_redis_client, script_call
+from chatbackend.redis_clients import ScriptLanes, async_redis_client
 
 from .budget_store import RESERVE_SCRIPT, ReserveRequest, ReserveVerdict, budget_store, reserve_verdict
 
@@ -77,8 +77,11 @@ KEY_PREFIX = "chatbackend-ratelimit"
 WINDOW_SECONDS = 60
 # What a forced add (completion tokens, a give-back) passes as the limit, so that it is never refused.
 NO_LIMIT = 2**50
-# Redis connections per process (and event loop); more admissions at once wait for one.
+# Redis connections per process (and event loop) for everything but the scripts; more calls at once wait for one.
 MAX_REDIS_CONNECTIONS = 64
+# Connections of the admission and release scripts (ScriptLanes): Redis runs one script at a time,
+# so a few keep it busy; more admissions at once wait for a free one (REDIS_SOCKET_TIMEOUT_SECONDS).
+SCRIPT_LANES = 4
 # Counter names whose Redis keys the store remembers (then it forgets them all and starts again).
 _KEY_NAMES_MAX = 10_000
 # Errors that mean the store cannot answer (redis-py's; the memory store raises none): unreachable,
@@ -434,6 +437,7 @@ class RedisRateLimitStore(RateLimitStore):
         self._admit = self.client.register_script(library + _lua_function("admit_one", _ADMIT) + _ADMIT_CALL)
         self._release = self.client.register_script(library + _RELEASE)
         self._renew = self.client.register_script(_STREAMS_RENEW)
+        self._lanes = ScriptLanes(self.client, lanes=SCRIPT_LANES, timeout=float(settings.REDIS_SOCKET_TIMEOUT_SECONDS))
         # Counter key -> its two Redis keys: the same few subjects' keys are named on every request.
         self._key_names: dict[str, tuple[str, str]] = {}
         self.release_delay = float(settings.RATE_LIMIT_RELEASE_BATCH_SECONDS)
@@ -511,8 +515,8 @@ class RedisRateLimitStore(RateLimitStore):
             args += budget.redis_args()
         try:
             # EVALSHA, and on NOSCRIPT (a restarted Redis) SCRIPT LOAD and once more (a NOSCRIPT
-            # answer means nothing ran); never retried otherwise (script_call).
-            hit_flags, windows, streams, reserved = await script_call(self.client, self._admit, keys, args)
+            # answer means nothing ran); never retried otherwise (ScriptLanes).
+            hit_flags, windows, streams, reserved = await self._lanes.call(self._admit, keys, args)
         except asyncio.CancelledError:
             if carried:
                 _release_failed(carried, "the admission carrying them was cancelled")
@@ -556,7 +560,7 @@ class RedisRateLimitStore(RateLimitStore):
         if not members:
             return
         try:
-            await script_call(self.client, self._release, keys, args)
+            await self._lanes.call(self._release, keys, args)
         except Exception as exc:
             _release_failed(members, exc)
 
@@ -578,6 +582,7 @@ class RedisRateLimitStore(RateLimitStore):
     async def close(self) -> None:
         await super().close()
         await self.flush()
+        await self._lanes.aclose()
         await self.client.aclose()
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import redis.asyncio.connection
 import redis.exceptions
 from django.conf import settings
 
-from chatbackend.redis_clients import async_redis_client, script_call
+from chatbackend.redis_clients import ScriptLanes, async_redis_client
 
 # What an admission sends: strings (keys, a request id), small and large integers, a float's repr.
 _ARGS = ("EVALSHA", "f" * 40, 3, "chatbackend-ratelimit/LIMITER/user:1:requests/29", "é", 0, -5, 2**50, "1.5", b"\x00")
@@ -52,34 +54,67 @@ async def test_a_script_call_round_trips_its_arguments() -> None:
 
 
 @pytest.mark.skipif(not settings.REDIS_URL, reason="needs REDIS_URL (CI sets it)")
-async def test_script_call_answers_as_the_script_does_and_reloads_it_after_a_flush() -> None:
+async def test_script_lanes_answer_as_the_script_does_and_reload_it_after_a_flush() -> None:
     client = async_redis_client(settings.REDIS_URL, max_connections=2, timeout=5.0)
+    lanes = ScriptLanes(client, lanes=2, timeout=5.0)
     try:
         echo = client.register_script("return {KEYS[1], ARGV[1], #ARGV, redis.call('INCR', KEYS[1])}")
-        key = "chatbackend-test:script-call"
+        key = "chatbackend-test:script-lanes"
         await client.delete(key)
         by_script = await echo(keys=[key], args=[2**50, "x"])
-        assert await script_call(client, echo, [key], [2**50, "x"]) == [key.encode(), b"1125899906842624", 2, 2]
+        assert await lanes.call(echo, [key], [2**50, "x"]) == [key.encode(), b"1125899906842624", 2, 2]
         assert by_script == [key.encode(), b"1125899906842624", 2, 1]
         # A restarted Redis has no scripts: NOSCRIPT (nothing ran), then it is loaded and runs once.
         await client.script_flush()
-        assert await script_call(client, echo, [key], ["y"]) == [key.encode(), b"y", 1, 3]
+        assert await lanes.call(echo, [key], ["y"]) == [key.encode(), b"y", 1, 3]
         assert await client.get(key) == b"3"
-        # The script's own error is the caller's; the connection stays usable for the next call.
+        # The script's own error is the caller's; the lane stays usable for the next call.
         failing = client.register_script("return redis.error_reply('ERR refused by the script')")
         with pytest.raises(redis.exceptions.ResponseError, match="refused by the script"):
-            await script_call(client, failing, [], [])
-        assert await script_call(client, echo, [key], ["z"]) == [key.encode(), b"z", 1, 4]
+            await lanes.call(failing, [], [])
+        assert await lanes.call(echo, [key], ["z"]) == [key.encode(), b"z", 1, 4]
+        # Many calls at once share the two lanes, each once.
+        replies = await asyncio.gather(*(lanes.call(echo, [key], [str(i)]) for i in range(20)))
+        assert sorted(reply[3] for reply in replies) == list(range(5, 25))
+        # Redis closing a lane's connection (an idle timeout, a restart): the next call reconnects.
+        await client.client_kill_filter(_type="normal", skipme=True)
+        assert (await lanes.call(echo, [key], ["after"]))[3] == 25
         await client.delete(key)
     finally:
+        await lanes.aclose()
         await client.aclose()
 
 
-async def test_script_call_raises_connection_error_when_redis_is_unreachable() -> None:
+async def test_script_lanes_raise_connection_error_when_redis_is_unreachable() -> None:
     client = async_redis_client("redis://127.0.0.1:1/0", max_connections=1, timeout=1.0)
+    lanes = ScriptLanes(client, lanes=1, timeout=1.0)
     try:
         script = client.register_script("return 1")
         with pytest.raises(redis.exceptions.ConnectionError):
-            await script_call(client, script, [], [])
+            await lanes.call(script, [], [])
     finally:
+        await lanes.aclose()
+        await client.aclose()
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="needs REDIS_URL (CI sets it)")
+async def test_a_call_cancelled_mid_reply_leaves_its_lane_clean() -> None:
+    client = async_redis_client(settings.REDIS_URL, max_connections=2, timeout=5.0)
+    lanes = ScriptLanes(client, lanes=1, timeout=5.0)
+    try:
+        slow = client.register_script(
+            "local t = redis.call('TIME') local s = t[1] * 1e6 + t[2] "
+            "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - s > 200000 return 'slow'"
+        )
+        quick = client.register_script("return ARGV[1]")
+        await lanes.call(quick, [], ["warm"])
+        call = asyncio.ensure_future(lanes.call(slow, [], []))
+        await asyncio.sleep(0.05)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        # The slow reply arrives later on a closed connection: the next call never reads it.
+        assert await lanes.call(quick, [], ["next"]) == b"next"
+    finally:
+        await lanes.aclose()
         await client.aclose()
