@@ -144,7 +144,9 @@ class ScriptLanes:
     @staticmethod
     async def _ready(connection: Any) -> None:
         """Connect ``connection`` if it is not; reconnect it if it holds data or Redis closed it (what
-        redis-py's pool checks at checkout: ``ConnectionPool.ensure_connection``)."""
+        redis-py's pool checks at checkout, ``ConnectionPool.ensure_connection``, which skips the
+        check while its maintenance notifications are enabled, as they are by default: a lane Redis
+        closed would then fail its next call)."""
         await connection.connect()
         try:
             if await connection.can_read():

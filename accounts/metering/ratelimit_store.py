@@ -308,13 +308,7 @@ return admit_one(akeys, aargs)
 
 
 class RateLimitStore(abc.ABC):
-    """The counters and leases of one event loop. ``admit`` is the hot path; the rest runs once per reply.
-
-    ``releases_queue``: ``release`` only queues the release and returns without suspending (so its
-    caller need not shield it from cancellation).
-    """
-
-    releases_queue = False
+    """The counters and leases of one event loop. ``admit`` is the hot path; the rest runs once per reply."""
 
     def __init__(self) -> None:
         self.lease_seconds = float(settings.RATE_LIMIT_STREAM_LEASE_SECONDS)
@@ -352,8 +346,12 @@ class RateLimitStore(abc.ABC):
         self, amounts: Sequence[tuple[str, int]], stream_keys: Sequence[str] = (), member: str = ""
     ) -> None:
         """A reply's release: ``add`` (its completion tokens, its stream leases), which may be sent later
-        and together with others (the Redis store), but before ``close`` returns. Never raises: a
-        failure is logged (the counters age out, the leases expire)."""
+        and together with others (the Redis store), but before ``close`` returns. Runs to its end even
+        if the caller is cancelled. Never raises: a failure is logged (the counters age out, the leases
+        expire)."""
+        await asyncio.shield(self._add_logged(amounts, stream_keys, member))
+
+    async def _add_logged(self, amounts: Sequence[tuple[str, int]], stream_keys: Sequence[str], member: str) -> None:
         try:
             await self.add(amounts, stream_keys, member)
         except Exception as exc:
@@ -415,8 +413,6 @@ def _window(raw: Any) -> Window:
 
 class RedisRateLimitStore(RateLimitStore):
     """Counters in Redis, shared by every server process: one script call (one round trip) per admission."""
-
-    releases_queue = True
 
     def __init__(self, url: str) -> None:
         super().__init__()

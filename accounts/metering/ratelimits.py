@@ -235,10 +235,8 @@ class RateLease:
             self._released = True
             return
         self._released = True
-        if self._store.releases_queue:  # only queued, never suspends: no cancellation can cut it short
-            await self._release(max(0, completion_tokens), not_for)
-        else:
-            await asyncio.shield(self._release(max(0, completion_tokens), not_for))
+        # Nothing here suspends before the store's release, which runs to its end once called.
+        await self._release(max(0, completion_tokens), not_for)
 
     async def _release(self, completion_tokens: int, not_for: MeteringSubject | None) -> None:
         store = self._store
