@@ -72,8 +72,9 @@ BUDGET_S = 570.0
 # --quick: 150 s before v1m and the 10 replies at one stream (~45 s more, ~70 s with --baseline);
 # at 150 s a busy 2-core machine (server start-ups of 4-6 s) skipped sse and ws at 200 streams.
 # Both + 20 s for the adapters' CPU per chunk (measure_adapters), + 60 s for v1msg and v1resp.
-QUICK_BUDGET_S = 290.0
-QUICK_BASELINE_BUDGET_S = 420.0
+# Both + ~60 s per tree for the paired enforcement phase (ENFORCEMENT_PAIRS).
+QUICK_BUDGET_S = 350.0
+QUICK_BASELINE_BUDGET_S = 540.0
 STARTUP_TIMEOUT_S = 60.0
 WARMUP_STREAMS = 4
 REPORT_RESERVE_S = 20.0  # kept free at the end of the budget for teardown and the report
@@ -84,6 +85,15 @@ PROMPT = "Tell me about the benchmark"
 MAX_TOKENS_FACTOR = 4  # max_tokens (v1resp: max_output_tokens) sent on direct and /v1: this many times --tokens
 C1_REPLIES = 10  # replies of the one stream at level 1 on C1_PATHS (replies_for)
 ASGI_APP = "chatbackend.asgi:application"
+# The paired enforcement phase (Bench.paired_enforcement): one server answers v1 and v1m in
+# alternating rounds, v1 v1m v1m v1 v1 v1m ..., each pair of neighbouring rounds compared. The
+# machine's speed steps by ~30 % within minutes on a shared VM, and rounds of separate blocks
+# differ by ±1,000 µs of server CPU per request: the blocks' v1m / v1 cannot resolve 5 %, pairs of
+# neighbouring rounds can (their median). ``--enforcement-pairs`` pairs at each of the two levels.
+ENFORCEMENT_PAIRS = 6
+ENFORCEMENT_TTFT_LEVEL = 1  # the TTFT pairs: one stream, as the TTFT target is stated
+ENFORCEMENT_TTFT_REPLIES = 3
+ENFORCEMENT_CPU_LEVEL = 50  # the CPU pairs: as the CPU target's smallest level (report.CPU_TARGET_MIN_LEVEL)
 
 
 class BenchError(RuntimeError):
@@ -162,6 +172,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="",
         help="PATH:LEVEL, e.g. v1:200: after that round (first server), repeat it under py-spy and summarize",
     )
+    parser.add_argument(
+        "--enforcement-pairs",
+        type=int,
+        default=ENFORCEMENT_PAIRS,
+        help="pairs of alternating v1 / v1m rounds on one server, at 1 stream (TTFT) and at "
+        f"{ENFORCEMENT_CPU_LEVEL} streams (server CPU), after the blocks; 0: none (default {ENFORCEMENT_PAIRS})",
+    )
     parser.add_argument("--no-chart", action="store_true", help="do not draw latest.png")
     parser.add_argument(
         "--adapters",
@@ -203,6 +220,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             f"v1m's caller may stream {METERED_LIMITS['concurrent_streams']} replies at once (bench.seed): "
             "levels must stay below that"
         )
+    if args.enforcement_pairs < 0:
+        parser.error("--enforcement-pairs must be 0 or more")
     if args.replies != "auto" and (not args.replies.isdigit() or int(args.replies) < 1):
         parser.error("--replies must be auto or a positive integer")
     if args.ramp_ms is None:
@@ -419,6 +438,7 @@ class Bench:
         self.setup: dict[str, Any] = {}
         self.profile: dict[str, Any] | None = None
         self.adapters: list[dict[str, Any]] = []  # bench.adapter_cpu's result per kind (measure_adapters)
+        self.enforcement_pairs: list[dict[str, Any]] = []  # per server label: paired_enforcement's rounds
         self.notes: list[str] = []
         self.env: dict[str, str] = {}
         self.database: dict[str, Any] = {}
@@ -1046,6 +1066,9 @@ class Bench:
         for path in first_only:
             for baseline in trees:
                 self.block(args.servers[0], path, top, baseline=baseline)
+        if args.enforcement_pairs and "v1" in paths and "v1m" in paths:
+            for baseline in trees:
+                self.paired_enforcement(args.servers[0], baseline=baseline)
 
     def block(self, server: str, path: str, levels: list[int], *, baseline: bool = False) -> None:
         """Start ``server`` afresh, warm it up on ``path``, measure ``levels`` in order, stop it.
@@ -1116,6 +1139,84 @@ class Bench:
         finally:
             self.server_log = None
             self.stop_child(child)
+
+    def paired_enforcement(self, server: str, *, baseline: bool = False) -> None:
+        """Measure what enforcement adds in pairs of neighbouring rounds on one ``server`` process.
+
+        The server answers ``v1`` and ``v1m`` alike (they differ by caller only), so one process
+        runs rounds in the order v1 v1m v1m v1 v1 v1m ... : ``--enforcement-pairs`` pairs of one
+        stream (``ENFORCEMENT_TTFT_REPLIES`` replies each, for TTFT), then as many of
+        ``ENFORCEMENT_CPU_LEVEL`` streams (for server CPU per token). A drift of the machine's speed
+        then falls on both halves of a pair alike, and the ABBA order cancels a steady trend.
+        Appends ``{"server", "rounds": [{"kind": "ttft" | "cpu", "pair", "path", "level", "ok",
+        "errors", "tokens", "server_cpu_s", "sim_cpu_s", "ttft_ms": [...]}]}`` to
+        ``enforcement_pairs`` (``ttft_ms``: every reply's, on the TTFT rounds only); the report
+        reads it (``report.enforcement_paired``). Skipped, with a note, when the budget has no room.
+        """
+        args = self.args
+        label = server_label(server, baseline=baseline)
+        count = 2 * args.enforcement_pairs
+        plan = [
+            ("ttft", ENFORCEMENT_TTFT_LEVEL, ENFORCEMENT_TTFT_REPLIES),
+            ("cpu", ENFORCEMENT_CPU_LEVEL, replies_for(args, ENFORCEMENT_CPU_LEVEL, "v1")),
+        ]
+        nominal = (args.ttft_ms + args.tokens * args.token_delay_ms) / 1000
+        needed = BLOCK_OVERHEAD_S + count * (
+            ENFORCEMENT_TTFT_REPLIES * nominal + self.estimate_round_s(label, "v1", ENFORCEMENT_CPU_LEVEL)
+        )
+        if self.time_left() - REPORT_RESERVE_S < needed:
+            self.notes.append(f"the paired enforcement rounds of {label} were skipped: time budget (~{needed:.0f} s)")
+            self.log(f"skip {label} paired enforcement: time budget (~{needed:.0f} s)")
+            return
+        child, port, startup = self.start_server(server, "paired", baseline=baseline)
+        self.log(f"{label} up in {startup * 1000:.0f} ms (port {port}) for {count} paired v1 / v1m rounds per level")
+        self.server_log = child.log_path
+        rounds: list[dict[str, Any]] = []
+        try:
+            tree = ProcessTree(child.pid)
+            base_url = f"http://127.0.0.1:{port}"
+            for path in ("v1", "v1m"):
+                self.warm_up(label, path, base_url, tree)
+            for kind, level, replies in plan:
+                for index in range(count):
+                    path = ("v1", "v1m", "v1m", "v1")[index % 4]
+                    raw = self.run_round(
+                        server=label,
+                        path=path,
+                        level=level,
+                        base_url=base_url,
+                        server_tree=tree,
+                        replies=replies,
+                        conversations=None,
+                        deadline_s=max(60.0, 4 * self.estimate_round_s(label, "v1", level)),
+                    )
+                    rounds.append(
+                        {
+                            "kind": kind,
+                            "pair": index // 2,
+                            "path": path,
+                            "level": level,
+                            "ok": raw["ok"],
+                            "errors": raw["errors"],
+                            "tokens": raw["tokens"],
+                            "server_cpu_s": raw["server_cpu_s"],
+                            "sim_cpu_s": raw["sim_cpu_s"],
+                            "ttft_ms": [round(v, 3) for v in raw["ttft_ms"]] if kind == "ttft" else [],
+                        }
+                    )
+                    if raw["errors"]:
+                        self.log(f"    paired {kind} {path}: {raw['errors']} errors {raw['error_kinds']}")
+        finally:
+            self.server_log = None
+            self.stop_child(child)
+        self.enforcement_pairs.append({"server": label, "rounds": rounds})
+        summary = report.enforcement_paired({"enforcement_pairs": self.enforcement_pairs[-1:]})
+        for row in summary:
+            self.log(
+                f"{label} paired: enforcement adds {row['added_ttft_p50_ms']} ms TTFT p50 at "
+                f"{ENFORCEMENT_TTFT_LEVEL} stream, server CPU per token v1m / v1 {row['cpu_ratio']} (median of "
+                f"{row['pairs']} pairs; the simulator's {row['simulator_ratio']})"
+            )
 
     def _skip(self, label: str, path: str, level: int, reason: str) -> None:
         self.rounds.append({**self._record(label, path, level), "skipped": reason})
@@ -1237,6 +1338,7 @@ def main(argv: list[str] | None = None) -> int:
         "replies": args.replies,
         "ramp_ms": args.ramp_ms,
         "budget_s": args.budget_s,
+        "enforcement_pairs": args.enforcement_pairs,
         "max_tokens": MAX_TOKENS_FACTOR * args.tokens,
         "adapters": {"kinds": args.adapters, "replies": ADAPTER_REPLIES, "concurrency": ADAPTER_CONCURRENCY},
         "baseline": {"dir": str(args.baseline), "git_commit": _git_commit(args.baseline)} if args.baseline else None,
@@ -1257,6 +1359,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds=bench.rounds,
         profile=bench.profile,
         adapters=bench.adapters,
+        enforcement_pairs=bench.enforcement_pairs,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

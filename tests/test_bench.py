@@ -24,6 +24,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from bench import report
+
 ROOT = Path(__file__).resolve().parent.parent
 # Named after the test database's server-side name, so runs against different databases (other
 # checkouts on the same PostgreSQL) never drop each other's benchmark database.
@@ -61,6 +63,8 @@ def test_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:
         REDIS_DB,
         "--budget-s",
         "240",
+        "--enforcement-pairs",
+        "1",
     ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=280, check=False)
     output = f"stdout:\n{result.stdout[-6000:]}\nstderr:\n{result.stderr[-6000:]}"
@@ -132,9 +136,17 @@ def test_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:
     assert plain["replies_per_stream"] == 2 and metered["replies_per_stream"] == 2  # level 3
     one_stream = [r["replies_per_stream"] for r in rounds if r["concurrency"] == 1 and r["path"] not in ("sse", "ws")]
     assert one_stream == [10] * 5
-    ttft_target = next(t for t in data["targets"] if t["target"].startswith("enforcement adds"))
-    assert ttft_target["concurrency"] == 1 and ttft_target["value"] == data["enforcement"][0]["added_ms"]["p50"]
     assert "uvicorn: enforcement adds" in result.stdout, output
+    # The paired rounds on one server (one pair at each level here); the targets read them.
+    (paired,) = data["enforcement_paired"]
+    assert paired["server"] == "uvicorn" and paired["ttft_replies"] == {"v1": 3, "v1m": 3}, paired
+    assert paired["cpu_level"] == 50 and paired["pairs"] == 1 and paired["cpu_ratio"] > 0, paired
+    assert paired["simulator_ratio"] > 0 and paired["added_ttft_p50_ms"] is not None, paired
+    ttft_target = next(t for t in data["targets"] if t["target"] == report.ENFORCEMENT_TTFT_TARGET)
+    assert ttft_target["concurrency"] == 1 and ttft_target["value"] == paired["added_ttft_p50_ms"]
+    cpu_target = next(t for t in data["targets"] if t["target"] == report.ENFORCEMENT_CPU_TARGET)
+    assert cpu_target["concurrency"] == 50 and cpu_target["value"] == paired["cpu_ratio"]
+    assert "pairs of neighbouring rounds" in result.stdout, output
 
 
 def _bench(tmp_path: Path, db_name: str, *options: str) -> subprocess.CompletedProcess[str]:
@@ -156,6 +168,8 @@ def _bench(tmp_path: Path, db_name: str, *options: str) -> subprocess.CompletedP
         "240",
         "--adapters",
         "none",
+        "--enforcement-pairs",
+        "0",
         *options,
     ]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=280, check=False)

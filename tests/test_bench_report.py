@@ -262,3 +262,84 @@ def test_without_adapters_there_is_no_adapter_table() -> None:
 
     assert data["adapter_cpu"] == []
     assert "Upstream adapter CPU per chunk" not in report.markdown(data)
+
+
+def _paired_round(kind: str, pair: int, path: str, *, cpu_s: float, sim_s: float = 0.5, errors: int = 0) -> dict:
+    """A round as ``run.Bench.paired_enforcement`` records it: 3 replies of one stream, or 100 of 50."""
+    level, requests = (1, 3) if kind == "ttft" else (50, 100)
+    ttft = {"v1": [51.0, 51.2, 51.4], "v1m": [51.6, 51.8, 52.0]}[path] if kind == "ttft" else []
+    return {
+        "kind": kind,
+        "pair": pair,
+        "path": path,
+        "level": level,
+        "ok": requests - errors,
+        "errors": errors,
+        "tokens": (requests - errors) * TOKENS,
+        "server_cpu_s": cpu_s,
+        "sim_cpu_s": sim_s,
+        "ttft_ms": ttft,
+    }
+
+
+def _paired_run(cpu_pairs: list[tuple[float, float]], *, failed_pair: bool = False) -> dict[str, Any]:
+    rounds = [
+        _paired_round("ttft", index // 2, path, cpu_s=0.01) for index, path in enumerate(("v1", "v1m", "v1m", "v1"))
+    ]
+    for pair, (plain, metered) in enumerate(cpu_pairs):
+        order = (("v1", plain), ("v1m", metered)) if pair % 2 == 0 else (("v1m", metered), ("v1", plain))
+        rounds += [_paired_round("cpu", pair, path, cpu_s=cpu_s) for path, cpu_s in order]
+    if failed_pair:  # a pair whose v1m round had errors is left out, whatever its CPU
+        rounds += [
+            _paired_round("cpu", len(cpu_pairs), "v1", cpu_s=1.0),
+            _paired_round("cpu", len(cpu_pairs), "v1m", cpu_s=9.0, errors=3),
+        ]
+    data = _run(v1m_ttft_at_1=53.5, v1m_cpu_at_50=0.768)  # the blocks' figures: both targets missed
+    return report.build(
+        meta=data["meta"],
+        config=data["config"],
+        setup={},
+        startup={},
+        rounds=data["rounds"],
+        profile=None,
+        enforcement_pairs=[{"server": "uvicorn", "rounds": rounds}],
+    )
+
+
+def test_paired_rounds_give_the_median_of_pair_ratios_and_the_targets_read_them() -> None:
+    # Server CPU per pair (v1, v1m), seconds over 6,400 tokens: ratios 1.02, 1.04, 1.10 (a slow spell).
+    data = _paired_run([(1.00, 1.02), (0.80, 0.832), (1.00, 1.10)], failed_pair=True)
+
+    (row,) = data["enforcement_paired"]
+    assert row["server"] == "uvicorn"
+    assert (row["ttft_level"], row["ttft_replies"]) == (1, {"v1": 6, "v1m": 6})
+    assert (row["v1_ttft_p50_ms"], row["v1m_ttft_p50_ms"], row["added_ttft_p50_ms"]) == (51.2, 51.8, 0.6)
+    assert (row["cpu_level"], row["pairs"]) == (50, 3)
+    assert row["cpu_ratio"] == pytest.approx(1.04) and row["cpu_ratio_range"] == [1.02, 1.1]
+    assert row["cpu_ratio_pooled"] == pytest.approx(2.952 / 2.8, abs=0.001)
+    # Per request (100 per round): 200, 320 and 1,000 µs; the median.
+    assert row["added_us_per_request"] == 320.0
+    assert row["simulator_ratio"] == 1.0
+
+    ttft = _target(data, report.ENFORCEMENT_TTFT_TARGET)
+    assert (ttft["concurrency"], ttft["value"], ttft["met"]) == (1, 0.6, True)
+    cpu = _target(data, report.ENFORCEMENT_CPU_TARGET)
+    assert (cpu["concurrency"], cpu["value"], cpu["met"]) == (50, pytest.approx(1.04), True)
+
+    text = report.markdown(data)
+    assert "| uvicorn | 51.20 / 51.80 (6 / 6) | 0.60 | 50 | 3 | 1.040 [1.020–1.100] | 1.054 | 320.0 | 1.000 |" in text
+
+
+def test_paired_rounds_over_the_ratio_miss_the_target() -> None:
+    data = _paired_run([(1.00, 1.08), (1.00, 1.06), (1.00, 1.07)])
+
+    cpu = _target(data, report.ENFORCEMENT_CPU_TARGET)
+    assert cpu["value"] == pytest.approx(1.07) and cpu["met"] is False
+
+
+def test_without_paired_rounds_the_targets_read_the_blocks() -> None:
+    data = _run(v1m_ttft_at_1=52.1, v1m_cpu_at_50=0.660)
+
+    assert data["enforcement_paired"] == []
+    assert _target(data, report.ENFORCEMENT_CPU_TARGET)["concurrency"] is None
+    assert "pairs of neighbouring rounds" not in report.markdown(data)
