@@ -1,7 +1,8 @@
 """ASGI entry point: HTTP through Django, WebSocket through Channels, lifespan through ``chatbackend.lifespan``.
 
 The client address in each connection's scope is first resolved through ``TRUSTED_PROXY_IPS``
-(``chatbackend.client_ip``). HTTP goes through one of two Django handlers (``chatbackend.handlers``): the streaming
+(``chatbackend.client_ip``). HTTP goes through one of two Django handlers (``chatbackend.handlers``,
+both bounding request bodies at ``REQUEST_BODY_MAX_BYTES`` while they arrive): the streaming
 endpoints (``/v1``, ``/dashboard``, ``POST /api/conversations/<id>/messages/``) through a lean
 chain of async middleware (``STREAMING_MIDDLEWARE``), everything else through ``MIDDLEWARE``.
 
@@ -15,10 +16,10 @@ CPython's defaults.
 
 import os
 
-from django.core.asgi import get_asgi_application
+import django
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatbackend.settings")
-django_asgi_app = get_asgi_application()
+django.setup(set_prefix=False)  # as django.core.asgi.get_asgi_application does, before the apps import
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
@@ -28,9 +29,10 @@ from accounts.websocket import TokenAuthMiddleware  # noqa: E402
 from conversations.routing import websocket_urlpatterns  # noqa: E402
 
 from .client_ip import TrustedProxyMiddleware  # noqa: E402
-from .handlers import StreamingASGIHandler, StreamingRouter, tune_gc  # noqa: E402
+from .handlers import BoundedBodyASGIHandler, StreamingASGIHandler, StreamingRouter, tune_gc  # noqa: E402
 from .lifespan import LifespanApp  # noqa: E402
 
+django_asgi_app = BoundedBodyASGIHandler()
 streaming_asgi_app = StreamingASGIHandler()
 
 application = LifespanApp(

@@ -141,14 +141,16 @@ def unknown_url_error(request: HttpRequest) -> ApplicationError:
     )
 
 
-def request_too_large_error(size: int | None = None) -> ApplicationError:
-    """Return the 413 ``request_too_large`` error for a body over ``DATA_UPLOAD_MAX_MEMORY_SIZE``.
+def request_too_large_error(size: int | None = None, *, limit: int | None = None) -> ApplicationError:
+    """Return the 413 ``request_too_large`` error for a body over ``limit`` bytes.
 
-    ``size``: the body's declared size in bytes (``Content-Length``), when known.
+    ``size``: the body's declared size in bytes (``Content-Length``), when known. ``limit``: default
+    ``DATA_UPLOAD_MAX_MEMORY_SIZE``.
     """
     told = f" ({size} bytes)" if size is not None else ""
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE if limit is None else limit
     return ApplicationError(
-        f"The request body{told} is larger than this server accepts ({settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes).",
+        f"The request body{told} is larger than this server accepts ({limit} bytes).",
         code="request_too_large",
         status=413,
     )

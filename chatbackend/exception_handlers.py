@@ -53,8 +53,13 @@ def drf_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
 _API_PATH = re.compile(r"^/(?:api|v1|dashboard)(?:/|$)")
 
 
+def is_api_path(path: str) -> bool:
+    """Return whether ``path`` (without the script prefix) is under an API prefix: errors there are JSON."""
+    return _API_PATH.match(path) is not None
+
+
 def _is_api(request: HttpRequest) -> bool:
-    return _API_PATH.match(request.path_info) is not None
+    return is_api_path(request.path_info)
 
 
 def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:

@@ -8,30 +8,33 @@ send view (``POST /api/conversations/<id>/messages/``) authenticate with bearer 
 no session, cookie, CSRF token or message, and answer JSON or ``text/event-stream``, so they run
 through ``settings.STREAMING_MIDDLEWARE`` instead. Everything else keeps the full chain.
 
-Both handlers are plain Django ``ASGIHandler``\\ s: the same ``ROOT_URLCONF``, the same
-``request_started``/``request_finished`` signals (so ``close_old_connections`` still runs), the
-same exception handling. The lean one also saves two per-request costs those endpoints do not
-need (see ``StreamingASGIHandler``).
+Both handlers are Django ``ASGIHandler``\\ s (``BoundedBodyASGIHandler``, which bounds a request's
+body while it arrives): the same ``ROOT_URLCONF``, the same ``request_started``/``request_finished``
+signals (so ``close_old_connections`` still runs), the same exception handling. The lean one also
+saves two per-request costs those endpoints do not need (see ``StreamingASGIHandler``).
 """
 
 from __future__ import annotations
 
 import gc
 import re
-from collections.abc import Awaitable, Callable
+import tempfile
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import aclosing
 from typing import Any
 
 from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured, MiddlewareNotUsed
+from django.core.exceptions import ImproperlyConfigured, MiddlewareNotUsed, RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.base import logger
 from django.core.handlers.exception import convert_exception_to_response
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from django.utils.decorators import async_only_middleware
 from django.utils.module_loading import import_string
 
+from .errors import ApplicationError, error_response, request_too_large_error
+from .exception_handlers import is_api_path
 from .http import EventStreamResponse
 
 ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
@@ -54,7 +57,111 @@ def is_streaming_request(scope: dict[str, Any]) -> bool:
     return str(scope.get("method", "")).upper() == "POST" and _STREAMING_POST.match(path) is not None
 
 
-class StreamingASGIHandler(ASGIHandler):
+class BodyTooLarge(Exception):  # noqa: N818 - a signal between read_body and handle, never seen outside
+    """A request body went past ``REQUEST_BODY_MAX_BYTES`` (``size``: the declared size, if any)."""
+
+    def __init__(self, size: int | None) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+class BoundedBodyASGIHandler(ASGIHandler):
+    """Django's ``ASGIHandler`` that bounds a request's body while it arrives and sizes a chunked one.
+
+    Under ASGI, Django reads a whole body (spooled to disk past ``FILE_UPLOAD_MAX_MEMORY_SIZE``)
+    before any view or middleware runs; ``DATA_UPLOAD_MAX_MEMORY_SIZE`` is only checked later,
+    against ``Content-Length``, when the body is read. Here:
+
+    - a body declared (``Content-Length``) or found while arriving to be larger than
+      ``REQUEST_BODY_MAX_BYTES`` is not read further: the answer is 413 ``request_too_large`` (the
+      project's JSON error on ``/api``, ``/v1``, ``/dashboard``; plain text elsewhere), and the
+      server closes the connection, as a reverse proxy over its own limit does;
+    - a body sent without ``Content-Length`` (``Transfer-Encoding: chunked``) gets its size as
+      ``CONTENT_LENGTH`` once read: DRF (``Request._load_stream``) takes a request without one for a
+      request without a body, and Django's own size check reads that header;
+    - Django's early 400 and 413 (a request it cannot build) are the project's JSON errors on the API.
+    """
+
+    async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        declared = _declared_length(scope)
+        if declared is not None and declared > settings.REQUEST_BODY_MAX_BYTES:
+            await self.send_response(_too_large(scope, declared), send)  # nothing of the body is read
+            return
+        try:
+            await super().handle(scope, receive, send)
+        except BodyTooLarge as exc:  # raised by read_body, before anything was sent
+            await self.send_response(_too_large(scope, exc.size), send)
+
+    async def read_body(self, receive: Any) -> Any:
+        """Read the body into a spooled file, as Django does; raise ``BodyTooLarge`` past the bound."""
+        limit = settings.REQUEST_BODY_MAX_BYTES
+        body_file = tempfile.SpooledTemporaryFile(max_size=settings.FILE_UPLOAD_MAX_MEMORY_SIZE, mode="w+b")
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                body_file.close()
+                raise RequestAborted
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                body_file.close()
+                raise BodyTooLarge(None)
+            if chunk:
+                body_file.write(chunk)
+            if not message.get("more_body", False):
+                break
+        body_file.seek(0)
+        return body_file
+
+    def create_request(self, scope: Mapping[str, Any], body_file: Any) -> tuple[Any, Any]:
+        request, error = super().create_request(scope, body_file)
+        if request is None:
+            return None, _early_error(scope, error)
+        if "CONTENT_LENGTH" not in request.META:
+            size = body_file.seek(0, 2)
+            body_file.seek(0)
+            if size:
+                request.META["CONTENT_LENGTH"] = str(size)
+        return request, None
+
+
+def _declared_length(scope: Mapping[str, Any]) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None  # Django's request then answers what it makes of it
+    return None
+
+
+def _is_api_scope(scope: Mapping[str, Any]) -> bool:
+    script_name = get_script_prefix(scope)
+    path: str = scope["path"].removeprefix(script_name) if script_name else scope["path"]
+    return is_api_path(path)
+
+
+def _too_large(scope: Mapping[str, Any], size: int | None) -> HttpResponseBase:
+    limit = settings.REQUEST_BODY_MAX_BYTES
+    if _is_api_scope(scope):
+        response: HttpResponseBase = error_response(request_too_large_error(size, limit=limit))
+    else:
+        response = HttpResponse(f"Request body larger than {limit} bytes.", status=413, content_type="text/plain")
+    response["Connection"] = "close"
+    return response
+
+
+def _early_error(scope: Mapping[str, Any], response: HttpResponseBase | None) -> HttpResponseBase | None:
+    """Django's own 400 or 413 for a request it could not build, as the project's JSON error on the API."""
+    if response is None or not _is_api_scope(scope):
+        return response
+    if response.status_code == 413:
+        return error_response(request_too_large_error())
+    return error_response(ApplicationError("The request could not be understood by the server.", code="bad_request"))
+
+
+class StreamingASGIHandler(BoundedBodyASGIHandler):
     """``ASGIHandler`` whose middleware chain is ``settings.STREAMING_MIDDLEWARE``.
 
     ``BaseHandler.load_middleware`` reads ``settings.MIDDLEWARE`` by name, so this override is

@@ -337,6 +337,27 @@ SYNC_MAX_DOCUMENT_BYTES: int = int(
     _positive("SYNC_MAX_DOCUMENT_BYTES", _get("SYNC_MAX_DOCUMENT_BYTES", env.int, 20_000_000, "an integer"))
 )
 
+# --- Request bodies -------------------------------------------------------------------------------
+# Largest body of any other request, in bytes, as Django reads it (413 request_too_large past it).
+DATA_UPLOAD_MAX_MEMORY_SIZE: int = int(
+    _positive("DATA_UPLOAD_MAX_MEMORY_SIZE", _get("DATA_UPLOAD_MAX_MEMORY_SIZE", env.int, 2_621_440, "an integer"))
+)
+# Largest body the server takes in at all, in bytes (chatbackend.handlers.BoundedBodyASGIHandler):
+# under ASGI, Django buffers a whole body (spooled to disk past FILE_UPLOAD_MAX_MEMORY_SIZE) before any
+# view sees it, so without this bound a client could fill the disk. Default: the larger of the two
+# limits above, which views apply on top; a smaller value cuts them.
+REQUEST_BODY_MAX_BYTES: int = int(
+    _positive(
+        "REQUEST_BODY_MAX_BYTES",
+        _get(
+            "REQUEST_BODY_MAX_BYTES",
+            env.int,
+            max(DATA_UPLOAD_MAX_MEMORY_SIZE, SYNC_MAX_DOCUMENT_BYTES),
+            "an integer",
+        ),
+    )
+)
+
 # --- Auth -----------------------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

@@ -123,3 +123,124 @@ def test_bodies_within_the_limit_or_without_one_are_read_whole():
         big = b"x" * 10 * LIMIT
         assert read_body(io.BytesIO(big), content_length=len(big), limit=DEFAULT_BODY_LIMIT) == big
     assert read_body(None, content_length=None, limit=DEFAULT_BODY_LIMIT) == b""
+
+
+# --- the ASGI handlers: bodies bounded while they arrive, chunked bodies sized --------------------
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("release_db_connections")
+@pytest.mark.parametrize(("path", "make", "model"), ENDPOINTS, ids=["conversation-create", "template-import"])
+async def test_a_chunked_body_without_content_length_is_taken(headers, path, make, model):
+    # Transfer-Encoding: chunked (Node's fetch with a stream body, curl -T -): no Content-Length.
+    # DRF took such a request for one without a body: a misleading 400 "field required".
+    body = make(LIMIT)
+    parts = [body[:10], body[10:500], body[500:]]
+
+    with override_settings(DATA_UPLOAD_MAX_MEMORY_SIZE=LIMIT):
+        response = await asgi_request("POST", path, headers={**headers, "Transfer-Encoding": "chunked"}, body=parts)
+
+    assert response.status_code == 201, response.content[:300]
+    assert await model.objects.acount() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("release_db_connections")
+async def test_a_chunked_body_over_the_rest_limit_is_a_413(headers):
+    body = _conversation(LIMIT + 1)
+
+    with override_settings(DATA_UPLOAD_MAX_MEMORY_SIZE=LIMIT):
+        response = await asgi_request("POST", CONVERSATIONS, headers=headers, body=[body[:100], body[100:]])
+
+    error = assert_error(response, 413, code="request_too_large", type="invalid_request_error")
+    assert f"({LIMIT} bytes)" in error["message"], error
+    assert not await Conversation.objects.aexists()
+
+
+class _Client:
+    """An ASGI client sending a body in ``parts``; counts what the application read of it."""
+
+    def __init__(self, parts: list[bytes]) -> None:
+        self.parts = parts
+        self.read = 0
+        self.status: int | None = None
+        self.headers: dict[bytes, bytes] = {}
+        self.body = b""
+
+    async def receive(self) -> dict[str, Any]:
+        if self.read >= len(self.parts):
+            return {"type": "http.disconnect"}
+        self.read += 1
+        return {"type": "http.request", "body": self.parts[self.read - 1], "more_body": self.read < len(self.parts)}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            self.headers = {name.lower(): value for name, value in message["headers"]}
+        else:
+            self.body += message.get("body", b"")
+
+
+def _scope(path: str, headers: dict[str, str]) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "scheme": "http",
+        "server": ("testserver", 80),
+        "client": ("127.0.0.1", 5000),
+        "headers": [(name.lower().encode(), value.encode()) for name, value in headers.items()],
+    }
+
+
+HANDLER_PATHS = [("/v1/chat/completions", "streaming"), ("/api/conversations/", "full")]
+
+
+@override_settings(REQUEST_BODY_MAX_BYTES=LIMIT)
+@pytest.mark.parametrize(("path", "chain"), HANDLER_PATHS)
+async def test_a_body_past_the_server_bound_is_not_read_further(path, chain):
+    from chatbackend.asgi import django_asgi_app, streaming_asgi_app
+
+    handler = streaming_asgi_app if chain == "streaming" else django_asgi_app
+    client = _Client([b"x" * 600] * 10)  # 6,000 bytes, no Content-Length
+
+    await handler(_scope(path, {"Content-Type": "application/json"}), client.receive, client.send)
+
+    assert client.read == 2  # the part that went past the bound was the last one read
+    assert client.status == 413
+    assert client.headers[b"connection"] == b"close"
+    error = json.loads(client.body)["error"]
+    assert error["code"] == "request_too_large", error
+    assert f"larger than this server accepts ({LIMIT} bytes)" in error["message"], error
+
+
+@override_settings(REQUEST_BODY_MAX_BYTES=LIMIT)
+@pytest.mark.parametrize(("path", "chain"), HANDLER_PATHS)
+async def test_a_declared_size_past_the_server_bound_is_refused_before_reading(path, chain):
+    from chatbackend.asgi import django_asgi_app, streaming_asgi_app
+
+    handler = streaming_asgi_app if chain == "streaming" else django_asgi_app
+    client = _Client([b"x" * 5000])
+
+    await handler(_scope(path, {"Content-Length": "5000"}), client.receive, client.send)
+
+    assert client.read == 0
+    error = json.loads(client.body)["error"]
+    assert (client.status, error["code"]) == (413, "request_too_large")
+    assert "(5000 bytes) is larger than this server accepts (1000 bytes)" in error["message"], error
+
+
+@override_settings(REQUEST_BODY_MAX_BYTES=LIMIT)
+async def test_a_page_past_the_server_bound_gets_a_plain_413():
+    from chatbackend.asgi import django_asgi_app
+
+    client = _Client([b"x" * 5000])
+
+    await django_asgi_app(_scope("/accounts/login/", {}), client.receive, client.send)
+
+    assert client.status == 413
+    assert client.headers[b"content-type"].startswith(b"text/plain")
+    assert client.body == b"Request body larger than 1000 bytes."

@@ -41,6 +41,8 @@ def _start(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ("EMAIL_VERIFICATION_REQUIRED", "sometimes"),
         ("CONTEXT_OUTPUT_RESERVE_TOKENS", "-1"),
         ("CONTEXT_OUTPUT_RESERVE_TOKENS", "a few"),
+        ("DATA_UPLOAD_MAX_MEMORY_SIZE", "big"),
+        ("REQUEST_BODY_MAX_BYTES", "0"),
     ],
 )
 def test_bad_value_stops_startup_naming_the_variable(name: str, value: str) -> None:
@@ -68,3 +70,26 @@ def test_every_variable_is_documented() -> None:
     assert {"DATABASE_URL", "REDIS_URL", "DJANGO_SECRET_KEY"} <= names
     assert not {name for name in names if name not in example}, "missing from .env.example"
     assert not {name for name in names if name not in readme}, "missing from README.md"
+
+
+_PRINT_BODY_BOUND = (
+    "import os, django; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'chatbackend.settings'); django.setup(); "
+    "from django.conf import settings; print(settings.REQUEST_BODY_MAX_BYTES)"
+)
+
+
+@pytest.mark.parametrize(
+    ("env", "bound"),
+    [
+        ({}, "20000000"),  # SYNC_MAX_DOCUMENT_BYTES's default: the import and the sync take that much
+        ({"SYNC_MAX_DOCUMENT_BYTES": "1000000"}, "2621440"),  # then Django's DATA_UPLOAD_MAX_MEMORY_SIZE
+        ({"DATA_UPLOAD_MAX_MEMORY_SIZE": "30000000"}, "30000000"),
+        ({"REQUEST_BODY_MAX_BYTES": "5000"}, "5000"),
+    ],
+)
+def test_the_server_takes_in_at_most_the_largest_body_a_view_takes(env: dict[str, str], bound: str) -> None:
+    names = ("REQUEST_BODY_MAX_BYTES", "DATA_UPLOAD_MAX_MEMORY_SIZE", "SYNC_MAX_DOCUMENT_BYTES")
+    result = run_python("-c", _PRINT_BODY_BOUND, env=env, unset=("DATABASE_URL", "REDIS_URL", *names))
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == bound
