@@ -6,9 +6,9 @@ unless the user has set one meanwhile. The title model is ``settings.CONVERSATIO
 unset, the conversation's own model; ``""`` (or ``off``), no titles. The title model must be one the
 owner may use in the conversation's organization (its and the owner's teams' model allowlists, as
 for a reply; no API key: the conversation records none): otherwise, or when the owner is no longer
-a member there, or the conversation is in the trash, no title. The request goes through the
-streaming engine like any reply (``llm.services.reply_run``): admitted by the owner's rate limits
-and budgets, billed to the conversation's owner in its organization (a ``conversation`` usage
+a member there, the owner's account is inactive, or the conversation is in the trash, no title. The
+request goes through the streaming engine like any reply (``llm.services.reply_run``): admitted by
+the owner's rate limits and budgets, billed to the conversation's owner in its organization (a ``conversation`` usage
 record, request id ``title-<conversation>-<reply>``). Failures are logged, never shown.
 
 Never in the reply's way: the reply's end is written first; the task is handed, once that write
@@ -113,13 +113,14 @@ def conversation_title_generate(*, conversation_id: int, message_id: int) -> str
     """Ask the title model for a title of ``conversation_id`` and set it; return it (None: none set).
 
     Nothing is asked (and nothing billed) when titles are off, the conversation is gone, in the
-    trash or has a title, the branch up to reply ``message_id`` has no first message with a reply,
-    the owner is no longer a member of the conversation's organization, or the title model is not
-    one the owner may use there (``_title_model``); the last two are logged. The prompt: ``TITLE_INSTRUCTIONS``,
-    then the first user message and its reply (``TITLE_SOURCE_CHARS`` of each). The title is set
-    only while the conversation is still untitled (one conditional UPDATE: a title the user set
-    meanwhile wins; ``updated_at`` stays). Raises ``llm.streaming.ReplyRefused`` when admission
-    refuses the request, ``TimeoutError`` after ``CONVERSATION_TITLE_TIMEOUT_SECONDS``; the task
+    trash or has a title, its owner's account is inactive, the branch up to reply ``message_id`` has
+    no first message with a reply, the owner is no longer a member of the conversation's
+    organization, or the title model is not one the owner may use there (``_title_model``); the last
+    three are logged. The prompt: ``TITLE_INSTRUCTIONS``, then the first user message and its reply
+    (``TITLE_SOURCE_CHARS`` of each). The title is set only while the conversation is still
+    untitled (one conditional UPDATE: a title the user set meanwhile wins; ``updated_at`` stays).
+    Raises ``llm.streaming.ReplyRefused`` when admission refuses the request, ``TimeoutError``
+    after ``CONVERSATION_TITLE_TIMEOUT_SECONDS``; the task
     logs them.
     """
     if not conversation_titles_enabled():
@@ -128,6 +129,9 @@ def conversation_title_generate(*, conversation_id: int, message_id: int) -> str
         Conversation.objects.select_related("owner", "organization", "model").filter(pk=conversation_id).first()
     )
     if conversation is None or conversation.title or conversation.deleted_at is not None:
+        return None
+    if not conversation.owner.is_active:  # a deactivated account is billed for nothing more
+        logger.info("the title of conversation %s was not written: its owner's account is inactive", conversation.pk)
         return None
     first_turn = list(
         message_path(conversation=conversation, leaf_id=message_id)

@@ -266,6 +266,20 @@ async def test_an_owner_who_left_the_organization_gets_no_title(untitled, user, 
     assert any("no longer a member" in record.getMessage() for record in caplog.records)
 
 
+async def test_an_owner_whose_account_was_deactivated_gets_no_title(untitled, user, token, settings, caplog):
+    settings.CONVERSATION_TITLE_MODEL = "off"
+    reply = await send(untitled, token, "How do tides work?")
+    await type(user).objects.filter(pk=user.pk).aupdate(is_active=False)
+
+    settings.CONVERSATION_TITLE_MODEL = None
+    with caplog.at_level(logging.INFO, logger="conversations"):
+        assert await run_sync(conversation_title_task, untitled.pk, reply["id"]) is None
+
+    assert await title_of(untitled) == ""
+    assert await usage_records(request_id__startswith="title-") == []
+    assert any("account is inactive" in record.getMessage() for record in caplog.records)
+
+
 def test_title_clean():
     assert title_clean('  Title: "Tides and the Moon."\n') == "Tides and the Moon"
     assert title_clean("**Lisbon trip**") == "Lisbon trip"
