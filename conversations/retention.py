@@ -9,12 +9,14 @@ from dataclasses import dataclass
 from django.db.models import BooleanField, ExpressionWrapper, Q
 from django.utils import timezone
 
-from chatbackend.errors import NotFoundError
-
 from .models import Conversation, RetentionPolicy
-from .services import conversation_delete
+from .services import conversations_delete
 
 logger = logging.getLogger(__name__)
+
+# Conversations deleted per transaction: a few queries per batch instead of a few per conversation,
+# and no lock held on more rows than this at once.
+RETENTION_BATCH_SIZE = 500
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,11 @@ def retention_apply(*, now: dt.datetime | None = None) -> RetentionResult:
     """Purge, in every organization with a ``RetentionPolicy``, the conversations it keeps no longer.
 
     Due: last activity (``updated_at``) older than ``delete_after_days`` days, trashed or not; in the
-    trash (``deleted_at``) longer than ``trash_purge_after_days`` days. Each is deleted with
-    ``services.conversation_delete`` (its messages go, usage records stay with ``message`` null, a
-    reply streaming in it is stopped). Organizations without a policy, and periods left empty,
-    keep everything. Idempotent: a conversation deleted concurrently is skipped.
+    trash (``deleted_at``) longer than ``trash_purge_after_days`` days. They are deleted
+    ``RETENTION_BATCH_SIZE`` at a time with ``services.conversations_delete`` (their messages go,
+    usage records stay with ``message`` null, a reply streaming in one is stopped). Organizations
+    without a policy, and periods left empty, keep everything. Idempotent: a conversation deleted
+    concurrently is skipped.
     """
     now = now or timezone.now()
     inactive_count = trash_count = 0
@@ -57,15 +60,16 @@ def retention_apply(*, now: dt.datetime | None = None) -> RetentionResult:
         due = Conversation.objects.filter(inactive | trash, organization_id=policy.organization_id)
         # Counted as inactive when both apply: that period alone would have purged it.
         due = due.annotate(is_inactive=ExpressionWrapper(inactive, output_field=BooleanField()))
-        for conversation in due.only("pk").iterator():
-            try:
-                conversation_delete(conversation=conversation)
-            except NotFoundError:  # deleted meanwhile
-                continue
-            if conversation.is_inactive:  # type: ignore[attr-defined]
-                inactive_count += 1
-            else:
-                trash_count += 1
+        after = 0  # the batches go by id: each a short indexed query, whatever the number due
+        while batch := dict(
+            due.filter(pk__gt=after).order_by("pk").values_list("pk", "is_inactive")[:RETENTION_BATCH_SIZE]
+        ):
+            after = max(batch)
+            for pk in conversations_delete(conversation_ids=list(batch)):
+                if batch[pk]:
+                    inactive_count += 1
+                else:
+                    trash_count += 1
     if inactive_count or trash_count:
         logger.info("retention purged %s inactive and %s trashed conversations", inactive_count, trash_count)
     return RetentionResult(inactive=inactive_count, trash=trash_count)

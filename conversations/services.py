@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,22 +211,45 @@ def conversation_delete(*, conversation: Conversation) -> None:
     reply then finds its message gone when it ends, and its client gets the same error.
     Raises ``NotFoundError`` when a concurrent request deleted it first.
     """
+    if not conversations_delete(conversation_ids=[conversation.pk]):
+        raise NotFoundError()
+
+
+def conversations_delete(*, conversation_ids: Sequence[int]) -> set[int]:
+    """Delete the conversations ``conversation_ids`` and their messages in one transaction, as
+    ``conversation_delete`` deletes one; return the ids deleted (those a concurrent request deleted
+    first are not). For many at once (retention): a few queries for the whole batch, not per
+    conversation.
+    """
     with transaction.atomic():
         # Django emulates the CASCADE of messages and the SET_NULL of their usage records: it
         # reads the rows pointing here, unlinks or deletes them, then deletes, and PostgreSQL checks
         # the (deferred) foreign keys at commit. A row another transaction commits in between (a
         # reply's message, the Celery worker's usage record for one) would fail that commit with an
-        # IntegrityError. Locking the conversation, then its messages, first makes those writers
+        # IntegrityError. Locking the conversations, then their messages, first makes those writers
         # wait for this deletion, and find their row gone (handled there: ``reply_start``,
         # ``accounts.usage.usage_record_many``). No writer locks existing rows the other way round
-        # (a reply's start locks only the conversation, its end only its message): no deadlock.
-        if not Conversation.objects.select_for_update().filter(pk=conversation.pk).exists():
-            raise NotFoundError()
-        messages = list(conversation.messages.select_for_update().values_list("pk", "role", "status"))
-        conversation.delete()
+        # (a reply's start locks only the conversation, its end only its message), and the rows are
+        # locked in id order: no deadlock.
+        found = list(
+            Conversation.objects.select_for_update()
+            .filter(pk__in=conversation_ids)
+            .order_by("pk")
+            .values_list("pk", flat=True)
+        )
+        if not found:
+            return set()
+        messages = list(
+            Message.objects.select_for_update()
+            .filter(conversation_id__in=found)
+            .order_by("pk")
+            .values_list("pk", "role", "status")
+        )
+        Conversation.objects.filter(pk__in=found).delete()
     _replies_stop(
         [pk for pk, role, status in messages if role == Message.Role.ASSISTANT and status == Message.Status.STREAMING]
     )
+    return set(found)
 
 
 def conversation_trash(*, conversation: Conversation) -> None:
@@ -706,6 +730,7 @@ __all__ = [
     "conversation_branch_activate",
     "conversation_create",
     "conversation_delete",
+    "conversations_delete",
     "conversation_organize",
     "conversation_purge",
     "conversation_restore",

@@ -10,6 +10,8 @@ import datetime as dt
 
 import pytest
 from django.conf import settings
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from accounts.authentication import principal_for
@@ -17,7 +19,9 @@ from accounts.models import Organization, UsageRecord
 from chatbackend.celery import app as celery_app
 from chatbackend.errors import NotFoundError
 from chatbackend.pagination import PageNumberPagination
+from conversations import retention
 from conversations.models import Conversation, Message, RetentionPolicy
+from conversations.retention import RetentionResult, retention_apply
 from conversations.services import message_append, reply_start
 from conversations.tasks import retention_apply_task
 from tests.factories import ConversationFactory, MessageFactory, UsageRecordFactory, UserFactory
@@ -260,6 +264,38 @@ def test_retention_purges_what_is_due_and_nothing_else(user):
     assert record.message_id is None  # the usage row survives its message
     assert UsageRecord.objects.filter(pk=record.pk).exists()
     assert retention_apply_task.delay().get() == {"inactive": 0, "trash": 0}  # idempotent
+
+
+def _due_conversations(user, count: int) -> list[Conversation]:
+    """``count`` conversations inactive for 31 days, each with a question, a reply and its usage row."""
+    due = []
+    for _ in range(count):
+        conversation = ConversationFactory(owner=user)
+        MessageFactory(conversation=conversation, role=Message.Role.USER, content="q")
+        reply = MessageFactory(conversation=conversation, role=Message.Role.ASSISTANT, content="a")
+        UsageRecordFactory(user=user, message=reply)
+        _ago(conversation, days=31)
+        due.append(conversation)
+    return due
+
+
+def test_retention_deletes_in_batches_whose_queries_do_not_grow_with_their_size(user, monkeypatch):
+    RetentionPolicy.objects.create(organization=Organization.objects.default(), delete_after_days=30)
+    kept = ConversationFactory(owner=user)
+    queries = []
+    for count in (2, 12):
+        _due_conversations(user, count)
+        with CaptureQueriesContext(connection) as captured:
+            assert retention_apply() == RetentionResult(inactive=count, trash=0)
+        queries.append(len(captured))
+    assert queries[0] == queries[1], queries  # one batch either way
+
+    monkeypatch.setattr(retention, "RETENTION_BATCH_SIZE", 2)
+    _due_conversations(user, 5)  # three batches: 2, 2 and 1
+    assert retention_apply() == RetentionResult(inactive=5, trash=0)
+    assert set(Conversation.objects.values_list("pk", flat=True)) == {kept.pk}
+    assert not Message.objects.exists()
+    assert UsageRecord.objects.count() == 19 and not UsageRecord.objects.filter(message__isnull=False).exists()
 
 
 def test_retention_runs_on_celery_beat():
