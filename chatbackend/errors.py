@@ -179,17 +179,26 @@ def error_response(exc: ApplicationError) -> JsonResponse:
 
 
 def _flatten_validation(detail: Any, prefix: str = "") -> tuple[str, str | None]:
-    """Return ``(message, param)`` for the first error in a DRF ``ValidationError.detail``."""
+    """Return ``(message, param)`` for the first error in a DRF ``ValidationError.detail``.
+
+    ``param`` is the field's path with list indexes as parts (``conversations.0.messages.1.content``),
+    as Anthropic's API and this API's ``/v1`` validation name them.
+    """
     if isinstance(detail, dict):
         for key, value in detail.items():
-            name = key if key != "non_field_errors" else ""
+            # A ListField's errors are keyed by the item's index (an int: index 0 must not vanish).
+            name = str(key) if key != "non_field_errors" else ""
             path = f"{prefix}.{name}" if prefix and name else (name or prefix)
             return _flatten_validation(value, path)
     if isinstance(detail, list) and detail:
+        # A list serializer's errors hold one entry per item, ``{}`` for each valid one: the first
+        # non-empty entry is the item at fault.
         for index, item in enumerate(detail):
             if isinstance(item, dict | list):
-                return _flatten_validation(item, f"{prefix}[{index}]" if prefix else f"[{index}]")
-        return _flatten_validation(detail[0], prefix)
+                if item:
+                    return _flatten_validation(item, f"{prefix}.{index}" if prefix else str(index))
+                continue
+            return _flatten_validation(item, prefix)
     message = str(detail)
     return (f"{prefix}: {message}" if prefix else message), (prefix or None)
 

@@ -72,7 +72,7 @@ def test_create_with_restrictions_shows_them_and_so_does_the_list(auth_client):
         ({"scopes": []}, "scopes", None),
         ({"scopes": "chat"}, "scopes", None),
         ({"allowed_models": "gpt-4o"}, "allowed_models", None),
-        ({"allowed_models": [7]}, "allowed_models", None),  # index 0: see chatbackend.errors
+        ({"allowed_models": [7]}, "allowed_models.0", None),  # index 0 is named too
         ({"expires_at": "2000-01-01T00:00:00Z"}, "expires_at", "2000-01-01T00:00:00+00:00"),
         ({"expires_at": "next week"}, "expires_at", None),
     ],

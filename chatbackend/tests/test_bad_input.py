@@ -282,7 +282,7 @@ async def test_a_nul_character_in_any_text_field_is_a_400(endpoint, world):
         ({"role": ["user"], "content": "hi"}, "role"),
         ({"role": None, "content": "hi"}, "role"),
         ({"role": "user", "content": {"text": "hi"}}, "content"),
-        ("just text", "messages"),
+        ("just text", "messages.0"),
     ],
 )
 @pytest.mark.parametrize("stream", [False, True])

@@ -236,10 +236,10 @@ def test_bad_input_is_a_400(auth_client, model, body, code):
 @pytest.mark.parametrize(
     ("conversation", "param"),
     [
-        ({"parameters": {"temperature": 2.5}}, "conversations.parameters.temperature"),
-        ({"parameters": {"max_tokens": 0}}, "conversations.parameters.max_tokens"),
-        ({"pinned": 1}, "conversations.pinned"),
-        ({"archived_at": "yesterday"}, "conversations.archived_at"),
+        ({"parameters": {"temperature": 2.5}}, "conversations.0.parameters.temperature"),
+        ({"parameters": {"max_tokens": 0}}, "conversations.0.parameters.max_tokens"),
+        ({"pinned": 1}, "conversations.0.pinned"),
+        ({"archived_at": "yesterday"}, "conversations.0.archived_at"),
     ],
 )
 def test_bad_parameters_pinned_or_archived_at_are_a_400_naming_the_field(auth_client, model, conversation, param):
@@ -351,16 +351,16 @@ def test_a_nextchat_backup_with_null_characters_imports_without_them(auth_client
 @pytest.mark.parametrize(
     ("conversation", "message", "param"),
     [
-        ({"title": "a\x00b"}, {}, "conversations.title"),
-        ({"system_prompt": "\x00"}, {}, "conversations.system_prompt"),
-        ({"model": "gpt-test\x00"}, {}, "conversations.model"),
-        ({"metadata": {"k": "v\x00"}}, {}, "conversations.metadata.k"),
-        ({"metadata": {"k\x00": "v"}}, {}, "conversations.metadata"),
-        ({}, {"content": "hi\x00"}, "conversations.messages.1.content"),
-        ({}, {"model": "\x00"}, "conversations.messages.1.model"),
-        ({}, {"finish_reason": "stop\x00"}, "conversations.messages.1.finish_reason"),
-        ({}, {"error": "\x00"}, "conversations.messages.1.error"),
-        ({}, {"error_code": "\x00"}, "conversations.messages.1.error_code"),
+        ({"title": "a\x00b"}, {}, "conversations.0.title"),
+        ({"system_prompt": "\x00"}, {}, "conversations.0.system_prompt"),
+        ({"model": "gpt-test\x00"}, {}, "conversations.0.model"),
+        ({"metadata": {"k": "v\x00"}}, {}, "conversations.0.metadata.k"),
+        ({"metadata": {"k\x00": "v"}}, {}, "conversations.0.metadata"),
+        ({}, {"content": "hi\x00"}, "conversations.0.messages.1.content"),
+        ({}, {"model": "\x00"}, "conversations.0.messages.1.model"),
+        ({}, {"finish_reason": "stop\x00"}, "conversations.0.messages.1.finish_reason"),
+        ({}, {"error": "\x00"}, "conversations.0.messages.1.error"),
+        ({}, {"error_code": "\x00"}, "conversations.0.messages.1.error_code"),
     ],
 )
 def test_null_characters_in_our_export_are_a_400_naming_the_field(auth_client, model, conversation, message, param):

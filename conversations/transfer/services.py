@@ -57,7 +57,7 @@ def conversations_import(*, actor: Principal, data: Any) -> ImportResult:
     serializer = TransferDocumentSerializer(data=data)
     serializer.is_valid(raise_exception=True)
     documents = serializer.validated_data["conversations"]
-    orders = [_tree_order(document, f"conversations[{i}]") for i, document in enumerate(documents)]
+    orders = [_tree_order(document, f"conversations.{i}") for i, document in enumerate(documents)]
     models = ModelChooser(actor)
     result = ImportResult("chatbackend", [])
     with transaction.atomic():
@@ -81,14 +81,14 @@ def _tree_order(document: dict[str, Any], where: str) -> list[dict[str, Any]]:
     by_id: dict[int, dict[str, Any]] = {}
     for index, message in enumerate(messages):
         if message["id"] in by_id:
-            raise _invalid(f"Message id {message['id']} appears twice.", f"{where}.messages[{index}].id")
+            raise _invalid(f"Message id {message['id']} appears twice.", f"{where}.messages.{index}.id")
         by_id[message["id"]] = message
     children: dict[int | None, list[int]] = {}
     for index, message in enumerate(messages):
         parent = message["parent_id"]
         if parent is not None and parent not in by_id:
             raise _invalid(
-                f"parent_id {parent} is no message of this conversation.", f"{where}.messages[{index}].parent_id"
+                f"parent_id {parent} is no message of this conversation.", f"{where}.messages.{index}.parent_id"
             )
         children.setdefault(parent, []).append(message["id"])
     ready = list(children.get(None, []))
