@@ -19,9 +19,11 @@ from typing import Any
 import pytest
 from channels.testing import WebsocketCommunicator
 from django.test import RequestFactory
+from rest_framework.exceptions import ValidationError
 
 from accounts.models import APIKey, User
 from chatbackend.asgi import application
+from chatbackend.errors import as_application_error
 from chatbackend.exception_handlers import server_error
 from chatbackend.parsers import MAX_JSON_DEPTH
 from conversations.models import Conversation, Message
@@ -412,3 +414,23 @@ async def test_bad_websocket_frames_get_an_error_frame(world, frame, code, words
     finally:
         await socket.disconnect(timeout=TIMEOUT)
     await nothing_written(world)
+
+
+@pytest.mark.parametrize(
+    ("detail", "param"),
+    [
+        # A ListField's errors: keyed by index, 0 included.
+        ({"items": {0: ["Not a valid string."]}}, "items.0"),
+        ({"items": {2: {"name": ["This field is required."]}}}, "items.2.name"),
+        # A list serializer's (many=True): one entry per item, {} for the valid ones.
+        ({"items": [{}, {}, {"name": ["This field is required."]}]}, "items.2.name"),
+        ([{}, {"name": ["This field is required."]}], "1.name"),
+        ({"name": ["Too long.", "Not allowed."]}, "name"),
+        ({"non_field_errors": ["Pick one."]}, None),
+    ],
+)
+def test_a_validation_error_names_the_item_at_fault(detail: Any, param: str | None) -> None:
+    error = as_application_error(ValidationError(detail))
+
+    assert error is not None and error.param == param, error and error.as_dict()
+    assert "{}" not in error.message
