@@ -14,7 +14,10 @@ from rest_framework import serializers
 
 from chatbackend.errors import ApplicationError
 from chatbackend.fields import StrictCharField
+from llm.openai.fields import StrictFloatField, StrictIntegerField
 
+from .conversation_templates.models import PARAMETER_NAMES
+from .conversation_templates.nextchat import PARAMETER_RANGES
 from .models import Conversation, Message
 from .selectors import message_sibling_ids
 from .services import MAX_MESSAGE_CHARS, MAX_SYSTEM_PROMPT_CHARS, MAX_TITLE_CHARS
@@ -91,6 +94,35 @@ class ConversationSearchResultOutputSerializer(ConversationOutputSerializer):
         return self.context.get("snippets", {}).get(getattr(conversation, "search_message_id", None))
 
 
+def parameter_field(name: str) -> serializers.Field:
+    """Return the input field of parameter ``name`` (``PARAMETER_RANGES``): a JSON number in its range, or null."""
+    low, high, integer = PARAMETER_RANGES[name]
+    if integer:
+        return StrictIntegerField(
+            min_value=int(low),
+            max_value=int(high),
+            allow_null=True,
+            required=False,
+            default=None,
+            help_text="null: the default",
+        )
+    return StrictFloatField(
+        min_value=low, max_value=high, allow_null=True, required=False, default=None, help_text="null: the default"
+    )
+
+
+class ConversationParametersSerializer(serializers.Serializer):
+    """A conversation's ``parameters``: OpenAI request fields sent with every reply, each in the range
+    a template takes (null or absent: the model's default). Other keys are ignored."""
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        return {name: parameter_field(name) for name in PARAMETER_NAMES}
+
+    def to_internal_value(self, data: Any) -> dict[str, float | int]:
+        values = super().to_internal_value(data)
+        return {name: value for name, value in values.items() if value is not None}
+
+
 class ConversationCreateInputSerializer(serializers.Serializer):
     """``{model, title?, system_prompt?}``; ``model`` must name an enabled model."""
 
@@ -102,7 +134,7 @@ class ConversationCreateInputSerializer(serializers.Serializer):
 
 
 class ConversationUpdateInputSerializer(serializers.Serializer):
-    """Any of ``{title, system_prompt, model, active_leaf, pinned, archived}``; fields left out stay."""
+    """Any of ``{title, system_prompt, model, active_leaf, pinned, archived, parameters}``; fields left out stay."""
 
     model = StrictCharField(max_length=200, required=False)
     title = StrictCharField(max_length=MAX_TITLE_CHARS, allow_blank=True, required=False)
@@ -119,6 +151,11 @@ class ConversationUpdateInputSerializer(serializers.Serializer):
     pinned = serializers.BooleanField(required=False, help_text="Pin (true) or unpin: pinned ones list first.")
     archived = serializers.BooleanField(
         required=False, help_text="Archive (true) or unarchive: archived ones leave the default list."
+    )
+    parameters = ConversationParametersSerializer(
+        required=False,
+        help_text="Replaces the OpenAI request fields sent with every reply (`temperature`, `top_p`, "
+        "`max_tokens`, `presence_penalty`, `frequency_penalty`; null or absent: the model's default; {}: none).",
     )
 
 

@@ -72,8 +72,9 @@ def conversation_create(
 def conversation_update(
     *, conversation: Conversation, data: dict[str, Any], access: ModelAccess | None = None
 ) -> Conversation:
-    """Update ``title``, ``system_prompt``, ``model`` (an enabled model's name), ``active_leaf`` (a
-    message id: ``conversation_active_leaf_set``), ``pinned`` and/or ``archived`` (booleans:
+    """Update ``title``, ``system_prompt``, ``parameters`` (replaced whole: the OpenAI request fields
+    sent with every reply), ``model`` (an enabled model's name), ``active_leaf`` (a message id:
+    ``conversation_active_leaf_set``), ``pinned`` and/or ``archived`` (booleans:
     ``conversation_organize``) from ``data``.
 
     ``access``: as ``conversation_create``'s; a model outside it is a 404 ``model_not_found``.
@@ -93,7 +94,7 @@ def conversation_update(
     if "pinned" in data or "archived" in data:
         conversation_organize(conversation=conversation, pinned=data.get("pinned"), archived=data.get("archived"))
     fields: list[str] = []
-    for name in ("title", "system_prompt"):
+    for name in ("title", "system_prompt", "parameters"):
         if name in data:
             setattr(conversation, name, data[name])
             fields.append(name)

@@ -242,7 +242,7 @@ async def test_a_message_role_of_the_wrong_type_is_a_400(api_key_secret, sim_mod
 
     response = await post_chat(AsyncClient(), body, bearer(api_key_secret))
 
-    assert_error(response, 400, code="invalid", param="messages.role")
+    assert_error(response, 400, code="invalid", param="messages.0.role")
 
 
 def test_the_schema_states_the_per_role_message_rules(schema):

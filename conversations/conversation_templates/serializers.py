@@ -12,9 +12,9 @@ from django.core.validators import RegexValidator
 from rest_framework import serializers
 
 from chatbackend.fields import StrictCharField
-from conversations.serializers import NOT_BLANK_PATTERN
+from conversations.serializers import NOT_BLANK_PATTERN, parameter_field
 from conversations.services import MAX_MESSAGE_CHARS, MAX_SYSTEM_PROMPT_CHARS, MAX_TITLE_CHARS
-from llm.openai.fields import StrictFloatField, StrictIntegerField
+from llm.openai.fields import StrictIntegerField
 
 from .models import ConversationTemplate
 from .nextchat import MAX_NAME_CHARS, MAX_SAFE_INTEGER, MAX_STARTER_MESSAGES, PARAMETER_RANGES, STARTER_ROLES
@@ -29,23 +29,6 @@ class TemplateStarterMessageSerializer(serializers.Serializer):
     role = serializers.ChoiceField(choices=STARTER_ROLES)
     content = StrictCharField(
         max_length=MAX_MESSAGE_CHARS, trim_whitespace=False, validators=[RegexValidator(NOT_BLANK_PATTERN)]
-    )
-
-
-def parameter_field(name: str) -> serializers.Field:
-    """Return the input field of parameter ``name`` (``PARAMETER_RANGES``): a JSON number in its range, or null."""
-    low, high, integer = PARAMETER_RANGES[name]
-    if integer:
-        return StrictIntegerField(
-            min_value=int(low),
-            max_value=int(high),
-            allow_null=True,
-            required=False,
-            default=None,
-            help_text="null: the default",
-        )
-    return StrictFloatField(
-        min_value=low, max_value=high, allow_null=True, required=False, default=None, help_text="null: the default"
     )
 
 

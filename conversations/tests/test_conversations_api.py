@@ -114,6 +114,46 @@ def test_retrieve_update_delete_own_conversation(auth_client, user, model):
     assert_error(auth_client.get(url), 404, code="not_found")
 
 
+def test_patch_replaces_the_parameters_sent_with_every_reply(auth_client, user):
+    conversation = ConversationFactory(owner=user, parameters={"top_p": 0.5})
+    url = f"/api/conversations/{conversation.pk}/"
+
+    response = auth_client.patch(
+        url, {"parameters": {"temperature": 0.2, "max_tokens": 300, "top_p": None}}, format="json"
+    )
+    assert response.status_code == 200, response.content
+    assert response.json()["parameters"] == {"temperature": 0.2, "max_tokens": 300}  # null: the model's default
+    conversation.refresh_from_db()
+    assert conversation.parameters == {"temperature": 0.2, "max_tokens": 300}
+
+    assert auth_client.patch(url, {"title": "Renamed"}, format="json").json()["parameters"] == {
+        "temperature": 0.2,
+        "max_tokens": 300,
+    }  # left out: kept
+    assert auth_client.patch(url, {"parameters": {}}, format="json").json()["parameters"] == {}
+
+
+@pytest.mark.parametrize(
+    ("parameters", "param"),
+    [
+        ({"temperature": 2.5}, "parameters.temperature"),
+        ({"max_tokens": 0}, "parameters.max_tokens"),
+        ({"top_p": "high"}, "parameters.top_p"),
+        ("warm", "parameters"),
+    ],
+)
+def test_patch_with_parameters_out_of_range_is_a_400_and_changes_nothing(auth_client, user, parameters, param):
+    conversation = ConversationFactory(owner=user, parameters={"top_p": 0.5}, title="Kept")
+
+    response = auth_client.patch(
+        f"/api/conversations/{conversation.pk}/", {"parameters": parameters, "title": "Changed"}, format="json"
+    )
+
+    assert_error(response, 400, code="invalid", param=param)
+    conversation.refresh_from_db()
+    assert (conversation.parameters, conversation.title) == ({"top_p": 0.5}, "Kept")
+
+
 def test_patch_with_unknown_model_is_404_and_changes_nothing(auth_client, user):
     conversation = ConversationFactory(owner=user, title="Kept")
     before = Conversation.objects.values().get(pk=conversation.pk)

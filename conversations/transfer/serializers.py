@@ -12,10 +12,8 @@ from rest_framework import serializers
 from chatbackend.fields import StrictCharField
 from llm.openai.fields import MetadataField, StrictBooleanField
 
-from ..conversation_templates.models import PARAMETER_NAMES
-from ..conversation_templates.serializers import parameter_field
 from ..models import Message
-from ..serializers import ConversationOutputSerializer
+from ..serializers import ConversationOutputSerializer, ConversationParametersSerializer
 from ..services import MAX_SYSTEM_PROMPT_CHARS, MAX_TITLE_CHARS
 from .selectors import FORMAT, FORMAT_VERSION
 
@@ -50,18 +48,6 @@ class TransferMessageSerializer(serializers.Serializer):
     updated_at = serializers.DateTimeField(required=False)
 
 
-class TransferParametersSerializer(serializers.Serializer):
-    """A conversation's ``parameters``: OpenAI request fields sent with every reply, each in the range
-    a template takes (null or absent: the model's default). Other keys are ignored."""
-
-    def get_fields(self) -> dict[str, serializers.Field]:
-        return {name: parameter_field(name) for name in PARAMETER_NAMES}
-
-    def to_internal_value(self, data: Any) -> dict[str, float | int]:
-        values = super().to_internal_value(data)
-        return {name: value for name, value in values.items() if value is not None}
-
-
 class TransferConversationSerializer(serializers.Serializer):
     """One conversation and its whole message tree."""
 
@@ -76,7 +62,7 @@ class TransferConversationSerializer(serializers.Serializer):
         max_length=MAX_SYSTEM_PROMPT_CHARS, allow_blank=True, default="", trim_whitespace=False
     )
     metadata = MetadataField(default=dict)
-    parameters = TransferParametersSerializer(
+    parameters = ConversationParametersSerializer(
         default=dict,
         help_text="OpenAI request fields sent with every reply (`temperature`, `top_p`, `max_tokens`, "
         "`presence_penalty`, `frequency_penalty`; from a template). Absent: none.",
