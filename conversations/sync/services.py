@@ -290,18 +290,33 @@ def nextchat_sessions_import(*, principal: Principal, state: Any) -> list[Conver
     return list(imported.values())
 
 
-def _imports_serialize(owner: User) -> None:
-    """Lock ``owner``'s row until the transaction ends, so that one owner's NextChat imports (two
-    synced documents, a sync and a ``backup.json`` import, two imports) run one after the other: the
-    second reads the conversations the first committed and updates them. Without it both find no
-    conversation for a session and both insert one; ``conversation_external_id_unique`` refuses the
-    second (no copy, but the import fails: a 500 for ``POST /api/conversations/import/``).
+# The first key of the transaction-level advisory lock that serializes one owner's imports
+# (``_imports_serialize``); the second is the owner's id. Any constant no other lock uses.
+_IMPORTS_LOCK_CLASS = 0x6E6300  # "nc": NextChat imports
 
-    ``FOR NO KEY UPDATE``: it does not block rows that reference the user (a conversation started
-    meanwhile). SQLite ignores the lock; its IMMEDIATE transactions (settings) serialize writers
-    whole. Raises ``TransactionManagementError`` outside a transaction.
+
+def _imports_serialize(owner: User) -> None:
+    """Hold, until the transaction ends, a lock of ``owner``'s own, so that one owner's NextChat
+    imports (two synced documents, a sync and a ``backup.json`` import, two imports) run one after
+    the other: the second reads the conversations the first committed and updates them. Without it
+    both find no conversation for a session and both insert one; ``conversation_external_id_unique``
+    refuses the second (no copy, but the import fails: a 500 for ``POST /api/conversations/import/``).
+
+    PostgreSQL: a transaction-level advisory lock (``pg_advisory_xact_lock(class, id)``,
+    https://www.postgresql.org/docs/current/explicit-locking.html#ADVISORY-LOCKS), not a lock on the
+    user's row: that row is what a login updates (``last_login``), and a sign-in must not wait for a
+    20 MB import to commit. Ids past 2^31 share a key with another user's (folded): at worst two
+    owners' imports then wait for each other. SQLite: nothing to take; its IMMEDIATE transactions
+    (settings) serialize writers whole. Raises ``TransactionManagementError`` outside a transaction.
     """
-    list(User.objects.select_for_update(no_key=True).filter(pk=owner.pk).values_list("pk", flat=True))
+    connection = transaction.get_connection()
+    if not connection.in_atomic_block:
+        raise transaction.TransactionManagementError("_imports_serialize needs a transaction")
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_advisory_xact_lock(%s::integer, %s::integer)", [_IMPORTS_LOCK_CLASS, owner.pk & 0x7FFFFFFF]
+            )
 
 
 class ModelChooser:

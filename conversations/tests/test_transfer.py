@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 from typing import Any
 
 import pytest
+from django.contrib.auth.models import update_last_login
+from django.db import OperationalError, connection, transaction
 from django.utils import timezone
 
 from accounts.models import Membership, Organization
 from conversations.models import Conversation, Message
 from conversations.selectors import message_path
 from conversations.services import message_append
+from conversations.sync.services import _imports_serialize
 from conversations.tests.test_sync import (
     NULL_FREE_CONVERSATIONS,
     document_with_null_characters,
@@ -391,3 +395,40 @@ def test_concurrent_imports_of_one_backup_make_one_conversation_per_session(clie
     assert conversations.count() == 60
     assert sorted(conversations.values_list("external_id", flat=True)) == sorted(f"sess-{i}" for i in range(60))
     assert Message.objects.filter(conversation__owner=user).count() == 120
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_import_in_progress_does_not_hold_up_a_sign_in_but_holds_up_another_import(user):
+    """One owner's imports wait for each other (``_imports_serialize``); the lock is not the user's
+    row, which a sign-in updates (``last_login``)."""
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite's IMMEDIATE transactions serialize every writer")
+    holding, done = threading.Event(), threading.Event()
+
+    def importing() -> None:
+        try:
+            with transaction.atomic():
+                _imports_serialize(user)
+                holding.set()
+                done.wait(10)
+        finally:
+            connection.close()
+
+    importer = threading.Thread(target=importing)
+    importer.start()
+    try:
+        assert holding.wait(10)
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL lock_timeout = '2s'")
+            update_last_login(None, user)  # what a sign-in writes: not held up
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL lock_timeout = '200ms'")
+            with pytest.raises(OperationalError, match="lock timeout"), transaction.atomic():
+                _imports_serialize(user)  # another import of the same owner waits
+            _imports_serialize(UserFactory())  # another owner's does not
+    finally:
+        done.set()
+        importer.join()
+    user.refresh_from_db()
+    assert user.last_login is not None
