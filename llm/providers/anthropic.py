@@ -86,7 +86,7 @@ from django.conf import settings
 from chatbackend.logging import redact
 
 from .base import TRANSLATION_ERRORS, ChatChunk, ChatProvider, ChatRequest, UpstreamError, Usage, untranslatable
-from .http import SSE_REQUEST_HEADERS, SSEBodyDecoder, failure, post_sse
+from .http import SSE_REQUEST_HEADERS, SSEBodyDecoder, failure, json_body, post_sse
 
 __all__ = ["FINISH_REASONS", "THINKING_BUDGETS", "AnthropicProvider", "messages_body"]
 
@@ -290,7 +290,7 @@ class AnthropicProvider(ChatProvider):
         config = self.config
         try:
             body = messages_body(request, default_max_tokens=settings.LLM_ANTHROPIC_DEFAULT_MAX_TOKENS)
-            data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+            data = json_body(body)
         except TRANSLATION_ERRORS as exc:  # a shape the translation did not expect: the request's fault
             raise untranslatable(exc) from exc
         headers = dict(SSE_REQUEST_HEADERS)

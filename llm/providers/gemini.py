@@ -85,6 +85,7 @@ from .http import (
     SSE_REQUEST_HEADERS,
     SSEBodyDecoder,
     failure,
+    json_body,
     post_sse,
     retry_after_ms,
     retry_after_seconds,
@@ -149,7 +150,7 @@ class GeminiProvider(ChatProvider):
         config = self.config
         try:
             body = gemini_request_body(request.messages, request.parameters)
-            data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+            data = json_body(body)
         except TRANSLATION_ERRORS as exc:  # a shape the translation did not expect: the request's fault
             raise untranslatable(exc) from exc
         headers = dict(SSE_REQUEST_HEADERS)

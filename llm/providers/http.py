@@ -24,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import httpx
+import orjson
 from aiohttp.helpers import get_env_proxy_for_url
 from django.conf import settings
 
@@ -46,6 +47,7 @@ __all__ = [
     "SSEBodyDecoder",
     "aclose_clients",
     "failure",
+    "json_body",
     "post_sse",
     "session",
     "upstream_proxy",
@@ -143,6 +145,17 @@ def _forget_closed_loops() -> None:
     to its loop, so the weak key alone would never let the pair be collected."""
     for loop in [loop for loop in _sessions if loop.is_closed()]:
         _sessions.pop(loop).detach()  # marks it closed: nothing left to await on a dead loop
+
+
+def json_body(body: dict[str, object]) -> bytes:
+    """Return ``body`` as an upstream request's body: compact UTF-8 JSON (RFC 8259), as httpx sent it.
+
+    orjson, as the inbound parser (``chatbackend.parsers``): a long conversation's history is
+    encoded once per reply, ~10x faster than the standard library's ``json``. What it holds came
+    from that parser (no NaN or Infinity, 64-bit integers, string keys) or from the adapters.
+    Raises ``TypeError`` (``orjson.JSONEncodeError``) for a value JSON cannot hold.
+    """
+    return orjson.dumps(body)
 
 
 def where(url: object) -> str:

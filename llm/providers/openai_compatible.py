@@ -48,7 +48,7 @@ from typing import Any
 from chatbackend.logging import redact
 
 from .base import ChatChunk, ChatProvider, ChatRequest, UpstreamError, Usage
-from .http import SSE_REQUEST_HEADERS, SSEBodyDecoder, aclose_clients, failure, post_sse
+from .http import SSE_REQUEST_HEADERS, SSEBodyDecoder, aclose_clients, failure, json_body, post_sse
 
 __all__ = ["OpenAICompatibleProvider", "aclose_clients"]  # aclose_clients: re-exported from .http
 
@@ -79,7 +79,7 @@ class OpenAICompatibleProvider(ChatProvider):
         if config.stream_usage:
             body["stream_options"] = {"include_usage": True}
         # Serialized as httpx did: compact, UTF-8, no NaN.
-        data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        data = json_body(body)
         headers = dict(SSE_REQUEST_HEADERS)
         if config.extra_headers:  # validated: never one of the headers set here
             headers.update(config.extra_headers)
