@@ -18,6 +18,7 @@ from llm.models import LLMModel
 from llm.openai.services import StoredChatCompletionPlan
 from llm.streaming import ReplyOutcome, ReplyStatus
 
+from ..content import content_text, storable_text
 from ..models import Conversation, Message
 from ..services import conversation_delete, message_chain
 
@@ -29,20 +30,6 @@ _ROLES = frozenset(Message.Role.values)
 def _role(role: Any) -> str:
     """Return ``role`` if it is one a message may have, else ``user`` (validation let no other through)."""
     return role if isinstance(role, str) and role in _ROLES else Message.Role.USER.value
-
-
-def _text(content: Any) -> str:
-    """Return the text of an OpenAI message ``content``: a string, or its ``text`` parts joined; NULs dropped
-    (PostgreSQL's text cannot hold them)."""
-    if isinstance(content, str):
-        text = content
-    elif isinstance(content, list):
-        text = "".join(
-            str(part.get("text") or "") for part in content if isinstance(part, dict) and part.get("type") == "text"
-        )
-    else:  # null: an assistant message of tool calls
-        text = ""
-    return text.replace("\x00", "")
 
 
 def stored_completion_save(*, plan: StoredChatCompletionPlan, outcome: ReplyOutcome) -> Conversation | None:
@@ -68,7 +55,7 @@ def stored_completion_save(*, plan: StoredChatCompletionPlan, outcome: ReplyOutc
     messages = [
         Message(
             role=_role(message.get("role")),
-            content=_text(message.get("content")),
+            content=content_text(message.get("content"), separator=""),
             status=Message.Status.COMPLETED,
         )
         for message in plan.request.messages
@@ -77,7 +64,7 @@ def stored_completion_save(*, plan: StoredChatCompletionPlan, outcome: ReplyOutc
     error = outcome.error
     reply = Message(
         role=Message.Role.ASSISTANT,
-        content=outcome.content.replace("\x00", ""),
+        content=storable_text(outcome.content),
         status=outcome.status.value,
         model_name=outcome.model_name,
         finish_reason=outcome.finish_reason or "",

@@ -31,6 +31,7 @@ from chatbackend.parsers import JSONParseError, json_loads
 from llm.models import LLMModel
 from llm.selectors import llm_model_get_enabled_for, llm_model_list_for
 
+from ..content import content_text, storable_text
 from ..models import Conversation, Message
 from ..services import message_chain
 from .models import SyncDocument, SyncDocumentVersion, SyncUploadChunk
@@ -345,31 +346,9 @@ class ModelChooser:
         return self._fallback
 
 
-def _clean(value: str) -> str:
-    """Return ``value`` without null characters: PostgreSQL text cannot hold them, and a NextChat
-    document is imported as a side effect of a sync that must succeed (the document itself is
-    stored as sent: its JSON text escapes them as ``\\u0000``)."""
-    return value.replace("\x00", "")
-
-
 def _external_id(item: Any) -> str:
     value = item.get("id") if isinstance(item, dict) else None
-    return _clean(str(value))[:_EXTERNAL_ID_CHARS] if isinstance(value, str | int) else ""
-
-
-def _text(content: Any) -> str:
-    """Return a message's text: a string, or the text parts of a multimodal array (images dropped)."""
-    if isinstance(content, str):
-        text = content
-    elif isinstance(content, list):
-        text = "\n".join(
-            part["text"]
-            for part in content
-            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-        )
-    else:
-        text = ""
-    return _clean(text)
+    return storable_text(str(value))[:_EXTERNAL_ID_CHARS] if isinstance(value, str | int) else ""
 
 
 def _mask(session: dict[str, Any]) -> dict[str, Any]:
@@ -380,7 +359,7 @@ def _mask(session: dict[str, Any]) -> dict[str, Any]:
 def _session_model_name(session: dict[str, Any]) -> str:
     config = _mask(session).get("modelConfig")
     name = config.get("model") if isinstance(config, dict) else None
-    return _clean(name) if isinstance(name, str) else ""
+    return storable_text(name) if isinstance(name, str) else ""
 
 
 def _system_prompt(session: dict[str, Any]) -> str:
@@ -389,7 +368,9 @@ def _system_prompt(session: dict[str, Any]) -> str:
     if not isinstance(context, list):
         return ""
     return "\n\n".join(
-        _text(m.get("content")) for m in context if isinstance(m, dict) and m.get("role") == Message.Role.SYSTEM
+        content_text(m.get("content"), separator="\n")
+        for m in context
+        if isinstance(m, dict) and m.get("role") == Message.Role.SYSTEM
     )
 
 
@@ -401,7 +382,7 @@ def _import_session(
     models: ModelChooser,
 ) -> Conversation:
     topic = session.get("topic")
-    title = _clean(topic if isinstance(topic, str) else "")[:_TITLE_CHARS]
+    title = storable_text(topic if isinstance(topic, str) else "")[:_TITLE_CHARS]
     system_prompt = _system_prompt(session)
     model = models.named(_session_model_name(session))
     if conversation is None:
@@ -438,9 +419,9 @@ def _import_messages(conversation: Conversation, messages: list[Any]) -> None:
         if not external_id or external_id in seen or role not in Message.Role.values:
             continue
         seen.add(external_id)
-        content = _text(item.get("content"))
+        content = content_text(item.get("content"), separator="\n")
         status = Message.Status.FAILED if item.get("isError") is True else Message.Status.COMPLETED
-        model_name = _clean(item["model"]) if isinstance(item.get("model"), str) else ""
+        model_name = storable_text(item["model"]) if isinstance(item.get("model"), str) else ""
         message = known.get(external_id)
         if message is None:
             message = Message(
