@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 import weakref
@@ -132,9 +133,11 @@ class _Listener:
         except BaseException:
             self._failed_at = time.monotonic()
             raise
+        # The process's listeners, not the request's that joined first: an empty context each
+        # (chatbackend.liveness.start_heartbeat says why).
         self.tasks = (
-            asyncio.create_task(self._receive(), name="broadcast-listener"),
-            asyncio.create_task(self._keep_joined(), name="broadcast-rejoin"),
+            asyncio.create_task(self._receive(), name="broadcast-listener", context=contextvars.Context()),
+            asyncio.create_task(self._keep_joined(), name="broadcast-rejoin", context=contextvars.Context()),
         )
 
     async def _receive(self) -> None:

@@ -16,12 +16,14 @@ there is a reply of an earlier run, recovered at start-up).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import socket
 import uuid
 import weakref
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.cache import cache
 
@@ -51,12 +53,18 @@ def process_alive(process_id: str) -> bool:
 RETRY_SECONDS = 1.0
 
 
+# Django's ``cache.aset`` is ``sync_to_async(thread_sensitive=True)``: it runs on the executor of
+# whatever request context the caller is in, or on asgiref's one shared thread. A process-wide
+# beat needs neither: any worker thread does (the cache backends are thread-safe).
+_cache_set = sync_to_async(cache.set, thread_sensitive=False)
+
+
 async def _beat() -> None:
     interval = float(settings.PROCESS_HEARTBEAT_SECONDS)
     failing = False
     while True:
         try:
-            await cache.aset(_key(PROCESS_ID), 1, timeout=interval * BEATS_TO_DEATH)
+            await _cache_set(_key(PROCESS_ID), 1, timeout=interval * BEATS_TO_DEATH)
         except Exception:  # Redis away for a while: keep trying; orphans wait for the next beat
             if not failing:
                 logger.warning("the process heartbeat could not be written; retrying", exc_info=True)
@@ -70,11 +78,19 @@ async def _beat() -> None:
 
 
 def start_heartbeat() -> None:
-    """Start this process's heartbeat in the running event loop, if it is not beating (cheap)."""
+    """Start this process's heartbeat in the running event loop, if it is not beating (cheap).
+
+    The heartbeat belongs to the process, not to the request that happens to start it: it runs in
+    an empty ``contextvars.Context`` and writes from a worker thread (``_cache_set``). A task
+    inherits its creator's context, and a request's async code under sync middleware runs inside
+    ``async_to_sync``, whose executor quits when the request ends: every later beat through
+    ``cache.aset`` then failed, for good, and the process's replies looked orphaned to the others.
+    The empty context also keeps that request's id off the heartbeat's logs.
+    """
     loop = asyncio.get_running_loop()
     task = _heartbeats.get(loop)
     if task is None or task.done():
-        _heartbeats[loop] = loop.create_task(_beat(), name="process-heartbeat")
+        _heartbeats[loop] = loop.create_task(_beat(), name="process-heartbeat", context=contextvars.Context())
 
 
 async def stop_heartbeat() -> None:

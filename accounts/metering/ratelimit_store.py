@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextvars
 import logging
 import time
 import weakref
@@ -368,7 +369,10 @@ class RateLimitStore(abc.ABC):
         """Renew ``member``'s leases while held (every third of a lease) until ``unhold``."""
         self.held[member] = keys
         if self._renewer is None or self._renewer.done():
-            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever(), name="rate-limit-leases")
+            # The process's, not the request's that started it: an empty context (chatbackend.liveness).
+            self._renewer = asyncio.get_running_loop().create_task(
+                self._renew_forever(), name="rate-limit-leases", context=contextvars.Context()
+            )
 
     def unhold(self, member: str) -> None:
         self.held.pop(member, None)
@@ -545,7 +549,10 @@ class RedisRateLimitStore(RateLimitStore):
         self._flush_timer = None
         if not self._pending:  # an admission carried them
             return
-        task = asyncio.get_running_loop().create_task(self._flush(), name="rate-limit-releases")
+        # Many requests' releases: no one request's context (its id would be on the batch's logs).
+        task = asyncio.get_running_loop().create_task(
+            self._flush(), name="rate-limit-releases", context=contextvars.Context()
+        )
         self._flushes.add(task)
         task.add_done_callback(self._flushes.discard)
 
