@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from array import array
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
@@ -708,6 +709,20 @@ class Bench:
         self.startup.setdefault(label, []).append(round(startup, 4))
         return child, port, startup
 
+    @contextlib.contextmanager
+    def serving(self, server: str, path: str, *, baseline: bool, purpose: str) -> Iterator[tuple[ProcessTree, str]]:
+        """Run ``server`` (``start_server``; ``path`` names its log) for the block inside; yield its
+        process tree and base URL. Its log is scanned per round (``server_log``) while it runs; it is
+        stopped on the way out, whatever happened."""
+        child, port, startup = self.start_server(server, path, baseline=baseline)
+        self.log(f"{server_label(server, baseline=baseline)} up in {startup * 1000:.0f} ms (port {port}) for {purpose}")
+        self.server_log = child.log_path
+        try:
+            yield ProcessTree(child.pid), f"http://127.0.0.1:{port}"
+        finally:
+            self.server_log = None
+            self.stop_child(child)
+
     def stop_child(self, child: Child) -> None:
         child.stop()
         if child in self.children:
@@ -1097,12 +1112,7 @@ class Bench:
                 if pair:
                     self.unpaired.add((server, path, level))
             return
-        child, port, startup = self.start_server(server, path, baseline=baseline)
-        self.log(f"{label} up in {startup * 1000:.0f} ms (port {port}) for {path} {levels}")
-        self.server_log = child.log_path
-        try:
-            tree = ProcessTree(child.pid)
-            base_url = f"http://127.0.0.1:{port}"
+        with self.serving(server, path, baseline=baseline, purpose=f"{path} {levels}") as (tree, base_url):
             self.warm_up(label, path, base_url, tree)
             time.sleep(0.3)
             idle_rss = tree.rss_bytes()
@@ -1136,9 +1146,6 @@ class Bench:
                         self.run_profile(server, path, level, base_url, tree)
                     else:
                         self.notes.append("the profile round was skipped: time budget")
-        finally:
-            self.server_log = None
-            self.stop_child(child)
 
     def paired_enforcement(self, server: str, *, baseline: bool = False) -> None:
         """Measure what enforcement adds in pairs of neighbouring rounds on one ``server`` process.
@@ -1168,13 +1175,9 @@ class Bench:
             self.notes.append(f"the paired enforcement rounds of {label} were skipped: time budget (~{needed:.0f} s)")
             self.log(f"skip {label} paired enforcement: time budget (~{needed:.0f} s)")
             return
-        child, port, startup = self.start_server(server, "paired", baseline=baseline)
-        self.log(f"{label} up in {startup * 1000:.0f} ms (port {port}) for {count} paired v1 / v1m rounds per level")
-        self.server_log = child.log_path
         rounds: list[dict[str, Any]] = []
-        try:
-            tree = ProcessTree(child.pid)
-            base_url = f"http://127.0.0.1:{port}"
+        purpose = f"{count} paired v1 / v1m rounds per level"
+        with self.serving(server, "paired", baseline=baseline, purpose=purpose) as (tree, base_url):
             for path in ("v1", "v1m"):
                 self.warm_up(label, path, base_url, tree)
             for kind, level, replies in plan:
@@ -1206,9 +1209,6 @@ class Bench:
                     )
                     if raw["errors"]:
                         self.log(f"    paired {kind} {path}: {raw['errors']} errors {raw['error_kinds']}")
-        finally:
-            self.server_log = None
-            self.stop_child(child)
         self.enforcement_pairs.append({"server": label, "rounds": rounds})
         summary = report.enforcement_paired({"enforcement_pairs": self.enforcement_pairs[-1:]})
         for row in summary:
