@@ -48,21 +48,23 @@ _HEALTH = re.compile(r"^/health/(?:live|ready)$")
 _STREAMING_POST = re.compile(r"^/api/conversations/[0-9]+/messages/$")
 
 
+def _request_path(scope: Mapping[str, Any]) -> str:
+    """Return an HTTP ``scope``'s path without the script prefix, as ``ASGIRequest.path_info`` has it."""
+    script_name = get_script_prefix(scope)
+    path: str = scope["path"]
+    return path.removeprefix(script_name) if script_name else path
+
+
 def is_streaming_request(scope: dict[str, Any]) -> bool:
     """Return whether an HTTP ``scope`` goes to the lean handler (path as Django resolves it)."""
-    script_name = get_script_prefix(scope)
-    path: str = scope["path"].removeprefix(script_name) if script_name else scope["path"]  # as ASGIRequest
+    path = _request_path(scope)
     if _STREAMING_ANY_METHOD.match(path) or _HEALTH.match(path):
         return True
     return str(scope.get("method", "")).upper() == "POST" and _STREAMING_POST.match(path) is not None
 
 
-class BodyTooLarge(Exception):  # noqa: N818 - a signal between read_body and handle, never seen outside
-    """A request body went past ``REQUEST_BODY_MAX_BYTES`` (``size``: the declared size, if any)."""
-
-    def __init__(self, size: int | None) -> None:
-        super().__init__(size)
-        self.size = size
+class _BodyTooLargeError(Exception):
+    """A request body went past ``REQUEST_BODY_MAX_BYTES`` while it arrived (``read_body`` to ``handle``)."""
 
 
 class BoundedBodyASGIHandler(ASGIHandler):
@@ -89,11 +91,11 @@ class BoundedBodyASGIHandler(ASGIHandler):
             return
         try:
             await super().handle(scope, receive, send)
-        except BodyTooLarge as exc:  # raised by read_body, before anything was sent
-            await self.send_response(_too_large(scope, exc.size), send)
+        except _BodyTooLargeError:  # raised by read_body, before anything was sent
+            await self.send_response(_too_large(scope, None), send)
 
     async def read_body(self, receive: Any) -> Any:
-        """Read the body into a spooled file, as Django does; raise ``BodyTooLarge`` past the bound."""
+        """Read the body into a spooled file, as Django does; raise ``_BodyTooLargeError`` past the bound."""
         limit = settings.REQUEST_BODY_MAX_BYTES
         body_file = tempfile.SpooledTemporaryFile(max_size=settings.FILE_UPLOAD_MAX_MEMORY_SIZE, mode="w+b")
         size = 0
@@ -106,7 +108,7 @@ class BoundedBodyASGIHandler(ASGIHandler):
             size += len(chunk)
             if size > limit:
                 body_file.close()
-                raise BodyTooLarge(None)
+                raise _BodyTooLargeError
             if chunk:
                 body_file.write(chunk)
             if not message.get("more_body", False):
@@ -137,9 +139,7 @@ def _declared_length(scope: Mapping[str, Any]) -> int | None:
 
 
 def _is_api_scope(scope: Mapping[str, Any]) -> bool:
-    script_name = get_script_prefix(scope)
-    path: str = scope["path"].removeprefix(script_name) if script_name else scope["path"]
-    return is_api_path(path)
+    return is_api_path(_request_path(scope))
 
 
 def _too_large(scope: Mapping[str, Any], size: int | None) -> HttpResponseBase:

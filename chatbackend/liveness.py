@@ -53,18 +53,16 @@ def process_alive(process_id: str) -> bool:
 RETRY_SECONDS = 1.0
 
 
-# Django's ``cache.aset`` is ``sync_to_async(thread_sensitive=True)``: it runs on the executor of
-# whatever request context the caller is in, or on asgiref's one shared thread. A process-wide
-# beat needs neither: any worker thread does (the cache backends are thread-safe).
-_cache_set = sync_to_async(cache.set, thread_sensitive=False)
-
-
 async def _beat() -> None:
     interval = float(settings.PROCESS_HEARTBEAT_SECONDS)
     failing = False
     while True:
         try:
-            await _cache_set(_key(PROCESS_ID), 1, timeout=interval * BEATS_TO_DEATH)
+            # Not ``cache.aset`` (``sync_to_async(thread_sensitive=True)``: the executor of whatever
+            # request context is current, or asgiref's one shared thread): any worker thread does.
+            await sync_to_async(cache.set, thread_sensitive=False)(
+                _key(PROCESS_ID), 1, timeout=interval * BEATS_TO_DEATH
+            )
         except Exception:  # Redis away for a while: keep trying; orphans wait for the next beat
             if not failing:
                 logger.warning("the process heartbeat could not be written; retrying", exc_info=True)
@@ -81,7 +79,7 @@ def start_heartbeat() -> None:
     """Start this process's heartbeat in the running event loop, if it is not beating (cheap).
 
     The heartbeat belongs to the process, not to the request that happens to start it: it runs in
-    an empty ``contextvars.Context`` and writes from a worker thread (``_cache_set``). A task
+    an empty ``contextvars.Context`` and writes from a worker thread. A task
     inherits its creator's context, and a request's async code under sync middleware runs inside
     ``async_to_sync``, whose executor quits when the request ends: every later beat through
     ``cache.aset`` then failed, for good, and the process's replies looked orphaned to the others.
