@@ -263,6 +263,13 @@ RATE_LIMIT_STREAM_LEASE_SECONDS: float = _seconds("RATE_LIMIT_STREAM_LEASE_SECON
 RATE_LIMIT_RELEASE_BATCH_SECONDS: float = _get("RATE_LIMIT_RELEASE_BATCH_SECONDS", env.float, 0.05, "seconds")
 if RATE_LIMIT_RELEASE_BATCH_SECONDS < 0 or RATE_LIMIT_RELEASE_BATCH_SECONDS > 1:
     _fail("RATE_LIMIT_RELEASE_BATCH_SECONDS", RATE_LIMIT_RELEASE_BATCH_SECONDS, "seconds from 0 to 1")
+# Local admission (accounts.metering.headroom): a caller far from every rate limit and budget is
+# admitted without waiting for Redis when this process's unconfirmed admissions plus the request fit
+# in this share of each limit's remaining room, divided by the processes that admit; the admission
+# is recorded in Redis during the upstream call. 0: every admission waits for Redis. From 0 to 0.5.
+METERING_LOCAL_ADMISSION_SHARE: float = _get("METERING_LOCAL_ADMISSION_SHARE", env.float, 0.1, "a share from 0 to 0.5")
+if not 0 <= METERING_LOCAL_ADMISSION_SHARE <= 0.5:
+    _fail("METERING_LOCAL_ADMISSION_SHARE", METERING_LOCAL_ADMISSION_SHARE, "a share from 0 to 0.5")
 
 # --- Health probes (chatbackend.health) ---------------------------------------------------------
 # Seconds each readiness check (database, Redis, broker) may take before it reports "unavailable".

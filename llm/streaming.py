@@ -583,6 +583,10 @@ class Reply(Generic[P]):
                 await run_sync(self.plan.finish, outcome)
             except Exception:
                 logger.exception("persisting the end of reply %s failed", self.plan.reply_id)
+        if self.admission is not None:
+            # A local admission is recorded in the store during the call; settlement needs its
+            # reservation there (accounts.metering.headroom). At once otherwise.
+            await self.admission.confirmed()
         self._account(outcome)
         # Last: a slow or unreachable rate-limit store must not delay the writes above (a shutdown
         # waits for them for a bounded time); a lease not given back expires.

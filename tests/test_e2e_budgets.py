@@ -9,6 +9,8 @@
 - A server SIGKILLed mid-reply: reconciliation releases its reservation, and counts the usage row
   the engine's crash recovery writes for the reply.
 - A server whose Redis does not answer: a budgeted request gets 503 ``metering_unavailable``.
+- A caller far from every limit, admitted locally on both processes: Redis still holds every
+  request, reservation and release exactly.
 
 Needs ``REDIS_URL`` (the worker and the shared counters); skipped on the embedded defaults.
 """
@@ -33,6 +35,7 @@ from celery.exceptions import AlwaysEagerIgnored
 from django.conf import settings
 from django.db.models import Sum
 from django.utils import timezone
+from limits.storage import RedisStorage as LimitsRedisStorage
 
 from accounts.metering.budget_store import budget_store, to_units
 from accounts.metering.budgets import (
@@ -42,13 +45,15 @@ from accounts.metering.budgets import (
     budget_reconcile,
     budget_release_stale,
 )
+from accounts.metering.ratelimit_store import KEY_PREFIX, WINDOW_SECONDS
 from accounts.models import APIKey, Budget, UsageRecord, User
+from accounts.services import api_key_create
 from chatbackend.celery import app as celery_app
 from chatbackend.liveness import process_alive
 from conversations.models import Message
 from llm.models import Provider
 from tests.conftest import E2EStack, E2EUser
-from tests.factories import ConversationFactory, LLMModelFactory, ProviderFactory
+from tests.factories import ConversationFactory, LLMModelFactory, ProviderFactory, UserFactory
 from tests.kit import (
     CHAT_URL,
     E2E_REPLY_TOKENS,
@@ -304,3 +309,37 @@ def test_redis_unreachable_fails_budgeted_requests_closed(
     error = assert_error(response, 503, code="metering_unavailable")
     assert "try again" in error["message"]
     assert "127.0.0.1" not in error["message"]
+
+
+def test_far_from_every_limit_local_admissions_are_recorded_and_settled_exactly(
+    e2e_stack: E2EStack, priced_model: Any
+) -> None:
+    """A key and a user far from their rate limits and budget, on both processes: after the first
+    answers each process admits them without waiting for Redis (local admission,
+    ``accounts.metering.headroom``), and Redis still ends up holding every request exactly: each one
+    counted once, every stream lease given back, every reservation made and settled, the budget's
+    spend the sum of its usage rows."""
+    created = api_key_create(user=UserFactory(), name="roomy")
+    limits = {"requests_per_minute": 100_000, "tokens_per_minute": 10**9, "concurrent_streams": 10_000}
+    APIKey.objects.filter(pk=created.api_key.pk).update(**limits)
+    streams_key = f"{KEY_PREFIX}:streams:api_key:{created.api_key.pk}"
+    with redis.Redis.from_url(settings.REDIS_URL) as client:  # an earlier run's key of the same id
+        client.delete(streams_key, *client.scan_iter(f"{KEY_PREFIX}:{{*:api_key:{created.api_key.pk}}}*"))
+    user = created.api_key.user
+    budget = Budget.objects.create(name="roomy", subject_kind="user", subject_id=user.id, limit_usd=Decimal(100))
+    count = 60
+
+    urls = [e2e_stack.server_urls[i % 2] for i in range(count)]
+    answers = asyncio.run(stream_many(urls, created.secret, waves=6, gap=0.5))
+
+    assert [status for status, _, _ in answers] == [200] * count, [body[:200] for _, _, body in answers]
+    wait_accounted(e2e_stack, count, user=user)
+    counter = counter_of(budget)
+    assert (counter.reserved, counter.holders) == (0, ())
+    assert counter.spent == to_units(rows_spend(user=user)) > 0
+    window = LimitsRedisStorage(settings.REDIS_URL, key_prefix=KEY_PREFIX).get_sliding_window(
+        f"requests:api_key:{created.api_key.pk}", WINDOW_SECONDS
+    )
+    assert window[0] + window[2] == count  # the previous and the current minute: every request once
+    with redis.Redis.from_url(settings.REDIS_URL) as client:
+        poll_until_sync(lambda: client.zcard(streams_key), lambda held: held == 0, what="every stream lease given back")

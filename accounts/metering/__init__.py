@@ -8,7 +8,9 @@ Celery task that writes it (``budgets.budget_settle_many``).
 
 Cost: one script call to the store (Redis) per admission; the release of a reply is queued and
 rides with the next admission or the next batch of releases (``ratelimit_store``), so it costs no
-round trip of its own. ``python -m bench.admission`` measures both.
+round trip of its own. A caller far from every limit does not wait for that call: it is admitted on
+this process's view of the counters and the call records it during the upstream call
+(``headroom``: local admission). ``python -m bench.admission`` measures the call.
 
 Order: rate limits first (a request over its rate must not hold budget), then the budget
 reservation, in one script on the store (Redis): when the reservation is refused, the rate limits
@@ -44,6 +46,13 @@ class Admission:
     @property
     def headers(self) -> dict[str, str]:
         return self._lease.headers
+
+    async def confirmed(self) -> None:
+        """Wait until the store holds this admission: at once, but for a local admission (``headroom``),
+        whose record in the store answers during the upstream call. Call it before the reply's usage is
+        accounted (settlement releases the reservation the record makes). Never raises but for the
+        caller's own cancellation."""
+        await self._lease.confirmed()
 
     async def release(self, *, completion_tokens: int, not_for: MeteringSubject | None = None) -> None:
         """Give back the request's rate-limit lease and count its completion tokens (on every subject

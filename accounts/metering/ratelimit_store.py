@@ -37,6 +37,12 @@ One round trip per admission; releases ride along
     all): the counters age out, the leases expire. ``close`` (``rate_limit_store_close``, from the
     ASGI lifespan's shutdown) sends what waits. Other processes see a freed slot at most the batch
     delay later; nothing else is held in one process only.
+
+    Local admissions (``headroom``) are recorded by the same script, every limit lifted: ``record``
+    queues them for ``RECORD_DELAY_SECONDS`` and sends those queued by then, with the waiting
+    releases, in one call (``_ADMIT_CALL`` runs any number of admissions in order). Every answer
+    also says where its caller stands (stream leases, budget counters) and how many processes
+    admit (``PROCESSES_KEY``), for the views local admission decides on.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from django.conf import settings
 from limits.aio.storage import MemoryStorage, RedisStorage
 from limits.aio.storage.redis.bridge import RedisBridge
 
+from chatbackend.liveness import PROCESS_ID
 from chatbackend.redis_clients import ScriptLanes, async_redis_client
 
 from .budget_store import RESERVE_SCRIPT, ReserveRequest, ReserveVerdict, budget_store, reserve_verdict
@@ -64,6 +71,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "KEY_PREFIX",
+    "NO_LIMIT",
+    "PROCESSES_KEY",
     "UNREACHABLE_ERRORS",
     "WINDOW_SECONDS",
     "Admitted",
@@ -76,6 +85,13 @@ __all__ = [
 
 KEY_PREFIX = "chatbackend-ratelimit"
 WINDOW_SECONDS = 60
+# The processes that admitted requests in the last PROCESS_WINDOW_SECONDS (local admission divides
+# what it may take unseen among them: ``headroom``).
+PROCESSES_KEY = f"{KEY_PREFIX}:processes"
+PROCESS_WINDOW_SECONDS = 60
+# Local admissions (``headroom``) wait this long in their process to be recorded, so that those made
+# together share one script call, and so that the call's work comes after their upstream requests'.
+RECORD_DELAY_SECONDS = 0.005
 # What a forced add (completion tokens, a give-back) passes as the limit, so that it is never refused.
 NO_LIMIT = 2**50
 # Redis connections per process (and event loop) for everything but the scripts; more calls at once wait for one.
@@ -155,6 +171,15 @@ class Admitted:
     streams: int | None
     budget: ReserveVerdict | None = None
     error: BaseException | None = None
+    # Read at the end of the call (the Redis store; empty from the memory store), for local
+    # admission (``headroom``): the leases in each stream set, what each budget counter holds
+    # (spent plus reserved: units, tokens), and the processes that admitted in PROCESS_WINDOW_SECONDS.
+    stream_counts: tuple[int, ...] = ()
+    budget_used: tuple[tuple[int, int], ...] = ()
+    processes: int = 1
+    # Which call of this store answered (they are numbered as they are sent): a later call's answer
+    # holds what an earlier one's does.
+    call: int = 0
 
     @property
     def admitted(self) -> bool:
@@ -216,12 +241,15 @@ def _library() -> str:
 # KEYS: the previous and current window keys of each counter (2n, as limits names them), each stream
 # set (m), then the budget reservation's keys (b). ARGV: n, m, b, lease member, lease ms, window
 # seconds, no-limit, then each counter's limit and amount, each stream set's limit, then the budget
-# reservation's ARGV. Returns {hits, windows, streams, budget}: hits[i] 1 when counter i was hit;
+# reservation's ARGV. Returns {hits, windows, streams, budget, counts, used}: hits[i] 1 when
+# counter i was hit;
 # windows[i] limits' four window figures read right after that hit; streams 0 (every lease taken),
 # j (set j full) or -1 (none asked); budget the reservation script's answer, or {} when none was
-# asked or a rate limit refused first. All or nothing: when anything refused, what the others took
-# is given back before the script returns (no other command runs in between). Amounts are never
-# negative (callers clamp them at 0): the give-back prefixes '-', and '--5' is not a number to Lua.
+# asked or a rate limit refused first; counts, each stream set's leases at the end; used, each
+# budget counter's spent plus reserved units, then tokens, at the end. All or nothing: when anything
+# refused, what the others took is given back before the script returns (no other command runs in
+# between). Amounts are never negative (callers clamp them at 0): the give-back prefixes '-', and
+# '--5' is not a number to Lua.
 _ADMIT = """
 local n, m, b = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local member, lease, expiry, nolimit = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
@@ -264,7 +292,14 @@ if not admitted then
     for j = 1, m do redis.call('ZREM', KEYS[2 * n + j], member) end
   end
 end
-return {hits, windows, streams, budget}
+local counts, used = {}, {}
+for j = 1, m do counts[j] = redis.call('ZCARD', KEYS[2 * n + j]) end
+for k = 3, b do
+  local c = redis.call('HMGET', KEYS[2 * n + m + k], 's', 'r', 'st', 'rt')
+  used[#used + 1] = (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0)
+  used[#used + 1] = (tonumber(c[3]) or 0) + (tonumber(c[4]) or 0)
+end
+return {hits, windows, streams, budget, counts, used}
 """
 # KEYS: per release, the two window keys of each of its n counters (2n), then its m stream sets.
 # ARGV: r (releases), window seconds, no-limit, then per release n, m, its lease member and each
@@ -290,21 +325,37 @@ for _ = 1, r do
 end
 return r
 """
-# The admission script as called: KEYS and ARGV start with the releases waiting in this process
-# (``_RELEASE``'s, ``rk`` keys and ``ra`` arguments; none: 0 and 0), applied first, then the
-# admission's own (``_ADMIT``'s). ARGV: rk, ra, the releases' ARGV, the admission's ARGV.
+# The admission script as called: KEYS[1] is the set of processes that admit (``PROCESSES_KEY``,
+# member: the process id, score: when it last admitted, Redis' clock), then KEYS and ARGV hold the
+# releases waiting in this process (``_RELEASE``'s, ``rk`` keys and ``ra`` arguments; none: 0 and
+# 0), applied first, then ``n`` admissions (``_ADMIT``'s), each preceded in ARGV by its counts of
+# keys and of arguments. ARGV: rk, ra, this process's id, the processes' window (seconds), n, the
+# releases' ARGV, then per admission its key count, its argument count and its ARGV. Returns each
+# admission's ``_ADMIT`` answer, in order, and last how many processes admitted within the window
+# (this one included). Admissions run one after the other, each seeing what the ones before took.
 _ADMIT_CALL = """
-local rk, ra = tonumber(ARGV[1]), tonumber(ARGV[2])
+local rk, ra, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[5])
 if ra > 0 then
   local rkeys, rargs = {}, {}
-  for i = 1, rk do rkeys[i] = KEYS[i] end
-  for i = 1, ra do rargs[i] = ARGV[2 + i] end
+  for i = 1, rk do rkeys[i] = KEYS[1 + i] end
+  for i = 1, ra do rargs[i] = ARGV[5 + i] end
   release_many(rkeys, rargs)
 end
-local akeys, aargs = {}, {}
-for i = rk + 1, #KEYS do akeys[#akeys + 1] = KEYS[i] end
-for i = ra + 3, #ARGV do aargs[#aargs + 1] = ARGV[i] end
-return admit_one(akeys, aargs)
+local k, a, answers = rk + 2, ra + 6, {}
+for r = 1, n do
+  local kc, ac = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  local akeys, aargs = {}, {}
+  for i = 1, kc do akeys[i] = KEYS[k + i - 1] end
+  for i = 1, ac do aargs[i] = ARGV[a + 1 + i] end
+  answers[r] = admit_one(akeys, aargs)
+  k, a = k + kc, a + 2 + ac
+end
+local now, window = tonumber(redis.call('TIME')[1]), tonumber(ARGV[4])
+redis.call('ZADD', KEYS[1], now, ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+redis.call('EXPIRE', KEYS[1], window)
+answers[n + 1] = redis.call('ZCARD', KEYS[1])
+return answers
 """
 
 
@@ -320,6 +371,11 @@ class RateLimitStore(abc.ABC):
         # until this time.monotonic(): a Redis that hangs must not cost every request a timeout.
         self.unreachable_until = 0.0
         self.unreachable_error: BaseException | None = None
+        # Local admission (``headroom``): the share of a limit's room this store's processes may admit
+        # without waiting for the store (0: never), each caller's view, and the records under way.
+        self.local_share = 0.0
+        self.views: dict[Any, Any] = {}
+        self.records: set[asyncio.Task[None]] = set()
 
     @abc.abstractmethod
     async def admit(
@@ -338,19 +394,49 @@ class RateLimitStore(abc.ABC):
         Never raises for the store's failures: they come back in ``Admitted.error``.
         """
 
+    def record(
+        self,
+        hits: Sequence[CounterHit],
+        stream_keys: Sequence[str],
+        stream_limits: Sequence[int],
+        member: str,
+        budget: ReserveRequest | None = None,
+    ) -> asyncio.Future[Admitted]:
+        """``admit`` a local admission (``headroom``) later: its future answer (the Redis store batches them)."""
+        return asyncio.ensure_future(self.admit(hits, stream_keys, stream_limits, member, budget))
+
     @abc.abstractmethod
     async def add(self, amounts: Sequence[tuple[str, int]], stream_keys: Sequence[str] = (), member: str = "") -> None:
         """Add each ``(key, amount)`` whatever the limit (negative: give back) and remove lease ``member``
         from ``stream_keys``. Raises the store's errors."""
 
     async def release(
-        self, amounts: Sequence[tuple[str, int]], stream_keys: Sequence[str] = (), member: str = ""
+        self,
+        amounts: Sequence[tuple[str, int]],
+        stream_keys: Sequence[str] = (),
+        member: str = "",
+        carrier: list[int | None] | None = None,
     ) -> None:
         """A reply's release: ``add`` (its completion tokens, its stream leases), which may be sent later
         and together with others (the Redis store), but before ``close`` returns. Runs to its end even
         if the caller is cancelled. Never raises: a failure is logged (the counters age out, the leases
-        expire)."""
+        expire). ``carrier``: where the Redis store writes the number of the call that sends it
+        (``headroom``)."""
         await asyncio.shield(self._add_logged(amounts, stream_keys, member))
+
+    def release_soon(
+        self,
+        amounts: Sequence[tuple[str, int]],
+        stream_keys: Sequence[str] = (),
+        member: str = "",
+        carrier: list[int | None] | None = None,
+    ) -> None:
+        """``release`` from a callback (no caller waits): queued, sent as ``release`` sends it."""
+        task = asyncio.get_running_loop().create_task(
+            self.release(amounts, stream_keys, member), name="rate-limit-release", context=contextvars.Context()
+        )
+        self.records.add(task)
+        task.add_done_callback(self.records.discard)
 
     async def _add_logged(self, amounts: Sequence[tuple[str, int]], stream_keys: Sequence[str], member: str) -> None:
         try:
@@ -391,6 +477,8 @@ class RateLimitStore(abc.ABC):
         if self._renewer is not None:
             self._renewer.cancel()
             self._renewer = None
+        while self.records:  # local admissions' records, and the releases waiting for them
+            await asyncio.gather(*self.records, return_exceptions=True)
 
 
 def _release_failed(members: Sequence[str], exc: BaseException | str) -> None:
@@ -443,9 +531,14 @@ class RedisRateLimitStore(RateLimitStore):
         self.release_delay = float(settings.RATE_LIMIT_RELEASE_BATCH_SECONDS)
         # Releases waiting to be sent (``release``), each (keys, args) in ``_RELEASE``'s layout, and
         # the flushes under way; ``close`` sends what waits and waits for them.
-        self._pending: list[tuple[list[str], list[Any], str]] = []
+        self._pending: list[tuple[list[str], list[Any], str, list[int | None] | None]] = []
         self._flush_timer: asyncio.TimerHandle | None = None
         self._flushes: set[asyncio.Task[None]] = set()
+        self.local_share = float(settings.METERING_LOCAL_ADMISSION_SHARE)
+        # Local admissions waiting to be recorded (``record``), each with its future answer.
+        self._records: list[tuple[tuple[list[str], list[Any], int], asyncio.Future[Admitted]]] = []
+        self._record_timer: asyncio.TimerHandle | None = None
+        self._calls = 0  # script calls sent that carry releases or admissions (``Admitted.call``)
 
     def _keys(self, key: str) -> tuple[str, str]:
         """Return counter ``key``'s Redis keys as ``limits`` names them: previous and current window."""
@@ -461,42 +554,49 @@ class RedisRateLimitStore(RateLimitStore):
         return names
 
     def _release_entry(
-        self, amounts: Sequence[tuple[str, int]], stream_keys: Sequence[str], member: str
-    ) -> tuple[list[str], list[Any], str]:
-        """Return one release as ``_RELEASE`` reads it: its keys, its ARGV part (n, m, member, amounts)."""
+        self,
+        amounts: Sequence[tuple[str, int]],
+        stream_keys: Sequence[str],
+        member: str,
+        carrier: list[int | None] | None = None,
+    ) -> tuple[list[str], list[Any], str, list[int | None] | None]:
+        """Return one release as ``_RELEASE`` reads it: its keys, its ARGV part (n, m, member, amounts),
+        its member, and the cell to write the carrying call's number into (``headroom``), if any."""
         keys: list[str] = []
         args: list[Any] = [len(amounts), len(stream_keys), member]
         for key, amount in amounts:
             keys += self._keys(key)
             args.append(amount)
         keys += stream_keys
-        return keys, args, member
+        return keys, args, member, carrier
 
-    def _take_pending(self) -> tuple[list[str], list[Any], list[str]]:
-        """Take every waiting release: their keys, their ARGV (``_RELEASE``'s, r first), their members."""
+    def _take_pending(self, call: int) -> tuple[list[str], list[Any], list[str]]:
+        """Take every waiting release for store call number ``call``: their keys, their ARGV
+        (``_RELEASE``'s, r first), their members."""
         pending, self._pending = self._pending, []
         keys: list[str] = []
         args: list[Any] = [len(pending), WINDOW_SECONDS, NO_LIMIT]
         members: list[str] = []
-        for entry_keys, entry_args, member in pending:
+        for entry_keys, entry_args, member, carrier in pending:
             keys += entry_keys
             args += entry_args
             members.append(member)
+            if carrier is not None:
+                carrier[0] = call
         return keys, args, members
 
-    async def admit(
+    def _admission(
         self,
         hits: Sequence[CounterHit],
         stream_keys: Sequence[str],
         stream_limits: Sequence[int],
         member: str,
-        budget: ReserveRequest | None = None,
-    ) -> Admitted:
+        budget: ReserveRequest | None,
+    ) -> tuple[list[str], list[Any], int]:
+        """Return one admission as ``_ADMIT_CALL`` reads it: its keys, its ARGV (counts first), its hits."""
         budget_keys = budget.redis_keys() if budget is not None else []
-        # Releases waiting in this process go first, in the same script call (no round trip of their own).
-        keys, args, carried = self._take_pending() if self._pending else ([], [], [])
-        args = [len(keys), len(args), *args]
-        args += [
+        keys: list[str] = []
+        args: list[Any] = [
             len(hits),
             len(stream_keys),
             len(budget_keys),
@@ -513,10 +613,25 @@ class RedisRateLimitStore(RateLimitStore):
         if budget is not None:
             keys += budget_keys
             args += budget.redis_args()
+        return keys, [len(keys), len(args), *args], len(hits)
+
+    async def _call(self, admissions: Sequence[tuple[list[str], list[Any], int]]) -> list[Admitted]:
+        """Run ``admissions`` in one script call, after the releases waiting in this process; return
+        each one's answer (with the store's error, if the call failed: whether it ran is unknown)."""
+        self._calls += 1
+        call = self._calls
+        # Releases waiting in this process go first, in the same script call (no round trip of their own).
+        release_keys, release_args, carried = self._take_pending(call) if self._pending else ([], [], [])
+        keys = [PROCESSES_KEY, *release_keys]
+        args = [len(release_keys), len(release_args), PROCESS_ID, PROCESS_WINDOW_SECONDS, len(admissions)]
+        args += release_args
+        for admission_keys, admission_args, _ in admissions:
+            keys += admission_keys
+            args += admission_args
         try:
             # EVALSHA, and on NOSCRIPT (a restarted Redis) SCRIPT LOAD and once more (a NOSCRIPT
             # answer means nothing ran); never retried otherwise (ScriptLanes).
-            hit_flags, windows, streams, reserved = await self._lanes.call(self._admit, keys, args)
+            *answers, processes = await self._lanes.call(self._admit, keys, args)
         except asyncio.CancelledError:
             if carried:
                 _release_failed(carried, "the admission carrying them was cancelled")
@@ -524,24 +639,96 @@ class RedisRateLimitStore(RateLimitStore):
         except Exception as exc:  # unreachable: whether the script ran is unknown
             if carried:
                 _release_failed(carried, exc)
-            return Admitted([False] * len(hits), [None] * len(hits), None, None, exc)
-        return Admitted(
-            [bool(flag) for flag in hit_flags],
-            [_window(window) for window in windows],
-            None if streams < 0 else int(streams),
-            reserve_verdict(reserved) if reserved else None,
+            return [Admitted([False] * n, [None] * n, None, None, exc) for _, _, n in admissions]
+        processes = max(1, int(processes))
+        return [
+            Admitted(
+                [bool(flag) for flag in hit_flags],
+                [_window(window) for window in windows],
+                None if streams < 0 else int(streams),
+                reserve_verdict(reserved) if reserved else None,
+                stream_counts=tuple(counts),
+                budget_used=tuple(zip(used[::2], used[1::2], strict=True)),
+                processes=processes,
+                call=call,
+            )
+            for hit_flags, windows, streams, reserved, counts, used in answers
+        ]
+
+    async def admit(
+        self,
+        hits: Sequence[CounterHit],
+        stream_keys: Sequence[str],
+        stream_limits: Sequence[int],
+        member: str,
+        budget: ReserveRequest | None = None,
+    ) -> Admitted:
+        (admitted,) = await self._call([self._admission(hits, stream_keys, stream_limits, member, budget)])
+        return admitted
+
+    def record(
+        self,
+        hits: Sequence[CounterHit],
+        stream_keys: Sequence[str],
+        stream_limits: Sequence[int],
+        member: str,
+        budget: ReserveRequest | None = None,
+    ) -> asyncio.Future[Admitted]:
+        """Queue the admission; it is sent ``RECORD_DELAY_SECONDS`` after the first one queued, with every
+        one queued by then (and the waiting releases), in one script call. Returns its future answer,
+        which never raises but for cancellation (a failure is the answer's ``error``)."""
+        future: asyncio.Future[Admitted] = asyncio.get_running_loop().create_future()
+        self._records.append((self._admission(hits, stream_keys, stream_limits, member, budget), future))
+        if self._record_timer is None:
+            self._record_timer = asyncio.get_running_loop().call_later(RECORD_DELAY_SECONDS, self._record_soon)
+        return future
+
+    def _record_soon(self) -> None:
+        self._record_timer = None
+        task = asyncio.get_running_loop().create_task(
+            self._send_records(), name="metering-records", context=contextvars.Context()
         )
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _send_records(self) -> None:
+        records, self._records = self._records, []
+        if not records:
+            return
+        try:
+            answers = await self._call([admission for admission, _ in records])
+        except BaseException as exc:  # cancelled (the loop is closing): the answers will never come
+            answers = [Admitted([], [], None, None, exc) for _ in records]
+            raise
+        finally:
+            for (_, future), answer in zip(records, answers, strict=True):
+                if not future.done():
+                    future.set_result(answer)
 
     async def add(self, amounts: Sequence[tuple[str, int]], stream_keys: Sequence[str] = (), member: str = "") -> None:
-        keys, args, _ = self._release_entry(amounts, stream_keys, member)
+        keys, args, _, _ = self._release_entry(amounts, stream_keys, member)
         await self._release(keys=keys, args=[1, WINDOW_SECONDS, NO_LIMIT, *args])
 
     async def release(
-        self, amounts: Sequence[tuple[str, int]], stream_keys: Sequence[str] = (), member: str = ""
+        self,
+        amounts: Sequence[tuple[str, int]],
+        stream_keys: Sequence[str] = (),
+        member: str = "",
+        carrier: list[int | None] | None = None,
     ) -> None:
         """Queue the release; it is sent within ``release_delay`` with every other one queued by then, in
         one script call, or earlier with the next admission's. Returns at once; failures are logged."""
-        self._pending.append(self._release_entry(amounts, stream_keys, member))
+        self.release_soon(amounts, stream_keys, member, carrier)
+
+    def release_soon(
+        self,
+        amounts: Sequence[tuple[str, int]],
+        stream_keys: Sequence[str] = (),
+        member: str = "",
+        carrier: list[int | None] | None = None,
+    ) -> None:
+        """Queue the release (``release``), without suspending."""
+        self._pending.append(self._release_entry(amounts, stream_keys, member, carrier))
         if self._flush_timer is None:
             self._flush_timer = asyncio.get_running_loop().call_later(self.release_delay, self._flush_soon)
 
@@ -559,7 +746,8 @@ class RedisRateLimitStore(RateLimitStore):
     async def _flush(self) -> None:
         """Send every waiting release in one script call; log (and drop) them if it fails, as one
         release's failure always was: the counters age out, the leases expire."""
-        keys, args, members = self._take_pending()
+        self._calls += 1
+        keys, args, members = self._take_pending(self._calls)
         if not members:
             return
         try:
@@ -572,6 +760,11 @@ class RedisRateLimitStore(RateLimitStore):
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None
+        if self._record_timer is not None:
+            self._record_timer.cancel()
+            self._record_timer = None
+        if self._records:
+            await self._send_records()
         if self._pending:
             await self._flush()
         while self._flushes:

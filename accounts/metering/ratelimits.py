@@ -46,6 +46,9 @@ Cost
     round trip to Redis at admission; its release is queued and sent within
     ``RATE_LIMIT_RELEASE_BATCH_SECONDS`` together with the other releases, or with the next
     admission (``ratelimit_store``); measure it with ``python -m bench.admission``. In memory: no I/O.
+    A caller far from every limit does not wait for that round trip: its admission is made on this
+    process's view of its counters and recorded in Redis during the upstream call (``headroom``:
+    local admission, its rule and what it costs in exactness).
 
 Redis unreachable
     503 ``metering_unavailable`` (fail closed), unless ``RATE_LIMIT_FAIL_OPEN`` lets requests
@@ -59,6 +62,8 @@ Redis unreachable
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import dataclasses
 import logging
 import math
 import time
@@ -70,11 +75,14 @@ from django.conf import settings
 
 from chatbackend.errors import ApplicationError
 
-from .budget_store import ReserveRequest, ReserveVerdict
+from .budget_store import RESERVED, ReserveRequest, ReserveVerdict
 from .budgets import metering_unavailable
+from .headroom import VIEWS_MAX, HeadroomView, ViewKey, view_key, view_key_label
 from .ratelimit_store import (
     KEY_PREFIX,
+    NO_LIMIT,
     UNREACHABLE_ERRORS,
+    Admitted,
     CounterHit,
     RateLimitStore,
     Window,
@@ -147,6 +155,7 @@ class _Shape:
     counter (subject, dimension, limit, key; requests first per subject, as ``_counter_key``) and each
     concurrent-stream set (subject, key, limit). ``limited``: whether any of them exists."""
 
+    subjects: tuple[MeteringSubject, ...]
     counters: tuple[tuple[MeteringSubject, str, int, str], ...]
     streams: tuple[MeteringSubject, ...]
     stream_keys: tuple[str, ...]
@@ -166,6 +175,7 @@ class _Shape:
             if limits.concurrent_streams is not None:
                 streams.append(subject)
         return cls(
+            subjects=subjects,
             counters=tuple(counters),
             streams=tuple(streams),
             stream_keys=tuple(_streams_key(subject) for subject in streams),
@@ -221,6 +231,19 @@ class RateLease:
     _token_counters: tuple[_Counter, ...] = ()
     _stream_keys: tuple[str, ...] = ()
     _released: bool = False
+    # A local admission's record in the store (``headroom``), under way until it answers.
+    _confirmation: asyncio.Task[None] | None = None
+    _view_key: ViewKey | None = None
+
+    async def confirmed(self) -> None:
+        """Wait until the store holds this admission (a local admission's record answered or failed).
+
+        At once for an admission the store made itself. Never raises but for the caller's own
+        cancellation (the record goes on without it).
+        """
+        task = self._confirmation
+        if task is not None and not task.done():
+            await asyncio.wait((task,))
 
     async def release(self, *, completion_tokens: int, not_for: MeteringSubject | None = None) -> None:
         """Add ``completion_tokens`` to every tokens-per-minute counter and free the stream slots; once.
@@ -254,8 +277,19 @@ class RateLease:
             store.unhold(self.request_id)
         if not amounts and not self._stream_keys:
             return
+        carrier = None
+        if amounts and self._view_key is not None:
+            view = store.views.get(self._view_key)
+            if view is not None:  # the caller's view counts them until the store's answers do
+                carrier = view.released(amounts)
+        confirmation = self._confirmation
+        if confirmation is not None and not confirmation.done():
+            # After the record, so that it never adds a lease this release removed.
+            stream_keys, member = self._stream_keys, self.request_id
+            confirmation.add_done_callback(lambda _: store.release_soon(amounts, stream_keys, member, carrier))
+            return
         # Queued on the Redis store: sent with the releases and admissions of the next few ms.
-        await store.release(amounts, self._stream_keys, self.request_id)
+        await store.release(amounts, self._stream_keys, self.request_id, carrier)
 
 
 def _unavailable(store: RateLimitStore, exc: BaseException, *, known: bool = False, budget: bool = False) -> RateLease:
@@ -389,6 +423,14 @@ async def rate_limit_acquire(
         return _unavailable(store, store.unreachable_error, known=True, budget=budget is not None)
     stream_keys = shape.stream_keys
     stream_limits = shape.stream_limits
+    key = None
+    if store.local_share > 0:
+        key = view_key(shape.subjects, budget)
+        view = store.views.get(key)
+        if view is not None:
+            costs = _costs(counters, stream_keys, budget)
+            if view.take(costs, store.local_share, time.monotonic()):
+                return _admit_locally(store, key, view, costs, counters, stream_keys, request_id, budget)
     hits = [CounterHit(c.key, c.limit, c.cost) for c in counters]
     try:
         admitted = await store.admit(hits, stream_keys, stream_limits, request_id, budget)
@@ -398,6 +440,8 @@ async def rate_limit_acquire(
         await asyncio.shield(_drop_leases(store, stream_keys, request_id))
         raise
 
+    if key is not None and not admitted.admitted:
+        store.views.pop(key, None)  # refused, or no answer: admissions of this caller wait for the store
     if admitted.error is not None:
         # Whether the store ran the admission is unknown: give back the leases it may have taken.
         await asyncio.shield(_drop_leases(store, stream_keys, request_id))
@@ -428,6 +472,8 @@ async def rate_limit_acquire(
         return RateLease(request_id=request_id, budget=admitted.budget)
     if stream_keys:
         store.hold(request_id, stream_keys)
+    if key is not None:
+        _observe(store, key, counters, stream_limits, budget, admitted)
     return RateLease(
         headers=_headers(counters, windows),
         request_id=request_id,
@@ -435,7 +481,141 @@ async def rate_limit_acquire(
         _store=store,
         _token_counters=tuple(c for c in counters if c.dimension == "tokens"),
         _stream_keys=stream_keys,
+        _view_key=key,
     )
+
+
+# --- Local admission (``headroom``) ---------------------------------------------------------------
+
+# What a record asks of a budget: more than any limit, so that the reservation is always made.
+_LIFTED_UNITS = 2**62
+
+
+def _costs(counters: Sequence[_Counter], stream_keys: Sequence[str], budget: ReserveRequest | None) -> list[int]:
+    """Return what a request takes of each limit, in ``HeadroomView``'s order."""
+    costs = [counter.cost for counter in counters]
+    costs += [1] * len(stream_keys)
+    if budget is not None:
+        for line in budget.lines:
+            costs += (line.units, line.tokens)
+    return costs
+
+
+def _observe(
+    store: RateLimitStore,
+    key: ViewKey,
+    counters: Sequence[_Counter],
+    stream_limits: Sequence[int],
+    budget: ReserveRequest | None,
+    admitted: Admitted,
+) -> None:
+    """Take an admission's answer into its caller's view (made on the first answer)."""
+    now = time.monotonic()
+    view = store.views.get(key)
+    if view is not None:
+        view.merge(admitted, now)
+        return
+    limits: list[int | None] = [counter.limit for counter in counters]
+    limits += stream_limits
+    if budget is not None:
+        for line in budget.lines:
+            limits += (line.limit_units, line.token_limit)
+    view = HeadroomView.of(tuple(limits), [counter.key for counter in counters], admitted, now)
+    if view is not None:
+        if len(store.views) >= VIEWS_MAX:
+            store.views.clear()
+        store.views[key] = view
+
+
+def _admit_locally(
+    store: RateLimitStore,
+    key: ViewKey,
+    view: HeadroomView,
+    costs: list[int],
+    counters: Sequence[_Counter],
+    stream_keys: tuple[str, ...],
+    request_id: str,
+    budget: ReserveRequest | None,
+) -> RateLease:
+    """Admit on the view (``costs`` already taken into its ``pending``) and record it in the store in a
+    task of its own; return the lease, whose ``confirmed`` waits for that record."""
+    if stream_keys:
+        store.hold(request_id, stream_keys)
+    hits = [CounterHit(c.key, NO_LIMIT, c.cost) for c in counters]
+    lifted = None
+    if budget is not None:
+        lines = tuple(line._replace(limit_units=_LIFTED_UNITS, token_limit=None) for line in budget.lines)
+        lifted = dataclasses.replace(budget, lines=lines)
+    record = asyncio.get_running_loop().create_task(
+        _record(store, key, view, costs, hits, stream_keys, request_id, lifted),
+        name="metering-record",
+        context=contextvars.Context(),  # the process's, not this request's (it outlives the call)
+    )
+    store.records.add(record)
+    record.add_done_callback(store.records.discard)
+    return RateLease(
+        headers=_headers(counters, view.pending_windows()),
+        request_id=request_id,
+        budget=RESERVED if budget is not None else None,
+        _store=store,
+        _token_counters=tuple(c for c in counters if c.dimension == "tokens"),
+        _stream_keys=stream_keys,
+        _confirmation=record,
+        _view_key=key,
+    )
+
+
+async def _record(
+    store: RateLimitStore,
+    key: ViewKey,
+    view: HeadroomView,
+    costs: list[int],
+    hits: list[CounterHit],
+    stream_keys: tuple[str, ...],
+    request_id: str,
+    budget: ReserveRequest | None,
+) -> None:
+    """Record a local admission in the store: the same script, every limit lifted; its answer refreshes
+    the view. A failure drops every view (admissions wait for the store again) and is logged."""
+    try:
+        admitted = await store.record(hits, stream_keys, [NO_LIMIT] * len(stream_keys), request_id, budget)
+    finally:
+        view.answered(costs)
+    now = time.monotonic()
+    if admitted.error is not None:
+        store.views.clear()
+        if isinstance(admitted.error, UNREACHABLE_ERRORS):
+            store.unreachable_until = now + UNREACHABLE_RETRY_SECONDS
+            store.unreachable_error = admitted.error
+        logger.warning(
+            "request %s, admitted locally, could not be recorded in the metering store: its rate-limit "
+            "counts and budget reservation are missing there (budget reconciliation counts its usage "
+            "row): %s: %s",
+            request_id,
+            type(admitted.error).__name__,
+            admitted.error,
+        )
+        return
+    if admitted.budget is not None and not admitted.budget.reserved:
+        # A budget counter is gone (it expired, or Redis restarted empty): the next admission of this
+        # caller waits for the store, which seeds it again from the usage rows.
+        store.views.pop(key, None)
+        logger.warning(
+            "request %s, admitted locally, found a budget counter gone: its reservation is not recorded "
+            "(budget reconciliation counts its usage row)",
+            request_id,
+        )
+        return
+    if store.views.get(key) is view and view.merge(admitted, now):
+        over = view.over()
+        if over:
+            logger.warning(
+                "request %s, admitted locally, took a limit of its caller past its maximum (limits %s of %s): "
+                "other processes used the room meanwhile",
+                request_id,
+                over,
+                view_key_label(key),
+            )
 
 
 async def _drop_leases(store: RateLimitStore, stream_keys: Sequence[str], request_id: str) -> None:
