@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from bench import report
+from bench.run import ENFORCEMENT_TTFT_REPLIES
 
 ROOT = Path(__file__).resolve().parent.parent
 # Named after the test database's server-side name, so runs against different databases (other
@@ -139,7 +140,8 @@ def test_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:
     assert "uvicorn: enforcement adds" in result.stdout, output
     # The paired rounds on one server (one pair at each level here); the targets read them.
     (paired,) = data["enforcement_paired"]
-    assert paired["server"] == "uvicorn" and paired["ttft_replies"] == {"v1": 3, "v1m": 3}, paired
+    replies = ENFORCEMENT_TTFT_REPLIES  # one pair: one round of each path
+    assert paired["server"] == "uvicorn" and paired["ttft_replies"] == {"v1": replies, "v1m": replies}, paired
     assert paired["cpu_level"] == 50 and paired["pairs"] == 1 and paired["cpu_ratio"] > 0, paired
     assert paired["simulator_ratio"] > 0 and paired["added_ttft_p50_ms"] is not None, paired
     ttft_target = next(t for t in data["targets"] if t["target"] == report.ENFORCEMENT_TTFT_TARGET)

@@ -44,6 +44,7 @@ The in-process store (the embedded defaults) has no round trip to save and keeps
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -85,8 +86,8 @@ class HeadroomView:
     an answer of an earlier call never replaces a later one's. ``pending``: amounts admitted locally
     whose record has not answered yet. ``releases``: completion tokens this process released, each
     with the call that carried it to the store (a one-item list, None while it waits in the
-    process), counted until an answer of that call or a later one. ``windows``: the counters'
-    windows, for the ``x-ratelimit-*`` headers.
+    process), oldest first, counted (``unsent``: their sum per limit) until an answer of that call
+    or a later one. ``windows``: the counters' windows, for the ``x-ratelimit-*`` headers.
     """
 
     limits: tuple[int | None, ...]
@@ -97,7 +98,8 @@ class HeadroomView:
     call: int
     counter_index: dict[str, int]
     pending: list[int] = field(default_factory=list)
-    releases: list[tuple[list[int | None], list[tuple[int, int]]]] = field(default_factory=list)
+    releases: deque[tuple[list[int | None], list[tuple[int, int]]]] = field(default_factory=deque)
+    unsent: list[int] = field(default_factory=list)
 
     @classmethod
     def of(
@@ -123,16 +125,8 @@ class HeadroomView:
             call=admitted.call,
             counter_index={key: index for index, key in enumerate(counter_keys)},
             pending=[0] * len(limits),
+            unsent=[0] * len(limits),
         )
-
-    def _unsent(self) -> list[int]:
-        """Return, per limit, what this process released that the view's answer does not hold yet."""
-        extra = [0] * len(self.used)
-        for carrier, amounts in self.releases:
-            if carrier[0] is None or carrier[0] > self.call:
-                for index, amount in amounts:
-                    extra[index] += amount
-        return extra
 
     def take(self, costs: Sequence[int], share: float, now: float) -> bool:
         """Admit ``costs`` locally if they fit (the module's rule): add them to ``pending`` and return
@@ -140,11 +134,10 @@ class HeadroomView:
         if now - self.answered_at > VIEW_SECONDS:
             return False
         fraction = share / self.processes
-        used = self.used
-        if self.releases:
-            used = [amount + extra for amount, extra in zip(used, self._unsent(), strict=True)]
-        for limit, held, unseen, cost in zip(self.limits, used, self.pending, costs, strict=True):
-            if limit is not None and unseen + cost > fraction * (limit - held):
+        for limit, held, unsent, unseen, cost in zip(
+            self.limits, self.used, self.unsent, self.pending, costs, strict=True
+        ):
+            if limit is not None and unseen + cost > fraction * (limit - held - unsent):
                 return False
         pending = self.pending
         for index, cost in enumerate(costs):
@@ -170,8 +163,11 @@ class HeadroomView:
             return False
         self.used, self.windows, self.processes = used, windows, admitted.processes
         self.call, self.answered_at = admitted.call, now
-        if self.releases:
-            self.releases = [release for release in self.releases if release[0][0] is None or release[0][0] > self.call]
+        releases, unsent = self.releases, self.unsent
+        # Oldest first: one still waiting in the process keeps the later ones counted a little longer.
+        while releases and releases[0][0][0] is not None and releases[0][0][0] <= self.call:
+            for index, amount in releases.popleft()[1]:
+                unsent[index] -= amount
         return True
 
     def released(self, counter_amounts: Sequence[tuple[str, int]]) -> list[int | None]:
@@ -181,6 +177,8 @@ class HeadroomView:
         amounts = [(self.counter_index[key], amount) for key, amount in counter_amounts if key in self.counter_index]
         if amounts:
             self.releases.append((carrier, amounts))
+            for index, amount in amounts:
+                self.unsent[index] += amount
         return carrier
 
     def over(self) -> list[int]:
@@ -194,11 +192,8 @@ class HeadroomView:
     def pending_windows(self) -> list[Window]:
         """Return the counters' windows with what is pending and released since added: the
         ``x-ratelimit-*`` headers' figures."""
-        extra = self._unsent() if self.releases else None
-        return [
-            window.without(-(self.pending[index] + (extra[index] if extra else 0)))
-            for index, window in enumerate(self.windows)
-        ]
+        pending, unsent = self.pending, self.unsent
+        return [window.without(-(pending[index] + unsent[index])) for index, window in enumerate(self.windows)]
 
 
 def _used(windows: Sequence[Window], admitted: Admitted) -> list[int]:

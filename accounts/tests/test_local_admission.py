@@ -282,7 +282,7 @@ def test_released_tokens_count_until_an_answer_of_their_call_holds_them() -> Non
     carrier[0] = 2  # sent with call 2
     assert view.pending_windows()[0].current == 130
     view.merge(_answer(call=2, used=130), now=0.1)  # call 2's answer holds them
-    assert view.releases == []
+    assert not view.releases and view.unsent == [0]
     assert view.pending_windows()[0].current == 130
     # A view too old is not used: the next admission waits for the store.
     assert view.take([1], share=0.1, now=0.1 + VIEW_SECONDS / 2)
