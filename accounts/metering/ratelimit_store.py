@@ -503,6 +503,10 @@ def _window(raw: Any) -> Window:
     )
 
 
+# A record's arguments as ``record`` takes them: hits, stream keys, stream limits, member, budget.
+_RecordArgs = tuple[Sequence[CounterHit], Sequence[str], Sequence[int], str, ReserveRequest | None]
+
+
 class RedisRateLimitStore(RateLimitStore):
     """Counters in Redis, shared by every server process: one script call (one round trip) per admission."""
 
@@ -536,7 +540,7 @@ class RedisRateLimitStore(RateLimitStore):
         self._flushes: set[asyncio.Task[None]] = set()
         self.local_share = float(settings.METERING_LOCAL_ADMISSION_SHARE)
         # Local admissions waiting to be recorded (``record``), each with its future answer.
-        self._records: list[tuple[tuple[list[str], list[Any], int], asyncio.Future[Admitted]]] = []
+        self._records: list[tuple[_RecordArgs, asyncio.Future[Admitted]]] = []
         self._record_timer: asyncio.TimerHandle | None = None
         self._calls = 0  # script calls sent that carry releases or admissions (``Admitted.call``)
 
@@ -678,7 +682,8 @@ class RedisRateLimitStore(RateLimitStore):
         one queued by then (and the waiting releases), in one script call. Returns its future answer,
         which never raises but for cancellation (a failure is the answer's ``error``)."""
         future: asyncio.Future[Admitted] = asyncio.get_running_loop().create_future()
-        self._records.append((self._admission(hits, stream_keys, stream_limits, member, budget), future))
+        # Its arguments are built when sent: off the request's path to its upstream call.
+        self._records.append(((hits, stream_keys, stream_limits, member, budget), future))
         if self._record_timer is None:
             self._record_timer = asyncio.get_running_loop().call_later(RECORD_DELAY_SECONDS, self._record_soon)
         return future
@@ -696,7 +701,7 @@ class RedisRateLimitStore(RateLimitStore):
         if not records:
             return
         try:
-            answers = await self._call([admission for admission, _ in records])
+            answers = await self._call([self._admission(*admission) for admission, _ in records])
         except BaseException as exc:  # cancelled (the loop is closing): the answers will never come
             answers = [Admitted([], [], None, None, exc) for _ in records]
             raise
@@ -756,15 +761,18 @@ class RedisRateLimitStore(RateLimitStore):
             _release_failed(members, exc)
 
     async def flush(self) -> None:
-        """Send the waiting releases now and wait for every flush under way (shutdown)."""
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
+        """Send the waiting records and releases now and wait for every call under way (shutdown): the
+        records first, then the releases that waited for them (``RateLease.release``)."""
         if self._record_timer is not None:
             self._record_timer.cancel()
             self._record_timer = None
         if self._records:
             await self._send_records()
+        while self.records:  # the local admissions' tasks, whose end queues the releases waiting for them
+            await asyncio.gather(*self.records, return_exceptions=True)
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         if self._pending:
             await self._flush()
         while self._flushes:
