@@ -32,6 +32,8 @@ from redis.utils import HIREDIS_AVAILABLE
 __all__ = ["ScriptLanes", "async_redis_client"]
 
 _HIREDIS_SERIALIZER = HiredisRespSerializer() if HIREDIS_AVAILABLE else None
+if HIREDIS_AVAILABLE:
+    from hiredis import pack_command as _hiredis_pack
 
 
 class _HiredisPacking:
@@ -40,7 +42,16 @@ class _HiredisPacking:
     def pack_command(self, *args: Any) -> list[bytes]:
         if _HIREDIS_SERIALIZER is None:
             return super().pack_command(*args)  # type: ignore[misc]
-        # Converts bytearray and memoryview arguments to bytes first (one copy), then hiredis packs.
+        command = args[0]
+        if type(command) is str and " " not in command:
+            # What the serializer ends with, without its pass over every argument (an admission's
+            # record batch has thousands): hiredis packs str, bytes, int and float.
+            try:
+                return [_hiredis_pack(args)]
+            except TypeError:
+                pass  # a bytearray or memoryview argument: the serializer copies it to bytes first
+        # Splits a command name with a space ("CLIENT SETNAME"), converts bytearray and memoryview
+        # arguments to bytes (one copy), then hiredis packs.
         return _HIREDIS_SERIALIZER.pack(*args)
 
 

@@ -38,6 +38,19 @@ def test_connections_pack_the_same_bytes_with_hiredis(url: str, connection_class
     assert python_packed.startswith(b"*10\r\n$7\r\nEVALSHA\r\n")
 
 
+@pytest.mark.parametrize(
+    "args",
+    [("CLIENT SETNAME", "x"), ("SET", "k", memoryview(b"v")), ("SET", "k", bytearray(b"v")), ("PING",)],
+)
+def test_what_hiredis_cannot_pack_alone_packs_the_same_bytes(args: tuple[object, ...]) -> None:
+    """A command name with a space, a memoryview or bytearray argument: the serializer's own path."""
+    connection = async_redis_client(
+        "redis://127.0.0.1:6379/3", max_connections=1, timeout=1.0
+    ).connection_pool.make_connection()
+    python_packed = b"".join(redis.asyncio.connection.Connection.pack_command(connection, *args))
+    assert b"".join(connection.pack_command(*args)) == python_packed
+
+
 @pytest.mark.skipif(not settings.REDIS_URL, reason="needs REDIS_URL (CI sets it)")
 async def test_a_script_call_round_trips_its_arguments() -> None:
     client = async_redis_client(settings.REDIS_URL, max_connections=2, timeout=5.0)
