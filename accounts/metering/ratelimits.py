@@ -610,8 +610,8 @@ async def _record(
         over = view.over()
         if over:
             logger.warning(
-                "request %s, admitted locally, took a limit of its caller past its maximum (limits %s of %s): "
-                "other processes used the room meanwhile",
+                "after request %s, admitted locally, limits %s of %s are past their maximum: other processes "
+                "used the room meanwhile, or (tokens per minute) replies' completion tokens did",
                 request_id,
                 over,
                 view_key_label(key),
