@@ -110,12 +110,10 @@ class HeadroomView:
         now: float,
     ) -> HeadroomView | None:
         """Return the view an answer shows, or None when it lacks a figure (a failed call)."""
-        windows = [w for w in admitted.windows if w is not None]
-        if len(windows) != len(counter_keys):
+        figures = _figures(admitted, len(counter_keys), len(limits))
+        if figures is None:
             return None
-        used = _used(windows, admitted)
-        if len(used) != len(limits):
-            return None
+        windows, used = figures
         return cls(
             limits=limits,
             used=used,
@@ -155,12 +153,10 @@ class HeadroomView:
         Returns False when the answer lacks a figure."""
         if admitted.call < self.call:
             return True
-        windows = [w for w in admitted.windows if w is not None]
-        if len(windows) != len(self.windows):
+        figures = _figures(admitted, len(self.windows), len(self.used))
+        if figures is None:
             return False
-        used = _used(windows, admitted)
-        if len(used) != len(self.used):
-            return False
+        windows, used = figures
         self.used, self.windows, self.processes = used, windows, admitted.processes
         self.call, self.answered_at = admitted.call, now
         releases, unsent = self.releases, self.unsent
@@ -196,12 +192,17 @@ class HeadroomView:
         return [window.without(-(pending[index] + unsent[index])) for index, window in enumerate(self.windows)]
 
 
-def _used(windows: Sequence[Window], admitted: Admitted) -> list[int]:
+def _figures(admitted: Admitted, counters: int, limits: int) -> tuple[list[Window], list[int]] | None:
+    """Return an answer's counter windows and what each limit held (the view's order), or None when
+    it lacks a figure (a failed call)."""
+    windows = [w for w in admitted.windows if w is not None]
+    if len(windows) != counters:
+        return None
     used = [math.floor(window.used()) for window in windows]
     used += admitted.stream_counts
     for units, tokens in admitted.budget_used:
         used += (int(units), int(tokens))
-    return used
+    return (windows, used) if len(used) == limits else None
 
 
 __all__ = ["VIEWS_MAX", "VIEW_SECONDS", "HeadroomView", "ViewKey", "view_key", "view_key_label"]
