@@ -375,7 +375,7 @@ class RateLimitStore(abc.ABC):
         # without waiting for the store (0: never), each caller's view, and the records under way.
         self.local_share = 0.0
         self.views: dict[Any, Any] = {}
-        self.records: set[asyncio.Task[None]] = set()
+        self.records: set[asyncio.Future[Any]] = set()
 
     @abc.abstractmethod
     async def admit(
@@ -578,6 +578,9 @@ class RedisRateLimitStore(RateLimitStore):
         """Take every waiting release for store call number ``call``: their keys, their ARGV
         (``_RELEASE``'s, r first), their members."""
         pending, self._pending = self._pending, []
+        if self._flush_timer is not None:  # the next release waits its full delay for a carrier again
+            self._flush_timer.cancel()
+            self._flush_timer = None
         keys: list[str] = []
         args: list[Any] = [len(pending), WINDOW_SECONDS, NO_LIMIT]
         members: list[str] = []

@@ -135,6 +135,30 @@ async def test_an_admission_carries_the_releases_waiting_before_it(subject_id: i
     await following.release(completion_tokens=0)
 
 
+async def test_a_release_after_a_carried_one_waits_its_own_delay_for_an_admission(
+    subject_id: int, settings: Any
+) -> None:
+    # The timer the first release started must not send the second one early, alone: the admission
+    # that carried the first one stopped it.
+    settings.RATE_LIMIT_RELEASE_BATCH_SECONDS = 0.2
+    subject = _user(subject_id, requests_per_minute=100, concurrent_streams=1)
+    first = await _acquire(subject)
+    store = rate_limit_store()
+    assert isinstance(store, RedisRateLimitStore)
+    async with Monitor(f":{subject_id}") as monitor:
+        await first.release(completion_tokens=0)  # waits up to 0.2 s
+        second = await _acquire(subject)  # carries it
+        await asyncio.sleep(0.12)
+        await second.release(completion_tokens=0)  # waits up to 0.2 s from now, not from the first
+        await asyncio.sleep(0.12)  # past the first release's 0.2 s
+        third = await _acquire(subject)  # carries it
+        calls = await monitor.stop()
+    assert [call.split()[1].strip('"') for call in calls] == [store._admit.sha] * 2, calls
+    assert first.request_id in calls[0] and second.request_id in calls[1]
+    await third.release(completion_tokens=0)
+    await store.flush()
+
+
 async def test_shutdown_sends_the_releases_still_waiting(subject_id: int, settings: Any) -> None:
     settings.RATE_LIMIT_RELEASE_BATCH_SECONDS = 30
     subject = _user(subject_id, tokens_per_minute=1000, concurrent_streams=5)
