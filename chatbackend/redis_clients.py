@@ -106,7 +106,11 @@ class ScriptLanes:
 
     def __init__(self, client: redis.asyncio.Redis, *, lanes: int, timeout: float) -> None:
         pool = client.connection_pool
-        self._lanes = [(pool.make_connection(), asyncio.Lock()) for _ in range(lanes)]
+        # No socket timeout of their own: ``call`` bounds the whole call with one ``asyncio.timeout``.
+        # redis-py bounds each write with ``asyncio.wait_for``, which on Python 3.11 wraps the write in
+        # a task of its own: a task and a loop iteration more per call.
+        kwargs = {**pool.connection_kwargs, "socket_timeout": None, "socket_connect_timeout": timeout}
+        self._lanes = [(pool.connection_class(**kwargs), asyncio.Lock()) for _ in range(lanes)]
         self._timeout = timeout
         self._turn = 0
 
@@ -117,10 +121,10 @@ class ScriptLanes:
         When Redis answers ``NOSCRIPT`` (restarted or flushed: nothing ran), ``SCRIPT LOAD`` and the
         call once more, as redis-py's ``Script`` does. Never retried otherwise: whether a failed call ran
         is unknown. Raises redis-py's ``ResponseError`` for an error reply (the script's own errors
-        included), ``ConnectionError`` / ``TimeoutError`` when Redis cannot be reached, does not answer
-        within the socket timeout, or no lane frees within ``timeout``. A failure or a cancellation
-        mid-call closes the lane's connection (a reply left unread must not reach the next call); the
-        next call on it connects again.
+        included), ``ConnectionError`` when Redis cannot be reached or no lane frees within ``timeout``,
+        ``TimeoutError`` when the call (connecting, writing, reading) takes longer than ``timeout``. A
+        failure or a cancellation mid-call closes the lane's connection (a reply left unread must not
+        reach the next call); the next call on it connects again.
         """
         connection, lock = self._lane()
         if lock.locked():
@@ -132,15 +136,19 @@ class ScriptLanes:
         else:
             await lock.acquire()
         try:
-            await self._ready(connection)
-            try:
-                await connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                return await connection.read_response()
-            except redis.exceptions.NoScriptError:
-                await connection.send_command("SCRIPT", "LOAD", script.script)
-                await connection.read_response()
-                await connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                return await connection.read_response()
+            async with asyncio.timeout(self._timeout):
+                await self._ready(connection)
+                try:
+                    await connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                    return await connection.read_response()
+                except redis.exceptions.NoScriptError:
+                    await connection.send_command("SCRIPT", "LOAD", script.script)
+                    await connection.read_response()
+                    await connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                    return await connection.read_response()
+        except TimeoutError:
+            # redis-py closed the connection on the way out (a cancelled read or write does).
+            raise redis.exceptions.TimeoutError(f"Redis did not answer within {self._timeout} s") from None
         finally:
             lock.release()
 

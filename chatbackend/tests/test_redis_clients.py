@@ -131,3 +131,26 @@ async def test_a_call_cancelled_mid_reply_leaves_its_lane_clean() -> None:
     finally:
         await lanes.aclose()
         await client.aclose()
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="needs REDIS_URL (CI sets it)")
+async def test_a_call_past_the_timeout_raises_redis_timeout_error_and_leaves_its_lane_clean() -> None:
+    # The lanes bound the whole call with their own timeout (their connections have no socket timeout).
+    client = async_redis_client(settings.REDIS_URL, max_connections=2, timeout=0.1)
+    lanes = ScriptLanes(client, lanes=1, timeout=0.1)
+    try:
+        slow = client.register_script(
+            "local t = redis.call('TIME') local s = t[1] * 1e6 + t[2] "
+            "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - s > 300000 return 'slow'"
+        )
+        quick = client.register_script("return ARGV[1]")
+        await lanes.call(quick, [], ["warm"])
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(redis.exceptions.TimeoutError, match="did not answer within 0.1 s"):
+            await lanes.call(slow, [], [])
+        assert asyncio.get_running_loop().time() - started < 0.25
+        await asyncio.sleep(0.3)  # the slow script ends; its reply went to the closed connection
+        assert await lanes.call(quick, [], ["next"]) == b"next"
+    finally:
+        await lanes.aclose()
+        await client.aclose()
