@@ -62,8 +62,8 @@ Redis unreachable
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -232,7 +232,7 @@ class RateLease:
     _stream_keys: tuple[str, ...] = ()
     _released: bool = False
     # A local admission's record in the store (``headroom``), under way until it answers.
-    _confirmation: asyncio.Task[None] | None = None
+    _confirmation: asyncio.Future[Admitted] | None = None
     _view_key: ViewKey | None = None
 
     async def confirmed(self) -> None:
@@ -546,11 +546,9 @@ def _admit_locally(
     if budget is not None:
         lines = tuple(line._replace(limit_units=_LIFTED_UNITS, token_limit=None) for line in budget.lines)
         lifted = dataclasses.replace(budget, lines=lines)
-    record = asyncio.get_running_loop().create_task(
-        _record(store, key, view, costs, hits, stream_keys, request_id, lifted),
-        name="metering-record",
-        context=contextvars.Context(),  # the process's, not this request's (it outlives the call)
-    )
+    # A future and a callback rather than a task per request: nothing here needs to suspend.
+    record = store.record(hits, stream_keys, [NO_LIMIT] * len(stream_keys), request_id, lifted)
+    record.add_done_callback(functools.partial(_recorded, store, key, view, costs, request_id))
     store.records.add(record)
     record.add_done_callback(store.records.discard)
     return RateLease(
@@ -565,22 +563,22 @@ def _admit_locally(
     )
 
 
-async def _record(
+def _recorded(
     store: RateLimitStore,
     key: ViewKey,
     view: HeadroomView,
     costs: list[int],
-    hits: list[CounterHit],
-    stream_keys: tuple[str, ...],
     request_id: str,
-    budget: ReserveRequest | None,
+    record: asyncio.Future[Admitted],
 ) -> None:
-    """Record a local admission in the store: the same script, every limit lifted; its answer refreshes
-    the view. A failure drops every view (admissions wait for the store again) and is logged."""
-    try:
-        admitted = await store.record(hits, stream_keys, [NO_LIMIT] * len(stream_keys), request_id, budget)
-    finally:
-        view.answered(costs)
+    """Take a local admission's record answer (``record``, done): its answer refreshes the view. A failure
+    drops every view (admissions wait for the store again) and is logged."""
+    view.answered(costs)
+    if record.cancelled():
+        admitted = Admitted([], [], None, None, asyncio.CancelledError("the record was cancelled"))
+    else:
+        error = record.exception()  # the Redis store's answers carry theirs; another store may raise
+        admitted = record.result() if error is None else Admitted([], [], None, None, error)
     now = time.monotonic()
     if admitted.error is not None:
         store.views.clear()
