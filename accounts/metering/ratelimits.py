@@ -62,7 +62,6 @@ Redis unreachable
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import logging
 import math
@@ -545,7 +544,7 @@ def _admit_locally(
     lifted = None
     if budget is not None:
         lines = tuple(line._replace(limit_units=_LIFTED_UNITS, token_limit=None) for line in budget.lines)
-        lifted = dataclasses.replace(budget, lines=lines)
+        lifted = ReserveRequest(budget.request_id, budget.pid, budget.expires_at, lines)
     # A future and a callback rather than a task per request: nothing here needs to suspend.
     record = store.record(hits, stream_keys, [NO_LIMIT] * len(stream_keys), request_id, lifted)
     record.add_done_callback(functools.partial(_recorded, store, key, view, costs, request_id))

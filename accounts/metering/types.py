@@ -1,19 +1,22 @@
 """What admission control reads: who a request is metered against, their limits, and its maximum size.
 
-Plain frozen dataclasses so that every app may build them (``llm`` builds them from its cached
-model snapshot and the caller's principal) without this app importing any other.
+Plain immutable records so that every app may build them (``llm`` builds them from its cached
+model snapshot and the caller's principal) without this app importing any other. ``RateLimits``
+and ``MeteringSubject`` are named tuples: admission hashes and compares a request's subjects several
+times (its caller's shape and view are found by them), and a tuple does both in C, where a frozen
+dataclass runs its generated ``__hash__`` and ``__eq__`` in Python.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import NamedTuple
 
 from ..pricing import Prices, max_token_cost
 
 
-@dataclass(frozen=True, slots=True)
-class RateLimits:
+class RateLimits(NamedTuple):
     """A subject's rate limits; None means no limit.
 
     ``requests_per_minute`` and ``tokens_per_minute`` (prompt plus completion tokens) as OpenAI
@@ -38,8 +41,7 @@ class RateLimits:
 NO_LIMITS = RateLimits()
 
 
-@dataclass(frozen=True, slots=True)
-class MeteringSubject:
+class MeteringSubject(NamedTuple):
     """One party a request counts against: ``kind`` and the row's ``id``, with its rate limits.
 
     Kinds today: ``"user"``, ``"api_key"``, ``"team"`` (an API key's team), ``"organization"``
