@@ -23,7 +23,10 @@ URL) and empties it at the start and the end: give a database nothing else uses.
 not settled (that is the Celery task's work, not the request's). The event loop is uvloop when
 installed, as under uvicorn. ``--concurrency N`` keeps N requests in flight (N tasks, each admitting
 and releasing one request after another), as a server with N streams starting and ending at once
-does. ``--profile`` prints cProfile's top functions of each caller.
+does. ``--reply-ms M`` makes each request wait M ms after its admission (the reply) and after its
+release (the gap to the next): above the 5 ms a record waits for others, every record and release
+goes in a script call of its own, as at one stream in a server, where back-to-back requests would
+share calls and hide their cost. ``--profile`` prints cProfile's top functions of each caller.
 """
 
 from __future__ import annotations
@@ -59,6 +62,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=1,
         help="requests in flight at once, each admitted then released (default 1: one after another)",
+    )
+    parser.add_argument(
+        "--reply-ms",
+        type=float,
+        default=0.0,
+        help="ms each request waits between admission and release, and after its release, as a reply and the "
+        "gap to the next do (default 0: none; above 5, every record and release goes in a script call of its own)",
     )
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions of each caller")
     return parser.parse_args(argv)
@@ -112,8 +122,9 @@ def _requests(caller: str, count: int) -> list[Any]:
     ]
 
 
-async def _run(requests: list[Any], concurrency: int = 1) -> list[float]:
-    """Admit and release every request, ``concurrency`` of them in flight at once; return each one's wall time."""
+async def _run(requests: list[Any], concurrency: int = 1, reply_s: float = 0.0) -> list[float]:
+    """Admit and release every request, ``concurrency`` of them in flight at once, each waiting ``reply_s``
+    after its admission and after its release; return each one's wall time (its waits excluded)."""
     from accounts.metering import metering_admit
 
     walls: list[float] = []
@@ -124,8 +135,15 @@ async def _run(requests: list[Any], concurrency: int = 1) -> list[float]:
         for request in share:
             started = time.perf_counter()
             admission = await metering_admit(request)
+            if reply_s:
+                admitted = time.perf_counter()
+                await asyncio.sleep(reply_s)
+                await admission.confirmed()
+                started += time.perf_counter() - admitted
             await admission.release(completion_tokens=64)
             walls.append(time.perf_counter() - started)
+            if reply_s:
+                await asyncio.sleep(reply_s)
             # A local admission does not suspend: let the loop run what is due (its record), as a
             # server's loop does between requests.
             await asyncio.sleep(0)
@@ -160,13 +178,14 @@ async def measure(options: argparse.Namespace, out: TextIO) -> None:
     for caller in options.callers.split(","):
         await sync_to_async(_budgets)(caller in ("budget", "both"))
         concurrency = max(1, getattr(options, "concurrency", 1))
-        await _run(_requests(caller, options.warmup), concurrency)
+        reply_s = max(0.0, getattr(options, "reply_ms", 0.0)) / 1000
+        await _run(_requests(caller, options.warmup), concurrency, reply_s)
         requests = _requests(caller, options.requests)
         profiler = cProfile.Profile() if options.profile else None
         cpu = time.process_time()
         if profiler is not None:
             profiler.enable()
-        walls = await _run(requests, concurrency)
+        walls = await _run(requests, concurrency, reply_s)
         if profiler is not None:
             profiler.disable()
         cpu = time.process_time() - cpu

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,3 +49,19 @@ async def test_concurrent_requests_are_all_admitted_and_released(memory_stores: 
 
     assert re.search(r"^\| both \| [\d.]+ \| [\d.]+ \| \d+ \|$", out.getvalue(), re.MULTILINE), out.getvalue()
     assert len(budget_store().reservations()) == 6 + 2
+
+
+async def test_spaced_requests_wait_between_admission_and_release(memory_stores: None) -> None:
+    # --reply-ms: each request waits that long after its admission and after its release (a reply, then
+    # the gap to the next), so that every record and release goes alone, as at one stream in a server.
+    options = argparse.Namespace(requests=3, warmup=1, callers="both", profile=False, reply_ms=20.0)
+    out = io.StringIO()
+    started = time.monotonic()
+
+    await measure(options, out)
+
+    assert time.monotonic() - started >= (3 + 1) * 2 * 0.02
+    row = re.search(r"^\| both \| ([\d.]+) \| [\d.]+ \| \d+ \|$", out.getvalue(), re.MULTILINE)
+    assert row is not None, out.getvalue()
+    assert float(row.group(1)) < 20  # the waits are not the request's own time
+    assert len(budget_store().reservations()) == 3 + 1
