@@ -328,6 +328,26 @@ class Child:
         self._log.close()
 
 
+def server_environment() -> dict[str, str]:
+    """Return the environment of the benchmark's processes: this one's, without its database, pool,
+    Celery and Redis settings (the caller sets those), production-like (no debug, warnings only)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "DB_POOL_", "CELERY_", "REDIS_"))}
+    env.update(
+        DJANGO_SETTINGS_MODULE="chatbackend.settings",
+        PYTHONUNBUFFERED="1",
+        PYTHONDONTWRITEBYTECODE="1",
+        DJANGO_DEBUG="false",
+        LOG_LEVEL="WARNING",
+        DJANGO_ALLOWED_HOSTS="127.0.0.1,localhost",
+        # Every stream's database work goes through the thread pool (a handful of threads),
+        # so 40 connections never run out; the timeout only guards against a stuck pool.
+        DB_POOL_MIN_SIZE="2",
+        DB_POOL_MAX_SIZE="40",
+        DB_POOL_TIMEOUT="60",
+    )
+    return env
+
+
 def server_command(server: str, port: int) -> list[str]:
     """The command that serves the ASGI app on ``port``: one worker process, access logs off."""
     py = sys.executable
@@ -474,20 +494,7 @@ class Bench:
 
     def prepare_environment(self) -> None:
         args = self.args
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "DB_POOL_", "CELERY_", "REDIS_"))}
-        env.update(
-            DJANGO_SETTINGS_MODULE="chatbackend.settings",
-            PYTHONUNBUFFERED="1",
-            PYTHONDONTWRITEBYTECODE="1",
-            DJANGO_DEBUG="false",
-            LOG_LEVEL="WARNING",
-            DJANGO_ALLOWED_HOSTS="127.0.0.1,localhost",
-            # Every stream's database work goes through the thread pool (a handful of threads),
-            # so 40 connections never run out; the timeout only guards against a stuck pool.
-            DB_POOL_MIN_SIZE="2",
-            DB_POOL_MAX_SIZE="40",
-            DB_POOL_TIMEOUT="60",
-        )
+        env = server_environment()
         if args.database_url:
             parts = urlsplit(args.database_url)
             bench_url = urlunsplit(parts._replace(path="/" + quote(args.db_name)))
