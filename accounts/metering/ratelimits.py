@@ -536,8 +536,8 @@ def _admit_locally(
     request_id: str,
     budget: ReserveRequest | None,
 ) -> RateLease:
-    """Admit on the view (``costs`` already taken into its ``pending``) and record it in the store in a
-    task of its own; return the lease, whose ``confirmed`` waits for that record."""
+    """Admit on the view (``costs`` already taken into its ``pending``) and queue its record in the store
+    (``_recorded`` takes the answer); return the lease, whose ``confirmed`` waits for that record."""
     if stream_keys:
         store.hold(request_id, stream_keys)
     hits = [CounterHit(c.key, NO_LIMIT, c.cost) for c in counters]
