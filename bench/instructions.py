@@ -20,7 +20,7 @@ a script call of its own (the worst case for enforcement; with many streams they
 The simulator sends a token every ``--token-delay-ms`` (default 30 ms), slower than the server
 under callgrind (~50x slower than native) handles one, so that every chunk is read on its own and
 the count does not depend on how chunks happened to coalesce: rounds of the same path then agree
-within ~0.5 %. A round of 20 replies takes ~45 s; the default run ~8 minutes.
+within ~1 %. A round of 20 replies takes ~45 s; the default run ~8 minutes.
 
 Needs valgrind (``apt install valgrind``), PostgreSQL (``DATABASE_URL``: the database
 ``--db-name`` is dropped and created there) and Redis (``REDIS_URL``: database ``--redis-db`` is
