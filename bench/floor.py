@@ -22,11 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,7 @@ import aiohttp
 
 from .loadgen import recv_message, send_message
 from .procstats import ProcessTree
-from .run import ROOT, Child, free_port
+from .run import ROOT, Child, free_port, simulator_command, wait_for_url
 
 UPSTREAM_ENV = "BENCH_FLOOR_UPSTREAM"  # the simulator's base URL, for the relay process
 SIMULATOR_KEY = "sk-bench-floor"
@@ -69,18 +67,6 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
-def _wait_for_url(child: Child, pattern: str) -> str:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        match = re.search(pattern, child.tail())
-        if match:
-            return match.group(1).rstrip("/")
-        if child.process.poll() is not None:
-            break
-        time.sleep(0.05)
-    raise SystemExit(f"{child.name} did not start:\n{child.tail()}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__.split("\n\n")[0])
     parser.add_argument("--levels", default="50,200")
@@ -95,28 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         simulator = Child(
             "simulator",
-            [
-                sys.executable,
-                "manage.py",
-                "llm_simulator",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--ttft-ms",
-                str(args.ttft_ms),
-                "--token-delay-ms",
-                str(args.token_delay_ms),
-                "--reply-tokens",
-                str(args.tokens),
-                "--api-key",
-                SIMULATOR_KEY,
-            ],  # fmt: skip
+            simulator_command(
+                ttft_ms=args.ttft_ms, token_delay_ms=args.token_delay_ms, tokens=args.tokens, api_key=SIMULATOR_KEY
+            ),
             env,
             logs / "simulator.log",
         )
         children.append(simulator)
-        sim_url = _wait_for_url(simulator, r"listening on (http://\S+)")
+        sim_url = wait_for_url(simulator, r"listening on (http://\S+)", STARTUP_TIMEOUT_S)
         port = free_port()
         relay = Child(
             "relay",
@@ -145,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             logs / "relay.log",
         )
         children.append(relay)
-        relay_url = _wait_for_url(relay, r"running on (http://\S+)")
+        relay_url = wait_for_url(relay, r"running on (http://\S+)", STARTUP_TIMEOUT_S)
         client = Child(
             "client",
             [sys.executable, "-m", "bench.loadgen"],

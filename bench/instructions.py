@@ -45,7 +45,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from .run import ROOT, Child, _http_status, free_port, server_command, server_environment
+from .run import (
+    ROOT,
+    Child,
+    _http_status,
+    free_port,
+    server_command,
+    server_environment,
+    simulator_command,
+    wait_for_url,
+)
 
 # Replies per path before counting: imports, caches and the callers' views warm.
 WARMUP_REPLIES = 10
@@ -98,7 +107,8 @@ def _environment(options: argparse.Namespace) -> dict[str, str]:
         name = sql.Identifier(options.db_name)
         connection.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))
         connection.execute(sql.SQL("CREATE DATABASE {}").format(name))
-    redis.Redis.from_url(env["REDIS_URL"]).flushdb()
+    with redis.Redis.from_url(env["REDIS_URL"]) as client:
+        client.flushdb()
     return env
 
 
@@ -135,34 +145,19 @@ def measure(options: argparse.Namespace, out: Path) -> dict[str, list[float]]:
     try:
         simulator = Child(
             "simulator",
-            [
-                python,
-                "manage.py",
-                "llm_simulator",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--ttft-ms",
-                str(options.token_delay_ms),
-                "--token-delay-ms",
-                str(options.token_delay_ms),
-                "--reply-tokens",
-                str(options.tokens),
-                "--api-key",
-                "bench-upstream-key",
-            ],  # fmt: skip
+            simulator_command(
+                ttft_ms=options.token_delay_ms,
+                token_delay_ms=options.token_delay_ms,
+                tokens=options.tokens,
+                api_key="bench-upstream-key",
+            ),
             env,
             out / "simulator.log",
         )
         children.append(simulator)
-        deadline = time.monotonic() + 60
-        while (found := re.search(r"listening on (http://\S+)", simulator.tail())) is None:
-            if time.monotonic() > deadline or simulator.process.poll() is not None:
-                sys.exit(f"the simulator did not start:\n{simulator.tail()}")
-            time.sleep(0.05)
+        simulator_url = wait_for_url(simulator, r"listening on (http://\S+)")
         seeded = subprocess.run(
-            [python, "-m", "bench.seed", "--simulator-url", found.group(1).rstrip("/"),
+            [python, "-m", "bench.seed", "--simulator-url", simulator_url,
              "--simulator-api-key", "bench-upstream-key", "--conversations", "0"],
             cwd=ROOT, env=env, check=True, capture_output=True, text=True,
         ).stdout  # fmt: skip

@@ -348,6 +348,31 @@ def server_environment() -> dict[str, str]:
     return env
 
 
+def simulator_command(*, ttft_ms: float, token_delay_ms: float, tokens: int, api_key: str) -> list[str]:
+    """Return the command that runs the LLM simulator on a free port (it logs ``listening on <url>``)."""
+    return [
+        sys.executable, "manage.py", "llm_simulator", "--host", "127.0.0.1", "--port", "0",
+        "--ttft-ms", str(ttft_ms), "--token-delay-ms", str(token_delay_ms),
+        "--reply-tokens", str(tokens), "--api-key", api_key,
+    ]  # fmt: skip
+
+
+def wait_for_url(child: Child, pattern: str, timeout: float = STARTUP_TIMEOUT_S) -> str:
+    """Return the URL ``child`` logs (``pattern``'s group 1, without a trailing slash) once it does.
+
+    Exits (``SystemExit``, with the end of its log) when it exits first or has not within ``timeout`` s.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = re.search(pattern, child.tail())
+        if match:
+            return match.group(1).rstrip("/")
+        if child.process.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise SystemExit(f"{child.name} did not start:\n{child.tail()}")
+
+
 def server_command(server: str, port: int) -> list[str]:
     """The command that serves the ASGI app on ``port``: one worker process, access logs off."""
     py = sys.executable
@@ -606,11 +631,9 @@ class Bench:
     def start_simulator(self) -> None:
         args = self.args
         started = time.perf_counter()
-        command = [
-            sys.executable, "manage.py", "llm_simulator", "--host", "127.0.0.1", "--port", "0",
-            "--ttft-ms", str(args.ttft_ms), "--token-delay-ms", str(args.token_delay_ms),
-            "--reply-tokens", str(args.tokens), "--api-key", self.sim_key,
-        ]  # fmt: skip
+        command = simulator_command(
+            ttft_ms=args.ttft_ms, token_delay_ms=args.token_delay_ms, tokens=args.tokens, api_key=self.sim_key
+        )
         self.sim = Child("simulator", command, self.env, self.log_dir / "simulator.log")
         self.children.append(self.sim)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
