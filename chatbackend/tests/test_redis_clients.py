@@ -110,15 +110,20 @@ async def test_script_lanes_raise_connection_error_when_redis_is_unreachable() -
         await client.aclose()
 
 
+def _busy_for(microseconds: int) -> str:
+    """A Lua script that keeps Redis busy for ``microseconds`` (by its own clock), then returns 'slow'."""
+    return (
+        "local t = redis.call('TIME') local s = t[1] * 1e6 + t[2] "
+        f"repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - s > {microseconds} return 'slow'"
+    )
+
+
 @pytest.mark.skipif(not settings.REDIS_URL, reason="needs REDIS_URL (CI sets it)")
 async def test_a_call_cancelled_mid_reply_leaves_its_lane_clean() -> None:
     client = async_redis_client(settings.REDIS_URL, max_connections=2, timeout=5.0)
     lanes = ScriptLanes(client, lanes=1, timeout=5.0)
     try:
-        slow = client.register_script(
-            "local t = redis.call('TIME') local s = t[1] * 1e6 + t[2] "
-            "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - s > 200000 return 'slow'"
-        )
+        slow = client.register_script(_busy_for(200000))
         quick = client.register_script("return ARGV[1]")
         await lanes.call(quick, [], ["warm"])
         call = asyncio.ensure_future(lanes.call(slow, [], []))
@@ -139,10 +144,7 @@ async def test_a_call_past_the_timeout_raises_redis_timeout_error_and_leaves_its
     client = async_redis_client(settings.REDIS_URL, max_connections=2, timeout=0.1)
     lanes = ScriptLanes(client, lanes=1, timeout=0.1)
     try:
-        slow = client.register_script(
-            "local t = redis.call('TIME') local s = t[1] * 1e6 + t[2] "
-            "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - s > 300000 return 'slow'"
-        )
+        slow = client.register_script(_busy_for(300000))
         quick = client.register_script("return ARGV[1]")
         await lanes.call(quick, [], ["warm"])
         started = asyncio.get_running_loop().time()
