@@ -262,11 +262,11 @@ def reserve_verdict(result: list[Any]) -> ReserveVerdict:
     return ReserveVerdict(refused=int(result[1]) - 1, by_tokens=status == 3, spent=int(result[2]), held=int(result[3]))
 
 
-@dataclass(frozen=True, slots=True)
-class ReserveRequest:
+class ReserveRequest(NamedTuple):
     """One request's reservation on budgets: ``lines`` for ``request_id``, held by process ``pid`` until
     ``expires_at`` (Unix seconds) at the latest. What ``BudgetStore.reserve`` takes, and what the rate
-    limits' store runs in its admission script (``ratelimit_store``) so that both cost one round trip."""
+    limits' store runs in its admission script (``ratelimit_store``) so that both cost one round trip.
+    A named tuple (``_replace`` copies it): one or two are built per budgeted request."""
 
     request_id: str
     pid: str

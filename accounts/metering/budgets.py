@@ -40,7 +40,6 @@ restart, a lost settlement), which seeding and reconciliation bound.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import logging
 import time
@@ -92,9 +91,13 @@ _STORE_ERRORS: tuple[type[BaseException], ...] = (redis.exceptions.RedisError, *
 _REPAIR_ATTEMPTS = 5
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class BudgetSpec:
     """An enabled budget as the metering path reads it (cached per process; immutable).
+
+    Compared and hashed by identity (``eq=False``: in C, where a frozen dataclass hashes its eight
+    fields in Python), as ``_current_periods`` keys it once per request: the cache holds one
+    snapshot of each budget, and an edited budget is a new one.
 
     ``organization_id``: the budget's organization. It limits what its subject spends there only:
     a user who belongs to several organizations is budgeted by each of them separately, and one
@@ -320,13 +323,13 @@ _current_periods: dict[tuple[BudgetSpec, Any], _CurrentPeriod] = {}
 _CURRENT_PERIODS_MAX = 10_000
 
 
-def _current_period(budget: BudgetSpec, now: dt.datetime, stamp: float) -> _CurrentPeriod:
-    """Return ``budget``'s period holding ``now`` (``stamp``: its Unix seconds), from the cache when it can."""
+def _current_period(budget: BudgetSpec, stamp: float) -> _CurrentPeriod:
+    """Return ``budget``'s period holding the moment ``stamp`` (Unix seconds), from the cache when it can."""
     tz = timezone.get_default_timezone()
     current = _current_periods.get((budget, tz))
     if current is not None and current.start <= stamp < current.end:
         return current
-    period = budget_period(budget.period, now)
+    period = budget_period(budget.period, dt.datetime.fromtimestamp(stamp, tz=dt.UTC))
     if len(_current_periods) >= _CURRENT_PERIODS_MAX:
         _current_periods.clear()
     current = _current_periods[(budget, tz)] = _CurrentPeriod(
@@ -371,7 +374,7 @@ class BudgetPlan:
         lines = list(self.request.lines)
         for index, (seed_units, seed_tokens) in zip(missing, seeds, strict=True):
             lines[index] = lines[index]._replace(seed_units=seed_units, seed_tokens=seed_tokens)
-        self.request = dataclasses.replace(self.request, lines=tuple(lines))
+        self.request = self.request._replace(lines=tuple(lines))
 
 
 async def budget_plan(
@@ -391,9 +394,8 @@ async def budget_plan(
     if not budgets:
         return None
     liveness.start_heartbeat()  # reconciliation releases reservations of processes without one
-    now = timezone.now()
-    stamp = now.timestamp()
-    currents = [_current_period(budget, now, stamp) for budget in budgets]
+    stamp = time.time()
+    currents = [_current_period(budget, stamp) for budget in budgets]
     periods = [current.period for current in currents]
     units = to_units(max_cost, round_up=True)
     lines = tuple(

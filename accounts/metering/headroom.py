@@ -185,11 +185,15 @@ class HeadroomView:
             if limit is not None and used > limit
         ]
 
-    def pending_windows(self) -> list[Window]:
-        """Return the counters' windows with what is pending and released since added: the
-        ``x-ratelimit-*`` headers' figures."""
-        pending, unsent = self.pending, self.unsent
-        return [window.without(-(pending[index] + unsent[index])) for index, window in enumerate(self.windows)]
+    def counts(self) -> list[int]:
+        """Return what each counter holds with what is pending and released since the answer (the
+        ``x-ratelimit-*`` headers' figures): its weighted count, rounded down, plus those amounts."""
+        used, pending, unsent = self.used, self.pending, self.unsent
+        return [used[index] + pending[index] + unsent[index] for index in range(len(self.windows))]
+
+    def pending_window(self, index: int) -> Window:
+        """Return counter ``index``'s window with what is pending and released since added (its reset time)."""
+        return self.windows[index].without(-(self.pending[index] + self.unsent[index]))
 
 
 def _figures(admitted: Admitted, counters: int, limits: int) -> tuple[list[Window], list[int]] | None:

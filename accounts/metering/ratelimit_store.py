@@ -54,7 +54,6 @@ import logging
 import time
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import redis.exceptions
@@ -157,14 +156,14 @@ class CounterHit(NamedTuple):
     amount: int
 
 
-@dataclass(frozen=True, slots=True)
-class Admitted:
+class Admitted(NamedTuple):
     """What one admission did: for each counter whether it was hit and its window just after the hit
     (``None`` when the store failed), the stream leases' answer (0: every lease taken; a positive
     1-based index: that subject's set was full; ``None``: no lease asked, or the store failed) and
     the budget reservation's verdict (``None``: none asked, or not tried because a rate limit
     refused). All or nothing: when anything refused, nothing stays taken. ``error``: the store's
-    failure, if any (then whether anything ran is unknown)."""
+    failure, if any (then whether anything ran is unknown). A named tuple: one is made per admission
+    and per record answered."""
 
     hits: list[bool]
     windows: list[Window | None]

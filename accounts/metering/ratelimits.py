@@ -66,7 +66,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -324,23 +324,41 @@ def _unavailable(store: RateLimitStore, exc: BaseException, *, known: bool = Fal
     ) from exc
 
 
-def _headers(counters: Sequence[_Counter], windows: Sequence[Window]) -> dict[str, str]:
+# Each dimension's header names, requests first: OpenAI's ``x-ratelimit-{limit,remaining,reset}-*``.
+_HEADER_NAMES = {
+    dimension: tuple(f"x-ratelimit-{figure}-{dimension}" for figure in ("limit", "remaining", "reset"))
+    for dimension in ("requests", "tokens")
+}
+
+
+def _headers(counters: Sequence[_Counter], used: Sequence[int], window_at: Callable[[int], Window]) -> dict[str, str]:
     """Return OpenAI's ``x-ratelimit-*`` headers of the counter with the least remaining (then the
-    lowest limit) of each dimension, requests first."""
-    tightest: dict[str, tuple[int, int, Window]] = {}
-    for counter, window in zip(counters, windows, strict=True):
-        remaining = counter.limit - math.floor(window.used())
+    lowest limit) of each dimension, requests first.
+
+    ``used``: what each counter holds (its window's weighted count rounded down, as ``limits``
+    admits on it); ``window_at(i)``: counter ``i``'s window, read only for the counters the headers
+    name (their reset time).
+    """
+    tightest: dict[str, tuple[int, int, int]] = {}
+    for index, counter in enumerate(counters):
+        remaining = counter.limit - used[index]
         best = tightest.get(counter.dimension)
-        if best is None or (remaining, counter.limit) < (best[0], best[1]):
-            tightest[counter.dimension] = (remaining, counter.limit, window)
+        if best is None or remaining < best[0] or (remaining == best[0] and counter.limit < best[1]):
+            tightest[counter.dimension] = (remaining, counter.limit, index)
     headers: dict[str, str] = {}
-    for dimension in ("requests", "tokens"):
-        if dimension in tightest:
-            remaining, limit, window = tightest[dimension]
-            headers[f"x-ratelimit-limit-{dimension}"] = str(limit)
-            headers[f"x-ratelimit-remaining-{dimension}"] = str(max(0, remaining))
-            headers[f"x-ratelimit-reset-{dimension}"] = format_reset(window.reset_seconds(limit))
+    for dimension, (limit_name, remaining_name, reset_name) in _HEADER_NAMES.items():
+        best = tightest.get(dimension)
+        if best is not None:
+            remaining, limit, index = best
+            headers[limit_name] = str(limit)
+            headers[remaining_name] = str(max(0, remaining))
+            headers[reset_name] = format_reset(window_at(index).reset_seconds(limit))
     return headers
+
+
+def _window_headers(counters: Sequence[_Counter], windows: list[Window]) -> dict[str, str]:
+    """Return ``_headers`` of ``counters`` whose windows are ``windows`` (a store's answer)."""
+    return _headers(counters, [math.floor(window.used()) for window in windows], windows.__getitem__)
 
 
 def _refusal(counter: _Counter, window: Window, headers: dict[str, str]) -> tuple[float, ApplicationError]:
@@ -456,7 +474,7 @@ async def rate_limit_acquire(
             window.without(counter.cost) if hit else window
             for counter, window, hit in zip(counters, windows, admitted.hits, strict=True)
         ]
-        headers = _headers(counters, windows)
+        headers = _window_headers(counters, windows)
         errors = [
             _refusal(counter, window, headers)
             for counter, window, hit in zip(counters, windows, admitted.hits, strict=True)
@@ -474,7 +492,7 @@ async def rate_limit_acquire(
     if key is not None:
         _observe(store, key, counters, stream_limits, budget, admitted)
     return RateLease(
-        headers=_headers(counters, windows),
+        headers=_window_headers(counters, windows),
         request_id=request_id,
         budget=admitted.budget,
         _store=store,
@@ -551,7 +569,7 @@ def _admit_locally(
     store.records.add(record)
     record.add_done_callback(store.records.discard)
     return RateLease(
-        headers=_headers(counters, view.pending_windows()),
+        headers=_headers(counters, view.counts(), view.pending_window),
         request_id=request_id,
         budget=RESERVED if budget is not None else None,
         _store=store,

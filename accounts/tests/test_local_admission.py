@@ -278,12 +278,12 @@ def test_released_tokens_count_until_an_answer_of_their_call_holds_them() -> Non
     view = HeadroomView.of((1000,), ["tokens:user:1"], _answer(call=1, used=100), now=0.0)
     assert view is not None
     carrier = view.released([("tokens:user:1", 30), ("tokens:user:2", 5)])
-    assert view.pending_windows()[0].current == 130  # waiting in this process
+    assert view.pending_window(0).current == 130 and view.counts() == [130]  # waiting in this process
     carrier[0] = 2  # sent with call 2
-    assert view.pending_windows()[0].current == 130
+    assert view.pending_window(0).current == 130 and view.counts() == [130]
     view.merge(_answer(call=2, used=130), now=0.1)  # call 2's answer holds them
     assert not view.releases and view.unsent == [0]
-    assert view.pending_windows()[0].current == 130
+    assert view.pending_window(0).current == 130 and view.counts() == [130]
     # A view too old is not used: the next admission waits for the store.
     assert view.take([1], share=0.1, now=0.1 + VIEW_SECONDS / 2)
     assert not view.take([1], share=0.1, now=0.1 + VIEW_SECONDS * 2)
