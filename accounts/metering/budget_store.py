@@ -283,7 +283,8 @@ class ReserveRequest(NamedTuple):
 
 
 def _reserve_args(request_id: str, pid: str, expires_at: float, lines: Sequence[ReserveLine]) -> list[Any]:
-    args: list[Any] = [request_id, pid, repr(expires_at)]
+    # Floats as they are: redis-py's packers (hiredis' and its own) write them as repr() does.
+    args: list[Any] = [request_id, pid, expires_at]
     for line in lines:
         args += [
             line.limit_units,
@@ -293,8 +294,8 @@ def _reserve_args(request_id: str, pid: str, expires_at: float, lines: Sequence[
             -1 if line.seed_units is None else line.seed_units,
             0 if line.seed_tokens is None else line.seed_tokens,
             line.ttl_seconds,
-            repr(line.start),
-            repr(line.end),
+            line.start,
+            line.end,
         ]
     return args
 

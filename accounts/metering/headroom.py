@@ -44,6 +44,7 @@ The in-process store (the embedded defaults) has no round trip to save and keeps
 from __future__ import annotations
 
 import math
+import operator
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -81,13 +82,14 @@ class HeadroomView:
 
     Vectors, one entry per limit in this order: each counter (the shape's order), each stream set,
     then each budget line's units and tokens. ``limits``: None for a budget without a token limit
-    (never checked). ``used``: the amount each held at the answer (a counter's weighted count,
-    rounded down as ``limits`` does). ``call``: the store call that answered (``Admitted.call``):
-    an answer of an earlier call never replaces a later one's. ``pending``: amounts admitted locally
-    whose record has not answered yet. ``releases``: completion tokens this process released, each
-    with the call that carried it to the store (a one-item list, None while it waits in the
-    process), oldest first, counted (``unsent``: their sum per limit) until an answer of that call
-    or a later one. ``windows``: the counters' windows, for the ``x-ratelimit-*`` headers.
+    (never checked); ``caps``: the same, None as infinity. ``used``: the amount each held at the
+    answer (a counter's weighted count, rounded down as ``limits`` does). ``call``: the store call
+    that answered (``Admitted.call``): an answer of an earlier call never replaces a later one's.
+    ``pending``: amounts admitted locally whose record has not answered yet. ``releases``: completion
+    tokens this process released, each with the call that carried it to the store (a one-item list,
+    None while it waits in the process), oldest first, counted (``unsent``: their sum per limit)
+    until an answer of that call or a later one. ``windows``: the counters' windows, for the
+    ``x-ratelimit-*`` headers.
     """
 
     limits: tuple[int | None, ...]
@@ -97,6 +99,7 @@ class HeadroomView:
     answered_at: float
     call: int
     counter_index: dict[str, int]
+    caps: tuple[int | float, ...] = ()
     pending: list[int] = field(default_factory=list)
     releases: deque[tuple[list[int | None], list[tuple[int, int]]]] = field(default_factory=deque)
     unsent: list[int] = field(default_factory=list)
@@ -116,6 +119,7 @@ class HeadroomView:
         windows, used = figures
         return cls(
             limits=limits,
+            caps=tuple(math.inf if limit is None else limit for limit in limits),
             used=used,
             windows=windows,
             processes=admitted.processes,
@@ -179,6 +183,8 @@ class HeadroomView:
 
     def over(self) -> list[int]:
         """Return the indexes of the limits the view shows exceeded (a local admission went over)."""
+        if not any(map(operator.gt, self.used, self.caps)):  # in C: none, nearly always
+            return []
         return [
             index
             for index, (limit, used) in enumerate(zip(self.limits, self.used, strict=True))

@@ -242,7 +242,8 @@ def _library() -> str:
 # seconds, no-limit, then each counter's limit and amount, each stream set's limit, then the budget
 # reservation's ARGV. Returns {hits, windows, streams, budget, counts, used}: hits[i] 1 when
 # counter i was hit;
-# windows[i] limits' four window figures read right after that hit; streams 0 (every lease taken),
+# windows[i] limits' four window figures read right after that hit (counts as numbers, 0 for none;
+# times to live in ms, at least 0: what ``_window`` reads without converting); streams 0 (every lease taken),
 # j (set j full) or -1 (none asked); budget the reservation script's answer, or {} when none was
 # asked or a rate limit refused first; counts, each stream set's leases at the end; used, each
 # budget counter's spent plus reserved units, then tokens, at the end. All or nothing: when anything
@@ -261,7 +262,8 @@ for i = 1, n do
     hits[i] = 0
     admitted = false
   end
-  windows[i] = sliding_window(keys, {expiry})
+  local w = sliding_window(keys, {expiry})
+  windows[i] = {tonumber(w[1]) or 0, math.max(0, w[2]), tonumber(w[3]) or 0, math.max(0, w[4])}
 end
 local streams = -1
 if m > 0 then
@@ -491,15 +493,9 @@ def _release_failed(members: Sequence[str], exc: BaseException | str) -> None:
 
 
 def _window(raw: Any) -> Window:
-    """Return ``limits``' sliding-window script answer as a ``Window`` (its bridge's own conversion)."""
-    if not raw:
-        return Window(0, 0.0, 0, 0.0)
-    return Window(
-        int(raw[0] or 0),
-        max(0.0, float(raw[1] or 0)) / 1000,
-        int(raw[2] or 0),
-        max(0.0, float(raw[3] or 0)) / 1000,
-    )
+    """Return ``_ADMIT``'s figures of one window (``limits``' sliding-window script answer, counts as
+    numbers and times to live in ms, at least 0) as a ``Window``."""
+    return Window(raw[0], raw[1] / 1000, raw[2], raw[3] / 1000)
 
 
 # A record's arguments as ``record`` takes them: hits, stream keys, stream limits, member, budget.

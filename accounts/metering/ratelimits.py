@@ -74,7 +74,7 @@ from django.conf import settings
 
 from chatbackend.errors import ApplicationError
 
-from .budget_store import RESERVED, ReserveRequest, ReserveVerdict
+from .budget_store import RESERVED, ReserveLine, ReserveRequest, ReserveVerdict
 from .budgets import metering_unavailable
 from .headroom import VIEWS_MAX, HeadroomView, ViewKey, view_key, view_key_label
 from .ratelimit_store import (
@@ -561,7 +561,11 @@ def _admit_locally(
     hits = [CounterHit(c.key, NO_LIMIT, c.cost) for c in counters]
     lifted = None
     if budget is not None:
-        lines = tuple(line._replace(limit_units=_LIFTED_UNITS, token_limit=None) for line in budget.lines)
+        # Built directly: a named tuple's _replace is a Python function, three times as slow.
+        lines = tuple(
+            ReserveLine(line.key, _LIFTED_UNITS, None, *line[3:])
+            for line in budget.lines  # limit and token limit
+        )
         lifted = ReserveRequest(budget.request_id, budget.pid, budget.expires_at, lines)
     # A future and a callback rather than a task per request: nothing here needs to suspend.
     record = store.record(hits, stream_keys, [NO_LIMIT] * len(stream_keys), request_id, lifted)
