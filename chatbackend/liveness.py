@@ -34,6 +34,8 @@ PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 BEATS_TO_DEATH = 3
 
 _heartbeats: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = weakref.WeakKeyDictionary()
+# The heartbeat start_heartbeat last found or started (done once stopped or cancelled).
+_beating: asyncio.Task[None] | None = None
 
 
 def _key(process_id: str) -> str:
@@ -86,9 +88,18 @@ def start_heartbeat() -> None:
     The empty context also keeps that request's id off the heartbeat's logs.
     """
     loop = asyncio.get_running_loop()
+    task = _beating
+    if task is not None and task.get_loop() is loop and not task.done():
+        return  # the common case, once per budgeted request: no weak dictionary lookup
+    _start_heartbeat(loop)
+
+
+def _start_heartbeat(loop: asyncio.AbstractEventLoop) -> None:
+    global _beating
     task = _heartbeats.get(loop)
     if task is None or task.done():
-        _heartbeats[loop] = loop.create_task(_beat(), name="process-heartbeat", context=contextvars.Context())
+        task = _heartbeats[loop] = loop.create_task(_beat(), name="process-heartbeat", context=contextvars.Context())
+    _beating = task
 
 
 async def stop_heartbeat() -> None:

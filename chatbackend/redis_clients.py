@@ -113,6 +113,7 @@ class ScriptLanes:
         self._lanes = [(pool.connection_class(**kwargs), asyncio.Lock()) for _ in range(lanes)]
         self._timeout = timeout
         self._turn = 0
+        self._health_checks = bool(kwargs.get("health_check_interval"))
 
     async def call(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """Run ``script`` (registered with ``register_script``) with ``keys`` and ``args``; return its
@@ -139,7 +140,10 @@ class ScriptLanes:
             async with asyncio.timeout(self._timeout):
                 await self._ready(connection)
                 try:
-                    await connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                    # send_command's own two steps; its health check (a coroutine call) only when the
+                    # URL sets health_check_interval, as it would return at once otherwise.
+                    command = connection.pack_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                    await connection.send_packed_command(command, check_health=self._health_checks)
                     return await connection.read_response()
                 except redis.exceptions.NoScriptError:
                     await connection.send_command("SCRIPT", "LOAD", script.script)
@@ -165,8 +169,11 @@ class ScriptLanes:
         """Connect ``connection`` if it is not; reconnect it if it holds data or Redis closed it (what
         redis-py's pool checks at checkout, ``ConnectionPool.ensure_connection``, which skips the
         check while its maintenance notifications are enabled, as they are by default: a lane Redis
-        closed would then fail its next call)."""
-        await connection.connect()
+        closed would then fail its next call). ``connect`` is called only when not connected: it
+        returns at once otherwise, after a retry wrapper and two coroutine calls."""
+        if not connection.is_connected:
+            await connection.connect()
+            return  # a new connection holds nothing
         try:
             if await connection.can_read():
                 raise redis.exceptions.ConnectionError("Connection has data")

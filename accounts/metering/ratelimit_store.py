@@ -863,17 +863,29 @@ class MemoryRateLimitStore(RateLimitStore):
 _stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, RateLimitStore]] = weakref.WeakKeyDictionary()
 
 
+# The store rate_limit_store last returned, with its loop (weakly) and URL: one call per metered request.
+_last: tuple[weakref.ref[asyncio.AbstractEventLoop], str, RateLimitStore] | None = None
+
+
 def rate_limit_store() -> RateLimitStore:
     """Return this event loop's store: Redis with ``REDIS_URL``, else this process's memory."""
+    global _last
     url = settings.REDIS_URL
-    per_loop = _stores.setdefault(asyncio.get_running_loop(), {})
+    loop = asyncio.get_running_loop()
+    last = _last
+    if last is not None and last[0]() is loop and last[1] == url:
+        return last[2]
+    per_loop = _stores.setdefault(loop, {})
     store = per_loop.get(url)
     if store is None:
         store = per_loop[url] = RedisRateLimitStore(url) if url else MemoryRateLimitStore()
+    _last = (weakref.ref(loop), url, store)
     return store
 
 
 async def rate_limit_store_close() -> None:
     """Close this event loop's stores (their Redis connections, their lease renewers)."""
+    global _last
+    _last = None
     for store in _stores.pop(asyncio.get_running_loop(), {}).values():
         await store.close()
