@@ -275,7 +275,7 @@ class ReserveRequest(NamedTuple):
 
     def redis_keys(self) -> list[str]:
         """Return ``RESERVE_SCRIPT``'s KEYS: the reservation, the index, then each line's counter."""
-        return [reservation_key(self.request_id), INDEX_KEY, *(line.key for line in self.lines)]
+        return [reservation_key(self.request_id), INDEX_KEY, *[line.key for line in self.lines]]
 
     def redis_args(self) -> list[Any]:
         """Return ``RESERVE_SCRIPT``'s ARGV (see the script)."""

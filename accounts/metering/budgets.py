@@ -46,7 +46,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import redis.exceptions
 from django.conf import settings
@@ -224,12 +224,11 @@ async def budgets_for(subjects: Sequence[MeteringSubject]) -> list[BudgetSpec]:
 # --- Reservation ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class BudgetReservation:
+class BudgetReservation(NamedTuple):
     """What a request reserved: ``max_cost`` (US dollars) and ``max_tokens`` on each of ``budget_ids``.
 
     Settled by the request's usage row (``budget_settle_many``, by ``request_id``); released by
-    reconciliation if its process dies first.
+    reconciliation if its process dies first. A named tuple: one per budgeted request.
     """
 
     request_id: str
@@ -399,7 +398,7 @@ async def budget_plan(
     periods = [current.period for current in currents]
     units = to_units(max_cost, round_up=True)
     lines = tuple(
-        _line(b, c, units=units, tokens=max_tokens, now=stamp) for b, c in zip(budgets, currents, strict=True)
+        [_line(b, c, units=units, tokens=max_tokens, now=stamp) for b, c in zip(budgets, currents, strict=True)]
     )
     request = ReserveRequest(request_id, liveness.PROCESS_ID, stamp + settings.BUDGET_RESERVATION_TTL_SECONDS, lines)
     return BudgetPlan(request, budgets, periods, max_cost, max_tokens)
@@ -435,7 +434,7 @@ async def budget_reserve_with(
         raise insufficient_quota(budget, period, verdict, max_cost=plan.max_cost, max_tokens=plan.max_tokens)
     return BudgetReservation(
         request_id=plan.request.request_id,
-        budget_ids=tuple(b.id for b in plan.budgets),
+        budget_ids=tuple([b.id for b in plan.budgets]),
         max_cost=plan.max_cost,
         max_tokens=plan.max_tokens,
     )

@@ -66,7 +66,7 @@ def view_key(subjects: tuple[MeteringSubject, ...], budget: ReserveRequest | Non
     (with their limits); a changed limit or a new budget period is another view."""
     if budget is None:
         return subjects, None
-    return subjects, tuple((line.key, line.limit_units, line.token_limit) for line in budget.lines)
+    return subjects, tuple([(line.key, line.limit_units, line.token_limit) for line in budget.lines])
 
 
 def view_key_label(key: ViewKey) -> str:
@@ -111,9 +111,11 @@ class HeadroomView:
         counter_keys: Sequence[str],
         admitted: Admitted,
         now: float,
+        counts: Sequence[int] | None = None,
     ) -> HeadroomView | None:
-        """Return the view an answer shows, or None when it lacks a figure (a failed call)."""
-        figures = _figures(admitted, len(counter_keys), len(limits))
+        """Return the view an answer shows, or None when it lacks a figure (a failed call). ``counts``:
+        its counters' weighted counts rounded down, when the caller has them (else computed here)."""
+        figures = _figures(admitted, len(counter_keys), len(limits), counts)
         if figures is None:
             return None
         windows, used = figures
@@ -152,12 +154,12 @@ class HeadroomView:
         for index, cost in enumerate(costs):
             pending[index] -= cost
 
-    def merge(self, admitted: Admitted, now: float) -> bool:
+    def merge(self, admitted: Admitted, now: float, counts: Sequence[int] | None = None) -> bool:
         """Take in an answer: it replaces the view unless an answer of a later call already did.
-        Returns False when the answer lacks a figure."""
+        Returns False when the answer lacks a figure. ``counts``: as ``of``'s."""
         if admitted.call < self.call:
             return True
-        figures = _figures(admitted, len(self.windows), len(self.used))
+        figures = _figures(admitted, len(self.windows), len(self.used), counts)
         if figures is None:
             return False
         windows, used = figures
@@ -202,13 +204,15 @@ class HeadroomView:
         return self.windows[index].without(-(self.pending[index] + self.unsent[index]))
 
 
-def _figures(admitted: Admitted, counters: int, limits: int) -> tuple[list[Window], list[int]] | None:
+def _figures(
+    admitted: Admitted, counters: int, limits: int, counts: Sequence[int] | None = None
+) -> tuple[list[Window], list[int]] | None:
     """Return an answer's counter windows and what each limit held (the view's order), or None when
-    it lacks a figure (a failed call)."""
+    it lacks a figure (a failed call). ``counts``: the counters' weighted counts rounded down, if known."""
     windows = [w for w in admitted.windows if w is not None]
     if len(windows) != counters:
         return None
-    used = [math.floor(window.used()) for window in windows]
+    used = [math.floor(window.used()) for window in windows] if counts is None else [*counts]
     used += admitted.stream_counts
     for units, tokens in admitted.budget_used:
         used += (int(units), int(tokens))

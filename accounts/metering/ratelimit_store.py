@@ -156,6 +156,11 @@ class CounterHit(NamedTuple):
     amount: int
 
 
+# What the stores' ``admit`` and ``record`` take per counter: (key, limit, amount), as ``CounterHit``
+# names them; a plain tuple too (``rate_limit_acquire`` zips them from its caller's shape).
+Hit = tuple[str, int, int]
+
+
 class Admitted(NamedTuple):
     """What one admission did: for each counter whether it was hit and its window just after the hit
     (``None`` when the store failed), the stream leases' answer (0: every lease taken; a positive
@@ -243,7 +248,7 @@ def _library() -> str:
 # reservation's ARGV. Returns {hits, windows, streams, budget, counts, used}: hits[i] 1 when
 # counter i was hit;
 # windows[i] limits' four window figures read right after that hit (counts as numbers, 0 for none;
-# times to live in ms, at least 0: what ``_window`` reads without converting); streams 0 (every lease taken),
+# times to live in ms, at least 0: read without converting); streams 0 (every lease taken),
 # j (set j full) or -1 (none asked); budget the reservation script's answer, or {} when none was
 # asked or a rate limit refused first; counts, each stream set's leases at the end; used, each
 # budget counter's spent plus reserved units, then tokens, at the end. All or nothing: when anything
@@ -381,7 +386,7 @@ class RateLimitStore(abc.ABC):
     @abc.abstractmethod
     async def admit(
         self,
-        hits: Sequence[CounterHit],
+        hits: Sequence[Hit],
         stream_keys: Sequence[str],
         stream_limits: Sequence[int],
         member: str,
@@ -397,7 +402,7 @@ class RateLimitStore(abc.ABC):
 
     def record(
         self,
-        hits: Sequence[CounterHit],
+        hits: Sequence[Hit],
         stream_keys: Sequence[str],
         stream_limits: Sequence[int],
         member: str,
@@ -492,14 +497,8 @@ def _release_failed(members: Sequence[str], exc: BaseException | str) -> None:
     )
 
 
-def _window(raw: Any) -> Window:
-    """Return ``_ADMIT``'s figures of one window (``limits``' sliding-window script answer, counts as
-    numbers and times to live in ms, at least 0) as a ``Window``."""
-    return Window(raw[0], raw[1] / 1000, raw[2], raw[3] / 1000)
-
-
 # A record's arguments as ``record`` takes them: hits, stream keys, stream limits, member, budget.
-_RecordArgs = tuple[Sequence[CounterHit], Sequence[str], Sequence[int], str, ReserveRequest | None]
+_RecordArgs = tuple[Sequence[Hit], Sequence[str], Sequence[int], str, ReserveRequest | None]
 
 
 class RedisRateLimitStore(RateLimitStore):
@@ -589,7 +588,7 @@ class RedisRateLimitStore(RateLimitStore):
 
     def _admission(
         self,
-        hits: Sequence[CounterHit],
+        hits: Sequence[Hit],
         stream_keys: Sequence[str],
         stream_limits: Sequence[int],
         member: str,
@@ -607,9 +606,9 @@ class RedisRateLimitStore(RateLimitStore):
             WINDOW_SECONDS,
             NO_LIMIT,
         ]
-        for hit in hits:
-            keys += self._keys(hit.key)
-            args += (hit.limit, hit.amount)
+        for counter, limit, amount in hits:
+            keys += self._keys(counter)
+            args += (limit, amount)
         keys += stream_keys
         args += stream_limits
         if budget is not None:
@@ -646,7 +645,11 @@ class RedisRateLimitStore(RateLimitStore):
         return [
             Admitted(
                 [bool(flag) for flag in hit_flags],
-                [_window(window) for window in windows],
+                # _ADMIT's figures of each window: counts, and times to live in ms (at least 0).
+                [
+                    Window(previous, previous_ms / 1000, current, current_ms / 1000)
+                    for previous, previous_ms, current, current_ms in windows
+                ],
                 None if streams < 0 else int(streams),
                 reserve_verdict(reserved) if reserved else None,
                 stream_counts=tuple(counts),
@@ -659,7 +662,7 @@ class RedisRateLimitStore(RateLimitStore):
 
     async def admit(
         self,
-        hits: Sequence[CounterHit],
+        hits: Sequence[Hit],
         stream_keys: Sequence[str],
         stream_limits: Sequence[int],
         member: str,
@@ -670,7 +673,7 @@ class RedisRateLimitStore(RateLimitStore):
 
     def record(
         self,
-        hits: Sequence[CounterHit],
+        hits: Sequence[Hit],
         stream_keys: Sequence[str],
         stream_limits: Sequence[int],
         member: str,
@@ -799,7 +802,7 @@ class MemoryRateLimitStore(RateLimitStore):
 
     async def admit(
         self,
-        hits: Sequence[CounterHit],
+        hits: Sequence[Hit],
         stream_keys: Sequence[str],
         stream_limits: Sequence[int],
         member: str,
@@ -807,11 +810,9 @@ class MemoryRateLimitStore(RateLimitStore):
     ) -> Admitted:
         flags: list[bool] = []
         windows: list[Window | None] = []
-        for hit in hits:
-            flags.append(
-                bool(await self.storage.acquire_sliding_window_entry(hit.key, hit.limit, WINDOW_SECONDS, hit.amount))
-            )
-            windows.append(Window(*await self.storage.get_sliding_window(hit.key, WINDOW_SECONDS)))
+        for key, limit, amount in hits:
+            flags.append(bool(await self.storage.acquire_sliding_window_entry(key, limit, WINDOW_SECONDS, amount)))
+            windows.append(Window(*await self.storage.get_sliding_window(key, WINDOW_SECONDS)))
         streams = self._streams_acquire(stream_keys, stream_limits, member) if stream_keys else None
         verdict = None
         admitted = all(flags) and not streams
@@ -824,7 +825,7 @@ class MemoryRateLimitStore(RateLimitStore):
                 admitted = verdict.reserved
         finally:
             if not admitted:
-                taken = [(hit.key, -hit.amount) for hit, flag in zip(hits, flags, strict=True) if flag and hit.amount]
+                taken = [(key, -amount) for (key, _, amount), flag in zip(hits, flags, strict=True) if flag and amount]
                 await self.add(taken, stream_keys if streams == 0 else (), member)
         return Admitted(flags, windows, streams, verdict)
 

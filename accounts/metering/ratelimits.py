@@ -76,13 +76,12 @@ from chatbackend.errors import ApplicationError
 
 from .budget_store import RESERVED, ReserveLine, ReserveRequest, ReserveVerdict
 from .budgets import metering_unavailable
-from .headroom import VIEWS_MAX, HeadroomView, ViewKey, view_key, view_key_label
+from .headroom import VIEW_SECONDS, VIEWS_MAX, HeadroomView, ViewKey, view_key, view_key_label
 from .ratelimit_store import (
     KEY_PREFIX,
     NO_LIMIT,
     UNREACHABLE_ERRORS,
     Admitted,
-    CounterHit,
     RateLimitStore,
     Window,
     rate_limit_store,
@@ -151,11 +150,20 @@ def _counter_key(dimension: str, subject: MeteringSubject) -> str:
 @dataclass(frozen=True, slots=True)
 class _Shape:
     """What admission needs of a request's subjects, the same for every request of one caller: each
-    counter (subject, dimension, limit, key; requests first per subject, as ``_counter_key``) and each
+    counter (subject, dimension, limit, key; requests first per subject, as ``_counter_key``), the
+    tokens counters again (subject, key: what a release adds completion tokens to), the counters'
+    keys, dimensions, limits and whether each counts tokens, one tuple each (what a request's admission
+    reads, without a ``_Counter`` per counter), the lowest tokens-per-minute limit, and each
     concurrent-stream set (subject, key, limit). ``limited``: whether any of them exists."""
 
     subjects: tuple[MeteringSubject, ...]
     counters: tuple[tuple[MeteringSubject, str, int, str], ...]
+    token_counters: tuple[tuple[MeteringSubject, str], ...]
+    counter_keys: tuple[str, ...]
+    dimensions: tuple[str, ...]
+    limits: tuple[int, ...]
+    tokens: tuple[bool, ...]
+    least_tokens_limit: int | None
     streams: tuple[MeteringSubject, ...]
     stream_keys: tuple[str, ...]
     stream_limits: tuple[int, ...]
@@ -176,6 +184,14 @@ class _Shape:
         return cls(
             subjects=subjects,
             counters=tuple(counters),
+            token_counters=tuple([(subject, key) for subject, dimension, _, key in counters if dimension == "tokens"]),
+            counter_keys=tuple([key for _, _, _, key in counters]),
+            dimensions=tuple([dimension for _, dimension, _, _ in counters]),
+            limits=tuple([limit for _, _, limit, _ in counters]),
+            tokens=tuple([dimension == "tokens" for _, dimension, _, _ in counters]),
+            least_tokens_limit=min(
+                (limit for _, dimension, limit, _ in counters if dimension == "tokens"), default=None
+            ),
             streams=tuple(streams),
             stream_keys=tuple(_streams_key(subject) for subject in streams),
             stream_limits=tuple(subject.limits.concurrent_streams or 0 for subject in streams),
@@ -227,7 +243,7 @@ class RateLease:
     request_id: str = ""
     budget: ReserveVerdict | None = None
     _store: RateLimitStore | None = None
-    _token_counters: tuple[_Counter, ...] = ()
+    _token_counters: tuple[tuple[MeteringSubject, str], ...] = ()  # (subject, counter key)
     _stream_keys: tuple[str, ...] = ()
     _released: bool = False
     # A local admission's record in the store (``headroom``), under way until it answers.
@@ -265,9 +281,9 @@ class RateLease:
         assert store is not None  # noqa: S101 - checked by release
         amounts = (
             [
-                (c.key, completion_tokens)
-                for c in self._token_counters
-                if not_for is None or (c.subject.kind, c.subject.id) != (not_for.kind, not_for.id)
+                (key, completion_tokens)
+                for subject, key in self._token_counters
+                if not_for is None or (subject.kind, subject.id) != (not_for.kind, not_for.id)
             ]
             if completion_tokens
             else []
@@ -331,20 +347,22 @@ _HEADER_NAMES = {
 }
 
 
-def _headers(counters: Sequence[_Counter], used: Sequence[int], window_at: Callable[[int], Window]) -> dict[str, str]:
+def _headers(
+    dimensions: Sequence[str], limits: Sequence[int], used: Sequence[int], window_at: Callable[[int], Window]
+) -> dict[str, str]:
     """Return OpenAI's ``x-ratelimit-*`` headers of the counter with the least remaining (then the
     lowest limit) of each dimension, requests first.
 
-    ``used``: what each counter holds (its window's weighted count rounded down, as ``limits``
-    admits on it); ``window_at(i)``: counter ``i``'s window, read only for the counters the headers
-    name (their reset time).
+    Each counter's ``dimensions`` ("requests" or "tokens") and ``limits``; ``used``: what each counter
+    holds (its window's weighted count rounded down, as ``limits`` admits on it); ``window_at(i)``:
+    counter ``i``'s window, read only for the counters the headers name (their reset time).
     """
     tightest: dict[str, tuple[int, int, int]] = {}
-    for index, counter in enumerate(counters):
-        remaining = counter.limit - used[index]
-        best = tightest.get(counter.dimension)
-        if best is None or remaining < best[0] or (remaining == best[0] and counter.limit < best[1]):
-            tightest[counter.dimension] = (remaining, counter.limit, index)
+    for index, (dimension, limit) in enumerate(zip(dimensions, limits, strict=True)):
+        remaining = limit - used[index]
+        best = tightest.get(dimension)
+        if best is None or remaining < best[0] or (remaining == best[0] and limit < best[1]):
+            tightest[dimension] = (remaining, limit, index)
     headers: dict[str, str] = {}
     for dimension, (limit_name, remaining_name, reset_name) in _HEADER_NAMES.items():
         best = tightest.get(dimension)
@@ -356,9 +374,10 @@ def _headers(counters: Sequence[_Counter], used: Sequence[int], window_at: Calla
     return headers
 
 
-def _window_headers(counters: Sequence[_Counter], windows: list[Window]) -> dict[str, str]:
-    """Return ``_headers`` of ``counters`` whose windows are ``windows`` (a store's answer)."""
-    return _headers(counters, [math.floor(window.used()) for window in windows], windows.__getitem__)
+def _window_headers(shape: _Shape, windows: list[Window]) -> dict[str, str]:
+    """Return ``_headers`` of ``shape``'s counters, whose windows are ``windows`` (a store's answer)."""
+    counts = [math.floor(window.used()) for window in windows]
+    return _headers(shape.dimensions, shape.limits, counts, windows.__getitem__)
 
 
 def _refusal(counter: _Counter, window: Window, headers: dict[str, str]) -> tuple[float, ApplicationError]:
@@ -392,6 +411,27 @@ def _streams_refusal(subject: MeteringSubject, headers: dict[str, str]) -> tuple
     return wait, error
 
 
+def _counters(shape: _Shape, costs: Sequence[int]) -> list[_Counter]:
+    """Return ``shape``'s counters with what a request adds to each (``costs``): for refusals' messages."""
+    return [
+        _Counter(subject, dimension, limit, cost, key)
+        for (subject, dimension, limit, key), cost in zip(shape.counters, costs, strict=True)
+    ]
+
+
+def _too_large(counters: Sequence[_Counter]) -> None:
+    """Raise the 429 of the first tokens counter whose limit ``counters``' request exceeds on its own."""
+    for counter in counters:
+        if counter.dimension == "tokens" and counter.cost > counter.limit:  # never fits, however long one waits
+            raise ApplicationError(
+                f"Request too large for {_who(counter.subject)} on tokens per min (TPM): Limit {counter.limit}, "
+                f"Requested {counter.cost}. The input or output tokens must be reduced in order to run successfully.",
+                code="rate_limit_exceeded",
+                status=429,
+                type="tokens",
+            )
+
+
 async def rate_limit_acquire(
     *,
     request_id: str,
@@ -419,21 +459,12 @@ async def rate_limit_acquire(
     if not shape.limited and budget is None:
         return RateLease(request_id=request_id)
     tokens = max(0, prompt_tokens)
-    counters = [
-        _Counter(subject, dimension, limit, 1 if dimension == "requests" else tokens, key)
-        for subject, dimension, limit, key in shape.counters
-    ]
+    # What the request adds to each counter: one request, or its prompt's tokens.
+    costs = [tokens if counts_tokens else 1 for counts_tokens in shape.tokens]
     streams = shape.streams
 
-    for counter in counters:
-        if counter.dimension == "tokens" and counter.cost > counter.limit:  # never fits, however long one waits
-            raise ApplicationError(
-                f"Request too large for {_who(counter.subject)} on tokens per min (TPM): Limit {counter.limit}, "
-                f"Requested {counter.cost}. The input or output tokens must be reduced in order to run successfully.",
-                code="rate_limit_exceeded",
-                status=429,
-                type="tokens",
-            )
+    if shape.least_tokens_limit is not None and tokens > shape.least_tokens_limit:
+        _too_large(_counters(shape, costs))
 
     store = rate_limit_store()
     if store.unreachable_error is not None and time.monotonic() < store.unreachable_until:
@@ -444,11 +475,12 @@ async def rate_limit_acquire(
     if store.local_share > 0:
         key = view_key(shape.subjects, budget)
         view = store.views.get(key)
-        if view is not None:
-            costs = _costs(counters, stream_keys, budget)
-            if view.take(costs, store.local_share, time.monotonic()):
-                return _admit_locally(store, key, view, costs, counters, stream_keys, request_id, budget)
-    hits = [CounterHit(c.key, c.limit, c.cost) for c in counters]
+        now = time.monotonic()
+        if view is not None and now - view.answered_at <= VIEW_SECONDS:  # else take refuses: no costs to build
+            taken = _costs(costs, stream_keys, budget)
+            if view.take(taken, store.local_share, now):
+                return _admit_locally(store, key, view, taken, costs, shape, request_id, budget)
+    hits = list(zip(shape.counter_keys, shape.limits, costs, strict=True))
     try:
         admitted = await store.admit(hits, stream_keys, stream_limits, request_id, budget)
     except asyncio.CancelledError:
@@ -470,11 +502,12 @@ async def rate_limit_acquire(
     refused_streams = admitted.streams is not None and admitted.streams > 0
     if refused_streams or not all(admitted.hits):
         # The store gave back what the others took: the windows as they are now.
+        counters = _counters(shape, costs)
         windows = [
             window.without(counter.cost) if hit else window
             for counter, window, hit in zip(counters, windows, admitted.hits, strict=True)
         ]
-        headers = _window_headers(counters, windows)
+        headers = _window_headers(shape, windows)
         errors = [
             _refusal(counter, window, headers)
             for counter, window, hit in zip(counters, windows, admitted.hits, strict=True)
@@ -489,14 +522,15 @@ async def rate_limit_acquire(
         return RateLease(request_id=request_id, budget=admitted.budget)
     if stream_keys:
         store.hold(request_id, stream_keys)
+    counts = [math.floor(window.used()) for window in windows]  # for the headers and the view alike
     if key is not None:
-        _observe(store, key, counters, stream_limits, budget, admitted)
+        _observe(store, key, shape, budget, admitted, counts)
     return RateLease(
-        headers=_window_headers(counters, windows),
+        headers=_headers(shape.dimensions, shape.limits, counts, windows.__getitem__),
         request_id=request_id,
         budget=admitted.budget,
         _store=store,
-        _token_counters=tuple(c for c in counters if c.dimension == "tokens"),
+        _token_counters=shape.token_counters,
         _stream_keys=stream_keys,
         _view_key=key,
     )
@@ -508,10 +542,10 @@ async def rate_limit_acquire(
 _LIFTED_UNITS = 2**62
 
 
-def _costs(counters: Sequence[_Counter], stream_keys: Sequence[str], budget: ReserveRequest | None) -> list[int]:
-    """Return what a request takes of each limit, in ``HeadroomView``'s order."""
-    costs = [counter.cost for counter in counters]
-    costs += [1] * len(stream_keys)
+def _costs(counter_costs: list[int], stream_keys: Sequence[str], budget: ReserveRequest | None) -> list[int]:
+    """Return what a request takes of each limit, in ``HeadroomView``'s order: ``counter_costs`` (what it
+    adds to each counter), then one lease per stream set, then each budget line's units and tokens."""
+    costs = counter_costs + [1] * len(stream_keys)
     if budget is not None:
         for line in budget.lines:
             costs += (line.units, line.tokens)
@@ -521,23 +555,23 @@ def _costs(counters: Sequence[_Counter], stream_keys: Sequence[str], budget: Res
 def _observe(
     store: RateLimitStore,
     key: ViewKey,
-    counters: Sequence[_Counter],
-    stream_limits: Sequence[int],
+    shape: _Shape,
     budget: ReserveRequest | None,
     admitted: Admitted,
+    counts: list[int],
 ) -> None:
-    """Take an admission's answer into its caller's view (made on the first answer)."""
+    """Take an admission's answer into its caller's view (made on the first answer); ``counts``: its
+    counters' weighted counts, rounded down."""
     now = time.monotonic()
     view = store.views.get(key)
     if view is not None:
-        view.merge(admitted, now)
+        view.merge(admitted, now, counts)
         return
-    limits: list[int | None] = [counter.limit for counter in counters]
-    limits += stream_limits
+    limits: list[int | None] = [*shape.limits, *shape.stream_limits]
     if budget is not None:
         for line in budget.lines:
             limits += (line.limit_units, line.token_limit)
-    view = HeadroomView.of(tuple(limits), [counter.key for counter in counters], admitted, now)
+    view = HeadroomView.of(tuple(limits), shape.counter_keys, admitted, now, counts)
     if view is not None:
         if len(store.views) >= VIEWS_MAX:
             store.views.clear()
@@ -549,16 +583,18 @@ def _admit_locally(
     key: ViewKey,
     view: HeadroomView,
     costs: list[int],
-    counters: Sequence[_Counter],
-    stream_keys: tuple[str, ...],
+    counter_costs: list[int],
+    shape: _Shape,
     request_id: str,
     budget: ReserveRequest | None,
 ) -> RateLease:
-    """Admit on the view (``costs`` already taken into its ``pending``) and queue its record in the store
-    (``_recorded`` takes the answer); return the lease, whose ``confirmed`` waits for that record."""
+    """Admit on the view (``costs`` already taken into its ``pending``; ``counter_costs``: what the
+    request adds to each counter) and queue its record in the store (``_recorded`` takes the answer);
+    return the lease, whose ``confirmed`` waits for that record."""
+    stream_keys = shape.stream_keys
     if stream_keys:
         store.hold(request_id, stream_keys)
-    hits = [CounterHit(c.key, NO_LIMIT, c.cost) for c in counters]
+    hits = list(zip(shape.counter_keys, [NO_LIMIT] * len(counter_costs), counter_costs, strict=True))
     lifted = None
     if budget is not None:
         # Built directly: a named tuple's _replace is a Python function, three times as slow.
@@ -573,11 +609,11 @@ def _admit_locally(
     store.records.add(record)
     record.add_done_callback(store.records.discard)
     return RateLease(
-        headers=_headers(counters, view.counts(), view.pending_window),
+        headers=_headers(shape.dimensions, shape.limits, view.counts(), view.pending_window),
         request_id=request_id,
         budget=RESERVED if budget is not None else None,
         _store=store,
-        _token_counters=tuple(c for c in counters if c.dimension == "tokens"),
+        _token_counters=shape.token_counters,
         _stream_keys=stream_keys,
         _confirmation=record,
         _view_key=key,
