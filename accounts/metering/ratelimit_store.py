@@ -108,7 +108,7 @@ UNREACHABLE_ERRORS: tuple[type[BaseException], ...] = (redis.exceptions.RedisErr
 class Window(NamedTuple):
     """One counter's sliding window: counts and seconds to live of the previous and current minute.
 
-    A named tuple, as ``CounterHit``: six of each are made per admission, and a tuple is built in a
+    A named tuple: one per counter is made from each admission's answer, and a tuple is built in a
     third of a frozen dataclass's time."""
 
     previous: int
