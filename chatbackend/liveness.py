@@ -104,7 +104,10 @@ def _start_heartbeat(loop: asyncio.AbstractEventLoop) -> None:
 
 async def stop_heartbeat() -> None:
     """Stop this event loop's heartbeat and drop the key: the process is going away (shutdown, tests)."""
+    global _beating
     task = _heartbeats.pop(asyncio.get_running_loop(), None)
+    if task is _beating:
+        _beating = None  # a start while this one stops begins another, as the pop above lets it
     if task is not None:
         task.cancel()
         await asyncio.wait((task,))

@@ -99,7 +99,7 @@ class HeadroomView:
     answered_at: float
     call: int
     counter_index: dict[str, int]
-    caps: tuple[int | float, ...] = ()
+    caps: tuple[int | float, ...]
     pending: list[int] = field(default_factory=list)
     releases: deque[tuple[list[int | None], list[tuple[int, int]]]] = field(default_factory=deque)
     unsent: list[int] = field(default_factory=list)
