@@ -87,15 +87,11 @@ def start_heartbeat() -> None:
     ``cache.aset`` then failed, for good, and the process's replies looked orphaned to the others.
     The empty context also keeps that request's id off the heartbeat's logs.
     """
+    global _beating
     loop = asyncio.get_running_loop()
     task = _beating
     if task is not None and task.get_loop() is loop and not task.done():
         return  # the common case, once per budgeted request: no weak dictionary lookup
-    _start_heartbeat(loop)
-
-
-def _start_heartbeat(loop: asyncio.AbstractEventLoop) -> None:
-    global _beating
     task = _heartbeats.get(loop)
     if task is None or task.done():
         task = _heartbeats[loop] = loop.create_task(_beat(), name="process-heartbeat", context=contextvars.Context())

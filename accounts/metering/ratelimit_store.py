@@ -148,17 +148,10 @@ class Window(NamedTuple):
         return roll_in + max(0.0, WINDOW_SECONDS * (1 - room / self.current))
 
 
-class CounterHit(NamedTuple):
-    """Add ``amount`` to counter ``key`` unless its window would then hold more than ``limit``."""
-
-    key: str
-    limit: int
-    amount: int
-
-
-# What the stores' ``admit`` and ``record`` take per counter: (key, limit, amount), as ``CounterHit``
-# names them; a plain tuple too (``rate_limit_acquire`` zips them from its caller's shape).
-Hit = tuple[str, int, int]
+# One counter of an admission, as the stores' ``admit`` and ``record`` take it: ``(key, limit, amount)``,
+# add ``amount`` to counter ``key`` unless its window would then hold more than ``limit``. A plain tuple:
+# ``rate_limit_acquire`` zips them from its caller's shape.
+CounterHit = tuple[str, int, int]
 
 
 class Admitted(NamedTuple):
@@ -386,7 +379,7 @@ class RateLimitStore(abc.ABC):
     @abc.abstractmethod
     async def admit(
         self,
-        hits: Sequence[Hit],
+        hits: Sequence[CounterHit],
         stream_keys: Sequence[str],
         stream_limits: Sequence[int],
         member: str,
@@ -402,7 +395,7 @@ class RateLimitStore(abc.ABC):
 
     def record(
         self,
-        hits: Sequence[Hit],
+        hits: Sequence[CounterHit],
         stream_keys: Sequence[str],
         stream_limits: Sequence[int],
         member: str,
@@ -498,7 +491,7 @@ def _release_failed(members: Sequence[str], exc: BaseException | str) -> None:
 
 
 # A record's arguments as ``record`` takes them: hits, stream keys, stream limits, member, budget.
-_RecordArgs = tuple[Sequence[Hit], Sequence[str], Sequence[int], str, ReserveRequest | None]
+_RecordArgs = tuple[Sequence[CounterHit], Sequence[str], Sequence[int], str, ReserveRequest | None]
 
 
 class RedisRateLimitStore(RateLimitStore):
@@ -588,7 +581,7 @@ class RedisRateLimitStore(RateLimitStore):
 
     def _admission(
         self,
-        hits: Sequence[Hit],
+        hits: Sequence[CounterHit],
         stream_keys: Sequence[str],
         stream_limits: Sequence[int],
         member: str,
@@ -662,7 +655,7 @@ class RedisRateLimitStore(RateLimitStore):
 
     async def admit(
         self,
-        hits: Sequence[Hit],
+        hits: Sequence[CounterHit],
         stream_keys: Sequence[str],
         stream_limits: Sequence[int],
         member: str,
@@ -673,7 +666,7 @@ class RedisRateLimitStore(RateLimitStore):
 
     def record(
         self,
-        hits: Sequence[Hit],
+        hits: Sequence[CounterHit],
         stream_keys: Sequence[str],
         stream_limits: Sequence[int],
         member: str,
@@ -802,7 +795,7 @@ class MemoryRateLimitStore(RateLimitStore):
 
     async def admit(
         self,
-        hits: Sequence[Hit],
+        hits: Sequence[CounterHit],
         stream_keys: Sequence[str],
         stream_limits: Sequence[int],
         member: str,

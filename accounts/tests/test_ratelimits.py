@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio
 from django.conf import settings
 
-from accounts.metering.ratelimit_store import WINDOW_SECONDS, CounterHit, RedisRateLimitStore
+from accounts.metering.ratelimit_store import WINDOW_SECONDS, RedisRateLimitStore
 from accounts.metering.ratelimits import (
     KEY_PREFIX,
     RateLease,
@@ -262,13 +262,13 @@ async def test_limits_internals_used_by_the_store(ids: list[int]) -> None:
             assert RedisBridge.SCRIPT_ACQUIRE_SLIDING_WINDOW.decode() in script
         assert RedisBridge.SCRIPT_SLIDING_WINDOW.decode() in store._admit.script
         counter = f"requests:api_key:{ids[0]}"
-        admitted = await store.admit([CounterHit(counter, 10, 3)], [], [], "chatcmpl-x")
+        admitted = await store.admit([(counter, 10, 3)], [], [], "chatcmpl-x")
         assert admitted.hits == [True]
         assert admitted.windows[0] is not None and admitted.windows[0].current == 3
         # limits' public API sees what the batch counted, and the batch sees what limits counted.
         assert (await store.storage.get_sliding_window(counter, WINDOW_SECONDS))[2] == 3
         assert await store.storage.acquire_sliding_window_entry(counter, 10, WINDOW_SECONDS, 2)
-        admitted = await store.admit([CounterHit(counter, 10, 6)], [], [], "chatcmpl-y")
+        admitted = await store.admit([(counter, 10, 6)], [], [], "chatcmpl-y")
         assert admitted.hits == [False]
         assert admitted.windows[0] is not None and admitted.windows[0].current == 5
     finally:
