@@ -24,9 +24,10 @@ not settled (that is the Celery task's work, not the request's). The event loop 
 installed, as under uvicorn. ``--concurrency N`` keeps N requests in flight (N tasks, each admitting
 and releasing one request after another), as a server with N streams starting and ending at once
 does. ``--reply-ms M`` makes each request wait M ms after its admission (the reply) and after its
-release (the gap to the next): above the 5 ms a record waits for others, every record and release
-goes in a script call of its own, as at one stream in a server, where back-to-back requests would
-share calls and hide their cost. ``--profile`` prints cProfile's top functions of each caller.
+release (the gap to the next): then each record goes in a script call of its own (at the reply's end,
+when it waits for the record), with the release before it, as at one stream in a server, where
+back-to-back requests would share calls and hide their cost. ``--profile`` prints cProfile's top
+functions of each caller.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="ms each request waits between admission and release, and after its release, as a reply and the "
-        "gap to the next do (default 0: none; above 5, every record and release goes in a script call of its own)",
+        "gap to the next do (default 0: none; above 0, every record goes in a script call of its own)",
     )
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions of each caller")
     return parser.parse_args(argv)

@@ -53,7 +53,7 @@ async def test_concurrent_requests_are_all_admitted_and_released(memory_stores: 
 
 async def test_spaced_requests_wait_between_admission_and_release(memory_stores: None) -> None:
     # --reply-ms: each request waits that long after its admission and after its release (a reply, then
-    # the gap to the next), so that every record and release goes alone, as at one stream in a server.
+    # the gap to the next), so that every record goes in a call of its own, as at one stream in a server.
     options = argparse.Namespace(requests=3, warmup=1, callers="both", profile=False, reply_ms=20.0)
     out = io.StringIO()
     started = time.monotonic()

@@ -16,18 +16,19 @@ limit what this process has admitted unseen (``pending``) plus this request fits
 
 and the view is at most ``VIEW_SECONDS`` old. The admission is still *recorded* in Redis, by the
 same script with every limit lifted (a ``record``: the hits, the stream lease and the budget
-reservation always taken), during the upstream call: records wait ``RECORD_DELAY_SECONDS`` (5 ms)
-in the process, so that those made together share one script call
-(``RedisRateLimitStore.record``); the answer refreshes the view and takes the request out of
-``pending``. The shared counters thus hold every admitted request, as before, a few ms later;
-settlement (which needs the reservation) waits for the record (``Admission.confirmed``), and so
-does the release.
+reservation always taken), during the upstream call: records wait up to ``RECORD_DELAY_SECONDS``
+(50 ms) in the process, so that those made meanwhile, and the releases waiting then, share one
+script call (``RedisRateLimitStore.record``); the answer refreshes the view and takes the request
+out of ``pending``. The shared counters thus hold every admitted request, as before, at most that
+delay and a round trip later; settlement (which needs the reservation) waits for the record
+(``Admission.confirmed``, which sends the waiting records at once when the reply ended first), and
+so does the release.
 
 What it costs in exactness: requests admitted unseen by the other processes are at most ``share``
 of a limit's remaining room in all (each process takes ``share / processes`` of it). A limit is
 exceeded only if the other processes take the rest of the room, ``1 - share`` of it, between this
-process's last answer and its record (a few ms while the caller is busy, at most
-``VIEW_SECONDS`` otherwise). Near a limit — and for small limits: a request that is more than
+process's last answer and its record (at most ``RECORD_DELAY_SECONDS`` and a round trip while the
+caller is busy, at most ``VIEW_SECONDS`` otherwise). Near a limit — and for small limits: a request that is more than
 ``share / processes`` of the room left — every admission waits for Redis as before, exact: a
 limit of 10 requests per minute on two processes is never admitted locally with ``share`` 0.1.
 An answer replaces the view only if it comes from a later store call than the view's (calls on

@@ -258,6 +258,8 @@ class RateLease:
         """
         task = self._confirmation
         if task is not None and not task.done():
+            if self._store is not None:  # the reply ended before its record was sent: send it now
+                self._store.send_records_now()
             await asyncio.wait((task,))
 
     async def release(self, *, completion_tokens: int, not_for: MeteringSubject | None = None) -> None:

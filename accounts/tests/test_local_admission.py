@@ -11,12 +11,14 @@ import secrets
 import socket
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio
 from django.conf import settings as django_settings
 from django.test import override_settings
 
+from accounts.metering import ratelimit_store
 from accounts.metering.budget_store import (
     ReserveLine,
     ReserveRequest,
@@ -258,6 +260,50 @@ async def test_records_made_together_share_one_script_call(subject_id: int) -> N
     assert len(calls) == 1, calls  # 20 records, one round trip
     assert await _requests_counted(store, subject) == 21
     assert await _leases(subject) == 21
+
+
+@needs_redis
+async def test_a_reply_that_ends_before_its_record_is_sent_sends_it_at_once(
+    subject_id: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records wait in the process to share script calls; a reply that has ended waits for its own
+    (settlement needs the reservation it makes), so confirming sends the queued records at once."""
+    monkeypatch.setattr(ratelimit_store, "RECORD_DELAY_SECONDS", 3600)
+    subject = _user(subject_id, requests_per_minute=100_000, concurrent_streams=1000)
+    await _acquire(subject)
+    lease = await _acquire(subject)
+    assert _local(lease)
+    await asyncio.wait_for(lease.confirmed(), 10)  # not the hour the record would wait
+    store = rate_limit_store()
+    assert isinstance(store, RedisRateLimitStore)
+    assert await _requests_counted(store, subject) == 2
+    assert await _leases(subject) == 2
+
+
+@needs_redis
+async def test_records_and_releases_waiting_together_go_in_one_call(
+    subject_id: int, monkeypatch: pytest.MonkeyPatch, settings: Any
+) -> None:
+    """When the releases' delay ends first, the records waiting then go with them, and the other way round."""
+    monkeypatch.setattr(ratelimit_store, "RECORD_DELAY_SECONDS", 3600)
+    settings.RATE_LIMIT_RELEASE_BATCH_SECONDS = 0.05
+    subject = _user(subject_id, requests_per_minute=100_000, tokens_per_minute=1_000_000, concurrent_streams=1000)
+    first = await _acquire(subject, prompt_tokens=10)  # the store's answer: the caller's view
+    assert not _local(first)
+    async with Monitor(f":{subject_id}") as monitor:
+        await first.release(completion_tokens=5)  # waits up to 0.05 s for a carrier
+        second = await _acquire(subject, prompt_tokens=10)
+        assert _local(second)  # its record would wait an hour
+        assert second._confirmation is not None
+        await asyncio.wait((second._confirmation,), timeout=10)
+        calls = await monitor.stop()
+    store = rate_limit_store()
+    assert isinstance(store, RedisRateLimitStore)
+    assert len(calls) == 1, calls
+    assert calls[0].split()[1].strip('"') == store._admit.sha
+    assert first.request_id in calls[0] and second.request_id in calls[0]
+    assert await _leases(subject) == 1  # the first's lease freed, the second's taken
+    assert await _requests_counted(store, subject) == 2
 
 
 def _answer(call: int, used: int) -> Admitted:
