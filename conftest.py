@@ -35,7 +35,7 @@ import pytest
 import redis
 import uvicorn
 from aiohttp import web
-from asgiref.sync import sync_to_async
+from asgiref.sync import SyncToAsync, sync_to_async
 from django.conf import settings
 from django.core.cache import caches
 from django.db import connections
@@ -96,6 +96,21 @@ def _no_rate_limit_counts_of_earlier_runs() -> None:
         keys = list(client.scan_iter(f"{RATE_LIMIT_KEY_PREFIX}:*", count=1000))
         if keys:
             client.delete(*keys)
+
+
+@pytest.fixture(autouse=True)
+def _no_connections_left_in_the_sync_thread() -> Iterator[None]:
+    """Close, after every test, the database connections left in asgiref's shared sync thread.
+
+    An async test's ``sync_to_async`` ORM calls run in that one long-lived thread, which no request
+    ends. A connection left open there was taken by a later test without database access for a
+    live one: the lean ASGI chain's ``request_started`` (``close_old_connections``, run in that
+    thread) asked it for its autocommit state, and pytest-django refused ("Database access not
+    allowed"); it also kept the test database from being dropped. Closing needs no database access.
+    Torn down before pytest-django's database fixtures (theirs are set up first).
+    """
+    yield
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result(timeout=30)
 
 
 @pytest.fixture(autouse=True)
