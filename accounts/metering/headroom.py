@@ -28,9 +28,10 @@ What it costs in exactness: requests admitted unseen by the other processes are 
 of a limit's remaining room in all (each process takes ``share / processes`` of it). A limit is
 exceeded only if the other processes take the rest of the room, ``1 - share`` of it, between this
 process's last answer and its record (at most ``RECORD_DELAY_SECONDS`` and a round trip while the
-caller is busy, at most ``VIEW_SECONDS`` otherwise). Near a limit — and for small limits: a request that is more than
-``share / processes`` of the room left — every admission waits for Redis as before, exact: a
-limit of 10 requests per minute on two processes is never admitted locally with ``share`` 0.1.
+caller is busy, at most ``VIEW_SECONDS`` otherwise). Near a limit — and for small limits: a request
+that is more than ``share / processes`` of the room left — every admission waits for Redis as
+before, exact: a limit of 10 requests per minute on two processes is never admitted locally with
+``share`` 0.1.
 An answer replaces the view only if it comes from a later store call than the view's (calls on
 different connections may answer out of order). Completion tokens this process released count in
 the view until an answer holds them, so a local admission's ``x-ratelimit-*`` headers count what

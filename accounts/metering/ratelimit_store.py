@@ -92,9 +92,10 @@ PROCESSES_KEY = f"{KEY_PREFIX}:processes"
 PROCESS_WINDOW_SECONDS = 60
 # Local admissions (``headroom``) wait up to this long in their process to be recorded, so that those made
 # meanwhile and the releases waiting then share one script call, after their upstream requests' work:
-# under load one call per this interval rather than one per request (at 50 streams of ~0.7 s replies,
-# 0.25 calls per request where 5 ms made 0.74: ``python -m bench``'s paired rounds). A reply that ends
-# first sends them at once (``send_records_now``), as its settlement waits for its record.
+# under load one call per this interval rather than one per request (50 streams of ~0.7 s replies, as
+# ``python -m bench``'s paired rounds: 0.25-0.33 calls per request where 5 ms made 0.64-0.74; see the
+# README of ``bench/``). A reply that ends first sends them at once (``send_records_now``), as its
+# settlement waits for its record.
 RECORD_DELAY_SECONDS = 0.05
 # What a forced add (completion tokens, a give-back) passes as the limit, so that it is never refused.
 NO_LIMIT = 2**50
