@@ -15,9 +15,9 @@ scripted upstream for the shapes the simulator never sends.
   ``api_key_secret``, ``api_client``, ``client_for``, ``auth_client``, ``superuser``, ``admin_site``.
 - Stores: ``store``, each test once on the in-process stores and once on Redis (rate limits,
   deployment cooldowns; the Redis run skipped without ``REDIS_URL``).
-- Servers and cleanup: ``asgi_server`` (uvicorn in the test's loop), ``release_db_connections``,
-  ``provider_clients`` and ``broadcast_listener`` (for async tests); for every test, a fresh
-  channel layer, empty auth throttles and the usage queue drained.
+- Servers and cleanup: ``asgi_server`` (uvicorn in the test's loop), ``provider_clients`` and
+  ``broadcast_listener`` (for async tests); for every test, a fresh channel layer, empty auth
+  throttles, the usage queue drained and the connections left in asgiref's sync thread closed.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import pytest
 import redis
 import uvicorn
 from aiohttp import web
-from asgiref.sync import SyncToAsync, sync_to_async
+from asgiref.sync import SyncToAsync
 from django.conf import settings
 from django.core.cache import caches
 from django.db import connections
@@ -495,17 +495,6 @@ async def asgi_server() -> AsyncIterator[str]:
     server.should_exit = True
     await asyncio.wait_for(task, timeout=10)
     sock.close()
-
-
-@pytest.fixture
-async def release_db_connections() -> AsyncIterator[None]:
-    """Close, after an async test, the connections its ORM calls opened in asgiref's sync thread.
-
-    Async ORM calls run in one long-lived thread that no request ends; a connection left open
-    there (checked out of PostgreSQL's pool) would keep the test database from being dropped.
-    """
-    yield
-    await sync_to_async(connections.close_all, thread_sensitive=True)()
 
 
 @pytest.fixture

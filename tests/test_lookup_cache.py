@@ -39,7 +39,7 @@ pytestmark = [
     pytest.mark.django_db(transaction=True),
     # What the requests leave behind: asgiref's thread-sensitive connection (Django's test client
     # keeps it open across DRF requests), the provider's HTTP client, this loop's broadcast listener.
-    pytest.mark.usefixtures("release_db_connections", "provider_clients", "broadcast_listener"),
+    pytest.mark.usefixtures("provider_clients", "broadcast_listener"),
 ]
 # The per-request lookups, as SQL: an API key by digest, a JWT's user by id, a model by name (with
 # its provider). A request answered from the caches runs none of them. (The usage accounting that

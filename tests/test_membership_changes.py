@@ -22,7 +22,7 @@ from tests.kit import access_token, bearer, chat_body, post_chat
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
-    pytest.mark.usefixtures("release_db_connections", "provider_clients", "broadcast_listener"),
+    pytest.mark.usefixtures("provider_clients", "broadcast_listener"),
 ]
 
 TIMEOUT = 10

@@ -18,7 +18,7 @@ from accounts.models import User
 from tests.factories import UserFactory
 from tests.kit import ASGIResult, asgi_request, assert_error
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("release_db_connections")]
+pytestmark = pytest.mark.django_db(transaction=True)
 
 TOKEN = "/api/auth/token/"
 REGISTER = "/api/auth/register/"

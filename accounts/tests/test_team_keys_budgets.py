@@ -308,9 +308,7 @@ def test_usage_rows_carry_the_keys_team_and_a_team_budget_sums_them(acme, team) 
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_a_team_budget_refuses_every_member_once_spent(
-    store: str, acme: Organization, team: Team, release_db_connections: None
-) -> None:
+async def test_a_team_budget_refuses_every_member_once_spent(store: str, acme: Organization, team: Team) -> None:
     budget = await Budget.objects.acreate(
         name="research", organization=acme, subject_kind="team", subject_id=team.pk, limit_usd=Decimal("0.02")
     )

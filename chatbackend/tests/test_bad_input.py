@@ -33,7 +33,7 @@ from tests.kit import access_token, asgi_request, assert_error, bearer
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
-    pytest.mark.usefixtures("release_db_connections", "provider_clients"),
+    pytest.mark.usefixtures("provider_clients"),
 ]
 
 TIMEOUT = 10

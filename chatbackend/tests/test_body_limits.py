@@ -60,7 +60,6 @@ async def post(path: str, headers: dict[str, str], body: bytes, content_length: 
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.usefixtures("release_db_connections")
 @pytest.mark.parametrize(("path", "make", "model"), ENDPOINTS, ids=["conversation-create", "template-import"])
 @pytest.mark.parametrize("told", ["declared", "understated"])
 async def test_a_body_over_the_limit_is_a_413_json_error(headers, path, make, model, told):
@@ -78,7 +77,6 @@ async def test_a_body_over_the_limit_is_a_413_json_error(headers, path, make, mo
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.usefixtures("release_db_connections")
 @pytest.mark.parametrize(("path", "make", "model"), ENDPOINTS, ids=["conversation-create", "template-import"])
 async def test_a_body_at_the_limit_is_taken(headers, path, make, model):
     body = make(LIMIT)
@@ -129,7 +127,6 @@ def test_bodies_within_the_limit_or_without_one_are_read_whole():
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.usefixtures("release_db_connections")
 @pytest.mark.parametrize(("path", "make", "model"), ENDPOINTS, ids=["conversation-create", "template-import"])
 async def test_a_chunked_body_without_content_length_is_taken(headers, path, make, model):
     # Transfer-Encoding: chunked (Node's fetch with a stream body, curl -T -): no Content-Length.
@@ -145,7 +142,6 @@ async def test_a_chunked_body_without_content_length_is_taken(headers, path, mak
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.usefixtures("release_db_connections")
 async def test_a_chunked_body_over_the_rest_limit_is_a_413(headers):
     body = _conversation(LIMIT + 1)
 

@@ -23,7 +23,7 @@ from tests.kit import access_token, assert_error, bearer
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
-    pytest.mark.usefixtures("release_db_connections", "provider_clients"),
+    pytest.mark.usefixtures("provider_clients"),
 ]
 
 GLOBEX = {"OpenAI-Organization": "globex"}

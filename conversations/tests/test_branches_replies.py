@@ -22,7 +22,7 @@ from tests.kit import FAST_REPLY_TOKENS, access_token, bearer, listed_messages, 
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
-    pytest.mark.usefixtures("release_db_connections", "provider_clients"),
+    pytest.mark.usefixtures("provider_clients"),
 ]
 
 TIMEOUT = 10

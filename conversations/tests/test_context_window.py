@@ -81,7 +81,7 @@ def trimmed_conversation(user, small) -> tuple[Conversation, list[Message]]:
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.usefixtures("release_db_connections", "provider_clients")
+@pytest.mark.usefixtures("provider_clients")
 async def test_a_history_over_the_window_is_trimmed_and_the_reply_streams(trimmed_conversation, small, token):
     conversation, history = trimmed_conversation
     question = "And what about the last one?"
@@ -126,7 +126,7 @@ async def test_a_history_over_the_window_is_trimmed_and_the_reply_streams(trimme
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.usefixtures("release_db_connections", "provider_clients")
+@pytest.mark.usefixtures("provider_clients")
 async def test_a_history_that_fits_is_sent_whole(conversation, token):
     response = await AsyncClient().post(
         f"/api/conversations/{conversation.pk}/messages/",
@@ -142,7 +142,7 @@ async def test_a_history_that_fits_is_sent_whole(conversation, token):
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.usefixtures("release_db_connections", "provider_clients")
+@pytest.mark.usefixtures("provider_clients")
 async def test_a_message_that_cannot_fit_is_a_400_before_any_stream_and_loses_nothing(trimmed_conversation, token):
     conversation, history = trimmed_conversation
     before = (await Conversation.objects.aget(pk=conversation.pk)).active_leaf_id
@@ -162,7 +162,7 @@ async def test_a_message_that_cannot_fit_is_a_400_before_any_stream_and_loses_no
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.usefixtures("release_db_connections", "provider_clients")
+@pytest.mark.usefixtures("provider_clients")
 async def test_over_the_websocket_a_message_that_cannot_fit_is_an_error_frame(trimmed_conversation, token):
     conversation, history = trimmed_conversation
     socket = WebsocketCommunicator(application, f"/ws/conversations/{conversation.pk}/?token={token}")

@@ -24,7 +24,7 @@ from tests.kit import SLOW_REPLY_TOKENS, assert_error, bearer, poll_until, usage
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
-    pytest.mark.usefixtures("release_db_connections", "provider_clients", "broadcast_listener"),
+    pytest.mark.usefixtures("provider_clients", "broadcast_listener"),
 ]
 
 TIMEOUT = 10

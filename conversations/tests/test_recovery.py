@@ -134,7 +134,6 @@ def test_stopping_an_orphan_ends_it_at_once():
 
 
 @override_settings(REDIS_URL="")
-@pytest.mark.usefixtures("release_db_connections")
 async def test_on_the_embedded_defaults_start_up_recovers_what_an_earlier_run_left_streaming():
     from asgiref.sync import sync_to_async
 

@@ -33,7 +33,7 @@ from tests.kit import (
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
-    pytest.mark.usefixtures("release_db_connections", "provider_clients"),
+    pytest.mark.usefixtures("provider_clients"),
 ]
 
 SSE = "text/event-stream"

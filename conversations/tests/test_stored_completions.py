@@ -25,7 +25,7 @@ from tests.kit import CHAT_URL, FAST_REPLY_TOKENS, SLOW_REPLY_TOKENS, asgi_reque
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
-    pytest.mark.usefixtures("provider_clients", "release_db_connections"),
+    pytest.mark.usefixtures("provider_clients"),
 ]
 
 MESSAGES: Any = [

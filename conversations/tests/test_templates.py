@@ -315,7 +315,7 @@ def test_a_template_without_a_model_needs_one(auth_client, user, model):
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.usefixtures("release_db_connections", "provider_clients")
+@pytest.mark.usefixtures("provider_clients")
 async def test_the_upstream_receives_the_templates_prompt_messages_and_parameters(user, sim_model):
     template = await sync_to_async(_template)(
         user,

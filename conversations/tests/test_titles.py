@@ -28,7 +28,7 @@ from tests.kit import FAST_REPLY_TOKENS, SLEEPY_REPLY_TOKENS, bearer, poll_until
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
-    pytest.mark.usefixtures("release_db_connections", "provider_clients"),
+    pytest.mark.usefixtures("provider_clients"),
 ]
 
 

@@ -27,7 +27,7 @@ from tests.kit import FAST_REPLY_TOKENS, SLOW_REPLY_TOKENS, asgi_request, poll_u
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
-    pytest.mark.usefixtures("provider_clients", "release_db_connections"),
+    pytest.mark.usefixtures("provider_clients"),
 ]
 
 MESSAGES_URL = "/v1/messages"

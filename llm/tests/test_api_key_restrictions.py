@@ -31,7 +31,7 @@ from tests.kit import assert_error, bearer, chat_body, poll_until, post_chat, st
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
-    pytest.mark.usefixtures("release_db_connections", "provider_clients", "broadcast_listener"),
+    pytest.mark.usefixtures("provider_clients", "broadcast_listener"),
 ]
 
 RESPONSES_URL = "/v1/responses"

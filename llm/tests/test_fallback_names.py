@@ -28,7 +28,7 @@ from tests.kit import bearer, usage_records
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
-    pytest.mark.usefixtures("provider_clients", "release_db_connections"),
+    pytest.mark.usefixtures("provider_clients"),
 ]
 
 MESSAGES: Any = [{"role": "user", "content": "Tell me about rivers"}]

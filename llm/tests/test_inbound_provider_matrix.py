@@ -23,7 +23,7 @@ from tests.kit import FAST_REPLY_TOKENS, usage_records
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
-    pytest.mark.usefixtures("provider_clients", "release_db_connections"),
+    pytest.mark.usefixtures("provider_clients"),
 ]
 
 QUESTION = "Tell me about rivers"

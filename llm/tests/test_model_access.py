@@ -29,7 +29,7 @@ from tests.kit import access_token, assert_error, bearer, chat_body, post_chat, 
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
-    pytest.mark.usefixtures("release_db_connections", "provider_clients", "broadcast_listener"),
+    pytest.mark.usefixtures("provider_clients", "broadcast_listener"),
 ]
 
 ALL = ["fast", "other-alias", "other-model", "sim-model"]

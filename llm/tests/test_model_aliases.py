@@ -165,7 +165,7 @@ def aliased(db, sim_model):
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.usefixtures("provider_clients", "release_db_connections")
+@pytest.mark.usefixtures("provider_clients")
 async def test_sdks_send_an_alias_and_get_the_target_models_reply(api_key_secret, sim_model, aliased, asgi_server):
     messages = [{"role": "user", "content": "Give this chat a title"}]
     async with openai.AsyncOpenAI(base_url=f"{asgi_server}/v1", api_key=api_key_secret, max_retries=0) as sdk:
@@ -194,7 +194,7 @@ async def test_sdks_send_an_alias_and_get_the_target_models_reply(api_key_secret
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.usefixtures("provider_clients", "release_db_connections", "broadcast_listener")
+@pytest.mark.usefixtures("provider_clients", "broadcast_listener")
 async def test_an_alias_edit_is_seen_by_the_next_request(api_key_secret, sim_model, aliased):
     alias, other = aliased
     client = AsyncClient()
