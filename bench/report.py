@@ -30,9 +30,10 @@ TARGETS = {
     "cpu_per_token_vs_simulator": 2.0,
     # What enforcement (rate limits and budgets, path v1m) adds over the same /v1 request without
     # any (v1), issue 8: at most 1 ms of TTFT at p50 with one stream, and no change in server CPU
-    # per token — read as within this ratio: the median over pairs of neighbouring v1 / v1m rounds
-    # at 50 streams on one server (enforcement_paired), else over the blocks' rounds at 50+ streams
-    # (A/A runs of one tree differ by a few % over many rounds; single rounds by ±10–25 %).
+    # per token — read as within this ratio: the median over pairs of side-by-side rounds, two
+    # server processes of 25 streams each answering v1 and v1m at once, then the other way round
+    # (enforcement_paired), else over the blocks' rounds at 50+ streams (A/A runs of one tree differ
+    # by a few % over many rounds; single rounds by ±10–25 %).
     "enforcement_ttft_p50_ms": 1.0,
     "enforcement_cpu_ratio": 1.05,
 }
@@ -40,7 +41,7 @@ TARGETS = {
 ENFORCEMENT_LEVEL = 1
 ENFORCEMENT_TTFT_TARGET = "enforcement adds to TTFT p50 (ms, v1m − v1)"
 ENFORCEMENT_CPU_TARGET = (
-    f"server CPU per token v1m / v1, paired rounds (else rounds at {CPU_TARGET_MIN_LEVEL}+ streams) "
+    f"server CPU per token v1m / v1, side by side (else rounds at {CPU_TARGET_MIN_LEVEL}+ streams) "
     f"(no change: ≤ {TARGETS['enforcement_cpu_ratio']:g})"
 )
 
@@ -321,13 +322,16 @@ def enforcement_paired(data: dict[str, Any]) -> list[dict[str, Any]]:
     """Summarize the paired enforcement rounds (``run.Bench.paired_enforcement``), one row per server label.
 
     TTFT: every reply's TTFT of the one-stream rounds pooled per path; ``added_ttft_p50_ms`` =
-    v1m's p50 minus v1's (ms). CPU: per pair of neighbouring rounds of ``cpu_level`` streams
-    without errors, server CPU µs per forwarded token of v1m over v1's; ``cpu_ratio`` = the median
-    of those ratios, ``cpu_ratio_range`` = [lowest, highest], ``cpu_ratio_pooled`` = the ratio of
-    all their CPU over all their tokens, ``added_us_per_request`` = the median of v1m's minus v1's
-    server CPU µs per request. ``simulator_ratio``: the same median ratio of the simulator's CPU
-    per token, the control: it runs none of the backend's code, so its distance from 1 is what the
-    machine's drift left in the pairs. A row's figures are None when no pair was measured.
+    v1m's p50 minus v1's (ms). CPU, from the side-by-side rounds (``run.Bench.side_by_side``): per
+    round, server CPU µs per forwarded token of the process in the v1m role over the one in the v1
+    role; per pair of rounds (the processes' roles swapped), the geometric mean of its two rounds'
+    ratios, in which a difference between the processes cancels. ``cpu_ratio`` = the median of
+    the pairs' ratios, ``cpu_ratio_range`` = [lowest, highest], ``cpu_ratio_pooled`` = all v1m
+    CPU over all its tokens against the same of v1, ``added_us_per_request`` = the median over
+    pairs of v1m's minus v1's server CPU µs per request. ``control_ratio``: the median ratio of the
+    control pairs (v1 in both roles), whose distance from 1 is what the pairing left of the
+    machine's noise. Pairs with an error, or a round without tokens, are left out. A row's
+    figures are None when no pair was measured.
     """
     rows = []
     for block in data.get("enforcement_pairs") or []:
@@ -337,28 +341,29 @@ def enforcement_paired(data: dict[str, Any]) -> list[dict[str, Any]]:
             for path in ("v1", "v1m")
         }
         p50 = {path: percentile(values, 0.5) for path, values in ttft.items()}
-        pairs: dict[int, dict[str, dict[str, Any]]] = {}
+        halves: dict[tuple[str, int], dict[tuple[int, str], dict[str, Any]]] = {}
         for r in rounds:
-            if r["kind"] == "cpu":
-                pairs.setdefault(r["pair"], {})[r["path"]] = r
-        ratios, sim_ratios, added, cpu, tokens = [], [], [], {"v1": 0.0, "v1m": 0.0}, {"v1": 0, "v1m": 0}
-        for pair in pairs.values():
-            plain, metered = pair.get("v1"), pair.get("v1m")
-            if (
-                plain is None
-                or metered is None
-                or any(
-                    r["errors"] or not r["tokens"] or not r["ok"] or r["server_cpu_s"] is None for r in (plain, metered)
-                )
+            if r["kind"] in ("cpu", "control"):
+                halves.setdefault((r["kind"], r["pair"]), {})[(r["round"], r["role"])] = r
+        ratios: dict[str, list[float]] = {"cpu": [], "control": []}
+        added, cpu, tokens = [], {"v1": 0.0, "v1m": 0.0}, {"v1": 0, "v1m": 0}
+        for (kind, _), pair in halves.items():
+            if len(pair) != 4 or any(
+                r["errors"] or not r["tokens"] or not r["ok"] or not r["server_cpu_s"] for r in pair.values()
             ):
                 continue
-            ratios.append((metered["server_cpu_s"] / metered["tokens"]) / (plain["server_cpu_s"] / plain["tokens"]))
-            if plain["sim_cpu_s"] and metered["sim_cpu_s"]:
-                sim_ratios.append((metered["sim_cpu_s"] / metered["tokens"]) / (plain["sim_cpu_s"] / plain["tokens"]))
-            added.append(1e6 * (metered["server_cpu_s"] / metered["ok"] - plain["server_cpu_s"] / plain["ok"]))
-            for path, r in (("v1", plain), ("v1m", metered)):
-                cpu[path] += r["server_cpu_s"]
-                tokens[path] += r["tokens"]
+            product, extra = 1.0, 0.0
+            for index in (0, 1):
+                plain, metered = pair[(index, "v1")], pair[(index, "v1m")]
+                product *= (metered["server_cpu_s"] / metered["tokens"]) / (plain["server_cpu_s"] / plain["tokens"])
+                extra += 1e6 * (metered["server_cpu_s"] / metered["ok"] - plain["server_cpu_s"] / plain["ok"]) / 2
+            ratios[kind].append(math.sqrt(product))
+            if kind == "cpu":
+                added.append(extra)
+                for (_, role), r in pair.items():
+                    cpu[role] += r["server_cpu_s"]
+                    tokens[role] += r["tokens"]
+        measured = ratios["cpu"]
         rows.append(
             {
                 "server": block["server"],
@@ -370,14 +375,15 @@ def enforcement_paired(data: dict[str, Any]) -> list[dict[str, Any]]:
                 if p50["v1"] is not None and p50["v1m"] is not None
                 else None,
                 "cpu_level": next((r["level"] for r in rounds if r["kind"] == "cpu"), None),
-                "pairs": len(ratios),
-                "cpu_ratio": _r(statistics.median(ratios), 3) if ratios else None,
-                "cpu_ratio_range": [_r(min(ratios), 3), _r(max(ratios), 3)] if ratios else None,
+                "pairs": len(measured),
+                "cpu_ratio": _r(statistics.median(measured), 3) if measured else None,
+                "cpu_ratio_range": [_r(min(measured), 3), _r(max(measured), 3)] if measured else None,
                 "cpu_ratio_pooled": _ratio(cpu["v1m"] * 1e6 / tokens["v1m"], cpu["v1"] * 1e6 / tokens["v1"])
-                if ratios
+                if measured
                 else None,
                 "added_us_per_request": _r(statistics.median(added)) if added else None,
-                "simulator_ratio": _r(statistics.median(sim_ratios), 3) if sim_ratios else None,
+                "control_pairs": len(ratios["control"]),
+                "control_ratio": _r(statistics.median(ratios["control"]), 3) if ratios["control"] else None,
             }
         )
     return rows
@@ -571,8 +577,8 @@ def evaluate_targets(data: dict[str, Any]) -> list[dict[str, Any]]:
                     None if value is None else value <= limit,
                 )
         # What enforcement adds: v1m against v1, TTFT p50 at one stream and CPU per token.
-        # The paired rounds' figures when measured (neighbouring rounds of one process: steadier),
-        # else the blocks'.
+        # The paired rounds' figures when measured (neighbouring rounds of one process for TTFT, two
+        # processes side by side for CPU: steadier), else the blocks'.
         if "v1m" in paths and "v1" in paths:
             paired = next((e for e in data.get("enforcement_paired") or [] if e["server"] == server), None)
             rows = [e for e in data.get("enforcement") or [] if e["server"] == server]
@@ -866,11 +872,12 @@ def _paired_markdown(data: dict[str, Any]) -> list[str]:
         return []
     lines = [
         "",
-        "The same, in pairs of neighbouring rounds on one server process (v1 v1m v1m v1 …; the targets read "
-        "these when measured):",
+        "The same, paired (the targets read these when measured): TTFT in neighbouring rounds of one stream on "
+        "one server process (v1 v1m v1m v1 …); server CPU on two processes side by side, each answering one "
+        "caller and then the other, the control answering v1 on both:",
         "",
-        "| server | TTFT p50 v1 / v1m ms (replies) | added p50 ms | streams | pairs | server CPU/token v1m / v1, "
-        "median [range] | pooled | added µs/request | simulator's v1m / v1 |",
+        "| server | TTFT p50 v1 / v1m ms (replies) | added p50 ms | streams per process | pairs "
+        "| server CPU/token v1m / v1, median [range] | pooled | added µs/request | control (pairs) |",
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for e in rows:
@@ -879,7 +886,8 @@ def _paired_markdown(data: dict[str, Any]) -> list[str]:
             f"| {e['server']} | {_f(e['v1_ttft_p50_ms'], 2)} / {_f(e['v1m_ttft_p50_ms'], 2)} "
             f"({e['ttft_replies']['v1']} / {e['ttft_replies']['v1m']}) | {_f(e['added_ttft_p50_ms'], 2)} "
             f"| {_f(e['cpu_level'])} | {e['pairs']} | {_f(e['cpu_ratio'], 3)} [{_f(spread[0], 3)}–{_f(spread[1], 3)}] "
-            f"| {_f(e['cpu_ratio_pooled'], 3)} | {_f(e['added_us_per_request'])} | {_f(e['simulator_ratio'], 3)} |"
+            f"| {_f(e['cpu_ratio_pooled'], 3)} | {_f(e['added_us_per_request'])} "
+            f"| {_f(e['control_ratio'], 3)} ({e['control_pairs']}) |"
         )
     return lines
 

@@ -30,6 +30,7 @@ import tempfile
 import time
 from array import array
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
@@ -86,18 +87,21 @@ PROMPT = "Tell me about the benchmark"
 MAX_TOKENS_FACTOR = 4  # max_tokens (v1resp: max_output_tokens) sent on direct and /v1: this many times --tokens
 C1_REPLIES = 10  # replies of the one stream at level 1 on C1_PATHS (replies_for)
 ASGI_APP = "chatbackend.asgi:application"
-# The paired enforcement phase (Bench.paired_enforcement): one server answers v1 and v1m in
-# alternating rounds, v1 v1m v1m v1 v1 v1m ..., each pair of neighbouring rounds compared. The
-# machine's speed steps by ~30 % within minutes on a shared VM, and rounds of separate blocks
-# differ by ±1,000 µs of server CPU per request: the blocks' v1m / v1 cannot resolve 5 %, pairs of
-# neighbouring rounds can (their median). ``--enforcement-pairs`` pairs at each of the two levels.
+# The paired enforcement phase (Bench.paired_enforcement): for TTFT, one server answers v1 and v1m
+# in alternating rounds, v1 v1m v1m v1 ..., each pair of neighbouring rounds compared; for CPU, two
+# server processes answer one caller each at the same time, then the other way round (side_by_side).
+# The machine's speed steps by ~30 % within minutes on a shared VM: the blocks' v1m / v1 cannot
+# resolve 5 %, and neighbouring rounds of one process still differed by ±10-20 % (the simulator's
+# CPU per token, which no backend code changes, by up to 13 %). ``--enforcement-pairs`` pairs of each.
 ENFORCEMENT_PAIRS = 6
 ENFORCEMENT_TTFT_LEVEL = 1  # the TTFT pairs: one stream, as the TTFT target is stated
 # Replies per TTFT round: a reply's TTFT varies by ~±1 ms at one stream here, against a 1 ms target;
 # with 3 per round, two runs of the same tree gave −0.3 and +1.3 ms added. 10 per round, 6 pairs:
 # 120 replies per path (~10 s more than 3).
 ENFORCEMENT_TTFT_REPLIES = 10
-ENFORCEMENT_CPU_LEVEL = 50  # the CPU pairs: as the CPU target's smallest level (report.CPU_TARGET_MIN_LEVEL)
+# The CPU rounds: streams on each of the two processes side by side (Bench.side_by_side), so that the
+# machine carries the CPU target's smallest level (report.CPU_TARGET_MIN_LEVEL) as a 2-core VM can.
+ENFORCEMENT_CPU_LEVEL = 25
 
 
 class BenchError(RuntimeError):
@@ -180,8 +184,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--enforcement-pairs",
         type=int,
         default=ENFORCEMENT_PAIRS,
-        help="pairs of alternating v1 / v1m rounds on one server, at 1 stream (TTFT) and at "
-        f"{ENFORCEMENT_CPU_LEVEL} streams (server CPU), after the blocks; 0: none (default {ENFORCEMENT_PAIRS})",
+        help="pairs of alternating v1 / v1m rounds of 1 stream on one server (TTFT), and as many pairs of "
+        f"rounds of {ENFORCEMENT_CPU_LEVEL} streams on two servers side by side (server CPU), with a third as "
+        f"many control pairs, after the blocks; 0: none (default {ENFORCEMENT_PAIRS})",
     )
     parser.add_argument("--no-chart", action="store_true", help="do not draw latest.png")
     parser.add_argument(
@@ -471,6 +476,23 @@ def scan_log(path: Path, offset: int) -> dict[str, Any]:
 # --- the benchmark --------------------------------------------------------------------------
 
 
+def control_pairs(pairs: int) -> int:
+    """The side-by-side control pairs run with ``pairs`` pairs of CPU rounds (``Bench.side_by_side``)."""
+    return max(1, pairs // 3) if pairs else 0
+
+
+def _round_figures(path: str, level: int, raw: dict[str, Any]) -> dict[str, Any]:
+    """What the enforcement rounds keep of a round's raw measurements (``Bench.run_round``)."""
+    return {
+        "path": path,
+        "level": level,
+        "ok": raw["ok"],
+        "errors": raw["errors"],
+        "tokens": raw["tokens"],
+        "server_cpu_s": raw["server_cpu_s"],
+    }
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -690,23 +712,29 @@ class Bench:
         return taken
 
     def start_clients(self) -> None:
-        for index in range(self.args.client_procs):
-            client = Child(
-                f"client-{index}",
-                [sys.executable, "-m", "bench.loadgen"],
-                self.env,
-                self.log_dir / f"client-{index}.log",
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-            )
-            self.children.append(client)
-            self.clients.append(client)
+        self.clients = [self._start_client(f"client-{index}") for index in range(self.args.client_procs)]
         for client in self.clients:
-            hello = recv_message(client.pipe_out)
-            if not hello.get("ready"):
-                raise BenchError(f"load generator did not start: {hello}")
-            if not hello.get("uvloop"):
-                self.notes.append("the load generator ran without uvloop")
+            self._client_ready(client)
+
+    def _start_client(self, name: str) -> Child:
+        """Start a load generator (``bench.loadgen``): it serves round specs until its stdin closes."""
+        client = Child(
+            name,
+            [sys.executable, "-m", "bench.loadgen"],
+            self.env,
+            self.log_dir / f"{name}.log",
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        self.children.append(client)
+        return client
+
+    def _client_ready(self, client: Child) -> None:
+        hello = recv_message(client.pipe_out)
+        if not hello.get("ready"):
+            raise BenchError(f"load generator did not start: {hello}")
+        if not hello.get("uvloop") and "the load generator ran without uvloop" not in self.notes:
+            self.notes.append("the load generator ran without uvloop")
 
     # -- servers --
 
@@ -803,9 +831,13 @@ class Bench:
         replies: int,
         conversations: list[int] | None,
         deadline_s: float,
+        clients: list[Child] | None = None,
+        server_log: Path | None = None,
     ) -> dict[str, Any]:
-        """Run one round on the load generator(s); return the merged raw measurements."""
+        """Run one round on the load generator(s) (``clients``, default all); return the merged raw
+        measurements. ``server_log``: the server's log to scan (default: the running block's)."""
         args = self.args
+        clients = clients or self.clients
         api_key, model = {
             "direct": (self.sim_key, "sim-1"),
             "v1m": (self.metered_api_key, self.metered_model),
@@ -825,22 +857,22 @@ class Bench:
             "deadline_s": deadline_s,
             "prompt": PROMPT,
         }
-        shards = [list(range(level))[k :: len(self.clients)] for k in range(len(self.clients))]
+        shards = [list(range(level))[k :: len(clients)] for k in range(len(clients))]
         sim_tree = ProcessTree(self.sim.pid) if self.sim else None
-        client_trees = [ProcessTree(c.pid) for c in self.clients]
+        client_trees = [ProcessTree(c.pid) for c in clients]
         measured = server_tree or sim_tree
         assert measured is not None
         sim_cpu0 = sim_tree.cpu_seconds() if sim_tree else 0.0
         server_cpu0 = server_tree.cpu_seconds() if server_tree else 0.0
         client_cpu0 = sum(t.cpu_seconds() for t in client_trees)
         machine_busy0, machine_total0 = machine_cpu()
-        log = self.server_log if server_tree is not None else None
+        log = (server_log or self.server_log) if server_tree is not None else None
         log_offset = log.stat().st_size if log is not None and log.exists() else 0
         results = []
         with RssSampler(measured) as sampler:
             started = time.perf_counter()
             active = []
-            for client, shard in zip(self.clients, shards, strict=True):
+            for client, shard in zip(clients, shards, strict=True):
                 if not shard:
                     continue
                 spec = {
@@ -1181,75 +1213,143 @@ class Bench:
                         self.notes.append("the profile round was skipped: time budget")
 
     def paired_enforcement(self, server: str, *, baseline: bool = False) -> None:
-        """Measure what enforcement adds in pairs of neighbouring rounds on one ``server`` process.
+        """Measure what enforcement adds: TTFT in neighbouring rounds on one ``server`` process, CPU
+        on two processes side by side.
 
-        The server answers ``v1`` and ``v1m`` alike (they differ by caller only), so one process
-        runs rounds in the order v1 v1m v1m v1 v1 v1m ... : ``--enforcement-pairs`` pairs of one
-        stream (``ENFORCEMENT_TTFT_REPLIES`` replies each, for TTFT), then as many of
-        ``ENFORCEMENT_CPU_LEVEL`` streams (for server CPU per token). A drift of the machine's speed
-        then falls on both halves of a pair alike, and the ABBA order cancels a steady trend.
-        Appends ``{"server", "rounds": [{"kind": "ttft" | "cpu", "pair", "path", "level", "ok",
-        "errors", "tokens", "server_cpu_s", "sim_cpu_s", "ttft_ms": [...]}]}`` to
-        ``enforcement_pairs`` (``ttft_ms``: every reply's, on the TTFT rounds only); the report
-        reads it (``report.enforcement_paired``). Skipped, with a note, when the budget has no room.
+        TTFT: the server answers ``v1`` and ``v1m`` alike (they differ by caller only), so one
+        process runs ``--enforcement-pairs`` pairs of rounds of one stream in the order v1 v1m v1m
+        v1 ... (``ENFORCEMENT_TTFT_REPLIES`` replies each); the ABBA order cancels a steady trend.
+        CPU: ``side_by_side`` rounds on that process and a second one. Appends ``{"server",
+        "rounds": [...]}`` to ``enforcement_pairs``: the TTFT rounds as ``{"kind": "ttft", "pair",
+        "path", "level", "ok", "errors", "tokens", "server_cpu_s", "ttft_ms": [...]}``, then the
+        side-by-side rounds; the report reads them (``report.enforcement_paired``). Skipped, with a
+        note, when the budget has no room.
         """
         args = self.args
         label = server_label(server, baseline=baseline)
         count = 2 * args.enforcement_pairs
-        plan = [
-            ("ttft", ENFORCEMENT_TTFT_LEVEL, ENFORCEMENT_TTFT_REPLIES),
-            ("cpu", ENFORCEMENT_CPU_LEVEL, replies_for(args, ENFORCEMENT_CPU_LEVEL, "v1")),
-        ]
         nominal = (args.ttft_ms + args.tokens * args.token_delay_ms) / 1000
-        needed = BLOCK_OVERHEAD_S + count * (
-            ENFORCEMENT_TTFT_REPLIES * nominal + self.estimate_round_s(label, "v1", ENFORCEMENT_CPU_LEVEL)
+        cpu_rounds = 2 * (args.enforcement_pairs + control_pairs(args.enforcement_pairs))
+        needed = (
+            2 * BLOCK_OVERHEAD_S
+            + count * ENFORCEMENT_TTFT_REPLIES * nominal
+            + cpu_rounds * self.estimate_round_s(label, "v1", 2 * ENFORCEMENT_CPU_LEVEL)
         )
         if self.time_left() - REPORT_RESERVE_S < needed:
             self.notes.append(f"the paired enforcement rounds of {label} were skipped: time budget (~{needed:.0f} s)")
             self.log(f"skip {label} paired enforcement: time budget (~{needed:.0f} s)")
             return
         rounds: list[dict[str, Any]] = []
-        purpose = f"{count} paired v1 / v1m rounds per level"
+        purpose = f"{count} paired v1 / v1m rounds of 1 stream, then {cpu_rounds} side by side"
         with self.serving(server, "paired", baseline=baseline, purpose=purpose) as (tree, base_url):
             for path in ("v1", "v1m"):
                 self.warm_up(label, path, base_url, tree)
-            for kind, level, replies in plan:
-                for index in range(count):
-                    path = ("v1", "v1m", "v1m", "v1")[index % 4]
-                    raw = self.run_round(
-                        server=label,
-                        path=path,
-                        level=level,
-                        base_url=base_url,
-                        server_tree=tree,
-                        replies=replies,
-                        conversations=None,
-                        deadline_s=max(60.0, 4 * self.estimate_round_s(label, "v1", level)),
-                    )
-                    rounds.append(
-                        {
-                            "kind": kind,
-                            "pair": index // 2,
-                            "path": path,
-                            "level": level,
-                            "ok": raw["ok"],
-                            "errors": raw["errors"],
-                            "tokens": raw["tokens"],
-                            "server_cpu_s": raw["server_cpu_s"],
-                            "sim_cpu_s": raw["sim_cpu_s"],
-                            "ttft_ms": [round(v, 3) for v in raw["ttft_ms"]] if kind == "ttft" else [],
-                        }
-                    )
-                    if raw["errors"]:
-                        self.log(f"    paired {kind} {path}: {raw['errors']} errors {raw['error_kinds']}")
+            for index in range(count):
+                path = ("v1", "v1m", "v1m", "v1")[index % 4]
+                raw = self.run_round(
+                    server=label,
+                    path=path,
+                    level=ENFORCEMENT_TTFT_LEVEL,
+                    base_url=base_url,
+                    server_tree=tree,
+                    replies=ENFORCEMENT_TTFT_REPLIES,
+                    conversations=None,
+                    deadline_s=max(60.0, 4 * self.estimate_round_s(label, "v1", ENFORCEMENT_TTFT_LEVEL)),
+                )
+                rounds.append({"kind": "ttft", "pair": index // 2, **_round_figures(path, ENFORCEMENT_TTFT_LEVEL, raw)})
+                rounds[-1]["ttft_ms"] = [round(v, 3) for v in raw["ttft_ms"]]
+                if raw["errors"]:
+                    self.log(f"    paired ttft {path}: {raw['errors']} errors {raw['error_kinds']}")
+            rounds += self.side_by_side(server, label, baseline=baseline, first=(tree, base_url))
         self.enforcement_pairs.append({"server": label, "rounds": rounds})
         summary = report.enforcement_paired({"enforcement_pairs": self.enforcement_pairs[-1:]})
         for row in summary:
             self.log(
                 f"{label} paired: enforcement adds {row['added_ttft_p50_ms']} ms TTFT p50 at "
                 f"{ENFORCEMENT_TTFT_LEVEL} stream, server CPU per token v1m / v1 {row['cpu_ratio']} (median of "
-                f"{row['pairs']} pairs; the simulator's {row['simulator_ratio']})"
+                f"{row['pairs']} pairs side by side; the control's {row['control_ratio']})"
             )
+
+    def side_by_side(
+        self, server: str, label: str, *, baseline: bool, first: tuple[ProcessTree, str]
+    ) -> list[dict[str, Any]]:
+        """Measure enforcement's server CPU per token on two server processes at once.
+
+        Rounds run on the running process (``first``: its tree and URL, "a") and a second one
+        started here ("b"), each with ``ENFORCEMENT_CPU_LEVEL`` streams from a load generator of its
+        own, at the same time: whatever the machine does during a round (a neighbour's load, a
+        frequency step) falls on both processes alike. In a pair of rounds one process answers
+        ``v1`` and the other ``v1m``, then the other way round, so a difference between the two
+        processes cancels out of the pair's ratio (the geometric mean of its two rounds' v1m / v1,
+        ``report.enforcement_paired``). ``control_pairs`` pairs, spread among them, send ``v1`` to
+        both processes in the same roles: their ratio should be 1, and its distance from 1 is what
+        the pairing did not cancel. Returns one record per process and round: ``{"kind": "cpu" |
+        "control", "pair", "round": 0 | 1, "process": "a" | "b", "role": "v1" | "v1m", "path", "level",
+        "ok", "errors", "tokens", "server_cpu_s"}``.
+        """
+        args = self.args
+        pairs = args.enforcement_pairs
+        controls = control_pairs(pairs)
+        kinds: list[str] = []
+        for index in range(pairs):
+            kinds.append("cpu")
+            if (index + 1) * controls // pairs > kinds.count("control"):
+                kinds.append("control")
+        replies = replies_for(args, ENFORCEMENT_CPU_LEVEL, "v1")
+        deadline_s = max(60.0, 4 * self.estimate_round_s(label, "v1", 2 * ENFORCEMENT_CPU_LEVEL))
+        client = self._start_client("client-side-by-side")
+        self._client_ready(client)
+        child, port, startup = self.start_server(server, "paired-b", baseline=baseline)
+        self.log(f"{label} up in {startup * 1000:.0f} ms (port {port}) beside the first for the CPU rounds")
+        processes = (
+            ("a", *first, self.clients[:1], self.server_log),
+            ("b", ProcessTree(child.pid), f"http://127.0.0.1:{port}", [client], child.log_path),
+        )
+        records: list[dict[str, Any]] = []
+        try:
+            for path in ("v1", "v1m"):
+                self.warm_up(label, path, processes[1][2], processes[1][1])
+            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="side-by-side") as pool:
+                for pair, kind in enumerate(kinds):
+                    for round_index in (0, 1):
+                        roles = ("v1", "v1m") if (pair + round_index) % 2 == 0 else ("v1m", "v1")
+                        futures = [
+                            pool.submit(
+                                self.run_round,
+                                server=label,
+                                path="v1" if kind == "control" else role,
+                                level=ENFORCEMENT_CPU_LEVEL,
+                                base_url=base_url,
+                                server_tree=tree,
+                                replies=replies,
+                                conversations=None,
+                                deadline_s=deadline_s,
+                                clients=clients,
+                                server_log=log,
+                            )
+                            for (_, tree, base_url, clients, log), role in zip(processes, roles, strict=True)
+                        ]
+                        for (name, *_), role, future in zip(processes, roles, futures, strict=True):
+                            path = "v1" if kind == "control" else role
+                            raw = future.result()
+                            records.append(
+                                {
+                                    "kind": kind,
+                                    "pair": pair,
+                                    "round": round_index,
+                                    "process": name,
+                                    "role": role,
+                                    **_round_figures(path, ENFORCEMENT_CPU_LEVEL, raw),
+                                }
+                            )
+                            if raw["errors"]:
+                                self.log(f"    side by side {kind} {name} {path}: {raw['errors']} errors")
+        finally:
+            self.stop_child(child)
+            with contextlib.suppress(OSError):
+                client.pipe_in.close()
+            self.stop_child(client)
+        return records
 
     def _skip(self, label: str, path: str, level: int, reason: str) -> None:
         self.rounds.append({**self._record(label, path, level), "skipped": reason})

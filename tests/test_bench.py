@@ -138,17 +138,18 @@ def test_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:
     one_stream = [r["replies_per_stream"] for r in rounds if r["concurrency"] == 1 and r["path"] not in ("sse", "ws")]
     assert one_stream == [10] * 5
     assert "uvicorn: enforcement adds" in result.stdout, output
-    # The paired rounds on one server (one pair at each level here); the targets read them.
+    # The paired rounds (one pair of each kind here, and a control pair); the targets read them.
     (paired,) = data["enforcement_paired"]
     replies = ENFORCEMENT_TTFT_REPLIES  # one pair: one round of each path
     assert paired["server"] == "uvicorn" and paired["ttft_replies"] == {"v1": replies, "v1m": replies}, paired
-    assert paired["cpu_level"] == 50 and paired["pairs"] == 1 and paired["cpu_ratio"] > 0, paired
-    assert paired["simulator_ratio"] > 0 and paired["added_ttft_p50_ms"] is not None, paired
+    assert paired["cpu_level"] == 25 and paired["pairs"] == 1 and paired["cpu_ratio"] > 0, paired
+    assert paired["control_pairs"] == 1 and paired["control_ratio"] > 0, paired
+    assert paired["added_ttft_p50_ms"] is not None, paired
     ttft_target = next(t for t in data["targets"] if t["target"] == report.ENFORCEMENT_TTFT_TARGET)
     assert ttft_target["concurrency"] == 1 and ttft_target["value"] == paired["added_ttft_p50_ms"]
     cpu_target = next(t for t in data["targets"] if t["target"] == report.ENFORCEMENT_CPU_TARGET)
-    assert cpu_target["concurrency"] == 50 and cpu_target["value"] == paired["cpu_ratio"]
-    assert "pairs of neighbouring rounds" in result.stdout, output
+    assert cpu_target["concurrency"] == 25 and cpu_target["value"] == paired["cpu_ratio"]
+    assert "two processes side by side" in result.stdout, output
 
 
 def _bench(tmp_path: Path, db_name: str, *options: str) -> subprocess.CompletedProcess[str]:

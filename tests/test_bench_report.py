@@ -9,6 +9,7 @@ raw measurements), with chosen TTFTs and server CPU, and go through ``report.bui
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -264,36 +265,47 @@ def test_without_adapters_there_is_no_adapter_table() -> None:
     assert "Upstream adapter CPU per chunk" not in report.markdown(data)
 
 
-def _paired_round(kind: str, pair: int, path: str, *, cpu_s: float, sim_s: float = 0.5, errors: int = 0) -> dict:
-    """A round as ``run.Bench.paired_enforcement`` records it: 3 replies of one stream, or 100 of 50."""
-    level, requests = (1, 3) if kind == "ttft" else (50, 100)
-    ttft = {"v1": [51.0, 51.2, 51.4], "v1m": [51.6, 51.8, 52.0]}[path] if kind == "ttft" else []
-    return {
-        "kind": kind,
-        "pair": pair,
-        "path": path,
-        "level": level,
-        "ok": requests - errors,
-        "errors": errors,
-        "tokens": (requests - errors) * TOKENS,
-        "server_cpu_s": cpu_s,
-        "sim_cpu_s": sim_s,
-        "ttft_ms": ttft,
-    }
+def _ttft_round(pair: int, path: str) -> dict:
+    """A TTFT round as ``run.Bench.paired_enforcement`` records it: 3 replies of one stream."""
+    ttft = {"v1": [51.0, 51.2, 51.4], "v1m": [51.6, 51.8, 52.0]}[path]
+    return {"kind": "ttft", "pair": pair, "path": path, "level": 1, "ok": 3, "errors": 0, "tokens": 3 * TOKENS,
+            "server_cpu_s": 0.01, "ttft_ms": ttft}  # fmt: skip
 
 
-def _paired_run(cpu_pairs: list[tuple[float, float]], *, failed_pair: bool = False) -> dict[str, Any]:
-    rounds = [
-        _paired_round("ttft", index // 2, path, cpu_s=0.01) for index, path in enumerate(("v1", "v1m", "v1m", "v1"))
-    ]
-    for pair, (plain, metered) in enumerate(cpu_pairs):
-        order = (("v1", plain), ("v1m", metered)) if pair % 2 == 0 else (("v1m", metered), ("v1", plain))
-        rounds += [_paired_round("cpu", pair, path, cpu_s=cpu_s) for path, cpu_s in order]
-    if failed_pair:  # a pair whose v1m round had errors is left out, whatever its CPU
-        rounds += [
-            _paired_round("cpu", len(cpu_pairs), "v1", cpu_s=1.0),
-            _paired_round("cpu", len(cpu_pairs), "v1m", cpu_s=9.0, errors=3),
-        ]
+def _side_by_side(kind: str, pair: int, ratio: float, *, bias: float = 1.2, errors: int = 0) -> list[dict]:
+    """A pair of side-by-side rounds as ``run.Bench.side_by_side`` records them (25 streams, 2 replies
+    each): process b needs ``bias`` times a's CPU for the same work, the v1m role ``ratio`` times v1's."""
+    rounds = []
+    for index in (0, 1):
+        roles = ("v1", "v1m") if (pair + index) % 2 == 0 else ("v1m", "v1")
+        for process, role in zip("ab", roles, strict=True):
+            failed = errors if role == "v1m" else 0
+            rounds.append(
+                {
+                    "kind": kind,
+                    "pair": pair,
+                    "round": index,
+                    "process": process,
+                    "role": role,
+                    "path": "v1" if kind == "control" else role,
+                    "level": 25,
+                    "ok": 50 - failed,
+                    "errors": failed,
+                    "tokens": (50 - failed) * TOKENS,
+                    "server_cpu_s": 0.5 * (bias if process == "b" else 1.0) * (ratio if role == "v1m" else 1.0),
+                }
+            )
+    return rounds
+
+
+def _paired_run(ratios: list[float], *, controls: tuple[float, ...] = (1.0,), failed_pair: bool = False) -> dict:
+    rounds = [_ttft_round(index // 2, path) for index, path in enumerate(("v1", "v1m", "v1m", "v1"))]
+    for pair, ratio in enumerate(ratios):
+        rounds += _side_by_side("cpu", pair, ratio)
+    for pair, ratio in enumerate(controls, start=len(ratios)):
+        rounds += _side_by_side("control", pair, ratio)
+    if failed_pair:  # a pair whose v1m half had errors is left out, whatever its CPU
+        rounds += _side_by_side("cpu", len(ratios) + len(controls), 9.0, errors=3)
     data = _run(v1m_ttft_at_1=53.5, v1m_cpu_at_50=0.768)  # the blocks' figures: both targets missed
     return report.build(
         meta=data["meta"],
@@ -307,31 +319,49 @@ def _paired_run(cpu_pairs: list[tuple[float, float]], *, failed_pair: bool = Fal
 
 
 def test_paired_rounds_give_the_median_of_pair_ratios_and_the_targets_read_them() -> None:
-    # Server CPU per pair (v1, v1m), seconds over 6,400 tokens: ratios 1.02, 1.04, 1.10 (a slow spell).
-    data = _paired_run([(1.00, 1.02), (0.80, 0.832), (1.00, 1.10)], failed_pair=True)
+    # v1m needs 1.02, 1.04 and 1.10 times v1's CPU per token (a slow spell); process b needs 1.2
+    # times a's for anything: the pairs, each caller once on each process, cancel it.
+    data = _paired_run([1.02, 1.04, 1.10], failed_pair=True)
 
     (row,) = data["enforcement_paired"]
     assert row["server"] == "uvicorn"
     assert (row["ttft_level"], row["ttft_replies"]) == (1, {"v1": 6, "v1m": 6})
     assert (row["v1_ttft_p50_ms"], row["v1m_ttft_p50_ms"], row["added_ttft_p50_ms"]) == (51.2, 51.8, 0.6)
-    assert (row["cpu_level"], row["pairs"]) == (50, 3)
+    assert (row["cpu_level"], row["pairs"]) == (25, 3)
     assert row["cpu_ratio"] == pytest.approx(1.04) and row["cpu_ratio_range"] == [1.02, 1.1]
-    assert row["cpu_ratio_pooled"] == pytest.approx(2.952 / 2.8, abs=0.001)
-    # Per request (100 per round): 200, 320 and 1,000 µs; the median.
-    assert row["added_us_per_request"] == 320.0
-    assert row["simulator_ratio"] == 1.0
+    assert row["cpu_ratio_pooled"] == pytest.approx(1.053, abs=0.001)
+    # Per request (50 per round), averaged over a pair's two rounds: 11,000 µs × (ratio − 1); the median.
+    assert row["added_us_per_request"] == pytest.approx(440.0)
+    assert (row["control_ratio"], row["control_pairs"]) == (1.0, 1)
 
     ttft = _target(data, report.ENFORCEMENT_TTFT_TARGET)
     assert (ttft["concurrency"], ttft["value"], ttft["met"]) == (1, 0.6, True)
     cpu = _target(data, report.ENFORCEMENT_CPU_TARGET)
-    assert (cpu["concurrency"], cpu["value"], cpu["met"]) == (50, pytest.approx(1.04), True)
+    assert (cpu["concurrency"], cpu["value"], cpu["met"]) == (25, pytest.approx(1.04), True)
 
     text = report.markdown(data)
-    assert "| uvicorn | 51.20 / 51.80 (6 / 6) | 0.60 | 50 | 3 | 1.040 [1.020–1.100] | 1.054 | 320.0 | 1.000 |" in text
+    assert (
+        "| uvicorn | 51.20 / 51.80 (6 / 6) | 0.60 | 25 | 3 | 1.040 [1.020–1.100] | 1.053 | 440.0 | 1.000 (1) |" in text
+    )
+
+
+def test_a_process_bias_that_changes_between_rounds_shows_in_the_control() -> None:
+    # The control's two rounds send v1 to both processes; were a 1.2 times slower in the first round
+    # only, the pair could not cancel it, and the control says so.
+    data = _paired_run([1.04], controls=())
+    rounds = data["enforcement_pairs"][0]["rounds"]
+    control = _side_by_side("control", 1, 1.0)
+    assert (control[0]["round"], control[0]["process"], control[0]["role"]) == (0, "a", "v1m")
+    control[0]["server_cpu_s"] *= 1.2  # process a, slower in that round only
+    rounds += control
+    (row,) = report.enforcement_paired({"enforcement_pairs": [{"server": "uvicorn", "rounds": rounds}]})
+
+    assert row["control_pairs"] == 1 and row["control_ratio"] == pytest.approx(math.sqrt(1.2), abs=0.001)
+    assert row["cpu_ratio"] == pytest.approx(1.04)
 
 
 def test_paired_rounds_over_the_ratio_miss_the_target() -> None:
-    data = _paired_run([(1.00, 1.08), (1.00, 1.06), (1.00, 1.07)])
+    data = _paired_run([1.08, 1.06, 1.07])
 
     cpu = _target(data, report.ENFORCEMENT_CPU_TARGET)
     assert cpu["value"] == pytest.approx(1.07) and cpu["met"] is False
@@ -342,4 +372,4 @@ def test_without_paired_rounds_the_targets_read_the_blocks() -> None:
 
     assert data["enforcement_paired"] == []
     assert _target(data, report.ENFORCEMENT_CPU_TARGET)["concurrency"] is None
-    assert "pairs of neighbouring rounds" not in report.markdown(data)
+    assert "two processes side by side" not in report.markdown(data)
