@@ -74,7 +74,8 @@ BUDGET_S = 570.0
 # --quick: 150 s before v1m and the 10 replies at one stream (~45 s more, ~70 s with --baseline);
 # at 150 s a busy 2-core machine (server start-ups of 4-6 s) skipped sse and ws at 200 streams.
 # Both + 20 s for the adapters' CPU per chunk (measure_adapters), + 60 s for v1msg and v1resp.
-# Both + ~60 s per tree for the paired enforcement phase (ENFORCEMENT_PAIRS).
+# Both + ~60 s per tree for the paired enforcement phase (ENFORCEMENT_PAIRS; ~160 s since its CPU
+# rounds run side by side, ENFORCEMENT_CPU_PAIRS: --quick ~230 s, with --baseline ~450 s).
 QUICK_BUDGET_S = 350.0
 QUICK_BASELINE_BUDGET_S = 540.0
 STARTUP_TIMEOUT_S = 60.0
@@ -94,6 +95,9 @@ ASGI_APP = "chatbackend.asgi:application"
 # resolve 5 %, and neighbouring rounds of one process still differed by ±10-20 % (the simulator's
 # CPU per token, which no backend code changes, by up to 13 %). ``--enforcement-pairs`` pairs of each.
 ENFORCEMENT_PAIRS = 6
+# Side-by-side CPU pairs: one pair's v1m / v1 varies by ~3 % (its log's standard deviation, 18 pairs
+# on this VM), so the median of 12 is good to ~±2 % (95 %), of 6 to ~±3 %; ~5 s a pair.
+ENFORCEMENT_CPU_PAIRS = 12
 ENFORCEMENT_TTFT_LEVEL = 1  # the TTFT pairs: one stream, as the TTFT target is stated
 # Replies per TTFT round: a reply's TTFT varies by ~±1 ms at one stream here, against a 1 ms target;
 # with 3 per round, two runs of the same tree gave −0.3 and +1.3 ms added. 10 per round, 6 pairs:
@@ -184,9 +188,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--enforcement-pairs",
         type=int,
         default=ENFORCEMENT_PAIRS,
-        help="pairs of alternating v1 / v1m rounds of 1 stream on one server (TTFT), and as many pairs of "
-        f"rounds of {ENFORCEMENT_CPU_LEVEL} streams on two servers side by side (server CPU), with a third as "
-        f"many control pairs, after the blocks; 0: none (default {ENFORCEMENT_PAIRS})",
+        help="pairs of alternating v1 / v1m rounds of 1 stream on one server (TTFT), after the blocks; 0: no "
+        f"paired phase, the side-by-side CPU rounds neither (default {ENFORCEMENT_PAIRS})",
+    )
+    parser.add_argument(
+        "--enforcement-cpu-pairs",
+        type=int,
+        default=ENFORCEMENT_CPU_PAIRS,
+        help=f"pairs of side-by-side rounds of {ENFORCEMENT_CPU_LEVEL} streams per process (server CPU), with a "
+        f"third as many control pairs; 0: none (default {ENFORCEMENT_CPU_PAIRS})",
     )
     parser.add_argument("--no-chart", action="store_true", help="do not draw latest.png")
     parser.add_argument(
@@ -229,8 +239,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             f"v1m's caller may stream {METERED_LIMITS['concurrent_streams']} replies at once (bench.seed): "
             "levels must stay below that"
         )
-    if args.enforcement_pairs < 0:
-        parser.error("--enforcement-pairs must be 0 or more")
+    if args.enforcement_pairs < 0 or args.enforcement_cpu_pairs < 0:
+        parser.error("--enforcement-pairs and --enforcement-cpu-pairs must be 0 or more")
     if args.replies != "auto" and (not args.replies.isdigit() or int(args.replies) < 1):
         parser.error("--replies must be auto or a positive integer")
     if args.ramp_ms is None:
@@ -1219,7 +1229,8 @@ class Bench:
         TTFT: the server answers ``v1`` and ``v1m`` alike (they differ by caller only), so one
         process runs ``--enforcement-pairs`` pairs of rounds of one stream in the order v1 v1m v1m
         v1 ... (``ENFORCEMENT_TTFT_REPLIES`` replies each); the ABBA order cancels a steady trend.
-        CPU: ``side_by_side`` rounds on that process and a second one. Appends ``{"server",
+        CPU: ``--enforcement-cpu-pairs`` pairs of ``side_by_side`` rounds on that process and a
+        second one. Appends ``{"server",
         "rounds": [...]}`` to ``enforcement_pairs``: the TTFT rounds as ``{"kind": "ttft", "pair",
         "path", "level", "ok", "errors", "tokens", "server_cpu_s", "ttft_ms": [...]}``, then the
         side-by-side rounds; the report reads them (``report.enforcement_paired``). Skipped, with a
@@ -1229,7 +1240,7 @@ class Bench:
         label = server_label(server, baseline=baseline)
         count = 2 * args.enforcement_pairs
         nominal = (args.ttft_ms + args.tokens * args.token_delay_ms) / 1000
-        cpu_rounds = 2 * (args.enforcement_pairs + control_pairs(args.enforcement_pairs))
+        cpu_rounds = 2 * (args.enforcement_cpu_pairs + control_pairs(args.enforcement_cpu_pairs))
         needed = (
             2 * BLOCK_OVERHEAD_S
             + count * ENFORCEMENT_TTFT_REPLIES * nominal
@@ -1260,7 +1271,8 @@ class Bench:
                 rounds[-1]["ttft_ms"] = [round(v, 3) for v in raw["ttft_ms"]]
                 if raw["errors"]:
                     self.log(f"    paired ttft {path}: {raw['errors']} errors {raw['error_kinds']}")
-            rounds += self.side_by_side(server, label, baseline=baseline, first=(tree, base_url))
+            if args.enforcement_cpu_pairs:
+                rounds += self.side_by_side(server, label, baseline=baseline, first=(tree, base_url))
         self.enforcement_pairs.append({"server": label, "rounds": rounds})
         summary = report.enforcement_paired({"enforcement_pairs": self.enforcement_pairs[-1:]})
         for row in summary:
@@ -1288,7 +1300,7 @@ class Bench:
         "ok", "errors", "tokens", "server_cpu_s"}``.
         """
         args = self.args
-        pairs = args.enforcement_pairs
+        pairs = args.enforcement_cpu_pairs
         controls = control_pairs(pairs)
         kinds: list[str] = []
         for index in range(pairs):
@@ -1472,6 +1484,7 @@ def main(argv: list[str] | None = None) -> int:
         "ramp_ms": args.ramp_ms,
         "budget_s": args.budget_s,
         "enforcement_pairs": args.enforcement_pairs,
+        "enforcement_cpu_pairs": args.enforcement_cpu_pairs,
         "max_tokens": MAX_TOKENS_FACTOR * args.tokens,
         "adapters": {"kinds": args.adapters, "replies": ADAPTER_REPLIES, "concurrency": ADAPTER_CONCURRENCY},
         "baseline": {"dir": str(args.baseline), "git_commit": _git_commit(args.baseline)} if args.baseline else None,

@@ -66,6 +66,8 @@ def test_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:
         "240",
         "--enforcement-pairs",
         "1",
+        "--enforcement-cpu-pairs",
+        "1",
     ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=280, check=False)
     output = f"stdout:\n{result.stdout[-6000:]}\nstderr:\n{result.stderr[-6000:]}"

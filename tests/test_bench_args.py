@@ -1,10 +1,13 @@
-"""``python -m bench``'s options: which paths a run measures by default (``bench.run.parse_args``)."""
+"""``python -m bench``'s options (``bench.run.parse_args``): which paths a run measures by default, how many
+enforcement pairs."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from bench.run import FIRST_SERVER_PATHS, PATHS, parse_args
+import pytest
+
+from bench.run import ENFORCEMENT_CPU_PAIRS, ENFORCEMENT_PAIRS, FIRST_SERVER_PATHS, PATHS, control_pairs, parse_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,3 +33,12 @@ def test_a_baseline_run_leaves_out_the_apis_an_older_tree_may_not_serve() -> Non
 
     assert not set(FIRST_SERVER_PATHS) & set(args.paths)
     assert {"direct", "v1", "v1m"} <= set(args.paths)
+
+
+def test_the_side_by_side_cpu_pairs_are_counted_apart_from_the_ttft_pairs() -> None:
+    args = parse_args(["--database-url", ""])
+    assert (args.enforcement_pairs, args.enforcement_cpu_pairs) == (ENFORCEMENT_PAIRS, ENFORCEMENT_CPU_PAIRS)
+    assert [control_pairs(pairs) for pairs in (0, 1, 6, 12)] == [0, 1, 2, 4]
+
+    with pytest.raises(SystemExit):
+        parse_args(["--database-url", "", "--enforcement-cpu-pairs", "-1"])
