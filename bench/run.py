@@ -1230,11 +1230,10 @@ class Bench:
         process runs ``--enforcement-pairs`` pairs of rounds of one stream in the order v1 v1m v1m
         v1 ... (``ENFORCEMENT_TTFT_REPLIES`` replies each); the ABBA order cancels a steady trend.
         CPU: ``--enforcement-cpu-pairs`` pairs of ``side_by_side`` rounds on that process and a
-        second one. Appends ``{"server",
-        "rounds": [...]}`` to ``enforcement_pairs``: the TTFT rounds as ``{"kind": "ttft", "pair",
-        "path", "level", "ok", "errors", "tokens", "server_cpu_s", "ttft_ms": [...]}``, then the
-        side-by-side rounds; the report reads them (``report.enforcement_paired``). Skipped, with a
-        note, when the budget has no room.
+        second one. Appends ``{"server", "rounds": [...]}`` to ``enforcement_pairs``: the TTFT rounds
+        as ``{"kind": "ttft", "pair", "path", "level", "ok", "errors", "tokens", "server_cpu_s",
+        "ttft_ms": [...]}``, then the side-by-side rounds; the report reads them
+        (``report.enforcement_paired``). Skipped, with a note, when the budget has no room.
         """
         args = self.args
         label = server_label(server, baseline=baseline)
