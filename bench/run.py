@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, BinaryIO, cast
+from typing import IO, Any, BinaryIO, NamedTuple, cast
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from . import report
@@ -484,6 +484,16 @@ def scan_log(path: Path, offset: int) -> dict[str, Any]:
 
 
 # --- the benchmark --------------------------------------------------------------------------
+
+
+class _Side(NamedTuple):
+    """One of the two server processes of the side-by-side rounds (``Bench.side_by_side``)."""
+
+    name: str  # "a" or "b"
+    tree: ProcessTree
+    base_url: str
+    clients: list[Child]  # its load generator
+    log: Path | None  # its log, scanned per round
 
 
 def control_pairs(pairs: int) -> int:
@@ -1313,13 +1323,13 @@ class Bench:
         child, port, startup = self.start_server(server, "paired-b", baseline=baseline)
         self.log(f"{label} up in {startup * 1000:.0f} ms (port {port}) beside the first for the CPU rounds")
         processes = (
-            ("a", *first, self.clients[:1], self.server_log),
-            ("b", ProcessTree(child.pid), f"http://127.0.0.1:{port}", [client], child.log_path),
+            _Side("a", *first, self.clients[:1], self.server_log),
+            _Side("b", ProcessTree(child.pid), f"http://127.0.0.1:{port}", [client], child.log_path),
         )
         records: list[dict[str, Any]] = []
         try:
             for path in ("v1", "v1m"):
-                self.warm_up(label, path, processes[1][2], processes[1][1])
+                self.warm_up(label, path, processes[1].base_url, processes[1].tree)
             with ThreadPoolExecutor(max_workers=2, thread_name_prefix="side-by-side") as pool:
                 for pair, kind in enumerate(kinds):
                     for round_index in (0, 1):
@@ -1330,17 +1340,17 @@ class Bench:
                                 server=label,
                                 path="v1" if kind == "control" else role,
                                 level=ENFORCEMENT_CPU_LEVEL,
-                                base_url=base_url,
-                                server_tree=tree,
+                                base_url=side.base_url,
+                                server_tree=side.tree,
                                 replies=replies,
                                 conversations=None,
                                 deadline_s=deadline_s,
-                                clients=clients,
-                                server_log=log,
+                                clients=side.clients,
+                                server_log=side.log,
                             )
-                            for (_, tree, base_url, clients, log), role in zip(processes, roles, strict=True)
+                            for side, role in zip(processes, roles, strict=True)
                         ]
-                        for (name, *_), role, future in zip(processes, roles, futures, strict=True):
+                        for side, role, future in zip(processes, roles, futures, strict=True):
                             path = "v1" if kind == "control" else role
                             raw = future.result()
                             records.append(
@@ -1348,13 +1358,13 @@ class Bench:
                                     "kind": kind,
                                     "pair": pair,
                                     "round": round_index,
-                                    "process": name,
+                                    "process": side.name,
                                     "role": role,
                                     **_round_figures(path, ENFORCEMENT_CPU_LEVEL, raw),
                                 }
                             )
                             if raw["errors"]:
-                                self.log(f"    side by side {kind} {name} {path}: {raw['errors']} errors")
+                                self.log(f"    side by side {kind} {side.name} {path}: {raw['errors']} errors")
         finally:
             self.stop_child(child)
             with contextlib.suppress(OSError):
