@@ -16,11 +16,13 @@ saves two per-request costs those endpoints do not need (see ``StreamingASGIHand
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import re
 import tempfile
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import aclosing
+from contextvars import ContextVar
 from typing import Any
 
 from django.conf import settings
@@ -67,6 +69,11 @@ class _BodyTooLargeError(Exception):
     """A request body went past ``REQUEST_BODY_MAX_BYTES`` while it arrived (``read_body`` to ``handle``)."""
 
 
+# The tasks Django's ``handle`` starts for the request it serves (one sends the response, one
+# listens for a disconnect): they inherit this variable's list from ``handle``'s context.
+_request_tasks: ContextVar[list[asyncio.Task[Any]]] = ContextVar("request_tasks")
+
+
 class BoundedBodyASGIHandler(ASGIHandler):
     """Django's ``ASGIHandler`` that bounds a request's body while it arrives and sizes a chunked one.
 
@@ -81,7 +88,17 @@ class BoundedBodyASGIHandler(ASGIHandler):
     - a body sent without ``Content-Length`` (``Transfer-Encoding: chunked``) gets its size as
       ``CONTENT_LENGTH`` once read: DRF (``Request._load_stream``) takes a request without one for a
       request without a body, and Django's own size check reads that header;
-    - Django's early 400 and 413 (a request it cannot build) are the project's JSON errors on the API.
+    - Django's early 400 and 413 (a request it cannot build) are the project's JSON errors on the API;
+    - a request the server cancels ends with its view, as one whose client went away does.
+
+    On that last point: Django's ``handle`` runs the view and sends the response in a task of its
+    own, and cancels that task when the client disconnects, but not when ``handle`` itself is
+    cancelled, which is what a server does to the requests still running when it stops (uvicorn
+    past ``--timeout-graceful-shutdown``, daphne on SIGTERM). The view's task would run on, and
+    uvicorn drops what it sends once it closed the connection, without an error: a streamed reply
+    would be saved with text its client never received. Here both of ``handle``'s tasks are
+    cancelled and awaited before the cancellation goes on to the server, so the reply ends with
+    what was sent.
     """
 
     async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -89,10 +106,27 @@ class BoundedBodyASGIHandler(ASGIHandler):
         if declared is not None and declared > settings.REQUEST_BODY_MAX_BYTES:
             await self.send_response(_too_large(scope, declared), send)  # nothing of the body is read
             return
+        tasks: list[asyncio.Task[Any]] = []
+        _request_tasks.set(tasks)
         try:
             await super().handle(scope, receive, send)
         except _BodyTooLargeError:  # raised by read_body, before anything was sent
             await self.send_response(_too_large(scope, None), send)
+        except asyncio.CancelledError:
+            for task in tasks:
+                task.cancel()  # as Django's handle does on a disconnect: the view ends its reply
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def run_get_response(self, request: HttpRequest) -> HttpResponseBase:
+        """Django's, in the task that answers the request: ``handle`` keeps that task to cancel it."""
+        _keep_request_task()
+        return await super().run_get_response(request)
+
+    async def listen_for_disconnect(self, receive: Any) -> Any:
+        """Django's, in the task that listens for a disconnect: ``handle`` keeps that task to cancel it."""
+        _keep_request_task()
+        return await super().listen_for_disconnect(receive)
 
     async def read_body(self, receive: Any) -> Any:
         """Read the body into a spooled file, as Django does; raise ``_BodyTooLargeError`` past the bound."""
@@ -126,6 +160,14 @@ class BoundedBodyASGIHandler(ASGIHandler):
             if size:
                 request.META["CONTENT_LENGTH"] = str(size)
         return request, None
+
+
+def _keep_request_task() -> None:
+    """Add the current task to the request's tasks (``_request_tasks``), for ``handle`` to cancel."""
+    tasks = _request_tasks.get(None)
+    task = asyncio.current_task()
+    if tasks is not None and task is not None:
+        tasks.append(task)
 
 
 def _declared_length(scope: Mapping[str, Any]) -> int | None:

@@ -6,7 +6,8 @@ handler, so ``chatbackend.asgi`` puts ``LifespanApp`` in front of it.
 
 - **shutdown**: uvicorn sends it on SIGTERM/SIGINT after its graceful wait
   (``--timeout-graceful-shutdown``: open streams run on for that long, no new connection is
-  accepted) and after it cancelled what was still running. ``llm.streaming.replies_shutdown``
+  accepted) and after it cancelled what was still running: a cancelled request ends its reply
+  with the text sent so far (``chatbackend.handlers``). ``llm.streaming.replies_shutdown``
   then ends every reply still open as ``cancelled`` with its text so far, waits until every
   reply's end (message, usage) is written and the usage queue is sent, and only then is the
   shutdown complete: uvicorn exits right after (it re-raises the signal), so anything not written
@@ -17,7 +18,7 @@ handler, so ``chatbackend.asgi`` puts ``LifespanApp`` in front of it.
   (``conversations.services.reply_recover_orphans``).
 
 daphne sends no lifespan events: on SIGTERM it cancels every connection's task at once and waits
-for them; the streaming engine waits for a cancelled reply's end to be written before the task
+for them; a cancelled request ends its reply and waits for its end to be written before the task
 ends, and ``accounts.usage`` sends the usage queue at exit. So replies are saved there too, only
 without a grace period.
 """

@@ -806,8 +806,9 @@ def _write_unwritten_replies_at_exit() -> None:
     """At process exit, write the end of every reply whose end is not written (no event loop left).
 
     The last resort when the server stopped its event loop with replies still open or their
-    writes pending: daphne on SIGTERM (it cancels each connection's outer task, not the task
-    that streams), or a server without the lifespan protocol. Each ends ``cancelled`` with its
+    writes pending: a server that stopped without waiting for the requests it cancelled, or
+    without the lifespan protocol (``chatbackend.handlers.BoundedBodyASGIHandler`` ends the reply
+    of a cancelled request, and uvicorn's lifespan shutdown the rest). Each ends ``cancelled`` with its
     text so far; its usage is queued, and ``accounts.usage`` sends the queue at exit after this
     (handlers run last-registered first). A reply whose write was in flight may be written twice:
     the message write is idempotent and usage records are keyed by the reply.

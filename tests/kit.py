@@ -213,6 +213,8 @@ class ASGIResult:
     headers: httpx.Headers = field(default_factory=httpx.Headers)
     content: bytes = b""
     frames: list[bytes] = field(default_factory=list)
+    # Messages the application sent after the server cancelled it (``cancel_after_frames``).
+    sent_after_cancel: list[dict[str, Any]] = field(default_factory=list)
 
 
 def http_scope(method: str, path: str, headers: Iterable[tuple[str, str]], *, port: int = 8000) -> dict[str, Any]:
@@ -246,6 +248,8 @@ async def asgi_request(
     body: bytes | Iterable[bytes] = b"",
     disconnect_after_frames: int | None = None,
     disconnect_on_start: bool = False,
+    cancel_after_frames: int | None = None,
+    cancel_after_seconds: float | None = None,
     application: Any = None,
 ) -> ASGIResult:
     """Run one HTTP request through the project's ASGI application, the way a server does.
@@ -255,7 +259,11 @@ async def asgi_request(
     when no ``content-length`` header is given). With ``disconnect_after_frames``, the client
     disconnects once that many body parts arrived: Django then cancels the view's task. With
     ``disconnect_on_start``, it disconnects while the headers are being sent, and the send
-    blocks like a stalled socket until Django cancels it. Fails after 30 s.
+    blocks like a stalled socket until Django cancels it. With ``cancel_after_frames``, the
+    server cancels the application's task once that many body parts arrived, as uvicorn does past
+    its ``--timeout-graceful-shutdown`` and daphne on SIGTERM (``cancel_after_seconds``: that long
+    after the request); what the application sends after that is kept in ``sent_after_cancel``
+    (a real server would not deliver it). Fails after 30 s.
     """
     if application is None:
         from chatbackend.asgi import application  # imported late: importing it tunes the GC
@@ -265,12 +273,15 @@ async def asgi_request(
     for index, part in enumerate(parts):
         inbox.put_nowait({"type": "http.request", "body": part, "more_body": index < len(parts) - 1})
     result = ASGIResult()
+    cancelled = False
 
     async def receive() -> dict[str, Any]:
         return await inbox.get()
 
     async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
+        if cancelled:
+            result.sent_after_cancel.append(message)
+        elif message["type"] == "http.response.start":
             result.status_code = message["status"]
             result.headers = httpx.Headers([(k.decode("latin1"), v.decode("latin1")) for k, v in message["headers"]])
             if disconnect_on_start:
@@ -281,9 +292,23 @@ async def asgi_request(
             result.content += message["body"]
             if disconnect_after_frames is not None and len(result.frames) == disconnect_after_frames:
                 inbox.put_nowait({"type": "http.disconnect"})
+            if cancel_after_frames is not None and len(result.frames) == cancel_after_frames:
+                cancel()
 
-    async with asyncio.timeout(30):
-        await application(http_scope(method, path, pairs), receive, send)
+    def cancel() -> None:
+        nonlocal cancelled
+        cancelled = True
+        served.cancel()
+
+    served = asyncio.ensure_future(application(http_scope(method, path, pairs), receive, send))
+    if cancel_after_seconds is not None:
+        asyncio.get_running_loop().call_later(cancel_after_seconds, cancel)
+    done, _ = await asyncio.wait((served,), timeout=30)
+    if not done:
+        served.cancel()
+        raise AssertionError(f"{method} {path} was not answered within 30 s")
+    if not (cancelled and served.cancelled()):
+        served.result()
     return result
 
 

@@ -10,10 +10,13 @@ import pytest
 from django.core.signals import request_finished, request_started
 
 from chatbackend.asgi import django_asgi_app, streaming_asgi_app
+from chatbackend.asyncdb import run_sync
 from chatbackend.handlers import StreamingASGIHandler, is_streaming_request
+from conversations.models import Message
 from llm.simulator import reply_text
 from tests.kit import (
     FAST_REPLY_TOKENS,
+    SLOW_REPLY_TOKENS,
     asgi_request,
     assert_error,
     bearer,
@@ -22,6 +25,7 @@ from tests.kit import (
     chunk_text,
     run_python,
     sse_data,
+    usage_records,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -159,6 +163,40 @@ async def test_an_event_stream_goes_out_as_its_encoder_yields_it(api_key_secret:
     assert b'"choices":[],"usage":{' in response.frames[-1]
     chunks = chunk_objects(sse_data(response.content))
     assert chunk_text(chunks) == reply_text(json.loads(body)["messages"], FAST_REPLY_TOKENS)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("provider_clients", "slow_simulator")
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_request_the_server_cancels_ends_its_reply_with_what_was_sent(
+    api_key_secret: str, slow_model: Any, stream: bool
+) -> None:
+    # uvicorn past --timeout-graceful-shutdown and daphne on SIGTERM cancel the request's task.
+    # Django's handler leaves the task that streams the response running then (it cancels it
+    # only on a client disconnect), and uvicorn drops what that task sends once it closed the
+    # connection, without an error: the reply must end at the cancellation, saved with the text
+    # its client received, not run on writing into a closed connection.
+    body = json.dumps(chat_body(slow_model.name, stream=stream, store=True)).encode()
+    headers = {**bearer(api_key_secret), "content-type": "application/json"}
+
+    result = await asgi_request(
+        "POST",
+        "/v1/chat/completions",
+        headers=headers,
+        body=body,
+        cancel_after_frames=3 if stream else None,
+        cancel_after_seconds=None if stream else 0.5,
+    )
+
+    assert result.sent_after_cancel == []
+    [record] = await usage_records()  # written before the cancelled request's task ended
+    assert record.finish_status == "cancelled"
+    reply = await run_sync(lambda: Message.objects.get(role=Message.Role.ASSISTANT))
+    assert reply.status == Message.Status.CANCELLED
+    if stream:
+        received = [json.loads(payload)["choices"][0]["delta"] for payload in sse_data(result.content)]
+        assert reply.content == "".join(delta.get("content") or "" for delta in received)
+        assert 3 <= record.completion_tokens < SLOW_REPLY_TOKENS
 
 
 @pytest.mark.django_db(transaction=True)
