@@ -69,9 +69,19 @@ class _BodyTooLargeError(Exception):
     """A request body went past ``REQUEST_BODY_MAX_BYTES`` while it arrived (``read_body`` to ``handle``)."""
 
 
-# The tasks Django's ``handle`` starts for the request it serves (one sends the response, one
-# listens for a disconnect): they inherit this variable's list from ``handle``'s context.
-_request_tasks: ContextVar[list[asyncio.Task[Any]]] = ContextVar("request_tasks")
+class _RequestTasks:
+    """The tasks Django's ``handle`` starts for the request it serves (one sends the response, one
+    listens for a disconnect), and whether the server cancelled the request. They inherit this
+    object from ``handle``'s context (``_request_tasks``), so it is the one ``handle`` changes."""
+
+    __slots__ = ("cancelled_by_server", "tasks")
+
+    def __init__(self) -> None:
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.cancelled_by_server = False
+
+
+_request_tasks: ContextVar[_RequestTasks] = ContextVar("request_tasks")
 
 
 class BoundedBodyASGIHandler(ASGIHandler):
@@ -89,7 +99,8 @@ class BoundedBodyASGIHandler(ASGIHandler):
       ``CONTENT_LENGTH`` once read: DRF (``Request._load_stream``) takes a request without one for a
       request without a body, and Django's own size check reads that header;
     - Django's early 400 and 413 (a request it cannot build) are the project's JSON errors on the API;
-    - a request the server cancels ends with its view, as one whose client went away does.
+    - a request the server cancels ends with its view, as one whose client went away does, and the
+      view can tell the two apart (``request_cancelled_by_server``).
 
     On that last point: Django's ``handle`` runs the view and sends the response in a task of its
     own, and cancels that task when the client disconnects, but not when ``handle`` itself is
@@ -106,16 +117,17 @@ class BoundedBodyASGIHandler(ASGIHandler):
         if declared is not None and declared > settings.REQUEST_BODY_MAX_BYTES:
             await self.send_response(_too_large(scope, declared), send)  # nothing of the body is read
             return
-        tasks: list[asyncio.Task[Any]] = []
-        _request_tasks.set(tasks)
+        request = _RequestTasks()
+        _request_tasks.set(request)
         try:
             await super().handle(scope, receive, send)
         except _BodyTooLargeError:  # raised by read_body, before anything was sent
             await self.send_response(_too_large(scope, None), send)
         except asyncio.CancelledError:
-            for task in tasks:
+            request.cancelled_by_server = True  # what the view's tasks see (request_cancelled_by_server)
+            for task in request.tasks:
                 task.cancel()  # as Django's handle does on a disconnect: the view ends its reply
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*request.tasks, return_exceptions=True)
             raise
 
     async def run_get_response(self, request: HttpRequest) -> HttpResponseBase:
@@ -164,10 +176,18 @@ class BoundedBodyASGIHandler(ASGIHandler):
 
 def _keep_request_task() -> None:
     """Add the current task to the request's tasks (``_request_tasks``), for ``handle`` to cancel."""
-    tasks = _request_tasks.get(None)
+    request = _request_tasks.get(None)
     task = asyncio.current_task()
-    if tasks is not None and task is not None:
-        tasks.append(task)
+    if request is not None and task is not None:
+        request.tasks.append(task)
+
+
+def request_cancelled_by_server() -> bool:
+    """Return whether the server cancelled the HTTP request the current task serves: it is stopping
+    (uvicorn past ``--timeout-graceful-shutdown``, daphne on SIGTERM), as opposed to a client that went
+    away. False outside a request served by ``BoundedBodyASGIHandler`` and before the cancellation."""
+    request = _request_tasks.get(None)
+    return request is not None and request.cancelled_by_server
 
 
 def _declared_length(scope: Mapping[str, Any]) -> int | None:

@@ -35,7 +35,7 @@ from accounts.websocket import BEARER_SUBPROTOCOL_PREFIX
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError, NotFoundError
 from chatbackend.parsers import JSONParseError, json_loads
-from llm.streaming import open_reply
+from llm.streaming import open_reply, server_shutdown_error
 
 from .payloads import ConversationReply, error_payload, reply_event
 from .selectors import conversation_get_for
@@ -47,6 +47,9 @@ logger = logging.getLogger(__name__)
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
+# The close code of a server that is stopping (RFC 6455, section 7.4.1: 1012 "Service Restart"):
+# uvicorn closes its open WebSockets with it at shutdown.
+CLOSE_SERVICE_RESTART = 1012
 
 # Closes started by a revocation, kept until done (a task nobody references may be collected).
 _closing: set[asyncio.Future[None]] = set()
@@ -143,6 +146,8 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
         if self._watch is not None:
             self._watch.__exit__(None, None, None)
             self._watch = None
+        if code == CLOSE_SERVICE_RESTART and self._reply is not None:
+            self._reply.stop(server_shutdown_error())  # the server is stopping, not the client
         task = self._reply_task
         if task is not None and not task.done():
             task.cancel()  # the reply is persisted ``cancelled`` with its text so far

@@ -59,6 +59,7 @@ from accounts.usage import REFUSED, UsageContext, usage_account, usage_context_s
 from chatbackend import broadcast
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError
+from chatbackend.handlers import request_cancelled_by_server
 from chatbackend.http import EventStreamResponse
 from chatbackend.liveness import start_heartbeat
 
@@ -344,7 +345,9 @@ class Reply(Generic[P]):
 
         ``keepalive`` (seconds): yield ``KEEPALIVE`` each time that long passes before the first
         chunk. The end is persisted before the last event is yielded. A cancellation of the
-        iterating task (client gone, server shutting down) persists ``cancelled`` and propagates.
+        iterating task (client gone, server shutting down) persists ``cancelled`` and propagates;
+        ``outcome.error`` is 503 ``server_shutdown`` when the server cancelled the request
+        (``chatbackend.handlers.request_cancelled_by_server``), None when the client went away.
         Raises ``RuntimeError`` if called twice.
         """
         if self._events is not None:
@@ -562,6 +565,8 @@ class Reply(Generic[P]):
     async def _end(self, status: ReplyStatus, error: ApplicationError | None) -> None:
         if self.outcome is not None:
             return
+        if status is ReplyStatus.CANCELLED and error is None and request_cancelled_by_server():
+            error = server_shutdown_error()  # not the client's stop: the server cancelled its request
         outcome = self._set_outcome(status, error)
         # Shielded: a second cancellation (client gone, server shutting down) must not lose the
         # write of what was generated. A server that waits for this task before it exits (daphne's
@@ -774,6 +779,11 @@ async def _abandon(begun: asyncio.Future[P]) -> None:
 # --- Shutdown ---------------------------------------------------------------------------------
 
 
+def server_shutdown_error() -> ApplicationError:
+    """Return the ``outcome.error`` of a reply the server's shutdown ended (503 ``server_shutdown``)."""
+    return ApplicationError("The server shut down during the reply.", code="server_shutdown", status=503)
+
+
 async def replies_shutdown(*, wait_seconds: float = PERSIST_TIMEOUT_SECONDS) -> int:
     """End this process's open replies and wait until every reply's end is written; return how many it ended.
 
@@ -786,7 +796,7 @@ async def replies_shutdown(*, wait_seconds: float = PERSIST_TIMEOUT_SECONDS) -> 
     """
     global _accepting
     _accepting = False
-    reason = ApplicationError("The server shut down during the reply.", code="server_shutdown", status=503)
+    reason = server_shutdown_error()
     open_replies = [reply for reply in list(_open_replies) if reply.outcome is None]
     for reply in open_replies:
         reply._stop_requested = True
@@ -813,7 +823,7 @@ def _write_unwritten_replies_at_exit() -> None:
     (handlers run last-registered first). A reply whose write was in flight may be written twice:
     the message write is idempotent and usage records are keyed by the reply.
     """
-    reason = ApplicationError("The server shut down during the reply.", code="server_shutdown", status=503)
+    reason = server_shutdown_error()
     for reply in list(_unwritten):
         outcome = reply.outcome or reply._set_outcome(ReplyStatus.CANCELLED, reason)
         reply._persist_now(outcome)
@@ -933,4 +943,5 @@ __all__ = [
     "replies_accepting",
     "replies_shutdown",
     "reply_stop_broadcast",
+    "server_shutdown_error",
 ]

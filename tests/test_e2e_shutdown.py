@@ -165,6 +165,7 @@ def test_sigterm_mid_reply_saves_every_reply_with_its_text_and_usage(
     }
     for name, message in messages.items():
         assert message.status == Message.Status.CANCELLED, (name, message.status, process.tail())
+        assert message.error_code == "server_shutdown", (name, message.error_code)  # not a client's stop
         assert message.content, name
         assert len(message.content.split()) < LONG_REPLY_TOKENS, name
     for client in clients[:2]:  # the text each streaming client received is what was saved

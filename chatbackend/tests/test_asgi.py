@@ -193,6 +193,7 @@ async def test_a_request_the_server_cancels_ends_its_reply_with_what_was_sent(
     assert record.finish_status == "cancelled"
     reply = await run_sync(lambda: Message.objects.get(role=Message.Role.ASSISTANT))
     assert reply.status == Message.Status.CANCELLED
+    assert reply.error_code == "server_shutdown"  # the server's doing, not a client's stop
     if stream:
         # The stream was cut before [DONE]: its chunks as received, unlike chunk_objects.
         assert reply.content == chunk_text(json.loads(payload) for payload in sse_data(result.content))

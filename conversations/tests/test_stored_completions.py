@@ -240,6 +240,7 @@ async def test_a_stopped_stream_keeps_what_was_generated_marked_cancelled(
     [conversation] = await run_sync(stored)
     reply = await run_sync(lambda: conversation.messages.get(role=Message.Role.ASSISTANT))
     assert reply.status == Message.Status.CANCELLED
+    assert reply.error_code == ""  # the client left: not the server's shutdown (chatbackend.tests.test_asgi)
     assert 0 < len(reply.content) < len(reply_text(chat_body("slow-model")["messages"], SLOW_REPLY_TOKENS))
     async with sdk(asgi_server, api_key_secret) as client:
         retrieved = await client.chat.completions.retrieve(conversation.completion_id or "")
