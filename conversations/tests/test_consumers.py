@@ -10,6 +10,7 @@ from django.test import AsyncClient
 
 from chatbackend.asgi import application
 from chatbackend.asyncdb import run_sync
+from conversations.consumers import CLOSE_SERVICE_RESTART
 from conversations.models import Message
 from llm.simulator import reply_text
 from tests.factories import ConversationFactory
@@ -169,7 +170,13 @@ async def test_reply_stop_frame_cancels_mid_stream_and_the_upstream_request(
     assert await socket.receive_json_from(timeout=TIMEOUT) == {"type": "pong"}
 
 
-async def test_disconnect_mid_stream_cancels_the_reply(connect, slow_simulator, slow_conversation, token):
+@pytest.mark.parametrize(
+    ("code", "error_code"),
+    [(1000, ""), (1001, ""), (CLOSE_SERVICE_RESTART, "server_shutdown")],  # 1012: the server is stopping
+)
+async def test_disconnect_mid_stream_cancels_the_reply(
+    connect, slow_simulator, slow_conversation, token, code, error_code
+):
     before = (await slow_simulator.astats())["requests_disconnected"]
     socket = await connect(slow_conversation, token)
     await socket.send_json_to({"type": "message.send", "content": "a long story"})
@@ -177,9 +184,10 @@ async def test_disconnect_mid_stream_cancels_the_reply(connect, slow_simulator, 
     first = await socket.receive_json_from(timeout=TIMEOUT)
     assert first["type"] == "reply.delta"
 
-    await socket.disconnect(timeout=TIMEOUT)
+    await socket.disconnect(code=code, timeout=TIMEOUT)
 
     answer = await poll_until(lambda: Message.objects.filter(pk=start["message_id"], status="cancelled").afirst())
+    assert answer.error_code == error_code
     assert answer.content.startswith(first["content"])
     assert 0 < len(answer.content.split()) < SLOW_REPLY_TOKENS
     await poll_until(slow_simulator.astats, lambda stats: stats["requests_disconnected"] >= before + 1)
