@@ -437,8 +437,6 @@ class Reply(Generic[P]):
             watch.__exit__(None, None, None)
             if registry.get(self.plan.reply_id) is self:
                 del registry[self.plan.reply_id]
-            if status is ReplyStatus.CANCELLED and error is None:
-                error = self._stop_reason
             await self._end(status, error)
             # When the end was written elsewhere (a shutdown) while this task still awaited the first
             # chunk, the upstream that opened since, and the leases taken for it, are still held.
@@ -565,8 +563,10 @@ class Reply(Generic[P]):
     async def _end(self, status: ReplyStatus, error: ApplicationError | None) -> None:
         if self.outcome is not None:
             return
-        if status is ReplyStatus.CANCELLED and error is None and request_cancelled_by_server():
-            error = server_shutdown_error()  # not the client's stop: the server cancelled its request
+        if status is ReplyStatus.CANCELLED and error is None:
+            # Why, when it was not the client's own stop: ``stop(reason)``, or the server cancelled
+            # the request (its shutdown). The one place a cancelled end gets its reason.
+            error = self._stop_reason or (server_shutdown_error() if request_cancelled_by_server() else None)
         outcome = self._set_outcome(status, error)
         # Shielded: a second cancellation (client gone, server shutting down) must not lose the
         # write of what was generated. A server that waits for this task before it exits (daphne's
