@@ -526,6 +526,17 @@ class Reply(Generic[P]):
                 await self._end(ReplyStatus.FAILED, error)
                 raise error
 
+    async def _confirm_admission_headers(self) -> None:
+        """Wait for the admission's ``x-ratelimit-*`` headers as the store answers them
+        (``Admission.confirmed_headers``: a local admission's record, during the upstream call and
+        mostly answered by its first chunk); a cancellation ends the reply ``cancelled``."""
+        assert self.admission is not None  # noqa: S101 - the opener checked
+        try:
+            await self.admission.confirmed_headers()
+        except asyncio.CancelledError:
+            await self._end(ReplyStatus.CANCELLED, None)
+            raise
+
     async def _close_upstream(self) -> None:
         first, self._first = self._first, None
         if first is not None and not first.done():
@@ -720,6 +731,8 @@ class ReplyOpener(Generic[P]):
         reply = Reply(plan, admission)
         if self._wait_first_chunk > 0:
             await reply._wait_first_chunk(self._wait_first_chunk)
+            if admission is not None and admission.headers:
+                await reply._confirm_admission_headers()
         return reply
 
 
@@ -729,7 +742,9 @@ def open_reply(begin: Awaitable[P] | P, *, wait_first_chunk: float = 0.0) -> Rep
     Use as ``async with open_reply(begin) as reply:`` or, when a response outlives the caller,
     ``reply = await open_reply(begin)`` and hand the reply to ``ReplyStreamingResponse``.
     ``wait_first_chunk`` (seconds): wait that long for the upstream's first chunk, so that an
-    upstream failure can still be answered with an error status before any header is sent.
+    upstream failure can still be answered with an error status before any header is sent; then,
+    when rate limits apply, for the admission's ``x-ratelimit-*`` headers as the store answers them
+    (``Admission.confirmed_headers``), which the response sends.
     Raises the ``ApplicationError`` of ``begin`` (nothing to end), ``ReplyRefused`` when admission
     control refused the plan's ``metering`` (its start undone: ``ReplyPlan.refused``), or the error of
     an upstream that failed within ``wait_first_chunk`` (persisted ``failed``).

@@ -148,6 +148,33 @@ def test_remaining_requests_count_down_on_either_process(
     _wait_accounted(e2e_stack, api_key, total=6, refused=1)
 
 
+def test_remaining_counts_down_on_either_process_when_each_admits_on_its_view(
+    e2e_stack: E2EStack, e2e_models: E2EModels, http: httpx.Client, http_b: httpx.Client
+) -> None:
+    """Far from its limits, a caller's requests are admitted on each process's view of the counters,
+    which lacks the other process's latest requests (accounts.metering.headroom); the headers still
+    count every one of them (two processes taking turns answered 99, 98, 98, 97, ... before)."""
+    key, api_key = _key(requests_per_minute=100, tokens_per_minute=1_000_000)
+    seen = []
+    for turn in range(8):
+        body = chat_body(e2e_models.names[0], max_tokens=4, stream=turn % 4 in (1, 2))
+        with (http, http_b)[turn % 2].stream("POST", CHAT, json=body, headers=bearer(key)) as response:
+            response.read()
+        assert response.status_code == 200, response.text
+        assert response.headers["x-ratelimit-limit-requests"] == "100"
+        assert RESET.match(response.headers["x-ratelimit-reset-requests"]), response.headers
+        seen.append(
+            (
+                int(response.headers["x-ratelimit-remaining-requests"]),
+                int(response.headers["x-ratelimit-remaining-tokens"]),
+            )
+        )
+    assert [requests for requests, _ in seen] == list(range(99, 91, -1)), seen
+    tokens = [tokens for _, tokens in seen]
+    assert tokens == sorted(set(tokens), reverse=True), seen  # each request's tokens counted once more
+    _wait_accounted(e2e_stack, api_key, total=8, refused=0)
+
+
 def test_tokens_per_minute_hold_across_processes(e2e_stack: E2EStack, e2e_models: E2EModels) -> None:
     body = chat_body(_slow_model(e2e_stack, 6), "Tell me about rate limits, please.", max_tokens=4)
     # The prompt's token count, as the server counts it: what one admission takes from a large limit.

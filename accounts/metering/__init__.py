@@ -54,6 +54,13 @@ class Admission:
         caller's own cancellation."""
         await self._lease.confirmed()
 
+    async def confirmed_headers(self) -> dict[str, str]:
+        """Wait until ``confirmed``; return ``headers`` as the store's answer gives them
+        (``RateLease.confirmed_headers``: a local admission's view may lack other processes' latest
+        requests). For a response that sends its headers once the upstream answered. Never raises but
+        for the caller's own cancellation."""
+        return await self._lease.confirmed_headers()
+
     async def release(self, *, completion_tokens: int, not_for: MeteringSubject | None = None) -> None:
         """Give back the request's rate-limit lease and count its completion tokens (on every subject
         but ``not_for``: ``RateLease.release``); once, never raises."""

@@ -34,8 +34,10 @@ before, exact: a limit of 10 requests per minute on two processes is never admit
 ``share`` 0.1.
 An answer replaces the view only if it comes from a later store call than the view's (calls on
 different connections may answer out of order). Completion tokens this process released count in
-the view until an answer holds them, so a local admission's ``x-ratelimit-*`` headers count what
-an answer of the store would (but for releases other processes have not sent yet, as any answer).
+the view until an answer holds them. A local admission's ``x-ratelimit-*`` headers are first the
+view's, which lack what other processes admitted since its last answer; a response sends those
+of the record's answer (``RateLease.confirmed_headers``, awaited once the upstream's first chunk
+is in: ``llm.streaming.open_reply``), which count every request recorded before it.
 A failed record drops every view (the next admissions wait for Redis: 503 if it is gone) and is
 logged; its reply's usage row is still written, and budget reconciliation counts it.
 

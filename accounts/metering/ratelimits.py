@@ -235,8 +235,9 @@ class RateLease:
 
     ``headers``: OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` for the
     subject with the least remaining of each (``reset``: time until that subject's window holds
-    nothing, Go's duration format); empty when no subject limits requests or tokens. ``budget``: the
-    verdict of the budget reservation asked with the admission, or None.
+    nothing, Go's duration format); empty when no subject limits requests or tokens. A local
+    admission's are its view's until ``confirmed_headers`` takes its record's answer. ``budget``:
+    the verdict of the budget reservation asked with the admission, or None.
     """
 
     headers: dict[str, str] = field(default_factory=dict)
@@ -249,6 +250,8 @@ class RateLease:
     # A local admission's record in the store (``headroom``), under way until it answers.
     _confirmation: asyncio.Future[Admitted] | None = None
     _view_key: ViewKey | None = None
+    # A local admission's counters while its headers are its view's (``confirmed_headers``).
+    _shape: _Shape | None = None
 
     async def confirmed(self) -> None:
         """Wait until the store holds this admission (a local admission's record answered or failed).
@@ -261,6 +264,27 @@ class RateLease:
             if self._store is not None:  # the reply ended before its record was sent: send it now
                 self._store.send_records_now()
             await asyncio.wait((task,))
+
+    async def confirmed_headers(self) -> dict[str, str]:
+        """Wait until ``confirmed``; return ``headers``, for a local admission those of its record's answer.
+
+        A local admission's headers are first its caller's view's (``headroom``), which lacks what
+        other processes admitted since its last answer: two processes taking turns would each answer
+        a remaining count one too high. The record's answer holds the shared counters with this
+        request in them and every request recorded before it, as an admission by the store does.
+        Headers stay the view's when the record failed. Never raises but for the caller's own
+        cancellation.
+        """
+        await self.confirmed()
+        shape, self._shape = self._shape, None
+        record = self._confirmation
+        if shape is not None and record is not None and record.done() and not record.cancelled():
+            answer = record.result() if record.exception() is None else None
+            if answer is not None and answer.error is None:
+                windows = [window for window in answer.windows if window is not None]
+                if len(windows) == len(shape.limits):
+                    self.headers = _window_headers(shape, windows)
+        return self.headers
 
     async def release(self, *, completion_tokens: int, not_for: MeteringSubject | None = None) -> None:
         """Add ``completion_tokens`` to every tokens-per-minute counter and free the stream slots; once.
@@ -617,6 +641,7 @@ def _admit_locally(
         _stream_keys=stream_keys,
         _confirmation=record,
         _view_key=key,
+        _shape=shape if shape.limits else None,
     )
 
 

@@ -135,6 +135,51 @@ async def test_far_from_its_limits_a_caller_is_admitted_locally_and_every_admiss
 
 
 @needs_redis
+async def test_the_headers_a_local_admission_sends_count_what_other_processes_admitted_meanwhile(
+    subject_id: int,
+) -> None:
+    subject = _user(subject_id, requests_per_minute=1000, tokens_per_minute=1_000_000)
+    first = await _acquire(subject, prompt_tokens=10)
+    assert not _local(first)
+    assert await first.confirmed_headers() is first.headers  # the store's answer already
+    store = rate_limit_store()
+    assert isinstance(store, RedisRateLimitStore)
+    # Another process admits two requests of 5 tokens: this process's view has not seen them.
+    for dimension, amount in (("requests", 1), ("tokens", 5)):
+        for _ in range(2):
+            assert await store.storage.acquire_sliding_window_entry(
+                f"{dimension}:user:{subject.id}", 1_000_000, WINDOW_SECONDS, amount
+            )
+
+    second = await _acquire(subject, prompt_tokens=10)
+    assert _local(second)
+    assert second.headers["x-ratelimit-remaining-requests"] == "998"  # the view's: one too many each
+    headers = await second.confirmed_headers()
+    assert headers is second.headers
+    assert headers["x-ratelimit-limit-requests"] == "1000"
+    assert headers["x-ratelimit-remaining-requests"] == "996"
+    assert headers["x-ratelimit-remaining-tokens"] == str(1_000_000 - 10 - 2 * 5 - 10)
+    assert headers["x-ratelimit-reset-requests"].endswith("s"), headers  # a Go duration: "20ms", "1m0s"
+    await first.release(completion_tokens=0)
+    await second.release(completion_tokens=0)
+
+
+@needs_redis
+async def test_a_failed_record_leaves_a_local_admission_the_headers_of_its_view(subject_id: int) -> None:
+    subject = _user(subject_id, requests_per_minute=1000)
+    await _acquire(subject)
+    store = rate_limit_store()
+    assert isinstance(store, RedisRateLimitStore)
+    local = await _acquire(subject)
+    assert _local(local)
+    seen = dict(local.headers)
+    assert local._confirmation is not None
+    local._confirmation.cancel()  # as when the loop closes under it: no answer
+    assert await local.confirmed_headers() == seen
+    await local.release(completion_tokens=0)
+
+
+@needs_redis
 async def test_unseen_admissions_stay_within_the_share_of_the_room(subject_id: int) -> None:
     """With share 0.1 and this one process admitting, at most a tenth of the room left is admitted
     without the store; the rest of a burst waits for it, and the store holds every admission."""
