@@ -731,7 +731,7 @@ class ReplyOpener(Generic[P]):
         reply = Reply(plan, admission)
         if self._wait_first_chunk > 0:
             await reply._wait_first_chunk(self._wait_first_chunk)
-            if admission is not None and admission.headers:
+            if admission is not None and admission.has_headers:
                 await reply._confirm_admission_headers()
         return reply
 

@@ -47,6 +47,11 @@ class Admission:
     def headers(self) -> dict[str, str]:
         return self._lease.headers
 
+    @property
+    def has_headers(self) -> bool:
+        """Whether ``headers`` is not empty (a requests or tokens limit applies), without computing them."""
+        return self._lease.has_headers
+
     async def confirmed(self) -> None:
         """Wait until the store holds this admission: at once, but for a local admission (``headroom``),
         whose record in the store answers during the upstream call. Call it before the reply's usage is

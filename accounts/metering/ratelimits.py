@@ -236,11 +236,12 @@ class RateLease:
     ``headers``: OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` for the
     subject with the least remaining of each (``reset``: time until that subject's window holds
     nothing, Go's duration format); empty when no subject limits requests or tokens. A local
-    admission's are its view's until ``confirmed_headers`` takes its record's answer. ``budget``:
-    the verdict of the budget reservation asked with the admission, or None.
+    admission's are its record's answer's once it has answered (``confirmed_headers``), its view's
+    until then (and when the record failed). ``budget``: the verdict of the budget reservation asked
+    with the admission, or None.
     """
 
-    headers: dict[str, str] = field(default_factory=dict)
+    _settled_headers: dict[str, str] = field(default_factory=dict)
     request_id: str = ""
     budget: ReserveVerdict | None = None
     _store: RateLimitStore | None = None
@@ -250,8 +251,44 @@ class RateLease:
     # A local admission's record in the store (``headroom``), under way until it answers.
     _confirmation: asyncio.Future[Admitted] | None = None
     _view_key: ViewKey | None = None
-    # A local admission's counters while its headers are its view's (``confirmed_headers``).
+    # A local admission's counters and view, until its headers are settled (``headers``).
     _shape: _Shape | None = None
+    _view: HeadroomView | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """OpenAI's ``x-ratelimit-*`` headers (see the class); a local admission's are computed when read,
+        not at admission: conversation replies never read them."""
+        shape = self._shape
+        if shape is None:
+            return self._settled_headers
+        record = self._confirmation
+        if record is None or not record.done():
+            return self._view_headers(shape)
+        # Settled: the record's answer, or the view when the record failed.
+        self._settled_headers = self._answer_headers(shape, record) or self._view_headers(shape)
+        self._shape = self._view = None
+        return self._settled_headers
+
+    @property
+    def has_headers(self) -> bool:
+        """Whether ``headers`` is not empty (a requests or tokens limit applies), without computing them."""
+        return self._shape is not None or bool(self._settled_headers)
+
+    def _view_headers(self, shape: _Shape) -> dict[str, str]:
+        view = self._view
+        assert view is not None  # noqa: S101 - set with the shape
+        return _headers(shape.dimensions, shape.limits, view.counts(), view.pending_window)
+
+    @staticmethod
+    def _answer_headers(shape: _Shape, record: asyncio.Future[Admitted]) -> dict[str, str] | None:
+        if record.cancelled() or record.exception() is not None:
+            return None
+        answer = record.result()
+        windows = [window for window in answer.windows if window is not None]
+        if answer.error is not None or len(windows) != len(shape.limits):
+            return None
+        return _window_headers(shape, windows)
 
     async def confirmed(self) -> None:
         """Wait until the store holds this admission (a local admission's record answered or failed).
@@ -276,14 +313,6 @@ class RateLease:
         cancellation.
         """
         await self.confirmed()
-        shape, self._shape = self._shape, None
-        record = self._confirmation
-        if shape is not None and record is not None and record.done() and not record.cancelled():
-            answer = record.result() if record.exception() is None else None
-            if answer is not None and answer.error is None:
-                windows = [window for window in answer.windows if window is not None]
-                if len(windows) == len(shape.limits):
-                    self.headers = _window_headers(shape, windows)
         return self.headers
 
     async def release(self, *, completion_tokens: int, not_for: MeteringSubject | None = None) -> None:
@@ -552,7 +581,7 @@ async def rate_limit_acquire(
     if key is not None:
         _observe(store, key, shape, budget, admitted, counts)
     return RateLease(
-        headers=_headers(shape.dimensions, shape.limits, counts, windows.__getitem__),
+        _settled_headers=_headers(shape.dimensions, shape.limits, counts, windows.__getitem__),
         request_id=request_id,
         budget=admitted.budget,
         _store=store,
@@ -633,7 +662,6 @@ def _admit_locally(
     store.records.add(record)
     record.add_done_callback(store.records.discard)
     return RateLease(
-        headers=_headers(shape.dimensions, shape.limits, view.counts(), view.pending_window),
         request_id=request_id,
         budget=RESERVED if budget is not None else None,
         _store=store,
@@ -642,6 +670,7 @@ def _admit_locally(
         _confirmation=record,
         _view_key=key,
         _shape=shape if shape.limits else None,
+        _view=view if shape.limits else None,
     )
 
 
