@@ -511,31 +511,28 @@ class Reply(Generic[P]):
             logger.warning("checkpointing reply %s failed", self.plan.reply_id, exc_info=task.exception())
 
     async def _wait_first_chunk(self, seconds: float) -> None:
-        """Wait up to ``seconds`` for the upstream's first chunk; raise its failure, persisted ``failed``."""
+        """Wait up to ``seconds`` for the upstream's first chunk; raise its failure, persisted ``failed``.
+
+        Then, when rate limits apply, wait for the admission's ``x-ratelimit-*`` headers as the store
+        answers them (``Admission.confirmed_headers``: a local admission's record, sent during the
+        upstream call and mostly answered by its first chunk), which the response sends next. A
+        cancellation of either wait ends the reply ``cancelled``.
+        """
         self._requested = True
         first = self._first = asyncio.ensure_future(self.router.first())
+        admission = self.admission
         try:
             await asyncio.wait((first,), timeout=seconds)
+            error = first.exception() if first.done() and not first.cancelled() else None
+            if not isinstance(error, ApplicationError) and admission is not None and admission.has_headers:
+                await admission.confirmed_headers()
         except asyncio.CancelledError:
             await self._end(ReplyStatus.CANCELLED, None)
             raise
-        if first.done() and not first.cancelled():
-            error = first.exception()
-            if isinstance(error, ApplicationError):
-                self._first = None
-                await self._end(ReplyStatus.FAILED, error)
-                raise error
-
-    async def _confirm_admission_headers(self) -> None:
-        """Wait for the admission's ``x-ratelimit-*`` headers as the store answers them
-        (``Admission.confirmed_headers``: a local admission's record, during the upstream call and
-        mostly answered by its first chunk); a cancellation ends the reply ``cancelled``."""
-        assert self.admission is not None  # noqa: S101 - the opener checked
-        try:
-            await self.admission.confirmed_headers()
-        except asyncio.CancelledError:
-            await self._end(ReplyStatus.CANCELLED, None)
-            raise
+        if isinstance(error, ApplicationError):
+            self._first = None
+            await self._end(ReplyStatus.FAILED, error)
+            raise error
 
     async def _close_upstream(self) -> None:
         first, self._first = self._first, None
@@ -731,8 +728,6 @@ class ReplyOpener(Generic[P]):
         reply = Reply(plan, admission)
         if self._wait_first_chunk > 0:
             await reply._wait_first_chunk(self._wait_first_chunk)
-            if admission is not None and admission.has_headers:
-                await reply._confirm_admission_headers()
         return reply
 
 

@@ -252,33 +252,29 @@ class RateLease:
     _confirmation: asyncio.Future[Admitted] | None = None
     _view_key: ViewKey | None = None
     # A local admission's counters and view, until its headers are settled (``headers``).
-    _shape: _Shape | None = None
-    _view: HeadroomView | None = None
+    _local: tuple[_Shape, HeadroomView] | None = None
 
     @property
     def headers(self) -> dict[str, str]:
         """OpenAI's ``x-ratelimit-*`` headers (see the class); a local admission's are computed when read,
         not at admission: conversation replies never read them."""
-        shape = self._shape
-        if shape is None:
+        local = self._local
+        if local is None:
             return self._settled_headers
+        shape, view = local
         record = self._confirmation
-        if record is None or not record.done():
-            return self._view_headers(shape)
-        # Settled: the record's answer, or the view when the record failed.
-        self._settled_headers = self._answer_headers(shape, record) or self._view_headers(shape)
-        self._shape = self._view = None
-        return self._settled_headers
+        answered = record is not None and record.done()
+        headers = self._answer_headers(shape, record) if record is not None and answered else None
+        if headers is None:  # no answer yet, or the record failed: the view's
+            headers = _headers(shape.dimensions, shape.limits, view.counts(), view.pending_window)
+        if answered:  # settled
+            self._settled_headers, self._local = headers, None
+        return headers
 
     @property
     def has_headers(self) -> bool:
         """Whether ``headers`` is not empty (a requests or tokens limit applies), without computing them."""
-        return self._shape is not None or bool(self._settled_headers)
-
-    def _view_headers(self, shape: _Shape) -> dict[str, str]:
-        view = self._view
-        assert view is not None  # noqa: S101 - set with the shape
-        return _headers(shape.dimensions, shape.limits, view.counts(), view.pending_window)
+        return self._local is not None or bool(self._settled_headers)
 
     @staticmethod
     def _answer_headers(shape: _Shape, record: asyncio.Future[Admitted]) -> dict[str, str] | None:
@@ -669,8 +665,7 @@ def _admit_locally(
         _stream_keys=stream_keys,
         _confirmation=record,
         _view_key=key,
-        _shape=shape if shape.limits else None,
-        _view=view if shape.limits else None,
+        _local=(shape, view) if shape.limits else None,
     )
 
 
