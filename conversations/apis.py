@@ -252,7 +252,9 @@ class ConversationViewSet(
         description='PostgreSQL: full-text search (English stemming; `"a phrase"`, `or`, `-word` as a web '
         "search engine reads them), ranked, a title hit above a message hit. SQLite: every word or "
         '`"phrase"` must appear in the title or in one message (case-insensitive for ASCII); ranked '
-        "title and message hit, then title, then message. Then most recently updated first. Only the "
+        "title and message hit, then title, then message; on PostgreSQL too for a query with a word of "
+        "a script written without spaces (Chinese, Japanese, Korean, Thai...), matched as a substring. "
+        "Then most recently updated first. Only the "
         "caller's own conversations, never the trash (admins too: search never shows a member's "
         "conversation). Archived ones are included unless `archived=false`. Paginated.",
         operation_id="conversations_search",

@@ -4,9 +4,14 @@ On PostgreSQL: full-text search (``django.contrib.postgres.search``; the query i
 search engine reads it: ``websearch_to_tsquery``, so ``"exact phrase"``, ``or`` and ``-word`` work),
 English stemming (``SEARCH_CONFIG``), ranked by ``ts_rank`` with a title hit weighing ten times a
 message hit (weights A and D), served by the GIN index ``message_content_fts_idx`` (migration
-``0010_search_organize``). Elsewhere (SQLite): every word (or ``"quoted phrase"``) of the query
-must appear, case-insensitively for ASCII (SQL ``LIKE``), in the title or together in one message;
-ranked 1.0 for a hit in both, 0.75 in the title, 0.5 in a message only.
+``0010_search_organize``). Elsewhere (SQLite), and on PostgreSQL for a query with a word of a script
+written without spaces between words (Chinese, Japanese, Thai, ...; and Korean, whose words carry
+their particles: ``UNSEGMENTED_SCRIPTS``): every word (or ``"quoted phrase"``) of the query must
+appear as a substring, case-insensitively (SQL ``LIKE``; ASCII only on SQLite), in the title or
+together in one message; ranked 1.0 for a hit in both, 0.75 in the title, 0.5 in a message only.
+PostgreSQL's text search parser has no word breaker for those scripts: it reads a whole run of them
+as one word, so ``天气`` in ``今天的天气很好`` would never be found (the fallback pays a scan of the
+caller's own messages instead of the index).
 
 Either way a result carries ``search_rank`` (higher is better), ``search_message_id`` (the best
 matching message, None for a title-only hit) and, for a page of results, a plain-text snippet of
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import re
 
+import regex
 from django.contrib.postgres.search import SearchQuery, SearchRank, SearchVector
 from django.db import connection
 from django.db.models import Case, F, FloatField, OuterRef, Q, QuerySet, Subquery, Value, When
@@ -33,6 +39,10 @@ MAX_QUERY_CHARS = 500
 SNIPPET_CHARS = 200
 
 _TERM = re.compile(r'"([^"]+)"|(\S+)')
+# Scripts whose words PostgreSQL's default parser cannot tell apart (no spaces between them, or, for
+# Hangul, a particle attached): a query with any of them is matched by substring (``_search_fallback``).
+UNSEGMENTED_SCRIPTS = ("Han", "Hiragana", "Katakana", "Hangul", "Thai", "Lao", "Khmer", "Myanmar", "Tibetan")
+_UNSEGMENTED = regex.compile("[" + "".join(rf"\p{{{script}}}" for script in UNSEGMENTED_SCRIPTS) + "]")
 
 
 def conversation_search_scope(*, actor: Principal) -> QuerySet[Conversation]:
@@ -61,9 +71,10 @@ def conversation_search(*, conversations: QuerySet[Conversation], query: str) ->
     recently updated), annotated with ``search_rank`` (float) and ``search_message_id`` (int or None).
 
     ``conversations`` must come from ``conversation_search_scope`` (then filtered at will): the
-    scope is the caller's. A query with no searchable word matches nothing.
+    scope is the caller's. A query with no searchable word matches nothing. On PostgreSQL, full-text
+    search unless the query holds a word of ``UNSEGMENTED_SCRIPTS`` (then substrings, as on SQLite).
     """
-    if connection.vendor == "postgresql":
+    if connection.vendor == "postgresql" and _UNSEGMENTED.search(query) is None:
         return _search_postgresql(conversations, query)
     return _search_fallback(conversations, query)
 

@@ -89,6 +89,45 @@ def test_search_needs_every_word(auth_client, user):
     assert ids(auth_client.get(SEARCH, {"q": "red pears"})) == [both.pk]
 
 
+@pytest.mark.parametrize(
+    ("content", "query"),
+    [
+        ("今天的天气很好，我们下午去公园散步吧。", "天气"),  # Chinese: no spaces between words
+        ("今天的天气很好，我们下午去公园散步吧。", "公园 散步"),  # every word, anywhere in the message
+        ("用 Python 写一个网页爬虫的例子", "python 爬虫"),  # mixed with a Latin word, any case
+        ("昨日は東京で美味しい寿司を食べました。", "寿司"),  # Japanese (kanji)
+        ("このレシピはとても簡単です", "レシピ"),  # Japanese (katakana)
+        ("서울 날씨가 정말 좋네요", "날씨"),  # Korean: the word carries its particle
+        ("วันนี้อากาศดีมาก", "อากาศ"),  # Thai
+    ],
+)
+def test_search_finds_a_word_inside_a_sentence_of_a_script_without_spaces(auth_client, user, content, query):
+    found = ConversationFactory(owner=user, title="notes")
+    hit = MessageFactory(conversation=found, content=content)
+    other = ConversationFactory(owner=user, title="other")
+    MessageFactory(conversation=other, content="明天要下雨，记得带伞。 The weather is nice.")
+
+    response = auth_client.get(SEARCH, {"q": query})
+
+    assert ids(response) == [found.pk]
+    [row] = response.json()["results"]
+    assert row["message_id"] == hit.pk
+    assert query.split()[-1] in row["snippet"].lower()
+
+
+def test_search_in_a_script_without_spaces_finds_titles_and_needs_every_word(auth_client, user):
+    in_title = ConversationFactory(owner=user, title="学习机器学习的笔记")
+    in_message = ConversationFactory(owner=user, title="杂项")
+    MessageFactory(conversation=in_message, content="机器学习需要大量的数据")
+    MessageFactory(conversation=ConversationFactory(owner=user, title="x"), content="机器人")  # not 学习
+
+    rows = auth_client.get(SEARCH, {"q": "机器学习"}).json()["results"]
+
+    assert [row["id"] for row in rows] == [in_title.pk, in_message.pk]  # a title hit first
+    assert ids(auth_client.get(SEARCH, {"q": "机器 数据"})) == [in_message.pk]
+    assert ids(auth_client.get(SEARCH, {"q": "火车"})) == []
+
+
 def test_search_never_shows_the_trash_nor_a_members_conversation_to_an_admin(client_for, auth_client, user, admin_user):
     trashed = ConversationFactory(owner=user, title="kiwi")
     assert auth_client.delete(url(trashed)).status_code == 204
