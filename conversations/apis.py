@@ -251,7 +251,8 @@ class ConversationViewSet(
         summary="Search the caller's own conversations: titles and message content, best match first",
         description='PostgreSQL: full-text search (English stemming; `"a phrase"`, `or`, `-word` as a web '
         "search engine reads them), ranked, a title hit above a message hit. SQLite: every word or "
-        '`"phrase"` must appear in the title or in one message (case-insensitive for ASCII); ranked '
+        '`"phrase"` must appear in the title or in one message (case-insensitive for ASCII), and no '
+        "`-word`; `or` separates alternatives; ranked "
         "title and message hit, then title, then message; on PostgreSQL too for a query with a word of "
         "a script written without spaces (Chinese, Japanese, Korean, Thai...), matched as a substring. "
         "Then most recently updated first. Only the "

@@ -6,9 +6,11 @@ English stemming (``SEARCH_CONFIG``), ranked by ``ts_rank`` with a title hit wei
 message hit (weights A and D), served by the GIN index ``message_content_fts_idx`` (migration
 ``0010_search_organize``). Elsewhere (SQLite), and on PostgreSQL for a query with a word of a script
 written without spaces between words (Chinese, Japanese, Thai, ...; and Korean, whose words carry
-their particles: ``UNSEGMENTED_SCRIPTS``): every word (or ``"quoted phrase"``) of the query must
-appear as a substring, case-insensitively (SQL ``LIKE``; ASCII only on SQLite), in the title or
-together in one message; ranked 1.0 for a hit in both, 0.75 in the title, 0.5 in a message only.
+their particles: ``UNSEGMENTED_SCRIPTS``): the query is read as ``websearch_to_tsquery`` reads it
+(``query_alternatives``), each word or ``"quoted phrase"`` matched as a substring, case-insensitively
+(SQL ``LIKE``; ASCII only on SQLite): every word of one alternative (``or`` separates them), and no
+``-word`` of it, in the title or together in one message; ranked 1.0 for a hit in both, 0.75 in the
+title, 0.5 in a message only.
 PostgreSQL's text search parser has no word breaker for those scripts: it reads a whole run of them
 as one word, so ``天气`` in ``今天的天气很好`` would never be found (the fallback pays a scan of the
 caller's own messages instead of the index).
@@ -21,6 +23,7 @@ that message around the first query word found in it (``search_snippets``).
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import regex
 from django.contrib.postgres.search import SearchQuery, SearchRank, SearchVector
@@ -38,7 +41,9 @@ SEARCH_CONFIG = "english"
 MAX_QUERY_CHARS = 500
 SNIPPET_CHARS = 200
 
-_TERM = re.compile(r'"([^"]+)"|(\S+)')
+# A query's parts as websearch_to_tsquery reads them: an optional "-" (not), then a "quoted phrase"
+# or a word.
+_TERM = re.compile(r'(-?)"([^"]*)"?|(\S+)')
 # Scripts whose words PostgreSQL's default parser cannot tell apart (no spaces between them, or, for
 # Hangul, a particle attached): a query with any of them is matched by substring (``_search_fallback``).
 UNSEGMENTED_SCRIPTS = ("Han", "Hiragana", "Katakana", "Hangul", "Thai", "Lao", "Khmer", "Myanmar", "Tibetan")
@@ -55,15 +60,37 @@ def conversation_search_scope(*, actor: Principal) -> QuerySet[Conversation]:
     return conversation_list(actor=actor).filter(owner=actor.user)
 
 
+class Alternative(NamedTuple):
+    """One alternative of a search query: the words (or phrases) that must all appear, and those that
+    must not."""
+
+    words: list[str]
+    excluded: list[str]
+
+
+def query_alternatives(query: str) -> list[Alternative]:
+    """Return ``query`` read as PostgreSQL's ``websearch_to_tsquery`` reads it
+    (https://www.postgresql.org/docs/current/textsearch-controls.html#TEXTSEARCH-PARSING-QUERIES):
+    words and ``"quoted phrases"`` that must all appear, ``-word`` (or ``-"phrase"``) that must not,
+    ``or`` between two alternatives. An alternative without a word to look for (only ``-word``) is
+    dropped, so an empty list means the query matches nothing."""
+    alternatives = [Alternative([], [])]
+    for negated, phrase, word in _TERM.findall(query):
+        if word.lower() == "or":
+            alternatives.append(Alternative([], []))
+            continue
+        if word.startswith("-"):
+            negated, word = "-", word.lstrip("-")
+        term = (phrase or word.strip('"')).strip()
+        if term:
+            (alternatives[-1].excluded if negated else alternatives[-1].words).append(term)
+    return [alternative for alternative in alternatives if alternative.words]
+
+
 def query_terms(query: str) -> list[str]:
-    """Return the words and ``"quoted phrases"`` of ``query``, without a leading ``-`` or the
-    word ``or`` (the fallback matches every term; ``websearch_to_tsquery`` reads them itself)."""
-    terms = []
-    for phrase, word in _TERM.findall(query):
-        term = phrase or word.lstrip("-").strip('"')
-        if term and term.lower() != "or":
-            terms.append(term)
-    return terms
+    """Return the words and ``"quoted phrases"`` that ``query`` looks for (``query_alternatives``):
+    those of every alternative, without ``-word`` ones or ``or``."""
+    return [term for alternative in query_alternatives(query) for term in alternative.words]
 
 
 def conversation_search(*, conversations: QuerySet[Conversation], query: str) -> QuerySet[Conversation]:
@@ -108,14 +135,11 @@ def _search_postgresql(conversations: QuerySet[Conversation], query: str) -> Que
 
 
 def _search_fallback(conversations: QuerySet[Conversation], query: str) -> QuerySet[Conversation]:
-    terms = query_terms(query)
-    if not terms:
+    alternatives = query_alternatives(query)
+    if not alternatives:
         return conversations.none()
-    in_title = Q()
-    in_message = Q()
-    for term in terms:
-        in_title &= Q(title__icontains=term)
-        in_message &= Q(content__icontains=term)
+    in_title = _matching("title", alternatives)
+    in_message = _matching("content", alternatives)
     matches = Message.objects.filter(in_message, conversation=OuterRef("pk")).order_by("-id")
     return (
         conversations.annotate(search_message_id=Subquery(matches.values("id")[:1]))
@@ -130,6 +154,20 @@ def _search_fallback(conversations: QuerySet[Conversation], query: str) -> Query
         )
         .order_by("-search_rank", "-updated_at", "-id")
     )
+
+
+def _matching(field: str, alternatives: list[Alternative]) -> Q:
+    """Return the condition that ``field`` holds one of ``alternatives``: each of its words and none
+    of its excluded ones, as substrings, case-insensitively."""
+    matching = Q()
+    for words, excluded in alternatives:
+        condition = Q()
+        for word in words:
+            condition &= Q(**{f"{field}__icontains": word})
+        for word in excluded:
+            condition &= ~Q(**{f"{field}__icontains": word})
+        matching |= condition
+    return matching
 
 
 def search_snippets(*, message_ids: list[int], query: str) -> dict[int, str]:

@@ -19,7 +19,7 @@ from accounts.models import Organization, UsageRecord
 from chatbackend.celery import app as celery_app
 from chatbackend.errors import NotFoundError
 from chatbackend.pagination import PageNumberPagination
-from conversations import retention
+from conversations import retention, search
 from conversations.models import Conversation, Message, RetentionPolicy
 from conversations.retention import RetentionResult, retention_apply
 from conversations.services import message_append, reply_start
@@ -126,6 +126,44 @@ def test_search_in_a_script_without_spaces_finds_titles_and_needs_every_word(aut
     assert [row["id"] for row in rows] == [in_title.pk, in_message.pk]  # a title hit first
     assert ids(auth_client.get(SEARCH, {"q": "机器 数据"})) == [in_message.pk]
     assert ids(auth_client.get(SEARCH, {"q": "火车"})) == []
+
+
+def test_search_reads_or_and_minus_as_a_web_search_does(auth_client, user):
+    pears = ConversationFactory(owner=user, title="x")
+    MessageFactory(conversation=pears, content="red apples and green pears")
+    cars = ConversationFactory(owner=user, title="y")
+    MessageFactory(conversation=cars, content="red cars")
+
+    assert ids(auth_client.get(SEARCH, {"q": "red -pears"})) == [cars.pk]
+    assert sorted(ids(auth_client.get(SEARCH, {"q": "pears or cars"}))) == sorted([pears.pk, cars.pk])
+    assert ids(auth_client.get(SEARCH, {"q": '"green pears" -cars'})) == [pears.pk]
+    assert ids(auth_client.get(SEARCH, {"q": "red -pears -cars"})) == []
+
+
+@pytest.mark.parametrize(
+    ("query", "alternatives"),
+    [
+        ("red pears", [(["red", "pears"], [])]),
+        ('red -"green pears" -cars', [(["red"], ["green pears", "cars"])]),
+        ("apples OR pears or", [(["apples"], []), (["pears"], [])]),
+        ('"unterminated phrase', [(["unterminated phrase"], [])]),
+        ("e-mail - -- or", [(["e-mail"], [])]),
+        ("-only -excluded or kiwi", [(["kiwi"], [])]),
+    ],
+)
+def test_search_query_alternatives_read_a_query_as_websearch_to_tsquery_does(query, alternatives):
+    assert [tuple(alternative) for alternative in search.query_alternatives(query)] == alternatives
+
+
+def test_search_in_a_script_without_spaces_reads_or_and_minus_too(auth_client, user):
+    fine = ConversationFactory(owner=user, title="x")
+    MessageFactory(conversation=fine, content="今天天气很好")
+    rain = ConversationFactory(owner=user, title="y")
+    MessageFactory(conversation=rain, content="明天天气不好，会下雨")
+
+    assert ids(auth_client.get(SEARCH, {"q": "天气 -下雨"})) == [fine.pk]
+    assert sorted(ids(auth_client.get(SEARCH, {"q": "很好 or 下雨"}))) == sorted([fine.pk, rain.pk])
+    assert ids(auth_client.get(SEARCH, {"q": "-下雨"})) == []  # nothing to look for
 
 
 def test_search_never_shows_the_trash_nor_a_members_conversation_to_an_admin(client_for, auth_client, user, admin_user):
