@@ -114,19 +114,35 @@ def template_import(*, actor: Principal, document: Any) -> list[ConversationTemp
     nothing: a mask that fails validation is a 400 (``param`` naming it) and nothing is written.
     """
     parsed = masks_parse(document)
-    templates = []
     with transaction.atomic():
-        for fields in parsed:
-            existing = None
+        return templates_upsert(actor=actor, parsed=parsed)
+
+
+def templates_upsert(*, actor: Principal, parsed: list[dict[str, Any]]) -> list[ConversationTemplate]:
+    """Write ``parsed`` (``nextchat.mask_template_fields`` of each mask) as private templates of
+    ``actor`` in the organization the request acts in; return them in that order. A mask whose ``id``
+    ``actor`` imported before updates that template (its sharing stays) instead of adding a copy.
+    Run it in a transaction, with ``actor``'s imports serialized when two may run at once (a
+    template's ``external_id`` is unique per owner and organization: the second insert would fail).
+    """
+    external_ids = [fields["external_id"] for fields in parsed if fields["external_id"]]
+    existing = {
+        template.external_id: template
+        for template in ConversationTemplate.objects.filter(
+            organization=actor.organization, owner=actor.user, external_id__in=external_ids
+        )
+    }
+    templates = []
+    for fields in parsed:
+        template = existing.get(fields["external_id"]) if fields["external_id"] else None
+        if template is None:
+            template = ConversationTemplate(owner=actor.user, organization=actor.organization)
             if fields["external_id"]:
-                existing = ConversationTemplate.objects.filter(
-                    organization=actor.organization, owner=actor.user, external_id=fields["external_id"]
-                ).first()
-            template = existing or ConversationTemplate(owner=actor.user, organization=actor.organization)
-            for name, value in fields.items():
-                setattr(template, name, value)
-            template.save()
-            templates.append(template)
+                existing[fields["external_id"]] = template  # a mask repeated in one document: one template
+        for name, value in fields.items():
+            setattr(template, name, value)
+        template.save()
+        templates.append(template)
     return templates
 
 

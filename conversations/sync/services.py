@@ -32,6 +32,9 @@ from llm.models import LLMModel
 from llm.selectors import llm_model_get_enabled_for, llm_model_list_for
 
 from ..content import content_text, storable_text
+from ..conversation_templates.models import ConversationTemplate
+from ..conversation_templates.nextchat import mask_template_fields
+from ..conversation_templates.services import templates_upsert
 from ..models import Conversation, Message
 from ..services import message_chain
 from .models import SyncDocument, SyncDocumentVersion, SyncUploadChunk
@@ -41,6 +44,8 @@ logger = logging.getLogger(__name__)
 # NextChat's store keys (``StoreKey`` in ``app/constant.ts``).
 CHAT_STORE = "chat-next-web-store"
 ACCESS_STORE = "access-control"
+MASK_STORE = "mask-store"
+APP_CONFIG = "app-config"
 # Fields of ``access-control`` holding a credential: ``openaiApiKey``, ``azureApiKey``,
 # ``baiduSecretKey``, ``tencentSecretId``, ``iflytekApiSecret``, ``accessCode``, ...
 _SECRET_FIELD = re.compile(r"api_?key|secret|access_?code|password|token", re.IGNORECASE)
@@ -207,14 +212,16 @@ def sync_upload_finish(*, principal: Principal, name: str, count: int) -> Stored
 
 
 def sync_document_import(*, version_id: int) -> int:
-    """Import the sessions of version ``version_id`` as its owner's conversations; return how many.
+    """Import the sessions of version ``version_id`` as its owner's conversations, and its masks as
+    templates (``nextchat_masks_import``); return how many conversations.
 
     Idempotent by NextChat's ids (``Conversation.external_id`` = session id, ``Message.external_id``
     = message id): a session seen before is updated (title, model when its model resolves, changed
     messages; new messages appended) and never copied; messages absent from the document are kept
     (NextChat's merge never deletes either). Sessions without messages are skipped, as NextChat
     skips them. A version older than its document's newest is skipped (the newest is imported).
-    The model: the session's ``mask.modelConfig.model`` when the owner may use it (an enabled model
+    The model: the session's ``mask.modelConfig.model`` (``app-config``'s while the mask follows the
+    global settings, ``syncGlobalConfig``, as NextChat does) when the owner may use it (an enabled model
     or alias, within the key's, team's and organization's lists), else the first such model by name;
     with none at all, nothing is imported (``failed``). Imports of one document are serialized.
     """
@@ -244,7 +251,10 @@ def _import_result(version: SyncDocumentVersion, status: str, *, imported: int =
 
 def _import_sessions(version: SyncDocumentVersion, organization: Organization, owner: User) -> int:
     principal = principal_for(user=owner, api_key=version.api_key, organization=organization.slug)
-    return len(nextchat_sessions_import(principal=principal, state=json_loads(version.content)))
+    state = json_loads(version.content)
+    imported = len(nextchat_sessions_import(principal=principal, state=state))
+    nextchat_masks_import(principal=principal, state=state)
+    return imported
 
 
 def is_nextchat_state(state: Any) -> bool:
@@ -277,6 +287,7 @@ def nextchat_sessions_import(*, principal: Principal, state: Any) -> list[Conver
     organization, owner = principal.organization, principal.user
     _imports_serialize(owner)
     models = ModelChooser(principal)
+    global_config = _global_model_config(state)
     existing = {
         c.external_id: c
         for c in Conversation.objects.filter(
@@ -287,8 +298,42 @@ def nextchat_sessions_import(*, principal: Principal, state: Any) -> list[Conver
     for session in sessions:
         external_id = _external_id(session)
         conversation = imported.get(external_id) or existing.get(external_id)
-        imported[external_id] = _import_session(session, conversation, organization, owner, models)
+        imported[external_id] = _import_session(session, conversation, organization, owner, models, global_config)
     return list(imported.values())
+
+
+def nextchat_masks_import(*, principal: Principal, state: Any) -> list[ConversationTemplate]:
+    """Import the masks of NextChat's app state ``state`` (its ``mask-store``: the masks the user made,
+    NextChat's built-in ones are not in it) as private templates of ``principal``'s user in the
+    organization it acts in (``conversation_templates.services.templates_upsert``); return them.
+
+    Idempotent by the masks' ids, as the sessions are: a mask seen before updates its template, and a
+    template is never deleted because its mask left the document. A mask that follows NextChat's
+    global model settings (``syncGlobalConfig``) takes them (``app-config.modelConfig``), as NextChat
+    does. A mask that is not valid as a template (``mask_template_fields``: no name, a wrong type) is
+    skipped and logged, not an error: the sync that stored the document must not fail on it. Run it
+    in a transaction.
+    """
+    store = state.get(MASK_STORE) if isinstance(state, dict) else None
+    masks = store.get("masks") if isinstance(store, dict) else None
+    if not isinstance(masks, dict) or not masks:
+        return []
+    global_config = _global_model_config(state)
+    parsed = []
+    for key, value in masks.items():
+        if not isinstance(value, dict):
+            continue
+        mask = _effective_mask(value, global_config)
+        if not mask.get("id"):  # the store's key is the mask's id (``useMaskStore.create``)
+            mask = {**mask, "id": key}
+        try:
+            parsed.append(mask_template_fields(mask, param=f"{MASK_STORE}.masks.{key}"))
+        except ApplicationError as exc:
+            logger.info("NextChat mask %r is not imported as a template: %s (%s)", key[:100], exc.message, exc.param)
+    if not parsed:
+        return []
+    _imports_serialize(principal.user)
+    return templates_upsert(actor=principal, parsed=parsed)
 
 
 # The first key of the transaction-level advisory lock that serializes one owner's imports
@@ -356,8 +401,24 @@ def _mask(session: dict[str, Any]) -> dict[str, Any]:
     return mask if isinstance(mask, dict) else {}
 
 
-def _session_model_name(session: dict[str, Any]) -> str:
-    config = _mask(session).get("modelConfig")
+def _global_model_config(state: Any) -> dict[str, Any] | None:
+    """NextChat's global model settings (``app-config.modelConfig``), if the document has them."""
+    config = state.get(APP_CONFIG) if isinstance(state, dict) else None
+    model_config = config.get("modelConfig") if isinstance(config, dict) else None
+    return model_config if isinstance(model_config, dict) else None
+
+
+def _effective_mask(mask: dict[str, Any], global_config: dict[str, Any] | None) -> dict[str, Any]:
+    """``mask`` with the model settings NextChat uses for it: the global ones while its
+    ``syncGlobalConfig`` is on (NextChat copies them into the mask when a chat opens,
+    ``app/components/chat.tsx``; what the document holds may be older), else its own."""
+    if mask.get("syncGlobalConfig") is True and global_config is not None:
+        return {**mask, "modelConfig": global_config}
+    return mask
+
+
+def _session_model_name(session: dict[str, Any], global_config: dict[str, Any] | None) -> str:
+    config = _effective_mask(_mask(session), global_config).get("modelConfig")
     name = config.get("model") if isinstance(config, dict) else None
     return storable_text(name) if isinstance(name, str) else ""
 
@@ -380,11 +441,12 @@ def _import_session(
     organization: Organization,
     owner: User,
     models: ModelChooser,
+    global_config: dict[str, Any] | None,
 ) -> Conversation:
     topic = session.get("topic")
     title = storable_text(topic if isinstance(topic, str) else "")[:_TITLE_CHARS]
     system_prompt = _system_prompt(session)
-    model = models.named(_session_model_name(session))
+    model = models.named(_session_model_name(session, global_config))
     if conversation is None:
         conversation = Conversation.objects.create(
             organization=organization,

@@ -32,6 +32,7 @@ from django.utils import timezone
 from accounts.authentication import principal_for
 from accounts.models import Membership, Organization
 from accounts.services import api_key_create
+from conversations.conversation_templates.models import ConversationTemplate
 from conversations.models import Conversation, Message, SyncDocument, SyncDocumentVersion, SyncUploadChunk
 from conversations.selectors import message_list
 from conversations.sync.selectors import content_chunks
@@ -490,6 +491,90 @@ def test_import_twice_yields_the_same_conversations(client, user, dav, models, d
     assert updated.active_leaf is not None and updated.active_leaf.external_id == "msg-x0"
     assert Conversation.objects.filter(owner=user).count() == 2
     assert set(SyncDocumentVersion.objects.values_list("import_status", flat=True)) == {"done"}
+
+
+def _masks() -> dict[str, Any]:
+    """NextChat 2.16's ``mask-store.masks`` (``app/store/mask.ts``): the masks the user made, by id."""
+    return {
+        "mask-own": {
+            "id": "mask-own",
+            "avatar": "1f4da",
+            "name": "Latin tutor",
+            "context": [
+                {"id": "c1", "role": "system", "content": "You teach Latin.", "date": ""},
+                {"id": "c2", "role": "user", "content": "Salve!", "date": ""},
+            ],
+            "syncGlobalConfig": False,
+            "modelConfig": {"model": "aaa-first-model", "temperature": 0.2, "max_tokens": 1000},
+            "lang": "en",
+            "builtin": False,
+            "createdAt": 1764669600000,
+        },
+        # Follows the global settings: NextChat uses app-config's, whatever the mask still holds.
+        "mask-global": {
+            "id": "mask-global",
+            "avatar": "gpt-bot",
+            "name": "Follows the settings",
+            "context": [],
+            "syncGlobalConfig": True,
+            "modelConfig": {"model": "an-old-model", "temperature": 1},
+            "lang": "en",
+            "builtin": False,
+            "createdAt": 1764669600000,
+        },
+        "mask-nameless": {"id": "mask-nameless", "name": "", "context": [], "modelConfig": {}},  # skipped
+        "mask-no-id": {"name": "Keyed only", "context": [], "modelConfig": {}},  # the store's key is its id
+    }
+
+
+def _templates(user: Any) -> list[tuple[str, str, str, float | None, str]]:
+    return sorted(
+        (t.external_id, t.name, t.model_name, t.temperature, t.system_prompt)
+        for t in ConversationTemplate.objects.filter(owner=user)
+    )
+
+
+def test_synced_masks_become_templates_once_and_follow_the_global_settings(
+    client, user, dav, models, django_capture_on_commit_callbacks
+) -> None:
+    document = _document()
+    document["mask-store"]["masks"] = _masks()
+    document["app-config"]["modelConfig"] = {"model": "gpt-4o-mini", "temperature": 0.7}
+    url = f"/dav/{FOLDER}/backup.json"
+    for _ in range(2):  # a second sync updates, never copies
+        with django_capture_on_commit_callbacks(execute=True):
+            assert _put(client, url, json.dumps(document), dav).status_code in (200, 201, 204)
+
+        assert _templates(user) == [
+            ("mask-global", "Follows the settings", "gpt-4o-mini", 0.7, ""),
+            ("mask-no-id", "Keyed only", "", None, ""),
+            ("mask-own", "Latin tutor", "aaa-first-model", 0.2, "You teach Latin."),
+        ]
+    own = ConversationTemplate.objects.get(owner=user, external_id="mask-own")
+    assert own.starter_messages == [{"role": "user", "content": "Salve!"}]
+    assert own.visibility == ConversationTemplate.Visibility.PRIVATE
+    assert set(SyncDocumentVersion.objects.values_list("import_status", flat=True)) == {"done"}
+
+    # The mask changed in NextChat: its template follows; one the user deleted there stays here.
+    document["mask-store"]["masks"] = {"mask-own": {**_masks()["mask-own"], "name": "Latin and Greek tutor"}}
+    with django_capture_on_commit_callbacks(execute=True):
+        _put(client, url, json.dumps(document), dav)
+    assert [name for _, name, *_ in _templates(user)] == ["Follows the settings", "Keyed only", "Latin and Greek tutor"]
+
+
+def test_a_session_following_the_global_settings_takes_their_model(
+    client, user, dav, models, django_capture_on_commit_callbacks
+) -> None:
+    document = _document()  # its session's mask says gpt-4o-mini and syncGlobalConfig
+    document["app-config"]["modelConfig"] = {"model": "aaa-first-model"}
+    with django_capture_on_commit_callbacks(execute=True):
+        _put(client, f"/dav/{FOLDER}/backup.json", json.dumps(document), dav)
+    assert Conversation.objects.get(owner=user, external_id="sess-lisbon").model.name == "aaa-first-model"
+
+    document["chat-next-web-store"]["sessions"][0]["mask"]["syncGlobalConfig"] = False  # its own, then
+    with django_capture_on_commit_callbacks(execute=True):
+        _put(client, f"/dav/{FOLDER}/backup.json", json.dumps(document), dav)
+    assert Conversation.objects.get(owner=user, external_id="sess-lisbon").model.name == "gpt-4o-mini"
 
 
 def test_imported_conversations_are_listed_by_the_api(

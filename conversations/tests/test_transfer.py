@@ -15,6 +15,7 @@ from django.db import OperationalError, connection, transaction
 from django.utils import timezone
 
 from accounts.models import Membership, Organization
+from conversations.conversation_templates.models import ConversationTemplate
 from conversations.models import Conversation, Message
 from conversations.selectors import message_path
 from conversations.services import message_append
@@ -26,6 +27,7 @@ from conversations.tests.test_sync import (
     run_at_once,
 )
 from conversations.tests.test_sync import _document as nextchat_document
+from conversations.tests.test_sync import _masks as nextchat_masks
 from llm.models import LLMModel
 from llm.selectors import enabled_model_cache
 from tests.factories import ConversationFactory, LLMModelFactory, MessageFactory, UserFactory
@@ -173,6 +175,24 @@ def test_nextchat_backup_json_is_imported_idempotently(auth_client, user):
     second = auth_client.post(IMPORT, backup, format="json")
     assert [c["id"] for c in second.json()["conversations"]] == ids
     assert Conversation.objects.filter(owner=user).count() == 2 and Message.objects.count() == 3
+    assert first.json()["templates_imported"] == 0  # its mask-store holds none
+
+
+def test_a_nextchat_backups_masks_become_templates_idempotently(auth_client, user):
+    LLMModelFactory(name="gpt-4o-mini")
+    LLMModelFactory(name="aaa-first-model")
+    backup = nextchat_document()
+    backup["mask-store"]["masks"] = nextchat_masks()
+
+    for _ in range(2):
+        response = auth_client.post(IMPORT, backup, format="json")
+        assert response.status_code == 201, response.content
+        assert response.json()["templates_imported"] == 3  # the nameless mask is skipped
+        assert sorted(ConversationTemplate.objects.filter(owner=user).values_list("name", flat=True)) == [
+            "Follows the settings",
+            "Keyed only",
+            "Latin tutor",
+        ]
 
 
 def test_an_unusable_model_falls_back_and_is_reported(auth_client, tree, user):

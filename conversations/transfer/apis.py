@@ -143,7 +143,8 @@ class ConversationImportApi(APIView):
         "(parents and `active_leaf` mapped; times kept; a `streaming` message becomes `cancelled`). A model "
         "the caller may not use is replaced by the first it may use by name (listed in `models_replaced`). "
         "NextChat's backup.json (its app state, as its sync stores it) is imported as a synced document: "
-        "idempotent by NextChat's ids, so importing it again updates and never duplicates. All or nothing. "
+        "idempotent by NextChat's ids, so importing it again updates and never duplicates; its masks become "
+        "templates (`templates_imported`), idempotently too. All or nothing. "
         "At most `SYNC_MAX_DOCUMENT_BYTES` (413 `import_too_large`).",
         operation_id="conversations_import",
         request=PolymorphicProxySerializer(
@@ -161,6 +162,11 @@ class ConversationImportApi(APIView):
         result = conversations_import(actor=request_principal(request), data=request.data)
         conversations = ConversationOutputSerializer(result.conversations, many=True).data
         return Response(
-            {"imported_from": result.source, "conversations": conversations, "models_replaced": result.models_replaced},
+            {
+                "imported_from": result.source,
+                "conversations": conversations,
+                "models_replaced": result.models_replaced,
+                "templates_imported": len(result.templates),
+            },
             status=status.HTTP_201_CREATED,
         )

@@ -123,3 +123,7 @@ class ImportOutputSerializer(serializers.Serializer):
     )
     conversations = ConversationOutputSerializer(many=True)
     models_replaced = ModelReplacedOutputSerializer(many=True)
+    templates_imported = serializers.IntegerField(
+        help_text="How many of NextChat's masks (its mask-store) were made or updated as templates (0 for this "
+        "server's export)."
+    )

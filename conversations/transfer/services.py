@@ -12,20 +12,23 @@ from django.utils import timezone
 from accounts.authentication import Principal
 from chatbackend.errors import ApplicationError
 
+from ..conversation_templates.models import ConversationTemplate
 from ..models import Conversation, Message
-from ..sync.services import ModelChooser, is_nextchat_state, nextchat_sessions_import
+from ..sync.services import ModelChooser, is_nextchat_state, nextchat_masks_import, nextchat_sessions_import
 from .selectors import FORMAT
 from .serializers import TransferDocumentSerializer
 
 
 @dataclass(slots=True)
 class ImportResult:
-    """What an import made: ``source`` (``chatbackend`` or ``nextchat``), the conversations, and
-    ``models_replaced``: ``{requested, model}`` for each model name the caller may not use."""
+    """What an import made: ``source`` (``chatbackend`` or ``nextchat``), the conversations,
+    ``models_replaced``: ``{requested, model}`` for each model name the caller may not use, and the
+    templates made or updated from NextChat's masks."""
 
     source: str
     conversations: list[Conversation]
     models_replaced: list[dict[str, str]] = field(default_factory=list)
+    templates: list[ConversationTemplate] = field(default_factory=list)
 
 
 def _invalid(message: str, param: str | None = None) -> ApplicationError:
@@ -40,7 +43,8 @@ def conversations_import(*, actor: Principal, data: Any) -> ImportResult:
     makes new conversations, each tree recreated with new ids (parents and the active leaf mapped,
     times kept; a ``streaming`` message becomes ``cancelled``); NextChat's app state (its
     ``backup.json``: a ``chat-next-web-store`` object) is imported as a synced document is
-    (``conversations.sync.services.nextchat_sessions_import``: idempotent by NextChat's ids). A model
+    (``conversations.sync.services.nextchat_sessions_import``: idempotent by NextChat's ids), and its
+    masks become templates (``nextchat_masks_import``, idempotent too). A model
     name ``actor`` may not use (unknown, disabled, or outside its keys', teams' and organization's
     lists: ``accounts.model_access``) is replaced by the first model it may use by name, and
     reported. Raises ``ApplicationError`` 400 ``invalid_import`` (with ``param`` the field's path),
@@ -48,7 +52,9 @@ def conversations_import(*, actor: Principal, data: Any) -> ImportResult:
     """
     if is_nextchat_state(data):
         with transaction.atomic():
-            return ImportResult("nextchat", nextchat_sessions_import(principal=actor, state=data))
+            conversations = nextchat_sessions_import(principal=actor, state=data)
+            templates = nextchat_masks_import(principal=actor, state=data)
+        return ImportResult("nextchat", conversations, templates=templates)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise _invalid(
             f'The body is neither an export of this server (an object with "format": "{FORMAT}") nor '
