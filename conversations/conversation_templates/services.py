@@ -121,9 +121,10 @@ def template_import(*, actor: Principal, document: Any) -> list[ConversationTemp
 def templates_upsert(*, actor: Principal, parsed: list[dict[str, Any]]) -> list[ConversationTemplate]:
     """Write ``parsed`` (``nextchat.mask_template_fields`` of each mask) as private templates of
     ``actor`` in the organization the request acts in; return them in that order. A mask whose ``id``
-    ``actor`` imported before updates that template (its sharing stays) instead of adding a copy.
-    Run it in a transaction, with ``actor``'s imports serialized when two may run at once (a
-    template's ``external_id`` is unique per owner and organization: the second insert would fail).
+    ``actor`` imported before updates that template (its sharing stays) instead of adding a copy,
+    and is written only when a field changed. Run it in a transaction, with ``actor``'s imports
+    serialized when two may run at once (a template's ``external_id`` is unique per owner and
+    organization: the second insert would fail).
     """
     external_ids = [fields["external_id"] for fields in parsed if fields["external_id"]]
     existing = {
@@ -139,9 +140,13 @@ def templates_upsert(*, actor: Principal, parsed: list[dict[str, Any]]) -> list[
             template = ConversationTemplate(owner=actor.user, organization=actor.organization)
             if fields["external_id"]:
                 existing[fields["external_id"]] = template  # a mask repeated in one document: one template
-        for name, value in fields.items():
-            setattr(template, name, value)
-        template.save()
+        changed = [name for name, value in fields.items() if template.pk is None or getattr(template, name) != value]
+        for name in changed:
+            setattr(template, name, fields[name])
+        if template.pk is None:
+            template.save()
+        elif changed:  # a sync sends every mask each time: only what changed is written (and dated)
+            template.save(update_fields=[*changed, "updated_at"])
         templates.append(template)
     return templates
 

@@ -552,6 +552,11 @@ def test_synced_masks_become_templates_once_and_follow_the_global_settings(
         ]
     own = ConversationTemplate.objects.get(owner=user, external_id="mask-own")
     assert own.starter_messages == [{"role": "user", "content": "Salve!"}]
+    unchanged_since = {t.external_id: t.updated_at for t in ConversationTemplate.objects.filter(owner=user)}
+    with django_capture_on_commit_callbacks(execute=True):
+        _put(client, url, json.dumps(document), dav)
+    # The same masks again: nothing is rewritten.
+    assert {t.external_id: t.updated_at for t in ConversationTemplate.objects.filter(owner=user)} == unchanged_since
     assert own.visibility == ConversationTemplate.Visibility.PRIVATE
     assert set(SyncDocumentVersion.objects.values_list("import_status", flat=True)) == {"done"}
 
