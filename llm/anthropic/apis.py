@@ -33,6 +33,7 @@ from accounts.endpoints import async_endpoint, parse_json, request_body
 from accounts.model_access import model_access_for_async
 from accounts.models import APIKey, UsageRecord
 from chatbackend.asyncdb import run_sync
+from chatbackend.errors import unknown_url_error
 
 from ..openai.apis import COUNT_ON_LOOP_MAX_BYTES
 from ..openai.services import ChatCompletionPlan, openai_chat_start
@@ -148,4 +149,10 @@ async def messages_count_tokens(request: HttpRequest, principal: Principal) -> H
     return JsonResponse({"input_tokens": count})
 
 
-__all__ = ["messages_count_tokens", "messages_create"]
+async def unknown_url(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+    """Answer an unknown ``/v1/messages/...`` URL (e.g. the Message Batches API, not served here) with
+    Anthropic's 404 ``not_found_error`` JSON, which the Anthropic SDK raises as ``NotFoundError``."""
+    return anthropic_error_response(unknown_url_error(request))
+
+
+__all__ = ["messages_count_tokens", "messages_create", "unknown_url"]

@@ -367,6 +367,13 @@ async def test_errors_are_anthropics_shape_and_the_sdks_exceptions(asgi_server, 
     assert response.status_code == 405
     assert response.json()["error"]["type"] == "invalid_request_error"
 
+    # An Anthropic API not served here (Message Batches): a 404 in Anthropic's shape, for the SDK.
+    with pytest.raises(anthropic.NotFoundError) as unknown:
+        await sdk.messages.batches.list()
+    assert unknown.value.body["type"] == "error"  # type: ignore[index]
+    assert unknown.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+    assert "/v1/messages/batches" in unknown.value.body["error"]["message"]  # type: ignore[index]
+
 
 async def test_a_rate_limit_is_the_sdks_rate_limit_error(sdk, user, sim_model):
     user.requests_per_minute = 1
