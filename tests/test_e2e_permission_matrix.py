@@ -699,6 +699,8 @@ MATRIX: tuple[Row, ...] = (
     Row(
         "GET", "/v1/unknown", "404 404 404 404 404 404 404 404 404 404 404 404 404", route="^(?:v1|dashboard)(?:/.*)?$"
     ),
+    # Anthropic APIs not served here (Message Batches): a 404 in Anthropic's shape, whoever asks.
+    Row("GET", "/v1/messages/batches", "404 404 404 404 404 404 404 404 404 404 404 404 404", route="^v1/messages/"),
 )
 
 
