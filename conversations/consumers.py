@@ -24,7 +24,7 @@ import logging
 from collections.abc import Awaitable
 from typing import Any
 
-from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.generic.websocket import AsyncJsonWebsocketConsumer, AsyncWebsocketConsumer
 
 from accounts.audit import audit_request
 from accounts.models import APIKey
@@ -53,6 +53,35 @@ CLOSE_SERVICE_RESTART = 1012
 
 # Closes started by a revocation, kept until done (a task nobody references may be collected).
 _closing: set[asyncio.Future[None]] = set()
+
+
+def _chosen_subprotocol(scope: dict[str, Any]) -> str | None:
+    """Return the subprotocol to accept of those the client offered (None when it offered none).
+
+    A browser fails the handshake unless the server picks one of the subprotocols it offered.
+    Prefer one that is not the credential (as Kubernetes does with its bearer subprotocol), so the
+    token is not echoed; a client that offered only ``bearer.<token>`` gets that back.
+    """
+    offered = list(scope.get("subprotocols") or ())
+    for protocol in offered:
+        if not protocol.startswith(BEARER_SUBPROTOCOL_PREFIX):
+            return protocol
+    return offered[0] if offered else None
+
+
+class UnknownRouteConsumer(AsyncWebsocketConsumer):
+    """Every WebSocket URL no route matches: accepted, then closed with 4404, as a conversation not
+    visible is (``ConversationConsumer``), so a client reads why. Without it Channels' ``URLRouter``
+    raises for the path and the server answers the handshake with a 500."""
+
+    channel_layer_alias = None  # type: ignore[assignment]
+
+    async def connect(self) -> None:
+        await self.accept(_chosen_subprotocol(self.scope))
+        await self.close(code=CLOSE_NOT_FOUND)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        return  # frames sent before the close arrived: ignored
 
 
 class ConversationConsumer(AsyncJsonWebsocketConsumer):
@@ -133,14 +162,7 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
         closing.add_done_callback(_closing.discard)
 
     def _subprotocol(self) -> str | None:
-        # A browser fails the handshake unless the server picks one of the subprotocols it offered.
-        # Prefer one that is not the credential (as Kubernetes does with its bearer subprotocol), so
-        # the token is not echoed; a client that offered only ``bearer.<token>`` gets that back.
-        offered = list(self.scope.get("subprotocols") or ())
-        for protocol in offered:
-            if not protocol.startswith(BEARER_SUBPROTOCOL_PREFIX):
-                return protocol
-        return offered[0] if offered else None
+        return _chosen_subprotocol(self.scope)
 
     async def disconnect(self, code: int) -> None:
         if self._watch is not None:

@@ -1,9 +1,13 @@
-"""WebSocket routes (``chatbackend.asgi`` mounts them behind ``TokenAuthMiddleware``)."""
+"""WebSocket routes (``chatbackend.asgi`` mounts them behind ``TokenAuthMiddleware``).
 
-from django.urls import path
+The last route takes every other path: closed with 4404 (``UnknownRouteConsumer``), not a 500.
+"""
 
-from .consumers import ConversationConsumer
+from django.urls import path, re_path
+
+from .consumers import ConversationConsumer, UnknownRouteConsumer
 
 websocket_urlpatterns = [
     path("ws/conversations/<int:conversation_id>/", ConversationConsumer.as_asgi()),
+    re_path(r"", UnknownRouteConsumer.as_asgi()),
 ]

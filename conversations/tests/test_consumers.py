@@ -343,6 +343,24 @@ async def test_missing_conversation_is_closed_4404(connect, token):
     assert await socket.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": 4404}
 
 
+@pytest.mark.parametrize(
+    "path",
+    ["/ws/conversations/abc/", "/ws/conversations/-1/", "/ws/foo/", "/ws/", "/elsewhere", "/ws/conversations/1/extra/"],
+)
+@pytest.mark.parametrize("with_token", [True, False])
+async def test_a_path_no_route_matches_is_closed_4404_not_a_500(open_sockets, token, path, with_token):
+    socket = WebsocketCommunicator(
+        application, path + (f"?token={token}" if with_token else ""), subprotocols=["chat.v1"]
+    )
+    open_sockets.append(socket)
+
+    connected, subprotocol = await socket.connect(timeout=TIMEOUT)
+
+    assert connected
+    assert subprotocol == "chat.v1"  # a browser drops a handshake that picks none of those it offered
+    assert await socket.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": 4404}
+
+
 async def test_api_key_in_a_bearer_subprotocol(open_sockets, conversation, api_key_secret):
     socket = WebsocketCommunicator(
         application, ws_path(conversation.pk, None), subprotocols=[f"bearer.{api_key_secret}"]
