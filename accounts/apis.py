@@ -236,7 +236,8 @@ class AuthTokenRefreshApi(TokenRefreshView):
 
 
 class AuthLogoutApi(TokenViewBase):
-    """Blacklist the refresh token sent, so it can no longer be refreshed."""
+    """Blacklist the refresh token sent, so it can no longer be refreshed, and end its login: that
+    login's access tokens are refused from then on and its WebSockets close (``session_end``)."""
 
     serializer_class = AuthLogoutInputSerializer
 
@@ -244,7 +245,12 @@ class AuthLogoutApi(TokenViewBase):
         tags=["auth"],
         summary="Log out: blacklist the refresh token",
         request=AuthLogoutInputSerializer,
-        responses={204: OpenApiResponse(description="The refresh token is blacklisted."), **_errors(400, 401)},
+        responses={
+            204: OpenApiResponse(
+                description="The refresh token is blacklisted; the access tokens of its login are refused from now on."
+            ),
+            **_errors(400, 401),
+        },
         auth=[],
     )
     def post(self, request: Request, *args: Any, **kwargs: Any) -> Response:

@@ -29,7 +29,7 @@ from chatbackend.lookup_cache import LookupCache
 
 from .keys import hash_secret, looks_like_api_key
 from .models import APIKey, Organization, User
-from .revocation import SESSION_CLAIM
+from .revocation import SESSION_CLAIM, jwt_session_check
 from .selectors import (
     ORGANIZATION_HEADER,
     ActingOrganization,
@@ -108,6 +108,17 @@ def _validated_jwt(token: str) -> Token:
         raise AuthenticationFailed("The access token is invalid or expired.", code="token_not_valid") from None
 
 
+def _login_ended() -> AuthenticationFailed:
+    return AuthenticationFailed("This login has ended (logged out); log in again.", code="token_not_valid")
+
+
+def _check_login(validated: Token) -> None:
+    """Raise ``AuthenticationFailed`` (401) when the login of ``validated`` ended (``jwt_session_check``:
+    one cache read). Sync."""
+    if not jwt_session_check(validated):
+        raise _login_ended()
+
+
 def _jwt_principal(validated: Token, organization: str | None) -> Principal:
     """Read the user of a validated JWT (one query) and check it may authenticate, then the
     organization it acts in (``organization``: the slug the request named, or None; one query)."""
@@ -153,7 +164,9 @@ def authenticate_token(token: str | None, organization: str | None = None) -> Pr
         raise _missing_token()
     if looks_like_api_key(token):
         return _check_key_organization(_api_key_principal(token), organization)
-    return _jwt_principal(_validated_jwt(token), organization)
+    validated = _validated_jwt(token)
+    _check_login(validated)
+    return _jwt_principal(validated, organization)
 
 
 async def authenticate_token_async(token: str | None, organization: str | None = None) -> Principal:
@@ -184,6 +197,7 @@ async def authenticate_token_async(token: str | None, organization: str | None =
         principal_cache.put(key, principal, ticket)
         return _check_key_organization(principal, organization)
     validated = _validated_jwt(token)
+    await run_sync(_check_login, validated)  # a cache read (Redis): off the event loop
     user_id = validated.get(jwt_settings.USER_ID_CLAIM)
     if not isinstance(user_id, int | str):  # no claim (get_user says so) or not a usable key
         return await run_sync(_jwt_principal, validated, organization)
@@ -338,7 +352,10 @@ class JWTAuthentication(_SimpleJWTAuthentication):
         return authenticated
 
     def get_user(self, validated_token: Token) -> User:  # type: ignore[override]  # AUTH_USER_MODEL is User
-        """simplejwt's user lookup (401 for an inactive user), then ``user_authentication_check`` (403 unverified)."""
+        """A login that ended is a 401 (``jwt_session_check``), then simplejwt's user lookup (401 for an
+        inactive user), then ``user_authentication_check`` (403 unverified)."""
+        if not jwt_session_check(validated_token):
+            raise DRFAuthenticationFailed(_login_ended().message, code="token_not_valid")
         user = cast(User, super().get_user(validated_token))
         user_authentication_check(user=user)
         return user

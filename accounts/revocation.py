@@ -8,6 +8,15 @@ receives; each process ends the connections and replies that registered a matchi
 (``watch_credential``). Authentication itself refuses the credential from then on (the lookup
 caches are cleared by the same change).
 
+A JWT access token is not stored anywhere, so ending a login session (``sessions``: a logout, or
+every login of a user whose password changed, ``accounts.lifecycle.services.user_sessions_end``)
+also marks the session as ended in the default cache (Redis, shared by every process, when
+``REDIS_URL`` is set) for as long as an access token lives (``ACCESS_TOKEN_LIFETIME``).
+Authentication refuses an access token of a marked session (``jwt_session_check``), so a client
+cannot reconnect, or go on calling the API, with the access token of a login that ended. An
+unreachable cache is logged and lets tokens through (their signature and expiry still hold; the
+refresh tokens are blacklisted in the database either way).
+
 What matches what:
 
 - ``api_key_ids``: everything opened with one of those keys;
@@ -29,7 +38,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from django.core.cache import cache
 from django.db import transaction
+from rest_framework_simplejwt.settings import api_settings as jwt_settings
 
 from chatbackend import broadcast
 
@@ -60,23 +71,66 @@ def revocation_announce(
     Sync (services, signal handlers). A broadcast that cannot be sent is logged: authentication
     still refuses the credential, only connections opened before stay until they end.
     """
+    ended_sessions = sorted(set(sessions))
     message = {
         "type": REVOKED_MESSAGE_TYPE,
         "api_key_ids": sorted(set(api_key_ids)),
         "user_ids": sorted(set(user_ids)),
-        "sessions": sorted(set(sessions)),
+        "sessions": ended_sessions,
         "session_user_ids": sorted(set(session_user_ids)),
     }
     if not any(message[name] for name in ("api_key_ids", "user_ids", "sessions", "session_user_ids")):
         return
 
     def send() -> None:
+        _sessions_ended_mark(ended_sessions)
         try:
             broadcast.broadcast_sync(message)
         except Exception:
             logger.warning("could not announce a revocation to the other processes", exc_info=True)
 
     transaction.on_commit(send)
+
+
+_ENDED_SESSION_PREFIX = "accounts:login-ended:"
+
+
+def _mark_seconds() -> int:
+    """How long a mark is kept: as long as an access token lives, and a minute for clock skew."""
+    return int(jwt_settings.ACCESS_TOKEN_LIFETIME.total_seconds()) + 60
+
+
+def _sessions_ended_mark(sessions: list[str]) -> None:
+    """Mark login ``sessions`` as ended (see the module docstring); an unreachable cache is logged."""
+    if not sessions:
+        return
+    try:
+        cache.set_many({_ENDED_SESSION_PREFIX + session: True for session in sessions}, timeout=_mark_seconds())
+    except Exception:
+        logger.error(
+            "could not mark %d login sessions as ended in the cache: their access tokens keep authenticating "
+            "until they expire (%d s at most)",
+            len(sessions),
+            _mark_seconds(),
+            exc_info=True,
+        )
+
+
+def jwt_session_check(claims: Any) -> bool:
+    """Return False when the JWT access token of ``claims`` (a validated simplejwt token: its ``get``)
+    belongs to a login session that ended (its ``sid`` claim marked: see the module docstring).
+
+    One cache read (Redis when configured), none for a token without a session; sync. True when
+    the cache cannot be read (logged).
+    """
+    session = claims.get(SESSION_CLAIM)
+    if not isinstance(session, str):
+        return True
+    try:
+        return not cache.get(_ENDED_SESSION_PREFIX + session)
+    except Exception:
+        logger.warning("could not read the ended login sessions from the cache: a JWT is let through", exc_info=True)
+        return True
 
 
 # The watches of each event loop (connections belong to the loop that serves them).
@@ -173,6 +227,7 @@ __all__ = [
     "REVOKED_MESSAGE_TYPE",
     "SESSION_CLAIM",
     "connect_revocation_signals",
+    "jwt_session_check",
     "revocation_announce",
     "watch_credential",
 ]

@@ -24,6 +24,7 @@ from rest_framework_simplejwt.serializers import (
     TokenRefreshSerializer,
 )
 from rest_framework_simplejwt.settings import api_settings as jwt_api_settings
+from rest_framework_simplejwt.token_blacklist.models import OutstandingToken
 
 from chatbackend.fields import BlankableEmailField, StrictCharField
 
@@ -160,6 +161,10 @@ class AuthTokenObtainInputSerializer(TokenObtainPairSerializer):
         user_authentication_check(user=user)
         token = super().get_token(user)
         token[SESSION_CLAIM] = uuid.uuid4().hex
+        # simplejwt stored the token (``OutstandingToken``, token_blacklist) before the session was
+        # in it: store it whole, so ending the user's logins finds their sessions
+        # (``accounts.lifecycle.services.user_sessions_end``).
+        OutstandingToken.objects.filter(jti=token[jwt_api_settings.JTI_CLAIM]).update(token=str(token))
         return token
 
 

@@ -460,7 +460,8 @@ def api_key_revoke(
 
 
 def session_end(*, user_id: int | None, session_id: str | None) -> None:
-    """End a logged-out JWT session's open WebSockets, in every process (``accounts.revocation``).
+    """End a logged-out JWT session in every process (``accounts.revocation``): its access tokens are
+    refused from then on and its open WebSockets close.
 
     The refresh token is already blacklisted. Tokens issued before sessions existed carry no
     session id: nothing to end then (their access tokens expire on their own).

@@ -113,6 +113,16 @@ def test_a_logout_closes_the_websockets_of_that_session_only(
         # The other login's socket is still open and answers.
         other.send(json.dumps({"type": "ping"}))
         assert json.loads(other.recv(timeout=5)) == {"type": "pong"}
+    # The ended login's access token has not expired, but neither server takes it any more: the
+    # client cannot reconnect with it, nor go on calling the API.
+    with _ws(e2e_stack.server_urls[0], conversation.pk, access) as again:
+        with pytest.raises(ConnectionClosed):
+            again.recv(timeout=5)
+        assert again.close_code == 4401
+    for server in e2e_stack.server_urls:
+        with httpx.Client(base_url=server, timeout=10, trust_env=False) as client:
+            assert client.get("/api/auth/me/", headers=bearer(access)).status_code == 401
+            assert client.get("/api/auth/me/", headers=bearer(other_login.json()["access"])).status_code == 200
 
 
 @pytest.mark.parametrize("path", ["sse", "v1", "v1-responses"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import jwt
 from django.conf import settings
 from django.contrib.auth.forms import PasswordChangeForm, PasswordResetForm, SetPasswordForm
 from django.contrib.auth.tokens import default_token_generator
@@ -30,7 +31,7 @@ from rest_framework_simplejwt.token_blacklist.models import BlacklistedToken, Ou
 from chatbackend.errors import ApplicationError, NotFoundError
 
 from ..models import User
-from ..revocation import revocation_announce
+from ..revocation import SESSION_CLAIM, revocation_announce
 
 logger = logging.getLogger(__name__)
 
@@ -77,19 +78,34 @@ def user_sessions_end(*, user: User) -> int:
     Each refresh token simplejwt issued to ``user`` and not yet expired (``OutstandingToken``,
     written for every login and every rotation) is blacklisted, so no login can be refreshed; the
     WebSockets opened with a JWT of the user close with 4401 in every process
-    (``accounts.revocation``, ``session_user_ids``). Access tokens are not stored: one already
-    issued still authenticates plain requests until it expires (``JWT_ACCESS_TOKEN_LIFETIME_MINUTES``).
-    API keys and what they opened are untouched. Returns how many refresh tokens were blacklisted.
+    (``accounts.revocation``, ``session_user_ids``), and the login sessions of those refresh tokens
+    (their ``sid`` claim) are marked ended, so their access tokens stop authenticating too
+    (``accounts.revocation.jwt_session_check``). API keys and what they opened are untouched.
+    Returns how many refresh tokens were blacklisted.
     """
     outstanding = OutstandingToken.objects.filter(
         user=user, expires_at__gt=timezone.now(), blacklistedtoken__isnull=True
     )
     count = 0
+    sessions: list[str] = []
     for token in outstanding:
         _, created = BlacklistedToken.objects.get_or_create(token=token)
         count += created
-    revocation_announce(session_user_ids=[user.pk])
+        session = _session_of(token.token)
+        if session is not None:
+            sessions.append(session)
+    revocation_announce(sessions=sessions, session_user_ids=[user.pk])
     return count
+
+
+def _session_of(refresh_token: str) -> str | None:
+    """Return the login session (``sid`` claim) of a refresh token this server issued and stored
+    (``OutstandingToken.token``), without checking it again (it may have expired meanwhile)."""
+    try:
+        session = jwt.decode(refresh_token, options={"verify_signature": False}).get(SESSION_CLAIM)
+    except jwt.InvalidTokenError:
+        return None
+    return session if isinstance(session, str) else None
 
 
 # --- Password change ---------------------------------------------------------------------------

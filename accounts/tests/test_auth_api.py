@@ -179,6 +179,20 @@ def test_logout_blacklists_the_refresh_token(api_client, user, password):
     assert_error(logged_out_again, 401, code="token_not_valid")
 
 
+def test_the_access_token_of_a_logged_out_login_is_refused_and_another_logins_is_not(
+    api_client, user, password, django_capture_on_commit_callbacks
+):
+    ended, other = login(api_client, user.username, password), login(api_client, user.username, password)
+    assert api_client.get(ME, headers=bearer(ended["access"])).status_code == 200
+
+    with django_capture_on_commit_callbacks(execute=True):
+        assert api_client.post(LOGOUT, {"refresh": ended["refresh"]}, format="json").status_code == 204
+
+    error = assert_error(api_client.get(ME, headers=bearer(ended["access"])), 401, code="token_not_valid")
+    assert "logged out" in error["message"]
+    assert api_client.get(ME, headers=bearer(other["access"])).status_code == 200
+
+
 def test_logout_with_a_bad_token_is_a_json_error(api_client):
     garbage = api_client.post(LOGOUT, {"refresh": "garbage"}, format="json")
     missing = api_client.post(LOGOUT, {}, format="json")

@@ -53,13 +53,16 @@ def link_params(message: mail.EmailMessage, base_url: str) -> dict[str, str]:
 # --- Password change ---------------------------------------------------------------------------
 
 
-def test_password_change_sets_the_password_ends_other_logins_and_answers_a_new_one(api_client, user, password):
+def test_password_change_sets_the_password_ends_other_logins_and_answers_a_new_one(
+    api_client, user, password, django_capture_on_commit_callbacks
+):
     first = login(api_client, user.username, password)
     rotated = api_client.post(REFRESH, {"refresh": login(api_client, user.username, password)["refresh"]}).json()
 
-    response = api_client.post(
-        CHANGE, {"old_password": password, "new_password": NEW_PASSWORD}, headers=bearer(first["access"])
-    )
+    with django_capture_on_commit_callbacks(execute=True):
+        response = api_client.post(
+            CHANGE, {"old_password": password, "new_password": NEW_PASSWORD}, headers=bearer(first["access"])
+        )
 
     assert response.status_code == 200, response.content
     fresh = response.json()
@@ -69,6 +72,9 @@ def test_password_change_sets_the_password_ends_other_logins_and_answers_a_new_o
     # Every earlier login's refresh token (a rotated one too) is refused; the new pair works.
     for old in (first["refresh"], rotated["refresh"]):
         assert_error(api_client.post(REFRESH, {"refresh": old}), 401, code="token_not_valid")
+    # And their access tokens: those logins ended, though the tokens have not expired.
+    for old in (first["access"], rotated["access"]):
+        assert_error(api_client.get(ME, headers=bearer(old)), 401, code="token_not_valid")
     assert api_client.post(REFRESH, {"refresh": fresh["refresh"]}).status_code == 200
     assert api_client.get(ME, headers=bearer(fresh["access"])).json()["username"] == user.username
     assert_error(api_client.post(TOKEN, {"username": user.username, "password": password}), 401)
