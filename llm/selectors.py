@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from decimal import Decimal
@@ -128,6 +129,41 @@ def _fallbacks_within(access: ModelAccess, model: EnabledModel) -> EnabledModel:
         return model
     allowed = tuple(route for route in model.fallbacks if access.allows(route.name))
     return model if len(allowed) == len(model.fallbacks) else replace(model, fallbacks=allowed)
+
+
+@dataclass(frozen=True, slots=True)
+class ListedModel:
+    """A name ``GET /v1/models`` lists: an enabled model, or an enabled alias to one.
+
+    ``id``: the name clients send; ``created_at``: when the model or alias row was made;
+    ``model``: the model itself, or the alias's target (its provider loaded).
+    """
+
+    id: str
+    created_at: dt.datetime
+    model: LLMModel
+
+
+def listed_model_list_for(*, access: ModelAccess) -> list[ListedModel]:
+    """Return the models and aliases a caller with ``access`` may send, by ``id`` (two queries)."""
+    listed = [ListedModel(model.name, model.created_at, model) for model in llm_model_list_for(access=access)]
+    listed += [ListedModel(alias.name, alias.created_at, alias.model) for alias in model_alias_list_for(access=access)]
+    return sorted(listed, key=lambda entry: entry.id)
+
+
+def listed_model_get_for(*, access: ModelAccess, name: str) -> ListedModel:
+    """Return the model or alias ``name`` as ``listed_model_list_for`` lists it.
+
+    Raises ``ApplicationError`` as ``llm_model_get_enabled_for`` does: 404 ``model_not_found`` for a
+    name that is neither, or is outside ``access``; 400 ``model_disabled``.
+    """
+    model = llm_model_get_enabled_for(access=access, name=name)
+    if model.name == name:
+        return ListedModel(model.name, model.created_at, model)
+    alias = model_alias_list_enabled().filter(name=name).first()
+    if alias is None:  # disabled or deleted since the line above
+        raise model_not_found_error(name)
+    return ListedModel(alias.name, alias.created_at, alias.model)
 
 
 def llm_model_get_enabled_for(*, access: ModelAccess, name: str) -> LLMModel:

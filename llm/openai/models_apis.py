@@ -1,5 +1,9 @@
 """``GET /v1/models`` and ``GET /v1/models/{model}``: the enabled models and aliases, as OpenAI lists them.
 
+A request with ``anthropic-version`` (the ``anthropic`` SDK's) is answered by
+``llm.anthropic.models_apis`` in Anthropic's shape instead (``llm.anthropic.wire``); these views
+answer every other.
+
 An enabled alias (``llm.models.ModelAlias``) to an enabled model is listed as a model of its own,
 ``id`` its name and ``owned_by`` its target's provider, so clients can pick it; LiteLLM lists its
 ``model_group_alias`` names the same way (BerriAI/litellm#5524).
@@ -19,49 +23,25 @@ from accounts.model_access import ModelAccess, model_access_for_async
 from accounts.scopes import MODELS_SCOPE
 from chatbackend.asyncdb import run_sync
 
-from ..models import LLMModel, ModelAlias
-from ..selectors import (
-    llm_model_get_enabled_for,
-    llm_model_list_for,
-    model_alias_list_enabled,
-    model_alias_list_for,
-    model_not_found_error,
-)
+from ..selectors import ListedModel, listed_model_get_for, listed_model_list_for
 
 
-def _model_object(model: LLMModel) -> dict[str, Any]:
+def _model_object(entry: ListedModel) -> dict[str, Any]:
+    """Return OpenAI's ``Model``: an alias's ``owned_by`` is its target's provider."""
     return {
-        "id": model.name,
+        "id": entry.id,
         "object": "model",
-        "created": int(model.created_at.timestamp()),
-        "owned_by": model.provider.name,
-    }
-
-
-def _alias_object(alias: ModelAlias) -> dict[str, Any]:
-    return {
-        "id": alias.name,
-        "object": "model",
-        "created": int(alias.created_at.timestamp()),
-        "owned_by": alias.model.provider.name,
+        "created": int(entry.created_at.timestamp()),
+        "owned_by": entry.model.provider.name,
     }
 
 
 def _model_list(access: ModelAccess) -> dict[str, Any]:
-    objects = [_model_object(model) for model in llm_model_list_for(access=access)]
-    objects += [_alias_object(alias) for alias in model_alias_list_for(access=access)]
-    return {"object": "list", "data": sorted(objects, key=lambda entry: entry["id"])}
+    return {"object": "list", "data": [_model_object(entry) for entry in listed_model_list_for(access=access)]}
 
 
 def _model_retrieve(name: str, access: ModelAccess) -> dict[str, Any]:
-    # Raises for a name that is neither, is disabled, or is outside the caller's allowlists.
-    model = llm_model_get_enabled_for(access=access, name=name)
-    if model.name == name:
-        return _model_object(model)
-    alias = model_alias_list_enabled().filter(name=name).first()
-    if alias is None:  # disabled or deleted since the line above
-        raise model_not_found_error(name)
-    return _alias_object(alias)
+    return _model_object(listed_model_get_for(access=access, name=name))
 
 
 @async_endpoint("GET", scope=MODELS_SCOPE)
