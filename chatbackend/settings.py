@@ -124,6 +124,8 @@ MIDDLEWARE = [
 # X-Content-Type-Options: nosniff without a thread hop.
 STREAMING_MIDDLEWARE = [
     "django_guid.middleware.guid_middleware",  # X-Request-ID first: every answer and log line has it
+    # request-id, X-Request-ID's value, on every answer to an Anthropic client (its SDK reads only that).
+    "llm.anthropic.wire.request_id_middleware",
     "corsheaders.middleware.CorsMiddleware",
     "chatbackend.handlers.api_headers_middleware",
 ]
@@ -585,6 +587,7 @@ CORS_PREFLIGHT_MAX_AGE = 86400
 # what is left. (django-guid's own EXPOSE_HEADER is off: it would overwrite this list.)
 CORS_EXPOSE_HEADERS = (
     "X-Request-ID",
+    "request-id",  # the same id, as Anthropic names it (llm.anthropic.wire)
     "Retry-After",
     "x-ratelimit-limit-requests",
     "x-ratelimit-remaining-requests",

@@ -16,7 +16,8 @@ Authentication: our API keys (``sk-...``) or JWTs, as ``x-api-key`` (what the ``
 sends) or ``Authorization: Bearer`` (``accounts.authentication.token_from_headers``).
 ``anthropic-version`` is accepted and not required: the SDK always sends ``2023-06-01``, the only
 version of the wire format, and requiring it would only break hand-written clients (curl);
-``anthropic-beta`` is ignored.
+``anthropic-beta`` is ignored. Every answer, errors included, carries ``request-id`` (the
+``X-Request-ID`` value, which the SDK reads as ``_request_id``): ``llm.anthropic.wire``.
 """
 
 from __future__ import annotations
