@@ -23,7 +23,13 @@ from typing import Any
 from drf_spectacular.generators import SchemaGenerator
 from drf_spectacular.settings import spectacular_settings
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import (
+    OpenApiExample,
+    OpenApiParameter,
+    OpenApiResponse,
+    PolymorphicProxySerializer,
+    extend_schema,
+)
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.views import APIView
@@ -44,6 +50,9 @@ from conversations.stored_completions.serializers import (
 from llm.anthropic import (
     AnthropicErrorOutputSerializer,
     AnthropicMessageOutputSerializer,
+    AnthropicModelListOutputSerializer,
+    AnthropicModelListQuerySerializer,
+    AnthropicModelOutputSerializer,
     MessageCountTokensInputSerializer,
     MessageCountTokensOutputSerializer,
     MessageCreateInputSerializer,
@@ -425,13 +434,45 @@ class ResponsesDocView(_OpenAIDocView):
     def post(self, request: Request) -> None: ...  # never dispatched: documents ``llm.openai.responses_apis``
 
 
+# /v1/models answers both SDKs, each in its own shape (llm.anthropic.wire): with ``anthropic-version``
+# Anthropic's, else OpenAI's. OpenAPI 3.0 cannot tie a body to a header, so each answer is a ``oneOf``.
+_ANTHROPIC_VERSION = OpenApiParameter(
+    "anthropic-version",
+    OpenApiTypes.STR,
+    OpenApiParameter.HEADER,
+    description="Sent by the `anthropic` SDK (e.g. `2023-06-01`): the answer, errors included, is then in "
+    "Anthropic's shape (`ModelInfo`, Anthropic's error JSON, a `request-id` header); without it, OpenAI's.",
+)
+
+
+def _either(name: str, openai: type[serializers.Serializer], anthropic: type[serializers.Serializer]) -> Any:
+    return PolymorphicProxySerializer(
+        component_name=name, serializers=[openai, anthropic], resource_type_field_name=None
+    )
+
+
+def _models_errors(*statuses: int) -> dict[int, OpenApiResponse]:
+    either = _either("ModelsErrorOutput", ErrorOutputSerializer, AnthropicErrorOutputSerializer)
+    return {status: OpenApiResponse(either, description=_ERRORS[status]) for status in statuses}
+
+
 class ModelListDocView(_OpenAIDocView):
     @extend_schema(
         operation_id="openai_models_list",
-        description="OpenAI's `GET /v1/models`: the models this server serves, by the `id` clients send.",
-        tags=["openai"],
-        summary="List the enabled models (OpenAI-compatible)",
-        responses={200: OpenAIModelListOutputSerializer, **_errors(401)},
+        description=(
+            "OpenAI's `GET /v1/models`: the models this server serves, by the `id` clients send. With "
+            "`anthropic-version` (the `anthropic` SDK), Anthropic's `GET /v1/models` instead: a page of "
+            "`ModelInfo` (`type`, `id`, `display_name`, `created_at`) by `id`, with `has_more`, `first_id`, "
+            "`last_id`, paged by `after_id` / `before_id` and `limit` (1 to 1000, default 20; a bad one is a "
+            "400). OpenAI's shape has no pages and ignores those parameters."
+        ),
+        tags=["openai", "anthropic"],
+        summary="List the enabled models (OpenAI-compatible, or Anthropic's with anthropic-version)",
+        parameters=[_ANTHROPIC_VERSION, AnthropicModelListQuerySerializer],
+        responses={
+            200: _either("ModelListOutput", OpenAIModelListOutputSerializer, AnthropicModelListOutputSerializer),
+            **_models_errors(400, 401),
+        },
     )
     def get(self, request: Request) -> None: ...  # never dispatched: documents ``llm.openai.models_apis.model_list``
 
@@ -439,15 +480,22 @@ class ModelListDocView(_OpenAIDocView):
 class ModelRetrieveDocView(_OpenAIDocView):
     @extend_schema(
         operation_id="openai_models_retrieve",
-        description="OpenAI's `GET /v1/models/{model}`. 404 `model_not_found`, 400 `model_disabled`.",
-        tags=["openai"],
-        summary="Retrieve one enabled model (OpenAI-compatible)",
+        description=(
+            "OpenAI's `GET /v1/models/{model}`. 404 `model_not_found`, 400 `model_disabled`. With "
+            "`anthropic-version`, Anthropic's `GET /v1/models/{model_id}`: one `ModelInfo`, 404 `not_found_error`."
+        ),
+        tags=["openai", "anthropic"],
+        summary="Retrieve one enabled model (OpenAI-compatible, or Anthropic's with anthropic-version)",
         parameters=[
             OpenApiParameter(
                 "model", OpenApiTypes.STR, OpenApiParameter.PATH, description="The model id; may contain `/`."
-            )
+            ),
+            _ANTHROPIC_VERSION,
         ],
-        responses={200: OpenAIModelOutputSerializer, **_errors(400, 401, 404)},
+        responses={
+            200: _either("ModelOutput", OpenAIModelOutputSerializer, AnthropicModelOutputSerializer),
+            **_models_errors(400, 401, 404),
+        },
     )
     def get(
         self, request: Request, model: str

@@ -325,6 +325,42 @@ class MessageCountTokensOutputSerializer(serializers.Serializer):
     input_tokens = serializers.IntegerField()
 
 
+class AnthropicModelListQuerySerializer(serializers.Serializer):
+    """The query of Anthropic's ``GET /v1/models``: a cursor (one of ``after_id``, ``before_id``) and a page size.
+
+    https://docs.anthropic.com/en/api/models-list. A cursor is a model ``id``; it need not name a
+    model still listed: the page holds the ids after (or before) it in the list's order.
+    """
+
+    after_id = serializers.CharField(required=False, help_text="the page of models right after this id")
+    before_id = serializers.CharField(required=False, help_text="the page of models right before this id")
+    limit = serializers.IntegerField(min_value=1, max_value=1000, default=20, help_text="models per page")
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if "after_id" in attrs and "before_id" in attrs:
+            raise serializers.ValidationError({"before_id": "Send after_id or before_id, not both."})
+        return attrs
+
+
+class AnthropicModelOutputSerializer(serializers.Serializer):
+    """A model as Anthropic's ``GET /v1/models`` lists it (``ModelInfo``)."""
+
+    type = serializers.ChoiceField(choices=("model",))
+    id = serializers.CharField(help_text="the name clients send as `model`")
+    display_name = serializers.CharField(help_text="the same name: models here have no other")
+    created_at = serializers.DateTimeField(help_text="RFC 3339, UTC: when the model or alias was added here")
+
+
+class AnthropicModelListOutputSerializer(serializers.Serializer):
+    """Anthropic's ``GET /v1/models`` page."""
+
+    # The metaclass moves declared fields out of the class body: this does not replace ``.data``.
+    data = AnthropicModelOutputSerializer(many=True)  # type: ignore[assignment]
+    has_more = serializers.BooleanField(help_text="whether more models follow in the direction of paging")
+    first_id = serializers.CharField(allow_null=True, help_text="the first id of `data`: the page before's cursor")
+    last_id = serializers.CharField(allow_null=True, help_text="the last id of `data`: the next page's cursor")
+
+
 class AnthropicErrorDetailOutputSerializer(serializers.Serializer):
     type = serializers.CharField(help_text="e.g. invalid_request_error, authentication_error, rate_limit_error")
     message = serializers.CharField()
@@ -340,6 +376,9 @@ class AnthropicErrorOutputSerializer(serializers.Serializer):
 __all__ = [
     "AnthropicErrorOutputSerializer",
     "AnthropicMessageOutputSerializer",
+    "AnthropicModelListOutputSerializer",
+    "AnthropicModelListQuerySerializer",
+    "AnthropicModelOutputSerializer",
     "MessageCountTokensInputSerializer",
     "MessageCountTokensOutputSerializer",
     "MessageCreateInputSerializer",
