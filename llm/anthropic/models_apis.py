@@ -32,13 +32,18 @@ from .serializers import AnthropicModelListQuerySerializer
 
 
 def _model_info(entry: ListedModel) -> dict[str, Any]:
-    """Return Anthropic's ``ModelInfo``; ``created_at`` RFC 3339 in UTC, to the second."""
+    """Return Anthropic's ``ModelInfo``; ``created_at`` RFC 3339 in UTC, to the second. ``lifecycle``
+    is always ``active`` (a disabled model is not listed); ``max_input_tokens`` is the model's context
+    window, ``max_tokens`` its output cap (None when it has none: the window bounds the reply)."""
     created = entry.created_at.astimezone(dt.UTC).replace(microsecond=0)
     return {
         "type": "model",
         "id": entry.id,
         "display_name": entry.id,
         "created_at": created.isoformat().replace("+00:00", "Z"),
+        "lifecycle": "active",
+        "max_input_tokens": entry.model.context_window,
+        "max_tokens": entry.model.max_output_tokens,
     }
 
 

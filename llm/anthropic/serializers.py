@@ -349,6 +349,11 @@ class AnthropicModelOutputSerializer(serializers.Serializer):
     id = serializers.CharField(help_text="the name clients send as `model`")
     display_name = serializers.CharField(help_text="the same name: models here have no other")
     created_at = serializers.DateTimeField(help_text="RFC 3339, UTC: when the model or alias was added here")
+    lifecycle = serializers.ChoiceField(choices=("active",), help_text="always active: disabled models are not listed")
+    max_input_tokens = serializers.IntegerField(help_text="the model's context window, tokens")
+    max_tokens = serializers.IntegerField(
+        allow_null=True, help_text="the most `max_tokens` may ask (the model's output cap); null when it has none"
+    )
 
 
 class AnthropicModelListOutputSerializer(serializers.Serializer):

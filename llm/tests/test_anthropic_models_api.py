@@ -14,6 +14,7 @@ import anthropic
 import httpx
 import openai
 import pytest
+from anthropic.types import ModelInfo
 
 from llm.models import ModelAlias
 from tests.factories import LLMModelFactory
@@ -41,13 +42,19 @@ def listed(db, sim_model) -> list[str]:
     return ["a-alias", "b-model", "c-model", "sim-model"]
 
 
-async def test_list_answers_model_info_pages(sdk, listed):
+async def test_list_answers_model_info_pages(sdk, listed, sim_model):
     page = await sdk.models.list()
 
     assert [model.id for model in page.data] == listed
+    windows = {"a-alias": sim_model.context_window, "sim-model": sim_model.context_window}
     for model in page.data:
         assert model.type == "model"
         assert model.display_name == model.id
+        assert model.lifecycle == "active"
+        assert model.max_input_tokens == windows.get(model.id, model.max_input_tokens) > 0
+        # The SDK builds its objects without validating them: validate each as its ModelInfo does,
+        # so that a field the SDK requires cannot be missing.
+        ModelInfo.model_validate(model.model_dump())
         assert isinstance(model.created_at, dt.datetime)
         assert model.created_at.tzinfo is not None
         assert abs(dt.datetime.now(dt.UTC) - model.created_at) < dt.timedelta(minutes=5)
