@@ -254,7 +254,7 @@ def template_mask(template: ConversationTemplate) -> dict[str, Any]:
     mask_id = template.external_id or f"chatbackend-{template.pk}"
     created_at = _milliseconds(template.created_at)
     context = []
-    if template.system_prompt:
+    if template.system_prompt.strip():  # NextChat, and our import, take no blank message
         context.append({"role": "system", "content": template.system_prompt})
     context.extend(template.starter_messages)
     return {

@@ -404,6 +404,17 @@ def test_a_template_made_here_exports_as_a_mask_nextchat_takes(auth_client, user
     assert (back["system_prompt"], back["model"], back["top_p"]) == ("Be brief.", "gpt-x", 0.5)
 
 
+@pytest.mark.parametrize("blank", ["\t", " \n "])
+def test_a_template_with_a_blank_system_prompt_exports_a_mask_that_imports_again(auth_client, user, blank):
+    template = _template(user, name="Blank", system_prompt=blank)
+
+    mask = auth_client.get(f"{BASE}{template.pk}/export/").json()
+
+    assert mask["context"] == []  # NextChat, and the import, take no blank message
+    response = auth_client.post(f"{BASE}import/", mask, format="json")
+    assert response.status_code == 201, response.content
+
+
 @pytest.mark.parametrize(
     ("document", "param"),
     [
