@@ -91,15 +91,15 @@ def reply_metering(
     ``prompt_tokens``: the count of ``messages`` by ``model.tokenizer`` when the caller already made
     it (a conversation's history is counted while it is fitted to the window), else counted here.
     """
-    subjects = [MeteringSubject("user", user.pk, user.rate_limits)]
+    subjects = [MeteringSubject("user", user.pk, user.rate_limits, user.username)]
     if api_key is not None:
-        subjects.append(MeteringSubject("api_key", api_key.pk, api_key.rate_limits))
+        subjects.append(MeteringSubject("api_key", api_key.pk, api_key.rate_limits, api_key.name))
         if api_key.team_id is not None:
             assert api_key.team is not None  # noqa: S101 - team_id says so (loaded with the key)
-            subjects.append(MeteringSubject("team", api_key.team_id, api_key.team.rate_limits))
+            subjects.append(MeteringSubject("team", api_key.team_id, api_key.team.rate_limits, api_key.team.name))
     if organization is not None:
-        subjects.append(MeteringSubject("organization", organization.pk, organization.rate_limits))
-    subjects.append(MeteringSubject("model", model.id, model.limits))
+        subjects.append(MeteringSubject("organization", organization.pk, organization.rate_limits, organization.slug))
+    subjects.append(MeteringSubject("model", model.id, model.limits, model.name))
     if prompt_tokens is None:
         prompt_tokens = model.tokenizer.count_prompt(messages)
     servers = [model, *(route.model for route in model.fallbacks if isinstance(route.model, EnabledModel))]

@@ -236,7 +236,7 @@ class EnabledModel:
             strategy=self.routing_strategy,
             context_window=self.context_window,
             model=self,
-            subject=MeteringSubject("model", self.id, self.limits),
+            subject=MeteringSubject("model", self.id, self.limits, self.name),
         )
 
     @property

@@ -217,7 +217,11 @@ def _shape(subjects: Sequence[MeteringSubject]) -> _Shape:
 
 
 def _who(subject: MeteringSubject) -> str:
-    return f"{_SUBJECT_NAMES.get(subject.kind, subject.kind)} {subject.id}"
+    return (
+        f"{_SUBJECT_NAMES.get(subject.kind, subject.kind)} {subject.name!r}"
+        if subject.name
+        else (f"{_SUBJECT_NAMES.get(subject.kind, subject.kind)} {subject.id}")
+    )
 
 
 def _streams_key(subject: MeteringSubject) -> str:

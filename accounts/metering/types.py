@@ -47,12 +47,15 @@ class MeteringSubject(NamedTuple):
     Kinds today: ``"user"``, ``"api_key"``, ``"team"`` (an API key's team), ``"organization"``
     (the organization a request acts in) (budgets and rate limits), ``"model"`` (rate limits:
     a model's upstream quota) and ``"deployment"`` (rate limits: one deployment's share of its
-    provider's quota, taken by ``llm.routing`` when it tries that deployment).
+    provider's quota, taken by ``llm.routing`` when it tries that deployment). ``name``: what a
+    refusal's message calls it (a model's name, a user's username, a key's or team's name, an
+    organization's slug), "" to call it by its id.
     """
 
     kind: str
     id: int
     limits: RateLimits = NO_LIMITS
+    name: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -79,7 +79,7 @@ async def test_a_rate_limit_refuses_the_same_way_on_v1_sse_and_websocket(user, a
 
     v1 = await post_chat(AsyncClient(), chat_body("sim-model", "again"), bearer(api_key_secret))
     error = assert_error(v1, 429, code="rate_limit_exceeded")
-    assert "requests per min (RPM)" in error["message"]
+    assert f"Rate limit reached for user {user.username!r} on requests per min (RPM)" in error["message"]
     assert int(v1.headers["Retry-After"]) >= 1
 
     sse = await _send_sse(conversation.pk, token)
@@ -100,6 +100,18 @@ async def test_a_rate_limit_refuses_the_same_way_on_v1_sse_and_websocket(user, a
     refused = records[1:]
     assert {(r.prompt_tokens, r.completion_tokens, r.cost) for r in refused} == {(0, 0, 0)}
     assert {r.source for r in refused} == {"openai_api", "conversation"}
+
+
+async def test_a_models_rate_limit_refusal_names_the_model_not_its_row_id(user, api_key_secret, sim_model):
+    sim_model.requests_per_minute = 1
+    await run_sync(sim_model.save)
+
+    first = await post_chat(AsyncClient(), chat_body("sim-model", "hello"), bearer(api_key_secret))
+    assert first.status_code == 200, first.content
+    again = await post_chat(AsyncClient(), chat_body("sim-model", "again"), bearer(api_key_secret))
+
+    error = assert_error(again, 429, code="rate_limit_exceeded")
+    assert error["message"].startswith("Rate limit reached for model 'sim-model' on requests per min (RPM)")
 
 
 async def test_a_reply_gives_its_concurrency_slot_back_however_it_ends(user, api_key_secret, sim_model):
