@@ -19,7 +19,7 @@ from accounts.models import Organization, UsageRecord, User
 from accounts.usage import usage_account, usage_context
 from chatbackend.errors import ApplicationError, NotFoundError
 from chatbackend.liveness import PROCESS_ID, process_alive
-from llm.metering import prompt_budget_for
+from llm.metering import max_tokens_check, prompt_budget_for
 from llm.models import LLMModel
 from llm.plans import model_reply_plan
 from llm.selectors import EnabledModel, enabled_model_get_for, llm_model_get_enabled_for
@@ -454,6 +454,7 @@ def _reply_begin(
     # A template's parameters (``Conversation.parameters``) over the model's defaults; the output
     # reserve of the context that fits (``max_tokens``) is among them.
     parameters = {**model.default_parameters, **conversation.parameters}
+    max_tokens_check(model=model, parameters=parameters, param_prefix="parameters.")
     try:
         written = _reply_messages_create(conversation=conversation, turn=turn, model=model, parameters=parameters)
     except IntegrityError:  # the conversation was deleted since it was read

@@ -14,6 +14,7 @@ from django.conf import settings
 
 from accounts.metering import MeteringRequest, MeteringSubject
 from accounts.models import APIKey, Organization, User
+from chatbackend.errors import ApplicationError
 
 from .selectors import EnabledModel
 
@@ -48,6 +49,21 @@ def max_completion_tokens_for(*, model: EnabledModel, parameters: Mapping[str, A
     remainder = max(model.context_window - prompt_tokens, 1)
     reserve = output_reserve_for(model=model, parameters=parameters)
     return remainder if reserve is None else min(reserve, remainder)
+
+
+def max_tokens_check(*, model: EnabledModel, parameters: Mapping[str, Any], param_prefix: str = "") -> None:
+    """Raise ``ApplicationError`` 400 ``max_tokens_too_large`` (``param``: ``param_prefix`` and the
+    field's name) when ``parameters``' ``max_tokens`` or ``max_completion_tokens`` exceeds ``model``'s
+    context window (tokens): no reply could be that long, and no prompt would fit beside it."""
+    for name in TOKEN_LIMIT_PARAMETERS:
+        limit = parameters.get(name)
+        if type(limit) is int and limit > model.context_window:
+            raise ApplicationError(
+                f"'{name}' is {limit}, more than the context window of model '{model.name}' "
+                f"({model.context_window} tokens).",
+                code="max_tokens_too_large",
+                param=param_prefix + name,
+            )
 
 
 def prompt_budget_for(*, model: EnabledModel, parameters: Mapping[str, Any]) -> int:
@@ -123,6 +139,7 @@ def reply_metering(
 
 __all__ = [
     "TOKEN_LIMIT_PARAMETERS",
+    "max_tokens_check",
     "max_completion_tokens_for",
     "output_reserve_for",
     "prompt_budget_for",

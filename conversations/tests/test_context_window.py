@@ -163,6 +163,33 @@ async def test_a_message_that_cannot_fit_is_a_400_before_any_stream_and_loses_no
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.usefixtures("provider_clients")
+async def test_a_max_tokens_over_the_context_window_is_a_400_naming_it_not_a_prompt_too_long(
+    trimmed_conversation, token
+):
+    conversation, history = trimmed_conversation
+    name = "max_tokens"
+    patched = await AsyncClient().patch(
+        f"/api/conversations/{conversation.pk}/",
+        data=json.dumps({"parameters": {name: 9_999_999}}),
+        content_type="application/json",
+        headers=bearer(token),
+    )
+    assert patched.status_code == 200, patched.content
+
+    response = await AsyncClient().post(
+        f"/api/conversations/{conversation.pk}/messages/",
+        data=json.dumps({"content": "Hello"}),
+        content_type="application/json",
+        headers={**bearer(token), "Accept": "text/event-stream"},
+    )
+
+    error = assert_error(response, 400, code="max_tokens_too_large", param=f"parameters.{name}")
+    assert "9999999" in error["message"] and "context window" in error["message"]
+    assert await Message.objects.filter(conversation=conversation).acount() == len(history)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("provider_clients")
 async def test_over_the_websocket_a_message_that_cannot_fit_is_an_error_frame(trimmed_conversation, token):
     conversation, history = trimmed_conversation
     socket = WebsocketCommunicator(application, f"/ws/conversations/{conversation.pk}/?token={token}")

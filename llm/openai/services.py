@@ -25,9 +25,8 @@ from django.utils.module_loading import import_string
 
 from accounts.authentication import Principal
 from accounts.models import UsageRecord
-from chatbackend.errors import ApplicationError
 
-from ..metering import TOKEN_LIMIT_PARAMETERS
+from ..metering import TOKEN_LIMIT_PARAMETERS, max_tokens_check
 from ..plans import model_reply_plan
 from ..selectors import EnabledModel
 from ..streaming import ReplyOutcome, ReplyPlan
@@ -121,15 +120,7 @@ def openai_chat_start(
     ``max_completion_tokens`` exceeds the model's ``context_window`` (tokens): no reply could be
     that long.
     """
-    for name in TOKEN_LIMIT_PARAMETERS:
-        limit = parameters.get(name)
-        if type(limit) is int and limit > model.context_window:
-            raise ApplicationError(
-                f"'{name}' is {limit}, more than the context window of model '{model.name}' "
-                f"({model.context_window} tokens).",
-                code="max_tokens_too_large",
-                param=name,
-            )
+    max_tokens_check(model=model, parameters=parameters)
     merged = {key: value for key, value in model.default_parameters.items() if key not in RESERVED_PARAMETERS}
     merged.update((key, value) for key, value in parameters.items() if key not in RESERVED_PARAMETERS)
     completion_id = reply_id or new_completion_id()
