@@ -112,7 +112,9 @@ class ReplyOutcome:
 
     ``model_name``: the public name of the model that served it (``Reply.model_name``): the plan's,
     or the fallback that answered when the model's every deployment failed. ``content`` /
-    ``reasoning_content``: all text streamed. ``usage``: token counts; ``usage_source`` says whose:
+    ``reasoning_content`` / ``refusal``: all text streamed (``refusal``: what the model said when it
+    declined, OpenAI's ``refusal``; ``text`` joins it to ``content`` for interfaces without a place
+    for it). ``usage``: token counts; ``usage_source`` says whose:
     ``"provider"`` (its usage report), else the plan's tokenizer's (``llm.tokens``): ``"counted"``
     by the model's tokenizer or ``"estimated"`` (``UsageRecord.TokenSource`` values); 0 tokens when
     the reply ended before its upstream request was sent. Times in milliseconds from the upstream
@@ -130,6 +132,12 @@ class ReplyOutcome:
     time_to_first_token_ms: float | None
     duration_ms: float
     error: ApplicationError | None = None
+    refusal: str = ""
+
+    @property
+    def text(self) -> str:
+        """The reply as a person reads it: its ``content``, then its ``refusal`` (a model that declines says so)."""
+        return self.content + self.refusal if self.refusal else self.content
 
 
 @dataclass(kw_only=True)
@@ -203,7 +211,7 @@ _UNREAD = object()
 
 @dataclass(slots=True)
 class ReplyDelta:
-    """Chunks that arrived together: content, reasoning, tool calls or a ``finish_reason``.
+    """Chunks that arrived together: content, reasoning, a refusal, tool calls or a ``finish_reason``.
 
     Never empty; chunks that only carry the provider's usage report are not passed on.
     """
@@ -279,6 +287,7 @@ class Reply(Generic[P]):
         self._ttft_ms: float | None = None
         self._content: list[str] = []
         self._reasoning: list[str] = []
+        self._refusal: list[str] = []
         self._chunks_with_output = 0
         self._finish_reason: str | None = None
         self._usage: Usage | None = None
@@ -473,7 +482,7 @@ class Reply(Generic[P]):
         usage_only = False
         for chunk in batch:
             content, reasoning = chunk.content, chunk.reasoning_content
-            if content or reasoning or chunk.tool_calls:
+            if content or reasoning or chunk.tool_calls or chunk.refusal:
                 if self._ttft_ms is None:
                     self._ttft_ms = (time.perf_counter() - self._started) * 1000
                 self._chunks_with_output += 1
@@ -492,6 +501,8 @@ class Reply(Generic[P]):
         for chunk in delta.chunks:
             if chunk.content:
                 self._content.append(chunk.content)
+            elif chunk.refusal:  # OpenAI sends a refusal instead of content: the content path pays nothing
+                self._refusal.append(chunk.refusal)
             if chunk.reasoning_content:
                 self._reasoning.append(chunk.reasoning_content)
         if self._checkpoints and time.monotonic() >= self._next_checkpoint:
@@ -548,10 +559,11 @@ class Reply(Generic[P]):
         """End the reply's bookkeeping: build ``outcome`` from what it took and delivered (sync, once)."""
         _open_replies.discard(self)
         content, reasoning = "".join(self._content), "".join(self._reasoning)
+        refusal = "".join(self._refusal) if self._refusal else ""
         if self._usage is not None:
             usage = self._usage
         elif self._requested:
-            usage = self._estimate_usage(content, reasoning)
+            usage = self._estimate_usage(content + refusal, reasoning)
         else:  # ended before its request was sent (client gone, shut down): nothing to bill
             usage = Usage(prompt_tokens=0, completion_tokens=0)
         self.outcome = ReplyOutcome(
@@ -565,6 +577,7 @@ class Reply(Generic[P]):
             time_to_first_token_ms=self._ttft_ms,
             duration_ms=(time.perf_counter() - self._started) * 1000,
             error=error,
+            refusal=refusal,
         )
         return self.outcome
 
@@ -670,7 +683,7 @@ class Reply(Generic[P]):
 
 
 def _has_output(chunk: ChatChunk) -> bool:
-    return bool(chunk.content or chunk.reasoning_content or chunk.tool_calls)
+    return bool(chunk.content or chunk.reasoning_content or chunk.tool_calls or chunk.refusal)
 
 
 class ReplyOpener(Generic[P]):

@@ -91,6 +91,13 @@ class ChatChunk:
     ``logprobs``: the choice's OpenAI ``logprobs`` object (``{"content": [ChatCompletionTokenLogprob,
     ...], "refusal": [...] | null}``) when the upstream sent token log probabilities (the client
     asked for ``logprobs``), passed through untouched; else None.
+    ``refusal``: text the model added to its refusal (OpenAI's ``delta.refusal``: the model declined,
+    and says so here instead of in ``content``); may be empty.
+    ``annotations``: OpenAI's ``delta.annotations`` entries (``url_citation`` objects of web-search
+    models), passed through untouched; else None.
+    ``system_fingerprint``: the upstream's ``system_fingerprint`` (OpenAI's backend configuration),
+    set on the first chunk handed on after the upstream first sent it or changed it; else None. It
+    describes the whole reply, so interfaces read it from the first chunk of a batch only.
     """
 
     content: str = ""
@@ -99,6 +106,9 @@ class ChatChunk:
     finish_reason: str | None = None
     usage: Usage | None = None
     logprobs: dict[str, Any] | None = None
+    refusal: str = ""
+    annotations: list[dict[str, Any]] | None = None
+    system_fingerprint: str | None = None
 
 
 # Upstream statuses our client gets as they are: its request can be fixed or retried.

@@ -57,7 +57,7 @@ class OpenAICompatibleProvider(ChatProvider):
     """Stream chat completions from an OpenAI-compatible ``/chat/completions`` endpoint."""
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[list[ChatChunk], None]:
-        """Yield the reply's chunks (content, reasoning, raw tool calls, finish_reason, usage, logprobs) in batches.
+        """Yield the reply's chunks (text, refusal, raw tool calls, annotations, finish_reason, usage, ...) in batches.
 
         Each batch holds every chunk parsed from what the upstream had sent by the time we read
         (one or more, never none), in order. Chunks that carry nothing (the role-only first
@@ -111,9 +111,19 @@ class _ChunkDecoder(SSEBodyDecoder):
     ``http.SSEBodyDecoder`` does the bytes, text and lines; this parses the events: ``data:
     [DONE]`` sets ``done``; an error object mid-stream or a malformed chunk sets ``error``;
     ``finished`` tells whether a ``finish_reason`` has been seen.
+
+    ``system_fingerprint``: the last one the upstream sent (OpenAI repeats it on every chunk; the
+    role-only first chunk, which yields no ``ChatChunk``, already has it). It is read from chunks
+    parsed in full only (content-only chunks take the fast path) and handed on once, on the first
+    chunk of the next batch, when it is new: no work per chunk on the content path.
     """
 
-    __slots__ = ()
+    __slots__ = ("_fingerprint_unsent", "system_fingerprint")
+
+    def __init__(self, safe: Callable[[str], str]) -> None:
+        super().__init__(safe)
+        self.system_fingerprint: str | None = None
+        self._fingerprint_unsent = False
 
     def _chunks(self, lines: list[str]) -> list[ChatChunk]:
         # The hot path: per event one SSEDecoder call per line, one json.loads, one _parse_chunk.
@@ -130,7 +140,14 @@ class _ChunkDecoder(SSEBodyDecoder):
             if not data:  # keep-alive events and comments carry no data
                 continue
             try:
-                chunk = _content_chunk(data) or _parse_chunk(json.loads(data), self._safe)
+                chunk = _content_chunk(data)
+                if chunk is None:
+                    payload = json.loads(data)
+                    chunk = _parse_chunk(payload, self._safe)
+                    fingerprint = payload.get("system_fingerprint")
+                    if fingerprint and fingerprint != self.system_fingerprint and isinstance(fingerprint, str):
+                        self.system_fingerprint = fingerprint
+                        self._fingerprint_unsent = True
             except UpstreamError as exc:
                 self.error = exc
                 break
@@ -143,6 +160,9 @@ class _ChunkDecoder(SSEBodyDecoder):
                 if chunk.finish_reason is not None:
                     self.finished = True
                 batch.append(chunk)
+        if self._fingerprint_unsent and batch:  # once per batch, not per chunk
+            batch[0].system_fingerprint = self.system_fingerprint
+            self._fingerprint_unsent = False
         return batch
 
 
@@ -198,7 +218,9 @@ def _parse_usage(raw: dict[str, Any]) -> Usage:
 def _parse_chunk(payload: dict[str, Any], safe: Callable[[str], str]) -> ChatChunk | None:
     """Return the ``ChatChunk`` in one ``chat.completion.chunk`` object, or ``None`` if it carries nothing.
 
-    The choice's ``logprobs`` object is kept as it is when it lists tokens (``ChatChunk.logprobs``).
+    The choice's ``logprobs`` object is kept as it is when it lists tokens (``ChatChunk.logprobs``);
+    ``delta.refusal`` (the model declining) and ``delta.annotations`` (``url_citation`` objects)
+    are read like ``content`` and ``tool_calls``. ``system_fingerprint`` is the decoder's business.
 
     Raises ``UpstreamError`` for an error object (``{"error": ...}``, message passed through
     ``safe``), and ``TypeError``/``AttributeError``/... for a payload of the wrong shape.
@@ -208,8 +230,8 @@ def _parse_chunk(payload: dict[str, Any], safe: Callable[[str], str]) -> ChatChu
         error = payload["error"]
         message = error.get("message") if isinstance(error, dict) else error
         raise failure("upstream_error", safe(f"upstream error mid-stream: {message}"))
-    content = reasoning = ""
-    tool_calls = finish_reason = usage = logprobs = None
+    content = reasoning = refusal = ""
+    tool_calls = finish_reason = usage = logprobs = annotations = None
     choices = payload.get("choices")
     if choices:
         choice = choices[0]
@@ -219,6 +241,8 @@ def _parse_chunk(payload: dict[str, Any], safe: Callable[[str], str]) -> ChatChu
             # DeepSeek and vLLM say reasoning_content; OpenRouter and Ollama say reasoning.
             reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
             tool_calls = delta.get("tool_calls") or None
+            refusal = delta.get("refusal") or ""
+            annotations = delta.get("annotations") or None
         finish_reason = choice.get("finish_reason")
         logprobs = choice.get("logprobs")
         # Passed on only when it lists tokens (OpenAI sends {"content": [], ...} with the role chunk).
@@ -229,7 +253,7 @@ def _parse_chunk(payload: dict[str, Any], safe: Callable[[str], str]) -> ChatChu
     raw_usage = payload.get("usage")
     if raw_usage:
         usage = _parse_usage(raw_usage)
-    if not (content or reasoning or tool_calls or finish_reason or usage or logprobs):
+    if not (content or reasoning or tool_calls or finish_reason or usage or logprobs or refusal or annotations):
         return None
     return ChatChunk(
         content=content,
@@ -238,4 +262,6 @@ def _parse_chunk(payload: dict[str, Any], safe: Callable[[str], str]) -> ChatChu
         finish_reason=finish_reason,
         usage=usage,
         logprobs=logprobs,
+        refusal=refusal,
+        annotations=annotations,
     )

@@ -88,11 +88,19 @@ Usage reports on demand, on the same header: ``cached-tokens=K`` reports K of th
 also added to ``completion_tokens``, as OpenAI's reasoning models count them; no reasoning text is
 streamed, as OpenAI streams none), e.g. ``X-Simulator-Fault: cached-tokens=5, reasoning-tokens=7``.
 
+Answers other than plain text on demand (OpenAI chat completions only), on the same header:
+``refusal`` — the model declines: ``wire.REFUSAL_TEXT`` streamed word by word as ``"delta":
+{"refusal": ...}`` (its ``completion_tokens`` those words; ``stream: false``: ``message.refusal``
+with ``content`` null), no logprobs; also the model name ``sim-refusal``. ``annotations`` — the
+reply cites one source: a chunk ``"delta": {"annotations": [{"type": "url_citation", ...}]}``
+before the finish chunk (``stream: false``: ``message.annotations``). Every chunk and whole object
+carries ``"system_fingerprint": "fp_llm_simulator"``, as OpenAI's do.
+
 K are whole numbers >= 0, S numbers of seconds >= 0; whichever of a drop and a malformed line
 comes first ends the stream. A header that does not parse is OpenAI's 400 naming the problem.
 The same failures by ``model``, for clients that cannot set headers: ``sim-error-NNN`` is
-``status=NNN``, ``sim-fail-midstream`` is ``drop-after=3`` and ``sim-malformed-chunk`` is
-``malformed-line``.
+``status=NNN``, ``sim-fail-midstream`` is ``drop-after=3``, ``sim-malformed-chunk`` is
+``malformed-line`` and ``sim-refusal`` is ``refusal``.
 
 With ``api_key`` set, ``/v1`` requests need ``Authorization: Bearer <api_key>``; a wrong key is
 echoed back *unmasked* in the 401 message (OpenAI masks it), so tests prove that clients redact it.

@@ -18,16 +18,18 @@ from aiohttp import web
 from . import anthropic_wire
 from .azure_wire import azure_denied
 from .gemini_handlers import GeminiApi
-from .replies import count_prompt_tokens, reply_word_indexes
+from .replies import count_prompt_tokens, reply_word_indexes, words_text
 from .wire import (
     DONE,
     FAULT_HEADER,
     MALFORMED_CHUNK,
     NO_FAULT,
+    REFUSAL_WORDS,
     SSE_HEADERS,
     ChunkFrames,
     Completion,
     Fault,
+    citation,
     completion_body,
     error_response,
     model_list_body,
@@ -44,6 +46,7 @@ MIDSTREAM_FAILURE_CHUNKS = 3
 _MODEL_FAULTS = {
     "sim-fail-midstream": Fault(drop_after=MIDSTREAM_FAILURE_CHUNKS),
     "sim-malformed-chunk": Fault(malformed_after=1),
+    "sim-refusal": Fault(refusal=True),
 }
 
 
@@ -174,11 +177,16 @@ class _Simulator:
         self.model_faults.pop(request.match_info["model"], None)
         return web.Response(status=204)
 
-    def _reply_plan(self, completion: Completion) -> tuple[list[int], str]:
-        """Return the reply's word indexes and its ``finish_reason``."""
-        tokens, finish_reason = self.config.reply_tokens, "stop"
+    def _reply_plan(self, completion: Completion, fault: Fault) -> tuple[list[int], str]:
+        """Return the reply's word indexes and its ``finish_reason``.
+
+        A refusal (``fault.refusal``) is the words of ``REFUSAL_WORDS``, by index into it.
+        """
+        tokens, finish_reason = len(REFUSAL_WORDS) if fault.refusal else self.config.reply_tokens, "stop"
         if completion.max_tokens is not None and completion.max_tokens < tokens:
             tokens, finish_reason = completion.max_tokens, "length"
+        if fault.refusal:
+            return list(range(tokens)), finish_reason
         return reply_word_indexes(completion.messages, tokens), finish_reason
 
     async def _complete(self, request: web.Request, completion: Completion, fault: Fault) -> web.Response:
@@ -187,7 +195,7 @@ class _Simulator:
         ``fault``: ``ttft`` and ``stall`` add to the wait; a drop closes the connection instead
         of answering; a malformed line answers a 200 body that is not JSON.
         """
-        indexes, finish_reason = self._reply_plan(completion)
+        indexes, finish_reason = self._reply_plan(completion, fault)
         ttft = self._ttft if fault.ttft is None else fault.ttft
         try:
             await asyncio.sleep(ttft + fault.stall + self._delay * max(len(indexes) - 1, 0))
@@ -213,6 +221,8 @@ class _Simulator:
             finish_reason=finish_reason,
             usage=usage,
             top_logprobs=completion.top_logprobs if completion.logprobs else None,
+            refusal=fault.refusal,
+            annotations=fault.annotations,
         )
         self.stats.requests_completed += 1
         return web.json_response(body)
@@ -232,7 +242,7 @@ class _Simulator:
         pauses before word ``stall_after`` (the pace resumes after it); the stream breaks after
         ``cut_after`` words, with a malformed line and ``[DONE]`` or a dropped connection.
         """
-        indexes, finish_reason = self._reply_plan(completion)
+        indexes, finish_reason = self._reply_plan(completion, fault)
         chunk_id = new_completion_id()
         frames = ChunkFrames.for_reply(
             completion_id=chunk_id,
@@ -247,6 +257,8 @@ class _Simulator:
             ending = b"" if drops else MALFORMED_CHUNK + DONE  # a drop closes the connection (below)
         else:
             ending = frames.finish
+            if fault.annotations and not fault.refusal:
+                ending = frames.annotations([citation(words_text(indexes))]) + ending
             if completion.include_usage:
                 ending += frames.usage(
                     usage_object(
@@ -258,7 +270,9 @@ class _Simulator:
                 )
             ending += DONE
         token: Callable[..., bytes]
-        if completion.logprobs:
+        if fault.refusal:
+            token = frames.refusal_token
+        elif completion.logprobs:
             token = functools.partial(frames.token_with_logprobs, top=completion.top_logprobs)
         else:
             token = frames.token

@@ -14,7 +14,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,15 @@ from .replies import WORDS, words_text
 _FIRST_TOKEN_JSON = tuple(json.dumps(word).encode() for word in WORDS)
 _NEXT_TOKEN_JSON = tuple(json.dumps(" " + word).encode() for word in WORDS)
 
-_SYSTEM_FINGERPRINT = "fp_llm_simulator"
+# What a refusal says (``X-Simulator-Fault: refusal``), one word per chunk, as OpenAI's models word it.
+REFUSAL_WORDS = tuple("I'm sorry, but I can't help with that.".split())
+REFUSAL_TEXT = " ".join(REFUSAL_WORDS)
+_REFUSAL_TOKEN_JSON = tuple(json.dumps(word if i == 0 else " " + word).encode() for i, word in enumerate(REFUSAL_WORDS))
+# The source a reply cites with ``X-Simulator-Fault: annotations`` (an address that never resolves).
+CITATION_URL = "https://simulator.invalid/sources/1"
+
+SYSTEM_FINGERPRINT = "fp_llm_simulator"
+_SYSTEM_FINGERPRINT = SYSTEM_FINGERPRINT
 _MODEL_CREATED = 1_700_000_000
 # Process-unique id prefix plus a counter: cheaper than random ids per request, still unique.
 _ID_PREFIX = f"chatcmpl-sim{os.getpid():x}{int(time.time()):x}"
@@ -101,6 +109,13 @@ class Fault:
     prompt reported as read from a prompt cache (at most the prompt's tokens) and
     ``reasoning_tokens`` reported as spent reasoning, added to ``completion_tokens`` as OpenAI's
     reasoning models do (no reasoning text is streamed for them, as OpenAI streams none).
+
+    Not failures either, what a model may answer instead of plain text (OpenAI chat completions
+    only): ``refusal``, the model declines — ``REFUSAL_TEXT`` streamed word by word as
+    ``delta.refusal`` (the whole object's ``message.refusal``, its ``content`` null), no logprobs;
+    ``annotations``, the reply cites a source — one ``url_citation`` annotation (``citation``)
+    spanning the whole text, streamed in a chunk of its own (``"delta": {"annotations": [...]}``)
+    before the finish chunk, and in the whole object's ``message.annotations``.
     """
 
     status: int | None = None
@@ -112,6 +127,8 @@ class Fault:
     ttft: float | None = None
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    refusal: bool = False
+    annotations: bool = False
 
     @property
     def cut_after(self) -> int | None:
@@ -128,7 +145,7 @@ class Fault:
 NO_FAULT = Fault()
 
 # name -> (Fault field, parser, default when the directive has no value; None: a value is required)
-_FAULT_DIRECTIVES: dict[str, tuple[str, type, object]] = {
+_FAULT_DIRECTIVES: dict[str, tuple[str, Callable[[str], Any], object]] = {
     "status": ("status", int, None),
     "retry-after": ("retry_after", int, None),
     "drop-after": ("drop_after", int, None),
@@ -138,6 +155,8 @@ _FAULT_DIRECTIVES: dict[str, tuple[str, type, object]] = {
     "ttft": ("ttft", float, None),
     "cached-tokens": ("cached_tokens", int, None),
     "reasoning-tokens": ("reasoning_tokens", int, None),
+    "refusal": ("refusal", lambda raw: int(raw) != 0, True),
+    "annotations": ("annotations", lambda raw: int(raw) != 0, True),
 }
 
 
@@ -158,8 +177,9 @@ def read_fault(header: str) -> Fault | str:
     The value is directives separated by commas (or semicolons), each ``name=value`` or a bare
     ``name``: ``status=NNN`` (400..599), ``retry-after=S`` (whole seconds, with ``status=429``),
     ``drop-after=K``, ``malformed-line`` (after 1 token) or ``malformed-line=K``, ``stall=S``
-    (seconds, after 1 token) with ``stall-after=K``, ``ttft=S`` (seconds), and the usage reports
-    ``cached-tokens=K`` and ``reasoning-tokens=K``. Counts are whole numbers >= 0, seconds numbers
+    (seconds, after 1 token) with ``stall-after=K``, ``ttft=S`` (seconds), the usage reports
+    ``cached-tokens=K`` and ``reasoning-tokens=K``, and the answers ``refusal`` and ``annotations``
+    (bare, or ``=1`` / ``=0``). Counts are whole numbers >= 0, seconds numbers
     >= 0. E.g. ``ttft=2, stall=3, stall-after=4, drop-after=10``.
     """
     values: dict[str, object] = {}
@@ -325,6 +345,14 @@ def _logprob_entry_json(index: int, first: bool, top: int) -> bytes:
     return _dumps(entry)
 
 
+def citation(text: str) -> dict[str, Any]:
+    """Return the ``url_citation`` annotation the simulator adds to ``text`` (``annotations``): all of it cited."""
+    return {
+        "type": "url_citation",
+        "url_citation": {"start_index": 0, "end_index": len(text), "url": CITATION_URL, "title": "Simulated source"},
+    }
+
+
 def completion_body(
     *,
     model: str,
@@ -332,20 +360,25 @@ def completion_body(
     finish_reason: str,
     usage: dict[str, Any],
     top_logprobs: int | None = None,
+    refusal: bool = False,
+    annotations: bool = False,
 ) -> dict[str, Any]:
     """Return a whole ``chat.completion`` object whose content is the words at ``indexes``.
 
     ``top_logprobs``: None for ``"logprobs": null``, else the number of alternatives per token of
-    ``logprobs.content`` (``logprob_entry``).
+    ``logprobs.content`` (``logprob_entry``). ``refusal``: the model declined; ``indexes`` count
+    the words of ``REFUSAL_TEXT`` it said, which is ``message.refusal`` (``content`` null, no
+    logprobs). ``annotations``: the text cites one source (``citation``).
     """
+    text = words_text(indexes)
     message: dict[str, Any] = {
         "role": "assistant",
-        "content": words_text(indexes),
-        "refusal": None,
-        "annotations": [],
+        "content": None if refusal else text,
+        "refusal": " ".join(REFUSAL_WORDS[: len(indexes)]) if refusal else None,
+        "annotations": [citation(text)] if annotations and not refusal else [],
     }
     logprobs = None
-    if top_logprobs is not None:
+    if top_logprobs is not None and not refusal:
         content = [logprob_entry(index, first=i == 0, top=top_logprobs) for i, index in enumerate(indexes)]
         logprobs = {"content": content, "refusal": None}
     choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
@@ -385,6 +418,8 @@ class ChunkFrames:
     tail: bytes
     usage_head: bytes
     logprobs_tail: bytes
+    refusal_head: bytes
+    head: bytes
 
     @classmethod
     def for_reply(
@@ -405,12 +440,22 @@ class ChunkFrames:
             tail=tail,
             usage_head=envelope + b'"choices":[],"usage":',
             logprobs_tail=b'],"refusal":null}' + tail[len(b'},"logprobs":null') :],
+            refusal_head=head + b'"refusal":',
+            head=head,
         )
 
     def token(self, index: int, *, first: bool) -> bytes:
         """Return the frame of word ``index`` (with a leading space unless it is the ``first``)."""
         word = _FIRST_TOKEN_JSON[index] if first else _NEXT_TOKEN_JSON[index]
         return self.content_head + word + self.tail
+
+    def refusal_token(self, index: int, *, first: bool) -> bytes:
+        """Return the frame of word ``index`` of ``REFUSAL_WORDS`` as ``"delta": {"refusal": ...}``."""
+        return self.refusal_head + _REFUSAL_TOKEN_JSON[index] + self.tail
+
+    def annotations(self, annotations: list[dict[str, Any]]) -> bytes:
+        """Return a frame whose delta holds only ``annotations`` (``"delta": {"annotations": [...]}``)."""
+        return self.head + b'"annotations":' + _dumps(annotations) + self.tail
 
     def token_with_logprobs(self, index: int, *, first: bool, top: int) -> bytes:
         """Return ``token``'s frame with ``"logprobs": {"content": [<the word's entry>], "refusal": null}``."""
@@ -429,9 +474,14 @@ __all__ = [
     "MALFORMED_CHUNK",
     "NO_FAULT",
     "SSE_HEADERS",
+    "CITATION_URL",
+    "REFUSAL_TEXT",
+    "REFUSAL_WORDS",
+    "SYSTEM_FINGERPRINT",
     "ChunkFrames",
     "Completion",
     "Fault",
+    "citation",
     "completion_body",
     "error_response",
     "fault_problem_message",
