@@ -142,49 +142,62 @@ async def _chat_completion_whole(reply: Reply[ChatCompletionPlan]) -> JsonRespon
     """Collect ``reply`` into one ``chat.completion`` object; an upstream failure is its error JSON.
 
     The upstream's streamed ``logprobs`` (when the client asked for them) are joined into the
-    choice's ``logprobs: {"content": [...], "refusal": [...] | null}``, as OpenAI answers them.
+    choice's ``logprobs: {"content": [...], "refusal": [...] | null}``, as OpenAI answers them. A
+    refusal is the message's ``refusal`` (its ``content`` then null, as OpenAI sends a refusal: the
+    openai SDK's ``.parse()`` reads it as ``message.refusal``); the upstream's ``annotations``
+    (``url_citation`` objects) are the message's ``annotations``, as they came; its last
+    ``system_fingerprint`` is the completion's (left out when it sent none).
     """
     tool_calls: dict[int, dict[str, Any]] = {}
     logprobs: dict[str, list[Any] | None] | None = None
+    annotations: list[dict[str, Any]] = []
+    system_fingerprint: str | None = None
     async with reply:
         async for event in reply.events():
             if type(event) is ReplyDelta:
+                if event.chunks[0].system_fingerprint:
+                    system_fingerprint = event.chunks[0].system_fingerprint
                 for chunk in event.chunks:
                     if chunk.tool_calls:
                         _merge_tool_calls(tool_calls, chunk.tool_calls)
                     if chunk.logprobs:
                         logprobs = _merge_logprobs(logprobs, chunk.logprobs)
+                    if chunk.annotations:
+                        annotations.extend(chunk.annotations)
             elif type(event) is ReplyFailed:
                 return error_response(event.error)
     outcome = reply.outcome
     assert outcome is not None  # noqa: S101 - set when the events end
     message: dict[str, Any] = {
         "role": "assistant",
-        "content": outcome.content if outcome.content or not tool_calls else None,
-        "refusal": None,
+        "content": outcome.content if outcome.content or not (tool_calls or outcome.refusal) else None,
+        "refusal": outcome.refusal or None,
     }
+    if annotations:
+        message["annotations"] = annotations
     if outcome.reasoning_content:
         message["reasoning_content"] = outcome.reasoning_content
     if tool_calls:
         message["tool_calls"] = [tool_calls[index] for index in sorted(tool_calls)]
     plan = reply.plan
-    return JsonResponse(
-        {
-            "id": plan.reply_id,
-            "object": "chat.completion",
-            "created": plan.created,
-            "model": outcome.model_name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": message,
-                    "logprobs": logprobs,
-                    "finish_reason": outcome.finish_reason or ("tool_calls" if tool_calls else "stop"),
-                }
-            ],
-            "usage": usage_object(outcome),
-        }
-    )
+    completion: dict[str, Any] = {
+        "id": plan.reply_id,
+        "object": "chat.completion",
+        "created": plan.created,
+        "model": outcome.model_name,
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "logprobs": logprobs,
+                "finish_reason": outcome.finish_reason or ("tool_calls" if tool_calls else "stop"),
+            }
+        ],
+        "usage": usage_object(outcome),
+    }
+    if system_fingerprint is not None:
+        completion["system_fingerprint"] = system_fingerprint
+    return JsonResponse(completion)
 
 
 @csrf_exempt

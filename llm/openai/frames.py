@@ -54,12 +54,16 @@ async def chat_completion_frames(reply: Reply[ChatCompletionPlan], *, keepalive:
     The chunks of one ``ReplyDelta`` (what the upstream had sent when we read) go out as one
     part, i.e. one write. The first frame carries ``role``; a frame of plain content (nearly
     every token) costs one JSON string escape; a chunk with the upstream's ``logprobs`` carries
-    them as they came (OpenAI's ``choices[].logprobs``). ``: keep-alive`` comments flow every
+    them as they came (OpenAI's ``choices[].logprobs``), one with a refusal its ``delta.refusal``
+    (the openai SDK's stream helper turns them into ``refusal.delta`` / ``refusal.done`` events),
+    one with annotations its ``delta.annotations`` as they came. ``: keep-alive`` comments flow every
     ``keepalive`` seconds while the upstream is silent before its first chunk (clients ignore
     comments). A failure after the headers is sent as ``data: {"error": ...}`` and ends the
-    stream, as OpenAI does; so is a reply the server stopped (its key revoked, a shutdown). There
-    is no ``system_fingerprint``: OpenAI's schema types it as a
-    string when present, and there is no fingerprint to report.
+    stream, as OpenAI does; so is a reply the server stopped (its key revoked, a shutdown).
+    ``system_fingerprint`` is on every frame once the upstream sent one, as OpenAI sends it (the
+    SDK's stream helper keeps the last chunk's); without one the key is left out (OpenAI's schema
+    types it as a string when present). The adapter hands it on with the first chunk of a batch
+    (``ChatChunk.system_fingerprint``), so it costs one test per batch.
 
     ``model`` is the model that served the reply (``Reply.model_name``: a fallback's name when one
     did), known once the first chunks arrived: the frames' common head is built then, once.
@@ -67,11 +71,12 @@ async def chat_completion_frames(reply: Reply[ChatCompletionPlan], *, keepalive:
     plan = reply.plan
     head = content_head = reasoning_head = b""  # built by ``begin`` at the first chunks or the end
 
-    def begin() -> None:
+    def begin(system_fingerprint: str | None = None) -> None:
         nonlocal head, content_head, reasoning_head
+        fingerprint = f',"system_fingerprint":{_encode(system_fingerprint)}' if system_fingerprint else ""
         head = (
             f'data: {{"id":{_encode(plan.reply_id)},"object":"chat.completion.chunk","created":{plan.created},'
-            f'"model":{_encode(reply.model_name)},"choices":['
+            f'"model":{_encode(reply.model_name)}{fingerprint},"choices":['
         ).encode()
         content_head = head + b'{"index":0,"delta":{"content":'
         reasoning_head = head + b'{"index":0,"delta":{"reasoning_content":'
@@ -82,9 +87,9 @@ async def chat_completion_frames(reply: Reply[ChatCompletionPlan], *, keepalive:
 
     def frame(chunk: ChatChunk) -> bytes:
         nonlocal role_sent
-        if role_sent and not (chunk.tool_calls or chunk.finish_reason or chunk.logprobs):
+        if role_sent and not (chunk.tool_calls or chunk.finish_reason or chunk.logprobs or chunk.annotations):
             content, reasoning = chunk.content, chunk.reasoning_content
-            if content and not reasoning:
+            if content and not (reasoning or chunk.refusal):
                 return content_head + _encode_str(content).encode() + content_tail
             if reasoning and not content:
                 return reasoning_head + _encode_str(reasoning).encode() + content_tail
@@ -94,16 +99,21 @@ async def chat_completion_frames(reply: Reply[ChatCompletionPlan], *, keepalive:
             delta["content"] = chunk.content
         if chunk.reasoning_content:
             delta["reasoning_content"] = chunk.reasoning_content
+        if chunk.refusal:
+            delta["refusal"] = chunk.refusal
         if chunk.tool_calls:
             delta["tool_calls"] = chunk.tool_calls
+        if chunk.annotations:
+            delta["annotations"] = chunk.annotations
         choice = {"index": 0, "delta": delta, "logprobs": chunk.logprobs, "finish_reason": chunk.finish_reason}
         return head + _encode(choice).encode() + tail
 
     async for event in reply.events(keepalive=keepalive):
         if type(event) is ReplyDelta:
-            if not head:  # once per reply: the serving model is known from its first chunks on
-                begin()
             chunks = event.chunks
+            fingerprint = chunks[0].system_fingerprint  # the adapter's new fingerprint, if any: once per batch
+            if not head or fingerprint:  # the serving model is known from the reply's first chunks on
+                begin(fingerprint)
             yield frame(chunks[0]) if len(chunks) == 1 else b"".join(map(frame, chunks))
         elif event is KEEPALIVE:
             yield KEEPALIVE_COMMENT
