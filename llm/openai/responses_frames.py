@@ -8,7 +8,9 @@ from 0: ``response.created``, ``response.in_progress``, then per output item
 ``response.output_item.added`` .. ``response.output_item.done`` (a ``reasoning`` item with
 ``response.reasoning_text.delta`` / ``.done`` for the upstream's ``reasoning_content``; a ``message``
 item with ``response.content_part.added``, ``response.output_text.delta`` / ``.done``,
-``response.content_part.done``; a ``function_call`` item per tool call with
+``response.content_part.done``; for the upstream's ``refusal`` (the model declined) a ``message`` item
+whose part is a ``refusal`` (``RefusalContent``), with ``response.refusal.delta`` / ``.done``, as
+OpenAI answers a refusal; a ``function_call`` item per tool call with
 ``response.function_call_arguments.delta`` / ``.done``), and last ``response.completed``,
 ``response.incomplete`` (the reply hit ``max_output_tokens`` or a content filter) or
 ``response.failed`` (after an ``error`` event naming our error code).
@@ -87,6 +89,7 @@ class ResponseBuilder:
         self.model_name = plan.model_name
         self.output: list[dict[str, Any]] = []
         self._text_item: dict[str, Any] | None = None  # the open message or reasoning item
+        self._text_kind = ""  # its part's type: output_text, refusal or reasoning_text
         self._text: list[str] = []
         self._calls: dict[int, dict[str, Any]] = {}  # open function calls by chat tool-call index
         self.completed_at: int | None = None
@@ -118,23 +121,28 @@ class ResponseBuilder:
     # --- items ---------------------------------------------------------------------------------
 
     def _open_text(self, kind: str) -> list[dict[str, Any]]:
-        """Open a ``message`` (kind ``output_text``) or ``reasoning`` (``reasoning_text``) item."""
+        """Open a ``message`` (kind ``output_text`` or ``refusal``) or ``reasoning`` (``reasoning_text``) item."""
         events = self._close_text()
         index = len(self.output)
-        if kind == "output_text":
+        if kind == "reasoning_text":
             item: dict[str, Any] = {
+                "id": _item_id("rs"),
+                "type": "reasoning",
+                "status": "in_progress",
+                "summary": [],
+                "content": [],
+            }
+        else:
+            item = {
                 "id": _item_id("msg"),
                 "type": "message",
                 "status": "in_progress",
                 "role": "assistant",
                 "content": [],
             }
-            part: dict[str, Any] = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-        else:
-            item = {"id": _item_id("rs"), "type": "reasoning", "status": "in_progress", "summary": [], "content": []}
-            part = {"type": "reasoning_text", "text": ""}
+        part = _part(kind, "")
         self.output.append(item)
-        self._text_item, self._text = item, []
+        self._text_item, self._text_kind, self._text = item, kind, []
         events.append({"type": "response.output_item.added", "output_index": index, "item": _copy(item)})
         events.append(
             {
@@ -155,11 +163,14 @@ class ResponseBuilder:
         index = self.output.index(item)
         text = "".join(self._text)
         common = {"item_id": item["id"], "output_index": index, "content_index": 0}
-        if item["type"] == "message":
-            part: dict[str, Any] = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-            done: dict[str, Any] = {"type": "response.output_text.done", **common, "text": text, "logprobs": []}
+        kind = self._text_kind
+        part = _part(kind, text)
+        done: dict[str, Any]
+        if kind == "output_text":
+            done = {"type": "response.output_text.done", **common, "text": text, "logprobs": []}
+        elif kind == "refusal":
+            done = {"type": "response.refusal.done", **common, "refusal": text}
         else:
-            part = {"type": "reasoning_text", "text": text}
             done = {"type": "response.reasoning_text.done", **common, "text": text}
         item["content"] = [part]
         item["status"] = status
@@ -227,21 +238,26 @@ class ResponseBuilder:
     # --- chunks --------------------------------------------------------------------------------
 
     def feed(self, chunk: ChatChunk) -> list[dict[str, Any]]:
-        """Return the events that ``chunk`` causes (in order: reasoning, text, tool calls)."""
+        """Return the events that ``chunk`` causes (in order: reasoning, text, refusal, tool calls)."""
         events: list[dict[str, Any]] = []
-        for kind, text in (("reasoning_text", chunk.reasoning_content), ("output_text", chunk.content)):
+        texts: tuple[tuple[str, str], ...] = (
+            ("reasoning_text", chunk.reasoning_content),
+            ("output_text", chunk.content),
+        )
+        if chunk.refusal:  # rare: a plain text chunk pays one test for it
+            texts += (("refusal", chunk.refusal),)
+        for kind, text in texts:
             if not text:
                 continue
             item = self._text_item
-            wanted = "message" if kind == "output_text" else "reasoning"
-            if item is None or item["type"] != wanted:
+            if item is None or self._text_kind != kind:
                 events += self._open_text(kind)
                 item = self._text_item
                 assert item is not None  # noqa: S101 - just opened
             self._text.append(text)
             events.append(
                 {
-                    "type": "response.output_text.delta" if kind == "output_text" else "response.reasoning_text.delta",
+                    "type": _DELTA_EVENTS[kind],
                     "item_id": item["id"],
                     "output_index": len(self.output) - 1 if item is self.output[-1] else self.output.index(item),
                     "content_index": 0,
@@ -277,6 +293,22 @@ class ResponseBuilder:
             self.completed_at = int(time.time())
             events.append({"type": "response.completed", "response": self.response("completed")})
         return events
+
+
+_DELTA_EVENTS = {
+    "output_text": "response.output_text.delta",
+    "refusal": "response.refusal.delta",
+    "reasoning_text": "response.reasoning_text.delta",
+}
+
+
+def _part(kind: str, text: str) -> dict[str, Any]:
+    """Return the content part of kind ``output_text``, ``refusal`` or ``reasoning_text`` holding ``text``."""
+    if kind == "output_text":
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    if kind == "refusal":
+        return {"type": "refusal", "refusal": text}
+    return {"type": "reasoning_text", "text": text}
 
 
 def _copy(item: dict[str, Any]) -> dict[str, Any]:
