@@ -27,6 +27,10 @@ streams as the call's ``arguments`` fragments (``input_json_delta``). A change o
 open block. ``finish_reason`` → ``stop_reason``: ``stop`` → ``end_turn`` (OpenAI does not say
 whether a stop sequence matched, so ``stop_sequence`` is always null), ``length`` →
 ``max_tokens``, ``tool_calls`` / ``function_call`` → ``tool_use``, ``content_filter`` → ``refusal``.
+An OpenAI ``refusal`` (the model declined, in words, with ``finish_reason`` ``stop``) → its text
+in a ``text`` block, and ``stop_reason`` ``refusal``: Anthropic's Messages has no refusal block,
+and its own refusals are exactly that, a ``refusal`` stop with whatever text came before it; the
+text is kept because it is what the model said, and an Anthropic client shows text blocks.
 Usage in Anthropic's terms: ``input_tokens`` excludes the cache's tokens, which are
 ``cache_read_input_tokens`` / ``cache_creation_input_tokens``; ``message_start`` carries the
 prompt's tokens as counted before the call (``plan.metering``), ``message_delta`` the final count.
@@ -67,8 +71,14 @@ def new_message_id() -> str:
     return f"msg_{uuid.uuid4().hex}"
 
 
-def stop_reason(finish_reason: str | None, *, used_tools: bool) -> str:
-    """Return Anthropic's ``stop_reason`` for OpenAI's ``finish_reason`` (None: ``end_turn``, or ``tool_use``)."""
+def stop_reason(finish_reason: str | None, *, used_tools: bool, refused: bool = False) -> str:
+    """Return Anthropic's ``stop_reason`` for OpenAI's ``finish_reason`` (None: ``end_turn``, or ``tool_use``).
+
+    ``refused``: the reply carried an OpenAI ``refusal``; a reply that ended by itself (``stop`` or
+    no reason) is then a ``refusal`` stop.
+    """
+    if refused and finish_reason in (None, "stop"):
+        return "refusal"
     if finish_reason is None:
         return "tool_use" if used_tools else "end_turn"
     return STOP_REASONS.get(finish_reason, "end_turn")
@@ -122,7 +132,7 @@ def _message(plan: ChatCompletionPlan, model_name: str, content: list[dict[str, 
 class _StreamBlocks:
     """The open content block of a stream, and the frames that open, extend and close blocks."""
 
-    __slots__ = ("_tool_blocks", "_tool_ids", "index", "kind", "text_head", "thinking_head", "used_tools")
+    __slots__ = ("_tool_blocks", "_tool_ids", "index", "kind", "refused", "text_head", "thinking_head", "used_tools")
 
     def __init__(self) -> None:
         self.index = -1  # of the open block
@@ -130,6 +140,7 @@ class _StreamBlocks:
         self._tool_blocks: dict[int, int] = {}  # OpenAI tool call index -> block index
         self._tool_ids: dict[int, str] = {}  # OpenAI tool call index -> its call's id
         self.used_tools = False
+        self.refused = False
         self.text_head = b""
         self.thinking_head = b""
 
@@ -195,6 +206,9 @@ class _StreamBlocks:
             frames += self.thinking(chunk.reasoning_content)
         if chunk.content:
             frames += self.text(chunk.content)
+        if chunk.refusal:
+            self.refused = True
+            frames += self.text(chunk.refusal)
         if chunk.tool_calls:
             frames += self.tool_calls(chunk.tool_calls)
         return frames
@@ -223,7 +237,11 @@ async def message_stream_frames(reply: Reply[ChatCompletionPlan], *, keepalive: 
         if type(event) is ReplyDelta:
             parts = [] if started else [message_start()]  # once per reply, at its first chunks
             for chunk in event.chunks:
-                if chunk.content and not (chunk.reasoning_content or chunk.tool_calls) and blocks.kind == "text":
+                if (
+                    chunk.content
+                    and not (chunk.reasoning_content or chunk.tool_calls or chunk.refusal)
+                    and blocks.kind == "text"
+                ):
                     parts.append(blocks.text_head + _encode_str(chunk.content).encode() + b"}}\n\n")
                 else:
                     parts.append(blocks.chunk(chunk))
@@ -241,7 +259,8 @@ async def message_stream_frames(reply: Reply[ChatCompletionPlan], *, keepalive: 
             if error is not None:
                 yield start + blocks.close() + _event("error", anthropic_error_body(error))
                 continue
-            delta = {"stop_reason": stop_reason(finish_reason, used_tools=blocks.used_tools), "stop_sequence": None}
+            reason = stop_reason(finish_reason, used_tools=blocks.used_tools, refused=blocks.refused)
+            delta = {"stop_reason": reason, "stop_sequence": None}
             body = {"type": "message_delta", "delta": delta, "usage": usage_object(event.outcome.usage)}
             yield start + blocks.close() + _event("message_delta", body) + MESSAGE_STOP
 
@@ -252,6 +271,7 @@ class MessageCollector:
     def __init__(self) -> None:
         self.content: list[dict[str, Any]] = []
         self.finish_reason: str | None = None
+        self.refused = False
         self._tool_blocks: dict[int, dict[str, Any]] = {}  # OpenAI tool call index -> its open block
         self._arguments: dict[int, list[str]] = {}  # OpenAI tool call index -> its open call's fragments
         self._calls: list[tuple[dict[str, Any], list[str]]] = []  # every call: its block, its fragments
@@ -266,11 +286,14 @@ class MessageCollector:
             )
 
     def add(self, chunk: ChatChunk) -> None:
-        """Add one chunk's reasoning, text, tool call fragments and ``finish_reason``."""
+        """Add one chunk's reasoning, text, refusal (as text), tool call fragments and ``finish_reason``."""
         if chunk.reasoning_content:
             self._append("thinking", "thinking", chunk.reasoning_content)
         if chunk.content:
             self._append("text", "text", chunk.content)
+        if chunk.refusal:
+            self.refused = True
+            self._append("text", "text", chunk.refusal)
         for entry in chunk.tool_calls or ():
             call_index = entry.get("index", 0)
             function = entry.get("function") or {}
@@ -305,7 +328,7 @@ class MessageCollector:
                 value = {"arguments": arguments}
             block["input"] = value
         message = _message(plan, outcome.model_name, self.content)
-        message["stop_reason"] = stop_reason(self.finish_reason, used_tools=bool(self._calls))
+        message["stop_reason"] = stop_reason(self.finish_reason, used_tools=bool(self._calls), refused=self.refused)
         message["usage"] = usage_object(outcome.usage)
         return message
 
