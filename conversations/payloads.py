@@ -29,7 +29,9 @@ def reply_event(reply: ConversationReply, event: ReplyEvent) -> tuple[str, dict[
     - ``reply.start``: ``{conversation_id, user_message_id, message_id, model}`` (the model asked
       for: sent before the upstream answers, so before any fallback could serve);
     - ``reply.delta``: ``{content}`` plus ``reasoning_content`` when the model sends it (the
-      chunks of one ``ReplyDelta`` joined into one delta);
+      chunks of one ``ReplyDelta`` joined into one delta); a refusal (an OpenAI-compatible model
+      declining, ``ChatChunk.refusal``) is ``content``: a conversation shows what the model said,
+      and keeps it as the message's text (``ReplyOutcome.text``);
     - ``reply.done``: ``{message}`` (the assistant message; its ``model`` is the one that served);
     - ``error``: the error object plus ``message``; when the conversation was deleted while the
       reply streamed, the ``conversation_deleted`` error (404) and ``message`` None.
@@ -63,9 +65,9 @@ def delta_payload(event: ReplyDelta) -> tuple[str, dict[str, Any]] | None:
     """Return the ``reply.delta`` of ``event``'s chunks, or None when they carry no text."""
     chunks = event.chunks
     if len(chunks) == 1:
-        content, reasoning = chunks[0].content, chunks[0].reasoning_content
+        content, reasoning = chunks[0].content or chunks[0].refusal, chunks[0].reasoning_content
     else:
-        content = "".join(chunk.content for chunk in chunks)
+        content = "".join(chunk.content or chunk.refusal for chunk in chunks)
         reasoning = "".join(chunk.reasoning_content for chunk in chunks)
     if reasoning:
         return "reply.delta", {"content": content, "reasoning_content": reasoning}
@@ -93,7 +95,7 @@ def reply_message_data(reply: ConversationReply) -> dict[str, Any] | None:
     return {
         "id": plan.message_id,
         "role": "assistant",
-        "content": outcome.content,
+        "content": outcome.text,
         "status": outcome.status.value,
         "model": outcome.model_name,
         "finish_reason": outcome.finish_reason or "",

@@ -580,11 +580,13 @@ def reply_finish(outcome: ReplyOutcome, *, message_id: int) -> bool:
     """Write the end of a reply on its assistant message: text so far, status, the model that served
     it (a fallback's name when one did), tokens, timings, error.
 
+    The text is ``outcome.text``: a refusal (the model declined) is kept as what the model said.
+
     One UPDATE. Returns False when the message no longer exists (its conversation was deleted
     while the reply streamed).
     """
     written = Message.objects.filter(pk=message_id).update(
-        content=outcome.content,
+        content=outcome.text,
         status=outcome.status.value,
         model_name=outcome.model_name,
         finish_reason=outcome.finish_reason or "",

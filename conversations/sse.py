@@ -139,7 +139,9 @@ async def _sse_body(reply: ConversationReply, *, keepalive: float) -> AsyncItera
             if len(chunks) == 1 and not chunks[0].reasoning_content:
                 if chunks[0].content:  # the frame of nearly every token: a template
                     yield _DELTA_HEAD + _encode_str(chunks[0].content).encode() + _DELTA_TAIL
-                continue
+                    continue
+                if not chunks[0].refusal:  # a finish_reason or tool calls: no text to send
+                    continue
             payload = delta_payload(event)
         elif event is KEEPALIVE:
             yield KEEPALIVE_COMMENT

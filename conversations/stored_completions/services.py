@@ -64,7 +64,7 @@ def stored_completion_save(*, plan: StoredChatCompletionPlan, outcome: ReplyOutc
     error = outcome.error
     reply = Message(
         role=Message.Role.ASSISTANT,
-        content=storable_text(outcome.content),
+        content=storable_text(outcome.text),  # a refusal kept as the reply's text, not lost
         status=outcome.status.value,
         model_name=outcome.model_name,
         finish_reason=outcome.finish_reason or "",
