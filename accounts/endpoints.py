@@ -40,7 +40,7 @@ from chatbackend.errors import (
     internal_error,
     request_too_large_error,
 )
-from chatbackend.parsers import JSONParseError, json_loads
+from chatbackend.parsers import JSONParseError, json_loads, null_character_path
 
 from .audit import audit_request
 from .authentication import Principal, authenticate_token_async, token_from_headers
@@ -143,16 +143,24 @@ def parse_json(raw: bytes) -> Any:
     """Return the JSON value of ``raw`` (``chatbackend.parsers.json_loads``: strict, bounded depth).
 
     Raises ``ApplicationError`` 400 ``invalid_json`` whose message says what is wrong (not JSON,
-    ``NaN``/``Infinity``, nested too deep).
+    ``NaN``/``Infinity``, nested too deep), and 400 ``null_characters_not_allowed`` (``param``: the
+    path to the string, e.g. ``messages[0].content``, or to the object whose key holds one) for a
+    null character anywhere in it, which no field takes (PostgreSQL cannot store one).
     """
     try:
-        return json_loads(raw)
+        value = json_loads(raw)
     except JSONParseError as exc:
         raise ApplicationError(
             f"We could not parse the JSON body of your request: {exc} Send a JSON object with "
             "'Content-Type: application/json'.",
             code="invalid_json",
         ) from None
+    path = null_character_path(value, raw)
+    if path is not None:
+        raise ApplicationError(
+            "Null characters are not allowed.", code="null_characters_not_allowed", param=path or None
+        )
+    return value
 
 
 __all__ = ["ErrorRenderer", "View", "async_endpoint", "by_method", "parse_json", "request_body"]

@@ -80,6 +80,38 @@ def _nested_deeper_than(value: dict[str, Any] | list[Any], limit: int) -> bool:
     return False
 
 
+# How a null character comes in a JSON body: JSON has no other way to write one in a string.
+_ESCAPED_NULL = b"\\u0000"
+
+
+def null_character_path(value: Any, raw: bytes | None = None) -> str | None:
+    """Return where parsed JSON ``value`` holds a null character (U+0000, which PostgreSQL's text and
+    ``jsonb`` cannot store): the path of the first string holding one (``messages[0].content``), or
+    of the object whose key holds one (``""`` for ``value`` itself); None when there is none.
+
+    ``raw``: the body ``value`` was parsed from, when at hand: a body without the escape ``\\u0000``
+    holds no null character, and is not walked. Iterative (no recursion), in document order.
+    """
+    if raw is not None and _ESCAPED_NULL not in raw:
+        return None
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        node, path = stack.pop()
+        if type(node) is str:
+            if "\x00" in node:
+                return path
+        elif type(node) is dict:
+            children = []
+            for key, child in node.items():
+                if "\x00" in key:
+                    return path
+                children.append((child, f"{path}.{key}" if path else key))
+            stack.extend(reversed(children))
+        elif type(node) is list:
+            stack.extend(reversed([(child, f"{path}[{index}]") for index, child in enumerate(node)]))
+    return None
+
+
 class Readable(Protocol):
     """A body to read: Django's ``HttpRequest`` (its ``read``), a file."""
 
@@ -178,5 +210,6 @@ __all__ = [
     "JSONParser",
     "Readable",
     "json_loads",
+    "null_character_path",
     "read_body",
 ]

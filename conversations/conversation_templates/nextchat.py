@@ -22,6 +22,7 @@ import datetime as dt
 from typing import Any
 
 from chatbackend.errors import ApplicationError
+from chatbackend.parsers import null_character_path
 from conversations.services import MAX_MESSAGE_CHARS, MAX_SYSTEM_PROMPT_CHARS
 
 from .models import PARAMETER_NAMES, ConversationTemplate
@@ -124,17 +125,9 @@ def _null_free_check(value: Any, param: str) -> None:
     """Refuse a null character in any string or key of ``value`` (kept as JSON: PostgreSQL's
     ``jsonb`` cannot hold ``\\u0000``). Raises ``ApplicationError`` 400 ``invalid_mask``, ``param``
     the path to the string (or to the object whose key holds it)."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            raise _bad("Null characters are not allowed.", param)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            if "\x00" in key:
-                raise _bad("Null characters are not allowed in keys.", param)
-            _null_free_check(item, f"{param}.{key}")
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            _null_free_check(item, f"{param}[{index}]")
+    path = null_character_path(value)
+    if path is not None:
+        raise _bad("Null characters are not allowed.", f"{param}.{path}" if path and path[0] != "[" else param + path)
 
 
 def _kept_fields_check(mask: dict[str, Any], param: str) -> None:

@@ -38,8 +38,15 @@ def anthropic_error_type(status: int) -> str:
 
 
 def anthropic_error_body(error: ApplicationError) -> dict[str, Any]:
-    """Return ``{"type": "error", "error": {"type", "message"}}`` for ``error`` (its ``detail`` stays in the log)."""
-    return {"type": "error", "error": {"type": anthropic_error_type(error.status), "message": error.message}}
+    """Return ``{"type": "error", "error": {"type", "message"}}`` for ``error`` (its ``detail`` stays in the log).
+
+    Anthropic's shape has no ``param``: a message that does not name the field ``error.param`` names
+    gets it in front (``messages[0].content: ...``), as Anthropic names the field first.
+    """
+    message, param = error.message, error.param
+    if param and param not in message:
+        message = f"{param}: {message}"
+    return {"type": "error", "error": {"type": anthropic_error_type(error.status), "message": message}}
 
 
 def anthropic_error_response(error: ApplicationError) -> JsonResponse:
