@@ -270,6 +270,8 @@ def input_messages(value: Any, instructions: str | None) -> list[dict[str, Any]]
                 f"Input items of type {kind!r} are not supported; use message, function_call or function_call_output.",
                 f"{param}.type",
             )
+    if not messages:  # only reasoning items, and no instructions: nothing to send a model
+        raise _bad("'input' holds no message: reasoning items alone cannot be answered.", "input")
     return messages
 
 
@@ -377,6 +379,9 @@ def responses_request(body: dict[str, Any], data: dict[str, Any]) -> ResponsesRe
     metadata = data.get("metadata")
     if metadata is not None and not all(isinstance(value, str) for value in metadata.values()):
         raise _bad("'metadata' values must be strings.", "metadata", code="invalid_type")
+    max_tool_calls = body.get("max_tool_calls")  # of built-in tools, which run none here: only checked
+    if max_tool_calls is not None and (type(max_tool_calls) is not int or max_tool_calls < 0):
+        raise _bad("'max_tool_calls' must be a whole number, 0 or more.", "max_tool_calls", code="invalid_type")
     echo = {
         "instructions": instructions,
         "tools": [

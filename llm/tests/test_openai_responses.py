@@ -321,6 +321,10 @@ async def test_images_and_parameters_reach_the_upstream_in_chat_shape(
             "input[0].content[0].image_url",
         ),
         ({"made_up": 1}, "made_up"),
+        # Checked here, not by the upstream (whose 400 would name its own 'messages'):
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
+        ({"max_tool_calls": "x"}, "max_tool_calls"),
+        ({"max_tool_calls": -1}, "max_tool_calls"),
     ],
 )
 async def test_unsupported_fields_are_a_400_naming_the_param(api_key_secret, sim_model, asgi_server, fields, param):
