@@ -26,7 +26,7 @@ from rest_framework_simplejwt.serializers import (
 from rest_framework_simplejwt.settings import api_settings as jwt_api_settings
 from rest_framework_simplejwt.token_blacklist.models import OutstandingToken
 
-from chatbackend.fields import BlankableEmailField, StrictCharField
+from chatbackend.fields import BlankableEmailField, StrictBooleanField, StrictCharField
 
 from .metering.budgets import budget_usage
 from .models import API_KEY_OWNERS, APIKey, AuditEvent, Budget, UsageRecord, User
@@ -397,15 +397,6 @@ class _StrictIntegerField(serializers.IntegerField):
         return super().to_internal_value(data)
 
 
-class _StrictBooleanField(serializers.BooleanField):
-    """A JSON boolean: ``"true"`` and ``1`` are 400."""
-
-    def to_internal_value(self, data: Any) -> bool:
-        if data is not True and data is not False:
-            self.fail("invalid")
-        return bool(data)
-
-
 # Up to 8 digits before the point and 8 after (max_digits 16, decimal_places 8), not negative.
 _USD_PATTERN = r"^[0-9]{1,8}(\.[0-9]{1,8})?$"
 
@@ -445,7 +436,7 @@ class BudgetCreateInputSerializer(serializers.Serializer):
         default=None,
         help_text="prompt plus completion tokens per period; null: none",
     )
-    enabled = _StrictBooleanField(default=True)
+    enabled = StrictBooleanField(default=True)
 
 
 class BudgetUpdateInputSerializer(BudgetCreateInputSerializer):

@@ -22,6 +22,15 @@ class StrictCharField(serializers.CharField):
         return super().to_internal_value(data)
 
 
+class StrictBooleanField(serializers.BooleanField):
+    """A JSON boolean: ``"true"``, ``"yes"``, ``1`` and the like are rejected (400 ``invalid``)."""
+
+    def to_internal_value(self, data: Any) -> bool:
+        if data is not True and data is not False:
+            self.fail("invalid")
+        return data
+
+
 # OpenAPI 3.0 has no "empty or an email": the blank string is its own branch (``maxLength: 0``).
 _BLANK_OR_EMAIL_SCHEMA = {
     "anyOf": [{"type": "string", "format": "email"}, {"type": "string", "maxLength": 0}],

@@ -13,7 +13,7 @@ from django.core.validators import RegexValidator
 from rest_framework import serializers
 
 from chatbackend.errors import ApplicationError
-from chatbackend.fields import StrictCharField
+from chatbackend.fields import StrictBooleanField, StrictCharField
 from llm.openai.fields import StrictFloatField, StrictIntegerField
 
 from .conversation_templates.models import PARAMETER_NAMES
@@ -148,8 +148,8 @@ class ConversationUpdateInputSerializer(serializers.Serializer):
         help_text="Switch branches: the id of a message of this conversation, which becomes the last "
         "message of the active branch (the next message follows it).",
     )
-    pinned = serializers.BooleanField(required=False, help_text="Pin (true) or unpin: pinned ones list first.")
-    archived = serializers.BooleanField(
+    pinned = StrictBooleanField(required=False, help_text="Pin (true) or unpin: pinned ones list first.")
+    archived = StrictBooleanField(
         required=False, help_text="Archive (true) or unarchive: archived ones leave the default list."
     )
     parameters = ConversationParametersSerializer(

@@ -233,6 +233,17 @@ def test_pin_and_archive_shape_the_list_and_keep_updated_at(auth_client, user):
     assert set(ids(auth_client.get("/api/conversations/"))) == {first.pk, second.pk, third.pk}
 
 
+@pytest.mark.parametrize(("field", "value"), [("pinned", "yes"), ("pinned", "true"), ("archived", 1), ("archived", None)])
+def test_pinned_and_archived_take_a_json_boolean_only(auth_client, user, field, value):
+    conversation = ConversationFactory(owner=user)
+
+    response = auth_client.patch(url(conversation), {field: value}, format="json")
+
+    assert_error(response, 400, param=field)
+    refreshed = Conversation.objects.get(pk=conversation.pk)
+    assert (refreshed.pinned, refreshed.archived_at) == (False, None)
+
+
 # --- Trash, restore, purge --------------------------------------------------------------------
 
 

@@ -24,6 +24,9 @@ METADATA_VALUE_MAX_CHARS = 512
 # --- Strict JSON-typed fields -----------------------------------------------------------------
 
 
+StrictBooleanField = core_fields.StrictBooleanField
+
+
 class StrictCharField(core_fields.StrictCharField):
     """A JSON string, as sent: no trimming, numbers are not strings."""
 
@@ -48,15 +51,6 @@ class StrictIntegerField(serializers.IntegerField):
         if isinstance(data, bool) or not isinstance(data, int):
             self.fail("invalid")
         return super().to_internal_value(data)
-
-
-class StrictBooleanField(serializers.BooleanField):
-    """A JSON boolean: ``"true"`` and ``1`` are rejected."""
-
-    def to_internal_value(self, data: Any) -> bool:
-        if data is not True and data is not False:
-            self.fail("invalid")
-        return data
 
 
 class JSONObjectField(serializers.DictField):
