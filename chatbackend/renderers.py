@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.renderers import BaseRenderer
+
+from .errors import ApplicationError
 
 # A text cell starting with one of these is a formula to Excel, LibreOffice and Google Sheets.
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -57,4 +60,18 @@ class CSVRenderer(BaseRenderer):
         return buffer.getvalue().encode(self.charset)
 
 
-__all__ = ["CSVRenderer", "csv_cell"]
+class FormatContentNegotiation(DefaultContentNegotiation):
+    """DRF's content negotiation, but a ``?format=`` no renderer of the view has is a 400 naming
+    ``format`` and the formats it has (code ``invalid``, as other bad query parameters), not DRF's
+    404 "Not found." (the URL is right; a query parameter is wrong)."""
+
+    def filter_renderers(self, renderers: Iterable[BaseRenderer], format: str) -> list[BaseRenderer]:  # noqa: A002 - DRF's name
+        renderers = list(renderers)
+        kept = [renderer for renderer in renderers if renderer.format == format]
+        if not kept:
+            formats = ", ".join(dict.fromkeys(str(renderer.format) for renderer in renderers))
+            raise ApplicationError(f"'format' must be one of: {formats}.", code="invalid", param="format")
+        return kept
+
+
+__all__ = ["CSVRenderer", "FormatContentNegotiation", "csv_cell"]

@@ -525,6 +525,8 @@ REST_FRAMEWORK = {
         "rest_framework.renderers.JSONRenderer",
         "rest_framework.renderers.BrowsableAPIRenderer",
     ],
+    # An unknown ?format= is a 400 naming it, not DRF's 404 (chatbackend.renderers).
+    "DEFAULT_CONTENT_NEGOTIATION_CLASS": "chatbackend.renderers.FormatContentNegotiation",
     # Throttles identify the client by REMOTE_ADDR alone, which chatbackend.client_ip has already
     # resolved through TRUSTED_PROXY_IPS (DRF's default, None, would believe any X-Forwarded-For).
     "NUM_PROXIES": 0,

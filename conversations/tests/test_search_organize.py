@@ -233,7 +233,9 @@ def test_pin_and_archive_shape_the_list_and_keep_updated_at(auth_client, user):
     assert set(ids(auth_client.get("/api/conversations/"))) == {first.pk, second.pk, third.pk}
 
 
-@pytest.mark.parametrize(("field", "value"), [("pinned", "yes"), ("pinned", "true"), ("archived", 1), ("archived", None)])
+@pytest.mark.parametrize(
+    ("field", "value"), [("pinned", "yes"), ("pinned", "true"), ("archived", 1), ("archived", None)]
+)
 def test_pinned_and_archived_take_a_json_boolean_only(auth_client, user, field, value):
     conversation = ConversationFactory(owner=user)
 
@@ -242,6 +244,15 @@ def test_pinned_and_archived_take_a_json_boolean_only(auth_client, user, field, 
     assert_error(response, 400, param=field)
     refreshed = Conversation.objects.get(pk=conversation.pk)
     assert (refreshed.pinned, refreshed.archived_at) == (False, None)
+
+
+def test_an_unknown_format_is_a_400_naming_format_not_a_404(auth_client, user):
+    conversation = ConversationFactory(owner=user)
+
+    for path in ("/api/conversations/", url(conversation)):
+        error = assert_error(auth_client.get(path, {"format": "xml"}), 400, code="invalid", param="format")
+        assert "json" in error["message"]
+        assert auth_client.get(path, {"format": "json"}).status_code == 200
 
 
 # --- Trash, restore, purge --------------------------------------------------------------------
