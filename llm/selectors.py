@@ -16,6 +16,7 @@ from accounts.model_access import ModelAccess
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError
 from chatbackend.lookup_cache import LookupCache
+from chatbackend.text import NUL, holds_nul
 
 from .models import Deployment, LLMModel, ModelAlias, Provider, deployment_name
 from .providers import ProviderConfig
@@ -67,8 +68,8 @@ def llm_model_get_enabled(*, name: str) -> LLMModel:
     400 ``model_disabled`` when the model, its provider or the alias is disabled — OpenAI's
     statuses for the cases. A name with a NUL character is no model's (404, without a query).
     """
-    if "\x00" in name:  # no name holds one, and PostgreSQL cannot compare text with it (a 500)
-        raise model_not_found_error(name.replace("\x00", ""))
+    if holds_nul(name):  # no name holds one, and PostgreSQL cannot compare text with it (a 500)
+        raise model_not_found_error(name.replace(NUL, ""))
     try:
         model = LLMModel.objects.select_related("provider").get(name=name)
     except LLMModel.DoesNotExist:

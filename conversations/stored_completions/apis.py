@@ -27,6 +27,7 @@ from accounts.endpoints import async_endpoint, by_method, parse_json, request_bo
 from accounts.models import APIKey
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError
+from chatbackend.text import refuse_nul
 from llm.openai.apis import chat_completions as chat_completion_create
 
 from ..models import Conversation, Message
@@ -123,12 +124,26 @@ def _order(query: Mapping[str, str]) -> str:
     return order
 
 
+def _text(query: Mapping[str, str], name: str) -> str | None:
+    """Return query parameter ``name``, None when absent or empty; 400 naming it when it holds a NUL."""
+    value = query.get(name) or None
+    if value is not None:
+        refuse_nul(value, param=name)
+    return value
+
+
 def _metadata_filter(query: Mapping[str, str]) -> dict[str, str]:
-    """Return the ``metadata[key]=value`` pairs of the query string (OpenAI's ``deepObject`` style)."""
+    """Return the ``metadata[key]=value`` pairs of the query string (OpenAI's ``deepObject`` style).
+
+    A NUL character in a key is a 400 naming ``metadata`` (the parameter's name would hold it), in
+    a value a 400 naming ``metadata[key]``.
+    """
     pairs = {}
     for name, value in query.items():
         match = _METADATA_PARAMETER.match(name)
         if match:
+            refuse_nul(match.group(1), param="metadata")
+            refuse_nul(value, param=name)
             pairs[match.group(1)] = value
     return pairs
 
@@ -141,8 +156,8 @@ def _list(principal: Principal, query: Mapping[str, str]) -> dict[str, Any]:
         actor=principal,
         limit=_limit(query),
         order=_order(query),
-        after=query.get("after") or None,
-        model=query.get("model") or None,
+        after=_text(query, "after"),
+        model=_text(query, "model"),
         metadata=_metadata_filter(query),
     )
     return _list_object([completion_object(conversation) for conversation in page.items], page.has_more)
@@ -173,7 +188,7 @@ def _message_index(completion_id: str, message_id: str) -> int:
 
 
 def _messages(principal: Principal, completion_id: str, query: Mapping[str, str]) -> dict[str, Any]:
-    limit, order, after = _limit(query), _order(query), query.get("after") or None
+    limit, order, after = _limit(query), _order(query), _text(query, "after")
     conversation = stored_completion_get_for(actor=principal, completion_id=completion_id)
     indexed = list(enumerate(stored_completion_messages(conversation=conversation)))
     if order == "desc":

@@ -15,6 +15,7 @@ from django.db.models.fields.json import KeyTransform
 
 from accounts.authentication import Principal
 from chatbackend.errors import NotFoundError
+from chatbackend.text import holds_nul
 
 from ..models import Conversation, Message
 
@@ -44,8 +45,10 @@ def stored_completion_get_for(*, actor: Principal, completion_id: str) -> Conver
     """Return the conversation of ``actor``'s stored completion ``completion_id`` (reply: ``stored_completion_reply``).
 
     Raises ``NotFoundError`` (404 ``completion_not_found``) for an id that is not one of ``actor``'s
-    in the organization the request acts in.
+    in the organization the request acts in (one holding a NUL character is nobody's: no query).
     """
+    if holds_nul(completion_id):
+        raise completion_not_found_error(completion_id)
     conversation = _stored(actor=actor).filter(completion_id=completion_id).first()
     if conversation is None:
         raise completion_not_found_error(completion_id)
@@ -83,6 +86,7 @@ def stored_completion_list(
     not one of ``actor``'s); ``model``: only those of that model (the model the request named);
     ``metadata``: only those whose metadata has every one of these key/value pairs. ``limit``: the
     page size (the caller bounds it). Two queries (the page, its replies), whatever the page size.
+    No string may hold a NUL character (``chatbackend.text``): the caller refuses those.
     """
     queryset = _stored(actor=actor)
     if model:

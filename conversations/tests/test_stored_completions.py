@@ -21,7 +21,16 @@ from chatbackend.asyncdb import run_sync
 from conversations.models import Conversation, Message
 from llm.simulator import reply_text
 from llm.tests.openai_schema import validate_against
-from tests.kit import CHAT_URL, FAST_REPLY_TOKENS, SLOW_REPLY_TOKENS, asgi_request, bearer, chat_body, usage_records
+from tests.kit import (
+    CHAT_URL,
+    FAST_REPLY_TOKENS,
+    SLOW_REPLY_TOKENS,
+    asgi_request,
+    assert_error,
+    bearer,
+    chat_body,
+    usage_records,
+)
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -295,3 +304,33 @@ async def test_store_and_metadata_are_not_sent_upstream(asgi_server, api_key_sec
         )
     sent = scripted_upstream.requests[-1]
     assert "store" not in sent and "metadata" not in sent and sent["temperature"] == 0.5
+
+
+# A NUL character reaches no query (PostgreSQL refuses it in text: a 500): a completion id holding
+# one is no completion's (404, as an unknown id), a query parameter holding one is a 400 naming it.
+@pytest.mark.parametrize(
+    ("method", "url", "body", "status", "code", "param"),
+    [
+        ("GET", "/v1/chat/completions?model=%00", None, 400, "invalid", "model"),
+        ("GET", "/v1/chat/completions?after=%00", None, 400, "invalid", "after"),
+        ("GET", "/v1/chat/completions?metadata%5Bk%5D=%00", None, 400, "invalid", "metadata[k]"),
+        ("GET", "/v1/chat/completions?metadata%5B%00%5D=x", None, 400, "invalid", "metadata"),
+        ("GET", "/v1/chat/completions/%00", None, 404, "completion_not_found", None),
+        ("POST", "/v1/chat/completions/%00", {"metadata": {}}, 404, "completion_not_found", None),
+        ("DELETE", "/v1/chat/completions/%00", None, 404, "completion_not_found", None),
+        ("GET", "/v1/chat/completions/%00/messages", None, 404, "completion_not_found", None),
+        ("GET", "/v1/chat/completions/chatcmpl-x/messages?after=%00", None, 400, "invalid", "after"),
+    ],
+)
+async def test_a_nul_character_in_an_id_or_a_query_parameter_is_a_4xx(
+    async_client, api_key_secret, method, url, body, status, code, param
+):
+    response = await async_client.generic(
+        method,
+        url,
+        json.dumps(body) if body is not None else "",
+        content_type="application/json",
+        headers=bearer(api_key_secret),
+    )
+    error = assert_error(response, status, code=code)
+    assert error["param"] == param
