@@ -37,6 +37,7 @@ from accounts.scopes import ScopeNeed, api_key_scope_check, role_scope_check
 from accounts.selectors import ORGANIZATION_HEADER, AuthenticationFailed
 from chatbackend.errors import ApplicationError, as_application_error, error_response, internal_error
 from chatbackend.parsers import BodyLimit, read_body
+from chatbackend.text import holds_nul
 
 from . import selectors, services
 from .models import SyncDocument
@@ -135,9 +136,12 @@ def _read_body(request: HttpRequest) -> bytes:
 
 
 def _dav_target(path: str) -> tuple[str, str | None]:
-    """Split a path below ``/dav/`` into (``"file"``/``"folder"``/``"other"``, the prefix naming the document)."""
+    """Split a path below ``/dav/`` into (``"file"``/``"folder"``/``"other"``, the prefix naming the document).
+
+    A path with a NUL character is ``"other"``: no document's name holds one (``holds_nul``).
+    """
     segments = [s for s in path.split("/") if s]
-    if any(s in (".", "..") for s in segments):
+    if holds_nul(path) or any(s in (".", "..") for s in segments):
         return "other", None
     if segments[-2:] == [FOLDER, FILE_NAME]:
         kind, prefix = "file", segments[:-2]
@@ -280,7 +284,9 @@ def upstash(request: HttpRequest, action: str, key: str) -> HttpResponseBase:
         parts = urlsplit(endpoint)
         if parts.scheme not in ("http", "https") or not _is_this_server(request, parts.netloc):
             raise _invalid_endpoint("Upstash")
-    match = _UPSTASH_KEY.match(key)
+    # A key with a NUL character is not NextChat's: no document's name holds one, and PostgreSQL
+    # cannot compare text with it (a 500).
+    match = None if holds_nul(key) else _UPSTASH_KEY.match(key)
     if action == "get":
         _scope_check(principal, APIKey.Scope.READ, request, "GET")
         return JsonResponse({"result": _upstash_get(principal, match)})

@@ -38,6 +38,7 @@ from conversations.selectors import message_list
 from conversations.sync.selectors import content_chunks
 from conversations.sync.services import sync_versions_prune
 from tests.factories import LLMModelFactory, UserFactory
+from tests.kit import assert_error
 
 pytestmark = pytest.mark.django_db
 
@@ -336,6 +337,28 @@ def test_webdav_proxy_refuses_other_proxy_methods(client, dav) -> None:
     assert response.status_code == 405
 
 
+_NUL_PROXY = "/api/webdav/{path}?endpoint=http://127.0.0.1/dav/a%00b/&proxy_method={method}"
+
+
+# No stored name holds a NUL character and PostgreSQL cannot compare text with one (a 500): a WebDAV
+# path with one is no document's, whichever way it is sent.
+@pytest.mark.parametrize(
+    ("method", "url", "status", "code"),
+    [
+        ("GET", f"/dav/a%00b/{FOLDER}/backup.json", 404, "not_found"),
+        ("PUT", f"/dav/a%00b/{FOLDER}/backup.json", 403, "forbidden_path"),
+        ("MKCOL", f"/dav/a%00b/{FOLDER}", 403, "forbidden_path"),
+        ("GET", _NUL_PROXY.format(path=f"{FOLDER}/backup.json", method="GET"), 404, "not_found"),
+        ("GET", _NUL_PROXY.format(path=FOLDER, method="MKCOL"), 403, "forbidden_path"),
+        ("PUT", _NUL_PROXY.format(path=f"{FOLDER}/backup.json", method="PUT"), 403, "forbidden_path"),
+    ],
+)
+def test_a_nul_character_in_a_webdav_path_names_no_document(client, dav, method, url, status, code) -> None:
+    response = client.generic(method, url, json.dumps(_document()).encode(), headers=dav)
+    assert_error(response, status, code=code)
+    assert not SyncDocument.objects.exists()
+
+
 # --- Upstash, as NextChat's client sends it through the proxy -----------------------------------
 
 
@@ -417,6 +440,15 @@ def test_upstash_refuses_other_keys_and_commands(client, secret) -> None:
     assert _upstash(client, "set", "some-key", secret, "x").status_code == 400
     assert _upstash(client, "get", "some-key", secret).json() == {"result": None}
     assert _upstash(client, "del", f"{FOLDER}-chunk-0", secret).status_code == 404
+
+
+@pytest.mark.parametrize("part", ["count", "0"])
+def test_a_nul_character_in_an_upstash_key_is_no_nextchat_key(client, secret, part) -> None:
+    # Read: null, as for any key that is not NextChat's (its check wants a 200); written: a 400.
+    assert _upstash(client, "get", f"a%00b-chunk-{part}", secret).json() == {"result": None}
+    response = _upstash(client, "set", f"a%00b-chunk-{part}", secret, "1")
+    assert_error(response, 400, code="unsupported_key", param="key")
+    assert not SyncDocument.objects.exists() and not SyncUploadChunk.objects.exists()
 
 
 def test_upstash_refuses_a_foreign_endpoint(client, secret) -> None:
