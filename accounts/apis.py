@@ -6,11 +6,9 @@ Each view parses input, calls one service or selector, and shapes the output. Er
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import django_filters
-from django import forms
 from django.core.cache import caches
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import QuerySet
@@ -36,7 +34,8 @@ from rest_framework_simplejwt.exceptions import InvalidToken, TokenError
 from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView, TokenViewBase
 
 from chatbackend.client_ip import request_client_ip
-from chatbackend.filters import AnyChoiceFilter, UTCIsoDateTimeFilter
+from chatbackend.fields import ID_SCHEMA
+from chatbackend.filters import AnyChoiceFilter, IdFilter, UTCIsoDateTimeFilter
 from chatbackend.pagination import PageNumberPagination
 from chatbackend.renderers import CSVRenderer
 
@@ -542,26 +541,13 @@ class UserListApi(ListAPIView):
 # --- Budgets --------------------------------------------------------------------------------
 
 
-class _WholeNumberFormField(forms.IntegerField):
-    """A whole number as the schema's ``type: integer`` says: ``1.0``, ``0.5`` and an empty value are 400."""
-
-    def to_python(self, value: Any) -> int | None:
-        if value is not None and not re.fullmatch(r"-?[0-9]+", str(value)):
-            raise DjangoValidationError(self.error_messages["invalid"], code="invalid")
-        return super().to_python(value)
-
-
-class _WholeNumberFilter(django_filters.NumberFilter):
-    field_class = _WholeNumberFormField
-
-
 class BudgetFilter(django_filters.FilterSet):
     """``?subject_kind=``, ``?subject_id=``, ``?period=``."""
 
     subject_kind = AnyChoiceFilter(
         choices=Budget.SubjectKind.choices, help_text="Only budgets of this kind of subject (empty: any)."
     )
-    subject_id = _WholeNumberFilter()
+    subject_id = IdFilter()
     period = AnyChoiceFilter(choices=Budget.Period.choices, help_text="Only this period (empty: any).")
 
     class Meta:
@@ -580,7 +566,7 @@ _BUDGET_EXAMPLE = OpenApiExample(
     list=extend_schema(
         summary="List budgets with their current period's usage: admins every budget, members their own",
         parameters=[
-            OpenApiParameter("subject_id", OpenApiTypes.INT, description="Only budgets of this subject id."),
+            OpenApiParameter("subject_id", ID_SCHEMA, description="Only budgets of this subject id."),
         ],
         responses={200: BudgetOutputSerializer, **_errors(400, 401)},
     ),
@@ -689,7 +675,7 @@ class AuditEventFilter(django_filters.FilterSet):
     """
 
     action = AnyChoiceFilter(choices=AuditEvent.Action.choices, help_text="Only this action (empty: any).")
-    actor = _WholeNumberFilter(field_name="actor_id")
+    actor = IdFilter(field_name="actor_id")
     actor_username = django_filters.CharFilter()
     object_type = django_filters.CharFilter()
     since = UTCIsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
@@ -718,7 +704,7 @@ class AuditEventFilter(django_filters.FilterSet):
     # the ``action`` enum says so through ``AnyChoiceFilter``).
     parameters=[
         OpenApiParameter("format", OpenApiTypes.STR, enum=["json", "csv"], description="default json"),
-        OpenApiParameter("actor", OpenApiTypes.INT, description="Only events of this user id."),
+        OpenApiParameter("actor", ID_SCHEMA, description="Only events of this user id."),
         *(
             OpenApiParameter(
                 name,

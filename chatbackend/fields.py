@@ -12,6 +12,12 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+# The largest row id: PostgreSQL's bigint (Django's BigAutoField), SQLite's INTEGER. A larger number
+# names no row, and SQLite cannot even take it as a parameter (OverflowError, a 500).
+ID_MAX = 2**63 - 1
+# A row id in OpenAPI: what every id parameter and field admits.
+ID_SCHEMA = {"type": "integer", "minimum": 1, "maximum": ID_MAX}
+
 
 class StrictCharField(serializers.CharField):
     """A JSON string: numbers, booleans, arrays and objects are rejected (400 ``invalid``)."""
@@ -56,4 +62,4 @@ class BlankableEmailField(serializers.EmailField):
         return super().to_internal_value(data)
 
 
-__all__ = ["BlankableEmailField", "StrictCharField"]
+__all__ = ["ID_MAX", "ID_SCHEMA", "BlankableEmailField", "StrictCharField"]

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Any
 
 import django_filters
+from django import forms
+from django.core.exceptions import ValidationError
 from django_filters.fields import IsoDateTimeField
+from drf_spectacular.utils import extend_schema_field
+
+from .fields import ID_MAX, ID_SCHEMA
 
 
 def in_utc(value: dt.datetime) -> dt.datetime:
@@ -46,3 +52,28 @@ class AnyChoiceFilter(django_filters.ChoiceFilter):
     def __init__(self, *args: Any, choices: Any, **kwargs: Any) -> None:
         kwargs.setdefault("empty_label", None)  # the "" choice below is the empty one
         super().__init__(*args, choices=[*choices, ("", "any")], **kwargs)
+
+
+class IdFormField(forms.IntegerField):
+    """A row id as the schema's ``ID_SCHEMA`` says: a whole number from 1 to ``ID_MAX``.
+
+    ``1.0``, ``0.5``, an empty value and a number out of that range are invalid (a 400 naming the
+    parameter): outside it no row has the id, and SQLite cannot take the number (a 500).
+    """
+
+    default_error_messages = {"invalid": f"A row id: a whole number from 1 to {ID_MAX}."}
+
+    def to_python(self, value: Any) -> int | None:
+        if value is not None and not re.fullmatch(r"-?[0-9]+", str(value)):
+            raise ValidationError(self.error_messages["invalid"], code="invalid")
+        number: int | None = super().to_python(value)
+        if number is not None and not 1 <= number <= ID_MAX:
+            raise ValidationError(self.error_messages["invalid"], code="invalid")
+        return number
+
+
+@extend_schema_field(ID_SCHEMA)
+class IdFilter(django_filters.NumberFilter):
+    """``?name=<row id>``: the rows whose field is that id; anything but an id (``IdFormField``) is a 400."""
+
+    field_class = IdFormField

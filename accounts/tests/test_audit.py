@@ -15,6 +15,7 @@ from django.utils import timezone
 from accounts.models import APIKey, AuditEvent, Budget, User
 from accounts.services import api_key_create
 from tests.factories import PASSWORD
+from tests.kit import assert_error
 
 pytestmark = pytest.mark.django_db
 
@@ -404,6 +405,18 @@ def test_bad_filters_are_400(client_for, admin_user):
         response = client.get("/api/audit-log/", params)
         assert response.status_code == 400, params
         assert "error" in response.json()
+
+
+@pytest.mark.parametrize("actor", ["9223372036854775808", "-9223372036854775809", "0", "-1", "99999999999999999999"])
+def test_an_actor_that_is_no_row_id_is_a_400_naming_it(client_for, admin_user, actor):
+    # Outside 1..2**63-1 no row has the id; SQLite could not even take the number (a 500).
+    response = client_for(admin_user).get("/api/audit-log/", {"actor": actor})
+    assert_error(response, 400, code="invalid", param="actor")
+
+
+def test_the_largest_row_id_is_a_filter(client_for, admin_user, events):
+    response = client_for(admin_user).get("/api/audit-log/", {"actor": str(2**63 - 1)})
+    assert response.status_code == 200 and response.json()["results"] == []
 
 
 def test_members_and_anonymous_callers_cannot_read_the_log(auth_client, api_client, events):

@@ -113,6 +113,8 @@ def test_admin_filters_budgets(client_for, admin_user, user, other_user):
     assert [b["id"] for b in response.json()["results"]] == [other.id]
     for bad in ({"subject_id": "0.5"}, {"subject_id": "1.0"}, {"subject_id": ""}, {"period": "yearly"}):
         assert_error(admin.get(BUDGETS, bad), 400)
+    for subject_id in ("9223372036854775808", "-9223372036854775809", "0", "-1"):  # no row's id
+        assert_error(admin.get(BUDGETS, {"subject_id": subject_id}), 400, code="invalid", param="subject_id")
 
 
 def test_admin_site_lists_budgets_with_their_spend(admin_site, user):
