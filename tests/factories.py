@@ -60,6 +60,14 @@ class LLMModelFactory(DjangoModelFactory):
     output_price_per_million = "2.000000"
 
 
+def simulator_fault_model(*, base_url: str, name: str, fault: str, **fields: Any) -> LLMModel:
+    """Return a model named ``name`` whose provider (at the LLM simulator's ``base_url``) asks it for
+    ``fault`` on every request (its ``X-Simulator-Fault`` header: ``llm.simulator``); ``fields``: the
+    model's other fields (prices, ...)."""
+    provider = ProviderFactory(name=f"{name}-provider", base_url=base_url, extra_headers={"X-Simulator-Fault": fault})
+    return LLMModelFactory(name=name, provider=provider, **fields)
+
+
 class DeploymentFactory(DjangoModelFactory):
     class Meta:
         model = Deployment

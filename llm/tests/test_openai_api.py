@@ -33,7 +33,7 @@ from llm.simulator.replies import reply_word_indexes
 from llm.simulator.wire import logprob_entry
 from llm.tests.openai_schema import validate_against
 from llm.tokens import tokenizer_for
-from tests.factories import UPSTREAM_API_KEY, usage_record_at
+from tests.factories import UPSTREAM_API_KEY, simulator_fault_model, usage_record_at
 from tests.kit import (
     CHAT_URL,
     FAST_REPLY_TOKENS,
@@ -506,13 +506,7 @@ async def test_midstream_failure_without_stream_is_502(api_key_secret, failing_m
 
 async def test_a_providers_extra_headers_reach_the_upstream(api_key_secret, simulator):
     # The simulator fails as the header asks: the header went out with the request.
-    provider = await run_sync(
-        Provider.objects.create,
-        name="sim-rate-limited",
-        base_url=simulator.base_url,
-        extra_headers={"X-Simulator-Fault": "status=429"},
-    )
-    await run_sync(LLMModel.objects.create, name="limited", provider=provider, upstream_model="sim-1")
+    await run_sync(simulator_fault_model, base_url=simulator.base_url, name="limited", fault="status=429")
     for stream in (True, False):
         response = await post_chat(AsyncClient(), chat_body("limited", stream=stream), bearer(api_key_secret))
         assert_error(response, 429, code="upstream_rate_limited")

@@ -20,13 +20,13 @@ from django.test import AsyncClient
 
 from chatbackend.asyncdb import run_sync
 from conversations.payloads import delta_payload
-from llm.models import LLMModel, Provider
 from llm.providers import ChatChunk
 from llm.simulator import reply_text
 from llm.simulator.wire import CITATION_URL, REFUSAL_TEXT, SYSTEM_FINGERPRINT, Fault, read_fault
 from llm.streaming import ReplyDelta
 from llm.tests.openai_schema import validate_against
 from llm.tests.test_openai_responses import sse_events as responses_sse_events
+from tests.factories import simulator_fault_model
 from tests.kit import FAST_REPLY_TOKENS, bearer, chat_body, chunk_objects, post_chat, sse_data, streamed_content
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("provider_clients")]
@@ -38,26 +38,14 @@ class Answer(pydantic.BaseModel):
 
 @pytest.fixture
 async def refusing_model(simulator) -> str:
-    provider = await run_sync(
-        Provider.objects.create,
-        name="sim-refusing",
-        base_url=simulator.base_url,
-        extra_headers={"X-Simulator-Fault": "refusal"},
-    )
-    await run_sync(LLMModel.objects.create, name="refusing-model", provider=provider, upstream_model="sim-1")
-    return "refusing-model"
+    model = await run_sync(simulator_fault_model, base_url=simulator.base_url, name="refusing-model", fault="refusal")
+    return model.name
 
 
 @pytest.fixture
 async def citing_model(simulator) -> str:
-    provider = await run_sync(
-        Provider.objects.create,
-        name="sim-citing",
-        base_url=simulator.base_url,
-        extra_headers={"X-Simulator-Fault": "annotations"},
-    )
-    await run_sync(LLMModel.objects.create, name="citing-model", provider=provider, upstream_model="sim-1")
-    return "citing-model"
+    model = await run_sync(simulator_fault_model, base_url=simulator.base_url, name="citing-model", fault="annotations")
+    return model.name
 
 
 def sdk_for(server: str, key: str) -> openai.AsyncOpenAI:
