@@ -143,24 +143,37 @@ def parse_json(raw: bytes) -> Any:
     """Return the JSON value of ``raw`` (``chatbackend.parsers.json_loads``: strict, bounded depth).
 
     Raises ``ApplicationError`` 400 ``invalid_json`` whose message says what is wrong (not JSON,
-    ``NaN``/``Infinity``, nested too deep), and 400 ``null_characters_not_allowed`` (``param``: the
-    path to the string, e.g. ``messages[0].content``, or to the object whose key holds one) for a
-    null character anywhere in it, which no field takes (PostgreSQL cannot store one).
+    ``NaN``/``Infinity``, nested too deep).
     """
     try:
-        value = json_loads(raw)
+        return json_loads(raw)
     except JSONParseError as exc:
         raise ApplicationError(
             f"We could not parse the JSON body of your request: {exc} Send a JSON object with "
             "'Content-Type: application/json'.",
             code="invalid_json",
         ) from None
+
+
+def null_characters_refuse(value: Any, raw: bytes) -> None:
+    """Refuse a null character anywhere in ``value``, the JSON body parsed from ``raw``: no field of
+    an endpoint whose serializer does not check every string takes one (PostgreSQL cannot store it).
+
+    Raises ``ApplicationError`` 400 ``invalid`` (as DRF's fields answer it), ``param`` the path to the
+    string (``input[0].content``) or to the object whose key holds one. Walks ``value`` only when
+    ``raw`` holds the escape ``\\u0000`` (``chatbackend.parsers.null_character_path``).
+    """
     path = null_character_path(value, raw)
     if path is not None:
-        raise ApplicationError(
-            "Null characters are not allowed.", code="null_characters_not_allowed", param=path or None
-        )
-    return value
+        raise ApplicationError("Null characters are not allowed.", code="invalid", param=path or None)
 
 
-__all__ = ["ErrorRenderer", "View", "async_endpoint", "by_method", "parse_json", "request_body"]
+__all__ = [
+    "ErrorRenderer",
+    "View",
+    "async_endpoint",
+    "by_method",
+    "null_characters_refuse",
+    "parse_json",
+    "request_body",
+]

@@ -30,7 +30,7 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponseBase, JsonResponse
 
 from accounts.authentication import Principal
-from accounts.endpoints import async_endpoint, parse_json, request_body
+from accounts.endpoints import async_endpoint, null_characters_refuse, parse_json, request_body
 from accounts.model_access import model_access_for_async
 from accounts.models import APIKey, UsageRecord
 from chatbackend.asyncdb import run_sync
@@ -55,6 +55,7 @@ _COUNT_FIELDS = frozenset(_COUNT_INPUT.fields)
 async def _messages_start(principal: Principal, raw_body: bytes) -> ChatCompletionPlan:
     """Parse, validate and translate the body, then plan the reply (on the event loop when the body is small)."""
     body = parse_json(raw_body)
+    null_characters_refuse(body, raw_body)
     data = _CREATE_INPUT.run_validation(body)
     check_fields(body, _CREATE_FIELDS)
     messages = openai_messages(data)
@@ -136,6 +137,7 @@ async def messages_count_tokens(request: HttpRequest, principal: Principal) -> H
     """
     raw_body = request_body(request)
     body = parse_json(raw_body)
+    null_characters_refuse(body, raw_body)
     data = _COUNT_INPUT.run_validation(body)
     check_fields(body, _COUNT_FIELDS)
     messages = openai_messages(data)

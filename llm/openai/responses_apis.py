@@ -18,7 +18,7 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponseBase, JsonResponse
 
 from accounts.authentication import Principal
-from accounts.endpoints import async_endpoint, parse_json, request_body
+from accounts.endpoints import async_endpoint, null_characters_refuse, parse_json, request_body
 from accounts.model_access import model_access_for_async
 from accounts.models import APIKey, UsageRecord
 from chatbackend.asyncdb import run_sync
@@ -38,6 +38,7 @@ _RESPONSE_INPUT = ResponseCreateInputSerializer()
 async def _response_start(principal: Principal, raw_body: bytes) -> tuple[ChatCompletionPlan, ResponsesRequest]:
     """Parse, validate and translate the body, and plan the reply (on the event loop unless it is long)."""
     body = parse_json(raw_body)
+    null_characters_refuse(body, raw_body)
     if not isinstance(body, dict):
         raise ApplicationError("The request body must be a JSON object.", code="invalid_type", param=None)
     data = _RESPONSE_INPUT.run_validation(body)
