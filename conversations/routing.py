@@ -9,5 +9,5 @@ from .consumers import ConversationConsumer, UnknownRouteConsumer
 
 websocket_urlpatterns = [
     path("ws/conversations/<int:conversation_id>/", ConversationConsumer.as_asgi()),
-    re_path(r"", UnknownRouteConsumer.as_asgi()),
+    re_path(r"^.*$", UnknownRouteConsumer.as_asgi()),
 ]

@@ -644,6 +644,8 @@ MATRIX: tuple[Row, ...] = (
             "4401 4403 4404 4404 4404 4403 4404 101 4404 4403 4403 4401 4404",  # other_org
         ),
     ),
+    # Any other WebSocket path: closed 4404 for every caller, before any credential is read.
+    Row("WS", "/ws/conversations/abc/", "4404 4404 4404 4404 4404 4404 4404 4404 4404 4404 4404 4404 4404"),
     Row("POST", "/v1/chat/completions", "401 200 200 200 200 403 200 200 200 403 403 401 404", body=CHAT),
     # Stored completions: the caller's own only (an organization's admins and the superuser read them
     # as conversations, not here); reading needs ``read``, changing ``chat``.
@@ -866,13 +868,13 @@ def _headers(world: World, caller: str) -> dict[str, str]:
     return headers
 
 
-def _websocket_status(base_url: str, world: World, caller: str, conversation: int) -> int:
+def _websocket_status(base_url: str, world: World, caller: str, path: str) -> int:
     query = ""
     if caller != "anon":
         query = f"?token={world.credentials[caller]}"
         if not caller.startswith("key_"):
             query += f"&organization={world.organization[caller]}"
-    url = "ws" + base_url.removeprefix("http") + f"/ws/conversations/{conversation}/{query}"
+    url = "ws" + base_url.removeprefix("http") + path + query
     try:
         with connect(url, open_timeout=10) as socket:
             try:
@@ -893,7 +895,7 @@ def _call(http: httpx.Client, world: World, row: Row, caller: str, obj: str | No
     values["base"] = str(http.base_url).rstrip("/")
     path = row.path.format(**values)
     if row.method == "WS":
-        return _websocket_status(str(http.base_url).rstrip("/"), world, caller, values["conversation"])
+        return _websocket_status(str(http.base_url).rstrip("/"), world, caller, path)
     body = row.body(world) if callable(row.body) else row.body
     content = {"content": body} if isinstance(body, bytes) else {"json": body}  # bytes: sent as they are
     with http.stream(row.method, path, headers=_headers(world, caller), **content) as response:
