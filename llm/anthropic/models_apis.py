@@ -5,7 +5,7 @@ Routed by ``llm.anthropic.wire.by_wire_format``: a request with ``anthropic-vers
 Both list the same names (``llm.selectors.listed_model_list_for``): the enabled models and
 aliases the caller may use. Errors are Anthropic's (``llm.anthropic.errors``): 401
 ``authentication_error``, 404 ``not_found_error`` (no such model, or not the caller's), 400
-``invalid_request_error`` (a bad ``limit``, both cursors, a disabled model).
+``invalid_request_error`` (a bad ``limit``, a disabled model).
 
 The list is ordered by ``id`` (Anthropic lists newest first; any fixed order pages the same), so
 a cursor need not be a listed id: the page is the ids after (before) it.
@@ -48,11 +48,16 @@ def _model_info(entry: ListedModel) -> dict[str, Any]:
 
 
 def _page(entries: list[ListedModel], query: dict[str, Any]) -> dict[str, Any]:
-    """Return the page ``query`` asks for of ``entries`` (sorted by ``id``) and whether more follow it."""
+    """Return the page ``query`` asks for of ``entries`` (sorted by ``id``) and whether more follow it.
+
+    ``before_id`` alone: the last ``limit`` ids before it; otherwise the first ``limit`` ids after
+    ``after_id`` (all when absent) and, with ``before_id`` too, before it.
+    """
     limit: int = query["limit"]
     if "before_id" in query:
-        before = [entry for entry in entries if entry.id < query["before_id"]]
-        page, has_more = before[-limit:], len(before) > limit
+        entries = [entry for entry in entries if entry.id < query["before_id"]]
+    if "before_id" in query and "after_id" not in query:
+        page, has_more = entries[-limit:], len(entries) > limit
     else:
         after = [entry for entry in entries if "after_id" not in query or entry.id > query["after_id"]]
         page, has_more = after[:limit], len(after) > limit

@@ -326,20 +326,16 @@ class MessageCountTokensOutputSerializer(serializers.Serializer):
 
 
 class AnthropicModelListQuerySerializer(serializers.Serializer):
-    """The query of Anthropic's ``GET /v1/models``: a cursor (one of ``after_id``, ``before_id``) and a page size.
+    """The query of Anthropic's ``GET /v1/models``: cursors (``after_id``, ``before_id``) and a page size.
 
     https://docs.anthropic.com/en/api/models-list. A cursor is a model ``id``; it need not name a
-    model still listed: the page holds the ids after (or before) it in the list's order.
+    model still listed: the page holds the ids after (or before) it in the list's order; with both,
+    the ids between them, from ``after_id`` on.
     """
 
     after_id = serializers.CharField(required=False, help_text="the page of models right after this id")
     before_id = serializers.CharField(required=False, help_text="the page of models right before this id")
     limit = serializers.IntegerField(min_value=1, max_value=1000, default=20, help_text="models per page")
-
-    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        if "after_id" in attrs and "before_id" in attrs:
-            raise serializers.ValidationError({"before_id": "Send after_id or before_id, not both."})
-        return attrs
 
 
 class AnthropicModelOutputSerializer(serializers.Serializer):
