@@ -81,10 +81,12 @@ def _model_retrieve(name: str, access: ModelAccess) -> dict[str, Any]:
 async def model_list(request: HttpRequest, principal: Principal) -> HttpResponse:
     """``GET /v1/models?after_id=&before_id=&limit=``: a page of ``ModelInfo``, ``has_more``, ``first_id``, ``last_id``.
 
-    ``limit``: 1 to 1000, default 20. 400 ``invalid_request_error`` for another ``limit`` or both
-    cursors. A caller sees only the models and aliases it may use (``accounts.model_access``).
+    ``limit``: 1 to 1000, default 20. 400 ``invalid_request_error`` for another ``limit`` or a
+    blank cursor. A caller sees only the models and aliases it may use (``accounts.model_access``).
     """
-    serializer = AnthropicModelListQuerySerializer(data=request.GET)
+    # A plain dict, not the QueryDict: DRF reads a blank value in form data as absent, so
+    # ``?before_id=`` would list everything rather than be the 400 the schema promises.
+    serializer = AnthropicModelListQuerySerializer(data=request.GET.dict())
     serializer.is_valid(raise_exception=True)
     access = await model_access_for_async(principal=principal)
     return JsonResponse(await run_sync(_model_list, access, serializer.validated_data))

@@ -87,7 +87,7 @@ async def test_list_pages_by_limit_and_cursor(sdk, listed):
     assert (empty.data, empty.has_more, empty.first_id, empty.last_id) == ([], False, None, None)
 
 
-@pytest.mark.parametrize("query", [{"limit": 0}, {"limit": 1001}])
+@pytest.mark.parametrize("query", [{"limit": 0}, {"limit": 1001}, {"before_id": ""}, {"after_id": ""}])
 async def test_a_bad_page_query_is_a_bad_request(sdk, listed, query):
     with pytest.raises(anthropic.BadRequestError) as caught:
         await sdk.models.list(**query)
