@@ -404,9 +404,6 @@ class UsageRecordListApi(ListAPIView):
         return super().get(request, *args, **kwargs)
 
 
-_ID_SCHEMA = {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}  # a row id (PostgreSQL bigint)
-
-
 class CSVExportMixin:
     """Answer JSON, or CSV for ``?format=csv`` / ``Accept: text/csv`` (``chatbackend.renderers.CSVRenderer``).
 
@@ -472,8 +469,8 @@ class UsageSummaryApi(CSVExportMixin, APIView):
                 explode=False,
                 description="comma-separated groups; default `day`; empty: totals",
             ),
-            OpenApiParameter("user", _ID_SCHEMA, description="a user's id (admins; members: only their own)"),
-            OpenApiParameter("api_key", _ID_SCHEMA, description="an API key's id"),
+            OpenApiParameter("user", ID_SCHEMA, description="a user's id (admins; members: only their own)"),
+            OpenApiParameter("api_key", ID_SCHEMA, description="an API key's id"),
             OpenApiParameter(
                 "model", {"type": "string", "minLength": 1, "maxLength": 200}, description="a model's name"
             ),

@@ -26,7 +26,7 @@ from rest_framework_simplejwt.serializers import (
 from rest_framework_simplejwt.settings import api_settings as jwt_api_settings
 from rest_framework_simplejwt.token_blacklist.models import OutstandingToken
 
-from chatbackend.fields import BlankableEmailField, StrictBooleanField, StrictCharField
+from chatbackend.fields import ID_MAX, BlankableEmailField, StrictBooleanField, StrictCharField
 
 from .metering.budgets import budget_usage
 from .models import API_KEY_OWNERS, APIKey, AuditEvent, Budget, UsageRecord, User
@@ -411,14 +411,11 @@ class _StrictDecimalField(serializers.DecimalField):
         return super().to_internal_value(data)
 
 
-_BIGINT_MAX = 2**63 - 1
-
-
 class BudgetCreateInputSerializer(serializers.Serializer):
     name = StrictCharField(max_length=100)
     subject_kind = serializers.ChoiceField(choices=Budget.SubjectKind.choices, help_text="who the budget limits")
     subject_id = _StrictIntegerField(
-        min_value=1, max_value=_BIGINT_MAX, help_text="the user's, API key's, team's or organization's id"
+        min_value=1, max_value=ID_MAX, help_text="the user's, API key's, team's or organization's id"
     )
     period = serializers.ChoiceField(
         choices=Budget.Period.choices,
@@ -430,7 +427,7 @@ class BudgetCreateInputSerializer(serializers.Serializer):
     )
     token_limit = _StrictIntegerField(
         min_value=0,
-        max_value=_BIGINT_MAX,
+        max_value=ID_MAX,
         required=False,
         allow_null=True,
         default=None,
@@ -448,8 +445,6 @@ class BudgetUpdateInputSerializer(BudgetCreateInputSerializer):
 
 # --- Usage summary ---------------------------------------------------------------------------
 
-_ID_MAX = 2**63 - 1  # PostgreSQL bigint: a larger id would be a database error, not a 400
-
 
 class UsageSummaryQuerySerializer(serializers.Serializer):
     """The query of ``GET /api/usage/summary/``: a date range, how to group, and filters.
@@ -462,8 +457,8 @@ class UsageSummaryQuerySerializer(serializers.Serializer):
     start_date = serializers.DateField(input_formats=["%Y-%m-%d"], required=False)
     end_date = serializers.DateField(input_formats=["%Y-%m-%d"], required=False)
     group_by = serializers.CharField(required=False, allow_blank=True, default="day", trim_whitespace=False)
-    user = serializers.IntegerField(min_value=1, max_value=_ID_MAX, required=False)
-    api_key = serializers.IntegerField(min_value=1, max_value=_ID_MAX, required=False)
+    user = serializers.IntegerField(min_value=1, max_value=ID_MAX, required=False)
+    api_key = serializers.IntegerField(min_value=1, max_value=ID_MAX, required=False)
     model = serializers.CharField(max_length=200, required=False)
 
     def validate_group_by(self, value: str) -> list[str]:

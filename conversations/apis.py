@@ -31,8 +31,10 @@ from accounts.model_access import model_access_for
 from accounts.models import APIKey
 from accounts.serializers import ErrorOutputSerializer
 from chatbackend.errors import ApplicationError
+from chatbackend.fields import ID_MAX, ID_SCHEMA
 from chatbackend.filters import AnyChoiceFilter, UTCIsoDateTimeFilter
 from chatbackend.http import sse_event_schema
+from chatbackend.text import holds_nul
 
 from .models import Conversation, Message
 from .search import MAX_QUERY_CHARS, conversation_search, conversation_search_scope, search_snippets
@@ -79,10 +81,6 @@ _ERROR_DESCRIPTIONS = {
 def _errors(*statuses: int) -> dict[int, OpenApiResponse]:
     """Return OpenAPI responses documenting the project's error body for each of ``statuses``."""
     return {code: OpenApiResponse(ErrorOutputSerializer, description=_ERROR_DESCRIPTIONS[code]) for code in statuses}
-
-
-_ID_MAX = 2**63 - 1  # PostgreSQL bigint: a row id
-_ID_SCHEMA = {"type": "integer", "minimum": 1, "maximum": _ID_MAX}
 
 
 # The filters whose empty or malformed value is a 400: django-filter would ignore it (no filter),
@@ -409,7 +407,7 @@ class ConversationMessageListApi(ListAPIView):
         parameters=[
             OpenApiParameter(
                 "branch",
-                _ID_SCHEMA,
+                ID_SCHEMA,
                 description="Read the branch ending at this message (any message of the conversation: the "
                 "path from the root to it). Default: the active branch (the conversation's active_leaf).",
             ),
@@ -472,7 +470,7 @@ def _search_query(request: Request) -> str:
     """Return ``?q=``; 400 ``param: q`` when it is missing, blank, longer than ``MAX_QUERY_CHARS`` or
     holds a NUL character (PostgreSQL cannot take it)."""
     query = request.query_params.get("q", "")
-    if not query.strip() or len(query) > MAX_QUERY_CHARS or "\x00" in query:
+    if not query.strip() or len(query) > MAX_QUERY_CHARS or holds_nul(query):
         raise ApplicationError(
             f"'q' must be 1 to {MAX_QUERY_CHARS} characters, not all whitespace, without NUL.",
             code="invalid_query",
@@ -487,7 +485,7 @@ def _branch_param(request: Request) -> int | None:
     raw = request.query_params.get("branch")
     if raw is None:
         return None
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= _ID_MAX:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= ID_MAX:
         raise ApplicationError("'branch' must be a message id.", code="invalid_branch", param="branch")
     return int(raw)
 

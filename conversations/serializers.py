@@ -13,7 +13,8 @@ from django.core.validators import RegexValidator
 from rest_framework import serializers
 
 from chatbackend.errors import ApplicationError
-from chatbackend.fields import StrictBooleanField, StrictCharField
+from chatbackend.fields import ID_MAX, StrictBooleanField, StrictCharField
+from chatbackend.text import holds_nul
 from llm.openai.fields import StrictFloatField, StrictIntegerField
 
 from .conversation_templates.models import PARAMETER_NAMES
@@ -144,7 +145,7 @@ class ConversationUpdateInputSerializer(serializers.Serializer):
     active_leaf = serializers.IntegerField(
         required=False,
         min_value=1,
-        max_value=2**63 - 1,  # PostgreSQL bigint: a row id
+        max_value=ID_MAX,
         help_text="Switch branches: the id of a message of this conversation, which becomes the last "
         "message of the active branch (the next message follows it).",
     )
@@ -265,7 +266,7 @@ def clean_message_content(value: Any) -> str:
         raise ApplicationError("'content' must be a string.", code="invalid_type", param="content")
     if not value.strip():
         raise ApplicationError("Message content must be a non-empty string.", code="empty_message", param="content")
-    if "\x00" in value:
+    if holds_nul(value):
         raise ApplicationError("Null characters are not allowed.", code="null_characters_not_allowed", param="content")
     return value
 

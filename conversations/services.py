@@ -19,6 +19,7 @@ from accounts.models import Organization, UsageRecord, User
 from accounts.usage import usage_account, usage_context
 from chatbackend.errors import ApplicationError, NotFoundError
 from chatbackend.liveness import PROCESS_ID, process_alive
+from chatbackend.text import holds_nul
 from llm.metering import max_tokens_check, prompt_budget_for
 from llm.models import LLMModel
 from llm.plans import model_reply_plan
@@ -310,7 +311,7 @@ def _replies_stop(message_ids: list[int]) -> None:
 def _validate_content(content: str) -> str:
     if not isinstance(content, str) or not content.strip():
         raise ApplicationError("Message content must be a non-empty string.", code="empty_message", param="content")
-    if "\x00" in content:  # PostgreSQL cannot store it in text; SQLite could: refuse it on both
+    if holds_nul(content):  # PostgreSQL cannot store it in text; SQLite could: refuse it on both
         raise ApplicationError("Null characters are not allowed.", code="null_characters_not_allowed", param="content")
     if len(content) > MAX_MESSAGE_CHARS:
         raise ApplicationError(

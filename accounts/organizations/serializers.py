@@ -7,13 +7,11 @@ from typing import Any
 from django.contrib.auth.validators import UnicodeUsernameValidator
 from rest_framework import serializers
 
-from chatbackend.fields import StrictCharField
+from chatbackend.fields import ID_MAX, StrictCharField
 
 from ..lifecycle.serializers import _StrictEmailField
 from ..models import Invitation, Membership, Organization, Team, TeamMembership, User
 from ..serializers import _password_min_length
-
-_ID_MAX = 2**63 - 1  # a row id (PostgreSQL bigint)
 
 
 class _StrictSlugField(serializers.SlugField):
@@ -35,7 +33,7 @@ class _StrictIntegerField(serializers.IntegerField):
 
 
 def _id_field(**kwargs: Any) -> _StrictIntegerField:
-    return _StrictIntegerField(min_value=1, max_value=_ID_MAX, **kwargs)
+    return _StrictIntegerField(min_value=1, max_value=ID_MAX, **kwargs)
 
 
 class OrganizationOutputSerializer(serializers.ModelSerializer):

@@ -23,6 +23,7 @@ from typing import Any
 
 from chatbackend.errors import ApplicationError
 from chatbackend.parsers import null_character_path
+from chatbackend.text import holds_nul
 from conversations.services import MAX_MESSAGE_CHARS, MAX_SYSTEM_PROMPT_CHARS
 
 from .models import PARAMETER_NAMES, ConversationTemplate
@@ -94,7 +95,7 @@ def starter_messages_clean(messages: Any, *, param: str = "starter_messages") ->
             raise bad(f"role must be one of {', '.join(STARTER_ROLES)}.", f"{at}.role")
         if not isinstance(content, str) or not content.strip():
             raise bad("content must be a non-empty string.", f"{at}.content")
-        if "\x00" in content or len(content) > MAX_MESSAGE_CHARS:
+        if holds_nul(content) or len(content) > MAX_MESSAGE_CHARS:
             raise bad(
                 f"content must hold no null character and at most {MAX_MESSAGE_CHARS} characters.", f"{at}.content"
             )
@@ -116,7 +117,7 @@ def _parameter(config: dict[str, Any], name: str, param: str) -> float | int | N
 
 def _string(mask: dict[str, Any], key: str, param: str, *, max_length: int) -> str:
     value = mask.get(key, "")
-    if not isinstance(value, str) or len(value) > max_length or "\x00" in value:
+    if not isinstance(value, str) or len(value) > max_length or holds_nul(value):
         raise _bad(f"{key} must be a string of at most {max_length} characters.", f"{param}.{key}")
     return value
 
@@ -169,7 +170,7 @@ def mask_template_fields(mask: Any, *, param: str = "mask") -> dict[str, Any]:
     if not isinstance(mask, dict):
         raise _bad("A mask must be a JSON object.", param)
     name = mask.get("name")
-    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_CHARS or "\x00" in name:
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_CHARS or holds_nul(name):
         raise _bad(f"name must be a non-empty string of at most {MAX_NAME_CHARS} characters.", f"{param}.name")
     context = mask.get("context", [])
     if not isinstance(context, list):
@@ -177,7 +178,7 @@ def mask_template_fields(mask: Any, *, param: str = "mask") -> dict[str, Any]:
     system_prompt = ""
     if context and isinstance(context[0], dict) and context[0].get("role") == "system":
         first = context[0].get("content")
-        if not isinstance(first, str) or not first.strip() or len(first) > MAX_SYSTEM_PROMPT_CHARS or "\x00" in first:
+        if not isinstance(first, str) or not first.strip() or len(first) > MAX_SYSTEM_PROMPT_CHARS or holds_nul(first):
             raise _bad(
                 f"The system message must be a non-empty string of at most {MAX_SYSTEM_PROMPT_CHARS} characters.",
                 f"{param}.context[0].content",
@@ -188,12 +189,12 @@ def mask_template_fields(mask: Any, *, param: str = "mask") -> dict[str, Any]:
     if not isinstance(config, dict):
         raise _bad("modelConfig must be an object.", f"{param}.modelConfig")
     model = config.get("model", "")
-    if not isinstance(model, str) or len(model) > 200 or "\x00" in model:
+    if not isinstance(model, str) or len(model) > 200 or holds_nul(model):
         raise _bad(
             "model must be a string of at most 200 characters, without null characters.", f"{param}.modelConfig.model"
         )
     external_id = mask.get("id", "")
-    if not isinstance(external_id, str) or len(external_id) > 100 or "\x00" in external_id:
+    if not isinstance(external_id, str) or len(external_id) > 100 or holds_nul(external_id):
         raise _bad("id must be a string of at most 100 characters, without null characters.", f"{param}.id")
     _kept_fields_check(mask, param)
     kept = {key: value for key, value in mask.items() if key not in _MAPPED_KEYS}

@@ -11,7 +11,7 @@ from typing import Any
 from django.core.validators import RegexValidator
 from rest_framework import serializers
 
-from chatbackend.fields import StrictCharField
+from chatbackend.fields import ID_MAX, StrictCharField
 from conversations.serializers import NOT_BLANK_PATTERN, parameter_field
 from conversations.services import MAX_MESSAGE_CHARS, MAX_SYSTEM_PROMPT_CHARS, MAX_TITLE_CHARS
 from llm.openai.fields import StrictIntegerField
@@ -19,8 +19,6 @@ from llm.openai.fields import StrictIntegerField
 from .models import ConversationTemplate
 from .nextchat import MAX_NAME_CHARS, MAX_SAFE_INTEGER, MAX_STARTER_MESSAGES, PARAMETER_RANGES, STARTER_ROLES
 from .selectors import template_may_change
-
-_ID_MAX = 2**63 - 1
 
 
 class TemplateStarterMessageSerializer(serializers.Serializer):
@@ -62,7 +60,7 @@ class ConversationTemplateInputSerializer(serializers.Serializer):
     visibility = serializers.ChoiceField(
         choices=ConversationTemplate.Visibility.choices, required=False, default=ConversationTemplate.Visibility.PRIVATE
     )
-    team = StrictIntegerField(min_value=1, max_value=_ID_MAX, allow_null=True, required=False, default=None)
+    team = StrictIntegerField(min_value=1, max_value=ID_MAX, allow_null=True, required=False, default=None)
 
     def to_internal_value(self, data: Any) -> dict[str, Any]:
         values = super().to_internal_value(data)

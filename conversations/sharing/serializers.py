@@ -5,6 +5,8 @@ from __future__ import annotations
 from django.utils import timezone
 from rest_framework import serializers
 
+from chatbackend.fields import ID_MAX
+
 from ..models import Message
 from .models import SharedConversation
 
@@ -16,7 +18,7 @@ class ShareCreateInputSerializer(serializers.Serializer):
         required=False,
         allow_null=True,
         min_value=1,
-        max_value=2**63 - 1,
+        max_value=ID_MAX,
         help_text="Share the branch ending at this message of the conversation (default: the active branch).",
     )
     expires_at = serializers.DateTimeField(

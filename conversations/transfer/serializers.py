@@ -9,7 +9,7 @@ from typing import Any
 
 from rest_framework import serializers
 
-from chatbackend.fields import StrictCharField
+from chatbackend.fields import ID_MAX, StrictCharField
 from llm.openai.fields import MetadataField, StrictBooleanField
 
 from ..models import Message
@@ -17,7 +17,6 @@ from ..serializers import ConversationOutputSerializer, ConversationParametersSe
 from ..services import MAX_SYSTEM_PROMPT_CHARS, MAX_TITLE_CHARS
 from .selectors import FORMAT, FORMAT_VERSION
 
-_ID_MAX = 2**63 - 1  # PostgreSQL bigint: a row id
 _COUNT_MAX = 2**31 - 1  # PostgreSQL integer: a token count
 # The most conversations one document holds, and messages one conversation.
 MAX_CONVERSATIONS = 10_000
@@ -27,8 +26,8 @@ MAX_MESSAGES = 100_000
 class TransferMessageSerializer(serializers.Serializer):
     """One message: its id in the document and its parent's (null: a first message)."""
 
-    id = serializers.IntegerField(min_value=1, max_value=_ID_MAX)
-    parent_id = serializers.IntegerField(allow_null=True, min_value=1, max_value=_ID_MAX)
+    id = serializers.IntegerField(min_value=1, max_value=ID_MAX)
+    parent_id = serializers.IntegerField(allow_null=True, min_value=1, max_value=ID_MAX)
     role = serializers.ChoiceField(choices=Message.Role.choices)
     content = StrictCharField(allow_blank=True, trim_whitespace=False)
     status = serializers.ChoiceField(
@@ -76,7 +75,7 @@ class TransferConversationSerializer(serializers.Serializer):
         default=None,
         help_text="The id of the last message of the active branch (null with messages: the last message).",
         min_value=1,
-        max_value=_ID_MAX,
+        max_value=ID_MAX,
     )
     created_at = serializers.DateTimeField(required=False)
     updated_at = serializers.DateTimeField(required=False)

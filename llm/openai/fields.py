@@ -13,6 +13,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from chatbackend import fields as core_fields
+from chatbackend.text import holds_nul
 
 MAX_STOP_SEQUENCES = 4
 # OpenAI's ``Metadata``: at most 16 pairs, keys up to 64 characters, values up to 512.
@@ -131,7 +132,7 @@ class MessageContentField(serializers.Field):
 
     def to_internal_value(self, data: Any) -> str | list[dict[str, Any]]:
         if isinstance(data, str):
-            if "\x00" in data:
+            if holds_nul(data):
                 self.fail("null_characters_not_allowed")
             return data
         if not isinstance(data, list):
@@ -142,7 +143,7 @@ class MessageContentField(serializers.Field):
             kind = part["type"]
             if kind == "text" and not isinstance(part.get("text"), str):
                 self.fail("invalid_text")
-            if kind == "text" and "\x00" in part["text"]:
+            if kind == "text" and holds_nul(part["text"]):
                 self.fail("null_characters_not_allowed")
             if kind == "image_url":
                 image = part.get("image_url")
@@ -244,7 +245,7 @@ class MetadataField(serializers.DictField):
         for key in value:
             if len(key) > METADATA_KEY_MAX_CHARS:
                 raise serializers.ValidationError(f"Keys are at most {METADATA_KEY_MAX_CHARS} characters long.")
-            if "\x00" in key:  # as DRF refuses it in values: PostgreSQL cannot store it
+            if holds_nul(key):  # as DRF refuses it in values: PostgreSQL cannot store it
                 raise serializers.ValidationError(
                     "Null characters are not allowed.", code="null_characters_not_allowed"
                 )
