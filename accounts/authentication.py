@@ -44,6 +44,14 @@ from .services import api_key_last_used_update
 
 logger = logging.getLogger(__name__)
 
+# NextChat sends ``Bearer nk-<access code>`` when its user typed an access code and no API key
+# (../shared/nextchat.md): the code is for NextChat's own server, not ours; say so.
+NEXTCHAT_ACCESS_CODE_PREFIX = "nk-"
+_NEXTCHAT_ACCESS_CODE_MESSAGE = (
+    "This is a NextChat access code (nk-...), which only NextChat's own server reads: "
+    "enter an API key of this server (sk-...) in NextChat's API key field instead."
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:
@@ -105,6 +113,8 @@ def _validated_jwt(token: str) -> Token:
     try:
         return _jwt.get_validated_token(token.encode("utf-8"))
     except (InvalidToken, TokenError):
+        if token.startswith(NEXTCHAT_ACCESS_CODE_PREFIX):
+            raise AuthenticationFailed(_NEXTCHAT_ACCESS_CODE_MESSAGE, code="token_not_valid") from None
         raise AuthenticationFailed("The access token is invalid or expired.", code="token_not_valid") from None
 
 

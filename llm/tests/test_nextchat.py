@@ -229,7 +229,8 @@ async def test_errors_reach_nextchat_as_status_and_json_before_any_stream(api_ke
     response = await post_as_nextchat(
         client, nextchat_chat_request(messages), nextchat_browser_headers("nk-my-access-code", stream=True)
     )
-    assert_error(response, 401, code="token_not_valid")
+    error = assert_error(response, 401, code="token_not_valid")
+    assert "NextChat access code" in error["message"]  # not "invalid or expired": it never was ours
     assert response["Access-Control-Allow-Origin"] in ("*", NEXTCHAT_ORIGIN)  # the browser may read the error
 
 
