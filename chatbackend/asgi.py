@@ -27,13 +27,15 @@ from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: 
 
 from accounts.websocket import TokenAuthMiddleware  # noqa: E402
 from conversations.routing import websocket_urlpatterns  # noqa: E402
+from llm.anthropic.wire import scope_error_response  # noqa: E402
 
 from .client_ip import TrustedProxyMiddleware  # noqa: E402
 from .handlers import BoundedBodyASGIHandler, StreamingASGIHandler, StreamingRouter, tune_gc  # noqa: E402
 from .lifespan import LifespanApp  # noqa: E402
 
-django_asgi_app = BoundedBodyASGIHandler()
-streaming_asgi_app = StreamingASGIHandler()
+# A body too large for /v1/messages (or with anthropic-version) is answered in Anthropic's shape.
+django_asgi_app = BoundedBodyASGIHandler(api_error_response=scope_error_response)
+streaming_asgi_app = StreamingASGIHandler(api_error_response=scope_error_response)
 
 application = LifespanApp(
     # First of all: every reader of the client address gets the one TRUSTED_PROXY_IPS decides.

@@ -50,7 +50,7 @@ _HEALTH = re.compile(r"^/health/(?:live|ready)$")
 _STREAMING_POST = re.compile(r"^/api/conversations/[0-9]+/messages/$")
 
 
-def _request_path(scope: Mapping[str, Any]) -> str:
+def request_path(scope: Mapping[str, Any]) -> str:
     """Return an HTTP ``scope``'s path without the script prefix, as ``ASGIRequest.path_info`` has it."""
     script_name = get_script_prefix(scope)
     path: str = scope["path"]
@@ -59,10 +59,18 @@ def _request_path(scope: Mapping[str, Any]) -> str:
 
 def is_streaming_request(scope: dict[str, Any]) -> bool:
     """Return whether an HTTP ``scope`` goes to the lean handler (path as Django resolves it)."""
-    path = _request_path(scope)
+    path = request_path(scope)
     if _STREAMING_ANY_METHOD.match(path) or _HEALTH.match(path):
         return True
     return str(scope.get("method", "")).upper() == "POST" and _STREAMING_POST.match(path) is not None
+
+
+# The answer to an error on an API path before a request exists: (ASGI scope, error) -> response.
+ScopeErrorResponse = Callable[[Mapping[str, Any], ApplicationError], HttpResponseBase]
+
+
+def _project_error_response(scope: Mapping[str, Any], error: ApplicationError) -> HttpResponseBase:
+    return error_response(error)
 
 
 class _BodyTooLargeError(Exception):
@@ -112,17 +120,42 @@ class BoundedBodyASGIHandler(ASGIHandler):
     what was sent.
     """
 
+    def __init__(self, api_error_response: ScopeErrorResponse | None = None) -> None:
+        """``api_error_response(scope, error)``: the answer to ``error`` on an API path before any view
+        runs (the 413s and Django's early 400), for an API whose errors have a shape of their own
+        (Anthropic's on ``/v1/messages``); default: the project's JSON error (``error_response``)."""
+        super().__init__()
+        self._api_error_response = api_error_response or _project_error_response
+
+    def _too_large(self, scope: Mapping[str, Any], size: int | None) -> HttpResponseBase:
+        limit = settings.REQUEST_BODY_MAX_BYTES
+        if _is_api_scope(scope):
+            response = self._api_error_response(scope, request_too_large_error(size, limit=limit))
+        else:
+            response = HttpResponse(f"Request body larger than {limit} bytes.", status=413, content_type="text/plain")
+        response["Connection"] = "close"
+        return response
+
+    def _early_error(self, scope: Mapping[str, Any], response: HttpResponseBase | None) -> HttpResponseBase | None:
+        """Django's own 400 or 413 for a request it could not build, as the project's JSON error on the API."""
+        if response is None or not _is_api_scope(scope):
+            return response
+        if response.status_code == 413:
+            return self._api_error_response(scope, request_too_large_error())
+        error = ApplicationError("The request could not be understood by the server.", code="bad_request")
+        return self._api_error_response(scope, error)
+
     async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         declared = _declared_length(scope)
         if declared is not None and declared > settings.REQUEST_BODY_MAX_BYTES:
-            await self.send_response(_too_large(scope, declared), send)  # nothing of the body is read
+            await self.send_response(self._too_large(scope, declared), send)  # nothing of the body is read
             return
         request = _RequestTasks()
         _request_tasks.set(request)
         try:
             await super().handle(scope, receive, send)
         except _BodyTooLargeError:  # raised by read_body, before anything was sent
-            await self.send_response(_too_large(scope, None), send)
+            await self.send_response(self._too_large(scope, None), send)
         except asyncio.CancelledError:
             request.cancelled_by_server = True  # what the view's tasks see (request_cancelled_by_server)
             for task in request.tasks:
@@ -165,7 +198,7 @@ class BoundedBodyASGIHandler(ASGIHandler):
     def create_request(self, scope: Mapping[str, Any], body_file: Any) -> tuple[Any, Any]:
         request, error = super().create_request(scope, body_file)
         if request is None:
-            return None, _early_error(scope, error)
+            return None, self._early_error(scope, error)
         if "CONTENT_LENGTH" not in request.META:
             size = body_file.seek(0, 2)
             body_file.seek(0)
@@ -201,26 +234,7 @@ def _declared_length(scope: Mapping[str, Any]) -> int | None:
 
 
 def _is_api_scope(scope: Mapping[str, Any]) -> bool:
-    return is_api_path(_request_path(scope))
-
-
-def _too_large(scope: Mapping[str, Any], size: int | None) -> HttpResponseBase:
-    limit = settings.REQUEST_BODY_MAX_BYTES
-    if _is_api_scope(scope):
-        response: HttpResponseBase = error_response(request_too_large_error(size, limit=limit))
-    else:
-        response = HttpResponse(f"Request body larger than {limit} bytes.", status=413, content_type="text/plain")
-    response["Connection"] = "close"
-    return response
-
-
-def _early_error(scope: Mapping[str, Any], response: HttpResponseBase | None) -> HttpResponseBase | None:
-    """Django's own 400 or 413 for a request it could not build, as the project's JSON error on the API."""
-    if response is None or not _is_api_scope(scope):
-        return response
-    if response.status_code == 413:
-        return error_response(request_too_large_error())
-    return error_response(ApplicationError("The request could not be understood by the server.", code="bad_request"))
+    return is_api_path(request_path(scope))
 
 
 class StreamingASGIHandler(BoundedBodyASGIHandler):

@@ -229,6 +229,31 @@ async def test_a_declared_size_past_the_server_bound_is_refused_before_reading(p
     assert "(5000 bytes) is larger than this server accepts (1000 bytes)" in error["message"], error
 
 
+ANTHROPIC_REQUESTS = [
+    ("/v1/messages", {}),
+    ("/v1/messages/count_tokens", {}),
+    ("/v1/chat/completions", {"anthropic-version": "2023-06-01"}),  # the SDK's header: its shape anywhere
+]
+
+
+@override_settings(REQUEST_BODY_MAX_BYTES=LIMIT)
+@pytest.mark.parametrize(("path", "headers"), ANTHROPIC_REQUESTS, ids=["messages", "count-tokens", "header"])
+@pytest.mark.parametrize("declared", [True, False], ids=["declared", "streamed"])
+async def test_an_anthropic_request_past_the_server_bound_gets_anthropics_413(path, headers, declared):
+    # The anthropic SDK reads Anthropic's error JSON, {"type": "error", "error": {"type", "message"}}.
+    from chatbackend.asgi import streaming_asgi_app
+
+    client = _Client([b"x" * 600] * 10)
+    sent = {**headers, "Content-Length": "6000"} if declared else headers
+
+    await streaming_asgi_app(_scope(path, sent), client.receive, client.send)
+
+    assert (client.status, client.headers[b"connection"]) == (413, b"close")
+    body = json.loads(client.body)
+    assert (body["type"], body["error"]["type"]) == ("error", "request_too_large"), body
+    assert f"larger than this server accepts ({LIMIT} bytes)" in body["error"]["message"], body
+
+
 @override_settings(REQUEST_BODY_MAX_BYTES=LIMIT)
 async def test_a_page_past_the_server_bound_gets_a_plain_413():
     from chatbackend.asgi import django_asgi_app

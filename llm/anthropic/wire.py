@@ -15,7 +15,7 @@ it into ``message._request_id``, ``with_raw_response(...).request_id`` and ``API
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from django.http import HttpRequest
@@ -25,8 +25,13 @@ from django.views.decorators.csrf import csrf_exempt
 from django_guid import get_guid
 
 from accounts.endpoints import View
+from chatbackend.errors import ApplicationError, error_response
+from chatbackend.handlers import request_path
+
+from .errors import anthropic_error_response
 
 VERSION_HEADER = "anthropic-version"
+_VERSION_HEADER_BYTES = VERSION_HEADER.encode("ascii")
 REQUEST_ID_HEADER = "request-id"
 _MESSAGES_PATH = re.compile(r"^/v1/messages(?:/|$)")
 
@@ -34,6 +39,20 @@ _MESSAGES_PATH = re.compile(r"^/v1/messages(?:/|$)")
 def is_anthropic_request(request: HttpRequest) -> bool:
     """Return whether ``request`` gets Anthropic's shape: under ``/v1/messages``, or with ``anthropic-version``."""
     return VERSION_HEADER in request.headers or _MESSAGES_PATH.match(request.path_info) is not None
+
+
+def is_anthropic_scope(scope: Mapping[str, Any]) -> bool:
+    """Return whether an HTTP ASGI ``scope`` is an Anthropic request (``is_anthropic_request``'s rule),
+    for answers given before Django builds a request (``chatbackend.handlers``: a body too large)."""
+    if _MESSAGES_PATH.match(request_path(scope)) is not None:
+        return True
+    return any(name.lower() == _VERSION_HEADER_BYTES for name, _ in scope.get("headers", ()))
+
+
+def scope_error_response(scope: Mapping[str, Any], error: ApplicationError) -> HttpResponseBase:
+    """Answer ``error`` for an API request Django has not built (``chatbackend.handlers.ScopeErrorResponse``):
+    in Anthropic's shape for an Anthropic request (``is_anthropic_scope``), else the project's."""
+    return anthropic_error_response(error) if is_anthropic_scope(scope) else error_response(error)
 
 
 def by_wire_format(*, openai: View, anthropic: View) -> View:
@@ -71,4 +90,12 @@ def request_id_middleware(
     return middleware
 
 
-__all__ = ["REQUEST_ID_HEADER", "VERSION_HEADER", "by_wire_format", "is_anthropic_request", "request_id_middleware"]
+__all__ = [
+    "REQUEST_ID_HEADER",
+    "VERSION_HEADER",
+    "by_wire_format",
+    "is_anthropic_request",
+    "is_anthropic_scope",
+    "request_id_middleware",
+    "scope_error_response",
+]
