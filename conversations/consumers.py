@@ -74,6 +74,7 @@ class UnknownRouteConsumer(AsyncWebsocketConsumer):
     visible is (``ConversationConsumer``), so a client reads why. Without it Channels' ``URLRouter``
     raises for the path and the server answers the handshake with a 500."""
 
+    # No channel layer (Channels skips it for None): this consumer only closes. The stubs type it str.
     channel_layer_alias = None  # type: ignore[assignment]
 
     async def connect(self) -> None:
