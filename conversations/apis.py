@@ -15,6 +15,7 @@ import django_filters
 from django import forms
 from django.db.models import Q, QuerySet
 from django.http import Http404
+from django_filters.widgets import BooleanWidget
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
@@ -107,8 +108,13 @@ class ConversationFilter(django_filters.FilterSet):
     """``?model=<model name>``, ``?pinned=``, ``?archived=``, and created/updated date ranges."""
 
     model = django_filters.CharFilter(field_name="model__name", help_text="the model's name")
-    pinned = django_filters.BooleanFilter(help_text="Only pinned (true) or unpinned (false) conversations.")
+    # BooleanWidget reads what ConversationFilterForm lets through (true/false/1/0, any case); the
+    # default widget (Django's NullBooleanSelect) reads "1", "0" and "TRUE" as "no filter".
+    pinned = django_filters.BooleanFilter(
+        widget=BooleanWidget, help_text="Only pinned (true) or unpinned (false) conversations."
+    )
     archived = django_filters.BooleanFilter(
+        widget=BooleanWidget,
         field_name="archived_at",
         lookup_expr="isnull",
         exclude=True,

@@ -424,6 +424,24 @@ def test_a_malformed_filter_is_a_400_not_ignored(auth_client, path, params):
     assert response.status_code == 400, response.content
 
 
+@pytest.mark.parametrize(
+    ("field", "truthy", "falsy"), [("pinned", "1", "0"), ("archived", "1", "0"), ("pinned", "TRUE", "False")]
+)
+@pytest.mark.parametrize("path", ["/api/conversations/", SEARCH])
+def test_a_boolean_filter_reads_1_and_0_and_any_case_as_it_reads_true_and_false(
+    auth_client, user, path, field, truthy, falsy
+):
+    """The filter form lets ``1``/``0`` and any case through as booleans, so the filter must read them
+    so: django-filter's default widget read ``1`` and ``0`` as "no filter" (``?pinned=1`` listed every
+    conversation, ``?archived=1`` the unarchived ones: the opposite of the question)."""
+    plain = ConversationFactory(owner=user, title="quince plain")
+    flagged = ConversationFactory(owner=user, title="quince flagged")
+    assert auth_client.patch(url(flagged), {field: True}, format="json").status_code == 200
+
+    assert ids(auth_client.get(path, {"q": "quince", field: truthy})) == [flagged.pk]
+    assert ids(auth_client.get(path, {"q": "quince", field: falsy})) == [plain.pk]
+
+
 def test_retention_with_only_one_period_set(user):
     default = Organization.objects.default()
     RetentionPolicy.objects.create(organization=default, trash_purge_after_days=1)
