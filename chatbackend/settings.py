@@ -582,6 +582,24 @@ CORS_ALLOW_HEADERS = (
     "x-goog-api-key",
     "openai-organization",
     "cache-control",
+    # What the official SDKs send from a browser (openai-node and anthropic-sdk-typescript with
+    # dangerouslyAllowBrowser, as LobeChat's client-side mode runs them): each request carries its
+    # platform headers, and a preflight naming one not listed here fails the request in the browser.
+    "openai-project",
+    "anthropic-beta",
+    "anthropic-dangerous-direct-browser-access",
+    "x-stainless-arch",
+    "x-stainless-async",
+    "x-stainless-helper",
+    "x-stainless-helper-method",
+    "x-stainless-lang",
+    "x-stainless-os",
+    "x-stainless-package-version",
+    "x-stainless-retry-count",
+    "x-stainless-runtime",
+    "x-stainless-runtime-version",
+    "x-stainless-stream-helper",
+    "x-stainless-timeout",
 )
 CORS_PREFLIGHT_MAX_AGE = 86400
 # Response headers a browser client may read (the Fetch standard hides all but a few): the request id

@@ -755,6 +755,40 @@ async def test_cors_preflight_needs_no_key_and_responses_allow_the_origin(api_ke
     await streamed_content(response)
 
 
+# The headers openai-node (``getPlatformHeaders``, the retry and timeout headers) and Anthropic's
+# TypeScript SDK (the same, and its browser opt-in) put on every request they send from a browser.
+BROWSER_SDK_HEADERS = {
+    CHAT_URL: (
+        "authorization,content-type,accept,x-stainless-arch,x-stainless-lang,x-stainless-os,"
+        "x-stainless-package-version,x-stainless-retry-count,x-stainless-runtime,x-stainless-runtime-version,"
+        "x-stainless-timeout,x-stainless-helper-method"
+    ),
+    "/v1/messages": (
+        "x-api-key,anthropic-version,anthropic-dangerous-direct-browser-access,anthropic-beta,content-type,"
+        "accept,x-stainless-arch,x-stainless-lang,x-stainless-os,x-stainless-package-version,"
+        "x-stainless-retry-count,x-stainless-runtime,x-stainless-runtime-version,x-stainless-timeout,"
+        "x-stainless-helper-method,x-stainless-stream-helper"
+    ),
+}
+
+
+@pytest.mark.parametrize(("path", "requested"), BROWSER_SDK_HEADERS.items())
+async def test_cors_preflight_allows_every_header_the_official_sdks_send_from_a_browser(path, requested):
+    """A browser refuses the request when one header its preflight names is not allowed: the official
+    SDKs in a web page (``dangerouslyAllowBrowser``) failed here before sending anything."""
+    response = await AsyncClient().options(
+        path,
+        headers={
+            "Origin": "https://chat.example.com",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": requested,
+        },
+    )
+    assert response.status_code == 200
+    allowed = {name.strip() for name in response["Access-Control-Allow-Headers"].split(",")}
+    assert set(requested.split(",")) - allowed == set()
+
+
 # --- NextChat's billing endpoints -------------------------------------------------------------
 
 
