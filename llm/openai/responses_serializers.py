@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from rest_framework import serializers
 
-from .fields import JSONObjectField, StrictBooleanField, StrictCharField, StrictFloatField, StrictIntegerField
+from .fields import (
+    JSONObjectField,
+    MetadataField,
+    StrictBooleanField,
+    StrictCharField,
+    StrictFloatField,
+    StrictIntegerField,
+)
 
 
 class ResponseCreateInputSerializer(serializers.Serializer):
@@ -27,7 +34,7 @@ class ResponseCreateInputSerializer(serializers.Serializer):
     parallel_tool_calls = StrictBooleanField(required=False, allow_null=True)
     store = StrictBooleanField(required=False, allow_null=True)
     background = StrictBooleanField(required=False, allow_null=True)
-    metadata = JSONObjectField(required=False, allow_null=True)
+    metadata = MetadataField(required=False, allow_null=True)
     reasoning = JSONObjectField(required=False, allow_null=True)
     text = JSONObjectField(required=False, allow_null=True)
     tools = serializers.ListField(child=JSONObjectField(), required=False, allow_null=True)

@@ -84,6 +84,10 @@ REASONING_EFFORTS = frozenset(("none", "minimal", "low", "medium", "high", "xhig
 # ``summary`` is accepted and echoed: reasoning comes back as ``reasoning_text`` (what chat
 # upstreams stream as ``reasoning_content``), never as a generated summary.
 REASONING_FIELDS = frozenset(("effort", "summary", "generate_summary"))
+# Their values as OpenAI's ``Reasoning`` and ``ResponseTextParam`` define them: the response echoes
+# them, and its schema allows no others.
+REASONING_SUMMARIES = frozenset(("auto", "concise", "detailed"))
+VERBOSITIES = frozenset(("low", "medium", "high"))
 
 
 @dataclass
@@ -104,6 +108,12 @@ class ResponsesRequest:
 
 def _bad(message: str, param: str, code: str = "invalid_value") -> ApplicationError:
     return ApplicationError(message, code=code, param=param, type="invalid_request_error")
+
+
+def _check_choice(value: Any, allowed: frozenset[str], param: str) -> None:
+    """Raise a 400 naming ``param`` unless ``value`` is None or one of ``allowed``."""
+    if value is not None and (not isinstance(value, str) or value not in allowed):
+        raise _bad(f"'{param}' must be one of {', '.join(sorted(allowed))}.", param)
 
 
 def _unsupported(message: str, param: str) -> ApplicationError:
@@ -359,6 +369,8 @@ def responses_request(body: dict[str, Any], data: dict[str, Any]) -> ResponsesRe
         if not isinstance(effort, str) or effort not in REASONING_EFFORTS:
             raise _bad(f"'reasoning.effort' must be one of {', '.join(sorted(REASONING_EFFORTS))}.", "reasoning.effort")
         parameters["reasoning_effort"] = effort
+    for key in ("summary", "generate_summary"):
+        _check_choice(reasoning.get(key), REASONING_SUMMARIES, f"reasoning.{key}")
     text = data.get("text") or {}
     for key, value in text.items():
         if key not in ("format", "verbosity") and value is not None:
@@ -366,6 +378,7 @@ def responses_request(body: dict[str, Any], data: dict[str, Any]) -> ResponsesRe
     response_format = _response_format(text)
     if response_format is not None:
         parameters["response_format"] = response_format
+    _check_choice(text.get("verbosity"), VERBOSITIES, "text.verbosity")
     if text.get("verbosity") is not None:
         parameters["verbosity"] = text["verbosity"]
     tools = data.get("tools") or []
@@ -376,9 +389,7 @@ def responses_request(body: dict[str, Any], data: dict[str, Any]) -> ResponsesRe
         choice = _tool_choice(tool_choice)
         if tools:  # chat completions refuse a tool_choice without tools; the Responses API takes it
             parameters["tool_choice"] = choice
-    metadata = data.get("metadata")
-    if metadata is not None and not all(isinstance(value, str) for value in metadata.values()):
-        raise _bad("'metadata' values must be strings.", "metadata", code="invalid_type")
+    metadata = data.get("metadata")  # its limits: ResponseCreateInputSerializer (MetadataField)
     max_tool_calls = body.get("max_tool_calls")  # of built-in tools, which run none here: only checked
     if max_tool_calls is not None and (type(max_tool_calls) is not int or max_tool_calls < 0):
         raise _bad("'max_tool_calls' must be a whole number, 0 or more.", "max_tool_calls", code="invalid_type")

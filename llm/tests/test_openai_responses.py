@@ -325,6 +325,14 @@ async def test_images_and_parameters_reach_the_upstream_in_chat_shape(
         ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
         ({"max_tool_calls": "x"}, "max_tool_calls"),
         ({"max_tool_calls": -1}, "max_tool_calls"),
+        # Echoed in the response, whose schema allows only OpenAI's values (and sent upstream):
+        ({"text": {"verbosity": "loud"}}, "text.verbosity"),
+        ({"reasoning": {"summary": "everything"}}, "reasoning.summary"),
+        ({"reasoning": {"generate_summary": 1}}, "reasoning.generate_summary"),
+        # The same limits as /v1/chat/completions' metadata (OpenAI's Metadata):
+        ({"metadata": {str(n): "v" for n in range(17)}}, "metadata"),
+        ({"metadata": {"k" * 65: "v"}}, "metadata"),
+        ({"metadata": {"k": "v" * 513}}, "metadata.k"),
     ],
 )
 async def test_unsupported_fields_are_a_400_naming_the_param(api_key_secret, sim_model, asgi_server, fields, param):
