@@ -5,7 +5,8 @@ are plain ``async def`` Django views (FIELD-NOTES, "DRF and async"). ``async_end
 of them what DRF gives its views, in one place:
 
 - the allowed methods: another is a 405 with ``Allow``; a bare ``OPTIONS`` (not a CORS preflight,
-  which django-cors-headers answers first) a 200 with ``Allow``;
+  which django-cors-headers answers first) a 200 with ``Allow``; ``HEAD`` is ``GET`` where there is
+  one (the server sends no body), as Django's and DRF's views answer it;
 - CSRF exemption: credentials are bearer tokens or API keys, never cookies;
 - authentication and scope: the caller's ``Principal`` (API key or JWT access token, from ``Authorization:
   Bearer``, ``x-api-key`` or ``api-key``), resolved before the view runs — on the event loop
@@ -67,6 +68,7 @@ def async_endpoint(
     wire format's own error shape, OpenAI's by default. The returned view takes
     ``(request, *args, **kwargs)`` as Django calls it.
     """
+    methods = _with_head(methods)
     allow = ", ".join((*methods, "OPTIONS"))
 
     def decorate(view: AuthenticatedView[Params]) -> View:
@@ -94,6 +96,11 @@ def async_endpoint(
     return decorate
 
 
+def _with_head(methods: tuple[str, ...]) -> tuple[str, ...]:
+    """Return ``methods`` and ``HEAD`` after them when they have ``GET`` (HTTP: a GET resource answers HEAD)."""
+    return (*methods, "HEAD") if "GET" in methods and "HEAD" not in methods else methods
+
+
 def _method_not_allowed(request: HttpRequest, allow: str, errors: ErrorRenderer) -> HttpResponseBase:
     """Answer a method ``allow`` leaves out: a bare ``OPTIONS`` a 200, any other a 405; both with ``Allow``."""
     if request.method == "OPTIONS":
@@ -117,10 +124,11 @@ def by_method(views: Mapping[str, View], *, errors: ErrorRenderer = error_respon
     another method is the 405 (bare ``OPTIONS``: the 200) that ``async_endpoint`` answers, ``Allow``
     naming every method here. Costs one dictionary lookup per request.
     """
-    allow = ", ".join((*views, "OPTIONS"))
+    allow = ", ".join((*_with_head(tuple(views)), "OPTIONS"))
 
     async def endpoint(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
-        view = views.get(request.method or "")
+        method = request.method or ""
+        view = views.get("GET" if method == "HEAD" and "HEAD" not in views else method)
         if view is None:
             return _method_not_allowed(request, allow, errors)
         return await view(request, *args, **kwargs)

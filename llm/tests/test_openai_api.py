@@ -713,18 +713,43 @@ async def test_unknown_urls_and_methods_are_openai_json(api_key_secret):
         error = assert_error(response, 404, code="unknown_url")
         assert path in error["message"]
     for method, path, allow in [
-        ("put", CHAT_URL, "GET, POST, OPTIONS"),  # GET lists stored completions
-        ("patch", CHAT_URL, "GET, POST, OPTIONS"),
-        ("delete", "/v1/models", "GET, OPTIONS"),
-        ("post", "/v1/models/sim-model", "GET, OPTIONS"),
-        ("post", "/dashboard/billing/usage", "GET, OPTIONS"),
+        ("put", CHAT_URL, "GET, POST, HEAD, OPTIONS"),  # GET lists stored completions
+        ("patch", CHAT_URL, "GET, POST, HEAD, OPTIONS"),
+        ("delete", "/v1/models", "GET, HEAD, OPTIONS"),
+        ("post", "/v1/models/sim-model", "GET, HEAD, OPTIONS"),
+        ("post", "/dashboard/billing/usage", "GET, HEAD, OPTIONS"),
+        ("head", "/v1/responses", "POST, OPTIONS"),  # no GET: no HEAD either
     ]:
         response = await getattr(client, method)(path, headers=bearer(api_key_secret))
-        assert_error(response, 405, code="method_not_allowed")
+        assert response.status_code == 405, path
+        if method != "head":  # a HEAD answer has no body
+            assert_error(response, 405, code="method_not_allowed")
         assert response["Allow"] == allow, path
     response = await client.options(CHAT_URL)  # not a CORS preflight: no Origin
     assert response.status_code == 200
-    assert response["Allow"] == "GET, POST, OPTIONS"
+    assert response["Allow"] == "GET, POST, HEAD, OPTIONS"
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        ("/v1/models", {}),
+        ("/v1/models/sim-model", {}),
+        ("/v1/models", {"anthropic-version": "2023-06-01"}),
+        (CHAT_URL, {}),
+        ("/dashboard/billing/usage", {}),
+        ("/dashboard/billing/subscription", {}),
+    ],
+)
+async def test_head_answers_as_get_without_a_body(api_key_secret, sim_model, path, headers):
+    """HTTP's rule (RFC 9110, 9.3.2), which the DRF views and the health probes follow: the /v1
+    GET endpoints answered HEAD with a 405 that named only GET in ``Allow``."""
+    client = AsyncClient()
+    got = await client.get(path, headers={**bearer(api_key_secret), **headers})
+    head = await client.head(path, headers={**bearer(api_key_secret), **headers})
+    assert got.status_code == head.status_code == 200
+    assert head["Content-Type"] == got["Content-Type"]
+    assert head.content == b""
 
 
 # --- CORS -------------------------------------------------------------------------------------
