@@ -83,7 +83,8 @@ def stored_completion_list(
     """Return a page of ``actor``'s stored completions by creation time (``order``: ``asc`` or ``desc``).
 
     ``after``: the last completion id of the previous page (404 ``completion_not_found`` when it is
-    not one of ``actor``'s); ``model``: only those of that model (the model the request named);
+    not one of ``actor``'s); ``model``: only those of that model (the model the request went to: an alias
+    counts as its target, as the completion's ``model`` names it, not as the alias);
     ``metadata``: only those whose metadata has every one of these key/value pairs. ``limit``: the
     page size (the caller bounds it). Two queries (the page, its replies), whatever the page size.
     No string may hold a NUL character (``chatbackend.text``): the caller refuses those.
