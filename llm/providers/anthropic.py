@@ -19,7 +19,9 @@ The request (``ChatRequest``: OpenAI chat messages and fields) is translated by
   turns of one role are merged, as Anthropic requires alternating turns; empty text is dropped;
 - ``max_completion_tokens`` / ``max_tokens`` → ``max_tokens``, which Anthropic requires: when the
   client sends neither, ``settings.LLM_ANTHROPIC_DEFAULT_MAX_TOKENS`` (default 4096);
-- ``temperature``, ``top_p``, ``top_k`` as they are; ``stop`` → ``stop_sequences``; ``user`` →
+- ``temperature``, ``top_p``, ``top_k`` as they are, but ``temperature`` capped at Anthropic's 1.0
+  (OpenAI takes 0 to 2, and NextChat's slider goes to 2: a 1.5 would fail every request with
+  Anthropic's 400, where 1.0 is its most random); ``stop`` → ``stop_sequences``; ``user`` →
   ``metadata.user_id``; function ``tools`` → ``{name, description, input_schema}``;
   ``tool_choice`` ``auto``/``none``/``required``/a named function → ``auto``/``none``/``any``/
   ``tool``; ``parallel_tool_calls: false`` → ``disable_parallel_tool_use``;
@@ -103,6 +105,8 @@ FINISH_REASONS = {
 # OpenAI reasoning_effort → Anthropic thinking budget_tokens (its minimum is 1024).
 THINKING_BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 16384}
 _MIN_THINKING_BUDGET = 1024
+# Anthropic's largest temperature (https://docs.anthropic.com/en/api/messages: 0.0 to 1.0).
+_TEMPERATURE_MAX = 1.0
 _IMAGE_MEDIA_TYPES = frozenset(("image/jpeg", "image/png", "image/gif", "image/webp"))
 _DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+);base64,(.*)", re.DOTALL)
 
@@ -141,7 +145,7 @@ def messages_body(request: ChatRequest, *, default_max_tokens: int) -> dict[str,
         value = parameters.get(name)
         if value is None or (thinking and (name != "top_p" or value < 0.95)):
             continue
-        body[name] = value
+        body[name] = min(value, _TEMPERATURE_MAX) if name == "temperature" else value
     stop = parameters.get("stop")
     stop_sequences = [stop] if isinstance(stop, str) else [s for s in stop or () if s]
     if stop_sequences:

@@ -179,6 +179,20 @@ async def test_usage_counts_cache_tokens_in_the_prompt(simulator: SimulatorProce
     )
 
 
+async def test_an_openai_temperature_past_anthropics_range_is_capped(simulator: SimulatorProcess) -> None:
+    # OpenAI takes 0 to 2 (NextChat's slider too); Anthropic 0 to 1, and its 400 would fail every request.
+    request = ChatRequest(model="sim-1", messages=MESSAGES, parameters={"temperature": 1.7})
+    assert messages_body(request, default_max_tokens=10)["temperature"] == 1.0
+    chunks = await collect(provider(simulator), request)  # the simulator refuses Anthropic's out-of-range values
+    assert "".join(c.content for c in chunks) == reply_text(MESSAGES, FAST_REPLY_TOKENS)
+    assert (
+        messages_body(ChatRequest(model="m", messages=MESSAGES, parameters={"temperature": 0.4}), default_max_tokens=1)[
+            "temperature"
+        ]
+        == 0.4
+    )
+
+
 async def test_max_tokens_and_stop_map_to_length_and_stop(simulator: SimulatorProcess) -> None:
     adapter = provider(simulator)
     short = await collect(adapter, ChatRequest(model="sim-1", messages=MESSAGES, parameters={"max_tokens": 3}))
