@@ -95,6 +95,11 @@ class Message(models.Model):
     ``upstream_error``, ``interrupted``). While a reply streams, ``stream_owner`` names the server
     process streaming it (``chatbackend.liveness``) and its text so far is written every few
     seconds (``checkpointed_at``): a reply whose process died is recovered from that.
+
+    A stored ``/v1`` completion's reply (``stored_completions``) also keeps what OpenAI answers apart:
+    ``refusal``, the end of ``content`` that the model said declining (``content`` holds the whole
+    text, as a person reads it), and ``cached_tokens`` / ``reasoning_tokens``, the provider's usage
+    breakdown (None when the provider reported no usage: counted by our tokenizer).
     """
 
     class Role(models.TextChoices):
@@ -129,6 +134,9 @@ class Message(models.Model):
     finish_reason = models.CharField(max_length=32, blank=True, default="")
     prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
     completion_tokens = models.PositiveIntegerField(null=True, blank=True)
+    cached_tokens = models.PositiveIntegerField(null=True, blank=True)
+    reasoning_tokens = models.PositiveIntegerField(null=True, blank=True)
+    refusal = models.TextField(blank=True, default="")
     time_to_first_token_ms = models.FloatField(null=True, blank=True)
     duration_ms = models.FloatField(null=True, blank=True)
     error = models.TextField(blank=True, default="")

@@ -51,10 +51,33 @@ _UPDATE_INPUT = StoredCompletionUpdateInputSerializer()
 
 
 def completion_object(conversation: Conversation) -> dict[str, Any]:
-    """Return stored completion ``conversation`` as OpenAI's ``chat.completion`` object, with its ``metadata``."""
+    """Return stored completion ``conversation`` as OpenAI's ``chat.completion`` object, with its ``metadata``.
+
+    As the client was answered (``llm.openai.apis``): a refusal is the message's ``refusal`` (its
+    ``content`` then null when the model said nothing else), ``usage`` carries the provider's
+    ``prompt_tokens_details`` / ``completion_tokens_details`` when it reported them. A reply stopped
+    or cut off before the upstream sent a ``finish_reason`` has ``finish_reason: null`` (as its
+    stream had none; ``status`` says ``cancelled`` or ``failed``), not ``stop``, a natural end.
+    """
     reply = stored_completion_reply(conversation)
     prompt_tokens = (reply.prompt_tokens if reply else 0) or 0
     completion_tokens = (reply.completion_tokens if reply else 0) or 0
+    text = reply.content if reply else ""
+    refusal = reply.refusal if reply else ""
+    if refusal and text.endswith(refusal):  # ``content`` holds the whole text; the refusal is its end
+        text = text[: len(text) - len(refusal)]
+    status = reply.status if reply else Message.Status.COMPLETED.value
+    finish_reason: str | None = (reply.finish_reason if reply else "") or (
+        "stop" if status == Message.Status.COMPLETED else None
+    )
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    if reply is not None and reply.cached_tokens is not None and reply.reasoning_tokens is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": reply.cached_tokens}
+        usage["completion_tokens_details"] = {"reasoning_tokens": reply.reasoning_tokens}
     return {
         "id": conversation.completion_id,
         "object": "chat.completion",
@@ -63,18 +86,18 @@ def completion_object(conversation: Conversation) -> dict[str, Any]:
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": reply.content if reply else "", "refusal": None},
+                "message": {
+                    "role": "assistant",
+                    "content": text if text or not refusal else None,
+                    "refusal": refusal or None,
+                },
                 "logprobs": None,
-                "finish_reason": (reply.finish_reason if reply else "") or "stop",
+                "finish_reason": finish_reason,
             }
         ],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
+        "usage": usage,
         "metadata": conversation.metadata or {},
-        "status": reply.status if reply else Message.Status.COMPLETED.value,
+        "status": status,
     }
 
 

@@ -27,7 +27,10 @@ class StoredCompletionOutputSerializer(ChatCompletionOutputSerializer):
     metadata = serializers.DictField(child=serializers.CharField(allow_blank=True))
     status = serializers.ChoiceField(
         choices=[Message.Status.COMPLETED, Message.Status.CANCELLED, Message.Status.FAILED],
-        help_text="An extension: `cancelled` or `failed` when the reply was stopped or cut off (its text so far).",
+        help_text=(
+            "An extension: `cancelled` or `failed` when the reply was stopped or cut off (its text so far;"
+            " its `finish_reason` null when it ended before the upstream sent one)."
+        ),
     )
 
 

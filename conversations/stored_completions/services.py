@@ -16,7 +16,7 @@ from django.db import IntegrityError, transaction
 
 from llm.models import LLMModel
 from llm.openai.services import StoredChatCompletionPlan
-from llm.streaming import ReplyOutcome, ReplyStatus
+from llm.streaming import PROVIDER, ReplyOutcome, ReplyStatus
 
 from ..content import content_text, storable_text
 from ..models import Conversation, Message
@@ -41,8 +41,9 @@ def stored_completion_save(*, plan: StoredChatCompletionPlan, outcome: ReplyOutc
     ``assistant``, ``tool``) and the reply as an assistant message written as
     ``conversations.services.reply_finish`` writes one: text, status (a stopped reply is
     ``cancelled``, a failed one ``failed``, with its ``error``), the model that served it, tokens,
-    timings. One transaction. Nothing is kept for a reply that failed before producing any output
-    (its client got an error status), nor twice (a second call for the same id is a no-op), nor
+    timings, and what OpenAI answers apart: the refusal, the provider's cached and reasoning tokens.
+    One transaction. Nothing is kept for a reply that failed before producing any output (its
+    client got an error status), nor twice (a second call for the same id is a no-op), nor
     when the requested model was deleted since (returns None).
     """
     if outcome.status is ReplyStatus.FAILED and outcome.time_to_first_token_ms is None:
@@ -62,14 +63,19 @@ def stored_completion_save(*, plan: StoredChatCompletionPlan, outcome: ReplyOutc
         if isinstance(message, dict)
     ]
     error = outcome.error
+    provider_usage = outcome.usage_source == PROVIDER
     reply = Message(
         role=Message.Role.ASSISTANT,
         content=storable_text(outcome.text),  # a refusal kept as the reply's text, not lost
+        refusal=storable_text(outcome.refusal),  # ... and apart, to read back as OpenAI's ``refusal``
         status=outcome.status.value,
         model_name=outcome.model_name,
         finish_reason=outcome.finish_reason or "",
         prompt_tokens=outcome.usage.prompt_tokens,
         completion_tokens=outcome.usage.completion_tokens,
+        # The breakdown the client was answered (``llm.openai.frames.usage_object``): the provider's only.
+        cached_tokens=outcome.usage.cached_tokens if provider_usage else None,
+        reasoning_tokens=outcome.usage.reasoning_tokens if provider_usage else None,
         time_to_first_token_ms=outcome.time_to_first_token_ms,
         duration_ms=outcome.duration_ms,
         error=error.message if error else "",

@@ -20,7 +20,9 @@ from accounts.services import api_key_create
 from chatbackend.asyncdb import run_sync
 from conversations.models import Conversation, Message
 from llm.simulator import reply_text
+from llm.simulator.wire import REFUSAL_TEXT
 from llm.tests.openai_schema import validate_against
+from tests.factories import simulator_fault_model
 from tests.kit import (
     CHAT_URL,
     FAST_REPLY_TOKENS,
@@ -255,6 +257,50 @@ async def test_a_stopped_stream_keeps_what_was_generated_marked_cancelled(
         retrieved = await client.chat.completions.retrieve(conversation.completion_id or "")
     assert retrieved.choices[0].message.content == reply.content
     assert retrieved.model_extra is not None and retrieved.model_extra["status"] == "cancelled"
+    # Not "stop" (a natural end): the stream was cut before any finish_reason, as its client saw it.
+    assert retrieved.choices[0].finish_reason is None
+
+
+async def test_a_refusal_reads_back_as_refusal_and_usage_with_its_details(api_key_secret, simulator, asgi_server):
+    """A stored refusal reads back as the model answered it (``message.refusal``, ``content`` null),
+    and a stored reply's ``usage`` keeps the provider's cached and reasoning tokens, as answered."""
+    refusing = await run_sync(
+        simulator_fault_model, base_url=simulator.base_url, name="refusing-model", fault="refusal"
+    )
+    caching = await run_sync(
+        simulator_fault_model,
+        base_url=simulator.base_url,
+        name="cache-model",
+        fault="cached-tokens=4, reasoning-tokens=7",
+    )
+    async with sdk(asgi_server, api_key_secret) as client:
+        refused = await client.chat.completions.create(model=refusing.name, messages=MESSAGES, store=True)
+        cached = await client.chat.completions.create(model=caching.name, messages=MESSAGES, store=True)
+        stream = await client.chat.completions.create(model=refusing.name, messages=MESSAGES, store=True, stream=True)
+        streamed_id = [chunk async for chunk in stream][0].id
+        refused_back = await client.chat.completions.retrieve(refused.id)
+        streamed_back = await client.chat.completions.retrieve(streamed_id)
+        cached_back = await client.chat.completions.retrieve(cached.id)
+
+    assert refused.choices[0].message.refusal == REFUSAL_TEXT
+    for completion in (refused_back, streamed_back):
+        assert completion.choices[0].message.refusal == REFUSAL_TEXT
+        assert completion.choices[0].message.content is None
+    assert cached.usage is not None and cached_back.usage is not None
+    assert cached_back.usage.prompt_tokens_details is not None
+    assert cached_back.usage.prompt_tokens_details.cached_tokens == 4
+    assert cached_back.usage.completion_tokens_details is not None
+    assert cached_back.usage.completion_tokens_details.reasoning_tokens == 7
+    assert cached_back.usage.model_dump() == cached.usage.model_dump()
+    for completion_id in (refused.id, cached.id):
+        status, body = await get_json(asgi_server, f"/v1/chat/completions/{completion_id}", api_key_secret)
+        assert status == 200
+        validate_against("CreateChatCompletionResponse", body)
+    # The conversation still shows what the model said, as a conversation reply keeps a refusal.
+    reply = await run_sync(
+        lambda: Message.objects.get(conversation__completion_id=refused.id, role=Message.Role.ASSISTANT)
+    )
+    assert reply.content == REFUSAL_TEXT
 
 
 async def test_scopes_reading_needs_read_and_storing_chat(asgi_server, user, sim_model):
