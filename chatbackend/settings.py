@@ -113,6 +113,8 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Audit rows of this request's writes name its user and client IP (accounts.audit).
     "accounts.audit.AuditRequestMiddleware",
+    # The admin's query strings that PostgreSQL or Django's date hierarchy would turn into a 500.
+    "chatbackend.admin_guard.AdminQueryGuardMiddleware",
     # Last, as django-axes asks: turns a lockout flagged during the admin's login into a 429.
     "axes.middleware.AxesMiddleware",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import pytest
 from django.utils import timezone
@@ -115,3 +116,68 @@ def test_usage_records_are_read_only(admin_site, user):
     assert 'name="_save"' not in view.content.decode()
     assert add.status_code == 403
     assert delete.status_code == 403
+
+
+def _registered_admins() -> list[tuple[str, Any]]:
+    from django.contrib import admin
+
+    return sorted(
+        (
+            (f"{model._meta.app_label}.{model._meta.model_name}", model_admin)
+            for model, model_admin in admin.site._registry.items()
+        ),
+        key=lambda item: item[0],
+    )
+
+
+@pytest.mark.parametrize(
+    ("label", "model_admin"), _registered_admins(), ids=lambda value: value if isinstance(value, str) else ""
+)
+def test_no_changelist_query_string_is_a_500(admin_site, user, label, model_admin):
+    """Any text field as a lookup with a NUL (PostgreSQL cannot compare it: a 500 before), and the
+    date hierarchy's years past 9998 (Django builds the next year's date: a 500 before), are Django's
+    answer to an invalid lookup, a redirect to ``?e=1``; the autocomplete's ``term`` likewise a 400."""
+    UsageRecordFactory(user=user)
+    opts = model_admin.model._meta
+    url = f"/admin/{opts.app_label}/{opts.model_name}/"
+    texts = [
+        field.name
+        for field in opts.get_fields()
+        if getattr(field, "get_internal_type", None) and field.get_internal_type() in ("CharField", "TextField")
+    ]
+    queries: list[dict[str, str]] = [{name: "\x00"} for name in texts[:3]]
+    queries += [{"q": "x", "all": "\x00"}, {"\x00": "1"}]
+    for lookup in ("exact", "startswith"):
+        queries += [{f"{name}__{lookup}": "a\x00"} for name in texts[:1]]
+    if model_admin.date_hierarchy:
+        year = f"{model_admin.date_hierarchy}__year"
+        queries += [
+            {year: "9999"},
+            {year: "99999999999999999999"},
+            {year: "9999", f"{model_admin.date_hierarchy}__month": "12"},
+            {year: "2026", f"{model_admin.date_hierarchy}__month": "99999999999999999999"},
+            {
+                year: "2026",
+                f"{model_admin.date_hierarchy}__month": "1",
+                f"{model_admin.date_hierarchy}__day": "99999999999999999999",
+            },
+        ]
+    for query in queries:
+        response = admin_site.get(url, query)
+        assert response.status_code == 302, (label, query, response.status_code)
+        assert response["Location"] == f"{url}?e=1"
+    # A query string Django checks itself still gets Django's answer; a plain one the page.
+    assert admin_site.get(url).status_code == 200
+    if model_admin.date_hierarchy:
+        assert admin_site.get(url, {f"{model_admin.date_hierarchy}__year": "2026"}).status_code == 200
+
+
+def test_the_autocomplete_term_with_a_nul_is_a_400(admin_site):
+    response = admin_site.get(
+        "/admin/autocomplete/", {"app_label": "llm", "model_name": "llmmodel", "field_name": "provider", "term": "\x00"}
+    )
+    assert response.status_code == 400
+    ok = admin_site.get(
+        "/admin/autocomplete/", {"app_label": "llm", "model_name": "llmmodel", "field_name": "provider", "term": "sim"}
+    )
+    assert ok.status_code == 200

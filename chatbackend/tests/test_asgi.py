@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from asgiref.sync import SyncToAsync
 from django.core.signals import request_finished, request_started
 
 from chatbackend.asgi import django_asgi_app, streaming_asgi_app
@@ -68,8 +69,10 @@ def test_lean_handler_loads_streaming_middleware_only() -> None:
     from corsheaders.middleware import CorsMiddleware
 
     assert isinstance(streaming_asgi_app, StreamingASGIHandler)
-    # Full chain: process_view of CsrfViewMiddleware; lean chain: none (CorsMiddleware has none).
-    assert len(django_asgi_app._view_middleware) == 1
+    # Full chain: process_view of CsrfViewMiddleware (a thread hop) and of the admin's query guard
+    # (a coroutine: none); lean chain: none (CorsMiddleware has none).
+    assert len(django_asgi_app._view_middleware) == 2
+    assert sum(isinstance(method, SyncToAsync) for method in django_asgi_app._view_middleware) == 1
     assert streaming_asgi_app._view_middleware == []
     assert CorsMiddleware.async_capable
 
