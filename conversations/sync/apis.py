@@ -22,7 +22,7 @@ import logging
 import re
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from django.conf import settings
 from django.db import transaction
@@ -222,6 +222,21 @@ def _invalid_endpoint(what: str) -> ApplicationError:
     )
 
 
+def _this_server_endpoint(request: HttpRequest, endpoint: str, what: str) -> SplitResult:
+    """Return ``endpoint`` split, when it is an http(s) URL of this server; else raise 400 ``invalid_endpoint``.
+
+    A string ``urlsplit`` cannot split (an unclosed IPv6 bracket: ``ValueError``) is no URL of this
+    server either.
+    """
+    try:
+        parts = urlsplit(endpoint)
+        if parts.scheme in ("http", "https") and _is_this_server(request, parts.netloc):
+            return parts
+    except ValueError:
+        pass
+    raise _invalid_endpoint(what)
+
+
 @_endpoint(basic=True)
 def webdav_proxy(request: HttpRequest, path: str) -> HttpResponseBase:
     """``GET|PUT /api/webdav/<path>?endpoint=<this server>/dav/...&proxy_method=MKCOL|GET|PUT``.
@@ -239,9 +254,7 @@ def webdav_proxy(request: HttpRequest, path: str) -> HttpResponseBase:
             code="method_not_allowed",
             status=405,
         )
-    parts = urlsplit(request.GET.get("endpoint", ""))
-    if parts.scheme not in ("http", "https") or not _is_this_server(request, parts.netloc):
-        raise _invalid_endpoint("WebDAV")
+    parts = _this_server_endpoint(request, request.GET.get("endpoint", ""), "WebDAV")
     endpoint_path = parts.path if parts.path.endswith("/") else parts.path + "/"
     if not endpoint_path.startswith(f"{DAV_PREFIX}/"):
         raise ApplicationError(
@@ -281,9 +294,7 @@ def upstash(request: HttpRequest, action: str, key: str) -> HttpResponseBase:
     principal = _bearer_principal(request)
     endpoint = request.GET.get("endpoint")
     if endpoint:
-        parts = urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not _is_this_server(request, parts.netloc):
-            raise _invalid_endpoint("Upstash")
+        _this_server_endpoint(request, endpoint, "Upstash")
     # A key with a NUL character is not NextChat's: no document's name holds one, and PostgreSQL
     # cannot compare text with it (a 500).
     match = None if holds_nul(key) else _UPSTASH_KEY.match(key)

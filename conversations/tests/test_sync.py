@@ -323,7 +323,14 @@ def test_webdav_proxy_serves_an_endpoint_folder_as_prefix(client, user, dav, mod
 
 @pytest.mark.parametrize(
     "endpoint",
-    ["https://dav.example.com/remote.php/dav/", "http://169.254.169.254/dav/", f"{BASE}/", "file:///etc/passwd", ""],
+    [
+        "https://dav.example.com/remote.php/dav/",
+        "http://169.254.169.254/dav/",
+        f"{BASE}/",
+        "file:///etc/passwd",
+        "",
+        "http://[::1/dav/",  # not a URL (urlsplit raises): a 500 before
+    ],
 )
 def test_webdav_proxy_refuses_endpoints_that_are_not_this_servers_dav(client, dav, endpoint) -> None:
     url = f"/api/webdav/{FOLDER}/backup.json?" + urlencode({"endpoint": endpoint})
@@ -451,8 +458,9 @@ def test_a_nul_character_in_an_upstash_key_is_no_nextchat_key(client, secret, pa
     assert not SyncDocument.objects.exists() and not SyncUploadChunk.objects.exists()
 
 
-def test_upstash_refuses_a_foreign_endpoint(client, secret) -> None:
-    url = f"{BASE}//api/upstash/get/{FOLDER}-chunk-count/?" + urlencode({"endpoint": "https://x.upstash.io"})
+@pytest.mark.parametrize("endpoint", ["https://x.upstash.io", "http://[::1"])
+def test_upstash_refuses_a_foreign_endpoint(client, secret, endpoint) -> None:
+    url = f"{BASE}//api/upstash/get/{FOLDER}-chunk-count/?" + urlencode({"endpoint": endpoint})
     response = client.get(url, headers={"Authorization": f"Bearer {secret}"})
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_endpoint"
