@@ -27,17 +27,19 @@ def completion_not_found_error(completion_id: str) -> NotFoundError:
     return NotFoundError(f"No stored chat completion found with id '{completion_id}'.", code="completion_not_found")
 
 
+def _replies() -> QuerySet[Message]:
+    """The assistant messages a model generated (a backend-measured ``duration_ms``; the request's are
+    written without one), oldest first: the stored completion's reply, then the conversation's later ones."""
+    return Message.objects.filter(role=Message.Role.ASSISTANT, duration_ms__isnull=False).order_by("pk")
+
+
 def _stored(*, actor: Principal) -> QuerySet[Conversation]:
     return (
         Conversation.objects.filter(
             owner=actor.user, organization=actor.organization, completion_id__isnull=False, deleted_at__isnull=True
         )
         .select_related("model")
-        .prefetch_related(
-            Prefetch(
-                "messages", queryset=Message.objects.filter(role=Message.Role.ASSISTANT), to_attr="assistant_messages"
-            )
-        )
+        .prefetch_related(Prefetch("messages", queryset=_replies(), to_attr="generated_replies"))
     )
 
 
@@ -56,11 +58,16 @@ def stored_completion_get_for(*, actor: Principal, completion_id: str) -> Conver
 
 
 def stored_completion_reply(conversation: Conversation) -> Message | None:
-    """Return the reply of a stored completion fetched by this module: its last assistant message."""
-    replies: list[Message] = getattr(conversation, "assistant_messages", None) or list(
-        conversation.messages.filter(role=Message.Role.ASSISTANT)
-    )
-    return max(replies, key=lambda message: message.pk) if replies else None
+    """Return the reply of a stored completion fetched by this module: its first generated assistant message.
+
+    Not its last: the conversation may be continued, regenerated or edited under ``/api/conversations/``
+    (README, "Stored completions"), and those later replies are not the completion's. Its request's
+    assistant messages (a history sent with it) were not generated here: they have no ``duration_ms``.
+    """
+    replies: list[Message] | None = getattr(conversation, "generated_replies", None)
+    if replies is None:
+        replies = list(_replies().filter(conversation=conversation)[:1])
+    return replies[0] if replies else None
 
 
 @dataclass(frozen=True)
@@ -118,10 +125,13 @@ def stored_completion_list(
 
 
 def stored_completion_messages(*, conversation: Conversation) -> list[Message]:
-    """Return the request messages of stored completion ``conversation``, in order: every message but the reply."""
-    messages = list(conversation.messages.order_by("pk"))
+    """Return the request messages of stored completion ``conversation``, in order: those written before its reply.
+
+    Messages added since (the conversation continued under ``/api/conversations/``) are not the request's.
+    """
     reply = stored_completion_reply(conversation)
-    return [message for message in messages if reply is None or message.pk != reply.pk]
+    messages = conversation.messages.order_by("pk")
+    return list(messages if reply is None else messages.filter(pk__lt=reply.pk))
 
 
 __all__ = [

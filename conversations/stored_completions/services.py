@@ -77,7 +77,7 @@ def stored_completion_save(*, plan: StoredChatCompletionPlan, outcome: ReplyOutc
         cached_tokens=outcome.usage.cached_tokens if provider_usage else None,
         reasoning_tokens=outcome.usage.reasoning_tokens if provider_usage else None,
         time_to_first_token_ms=outcome.time_to_first_token_ms,
-        duration_ms=outcome.duration_ms,
+        duration_ms=outcome.duration_ms,  # never None: tells the reply from the request's messages (selectors)
         error=error.message if error else "",
         error_code=error.code if error else "",
     )

@@ -137,6 +137,43 @@ async def test_the_sdk_stores_a_completion_then_lists_retrieves_and_reads_its_me
     validate_message_list(body)
 
 
+async def test_a_stored_completion_continued_as_a_conversation_reads_back_unchanged(
+    asgi_server, api_key_secret, sim_model
+):
+    """README: a stored completion is a conversation that can be continued; what its /v1 endpoints
+    read back is still the completion as answered, not the conversation's newest reply."""
+    history: Any = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello, what shall we talk about?"},  # a history, not generated here
+        {"role": "user", "content": "Rivers"},
+    ]
+    async with sdk(asgi_server, api_key_secret) as client:
+        created = await client.chat.completions.create(model="sim-model", messages=history, store=True)
+    [conversation] = await run_sync(stored)
+    async with httpx.AsyncClient(base_url=asgi_server, timeout=30) as http:
+        sent = await http.post(
+            f"/api/conversations/{conversation.pk}/messages/",
+            json={"content": "And now something else entirely, at some length"},
+            headers=bearer(api_key_secret),
+        )
+        assert sent.status_code == 201
+        reply_id = sent.json()["assistant_message"]["id"]
+        regenerated = await http.post(
+            f"/api/conversations/{conversation.pk}/messages/{reply_id}/regenerate/", headers=bearer(api_key_secret)
+        )
+        assert regenerated.status_code == 201
+    async with sdk(asgi_server, api_key_secret) as client:
+        retrieved = await client.chat.completions.retrieve(created.id)
+        [listed] = (await client.chat.completions.list()).data
+        messages = await client.chat.completions.messages.list(created.id)
+
+    for completion in (retrieved, listed):
+        assert completion.choices[0].message.content == created.choices[0].message.content
+        assert completion.usage is not None and created.usage is not None
+        assert completion.usage.total_tokens == created.usage.total_tokens
+    assert [(m.role, m.content) for m in messages.data] == [(m["role"], m["content"]) for m in history]
+
+
 async def test_without_store_nothing_is_stored(asgi_server, api_key_secret, sim_model):
     async with sdk(asgi_server, api_key_secret) as client:
         await client.chat.completions.create(model="sim-model", messages=MESSAGES)
