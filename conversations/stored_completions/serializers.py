@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from rest_framework import serializers
 
-from llm.openai.chat_serializers import ChatCompletionOutputSerializer
+from llm.openai.chat_serializers import ChatCompletionChoiceOutputSerializer, ChatCompletionOutputSerializer
 from llm.openai.fields import MetadataField
 
 from ..models import Message
@@ -21,9 +21,18 @@ class StoredCompletionUpdateInputSerializer(serializers.Serializer):
     metadata = MetadataField(allow_null=True)
 
 
+class StoredCompletionChoiceOutputSerializer(ChatCompletionChoiceOutputSerializer):
+    """The choice of a stored completion: ``finish_reason`` null for a reply stopped or cut off before one came."""
+
+    finish_reason = serializers.CharField(
+        allow_null=True, help_text="stop, length, tool_calls or content_filter; null: stopped or cut off before any"
+    )
+
+
 class StoredCompletionOutputSerializer(ChatCompletionOutputSerializer):
     """A stored chat completion: a ``chat.completion`` with its ``metadata`` and ``status``."""
 
+    choices = StoredCompletionChoiceOutputSerializer(many=True)  # type: ignore[assignment]
     metadata = serializers.DictField(child=serializers.CharField(allow_blank=True))
     status = serializers.ChoiceField(
         choices=[Message.Status.COMPLETED, Message.Status.CANCELLED, Message.Status.FAILED],
@@ -73,6 +82,7 @@ class StoredCompletionDeletedOutputSerializer(serializers.Serializer):
 
 
 __all__ = [
+    "StoredCompletionChoiceOutputSerializer",
     "StoredCompletionDeletedOutputSerializer",
     "StoredCompletionListOutputSerializer",
     "StoredCompletionMessageListOutputSerializer",
