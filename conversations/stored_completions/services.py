@@ -42,12 +42,12 @@ def stored_completion_save(*, plan: StoredChatCompletionPlan, outcome: ReplyOutc
     ``conversations.services.reply_finish`` writes one: text, status (a stopped reply is
     ``cancelled``, a failed one ``failed``, with its ``error``), the model that served it, tokens,
     timings, and what OpenAI answers apart: the refusal, the provider's cached and reasoning tokens.
-    One transaction. Nothing is kept for a reply that failed before producing any output (its
-    client got an error status), nor twice (a second call for the same id is a no-op), nor
-    when the requested model was deleted since (returns None).
+    One transaction. Nothing is kept for a reply its client got as an error status: one that failed
+    before producing any output, or a whole (not streamed) reply that failed at all; nor twice (a
+    second call for the same id is a no-op), nor when the requested model was deleted since (returns None).
     """
-    if outcome.status is ReplyStatus.FAILED and outcome.time_to_first_token_ms is None:
-        return None
+    if outcome.status is ReplyStatus.FAILED and (not plan.stream or outcome.time_to_first_token_ms is None):
+        return None  # its client got an error status, not a completion (a whole reply's output is never sent)
     usage = plan.usage
     model_id = usage.model_id if usage is not None else None
     if model_id is None or not LLMModel.objects.filter(pk=model_id).exists():

@@ -31,6 +31,8 @@ from tests.kit import (
     assert_error,
     bearer,
     chat_body,
+    chunk_text,
+    sse_data,
     usage_records,
 )
 
@@ -338,6 +340,29 @@ async def test_a_refusal_reads_back_as_refusal_and_usage_with_its_details(api_ke
         lambda: Message.objects.get(conversation__completion_id=refused.id, role=Message.Role.ASSISTANT)
     )
     assert reply.content == REFUSAL_TEXT
+
+
+async def test_a_reply_cut_off_keeps_a_stream_but_not_a_whole_reply_answered_with_an_error(
+    api_key_secret, simulator, asgi_server
+):
+    """The upstream drops the connection after 3 tokens: a stream's client got those tokens, and the
+    completion is kept ``failed`` with them; a ``stream: false`` client got a 502, not a completion
+    (nor its id), and nothing is kept, as for a request that failed before any output."""
+    dropping = await run_sync(
+        simulator_fault_model, base_url=simulator.base_url, name="drop-model", fault="drop-after=3"
+    )
+    headers = {"Content-Type": "application/json", **bearer(api_key_secret)}
+    async with httpx.AsyncClient(base_url=asgi_server, timeout=30) as http:
+        whole = await http.post(CHAT_URL, json=chat_body(dropping.name, store=True), headers=headers)
+        assert whole.status_code == 502
+        streamed = await http.post(CHAT_URL, json=chat_body(dropping.name, store=True, stream=True), headers=headers)
+        assert streamed.status_code == 200
+    [conversation] = await run_sync(stored)
+    reply = await run_sync(lambda: conversation.messages.get(role=Message.Role.ASSISTANT))
+    assert reply.status == Message.Status.FAILED and reply.error_code == "upstream_disconnected"
+    received = chunk_text(json.loads(data) for data in sse_data(streamed.content) if data.startswith('{"id"'))
+    assert reply.content == received and received  # what its client got before the cut
+    assert len(await usage_records()) == 2  # both billed for what was generated
 
 
 async def test_scopes_reading_needs_read_and_storing_chat(asgi_server, user, sim_model):
