@@ -12,9 +12,13 @@ those of ``auth`` and ``token_blacklist``):
   "invalid lookup" answer, so a year past 9998 or too large for a C long is an ``OverflowError`` or
   ``ValueError``, a 500 (``django.contrib.admin.views.main.ChangeList.get_filters``).
 
-``AdminQueryGuardMiddleware`` answers such a request on a changelist as Django answers any invalid
-lookup there (``ModelAdmin.changelist_view``: a redirect to ``?e=1``, which shows "Database error"
-once, then the page), and on any other admin view with a 400.
+- an action posted to a changelist filters ``pk__in`` the posted ``_selected_action`` values
+  (``ModelAdmin.response_action``): one that is not a primary key (``abc``, ``1.5``, empty) is a
+  ``ValueError`` in the ORM, a 500.
+
+``AdminQueryGuardMiddleware`` answers such a query string on a changelist as Django answers any
+invalid lookup there (``ModelAdmin.changelist_view``: a redirect to ``?e=1``, which shows "Database
+error" once, then the page), and on any other admin view, or such an action, with a 400.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.admin.views.main import ERROR_FLAG
+from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponseBadRequest, HttpResponseRedirect
 from django.http.response import HttpResponseBase
 from django.utils.deprecation import MiddlewareMixin
@@ -56,8 +62,27 @@ def admin_query_refused(request: HttpRequest) -> bool:
     return False
 
 
+def admin_selection_refused(request: HttpRequest, view_func: Callable[..., Any]) -> bool:
+    """Return whether ``request`` posts an admin action with a selected object id that is not a primary
+    key of the changelist's model (``view_func.model_admin``: Django sets it on each model admin view)."""
+    if request.method != "POST" or ACTION_CHECKBOX_NAME not in request.POST:
+        return False
+    model_admin = getattr(view_func, "model_admin", None)
+    if model_admin is None:
+        return False
+    pk = model_admin.model._meta.pk
+    for value in request.POST.getlist(ACTION_CHECKBOX_NAME):
+        if holds_nul(value) or value in pk.empty_values:
+            return True
+        try:
+            pk.to_python(value)
+        except ValidationError:
+            return True
+    return False
+
+
 class AdminQueryGuardMiddleware(MiddlewareMixin):
-    """Refuse an admin request whose query string would be a 500 (``admin_query_refused``); other views: untouched.
+    """Refuse an admin request that would be a 500 (``admin_query_refused``, ``admin_selection_refused``).
 
     Runs in ``process_view``, where the URL is resolved: only views of the ``admin`` application
     (``admin.site.urls``) are checked, whatever their URL prefix. ``process_view`` is a coroutine:
@@ -69,11 +94,16 @@ class AdminQueryGuardMiddleware(MiddlewareMixin):
         self, request: HttpRequest, view_func: Callable[..., Any], view_args: Any, view_kwargs: Any
     ) -> HttpResponseBase | None:
         match = request.resolver_match
-        if match is None or match.app_name != "admin" or not admin_query_refused(request):
+        if match is None or match.app_name != "admin":
             return None
-        if (match.url_name or "").endswith("_changelist"):  # as ModelAdmin.changelist_view answers a bad lookup
-            return HttpResponseRedirect(f"{request.path}?{ERROR_FLAG}=1")
-        return HttpResponseBadRequest("This query string is not valid here.", content_type="text/plain")
+        changelist = (match.url_name or "").endswith("_changelist")
+        if admin_query_refused(request):
+            if changelist:  # as ModelAdmin.changelist_view answers a bad lookup
+                return HttpResponseRedirect(f"{request.path}?{ERROR_FLAG}=1")
+            return HttpResponseBadRequest("This query string is not valid here.", content_type="text/plain")
+        if changelist and admin_selection_refused(request, view_func):
+            return HttpResponseBadRequest("A selected object id is not valid.", content_type="text/plain")
+        return None
 
 
-__all__ = ["AdminQueryGuardMiddleware", "admin_query_refused"]
+__all__ = ["AdminQueryGuardMiddleware", "admin_query_refused", "admin_selection_refused"]

@@ -181,3 +181,24 @@ def test_the_autocomplete_term_with_a_nul_is_a_400(admin_site):
         "/admin/autocomplete/", {"app_label": "llm", "model_name": "llmmodel", "field_name": "provider", "term": "sim"}
     )
     assert ok.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("label", "model_admin"), _registered_admins(), ids=lambda value: value if isinstance(value, str) else ""
+)
+def test_no_action_on_an_id_that_is_not_a_primary_key_is_a_500(admin_site, superuser, rf, label, model_admin):
+    """Every action of every model admin, posted with a selected id that is not a primary key (Django
+    filters pk__in with it: a ValueError, a 500 before), is a 400; a real selection still works."""
+    opts = model_admin.model._meta
+    url = f"/admin/{opts.app_label}/{opts.model_name}/"
+    request = rf.get(url)
+    request.user = superuser
+    actions = list(model_admin.get_actions(request))  # none for a read-only admin (messages, outstanding tokens)
+    for action in actions:
+        for selected in ("abc", "1.5", "", "\x00"):
+            response = admin_site.post(url, {"action": action, "_selected_action": selected, "index": "0"})
+            assert response.status_code == 400, (label, action, selected, response.status_code)
+    # An id that names nothing gets Django's own answer (no 500), as before.
+    for action in actions[:1]:
+        response = admin_site.post(url, {"action": action, "_selected_action": "99999999", "index": "0"})
+        assert response.status_code in (200, 302), (label, response.status_code)
