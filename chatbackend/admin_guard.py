@@ -16,6 +16,12 @@ those of ``auth`` and ``token_blacklist``):
   (``ModelAdmin.response_action``): one that is not a primary key (``abc``, ``1.5``, empty) is a
   ``ValueError`` in the ORM, a 500.
 
+- a form posted with a value that is not a key of the related model in an ``autocomplete_fields``
+  field is shown again with the field's error, but Django's ``AutocompleteSelect`` first looks the
+  posted value up to render it as selected (``pk__in``): a ``ValueError``, a 500.
+  ``AutocompleteGuardMixin`` (on every model admin and inline with autocomplete fields) gives them
+  ``AutocompleteSelect``, which renders only values that are keys.
+
 ``AdminQueryGuardMiddleware`` answers such a query string on a changelist as Django answers any
 invalid lookup there (``ModelAdmin.changelist_view``: a redirect to ``?e=1``, which shows "Database
 error" once, then the page), and on any other admin view, or such an action, with a 400.
@@ -24,9 +30,10 @@ error" once, then the page), and on any other admin view, or such an action, wit
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from django.contrib.admin import widgets
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.admin.views.main import ERROR_FLAG
 from django.core.exceptions import ValidationError
@@ -81,6 +88,34 @@ def admin_selection_refused(request: HttpRequest, view_func: Callable[..., Any])
     return False
 
 
+class AutocompleteSelect(widgets.AutocompleteSelect):
+    """Django's autocomplete widget, rendering as selected only values that are keys of the related model."""
+
+    def optgroups(self, name: str, value: Sequence[str], attr: dict[str, Any] | None = None) -> Any:
+        remote = self.field.remote_field
+        opts = remote.model._meta
+        target = opts.get_field(getattr(remote, "field_name", None) or opts.pk.name)
+        keys = []
+        for item in value:
+            try:
+                if not holds_nul(str(item)):
+                    target.to_python(item)
+                    keys.append(item)
+            except ValidationError:
+                pass  # not a key: the form's field reports it; nothing to render as selected
+        return super().optgroups(name, keys, attr)
+
+
+class AutocompleteGuardMixin:
+    """Give a model admin's or inline's ``autocomplete_fields`` foreign keys ``AutocompleteSelect``."""
+
+    def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        model_admin: Any = self
+        if "widget" not in kwargs and db_field.name in model_admin.get_autocomplete_fields(request):
+            kwargs["widget"] = AutocompleteSelect(db_field, model_admin.admin_site, using=kwargs.get("using"))
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)  # type: ignore[misc]
+
+
 class AdminQueryGuardMiddleware(MiddlewareMixin):
     """Refuse an admin request that would be a 500 (``admin_query_refused``, ``admin_selection_refused``).
 
@@ -106,4 +141,10 @@ class AdminQueryGuardMiddleware(MiddlewareMixin):
         return None
 
 
-__all__ = ["AdminQueryGuardMiddleware", "admin_query_refused", "admin_selection_refused"]
+__all__ = [
+    "AdminQueryGuardMiddleware",
+    "AutocompleteGuardMixin",
+    "AutocompleteSelect",
+    "admin_query_refused",
+    "admin_selection_refused",
+]

@@ -13,6 +13,8 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 
+from chatbackend.admin_guard import AutocompleteGuardMixin
+
 from .models import (
     Conversation,
     ConversationTemplate,
@@ -230,7 +232,7 @@ class ConversationTemplateAdmin(admin.ModelAdmin):
 
 
 @admin.register(RetentionPolicy)
-class RetentionPolicyAdmin(admin.ModelAdmin):
+class RetentionPolicyAdmin(AutocompleteGuardMixin, admin.ModelAdmin):
     """How long each organization keeps conversations (applied hourly: ``conversations.retention``)."""
 
     list_display = ("organization", "delete_after_days", "trash_purge_after_days", "updated_at")

@@ -18,6 +18,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from accounts.admin import AuditedModelAdmin
+from chatbackend.admin_guard import AutocompleteGuardMixin
 
 from .models import Deployment, LLMModel, ModelAlias, Provider
 from .services import llm_model_connection_test
@@ -111,7 +112,7 @@ class ProviderAdmin(AuditedModelAdmin):
             _report_connection_test(self, request, model, f"Provider {provider.name!r}")
 
 
-class DeploymentInline(admin.TabularInline):
+class DeploymentInline(AutocompleteGuardMixin, admin.TabularInline):
     """The model's deployments (``llm.routing``): empty, the model's own provider serves it."""
 
     model = Deployment
@@ -130,7 +131,7 @@ class DeploymentInline(admin.TabularInline):
 
 
 @admin.register(LLMModel)
-class LLMModelAdmin(AuditedModelAdmin):
+class LLMModelAdmin(AutocompleteGuardMixin, AuditedModelAdmin):
     list_display = (
         "name",
         "provider",
@@ -160,7 +161,7 @@ class LLMModelAdmin(AuditedModelAdmin):
 
 
 @admin.register(ModelAlias)
-class ModelAliasAdmin(AuditedModelAdmin):
+class ModelAliasAdmin(AutocompleteGuardMixin, AuditedModelAdmin):
     """Aliases: other names for models. A name already a model's is refused on the form (``ModelAlias.clean``)."""
 
     list_display = ("name", "model", "enabled", "updated_at")

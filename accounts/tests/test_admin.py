@@ -202,3 +202,30 @@ def test_no_action_on_an_id_that_is_not_a_primary_key_is_a_500(admin_site, super
     for action in actions[:1]:
         response = admin_site.post(url, {"action": action, "_selected_action": "99999999", "index": "0"})
         assert response.status_code in (200, 302), (label, response.status_code)
+
+
+@pytest.mark.parametrize(
+    ("label", "model_admin"),
+    [(label, model_admin) for label, model_admin in _registered_admins() if model_admin.autocomplete_fields],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+def test_a_form_posted_with_an_autocomplete_value_that_is_no_key_shows_its_error(
+    admin_site, superuser, rf, label, model_admin
+):
+    """An autocomplete field (and one of an inline) posted with a value that is not a key: the form
+    again with the field's error (Django's widget looked the value up to render it: a 500 before)."""
+    opts = model_admin.model._meta
+    url = f"/admin/{opts.app_label}/{opts.model_name}/add/"
+    request = rf.get(url)
+    request.user = superuser
+    posts: list[dict[str, str]] = []
+    for value in ("abc", "1.5", "\x00", "99999999999999999999"):
+        posts += [{name: value} for name in model_admin.autocomplete_fields]
+        for inline in model_admin.get_inline_instances(request):
+            prefix = inline.get_formset(request).get_default_prefix()
+            management = {f"{prefix}-TOTAL_FORMS": "1", f"{prefix}-INITIAL_FORMS": "0"}
+            posts += [{**management, f"{prefix}-0-{name}": value} for name in inline.autocomplete_fields]
+    for data in posts:
+        response = admin_site.post(url, data)
+        assert response.status_code == 200, (label, data, response.status_code)
+        assert "errornote" in response.content.decode()
