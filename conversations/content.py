@@ -15,6 +15,25 @@ def storable_text(value: str) -> str:
     return value.replace("\x00", "")
 
 
+def storable_tool_calls(tool_calls: Any) -> list[Any] | None:
+    """Return OpenAI ``tool_calls`` (a message's list, as sent or answered) storable in a JSON column:
+    None for no list or an empty one; its strings without null characters, which PostgreSQL's
+    ``jsonb`` cannot hold (``storable_text``)."""
+    if not isinstance(tool_calls, list | tuple) or not tool_calls:
+        return None
+    return [_storable_json(call) for call in tool_calls]
+
+
+def _storable_json(value: Any) -> Any:
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, dict):
+        return {storable_text(str(key)): _storable_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable_json(item) for item in value]
+    return value
+
+
 def content_text(content: Any, *, separator: str) -> str:
     """Return the text of an OpenAI-shaped message ``content``, storable (``storable_text``).
 

@@ -99,7 +99,9 @@ class Message(models.Model):
     A stored ``/v1`` completion's reply (``stored_completions``) also keeps what OpenAI answers apart:
     ``refusal``, the end of ``content`` that the model said declining (``content`` holds the whole
     text, as a person reads it), and ``cached_tokens`` / ``reasoning_tokens``, the provider's usage
-    breakdown (None when the provider reported no usage: counted by our tokenizer).
+    breakdown (None when the provider reported no usage: counted by our tokenizer), and ``tool_calls``,
+    an assistant message's OpenAI tool calls (``[{"id", "type", "function": {"name", "arguments"}}]``;
+    None when it made none): the request's assistant turns' and the reply's.
     """
 
     class Role(models.TextChoices):
@@ -137,6 +139,7 @@ class Message(models.Model):
     cached_tokens = models.PositiveIntegerField(null=True, blank=True)
     reasoning_tokens = models.PositiveIntegerField(null=True, blank=True)
     refusal = models.TextField(blank=True, default="")
+    tool_calls = models.JSONField(null=True, blank=True)
     time_to_first_token_ms = models.FloatField(null=True, blank=True)
     duration_ms = models.FloatField(null=True, blank=True)
     error = models.TextField(blank=True, default="")

@@ -63,7 +63,7 @@ from chatbackend.handlers import request_cancelled_by_server
 from chatbackend.http import EventStreamResponse
 from chatbackend.liveness import start_heartbeat
 
-from .providers import ChatChunk, ChatRequest, ProviderConfig, Usage
+from .providers import ChatChunk, ChatRequest, ProviderConfig, Usage, tool_calls_merged
 from .routing import DeploymentConfig, ModelRoute, Router
 from .tokens import COUNTED, ESTIMATE_TOKENIZER, Tokenizer
 
@@ -114,7 +114,8 @@ class ReplyOutcome:
     or the fallback that answered when the model's every deployment failed. ``content`` /
     ``reasoning_content`` / ``refusal``: all text streamed (``refusal``: what the model said when it
     declined, OpenAI's ``refusal``; ``text`` joins it to ``content`` for interfaces without a place
-    for it). ``usage``: token counts; ``usage_source`` says whose:
+    for it). ``tool_calls``: the whole tool calls streamed (``llm.providers.tool_calls_merged``).
+    ``usage``: token counts; ``usage_source`` says whose:
     ``"provider"`` (its usage report), else the plan's tokenizer's (``llm.tokens``): ``"counted"``
     by the model's tokenizer or ``"estimated"`` (``UsageRecord.TokenSource`` values); 0 tokens when
     the reply ended before its upstream request was sent. Times in milliseconds from the upstream
@@ -133,6 +134,7 @@ class ReplyOutcome:
     duration_ms: float
     error: ApplicationError | None = None
     refusal: str = ""
+    tool_calls: tuple[dict[str, Any], ...] = ()
 
     @property
     def text(self) -> str:
@@ -288,6 +290,7 @@ class Reply(Generic[P]):
         self._content: list[str] = []
         self._reasoning: list[str] = []
         self._refusal: list[str] = []
+        self._tool_calls: list[dict[str, Any]] = []  # delivered ``delta.tool_calls`` entries
         self._chunks_with_output = 0
         self._finish_reason: str | None = None
         self._usage: Usage | None = None
@@ -505,6 +508,8 @@ class Reply(Generic[P]):
                 self._refusal.append(chunk.refusal)
             if chunk.reasoning_content:
                 self._reasoning.append(chunk.reasoning_content)
+            if chunk.tool_calls:
+                self._tool_calls.extend(chunk.tool_calls)
         if self._checkpoints and time.monotonic() >= self._next_checkpoint:
             self._checkpoint()
 
@@ -578,6 +583,7 @@ class Reply(Generic[P]):
             duration_ms=(time.perf_counter() - self._started) * 1000,
             error=error,
             refusal=refusal,
+            tool_calls=tuple(tool_calls_merged(self._tool_calls)) if self._tool_calls else (),
         )
         return self.outcome
 

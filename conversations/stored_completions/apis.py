@@ -55,7 +55,8 @@ def completion_object(conversation: Conversation) -> dict[str, Any]:
 
     As the client was answered (``llm.openai.apis``): a refusal is the message's ``refusal`` (its
     ``content`` then null when the model said nothing else), ``usage`` carries the provider's
-    ``prompt_tokens_details`` / ``completion_tokens_details`` when it reported them. A reply stopped
+    ``prompt_tokens_details`` / ``completion_tokens_details`` when it reported them, its tool calls are
+    the message's ``tool_calls`` (``content`` null when it said nothing else). A reply stopped
     or cut off before the upstream sent a ``finish_reason`` has ``finish_reason: null`` (as its
     stream had none; ``status`` says ``cancelled`` or ``failed``), not ``stop``, a natural end.
     """
@@ -66,6 +67,7 @@ def completion_object(conversation: Conversation) -> dict[str, Any]:
     refusal = reply.refusal if reply else ""
     if refusal and text.endswith(refusal):  # ``content`` holds the whole text; the refusal is its end
         text = text[: len(text) - len(refusal)]
+    tool_calls = reply.tool_calls if reply else None
     status = reply.status if reply else Message.Status.COMPLETED.value
     finish_reason: str | None = (reply.finish_reason if reply else "") or (
         "stop" if status == Message.Status.COMPLETED else None
@@ -88,8 +90,9 @@ def completion_object(conversation: Conversation) -> dict[str, Any]:
                 "index": 0,
                 "message": {
                     "role": "assistant",
-                    "content": text if text or not refusal else None,
+                    "content": text if text or not (refusal or tool_calls) else None,
                     "refusal": refusal or None,
+                    **({"tool_calls": tool_calls} if tool_calls else {}),
                 },
                 "logprobs": None,
                 "finish_reason": finish_reason,
@@ -102,13 +105,18 @@ def completion_object(conversation: Conversation) -> dict[str, Any]:
 
 
 def _message_object(completion_id: str, index: int, message: Message) -> dict[str, Any]:
-    return {
+    """One message of ``ChatCompletionMessageList``; an assistant turn's ``tool_calls`` with it (its
+    ``content`` then null when it said nothing else, as OpenAI sends such a turn)."""
+    item = {
         "id": f"{completion_id}-{index}",
         "role": message.role,
-        "content": message.content,
+        "content": message.content if message.content or not message.tool_calls else None,
         "refusal": None,
         "content_parts": None,
     }
+    if message.tool_calls:
+        item["tool_calls"] = message.tool_calls
+    return item
 
 
 def _list_object(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:

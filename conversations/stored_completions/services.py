@@ -18,7 +18,7 @@ from llm.models import LLMModel
 from llm.openai.services import StoredChatCompletionPlan
 from llm.streaming import PROVIDER, ReplyOutcome, ReplyStatus
 
-from ..content import content_text, storable_text
+from ..content import content_text, storable_text, storable_tool_calls
 from ..models import Conversation, Message
 from ..services import conversation_delete, message_chain
 
@@ -42,6 +42,7 @@ def stored_completion_save(*, plan: StoredChatCompletionPlan, outcome: ReplyOutc
     ``conversations.services.reply_finish`` writes one: text, status (a stopped reply is
     ``cancelled``, a failed one ``failed``, with its ``error``), the model that served it, tokens,
     timings, and what OpenAI answers apart: the refusal, the provider's cached and reasoning tokens.
+    Assistant messages keep their ``tool_calls`` (the request's as sent, the reply's as streamed).
     One transaction. Nothing is kept for a reply its client got as an error status: one that failed
     before producing any output, or a whole (not streamed) reply that failed at all; nor twice (a
     second call for the same id is a no-op), nor when the requested model was deleted since (returns None).
@@ -57,6 +58,7 @@ def stored_completion_save(*, plan: StoredChatCompletionPlan, outcome: ReplyOutc
         Message(
             role=_role(message.get("role")),
             content=content_text(message.get("content"), separator=""),
+            tool_calls=storable_tool_calls(message.get("tool_calls")) if message.get("role") == "assistant" else None,
             status=Message.Status.COMPLETED,
         )
         for message in plan.request.messages
@@ -68,6 +70,7 @@ def stored_completion_save(*, plan: StoredChatCompletionPlan, outcome: ReplyOutc
         role=Message.Role.ASSISTANT,
         content=storable_text(outcome.text),  # a refusal kept as the reply's text, not lost
         refusal=storable_text(outcome.refusal),  # ... and apart, to read back as OpenAI's ``refusal``
+        tool_calls=storable_tool_calls(outcome.tool_calls),
         status=outcome.status.value,
         model_name=outcome.model_name,
         finish_reason=outcome.finish_reason or "",

@@ -22,7 +22,7 @@ from conversations.models import Conversation, Message
 from llm.simulator import reply_text
 from llm.simulator.wire import REFUSAL_TEXT
 from llm.tests.openai_schema import validate_against
-from tests.factories import simulator_fault_model
+from tests.factories import LLMModelFactory, ProviderFactory, simulator_fault_model
 from tests.kit import (
     CHAT_URL,
     FAST_REPLY_TOKENS,
@@ -340,6 +340,71 @@ async def test_a_refusal_reads_back_as_refusal_and_usage_with_its_details(api_ke
         lambda: Message.objects.get(conversation__completion_id=refused.id, role=Message.Role.ASSISTANT)
     )
     assert reply.content == REFUSAL_TEXT
+
+
+TOOLS: Any = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+
+
+async def test_tool_calls_read_back_as_answered_and_as_sent(api_key_secret, simulator, asgi_server):
+    """The reply's tool calls (streamed or whole) and the request's assistant tool calls are kept:
+    ``retrieve`` answers them as ``message.tool_calls``, ``messages.list`` with their turns."""
+    await run_sync(
+        lambda: LLMModelFactory(
+            name="claude-tools",
+            provider=ProviderFactory(name="sim-anthropic", kind="anthropic", base_url=simulator.root_url, api_key=""),
+            upstream_model="sim-1",
+        )
+    )
+    earlier = {"id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}
+    messages: Any = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [earlier]},
+        {"role": "tool", "tool_call_id": "call_0", "content": "Sunny"},
+        {"role": "assistant", "content": "Sunny in Oslo."},
+        {"role": "user", "content": "And in Paris?"},
+    ]
+    async with sdk(asgi_server, api_key_secret) as client:
+        whole = await client.chat.completions.create(model="claude-tools", messages=messages, tools=TOOLS, store=True)
+        stream = await client.chat.completions.create(
+            model="claude-tools", messages=messages, tools=TOOLS, store=True, stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+        streamed_id = chunks[0].id
+        whole_back = await client.chat.completions.retrieve(whole.id)
+        streamed_back = await client.chat.completions.retrieve(streamed_id)
+        listed = [message async for message in client.chat.completions.messages.list(whole.id)]
+
+    answered = whole.choices[0].message.tool_calls
+    assert answered and answered[0].function.name == "get_weather"
+    deltas = [call for chunk in chunks if chunk.choices for call in chunk.choices[0].delta.tool_calls or ()]
+    streamed = {
+        "id": deltas[0].id,
+        "type": "function",
+        "function": {"name": deltas[0].function.name, "arguments": "".join(d.function.arguments or "" for d in deltas)},
+    }
+    for completion, expected in ((whole_back, [call.model_dump() for call in answered]), (streamed_back, [streamed])):
+        choice = completion.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        assert choice.message.tool_calls is not None
+        assert [call.model_dump() for call in choice.message.tool_calls] == expected
+    assert [message.role for message in listed] == ["user", "assistant", "tool", "assistant", "user"]
+    assert listed[1].tool_calls is not None and listed[1].tool_calls[0].model_dump() == earlier
+    assert listed[1].content is None and listed[0].tool_calls is None
+    status, body = await get_json(asgi_server, f"/v1/chat/completions/{whole.id}", api_key_secret)
+    assert status == 200
+    validate_against("CreateChatCompletionResponse", body)
+    status, page = await get_json(asgi_server, f"/v1/chat/completions/{whole.id}/messages", api_key_secret)
+    assert status == 200
+    validate_message_list(page)
 
 
 async def test_a_reply_cut_off_keeps_a_stream_but_not_a_whole_reply_answered_with_an_error(

@@ -98,28 +98,6 @@ async def chat_completions(request: HttpRequest, principal: Principal) -> HttpRe
     return response
 
 
-def _merge_tool_calls(calls: dict[int, dict[str, Any]], deltas: list[dict[str, Any]]) -> None:
-    """Fold streamed ``delta.tool_calls`` entries into whole tool calls, keyed by ``index``.
-
-    The entry with an ``id`` starts a call; later entries append ``function.arguments``.
-    """
-    for entry in deltas:
-        function = entry.get("function") or {}
-        call = calls.get(entry.get("index", 0))
-        if call is None:
-            calls[entry.get("index", 0)] = {
-                "id": entry.get("id") or "",
-                "type": entry.get("type") or "function",
-                "function": {"name": function.get("name") or "", "arguments": function.get("arguments") or ""},
-            }
-            continue
-        if entry.get("id") and not call["id"]:
-            call["id"] = entry["id"]
-        if function.get("name") and not call["function"]["name"]:
-            call["function"]["name"] = function["name"]
-        call["function"]["arguments"] += function.get("arguments") or ""
-
-
 def _merge_logprobs(merged: dict[str, list[Any] | None] | None, chunk: dict[str, Any]) -> dict[str, list[Any] | None]:
     """Append a streamed chunk's ``logprobs`` lists (``content``, ``refusal``) to ``merged``; return it.
 
@@ -148,7 +126,6 @@ async def _chat_completion_whole(reply: Reply[ChatCompletionPlan]) -> JsonRespon
     (``url_citation`` objects) are the message's ``annotations``, as they came; its last
     ``system_fingerprint`` is the completion's (left out when it sent none).
     """
-    tool_calls: dict[int, dict[str, Any]] = {}
     logprobs: dict[str, list[Any] | None] | None = None
     annotations: list[dict[str, Any]] = []
     system_fingerprint: str | None = None
@@ -158,8 +135,6 @@ async def _chat_completion_whole(reply: Reply[ChatCompletionPlan]) -> JsonRespon
                 if event.chunks[0].system_fingerprint:
                     system_fingerprint = event.chunks[0].system_fingerprint
                 for chunk in event.chunks:
-                    if chunk.tool_calls:
-                        _merge_tool_calls(tool_calls, chunk.tool_calls)
                     if chunk.logprobs:
                         logprobs = _merge_logprobs(logprobs, chunk.logprobs)
                     if chunk.annotations:
@@ -168,6 +143,7 @@ async def _chat_completion_whole(reply: Reply[ChatCompletionPlan]) -> JsonRespon
                 return error_response(event.error)
     outcome = reply.outcome
     assert outcome is not None  # noqa: S101 - set when the events end
+    tool_calls = list(outcome.tool_calls)
     message: dict[str, Any] = {
         "role": "assistant",
         "content": outcome.content if outcome.content or not (tool_calls or outcome.refusal) else None,
@@ -178,7 +154,7 @@ async def _chat_completion_whole(reply: Reply[ChatCompletionPlan]) -> JsonRespon
     if outcome.reasoning_content:
         message["reasoning_content"] = outcome.reasoning_content
     if tool_calls:
-        message["tool_calls"] = [tool_calls[index] for index in sorted(tool_calls)]
+        message["tool_calls"] = tool_calls
     plan = reply.plan
     completion: dict[str, Any] = {
         "id": plan.reply_id,

@@ -15,7 +15,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-from .base import ChatChunk, ChatProvider, ChatRequest, ProviderConfig, UpstreamError, Usage
+from .base import ChatChunk, ChatProvider, ChatRequest, ProviderConfig, UpstreamError, Usage, tool_calls_merged
 
 __all__ = [
     "ChatChunk",
@@ -26,6 +26,7 @@ __all__ = [
     "Usage",
     "get_provider",
     "load_provider_backends",
+    "tool_calls_merged",
 ]
 
 _backends: dict[str, type[ChatProvider]] = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +109,34 @@ class ChatChunk:
     refusal: str = ""
     annotations: list[dict[str, Any]] | None = None
     system_fingerprint: str | None = None
+
+
+def tool_calls_merged(deltas: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return the whole tool calls that streamed ``delta.tool_calls`` entries (``ChatChunk.tool_calls``) make.
+
+    Each: ``{"id", "type", "function": {"name", "arguments"}}`` (OpenAI's ``ChatCompletionMessageToolCall``),
+    in ``index`` order. The first entry of an ``index`` starts its call; later ones append their
+    ``function.arguments`` and fill an ``id`` or ``name`` it lacked
+    (https://platform.openai.com/docs/api-reference/chat-streaming, ``choices[].delta.tool_calls``).
+    """
+    calls: dict[int, dict[str, Any]] = {}
+    for entry in deltas:
+        function = entry.get("function") or {}
+        index = entry.get("index", 0)
+        call = calls.get(index)
+        if call is None:
+            calls[index] = {
+                "id": entry.get("id") or "",
+                "type": entry.get("type") or "function",
+                "function": {"name": function.get("name") or "", "arguments": function.get("arguments") or ""},
+            }
+            continue
+        if entry.get("id") and not call["id"]:
+            call["id"] = entry["id"]
+        if function.get("name") and not call["function"]["name"]:
+            call["function"]["name"] = function["name"]
+        call["function"]["arguments"] += function.get("arguments") or ""
+    return [calls[index] for index in sorted(calls)]
 
 
 # Upstream statuses our client gets as they are: its request can be fixed or retried.
