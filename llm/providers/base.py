@@ -115,8 +115,10 @@ def tool_calls_merged(deltas: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Return the whole tool calls that streamed ``delta.tool_calls`` entries (``ChatChunk.tool_calls``) make.
 
     Each: ``{"id", "type", "function": {"name", "arguments"}}`` (OpenAI's ``ChatCompletionMessageToolCall``),
-    in ``index`` order. The first entry of an ``index`` starts its call; later ones append their
-    ``function.arguments`` and fill an ``id`` or ``name`` it lacked
+    plus the ``extra_content`` an entry carried (Gemini's ``{"google": {"thought_signature"}}``, as
+    Google's OpenAI-compatible endpoint puts it on the call), in ``index`` order. The first entry of
+    an ``index`` starts its call; later ones append their ``function.arguments`` and fill an ``id``,
+    ``name`` or ``extra_content`` it lacked
     (https://platform.openai.com/docs/api-reference/chat-streaming, ``choices[].delta.tool_calls``).
     """
     calls: dict[int, dict[str, Any]] = {}
@@ -125,17 +127,21 @@ def tool_calls_merged(deltas: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         index = entry.get("index", 0)
         call = calls.get(index)
         if call is None:
-            calls[index] = {
+            call = calls[index] = {
                 "id": entry.get("id") or "",
                 "type": entry.get("type") or "function",
                 "function": {"name": function.get("name") or "", "arguments": function.get("arguments") or ""},
             }
-            continue
-        if entry.get("id") and not call["id"]:
-            call["id"] = entry["id"]
-        if function.get("name") and not call["function"]["name"]:
-            call["function"]["name"] = function["name"]
-        call["function"]["arguments"] += function.get("arguments") or ""
+        else:
+            if entry.get("id") and not call["id"]:
+                call["id"] = entry["id"]
+            if function.get("name") and not call["function"]["name"]:
+                call["function"]["name"] = function["name"]
+            call["function"]["arguments"] += function.get("arguments") or ""
+        # Kept so that a client sending the call back returns Gemini its signature: without one the adapter
+        # sends Google's skip placeholder (Gemini 3 refuses a call with none), and the model's reasoning is lost.
+        if entry.get("extra_content") and "extra_content" not in call:
+            call["extra_content"] = entry["extra_content"]
     return [calls[index] for index in sorted(calls)]
 
 

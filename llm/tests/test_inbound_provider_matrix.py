@@ -18,6 +18,7 @@ import pytest
 from accounts.models import UsageRecord
 from llm.models import Provider
 from llm.simulator import reply_text
+from llm.simulator.gemini_wire import THOUGHT_SIGNATURE
 from tests.factories import LLMModelFactory, ProviderFactory
 from tests.kit import FAST_REPLY_TOKENS, usage_records
 
@@ -103,3 +104,41 @@ async def test_every_inbound_api_reaches_every_provider_kind(
     assert (record.model_name, record.source, record.finish_status) == (f"{kind}-model", SOURCES[inbound], "completed")
     assert (record.token_source, record.completion_tokens) == ("provider", FAST_REPLY_TOKENS)
     assert record.prompt_tokens > 0
+
+
+WEATHER_TOOL: Any = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+@pytest.mark.parametrize("kind", [Provider.Kind.ANTHROPIC, Provider.Kind.GEMINI])
+async def test_a_whole_chat_completion_has_the_tool_calls_the_stream_helper_accumulates(
+    asgi_server: str, api_key_secret: str, kind_models: None, kind: str
+) -> None:
+    """Gemini's thought signature (``extra_content.google.thought_signature``) rides on its tool call
+    whether the client streams or not: a client that sends the call back without it loses the model's
+    reasoning (the adapter then sends Google's skip placeholder)."""
+    request: Any = {"model": f"{kind}-model", "messages": [{"role": "user", "content": QUESTION}]}
+    async with openai.AsyncOpenAI(base_url=f"{asgi_server}/v1", api_key=api_key_secret, max_retries=0) as sdk:
+        whole = await sdk.chat.completions.create(**request, tools=[WEATHER_TOOL])
+        async with sdk.chat.completions.stream(**request, tools=[WEATHER_TOOL]) as events:
+            async for _ in events:
+                pass
+            streamed = await events.get_final_completion()
+
+    def calls(completion: Any) -> list[dict[str, Any]]:
+        dumped = [call.model_dump(exclude={"id", "index"}) for call in completion.choices[0].message.tool_calls]
+        for call in dumped:
+            call["function"].pop("parsed_arguments", None)
+        return dumped
+
+    assert whole.choices[0].finish_reason == streamed.choices[0].finish_reason == "tool_calls"
+    assert calls(whole) == calls(streamed)
+    assert calls(whole)[0]["function"]["name"] == "get_weather"
+    if kind == Provider.Kind.GEMINI:
+        assert calls(whole)[0]["extra_content"] == {"google": {"thought_signature": THOUGHT_SIGNATURE}}
