@@ -308,7 +308,11 @@ class ScriptedUpstream:
     """An OpenAI-compatible upstream in a thread that streams scripted chunks by ``model`` name.
 
     ``tool-call``: a reasoning delta, then a function call split over three deltas.
-    Any other model: one content chunk ``"ok"``. ``requests`` records every JSON body received.
+    ``tool-calls-repeating``: two calls whose every delta repeats the call's ``id`` and name, the
+    first ``type`` left out. ``tool-calls-at-index-0``: two calls, both numbered 0, each whole in one
+    delta. (Both as some OpenAI-compatible servers stream them; OpenAI sends ``id``, ``type`` and the
+    name once, and numbers calls 0, 1, ...) Any other model: one content chunk ``"ok"``.
+    ``requests`` records every JSON body received.
     """
 
     def __init__(self) -> None:
@@ -332,6 +336,30 @@ class ScriptedUpstream:
                 {"tool_calls": [{"index": 0, "function": {"arguments": '{"city":'}}]},
                 {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]},
             ]
+        if model == "tool-calls-repeating":
+            weather = {"index": 0, "id": "call_w", "function": {"name": "get_weather"}}
+            time = {"index": 1, "id": "call_t", "type": "function", "function": {"name": "get_time"}}
+            fragments = [(weather, '{"city":'), (weather, '"Paris"}'), (time, '{"tz":'), (time, '"CET"}')]
+            return [
+                {"role": "assistant", "content": None},
+                *(
+                    {"tool_calls": [{**call, "function": {**call["function"], "arguments": part}}]}
+                    for call, part in fragments
+                ),
+            ]
+        if model == "tool-calls-at-index-0":
+            calls = [("call_w", "get_weather", '{"city":"Paris"}'), ("call_t", "get_time", '{"tz":"CET"}')]
+            return [
+                {"role": "assistant", "content": None},
+                *(
+                    {
+                        "tool_calls": [
+                            {"index": 0, "id": id_, "type": "function", "function": {"name": n, "arguments": a}}
+                        ]
+                    }
+                    for id_, n, a in calls
+                ),
+            ]
         return [{"role": "assistant", "content": "ok"}]
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -344,7 +372,7 @@ class ScriptedUpstream:
         for delta in self._chunks(model):
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
             await response.write(f"data: {json.dumps({**envelope, 'choices': [choice]})}\n\n".encode())
-        finish = "tool_calls" if model == "tool-call" else "stop"
+        finish = "tool_calls" if model.startswith("tool-call") else "stop"
         last = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}
         await response.write(f"data: {json.dumps({**envelope, 'choices': [last]})}\n\n".encode())
         usage = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}

@@ -84,7 +84,8 @@ class ChatChunk:
     """One piece of a streamed reply.
 
     ``content`` / ``reasoning_content``: text added by this chunk (may be empty).
-    ``tool_calls``: OpenAI ``delta.tool_calls`` entries, passed through untouched.
+    ``tool_calls``: OpenAI ``delta.tool_calls`` entries as OpenAI streams them: a call's first entry has its
+    ``index``, ``id``, ``type`` and ``function.name``, later ones its ``index`` and an ``arguments`` fragment.
     ``finish_reason``: set on the chunk that ends the reply (``stop``, ``length``, ``tool_calls``, ...);
     OpenAI sends it with an empty delta, so that chunk often carries nothing else.
     ``usage``: set on the chunk that carries the provider's usage report.

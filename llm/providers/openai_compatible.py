@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
@@ -118,12 +119,15 @@ class _ChunkDecoder(SSEBodyDecoder):
     chunk of the next batch, when it is new: no work per chunk on the content path.
     """
 
-    __slots__ = ("_fingerprint_unsent", "system_fingerprint")
+    __slots__ = ("_call_count", "_calls", "_fingerprint_unsent", "system_fingerprint")
 
     def __init__(self, safe: Callable[[str], str]) -> None:
         super().__init__(safe)
         self.system_fingerprint: str | None = None
         self._fingerprint_unsent = False
+        # The open tool call at each upstream ``index`` (see ``_tool_call_deltas``).
+        self._calls: dict[int, list[Any]] = {}
+        self._call_count = 0
 
     def _chunks(self, lines: list[str]) -> list[ChatChunk]:
         # The hot path: per event one SSEDecoder call per line, one json.loads, one _parse_chunk.
@@ -144,6 +148,8 @@ class _ChunkDecoder(SSEBodyDecoder):
                 if chunk is None:
                     payload = json.loads(data)
                     chunk = _parse_chunk(payload, self._safe)
+                    if chunk is not None and chunk.tool_calls:
+                        chunk.tool_calls = self._tool_call_deltas(chunk.tool_calls)
                     fingerprint = payload.get("system_fingerprint")
                     if fingerprint and fingerprint != self.system_fingerprint and isinstance(fingerprint, str):
                         self.system_fingerprint = fingerprint
@@ -164,6 +170,51 @@ class _ChunkDecoder(SSEBodyDecoder):
             batch[0].system_fingerprint = self.system_fingerprint
             self._fingerprint_unsent = False
         return batch
+
+    def _tool_call_deltas(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Return the upstream's ``delta.tool_calls`` entries as OpenAI streams them, whatever the server.
+
+        OpenAI's (https://platform.openai.com/docs/api-reference/chat-streaming): the first entry of
+        a call has its ``index``, ``id``, ``type: "function"`` and ``function.name``; later ones only
+        the ``index`` and an ``arguments`` fragment, since clients append every string they get
+        (the openai SDK's stream helper concatenates ``id`` and ``name`` too). Some servers repeat
+        the ``id`` and ``name`` on every entry (the helper then read the name
+        ``get_weatherget_weather``), leave out ``type``, or number every call 0 (a new ``id`` at a
+        used ``index``: the whole answer merged both calls into one, with both argument objects);
+        here each call gets its own ``index`` (in order of appearance), an ``id`` (``call_...`` when
+        the server sent none), ``type`` and its name, once. An ``extra_content`` (Gemini's thought
+        signature, through Google's OpenAI-compatible endpoint) is passed on once per call.
+        Runs for tool-call chunks only.
+        """
+        deltas = []
+        for entry in entries:
+            function = entry.get("function") or {}
+            name, arguments = function.get("name"), function.get("arguments") or ""
+            upstream_index, upstream_id = entry.get("index", 0), entry.get("id")
+            extra = entry.get("extra_content")
+            call = self._calls.get(upstream_index)
+            if call is None or (upstream_id and call[0] and upstream_id != call[0]):
+                # [upstream id, our index, name sent, extra_content sent]
+                call = self._calls[upstream_index] = [upstream_id, self._call_count, bool(name), bool(extra)]
+                self._call_count += 1
+                delta: dict[str, Any] = {
+                    "index": call[1],
+                    "id": upstream_id or f"call_{uuid.uuid4().hex[:24]}",
+                    "type": "function",
+                    "function": {"name": name or "", "arguments": arguments},
+                }
+            else:
+                delta = {"index": call[1], "function": {"arguments": arguments}}
+                if name and not call[2]:  # a name that came after the call's first entry
+                    delta["function"]["name"] = name
+                    call[2] = True
+                if extra and call[3]:
+                    extra = None
+                call[3] = call[3] or bool(extra)
+            if extra:
+                delta["extra_content"] = extra
+            deltas.append(delta)
+        return deltas
 
 
 # A chunk that only adds content, as OpenAI, vLLM and the simulator write nearly every token

@@ -357,6 +357,32 @@ async def test_non_stream_merges_tool_calls(api_key_secret, tool_model):
     }
 
 
+@pytest.mark.parametrize("upstream", ["tool-calls-repeating", "tool-calls-at-index-0"])
+async def test_tool_calls_of_any_openai_compatible_server_reach_the_sdk_as_openai_streams_them(
+    api_key_secret, scripted_upstream, asgi_server, upstream
+):
+    """The openai SDK's stream helper appends every string of a call's deltas, ``id`` and name too, and
+    the whole answer merged by ``index``: a server that repeats them, or numbers every call 0, must
+    still give two calls, the same streamed or whole, each with its id, ``type`` and name once."""
+    provider = await run_sync(Provider.objects.create, name="scripted", base_url=scripted_upstream.base_url)
+    await run_sync(LLMModel.objects.create, name="scripted", provider=provider, upstream_model=upstream)
+    request: Any = {"model": "scripted", "messages": [{"role": "user", "content": "Weather and time?"}]}
+    tools: Any = [*TOOLS, {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    async with openai.AsyncOpenAI(base_url=f"{asgi_server}/v1", api_key=api_key_secret, max_retries=0) as sdk:
+        whole = await sdk.chat.completions.create(**request, tools=tools)
+        async with sdk.chat.completions.stream(**request, tools=tools) as events:
+            streamed = await events.get_final_completion()
+
+    expected = [
+        ("call_w", "function", "get_weather", '{"city":"Paris"}'),
+        ("call_t", "function", "get_time", '{"tz":"CET"}'),
+    ]
+    for completion in (whole, streamed):
+        assert completion.choices[0].finish_reason == "tool_calls"
+        calls = completion.choices[0].message.tool_calls or []
+        assert [(c.id, c.type, c.function.name, c.function.arguments) for c in calls] == expected
+
+
 # --- Authentication ---------------------------------------------------------------------------
 
 
