@@ -24,8 +24,9 @@ From OpenAI chunks (``llm.providers.ChatChunk``): ``reasoning_content`` → a ``
 (with an empty ``signature``: there is none to give), ``content`` → a ``text`` block, each
 ``tool_calls`` entry that opens a call (a new ``index``) → a ``tool_use`` block whose ``input``
 streams as the call's ``arguments`` fragments (``input_json_delta``). A change of kind closes the
-open block. ``finish_reason`` → ``stop_reason``: ``stop`` → ``end_turn`` (OpenAI does not say
-whether a stop sequence matched, so ``stop_sequence`` is always null), ``length`` →
+open block. ``finish_reason`` → ``stop_reason``: ``stop`` → ``end_turn``, or ``stop_sequence`` with
+the sequence when the upstream said which one matched (``ChatChunk.stop_sequence``: an Anthropic
+upstream does; OpenAI's wire does not, so ``stop_sequence`` is null after one), ``length`` →
 ``max_tokens``, ``tool_calls`` / ``function_call`` → ``tool_use``, ``content_filter`` → ``refusal``.
 An OpenAI ``refusal`` (the model declined, in words, with ``finish_reason`` ``stop``) → its text
 in a ``text`` block, and ``stop_reason`` ``refusal``: Anthropic's Messages has no refusal block,
@@ -71,14 +72,19 @@ def new_message_id() -> str:
     return f"msg_{uuid.uuid4().hex}"
 
 
-def stop_reason(finish_reason: str | None, *, used_tools: bool, refused: bool = False) -> str:
+def stop_reason(
+    finish_reason: str | None, *, used_tools: bool, refused: bool = False, stop_sequence: str | None = None
+) -> str:
     """Return Anthropic's ``stop_reason`` for OpenAI's ``finish_reason`` (None: ``end_turn``, or ``tool_use``).
 
     ``refused``: the reply carried an OpenAI ``refusal``; a reply that ended by itself (``stop`` or
-    no reason) is then a ``refusal`` stop.
+    no reason) is then a ``refusal`` stop. ``stop_sequence``: the sequence the upstream said ended a
+    ``stop`` (``ChatChunk.stop_sequence``): ``stop_sequence``.
     """
     if refused and finish_reason in (None, "stop"):
         return "refusal"
+    if stop_sequence is not None and finish_reason == "stop":
+        return "stop_sequence"
     if finish_reason is None:
         return "tool_use" if used_tools else "end_turn"
     return STOP_REASONS.get(finish_reason, "end_turn")
@@ -223,6 +229,7 @@ async def message_stream_frames(reply: Reply[ChatCompletionPlan], *, keepalive: 
     plan = reply.plan
     blocks = _StreamBlocks()
     finish_reason: str | None = None
+    matched: str | None = None  # the stop sequence that ended the reply, when the upstream said
     started = False
 
     def message_start() -> bytes:
@@ -246,7 +253,7 @@ async def message_stream_frames(reply: Reply[ChatCompletionPlan], *, keepalive: 
                 else:
                     parts.append(blocks.chunk(chunk))
                 if chunk.finish_reason:
-                    finish_reason = chunk.finish_reason
+                    finish_reason, matched = chunk.finish_reason, chunk.stop_sequence
             frames = parts[0] if len(parts) == 1 else b"".join(parts)
             if frames:  # a chunk of only a finish_reason has nothing to send yet
                 yield frames
@@ -259,8 +266,10 @@ async def message_stream_frames(reply: Reply[ChatCompletionPlan], *, keepalive: 
             if error is not None:
                 yield start + blocks.close() + _event("error", anthropic_error_body(error))
                 continue
-            reason = stop_reason(finish_reason, used_tools=blocks.used_tools, refused=blocks.refused)
-            delta = {"stop_reason": reason, "stop_sequence": None}
+            reason = stop_reason(
+                finish_reason, used_tools=blocks.used_tools, refused=blocks.refused, stop_sequence=matched
+            )
+            delta = {"stop_reason": reason, "stop_sequence": matched if reason == "stop_sequence" else None}
             body = {"type": "message_delta", "delta": delta, "usage": usage_object(event.outcome.usage)}
             yield start + blocks.close() + _event("message_delta", body) + MESSAGE_STOP
 
@@ -271,6 +280,7 @@ class MessageCollector:
     def __init__(self) -> None:
         self.content: list[dict[str, Any]] = []
         self.finish_reason: str | None = None
+        self.stop_sequence: str | None = None
         self.refused = False
         self._tool_blocks: dict[int, dict[str, Any]] = {}  # OpenAI tool call index -> its open block
         self._arguments: dict[int, list[str]] = {}  # OpenAI tool call index -> its open call's fragments
@@ -310,7 +320,7 @@ class MessageCollector:
             if function.get("arguments"):
                 self._arguments[call_index].append(function["arguments"])
         if chunk.finish_reason:
-            self.finish_reason = chunk.finish_reason
+            self.finish_reason, self.stop_sequence = chunk.finish_reason, chunk.stop_sequence
 
     def message(self, plan: ChatCompletionPlan, outcome: ReplyOutcome) -> dict[str, Any]:
         """Return Anthropic's ``Message`` object of the finished reply."""
@@ -328,7 +338,11 @@ class MessageCollector:
                 value = {"arguments": arguments}
             block["input"] = value
         message = _message(plan, outcome.model_name, self.content)
-        message["stop_reason"] = stop_reason(self.finish_reason, used_tools=bool(self._calls), refused=self.refused)
+        message["stop_reason"] = reason = stop_reason(
+            self.finish_reason, used_tools=bool(self._calls), refused=self.refused, stop_sequence=self.stop_sequence
+        )
+        if reason == "stop_sequence":
+            message["stop_sequence"] = self.stop_sequence
         message["usage"] = usage_object(outcome.usage)
         return message
 

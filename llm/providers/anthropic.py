@@ -45,8 +45,9 @@ The stream becomes ``ChatChunk`` batches: ``text_delta`` → ``content``, ``thin
 ``{index, id, type: "function", function: {name, arguments: ""}}``; each ``input_json_delta``:
 ``{index, function: {arguments: <fragment>}}``; ``index`` counts tool calls, not blocks),
 ``message_delta`` → a chunk with ``finish_reason`` (``end_turn``/``stop_sequence``/``pause_turn``
-→ ``stop``, ``max_tokens``/``model_context_window_exceeded`` → ``length``, ``tool_use`` →
-``tool_calls``, ``refusal`` → ``content_filter``) then one with ``usage``: ``prompt_tokens`` =
+→ ``stop``, with the matched ``stop_sequence`` kept on the chunk, ``max_tokens``/
+``model_context_window_exceeded`` → ``length``, ``tool_use`` → ``tool_calls``, ``refusal`` →
+``content_filter``) then one with ``usage``: ``prompt_tokens`` =
 ``input_tokens`` + ``cache_read_input_tokens`` + ``cache_creation_input_tokens``, ``cached_tokens``
 = ``cache_read_input_tokens``, ``cache_creation_tokens`` = ``cache_creation_input_tokens``,
 ``completion_tokens`` = ``output_tokens`` (thinking included; Anthropic reports no separate
@@ -398,7 +399,13 @@ class _EventDecoder(SSEBodyDecoder):
         if kind == "message_delta":
             self.finished = True
             stop_reason = payload["delta"].get("stop_reason")
-            chunks = [ChatChunk(finish_reason=FINISH_REASONS.get(stop_reason, "stop"))]
+            matched = payload["delta"].get("stop_sequence") if stop_reason == "stop_sequence" else None
+            chunks = [
+                ChatChunk(
+                    finish_reason=FINISH_REASONS.get(stop_reason, "stop"),
+                    stop_sequence=matched if isinstance(matched, str) else None,
+                )
+            ]
             usage = {**self._input, **{k: v for k, v in (payload.get("usage") or {}).items() if v is not None}}
             if usage:
                 chunks.append(ChatChunk(usage=_usage(usage)))

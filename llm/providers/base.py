@@ -99,6 +99,8 @@ class ChatChunk:
     ``system_fingerprint``: the upstream's ``system_fingerprint`` (OpenAI's backend configuration),
     set on the first chunk handed on after the upstream first sent it or changed it; else None. It
     describes the whole reply, so interfaces read it from the first chunk of a batch only.
+    ``stop_sequence``: on the chunk with ``finish_reason`` ``stop``, the stop sequence that ended the
+    reply, when the upstream says which (Anthropic's ``stop_sequence``; OpenAI's wire does not); else None.
     """
 
     content: str = ""
@@ -110,6 +112,7 @@ class ChatChunk:
     refusal: str = ""
     annotations: list[dict[str, Any]] | None = None
     system_fingerprint: str | None = None
+    stop_sequence: str | None = None
 
 
 def tool_calls_merged(deltas: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -129,6 +129,29 @@ async def test_max_tokens_cuts_the_reply_with_stop_reason_max_tokens(sdk, sim_mo
     assert message.usage.output_tokens == 3
 
 
+async def test_a_stop_sequence_an_anthropic_upstream_matched_is_stop_reason_stop_sequence(sdk, simulator):
+    # An Anthropic upstream says which stop sequence ended the reply; Anthropic's client reads it
+    # back (an OpenAI upstream does not say: end_turn, stop_sequence null).
+    provider = await run_sync(
+        ProviderFactory, name="sim-anthropic", kind="anthropic", base_url=simulator.root_url, api_key=""
+    )
+    await run_sync(LLMModel.objects.create, name="claude-sim", provider=provider, upstream_model="sim-1")
+    messages: Any = [{"role": "user", "content": "Tell me about rivers"}]
+    word = reply_text(messages, FAST_REPLY_TOKENS).split()[3]
+
+    whole = await sdk.messages.create(model="claude-sim", max_tokens=50, messages=messages, stop_sequences=[word])
+    async with sdk.messages.stream(
+        model="claude-sim", max_tokens=50, messages=messages, stop_sequences=[word]
+    ) as stream:
+        streamed = await stream.get_final_message()
+    natural = await sdk.messages.create(model="claude-sim", max_tokens=50, messages=messages, stop_sequences=["zzz"])
+
+    for message in (whole, streamed):
+        assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", word)
+        assert word not in message.content[0].text  # type: ignore[union-attr]
+    assert (natural.stop_reason, natural.stop_sequence) == ("end_turn", None)
+
+
 async def test_bearer_credentials_and_no_version_header_work_too(asgi_server, api_key_secret, sim_model):
     async with anthropic.AsyncAnthropic(base_url=asgi_server, auth_token=api_key_secret, max_retries=0) as client:
         message = await client.messages.create(
