@@ -22,7 +22,10 @@ def validate_base_url(value: str) -> None:
     Django's ``URLValidator`` rejects host names without a dot, yet ``http://ollama:11434/v1`` and
     ``http://vllm:8000/v1`` are how upstreams are reached inside docker compose or Kubernetes.
     """
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # an unclosed IPv6 bracket (http://[::1/v1): no URL at all
+        raise ValidationError(f"{value!r} is not an http(s) URL like https://api.openai.com/v1.") from None
     if parts.scheme not in {"http", "https"} or not parts.hostname or parts.query or parts.fragment:
         raise ValidationError(f"{value!r} is not an http(s) URL like https://api.openai.com/v1.")
     try:

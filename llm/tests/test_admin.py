@@ -172,7 +172,17 @@ def test_an_operator_saves_a_provider_at_a_service_name_or_an_ip(admin_site, url
     assert Provider.objects.get(name="local").base_url == url
 
 
-@pytest.mark.parametrize("url", ["ftp://host/v1", "api.openai.com/v1", "http://", "http://host:notaport/v1"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://host/v1",
+        "api.openai.com/v1",
+        "http://",
+        "http://host:notaport/v1",
+        "http://[::1/v1",  # an unclosed IPv6 bracket: urlsplit raises ValueError (it was a 500)
+        "http://[not-an-ip]/v1",
+    ],
+)
 def test_provider_base_url_rejects_non_http_urls(admin_site, url):
     from django.core.exceptions import ValidationError
 
