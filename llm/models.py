@@ -196,13 +196,19 @@ class LLMModel(RateLimited):
     )
     default_parameters = models.JSONField(default=dict, blank=True)
     enabled = models.BooleanField(default=True)
-    input_price_per_million = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
-    output_price_per_million = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
+    # A negative price would make every reply's cost negative: budgets would grow with use.
+    input_price_per_million = models.DecimalField(
+        max_digits=12, decimal_places=6, default=Decimal("0"), validators=[MinValueValidator(Decimal(0))]
+    )
+    output_price_per_million = models.DecimalField(
+        max_digits=12, decimal_places=6, default=Decimal("0"), validators=[MinValueValidator(Decimal(0))]
+    )
     cached_input_price_per_million = models.DecimalField(
         max_digits=12,
         decimal_places=6,
         null=True,
         blank=True,
+        validators=[MinValueValidator(Decimal(0))],
         help_text=(
             'US dollars per million prompt tokens read from the provider\'s prompt cache (OpenAI "cached input", '
             'Anthropic "cache hits", Gemini "context caching"); empty: the input price'
@@ -213,6 +219,7 @@ class LLMModel(RateLimited):
         decimal_places=6,
         null=True,
         blank=True,
+        validators=[MinValueValidator(Decimal(0))],
         help_text=(
             "US dollars per million prompt tokens written to the provider's prompt cache (Anthropic \"cache "
             'writes"); empty: the input price'
