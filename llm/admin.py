@@ -20,7 +20,7 @@ from django.http import HttpRequest
 from accounts.admin import AuditedModelAdmin
 from chatbackend.admin_guard import AutocompleteGuardMixin
 
-from .models import Deployment, LLMModel, ModelAlias, Provider
+from .models import Deployment, LLMModel, ModelAlias, Provider, validate_provider_api_key
 from .services import llm_model_connection_test
 
 
@@ -46,6 +46,7 @@ class ProviderAdminForm(forms.ModelForm):
         strip=True,
         max_length=500,
         widget=forms.PasswordInput(render_value=False),
+        validators=[validate_provider_api_key],
         help_text="The upstream API key. Never shown; leave blank to keep the stored key.",
     )
     clear_api_key = forms.BooleanField(

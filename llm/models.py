@@ -74,6 +74,28 @@ def validate_extra_headers(value: object) -> None:
             raise ValidationError(f"The value of {name!r} must be a string of printable ASCII characters.")
 
 
+# An API key travels in a request header (Authorization, api-key, x-api-key, x-goog-api-key).
+_API_KEY = re.compile(r"[\x21-\x7e]*")
+
+
+def validate_provider_api_key(value: str | None) -> None:
+    """Require visible ASCII without spaces: a key must fit in a header value (RFC 9110 section 5.5).
+
+    A CR or LF made every request to the provider a 500 (the HTTP client refuses header
+    injection), and any other stray character (a zero-width space copied with the key) fails
+    at the upstream. The message never repeats the key.
+
+    Used by the admin's form field, not the model field: django-encrypted-model-fields' ``clean``
+    sets a flag on the (shared) field and clears it only when no validator raises, so a model-level
+    ValidationError on ``api_key`` would leave every later read of a key in the process undecrypted.
+    """
+    if value and not _API_KEY.fullmatch(value):
+        raise ValidationError(
+            "An API key is visible ASCII characters without spaces or line breaks; "
+            "check for a stray character copied with it."
+        )
+
+
 def _validate_provider_kind(value: str) -> None:
     if value not in settings.LLM_PROVIDER_BACKENDS:
         raise ValidationError(f"Unknown provider kind {value!r}; known: {', '.join(settings.LLM_PROVIDER_BACKENDS)}.")

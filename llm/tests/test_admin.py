@@ -67,6 +67,23 @@ def test_a_new_key_replaces_the_stored_key(admin_site, provider):
     assert "sk-new" not in after.content.decode()
 
 
+@pytest.mark.parametrize("key", ["sk-new\r\nX-Injected: 1", "sk-new\u200b-copied", "sk new", "sk-\u00e9"])
+def test_a_key_that_cannot_travel_in_a_header_is_refused(admin_site, provider, key):
+    # A CR/LF in the key made every request to the provider, and the "Test connection" action,
+    # a 500 (the HTTP client refuses header injection); other stray characters fail upstream.
+    response = admin_site.post(f"/admin/llm/provider/{provider.pk}/change/", change_form_data(provider, api_key=key))
+
+    assert response.status_code == 200  # the form again, with the error
+    errors = response.context["adminform"].form.errors["api_key"]
+    assert errors == [
+        "An API key is visible ASCII characters without spaces or line breaks; check for a stray character "
+        "copied with it."
+    ]
+    assert key not in response.content.decode()
+    provider.refresh_from_db()
+    assert provider.api_key == STORED_KEY
+
+
 def test_clear_api_key_removes_the_stored_key(admin_site, provider):
     response = admin_site.post(
         f"/admin/llm/provider/{provider.pk}/change/", change_form_data(provider, clear_api_key="on")
