@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterable, Mapping, Sequence
+from decimal import Decimal
 from typing import Any
 
 from rest_framework.negotiation import DefaultContentNegotiation
@@ -24,9 +25,12 @@ _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def csv_cell(value: Any) -> Any:
-    """Return ``value`` as a CSV cell: None as empty, text that would run as a formula prefixed with ``'``."""
+    """Return ``value`` as a CSV cell: None as empty, a Decimal in fixed-point notation (``0.00000000``,
+    never ``str(Decimal)``'s ``0E-8``), text that would run as a formula prefixed with ``'``."""
     if value is None:
         return ""
+    if isinstance(value, Decimal):
+        return f"{value:f}"
     if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
         return "'" + value
     return value

@@ -165,3 +165,5 @@ def test_the_export_action_downloads_the_selected_records(admin_site, user, reco
         "completed",
     ]
     assert rows[3][-1] == "refused"
+    # A zero cost reads as the others do (and as the summary's CSV writes it), not as Decimal's "0E-8".
+    assert [row[-2] for row in rows[1:]] == ["0.00100000", "0.00020000", "0.00000000"]
