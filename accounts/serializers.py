@@ -70,7 +70,9 @@ class UserRegisterInputSerializer(serializers.Serializer):
         max_length=150,
         validators=[
             UnicodeUsernameValidator(),
-            UniqueValidator(queryset=User.objects.all(), message="A user with that username already exists."),
+            UniqueValidator(
+                queryset=User.objects.all(), message="A user with that username already exists.", lookup="iexact"
+            ),
         ],
     )
     # min_length: the length rule of the password validators, stated in the schema too; the other

@@ -77,14 +77,19 @@ def user_register(
 
     Raises Django's ``ValidationError`` for a weak password, and ``ApplicationError`` (400,
     ``param`` and ``fields`` naming ``username``, as the serializer's uniqueness check reports it)
-    when the username is taken. Concurrent registrations of one name race past that check; the
-    database's unique constraint (the same exact-match rule) lets one insert win and the others
-    fail here, inside a savepoint, instead of with an IntegrityError.
+    when the username is taken, in any case (``Alice`` when ``alice`` exists). Concurrent
+    registrations of one name race past that check; the database's unique constraint (exact
+    match only: two names differing in case may both win such a race) lets one insert win and the
+    others fail here, inside a savepoint, instead of with an IntegrityError.
     """
     verify = settings.EMAIL_VERIFICATION_REQUIRED and not email_proven
     if verify and not email:
         message = "An email address is required: this server verifies it before the account may log in."
         raise ApplicationError(f"email: {message}", code="required", param="email", fields={"email": [message]})
+    # Taken in any case, as Django's own user creation form (the admin's) judges it: "Admin" beside
+    # "admin" would read as the administrator in member lists, the audit log and usage reports.
+    if User.objects.filter(username__iexact=username).exists():
+        raise _username_taken()
     user = User(username=username, email=email, role=User.Role.MEMBER, email_verified=not verify)
     user.joins_default_organization = join_default_organization
     validate_password(password, user=user)
@@ -95,15 +100,19 @@ def user_register(
     except IntegrityError:
         if not User.objects.filter(username=username).exists():
             raise  # another constraint: a bug, not the client's fault
-        raise ApplicationError(
-            f"username: {USERNAME_TAKEN_MESSAGE}",
-            code="invalid",
-            param="username",
-            fields={"username": [USERNAME_TAKEN_MESSAGE]},
-        ) from None
+        raise _username_taken() from None
     if not user.email_verified:
         email_verification_request(user=user)
     return user
+
+
+def _username_taken() -> ApplicationError:
+    return ApplicationError(
+        f"username: {USERNAME_TAKEN_MESSAGE}",
+        code="invalid",
+        param="username",
+        fields={"username": [USERNAME_TAKEN_MESSAGE]},
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,6 +66,17 @@ def test_register_rejects_a_taken_username(api_client, user):
     assert User.objects.filter(username=user.username).count() == 1
 
 
+def test_register_rejects_a_username_taken_in_another_case(api_client, user):
+    # The admin's user form (Django's) refuses it too: "Admin" beside "admin" reads as the administrator.
+    taken = user.username.upper()
+
+    response = api_client.post(REGISTER, {"username": taken, "password": "a-long-passphrase-42"}, format="json")
+
+    error = assert_error(response, 400, param="username", code="invalid")
+    assert error["fields"] == {"username": ["A user with that username already exists."]}
+    assert not User.objects.filter(username=taken).exists()
+
+
 def test_register_rejects_a_weak_password(api_client):
     response = api_client.post(REGISTER, {"username": "carol", "password": "123"}, format="json")
 

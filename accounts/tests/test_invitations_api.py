@@ -239,6 +239,7 @@ def test_a_new_account_needs_a_username_and_a_valid_password(invite, admin) -> N
     assert _error(_accept(token, username="ada"), 400)["param"] == "password"
     UserFactory(username="taken")
     assert _error(_accept(token, username="taken", password=NEW_PASSWORD), 400)["param"] == "username"
+    assert _error(_accept(token, username="Taken", password=NEW_PASSWORD), 400)["param"] == "username"  # any case
     assert _error(_accept(token, username="ada", password="ada@example.com"), 400)["param"] == "password"
     assert Invitation.objects.get().accepted_at is None  # nothing was used up
     assert _accept(token, username="ada", password=NEW_PASSWORD).status_code == 201
