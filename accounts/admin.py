@@ -293,6 +293,8 @@ class UserAdmin(AuditedModelAdmin, DjangoUserAdmin):
         (None, {"fields": ("username", "password")}),
         ("Personal info", {"fields": ("first_name", "last_name", "email", "email_verified")}),
         ("Role", {"fields": ("role",)}),
+        # The user's own limits (README, "Rate limits"); its keys, teams and organizations have theirs.
+        ("Rate limits", {"fields": ("requests_per_minute", "tokens_per_minute", "concurrent_streams")}),
         ("Permissions", {"fields": ("is_active", "is_staff", "is_superuser", "groups", "user_permissions")}),
         ("Important dates", {"fields": ("last_login", "date_joined")}),
     )

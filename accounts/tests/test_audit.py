@@ -244,6 +244,21 @@ def test_an_email_change_is_a_user_updated_row(admin_site, user):
     assert (row.before, row.after) == ({"email": user.email}, {"email": "new@example.com"})
 
 
+def test_an_operator_sets_a_users_rate_limits_in_the_admin(admin_site, user):
+    # README: users have rate limits "set in the admin"; the user page had no field for them.
+    page = admin_site.get(f"/admin/accounts/user/{user.pk}/change/").content.decode()
+    assert 'name="requests_per_minute"' in page and 'name="concurrent_streams"' in page
+
+    data = user_change_data(user, requests_per_minute="60", tokens_per_minute="100000", concurrent_streams="2")
+    response = admin_site.post(f"/admin/accounts/user/{user.pk}/change/", data)
+
+    assert response.status_code == 302, response.content.decode()[:3000]
+    user.refresh_from_db()
+    assert (user.requests_per_minute, user.tokens_per_minute, user.concurrent_streams) == (60, 100000, 2)
+    row = only_row(Action.USER_UPDATED)
+    assert row.after == {"requests_per_minute": 60, "tokens_per_minute": 100000, "concurrent_streams": 2}
+
+
 def test_adding_a_user_in_the_admin_never_records_the_password(admin_site, superuser):
     response = admin_site.post(
         "/admin/accounts/user/add/",
