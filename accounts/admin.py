@@ -30,7 +30,7 @@ from django.urls import URLPattern, path
 from chatbackend.errors import ApplicationError
 from chatbackend.renderers import CSVRenderer
 
-from .audit import AuditState, audit_model_deleted, audit_model_saved
+from .audit import AuditState, audit_model_deleted, audit_model_saved, audit_record
 from .lifecycle.services import user_deactivate, user_reactivate
 from .metering.budgets import BudgetUsage, budget_usage
 from .models import (
@@ -378,12 +378,26 @@ class APIKeyAdmin(admin.ModelAdmin):
         "expires_at",
         "allowed_models",
         "scopes",
+        "requests_per_minute",
+        "tokens_per_minute",
+        "concurrent_streams",
     )
-    readonly_fields = fields
+    # The key's rate limits (README, "Rate limits") are what an operator sets here; the rest is
+    # the owner's (REST), or follows from revoking.
+    readonly_fields = fields[:-3]
     actions = ("revoke_selected",)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
+
+    def save_model(self, request: HttpRequest, obj: APIKey, form: Any, change: bool) -> None:
+        """Save the key's rate limits; a change writes one ``api_key.updated`` audit row."""
+        before = AuditState.of_stored(obj)
+        super().save_model(request, obj, form, change)
+        if before is not None:
+            old, new = before.changes(obj)
+            if new:
+                audit_record(action=AuditEvent.Action.API_KEY_UPDATED, obj=obj, before=old, after=new)
 
     @admin.action(description="Revoke selected keys", permissions=["change"])
     def revoke_selected(self, request: HttpRequest, queryset: QuerySet[APIKey]) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
-from accounts.models import APIKey, User
+from accounts.models import APIKey, AuditEvent, User
 from accounts.services import api_key_create
 from tests.factories import UsageRecordFactory
 
@@ -74,6 +74,28 @@ def test_api_key_pages_show_expiry_allowlist_and_scopes(admin_site, user):
         assert label in change, label
     assert "only-this-model" in change
     assert "chat" in change
+
+
+def test_an_operator_sets_a_keys_rate_limits_and_nothing_else(admin_site, user):
+    # README: keys have rate limits "set in the admin"; every field of the key page was read-only.
+    api_key = api_key_create(user=user, name="ci", scopes=["chat"]).api_key
+    url = f"/admin/accounts/apikey/{api_key.pk}/change/"
+    assert 'name="requests_per_minute"' in admin_site.get(url).content.decode()
+
+    data = {"requests_per_minute": "30", "tokens_per_minute": "", "concurrent_streams": "1", "name": "renamed"}
+    response = admin_site.post(url, data)
+
+    assert response.status_code == 302, response.content.decode()[:3000]
+    api_key.refresh_from_db()
+    assert (api_key.requests_per_minute, api_key.tokens_per_minute, api_key.concurrent_streams) == (30, None, 1)
+    assert (api_key.name, api_key.scopes, api_key.revoked_at) == ("ci", ["chat"], None)  # read-only stays
+    row = AuditEvent.objects.get(action=AuditEvent.Action.API_KEY_UPDATED)
+    assert (row.object_id, row.before, row.after) == (
+        str(api_key.pk),
+        {"requests_per_minute": None, "concurrent_streams": None},
+        {"requests_per_minute": 30, "concurrent_streams": 1},
+    )
+    assert api_key.key_hash not in str(row.before) + str(row.after)
 
 
 def test_the_revoke_action_revokes_the_selected_keys(admin_site, user, other_user):
