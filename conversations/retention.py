@@ -32,12 +32,27 @@ def retention_due(*, policy: RetentionPolicy, now: dt.datetime) -> tuple[Q, Q]:
     is due under at ``now``; ``Q(pk__in=[])`` (nothing) for a period left empty."""
     nothing = Q(pk__in=[])
     inactive = nothing
-    if policy.delete_after_days is not None:
-        inactive = Q(updated_at__lt=now - dt.timedelta(days=policy.delete_after_days))
+    if (cutoff := _days_before(now, policy.delete_after_days)) is not None:
+        inactive = Q(updated_at__lt=cutoff)
     trash = nothing
-    if policy.trash_purge_after_days is not None:
-        trash = Q(deleted_at__lt=now - dt.timedelta(days=policy.trash_purge_after_days))
+    if (cutoff := _days_before(now, policy.trash_purge_after_days)) is not None:
+        trash = Q(deleted_at__lt=cutoff)
     return inactive, trash
+
+
+def _days_before(now: dt.datetime, days: int | None) -> dt.datetime | None:
+    """Return ``days`` days before ``now``; None for no period, and for one reaching before year 1.
+
+    The admin takes any positive 32-bit number of days: one past the calendar (about 739,000 days
+    now, or past timedelta's 999,999,999) raised OverflowError, which failed the run for every
+    organization. Nothing is that old, so such a period purges nothing, as an empty one.
+    """
+    if days is None:
+        return None
+    try:
+        return now - dt.timedelta(days=days)
+    except OverflowError:
+        return None
 
 
 def retention_apply(*, now: dt.datetime | None = None) -> RetentionResult:

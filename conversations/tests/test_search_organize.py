@@ -454,6 +454,23 @@ def test_retention_with_only_one_period_set(user):
     assert set(Conversation.objects.values_list("pk", flat=True)) == {old.pk}
 
 
+@pytest.mark.parametrize("days", [800_000, 2_147_483_647])  # past year 1; past timedelta's range
+def test_a_period_longer_than_the_calendar_keeps_everything_and_fails_no_other_organization(user, days):
+    # Such a period raised OverflowError, failing the run before the other organizations' policies.
+    default = Organization.objects.default()
+    other_org = Organization.objects.create(name="Other", slug="other")
+    RetentionPolicy.objects.create(organization=default, delete_after_days=days, trash_purge_after_days=days)
+    RetentionPolicy.objects.create(organization=other_org, delete_after_days=30)
+    kept = ConversationFactory(owner=user, organization=default)
+    _ago(kept, days=400)
+    Conversation.objects.filter(pk=kept.pk).update(deleted_at=timezone.now() - dt.timedelta(days=400))
+    due = ConversationFactory(owner=UserFactory(), organization=other_org)
+    _ago(due, days=31)
+
+    assert retention_apply_task.delay().get() == {"inactive": 1, "trash": 0}
+    assert set(Conversation.objects.values_list("pk", flat=True)) == {kept.pk}
+
+
 @pytest.mark.parametrize(
     ("value", "found"),
     [("0772-03-26T02:05:28-21:23", False), ("0001-01-01T00:00:00+10:00", False), ("9999-12-31T23:00:00-10:00", True)],
