@@ -6,6 +6,7 @@ import csv
 import datetime as dt
 import io
 from decimal import Decimal
+from html.parser import HTMLParser
 
 import pytest
 
@@ -112,6 +113,37 @@ def test_the_summary_page_defaults_to_this_month_and_shows_bad_ranges_as_form_er
     page = admin_site.get(SUMMARY, {"start_date": "not a date", "group_by": ["week"]})
     assert page.status_code == 200
     assert set(page.context["form"].errors) == {"start_date", "group_by"}
+
+
+class _BlockInParagraph(HTMLParser):
+    """Collect the block elements that open inside a ``<p>``: HTML closes the paragraph before them
+    (a ``<p>`` holds phrasing content only), leaving its ``</p>`` stray and the rest outside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open_paragraphs = 0
+        self.misplaced: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag == "p":
+            self.open_paragraphs += 1
+        elif tag in {"div", "ul", "ol", "table", "p", "fieldset"} and self.open_paragraphs:
+            self.misplaced.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "p" and self.open_paragraphs:
+            self.open_paragraphs -= 1
+
+
+def test_the_summary_form_is_valid_html(admin_site, records):
+    # form.as_p wrapped the group-by checkboxes' <div>s in a <p>: invalid, and the browser moved
+    # the help text out of its field.
+    page = admin_site.get(SUMMARY, {"start_date": "bad"}).content.decode()
+    parser = _BlockInParagraph()
+    parser.feed(page)
+
+    assert parser.misplaced == []
+    assert 'name="group_by" value="api_key"' in page and "Enter a valid date." in page
 
 
 def test_the_summary_page_needs_the_admin_site(client, user):
