@@ -516,10 +516,23 @@ class Budget(models.Model):
     def clean(self) -> None:
         """Refuse a subject that does not exist or is not the budget's organization's (the admin's form
         and the services call this): a user must be its member, a key or a team its own, an
-        organization the budget's own. Another organization's subject reads as a missing one."""
+        organization the budget's own. Another organization's subject reads as a missing one.
+
+        Only a new or changed subject is checked: a budget whose subject has since gone (a key or
+        team deleted, a member removed) can still be renamed, disabled or given another limit."""
         if self.subject_id is None or self.subject_kind not in self.SubjectKind.values:
             return
         organization_id: int = self.organization_id or default_organization_id()
+        if (
+            self.pk is not None
+            and Budget.objects.filter(
+                pk=self.pk,
+                subject_kind=self.subject_kind,
+                subject_id=self.subject_id,
+                organization_id=organization_id,
+            ).exists()
+        ):
+            return
         subjects: dict[str, models.QuerySet[Any]] = {
             self.SubjectKind.USER: User.objects.filter(memberships__organization_id=organization_id),
             self.SubjectKind.API_KEY: APIKey.objects.filter(organization_id=organization_id),

@@ -59,6 +59,24 @@ def test_a_budget_for_a_missing_subject_is_refused(client_for, admin_user):
     assert_error(response, 400, code="invalid", param="subject_id")
 
 
+def test_a_budget_whose_subject_is_gone_can_still_be_changed(client_for, admin_user, user):
+    # Its subject was checked again on every save: a budget on a key deleted since (or a team, or a
+    # member removed) could not be renamed, disabled or raised, only deleted.
+    key = api_key_create(user=user, name="ci").api_key
+    budget = Budget.objects.create(name="ci cap", subject_kind="api_key", subject_id=key.pk, limit_usd=Decimal("1"))
+    key.delete()
+    admin = client_for(admin_user)
+
+    response = admin.patch(f"{BUDGETS}{budget.pk}/", {"enabled": False, "limit_usd": "2"}, format="json")
+
+    assert response.status_code == 200, response.content
+    budget.refresh_from_db()
+    assert (budget.enabled, budget.limit_usd) == (False, Decimal("2"))
+    # Pointing it at another missing subject is still refused.
+    response = admin.patch(f"{BUDGETS}{budget.pk}/", {"subject_id": 987654}, format="json")
+    assert_error(response, 400, code="invalid", param="subject_id")
+
+
 @pytest.mark.parametrize(
     "field, value",
     [
