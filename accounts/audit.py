@@ -55,6 +55,11 @@ SECRET_FIELDS: dict[str, frozenset[str]] = {
     "accounts.apikey": frozenset({"key_hash"}),
     "llm.provider": frozenset({"api_key"}),
 }
+# URL fields whose user info may carry a password (http://user:password@host/v1): the password
+# enters a row only as ``"[set]"``, or ``"[changed]"`` when it alone changed.
+URL_FIELDS: dict[str, frozenset[str]] = {
+    "llm.provider": frozenset({"base_url"}),
+}
 # Fields left out of snapshots: bookkeeping that changes on its own, not by a decision.
 IGNORED_FIELDS: dict[str, frozenset[str]] = {
     "accounts.user": frozenset({"last_login", "date_joined"}),
@@ -187,11 +192,14 @@ def audit_snapshot(obj: models.Model) -> dict[str, Any]:
     (``DjangoJSONEncoder``).
     """
     secrets = SECRET_FIELDS.get(_label(obj), frozenset())
+    urls = URL_FIELDS.get(_label(obj), frozenset())
     values: dict[str, Any] = {}
     for field in _fields(obj):
         value = field.value_from_object(obj)
         if field.name in secrets:
             value = SECRET_SET if value else ""
+        elif field.name in urls and isinstance(value, str):
+            value = _url_password_masked(value, SECRET_SET)
         elif isinstance(field, models.DecimalField) and isinstance(value, Decimal) and value.is_finite():
             # As stored: "7" typed in a form and "7.00000000" read back are one value, not a change.
             value = value.quantize(Decimal(1).scaleb(-field.decimal_places))
@@ -202,9 +210,25 @@ def audit_snapshot(obj: models.Model) -> dict[str, Any]:
     return json.loads(json.dumps(values, cls=DjangoJSONEncoder))
 
 
+def _url_password_masked(url: str, placeholder: str) -> str:
+    """Return ``url`` with the password of its user info replaced by ``placeholder``: ``user:[set]@``,
+    or ``[set]@`` for user info without one (a token as the user name); as is without user info."""
+    scheme, separator, rest = url.partition("://")
+    userinfo, at, host = rest.partition("@")
+    if not separator or not at or "/" in userinfo:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user}:{placeholder}@{host}" if colon else f"{scheme}://{placeholder}@{host}"
+
+
 def _secret_fingerprints(obj: models.Model) -> dict[str, Any]:
     """Return the raw secret values of ``obj``, only to compare them in memory (never stored)."""
     return {name: getattr(obj, name, None) for name in SECRET_FIELDS.get(_label(obj), ())}
+
+
+def _url_fingerprints(obj: models.Model) -> dict[str, Any]:
+    """Return the raw values of ``obj``'s URL fields, only to compare them in memory (never stored)."""
+    return {name: getattr(obj, name, None) for name in URL_FIELDS.get(_label(obj), ())}
 
 
 class AuditState:
@@ -214,6 +238,7 @@ class AuditState:
         self.pk = obj.pk
         self.snapshot = audit_snapshot(obj)
         self._secrets = _secret_fingerprints(obj)
+        self._urls = _url_fingerprints(obj)
 
     @classmethod
     def of_stored(cls, obj: models.Model) -> AuditState | None:
@@ -235,6 +260,10 @@ class AuditState:
             if secret != self._secrets.get(name):
                 before[name] = self.snapshot.get(name, "")
                 after[name] = SECRET_CHANGED if secret else ""
+        for name, url in _url_fingerprints(obj).items():
+            if name not in after and isinstance(url, str) and url != self._urls.get(name):  # the password alone
+                before[name] = self.snapshot.get(name)
+                after[name] = _url_password_masked(url, SECRET_CHANGED)
         return before, after
 
 

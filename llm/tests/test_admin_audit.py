@@ -92,6 +92,40 @@ def test_a_new_provider_key_is_one_row_that_never_holds_a_key(admin_site, superu
     assert UPSTREAM_API_KEY not in all_rows_json() and "sk-new-upstream-key-42" not in all_rows_json()
 
 
+def test_a_base_urls_password_never_enters_a_row(admin_site):
+    # The user info of a base URL (a proxy's basic auth) was recorded as typed, readable over
+    # /api/audit-log/ and in its CSV; the logs already drop it (llm.providers.http.where).
+    response = admin_site.post(
+        "/admin/llm/provider/add/",
+        provider_data(Provider(name="proxied", base_url="https://bob:hunter2-secret@llm.example.com/v1")),
+    )
+    assert response.status_code == 302, response.content.decode()[:2000]
+    provider = Provider.objects.get(name="proxied")
+    admin_site.post(
+        f"/admin/llm/provider/{provider.pk}/change/",
+        provider_data(provider, base_url="https://bob:rotated-secret@llm.example.com/v1"),
+    )
+    admin_site.post(
+        f"/admin/llm/provider/{provider.pk}/change/",
+        provider_data(provider, base_url="https://llm.example.com/v2"),
+    )
+    admin_site.post(
+        f"/admin/llm/provider/{provider.pk}/change/",
+        provider_data(provider, base_url="https://token-as-user@llm.example.com/v2"),
+    )
+
+    created, rotated, moved, tokened = changes()
+    assert created.after["base_url"] == "https://bob:[set]@llm.example.com/v1"
+    assert (rotated.before, rotated.after) == (
+        {"base_url": "https://bob:[set]@llm.example.com/v1"},
+        {"base_url": "https://bob:[changed]@llm.example.com/v1"},
+    )
+    assert moved.after == {"base_url": "https://llm.example.com/v2"}
+    assert tokened.after == {"base_url": "https://[set]@llm.example.com/v2"}
+    for secret in ("hunter2-secret", "rotated-secret", "token-as-user"):
+        assert secret not in all_rows_json()
+
+
 def test_a_provider_saved_with_a_blank_key_records_only_what_changed(admin_site):
     provider = ProviderFactory(name="upstream", base_url="https://llm.example.com/v1")
 
