@@ -74,6 +74,17 @@ def validate_message_list(body: dict[str, Any]) -> None:
         validate_against("ChatCompletionMessageList", {**body, "data": [{**item, "role": "assistant"}]})
 
 
+async def validate_raw_shapes(server: str, key: str, completion_id: str) -> Any:
+    """Check the raw bodies of a stored completion and of its messages against OpenAI's schemas; return the first."""
+    status, body = await get_json(server, f"/v1/chat/completions/{completion_id}", key)
+    assert status == 200
+    validate_against("CreateChatCompletionResponse", body)
+    status, page = await get_json(server, f"/v1/chat/completions/{completion_id}/messages", key)
+    assert status == 200
+    validate_message_list(page)
+    return body
+
+
 async def test_the_sdk_stores_a_completion_then_lists_retrieves_and_reads_its_messages(
     asgi_server, api_key_secret, user, sim_model
 ):
@@ -131,12 +142,8 @@ async def test_the_sdk_stores_a_completion_then_lists_retrieves_and_reads_its_me
     status, page = await get_json(asgi_server, "/v1/chat/completions", api_key_secret)
     assert status == 200
     validate_against("ChatCompletionList", page)
-    status, body = await get_json(asgi_server, f"/v1/chat/completions/{created.id}", api_key_secret)
-    assert status == 200 and body["status"] == "completed"
-    validate_against("CreateChatCompletionResponse", body)
-    status, body = await get_json(asgi_server, f"/v1/chat/completions/{created.id}/messages", api_key_secret)
-    assert status == 200
-    validate_message_list(body)
+    body = await validate_raw_shapes(asgi_server, api_key_secret, created.id)
+    assert body["status"] == "completed"
 
 
 async def test_a_stored_completion_continued_as_a_conversation_reads_back_unchanged(
@@ -399,12 +406,7 @@ async def test_tool_calls_read_back_as_answered_and_as_sent(api_key_secret, simu
     assert [message.role for message in listed] == ["user", "assistant", "tool", "assistant", "user"]
     assert listed[1].tool_calls is not None and listed[1].tool_calls[0].model_dump() == earlier
     assert listed[1].content is None and listed[0].tool_calls is None
-    status, body = await get_json(asgi_server, f"/v1/chat/completions/{whole.id}", api_key_secret)
-    assert status == 200
-    validate_against("CreateChatCompletionResponse", body)
-    status, page = await get_json(asgi_server, f"/v1/chat/completions/{whole.id}/messages", api_key_secret)
-    assert status == 200
-    validate_message_list(page)
+    await validate_raw_shapes(asgi_server, api_key_secret, whole.id)
 
 
 async def test_a_reply_cut_off_keeps_a_stream_but_not_a_whole_reply_answered_with_an_error(
