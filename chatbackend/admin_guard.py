@@ -35,6 +35,7 @@ from typing import Any
 
 from django.contrib.admin import widgets
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+from django.contrib.admin.options import BaseModelAdmin
 from django.contrib.admin.views.main import ERROR_FLAG
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponseBadRequest, HttpResponseRedirect
@@ -106,14 +107,15 @@ class AutocompleteSelect(widgets.AutocompleteSelect):
         return super().optgroups(name, keys, attr)
 
 
-class AutocompleteGuardMixin:
-    """Give a model admin's or inline's ``autocomplete_fields`` foreign keys ``AutocompleteSelect``."""
+class AutocompleteGuardMixin(BaseModelAdmin):
+    """Give a model admin's or inline's ``autocomplete_fields`` foreign keys ``AutocompleteSelect``.
+
+    Put it before ``admin.ModelAdmin`` or an inline class: both derive from ``BaseModelAdmin``."""
 
     def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
-        model_admin: Any = self
-        if "widget" not in kwargs and db_field.name in model_admin.get_autocomplete_fields(request):
-            kwargs["widget"] = AutocompleteSelect(db_field, model_admin.admin_site, using=kwargs.get("using"))
-        return super().formfield_for_foreignkey(db_field, request, **kwargs)  # type: ignore[misc]
+        if "widget" not in kwargs and db_field.name in self.get_autocomplete_fields(request):
+            kwargs["widget"] = AutocompleteSelect(db_field, self.admin_site, using=kwargs.get("using"))
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
 
 class AdminQueryGuardMiddleware(MiddlewareMixin):
