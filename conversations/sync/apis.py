@@ -230,10 +230,10 @@ def _this_server_endpoint(request: HttpRequest, endpoint: str, what: str) -> Spl
     """
     try:
         parts = urlsplit(endpoint)
-        if parts.scheme in ("http", "https") and _is_this_server(request, parts.netloc):
-            return parts
     except ValueError:
-        pass
+        raise _invalid_endpoint(what) from None
+    if parts.scheme in ("http", "https") and _is_this_server(request, parts.netloc):
+        return parts
     raise _invalid_endpoint(what)
 
 
