@@ -26,7 +26,7 @@ from rest_framework_simplejwt.serializers import (
 from rest_framework_simplejwt.settings import api_settings as jwt_api_settings
 from rest_framework_simplejwt.token_blacklist.models import OutstandingToken
 
-from chatbackend.fields import ID_MAX, BlankableEmailField, StrictBooleanField, StrictCharField
+from chatbackend.fields import BIGINT_MAX, ID_MAX, BlankableEmailField, StrictBooleanField, StrictCharField
 
 from .metering.budgets import budget_usage
 from .models import API_KEY_OWNERS, APIKey, AuditEvent, Budget, UsageRecord, User
@@ -429,7 +429,7 @@ class BudgetCreateInputSerializer(serializers.Serializer):
     )
     token_limit = _StrictIntegerField(
         min_value=0,
-        max_value=ID_MAX,
+        max_value=BIGINT_MAX,  # a PositiveBigIntegerField
         required=False,
         allow_null=True,
         default=None,

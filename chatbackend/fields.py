@@ -12,9 +12,11 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-# The largest row id: PostgreSQL's bigint (Django's BigAutoField), SQLite's INTEGER. A larger number
-# names no row, and SQLite cannot even take it as a parameter (OverflowError, a 500).
-ID_MAX = 2**63 - 1
+# The largest PostgreSQL bigint (SQLite's INTEGER too): a larger number cannot be stored or even be
+# a query parameter on SQLite (OverflowError, a 500).
+BIGINT_MAX = 2**63 - 1
+# The largest row id (Django's BigAutoField is a bigint): a larger number names no row.
+ID_MAX = BIGINT_MAX
 # A row id in OpenAPI: what every id parameter and field admits.
 ID_SCHEMA = {"type": "integer", "minimum": 1, "maximum": ID_MAX}
 
@@ -62,4 +64,4 @@ class BlankableEmailField(serializers.EmailField):
         return super().to_internal_value(data)
 
 
-__all__ = ["ID_MAX", "ID_SCHEMA", "BlankableEmailField", "StrictCharField"]
+__all__ = ["BIGINT_MAX", "ID_MAX", "ID_SCHEMA", "BlankableEmailField", "StrictBooleanField", "StrictCharField"]
