@@ -221,14 +221,10 @@ def _url_password_masked(url: str, placeholder: str) -> str:
     return f"{scheme}://{user}:{placeholder}@{host}" if colon else f"{scheme}://{placeholder}@{host}"
 
 
-def _secret_fingerprints(obj: models.Model) -> dict[str, Any]:
-    """Return the raw secret values of ``obj``, only to compare them in memory (never stored)."""
-    return {name: getattr(obj, name, None) for name in SECRET_FIELDS.get(_label(obj), ())}
-
-
-def _url_fingerprints(obj: models.Model) -> dict[str, Any]:
-    """Return the raw values of ``obj``'s URL fields, only to compare them in memory (never stored)."""
-    return {name: getattr(obj, name, None) for name in URL_FIELDS.get(_label(obj), ())}
+def _raw_values(obj: models.Model, fields: dict[str, frozenset[str]]) -> dict[str, Any]:
+    """Return the raw values of ``obj``'s fields named in ``fields`` (``SECRET_FIELDS``, ``URL_FIELDS``),
+    only to compare them in memory (never stored)."""
+    return {name: getattr(obj, name, None) for name in fields.get(_label(obj), ())}
 
 
 class AuditState:
@@ -237,8 +233,8 @@ class AuditState:
     def __init__(self, obj: models.Model) -> None:
         self.pk = obj.pk
         self.snapshot = audit_snapshot(obj)
-        self._secrets = _secret_fingerprints(obj)
-        self._urls = _url_fingerprints(obj)
+        self._secrets = _raw_values(obj, SECRET_FIELDS)
+        self._urls = _raw_values(obj, URL_FIELDS)
 
     @classmethod
     def of_stored(cls, obj: models.Model) -> AuditState | None:
@@ -256,11 +252,11 @@ class AuditState:
         for name, value in now.items():
             if self.snapshot.get(name) != value:
                 before[name], after[name] = self.snapshot.get(name), value
-        for name, secret in _secret_fingerprints(obj).items():
+        for name, secret in _raw_values(obj, SECRET_FIELDS).items():
             if secret != self._secrets.get(name):
                 before[name] = self.snapshot.get(name, "")
                 after[name] = SECRET_CHANGED if secret else ""
-        for name, url in _url_fingerprints(obj).items():
+        for name, url in _raw_values(obj, URL_FIELDS).items():
             if name not in after and isinstance(url, str) and url != self._urls.get(name):  # the password alone
                 before[name] = self.snapshot.get(name)
                 after[name] = _url_password_masked(url, SECRET_CHANGED)
