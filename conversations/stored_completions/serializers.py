@@ -32,6 +32,7 @@ class StoredCompletionChoiceOutputSerializer(ChatCompletionChoiceOutputSerialize
 class StoredCompletionOutputSerializer(ChatCompletionOutputSerializer):
     """A stored chat completion: a ``chat.completion`` with its ``metadata`` and ``status``."""
 
+    # The metaclass moves declared fields out of the class body: this replaces the parent's field only.
     choices = StoredCompletionChoiceOutputSerializer(many=True)  # type: ignore[assignment]
     metadata = serializers.DictField(child=serializers.CharField(allow_blank=True))
     status = serializers.ChoiceField(

@@ -148,7 +148,8 @@ async def test_a_stop_sequence_an_anthropic_upstream_matched_is_stop_reason_stop
 
     for message in (whole, streamed):
         assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", word)
-        assert word not in message.content[0].text  # type: ignore[union-attr]
+        block = message.content[0]
+        assert isinstance(block, anthropic.types.TextBlock) and word not in block.text
     assert (natural.stop_reason, natural.stop_sequence) == ("end_turn", None)
 
 
