@@ -16,7 +16,10 @@ The request (``ChatRequest``: OpenAI chat messages and fields) is translated by
   ``url`` sources); other part types are a 400;
 - assistant ``tool_calls`` → ``tool_use`` blocks (``arguments`` parsed into ``input``), ``tool``
   messages → ``tool_result`` blocks in a user turn (before any text of that turn); consecutive
-  turns of one role are merged, as Anthropic requires alternating turns; empty text is dropped;
+  turns of one role are merged, as Anthropic requires alternating turns; empty or whitespace-only
+  text is dropped (Anthropic refuses text blocks without a non-whitespace character, where OpenAI
+  takes them), and a last assistant turn (a prefill) loses its trailing whitespace (Anthropic
+  refuses "final assistant content" that ends in it);
 - ``max_completion_tokens`` / ``max_tokens`` → ``max_tokens``, which Anthropic requires: when the
   client sends neither, ``settings.LLM_ANTHROPIC_DEFAULT_MAX_TOKENS`` (default 4096);
 - ``temperature``, ``top_p``, ``top_k`` as they are, but ``temperature`` capped at Anthropic's 1.0
@@ -191,6 +194,9 @@ def _system_and_turns(messages: list[dict[str, Any]]) -> tuple[list[dict[str, An
     for turn in turns:  # a user turn's tool results come first (Anthropic refuses them after text)
         if turn["role"] == "user":
             turn["content"].sort(key=lambda block: block["type"] != "tool_result")
+    if turns and turns[-1]["role"] == "assistant" and turns[-1]["content"][-1]["type"] == "text":
+        last = turns[-1]["content"][-1]
+        last["text"] = last["text"].rstrip()  # not whitespace-only: _blocks dropped those
     return system, turns
 
 
@@ -199,12 +205,12 @@ def _blocks(content: Any) -> list[dict[str, Any]]:
     if content is None:
         return []
     if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
+        return [{"type": "text", "text": content}] if content and not content.isspace() else []
     blocks: list[dict[str, Any]] = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
-            if part.get("text"):
+            if isinstance(part.get("text"), str) and part["text"] and not part["text"].isspace():
                 block = {"type": "text", "text": part["text"]}
                 if "cache_control" in part:  # OpenRouter's convention for Anthropic prompt caching
                     block["cache_control"] = part["cache_control"]

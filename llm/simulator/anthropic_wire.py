@@ -177,6 +177,8 @@ def _validated(data: dict[str, Any]) -> MessagesRequest:
     previous_tool_ids: set[str] = set()
     for position, message in enumerate(messages):
         previous_tool_ids = _check_message(position, message, previous_tool_ids)
+    if _ends_in_whitespace(messages[-1]):
+        raise _Invalid("messages: final assistant content cannot end with trailing whitespace")
     system = _system_text(data.get("system"))
     temperature = data.get("temperature")
     if temperature is not None and not (isinstance(temperature, int | float) and 0 <= temperature <= 1):
@@ -223,6 +225,8 @@ def _check_message(position: int, message: Any, previous_tool_ids: set[str]) -> 
         kind = block["type"]
         if kind == "text" and not (isinstance(block.get("text"), str) and block["text"]):
             raise _Invalid(f"{at}.text: text content blocks must be non-empty")
+        elif kind == "text" and not block["text"].strip():
+            raise _Invalid(f"{at}.text: text content blocks must contain non-whitespace text")
         elif kind == "image":
             _check_image(at, block.get("source"))
         elif kind == "tool_use":
@@ -263,6 +267,16 @@ def _check_image(at: str, source: Any) -> None:
         raise _Invalid(f"{at}.source.data: The image data is not valid base64.") from None
     if not source.get("data"):
         raise _Invalid(f"{at}.source.data: Field required")
+
+
+def _ends_in_whitespace(message: dict[str, Any]) -> bool:
+    """Whether ``message`` is an assistant turn (a prefill, when last) whose text ends in whitespace."""
+    if message.get("role") != "assistant":
+        return False
+    content = message.get("content")
+    if isinstance(content, list):
+        content = content[-1].get("text") if content and content[-1].get("type") == "text" else None
+    return isinstance(content, str) and content != content.rstrip()
 
 
 def _system_text(system: Any) -> str:

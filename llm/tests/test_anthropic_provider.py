@@ -7,6 +7,7 @@ import base64
 import json
 from typing import Any
 
+import httpx
 import pytest
 from django.test import AsyncClient
 
@@ -191,6 +192,47 @@ async def test_an_openai_temperature_past_anthropics_range_is_capped(simulator: 
         ]
         == 0.4
     )
+
+
+async def test_whitespace_only_text_and_a_prefills_trailing_whitespace_are_not_sent(
+    simulator: SimulatorProcess,
+) -> None:
+    # OpenAI takes both; Anthropic refuses a text block without non-whitespace text and "final assistant
+    # content" ending in whitespace, so every such request to a Claude model failed with its 400.
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": "  "},
+        {"role": "user", "content": [{"type": "text", "text": "Name rivers."}, {"type": "text", "text": " \n"}]},
+        {"role": "assistant", "content": "\t"},
+        {"role": "user", "content": "Three, please."},
+        {"role": "assistant", "content": "Sure: "},
+    ]
+    body = messages_body(ChatRequest(model="sim-1", messages=messages), default_max_tokens=10)
+    assert "system" not in body
+    assert body["messages"] == [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Name rivers."}, {"type": "text", "text": "Three, please."}],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": "Sure:"}]},
+    ]
+    chunks = await collect(provider(simulator), ChatRequest(model="sim-1", messages=messages))
+    assert chunks[-2].finish_reason == "stop" and "".join(c.content for c in chunks)
+
+    # The simulator refuses both, as Anthropic does (so the translation above is what made it pass).
+    for turns, refusal in (
+        ([{"role": "user", "content": [{"type": "text", "text": " "}]}], "must contain non-whitespace text"),
+        (
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure: "}],
+            "final assistant content cannot end with trailing whitespace",
+        ),
+    ):
+        async with httpx.AsyncClient() as client:
+            response = await client.post(
+                f"{simulator.root_url}/v1/messages",
+                json={"model": "sim-1", "max_tokens": 5, "messages": turns},
+                headers={"x-api-key": SIMULATOR_API_KEY, "anthropic-version": "2023-06-01"},
+            )
+        assert response.status_code == 400 and refusal in response.json()["error"]["message"]
 
 
 async def test_max_tokens_and_stop_map_to_length_and_stop(simulator: SimulatorProcess) -> None:
