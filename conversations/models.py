@@ -101,7 +101,8 @@ class Message(models.Model):
     text, as a person reads it), and ``cached_tokens`` / ``reasoning_tokens``, the provider's usage
     breakdown (None when the provider reported no usage: counted by our tokenizer), and ``tool_calls``,
     an assistant message's OpenAI tool calls (``[{"id", "type", "function": {"name", "arguments"}}]``;
-    None when it made none): the request's assistant turns' and the reply's.
+    None when it made none): the request's assistant turns' and the reply's; a request's ``tool``
+    message keeps ``tool_call_id``, the id of the call it answers ("" for any other message).
     """
 
     class Role(models.TextChoices):
@@ -140,6 +141,7 @@ class Message(models.Model):
     reasoning_tokens = models.PositiveIntegerField(null=True, blank=True)
     refusal = models.TextField(blank=True, default="")
     tool_calls = models.JSONField(null=True, blank=True)
+    tool_call_id = models.TextField(blank=True, default="")
     time_to_first_token_ms = models.FloatField(null=True, blank=True)
     duration_ms = models.FloatField(null=True, blank=True)
     error = models.TextField(blank=True, default="")

@@ -106,7 +106,8 @@ def completion_object(conversation: Conversation) -> dict[str, Any]:
 
 def _message_object(completion_id: str, index: int, message: Message) -> dict[str, Any]:
     """One message of ``ChatCompletionMessageList``; an assistant turn's ``tool_calls`` with it (its
-    ``content`` then null when it said nothing else, as OpenAI sends such a turn)."""
+    ``content`` then null when it said nothing else, as OpenAI sends such a turn), a tool message's
+    ``tool_call_id``."""
     item = {
         "id": f"{completion_id}-{index}",
         "role": message.role,
@@ -116,6 +117,8 @@ def _message_object(completion_id: str, index: int, message: Message) -> dict[st
     }
     if message.tool_calls:
         item["tool_calls"] = message.tool_calls
+    if message.tool_call_id:
+        item["tool_call_id"] = message.tool_call_id
     return item
 
 

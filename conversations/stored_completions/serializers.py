@@ -62,6 +62,7 @@ class StoredCompletionMessageOutputSerializer(serializers.Serializer):
     content = serializers.CharField(allow_blank=True, help_text="its text (the text parts of a list, joined)")
     refusal = serializers.CharField(allow_null=True)
     content_parts = serializers.JSONField(allow_null=True, help_text="always null: the text is in content")
+    tool_call_id = serializers.CharField(required=False, help_text="a tool message's: the id of the call it answers")
 
 
 class StoredCompletionMessageListOutputSerializer(serializers.Serializer):

@@ -42,7 +42,8 @@ def stored_completion_save(*, plan: StoredChatCompletionPlan, outcome: ReplyOutc
     ``conversations.services.reply_finish`` writes one: text, status (a stopped reply is
     ``cancelled``, a failed one ``failed``, with its ``error``), the model that served it, tokens,
     timings, and what OpenAI answers apart: the refusal, the provider's cached and reasoning tokens.
-    Assistant messages keep their ``tool_calls`` (the request's as sent, the reply's as streamed).
+    Assistant messages keep their ``tool_calls`` (the request's as sent, the reply's as streamed),
+    tool messages the ``tool_call_id`` they answer.
     One transaction. Nothing is kept for a reply its client got as an error status: one that failed
     before producing any output, or a whole (not streamed) reply that failed at all; nor twice (a
     second call for the same id is a no-op), nor when the requested model was deleted since (returns None).
@@ -59,6 +60,7 @@ def stored_completion_save(*, plan: StoredChatCompletionPlan, outcome: ReplyOutc
             role=_role(message.get("role")),
             content=content_text(message.get("content"), separator=""),
             tool_calls=storable_tool_calls(message.get("tool_calls")) if message.get("role") == "assistant" else None,
+            tool_call_id=storable_text(str(message.get("tool_call_id") or "")) if message.get("role") == "tool" else "",
             status=Message.Status.COMPLETED,
         )
         for message in plan.request.messages

@@ -406,6 +406,8 @@ async def test_tool_calls_read_back_as_answered_and_as_sent(api_key_secret, simu
     assert [message.role for message in listed] == ["user", "assistant", "tool", "assistant", "user"]
     assert listed[1].tool_calls is not None and listed[1].tool_calls[0].model_dump() == earlier
     assert listed[1].content is None and listed[0].tool_calls is None
+    # The tool message says which call it answers, as the request sent it; no other message has one.
+    assert [getattr(message, "tool_call_id", None) for message in listed] == [None, None, "call_0", None, None]
     await validate_raw_shapes(asgi_server, api_key_secret, whole.id)
 
 
