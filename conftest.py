@@ -310,8 +310,10 @@ class ScriptedUpstream:
     ``tool-call``: a reasoning delta, then a function call split over three deltas.
     ``tool-calls-repeating``: two calls whose every delta repeats the call's ``id`` and name, the
     first ``type`` left out. ``tool-calls-at-index-0``: two calls, both numbered 0, each whole in one
-    delta. (Both as some OpenAI-compatible servers stream them; OpenAI sends ``id``, ``type`` and the
-    name once, and numbers calls 0, 1, ...) Any other model: one content chunk ``"ok"``.
+    delta. ``tool-calls-interleaved``: two calls whose fragments alternate (the second call opens
+    before the first's arguments are whole). (As some OpenAI-compatible servers stream them; OpenAI
+    sends ``id``, ``type`` and the name once, and numbers calls 0, 1, ...) Any other model: one
+    content chunk ``"ok"``.
     ``requests`` records every JSON body received.
     """
 
@@ -346,6 +348,16 @@ class ScriptedUpstream:
                     {"tool_calls": [{**call, "function": {**call["function"], "arguments": part}}]}
                     for call, part in fragments
                 ),
+            ]
+        if model == "tool-calls-interleaved":
+            weather = {"index": 0, "id": "call_w", "type": "function", "function": {"name": "get_weather"}}
+            time = {"index": 1, "id": "call_t", "type": "function", "function": {"name": "get_time"}}
+            return [
+                {"role": "assistant", "content": None},
+                {"tool_calls": [{**weather, "function": {**weather["function"], "arguments": '{"city":'}}]},
+                {"tool_calls": [{**time, "function": {**time["function"], "arguments": '{"tz":'}}]},
+                {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]},
+                {"tool_calls": [{"index": 1, "function": {"arguments": '"CET"}'}}]},
             ]
         if model == "tool-calls-at-index-0":
             calls = [("call_w", "get_weather", '{"city":"Paris"}'), ("call_t", "get_time", '{"tz":"CET"}')]

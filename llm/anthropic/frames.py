@@ -24,7 +24,9 @@ From OpenAI chunks (``llm.providers.ChatChunk``): ``reasoning_content`` → a ``
 (with an empty ``signature``: there is none to give), ``content`` → a ``text`` block, each
 ``tool_calls`` entry that opens a call (a new ``index``) → a ``tool_use`` block whose ``input``
 streams as the call's ``arguments`` fragments (``input_json_delta``). A change of kind closes the
-open block. ``finish_reason`` → ``stop_reason``: ``stop`` → ``end_turn``, or ``stop_sequence`` with
+open block, except a ``tool_use`` block's: it stays open to the end of the reply, for fragments of
+its call that an upstream interleaves with the next calls, which are held and sent whole after it
+(``_StreamBlocks``). ``finish_reason`` → ``stop_reason``: ``stop`` → ``end_turn``, or ``stop_sequence`` with
 the sequence when the upstream said which one matched (``ChatChunk.stop_sequence``: an Anthropic
 upstream does; OpenAI's wire does not, so ``stop_sequence`` is null after one), ``length`` →
 ``max_tokens``, ``tool_calls`` / ``function_call`` → ``tool_use``, ``content_filter`` → ``refusal``.
@@ -135,16 +137,62 @@ def _message(plan: ChatCompletionPlan, model_name: str, content: list[dict[str, 
     }
 
 
-class _StreamBlocks:
-    """The open content block of a stream, and the frames that open, extend and close blocks."""
+class _HeldBlock:
+    """A content block held back while a ``tool_use`` block is open: its empty block and its parts."""
 
-    __slots__ = ("_tool_blocks", "_tool_ids", "index", "kind", "refused", "text_head", "thinking_head", "used_tools")
+    __slots__ = ("block", "parts")
+
+    def __init__(self, block: dict[str, Any]) -> None:
+        self.block = block  # as its content_block_start carries it
+        self.parts: list[str] = []  # its text, thinking or arguments fragments
+
+    def frames(self, index: int) -> bytes:
+        """Return its start, one delta with its whole content (none when empty) and its stop, at ``index``."""
+        kind = self.block["type"]
+        frames = _event(
+            "content_block_start", {"type": "content_block_start", "index": index, "content_block": self.block}
+        )
+        content = "".join(self.parts)
+        if content:
+            if kind == "tool_use":
+                delta = {"type": "input_json_delta", "partial_json": content}
+            elif kind == "thinking":
+                delta = {"type": "thinking_delta", "thinking": content}
+            else:
+                delta = {"type": "text_delta", "text": content}
+            frames += _event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+        return frames + _event("content_block_stop", {"type": "content_block_stop", "index": index})
+
+
+class _StreamBlocks:
+    """The open content block of a stream, and the frames that open, extend and close blocks.
+
+    A ``tool_use`` block stays open until the reply ends (``finish``): an upstream may still send
+    fragments of a call's arguments after another call (or text) began, and Anthropic's stream
+    cannot reopen a closed block. What begins while one is open (another call, text, thinking) is
+    held, in order, and goes out at the end as whole blocks (start, one delta, stop), so every
+    block's content is complete and blocks still follow each other. OpenAI and most servers send
+    one call after another, the last at the end of the reply: the held calls then come out a few
+    tokens later than they would have.
+    """
+
+    __slots__ = (
+        "_calls",
+        "_held",
+        "index",
+        "kind",
+        "refused",
+        "text_head",
+        "thinking_head",
+        "used_tools",
+    )
 
     def __init__(self) -> None:
         self.index = -1  # of the open block
         self.kind: str | None = None  # "text", "thinking", "tool_use" or None (none open)
-        self._tool_blocks: dict[int, int] = {}  # OpenAI tool call index -> block index
-        self._tool_ids: dict[int, str] = {}  # OpenAI tool call index -> its call's id
+        # OpenAI tool call index -> its call: its id, and its held block (None: the open block).
+        self._calls: dict[int, tuple[str, _HeldBlock | None]] = {}
+        self._held: list[_HeldBlock] = []  # blocks begun while a tool_use block was open, in order
         self.used_tools = False
         self.refused = False
         self.text_head = b""
@@ -155,6 +203,16 @@ class _StreamBlocks:
             return b""
         self.kind = None
         return f'event: content_block_stop\ndata: {{"type":"content_block_stop","index":{self.index}}}\n\n'.encode()
+
+    def finish(self) -> bytes:
+        """Return the frames that close the open block and send the held ones, at the reply's end."""
+        frames = self.close()
+        for held in self._held:
+            frames += held.frames(self.index + 1)
+            self.index += 1
+        self._held = []
+        self._calls = {}
+        return frames
 
     def _open(self, kind: str, block: dict[str, Any]) -> bytes:
         frames = self.close()
@@ -169,11 +227,25 @@ class _StreamBlocks:
             "content_block_start", {"type": "content_block_start", "index": self.index, "content_block": block}
         )
 
+    def _hold(self, block: dict[str, Any]) -> _HeldBlock:
+        """Return the held block of ``block``'s kind to extend: the last held one, or a new one."""
+        if self._held and block["type"] != "tool_use" and self._held[-1].block["type"] == block["type"]:
+            return self._held[-1]
+        held = _HeldBlock(block)
+        self._held.append(held)
+        return held
+
     def text(self, text: str) -> bytes:
+        if self.kind == "tool_use":
+            self._hold({"type": "text", "text": ""}).parts.append(text)
+            return b""
         frames = b"" if self.kind == "text" else self._open("text", {"type": "text", "text": ""})
         return frames + self.text_head + _encode_str(text).encode() + b"}}\n\n"
 
     def thinking(self, text: str) -> bytes:
+        if self.kind == "tool_use":
+            self._hold({"type": "thinking", "thinking": "", "signature": ""}).parts.append(text)
+            return b""
         frames = (
             b""
             if self.kind == "thinking"
@@ -186,23 +258,27 @@ class _StreamBlocks:
         for entry in entries:
             call_index = entry.get("index", 0)
             function = entry.get("function") or {}
-            block_index = self._tool_blocks.get(call_index)
-            if block_index is None or _starts_another_call(entry, self._tool_ids.get(call_index)):
+            call = self._calls.get(call_index)
+            if call is None or _starts_another_call(entry, call[0]):
                 block = _tool_use_block(entry)
-                self._tool_ids[call_index] = block["id"]
-                frames += self._open("tool_use", block)
-                self._tool_blocks[call_index] = block_index = self.index
                 self.used_tools = True
-            elif block_index != self.index or self.kind != "tool_use":
-                # A fragment of a call whose block was closed (the upstream interleaved calls and
-                # text): Anthropic's stream cannot reopen a block.
-                logger.warning("dropped a tool call fragment of a closed block (call index %s)", call_index)
-                continue
+                if self.kind == "tool_use":  # kept open for its late fragments: this call waits
+                    call = (block["id"], self._hold(block))
+                else:
+                    frames += self._open("tool_use", block)
+                    call = (block["id"], None)
+                self._calls[call_index] = call
+            held = call[1]
             arguments = function.get("arguments")
-            if arguments:
+            if held is not None:
+                if function.get("name") and not held.block["name"]:
+                    held.block["name"] = function["name"]
+                if arguments:
+                    held.parts.append(arguments)
+            elif arguments:
                 delta = {"type": "input_json_delta", "partial_json": arguments}
                 frames += _event(
-                    "content_block_delta", {"type": "content_block_delta", "index": block_index, "delta": delta}
+                    "content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta}
                 )
         return frames
 
@@ -264,14 +340,14 @@ async def message_stream_frames(reply: Reply[ChatCompletionPlan], *, keepalive: 
             # A failure, or a reply stopped by the server (a revoked key, a shutdown).
             error = event.error if type(event) is ReplyFailed else event.outcome.error
             if error is not None:
-                yield start + blocks.close() + _event("error", anthropic_error_body(error))
+                yield start + blocks.finish() + _event("error", anthropic_error_body(error))
                 continue
             reason = stop_reason(
                 finish_reason, used_tools=blocks.used_tools, refused=blocks.refused, stop_sequence=matched
             )
             delta = {"stop_reason": reason, "stop_sequence": matched if reason == "stop_sequence" else None}
             body = {"type": "message_delta", "delta": delta, "usage": usage_object(event.outcome.usage)}
-            yield start + blocks.close() + _event("message_delta", body) + MESSAGE_STOP
+            yield start + blocks.finish() + _event("message_delta", body) + MESSAGE_STOP
 
 
 class MessageCollector:

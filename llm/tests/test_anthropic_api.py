@@ -54,9 +54,11 @@ async def sdk(asgi_server: str, api_key_secret: str) -> AsyncIterator[anthropic.
 
 @pytest.fixture
 def scripted_model(db, scripted_upstream):
-    """``scripted``: the scripted upstream's plain reply (``"ok"``); ``tool-model``: its reasoning and tool call."""
+    """``scripted``: the scripted upstream's plain reply (``"ok"``); ``tool-model``: its reasoning and tool call;
+    ``interleaved-model``: two tool calls whose argument fragments alternate."""
     provider = ProviderFactory(name="scripted", base_url=scripted_upstream.base_url)
     LLMModel.objects.create(name="tool-model", provider=provider, upstream_model="tool-call")
+    LLMModel.objects.create(name="interleaved-model", provider=provider, upstream_model="tool-calls-interleaved")
     return LLMModel.objects.create(name="scripted", provider=provider, upstream_model="plain")
 
 
@@ -261,6 +263,34 @@ async def test_streamed_tool_use_and_thinking_blocks(sdk, scripted_model):
     assert tool_use.type == "tool_use" and tool_use.input == {"city": "Paris"} and tool_use.name == "get_weather"
     assert final.stop_reason == "tool_use"
     assert final.usage.output_tokens == 5
+
+
+async def test_interleaved_tool_call_fragments_reach_their_blocks_whole(sdk, scripted_model):
+    """An upstream that alternates the argument fragments of two calls (the first call's end comes
+    after the second call opened): each ``tool_use`` block gets its whole input, streamed or not,
+    and the stream still sends each block from its start to its stop before the next one starts."""
+    request: Any = {
+        "model": "interleaved-model",
+        "max_tokens": 1000,
+        "messages": [{"role": "user", "content": "Weather and time in Paris?"}],
+        "tools": [WEATHER_TOOL, {**WEATHER_TOOL, "name": "get_time"}],
+    }
+    async with sdk.messages.stream(**request) as stream:
+        events = [(event.type, getattr(event, "index", None)) async for event in stream]
+        final = await stream.get_final_message()
+    whole = await sdk.messages.create(**request)
+
+    expected = [("call_w", "get_weather", {"city": "Paris"}), ("call_t", "get_time", {"tz": "CET"})]
+    for message in (final, whole):
+        assert [(b.id, b.name, b.input) for b in message.content if b.type == "tool_use"] == expected
+        assert len(message.content) == 2 and message.stop_reason == "tool_use"
+    opened: list[int] = []
+    for kind, index in events:
+        if kind == "content_block_start":
+            opened.append(index)
+        elif kind in ("content_block_delta", "content_block_stop"):
+            assert index == opened[-1], events  # only the last block opened is extended or closed
+    assert opened == [0, 1] and events.count(("content_block_stop", 0)) == 1
 
 
 async def test_images_system_blocks_and_output_config_are_translated(sdk, scripted_model, scripted_upstream):

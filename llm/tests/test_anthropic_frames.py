@@ -77,7 +77,7 @@ def _outcome() -> ReplyOutcome:
 def _streamed_blocks(chunks: list[ChatChunk]) -> list[dict[str, Any]]:
     """Return the content the SDK's accumulator builds from our streamed events for ``chunks``."""
     blocks = _StreamBlocks()
-    body = b"".join(blocks.chunk(chunk) for chunk in chunks) + blocks.close()
+    body = b"".join(blocks.chunk(chunk) for chunk in chunks) + blocks.finish()
     start = {"type": "message_start", "message": {**_message_stub(), "content": []}}
     json_bufs: dict[int, bytes] = {}  # the SDK's buffers of partial tool inputs, by block index
     snapshot = accumulate_event(event=_EVENT.validate_python(start), current_snapshot=None, json_bufs=json_bufs)
@@ -134,6 +134,23 @@ def test_calls_that_share_index_0_are_told_apart_by_their_ids():
     assert content == EXPECTED_CALLS
     streamed = _streamed_blocks(SAME_INDEX)
     assert [(b["id"], b["input"]) for b in streamed] == [(c["id"], c["input"]) for c in EXPECTED_CALLS]
+
+
+def test_text_and_calls_begun_while_a_call_streams_wait_for_its_late_fragments():
+    """Text, then another call, begin before the first call's arguments are whole: its block stays
+    open for them, and the others follow it whole, in the order they began (as in a whole reply)."""
+    chunks = [
+        ChatChunk(tool_calls=[_call(0, "call_a", "get_weather", '{"city":')]),
+        ChatChunk(content="Also the time."),
+        ChatChunk(tool_calls=[_call(1, "call_b", "get_time", '{"tz":')]),
+        ChatChunk(tool_calls=[_call(0, None, None, '"Paris"}')]),
+        ChatChunk(content=" Done."),
+        ChatChunk(tool_calls=[_call(1, None, None, '"CET"}')], finish_reason="tool_calls"),
+    ]
+    expected = [EXPECTED_CALLS[0], {"type": "text", "text": "Also the time."}, EXPECTED_CALLS[1]]
+    expected.append({"type": "text", "text": " Done."})
+    assert _whole_blocks(chunks)[0] == expected
+    assert _streamed_blocks(chunks) == expected
 
 
 def test_arguments_that_are_not_an_object_are_kept_not_lost():
