@@ -311,7 +311,8 @@ class ScriptedUpstream:
     ``tool-calls-repeating``: two calls whose every delta repeats the call's ``id`` and name, the
     first ``type`` left out. ``tool-calls-at-index-0``: two calls, both numbered 0, each whole in one
     delta. ``tool-calls-interleaved``: two calls whose fragments alternate (the second call opens
-    before the first's arguments are whole). (As some OpenAI-compatible servers stream them; OpenAI
+    before the first's arguments are whole). ``tool-call-cut``: a call whose arguments the output
+    limit cut off (``finish_reason`` ``length``). (As some OpenAI-compatible servers stream them; OpenAI
     sends ``id``, ``type`` and the name once, and numbers calls 0, 1, ...) Any other model: one
     content chunk ``"ok"``.
     ``requests`` records every JSON body received.
@@ -359,6 +360,13 @@ class ScriptedUpstream:
                 {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]},
                 {"tool_calls": [{"index": 1, "function": {"arguments": '"CET"}'}}]},
             ]
+        if model == "tool-call-cut":
+            call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather"}}
+            return [
+                {"role": "assistant", "content": None},
+                {"tool_calls": [{**call, "function": {**call["function"], "arguments": '{"city":'}}]},
+                {"tool_calls": [{"index": 0, "function": {"arguments": '"Pa'}}]},
+            ]
         if model == "tool-calls-at-index-0":
             calls = [("call_w", "get_weather", '{"city":"Paris"}'), ("call_t", "get_time", '{"tz":"CET"}')]
             return [
@@ -384,7 +392,7 @@ class ScriptedUpstream:
         for delta in self._chunks(model):
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
             await response.write(f"data: {json.dumps({**envelope, 'choices': [choice]})}\n\n".encode())
-        finish = "tool_calls" if model.startswith("tool-call") else "stop"
+        finish = "length" if model == "tool-call-cut" else "tool_calls" if model.startswith("tool-call") else "stop"
         last = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}
         await response.write(f"data: {json.dumps({**envelope, 'choices': [last]})}\n\n".encode())
         usage = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}

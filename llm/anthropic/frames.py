@@ -26,10 +26,13 @@ From OpenAI chunks (``llm.providers.ChatChunk``): ``reasoning_content`` → a ``
 streams as the call's ``arguments`` fragments (``input_json_delta``). A change of kind closes the
 open block, except a ``tool_use`` block's: it stays open to the end of the reply, for fragments of
 its call that an upstream interleaves with the next calls, which are held and sent whole after it
-(``_StreamBlocks``). ``finish_reason`` → ``stop_reason``: ``stop`` → ``end_turn``, or ``stop_sequence`` with
-the sequence when the upstream said which one matched (``ChatChunk.stop_sequence``: an Anthropic
-upstream does; OpenAI's wire does not, so ``stop_sequence`` is null after one), ``length`` →
-``max_tokens``, ``tool_calls`` / ``function_call`` → ``tool_use``, ``content_filter`` → ``refusal``.
+(``_StreamBlocks``). A call that the output limit cuts off streams the fragments that came, as
+Anthropic streams one (the SDK folds the unfinished JSON as it can; the whole ``message`` has an
+empty ``input``: ``MessageCollector.message``). ``finish_reason`` → ``stop_reason``: ``stop`` →
+``end_turn``, or ``stop_sequence`` with the sequence when the upstream said which one matched
+(``ChatChunk.stop_sequence``: an Anthropic upstream does; OpenAI's wire does not, so
+``stop_sequence`` is null after one), ``length`` → ``max_tokens``, ``tool_calls`` /
+``function_call`` → ``tool_use``, ``content_filter`` → ``refusal``.
 An OpenAI ``refusal`` (the model declined, in words, with ``finish_reason`` ``stop``) → its text
 in a ``text`` block, and ``stop_reason`` ``refusal``: Anthropic's Messages has no refusal block,
 and its own refusals are exactly that, a ``refusal`` stop with whatever text came before it; the
@@ -399,13 +402,20 @@ class MessageCollector:
             self.finish_reason, self.stop_sequence = chunk.finish_reason, chunk.stop_sequence
 
     def message(self, plan: ChatCompletionPlan, outcome: ReplyOutcome) -> dict[str, Any]:
-        """Return Anthropic's ``Message`` object of the finished reply."""
+        """Return Anthropic's ``Message`` object of the finished reply.
+
+        A call's ``input`` is its arguments' JSON object; other arguments (not an object, or not
+        JSON) are kept as ``{"arguments": <their text>}``. A call whose arguments the output limit cut
+        off (``stop_reason`` ``max_tokens``, arguments that do not parse) has an empty ``input``, as
+        Anthropic answers one: its unfinished text is not arguments the tool takes.
+        """
+        cut = self.finish_reason == "length"
         for block, fragments in self._calls:
             arguments = "".join(fragments)
             try:
                 value = json.loads(arguments) if arguments else {}
             except ValueError:
-                value = None
+                value = {} if cut else None
             if not isinstance(value, dict):
                 # Anthropic's ``input`` is an object; keep what the model wrote rather than lose it.
                 logger.warning(

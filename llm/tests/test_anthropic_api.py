@@ -55,10 +55,12 @@ async def sdk(asgi_server: str, api_key_secret: str) -> AsyncIterator[anthropic.
 @pytest.fixture
 def scripted_model(db, scripted_upstream):
     """``scripted``: the scripted upstream's plain reply (``"ok"``); ``tool-model``: its reasoning and tool call;
-    ``interleaved-model``: two tool calls whose argument fragments alternate."""
+    ``interleaved-model``: two tool calls whose argument fragments alternate; ``cut-tool-model``: a call
+    cut off by the output limit."""
     provider = ProviderFactory(name="scripted", base_url=scripted_upstream.base_url)
     LLMModel.objects.create(name="tool-model", provider=provider, upstream_model="tool-call")
     LLMModel.objects.create(name="interleaved-model", provider=provider, upstream_model="tool-calls-interleaved")
+    LLMModel.objects.create(name="cut-tool-model", provider=provider, upstream_model="tool-call-cut")
     return LLMModel.objects.create(name="scripted", provider=provider, upstream_model="plain")
 
 
@@ -291,6 +293,34 @@ async def test_interleaved_tool_call_fragments_reach_their_blocks_whole(sdk, scr
         elif kind in ("content_block_delta", "content_block_stop"):
             assert index == opened[-1], events  # only the last block opened is extended or closed
     assert opened == [0, 1] and events.count(("content_block_stop", 0)) == 1
+
+
+async def test_a_tool_call_cut_off_by_the_output_limit_reads_as_anthropic_answers_one(sdk, scripted_model):
+    """The output limit cuts a call's arguments (``{"city":"Pa``): as Anthropic answers such a call,
+    the stream sends the fragments that came (the SDK folds the unfinished JSON as it can) and the
+    whole message an empty ``input``, both with ``stop_reason`` ``max_tokens``, never an ``input``
+    holding arguments that the tool does not take."""
+    request: Any = {
+        "model": "cut-tool-model",
+        "max_tokens": 1000,
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": [WEATHER_TOOL],
+    }
+    async with sdk.messages.stream(**request) as stream:
+        fragments = [
+            event.delta.partial_json
+            async for event in stream
+            if event.type == "content_block_delta" and event.delta.type == "input_json_delta"
+        ]
+        final = await stream.get_final_message()
+    whole = await sdk.messages.create(**request)
+
+    assert "".join(fragments) == '{"city":"Pa'
+    for message in (final, whole):
+        [tool_use] = message.content
+        assert tool_use.type == "tool_use" and (tool_use.id, tool_use.name) == ("call_1", "get_weather")
+        assert tool_use.input == {}
+        assert message.stop_reason == "max_tokens"
 
 
 async def test_images_system_blocks_and_output_config_are_translated(sdk, scripted_model, scripted_upstream):
