@@ -17,7 +17,6 @@ from accounts.models import APIKey, User
 from accounts.services import api_key_create, api_key_revoke
 from chatbackend import broadcast
 from chatbackend.errors import ApplicationError
-from chatbackend.logging import redact
 
 from .models import LLMModel, Provider
 from .providers import ChatRequest, ProviderConfig, UpstreamError, get_provider
@@ -231,9 +230,7 @@ async def provider_connection_test(*, config: ProviderConfig, upstream_model: st
     else:
         return ConnectionTest(ok=True, latency_ms=(time.perf_counter() - started) * 1000)
     latency_ms = (time.perf_counter() - started) * 1000
-    if config.api_key:
-        error = error.replace(config.api_key, "[REDACTED]")
-    return ConnectionTest(ok=False, latency_ms=latency_ms, error=redact(error))
+    return ConnectionTest(ok=False, latency_ms=latency_ms, error=config.redacted(error))
 
 
 def llm_model_connection_test(*, model: LLMModel) -> ConnectionTest:

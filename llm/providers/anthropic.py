@@ -89,8 +89,6 @@ from typing import Any
 
 from django.conf import settings
 
-from chatbackend.logging import redact
-
 from .base import TRANSLATION_ERRORS, ChatChunk, ChatProvider, ChatRequest, UpstreamError, Usage, untranslatable
 from .http import SSE_REQUEST_HEADERS, SSEBodyDecoder, failure, json_body, post_sse
 
@@ -316,12 +314,6 @@ class AnthropicProvider(ChatProvider):
         async with aclosing(batches):
             async for batch in batches:
                 yield batch
-
-    def _safe(self, text: str) -> str:
-        """Return ``text`` with this provider's API key (and anything key-shaped) removed."""
-        if self.config.api_key:
-            text = text.replace(self.config.api_key, "[REDACTED]")
-        return redact(text)
 
 
 # A text_delta event as Anthropic writes nearly every token (compact JSON, this key order): its

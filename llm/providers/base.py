@@ -8,12 +8,15 @@ the way Django chooses cache and email backends.
 from __future__ import annotations
 
 import abc
+import base64
 import math
 from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from chatbackend.errors import ApplicationError
+from chatbackend.logging import redact
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +39,25 @@ class ProviderConfig:
     # Not in the repr either: an operator may put a gateway's key there despite the admin's advice.
     extra_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     stream_usage: bool = True
+
+    def secrets(self) -> list[str]:
+        """Return the secrets an upstream may echo back in an error: ``api_key`` and the password of
+        ``base_url``'s user info (``https://user:password@host/...``: sent as HTTP Basic), as written
+        in the URL, percent-decoded and as the ``Authorization: Basic`` value carries it (RFC 7617)."""
+        found = [self.api_key] if self.api_key else []
+        parts = urlsplit(self.base_url)
+        if parts.password:
+            user, password = unquote(parts.username or ""), unquote(parts.password)
+            basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+            found += [parts.password, password, basic]
+        return sorted(set(found), key=len, reverse=True)  # longest first: none is left half-replaced
+
+    def redacted(self, text: str) -> str:
+        """Return ``text`` (an upstream's error message, an exception's text) with ``secrets()``
+        and anything key-shaped (``chatbackend.logging.redact``) replaced by ``[REDACTED]``."""
+        for secret in self.secrets():
+            text = text.replace(secret, "[REDACTED]")
+        return redact(text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +247,10 @@ class ChatProvider(abc.ABC):
 
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
+
+    def _safe(self, text: str) -> str:
+        """Return ``text`` without this provider's secrets (``ProviderConfig.redacted``)."""
+        return self.config.redacted(text)
 
     @abc.abstractmethod
     def stream(self, request: ChatRequest) -> AsyncGenerator[list[ChatChunk], None]:

@@ -64,8 +64,6 @@ from urllib.parse import quote
 
 import aiohttp
 
-from chatbackend.logging import redact
-
 from .base import (
     PASSED_THROUGH_STATUSES,
     TRANSLATION_ERRORS,
@@ -214,12 +212,6 @@ class GeminiProvider(ChatProvider):
             detail=detail,
             retry_after=retry_after,
         )
-
-    def _safe(self, text: str) -> str:
-        """Return ``text`` with this provider's API key (and anything key-shaped) removed."""
-        if self.config.api_key:
-            text = text.replace(self.config.api_key, "[REDACTED]")
-        return redact(text)
 
 
 class _ResponseDecoder(SSEBodyDecoder):

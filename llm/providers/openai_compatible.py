@@ -46,8 +46,6 @@ from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
 
-from chatbackend.logging import redact
-
 from .base import ChatChunk, ChatProvider, ChatRequest, UpstreamError, Usage
 from .http import SSE_REQUEST_HEADERS, SSEBodyDecoder, aclose_clients, failure, json_body, post_sse
 
@@ -98,12 +96,6 @@ class OpenAICompatibleProvider(ChatProvider):
     def _auth_headers(self) -> dict[str, str]:
         """Return the headers that carry the API key (``Authorization: Bearer``; none without a key)."""
         return {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
-
-    def _safe(self, text: str) -> str:
-        """Return ``text`` with this provider's API key (and anything key-shaped) removed."""
-        if self.config.api_key:
-            text = text.replace(self.config.api_key, "[REDACTED]")
-        return redact(text)
 
 
 class _ChunkDecoder(SSEBodyDecoder):

@@ -777,3 +777,39 @@ async def test_no_proxy_hosts_are_reached_directly(
     assert "".join(c.content for c in chunks) == "Direct"
     assert forward_proxy == []
     assert await http.upstream_proxy(base_url) == (None, None)
+
+
+@pytest.fixture
+async def echoing_upstream() -> AsyncIterator[str]:
+    """Yield the root URL of a local HTTP server that refuses every POST with a 400 whose error
+    message quotes the request's headers, as some gateways and proxies do in their error bodies."""
+
+    async def refuse(request: web.Request) -> web.Response:
+        error = {"error": {"message": f"bad request, headers: {dict(request.headers)}", "type": "invalid_request"}}
+        return web.json_response(error, status=400)
+
+    app = web.Application()
+    app.router.add_post("/{path:.*}", refuse)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize(("kind", "path"), [("openai", "/v1"), ("anthropic", ""), ("gemini", ""), ("azure_openai", "")])
+async def test_an_upstream_echoing_the_base_urls_credentials_never_shows_them(
+    echoing_upstream: str, kind: str, path: str
+) -> None:
+    # A base URL's user info is sent as HTTP Basic; an upstream 400's message reaches the client,
+    # so its password must be redacted in every form the upstream may quote: as HTTP Basic sends
+    # it (base64 of user:password), and as written in the URL or percent-decoded.
+    base_url = echoing_upstream.replace("http://", "http://someone:hunter2%2Fsecret@") + path
+    config = ProviderConfig(kind=kind, base_url=base_url, api_key="" if kind == "openai" else PROVIDER_KEY)
+    with pytest.raises(UpstreamError) as caught:
+        async for _batch in get_provider(config).stream(ChatRequest(model="m", messages=MESSAGES)):
+            pass
+    assert caught.value.status == 400 and "bad request, headers" in caught.value.message
+    for secret in ("c29tZW9uZTpodW50ZXIyL3NlY3JldA==", "hunter2%2Fsecret", "hunter2/secret", PROVIDER_KEY):
+        assert_key_hidden(caught.value, secret)
