@@ -179,6 +179,23 @@ class Provider(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def clean(self) -> None:
+        """Refuse an OpenAI-compatible provider with both an API key and a base URL's user info: the
+        key travels as ``Authorization: Bearer``, the user info as HTTP Basic in that same header, and
+        the HTTP client refuses to send both (every request was a 500)."""
+        try:
+            has_user_info = "@" in urlsplit(self.base_url).netloc
+        except ValueError:  # validate_base_url reports it
+            return
+        if self.kind == self.Kind.OPENAI and self.api_key and has_user_info:
+            raise ValidationError(
+                {
+                    "base_url": "An OpenAI-compatible provider sends its API key as 'Authorization: Bearer'; "
+                    "a user name and password in the base URL would need that same header (HTTP Basic). "
+                    "Use one of the two."
+                }
+            )
+
 
 # The most fallback models one model may name: each costs a failed attempt before the reply starts.
 MAX_FALLBACKS = 5

@@ -249,6 +249,30 @@ def test_provider_base_url_rejects_non_http_urls(admin_site, url):
     assert not Provider.objects.filter(name="local").exists()
 
 
+def test_an_openai_provider_takes_a_key_or_credentials_in_its_base_url_not_both(admin_site, provider):
+    # Both go in the Authorization header (Bearer, Basic): the HTTP client refused every request
+    # to such a provider (a 500 on each reply), so the form refuses it.
+    with_user_info = "http://gateway:secret@ollama:11434/v1"
+    response = admin_site.post("/admin/llm/provider/add/", add_form_data(name="both", base_url=with_user_info))
+    assert response.status_code == 200
+    assert "Use one of the two" in response.context["adminform"].form.errors["base_url"][0]
+    assert not Provider.objects.filter(name="both").exists()
+    # The stored key counts when the key field is left blank.
+    response = admin_site.post(
+        f"/admin/llm/provider/{provider.pk}/change/", change_form_data(provider, base_url=with_user_info)
+    )
+    assert response.status_code == 200 and response.context["adminform"].form.errors["base_url"]
+
+    for name, overrides in {
+        "basic": {"api_key": ""},  # the user info alone: HTTP Basic
+        "anthropic": {"kind": "anthropic"},  # its key travels in x-api-key
+    }.items():
+        response = admin_site.post(
+            "/admin/llm/provider/add/", add_form_data(name=name, base_url=with_user_info, **overrides)
+        )
+        assert response.status_code == 302, response.content.decode()[:2000]
+
+
 def test_an_operator_sets_extra_headers(admin_site, provider):
     headers = {"HTTP-Referer": "https://chat.example.com", "X-Title": "Team chat"}
     response = admin_site.post(
