@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 import re
 
-# Our API keys (sk-...), OpenAI-style keys, bearer credentials of any kind, and the ``token``
-# query parameter WebSocket clients authenticate with (it shows in access logs).
-_SECRET_PATTERNS = re.compile(r"(sk-[A-Za-z0-9_\-]{8,}|(?i:bearer)\s+[A-Za-z0-9._\-]{8,}|(?<=[?&]token=)[^&\s\"']+)")
+# Our API keys (sk-...), OpenAI-style keys, bearer credentials of any kind, the ``token`` query
+# parameter WebSocket clients authenticate with, and a share link's token in its path
+# (``/share/<token>``, ``/api/share/<token>/``: whoever holds it reads the conversation, which is
+# why only its hash is stored); the last two show in access logs.
+_SECRET_PATTERNS = re.compile(
+    r"(sk-[A-Za-z0-9_\-]{8,}|(?i:bearer)\s+[A-Za-z0-9._\-]{8,}|(?<=[?&]token=)[^&\s\"']+|(?<=/share/)[^/?#\s\"']+)"
+)
 
 
 def redact(text: str) -> str:

@@ -32,3 +32,27 @@ def test_redact_removes_token_query_parameter() -> None:
 
     assert "eyJabc.def.ghi" not in cleaned
     assert "?token=[REDACTED]&x=1" in cleaned
+
+
+def test_redact_removes_a_share_links_token_from_its_path() -> None:
+    # uvicorn's access line of a share link's page and of its JSON: the token alone reads the
+    # conversation (its hash is all the database keeps), so it must not sit in the log either.
+    token = "H_P7UcY213olYkTAy1JZhrO3nKNxG6flGvdieF7ii8Y"
+    for path in (f"/share/{token}", f"/api/share/{token}/", f"/share/{token}?x=1"):
+        record = logging.LogRecord(
+            "uvicorn.access",
+            logging.INFO,
+            __file__,
+            1,
+            '%s - "%s %s HTTP/%s" %d',
+            ("127.0.0.1:5000", "GET", path, "1.1", 200),
+            None,
+        )
+
+        assert RedactSecretsFilter().filter(record) is True
+        assert token not in record.getMessage()
+        assert "/share/[REDACTED]" in record.getMessage()
+    assert (
+        redact("GET /api/shares/12/ and /api/conversations/3/shares/")
+        == "GET /api/shares/12/ and /api/conversations/3/shares/"
+    )
