@@ -199,7 +199,7 @@ def audit_snapshot(obj: models.Model) -> dict[str, Any]:
         if field.name in secrets:
             value = SECRET_SET if value else ""
         elif field.name in urls and isinstance(value, str):
-            value = _url_password_masked(value, SECRET_SET)
+            value = url_password_masked(value, SECRET_SET)
         elif isinstance(field, models.DecimalField) and isinstance(value, Decimal) and value.is_finite():
             # As stored: "7" typed in a form and "7.00000000" read back are one value, not a change.
             value = value.quantize(Decimal(1).scaleb(-field.decimal_places))
@@ -210,7 +210,7 @@ def audit_snapshot(obj: models.Model) -> dict[str, Any]:
     return json.loads(json.dumps(values, cls=DjangoJSONEncoder))
 
 
-def _url_password_masked(url: str, placeholder: str) -> str:
+def url_password_masked(url: str, placeholder: str) -> str:
     """Return ``url`` with the password of its user info replaced by ``placeholder``: ``user:[set]@``,
     or ``[set]@`` for user info without one (a token as the user name); as is without user info."""
     scheme, separator, rest = url.partition("://")
@@ -259,7 +259,7 @@ class AuditState:
         for name, url in _raw_values(obj, URL_FIELDS).items():
             if name not in after and isinstance(url, str) and url != self._urls.get(name):  # the password alone
                 before[name] = self.snapshot.get(name)
-                after[name] = _url_password_masked(url, SECRET_CHANGED)
+                after[name] = url_password_masked(url, SECRET_CHANGED)
         return before, after
 
 

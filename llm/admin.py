@@ -1,8 +1,10 @@
 """Django admin where operators configure providers (upstream APIs), the models users pick and their aliases.
 
 A provider's ``api_key`` is write-only here: the form never renders it, and leaving the field
-blank on edit keeps the stored key. The action "Test connection" (on providers and on models)
-makes a one-token call and reports its latency or the upstream's error, never the key.
+blank on edit keeps the stored key. The password of its base URL's user info
+(``https://user:password@gateway/v1``) is a secret too: pages show it as ``********``, and a
+base URL submitted with that placeholder keeps the stored password. The action "Test connection"
+(on providers and on models) makes a one-token call and reports its latency or the upstream's error, never the key.
 
 Every add, change and delete of a provider, model, alias or deployment writes an audit row
 (``accounts.admin.AuditedModelAdmin``); a provider's key appears there only as set or changed.
@@ -18,6 +20,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from accounts.admin import AuditedModelAdmin
+from accounts.audit import url_password_masked
 from chatbackend.admin_guard import AutocompleteGuardMixin
 
 from .models import Deployment, LLMModel, ModelAlias, Provider, validate_provider_api_key
@@ -36,6 +39,15 @@ def _report_connection_test(modeladmin: admin.ModelAdmin, request: HttpRequest, 
         modeladmin.message_user(
             request, f"{target}: failed after {result.latency_ms:.0f} ms: {result.error}", messages.ERROR
         )
+
+
+# What pages show in place of a base URL's password (or of a user name that has none: a token).
+URL_PASSWORD_PLACEHOLDER = "********"  # noqa: S105 - a placeholder, not a password
+
+
+def base_url_masked(url: str) -> str:
+    """Return ``url`` with the password of its user info shown as ``URL_PASSWORD_PLACEHOLDER``."""
+    return url_password_masked(url, URL_PASSWORD_PLACEHOLDER)
 
 
 class ProviderAdminForm(forms.ModelForm):
@@ -73,6 +85,21 @@ class ProviderAdminForm(forms.ModelForm):
         super().__init__(*args, **kwargs)
         # ModelForm copies the decrypted key into ``initial``; keep it out of the form entirely.
         self.initial["api_key"] = ""
+        if self.initial.get("base_url"):
+            self.initial["base_url"] = base_url_masked(self.initial["base_url"])
+
+    def clean_base_url(self) -> str:
+        """Return the stored base URL when the one submitted is it as the form showed it (its
+        password masked); refuse the placeholder in any other URL (the password was not retyped)."""
+        value: str = self.cleaned_data["base_url"]
+        stored = self.instance.base_url if self.instance.pk else ""
+        if stored and value == base_url_masked(stored):
+            return stored
+        if URL_PASSWORD_PLACEHOLDER in value.partition("://")[2].partition("/")[0]:
+            raise forms.ValidationError(
+                "The base URL's password is not shown: type it again when you change the URL's user, host or path."
+            )
+        return value
 
     def clean(self) -> dict[str, Any]:
         """Resolve ``api_key``: "" when "Clear API key" is ticked, the stored key when left blank."""
@@ -88,11 +115,31 @@ class ProviderAdminForm(forms.ModelForm):
 @admin.register(Provider)
 class ProviderAdmin(AuditedModelAdmin):
     form = ProviderAdminForm
-    list_display = ("name", "kind", "base_url", "has_api_key", "enabled", "connect_timeout", "read_timeout")
+    list_display = ("name", "kind", "masked_base_url", "has_api_key", "enabled", "connect_timeout", "read_timeout")
     list_filter = ("kind", "enabled")
-    search_fields = ("name", "base_url")
+    # Not base_url: a search on it would tell its password character by character.
+    search_fields = ("name",)
 
     actions = ("test_connection",)
+
+    @admin.display(description="base URL", ordering="base_url")
+    def masked_base_url(self, obj: Provider) -> str:
+        return base_url_masked(obj.base_url)
+
+    def _view_only(self, request: HttpRequest, obj: Provider | None) -> bool:
+        return obj is not None and not self.has_change_permission(request, obj)
+
+    def get_fields(self, request: HttpRequest, obj: Provider | None = None) -> Any:
+        """Show the base URL masked on a read-only page (a user who may view, not change): read-only
+        fields render the model's own value."""
+        fields = super().get_fields(request, obj)
+        if self._view_only(request, obj):
+            return ["masked_base_url" if name == "base_url" else name for name in fields if name != "masked_base_url"]
+        return fields
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Provider | None = None) -> Any:
+        readonly = super().get_readonly_fields(request, obj)
+        return (*readonly, "masked_base_url") if self._view_only(request, obj) else readonly
 
     @admin.display(boolean=True, description="API key set")
     def has_api_key(self, obj: Provider) -> bool:

@@ -273,6 +273,56 @@ def test_an_openai_provider_takes_a_key_or_credentials_in_its_base_url_not_both(
         assert response.status_code == 302, response.content.decode()[:2000]
 
 
+CREDENTIALED_URL = "https://gateway:hunter2-secret@gateway.internal/v1"
+MASKED_URL = "https://gateway:********@gateway.internal/v1"
+
+
+def test_the_base_urls_password_is_never_shown_and_kept_when_left_masked(admin_site, provider):
+    Provider.objects.filter(pk=provider.pk).update(base_url=CREDENTIALED_URL, api_key="")
+    provider.refresh_from_db()
+
+    changelist = admin_site.get("/admin/llm/provider/")
+    change = admin_site.get(f"/admin/llm/provider/{provider.pk}/change/")
+    for page in (changelist, change):
+        assert page.status_code == 200
+        assert "hunter2-secret" not in page.content.decode()
+        assert MASKED_URL in page.content.decode()
+    # A search on the URL would tell the password a character at a time: it searches names only.
+    assert admin_site.get("/admin/llm/provider/?q=hunter2").context["cl"].result_count == 0
+
+    # Saved as the form showed it, the stored password stays.
+    response = admin_site.post(
+        f"/admin/llm/provider/{provider.pk}/change/", change_form_data(provider, base_url=MASKED_URL, read_timeout="42")
+    )
+    assert response.status_code == 302, response.content.decode()[:2000]
+    provider.refresh_from_db()
+    assert (provider.base_url, provider.read_timeout) == (CREDENTIALED_URL, 42)
+
+    # The placeholder in another URL is not a password: the operator types it again.
+    moved = MASKED_URL.replace("gateway.internal", "elsewhere.example")
+    response = admin_site.post(f"/admin/llm/provider/{provider.pk}/change/", change_form_data(provider, base_url=moved))
+    assert response.status_code == 200 and "type it again" in response.context["adminform"].form.errors["base_url"][0]
+    provider.refresh_from_db()
+    assert provider.base_url == CREDENTIALED_URL
+
+
+def test_a_staff_user_who_may_only_view_providers_sees_the_base_url_masked(client, provider):
+    from django.contrib.auth.models import Permission
+
+    from tests.factories import UserFactory
+
+    Provider.objects.filter(pk=provider.pk).update(base_url=CREDENTIALED_URL)
+    viewer = UserFactory(is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_provider"))
+    client.force_login(viewer)
+
+    page = client.get(f"/admin/llm/provider/{provider.pk}/change/")
+
+    assert page.status_code == 200
+    assert "hunter2-secret" not in page.content.decode()
+    assert MASKED_URL in page.content.decode()
+
+
 def test_an_operator_sets_extra_headers(admin_site, provider):
     headers = {"HTTP-Referer": "https://chat.example.com", "X-Title": "Team chat"}
     response = admin_site.post(
