@@ -42,14 +42,20 @@ class ProviderConfig:
 
     def secrets(self) -> list[str]:
         """Return the secrets an upstream may echo back in an error: ``api_key`` and the password of
-        ``base_url``'s user info (``https://user:password@host/...``: sent as HTTP Basic), as written
-        in the URL, percent-decoded and as the ``Authorization: Basic`` value carries it (RFC 7617)."""
+        ``base_url``'s user info (``https://user:password@host/...``: sent as HTTP Basic), or its user
+        name when it has no password (a token, as ``accounts.audit`` reads it too), as written in the
+        URL, percent-decoded and as the ``Authorization: Basic`` value carries it (RFC 7617)."""
         found = [self.api_key] if self.api_key else []
-        parts = urlsplit(self.base_url)
-        if parts.password:
-            user, password = unquote(parts.username or ""), unquote(parts.password)
-            basic = base64.b64encode(f"{user}:{password}".encode()).decode()
-            found += [parts.password, password, basic]
+        try:
+            parts = urlsplit(self.base_url)
+            username, password = parts.username, parts.password
+        except ValueError:  # a URL Provider's validation would refuse: it cannot reach an upstream
+            username = password = None
+        secret = password or username
+        if secret:
+            user, decoded = unquote(username or ""), unquote(password or "")
+            basic = base64.b64encode(f"{user}:{decoded}".encode()).decode()
+            found += [secret, unquote(secret), basic]
         return sorted(set(found), key=len, reverse=True)  # longest first: none is left half-replaced
 
     def redacted(self, text: str) -> str:

@@ -813,3 +813,16 @@ async def test_an_upstream_echoing_the_base_urls_credentials_never_shows_them(
     assert caught.value.status == 400 and "bad request, headers" in caught.value.message
     for secret in ("c29tZW9uZTpodW50ZXIyL3NlY3JldA==", "hunter2%2Fsecret", "hunter2/secret", PROVIDER_KEY):
         assert_key_hidden(caught.value, secret)
+
+
+async def test_an_upstream_echoing_a_token_given_as_the_base_urls_user_name_never_shows_it(
+    echoing_upstream: str,
+) -> None:
+    # https://<token>@host/v1: a user name without a password is a token (HTTP Basic "<token>:").
+    config = ProviderConfig(kind="openai", base_url=echoing_upstream.replace("http://", "http://tok3n-secret@") + "/v1")
+    with pytest.raises(UpstreamError) as caught:
+        async for _batch in get_provider(config).stream(ChatRequest(model="m", messages=MESSAGES)):
+            pass
+    assert caught.value.status == 400 and "bad request, headers" in caught.value.message
+    for secret in ("dG9rM24tc2VjcmV0Og==", "tok3n-secret"):
+        assert_key_hidden(caught.value, secret)
