@@ -283,7 +283,8 @@ async def post_sse(
     Raises ``UpstreamError``: the upstream's error status (``status_error``); 502 when
     unreachable (``upstream_unreachable``), dropped or ending before the reply's end
     (``upstream_disconnected``), not streaming SSE, or the decoder's error
-    (``upstream_bad_response`` / ``upstream_error``); 504 on a connect or read timeout
+    (``upstream_bad_response`` / ``upstream_error``), or a request the provider's settings cannot
+    make (``upstream_error``: aiohttp's ``ValueError``); 504 on a connect or read timeout
     (``config.connect_timeout``: waiting for a pooled connection, DNS, TCP and TLS;
     ``config.read_timeout``: the longest silence, before the headers or between reads).
     Cancellation or ``aclose()`` closes the upstream connection at once. ``safe`` redacts the
@@ -374,6 +375,13 @@ async def post_sse(
         raise failure("upstream_disconnected", safe(detail)) from exc
     except aiohttp.ClientError as exc:
         raise failure("upstream_error", safe(f"upstream {where(url)} request failed: {described(exc)}")) from exc
+    except ValueError as exc:
+        if responded:
+            raise
+        # aiohttp refuses a request it cannot build from the provider's settings: an API key sent as
+        # 'Authorization: Bearer' and a base URL's user info (HTTP Basic, the same header), which the
+        # admin refuses but an older or scripted row may hold. A misconfigured provider, not a 500.
+        raise failure("upstream_error", safe(f"upstream {where(url)} request not sent: {described(exc)}")) from exc
 
 
 async def status_error(response: aiohttp.ClientResponse, safe: Callable[[str], str]) -> UpstreamError:

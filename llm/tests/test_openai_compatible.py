@@ -826,3 +826,17 @@ async def test_an_upstream_echoing_a_token_given_as_the_base_urls_user_name_neve
     assert caught.value.status == 400 and "bad request, headers" in caught.value.message
     for secret in ("dG9rM24tc2VjcmV0Og==", "tok3n-secret"):
         assert_key_hidden(caught.value, secret)
+
+
+async def test_a_provider_with_both_a_key_and_url_credentials_is_a_502_not_a_500(simulator: SimulatorProcess) -> None:
+    # The admin refuses the pair (both need the Authorization header), but a row saved before that
+    # check, or from a script, still holds it: aiohttp's ValueError was a 500 on every request.
+    base_url = simulator.base_url.replace("http://", "http://someone:hunter2@")
+    config = ProviderConfig(kind="openai", base_url=base_url, api_key=PROVIDER_KEY)
+    with pytest.raises(UpstreamError) as caught:
+        async for _batch in get_provider(config).stream(ChatRequest(model="m", messages=MESSAGES)):
+            pass
+    assert (caught.value.status, caught.value.code) == (502, "upstream_error")
+    assert "Cannot combine AUTHORIZATION header" in (caught.value.detail or "")
+    for secret in ("hunter2", PROVIDER_KEY):
+        assert_key_hidden(caught.value, secret)
