@@ -12,7 +12,9 @@ handler, so ``chatbackend.asgi`` puts ``LifespanApp`` in front of it.
   reply's end (message, usage) is written and the usage queue is sent, and only then is the
   shutdown complete: uvicorn exits right after (it re-raises the signal), so anything not written
   by then would be lost.
-- **startup**: replies are accepted (again: tests run the app twice in one process), the process
+- **startup**: replies are accepted (again: tests run the app twice in one process), a stop signal
+  marks the process stopping before the server's own handler runs (``chatbackend.stopping``: it
+  tells a server's 1012 close of a WebSocket from a client's), the process
   heartbeat starts (``chatbackend.liveness``), and on the embedded defaults (no Redis, no celery
   beat, one process) replies an earlier run left ``streaming`` are recovered
   (``conversations.services.reply_recover_orphans``).
@@ -40,6 +42,7 @@ from llm.streaming import replies_accepting, replies_shutdown
 from . import broadcast
 from .asyncdb import run_sync
 from .liveness import start_heartbeat, stop_heartbeat
+from .stopping import server_stopping_set, watch_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +55,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 async def startup() -> None:
     """Prepare this process to serve: heartbeat, replies accepted; on the embedded defaults, recover orphans."""
     replies_accepting(True)
+    server_stopping_set(False)
+    watch_stop_signals()  # after the server installed its own handlers: ours runs first, then its
     start_heartbeat()
     if not settings.REDIS_URL:
         # One process, no celery beat: a reply left "streaming" by an earlier run is an orphan now.
@@ -62,6 +67,7 @@ async def startup() -> None:
 
 async def shutdown() -> None:
     """Finish this process's replies and write everything they produced, before the process exits."""
+    server_stopping_set(True)  # also when the shutdown came without a signal
     ended = await replies_shutdown()
     if ended:
         logger.warning("the shutdown ended %d open replies as cancelled; their text and usage are saved", ended)

@@ -35,6 +35,7 @@ from accounts.websocket import BEARER_SUBPROTOCOL_PREFIX
 from chatbackend.asyncdb import run_sync
 from chatbackend.errors import ApplicationError, NotFoundError
 from chatbackend.parsers import JSONParseError, json_loads
+from chatbackend.stopping import server_stopping
 from llm.streaming import open_reply, server_shutdown_error
 
 from .payloads import ConversationReply, error_payload, reply_event
@@ -48,7 +49,8 @@ CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
 # The close code of a server that is stopping (RFC 6455, section 7.4.1: 1012 "Service Restart"):
-# uvicorn closes its open WebSockets with it at shutdown.
+# uvicorn closes its open WebSockets with it at shutdown. A client may close with it too, and
+# uvicorn reports both alike: only ``server_stopping()`` says the server closed it.
 CLOSE_SERVICE_RESTART = 1012
 
 # Closes started by a revocation, kept until done (a task nobody references may be collected).
@@ -169,7 +171,7 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
         if self._watch is not None:
             self._watch.__exit__(None, None, None)
             self._watch = None
-        if code == CLOSE_SERVICE_RESTART and self._reply is not None:
+        if code == CLOSE_SERVICE_RESTART and server_stopping() and self._reply is not None:
             self._reply.stop(server_shutdown_error())  # the server is stopping, not the client
         task = self._reply_task
         if task is not None and not task.done():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from channels.testing import WebsocketCommunicator
@@ -10,6 +10,7 @@ from django.test import AsyncClient
 
 from chatbackend.asgi import application
 from chatbackend.asyncdb import run_sync
+from chatbackend.stopping import server_stopping_set
 from conversations.consumers import CLOSE_SERVICE_RESTART
 from conversations.models import Message
 from llm.simulator import reply_text
@@ -170,12 +171,26 @@ async def test_reply_stop_frame_cancels_mid_stream_and_the_upstream_request(
     assert await socket.receive_json_from(timeout=TIMEOUT) == {"type": "pong"}
 
 
+@pytest.fixture
+def stopping_state() -> Iterator[None]:
+    """Leave the process's stop mark as the test found it (``chatbackend.stopping``)."""
+    yield
+    server_stopping_set(False)
+
+
 @pytest.mark.parametrize(
-    ("code", "error_code"),
-    [(1000, ""), (1001, ""), (CLOSE_SERVICE_RESTART, "server_shutdown")],  # 1012: the server is stopping
+    ("code", "stopping", "error_code"),
+    [
+        (1000, False, ""),
+        (1001, False, ""),
+        # uvicorn reports a client's own 1012 close as it does the 1012 it sends at shutdown:
+        # only a stopping server makes it a shutdown, else it is a client's stop like any other.
+        (CLOSE_SERVICE_RESTART, False, ""),
+        (CLOSE_SERVICE_RESTART, True, "server_shutdown"),
+    ],
 )
 async def test_disconnect_mid_stream_cancels_the_reply(
-    connect, slow_simulator, slow_conversation, token, code, error_code
+    connect, slow_simulator, slow_conversation, token, stopping_state, code, stopping, error_code
 ):
     before = (await slow_simulator.astats())["requests_disconnected"]
     socket = await connect(slow_conversation, token)
@@ -184,6 +199,7 @@ async def test_disconnect_mid_stream_cancels_the_reply(
     first = await socket.receive_json_from(timeout=TIMEOUT)
     assert first["type"] == "reply.delta"
 
+    server_stopping_set(stopping)  # uvicorn closes its sockets after the stop signal marked it
     await socket.disconnect(code=code, timeout=TIMEOUT)
 
     answer = await poll_until(lambda: Message.objects.filter(pk=start["message_id"], status="cancelled").afirst())
