@@ -76,6 +76,7 @@ _ERROR_DESCRIPTIONS = {
         "(or chatting in) a member's conversation, which only its owner may do."
     ),
     404: "Not found, or not yours (another user's conversation is a 404).",
+    409: "A reply is still streaming (error.code reply_in_progress).",
 }
 
 

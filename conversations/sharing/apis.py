@@ -62,10 +62,11 @@ class ConversationShareListCreateApi(APIView):
         description="The snapshot (title; each message's role, content, model and time) is taken now: later "
         "messages never appear. Anyone with the link reads it, without logging in, at `url` (HTML) and "
         "`json_url` (JSON) until it is revoked (`DELETE /api/shares/{id}/`) or `expires_at` passes. "
-        "Only the conversation's owner shares it (its organization's admins: 403).",
+        "Only the conversation's owner shares it (its organization's admins: 403). While a reply of "
+        "the branch streams: 409 `reply_in_progress` (its text is written when it ends).",
         operation_id="conversations_shares_create",
         request=ShareCreateInputSerializer,
-        responses={201: ShareCreatedOutputSerializer, **_errors(400, 401, 403, 404)},
+        responses={201: ShareCreatedOutputSerializer, **_errors(400, 401, 403, 404, 409)},
     )
     def post(self, request: Request, conversation_id: int) -> Response:
         serializer = ShareCreateInputSerializer(data=request.data)

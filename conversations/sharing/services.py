@@ -12,7 +12,7 @@ from accounts.authentication import Principal
 from accounts.keys import hash_secret
 from chatbackend.errors import ApplicationError
 
-from ..models import Conversation
+from ..models import Conversation, Message
 from ..selectors import conversation_get_for, message_get_in, message_path
 from .models import SharedConversation
 from .selectors import share_get_for
@@ -33,15 +33,23 @@ def share_snapshot(*, conversation: Conversation, leaf_id: int | None) -> list[d
     """Return the branch of ``conversation`` ending at ``leaf_id`` (None: the active leaf), root
     first, as the snapshot keeps it: ``[{role, content, model, created_at (ISO 8601)}]``.
 
-    One query (``selectors.message_path``).
+    One query (``selectors.message_path``). Raises ``ApplicationError`` 409 ``reply_in_progress``
+    when a message of the branch is still streaming: its text is written only when the reply ends,
+    so the snapshot would keep an empty reply for good.
     """
     rows = message_path(conversation=conversation, leaf_id=leaf_id).values_list(
-        "role", "content", "model_name", "created_at"
+        "role", "content", "model_name", "created_at", "status"
     )
-    return [
-        {"role": role, "content": content, "model": model_name, "created_at": created_at.isoformat()}
-        for role, content, model_name, created_at in rows
-    ]
+    snapshot: list[dict[str, object]] = []
+    for role, content, model_name, created_at, status in rows:
+        if status == Message.Status.STREAMING:
+            raise ApplicationError(
+                "A reply of this branch is still streaming: share it once the reply has ended.",
+                code="reply_in_progress",
+                status=409,
+            )
+        snapshot.append({"role": role, "content": content, "model": model_name, "created_at": created_at.isoformat()})
+    return snapshot
 
 
 def share_create(
@@ -53,8 +61,9 @@ def share_create(
     the future) ends the link. Only the owner shares: another user's conversation is a 404, one
     ``actor`` only reads (an organization's admin) a 403 (``conversation_get_for``). Raises
     ``NotFoundError`` 404 ``message_not_found`` for a ``leaf_id`` of no message of it,
-    ``ApplicationError`` 400 ``empty_conversation`` when the branch has no message and 400
-    ``invalid_expires_at`` for a time not in the future.
+    ``ApplicationError`` 400 ``empty_conversation`` when the branch has no message, 400
+    ``invalid_expires_at`` for a time not in the future and 409 ``reply_in_progress`` while a reply
+    of the branch streams (``share_snapshot``).
     """
     conversation = conversation_get_for(actor=actor, conversation_id=conversation_id, to_change=True)
     if expires_at is not None and expires_at <= timezone.now():

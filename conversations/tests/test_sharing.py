@@ -11,7 +11,7 @@ from rest_framework.test import APIClient
 
 from accounts.keys import hash_secret
 from accounts.models import Membership, Organization
-from conversations.models import Conversation, SharedConversation
+from conversations.models import Conversation, Message, SharedConversation
 from conversations.services import message_append
 from tests.factories import ConversationFactory, MessageFactory, UserFactory
 from tests.kit import assert_error
@@ -146,6 +146,25 @@ def test_bad_share_requests_are_400(auth_client, branched, user, model):
     assert_error(
         auth_client.post(f"/api/conversations/{empty.pk}/shares/", {}, format="json"), 400, code="empty_conversation"
     )
+
+
+def test_a_branch_whose_reply_still_streams_is_not_shared_until_the_reply_ends(auth_client, user, model):
+    """A reply's text is written when it ends: a snapshot taken meanwhile would keep an empty reply for good."""
+    conversation = ConversationFactory(owner=user, model=model)
+    message_append(conversation=conversation, role="user", content="Tell me a story")
+    reply = message_append(conversation=conversation, role="assistant", content="", status=Message.Status.STREAMING)
+    url = f"/api/conversations/{conversation.pk}/shares/"
+
+    assert_error(auth_client.post(url, {}, format="json"), 409, code="reply_in_progress")
+    assert not SharedConversation.objects.filter(conversation=conversation).exists()
+
+    Message.objects.filter(pk=reply.pk).update(status=Message.Status.COMPLETED, content="Once upon a time")
+    token = share(auth_client, conversation)["token"]
+    shared = APIClient().get(f"/api/share/{token}/").json()
+    assert [(m["role"], m["content"]) for m in shared["messages"]] == [
+        ("user", "Tell me a story"),
+        ("assistant", "Once upon a time"),
+    ]
 
 
 def test_a_conversation_in_the_trash_shares_nothing_until_restored_and_a_purge_ends_its_links(auth_client, branched):
