@@ -11,6 +11,8 @@ from django import forms
 from django.core.exceptions import ValidationError
 from django_filters.fields import IsoDateTimeField
 from drf_spectacular.utils import extend_schema_field
+from rest_framework import filters, serializers
+from rest_framework.request import Request
 
 from .fields import ID_MAX, ID_SCHEMA
 
@@ -77,3 +79,17 @@ class IdFilter(django_filters.NumberFilter):
     """``?name=<row id>``: the rows whose field is that id; anything but an id (``IdFormField``) is a 400."""
 
     field_class = IdFormField
+
+
+class SearchFilter(filters.SearchFilter):
+    """DRF's ``?search=`` filter whose refusal (a NUL character) names the parameter.
+
+    DRF validates the value with a bare ``CharField``, whose error is a list: rendered as
+    ``non_field_errors`` with ``param: null``, where every other query parameter's 400 names it.
+    """
+
+    def get_search_terms(self, request: Request) -> Any:
+        try:
+            return super().get_search_terms(request)
+        except serializers.ValidationError as exc:
+            raise serializers.ValidationError({self.search_param: exc.detail}) from exc

@@ -20,7 +20,7 @@ from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiRespo
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import MethodNotAllowed
-from rest_framework.filters import OrderingFilter, SearchFilter
+from rest_framework.filters import OrderingFilter
 from rest_framework.generics import ListAPIView
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -33,7 +33,7 @@ from accounts.models import APIKey
 from accounts.serializers import ErrorOutputSerializer
 from chatbackend.errors import ApplicationError
 from chatbackend.fields import ID_MAX, ID_SCHEMA
-from chatbackend.filters import AnyChoiceFilter, UTCIsoDateTimeFilter
+from chatbackend.filters import AnyChoiceFilter, SearchFilter, UTCIsoDateTimeFilter
 from chatbackend.http import sse_event_schema
 from chatbackend.text import holds_nul
 

@@ -16,7 +16,7 @@ from django.db.models import QuerySet
 from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.filters import OrderingFilter, SearchFilter
+from rest_framework.filters import OrderingFilter
 from rest_framework.permissions import SAFE_METHODS
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -25,7 +25,7 @@ from accounts.authentication import request_principal
 from accounts.model_access import model_access_for
 from accounts.models import APIKey
 from accounts.serializers import ErrorOutputSerializer
-from chatbackend.filters import AnyChoiceFilter
+from chatbackend.filters import AnyChoiceFilter, SearchFilter
 from conversations.serializers import ConversationOutputSerializer
 
 from .models import ConversationTemplate

@@ -200,6 +200,14 @@ def test_search_refuses_a_missing_blank_or_bad_query(auth_client, query):
     assert_error(auth_client.get(SEARCH, params), 400, code="invalid_query", param="q")
 
 
+@pytest.mark.parametrize("path", ["/api/conversations/", "/api/templates/"])
+def test_a_nul_character_in_the_list_search_is_a_400_naming_search(auth_client, path):
+    # As every other query parameter's refusal does (docs/api.md, "Errors"): a client shows it by the field.
+    response = auth_client.get(path, {"search": "a\x00b"})
+    assert_error(response, 400, code="invalid", param="search")
+    assert response.json()["error"]["fields"] == {"search": ["Null characters are not allowed."]}
+
+
 def test_search_is_paginated(auth_client, user, monkeypatch):
     monkeypatch.setattr(PageNumberPagination, "page_size", 2)
     for _ in range(3):
