@@ -34,7 +34,7 @@ from rest_framework_simplejwt.exceptions import InvalidToken, TokenError
 from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView, TokenViewBase
 
 from chatbackend.client_ip import request_client_ip
-from chatbackend.fields import ID_SCHEMA
+from chatbackend.fields import ID_LOOKUP_REGEX, ID_SCHEMA
 from chatbackend.filters import AnyChoiceFilter, IdFilter, UTCIsoDateTimeFilter
 from chatbackend.pagination import PageNumberPagination
 from chatbackend.renderers import CSVRenderer
@@ -613,7 +613,7 @@ class BudgetViewSet(
     serializer_class = BudgetOutputSerializer
     filter_backends = (django_filters.rest_framework.DjangoFilterBackend,)
     filterset_class = BudgetFilter
-    lookup_value_regex = r"\d+"
+    lookup_value_regex = ID_LOOKUP_REGEX
     http_method_names = ("get", "post", "patch", "delete", "head", "options")
 
     def get_queryset(self) -> QuerySet[Budget]:

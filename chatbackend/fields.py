@@ -19,6 +19,10 @@ BIGINT_MAX = 2**63 - 1
 ID_MAX = BIGINT_MAX
 # A row id in OpenAPI: what every id parameter and field admits.
 ID_SCHEMA = {"type": "integer", "minimum": 1, "maximum": ID_MAX}
+# A row id in a router's URL (a ViewSet's ``lookup_value_regex``): ASCII digits, as Django's ``<int:>``.
+# Not ``\d+``, which matches any Unicode digit (``３９``, ``٣٩``) that ``int()`` then reads as the id,
+# so one object answered at many URLs where docs/api.md promises 404 ``unknown_url``.
+ID_LOOKUP_REGEX = "[0-9]+"
 
 
 class StrictCharField(serializers.CharField):
@@ -64,4 +68,12 @@ class BlankableEmailField(serializers.EmailField):
         return super().to_internal_value(data)
 
 
-__all__ = ["BIGINT_MAX", "ID_MAX", "ID_SCHEMA", "BlankableEmailField", "StrictBooleanField", "StrictCharField"]
+__all__ = [
+    "BIGINT_MAX",
+    "ID_LOOKUP_REGEX",
+    "ID_MAX",
+    "ID_SCHEMA",
+    "BlankableEmailField",
+    "StrictBooleanField",
+    "StrictCharField",
+]

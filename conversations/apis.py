@@ -32,7 +32,7 @@ from accounts.model_access import model_access_for
 from accounts.models import APIKey
 from accounts.serializers import ErrorOutputSerializer
 from chatbackend.errors import ApplicationError
-from chatbackend.fields import ID_MAX, ID_SCHEMA
+from chatbackend.fields import ID_LOOKUP_REGEX, ID_MAX, ID_SCHEMA
 from chatbackend.filters import AnyChoiceFilter, SearchFilter, UTCIsoDateTimeFilter
 from chatbackend.http import sse_event_schema
 from chatbackend.text import holds_nul
@@ -192,7 +192,7 @@ class ConversationViewSet(
     search_fields = ("title",)
     ordering_fields = ("updated_at", "created_at", "title", "id", "pinned")
     ordering = ("-pinned", "-updated_at", "-id")
-    lookup_value_regex = r"\d+"
+    lookup_value_regex = ID_LOOKUP_REGEX
     http_method_names = ("get", "post", "patch", "delete", "head", "options")
     # accounts.scopes: reading needs ``read`` (the default), writing is part of chatting.
     api_key_scopes = {method: APIKey.Scope.CHAT for method in ("POST", "PATCH", "DELETE")}

@@ -365,6 +365,23 @@ async def test_unknown_urls_and_methods_are_json_errors(world, method, path, aut
     assert response.headers.get("X-Request-ID")
 
 
+def _digits(number: int, zero: str) -> str:
+    """``number`` written with the Unicode digits that start at ``zero`` (``"０"``: fullwidth)."""
+    return "".join(chr(ord(zero) + int(digit)) for digit in str(number))
+
+
+@pytest.mark.parametrize("zero", ["\uff10", "\u0660"])  # fullwidth, Arabic-Indic: Python's \d and int() take them
+@pytest.mark.parametrize("path", ["/api/conversations/{id}/", "/api/templates/{id}/", "/api/budgets/{id}/"])
+async def test_a_path_id_in_other_than_ascii_digits_is_an_unknown_url(world, zero, path):
+    """docs/api.md: a path id that is not a number is 404 ``unknown_url``, never an alias of an object's URL."""
+    conversation_id = world["conversation"].pk
+    ascii_url = await asgi_request("GET", f"/api/conversations/{conversation_id}/", headers=bearer(world["jwt"]))
+    assert ascii_url.status_code == 200  # the caller's own conversation, at its URL
+
+    response = await asgi_request("GET", path.format(id=_digits(conversation_id, zero)), headers=bearer(world["jwt"]))
+    assert_error(response, 404, code="unknown_url")
+
+
 @pytest.mark.parametrize(
     "query", ["start_date=NaN&end_date=2026-01-01", "start_date=2026-01-01&end_date=%00", "start_date=2026-13-01"]
 )

@@ -25,6 +25,7 @@ from accounts.authentication import request_principal
 from accounts.model_access import model_access_for
 from accounts.models import APIKey
 from accounts.serializers import ErrorOutputSerializer
+from chatbackend.fields import ID_LOOKUP_REGEX
 from chatbackend.filters import AnyChoiceFilter, SearchFilter
 from conversations.serializers import ConversationOutputSerializer
 
@@ -144,7 +145,7 @@ class ConversationTemplateViewSet(
     search_fields = ("name",)
     ordering_fields = ("name", "created_at", "updated_at", "id")
     ordering = ("name", "id")
-    lookup_value_regex = r"\d+"
+    lookup_value_regex = ID_LOOKUP_REGEX
     # accounts.scopes: reading needs ``read`` (the default), writing and chatting ``chat``.
     api_key_scopes = {method: APIKey.Scope.CHAT for method in ("POST", "PUT", "PATCH", "DELETE")}
 
