@@ -361,8 +361,22 @@ def audit_model_changed(
 
 
 def audit_model_deleted(*, obj: models.Model, before: AuditState, actor: User | None = None) -> AuditEvent:
-    """Record that ``obj`` (whose state was ``before``) was deleted; call it after the delete."""
+    """Record that ``obj`` (whose state was ``before``) was deleted; call it after the delete.
+
+    An operator who deleted their own account is recorded by username only (``actor`` null), as
+    their earlier rows now are: a row naming the deleted user would break the foreign key at commit.
+    """
     _, _, deleted = _MODEL_ACTIONS[_label(obj)]
+    actor = actor or _request_user(_current_request.get())
+    if actor is not None and not User.objects.filter(pk=actor.pk).exists():
+        return audit_record(
+            action=deleted,
+            obj=obj,
+            before=before.snapshot,
+            anonymous=True,
+            actor_username=actor.get_username(),
+            object_id=before.pk,
+        )
     return audit_record(action=deleted, obj=obj, before=before.snapshot, actor=actor, object_id=before.pk)
 
 

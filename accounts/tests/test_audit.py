@@ -305,6 +305,14 @@ def test_deleting_a_user_keeps_their_rows(api_client, user):
     assert (row.actor_id, row.actor_username) == (None, user.username)
 
 
+def test_an_operator_deleting_their_own_account_in_the_admin_is_recorded_by_username(admin_site, superuser):
+    response = admin_site.post(f"/admin/accounts/user/{superuser.pk}/delete/", {"post": "yes"})
+
+    assert response.status_code == 302 and not User.objects.filter(pk=superuser.pk).exists()
+    row = only_row(Action.USER_DELETED)
+    assert (row.actor_id, row.actor_username, row.object_id) == (None, superuser.username, str(superuser.pk))
+
+
 # --- Append-only ----------------------------------------------------------------------------
 
 
