@@ -6,7 +6,8 @@ Every audited write goes through ``audit_record``, which decides the actor, the 
 - logins: Django's ``user_logged_in`` (the admin's login form) and ``user_login_failed`` (every
   ``authenticate()``: the admin's form and the JWT login, locked-out attempts included) signals,
   and ``audit_login_succeeded`` called by the JWT login, which sends no signal on success;
-- API keys: ``accounts.services`` (created, revoked; rotated is one ``audit_record`` call);
+- API keys: ``accounts.services`` (created, revoked; rotated is one ``audit_record`` call), and
+  deleted (the ``post_delete`` signal: the admin's delete, or a cascade from its user or team);
 - budgets: ``accounts.services`` (REST) and ``AuditedModelAdmin`` (admin);
 - users, providers, models, aliases and deployments: ``AuditedModelAdmin`` (their only writers
   besides management commands);
@@ -39,13 +40,14 @@ from django.contrib.auth.signals import user_logged_in, user_login_failed
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
 from django.db.models import Q
+from django.db.models.signals import post_delete
 from django.http import HttpRequest, HttpResponse
 
 from chatbackend.client_ip import request_client_ip
 from chatbackend.errors import NotFoundError
 
 from .login_throttle import login_locked_out
-from .models import AuditEvent, Membership, Organization, TeamMembership, User
+from .models import APIKey, AuditEvent, Membership, Organization, TeamMembership, User
 
 Action = AuditEvent.Action
 
@@ -505,7 +507,38 @@ def _on_user_login_failed(
     audit_login_failed(username=username, request=request)
 
 
+def _on_api_key_deleted(sender: Any, instance: APIKey, origin: Any = None, **_: Any) -> None:
+    # A signal, not the admin's delete_model: a key also goes with its user or its team (cascades),
+    # and each of those deletions is a key that stopped working, as a revocation is.
+    actor = _request_user(_current_request.get())
+    if actor is not None and _deletes_user(origin, actor):
+        # An operator deleting their own account: their row is gone at commit, so the row names
+        # them by username only, as audit_model_deleted records the account's own deletion.
+        audit_record(
+            action=Action.API_KEY_DELETED,
+            obj=instance,
+            before=audit_snapshot(instance),
+            object_id=instance.pk,
+            anonymous=True,
+            actor_username=actor.get_username(),
+        )
+        return
+    audit_record(action=Action.API_KEY_DELETED, obj=instance, before=audit_snapshot(instance), object_id=instance.pk)
+
+
+def _deletes_user(origin: Any, user: User) -> bool:
+    """Return True when the deletion ``origin`` (a ``post_delete`` signal's: an instance or a queryset)
+    deletes ``user``. Queried while the deletion runs, before the user's own row goes."""
+    if isinstance(origin, User):
+        return origin.pk == user.pk
+    if isinstance(origin, models.QuerySet) and origin.model is User:
+        return origin.filter(pk=user.pk).exists()
+    return False
+
+
 def connect_audit_signals() -> None:
-    """Record logins and failed logins from Django's auth signals (``AccountsConfig.ready``)."""
+    """Record logins and failed logins from Django's auth signals, and API keys deleted (``post_delete``)
+    by any path (``AccountsConfig.ready``)."""
     user_logged_in.connect(_on_user_logged_in, dispatch_uid="accounts.audit.user_logged_in")
     user_login_failed.connect(_on_user_login_failed, dispatch_uid="accounts.audit.user_login_failed")
+    post_delete.connect(_on_api_key_deleted, sender=APIKey, dispatch_uid="accounts.audit.api_key_deleted")

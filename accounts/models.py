@@ -588,6 +588,7 @@ class AuditEvent(models.Model):
         API_KEY_REVOKED = "api_key.revoked", "API key revoked"
         API_KEY_ROTATED = "api_key.rotated", "API key rotated"
         API_KEY_UPDATED = "api_key.updated", "API key's rate limits changed"
+        API_KEY_DELETED = "api_key.deleted", "API key deleted"
         USER_CREATED = "user.created", "User created"
         USER_UPDATED = "user.updated", "User changed"
         USER_ROLE_CHANGED = "user.role_changed", "User role or permissions changed"

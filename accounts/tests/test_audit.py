@@ -154,6 +154,55 @@ def test_the_admin_revoke_action_names_the_operator(admin_site, superuser, user)
     assert (row.actor, row.actor_username, row.object_id) == (superuser, superuser.username, str(api_key.pk))
 
 
+def test_deleting_a_key_in_the_admin_writes_one_row_without_its_secret(admin_site, superuser, user):
+    api_key = api_key_create(user=user, name="laptop").api_key
+    key_hash = api_key.key_hash
+
+    response = admin_site.post(f"/admin/accounts/apikey/{api_key.pk}/delete/", {"post": "yes"})
+
+    assert response.status_code == 302 and not APIKey.objects.exists()
+    row = only_row(Action.API_KEY_DELETED)
+    assert (row.actor, row.object_type, row.object_id) == (superuser, "accounts.apikey", str(api_key.pk))
+    assert row.before["name"] == "laptop" and row.before["key_hash"] == "[set]" and row.after is None
+    assert row.organization_id == api_key.organization_id
+    assert key_hash not in all_rows_json()
+
+
+def test_the_admin_bulk_delete_writes_one_row_per_key(admin_site, user):
+    keys = [api_key_create(user=user, name=name).api_key for name in ("one", "two")]
+
+    admin_site.post(
+        "/admin/accounts/apikey/",
+        {"action": "delete_selected", "_selected_action": [k.pk for k in keys], "post": "yes"},
+    )
+
+    assert not APIKey.objects.exists()
+    rows = AuditEvent.objects.filter(action=Action.API_KEY_DELETED)
+    assert sorted(rows.values_list("object_id", flat=True)) == sorted(str(k.pk) for k in keys)
+
+
+def test_deleting_a_user_in_the_admin_still_deletes_their_keys_and_records_each(admin_site, superuser, user):
+    api_key = api_key_create(user=user, name="laptop").api_key
+
+    response = admin_site.post(f"/admin/accounts/user/{user.pk}/delete/", {"post": "yes"})
+
+    assert response.status_code == 302
+    assert not User.objects.filter(pk=user.pk).exists() and not APIKey.objects.exists()
+    row = only_row(Action.API_KEY_DELETED)
+    assert (row.actor, row.object_id) == (superuser, str(api_key.pk))
+    assert only_row(Action.USER_DELETED).object_id == str(user.pk)
+
+
+def test_an_operator_deleting_their_own_account_with_keys_is_recorded_by_username(admin_site, superuser):
+    api_key = api_key_create(user=superuser, name="mine").api_key
+
+    response = admin_site.post(f"/admin/accounts/user/{superuser.pk}/delete/", {"post": "yes"})
+
+    assert response.status_code == 302 and not APIKey.objects.exists()
+    row = only_row(Action.API_KEY_DELETED)
+    assert (row.actor_id, row.actor_username, row.object_id) == (None, superuser.username, str(api_key.pk))
+
+
 # --- Budgets --------------------------------------------------------------------------------
 
 
