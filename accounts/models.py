@@ -12,6 +12,7 @@ from django.contrib.auth.models import AbstractUser
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
+from django.db.models.functions import Lower
 from django.utils import timezone
 
 from .metering.types import RateLimits
@@ -105,6 +106,14 @@ class Organization(RateLimited):
 
     class Meta:
         ordering = ["name", "id"]
+        constraints = [
+            # "Acme" and "acme" would be two tenants a person cannot tell apart in a header or a list.
+            models.UniqueConstraint(
+                Lower("slug"),
+                name="organization_slug_unique_ignoring_case",
+                violation_error_message="An organization with this slug, ignoring case, already exists.",
+            )
+        ]
 
     def __str__(self) -> str:
         return self.name
