@@ -227,11 +227,12 @@ class LLMModel(RateLimited):
     name = models.CharField(max_length=200, unique=True, help_text="the model id clients send")
     provider = models.ForeignKey(Provider, on_delete=models.PROTECT, related_name="models")
     upstream_model = models.CharField(max_length=200, help_text="the model id sent to the provider")
-    context_window = models.PositiveIntegerField(default=8192, help_text="tokens")
+    context_window = models.PositiveIntegerField(default=8192, validators=[MinValueValidator(1)], help_text="tokens")
     max_output_tokens = models.PositiveIntegerField(
         null=True,
         blank=True,
-        help_text="the most tokens one reply may generate; empty for the rest of the context window",
+        validators=[MinValueValidator(1)],
+        help_text="the most tokens one reply may generate, less than the context window; empty for the rest of it",
     )
     default_parameters = models.JSONField(default=dict, blank=True)
     enabled = models.BooleanField(default=True)
@@ -310,6 +311,18 @@ class LLMModel(RateLimited):
             validate_model_name_not_alias(name=self.name)
         if "fallbacks" not in excluded:
             self._validate_fallbacks()
+
+    def clean(self) -> None:
+        """Refuse a ``max_output_tokens`` not below the ``context_window``: the reply's tokens are part of
+        the window, and the prompt needs room beside them (``llm.metering.prompt_budget_for``)."""
+        window, most = self.context_window, self.max_output_tokens
+        if isinstance(window, int) and isinstance(most, int) and window >= 1 and most >= window:
+            raise ValidationError(
+                {
+                    "max_output_tokens": f"Less than the context window ({window} tokens), which must also hold "
+                    "the prompt; or empty for the rest of it."
+                }
+            )
 
     def _validate_fallbacks(self) -> None:
         fallbacks = self.fallbacks

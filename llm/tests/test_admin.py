@@ -208,6 +208,51 @@ def test_a_model_price_below_zero_is_refused(admin_site, provider, field):
     assert response.status_code == 302, response.content.decode()[:2000]
 
 
+def model_add_data(provider, **overrides: str) -> dict[str, str]:
+    """The admin's add-model form, filled in, with ``overrides``."""
+    return {
+        "name": "gpt-sized",
+        "provider": str(provider.pk),
+        "upstream_model": "gpt-4o-mini",
+        "context_window": "8192",
+        "default_parameters": "{}",
+        "input_price_per_million": "1",
+        "output_price_per_million": "2",
+        "tokenizer": "auto",
+        "routing_strategy": "weighted",
+        "fallbacks": "[]",
+        "deployments-TOTAL_FORMS": "0",
+        "deployments-INITIAL_FORMS": "0",
+        **overrides,
+    }
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "message"),
+    [
+        ({"context_window": "0"}, "context_window", "Ensure this value is greater than or equal to 1."),
+        ({"max_output_tokens": "0"}, "max_output_tokens", "Ensure this value is greater than or equal to 1."),
+        (
+            {"context_window": "4096", "max_output_tokens": "4096"},
+            "max_output_tokens",
+            "Less than the context window (4096 tokens), which must also hold the prompt; or empty for the rest of it.",
+        ),
+    ],
+)
+def test_model_token_counts_that_make_no_sense_are_refused(admin_site, provider, overrides, field, message):
+    # A window of 0 tokens fits no prompt; a reply limit of 0 asks for no reply; a reply limit as
+    # large as the window leaves the prompt no room (llm.metering.prompt_budget_for).
+    response = admin_site.post("/admin/llm/llmmodel/add/", model_add_data(provider, **overrides))
+
+    assert response.status_code == 200  # the form again, with the error
+    assert response.context["adminform"].form.errors[field] == [message]
+    assert not LLMModel.objects.filter(name="gpt-sized").exists()
+    response = admin_site.post(
+        "/admin/llm/llmmodel/add/", model_add_data(provider, context_window="4096", max_output_tokens="4095")
+    )
+    assert response.status_code == 302, response.content.decode()[:2000]
+
+
 @pytest.mark.parametrize(
     "url",
     [
