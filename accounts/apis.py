@@ -485,9 +485,7 @@ class UsageSummaryApi(CSVExportMixin, APIView):
         },
     )
     def get(self, request: Request) -> Response:
-        # A plain dict, not the QueryDict: DRF reads an empty value in a QueryDict as "not sent", and
-        # ``start_date=`` is a malformed date (400), not the default.
-        query = UsageSummaryQuerySerializer(data=request.query_params.dict())
+        query = UsageSummaryQuerySerializer(data=UsageSummaryQuerySerializer.query_data(request.query_params))
         query.is_valid(raise_exception=True)
         params = query.validated_data
         principal = request_principal(request)

@@ -14,6 +14,7 @@ from typing import Any
 
 from django.contrib.auth.password_validation import MinimumLengthValidator, get_default_password_validators
 from django.contrib.auth.validators import UnicodeUsernameValidator
+from django.http import QueryDict
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.exceptions import AuthenticationFailed
@@ -453,7 +454,8 @@ class UsageSummaryQuerySerializer(serializers.Serializer):
 
     Dates are days in ``settings.TIME_ZONE``; missing ones are the current month's bounds
     (``accounts.selectors.usage_current_month``). ``group_by`` is a comma-separated list of
-    ``day``, ``model``, ``user``, ``api_key`` (repeats ignored; empty: one row of totals).
+    ``day``, ``model``, ``user``, ``api_key`` (repeats ignored; empty: one row of totals); build
+    its data with ``query_data``.
     """
 
     start_date = serializers.DateField(input_formats=["%Y-%m-%d"], required=False)
@@ -462,6 +464,25 @@ class UsageSummaryQuerySerializer(serializers.Serializer):
     user = serializers.IntegerField(min_value=1, max_value=ID_MAX, required=False)
     api_key = serializers.IntegerField(min_value=1, max_value=ID_MAX, required=False)
     model = serializers.CharField(max_length=200, required=False)
+
+    @classmethod
+    def query_data(cls, query: QueryDict) -> dict[str, str]:
+        """Return ``query`` as the plain dict this serializer validates: ``group_by`` given more than once
+        is the union of its values (``group_by=day&group_by=model`` is ``day,model``); another of its
+        fields given more than once raises ``ValidationError`` naming it, not one value chosen silently.
+
+        A plain dict, not the QueryDict: DRF reads an empty value in a QueryDict as "not sent", and
+        ``start_date=`` is a malformed date (400), not the default.
+        """
+        data: dict[str, str] = {}
+        for name, values in query.lists():
+            if name == "group_by":
+                data[name] = ",".join(values)
+            elif len(values) > 1 and name in cls._declared_fields:
+                raise serializers.ValidationError({name: [f"Given {len(values)} times: give it once."]})
+            else:
+                data[name] = values[-1]
+        return data
 
     def validate_group_by(self, value: str) -> list[str]:
         names = [name.strip() for name in value.split(",") if name.strip()]

@@ -266,6 +266,24 @@ def test_bad_parameters_are_a_400_naming_the_parameter(auth_client, query, param
         assert_error(auth_client.get(SUMMARY, {**MARCH, **query, "format": "csv"}), 400, param=param)
 
 
+def test_group_by_given_twice_is_the_union_of_both(auth_client, march):
+    # ?group_by=day&group_by=model used to group by model alone: the first was dropped silently.
+    response = auth_client.get(f"{SUMMARY}?start_date=2026-03-01&end_date=2026-04-01&group_by=day&group_by=model,day")
+
+    assert response.status_code == 200, response.content
+    assert response.json()["group_by"] == ["day", "model"]
+    assert {(row["day"], row["model_name"]) for row in response.json()["results"]} >= {("2026-03-01", "alpha")}
+
+
+@pytest.mark.parametrize("param", ["user", "api_key", "model", "start_date"])
+def test_another_parameter_given_twice_is_a_400_naming_it(auth_client, user, param):
+    value = {"user": str(user.pk), "api_key": "1", "model": "alpha", "start_date": "2026-03-01"}[param]
+
+    error = assert_error(auth_client.get(f"{SUMMARY}?{param}={value}&{param}={value}"), 400, param=param)
+
+    assert "give it once" in error["message"]
+
+
 def test_unauthenticated_is_a_401_also_for_csv(api_client):
     assert_error(api_client.get(SUMMARY), 401)
     assert_error(api_client.get(SUMMARY, {"format": "csv"}), 401)
