@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from channels.testing import WebsocketCommunicator
-from django.test import RequestFactory
+from django.test import Client, RequestFactory
 from rest_framework.exceptions import ValidationError
 
 from accounts.models import APIKey, User
@@ -451,3 +451,15 @@ def test_a_validation_error_names_the_item_at_fault(detail: Any, param: str | No
 
     assert error is not None and error.param == param, error and error.as_dict()
     assert "{}" not in error.message
+
+
+@pytest.mark.parametrize("path", ["/share/any-token", "/"])
+def test_an_unsafe_method_on_a_read_only_page_is_405_not_a_csrf_403(path):
+    # CsrfViewMiddleware ran before the view's method check: a POST got 403 (CSRF), as if it could be
+    # allowed with a token. The browser's own client, enforcing CSRF as a browser's would.
+    client = Client(enforce_csrf_checks=True)
+
+    for method in (client.post, client.put, client.delete):
+        response = method(path)
+        assert response.status_code == 405, (method, response.status_code)
+        assert set(response["Allow"].replace(" ", "").split(",")) >= {"GET", "HEAD"}

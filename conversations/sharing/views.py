@@ -6,6 +6,7 @@ import datetime as dt
 
 from django.http import HttpRequest, HttpResponseBase
 from django.shortcuts import render
+from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_safe
 
 from chatbackend.errors import NotFoundError
@@ -14,6 +15,9 @@ from .apis import private
 from .selectors import share_get_by_token
 
 
+# csrf_exempt: the page takes no unsafe method, so CSRF protects nothing here, and without it
+# CsrfViewMiddleware (which runs before require_safe) answered a POST with 403 instead of 405.
+@csrf_exempt
 @require_safe
 def share_page(request: HttpRequest, token: str) -> HttpResponseBase:
     """Render the snapshot behind ``token``: 200 ``share.html``, or 404 ``share_missing.html`` for
