@@ -91,18 +91,43 @@ def _secrets_remove(state: dict[str, Any]) -> int:
     return removed
 
 
+# In JSON text, one escape each: an escaped backslash (so that "\\ud800" is no escape of a
+# surrogate), a surrogate pair (kept), or a lone surrogate (replaced). Leftmost first, like a parser.
+_SURROGATE_ESCAPE = re.compile(
+    rb"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|(\\u[dD][89a-fA-F][0-9a-fA-F]{2})"
+)
+
+
+def _lone_surrogates_replaced(raw: bytes) -> bytes:
+    """Return JSON text ``raw`` with each escaped lone UTF-16 surrogate (``"\\ud800"``) replaced by
+    ``\\ufffd`` (U+FFFD, the replacement character); escaped pairs and everything else unchanged."""
+    return _SURROGATE_ESCAPE.sub(lambda match: rb"\ufffd" if match.group(1) else match.group(0), raw)
+
+
 def document_parse(raw: bytes | str) -> dict[str, Any]:
     """Return NextChat's document ``raw`` (JSON) as a dict. Raises ``ApplicationError`` 413 past
-    ``SYNC_MAX_DOCUMENT_BYTES``, 400 ``invalid_sync_document`` for anything but a JSON object."""
+    ``SYNC_MAX_DOCUMENT_BYTES``, 400 ``invalid_sync_document`` for anything but a JSON object.
+
+    A lone UTF-16 surrogate in a string (``"\\ud800"``: JavaScript's strings allow it, so NextChat
+    writes it, e.g. an emoji cut in half) becomes U+FFFD: refusing it would refuse every later
+    upload of the same state, and the user's sync would stay stuck.
+    """
     size = len(raw.encode("utf-8")) if isinstance(raw, str) else len(raw)
     if size > settings.SYNC_MAX_DOCUMENT_BYTES:
         raise document_too_large_error(size)
+    data = raw.encode("utf-8") if isinstance(raw, str) else raw
     try:
-        document = json_loads(raw)
+        document = json_loads(data)
     except JSONParseError as exc:
-        raise ApplicationError(
-            f"The sync document is not JSON: {exc}", code="invalid_sync_document", param="body"
-        ) from None
+        repaired = _lone_surrogates_replaced(data)
+        try:
+            document = json_loads(repaired) if repaired != data else None
+        except JSONParseError:
+            document = None
+        if document is None:
+            raise ApplicationError(
+                f"The sync document is not JSON: {exc}", code="invalid_sync_document", param="body"
+            ) from None
     if not isinstance(document, dict):
         raise ApplicationError(
             "The sync document must be a JSON object (NextChat's app state).", code="invalid_sync_document"

@@ -435,6 +435,37 @@ def test_upstash_stores_returns_and_versions_a_chunked_document(
     assert (document_row.protocol, document_row.name, document_row.versions.count()) == ("upstash", FOLDER, 2)
 
 
+def test_a_lone_surrogate_becomes_a_replacement_character_and_the_rest_syncs(
+    client, user, secret, dav, models, django_capture_on_commit_callbacks
+) -> None:
+    # JavaScript strings may hold half a surrogate pair (an emoji cut in two) and JSON.stringify writes
+    # it as "\ud83d": refused with a 400, every later upload of the same state was refused too.
+    document = _document(topic="Half \ud83d an emoji")
+    messages = document["chat-next-web-store"]["sessions"][0]["messages"]
+    messages[0]["content"] = "low \udc00, whole \U0001f600, escaped \\ud800"
+    text = json.dumps(document)  # ASCII, surrogates escaped as JSON.stringify writes them
+    assert "\\ud83d" in text
+
+    with django_capture_on_commit_callbacks(execute=True):
+        assert _put(client, f"/dav/{FOLDER}/backup.json", text, dav).status_code == 201
+    with django_capture_on_commit_callbacks(execute=True):
+        _upstash_sync_set(client, secret, text)
+
+    for protocol in ("webdav", "upstash"):
+        stored = json.loads(SyncDocument.objects.get(owner=user, protocol=protocol).versions.get().content)
+        session = stored["chat-next-web-store"]["sessions"][0]
+        assert session["topic"] == "Half \ufffd an emoji"
+        assert session["messages"][0]["content"] == "low \ufffd, whole \U0001f600, escaped \\ud800"
+    conversations = [c for c in _conversations(user) if c[0] == "sess-lisbon"]
+    assert conversations
+    for _, title, _, conversation_messages in conversations:
+        assert title == "Half \ufffd an emoji"
+        assert [content for _, _, content in conversation_messages] == [
+            "low \ufffd, whole \U0001f600, escaped \\ud800",
+            "Day 1: Alfama.",
+        ]
+
+
 def test_upstash_count_without_its_chunks_stores_nothing(client, secret) -> None:
     _upstash(client, "set", f"{FOLDER}-chunk-0", secret, '{"a":')
     response = _upstash(client, "set", f"{FOLDER}-chunk-count", secret, "2")
