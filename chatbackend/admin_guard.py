@@ -14,7 +14,8 @@ those of ``auth`` and ``token_blacklist``):
 
 - an action posted to a changelist filters ``pk__in`` the posted ``_selected_action`` values
   (``ModelAdmin.response_action``): one that is not a primary key (``abc``, ``1.5``, empty) is a
-  ``ValueError`` in the ORM, a 500.
+  ``ValueError`` in the ORM, a 500; one past the column's range (``2**63``) an ``OverflowError`` on
+  SQLite, a 500.
 
 - a form posted with a value that is not a key of the related model in an ``autocomplete_fields``
   field is shown again with the field's error, but Django's ``AutocompleteSelect`` first looks the
@@ -72,7 +73,8 @@ def admin_query_refused(request: HttpRequest) -> bool:
 
 def admin_selection_refused(request: HttpRequest, view_func: Callable[..., Any]) -> bool:
     """Return whether ``request`` posts an admin action with a selected object id that is not a primary
-    key of the changelist's model (``view_func.model_admin``: Django sets it on each model admin view)."""
+    key of the changelist's model (``view_func.model_admin``: Django sets it on each model admin view),
+    or is one outside its column's range."""
     if request.method != "POST" or ACTION_CHECKBOX_NAME not in request.POST:
         return False
     model_admin = getattr(view_func, "model_admin", None)
@@ -83,7 +85,7 @@ def admin_selection_refused(request: HttpRequest, view_func: Callable[..., Any])
         if holds_nul(value) or value in pk.empty_values:
             return True
         try:
-            pk.to_python(value)
+            pk.run_validators(pk.to_python(value))  # the validators: the column's range (a bigint's)
         except ValidationError:
             return True
     return False

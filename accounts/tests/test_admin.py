@@ -217,7 +217,7 @@ def test_no_action_on_an_id_that_is_not_a_primary_key_is_a_500(admin_site, super
     request.user = superuser
     actions = list(model_admin.get_actions(request))  # none for a read-only admin (messages, outstanding tokens)
     for action in actions:
-        for selected in ("abc", "1.5", "", "\x00"):
+        for selected in ("abc", "1.5", "", "\x00", str(2**63), "-" + str(2**63 + 1)):  # past a bigint too
             response = admin_site.post(url, {"action": action, "_selected_action": selected, "index": "0"})
             assert response.status_code == 400, (label, action, selected, response.status_code)
     # An id that names nothing gets Django's own answer (no 500), as before.
