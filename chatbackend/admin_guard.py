@@ -102,7 +102,7 @@ class AutocompleteSelect(widgets.AutocompleteSelect):
         for item in value:
             try:
                 if not holds_nul(str(item)):
-                    target.to_python(item)
+                    target.run_validators(target.to_python(item))  # past a bigint: OverflowError on SQLite
                     keys.append(item)
             except ValidationError:
                 pass  # not a key: the form's field reports it; nothing to render as selected

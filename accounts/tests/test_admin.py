@@ -251,3 +251,23 @@ def test_a_form_posted_with_an_autocomplete_value_that_is_no_key_shows_its_error
         response = admin_site.post(url, data)
         assert response.status_code == 200, (label, data, response.status_code)
         assert "errornote" in response.content.decode()
+
+
+@pytest.mark.parametrize("value", [str(2**63), "-" + str(2**63 + 1), "99999999999999999999"])
+def test_an_autocomplete_value_past_a_bigint_is_never_looked_up(rf, superuser, django_assert_num_queries, value):
+    """Rendering the form again, the autocomplete widget looked up every posted value that parsed as an
+    integer: past a bigint, SQLite (the demo's database) raises OverflowError, a 500. Such a value
+    can be no key: no query, the field's own error only."""
+    from django.contrib import admin as django_admin
+
+    from llm.models import LLMModel
+
+    request = rf.get("/admin/llm/llmmodel/add/")
+    request.user = superuser
+    field = django_admin.site._registry[LLMModel].get_form(request).base_fields["provider"]
+    widget = field.widget.widget  # inside the related-field wrapper
+
+    with django_assert_num_queries(0):
+        groups = widget.optgroups("provider", [value])
+
+    assert all(not option["selected"] for _, options, _ in groups for option in options)
