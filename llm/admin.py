@@ -101,6 +101,12 @@ class ProviderAdminForm(forms.ModelForm):
             )
         return value
 
+    def clean_extra_headers(self) -> Any:
+        """Return the headers; an emptied box (or ``null``) is no headers, ``{}``: the form field makes
+        it None, which the column (NOT NULL) refused with a 500."""
+        value = self.cleaned_data.get("extra_headers")
+        return {} if value is None else value
+
     def clean(self) -> dict[str, Any]:
         """Resolve ``api_key``: "" when "Clear API key" is ticked, the stored key when left blank."""
         super().clean()

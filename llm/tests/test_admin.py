@@ -384,6 +384,21 @@ def test_an_operator_sets_extra_headers(admin_site, provider):
     assert Provider.objects.get(name="plain").extra_headers == {}
 
 
+@pytest.mark.parametrize("value", ["", "null"])
+def test_emptied_extra_headers_are_no_headers(admin_site, provider, value):
+    # The form field read an emptied box as None, which the NOT NULL column refused: a 500.
+    provider.extra_headers = {"X-Title": "Chat"}
+    provider.save()
+
+    response = admin_site.post(
+        f"/admin/llm/provider/{provider.pk}/change/", change_form_data(provider, extra_headers=value)
+    )
+
+    assert response.status_code == 302, response.content.decode()[:2000]
+    provider.refresh_from_db()
+    assert provider.extra_headers == {}
+
+
 @pytest.mark.parametrize(
     "value",
     [
