@@ -155,3 +155,47 @@ def test_removing_a_member_in_the_admin_takes_them_out_of_the_teams_and_revokes_
     assert response.status_code == 302, response.content.decode()[:3000]
     assert not TeamMembership.objects.filter(team=team, user=leaver).exists()
     assert APIKey.objects.get(pk=team_key.pk).revoked_at is not None
+
+
+def test_adding_someone_who_became_a_member_since_the_page_loaded_is_a_form_error(admin_site, acme) -> None:
+    # The page was loaded before another operator added the user: its rows do not list them, and the
+    # (user, organization) and (team, user) unique constraints made the save a 500 (IntegrityError).
+    user = UserFactory()
+    owner = Membership.objects.create(user=UserFactory(), organization=acme, role=Role.OWNER)
+    Membership.objects.create(user=user, organization=acme)  # by the other operator
+    team = Team.objects.create(organization=acme, name="Ops", slug="ops")
+    TeamMembership.objects.create(team=team, user=user)
+
+    organization_page = admin_site.post(
+        f"/admin/accounts/organization/{acme.pk}/change/",
+        _organization_form(
+            acme, [{"id": owner.pk, "user": owner.user, "role": Role.OWNER}, {"user": user, "role": Role.MEMBER}]
+        ),
+    )
+    team_page = admin_site.post(f"/admin/accounts/team/{team.pk}/change/", _team_form(team, [{"user": user}]))
+
+    for page in (organization_page, team_page):
+        assert page.status_code == 200
+        assert "This user is already a member" in page.content.decode()
+    assert Membership.objects.filter(organization=acme, user=user).count() == 1
+    assert TeamMembership.objects.filter(team=team, user=user).count() == 1
+
+
+def test_a_member_removed_and_added_again_on_one_page_is_saved(admin_site, acme) -> None:
+    owner = Membership.objects.create(user=UserFactory(), organization=acme, role=Role.OWNER)
+    member = Membership.objects.create(user=UserFactory(), organization=acme)
+
+    response = admin_site.post(
+        f"/admin/accounts/organization/{acme.pk}/change/",
+        _organization_form(
+            acme,
+            [
+                {"id": owner.pk, "user": owner.user, "role": Role.OWNER},
+                {"id": member.pk, "user": member.user, "role": Role.MEMBER, "delete": True},
+                {"user": member.user, "role": Role.ADMIN},
+            ],
+        ),
+    )
+
+    assert response.status_code == 302, response.content.decode()[:3000]
+    assert Membership.objects.get(organization=acme, user=member.user).role == Role.ADMIN
