@@ -15,7 +15,7 @@ those of ``auth`` and ``token_blacklist``):
 - an action posted to a changelist filters ``pk__in`` the posted ``_selected_action`` values
   (``ModelAdmin.response_action``): one that is not a primary key (``abc``, ``1.5``, empty) is a
   ``ValueError`` in the ORM, a 500; one past the column's range (``2**63``) an ``OverflowError`` on
-  SQLite, a 500.
+  SQLite, a 500. So does the id of a ``list_editable`` row (``form-0-id``) saved from a changelist.
 
 - a form posted with a value that is not a key of the related model in an ``autocomplete_fields``
   field is shown again with the field's error, but Django's ``AutocompleteSelect`` first looks the
@@ -72,16 +72,21 @@ def admin_query_refused(request: HttpRequest) -> bool:
 
 
 def admin_selection_refused(request: HttpRequest, view_func: Callable[..., Any]) -> bool:
-    """Return whether ``request`` posts an admin action with a selected object id that is not a primary
-    key of the changelist's model (``view_func.model_admin``: Django sets it on each model admin view),
-    or is one outside its column's range."""
-    if request.method != "POST" or ACTION_CHECKBOX_NAME not in request.POST:
+    """Return whether ``request`` posts, to a changelist, an admin action with a selected object id, or
+    a ``list_editable`` row's id (``form-<n>-<pk name>``), that is not a primary key of its model
+    (``view_func.model_admin``: Django sets it on each model admin view), or is one outside its
+    column's range."""
+    if request.method != "POST":
         return False
     model_admin = getattr(view_func, "model_admin", None)
     if model_admin is None:
         return False
     pk = model_admin.model._meta.pk
-    for value in request.POST.getlist(ACTION_CHECKBOX_NAME):
+    edited = re.compile(rf"form-\d+-{re.escape(pk.name)}")  # ModelAdmin._get_edited_object_pks
+    values = request.POST.getlist(ACTION_CHECKBOX_NAME)
+    if model_admin.list_editable:
+        values += [value for key in request.POST if edited.fullmatch(key) for value in request.POST.getlist(key)]
+    for value in values:
         if holds_nul(value) or value in pk.empty_values:
             return True
         try:
