@@ -27,6 +27,7 @@ from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path
 
+from chatbackend.admin_guard import inline_rows_stored_meanwhile
 from chatbackend.errors import ApplicationError
 from chatbackend.renderers import CSVRenderer
 
@@ -123,21 +124,7 @@ class UserAdminChangeForm(UserChangeForm):
         model = User
 
 
-def _already_members(formset: BaseInlineFormSet, stored: QuerySet[Any]) -> None:
-    """Add a ``user`` error to each new row of ``formset`` naming a user who already has a row of
-    ``stored`` (the parent's memberships) not being deleted on the page.
-
-    Django leaves the (user, parent) unique constraint to the database for inline rows (the parent
-    key is excluded from their validation), and the formset compares only rows on the page: a row
-    added since the page was loaded (another operator, another tab) made the save a 500.
-    """
-    deleted = [form.instance.pk for form in formset.forms if form.cleaned_data.get("DELETE") and form.instance.pk]
-    for form in formset.forms:
-        user = form.cleaned_data.get("user") if form.cleaned_data else None
-        if user is None or form.instance.pk is not None or form.cleaned_data.get("DELETE"):
-            continue
-        if stored.filter(user=user).exclude(pk__in=deleted).exists():
-            form.add_error("user", "This user is already a member: reload the page to see every member.")
+_ALREADY_A_MEMBER = "This user is already a member: reload the page to see every member."
 
 
 class MembershipInlineFormSet(BaseInlineFormSet):
@@ -162,7 +149,7 @@ class MembershipInlineFormSet(BaseInlineFormSet):
                 form.add_error("role", "A team's service account keeps the member role.")
         if organization.pk is None:
             return
-        _already_members(self, Membership.objects.filter(organization=organization))
+        inline_rows_stored_meanwhile(self, ["user"], _ALREADY_A_MEMBER)
         had_owner = Membership.objects.filter(organization=organization, role=Membership.Role.OWNER).exists()
         # The inline lists every member, so the owners kept are those on the page.
         if had_owner and not any(form.cleaned_data.get("role") == Membership.Role.OWNER for form in kept):
@@ -190,8 +177,7 @@ class TeamMembershipInlineFormSet(BaseInlineFormSet):
                 continue
             if not Membership.objects.filter(user=user, organization_id=organization_id).exists():
                 form.add_error("user", "This user is not a member of the team's organization.")
-        if self.instance.pk is not None:
-            _already_members(self, TeamMembership.objects.filter(team=self.instance))
+        inline_rows_stored_meanwhile(self, ["user"], _ALREADY_A_MEMBER)
 
 
 class TeamMembershipInline(admin.TabularInline):

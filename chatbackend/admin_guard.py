@@ -96,6 +96,29 @@ def admin_selection_refused(request: HttpRequest, view_func: Callable[..., Any])
     return False
 
 
+def inline_rows_stored_meanwhile(formset: Any, fields: Sequence[str], message: str) -> None:
+    """Add ``message`` as an error on ``fields[0]`` of each new row of ``formset`` (an inline formset)
+    whose ``fields`` equal those of a stored row of the same parent that is not on the page.
+
+    For a unique constraint on the parent key and ``fields``: Django leaves it to the database for
+    inline rows (the parent key is excluded from their validation) and the formset compares only the
+    rows on the page, so a row stored since the page was loaded (another operator, another tab) made
+    the save an ``IntegrityError``, a 500. Rows on the page are left to the formset (changed or
+    deleted, they are saved before the new rows).
+    """
+    parent = formset.instance
+    if parent.pk is None:
+        return
+    on_page = [form.instance.pk for form in formset.initial_forms if form.instance.pk is not None]
+    stored = formset.model._default_manager.filter(**{formset.fk.name: parent}).exclude(pk__in=on_page)
+    for form in formset.extra_forms:
+        values = {name: (form.cleaned_data or {}).get(name) for name in fields}
+        if form.cleaned_data.get("DELETE") or any(value is None for value in values.values()):
+            continue
+        if stored.filter(**values).exists():
+            form.add_error(fields[0], message)
+
+
 class AutocompleteSelect(widgets.AutocompleteSelect):
     """Django's autocomplete widget, rendering as selected only values that are keys of the related model."""
 
@@ -156,4 +179,5 @@ __all__ = [
     "AutocompleteSelect",
     "admin_query_refused",
     "admin_selection_refused",
+    "inline_rows_stored_meanwhile",
 ]

@@ -17,11 +17,12 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.db.models import QuerySet
+from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest
 
 from accounts.admin import AuditedModelAdmin
 from accounts.audit import url_password_masked
-from chatbackend.admin_guard import AutocompleteGuardMixin
+from chatbackend.admin_guard import AutocompleteGuardMixin, inline_rows_stored_meanwhile
 
 from .models import Deployment, LLMModel, ModelAlias, Provider, validate_provider_api_key
 from .services import llm_model_connection_test
@@ -166,10 +167,24 @@ class ProviderAdmin(AuditedModelAdmin):
             _report_connection_test(self, request, model, f"Provider {provider.name!r}")
 
 
+class DeploymentInlineFormSet(BaseInlineFormSet):
+    """The model's deployments; a new one that a stored one already is (added since the page loaded)
+    is a field error, not the unique constraint's 500."""
+
+    def clean(self) -> None:
+        super().clean()
+        inline_rows_stored_meanwhile(
+            self,
+            ["provider", "upstream_model"],
+            "The model already has this deployment: reload the page to see every deployment.",
+        )
+
+
 class DeploymentInline(AutocompleteGuardMixin, admin.TabularInline):
     """The model's deployments (``llm.routing``): empty, the model's own provider serves it."""
 
     model = Deployment
+    formset = DeploymentInlineFormSet
     extra = 0
     fields = (
         "provider",

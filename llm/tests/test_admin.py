@@ -253,6 +253,22 @@ def test_model_token_counts_that_make_no_sense_are_refused(admin_site, provider,
     assert response.status_code == 302, response.content.decode()[:2000]
 
 
+def test_a_deployment_added_since_the_page_loaded_is_a_form_error(admin_site, provider):
+    # Another operator stored the same deployment meanwhile: the unique constraint made the save a 500.
+    from llm.models import Deployment
+
+    model = LLMModel.objects.create(name="gpt-deployed", provider=provider, upstream_model="gpt-4o-mini")
+    Deployment.objects.create(model=model, provider=provider, upstream_model="second")
+    row = {"provider": str(provider.pk), "upstream_model": "second", "weight": "1", "priority": "0", "enabled": "on"}
+    data = model_add_data(provider, name="gpt-deployed", **{f"deployments-0-{k}": v for k, v in row.items()})
+
+    response = admin_site.post(f"/admin/llm/llmmodel/{model.pk}/change/", {**data, "deployments-TOTAL_FORMS": "1"})
+
+    assert response.status_code == 200
+    assert "The model already has this deployment" in response.content.decode()
+    assert Deployment.objects.filter(model=model).count() == 1
+
+
 @pytest.mark.parametrize(
     "url",
     [
