@@ -369,6 +369,13 @@ _REPLY_RESPONSES: dict[Any, Any] = {
         examples=[OpenApiExample("reply", value=_SSE_EXAMPLE, media_type="text/event-stream")],
     ),
     **_errors(400, 401, 403, 404),
+    409: OpenApiResponse(
+        ErrorOutputSerializer,
+        description="`reply_in_progress`: a reply in the history of the new one (the branch it continues) "
+        "is still streaming; nothing is written. Wait for its `reply.done` (or stop it), then send. Replies "
+        "on other branches (an edit, a regeneration: siblings) do not count; a reply whose server process "
+        "died stops counting once it is recovered as `interrupted`.",
+    ),
     429: OpenApiResponse(
         ErrorOutputSerializer,
         description="Refused before the reply started: a rate limit (`rate_limit_exceeded`, with "

@@ -17,7 +17,7 @@ from accounts.authentication import Principal
 from accounts.model_access import UNRESTRICTED, ModelAccess, model_access_for
 from accounts.models import Organization, UsageRecord, User
 from accounts.usage import usage_account, usage_context
-from chatbackend.errors import ApplicationError, NotFoundError
+from chatbackend.errors import OUTAGE_ERRORS, ApplicationError, NotFoundError
 from chatbackend.liveness import PROCESS_ID, process_alive
 from chatbackend.text import holds_nul
 from llm.metering import max_tokens_check, prompt_budget_for
@@ -517,11 +517,13 @@ def _reply_messages_create(
                 raise ApplicationError(
                     "This reply follows no user message: it cannot be regenerated.", code="not_a_reply"
                 )
+            _history_idle_check(conversation=conversation, leaf_id=user_message.pk)
         else:
             parent_id = previous_leaf_id
             if isinstance(turn, _EditTurn):
                 edited = message_get_in(conversation=conversation, message_id=turn.of, role=Message.Role.USER)
                 parent_id = edited.parent_id
+            _history_idle_check(conversation=conversation, leaf_id=parent_id)
             user_message = Message.objects.create(
                 conversation=conversation,
                 parent_id=parent_id,
@@ -558,6 +560,46 @@ def _reply_messages_create(
         user_message_created=not isinstance(turn, _RegenerateTurn),
         previous_leaf_id=previous_leaf_id,
     )
+
+
+def _history_idle_check(*, conversation: Conversation, leaf_id: int | None) -> None:
+    """Refuse a reply whose history (the path from the root to ``leaf_id``) holds a reply still streaming.
+
+    Such a reply has no text yet (it is written when it ends): the model would not see it, while the
+    tree would show the new turn following it. Raises ``ApplicationError`` 409 ``reply_in_progress``
+    (the code a share of such a branch gets, ``sharing.services.share_snapshot``). A reply on another
+    branch (a sibling, or below an earlier message) does not count: branches stream in parallel.
+    An orphan (``reply_recover_orphans``' test: its process has no heartbeat and it has been quiet
+    for ``REPLY_ORPHAN_AFTER_SECONDS``) does not count either: it is recovered here, at once, rather
+    than at the next periodic recovery, so a dead process never blocks a branch for long.
+    Called with the conversation row locked (``_conversation_lock_leaf``): of two turns started at
+    once on a branch, the second sees the first's placeholder and is refused. One query when
+    nothing streams.
+    """
+    if leaf_id is None:
+        return
+    streaming = message_path(conversation=conversation, leaf_id=leaf_id).filter(status=Message.Status.STREAMING)
+    quiet_since = timezone.now() - dt.timedelta(seconds=settings.REPLY_ORPHAN_AFTER_SECONDS)
+    for message in streaming:
+        message.conversation = conversation
+        quiet = (message.checkpointed_at or message.created_at) < quiet_since
+        if quiet and message.role == Message.Role.ASSISTANT and not _stream_owner_alive(message.stream_owner):
+            reply_recover(message=message)
+            continue
+        raise ApplicationError(
+            "A reply of this branch is still streaming: wait for it to end (or stop it), then send.",
+            code="reply_in_progress",
+            status=409,
+        )
+
+
+def _stream_owner_alive(owner: str) -> bool:
+    """Return whether process ``owner`` may still be streaming, as ``reply_recover_orphans`` tells it
+    (no owner recorded: dead), except that an unreachable cache answers True: not knowing is not dead."""
+    try:
+        return bool(owner) and process_alive(owner)
+    except OUTAGE_ERRORS:
+        return True
 
 
 def reply_refused(*, conversation_id: int, message_ids: tuple[int, ...], previous_leaf_id: int | None) -> None:

@@ -405,6 +405,36 @@ def test_a_stop_sent_to_another_server_stops_the_reply(e2e_stack, e2e_models, e2
 
 
 @needs_shared_state
+def test_a_turn_sent_to_another_server_while_the_branch_streams_is_409(
+    e2e_stack, e2e_models, e2e_user, http, http_b
+) -> None:
+    conversation_id = create_conversation(http, e2e_user)
+    messages_url = f"/api/conversations/{conversation_id}/messages/"
+    stop_url = f"/api/conversations/{conversation_id}/messages/{{}}/stop/"
+
+    events: list[tuple[str, dict[str, Any]]] = []
+    with send_over_sse(http, e2e_user, conversation_id, "Tell me a long story") as source:  # A streams ...
+        assert source.response.status_code == 200
+        for name, data in recorded_sse_events(e2e_stack, source):
+            events.append((name, data))
+            if name == "reply.start":  # ... B is sent the next turn of that branch meanwhile
+                message_id = data["message_id"]
+                refused = http_b.post(messages_url, json={"content": "and then?"}, headers=bearer(e2e_user.access))
+                assert_error(refused, 409, code="reply_in_progress")
+                stop = http_b.post(stop_url.format(message_id), headers=bearer(e2e_user.access))
+                assert stop.status_code == 202, stop.text
+
+    done = events[-1][1]["message"]
+    assert (events[-1][0], done["id"], done["status"]) == ("reply.done", message_id, "cancelled")
+    # Ended: the branch takes its next turn, on either server, after the reply the model is sent.
+    response = http_b.post(messages_url, json={"content": "and then?"}, headers=bearer(e2e_user.access))
+    assert response.status_code == 201, response.text
+    assert response.json()["user_message"]["parent_id"] == message_id
+    listed = http.get(messages_url, headers=bearer(e2e_user.access)).json()["results"]
+    assert [m["role"] for m in listed] == ["user", "assistant", "user", "assistant"]
+
+
+@needs_shared_state
 def test_an_api_key_revoked_on_one_server_is_refused_at_once_by_another(
     e2e_stack, e2e_models, e2e_user, http, http_b
 ) -> None:
