@@ -34,9 +34,14 @@ The request (``ChatRequest``: OpenAI chat messages and fields) is translated by
   the budget; under 1025 tokens there is no room to think and no thinking is asked for). With
   thinking on, ``temperature`` and ``top_k`` are left out and ``top_p`` only kept from 0.95, as
   Anthropic refuses them otherwise;
-- every other OpenAI field (``frequency_penalty``, ``presence_penalty``, ``seed``, ``logprobs``,
-  ``response_format``, ``metadata``, ...) has no Messages equivalent and is not sent; ``n`` above 1
-  is a 400.
+- fields whose effect the client relies on and that the Messages API cannot give are a 400
+  ``unsupported_parameter`` naming the field, before any request (``base.refuse_unsupported``):
+  ``response_format`` ``json_object``/``json_schema`` (no JSON mode: the reply could be prose),
+  ``logprobs: true``/``top_logprobs`` (Anthropic reports none), a non-empty ``logit_bias``,
+  ``modalities`` other than text, ``audio``, ``web_search_options``; ``n`` above 1 is a 400 too;
+- every other OpenAI field (``frequency_penalty``, ``presence_penalty``, ``seed``,
+  ``service_tier``, ``prediction``, ``metadata``, ``response_format: {"type": "text"}``, ...)
+  has no Messages equivalent and changes nothing the client can count on: it is not sent.
 
 Earlier turns' thinking is not sent back: OpenAI messages carry no thinking signatures, and
 Anthropic requires the signed thinking of the assistant turn whose tool calls are being answered.
@@ -89,10 +94,19 @@ from typing import Any
 
 from django.conf import settings
 
-from .base import TRANSLATION_ERRORS, ChatChunk, ChatProvider, ChatRequest, UpstreamError, Usage, untranslatable
+from .base import (
+    TRANSLATION_ERRORS,
+    ChatChunk,
+    ChatProvider,
+    ChatRequest,
+    UpstreamError,
+    Usage,
+    refuse_unsupported,
+    untranslatable,
+)
 from .http import SSE_REQUEST_HEADERS, SSEBodyDecoder, failure, json_body, post_sse
 
-__all__ = ["FINISH_REASONS", "THINKING_BUDGETS", "AnthropicProvider", "messages_body"]
+__all__ = ["ANTHROPIC_UNSUPPORTED", "FINISH_REASONS", "THINKING_BUDGETS", "AnthropicProvider", "messages_body"]
 
 # stop_reason → OpenAI finish_reason (https://docs.anthropic.com/en/api/handling-stop-reasons).
 FINISH_REASONS = {
@@ -104,6 +118,16 @@ FINISH_REASONS = {
     "tool_use": "tool_calls",
     "refusal": "content_filter",
 }
+# OpenAI fields a client relies on that the Messages API has no equivalent for: a 400, not a silent drop.
+ANTHROPIC_UNSUPPORTED = (
+    "response_format",
+    "logprobs",
+    "top_logprobs",
+    "logit_bias",
+    "modalities",
+    "audio",
+    "web_search_options",
+)
 # OpenAI reasoning_effort → Anthropic thinking budget_tokens (its minimum is 1024).
 THINKING_BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 16384}
 _MIN_THINKING_BUDGET = 1024
@@ -124,10 +148,12 @@ def messages_body(request: ChatRequest, *, default_max_tokens: int) -> dict[str,
     Raises ``UpstreamError`` (status 400, ``unsupported_by_provider``) for what the Messages API
     cannot express: a content part other than text or image, an image that is not a data URL of
     JPEG/PNG/GIF/WebP or an http(s) URL, a tool call whose arguments are not a JSON object, a
-    tool that is not a function, ``n`` above 1.
+    tool that is not a function, ``n`` above 1; ``ApplicationError`` 400 ``unsupported_parameter``
+    for a field of ``ANTHROPIC_UNSUPPORTED`` that asks for something (``base.refuse_unsupported``).
     """
-    system, turns = _system_and_turns(request.messages)
     parameters = request.parameters
+    refuse_unsupported(parameters, ANTHROPIC_UNSUPPORTED, "Anthropic")
+    system, turns = _system_and_turns(request.messages)
     if (parameters.get("n") or 1) > 1:
         raise _unsupported("The model provider returns one choice per request; n must be 1.")
     client_max = parameters.get("max_completion_tokens") or parameters.get("max_tokens")

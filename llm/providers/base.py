@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import base64
 import math
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -242,6 +242,47 @@ def untranslatable(exc: Exception) -> ApplicationError:
         status=400,
         param="messages",
     )
+
+
+# OpenAI request fields whose effect a client relies on, with what a value that asks for something
+# looks like and what the client would lose if an adapter dropped it. An adapter whose provider has
+# no equivalent refuses them (``refuse_unsupported``) instead of answering without what was asked
+# (https://platform.openai.com/docs/api-reference/chat/create for the fields).
+_RELIED_ON: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "response_format": (
+        lambda value: isinstance(value, dict) and value.get("type") not in (None, "text"),
+        "it has no JSON mode, so the reply could be prose",
+    ),
+    "logprobs": (lambda value: value is True, "it reports no token log probabilities"),
+    "top_logprobs": (lambda value: value is not None, "it reports no token log probabilities"),
+    "logit_bias": (lambda value: bool(value), "it takes no token biases (and its tokens are not OpenAI's)"),
+    "modalities": (
+        lambda value: isinstance(value, list) and any(modality != "text" for modality in value),
+        "it answers in text only",
+    ),
+    "audio": (lambda value: value is not None, "it answers in text only"),
+    "web_search_options": (lambda value: value is not None, "it offers no web search through this API"),
+}
+
+
+def refuse_unsupported(parameters: Mapping[str, Any], names: Iterable[str], provider: str) -> None:
+    """Raise the 400 for the first of ``names`` that ``parameters`` (OpenAI request fields) ask for.
+
+    ``names``: fields of ``_RELIED_ON`` that ``provider`` (its name, for the message) cannot honour;
+    a value that asks for nothing (``logprobs: false``, ``response_format: {"type": "text"}``,
+    ``modalities: ["text"]``, null) passes. Raises ``ApplicationError`` 400
+    ``unsupported_parameter`` naming the field in ``param``, as OpenAI answers a parameter a model
+    does not support.
+    """
+    for name in names:
+        asks, loss = _RELIED_ON[name]
+        if asks(parameters.get(name)):
+            raise ApplicationError(
+                f"Unsupported parameter: '{name}' is not supported with this model: its provider ({provider}) {loss}.",
+                code="unsupported_parameter",
+                status=400,
+                param=name,
+            )
 
 
 class ChatProvider(abc.ABC):

@@ -480,3 +480,45 @@ async def test_chat_completions_stream_through_an_anthropic_provider(api_key_sec
     assert record.source == UsageRecord.Source.OPENAI_API
     assert (record.prompt_tokens, record.completion_tokens) == (total, FAST_REPLY_TOKENS)
     assert usage_chunk["usage"]["prompt_tokens"] == total
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "r", "strict": True}}}, "response_format"),
+        ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
+        ({"logit_bias": {"50256": -100}}, "logit_bias"),
+        ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "modalities"),
+        ({"web_search_options": {}}, "web_search_options"),
+    ],
+)
+async def test_what_anthropic_cannot_honour_is_a_400_naming_the_parameter(
+    api_key_secret, anthropic_model, simulator: SimulatorProcess, fields: dict[str, Any], param: str
+) -> None:
+    # Dropped, these would answer prose to a client that asked for JSON, or no logprobs to one that asked for them.
+    before = await simulator.astats()
+    for stream in (False, True):
+        response = await post_chat(
+            AsyncClient(), chat_body("claude-sim", stream=stream, **fields), bearer(api_key_secret)
+        )
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert (error["type"], error["code"], error["param"]) == (
+            "invalid_request_error",
+            "unsupported_parameter",
+            param,
+        )
+        assert f"'{param}'" in error["message"] and "Anthropic" in error["message"]
+    assert (await simulator.astats())["requests_started"] == before["requests_started"]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_parameters_that_ask_for_nothing_anthropic_lacks_still_answer(api_key_secret, anthropic_model) -> None:
+    fields = {"response_format": {"type": "text"}, "logprobs": False, "modalities": ["text"], "seed": 7}
+    response = await post_chat(AsyncClient(), chat_body("claude-sim", **fields), bearer(api_key_secret))
+    assert response.status_code == 200, response.content
+    assert response.json()["choices"][0]["message"]["content"] == reply_text(
+        chat_body("claude-sim")["messages"], FAST_REPLY_TOKENS
+    )
