@@ -35,8 +35,16 @@ Parameters: ``max_completion_tokens`` (else ``max_tokens``) → ``maxOutputToken
 ``allowedFunctionNames``), ``reasoning_effort`` → ``thinkingConfig`` as Google's OpenAI
 compatibility maps it (https://ai.google.dev/gemini-api/docs/openai#thinking): ``none`` → budget
 0; ``minimal``/``low`` → 1024, ``medium`` → 8192, ``high`` → 24576, with ``includeThoughts`` so
-the thoughts stream back as ``reasoning_content``. Other OpenAI fields have no Gemini equivalent
-and are not sent.
+the thoughts stream back as ``reasoning_content``.
+
+Fields whose effect the client relies on and that this translation does not give are a 400
+``unsupported_parameter`` naming the field, before any request (``base.refuse_unsupported``):
+``logprobs: true``/``top_logprobs`` (Gemini's ``responseLogprobs`` answers in its own
+``logprobsResult`` shape, not translated), a non-empty ``logit_bias`` (OpenAI token ids),
+``modalities`` other than text and ``audio`` (text replies only), ``web_search_options``. Other
+OpenAI fields (``n`` of 1, ``user``, ``service_tier``, ``prediction``, ``parallel_tool_calls``,
+``response_format: {"type": "text"}``, ...) have no Gemini equivalent, change nothing the client
+can count on, and are not sent.
 """
 
 from __future__ import annotations
@@ -47,10 +55,14 @@ from typing import Any
 
 from chatbackend.errors import ApplicationError
 
-__all__ = ["SKIP_THOUGHT_SIGNATURE", "THINKING_BUDGETS", "gemini_request_body"]
+from .base import refuse_unsupported
+
+__all__ = ["GEMINI_UNSUPPORTED", "SKIP_THOUGHT_SIGNATURE", "THINKING_BUDGETS", "gemini_request_body"]
 
 # https://ai.google.dev/gemini-api/docs/thought-signatures#faqs: for function calls not made by the model.
 SKIP_THOUGHT_SIGNATURE = "skip_thought_signature_validator"
+# OpenAI fields a client relies on that this translation does not give: a 400, not a silent drop.
+GEMINI_UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "modalities", "audio", "web_search_options")
 THINKING_BUDGETS = {"none": 0, "minimal": 1024, "low": 1024, "medium": 8192, "high": 24576}
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)(?:;[\w=.+-]+)*;base64,(?P<data>.*)", re.DOTALL)
 
@@ -243,8 +255,10 @@ def gemini_request_body(messages: list[dict[str, Any]], parameters: dict[str, An
     """Return the ``GenerateContentRequest`` JSON object for OpenAI ``messages`` and ``parameters``.
 
     Raises ``ApplicationError`` 400 for what Gemini cannot be sent (an image link, an unknown part
-    type or role, a tool message that answers no call, tool call arguments that are not a JSON object).
+    type or role, a tool message that answers no call, tool call arguments that are not a JSON object)
+    and ``unsupported_parameter`` for a field of ``GEMINI_UNSUPPORTED`` that asks for something.
     """
+    refuse_unsupported(parameters, GEMINI_UNSUPPORTED, "Gemini")
     system, contents = _contents(messages)
     body: dict[str, Any] = {"contents": contents}
     if system:

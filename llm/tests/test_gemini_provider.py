@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from django.test import override_settings
+from django.test import AsyncClient, override_settings
 
 from chatbackend.errors import ApplicationError
 from llm.providers import ChatChunk, ChatProvider, ChatRequest, ProviderConfig, UpstreamError, Usage, get_provider
@@ -24,7 +24,8 @@ from llm.providers.gemini_request import SKIP_THOUGHT_SIGNATURE
 from llm.simulator import count_prompt_tokens, reply_text
 from llm.simulator.gemini_wire import CACHE_MIN_WORDS, THOUGHT_SIGNATURE, THOUGHT_TOKENS
 from llm.tests.simulator_process import SimulatorProcess
-from tests.kit import FAST_REPLY_TOKENS, SIMULATOR_API_KEY, poll_until, run_python
+from tests.factories import LLMModelFactory, ProviderFactory
+from tests.kit import FAST_REPLY_TOKENS, SIMULATOR_API_KEY, bearer, chat_body, poll_until, post_chat, run_python
 
 pytestmark = pytest.mark.usefixtures("provider_clients")
 
@@ -500,3 +501,45 @@ async def test_a_content_part_of_an_unexpected_shape_is_a_400_not_a_crash(part: 
     with pytest.raises(ApplicationError) as caught:
         await anext(provider.stream(request))
     assert (caught.value.status, caught.value.param) == (400, "messages")
+
+
+# --- Through the engine: /v1/chat/completions to a model on a Gemini provider -----------------
+
+
+@pytest.fixture
+def gemini_model(db, simulator: SimulatorProcess) -> Any:
+    """``gemini-sim``: a model on a ``gemini`` provider at the simulator (upstream ``sim-1``)."""
+    upstream = ProviderFactory(name="sim-gemini", kind="gemini", base_url=simulator.root_url, api_key="")
+    return LLMModelFactory(name="gemini-sim", provider=upstream, upstream_model="sim-1")
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": True, "top_logprobs": 3}, "logprobs"),
+        ({"logit_bias": {"50256": -100}}, "logit_bias"),
+        ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "modalities"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"web_search_options": {"search_context_size": "low"}}, "web_search_options"),
+    ],
+)
+async def test_what_the_gemini_translation_cannot_honour_is_a_400_naming_the_parameter(
+    api_key_secret, gemini_model, simulator: SimulatorProcess, fields: dict[str, Any], param: str
+) -> None:
+    # Dropped, these would answer a client that asked for logprobs or audio without them, and a 200.
+    before = await simulator.astats()
+    for stream in (False, True):
+        response = await post_chat(
+            AsyncClient(), chat_body("gemini-sim", stream=stream, **fields), bearer(api_key_secret)
+        )
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert (error["type"], error["code"], error["param"]) == (
+            "invalid_request_error",
+            "unsupported_parameter",
+            param,
+        )
+        assert f"'{param}'" in error["message"] and "Gemini" in error["message"]
+    assert (await simulator.astats())["requests_started"] == before["requests_started"]
