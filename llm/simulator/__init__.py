@@ -32,7 +32,9 @@ Endpoints:
   on the last; no ``[DONE]``), or one response. Model ids containing ``think`` think (thought
   parts with ``thinkingConfig.includeThoughts``, ``thoughtsTokenCount`` always); declared
   ``tools`` get a ``functionCall`` until the last turn is a ``functionResponse``; a system
-  instruction of 32+ words is reported as ``cachedContentTokenCount``. The key, when required,
+  instruction of 32+ words is reported as ``cachedContentTokenCount``; ``responseMimeType:
+  application/json`` answers JSON (shaped by ``responseJsonSchema``), and a ``generationConfig``
+  Google refuses (an unknown field, over 5 ``stopSequences``, ...) is its 400. The key, when required,
   goes in ``x-goog-api-key`` or ``?key=`` (Google's 403 without one, its 400 ``API_KEY_INVALID``
   for a wrong one); errors are Google's ``{"error": {"code", "message", "status"}}``, a 429 with a
   ``RetryInfo`` detail. Faults as below, by header or model name.

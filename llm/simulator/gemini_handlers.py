@@ -68,7 +68,7 @@ class GeminiApi:
 
     async def _complete(self, request: web.Request, reply: wire.GeminiReply, model: str, fault: Fault) -> web.Response:
         """Return the whole response after the time the stream would have taken (faults as OpenAI's route)."""
-        events = len(reply.thoughts) + len(reply.words) + (reply.function_call is not None)
+        events = len(reply.thoughts) + len(reply.text_pieces()) + (reply.function_call is not None)
         ttft = self._ttft if fault.ttft is None else fault.ttft
         try:
             await asyncio.sleep(ttft + fault.stall + self._delay * max(events - 1, 0))

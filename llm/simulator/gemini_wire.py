@@ -22,6 +22,17 @@ What the simulator makes of a request (deterministic, see ``llm.simulator``):
   (``tool_call_arguments``) and a ``thoughtSignature``; ``finishReason`` is ``STOP`` (Gemini has
   no finish reason of its own for function calls). After a ``functionResponse``, a text reply.
 - ``generationConfig.maxOutputTokens`` below the reply length cuts it: ``finishReason: MAX_TOKENS``.
+- ``generationConfig.responseMimeType: application/json`` (JSON mode) makes the text reply a JSON
+  value: with a ``responseJsonSchema`` (or ``responseSchema``) of an object with ``properties``,
+  an object with one value per property (``tool_call_arguments``), else ``{"reply": <the reply's
+  words>}``; streamed in ``JSON_PIECE_CHARS``-character pieces, one per event, each counted as a
+  token (``maxOutputTokens`` does not cut it).
+- ``generationConfig`` is checked as Google checks it (https://ai.google.dev/api/generate-content#generationconfig):
+  a field it does not have is a 400 (``Unknown name ... Cannot find field``), as are more than
+  ``MAX_STOP_SEQUENCES`` ``stopSequences`` or ones that are not strings, a ``responseMimeType`` other than
+  ``text/plain``, ``application/json`` or ``text/x.enum``, both ``responseSchema`` and
+  ``responseJsonSchema``, and a schema without a JSON ``responseMimeType``; so an adapter's bad
+  translation fails in tests as it would against Google.
 - A ``systemInstruction`` of at least ``CACHE_MIN_WORDS`` words is "implicitly cached": its tokens
   are reported as ``cachedContentTokenCount`` (included in ``promptTokenCount``, as Gemini does).
 """
@@ -43,6 +54,34 @@ from aiohttp import web
 from .replies import WORDS, count_prompt_tokens, reply_word_indexes
 
 THOUGHT_TOKENS = 4
+JSON_PIECE_CHARS = 8
+MAX_STOP_SEQUENCES = 5
+# GenerationConfig's fields (https://ai.google.dev/api/generate-content#generationconfig).
+GENERATION_CONFIG_FIELDS = frozenset(
+    (
+        "stopSequences",
+        "responseMimeType",
+        "responseSchema",
+        "responseJsonSchema",
+        "responseModalities",
+        "candidateCount",
+        "maxOutputTokens",
+        "temperature",
+        "topP",
+        "topK",
+        "seed",
+        "presencePenalty",
+        "frequencyPenalty",
+        "responseLogprobs",
+        "logprobs",
+        "enableEnhancedCivicAnswers",
+        "speechConfig",
+        "thinkingConfig",
+        "imageConfig",
+        "mediaResolution",
+    )
+)
+_RESPONSE_MIME_TYPES = ("text/plain", "application/json", "text/x.enum")
 CACHE_MIN_WORDS = 32
 THOUGHT_SIGNATURE = base64.b64encode(b"llm-simulator-thought-signature").decode()
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -133,7 +172,8 @@ class GeminiRequest:
     ``messages``: the contents as OpenAI-like chat messages (for the reply words and token count);
     ``function``: the declaration to call (``{"name", "parameters"...}``), or None for a text reply;
     ``max_output_tokens``: ``generationConfig.maxOutputTokens`` (None: unset);
-    ``system_words``: words of the ``systemInstruction`` (for the implicit cache).
+    ``system_words``: words of the ``systemInstruction`` (for the implicit cache);
+    ``json_mode``: ``responseMimeType`` is ``application/json``, with ``json_schema`` its schema (or None).
     """
 
     model: str
@@ -143,6 +183,8 @@ class GeminiRequest:
     function: dict[str, Any] | None = None
     system_words: int = 0
     thinks: bool = field(default=False)
+    json_mode: bool = False
+    json_schema: dict[str, Any] | None = None
 
 
 def _field(obj: Mapping[str, Any], name: str) -> Any:
@@ -220,6 +262,10 @@ def parse_request(body: bytes, model: str) -> GeminiRequest | web.Response:
         isinstance(max_output_tokens, bool) or not isinstance(max_output_tokens, int) or max_output_tokens < 1
     ):
         return _invalid(f"* GenerateContentRequest.generation_config.max_output_tokens: invalid {max_output_tokens!r}")
+    checked = _checked_generation_config(config)
+    if isinstance(checked, web.Response):
+        return checked
+    json_mode, json_schema = checked
     thinking = _field(config, "thinkingConfig") or {}
     include_thoughts = isinstance(thinking, dict) and _field(thinking, "includeThoughts") is True
     function = _function_to_call(data, contents)
@@ -233,7 +279,50 @@ def parse_request(body: bytes, model: str) -> GeminiRequest | web.Response:
         function=function,
         system_words=system_words,
         thinks="think" in model,
+        json_mode=json_mode,
+        json_schema=json_schema,
     )
+
+
+def _camel(name: str) -> str:
+    return re.sub(r"_([a-z])", lambda m: m.group(1).upper(), name)
+
+
+def _checked_generation_config(config: Mapping[str, Any]) -> tuple[bool, dict[str, Any] | None] | web.Response:
+    """Return ``(json_mode, json_schema)`` of ``generationConfig``, or Google's 400 for it (see the module doc)."""
+    for name in config:
+        if _camel(name) not in GENERATION_CONFIG_FIELDS:
+            return _invalid(
+                f"Invalid JSON payload received. Unknown name \"{name}\" at 'generation_config': Cannot find field."
+            )
+    stops = _field(config, "stopSequences")
+    if stops is not None:
+        if not isinstance(stops, list) or not all(isinstance(stop, str) for stop in stops):
+            return _invalid("* GenerateContentRequest.generation_config.stop_sequences: must be a list of strings.")
+        if len(stops) > MAX_STOP_SEQUENCES:
+            return _invalid(
+                f"* GenerateContentRequest.generation_config.stop_sequences: at most {MAX_STOP_SEQUENCES} "
+                f"stop sequences are allowed, got {len(stops)}."
+            )
+    mime_type = _field(config, "responseMimeType") or "text/plain"
+    if mime_type not in _RESPONSE_MIME_TYPES:
+        return _invalid(
+            f"* GenerateContentRequest.generation_config.response_mime_type: allowed mimetypes are "
+            f"{', '.join(_RESPONSE_MIME_TYPES)}, but got {mime_type!r}."
+        )
+    schema, json_schema = _field(config, "responseSchema"), _field(config, "responseJsonSchema")
+    if schema is not None and json_schema is not None:
+        return _invalid(
+            "* GenerateContentRequest.generation_config.response_json_schema: "
+            "response_schema and response_json_schema cannot both be set."
+        )
+    if (schema is not None or json_schema is not None) and mime_type == "text/plain":
+        return _invalid(
+            "* GenerateContentRequest.generation_config.response_mime_type: "
+            "a response schema needs response_mime_type application/json."
+        )
+    given = json_schema if json_schema is not None else schema
+    return mime_type == "application/json", given if isinstance(given, dict) else None
 
 
 def _function_to_call(
@@ -276,13 +365,21 @@ def tool_call_arguments(declaration: Mapping[str, Any]) -> dict[str, Any]:
 class GeminiReply:
     """What the simulator answers one request with: ``thoughts`` and ``words`` (word indexes into
     ``replies.WORDS``; thoughts only when sent), or a ``function_call`` (``{"name", "args"}``);
-    ``finish_reason``; and the ``usage_metadata`` object."""
+    ``finish_reason``; and the ``usage_metadata`` object. In JSON mode ``json_text`` is the reply's
+    text (``words`` empty)."""
 
     thoughts: list[int]
     words: list[int]
     function_call: dict[str, Any] | None
     finish_reason: str
     usage_metadata: dict[str, Any]
+    json_text: str | None = None
+
+    def text_pieces(self) -> list[str]:
+        """Return the reply's text as streamed, one piece per event: its words, or ``json_text`` in pieces."""
+        if self.json_text is not None:
+            return [self.json_text[i : i + JSON_PIECE_CHARS] for i in range(0, len(self.json_text), JSON_PIECE_CHARS)]
+        return [_word(index, n == 0) for n, index in enumerate(self.words)]
 
 
 def plan_reply(request: GeminiRequest, reply_tokens: int) -> GeminiReply:
@@ -293,12 +390,20 @@ def plan_reply(request: GeminiRequest, reply_tokens: int) -> GeminiReply:
     thought_count = THOUGHT_TOKENS if request.thinks else 0
     # Thoughts: words of the reversed prompt, so they differ from the answer's.
     thoughts = reply_word_indexes([*request.messages, {"role": "user", "content": "thinking"}], thought_count)
-    function_call = None
+    function_call, json_text = None, None
     if request.function is not None:
         function_call = {"name": request.function["name"], "args": tool_call_arguments(request.function)}
         words: list[int] = []
         candidates = 1 + len(function_call["args"])
         finish_reason = "STOP"
+    elif request.json_mode:
+        words, finish_reason = [], "STOP"
+        schema = request.json_schema or {}
+        value = tool_call_arguments({"parameters": schema}) if schema.get("properties") else None
+        if value is None:
+            value = {"reply": " ".join(WORDS[i] for i in reply_word_indexes(request.messages, reply_tokens))}
+        json_text = json.dumps(value)
+        candidates = -(-len(json_text) // JSON_PIECE_CHARS)
     else:
         words = reply_word_indexes(request.messages, tokens)
         candidates = len(words)
@@ -317,6 +422,7 @@ def plan_reply(request: GeminiRequest, reply_tokens: int) -> GeminiReply:
         function_call=function_call,
         finish_reason=finish_reason,
         usage_metadata=usage,
+        json_text=json_text,
     )
 
 
@@ -356,7 +462,7 @@ def stream_events(reply: GeminiReply, *, model: str) -> list[bytes]:
     prompt = reply.usage_metadata["promptTokenCount"]
     running = {"promptTokenCount": prompt, "totalTokenCount": prompt}
     parts: list[dict[str, Any]] = [{"text": _word(i, n == 0), "thought": True} for n, i in enumerate(reply.thoughts)]
-    parts += [{"text": _word(i, n == 0)} for n, i in enumerate(reply.words)]
+    parts += [{"text": piece} for piece in reply.text_pieces()]
     if reply.function_call is not None:
         parts.append(_function_part(reply.function_call))
     if not parts:
@@ -381,8 +487,8 @@ def whole_body(reply: GeminiReply, *, model: str) -> dict[str, Any]:
     parts: list[dict[str, Any]] = []
     if reply.thoughts:
         parts.append({"text": " ".join(WORDS[i] for i in reply.thoughts), "thought": True})
-    if reply.words:
-        parts.append({"text": " ".join(WORDS[i] for i in reply.words)})
+    if reply.words or reply.json_text is not None:
+        parts.append({"text": "".join(reply.text_pieces())})
     if reply.function_call is not None:
         parts.append(_function_part(reply.function_call))
     return _response(
@@ -396,6 +502,9 @@ def whole_body(reply: GeminiReply, *, model: str) -> dict[str, Any]:
 
 __all__ = [
     "CACHE_MIN_WORDS",
+    "GENERATION_CONFIG_FIELDS",
+    "JSON_PIECE_CHARS",
+    "MAX_STOP_SEQUENCES",
     "MALFORMED_EVENT",
     "SSE_HEADERS",
     "THOUGHT_SIGNATURE",

@@ -25,7 +25,19 @@ from llm.simulator import count_prompt_tokens, reply_text
 from llm.simulator.gemini_wire import CACHE_MIN_WORDS, THOUGHT_SIGNATURE, THOUGHT_TOKENS
 from llm.tests.simulator_process import SimulatorProcess
 from tests.factories import LLMModelFactory, ProviderFactory
-from tests.kit import FAST_REPLY_TOKENS, SIMULATOR_API_KEY, bearer, chat_body, poll_until, post_chat, run_python
+from tests.kit import (
+    FAST_REPLY_TOKENS,
+    SIMULATOR_API_KEY,
+    bearer,
+    chat_body,
+    chunk_objects,
+    chunk_text,
+    poll_until,
+    post_chat,
+    run_python,
+    sse_data,
+    streamed_content,
+)
 
 pytestmark = pytest.mark.usefixtures("provider_clients")
 
@@ -543,3 +555,24 @@ async def test_what_the_gemini_translation_cannot_honour_is_a_400_naming_the_par
         )
         assert f"'{param}'" in error["message"] and "Gemini" in error["message"]
     assert (await simulator.astats())["requests_started"] == before["requests_started"]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_response_format_json_gets_json_back_streamed_and_whole(api_key_secret, gemini_model) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    formats = {
+        "json_schema": {"type": "json_schema", "json_schema": {"name": "place", "strict": True, "schema": schema}},
+        "json_object": {"type": "json_object"},
+    }
+    question = chat_body("gemini-sim")["messages"]
+    expected = {
+        "json_schema": {"city": "city value"},
+        "json_object": {"reply": reply_text(question, FAST_REPLY_TOKENS)},
+    }
+    for name, response_format in formats.items():
+        body = chat_body("gemini-sim", response_format=response_format)
+        whole = await post_chat(AsyncClient(), body, bearer(api_key_secret))
+        assert whole.status_code == 200, whole.content
+        assert json.loads(whole.json()["choices"][0]["message"]["content"]) == expected[name]
+        streamed = await post_chat(AsyncClient(), {**body, "stream": True}, bearer(api_key_secret))
+        assert json.loads(chunk_text(chunk_objects(sse_data(await streamed_content(streamed))))) == expected[name]

@@ -7,8 +7,10 @@ Gemini with ``google-genai`` (``generate_content`` / ``generate_content_stream``
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from google import genai
@@ -290,3 +292,39 @@ def test_azure_requires_the_api_key_header_and_an_api_version(keyed_simulator: S
             )
         with pytest.raises(openai.NotFoundError):  # no api-version: Azure's 404
             plain.chat.completions.create(model="sim-1", messages=MESSAGES)  # type: ignore[arg-type]
+
+
+def test_json_mode_answers_json_shaped_by_the_schema(simulator: SimulatorProcess) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}
+    config = types.GenerateContentConfig(response_mime_type="application/json", response_json_schema=schema)
+    sdk = client(simulator)  # kept: a client that is garbage-collected closes its connections
+    whole = sdk.models.generate_content(model="sim-1", contents=PROMPT, config=config)
+    assert json.loads(whole.text or "") == {"city": "city value", "days": 1}
+    streamed = sdk.models.generate_content_stream(model="sim-1", contents=PROMPT, config=config)
+    assert json.loads("".join(chunk.text or "" for chunk in streamed)) == {"city": "city value", "days": 1}
+    plain = types.GenerateContentConfig(response_mime_type="application/json")
+    reply = sdk.models.generate_content(model="sim-1", contents=PROMPT, config=plain)
+    assert json.loads(reply.text or "") == {
+        "reply": reply_text([{"role": "user", "content": PROMPT}], FAST_REPLY_TOKENS)
+    }
+
+
+@pytest.mark.parametrize(
+    ("generation_config", "problem"),
+    [
+        ({"maxTokens": 5}, 'Unknown name "maxTokens"'),
+        ({"stopSequences": ["a", "b", "c", "d", "e", "f"]}, "at most 5"),
+        ({"stopSequences": [1]}, "list of strings"),
+        ({"responseMimeType": "application/xml"}, "allowed mimetypes"),
+        ({"responseMimeType": "application/json", "responseSchema": {}, "responseJsonSchema": {}}, "cannot both"),
+        ({"responseJsonSchema": {"type": "object"}}, "needs response_mime_type"),
+    ],
+)
+def test_a_generation_config_google_refuses_is_a_400(
+    simulator: SimulatorProcess, generation_config: dict[str, Any], problem: str
+) -> None:
+    body = {"contents": [{"role": "user", "parts": [{"text": PROMPT}]}], "generationConfig": generation_config}
+    response = httpx.post(f"{simulator.root_url}/v1beta/models/sim-1:generateContent", json=body, timeout=10)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["status"] == "INVALID_ARGUMENT" and problem in error["message"]
