@@ -25,13 +25,15 @@ What a reply holds (deterministic; see ``llm.simulator`` for the triggers):
   booleans ``true``), streamed as ``input_json_delta`` fragments of 8 characters after an empty
   one; ``stop_reason`` ``tool_use``.
 
-Output tokens are counted one per delta (thinking words, text words, JSON fragments; the
-signature is free) and ``max_tokens`` cuts the reply there (``stop_reason`` ``max_tokens``, no tool
-call). A ``stop_sequences`` entry equal to a word of the text ends the text before it
-(``stop_reason`` ``stop_sequence``). Input tokens are ``count_prompt_tokens`` of the messages plus
-the system prompt (its words + 3). With any ``cache_control`` in the request, or a model name
-containing ``cache``, a quarter of them is reported as ``cache_creation_input_tokens``, half as
-``cache_read_input_tokens`` and the rest as ``input_tokens`` (so they add up to the same total).
+Output tokens are counted one per delta (thinking words, text words, JSON fragments; the signature
+is free) and ``max_tokens`` cuts the reply there (``stop_reason`` ``max_tokens``, no tool call). A
+field the Messages API does not have (top level, or in ``metadata`` but ``user_id``) is Anthropic's
+400 ``<field>: Extra inputs are not permitted``. A ``stop_sequences`` entry equal to a word of the
+text ends the text before it (``stop_reason`` ``stop_sequence``). Input tokens are
+``count_prompt_tokens`` of the messages plus the system prompt (its words + 3). With any
+``cache_control`` in the request, or a model name containing ``cache``, a quarter of them is
+reported as ``cache_creation_input_tokens``, half as ``cache_read_input_tokens`` and the rest as
+``input_tokens`` (so they add up to the same total).
 """
 
 from __future__ import annotations
@@ -81,6 +83,30 @@ ERROR_TYPES = {
 _IMAGE_MEDIA_TYPES = frozenset(("image/jpeg", "image/png", "image/gif", "image/webp"))
 _BLOCK_TYPES = frozenset(
     ("text", "image", "document", "tool_use", "tool_result", "thinking", "redacted_thinking", "search_result")
+)
+# The Messages request's fields (https://docs.anthropic.com/en/api/messages, betas included): any
+# other is Anthropic's 400 "<field>: Extra inputs are not permitted", e.g. an OpenAI field
+# (``response_format``, ``seed``) an adapter forgot to translate or leave out.
+_REQUEST_FIELDS = frozenset(
+    (
+        "model",
+        "messages",
+        "max_tokens",
+        "system",
+        "metadata",
+        "stop_sequences",
+        "stream",
+        "temperature",
+        "top_p",
+        "top_k",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "service_tier",
+        "container",
+        "mcp_servers",
+        "context_management",
+    )
 )
 _JSON_FRAGMENT = 8  # characters of a tool's input per input_json_delta
 _SIGNATURE = "c2ltdWxhdGVkLXRoaW5raW5nLXNpZ25hdHVyZQ=="  # base64 of "simulated-thinking-signature"
@@ -164,6 +190,15 @@ def parse_messages_request(body: bytes) -> MessagesRequest | web.Response:
 
 
 def _validated(data: dict[str, Any]) -> MessagesRequest:
+    for name in data:
+        if name not in _REQUEST_FIELDS:
+            raise _Invalid(f"{name}: Extra inputs are not permitted")
+    metadata = data.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise _Invalid("metadata: Input should be a valid dictionary")
+    for name in metadata or ():
+        if name != "user_id":
+            raise _Invalid(f"metadata.{name}: Extra inputs are not permitted")
     model, messages, max_tokens = data.get("model"), data.get("messages"), data.get("max_tokens")
     for name, value in (("model", model), ("messages", messages), ("max_tokens", max_tokens)):
         if value is None:

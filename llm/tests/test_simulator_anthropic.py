@@ -303,3 +303,20 @@ async def test_a_client_that_leaves_is_counted_as_a_disconnect(slow_simulator: S
         ),
     )
     await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"metadata": {"tenant": "a"}}, "metadata.tenant"),
+    ],
+)
+async def test_fields_the_messages_api_lacks_are_refused_as_anthropic_does(
+    simulator: SimulatorProcess, extra: dict[str, Any], field: str
+) -> None:
+    # So a translation that forwards an OpenAI field fails in tests as it would against Anthropic.
+    async with sdk(simulator) as client:
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            await client.messages.create(model="sim-1", max_tokens=10, messages=MESSAGES, extra_body=extra)
+    assert caught.value.body["error"]["message"] == f"{field}: Extra inputs are not permitted"  # type: ignore[index]
