@@ -62,10 +62,20 @@ async def _response_start(principal: Principal, raw_body: bytes) -> tuple[ChatCo
             return await run_sync(start), request  # counting a long prompt's tokens would stall the loop
         return start(), request
     except ApplicationError as error:
-        if error.param == "max_completion_tokens":  # the chat name of the client's field: say its own
-            error.param = "max_output_tokens"
-            error.message = error.message.replace("'max_completion_tokens'", "'max_output_tokens'")
-        raise
+        raise _named_as_sent(error) from None
+
+
+# Chat completion fields the translation made of the client's own (responses_translate), by their Responses name.
+_RESPONSES_NAMES = {"max_completion_tokens": "max_output_tokens", "response_format": "text.format"}
+
+
+def _named_as_sent(error: ApplicationError) -> ApplicationError:
+    """Return ``error`` naming the client's field where it names the chat field translated from it."""
+    name = _RESPONSES_NAMES.get(error.param or "")
+    if name is not None:
+        error.message = error.message.replace(f"'{error.param}'", f"'{name}'")
+        error.param = name
+    return error
 
 
 @async_endpoint("POST", scope=APIKey.Scope.CHAT)
@@ -79,7 +89,10 @@ async def responses_create(request: HttpRequest, principal: Principal) -> HttpRe
     Responses carry OpenAI's ``x-ratelimit-*`` headers when a rate limit applies.
     """
     plan, translated = await _response_start(principal, request_body(request))
-    reply = await open_reply(plan, wait_first_chunk=settings.OPENAI_FIRST_CHUNK_WAIT_SECONDS)
+    try:
+        reply = await open_reply(plan, wait_first_chunk=settings.OPENAI_FIRST_CHUNK_WAIT_SECONDS)
+    except ApplicationError as error:  # e.g. the provider's adapter refused a parameter (base.refuse_unsupported)
+        raise _named_as_sent(error) from None
     builder = ResponseBuilder(reply.plan, translated.echo)
     response: HttpResponseBase
     if reply.plan.stream:

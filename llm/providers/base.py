@@ -251,17 +251,17 @@ def untranslatable(exc: Exception) -> ApplicationError:
 _RELIED_ON: dict[str, tuple[Callable[[Any], bool], str]] = {
     "response_format": (
         lambda value: isinstance(value, dict) and value.get("type") not in (None, "text"),
-        "it has no JSON mode, so the reply could be prose",
+        "has no JSON mode, so the reply could be prose",
     ),
-    "logprobs": (lambda value: value is True, "it reports no token log probabilities"),
-    "top_logprobs": (lambda value: value is not None, "it reports no token log probabilities"),
-    "logit_bias": (lambda value: bool(value), "it takes no token biases (and its tokens are not OpenAI's)"),
+    "logprobs": (lambda value: value is True, "reports no token log probabilities"),
+    "top_logprobs": (lambda value: value is not None, "reports no token log probabilities"),
+    "logit_bias": (lambda value: bool(value), "takes no token biases (and its tokens are not OpenAI's)"),
     "modalities": (
         lambda value: isinstance(value, list) and any(modality != "text" for modality in value),
-        "it answers in text only",
+        "answers in text only",
     ),
-    "audio": (lambda value: value is not None, "it answers in text only"),
-    "web_search_options": (lambda value: value is not None, "it offers no web search through this API"),
+    "audio": (lambda value: value is not None, "answers in text only"),
+    "web_search_options": (lambda value: value is not None, "offers no web search through this API"),
 }
 
 

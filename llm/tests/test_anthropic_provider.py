@@ -522,3 +522,20 @@ async def test_parameters_that_ask_for_nothing_anthropic_lacks_still_answer(api_
     assert response.json()["choices"][0]["message"]["content"] == reply_text(
         chat_body("claude-sim")["messages"], FAST_REPLY_TOKENS
     )
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_responses_api_names_its_own_text_format_when_anthropic_cannot_honour_it(
+    api_key_secret, anthropic_model
+) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+    text = {"format": {"type": "json_schema", "name": "place", "schema": schema, "strict": True}}
+    for stream in (False, True):
+        body = {"model": "claude-sim", "input": "Where?", "text": text, "stream": stream}
+        response = await AsyncClient().post(
+            "/v1/responses", data=json.dumps(body), content_type="application/json", headers=bearer(api_key_secret)
+        )
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert (error["code"], error["param"]) == ("unsupported_parameter", "text.format")  # what the client sent
+        assert "'text.format'" in error["message"] and "response_format" not in error["message"]
