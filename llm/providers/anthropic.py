@@ -27,7 +27,9 @@ The request (``ChatRequest``: OpenAI chat messages and fields) is translated by
   Anthropic's 400, where 1.0 is its most random); ``stop`` → ``stop_sequences``; ``user`` →
   ``metadata.user_id``; function ``tools`` → ``{name, description, input_schema}``;
   ``tool_choice`` ``auto``/``none``/``required``/a named function → ``auto``/``none``/``any``/
-  ``tool``; ``parallel_tool_calls: false`` → ``disable_parallel_tool_use``;
+  ``tool`` (a choice of another shape, naming a function not in ``tools``, or ``required``/named
+  without ``tools`` is a 400 ``invalid_value`` on ``tool_choice``: ``base.tool_choice_function``);
+  ``parallel_tool_calls: false`` → ``disable_parallel_tool_use``;
 - ``reasoning_effort`` ``minimal``/``low``/``medium``/``high`` → ``thinking: {"type": "enabled",
   "budget_tokens": 1024/2048/8192/16384}``, capped below ``max_tokens`` (OpenAI counts reasoning
   in ``max_completion_tokens`` too; without a client limit ``max_tokens`` becomes the default plus
@@ -102,6 +104,7 @@ from .base import (
     UpstreamError,
     Usage,
     refuse_unsupported,
+    tool_choice_function,
     untranslatable,
 )
 from .http import SSE_REQUEST_HEADERS, SSEBodyDecoder, failure, json_body, post_sse
@@ -149,7 +152,8 @@ def messages_body(request: ChatRequest, *, default_max_tokens: int) -> dict[str,
     cannot express: a content part other than text or image, an image that is not a data URL of
     JPEG/PNG/GIF/WebP or an http(s) URL, a tool call whose arguments are not a JSON object, a
     tool that is not a function, ``n`` above 1; ``ApplicationError`` 400 ``unsupported_parameter``
-    for a field of ``ANTHROPIC_UNSUPPORTED`` that asks for something (``base.refuse_unsupported``).
+    for a field of ``ANTHROPIC_UNSUPPORTED`` that asks for something (``base.refuse_unsupported``),
+    and ``invalid_value`` for a ``tool_choice`` it cannot name (``base.tool_choice_function``).
     """
     parameters = request.parameters
     refuse_unsupported(parameters, ANTHROPIC_UNSUPPORTED, "Anthropic")
@@ -183,7 +187,7 @@ def messages_body(request: ChatRequest, *, default_max_tokens: int) -> dict[str,
     tools = parameters.get("tools")
     if tools:
         body["tools"] = [_tool(tool) for tool in tools]
-    tool_choice = _tool_choice(parameters.get("tool_choice"), parameters.get("parallel_tool_calls"))
+    tool_choice = _tool_choice(parameters.get("tool_choice"), parameters.get("parallel_tool_calls"), tools)
     if tool_choice is not None and tools:
         body["tool_choice"] = tool_choice
     body["stream"] = True
@@ -293,10 +297,14 @@ def _tool(tool: Mapping[str, Any]) -> dict[str, Any]:
     return converted
 
 
-def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
-    """Return Anthropic's ``tool_choice`` for OpenAI's ``tool_choice`` and ``parallel_tool_calls``."""
-    if isinstance(choice, dict):
-        converted: dict[str, Any] = {"type": "tool", "name": (choice.get("function") or {}).get("name")}
+def _tool_choice(choice: Any, parallel: Any, tools: Any) -> dict[str, Any] | None:
+    """Return Anthropic's ``tool_choice`` for OpenAI's ``tool_choice`` and ``parallel_tool_calls``.
+
+    Raises ``ApplicationError`` 400 as ``base.tool_choice_function`` does.
+    """
+    name = tool_choice_function(choice, tools)
+    if name is not None:
+        converted: dict[str, Any] = {"type": "tool", "name": name}
     elif choice in ("auto", "none"):
         converted = {"type": choice}
     elif choice == "required":

@@ -285,6 +285,44 @@ def refuse_unsupported(parameters: Mapping[str, Any], names: Iterable[str], prov
             )
 
 
+def tool_choice_function(tool_choice: Any, tools: Any) -> str | None:
+    """Return the function a named OpenAI ``tool_choice`` (``{"type": "function", "function": {"name"}}``) forces.
+
+    None for ``none``, ``auto``, ``required`` or no ``tool_choice``. ``tools``: the request's OpenAI
+    ``tools``. For adapters whose provider names a forced tool its own way (Anthropic's ``tool``,
+    Gemini's ``allowedFunctionNames``), so that what the provider would refuse with its own wording
+    is our clear 400 before any request. Raises ``ApplicationError`` 400 ``invalid_value``
+    (``param`` ``tool_choice``) for an object that names no function (OpenAI's ``custom`` and
+    ``allowed_tools`` choices have no equivalent there), a function not among ``tools``, and
+    ``required`` or a named function without ``tools`` (OpenAI's rule too: no tool could be called).
+    """
+    if tool_choice is None or tool_choice in ("none", "auto"):
+        return None
+
+    def invalid(message: str) -> ApplicationError:
+        return ApplicationError(message, code="invalid_value", status=400, param="tool_choice")
+
+    names = [
+        tool["function"].get("name")
+        for tool in tools or ()
+        if isinstance(tool, dict) and tool.get("type") == "function" and isinstance(tool.get("function"), dict)
+    ]
+    if not tools:
+        raise invalid("Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.")
+    if tool_choice == "required":
+        return None
+    function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) and tool_choice.get("type") == "function" else None
+    if not isinstance(name, str) or not name:
+        raise invalid(
+            "Invalid value for 'tool_choice': this model's provider takes 'none', 'auto', 'required' or "
+            "{'type': 'function', 'function': {'name': ...}}."
+        )
+    if name not in names:
+        raise invalid(f"Invalid value for 'tool_choice': function {name!r} is not among 'tools'.")
+    return name
+
+
 class ChatProvider(abc.ABC):
     """Adapter base class: stream one chat completion from one upstream.
 

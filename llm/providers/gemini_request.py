@@ -26,16 +26,18 @@ Messages:
 
 Consecutive contents of one role are merged (parallel calls' responses must share one turn).
 
-Parameters: ``max_completion_tokens`` (else ``max_tokens``) → ``maxOutputTokens``,
-``temperature``, ``top_p`` → ``topP``, ``stop`` → ``stopSequences``, ``seed``,
-``presence_penalty``, ``frequency_penalty``, ``response_format`` (``json_object`` →
-``responseMimeType: application/json``; ``json_schema`` → plus ``responseJsonSchema``), ``tools``
-→ ``functionDeclarations`` (``parameters`` as ``parametersJsonSchema``), ``tool_choice`` →
+Parameters: ``max_completion_tokens`` (else ``max_tokens``) → ``maxOutputTokens``, ``temperature``,
+``top_p`` → ``topP``, ``stop`` → ``stopSequences``, ``seed``, ``presence_penalty``,
+``frequency_penalty``, ``response_format`` (``json_object`` → ``responseMimeType:
+application/json``; ``json_schema`` → plus ``responseJsonSchema``), ``tools`` →
+``functionDeclarations`` (``parameters`` as ``parametersJsonSchema``), ``tool_choice`` →
 ``functionCallingConfig`` (none → NONE, auto → AUTO, required → ANY, a named function → ANY with
-``allowedFunctionNames``), ``reasoning_effort`` → ``thinkingConfig`` as Google's OpenAI
-compatibility maps it (https://ai.google.dev/gemini-api/docs/openai#thinking): ``none`` → budget
-0; ``minimal``/``low`` → 1024, ``medium`` → 8192, ``high`` → 24576, with ``includeThoughts`` so
-the thoughts stream back as ``reasoning_content``.
+``allowedFunctionNames``; a choice of another shape, naming a function not in ``tools``, or
+``required``/named without ``tools`` is a 400 on ``tool_choice``), ``reasoning_effort`` →
+``thinkingConfig`` as Google's OpenAI compatibility maps it
+(https://ai.google.dev/gemini-api/docs/openai#thinking): ``none`` → budget 0; ``minimal``/``low`` →
+1024, ``medium`` → 8192, ``high`` → 24576, with ``includeThoughts`` so the thoughts stream back as
+``reasoning_content``.
 
 Fields whose effect the client relies on and that this translation does not give are a 400
 ``unsupported_parameter`` naming the field, before any request (``base.refuse_unsupported``):
@@ -55,7 +57,7 @@ from typing import Any
 
 from chatbackend.errors import ApplicationError
 
-from .base import refuse_unsupported
+from .base import refuse_unsupported, tool_choice_function
 
 __all__ = ["GEMINI_UNSUPPORTED", "SKIP_THOUGHT_SIGNATURE", "THINKING_BUDGETS", "gemini_request_body"]
 
@@ -207,16 +209,14 @@ def _contents(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
     return system, contents
 
 
-def _tool_config(tool_choice: Any) -> dict[str, Any] | None:
-    if tool_choice is None:
-        return None
+def _tool_config(tool_choice: Any, tools: Any) -> dict[str, Any] | None:
+    """Return ``toolConfig`` for OpenAI's ``tool_choice``; raises 400 as ``base.tool_choice_function`` does."""
+    name = tool_choice_function(tool_choice, tools)
+    if name is not None:
+        return {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [name]}}
     if tool_choice in ("none", "auto", "required"):
-        mode = {"none": "NONE", "auto": "AUTO", "required": "ANY"}[tool_choice]
-        return {"functionCallingConfig": {"mode": mode}}
-    name = ((tool_choice or {}).get("function") or {}).get("name") if isinstance(tool_choice, dict) else None
-    if not isinstance(name, str):
-        raise ApplicationError("tool_choice is not valid.", code="invalid_request", status=400, param="tool_choice")
-    return {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [name]}}
+        return {"functionCallingConfig": {"mode": {"none": "NONE", "auto": "AUTO", "required": "ANY"}[tool_choice]}}
+    return None
 
 
 def _generation_config(parameters: dict[str, Any]) -> dict[str, Any]:
@@ -256,7 +256,8 @@ def gemini_request_body(messages: list[dict[str, Any]], parameters: dict[str, An
 
     Raises ``ApplicationError`` 400 for what Gemini cannot be sent (an image link, an unknown part
     type or role, a tool message that answers no call, tool call arguments that are not a JSON object)
-    and ``unsupported_parameter`` for a field of ``GEMINI_UNSUPPORTED`` that asks for something.
+    and ``unsupported_parameter`` for a field of ``GEMINI_UNSUPPORTED`` that asks for something, and
+    ``invalid_value`` for a ``tool_choice`` it cannot name (``base.tool_choice_function``).
     """
     refuse_unsupported(parameters, GEMINI_UNSUPPORTED, "Gemini")
     system, contents = _contents(messages)
@@ -282,7 +283,7 @@ def gemini_request_body(messages: list[dict[str, Any]], parameters: dict[str, An
                 declaration["parametersJsonSchema"] = function["parameters"]
             declarations.append(declaration)
         body["tools"] = [{"functionDeclarations": declarations}]
-    tool_config = _tool_config(parameters.get("tool_choice"))
+    tool_config = _tool_config(parameters.get("tool_choice"), tools)
     if tool_config is not None:
         body["toolConfig"] = tool_config
     config = _generation_config(parameters)

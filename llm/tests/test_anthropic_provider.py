@@ -539,3 +539,30 @@ async def test_the_responses_api_names_its_own_text_format_when_anthropic_cannot
         error = response.json()["error"]
         assert (error["code"], error["param"]) == ("unsupported_parameter", "text.format")  # what the client sent
         assert "'text.format'" in error["message"] and "response_format" not in error["message"]
+
+
+TOOL_CHOICES_ANTHROPIC_CANNOT_NAME = [
+    ({"tool_choice": "required"}, "only allowed when 'tools'"),
+    ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "'get_time'"),
+    (
+        {
+            "tools": [WEATHER_TOOL],
+            "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": []}},
+        },
+        "takes 'none', 'auto', 'required'",
+    ),
+]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(("fields", "problem"), TOOL_CHOICES_ANTHROPIC_CANNOT_NAME)
+async def test_a_tool_choice_anthropic_cannot_name_is_our_400_on_tool_choice(
+    api_key_secret, anthropic_model, simulator: SimulatorProcess, fields: dict[str, Any], problem: str
+) -> None:
+    # Before: dropped ("required" without tools: prose instead of a call) or Anthropic's own 400 about 'None'.
+    before = await simulator.astats()
+    response = await post_chat(AsyncClient(), chat_body("claude-sim", **fields), bearer(api_key_secret))
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("invalid_value", "tool_choice") and problem in error["message"]
+    assert (await simulator.astats())["requests_started"] == before["requests_started"]

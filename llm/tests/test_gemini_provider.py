@@ -576,3 +576,23 @@ async def test_response_format_json_gets_json_back_streamed_and_whole(api_key_se
         assert json.loads(whole.json()["choices"][0]["message"]["content"]) == expected[name]
         streamed = await post_chat(AsyncClient(), {**body, "stream": True}, bearer(api_key_secret))
         assert json.loads(chunk_text(chunk_objects(sse_data(await streamed_content(streamed))))) == expected[name]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"tool_choice": "required"}, "only allowed when 'tools'"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "'get_time'"),
+    ],
+)
+async def test_a_tool_choice_no_tool_could_answer_is_a_400_on_tool_choice(
+    api_key_secret, gemini_model, simulator: SimulatorProcess, fields: dict[str, Any], problem: str
+) -> None:
+    # Before: sent as functionCallingConfig ANY, which the model cannot obey without the function.
+    before = await simulator.astats()
+    response = await post_chat(AsyncClient(), chat_body("gemini-sim", **fields), bearer(api_key_secret))
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("invalid_value", "tool_choice") and problem in error["message"]
+    assert (await simulator.astats())["requests_started"] == before["requests_started"]
