@@ -24,7 +24,8 @@ The request (``ChatRequest``: OpenAI chat messages and fields) is translated by
   client sends neither, ``settings.LLM_ANTHROPIC_DEFAULT_MAX_TOKENS`` (default 4096);
 - ``temperature``, ``top_p``, ``top_k`` as they are, but ``temperature`` capped at Anthropic's 1.0
   (OpenAI takes 0 to 2, and NextChat's slider goes to 2: a 1.5 would fail every request with
-  Anthropic's 400, where 1.0 is its most random); ``stop`` → ``stop_sequences``; ``user`` →
+  Anthropic's 400, where 1.0 is its most random); ``stop`` (a string or a list) →
+  ``stop_sequences``, empty ones left out (Anthropic refuses them); ``user`` →
   ``metadata.user_id``; function ``tools`` → ``{name, description, input_schema}``;
   ``tool_choice`` ``auto``/``none``/``required``/a named function → ``auto``/``none``/``any``/
   ``tool`` (a choice of another shape, naming a function not in ``tools``, or ``required``/named
@@ -179,7 +180,8 @@ def messages_body(request: ChatRequest, *, default_max_tokens: int) -> dict[str,
             continue
         body[name] = min(value, _TEMPERATURE_MAX) if name == "temperature" else value
     stop = parameters.get("stop")
-    stop_sequences = [stop] if isinstance(stop, str) else [s for s in stop or () if s]
+    # Empty sequences end nothing on OpenAI and are Anthropic's 400: left out.
+    stop_sequences = [s for s in ([stop] if isinstance(stop, str) else stop or ()) if s]
     if stop_sequences:
         body["stop_sequences"] = stop_sequences
     if parameters.get("user"):

@@ -566,3 +566,12 @@ async def test_a_tool_choice_anthropic_cannot_name_is_our_400_on_tool_choice(
     error = response.json()["error"]
     assert (error["code"], error["param"]) == ("invalid_value", "tool_choice") and problem in error["message"]
     assert (await simulator.astats())["requests_started"] == before["requests_started"]
+
+
+@pytest.mark.parametrize("stop", ["", [""], ["", ""]])
+async def test_an_empty_stop_sequence_stops_nothing_as_on_openai(simulator: SimulatorProcess, stop: Any) -> None:
+    # OpenAI takes stop: "" (a string) and ends nothing early; Anthropic refuses empty stop_sequences.
+    chunks = await collect(
+        provider(simulator), ChatRequest(model="sim-1", messages=MESSAGES, parameters={"stop": stop})
+    )
+    assert "".join(c.content for c in chunks) == reply_text(MESSAGES, FAST_REPLY_TOKENS)
