@@ -31,8 +31,9 @@ The request (``ChatRequest``: OpenAI chat messages and fields) is translated by
   ``tool`` (a choice of another shape, naming a function not in ``tools``, or ``required``/named
   without ``tools`` is a 400 ``invalid_value`` on ``tool_choice``: ``base.tool_choice_function``);
   ``parallel_tool_calls: false`` → ``disable_parallel_tool_use``;
-- ``reasoning_effort`` ``minimal``/``low``/``medium``/``high`` → ``thinking: {"type": "enabled",
-  "budget_tokens": 1024/2048/8192/16384}``, capped below ``max_tokens`` (OpenAI counts reasoning
+- ``reasoning_effort`` ``minimal``/``low``/``medium``/``high``/``xhigh``/``max`` → ``thinking:
+  {"type": "enabled", "budget_tokens": 1024/2048/8192/16384/24576/24576}`` (``none``: no thinking;
+  a value outside OpenAI's is a 400 on ``reasoning_effort``), capped below ``max_tokens`` (OpenAI counts reasoning
   in ``max_completion_tokens`` too; without a client limit ``max_tokens`` becomes the default plus
   the budget; under 1025 tokens there is no room to think and no thinking is asked for). With
   thinking on, ``temperature`` and ``top_k`` are left out and ``top_p`` only kept from 0.95, as
@@ -104,6 +105,7 @@ from .base import (
     ChatRequest,
     UpstreamError,
     Usage,
+    reasoning_effort,
     refuse_unsupported,
     tool_choice_function,
     untranslatable,
@@ -133,7 +135,9 @@ ANTHROPIC_UNSUPPORTED = (
     "web_search_options",
 )
 # OpenAI reasoning_effort → Anthropic thinking budget_tokens (its minimum is 1024).
-THINKING_BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 16384}
+# xhigh and max: the largest budget that, with the default max_tokens, fits every thinking model's output
+# limit (Claude Opus 4's 32000 is the smallest).
+THINKING_BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 16384, "xhigh": 24576, "max": 24576}
 _MIN_THINKING_BUDGET = 1024
 # Anthropic's largest temperature (https://docs.anthropic.com/en/api/messages: 0.0 to 1.0).
 _TEMPERATURE_MAX = 1.0
@@ -166,7 +170,7 @@ def messages_body(request: ChatRequest, *, default_max_tokens: int) -> dict[str,
     body: dict[str, Any] = {"model": request.model, "messages": turns, "max_tokens": max_tokens}
     if system:
         body["system"] = system
-    budget = THINKING_BUDGETS.get(parameters.get("reasoning_effort") or "")
+    budget = THINKING_BUDGETS.get(reasoning_effort(parameters) or "")
     if turns and any(block["type"] == "tool_result" for block in turns[-1]["content"]):
         budget = None  # answering tool calls: see the module docstring
     if budget is not None and client_max is None:

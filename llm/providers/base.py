@@ -285,6 +285,30 @@ def refuse_unsupported(parameters: Mapping[str, Any], names: Iterable[str], prov
             )
 
 
+# OpenAI's ReasoningEffort values (/work/shared/specs/openai-openapi.yaml, components.schemas.ReasoningEffort).
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+
+
+def reasoning_effort(parameters: Mapping[str, Any]) -> str | None:
+    """Return the request's ``reasoning_effort`` (one of ``REASONING_EFFORTS``), or None when not sent.
+
+    For adapters that turn it into a thinking budget: a value they do not know would otherwise ask
+    for no thinking at all without a word. Raises ``ApplicationError`` 400 ``invalid_value``
+    (``param`` ``reasoning_effort``) for a value outside OpenAI's.
+    """
+    effort = parameters.get("reasoning_effort")
+    if effort is not None and effort not in REASONING_EFFORTS:
+        raise ApplicationError(
+            f"Invalid value for 'reasoning_effort': {effort!r}; supported values are "
+            + ", ".join(f"'{value}'" for value in REASONING_EFFORTS)
+            + ".",
+            code="invalid_value",
+            status=400,
+            param="reasoning_effort",
+        )
+    return effort
+
+
 def tool_choice_function(tool_choice: Any, tools: Any) -> str | None:
     """Return the function a named OpenAI ``tool_choice`` (``{"type": "function", "function": {"name"}}``) forces.
 

@@ -36,8 +36,9 @@ application/json``; ``json_schema`` → plus ``responseJsonSchema``), ``tools`` 
 ``required``/named without ``tools`` is a 400 on ``tool_choice``), ``reasoning_effort`` →
 ``thinkingConfig`` as Google's OpenAI compatibility maps it
 (https://ai.google.dev/gemini-api/docs/openai#thinking): ``none`` → budget 0; ``minimal``/``low`` →
-1024, ``medium`` → 8192, ``high`` → 24576, with ``includeThoughts`` so the thoughts stream back as
-``reasoning_content``.
+1024, ``medium`` → 8192, ``high`` (and ``xhigh``/``max``, newer than that mapping) → 24576, with
+``includeThoughts`` so the thoughts stream back as ``reasoning_content``; a value outside OpenAI's
+is a 400 on ``reasoning_effort``.
 
 Fields whose effect the client relies on and that this translation does not give are a 400
 ``unsupported_parameter`` naming the field, before any request (``base.refuse_unsupported``):
@@ -57,7 +58,7 @@ from typing import Any
 
 from chatbackend.errors import ApplicationError
 
-from .base import refuse_unsupported, tool_choice_function
+from .base import reasoning_effort, refuse_unsupported, tool_choice_function
 
 __all__ = ["GEMINI_UNSUPPORTED", "SKIP_THOUGHT_SIGNATURE", "THINKING_BUDGETS", "gemini_request_body"]
 
@@ -65,7 +66,16 @@ __all__ = ["GEMINI_UNSUPPORTED", "SKIP_THOUGHT_SIGNATURE", "THINKING_BUDGETS", "
 SKIP_THOUGHT_SIGNATURE = "skip_thought_signature_validator"
 # OpenAI fields a client relies on that this translation does not give: a 400, not a silent drop.
 GEMINI_UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "modalities", "audio", "web_search_options")
-THINKING_BUDGETS = {"none": 0, "minimal": 1024, "low": 1024, "medium": 8192, "high": 24576}
+# xhigh and max, which Google's mapping predates: high's budget, Gemini 2.5 Flash's largest.
+THINKING_BUDGETS = {
+    "none": 0,
+    "minimal": 1024,
+    "low": 1024,
+    "medium": 8192,
+    "high": 24576,
+    "xhigh": 24576,
+    "max": 24576,
+}
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)(?:;[\w=.+-]+)*;base64,(?P<data>.*)", re.DOTALL)
 
 
@@ -242,7 +252,7 @@ def _generation_config(parameters: dict[str, Any]) -> dict[str, Any]:
         schema = (response_format.get("json_schema") or {}).get("schema")
         if schema is not None:
             config["responseJsonSchema"] = schema
-    effort = parameters.get("reasoning_effort")
+    effort = reasoning_effort(parameters)
     if effort in THINKING_BUDGETS:
         budget = THINKING_BUDGETS[effort]
         config["thinkingConfig"] = (

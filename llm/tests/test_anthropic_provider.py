@@ -12,6 +12,7 @@ import pytest
 from django.test import AsyncClient
 
 from accounts.models import UsageRecord
+from chatbackend.errors import ApplicationError
 from llm.providers import ChatChunk, ChatRequest, ProviderConfig, UpstreamError, Usage, get_provider
 from llm.providers.anthropic import AnthropicProvider, messages_body
 from llm.simulator import count_prompt_tokens, reply_text
@@ -575,3 +576,18 @@ async def test_an_empty_stop_sequence_stops_nothing_as_on_openai(simulator: Simu
         provider(simulator), ChatRequest(model="sim-1", messages=MESSAGES, parameters={"stop": stop})
     )
     assert "".join(c.content for c in chunks) == reply_text(MESSAGES, FAST_REPLY_TOKENS)
+
+
+@pytest.mark.parametrize("effort", ["xhigh", "max"])
+async def test_the_newest_reasoning_efforts_think_too(simulator: SimulatorProcess, effort: str) -> None:
+    # OpenAI's xhigh and max had no budget: a client asking for the most reasoning got none.
+    request = ChatRequest(model="sim-1", messages=MESSAGES, parameters={"reasoning_effort": effort})
+    chunks = await collect(provider(simulator), request)
+    assert len([c for c in chunks if c.reasoning_content]) == FAST_REPLY_TOKENS // 2
+
+
+async def test_a_reasoning_effort_openai_does_not_have_is_a_400(simulator: SimulatorProcess) -> None:
+    request = ChatRequest(model="sim-1", messages=MESSAGES, parameters={"reasoning_effort": "extreme"})
+    with pytest.raises(ApplicationError) as caught:
+        await collect(provider(simulator), request)
+    assert (caught.value.status, caught.value.code, caught.value.param) == (400, "invalid_value", "reasoning_effort")

@@ -596,3 +596,21 @@ async def test_a_tool_choice_no_tool_could_answer_is_a_400_on_tool_choice(
     error = response.json()["error"]
     assert (error["code"], error["param"]) == ("invalid_value", "tool_choice") and problem in error["message"]
     assert (await simulator.astats())["requests_started"] == before["requests_started"]
+
+
+@pytest.mark.parametrize("effort", ["xhigh", "max"])
+async def test_the_newest_reasoning_efforts_think_too(simulator: SimulatorProcess, effort: str) -> None:
+    # OpenAI's xhigh and max are newer than Google's mapping: they asked for no thinking config at all.
+    request = ChatRequest(model="sim-think", messages=MESSAGES, parameters={"reasoning_effort": effort})
+    chunks = await collect(gemini(simulator.root_url), request)
+    assert (
+        "".join(c.reasoning_content for c in chunks)
+        and len([c for c in chunks if c.reasoning_content]) == THOUGHT_TOKENS
+    )
+
+
+async def test_a_reasoning_effort_openai_does_not_have_is_a_400(simulator: SimulatorProcess) -> None:
+    request = ChatRequest(model="sim-think", messages=MESSAGES, parameters={"reasoning_effort": "extreme"})
+    with pytest.raises(ApplicationError) as caught:
+        await collect(gemini(simulator.root_url), request)
+    assert (caught.value.status, caught.value.code, caught.value.param) == (400, "invalid_value", "reasoning_effort")
