@@ -731,6 +731,22 @@ _REQUEST_RULES: dict[str, list[dict[str, Any]]] = {
         {"properties": {"top_logprobs": {"enum": [None]}}},
         {"properties": {"logprobs": {"enum": [True]}}, "required": ["logprobs"]},
     ],
+    # A json_schema response format needs json_schema.name (OpenAI's ResponseFormatJsonSchema; chat_serializers).
+    "ChatCompletionResponseFormatInputRequest": [
+        {"properties": {"type": {"enum": ["text", "json_object"]}}},
+        {
+            "required": ["json_schema"],
+            "properties": {
+                "json_schema": {
+                    "required": ["name"],
+                    "properties": {
+                        "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                        "schema": {"type": "object"},
+                    },
+                }
+            },
+        },
+    ],
     # Thinking ``enabled`` needs its budget; a ``tool`` tool_choice names the tool (llm.anthropic.serializers).
     "AnthropicThinkingInputRequest": [
         {"properties": {"type": {"enum": ["adaptive", "between_tools", "disabled"]}}},

@@ -10,6 +10,7 @@ bodies as plain dicts, since they sit on the per-token hot path (FIELD-NOTES, "D
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from drf_spectacular.utils import extend_schema_field
@@ -205,11 +206,39 @@ class ChatCompletionStreamOptionsInputSerializer(serializers.Serializer):
     include_obfuscation = StrictBooleanField(required=False)
 
 
+# OpenAI's ResponseFormatJsonSchema.json_schema.name: "a-z, A-Z, 0-9, or underscores and dashes, max 64".
+_JSON_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
 class ChatCompletionResponseFormatInputSerializer(serializers.Serializer):
-    """``response_format``: ``{type: text | json_object | json_schema, json_schema?}``."""
+    """``response_format``: ``{type: text | json_object | json_schema, json_schema?}``.
+
+    With ``json_schema``, ``json_schema`` is required, with a ``name`` (letters, digits, ``_``,
+    ``-``; at most 64), and its ``schema``, when given, is an object (OpenAI's ``ResponseFormatJsonSchema``).
+    """
+
+    # Checked here so every provider kind gets the same 400, not a JSON reply without the schema
+    # (Gemini's JSON mode) or an upstream's own wording.
 
     type = serializers.ChoiceField(choices=("text", "json_object", "json_schema"))
     json_schema = JSONObjectField(required=False)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if attrs["type"] != "json_schema":
+            return attrs
+        json_schema = attrs.get("json_schema")
+        if json_schema is None:
+            raise serializers.ValidationError(
+                {"json_schema": "This field is required when type is 'json_schema'."}, code="required"
+            )
+        name = json_schema.get("name")
+        if not isinstance(name, str) or not _JSON_SCHEMA_NAME.fullmatch(name):
+            raise serializers.ValidationError(
+                {"json_schema": {"name": "A name of 1 to 64 letters, digits, '_' or '-' is required."}}, code="invalid"
+            )
+        if "schema" in json_schema and not isinstance(json_schema["schema"], dict):
+            raise serializers.ValidationError({"json_schema": {"schema": "Must be a JSON object."}}, code="invalid")
+        return attrs
 
 
 # --- The request ------------------------------------------------------------------------------
