@@ -253,8 +253,8 @@ _RELIED_ON: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda value: isinstance(value, dict) and value.get("type") not in (None, "text"),
         "has no JSON mode, so the reply could be prose",
     ),
-    "logprobs": (lambda value: value is True, "reports no token log probabilities"),
-    "top_logprobs": (lambda value: value is not None, "reports no token log probabilities"),
+    "logprobs": (lambda value: value is True, "returns no token log probabilities through this server"),
+    "top_logprobs": (lambda value: value is not None, "returns no token log probabilities through this server"),
     "logit_bias": (lambda value: bool(value), "takes no token biases (and its tokens are not OpenAI's)"),
     "modalities": (
         lambda value: isinstance(value, list) and any(modality != "text" for modality in value),
