@@ -116,9 +116,10 @@ class ReplyOutcome:
     declined, OpenAI's ``refusal``; ``text`` joins it to ``content`` for interfaces without a place
     for it). ``tool_calls``: the whole tool calls streamed (``llm.providers.tool_calls_merged``).
     ``usage``: token counts; ``usage_source`` says whose:
-    ``"provider"`` (its usage report), else the plan's tokenizer's (``llm.tokens``): ``"counted"``
-    by the model's tokenizer or ``"estimated"`` (``UsageRecord.TokenSource`` values); 0 tokens when
-    the reply ended before its upstream request was sent. Times in milliseconds from the upstream
+    ``"provider"`` (its usage report), else the serving model's tokenizer's (``llm.tokens``; a
+    fallback's own, else the plan's): ``"counted"`` by the model's tokenizer or ``"estimated"``
+    (``UsageRecord.TokenSource`` values); 0 tokens when the reply ended before its upstream request
+    was sent. Times in milliseconds from the upstream
     request's start; ``time_to_first_token_ms`` is None when no chunk with output arrived.
     ``error``: the failure, for ``failed``.
     """
@@ -150,7 +151,8 @@ class ReplyPlan:
     context, or None for a reply nobody pays for. ``metering``: what admission control checks
     before the upstream call (rate limits, budgets: ``accounts.metering``), or None for a reply
     nothing limits. ``tokenizer``: the model's (``EnabledModel.tokenizer``), which counts the
-    tokens of a reply whose provider reported no usage (a stream stopped or cut). ``route``: the
+    tokens of a reply whose provider reported no usage (a stream stopped or cut), unless a fallback
+    served it (then the fallback model's own tokenizer counts). ``route``: the
     model's deployments (``EnabledModel.route``), which ``llm.routing.Router`` picks from, then
     ``fallbacks``; None: ``provider`` with ``request.model`` is its one deployment. Interfaces
     subclass it with the typed fields they report to their clients (ids, timestamps) and override
@@ -578,7 +580,7 @@ class Reply(Generic[P]):
             reasoning_content=reasoning,
             finish_reason=self._finish_reason,
             usage=usage,
-            usage_source=PROVIDER if self._usage is not None else self.plan.tokenizer.source,
+            usage_source=PROVIDER if self._usage is not None else self._tokenizer().source,
             time_to_first_token_ms=self._ttft_ms,
             duration_ms=(time.perf_counter() - self._started) * 1000,
             error=error,
@@ -679,13 +681,24 @@ class Reply(Generic[P]):
         a reply of tool calls only counts one token per chunk, what OpenAI-compatible servers send.
         The estimate (``estimated``) takes the larger of chars / 4 and the chunk count.
         """
-        tokenizer = self.plan.tokenizer
+        tokenizer = self._tokenizer()
         completion = tokenizer.count_text(content + reasoning)
         if tokenizer.source != COUNTED or not completion:
             completion = max(completion, self._chunks_with_output)
-        metering = self.plan.metering  # the prompt was counted at admission: not twice
-        prompt = metering.prompt_tokens if metering is not None else tokenizer.count_prompt(self.plan.request.messages)
+        metering = self.plan.metering  # the prompt was counted at admission (by the plan's tokenizer): not twice
+        if metering is not None and tokenizer is self.plan.tokenizer:
+            prompt = metering.prompt_tokens
+        else:
+            prompt = tokenizer.count_prompt(self.plan.request.messages)
         return Usage(prompt_tokens=prompt, completion_tokens=completion)
+
+    def _tokenizer(self) -> Tokenizer:
+        """Return the tokenizer of the model that generated the reply: a fallback's own when one served
+        (its ``EnabledModel.tokenizer``), else the plan's. Another model's tokenizer would miscount it,
+        and label an estimate ``counted`` or an exact count ``estimated``."""
+        fallback = self.router.fallback_served
+        tokenizer = getattr(fallback.model, "tokenizer", None) if fallback is not None else None
+        return tokenizer if isinstance(tokenizer, Tokenizer) else self.plan.tokenizer
 
 
 def _has_output(chunk: ChatChunk) -> bool:

@@ -12,8 +12,10 @@ name can only come from the first chunks). The official SDKs talk to this server
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
 from typing import Any
 
 import anthropic
@@ -23,6 +25,7 @@ import pytest
 
 from llm.selectors import enabled_model_cache
 from llm.tests.simulator_process import SimulatorProcess
+from llm.tokens import tokenizer_for
 from tests.factories import LLMModelFactory, ProviderFactory
 from tests.kit import bearer, usage_records
 
@@ -189,3 +192,43 @@ async def test_a_key_limited_to_the_model_is_never_served_by_a_fallback_outside_
         (limited.api_key.pk, "primary"),
         (widened.api_key.pk, "backup"),
     ]
+
+
+@pytest.fixture
+def fallback_without_usage_report(db: Any, simulator: SimulatorProcess, settings: Any) -> Iterator[None]:
+    """``primary`` (a 500 before any chunk; no known tokenizer: an estimate) falling back to ``backup``,
+    counted by ``o200k_base``, whose provider reports no usage in streams (``stream_usage`` off)."""
+    settings.LLM_ROUTING_BACKOFF_SECONDS = 0.01
+    failing = f"sim-fallback-{secrets.token_hex(4)}"
+    simulator.fault_set(failing, "status=500")
+    quiet = ProviderFactory(name="sim-quiet", base_url=simulator.base_url, api_key="", stream_usage=False)
+    LLMModelFactory(name="backup", provider=quiet, upstream_model="sim-1", tokenizer="o200k_base")
+    provider = ProviderFactory(name="sim-primary", base_url=simulator.base_url, api_key="")
+    LLMModelFactory(name="primary", provider=provider, upstream_model=failing, fallbacks=["backup"])
+    yield
+    simulator.fault_clear(failing)
+
+
+async def test_a_fallbacks_reply_without_a_usage_report_is_counted_by_the_fallbacks_tokenizer(
+    fallback_without_usage_report, http
+):
+    """The tokens of a reply the provider reported none for (a stream without ``include_usage``, or
+    one stopped or cut) are counted by the tokenizer of the model that generated them: the fallback's,
+    not the estimate of the model asked for, and the row says ``counted``."""
+    response = await http.post(
+        "/v1/chat/completions",
+        json={"model": "primary", "messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}},
+    )
+    assert response.status_code == 200, response.text
+    text = "".join(
+        chunk["choices"][0]["delta"].get("content") or ""
+        for line in response.text.splitlines()
+        if line.startswith("data: {") and (chunk := json.loads(line[6:]))["choices"]
+    )
+
+    tokenizer = tokenizer_for(setting="o200k_base", model_name="sim-1")
+    (record,) = await usage_records()
+    assert (record.model_name, record.finish_status, record.token_source) == ("backup", "completed", "counted")
+    assert record.prompt_tokens == tokenizer.count_prompt(MESSAGES)
+    assert record.completion_tokens == tokenizer.count_text(text)
+    assert record.cost == (record.prompt_tokens * 1 + record.completion_tokens * 2) / Decimal(1_000_000)
