@@ -567,10 +567,18 @@ class Reply(Generic[P]):
         _open_replies.discard(self)
         content, reasoning = "".join(self._content), "".join(self._reasoning)
         refusal = "".join(self._refusal) if self._refusal else ""
-        if self._usage is not None:
-            usage = self._usage
+        reported = self._usage
+        if reported is not None and not reported.prompt_only:
+            usage = reported
         elif self._requested:
             usage = self._estimate_usage(content + refusal, reasoning)
+            if reported is not None:  # the provider reported the prompt (and its cache split) only
+                usage = Usage(
+                    prompt_tokens=reported.prompt_tokens,
+                    completion_tokens=usage.completion_tokens,
+                    cached_tokens=reported.cached_tokens,
+                    cache_creation_tokens=reported.cache_creation_tokens,
+                )
         else:  # ended before its request was sent (client gone, shut down): nothing to bill
             usage = Usage(prompt_tokens=0, completion_tokens=0)
         self.outcome = ReplyOutcome(
@@ -580,7 +588,7 @@ class Reply(Generic[P]):
             reasoning_content=reasoning,
             finish_reason=self._finish_reason,
             usage=usage,
-            usage_source=PROVIDER if self._usage is not None else self._tokenizer().source,
+            usage_source=PROVIDER if reported is not None and not reported.prompt_only else self._tokenizer().source,
             time_to_first_token_ms=self._ttft_ms,
             duration_ms=(time.perf_counter() - self._started) * 1000,
             error=error,

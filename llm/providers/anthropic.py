@@ -63,7 +63,9 @@ The stream becomes ``ChatChunk`` batches: ``text_delta`` → ``content``, ``thin
 ``input_tokens`` + ``cache_read_input_tokens`` + ``cache_creation_input_tokens``, ``cached_tokens``
 = ``cache_read_input_tokens``, ``cache_creation_tokens`` = ``cache_creation_input_tokens``,
 ``completion_tokens`` = ``output_tokens`` (thinking included; Anthropic reports no separate
-reasoning count). ``message_stop`` ends the stream; an ``error`` event is a 502. Signatures,
+reasoning count). ``message_start``'s usage (the prompt's) → a ``Usage.prompt_only`` chunk first
+in the first batch that has another chunk, so that a stream cut before ``message_delta`` keeps the
+provider's prompt count and cache split. ``message_stop`` ends the stream; an ``error`` event is a 502. Signatures,
 ``ping`` and unknown events are skipped. Errors, timeouts, cancellation: ``llm.providers.http``.
 
 Parsing is httpx-sse's line and event decoders, then ``json.loads`` per event, with a fast path for
@@ -369,12 +371,13 @@ class _EventDecoder(SSEBodyDecoder):
     ``error`` event or a malformed one sets ``error``.
     """
 
-    __slots__ = ("_input", "_tool_indexes")
+    __slots__ = ("_input", "_input_unsent", "_tool_indexes")
 
     def __init__(self, safe: Callable[[str], str]) -> None:
         super().__init__(safe)
         self._tool_indexes: dict[int, int] = {}  # content block index → tool call index
         self._input: dict[str, Any] = {}  # message_start's usage
+        self._input_unsent = False  # message_start's usage is not passed on yet
 
     def _chunks(self, lines: list[str]) -> list[ChatChunk]:
         batch: list[ChatChunk] = []
@@ -405,6 +408,12 @@ class _EventDecoder(SSEBodyDecoder):
                 break
             if chunk:
                 batch.extend(chunk)
+        if batch and self._input_unsent:
+            # The prompt's usage as message_start reported it, first in the first batch with a chunk
+            # (never a batch of its own: that would settle routing before the reply began). A stream
+            # cut before message_delta is still billed the provider's prompt tokens and cache split.
+            self._input_unsent = False
+            batch.insert(0, ChatChunk(usage=_usage({**self._input, "output_tokens": 0}, prompt_only=True)))
         return batch
 
     def _event(self, payload: dict[str, Any]) -> list[ChatChunk] | None:
@@ -433,6 +442,7 @@ class _EventDecoder(SSEBodyDecoder):
             return None
         if kind == "message_start":
             self._input = payload["message"].get("usage") or {}
+            self._input_unsent = bool(self._input)
             return None
         if kind == "message_delta":
             self.finished = True
@@ -458,8 +468,9 @@ class _EventDecoder(SSEBodyDecoder):
         return None  # ping, content_block_stop, and event types added later
 
 
-def _usage(usage: Mapping[str, Any]) -> Usage:
-    """Return the ``Usage`` of Anthropic's ``usage`` object (its input excludes the cache tokens)."""
+def _usage(usage: Mapping[str, Any], *, prompt_only: bool = False) -> Usage:
+    """Return the ``Usage`` of Anthropic's ``usage`` object (its input excludes the cache tokens);
+    ``prompt_only``: message_start's, the prompt's alone (``Usage.prompt_only``)."""
     read = int(usage.get("cache_read_input_tokens") or 0)
     creation = int(usage.get("cache_creation_input_tokens") or 0)
     return Usage(
@@ -467,4 +478,5 @@ def _usage(usage: Mapping[str, Any]) -> Usage:
         completion_tokens=int(usage.get("output_tokens") or 0),
         cached_tokens=read,
         cache_creation_tokens=creation,
+        prompt_only=prompt_only,
     )

@@ -94,6 +94,9 @@ class Usage:
     ``cachedContentTokenCount``), ``cache_creation_tokens`` of the prompt written to it (Anthropic
     ``cache_creation_input_tokens``), ``reasoning_tokens`` of the completion spent thinking (OpenAI
     ``completion_tokens_details.reasoning_tokens``, Gemini ``thoughtsTokenCount``); 0 when unreported.
+    ``prompt_only``: a report of the prompt alone, sent before the reply (Anthropic's ``message_start``):
+    its prompt counts and breakdown are the provider's, its ``completion_tokens`` not yet known. A
+    later report replaces it; a stream that ends without one keeps its prompt and counts the completion.
     """
 
     prompt_tokens: int
@@ -101,6 +104,7 @@ class Usage:
     cached_tokens: int = 0
     cache_creation_tokens: int = 0
     reasoning_tokens: int = 0
+    prompt_only: bool = False
 
     @property
     def total_tokens(self) -> int:

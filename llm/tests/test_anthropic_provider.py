@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -80,7 +81,11 @@ async def test_streams_text_then_finish_then_usage(simulator: SimulatorProcess) 
     chunks = await collect(provider(simulator), ChatRequest(model="sim-1", messages=MESSAGES))
 
     assert "".join(c.content for c in chunks) == reply_text(MESSAGES, FAST_REPLY_TOKENS)
-    assert [c.finish_reason for c in chunks] == [None] * FAST_REPLY_TOKENS + ["stop", None]
+    assert [c.finish_reason for c in chunks] == [None] * (1 + FAST_REPLY_TOKENS) + ["stop", None]
+    # message_start's usage (the prompt's) comes first, with the first text; message_delta's last.
+    assert chunks[0] == ChatChunk(
+        usage=Usage(prompt_tokens=input_tokens(MESSAGES[1:]), completion_tokens=0, prompt_only=True)
+    )
     assert chunks[-1] == ChatChunk(
         usage=Usage(prompt_tokens=input_tokens(MESSAGES[1:]), completion_tokens=FAST_REPLY_TOKENS)
     )
@@ -341,7 +346,7 @@ async def test_aclose_of_the_stream_closes_the_upstream_stream(slow_simulator: S
     before = await slow_simulator.astats()
     stream = provider(slow_simulator).stream(ChatRequest(model="sim-1", messages=MESSAGES))
     first = await anext(stream)
-    assert first and first[0].content
+    assert first and first[-1].content
     closing = asyncio.create_task(stream.aclose())
     await poll_until(
         slow_simulator.astats,
@@ -525,6 +530,28 @@ async def test_parameters_that_ask_for_nothing_anthropic_lacks_still_answer(api_
     )
 
 
+@pytest.fixture
+def cut_anthropic_model(db, simulator: SimulatorProcess) -> Any:
+    """``claude-cut``: upstream ``sim-cache`` (cache reads and writes reported) on an ``anthropic`` provider
+    whose every stream the simulator drops after 3 tokens, with cache prices of its own."""
+    upstream = ProviderFactory(
+        name="sim-anthropic-cut",
+        kind="anthropic",
+        base_url=simulator.root_url,
+        api_key="",
+        extra_headers={"X-Simulator-Fault": "drop-after=3"},
+    )
+    return LLMModelFactory(
+        name="claude-cut",
+        provider=upstream,
+        upstream_model="sim-cache",
+        input_price_per_million="1.000000",
+        output_price_per_million="2.000000",
+        cached_input_price_per_million="0.100000",
+        cache_write_price_per_million="1.250000",
+    )
+
+
 @pytest.mark.django_db(transaction=True)
 async def test_the_responses_api_names_its_own_text_format_when_anthropic_cannot_honour_it(
     api_key_secret, anthropic_model
@@ -591,3 +618,26 @@ async def test_a_reasoning_effort_openai_does_not_have_is_a_400(simulator: Simul
     with pytest.raises(ApplicationError) as caught:
         await collect(provider(simulator), request)
     assert (caught.value.status, caught.value.code, caught.value.param) == (400, "invalid_value", "reasoning_effort")
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_stream_cut_before_message_delta_bills_the_prompt_as_message_start_reported_it(
+    api_key_secret, cut_anthropic_model
+) -> None:
+    """Anthropic reports the prompt's tokens and their cache split in ``message_start``; a stream cut
+    before ``message_delta`` (which repeats them with the output count) is billed that prompt, each
+    part at its own price, and only the completion is counted here — not the whole prompt estimated
+    at the input price."""
+    body = chat_body("claude-cut", "Tell me about rivers", stream=True)
+    response = await post_chat(AsyncClient(), body, bearer(api_key_secret))
+    assert response.status_code == 200
+    await streamed_content(response)
+
+    [record] = await usage_records()
+    total = count_prompt_tokens(body["messages"])
+    assert (record.finish_status, record.token_source) == ("failed", "estimated")
+    assert (record.prompt_tokens, record.cached_tokens, record.cache_creation_tokens) == (total, total // 2, total // 4)
+    assert record.completion_tokens >= 3
+    fresh = total - total // 2 - total // 4
+    prompt_cost = fresh * Decimal("1") + (total // 2) * Decimal("0.1") + (total // 4) * Decimal("1.25")
+    assert record.cost == (prompt_cost + record.completion_tokens * Decimal("2")) / 1_000_000
