@@ -231,15 +231,20 @@ def usage_record_list(*, user: User, acting: ActingOrganization | None = None) -
     return records if administers(user, acting) else records.filter(user=user)
 
 
-def usage_cost_total(*, user: User, start_date: dt.date, end_date: dt.date) -> Decimal:
-    """Return what ``user`` spent from ``start_date`` (inclusive) to ``end_date`` (exclusive), in US dollars.
+def usage_cost_total(*, user: User, organization: Organization, start_date: dt.date, end_date: dt.date) -> Decimal:
+    """Return what ``user`` spent in ``organization`` from ``start_date`` (inclusive) to ``end_date``
+    (exclusive), in US dollars.
 
-    Days are midnights in ``settings.TIME_ZONE``; the sum is of ``UsageRecord.cost``.
+    Days are midnights in ``settings.TIME_ZONE``; the sum is of ``UsageRecord.cost``. Only the
+    organization the request acts in: usage is read per organization (README, "Organizations"), and
+    its budgets count only its rows (``accounts.metering.budgets``).
     """
     tz = timezone.get_default_timezone()
     start = dt.datetime.combine(start_date, dt.time.min, tzinfo=tz)
     end = dt.datetime.combine(end_date, dt.time.min, tzinfo=tz)
-    records = UsageRecord.objects.filter(user=user, created_at__gte=start, created_at__lt=end)
+    records = UsageRecord.objects.filter(
+        user=user, organization=organization, created_at__gte=start, created_at__lt=end
+    )
     return records.aggregate(total=Sum("cost"))["total"] or Decimal(0)
 
 

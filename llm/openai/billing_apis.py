@@ -24,7 +24,7 @@ _BILLING_USAGE_QUERY = BillingUsageQuerySerializer()
 
 def _billing_usage(principal: Principal, query: dict[str, str]) -> dict[str, Any]:
     dates = _BILLING_USAGE_QUERY.run_validation(query)
-    dollars = usage_cost_total(user=principal.user, **dates)
+    dollars = usage_cost_total(user=principal.user, organization=principal.organization, **dates)
     return {"object": "list", "total_usage": float(dollars * 100)}
 
 
@@ -33,7 +33,8 @@ async def billing_usage(request: HttpRequest, principal: Principal) -> HttpRespo
     """``GET /dashboard/billing/usage[?start_date=YYYY-MM-DD&end_date=YYYY-MM-DD]``.
 
     ``{"object": "list", "total_usage": <US cents>}``: the cost of the caller's (the user's, across
-    all their keys) usage records from ``start_date`` (inclusive) to ``end_date`` (exclusive;
+    all their keys) usage records in the organization the request acts in (what its budgets, behind
+    ``/subscription``, count) from ``start_date`` (inclusive) to ``end_date`` (exclusive;
     NextChat sends tomorrow), days in ``settings.TIME_ZONE``. A missing ``start_date`` is the first
     day of the current month, a missing ``end_date`` the first of the next: NextChat's server mode
     relays this request without its query string, and gets this month's usage. 400 (``param``

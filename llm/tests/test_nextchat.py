@@ -19,7 +19,9 @@ from django.conf import settings
 from django.test import AsyncClient
 from django.utils import timezone
 
+from accounts.models import Membership, Organization
 from accounts.selectors import usage_current_month
+from accounts.services import api_key_create
 from chatbackend.asyncdb import run_sync
 from llm.simulator import reply_text
 from llm.tests.openai_schema import validate_against
@@ -30,6 +32,7 @@ from tests.kit import (
     NEXTCHAT_ORIGIN,
     asgi_request,
     assert_error,
+    bearer,
     nextchat_browser_headers,
     nextchat_chat_request,
     nextchat_server_headers,
@@ -321,3 +324,27 @@ async def test_server_mode_over_real_http_with_a_chunked_body(asgi_server, api_k
     text, _, done = read_like_nextchat(response.status_code, response.headers["content-type"], body)
     assert text == reply_text(messages, FAST_REPLY_TOKENS)
     assert done
+
+
+async def test_balance_counts_only_the_organization_the_key_acts_in(api_key_secret, user):
+    """A user in two organizations: NextChat's "used $X" through a key of one is that organization's
+    spend, as the usage summary and the monthly budget behind ``/subscription`` count it, not the other's."""
+
+    def spend_in_both() -> str:
+        acme = Organization.objects.create(name="Acme", slug="acme")
+        Membership.objects.create(user=user, organization=acme, role=Membership.Role.MEMBER)
+        now = timezone.now()
+        usage_record_at(now, user=user, cost=Decimal("1.25"))  # the default organization's
+        usage_record_at(now, user=user, cost=Decimal("3"), organization=acme)
+        return api_key_create(user=user, name="acme key", organization=acme).secret
+
+    acme_secret = await run_sync(spend_in_both)
+    client = AsyncClient()
+    default = await client.get("/dashboard/billing/usage", headers=bearer(api_key_secret))
+    acme = await client.get("/dashboard/billing/usage", headers=bearer(acme_secret))
+    summary = await client.get("/api/usage/summary/?group_by=", headers=bearer(acme_secret))
+
+    assert default.status_code == acme.status_code == summary.status_code == 200
+    assert json.loads(default.content)["total_usage"] == pytest.approx(125.0)
+    assert json.loads(acme.content)["total_usage"] == pytest.approx(300.0)
+    assert Decimal(json.loads(summary.content)["results"][0]["cost"]) == Decimal("3")
