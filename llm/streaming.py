@@ -683,14 +683,15 @@ class Reply(Generic[P]):
             )
 
     def _estimate_usage(self, content: str, reasoning: str) -> Usage:
-        """Count the usage the provider did not report: the prompt and the text generated, by the plan's tokenizer.
+        """Count the usage the provider did not report: the prompt and what was generated, by ``_tokenizer()``.
 
-        The model's tokenizer counts the text exactly (``counted``). Tool calls carry no text here:
-        a reply of tool calls only counts one token per chunk, what OpenAI-compatible servers send.
-        The estimate (``estimated``) takes the larger of chars / 4 and the chunk count.
+        The text is the reply's content and reasoning and its tool calls' names and arguments (the
+        model generated them all: a reply cut inside a tool call is billed for what it sent of it).
+        The model's tokenizer counts it exactly (``counted``); with nothing to count, or for the
+        estimate (``estimated``), the larger of that count (chars / 4) and the chunk count.
         """
         tokenizer = self._tokenizer()
-        completion = tokenizer.count_text(content + reasoning)
+        completion = tokenizer.count_text(content + reasoning + self._tool_call_text())
         if tokenizer.source != COUNTED or not completion:
             completion = max(completion, self._chunks_with_output)
         metering = self.plan.metering  # the prompt was counted at admission (by the plan's tokenizer): not twice
@@ -699,6 +700,16 @@ class Reply(Generic[P]):
         else:
             prompt = tokenizer.count_prompt(self.plan.request.messages)
         return Usage(prompt_tokens=prompt, completion_tokens=completion)
+
+    def _tool_call_text(self) -> str:
+        """Return the names and argument fragments of the tool calls delivered, joined ("" for none)."""
+        parts: list[str] = []
+        for call in self._tool_calls:
+            function = call.get("function")
+            if isinstance(function, dict):
+                pieces = (function.get("name"), function.get("arguments"))
+                parts.extend(piece for piece in pieces if isinstance(piece, str))
+        return "".join(parts)
 
     def _tokenizer(self) -> Tokenizer:
         """Return the tokenizer of the model that generated the reply: a fallback's own when one served

@@ -18,6 +18,7 @@ from llm.providers import ChatChunk, ChatRequest, ProviderConfig, UpstreamError,
 from llm.providers.anthropic import AnthropicProvider, messages_body
 from llm.simulator import count_prompt_tokens, reply_text
 from llm.tests.simulator_process import SimulatorProcess
+from llm.tokens import tokenizer_for
 from tests.factories import LLMModelFactory, ProviderFactory
 from tests.kit import (
     FAST_REPLY_TOKENS,
@@ -641,3 +642,38 @@ async def test_a_stream_cut_before_message_delta_bills_the_prompt_as_message_sta
     fresh = total - total // 2 - total // 4
     prompt_cost = fresh * Decimal("1") + (total // 2) * Decimal("0.1") + (total // 4) * Decimal("1.25")
     assert record.cost == (prompt_cost + record.completion_tokens * Decimal("2")) / 1_000_000
+
+
+@pytest.fixture
+def cut_tool_model(db, simulator: SimulatorProcess) -> Any:
+    """``claude-cut-tools``: an ``anthropic`` provider whose streams the simulator drops 2 pieces after
+    the text (a tool call's start and first fragment delivered), counted by ``o200k_base``."""
+    upstream = ProviderFactory(
+        name="sim-anthropic-cut-tools",
+        kind="anthropic",
+        base_url=simulator.root_url,
+        api_key="",
+        extra_headers={"X-Simulator-Fault": f"drop-after={FAST_REPLY_TOKENS + 2}"},
+    )
+    return LLMModelFactory(name="claude-cut-tools", provider=upstream, upstream_model="sim-1", tokenizer="o200k_base")
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_stream_cut_in_a_tool_call_counts_the_calls_name_and_arguments(api_key_secret, cut_tool_model) -> None:
+    """The completion of a reply cut mid-way is counted from what it generated: its text and the
+    tool calls' names and arguments received, not the text alone."""
+    body = chat_body("claude-cut-tools", "What is the weather in Paris?", stream=True, tools=[WEATHER_TOOL])
+    response = await post_chat(AsyncClient(), body, bearer(api_key_secret))
+    assert response.status_code == 200
+    *payloads, error = sse_data(await streamed_content(response))  # the chunks, then the cut's error
+    assert json.loads(error)["error"]["code"] == "upstream_disconnected"
+    chunks = [json.loads(payload) for payload in payloads]
+    deltas = [chunk["choices"][0]["delta"] for chunk in chunks if chunk["choices"]]
+    calls = [call for delta in deltas for call in delta.get("tool_calls") or []]
+    name = "".join(call["function"].get("name") or "" for call in calls)
+    arguments = "".join(call["function"].get("arguments") or "" for call in calls)
+    assert name == "get_weather" and arguments  # the cut came inside the call
+    tokenizer = tokenizer_for(setting="o200k_base", model_name="sim-1")
+    [record] = await usage_records()
+    assert (record.finish_status, record.token_source) == ("failed", "counted")
+    assert record.completion_tokens == tokenizer.count_text(chunk_text(chunks) + name + arguments)
