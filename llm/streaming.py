@@ -63,7 +63,7 @@ from chatbackend.handlers import request_cancelled_by_server
 from chatbackend.http import EventStreamResponse
 from chatbackend.liveness import start_heartbeat
 
-from .providers import ChatChunk, ChatRequest, ProviderConfig, Usage, tool_calls_merged
+from .providers import ChatChunk, ChatRequest, ProviderConfig, UpstreamError, Usage, tool_calls_merged
 from .routing import DeploymentConfig, ModelRoute, Router
 from .tokens import COUNTED, ESTIMATE_TOKENIZER, Tokenizer
 
@@ -668,6 +668,17 @@ class Reply(Generic[P]):
             if fallback is not None and fallback.model is not None:
                 # A fallback model served: the reply is its usage, at its prices.
                 context = usage_context_served_by(context, model=fallback.model)
+            if self._refused_by_routing(outcome):
+                # As a refusal at admission (``_admit``): nothing was sent, 0 tokens, counted apart.
+                usage_account(
+                    context=context,
+                    finish_status=REFUSED,
+                    prompt_tokens=0,
+                    completion_tokens=0,
+                    token_source=COUNTED,
+                    produced_output=False,
+                )
+                return
             usage = outcome.usage
             usage_account(
                 context=context,
@@ -681,6 +692,19 @@ class Reply(Generic[P]):
                 produced_output=outcome.time_to_first_token_ms is not None,
                 deployment=self.router.deployment.name if self.router.deployment is not None else "",
             )
+
+    def _refused_by_routing(self, outcome: ReplyOutcome) -> bool:
+        """Return whether the reply failed because the router's own rate limits (every deployment's, or a
+        fallback's: ``llm.routing``) turned it away before any upstream request: a refusal, as one
+        admission control makes, not a failed reply. An upstream's own 429 is an ``UpstreamError``."""
+        error = outcome.error
+        return (
+            outcome.status is ReplyStatus.FAILED
+            and error is not None
+            and not isinstance(error, UpstreamError)
+            and error.code == "rate_limit_exceeded"
+            and self.router.deployment is None
+        )
 
     def _estimate_usage(self, content: str, reasoning: str) -> Usage:
         """Count the usage the provider did not report: the prompt and what was generated, by ``_tokenizer()``.

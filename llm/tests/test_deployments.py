@@ -203,3 +203,28 @@ def test_the_reservation_covers_the_costliest_model_that_may_serve_the_reply():
     assert (metering.input_price_per_million, metering.output_price_per_million) == (Decimal(10), Decimal(20))
     assert [subject.kind for subject in metering.subjects] == ["user", "model"]
     assert metering.subjects[-1].id == narrow.id  # rate limits stay the requested model's
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("provider_clients")
+async def test_a_request_its_deployments_rate_limit_refuses_is_recorded_refused(api_key_secret, simulator):
+    """Every deployment over its concurrent streams: the request is turned away (429) before any upstream
+    call, like one admission refuses — recorded ``refused`` (0 tokens, no cost), not a failed reply."""
+
+    def one_stream_model() -> None:
+        provider = ProviderFactory(name="sim-one-stream", base_url=simulator.base_url, api_key="")
+        model = LLMModelFactory(name="one-stream", provider=provider)
+        DeploymentFactory(model=model, provider=provider, upstream_model="sim-1", concurrent_streams=1)
+
+    await run_sync(one_stream_model)
+    client = AsyncClient()
+    streaming = await post_chat(client, chat_body("one-stream", "hold it", stream=True), bearer(api_key_secret))
+    assert streaming.status_code == 200
+    refused = await post_chat(client, chat_body("one-stream", "and me"), bearer(api_key_secret))
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
+    await streamed_content(streaming)  # the first reply holds the stream until its body is read
+
+    records = {record.finish_status: record for record in await usage_records()}
+    assert set(records) == {"refused", "completed"}
+    row = records["refused"]
+    assert (row.prompt_tokens, row.completion_tokens, row.cost) == (0, 0, 0)
