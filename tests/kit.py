@@ -179,6 +179,26 @@ def bearer(credential: str) -> dict[str, str]:
 # --- Error responses ---------------------------------------------------------------------------
 
 
+async def assert_unsupported_parameter(
+    simulator: Any, model: str, fields: dict[str, Any], param: str, provider: str, headers: dict[str, str]
+) -> None:
+    """Assert that ``/v1/chat/completions`` to ``model`` with ``fields`` is refused, streamed and whole,
+    with OpenAI's 400 ``unsupported_parameter`` naming ``param`` and ``provider``, before any request
+    reaches ``simulator`` (an ``llm.tests.simulator_process.SimulatorProcess``)."""
+    before = await simulator.astats()
+    for stream in (False, True):
+        response = await post_chat(AsyncClient(), chat_body(model, stream=stream, **fields), headers)
+        assert response.status_code == 400, response.content
+        error = response.json()["error"]
+        assert (error["type"], error["code"], error["param"]) == (
+            "invalid_request_error",
+            "unsupported_parameter",
+            param,
+        )
+        assert f"'{param}'" in error["message"] and provider in error["message"]
+    assert (await simulator.astats())["requests_started"] == before["requests_started"]
+
+
 def assert_error(
     response: Any, status: int, *, code: str | None = None, param: str | None = None, type: str | None = None
 ) -> dict[str, Any]:

@@ -172,42 +172,6 @@ def test_model_pages_show_the_cache_prices(admin_site, provider):
     assert "column-cached_input_price_per_million" in changelist and "0.075000" in changelist
 
 
-@pytest.mark.parametrize(
-    "field",
-    [
-        "input_price_per_million",
-        "output_price_per_million",
-        "cached_input_price_per_million",
-        "cache_write_price_per_million",
-    ],
-)
-def test_a_model_price_below_zero_is_refused(admin_site, provider, field):
-    # A negative price made every reply's cost negative, so using the model grew the budgets it spent.
-    data = {
-        "name": "gpt-priced",
-        "provider": str(provider.pk),
-        "upstream_model": "gpt-4o-mini",
-        "context_window": "8192",
-        "default_parameters": "{}",
-        "input_price_per_million": "1",
-        "output_price_per_million": "2",
-        "tokenizer": "auto",
-        "routing_strategy": "weighted",
-        "fallbacks": "[]",
-        "deployments-TOTAL_FORMS": "0",
-        "deployments-INITIAL_FORMS": "0",
-        field: "-0.5",
-    }
-
-    response = admin_site.post("/admin/llm/llmmodel/add/", data)
-
-    assert response.status_code == 200  # the form again, with the error
-    assert response.context["adminform"].form.errors[field] == ["Ensure this value is greater than or equal to 0."]
-    assert not LLMModel.objects.filter(name="gpt-priced").exists()
-    response = admin_site.post("/admin/llm/llmmodel/add/", {**data, field: "0"})
-    assert response.status_code == 302, response.content.decode()[:2000]
-
-
 def model_add_data(provider, **overrides: str) -> dict[str, str]:
     """The admin's add-model form, filled in, with ``overrides``."""
     return {
@@ -225,6 +189,28 @@ def model_add_data(provider, **overrides: str) -> dict[str, str]:
         "deployments-INITIAL_FORMS": "0",
         **overrides,
     }
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "input_price_per_million",
+        "output_price_per_million",
+        "cached_input_price_per_million",
+        "cache_write_price_per_million",
+    ],
+)
+def test_a_model_price_below_zero_is_refused(admin_site, provider, field):
+    # A negative price made every reply's cost negative, so using the model grew the budgets it spent.
+    data = model_add_data(provider, name="gpt-priced", **{field: "-0.5"})
+
+    response = admin_site.post("/admin/llm/llmmodel/add/", data)
+
+    assert response.status_code == 200  # the form again, with the error
+    assert response.context["adminform"].form.errors[field] == ["Ensure this value is greater than or equal to 0."]
+    assert not LLMModel.objects.filter(name="gpt-priced").exists()
+    response = admin_site.post("/admin/llm/llmmodel/add/", {**data, field: "0"})
+    assert response.status_code == 302, response.content.decode()[:2000]
 
 
 @pytest.mark.parametrize(

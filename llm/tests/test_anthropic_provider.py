@@ -23,6 +23,7 @@ from tests.factories import LLMModelFactory, ProviderFactory
 from tests.kit import (
     FAST_REPLY_TOKENS,
     SIMULATOR_API_KEY,
+    assert_unsupported_parameter,
     bearer,
     chat_body,
     chunk_objects,
@@ -505,20 +506,7 @@ async def test_what_anthropic_cannot_honour_is_a_400_naming_the_parameter(
     api_key_secret, anthropic_model, simulator: SimulatorProcess, fields: dict[str, Any], param: str
 ) -> None:
     # Dropped, these would answer prose to a client that asked for JSON, or no logprobs to one that asked for them.
-    before = await simulator.astats()
-    for stream in (False, True):
-        response = await post_chat(
-            AsyncClient(), chat_body("claude-sim", stream=stream, **fields), bearer(api_key_secret)
-        )
-        assert response.status_code == 400
-        error = response.json()["error"]
-        assert (error["type"], error["code"], error["param"]) == (
-            "invalid_request_error",
-            "unsupported_parameter",
-            param,
-        )
-        assert f"'{param}'" in error["message"] and "Anthropic" in error["message"]
-    assert (await simulator.astats())["requests_started"] == before["requests_started"]
+    await assert_unsupported_parameter(simulator, "claude-sim", fields, param, "Anthropic", bearer(api_key_secret))
 
 
 @pytest.mark.django_db(transaction=True)
