@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import os
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+from aiohttp import web
 from django.test import AsyncClient
 from httpx_sse import EventSource, ServerSentEvent, connect_sse
 from rest_framework_simplejwt.tokens import AccessToken
@@ -179,24 +181,46 @@ def bearer(credential: str) -> dict[str, str]:
 # --- Error responses ---------------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def local_http_server(app: web.Application) -> AsyncIterator[str]:
+    """Serve ``app`` (aiohttp) on a free port of 127.0.0.1 and yield its root URL
+    (``http://127.0.0.1:<port>``); stop it on exit. For upstreams a test scripts itself."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def assert_refused_before_upstream(
+    simulator: Any, body: dict[str, Any], headers: dict[str, str], *, code: str, param: str, says: str
+) -> dict[str, Any]:
+    """Assert that ``/v1/chat/completions`` with ``body`` is a 400 ``code`` on ``param`` whose message
+    holds ``says``, answered before any request reached ``simulator`` (an
+    ``llm.tests.simulator_process.SimulatorProcess``); return the ``error`` object."""
+    before = await simulator.astats()
+    response = await post_chat(AsyncClient(), body, headers)
+    assert response.status_code == 400, response.content
+    error: dict[str, Any] = response.json()["error"]
+    assert (error["code"], error["param"]) == (code, param) and says in error["message"]
+    assert (await simulator.astats())["requests_started"] == before["requests_started"]
+    return error
+
+
 async def assert_unsupported_parameter(
     simulator: Any, model: str, fields: dict[str, Any], param: str, provider: str, headers: dict[str, str]
 ) -> None:
     """Assert that ``/v1/chat/completions`` to ``model`` with ``fields`` is refused, streamed and whole,
     with OpenAI's 400 ``unsupported_parameter`` naming ``param`` and ``provider``, before any request
-    reaches ``simulator`` (an ``llm.tests.simulator_process.SimulatorProcess``)."""
-    before = await simulator.astats()
+    reaches ``simulator`` (``assert_refused_before_upstream``)."""
     for stream in (False, True):
-        response = await post_chat(AsyncClient(), chat_body(model, stream=stream, **fields), headers)
-        assert response.status_code == 400, response.content
-        error = response.json()["error"]
-        assert (error["type"], error["code"], error["param"]) == (
-            "invalid_request_error",
-            "unsupported_parameter",
-            param,
+        body = chat_body(model, stream=stream, **fields)
+        error = await assert_refused_before_upstream(
+            simulator, body, headers, code="unsupported_parameter", param=param, says=f"'{param}'"
         )
-        assert f"'{param}'" in error["message"] and provider in error["message"]
-    assert (await simulator.astats())["requests_started"] == before["requests_started"]
+        assert error["type"] == "invalid_request_error" and provider in error["message"]
 
 
 def assert_error(

@@ -23,6 +23,7 @@ from tests.factories import LLMModelFactory, ProviderFactory
 from tests.kit import (
     FAST_REPLY_TOKENS,
     SIMULATOR_API_KEY,
+    assert_refused_before_upstream,
     assert_unsupported_parameter,
     bearer,
     chat_body,
@@ -577,12 +578,10 @@ async def test_a_tool_choice_anthropic_cannot_name_is_our_400_on_tool_choice(
     api_key_secret, anthropic_model, simulator: SimulatorProcess, fields: dict[str, Any], problem: str
 ) -> None:
     # Before: dropped ("required" without tools: prose instead of a call) or Anthropic's own 400 about 'None'.
-    before = await simulator.astats()
-    response = await post_chat(AsyncClient(), chat_body("claude-sim", **fields), bearer(api_key_secret))
-    assert response.status_code == 400
-    error = response.json()["error"]
-    assert (error["code"], error["param"]) == ("invalid_value", "tool_choice") and problem in error["message"]
-    assert (await simulator.astats())["requests_started"] == before["requests_started"]
+    body = chat_body("claude-sim", **fields)
+    await assert_refused_before_upstream(
+        simulator, body, bearer(api_key_secret), code="invalid_value", param="tool_choice", says=problem
+    )
 
 
 @pytest.mark.parametrize("stop", ["", [""], ["", ""]])

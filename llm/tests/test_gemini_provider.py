@@ -28,11 +28,13 @@ from tests.factories import LLMModelFactory, ProviderFactory
 from tests.kit import (
     FAST_REPLY_TOKENS,
     SIMULATOR_API_KEY,
+    assert_refused_before_upstream,
     assert_unsupported_parameter,
     bearer,
     chat_body,
     chunk_objects,
     chunk_text,
+    local_http_server,
     poll_until,
     post_chat,
     run_python,
@@ -301,12 +303,9 @@ async def recording_upstream() -> AsyncIterator[RecordingUpstream]:
     upstream = RecordingUpstream()
     app = web.Application()
     app.router.add_post("/{tail:.*}", upstream.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    upstream.base_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    yield upstream
-    await runner.cleanup()
+    async with local_http_server(app) as url:
+        upstream.base_url = url
+        yield upstream
 
 
 def gemini_events(*responses: dict[str, Any]) -> bytes:
@@ -578,12 +577,10 @@ async def test_a_tool_choice_no_tool_could_answer_is_a_400_on_tool_choice(
     api_key_secret, gemini_model, simulator: SimulatorProcess, fields: dict[str, Any], problem: str
 ) -> None:
     # Before: sent as functionCallingConfig ANY, which the model cannot obey without the function.
-    before = await simulator.astats()
-    response = await post_chat(AsyncClient(), chat_body("gemini-sim", **fields), bearer(api_key_secret))
-    assert response.status_code == 400
-    error = response.json()["error"]
-    assert (error["code"], error["param"]) == ("invalid_value", "tool_choice") and problem in error["message"]
-    assert (await simulator.astats())["requests_started"] == before["requests_started"]
+    body = chat_body("gemini-sim", **fields)
+    await assert_refused_before_upstream(
+        simulator, body, bearer(api_key_secret), code="invalid_value", param="tool_choice", says=problem
+    )
 
 
 @pytest.mark.parametrize("effort", ["xhigh", "max"])

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from llm.providers import ChatChunk, ChatRequest, ProviderConfig, UpstreamError, Usage, get_provider, http
+from llm.providers import ChatChunk, ChatProvider, ChatRequest, ProviderConfig, UpstreamError, Usage, get_provider, http
 from llm.providers.base import UPSTREAM_MESSAGES
 from llm.providers.openai_compatible import OpenAICompatibleProvider, aclose_clients
 from llm.simulator import MIDSTREAM_FAILURE_CHUNKS, count_prompt_tokens, reply_text
 from llm.tests.simulator_process import SimulatorProcess
-from tests.kit import FAST_REPLY_TOKENS, SIMULATOR_API_KEY, poll_until
+from tests.kit import FAST_REPLY_TOKENS, SIMULATOR_API_KEY, local_http_server, poll_until
 
 pytestmark = pytest.mark.usefixtures("provider_clients")
 
@@ -30,9 +30,7 @@ def provider(base_url: str, api_key: str = PROVIDER_KEY, **timeouts: float) -> O
     return adapter
 
 
-async def collect(
-    adapter: OpenAICompatibleProvider, request: ChatRequest, into: list[ChatChunk] | None = None
-) -> list[ChatChunk]:
+async def collect(adapter: ChatProvider, request: ChatRequest, into: list[ChatChunk] | None = None) -> list[ChatChunk]:
     """Return every chunk of the stream, in order (into ``into`` as they arrive, if given).
 
     Checks the contract on the way: each batch is a non-empty list of ``ChatChunk``.
@@ -354,18 +352,13 @@ async def canned_upstream() -> AsyncIterator[Callable[..., str]]:
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat_completions)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    async with local_http_server(app) as url:
 
-    def serve(body: bytes, content_type: str = "text/event-stream", status: int = 200) -> str:
-        answer.update(body=body, type=content_type, status=status)
-        return f"http://127.0.0.1:{port}/v1"
+        def serve(body: bytes, content_type: str = "text/event-stream", status: int = 200) -> str:
+            answer.update(body=body, type=content_type, status=status)
+            return f"{url}/v1"
 
-    yield serve
-    await runner.cleanup()
+        yield serve
 
 
 def sse(*payloads: dict[str, Any] | str) -> bytes:
@@ -512,13 +505,10 @@ async def stepped_upstream() -> AsyncIterator[SteppedUpstream]:
     upstream = SteppedUpstream()
     app = web.Application()
     app.router.add_post("/v1/chat/completions", upstream.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    upstream.base_url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-    yield upstream
-    upstream.end()  # a test that failed half-way leaves the handler waiting for its next piece
-    await runner.cleanup()
+    async with local_http_server(app) as url:
+        upstream.base_url = f"{url}/v1"
+        yield upstream
+        upstream.end()  # a test that failed half-way leaves the handler waiting for its next piece
 
 
 def openai_frames(*contents: str, finish_reason: str | None = None) -> list[bytes]:
@@ -745,17 +735,13 @@ async def forward_proxy(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[list[t
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", relay)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTP_PROXY", f"http://relay:s3cret@127.0.0.1:{runner.addresses[0][1]}")
-    http.upstream_proxy_reset()
-    yield seen
-    http.upstream_proxy_reset()
-    await runner.cleanup()
+    async with local_http_server(app) as url:
+        for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", url.replace("http://", "http://relay:s3cret@"))
+        http.upstream_proxy_reset()
+        yield seen
+        http.upstream_proxy_reset()
 
 
 async def test_upstream_requests_go_through_the_environments_proxy(forward_proxy: list[tuple[str, str | None]]) -> None:
@@ -790,12 +776,8 @@ async def echoing_upstream() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_post("/{path:.*}", refuse)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
+    async with local_http_server(app) as url:
+        yield url
 
 
 @pytest.mark.parametrize(("kind", "path"), [("openai", "/v1"), ("anthropic", ""), ("gemini", ""), ("azure_openai", "")])
@@ -808,8 +790,7 @@ async def test_an_upstream_echoing_the_base_urls_credentials_never_shows_them(
     base_url = echoing_upstream.replace("http://", "http://someone:hunter2%2Fsecret@") + path
     config = ProviderConfig(kind=kind, base_url=base_url, api_key="" if kind == "openai" else PROVIDER_KEY)
     with pytest.raises(UpstreamError) as caught:
-        async for _batch in get_provider(config).stream(ChatRequest(model="m", messages=MESSAGES)):
-            pass
+        await collect(get_provider(config), ChatRequest(model="m", messages=MESSAGES))
     assert caught.value.status == 400 and "bad request, headers" in caught.value.message
     for secret in ("c29tZW9uZTpodW50ZXIyL3NlY3JldA==", "hunter2%2Fsecret", "hunter2/secret", PROVIDER_KEY):
         assert_key_hidden(caught.value, secret)
@@ -821,8 +802,7 @@ async def test_an_upstream_echoing_a_token_given_as_the_base_urls_user_name_neve
     # https://<token>@host/v1: a user name without a password is a token (HTTP Basic "<token>:").
     config = ProviderConfig(kind="openai", base_url=echoing_upstream.replace("http://", "http://tok3n-secret@") + "/v1")
     with pytest.raises(UpstreamError) as caught:
-        async for _batch in get_provider(config).stream(ChatRequest(model="m", messages=MESSAGES)):
-            pass
+        await collect(get_provider(config), ChatRequest(model="m", messages=MESSAGES))
     assert caught.value.status == 400 and "bad request, headers" in caught.value.message
     for secret in ("dG9rM24tc2VjcmV0Og==", "tok3n-secret"):
         assert_key_hidden(caught.value, secret)
@@ -834,8 +814,7 @@ async def test_a_provider_with_both_a_key_and_url_credentials_is_a_502_not_a_500
     base_url = simulator.base_url.replace("http://", "http://someone:hunter2@")
     config = ProviderConfig(kind="openai", base_url=base_url, api_key=PROVIDER_KEY)
     with pytest.raises(UpstreamError) as caught:
-        async for _batch in get_provider(config).stream(ChatRequest(model="m", messages=MESSAGES)):
-            pass
+        await collect(get_provider(config), ChatRequest(model="m", messages=MESSAGES))
     assert (caught.value.status, caught.value.code) == (502, "upstream_error")
     assert "Cannot combine AUTHORIZATION header" in (caught.value.detail or "")
     for secret in ("hunter2", PROVIDER_KEY):
