@@ -287,7 +287,10 @@ class Router:
     straight to the fallbacks whose window holds it (the model itself when none does), and a
     fallback too small for it is skipped. ``request`` is sent to each deployment with its
     ``upstream_model`` as ``model``. Once a deployment answered (``answered``), ``deployment`` is it
-    and ``serving`` its model (before: the last tried, None before any attempt).
+    and ``serving`` its model (before: the last tried, None before any attempt). ``requested``: the
+    reply's request is out to ``deployment``, which has not failed it (it answered, or had yet to
+    when the reply ended): what a provider bills. False before the first attempt and between a
+    failed attempt and the next (a backoff, a cooldown, a rate limit's wait), when nothing is out.
     """
 
     def __init__(
@@ -309,6 +312,7 @@ class Router:
         self.deployment: DeploymentConfig | None = None
         self.serving: ModelRoute | None = None
         self.answered = False  # a deployment sent its first batch (or ended its reply without one)
+        self.requested = False  # ``deployment`` has the request and has not failed it (see the class docstring)
         # The serving deployment's batches after the first (set by ``first``), and that deployment while open.
         self.upstream: AsyncGenerator[list[ChatChunk], None] = _no_batches()
         self._open_deployment: DeploymentConfig | None = None
@@ -317,9 +321,14 @@ class Router:
 
     @property
     def fallback_served(self) -> ModelRoute | None:
-        """Return the fallback model that answered the reply, or None (the model asked for, or none answered)."""
+        """Return the fallback model that serves the reply, or None (the model asked for, or nothing out).
+
+        The fallback that answered, or whose request is out (``requested``): a reply that ends while
+        it awaits the fallback's first chunk cost that model its prompt, so it is billed as the
+        fallback's, never as the requested model whose every deployment failed (which bills nothing).
+        """
         serving = self.serving
-        return serving if self.answered and serving is not None and serving is not self.route else None
+        return serving if self.requested and serving is not None and serving is not self.route else None
 
     def _routes(self) -> list[ModelRoute]:
         """Return the models to try, in order (context-window fallbacks first: see the class docstring)."""
@@ -446,6 +455,7 @@ class Router:
         """
         provider = deployment.provider
         upstream = get_provider(provider).stream(dataclasses.replace(self.request, model=deployment.upstream_model))
+        self.requested = True  # and stays so if the wait is cancelled: the request was out when the reply ended
         _in_flight[deployment.key] = _in_flight.get(deployment.key, 0) + 1
         started = time.perf_counter()
         result: list[ChatChunk] | UpstreamError | None = None
@@ -471,8 +481,8 @@ class Router:
             await self._close(deployment, upstream)
             raise
         if result is None or isinstance(result, UpstreamError):
+            self.answered = self.requested = result is None  # a failed request is not billed
             await self._close(deployment, upstream)
-            self.answered = result is None
             return result
         self.answered = True
         latency_record(deployment.key, time.perf_counter() - started)

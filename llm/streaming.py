@@ -118,8 +118,9 @@ class ReplyOutcome:
     ``usage``: token counts; ``usage_source`` says whose:
     ``"provider"`` (its usage report), else the serving model's tokenizer's (``llm.tokens``; a
     fallback's own, else the plan's): ``"counted"`` by the model's tokenizer or ``"estimated"``
-    (``UsageRecord.TokenSource`` values); 0 tokens when the reply ended before its upstream request
-    was sent. Times in milliseconds from the upstream
+    (``UsageRecord.TokenSource`` values); 0 tokens when the reply ended with no upstream request out
+    (before the first was sent, or after one failed while the router waited to try the next:
+    ``Router.requested``). Times in milliseconds from the upstream
     request's start; ``time_to_first_token_ms`` is None when no chunk with output arrived.
     ``error``: the failure, for ``failed``.
     """
@@ -287,7 +288,6 @@ class Reply(Generic[P]):
         self._stop_reason: ApplicationError | None = None
         self._interrupted = False  # we cancelled the task for a stop
         self._started = time.perf_counter()
-        self._requested = False  # the upstream request was sent (its generator first awaited)
         self._ttft_ms: float | None = None
         self._content: list[str] = []
         self._reasoning: list[str] = []
@@ -309,10 +309,11 @@ class Reply(Generic[P]):
         """The public name of the model serving the reply, what the client is told and the usage row says.
 
         The plan's model (an alias already resolved to it), or the fallback (``LLMModel.fallbacks``)
-        the router went on to once every deployment of the model failed before its first chunk.
-        Final from the first chunk on (``Router.serving``); before it, and for a reply no model
-        answered, the plan's. Interfaces read it once, when the first chunks arrive or the reply
-        ends, never per chunk.
+        the router went on to once every deployment of the model failed before its first chunk
+        (``Router.fallback_served``: from the moment its request is out, so that a reply that ends
+        while it awaits that fallback is the fallback's, as its usage is). Final from the first
+        chunk on; before it, and for a reply no model was asked or answered, the plan's. Interfaces
+        read it once, when the first chunks arrive or the reply ends, never per chunk.
         """
         fallback = self.router.fallback_served
         return fallback.name if fallback is not None else self.plan.model_name
@@ -388,7 +389,6 @@ class Reply(Generic[P]):
                 first = self._first
                 batch: list[ChatChunk] | None | object = _UNREAD
                 if first is None and not self._stop_requested:
-                    self._requested = True
                     if keepalive is None:
                         self._waiting = True  # a stop cancels this wait (and with it the attempt)
                         try:
@@ -536,7 +536,6 @@ class Reply(Generic[P]):
         upstream call and mostly answered by its first chunk), which the response sends next. A
         cancellation of either wait ends the reply ``cancelled``.
         """
-        self._requested = True
         first = self._first = asyncio.ensure_future(self.router.first())
         admission = self.admission
         try:
@@ -569,9 +568,9 @@ class Reply(Generic[P]):
         refusal = "".join(self._refusal) if self._refusal else ""
         reported = self._usage
         if reported is not None and not reported.prompt_only:
-            usage = reported
-        elif self._requested:
-            usage = self._estimate_usage(content + refusal, reasoning)
+            usage, source = reported, PROVIDER
+        elif self.router.requested:
+            usage, source = self._estimate_usage(content + refusal, reasoning), self._tokenizer().source
             if reported is not None:  # the provider reported the prompt (and its cache split) only
                 usage = Usage(
                     prompt_tokens=reported.prompt_tokens,
@@ -579,8 +578,8 @@ class Reply(Generic[P]):
                     cached_tokens=reported.cached_tokens,
                     cache_creation_tokens=reported.cache_creation_tokens,
                 )
-        else:  # ended before its request was sent (client gone, shut down): nothing to bill
-            usage = Usage(prompt_tokens=0, completion_tokens=0)
+        else:  # no request out (not sent yet, or the last one failed): nothing to bill, exactly
+            usage, source = Usage(prompt_tokens=0, completion_tokens=0), COUNTED
         self.outcome = ReplyOutcome(
             status=status,
             model_name=self.model_name,
@@ -588,7 +587,7 @@ class Reply(Generic[P]):
             reasoning_content=reasoning,
             finish_reason=self._finish_reason,
             usage=usage,
-            usage_source=PROVIDER if reported is not None and not reported.prompt_only else self._tokenizer().source,
+            usage_source=source,
             time_to_first_token_ms=self._ttft_ms,
             duration_ms=(time.perf_counter() - self._started) * 1000,
             error=error,
