@@ -112,9 +112,10 @@ class ReplyOutcome:
 
     ``model_name``: the public name of the model that served it (``Reply.model_name``): the plan's,
     or the fallback that answered when the model's every deployment failed. ``content`` /
-    ``reasoning_content`` / ``refusal``: all text streamed (``refusal``: what the model said when it
-    declined, OpenAI's ``refusal``; ``text`` joins it to ``content`` for interfaces without a place
-    for it). ``tool_calls``: the whole tool calls streamed (``llm.providers.tool_calls_merged``).
+    ``reasoning_content`` / ``refusal``: all text the upstream streamed, a batch its client left
+    during included (``Reply._take``; ``refusal``: what the model said when it declined, OpenAI's
+    ``refusal``; ``text`` joins it to ``content`` for interfaces without a place for it).
+    ``tool_calls``: the whole tool calls streamed (``llm.providers.tool_calls_merged``).
     ``usage``: token counts; ``usage_source`` says whose:
     ``"provider"`` (its usage report), else the serving model's tokenizer's (``llm.tokens``; a
     fallback's own, else the plan's): ``"counted"`` by the model's tokenizer or ``"estimated"``
@@ -176,7 +177,7 @@ class ReplyPlan:
         """Persist the end of the reply (sync; the ORM is allowed). The base plan persists nothing."""
 
     def checkpoint(self, content: str, reasoning_content: str) -> None:
-        """Persist the text delivered so far of a reply still streaming, what a crash keeps (sync).
+        """Persist the text so far of a reply still streaming, what a crash keeps (sync).
 
         Called every ``REPLY_CHECKPOINT_SECONDS`` while text flows, never per token, one at a time;
         it must not undo an end already written. The base plan keeps nothing.
@@ -292,7 +293,7 @@ class Reply(Generic[P]):
         self._content: list[str] = []
         self._reasoning: list[str] = []
         self._refusal: list[str] = []
-        self._tool_calls: list[dict[str, Any]] = []  # delivered ``delta.tool_calls`` entries
+        self._tool_calls: list[dict[str, Any]] = []  # received ``delta.tool_calls`` entries
         self._chunks_with_output = 0
         self._finish_reason: str | None = None
         self._usage: Usage | None = None
@@ -418,7 +419,7 @@ class Reply(Generic[P]):
                     delta = self._take(batch)
                     if delta is not None:
                         yield delta
-                        self._delivered(delta)
+                        self._delivered()
                 if status is not ReplyStatus.COMPLETED and batch is not _UNREAD and not self._stop_requested:
                     # The serving deployment's own iterator: the router adds nothing per batch.
                     # ``_waiting`` is True exactly while the loop awaits the upstream's next batch.
@@ -429,7 +430,7 @@ class Reply(Generic[P]):
                             delta = self._take(batch)
                             if delta is not None:
                                 yield delta
-                                self._delivered(delta)
+                                self._delivered()
                             if self._stop_requested:
                                 break
                             self._waiting = True
@@ -478,19 +479,31 @@ class Reply(Generic[P]):
         return self._task.uncancel() == 0
 
     def _take(self, batch: list[ChatChunk]) -> ReplyDelta | None:
-        """Account for a batch of chunks as received; return what to pass on (None when only usage came).
+        """Add a batch of chunks to the reply as received; return what to pass on (None when only usage came).
 
-        Its text counts as the reply's only once delivered (``_delivered``): the saved text is what
-        the client received, while the token estimate counts every chunk the upstream generated.
+        Its text is the reply's from now on, whether or not its client gets it: the upstream generated
+        it and bills it. A client that leaves (or a server that stops) while the batch is being sent
+        to it cancels the send, never the text: the saved reply is every chunk received, and the
+        tokens counted for a reply its provider reported none for are that same text's (a stopped or
+        cut reply's completion tokens are the tokenizer's count of its saved text).
         """
         # The hot path: appends and compares only.
         usage_only = False
         for chunk in batch:
             content, reasoning = chunk.content, chunk.reasoning_content
-            if content or reasoning or chunk.tool_calls or chunk.refusal:
+            refusal, tool_calls = chunk.refusal, chunk.tool_calls
+            if content or reasoning or tool_calls or refusal:
                 if self._ttft_ms is None:
                     self._ttft_ms = (time.perf_counter() - self._started) * 1000
                 self._chunks_with_output += 1
+                if content:
+                    self._content.append(content)
+                elif refusal:  # OpenAI sends a refusal instead of content: the content path pays nothing
+                    self._refusal.append(refusal)
+                if reasoning:
+                    self._reasoning.append(reasoning)
+                if tool_calls:
+                    self._tool_calls.extend(tool_calls)
             elif chunk.usage is not None and not chunk.finish_reason:
                 usage_only = True
             if chunk.finish_reason:
@@ -501,17 +514,11 @@ class Reply(Generic[P]):
             batch = [chunk for chunk in batch if chunk.usage is None or chunk.finish_reason or _has_output(chunk)]
         return ReplyDelta(batch) if batch else None
 
-    def _delivered(self, delta: ReplyDelta) -> None:
-        """Add the text of ``delta`` to the reply: the interface took it and asked for the next event."""
-        for chunk in delta.chunks:
-            if chunk.content:
-                self._content.append(chunk.content)
-            elif chunk.refusal:  # OpenAI sends a refusal instead of content: the content path pays nothing
-                self._refusal.append(chunk.refusal)
-            if chunk.reasoning_content:
-                self._reasoning.append(chunk.reasoning_content)
-            if chunk.tool_calls:
-                self._tool_calls.extend(chunk.tool_calls)
+    def _delivered(self) -> None:
+        """The interface sent the last delta and asks for the next event: checkpoint the text if it is time.
+
+        After the send, so that a checkpoint (what a crash keeps) never holds text its client was not sent.
+        """
         if self._checkpoints and time.monotonic() >= self._next_checkpoint:
             self._checkpoint()
 
@@ -562,7 +569,7 @@ class Reply(Generic[P]):
             await self.router.aclose()
 
     def _set_outcome(self, status: ReplyStatus, error: ApplicationError | None) -> ReplyOutcome:
-        """End the reply's bookkeeping: build ``outcome`` from what it took and delivered (sync, once)."""
+        """End the reply's bookkeeping: build ``outcome`` from the chunks it took (sync, once)."""
         _open_replies.discard(self)
         content, reasoning = "".join(self._content), "".join(self._reasoning)
         refusal = "".join(self._refusal) if self._refusal else ""
@@ -725,7 +732,7 @@ class Reply(Generic[P]):
         return Usage(prompt_tokens=prompt, completion_tokens=completion)
 
     def _tool_call_text(self) -> str:
-        """Return the names and argument fragments of the tool calls delivered, joined ("" for none)."""
+        """Return the names and argument fragments of the tool calls received, joined ("" for none)."""
         parts: list[str] = []
         for call in self._tool_calls:
             function = call.get("function")

@@ -259,6 +259,8 @@ class ASGIResult:
     frames: list[bytes] = field(default_factory=list)
     # Messages the application sent after the server cancelled it (``cancel_after_frames``).
     sent_after_cancel: list[dict[str, Any]] = field(default_factory=list)
+    # The body part whose send the client left during, never received (``disconnect_during_frame``).
+    undelivered: bytes = b""
 
 
 def http_scope(method: str, path: str, headers: Iterable[tuple[str, str]], *, port: int = 8000) -> dict[str, Any]:
@@ -291,6 +293,7 @@ async def asgi_request(
     headers: Mapping[str, str] | Iterable[tuple[str, str]] = (),
     body: bytes | Iterable[bytes] = b"",
     disconnect_after_frames: int | None = None,
+    disconnect_during_frame: int | None = None,
     disconnect_on_start: bool = False,
     cancel_after_frames: int | None = None,
     cancel_after_seconds: float | None = None,
@@ -302,7 +305,9 @@ async def asgi_request(
     ``body``: bytes, or parts that arrive as separate ``http.request`` messages (a chunked body
     when no ``content-length`` header is given). With ``disconnect_after_frames``, the client
     disconnects once that many body parts arrived: Django then cancels the view's task. With
-    ``disconnect_on_start``, it disconnects while the headers are being sent, and the send
+    ``disconnect_during_frame``, it disconnects while that body part (1-based) is being sent, which
+    it never receives (kept in ``undelivered``): the send blocks like a stalled socket until Django
+    cancels it. With ``disconnect_on_start``, it disconnects while the headers are being sent, and the send
     blocks like a stalled socket until Django cancels it. With ``cancel_after_frames``, the
     server cancels the application's task once that many body parts arrived, as uvicorn does past
     its ``--timeout-graceful-shutdown`` and daphne on SIGTERM (``cancel_after_seconds``: that long
@@ -331,6 +336,10 @@ async def asgi_request(
             if disconnect_on_start:
                 inbox.put_nowait({"type": "http.disconnect"})
                 await asyncio.Event().wait()  # a socket that never drains: only a cancellation ends it
+        elif message.get("body") and len(result.frames) + 1 == disconnect_during_frame:
+            result.undelivered = message["body"]
+            inbox.put_nowait({"type": "http.disconnect"})
+            await asyncio.Event().wait()  # a socket that never drains: only a cancellation ends it
         elif message.get("body"):
             result.frames.append(message["body"])
             result.content += message["body"]

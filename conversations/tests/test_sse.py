@@ -18,11 +18,15 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 from accounts.models import Membership, Organization
 from chatbackend.asyncdb import run_sync
 from conversations.models import Message
+from llm.models import LLMModel
+from llm.selectors import enabled_model_cache
 from llm.simulator import reply_text
+from llm.tokens import tokenizer_for
 from tests.factories import ConversationFactory
 from tests.kit import (
     FAST_REPLY_TOKENS,
     SLOW_REPLY_TOKENS,
+    asgi_request,
     assert_error,
     bearer,
     listed_messages,
@@ -37,6 +41,7 @@ pytestmark = [
 ]
 
 SSE = "text/event-stream"
+O200K = tokenizer_for(setting="o200k_base", model_name="gpt-4o")
 
 
 def url(conversation) -> str:
@@ -274,6 +279,35 @@ async def test_client_disconnect_cancels_the_reply_and_the_upstream_request(
     [record] = await poll_until(lambda: usage_records(message_id=message_id))
     assert record.finish_status == "cancelled"
     assert record.token_source == "estimated"
+
+
+async def test_a_delta_the_client_left_during_is_saved_and_billed_with_the_text_before_it(
+    slow_model, slow_conversation, token
+):
+    """The client disconnects while a ``reply.delta`` is being sent (it never gets it). The upstream
+    generated that text and bills it: the message keeps it and the completion tokens are the
+    tokenizer's count of exactly the saved text, as for any stopped reply."""
+    await run_sync(LLMModel.objects.filter(pk=slow_model.pk).update, tokenizer="o200k_base")
+    enabled_model_cache.clear()
+    result = await asgi_request(
+        "POST",
+        url(slow_conversation),
+        headers={"Content-Type": "application/json", "Accept": SSE, **bearer(token)},
+        body=json.dumps({"content": "Tell me a story"}).encode(),
+        disconnect_during_frame=5,  # reply.start, then deltas
+    )
+
+    received = [json.loads(part.split(b"data: ", 1)[1]) for part in result.frames]
+    message_id = received[0]["message_id"]
+    sent = "".join(data["content"] for data in received[1:])
+    left_during = json.loads(result.undelivered.split(b"data: ", 1)[1])["content"]
+    assert len(received) == 4 and left_during
+    answer = await message(message_id)
+    assert answer.status == "cancelled"
+    assert answer.content == sent + left_during
+    [record] = await usage_records(message_id=message_id)
+    assert record.token_source == "counted"
+    assert record.completion_tokens == answer.completion_tokens == O200K.count_text(sent + left_during)
 
 
 async def test_stop_endpoint_stops_an_sse_reply(asgi_server, slow_simulator, slow_conversation, token):
