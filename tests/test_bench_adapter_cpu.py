@@ -32,15 +32,15 @@ def test_measures_the_gemini_adapter_on_the_simulators_gemini_route(simulator: S
     result = run_python("-m", "bench.adapter_cpu", "--kind", "gemini", "--base-url", simulator.root_url, *options)
 
     assert result.returncode == 0, result.stdout + result.stderr
-    per_reply = FAST_REPLY_TOKENS + 1  # the tokens (the last with the finish_reason), the usage chunk
+    per_reply = FAST_REPLY_TOKENS + 2  # the prompt's usage, the tokens (the last with the finish_reason), the usage
     counts = re.findall(r"(.+): (\d+) replies, (\d+) chunks", result.stdout)
     assert counts == [("sequential", "1", str(per_reply)), ("2 concurrent", "2", str(2 * per_reply))], result.stdout
 
 
 # Chunks per reply besides the tokens: OpenAI's finish and usage chunks (Azure's adapter yields the
-# same two; Anthropic's also message_start's prompt usage, first); Gemini's last token carries the
-# finish_reason, then the usage.
-FRAMING_CHUNKS = {"openai": 2, "anthropic": 3, "gemini": 1, "azure_openai": 2}
+# same two; Anthropic's also message_start's prompt usage, first); Gemini's the prompt's usage as its
+# responses report it, first, then its last token carries the finish_reason, then the usage.
+FRAMING_CHUNKS = {"openai": 2, "anthropic": 3, "gemini": 2, "azure_openai": 2}
 
 
 def test_every_kind_in_one_process_as_json_with_the_key_the_simulator_requires(

@@ -23,7 +23,11 @@ Back to ``ChatChunk`` (one per ``GenerateContentResponse`` of the first candidat
 - the ``usageMetadata`` of the finishing response (else the last one sent) → a last ``ChatChunk(usage=...)``:
   ``prompt_tokens`` = ``promptTokenCount`` (+ ``toolUsePromptTokenCount``; the cached tokens are
   already inside it), ``completion_tokens`` = ``candidatesTokenCount`` + ``thoughtsTokenCount``,
-  ``cached_tokens`` = ``cachedContentTokenCount``, ``reasoning_tokens`` = ``thoughtsTokenCount``.
+  ``cached_tokens`` = ``cachedContentTokenCount``, ``reasoning_tokens`` = ``thoughtsTokenCount``;
+- Gemini repeats ``usageMetadata`` on every response, the prompt's count among it: the first
+  response with output (and any later one whose ``promptTokenCount`` changed) is preceded by a
+  ``Usage.prompt_only`` chunk of it, as Anthropic's ``message_start``, so a stream cut before its
+  finishing response is billed the prompt the provider reported (the engine counts the completion).
 
 Errors are the shared ``UpstreamError`` mapping (``llm.providers.http``), reading Google's
 ``{"error": {"code", "message", "status", "details"}}``; in addition Google's **400** for a wrong
@@ -119,6 +123,15 @@ def usage_from_metadata(metadata: dict[str, Any]) -> Usage:
         completion_tokens=count("candidatesTokenCount") + thoughts,
         cached_tokens=count("cachedContentTokenCount"),
         reasoning_tokens=thoughts,
+    )
+
+
+def _prompt_usage(metadata: dict[str, Any]) -> Usage:
+    """Return the ``Usage.prompt_only`` report of a response's ``usageMetadata`` before the finishing one:
+    its prompt counts (and cache split), the completion's not yet known."""
+    usage = usage_from_metadata(metadata)
+    return Usage(
+        prompt_tokens=usage.prompt_tokens, completion_tokens=0, cached_tokens=usage.cached_tokens, prompt_only=True
     )
 
 
@@ -223,13 +236,14 @@ class _ResponseDecoder(SSEBodyDecoder):
     object or a malformed event.
     """
 
-    __slots__ = ("_calls", "_metadata")
+    __slots__ = ("_calls", "_metadata", "_prompt_reported")
     END_AT_FINISH = True
 
     def __init__(self, safe: Callable[[str], str]) -> None:
         super().__init__(safe)
         self._calls = 0  # functionCall parts so far: the next tool call's index
         self._metadata: dict[str, Any] | None = None  # the last usageMetadata received
+        self._prompt_reported: Any = None  # the promptTokenCount of the last prompt-only usage chunk
 
     def _chunks(self, lines: list[str]) -> list[ChatChunk]:
         batch: list[ChatChunk] = []
@@ -294,6 +308,13 @@ class _ResponseDecoder(SSEBodyDecoder):
             # Gemini sends the full usage with the finishing response; else the last one it sent.
             if self._metadata:
                 chunks.append(ChatChunk(usage=usage_from_metadata(self._metadata)))
+        elif chunks and self._metadata and self._metadata.get("promptTokenCount") != self._prompt_reported:
+            # The prompt's count as the responses so far reported it, first in a batch with output
+            # (never a chunk alone: a batch of usage alone would settle routing before the reply
+            # began), once per count: one comparison per response. A stream cut before its
+            # finishing response is still billed the provider's prompt tokens.
+            self._prompt_reported = self._metadata.get("promptTokenCount")
+            chunks.insert(0, ChatChunk(usage=_prompt_usage(self._metadata)))
         return chunks
 
     def _tool_call(self, call: dict[str, Any], signature: Any) -> dict[str, Any]:

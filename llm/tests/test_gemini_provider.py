@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from llm.providers.gemini_request import SKIP_THOUGHT_SIGNATURE
 from llm.simulator import count_prompt_tokens, reply_text
 from llm.simulator.gemini_wire import CACHE_MIN_WORDS, THOUGHT_SIGNATURE, THOUGHT_TOKENS
 from llm.tests.simulator_process import SimulatorProcess
+from llm.tokens import ESTIMATE_TOKENIZER
 from tests.factories import LLMModelFactory, ProviderFactory
 from tests.kit import (
     FAST_REPLY_TOKENS,
@@ -40,6 +42,7 @@ from tests.kit import (
     run_python,
     sse_data,
     streamed_content,
+    usage_records,
 )
 
 pytestmark = pytest.mark.usefixtures("provider_clients")
@@ -95,15 +98,22 @@ def assert_key_hidden(error: UpstreamError, key: str = PROVIDER_KEY) -> None:
 # --- Gemini: replies --------------------------------------------------------------------------
 
 
+def prompt_reported(tokens: int) -> ChatChunk:
+    """Return the chunk of a prompt's count as a response's ``usageMetadata`` reported it before the end."""
+    return ChatChunk(usage=Usage(prompt_tokens=tokens, completion_tokens=0, prompt_only=True))
+
+
 async def test_streams_text_then_finish_and_usage(simulator: SimulatorProcess) -> None:
     chunks = await collect(gemini(simulator.root_url), ChatRequest(model="sim-1", messages=MESSAGES))
 
     assert "".join(c.content for c in chunks) == reply_text(MESSAGES, FAST_REPLY_TOKENS)
     assert sum(1 for c in chunks if c.content) == FAST_REPLY_TOKENS
-    assert [c.finish_reason for c in chunks] == [None] * (FAST_REPLY_TOKENS - 1) + ["stop", None]
+    assert [c.finish_reason for c in chunks] == [None] * FAST_REPLY_TOKENS + ["stop", None]
+    # The prompt's count the responses repeat comes first, once, with the first text; the full usage last.
+    assert chunks[0] == prompt_reported(count_prompt_tokens(MESSAGES))
     usage = Usage(prompt_tokens=count_prompt_tokens(MESSAGES), completion_tokens=FAST_REPLY_TOKENS)
     assert chunks[-1] == ChatChunk(usage=usage)
-    assert all(c.usage is None and not c.reasoning_content and c.tool_calls is None for c in chunks[:-1])
+    assert all(c.usage is None and not c.reasoning_content and c.tool_calls is None for c in chunks[1:-1])
 
 
 async def test_reasoning_effort_streams_thoughts_as_reasoning_content(simulator: SimulatorProcess) -> None:
@@ -111,7 +121,8 @@ async def test_reasoning_effort_streams_thoughts_as_reasoning_content(simulator:
     chunks = await collect(gemini(simulator.root_url), request)
 
     reasoning = [c for c in chunks if c.reasoning_content]
-    assert len(reasoning) == THOUGHT_TOKENS and chunks[:THOUGHT_TOKENS] == reasoning  # thoughts come first
+    assert chunks[0] == prompt_reported(count_prompt_tokens(MESSAGES))
+    assert len(reasoning) == THOUGHT_TOKENS and chunks[1 : THOUGHT_TOKENS + 1] == reasoning  # thoughts come first
     assert "".join(c.content for c in chunks) == reply_text(MESSAGES, FAST_REPLY_TOKENS)
     assert chunks[-1].usage == Usage(
         prompt_tokens=count_prompt_tokens(MESSAGES),
@@ -241,6 +252,8 @@ async def test_faults_mid_stream_keep_the_chunks_received(
     adapter = gemini(simulator.root_url, fault=fault, read_timeout=0.5)
     with pytest.raises(UpstreamError) as caught:
         await collect(adapter, ChatRequest(model="sim-1", messages=MESSAGES), received)
+    if chunks:  # the prompt's count as reported, first: what a cut stream is billed for its prompt
+        assert received.pop(0) == prompt_reported(count_prompt_tokens(MESSAGES))
     assert len(received) == chunks and all(c.content for c in received)
     assert (caught.value.status, caught.value.code) == (status, code)
     if status == 429:
@@ -419,7 +432,31 @@ BLOCKED = {"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}, "usageMetada
         # A finishing response without usageMetadata: the last one sent is the usage.
         (
             [{**candidate([{"text": "Hi"}]), "usageMetadata": {"promptTokenCount": 2}}, candidate([], "MAX_TOKENS")],
-            [ChatChunk(content="Hi"), ChatChunk(finish_reason="length"), ChatChunk(usage=Usage(2, 0))],
+            [
+                prompt_reported(2),
+                ChatChunk(content="Hi"),
+                ChatChunk(finish_reason="length"),
+                ChatChunk(usage=Usage(2, 0)),
+            ],
+        ),
+        # The prompt's count is passed on with output only, and again only when it changes.
+        (
+            [
+                {"usageMetadata": {"promptTokenCount": 2}},
+                candidate([{"text": "A"}]),
+                {**candidate([{"text": "B"}]), "usageMetadata": {"promptTokenCount": 2}},
+                {**candidate([{"text": "C"}]), "usageMetadata": {"promptTokenCount": 5, "cachedContentTokenCount": 3}},
+                {**candidate([], "STOP"), "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 3}},
+            ],
+            [
+                prompt_reported(2),
+                ChatChunk(content="A"),
+                ChatChunk(content="B"),
+                ChatChunk(usage=Usage(prompt_tokens=5, completion_tokens=0, cached_tokens=3, prompt_only=True)),
+                ChatChunk(content="C"),
+                ChatChunk(finish_reason="stop"),
+                ChatChunk(usage=Usage(5, 3)),
+            ],
         ),
     ],
 )
@@ -599,3 +636,38 @@ async def test_a_reasoning_effort_openai_does_not_have_is_a_400(simulator: Simul
     with pytest.raises(ApplicationError) as caught:
         await collect(gemini(simulator.root_url), request)
     assert (caught.value.status, caught.value.code, caught.value.param) == (400, "invalid_value", "reasoning_effort")
+
+
+@pytest.fixture
+def cut_gemini_model(db, simulator: SimulatorProcess) -> Any:
+    """``gemini-cut``: a model on a ``gemini`` provider whose every stream the simulator drops after 3
+    words (an estimate tokenizer: the provider's prompt count is not the estimate's)."""
+    upstream = ProviderFactory(
+        name="sim-gemini-cut",
+        kind="gemini",
+        base_url=simulator.root_url,
+        api_key="",
+        extra_headers={"X-Simulator-Fault": "drop-after=3"},
+    )
+    return LLMModelFactory(name="gemini-cut", provider=upstream, upstream_model="sim-1")
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_cut_stream_bills_the_prompt_as_the_usage_metadata_of_its_chunks_reported_it(
+    api_key_secret, cut_gemini_model
+) -> None:
+    """Gemini repeats ``usageMetadata`` (the prompt's count so far) on every response of a stream, the
+    full one only with the finishing response. A stream cut before that is billed the prompt the
+    provider reported, and only the completion is counted here, as Anthropic's ``message_start``."""
+    body = chat_body("gemini-cut", "Tell me about rivers", stream=True)
+    response = await post_chat(AsyncClient(), body, bearer(api_key_secret))
+    assert response.status_code == 200
+    *payloads, last = sse_data(await streamed_content(response))
+    assert json.loads(last)["error"]["code"] == "upstream_disconnected"
+    received = chunk_text(json.loads(payload) for payload in payloads)
+
+    [record] = await usage_records()
+    assert (record.finish_status, record.token_source) == ("failed", "estimated")
+    assert record.prompt_tokens == count_prompt_tokens(body["messages"])  # the provider's, not the estimate's
+    assert record.completion_tokens == ESTIMATE_TOKENIZER.count_text(received)
+    assert record.cost == (record.prompt_tokens * Decimal("1") + record.completion_tokens * Decimal("2")) / 1_000_000
