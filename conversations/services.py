@@ -360,9 +360,10 @@ class ConversationReplyPlan(ReplyPlan):
         if self.title_wanted and self.message_written and outcome.status is ReplyStatus.COMPLETED:
             conversation_title_request(conversation_id=self.conversation_id, message_id=self.message_id)
 
-    def checkpoint(self, content: str, reasoning_content: str) -> None:
-        """Write the text so far on the assistant message while it streams (``reply_checkpoint``)."""
-        reply_checkpoint(message_id=self.message_id, content=content)
+    def checkpoint(self, content: str, reasoning_content: str, model_name: str) -> None:
+        """Write the text so far, and the model generating it, on the assistant message while it streams
+        (``reply_checkpoint``)."""
+        reply_checkpoint(message_id=self.message_id, content=content, model_name=model_name)
 
     def refused(self, error: ApplicationError) -> None:
         """Remove the turn a refused reply started (``reply_refused``): it never happened."""
@@ -644,16 +645,19 @@ def reply_finish(outcome: ReplyOutcome, *, message_id: int) -> bool:
     return written > 0
 
 
-def reply_checkpoint(*, message_id: int, content: str) -> None:
+def reply_checkpoint(*, message_id: int, content: str, model_name: str | None = None) -> None:
     """Write the text so far of assistant message ``message_id``, only while it is ``streaming``.
 
-    One UPDATE; it never overwrites an end already written (the status filter is re-checked under
-    the row lock, so a checkpoint racing ``reply_finish`` changes nothing).
+    ``model_name``: the model generating it (a fallback's once one serves; None: unchanged), what a
+    crash recovery (``reply_recover``) names and prices the reply by. One UPDATE; it never
+    overwrites an end already written (the status filter is re-checked under the row lock, so a
+    checkpoint racing ``reply_finish`` changes nothing).
     """
     now = timezone.now()
-    Message.objects.filter(pk=message_id, status=Message.Status.STREAMING).update(
-        content=content, checkpointed_at=now, updated_at=now
-    )
+    fields: dict[str, Any] = {"content": content, "checkpointed_at": now, "updated_at": now}
+    if model_name is not None:
+        fields["model_name"] = model_name
+    Message.objects.filter(pk=message_id, status=Message.Status.STREAMING).update(**fields)
 
 
 INTERRUPTED = "interrupted"

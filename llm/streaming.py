@@ -176,11 +176,13 @@ class ReplyPlan:
     def finish(self, outcome: ReplyOutcome) -> None:
         """Persist the end of the reply (sync; the ORM is allowed). The base plan persists nothing."""
 
-    def checkpoint(self, content: str, reasoning_content: str) -> None:
+    def checkpoint(self, content: str, reasoning_content: str, model_name: str) -> None:
         """Persist the text so far of a reply still streaming, what a crash keeps (sync).
 
-        Called every ``REPLY_CHECKPOINT_SECONDS`` while text flows, never per token, one at a time;
-        it must not undo an end already written. The base plan keeps nothing.
+        ``model_name``: the model generating it (``Reply.model_name``: a fallback's once one serves),
+        which a crash recovery bills the text as. Called every ``REPLY_CHECKPOINT_SECONDS`` while
+        text flows, never per token, one at a time; it must not undo an end already written. The
+        base plan keeps nothing.
         """
 
     def refused(self, error: ApplicationError) -> None:
@@ -527,7 +529,8 @@ class Reply(Generic[P]):
         self._next_checkpoint = time.monotonic() + self._checkpoint_every
         if self._checkpointing is not None and not self._checkpointing.done():
             return
-        task = asyncio.ensure_future(run_sync(self.plan.checkpoint, "".join(self._content), "".join(self._reasoning)))
+        content, reasoning = "".join(self._content), "".join(self._reasoning)
+        task = asyncio.ensure_future(run_sync(self.plan.checkpoint, content, reasoning, self.model_name))
         task.add_done_callback(self._checkpoint_done)
         self._checkpointing = task
 

@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import datetime as dt
+import secrets
+from decimal import Decimal
 
+import httpx
 import pytest
 from django.core.cache import cache
 from django.test import override_settings
 from django.utils import timezone
+from httpx_sse import aconnect_sse
 
 from accounts.authentication import principal_for
 from accounts.models import UsageRecord
 from accounts.usage import usage_flush
+from chatbackend.asyncdb import run_sync
 from chatbackend.lifespan import LifespanApp
 from chatbackend.liveness import BEATS_TO_DEATH, PROCESS_ID, process_alive
 from conversations.models import Message
 from conversations.services import reply_checkpoint, reply_recover_orphans, reply_stop
+from llm.selectors import enabled_model_cache
 from llm.streaming import replies_accepting
 from llm.tokens import tokenizer_for
-from tests.factories import ConversationFactory, LLMModelFactory, MessageFactory
+from tests.factories import ConversationFactory, LLMModelFactory, MessageFactory, ProviderFactory
+from tests.kit import bearer, poll_until, usage_records
 
 pytestmark = pytest.mark.django_db(transaction=True)  # usage records are written by another thread
 
@@ -158,3 +165,57 @@ async def test_on_the_embedded_defaults_start_up_recovers_what_an_earlier_run_le
     assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
     refreshed = await Message.objects.aget(pk=orphan.pk)
     assert refreshed.status == Message.Status.FAILED
+
+
+@pytest.fixture
+def slow_fallback_conversation(user, simulator, slow_simulator, settings):
+    """A conversation with ``primary`` (a 500 before any chunk, 10 $/M in and out) whose replies its
+    fallback ``backup`` (1 and 2 $/M) serves on the slow simulator, checkpointed every 50 ms."""
+    settings.LLM_ROUTING_BACKOFF_SECONDS = 0.01
+    settings.REPLY_CHECKPOINT_SECONDS = 0.05
+    enabled_model_cache.clear()  # other tests name models "primary" and "backup" too
+    failing = f"sim-fallback-{secrets.token_hex(4)}"
+    simulator.fault_set(failing, "status=500")
+    slow = ProviderFactory(name="sim-slow-backup", base_url=slow_simulator.base_url, api_key="")
+    LLMModelFactory(name="backup", provider=slow, upstream_model="sim-1")
+    provider = ProviderFactory(name="sim-failing-primary", base_url=simulator.base_url, api_key="")
+    primary = LLMModelFactory(
+        name="primary",
+        provider=provider,
+        upstream_model=failing,
+        fallbacks=["backup"],
+        input_price_per_million="10.000000",
+        output_price_per_million="10.000000",
+    )
+    yield ConversationFactory(owner=user, model=primary)
+    simulator.fault_clear(failing)
+    enabled_model_cache.clear()
+
+
+@pytest.mark.usefixtures("provider_clients")
+async def test_a_checkpoint_of_a_reply_a_fallback_serves_names_the_fallback_that_recovery_bills(
+    slow_fallback_conversation, asgi_server, token
+):
+    """What a crash keeps of a reply is its checkpoints: the model generating the text must be among
+    it, or a recovery bills the text as the requested model's (its prices, its tokenizer), though
+    that model generated nothing."""
+    conversation = slow_fallback_conversation
+    url = f"/api/conversations/{conversation.pk}/messages/"
+    async with (
+        httpx.AsyncClient(base_url=asgi_server, timeout=10) as client,
+        aconnect_sse(client, "POST", url, json={"content": "Tell me a story"}, headers=bearer(token)) as source,
+    ):
+        events = source.aiter_sse()  # read, never closed early: that would close the connection
+        start = await anext(events)
+        message_id = start.json()["message_id"]
+        checkpointed = await poll_until(
+            lambda: Message.objects.aget(pk=message_id), lambda m: m.checkpointed_at is not None and m.content
+        )
+        assert (checkpointed.status, checkpointed.model_name) == (Message.Status.STREAMING, "backup")
+
+        # Its process dies now: the recovery bills what the checkpoint says.
+        await Message.objects.filter(pk=message_id).aupdate(stream_owner=DEAD)
+        assert await run_sync(reply_recover_orphans, orphan_after_seconds=0) == 1  # it checkpoints on
+        [record] = await usage_records(message_id=message_id)
+        assert (record.model_name, record.finish_status) == ("backup", "failed")
+        assert record.cost == (record.prompt_tokens * 1 + record.completion_tokens * 2) / Decimal(1_000_000)
