@@ -17,22 +17,45 @@ from django.utils import timezone
 
 from .metering.types import RateLimits
 
+RATE_LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "concurrent_streams")
+# A limit of 0 admits nothing, yet its 429 said "try again in 1s": clients that honour Retry-After
+# retried for ever. Empty is "no limit"; a subject to block is deactivated, revoked or disabled.
+RATE_LIMIT_ZERO_MESSAGE = "0 would refuse every request; leave it empty for no limit."
+_RATE_LIMIT_VALIDATORS = [MinValueValidator(1, message=RATE_LIMIT_ZERO_MESSAGE)]
+
+# Every concrete ``RateLimited`` model lists these in its ``Meta.constraints`` (a child's own Meta
+# replaces its abstract parent's): the same rule for rows written without a form.
+RATE_LIMIT_CONSTRAINTS: list[models.BaseConstraint] = [
+    models.CheckConstraint(
+        condition=models.Q(**{f"{field}__gte": 1}) | models.Q(**{f"{field}__isnull": True}),
+        name=f"%(app_label)s_%(class)s_{field}_not_zero",
+        violation_error_message=RATE_LIMIT_ZERO_MESSAGE,
+    )
+    for field in RATE_LIMIT_FIELDS
+]
+
 
 class RateLimited(models.Model):
     """Rate-limit fields of a metering subject (a user, an API key, a model); empty means no limit.
 
     Enforced across all server processes by ``accounts.metering`` (https://platform.openai.com/docs/guides/rate-limits
-    for the meaning of each).
+    for the meaning of each). A limit is at least 1 (``RATE_LIMIT_CONSTRAINTS``).
     """
 
     requests_per_minute = models.PositiveIntegerField(
-        null=True, blank=True, help_text="requests per minute; empty for no limit"
+        null=True, blank=True, validators=_RATE_LIMIT_VALIDATORS, help_text="requests per minute; empty for no limit"
     )
     tokens_per_minute = models.PositiveIntegerField(
-        null=True, blank=True, help_text="prompt plus completion tokens per minute; empty for no limit"
+        null=True,
+        blank=True,
+        validators=_RATE_LIMIT_VALIDATORS,
+        help_text="prompt plus completion tokens per minute; empty for no limit",
     )
     concurrent_streams = models.PositiveIntegerField(
-        null=True, blank=True, help_text="replies streaming at once; empty for no limit"
+        null=True,
+        blank=True,
+        validators=_RATE_LIMIT_VALIDATORS,
+        help_text="replies streaming at once; empty for no limit",
     )
 
     class Meta:
@@ -107,12 +130,13 @@ class Organization(RateLimited):
     class Meta:
         ordering = ["name", "id"]
         constraints = [
+            *RATE_LIMIT_CONSTRAINTS,
             # "Acme" and "acme" would be two tenants a person cannot tell apart in a header or a list.
             models.UniqueConstraint(
                 Lower("slug"),
                 name="organization_slug_unique_ignoring_case",
                 violation_error_message="An organization with this slug, ignoring case, already exists.",
-            )
+            ),
         ]
 
     def __str__(self) -> str:
@@ -151,7 +175,8 @@ class Team(RateLimited):
     class Meta:
         ordering = ["organization", "name", "id"]
         constraints = [
-            models.UniqueConstraint(fields=["organization", "slug"], name="team_slug_unique_in_organization")
+            *RATE_LIMIT_CONSTRAINTS,
+            models.UniqueConstraint(fields=["organization", "slug"], name="team_slug_unique_in_organization"),
         ]
 
     def __str__(self) -> str:
@@ -189,6 +214,9 @@ class User(AbstractUser, RateLimited):
         related_name="service_user",
         help_text="set on a team's service user, which owns the team's keys; it cannot log in",
     )
+
+    class Meta(AbstractUser.Meta):
+        constraints = RATE_LIMIT_CONSTRAINTS
 
     # Not a field: False on an unsaved user keeps the post_save hook (``AccountsConfig``) from making
     # it a member of the default organization: an invited account joins the inviting one instead.
@@ -368,6 +396,7 @@ class APIKey(RateLimited):
     class Meta:
         ordering = ["-created_at"]
         verbose_name = "API key"
+        constraints = RATE_LIMIT_CONSTRAINTS
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}...)"

@@ -13,7 +13,7 @@ from django.core.validators import MinValueValidator
 from django.db import models
 from encrypted_fields.fields import EncryptedCharField
 
-from accounts.models import RateLimited
+from accounts.models import RATE_LIMIT_CONSTRAINTS, RateLimited
 
 
 def validate_base_url(value: str) -> None:
@@ -295,6 +295,7 @@ class LLMModel(RateLimited):
     class Meta:
         ordering = ["name"]
         verbose_name = "LLM model"
+        constraints = RATE_LIMIT_CONSTRAINTS
 
     def __str__(self) -> str:
         return self.name
@@ -361,6 +362,7 @@ class Deployment(RateLimited):
     class Meta:
         ordering = ["model", "priority", "id"]
         constraints = [
+            *RATE_LIMIT_CONSTRAINTS,
             models.UniqueConstraint(
                 fields=["model", "provider", "upstream_model"], name="llm_deployment_unique_per_model"
             ),
