@@ -490,3 +490,17 @@ def test_admin_lists_and_filters_templates(admin_site, user):
     response = admin_site.get("/admin/conversations/conversationtemplate/", {"visibility": "organization"})
     assert response.status_code == 200 and b"Listed" in response.content
     assert admin_site.get("/admin/conversations/conversationtemplate/", {"q": "Listed"}).status_code == 200
+
+
+def test_admin_keeps_templates_their_owners_and_only_deletes_them(admin_site, user):
+    # The admin's add page answers 403 by design, as for API keys and messages: a template is its
+    # owner's (made over REST in an organization they belong to); operators moderate by deleting.
+    template = _template(user, name="Moderated", visibility=Visibility.ORGANIZATION)
+    base = "/admin/conversations/conversationtemplate/"
+
+    assert admin_site.get(f"{base}add/").status_code == 403
+    assert admin_site.post(f"{base}add/", {"name": "By an operator", "owner": user.pk}).status_code == 403
+    change = admin_site.get(f"{base}{template.pk}/change/")
+    assert change.status_code == 200 and b'name="name"' not in change.content  # read-only
+    assert admin_site.post(f"{base}{template.pk}/delete/", {"post": "yes"}).status_code == 302
+    assert not ConversationTemplate.objects.exists()
