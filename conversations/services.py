@@ -36,6 +36,7 @@ from .selectors import (
     message_latest_leaf_id,
     message_path,
 )
+from .stored_completions.positions import DeletedCompletion, ListPosition, deleted_positions_keep
 from .titles import conversation_title_request, conversation_titles_enabled
 
 logger = logging.getLogger(__name__)
@@ -233,14 +234,23 @@ def conversations_delete(*, conversation_ids: Sequence[int]) -> set[int]:
         # ``accounts.usage.usage_record_many``). No writer locks existing rows the other way round
         # (a reply's start locks only the conversation, its end only its message), and the rows are
         # locked in id order: no deadlock.
-        found = list(
+        rows = list(
             Conversation.objects.select_for_update()
             .filter(pk__in=conversation_ids)
             .order_by("pk")
-            .values_list("pk", flat=True)
+            .values_list("pk", "owner_id", "organization_id", "completion_id", "created_at")
         )
-        if not found:
+        if not rows:
             return set()
+        found = [pk for pk, *_ in rows]
+        # A stored completion's list position outlives it: a page ``after`` it goes on from there.
+        deleted = [
+            DeletedCompletion(owner_id, organization_id, completion_id, ListPosition(created_at, pk))
+            for pk, owner_id, organization_id, completion_id, created_at in rows
+            if completion_id is not None
+        ]
+        if deleted:
+            transaction.on_commit(lambda: deleted_positions_keep(deleted))
         messages = list(
             Message.objects.select_for_update()
             .filter(conversation_id__in=found)

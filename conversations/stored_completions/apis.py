@@ -241,9 +241,10 @@ def _messages(principal: Principal, completion_id: str, query: Mapping[str, str]
 async def completion_list(request: HttpRequest, principal: Principal) -> HttpResponse:
     """``GET /v1/chat/completions``: the caller's stored completions (``ChatCompletionList``).
 
-    ``after`` (a completion id: 404 when it is not one of the caller's), ``limit`` (1-100, default
-    20: 400 otherwise), ``order`` (``asc``, the default, or ``desc``, by creation time), ``model``,
-    ``metadata[key]=value`` (every pair must match).
+    ``after`` (a completion id: 404 when it is not one of the caller's; one deleted since the previous
+    page goes on from where it stood), ``limit`` (1-100, default 20: 400 otherwise), ``order``
+    (``asc``, the default, or ``desc``, by creation time), ``model``, ``metadata[key]=value`` (every
+    pair must match).
     """
     return JsonResponse(await run_sync(_list, principal, request.GET.dict()))
 

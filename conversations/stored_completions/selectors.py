@@ -18,13 +18,17 @@ from chatbackend.errors import NotFoundError
 from chatbackend.text import holds_nul
 
 from ..models import Conversation, Message
+from .positions import deleted_position
 
 ORDERS = ("asc", "desc")
 
 
-def completion_not_found_error(completion_id: str) -> NotFoundError:
-    """Return the 404 of a completion id that names no stored completion of the caller."""
-    return NotFoundError(f"No stored chat completion found with id '{completion_id}'.", code="completion_not_found")
+def completion_not_found_error(completion_id: str, *, param: str | None = None) -> NotFoundError:
+    """Return the 404 of a completion id (the query parameter ``param``, if one) that names no stored
+    completion of the caller."""
+    return NotFoundError(
+        f"No stored chat completion found with id '{completion_id}'.", code="completion_not_found", param=param
+    )
 
 
 def _replies() -> QuerySet[Message]:
@@ -90,8 +94,9 @@ def stored_completion_list(
     """Return a page of ``actor``'s stored completions by creation time (``order``: ``asc`` or ``desc``).
 
     ``after``: the last completion id of the previous page (404 ``completion_not_found`` when it is
-    not one of ``actor``'s); ``model``: only those of that model (the model the request went to: an alias
-    counts as its target, as the completion's ``model`` names it, not as the alias);
+    not one of ``actor``'s; one deleted since goes on from where it stood, ``positions``); ``model``:
+    only those of that model (the model the request went to: an alias counts as its target, as the
+    completion's ``model`` names it, not as the alias);
     ``metadata``: only those whose metadata has every one of these key/value pairs. ``limit``: the
     page size (the caller bounds it). Two queries (the page, its replies), whatever the page size.
     No string may hold a NUL character (``chatbackend.text``): the caller refuses those.
@@ -112,8 +117,12 @@ def stored_completion_list(
             .values_list("created_at", "pk")
             .first()
         )
+        if anchor is None:  # deleted since the previous page (a cleanup loop)? Go on from where it stood.
+            anchor = deleted_position(
+                owner_id=actor.user.pk, organization_id=actor.organization.pk, completion_id=after
+            )
         if anchor is None:
-            raise completion_not_found_error(after)
+            raise completion_not_found_error(after, param="after")
         created_at, pk = anchor
         if descending:
             queryset = queryset.filter(Q(created_at__lt=created_at) | Q(created_at=created_at, pk__lt=pk))

@@ -286,6 +286,30 @@ async def test_pages_follow_after_limit_and_order(asgi_server, api_key_secret, s
     assert status == 404 and body["error"]["code"] == "message_not_found"
 
 
+async def test_pages_continue_after_a_completion_deleted_meanwhile(asgi_server, api_key_secret, sim_model):
+    # The SDK's auto-pagination asks for the next page "after" the last id of the page it has: a
+    # loop deleting each completion it lists (cleanup) got a 404 on its second page.
+    async with sdk(asgi_server, api_key_secret) as client:
+        ids = [
+            (await client.chat.completions.create(model="sim-model", messages=MESSAGES, store=True)).id
+            for _ in range(4)
+        ]
+        newest = await client.chat.completions.list(limit=2, order="desc")
+        await client.chat.completions.delete(ids[2])
+        older = await client.chat.completions.list(limit=2, order="desc", after=newest.data[-1].id)
+        assert [c.id for c in older.data] == [ids[1], ids[0]] and older.has_more is False
+
+        seen = []
+        async for completion in client.chat.completions.list(limit=1):
+            seen.append(completion.id)
+            await client.chat.completions.delete(completion.id)
+        assert seen == [ids[0], ids[1], ids[3]]
+
+    assert await run_sync(stored) == []
+    status, body = await get_json(asgi_server, "/v1/chat/completions", api_key_secret, after="chatcmpl-never")
+    assert status == 404 and body["error"]["code"] == "completion_not_found" and body["error"]["param"] == "after"
+
+
 async def test_a_stopped_stream_keeps_what_was_generated_marked_cancelled(
     api_key_secret, slow_model, slow_simulator, asgi_server
 ):
