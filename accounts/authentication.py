@@ -38,6 +38,7 @@ from .selectors import (
     administers,
     api_key_authenticate,
     api_key_check_unexpired,
+    organization_named,
     user_authentication_check,
 )
 from .services import api_key_last_used_update
@@ -91,8 +92,8 @@ def token_from_headers(headers: Mapping[str, str]) -> str | None:
 _jwt = _SimpleJWTAuthentication()
 
 # Principals by ("api_key", SHA-256 digest of the secret, never the secret) or ("user", user id
-# of a JWT, organization slug named or ""). Cleared in every process when a User, an APIKey or a
-# Membership changes (``AccountsConfig.ready``).
+# of a JWT, organization named (slug or id, as sent) or ""). Cleared in every process when a User,
+# an APIKey or a Membership changes (``AccountsConfig.ready``).
 principal_cache: LookupCache[tuple[str | int, ...], Principal] = LookupCache("accounts.principals", maxsize=10_000)
 
 
@@ -157,7 +158,7 @@ def jwt_session_id(token: str | None) -> str | None:
 
 
 def _check_key_organization(principal: Principal, organization: str | None) -> Principal:
-    if organization and principal.api_key is not None and organization != principal.organization.slug:
+    if organization and principal.api_key is not None and not organization_named(principal.organization, organization):
         acting_organization(user=principal.user, api_key=principal.api_key, requested=organization)  # raises
     return principal
 

@@ -85,36 +85,43 @@ class ActingOrganization:
 def acting_organization(*, user: User, api_key: APIKey | None, requested: str | None) -> ActingOrganization:
     """Return the organization a request of ``user`` (with ``api_key``, if any) acts in, and their role.
 
-    ``requested``: the slug the request named (``OpenAI-Organization`` header), or None. An API key
+    ``requested``: the organization the request named (``OpenAI-Organization`` header), or None: its
+    slug, or its id (OpenAI's header carries an id; a slug wins when both would match). An API key
     acts in its own organization (naming another is refused); a JWT in the one named, else in the
     user's default membership (else their oldest). The platform superuser acts in any organization,
-    as its owner. One query (two for a superuser outside the organization named).
+    as its owner. One query (one more for an id, and for a superuser outside the organization named).
 
     Raises ``AuthenticationFailed`` (401) with code ``invalid_organization`` when the caller is not
     a member of the organization named (or of the key's, or of any).
     """
     if requested is not None and not _SLUG.fullmatch(requested):
         raise AuthenticationFailed(
-            f"{ORGANIZATION_HEADER}: {requested[:64]!r} is not an organization slug (letters, digits, - and _).",
+            f"{ORGANIZATION_HEADER}: {requested[:64]!r} is not an organization slug (letters, digits, - and _) or id.",
             code="invalid_organization",
         )
     memberships = Membership.objects.filter(user=user).select_related("organization")
     if api_key is not None:
-        if requested and requested != api_key.organization.slug:
+        if requested and not organization_named(api_key.organization, requested):
             raise AuthenticationFailed(
                 f"This API key belongs to another organization than {requested!r}: send no "
                 f"{ORGANIZATION_HEADER} header, or the key's own organization.",
                 code="invalid_organization",
             )
         memberships = memberships.filter(organization=api_key.organization)
-    elif requested:
-        memberships = memberships.filter(organization__slug=requested)
-    membership = memberships.order_by("-is_default", "created_at", "id").first()
+    memberships = memberships.order_by("-is_default", "created_at", "id")
+    if api_key is None and requested:
+        membership = _named(memberships, requested, "organization__")
+    else:
+        membership = memberships.first()
     if membership is not None:
         return ActingOrganization(membership.organization, membership.role)
     if user.is_superuser:
-        slug = api_key.organization.slug if api_key is not None else requested
-        organization = Organization.objects.filter(slug=slug).first() if slug else Organization.objects.default()
+        if api_key is not None:
+            organization: Organization | None = api_key.organization
+        elif requested:
+            organization = _named(Organization.objects.all(), requested, "")
+        else:
+            organization = Organization.objects.default()
         if organization is not None:
             return ActingOrganization(organization, Membership.Role.OWNER)
     if api_key is not None:
@@ -122,8 +129,39 @@ def acting_organization(*, user: User, api_key: APIKey | None, requested: str | 
             "This API key's owner is no longer a member of its organization.", code="invalid_organization"
         )
     if requested:
-        raise AuthenticationFailed(f"You are not a member of organization {requested!r}.", code="invalid_organization")
+        raise AuthenticationFailed(
+            f"You are not a member of organization {requested!r} ({ORGANIZATION_HEADER}: the slug or id of an "
+            "organization of yours, or none for your default one).",
+            code="invalid_organization",
+        )
     raise AuthenticationFailed("You are not a member of any organization.", code="invalid_organization")
+
+
+def organization_named(organization: Organization, requested: str) -> bool:
+    """Return True when ``requested`` (an ``OpenAI-Organization`` value) names ``organization``: its
+    slug, or its id as ``/api/organizations/`` lists it (OpenAI's header carries an id)."""
+    return requested in (organization.slug, str(organization.pk))
+
+
+def _organization_id(requested: str) -> int | None:
+    """Return the organization id ``requested`` may be (digits, within a bigint), else None."""
+    if requested.isascii() and requested.isdigit() and len(requested) < 19:  # < 2**63
+        return int(requested)
+    return None
+
+
+def _named(rows: QuerySet[Any], requested: str, prefix: str) -> Any:
+    """Return the first of ``rows`` (memberships, or organizations: ``prefix`` is the path to the
+    organization's fields) in the organization ``requested`` names, or None.
+
+    A slug wins over an id: an organization whose slug is "42" is "42", whatever organization 42 is.
+    One query; two for an id that is no slug.
+    """
+    found = rows.filter(**{f"{prefix}slug": requested}).first()
+    organization_id = _organization_id(requested)
+    if found is None and organization_id is not None:
+        found = rows.filter(**{f"{prefix}pk": organization_id}).first()
+    return found
 
 
 class EmailNotVerified(AuthenticationFailed):

@@ -87,6 +87,37 @@ def test_an_api_key_acts_in_its_own_organization(api_client, user, acme) -> None
     assert refused.json()["error"]["code"] == "invalid_organization"
 
 
+@pytest.mark.django_db(transaction=True)
+def test_the_header_names_an_organization_by_slug_or_by_id(api_client, user, token, acme) -> None:
+    # OpenAI's header carries an organization id; ours were matched by slug alone, so a client given
+    # the ``id`` that /api/organizations/ lists (``OpenAI(organization=...)``) got a 401.
+    _join(user, acme)
+    at_acme = ConversationFactory(owner=user, organization=acme)
+    ConversationFactory(owner=user)
+    secret = api_key_create(user=user, name="acme", organization=acme).secret
+
+    for credential in (token, secret):
+        for value in ("acme", str(acme.pk)):
+            headers = {"Authorization": f"Bearer {credential}", HEADER: value}
+            assert api_client.get("/v1/models", headers=headers).status_code == 200, (credential, value)
+            assert _ids(api_client.get("/api/conversations/", headers=headers)) == {at_acme.pk}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_organization_refused_by_the_header_is_a_401_naming_the_header(api_client, user, token, acme) -> None:
+    globex = Organization.objects.create(name="Globex", slug="globex")
+    secret = api_key_create(user=user, name="laptop").secret  # the default organization's
+
+    for credential in (token, secret):
+        for value in ("globex", str(globex.pk), "org-AbCdEf123", "acme"):
+            headers = {"Authorization": f"Bearer {credential}", HEADER: value}
+            response = api_client.get("/v1/models", headers=headers)
+            assert response.status_code == 401
+            error = response.json()["error"]
+            assert error["code"] == "invalid_organization" and error["type"] == "authentication_error"
+            assert HEADER in error["message"] and value in error["message"], error
+
+
 def test_organization_admins_see_their_members_conversations_only(client_for, user, acme) -> None:
     boss = UserFactory()
     _join(boss, acme, Membership.Role.ADMIN)
