@@ -64,6 +64,12 @@ NEXTCHAT_MODEL_CONFIG_DEFAULTS: dict[str, Any] = {
 MAX_SAFE_INTEGER = 2**53 - 1
 # Mask keys that become template fields; the others are kept in ``ConversationTemplate.nextchat``.
 _MAPPED_KEYS = ("id", "name", "avatar", "lang", "context", "modelConfig", "builtin")
+# The ``modelConfig`` parameters NextChat sends with a chat request (``app/client/platforms/openai.ts``),
+# which become the template's. Not ``max_tokens``: every mask carries one (4000 by default), which
+# NextChat sends only for vision models, and then as at least 4000. Sent with every reply, it was a
+# 400 on a model whose context window is smaller, and a reservation and history trim sized for it on
+# a model whose output cap is. It stays in ``nextchat``'s ``modelConfig``, exported as it came.
+MASK_PARAMETER_NAMES = tuple(name for name in PARAMETER_NAMES if name != "max_tokens")
 
 
 def _bad(message: str, param: str) -> ApplicationError:
@@ -200,13 +206,15 @@ def mask_template_fields(mask: Any, *, param: str = "mask") -> dict[str, Any]:
     kept = {key: value for key, value in mask.items() if key not in _MAPPED_KEYS}
     if "createdAt" in kept:
         kept["createdAt"] = int(kept["createdAt"])  # 1.7e12 is exported as 1700000000000, as NextChat wrote it
-    kept["modelConfig"] = {key: value for key, value in config.items() if key not in ("model", *PARAMETER_NAMES)}
+    _parameter(config, "max_tokens", f"{param}.modelConfig")  # kept, but only as NextChat takes it
+    kept["modelConfig"] = {key: value for key, value in config.items() if key not in ("model", *MASK_PARAMETER_NAMES)}
     _null_free_check(kept, param)
     return {
         "name": name,
         "system_prompt": system_prompt,
         "model_name": model,
-        **{name_: _parameter(config, name_, f"{param}.modelConfig") for name_ in PARAMETER_NAMES},
+        **{name_: _parameter(config, name_, f"{param}.modelConfig") for name_ in MASK_PARAMETER_NAMES},
+        "max_tokens": None,
         "starter_messages": starters,
         "external_id": external_id,
         "avatar": _string(mask, "avatar", param, max_length=100),

@@ -354,6 +354,45 @@ async def test_the_upstream_receives_the_templates_prompt_messages_and_parameter
 # --- NextChat masks ---------------------------------------------------------------------------
 
 
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("provider_clients")
+async def test_a_masks_max_tokens_is_kept_for_nextchat_not_sent_with_every_reply(user, sim_model):
+    # Every NextChat mask carries modelConfig.max_tokens (4000 by default), which NextChat never
+    # sends for a text model (only for vision ones, and then at least 4000). Imported as the
+    # template's max_tokens, it went with every reply: over a smaller context window every message
+    # was a 400 max_tokens_too_large, over a model's smaller output cap the budget reservation was
+    # sized for 4000 tokens and the history trimmed to leave them free.
+    sim_model.context_window, sim_model.max_output_tokens = 3000, 64
+    await sync_to_async(sim_model.save)()
+    mask = copy.deepcopy(NEXTCHAT_MASK)
+    mask["modelConfig"].update(model=sim_model.name, max_tokens=4000)
+    headers = bearer(await sync_to_async(access_token)(user))
+    client = AsyncClient()
+
+    imported = await client.post(
+        f"{BASE}import/", data=json.dumps(mask), content_type="application/json", headers=headers
+    )
+    assert imported.status_code == 201, imported.content
+    template = imported.json()["templates"][0]
+    assert template["max_tokens"] is None and template["temperature"] == 1.0  # what NextChat sends stays
+    created = await client.post(
+        f"{BASE}{template['id']}/conversations/", data="{}", content_type="application/json", headers=headers
+    )
+    assert created.status_code == 201, created.content
+    assert "max_tokens" not in created.json()["parameters"]
+    sent = await client.post(
+        f"/api/conversations/{created.json()['id']}/messages/",
+        data=json.dumps({"content": "A tagline, please."}),
+        content_type="application/json",
+        headers=headers,
+    )
+    assert sent.status_code == 201, sent.content
+    assert sent.json()["assistant_message"]["status"] == "completed"
+    # ... and NextChat gets its mask back as it was.
+    exported = await client.get(f"{BASE}{template['id']}/export/", headers=headers)
+    assert exported.json()["modelConfig"]["max_tokens"] == 4000
+
+
 def test_mask_import_then_export_gives_nextchat_its_mask(auth_client, user):
     other = {**copy.deepcopy(NEXTCHAT_MASK), "id": "second", "name": "Plain", "context": []}
     del other["modelConfig"]
@@ -366,10 +405,11 @@ def test_mask_import_then_export_gives_nextchat_its_mask(auth_client, user):
         {"role": "user", "content": "Write a tagline for a tea shop."},
         {"role": "assistant", "content": "Steeped in calm, poured with care."},
     ]
+    # max_tokens stays NextChat's (it never sends it for a text model), exported as it came.
     assert (first["model"], first["temperature"], first["max_tokens"], first["frequency_penalty"]) == (
         "gpt-4o-mini",
         1.0,
-        2000,
+        None,
         0.5,
     )
 
