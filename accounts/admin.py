@@ -18,8 +18,10 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.auth.admin import GroupAdmin as DjangoGroupAdmin
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.contrib.auth.forms import AdminUserCreationForm, UserChangeForm
+from django.contrib.auth.models import Group
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import QuerySet
 from django.forms.models import BaseInlineFormSet
@@ -27,7 +29,7 @@ from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path
 
-from chatbackend.admin_guard import inline_rows_stored_meanwhile
+from chatbackend.admin_guard import RelatedFieldGuardMixin, inline_rows_stored_meanwhile
 from chatbackend.errors import ApplicationError
 from chatbackend.renderers import CSVRenderer
 
@@ -258,8 +260,18 @@ class InvitationAdmin(admin.ModelAdmin):
         self.message_user(request, f"Revoked {count} invitation(s).", messages.SUCCESS)
 
 
+# Django registers auth's groups with its own admin: again, with the guard on their permissions field.
+if admin.site.is_registered(Group):
+    admin.site.unregister(Group)
+
+
+@admin.register(Group)
+class GroupAdmin(RelatedFieldGuardMixin, DjangoGroupAdmin):
+    """Django's admin of auth's groups, whose permissions field refuses an id past a bigint (``admin_guard``)."""
+
+
 @admin.register(User)
-class UserAdmin(AuditedModelAdmin, DjangoUserAdmin):
+class UserAdmin(RelatedFieldGuardMixin, AuditedModelAdmin, DjangoUserAdmin):
     form = UserAdminChangeForm
     add_form = UserAdminCreationForm
 

@@ -20,8 +20,15 @@ those of ``auth`` and ``token_blacklist``):
 - a form posted with a value that is not a key of the related model in an ``autocomplete_fields``
   field is shown again with the field's error, but Django's ``AutocompleteSelect`` first looks the
   posted value up to render it as selected (``pk__in``): a ``ValueError``, a 500.
-  ``AutocompleteGuardMixin`` (on every model admin and inline with autocomplete fields) gives them
-  ``AutocompleteSelect``, which renders only values that are keys.
+  ``RelatedFieldGuardMixin`` (on every model admin and inline with autocomplete or many-to-many
+  fields) gives them ``AutocompleteSelect``, which renders only values that are keys.
+
+- a form's many-to-many field (a user's groups and permissions, a group's permissions) checks the
+  posted ids one by one with an exact lookup (which Django answers "no row" past the column's
+  range), then all at once with ``pk__in`` (which it does not): an id past a bigint is an
+  ``OverflowError`` on SQLite, a 500. ``RelatedFieldGuardMixin`` gives every many-to-many field
+  ``ModelMultipleChoiceField``, whose ids past the range are the field's "not a valid value" error
+  (``accounts.admin`` registers ``auth.Group``'s admin again with it).
 
 ``AdminQueryGuardMiddleware`` answers such a query string on a changelist as Django answers any
 invalid lookup there (``ModelAdmin.changelist_view``: a redirect to ``?e=1``, which shows "Database
@@ -34,6 +41,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from django import forms
 from django.contrib.admin import widgets
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.admin.options import BaseModelAdmin
@@ -137,8 +145,27 @@ class AutocompleteSelect(widgets.AutocompleteSelect):
         return super().optgroups(name, keys, attr)
 
 
-class AutocompleteGuardMixin(BaseModelAdmin):
-    """Give a model admin's or inline's ``autocomplete_fields`` foreign keys ``AutocompleteSelect``.
+class ModelMultipleChoiceField(forms.ModelMultipleChoiceField):
+    """Django's many-to-many form field, refusing an id outside its column's range before any query."""
+
+    def _check_values(self, value: Any) -> Any:
+        opts = self.queryset.model._meta  # type: ignore[union-attr]  # a choice field always has one
+        target = opts.get_field(self.to_field_name) if self.to_field_name else opts.pk
+        if isinstance(value, list | tuple | set | frozenset):
+            for item in value:
+                try:
+                    if item is not None and not holds_nul(str(item)):
+                        target.run_validators(target.to_python(item))  # past a bigint: OverflowError on SQLite
+                except ValidationError:
+                    raise ValidationError(
+                        self.error_messages["invalid_pk_value"], code="invalid_pk_value", params={"pk": item}
+                    ) from None
+        return super()._check_values(value)  # type: ignore[misc]  # Django's, missing from django-stubs
+
+
+class RelatedFieldGuardMixin(BaseModelAdmin):
+    """Give a model admin's or inline's ``autocomplete_fields`` foreign keys ``AutocompleteSelect``, and its
+    many-to-many fields ``ModelMultipleChoiceField``.
 
     Put it before ``admin.ModelAdmin`` or an inline class: both derive from ``BaseModelAdmin``."""
 
@@ -146,6 +173,10 @@ class AutocompleteGuardMixin(BaseModelAdmin):
         if "widget" not in kwargs and db_field.name in self.get_autocomplete_fields(request):
             kwargs["widget"] = AutocompleteSelect(db_field, self.admin_site, using=kwargs.get("using"))
         return super().formfield_for_foreignkey(db_field, request, **kwargs)
+
+    def formfield_for_manytomany(self, db_field: Any, request: HttpRequest | None = None, **kwargs: Any) -> Any:
+        kwargs.setdefault("form_class", ModelMultipleChoiceField)
+        return super().formfield_for_manytomany(db_field, request, **kwargs)  # type: ignore[arg-type]
 
 
 class AdminQueryGuardMiddleware(MiddlewareMixin):
@@ -175,8 +206,9 @@ class AdminQueryGuardMiddleware(MiddlewareMixin):
 
 __all__ = [
     "AdminQueryGuardMiddleware",
-    "AutocompleteGuardMixin",
+    "RelatedFieldGuardMixin",
     "AutocompleteSelect",
+    "ModelMultipleChoiceField",
     "admin_query_refused",
     "admin_selection_refused",
     "inline_rows_stored_meanwhile",

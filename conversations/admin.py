@@ -13,7 +13,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 
-from chatbackend.admin_guard import AutocompleteGuardMixin
+from chatbackend.admin_guard import RelatedFieldGuardMixin
 
 from .models import (
     Conversation,
@@ -232,7 +232,7 @@ class ConversationTemplateAdmin(admin.ModelAdmin):
 
 
 @admin.register(RetentionPolicy)
-class RetentionPolicyAdmin(AutocompleteGuardMixin, admin.ModelAdmin):
+class RetentionPolicyAdmin(RelatedFieldGuardMixin, admin.ModelAdmin):
     """How long each organization keeps conversations (applied hourly: ``conversations.retention``)."""
 
     list_display = ("organization", "delete_after_days", "trash_purge_after_days", "updated_at")

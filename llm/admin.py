@@ -22,7 +22,7 @@ from django.http import HttpRequest
 
 from accounts.admin import AuditedModelAdmin
 from accounts.audit import url_password_masked
-from chatbackend.admin_guard import AutocompleteGuardMixin, inline_rows_stored_meanwhile
+from chatbackend.admin_guard import RelatedFieldGuardMixin, inline_rows_stored_meanwhile
 
 from .models import Deployment, LLMModel, ModelAlias, Provider, validate_provider_api_key
 from .services import llm_model_connection_test
@@ -180,7 +180,7 @@ class DeploymentInlineFormSet(BaseInlineFormSet):
         )
 
 
-class DeploymentInline(AutocompleteGuardMixin, admin.TabularInline):
+class DeploymentInline(RelatedFieldGuardMixin, admin.TabularInline):
     """The model's deployments (``llm.routing``): empty, the model's own provider serves it."""
 
     model = Deployment
@@ -200,7 +200,7 @@ class DeploymentInline(AutocompleteGuardMixin, admin.TabularInline):
 
 
 @admin.register(LLMModel)
-class LLMModelAdmin(AutocompleteGuardMixin, AuditedModelAdmin):
+class LLMModelAdmin(RelatedFieldGuardMixin, AuditedModelAdmin):
     list_display = (
         "name",
         "provider",
@@ -230,7 +230,7 @@ class LLMModelAdmin(AutocompleteGuardMixin, AuditedModelAdmin):
 
 
 @admin.register(ModelAlias)
-class ModelAliasAdmin(AutocompleteGuardMixin, AuditedModelAdmin):
+class ModelAliasAdmin(RelatedFieldGuardMixin, AuditedModelAdmin):
     """Aliases: other names for models. A name already a model's is refused on the form (``ModelAlias.clean``)."""
 
     list_display = ("name", "model", "enabled", "updated_at")

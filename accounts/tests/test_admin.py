@@ -291,3 +291,54 @@ def test_an_autocomplete_value_past_a_bigint_is_never_looked_up(rf, superuser, d
         groups = widget.optgroups("provider", [value])
 
     assert all(not option["selected"] for _, options, _ in groups for option in options)
+
+
+def _m2m_forms(rf: Any, superuser: User) -> list[tuple[str, str, list[str], dict[str, str]]]:
+    """Every admin form with many-to-many fields: (label, URL, the m2m field names, the rest of a valid post).
+
+    Add pages of the admins that may add, and the change page of ``superuser`` (the user admin's add
+    form has no groups or permissions)."""
+    from django.forms import ModelMultipleChoiceField
+
+    from chatbackend import admin_guard
+
+    found = []
+    for label, model_admin in _registered_admins():
+        opts = model_admin.model._meta
+        pages = []
+        request = rf.get("/")
+        request.user = superuser
+        if model_admin.has_add_permission(request):
+            pages.append((f"/admin/{opts.app_label}/{opts.model_name}/add/", None))
+        if model_admin.model is User:
+            pages.append((f"/admin/{opts.app_label}/{opts.model_name}/{superuser.pk}/change/", superuser))
+        for url, obj in pages:
+            form = model_admin.get_form(request, obj, change=obj is not None)
+            names = [name for name, field in form.base_fields.items() if isinstance(field, ModelMultipleChoiceField)]
+            # The guarded field (PostgreSQL matches nothing without it: only SQLite would fail below).
+            for name in names:
+                assert isinstance(form.base_fields[name], admin_guard.ModelMultipleChoiceField), (label, name)
+            if names:
+                found.append((label, url, names, {"username": superuser.username, "date_joined_0": "2026-12-01"}))
+    assert {label for label, *_ in found} >= {"accounts.user", "auth.group"}, found
+    return found
+
+
+@pytest.mark.parametrize("value", [str(2**63), "-" + str(2**63 + 1)])
+def test_a_many_to_many_value_past_a_bigint_is_the_fields_error(admin_site, superuser, rf, value):
+    """A form's many-to-many field (a user's groups and permissions, a group's permissions) posted with
+    an id past a bigint: Django filters ``pk__in`` it, which SQLite (the demo's database) could not
+    take, an OverflowError, a 500. It is the field's "not a valid value" error, as for any id that is
+    no key."""
+    for label, url, names, rest in _m2m_forms(rf, superuser):
+        for name in names:
+            response = admin_site.post(url, {**rest, name: [value]})
+            assert response.status_code == 200, (label, url, name, response.status_code)
+            assert name in response.context["adminform"].form.errors, (label, name)
+    # An id in range still saves.
+    from django.contrib.auth.models import Group, Permission
+
+    permission = Permission.objects.first()
+    response = admin_site.post("/admin/auth/group/add/", {"name": "ops", "permissions": [permission.pk]})
+    assert response.status_code == 302, response.content.decode()[:2000]
+    assert list(Group.objects.get(name="ops").permissions.all()) == [permission]
