@@ -697,6 +697,7 @@ LOGGING = {
     "filters": {
         "redact_secrets": {"()": "chatbackend.logging.RedactSecretsFilter"},
         "quiet_health_probes": {"()": "chatbackend.logging.QuietHealthProbesFilter"},
+        "quiet_shutdown_cancels": {"()": "chatbackend.logging.QuietShutdownCancelFilter"},
         # The X-Request-ID of the request being served (None outside one), as ``request_id``.
         "request_id": {"()": "django_guid.log_filters.CorrelationId", "correlation_id_field": "request_id"},
     },
@@ -726,7 +727,13 @@ LOGGING = {
             "propagate": False,
             "filters": ["quiet_health_probes"],
         },
-        "uvicorn.error": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+        # Requests cut at the end of a graceful shutdown: a line each, not an ERROR with a traceback.
+        "uvicorn.error": {
+            "handlers": ["console"],
+            "level": LOG_LEVEL,
+            "propagate": False,
+            "filters": ["quiet_shutdown_cancels"],
+        },
         "daphne": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
         "httpx": {"level": "WARNING"},
         # It logs each id it makes at INFO: one line per request.

@@ -56,3 +56,48 @@ def test_redact_removes_a_share_links_token_from_its_path() -> None:
         redact("GET /api/shares/12/ and /api/conversations/3/shares/")
         == "GET /api/shares/12/ and /api/conversations/3/shares/"
     )
+
+
+def _uvicorn_records() -> tuple[logging.LogRecord, logging.LogRecord]:
+    """uvicorn's two records when its graceful shutdown times out: the count, then one per task cut."""
+    import asyncio
+
+    cut = asyncio.CancelledError("Task cancelled, timeout graceful shutdown exceeded")
+    count = logging.LogRecord(
+        "uvicorn.error", logging.ERROR, __file__, 1, "Cancel %s running task(s), timeout graceful shutdown exceeded",
+        (3,), None,
+    )  # fmt: skip
+    task = logging.LogRecord(
+        "uvicorn.error", logging.ERROR, __file__, 1, "Exception in ASGI application\n", None, (type(cut), cut, None)
+    )
+    return count, task
+
+
+def test_uvicorn_cutting_requests_at_shutdown_is_a_line_each_not_an_error_with_a_traceback() -> None:
+    from chatbackend.logging import QuietShutdownCancelFilter
+    from chatbackend.stopping import server_stopping_set
+
+    count, task = _uvicorn_records()
+    server_stopping_set(True)
+    try:
+        assert QuietShutdownCancelFilter().filter(count) and QuietShutdownCancelFilter().filter(task)
+    finally:
+        server_stopping_set(False)
+
+    assert (count.levelname, count.getMessage()) == (
+        "WARNING",
+        "Cancel 3 running task(s), timeout graceful shutdown exceeded",
+    )
+    assert task.levelname == "INFO" and task.exc_info is None and "\n" not in task.getMessage()
+    assert "cut by the server's shutdown" in task.getMessage()
+    assert "Traceback" not in logging.Formatter().format(task)
+
+
+def test_a_cancelled_task_while_serving_stays_uvicorns_error() -> None:
+    from chatbackend.logging import QuietShutdownCancelFilter
+
+    count, task = _uvicorn_records()
+
+    assert QuietShutdownCancelFilter().filter(count) and QuietShutdownCancelFilter().filter(task)
+    assert (count.levelno, task.levelno) == (logging.ERROR, logging.ERROR)
+    assert task.exc_info is not None
