@@ -32,7 +32,8 @@ What maps to what:
   ``REASONING_MEDIUM_BUDGET`` tokens, ``medium`` below ``REASONING_HIGH_BUDGET``, else ``high``
   (a model that does not reason may refuse the field: the upstream's 400 is passed through).
   ``adaptive``, ``between_tools`` and ``disabled`` send nothing (the model's own default);
-  ``output_config.effort`` → ``reasoning_effort`` (``xhigh`` and ``max`` → ``high``), and wins
+  ``output_config.effort`` → ``reasoning_effort`` of the same name (OpenAI's ``ReasoningEffort``
+  has all five, ``xhigh`` and ``max`` included), and wins
   over a thinking budget; ``output_config.format`` (a JSON schema) → ``response_format``
   ``json_schema`` (strict). A tool's ``strict`` → the function's ``strict``.
 - ``IGNORED_FIELDS`` are accepted and not sent: they steer Anthropic's own servers (caching,
@@ -63,8 +64,10 @@ UNSUPPORTED_FIELDS = {
     "mcp_servers": "remote MCP servers are called by Anthropic's servers",
     "context_management": "server-side context editing is Anthropic's servers' own",
 }
-# ``output_config.effort`` -> OpenAI's ``reasoning_effort`` (whose highest is ``high``).
-OUTPUT_EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
+# ``output_config.effort`` -> OpenAI's ``reasoning_effort``: the same five words, all in OpenAI's
+# ``ReasoningEffort`` (none, minimal, low, medium, high, xhigh, max: /work/shared/specs/openai-openapi.yaml),
+# so a client asking Claude's way for the most effort is not answered with ``high``'s.
+OUTPUT_EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "xhigh", "max": "max"}
 IMAGE_MEDIA_TYPES = frozenset(("image/jpeg", "image/png", "image/gif", "image/webp"))
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chatbackend.errors import ApplicationError
+from llm.providers.base import REASONING_EFFORTS as PROVIDER_REASONING_EFFORTS
 
 # Fields we take (their meaning below), and fields OpenAI defines that we refuse, with why.
 SUPPORTED_FIELDS = frozenset(
@@ -80,7 +81,8 @@ STATELESS_HINT = (
 ACCEPTED_INCLUDES = frozenset(("reasoning.encrypted_content",))
 # Parameters passed to the upstream as the client wrote them (same meaning in chat completions).
 PASSED_PARAMETERS = ("temperature", "top_p", "parallel_tool_calls", "user", "safety_identifier", "prompt_cache_key")
-REASONING_EFFORTS = frozenset(("none", "minimal", "low", "medium", "high", "xhigh"))
+# OpenAI's ReasoningEffort, which Reasoning.effort takes too (max included).
+REASONING_EFFORTS = frozenset(PROVIDER_REASONING_EFFORTS)
 # ``summary`` is accepted and echoed: reasoning comes back as ``reasoning_text`` (what chat
 # upstreams stream as ``reasoning_content``), never as a generated summary.
 REASONING_FIELDS = frozenset(("effort", "summary", "generate_summary"))

@@ -343,7 +343,7 @@ async def test_images_system_blocks_and_output_config_are_translated(sdk, script
     )
     assert message.content[0].type == "text" and message.content[0].text == "ok"
     sent = scripted_upstream.requests[-1]
-    assert sent["reasoning_effort"] == "high"
+    assert sent["reasoning_effort"] == "max"  # OpenAI's ReasoningEffort has max too: not lowered to high
     assert sent["response_format"] == {
         "type": "json_schema",
         "json_schema": {"name": "output", "schema": schema, "strict": True},

@@ -289,6 +289,20 @@ async def test_images_and_parameters_reach_the_upstream_in_chat_shape(
     assert "store" not in sent and "metadata" not in sent
 
 
+@pytest.mark.parametrize("effort", ["xhigh", "max"])
+async def test_the_highest_reasoning_efforts_reach_the_upstream(
+    api_key_secret, scripted_models, scripted_upstream, asgi_server, effort
+):
+    # OpenAI's ReasoningEffort, which Reasoning.effort takes, goes up to max, which was a 400 here.
+    async with httpx.AsyncClient(base_url=asgi_server) as http:
+        body = {"model": "plain-model", "input": "Think hard.", "reasoning": {"effort": effort}}
+        answer = await http.post("/v1/responses", json=body, headers=bearer(api_key_secret))
+    assert answer.status_code == 200, answer.content
+    validate_against("Response", answer.json())
+    assert answer.json()["reasoning"]["effort"] == effort
+    assert scripted_upstream.requests[-1]["reasoning_effort"] == effort
+
+
 # --- Errors --------------------------------------------------------------------------------------
 
 
