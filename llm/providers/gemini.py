@@ -15,7 +15,15 @@ Back to ``ChatChunk`` (one per ``GenerateContentResponse`` of the first candidat
   once: ``{"index": n, "id": <Gemini's id, else "call_<random>">, "type": "function",
   "function": {"name", "arguments": <JSON>}}``, plus ``extra_content.google.thought_signature``
   when the part has a ``thoughtSignature`` (Gemini 3 wants it back with the call; see
-  ``gemini_request``);
+  ``gemini_request``). Gemini has no switch for parallel calls (``functionCallingConfig`` takes a
+  ``mode`` and ``allowedFunctionNames`` only), so a client's ``parallel_tool_calls: false`` is kept
+  here: only the reply's first ``functionCall`` is handed on (the first carries the turn's
+  thought signature), and the model calls the next after that call's result. The calls left out
+  were generated, so Gemini's usage, which counts them, is billed as it is;
+- a candidate's ``logprobsResult`` (asked for with ``logprobs``; ``gemini_request``) → the chunk's
+  ``logprobs``, OpenAI's ``{"content": [{token, logprob, bytes, top_logprobs: [{token, logprob,
+  bytes}]}], "refusal": null}``: one entry per ``chosenCandidates`` step, its alternatives from
+  ``topCandidates`` at the same step, ``bytes`` the token's UTF-8; on the chunks with text only;
 - ``finishReason`` → ``finish_reason``: ``STOP`` → ``stop`` (``tool_calls`` when the reply called
   functions), ``MAX_TOKENS`` → ``length``, ``SAFETY``, ``RECITATION``, ``BLOCKLIST``,
   ``PROHIBITED_CONTENT``, ``SPII``, ``IMAGE_SAFETY``… → ``content_filter``, others → ``stop``;
@@ -177,7 +185,7 @@ class GeminiProvider(ChatProvider):
             url,
             data=data,
             headers=headers,
-            decoder=_ResponseDecoder(self._safe),
+            decoder=_ResponseDecoder(self._safe, one_call=request.parameters.get("parallel_tool_calls") is False),
             safe=self._safe,
             read_error=self._status_error,
         )
@@ -227,20 +235,43 @@ class GeminiProvider(ChatProvider):
         )
 
 
+def _token_logprob(candidate: dict[str, Any]) -> dict[str, Any]:
+    """Return OpenAI's ``{token, logprob, bytes}`` of a ``LogprobsResult.Candidate`` (``logProbability`` 0 is left out
+    of Google's JSON, as protobuf leaves out zero values)."""
+    token = candidate.get("token") or ""
+    return {"token": token, "logprob": float(candidate.get("logProbability") or 0.0), "bytes": list(token.encode())}
+
+
+def _token_logprobs(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return OpenAI's ``logprobs.content`` (``ChatCompletionTokenLogprob`` list) of a candidate's ``logprobsResult``.
+
+    ``chosenCandidates[i]`` is step ``i``'s token, ``topCandidates[i].candidates`` its alternatives
+    (https://ai.google.dev/api/generate-content#LogprobsResult; the google-genai SDK's ``LogprobsResult``).
+    """
+    tops = result.get("topCandidates") or []
+    entries = []
+    for step, chosen in enumerate(result.get("chosenCandidates") or ()):
+        alternatives = (tops[step].get("candidates") or []) if step < len(tops) else []
+        entries.append({**_token_logprob(chosen), "top_logprobs": [_token_logprob(a) for a in alternatives]})
+    return entries
+
+
 class _ResponseDecoder(SSEBodyDecoder):
     """Turn the body of a ``streamGenerateContent?alt=sse`` response, in pieces as read, into chunk batches.
 
     ``http.SSEBodyDecoder`` does the bytes, text and lines; this parses the events, one
     ``GenerateContentResponse`` JSON each. Gemini has no end marker: ``finished`` (a
     ``finishReason``, or a blocked prompt) ends the reply (``END_AT_FINISH``); ``error``: an error
-    object or a malformed event.
+    object or a malformed event. ``one_call``: the client sent ``parallel_tool_calls: false``, so
+    only the reply's first ``functionCall`` is handed on.
     """
 
-    __slots__ = ("_calls", "_metadata", "_prompt_reported")
+    __slots__ = ("_calls", "_metadata", "_one_call", "_prompt_reported")
     END_AT_FINISH = True
 
-    def __init__(self, safe: Callable[[str], str]) -> None:
+    def __init__(self, safe: Callable[[str], str], *, one_call: bool = False) -> None:
         super().__init__(safe)
+        self._one_call = one_call
         self._calls = 0  # functionCall parts so far: the next tool call's index
         self._metadata: dict[str, Any] | None = None  # the last usageMetadata received
         self._prompt_reported: Any = None  # the promptTokenCount of the last prompt-only usage chunk
@@ -274,6 +305,7 @@ class _ResponseDecoder(SSEBodyDecoder):
         content: list[str] = []
         reasoning: list[str] = []
         tool_calls: list[dict[str, Any]] = []
+        logprobs = None
         if candidates:
             candidate = candidates[0]
             for part in (candidate.get("content") or {}).get("parts") or ():
@@ -281,8 +313,11 @@ class _ResponseDecoder(SSEBodyDecoder):
                 if isinstance(text, str):
                     (reasoning if part.get("thought") else content).append(text)
                 call = part.get("functionCall")
-                if call is not None:
+                if call is not None and not (self._one_call and self._calls):
                     tool_calls.append(self._tool_call(call, part.get("thoughtSignature")))
+            result = candidate.get("logprobsResult")
+            if result and any(content):
+                logprobs = {"content": _token_logprobs(result), "refusal": None}
             reason = candidate.get("finishReason")
             if reason and reason != "FINISH_REASON_UNSPECIFIED":
                 finish_reason = _FINISH_REASONS.get(reason, "stop")
@@ -298,6 +333,7 @@ class _ResponseDecoder(SSEBodyDecoder):
                     reasoning_content="".join(reasoning),
                     tool_calls=tool_calls or None,
                     finish_reason=finish_reason,
+                    logprobs=logprobs,
                 )
             )
         metadata = payload.get("usageMetadata")

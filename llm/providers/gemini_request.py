@@ -28,7 +28,10 @@ Consecutive contents of one role are merged (parallel calls' responses must shar
 
 Parameters: ``max_completion_tokens`` (else ``max_tokens``) → ``maxOutputTokens``, ``temperature``,
 ``top_p`` → ``topP``, ``stop`` → ``stopSequences``, ``seed``, ``presence_penalty``,
-``frequency_penalty``, ``response_format`` (``json_object`` → ``responseMimeType:
+``frequency_penalty``, ``logprobs: true`` → ``responseLogprobs: true`` and ``top_logprobs`` →
+``logprobs`` (Gemini's count of alternatives per step; its ``logprobsResult`` comes back in
+OpenAI's shape, see ``gemini``; a model that offers none answers Google's 400, passed through),
+``response_format`` (``json_object`` → ``responseMimeType:
 application/json``; ``json_schema`` → plus ``responseJsonSchema``), ``tools`` →
 ``functionDeclarations`` (``parameters`` as ``parametersJsonSchema``), ``tool_choice`` →
 ``functionCallingConfig`` (none → NONE, auto → AUTO, required → ANY, a named function → ANY with
@@ -40,14 +43,16 @@ application/json``; ``json_schema`` → plus ``responseJsonSchema``), ``tools`` 
 ``includeThoughts`` so the thoughts stream back as ``reasoning_content``; a value outside OpenAI's
 is a 400 on ``reasoning_effort``.
 
+``parallel_tool_calls: false`` has no Gemini field (``functionCallingConfig`` has a ``mode`` and
+``allowedFunctionNames`` only): the adapter keeps it on the reply (``gemini``: only the first
+``functionCall`` is handed on).
+
 Fields whose effect the client relies on and that this translation does not give are a 400
 ``unsupported_parameter`` naming the field, before any request (``base.refuse_unsupported``):
-``logprobs: true``/``top_logprobs`` (Gemini's ``responseLogprobs`` answers in its own
-``logprobsResult`` shape, not translated), a non-empty ``logit_bias`` (OpenAI token ids),
-``modalities`` other than text and ``audio`` (text replies only), ``web_search_options``. Other
-OpenAI fields (``n`` of 1, ``user``, ``service_tier``, ``prediction``, ``parallel_tool_calls``,
-``response_format: {"type": "text"}``, ...) have no Gemini equivalent, change nothing the client
-can count on, and are not sent.
+a non-empty ``logit_bias`` (OpenAI token ids), ``modalities`` other than text and ``audio``
+(text replies only), ``web_search_options``. Other OpenAI fields (``n`` of 1, ``user``,
+``service_tier``, ``prediction``, ``response_format: {"type": "text"}``, ...) have no Gemini
+equivalent, change nothing the client can count on, and are not sent.
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ __all__ = ["GEMINI_UNSUPPORTED", "SKIP_THOUGHT_SIGNATURE", "THINKING_BUDGETS", "
 # https://ai.google.dev/gemini-api/docs/thought-signatures#faqs: for function calls not made by the model.
 SKIP_THOUGHT_SIGNATURE = "skip_thought_signature_validator"
 # OpenAI fields a client relies on that this translation does not give: a 400, not a silent drop.
-GEMINI_UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "modalities", "audio", "web_search_options")
+GEMINI_UNSUPPORTED = ("logit_bias", "modalities", "audio", "web_search_options")
 # xhigh and max, which Google's mapping predates: high's budget, Gemini 2.5 Flash's largest.
 THINKING_BUDGETS = {
     "none": 0,
@@ -246,6 +251,10 @@ def _generation_config(parameters: dict[str, Any]) -> dict[str, Any]:
     stop = parameters.get("stop")
     if stop:
         config["stopSequences"] = [stop] if isinstance(stop, str) else list(stop)
+    if parameters.get("logprobs") is True:
+        config["responseLogprobs"] = True
+        if parameters.get("top_logprobs"):  # Gemini's logprobs: "only valid if responseLogprobs=True"
+            config["logprobs"] = parameters["top_logprobs"]
     response_format = parameters.get("response_format")
     if isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema"):
         config["responseMimeType"] = "application/json"

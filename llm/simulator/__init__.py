@@ -33,7 +33,9 @@ Endpoints:
   parts with ``thinkingConfig.includeThoughts``, ``thoughtsTokenCount`` always); declared
   ``tools`` get a ``functionCall`` until the last turn is a ``functionResponse``; a system
   instruction of 32+ words is reported as ``cachedContentTokenCount``; ``responseMimeType:
-  application/json`` answers JSON (shaped by ``responseJsonSchema``), and a ``generationConfig``
+  application/json`` answers JSON (shaped by ``responseJsonSchema``); ``responseLogprobs`` adds a
+  ``logprobsResult`` to each word's event (the OpenAI route's numbers, ``logprobs``
+  alternatives per step), and a ``generationConfig``
   Google refuses (an unknown field, over 5 ``stopSequences``, ...) is its 400. The key, when required,
   goes in ``x-goog-api-key`` or ``?key=`` (Google's 403 without one, its 400 ``API_KEY_INVALID``
   for a wrong one); errors are Google's ``{"error": {"code", "message", "status"}}``, a 429 with a

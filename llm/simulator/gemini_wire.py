@@ -22,6 +22,11 @@ What the simulator makes of a request (deterministic, see ``llm.simulator``):
   (``tool_call_arguments``) and a ``thoughtSignature``; ``finishReason`` is ``STOP`` (Gemini has
   no finish reason of its own for function calls). After a ``functionResponse``, a text reply.
 - ``generationConfig.maxOutputTokens`` below the reply length cuts it: ``finishReason: MAX_TOKENS``.
+- ``generationConfig.responseLogprobs: true`` puts a ``logprobsResult`` on the candidate of every
+  event with a reply word (``logprobs_result``: the numbers ``wire.logprob_entry`` gives the OpenAI
+  route, ``generationConfig.logprobs`` alternatives per step), and one for all the words (with
+  ``avgLogprobs``) on the whole response; JSON-mode text, thoughts and calls get none.
+  ``logprobs`` outside 0..``MAX_LOGPROBS``, or without ``responseLogprobs: true``, is a 400.
 - ``generationConfig.responseMimeType: application/json`` (JSON mode) makes the text reply a JSON
   value: with a ``responseJsonSchema`` (or ``responseSchema``) of an object with ``properties``,
   an object with one value per property (``tool_call_arguments``), else ``{"reply": <the reply's
@@ -52,10 +57,12 @@ from typing import Any
 from aiohttp import web
 
 from .replies import WORDS, count_prompt_tokens, reply_word_indexes
+from .wire import logprob_entry
 
 THOUGHT_TOKENS = 4
 JSON_PIECE_CHARS = 8
 MAX_STOP_SEQUENCES = 5
+MAX_LOGPROBS = 20  # generationConfig.logprobs: "in the range of [0, 20]"
 # GenerationConfig's fields (https://ai.google.dev/api/generate-content#generationconfig).
 GENERATION_CONFIG_FIELDS = frozenset(
     (
@@ -173,7 +180,9 @@ class GeminiRequest:
     ``function``: the declaration to call (``{"name", "parameters"...}``), or None for a text reply;
     ``max_output_tokens``: ``generationConfig.maxOutputTokens`` (None: unset);
     ``system_words``: words of the ``systemInstruction`` (for the implicit cache);
-    ``json_mode``: ``responseMimeType`` is ``application/json``, with ``json_schema`` its schema (or None).
+    ``json_mode``: ``responseMimeType`` is ``application/json``, with ``json_schema`` its schema (or None);
+    ``logprobs``: with ``responseLogprobs``, the number of alternatives per step (``logprobs``, 0
+    when unset); None without.
     """
 
     model: str
@@ -185,6 +194,7 @@ class GeminiRequest:
     thinks: bool = field(default=False)
     json_mode: bool = False
     json_schema: dict[str, Any] | None = None
+    logprobs: int | None = None
 
 
 def _field(obj: Mapping[str, Any], name: str) -> Any:
@@ -266,6 +276,9 @@ def parse_request(body: bytes, model: str) -> GeminiRequest | web.Response:
     if isinstance(checked, web.Response):
         return checked
     json_mode, json_schema = checked
+    logprobs = _logprobs(config)
+    if isinstance(logprobs, web.Response):
+        return logprobs
     thinking = _field(config, "thinkingConfig") or {}
     include_thoughts = isinstance(thinking, dict) and _field(thinking, "includeThoughts") is True
     function = _function_to_call(data, contents)
@@ -281,7 +294,25 @@ def parse_request(body: bytes, model: str) -> GeminiRequest | web.Response:
         thinks="think" in model,
         json_mode=json_mode,
         json_schema=json_schema,
+        logprobs=logprobs,
     )
+
+
+def _logprobs(config: Mapping[str, Any]) -> int | None | web.Response:
+    """Return ``GeminiRequest.logprobs`` of ``generationConfig``, or Google's 400 for its logprobs fields."""
+    wanted, top = _field(config, "responseLogprobs"), _field(config, "logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        return _invalid(f"* GenerateContentRequest.generation_config.response_logprobs: invalid {wanted!r}")
+    if top is not None:
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS:
+            return _invalid(
+                f"* GenerateContentRequest.generation_config.logprobs: must be in the range of [0, {MAX_LOGPROBS}]."
+            )
+        if wanted is not True:
+            return _invalid(
+                "* GenerateContentRequest.generation_config.logprobs: only valid if response_logprobs is true."
+            )
+    return (top or 0) if wanted else None
 
 
 def _camel(name: str) -> str:
@@ -366,7 +397,8 @@ class GeminiReply:
     """What the simulator answers one request with: ``thoughts`` and ``words`` (word indexes into
     ``replies.WORDS``; thoughts only when sent), or a ``function_call`` (``{"name", "args"}``);
     ``finish_reason``; and the ``usage_metadata`` object. In JSON mode ``json_text`` is the reply's
-    text (``words`` empty)."""
+    text (``words`` empty). ``logprobs``: ``GeminiRequest.logprobs`` (the words' ``logprobsResult``
+    is sent when not None)."""
 
     thoughts: list[int]
     words: list[int]
@@ -374,6 +406,7 @@ class GeminiReply:
     finish_reason: str
     usage_metadata: dict[str, Any]
     json_text: str | None = None
+    logprobs: int | None = None
 
     def text_pieces(self) -> list[str]:
         """Return the reply's text as streamed, one piece per event: its words, or ``json_text`` in pieces."""
@@ -423,6 +456,7 @@ def plan_reply(request: GeminiRequest, reply_tokens: int) -> GeminiReply:
         finish_reason=finish_reason,
         usage_metadata=usage,
         json_text=json_text,
+        logprobs=request.logprobs,
     )
 
 
@@ -440,11 +474,38 @@ def new_response_id() -> str:
 
 
 def _response(parts: list[dict[str, Any]], *, model: str, response_id: str, finish: str | None,
-              usage: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+              usage: dict[str, Any], logprobs: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     candidate: dict[str, Any] = {"content": {"parts": parts, "role": "model"}, "index": 0}
     if finish is not None:
         candidate["finishReason"] = finish
+    if logprobs is not None:
+        candidate["logprobsResult"] = logprobs
     return {"candidates": [candidate], "usageMetadata": usage, "modelVersion": model, "responseId": response_id}
+
+
+def _logprob_candidate(entry: dict[str, Any]) -> dict[str, Any]:
+    """Return the ``LogprobsResult.Candidate`` of an OpenAI ``logprob_entry`` (``tokenId``: the word's index)."""
+    return {"token": entry["token"], "tokenId": WORDS.index(entry["token"].strip()), "logProbability": entry["logprob"]}
+
+
+def logprobs_result(words: Sequence[int], top: int, *, first: int = 0) -> dict[str, Any]:
+    """Return the ``logprobsResult`` of ``words`` (word indexes, the reply's from position ``first``).
+
+    Each step is ``wire.logprob_entry`` of its word (the numbers the OpenAI route gives the same
+    word): ``chosenCandidates`` the words, ``topCandidates`` (when ``top`` > 0) ``top`` alternatives
+    per step, most likely first; ``logProbabilitySum`` their sum
+    (https://ai.google.dev/api/generate-content#LogprobsResult).
+    """
+    entries = [logprob_entry(index, first=first + n == 0, top=top) for n, index in enumerate(words)]
+    result: dict[str, Any] = {}
+    if top:
+        result["topCandidates"] = [
+            {"candidates": [_logprob_candidate(alternative) for alternative in entry["top_logprobs"]]}
+            for entry in entries
+        ]
+    result["chosenCandidates"] = [_logprob_candidate(entry) for entry in entries]
+    result["logProbabilitySum"] = round(sum(entry["logprob"] for entry in entries), 6)
+    return result
 
 
 def _function_part(call: dict[str, Any]) -> dict[str, Any]:
@@ -469,14 +530,18 @@ def stream_events(reply: GeminiReply, *, model: str) -> list[bytes]:
         parts = [{"text": ""}]
     events = []
     last = len(parts) - 1
+    first_word = len(reply.thoughts)  # the parts of reply.words follow the thoughts
     for n, part in enumerate(parts):
         final = n == last
+        word = n - first_word
+        with_logprobs = reply.logprobs is not None and 0 <= word < len(reply.words)
         response = _response(
             [part],
             model=model,
             response_id=response_id,
             finish=reply.finish_reason if final else None,
             usage=reply.usage_metadata if final else running,
+            logprobs=logprobs_result([reply.words[word]], reply.logprobs or 0, first=word) if with_logprobs else None,
         )
         events.append(b"data: " + _dumps(response) + b"\r\n\r\n")
     return events
@@ -491,19 +556,25 @@ def whole_body(reply: GeminiReply, *, model: str) -> dict[str, Any]:
         parts.append({"text": "".join(reply.text_pieces())})
     if reply.function_call is not None:
         parts.append(_function_part(reply.function_call))
-    return _response(
+    response = _response(
         parts or [{"text": ""}],
         model=model,
         response_id=new_response_id(),
         finish=reply.finish_reason,
         usage=reply.usage_metadata,
+        logprobs=logprobs_result(reply.words, reply.logprobs) if reply.logprobs is not None and reply.words else None,
     )
+    if reply.logprobs is not None and reply.words:
+        candidate = response["candidates"][0]
+        candidate["avgLogprobs"] = candidate["logprobsResult"]["logProbabilitySum"] / len(reply.words)
+    return response
 
 
 __all__ = [
     "CACHE_MIN_WORDS",
     "GENERATION_CONFIG_FIELDS",
     "JSON_PIECE_CHARS",
+    "MAX_LOGPROBS",
     "MAX_STOP_SEQUENCES",
     "MALFORMED_EVENT",
     "SSE_HEADERS",
@@ -512,6 +583,7 @@ __all__ = [
     "GeminiReply",
     "GeminiRequest",
     "error_response",
+    "logprobs_result",
     "new_response_id",
     "parse_request",
     "plan_reply",

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
+import openai
 import pytest
 from aiohttp import web
 from django.test import AsyncClient, override_settings
@@ -24,6 +25,9 @@ from llm.providers.gemini import GeminiProvider
 from llm.providers.gemini_request import SKIP_THOUGHT_SIGNATURE
 from llm.simulator import count_prompt_tokens, reply_text
 from llm.simulator.gemini_wire import CACHE_MIN_WORDS, THOUGHT_SIGNATURE, THOUGHT_TOKENS
+from llm.simulator.replies import reply_word_indexes
+from llm.simulator.wire import logprob_entry
+from llm.tests.openai_schema import validate_against
 from llm.tests.simulator_process import SimulatorProcess
 from llm.tokens import ESTIMATE_TOKENIZER
 from tests.factories import LLMModelFactory, ProviderFactory
@@ -166,6 +170,29 @@ async def test_max_tokens_is_finish_reason_length(simulator: SimulatorProcess) -
     assert "".join(c.content for c in chunks) == reply_text(MESSAGES, 2)
     assert chunks[-2].finish_reason == "length" and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == 2
+
+
+async def test_logprobs_come_back_in_openais_shape(simulator: SimulatorProcess) -> None:
+    # Gemini's logprobsResult (chosenCandidates / topCandidates per decoding step) is OpenAI's
+    # logprobs.content on the chunk of each word: the simulator's numbers are the OpenAI route's.
+    request = ChatRequest(model="sim-1", messages=MESSAGES, parameters={"logprobs": True, "top_logprobs": 2})
+    chunks = await collect(gemini(simulator.root_url), request)
+
+    words = [c for c in chunks if c.content]
+    indexes = reply_word_indexes(MESSAGES, FAST_REPLY_TOKENS)
+    assert [c.logprobs for c in words] == [
+        {"content": [logprob_entry(index, first=n == 0, top=2)], "refusal": None} for n, index in enumerate(indexes)
+    ]
+    assert all(c.logprobs["content"][0]["token"] == c.content for c in words if c.logprobs)
+    assert all(c.logprobs is None for c in chunks if not c.content)  # the finish and usage chunks
+
+    plain = await collect(gemini(simulator.root_url), ChatRequest(model="sim-1", messages=MESSAGES))
+    assert all(c.logprobs is None for c in plain)  # not asked for: none
+    only_tokens = ChatRequest(model="sim-1", messages=MESSAGES, parameters={"logprobs": True})
+    entries = [
+        e for c in await collect(gemini(simulator.root_url), only_tokens) for e in (c.logprobs or {}).get("content", ())
+    ]
+    assert entries == [logprob_entry(index, first=n == 0, top=0) for n, index in enumerate(indexes)]
 
 
 async def test_images_as_data_urls_are_accepted_and_links_are_a_clear_400(simulator: SimulatorProcess) -> None:
@@ -402,6 +429,50 @@ async def test_the_request_body_is_gemini_generate_content(recording_upstream: R
     }
 
 
+async def test_logprobs_and_top_logprobs_are_sent_as_response_logprobs_and_logprobs(
+    recording_upstream: RecordingUpstream,
+) -> None:
+    recording_upstream.body = gemini_events(DONE_EVENT)
+    for parameters, expected in (
+        ({"logprobs": True, "top_logprobs": 4}, {"responseLogprobs": True, "logprobs": 4}),
+        ({"logprobs": True}, {"responseLogprobs": True}),
+        ({"logprobs": True, "top_logprobs": 0}, {"responseLogprobs": True}),
+        ({"logprobs": False}, None),
+    ):
+        await collect(
+            gemini(recording_upstream.base_url), ChatRequest(model="m", messages=MESSAGES, parameters=parameters)
+        )
+        assert recording_upstream.requests[-1][1].get("generationConfig") == expected
+
+
+@pytest.mark.parametrize(("parallel", "calls"), [(None, 2), (True, 2), (False, 1)])
+async def test_parallel_tool_calls_false_hands_on_the_first_call_only(
+    recording_upstream: RecordingUpstream, parallel: bool | None, calls: int
+) -> None:
+    # Gemini has no switch for parallel calls (functionCallingConfig: mode, allowedFunctionNames):
+    # a client that can take one call per turn gets one, the first, which carries the signature.
+    parts = [
+        {"functionCall": {"name": "a", "args": {}}, "thoughtSignature": "c2ln"},
+        {"functionCall": {"name": "b", "args": {"x": 1}}},
+    ]
+    recording_upstream.body = gemini_events(
+        candidate(parts[:1]),
+        {**candidate(parts[1:], "STOP"), "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 6}},
+    )
+    parameters = {"tools": TOOLS} if parallel is None else {"tools": TOOLS, "parallel_tool_calls": parallel}
+    chunks = await collect(
+        gemini(recording_upstream.base_url), ChatRequest(model="m", messages=MESSAGES, parameters=parameters)
+    )
+
+    tool_calls = [call for c in chunks for call in c.tool_calls or ()]
+    assert [call["function"]["name"] for call in tool_calls] == ["a", "b"][:calls]
+    assert tool_calls[0]["extra_content"] == {"google": {"thought_signature": "c2ln"}}
+    assert chunks[-2].finish_reason == "tool_calls"
+    assert chunks[-1].usage == Usage(prompt_tokens=3, completion_tokens=6)  # what Gemini generated, as it bills it
+    body = recording_upstream.requests[-1][1]
+    assert "parallel_tool_calls" not in json.dumps(body) and "toolConfig" not in body  # nothing Gemini would refuse
+
+
 async def test_a_tool_message_that_answers_no_call_is_a_400(recording_upstream: RecordingUpstream) -> None:
     messages = [*MESSAGES, {"role": "tool", "tool_call_id": "call_unknown", "content": "x"}]
     with pytest.raises(ApplicationError) as caught:
@@ -566,8 +637,6 @@ def gemini_model(db, simulator: SimulatorProcess) -> Any:
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"logprobs": True}, "logprobs"),
-        ({"logprobs": True, "top_logprobs": 3}, "logprobs"),
         ({"logit_bias": {"50256": -100}}, "logit_bias"),
         ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "modalities"),
         ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
@@ -577,7 +646,7 @@ def gemini_model(db, simulator: SimulatorProcess) -> Any:
 async def test_what_the_gemini_translation_cannot_honour_is_a_400_naming_the_parameter(
     api_key_secret, gemini_model, simulator: SimulatorProcess, fields: dict[str, Any], param: str
 ) -> None:
-    # Dropped, these would answer a client that asked for logprobs or audio without them, and a 200.
+    # Dropped, these would answer a client that asked for biases or audio without them, and a 200.
     await assert_unsupported_parameter(simulator, "gemini-sim", fields, param, "Gemini", bearer(api_key_secret))
 
 
@@ -671,3 +740,37 @@ async def test_a_cut_stream_bills_the_prompt_as_the_usage_metadata_of_its_chunks
     assert record.prompt_tokens == count_prompt_tokens(body["messages"])  # the provider's, not the estimate's
     assert record.completion_tokens == ESTIMATE_TOKENIZER.count_text(received)
     assert record.cost == (record.prompt_tokens * Decimal("1") + record.completion_tokens * Decimal("2")) / 1_000_000
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_logprobs_reach_openai_clients_streamed_and_whole(api_key_secret, gemini_model, asgi_server) -> None:
+    body = chat_body("gemini-sim", "Tell me about rivers", logprobs=True, top_logprobs=3)
+    indexes = reply_word_indexes(body["messages"], FAST_REPLY_TOKENS)
+    expected = [logprob_entry(index, first=n == 0, top=3) for n, index in enumerate(indexes)]
+
+    streamed = await post_chat(AsyncClient(), {**body, "stream": True}, bearer(api_key_secret))
+    chunks = chunk_objects(sse_data(await streamed_content(streamed)))  # each one schema-validated
+    entries = []
+    for chunk in chunks:
+        [choice] = chunk["choices"]
+        if choice["delta"].get("content"):
+            [entry] = choice["logprobs"]["content"]
+            assert entry["token"] == choice["delta"]["content"] and choice["logprobs"]["refusal"] is None
+            entries.append(entry)
+        else:
+            assert choice["logprobs"] is None
+    assert entries == expected
+
+    whole = await post_chat(AsyncClient(), body, bearer(api_key_secret))
+    completion = whole.json()
+    validate_against("CreateChatCompletionResponse", completion)
+    assert completion["choices"][0]["logprobs"] == {"content": expected, "refusal": None}
+    assert completion["choices"][0]["message"]["content"] == reply_text(body["messages"], FAST_REPLY_TOKENS)
+    assert completion["usage"]["completion_tokens"] == FAST_REPLY_TOKENS
+
+    async with openai.AsyncOpenAI(base_url=f"{asgi_server}/v1", api_key=api_key_secret, max_retries=0) as sdk:
+        parsed = await sdk.chat.completions.create(
+            model="gemini-sim", messages=body["messages"], logprobs=True, top_logprobs=3
+        )
+    logprobs = parsed.choices[0].logprobs
+    assert logprobs is not None and [entry.model_dump() for entry in logprobs.content or ()] == expected

@@ -18,6 +18,8 @@ from google.genai import errors, types
 
 from llm.simulator import count_prompt_tokens, reply_text
 from llm.simulator.gemini_wire import CACHE_MIN_WORDS, THOUGHT_SIGNATURE, THOUGHT_TOKENS
+from llm.simulator.replies import reply_word_indexes
+from llm.simulator.wire import logprob_entry
 from llm.tests.simulator_process import SimulatorProcess
 from tests.kit import FAST_REPLY_TOKENS, SIMULATOR_API_KEY
 
@@ -328,3 +330,55 @@ def test_a_generation_config_google_refuses_is_a_400(
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["status"] == "INVALID_ARGUMENT" and problem in error["message"]
+
+
+def test_logprobs_are_a_logprobs_result_per_word_streamed_and_whole(simulator: SimulatorProcess) -> None:
+    # What the adapter reads: chosenCandidates and topCandidates per decoding step, as the SDK parses them.
+    sdk = client(simulator)
+    asked = config(response_logprobs=True, logprobs=2)
+    chunks = list(sdk.models.generate_content_stream(model="sim-1", contents=PROMPT, config=asked))
+    whole = sdk.models.generate_content(model="sim-1", contents=PROMPT, config=asked)
+
+    indexes = reply_word_indexes(MESSAGES, FAST_REPLY_TOKENS)
+    expected = [logprob_entry(index, first=n == 0, top=2) for n, index in enumerate(indexes)]
+
+    def steps(result: types.LogprobsResult | None) -> list[dict[str, Any]]:
+        assert result is not None and result.chosen_candidates is not None and result.top_candidates is not None
+        return [
+            {
+                "token": chosen.token,
+                "logprob": chosen.log_probability,
+                "top": [(alt.token, alt.log_probability) for alt in top.candidates or ()],
+            }
+            for chosen, top in zip(result.chosen_candidates, result.top_candidates, strict=True)
+        ]
+
+    wanted = [
+        {"token": e["token"], "logprob": e["logprob"], "top": [(a["token"], a["logprob"]) for a in e["top_logprobs"]]}
+        for e in expected
+    ]
+    streamed = [step for chunk in chunks for step in steps((chunk.candidates or [])[0].logprobs_result)]
+    assert streamed == wanted
+    [candidate] = whole.candidates or []
+    assert steps(candidate.logprobs_result) == wanted
+    assert candidate.avg_logprobs == pytest.approx(sum(e["logprob"] for e in expected) / len(expected))
+    assert candidate.logprobs_result is not None and candidate.logprobs_result.chosen_candidates is not None
+    assert [c.token_id for c in candidate.logprobs_result.chosen_candidates] == indexes
+
+    plain = sdk.models.generate_content(model="sim-1", contents=PROMPT, config=config())
+    assert (plain.candidates or [])[0].logprobs_result is None
+
+
+@pytest.mark.parametrize(
+    ("generation_config", "problem"),
+    [
+        ({"logprobs": 2}, "only valid if response_logprobs is true"),
+        ({"responseLogprobs": True, "logprobs": 21}, "range of [0, 20]"),
+    ],
+)
+def test_logprobs_google_refuses_are_a_400(
+    simulator: SimulatorProcess, generation_config: dict[str, Any], problem: str
+) -> None:
+    body = {"contents": [{"role": "user", "parts": [{"text": PROMPT}]}], "generationConfig": generation_config}
+    response = httpx.post(f"{simulator.root_url}/v1beta/models/sim-1:generateContent", json=body, timeout=10)
+    assert response.status_code == 400 and problem in response.json()["error"]["message"]
