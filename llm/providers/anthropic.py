@@ -31,16 +31,22 @@ The request (``ChatRequest``: OpenAI chat messages and fields) is translated by
   ``tool`` (a choice of another shape, naming a function not in ``tools``, or ``required``/named
   without ``tools`` is a 400 ``invalid_value`` on ``tool_choice``: ``base.tool_choice_function``);
   ``parallel_tool_calls: false`` → ``disable_parallel_tool_use``;
+- ``response_format`` (``anthropic_format``): ``json_schema`` with a schema → ``output_config.format``
+  (structured outputs, the schema adapted to Anthropic's subset of JSON Schema); ``json_object``
+  (or ``json_schema`` without a schema) → one more tool, forced, whose input is the reply: by name,
+  or ``any`` when the client's tools may be called too; not added when the client forces a tool
+  of its own;
 - ``reasoning_effort`` ``minimal``/``low``/``medium``/``high``/``xhigh``/``max`` → ``thinking:
   {"type": "enabled", "budget_tokens": 1024/2048/8192/16384/24576/24576}`` (``none``: no thinking;
   a value outside OpenAI's is a 400 on ``reasoning_effort``), capped below ``max_tokens`` (OpenAI counts reasoning
   in ``max_completion_tokens`` too; without a client limit ``max_tokens`` becomes the default plus
   the budget; under 1025 tokens there is no room to think and no thinking is asked for). With
   thinking on, ``temperature`` and ``top_k`` are left out and ``top_p`` only kept from 0.95, as
-  Anthropic refuses them otherwise;
+  Anthropic refuses them otherwise. A request whose ``tool_choice`` forces a tool (``required``, a
+  named function, or the JSON tool) asks for no thinking: Anthropic refuses thinking with a forced
+  tool ("Thinking may not be enabled when tool_choice forces tool use");
 - fields whose effect the client relies on and that the Messages API cannot give are a 400
   ``unsupported_parameter`` naming the field, before any request (``base.refuse_unsupported``):
-  ``response_format`` ``json_object``/``json_schema`` (no JSON mode: the reply could be prose),
   ``logprobs: true``/``top_logprobs`` (Anthropic reports none), a non-empty ``logit_bias``,
   ``modalities`` other than text, ``audio``, ``web_search_options``; ``n`` above 1 is a 400 too;
 - every other OpenAI field (``frequency_penalty``, ``presence_penalty``, ``seed``,
@@ -55,10 +61,12 @@ result does not think; the next user turn thinks again).
 The stream becomes ``ChatChunk`` batches: ``text_delta`` → ``content``, ``thinking_delta`` →
 ``reasoning_content``, a ``tool_use`` block → OpenAI ``delta.tool_calls`` entries (its start:
 ``{index, id, type: "function", function: {name, arguments: ""}}``; each ``input_json_delta``:
-``{index, function: {arguments: <fragment>}}``; ``index`` counts tool calls, not blocks),
+``{index, function: {arguments: <fragment>}}``; ``index`` counts tool calls, not blocks), but the
+JSON tool's block → ``content`` (its ``input_json_delta`` fragments, the JSON object's text),
 ``message_delta`` → a chunk with ``finish_reason`` (``end_turn``/``stop_sequence``/``pause_turn``
 → ``stop``, with the matched ``stop_sequence`` kept on the chunk, ``max_tokens``/
-``model_context_window_exceeded`` → ``length``, ``tool_use`` → ``tool_calls``, ``refusal`` →
+``model_context_window_exceeded`` → ``length``, ``tool_use`` → ``tool_calls`` (``stop`` when only
+the JSON tool was called), ``refusal`` →
 ``content_filter``) then one with ``usage``: ``prompt_tokens`` =
 ``input_tokens`` + ``cache_read_input_tokens`` + ``cache_creation_input_tokens``, ``cached_tokens``
 = ``cache_read_input_tokens``, ``cache_creation_tokens`` = ``cache_creation_input_tokens``,
@@ -100,6 +108,7 @@ from typing import Any
 
 from django.conf import settings
 
+from .anthropic_format import json_tool, json_tool_choice, output_format, wants_json_object
 from .base import (
     TRANSLATION_ERRORS,
     ChatChunk,
@@ -128,7 +137,6 @@ FINISH_REASONS = {
 }
 # OpenAI fields a client relies on that the Messages API has no equivalent for: a 400, not a silent drop.
 ANTHROPIC_UNSUPPORTED = (
-    "response_format",
     "logprobs",
     "top_logprobs",
     "logit_bias",
@@ -162,6 +170,11 @@ def messages_body(request: ChatRequest, *, default_max_tokens: int) -> dict[str,
     for a field of ``ANTHROPIC_UNSUPPORTED`` that asks for something (``base.refuse_unsupported``),
     and ``invalid_value`` for a ``tool_choice`` it cannot name (``base.tool_choice_function``).
     """
+    return _messages_request(request, default_max_tokens=default_max_tokens)[0]
+
+
+def _messages_request(request: ChatRequest, *, default_max_tokens: int) -> tuple[dict[str, Any], str | None]:
+    """Return ``messages_body``'s body and the name of the tool carrying a JSON-object reply (None: no such tool)."""
     parameters = request.parameters
     refuse_unsupported(parameters, ANTHROPIC_UNSUPPORTED, "Anthropic")
     system, turns = _system_and_turns(request.messages)
@@ -172,9 +185,28 @@ def messages_body(request: ChatRequest, *, default_max_tokens: int) -> dict[str,
     body: dict[str, Any] = {"model": request.model, "messages": turns, "max_tokens": max_tokens}
     if system:
         body["system"] = system
+    tools = parameters.get("tools")
+    if tools:
+        body["tools"] = [_tool(tool) for tool in tools]
+    tool_choice = _tool_choice(parameters.get("tool_choice"), parameters.get("parallel_tool_calls"), tools)
+    response_format = parameters.get("response_format")
+    structured = output_format(response_format)
+    json_tool_name = None
+    if structured is not None:
+        body["output_config"] = {"format": structured}
+    elif wants_json_object(response_format) and (tool_choice is None or tool_choice["type"] in ("auto", "none")):
+        tool = json_tool(t["name"] for t in body.get("tools", ()))
+        json_tool_name = tool["name"]
+        body.setdefault("tools", []).append(tool)
+        client_tools = bool(tools) and (tool_choice is None or tool_choice["type"] != "none")
+        tool_choice = json_tool_choice(tool_choice, json_tool_name, client_tools=client_tools)
+    if tool_choice is not None and body.get("tools"):
+        body["tool_choice"] = tool_choice
     budget = THINKING_BUDGETS.get(reasoning_effort(parameters) or "")
     if turns and any(block["type"] == "tool_result" for block in turns[-1]["content"]):
         budget = None  # answering tool calls: see the module docstring
+    if body.get("tool_choice", {}).get("type") in ("any", "tool"):
+        budget = None  # Anthropic refuses thinking with a forced tool: see the module docstring
     if budget is not None and client_max is None:
         max_tokens = body["max_tokens"] = max_tokens + budget
     thinking = budget is not None and max_tokens > _MIN_THINKING_BUDGET
@@ -192,14 +224,8 @@ def messages_body(request: ChatRequest, *, default_max_tokens: int) -> dict[str,
         body["stop_sequences"] = stop_sequences
     if parameters.get("user"):
         body["metadata"] = {"user_id": str(parameters["user"])}
-    tools = parameters.get("tools")
-    if tools:
-        body["tools"] = [_tool(tool) for tool in tools]
-    tool_choice = _tool_choice(parameters.get("tool_choice"), parameters.get("parallel_tool_calls"), tools)
-    if tool_choice is not None and tools:
-        body["tool_choice"] = tool_choice
     body["stream"] = True
-    return body
+    return body, json_tool_name
 
 
 def _system_and_turns(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -340,7 +366,9 @@ class AnthropicProvider(ChatProvider):
         """
         config = self.config
         try:
-            body = messages_body(request, default_max_tokens=settings.LLM_ANTHROPIC_DEFAULT_MAX_TOKENS)
+            body, json_tool_name = _messages_request(
+                request, default_max_tokens=settings.LLM_ANTHROPIC_DEFAULT_MAX_TOKENS
+            )
             data = json_body(body)
         except TRANSLATION_ERRORS as exc:  # a shape the translation did not expect: the request's fault
             raise untranslatable(exc) from exc
@@ -352,7 +380,9 @@ class AnthropicProvider(ChatProvider):
             headers["x-api-key"] = config.api_key
         base = config.base_url.rstrip("/")
         url = f"{base}/messages" if base.endswith("/v1") else f"{base}/v1/messages"
-        batches = post_sse(config, url, data=data, headers=headers, decoder=_EventDecoder(self._safe), safe=self._safe)
+        batches = post_sse(
+            config, url, data=data, headers=headers, decoder=_EventDecoder(self._safe, json_tool_name), safe=self._safe
+        )
         async with aclosing(batches):
             async for batch in batches:
                 yield batch
@@ -368,13 +398,16 @@ class _EventDecoder(SSEBodyDecoder):
     """Turn a streamed Messages body into ``ChatChunk`` batches (``http.SSEBodyDecoder`` reads the lines).
 
     ``message_stop`` sets ``done``; ``message_delta`` (the stop reason) sets ``finished``; an
-    ``error`` event or a malformed one sets ``error``.
+    ``error`` event or a malformed one sets ``error``. ``json_tool``: the name of the tool whose
+    input is the reply's content (``anthropic_format``: JSON mode), or None.
     """
 
-    __slots__ = ("_input", "_input_unsent", "_tool_indexes")
+    __slots__ = ("_input", "_input_unsent", "_json_blocks", "_json_tool", "_tool_indexes")
 
-    def __init__(self, safe: Callable[[str], str]) -> None:
+    def __init__(self, safe: Callable[[str], str], json_tool: str | None = None) -> None:
         super().__init__(safe)
+        self._json_tool = json_tool
+        self._json_blocks: set[int] = set()  # content block indexes of the JSON tool's calls
         self._tool_indexes: dict[int, int] = {}  # content block index → tool call index
         self._input: dict[str, Any] = {}  # message_start's usage
         self._input_unsent = False  # message_start's usage is not passed on yet
@@ -427,11 +460,16 @@ class _EventDecoder(SSEBodyDecoder):
             if delta_type == "thinking_delta":
                 return [ChatChunk(reasoning_content=delta["thinking"])] if delta["thinking"] else None
             if delta_type == "input_json_delta" and delta["partial_json"]:
+                if payload["index"] in self._json_blocks:
+                    return [ChatChunk(content=delta["partial_json"])]
                 index = self._tool_indexes[payload["index"]]
                 return [ChatChunk(tool_calls=[{"index": index, "function": {"arguments": delta["partial_json"]}}])]
             return None  # signature_delta, citations_delta, an empty fragment
         if kind == "content_block_start":
             block = payload["content_block"]
+            if block["type"] == "tool_use" and block["name"] == self._json_tool:
+                self._json_blocks.add(payload["index"])
+                return None
             if block["type"] == "tool_use":
                 index = self._tool_indexes[payload["index"]] = len(self._tool_indexes)
                 call = {"index": index, "id": block["id"], "type": "function"}
@@ -447,6 +485,8 @@ class _EventDecoder(SSEBodyDecoder):
         if kind == "message_delta":
             self.finished = True
             stop_reason = payload["delta"].get("stop_reason")
+            if stop_reason == "tool_use" and not self._tool_indexes:
+                stop_reason = "end_turn"  # only the JSON tool was called: its input is the reply
             matched = payload["delta"].get("stop_sequence") if stop_reason == "stop_sequence" else None
             chunks = [
                 ChatChunk(

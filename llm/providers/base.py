@@ -253,10 +253,6 @@ def untranslatable(exc: Exception) -> ApplicationError:
 # no equivalent refuses them (``refuse_unsupported``) instead of answering without what was asked
 # (https://platform.openai.com/docs/api-reference/chat/create for the fields).
 _RELIED_ON: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "response_format": (
-        lambda value: isinstance(value, dict) and value.get("type") not in (None, "text"),
-        "has no JSON mode, so the reply could be prose",
-    ),
     "logprobs": (lambda value: value is True, "returns no token log probabilities through this server"),
     "top_logprobs": (lambda value: value is not None, "returns no token log probabilities through this server"),
     "logit_bias": (lambda value: bool(value), "takes no token biases (and its tokens are not OpenAI's)"),
@@ -273,10 +269,9 @@ def refuse_unsupported(parameters: Mapping[str, Any], names: Iterable[str], prov
     """Raise the 400 for the first of ``names`` that ``parameters`` (OpenAI request fields) ask for.
 
     ``names``: fields of ``_RELIED_ON`` that ``provider`` (its name, for the message) cannot honour;
-    a value that asks for nothing (``logprobs: false``, ``response_format: {"type": "text"}``,
-    ``modalities: ["text"]``, null) passes. Raises ``ApplicationError`` 400
-    ``unsupported_parameter`` naming the field in ``param``, as OpenAI answers a parameter a model
-    does not support.
+    a value that asks for nothing (``logprobs: false``, ``modalities: ["text"]``, null) passes.
+    Raises ``ApplicationError`` 400 ``unsupported_parameter`` naming the field in ``param``, as
+    OpenAI answers a parameter a model does not support.
     """
     for name in names:
         asks, loss = _RELIED_ON[name]

@@ -49,7 +49,9 @@ Endpoints:
   which the anthropic SDK 2.x sends). Triggers: ``thinking: {"type": "enabled", ...}`` or a
   model name containing ``think`` → a thinking block first; ``tools`` (unless the last turn
   holds ``tool_result`` blocks, or ``tool_choice`` is ``none``) → a ``tool_use`` block calling
-  the first tool after the text;
+  the first tool after the text (no text when ``tool_choice`` forces a tool, and thinking with a
+  forced tool is Anthropic's 400); ``output_config.format`` → the text is a JSON value of its
+  schema, which must close every object with ``additionalProperties: false`` as Anthropic's does;
   ``cache_control`` anywhere or a model name containing ``cache`` → usage with
   ``cache_read_input_tokens`` (half the input) and ``cache_creation_input_tokens`` (a quarter);
   a ``stop_sequences`` entry equal to a reply word → ``stop_sequence``. Faults: the same header
@@ -111,6 +113,7 @@ echoed back *unmasked* in the 401 message (OpenAI masks it), so tests prove that
 
 Modules: ``replies`` (deterministic reply text and token counts), ``wire`` (OpenAI request
 parsing, bodies and SSE frames), ``anthropic_wire`` (the same for Anthropic, and its handler),
+``anthropic_output`` (its ``output_config`` checks and the JSON values of a schema),
 ``azure_wire`` (Azure's auth and URL checks), ``gemini_wire`` (Gemini's requests, bodies and
 events), ``gemini_handlers`` (its handlers), ``app`` (the aiohttp handlers, stats and server loop).
 """

@@ -18,17 +18,24 @@ What a reply holds (deterministic; see ``llm.simulator`` for the triggers):
   has ``thinking: {"type": "enabled", "budget_tokens": N}`` or the model name contains ``think``:
   ``max(1, reply_tokens // 2)`` words, the reply's first words in reverse order;
 - a ``text`` block of ``reply_tokens`` words (``text_delta`` per word), the OpenAI side's reply;
+  with ``output_config.format`` (structured outputs) the text is instead a JSON value of its
+  schema (``anthropic_output.schema_value``) in ``text_delta`` fragments of 8 characters; no text
+  block when ``tool_choice`` forces a tool (``any`` or ``tool``), as Anthropic prefills the call;
 - a ``tool_use`` block when the request has ``tools`` (``tool_choice`` not ``none``) and its last
   turn is not answering a tool (no ``tool_result`` block in it), unless ``tool_choice`` is ``any``
   or ``tool``: it calls the first tool (or the one ``tool_choice`` names) with an input made from
-  its ``input_schema`` properties (strings get reply words, integers/numbers their position,
-  booleans ``true``), streamed as ``input_json_delta`` fragments of 8 characters after an empty
-  one; ``stop_reason`` ``tool_use``.
+  its ``input_schema`` (``anthropic_output.schema_value``: strings get reply words,
+  integers/numbers their position, booleans ``true``; an open object ``{"reply": <words>}``),
+  streamed as ``input_json_delta`` fragments of 8 characters after an empty one; ``stop_reason``
+  ``tool_use``.
 
 Output tokens are counted one per delta (thinking words, text words, JSON fragments; the signature
 is free) and ``max_tokens`` cuts the reply there (``stop_reason`` ``max_tokens``, no tool call). A
 field the Messages API does not have (top level, or in ``metadata`` but ``user_id``) is Anthropic's
-400 ``<field>: Extra inputs are not permitted``. A ``stop_sequences`` entry equal to a word of the
+400 ``<field>: Extra inputs are not permitted``; so are an ``output_config`` Anthropic refuses
+(``anthropic_output``: a schema whose objects do not set ``additionalProperties: false``, an
+unsupported keyword) and thinking with a ``tool_choice`` that forces a tool ("Thinking may not
+be enabled when tool_choice forces tool use."). A ``stop_sequences`` entry equal to a word of the
 text ends the text before it (``stop_reason`` ``stop_sequence``). Input tokens are
 ``count_prompt_tokens`` of the messages plus the system prompt (its words + 3). With any
 ``cache_control`` in the request, or a model name containing ``cache``, a quarter of them is
@@ -52,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from .anthropic_output import InvalidOutputConfig, output_schema, schema_value
 from .replies import WORDS, count_prompt_tokens, reply_word_indexes
 from .wire import FAULT_HEADER, MALFORMED_CHUNK, SSE_HEADERS, Fault, fault_problem_message, read_fault
 
@@ -102,6 +110,7 @@ _REQUEST_FIELDS = frozenset(
         "tools",
         "tool_choice",
         "thinking",
+        "output_config",
         "service_tier",
         "container",
         "mcp_servers",
@@ -157,7 +166,8 @@ class MessagesRequest:
 
     ``messages``: the turns as sent. ``system``: the system prompt's text. ``thinking``: whether
     the reply thinks. ``tool``: the tool to call (a ``tools`` entry), or None. ``cached``: whether
-    usage reports cache tokens.
+    usage reports cache tokens. ``output_schema``: ``output_config.format.schema``, the schema the
+    text follows (None: words). ``forced_tool``: ``tool_choice`` is ``any`` or ``tool`` (no text).
     """
 
     model: str
@@ -169,6 +179,8 @@ class MessagesRequest:
     thinking: bool
     tool: dict[str, Any] | None
     cached: bool
+    output_schema: dict[str, Any] | None = None
+    forced_tool: bool = False
 
 
 class _Invalid(Exception):
@@ -221,8 +233,15 @@ def _validated(data: dict[str, Any]) -> MessagesRequest:
     stop_sequences = data.get("stop_sequences") or []
     if not isinstance(stop_sequences, list) or not all(isinstance(s, str) and s for s in stop_sequences):
         raise _Invalid("stop_sequences: Input should be a list of non-empty strings")
-    thinking = _thinking(data.get("thinking"), max_tokens) or "think" in model
+    asked_thinking = _thinking(data.get("thinking"), max_tokens)
     tool = _tool_to_call(data.get("tools"), data.get("tool_choice"), messages[-1])
+    forced = isinstance(data.get("tool_choice"), dict) and data["tool_choice"].get("type") in ("any", "tool")
+    if asked_thinking and forced:
+        raise _Invalid("Thinking may not be enabled when tool_choice forces tool use.")
+    try:
+        schema = output_schema(data.get("output_config"))
+    except InvalidOutputConfig as exc:
+        raise _Invalid(str(exc)) from None
     cached = "cache" in model or '"cache_control"' in json.dumps(data, separators=(",", ":"))
     return MessagesRequest(
         model=model,
@@ -231,9 +250,11 @@ def _validated(data: dict[str, Any]) -> MessagesRequest:
         stream=data.get("stream") is True,
         max_tokens=max_tokens,
         stop_sequences=tuple(stop_sequences),
-        thinking=thinking,
+        thinking=asked_thinking or "think" in model,
         tool=tool,
         cached=cached,
+        output_schema=schema,
+        forced_tool=forced,
     )
 
 
@@ -371,18 +392,9 @@ def _tool_to_call(tools: Any, tool_choice: Any, last: Mapping[str, Any]) -> dict
 
 
 def _tool_input(tool: Mapping[str, Any], indexes: list[int]) -> dict[str, Any]:
-    """Return the input the reply passes to ``tool``: a value per ``input_schema`` property."""
-    properties = tool["input_schema"].get("properties") or {}
-    arguments: dict[str, Any] = {}
-    for position, (name, schema) in enumerate(properties.items()):
-        kind = schema.get("type") if isinstance(schema, dict) else None
-        if kind in ("integer", "number"):
-            arguments[name] = position
-        elif kind == "boolean":
-            arguments[name] = True
-        else:
-            arguments[name] = WORDS[indexes[position % len(indexes)]] if indexes else "word"
-    return arguments
+    """Return the input the reply passes to ``tool``: ``anthropic_output.schema_value`` of its ``input_schema``."""
+    value = schema_value(tool["input_schema"], indexes)
+    return value if isinstance(value, dict) else {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,12 +448,18 @@ def _plan(request: MessagesRequest, reply_tokens: int) -> _Reply:
     if request.thinking:
         thought = [_WORD_JSON[i] if n == 0 else _SPACED_WORD_JSON[i] for n, i in enumerate(reversed(indexes))]
         blocks.append(("thinking", take(thought[: max(1, reply_tokens // 2)]), {}))
-    words = indexes
-    for position, index in enumerate(indexes):
-        if WORDS[index] in request.stop_sequences:
-            words, stop_sequence = indexes[:position], WORDS[index]
-            break
-    text = take([_WORD_JSON[i] if n == 0 else _SPACED_WORD_JSON[i] for n, i in enumerate(words)])
+    if request.forced_tool and request.tool is not None:
+        text: list[str] = []  # Anthropic prefills a forced tool call: no text comes before it
+    elif request.output_schema is not None:
+        value = json.dumps(schema_value(request.output_schema, indexes))
+        text = take([json.dumps(value[i : i + _JSON_FRAGMENT]) for i in range(0, len(value), _JSON_FRAGMENT)])
+    else:
+        words = indexes
+        for position, index in enumerate(indexes):
+            if WORDS[index] in request.stop_sequences:
+                words, stop_sequence = indexes[:position], WORDS[index]
+                break
+        text = take([_WORD_JSON[i] if n == 0 else _SPACED_WORD_JSON[i] for n, i in enumerate(words)])
     if text:
         blocks.append(("text", text, {}))
     if stop_sequence is not None and stop_reason == "end_turn":

@@ -8,7 +8,10 @@ import json
 from decimal import Decimal
 from typing import Any
 
+import anthropic
 import httpx
+import openai
+import pydantic
 import pytest
 from django.test import AsyncClient
 
@@ -16,7 +19,11 @@ from accounts.models import UsageRecord
 from chatbackend.errors import ApplicationError
 from llm.providers import ChatChunk, ChatRequest, ProviderConfig, UpstreamError, Usage, get_provider
 from llm.providers.anthropic import AnthropicProvider, messages_body
+from llm.providers.anthropic_format import JSON_TOOL_NAME, output_schema
 from llm.simulator import count_prompt_tokens, reply_text
+from llm.simulator.anthropic_output import schema_value
+from llm.simulator.replies import reply_word_indexes
+from llm.tests.openai_schema import validate_against
 from llm.tests.simulator_process import SimulatorProcess
 from llm.tokens import tokenizer_for
 from tests.factories import LLMModelFactory, ProviderFactory
@@ -495,8 +502,6 @@ async def test_chat_completions_stream_through_an_anthropic_provider(api_key_sec
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "r", "strict": True}}}, "response_format"),
         ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
         ({"logit_bias": {"50256": -100}}, "logit_bias"),
         ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "modalities"),
@@ -506,7 +511,7 @@ async def test_chat_completions_stream_through_an_anthropic_provider(api_key_sec
 async def test_what_anthropic_cannot_honour_is_a_400_naming_the_parameter(
     api_key_secret, anthropic_model, simulator: SimulatorProcess, fields: dict[str, Any], param: str
 ) -> None:
-    # Dropped, these would answer prose to a client that asked for JSON, or no logprobs to one that asked for them.
+    # Dropped, these would answer no logprobs to a client that asked for them, or text to one that asked for audio.
     await assert_unsupported_parameter(simulator, "claude-sim", fields, param, "Anthropic", bearer(api_key_secret))
 
 
@@ -518,6 +523,272 @@ async def test_parameters_that_ask_for_nothing_anthropic_lacks_still_answer(api_
     assert response.json()["choices"][0]["message"]["content"] == reply_text(
         chat_body("claude-sim")["messages"], FAST_REPLY_TOKENS
     )
+
+
+# --- response_format: structured outputs for a schema, a forced tool for any JSON object ----------
+
+PLACE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "minLength": 2},
+        "population": {"type": "integer", "minimum": 0, "description": "People."},
+        "location": {"type": "object", "properties": {"lat": {"type": "number"}, "lon": {"type": "number"}}},
+        "tags": {"type": "array", "items": {"type": "string"}, "minItems": 3},
+    },
+    "required": ["city", "population", "location", "tags"],
+}
+JSON_TOOL = {
+    "name": JSON_TOOL_NAME,
+    "description": "Give your whole reply to the user as this tool's input: one JSON object.",
+    "input_schema": {"type": "object"},
+}
+
+
+def json_schema_format(schema: dict[str, Any] = PLACE_SCHEMA, **extra: Any) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "place", "schema": schema, **extra}}
+
+
+def test_a_json_schema_is_sent_as_structured_output_in_anthropics_subset() -> None:
+    body = messages_body(
+        ChatRequest(model="m", messages=MESSAGES, parameters={"response_format": json_schema_format(strict=True)}),
+        default_max_tokens=100,
+    )
+    # Anthropic requires every object closed and refuses these constraints: they move into the
+    # description, as Anthropic's SDK moves them (transform_schema), and the model still reads them.
+    assert body["output_config"] == {
+        "format": {
+            "type": "json_schema",
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "description": "{minLength: 2}"},
+                    "population": {"type": "integer", "description": "People.\n\n{minimum: 0}"},
+                    "location": {
+                        "type": "object",
+                        "properties": {"lat": {"type": "number"}, "lon": {"type": "number"}},
+                        "additionalProperties": False,
+                    },
+                    "tags": {"type": "array", "items": {"type": "string"}, "description": "{minItems: 3}"},
+                },
+                "required": ["city", "population", "location", "tags"],
+                "additionalProperties": False,
+            },
+        }
+    }
+    assert "tools" not in body and "tool_choice" not in body
+    # An open map stays open: Anthropic's 400 says so, where closing it would answer {} silently.
+    open_map = {"type": "object", "additionalProperties": {"type": "integer"}, "$defs": {"x": {"properties": {}}}}
+    assert output_schema(open_map) == {
+        "type": "object",
+        "additionalProperties": {"type": "integer"},
+        "$defs": {"x": {"properties": {}, "additionalProperties": False}},
+    }
+    thinking = messages_body(
+        ChatRequest(
+            model="m",
+            messages=MESSAGES,
+            parameters={"response_format": json_schema_format(), "reasoning_effort": "low", "tools": [WEATHER_TOOL]},
+        ),
+        default_max_tokens=100,
+    )
+    assert thinking["thinking"]["type"] == "enabled" and "tool_choice" not in thinking  # both work with it
+
+
+async def test_a_json_schema_reply_streams_as_text_that_fits_it(simulator: SimulatorProcess) -> None:
+    request = ChatRequest(
+        model="sim-1",
+        messages=MESSAGES,
+        parameters={"response_format": json_schema_format(), "reasoning_effort": "low"},
+    )
+    chunks = await collect(provider(simulator), request)
+
+    closed = output_schema(PLACE_SCHEMA)
+    expected = schema_value(closed, reply_word_indexes(MESSAGES[1:], FAST_REPLY_TOKENS))
+    assert json.loads("".join(c.content for c in chunks)) == expected
+    assert set(expected) == {"city", "population", "location", "tags"}
+    assert len([c for c in chunks if c.content]) > 1  # streamed in pieces, as they came
+    assert any(c.reasoning_content for c in chunks)  # thinking still works with structured outputs
+    assert chunks[-2].finish_reason == "stop"
+    pieces = -(-len(json.dumps(expected)) // 8)  # the simulator's 8-character text_delta fragments
+    assert chunks[-1].usage == Usage(
+        prompt_tokens=input_tokens(MESSAGES[1:]), completion_tokens=pieces + FAST_REPLY_TOKENS // 2
+    )
+
+
+async def test_the_simulator_refuses_a_schema_anthropic_refuses(simulator: SimulatorProcess) -> None:
+    # What the translation above avoids, refused as Anthropic refuses it.
+    for schema, problem in (
+        ({"type": "object", "properties": {}}, "'additionalProperties' must be explicitly set to false"),
+        ({"type": "object", "additionalProperties": True}, "'additionalProperties: true' is not supported"),
+        (
+            {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}, "additionalProperties": False},
+            "'minimum'",
+        ),
+    ):
+        body = {
+            "model": "sim-1",
+            "max_tokens": 50,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "output_config": {"format": {"type": "json_schema", "schema": schema}},
+        }
+        async with httpx.AsyncClient() as client:
+            response = await client.post(
+                f"{simulator.root_url}/v1/messages", json=body, headers={"anthropic-version": "2023-06-01"}
+            )
+        assert response.status_code == 400 and problem in response.json()["error"]["message"]
+
+
+def test_json_object_is_one_forced_tool_and_leaves_a_clients_forced_tool_alone() -> None:
+    def body_for(**parameters: Any) -> dict[str, Any]:
+        request = ChatRequest(
+            model="m", messages=MESSAGES, parameters={"response_format": {"type": "json_object"}, **parameters}
+        )
+        return messages_body(request, default_max_tokens=100)
+
+    plain = ChatRequest(model="m", messages=MESSAGES, parameters={"tools": [WEATHER_TOOL]})
+    [weather] = messages_body(plain, default_max_tokens=1)["tools"]
+    alone = body_for(reasoning_effort="high")
+    assert alone["tools"] == [JSON_TOOL] and alone["tool_choice"] == {"type": "tool", "name": JSON_TOOL_NAME}
+    assert "thinking" not in alone and alone["max_tokens"] == 100  # Anthropic refuses thinking with a forced tool
+    assert "output_config" not in alone
+    # The client's tools may still be called: any tool, theirs (a tool call) or the JSON one (the reply).
+    assert body_for(tools=[WEATHER_TOOL])["tools"] == [weather, JSON_TOOL]
+    assert body_for(tools=[WEATHER_TOOL])["tool_choice"] == {"type": "any"}
+    assert body_for(tools=[WEATHER_TOOL], parallel_tool_calls=False)["tool_choice"] == {
+        "type": "any",
+        "disable_parallel_tool_use": True,
+    }
+    assert body_for(tools=[WEATHER_TOOL], tool_choice="none")["tool_choice"] == {"type": "tool", "name": JSON_TOOL_NAME}
+    # A call the client forces needs no JSON tool (its reply is the call).
+    assert body_for(tools=[WEATHER_TOOL], tool_choice="required")["tools"] == [weather]
+    # A json_schema without a schema asks for any JSON object too; a client tool of the same name is not shadowed.
+    same_name = {"type": "function", "function": {"name": JSON_TOOL_NAME, "parameters": {"type": "object"}}}
+    named = messages_body(
+        ChatRequest(
+            model="m",
+            messages=MESSAGES,
+            parameters={"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}, "tools": [same_name]},
+        ),
+        default_max_tokens=100,
+    )
+    assert [tool["name"] for tool in named["tools"]] == [JSON_TOOL_NAME, JSON_TOOL_NAME + "_"]
+
+
+async def test_json_object_streams_the_tools_input_as_content(simulator: SimulatorProcess) -> None:
+    request = ChatRequest(model="sim-1", messages=MESSAGES, parameters={"response_format": {"type": "json_object"}})
+    chunks = await collect(provider(simulator), request)
+
+    # The simulator fills an open object as a model asked for "any JSON object" would.
+    assert json.loads("".join(c.content for c in chunks)) == {"reply": reply_text(MESSAGES, FAST_REPLY_TOKENS)}
+    assert not any(c.tool_calls for c in chunks) and chunks[-2].finish_reason == "stop"
+    arguments = json.dumps({"reply": reply_text(MESSAGES, FAST_REPLY_TOKENS)})
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 1 + -(-len(arguments) // 8)
+
+    # With the client's tools the model may call one of them: that is a tool call, as on OpenAI.
+    with_tools = ChatRequest(
+        model="sim-1",
+        messages=MESSAGES,
+        parameters={"response_format": {"type": "json_object"}, "tools": [WEATHER_TOOL]},
+    )
+    called = await collect(provider(simulator), with_tools)
+    [head, *_] = [call for c in called for call in c.tool_calls or ()]
+    assert head["function"]["name"] == "get_weather" and called[-2].finish_reason == "tool_calls"
+    assert not "".join(c.content for c in called)  # a forced call comes without text
+
+
+async def test_a_forced_tool_asks_for_no_thinking(simulator: SimulatorProcess) -> None:
+    # Anthropic refuses thinking with tool_choice any or tool (the simulator too, below): the client's
+    # required call is answered without thinking rather than with Anthropic's 400.
+    request = ChatRequest(
+        model="sim-1",
+        messages=MESSAGES,
+        parameters={"tools": [WEATHER_TOOL], "tool_choice": "required", "reasoning_effort": "high"},
+    )
+    assert "thinking" not in messages_body(request, default_max_tokens=100)
+    chunks = await collect(provider(simulator), request)
+    assert chunks[-2].finish_reason == "tool_calls" and not any(c.reasoning_content for c in chunks)
+
+    body = {
+        "model": "sim-1",
+        "max_tokens": 2000,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}],
+        "tool_choice": {"type": "any"},
+    }
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            f"{simulator.root_url}/v1/messages", json=body, headers={"anthropic-version": "2023-06-01"}
+        )
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "Thinking may not be enabled when tool_choice forces tool use."
+
+
+class Place(pydantic.BaseModel):
+    city: str
+    population: int
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_openai_clients_get_json_from_claude_whole_streamed_and_parsed(
+    api_key_secret, anthropic_model, asgi_server
+) -> None:
+    messages: list[Any] = [{"role": "user", "content": "Pick a city."}]
+    words = reply_word_indexes(messages, FAST_REPLY_TOKENS)
+    async with openai.AsyncOpenAI(base_url=f"{asgi_server}/v1", api_key=api_key_secret, max_retries=0) as sdk:
+        raw = await sdk.chat.completions.with_raw_response.parse(
+            model="claude-sim", messages=messages, response_format=Place
+        )
+        async with sdk.chat.completions.stream(model="claude-sim", messages=messages, response_format=Place) as stream:
+            events = [event async for event in stream]
+            final = await stream.get_final_completion()
+        json_object = await sdk.chat.completions.with_raw_response.create(
+            model="claude-sim", messages=messages, response_format={"type": "json_object"}
+        )
+        streamed_object = await sdk.chat.completions.create(
+            model="claude-sim", messages=messages, response_format={"type": "json_object"}, stream=True
+        )
+        object_chunks = [chunk async for chunk in streamed_object]
+
+    body = raw.http_response.json()
+    validate_against("CreateChatCompletionResponse", body)
+    [choice] = body["choices"]
+    assert choice["finish_reason"] == "stop" and not choice["message"].get("tool_calls")
+    expected = schema_value(output_schema(Place.model_json_schema()), words)
+    assert json.loads(choice["message"]["content"]) == expected
+    parsed = raw.parse().choices[0].message.parsed
+    assert parsed == Place(**expected)
+    assert final.choices[0].message.parsed == parsed
+    assert len([event for event in events if event.type == "content.delta"]) > 1  # streamed as it came
+    assert body["usage"]["completion_tokens"] == -(-len(json.dumps(expected)) // 8)  # Anthropic's count
+
+    whole_object = json_object.http_response.json()
+    validate_against("CreateChatCompletionResponse", whole_object)
+    assert json.loads(whole_object["choices"][0]["message"]["content"]) == {
+        "reply": reply_text(messages, FAST_REPLY_TOKENS)
+    }
+    assert whole_object["choices"][0]["finish_reason"] == "stop"
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in object_chunks if c.choices)
+        == whole_object["choices"][0]["message"]["content"]
+    )
+    assert not any(c.choices[0].delta.tool_calls for c in object_chunks if c.choices)
+    records = await usage_records()
+    assert [r.finish_status for r in records] == ["completed"] * 4 and all(
+        r.token_source == "provider" for r in records
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_anthropic_clients_get_structured_output_from_claude_through_the_engine(
+    api_key_secret, anthropic_model, asgi_server
+) -> None:
+    # output_config.format in, response_format json_schema in the engine, output_config.format out.
+    messages: list[Any] = [{"role": "user", "content": "Pick a city."}]
+    async with anthropic.AsyncAnthropic(base_url=asgi_server, api_key=api_key_secret, max_retries=0) as client:
+        parsed = await client.messages.parse(model="claude-sim", max_tokens=200, messages=messages, output_format=Place)
+    assert parsed.parsed_output == Place(city=reply_text(messages, FAST_REPLY_TOKENS).split()[0], population=1)
+    assert parsed.stop_reason == "end_turn"
 
 
 @pytest.fixture
@@ -543,20 +814,21 @@ def cut_anthropic_model(db, simulator: SimulatorProcess) -> Any:
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_the_responses_api_names_its_own_text_format_when_anthropic_cannot_honour_it(
+async def test_the_responses_api_text_format_gets_structured_output_from_anthropic(
     api_key_secret, anthropic_model
 ) -> None:
-    schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
     text = {"format": {"type": "json_schema", "name": "place", "schema": schema, "strict": True}}
-    for stream in (False, True):
-        body = {"model": "claude-sim", "input": "Where?", "text": text, "stream": stream}
-        response = await AsyncClient().post(
-            "/v1/responses", data=json.dumps(body), content_type="application/json", headers=bearer(api_key_secret)
-        )
-        assert response.status_code == 400
-        error = response.json()["error"]
-        assert (error["code"], error["param"]) == ("unsupported_parameter", "text.format")  # what the client sent
-        assert "'text.format'" in error["message"] and "response_format" not in error["message"]
+    question = [{"role": "user", "content": "Where?"}]
+    expected = {"city": reply_text(question, FAST_REPLY_TOKENS).split()[0]}
+    body = {"model": "claude-sim", "input": "Where?", "text": text}
+    response = await AsyncClient().post(
+        "/v1/responses", data=json.dumps(body), content_type="application/json", headers=bearer(api_key_secret)
+    )
+    assert response.status_code == 200, response.content
+    validate_against("Response", response.json())
+    [item] = response.json()["output"]
+    assert json.loads(item["content"][0]["text"]) == expected
 
 
 TOOL_CHOICES_ANTHROPIC_CANNOT_NAME = [

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from typing import Any
 
 import anthropic
 import httpx
+import pydantic
 import pytest
 from anthropic.types import MessageParam, ToolParam
 
@@ -320,3 +322,78 @@ async def test_fields_the_messages_api_lacks_are_refused_as_anthropic_does(
         with pytest.raises(anthropic.BadRequestError) as caught:
             await client.messages.create(model="sim-1", max_tokens=10, messages=MESSAGES, extra_body=extra)
     assert caught.value.body["error"]["message"] == f"{field}: Extra inputs are not permitted"  # type: ignore[index]
+
+
+class Place(pydantic.BaseModel):
+    city: str
+    population: int = pydantic.Field(ge=0)  # the SDK moves the bound into the description
+
+
+async def test_structured_output_follows_the_schema_the_sdk_sends(simulator: SimulatorProcess) -> None:
+    # messages.parse sends output_config.format with the SDK's transform_schema of the model: what
+    # the simulator takes is what Anthropic takes from its own SDK; the text parses back.
+    async with sdk(simulator) as client:
+        parsed = await client.messages.parse(model="sim-1", max_tokens=200, messages=MESSAGES, output_format=Place)
+        schema = {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}}},
+            "required": ["city", "tags"],
+            "additionalProperties": False,
+        }
+        output_config: Any = {"format": {"type": "json_schema", "schema": schema}, "effort": "max"}
+        async with client.messages.stream(
+            model="sim-1", max_tokens=200, messages=MESSAGES, output_config=output_config
+        ) as stream:
+            texts = [text async for text in stream.text_stream]
+            final = await stream.get_final_message()
+
+    word = reply_text(MESSAGES, FAST_REPLY_TOKENS).split()[0]
+    assert parsed.parsed_output == Place(city=word, population=1)
+    assert parsed.stop_reason == "end_turn" and [block.type for block in parsed.content] == ["text"]
+    assert json.loads("".join(texts)) == {"city": word, "tags": []} and len(texts) > 1
+    assert final.usage.output_tokens == len(texts)  # one token per text_delta
+
+
+@pytest.mark.parametrize(
+    ("output_config", "problem"),
+    [
+        ({"format": {"type": "json_schema", "schema": {"type": "object"}}}, "must be explicitly set to false"),
+        ({"format": {"type": "json"}}, "output_config.format.type"),
+        ({"effort": "extreme"}, "output_config.effort"),
+        ({"verbosity": "low"}, "output_config.verbosity: Extra inputs are not permitted"),
+    ],
+)
+async def test_an_output_config_anthropic_refuses_is_a_400(
+    simulator: SimulatorProcess, output_config: dict[str, Any], problem: str
+) -> None:
+    async with sdk(simulator) as client:
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            await client.messages.create(
+                model="sim-1",
+                max_tokens=50,
+                messages=MESSAGES,
+                output_config=output_config,  # type: ignore[arg-type]
+            )
+    assert problem in caught.value.message
+
+
+async def test_a_forced_tool_call_comes_without_text_and_refuses_thinking(simulator: SimulatorProcess) -> None:
+    async with sdk(simulator) as client:
+        forced = await client.messages.create(
+            model="sim-1",
+            max_tokens=200,
+            messages=MESSAGES,
+            tools=TOOLS,
+            tool_choice={"type": "tool", "name": "get_weather"},
+        )
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            await client.messages.create(
+                model="sim-1",
+                max_tokens=2000,
+                messages=MESSAGES,
+                tools=TOOLS,
+                tool_choice={"type": "any"},
+                thinking={"type": "enabled", "budget_tokens": 1024},
+            )
+    assert [block.type for block in forced.content] == ["tool_use"] and forced.stop_reason == "tool_use"
+    assert "Thinking may not be enabled when tool_choice forces tool use." in caught.value.message
