@@ -893,8 +893,9 @@ async def replies_shutdown(*, wait_seconds: float = PERSIST_TIMEOUT_SECONDS) -> 
     reason = server_shutdown_error()
     open_replies = [reply for reply in list(_open_replies) if reply.outcome is None]
     for reply in open_replies:
-        reply._stop_requested = True
-        reply._stop_reason = reason
+        # As a stop: a task awaiting the upstream is interrupted, so its upstream request is closed
+        # now and no batch arrives after the end below is written (its text neither saved nor counted).
+        reply.stop(reason)
     ends = [asyncio.ensure_future(reply._end(ReplyStatus.CANCELLED, reason)) for reply in open_replies]
     pending = set(ends) | set(_persisting)
     if pending:

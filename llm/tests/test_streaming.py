@@ -34,6 +34,8 @@ from llm.streaming import (
     ReplyPlan,
     ReplyStatus,
     open_reply,
+    replies_accepting,
+    replies_shutdown,
     reply_stop_broadcast,
 )
 from llm.tests.simulator_process import SimulatorProcess
@@ -409,3 +411,36 @@ async def test_a_reply_stopped_before_its_first_token_still_bills_its_prompt(sle
     assert outcome.status is ReplyStatus.CANCELLED
     assert outcome.usage.prompt_tokens == plan.tokenizer.count_prompt(MESSAGES)
     assert outcome.usage.completion_tokens == 0
+
+
+async def test_a_shutdown_while_the_upstream_streams_closes_it_with_the_reply(slow_simulator):
+    """``replies_shutdown`` ends a reply whose task still awaits the upstream's next batch (a server that
+    did not cancel it): the upstream request is closed then, not left generating, billed by the
+    provider yet counted nowhere, until the process exits."""
+    plan = plan_for(slow_simulator)
+    reply = await open_reply(begin(plan))
+    before = await slow_simulator.astats()
+    events: list[ReplyEvent] = []
+
+    async def consume() -> None:
+        async with reply:
+            async for event in reply.events():
+                events.append(event)
+
+    task = asyncio.create_task(consume())
+    try:
+        await poll_until(lambda: sum(type(e) is ReplyDelta for e in events), lambda n: n >= 3, what="3 deltas")
+        await replies_shutdown(wait_seconds=2)
+        await asyncio.wait_for(task, 5)
+    finally:
+        replies_accepting(True)
+
+    outcome = reply.outcome
+    assert outcome is not None and outcome.status is ReplyStatus.CANCELLED
+    assert outcome.error is not None and outcome.error.code == "server_shutdown"
+    assert type(events[-1]) is ReplyDone and events[-1].outcome is outcome
+    assert outcome.content == text_of(events)
+    assert plan.finished == [outcome]
+    closed = before["requests_disconnected"] + 1
+    stats = await poll_until(slow_simulator.astats, lambda s: s["requests_disconnected"] == closed, within=2)
+    assert stats["active_streams"] == before["active_streams"]
